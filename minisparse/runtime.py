@@ -1,0 +1,100 @@
+"""Where the code runs: device, dtype, the Triton interpreter, and reading sizes.
+
+Hand-written infrastructure (no chapter teaches it). Importing `minisparse` imports this module first, so that
+on a machine without a GPU the Triton kernels of the book run in Triton's interpreter on CPU tensors.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+__all__ = [
+    "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device",
+    "describe", "print_environment",
+]
+
+
+def has_gpu() -> bool:
+    """True when PyTorch sees a CUDA (or ROCm) device."""
+    return torch.cuda.is_available()
+
+
+def _switch_on_interpreter() -> None:
+    # Triton reads TRITON_INTERPRET when kernels are decorated, so it must be set before any minisparse kernel
+    # module is imported. We only set it on machines without a GPU and never override an explicit choice.
+    if not has_gpu() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_switch_on_interpreter()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (on CPU tensors, with numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def device() -> torch.device:
+    """The device the book computes on: the first GPU if there is one, else the CPU."""
+    return torch.device("cuda") if has_gpu() else torch.device("cpu")
+
+
+def default_dtype(dev: torch.device | str | None = None) -> torch.dtype:
+    """bf16 where the GPU supports it (Ampere and newer), fp16 on older GPUs (a Colab T4), fp32 on CPU.
+
+    fp32 on CPU because the interpreter's bf16 `tl.dot` gives wrong results and CPUs gain nothing from 16 bits.
+    """
+    dev = torch.device(dev) if dev is not None else device()
+    if dev.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def reading_size(cpu, gpu):
+    """Pick the size a chapter uses: small enough for the interpreter on CPU, realistic on a GPU.
+
+    >>> T = reading_size(cpu=128, gpu=8192)
+    """
+    return gpu if has_gpu() and not interpreting() else cpu
+
+
+def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error when a Triton op gets tensors it cannot run on."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    (dev,) = devices
+    if dev.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            f"{op}: got CPU tensors, but Triton is not in interpreter mode. Either move the tensors to a GPU "
+            "(`.cuda()`), or set the environment variable TRITON_INTERPRET=1 before `import triton` "
+            "(on a machine without a GPU, `import minisparse` does this for you)."
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{op}: Triton kernels run on CUDA tensors (or CPU under the interpreter), got {dev}")
+
+
+def describe() -> str:
+    """One line naming the device: 'NVIDIA T4' or 'CPU — Triton kernels run in the interpreter'."""
+    if has_gpu():
+        return torch.cuda.get_device_name(0)
+    if interpreting():
+        return "CPU — Triton kernels run in the interpreter"
+    return "CPU — Triton kernels are unavailable (TRITON_INTERPRET is off)"
+
+
+def print_environment() -> None:
+    """Print the versions and the device a chapter runs on (the last line of every chapter's setup cell)."""
+    import minisparse
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # macOS / Windows: the naive PyTorch code still runs
+        triton_version = "not installed"
+    print(f"python {sys.version.split()[0]} · torch {torch.__version__} · triton {triton_version} · "
+          f"minisparse {minisparse.__version__}")
+    print(f"device: {describe()} · dtype: {str(default_dtype()).replace('torch.', '')}")

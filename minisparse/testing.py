@@ -1,0 +1,149 @@
+"""Checks shared by the tests, the chapters and the exercises.
+
+Hand-written infrastructure. `assert_close` compares by relative RMS error, the measure DESIGN.md fixes for all
+kernels (fwd ≤ 5e-3 and grads ≤ 8e-3 in bf16, ≤ 1e-4 in fp32). `check` is the exercise checker: one
+deterministic line on success, a helpful `ExerciseError` on a wrong answer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
+    "ExerciseError", "check",
+]
+
+# Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (5e-3, 8e-3),
+    torch.bfloat16: (5e-3, 8e-3),
+}
+
+
+def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are zero). NaN or inf anywhere gives inf."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return math.inf
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> float:
+    """Raise AssertionError unless `out` matches `ref` in shape and within `tol` relative RMS error.
+
+    NaN/inf in either tensor always fails. Returns the error so a test can print it.
+    """
+    if tuple(out.shape) != tuple(ref.shape):
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).sum().item()
+        raise AssertionError(f"{name}: {bad} of {out.numel()} elements are NaN or inf")
+    err = rel_rms(out, ref)
+    if not err <= tol:
+        diff = (out.detach().double() - ref.detach().double()).abs()
+        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(f"{name}: relative RMS error {err:.3e} > {tol:.0e} (largest difference "
+                             f"{diff.max().item():.3e} at index {where})")
+    return err
+
+
+def seeded(seed: int, dev: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on `dev` seeded with `seed` (factories take one so that inputs are reproducible)."""
+    return torch.Generator(device=dev).manual_seed(seed)
+
+
+def make_bthd(B: int, T: int, H: int, D: int, *, dtype=torch.float32, device="cpu", seed: int = 0,
+              requires_grad: bool = False) -> torch.Tensor:
+    """A standard-normal `[B, T, H, D]` tensor, reproducible from `seed`, contiguous."""
+    x = torch.randn(B, T, H, D, generator=seeded(seed, device), device=device, dtype=torch.float32)
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def make_qkv(B: int, T: int, HQ: int, D: int, *, HKV: int | None = None, Dv: int | None = None, Tk: int | None = None,
+             dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False):
+    """q `[B,T,HQ,D]`, k `[B,Tk,HKV,D]`, v `[B,Tk,HKV,Dv]` (defaults: HKV = HQ, Dv = D, Tk = T)."""
+    HKV = HQ if HKV is None else HKV
+    Dv = D if Dv is None else Dv
+    Tk = T if Tk is None else Tk
+    kw = dict(dtype=dtype, device=device, requires_grad=requires_grad)
+    return (make_bthd(B, T, HQ, D, seed=seed, **kw), make_bthd(B, Tk, HKV, D, seed=seed + 1, **kw),
+            make_bthd(B, Tk, HKV, Dv, seed=seed + 2, **kw))
+
+
+def make_log_gates(B: int, T: int, H: int, K: int | None = None, *, low: float = -5.0, high: float = 0.0,
+                   dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
+    """Log-space decay gates `g ≤ 0`, uniform in [low, high]: shape `[B,T,H]`, or `[B,T,H,K]` if K is given.
+
+    Use `low=-30` for extreme gates (decay ≈ 1e-13) and `high=-1e-6` for gates at the edge of no decay.
+    """
+    if not low <= high <= 0:
+        raise ValueError(f"make_log_gates: need low ≤ high ≤ 0, got low={low}, high={high}")
+    shape = (B, T, H) if K is None else (B, T, H, K)
+    u = torch.rand(shape, generator=seeded(seed, device), device=device, dtype=torch.float32)
+    return (low + (high - low) * u).to(dtype)
+
+
+class ExerciseError(AssertionError):
+    """Raised by an exercise checker on a wrong answer; the message says what differs and a hint."""
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}, dtype {str(x.dtype).replace('torch.', '')}"
+    return repr(x)
+
+
+def _compare(got, expected, tol: float) -> str | None:
+    """None when `got` matches `expected`, else a sentence saying how it differs."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"expected a tensor, got {_describe(got)}"
+        if tuple(got.shape) != tuple(expected.shape):
+            return f"expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
+        if expected.dtype == torch.bool or not expected.is_floating_point():
+            wrong = (got != expected).sum().item()
+            return None if wrong == 0 else f"{wrong} of {expected.numel()} entries differ"
+        err = rel_rms(got.float(), expected.float())
+        return None if err <= tol else f"relative RMS error {err:.2e} (tolerance {tol:.0e})"
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"expected a sequence of {len(expected)} items, got {_describe(got)}"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            why = _compare(g, e, tol)
+            if why:
+                return f"item {i}: {why}"
+        return None
+    if isinstance(expected, float):
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            return f"expected a number, got {_describe(got)}"
+        ok = math.isclose(got, expected, rel_tol=tol, abs_tol=tol)
+        return None if ok else f"expected {expected:.6g}, got {got:.6g}"
+    return None if got == expected else f"expected {expected!r}, got {got!r}"
+
+
+def check(name: str, answer: Callable, reference: Callable, cases: Sequence[tuple], *, tol: float = 1e-4,
+          hint: str = "") -> None:
+    """Exercise checker: call `answer(*case)` and `reference(*case)` on every case and compare.
+
+    Prints exactly one line, `✓ <name>: all N cases match`, on success; raises `ExerciseError` naming the first
+    failing case, how the result differs and the hint otherwise. A stub that raises NotImplementedError is
+    reported as not attempted yet.
+    """
+    for i, case in enumerate(cases):
+        expected = reference(*case)
+        try:
+            got = answer(*case)
+        except NotImplementedError:
+            raise ExerciseError(f"✗ {name}: not implemented yet — fill in the function and run the cell again") from None
+        why = _compare(got, expected, tol)
+        if why:
+            args = ", ".join(_describe(a) for a in case)
+            msg = f"✗ {name}: case {i + 1} of {len(cases)} ({args}): {why}"
+            raise ExerciseError(msg + (f"\nHint: {hint}" if hint else ""))
+    print(f"✓ {name}: all {len(cases)} cases match")

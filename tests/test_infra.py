@@ -1,0 +1,150 @@
+"""The hand-written infrastructure: runtime, testing (assert_close, factories, the exercise checker), bench."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minisparse
+from minisparse import runtime
+from minisparse.testing import (ExerciseError, assert_close, check, make_bthd, make_log_gates, make_qkv, rel_rms)
+
+
+# --------------------------------------------------------------------------------------------------- runtime
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_runtime_on_cpu_picks_fp32_and_the_interpreter():
+    assert runtime.device().type == "cpu"
+    assert runtime.default_dtype() == torch.float32
+    assert runtime.interpreting()
+    assert runtime.reading_size(cpu=1, gpu=2) == 1
+    assert "interpreter" in runtime.describe()
+
+
+def test_interpreter_is_switched_on_before_triton_in_a_fresh_process():
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None); import minisparse, torch; "
+            "print(os.environ.get('TRITON_INTERPRET'), torch.cuda.is_available())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out == (["None", "True"] if out[1] == "True" else ["1", "False"])
+
+
+def test_explicit_interpreter_choice_is_respected():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = "import minisparse, os; print(os.environ['TRITON_INTERPRET'], minisparse.runtime.interpreting())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["0", "False"]
+
+
+def test_triton_op_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        runtime.check_triton_device("my_op", torch.zeros(2))
+
+
+def test_triton_op_rejects_mixed_devices():
+    meta = torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        runtime.check_triton_device("my_op", torch.zeros(2), meta)
+
+
+def test_print_environment(capsys):
+    runtime.print_environment()
+    out = capsys.readouterr().out
+    assert f"minisparse {minisparse.__version__}" in out and "device:" in out
+
+
+# ------------------------------------------------------------------------------------------- assert_close
+def test_assert_close_accepts_small_and_rejects_large_errors():
+    ref = torch.randn(64, 64, dtype=torch.float64)
+    assert assert_close("x", ref, ref * (1 + 1e-6), tol=1e-4) < 1e-5
+    with pytest.raises(AssertionError, match="relative RMS error"):
+        assert_close("x", ref, ref * 1.01, tol=1e-4)
+
+
+def test_assert_close_catches_nan_inf_and_shape_mismatch():
+    ref = torch.ones(4, 4)
+    bad = ref.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close("x", ref, bad, tol=1.0)
+    bad[1, 2] = float("inf")
+    with pytest.raises(AssertionError, match="NaN or inf"):
+        assert_close("x", ref, bad, tol=1.0)
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close("x", ref, torch.ones(4, 5), tol=1.0)
+    assert rel_rms(bad, ref) == math.inf
+
+
+def test_factories_are_seeded_and_shaped():
+    a, b = make_bthd(2, 5, 3, 7, seed=3), make_bthd(2, 5, 3, 7, seed=3)
+    assert a.shape == (2, 5, 3, 7) and torch.equal(a, b) and not torch.equal(a, make_bthd(2, 5, 3, 7, seed=4))
+    q, k, v = make_qkv(1, 9, 4, 16, HKV=2, Dv=8, Tk=11)
+    assert q.shape == (1, 9, 4, 16) and k.shape == (1, 11, 2, 16) and v.shape == (1, 11, 2, 8)
+    g = make_log_gates(2, 5, 3, low=-30)
+    assert g.shape == (2, 5, 3) and (g <= 0).all() and g.min() >= -30
+    assert make_log_gates(1, 2, 3, 4).shape == (1, 2, 3, 4)
+    with pytest.raises(ValueError):
+        make_log_gates(1, 2, 3, low=0.0, high=1.0)
+
+
+# ------------------------------------------------------------------------------------------- the checker
+def _double(x):
+    return 2 * x
+
+
+def test_checker_prints_one_line_on_success(capsys):
+    check("double", _double, _double, [(torch.arange(3.0),), (torch.ones(2, 2),)])
+    assert capsys.readouterr().out == "✓ double: all 2 cases match\n"
+
+
+@pytest.mark.parametrize("wrong, why", [
+    (lambda x: 3 * x, "relative RMS error"),
+    (lambda x: (2 * x)[:-1], "expected shape"),
+    (lambda x: float((2 * x).sum()), "expected a tensor"),
+])
+def test_checker_rejects_wrong_answers(wrong, why):
+    with pytest.raises(ExerciseError, match=why) as info:
+        check("double", wrong, _double, [(torch.arange(3.0),)], hint="multiply by two")
+    assert "Hint: multiply by two" in str(info.value)
+
+
+def test_checker_reports_a_stub_as_not_attempted():
+    def stub(x):
+        raise NotImplementedError
+
+    with pytest.raises(ExerciseError, match="not implemented yet"):
+        check("double", stub, _double, [(torch.arange(3.0),)])
+
+
+def test_checker_compares_numbers_sequences_and_integers():
+    check("n", lambda a: a / 3, lambda a: a / 3, [(1.0,)])
+    with pytest.raises(ExerciseError):
+        check("n", lambda a: a / 3 + 1e-2, lambda a: a / 3, [(1.0,)])
+    with pytest.raises(ExerciseError, match="entries differ"):
+        check("i", lambda a: a + 1, lambda a: a, [(torch.arange(4),)])
+    with pytest.raises(ExerciseError, match="item 1"):
+        check("s", lambda a: (a, a), lambda a: (a, a + 1), [(torch.ones(2),)])
+
+
+# ----------------------------------------------------------------------------------------------- bench
+def test_bench_results_roundtrip_and_plot(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minisparse import bench
+
+    path = bench.save_results("demo", {"B": 2}, [{"impl": "a", "pass": "fwd", "T": 1024, "ms": 1.0},
+                                                 {"impl": "a", "pass": "fwd", "T": 2048, "ms": 3.0}],
+                              path=tmp_path / "demo.json")
+    doc = json.loads(path.read_text())
+    assert {"date", "device", "torch", "triton", "config", "rows"} <= set(doc)
+    ax = bench.plot_results(doc)
+    assert len(ax.lines) == 1
+    with pytest.raises(ValueError, match="lacks"):
+        bench.save_results("demo", {}, [{"impl": "a"}], path=tmp_path / "x.json")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="GPU"):
+            bench.median_ms(lambda: None)
