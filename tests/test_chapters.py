@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+pytest.importorskip("jupytext", reason="the pipeline checks need the book extra (jupytext)")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("chapters_tool", ROOT / "tools" / "chapters.py")
 tool = importlib.util.module_from_spec(_spec)
