@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["median_ms", "environment", "save_results", "load_results", "results_dir", "plot_results"]
+__all__ = ["median_ms", "environment", "save_results", "load_results", "results_dir", "plot_results", "plot_passes"]
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
@@ -103,3 +103,20 @@ def plot_results(doc: dict, *, x: str = "T", y: str = "ms", by: Iterable[str] = 
     ax.legend(fontsize=8)
     ax.set_title(f"{doc['device']} · torch {doc['torch']} · triton {doc['triton']} · {doc['date']}", fontsize=9)
     return ax
+
+
+def plot_passes(doc: dict, *, y: str | None = None, size=(6, 3.6)):
+    """One panel per pass (fwd, fwd+bwd, …) of a results document; `y` defaults to TFLOP/s when every row has it,
+    else ms. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    if y is None:
+        y = "tflops" if all(r.get("tflops") is not None for r in doc["rows"]) else "ms"
+    passes = sorted({r.get("pass") for r in doc["rows"]}, key=str)
+    fig, axes = plt.subplots(1, len(passes), figsize=(size[0] * len(passes), size[1]), squeeze=False)
+    for ax, p in zip(axes[0], passes):
+        plot_results(doc, y=y, passes=[p], ax=ax)
+        ax.set_ylabel({"tflops": "TFLOP/s", "ms": "median time (ms)"}.get(y, y))
+        ax.set_title(f"{doc['name']} · {p}\n" + ax.get_title(), fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -60,18 +60,40 @@ def mask_panel(masks: Mapping[str, object], **kw):
     return panels({k: to_numpy(v) > 0 for k, v in masks.items()}, cmap="Blues", vmin=0, vmax=1, **kw)
 
 
+def _initial(control):
+    """The value a control starts at: a widget's `.value`, the middle of a `(min, max[, step])` tuple, the first
+    of a list, or a plain value."""
+    if hasattr(control, "value"):
+        return control.value
+    if isinstance(control, tuple) and 2 <= len(control) <= 3 and all(isinstance(c, (int, float)) for c in control):
+        lo, hi = control[:2]
+        step = control[2] if len(control) == 3 else (1 if isinstance(lo, int) and isinstance(hi, int) else None)
+        mid = (lo + hi) / 2
+        return type(lo)(lo + round((mid - lo) / step) * step) if step else mid
+    if isinstance(control, (list, tuple)):
+        return control[0]
+    return control
+
+
 def explorer(draw: Callable[..., object], **controls):
     """An ipywidgets explorer: `draw(**values)` redraws when a control changes.
 
-    `controls` are ipywidgets (e.g. `IntSlider`) or `(min, max, step)` tuples as in `ipywidgets.interact`. The first
-    picture is drawn at once, so the static book shows it even where no kernel runs; ipywidgets' saved state
-    keeps the controls visible there. Returns the widget box.
+    `controls` are ipywidgets (e.g. `IntSlider`) or `(min, max, step)` tuples / option lists as in
+    `ipywidgets.interact`. The first picture is drawn at once, so the static book shows it; ipywidgets' saved state
+    keeps the controls visible there. Where ipywidgets or IPython is missing (a plain `python chapter.py` run on a
+    bare GPU machine) the picture is drawn once at the controls' initial values. Returns the widget, or None.
     """
-    import ipywidgets as widgets
-    from IPython.display import display
-
     if not controls:
         raise ValueError("explorer: give at least one control, e.g. window=(1, 64, 1)")
+    try:
+        import ipywidgets as widgets
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        widgets = None
+    if widgets is None or get_ipython() is None:
+        draw(**{name: _initial(c) for name, c in controls.items()})
+        return None
     ui = widgets.interactive(draw, **controls)
     display(ui)
     return ui

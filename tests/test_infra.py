@@ -148,3 +148,32 @@ def test_bench_results_roundtrip_and_plot(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="GPU"):
             bench.median_ms(lambda: None)
+
+
+def test_attempt_prints_instead_of_raising(capsys):
+    from minisparse.testing import attempt
+
+    assert attempt(check, "double", lambda x: 3 * x, _double, [(torch.ones(2),)]) is False
+    assert "✗ double" in capsys.readouterr().out
+    assert attempt(check, "double", _double, _double, [(torch.ones(2),)]) is True
+
+
+def test_explorer_draws_once_without_a_kernel():
+    from minisparse.viz import explorer
+
+    seen = []
+    assert explorer(lambda window, mode: seen.append((window, mode)), window=(1, 9, 2), mode=["a", "b"]) is None
+    assert seen == [(5, "a")]
+    with pytest.raises(ValueError):
+        explorer(lambda: None)
+
+
+def test_plot_passes_one_panel_per_pass():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minisparse.bench import plot_passes
+
+    doc = {"name": "d", "device": "x", "torch": "t", "triton": "r", "date": "today", "rows": [
+        {"impl": "a", "pass": "fwd", "T": 1, "ms": 1.0}, {"impl": "a", "pass": "fwd+bwd", "T": 1, "ms": 2.0}]}
+    assert len(plot_passes(doc).axes) == 2

@@ -1,0 +1,1362 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. Attention and its cost
+#
+# Every sparse mechanism in this book is measured against one baseline: dense softmax attention. This chapter
+# builds that baseline and, more importantly, its bill: how many FLOPs it spends, how many bytes it moves and how
+# much memory its KV cache holds. Later chapters exist because these three numbers grow with the context length.
+#
+# What you build here, and can import afterwards:
+#
+# | name | what it is |
+# |---|---|
+# | `attention_ref(q, k, v, causal=True, scale=None, window=None)` | softmax attention as the equations say (causal, sliding window, GQA) |
+# | `attention_mask`, `attention_weights` | who may attend to whom, and the probabilities, for pictures |
+# | `apply_rope`, `RotaryEmbedding` | rotary position embeddings, both channel conventions |
+# | `KVCache` | a preallocated key/value cache for decoding |
+# | `attention_flops`, `attention_bytes`, `kv_cache_bytes_per_token`, … | the cost model |
+# | `flash_attention` | the Triton kernels, forward and backward (section 5) |
+# | `Attention` | the layer: GQA, RoPE, KV cache, optional q/k norm and Qwen3-Next's output gate |
+#
+# ```python
+# from minisparse.attention import attention_ref, Attention
+# ```
+#
+# Tensors are laid out `[B, T, H, D]` (batch, time, heads, head dim) everywhere, as in fla. On a laptop CPU the
+# chapter runs at small "reading sizes" in well under two minutes; on a GPU the same cells use realistic sizes.
+
+# %%
+# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
+                                  "or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+# %%
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import FuncFormatter
+
+from minisparse import bench, runtime, viz
+from minisparse.testing import ExerciseError, assert_close, make_qkv
+
+torch.manual_seed(0)
+DEVICE = runtime.device()
+DTYPE = runtime.default_dtype()
+
+
+def tokens_axis(ax, label="sequence length T"):
+    """A log2 x axis labelled 256, 1k, 4k, … (our plots' x axis is a number of tokens)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"))
+    ax.set_xlabel(label)
+
+# %% [markdown]
+# ## 1. Why: attention compares every token with every other
+#
+# For one head, query $q_t$ scores every key $k_s$ it may see, turns the scores into probabilities and averages
+# the values with them:
+#
+# $$
+# o_t = \sum_{s \le t} p_{ts}\, v_s, \qquad
+# p_{ts} = \frac{\exp(q_t \cdot k_s / \sqrt{D})}{\sum_{s' \le t} \exp(q_t \cdot k_{s'} / \sqrt{D})} .
+# $$
+#
+# With $T$ tokens that is $T(T+1)/2$ query–key pairs per head (causal), each costing a $D$-long dot product for
+# the score and a $D$-long multiply-add for the value: the cost grows as $T^2$. Everything else in a transformer
+# block — the $q, k, v, o$ projections and the feed-forward network — touches each token on its own, so it grows
+# as $T$. Short prompts are dominated by the matrix multiplications of the projections and the FFN; at some
+# length the quadratic term takes over.
+#
+# The second bill comes at generation time. To produce token $t+1$ the model needs $k_s, v_s$ of every earlier
+# token, in every layer. Recomputing them would cost a full forward pass per token, so they are kept: the
+# **KV cache**. Its size per token is
+#
+# $$
+# \text{bytes/token} = 2 \times L \times H_{kv} \times D \times \text{bytes per element},
+# $$
+#
+# ($2$ for $K$ and $V$, $L$ layers, $H_{kv}$ key/value heads). Three designs trade quality for cache size:
+# **MHA** (multi-head attention, one K/V head per query head, Vaswani et al.), **MQA** (multi-query attention:
+# one K/V head shared by all query heads, Shazeer 2019) and **GQA** (grouped-query attention: $H_{kv}$ groups in
+# between, Ainslie et al. 2023). The shapes below are those of real checkpoints; the cell after the table checks
+# them against `transformers`' configuration classes, whose defaults are those models' shapes.
+
+# %%
+# Shapes of real models (transformers' config defaults, checked below). kv_layers = layers that keep a KV cache.
+MODELS = {
+    "Llama-2-7B (MHA)": dict(config="LlamaConfig", kv_layers=32, heads=32, kv_heads=32, head_dim=128, window=None),
+    "Mistral-7B (GQA 4:1)": dict(config="MistralConfig", kv_layers=32, heads=32, kv_heads=8, head_dim=128,
+                                 window=4096),
+    "Falcon-7B (MQA)": dict(config="FalconConfig", kv_layers=32, heads=71, kv_heads=1, head_dim=64, window=None),
+    "Qwen3-Next-80B-A3B (GQA 8:1)": dict(config="Qwen3NextConfig", kv_layers=12, heads=16, kv_heads=2,
+                                         head_dim=256, window=None),
+}
+LLAMA = dict(hidden=4096, heads=32, head_dim=128, ffn=11008)  # Llama-2-7B's per-layer shapes, for the FLOP picture
+
+# %% [markdown]
+# Qwen3-Next keeps a KV cache in only 12 of its 48 layers: the other 36 are Gated DeltaNet layers with a
+# fixed-size state (chapter 5). Mistral-7B's sliding window of 4096 tokens caps its cache at 4096 tokens per layer.
+# The check below reads the same numbers from `transformers` (no network: the defaults live in the code).
+
+# %%
+def kv_layout(cfg):
+    """(layers with a KV cache, K/V heads, query heads, head dim) of a transformers config."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon-7B: one K/V head for all query heads
+    else:
+        kv_heads = cfg.num_key_value_heads
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    kv_layers = sum(t != "linear_attention" for t in layer_types)
+    return kv_layers, kv_heads, cfg.num_attention_heads, head_dim
+
+
+try:
+    import transformers
+except ImportError:
+    print("transformers is not installed: the table above is not checked against its configs")
+else:
+    for name, m in MODELS.items():
+        cfg = getattr(transformers, m["config"])()
+        assert kv_layout(cfg) == (m["kv_layers"], m["kv_heads"], m["heads"], m["head_dim"]), (name, kv_layout(cfg))
+    llama = transformers.LlamaConfig()
+    assert (llama.hidden_size, llama.intermediate_size) == (LLAMA["hidden"], LLAMA["ffn"])
+    print(f"✓ the shapes of {len(MODELS)} models match transformers {transformers.__version__}'s config defaults")
+
+# %% [markdown]
+# Two pictures, at Llama-2-7B's shapes for one layer in bf16 (back-of-envelope; section 4 makes it exact). Left:
+# FLOPs of one forward pass. Right: bytes — the layer's weights, its $q, k, v, o$ activations, and the $T \times T$
+# score matrix *if* it were written to memory, as a naive implementation does.
+
+# %%
+T_axis = [2**i for i in range(8, 18)]  # 256 … 131072 tokens
+d, H, D, F = LLAMA["hidden"], LLAMA["heads"], LLAMA["head_dim"], LLAMA["ffn"]
+attn = [2 * H * 2 * D * T * (T + 1) / 2 for T in T_axis]              # q·k and p·v, causal pairs
+linear = [2 * T * d * (4 * H * D) + 2 * T * d * F * 3 for T in T_axis]  # q,k,v,o projections + SwiGLU FFN
+cross = next(T for T in range(1, 10**6, 64) if 2 * H * D * T * (T + 1) >= 2 * T * d * (4 * H * D + 3 * F))
+
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+ax1.loglog(T_axis, attn, "o-", label="attention core  (∝ T²)")
+ax1.loglog(T_axis, linear, "s-", label="projections + FFN  (∝ T)")
+ax1.axvline(cross, color="gray", ls=":")
+ax1.text(cross * 1.1, min(linear), f"equal at T ≈ {cross / 1000:.0f}k", fontsize=8)
+ax1.set(ylabel="FLOPs per layer (forward)", title="Llama-2-7B layer: FLOPs")
+tokens_axis(ax1)
+ax1.legend(fontsize=8)
+scores = [H * T * T * 2 for T in T_axis]                        # one bf16 score matrix per head
+acts = [T * 4 * H * D * 2 for T in T_axis]                      # q, k, v, o in bf16
+weights = [(4 * d * H * D + 3 * d * F) * 2 for _ in T_axis]     # the layer's parameters in bf16
+ax2.loglog(T_axis, scores, "o-", label="T×T scores, if materialized")
+ax2.loglog(T_axis, acts, "s-", label="q, k, v, o activations")
+ax2.loglog(T_axis, weights, "--", label="layer weights")
+ax2.axhline(141e9, color="red", lw=0.8)
+ax2.text(T_axis[0], 141e9 / 3, "H200 memory (141 GB)", fontsize=8, color="red", va="top")
+ax2.set(ylabel="bytes per layer (bf16)", title="Llama-2-7B layer: bytes")
+tokens_axis(ax2)
+ax2.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+print(f"at T = 32k one layer's score matrix is {H * 32768**2 * 2 / 1e9:.0f} GB")
+
+# %% [markdown]
+# The FLOPs cross over at about fifty thousand tokens: below that, attention is the smaller cost. The bytes are
+# another story: a materialized score matrix outgrows the layer's weights at a couple of thousand tokens and would
+# fill half an H200 at 32k. That is why no serious kernel writes it out; section 5's flash attention keeps each
+# tile of scores on chip and never stores the matrix.
+#
+# Now the cache, per generated token and for a whole context:
+
+# %%
+def cache_bytes_per_token(m, dtype_bytes=2):
+    return 2 * m["kv_layers"] * m["kv_heads"] * m["head_dim"] * dtype_bytes
+
+
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw=dict(width_ratios=[1, 1.3]))
+names = list(MODELS)
+per_token = [cache_bytes_per_token(MODELS[n]) / 1024 for n in names]
+ax1.barh(names, per_token, color=["C0", "C1", "C2", "C3"])
+for y, kib in enumerate(per_token):
+    ax1.text(kib, y, f" {kib:.0f} KiB", va="center", fontsize=8)
+ax1.invert_yaxis()
+ax1.set(xlabel="KV cache per token (KiB, bf16)", title="every generated token adds this")
+ax1.set_xlim(0, max(per_token) * 1.3)
+context = [2**i for i in range(10, 19)]  # 1k … 256k tokens
+for i, n in enumerate(names):
+    w = MODELS[n]["window"]
+    gib = [cache_bytes_per_token(MODELS[n]) * (min(T, w) if w else T) / 2**30 for T in context]
+    ax2.loglog(context, gib, "o-", color=f"C{i}", label=n + (f", window {w}" if w else ""))
+ax2.axhline(141e9 / 2**30, color="red", lw=0.8)
+ax2.text(context[0], 141e9 / 2**30 / 1.5, "H200 memory", fontsize=8, color="red", va="top")
+ax2.set(ylabel="KV cache (GiB, one sequence)", title="the whole context")
+tokens_axis(ax2, "context length (tokens)")
+ax2.legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# An MHA model the size of Llama-2-7B would need a whole H200 for the cache of one 256k-token sequence. GQA divides
+# the cache by the group size, MQA by the number of heads; a window caps it; a hybrid model such as Qwen3-Next
+# removes it from most layers. Each later chapter attacks one of these numbers: MLA compresses the cache
+# (chapter 3), linear attention replaces it with a fixed-size state (chapters 4–6), sparse attention reads only
+# part of it (chapters 7–8).
+#
+# None of the models in this book's survey drops softmax attention altogether. Qwen3-Next and Qwen3.5 keep it in
+# one layer of four (the gated attention layer of section 6), Kimi Linear in one of four (as MLA), MiniMax-M1 in
+# one of eight; DeepSeek-V3.2 and GLM-5 keep it in every layer but let each query read only selected tokens; and
+# MiniMax went back to full attention in every layer for M2. The dense layer of this chapter stays the reference
+# that each of them is measured against.
+#
+# ## 2. Naive: attention as the equations say
+#
+# ### 2.1 Who may attend to whom
+#
+# A mask says which key positions each query may use. We place queries at the **end** of the keys: with $T_q$
+# queries and $T_k \ge T_q$ keys, query $i$ sits at position $i + T_k - T_q$. That is the situation of decoding
+# with a KV cache (the new tokens come after the cached ones); when $T_q = T_k$ it is the usual lower-triangular
+# mask of `scaled_dot_product_attention(is_causal=True)`. With a sliding window of length $W$, the query at
+# position $t$ sees the keys
+#
+# $$
+# t - W < s \le t ,
+# $$
+#
+# itself and the $W - 1$ tokens before it (the sliding-window layers of Mistral 7B, Gemma 2/3 and gpt-oss;
+# transformers' sliding-window mask is the same). Position $t$ with $W = 1$ sees only itself; $W \ge T$ is plain
+# causal attention.
+
+# %%
+#| export attention.naive
+import torch
+import torch.nn as nn
+
+
+def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
+    """Boolean mask [Tq, Tk], True where query i may attend to key s.
+
+    Query i sits at position i + Tk - Tq (bottom-right aligned, as when decoding after a KV cache).
+    causal: keys s <= position; window W (needs causal): keys position - W < s <= position.
+    """
+    Tk = Tq if Tk is None else Tk
+    _check_window(causal, window)
+    pos_q = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # [Tq, 1]  each query's position
+    pos_k = torch.arange(Tk, device=device)[None, :]  # [1, Tk]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device)  # [Tq, Tk]
+    if causal:
+        allowed &= pos_k <= pos_q
+    if window is not None:
+        allowed &= pos_k > pos_q - window
+    return allowed
+
+
+def _check_window(causal, window):
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive int (or None for no window), got {window!r}")
+    if not causal:
+        raise ValueError(f"window={window} requires causal=True (a sliding window looks back from each query), "
+                         "got causal=False")
+
+# %% [markdown]
+# ### 2.2 Scores, softmax, output
+#
+# With the scale $\sigma$ (default $D^{-1/2}$) and the mask $M$:
+#
+# $$
+# S = \sigma\, Q K^\top, \qquad P = \operatorname{softmax}_{\text{rows}}\bigl(S + \log M\bigr), \qquad O = P V ,
+# $$
+#
+# where $\log M$ is $0$ where the mask allows and $-\infty$ elsewhere. With **GQA**, $H_q$ query heads share
+# $H_{kv}$ key/value heads in groups of $G = H_q / H_{kv}$: query head $h$ reads K/V head $\lfloor h / G \rfloor$
+# (the convention of transformers' `repeat_kv` and of SDPA's `enable_gqa`). The reference simply repeats K and V
+# $G$ times; the kernel of section 5 will index the shared head instead.
+#
+# First the checks every public op makes (DESIGN §5: name the argument, what was expected, what came):
+
+# %%
+#| export attention.naive
+def check_attention_args(op, q, k, v=None, causal=True, window=None):
+    """Validate q [B,Tq,HQ,D], k [B,Tk,HKV,D], v [B,Tk,HKV,Dv]; raise TypeError/ValueError naming the argument."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must have 4 dims [B, T, H, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point (fp32, fp16 or bf16), got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    B, Tq, HQ, D = q.shape
+    _, Tk, HKV, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{op}: k must be [B={B}, Tk, HKV, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v is not None and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v must be [B={B}, Tk={Tk}, HKV={HKV}, Dv] like k, got {tuple(v.shape)}")
+    if HQ % HKV != 0:
+        raise ValueError(f"{op}: the K/V heads must divide the query heads (GQA groups), got HQ={HQ}, HKV={HKV}")
+    _check_window(causal, window)
+    if causal and Tq > Tk:
+        raise ValueError(f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
+                         f"Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+
+# %% [markdown]
+# Then the probabilities $P$, in fp32 whatever the input dtype (a bf16 softmax over thousands of keys loses the
+# small probabilities), and the output $O = PV$:
+
+# %%
+#| export attention.naive
+def _probabilities(q, k, causal, scale, window):
+    B, Tq, HQ, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    k = k.repeat_interleave(HQ // HKV, dim=2)  # [B, Tk, HQ, D]  query head h reads K/V head h // G
+    s = torch.einsum("bthd,bshd->bhts", q.to(acc), k.to(acc)) * scale  # [B, HQ, Tq, Tk]
+    allowed = attention_mask(Tq, Tk, causal, window, device=q.device)  # [Tq, Tk]
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1)  # [B, HQ, Tq, Tk]
+
+
+def attention_weights(q, k, causal=True, scale=None, window=None):
+    """Attention probabilities P [B, HQ, Tq, Tk] (fp32) of q [B,Tq,HQ,D] over k [B,Tk,HKV,D] — for pictures."""
+    check_attention_args("attention_weights", q, k, None, causal, window)
+    return _probabilities(q, k, causal, scale, window)
+
+
+def attention_ref(q, k, v, causal=True, scale=None, window=None):
+    """Softmax attention, the spec every kernel is tested against.
+
+    q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] -> o [B, Tq, HQ, Dv] in q's dtype.
+    GQA: HKV divides HQ. causal is bottom-right aligned (query i at position i + Tk - Tq).
+    window W: keys position - W < s <= position. Softmax and accumulation in fp32.
+    """
+    check_attention_args("attention_ref", q, k, v, causal, window)
+    HQ, HKV = q.shape[2], k.shape[2]
+    p = _probabilities(q, k, causal, scale, window)  # [B, HQ, Tq, Tk]
+    v = v.repeat_interleave(HQ // HKV, dim=2).to(p.dtype)  # [B, Tk, HQ, Dv]
+    o = torch.einsum("bhts,bshd->bthd", p, v)  # [B, Tq, HQ, Dv]
+    return o.to(q.dtype).contiguous()
+
+# %% [markdown]
+# Is it right? PyTorch's `scaled_dot_product_attention` (SDPA) is an independent implementation; it takes
+# `[B, H, T, D]`, so we transpose. The tests in `tests/test_attention.py` do the same for GQA, windows and
+# $T_q < T_k$.
+
+# %%
+q, k, v = make_qkv(2, 37, 4, 16, HKV=2, dtype=torch.float64)
+sdpa = torch.nn.functional.scaled_dot_product_attention(
+    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+print(f"relative RMS error vs SDPA: {assert_close('attention_ref', sdpa, attention_ref(q, k, v), 1e-12):.1e}")
+
+# %% [markdown]
+# ### 2.3 Rotary position embeddings (RoPE)
+#
+# Attention as written is blind to order: permute the keys and values together and nothing changes. RoPE
+# (Su et al., RoFormer) encodes position by *rotating* $q$ and $k$. Split a head's $D$ channels into $D/2$ pairs,
+# and rotate pair $j$ of the vector at position $t$ by the angle $t\,\omega_j$, with frequencies
+#
+# $$
+# \omega_j = \theta^{-2j/D}, \quad j = 0, \dots, D/2 - 1 \qquad (\theta = 10\,000 \text{ by default; Llama 3, Mixtral, Qwen use } 5\cdot 10^5 \text{ to } 10^6).
+# $$
+#
+# In complex form, a pair is $z_j = x_a + i\,x_b$ and RoPE multiplies it by $e^{i t \omega_j}$. A rotation of $q$
+# by $t\omega$ and of $k$ by $s\omega$ leaves their dot product depending on $t - s$ only:
+#
+# $$
+# \operatorname{Re}\!\left[(z^q_j e^{i t \omega_j})\,\overline{(z^k_j e^{i s \omega_j})}\right]
+# = \operatorname{Re}\!\left[z^q_j\, \overline{z^k_j}\, e^{i (t - s) \omega_j}\right],
+# $$
+#
+# so attention scores see relative positions, while each key is rotated once, by its own position — which is why
+# a KV cache can store keys *after* RoPE. Which channels form a pair is a convention, and checkpoints depend on it:
+#
+# - **interleaved**: pairs $(x_{2j}, x_{2j+1})$ — the RoFormer paper, GPT-J, Meta's original Llama code;
+# - **half-split**: pairs $(x_j, x_{j + D/2})$ — GPT-NeoX, and transformers' `rotate_half` for Llama, Mistral,
+#   Qwen. This is our default.
+
+# %%
+#| export attention.naive
+def rope_frequencies(dim, theta=10000.0, dtype=torch.float32, device=None):
+    """RoPE's angular frequencies omega_j = theta^(-2j/dim), j = 0 .. dim/2 - 1  ->  [dim/2]."""
+    exponents = torch.arange(0, dim, 2, device=device).to(dtype) / dim  # [dim/2]  2j/dim
+    return 1.0 / theta**exponents
+
+
+def _rotate(x, cos, sin, interleaved):
+    """Rotate the channel pairs of x [..., D] by angles whose cos/sin are [..., D/2]."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # pairs (x[2j], x[2j+1])
+    else:
+        x1, x2 = x.chunk(2, dim=-1)  # pairs (x[j], x[j + D/2])
+    r1, r2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos  # (x1 + i x2) * e^{i angle}
+    if interleaved:
+        return torch.stack((r1, r2), dim=-1).flatten(-2)
+    return torch.cat((r1, r2), dim=-1)
+
+
+def _check_rope_args(op, x, positions):
+    if not isinstance(x, torch.Tensor) or not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{op}: x and positions must be torch.Tensors, got {type(x).__name__}, "
+                        f"{type(positions).__name__}")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"{op}: x must be [B, T, H, D] with an even D, got shape {tuple(x.shape)}")
+    B, T = x.shape[:2]
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(f"{op}: positions must be [T]=[{T}] or [B, T]=[{B}, {T}], got {tuple(positions.shape)}")
+
+
+def apply_rope(x, positions, theta=10000.0, interleaved=False):
+    """Rotary position embedding of x [B, T, H, D] at positions [T] or [B, T]; computed in fp32, returned in x's dtype.
+
+    interleaved=False pairs channels (j, j + D/2) (GPT-NeoX, Llama in transformers);
+    interleaved=True pairs (2j, 2j + 1) (RoFormer, GPT-J).
+    """
+    _check_rope_args("apply_rope", x, positions)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    omega = rope_frequencies(x.shape[-1], theta, acc, x.device)  # [D/2]
+    angles = positions.to(acc)[..., None] * omega  # [T, D/2] or [B, T, D/2]
+    angles = angles.expand(x.shape[0], *angles.shape[-2:])[:, :, None, :]  # [B, T, 1, D/2]
+    return _rotate(x.to(acc), angles.cos(), angles.sin(), interleaved).to(x.dtype)
+
+# %% [markdown]
+# A layer calls RoPE twice per step with the same positions, so it keeps a table of $\cos$ and $\sin$ per
+# position, grown on demand. The table is kept in fp32 even if the module is cast to bf16 (a bf16 angle table
+# would blur positions above a few hundred).
+
+# %%
+#| export attention.naive
+class RotaryEmbedding(nn.Module):
+    """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals apply_rope."""
+
+    def __init__(self, dim, theta=10000.0, interleaved=False, max_len=2048):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RotaryEmbedding: dim must be even, got {dim}")
+        self.dim, self.theta, self.interleaved = dim, theta, interleaved
+        self._build(max_len, None)
+
+    def _build(self, n, device):
+        omega = rope_frequencies(self.dim, self.theta, torch.float32, device)  # [dim/2]
+        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, positions):
+        _check_rope_args("RotaryEmbedding", x, positions)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RotaryEmbedding: x's last dim must be dim={self.dim}, got {x.shape[-1]}")
+        if positions.is_floating_point():
+            raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
+            self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / device move
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
+        cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
+        sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return _rotate(x.to(acc), cos.to(acc), sin.to(acc), self.interleaved).to(x.dtype)
+
+# %% [markdown]
+# Three checks of what we claimed: scores depend on the offset only; the two conventions are the same rotation
+# with the channels reordered; the cached module equals the function.
+
+# %%
+x = torch.randn(1, 1, 1, 64, dtype=torch.float64).expand(1, 9, 1, 64)  # one vector, at 9 positions
+qr, kr = apply_rope(x, torch.arange(9)), apply_rope(x, torch.arange(100, 109))
+score = qr[0, :, 0] @ kr[0, :, 0].T  # [9, 9]: query at position t, key at position 100 + s
+for off in range(-8, 9):  # every diagonal (a fixed offset t - s) is constant
+    diag = score.diagonal(off)
+    assert torch.allclose(diag, diag[0].expand_as(diag)), off
+perm = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])  # interleaved order -> half-split order
+y = torch.randn(2, 9, 3, 64)
+pos = torch.arange(9)
+assert torch.allclose(apply_rope(y, pos, interleaved=True)[..., perm], apply_rope(y[..., perm], pos), atol=1e-6)
+assert torch.equal(RotaryEmbedding(64)(y, pos), apply_rope(y, pos))
+print("✓ RoPE: relative, conventions agree up to a channel permutation, RotaryEmbedding == apply_rope")
+
+# %% [markdown]
+# ### 2.4 The KV cache
+#
+# When decoding, each step brings $T_{new}$ tokens (one, or a chunk of a prompt). Their keys and values are
+# computed once, rotated by RoPE at their positions, and written after the cached ones; the new queries then attend
+# to everything cached so far, bottom-right aligned. Preallocating the whole buffer,
+# `[B, max_len, H_kv, D]`, keeps each step from reallocating and copying the past.
+
+# %%
+#| export attention.naive
+class KVCache:
+    """Preallocated keys [B, max_len, HKV, D] and values [B, max_len, HKV, Dv]; `length` tokens are filled."""
+
+    def __init__(self, batch, max_len, num_kv_heads, head_dim, v_head_dim=None, *, dtype=torch.float32, device=None):
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.k.shape[1]
+
+    def __len__(self):
+        return self.length
+
+    def append(self, k, v):
+        """Store k [B, t, HKV, D], v [B, t, HKV, Dv] after the cached tokens; return all of them [B, length, ...]."""
+        B, _, HKV, D = self.k.shape
+        t = k.shape[1] if k.dim() == 4 else -1
+        if tuple(k.shape) != (B, t, HKV, D) or tuple(v.shape) != (B, t, HKV, self.v.shape[-1]):
+            raise ValueError(f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
+                             f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if self.length + t > self.max_len:
+            raise ValueError(f"KVCache.append: {t} new tokens do not fit: {self.length} of max_len={self.max_len} "
+                             "are used (make a larger cache)")
+        self.k[:, self.length:self.length + t] = k
+        self.v[:, self.length:self.length + t] = v
+        self.length += t
+        return self.k[:, :self.length], self.v[:, :self.length]
+
+    def reset(self):
+        self.length = 0
+
+# %% [markdown]
+# ## 3. See it
+#
+# ### 3.1 Masks
+#
+# The four masks of this chapter on 16 tokens (blue = may attend). The third is a decoding step: 4 new queries
+# after 12 cached tokens, bottom-right aligned. Below them, which K/V head each query head reads under MHA, GQA and
+# MQA.
+
+# %%
+fig = viz.mask_panel({
+    "causal": attention_mask(16, 16),
+    "sliding window W = 4": attention_mask(16, 16, window=4),
+    "decode: 4 queries, 16 keys": attention_mask(4, 16),
+    "bidirectional (encoder)": attention_mask(16, 16, causal=False),
+})
+fig.axes[2].set_yticks(range(4), [f"{12 + i}" for i in range(4)])  # the 4 new queries sit at positions 12..15
+plt.show()
+HQ = 8
+viz.mask_panel({f"{name}: {HQ} query heads, {hkv} K/V": torch.arange(HQ)[:, None] // (HQ // hkv) == torch.arange(hkv)
+                for name, hkv in [("MHA", 8), ("GQA", 2), ("MQA", 1)]},
+               xlabel="K/V head", ylabel="query head", size=2.6)
+for ax, hkv in zip(plt.gcf().axes, (8, 2, 1)):
+    ax.set_xticks(range(hkv))
+plt.show()
+
+# %% [markdown]
+# ### 3.2 Attention on a toy sentence
+#
+# No trained model needed to see what content and position each contribute. Give each word a random embedding
+# $e_w \in \mathbb{R}^{32}$ and build three heads by hand:
+#
+# - **content**: $q_t = k_t = e_{w_t}$ — a word attends to the copies of itself seen so far;
+# - **position**: $q_t = k_t = u$, the same vector everywhere, then RoPE — the score depends only on the distance,
+#   and it decays with distance, so the head looks at recent tokens;
+# - **content + RoPE**: $q_t = k_t = \mathrm{RoPE}_t(e_{w_t})$ — the same copies, now weighted by how far back
+#   they are.
+
+# %%
+words = "the cat sat on the mat and the dog sat on the cat while a cat sat".split()
+vocab = sorted(set(words))
+T_toy, D_toy = len(words), 32
+g = torch.Generator().manual_seed(3)
+emb = torch.randn(len(vocab), D_toy, generator=g)  # [V, D]  one random vector per word
+tokens = torch.tensor([vocab.index(w) for w in words])
+content = 1.2 * emb[tokens][None, :, None, :]  # [1, T, 1, D]
+position = apply_rope(1.3 * torch.ones(1, T_toy, 1, D_toy), torch.arange(T_toy))  # [1, T, 1, D]
+both = apply_rope(content, torch.arange(T_toy))  # [1, T, 1, D]
+random_proj = torch.randn(2, D_toy, D_toy, generator=g) / D_toy**0.5  # an untrained layer's W_q, W_k
+untrained = (emb[tokens] @ random_proj[0], emb[tokens] @ random_proj[1])  # ([T, D], [T, D])
+
+# Four heads side by side: q [1, T, 4, D], k [1, T, 4, D]
+toy_q = torch.cat([content, position, both, untrained[0][None, :, None]], dim=2)
+toy_k = torch.cat([content, position, both, untrained[1][None, :, None]], dim=2)
+HEAD_NAMES = ["content", "position (RoPE)", "content + RoPE", "untrained layer"]
+
+
+def label_words(ax):
+    ax.set_xticks(range(T_toy), words, rotation=90, fontsize=7)
+    ax.set_yticks(range(T_toy), words, fontsize=7)
+
+
+P_toy = attention_weights(toy_q, toy_k)[0]  # [4, T, T]
+fig = viz.panels({HEAD_NAMES[h]: P_toy[h] for h in range(3)}, size=3.6, vmin=0, vmax=1)
+for ax in fig.axes:
+    label_words(ax)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The content head splits each word's attention equally among its copies so far, itself included (the last
+# "sat" gives a third to each of the three); the position head is a soft band along the diagonal, the same shape
+# in every row; content + RoPE keeps the content head's choices but ranks them by distance — itself first, then
+# the nearest copy, the oldest last.
+#
+# RoPE's preference for nearby tokens comes from its frequencies. The score of a vector with itself, $\Delta$
+# positions apart, is $\sum_j \cos(\Delta\,\omega_j)$ (up to a constant): the fast pairs decorrelate at once, the
+# slow ones stay aligned for long. A larger $\theta$ slows all of them down, which is how long-context models
+# stretch RoPE:
+
+# %%
+dist = torch.arange(0, 32768)
+fig, ax = plt.subplots(figsize=(7, 3))
+for theta in (1e4, 5e5, 1e6):
+    omega = rope_frequencies(128, theta, torch.float64)  # [64]
+    ax.plot(dist, torch.cos(dist[:, None] * omega).mean(1), lw=0.8, label=f"θ = {theta:.0e}")
+ax.set_xscale("symlog", linthresh=16)
+ax.set(xlabel="distance Δ = t − s (tokens)", ylabel="mean cos(Δ ω_j)",
+       title="RoPE similarity vs distance (D = 128)")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ### 3.3 Explore
+#
+# Move the window and pick a head. With $W = 1$ every head attends only to itself; as $W$ grows past the
+# distance to a word's earlier copy, the content heads find it. The fourth head is what an untrained layer does:
+# little structure beyond the causal triangle.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def draw(window=T_toy, head=0):
+    P = attention_weights(toy_q, toy_k, window=window)[0, head]  # [T, T]
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    viz.heatmap(ax, P, f"{HEAD_NAMES[head]}, window {window}", vmin=0, vmax=1, colorbar=True)
+    label_words(ax)
+    fig.tight_layout()
+    plt.show()
+
+
+explorer = viz.explorer(draw, window=(1, T_toy, 1), head=(0, len(HEAD_NAMES) - 1, 1))
+
+# %% [markdown]
+# ## 4. Cost model
+#
+# Now the exact counts. A mask allows some number of query–key pairs $N_{pairs}$; each costs $2D$ FLOPs for the
+# score and $2D_v$ for the weighted value (a multiply and an add per channel), so one forward pass costs
+#
+# $$
+# \text{FLOPs} = 2\,B\,H_q\,(D + D_v)\,N_{pairs}, \qquad
+# N_{pairs} = \begin{cases} T_q T_k & \text{bidirectional} \\ \sum_{i} \min(p_i + 1, W) & \text{causal, window } W \end{cases}
+# $$
+#
+# with $p_i = i + T_k - T_q$ the query's position ($W = \infty$ without a window). For $T_q = T_k = T$ causal
+# attention has $T(T+1)/2$ pairs, about half of $T^2$; a window makes it about $T W$, linear in $T$. Softmax's
+# exponentials are $O(N_{pairs})$ too but are not matmul FLOPs, so we leave them out, as the FlashAttention papers
+# do. The backward pass has five matmuls against the forward's two: about $2.5\times$ the forward.
+#
+# Bytes: the inputs and outputs must cross between GPU memory (HBM) and the chip at least once,
+# $(T_q H_q D + T_k H_{kv}(D + D_v) + T_q H_q D_v)$ elements. A naive implementation also writes the score
+# matrix $S$, reads it for the softmax, writes $P$, and reads $P$ for $PV$: four passes over $B H_q T_q T_k$
+# elements. Flash attention's point (section 5) is to reach the lower bound.
+
+# %%
+#| export attention.cost
+def _pairs_up_to(n, window):
+    """Pairs of the first n positions under causal (+ window) masking: sum_{p<n} min(p + 1, window)."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def attended_pairs(Tq, Tk=None, causal=True, window=None):
+    """How many (query, key) pairs the mask allows, exactly (queries at positions Tk - Tq .. Tk - 1)."""
+    Tk = Tq if Tk is None else Tk
+    if not causal:
+        if window is not None:
+            raise ValueError(f"attended_pairs: window={window} requires causal=True")
+        return Tq * Tk
+    if Tq > Tk:
+        raise ValueError(f"attended_pairs: causal needs Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+    return _pairs_up_to(Tk, window) - _pairs_up_to(Tk - Tq, window)
+
+
+def attention_flops(T, D, H, causal=True, window=None, *, Tk=None, Dv=None, B=1):
+    """Forward matmul FLOPs of softmax attention: 2·B·H·(D + Dv) per allowed (query, key) pair. T = queries."""
+    Dv = D if Dv is None else Dv
+    return 2 * B * H * (D + Dv) * attended_pairs(T, Tk, causal, window)
+
+
+def attention_bytes(T, D, H, HKV=None, *, Tk=None, Dv=None, B=1, dtype_bytes=2, materialize=True):
+    """HBM bytes of one forward: read q, k, v and write o; plus, if materialize (naive attention), write S,
+    read S, write P, read P — four passes over B·H·T·Tk scores. materialize=False: flash attention's lower bound.
+    """
+    HKV = H if HKV is None else HKV
+    Tk = T if Tk is None else Tk
+    Dv = D if Dv is None else Dv
+    elements = B * (T * H * D + Tk * HKV * (D + Dv) + T * H * Dv)
+    if materialize:
+        elements += 4 * B * H * T * Tk
+    return elements * dtype_bytes
+
+
+def projection_flops(T, hidden, H, HKV, D, *, B=1):
+    """FLOPs of the q, k, v, o projections of one attention layer: linear in T."""
+    return 2 * B * T * hidden * (2 * H * D + 2 * HKV * D)
+
+
+def ffn_flops(T, hidden, intermediate, *, B=1, gated=True):
+    """FLOPs of a feed-forward block: 3 matrices for SwiGLU (gate, up, down), 2 for a plain MLP."""
+    return 2 * B * T * hidden * intermediate * (3 if gated else 2)
+
+
+def kv_cache_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes=2, v_head_dim=None):
+    """KV-cache bytes a token adds: K and V in every layer that keeps a cache."""
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    return num_layers * num_kv_heads * (head_dim + v_head_dim) * dtype_bytes
+
+# %% [markdown]
+# The model agrees with section 1's back-of-envelope numbers, with the FlashAttention-2 paper's convention
+# ($4 T^2 D H$ FLOPs for bidirectional attention, half of it causal), and with brute-force counting of the mask:
+
+# %%
+assert attended_pairs(5, 9, window=3) == int(attention_mask(5, 9, window=3).sum())
+assert attended_pairs(7, 7, causal=False) == int(attention_mask(7, 7, causal=False).sum())
+assert attention_flops(4096, 128, 32, causal=False) == 4 * 4096**2 * 128 * 32
+assert abs(attention_flops(2**16, 128, 32) / (2 * 2**32 * 128 * 32) - 1) < 1e-4
+assert [attention_flops(T, LLAMA['head_dim'], LLAMA['heads']) for T in T_axis] == attn  # section 1's curve
+for name, m in MODELS.items():
+    assert kv_cache_bytes_per_token(m["kv_layers"], m["kv_heads"], m["head_dim"]) == cache_bytes_per_token(m)
+print("✓ cost model agrees with the mask, the back-of-envelope numbers and the FA2 convention")
+
+# %% [markdown]
+# Against the dense causal baseline, at Llama-2-7B's shapes: a window of 4096 bends the FLOP curve back to linear;
+# keeping the scores on chip removes the quadratic bytes. On the right, *arithmetic intensity* — FLOPs per byte
+# moved. A kernel above the H200's ridge point (693 TFLOP/s ÷ 4.25 TB/s ≈ 163 FLOP/B, measured on our machine) is
+# limited by compute, below it by memory bandwidth.
+
+# %%
+T_axis = [2**i for i in range(8, 18)]
+H, D = LLAMA["heads"], LLAMA["head_dim"]
+ridge = 693e12 / 4.25e12
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+ax1.loglog(T_axis, [attention_flops(T, D, H) for T in T_axis], "o-", label="dense causal")
+ax1.loglog(T_axis, [attention_flops(T, D, H, window=4096) for T in T_axis], "s-", label="window 4096")
+ax1.loglog(T_axis, [projection_flops(T, LLAMA["hidden"], H, H, D) + ffn_flops(T, LLAMA["hidden"], LLAMA["ffn"])
+                    for T in T_axis], "--", label="projections + FFN")
+ax1.set(ylabel="FLOPs per layer (forward)", title="FLOPs")
+tokens_axis(ax1)
+ax1.legend(fontsize=8)
+for materialize, label in [(True, "naive (scores in HBM)"), (False, "flash (IO lower bound)")]:
+    ax2.loglog(T_axis, [attention_flops(T, D, H) / attention_bytes(T, D, H, materialize=materialize)
+                        for T in T_axis], "o-", label=label)
+ax2.axhline(ridge, color="red", lw=0.8)
+ax2.text(T_axis[-1], ridge / 1.3, "H200 ridge point", color="red", fontsize=8, ha="right", va="top")
+ax2.set(ylabel="FLOPs / byte", title="arithmetic intensity (prefill, bf16)")
+tokens_axis(ax2)
+ax2.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Naive attention's intensity levels off at $D/4 = 32$ FLOP/B (causal, bf16: $\approx 2 D T^2$ FLOPs per head
+# against $4 \times 2\,T^2$ bytes of scores): memory-bound at every length, however fast the tensor cores.
+# Flash attention's intensity grows with $T$ and passes the ridge point within the first thousand tokens.
+#
+# Decoding is different. One new query per sequence reads the whole cache: $4 H_q D T$ FLOPs against
+# $2 H_{kv} D T$ bf16 elements, $4 H_{kv} D T$ bytes, so the intensity is $H_q / H_{kv}$ FLOP/B — the GQA group
+# size, **whatever the kernel**. Decoding is memory-bound; GQA and MQA help twice, with a smaller cache and more
+# work per byte read:
+
+# %%
+for name, m in MODELS.items():
+    T_ctx = 32768
+    flops = attention_flops(1, m["head_dim"], m["heads"], Tk=T_ctx)
+    bytes_ = attention_bytes(1, m["head_dim"], m["heads"], m["kv_heads"], Tk=T_ctx, materialize=False)
+    print(f"{name:30s} decode intensity {flops / bytes_:6.1f} FLOP/B   (ridge {ridge:.0f})")
+
+# %% [markdown]
+# <!-- FAST SECTION: spliced from drafts/01_fast_section.py -->
+
+# %% [markdown]
+# ## 6. Layer
+#
+# The `Attention` module puts the pieces together the way current open models do. For input $x \in
+# \mathbb{R}^{T \times d}$:
+#
+# $$
+# q = x W_q,\quad k = x W_k,\quad v = x W_v \quad(\text{split into heads}), \qquad
+# q, k \leftarrow \operatorname{RoPE}(\operatorname{RMSNorm}(q), \operatorname{RMSNorm}(k)),
+# $$
+#
+# $$
+# o = \operatorname{attention}(q, k, v), \qquad
+# o \leftarrow o \odot \sigma(x W_g)\ \ (\text{gated}), \qquad y = o\, W_o .
+# $$
+#
+# - **GQA** through fewer K/V heads; **RoPE** on all channels, or on the first `rotary_dim` (Qwen3-Next rotates a
+#   quarter of each head, GLM-4.5 half);
+# - **q/k RMSNorm** per head (Qwen3, Qwen3-Next) keeps the attention logits from growing during training. Qwen3-Next
+#   stores the norm's weight as an offset from one, $y = \hat{x}\,(1 + w)$ with $w$ initialised at zero
+#   (`zero_centered_norm=True`); Llama-style norms store $w$ itself;
+# - the **output gate** of Qwen3-Next's *gated attention* (Qiu et al., 2025): an elementwise sigmoid gate on the
+#   attention output, computed from the same input, before $W_o$. The paper reports that it adds a non-linearity
+#   between $W_v$ and $W_o$, makes the gate scores sparse and removes the "attention sink" on the first token. In
+#   Qwen3-Next's checkpoint $W_g$ is not a separate matrix: `q_proj` has $2 H_q D$ outputs, and each head's slice
+#   holds its query ($D$ channels) followed by its gate ($D$ channels). We lay it out the same way, so the
+#   checkpoint's `q_proj.weight` loads as it is;
+# - the **KV cache**: `forward(x, cache)` rotates the new keys at positions `len(cache) …`, appends them and
+#   attends bottom-right aligned;
+# - `backend="flash"` swaps `attention_ref` for section 5's kernels.
+#
+# Parameter names follow transformers (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`), and
+# `Attention.from_hf(module)` builds the layer from a transformers attention module and copies its weights.
+
+# %%
+#| export attention.layer
+import torch
+import torch.nn as nn
+
+from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copy of section 2
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) times weight (or times 1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
+
+    def __init__(self, dim, eps=1e-6, zero_centered=False):
+        super().__init__()
+        self.eps, self.zero_centered = eps, zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + 1.0 if self.zero_centered else self.weight.float()
+        return (y * w).to(x.dtype)
+
+# %% [markdown]
+# The layer itself. Each step of `forward` is one line of the equations above; the shapes are in the comments.
+
+# %%
+#| export attention.layer
+class Attention(nn.Module):
+    """Causal multi-head attention with GQA, RoPE, optional q/k RMSNorm, optional output gate and a KV cache.
+
+    forward(x [B, T, hidden], cache=None, positions=None) -> [B, T, hidden]. With a cache (see new_cache) the T
+    new tokens sit at positions len(cache) .. len(cache) + T - 1 and attend to everything cached before them.
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, bias=False, o_bias=None,
+                 gate=False, qk_norm=False, zero_centered_norm=False, norm_eps=1e-6, rope_theta=10000.0,
+                 rotary_dim=None, interleaved_rope=False, window=None, backend="ref"):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_kv_heads must divide num_heads, got {num_kv_heads} and {num_heads}")
+        if backend not in ("ref", "flash"):
+            raise ValueError(f"Attention: backend must be 'ref' or 'flash', got {backend!r}")
+        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"Attention: rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.gate, self.window, self.backend, self.rotary_dim = gate, window, backend, rotary_dim
+        o_bias = bias if o_bias is None else o_bias
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim * (2 if gate else 1), bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm) if qk_norm else None
+        self.rope = RotaryEmbedding(rotary_dim, rope_theta, interleaved_rope)
+
+    def forward(self, x, cache=None, positions=None):
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"Attention: x must be [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        start = 0 if cache is None else len(cache)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=x.device)  # [T]
+        q, g = self._queries(x)  # [B, T, H, D], gate [B, T, H*D] or None
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B, start + T, HKV, D]
+        o = self._attend(q, k, v).reshape(B, T, -1)  # [B, T, H*D]
+        if g is not None:
+            o = o * torch.sigmoid(g)  # gated attention: elementwise, per channel of each head
+        return self.o_proj(o)  # [B, T, hidden]
+
+    def _queries(self, x):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        if not self.gate:
+            return self.q_proj(x).view(B, T, H, D), None
+        qg = self.q_proj(x).view(B, T, H, 2 * D)  # each head: [query | gate]
+        q, g = qg.split(D, dim=-1)  # [B, T, H, D] each
+        return q, g.reshape(B, T, H * D)
+
+    def _rope(self, x, positions):
+        if self.rotary_dim == self.head_dim:
+            return self.rope(x, positions)
+        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # partial RoPE: first rotary_dim channels
+        return torch.cat((self.rope(rot, positions), rest), dim=-1)
+
+    def _attend(self, q, k, v):
+        if self.backend == "flash":
+            from minisparse.attention import flash_attention  # lazy: the layer does not need the kernels to import
+
+            return flash_attention(q, k, v, causal=True, window=self.window)
+        return attention_ref(q, k, v, causal=True, window=self.window)
+
+    def new_cache(self, batch, max_len, *, dtype=None, device=None):
+        """An empty KVCache for this layer (post-RoPE keys), in the layer's dtype and device by default."""
+        w = self.k_proj.weight
+        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=dtype or w.dtype,
+                       device=device or w.device)
+
+    @classmethod
+    def from_hf(cls, module):
+        """Build from a transformers attention module (Llama, Mistral, Qwen2/3, Qwen3-Next …), copying its weights."""
+        cfg = module.config
+        rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
+        if "rope_theta" not in rope or rope.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"Attention.from_hf: only plain RoPE is implemented, got {rope}")
+        H, D = cfg.num_attention_heads, module.head_dim
+        qk_norm = getattr(module, "q_norm", None) is not None
+        norm = module.q_norm if qk_norm else None
+        layer = cls(
+            cfg.hidden_size, H, cfg.num_key_value_heads, D,
+            bias=module.q_proj.bias is not None, o_bias=module.o_proj.bias is not None,
+            gate=module.q_proj.out_features == 2 * H * D, qk_norm=qk_norm,
+            zero_centered_norm=qk_norm and _scales_by_one_plus_weight(norm),
+            norm_eps=getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)),
+            rope_theta=rope["rope_theta"], rotary_dim=int(D * rope.get("partial_rotary_factor", 1.0)),
+            window=getattr(module, "sliding_window", getattr(cfg, "sliding_window", None)),
+        )
+        w = module.q_proj.weight
+        layer.load_state_dict(module.state_dict())
+        return layer.to(device=w.device, dtype=w.dtype)
+
+
+def _scales_by_one_plus_weight(norm):
+    """True when an RMSNorm computes x̂·(1 + w) (Qwen3-Next, Gemma), False for x̂·w (Llama, Qwen3): ask it."""
+    with torch.no_grad():
+        w = norm.weight.float()
+        y = norm(torch.full((1, w.numel()), 1e3, dtype=norm.weight.dtype, device=norm.weight.device)).float()
+    return bool((y - (1 + w)).abs().max() < (y - w).abs().max())  # x = 1e3 everywhere has x̂ = 1
+
+# %% [markdown]
+# A Qwen3-Next-shaped layer, built on the `meta` device so that no memory is allocated: 16 query heads with their
+# gates, 2 K/V heads of 256 channels, RoPE on 64 of them.
+
+# %%
+with torch.device("meta"):
+    big = Attention(2048, 16, 2, 256, gate=True, qk_norm=True, zero_centered_norm=True, rotary_dim=64)
+for name, p in big.named_parameters():
+    print(f"{name:16s} {str(tuple(p.shape)):14s} {p.numel() / 1e6:6.2f} M")
+print(f"{'total':16s} {'':14s} {sum(p.numel() for p in big.parameters()) / 1e6:6.2f} M")
+
+# %% [markdown]
+# The test that matters for a cache: decoding token by token (after a prompt, and with a chunk in between) must
+# give the outputs of one pass over the whole sequence — with and without the gate, with GQA, q/k norm, partial
+# RoPE and a window.
+
+# %%
+T_dec = runtime.reading_size(cpu=24, gpu=256)
+for gate in (False, True):
+    torch.manual_seed(1)
+    layer = Attention(64, 4, 2, 16, gate=gate, qk_norm=True, rotary_dim=8, window=7).to(DEVICE)
+    with torch.no_grad():
+        for p in (layer.q_norm.weight, layer.k_norm.weight):
+            torch.nn.init.normal_(p, mean=1.0, std=0.3)  # norms that do something
+        x = torch.randn(2, T_dec, 64, device=DEVICE)
+        full = layer(x)  # [B, T, hidden]  one pass
+        cache = layer.new_cache(2, T_dec)
+        steps = [layer(x[:, :5], cache), layer(x[:, 5:9], cache)]  # a prompt, then a chunk of 4
+        steps += [layer(x[:, t:t + 1], cache) for t in range(9, T_dec)]  # then one token at a time
+    err = assert_close(f"decode (gate={gate})", full, torch.cat(steps, dim=1), 1e-5)
+    print(f"✓ gate={gate}: cached decoding equals the prefill, relative RMS error {err:.1e}")
+
+# %% [markdown]
+# And the second oracle: transformers' own `Qwen3NextAttention` at a tiny configuration. `from_hf` reads its
+# shapes (gate, zero-centred q/k norm, partial RoPE) and copies its weights; the outputs must agree.
+
+# %%
+try:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fla, imported by transformers' Qwen3-Next, warns that there is no GPU
+        from transformers import Qwen3NextConfig
+        from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
+except ImportError:
+    print("transformers (with Qwen3-Next) is not installed: skipping the comparison")
+else:
+    cfg = Qwen3NextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          num_hidden_layers=4, attn_implementation="eager")
+    torch.manual_seed(2)
+    hf = hf_qwen3_next.Qwen3NextAttention(cfg, layer_idx=3).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        ours = Attention.from_hf(hf)
+        x = torch.randn(2, 19, 64)
+        cos_sin = hf_qwen3_next.Qwen3NextRotaryEmbedding(cfg)(x, torch.arange(19)[None])
+        causal = torch.full((19, 19), float("-inf")).triu(1)[None, None]  # additive mask [1, 1, T, T]
+        y_hf, _ = hf(x, cos_sin, causal)
+    err = assert_close("Attention vs Qwen3NextAttention", y_hf, ours(x), 1e-5)
+    print(f"✓ gate={ours.gate}, rotary_dim={ours.rotary_dim} of {ours.head_dim}: "
+          f"matches transformers' Qwen3NextAttention, relative RMS error {err:.1e}")
+
+# %% [markdown]
+# When the kernels of section 5 are in the package, the same layer runs on them; the outputs must not change.
+
+# %%
+try:
+    from minisparse.attention import flash_attention  # noqa: F401
+except ImportError:
+    print("minisparse.attention.flash_attention is not available yet: skipping backend='flash'")
+else:
+    torch.manual_seed(3)
+    layer = Attention(64, 4, 2, 32, gate=True).to(DEVICE)
+    x = torch.randn(1, runtime.reading_size(cpu=20, gpu=1000), 64, device=DEVICE)
+    with torch.no_grad():
+        ref = layer(x)
+        layer.backend = "flash"
+        fast = layer(x)
+    err = assert_close("backend='flash' vs 'ref'", ref, fast, 1e-4)
+    print(f"✓ backend='flash' equals backend='ref', relative RMS error {err:.1e}")
+
+# %% [markdown]
+# ## 7. Measure
+#
+# On the H200 the benchmark `bench/attention.py` times `flash_attention` against PyTorch's SDPA (and
+# `flex_attention` for the window) at B = 2, H = 16, D = 128, causal, bf16, for T from 1k to 32k. Its results are
+# committed in `bench/results/attention.json`, so on a CPU this section plots them; the title says which device,
+# versions and date.
+
+# %%
+try:
+    results = bench.load_results("attention")
+except FileNotFoundError:
+    results = None
+    print("No committed benchmark yet: bench/results/attention.json is written by bench/attention.py on the H200.")
+if results is not None:
+    passes = sorted({r.get("pass") for r in results["rows"]}, key=str)
+    y = "tflops" if all("tflops" in r for r in results["rows"]) else "ms"
+    fig, axes = plt.subplots(1, len(passes), figsize=(5.5 * len(passes), 3.6), squeeze=False)
+    for ax, pass_ in zip(axes[0], passes):
+        bench.plot_results(results, y=y, passes=None if pass_ is None else [pass_], ax=ax)
+        ax.set_title(f"{pass_ or ''}  ·  {ax.get_title()}", fontsize=8)
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
+# On a GPU the chapter also times a few sizes live (`minisparse.bench.median_ms`, CUDA events): the reference,
+# which writes the scores to memory, against SDPA and, when present, our kernel.
+
+# %%
+if runtime.has_gpu():
+    impls = {"attention_ref": attention_ref,
+             "SDPA": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)}
+    try:
+        from minisparse.attention import flash_attention
+
+        impls["flash_attention"] = flash_attention
+    except ImportError:
+        pass
+    for T in (1024, 2048, 4096):
+        q, k, v = make_qkv(2, T, 16, 128, dtype=DTYPE, device=DEVICE)
+        times = {name: bench.median_ms(lambda f=f: f(q, k, v)) for name, f in impls.items()}
+        flops = attention_flops(T, 128, 16, B=2)
+        print(f"T={T:5d}  " + "  ".join(f"{n} {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)"
+                                       for n, ms in times.items()))
+else:
+    print("No GPU here: nothing to time live (the plot above shows the committed H200 numbers).")
+
+# %% [markdown]
+# ## 8. Exercises
+#
+# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
+# one line when your answer is right and says what differs when it is not.
+
+# %% tags=["hide-input"]
+#| export attention.exercises
+import torch
+
+from minisparse.attention.naive import attention_mask
+from minisparse.testing import check
+
+
+def _merge_softmax_states(m1, l1, a1, m2, l2, a2):
+    m = torch.maximum(m1, m2)  # [N]
+    c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)  # [N]
+    return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
+
+
+def softmax_state(s, v):
+    """(m, l, acc) of scores s [N, n] over values v [n, Dv]: row max, sum of exp(s - m), exp(s - m) @ v."""
+    m = s.max(dim=-1).values  # [N]
+    p = torch.exp(s - m[:, None])  # [N, n]
+    return m, p.sum(dim=-1), p @ v  # [N], [N], [N, Dv]
+
+
+def _online_softmax_cases():
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for N, n1, n2, Dv, shift in [(4, 3, 5, 8, 0.0), (6, 16, 16, 4, 100.0), (5, 1, 7, 3, -60.0), (3, 8, 2, 5, 20.0)]:
+        s = torch.randn(N, n1 + n2, generator=g) * 3 + shift  # [N, n1 + n2] scores, fp32
+        s[: N // 2, n1:] += 6.0  # some rows have their max in the second block, some in the first
+        v = torch.randn(n1 + n2, Dv, generator=g)
+        cases.append(softmax_state(s[:, :n1], v[:n1]) + softmax_state(s[:, n1:], v[n1:]))
+    m2, l2, a2 = cases[0][3:]
+    empty = (torch.full_like(m2, float("-inf")), torch.zeros_like(l2), torch.zeros_like(a2))
+    cases.append(empty + (m2, l2, a2))  # the kernel's first step: merging into the empty state
+    return cases
+
+
+def check_online_softmax(merge):
+    """Check merge(m1, l1, a1, m2, l2, a2) -> (m, l, a), the state of two blocks of keys together."""
+    check("online softmax merge", merge, _merge_softmax_states, _online_softmax_cases(), tol=1e-5,
+          hint="rescale each state to the new max m = max(m1, m2): l = exp(m1 - m) l1 + exp(m2 - m) l2, the same "
+               "for a; never exponentiate a score or a max on its own (exp(100) overflows fp32)")
+
+
+def _key_blocks(q_block, block_m, block_n, window, seq_len):
+    rows = attention_mask(seq_len, seq_len, causal=True, window=window)[q_block * block_m:(q_block + 1) * block_m]
+    keys = rows.any(dim=0).nonzero().flatten()  # the keys some query of the block may see
+    return int(keys[0]) // block_n, int(keys[-1]) // block_n + 1
+
+
+def check_window_blocks(key_blocks):
+    """Check key_blocks(q_block, block_m, block_n, window, seq_len) -> (lo, hi), the key blocks to loop over."""
+    cases = [(0, 16, 16, None, 64), (3, 16, 16, None, 64), (2, 16, 16, 17, 64), (2, 16, 16, 16, 64),
+             (5, 16, 32, 8, 90), (1, 32, 16, 1, 50), (4, 8, 16, 40, 37), (6, 16, 16, 100, 100), (2, 64, 64, 64, 200),
+             (3, 32, 16, None, 100)]
+    check("window key blocks", key_blocks, _key_blocks, cases,
+          hint="queries q_block*block_m .. min((q_block+1)*block_m, seq_len) - 1; the first query's earliest key is "
+               "first_q - window + 1 (not - window), the last query's latest key is itself; hi is exclusive")
+
+
+def _kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    held = {"full_attention": seq_len, "linear_attention": 0,
+            "sliding_attention": seq_len if window is None else min(seq_len, window)}
+    return sum(2 * batch * held[t] * num_kv_heads * head_dim * dtype_bytes for t in layer_types)
+
+
+def check_kv_cache_bytes(kv_cache_bytes):
+    """Check kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, window) -> int."""
+    qwen3_next = (["linear_attention"] * 3 + ["full_attention"]) * 12
+    gpt_oss = ["sliding_attention", "full_attention"] * 18
+    gemma3 = (["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2
+    cases = [(["full_attention"] * 32, 32, 128, 4096, 1, 2, None), (["full_attention"] * 32, 8, 128, 1000, 4, 2, None),
+             (qwen3_next, 2, 256, 262144, 1, 2, None), (gpt_oss, 8, 64, 131072, 2, 2, 128),
+             (gemma3, 4, 256, 32768, 1, 2, 4096), (gemma3, 4, 256, 1000, 3, 1, 4096)]
+    check("KV-cache bytes", kv_cache_bytes, _kv_cache_bytes, cases,
+          hint="per layer: 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x dtype_bytes; a full layer "
+               "caches seq_len tokens, a sliding one min(seq_len, window), a linear one none")
+
+# %% [markdown]
+# ### Exercise 1: online softmax
+#
+# Flash attention never sees a whole row of scores; it sees one block of keys at a time and carries a small
+# *state* per query from block to block. For a block of scores $s$ (rows = queries) and values $v$ the state is
+#
+# $$
+# m = \max_j s_j, \qquad \ell = \sum_j e^{s_j - m}, \qquad a = \sum_j e^{s_j - m}\, v_j ,
+# $$
+#
+# and the attention output is $a / \ell$ (`softmax_state(s, v)` computes it). Write `merge_states`, which
+# combines the states of two blocks into the state of both — without the scores. Shapes: `m`, `l` are `[N]`,
+# `a` is `[N, Dv]`. It must handle the empty state ($m = -\infty$, $\ell = 0$, $a = 0$), where a kernel starts, and
+# scores near 100 in fp32, where $e^{s}$ overflows.
+
+# %%
+def merge_states(m1, l1, a1, m2, l2, a2):
+    # your code here: return m, l, a
+    raise NotImplementedError
+
+
+# %%
+try:
+    check_online_softmax(merge_states)
+except ExerciseError as err:  # a stub or a wrong answer: read the message, fix the cell above, run again
+    print(err)
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def merge_states(m1, l1, a1, m2, l2, a2):
+#     m = torch.maximum(m1, m2)                      # [N] the new running max
+#     c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)  # [N] rescale factors, ≤ 1 (exp(-inf) = 0)
+#     return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
+# ```
+# Both states were computed against their own maximum; moving them to the common maximum multiplies each by
+# $e^{m_i - m} \le 1$, which never overflows. Merging into the empty state returns the other state unchanged.
+# :::
+
+# %% tags=["hide-input"]
+def merge_states_solution(m1, l1, a1, m2, l2, a2):
+    m = torch.maximum(m1, m2)  # [N] the new running max
+    c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)  # [N] rescale factors, ≤ 1 (exp(-inf) = 0)
+    return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
+
+
+check_online_softmax(merge_states_solution)
+
+# %% [markdown]
+# ### Exercise 2: which key blocks does a query block need?
+#
+# A flash-attention kernel gives each program a block of `block_m` queries and loops over blocks of `block_n`
+# keys. Skipping the blocks that the mask empties is where causal and windowed attention save their work. With
+# $T_q = T_k = $ `seq_len`, causal, and a window `window` (`None` = no window), write `key_blocks` returning
+# `(lo, hi)` such that `for j in range(lo, hi)` visits exactly the key blocks that hold at least one key some query
+# of block `q_block` may attend to. (The last query block may be shorter than `block_m`.)
+
+# %%
+def key_blocks(q_block, block_m, block_n, window, seq_len):
+    # your code here: return lo, hi
+    raise NotImplementedError
+
+
+# %%
+try:
+    check_window_blocks(key_blocks)
+except ExerciseError as err:
+    print(err)
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def key_blocks(q_block, block_m, block_n, window, seq_len):
+#     first_q = q_block * block_m
+#     last_q = min(first_q + block_m, seq_len) - 1
+#     first_k = 0 if window is None else max(0, first_q - window + 1)  # the first query's oldest key
+#     last_k = last_q                                                   # causal: the last query's own position
+#     return first_k // block_n, last_k // block_n + 1
+# ```
+# The allowed keys of a block of consecutive queries form one contiguous range, from the first query's window start
+# to the last query's position, so the block range follows by integer division. Without a window the loop starts
+# at 0 and the work of query block $i$ grows with $i$; with a window it is at most
+# $\lceil (W + \text{block\_m}) / \text{block\_n} \rceil + 1$ blocks, whatever the length.
+# :::
+
+# %% tags=["hide-input"]
+def key_blocks_solution(q_block, block_m, block_n, window, seq_len):
+    first_q = q_block * block_m
+    last_q = min(first_q + block_m, seq_len) - 1
+    first_k = 0 if window is None else max(0, first_q - window + 1)  # the first query's oldest key
+    last_k = last_q  # causal: the last query's own position
+    return first_k // block_n, last_k // block_n + 1
+
+
+check_window_blocks(key_blocks_solution)
+
+# %% [markdown]
+# ### Exercise 3: KV-cache bytes of a hybrid model
+#
+# transformers describes a model's layers with `config.layer_types`: `"full_attention"` layers cache every token,
+# `"sliding_attention"` layers only the last `window` tokens, `"linear_attention"` layers (Gated DeltaNet and
+# friends) no K/V at all. Write `kv_cache_bytes` returning the bytes of the whole cache for a batch of sequences
+# of `seq_len` tokens. The checker tries layouts shaped like Llama-2, Mistral, Qwen3-Next, gpt-oss and Gemma 3.
+
+# %%
+def kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    # your code here: return an int
+    raise NotImplementedError
+
+
+# %%
+try:
+    check_kv_cache_bytes(kv_cache_bytes)
+except ExerciseError as err:
+    print(err)
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+#     per_token = 2 * num_kv_heads * head_dim * dtype_bytes  # K and V of one token in one layer
+#     cached = {"full_attention": seq_len, "linear_attention": 0,
+#               "sliding_attention": seq_len if window is None else min(seq_len, window)}
+#     return sum(batch * cached[t] * per_token for t in layer_types)
+# ```
+# Qwen3-Next at its native 262,144 tokens: 12 full layers × 2 heads × 256 channels × 2 × 2 bytes × 262,144 tokens
+# = 6 GiB per sequence. The same model with all 48 layers full would need 24 GiB.
+# :::
+
+# %% tags=["hide-input"]
+def kv_cache_bytes_solution(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    per_token = 2 * num_kv_heads * head_dim * dtype_bytes  # K and V of one token in one layer
+    cached = {"full_attention": seq_len, "linear_attention": 0,
+              "sliding_attention": seq_len if window is None else min(seq_len, window)}
+    return sum(batch * cached[t] * per_token for t in layer_types)
+
+
+check_kv_cache_bytes(kv_cache_bytes_solution)
+
+# %% [markdown]
+# ## 9. Summary
+#
+# - Softmax attention compares every query with every key it may see: $O(T^2)$ FLOPs, and $O(T^2)$ bytes if the
+#   scores are written out. The projections and the FFN are linear in $T$, so attention takes over only at long
+#   context (≈ 50k tokens at Llama-2-7B's shapes) — but its memory traffic matters from the first thousand.
+# - The reference `attention_ref` is the spec: fp32 softmax, GQA by repeating K/V, masks aligned bottom-right so
+#   that decoding after a cache is the same code, and a sliding window $t - W < s \le t$.
+# - RoPE rotates channel pairs by position so that scores depend on offsets; the half-split and interleaved
+#   conventions differ only by a channel permutation, but a checkpoint needs the one it was trained with.
+# - The KV cache costs $2 L H_{kv} D$ elements per token. GQA, MQA, windows and hybrid layer stacks shrink it;
+#   decoding is memory-bound with an arithmetic intensity of about $H_q / H_{kv}$.
+# - Flash attention keeps the scores on chip and carries an online-softmax state across key blocks, turning a
+#   memory-bound computation into a compute-bound one.
+# - The `Attention` layer adds q/k RMSNorm, partial RoPE and Qwen3-Next's sigmoid output gate, and loads
+#   transformers' weights with `Attention.from_hf`.
+#
+# ## References
+#
+# - A. Vaswani et al., *Attention Is All You Need*, 2017. [arXiv:1706.03762](https://arxiv.org/abs/1706.03762)
+# - N. Shazeer, *Fast Transformer Decoding: One Write-Head is All You Need* (MQA), 2019.
+#   [arXiv:1911.02150](https://arxiv.org/abs/1911.02150)
+# - J. Ainslie et al., *GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints*, 2023.
+#   [arXiv:2305.13245](https://arxiv.org/abs/2305.13245)
+# - J. Su et al., *RoFormer: Enhanced Transformer with Rotary Position Embedding*, 2021.
+#   [arXiv:2104.09864](https://arxiv.org/abs/2104.09864)
+# - S. Black et al., *GPT-NeoX-20B* (the half-split rotary convention), 2022.
+#   [arXiv:2204.06745](https://arxiv.org/abs/2204.06745)
+# - I. Beltagy et al., *Longformer* (sliding-window attention), 2020. [arXiv:2004.05150](https://arxiv.org/abs/2004.05150);
+#   A. Jiang et al., *Mistral 7B*, 2023. [arXiv:2310.06825](https://arxiv.org/abs/2310.06825)
+# - M. Milakov, N. Gimelshein, *Online normalizer calculation for softmax*, 2018.
+#   [arXiv:1805.02867](https://arxiv.org/abs/1805.02867)
+# - T. Dao et al., *FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness*, 2022.
+#   [arXiv:2205.14135](https://arxiv.org/abs/2205.14135)
+# - T. Dao, *FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning*, 2023.
+#   [arXiv:2307.08691](https://arxiv.org/abs/2307.08691)
+# - R. Pope et al., *Efficiently Scaling Transformer Inference* (KV-cache memory and decoding's arithmetic
+#   intensity), 2022. [arXiv:2211.05102](https://arxiv.org/abs/2211.05102)
+# - Z. Qiu et al., *Gated Attention for Large Language Models: Non-linearity, Sparsity, and Attention-Sink-Free*,
+#   2025. [arXiv:2505.06708](https://arxiv.org/abs/2505.06708)
+# - Qwen team, *Qwen3-Next-80B-A3B* model card, 2025. [huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct);
+#   its attention in transformers: [`modeling_qwen3_next.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py)
+#   (`Qwen3NextAttention`).

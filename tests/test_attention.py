@@ -1,0 +1,432 @@
+"""Chapter 1 (minisparse.attention): the reference, RoPE, the KV cache, the layer, the cost model, the exercises.
+
+Oracles: PyTorch's scaled_dot_product_attention (and its `causal_lower_right` bias) for attention; a direct
+complex-number formula and transformers' `apply_rotary_pos_emb` for RoPE; transformers' Llama / Qwen3 / Qwen3-Next
+attention modules for the layer; brute-force mask counting for the cost model.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minisparse.attention import (
+    Attention, KVCache, RotaryEmbedding, apply_rope, attended_pairs, attention_bytes, attention_flops,
+    attention_mask, attention_ref, attention_weights, check_kv_cache_bytes, check_online_softmax,
+    check_window_blocks, kv_cache_bytes_per_token, softmax_state,
+)
+from minisparse.testing import TOLERANCES, ExerciseError, assert_close, make_bthd, make_qkv
+
+
+def sdpa(q, k, v, **kw):
+    """SDPA on our [B, T, H, D] layout."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
+    return o.transpose(1, 2)
+
+
+def window_mask(T, W):
+    """Keys t - W < s <= t, built independently of attention_mask: lower triangle minus the band below it."""
+    ones = torch.ones(T, T, dtype=torch.bool)
+    return ones.tril() & ~ones.tril(-W)
+
+
+# ------------------------------------------------------------------------------------------ attention_ref
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,T,H,D,Dv", [(2, 37, 3, 16, 16), (1, 64, 2, 48, 24), (1, 1, 1, 8, 8)])
+def test_ref_matches_sdpa(dtype, causal, B, T, H, D, Dv):
+    q, k, v = make_qkv(B, T, H, D, Dv=Dv, dtype=dtype, seed=1)
+    tol = 1e-12 if dtype == torch.float64 else TOLERANCES[torch.float32][0]
+    assert_close("attention_ref", sdpa(q, k, v, is_causal=causal), attention_ref(q, k, v, causal=causal), tol)
+
+
+@pytest.mark.parametrize("HQ,HKV", [(4, 2), (6, 1), (8, 4)])
+def test_ref_gqa_matches_sdpa(HQ, HKV):
+    q, k, v = make_qkv(2, 29, HQ, 16, HKV=HKV, dtype=torch.float64, seed=2)
+    out = attention_ref(q, k, v)
+    assert_close("GQA vs enable_gqa", sdpa(q, k, v, is_causal=True, enable_gqa=True), out, 1e-12)
+    G = HQ // HKV  # and against repeating K/V by hand
+    assert_close("GQA vs repeat", sdpa(q, k.repeat_interleave(G, 2), v.repeat_interleave(G, 2), is_causal=True),
+                 out, 1e-12)
+
+
+@pytest.mark.parametrize("W", [1, 3, 16, 40])
+def test_ref_window_matches_sdpa_with_explicit_mask(W):
+    q, k, v = make_qkv(2, 33, 4, 16, HKV=2, dtype=torch.float64, seed=3)
+    ref = sdpa(q, k, v, attn_mask=window_mask(33, W), enable_gqa=True)
+    assert_close(f"window {W}", ref, attention_ref(q, k, v, window=W), 1e-12)
+
+
+@pytest.mark.parametrize("Tq,Tk,W", [(1, 17, None), (5, 23, None), (7, 7, None), (4, 30, 6), (1, 40, 9)])
+def test_ref_bottom_right_causal(Tq, Tk, W):
+    q, k, v = make_qkv(2, Tq, 4, 16, HKV=2, Tk=Tk, dtype=torch.float64, seed=4)
+    out = attention_ref(q, k, v, window=W)
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)  # query i at position i + Tk - Tq
+    if W is not None:
+        allowed &= ~torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq - W)
+    assert_close("explicit bottom-right mask", sdpa(q, k, v, attn_mask=allowed, enable_gqa=True), out, 1e-12)
+    if W is None:  # PyTorch's own bottom-right causal bias
+        from torch.nn.attention.bias import causal_lower_right
+
+        G = 2
+        ref = sdpa(q, k.repeat_interleave(G, 2), v.repeat_interleave(G, 2), attn_mask=causal_lower_right(Tq, Tk))
+        assert_close("causal_lower_right", ref, out, 1e-12)
+
+
+def test_ref_scale_and_limits():
+    q, k, v = make_qkv(1, 21, 4, 16, HKV=2, dtype=torch.float64, seed=5)
+    assert_close("scale", sdpa(q, k, v, is_causal=True, scale=0.37, enable_gqa=True),
+                 attention_ref(q, k, v, scale=0.37), 1e-12)
+    # window >= T reduces to plain causal attention; window = 1 returns each token's own value
+    torch.testing.assert_close(attention_ref(q, k, v, window=21), attention_ref(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(attention_ref(q, k, v, window=1), v.repeat_interleave(2, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_ref_gradients_match_sdpa():
+    q, k, v = make_qkv(2, 19, 4, 16, HKV=2, dtype=torch.float64, seed=6, requires_grad=True)
+    do = make_bthd(2, 19, 4, 16, dtype=torch.float64, seed=9)
+    grads = torch.autograd.grad((attention_ref(q, k, v, window=5) * do).sum(), (q, k, v))
+    ref = torch.autograd.grad((sdpa(q, k, v, attn_mask=window_mask(19, 5), enable_gqa=True) * do).sum(), (q, k, v))
+    for name, g, r in zip("qkv", grads, ref):
+        assert_close(f"d{name}", r, g, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ref_low_precision_keeps_dtype(dtype):
+    q, k, v = make_qkv(1, 45, 4, 32, HKV=1, seed=7)
+    out = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close("low precision", attention_ref(q, k, v), out, TOLERANCES[dtype][0])
+
+
+def test_attention_weights_are_masked_probabilities():
+    q, k, _ = make_qkv(2, 6, 4, 8, HKV=2, Tk=10, seed=8)
+    p = attention_weights(q, k, window=3)
+    assert p.shape == (2, 4, 6, 10) and p.dtype == torch.float32
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 6))
+    assert (p[..., ~attention_mask(6, 10, window=3)] == 0).all()
+
+
+def test_attention_mask_bottom_right_and_window():
+    expected = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)  # positions 3, 4; window 4
+    assert torch.equal(attention_mask(2, 5, window=4), expected)
+    assert torch.equal(attention_mask(5, 5), torch.ones(5, 5, dtype=torch.bool).tril())
+    assert attention_mask(3, 4, causal=False).all()
+
+
+# --------------------------------------------------------------------------------------------------- RoPE
+def rope_complex(x, positions, theta, interleaved):
+    """RoPE by its definition: pair j as a complex number z_j, times exp(i * position * theta^(-2j/D))."""
+    D = x.shape[-1]
+    if interleaved:
+        z = torch.complex(x[..., 0::2], x[..., 1::2])
+    else:
+        z = torch.complex(x[..., : D // 2], x[..., D // 2:])
+    omega = theta ** (-torch.arange(D // 2, dtype=torch.float64) * 2 / D)
+    pos = positions.double() if positions.dim() == 2 else positions.double()[None]
+    z = z * torch.polar(torch.ones_like(omega), pos[..., None] * omega)[:, :, None, :]  # [B, T, 1, D/2]
+    if interleaved:
+        return torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("batched_positions", [False, True])
+def test_rope_matches_complex_formula(interleaved, batched_positions):
+    x = make_bthd(2, 13, 3, 32, dtype=torch.float64, seed=10)
+    shape = (2, 13) if batched_positions else (13,)
+    positions = torch.randint(0, 5000, shape, generator=torch.Generator().manual_seed(0))
+    for theta in (10000.0, 1e6):
+        out = apply_rope(x, positions, theta=theta, interleaved=interleaved)
+        assert_close("apply_rope", rope_complex(x, positions, theta, interleaved), out, 1e-12)
+
+
+def test_rope_matches_transformers_rotate_half():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    x = make_bthd(2, 11, 4, 16, seed=11)  # [B, T, H, D]
+    positions = torch.arange(3, 14)
+    omega = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    angles = torch.cat([positions[:, None] * omega] * 2, dim=-1)[None]  # [1, T, D], as transformers builds them
+    q_hf, _ = llama.apply_rotary_pos_emb(x, x, angles.cos(), angles.sin(), unsqueeze_dim=2)
+    assert_close("apply_rope vs transformers", q_hf, apply_rope(x, positions), 1e-6)
+
+
+def test_rope_scores_depend_on_offset_only():
+    q, k = make_bthd(1, 1, 1, 64, dtype=torch.float64, seed=12), make_bthd(1, 1, 1, 64, dtype=torch.float64, seed=13)
+    for interleaved in (False, True):
+        def score(t, s):
+            return (apply_rope(q, torch.tensor([t]), interleaved=interleaved)
+                    * apply_rope(k, torch.tensor([s]), interleaved=interleaved)).sum().item()
+        assert score(10, 3) == pytest.approx(score(1007, 1000), rel=1e-9)
+        assert score(10, 3) != pytest.approx(score(10, 4), rel=1e-3)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_embedding_equals_apply_rope(interleaved):
+    rope = RotaryEmbedding(32, theta=5e5, interleaved=interleaved, max_len=8)  # positions beyond 8 grow the table
+    x = make_bthd(2, 9, 3, 32, seed=14)
+    for positions in (torch.arange(9), torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))):
+        assert_close("RotaryEmbedding", apply_rope(x, positions, 5e5, interleaved), rope(x, positions), 1e-6)
+    rope = rope.to(torch.bfloat16)  # the cos/sin table must stay fp32
+    xb = x.to(torch.bfloat16)
+    out = rope(xb, torch.arange(9) + 4000)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, apply_rope(xb, torch.arange(9) + 4000, 5e5, interleaved), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+def test_kv_cache_appends_and_overflows():
+    cache = KVCache(2, 5, 2, 4)
+    k, v = make_bthd(2, 3, 2, 4, seed=15), make_bthd(2, 3, 2, 4, seed=16)
+    k_all, v_all = cache.append(k, v)
+    assert len(cache) == 3 and torch.equal(k_all, k) and torch.equal(v_all, v)
+    k_all, _ = cache.append(k[:, :2], v[:, :2])
+    assert len(cache) == 5 and torch.equal(k_all[:, 3:], k[:, :2])
+    with pytest.raises(ValueError, match="max_len=5"):
+        cache.append(k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="KVCache.append"):
+        KVCache(2, 5, 2, 4).append(make_bthd(2, 1, 1, 4), make_bthd(2, 1, 1, 4))
+
+
+# -------------------------------------------------------------------------------------------------- layer
+LAYER_VARIANTS = [
+    dict(),
+    dict(gate=True),
+    dict(gate=True, qk_norm=True, zero_centered_norm=True, rotary_dim=8),
+    dict(qk_norm=True, window=5, interleaved_rope=True),
+    dict(gate=True, window=3, bias=True),
+]
+
+
+@pytest.mark.parametrize("kw", LAYER_VARIANTS, ids=lambda kw: ",".join(kw) or "plain")
+def test_layer_decode_equals_prefill(kw):
+    torch.manual_seed(0)
+    layer = Attention(48, 6, 2, 16, **kw)
+    with torch.no_grad():
+        for p in layer.parameters():  # norms and biases that are not the identity / zero
+            p.add_(0.2 * torch.randn_like(p))
+        x = torch.randn(2, 17, 48)
+        full = layer(x)
+        cache = layer.new_cache(2, 20)
+        steps = [layer(x[:, :4], cache), layer(x[:, 4:7], cache)] + [layer(x[:, t:t + 1], cache) for t in range(7, 17)]
+    assert len(cache) == 17
+    assert_close("decode vs prefill", full, torch.cat(steps, dim=1), 1e-5)
+
+
+def _hf_attention(kind):
+    """A tiny transformers attention module with random weights, its rotary embedding, and its module."""
+    warnings.filterwarnings("ignore", message=".*Triton is not supported.*")  # fla warns on CPU
+    transformers = pytest.importorskip("transformers")
+    if kind == "llama":
+        from transformers.models.llama import modeling_llama as m
+
+        cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+        cls, rope_cls = m.LlamaAttention, m.LlamaRotaryEmbedding
+    elif kind == "qwen3":
+        from transformers.models.qwen3 import modeling_qwen3 as m
+
+        cfg = transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+        cls, rope_cls = m.Qwen3Attention, m.Qwen3RotaryEmbedding
+    else:
+        from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+        cfg = transformers.Qwen3NextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                           num_hidden_layers=4)
+        cls, rope_cls = m.Qwen3NextAttention, m.Qwen3NextRotaryEmbedding
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(1)
+    hf = cls(cfg, layer_idx=3).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    return hf, rope_cls(cfg)
+
+
+def _hf_forward(hf, rope, x):
+    T = x.shape[1]
+    position_embeddings = rope(x, torch.arange(T)[None])
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]  # additive mask [1, 1, T, T]
+    return hf(x, position_embeddings, causal)[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3_next"])
+def test_layer_matches_transformers(kind):
+    hf, rope = _hf_attention(kind)
+    ours = Attention.from_hf(hf)
+    expected = {"llama": (False, False, False, 16), "qwen3": (False, True, False, 16),
+                "qwen3_next": (True, True, True, 8)}[kind]  # gate, q/k norm, zero-centred norm, rotary dim
+    assert (ours.gate, ours.q_norm is not None, bool(ours.q_norm and ours.q_norm.zero_centered),
+            ours.rotary_dim) == expected
+    x = torch.randn(2, 23, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y_hf, y = _hf_forward(hf, rope, x), ours(x)
+    assert_close(f"Attention vs transformers {kind}", y_hf, y, 1e-5)
+    if kind == "qwen3_next":  # the comparison is sensitive: the same layer without its gate is far off
+        ours.gate = False
+        ours.q_proj = torch.nn.Linear(64, 128, bias=False)
+        with torch.no_grad():
+            ours.q_proj.weight.copy_(hf.q_proj.weight.view(4, 64, 64)[:, :32].reshape(128, 64))
+            with pytest.raises(AssertionError):
+                assert_close("without gate", y_hf, ours(x), 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = make_qkv(1, 8, 4, 16, HKV=2)
+    with pytest.raises(ValueError, match="k must be"):  # mismatched head dims
+        attention_ref(q, make_bthd(1, 8, 2, 32), v)
+    with pytest.raises(ValueError, match="q must have 4 dims"):
+        attention_ref(q[0], k, v)
+    with pytest.raises(ValueError, match="HQ=4, HKV=3"):
+        attention_ref(q, make_bthd(1, 8, 3, 16), make_bthd(1, 8, 3, 16))
+    with pytest.raises(ValueError, match="requires causal=True"):
+        attention_ref(q, k, v, causal=False, window=4)
+    with pytest.raises(ValueError, match="window"):
+        attention_ref(q, k, v, window=0)
+    with pytest.raises(ValueError, match="v must be"):
+        attention_ref(q, k, v[:, :7])
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        attention_ref(q, k[:, :5], v[:, :5])
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        attention_ref(q, k.numpy(), v)
+    with pytest.raises(TypeError, match="floating point"):
+        attention_ref(q, k.int(), v)
+    with pytest.raises(TypeError, match="dtype"):
+        attention_ref(q, k.double(), v)
+    with pytest.raises(ValueError, match="even D"):
+        apply_rope(make_bthd(1, 4, 1, 7), torch.arange(4))
+    with pytest.raises(ValueError, match="positions must be"):
+        apply_rope(q, torch.arange(5))
+    with pytest.raises(TypeError, match="integers"):
+        RotaryEmbedding(16)(q, torch.arange(8.0))
+    with pytest.raises(ValueError, match="num_kv_heads must divide"):
+        Attention(64, 4, 3)
+    with pytest.raises(ValueError, match="backend"):
+        Attention(64, 4, backend="cuda")
+    layer = Attention(32, 2)
+    with pytest.raises(ValueError, match="hidden_size=32"):
+        layer(torch.randn(1, 3, 16))
+    cache = layer.new_cache(1, 4)
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 32), cache)
+        with pytest.raises(ValueError, match="do not fit"):
+            layer(torch.randn(1, 2, 32), cache)
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+def test_cost_model_counts():
+    for Tq, Tk, causal, W in [(7, 7, True, None), (3, 11, True, None), (9, 9, True, 4), (2, 13, True, 5),
+                              (6, 6, False, None), (1, 1, True, 1)]:
+        assert attended_pairs(Tq, Tk, causal, W) == int(attention_mask(Tq, Tk, causal, W).sum()), (Tq, Tk, causal, W)
+    assert attention_flops(1024, 64, 8, causal=False) == 4 * 1024**2 * 64 * 8  # FlashAttention-2's convention
+    assert attention_flops(10, 16, 2, Dv=8, B=3) == 2 * 3 * 2 * (16 + 8) * 55
+    # q, k, v, o once each; naive adds four passes over the scores
+    assert attention_bytes(8, 16, 4, 2, materialize=False) == 2 * (8 * 4 * 16 * 2 + 8 * 2 * 16 * 2)
+    assert attention_bytes(8, 16, 4, 2) - attention_bytes(8, 16, 4, 2, materialize=False) == 2 * 4 * 4 * 8 * 8
+    assert kv_cache_bytes_per_token(32, 32, 128) == 512 * 1024  # Llama-2-7B in bf16
+    with pytest.raises(ValueError):
+        attended_pairs(4, 4, causal=False, window=2)
+
+
+# -------------------------------------------------------------------------------------------------- exercises
+def merge_right(m1, l1, a1, m2, l2, a2):
+    m = torch.maximum(m1, m2)
+    c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)
+    return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
+
+
+def merge_no_rescale(m1, l1, a1, m2, l2, a2):
+    return torch.maximum(m1, m2), l1 + l2, a1 + a2
+
+
+def merge_unstable(m1, l1, a1, m2, l2, a2):  # exact in real numbers, overflows in fp32 for scores near 100
+    m = torch.maximum(m1, m2)
+    l = torch.exp(m1) * l1 + torch.exp(m2) * l2
+    a = torch.exp(m1)[:, None] * a1 + torch.exp(m2)[:, None] * a2
+    return m, l / torch.exp(m), a / torch.exp(m)[:, None]
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+def test_softmax_state_merge_reference_is_exact():
+    s, v = torch.randn(5, 12, dtype=torch.float64) * 4, torch.randn(12, 3, dtype=torch.float64)
+    merged = merge_right(*softmax_state(s[:, :7], v[:7]), *softmax_state(s[:, 7:], v[7:]))
+    for got, want in zip(merged, softmax_state(s, v)):
+        torch.testing.assert_close(got, want)
+    m, l, a = merged
+    torch.testing.assert_close(a / l[:, None], torch.softmax(s, -1) @ v)
+
+
+def test_check_online_softmax(capsys):
+    check_online_softmax(merge_right)
+    assert capsys.readouterr().out == "✓ online softmax merge: all 5 cases match\n"
+    for wrong in (merge_no_rescale, merge_unstable):
+        with pytest.raises(ExerciseError, match="online softmax merge: case"):
+            check_online_softmax(wrong)
+    with pytest.raises(ExerciseError, match="not implemented"):
+        check_online_softmax(stub)
+
+
+def blocks_right(q_block, block_m, block_n, window, seq_len):
+    lo_q, hi_q = q_block * block_m, min((q_block + 1) * block_m, seq_len) - 1
+    lo_k = 0 if window is None else max(0, lo_q - window + 1)
+    return lo_k // block_n, hi_q // block_n + 1
+
+
+def blocks_off_by_one(q_block, block_m, block_n, window, seq_len):  # uses t - W <= s
+    lo, hi = blocks_right(q_block, block_m, block_n, window, seq_len)
+    lo_q = q_block * block_m
+    return (lo if window is None else max(0, lo_q - window) // block_n), hi
+
+
+def blocks_no_window(q_block, block_m, block_n, window, seq_len):
+    return blocks_right(q_block, block_m, block_n, None, seq_len)
+
+
+def blocks_full_last_block(q_block, block_m, block_n, window, seq_len):  # forgets that the last block is short
+    lo, _ = blocks_right(q_block, block_m, block_n, window, seq_len)
+    return lo, ((q_block + 1) * block_m - 1) // block_n + 1
+
+
+def test_check_window_blocks(capsys):
+    check_window_blocks(blocks_right)
+    assert capsys.readouterr().out == "✓ window key blocks: all 10 cases match\n"
+    for wrong in (blocks_off_by_one, blocks_no_window, blocks_full_last_block):
+        with pytest.raises(ExerciseError, match="window key blocks: case"):
+            check_window_blocks(wrong)
+    with pytest.raises(ExerciseError, match="not implemented"):
+        check_window_blocks(stub)
+
+
+def kv_right(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    tokens = [seq_len if t == "full_attention" else min(seq_len, window) if t == "sliding_attention" else 0
+              for t in layer_types]
+    return sum(kv_cache_bytes_per_token(1, num_kv_heads, head_dim, dtype_bytes) * n * batch for n in tokens)
+
+
+def kv_only_k(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    return kv_right(layer_types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, window) // 2
+
+
+def kv_ignores_window(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    return kv_right(layer_types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, seq_len)
+
+
+def kv_counts_linear_layers(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    types = ["full_attention" if t == "linear_attention" else t for t in layer_types]
+    return kv_right(types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, window)
+
+
+def test_check_kv_cache_bytes(capsys):
+    check_kv_cache_bytes(kv_right)
+    assert capsys.readouterr().out == "✓ KV-cache bytes: all 6 cases match\n"
+    for wrong in (kv_only_k, kv_ignores_window, kv_counts_linear_layers):
+        with pytest.raises(ExerciseError, match="KV-cache bytes: case"):
+            check_kv_cache_bytes(wrong)
+    with pytest.raises(ExerciseError, match="not implemented"):
+        check_kv_cache_bytes(stub)
