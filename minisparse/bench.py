@@ -20,16 +20,17 @@ import torch
 __all__ = ["median_ms", "environment", "save_results", "load_results", "results_dir", "plot_results", "plot_passes"]
 
 
-def median_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
+def median_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
     """Median time of `fn()` in milliseconds on the GPU (CUDA events, via `triton.testing.do_bench`).
 
-    `warmup` and `rep` are in milliseconds, as do_bench takes them.
+    `warmup` and `rep` are in milliseconds, as do_bench takes them; `grad_to_none` lists tensors whose `.grad` is
+    reset between calls (for forward+backward timings).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("median_ms times GPU work; on a CPU, plot the committed results with plot_results()")
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def environment() -> dict:

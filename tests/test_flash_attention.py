@@ -1,0 +1,350 @@
+"""Tests of the flash attention Triton kernels (forward and the three gradients).
+
+On a machine without a GPU the kernels run in Triton's interpreter (float32, CPU); with CUDA the same cases
+run on the GPU in bfloat16, float16 and float32. Every test runs with poisoned (NaN-filled) kernel outputs,
+so an element a kernel forgets to write shows up as a NaN.
+"""
+
+import os
+import pathlib
+import random
+import sys
+
+import pytest
+import torch
+
+import minisparse.attention.triton as fa  # `import minisparse` switches on the interpreter without a GPU
+
+flash_attention, TileConfig, tile_config = fa.flash_attention, fa.TileConfig, fa.tile_config
+
+INTERPRET = fa._interpreting()
+if INTERPRET:
+    SETTINGS = [("cpu", torch.float32)]
+else:
+    SETTINGS = [("cuda", torch.bfloat16), ("cuda", torch.float16), ("cuda", torch.float32)]
+SETTING_IDS = [f"{d}-{str(t).removeprefix('torch.')}" for d, t in SETTINGS]
+# relative RMS error bounds: (forward, gradients)
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-3, 8e-3), torch.float16: (5e-3, 8e-3)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference and helpers
+# ----------------------------------------------------------------------------------------------------------------
+def visible_mask(Tq, Tk, causal, window, device=None):
+    """[Tq, Tk] bool: query i (at position i + Tk - Tq) sees key s."""
+    pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    s = torch.arange(Tk, device=device)[None, :]
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        keep &= s <= pos
+    if window is not None:
+        keep &= s > pos - window
+    return keep
+
+
+def reference_attention(q, k, v, causal=True, scale=None, window=None):
+    """Plain softmax attention with an explicit mask; q [B,Tq,HQ,DK], k [B,Tk,HKV,DK], v [B,Tk,HKV,DV]."""
+    B, Tq, HQ, DK = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    scale = DK**-0.5 if scale is None else scale
+    k = k.repeat_interleave(HQ // HKV, dim=2)  # [B, Tk, HQ, DK]
+    v = v.repeat_interleave(HQ // HKV, dim=2)  # [B, Tk, HQ, DV]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # [B, HQ, Tq, Tk]
+    scores = scores.masked_fill(~visible_mask(Tq, Tk, causal, window, q.device), float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)  # [B, Tq, HQ, DV]
+
+
+def rel_rms(actual, expected):
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def make_inputs(B, Tq, Tk, HQ, HKV, DK, DV, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = [(B, Tq, HQ, DK), (B, Tk, HKV, DK), (B, Tk, HKV, DV), (B, Tq, HQ, DV)]
+    q, k, v, do = (torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes)
+    return q, k, v, do
+
+
+def run_both(q, k, v, do, causal, scale=None, window=None):
+    """Kernel outputs and gradients, and the reference's computed in higher precision from the same inputs."""
+    ref_dtype = torch.float64 if q.dtype == torch.float32 else torch.float32
+    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+    o = flash_attention(qa, ka, va, causal=causal, scale=scale, window=window)
+    grads = torch.autograd.grad(o, (qa, ka, va), do)
+    qr, kr, vr = (x.to(ref_dtype).requires_grad_() for x in (q, k, v))
+    o_ref = reference_attention(qr, kr, vr, causal=causal, scale=scale, window=window)
+    grads_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do.to(ref_dtype))
+    return (o, *grads), (o_ref, *grads_ref)
+
+
+def check_against_reference(got, want, dtype):
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    for name, a, b, tol in zip(("o", "dq", "dk", "dv"), got, want, (fwd_tol, grad_tol, grad_tol, grad_tol)):
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype}"
+        assert not torch.isnan(a).any(), f"{name}: NaN (an element the kernel never wrote?)"
+        err = rel_rms(a, b)
+        assert err <= tol, f"{name}: relative RMS error {err:.2e} > {tol:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Fill every kernel output with NaN before the kernel runs: an unwritten element stays NaN."""
+
+    def poisoned(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
+
+    monkeypatch.setattr(fa, "_new_output", poisoned)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Correctness
+# ----------------------------------------------------------------------------------------------------------------
+#        B,  Tq,  Tk, HQ, HKV, DK, DV, causal, window
+CASES = [
+    (2, 37, 37, 2, 2, 64, 64, True, None),  # T not a multiple of the tile; two batches
+    (1, 100, 100, 4, 2, 80, 80, True, None),  # head dim 80 padded to 128; GQA 4:2
+    (1, 129, 129, 4, 1, 32, 32, True, None),  # MQA (one K/V head), T = 2 tiles + 1
+    (1, 129, 129, 2, 1, 32, 64, False, None),  # non-causal, DV != DK
+    (1, 100, 100, 4, 2, 64, 64, True, 16),  # sliding window
+    (1, 37, 100, 2, 2, 48, 48, True, None),  # Tq < Tk (queries are the last 37 positions)
+    (1, 20, 129, 4, 2, 32, 48, True, 16),  # Tq < Tk with a window, DV != DK
+    (1, 37, 100, 2, 1, 32, 32, False, None),  # Tq < Tk, non-causal
+    (1, 1, 37, 2, 1, 64, 64, True, None),  # one query (decoding)
+]
+GPU_CASES = [  # realistic tiles on the GPU only: too slow for the interpreter
+    (2, 1000, 1000, 8, 2, 128, 128, True, None),
+    (1, 1000, 1000, 4, 4, 128, 128, True, 256),
+    (1, 500, 1000, 4, 1, 64, 64, True, None),
+    (1, 700, 700, 2, 2, 96, 96, False, None),
+    (1, 300, 300, 2, 1, 256, 256, True, None),
+    (1, 300, 300, 2, 2, 48, 192, True, 100),
+]
+
+
+def case_id(case):
+    B, Tq, Tk, HQ, HKV, DK, DV, causal, window = case
+    mask = ("causal" if causal else "full") + (f"-w{window}" if window else "")
+    return f"B{B}-T{Tq}x{Tk}-H{HQ}:{HKV}-D{DK}:{DV}-{mask}"
+
+
+# fp32 on the GPU runs the big GPU cases too slowly to compile (exact fp32 products are unrolled FMAs): 16-bit only
+REFERENCE_RUNS = [(case, device, dtype) for device, dtype in SETTINGS
+                  for case in CASES + ([] if INTERPRET or dtype == torch.float32 else GPU_CASES)]
+
+
+@pytest.mark.parametrize("case,device,dtype", REFERENCE_RUNS,
+                         ids=[f"{case_id(c)}-{d}-{str(t).removeprefix('torch.')}" for c, d, t in REFERENCE_RUNS])
+def test_matches_reference(case, device, dtype):
+    B, Tq, Tk, HQ, HKV, DK, DV, causal, window = case
+    q, k, v, do = make_inputs(B, Tq, Tk, HQ, HKV, DK, DV, device, dtype)
+    got, want = run_both(q, k, v, do, causal, window=window)
+    check_against_reference(got, want, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == c[2]], ids=case_id)
+def test_matches_sdpa(case, device, dtype):
+    """An independent oracle: PyTorch's scaled_dot_product_attention on [B, H, T, D] (Tq == Tk only)."""
+    B, T, _, HQ, HKV, DK, DV, causal, window = case
+    q, k, v, _ = make_inputs(B, T, T, HQ, HKV, DK, DV, device, dtype, seed=1)
+    o = flash_attention(q, k, v, causal=causal, window=window)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    qh, kh, vh = (x.to(ref_dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    kh, vh = kh.repeat_interleave(HQ // HKV, 1), vh.repeat_interleave(HQ // HKV, 1)
+    if window is None:
+        o_ref = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+    else:
+        mask = visible_mask(T, T, causal, window, q.device)
+        o_ref = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    err = rel_rms(o, o_ref.transpose(1, 2))
+    assert err <= TOLERANCE[dtype][0], f"relative RMS error vs SDPA {err:.2e}"
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("case", [
+    (1, 100, 100, 2, 1, 32, 32, True, 40),  # window spans several 16-tiles: masked, interior, masked loops
+    (1, 70, 100, 2, 2, 32, 16, True, 33),
+    (1, 100, 100, 2, 1, 32, 32, True, None),
+    (1, 50, 90, 4, 2, 16, 32, False, None),
+], ids=case_id)
+def test_small_tiles(case, device, dtype):
+    """16 x 16 tiles make every loop (boundary before, interior, boundary after) run at small T."""
+    B, Tq, Tk, HQ, HKV, DK, DV, causal, window = case
+    q, k, v, do = make_inputs(B, Tq, Tk, HQ, HKV, DK, DV, device, dtype, seed=2)
+    tiles = TileConfig(16, 16)
+    with tile_config(fwd=tiles, dkdv=tiles, dq=tiles):
+        got, want = run_both(q, k, v, do, causal, window=window)
+    check_against_reference(got, want, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_and_tiles(seed, device, dtype):
+    """Random lengths, heads, windows and (unequal) tile sizes: the loop bounds must hold for all of them."""
+    rnd = random.Random(seed)
+    Tk = rnd.randint(2, 90)
+    Tq = rnd.randint(1, Tk)
+    HKV = rnd.choice([1, 2])
+    HQ = HKV * rnd.choice([1, 2])
+    DK, DV = rnd.choice([16, 24, 32]), rnd.choice([16, 40])
+    causal = seed % 4 != 3
+    window = rnd.choice([None, 3, 17, 40]) if causal else None
+    q, k, v, do = make_inputs(1, Tq, Tk, HQ, HKV, DK, DV, device, dtype, seed=seed)
+    fwd, dkdv, dq = (TileConfig(rnd.choice([16, 32]), rnd.choice([16, 32])) for _ in range(3))
+    with tile_config(fwd=fwd, dkdv=dkdv, dq=dq):
+        got, want = run_both(q, k, v, do, causal, window=window)
+    check_against_reference(got, want, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+def test_single_token(device, dtype):
+    """Tq = Tk = 1: the output is v; only dv is non-zero."""
+    q, k, v, do = make_inputs(2, 1, 1, 2, 1, 32, 32, device, dtype)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o = flash_attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    torch.testing.assert_close(o, v.expand(2, 1, 2, 32))
+    torch.testing.assert_close(dv, do.sum(2, keepdim=True))
+    assert dq.abs().max() < 1e-3 and dk.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+def test_window_reduces_to_causal(device, dtype):
+    """A window at least as long as the sequence changes nothing."""
+    q, k, v, _ = make_inputs(1, 37, 37, 2, 1, 32, 32, device, dtype, seed=3)
+    torch.testing.assert_close(flash_attention(q, k, v, window=37), flash_attention(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(flash_attention(q, k, v, window=1000), flash_attention(q, k, v), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+def test_scale_and_layout(device, dtype):
+    """A custom scale, and non-contiguous inputs (a [B, H, T, D] tensor transposed to [B, T, H, D])."""
+    q, k, v, do = make_inputs(1, 37, 37, 2, 2, 32, 32, device, dtype, seed=4)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    got, want = run_both(q, k, v, do, causal=True, scale=0.3)
+    check_against_reference(got, want, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------------------------
+def _good(device, dtype=torch.float32):
+    q, k, v, _ = make_inputs(1, 8, 8, 4, 2, 32, 32, device, dtype)
+    return q, k, v
+
+
+BAD_INPUTS = [
+    # (description, mutate(q, k, v) -> (args, kwargs), exception, words in the message)
+    ("rank 3", lambda q, k, v: ((q[0], k, v), {}), ValueError, ["q", "4 dims"]),
+    ("int dtype", lambda q, k, v: ((q.long(), k, v), {}), TypeError, ["q", "torch.int64"]),
+    ("mixed dtypes", lambda q, k, v: ((q, k.double().float().half(), v), {}), TypeError, ["share a dtype"]),
+    ("head dims differ", lambda q, k, v: ((q[..., :16], k, v), {}), ValueError, ["head dim", "16", "32"]),
+    ("k/v lengths differ", lambda q, k, v: ((q, k, v[:, :4]), {}), ValueError, ["k", "v", "Tk"]),
+    ("heads not divisible", lambda q, k, v: ((q[:, :, :3], k, v), {}), ValueError, ["HQ=3", "HKV=2"]),
+    ("Tq > Tk", lambda q, k, v: ((q, k[:, :4], v[:, :4]), {}), ValueError, ["Tq=8", "Tk=4"]),
+    ("batch differs", lambda q, k, v: ((q.expand(2, -1, -1, -1), k, v), {}), ValueError, ["batch"]),
+    ("head dim > 256", lambda q, k, v: ((q.new_zeros(1, 8, 4, 320), k.new_zeros(1, 8, 2, 320), v), {}),
+     ValueError, ["256", "320"]),
+    ("window 0", lambda q, k, v: ((q, k, v), {"window": 0}), ValueError, ["window", "positive"]),
+    ("window float", lambda q, k, v: ((q, k, v), {"window": 2.5}), ValueError, ["window", "2.5"]),
+    ("window without causal", lambda q, k, v: ((q, k, v), {"window": 4, "causal": False}), ValueError,
+     ["window", "causal=True"]),
+    ("not a tensor", lambda q, k, v: ((q.tolist(), k, v), {}), TypeError, ["q", "list"]),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise(desc, mutate, exc, words):
+    args, kwargs = mutate(*_good(SETTINGS[0][0]))
+    with pytest.raises(exc) as info:
+        flash_attention(*args, **kwargs)
+    for word in words:
+        assert word in str(info.value), f"{desc}: {word!r} not in {str(info.value)!r}"
+
+
+def test_mixed_devices_raise():
+    q, k, v = _good("cpu")
+    if INTERPRET:
+        pytest.skip("needs a second device")
+    with pytest.raises(ValueError, match="one device"):
+        flash_attention(q.cuda(), k, v)
+
+
+def test_cpu_without_interpreter_says_how(monkeypatch):
+    """Compiled Triton cannot run on CPU tensors: the error tells the reader what to do."""
+    monkeypatch.setattr(fa, "_interpreting", lambda: False)
+    q, k, v = _good("cpu")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton"):
+        flash_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop bounds, checked exhaustively against the mask
+# ----------------------------------------------------------------------------------------------------------------
+import triton  # noqa: E402  (after the interpreter switch above)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _store4(ptr, a, b, c, d):
+    tl.store(ptr, a)
+    tl.store(ptr + 1, b)
+    tl.store(ptr + 2, c)
+    tl.store(ptr + 3, d)
+
+
+@triton.jit
+def _bounds_kernel(KEY_RANGES, QUERY_RANGES, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Program i writes the (lo, full_lo, full_hi, hi) of query tile i and of key tile i."""
+    i = tl.program_id(0)
+    if i * BLOCK_M < Tq:
+        lo, full_lo, full_hi, hi = fa._key_range(i * BLOCK_M, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+        _store4(KEY_RANGES + 4 * i, lo, full_lo, full_hi, hi)
+    if i * BLOCK_N < Tk:
+        lo, full_lo, full_hi, hi = fa._query_range(i * BLOCK_N, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL,
+                                                   HAS_WINDOW)
+        _store4(QUERY_RANGES + 4 * i, lo, full_lo, full_hi, hi)
+
+
+def check_ranges(ranges, mask, tile, other_tile):
+    """ranges[i] = (lo, full_lo, full_hi, hi) for rows [i*tile, (i+1)*tile) of `mask` (visible pairs, rows x cols):
+    visit exactly the column tiles holding a visible pair; tiles in [full_lo, full_hi) are entirely visible
+    (and entirely inside the tensor)."""
+    n_rows, n_cols = mask.shape
+    for i, (lo, full_lo, full_hi, hi) in enumerate(ranges.tolist()):
+        assert lo <= full_lo <= full_hi <= hi, f"tile {i}: bounds out of order {lo, full_lo, full_hi, hi}"
+        assert lo % other_tile == 0 and (full_lo % other_tile == 0 or full_lo == hi), f"tile {i}: unaligned"
+        rows = mask[i * tile:(i + 1) * tile]
+        needed = [j for j in range(0, n_cols, other_tile) if rows[:, j:j + other_tile].any()]
+        visited = list(range(lo, hi, other_tile))
+        assert visited == needed, f"tile {i}: visits column tiles {visited}, needs {needed}"
+        for j in range(full_lo, full_hi, other_tile):
+            block = rows[:, j:j + other_tile]
+            # rows past the end belong to no one; columns past the end would be read unmasked
+            assert block.shape[1] == other_tile and block.all(), f"tile {i}: column tile {j} is not interior"
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 1), (True, 2), (True, 15),
+                                           (True, 16), (True, 17), (True, 40), (True, 100)])
+def test_loop_bounds(causal, window, block_m, block_n):
+    """Each program visits exactly the tiles with a visible (query, key) pair, and unmasks only full tiles."""
+    if window is not None and not INTERPRET and block_n == 32:
+        pytest.skip("one tile shape suffices on the GPU")
+    device = SETTINGS[0][0]
+    lengths = [1, 15, 16, 17, 33, 50, 64, 70]
+    for Tk in lengths:
+        for Tq in [t for t in lengths if t <= Tk]:
+            n = max(triton.cdiv(Tq, block_m), triton.cdiv(Tk, block_n))
+            key_ranges = torch.full((n, 4), -1, dtype=torch.int32, device=device)
+            query_ranges = torch.full((n, 4), -1, dtype=torch.int32, device=device)
+            _bounds_kernel[(n,)](key_ranges, query_ranges, Tq, Tk, window or 0, block_m, block_n, causal,
+                                 window is not None)
+            mask = visible_mask(Tq, Tk, causal, window)  # [Tq, Tk]
+            check_ranges(key_ranges[:triton.cdiv(Tq, block_m)].cpu(), mask, block_m, block_n)
+            check_ranges(query_ranges[:triton.cdiv(Tk, block_n)].cpu(), mask.T, block_n, block_m)
