@@ -715,7 +715,7 @@ def unpermute(y_sorted, weights, order):
                          f"{tuple(weights.shape)}), got y_sorted {tuple(y_sorted.shape)}, order {tuple(order.shape)}")
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)  # [N*k] sorted row of each pair
-    y = y_sorted[inverse].view(N, k, -1)  # [N, k, H] back in (token, slot) order
+    y = y_sorted[inverse].view(N, k, y_sorted.shape[-1])  # [N, k, H] back in (token, slot) order (N may be 0)
     return (y.float() * weights[..., None].float()).sum(dim=1).to(y_sorted.dtype)
 
 
@@ -1769,7 +1769,7 @@ import torch
 
 from minisparse.moe.naive import permute, route_topk_softmax, unpermute, update_bias
 from minisparse.moe.triton import tile_schedule
-from minisparse.testing import check
+from minisparse.testing import ExerciseError, check
 
 
 def _slots_by_expert(result):
@@ -1807,9 +1807,22 @@ def _bias_cases():
             (torch.zeros(4), torch.tensor([3.0, 1.0, 2.0, 2.0]), 0.5)]
 
 
+def _without_side_effects(fn):
+    """fn on copies of its tensor arguments; raise if it changed them (API.md: update_bias returns a new tensor)."""
+    def run(*args):
+        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        out = fn(*copies)
+        for a, c in zip(args, copies):
+            if isinstance(a, torch.Tensor) and not torch.equal(a, c):
+                raise ExerciseError("✗ bias update: your function changed its input in place; return a new tensor "
+                                    "(e.g. bias + rate * ...), leaving bias and tokens_per_expert as they were")
+        return out
+    return run
+
+
 def check_update_bias(fn):
-    """Check fn(bias [E], tokens_per_expert [E], rate) -> the new bias [E]."""
-    check("bias update (sign rule)", fn, update_bias, _bias_cases(), tol=1e-6,
+    """Check fn(bias [E], tokens_per_expert [E], rate) -> the new bias [E], computed without changing the inputs."""
+    check("bias update (sign rule)", _without_side_effects(fn), update_bias, _bias_cases(), tol=1e-6,
           hint="compare each expert's load with the mean load: below the mean -> bias + rate, above -> bias - rate, "
                "exactly at the mean -> unchanged (torch.sign gives 0)")
 

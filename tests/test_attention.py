@@ -276,17 +276,17 @@ def test_layer_matches_transformers(kind):
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_clear_errors():
     q, k, v = make_qkv(1, 8, 4, 16, HKV=2)
-    with pytest.raises(ValueError, match="k must be"):  # mismatched head dims
+    with pytest.raises(ValueError, match="same head dim, got q 16 and k 32"):
         attention_ref(q, make_bthd(1, 8, 2, 32), v)
     with pytest.raises(ValueError, match="q must have 4 dims"):
         attention_ref(q[0], k, v)
     with pytest.raises(ValueError, match="HQ=4, HKV=3"):
         attention_ref(q, make_bthd(1, 8, 3, 16), make_bthd(1, 8, 3, 16))
-    with pytest.raises(ValueError, match="requires causal=True"):
+    with pytest.raises(ValueError, match="needs causal=True"):
         attention_ref(q, k, v, causal=False, window=4)
     with pytest.raises(ValueError, match="window"):
         attention_ref(q, k, v, window=0)
-    with pytest.raises(ValueError, match="v must be"):
+    with pytest.raises(ValueError, match="must agree on B, Tk, HKV"):
         attention_ref(q, k, v[:, :7])
     with pytest.raises(ValueError, match="Tq <= Tk"):
         attention_ref(q, k[:, :5], v[:, :5])
@@ -294,8 +294,10 @@ def test_bad_inputs_raise_clear_errors():
         attention_ref(q, k.numpy(), v)
     with pytest.raises(TypeError, match="floating point"):
         attention_ref(q, k.int(), v)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="share a dtype"):
         attention_ref(q, k.double(), v)
+    with pytest.raises(ValueError, match="batch size 1"):
+        attention_ref(q, make_bthd(2, 8, 2, 16), make_bthd(2, 8, 2, 16))
     with pytest.raises(ValueError, match="even D"):
         apply_rope(make_bthd(1, 4, 1, 7), torch.arange(4))
     with pytest.raises(ValueError, match="positions must be"):

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import minisparse.attention.triton as fa  # `import minisparse` switches on the interpreter without a GPU
+from minisparse.attention import attention_ref
+from minisparse.testing import assert_close, make_qkv
 
 flash_attention, TileConfig, tile_config = fa.flash_attention, fa.TileConfig, fa.tile_config
 
@@ -348,3 +350,34 @@ def test_loop_bounds(causal, window, block_m, block_n):
             mask = visible_mask(Tq, Tk, causal, window)  # [Tq, Tk]
             check_ranges(key_ranges[:triton.cdiv(Tq, block_m)].cpu(), mask, block_m, block_n)
             check_ranges(query_ranges[:triton.cdiv(Tk, block_n)].cpu(), mask.T, block_n, block_m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs the reference accepts, so the kernel must too (found in review)
+# ----------------------------------------------------------------------------------------------------------------
+DEV = "cpu" if INTERPRET else "cuda"
+
+
+def test_non_causal_with_more_queries_than_keys():
+    q, k, v = make_qkv(1, 9, 2, 16, Tk=5, device=DEV)
+    assert_close("o", attention_ref(q, k, v, causal=False), flash_attention(q, k, v, causal=False), 1e-4)
+
+
+@pytest.mark.parametrize("Tq, Tk", [(0, 6), (4, 0)])
+def test_empty_queries_or_keys_keep_the_graph(Tq, Tk):
+    q, k, v = make_qkv(1, Tq, 2, 16, Tk=Tk, device=DEV, requires_grad=True)
+    o = flash_attention(q, k, v, causal=False)
+    assert o.shape == (1, Tq, 2, 16) and o.requires_grad
+    o.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's bf16 dot is what this guards against")
+def test_bf16_in_the_interpreter_is_computed_in_fp32():
+    q, k, v = make_qkv(1, 32, 2, 64, dtype=torch.bfloat16, seed=5, requires_grad=True)
+    o = flash_attention(q, k, v)
+    assert o.dtype == torch.bfloat16
+    ref = attention_ref(*(x.detach().float() for x in (q, k, v)))
+    assert_close("o", ref, o.float(), 5e-3)
+    o.float().sum().backward()
+    assert torch.isfinite(q.grad).all()

@@ -466,11 +466,12 @@ def _tiles_for_empty_experts_too(counts, block_m):
     (check_route_topk_softmax, lambda logits, k, r=True: route_topk_softmax(-logits, k, r)),  # picks the worst
     (check_update_bias, lambda b, c, rate=1e-3: b + rate * torch.sign(c.float() - c.float().mean())),  # flipped
     (check_update_bias, lambda b, c, rate=1e-3: b + rate * (c.float().mean() - c.float())),  # no sign
+    (check_update_bias, lambda b, c, rate=1e-3: b.add_(rate * torch.sign(c.float().mean() - c.float()))),  # in place
     (check_unpermute, lambda ys, w, order: (ys[order].view(*w.shape, -1) * w[..., None]).sum(1)),  # wrong direction
     (check_unpermute, lambda ys, w, order: unpermute(ys, torch.ones_like(w), order)),  # unweighted
     (check_tile_schedule, _global_tiles),
     (check_tile_schedule, _tiles_for_empty_experts_too),
-], ids=["router-always-renormalises", "router-unstable-exp", "router-picks-worst", "bias-flipped", "bias-no-sign",
+], ids=["router-always-renormalises", "router-unstable-exp", "router-picks-worst", "bias-flipped", "bias-no-sign", "bias-in-place",
         "unpermute-wrong-direction", "unpermute-unweighted", "tiles-straddle", "tiles-for-empty-experts"])
 def test_exercise_checkers_reject_wrong_answers(checker, wrong):
     with pytest.raises(ExerciseError, match="✗"):
@@ -490,3 +491,13 @@ def test_package_exports_the_api():
     assert minisparse.moe.__all__[:1] and {"route_topk_softmax", "route_deepseek", "update_bias",
                                            "load_balancing_loss", "grouped_mm", "permute", "unpermute",
                                            "MoE"} <= set(minisparse.moe.__all__)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_moe_layer_on_an_empty_batch(backend):
+    layer = MoE(16, 32, 8, 2, backend=backend)
+    x = torch.randn(0, 16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 16)
+    if backend == "triton":  # the sorted path keeps the (empty) graph; the naive loop returns a constant
+        y.sum().backward()

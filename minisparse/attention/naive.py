@@ -10,7 +10,7 @@ def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
     causal: keys s <= position; window W (needs causal): keys position - W < s <= position.
     """
     Tk = Tq if Tk is None else Tk
-    _check_window(causal, window)
+    _check_window("attention_mask", causal, window)
     pos_q = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # [Tq, 1]  each query's position
     pos_k = torch.arange(Tk, device=device)[None, :]  # [1, Tk]
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device)  # [Tq, Tk]
@@ -21,14 +21,14 @@ def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
     return allowed
 
 
-def _check_window(causal, window):
+def _check_window(op, causal, window):
     if window is None:
         return
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window: expected a positive int (or None for no window), got {window!r}")
+        raise ValueError(f"{op}: window must be a positive int (or None for no window), got {window!r}")
     if not causal:
-        raise ValueError(f"window={window} requires causal=True (a sliding window looks back from each query), "
-                         "got causal=False")
+        raise ValueError(f"{op}: window={window} needs causal=True (a sliding window looks back from each query, "
+                         "keys pos - window < s <= pos), got causal=False")
 
 
 def check_attention_args(op, q, k, v=None, causal=True, window=None):
@@ -41,17 +41,20 @@ def check_attention_args(op, q, k, v=None, causal=True, window=None):
             raise ValueError(f"{op}: {name} must have 4 dims [B, T, H, D], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be floating point (fp32, fp16 or bf16), got {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if len({t.dtype for _, t in named}) > 1:
+        raise TypeError(f"{op}: q, k, v must share a dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in named))
     B, Tq, HQ, D = q.shape
     _, Tk, HKV, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{op}: k must be [B={B}, Tk, HKV, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"{op}: k must have q's batch size {B}, got k of shape {tuple(k.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"{op}: q and k must have the same head dim, got q {D} and k {k.shape[3]}")
     if v is not None and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: v must be [B={B}, Tk={Tk}, HKV={HKV}, Dv] like k, got {tuple(v.shape)}")
-    if HQ % HKV != 0:
+        raise ValueError(f"{op}: k [B, Tk, HKV, D] and v [B, Tk, HKV, Dv] must agree on B, Tk, HKV, got k "
+                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
+    if HKV == 0 or HQ % HKV != 0:
         raise ValueError(f"{op}: the K/V heads must divide the query heads (GQA groups), got HQ={HQ}, HKV={HKV}")
-    _check_window(causal, window)
+    _check_window(op, causal, window)
     if causal and Tq > Tk:
         raise ValueError(f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
                          f"Tq <= Tk, got Tq={Tq}, Tk={Tk}")

@@ -3,7 +3,7 @@ import torch
 
 from minisparse.moe.naive import permute, route_topk_softmax, unpermute, update_bias
 from minisparse.moe.triton import tile_schedule
-from minisparse.testing import check
+from minisparse.testing import ExerciseError, check
 
 
 def _slots_by_expert(result):
@@ -41,9 +41,22 @@ def _bias_cases():
             (torch.zeros(4), torch.tensor([3.0, 1.0, 2.0, 2.0]), 0.5)]
 
 
+def _without_side_effects(fn):
+    """fn on copies of its tensor arguments; raise if it changed them (API.md: update_bias returns a new tensor)."""
+    def run(*args):
+        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        out = fn(*copies)
+        for a, c in zip(args, copies):
+            if isinstance(a, torch.Tensor) and not torch.equal(a, c):
+                raise ExerciseError("✗ bias update: your function changed its input in place; return a new tensor "
+                                    "(e.g. bias + rate * ...), leaving bias and tokens_per_expert as they were")
+        return out
+    return run
+
+
 def check_update_bias(fn):
-    """Check fn(bias [E], tokens_per_expert [E], rate) -> the new bias [E]."""
-    check("bias update (sign rule)", fn, update_bias, _bias_cases(), tol=1e-6,
+    """Check fn(bias [E], tokens_per_expert [E], rate) -> the new bias [E], computed without changing the inputs."""
+    check("bias update (sign rule)", _without_side_effects(fn), update_bias, _bias_cases(), tol=1e-6,
           hint="compare each expert's load with the mean load: below the mean -> bias + rate, above -> bias - rate, "
                "exactly at the mean -> unchanged (torch.sign gives 0)")
 

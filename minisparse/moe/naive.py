@@ -180,7 +180,7 @@ def unpermute(y_sorted, weights, order):
                          f"{tuple(weights.shape)}), got y_sorted {tuple(y_sorted.shape)}, order {tuple(order.shape)}")
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)  # [N*k] sorted row of each pair
-    y = y_sorted[inverse].view(N, k, -1)  # [N, k, H] back in (token, slot) order
+    y = y_sorted[inverse].view(N, k, y_sorted.shape[-1])  # [N, k, H] back in (token, slot) order (N may be 0)
     return (y.float() * weights[..., None].float()).sum(dim=1).to(y_sorted.dtype)
 
 
