@@ -58,21 +58,13 @@ minisparse.runtime.print_environment()
 # %%
 import matplotlib.pyplot as plt
 import torch
-from matplotlib.ticker import FuncFormatter
 
 from minisparse import bench, runtime, viz
-from minisparse.testing import ExerciseError, assert_close, make_qkv
+from minisparse.testing import assert_close, attempt, make_qkv
 
 torch.manual_seed(0)
 DEVICE = runtime.device()
 DTYPE = runtime.default_dtype()
-
-
-def tokens_axis(ax, label="sequence length T"):
-    """A log2 x axis labelled 256, 1k, 4k, … (our plots' x axis is a number of tokens)."""
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"))
-    ax.set_xlabel(label)
 
 # %% [markdown]
 # ## 1. Why: attention compares every token with every other
@@ -165,7 +157,7 @@ ax1.loglog(T_axis, linear, "s-", label="projections + FFN  (∝ T)")
 ax1.axvline(cross, color="gray", ls=":")
 ax1.text(cross * 1.1, min(linear), f"equal at T ≈ {cross / 1000:.0f}k", fontsize=8)
 ax1.set(ylabel="FLOPs per layer (forward)", title="Llama-2-7B layer: FLOPs")
-tokens_axis(ax1)
+viz.tokens_axis(ax1)
 ax1.legend(fontsize=8)
 scores = [H * T * T * 2 for T in T_axis]                        # one bf16 score matrix per head
 acts = [T * 4 * H * D * 2 for T in T_axis]                      # q, k, v, o in bf16
@@ -176,7 +168,7 @@ ax2.loglog(T_axis, weights, "--", label="layer weights")
 ax2.axhline(141e9, color="red", lw=0.8)
 ax2.text(T_axis[0], 141e9 / 3, "H200 memory (141 GB)", fontsize=8, color="red", va="top")
 ax2.set(ylabel="bytes per layer (bf16)", title="Llama-2-7B layer: bytes")
-tokens_axis(ax2)
+viz.tokens_axis(ax2)
 ax2.legend(fontsize=8)
 fig.tight_layout()
 plt.show()
@@ -212,7 +204,7 @@ for i, n in enumerate(names):
 ax2.axhline(141e9 / 2**30, color="red", lw=0.8)
 ax2.text(context[0], 141e9 / 2**30 / 1.5, "H200 memory", fontsize=8, color="red", va="top")
 ax2.set(ylabel="KV cache (GiB, one sequence)", title="the whole context")
-tokens_axis(ax2, "context length (tokens)")
+viz.tokens_axis(ax2, "context length (tokens)")
 ax2.legend(fontsize=7)
 fig.tight_layout()
 plt.show()
@@ -764,7 +756,7 @@ ax1.loglog(T_axis, [attention_flops(T, D, H, window=4096) for T in T_axis], "s-"
 ax1.loglog(T_axis, [projection_flops(T, LLAMA["hidden"], H, H, D) + ffn_flops(T, LLAMA["hidden"], LLAMA["ffn"])
                     for T in T_axis], "--", label="projections + FFN")
 ax1.set(ylabel="FLOPs per layer (forward)", title="FLOPs")
-tokens_axis(ax1)
+viz.tokens_axis(ax1)
 ax1.legend(fontsize=8)
 for materialize, label in [(True, "naive (scores in HBM)"), (False, "flash (IO lower bound)")]:
     ax2.loglog(T_axis, [attention_flops(T, D, H) / attention_bytes(T, D, H, materialize=materialize)
@@ -772,7 +764,7 @@ for materialize, label in [(True, "naive (scores in HBM)"), (False, "flash (IO l
 ax2.axhline(ridge, color="red", lw=0.8)
 ax2.text(T_axis[-1], ridge / 1.3, "H200 ridge point", color="red", fontsize=8, ha="right", va="top")
 ax2.set(ylabel="FLOPs / byte", title="arithmetic intensity (prefill, bf16)")
-tokens_axis(ax2)
+viz.tokens_axis(ax2)
 ax2.legend(fontsize=8)
 fig.tight_layout()
 plt.show()
@@ -2221,10 +2213,7 @@ def merge_states(m1, l1, a1, m2, l2, a2):
 
 
 # %%
-try:
-    check_online_softmax(merge_states)
-except ExerciseError as err:  # a stub or a wrong answer: read the message, fix the cell above, run again
-    print(err)
+attempt(check_online_softmax, merge_states)
 
 # %% [markdown]
 # :::{dropdown} Solution
@@ -2263,10 +2252,7 @@ def key_blocks(q_block, block_m, block_n, window, seq_len):
 
 
 # %%
-try:
-    check_window_blocks(key_blocks)
-except ExerciseError as err:
-    print(err)
+attempt(check_window_blocks, key_blocks)
 
 # %% [markdown]
 # :::{dropdown} Solution
@@ -2310,10 +2296,7 @@ def kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_
 
 
 # %%
-try:
-    check_kv_cache_bytes(kv_cache_bytes)
-except ExerciseError as err:
-    print(err)
+attempt(check_kv_cache_bytes, kv_cache_bytes)
 
 # %% [markdown]
 # :::{dropdown} Solution

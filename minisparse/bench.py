@@ -97,8 +97,11 @@ def plot_results(doc: dict, *, x: str = "T", y: str = "ms", by: Iterable[str] = 
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x)
+        from minisparse.viz import tokens_axis
+
+        tokens_axis(ax, x)
+    else:
+        ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

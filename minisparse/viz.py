@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["to_numpy", "heatmap", "panels", "mask_panel", "explorer"]
+__all__ = ["to_numpy", "heatmap", "panels", "mask_panel", "tokens_axis", "explorer"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -58,6 +58,15 @@ def panels(matrices: Mapping[str, object], *, ncols: int | None = None, size: fl
 def mask_panel(masks: Mapping[str, object], **kw):
     """Boolean masks (True = may attend) side by side in two colours."""
     return panels({k: to_numpy(v) > 0 for k, v in masks.items()}, cmap="Blues", vmin=0, vmax=1, **kw)
+
+
+def tokens_axis(ax, label: str = "sequence length T"):
+    """A log2 x axis labelled 256, 1k, 4k, … for plots against a number of tokens."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"))
+    ax.set_xlabel(label)
 
 
 def _initial(control):
