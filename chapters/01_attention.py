@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 1. Attention and its cost
+# # Chapter 1 — Attention and its cost
 #
 # Every sparse mechanism in this book is measured against one baseline: dense softmax attention. This chapter
 # builds that baseline and, more importantly, its bill: how many FLOPs it spends, how many bytes it moves and how
@@ -29,7 +29,7 @@
 # | `apply_rope`, `RotaryEmbedding` | rotary position embeddings, both channel conventions |
 # | `KVCache` | a preallocated key/value cache for decoding |
 # | `attention_flops`, `attention_bytes`, `kv_cache_bytes_per_token`, … | the cost model |
-# | `flash_attention` | the Triton kernels, forward and backward (section 5) |
+# | `flash_attention` | the Triton kernels, forward and backward (section 1.5) |
 # | `Attention` | the layer: GQA, RoPE, KV cache, optional q/k norm and Qwen3-Next's output gate |
 #
 # ```python
@@ -67,7 +67,7 @@ DEVICE = runtime.device()
 DTYPE = runtime.default_dtype()
 
 # %% [markdown]
-# ## 1. Why: attention compares every token with every other
+# ## 1.1 Why: attention compares every token with every other
 #
 # For one head, query $q_t$ scores every key $k_s$ it may see, turns the scores into probabilities and averages
 # the values with them:
@@ -140,7 +140,7 @@ else:
     print(f"✓ the shapes of {len(MODELS)} models match transformers {transformers.__version__}'s config defaults")
 
 # %% [markdown]
-# Two pictures, at Llama-2-7B's shapes for one layer in bf16 (back-of-envelope; section 4 makes it exact). Left:
+# Two pictures, at Llama-2-7B's shapes for one layer in bf16 (back-of-envelope; section 1.4 makes it exact). Left:
 # FLOPs of one forward pass. Right: bytes — the layer's weights, its $q, k, v, o$ activations, and the $T \times T$
 # score matrix *if* it were written to memory, as a naive implementation does.
 
@@ -177,7 +177,7 @@ print(f"at T = 32k one layer's score matrix is {H * 32768**2 * 2 / 1e9:.0f} GB")
 # %% [markdown]
 # The FLOPs cross over at about fifty thousand tokens: below that, attention is the smaller cost. The bytes are
 # another story: a materialized score matrix outgrows the layer's weights at a couple of thousand tokens and would
-# fill half an H200 at 32k. That is why no serious kernel writes it out; section 5's flash attention keeps each
+# fill half an H200 at 32k. That is why no serious kernel writes it out; section 1.5's flash attention keeps each
 # tile of scores on chip and never stores the matrix.
 #
 # Now the cache, per generated token and for a whole context:
@@ -217,14 +217,14 @@ plt.show()
 # part of it (chapters 7–8).
 #
 # None of the models in this book's survey drops softmax attention altogether. Qwen3-Next and Qwen3.5 keep it in
-# one layer of four (the gated attention layer of section 6), Kimi Linear in one of four (as MLA), MiniMax-M1 in
+# one layer of four (the gated attention layer of section 1.6), Kimi Linear in one of four (as MLA), MiniMax-M1 in
 # one of eight; DeepSeek-V3.2 and GLM-5 keep it in every layer but let each query read only selected tokens; and
 # MiniMax went back to full attention in every layer for M2. The dense layer of this chapter stays the reference
 # that each of them is measured against.
 #
-# ## 2. Naive: attention as the equations say
+# ## 1.2 Naive: attention as the equations say
 #
-# ### 2.1 Who may attend to whom
+# ### 1.2.1 Who may attend to whom
 #
 # A mask says which key positions each query may use. We place queries at the **end** of the keys: with $T_q$
 # queries and $T_k \ge T_q$ keys, query $i$ sits at position $i + T_k - T_q$. That is the situation of decoding
@@ -274,7 +274,7 @@ def _check_window(op, causal, window):
                          "keys pos - window < s <= pos), got causal=False")
 
 # %% [markdown]
-# ### 2.2 Scores, softmax, output
+# ### 1.2.2 Scores, softmax, output
 #
 # With the scale $\sigma$ (default $D^{-1/2}$) and the mask $M$:
 #
@@ -285,7 +285,7 @@ def _check_window(op, causal, window):
 # where $\log M$ is $0$ where the mask allows and $-\infty$ elsewhere. With **GQA**, $H_q$ query heads share
 # $H_{kv}$ key/value heads in groups of $G = H_q / H_{kv}$: query head $h$ reads K/V head $\lfloor h / G \rfloor$
 # (the convention of transformers' `repeat_kv` and of SDPA's `enable_gqa`). The reference simply repeats K and V
-# $G$ times; the kernel of section 5 will index the shared head instead.
+# $G$ times; the kernel of section 1.5 will index the shared head instead.
 #
 # First the checks every public op makes (DESIGN §5: name the argument, what was expected, what came):
 
@@ -369,7 +369,7 @@ sdpa = torch.nn.functional.scaled_dot_product_attention(
 print(f"relative RMS error vs SDPA: {assert_close('attention_ref', sdpa, attention_ref(q, k, v), 1e-12):.1e}")
 
 # %% [markdown]
-# ### 2.3 Rotary position embeddings (RoPE)
+# ### 1.2.3 Rotary position embeddings (RoPE)
 #
 # Attention as written is blind to order: permute the keys and values together and nothing changes. RoPE
 # (Su et al., RoFormer) encodes position by *rotating* $q$ and $k$. Split a head's $D$ channels into $D/2$ pairs,
@@ -495,7 +495,7 @@ assert torch.equal(RotaryEmbedding(64)(y, pos), apply_rope(y, pos))
 print("✓ RoPE: relative, conventions agree up to a channel permutation, RotaryEmbedding == apply_rope")
 
 # %% [markdown]
-# ### 2.4 The KV cache
+# ### 1.2.4 The KV cache
 #
 # When decoding, each step brings $T_{new}$ tokens (one, or a chunk of a prompt). Their keys and values are
 # computed once, rotated by RoPE at their positions, and written after the cached ones; the new queries then attend
@@ -539,9 +539,9 @@ class KVCache:
         self.length = 0
 
 # %% [markdown]
-# ## 3. See it
+# ## 1.3 See it
 #
-# ### 3.1 Masks
+# ### 1.3.1 Masks
 #
 # The four masks of this chapter on 16 tokens (blue = may attend). The third is a decoding step: 4 new queries
 # after 12 cached tokens, bottom-right aligned. Below them, which K/V head each query head reads under MHA, GQA and
@@ -565,7 +565,7 @@ for ax, hkv in zip(plt.gcf().axes, (8, 2, 1)):
 plt.show()
 
 # %% [markdown]
-# ### 3.2 Attention on a toy sentence
+# ### 1.3.2 Attention on a toy sentence
 #
 # No trained model needed to see what content and position each contribute. Give each word a random embedding
 # $e_w \in \mathbb{R}^{32}$ and build three heads by hand:
@@ -631,7 +631,7 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# ### 3.3 Explore
+# ### 1.3.3 Explore
 #
 # Move the window and pick a head. With $W = 1$ every head attends only to itself; as $W$ grows past the
 # distance to a word's earlier copy, the content heads find it. The fourth head is what an untrained layer does:
@@ -651,7 +651,7 @@ def draw(window=T_toy, head=0):
 explorer = viz.explorer(draw, window=(1, T_toy, 1), head=(0, len(HEAD_NAMES) - 1, 1))
 
 # %% [markdown]
-# ## 4. Cost model
+# ## 1.4 Cost model
 #
 # Now the exact counts. A mask allows some number of query–key pairs $N_{pairs}$; each costs $2D$ FLOPs for the
 # score and $2D_v$ for the weighted value (a multiply and an add per channel), so one forward pass costs
@@ -669,7 +669,7 @@ explorer = viz.explorer(draw, window=(1, T_toy, 1), head=(0, len(HEAD_NAMES) - 1
 # Bytes: the inputs and outputs must cross between GPU memory (HBM) and the chip at least once,
 # $(T_q H_q D + T_k H_{kv}(D + D_v) + T_q H_q D_v)$ elements. A naive implementation also writes the score
 # matrix $S$, reads it for the softmax, writes $P$, and reads $P$ for $PV$: four passes over $B H_q T_q T_k$
-# elements. Flash attention's point (section 5) is to reach the lower bound.
+# elements. Flash attention's point (section 1.5) is to reach the lower bound.
 
 # %%
 #| export attention.cost
@@ -727,7 +727,7 @@ def kv_cache_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes=2, 
     return num_layers * num_kv_heads * (head_dim + v_head_dim) * dtype_bytes
 
 # %% [markdown]
-# The model agrees with section 1's back-of-envelope numbers, with the FlashAttention-2 paper's convention
+# The model agrees with section 1.1's back-of-envelope numbers, with the FlashAttention-2 paper's convention
 # ($4 T^2 D H$ FLOPs for bidirectional attention, half of it causal), and with brute-force counting of the mask:
 
 # %%
@@ -735,7 +735,7 @@ assert attended_pairs(5, 9, window=3) == int(attention_mask(5, 9, window=3).sum(
 assert attended_pairs(7, 7, causal=False) == int(attention_mask(7, 7, causal=False).sum())
 assert attention_flops(4096, 128, 32, causal=False) == 4 * 4096**2 * 128 * 32
 assert abs(attention_flops(2**16, 128, 32) / (2 * 2**32 * 128 * 32) - 1) < 1e-4
-assert [attention_flops(T, LLAMA['head_dim'], LLAMA['heads']) for T in T_axis] == attn  # section 1's curve
+assert [attention_flops(T, LLAMA['head_dim'], LLAMA['heads']) for T in T_axis] == attn  # section 1.1's curve
 for name, m in MODELS.items():
     assert kv_cache_bytes_per_token(m["kv_layers"], m["kv_heads"], m["head_dim"]) == cache_bytes_per_token(m)
 print("✓ cost model agrees with the mask, the back-of-envelope numbers and the FA2 convention")
@@ -787,9 +787,9 @@ for name, m in MODELS.items():
     print(f"{name:30s} decode intensity {flops / bytes_:6.1f} FLOP/B   (ridge {ridge:.0f})")
 
 # %% [markdown]
-# ## 5. Fast: flash attention in Triton
+# ## 1.5 Fast: flash attention in Triton
 #
-# Section 4 showed where the naive reference loses: it writes the whole $T_q \times T_k$ score matrix to memory,
+# Section 1.4 showed where the naive reference loses: it writes the whole $T_q \times T_k$ score matrix to memory,
 # reads it back for the softmax, writes the probabilities, and reads them again for $PV$. Flash attention
 # (Dao et al., 2022; FlashAttention-2, 2023) computes the same output **tile by tile**: a block of queries meets
 # one block of keys at a time, the scores of that pair of blocks live in registers, and a small running state per
@@ -807,7 +807,7 @@ for name, m in MODELS.items():
 # reading. On a CPU every kernel here runs in Triton's interpreter (numpy under the hood) at small sizes.
 
 # %% [markdown]
-# ### 5.1 A Triton primer
+# ### 1.5.1 A Triton primer
 #
 # A Triton kernel is a Python function under `@triton.jit`. It is launched on a **grid** of *programs* (CUDA would
 # say thread blocks); each program reads its index with `tl.program_id(axis)` and works on whole **blocks** of
@@ -880,12 +880,12 @@ print(f"✓ tiled matmul, 100x70 @ 70x90 with 32-tiles and masked edges: relativ
 # That is all the Triton the attention kernels need: program ids, blocks of offsets, masked loads and stores,
 # `tl.dot`, and a loop. What remains is the algorithm.
 #
-# ### 5.2 Online softmax, on one row
+# ### 1.5.2 Online softmax, on one row
 #
 # Take one query's scores $s_1, \dots, s_n$ and values $v_1, \dots, v_n$. Attention needs
 # $o = \sum_j e^{s_j} v_j / \sum_j e^{s_j}$, computed stably by subtracting the row's maximum first. Flash
 # attention sees the scores one **block** at a time, so it keeps a state of three numbers per row — the running
-# maximum $m$, the running sum $\ell$ and the running output $a$ (exercise 1 in section 8 merges two such states):
+# maximum $m$, the running sum $\ell$ and the running output $a$ (exercise 1 in section 1.8 merges two such states):
 #
 # $$
 # m' = \max\bigl(m,\ \max_{j \in \text{block}} s_j\bigr), \qquad
@@ -916,7 +916,7 @@ assert_close("log-sum-exp", torch.logsumexp(s_row, 0), lse, 1e-6)
 print("✓ three blocks, one running state: the same output as softmax(s) @ v, and L = logsumexp(s)")
 
 # %% [markdown]
-# ### 5.3 Flash attention in plain PyTorch, tile by tile
+# ### 1.5.3 Flash attention in plain PyTorch, tile by tile
 #
 # Now the whole operation. Queries are cut into tiles of $B_M$ rows, keys and values into tiles of $B_N$ rows.
 # For each (batch, query head, query tile) — this triple is what one kernel program will own — we load the query
@@ -972,7 +972,7 @@ for causal, window in [(True, None), (True, 20), (False, None)]:
     print(f"✓ tile by tile = attention_ref (causal={causal}, window={window}): relative RMS error {err:.1e}")
 
 # %% [markdown]
-# ### 5.4 The forward kernel
+# ### 1.5.4 The forward kernel
 #
 # The kernel is the PyTorch loop above with the three outer loops turned into the launch grid: axis 0 numbers
 # the query tiles, axis 1 the (batch, query head) pairs. Everything inside one program runs on tiles, and the
@@ -997,7 +997,7 @@ for causal, window in [(True, None), (True, 20), (False, None)]:
 
 # %%
 #| export attention.triton
-"""Flash attention in Triton: forward and backward kernels for `[B, T, H, D]` tensors (chapter 1, section 5).
+"""Flash attention in Triton: forward and backward kernels for `[B, T, H, D]` tensors (chapter 1, section 1.5).
 
 Notation in comments: B batch, Tq/Tk query/key lengths, HQ query heads, HKV key/value heads (GROUP = HQ // HKV
 query heads share one K/V head), DK/DV head dims, BM/BN the heights of a query tile and a key tile.
@@ -1010,7 +1010,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from minisparse.attention.naive import attention_ref, check_attention_args  # section 2
+from minisparse.attention.naive import attention_ref, check_attention_args  # section 1.2
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels fold log2(e) into the scale
 
@@ -1135,7 +1135,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Tq, Tk, HQ, HKV, qk_scale, window,
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, m_i + tl.math.log2(l_safe), mask=rows < Tq)
 
 # %% [markdown]
-# ### 5.5 Which tiles to visit: causal and sliding-window loop bounds
+# ### 1.5.5 Which tiles to visit: causal and sliding-window loop bounds
 #
 # A query tile covers the rows $i_0, \dots, i_1$ (the last tile may be short), at positions
 # $p = i + T_k - T_q$. With the causal mask a row sees the keys $s \le p$, with a window of $W$ also only
@@ -1150,7 +1150,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Tq, Tk, HQ, HKV, qk_scale, window,
 # **every** row sees **every** key of it: the first row sees its last key, $n + B_N - 1 \le p_0$, and the last
 # row still sees its first key, $n > p_1 - W$ — and the tile lies inside the tensor, $n + B_N \le T_k$. Those
 # interior tiles run from `full_lo` to `full_hi`; the rest of $[$`lo`, `hi`$)$ are boundary tiles and take the
-# masked loop. (Exercise 2 in section 8 asks you to derive `lo` and `hi` yourself, counted in tiles.)
+# masked loop. (Exercise 2 in section 1.8 asks you to derive `lo` and `hi` yourself, counted in tiles.)
 #
 # One subtlety of integer arithmetic: Triton's `//` on integers truncates toward zero, like C, rather than
 # flooring like Python. $p_0 - W + 1$ can be negative, so the code clamps at zero before dividing.
@@ -1292,7 +1292,7 @@ assert_close("base-2 log-sum-exp", lse_torch * _LOG2E, lse2, tol)
 print(f"✓ the forward kernel (window 16, GQA 4:2, head dim 40) matches attention_ref: relative RMS error {err:.1e}")
 
 # %% [markdown]
-# ### 5.6 The backward pass: recompute, don't store
+# ### 1.5.6 The backward pass: recompute, don't store
 #
 # With $S = \sigma QK^\top$ (masked), $P = \operatorname{softmax}(S)$ and $O = PV$, the gradients for an output
 # gradient $dO$ are
@@ -1539,7 +1539,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
     _store_tile(dq_base, rows, HQ * DK, Tq, offs_dk, DK, dq * sm_scale)
 
 # %% [markdown]
-# ### 5.7 The op: tile sizes, input checks, autograd
+# ### 1.5.7 The op: tile sizes, input checks, autograd
 #
 # **Tile sizes.** Bigger tiles reuse each load more, but every tile must fit in the multiprocessor's shared
 # memory several times over (the compiler *pipelines* the loop: it loads tile $j+1$ while computing on tile $j$,
@@ -1632,7 +1632,7 @@ def _launch(kernel_name, kernel, grid, args, meta, device, dtype):
 #| export attention.triton
 def _check_inputs(q, k, v, causal, scale, window):
     """Raise TypeError / ValueError / RuntimeError naming the argument, what was expected and what came."""
-    check_attention_args("flash_attention", q, k, v, causal, window)  # shapes, dtypes, GQA, window (section 2)
+    check_attention_args("flash_attention", q, k, v, causal, window)  # shapes, dtypes, GQA, window (section 1.2)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"flash_attention: q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
     if not q.device == k.device == v.device:
@@ -1746,7 +1746,7 @@ def flash_attention(q, k, v, causal=True, scale=None, window=None):
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window)
 
 # %% [markdown]
-# ### 5.8 Checks
+# ### 1.5.8 Checks
 #
 # The op against `attention_ref` — forward and the three gradients — on shapes chosen to catch the usual
 # mistakes: lengths that are not multiples of the tile, a head dim of 80 (padded to 128), $D_v \ne D_k$, GQA and
@@ -1796,14 +1796,14 @@ except ValueError as e:
     print("ValueError:", e)
 
 # %% [markdown]
-# On the H200 (section 7 plots the committed numbers), the kernels run causal attention at B = 2, H = 16,
+# On the H200 (section 1.7 plots the committed numbers), the kernels run causal attention at B = 2, H = 16,
 # D = 128, T = 8192 in bf16 at about 0.83 times SDPA's forward throughput and 0.73 times its forward + backward
 # throughput; SDPA dispatches to cuDNN/FlashAttention kernels written in CUDA for Hopper. Most of the backward gap
 # is the recomputation above: the dQ kernel repeats two of the five products. With a 1024-token window our kernels
 # match `flex_attention` in the forward pass and reach about 0.88 of it forward + backward.
 
 # %% [markdown]
-# ## 6. Layer
+# ## 1.6 Layer
 #
 # The `Attention` module puts the pieces together the way current open models do. For input $x \in
 # \mathbb{R}^{T \times d}$:
@@ -1831,7 +1831,7 @@ except ValueError as e:
 #   checkpoint's `q_proj.weight` loads as it is;
 # - the **KV cache**: `forward(x, cache)` rotates the new keys at positions `len(cache) …`, appends them and
 #   attends bottom-right aligned;
-# - `backend="flash"` swaps `attention_ref` for section 5's kernels.
+# - `backend="flash"` swaps `attention_ref` for section 1.5's kernels.
 #
 # Parameter names follow transformers (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`), and
 # `Attention.from_hf(module)` builds the layer from a transformers attention module and copies its weights.
@@ -1841,7 +1841,7 @@ except ValueError as e:
 import torch
 import torch.nn as nn
 
-from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copy of section 2
+from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copy of section 1.2
 
 
 class RMSNorm(nn.Module):
@@ -2038,7 +2038,7 @@ else:
           f"matches transformers' Qwen3NextAttention, relative RMS error {err:.1e}")
 
 # %% [markdown]
-# When the kernels of section 5 are in the package, the same layer runs on them; the outputs must not change.
+# When the kernels of section 1.5 are in the package, the same layer runs on them; the outputs must not change.
 
 # %%
 try:
@@ -2057,7 +2057,7 @@ else:
     print(f"✓ backend='flash' equals backend='ref', relative RMS error {err:.1e}")
 
 # %% [markdown]
-# ## 7. Measure
+# ## 1.7 Measure
 #
 # On the H200 the benchmark `bench/attention.py` times `flash_attention` against PyTorch's SDPA (and
 # `flex_attention` for the window) at B = 2, H = 16, D = 128, causal, bf16, for T from 1k to 32k. Its results are
@@ -2087,7 +2087,7 @@ if results is not None:
 # the price of having no atomic adds. Second, a fixed ≈ 0.57 ms of host-side time per forward + backward call
 # (three launches plus autograd's hand-off), which dominates below T ≈ 2k: at T = 1k the backward runs at only
 # 0.36× SDPA. For the sliding window (1024 keys), the kernel matches `torch.compile`d `flex_attention` forward
-# (1.0×) and reaches ≈ 0.9× of it forward + backward, because the loop bounds of section 5.5 skip every key tile
+# (1.0×) and reaches ≈ 0.9× of it forward + backward, because the loop bounds of section 1.5.5 skip every key tile
 # outside the window.
 
 # %% [markdown]
@@ -2110,7 +2110,7 @@ else:
     print("No GPU here: nothing to time live (the plot above shows the committed H200 numbers).")
 
 # %% [markdown]
-# ## 8. Exercises
+# ## 1.8 Exercises
 #
 # Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
 # one line when your answer is right and says what differs when it is not.
@@ -2322,7 +2322,7 @@ def kv_cache_bytes_solution(layer_types, num_kv_heads, head_dim, seq_len, batch=
 check_kv_cache_bytes(kv_cache_bytes_solution)
 
 # %% [markdown]
-# ## 9. Summary
+# ## Summary
 #
 # - Softmax attention compares every query with every key it may see: $O(T^2)$ FLOPs, and $O(T^2)$ bytes if the
 #   scores are written out. The projections and the FFN are linear in $T$, so attention takes over only at long

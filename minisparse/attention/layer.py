@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copy of section 2
+from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copy of section 1.2
 
 
 class RMSNorm(nn.Module):
