@@ -109,18 +109,22 @@ def plot_results(doc: dict, *, x: str = "T", y: str = "ms", by: Iterable[str] = 
     return ax
 
 
-def plot_passes(doc: dict, *, y: str | None = None, size=(6, 3.6)):
-    """One panel per pass (fwd, fwd+bwd, …) of a results document; `y` defaults to TFLOP/s when every row has it,
-    else ms. Returns the Figure."""
+def plot_passes(doc: dict, *, y: str | None = None, size=(6, 3.6), ncols: int = 3):
+    """One panel per pass (fwd, fwd+bwd, decode at B=…, …) of a results document, `ncols` panels a row; `y` defaults
+    to TFLOP/s when every row has it, else ms. Returns the Figure."""
     import matplotlib.pyplot as plt
 
     if y is None:
         y = "tflops" if all(r.get("tflops") is not None for r in doc["rows"]) else "ms"
     passes = sorted({r.get("pass") for r in doc["rows"]}, key=str)
-    fig, axes = plt.subplots(1, len(passes), figsize=(size[0] * len(passes), size[1]), squeeze=False)
-    for ax, p in zip(axes[0], passes):
+    ncols = max(1, min(ncols, len(passes)))
+    nrows = -(-len(passes) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    for ax, p in zip(axes.flat, passes):
         plot_results(doc, y=y, passes=[p], ax=ax)
-        ax.set_ylabel({"tflops": "TFLOP/s", "ms": "median time (ms)"}.get(y, y))
+        ax.set_ylabel({"tflops": "TFLOP/s", "ms": "median time (ms)", "gbps": "GB/s"}.get(y, y))
         ax.set_title(f"{doc['name']} · {p}\n" + ax.get_title(), fontsize=9)
+    for ax in list(axes.flat)[len(passes):]:
+        ax.axis("off")
     fig.tight_layout()
     return fig

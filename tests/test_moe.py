@@ -495,8 +495,9 @@ def test_package_exports_the_api():
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
 def test_moe_layer_on_an_empty_batch(backend):
-    layer = MoE(16, 32, 8, 2, backend=backend)
-    x = torch.randn(0, 16, requires_grad=True)
+    dev = DEV if backend == "triton" else "cpu"
+    layer = MoE(16, 32, 8, 2, backend=backend).to(dev)
+    x = torch.randn(0, 16, device=dev, requires_grad=True)
     y = layer(x)
     assert y.shape == (0, 16)
     if backend == "triton":  # the sorted path keeps the (empty) graph; the naive loop returns a constant

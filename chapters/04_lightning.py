@@ -1,0 +1,1667 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 4 — Linear attention and Lightning Attention
+#
+# Softmax attention remembers everything: to produce token $t$ it reads the keys and values of all $t$ earlier
+# tokens, so its cache and its cost per token grow with the context. *Linear attention* drops the softmax and, with
+# it, that growth: the past is folded into one fixed-size matrix, the **state**, which every new token updates and
+# reads. MiniMax's *Lightning Attention* is linear attention with a per-head exponential decay, computed block by
+# block so that it runs at tensor-core speed; MiniMax-01 and MiniMax-M1 use it in seven of every eight layers.
+#
+# This chapter opens the linear-attention half of the book (chapters 5 and 6 build on it): the same computation
+# in its three forms — parallel, recurrent and chunkwise — then MiniMax's decay, Triton kernels for training and
+# for decoding, MiniMax's layer loaded from `transformers`, and what the fixed-size state costs in recall.
+#
+# What you build here, and can import afterwards:
+#
+# | name | what it is |
+# |---|---|
+# | `minimax_slopes` | MiniMax's per-head, per-layer decay rates |
+# | `naive_recurrent_lightning_attn`, `naive_chunk_lightning_attn` | the spec: the recurrence token by token, and Lightning Attention's block split, in PyTorch |
+# | `decay_matrix`, `lightning_flops`, `softmax_attention_flops`, `generation_cost` | the decay mask and the cost model |
+# | `chunk_lightning_attn` | Triton, forward and backward (autograd), any $T$, $K \ne V$, initial and final state |
+# | `fused_recurrent_lightning_attn` | Triton, for decoding a few tokens from a state (forward only) |
+# | `LightningAttention` | the layer as MiniMax builds it, `LightningAttention.from_hf` |
+#
+# ```python
+# from minisparse.lightning import chunk_lightning_attn, minimax_slopes, LightningAttention
+# ```
+#
+# Layout `[B, T, H, D]` as everywhere in the book; a state is `[B, H, K, V]` (key dimension × value dimension). On a
+# laptop CPU the chapter runs at small "reading sizes" in under two minutes, with the Triton kernels in the
+# interpreter; on a GPU the same cells use larger sizes.
+#
+# :::{admonition} Where the numbers come from
+# :class: note
+# Numbers marked **[S]** come from *the minisparse seed survey, Feb 2026* (see chapter 0). Model shapes come from
+# `transformers`' configuration classes where they hold the real shapes, and otherwise from the papers listed at
+# the end (MiniMax-01 and MiniMax-M1 for MiniMax's layers).
+# :::
+
+# %%
+# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
+                                  "or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+# %%
+import math
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minisparse import bench, runtime, viz
+from minisparse.testing import assert_close, make_bthd
+
+torch.manual_seed(0)
+DEVICE = runtime.device()
+DTYPE = runtime.default_dtype()
+
+try:  # transformers is a test dependency: the cells that compare against it skip, with a message, without it
+    import transformers
+except ImportError:
+    transformers = None
+    print("transformers is not installed: the checks against MiniMax's layer are skipped")
+try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+except ImportError:
+    naive_recurrent_simple_gla = None
+    print("fla-core is not installed: the check against fla's naive_recurrent_simple_gla is skipped")
+
+# %% [markdown]
+# ## 4.1 Why: a state that does not grow
+#
+# Causal softmax attention for one head computes, for each query $q_t$ (a row vector of size $K$),
+#
+# $$
+# o_t = \sum_{s \le t} \frac{\exp(q_t k_s^\top / \sqrt K)}{\sum_{s' \le t} \exp(q_t k_{s'}^\top/\sqrt K)}\, v_s .
+# $$
+#
+# The softmax couples $q_t$ to every key separately, so all $t$ keys and values must be kept: the **KV cache**
+# grows linearly with $T$ and the work for the whole sequence quadratically. Katharopoulos et al. (2020) observed
+# that if the similarity is a plain dot product (no exponential, no normalisation) the sum can be regrouped:
+#
+# $$
+# o_t = \sum_{s \le t} (q_t k_s^\top)\, v_s = q_t \underbrace{\sum_{s \le t} k_s^\top v_s}_{S_t \,\in\, \mathbb R^{K\times V}},
+# \qquad S_t = S_{t-1} + k_t^\top v_t .
+# $$
+#
+# Everything the past contributes is now in $S_t$, a $K \times V$ matrix whose size does not depend on $t$. The same
+# numbers can be computed three ways:
+#
+# - **parallel**: $O = (QK^\top \odot M)\,V$ with the causal mask $M$ — like attention, $O(T^2)$ work, all tokens
+#   at once (good for training, no state);
+# - **recurrent**: $S_t = S_{t-1} + k_t^\top v_t$, $o_t = q_t S_t$ — $O(T)$ work, one token at a time (good for
+#   decoding, but a sequential loop of tiny outer products that leaves tensor cores idle);
+# - **chunkwise**: cut the sequence into chunks of $C$ tokens; inside a chunk use the parallel form, across chunks
+#   carry the state — $O(T C)$ + $O(T\,KV/C \cdot C)$ work, made of matrix multiplies. This is the form every fast
+#   linear-attention kernel uses, and the one this chapter builds.
+#
+# The three below are written for one head, without decay (section 4.2 adds it), and agree to rounding:
+
+# %%
+def parallel_form(q, k, v):
+    """O = (Q Kᵀ ⊙ causal mask) V for one head: q, k [T, K], v [T, V] -> [T, V]."""
+    T = q.shape[0]
+    mask = torch.ones(T, T, dtype=q.dtype).tril()  # [T, T] s <= t
+    return (q @ k.T * mask) @ v
+
+
+def recurrent_form(q, k, v):
+    """S_t = S_{t-1} + k_tᵀ v_t, o_t = q_t S_t, one token at a time."""
+    S = torch.zeros(k.shape[1], v.shape[1], dtype=q.dtype)  # [K, V] the state
+    out = []
+    for t in range(q.shape[0]):
+        S = S + k[t, :, None] * v[t, None, :]  # outer product k_tᵀ v_t
+        out.append(q[t] @ S)  # [V]
+    return torch.stack(out)
+
+
+def chunkwise_form(q, k, v, C=16):
+    """Parallel inside chunks of C tokens, the state across them."""
+    S = torch.zeros(k.shape[1], v.shape[1], dtype=q.dtype)
+    out = []
+    for c0 in range(0, q.shape[0], C):
+        qc, kc, vc = q[c0:c0 + C], k[c0:c0 + C], v[c0:c0 + C]  # [L, K], [L, K], [L, V]
+        out.append(qc @ S + parallel_form(qc, kc, vc))  # earlier chunks through S, this chunk directly
+        S = S + kc.T @ vc  # fold the chunk into the state
+    return torch.cat(out)
+
+
+g = torch.Generator().manual_seed(0)
+q1, k1, v1 = (torch.randn(100, 16, generator=g, dtype=torch.float64) / 4 for _ in range(3))
+o_par, o_rec, o_chk = parallel_form(q1, k1, v1), recurrent_form(q1, k1, v1), chunkwise_form(q1, k1, v1)
+print(f"recurrent vs parallel: {(o_rec - o_par).abs().max():.1e}, chunkwise vs parallel: "
+      f"{(o_chk - o_par).abs().max():.1e} (max abs difference, float64, T = 100, C = 16)")
+assert torch.allclose(o_rec, o_par) and torch.allclose(o_chk, o_par)
+
+# %% [markdown]
+# Their costs, for one head with $K = V = d$ and the whole sequence of $T$ tokens (a multiply–add counts 2 FLOPs):
+#
+# | form | FLOPs | what it keeps for the next token |
+# |---|---|---|
+# | parallel | $\approx 2 T^2 d$ ($QK^\top$ and the product with $V$, causal half) | all keys and values: $2Td$ |
+# | recurrent | $4 T d^2$ (update and read the state) | the state: $d^2$ |
+# | chunkwise | $2TCd$ (intra, causal half) $+ \,4Td^2$ (inter and state updates) | the state: $d^2$ |
+#
+# The crossover is at $T \approx 2d$: beyond a few hundred tokens the linear forms win, and the gap grows with $T$.
+# What they keep does not grow at all — the plot's right panel is the cache of one layer of MiniMax-M1's shape
+# (64 heads of 128) against what its softmax layers keep.
+
+# %%
+#| export lightning.cost
+def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
+    """FLOPs of linear attention for one head over a whole sequence of T tokens (2 FLOPs a multiply-add).
+
+    form: "parallel" (masked QKᵀ then ·V, causal half), "recurrent" (update + read a K×V state per token) or
+    "chunk" (parallel inside chunks of `chunk` tokens, the state across them).
+    """
+    if form == "parallel":
+        return T * T * (d_k + d_v)  # 2 · T²/2 · (K + V)
+    if form == "recurrent":
+        return 4 * T * d_k * d_v
+    if form == "chunk":
+        return T * chunk * (d_k + d_v) + 4 * T * d_k * d_v
+    raise ValueError(f"lightning_flops: form must be 'parallel', 'recurrent' or 'chunk', got {form!r}")
+
+
+def softmax_attention_flops(T, d_qk, d_v, heads=1):
+    """FLOPs of causal softmax attention over T tokens: QKᵀ and PV on the causal half, 2 FLOPs a multiply-add."""
+    return heads * T * T * (d_qk + d_v)
+
+
+# %%
+from minisparse.lightning import lightning_flops
+
+Ts = np.logspace(6, 17, 60, base=2)
+d = 128
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+for form, color in [("parallel", "tab:red"), ("recurrent", "tab:blue"), ("chunk", "tab:green")]:
+    ax1.loglog(Ts, [lightning_flops(t, d, d, 64, form) for t in Ts], color=color, label=form,
+               ls="--" if form == "recurrent" else "-")
+ax1.set(xlabel="sequence length T", ylabel="FLOPs, one head, whole sequence",
+        title="Three forms of one computation (d = 128, C = 64)")
+ax1.legend(fontsize=8)
+ax1.grid(alpha=0.3, which="major")
+kv_bytes = 2 * 8 * 128 * 2 * Ts  # a softmax layer of M1: K and V of 8 KV heads × 128, bf16, per token
+state_bytes = 64 * 128 * 128 * 4 * np.ones_like(Ts)  # a lightning layer of M1: 64 heads × 128 × 128 fp32 state
+ax2.loglog(Ts, kv_bytes / 2**20, color="tab:red", label="softmax layer: KV cache (GQA, 8 KV heads)")
+ax2.loglog(Ts, state_bytes / 2**20, color="tab:green", label="lightning layer: state (64 heads, fp32)")
+ax2.set(xlabel="tokens in context", ylabel="MiB per sequence, one layer", title="What a layer keeps while decoding")
+ax2.legend(fontsize=8)
+ax2.grid(alpha=0.3, which="major")
+fig.tight_layout()
+plt.show()
+cross = next(t for t in Ts if kv_bytes[list(Ts).index(t)] > state_bytes[0])
+print(f"the KV cache of one softmax layer outgrows a lightning layer's state after {cross:,.0f} tokens")
+
+# %% [markdown]
+# *Assumptions: MiniMax-M1's attention shape from the MiniMax-01 report (64 query heads of 128; softmax layers with
+# 8 KV heads; states kept in fp32, KV cache in bf16). FLOPs count only the attention core, not the projections.*
+#
+# Two costs remain. Softmax attention's state is exact — it can look up any earlier token — while a $K \times V$
+# matrix can only hold so much (section 4.6 measures how much). And plain linear attention, with $S_t = S_{t-1} +
+# \dots$, never forgets: old tokens weigh as much as new ones and the state's norm grows without bound. The fix is
+# a **decay**.
+
+# %% [markdown]
+# ## 4.2 Decay: MiniMax's slopes
+#
+# Lightning Attention multiplies the state by a constant $\lambda_h = e^{-s_h} < 1$ before adding each token, with a
+# fixed rate $s_h > 0$ per head:
+#
+# $$
+# S_t = e^{-s_h}\, S_{t-1} + k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t
+# \quad\Longleftrightarrow\quad
+# o_t = \sigma \sum_{s \le t} e^{-s_h (t-s)}\, (q_t k_s^\top)\, v_s ,
+# $$
+#
+# with a scale $\sigma$ (MiniMax uses $\sigma = 1$; the book's default is $K^{-1/2}$). A token $n$ steps back weighs
+# $e^{-s_h n}$: the head's memory has a half-life of $\ln 2 / s_h$ tokens. In the book's log-space convention the
+# gate is $g = -s_h \le 0$ at every step — the same recurrence as fla's *simple GLA* with a constant gate, which is
+# how the tests check it. (fla's `lightning_attn` op is this recurrence too, but with TransNormer's rates
+# $s_h = \tfrac{8}{H}(1 - \ell/L)\,h$, not MiniMax's.)
+#
+# MiniMax's rates are ALiBi's geometric slopes (Press et al., 2022) scaled down layer by layer. For $H$ heads, head
+# $h = 0 \dots H-1$ of layer $\ell$ out of $L$:
+#
+# $$
+# s_{h,\ell} = 2^{-8(h+1)/H} \cdot \Big(1 - \frac{\ell}{L - 1 + 10^{-5}} + 10^{-5}\Big).
+# $$
+#
+# Head 0 forgets fastest ($s = 2^{-8/H}$, a half-life under a token for $H = 64$); the last head keeps a memory of
+# hundreds of tokens. Deeper layers forget more slowly, and the last layer almost not at all ($s \approx 10^{-5}$
+# times the head's rate). The two $10^{-5}$ keep the rate positive in the last layer and are part of the released
+# code; we copy them so that the buffers match bit for bit.
+
+# %%
+#| export lightning.naive
+import math
+
+import torch
+
+
+def minimax_slopes(num_heads, layer_idx, num_layers):
+    """MiniMax's decay rates s_h > 0 of one lightning layer: [num_heads] float32.
+
+    ALiBi's geometric slopes 2^(-8(h+1)/H), scaled by (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5), as
+    MiniMax's released modeling code (and transformers' MiniMaxLightningAttention) computes its `slope_rate`.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"minimax_slopes: num_heads must be a positive int, got {num_heads!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"minimax_slopes: num_layers must be a positive int, got {num_layers!r}")
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
+        raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
+                         f"got {layer_idx!r}")
+    base = 1 / (2 ** (8 / num_heads))
+    rate = base ** (torch.arange(num_heads) + 1)  # [H] float32: base^1 ... base^H
+    return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
+
+
+def decay_matrix(slope, length):
+    """The decay mask of one head: D[i, j] = exp(-slope · (i - j)) for j <= i, else 0. [length, length] float32.
+
+    The exponent is masked *before* exp, so no positive exponent is ever computed.
+    """
+    i = torch.arange(length, dtype=torch.float32)
+    diff = i[:, None] - i[None, :]  # [L, L] i - j
+    return torch.exp(torch.where(diff >= 0, -float(slope) * diff, float("-inf")))
+
+
+# %%
+from minisparse.lightning import decay_matrix, minimax_slopes
+
+H_M1, L_M1 = 64, 80  # MiniMax-01 / M1: 64 heads, 80 layers (MiniMax-01 report, Table 2)
+for layer in (0, 40, 79):
+    s = minimax_slopes(H_M1, layer, L_M1)
+    print(f"layer {layer:2d}: rates {s[0]:.3g} … {s[-1]:.2e}; half-lives {math.log(2) / s[0]:.1f} … "
+          f"{math.log(2) / s[-1]:,.0f} tokens")
+
+if transformers is not None:
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    for heads, layers, idx in [(8, 6, 0), (8, 6, 3), (8, 6, 5), (64, 80, 17), (5, 1, 0)]:
+        cfg = MiniMaxConfig(hidden_size=heads * 8, num_attention_heads=heads, head_dim=8, num_hidden_layers=layers,
+                            block_size=16)
+        hf = MiniMaxLightningAttention(cfg, idx)
+        assert torch.equal(hf.slope_rate.view(-1), minimax_slopes(heads, idx, layers)), (heads, layers, idx)
+    print("minimax_slopes == transformers' MiniMaxLightningAttention.slope_rate (bit for bit, 5 configurations)")
+
+# %% [markdown]
+# What the decay does to attention: with $q_t k_s^\top$ the raw scores, the output mixes the values with weights
+# $e^{-s_h(t-s)}\, q_t k_s^\top$. Below, for 64 random tokens, the weights of four heads of MiniMax-M1's first
+# layer, of a middle layer and of its last lightning layer (absolute value, each panel scaled to its maximum).
+# The fast heads are near-diagonal — a local window of a few tokens — and the slow ones see the whole past.
+
+# %%
+T_PIC = 64
+g = torch.Generator().manual_seed(1)
+qp, kp = torch.randn(T_PIC, 16, generator=g), torch.randn(T_PIC, 16, generator=g)
+scores = (qp @ kp.T).abs()  # [T, T] |q_t k_s|: random, the same for every panel
+pics = {}
+for layer in (0, 40, 78):
+    s = minimax_slopes(H_M1, layer, L_M1)
+    for h in (0, 8, 24, 63):
+        w = scores * decay_matrix(s[h], T_PIC)
+        pics[f"layer {layer}, head {h}: s = {s[h]:.2g}"] = w / w.max()
+fig = viz.panels(pics, ncols=4, size=2.5, cmap="magma", vmin=0, vmax=1,
+                 suptitle="Decay-weighted attention |q_t k_s| · exp(-s (t - s)) of MiniMax-M1's heads")
+plt.show()
+
+# %% [markdown]
+# Two things to notice. Within one layer the heads span scales from one token to the whole window: a
+# multi-resolution memory by construction, not by learning. And across layers the whole range slides towards long
+# memory, so that the last layers approach plain, undecayed linear attention. The decay is fixed: the rates are
+# buffers, not parameters, and nothing depends on the input. (Chapters 5 and 6 make the decay depend on the token.)
+
+# %% [markdown]
+# ## 4.3 Naive: the recurrence, and Lightning Attention's blocks
+#
+# The spec is the recurrence itself, with the book's conventions: `q, k [B, T, H, K]`, `v [B, T, H, V]` ($K \ne V$
+# allowed), `slope [H]` of positive rates, an optional `initial_state [B, H, K, V]`, and `(o, final_state)` returned,
+# `final_state` only when asked for. It accumulates in fp32 whatever the input dtype.
+
+# %%
+#| export lightning.naive
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_lightning(op, q, k, v, slope, scale, initial_state):
+    """Validate the inputs every lightning op takes; return the scale as a float."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("slope", slope)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, shape in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]")):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D {shape}, got shape {tuple(t.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, got "
+                         f"{tuple(v.shape)}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k, v must share one dtype among float32, float16, bfloat16, got q {q.dtype}, "
+                        f"k {k.dtype}, v {v.dtype}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if slope.dim() != 1 or slope.shape[0] != H:
+        raise ValueError(f"{op}: slope must be [H] = [{H}] (one decay rate a head), got shape {tuple(slope.shape)}")
+    if not slope.is_floating_point():
+        raise TypeError(f"{op}: slope must be a floating-point tensor, got {slope.dtype}")
+    if slope.device != q.device:
+        raise ValueError(f"{op}: slope must be on q's device {q.device}, got {slope.device}")
+    if not bool(torch.all(slope > 0)) or not bool(torch.isfinite(slope).all()):
+        raise ValueError(f"{op}: slope must hold finite rates > 0 (decay exp(-slope) < 1 each step), got "
+                         f"{slope.tolist()[:8]}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"{op}: initial_state must be a tensor [B, H, K, V] or None, got "
+                            f"{type(initial_state).__name__}")
+        if tuple(initial_state.shape) != (B, H, K, V):
+            raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {(B, H, K, V)}, got "
+                             f"{tuple(initial_state.shape)}")
+        if initial_state.dtype not in _DTYPES:
+            raise TypeError(f"{op}: initial_state must be float32, float16 or bfloat16, got {initial_state.dtype}")
+    if scale is None:
+        return K ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{op}: scale must be a positive number or None (K ** -0.5), got {scale!r}")
+    return float(scale)
+
+
+def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
+    """Lightning attention token by token: S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; slope [H] > 0; initial_state [B, H, K, V] or None ->
+    (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None). Accumulates in float32.
+    """
+    scale = _check_lightning("naive_recurrent_lightning_attn", q, k, v, slope, scale, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    lam = torch.exp(-slope.float())[None, :, None, None]  # [1, H, 1, 1] decay per step
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    qf, kf, vf = q.float() * scale, k.float(), v.float()
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    for t in range(T):
+        S = lam * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # [B, H, K, V] decay, then add k_tᵀ v_t
+        o[:, t] = (qf[:, t, :, :, None] * S).sum(dim=2)  # [B, H, V] q_t S_t
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+# %% [markdown]
+# Lightning Attention (Qin et al., 2024) computes the same thing in blocks of $C$ tokens so that the work becomes
+# matrix multiplies. Take the block that starts after position $t_0$, with state $S = S_{t_0}$ coming in, and number
+# its tokens $i = 0 \dots L-1$ ($L \le C$; the last block may be short). Unrolling the recurrence from $t_0$:
+#
+# $$
+# o_i = \sigma\Big(\underbrace{\lambda^{i+1}\, q_i S}_{\text{inter-block}}
+# + \underbrace{\textstyle\sum_{j \le i} \lambda^{i-j}\, (q_i k_j^\top)\, v_j}_{\text{intra-block}}\Big),
+# \qquad
+# S' = \lambda^{L} S + \textstyle\sum_{j} \lambda^{L-1-j}\, k_j^\top v_j .
+# $$
+#
+# In matrices, with $Q, K_c, V_c$ the block's rows, $D_{ij} = \lambda^{i-j}$ ($j \le i$, else 0) the decay matrix,
+# $a_i = \lambda^{i+1}$ the *query decay* and $b_j = \lambda^{L-1-j}$ the *key decay*:
+#
+# $$
+# O_c = \sigma\big(\operatorname{diag}(a)\, Q S + (Q K_c^\top \odot D)\, V_c\big), \qquad
+# S' = \lambda^{L} S + (\operatorname{diag}(b) K_c)^\top V_c .
+# $$
+#
+# The intra-block part is quadratic in $C$ only; the inter-block part is one $C \times K$ by $K \times V$ product;
+# and the state moves on by one $K \times C$ by $C \times V$ product. Every exponent is $\le 0$ — $i - j \ge 0$,
+# $i + 1 > 0$, $L - 1 - j \ge 0$ — so no factor can overflow, even for a fast head whose $\lambda^{64}$ underflows to
+# zero. (Forms that divide by $\lambda^{j}$ to factor $D$ into a product of two vectors do overflow; this one never
+# does.) MiniMax's released code and `transformers` use exactly these three factors with $C = 256$.
+
+# %%
+#| export lightning.naive
+def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False,
+                               chunk_size=64):
+    """Lightning attention by blocks: intra-block (Q Kᵀ ⊙ D) V plus inter-block diag(a) Q S, state carried across.
+
+    Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length (any T works:
+    the last block is shorter). Accumulates in float32.
+    """
+    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"naive_chunk_lightning_attn: chunk_size must be a positive int, got {chunk_size!r}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    s = slope.float()[:, None, None]  # [H, 1, 1]
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, ·]
+    o = torch.empty(B, H, T, V, dtype=torch.float32, device=q.device)
+    for c0 in range(0, T, chunk_size):
+        L = min(chunk_size, T - c0)
+        qc, kc, vc = qf[:, :, c0:c0 + L], kf[:, :, c0:c0 + L], vf[:, :, c0:c0 + L]  # [B, H, L, ·]
+        i = torch.arange(L, dtype=torch.float32, device=q.device)
+        diff = i[:, None] - i[None, :]  # [L, L]
+        D = torch.exp(torch.where(diff >= 0, -s * diff, float("-inf")))  # [H, L, L] decay matrix
+        a = torch.exp(-s * (i[:, None] + 1))  # [H, L, 1] query decay λ^(i+1)
+        b = torch.exp(-s * (L - 1 - i[:, None]))  # [H, L, 1] key decay λ^(L-1-j)
+        intra = ((qc @ kc.transpose(-1, -2)) * D) @ vc  # [B, H, L, V]
+        inter = (qc * a) @ S  # [B, H, L, V]
+        o[:, :, c0:c0 + L] = scale * (inter + intra)
+        S = torch.exp(-s * L) * S + (kc * b).transpose(-1, -2) @ vc  # [B, H, K, V] λ^L S + (diag(b) K)ᵀ V
+    return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
+
+
+# %% [markdown]
+# Both against an independent reference — fla's `naive_recurrent_simple_gla` with the gate $g = -s_h$ at every
+# step — and against each other, on a short odd length with $K \ne V$, an initial state and MiniMax's slopes:
+
+# %%
+from minisparse.lightning import naive_chunk_lightning_attn, naive_recurrent_lightning_attn
+
+B0, T0, H0, K0, V0 = 2, 77, 4, 32, 48
+q0, k0 = make_bthd(B0, T0, H0, K0, seed=1), make_bthd(B0, T0, H0, K0, seed=2)
+v0 = make_bthd(B0, T0, H0, V0, seed=3)
+h00 = torch.randn(B0, H0, K0, V0, generator=torch.Generator().manual_seed(4))
+slope0 = minimax_slopes(H0, 1, 4)
+o_rec0, s_rec0 = naive_recurrent_lightning_attn(q0, k0, v0, slope0, initial_state=h00, output_final_state=True)
+for C in (16, 64, 100):
+    o_chk0, s_chk0 = naive_chunk_lightning_attn(q0, k0, v0, slope0, initial_state=h00, output_final_state=True,
+                                                chunk_size=C)
+    assert_close(f"chunk (C={C}) vs recurrent: o", o_rec0, o_chk0, 1e-5)
+    assert_close(f"chunk (C={C}) vs recurrent: final state", s_rec0, s_chk0, 1e-5)
+if naive_recurrent_simple_gla is not None:
+    gate = (-slope0).expand(B0, T0, H0)  # [B, T, H] log decay, the same every step
+    o_fla, s_fla = naive_recurrent_simple_gla(q0, k0, v0, gate, scale=K0 ** -0.5, initial_state=h00,
+                                              output_final_state=True)
+    assert_close("recurrent vs fla naive_recurrent_simple_gla: o", o_fla, o_rec0, 1e-5)
+    assert_close("recurrent vs fla naive_recurrent_simple_gla: state", s_fla, s_rec0, 1e-5)
+    print("naive_recurrent_lightning_attn == fla's naive_recurrent_simple_gla(g = -slope)")
+print("naive_chunk_lightning_attn == naive_recurrent_lightning_attn for C = 16, 64, 100 (T = 77, K = 32, V = 48)")
+
+# %% [markdown]
+# ## 4.4 Fast: the chunkwise form in Triton
+#
+# The naive block loop already has the right shape, but it runs the blocks one after another and launches a dozen
+# small PyTorch operations for each. The Triton version splits the work by what depends on what:
+#
+# 1. **The chunk states** $S_0, S_1, \dots$ (the state *entering* each chunk) depend on each other — a scan over
+#    chunks — but each step is one small matrix product. One program per (batch, head, tile of the state) walks
+#    the chunks in order, keeping its tile of $S$ in registers in fp32, and writes each chunk's entering state to
+#    memory: `_fwd_states_kernel`.
+# 2. **The outputs** of a chunk depend only on that chunk's $Q, K, V$ and its entering state, so all chunks run in
+#    parallel: one program per (batch, head, chunk, tile of $V$) — `_fwd_output_kernel`.
+#
+# The backward pass mirrors it: a reverse scan for the state gradients, then one parallel kernel for
+# $\partial q, \partial k, \partial v$ (derived below).
+#
+# ### The state kernel, tile by tile
+#
+# ```
+#  program (b, h, K-tile ik, V-tile iv):       S tile [BK, BV] in fp32 registers, from initial_state or 0
+#  for chunk n = 0 .. NT-1:
+#      store S  →  states[b, h, n, ik-tile, iv-tile]         the state entering chunk n
+#      load  Kᵀ [BK, C] and V [C, BV] of chunk n              rows past T load as 0
+#      b_j = exp(-s (L-1-j)) for j < L, 0 beyond              key decay, exponent ≤ 0, masked before exp
+#      S ← exp(-s L) · S  +  (Kᵀ · b) @ V                     one tl.dot, fp32 accumulate
+#  store S → final_state (if asked)
+# ```
+#
+# Splitting the state into `BK × BV` tiles gives $B \cdot H \cdot (K/B_K)(V/B_V)$ independent scans — 128 for the
+# benchmark's $B = 2$, $H = 16$, $K = V = 128$ with 64 × 64 tiles — enough to keep a GPU's SMs busy while each
+# walks its chunks. Chunk states are stored in the input dtype (as fla does), which halves their traffic in bf16;
+# the running sum stays in fp32.
+
+# %%
+#| export lightning.triton
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import runtime
+from minisparse.lightning.naive import _check_lightning
+
+
+@triton.jit
+def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H, K, V, NT,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                       STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
+    """states[b, h, n] = the state entering chunk n; ht = the state after the last chunk. Grid (K/BK · V/BV, B·H)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    nv = tl.cdiv(V, BV)
+    ks = (pid // nv) * BK + tl.arange(0, BK)  # [BK] this program's rows of the state
+    vs = (pid % nv) * BV + tl.arange(0, BV)  # [BV] and columns
+    rows = tl.arange(0, C)  # [C] position in a chunk
+    s = tl.load(slope_ptr + h).to(tl.float32)
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    kv_off = ks[:, None] * V + vs[None, :]  # [BK, BV] offsets in a [K, V] state
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    k_base = k_ptr + b * T * H * K + h * K  # token t of head h at k_base + t * H * K
+    v_base = v_ptr + b * T * H * V + h * V
+    st_base = states_ptr + bh * NT * K * V
+    for n in range(NT):
+        tl.store(st_base + n * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
+        t = n * C + rows  # [C] positions of this chunk
+        L = tl.minimum(T - n * C, C)  # its length (the last chunk may be short)
+        kt = tl.load(k_base + t[None, :] * H * K + ks[:, None], mask=(t[None, :] < T) & (ks[:, None] < K),
+                     other=0.0)  # [BK, C] Kᵀ
+        vb = tl.load(v_base + t[:, None] * H * V + vs[None, :], mask=(t[:, None] < T) & (vs[None, :] < V),
+                     other=0.0)  # [C, BV]
+        key_decay = tl.exp(tl.where(rows < L, -s * (L - 1 - rows).to(tl.float32), float("-inf")))  # [C]
+        S = S * tl.exp(-s * L.to(tl.float32)) + tl.dot((kt * key_decay[None, :]).to(vb.dtype), vb,
+                                                        input_precision=PRECISION)
+    if STORE_HT:
+        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+
+
+# %% [markdown]
+# ### The output kernel, tile by tile
+#
+# ```
+#  program (b, h, chunk n, V-tile iv):               all of K in one tile (K ≤ 128, padded to a power of two)
+#      load Q, K [C, BK], V [C, BV], S_n [BK, BV]
+#      A   = Q @ Kᵀ                       [C, C]      tl.dot
+#      A  ⊙= D,  D_ij = exp(-s (i-j)) for i ≥ j       the exponent is masked to -inf above the diagonal first
+#      O   = diag(exp(-s (i+1))) · (Q @ S_n)  +  A @ V     two tl.dot, fp32 accumulate
+#      store σ · O  (rows < T, columns < V)
+# ```
+#
+# $K$ and $V$ need not be powers of two: tiles are padded to the next power of two and the padding is loaded as
+# zeros (masked loads) and never stored (masked stores), so a 48-wide head costs a 64-wide tile and gives exact
+# results. Rows past $T$ in the last chunk load as zeros too: they add nothing to $A$, to $Q S$, or to the state.
+
+# %%
+#| export lightning.triton
+@triton.jit
+def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale, T, H, K, V, NT,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """o of one chunk and one V-tile: scale · (diag(a) Q S_n + (Q Kᵀ ⊙ D) V). Grid (V/BV, NT, B·H)."""
+    iv = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    t = n * C + rows  # [C]
+    ks = tl.arange(0, BK)
+    vs = iv * BV + tl.arange(0, BV)
+    s = tl.load(slope_ptr + h).to(tl.float32)
+    tk = (t[:, None] < T) & (ks[None, :] < K)
+    tv = (t[:, None] < T) & (vs[None, :] < V)
+    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]  # [C, BK]
+    q = tl.load(q_ptr + qk_off, mask=tk, other=0.0)
+    k = tl.load(k_ptr + qk_off, mask=tk, other=0.0)
+    v = tl.load(v_ptr + (b * T * H + h) * V + t[:, None] * H * V + vs[None, :], mask=tv, other=0.0)  # [C, BV]
+    S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
+                mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV] state entering chunk n
+    diff = (rows[:, None] - rows[None, :]).to(tl.float32)  # [C, C] i - j
+    D = tl.exp(tl.where(diff >= 0, -s * diff, float("-inf")))  # decay matrix, 0 above the diagonal
+    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D  # [C, C]
+    query_decay = tl.exp(-s * (rows + 1).to(tl.float32))  # [C]
+    o = tl.dot(q, S.to(q.dtype), input_precision=PRECISION) * query_decay[:, None]
+    o = tl.dot(A.to(v.dtype), v, o, input_precision=PRECISION)
+    tl.store(o_ptr + (b * T * H + h) * V + t[:, None] * H * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
+             mask=tv)
+
+
+# %% [markdown]
+# ### The backward pass
+#
+# Differentiate the block equations. Let $\partial S'_n$ be the gradient reaching the state that *leaves* chunk $n$
+# (from all later outputs and from `final_state`). The state enters chunk $n$'s outputs through
+# $\sigma\,\operatorname{diag}(a)\,QS$ and the next state through $\lambda^L S$, so the state gradients obey a
+# **reverse** recurrence over chunks, the transpose of the forward one:
+#
+# $$
+# \partial S'_{NT-1} = \partial S_{\text{final}}, \qquad
+# \partial S'_{n-1} = \lambda^{L_n}\, \partial S'_n + \sigma\,(\operatorname{diag}(a)\, Q_n)^\top \partial O_n ,
+# $$
+#
+# and the gradient of `initial_state` is what the scan holds after chunk 0. With $\partial S'$ known for every
+# chunk, the rest is local to the chunk. Writing $A = QK^\top \odot D$ and $\partial A = \partial O\, V^\top \odot D$:
+#
+# $$
+# \begin{aligned}
+# \partial Q &= \sigma\big(\operatorname{diag}(a)\, \partial O\, S^\top + \partial A\, K\big), \\
+# \partial K &= \sigma\, \partial A^\top Q + \operatorname{diag}(b)\, V\, (\partial S')^\top, \\
+# \partial V &= \sigma\, A^\top \partial O + \operatorname{diag}(b)\, K\, \partial S' .
+# \end{aligned}
+# $$
+#
+# `_bwd_dstates_kernel` is the state kernel run backwards with $Q$ and $\partial O$ in the places of $K$ and $V$;
+# `_bwd_dqkv_kernel` takes one chunk per program, all of $K$ in one tile, and loops over $V$ in tiles, accumulating
+# $\partial O\,V^\top$, $\partial O\, S^\top$ and $V\,(\partial S')^\top$, storing each $\partial V$ tile as it goes.
+
+# %%
+#| export lightning.triton
+@triton.jit
+def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr, scale, T, H, K, V, NT,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
+                        STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+    """dstates[b, h, n] = gradient of the state leaving chunk n; dh0 = gradient of initial_state. Reverse scan."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    nv = tl.cdiv(V, BV)
+    ks = (pid // nv) * BK + tl.arange(0, BK)
+    vs = (pid % nv) * BV + tl.arange(0, BV)
+    rows = tl.arange(0, C)
+    s = tl.load(slope_ptr + h).to(tl.float32)
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    kv_off = ks[:, None] * V + vs[None, :]
+    dS = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_DHT:
+        dS = tl.load(dht_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    q_base = q_ptr + b * T * H * K + h * K
+    do_base = do_ptr + b * T * H * V + h * V
+    st_base = dstates_ptr + bh * NT * K * V
+    query_decay = tl.exp(-s * (rows + 1).to(tl.float32))  # [C]
+    for i in range(NT):
+        n = NT - 1 - i
+        tl.store(st_base + n * K * V + kv_off, dS.to(dstates_ptr.dtype.element_ty), mask=kv_mask)
+        t = n * C + rows
+        L = tl.minimum(T - n * C, C)
+        qt = tl.load(q_base + t[None, :] * H * K + ks[:, None], mask=(t[None, :] < T) & (ks[:, None] < K),
+                     other=0.0)  # [BK, C] Qᵀ
+        do = tl.load(do_base + t[:, None] * H * V + vs[None, :], mask=(t[:, None] < T) & (vs[None, :] < V),
+                     other=0.0)  # [C, BV]
+        dS = dS * tl.exp(-s * L.to(tl.float32)) + scale * tl.dot((qt * query_decay[None, :]).to(do.dtype), do,
+                                                                   input_precision=PRECISION)
+    if STORE_DH0:
+        tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates_ptr, dq_ptr, dk_ptr, dv_ptr,
+                     scale, T, H, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     NV: tl.constexpr, PRECISION: tl.constexpr):
+    """dq, dk, dv of one chunk (all of K, V in NV tiles of BV). Grid (NT, B·H)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    L = tl.minimum(T - n * C, C)
+    ks = tl.arange(0, BK)
+    s = tl.load(slope_ptr + h).to(tl.float32)
+    tk = (t[:, None] < T) & (ks[None, :] < K)
+    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]
+    q = tl.load(q_ptr + qk_off, mask=tk, other=0.0)  # [C, BK]
+    k = tl.load(k_ptr + qk_off, mask=tk, other=0.0)
+    diff = (rows[:, None] - rows[None, :]).to(tl.float32)
+    D = tl.exp(tl.where(diff >= 0, -s * diff, float("-inf")))  # [C, C]
+    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D * scale  # [C, C] σ (Q Kᵀ ⊙ D)
+    query_decay = tl.exp(-s * (rows + 1).to(tl.float32))
+    key_decay = tl.exp(tl.where(rows < L, -s * (L - 1 - rows).to(tl.float32), float("-inf")))
+    dA = tl.zeros((C, C), dtype=tl.float32)  # ∂O Vᵀ
+    dq = tl.zeros((C, BK), dtype=tl.float32)  # ∂O Sᵀ
+    dk = tl.zeros((C, BK), dtype=tl.float32)  # V ∂S'ᵀ
+    st_off = (bh * NT + n) * K * V
+    for iv in range(NV):
+        vs = iv * BV + tl.arange(0, BV)
+        tv = (t[:, None] < T) & (vs[None, :] < V)
+        tkv = (ks[:, None] < K) & (vs[None, :] < V)
+        v_off = (b * T * H + h) * V + t[:, None] * H * V + vs[None, :]
+        v = tl.load(v_ptr + v_off, mask=tv, other=0.0)  # [C, BV]
+        do = tl.load(do_ptr + v_off, mask=tv, other=0.0)
+        S = tl.load(states_ptr + st_off + ks[:, None] * V + vs[None, :], mask=tkv, other=0.0).to(q.dtype)
+        dS = tl.load(dstates_ptr + st_off + ks[:, None] * V + vs[None, :], mask=tkv, other=0.0).to(q.dtype)
+        dA = tl.dot(do, tl.trans(v), dA, input_precision=PRECISION)
+        dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
+        dk = tl.dot(v, tl.trans(dS), dk, input_precision=PRECISION)
+        dv = tl.dot(tl.trans(A).to(do.dtype), do, input_precision=PRECISION)  # σ Aᵀ ∂O
+        dv += tl.dot(k, dS, input_precision=PRECISION) * key_decay[:, None]  # + diag(b) K ∂S'
+        tl.store(dv_ptr + v_off, dv.to(dv_ptr.dtype.element_ty), mask=tv)
+    dA = (dA * D * scale).to(q.dtype)  # σ (∂O Vᵀ ⊙ D)
+    dq = dq * (query_decay * scale)[:, None]
+    dq = tl.dot(dA, k, dq, input_precision=PRECISION)
+    dk = dk * key_decay[:, None]
+    dk = tl.dot(tl.trans(dA), q, dk, input_precision=PRECISION)
+    tl.store(dq_ptr + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=tk)
+    tl.store(dk_ptr + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=tk)
+
+
+# %% [markdown]
+# ### Decoding: one program per state tile, token by token
+#
+# Generating text feeds one token at a time. A chunk kernel would pad that token to a 64-row chunk; the recurrent
+# form is the natural fit: read the state once, update it, read it out, write it back —
+#
+# ```
+#  program (b, h, V-tile iv):     S [BK, BV] fp32 from initial_state (all of K in one tile)
+#  for each of the T (few) tokens:
+#      S ← exp(-s) · S + kᵀ v       an outer product: k [BK, 1] * v [1, BV]
+#      o = σ · Σ_k q_k S[k, :]      a reduction over K, no tensor cores needed
+#  store S → final_state
+# ```
+#
+# Decoding is memory-bound: each step reads and writes the $K \times V$ state once, $2 \cdot 4KV$ bytes a head in
+# fp32, and does $4KV$ FLOPs — 1 FLOP a byte, far below any GPU's ridge. `fused_recurrent_lightning_attn` is
+# **forward only** (it raises if asked for gradients): training uses the chunk kernel.
+
+# %%
+#| export lightning.triton
+@triton.jit
+def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, K, V,
+                            BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    """The recurrence token by token for one (b, h, V-tile), the state in registers. Grid (V/BV, B·H)."""
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    ks = tl.arange(0, BK)
+    vs = iv * BV + tl.arange(0, BV)
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    kv_off = ks[:, None] * V + vs[None, :]
+    lam = tl.exp(-tl.load(slope_ptr + h).to(tl.float32))
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    for t in range(T):
+        qk_off = ((b * T + t) * H + h) * K + ks
+        v_off = ((b * T + t) * H + h) * V + vs
+        q = tl.load(q_ptr + qk_off, mask=ks < K, other=0.0).to(tl.float32)  # [BK]
+        k = tl.load(k_ptr + qk_off, mask=ks < K, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + v_off, mask=vs < V, other=0.0).to(tl.float32)  # [BV]
+        S = S * lam + k[:, None] * v[None, :]
+        o = tl.sum(S * q[:, None], axis=0) * scale  # [BV]
+        tl.store(o_ptr + v_off, o.to(o_ptr.dtype.element_ty), mask=vs < V)
+    if STORE_HT:
+        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+
+
+# %% [markdown]
+# ### Tiles, launch and autograd
+#
+# The chunk length is 64 everywhere: $C \times C$ score tiles are tensor-core sized, and the intra-chunk work
+# ($2TC(K+V)$ FLOPs) stays below the state work. `LightningTiles` holds the knobs. On Hopper and Ampere the state
+# kernels use 64 × 64 state tiles and the output kernel a 64-wide $V$ tile with all of $K$; a Colab T4 (64 KB of
+# shared memory a block) gets 32-wide $V$ tiles in the output and gradient kernels. The interpreter gets the same
+# 64-row chunks (it pays per program, so fewer, larger programs are faster there). `lightning_tiles(...)` overrides
+# the choice inside a `with` block — the tests use it to run odd tile shapes.
+
+# %%
+#| export lightning.triton
+from contextlib import contextmanager
+
+_MAX_DIM = 128  # K and V live in one on-chip tile in the output and gradient kernels
+
+
+@dataclass(frozen=True)
+class LightningTiles:
+    """Tile sizes of the lightning kernels: chunk C rows; state tiles block_k × block_v; the V tile of the output
+    and gradient kernels; warps and pipeline stages."""
+
+    chunk: int = 64
+    block_k: int = 64
+    block_v: int = 64
+    block_v_out: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+_OVERRIDE: list = []
+
+
+@contextmanager
+def lightning_tiles(tiles):
+    """Force `tiles` (a LightningTiles) inside a `with` block."""
+    _OVERRIDE.append(tiles)
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
+def _tiles(device, dtype):
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
+    if device.type != "cuda":
+        return LightningTiles()
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return LightningTiles(64, 64, 64, 64, 4, 2)
+    if major >= 8:
+        return LightningTiles(64, 64, 64, 64, 4, 2)
+    return LightningTiles(64, 64, 32, 32, 4, 1)  # T4: 64 KB of shared memory a block
+
+
+def _pow2(n, low=16):
+    return max(low, triton.next_power_of_2(n))
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact (no TF32 rounding); ignored for 16-bit
+
+
+def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state):
+    scale = _check_lightning(op, q, k, v, slope, scale, initial_state)
+    runtime.check_triton_device(op, q, k, v, slope, *([initial_state] if initial_state is not None else []))
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
+                        "use float32 on CPU, bfloat16 on a GPU")
+    K, V = q.shape[-1], v.shape[-1]
+    if K > _MAX_DIM or V > _MAX_DIM:
+        raise ValueError(f"{op}: head dimensions K and V must be <= {_MAX_DIM} (one on-chip tile), got K = {K}, "
+                         f"V = {V}")
+    return scale
+
+
+def _forward(q, k, v, slope, scale, h0, output_final_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    tiles = _tiles(q.device, q.dtype)
+    C = tiles.chunk
+    NT = triton.cdiv(T, C)
+    prec = _precision(q.dtype)
+    bk, bv = min(tiles.block_k, _pow2(K)), min(tiles.block_v, _pow2(V))
+    states = torch.empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    _fwd_states_kernel[(triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H)](
+        k, v, slope, h0 if h0 is not None else k, states, ht if ht is not None else states, T, H, K, V, NT,
+        C=C, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    bvo = min(tiles.block_v_out, _pow2(V))
+    _fwd_output_kernel[(triton.cdiv(V, bvo), NT, B * H)](
+        q, k, v, slope, states, o, scale, T, H, K, V, NT, C=C, BK=_pow2(K), BV=bvo, PRECISION=prec,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return o, ht, states
+
+
+class _ChunkLightning(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slope, scale, h0, output_final_state):
+        o, ht, states = _forward(q, k, v, slope, scale, h0, output_final_state)
+        ctx.save_for_backward(q, k, v, slope, h0, states)
+        ctx.scale = scale
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, slope, h0, states = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        tiles = _tiles(q.device, q.dtype)
+        C = tiles.chunk
+        NT = states.shape[2]
+        prec = _precision(q.dtype)
+        do = do.to(q.dtype).contiguous()
+        bk, bv = min(tiles.block_k, _pow2(K)), min(tiles.block_v, _pow2(V))
+        dstates = torch.empty_like(states)
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
+        if dht is not None:
+            dht = dht.float().contiguous()
+        _bwd_dstates_kernel[(triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H)](
+            q, do, slope, dht if dht is not None else do, dstates, dh0 if dh0 is not None else dstates, ctx.scale,
+            T, H, K, V, NT, C=C, BK=bk, BV=bv, HAS_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=prec,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bvo = min(tiles.block_v_out, _pow2(V))
+        _bwd_dqkv_kernel[(NT, B * H)](
+            q, k, v, do, slope, states, dstates, dq, dk, dv, ctx.scale, T, H, K, V, NT, C=C, BK=_pow2(K), BV=bvo,
+            NV=triton.cdiv(V, bvo), PRECISION=prec, num_warps=8 if q.is_cuda and K > 64 else tiles.num_warps,
+            num_stages=tiles.num_stages)  # 8 warps: two [C, K] fp32 accumulators live through the V loop
+        return dq, dk, dv, None, None, (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None
+
+
+def chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
+    """Lightning attention in Triton, chunkwise (C = 64), differentiable in q, k, v and initial_state.
+
+    q, k [B, T, H, K]; v [B, T, H, V] (K, V <= 128, any size); slope [H] > 0 (fixed rates: no gradient);
+    initial_state [B, H, K, V] or None -> (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
+    S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t, scale defaulting to K ** -0.5.
+    """
+    scale = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    slope = slope.detach().float().contiguous()
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    return _ChunkLightning.apply(q, k, v, slope, scale, h0, bool(output_final_state))
+
+
+def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
+    """Lightning attention token by token in Triton, for decoding a few tokens from a state. Forward only.
+
+    Same arguments and result as chunk_lightning_attn. Cost grows with T sequentially: use it for T = 1 (or a
+    handful of tokens); use chunk_lightning_attn for prompts and training. Raises if gradients are required.
+    """
+    scale = _check_kernel_inputs("fused_recurrent_lightning_attn", q, k, v, slope, scale, initial_state)
+    tracked = [t for t in (q, k, v, initial_state) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        raise RuntimeError("fused_recurrent_lightning_attn is forward only: call it under torch.no_grad() (decoding) "
+                           "or use chunk_lightning_attn, which has a backward pass")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    bv = min(32, _pow2(V))
+    _fused_recurrent_kernel[(triton.cdiv(V, bv), B * H)](
+        q, k, v, slope.float().contiguous(), h0 if h0 is not None else q, o, ht if ht is not None else o, scale,
+        T, H, K, V, BK=_pow2(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None)
+    return o, ht
+
+
+# %% [markdown]
+# ### Check it against the spec
+#
+# Forward, final state and the gradients of $q, k, v$ and the initial state, against `naive_recurrent_lightning_attn`
+# (autograd through the token loop), at a length that is not a multiple of the chunk and with $K \ne V$, neither a
+# power of two. On a CPU this runs in the interpreter in fp32; on a GPU in bf16 (fp16 on a T4) against an fp32
+# reference computed from the same rounded inputs.
+
+# %%
+from minisparse.lightning import chunk_lightning_attn, fused_recurrent_lightning_attn
+
+Bc, Tc, Hc, Kc, Vc = 2, runtime.reading_size(cpu=100, gpu=1000), 4, 48, 40
+fwd_tol, grad_tol = (1e-4, 1e-4) if DTYPE == torch.float32 else (5e-3, 8e-3)
+qc, kc = (make_bthd(Bc, Tc, Hc, Kc, seed=s, device=DEVICE, dtype=DTYPE) / 3 for s in (10, 11))
+vc = make_bthd(Bc, Tc, Hc, Vc, seed=12, device=DEVICE, dtype=DTYPE)
+h0c = (0.1 * torch.randn(Bc, Hc, Kc, Vc, device=DEVICE)).to(DTYPE)
+slope_c = torch.tensor([1e-4, 0.05, 0.5, 8.0], device=DEVICE)  # from no decay at all to e^-8 a step
+leaves = [x.detach().clone().requires_grad_() for x in (qc, kc, vc, h0c)]
+o_k, s_k = chunk_lightning_attn(*leaves[:3], slope_c, initial_state=leaves[3], output_final_state=True)
+do_c, ds_c = torch.randn_like(o_k), torch.randn_like(s_k)
+t0 = time.perf_counter()
+torch.autograd.backward((o_k, s_k), (do_c, ds_c))
+ref_leaves = [x.detach().double().requires_grad_() for x in (qc, kc, vc, h0c)]
+o_r, s_r = naive_recurrent_lightning_attn(*[x.float() for x in ref_leaves[:3]], slope_c,
+                                          initial_state=ref_leaves[3].float(), output_final_state=True)
+torch.autograd.backward((o_r, s_r), (do_c.float(), ds_c.float()))
+for name, out, ref, tol in [("o", o_k, o_r, fwd_tol), ("final_state", s_k, s_r, fwd_tol)] + [
+        (f"d{n}", a.grad, r.grad, grad_tol) for n, a, r in zip(["q", "k", "v", "initial_state"], leaves, ref_leaves)]:
+    err = assert_close(f"chunk_lightning_attn {name}", ref, out, tol)
+    print(f"{name:14s} relative RMS error {err:.1e}")
+
+with torch.no_grad():  # decoding: one token from the final state equals the next step of the recurrence
+    q1_, k1_, v1_ = (x[:, :1] for x in (qc, kc, vc))
+    o_dec, s_dec = fused_recurrent_lightning_attn(q1_, k1_, v1_, slope_c, initial_state=s_k.detach(),
+                                                  output_final_state=True)
+    o_dr, s_dr = naive_recurrent_lightning_attn(q1_, k1_, v1_, slope_c, initial_state=s_k.detach(),
+                                                output_final_state=True)
+    assert_close("fused_recurrent o", o_dr, o_dec, fwd_tol)
+    assert_close("fused_recurrent state", s_dr, s_dec, fwd_tol)
+print(f"chunk_lightning_attn forward + backward and fused_recurrent_lightning_attn match the recurrence "
+      f"(T = {Tc}, K = {Kc}, V = {Vc}, {str(DTYPE).replace('torch.', '')})")
+
+# %% [markdown]
+# ## 4.5 The layer, as MiniMax builds it
+#
+# A MiniMax lightning layer (MiniMax-01 report, §2.2; `transformers`' `MiniMaxLightningAttention`) wraps the
+# recurrence in four pieces:
+#
+# 1. one projection `qkv_proj` to $3 H d$ features, laid out head by head (`[q | k | v]` of head 0, then head 1, …),
+#    and a **SiLU** on all of them — keys and queries become mostly non-negative features, which keeps
+#    $q_t k_s^\top$ from cancelling;
+# 2. the recurrence with MiniMax's slopes and **no scaling** ($\sigma = 1$), in blocks of 256 tokens;
+# 3. an **RMSNorm** over the concatenated heads (`norm`, width $H d$) — linear attention has no softmax
+#    denominator, so the output's magnitude is set by the norm instead (TransNormer's "NormAttention");
+# 4. a **sigmoid output gate** computed from the layer's input, `sigmoid(output_gate(x)) ⊙ …`, then `out_proj`.
+#
+# `LightningAttention` uses the same parameter names, so `from_hf` copies the weights one to one. It returns
+# `(y, state)`: pass `state` back in to continue a sequence, which is how decoding works — a prompt's final
+# state, then one token at a time.
+
+# %%
+#| export lightning.layer
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse.lightning.naive import minimax_slopes, naive_chunk_lightning_attn
+from minisparse.lightning.triton import chunk_lightning_attn, fused_recurrent_lightning_attn
+from minisparse import runtime
+
+
+class LightningAttention(nn.Module):
+    """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1) -> RMSNorm ->
+    sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers' MiniMaxLightningAttention.
+
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
+    final state [B, H, d, d] float32 when use_cache or a state was given, else None).
+    backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state without
+    gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto" (the default: Triton
+    for CUDA tensors or under the interpreter, else naive — so the layer also runs on a GPU machine's CPU).
+    """
+
+    def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256, eps=1e-6,
+                 backend="auto"):
+        super().__init__()
+        if backend not in ("auto", "triton", "naive"):
+            raise ValueError(f"LightningAttention: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.layer_idx, self.num_layers, self.block_size = layer_idx, num_layers, block_size
+        self.backend = backend
+        self.qkv_proj = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
+        self.output_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.norm = nn.RMSNorm(num_heads * head_dim, eps=eps)
+        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))  # [H], not trained
+
+    @classmethod
+    def from_hf(cls, module, backend="auto"):
+        """Copy transformers' MiniMaxLightningAttention (weights, slopes, block size) into a LightningAttention."""
+        H, d = module.num_attention_heads, module.head_dim
+        layer = cls(module.qkv_proj.in_features, H, d, module.layer_idx, module.num_hidden_layers,
+                    block_size=module.block_size, eps=module.norm.variance_epsilon, backend=backend)
+        w = module.qkv_proj.weight
+        layer = layer.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for name in ("qkv_proj", "output_gate", "out_proj", "norm"):
+                getattr(layer, name).weight.copy_(getattr(module, name).weight)
+            layer.slope_rate.copy_(module.slope_rate.reshape(-1))
+        return layer
+
+    def _attend(self, q, k, v, state, use_cache):
+        slope = self.slope_rate.float()
+        want_state = use_cache or state is not None
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if q.is_cuda or runtime.interpreting() else "naive"
+        if backend == "naive":
+            return naive_chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state, chunk_size=self.block_size)
+        if backend != "triton":
+            raise ValueError(f"LightningAttention: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
+            return fused_recurrent_lightning_attn(q, k, v, slope, 1.0, state, want_state)
+        return chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"LightningAttention: hidden_states must be [B, T, hidden_size = {self.hidden_size}], "
+                             f"got shape {tuple(hidden_states.shape)}")
+        B, T, _ = hidden_states.shape
+        H, d = self.num_heads, self.head_dim
+        qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
+        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens add nothing to the state
+            qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
+        q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
+        o, new_state = self._attend(q, k, v, state, use_cache)
+        o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
+        o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
+        return self.out_proj(o), new_state
+
+
+# %% [markdown]
+# Against `transformers`: a tiny MiniMax configuration, random weights, the same input; then decoding — a prompt
+# through the layer with a cache, then tokens one at a time from the cached state — must equal running the whole
+# sequence at once. `transformers` takes its state through a `MiniMaxCache` (its `linear_cache` per layer), which
+# we read back to compare states too.
+
+# %%
+from minisparse.lightning import LightningAttention
+
+if transformers is not None:
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    cfg = MiniMaxConfig(hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=4, block_size=32)
+    torch.manual_seed(0)
+    hf_layer = MiniMaxLightningAttention(cfg, layer_idx=1).eval()
+    for p in hf_layer.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    ours = LightningAttention.from_hf(hf_layer).eval()
+    x_l = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y_hf, _ = hf_layer(x_l, position_embeddings=None, attention_mask=None)
+        y_ours, _ = ours(x_l)
+        assert_close("LightningAttention vs MiniMaxLightningAttention", y_hf, y_ours, 1e-5)
+        cache = MiniMaxCache()  # prefill 50 tokens, then decode 20 one at a time
+        outs_hf = [hf_layer(x_l[:, :50], None, None, past_key_values=cache)[0]]
+        outs_hf += [hf_layer(x_l[:, t:t + 1], None, None, past_key_values=cache)[0] for t in range(50, 70)]
+        y_p, st = ours(x_l[:, :50], use_cache=True)
+        outs = [y_p]
+        for t in range(50, 70):
+            y_t, st = ours(x_l[:, t:t + 1], state=st)
+            outs.append(y_t)
+        assert_close("decode (transformers' cache) vs full", y_hf, torch.cat(outs_hf, 1), 1e-5)
+        assert_close("decode (our state) vs full", y_hf, torch.cat(outs, 1), 1e-5)
+        assert_close("our state vs transformers' linear cache", cache.get_linear_cache(1), st, 1e-5)
+    print("LightningAttention.from_hf == transformers' MiniMaxLightningAttention; prefill + 20 decode steps == "
+          "the full sequence, and the states agree")
+
+# %% [markdown]
+# ## 4.6 Hybrids and the controversy
+#
+# ### MiniMax-M1: seven lightning layers, then one softmax layer
+#
+# A model of only lightning layers would have a constant cost per generated token — and, as the last experiment of
+# this section shows, a memory that cannot look up an arbitrary earlier token exactly. MiniMax-01 and MiniMax-M1
+# therefore keep one softmax-attention layer (GQA, 8 KV heads) after every seven lightning layers: 70 lightning and
+# 10 softmax layers out of 80 [S]. The softmax layers keep a growing KV cache and a cost per token that grows with
+# the context, but only an eighth as much as an all-softmax stack of the same shape.
+#
+# The M1 report (MiniMax, 2025, Fig. 1 and §1) states the consequence for long reasoning traces: generating 100K
+# tokens costs M1 about **25 %** of DeepSeek-R1's FLOPs (and under 50 % at 64K). The cost model below reproduces
+# the order of that number from the two architectures' shapes. Per generated token at context length $t$ it counts:
+#
+# - $2 N_{\text{active}}$ FLOPs for everything that does not depend on $t$ (projections, experts, embeddings);
+# - $2 H t (d_{qk} + d_v)$ per softmax layer (scores over $t$ keys, then the weighted sum of $t$ values);
+# - $4 H d_k d_v$ per lightning layer (update and read the state), whatever $t$ is.
+#
+# Memory: the KV cache of the softmax layers grows with $t$; the lightning states do not.
+
+# %%
+#| export lightning.cost
+import numpy as np
+
+# Shapes: MiniMax-M1 from the MiniMax-01 / M1 reports (80 layers, 1 softmax in 8, 64 heads × 128, GQA with 8 KV
+# heads, 45.9B active); DeepSeek-R1 = DeepSeek-V3's architecture (61 MLA layers, 128 heads, q·k over 128 + 64
+# dims, v 128, a 512 + 64 latent cached per token, 37B active).
+MINIMAX_M1 = dict(name="MiniMax-M1", active_params=45.9e9, softmax_layers=10, heads=64, d_qk=128, d_v=128,
+                  kv_bytes_per_token=10 * 2 * 8 * 128 * 2, linear_layers=70, linear_heads=64, d_k=128, d_v_lin=128,
+                  state_bytes=70 * 64 * 128 * 128 * 4)
+DEEPSEEK_R1 = dict(name="DeepSeek-R1", active_params=37e9, softmax_layers=61, heads=128, d_qk=192, d_v=128,
+                   kv_bytes_per_token=61 * (512 + 64) * 2, linear_layers=0, linear_heads=0, d_k=0, d_v_lin=0,
+                   state_bytes=0)
+
+
+def generation_cost(spec, n_tokens, prompt=0):
+    """FLOPs to generate n_tokens after a prompt (summed over the generated tokens), and the cache at the end.
+
+    spec: a dict like MINIMAX_M1. Returns (flops, cache_bytes) as float arrays shaped like n_tokens. Counts
+    2 · active parameters a token, 2 · heads · t · (d_qk + d_v) a softmax layer at context t, and
+    4 · heads · d_k · d_v a lightning layer; the prompt's own processing is not included.
+    """
+    n = np.asarray(n_tokens, dtype=float)
+    ctx_sum = n * prompt + n * (n + 1) / 2  # Σ_{t = prompt+1}^{prompt+n} t
+    s = spec
+    flops = (2 * s["active_params"] * n
+             + s["softmax_layers"] * 2 * s["heads"] * (s["d_qk"] + s["d_v"]) * ctx_sum
+             + s["linear_layers"] * 4 * s["linear_heads"] * s["d_k"] * s["d_v_lin"] * n)
+    cache = s["kv_bytes_per_token"] * (n + prompt) + s["state_bytes"]
+    return flops, cache
+
+
+# %%
+from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1, generation_cost
+
+N_gen = np.logspace(3, np.log10(200_000), 80)
+f_m1, c_m1 = generation_cost(MINIMAX_M1, N_gen)
+f_r1, c_r1 = generation_cost(DEEPSEEK_R1, N_gen)
+absorbed = dict(DEEPSEEK_R1, d_qk=576, d_v=512)  # R1's decoding kernels work on the 576/512-wide latent
+f_r1a, _ = generation_cost(absorbed, N_gen)
+fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 3.8))
+ax1.loglog(N_gen, f_r1, color="tab:red", label="DeepSeek-R1 (61 MLA layers)")
+ax1.loglog(N_gen, f_m1, color="tab:green", label="MiniMax-M1 (70 lightning + 10 softmax)")
+ax1.set(xlabel="generated tokens", ylabel="FLOPs to generate them", title="Generation cost")
+ratio = f_m1 / f_r1
+ax2.semilogx(N_gen, 100 * ratio, color="tab:green", label="MLA counted as 128 heads × (192 + 128)")
+ax2.semilogx(N_gen, 100 * f_m1 / f_r1a, color="tab:green", ls=":", label="MLA in its absorbed form (576 + 512)")
+for n_claim, pct in [(64_000, 50), (100_000, 25)]:
+    ax2.scatter([n_claim], [pct], color="black", zorder=3, marker="x")
+ax2.annotate("M1 report: < 50 % at 64K,\n≈ 25 % at 100K", (100_000, 25), xytext=(2e3, 20), fontsize=7,
+             arrowprops=dict(arrowstyle="->", lw=0.6))
+ax2.set(xlabel="generated tokens", ylabel="M1 FLOPs / R1 FLOPs (%)", title="M1 relative to R1", ylim=(0, 130))
+ax3.loglog(N_gen, c_r1 / 2**30, color="tab:red", label="R1: MLA latent cache")
+ax3.loglog(N_gen, c_m1 / 2**30, color="tab:green", label="M1: KV cache (10 layers) + states (70 layers)")
+ax3.set(xlabel="tokens in context", ylabel="GiB per sequence", title="What decoding keeps")
+for ax in (ax1, ax2, ax3):
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="major")
+fig.tight_layout()
+plt.show()
+at = {n: generation_cost(MINIMAX_M1, n)[0] / generation_cost(DEEPSEEK_R1, n)[0] for n in (64_000, 100_000)}
+at_abs = generation_cost(MINIMAX_M1, 100_000)[0] / generation_cost(absorbed, 100_000)[0]
+print(f"M1 / R1 FLOPs: {at[64_000]:.0%} at 64K, {at[100_000]:.0%} at 100K generated tokens "
+      f"({at_abs:.0%} with R1's attention counted in its absorbed form); the report says < 50 % and ≈ 25 %")
+assert at[64_000] < 0.5 and 0.2 < at[100_000] < 0.4 and at_abs < at[100_000]
+
+# %% [markdown]
+# *Assumptions: no prompt (it adds the same KV-cache reads to both but favours M1 further); every layer's
+# attention counted on the causal context only; bf16 caches, fp32 lightning states; active parameter counts from
+# the papers ([S] agrees); MoE routing overheads, memory traffic and kernel efficiency ignored — this is a count of
+# arithmetic, as the report's figure is.* How DeepSeek's MLA is counted matters: as 128 ordinary heads with
+# 192-wide scores, M1 spends about a third of R1's FLOPs at 100K; counted in the absorbed form R1's decoding
+# kernels actually run, about an eighth. The report's 25 % lies between the two. Either way the ratio keeps
+# falling with length — at 100K tokens R1's attention is already most of its work, while M1's is a tenth of the
+# layers.
+#
+# ### M2 goes back to full attention — and M2.5?
+#
+# Cheap long generation was M1's selling point. Its successor MiniMax-M2 (Oct 2025) nonetheless uses softmax
+# attention in **every** layer: the survey reports the team citing accuracy problems of the hybrid in reasoning
+# and multi-turn tasks, which their cost advantage did not outweigh [S]. The survey then says MiniMax-M2.5
+# reintroduced lightning attention [S]. Chapter 0 checked that claim against the released checkpoint and could not
+# confirm it: M2.5 ships with M2's architecture (`model_type` `minimax_m2`), which `transformers` implements with
+# softmax (GQA) attention in every layer. Treat the reintroduction as the survey's claim, unconfirmed by the
+# weights as released; the lightning layer of this chapter is MiniMax-01/M1's.
+#
+# ### What a fixed-size state cannot recall
+#
+# The accuracy worry has a simple mechanical core. Store $N$ key–value pairs and ask for the value of one key.
+# Softmax attention keeps every pair and picks the matching key out of all of them. A linear state folds them into
+# $S = \sum_i k_i^\top v_i$, and reading it with $k_j$ gives $v_j \lVert k_j\rVert^2 + \sum_{i \ne j} (k_j k_i^\top)\, v_i$:
+# the wanted value plus crosstalk from every other pair. For random keys in $d$ dimensions the crosstalk grows like
+# $\sqrt{N/d}$, so a $d \times d$ state recalls reliably only about $d$ pairs — whatever the sequence length.
+#
+# The experiment: random unit keys and values in $d = 32$ dimensions; $N$ pairs written into (a) the state of
+# `naive_recurrent_lightning_attn` with almost no decay, (b) the same with a MiniMax slope from a middle layer,
+# (c) softmax attention over the stored pairs with an inverse temperature of 8 (both see the same keys, of the same
+# head size); then each key is queried and the answer counts as correct when the closest stored value is the right
+# one.
+
+# %%
+def recall_accuracy(n_pairs, d=32, slope=1e-6, memory="linear", seed=0, beta=8.0):
+    """Fraction of N stored key-value pairs whose value is recalled from its key (nearest stored value)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(n_pairs, d, generator=g), dim=-1)  # [N, d] unit vectors
+    vals = F.normalize(torch.randn(n_pairs, d, generator=g), dim=-1)
+    if memory == "linear":
+        _, S = naive_recurrent_lightning_attn(keys[None, :, None], keys[None, :, None], vals[None, :, None],
+                                              torch.tensor([slope]), scale=1.0, output_final_state=True)
+        answers = keys @ S[0, 0]  # [N, d] read the state with every key
+    else:
+        answers = torch.softmax(beta * keys @ keys.T, dim=-1) @ vals  # [N, d] attend over all stored pairs
+    return (answers @ vals.T).argmax(-1).eq(torch.arange(n_pairs)).float().mean().item()
+
+
+pairs = [4, 8, 16, 32, 64, 128, 256, 512]
+mid_slope = float(minimax_slopes(64, 40, 80)[40])  # a middle head of a middle layer of M1: half-life ≈ 50 tokens
+curves = {"softmax attention (cache grows: 2·N·d numbers)": [recall_accuracy(n, memory="softmax") for n in pairs],
+          "linear state, no decay (d·d = 1024 numbers)": [recall_accuracy(n) for n in pairs],
+          f"linear state, MiniMax decay s = {mid_slope:.3f}": [recall_accuracy(n, slope=mid_slope) for n in pairs]}
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+for (label, acc), color in zip(curves.items(), ["tab:red", "tab:green", "tab:olive"]):
+    ax.semilogx(pairs, acc, marker="o", color=color, label=label, base=2)
+ax.axvline(32, color="grey", ls=":", lw=1)
+ax.text(34, 0.05, "N = d", color="grey", fontsize=8)
+ax.set(xlabel="stored key-value pairs N", ylabel="recalled correctly", ylim=(0, 1.05),
+       title="Associative recall, head size d = 32")
+ax.legend(fontsize=7)
+ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+for label, acc in curves.items():
+    print(f"{label:48s} " + " ".join(f"{a:4.2f}" for a in acc))
+lin, soft = curves["linear state, no decay (d·d = 1024 numbers)"], curves[
+    "softmax attention (cache grows: 2·N·d numbers)"]
+assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] == 1.0
+
+# %% [markdown]
+# Softmax attention recalls nearly every pair up to hundreds of them; the linear state is perfect for a few pairs,
+# then loses them once $N$ passes $d$, and the decayed state also forgets the oldest pairs first, whatever their
+# number. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
+# softmax layers to do the exact look-ups — the layers M2 decided to keep everywhere. Chapters 5 and 6 improve the
+# state itself: the delta rule *overwrites* a key's old value instead of adding to it, which raises the recall of
+# a $d \times d$ state considerably.
+
+# %% [markdown]
+# ## 4.7 See it
+#
+# ### The state over time
+#
+# With decay, the state's norm stops growing: each step multiplies the old state by $\lambda$ and adds one outer
+# product, so for inputs of steady size it settles near $\lVert k^\top v\rVert / \sqrt{1 - \lambda^2}$ (random
+# directions add in quadrature). Fast heads settle within a few tokens at a small norm; slow heads take
+# $\sim 1/s$ tokens and settle high; without decay the norm grows like $\sqrt t$ forever.
+
+# %%
+T_S, d_s = 1024, 16
+g = torch.Generator().manual_seed(2)
+ks_, vs_ = F.normalize(torch.randn(T_S, d_s, generator=g), dim=-1), F.normalize(torch.randn(T_S, d_s, generator=g),
+                                                                               dim=-1)
+heads_s = {f"M1 layer 0, head {h} (s = {minimax_slopes(64, 0, 80)[h]:.3g})": float(minimax_slopes(64, 0, 80)[h])
+           for h in (0, 16, 32, 63)}
+heads_s["no decay (s = 1e-9)"] = 1e-9
+fig, ax = plt.subplots(figsize=(7, 3.6))
+for label, s in heads_s.items():
+    S = torch.zeros(d_s, d_s)
+    norms = []
+    lam = math.exp(-s)
+    for t in range(T_S):
+        S = lam * S + ks_[t, :, None] * vs_[t, None, :]
+        norms.append(S.norm().item())
+    ax.loglog(np.arange(1, T_S + 1), norms, label=label)
+    if s > 1e-6:
+        ax.axhline(1 / math.sqrt(1 - lam ** 2), color="grey", lw=0.5, ls=":")
+ax.set(xlabel="token t", ylabel="‖S_t‖ (Frobenius)", title="State norm: decay caps it (dotted: 1/√(1-λ²))")
+ax.legend(fontsize=7)
+ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### The decay matrix, and where the chunks cut it
+#
+# The explorer draws the full $T \times T$ decay-weighted mask $\lambda^{t-s}$ for 128 tokens and marks the
+# chunks. The blocks on the diagonal are the intra-chunk part — computed directly as $(QK^\top \odot D)V$; everything
+# below them reaches the output through the chunk states, with the query decay $\lambda^{i+1}$ on the left and
+# the key decay $\lambda^{L-1-j}$ on the right of each off-diagonal block. Slide the decay rate and the chunk size:
+# a fast head leaves almost nothing below the diagonal blocks (its state carries little), a slow head almost
+# everything.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def draw_decay(log10_slope=-1.5, chunk=32):
+    s = 10 ** log10_slope
+    T_e = 128
+    D_full = decay_matrix(s, T_e)  # [T, T]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw=dict(width_ratios=[1, 1.2]))
+    viz.heatmap(ax1, D_full, f"λ^(t-s), s = {s:.3g} (half-life {math.log(2) / s:.3g} tokens)", cmap="magma",
+                vmin=0, vmax=1, colorbar=True)
+    for c in range(chunk, T_e, chunk):
+        ax1.axhline(c - 0.5, color="white", lw=0.6)
+        ax1.axvline(c - 0.5, color="white", lw=0.6)
+    intra = sum(D_full[c:c + chunk, c:c + chunk].sum() for c in range(0, T_e, chunk))
+    ax2.bar(["intra-chunk\n(diagonal blocks)", "inter-chunk\n(through the state)"],
+            [float(intra), float(D_full.sum() - intra)], color=["tab:blue", "tab:green"])
+    ax2.set(ylabel="total decay weight", title=f"chunk = {chunk}: who carries the attention mass")
+    fig.tight_layout()
+    plt.show()
+
+
+explorer = viz.explorer(draw_decay, log10_slope=(-4.0, 1.0, 0.25), chunk=[8, 16, 32, 64])
+
+# %% [markdown]
+# ## 4.8 Measure
+#
+# On the H200, `bench/lightning.py` times `chunk_lightning_attn` against fla's `chunk_simple_gla` with the same
+# per-head constant decay (`g_gamma = -slope`: the same recurrence and the same cost), fla's own
+# `chunk_lightning_attn` (TransNormer's rates, the same cost), and SDPA causal attention as the softmax reference:
+# $B = 2$, $H = 16$, $K = V = 128$, bf16, $T$ from 1K to 64K, forward and forward + backward. It writes
+# `bench/results/lightning.json`, which this cell plots.
+
+# %%
+try:
+    lightning_results = bench.load_results("lightning")
+except FileNotFoundError:
+    lightning_results = None
+if lightning_results is None:
+    print("H200 numbers for this chapter are pending. On a GPU machine with fla-core installed, from the repository "
+          "root, run\n    PYTHONPATH=. python bench/lightning.py --out bench/results\n"
+          "and commit bench/results/lightning.json; this cell then plots it.")
+else:
+    fig = bench.plot_passes(lightning_results, y="ms")
+    for ax in fig.axes:
+        ax.set_yscale("log")
+    plt.show()
+    print("config:", lightning_results["config"])
+
+# %% [markdown]
+# **Reading the plot** (H200, bf16, 2026-11-28). At $T = 8192$ our forward takes 0.44 ms against fla's 0.31 ms for
+# the same recurrence (`chunk_simple_gla`): 1.43× its time, so the forward misses the book's target of matching
+# fla, and it stays 1.4–2.0× behind from 2K to 64K tokens. Forward + backward is on par: 1.45 ms against 1.49 ms at
+# 8K (0.97×), 0.95–1.02× from 8K to 64K. Both are linear in $T$: at 64K our forward takes 2.7 ms where causal
+# softmax attention (SDPA) takes 57 ms.
+
+# %% [markdown]
+# On a GPU, the cell below also times the kernel at $T = 8192$ live (it prints a note on a CPU, where the
+# interpreter's timings would mean nothing).
+
+# %%
+if runtime.has_gpu() and not runtime.interpreting():
+    Bm, Tm, Hm, Dm = 2, 8192, 16, 128
+    qm, km, vm = (torch.randn(Bm, Tm, Hm, Dm, device=DEVICE, dtype=DTYPE) / 4 for _ in range(3))
+    sm = minimax_slopes(Hm, 0, 2).to(DEVICE)
+    ms = bench.median_ms(lambda: chunk_lightning_attn(qm, km, vm, sm))
+    sd = bench.median_ms(lambda: F.scaled_dot_product_attention(qm.transpose(1, 2), km.transpose(1, 2),
+                                                                vm.transpose(1, 2), is_causal=True))
+    print(f"chunk_lightning_attn fwd {ms:.3f} ms, SDPA causal fwd {sd:.3f} ms (B2 T8192 H16 D128)")
+else:
+    print("No GPU here: nothing to time live (the plot above shows the committed H200 numbers, when there are some).")
+
+# %% [markdown]
+# ## 4.9 Exercises
+#
+# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
+# one line when your answer is right and says what differs when it is not (`attempt` prints that message instead of
+# raising it, so the chapter still runs top to bottom; call the checker directly to get the exception). All three
+# work on one head: `q, k [L, K]`, `v [L, V]`, a state `S [K, V]`, a positive rate `slope` (a float).
+
+# %% tags=["hide-input"]
+#| export lightning.exercises
+import torch
+
+from minisparse.lightning.naive import decay_matrix
+from minisparse.testing import check
+
+
+def _chunk_cases():
+    g = torch.Generator().manual_seed(41)
+    cases = []
+    for L, K, V, slope in [(8, 4, 4, 0.3), (16, 8, 6, 0.05), (5, 3, 7, 2.0), (1, 4, 4, 0.5), (12, 6, 6, 1e-3)]:
+        cases.append((torch.randn(L, K, generator=g), torch.randn(L, K, generator=g), torch.randn(L, V, generator=g),
+                      torch.randn(K, V, generator=g), slope))
+    return cases
+
+
+def _decay_reference(slope, length):
+    return decay_matrix(slope, length)
+
+
+def check_decay_matrix(fn):
+    """Check fn(slope, length) -> D [length, length] with D[i, j] = exp(-slope (i - j)) for j <= i, else 0."""
+    cases = [(0.5, 4), (0.1, 16), (3.0, 7), (1e-4, 5), (20.0, 6), (0.7, 1)]
+    check("decay matrix", lambda s, n: fn(s, n).float(), _decay_reference, cases, tol=1e-6,
+          hint="i - j >= 0 on and below the diagonal: exp(-slope * (i - j)) there, 0 above it. Mask the exponent "
+               "to -inf above the diagonal before exp (exp of +slope·(j - i) overflows for fast heads)")
+
+
+def _state_update_reference(S, k, v, slope):
+    L = k.shape[0]
+    b = torch.exp(-slope * (L - 1 - torch.arange(L, dtype=torch.float32)))  # [L] key decay
+    return torch.exp(torch.tensor(-slope * L)) * S + (k * b[:, None]).T @ v
+
+
+def check_state_update(fn):
+    """Check fn(S [K, V], k [L, K], v [L, V], slope) -> the state after the chunk, [K, V]."""
+    cases = [(S, k, v, slope) for _, k, v, S, slope in _chunk_cases()]
+    check("inter-chunk state update", fn, _state_update_reference, cases, tol=1e-5,
+          hint="the old state decays by λ^L over the chunk's L steps; token j of the chunk (0-based) is followed by "
+               "L-1-j more steps, so it enters with weight λ^(L-1-j): S' = λ^L S + (diag(b) k)ᵀ v")
+
+
+def _chunk_output_reference(q, k, v, S, slope):
+    L = q.shape[0]
+    a = torch.exp(-slope * (torch.arange(L, dtype=torch.float32) + 1))  # [L] query decay
+    return (q * a[:, None]) @ S + ((q @ k.T) * decay_matrix(slope, L)) @ v
+
+
+def check_chunk_output(fn):
+    """Check fn(q [L, K], k [L, K], v [L, V], S [K, V], slope) -> the chunk's outputs [L, V] (scale 1)."""
+    check("chunkwise output", fn, _chunk_output_reference, _chunk_cases(), tol=1e-5,
+          hint="unroll S_t from the state S that enters the chunk: o_i = λ^(i+1) q_i S + Σ_{j≤i} λ^(i-j) (q_i·k_j) "
+               "v_j; in matrices diag(a) q S + (q kᵀ ⊙ D) v with a_i = λ^(i+1) (the state decays once more at "
+               "token i's own step)")
+
+
+# %% [markdown]
+# ### Exercise 1: the decay matrix
+#
+# Write `decay_matrix(slope, length)`: $D_{ij} = e^{-s(i-j)}$ for $j \le i$ and $0$ above the diagonal, as a float32
+# tensor. The checker includes $s = 20$, where a careless formula computes $e^{+20 \cdot 5}$ above the diagonal.
+
+# %%
+from minisparse.lightning.exercises import check_chunk_output, check_decay_matrix, check_state_update
+from minisparse.testing import attempt
+
+
+def my_decay_matrix(slope, length):
+    # your code here: return D [length, length]
+    raise NotImplementedError
+
+
+# %%
+attempt(check_decay_matrix, my_decay_matrix)  # prints what is wrong until the stub above is filled in
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def my_decay_matrix(slope, length):
+#     i = torch.arange(length, dtype=torch.float32)
+#     diff = i[:, None] - i[None, :]                                   # [L, L] i - j
+#     return torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))
+# ```
+# `torch.exp(-slope * diff).tril()` gives the same numbers for small rates, but for a fast head it computes
+# `exp(+100)` above the diagonal first — in fp16 that is `inf`, and `inf * 0` in a later product is NaN. Masking
+# the exponent keeps every exponent ≤ 0.
+# :::
+
+# %% tags=["hide-input"]
+def decay_matrix_solution(slope, length):
+    i = torch.arange(length, dtype=torch.float32)
+    diff = i[:, None] - i[None, :]  # [L, L] i - j
+    return torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))
+
+
+check_decay_matrix(decay_matrix_solution)
+
+
+# %% [markdown]
+# ### Exercise 2: the inter-chunk state update
+#
+# Given the state $S$ entering a chunk and the chunk's keys and values, return the state leaving it — what the
+# recurrence would give after the chunk's $L$ steps, in one matrix product.
+
+# %%
+def my_state_update(S, k, v, slope):
+    # your code here: return the state after the chunk, [K, V]
+    raise NotImplementedError
+
+
+# %%
+attempt(check_state_update, my_state_update)  # prints what is wrong until the stub above is filled in
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def my_state_update(S, k, v, slope):
+#     L = k.shape[0]
+#     b = torch.exp(-slope * (L - 1 - torch.arange(L, dtype=torch.float32)))  # [L] key decay λ^(L-1-j)
+#     return math.exp(-slope * L) * S + (k * b[:, None]).T @ v
+# ```
+# The last token of the chunk enters undecayed ($b_{L-1} = 1$), the first one decayed $L-1$ times, and the old
+# state $L$ times. A common slip is $\lambda^{L-j}$: one decay too many for every token.
+# :::
+
+# %% tags=["hide-input"]
+def state_update_solution(S, k, v, slope):
+    L = k.shape[0]
+    b = torch.exp(-slope * (L - 1 - torch.arange(L, dtype=torch.float32)))  # [L] key decay λ^(L-1-j)
+    return math.exp(-slope * L) * S + (k * b[:, None]).T @ v
+
+
+check_state_update(state_update_solution)
+
+
+# %% [markdown]
+# ### Exercise 3: derive the chunkwise form
+#
+# Unroll $S_t = \lambda S_{t-1} + k_t^\top v_t$ from the state $S$ that enters a chunk, and write the chunk's outputs
+# $o_i = q_i S_{t_0 + i}$ ($\sigma = 1$) with matrix products only: an inter-chunk term through $S$ and an
+# intra-chunk term through the decay matrix. Check your derivation against the recurrence.
+
+# %%
+def my_chunk_output(q, k, v, S, slope):
+    # your code here: return o [L, V]
+    raise NotImplementedError
+
+
+# %%
+attempt(check_chunk_output, my_chunk_output)  # prints what is wrong until the stub above is filled in
+
+# %% [markdown]
+# :::{dropdown} Solution
+# Token $i$ of the chunk sees the entering state decayed $i+1$ times (the recurrence decays before it adds), and
+# token $j \le i$ of the chunk decayed $i - j$ times:
+# $S_{t_0+i} = \lambda^{i+1} S + \sum_{j \le i} \lambda^{i-j} k_j^\top v_j$. Multiply by $q_i$ on the left:
+# ```python
+# def my_chunk_output(q, k, v, S, slope):
+#     L = q.shape[0]
+#     a = torch.exp(-slope * (torch.arange(L, dtype=torch.float32) + 1))    # [L] query decay λ^(i+1)
+#     i = torch.arange(L, dtype=torch.float32)
+#     diff = i[:, None] - i[None, :]
+#     D = torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))   # [L, L] decay matrix
+#     return (q * a[:, None]) @ S + ((q @ k.T) * D) @ v
+# ```
+# The first product is $L \times K$ by $K \times V$, the second $L \times L$: both run on tensor cores, which is
+# what the Triton output kernel of section 4.4 does tile by tile.
+# :::
+
+# %% tags=["hide-input"]
+def chunk_output_solution(q, k, v, S, slope):
+    L = q.shape[0]
+    a = torch.exp(-slope * (torch.arange(L, dtype=torch.float32) + 1))  # [L] query decay λ^(i+1)
+    return (q * a[:, None]) @ S + ((q @ k.T) * decay_matrix_solution(slope, L)) @ v
+
+
+check_chunk_output(chunk_output_solution)
+
+# %% [markdown]
+# ## Summary
+#
+# - **Linear attention** drops the softmax so that $\sum_s (q_t k_s^\top) v_s = q_t S_t$: the past becomes a
+#   $K \times V$ state of constant size. The same numbers come from three forms — parallel ($O(T^2)$),
+#   recurrent ($O(T)$, sequential) and chunkwise (matrix multiplies inside chunks, the state across them).
+# - **Lightning Attention** adds a fixed per-head decay, $S_t = e^{-s_h} S_{t-1} + k_t^\top v_t$, with MiniMax's
+#   ALiBi-like rates scaled down layer by layer (`minimax_slopes`): each layer mixes heads with memories from one
+#   token to thousands.
+# - **Chunkwise with decay**: intra-chunk $(QK^\top \odot D)V$, inter-chunk $\operatorname{diag}(a)QS$, state update
+#   $\lambda^L S + (\operatorname{diag}(b)K)^\top V$ — every exponent $\le 0$, so nothing overflows.
+# - **Triton**: a scan kernel writes the chunk states, a parallel kernel the outputs; the backward is a reverse scan
+#   for the state gradients (including `initial_state`'s) and one parallel kernel for $\partial q, \partial k,
+#   \partial v$. A fused recurrent kernel decodes token by token (forward only).
+# - **The layer** (`LightningAttention`): SiLU on $q, k, v$, no scaling, RMSNorm, a sigmoid output gate — equal to
+#   `transformers`' `MiniMaxLightningAttention`, and decoding from a state equals the prefill.
+# - **Hybrids**: MiniMax-M1 keeps one softmax layer in eight; a FLOP count puts it at a third to an eighth of
+#   DeepSeek-R1's generation cost at 100K tokens (the report: 25 %). A fixed state recalls only about $d$ arbitrary
+#   pairs; MiniMax-M2 went back to full attention, and the survey's claim that M2.5 reintroduced lightning
+#   attention is not borne out by its released architecture.
+#
+# Next, chapter 5 replaces the additive update by the **delta rule**, which lets the state overwrite what it holds
+# (DeltaNet, Gated DeltaNet), and chunks it with the same idea.
+#
+# ## References
+#
+# - **[S]** The minisparse seed survey, Feb 2026: *Open sparse-architecture models, a panorama (as of February
+#   2026)*, in the project's shared notes.
+# - A. Katharopoulos, A. Vyas, N. Pappas, F. Fleuret, *Transformers are RNNs: Fast Autoregressive Transformers with
+#   Linear Attention*, ICML 2020. [arXiv:2006.16236](https://arxiv.org/abs/2006.16236)
+# - Y. Sun et al., *Retentive Network: A Successor to Transformer for Large Language Models* (RetNet: decayed linear
+#   attention and its parallel, recurrent and chunkwise forms), 2023. [arXiv:2307.08621](https://arxiv.org/abs/2307.08621)
+# - Z. Qin et al., *Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language
+#   Models*, 2024. [arXiv:2401.04658](https://arxiv.org/abs/2401.04658)
+# - Z. Qin et al., *The Devil in Linear Transformer* (TransNormer, NormAttention), 2022.
+#   [arXiv:2210.10340](https://arxiv.org/abs/2210.10340)
+# - MiniMax, *MiniMax-01: Scaling Foundation Models with Lightning Attention*, 2025.
+#   [arXiv:2501.08313](https://arxiv.org/abs/2501.08313)
+# - MiniMax, *MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention*, 2025.
+#   [arXiv:2506.13585](https://arxiv.org/abs/2506.13585)
+# - O. Press, N. A. Smith, M. Lewis, *Train Short, Test Long: Attention with Linear Biases Enables Input Length
+#   Extrapolation* (ALiBi's slopes), ICLR 2022. [arXiv:2108.12409](https://arxiv.org/abs/2108.12409)
+# - DeepSeek-AI, *DeepSeek-V3 Technical Report*, 2024 (R1's architecture). [arXiv:2412.19437](https://arxiv.org/abs/2412.19437)
+# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Gated Linear Attention Transformers with Hardware-Efficient
+#   Training*, 2023 (the chunkwise kernels fla builds on). [arXiv:2312.06635](https://arxiv.org/abs/2312.06635);
+#   `fla-core` 0.6: `naive_recurrent_simple_gla`, `chunk_simple_gla` (the test oracle and benchmark anchor).
+# - `transformers` 5.x: `MiniMaxLightningAttention`, `MiniMaxCache`, `MiniMaxConfig` (the layer's oracle).

@@ -1,0 +1,375 @@
+"""minisparse.lightning (chapter 4): the recurrence vs fla's naive simple-GLA, the block form vs the recurrence, the
+Triton kernels vs the recurrence (forward, final state, gradients of q, k, v and initial_state), MiniMax's slopes and
+layer vs transformers, decoding vs prefill, bad input, the exercise checkers.
+
+On a CPU the kernels run in Triton's interpreter in fp32 on odd shapes (T = 1, 37, 100; K = 32, V = 48; slopes from
+1e-4 to 8) with NaN-poisoned output buffers; on a GPU the same tests run on CUDA, plus bf16 versions against an fp32
+reference from the same rounded inputs (fwd ≤ 5e-3, grads ≤ 8e-3 relative RMS).
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import minisparse
+from minisparse.lightning import (LightningAttention, check_chunk_output, check_decay_matrix, check_state_update,
+                                  chunk_lightning_attn, decay_matrix, fused_recurrent_lightning_attn,
+                                  generation_cost, lightning_flops, minimax_slopes, naive_chunk_lightning_attn,
+                                  naive_recurrent_lightning_attn)
+from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1
+from minisparse.lightning.triton import LightningTiles, lightning_tiles
+from minisparse.testing import ExerciseError, assert_close
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are tested on a GPU (the interpreter's "
+                                                                "bf16 tl.dot is wrong)")
+SLOPES3 = [1e-4, 0.3, 8.0]  # no decay to speak of, a middle head, e^-8 a step
+
+
+def _inputs(B, T, H, K, V, *, seed=0, dtype=torch.float32, device=DEV, state=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g) / 3
+    k = torch.randn(B, T, H, K, generator=g) / 3
+    v = torch.randn(B, T, H, V, generator=g)
+    h0 = 0.3 * torch.randn(B, H, K, V, generator=g) if state else None
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(h0)
+
+
+def _slopes(H, device=DEV):
+    return torch.tensor([SLOPES3[h % 3] for h in range(H)], device=device)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels' launchers allocate starts as NaN: an element a kernel forgets to write shows."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*a, **kw):
+        t = real_like(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+# ------------------------------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize("state", [False, True])
+def test_naive_recurrent_matches_fla(state):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fla_naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    q, k, v, h0 = _inputs(2, 45, 3, 32, 48, state=state, device="cpu")
+    slope = _slopes(3, "cpu")
+    g = (-slope).expand(2, 45, 3)  # [B, T, H] the log gate, the same every step
+    o_ref, s_ref = fla_naive.naive_recurrent_simple_gla(q, k, v, g, scale=0.3, initial_state=h0,
+                                                        output_final_state=True)
+    o, s = naive_recurrent_lightning_attn(q, k, v, slope, scale=0.3, initial_state=h0, output_final_state=True)
+    assert_close("o vs fla", o_ref, o, 1e-5)
+    assert_close("final state vs fla", s_ref, s, 1e-5)
+    assert naive_recurrent_lightning_attn(q, k, v, slope, initial_state=h0)[1] is None
+
+
+@pytest.mark.parametrize("T,C", [(1, 64), (37, 16), (64, 64), (100, 64), (100, 256)])
+def test_naive_chunk_matches_recurrent(T, C):
+    q, k, v, h0 = _inputs(2, T, 3, 32, 48, device="cpu")
+    slope = _slopes(3, "cpu")
+    o_r, s_r = naive_recurrent_lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True)
+    o_c, s_c = naive_chunk_lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True, chunk_size=C)
+    assert_close("o", o_r, o_c, 1e-5)
+    assert_close("final state", s_r, s_c, 1e-5)
+
+
+def test_decay_matrix():
+    D = decay_matrix(0.5, 4)
+    assert torch.allclose(D, torch.tensor([[1, 0, 0, 0], [math.exp(-0.5), 1, 0, 0],
+                                           [math.exp(-1), math.exp(-0.5), 1, 0],
+                                           [math.exp(-1.5), math.exp(-1), math.exp(-0.5), 1]]))
+    assert torch.isfinite(decay_matrix(50.0, 64)).all()
+
+
+# ------------------------------------------------------------------------------------------ MiniMax's slopes
+def _hf_lightning(heads, layers, idx, head_dim=8, hidden=None, block_size=16):
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    cfg = MiniMaxConfig(hidden_size=hidden or heads * head_dim, num_attention_heads=heads, head_dim=head_dim,
+                        num_hidden_layers=layers, block_size=block_size)
+    return MiniMaxLightningAttention(cfg, idx)
+
+
+@pytest.mark.parametrize("heads,layers,idx", [(8, 6, 0), (8, 6, 2), (8, 6, 5), (64, 80, 0), (64, 80, 79), (6, 1, 0),
+                                              (7, 3, 1)])
+def test_minimax_slopes_match_transformers(heads, layers, idx):
+    hf = _hf_lightning(heads, layers, idx)
+    ours = minimax_slopes(heads, idx, layers)
+    assert ours.shape == (heads,) and ours.dtype == torch.float32
+    assert torch.equal(hf.slope_rate.view(-1), ours)
+    assert (ours > 0).all()
+
+
+@pytest.mark.parametrize("args", [(0, 0, 4), (8, 4, 4), (8, -1, 4), (8, 0, 0), (2.0, 0, 4), (True, 0, 2)])
+def test_minimax_slopes_bad_args(args):
+    with pytest.raises(ValueError, match="minimax_slopes"):
+        minimax_slopes(*args)
+
+
+# --------------------------------------------------------------------------------------------- the kernels
+def _check_kernel(B, T, H, K, V, *, state, final, dtype=torch.float32, seed=0, slope=None, tol=None):
+    q, k, v, h0 = _inputs(B, T, H, K, V, seed=seed, dtype=dtype, state=state)
+    slope = _slopes(H) if slope is None else slope
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, h0) if x is not None]
+    h0_leaf = leaves[3] if state else None
+    o, s = chunk_lightning_attn(leaves[0], leaves[1], leaves[2], slope, initial_state=h0_leaf,
+                                output_final_state=final)
+    assert o.dtype == dtype and o.shape == (B, T, H, V)
+    assert (s is not None) == final
+    g = torch.Generator().manual_seed(seed + 100)
+    do = torch.randn(o.shape, generator=g).to(o)
+    ds = torch.randn(B, H, K, V, generator=g).to(DEV) if final else None
+    torch.autograd.backward([o] + ([s] if final else []), [do] + ([ds] if final else []))
+    # the fp32 reference from the same (rounded) inputs
+    refs = [x.detach().float().requires_grad_() for x in (q, k, v, h0) if x is not None]
+    o_r, s_r = naive_recurrent_lightning_attn(refs[0], refs[1], refs[2], slope, initial_state=refs[3] if state else None,
+                                              output_final_state=final)
+    torch.autograd.backward([o_r] + ([s_r] if final else []), [do.float()] + ([ds] if final else []))
+    ftol, gtol = tol or ((1e-4, 1e-4) if dtype == torch.float32 else (5e-3, 8e-3))
+    assert_close("o", o_r, o, ftol)
+    if final:
+        assert_close("final_state", s_r, s, ftol)
+    for name, a, r in zip(["dq", "dk", "dv", "dinitial_state"], leaves, refs):
+        assert a.grad.dtype == a.dtype
+        assert_close(name, r.grad, a.grad, gtol)
+
+
+@pytest.mark.parametrize("T", [1, 37, 100])
+@pytest.mark.parametrize("state,final", [(False, False), (True, True)])
+def test_kernel_matches_recurrence(poisoned, T, state, final):
+    _check_kernel(2, T, 3, 32, 48, state=state, final=final)
+
+
+def test_kernel_state_without_final(poisoned):
+    _check_kernel(1, 70, 3, 48, 32, state=True, final=False, seed=3)
+    _check_kernel(1, 70, 3, 16, 16, state=False, final=True, seed=4)
+
+
+def test_kernel_small_tiles(poisoned):
+    """Several state tiles a head, several V tiles in the output and gradient kernels, many chunks."""
+    with lightning_tiles(LightningTiles(chunk=16, block_k=16, block_v=16, block_v_out=16)):
+        _check_kernel(1, 50, 3, 40, 48, state=True, final=True, seed=5)
+
+
+@pytest.mark.parametrize("slope", [1e-4, 8.0, 30.0])
+def test_kernel_extreme_slopes_stay_finite(poisoned, slope):
+    _check_kernel(1, 130, 2, 16, 24, state=True, final=True, seed=6,
+                  slope=torch.full((2,), slope, device=DEV))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("state", [False, True])
+def test_fused_recurrent_matches_recurrence(poisoned, T, state):
+    q, k, v, h0 = _inputs(2, T, 3, 32, 48, state=state, seed=7)
+    slope = _slopes(3)
+    with torch.no_grad():
+        o, s = fused_recurrent_lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True)
+    o_r, s_r = naive_recurrent_lightning_attn(q, k, v, slope, initial_state=h0, output_final_state=True)
+    assert_close("o", o_r, o, 1e-4)
+    assert_close("final_state", s_r, s, 1e-4)
+
+
+def test_fused_recurrent_refuses_gradients():
+    q, k, v, h0 = _inputs(1, 1, 2, 16, 16)
+    with pytest.raises(RuntimeError, match="forward only"):
+        fused_recurrent_lightning_attn(q.requires_grad_(), k, v, _slopes(2))
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,K,V", [(300, 64, 128), (1000, 128, 128), (77, 48, 32)])
+def test_kernel_half_precision(T, K, V, dtype):
+    _check_kernel(2, T, 4, K, V, state=True, final=True, dtype=dtype, seed=8)
+
+
+@CUDA
+def test_fused_recurrent_bf16():
+    q, k, v, h0 = _inputs(2, 2, 4, 128, 128, dtype=torch.bfloat16, seed=9)
+    with torch.no_grad():
+        o, s = fused_recurrent_lightning_attn(q, k, v, _slopes(4), initial_state=h0, output_final_state=True)
+    o_r, s_r = naive_recurrent_lightning_attn(q.float(), k.float(), v.float(), _slopes(4), initial_state=h0.float(),
+                                              output_final_state=True)
+    assert_close("o", o_r, o, 5e-3)
+    assert_close("final_state", s_r, s, 5e-3)
+
+
+# --------------------------------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_from_hf_and_decoding(backend):
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    torch.manual_seed(0)
+    dev = DEV if backend == "triton" else "cpu"  # Triton kernels need CUDA tensors (or the interpreter on CPU)
+    tol = 1e-5 if dev == "cpu" else 2e-3  # on a GPU, fp32 dots in Triton and cuBLAS may use TF32
+    hf = _hf_lightning(4, 4, 2, head_dim=16, hidden=48, block_size=32).eval()
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    hf = hf.to(dev)
+    ours = LightningAttention.from_hf(hf, backend=backend).eval()
+    assert ours.block_size == 32 and torch.equal(ours.slope_rate, hf.slope_rate.view(-1))
+    x = torch.randn(2, 45, 48, generator=torch.Generator().manual_seed(1)).to(dev)
+    with torch.no_grad():
+        y_hf, s_hf = hf(x, None, None)
+        y, s = ours(x, use_cache=True)
+        assert_close("layer vs transformers", y_hf, y, tol)
+        assert_close("state vs transformers", s_hf, s, tol)
+        cache = MiniMaxCache()
+        hf(x[:, :30], None, None, past_key_values=cache)
+        y_p, st = ours(x[:, :30], use_cache=True)
+        outs = [y_p]
+        for t in range(30, 45):
+            y_t, st = ours(x[:, t:t + 1], state=st)
+            outs.append(y_t)
+            hf(x[:, t:t + 1], None, None, past_key_values=cache)
+        assert_close("decode vs prefill", y_hf, torch.cat(outs, 1), tol)
+        assert_close("decoded state vs transformers' cache", cache.get_linear_cache(2), st, tol)
+
+
+def test_layer_backward_and_mask():
+    torch.manual_seed(0)
+    layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=16).to(DEV)
+    x = torch.randn(2, 20, 32, device=DEV, requires_grad=True)
+    y, st = layer(x)
+    assert st is None
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.qkv_proj.weight.grad).all()
+    mask = torch.ones(2, 20, device=DEV)
+    mask[:, :5] = 0  # left padding: the padded tokens must not reach the state
+    with torch.no_grad():
+        _, s_masked = layer(x, use_cache=True, attention_mask=mask)
+        _, s_short = layer(x[:, 5:], use_cache=True)
+    assert_close("padded state", s_short, s_masked, 1e-4)
+    with pytest.raises(ValueError, match="hidden_states"):
+        layer(torch.randn(2, 20, 31, device=DEV))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _good(device=DEV):
+    q, k, v, h0 = _inputs(1, 8, 2, 16, 24, device=device)
+    return dict(q=q, k=k, v=v, slope=_slopes(2, device), initial_state=h0)
+
+
+BAD = [
+    ("zero slope", lambda a: a.update(slope=torch.tensor([0.1, 0.0], device=DEV)), ValueError, "> 0"),
+    ("negative slope", lambda a: a.update(slope=torch.tensor([-0.1, 0.2], device=DEV)), ValueError, "> 0"),
+    ("nan slope", lambda a: a.update(slope=torch.tensor([float("nan"), 0.2], device=DEV)), ValueError, "> 0"),
+    ("slope per head wrong", lambda a: a.update(slope=torch.ones(3, device=DEV)), ValueError, r"slope must be \[H\]"),
+    ("slope 2-D", lambda a: a.update(slope=torch.ones(2, 1, device=DEV)), ValueError, r"slope must be \[H\]"),
+    ("state shape", lambda a: a.update(initial_state=torch.zeros(1, 2, 24, 16, device=DEV)), ValueError,
+     "initial_state must be"),
+    ("q 3-D", lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
+    ("k shape", lambda a: a.update(k=a["k"][:, :4]), ValueError, "k must have q's shape"),
+    ("v heads", lambda a: a.update(v=a["v"][:, :, :1]), ValueError, "v must be"),
+    ("int q", lambda a: a.update(q=a["q"].long(), k=a["k"].long()), TypeError, "dtype"),
+    ("mixed dtype", lambda a: a.update(v=a["v"].double()), TypeError, "dtype"),
+    ("not a tensor", lambda a: a.update(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    ("bad scale", lambda a: a.update(scale=-1.0), ValueError, "scale"),
+]
+OPS = [naive_recurrent_lightning_attn, naive_chunk_lightning_attn, chunk_lightning_attn,
+       fused_recurrent_lightning_attn]
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("desc,mutate,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_raise(op, desc, mutate, exc, words):
+    args = _good()
+    mutate(args)
+    with pytest.raises(exc, match=words):
+        with torch.no_grad():
+            op(**args)
+
+
+def test_kernel_head_dim_limit():
+    q, k, v, _ = _inputs(1, 4, 1, 160, 16)
+    with pytest.raises(ValueError, match="<= 128"):
+        chunk_lightning_attn(q, k, v, _slopes(1))
+
+
+def test_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.setattr(minisparse.runtime, "interpreting", lambda: False)
+    args = _good("cpu")
+    for op in (chunk_lightning_attn, fused_recurrent_lightning_attn):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            with torch.no_grad():
+                op(**args)
+
+
+def test_bf16_on_cpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    args = {n: (t.bfloat16() if n in "qkv" else t) for n, t in _good("cpu").items()}
+    with pytest.raises(TypeError, match="bfloat16"):
+        chunk_lightning_attn(**args)
+
+
+# -------------------------------------------------------------------------------------------------- cost model
+def test_cost_model():
+    assert lightning_flops(1000, 64, 64, form="parallel") == 1000 * 1000 * 128
+    assert lightning_flops(1000, 64, 64, form="recurrent") == 4 * 1000 * 64 * 64
+    with pytest.raises(ValueError, match="form"):
+        lightning_flops(10, 4, 4, form="quadratic")
+    f_m1, _ = generation_cost(MINIMAX_M1, 100_000)
+    f_r1, _ = generation_cost(DEEPSEEK_R1, 100_000)
+    assert 0.2 < f_m1 / f_r1 < 0.4  # the M1 report: about 25 % at 100K generated tokens
+    f1, c1 = generation_cost(MINIMAX_M1, 1)
+    assert f1 == pytest.approx(2 * 45.9e9 + 10 * 2 * 64 * 256 + 70 * 4 * 64 * 128 * 128)
+    assert c1 == 10 * 2 * 8 * 128 * 2 + 70 * 64 * 128 * 128 * 4
+
+
+# -------------------------------------------------------------------------------------------- exercise checkers
+def _wrong_decay(slope, n):  # no mask: the upper triangle is exp(+slope (j - i)), not 0
+    i = torch.arange(n, dtype=torch.float32)
+    return torch.exp(-slope * (i[:, None] - i[None, :]).abs())
+
+
+def _wrong_state(S, k, v, slope):  # one decay too many for every token: λ^(L-j)
+    L = k.shape[0]
+    b = torch.exp(-slope * (L - torch.arange(L, dtype=torch.float32)))
+    return math.exp(-slope * L) * S + (k * b[:, None]).T @ v
+
+
+def _wrong_output(q, k, v, S, slope):  # query decay λ^i instead of λ^(i+1)
+    L = q.shape[0]
+    a = torch.exp(-slope * torch.arange(L, dtype=torch.float32))
+    return (q * a[:, None]) @ S + ((q @ k.T) * decay_matrix(slope, L)) @ v
+
+
+@pytest.mark.parametrize("checker,wrong", [(check_decay_matrix, _wrong_decay), (check_state_update, _wrong_state),
+                                           (check_chunk_output, _wrong_output),
+                                           (check_decay_matrix, lambda s, n: decay_matrix(s, n).T),
+                                           (check_chunk_output, lambda q, k, v, S, s: q @ S)])
+def test_checkers_reject_wrong_answers(checker, wrong):
+    with pytest.raises(ExerciseError):
+        checker(wrong)
+
+
+def test_checkers_accept_the_reference():
+    check_decay_matrix(decay_matrix)
+
+    def state(S, k, v, slope):
+        _, out = naive_recurrent_lightning_attn(k[None, :, None], k[None, :, None], v[None, :, None],
+                                                torch.tensor([slope]), initial_state=S[None, None],
+                                                output_final_state=True)
+        return out[0, 0]
+
+    def output(q, k, v, S, slope):
+        o, _ = naive_recurrent_lightning_attn(q[None, :, None], k[None, :, None], v[None, :, None],
+                                              torch.tensor([slope]), scale=1.0, initial_state=S[None, None])
+        return o[0, :, 0]
+
+    check_state_update(state)
+    check_chunk_output(output)

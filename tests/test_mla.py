@@ -1,0 +1,501 @@
+"""Chapter 3 (minisparse.mla): the MLA layer vs transformers' DeepseekV3Attention, absorption, the latent cache,
+the Triton decode kernel vs the naive absorbed attention, the KV-cache formula vs real tensors, bad input, checkers.
+
+Oracles: transformers' `DeepseekV3Attention` (with `q_proj` or `q_a_proj`/`q_b_proj`, both RoPE layouts, YaRN),
+its YaRN frequencies (`ROPE_INIT_FUNCTIONS["yarn"]`) and its `DynamicCache` tensors; `mla_decode_ref`, built on
+chapter 1's `attention_ref` (itself tested against SDPA). On a CPU the kernel runs in Triton's interpreter in fp32
+at small shapes; on a GPU the same tests run on CUDA, plus bf16/fp16 versions against an fp32 reference computed
+from the same rounded inputs (relative RMS ≤ 5e-3).
+"""
+import math
+import types
+
+import pytest
+import torch
+
+from minisparse.mla import (MLA, GQAConfig, MLACache, MLAConfig, absorb_output, absorb_query, attention_family,
+                            check_absorbed_query, check_cache_bytes, check_combine_splits, check_split_query,
+                            combine_splits, expand_latent, kv_cache_bytes, kv_values_per_token, mla_attention_absorbed,
+                            mla_decode, mla_decode_bytes, mla_decode_flops, mla_decode_ref, mla_decode_splitk,
+                            mla_softmax_scale, split_kv_b, yarn_frequencies, yarn_mscale)
+from minisparse.mla import triton as mla_triton
+from minisparse.attention import apply_rope
+from minisparse.testing import TOLERANCES, ExerciseError, assert_close
+
+try:  # the layer's oracles; the kernel tests run without transformers (e.g. on a bare GPU machine)
+    import transformers
+    from transformers import DeepseekV3Config, DynamicCache, LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds
+    from transformers.models.llama import modeling_llama as hf_llama
+except ImportError:
+    transformers = None
+HF = pytest.mark.skipif(transformers is None, reason="the oracles are transformers' DeepSeek-V3 / Llama modules")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 kernels are tested on a GPU (the "
+                                                                "interpreter's bf16 tl.dot is wrong)")
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, num_hidden_layers=1, attn_implementation="eager")
+YARN_TOY = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+                beta_slow=1, mscale=1.0, mscale_all_dim=0.5)
+YARN_V3 = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096, beta_fast=32,
+               beta_slow=1, mscale=1.0, mscale_all_dim=1.0)  # the released DeepSeek-V3 checkpoints' setting
+
+
+def _gen(seed, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _hf_attention(seed=0, **overrides):
+    cfg = DeepseekV3Config(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    hf = hf_ds.DeepseekV3Attention(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            torch.nn.init.normal_(p, std=0.15)
+    return hf.to(DEV), hf_ds.DeepseekV3RotaryEmbedding(cfg).to(DEV)
+
+
+def _hf_forward(hf, rotary, x, positions, cache=None):
+    T = x.shape[1]
+    causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)[None, None]
+    with torch.no_grad():
+        return hf(x, rotary(x, positions[None]), causal, past_key_values=cache)[0]
+
+
+# ------------------------------------------------------------------------------------ the layer vs transformers
+@HF
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_mla_matches_transformers(q_lora_rank, interleave):
+    hf, rotary = _hf_attention(q_lora_rank=q_lora_rank, rope_interleave=interleave)
+    x = torch.randn(2, 13, 64, generator=_gen(1)).to(DEV)
+    pos = torch.arange(13, device=DEV)
+    ref = _hf_forward(hf, rotary, x, pos)
+    ours = MLA.from_hf(hf, backend="naive")
+    assert (ours.q_proj is None) == (q_lora_rank is not None)
+    assert set(ours.state_dict()) == set(hf.state_dict())  # transformers' parameter names, nothing more
+    with torch.no_grad():
+        assert_close("expanded", ref, ours(x), 1e-5)
+        assert_close("absorbed", ref, ours(x, absorb=True), 1e-5)
+        ours.backend = "triton" if DEV == "cuda" or mla_triton.runtime.interpreting() else "naive"
+        assert_close(f"absorbed ({ours.backend})", ref, ours(x, absorb=True), 1e-4)
+    # the layouts matter: a layer with the other RoPE pairing gives different outputs
+    wrong = MLA.from_hf(hf, backend="naive")
+    wrong.rope.interleaved = not interleave
+    with torch.no_grad():
+        assert not torch.allclose(wrong(x), ref, atol=1e-4)
+
+
+@HF
+@pytest.mark.parametrize("rope, start", [(YARN_TOY, 200), (YARN_V3, 150_000)], ids=["yarn-toy", "yarn-deepseek-v3"])
+def test_mla_matches_transformers_with_yarn(rope, start):
+    hf, rotary = _hf_attention(q_lora_rank=24, rope_parameters=dict(rope), max_position_embeddings=4 * start)
+    ours = MLA.from_hf(hf, backend="naive")
+    assert math.isclose(ours.scaling, hf.scaling, rel_tol=1e-12)
+    assert ours.scaling != (16 + 8) ** -0.5  # the mscale² really applies
+    x = torch.randn(1, 9, 64, generator=_gen(2)).to(DEV)
+    pos = torch.arange(start, start + 9, device=DEV)
+    ref = _hf_forward(hf, rotary, x, pos)
+    with torch.no_grad():
+        assert_close("yarn expanded", ref, ours(x, positions=pos), 1e-5)
+        assert_close("yarn absorbed", ref, ours(x, positions=pos, absorb=True), 1e-5)
+
+
+@HF
+@pytest.mark.parametrize("dim, factor, original, truncate", [(8, 4.0, 64, True), (64, 40.0, 4096, True),
+                                                             (32, 8.0, 2048, False), (16, 2.0, 100, True)])
+def test_yarn_frequencies_match_transformers(dim, factor, original, truncate):
+    cfg = DeepseekV3Config(**{**TINY, "qk_rope_head_dim": dim}, rope_parameters=dict(
+        YARN_TOY, factor=factor, original_max_position_embeddings=original, truncate=truncate, mscale=0.8,
+        mscale_all_dim=0.3))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    assert_close("yarn inverse frequencies", inv_freq, yarn_frequencies(dim, 10000.0, factor, original,
+                                                                        truncate=truncate), 1e-6)
+    assert math.isclose(attention_factor, yarn_mscale(factor, 0.8) / yarn_mscale(factor, 0.3), rel_tol=1e-12)
+    assert yarn_mscale(1.0, 5.0) == 1.0 and mla_softmax_scale(192) == 192**-0.5
+
+
+# ------------------------------------------------------------------------------------ absorption and the cache
+def test_absorption_is_exact_for_random_latents():
+    g = _gen(3)
+    B, S, H, r, dn, dr, dv = 2, 11, 3, 40, 12, 8, 10
+    c, kr = torch.randn(B, S, r, generator=g, dtype=torch.float64), torch.randn(B, S, dr, generator=g,
+                                                                               dtype=torch.float64)
+    qn, qr = (torch.randn(B, S, H, d, generator=g, dtype=torch.float64) for d in (dn, dr))
+    w = torch.randn(H * (dn + dv), r, generator=g, dtype=torch.float64)
+    k, v = expand_latent(c, kr, w, H, dn, dv)
+    assert k.shape == (B, S, H, dn + dr) and v.shape == (B, S, H, dv)
+    assert torch.equal(k[:, :, 0, dn:], k[:, :, 2, dn:])  # the rotary key is shared by all heads
+    from minisparse.attention import attention_ref
+
+    ref = attention_ref(torch.cat([qn, qr], -1), k, v, scale=0.3)
+    w_uk, w_uv = split_kv_b(w, H, dn, dv)
+    out = absorb_output(mla_attention_absorbed(absorb_query(qn, w_uk), qr, c, kr, 0.3), w_uv)
+    assert_close("absorbed", ref, out, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_token_by_token_absorbed_decoding_equals_prefill(backend):
+    torch.manual_seed(4)
+    layer = MLA(96, 3, q_lora_rank=32, kv_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24,
+                backend=backend).to(DEV)
+    with torch.no_grad():
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        x = torch.randn(2, 14, 96, generator=_gen(5)).to(DEV)
+        full = layer(x)  # expanded, one pass
+        cache = layer.new_cache(2, 14)
+        steps = [layer(x[:, :5], cache, absorb=True), layer(x[:, 5:8], cache, absorb=True)]
+        steps += [layer(x[:, t:t + 1], cache, absorb=True) for t in range(8, 14)]
+        cache2 = layer.new_cache(2, 14)
+        expanded_steps = [layer(x[:, :8], cache2), layer(x[:, 8:], cache2)]  # expanding from the latent cache
+    assert_close("absorbed decoding", full, torch.cat(steps, 1), 1e-4)
+    assert_close("expanded decoding", full, torch.cat(expanded_steps, 1), 1e-5)
+    assert len(cache) == 14 and torch.allclose(cache.buffer, cache2.buffer, atol=1e-5)  # same latents
+
+
+def test_cache_holds_latent_and_rope_and_overflows():
+    cache = MLACache(2, 5, 6, 4)
+    c, kr = torch.randn(2, 3, 6), torch.randn(2, 3, 4)
+    lat, rope = cache.append(c, kr)
+    assert torch.equal(lat, c) and torch.equal(rope, kr) and lat.data_ptr() == cache.buffer.data_ptr()
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.append(torch.randn(2, 3, 6), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="kv_lora_rank=6"):
+        cache.append(torch.randn(2, 1, 5), torch.randn(2, 1, 4))
+    cache.reset()
+    assert len(cache) == 0 and cache.latent.shape == (2, 0, 6)
+    layer = MLA(32, 2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    cache = layer.new_cache(1, 4)
+    layer(torch.randn(1, 4, 32), cache)
+    with pytest.raises(ValueError, match="do not fit"):  # overflow past max_len through the layer
+        layer(torch.randn(1, 1, 32), cache, absorb=True)
+
+
+# ------------------------------------------------------------------------------------ the kernel vs the spec
+DECODE_CASES = [  # B, T, H, Dc, Dr, S, lengths, kernel config (None = the default), split_len
+    (3, 1, 3, 48, 16, 70, [70, 1, 33], dict(BLOCK_H=16, BLOCK_N=16), 32),  # ragged, 3 splits, partial tiles
+    (2, 1, 5, 48, 16, 100, None, None, None),  # the default launch
+    (2, 3, 5, 32, 8, 45, [45, 3], dict(BLOCK_H=16, BLOCK_N=16), 16),  # 3 queries a sequence (causal), Dr padded
+    (2, 1, 20, 512, 64, 40, [40, 17], dict(BLOCK_H=16, BLOCK_N=16), 16),  # DeepSeek's latent, 2 head blocks
+    (1, 2, 3, 512, 64, 5, None, None, None),  # DeepSeek's latent, tiny T
+    (4, 1, 1, 16, 16, 37, [1, 2, 36, 37], dict(BLOCK_H=16, BLOCK_N=16), 64),  # one head, lengths 1 and 2
+    (2, 1, 3, 48, 16, 70, [70, 50], dict(BLOCK_H=16, BLOCK_N=16), 24),  # splits that end inside a tile
+]
+
+
+def _decode_inputs(B, T, H, Dc, Dr, S, seed=7, dtype=torch.float32, device=DEV, score_scale=1.0):
+    g = _gen(seed, device)
+    f = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    return ((score_scale * f(B, T, H, Dc)).to(dtype), (score_scale * f(B, T, H, Dr)).to(dtype), f(B, S, Dc).to(dtype),
+            f(B, S, Dr).to(dtype))
+
+
+def _run(args, scale, lengths, config, split_len, out=None):
+    ql, qr, kv, kr = args
+    if config is None and split_len is None:
+        return mla_decode(ql, qr, kv, kr, scale, lengths, out=out)
+    B, T, H, Dc = ql.shape
+    out = torch.empty(B, T, H, Dc, dtype=ql.dtype, device=ql.device) if out is None else out
+    return mla_triton._launch(ql, qr, kv, kr, scale, lengths, out, kv.shape[1], config=config, split_len=split_len)
+
+
+@pytest.mark.parametrize("B,T,H,Dc,Dr,S,lengths,config,split_len", DECODE_CASES)
+def test_mla_decode_matches_reference(B, T, H, Dc, Dr, S, lengths, config, split_len):
+    args = _decode_inputs(B, T, H, Dc, Dr, S)
+    lens = None if lengths is None else torch.tensor(lengths, device=DEV)
+    scale = (128 + Dr) ** -0.5
+    out = _run(args, scale, lens, config, split_len)
+    ref = mla_decode_ref(*args, scale, lens)
+    assert_close("mla_decode", ref, out, TOLERANCES[torch.float32][0])
+    if lens is not None:  # and against each sequence alone, cut to its length (an independent slicing)
+        for b, n in enumerate(lengths):
+            one = mla_attention_absorbed(args[0][b:b + 1], args[1][b:b + 1], args[2][b:b + 1, :n],
+                                         args[3][b:b + 1, :n], scale)
+            assert_close(f"sequence {b}", one[0], out[b], TOLERANCES[torch.float32][0])
+
+
+def test_mla_decode_is_stable_for_large_scores():
+    args = _decode_inputs(2, 1, 5, 48, 16, 80, score_scale=30.0)  # logits in the hundreds
+    lens = torch.tensor([80, 23], device=DEV)
+    out = _run(args, 0.5, lens, dict(BLOCK_H=16, BLOCK_N=16), 16)
+    assert torch.isfinite(out).all()
+    assert_close("large scores", mla_decode_ref(*args, 0.5, lens), out, TOLERANCES[torch.float32][0])
+
+
+def test_mla_decode_reads_views_of_one_cache_buffer():
+    cache = MLACache(2, 50, 48, 16, device=DEV)
+    g = _gen(8, DEV)
+    cache.append(torch.randn(2, 41, 48, generator=g, device=DEV), torch.randn(2, 41, 16, generator=g, device=DEV))
+    ql, qr = torch.randn(2, 1, 3, 48, generator=g, device=DEV), torch.randn(2, 1, 3, 16, generator=g, device=DEV)
+    out = mla_decode(ql, qr, cache.latent, cache.rope, 0.1)
+    assert_close("strided cache", mla_decode_ref(ql, qr, cache.latent.contiguous(), cache.rope.contiguous(), 0.1), out,
+                 TOLERANCES[torch.float32][0])
+
+
+def test_mla_decode_writes_every_output_and_reads_only_written_partials(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(mla_triton, "_empty", poisoned)
+    args = _decode_inputs(3, 2, 5, 48, 16, 64)
+    lens = torch.tensor([64, 2, 17], device=DEV)  # sequences 1 and 2 skip most splits: their slots stay NaN
+    out = torch.full((3, 2, 5, 48), float("nan"), device=DEV)
+    _run(args, 0.2, lens, dict(BLOCK_H=16, BLOCK_N=16), 16, out=out)
+    assert torch.isfinite(out).all(), "an output element was never written, or a NaN partial slot was read"
+    assert_close("poisoned", mla_decode_ref(*args, 0.2, lens), out, TOLERANCES[torch.float32][0])
+
+
+@pytest.mark.parametrize("split_len", [8, 16, 100])
+def test_splitk_in_pytorch_equals_reference(split_len):
+    args = _decode_inputs(3, 2, 4, 24, 8, 50, device="cpu")
+    lens = torch.tensor([50, 2, 31])
+    assert_close("splitk", mla_decode_ref(*args, 0.3, lens), mla_decode_splitk(*args, 0.3, lens, split_len), 1e-5)
+
+
+def test_split_planning():
+    cpu, plan = torch.device("cpu"), mla_triton._plan_splits  # the CPU plans as if it had 4 SMs
+    assert plan(64, 128, 2, 65536, cpu, 1152, 512) == (65536, 1)  # enough programs already: no split
+    split_len, ns = plan(1, 128, 2, 65536, cpu, 1152, 512)
+    assert ns == 2 and split_len == 32768  # 2 head blocks × 2 splits = the 4 SMs
+    split_len, ns = plan(1, 16, 1, 300, cpu, 1152, 512)
+    assert ns == 1 and split_len >= 300  # never a split shorter than 256 tokens
+    split_len, ns = plan(1, 128, 1, 1000, cpu, 1152, 512)  # 256-token splits would give 3
+    assert ns == 2 and split_len >= 8 * 128 * 512 // 1152  # the partial state must not outweigh the split
+    assert all(plan(1, 8, 1, n, cpu, 1152, 512)[0] % 64 == 0 for n in (1, 63, 65, 1000, 4097))
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,Dc,Dr,S,lengths", [(4, 1, 128, 512, 64, 3000, [3000, 1, 1777, 64]),
+                                                   (2, 2, 5, 48, 16, 300, [300, 41]),
+                                                   (1, 1, 16, 512, 64, 20000, None)])
+def test_mla_decode_low_precision_on_gpu(dtype, B, T, H, Dc, Dr, S, lengths):
+    args = _decode_inputs(B, T, H, Dc, Dr, S, dtype=dtype)
+    lens = None if lengths is None else torch.tensor(lengths, device=DEV)
+    out = mla_decode(*args, 192**-0.5, lens)
+    assert out.dtype == dtype
+    ref = mla_decode_ref(*(a.float() for a in args), 192**-0.5, lens)  # fp32 from the same rounded inputs
+    assert_close(f"mla_decode {dtype}", ref, out.float(), TOLERANCES[dtype][0])
+
+
+@CUDA
+def test_mla_decode_large_batch_offsets_on_gpu():
+    """64-bit batch offsets: the last sequence starts past 2**31 elements of a strided view."""
+    B, S = 9, 500_000  # sequence 8 starts at 8 × 500,000 × 576 = 2.3e9 > 2**31 elements
+    buf = torch.empty(B, S, 576, dtype=torch.bfloat16, device=DEV)
+    buf[-1, :100].normal_()
+    buf[0, :100].normal_()
+    ql = torch.randn(B, 1, 16, 512, device=DEV, dtype=torch.bfloat16)
+    qr = torch.randn(B, 1, 16, 64, device=DEV, dtype=torch.bfloat16)
+    lens = torch.full((B,), 100, device=DEV)
+    out = mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 0.07, lens)
+    for b in (0, B - 1):
+        ref = mla_decode_ref(ql[b:b + 1].float(), qr[b:b + 1].float(), buf[b:b + 1, :100, :512].float(),
+                             buf[b:b + 1, :100, 512:].float(), 0.07)
+        assert_close(f"sequence {b}", ref, out[b:b + 1].float(), 5e-3)
+
+
+# ------------------------------------------------------------------------------------ the cache formula
+@HF
+def test_kv_cache_bytes_matches_real_cache_tensors():
+    layer = MLA(64, 4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = layer.new_cache(3, 17, dtype=dtype)
+        assert cache.buffer.nbytes == kv_cache_bytes(layer, 17, dtype, batch=3)
+    # transformers' own caches after a forward pass: DeepSeek-V3 caches the latent, Llama K and V
+    hf, rotary = _hf_attention()
+    cache = DynamicCache(config=hf.config)
+    _hf_forward(hf, rotary, torch.randn(2, 7, 64, device=DEV), torch.arange(7, device=DEV), cache)
+    held = sum(t.nbytes for lyr in cache.layers for t in (lyr.keys, lyr.values))
+    assert held == kv_cache_bytes(hf.config, 7, torch.float32, batch=2) == 2 * 7 * (32 + 8) * 4
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=1, head_dim=16)
+    llama = hf_llama.LlamaAttention(cfg, layer_idx=0).eval()
+    cache = DynamicCache(config=cfg)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        llama(x, hf_llama.LlamaRotaryEmbedding(cfg)(x, torch.arange(5)[None]), None, past_key_values=cache)
+    held = sum(t.nbytes for lyr in cache.layers for t in (lyr.keys, lyr.values))
+    assert held == kv_cache_bytes(cfg, 5, torch.float32, batch=3) and attention_family(cfg) == "GQA"
+
+
+@HF
+def test_kv_cache_bytes_of_real_models():
+    assert kv_cache_bytes(DeepseekV3Config(), 1) == 61 * 576 * 2 == kv_cache_bytes(MLAConfig(), 1)
+    assert kv_cache_bytes(transformers.FalconConfig(), 10, 2) == 10 * 32 * 2 * 64 * 2  # MQA by the multi_query flag
+    kimi = transformers.KimiLinearConfig()
+    assert kv_cache_bytes(kimi, 100, 1) == 100 * 6 * 576  # 6 MLA layers of 27
+    assert attention_family(kimi) == "MLA" and attention_family(transformers.LlamaConfig()) == "MHA"
+    mha = GQAConfig(61, 128, 128, head_dim=192, v_head_dim=128)
+    assert kv_values_per_token(mha) == 128 * 320 and attention_family(GQAConfig(2, 8, 1, 4)) == "MQA"
+    assert round(kv_cache_bytes(mha, 1) / kv_cache_bytes(MLAConfig(), 1)) == 71
+    window = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                                   layer_types=["sliding_attention", "full_attention"], sliding_window=10)
+    assert kv_cache_bytes(window, 100, 1) == (10 + 100) * 4 * 16
+    assert mla_decode_bytes(4096, B=16) == 16 * 4096 * 576 * 2
+    assert mla_decode_flops(10, 128) == 2 * 128 * 10 * (1024 + 64)
+    with pytest.raises(TypeError, match="dtype"):
+        kv_cache_bytes(MLAConfig(), 10, "bf16")
+    with pytest.raises(ValueError, match="seq_len"):
+        kv_cache_bytes(MLAConfig(), -1)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    ql, qr, kv, kr = _decode_inputs(2, 1, 3, 48, 16, 20)
+    bad = [
+        (ValueError, "latent dim mismatch", lambda: mla_decode(ql, qr, kv[..., :40], kr, 0.1)),
+        (ValueError, "rope dim mismatch", lambda: mla_decode(ql, qr, kv, kr[..., :8], 0.1)),
+        (ValueError, "lengths beyond the cache", lambda: mla_decode(ql, qr, kv, kr, 0.1, torch.tensor([20, 21]))),
+        (ValueError, "lengths\\[b\\] >= T", lambda: mla_decode(ql[:, [0, 0]], qr[:, [0, 0]], kv, kr, 0.1,
+                                                             torch.tensor([20, 1]))),
+        (ValueError, "integer tensor", lambda: mla_decode(ql, qr, kv, kr, 0.1, torch.tensor([20.0, 3.0]))),
+        (ValueError, "integer tensor", lambda: mla_decode(ql, qr, kv, kr, 0.1, torch.tensor([20]))),
+        (ValueError, "share B", lambda: mla_decode(ql, qr, kv[:1], kr[:1], 0.1)),
+        (ValueError, "T <= S", lambda: mla_decode(ql.expand(2, 30, 3, 48), qr.expand(2, 30, 3, 16), kv, kr, 0.1)),
+        (ValueError, "q_rope must be", lambda: mla_decode(ql, qr[:, :, :2], kv, kr, 0.1)),
+        (ValueError, "4-D", lambda: mla_decode(ql[:, 0], qr, kv, kr, 0.1)),
+        (ValueError, "scale", lambda: mla_decode(ql, qr, kv, kr, -1.0)),
+        (TypeError, "dtype", lambda: mla_decode(ql, qr.double(), kv, kr, 0.1)),
+        (TypeError, "torch.Tensor", lambda: mla_decode(ql, qr, kv.tolist(), kr, 0.1)),
+        (ValueError, "out must be", lambda: mla_decode(ql, qr, kv, kr, 0.1, out=torch.empty(2, 1, 3, 47))),
+        (ValueError, "backend", lambda: MLA(32, 2, backend="flash")),
+        (ValueError, "hidden_size=32", lambda: MLA(32, 2, kv_lora_rank=8)(torch.randn(1, 3, 31))),
+    ]
+    if DEV == "cpu":
+        bad.append((TypeError, "bfloat16", lambda: mla_decode(*(a.bfloat16() for a in (ql, qr, kv, kr)), 0.1)))
+    else:
+        bad.append((ValueError, "one device", lambda: mla_decode(ql, qr, kv.cpu(), kr, 0.1)))
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()
+    with pytest.raises(RuntimeError, match="backward"):
+        mla_decode(ql.requires_grad_(), qr, kv, kr, 0.1)
+    ql.requires_grad_(False)
+    layer = MLA(32, 2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, backend="triton").to(DEV)
+    with pytest.raises(RuntimeError, match="backward"):  # an explicit backend="triton" does not fall back silently
+        layer(torch.randn(1, 3, 32, device=DEV), absorb=True)
+    layer.backend = "auto"  # ... "auto" uses PyTorch when gradients are needed, so training works everywhere
+    layer(torch.randn(1, 3, 32, device=DEV), absorb=True).sum().backward()
+    assert layer.kv_b_proj.weight.grad is not None
+    if DEV == "cpu":  # a Triton op on CPU tensors without the interpreter says how to turn it on
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mla_decode(ql, qr, kv, kr, 0.1)
+
+
+# ------------------------------------------------------------------------------------ the exercise checkers
+def _absorbed_right(q_nope, w, dn, dv):
+    return torch.einsum("bthd,hdr->bthr", q_nope, w.view(q_nope.shape[2], dn + dv, -1)[:, :dn])
+
+
+def _absorbed_value_rows(q_nope, w, dn, dv):  # takes each head's last dn rows (part of W_uv) instead of W_uk
+    return torch.einsum("bthd,hdr->bthr", q_nope, w.view(q_nope.shape[2], dn + dv, -1)[:, -dn:])
+
+
+def _absorbed_flat_split(q_nope, w, dn, dv):  # W_uk as the first H·dn rows of the flat matrix
+    H = q_nope.shape[2]
+    return torch.einsum("bthd,hdr->bthr", q_nope, w[:H * dn].view(H, dn, -1))
+
+
+def _cache_right(cfg, T, B, nbytes):
+    per = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if getattr(cfg, "kv_lora_rank", None)
+           else cfg.num_key_value_heads * (cfg.head_dim + (getattr(cfg, "v_head_dim", None) or cfg.head_dim)))
+    types_ = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    return B * T * per * nbytes * sum(t != "linear_attention" for t in types_)
+
+
+def _cache_mla_as_mha(cfg, T, B, nbytes):  # expands MLA's cache per head: the mistake MLA exists to avoid
+    if getattr(cfg, "kv_lora_rank", None):
+        return B * T * cfg.num_hidden_layers * cfg.num_attention_heads * 2 * (cfg.kv_lora_rank + 64) * nbytes
+    return _cache_right(cfg, T, B, nbytes)
+
+
+def _cache_ignores_layer_types(cfg, T, B, nbytes):
+    return _cache_right(types.SimpleNamespace(**{k: v for k, v in vars(cfg).items() if k != "layer_types"}), T, B,
+                        nbytes)
+
+
+def _cache_only_k(cfg, T, B, nbytes):  # forgets V for softmax attention
+    if getattr(cfg, "kv_lora_rank", None):
+        return _cache_right(cfg, T, B, nbytes)
+    return B * T * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * nbytes
+
+
+def _split_right(q, H, dn, dr, pos, theta):
+    qn, qr = q.view(*q.shape[:2], H, dn + dr).split([dn, dr], -1)
+    return qn, apply_rope(qr, pos, theta, interleaved=True)
+
+
+def _split_flat(q, H, dn, dr, pos, theta):  # splits the flat vector at H·dn: mixes the heads' parts
+    qn, qr = q.split([H * dn, H * dr], -1)
+    return qn.reshape(*q.shape[:2], H, dn), apply_rope(qr.reshape(*q.shape[:2], H, dr), pos, theta, interleaved=True)
+
+
+def _split_half_rope(q, H, dn, dr, pos, theta):  # the other RoPE pairing
+    qn, qr = q.view(*q.shape[:2], H, dn + dr).split([dn, dr], -1)
+    return qn, apply_rope(qr, pos, theta, interleaved=False)
+
+
+def _split_no_rope(q, H, dn, dr, pos, theta):
+    return tuple(q.view(*q.shape[:2], H, dn + dr).split([dn, dr], -1))
+
+
+def _combine_right(m, l, acc):
+    w = torch.exp(m - m.max(0).values)
+    return (w[..., None] * acc).sum(0) / (w * l).sum(0)[..., None]
+
+
+def _combine_ignores_max(m, l, acc):  # adds the states as if they shared one max
+    return acc.sum(0) / l.sum(0)[..., None]
+
+
+def _combine_unshifted(m, l, acc):  # exp(m) on its own: overflows for scores near 200
+    w = torch.exp(m)
+    return (w[..., None] * acc).sum(0) / (w * l).sum(0)[..., None]
+
+
+def _combine_best_split_only(m, l, acc):
+    best = m.argmax(0)
+    idx = torch.arange(m.shape[1])
+    return acc[best, idx] / l[best, idx][:, None]
+
+
+def _stub(*args):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("checker, right, wrongs", [
+    (check_absorbed_query, _absorbed_right, [_absorbed_value_rows, _absorbed_flat_split]),
+    (check_cache_bytes, _cache_right, [_cache_mla_as_mha, _cache_ignores_layer_types, _cache_only_k]),
+    (check_split_query, _split_right, [_split_flat, _split_half_rope, _split_no_rope]),
+    (check_combine_splits, _combine_right, [_combine_ignores_max, _combine_unshifted, _combine_best_split_only]),
+], ids=["absorbed_query", "cache_bytes", "split_query", "combine_splits"])
+def test_checkers_accept_right_and_reject_wrong_answers(capsys, checker, right, wrongs):
+    checker(right)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("✓")
+    for wrong in wrongs:
+        with pytest.raises(ExerciseError, match="case"):
+            checker(wrong)
+    with pytest.raises(ExerciseError, match="not implemented"):
+        checker(_stub)
+
+
+def test_combine_splits_reference_handles_empty_splits():
+    m = torch.tensor([[1.0, float("-inf")], [float("-inf"), 2.0], [0.5, 3.0]])
+    l = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.5]])
+    acc = torch.randn(3, 2, 4, generator=_gen(9))
+    acc[0, 1] = acc[1, 0] = 0
+    out = combine_splits(m, l, acc)
+    w0 = torch.exp(torch.tensor([1.0, 0.5]) - 1.0)
+    assert_close("row 0", (w0[0] * acc[0, 0] + w0[1] * acc[2, 0]) / (w0[0] * 2 + w0[1] * 1), out[0], 1e-6)
+
+
+@HF
+def test_from_hf_rejects_rope_types_it_does_not_implement():
+    hf, _ = _hf_attention(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))
+    with pytest.raises(NotImplementedError, match="linear"):
+        MLA.from_hf(hf)
