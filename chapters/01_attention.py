@@ -527,6 +527,9 @@ class KVCache:
         if tuple(k.shape) != (B, t, HKV, D) or tuple(v.shape) != (B, t, HKV, self.v.shape[-1]):
             raise ValueError(f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
                              f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:  # a silent cast would round fp32 keys to fp16
+            raise TypeError(f"KVCache.append: the cache holds {self.k.dtype}, got k {k.dtype} and v {v.dtype} "
+                            "(make the cache with the layer's dtype)")
         if self.length + t > self.max_len:
             raise ValueError(f"KVCache.append: {t} new tokens do not fit: {self.length} of max_len={self.max_len} "
                              "are used (make a larger cache)")

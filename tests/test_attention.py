@@ -432,3 +432,12 @@ def test_check_kv_cache_bytes(capsys):
             check_kv_cache_bytes(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):
         check_kv_cache_bytes(stub)
+
+
+def test_kv_cache_refuses_another_dtype():
+    cache = KVCache(1, 8, 2, 16)
+    k = make_bthd(1, 3, 2, 16)
+    with pytest.raises(TypeError, match="cache holds torch.float32"):
+        cache.append(k.half(), k.half())
+    cache.append(k, k)
+    assert len(cache) == 3

@@ -502,3 +502,19 @@ def test_moe_layer_on_an_empty_batch(backend):
     assert y.shape == (0, 16)
     if backend == "triton":  # the sorted path keeps the (empty) graph; the naive loop returns a constant
         y.sum().backward()
+
+
+def test_balancing_and_dispatch_helpers_reject_bad_input():
+    from minisparse.moe import expert_counts, unpermute
+
+    idx = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        load_balancing_loss(torch.full((2, 4), 0.25), idx + 1, 4)
+    with pytest.raises(TypeError, match="integer"):
+        expert_counts(idx.float(), 4)
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        capacity_mask(idx, 4, 0.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        update_bias(torch.zeros(4, dtype=torch.long), torch.ones(4))
+    with pytest.raises(ValueError, match=r"weights must be \[N, k\]"):
+        unpermute(torch.zeros(4, 3), torch.ones(4), torch.arange(4))

@@ -77,7 +77,14 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
 
 def expert_counts(indices, num_experts):
     """Tokens routed to each expert: indices [N, k] -> counts [E] int64 (no host sync, unlike bincount on GPU)."""
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"expert_counts: indices must be an integer tensor, got {indices.dtype}")
     flat = indices.reshape(-1)
+    # The range check reads the indices on the host, so only on CPU; on a GPU an index out of range trips CUDA's
+    # own device-side assert in scatter_add_ instead, and the layer's hot path stays free of host syncs.
+    if flat.device.type == "cpu" and flat.numel() and not (0 <= flat.min() and flat.max() < num_experts):
+        raise ValueError(f"expert_counts: indices must lie in [0, {num_experts}), got values in "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
     return torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(0, flat,
                                                                                          torch.ones_like(flat))
 
@@ -106,6 +113,11 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
     bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up, overloaded down,
     an expert exactly at the mean stays.
     """
+    if not isinstance(bias, torch.Tensor) or not isinstance(tokens_per_expert, torch.Tensor):
+        raise TypeError(f"update_bias: bias and tokens_per_expert must be tensors, got {type(bias).__name__} and "
+                        f"{type(tokens_per_expert).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"update_bias: bias must be a floating-point tensor, got {bias.dtype}")
     if bias.shape != tokens_per_expert.shape or bias.dim() != 1:
         raise ValueError(f"update_bias: bias and tokens_per_expert must both be [E], got {tuple(bias.shape)} and "
                          f"{tuple(tokens_per_expert.shape)}")
@@ -118,6 +130,11 @@ def capacity_mask(indices, num_experts, capacity_factor):
 
     Priority: all first choices (slot 0) in token order, then all second choices, and so on (as GShard).
     """
+    if indices.dim() != 2:
+        raise ValueError(f"capacity_mask: indices must be [N, k], got shape {tuple(indices.shape)}")
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_mask: capacity_factor must be > 0 (1.0 = exactly the mean load), "
+                         f"got {capacity_factor!r}")
     N, k = indices.shape
     capacity = math.ceil(capacity_factor * N * k / num_experts)
     slot_major = indices.t().reshape(-1)  # [k*N] slot 0 of every token first
@@ -174,6 +191,9 @@ def unpermute(y_sorted, weights, order):
 
     y_sorted [N*k, H], weights [N, k], order [N*k] (from permute) -> y [N, H] in y_sorted's dtype.
     """
+    if weights.dim() != 2:
+        raise ValueError(f"unpermute: weights must be [N, k] (one weight per token and slot), got shape "
+                         f"{tuple(weights.shape)}")
     N, k = weights.shape
     if y_sorted.dim() != 2 or y_sorted.shape[0] != N * k or order.shape != (N * k,):
         raise ValueError(f"unpermute: need y_sorted [N*k, H] and order [N*k] with N*k = {N * k} (weights "
