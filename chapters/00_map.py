@@ -33,7 +33,7 @@
 # Where the survey and a primary source disagree, the text says so. Full references are at the end.
 # :::
 
-# %%
+# %% tags=["hide-input"]
 # Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys

@@ -39,7 +39,7 @@
 # Tensors are laid out `[B, T, H, D]` (batch, time, heads, head dim) everywhere, as in fla. On a laptop CPU the
 # chapter runs at small "reading sizes" in well under two minutes; on a GPU the same cells use realistic sizes.
 
-# %%
+# %% tags=["hide-input"]
 # Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys

@@ -54,7 +54,7 @@
 # **[S]** marks facts from the minisparse seed survey, Feb 2026 (chapter 0); papers are listed at the end.
 # :::
 
-# %%
+# %% tags=["hide-input"]
 # Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys

@@ -52,7 +52,7 @@
 # the end (MiniMax-01 and MiniMax-M1 for MiniMax's layers).
 # :::
 
-# %%
+# %% tags=["hide-input"]
 # Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys

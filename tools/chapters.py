@@ -200,7 +200,7 @@ def sync_setup() -> None:
             code[0].source = want
         else:
             nb.cells.insert(next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), len(nb.cells)),
-                            jupytext.reads(f"# %%\n{want}\n", fmt="py:percent").cells[0])
+                            jupytext.reads(f"# %% tags=[\"hide-input\"]\n{want}\n", fmt="py:percent").cells[0])
         jupytext.write(nb, py, fmt="py:percent")
     cfg = ROOT / "book" / "_config.yml"
     cfg.write_text(re.sub(r"(?m)^(\s*url:\s*)\S+(\s*# from pyproject.*)$", rf"\g<1>{repo_url()}\g<2>", cfg.read_text()))
