@@ -1,0 +1,144 @@
+"""Chapter 5's benchmark: chunk_gated_delta_rule against fla's chunk_gated_delta_rule and SDPA causal attention.
+
+    PYTHONPATH=. python bench/deltanet.py --out bench/results      # on a GPU machine, from the repository root
+    python bench/deltanet.py --out /tmp --smoke                     # on a CPU: checks that the script runs
+
+B = 2, H = HV = 16, K = V = 128, bf16, T from 1K to 64K; q and k L2-normalised inside (use_qk_l2norm), beta uniform in
+[0, 1], gates log-uniform-ish in [-1, 0]; forward, and forward + backward (o.backward(do)). Medians by
+minisparse.bench.median_ms (CUDA events). Writes DIR/deltanet.json (minisparse.bench format) and prints a table last.
+Target, reported and not asserted: forward time ≤ 1.0× fla's chunk_gated_delta_rule. Note: minisparse's backward is
+still a PyTorch recomputation (expect it to be slow), and this script has not been run on a GPU yet.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository, without installing it
+
+from minisparse import bench  # noqa: E402
+from minisparse.deltanet import chunk_gated_delta_rule  # noqa: E402
+from minisparse.testing import rel_rms  # noqa: E402
+
+B, H, D = 2, 16, 128
+TS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+DEVICE, DTYPE = "cuda", torch.bfloat16
+SMOKE = False
+OURS = "chunk_gated_delta_rule (minisparse)"
+FLA = "fla chunk_gated_delta_rule"
+
+
+def timed(fn) -> float | None:
+    try:
+        fn()  # compile outside the timing
+        if SMOKE:
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return bench.median_ms(fn, warmup=10, rep=40)
+    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
+        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        return None
+
+
+def impls():
+    out = {OURS: lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]}
+    if not SMOKE:
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdr
+
+            out[FLA] = lambda q, k, v, g, b: fla_gdr(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]
+        except ImportError as err:
+            print(f"  fla chunk_gated_delta_rule unavailable: {err}")
+    out["SDPA causal"] = lambda q, k, v, g, b: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+    return out
+
+
+def rows_for(T: int) -> list[dict]:
+    gen = torch.Generator(device=DEVICE).manual_seed(T)
+    q, k, v = (torch.randn(B, T, H, D, device=DEVICE, generator=gen, dtype=DTYPE) for _ in range(3))
+    g = -torch.rand(B, T, H, device=DEVICE, generator=gen)  # float32 log decay in [-1, 0]
+    beta = torch.rand(B, T, H, device=DEVICE, generator=gen)
+    do = torch.randn(B, T, H, D, device=DEVICE, generator=gen, dtype=DTYPE)
+    lin_flops = B * H * (T * 64 * 2 * D * 2 + 6 * T * D * D)  # rough: intra-chunk incl. UT, inter-chunk and states
+    rows = []
+    fns = impls()
+    if FLA in fns and T <= 8192:
+        try:
+            with torch.no_grad():
+                err = rel_rms(fns[OURS](q, k, v, g, beta).float(), fns[FLA](q, k, v, g, beta).float())
+            print(f"  T={T}: minisparse vs fla relative RMS {err:.2e}")
+        except Exception as e:  # noqa: BLE001
+            print(f"  T={T}: no comparison with fla ({type(e).__name__}: {str(e)[:100]})")
+    for name, fn in fns.items():
+        flops = B * H * T * T * 2 * D if name.startswith("SDPA") else lin_flops
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v, g, beta)
+
+        def fwd_bwd():
+            fn(*leaves).backward(do)
+
+        for p, f, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fwd_bwd, 3.0)):
+            ms = timed(f) if not (SMOKE and name != OURS) else None
+            rows.append(dict(impl=name, **{"pass": p}, T=T, B=B, H=H, D=D, ms=ms,
+                             tflops=mult * flops / ms / 1e9 if ms else None))
+            for x in leaves:
+                x.grad = None
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for deltanet.json")
+    ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="sequence lengths")
+    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
+    args = ap.parse_args(argv)
+    global SMOKE, DEVICE, DTYPE, B, H, D
+    if args.smoke:
+        SMOKE, DEVICE, DTYPE, B, H, D = True, "cpu", torch.float32, 1, 2, 32
+        args.T = [70]
+        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+    elif not torch.cuda.is_available():
+        print("bench/deltanet.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
+              file=sys.stderr)
+        return 2
+    else:
+        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
+    rows = []
+    config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, H=H, HV=H, K=D, V=D, T=args.T, chunk=64,
+                  gates="-U(0, 1)", beta="U(0, 1)", scale="K ** -0.5", l2norm="in kernel",
+                  note="fwd under no_grad; fwd+bwd = o.backward(do); tflops: a rough count of the chunk form, "
+                       "or causal 2·T²·2D (SDPA) a head, ×3 for fwd+bwd")
+    for T in args.T:  # saved after every length, so a run cut short still leaves its results
+        print(f"T = {T}")
+        rows += rows_for(T)
+        path = bench.save_results("deltanet", config, rows, path=args.out / "deltanet.json")
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nwrote {path}")
+    print(f"{'impl':40s} {'pass':8s} {'T':>6s} {'ms':>9s} {'TFLOP/s':>8s}")
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        tf = f"{r['tflops']:.0f}" if r.get("tflops") else ""
+        print(f"{r['impl']:40s} {r['pass']:8s} {r['T']:6d} {ms:>9s} {tf:>8s}")
+    for p in ("fwd", "fwd+bwd"):
+        for T in args.T:
+            ours = next((r["ms"] for r in rows if r["impl"] == OURS and r["pass"] == p and r["T"] == T), None)
+            ref = next((r["ms"] for r in rows if r["impl"] == FLA and r["pass"] == p and r["T"] == T), None)
+            if ours and ref:
+                print(f"{p:8s} T={T:6d}: minisparse / fla time = {ours / ref:.2f}x (target <= 1.0x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1380 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 5 — DeltaNet and Gated DeltaNet
+#
+# Chapter 4 folded the past into a fixed-size state $S \in \mathbb R^{K\times V}$ and read it with $q_t S_t$. Its
+# update only ever *adds*: $S_t = \lambda S_{t-1} + k_t^\top v_t$. Once a key has been written, the only way to get
+# rid of its value is to forget everything at the same rate. The **delta rule** (DeltaNet) changes the update
+# instead: before writing $v_t$ under key $k_t$, it reads what the state already returns for $k_t$ and writes only
+# the *difference*. **Gated DeltaNet** (GDN) adds a data-dependent forget gate on top. GDN is the linear-attention
+# half of Qwen3-Next and Qwen3.5, and the parent of chapter 6's Kimi Delta Attention.
+#
+# What you build here, and can import afterwards:
+#
+# | name | what it is |
+# |---|---|
+# | `naive_recurrent_delta_rule`, `naive_recurrent_gated_delta_rule` | the spec: the delta rule token by token, in PyTorch |
+# | `naive_chunk_delta_rule`, `naive_chunk_gated_delta_rule` | the chunkwise WY/UT form in PyTorch (differentiable), equal to the spec |
+# | `l2norm` | the key/query normalisation every delta-rule model uses |
+# | `chunk_gated_delta_rule`, `chunk_delta_rule` | Triton forward (WY/UT, three kernels), any $T$, $K \ne V$, grouped value heads, initial and final state; backward by recomputing the PyTorch chunk form |
+# | `fused_recurrent_gated_delta_rule` | Triton, for decoding a few tokens from a state (forward only) |
+# | `GatedDeltaNet` | the layer as Qwen3-Next builds it, `GatedDeltaNet.from_hf` |
+#
+# ```python
+# from minisparse.deltanet import naive_chunk_gated_delta_rule, GatedDeltaNet
+# ```
+#
+# Layout `[B, T, H, D]` as everywhere in the book; gates `g` and write strengths `beta` are `[B, T, HV]`; a state is
+# `[B, HV, K, V]`. Value heads may outnumber query/key heads (`HV % H == 0`, *grouped value heads*, as in
+# Qwen3-Next). On a laptop CPU the chapter runs at small reading sizes in seconds, with the Triton kernels in the
+# interpreter. The kernels' backward pass is still PyTorch's (section 5.6), and they have not been timed on a GPU.
+
+# %% tags=["hide-input"]
+# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
+                                  "or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minisparse import bench, runtime, viz
+from minisparse.testing import assert_close, make_bthd, make_log_gates
+
+torch.manual_seed(0)
+DEVICE = runtime.device()
+DTYPE = runtime.default_dtype()
+
+try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule as fla_naive_recurrent_gdr
+except ImportError:
+    fla_naive_recurrent_gdr = None
+    print("fla-core is not installed: the check against fla's naive_recurrent_gated_delta_rule is skipped")
+try:  # transformers is a test dependency: the cells that compare against Qwen3-Next skip, with a message, without it
+    import transformers
+except ImportError:
+    transformers = None
+    print("transformers is not installed: the checks against Qwen3-Next's layer are skipped")
+
+# %% [markdown]
+# ## 5.1 Why: a memory that can overwrite
+#
+# Read chapter 4's state as a key–value memory. Writing the pair $(k, v)$ adds $k^\top v$; reading with a unit key
+# $k$ returns $k S$. If the keys were orthonormal, reading $k_s$ would return exactly $v_s$. But a $K$-dimensional
+# state holds at most $K$ orthogonal keys; after that, keys overlap, every read returns a blend, and writing a new
+# value under an old key returns *old + new*, forever (or until the decay has erased both).
+#
+# DeltaNet (Schlag et al. 2021; Yang et al. 2024) treats the state as the weights of a linear map that should send
+# $k_t \mapsto v_t$, and takes **one gradient step** on the squared error of that map for the current pair:
+#
+# $$
+# \mathcal L_t(S) = \tfrac12 \lVert k_t S - v_t \rVert^2, \qquad
+# S_t = S_{t-1} - \beta_t \nabla \mathcal L_t(S_{t-1}) = S_{t-1} + \beta_t\, k_t^\top \big(v_t - k_t S_{t-1}\big).
+# $$
+#
+# (Row vectors as in chapter 4; in fla's column notation, $S \leftarrow S + \beta k (v - S^\top k)^\top$.)
+# $k_t S_{t-1}$ is what the memory currently returns for $k_t$; the update writes only the error $v_t - k_t
+# S_{t-1}$, scaled by a learning rate $\beta_t \in [0, 1]$ the model predicts per token. With $\lVert k_t\rVert = 1$
+# and $\beta_t = 1$ the step is exact: afterwards $k_t S_t = v_t$, whatever was stored there before — an
+# **overwrite**. Equivalently $S_t = (I - \beta_t k_t^\top k_t) S_{t-1} + \beta_t k_t^\top v_t$: the old state is
+# multiplied by a generalised Householder matrix that erases (part of) the direction $k_t$ before writing.
+#
+# That is why keys are **L2-normalised**: for $\lVert k \rVert = 1$ the matrix $I - \beta k^\top k$ has eigenvalues
+# $1$ and $1 - \beta$, so it never amplifies the state for $\beta \in [0, 2]$ (the step is stable); $\beta \in [0, 1]$
+# is what models use, $\beta = 2$ is a reflection. The book's ops accept $\beta \in [0, 2]$ and reject anything else.
+#
+# **Gated DeltaNet** (Yang, Kautz, Hatamizadeh 2024) multiplies the state by a data-dependent decay
+# $\alpha_t = e^{g_t} \in (0, 1]$ first — Mamba2's gate — so that a head can also clear its whole memory quickly
+# when the context changes:
+#
+# $$
+# S_t = \alpha_t \big(I - \beta_t k_t^\top k_t\big) S_{t-1} + \beta_t k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t .
+# $$
+#
+# The picture: one pair $(k^\ast, v^\ast)$ is written at $t = 0$ into a $64 \times 64$ state, then 99 random pairs,
+# then $k^\ast$ is written again with a *new* value $v^{\text{new}}$, then 99 more. We read the memory with $k^\ast$
+# after every token and measure how much of $v^\ast$ and of $v^{\text{new}}$ it returns (the projection
+# $\langle k^\ast S_t, v\rangle / \lVert v \rVert^2$).
+
+# %%
+def memory_trace(rule, d=64, T=200, t_new=100, beta=0.9, g=-0.02, seed=0):
+    """Write (k*, v*) at t = 0 and (k*, v_new) at t_new between random pairs; return how much of v* and v_new the
+    state returns for k* after each token, for rule in 'linear', 'delta', 'gated delta'."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(T, d, generator=gen, dtype=torch.float64), dim=-1)  # [T, d] unit keys
+    vals = torch.randn(T, d, generator=gen, dtype=torch.float64)  # [T, d]
+    keys[t_new] = keys[0]  # the same key again, with a new value
+    S = torch.zeros(d, d, dtype=torch.float64)
+    old, new = [], []
+    for t in range(T):
+        k, v = keys[t], vals[t]
+        if rule == "linear":
+            S = S + torch.outer(k, v)
+        else:
+            alpha = math.exp(g) if rule == "gated delta" else 1.0
+            S = alpha * S
+            S = S + beta * torch.outer(k, v - k @ S)  # the delta rule: write the error only
+        read = keys[0] @ S  # [d] what the memory returns for k*
+        old.append(float(read @ vals[0] / (vals[0] @ vals[0])))
+        new.append(float(read @ vals[t_new] / (vals[t_new] @ vals[t_new])))
+    return np.array(old), np.array(new)
+
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), sharey=True)
+for ax, rule in zip(axes, ["linear", "delta", "gated delta"]):
+    old, new = memory_trace(rule)
+    ax.plot(old, label="v* (written at t = 0)", color="tab:blue")
+    ax.plot(np.arange(100, 200), new[100:], label="v_new (same key, t = 100)", color="tab:red")
+    ax.axvline(100, color="gray", lw=0.8, ls=":")
+    ax.set(title={"linear": "linear attention: S += kᵀv", "delta": "DeltaNet (β = 0.9)",
+                  "gated delta": "Gated DeltaNet (β = 0.9, g = -0.02)"}[rule], xlabel="token t")
+    ax.grid(alpha=0.3)
+axes[0].set_ylabel("share of the value returned for k*")
+axes[0].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+old_l, new_l = memory_trace("linear")
+old_d, new_d = memory_trace("delta")
+print(f"just after the rewrite, linear attention returns {old_l[100]:.2f} of v* and {new_l[100]:.2f} of v_new; "
+      f"DeltaNet {old_d[100]:.2f} and {new_d[100]:.2f}")
+
+# %% [markdown]
+# Linear attention returns all of the old value *and* all of the new one after the rewrite: it replaced nothing,
+# and it never will. DeltaNet's read of $v^\ast$ fades as the random keys, which overlap $k^\ast$ a little, partly
+# overwrite its direction; at the rewrite it drops to almost nothing and the memory returns $0.9\,v^{\text{new}}$
+# ($\beta = 0.9$). The gate adds a fade at a rate the model controls token by token. Qwen3-Next's heads learn both.
+
+# %% [markdown]
+# ## 5.2 Naive: the recurrence
+#
+# The spec, with the book's conventions and fla's argument names (but the book's order `q, k, v, g, beta` — fla's
+# own naive function takes `q, k, v, beta, g`, the tests watch for that):
+#
+# - `q, k [B, T, H, K]`, `v [B, T, HV, V]` with `HV % H == 0`: value head $h_v$ reads query/key head
+#   $\lfloor h_v / (HV/H) \rfloor$, as Qwen3-Next groups them;
+# - `g [B, T, HV]` log decay, finite and $\le 0$; `beta [B, T, HV]` in $[0, 2]$ (after the sigmoid);
+# - `scale` (default $K^{-1/2}$), `initial_state [B, HV, K, V]`, `output_final_state`;
+# - `use_qk_l2norm=True` normalises $q$ and $k$ inside (as Qwen3-Next calls it), else the caller must.
+#
+# Per token, in the order the equation reads: decay, read, write the error, read the output:
+#
+# $$
+# S \leftarrow e^{g_t} S,\qquad u_t = \beta_t\,(v_t - k_t S),\qquad S \leftarrow S + k_t^\top u_t,
+# \qquad o_t = \sigma\, q_t S .
+# $$
+
+# %%
+#| export deltanet.naive
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def l2norm(x, eps=1e-6):
+    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers' l2norm)."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _check_delta(op, q, k, v, g, beta, scale, initial_state):
+    """Validate the inputs every delta-rule op takes; return the scale as a float."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, shape in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, HV, V]")):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D {shape}, got shape {tuple(t.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    B, T, H, K = q.shape
+    if v.shape[:2] != q.shape[:2] or v.shape[2] % H != 0:
+        raise ValueError(f"{op}: v must be [B, T, HV, V] with q's B, T = {(B, T)} and HV a multiple of H = {H}, "
+                         f"got {tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k, v must share one dtype among float32, float16, bfloat16, got q {q.dtype}, "
+                        f"k {k.dtype}, v {v.dtype}")
+    for name, t in (("g", g), ("beta", beta)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (B, T, HV):
+            raise ValueError(f"{op}: {name} must be [B, T, HV] = {(B, T, HV)} (one per token and value head), "
+                             f"got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    if g is not None and not bool(((g <= 0) & torch.isfinite(g)).all()):
+        raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
+                         f"in [{g.min().item():.3g}, {g.max().item():.3g}]")
+    if not bool(((beta >= 0) & (beta <= 2)).all()):
+        raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit keys; "
+                         f"models use sigmoid outputs in [0, 1]), got values in [{beta.min().item():.3g}, "
+                         f"{beta.max().item():.3g}]")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"{op}: initial_state must be a tensor [B, HV, K, V] or None, got "
+                            f"{type(initial_state).__name__}")
+        if tuple(initial_state.shape) != (B, HV, K, V):
+            raise ValueError(f"{op}: initial_state must be [B, HV, K, V] = {(B, HV, K, V)}, got "
+                             f"{tuple(initial_state.shape)}")
+        if initial_state.dtype not in _DTYPES:
+            raise TypeError(f"{op}: initial_state must be float32, float16 or bfloat16, got {initial_state.dtype}")
+    if scale is None:
+        return K ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{op}: scale must be a positive number or None (K ** -0.5), got {scale!r}")
+    return float(scale)
+
+
+def _prepare(q, k, v, g, beta, use_qk_l2norm):
+    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised."""
+    HV = v.shape[2]
+    rep = HV // q.shape[2]
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if rep > 1:  # grouped value heads: value head hv reads query/key head hv // rep
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
+    g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g.float()
+    return q, k, v.float(), g, beta.float()
+
+
+def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                                     use_qk_l2norm=False):
+    """Gated delta rule token by token: S ← exp(g_t) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale · q_t S.
+
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
+    initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
+    None). Accumulates in float32.
+    """
+    scale = _check_delta("naive_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float().clone()
+    o = qf.new_empty(B, T, HV, V)
+    for t in range(T):
+        kt = kf[:, t]  # [B, HV, K]
+        S = S * gf[:, t].exp()[:, :, None, None]  # decay: exp(g_t) S
+        err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S: what the memory gets wrong
+        S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # write β_t · error under k_t
+        o[:, t] = torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S)  # [B, HV, V]
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                               use_qk_l2norm=False):
+    """DeltaNet token by token: naive_recurrent_gated_delta_rule with g = 0 (no decay). Same shapes."""
+    _check_delta("naive_recurrent_delta_rule", q, k, v, None, beta, scale, initial_state)
+    return naive_recurrent_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, scale,
+                                            initial_state, output_final_state, use_qk_l2norm)
+
+
+# %% [markdown]
+# Two independent references check it: fla's `naive_recurrent_gated_delta_rule` (note its order `q, k, v, beta,
+# g`; it has no grouped heads) and transformers' `torch_recurrent_gated_delta_rule` from Qwen3-Next (order
+# `q, k, v, g, beta`; it always scales by $K^{-1/2}$, normalises with `use_qk_l2norm_in_kernel` and repeats the
+# query/key heads for grouped value heads). The decorator transformers wraps it in may swap in fla's Triton kernel
+# when fla is importable; `.__wrapped__` is the PyTorch function itself.
+
+# %%
+from minisparse.deltanet import naive_recurrent_delta_rule, naive_recurrent_gated_delta_rule
+
+B0, T0, H0, K0, V0 = 2, 45, 3, 32, 48
+q0, k0, v0 = make_bthd(B0, T0, H0, K0, seed=1), make_bthd(B0, T0, H0, K0, seed=2), make_bthd(B0, T0, H0, V0, seed=3)
+q0n, k0n = F.normalize(q0, dim=-1), F.normalize(k0, dim=-1)  # the caller normalises
+g0 = make_log_gates(B0, T0, H0, low=-1.0, seed=4)
+beta0 = torch.rand(B0, T0, H0, generator=torch.Generator().manual_seed(5))
+h00 = torch.randn(B0, H0, K0, V0, generator=torch.Generator().manual_seed(6))
+o_rec0, s_rec0 = naive_recurrent_gated_delta_rule(q0n, k0n, v0, g0, beta0, initial_state=h00, output_final_state=True)
+if fla_naive_recurrent_gdr is not None:
+    o_fla, s_fla = fla_naive_recurrent_gdr(q0n, k0n, v0, beta0, g0, initial_state=h00, output_final_state=True)
+    assert_close("vs fla naive_recurrent_gated_delta_rule: o", o_fla, o_rec0, 1e-5)
+    assert_close("vs fla naive_recurrent_gated_delta_rule: state", s_fla, s_rec0, 1e-5)
+    print("naive_recurrent_gated_delta_rule == fla's naive_recurrent_gated_delta_rule (T = 45, K = 32, V = 48)")
+if transformers is not None:
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+
+    hf_rec = getattr(qwen3_next.torch_recurrent_gated_delta_rule, "__wrapped__",
+                     qwen3_next.torch_recurrent_gated_delta_rule)
+    v0g = make_bthd(B0, T0, 2 * H0, V0, seed=7)  # grouped value heads: HV = 2 H
+    g0g, beta0g = make_log_gates(B0, T0, 2 * H0, low=-1.0, seed=8), torch.rand(B0, T0, 2 * H0)
+    # q, k repeated per value head: older transformers releases (5.17) take equal head counts only
+    o_hf, s_hf = hf_rec(q0.repeat_interleave(2, 2), k0.repeat_interleave(2, 2), v0g, g0g, beta0g,
+                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_me, s_me = naive_recurrent_gated_delta_rule(q0, k0, v0g, g0g, beta0g, output_final_state=True,
+                                                  use_qk_l2norm=True)
+    assert_close("vs transformers torch_recurrent_gated_delta_rule: o", o_hf, o_me, 1e-5)
+    assert_close("vs transformers torch_recurrent_gated_delta_rule: state", s_hf, s_me, 1e-5)
+    print("naive_recurrent_gated_delta_rule == transformers' torch_recurrent_gated_delta_rule (HV = 2H, l2norm inside)")
+
+# %% [markdown]
+# ## 5.3 Chunkwise: the WY representation and the UT transform
+#
+# Chapter 4 chunked its recurrence because the transition was a *scalar* $\lambda$: unrolled over a chunk it gave
+# powers of $\lambda$, a decay matrix, and two matrix products. Here the transition is a *matrix that depends on the
+# data*: $S_t = M_t S_{t-1} + \beta_t k_t^\top v_t$ with $M_t = e^{g_t}(I - \beta_t k_t^\top k_t)$, a $K \times K$
+# matrix multiplying the state from the left. Unrolled over a chunk it is a product of $L$ generalised Householder
+# matrices — forming it explicitly costs a $K \times K$ matrix and $O(K^2)$ work per token, and a scan over those
+# products is no faster than the recurrence.
+#
+# The way out (Yang et al. 2024, after Bischof & Van Loan's WY representation of Householder products): do not
+# form the product, solve for what each token *writes*. Take a chunk of $L$ tokens entering with state $S$, let
+# $G_i = \sum_{j \le i} g_j$ be the cumulative log decay inside the chunk (a *local* cumulative sum that restarts
+# every chunk), and call $u_i = \beta_i (v_i - k_i \tilde S_{i})$ the value token $i$ actually writes ($\tilde S_i$ is
+# the state after the decay of step $i$, before its write). Then, for token $i$ of the chunk,
+#
+# $$
+# S_i = e^{G_i} S + \sum_{j \le i} e^{G_i - G_j}\, k_j^\top u_j ,
+# \qquad
+# u_i = \beta_i\Big(v_i - e^{G_i} k_i S - \sum_{j < i} e^{G_i - G_j} (k_i \cdot k_j)\, u_j\Big).
+# $$
+#
+# The $u_i$ depend on the earlier $u_j$ of the chunk *linearly*. With the strictly lower-triangular
+# $A_{ij} = \beta_i\, e^{G_i - G_j} (k_i \cdot k_j)$ for $j < i$, all of them at once solve a unit lower-triangular
+# system:
+#
+# $$
+# (I + A)\, U = \operatorname{diag}(\beta)\, V - \operatorname{diag}(\beta e^{G})\, K S
+# \quad\Longrightarrow\quad
+# U = \underbrace{T\operatorname{diag}(\beta) V}_{\tilde U} - \underbrace{T \operatorname{diag}(\beta e^G) K}_{W}\, S,
+# \qquad T = (I + A)^{-1}.
+# $$
+#
+# $T$ is the **UT transform** of the chunk: it depends only on the chunk's keys, $\beta$ and gates — not on $S$ — so all
+# chunks compute theirs in parallel (a triangular solve of $L \times L$, $L = 64$). $W$ and $\tilde U$ are the **WY
+# representation**: without gates, the product of the chunk's Householder matrices is $I - K^\top W$. What
+# remains is chapter 4's chunkwise form with $U$ in place of $V$ and the gate's $e^{G_i - G_j}$ in place of
+# $\lambda^{i-j}$:
+#
+# $$
+# O = \sigma\big(\operatorname{diag}(e^{G}) Q S + (Q K^\top \odot \Gamma)\, U\big), \qquad
+# S' = e^{G_L} S + \big(\operatorname{diag}(e^{G_L - G}) K\big)^\top U, \qquad \Gamma_{ij} = e^{G_i - G_j}\ (j \le i).
+# $$
+#
+# Every exponent is $\le 0$ ($G$ decreases along the chunk), and above the diagonal it is masked to $-\infty$ *before*
+# `exp`: a gate of $-30$ a token makes $e^{G}$ underflow to 0 within a chunk, never overflow. The only sequential
+# part left across chunks is $U = \tilde U - WS$ and the state update, two matrix products per chunk.
+
+# %%
+#| export deltanet.naive
+def naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                                 use_qk_l2norm=False, chunk_size=64):
+    """Gated delta rule by chunks (the WY/UT form): same arguments and results as naive_recurrent_gated_delta_rule.
+
+    Per chunk of L ≤ chunk_size tokens: G = local cumsum of g; A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit
+    lower-triangular solve gives W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S,
+    O = scale (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(e^{G_L − G}) K)ᵀ U. Differentiable by autograd.
+    """
+    scale = _check_delta("naive_chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"naive_chunk_gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    qf, kf, vf = (x.transpose(1, 2) for x in (qf, kf, vf))  # [B, HV, T, ·]
+    gf, bf = gf.transpose(1, 2), bf.transpose(1, 2)  # [B, HV, T]
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    outs = []
+    for c0 in range(0, T, chunk_size):
+        L = min(chunk_size, T - c0)
+        qc, kc, vc = qf[:, :, c0:c0 + L], kf[:, :, c0:c0 + L], vf[:, :, c0:c0 + L]  # [B, HV, L, ·]
+        bc = bf[:, :, c0:c0 + L]  # [B, HV, L]
+        G = gf[:, :, c0:c0 + L].cumsum(-1)  # [B, HV, L] local cumulative log decay G_i
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # j <= i
+        Gamma = torch.exp(torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")))  # [B, HV, L, L]
+        A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)  # strictly lower
+        eye = torch.eye(L, device=q.device)
+        rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
+        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        W, U_tilde = WU[..., :K], WU[..., K:]  # [B, HV, L, K], [B, HV, L, V]
+        U = U_tilde - W @ S  # [B, HV, L, V] what each token writes
+        o = (qc * G.exp()[..., None]) @ S + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U  # [B, HV, L, V]
+        outs.append(scale * o)
+        S = G[..., -1, None, None].exp() * S + (kc * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ U
+    o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, HV, V]
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def naive_chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm=False, chunk_size=64):
+    """DeltaNet by chunks: naive_chunk_gated_delta_rule with g = 0. Same shapes as naive_recurrent_delta_rule."""
+    _check_delta("naive_chunk_delta_rule", q, k, v, None, beta, scale, initial_state)
+    return naive_chunk_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, scale,
+                                        initial_state, output_final_state, use_qk_l2norm, chunk_size)
+
+
+# %% [markdown]
+# The chunk form against the recurrence, on a length that is not a multiple of the chunk, $K \ne V$, grouped value
+# heads, an initial state, and gates from near 0 to $-30$ a token:
+
+# %%
+from minisparse.deltanet import naive_chunk_gated_delta_rule
+
+Bc, Tc, Hc, HVc, Kc, Vc = 2, 100, 2, 4, 32, 48
+qc0 = F.normalize(make_bthd(Bc, Tc, Hc, Kc, seed=11), dim=-1)  # unit queries and keys
+kc0 = F.normalize(make_bthd(Bc, Tc, Hc, Kc, seed=12), dim=-1)
+vc0 = make_bthd(Bc, Tc, HVc, Vc, seed=13)
+betac = torch.rand(Bc, Tc, HVc, generator=torch.Generator().manual_seed(14))
+hc0 = torch.randn(Bc, HVc, Kc, Vc, generator=torch.Generator().manual_seed(15))
+for low, high in [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]:
+    gc0 = make_log_gates(Bc, Tc, HVc, low=low, high=high, seed=16)
+    o_r, s_r = naive_recurrent_gated_delta_rule(qc0, kc0, vc0, gc0, betac, initial_state=hc0, output_final_state=True)
+    for C in (16, 64):
+        o_c, s_c = naive_chunk_gated_delta_rule(qc0, kc0, vc0, gc0, betac, initial_state=hc0, output_final_state=True,
+                                                chunk_size=C)
+        e = assert_close(f"chunk (C={C}, g in [{low}, {high}]) vs recurrent: o", o_r, o_c, 1e-5)
+        assert_close(f"chunk (C={C}, g in [{low}, {high}]) vs recurrent: state", s_r, s_c, 1e-5)
+    print(f"g in [{low:g}, {high:g}]: chunk == recurrent (relative RMS {e:.1e} at C = 64)")
+
+# %% [markdown]
+# ## 5.4 See it
+#
+# ### The attention matrix a GDN head implies
+#
+# With the state starting at zero, the outputs are *linear in the values*: the chunk form with a single chunk says
+# $O = \sigma (QK^\top \odot \Gamma)\, T \operatorname{diag}(\beta)\, V$. So a delta-rule head, for given queries,
+# keys, $\beta$ and gates, acts like attention with the matrix
+#
+# $$
+# P = \sigma\, (QK^\top \odot \Gamma)\,(I + A)^{-1} \operatorname{diag}(\beta) ,
+# $$
+#
+# lower-triangular like causal attention, but with entries of both signs: the delta rule *subtracts* what later keys
+# overwrote. Linear attention is $P = QK^\top \odot M$. Below, 48 tokens whose keys repeat every 12 tokens (a word
+# that keeps coming back with new values), and queries that look up the key seen 5 tokens earlier
+# ($q_t \approx k_{t-5}$): the three heads' $P$, and a check that $PV$ is the recurrence's output.
+
+# %%
+def implied_attention(q, k, g, beta, scale=1.0):
+    """P [T, T] with o = P v for one head from a zero state: q, k [T, K] (unit rows), g, beta [T]."""
+    T = q.shape[0]
+    G = g.cumsum(0)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    Tmat = torch.linalg.solve_triangular(torch.eye(T) + A, torch.eye(T), upper=False, unitriangular=True)
+    return scale * ((q @ k.T) * Gamma) @ Tmat * beta[None, :]
+
+
+T_P, d_P = 48, 16
+gen = torch.Generator().manual_seed(3)
+base = F.normalize(torch.randn(12, d_P, generator=gen), dim=-1)
+kP = base.repeat(4, 1)  # [48, 16] every key comes back every 12 tokens
+qP = F.normalize(torch.roll(kP, 5, dims=0) + 0.1 * torch.randn(T_P, d_P, generator=gen), dim=-1)  # q_t ≈ k_{t-5}
+betaP = torch.full((T_P,), 0.9)
+pics = {
+    "linear attention": (qP @ kP.T).tril(),
+    "DeltaNet (β = 0.9)": implied_attention(qP, kP, torch.zeros(T_P), betaP),
+    "Gated DeltaNet (β = 0.9, g = -0.1)": implied_attention(qP, kP, torch.full((T_P,), -0.1), betaP),
+}
+vmax = max(float(p.abs().max()) for p in pics.values())
+fig = viz.panels(pics, ncols=3, size=3.4, cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                 suptitle="Implied attention P (o = P v) of one head; keys repeat every 12 tokens, q_t ≈ k_{t-5}")
+plt.show()
+vP = torch.randn(T_P, 8, generator=gen)
+o_check, _ = naive_recurrent_gated_delta_rule(qP[None, :, None], kP[None, :, None], vP[None, :, None],
+                                              torch.full((1, T_P, 1), -0.1), betaP[None, :, None], scale=1.0)
+assert_close("P v vs the recurrence", o_check[0, :, 0], pics["Gated DeltaNet (β = 0.9, g = -0.1)"] @ vP, 1e-5)
+print("implied attention P @ v == naive_recurrent_gated_delta_rule (T = 48)")
+
+# %% [markdown]
+# Linear attention gives the same weight to every earlier occurrence of the key a query looks up: stripes at
+# distances 5, 17, 29, 41. DeltaNet keeps the *latest* occurrence (distance 5) and gives the earlier ones weights
+# near zero or below: the latest write replaced their values. The gate fades the whole lower triangle with distance.
+#
+# ### The state over time
+#
+# Without the delta rule the state's norm grows with every token, like $\sqrt t$ for random pairs; with it, the
+# state is the solution of a regression that never needs more than $\lVert v \rVert$ per key direction, and its norm
+# saturates. The gate lowers the plateau further.
+
+# %%
+T_S, d_S = runtime.reading_size(cpu=1024, gpu=4096), 32
+gen = torch.Generator().manual_seed(0)
+kS = F.normalize(torch.randn(T_S, d_S, generator=gen), dim=-1)  # [T, d] random unit keys
+vS = torch.randn(T_S, d_S, generator=gen)  # [T, d]
+fig, ax = plt.subplots(figsize=(7, 3.4))
+for label, beta_s, g_s in [("linear attention", None, 0.0), ("DeltaNet (β = 0.5)", 0.5, 0.0),
+                           ("Gated DeltaNet (β = 0.5, g = -0.02)", 0.5, -0.02)]:
+    S, norms = torch.zeros(d_S, d_S), []
+    for t in range(T_S):
+        if beta_s is None:
+            S = S + torch.outer(kS[t], vS[t])  # add only
+        else:
+            S = math.exp(g_s) * S
+            S = S + beta_s * torch.outer(kS[t], vS[t] - kS[t] @ S)  # the delta rule
+        norms.append(float(S.norm()))
+    ax.plot(norms, label=label)
+ax.set(xlabel="token t", ylabel="‖S_t‖ (Frobenius)",
+       title=f"State norm over time (K = V = {d_S}, random unit keys)")
+ax.set_yscale("log")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### Explorer: β and the gate
+#
+# Move $\beta$ (how much of the error each token writes) and the gate (how fast everything fades) and watch the
+# implied attention of the repeated-keys example. $\beta \to 0$ with no gate approaches a scaled linear attention
+# ($(I + A)^{-1} \to I$); $\beta = 1$ overwrites exactly; $\beta > 1$ over-corrects and alternates signs.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def draw_delta(beta=0.9, log10_decay=-1.0):
+    g = -(10 ** log10_decay)
+    P = implied_attention(qP, kP, torch.full((T_P,), g), torch.full((T_P,), beta))
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    m = float(P.abs().max())
+    viz.heatmap(ax, P, f"β = {beta:.2f}, g = {g:.3g} (half-life {math.log(2) / -g:.3g} tokens)", cmap="RdBu_r",
+                vmin=-m, vmax=m, colorbar=True)
+    fig.tight_layout()
+    plt.show()
+
+
+explorer = viz.explorer(draw_delta, beta=(0.05, 2.0, 0.05), log10_decay=(-4.0, 1.0, 0.25))
+
+# %% [markdown]
+# ## 5.5 Cost
+#
+# Per chunk of $C$ tokens and head, the chunk form adds to chapter 4's work the UT transform: $K K^\top$ ($C^2 K$
+# multiply–adds), a triangular solve with $K + V$ right-hand sides ($\approx C^2 (K+V)/2$) and $WS$ ($C K V$). For
+# $C = 64$, $K = V = 128$ that is roughly 1.7× chapter 4's FLOPs per token — still linear in $T$, with the same
+# fixed-size state while decoding (a $K \times V$ matrix per value head, plus the short convolution's last three
+# inputs). The triangular solve is the one step that is not a plain matrix multiply; fla computes it by blocked
+# forward substitution inside one kernel.
+
+# %% [markdown]
+# ## 5.6 Fast: the chunkwise form in Triton
+#
+# The chunk form of section 5.3 splits, by what depends on what, into three kernels (fla's split too):
+#
+# 1. **`_fwd_wy_kernel`** — per chunk, all chunks in parallel: the local cumulative gate $G$, the matrix
+#    $A = \text{strictly lower}(\operatorname{diag}(\beta) K K^\top \odot \Gamma)$, the UT transform $T = (I + A)^{-1}$
+#    by forward substitution, and the WY representation $W = T \operatorname{diag}(\beta e^G) K$,
+#    $\tilde U = T \operatorname{diag}(\beta) V$. Nothing here depends on the state.
+# 2. **`_fwd_states_kernel`** — the only sequential part, a scan over chunks per (batch, value head, tile of $V$):
+#    store the entering state $S_n$, form $U = \tilde U - W S_n$ (store it), and move on:
+#    $S_{n+1} = e^{G_L} S_n + (\operatorname{diag}(e^{G_L - G}) K)^\top U$.
+# 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: $O = \sigma(\operatorname{diag}(e^G) Q S_n +
+#    (QK^\top \odot \Gamma) U)$ — chapter 4's output kernel with $U$ for $V$ and the gate's $\Gamma$ for the decay
+#    matrix.
+#
+# ```
+#  _fwd_wy_kernel, program (b, hv, chunk n):          all of K and V in one tile each (K, V ≤ 256)
+#      G  = cumsum(g) over the chunk                   [C]     (tl.cumsum)
+#      A  = β[:, None] · (K @ Kᵀ) ⊙ exp(G_i − G_j)     [C, C]  strictly lower, exponent masked to -inf first
+#      T  = I;  for i = 1 .. C-1:  T[i] = e_i − A[i] @ T      forward substitution, one row at a time
+#      W  = T @ (β e^G · K),   Ũ = T @ (β · V)          two tl.dot
+# ```
+#
+# Forward substitution works because row $i$ of $T$ needs only the rows $j < i$, which are final by then (the
+# rows $\ge i$ of $T$ still hold the identity, and $A_{ij} = 0$ for $j \ge i$, so they add nothing). It costs $C$
+# steps of a $C \times C$ multiply-and-reduce: fla does it on 16-row blocks with tensor cores; this version keeps it
+# simple. Grouped value heads are addressing only: value head $h_v$ reads key head $h_v // (H_V/H)$.
+#
+# The backward pass of these kernels is not written yet: `chunk_gated_delta_rule` is an autograd function whose
+# backward **recomputes the chunk in PyTorch** (`naive_chunk_gated_delta_rule`) and differentiates that — correct,
+# tested, but no faster than the naive form.
+
+# %%
+#| export deltanet.triton
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import runtime
+from minisparse.deltanet.naive import _check_delta, naive_chunk_gated_delta_rule
+
+
+@triton.jit
+def _l2(x, L2NORM: tl.constexpr):
+    if L2NORM:
+        x = x * tl.rsqrt(tl.sum(x * x, axis=1)[:, None] + 1e-6)
+    return x
+
+
+@triton.jit
+def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, T, H, HV, K, V,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """W = (I + A)⁻¹ diag(β e^G) K, Ũ = (I + A)⁻¹ diag(β) V and G (local cumsum) of one chunk. Grid (NT, B·HV)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    t = n * C + rows  # [C]
+    tm = t < T
+    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
+    k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
+                other=0.0).to(tl.float32)  # [C, BK]
+    k = _l2(k, L2NORM)
+    v = tl.load(v_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=tm[:, None] & (vs[None, :] < V),
+                other=0.0).to(tl.float32)  # [C, BV]
+    g = tl.load(g_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0).to(tl.float32)  # [C], 0 past T
+    beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0).to(tl.float32)  # [C], 0 past T
+    G = tl.cumsum(g, axis=0)  # [C] local cumulative log decay
+    diff = G[:, None] - G[None, :]
+    lower = rows[:, None] > rows[None, :]  # j < i
+    A = tl.dot(k, tl.trans(k), input_precision=PRECISION) * beta[:, None]
+    A = tl.where(lower, A * tl.exp(tl.where(lower, diff, float("-inf"))), 0.0)  # [C, C] strictly lower
+    Tm = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)  # [C, C] identity; row i is solved at step i
+    for i in range(1, C):
+        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)  # [C] row i of A (zeros at j >= i)
+        t_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * Tm, axis=0)  # e_i − A[i] @ T
+        Tm = tl.where(rows[:, None] == i, t_i[None, :], Tm)
+    w = tl.dot(Tm, k * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
+    u = tl.dot(Tm, v * beta[:, None], input_precision=PRECISION)  # [C, BV]
+    tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w, mask=tm[:, None] & (ks[None, :] < K))
+    tl.store(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], u, mask=tm[:, None] & (vs[None, :] < V))
+    tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
+
+
+@triton.jit
+def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                       STORE_HT: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+    """Scan over chunks: states[n] = S entering chunk n; U ← Ũ − W S_n (in place); S_{n+1}. Grid (V/BV, B·HV)."""
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    kv_off = ks[:, None] * V + vs[None, :]
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    for n in range(NT):
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
+        t = n * C + rows
+        tm = t < T
+        L = tl.minimum(T - n * C, C)
+        k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
+                    other=0.0).to(tl.float32)  # [C, BK]
+        k = _l2(k, L2NORM)
+        w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
+                    mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
+        u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        u_mask = tm[:, None] & (vs[None, :] < V)
+        u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0) - tl.dot(w, S, input_precision=PRECISION)  # U = Ũ − W S
+        tl.store(u_ptr + u_off, u, mask=u_mask)
+        G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
+        G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)  # G of the chunk's last token
+        key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
+        S = S * tl.exp(G_last) + tl.dot(tl.trans(k * key_decay[:, None]), u, input_precision=PRECISION)
+    if STORE_HT:
+        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+
+
+@triton.jit
+def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile. Grid (V/BV, NT, B·HV)."""
+    iv = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+    qk_mask = tm[:, None] & (ks[None, :] < K)
+    q = _l2(tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32), L2NORM)  # [C, BK]
+    k = _l2(tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32), L2NORM)
+    v_mask = tm[:, None] & (vs[None, :] < V)
+    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
+    S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
+                mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV]
+    G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
+    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
+    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma
+    o = tl.dot(q * tl.exp(G)[:, None], S, input_precision=PRECISION)
+    o = tl.dot(A, u, o, input_precision=PRECISION)
+    tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
+             mask=v_mask)
+
+
+# %% [markdown]
+# ### Decoding: one program per state tile, token by token
+#
+# For a handful of tokens from a state, the chunk machinery is overhead: `fused_recurrent_gated_delta_rule` keeps a
+# `[K, BV]` tile of the state in registers and runs the recurrence of section 5.2 directly — decay, read
+# $k_t S$ (a reduction over $K$), write, read the output — one token after another. Forward only.
+
+# %%
+#| export deltanet.triton
+@triton.jit
+def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
+                            BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                            L2NORM: tl.constexpr):
+    """The gated delta rule token by token for one (batch, value head, V-tile). Grid (V/BV, B·HV)."""
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    km, vm = ks < K, vs < V
+    kv_off = ks[:, None] * V + vs[None, :]
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
+    for t in range(T):
+        q = tl.load(q_ptr + ((b * T + t) * H + h) * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
+        k = tl.load(k_ptr + ((b * T + t) * H + h) * K + ks, mask=km, other=0.0).to(tl.float32)
+        if L2NORM:
+            q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+            k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+        v = tl.load(v_ptr + ((b * T + t) * HV + hv) * V + vs, mask=vm, other=0.0).to(tl.float32)  # [BV]
+        g = tl.load(g_ptr + (b * T + t) * HV + hv).to(tl.float32)
+        beta = tl.load(beta_ptr + (b * T + t) * HV + hv).to(tl.float32)
+        S = S * tl.exp(g)
+        err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v_t − k_t S
+        S = S + k[:, None] * (beta * err)[None, :]
+        o = tl.sum(q[:, None] * S, axis=0) * scale  # [BV]
+        tl.store(o_ptr + ((b * T + t) * HV + hv) * V + vs, o.to(o_ptr.dtype.element_ty), mask=vm)
+    if STORE_HT:
+        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=km[:, None] & vm[None, :])
+
+
+# %% [markdown]
+# ### Launch and autograd
+
+# %%
+#| export deltanet.triton
+_C = 64  # chunk length of the Triton kernels
+
+
+def _pow2(n, low=16):
+    return max(low, triton.next_power_of_2(n))
+
+
+def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state):
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state)
+    runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        raise ValueError(f"{op}: head dimensions up to 256 are supported, got K = {q.shape[-1]}, V = {v.shape[-1]}")
+    return scale
+
+
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    h0 = h0.float().contiguous() if h0 is not None else None
+    BK, BVall = _pow2(K), _pow2(V)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    w = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
+    _fwd_wy_kernel[(NT, B * HV)](k, v, g, beta, w, u, gc, T, H, HV, K, V, C=_C, BK=BK, BV=BVall,
+                                 L2NORM=use_qk_l2norm, PRECISION=prec)
+    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
+    ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    bv = min(64, BVall)
+    _fwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
+        k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT,
+        C=_C, BK=BK, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=use_qk_l2norm, PRECISION=prec)
+    o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
+    _fwd_output_kernel[(triton.cdiv(V, bv), NT, B * HV)](q, k, u, gc, states, o, scale, T, H, HV, K, V, NT, C=_C,
+                                                          BK=BK, BV=bv, L2NORM=use_qk_l2norm, PRECISION=prec)
+    return o, ht
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, use_qk_l2norm):
+        ctx.save_for_backward(q, k, v, g, beta, h0)
+        ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
+        return _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        # No Triton backward yet: recompute the chunk form in PyTorch and differentiate it.
+        q, k, v, g, beta, h0 = ctx.saved_tensors
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip((q, k, v, g, beta, h0), ctx.needs_input_grad[:6])]
+            o, ht = naive_chunk_gated_delta_rule(*xs[:5], ctx.scale, xs[5], True, ctx.use_qk_l2norm, _C)
+            outs, grads_out = [o], [do]
+            if dht is not None:
+                outs.append(ht)
+                grads_out.append(dht)
+            need = [x for x in xs if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(outs, need, grads_out, allow_unused=True)) if need else iter(())
+        grads = [next(got) if x is not None and x.requires_grad else None for x in xs]
+        return (*grads, None, None, None)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm=False):
+    """The gated delta rule by chunks of 64 in Triton (WY/UT form); autograd (backward recomputed in PyTorch).
+
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
+    initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
+    None). K, V ≤ 256; any T.
+    """
+    scale = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, use_qk_l2norm)
+
+
+def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
+    """DeltaNet by chunks in Triton: chunk_gated_delta_rule with g = 0."""
+    return chunk_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, scale, initial_state,
+                                  output_final_state, use_qk_l2norm)
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                                     use_qk_l2norm=False):
+    """The gated delta rule token by token in Triton, for decoding a few tokens from a state. Forward only.
+
+    Same arguments and result as chunk_gated_delta_rule. Raises if gradients are required.
+    """
+    scale = _kernel_inputs("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    tracked = [t for t in (q, k, v, g, beta, initial_state) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        raise RuntimeError("fused_recurrent_gated_delta_rule is forward only: call it under torch.no_grad() "
+                           "(decoding) or use chunk_gated_delta_rule, which has a backward pass")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    bv = min(32, _pow2(V))
+    _fused_recurrent_kernel[(triton.cdiv(V, bv), B * HV)](
+        q, k, v, g, beta, h0 if h0 is not None else o, o, ht if ht is not None else o, scale, T, H, HV, K, V,
+        BK=_pow2(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=use_qk_l2norm)
+    return o, ht
+
+
+# %% [markdown]
+# ### Check it against the spec
+#
+# On a CPU the kernels run in Triton's interpreter, in fp32, at a reading size: $T = 100$ (not a multiple of 64),
+# $K = 32 \ne V = 48$, grouped value heads, an initial state, and gates down to $-30$ a token.
+
+# %%
+from minisparse.deltanet import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+Bt, Tt, Ht, HVt, Kt, Vt = 1, runtime.reading_size(cpu=100, gpu=1000), 2, 4, 32, 48
+qt, kt = make_bthd(Bt, Tt, Ht, Kt, seed=21, device=DEVICE), make_bthd(Bt, Tt, Ht, Kt, seed=22, device=DEVICE)
+vt = make_bthd(Bt, Tt, HVt, Vt, seed=23, device=DEVICE)
+betat = torch.rand(Bt, Tt, HVt, generator=torch.Generator().manual_seed(24)).to(DEVICE)
+ht0 = torch.randn(Bt, HVt, Kt, Vt, generator=torch.Generator().manual_seed(25)).to(DEVICE)
+for low, high in [(-1e-3, 0.0), (-30.0, -5.0)]:
+    gt = make_log_gates(Bt, Tt, HVt, low=low, high=high, seed=26, device=DEVICE)
+    args = (qt.to(DTYPE), kt.to(DTYPE), vt.to(DTYPE), gt, betat)
+    o_ref, s_ref = naive_recurrent_gated_delta_rule(*args, initial_state=ht0, output_final_state=True,
+                                                    use_qk_l2norm=True)
+    o_tri, s_tri = chunk_gated_delta_rule(*args, initial_state=ht0, output_final_state=True, use_qk_l2norm=True)
+    tol = 1e-4 if DTYPE == torch.float32 else 5e-3
+    e = assert_close(f"chunk_gated_delta_rule (g in [{low}, {high}]): o", o_ref, o_tri, tol)
+    assert_close("chunk_gated_delta_rule: final state", s_ref, s_tri, tol)
+    with torch.no_grad():
+        o_dec, s_dec = fused_recurrent_gated_delta_rule(*args, initial_state=ht0, output_final_state=True,
+                                                        use_qk_l2norm=True)
+    assert_close("fused_recurrent_gated_delta_rule: o", o_ref, o_dec, tol)
+    assert_close("fused_recurrent_gated_delta_rule: final state", s_ref, s_dec, tol)
+    print(f"g in [{low:g}, {high:g}]: Triton chunk and fused recurrent == the recurrence (chunk rel. RMS {e:.1e})")
+
+# %% [markdown]
+# ## 5.7 The layer, as Qwen3-Next builds it
+#
+# Qwen3-Next's `Qwen3NextGatedDeltaNet` wraps the gated delta rule in a layer with:
+#
+# - **fused input projections**: `in_proj_qkvz` gives $q, k, v$ and an output gate $z$, `in_proj_ba` gives the logits
+#   of $\beta$ and of the step size $a$ — laid out per *key head* group: for each of the $H_k$ key heads,
+#   $[q \,|\, k \,|\, r\cdot v \,|\, r \cdot z]$ with $r = H_v / H_k$ value heads per key head;
+# - a **short causal depthwise convolution** (kernel 4) over $q, k, v$ together, then SiLU — local mixing that the
+#   delta rule alone does poorly; while decoding it keeps the last three inputs as a *conv state*;
+# - **L2-normalised** $q, k$, scale $K^{-1/2}$;
+# - $\beta = \sigma(b)$ and Mamba2's gate $g = -e^{A_{\log}} \cdot \operatorname{softplus}(a + \text{dt\_bias})$ —
+#   a learned per-head rate $e^{A_{\log}}$ times a data-dependent step size;
+# - a **gated RMSNorm** per value head, $\operatorname{RMSNorm}(o) \odot \operatorname{SiLU}(z)$, then `out_proj`.
+#
+# The parameter names are transformers', so `from_hf` is a copy. The `state` the layer takes and returns is the pair
+# (conv state `[B, 2·H_k·K + H_v·V, kernel − 1]`, recurrent state `[B, H_v, K, V]` float32).
+
+# %%
+#| export deltanet.layer
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse import runtime
+from minisparse.deltanet.naive import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
+from minisparse.deltanet.triton import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the last dimension, then ⊙ SiLU(z) (Qwen3-Next's RMSNormGated: norm first, then gate)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, z):
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3-Next's Gated DeltaNet layer. Parameter names as transformers' Qwen3NextGatedDeltaNet.
+
+    in_proj_qkvz, in_proj_ba -> causal depthwise conv1d over q, k, v (+ SiLU) -> l2norm(q, k), β = σ(b),
+    g = −exp(A_log)·softplus(a + dt_bias) -> gated delta rule -> GatedRMSNorm(o, z) per value head -> out_proj.
+
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
+    new state or None). A state is (conv_state [B, conv_dim, kernel − 1], recurrent_state [B, HV, K, V] float32);
+    it is returned when use_cache is True or a state was given.
+    backend: "triton" (chunk_gated_delta_rule; fused_recurrent_gated_delta_rule for ≤ 16 tokens from a state without
+    gradients), "naive" (naive_chunk_gated_delta_rule; the recurrence for single-token steps), or "auto" (the
+    default: Triton for CUDA tensors or under the interpreter, else naive).
+    """
+
+    def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel_size=4, eps=1e-6,
+                 chunk_size=64, backend="auto"):
+        super().__init__()
+        if backend not in ("auto", "triton", "naive"):
+            raise ValueError(f"GatedDeltaNet: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        if num_v_heads % num_k_heads != 0:
+            raise ValueError(f"GatedDeltaNet: num_v_heads must be a multiple of num_k_heads, got {num_v_heads} and "
+                             f"{num_k_heads}")
+        if conv_kernel_size < 2:
+            raise ValueError(f"GatedDeltaNet: conv_kernel_size must be >= 2, got {conv_kernel_size}")
+        self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim, self.conv_kernel_size = head_k_dim, head_v_dim, conv_kernel_size
+        self.chunk_size, self.backend = chunk_size, backend
+        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim, bias=False,
+                                padding=conv_kernel_size - 1)
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())  # decay rates exp(A_log) in [1, 16]
+        self.norm = GatedRMSNorm(head_v_dim, eps=eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    @classmethod
+    def from_hf(cls, module, backend="auto"):
+        """Copy transformers' Qwen3NextGatedDeltaNet (weights and shapes) into a GatedDeltaNet."""
+        if module.activation not in ("silu", "swish"):
+            raise ValueError(f"GatedDeltaNet.from_hf: only SiLU convolutions are supported, got {module.activation!r}")
+        layer = cls(module.hidden_size, module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
+                    module.conv_kernel_size, module.layer_norm_epsilon, backend=backend)
+        w = module.in_proj_qkvz.weight
+        layer = layer.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for name in ("in_proj_qkvz", "in_proj_ba", "conv1d", "out_proj", "norm"):
+                getattr(layer, name).weight.copy_(getattr(module, name).weight)
+            layer.dt_bias.copy_(module.dt_bias)
+            layer.A_log.copy_(module.A_log)
+        return layer
+
+    def _split(self, qkvz, ba):
+        """Qwen3-Next's grouped layout -> q, k [B, T, Hk, K], v, z [B, T, Hv, V], b, a [B, T, Hv]."""
+        B, T, _ = qkvz.shape
+        Hk, r, dk, dv = self.num_k_heads, self.num_v_heads // self.num_k_heads, self.head_k_dim, self.head_v_dim
+        q, k, v, z = qkvz.view(B, T, Hk, 2 * dk + 2 * r * dv).split([dk, dk, r * dv, r * dv], dim=-1)
+        b, a = ba.view(B, T, Hk, 2 * r).split([r, r], dim=-1)
+        Hv = self.num_v_heads
+        return q, k, v.reshape(B, T, Hv, dv), z.reshape(B, T, Hv, dv), b.reshape(B, T, Hv), a.reshape(B, T, Hv)
+
+    def _conv(self, x, conv_state):
+        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1] (zeros if None)."""
+        W = self.conv_kernel_size
+        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
+        return F.silu(y), xx[..., -(W - 1):]
+
+    def _attend(self, q, k, v, g, beta, rec_state, want_state):
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if q.is_cuda or runtime.interpreting() else "naive"
+        decoding = rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled()
+        if backend == "naive":
+            if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
+                return naive_recurrent_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state,
+                                                        use_qk_l2norm=True)
+            return naive_chunk_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True,
+                                                chunk_size=self.chunk_size)
+        if decoding:
+            return fused_recurrent_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True)
+        return chunk_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"GatedDeltaNet: hidden_states must be [B, T, hidden_size = {self.hidden_size}], got "
+                             f"shape {tuple(hidden_states.shape)}")
+        B, T, _ = hidden_states.shape
+        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+        conv_state, rec_state = (None, None) if state is None else state
+        q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
+        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)  # [B, T, C]
+        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
+        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        beta = b.sigmoid()  # [B, T, Hv]
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [B, T, Hv] log decay ≤ 0
+        want_state = use_cache or state is not None
+        o, new_rec = self._attend(q, k, v, g, beta, rec_state, want_state)
+        o = self.norm(o, z)  # [B, T, Hv, V] per value head
+        y = self.out_proj(o.reshape(B, T, self.value_dim))
+        return y, ((new_conv, new_rec) if want_state else None)
+
+
+# %% [markdown]
+# Checked against transformers at a tiny configuration with grouped value heads. Transformers' functions would use
+# fla's Triton kernels when fla is importable (they do not run on a CPU); the cell hands the module its own PyTorch
+# functions (`.__wrapped__`) for the duration of the check, then restores them.
+
+# %%
+from minisparse.deltanet import GatedDeltaNet
+
+if transformers is not None:
+    from transformers import Qwen3NextConfig
+
+    cfg = Qwen3NextConfig(hidden_size=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                          linear_value_head_dim=24, linear_conv_kernel_dim=4, num_hidden_layers=1,
+                          layer_types=["linear_attention"])
+    torch.manual_seed(0)
+    hf_layer = qwen3_next.Qwen3NextGatedDeltaNet(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        hf_layer.norm.weight.uniform_(0.5, 1.5)
+        hf_layer.dt_bias.uniform_(-1, 1)
+    names = ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+             "causal_conv1d_update"]
+    saved = {n: getattr(qwen3_next, n) for n in names}
+    try:
+        for n in names:
+            setattr(qwen3_next, n, getattr(saved[n], "__wrapped__", saved[n]))
+        x_hf = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y_hf = hf_layer(x_hf)
+    finally:
+        for n in names:
+            setattr(qwen3_next, n, saved[n])
+    ours = GatedDeltaNet.from_hf(hf_layer)
+    with torch.no_grad():
+        y_ours, _ = ours(x_hf)
+    assert_close("GatedDeltaNet.from_hf vs Qwen3NextGatedDeltaNet", y_hf, y_ours, 1e-5)
+    print(f"GatedDeltaNet.from_hf == transformers' Qwen3NextGatedDeltaNet (T = 70, Hk = 2, Hv = 4, K = 16, V = 24)")
+else:
+    ours = GatedDeltaNet(64, 2, 4, 16, 24)
+    x_hf = torch.randn(2, 70, 64)
+
+# %% [markdown]
+# Decoding: feed the first 60 tokens as a prompt with `use_cache=True`, then the remaining ten one at a time with
+# the returned (conv, recurrent) state. The outputs equal the prefill of all 70 tokens.
+
+# %%
+with torch.no_grad():
+    y_full, _ = ours(x_hf)
+    y_pre, st = ours(x_hf[:, :60], use_cache=True)
+    steps = [y_pre]
+    for t in range(60, 70):
+        y_t, st = ours(x_hf[:, t:t + 1], state=st)
+        steps.append(y_t)
+assert_close("decode (prompt 60 + 10 single steps) vs prefill", y_full, torch.cat(steps, dim=1), 1e-5)
+print("decoding with conv + recurrent state == prefill (10 single-token steps after a 60-token prompt)")
+
+# %% [markdown]
+# ## 5.8 Measure
+#
+# On a GPU, `bench/deltanet.py` (not written yet) will time `chunk_gated_delta_rule` against fla's
+# `chunk_gated_delta_rule` and SDPA causal attention and write `bench/results/deltanet.json`, which this cell plots.
+# The kernels of section 5.6 have only been run in the interpreter so far, and their backward pass is PyTorch's:
+# expect them to be correct, not fast — the H200 numbers for this chapter are pending.
+
+# %%
+try:
+    deltanet_results = bench.load_results("deltanet")
+except FileNotFoundError:
+    deltanet_results = None
+if deltanet_results is None:
+    print("H200 numbers for this chapter are pending: on a GPU machine with fla-core installed, bench/deltanet.py "
+          "(to be written) writes bench/results/deltanet.json; this cell then plots it.")
+else:
+    fig = bench.plot_passes(deltanet_results, y="ms")
+    plt.show()
+    print("config:", deltanet_results["config"])
+
+# %% [markdown]
+# ## 5.9 Exercises
+#
+# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
+# one line when your answer is right and says what differs when it is not (`attempt` prints that message instead of
+# raising it, so the chapter still runs top to bottom; call the checker directly to get the exception). All three
+# work on one head, in float32.
+
+# %% tags=["hide-input"]
+#| export deltanet.exercises
+import torch
+
+from minisparse.testing import check
+
+
+def _delta_step_reference(S, k, v, beta, g):
+    S = torch.exp(torch.tensor(g)) * S
+    return S + beta * torch.outer(k, v - k @ S)
+
+
+def check_delta_step(fn):
+    """Check fn(S [K, V], k [K] unit, v [V], beta, g) -> the state after one gated delta-rule step, [K, V]."""
+    gen = torch.Generator().manual_seed(51)
+    cases = []
+    for K, V, beta, g in [(4, 4, 1.0, 0.0), (8, 6, 0.5, -0.3), (16, 16, 0.9, -2.0), (5, 3, 0.0, -0.1),
+                          (6, 8, 2.0, 0.0)]:
+        k = torch.randn(K, generator=gen)
+        cases.append((torch.randn(K, V, generator=gen), k / k.norm(), torch.randn(V, generator=gen), beta, g))
+    check("one gated delta-rule step", fn, _delta_step_reference, cases, tol=1e-5,
+          hint="decay first (S ← exp(g) S), then read what the decayed state returns for k (k @ S), and write "
+               "beta times the error under k: S + beta · outer(k, v − k @ S)")
+
+
+def _ut_reference(k, beta, g):
+    L = k.shape[0]
+    G = g.cumsum(0)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    return torch.linalg.inv(torch.eye(L) + A)
+
+
+def check_ut_transform(fn):
+    """Check fn(k [L, K], beta [L], g [L]) -> T = (I + A)⁻¹ [L, L], A_ij = β_i e^{G_i − G_j} (k_i·k_j) for j < i."""
+    gen = torch.Generator().manual_seed(52)
+    cases = []
+    for L, K, low in [(4, 8, -0.5), (16, 16, -1.0), (1, 4, -0.1), (32, 8, -3.0), (8, 4, 0.0)]:
+        k = torch.randn(L, K, generator=gen)
+        cases.append((k / k.norm(dim=-1, keepdim=True), torch.rand(L, generator=gen),
+                      low * torch.rand(L, generator=gen)))
+    check("UT transform of a chunk", fn, _ut_reference, cases, tol=1e-4,
+          hint="G = cumsum(g); A is *strictly* lower-triangular (j < i) with A_ij = beta_i · exp(G_i − G_j) · k_i·k_j "
+               "(beta of the row, not the column); T = inverse of (I + A), e.g. torch.linalg.solve_triangular(I + A, "
+               "I, upper=False)")
+
+
+def _chunk_cumsum_reference(g, chunk_size):
+    return torch.cat([c.cumsum(0) for c in g.split(chunk_size)])
+
+
+def check_chunk_cumsum(fn):
+    """Check fn(g [T], chunk_size) -> G [T], the cumulative sum of g restarted at every chunk boundary."""
+    gen = torch.Generator().manual_seed(53)
+    cases = [(-torch.rand(T, generator=gen) * s, C) for T, C, s in [(8, 4, 1.0), (100, 64, 0.1), (5, 16, 3.0),
+                                                                     (64, 64, 30.0), (17, 1, 1.0)]]
+    check("chunk-local cumulative gate", fn, _chunk_cumsum_reference, cases, tol=1e-6,
+          hint="a cumulative sum inside each chunk of chunk_size tokens, starting again at 0 at each chunk (the last "
+               "chunk may be short); not a global cumsum: that would make exp(G) underflow for long sequences")
+
+
+# %% [markdown]
+# ### Exercise 1: one delta-rule step
+#
+# Write one step of the gated delta rule for one head: given the state $S$ `[K, V]`, a unit key `k [K]`, a value
+# `v [V]`, $\beta$ and the log gate $g$ (floats), return the new state.
+
+# %%
+from minisparse.deltanet.exercises import check_chunk_cumsum, check_delta_step, check_ut_transform
+from minisparse.testing import attempt
+
+
+def my_delta_step(S, k, v, beta, g):
+    # your code here: return the new state [K, V]
+    raise NotImplementedError
+
+
+# %%
+attempt(check_delta_step, my_delta_step)  # prints what is wrong until the stub above is filled in
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def my_delta_step(S, k, v, beta, g):
+#     S = math.exp(g) * S                            # forget
+#     return S + beta * torch.outer(k, v - k @ S)    # write beta · (what it should return − what it returns)
+# ```
+# Reading *before* the decay (`k @ S` on the old state) is the common slip: the error must be measured on the state
+# the write will land in. With $\beta = 1$ and a unit key, `k @ new_S` equals `v` exactly.
+# :::
+
+# %% tags=["hide-input"]
+def delta_step_solution(S, k, v, beta, g):
+    S = math.exp(g) * S
+    return S + beta * torch.outer(k, v - k @ S)
+
+
+check_delta_step(delta_step_solution)
+
+
+# %% [markdown]
+# ### Exercise 2: the UT transform of a chunk
+#
+# Given a chunk's unit keys `k [L, K]`, `beta [L]` and log gates `g [L]`, return $T = (I + A)^{-1}$ with
+# $A_{ij} = \beta_i\, e^{G_i - G_j}\, (k_i \cdot k_j)$ for $j < i$ and 0 elsewhere ($G$ the cumulative sum of $g$).
+
+# %%
+def my_ut_transform(k, beta, g):
+    # your code here: return T [L, L]
+    raise NotImplementedError
+
+
+# %%
+attempt(check_ut_transform, my_ut_transform)  # prints what is wrong until the stub above is filled in
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def my_ut_transform(k, beta, g):
+#     L = k.shape[0]
+#     G = g.cumsum(0)
+#     causal = torch.ones(L, L, dtype=torch.bool).tril()
+#     Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))   # e^{G_i − G_j}, j ≤ i
+#     A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)                                  # strictly lower
+#     I = torch.eye(L)
+#     return torch.linalg.solve_triangular(I + A, I, upper=False, unitriangular=True)
+# ```
+# $I + A$ is unit lower-triangular, so it is always invertible and its inverse is lower-triangular too: forward
+# substitution row by row, which is what a kernel does in registers.
+# :::
+
+# %% tags=["hide-input"]
+def ut_transform_solution(k, beta, g):
+    L = k.shape[0]
+    G = g.cumsum(0)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    eye = torch.eye(L)
+    return torch.linalg.solve_triangular(eye + A, eye, upper=False, unitriangular=True)
+
+
+check_ut_transform(ut_transform_solution)
+
+
+# %% [markdown]
+# ### Exercise 3: the gate's chunk-local cumulative sum
+#
+# Return $G$ `[T]`, the cumulative sum of the log gates `g [T]` restarted at each chunk of `chunk_size` tokens. (A
+# global cumulative sum would give the same differences $G_i - G_j$ inside a chunk, but for a long sequence of
+# gates near $-30$, $G$ reaches $-10^6$, where float32 loses all the digits the differences need.)
+
+# %%
+def my_chunk_cumsum(g, chunk_size):
+    # your code here: return G [T]
+    raise NotImplementedError
+
+
+# %%
+attempt(check_chunk_cumsum, my_chunk_cumsum)  # prints what is wrong until the stub above is filled in
+
+# %% [markdown]
+# :::{dropdown} Solution
+# ```python
+# def my_chunk_cumsum(g, chunk_size):
+#     return torch.cat([c.cumsum(0) for c in g.split(chunk_size)])
+# ```
+# On a GPU, pad $T$ to a multiple of the chunk and do `g.view(-1, chunk_size).cumsum(-1)`: one scan per chunk, all
+# in parallel.
+# :::
+
+# %% tags=["hide-input"]
+def chunk_cumsum_solution(g, chunk_size):
+    return torch.cat([c.cumsum(0) for c in g.split(chunk_size)])
+
+
+check_chunk_cumsum(chunk_cumsum_solution)
+
+# %% [markdown]
+# ## Summary
+#
+# - **The delta rule** replaces linear attention's "add $k^\top v$" by one step of online regression on the state:
+#   $S \leftarrow S + \beta\, k^\top (v - kS)$. With unit keys and $\beta = 1$ it overwrites the value stored under
+#   $k$; $\beta \in [0, 2]$ keeps it stable. **Gated DeltaNet** adds Mamba2's data-dependent decay $e^{g_t}$.
+# - **The chunkwise form** cannot use chapter 4's powers of $\lambda$: the transition is a product of Householder
+#   matrices. The **UT transform** $T = (I + A)^{-1}$ of each chunk (a unit lower-triangular solve, independent of
+#   the state) gives the **WY representation** $W, \tilde U$; then $U = \tilde U - WS$ and chapter 4's chunk form with
+#   $U$ for $V$ and $e^{G_i - G_j}$ for $\lambda^{i-j}$. Local cumulative gates keep every exponent $\le 0$.
+# - **Seen as attention**, a GDN head applies $P = \sigma (QK^\top \odot\Gamma)(I+A)^{-1}\operatorname{diag}(\beta)$:
+#   the latest occurrence of a key wins and earlier ones get negative weight; the state's norm saturates instead of
+#   growing.
+# - **The layer** (`GatedDeltaNet`): Qwen3-Next's fused projections, short causal convolution with a decoding state,
+#   $g = -e^{A_{\log}}\operatorname{softplus}(a + \text{dt\_bias})$, $\beta = \sigma(b)$, L2-normalised $q, k$, gated
+#   RMSNorm — equal to `transformers`' `Qwen3NextGatedDeltaNet`, and decoding equals prefill.
+# - **Triton**: a parallel kernel per chunk for $G$, $A$, the UT transform (forward substitution) and $W, \tilde U$; a
+#   scan over chunks for $U$ and the states; a parallel output kernel; a fused recurrent kernel for decoding.
+#   Still to come: a Triton backward (today it recomputes the PyTorch chunk form), GPU runs, and the benchmark.
+#
+# Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
+#
+# ## References
+#
+# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Parallelizing Linear Transformers with the Delta Rule over Sequence
+#   Length* (DeltaNet's chunkwise WY/UT algorithm), NeurIPS 2024. [arXiv:2406.06484](https://arxiv.org/abs/2406.06484)
+# - S. Yang, J. Kautz, A. Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule*, ICLR 2025.
+#   [arXiv:2412.06464](https://arxiv.org/abs/2412.06464)
+# - I. Schlag, K. Irie, J. Schmidhuber, *Linear Transformers Are Secretly Fast Weight Programmers* (the delta rule in
+#   linear attention), ICML 2021. [arXiv:2102.11174](https://arxiv.org/abs/2102.11174)
+# - C. Bischof, C. Van Loan, *The WY Representation for Products of Householder Matrices*, SIAM J. Sci. Stat.
+#   Comput. 8(1), 1987; T. Joffrain et al., *Accumulating Householder Transformations, Revisited* (the UT transform),
+#   ACM TOMS 32(2), 2006.
+# - T. Dao, A. Gu, *Transformers are SSMs* (Mamba2's gate), ICML 2024. [arXiv:2405.21060](https://arxiv.org/abs/2405.21060)
+# - Qwen Team, *Qwen3-Next* (model card and blog post, September 2025: hybrid of Gated DeltaNet and gated attention
+#   layers, 3:1); `transformers` 5.x: `Qwen3NextGatedDeltaNet`, `torch_recurrent_gated_delta_rule` (the layer's and
+#   the recurrence's oracle).
+# - `fla-core` 0.6 (flash-linear-attention): `naive_recurrent_gated_delta_rule` (the test oracle),
+#   `chunk_gated_delta_rule`.

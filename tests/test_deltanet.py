@@ -1,0 +1,427 @@
+"""minisparse.deltanet (chapter 5): the recurrence vs fla's naive gated delta rule and transformers' Qwen3-Next
+recurrence, the chunkwise WY/UT form vs the recurrence (forward, final state, gradients of q, k, v, g, beta and the
+initial state) and vs transformers' chunked function, the layer vs Qwen3NextGatedDeltaNet, decoding vs prefill, bad
+input, the exercise checkers.
+
+Shapes are odd on purpose: T = 1, 37, 100 (not multiples of the chunk), K = 32 ≠ V = 48, grouped value heads
+(HV = 2H), an initial state, gates from -1e-3 to -30 a token. On a CPU the Triton kernels run in the interpreter in
+fp32 with NaN-poisoned output buffers; their backward is a PyTorch recomputation, checked against the recurrence's
+gradients. The bf16 GPU runs of these tests have not been done yet.
+"""
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minisparse  # noqa: F401  (sets up the runtime)
+from minisparse.deltanet import (GatedDeltaNet, check_chunk_cumsum, check_delta_step, check_ut_transform,
+                                 chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm,
+                                 naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
+                                 naive_recurrent_gated_delta_rule)
+from minisparse.testing import ExerciseError, assert_close, make_log_gates
+
+GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
+
+
+def _inputs(B, T, H, HV, K, V, *, seed=0, gates=(-2.0, 0.0), state=True, normalise=True):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    if normalise:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = make_log_gates(B, T, HV, low=gates[0], high=gates[1], seed=seed + 1)
+    beta = torch.rand(B, T, HV, generator=gen)
+    h0 = 0.5 * torch.randn(B, HV, K, V, generator=gen) if state else None
+    return q, k, v, g, beta, h0
+
+
+def _qwen3_next():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pytest.importorskip("transformers")
+        from transformers.models.qwen3_next import modeling_qwen3_next
+    return modeling_qwen3_next
+
+
+@contextlib.contextmanager
+def _torch_path(mod):
+    """Make Qwen3-Next's module call its own PyTorch functions (not fla's Triton kernels) while inside."""
+    names = ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+             "causal_conv1d_update"]
+    saved = {n: getattr(mod, n) for n in names}
+    try:
+        for n in names:
+            setattr(mod, n, getattr(saved[n], "__wrapped__", saved[n]))
+        yield
+    finally:
+        for n in names:
+            setattr(mod, n, saved[n])
+
+
+# ------------------------------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize("state", [False, True])
+@pytest.mark.parametrize("gates", GATES)
+def test_naive_recurrent_matches_fla(state, gates):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fla_naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+    q, k, v, g, beta, h0 = _inputs(2, 37, 3, 3, 32, 48, gates=gates, state=state)
+    # fla's order is q, k, v, beta, g
+    o_ref, s_ref = fla_naive.naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=0.3, initial_state=h0,
+                                                              output_final_state=True)
+    o, s = naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=0.3, initial_state=h0, output_final_state=True)
+    assert_close("o vs fla", o_ref, o, 1e-5)
+    assert_close("final state vs fla", s_ref, s, 1e-5)
+    assert naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)[1] is None
+
+
+def test_naive_delta_rule_is_gate_zero_and_matches_fla():
+    q, k, v, _, beta, h0 = _inputs(2, 37, 3, 3, 32, 48)
+    o, s = naive_recurrent_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True)
+    o0, s0 = naive_recurrent_gated_delta_rule(q, k, v, torch.zeros_like(beta), beta, initial_state=h0,
+                                              output_final_state=True)
+    assert torch.equal(o, o0) and torch.equal(s, s0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fla_delta = pytest.importorskip("fla.ops.delta_rule.naive")
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  fla's delta_rule_recurrence is [B, H, T, D]
+    o_ref, s_ref = fla_delta.delta_rule_recurrence(t(q), t(k), t(v), t(beta), initial_state=h0.clone(),
+                                                   output_final_state=True)
+    assert_close("delta rule o vs fla delta_rule_recurrence", t(o_ref), o, 1e-5)
+    assert_close("delta rule state vs fla delta_rule_recurrence", s_ref, s, 1e-5)
+
+
+@pytest.mark.parametrize("HV", [3, 6])
+def test_naive_recurrent_matches_transformers(HV):
+    mod = _qwen3_next()
+    q, k, v, g, beta, h0 = _inputs(2, 37, 3, HV, 32, 48, normalise=False)
+    G = HV // q.shape[2]  # older transformers (5.17) take equal heads: give it q, k repeated per value head
+    o_ref, s_ref = mod.torch_recurrent_gated_delta_rule.__wrapped__(q.repeat_interleave(G, 2),
+                                                                    k.repeat_interleave(G, 2), v, g, beta,
+                                                                    initial_state=h0,
+                                                                    output_final_state=True,
+                                                                    use_qk_l2norm_in_kernel=True)
+    o, s = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                            use_qk_l2norm=True)
+    assert_close("o vs transformers", o_ref, o, 1e-5)
+    assert_close("final state vs transformers", s_ref, s, 1e-5)
+
+
+def test_l2norm_matches_transformers():
+    mod = _qwen3_next()
+    x = torch.randn(3, 5, 16)
+    assert_close("l2norm", mod.l2norm(x), l2norm(x), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------- the chunk form
+@pytest.mark.parametrize("T,C", [(1, 64), (37, 16), (64, 64), (100, 64), (100, 32)])
+@pytest.mark.parametrize("HV", [2, 4])
+@pytest.mark.parametrize("gates", GATES)
+def test_chunk_matches_recurrent(T, C, HV, gates):
+    q, k, v, g, beta, h0 = _inputs(2, T, 2, HV, 32, 48, gates=gates)
+    o_r, s_r = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_c, s_c = naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                            chunk_size=C)
+    assert_close("o", o_r, o_c, 1e-5)
+    assert_close("final state", s_r, s_c, 1e-5)
+
+
+def test_chunk_delta_rule_and_beta_two():
+    q, k, v, _, beta, h0 = _inputs(1, 70, 2, 2, 16, 24)
+    beta = beta * 2  # up to the stability bound
+    o_r, s_r = naive_recurrent_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True)
+    o_c, s_c = naive_chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert_close("o", o_r, o_c, 1e-4)
+    assert_close("final state", s_r, s_c, 1e-4)
+
+
+def test_chunk_matches_transformers_chunk():
+    mod = _qwen3_next()
+    q, k, v, g, beta, h0 = _inputs(2, 100, 2, 4, 32, 48, normalise=False)
+    G = v.shape[2] // q.shape[2]  # older transformers (5.17) take equal heads: q, k repeated per value head
+    o_ref, s_ref = mod.torch_chunk_gated_delta_rule.__wrapped__(q.repeat_interleave(G, 2),
+                                                                k.repeat_interleave(G, 2), v, g, beta,
+                                                                initial_state=h0,
+                                                                output_final_state=True,
+                                                                use_qk_l2norm_in_kernel=True)
+    o, s = naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                        use_qk_l2norm=True)
+    assert_close("o vs transformers chunk", o_ref, o, 1e-5)
+    assert_close("state vs transformers chunk", s_ref, s, 1e-5)
+
+
+@pytest.mark.parametrize("gates", [(-2.0, 0.0), (-30.0, -5.0)])
+def test_chunk_gradients_match_recurrent(gates):
+    q, k, v, g, beta, h0 = _inputs(1, 45, 2, 4, 16, 24, gates=gates, normalise=False)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    gen = torch.Generator().manual_seed(9)
+    do, dht = torch.randn(1, 45, 4, 24, generator=gen), torch.randn(1, 4, 16, 24, generator=gen)
+
+    def grads(fn, **kw):
+        xs = [x.detach().clone().requires_grad_(True) for x in leaves]
+        o, s = fn(*xs[:5], initial_state=xs[5], output_final_state=True, use_qk_l2norm=True, **kw)
+        ((o * do).sum() + (s * dht).sum()).backward()
+        return [x.grad for x in xs]
+
+    ref = grads(naive_recurrent_gated_delta_rule)
+    got = grads(naive_chunk_gated_delta_rule, chunk_size=16)
+    for name, r, c in zip(["q", "k", "v", "g", "beta", "initial_state"], ref, got):
+        assert c is not None and torch.isfinite(c).all(), name
+        assert_close(f"d{name}", r, c, 1e-4)
+
+
+@pytest.mark.parametrize("fn", [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule])
+def test_half_precision_inputs(fn):
+    q, k, v, g, beta, h0 = _inputs(1, 37, 2, 2, 32, 48)
+    o32, _ = fn(q, k, v, g, beta, initial_state=h0)
+    o16, s16 = fn(q.half(), k.half(), v.half(), g, beta, initial_state=h0, output_final_state=True)
+    assert o16.dtype == torch.float16 and s16.dtype == torch.float32
+    assert_close("fp16 inputs vs fp32", o32, o16.float(), 5e-3)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels' launchers allocate starts as NaN: an element a kernel forgets to write shows."""
+    real_empty = torch.empty
+
+    def empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _dev(*xs):
+    return [None if x is None else x.to(DEV) for x in xs]
+
+
+@pytest.mark.parametrize("T,H,HV,K,V,gates,state", [
+    (1, 2, 2, 32, 48, GATES[1], True), (37, 1, 3, 48, 32, GATES[2], False), (64, 2, 4, 32, 48, GATES[0], True),
+    (100, 1, 2, 16, 24, GATES[2], True), (130, 2, 2, 16, 24, GATES[1], False), (70, 1, 1, 64, 64, GATES[0], True)])
+def test_triton_chunk_and_fused_recurrent_match_naive(poisoned, T, H, HV, K, V, gates, state):
+    q, k, v, g, beta, h0 = _dev(*_inputs(1, T, H, HV, K, V, gates=gates, state=state, normalise=False))
+    o_r, s_r = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                use_qk_l2norm=True)
+    o_c, s_c = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                      use_qk_l2norm=True)
+    assert_close("chunk o", o_r, o_c, 1e-4)
+    assert_close("chunk final state", s_r, s_c, 1e-4)
+    with torch.no_grad():
+        o_f, s_f = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                    use_qk_l2norm=True)
+    assert_close("fused recurrent o", o_r, o_f, 1e-4)
+    assert_close("fused recurrent final state", s_r, s_f, 1e-4)
+    assert chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm=True)[1] is None
+
+
+def test_triton_without_l2norm_and_delta_rule(poisoned):
+    q, k, v, g, beta, h0 = _dev(*_inputs(1, 70, 2, 2, 32, 32, normalise=True))
+    o_r, s_r = naive_recurrent_delta_rule(q, k, v, beta, scale=0.5, initial_state=h0, output_final_state=True)
+    o_c, s_c = chunk_delta_rule(q, k, v, beta, scale=0.5, initial_state=h0, output_final_state=True)
+    assert_close("delta rule o", o_r, o_c, 1e-4)
+    assert_close("delta rule state", s_r, s_c, 1e-4)
+
+
+def test_triton_chunk_gradients():
+    q, k, v, g, beta, h0 = _dev(*_inputs(1, 45, 2, 4, 16, 24, normalise=False))
+    gen = torch.Generator().manual_seed(3)
+    do, dht = torch.randn(1, 45, 4, 24, generator=gen).to(DEV), torch.randn(1, 4, 16, 24, generator=gen).to(DEV)
+
+    def grads(fn):
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+        o, s = fn(*xs[:5], initial_state=xs[5], output_final_state=True, use_qk_l2norm=True)
+        ((o * do).sum() + (s * dht).sum()).backward()
+        return [x.grad for x in xs]
+
+    for name, r, c in zip(["q", "k", "v", "g", "beta", "initial_state"], grads(naive_recurrent_gated_delta_rule),
+                          grads(chunk_gated_delta_rule)):
+        assert_close(f"d{name}", r, c, 1e-4)
+    # only some inputs tracked, and no final state
+    vv = v.clone().requires_grad_(True)
+    chunk_gated_delta_rule(q, k, vv, g, beta, use_qk_l2norm=True)[0].sum().backward()
+    assert vv.grad is not None and torch.isfinite(vv.grad).all()
+
+
+def test_triton_errors(monkeypatch):
+    q, k, v, g, beta = (x.to(DEV) for x in _inputs(1, 8, 2, 2, 16, 16, state=False)[:5])
+    with pytest.raises(RuntimeError, match="forward only"):
+        fused_recurrent_gated_delta_rule(q.requires_grad_(True), k, v, g, beta)
+    with pytest.raises(ValueError, match="beta"):
+        chunk_gated_delta_rule(q.detach(), k, v, g, beta + 3)
+    with pytest.raises(ValueError, match="256"):
+        chunk_gated_delta_rule(*(x.to(DEV) for x in _inputs(1, 4, 1, 1, 8, 300, state=False)[:5]))
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            chunk_gated_delta_rule(q.detach(), k, v, g, beta)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _bad_cases():
+    q, k, v, g, beta, h0 = _inputs(1, 8, 2, 4, 16, 24)
+    ok = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
+    return [
+        ("g", dict(ok, g=g[..., :2]), ValueError),  # gate per key head instead of value head
+        ("g", dict(ok, g=g[:, :, :, None]), ValueError),
+        ("g", dict(ok, g=g.abs() + 0.1), ValueError),  # positive log decay
+        ("g", dict(ok, g=torch.full_like(g, float("nan"))), ValueError),
+        ("g", dict(ok, g=torch.full_like(g, float("-inf"))), ValueError),
+        ("beta", dict(ok, beta=beta + 2.5), ValueError),
+        ("beta", dict(ok, beta=-beta - 0.1), ValueError),
+        ("beta", dict(ok, beta=beta[..., 0]), ValueError),
+        ("initial_state", dict(ok, initial_state=h0[:, :2]), ValueError),
+        ("initial_state", dict(ok, initial_state=h0.transpose(-1, -2)), ValueError),
+        ("v", dict(ok, v=torch.randn(1, 8, 3, 24)), ValueError),  # HV not a multiple of H
+        ("k", dict(ok, k=k[:, :, :, :8]), ValueError),
+        ("q", dict(ok, q=q[0]), ValueError),
+        ("dtype", dict(ok, k=k.double()), TypeError),
+        ("beta", dict(ok, beta=beta.tolist()), TypeError),
+    ]
+
+
+@pytest.mark.parametrize("fn", [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule])
+@pytest.mark.parametrize("i", range(15))
+def test_bad_input_raises(fn, i):
+    what, kw, exc = _bad_cases()[i]
+    with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"):
+        fn(**kw)
+
+
+def test_bad_scale_and_chunk_size():
+    q, k, v, g, beta, _ = _inputs(1, 8, 2, 2, 16, 24, state=False)
+    with pytest.raises(ValueError, match="scale"):
+        naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=-1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=0)
+    with pytest.raises(ValueError, match="beta"):
+        naive_recurrent_delta_rule(q, k, v, beta + 3)
+
+
+# ---------------------------------------------------------------------------------------------------- layer
+def _hf_layer(Hk=2, Hv=4, dk=16, dv=24, hidden=64):
+    mod = _qwen3_next()
+    from transformers import Qwen3NextConfig
+
+    cfg = Qwen3NextConfig(hidden_size=hidden, linear_num_key_heads=Hk, linear_num_value_heads=Hv,
+                          linear_key_head_dim=dk, linear_value_head_dim=dv, linear_conv_kernel_dim=4,
+                          num_hidden_layers=1, layer_types=["linear_attention"])
+    torch.manual_seed(0)
+    layer = mod.Qwen3NextGatedDeltaNet(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.dt_bias.uniform_(-1, 1)
+    return mod, layer
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+@pytest.mark.parametrize("Hk,Hv,T", [(2, 4, 70), (2, 2, 1), (1, 3, 33)])
+def test_layer_from_hf(Hk, Hv, T, backend):
+    dev = DEV if backend == "triton" else "cpu"  # Triton kernels need CUDA tensors (or the interpreter)
+    tol = 1e-5 if dev == "cpu" else 2e-3  # on a GPU, fp32 dots in Triton and cuBLAS may use TF32
+    mod, hf = _hf_layer(Hk, Hv)
+    hf = hf.to(dev)
+    x = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(1)).to(dev)
+    with _torch_path(mod), torch.no_grad():
+        y_ref = hf(x)
+    ours = GatedDeltaNet.from_hf(hf, backend=backend)
+    with torch.no_grad():
+        y, state = ours(x)
+    assert state is None
+    assert_close("GatedDeltaNet vs Qwen3NextGatedDeltaNet", y_ref, y, tol)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_decoding_matches_prefill(backend):
+    dev = DEV if backend == "triton" else "cpu"
+    tol = 1e-5 if dev == "cpu" else 2e-3
+    _, hf = _hf_layer()
+    layer = GatedDeltaNet.from_hf(hf.to(dev), backend=backend)
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(2)).to(dev)
+    with torch.no_grad():
+        y_full, st_full = layer(x, use_cache=True)
+        y_pre, st = layer(x[:, :30], use_cache=True)
+        ys = [y_pre]
+        y_mid, st = layer(x[:, 30:33], state=st)  # a short multi-token step too
+        ys.append(y_mid)
+        for t in range(33, 40):
+            y_t, st = layer(x[:, t:t + 1], state=st)
+            ys.append(y_t)
+    assert_close("decode vs prefill", y_full, torch.cat(ys, dim=1), tol)
+    assert_close("conv state", st_full[0], st[0], 1e-6)
+    assert_close("recurrent state", st_full[1], st[1], tol)
+
+
+def test_layer_gradients_flow_and_bad_arguments():
+    layer = GatedDeltaNet(32, 2, 4, 8, 8)
+    x = torch.randn(1, 20, 32, requires_grad=True)
+    y, _ = layer(x)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    with pytest.raises(ValueError, match="backend"):
+        GatedDeltaNet(32, 2, 4, 8, 8, backend="cuda")
+    with pytest.raises(ValueError, match="multiple"):
+        GatedDeltaNet(32, 3, 4, 8, 8)
+    with pytest.raises(ValueError, match="hidden_states"):
+        layer(torch.randn(1, 20, 16))
+
+
+# -------------------------------------------------------------------------------------------- exercise checkers
+def _wrong_step_read_before_decay(S, k, v, beta, g):
+    return math.exp(g) * S + beta * torch.outer(k, v - k @ S)
+
+
+def _wrong_step_no_beta(S, k, v, beta, g):
+    S = math.exp(g) * S
+    return S + torch.outer(k, v - k @ S)
+
+
+def _wrong_ut_column_beta(k, beta, g):  # beta of the column instead of the row
+    L = k.shape[0]
+    G = g.cumsum(0)
+    Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
+    A = (beta[None, :] * (k @ k.T) * Gamma).tril(-1)
+    return torch.linalg.inv(torch.eye(L) + A)
+
+
+def _wrong_ut_no_inverse(k, beta, g):
+    L = k.shape[0]
+    G = g.cumsum(0)
+    Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
+    return torch.eye(L) - (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+
+
+@pytest.mark.parametrize("checker,wrong", [
+    (check_delta_step, _wrong_step_read_before_decay), (check_delta_step, _wrong_step_no_beta),
+    (check_ut_transform, _wrong_ut_column_beta), (check_ut_transform, _wrong_ut_no_inverse),
+    (check_chunk_cumsum, lambda g, C: g.cumsum(0)),  # global, not chunk-local
+    (check_chunk_cumsum, lambda g, C: torch.cat([c.cumsum(0) - c for c in g.split(C)])),  # exclusive
+])
+def test_checkers_reject_wrong_answers(checker, wrong):
+    with pytest.raises(ExerciseError):
+        checker(wrong)
+
+
+def test_checkers_accept_the_reference():
+    def step(S, k, v, beta, g):
+        _, out = naive_recurrent_gated_delta_rule(k[None, None, None], k[None, None, None], v[None, None, None],
+                                                  torch.tensor([[[g]]]), torch.tensor([[[beta]]]),
+                                                  initial_state=S[None, None], output_final_state=True)
+        return out[0, 0]
+
+    def ut(k, beta, g):
+        L = k.shape[0]
+        G = g.cumsum(0)
+        Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
+        A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+        return torch.linalg.solve_triangular(torch.eye(L) + A, torch.eye(L), upper=False, unitriangular=True)
+
+    check_delta_step(step)
+    check_ut_transform(ut)
+    check_chunk_cumsum(lambda g, C: torch.cat([c.cumsum(0) for c in g.split(C)]))
