@@ -33,6 +33,7 @@
 # | `chunk_gated_delta_rule`, `chunk_delta_rule` | Triton forward (WY/UT, three kernels), any $T$, $K \ne V$, grouped value heads, initial and final state; backward by recomputing the PyTorch chunk form |
 # | `fused_recurrent_gated_delta_rule` | Triton, for decoding a few tokens from a state (forward only) |
 # | `GatedDeltaNet` | the layer as Qwen3-Next builds it, `GatedDeltaNet.from_hf` |
+# | `gdn_flops`, `gdn_state_bytes`, `hybrid_costs` | the cost model: a GDN layer, and a stack of GDN and softmax layers (Qwen3-Next's 3:1) |
 #
 # ```python
 # from minisparse.deltanet import naive_chunk_gated_delta_rule, GatedDeltaNet
@@ -571,12 +572,188 @@ explorer = viz.explorer(draw_delta, beta=(0.05, 2.0, 0.05), log10_decay=(-4.0, 1
 # %% [markdown]
 # ## 5.5 Cost
 #
-# Per chunk of $C$ tokens and head, the chunk form adds to chapter 4's work the UT transform: $K K^\top$ ($C^2 K$
-# multiply–adds), a triangular solve with $K + V$ right-hand sides ($\approx C^2 (K+V)/2$) and $WS$ ($C K V$). For
-# $C = 64$, $K = V = 128$ that is roughly 1.7× chapter 4's FLOPs per token — still linear in $T$, with the same
-# fixed-size state while decoding (a $K \times V$ matrix per value head, plus the short convolution's last three
-# inputs). The triangular solve is the one step that is not a plain matrix multiply; fla computes it by blocked
-# forward substitution inside one kernel.
+# ### One GDN layer
+#
+# Per chunk of $C$ tokens and value head, the chunk form does chapter 4's work (causal $QK^\top$ and its product
+# with the values inside the chunk, $C(K+V)$ FLOPs a token; reading and updating the $K \times V$ state, $4KV$) plus
+# the UT transform: $A = KK^\top$ on the causal half ($CK$ a token), a unit triangular solve with $K + V$
+# right-hand sides ($C(K+V)$ a token) and $U = \tilde U - WS$ ($2KV$ a token). Counting 2 FLOPs a multiply–add:
+#
+# $$
+# F_\text{GDN}(T) = H_v\, T\,\bigl[\underbrace{C(K+V) + 4KV}_\text{chapter 4's chunk form}
+#   + \underbrace{CK + C(K+V) + 2KV}_\text{UT transform, } WS\bigr].
+# $$
+#
+# For $C = 64$, $K = V = 128$ that is 1.7× chapter 4's FLOPs a token — still linear in $T$. Decoding keeps a
+# $K \times V$ state per value head (fp32 in fla's kernels and ours) and the short convolution's last
+# $k_\text{conv} - 1$ inputs over the $2 H K + H_v V$ convolved channels (in the activation dtype):
+#
+# $$
+# M_\text{GDN} = 4\, H_v K V + 2\,(k_\text{conv} - 1)(2HK + H_v V) \ \text{bytes, whatever } T .
+# $$
+#
+# The triangular solve is the one step that is not a plain matrix multiply; fla computes it by blocked forward
+# substitution inside one kernel. Below, `gdn_flops` reuses chapter 4's `lightning_flops` for the first bracket.
+
+# %%
+#| export deltanet.cost
+from minisparse.attention.cost import attention_flops, kv_cache_bytes_per_token
+from minisparse.lightning.cost import lightning_flops
+
+
+def gdn_flops(T, d_k, d_v, value_heads=1, chunk=64):
+    """Forward FLOPs of the chunkwise gated delta rule over T tokens (2 FLOPs a multiply-add), all value heads.
+
+    Chapter 4's chunk form (intra-chunk causal QKᵀ and ·U, the state's read and update) plus the UT transform:
+    causal KKᵀ (C·K a token), the triangular solve for K + V right-hand sides (C·(K + V)) and W·S (2·K·V).
+    """
+    extra = T * (chunk * d_k + chunk * (d_k + d_v) + 2 * d_k * d_v)
+    return value_heads * (lightning_flops(T, d_k, d_v, chunk=chunk, form="chunk") + extra)
+
+
+def gdn_state_bytes(key_heads, value_heads, d_k, d_v, conv_kernel=4, state_bytes=4, dtype_bytes=2):
+    """Decoding memory of one GDN layer, independent of T: the K×V states (state_bytes each) and the short
+    convolution's last conv_kernel - 1 inputs over the 2·H·K + Hv·V convolved channels (dtype_bytes each)."""
+    return (value_heads * d_k * d_v * state_bytes
+            + (conv_kernel - 1) * (2 * key_heads * d_k + value_heads * d_v) * dtype_bytes)
+
+# %% [markdown]
+# ### Qwen3-Next's hybrid: three GDN layers, then one gated attention layer
+#
+# Qwen3-Next-80B-A3B stacks 48 layers as 12 × (3 × (Gated DeltaNet → MoE), 1 × (Gated Attention → MoE)), and
+# keeps its native context at 262,144 tokens: three linear layers to one softmax layer (its
+# [model card](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct) and the Qwen team's blog post, September
+# 2025, where the 3:1 mix is presented as the trade-off between quality and long-context cost). The softmax layers
+# are chapter 1's `Attention` with the output gate, no new code: 16 query heads, 2 K/V heads of 256 channels, RoPE
+# on a quarter of them. We read all shapes from `transformers`' `Qwen3NextConfig()` defaults, which are this
+# model's.
+
+# %%
+if transformers is not None:
+    from minisparse.attention import Attention
+
+    cfg = transformers.Qwen3NextConfig()
+    rope = getattr(cfg, "rope_parameters", None) or {"partial_rotary_factor": cfg.partial_rotary_factor}  # 5.x | 4.x
+    with torch.device("meta"):  # shapes only, no memory
+        gated_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                               gate=True, qk_norm=True, zero_centered_norm=True,
+                               rotary_dim=int(cfg.head_dim * rope["partial_rotary_factor"]))
+    print(f"{cfg.num_hidden_layers} layers: {''.join('A' if t == 'full_attention' else 'g' for t in cfg.layer_types)}"
+          "   (g = Gated DeltaNet, A = gated attention)")
+    print("gated attention q_proj:", tuple(gated_attn.q_proj.weight.shape), "= queries and their gates")
+    print(f"GDN: {cfg.linear_num_key_heads} q/k heads × {cfg.linear_key_head_dim}, "
+          f"{cfg.linear_num_value_heads} value heads × {cfg.linear_value_head_dim}, "
+          f"conv kernel {cfg.linear_conv_kernel_dim}")
+else:
+    cfg = None
+
+# %% [markdown]
+# For a layer pattern, the stack's token-mixing cost is a sum over layers: a softmax layer costs
+# $2 H_q (D + D) \cdot \tfrac{T(T+1)}{2}$ FLOPs (chapter 1's `attention_flops`) and adds $2 H_{kv} \cdot 2D$ bytes of
+# KV cache a token (`kv_cache_bytes_per_token`); a GDN layer costs $F_\text{GDN}(T)$ and holds $M_\text{GDN}$. So,
+# with $n_A$ softmax and $n_G$ GDN layers,
+#
+# $$
+# F_\text{stack}(T) = n_A F_\text{attn}(T) + n_G F_\text{GDN}(T), \qquad
+# M_\text{stack}(T) = n_A \cdot 4 H_{kv} D \cdot T + n_G M_\text{GDN} .
+# $$
+#
+# Assumptions: prefill of one sequence, forward only; only the token-mixing core is counted — the projections, the
+# short convolution, norms and the MoE blocks grow linearly in $T$ in both models and are left out (they would
+# only push the curves together at short $T$); the KV cache in bf16, the GDN states in fp32; batch 1. The
+# comparison model is the same stack with all 48 layers gated attention.
+
+# %%
+#| export deltanet.cost
+
+
+def layer_pattern(config):
+    """The list of 'linear_attention' / 'full_attention' of a Qwen3-Next-style config: its layer_types, or else
+    every full_attention_interval-th layer is softmax attention."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        every = config.full_attention_interval
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                 for i in range(config.num_hidden_layers)]
+    return list(types)
+
+
+def hybrid_costs(config, T, layer_types=None, chunk=64, dtype_bytes=2, state_bytes=4):
+    """Token-mixing prefill FLOPs of the whole stack over T tokens and its decoding memory at context T.
+
+    config: a Qwen3NextConfig (or anything with its fields). layer_types overrides the config's pattern (e.g.
+    ['full_attention'] * 48 for the all-attention model). Returns a dict: flops, kv_bytes (softmax layers' K and V),
+    state_bytes (GDN states + conv states, constant in T), memory = kv_bytes + state_bytes, and the layer counts.
+    """
+    types = layer_pattern(config) if layer_types is None else list(layer_types)
+    bad = set(types) - {"full_attention", "linear_attention"}
+    if bad:
+        raise ValueError(f"hybrid_costs: unknown layer types {sorted(bad)}")
+    n_attn, n_gdn = types.count("full_attention"), types.count("linear_attention")
+    c = config
+    attn = attention_flops(T, c.head_dim, c.num_attention_heads, causal=True)
+    gdn = gdn_flops(T, c.linear_key_head_dim, c.linear_value_head_dim, c.linear_num_value_heads, chunk=chunk)
+    kv = kv_cache_bytes_per_token(n_attn, c.num_key_value_heads, c.head_dim, dtype_bytes) * T
+    states = n_gdn * gdn_state_bytes(c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim,
+                                     c.linear_value_head_dim, c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
+    return dict(flops=n_attn * attn + n_gdn * gdn, kv_bytes=kv, state_bytes=states, memory=kv + states,
+                full_attention_layers=n_attn, linear_attention_layers=n_gdn)
+
+# %% [markdown]
+# Prefill FLOPs of the two stacks from 1K to 256K tokens (K = 1024; 256K = 262,144, Qwen3-Next's native context),
+# and the memory a decoder holds at context $T$.
+
+# %%
+if cfg is not None:
+    Ts = [2 ** i for i in range(10, 19)]  # 1K … 262K
+    full_types = ["full_attention"] * cfg.num_hidden_layers
+    hyb = [hybrid_costs(cfg, T) for T in Ts]
+    full = [hybrid_costs(cfg, T, layer_types=full_types) for T in Ts]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.loglog(Ts, [c["flops"] for c in full], "o-", label="48 × gated attention")
+    ax1.loglog(Ts, [c["flops"] for c in hyb], "s-", label="Qwen3-Next 3:1 (36 GDN + 12 attention)")
+    ax1.loglog(Ts, [c["flops"] / 4 for c in full], "k:", lw=1, label="¼ of all-attention")
+    ax1.set(xlabel="tokens T", ylabel="prefill FLOPs (token mixing, 48 layers)",
+            title="Prefill cost of the layer stack")
+    GiB = 2 ** 30
+    ax2.loglog(Ts, [c["memory"] / GiB for c in full], "o-", label="48 × gated attention (KV cache)")
+    ax2.loglog(Ts, [c["memory"] / GiB for c in hyb], "s-", label="3:1 hybrid (KV cache + GDN states)")
+    ax2.axhline(hyb[0]["state_bytes"] / GiB, color="gray", ls="--", lw=1, label="GDN states alone (36 layers)")
+    ax2.set(xlabel="context T", ylabel="GiB (batch 1)", title="Decoding memory at context T", ylim=(0.05, None))
+    for ax in (ax1, ax2):
+        ax.set_xticks(Ts, [f"{T // 1024}K" for T in Ts])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+    for T, h, f in zip(Ts[::4], hyb[::4], full[::4]):
+        print(f"T = {T:7,d}  FLOPs hybrid/full = {h['flops'] / f['flops']:.3f}   "
+              f"memory {h['memory'] / GiB:7.3f} GiB vs {f['memory'] / GiB:7.3f} GiB")
+
+# %% [markdown]
+# At 1K tokens the GDN layers' linear cost is still comparable to attention's quadratic one, and the hybrid saves
+# only about a third of the FLOPs; by 262K the 12 softmax layers are almost everything and the stack costs a quarter
+# of the all-attention one. Memory is simpler: the hybrid keeps exactly a quarter of the KV cache plus a constant
+# ~74 MiB of states (36 layers × 32 value heads × 128 × 128 in fp32, and the convolution's inputs). That constant
+# equals the KV cache the 36 replaced layers would hold for about 1,000 tokens (36 × 2 KiB a token), so the hybrid
+# holds slightly *more* at 1K and 4× less at 262K: 6.1 GiB instead of 24 GiB a sequence. The check: the KV-cache
+# quarter is exact at 262K, the states do not depend on $T$, and the FLOP ratio falls toward ¼ from above.
+
+# %%
+if cfg is not None:
+    T_max = 262_144
+    h, f = hybrid_costs(cfg, T_max), hybrid_costs(cfg, T_max, layer_types=full_types)
+    assert (h["full_attention_layers"], h["linear_attention_layers"]) == (12, 36)
+    assert 4 * h["kv_bytes"] == f["kv_bytes"] and f["state_bytes"] == 0  # exactly a quarter, in integers
+    assert h["state_bytes"] == hybrid_costs(cfg, 1)["state_bytes"] == 36 * (32 * 128 * 128 * 4 + 3 * 8192 * 2)
+    assert h["memory"] == f["memory"] // 4 + h["state_bytes"]
+    ratios = [hybrid_costs(cfg, T)["flops"] / hybrid_costs(cfg, T, layer_types=full_types)["flops"]
+              for T in (2 ** 10, 2 ** 14, 2 ** 18, 2 ** 24)]
+    assert all(a > b > 0.25 for a, b in zip(ratios, ratios[1:])) and ratios[-1] - 0.25 < 1e-4, ratios
+    print(f"262K: hybrid KV = all-attention KV / 4 = {h['kv_bytes'] / GiB:.1f} GiB, "
+          f"+ {h['state_bytes'] / 2**20:.1f} MiB "
+          f"of states; FLOP ratio {ratios[0]:.3f} (1K) → {ratios[2]:.4f} (262K) → {ratios[3]:.5f} (16M) → 1/4")
 
 # %% [markdown]
 # ## 5.6 Fast: the chunkwise form in Triton
@@ -1374,7 +1551,9 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   ACM TOMS 32(2), 2006.
 # - T. Dao, A. Gu, *Transformers are SSMs* (Mamba2's gate), ICML 2024. [arXiv:2405.21060](https://arxiv.org/abs/2405.21060)
 # - Qwen Team, *Qwen3-Next* (model card and blog post, September 2025: hybrid of Gated DeltaNet and gated attention
-#   layers, 3:1); `transformers` 5.x: `Qwen3NextGatedDeltaNet`, `torch_recurrent_gated_delta_rule` (the layer's and
-#   the recurrence's oracle).
+#   layers, 3:1, 262,144 tokens native).
+#   [Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); `transformers` 5.x:
+#   `Qwen3NextGatedDeltaNet`, `torch_recurrent_gated_delta_rule` (the layer's and the recurrence's oracle);
+#   `Qwen3NextConfig()` (the shapes of section 5.5).
 # - `fla-core` 0.6 (flash-linear-attention): `naive_recurrent_gated_delta_rule` (the test oracle),
 #   `chunk_gated_delta_rule`.

@@ -1,7 +1,7 @@
 """minisparse.deltanet (chapter 5): the recurrence vs fla's naive gated delta rule and transformers' Qwen3-Next
 recurrence, the chunkwise WY/UT form vs the recurrence (forward, final state, gradients of q, k, v, g, beta and the
 initial state) and vs transformers' chunked function, the layer vs Qwen3NextGatedDeltaNet, decoding vs prefill, bad
-input, the exercise checkers.
+input, the exercise checkers, the cost model of section 5.5.
 
 Shapes are odd on purpose: T = 1, 37, 100 (not multiples of the chunk), K = 32 ≠ V = 48, grouped value heads
 (HV = 2H), an initial state, gates from -1e-3 to -30 a token. On a CPU the Triton kernels run in the interpreter in
@@ -425,3 +425,49 @@ def test_checkers_accept_the_reference():
     check_delta_step(step)
     check_ut_transform(ut)
     check_chunk_cumsum(lambda g, C: torch.cat([c.cumsum(0) for c in g.split(C)]))
+
+
+# ---------------------------------------------------------------------------------------------- cost model (5.5)
+def test_gdn_cost_formulas_match_a_hand_count():
+    from minisparse.deltanet import gdn_flops, gdn_state_bytes
+    # T = 4, C = 2 (two chunks), K = 1, V = 3, 2 value heads. Multiply-adds per chunk and head, causal halves as C²/2:
+    # QKᵀ 2·1 + (QKᵀ)U 2·3 + QS 2·3 + KᵀU 2·3 + KKᵀ 2·1 + solve 2·(1 + 3) + WS 2·3 = 36 → 72 FLOPs; × 2 chunks × 2 heads.
+    assert gdn_flops(4, 1, 3, value_heads=2, chunk=2) == 288
+    # 1 q/k head, 2 value heads, K = 2, V = 3, conv 4: states 2·2·3 fp32 = 48 B; conv 3 · (2·1·2 + 2·3) bf16 = 60 B.
+    assert gdn_state_bytes(1, 2, 2, 3, conv_kernel=4) == 108
+
+
+def test_hybrid_costs_counts_layers_and_rejects_unknown_types():
+    from types import SimpleNamespace
+
+    from minisparse.attention.cost import attention_flops
+    from minisparse.deltanet import gdn_flops, gdn_state_bytes, hybrid_costs, layer_pattern
+    cfg = SimpleNamespace(num_hidden_layers=8, full_attention_interval=4, layer_types=None, head_dim=4,
+                          num_attention_heads=2, num_key_value_heads=1, linear_num_key_heads=1,
+                          linear_num_value_heads=2, linear_key_head_dim=2, linear_value_head_dim=3,
+                          linear_conv_kernel_dim=4)
+    assert layer_pattern(cfg) == (["linear_attention"] * 3 + ["full_attention"]) * 2
+    T = 10
+    c = hybrid_costs(cfg, T, chunk=2)
+    assert (c["full_attention_layers"], c["linear_attention_layers"]) == (2, 6)
+    assert c["flops"] == 2 * attention_flops(T, 4, 2) + 6 * gdn_flops(T, 2, 3, 2, chunk=2)
+    assert attention_flops(T, 4, 2) == 2 * 2 * (4 + 4) * (T * (T + 1) // 2)
+    assert c["kv_bytes"] == 2 * 1 * (4 + 4) * 2 * T  # 2 softmax layers × 1 K/V head × (K + V) × bf16 × tokens
+    assert c["state_bytes"] == 6 * gdn_state_bytes(1, 2, 2, 3, 4) and c["memory"] == c["kv_bytes"] + c["state_bytes"]
+    with pytest.raises(ValueError, match="unknown layer types"):
+        hybrid_costs(cfg, T, layer_types=["full_attention", "mamba"])
+
+
+def test_qwen3_next_hybrid_tends_to_a_quarter_of_full_attention():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.Qwen3NextConfig()
+    from minisparse.deltanet import hybrid_costs
+    full = ["full_attention"] * cfg.num_hidden_layers
+    Ts = [2 ** 10, 2 ** 14, 2 ** 18, 2 ** 22, 2 ** 26]
+    ratios = [hybrid_costs(cfg, T)["flops"] / hybrid_costs(cfg, T, layer_types=full)["flops"] for T in Ts]
+    assert all(a > b > 0.25 for a, b in zip(ratios, ratios[1:]))
+    assert ratios[-1] == pytest.approx(0.25, abs=1e-5)
+    h, f = hybrid_costs(cfg, 262_144), hybrid_costs(cfg, 262_144, layer_types=full)
+    assert 4 * h["kv_bytes"] == f["kv_bytes"] and h["memory"] - f["memory"] // 4 == hybrid_costs(cfg, 1)["state_bytes"]
