@@ -622,8 +622,8 @@ def gdn_state_bytes(key_heads, value_heads, d_k, d_v, conv_kernel=4, state_bytes
 #
 # Qwen3-Next-80B-A3B stacks 48 layers as 12 × (3 × (Gated DeltaNet → MoE), 1 × (Gated Attention → MoE)), and
 # keeps its native context at 262,144 tokens: three linear layers to one softmax layer (its
-# [model card](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct) and the Qwen team's blog post, September
-# 2025, where the 3:1 mix is presented as the trade-off between quality and long-context cost). The softmax layers
+# [model card](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); the seed survey lists the same 3:1 layout
+# for Qwen3.5). The softmax layers
 # are chapter 1's `Attention` with the output gate, no new code: 16 query heads, 2 K/V heads of 256 channels, RoPE
 # on a quarter of them. We read all shapes from `transformers`' `Qwen3NextConfig()` defaults, which are this
 # model's.
