@@ -4,21 +4,44 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.naive import _check_delta, naive_chunk_gated_delta_rule
+from minisparse.deltanet.naive import _check_delta, l2norm
 
 
 @triton.jit
-def _l2(x, L2NORM: tl.constexpr):
-    if L2NORM:
-        x = x * tl.rsqrt(tl.sum(x * x, axis=1)[:, None] + 1e-6)
-    return x
+def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)⁻¹ for a strictly lower-triangular A [C, C], C ∈ {16, 32, 64}.
+
+    Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on [C/16, 16, 16]); then
+    with D = (I + A_diag)⁻¹ and N = D A_off (strictly block-lower, so N⁴ = 0 for ≤ 4 blocks):
+    (I + A)⁻¹ = (I + N)⁻¹ D = (I − N)(I + N²) D, three tensor-core products.
+    """
+    NB: tl.constexpr = C // 16
+    rows = tl.arange(0, C)
+    same_block = (rows[:, None] // 16) == (rows[None, :] // 16)
+    r16 = tl.arange(0, 16)
+    bsel = tl.arange(0, NB)
+    diag4 = (bsel[:, None, None, None] == bsel[None, None, :, None])  # [NB, 1, NB, 1]
+    A4 = tl.reshape(A, (NB, 16, NB, 16))
+    Ad = tl.sum(tl.where(diag4, A4, 0.0), axis=2)  # [NB, 16, 16] the diagonal blocks
+    eye16 = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)  # [16, 16]
+    D3 = tl.zeros((NB, 16, 16), dtype=tl.float32) + eye16[None, :, :]
+    for i in range(1, 16):
+        sel = r16[None, :, None] == i  # [1, 16, 1]
+        a_i = tl.sum(tl.where(sel, Ad, 0.0), axis=1)  # [NB, 16] row i of every block
+        t_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * D3, axis=1)  # e_i − A[i] @ D
+        D3 = tl.where(sel, t_i[:, None, :], D3)
+    D = tl.reshape(tl.where(diag4, D3[:, :, None, :], 0.0), (C, C))  # block diagonal [C, C]
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    N = tl.dot(D, tl.where(same_block, 0.0, A), input_precision=PRECISION)
+    N2 = tl.dot(N, N, input_precision=PRECISION)
+    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), D, input_precision=PRECISION)
 
 
 @triton.jit
-def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, T, H, HV, K, V,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """W = (I + A)⁻¹ diag(β e^G) K, Ũ = (I + A)⁻¹ diag(β) V and G (local cumsum) of one chunk. Grid (NT, B·HV)."""
+def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr, T, H, HV, K, V,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
+                   PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr):
+    """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -28,33 +51,29 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, T, H, HV
     tm = t < T
     ks, vs = tl.arange(0, BK), tl.arange(0, BV)
     k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                other=0.0).to(tl.float32)  # [C, BK]
-    k = _l2(k, L2NORM)
+                other=0.0)  # [C, BK]
     v = tl.load(v_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=tm[:, None] & (vs[None, :] < V),
-                other=0.0).to(tl.float32)  # [C, BV]
-    g = tl.load(g_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0).to(tl.float32)  # [C], 0 past T
-    beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0).to(tl.float32)  # [C], 0 past T
+                other=0.0)  # [C, BV]
+    g = tl.load(g_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
+    beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
     G = tl.cumsum(g, axis=0)  # [C] local cumulative log decay
-    diff = G[:, None] - G[None, :]
     lower = rows[:, None] > rows[None, :]  # j < i
     A = tl.dot(k, tl.trans(k), input_precision=PRECISION) * beta[:, None]
-    A = tl.where(lower, A * tl.exp(tl.where(lower, diff, float("-inf"))), 0.0)  # [C, C] strictly lower
-    Tm = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)  # [C, C] identity; row i is solved at step i
-    for i in range(1, C):
-        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)  # [C] row i of A (zeros at j >= i)
-        t_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * Tm, axis=0)  # e_i − A[i] @ T
-        Tm = tl.where(rows[:, None] == i, t_i[None, :], Tm)
-    w = tl.dot(Tm, k * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
-    u = tl.dot(Tm, v * beta[:, None], input_precision=PRECISION)  # [C, BV]
+    A = tl.where(lower, A * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)  # [C, C]
+    Tm = _unit_lower_inverse(A, C, SOLVE_PRECISION)
+    w = tl.dot(Tm, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
+    u = tl.dot(Tm, v.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
     tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w, mask=tm[:, None] & (ks[None, :] < K))
     tl.store(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], u, mask=tm[:, None] & (vs[None, :] < V))
     tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
+    if STORE_T:
+        tl.store(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], Tm, mask=tm[:, None])
 
 
 @triton.jit
 def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+                       STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     """Scan over chunks: states[n] = S entering chunk n; U ← Ũ − W S_n (in place); S_{n+1}. Grid (V/BV, B·HV)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -74,7 +93,6 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
         L = tl.minimum(T - n * C, C)
         k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
                     other=0.0).to(tl.float32)  # [C, BK]
-        k = _l2(k, L2NORM)
         w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
                     mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
@@ -91,8 +109,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
 
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile. Grid (V/BV, NT, B·HV)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
@@ -105,8 +122,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
     qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
     qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = _l2(tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32), L2NORM)  # [C, BK]
-    k = _l2(tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32), L2NORM)
+    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
     v_mask = tm[:, None] & (vs[None, :] < V)
     u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
     S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
@@ -115,10 +132,159 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
     A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma
-    o = tl.dot(q * tl.exp(G)[:, None], S, input_precision=PRECISION)
+    o = tl.dot(q.to(tl.float32) * tl.exp(G)[:, None], S, input_precision=PRECISION)
     o = tl.dot(A, u, o, input_precision=PRECISION)
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
+
+
+@triton.jit
+def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
+                       T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_DHT: tl.constexpr, PRECISION: tl.constexpr):
+    """Reverse scan over chunks: dstates[n] = ∂/∂S_{n+1}; dU of chunk n; ∂/∂S_0. Grid (V/BV, B·HV).
+
+    dU = scale (Q Kᵀ ⊙ Γ)ᵀ dO + diag(e^{G_L − G}) K dS',  dS ← e^{G_L} dS' + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU.
+    """
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    kv_off = ks[:, None] * V + vs[None, :]
+    dS = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_DHT:
+        dS = tl.load(dht_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    for i in range(NT):
+        n = NT - 1 - i
+        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off, dS, mask=kv_mask)
+        t = n * C + rows
+        tm = t < T
+        L = tl.minimum(T - n * C, C)
+        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+        qk_mask = tm[:, None] & (ks[None, :] < K)
+        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], mask=qk_mask, other=0.0)
+        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        v_mask = tm[:, None] & (vs[None, :] < V)
+        do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
+        G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
+        G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)
+        causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+        Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
+        Aqk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma  # [C, C]
+        key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C]
+        du = tl.dot(k * key_decay[:, None], dS, input_precision=PRECISION)
+        du = tl.dot(tl.trans(Aqk), do * scale, du, input_precision=PRECISION)  # [C, BV]
+        tl.store(du_ptr + v_off, du, mask=v_mask)
+        dS = dS * tl.exp(G_last) + tl.dot(tl.trans(q * (scale * tl.exp(G))[:, None]), do, input_precision=PRECISION)
+        dS = dS - tl.dot(tl.trans(w), du, input_precision=PRECISION)
+    tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
+                      du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Every gradient of one chunk (q, k, v, β, g), given dU and the state gradients. Grid (NT, B·HV).
+
+    Output part: dQ = scale (diag(e^G) dO Sᵀ + (dO Uᵀ ⊙ Γ) K), dK += (dO Uᵀ ⊙ Γ)ᵀ Q scale; state update:
+    dK += diag(e^{G_L − G}) U dS'ᵀ; U = Ũ − W S: dW = −dU Sᵀ; WY: dT = dW (diag(βe^G) K)ᵀ + dU (diag(β) V)ᵀ,
+    dA = −Tᵀ dT Tᵀ (strictly lower), then A = β_i Γ_ij k_i·k_j. dG collects every e^{…G…}; dg = reverse cumsum.
+    """
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    L = tl.minimum(T - n * C, C)
+    ks = tl.arange(0, BK)
+    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+    qk_mask = tm[:, None] & (ks[None, :] < K)
+    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
+    G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
+    beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
+    Tm = tl.load(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], mask=tm[:, None], other=0.0)
+    dq = tl.zeros((C, BK), dtype=tl.float32)  # dO Sᵀ
+    dk_state = tl.zeros((C, BK), dtype=tl.float32)  # U dS'ᵀ
+    dw = tl.zeros((C, BK), dtype=tl.float32)
+    dAqk = tl.zeros((C, C), dtype=tl.float32)  # dO Uᵀ
+    dT = tl.zeros((C, C), dtype=tl.float32)
+    dbeta = tl.zeros((C,), dtype=tl.float32)
+    dG_last = tl.zeros((1,), dtype=tl.float32)  # Σ S ⊙ dS'
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        v_mask = tm[:, None] & (vs[None, :] < V)
+        kv_off = ks[:, None] * V + vs[None, :]
+        kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+        do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
+        u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)
+        du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)
+        v = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
+        S = tl.load(states_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)  # [BK, BV]
+        dS = tl.load(dstates_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)
+        dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
+        dk_state = tl.dot(u, tl.trans(dS), dk_state, input_precision=PRECISION)
+        dw = dw - tl.dot(du, tl.trans(S), input_precision=PRECISION)
+        dAqk = tl.dot(do, tl.trans(u), dAqk, input_precision=PRECISION)
+        dT = tl.dot(du, tl.trans(v * beta[:, None]), dT, input_precision=PRECISION)
+        Tdu = tl.dot(tl.trans(Tm), du, input_precision=PRECISION)  # [C, BV] ∂/∂(diag(β) V)
+        tl.store(dv_ptr + v_off, (Tdu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=v_mask)
+        dbeta += tl.sum(Tdu * v, axis=1)
+        dG_last += tl.sum(tl.sum(S * dS, axis=1), axis=0)
+    eG = tl.exp(G)
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
+    # output: o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
+    dq = dq * (scale * eG)[:, None]
+    dG = tl.sum(dq * q, axis=1)  # ∂/∂G_i of e^{G_i}
+    dAqk = dAqk * scale * Gamma  # ∂/∂(q_i·k_j), causal
+    dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(dAqk), q, input_precision=PRECISION)
+    M = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # ∂/∂Γ_ij · Γ_ij
+    dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+    # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+    G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)
+    key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C]
+    dk_state = dk_state * key_decay[:, None]
+    dk += dk_state
+    kdk = tl.sum(dk_state * k, axis=1)  # [C]
+    dG_L = tl.sum(dG_last, axis=0) * tl.exp(G_last) + tl.sum(kdk, axis=0)
+    dG += tl.where(rows == L - 1, dG_L, 0.0) - kdk
+    # WY: W = T diag(β e^G) K, Ũ = T diag(β) V, T = (I + A)⁻¹
+    kbg = k * (beta * eG)[:, None]
+    dT = tl.dot(dw, tl.trans(kbg), dT, input_precision=PRECISION)
+    Tdw = tl.dot(tl.trans(Tm), dw, input_precision=PRECISION)  # [C, BK] ∂/∂(diag(β e^G) K)
+    dk += Tdw * (beta * eG)[:, None]
+    kTdw = tl.sum(Tdw * k, axis=1)
+    dbeta += kTdw * eG
+    dG += kTdw * beta * eG
+    lower = rows[:, None] > rows[None, :]
+    dA = -tl.dot(tl.dot(tl.trans(Tm), dT, input_precision=PRECISION), tl.trans(Tm), input_precision=PRECISION)
+    dA = tl.where(lower, dA, 0.0) * Gamma  # ∂/∂(β_i k_i·k_j) · ... (Γ_ij folded in)
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
+    M = dA * kk  # [C, C] ∂/∂A_ij · A_ij / β_i
+    dbeta += tl.sum(M, axis=1)
+    M = M * beta[:, None]
+    dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+    dKK = dA * beta[:, None]
+    dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
+    # G = cumsum(g) within the chunk: dg = reverse cumsum of dG
+    dG = tl.where(tm, dG, 0.0)
+    dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
+    out_off = ((b * T + t[:, None]) * HV + hv) * K + ks[None, :]
+    tl.store(dq_ptr + out_off, dq, mask=qk_mask)
+    tl.store(dk_ptr + out_off, dk, mask=qk_mask)
+    tl.store(dbeta_ptr + (b * T + t) * HV + hv, dbeta, mask=tm)
+    tl.store(dg_ptr + (b * T + t) * HV + hv, dg, mask=tm)
 
 
 @triton.jit
@@ -161,6 +327,11 @@ def _pow2(n, low=16):
     return max(low, triton.next_power_of_2(n))
 
 
+def _precisions(dtype):
+    """(matmul precision, triangular-solve precision): exact fp32 for fp32 inputs, else TF32 / 3×TF32."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
+
+
 def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state):
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state)
     runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
@@ -169,68 +340,99 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state):
     return scale
 
 
-def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm):
+def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t):
+    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state."""
+    B, T, H, K = k.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    dev = k.device
+    prec, solve_prec = _precisions(k.dtype)
+    BK, BV = _pow2(K), _pow2(V)
+    w = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
+    tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
+    _fwd_wy_kernel[(NT, B * HV)](k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V, C=_C, BK=BK, BV=BV,
+                                 STORE_T=store_t, PRECISION=prec, SOLVE_PRECISION=solve_prec)
+    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
+    ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    bv = min(32, BV)  # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy
+    _fwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
+        k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT,
+        C=_C, BK=BK, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec)
+    return w, u, gc, tinv, states, ht
+
+
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, store_t=False)
+    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
+    bv = min(64, _pow2(V))
+    _fwd_output_kernel[(triton.cdiv(V, bv), NT, B * HV)](q, k, u, gc, states, o, scale, T, H, HV, K, V, NT, C=_C,
+                                                          BK=_pow2(K), BV=bv, PRECISION=_precisions(q.dtype)[0])
+    return o, ht
+
+
+def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht):
+    """Gradients of q, k, v, g, beta and h0 (float32; dq, dk summed over grouped value heads)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
     dev = q.device
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g, beta = g.float().contiguous(), beta.float().contiguous()
-    h0 = h0.float().contiguous() if h0 is not None else None
-    BK, BVall = _pow2(K), _pow2(V)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    w = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
-    u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
-    _fwd_wy_kernel[(NT, B * HV)](k, v, g, beta, w, u, gc, T, H, HV, K, V, C=_C, BK=BK, BV=BVall,
-                                 L2NORM=use_qk_l2norm, PRECISION=prec)
-    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
-    ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    bv = min(64, BVall)
-    _fwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
-        k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT,
-        C=_C, BK=BK, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=use_qk_l2norm, PRECISION=prec)
-    o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
-    _fwd_output_kernel[(triton.cdiv(V, bv), NT, B * HV)](q, k, u, gc, states, o, scale, T, H, HV, K, V, NT, C=_C,
-                                                          BK=BK, BV=bv, L2NORM=use_qk_l2norm, PRECISION=prec)
-    return o, ht
+    prec = _precisions(q.dtype)[0]
+    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, store_t=True)
+    BK = _pow2(K)
+    do = do.contiguous()
+    du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
+    dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32)
+    bv = min(32, _pow2(V))
+    _bwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
+        q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
+        T, H, HV, K, V, NT, C=_C, BK=BK, BV=bv, HAS_DHT=dht is not None, PRECISION=prec)
+    dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
+    dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
+    _bwd_chunk_kernel[(NT, B * HV)](q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
+                                    scale, T, H, HV, K, V, NT, C=_C, BK=BK, BV=min(64, _pow2(V)), PRECISION=prec)
+    if HV != H:  # grouped value heads: sum over the value heads that share a query/key head
+        dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, use_qk_l2norm):
-        ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
-        return _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, use_qk_l2norm)
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        gf, bf = g.float().contiguous(), beta.float().contiguous()
+        h0f = h0.float().contiguous() if h0 is not None else None
+        ctx.save_for_backward(q, k, v, gf, bf, h0f)
+        ctx.scale = scale
+        ctx.dtypes = [x.dtype if x is not None else None for x in (q, k, v, g, beta, h0)]
+        return _chunk_forward(q, k, v, gf, bf, scale, h0f, output_final_state)
 
     @staticmethod
     def backward(ctx, do, dht):
-        # No Triton backward yet: recompute the chunk form in PyTorch and differentiate it.
         q, k, v, g, beta, h0 = ctx.saved_tensors
-        with torch.enable_grad():
-            xs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((q, k, v, g, beta, h0), ctx.needs_input_grad[:6])]
-            o, ht = naive_chunk_gated_delta_rule(*xs[:5], ctx.scale, xs[5], True, ctx.use_qk_l2norm, _C)
-            outs, grads_out = [o], [do]
-            if dht is not None:
-                outs.append(ht)
-                grads_out.append(dht)
-            need = [x for x in xs if x is not None and x.requires_grad]
-            got = iter(torch.autograd.grad(outs, need, grads_out, allow_unused=True)) if need else iter(())
-        grads = [next(got) if x is not None and x.requires_grad else None for x in xs]
-        return (*grads, None, None, None)
+        grads = _chunk_backward(q, k, v, g, beta, ctx.scale, h0, do, dht)
+        grads = [d.to(dt) if dt is not None else None for d, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None, None)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm=False):
-    """The gated delta rule by chunks of 64 in Triton (WY/UT form); autograd (backward recomputed in PyTorch).
+    """The gated delta rule by chunks of 64 in Triton (WY/UT form), forward and backward.
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
     initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
-    None). K, V ≤ 256; any T.
+    None). K, V ≤ 256; any T. Differentiable in q, k, v, g, beta and initial_state.
     """
     scale = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
-    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, use_qk_l2norm)
+    if use_qk_l2norm:  # in PyTorch, so that autograd differentiates the normalisation
+        q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
+    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state)
 
 
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
