@@ -5,11 +5,11 @@
 set -u
 out=${1:?usage: gpu_suite.sh OUTDIR [bench ...]}; shift
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 workers=$(( $(nproc) < 16 ? $(nproc) : 16 ))
 # the tests first, one thread per worker (compilation is CPU-bound; oversubscribed threads slow everything)
-OMP_NUM_THREADS=1 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests -q -rs -n "$workers" -p no:cacheprovider \
+OMP_NUM_THREADS=1 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest ${TESTS:-tests} -q -rs -n "$workers" -p no:cacheprovider \
   > "$out/tests.log" 2>&1; echo "tests rc=$?" >> "$out/tests.log"
 # then the chapters as plain scripts, side by side, then the benchmarks on a quiet GPU
 for c in ${CHAPTERS:-chapters/0[1-9]_*.py}; do

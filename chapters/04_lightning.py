@@ -1088,7 +1088,7 @@ class LightningAttention(nn.Module):
         want_state = use_cache or state is not None
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if q.is_cuda or runtime.interpreting() else "naive"
+            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
         if backend == "naive":
             return naive_chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state, chunk_size=self.block_size)
         if backend != "triton":

@@ -1186,6 +1186,9 @@ def _precisions(dtype):
 def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state):
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state)
     runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
+                        "use float32 on CPU, bfloat16 on a GPU")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         raise ValueError(f"{op}: head dimensions up to 256 are supported, got K = {q.shape[-1]}, V = {v.shape[-1]}")
     return scale
@@ -1467,7 +1470,7 @@ class GatedDeltaNet(nn.Module):
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if q.is_cuda or runtime.interpreting() else "naive"
+            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
         decoding = rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled()
         if backend == "naive":
             if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form

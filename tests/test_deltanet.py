@@ -5,8 +5,9 @@ input, the exercise checkers, the cost model of section 5.5.
 
 Shapes are odd on purpose: T = 1, 37, 100 (not multiples of the chunk), K = 32 ≠ V = 48, grouped value heads
 (HV = 2H), an initial state, gates from -1e-3 to -30 a token. On a CPU the Triton kernels run in the interpreter in
-fp32 with NaN-poisoned output buffers; their backward is a PyTorch recomputation, checked against the recurrence's
-gradients. The bf16 GPU runs of these tests have not been done yet.
+fp32 with NaN-poisoned output buffers, forward and backward checked against the recurrence; the hardest triangular
+solve (identical keys, β = 2) too. On a GPU the same tests run on CUDA, plus bf16 and fp16 inputs against the chunk
+form in fp32 (forward, final state and every gradient).
 """
 import contextlib
 import math
@@ -217,24 +218,96 @@ def test_triton_without_l2norm_and_delta_rule(poisoned):
     assert_close("delta rule state", s_r, s_c, 1e-4)
 
 
-def test_triton_chunk_gradients():
-    q, k, v, g, beta, h0 = _dev(*_inputs(1, 45, 2, 4, 16, 24, normalise=False))
+def _grads(fn, inputs, do, dht, **kw):
+    """Output, final state and the gradients of q, k, v, g, beta, h0 of ⟨o, do⟩ + ⟨final state, dht⟩."""
+    xs = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+    o, s = fn(*xs[:5], initial_state=xs[5], output_final_state=dht is not None, **kw)
+    loss = (o.float() * do).sum() + ((s * dht).sum() if dht is not None else 0)
+    loss.backward()
+    return [o, s] + [None if x is None else x.grad for x in xs]
+
+
+NAMES = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+@pytest.mark.parametrize("T,H,HV,K,V,gates,state,final", [
+    (45, 2, 4, 16, 24, GATES[1], True, True), (130, 1, 2, 32, 48, GATES[2], True, True),
+    (64, 2, 2, 24, 16, GATES[0], False, False), (1, 1, 3, 16, 16, GATES[1], True, True),
+    (100, 1, 1, 64, 64, GATES[1], False, True)])
+def test_triton_chunk_gradients(T, H, HV, K, V, gates, state, final):
+    inputs = _dev(*_inputs(1, T, H, HV, K, V, gates=gates, state=state, normalise=False, seed=T))
     gen = torch.Generator().manual_seed(3)
-    do, dht = torch.randn(1, 45, 4, 24, generator=gen).to(DEV), torch.randn(1, 4, 16, 24, generator=gen).to(DEV)
+    do = torch.randn(1, T, HV, V, generator=gen).to(DEV)
+    dht = torch.randn(1, HV, K, V, generator=gen).to(DEV) if final else None
+    ref = _grads(naive_recurrent_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)
+    got = _grads(chunk_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)
+    for name, r, c in zip(NAMES, ref, got):
+        assert (r is None) == (c is None), name
+        if r is not None:
+            assert_close(name, r, c, 1e-4 if DEV == "cpu" else 2e-3)  # GPU fp32: cuBLAS/Triton may use TF32
 
-    def grads(fn):
-        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
-        o, s = fn(*xs[:5], initial_state=xs[5], output_final_state=True, use_qk_l2norm=True)
-        ((o * do).sum() + (s * dht).sum()).backward()
-        return [x.grad for x in xs]
 
-    for name, r, c in zip(["q", "k", "v", "g", "beta", "initial_state"], grads(naive_recurrent_gated_delta_rule),
-                          grads(chunk_gated_delta_rule)):
-        assert_close(f"d{name}", r, c, 1e-4)
-    # only some inputs tracked, and no final state
+def test_triton_delta_rule_gradients_and_partial_tracking():
+    q, k, v, g, beta, h0 = _dev(*_inputs(1, 70, 2, 2, 32, 16, normalise=True))
+    do = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(4)).to(DEV)
+
+    def delta(fn):
+        return lambda q, k, v, g, beta, **kw: fn(q, k, v, beta, **kw)
+
+    inputs = (q, k, v, None, beta, h0)
+    ref = _grads(delta(naive_recurrent_delta_rule), inputs, do, None)
+    got = _grads(delta(chunk_delta_rule), inputs, do, None)
+    for name, r, c in zip(NAMES, ref, got):
+        if r is not None:
+            assert_close(name, r, c, 1e-4 if DEV == "cpu" else 2e-3)
+    # only v tracked, no final state: the other inputs get no gradient and nothing breaks
     vv = v.clone().requires_grad_(True)
     chunk_gated_delta_rule(q, k, vv, g, beta, use_qk_l2norm=True)[0].sum().backward()
     assert vv.grad is not None and torch.isfinite(vv.grad).all()
+
+
+def test_triton_identical_keys_and_beta_two():
+    """The hardest case for the triangular solve: every key equal and β = 2, so I − 2kkᵀ is a reflection and the
+    UT transform's entries alternate in sign over the whole chunk."""
+    q, k, v, g, beta, h0 = _dev(*_inputs(1, 150, 1, 1, 32, 32, normalise=True))
+    k = k[:, :1].expand_as(k).contiguous()
+    beta = torch.full_like(beta, 2.0)
+    do = torch.randn_like(v)
+    inputs = (q, k, v, torch.zeros_like(g), beta, h0)
+    ref = _grads(naive_recurrent_gated_delta_rule, inputs, do, None)
+    got = _grads(chunk_gated_delta_rule, inputs, do, None)
+    for name, r, c in zip(NAMES, ref, got):
+        if r is not None:
+            assert_close(name, r, c, 1e-4 if DEV == "cpu" else 2e-3)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 kernels are tested on a GPU (the "
+                                                                 "interpreter's bf16 tl.dot is wrong)")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,H,HV,K,V,gates", [(300, 2, 4, 64, 128, GATES[1]), (1000, 2, 2, 128, 128, GATES[0]),
+                                              (77, 1, 3, 48, 32, GATES[2]), (2048, 1, 2, 128, 128, (-0.1, 0.0))])
+def test_triton_half_precision(T, H, HV, K, V, gates, dtype):
+    """bf16/fp16 inputs against the recurrence in fp32 on the same (rounded) inputs, forward and backward."""
+    q, k, v, g, beta, h0 = _inputs(2, T, H, HV, K, V, gates=gates, normalise=False, seed=T)
+    q, k, v = (x.to(DEV, dtype) for x in (q, k, v))
+    g, beta, h0 = (x.to(DEV) for x in (g, beta, h0))
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(2, T, HV, V, generator=gen).to(DEV)
+    dht = torch.randn(2, HV, K, V, generator=gen).to(DEV)
+    ref = _grads(naive_chunk_gated_delta_rule, (q.float(), k.float(), v.float(), g, beta, h0), do, dht,
+                 use_qk_l2norm=True)
+    got = _grads(chunk_gated_delta_rule, (q, k, v, g, beta, h0), do, dht, use_qk_l2norm=True)
+    assert got[0].dtype == dtype and got[2].dtype == dtype and got[4].dtype == dtype
+    for name, r, c in zip(NAMES, ref, got):
+        assert_close(f"{name} ({dtype})", r, c, 5e-3 if name in ("o", "final state") else 8e-3)
+    with torch.no_grad():
+        o_f, s_f = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                    use_qk_l2norm=True)
+    assert_close(f"fused recurrent o ({dtype})", ref[0], o_f, 5e-3)
+    assert_close(f"fused recurrent final state ({dtype})", ref[1], s_f, 5e-3)
 
 
 def test_triton_errors(monkeypatch):
@@ -246,6 +319,8 @@ def test_triton_errors(monkeypatch):
     with pytest.raises(ValueError, match="256"):
         chunk_gated_delta_rule(*(x.to(DEV) for x in _inputs(1, 4, 1, 1, 8, 300, state=False)[:5]))
     if not torch.cuda.is_available():
+        with pytest.raises(TypeError, match="bfloat16"):
+            chunk_gated_delta_rule(q.detach().bfloat16(), k.bfloat16(), v.bfloat16(), g, beta)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             chunk_gated_delta_rule(q.detach(), k, v, g, beta)

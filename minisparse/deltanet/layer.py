@@ -97,7 +97,7 @@ class GatedDeltaNet(nn.Module):
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if q.is_cuda or runtime.interpreting() else "naive"
+            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
         decoding = rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled()
         if backend == "naive":
             if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form

@@ -335,6 +335,9 @@ def _precisions(dtype):
 def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state):
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state)
     runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
+                        "use float32 on CPU, bfloat16 on a GPU")
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         raise ValueError(f"{op}: head dimensions up to 256 are supported, got K = {q.shape[-1]}, V = {v.shape[-1]}")
     return scale
