@@ -789,7 +789,7 @@ if cfg is not None:
 # accuracy) when the inputs are bf16 or fp16, in plain fp32 when they are fp32.
 #
 # ```
-#  _fwd_wy_kernel, program (b, hv, chunk n):          all of K and V in one tile each (K, V ≤ 256)
+#  _fwd_wy_kernel, program (b, hv, chunk n):          all of K and V in one tile each (K, V ≤ 128)
 #      G  = cumsum(g) over the chunk                   [C]     (tl.cumsum)
 #      A  = β[:, None] · (K @ Kᵀ) ⊙ exp(G_i − G_j)     [C, C]  strictly lower, exponent masked to -inf first
 #      T  = (I − N)(I + N²) D                          [C, C]  _unit_lower_inverse
@@ -1183,14 +1183,20 @@ def _precisions(dtype):
     return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
 
 
-def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state):
+def _scan_stages(dtype):
+    """Software-pipelining depth of the chunk scans: fp32 operands take twice the shared memory, so no prefetch."""
+    return 1 if dtype == torch.float32 else 3
+
+
+def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state)
     runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
                         "use float32 on CPU, bfloat16 on a GPU")
-    if q.shape[-1] > 256 or v.shape[-1] > 256:
-        raise ValueError(f"{op}: head dimensions up to 256 are supported, got K = {q.shape[-1]}, V = {v.shape[-1]}")
+    if q.shape[-1] > max_dim or v.shape[-1] > max_dim:
+        raise ValueError(f"{op}: head dimensions up to {max_dim} are supported (the state tile must fit on chip), "
+                         f"got K = {q.shape[-1]}, V = {v.shape[-1]}")
     return scale
 
 
@@ -1213,7 +1219,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t):
     bv = min(32, BV)  # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy
     _fwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
         k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT,
-        C=_C, BK=BK, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec)
+        C=_C, BK=BK, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec,
+        num_stages=_scan_stages(k.dtype))
     return w, u, gc, tinv, states, ht
 
 
@@ -1245,12 +1252,14 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht):
     bv = min(32, _pow2(V))
     _bwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
         q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
-        T, H, HV, K, V, NT, C=_C, BK=BK, BV=bv, HAS_DHT=dht is not None, PRECISION=prec)
+        T, H, HV, K, V, NT, C=_C, BK=BK, BV=bv, HAS_DHT=dht is not None, PRECISION=prec,
+        num_stages=_scan_stages(q.dtype))
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     _bwd_chunk_kernel[(NT, B * HV)](q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
-                                    scale, T, H, HV, K, V, NT, C=_C, BK=BK, BV=min(64, _pow2(V)), PRECISION=prec)
+                                    scale, T, H, HV, K, V, NT, C=_C, BK=BK, BV=min(32, _pow2(V)), PRECISION=prec,
+                                    num_warps=4, num_stages=1)  # ≈ 184 KiB of shared memory at K = 128 (of 227)
     if HV != H:  # grouped value heads: sum over the value heads that share a query/key head
         dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
     return dq, dk, dv, dg, dbeta, dh0
@@ -1281,9 +1290,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
     initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
-    None). K, V ≤ 256; any T. Differentiable in q, k, v, g, beta and initial_state.
+    None). K, V ≤ 128; any T. Differentiable in q, k, v, g, beta and initial_state.
     """
-    scale = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    scale = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state, max_dim=128)
     if use_qk_l2norm:  # in PyTorch, so that autograd differentiates the normalisation
         q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state)
@@ -1299,9 +1308,9 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
                                      use_qk_l2norm=False):
     """The gated delta rule token by token in Triton, for decoding a few tokens from a state. Forward only.
 
-    Same arguments and result as chunk_gated_delta_rule. Raises if gradients are required.
+    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Raises if gradients are required.
     """
-    scale = _kernel_inputs("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    scale = _kernel_inputs("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state, max_dim=256)
     tracked = [t for t in (q, k, v, g, beta, initial_state) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         raise RuntimeError("fused_recurrent_gated_delta_rule is forward only: call it under torch.no_grad() "

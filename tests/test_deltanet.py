@@ -316,8 +316,10 @@ def test_triton_errors(monkeypatch):
         fused_recurrent_gated_delta_rule(q.requires_grad_(True), k, v, g, beta)
     with pytest.raises(ValueError, match="beta"):
         chunk_gated_delta_rule(q.detach(), k, v, g, beta + 3)
-    with pytest.raises(ValueError, match="256"):
-        chunk_gated_delta_rule(*(x.to(DEV) for x in _inputs(1, 4, 1, 1, 8, 300, state=False)[:5]))
+    with pytest.raises(ValueError, match="128"):
+        chunk_gated_delta_rule(*(x.to(DEV) for x in _inputs(1, 4, 1, 1, 8, 200, state=False)[:5]))
+    with pytest.raises(ValueError, match="256"), torch.no_grad():
+        fused_recurrent_gated_delta_rule(*(x.to(DEV) for x in _inputs(1, 4, 1, 1, 8, 300, state=False)[:5]))
     if not torch.cuda.is_available():
         with pytest.raises(TypeError, match="bfloat16"):
             chunk_gated_delta_rule(q.detach().bfloat16(), k.bfloat16(), v.bfloat16(), g, beta)
