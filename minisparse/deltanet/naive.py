@@ -40,13 +40,16 @@ def _check_delta(op, q, k, v, g, beta, scale, initial_state):
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
-    if g is not None and not bool(((g <= 0) & torch.isfinite(g)).all()):
+    # one reduction and one host sync per tensor (min and max propagate NaN, so NaN fails both tests)
+    g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (torch.zeros(()), torch.zeros(()))
+    b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (torch.zeros(()), torch.zeros(()))
+    g_lo, g_hi, b_lo, b_hi = torch.stack([g_lo, g_hi, b_lo, b_hi]).tolist()
+    if not (g_hi <= 0 and g_lo > float("-inf")):
         raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
-                         f"in [{g.min().item():.3g}, {g.max().item():.3g}]")
-    if not bool(((beta >= 0) & (beta <= 2)).all()):
+                         f"in [{g_lo:.3g}, {g_hi:.3g}]")
+    if not (b_lo >= 0 and b_hi <= 2):
         raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit keys; "
-                         f"models use sigmoid outputs in [0, 1]), got values in [{beta.min().item():.3g}, "
-                         f"{beta.max().item():.3g}]")
+                         f"models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{op}: initial_state must be a tensor [B, HV, K, V] or None, got "
