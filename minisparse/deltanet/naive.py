@@ -41,8 +41,9 @@ def _check_delta(op, q, k, v, g, beta, scale, initial_state):
         if t.device != q.device:
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
     # one reduction and one host sync per tensor (min and max propagate NaN, so NaN fails both tests)
-    g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (torch.zeros(()), torch.zeros(()))
-    b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (torch.zeros(()), torch.zeros(()))
+    zero = beta.new_zeros((), dtype=torch.float32)  # on beta's device: stacked with the others below
+    g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (zero, zero)
+    b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (zero, zero)
     g_lo, g_hi, b_lo, b_hi = torch.stack([g_lo, g_hi, b_lo, b_hi]).tolist()
     if not (g_hi <= 0 and g_lo > float("-inf")):
         raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.naive import _check_delta
+from minisparse.deltanet.naive import _check_delta, l2norm
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
 @triton.jit
 def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
                        T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       HAS_DHT: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+                       HAS_DHT: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse scan over chunks: dstates[n] = ∂/∂S_{n+1}; dU of chunk n; ∂/∂S_0. Grid (V/BV, B·HV).
 
     dU = scale (Q Kᵀ ⊙ Γ)ᵀ dO + diag(e^{G_L − G}) K dS',  dS ← e^{G_L} dS' + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU.
@@ -177,8 +177,8 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dst
         L = tl.minimum(T - n * C, C)
         qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        q = _l2(tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM).to(tl.float32)  # [C, BK]
-        k = _l2(tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM).to(tl.float32)
+        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], mask=qk_mask, other=0.0)
         v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         v_mask = tm[:, None] & (vs[None, :] < V)
@@ -200,8 +200,7 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dst
 @triton.jit
 def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
                       du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Every gradient of one chunk (q, k, v, β, g), given dU and the state gradients. Grid (NT, B·HV).
 
     Output part: dQ = scale (diag(e^G) dO Sᵀ + (dO Uᵀ ⊙ Γ) K), dK += (dO Uᵀ ⊙ Γ)ᵀ Q scale; state update:
@@ -219,8 +218,8 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, st
     ks = tl.arange(0, BK)
     qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
     qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = _l2(tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM).to(tl.float32)  # [C, BK]
-    k = _l2(tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM).to(tl.float32)
+    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
     Tm = tl.load(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], mask=tm[:, None], other=0.0)
@@ -418,7 +417,10 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     NT = triton.cdiv(T, _C)
     dev = q.device
     prec = _precisions(q.dtype)[0]
-    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True, l2)
+    q_raw, k_raw = q, k
+    if l2:  # normalise once here (as the forward's kernels did on load, same rounding): the backward kernels
+        q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)  # would not fit in shared memory with it at K = 128
+    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True, False)
     BK = _pow2(K)
     do = do.contiguous()
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
@@ -427,19 +429,18 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     bv = min(32, _pow2(V))
     _bwd_states_kernel[(triton.cdiv(V, bv), B * HV)](
         q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
-        T, H, HV, K, V, NT, C=_C, BK=BK, BV=bv, HAS_DHT=dht is not None, L2NORM=l2, PRECISION=prec,
-        num_stages=_scan_stages(q.dtype))
+        T, H, HV, K, V, NT, C=_C, BK=BK, BV=bv, HAS_DHT=dht is not None, PRECISION=prec,
+        num_stages=1)  # deeper pipelining needs > 227 KiB of shared memory at K = 128 in bf16
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     _bwd_chunk_kernel[(NT, B * HV)](q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
-                                    scale, T, H, HV, K, V, NT, C=_C, BK=BK, BV=min(32, _pow2(V)), L2NORM=l2,
-                                    PRECISION=prec,
+                                    scale, T, H, HV, K, V, NT, C=_C, BK=BK, BV=min(32, _pow2(V)), PRECISION=prec,
                                     num_warps=4, num_stages=1)  # ≈ 184 KiB of shared memory at K = 128 (of 227)
     if HV != H:  # grouped value heads: sum over the value heads that share a query/key head
         dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
     if l2:  # the kernels differentiated with respect to the normalised q and k
-        dq, dk = _l2norm_backward(q, dq), _l2norm_backward(k, dk)
+        dq, dk = _l2norm_backward(q_raw, dq), _l2norm_backward(k_raw, dk)
     return dq, dk, dv, dg, dbeta, dh0
 
 
