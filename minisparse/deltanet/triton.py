@@ -49,7 +49,7 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr, T, H, HV, K, V,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
-                   L2NORM: tl.constexpr, PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr):
+                   L2NORM: tl.constexpr, PRECISION: tl.constexpr):
     """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -70,7 +70,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     lower = rows[:, None] > rows[None, :]  # j < i
     A = tl.dot(k, tl.trans(k), input_precision=PRECISION) * beta[:, None]
     A = tl.where(lower, A * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)  # [C, C]
-    Tm = _unit_lower_inverse(A, C, SOLVE_PRECISION)
+    Tm = _unit_lower_inverse(A, C, PRECISION)
     w = tl.dot(Tm, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
     u = tl.dot(Tm, v.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
     tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w, mask=tm[:, None] & (ks[None, :] < K))
@@ -339,13 +339,13 @@ def _pow2(n, low=16):
     return max(low, triton.next_power_of_2(n))
 
 
-def _precisions(dtype):
-    """(matmul precision, triangular-solve precision): exact fp32 for fp32 inputs, else TF32.
+def _precision(dtype):
+    """Precision of tl.dot on fp32 operands: exact for fp32 inputs, TF32 for bf16/fp16 inputs.
 
-    Measured on the H200 (B2 T8K H16 D128): the solve in TF32 is within 7e-6 of 3×TF32 ("tf32x3") on W and U,
-    and the whole of _fwd_wy_kernel takes 0.44 ms instead of 0.79 ms.
+    Measured on the H200 (B2 T8K H16 D128): the triangular solve in TF32 is within 7e-6 of 3×TF32 ("tf32x3") on W
+    and U, and _fwd_wy_kernel takes 0.44 ms instead of 0.79 ms.
     """
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _scan_stages(dtype):
@@ -371,14 +371,14 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2):
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
     dev = k.device
-    prec, solve_prec = _precisions(k.dtype)
+    prec = _precision(k.dtype)
     BK, BV = _pow2(K), _pow2(V)
     w = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
     u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
     tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
     _fwd_wy_kernel[(NT, B * HV)](k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V, C=_C, BK=BK, BV=BV,
-                                 STORE_T=store_t, L2NORM=l2, PRECISION=prec, SOLVE_PRECISION=solve_prec)
+                                 STORE_T=store_t, L2NORM=l2, PRECISION=prec)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     bv = min(32, BV)  # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy
@@ -398,7 +398,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     bv = min(64, _pow2(V))
     _fwd_output_kernel[(triton.cdiv(V, bv), NT, B * HV)](q, k, u, gc, states, o, scale, T, H, HV, K, V, NT, C=_C,
                                                           BK=_pow2(K), BV=bv, L2NORM=l2,
-                                                          PRECISION=_precisions(q.dtype)[0])
+                                                          PRECISION=_precision(q.dtype))
     return o, ht
 
 
@@ -416,7 +416,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
     dev = q.device
-    prec = _precisions(q.dtype)[0]
+    prec = _precision(q.dtype)
     q_raw, k_raw = q, k
     if l2:  # normalise once here (as the forward's kernels did on load, same rounding): the backward kernels
         q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)  # would not fit in shared memory with it at K = 128
