@@ -22,7 +22,7 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
 
     Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on [C/16, 16, 16]); then
     with D = (I + A_diag)⁻¹ and N = D A_off (strictly block-lower, so N⁴ = 0 for ≤ 4 blocks):
-    (I + A)⁻¹ = (I + N)⁻¹ D = (I − N)(I + N²) D, three tensor-core products.
+    (I + A)⁻¹ = (I + N)⁻¹ D = (I − N)(I + N²) D: four tensor-core products in all.
     """
     NB: tl.constexpr = C // 16
     rows = tl.arange(0, C)
@@ -143,9 +143,9 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma
+    Aqk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma  # [C, C] (Q Kᵀ ⊙ Γ)
     o = tl.dot(q.to(tl.float32) * tl.exp(G)[:, None], S, input_precision=PRECISION)
-    o = tl.dot(A, u, o, input_precision=PRECISION)
+    o = tl.dot(Aqk, u, o, input_precision=PRECISION)
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
 
