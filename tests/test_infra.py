@@ -177,3 +177,26 @@ def test_plot_passes_one_panel_per_pass():
     doc = {"name": "d", "device": "x", "torch": "t", "triton": "r", "date": "today", "rows": [
         {"impl": "a", "pass": "fwd", "T": 1, "ms": 1.0}, {"impl": "a", "pass": "fwd+bwd", "T": 1, "ms": 2.0}]}
     assert len(plot_passes(doc).axes) == 2
+
+
+def test_kernel_resources_compiles_for_hopper_without_a_gpu():
+    """tools/kernel_resources.py reports shared memory, registers and spills of a real sm_90 compile, on a CPU."""
+    import pathlib
+
+    import triton
+
+    if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    args = [sys.executable, str(root / "tools/kernel_resources.py"), "minisparse.deltanet.triton:_fused_recurrent_kernel",
+            "BK=16", "BV=16", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert "sm_90" in line and "KiB" in line and "registers" in line, line
+    regs = int(line.split(" registers")[0].rsplit(" ", 1)[1])
+    assert 0 < regs <= 255, line
+    # a constexpr left out, or one the kernel does not have, is an error that names it
+    for extra, name in ((args[3:-1], "L2NORM"), (args[3:] + ["NOPE=1"], "NOPE")):
+        bad = subprocess.run(args[:3] + extra, capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and name in bad.stderr, bad.stderr[-500:]

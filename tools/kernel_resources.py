@@ -1,0 +1,97 @@
+"""Compile one Triton kernel for a GPU architecture on a machine without a GPU, and report its resources.
+
+    python tools/kernel_resources.py minisparse.deltanet.triton:_bwd_chunk_kernel C=64 BK=128 BV=32 \\
+        PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,v_ptr,do_ptr --warps 4 --stages 1
+
+prints the shared memory the launch needs (Hopper allows 227 KiB a block), the registers per thread and the bytes
+spilled to local memory, as ptxas reports them for sm_90a. Why: a launch that asks for too much shared memory fails
+only on the GPU (`OutOfResources`), and spills are the first suspect of a slow kernel — both can be checked here, on
+a CPU, before spending device time. Arguments NAME=VALUE are the kernel's constexprs (ints, or strings such as
+PRECISION=tf32); pointer arguments are fp32 unless --dtype says otherwise; the other runtime arguments are i32,
+except those named by --float (default: scale). Compiling takes 10–60 s a kernel on this 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for real, even where minisparse.runtime would pick the interpreter
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+def _constexpr(text: str):
+    return int(text) if re.fullmatch(r"-?\d+", text) else {"True": True, "False": False}.get(text, text)
+
+
+def signature(fn, constexprs: dict, dtypes: dict, floats: set) -> dict:
+    """Triton signature of `fn`: constexprs, pointers (fp32 or as `dtypes` says), floats, and i32 for the rest."""
+    params = inspect.signature(fn.fn).parameters
+    wanted = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    if set(constexprs) != wanted:
+        raise SystemExit(f"{fn.fn.__name__}: give exactly its constexprs {sorted(wanted)}; missing "
+                         f"{sorted(wanted - set(constexprs))}, unknown {sorted(set(constexprs) - wanted)}")
+    unknown = set(dtypes) - {n for n in params if n.endswith("_ptr")}
+    if unknown:
+        raise SystemExit(f"{fn.fn.__name__}: --dtype names pointers it does not have: {sorted(unknown)}")
+    sig = {}
+    for name in params:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtypes.get(name, "fp32")
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def resources(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int) -> dict:
+    src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats), constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    out = {"shared_kib": kernel.metadata.shared / 1024}
+    ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}a", ptx.name, "-o", os.devnull],
+                                capture_output=True, text=True).stderr
+    for key, pattern in (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                         ("spill_loads", r"(\d+) bytes spill loads")):
+        found = re.search(pattern, report)
+        out[key] = int(found.group(1)) if found else None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kernel", help="module:name, e.g. minisparse.deltanet.triton:_fwd_wy_kernel")
+    ap.add_argument("constexprs", nargs="*", help="NAME=VALUE for each constexpr parameter")
+    ap.add_argument("--dtype", action="append", default=[], help="DTYPE=ptr1,ptr2 (e.g. bf16=q_ptr,k_ptr)")
+    ap.add_argument("--float", default="scale", help="comma-separated float arguments (default: scale)")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    args = ap.parse_args(argv)
+    module, name = args.kernel.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
+    dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
+    r = resources(fn, constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch)
+    print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}: shared "
+          f"{r['shared_kib']:.0f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
+          f"{r['spill_loads']} B loaded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
