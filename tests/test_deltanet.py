@@ -335,6 +335,37 @@ def test_triton_errors(monkeypatch):
             chunk_gated_delta_rule(q.detach(), k, v, g, beta)
 
 
+def test_launch_falls_back_to_narrower_tiles_and_explains_when_none_fit():
+    """A GPU with little shared memory (a T4 gives a block 64 KiB) makes wide tiles raise OutOfResources at launch:
+    the next configuration is tried; when none fits, the error says what to use instead."""
+    from triton.runtime.errors import OutOfResources
+
+    from minisparse.deltanet import triton as dt
+
+    class FakeKernel:  # fits only when BV <= limit
+        __name__ = "_fake_kernel"
+
+        def __init__(self, limit):
+            self.limit, self.calls = limit, []
+
+        def __getitem__(self, grid):
+            def run(*args, BV, **kw):
+                self.calls.append((grid, BV, kw))
+                if BV > self.limit:
+                    raise OutOfResources(1000 * BV, 1000 * self.limit, "shared memory")
+            return run
+
+    configs = dt._tiles(128, 64, 32, 16, num_stages=1)
+    assert [c["BV"] for c in configs] == [64, 32, 16] and dt._tiles(16, 64, 32, 16) == [dict(BV=16)]
+    k = FakeKernel(limit=16)
+    cfg = dt._launch("op", k, lambda c: (128 // c["BV"],), (1, 2), dict(C=64), configs)
+    assert cfg == dict(BV=16, num_stages=1)
+    assert [(g, bv) for g, bv, _ in k.calls] == [((2,), 64), ((4,), 32), ((8,), 16)]
+    assert k.calls[-1][2] == dict(C=64, num_stages=1)
+    with pytest.raises(RuntimeError, match="_fake_kernel.*naive_chunk_gated_delta_rule"):
+        dt._launch("op", FakeKernel(limit=8), lambda c: (1,), (), {}, configs)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _bad_cases():
     q, k, v, g, beta, h0 = _inputs(1, 8, 2, 4, 16, 24)

@@ -4,7 +4,8 @@
         PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,v_ptr,do_ptr --warps 4 --stages 1
 
 prints the shared memory the launch needs (Hopper allows 227 KiB a block), the registers per thread and the bytes
-spilled to local memory, as ptxas reports them for sm_90a. Why: a launch that asks for too much shared memory fails
+spilled to local memory, as ptxas reports them (sm_90a by default; --arch 75 for a Colab T4, which allows a block
+64 KiB of shared memory). Why: a launch that asks for too much shared memory fails
 only on the GPU (`OutOfResources`), and spills are the first suspect of a slow kernel — both can be checked here, on
 a CPU, before spending device time. Arguments NAME=VALUE are the kernel's constexprs (ints, or strings such as
 PRECISION=tf32); pointer arguments are fp32 unless --dtype says otherwise; the other runtime arguments are i32,
@@ -34,36 +35,41 @@ def _constexpr(text: str):
     return int(text) if re.fullmatch(r"-?\d+", text) else {"True": True, "False": False}.get(text, text)
 
 
-def signature(fn, constexprs: dict, dtypes: dict, floats: set) -> dict:
-    """Triton signature of `fn`: constexprs, pointers (fp32 or as `dtypes` says), floats, and i32 for the rest."""
+def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | None = None) -> dict:
+    """Triton signature of `fn`: constexprs, pointers (fp32 or as `dtypes` says), floats, and i32 for the rest.
+
+    Pointers are the parameters named in `pointers`, or by default those whose names end in `_ptr`."""
     params = inspect.signature(fn.fn).parameters
+    is_ptr = (lambda n: n in pointers) if pointers else (lambda n: n.endswith("_ptr"))
     wanted = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
     if set(constexprs) != wanted:
         raise SystemExit(f"{fn.fn.__name__}: give exactly its constexprs {sorted(wanted)}; missing "
                          f"{sorted(wanted - set(constexprs))}, unknown {sorted(set(constexprs) - wanted)}")
-    unknown = set(dtypes) - {n for n in params if n.endswith("_ptr")}
+    unknown = set(dtypes) - {n for n in params if is_ptr(n)}
     if unknown:
         raise SystemExit(f"{fn.fn.__name__}: --dtype names pointers it does not have: {sorted(unknown)}")
     sig = {}
     for name in params:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif is_ptr(name):
             sig[name] = "*" + dtypes.get(name, "fp32")
         else:
             sig[name] = "fp32" if name in floats else "i32"
     return sig
 
 
-def resources(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int) -> dict:
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats), constexprs=constexprs)
+def resources(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
+              pointers: set | None = None) -> dict:
+    src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats, pointers), constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     out = {"shared_kib": kernel.metadata.shared / 1024}
     ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
         ptx.flush()
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{arch}a", ptx.name, "-o", os.devnull],
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # the "a" (arch-specific) targets start at sm_90
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", gpu, ptx.name, "-o", os.devnull],
                                 capture_output=True, text=True).stderr
     for key, pattern in (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
                          ("spill_loads", r"(\d+) bytes spill loads")):
@@ -78,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("constexprs", nargs="*", help="NAME=VALUE for each constexpr parameter")
     ap.add_argument("--dtype", action="append", default=[], help="DTYPE=ptr1,ptr2 (e.g. bf16=q_ptr,k_ptr)")
     ap.add_argument("--float", default="scale", help="comma-separated float arguments (default: scale)")
+    ap.add_argument("--pointers", default="", help="comma-separated pointer arguments (default: names ending _ptr)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
@@ -86,9 +93,10 @@ def main(argv=None) -> int:
     fn = getattr(importlib.import_module(module), name)
     constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
     dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
-    r = resources(fn, constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch)
+    r = resources(fn, constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
+                  set(filter(None, args.pointers.split(","))) or None)
     print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}: shared "
-          f"{r['shared_kib']:.0f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
+          f"{r['shared_kib']:.1f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
           f"{r['spill_loads']} B loaded")
     return 0
 
