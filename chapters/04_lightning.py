@@ -829,6 +829,7 @@ class LightningTiles:
 
 
 _OVERRIDE: list = []
+_INSTEAD = "the PyTorch chunk form: naive_chunk_lightning_attn, or LightningAttention(..., backend='naive')"
 
 
 @contextmanager
@@ -885,15 +886,17 @@ def _forward(q, k, v, slope, scale, h0, output_final_state):
     bk, bv = min(tiles.block_k, _pow2(K)), min(tiles.block_v, _pow2(V))
     states = torch.empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
     ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    _fwd_states_kernel[(triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H)](
-        k, v, slope, h0 if h0 is not None else k, states, ht if ht is not None else states, T, H, K, V, NT,
-        C=C, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    runtime.launch(
+        "chunk_lightning_attn", _fwd_states_kernel, lambda c: (triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H),
+        (k, v, slope, h0 if h0 is not None else k, states, ht if ht is not None else states, T, H, K, V, NT),
+        dict(C=C, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
+        [dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)], _INSTEAD)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     bvo = min(tiles.block_v_out, _pow2(V))
-    _fwd_output_kernel[(triton.cdiv(V, bvo), NT, B * H)](
-        q, k, v, slope, states, o, scale, T, H, K, V, NT, C=C, BK=_pow2(K), BV=bvo, PRECISION=prec,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    runtime.launch(
+        "chunk_lightning_attn", _fwd_output_kernel, lambda c: (triton.cdiv(V, bvo), NT, B * H),
+        (q, k, v, slope, states, o, scale, T, H, K, V, NT), dict(C=C, BK=_pow2(K), BV=bvo, PRECISION=prec),
+        [dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)], _INSTEAD)
     return o, ht, states
 
 
@@ -922,16 +925,20 @@ class _ChunkLightning(torch.autograd.Function):
         dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
         if dht is not None:
             dht = dht.float().contiguous()
-        _bwd_dstates_kernel[(triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H)](
-            q, do, slope, dht if dht is not None else do, dstates, dh0 if dh0 is not None else dstates, ctx.scale,
-            T, H, K, V, NT, C=C, BK=bk, BV=bv, HAS_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=prec,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        runtime.launch(
+            "chunk_lightning_attn (backward)", _bwd_dstates_kernel,
+            lambda c: (triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H),
+            (q, do, slope, dht if dht is not None else do, dstates, dh0 if dh0 is not None else dstates, ctx.scale,
+             T, H, K, V, NT), dict(C=C, BK=bk, BV=bv, HAS_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=prec),
+            [dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)], _INSTEAD)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         bvo = min(tiles.block_v_out, _pow2(V))
-        _bwd_dqkv_kernel[(NT, B * H)](
-            q, k, v, do, slope, states, dstates, dq, dk, dv, ctx.scale, T, H, K, V, NT, C=C, BK=_pow2(K), BV=bvo,
-            NV=triton.cdiv(V, bvo), PRECISION=prec, num_warps=8 if q.is_cuda and K > 64 else tiles.num_warps,
-            num_stages=tiles.num_stages)  # 8 warps: two [C, K] fp32 accumulators live through the V loop
+        runtime.launch(  # on a T4 (64 KiB a block) this one does not fit at K = 128: 92 KiB with V-tiles of 16
+            "chunk_lightning_attn (backward)", _bwd_dqkv_kernel, lambda c: (NT, B * H),
+            (q, k, v, do, slope, states, dstates, dq, dk, dv, ctx.scale, T, H, K, V, NT),
+            dict(C=C, BK=_pow2(K), BV=bvo, NV=triton.cdiv(V, bvo), PRECISION=prec),
+            [dict(num_warps=8 if q.is_cuda and K > 64 else tiles.num_warps, num_stages=tiles.num_stages)],
+            _INSTEAD)  # 8 warps: two [C, K] fp32 accumulators live through the V loop
         return dq, dk, dv, None, None, (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None
 
 

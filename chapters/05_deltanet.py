@@ -813,7 +813,6 @@ if cfg is not None:
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from minisparse import runtime
 from minisparse.deltanet.naive import _check_delta, l2norm
@@ -1195,12 +1194,12 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # %% [markdown]
 # ### Launch and autograd
 #
-# Every launch goes through `_launch`, which tries a short list of tile configurations and keeps the first that
+# Every launch goes through `runtime.launch`, which tries a short list of tile configurations and keeps the first that
 # fits the GPU's shared memory: the first is the one tuned and tested on the H200, the others have narrower
 # $V$-tiles. That matters on a Colab T4, which gives a block 64 KiB instead of the H200's 227 KiB. Compiled for the
 # T4 here on the CPU (`tools/kernel_resources.py --arch 75`, fp16, $K = V = 128$), the forward fits once the output
 # kernel drops to $V$-tiles of 16 (60 KiB, against 96 KiB at 64). The backward does not fit at all (100 KiB and
-# 128 KiB at the narrowest tiles), and `_launch` then says so and points to `naive_chunk_gated_delta_rule`. This
+# 128 KiB at the narrowest tiles), and `runtime.launch` then says so and points to `naive_chunk_gated_delta_rule`. This
 # chapter's own cells use $K = 32$, which fits. None of this has run on a T4: it is what the compiler reports.
 
 # %%
@@ -1226,6 +1225,9 @@ def _scan_stages(dtype):
     return 1 if dtype == torch.float32 else 3
 
 
+_INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
+
+
 def _tiles(V, *widths, **options):
     """Launch configurations to try in order: V-tiles of the given widths (capped at V), with `options`."""
     out = []
@@ -1234,24 +1236,6 @@ def _tiles(V, *widths, **options):
         if cfg not in out:
             out.append(cfg)
     return out
-
-
-def _launch(op, kernel, grid, args, constexprs, configs):
-    """Launch `kernel` with the first of `configs` (BV, num_warps, num_stages) that fits this GPU's shared memory.
-
-    The first is the one tuned and tested on the H200; the others are narrower, for GPUs with less shared memory a
-    block (a T4 gives 64 KiB; `tools/kernel_resources.py --arch 75` measures what each needs). grid(cfg) -> grid.
-    """
-    for cfg in configs:
-        try:
-            kernel[grid(cfg)](*args, **constexprs, **cfg)
-            return cfg
-        except OutOfResources as err:  # raised before the kernel runs: nothing was written
-            last = err
-    name = getattr(kernel, "__name__", "a kernel")
-    raise RuntimeError(f"{op}: {name} needs more shared memory than this GPU gives a block ({last}) at these head "
-                       f"dimensions, even with the narrowest tiles. Use smaller head dimensions, or the PyTorch "
-                       f"chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')") from last
 
 
 def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
@@ -1278,16 +1262,19 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2):
     u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
     tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
-    _launch("chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV), (k, v, g, beta, w, u, gc, tinv,
-            T, H, HV, K, V), dict(C=_C, BK=BK, STORE_T=store_t, L2NORM=l2, PRECISION=prec), _tiles(V, BV))
+    runtime.launch(
+        "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
+        (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
+        dict(C=_C, BK=BK, STORE_T=store_t, L2NORM=l2, PRECISION=prec), _tiles(V, BV), _INSTEAD)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy
-    _launch("chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-            (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states,
-             T, H, HV, K, V, NT),
-            dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=l2, PRECISION=prec),
-            _tiles(V, 32, num_warps=8, num_stages=_scan_stages(k.dtype)) + _tiles(V, 16, num_warps=4, num_stages=1))
+    runtime.launch(
+        "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+        (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT),
+        dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=l2, PRECISION=prec),
+        _tiles(V, 32, num_warps=8, num_stages=_scan_stages(k.dtype)) + _tiles(V, 16, num_warps=4, num_stages=1),
+        _INSTEAD)
     return w, u, gc, tinv, states, ht
 
 
@@ -1297,9 +1284,10 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     NT = triton.cdiv(T, _C)
     _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, l2)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    _launch("chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-            (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
-            dict(C=_C, BK=_pow2(K), L2NORM=l2, PRECISION=_precision(q.dtype)), _tiles(V, 64, 32, 16))
+    runtime.launch(
+        "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+        (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
+        dict(C=_C, BK=_pow2(K), L2NORM=l2, PRECISION=_precision(q.dtype)), _tiles(V, 64, 32, 16), _INSTEAD)
     return o, ht
 
 
@@ -1327,17 +1315,19 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32)
-    _launch("chunk_gated_delta_rule (backward)", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-            (q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
-             T, H, HV, K, V, NT), dict(C=_C, BK=BK, HAS_DHT=dht is not None, PRECISION=prec),
-            _tiles(V, 32, 16, num_stages=1))  # deeper pipelining needs > 227 KiB of shared memory at K = 128, bf16
+    runtime.launch(
+        "chunk_gated_delta_rule (backward)", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+        (q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
+         T, H, HV, K, V, NT), dict(C=_C, BK=BK, HAS_DHT=dht is not None, PRECISION=prec),
+        _tiles(V, 32, 16, num_stages=1), _INSTEAD)  # deeper pipelining: > 227 KiB at K = 128, bf16
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
-    _launch("chunk_gated_delta_rule (backward)", _bwd_chunk_kernel, lambda c: (NT, B * HV),
-            (q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale, T, H, HV, K, V, NT),
-            dict(C=_C, BK=BK, PRECISION=prec),
-            _tiles(V, 32, 16, num_warps=4, num_stages=1))  # 184 KiB of shared memory at K = 128, bf16 (of 227)
+    runtime.launch(
+        "chunk_gated_delta_rule (backward)", _bwd_chunk_kernel, lambda c: (NT, B * HV),
+        (q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale, T, H, HV, K, V, NT),
+        dict(C=_C, BK=BK, PRECISION=prec),
+        _tiles(V, 32, 16, num_warps=4, num_stages=1), _INSTEAD)  # 184 KiB at K = 128, bf16 (of 227)
     if HV != H:  # grouped value heads: sum over the value heads that share a query/key head
         dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
     if l2:  # the kernels differentiated with respect to the normalised q and k

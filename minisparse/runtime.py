@@ -11,7 +11,7 @@ import sys
 import torch
 
 __all__ = [
-    "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device",
+    "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device", "launch",
     "describe", "print_environment",
 ]
 
@@ -74,6 +74,28 @@ def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
         )
     if dev.type not in ("cpu", "cuda"):
         raise RuntimeError(f"{op}: Triton kernels run on CUDA tensors (or CPU under the interpreter), got {dev}")
+
+
+def launch(op: str, kernel, grid, args: tuple, constexprs: dict, configs: list[dict], instead: str) -> dict:
+    """Launch a Triton kernel with the first of `configs` that fits this GPU's shared memory; return that config.
+
+    `grid(config)` gives the grid; each config holds tile constexprs and num_warps / num_stages. List the config
+    tuned on the H200 first and narrower ones after it, for GPUs with less shared memory a block (a T4 gives
+    64 KiB, an H200 227 KiB): a launch that asks for too much raises OutOfResources before running, so the next one
+    is tried. When none fits, raise a RuntimeError that names the kernel and says what to use `instead`.
+    """
+    from triton.runtime.errors import OutOfResources  # here: triton is imported after the interpreter is chosen
+
+    last = None
+    for cfg in configs:
+        try:
+            kernel[grid(cfg)](*args, **constexprs, **cfg)
+            return cfg
+        except OutOfResources as err:  # raised at launch, before the kernel runs: nothing was written
+            last = err
+    name = getattr(kernel, "__name__", "a kernel")
+    raise RuntimeError(f"{op}: {name} needs more shared memory than this GPU gives a block ({last}), even with the "
+                       f"narrowest tiles tried. Use smaller head dimensions, or {instead}") from last
 
 
 def describe() -> str:

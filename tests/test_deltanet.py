@@ -340,6 +340,7 @@ def test_launch_falls_back_to_narrower_tiles_and_explains_when_none_fit():
     the next configuration is tried; when none fits, the error says what to use instead."""
     from triton.runtime.errors import OutOfResources
 
+    from minisparse import runtime
     from minisparse.deltanet import triton as dt
 
     class FakeKernel:  # fits only when BV <= limit
@@ -358,12 +359,12 @@ def test_launch_falls_back_to_narrower_tiles_and_explains_when_none_fit():
     configs = dt._tiles(128, 64, 32, 16, num_stages=1)
     assert [c["BV"] for c in configs] == [64, 32, 16] and dt._tiles(16, 64, 32, 16) == [dict(BV=16)]
     k = FakeKernel(limit=16)
-    cfg = dt._launch("op", k, lambda c: (128 // c["BV"],), (1, 2), dict(C=64), configs)
+    cfg = runtime.launch("op", k, lambda c: (128 // c["BV"],), (1, 2), dict(C=64), configs, dt._INSTEAD)
     assert cfg == dict(BV=16, num_stages=1)
     assert [(g, bv) for g, bv, _ in k.calls] == [((2,), 64), ((4,), 32), ((8,), 16)]
     assert k.calls[-1][2] == dict(C=64, num_stages=1)
     with pytest.raises(RuntimeError, match="_fake_kernel.*naive_chunk_gated_delta_rule"):
-        dt._launch("op", FakeKernel(limit=8), lambda c: (1,), (), {}, configs)
+        runtime.launch("op", FakeKernel(limit=8), lambda c: (1,), (), {}, configs, dt._INSTEAD)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -188,8 +188,8 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
     if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
         pytest.skip("this triton wheel ships no ptxas")
     root = pathlib.Path(__file__).resolve().parent.parent
-    args = [sys.executable, str(root / "tools/kernel_resources.py"), "minisparse.deltanet.triton:_fused_recurrent_kernel",
-            "BK=16", "BV=16", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
+    args = [sys.executable, str(root / "tools/kernel_resources.py"),
+            "minisparse.deltanet.triton:_fused_recurrent_kernel", "BK=16", "BV=16", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip().splitlines()[-1]
