@@ -196,6 +196,13 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
     assert "sm_90" in line and "KiB" in line and "registers" in line, line
     regs = int(line.split(" registers")[0].rsplit(" ", 1)[1])
     assert 0 < regs <= 255, line
+    # a kernel wrapped by @triton.heuristics compiles too, and --dtype / --arch are honoured
+    wrapped = subprocess.run(
+        [sys.executable, str(root / "tools/kernel_resources.py"), "minisparse.moe.triton:_grouped_mm_kernel",
+         "BLOCK_M=16", "BLOCK_N=16", "BLOCK_K=16", "GROUP_M=1", "EVEN_K=True", "EVEN_N=True", "PRECISION=ieee",
+         "--dtype", "fp16=x_ptr,w_ptr,y_ptr", "--dtype", "i32=offsets_ptr,tile_expert_ptr,tile_row_ptr",
+         "--arch", "75", "--stages", "1"], capture_output=True, text=True, timeout=300)
+    assert wrapped.returncode == 0 and "sm_75" in wrapped.stdout, wrapped.stderr[-2000:]
     # a constexpr left out, or one the kernel does not have, is an error that names it
     for extra, name in ((args[3:-1], "L2NORM"), (args[3:] + ["NOPE=1"], "NOPE")):
         bad = subprocess.run(args[:3] + extra, capture_output=True, text=True, timeout=300)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 
 def _constexpr(text: str):
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     module, name = args.kernel.split(":")
     fn = getattr(importlib.import_module(module), name)
+    while not isinstance(fn, JITFunction):  # @triton.heuristics / @triton.autotune wrap the kernel: compile the kernel
+        fn = fn.fn
     constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
     dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
     r = resources(fn, constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
