@@ -1341,13 +1341,15 @@ plt.show()
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from minisparse import runtime
-from minisparse.mla.naive import check_mla_decode_args
+from minisparse.mla.naive import check_mla_decode_args, mla_decode_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -1580,6 +1582,8 @@ def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, o
     of sequence b at positions lengths[b] - T .. lengths[b] - 1 (causal among themselves). fp32 accumulation.
     validate=False skips the check of lengths against S, which reads lengths back to the host (a sync on a GPU).
     Inputs fp32, fp16 or bf16 (on a GPU; fp32 or fp16 in the interpreter). Inference only: no backward.
+    Where the kernel does not fit the GPU's shared memory (a T4's 64 KiB at Dc = 512: ≈ 68 KiB by the compiler's
+    count), it warns and computes with mla_decode_ref instead.
     """
     B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache, rope_cache, scale, lengths,
                                                check_lengths=validate)
@@ -1601,7 +1605,13 @@ def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, o
     if B == 0 or T * H == 0:
         return out
     max_len = int(lengths.max()) if (lengths is not None and validate) else S
-    return _launch(q_latent, q_rope, kv_cache, rope_cache, float(scale), lengths, out, max_len)
+    try:
+        return _launch(q_latent, q_rope, kv_cache, rope_cache, float(scale), lengths, out, max_len)
+    except OutOfResources as err:  # e.g. a T4 (64 KiB a block): Dc = 512 in one tile needs ≈ 68 KiB there
+        warnings.warn(f"mla_decode: the kernel needs more shared memory than this GPU gives a block at Dc = {DC} "
+                      f"({err}); computing with PyTorch's absorbed attention (mla_decode_ref) instead", stacklevel=2)
+        ref = mla_decode_ref(q_latent.float(), q_rope.float(), kv_cache.float(), rope_cache.float(), scale, lengths)
+        return out.copy_(ref)
 
 # %% [markdown]
 # ### Check it against the spec

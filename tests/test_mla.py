@@ -499,3 +499,21 @@ def test_from_hf_rejects_rope_types_it_does_not_implement():
     hf, _ = _hf_attention(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))
     with pytest.raises(NotImplementedError, match="linear"):
         MLA.from_hf(hf)
+
+
+def test_mla_decode_falls_back_to_pytorch_when_the_kernel_does_not_fit(monkeypatch):
+    """A GPU with little shared memory (a T4) cannot hold Dc = 512 in one tile: the launch raises OutOfResources,
+    and mla_decode warns and answers with mla_decode_ref instead of failing (into `out` when given)."""
+    from triton.runtime.errors import OutOfResources
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(69632, 65536, "shared memory")
+
+    monkeypatch.setattr(mla_triton, "_launch", too_big)
+    ql, qr, kv, kr = _decode_inputs(2, 1, 4, 64, 16, 40)[:4]
+    lens = torch.tensor([40, 17], device=DEV)
+    out = torch.full((2, 1, 4, 64), float("nan"), device=DEV)
+    with pytest.warns(UserWarning, match="shared memory.*mla_decode_ref"):
+        got = mla_decode(ql, qr, kv, kr, 0.1, lens, out=out)
+    assert got is out
+    assert_close("fallback", mla_decode_ref(ql, qr, kv, kr, 0.1, lens), out, 1e-6)
