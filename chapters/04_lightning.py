@@ -1143,9 +1143,9 @@ if transformers is not None:
         y_hf, _ = hf_layer(x_l, position_embeddings=None, attention_mask=None)
         y_ours, _ = ours(x_l)
         assert_close("LightningAttention vs MiniMaxLightningAttention", y_hf, y_ours, 1e-5)
-        cache = MiniMaxCache()  # prefill 50 tokens, then decode 20 one at a time
-        outs_hf = [hf_layer(x_l[:, :50], None, None, past_key_values=cache)[0]]
-        outs_hf += [hf_layer(x_l[:, t:t + 1], None, None, past_key_values=cache)[0] for t in range(50, 70)]
+        cache = MiniMaxCache()  # prefill 50 tokens, then decode 20 one at a time (cache passed positionally)
+        outs_hf = [hf_layer(x_l[:, :50], None, None, cache)[0]]
+        outs_hf += [hf_layer(x_l[:, t:t + 1], None, None, cache)[0] for t in range(50, 70)]
         y_p, st = ours(x_l[:, :50], use_cache=True)
         outs = [y_p]
         for t in range(50, 70):

@@ -211,13 +211,13 @@ def test_layer_from_hf_and_decoding(backend):
         assert_close("layer vs transformers", y_hf, y, tol)
         assert_close("state vs transformers", s_hf, s, tol)
         cache = MiniMaxCache()
-        hf(x[:, :30], None, None, past_key_values=cache)
+        hf(x[:, :30], None, None, cache)  # positional: transformers renamed past_key_values to cache
         y_p, st = ours(x[:, :30], use_cache=True)
         outs = [y_p]
         for t in range(30, 45):
             y_t, st = ours(x[:, t:t + 1], state=st)
             outs.append(y_t)
-            hf(x[:, t:t + 1], None, None, past_key_values=cache)
+            hf(x[:, t:t + 1], None, None, cache)
         assert_close("decode vs prefill", y_hf, torch.cat(outs, 1), tol)
         assert_close("decoded state vs transformers' cache", cache.get_linear_cache(2), st, tol)
 

@@ -61,7 +61,7 @@ def _hf_forward(hf, rotary, x, positions, cache=None):
     T = x.shape[1]
     causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)[None, None]
     with torch.no_grad():
-        return hf(x, rotary(x, positions[None]), causal, past_key_values=cache)[0]
+        return hf(x, rotary(x, positions[None]), causal, cache)[0]  # positional: past_key_values was renamed cache
 
 
 # ------------------------------------------------------------------------------------ the layer vs transformers
@@ -316,7 +316,7 @@ def test_kv_cache_bytes_matches_real_cache_tensors():
     cache = DynamicCache(config=cfg)
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
-        llama(x, hf_llama.LlamaRotaryEmbedding(cfg)(x, torch.arange(5)[None]), None, past_key_values=cache)
+        llama(x, hf_llama.LlamaRotaryEmbedding(cfg)(x, torch.arange(5)[None]), None, cache)
     held = sum(t.nbytes for lyr in cache.layers for t in (lyr.keys, lyr.values))
     assert held == kv_cache_bytes(cfg, 5, torch.float32, batch=3) and attention_family(cfg) == "GQA"
 
