@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     rows = []
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, H=H, HV=H, K=D, V=D, T=args.T, chunk=64,
-                  gates="-U(0, 1)", beta="U(0, 1)", scale="K ** -0.5", l2norm="use_qk_l2norm (minisparse: PyTorch l2norm before the kernels; fla: fused)",
+                  gates="-U(0, 1)", beta="U(0, 1)", scale="K ** -0.5",
+                  l2norm="use_qk_l2norm (normalised inside the kernels by both)",
                   note="fwd under no_grad; fwd+bwd = o.backward(do); tflops: a rough count of the chunk form, "
                        "or causal 2·T²·2D (SDPA) a head, ×3 for fwd+bwd")
     for T in args.T:  # saved after every length, so a run cut short still leaves its results

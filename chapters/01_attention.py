@@ -1011,8 +1011,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
-
+from minisparse import runtime
 from minisparse.attention.naive import attention_ref, check_attention_args  # section 1.2
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels fold log2(e) into the scale
@@ -1548,10 +1547,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
 # memory several times over (the compiler *pipelines* the loop: it loads tile $j+1$ while computing on tile $j$,
 # `num_stages` deep) and its accumulators in registers. `TileConfig` holds the four knobs. `_tile_candidates`
 # lists settings best-first: the first entries were the fastest in a sweep on an H200 (`bench/attention.py
-# --sweep`), the later ones fit smaller GPUs down to a T4's 64 KB of shared memory. `_launch` compiles the first
-# candidate and, if Triton reports that it does not fit (`OutOfResources`), moves on to the next — and remembers
-# the choice. The interpreter gets big tiles: it runs each tile operation as one numpy call, so fewer, bigger
-# steps are faster. `tile_config(...)` forces tiles, for tests and benchmarks.
+# --sweep`), the later ones fit smaller GPUs down to a T4's 64 KB of shared memory. `_launch` hands them to
+# `runtime.launch` (which chapters 4 and 5 use too): it compiles the first candidate and, if Triton reports that it
+# does not fit (`OutOfResources`), moves on to the next; `_launch` remembers the choice. The interpreter gets big
+# tiles: it runs each tile operation as one numpy call, so fewer, bigger steps are faster. `tile_config(...)`
+# forces tiles, for tests and benchmarks.
 
 # %%
 #| export attention.triton
@@ -1615,17 +1615,14 @@ def _launch(kernel_name, kernel, grid, args, meta, device, dtype):
         key = (kernel_name, str(device), dtype, tuple(sorted(meta.items())))
         d_pad = max(meta["DK_PAD"], meta["DV_PAD"])
         candidates = [_CHOSEN[key]] if key in _CHOSEN else _tile_candidates(kernel_name, d_pad, dtype, device)
-    for i, cfg in enumerate(candidates):
-        try:
-            kernel[grid(cfg)](*args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        except OutOfResources:  # too much shared memory for this GPU: try the next, smaller tiles
-            if i == len(candidates) - 1:
-                raise
-            continue
-        if kernel_name not in _OVERRIDE:
-            _CHOSEN[key] = cfg
-        return cfg
+    configs = [dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in candidates]
+    chosen = runtime.launch(f"flash_attention ({kernel_name})", kernel, grid, args, meta, configs,
+                            instead="attention_ref (PyTorch)")  # the first that fits this GPU's shared memory
+    cfg = candidates[configs.index(chosen)]
+    if kernel_name not in _OVERRIDE:
+        _CHOSEN[key] = cfg
+    return cfg
 
 # %% [markdown]
 # **Input checks.** Every public op of the book names the argument, what it expected and what it got — and a
@@ -1680,7 +1677,7 @@ def _forward(q, k, v, causal, scale, window):
     o = _new_output((B, Tq, HQ, DV), q)
     lse = _new_output((B, HQ, Tq), q, torch.float32)
     args = (q, k, v, o, lse, Tq, Tk, HQ, HKV, scale * _LOG2E, window or 0)
-    _launch("fwd", _fwd_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * HQ), args,
+    _launch("fwd", _fwd_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ), args,
             _meta(q, v, causal, window), q.device, q.dtype)
     return o, lse
 
@@ -1694,9 +1691,9 @@ def _backward(do, q, k, v, o, lse, causal, scale, window):
     _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * HQ)](o, do, delta, Tq, HQ, meta["DV"], meta["DV_PAD"], 64)
     dq, dk, dv = _new_output(q.shape, q), _new_output(k.shape, k), _new_output(v.shape, v)
     common = (Tq, Tk, HQ, HKV, scale * _LOG2E, scale, window or 0)
-    _launch("dkdv", _bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c.block_n), B * HKV),
+    _launch("dkdv", _bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c["BLOCK_N"]), B * HKV),
             (q, k, v, do, lse, delta, dk, dv, *common), meta, q.device, q.dtype)
-    _launch("dq", _bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c.block_m), B * HQ),
+    _launch("dq", _bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
             (q, k, v, do, lse, delta, dq, *common), meta, q.device, q.dtype)
     return dq, dk, dv
 
