@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import minisparse  # noqa: F401  (sets up the runtime)
+from minisparse import runtime
 from minisparse.deltanet import (GatedDeltaNet, check_chunk_cumsum, check_delta_step, check_ut_transform,
                                  chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm,
                                  naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
@@ -315,6 +316,29 @@ def test_triton_half_precision(T, H, HV, K, V, gates, dtype):
                                                     use_qk_l2norm=True)
     assert_close(f"fused recurrent o ({dtype})", ref[0], o_f, 5e-3)
     assert_close(f"fused recurrent final state ({dtype})", ref[1], s_f, 5e-3)
+
+
+def test_value_checks_can_be_turned_off():
+    """runtime.set_value_checks(False) skips the range checks (and their host sync), never the shape checks; the
+    ops then compute what they are given: a slightly positive log decay gives the recurrence's answer."""
+    q, k, v, g, beta, h0 = (x.to(DEV) for x in _inputs(1, 70, 1, 2, 16, 16))
+    g_up = g.abs() * 0.01  # exp(g) slightly above 1: outside the model's range, still a well-defined recurrence
+    with pytest.raises(ValueError, match="g must be finite and <= 0"):
+        chunk_gated_delta_rule(q, k, v, g_up, beta)
+    assert runtime.checking_values()
+    previous = runtime.set_value_checks(False)
+    try:
+        assert previous is True and not runtime.checking_values()
+        ref = naive_recurrent_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
+        got = chunk_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
+        assert_close("o with g > 0, value checks off", ref, got, 1e-4 if DEV == "cpu" else 2e-3)
+        with pytest.raises(ValueError, match="beta must be"):  # shapes are still checked
+            chunk_gated_delta_rule(q, k, v, g, beta[:, :-1])
+    finally:
+        runtime.set_value_checks(previous)
+    assert runtime.checking_values()
+    with pytest.raises(TypeError, match="True or False"):
+        runtime.set_value_checks(0)
 
 
 def test_triton_errors(monkeypatch):
