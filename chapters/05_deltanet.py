@@ -884,8 +884,10 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     Tm = _unit_lower_inverse(A, C, PRECISION)
     w = tl.dot(Tm, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
     u = tl.dot(Tm, v.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
-    tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w, mask=tm[:, None] & (ks[None, :] < K))
-    tl.store(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], u, mask=tm[:, None] & (vs[None, :] < V))
+    tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=tm[:, None] & (ks[None, :] < K))
+    tl.store(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], u.to(u_ptr.dtype.element_ty),
+             mask=tm[:, None] & (vs[None, :] < V))
     tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
     if STORE_T:
         tl.store(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], Tm, mask=tm[:, None])
@@ -908,7 +910,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
     if HAS_H0:
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     for n in range(NT):
-        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
         t = n * C + rows
         tm = t < T
         L = tl.minimum(T - n * C, C)
@@ -916,11 +918,12 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
                     other=0.0)  # [C, BK]
         k = _l2(k, L2NORM).to(tl.float32)
         w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
-                    mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
+                    mask=tm[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)  # [C, BK]
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         u_mask = tm[:, None] & (vs[None, :] < V)
-        u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0) - tl.dot(w, S, input_precision=PRECISION)  # U = Ũ − W S
-        tl.store(u_ptr + u_off, u, mask=u_mask)
+        u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0).to(tl.float32)
+        u = u - tl.dot(w, S, input_precision=PRECISION)  # U = Ũ − W S
+        tl.store(u_ptr + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
         G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
         G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)  # G of the chunk's last token
         key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
@@ -955,8 +958,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
     Aqk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma  # [C, C] (Q Kᵀ ⊙ Γ)
-    o = tl.dot(q.to(tl.float32) * tl.exp(G)[:, None], S, input_precision=PRECISION)
-    o = tl.dot(Aqk, u, o, input_precision=PRECISION)
+    o = tl.dot(q, S, input_precision=PRECISION) * tl.exp(G)[:, None]  # S is stored in q's dtype
+    o = tl.dot(Aqk.to(u.dtype), u, o, input_precision=PRECISION)
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
 
@@ -1250,23 +1253,26 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     return scale
 
 
-def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2):
-    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state."""
+def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dtype=torch.float32):
+    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state.
+
+    W, U and the chunk states are stored in `store_dtype` (the scan itself accumulates in fp32 either way).
+    """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
     dev = k.device
     prec = _precision(k.dtype)
     BK, BV = _pow2(K), _pow2(V)
-    w = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
-    u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    w = torch.empty(B, T, HV, K, device=dev, dtype=store_dtype)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=store_dtype)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
     tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
         (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
         dict(C=_C, BK=BK, STORE_T=store_t, L2NORM=l2, PRECISION=prec), _tiles(V, BV), _INSTEAD)
-    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
+    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy
     runtime.launch(
@@ -1282,7 +1288,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
-    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, l2)
+    # the forward stores W, U and the states in the inputs' dtype, as fla does: half the bytes in bf16
+    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, l2, store_dtype=q.dtype)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
