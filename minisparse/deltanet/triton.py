@@ -154,12 +154,41 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
 
 
 @triton.jit
+def _bwd_du_local_kernel(q_ptr, k_ptr, gc_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
+                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """The part of dU that needs no state: scale (Q Kᵀ ⊙ Γ)ᵀ dO, every chunk in parallel. Grid (NT, B·HV)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    ks = tl.arange(0, BK)
+    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+    qk_mask = tm[:, None] & (ks[None, :] < K)
+    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
+    G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
+    AqkT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale  # [C, C]
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        v_mask = tm[:, None] & (vs[None, :] < V)
+        do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
+        tl.store(du_ptr + v_off, tl.dot(AqkT, do, input_precision=PRECISION), mask=v_mask)
+
+
+@triton.jit
 def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
                        T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        HAS_DHT: tl.constexpr, PRECISION: tl.constexpr):
     """Reverse scan over chunks: dstates[n] = ∂/∂S_{n+1}; dU of chunk n; ∂/∂S_0. Grid (V/BV, B·HV).
 
-    dU = scale (Q Kᵀ ⊙ Γ)ᵀ dO + diag(e^{G_L − G}) K dS',  dS ← e^{G_L} dS' + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU.
+    du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry (_bwd_du_local_kernel); the scan adds diag(e^{G_L − G}) K dS' to it and
+    steps dS ← e^{G_L} dS' + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU: three products a chunk on the sequential path.
     """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -188,12 +217,9 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dst
         do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
         G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
         G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)
-        causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-        Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-        Aqk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma  # [C, C]
         key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C]
-        du = tl.dot(k * key_decay[:, None], dS, input_precision=PRECISION)
-        du = tl.dot(tl.trans(Aqk), do * scale, du, input_precision=PRECISION)  # [C, BV]
+        du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
+        du = tl.dot(k * key_decay[:, None], dS, du, input_precision=PRECISION)
         tl.store(du_ptr + v_off, du, mask=v_mask)
         dS = dS * tl.exp(G_last) + tl.dot(tl.trans(q * (scale * tl.exp(G))[:, None]), do, input_precision=PRECISION)
         dS = dS - tl.dot(tl.trans(w), du, input_precision=PRECISION)
@@ -203,12 +229,13 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dst
 @triton.jit
 def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
                       du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+                      C: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Every gradient of one chunk (q, k, v, β, g), given dU and the state gradients. Grid (NT, B·HV).
 
     Output part: dQ = scale (diag(e^G) dO Sᵀ + (dO Uᵀ ⊙ Γ) K), dK += (dO Uᵀ ⊙ Γ)ᵀ Q scale; state update:
     dK += diag(e^{G_L − G}) U dS'ᵀ; U = Ũ − W S: dW = −dU Sᵀ; WY: dT = dW (diag(βe^G) K)ᵀ + dU (diag(β) V)ᵀ,
     dA = −Tᵀ dT Tᵀ (strictly lower), then A = β_i Γ_ij k_i·k_j. dG collects every e^{…G…}; dg = reverse cumsum.
+    K is walked in blocks of BKB columns so that no [C, K] accumulator has to live in registers.
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -218,86 +245,104 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, st
     t = n * C + rows
     tm = t < T
     L = tl.minimum(T - n * C, C)
-    ks = tl.arange(0, BK)
-    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
-    qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
-    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
+    eG = tl.exp(G)
+    G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)
+    key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
     Tm = tl.load(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], mask=tm[:, None], other=0.0)
-    dq = tl.zeros((C, BK), dtype=tl.float32)  # dO Sᵀ
-    dk_state = tl.zeros((C, BK), dtype=tl.float32)  # U dS'ᵀ
-    dw = tl.zeros((C, BK), dtype=tl.float32)
-    dAqk = tl.zeros((C, C), dtype=tl.float32)  # dO Uᵀ
+    # 1. over V: dO Uᵀ, Ũ's part of dT, and dV, β's V-part (Ũ = T diag(β) V)
+    dAqk = tl.zeros((C, C), dtype=tl.float32)
     dT = tl.zeros((C, C), dtype=tl.float32)
     dbeta = tl.zeros((C,), dtype=tl.float32)
-    dG_last = tl.zeros((1,), dtype=tl.float32)  # Σ S ⊙ dS'
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         v_mask = tm[:, None] & (vs[None, :] < V)
-        kv_off = ks[:, None] * V + vs[None, :]
-        kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
         do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
         u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)
         du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)
         v = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
-        S = tl.load(states_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)  # [BK, BV]
-        dS = tl.load(dstates_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)
-        dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
-        dk_state = tl.dot(u, tl.trans(dS), dk_state, input_precision=PRECISION)
-        dw = dw - tl.dot(du, tl.trans(S), input_precision=PRECISION)
         dAqk = tl.dot(do, tl.trans(u), dAqk, input_precision=PRECISION)
         dT = tl.dot(du, tl.trans(v * beta[:, None]), dT, input_precision=PRECISION)
         Tdu = tl.dot(tl.trans(Tm), du, input_precision=PRECISION)  # [C, BV] ∂/∂(diag(β) V)
         tl.store(dv_ptr + v_off, (Tdu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=v_mask)
         dbeta += tl.sum(Tdu * v, axis=1)
-        dG_last += tl.sum(tl.sum(S * dS, axis=1), axis=0)
-    eG = tl.exp(G)
-    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-    # output: o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
-    dq = dq * (scale * eG)[:, None]
-    dG = tl.sum(dq * q, axis=1)  # ∂/∂G_i of e^{G_i}
-    dAqk = dAqk * scale * Gamma  # ∂/∂(q_i·k_j), causal
-    dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(dAqk), q, input_precision=PRECISION)
-    M = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # ∂/∂Γ_ij · Γ_ij
-    dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
-    # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
-    G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)
-    key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C]
-    dk_state = dk_state * key_decay[:, None]
-    dk += dk_state
-    kdk = tl.sum(dk_state * k, axis=1)  # [C]
-    dG_L = tl.sum(dG_last, axis=0) * tl.exp(G_last) + tl.sum(kdk, axis=0)
+    dAqk = dAqk * scale * Gamma  # ∂/∂(q_i·k_j), causal: o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
+    dG = tl.zeros((C,), dtype=tl.float32)
+    kdk = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂k_j of the state update
+    kTdw = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂(β_j e^{G_j} k_j) of W
+    SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S ⊙ dS'
+    # 2. over K-blocks (and V inside): dQ (final), dK without the A-terms, dW's part of dT
+    for k0 in range(0, K, BKB):
+        ks = k0 + tl.arange(0, BKB)
+        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+        qk_mask = tm[:, None] & (ks[None, :] < K)
+        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BKB]
+        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
+        dq = tl.zeros((C, BKB), dtype=tl.float32)  # dO Sᵀ
+        dk_state = tl.zeros((C, BKB), dtype=tl.float32)  # U dS'ᵀ
+        dw = tl.zeros((C, BKB), dtype=tl.float32)  # −dU Sᵀ
+        for v0 in range(0, V, BV):
+            vs = v0 + tl.arange(0, BV)
+            v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+            v_mask = tm[:, None] & (vs[None, :] < V)
+            kv_off = ks[:, None] * V + vs[None, :]
+            kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+            do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
+            u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)
+            du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)
+            S = tl.load(states_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)  # [BKB, BV]
+            dS = tl.load(dstates_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)
+            dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
+            dk_state = tl.dot(u, tl.trans(dS), dk_state, input_precision=PRECISION)
+            dw = dw - tl.dot(du, tl.trans(S), input_precision=PRECISION)
+            SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
+        dq = dq * (scale * eG)[:, None]
+        dG += tl.sum(dq * q, axis=1)  # ∂/∂G_i of e^{G_i} q_i S
+        M = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂/∂Γ_ij · Γ_ij
+        dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+        dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
+        dk_state = dk_state * key_decay[:, None]  # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+        kdk += tl.sum(dk_state * k, axis=1)
+        dk = tl.dot(tl.trans(dAqk), q, dk_state, input_precision=PRECISION)
+        kbg = k * (beta * eG)[:, None]  # W = T diag(β e^G) K
+        dT = tl.dot(dw, tl.trans(kbg), dT, input_precision=PRECISION)
+        Tdw = tl.dot(tl.trans(Tm), dw, input_precision=PRECISION)  # [C, BKB] ∂/∂(diag(β e^G) K)
+        dk += Tdw * (beta * eG)[:, None]
+        kTdw += tl.sum(Tdw * k, axis=1)
+        out_off = ((b * T + t[:, None]) * HV + hv) * K + ks[None, :]
+        tl.store(dq_ptr + out_off, dq, mask=qk_mask)
+        tl.store(dk_ptr + out_off, dk, mask=qk_mask)
+    dG_L = tl.sum(SdS, axis=0) * tl.exp(G_last) + tl.sum(kdk, axis=0)
     dG += tl.where(rows == L - 1, dG_L, 0.0) - kdk
-    # WY: W = T diag(β e^G) K, Ũ = T diag(β) V, T = (I + A)⁻¹
-    kbg = k * (beta * eG)[:, None]
-    dT = tl.dot(dw, tl.trans(kbg), dT, input_precision=PRECISION)
-    Tdw = tl.dot(tl.trans(Tm), dw, input_precision=PRECISION)  # [C, BK] ∂/∂(diag(β e^G) K)
-    dk += Tdw * (beta * eG)[:, None]
-    kTdw = tl.sum(Tdw * k, axis=1)
     dbeta += kTdw * eG
     dG += kTdw * beta * eG
+    # 3. T = (I + A)⁻¹: dA = −Tᵀ dT Tᵀ, strictly lower; A_ij = β_i Γ_ij k_i·k_j
     lower = rows[:, None] > rows[None, :]
     dA = -tl.dot(tl.dot(tl.trans(Tm), dT, input_precision=PRECISION), tl.trans(Tm), input_precision=PRECISION)
-    dA = tl.where(lower, dA, 0.0) * Gamma  # ∂/∂(β_i k_i·k_j) · ... (Γ_ij folded in)
-    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
-    M = dA * kk  # [C, C] ∂/∂A_ij · A_ij / β_i
-    dbeta += tl.sum(M, axis=1)
-    M = M * beta[:, None]
-    dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
-    dKK = dA * beta[:, None]
-    dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
+    dA = tl.where(lower, dA, 0.0) * Gamma  # ∂/∂A_ij · Γ_ij
+    dKK = dA * beta[:, None]  # ∂/∂(k_i·k_j)
+    tl.debug_barrier()  # step 2's stores of dk are read back below, by other threads of this program
+    for k0 in range(0, K, BKB):
+        ks = k0 + tl.arange(0, BKB)
+        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+        qk_mask = tm[:, None] & (ks[None, :] < K)
+        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BKB]
+        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂/∂A_ij · A_ij / β_i
+        dbeta += tl.sum(M, axis=1)
+        M = M * beta[:, None]
+        dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+        out_off = ((b * T + t[:, None]) * HV + hv) * K + ks[None, :]
+        dk = tl.load(dk_ptr + out_off, mask=qk_mask, other=0.0)
+        dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
+        tl.store(dk_ptr + out_off, dk, mask=qk_mask)
     # G = cumsum(g) within the chunk: dg = reverse cumsum of dG
     dG = tl.where(tm, dG, 0.0)
     dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
-    out_off = ((b * T + t[:, None]) * HV + hv) * K + ks[None, :]
-    tl.store(dq_ptr + out_off, dq, mask=qk_mask)
-    tl.store(dk_ptr + out_off, dk, mask=qk_mask)
     tl.store(dbeta_ptr + (b * T + t) * HV + hv, dbeta, mask=tm)
     tl.store(dg_ptr + (b * T + t) * HV + hv, dg, mask=tm)
 
@@ -451,18 +496,21 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32)
     runtime.launch(
+        "chunk_gated_delta_rule (backward)", _bwd_du_local_kernel, lambda c: (NT, B * HV),
+        (q, k, gc, do, du, scale, T, H, HV, K, V), dict(C=_C, BK=BK, PRECISION=prec), _tiles(V, 64, 32, 16), _INSTEAD)
+    runtime.launch(
         "chunk_gated_delta_rule (backward)", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
         (q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
          T, H, HV, K, V, NT), dict(C=_C, BK=BK, HAS_DHT=dht is not None, PRECISION=prec),
-        _tiles(V, 32, 16, num_stages=1), _INSTEAD)  # deeper pipelining: > 227 KiB at K = 128, bf16
+        _tiles(V, 32, 16, num_warps=8, num_stages=1), _INSTEAD)  # ptxas, sm_90, bf16, K = 128: spills 368 B at 8 warps
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     runtime.launch(
         "chunk_gated_delta_rule (backward)", _bwd_chunk_kernel, lambda c: (NT, B * HV),
         (q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BK=BK, PRECISION=prec),
-        _tiles(V, 32, 16, num_warps=4, num_stages=1), _INSTEAD)  # 184 KiB at K = 128, bf16 (of 227)
+        dict(C=_C, BKB=min(32, BK), PRECISION=prec),
+        _tiles(V, 32, 16, num_warps=8, num_stages=1), _INSTEAD)  # 112 KiB at K = 128, bf16 (of 227)
     if HV != H:  # grouped value heads: sum over the value heads that share a query/key head
         dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
     if l2:  # the kernels differentiated with respect to the normalised q and k
