@@ -197,6 +197,8 @@ print(f"just after the rewrite, linear attention returns {old_l[100]:.2f} of v* 
 #| export deltanet.naive
 import torch
 
+from minisparse import runtime
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -204,6 +206,20 @@ def l2norm(x, eps=1e-6):
     """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers' l2norm)."""
     x = x.float()
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _check_gate_and_beta(op, g, beta):
+    """g ≤ 0 and finite, β in [0, 2]: one reduction a tensor and one host sync (runtime.set_value_checks)."""
+    zero = beta.new_zeros((), dtype=torch.float32)  # on beta's device: stacked with the others below
+    g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (zero, zero)
+    b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (zero, zero)
+    g_lo, g_hi, b_lo, b_hi = torch.stack([g_lo, g_hi, b_lo, b_hi]).tolist()  # min and max propagate NaN
+    if not (g_hi <= 0 and g_lo > float("-inf")):
+        raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
+                         f"in [{g_lo:.3g}, {g_hi:.3g}]")
+    if not (b_lo >= 0 and b_hi <= 2):
+        raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit keys; "
+                         f"models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
 
 
 def _check_delta(op, q, k, v, g, beta, scale, initial_state):
@@ -236,17 +252,8 @@ def _check_delta(op, q, k, v, g, beta, scale, initial_state):
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
-    # one reduction and one host sync per tensor (min and max propagate NaN, so NaN fails both tests)
-    zero = beta.new_zeros((), dtype=torch.float32)  # on beta's device: stacked with the others below
-    g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (zero, zero)
-    b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (zero, zero)
-    g_lo, g_hi, b_lo, b_hi = torch.stack([g_lo, g_hi, b_lo, b_hi]).tolist()
-    if not (g_hi <= 0 and g_lo > float("-inf")):
-        raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
-                         f"in [{g_lo:.3g}, {g_hi:.3g}]")
-    if not (b_lo >= 0 and b_hi <= 2):
-        raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit keys; "
-                         f"models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
+    if runtime.checking_values():
+        _check_gate_and_beta(op, g, beta)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{op}: initial_state must be a tensor [B, HV, K, V] or None, got "
@@ -883,7 +890,8 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     lower = rows[:, None] > rows[None, :]  # j < i
     A = tl.dot(k, tl.trans(k), input_precision=PRECISION) * beta[:, None]
     A = tl.where(lower, A * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)  # [C, C]
-    Tm = _unit_lower_inverse(A, C, PRECISION)
+    Tm = _unit_lower_inverse(A, C, PRECISION)  # float32: W and U products in TF32. T cast to bf16/fp16 (as fla
+    # does) was 35 % faster here but gave NaN on the H200 (triton 3.6) at K = 48 with extreme gates
     w = tl.dot(Tm, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
     u = tl.dot(Tm, v.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
     tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty),
@@ -918,18 +926,19 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
         L = tl.minimum(T - n * C, C)
         k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
                     other=0.0)  # [C, BK]
-        k = _l2(k, L2NORM).to(tl.float32)
+        k = _l2(k, L2NORM).to(w_ptr.dtype.element_ty)  # products in W's storage dtype, accumulated in fp32
         w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
-                    mask=tm[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)  # [C, BK]
+                    mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         u_mask = tm[:, None] & (vs[None, :] < V)
         u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0).to(tl.float32)
-        u = u - tl.dot(w, S, input_precision=PRECISION)  # U = Ũ − W S
+        u = u - tl.dot(w, S.to(w.dtype), input_precision=PRECISION)  # U = Ũ − W S
         tl.store(u_ptr + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
         G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
         G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)  # G of the chunk's last token
         key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
-        S = S * tl.exp(G_last) + tl.dot(tl.trans(k * key_decay[:, None]), u, input_precision=PRECISION)
+        u = (u * key_decay[:, None]).to(w.dtype)  # the decay on U's C×BV rows, not on K's C×BK
+        S = S * tl.exp(G_last) + tl.dot(tl.trans(k), u, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
 
@@ -1327,12 +1336,15 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
         dict(C=_C, BK=BK, STORE_T=store_t, L2NORM=l2, PRECISION=prec), _tiles(V, BV), _INSTEAD)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy
+    # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
+    # (8K tokens, bf16): 4 warps best with 16-bit products (0.30 ms; 8 warps 0.34), 8 with fp32 ones
+    scan_warps = 8 if store_dtype == torch.float32 else 4
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
         (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT),
         dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=l2, PRECISION=prec),
-        _tiles(V, 32, num_warps=8, num_stages=_scan_stages(k.dtype)) + _tiles(V, 16, num_warps=4, num_stages=1),
+        _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype))
+        + _tiles(V, 16, num_warps=4, num_stages=1),
         _INSTEAD)
     return w, u, gc, tinv, states, ht
 
@@ -1347,7 +1359,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
         (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BK=_pow2(K), L2NORM=l2, PRECISION=_precision(q.dtype)), _tiles(V, 64, 32, 16), _INSTEAD)
+        dict(C=_C, BK=_pow2(K), L2NORM=l2, PRECISION=_precision(q.dtype)), _tiles(V, 128, 64, 32, 16), _INSTEAD)
     return o, ht
 
 
@@ -1754,7 +1766,7 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # | `_fwd_wy_kernel` | 0.79 ms | 0.44 ms | solve in TF32 instead of 3×TF32 (within 7e-6 on $W$, $U$); 0.26 ms with no solve at all |
 # | `_fwd_states_kernel` | 0.55 ms | 0.48 ms | 8 warps; $V$-tiles of 16 or 64 were slower (0.73–0.96 ms) |
 # | `_fwd_output_kernel` | 0.31 ms | 0.31 ms | — |
-| **end to end** | 2.55 ms | 1.51 ms | the kernels add to 1.23 ms; the rest is checks, allocation and launches |
+# | **end to end** | 2.55 ms | 1.51 ms | the kernels add to 1.23 ms; the rest is checks, allocation and launches |
 #
 # What fla does that this chapter's kernels do not, and the next things to try: keep $W$, $U$ and the chunk states
 # in bf16 rather than fp32 (half the bytes, and bf16 tensor cores instead of TF32 for every product that reads

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device", "launch",
-    "describe", "print_environment",
+    "checking_values", "set_value_checks", "describe", "print_environment",
 ]
 
 
@@ -74,6 +74,36 @@ def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
         )
     if dev.type not in ("cpu", "cuda"):
         raise RuntimeError(f"{op}: Triton kernels run on CUDA tensors (or CPU under the interpreter), got {dev}")
+
+
+_value_checks = True
+
+
+def checking_values() -> bool:
+    """Whether ops check the values of their inputs (ranges, NaN), not only shapes, dtypes and devices.
+
+    A value check is one reduction and one host sync: the CPU waits for the GPU before it can queue the op's kernels,
+    so the launch overhead of every call shows in its time (about 0.3 ms a call for chapter 5's chunk ops).
+    Never during CUDA graph capture, where a host sync is not allowed.
+    """
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _value_checks and not capturing
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn value checks on (the default) or off for every op; return the previous setting.
+
+    Off, out-of-range values (a positive log decay, β outside [0, 2], NaN) are no longer caught: the kernels compute
+    what they are given. Shapes, dtypes, devices and kernel limits are always checked.
+
+    >>> previous = set_value_checks(False)   # in a tuned training loop, after a first checked step
+    >>> _ = set_value_checks(previous)
+    """
+    global _value_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_value_checks: enabled must be True or False, got {enabled!r}")
+    previous, _value_checks = _value_checks, enabled
+    return previous
 
 
 def launch(op: str, kernel, grid, args: tuple, constexprs: dict, configs: list[dict], instead: str) -> dict:
