@@ -234,7 +234,7 @@ NAMES = ["o", "final state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
 @pytest.mark.parametrize("T,H,HV,K,V,gates,state,final", [
     (45, 2, 4, 16, 24, GATES[1], True, True), (130, 1, 2, 32, 48, GATES[2], True, True),
     (64, 2, 2, 24, 16, GATES[0], False, False), (1, 1, 3, 16, 16, GATES[1], True, True),
-    (100, 1, 1, 64, 64, GATES[1], False, True)])
+    (100, 1, 1, 64, 64, GATES[1], False, True), (70, 1, 2, 48, 40, GATES[1], True, True)])
 def test_triton_chunk_gradients(T, H, HV, K, V, gates, state, final):
     inputs = _dev(*_inputs(1, T, H, HV, K, V, gates=gates, state=state, normalise=False, seed=T))
     gen = torch.Generator().manual_seed(3)
