@@ -599,3 +599,19 @@ def test_qwen3_next_hybrid_tends_to_a_quarter_of_full_attention():
     assert ratios[-1] == pytest.approx(0.25, abs=1e-5)
     h, f = hybrid_costs(cfg, 262_144), hybrid_costs(cfg, 262_144, layer_types=full)
     assert 4 * h["kv_bytes"] == f["kv_bytes"] and h["memory"] - f["memory"] // 4 == hybrid_costs(cfg, 1)["state_bytes"]
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_qk_row_kernels_match_pytorch(l2):
+    """The backward's two row kernels: l2norm in the input dtype, and dq/dk summed over grouped value heads and
+    taken through l2norm, against PyTorch autograd (odd K, rows not a multiple of the kernels' 16, HV = 3H)."""
+    from minisparse.deltanet.triton import _l2norm_rows, _qk_grad
+
+    gen = torch.Generator().manual_seed(9)
+    x = (3 * torch.randn(2, 13, 2, 45, generator=gen)).to(DEV)
+    dy = torch.randn(2, 13, 6, 45, generator=gen).to(DEV)
+    assert_close("l2norm rows", l2norm(x), _l2norm_rows(x), 1e-6)
+    xr = x.clone().requires_grad_()
+    y = (l2norm(xr) if l2 else xr).repeat_interleave(3, dim=2)  # [2, 13, 6, 45]: value head j uses key head j // 3
+    y.backward(dy)
+    assert_close(f"dx (l2norm {l2})", xr.grad, _qk_grad(x, dy, l2), 1e-6)

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.naive import _check_delta, l2norm
+from minisparse.deltanet.naive import _check_delta
 
 
 @triton.jit
@@ -350,6 +350,33 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, st
 
 
 @triton.jit
+def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """y = l2norm(x) for BR rows of x [R, K], in x's dtype: what the forward kernels compute on load. Grid (R/BR,)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ks = tl.arange(0, BK)
+    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
+    tl.store(y_ptr + off, _l2(tl.load(x_ptr + off, mask=mask, other=0.0), True), mask=mask)
+
+
+@triton.jit
+def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, G, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
+    """dq or dk for BR rows r = (b·T + t)·H + h of x [R, K]: the G value heads' gradients dy [R·G, K] summed (they
+    share key head h), then through l2norm if L2NORM: rstd (dy − y ⟨y, dy⟩). Stored in dx's dtype. Grid (R/BR,)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ks = tl.arange(0, BK)
+    mask = (rows[:, None] < R) & (ks[None, :] < K)
+    dy = tl.zeros((BR, BK), dtype=tl.float32)
+    for j in range(G):
+        dy += tl.load(dy_ptr + (rows[:, None] * G + j) * K + ks[None, :], mask=mask, other=0.0)
+    if L2NORM:
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)  # [BR]
+        y = x * rstd[:, None]
+        dy = rstd[:, None] * (dy - y * tl.sum(y * dy, axis=1)[:, None])
+    tl.store(dx_ptr + rows[:, None] * K + ks[None, :], dy.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                             L2NORM: tl.constexpr):
@@ -478,16 +505,28 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     return o, ht
 
 
-def _l2norm_backward(x, dy):
-    """Gradient through y = l2norm(x): rstd · (dy − y ⟨y, dy⟩), rstd = 1 / sqrt(Σ x² + eps). float32."""
-    xf = x.float()
-    rstd = torch.rsqrt((xf * xf).sum(-1, keepdim=True) + 1e-6)
-    y = xf * rstd
-    return rstd * (dy - y * (y * dy).sum(-1, keepdim=True))
+_ROWS = 16  # rows of q or k a program of the two row kernels handles
+
+
+def _l2norm_rows(x):
+    """l2norm(x) over the last dimension in x's dtype, in one kernel (PyTorch's l2norm takes several)."""
+    y = torch.empty_like(x)
+    R, K = x.numel() // x.shape[-1], x.shape[-1]
+    _l2norm_rows_kernel[(triton.cdiv(R, _ROWS),)](x, y, R, K, BR=_ROWS, BK=_pow2(K))
+    return y
+
+
+def _qk_grad(x, dy, l2):
+    """x [B, T, H, K] (q or k as given), dy [B, T, HV, K] float32 (per value head) -> dx [B, T, H, K] in x's dtype."""
+    dx = torch.empty_like(x)
+    R, K = x.numel() // x.shape[-1], x.shape[-1]
+    G = dy.shape[2] // x.shape[2]
+    _qk_grad_kernel[(triton.cdiv(R, _ROWS),)](x, dy, dx, R, G, K, BR=_ROWS, BK=_pow2(K), L2NORM=l2)
+    return dx
 
 
 def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
-    """Gradients of q, k, v, g, beta and h0 (float32; dq, dk summed over grouped value heads)."""
+    """Gradients of q, k, v, g, beta and h0 (dq, dk in q's dtype, summed over grouped value heads; others float32)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -495,7 +534,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     prec = _precision(q.dtype)
     q_raw, k_raw = q, k
     if l2:  # normalise once here (as the forward's kernels did on load, same rounding): the backward kernels
-        q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)  # would not fit in shared memory with it at K = 128
+        q, k = _l2norm_rows(q), _l2norm_rows(k)  # would not fit in shared memory with it at K = 128
     w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True, False)
     BK = _pow2(K)
     do = do.contiguous()
@@ -518,11 +557,9 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
         (q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale, T, H, HV, K, V, NT),
         dict(C=_C, BKB=min(32, BK), PRECISION=prec),
         _tiles(V, 32, 16, num_warps=8, num_stages=1), _INSTEAD)  # 112 KiB at K = 128, bf16 (of 227)
-    if HV != H:  # grouped value heads: sum over the value heads that share a query/key head
-        dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
-    if l2:  # the kernels differentiated with respect to the normalised q and k
-        dq, dk = _l2norm_backward(q_raw, dq), _l2norm_backward(k_raw, dk)
-    return dq, dk, dv, dg, dbeta, dh0
+    # sum over the value heads that share a query/key head; through l2norm (the kernels differentiated with
+    # respect to the normalised q and k)
+    return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
