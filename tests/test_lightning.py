@@ -276,6 +276,25 @@ def test_bad_inputs_raise(op, desc, mutate, exc, words):
             op(**args)
 
 
+def test_slope_check_follows_value_checks_switch():
+    """runtime.set_value_checks(False) skips the slope check: slope = 0 (no decay) is then computed, and the Triton
+    chunk form still equals the recurrence; the shape check stays on."""
+    args = _good()
+    args["slope"] = torch.zeros(2, device=DEV)
+    with pytest.raises(ValueError, match="> 0"):
+        chunk_lightning_attn(**args)
+    previous = minisparse.runtime.set_value_checks(False)
+    try:
+        with torch.no_grad():
+            ref = naive_recurrent_lightning_attn(**args)[0]
+            got = chunk_lightning_attn(**args)[0]
+        assert_close("o with slope 0, value checks off", ref, got, 1e-4 if DEV == "cpu" else 2e-3)
+        with pytest.raises(ValueError, match=r"slope must be \[H\]"):
+            chunk_lightning_attn(**{**args, "slope": torch.zeros(3, device=DEV)})
+    finally:
+        minisparse.runtime.set_value_checks(previous)
+
+
 def test_kernel_head_dim_limit():
     q, k, v, _ = _inputs(1, 4, 1, 160, 16)
     with pytest.raises(ValueError, match="<= 128"):
