@@ -802,20 +802,27 @@ if cfg is not None:
 # H200 and made the kernel take 0.79 ms instead of 0.44 ms at 8K tokens.)
 #
 # ```
-#  _fwd_wy_kernel, program (b, hv, chunk n):          all of K and V in one tile each (K, V ≤ 128)
+#  _fwd_wy_kernel, program (b, hv, chunk n):          K and V walked in column blocks of 32
 #      G  = cumsum(g) over the chunk                   [C]     (tl.cumsum)
-#      A  = β[:, None] · (K @ Kᵀ) ⊙ exp(G_i − G_j)     [C, C]  strictly lower, exponent masked to -inf first
+#      A  = β[:, None] · (K @ Kᵀ) ⊙ exp(G_i − G_j)     [C, C]  K @ Kᵀ accumulated block by block
 #      T  = (I − N)(I + N²) D                          [C, C]  _unit_lower_inverse
-#      W  = T @ (β e^G · K),   Ũ = T @ (β · V)          two tl.dot
+#      W  = T @ (β e^G · K),   Ũ = T @ (β · V)          one tl.dot per column block, stored as it is done
 # ```
 #
-# The scan accumulates the state in fp32 registers whatever the input dtype. What the forward *stores* — $W$, $U$ and
-# the chunk states — is in the input dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core
-# products in the output kernel (in fp16, this moves the output's error from 3.5e-4 to 4.6e-4 of its RMS). The
-# backward's recomputation keeps them in fp32, for the gradients. Grouped value heads are addressing only: value head
-# $h_v$ reads key head $h_v // (H_V/H)$. With `use_qk_l2norm`, every forward kernel normalises the rows of $Q$ and $K$ as it
-# loads them (in fp32, rounded back to the input dtype, as `l2norm` followed by a cast would): a separate
-# normalisation in PyTorch took 0.77 ms on the H200 at 8K tokens, more than any kernel here.
+# Only $T$ stays in registers from start to end. A first version held whole $C \times 128$ rows of $K$ and $V$ and
+# their products at once: `ptxas` then ran out of registers and spilled to memory, and the kernel took 1.74 ms at
+# 32K tokens on the H200; walked in blocks of 32 columns (reloading $K$'s block, which is cheaper than keeping it)
+# it takes 1.28 ms.
+#
+# The scan accumulates the state in fp32 registers whatever the input dtype and multiplies in $W$'s dtype. The
+# forward *stores* $W$ and the chunk states in the input dtype, as fla does (half the bytes of fp32 in bf16, and
+# 16-bit tensor-core products in the scan and the output kernel), but $\tilde U$ and $U$ in fp32: section 5.8 shows
+# why that one matters. The backward's recomputation keeps everything in fp32, for the gradients. Grouped value heads
+# are addressing only: value head $h_v$ reads key head $h_v // (H_V/H)$. With `use_qk_l2norm`, a small row kernel
+# (`_l2norm_rows_kernel`) normalises $Q$ and $K$ once before the three kernels run (in fp32, rounded back to the input
+# dtype, as `l2norm` followed by a cast would): 0.13 ms per tensor at 32K tokens on the H200, where `l2norm` in
+# PyTorch took 0.77 ms for both at 8K. An earlier version normalised inside every kernel, on load; that cost
+# registers the kernels did not have, and the scan redid it for every tile of $V$.
 
 # %%
 #| export deltanet.triton
@@ -828,12 +835,15 @@ from minisparse.deltanet.naive import _check_delta
 
 
 @triton.jit
-def _l2(x, L2NORM: tl.constexpr):
-    """x [C, BK] scaled to unit rows (as `l2norm`, in fp32), back in x's dtype; x unchanged if not L2NORM."""
-    if L2NORM:
-        xf = x.to(tl.float32)
-        x = (xf * tl.rsqrt(tl.sum(xf * xf, axis=1)[:, None] + 1e-6)).to(x.dtype)
-    return x
+def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """y = l2norm(x) for BR rows of x [R, K]: in fp32, rounded back to x's dtype as `l2norm` and a cast would.
+    Grid (R/BR,)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ks = tl.arange(0, BK)
+    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BR, BK]
+    y = x * tl.rsqrt(tl.sum(x * x, axis=1)[:, None] + 1e-6)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -869,8 +879,12 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr, T, H, HV, K, V,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
-                   L2NORM: tl.constexpr, PRECISION: tl.constexpr):
-    """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV)."""
+                   PRECISION: tl.constexpr):
+    """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
+
+    K and V are walked in column blocks of BK and BV: only T [C, C] stays in registers throughout (whole rows of K
+    and V at once spilled registers at K = V = 128 and made this kernel 3× slower).
+    """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -878,26 +892,33 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     rows = tl.arange(0, C)
     t = n * C + rows  # [C]
     tm = t < T
-    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
-    k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                other=0.0)  # [C, BK]
-    k = _l2(k, L2NORM)
-    v = tl.load(v_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=tm[:, None] & (vs[None, :] < V),
-                other=0.0)  # [C, BV]
+    k_rows = ((b * T + t[:, None]) * H + h) * K  # [C, 1] offsets of the chunk's key rows
     g = tl.load(g_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
     beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
     G = tl.cumsum(g, axis=0)  # [C] local cumulative log decay
+    KKt = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kb = tl.load(k_ptr + k_rows + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
+        KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.dot(k, tl.trans(k), input_precision=PRECISION) * beta[:, None]
-    A = tl.where(lower, A * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)  # [C, C]
-    Tm = _unit_lower_inverse(A, C, PRECISION)  # float32: W and U products in TF32. T cast to bf16/fp16 (as fla
-    # does) was 35 % faster here but gave NaN on the H200 (triton 3.6) at K = 48 with extreme gates
-    w = tl.dot(Tm, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
-    u = tl.dot(Tm, v.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
-    tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=tm[:, None] & (ks[None, :] < K))
-    tl.store(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], u.to(u_ptr.dtype.element_ty),
-             mask=tm[:, None] & (vs[None, :] < V))
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
+    Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32: W and U products in TF32. T cast to bf16/fp16 (as
+    # fla does) was 35 % faster but gave NaN on the H200 (triton 3.6) at K = 48 with extreme gates
+    key_scale = beta * tl.exp(G)  # [C]
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        mask = tm[:, None] & (ks[None, :] < K)
+        kb = tl.load(k_ptr + k_rows + ks[None, :], mask=mask, other=0.0)  # [C, BK], again: cheaper than keeping it
+        w = tl.dot(Tm, kb.to(tl.float32) * key_scale[:, None], input_precision=PRECISION)  # [C, BK]
+        tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        vb = tl.load(v_ptr + v_off, mask=mask, other=0.0)  # [C, BV]
+        u = tl.dot(Tm, vb.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
+        tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
     if STORE_T:
         tl.store(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], Tm, mask=tm[:, None])
@@ -906,7 +927,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
 @triton.jit
 def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+                       STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     """Scan over chunks: states[n] = S entering chunk n; U ← Ũ − W S_n (in place); S_{n+1}. Grid (V/BV, B·HV)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -925,8 +946,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
         tm = t < T
         L = tl.minimum(T - n * C, C)
         k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                    other=0.0)  # [C, BK]
-        k = _l2(k, L2NORM).to(w_ptr.dtype.element_ty)  # products in W's storage dtype, accumulated in fp32
+                    other=0.0).to(w_ptr.dtype.element_ty)  # [C, BK]; products in W's dtype, accumulated in fp32
         w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
                     mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
@@ -945,9 +965,9 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
 
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile. Grid (V/BV, NT, B·HV)."""
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, K walked in blocks of BK.
+    Grid (V/BV, NT, B·HV)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -956,24 +976,27 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
-    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
-    qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = _l2(tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM)  # [C, BK]
-    k = _l2(tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM)
-    v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
-    S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
-                mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV]
+    vs = iv * BV + tl.arange(0, BV)
+    QKt = tl.zeros((C, C), dtype=tl.float32)
+    o = tl.zeros((C, BV), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+        qk_mask = tm[:, None] & (ks[None, :] < K)
+        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
+        S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
+                    mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV], in q's dtype
+        QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
+        o = tl.dot(q, S, o, input_precision=PRECISION)
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-    Aqk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma  # [C, C] (Q Kᵀ ⊙ Γ)
-    o = tl.dot(q, S, input_precision=PRECISION) * tl.exp(G)[:, None]  # S is stored in q's dtype
-    o = tl.dot(Aqk, u, o, input_precision=PRECISION)  # U is fp32: TF32 on a GPU
+    v_mask = tm[:, None] & (vs[None, :] < V)
+    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
+    o = tl.dot(QKt * Gamma, u, o * tl.exp(G)[:, None], input_precision=PRECISION)  # U is fp32: TF32 on a GPU
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
-
 
 # %% [markdown]
 # ### The backward pass
@@ -1014,8 +1037,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
 #    over the $K$-blocks adds the terms of $dK$ that need the complete $dA$.
 #
 # With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
-# afterwards. With `use_qk_l2norm` the backward normalises $Q$ and $K$ once, in a small row kernel (the forward's
-# kernels did it on load; the backward kernels would not fit in shared memory with it at $K = 128$), and finishes
+# afterwards. With `use_qk_l2norm` the backward normalises $Q$ and $K$ with the forward's row kernel, and finishes
 # with the normalisation's own gradient, $dx = (dy - y\,\langle y, dy\rangle) / \lVert x\rVert$, in the kernel
 # that also sums the grouped heads and writes $dq$, $dk$ in the input dtype.
 
@@ -1216,15 +1238,6 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, st
 
 
 @triton.jit
-def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """y = l2norm(x) for BR rows of x [R, K], in x's dtype: what the forward kernels compute on load. Grid (R/BR,)."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    ks = tl.arange(0, BK)
-    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
-    tl.store(y_ptr + off, _l2(tl.load(x_ptr + off, mask=mask, other=0.0), True), mask=mask)
-
-
-@triton.jit
 def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, G, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
     """dq or dk for BR rows r = (b·T + t)·H + h of x [R, K]: the G value heads' gradients dy [R·G, K] summed (they
     share key head h), then through l2norm if L2NORM: rstd (dy − y ⟨y, dy⟩). Stored in dx's dtype. Grid (R/BR,)."""
@@ -1290,14 +1303,17 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # Every launch goes through `runtime.launch`, which tries a short list of tile configurations and keeps the first that
 # fits the GPU's shared memory: the first is the one tuned and tested on the H200, the others have narrower
 # $V$-tiles. That matters on a Colab T4, which gives a block 64 KiB instead of the H200's 227 KiB. Compiled for the
-# T4 here on the CPU (`tools/kernel_resources.py --arch 75`, fp16, $K = V = 128$), the forward fits once the output
-# kernel drops to $V$-tiles of 16 (60 KiB, against 96 KiB at 64). In the backward, `_bwd_chunk_kernel` fits with
-# $V$-tiles of 16 (64 KiB) but the reverse scan needs 72 KiB even then, and `runtime.launch` then says so and points to `naive_chunk_gated_delta_rule`. This
-# chapter's own cells use $K = 32$, which fits. None of this has run on a T4: it is what the compiler reports.
+# T4 here on the CPU (`tools/kernel_resources.py --arch 75`, fp16, $K = V = 128$), the forward's kernels fit at their
+# first configuration (32 to 48 KiB each). In the backward, `_bwd_chunk_kernel` fits with $V$-tiles of 16 (64 KiB)
+# but the reverse scan needs 72 KiB even then, and `runtime.launch` then says so and points to
+# `naive_chunk_gated_delta_rule`. This chapter's own cells use $K = 32$, which fits. None of this has run on a T4:
+# it is what the compiler reports.
 
 # %%
 #| export deltanet.triton
 _C = 64  # chunk length of the Triton kernels
+_WY_BLOCK = 32  # column blocks of K and V in the WY kernel (H200, 32K tokens: 1.28 ms; blocks of 64 1.50 ms)
+_O_BLOCK = 64  # blocks of K in the output kernel (0.68 ms; 32: 0.80 ms)
 
 
 def _pow2(n, low=16):
@@ -1343,8 +1359,9 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     return scale
 
 
-def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dtype=torch.float32):
-    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state.
+def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32):
+    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state (k normalised
+    already, if it is to be).
 
     W and the chunk states are stored in `store_dtype`, Ũ and U in fp32: with almost no decay the state keeps every
     rounding of U it is given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
@@ -1354,7 +1371,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
     NT = triton.cdiv(T, _C)
     dev = k.device
     prec = _precision(k.dtype)
-    BK, BV = _pow2(K), _pow2(V)
+    BK = _pow2(K)
     w = torch.empty(B, T, HV, K, device=dev, dtype=store_dtype)
     u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
@@ -1362,7 +1379,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
         (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
-        dict(C=_C, BK=BK, STORE_T=store_t, L2NORM=l2, PRECISION=prec), _tiles(V, BV), _INSTEAD)
+        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, PRECISION=prec), _tiles(V, _WY_BLOCK), _INSTEAD)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
@@ -1371,26 +1388,11 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
         (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT),
-        dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=l2, PRECISION=prec),
+        dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
         _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype))
         + _tiles(V, 16, num_warps=4, num_stages=1),
         _INSTEAD)
     return w, u, gc, tinv, states, ht
-
-
-def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
-    B, T, H, K = q.shape
-    HV, V = v.shape[2:]
-    NT = triton.cdiv(T, _C)
-    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); U in fp32
-    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, l2, store_dtype=q.dtype)
-    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    runtime.launch(
-        "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-        (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BK=_pow2(K), L2NORM=l2, PRECISION=_precision(q.dtype)),
-        _tiles(V, 128, 64, 32, 16, num_warps=8), _INSTEAD)  # ptxas, sm_90, K = V = 128: 4 warps spill 2.4 KB, 8 none
-    return o, ht
 
 
 _ROWS = 16  # rows of q or k a program of the two row kernels handles
@@ -1402,6 +1404,23 @@ def _l2norm_rows(x):
     R, K = x.numel() // x.shape[-1], x.shape[-1]
     _l2norm_rows_kernel[(triton.cdiv(R, _ROWS),)](x, y, R, K, BR=_ROWS, BK=_pow2(K))
     return y
+
+
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    if l2:  # once, in a row kernel: normalising on load in each kernel made them spill registers, and the scan
+        q, k = _l2norm_rows(q), _l2norm_rows(k)  # redid it for every V-tile
+    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); U in fp32
+    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype)
+    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
+    runtime.launch(
+        "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+        (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
+        dict(C=_C, BK=min(_pow2(K), _O_BLOCK), PRECISION=_precision(q.dtype)),
+        _tiles(V, 64, 32, 16, num_warps=4, num_stages=2), _INSTEAD)  # H200, 32K: V-tiles of 64 0.68 ms, 128 0.77
+    return o, ht
 
 
 def _qk_grad(x, dy, l2):
@@ -1421,9 +1440,9 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     dev = q.device
     prec = _precision(q.dtype)
     q_raw, k_raw = q, k
-    if l2:  # normalise once here (as the forward's kernels did on load, same rounding): the backward kernels
-        q, k = _l2norm_rows(q), _l2norm_rows(k)  # would not fit in shared memory with it at K = 128
-    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True, False)
+    if l2:  # as the forward does: the kernels then see unit rows in the input dtype
+        q, k = _l2norm_rows(q), _l2norm_rows(k)
+    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
     BK = _pow2(K)
     do = do.contiguous()
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
@@ -1779,59 +1798,71 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #
 # `bench/deltanet.py` times `chunk_gated_delta_rule` against fla's `chunk_gated_delta_rule` (the kernels Qwen3-Next
 # runs in `transformers` and vLLM) and SDPA causal attention on an H200, in bf16 at $B = 2$, 16 heads,
-# $K = V = 128$, $T$ from 1K to 64K; the cell below plots `bench/results/deltanet.json`. Where we stand:
+# $K = V = 128$, $T$ from 1K to 32K; the cell below plots `bench/results/deltanet.json` and prints its forward
+# times. Where we stand:
 #
 # - **Correct on the GPU.** The whole test suite of this chapter passes on the H200 (Triton 3.6) in fp32, bf16 and
 #   fp16, forward and every gradient, against the recurrence and the PyTorch chunk form — including on the
 #   configuration where fla refuses to run its own gated backward.¹ Our bf16 output and fla's agree to a relative
-#   RMS of 3.9e-3, which is bf16 rounding.
-# - **Slower than fla from 8K tokens up.** The forward takes **1.51 ms at 8K tokens against fla's 0.68 ms (2.2×)**
-#   and stays 2.2–2.8× behind up to 64K; at 4K the two are level (0.82 vs 0.78 ms), and below that ours is faster
-#   only because fla's launch overhead dominates (its 1K forward, 1.2 ms, is slower than its 2K one). Matching fla
-#   was this chapter's target, and it is missed. The linear cost shows all the same: SDPA's forward is faster up
-#   to 8K tokens (0.90 ms) and slower from 16K (3.4 vs 3.0 ms), and at 64K it takes 58 ms against our 10.7 ms.
-# - **The backward has been timed only at 1K tokens** (2.2 ms fwd+bwd, fla 3.2 ms; both launch-bound there):
-#   the run that measured the other lengths came before a fix that made the backward kernels fit in shared
-#   memory, and the device time ran out before a second full run.
+#   RMS of 3.9e-3, which is bf16 rounding; against the fp32 recurrence, this chapter's hardest check (section 5.6,
+#   1000 tokens that forget almost nothing) gives 4.4e-3, inside the book's bf16 bound of 5e-3.
+# - **Level with fla's forward up to 8K tokens, 1.6–1.7× slower beyond.** Forward, ms (value checks on / off) against
+#   fla: 2K 0.41 / 0.25 vs 0.69; 4K 0.61 / 0.47 vs 0.66; 8K 1.07 / 0.90 vs 1.10; 16K 2.07 / 1.75 vs 1.19;
+#   32K 3.84 / 3.47 vs 2.37. Up to 8K both are bound by launches and host work, and fla's own 8K time moved
+#   between 0.68 and 1.34 ms over our runs; from 16K on, where the kernels' work dominates, fla's are faster.
+#   This chapter's target was fla's forward time; it is met up to 8K tokens and missed beyond.
+# - **The backward is the weak half**: forward + backward takes 6.4 ms at 8K and 24.2 ms at 32K, against fla's
+#   3.6 and 8.7 ms (2.8×); below 4K ours is faster (2K: 2.1 against 3.2 ms).
+# - **The linear cost shows all the same**: SDPA's causal forward is faster up to 8K tokens (0.90 ms) and
+#   slower from 16K (3.3 ms); at 32K it takes 15.3 ms against our 3.8 ms, and 56.6 ms with its backward.
 #
 # ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
 # miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
 #
-# Where the forward's time went, at 8K tokens (H200, one kernel at a time; the first column is this chapter's first
-# GPU version):
+# Where the forward's time goes at 32K tokens (H200, bf16, each kernel timed alone; the middle column is the
+# previous version of this chapter's kernels, fla's are in the last):
 #
-# | step | first version | now | what changed |
-# |---|---|---|---|
-# | `l2norm` of $q$, $k$ in PyTorch | 0.77 ms | — | done inside the kernels, on load |
-# | input checks | 0.09 ms | not timed alone | now one `aminmax` and one host sync per tensor |
-# | `_fwd_wy_kernel` | 0.79 ms | 0.44 ms | solve in TF32 instead of 3×TF32 (within 7e-6 on $W$, $U$); 0.26 ms with no solve at all |
-# | `_fwd_states_kernel` | 0.55 ms | 0.48 ms | 8 warps; $V$-tiles of 16 or 64 were slower (0.73–0.96 ms) |
-# | `_fwd_output_kernel` | 0.31 ms | 0.31 ms | — |
-# | **end to end** | 2.55 ms | 1.51 ms | the kernels add to 1.23 ms; the rest is checks, allocation and launches |
+# | step | previous | now | fla | what changed |
+# |---|---|---|---|---|
+# | `l2norm` of $q$, $k$ | inside the kernels | 0.26 ms | 0.26 ms | a row kernel, once |
+# | WY: $A$, $T$, $W$, $\tilde U$ | 1.74 ms | 1.28 ms | 0.72 ms (two kernels) | $K$, $V$ in column blocks of 32 |
+# | scan: $U$ and the states | 1.14 ms | 1.07 ms | 0.60 ms | $K$ arrives normalised |
+# | output | 1.15 ms | 0.68 ms | 0.51 ms | $K$ in blocks of 64, $V$-tiles of 64, 4 warps |
+# | **end to end**, checks off | 3.99 ms | 3.47 ms | 2.15–2.37 ms | |
+#
+# Every row of "now" is still above fla's. `tools/kernel_resources.py` compiles a kernel for the H200 on a CPU and
+# reports its registers: the WY kernel and the scan still use all 255 a thread may have, and the scan's one program
+# per (batch, head, 32 columns of $V$) — 128 programs for 132 SMs — leaves each SM a single sequential chain.
 #
 # **The host sync.** The value checks (is $g \le 0$, is $\beta$ in $[0, 2]$) read a reduction back to the CPU, so the
 # CPU cannot queue the kernels of a call while the GPU still runs the previous one: every call pays its launch
 # overhead in full. `minisparse.runtime.set_value_checks(False)` skips them (shapes, dtypes and devices are still
-# checked); on the H200 that saved 0.24 ms at 2K tokens (0.57 → 0.32 ms), 0.22 ms at 4K and 0.27 ms at 8K
-# (1.17 → 0.90 ms), measured with the faster scan below. fla checks no values at all.
+# checked): 0.17 ms at 2K tokens (0.41 → 0.25 ms), 0.17 ms at 8K, 0.37 ms at 32K. fla checks no values at all.
 #
-# **Speed against precision.** fla keeps $W$, $U$ and the chunk states in bf16 and multiplies them on bf16 tensor
-# cores. A development version of this chapter's kernels did the same for the states and the scan (4 warps, output
-# $V$-tiles of 128): the scan fell from 0.60 to 0.31 ms, the output kernel from 0.31 to 0.14 ms, and the forward at 8K
-# to 1.17 ms (0.90 ms without value checks) against fla's 1.31 ms in the same run — fla's own time moved between
-# 0.68 and 1.34 ms at 8K over our runs, as it is bound by its launch overhead there. It passed every test of this
-# chapter on the H200, but not the check above at $T = 1000$ with almost no decay ($g \in [-10^{-3}, 0]$, $K = 32$):
-# 5.6e-3 relative RMS against the recurrence in bf16, over the book's bf16 bound of 5e-3. A model that replays the
-# kernels' rounding in PyTorch on a CPU (`bench/notes/deltanet_rounding_model.py` on the branch `perf/deltanet-fwd`)
-# reproduces that 5.6e-3; against the fp32 recurrence, as the check now compares, it gives 5.4e-3 for that version,
-# 3.7e-3 for this chapter's fp32 storage and 5.8e-3 for fla's choices: a state that forgets almost nothing keeps
-# almost every rounding it was ever given. Storing it in 16 bits is the trade fla makes; this chapter keeps fp32
-# storage until a faster kernel meets the bound.
+# **Speed against precision.** fla keeps $W$, $U$, $T$ and the chunk states in bf16 and multiplies them on bf16
+# tensor cores. This chapter does the same for $W$, the chunk states and the scan's products, but keeps $\tilde U$ and
+# $U$ in fp32 and $T$'s products in TF32. A model that replays the kernels' rounding in PyTorch on a CPU
+# (`bench/notes/deltanet_rounding_model.py`) shows why, on the 1000-token near-no-decay check of section 5.6 against
+# the fp32 recurrence: $W$, $U$ and the states in fp32, 3.7e-3; this chapter's choices, 4.6e-3 (the H200 measures
+# 4.4e-3); $U$ in bf16 as well, 5.4e-3; fla's choices, 5.8e-3 — over the book's bound. A state that forgets almost
+# nothing keeps almost every rounding it was ever given, and $U$ is what it is given. Casting $T$ itself to bf16
+# inside the WY kernel also gave NaN on the H200 at $K = 48$ with gates in $[-30, -5]$ (never in the interpreter; the same class of
+# Hopper miscompilation as fla's issue), so $T$ stays fp32.
 #
-# The next things to try: keep the chunk states and $W$ in bf16 with the bf16 scan, but $\tilde U$ and $U$ in fp32
-# (the model puts that at 4.6e-3); split $K = 128$ into two 64-wide halves of the state in the scan, so that each
-# program holds less and the next chunk's loads overlap the current chunk's products; and in the backward, fuse the
-# two passes over $V$-tiles.
+# The next things to try, measured but not yet in the kernels:
+#
+# - **$T$ in two bf16 halves.** Split $T = T_\text{hi} + T_\text{lo}$ (both bf16) and fold the row scalings into
+#   $T$'s columns, $W = (T \operatorname{diag}(\beta e^G))\,K$, so that $K$ and $V$ enter bf16 tensor cores exactly as
+#   stored: two bf16 products instead of one TF32 product. Timed alone at 32K (`bench/notes/deltanet_wy_split.py`):
+#   1.24 ms against 1.42 ms, $\tilde U$ within 1.9e-5 of fp32 instead of TF32's 4.2e-4, and no NaN at $K = 48$ or
+#   128, gates in $[-30, -5]$ or $[-10^{-3}, 0]$, bf16 or fp16. Faster *and* more accurate; it has not yet run
+#   through the test suite on a GPU.
+# - **The WY kernel's remaining gap** is mostly not the products: fla computes $A$ and $T$ in one kernel and $W$,
+#   $\tilde U$ in a second, each with fewer registers live.
+# - **The scan**: split $K = 128$ into two 64-row halves of the state, so each program holds less and the next
+#   chunk's loads overlap the current chunk's products.
+# - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (10.3 ms at 32K, fla's
+#   `chunk_bwd_kernel_dqkwg` 1.8 ms) and its reverse scan (4.2 ms, fla's 1.1 ms).
 
 # %%
 try:
@@ -1848,13 +1879,15 @@ else:
     plt.show()
     ms = {(r["impl"].split(" (")[0].replace("fla ", "fla:"), r["pass"], r["T"]): r["ms"]
           for r in deltanet_results["rows"]}
-    print(f"{'T':>6s} {'ours fwd':>9s} {'fla fwd':>8s} {'ours/fla':>8s} {'SDPA fwd':>9s}   (ms, bf16, H200)")
+    print(f"{'T':>6s} {'ours fwd':>9s} {'checks off':>10s} {'fla fwd':>8s} {'ours/fla':>8s} {'SDPA fwd':>9s}"
+          "   (ms, bf16, H200)")
     for T in deltanet_results["config"]["T"]:
-        ours, fla, sdpa = (ms.get((n, "fwd", T)) for n in ("chunk_gated_delta_rule", "fla:chunk_gated_delta_rule",
-                                                           "SDPA causal"))
+        ours, unchecked, fla, sdpa = (ms.get((n, "fwd", T)) for n in (
+            "chunk_gated_delta_rule", "minisparse, value checks off", "fla:chunk_gated_delta_rule", "SDPA causal"))
         if None in (ours, fla, sdpa):
             continue  # a run cut short: this length was not timed
-        print(f"{T:6d} {ours:9.3f} {fla:8.3f} {ours / fla:7.2f}× {sdpa:9.3f}")
+        unchecked = f"{unchecked:10.3f}" if unchecked is not None else f"{'—':>10s}"  # older runs did not time it
+        print(f"{T:6d} {ours:9.3f} {unchecked} {fla:8.3f} {ours / fla:7.2f}× {sdpa:9.3f}")
     print("runs:", deltanet_results["config"].get("runs", "one run"))
 
 # %% [markdown]
@@ -2063,8 +2096,8 @@ check_chunk_cumsum(chunk_cumsum_solution)
 # - **Triton**: a parallel kernel per chunk for $G$, $A$, the UT transform (by $16 \times 16$ blocks and
 #   $(I - N)(I + N^2) D$) and $W, \tilde U$; a scan over chunks for $U$ and the states; a parallel output kernel; a
 #   fused recurrent kernel for decoding. The backward is a reverse scan for the state gradients and $dU$, then one
-#   parallel kernel for every other gradient. Correct on the H200 in fp32, bf16 and fp16; the forward is 2.2×
-#   slower than fla's at 8K tokens (section 5.8).
+#   parallel kernel for every other gradient. Correct on the H200 in fp32, bf16 and fp16; the forward is level with
+#   fla's up to 8K tokens and 1.6–1.7× slower at 16K–32K, forward + backward 2.8× slower there (section 5.8).
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
 #

@@ -8,12 +8,15 @@ from minisparse.deltanet.naive import _check_delta
 
 
 @triton.jit
-def _l2(x, L2NORM: tl.constexpr):
-    """x [C, BK] scaled to unit rows (as `l2norm`, in fp32), back in x's dtype; x unchanged if not L2NORM."""
-    if L2NORM:
-        xf = x.to(tl.float32)
-        x = (xf * tl.rsqrt(tl.sum(xf * xf, axis=1)[:, None] + 1e-6)).to(x.dtype)
-    return x
+def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """y = l2norm(x) for BR rows of x [R, K]: in fp32, rounded back to x's dtype as `l2norm` and a cast would.
+    Grid (R/BR,)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ks = tl.arange(0, BK)
+    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BR, BK]
+    y = x * tl.rsqrt(tl.sum(x * x, axis=1)[:, None] + 1e-6)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -49,8 +52,12 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr, T, H, HV, K, V,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
-                   L2NORM: tl.constexpr, PRECISION: tl.constexpr):
-    """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV)."""
+                   PRECISION: tl.constexpr):
+    """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
+
+    K and V are walked in column blocks of BK and BV: only T [C, C] stays in registers throughout (whole rows of K
+    and V at once spilled registers at K = V = 128 and made this kernel 3× slower).
+    """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -58,26 +65,33 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     rows = tl.arange(0, C)
     t = n * C + rows  # [C]
     tm = t < T
-    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
-    k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                other=0.0)  # [C, BK]
-    k = _l2(k, L2NORM)
-    v = tl.load(v_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=tm[:, None] & (vs[None, :] < V),
-                other=0.0)  # [C, BV]
+    k_rows = ((b * T + t[:, None]) * H + h) * K  # [C, 1] offsets of the chunk's key rows
     g = tl.load(g_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
     beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
     G = tl.cumsum(g, axis=0)  # [C] local cumulative log decay
+    KKt = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kb = tl.load(k_ptr + k_rows + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
+        KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.dot(k, tl.trans(k), input_precision=PRECISION) * beta[:, None]
-    A = tl.where(lower, A * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)  # [C, C]
-    Tm = _unit_lower_inverse(A, C, PRECISION)  # float32: W and U products in TF32. T cast to bf16/fp16 (as fla
-    # does) was 35 % faster here but gave NaN on the H200 (triton 3.6) at K = 48 with extreme gates
-    w = tl.dot(Tm, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PRECISION)  # [C, BK]
-    u = tl.dot(Tm, v.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
-    tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=tm[:, None] & (ks[None, :] < K))
-    tl.store(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], u.to(u_ptr.dtype.element_ty),
-             mask=tm[:, None] & (vs[None, :] < V))
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
+    Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32: W and U products in TF32. T cast to bf16/fp16 (as
+    # fla does) was 35 % faster but gave NaN on the H200 (triton 3.6) at K = 48 with extreme gates
+    key_scale = beta * tl.exp(G)  # [C]
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        mask = tm[:, None] & (ks[None, :] < K)
+        kb = tl.load(k_ptr + k_rows + ks[None, :], mask=mask, other=0.0)  # [C, BK], again: cheaper than keeping it
+        w = tl.dot(Tm, kb.to(tl.float32) * key_scale[:, None], input_precision=PRECISION)  # [C, BK]
+        tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        vb = tl.load(v_ptr + v_off, mask=mask, other=0.0)  # [C, BV]
+        u = tl.dot(Tm, vb.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
+        tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
     if STORE_T:
         tl.store(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], Tm, mask=tm[:, None])
@@ -86,7 +100,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
 @triton.jit
 def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, L2NORM: tl.constexpr, PRECISION: tl.constexpr):
+                       STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     """Scan over chunks: states[n] = S entering chunk n; U ← Ũ − W S_n (in place); S_{n+1}. Grid (V/BV, B·HV)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -105,8 +119,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
         tm = t < T
         L = tl.minimum(T - n * C, C)
         k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                    other=0.0)  # [C, BK]
-        k = _l2(k, L2NORM).to(w_ptr.dtype.element_ty)  # products in W's storage dtype, accumulated in fp32
+                    other=0.0).to(w_ptr.dtype.element_ty)  # [C, BK]; products in W's dtype, accumulated in fp32
         w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
                     mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
@@ -125,9 +138,9 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
 
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile. Grid (V/BV, NT, B·HV)."""
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, K walked in blocks of BK.
+    Grid (V/BV, NT, B·HV)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -136,21 +149,25 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
-    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
-    qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = _l2(tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM)  # [C, BK]
-    k = _l2(tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0), L2NORM)
-    v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
-    S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
-                mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV]
+    vs = iv * BV + tl.arange(0, BV)
+    QKt = tl.zeros((C, C), dtype=tl.float32)
+    o = tl.zeros((C, BV), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+        qk_mask = tm[:, None] & (ks[None, :] < K)
+        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
+        S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
+                    mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV], in q's dtype
+        QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
+        o = tl.dot(q, S, o, input_precision=PRECISION)
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-    Aqk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma  # [C, C] (Q Kᵀ ⊙ Γ)
-    o = tl.dot(q, S, input_precision=PRECISION) * tl.exp(G)[:, None]  # S is stored in q's dtype
-    o = tl.dot(Aqk, u, o, input_precision=PRECISION)  # U is fp32: TF32 on a GPU
+    v_mask = tm[:, None] & (vs[None, :] < V)
+    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
+    o = tl.dot(QKt * Gamma, u, o * tl.exp(G)[:, None], input_precision=PRECISION)  # U is fp32: TF32 on a GPU
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
 
@@ -350,15 +367,6 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, st
 
 
 @triton.jit
-def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """y = l2norm(x) for BR rows of x [R, K], in x's dtype: what the forward kernels compute on load. Grid (R/BR,)."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    ks = tl.arange(0, BK)
-    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
-    tl.store(y_ptr + off, _l2(tl.load(x_ptr + off, mask=mask, other=0.0), True), mask=mask)
-
-
-@triton.jit
 def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, G, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
     """dq or dk for BR rows r = (b·T + t)·H + h of x [R, K]: the G value heads' gradients dy [R·G, K] summed (they
     share key head h), then through l2norm if L2NORM: rstd (dy − y ⟨y, dy⟩). Stored in dx's dtype. Grid (R/BR,)."""
@@ -410,6 +418,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 
 
 _C = 64  # chunk length of the Triton kernels
+_WY_BLOCK = 32  # column blocks of K and V in the WY kernel (H200, 32K tokens: 1.28 ms; blocks of 64 1.50 ms)
+_O_BLOCK = 64  # blocks of K in the output kernel (0.68 ms; 32: 0.80 ms)
 
 
 def _pow2(n, low=16):
@@ -455,8 +465,9 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     return scale
 
 
-def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dtype=torch.float32):
-    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state.
+def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32):
+    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state (k normalised
+    already, if it is to be).
 
     W and the chunk states are stored in `store_dtype`, Ũ and U in fp32: with almost no decay the state keeps every
     rounding of U it is given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
@@ -466,7 +477,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
     NT = triton.cdiv(T, _C)
     dev = k.device
     prec = _precision(k.dtype)
-    BK, BV = _pow2(K), _pow2(V)
+    BK = _pow2(K)
     w = torch.empty(B, T, HV, K, device=dev, dtype=store_dtype)
     u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
@@ -474,7 +485,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
         (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
-        dict(C=_C, BK=BK, STORE_T=store_t, L2NORM=l2, PRECISION=prec), _tiles(V, BV), _INSTEAD)
+        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, PRECISION=prec), _tiles(V, _WY_BLOCK), _INSTEAD)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
@@ -483,26 +494,11 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, l2, store_dty
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
         (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT),
-        dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=l2, PRECISION=prec),
+        dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
         _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype))
         + _tiles(V, 16, num_warps=4, num_stages=1),
         _INSTEAD)
     return w, u, gc, tinv, states, ht
-
-
-def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
-    B, T, H, K = q.shape
-    HV, V = v.shape[2:]
-    NT = triton.cdiv(T, _C)
-    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); U in fp32
-    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, l2, store_dtype=q.dtype)
-    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    runtime.launch(
-        "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-        (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BK=_pow2(K), L2NORM=l2, PRECISION=_precision(q.dtype)),
-        _tiles(V, 128, 64, 32, 16, num_warps=8), _INSTEAD)  # ptxas, sm_90, K = V = 128: 4 warps spill 2.4 KB, 8 none
-    return o, ht
 
 
 _ROWS = 16  # rows of q or k a program of the two row kernels handles
@@ -514,6 +510,23 @@ def _l2norm_rows(x):
     R, K = x.numel() // x.shape[-1], x.shape[-1]
     _l2norm_rows_kernel[(triton.cdiv(R, _ROWS),)](x, y, R, K, BR=_ROWS, BK=_pow2(K))
     return y
+
+
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    if l2:  # once, in a row kernel: normalising on load in each kernel made them spill registers, and the scan
+        q, k = _l2norm_rows(q), _l2norm_rows(k)  # redid it for every V-tile
+    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); U in fp32
+    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype)
+    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
+    runtime.launch(
+        "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+        (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
+        dict(C=_C, BK=min(_pow2(K), _O_BLOCK), PRECISION=_precision(q.dtype)),
+        _tiles(V, 64, 32, 16, num_warps=4, num_stages=2), _INSTEAD)  # H200, 32K: V-tiles of 64 0.68 ms, 128 0.77
+    return o, ht
 
 
 def _qk_grad(x, dy, l2):
@@ -533,9 +546,9 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     dev = q.device
     prec = _precision(q.dtype)
     q_raw, k_raw = q, k
-    if l2:  # normalise once here (as the forward's kernels did on load, same rounding): the backward kernels
-        q, k = _l2norm_rows(q), _l2norm_rows(k)  # would not fit in shared memory with it at K = 128
-    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True, False)
+    if l2:  # as the forward does: the kernels then see unit rows in the input dtype
+        q, k = _l2norm_rows(q), _l2norm_rows(k)
+    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
     BK = _pow2(K)
     do = do.contiguous()
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
