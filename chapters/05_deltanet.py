@@ -877,13 +877,33 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _t_dot(Tp, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Tp [C, C] float32 @ x [C, B] as stored, accumulated in fp32.
+
+    SPLIT (x in bf16): Tp = hi + lo with hi = Tp rounded to bf16 and lo the rest, also rounded: two bf16 tensor-core
+    products, accurate to about 2⁻¹⁶ of Tp with x entering exactly. Not for fp16: with very negative gates the
+    columns of T diag(βe^G) fall below fp16's range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit
+    inputs, ieee for fp32). Measured on the H200 at 32K tokens: 1.24 ms against TF32's
+    1.42 ms for the WY kernel, Ũ within 1.9e-5 of fp32 against TF32's 4.2e-4. (Tp cast to 16 bits alone, as fla does,
+    loses what lo keeps; done on the unscaled T inside this kernel it also gave NaN on the H200, triton 3.6.)
+    """
+    if SPLIT:
+        hi = Tp.to(x.dtype)
+        lo = (Tp - hi.to(tl.float32)).to(x.dtype)
+        return tl.dot(lo, x, tl.dot(hi, x))
+    else:
+        return tl.dot(Tp, x.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
 def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr, T, H, HV, K, V,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   SPLIT_T: tl.constexpr, PRECISION: tl.constexpr):
     """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
 
     K and V are walked in column blocks of BK and BV: only T [C, C] stays in registers throughout (whole rows of K
-    and V at once spilled registers at K = V = 128 and made this kernel 3× slower).
+    and V at once spilled registers at K = V = 128 and made this kernel 3× slower). SPLIT_T (bf16 inputs): the
+    products run on bf16 tensor cores with T in two halves, see `_t_dot`.
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -903,21 +923,22 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)
     lower = rows[:, None] > rows[None, :]  # j < i
     A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
-    Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32: W and U products in TF32. T cast to bf16/fp16 (as
-    # fla does) was 35 % faster but gave NaN on the H200 (triton 3.6) at K = 48 with extreme gates
-    key_scale = beta * tl.exp(G)  # [C]
+    Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
+    # the row scalings of K and V move onto T's columns: W = (T diag(β e^G)) K, Ũ = (T diag(β)) V
+    Tw = Tm * (beta * tl.exp(G))[None, :]  # [C, C]
+    Tu = Tm * beta[None, :]
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
         kb = tl.load(k_ptr + k_rows + ks[None, :], mask=mask, other=0.0)  # [C, BK], again: cheaper than keeping it
-        w = tl.dot(Tm, kb.to(tl.float32) * key_scale[:, None], input_precision=PRECISION)  # [C, BK]
+        w = _t_dot(Tw, kb, SPLIT_T, PRECISION)  # [C, BK]
         tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         vb = tl.load(v_ptr + v_off, mask=mask, other=0.0)  # [C, BV]
-        u = tl.dot(Tm, vb.to(tl.float32) * beta[:, None], input_precision=PRECISION)  # [C, BV]
+        u = _t_dot(Tu, vb, SPLIT_T, PRECISION)  # [C, BV]
         tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
     if STORE_T:
@@ -1379,7 +1400,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
         (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
-        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, PRECISION=prec), _tiles(V, _WY_BLOCK), _INSTEAD)
+        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, PRECISION=prec),
+        _tiles(V, _WY_BLOCK), _INSTEAD)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
@@ -1841,22 +1863,24 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #
 # **Speed against precision.** fla keeps $W$, $U$, $T$ and the chunk states in bf16 and multiplies them on bf16
 # tensor cores. This chapter does the same for $W$, the chunk states and the scan's products, but keeps $\tilde U$ and
-# $U$ in fp32 and $T$'s products in TF32. A model that replays the kernels' rounding in PyTorch on a CPU
-# (`bench/notes/deltanet_rounding_model.py`) shows why, on the 1000-token near-no-decay check of section 5.6 against
+# $U$ in fp32 and $T$'s products at fp32 accuracy (see below). A model that replays the kernels' rounding in
+# PyTorch on a CPU (`bench/notes/deltanet_rounding_model.py`) shows why, on the 1000-token near-no-decay check of section 5.6 against
 # the fp32 recurrence: $W$, $U$ and the states in fp32, 3.7e-3; this chapter's choices, 4.6e-3 (the H200 measures
 # 4.4e-3); $U$ in bf16 as well, 5.4e-3; fla's choices, 5.8e-3 — over the book's bound. A state that forgets almost
 # nothing keeps almost every rounding it was ever given, and $U$ is what it is given. Casting $T$ itself to bf16
 # inside the WY kernel also gave NaN on the H200 at $K = 48$ with gates in $[-30, -5]$ (never in the interpreter; the same class of
 # Hopper miscompilation as fla's issue), so $T$ stays fp32.
 #
-# The next things to try, measured but not yet in the kernels:
+# **$T$ in two bf16 halves.** For bf16 inputs the WY kernel no longer multiplies $T$ in TF32 (`_t_dot`): it
+# splits $T = T_\text{hi} + T_\text{lo}$ (both bf16) and folds the row scalings into $T$'s columns,
+# $W = (T \operatorname{diag}(\beta e^G))\,K$, so that $K$ and $V$ enter bf16 tensor cores exactly as stored: two
+# bf16 products instead of one TF32 product. Timed alone at 32K (`bench/notes/deltanet_wy_split.py`): 1.24 ms
+# against 1.42 ms, $\tilde U$ within 1.9e-5 of fp32 instead of TF32's 4.2e-4, and no NaN at $K = 48$ or 128, gates
+# in $[-30, -5]$ or $[-10^{-3}, 0]$. Not for fp16: there the columns of $T \operatorname{diag}(\beta e^G)$ fall
+# below fp16's range when gates are very negative.
 #
-# - **$T$ in two bf16 halves.** Split $T = T_\text{hi} + T_\text{lo}$ (both bf16) and fold the row scalings into
-#   $T$'s columns, $W = (T \operatorname{diag}(\beta e^G))\,K$, so that $K$ and $V$ enter bf16 tensor cores exactly as
-#   stored: two bf16 products instead of one TF32 product. Timed alone at 32K (`bench/notes/deltanet_wy_split.py`):
-#   1.24 ms against 1.42 ms, $\tilde U$ within 1.9e-5 of fp32 instead of TF32's 4.2e-4, and no NaN at $K = 48$ or
-#   128, gates in $[-30, -5]$ or $[-10^{-3}, 0]$, bf16 or fp16. Faster *and* more accurate; it has not yet run
-#   through the test suite on a GPU.
+# The next things to try:
+#
 # - **The WY kernel's remaining gap** is mostly not the products: fla computes $A$ and $T$ in one kernel and $W$,
 #   $\tilde U$ in a second, each with fewer registers live.
 # - **The scan**: split $K = 128$ into two 64-row halves of the state, so each program holds less and the next

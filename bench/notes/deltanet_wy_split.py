@@ -71,7 +71,7 @@ def run(B, T, H, K, V, glo, ghi, dtype, timeit):
     w32, u32 = torch.empty(B, T, H, K, device=dev), torch.empty(B, T, H, V, device=dev)
     gc = torch.empty(B, T, H, device=dev)
     dt._fwd_wy_kernel[(NT, B * H)](k.float(), v.float(), g, beta, w32, u32, gc, gc, T, H, H, K, V, C=64, BK=BK,
-                                   BV=BK, STORE_T=False, PRECISION="ieee", num_warps=4)  # the fp32 reference: W, Ũ
+                                   BV=BK, STORE_T=False, SPLIT_T=False, PRECISION="ieee", num_warps=4)  # fp32 reference: W, Ũ
     out = {}
     for name, split, cfg in (("split", True, dict(num_warps=4)), ("hi only", False, dict(num_warps=4)),
                              ("split w8", True, dict(num_warps=8))):
@@ -86,7 +86,7 @@ def run(B, T, H, K, V, glo, ghi, dtype, timeit):
     if timeit:  # the current kernel, for comparison (its u is Ũ before the scan too)
         w = torch.empty(B, T, H, K, device=dev, dtype=dtype); u = torch.empty(B, T, H, V, device=dev)
         f = lambda: dt._fwd_wy_kernel[(NT, B * H)](k, v, g, beta, w, u, gc, gc, T, H, H, K, V, C=64, BK=BK, BV=BK,
-                                                   STORE_T=False, PRECISION="tf32", num_warps=4)
+                                                   STORE_T=False, SPLIT_T=False, PRECISION="tf32", num_warps=4)
         f()
         print(f"  current   : {bench.median_ms(f, warmup=3, rep=20):.3f} ms  W err {rel_rms(w.float(), w32.float()):.2e}"
               f"  Ũ err {rel_rms(u, u32):.2e}")
