@@ -1841,8 +1841,8 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
 # miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
 #
-# Where the forward's time goes at 32K tokens (H200, bf16, each kernel timed alone; the middle column is the
-# previous version of this chapter's kernels, fla's are in the last):
+# Where the forward's time goes at 32K tokens (H200, bf16, each kernel timed alone; "previous" is the version of this
+# chapter's kernels before the column blocks, "now" is before the split of $T$ described below, fla's are last):
 #
 # | step | previous | now | fla | what changed |
 # |---|---|---|---|---|
