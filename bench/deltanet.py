@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/deltanet.py --out bench/results      # on a GPU machine, from the repository root
     python bench/deltanet.py --out /tmp --smoke                     # on a CPU: checks that the script runs
 
-B = 2, H = HV = 16, K = V = 128, bf16, T from 1K to 64K; q and k L2-normalised inside (use_qk_l2norm), beta uniform in
+B = 2, H = HV = 16, K = V = 128, bf16, T from 1K to 64K by default; q and k L2-normalised inside (use_qk_l2norm), beta uniform in
 [0, 1], gates g = -U(0, 1); forward, and forward + backward (o.backward(do)). minisparse's forward is also timed with
 runtime.set_value_checks(False): fla checks no values, and the check's host sync exposes the launch overhead.
 Medians by minisparse.bench.median_ms (CUDA events). Writes DIR/deltanet.json (minisparse.bench format) and prints
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     rows = []
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, H=H, HV=H, K=D, V=D, T=args.T, chunk=64,
                   gates="-U(0, 1)", beta="U(0, 1)", scale="K ** -0.5",
-                  l2norm="use_qk_l2norm (normalised inside the kernels by both)",
+                  l2norm="use_qk_l2norm (inside each op: ours in a row kernel before its chunk kernels)",
                   note="fwd under no_grad; fwd+bwd = o.backward(do); tflops: a rough count of the chunk form, "
                        "or causal 2·T²·2D (SDPA) a head, ×3 for fwd+bwd")
     for T in args.T:  # saved after every length, so a run cut short still leaves its results

@@ -56,8 +56,8 @@ def _t_dot(Tp, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     SPLIT (x in bf16): Tp = hi + lo with hi = Tp rounded to bf16 and lo the rest, also rounded: two bf16 tensor-core
     products, accurate to about 2⁻¹⁶ of Tp with x entering exactly. Not for fp16: with very negative gates the
     columns of T diag(βe^G) fall below fp16's range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit
-    inputs, ieee for fp32). Measured on the H200 at 32K tokens: 1.24 ms against TF32's
-    1.42 ms for the WY kernel, Ũ within 1.9e-5 of fp32 against TF32's 4.2e-4. (Tp cast to 16 bits alone, as fla does,
+    inputs, ieee for fp32). Measured on the H200 at 32K tokens, in one run: 1.24 ms against TF32's 1.42 ms for the
+    WY kernel, Ũ within 1.9e-5 of fp32 against TF32's 4.2e-4. (Tp cast to 16 bits alone, as fla does,
     loses what lo keeps; done on the unscaled T inside this kernel it also gave NaN on the H200, triton 3.6.)
     """
     if SPLIT:
@@ -74,9 +74,9 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
                    SPLIT_T: tl.constexpr, PRECISION: tl.constexpr):
     """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
 
-    K and V are walked in column blocks of BK and BV: only T [C, C] stays in registers throughout (whole rows of K
-    and V at once spilled registers at K = V = 128 and made this kernel 3× slower). SPLIT_T (bf16 inputs): the
-    products run on bf16 tensor cores with T in two halves, see `_t_dot`.
+    K and V are walked in column blocks of BK and BV: only [C, C] matrices stay in registers throughout (whole rows
+    of K and V at once spilled registers at K = V = 128: 1.74 ms against 1.28 ms at 32K tokens, H200). SPLIT_T
+    (bf16 inputs): the products run on bf16 tensor cores with T in two halves, see `_t_dot`.
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -188,7 +188,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
     v_mask = tm[:, None] & (vs[None, :] < V)
     u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
-    o = tl.dot(QKt * Gamma, u, o * tl.exp(G)[:, None], input_precision=PRECISION)  # U is fp32: TF32 on a GPU
+    o = tl.dot(QKt * Gamma, u, o * tl.exp(G)[:, None], input_precision=PRECISION)  # U is fp32: TF32 for 16-bit inputs
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
 
@@ -448,10 +448,10 @@ def _pow2(n, low=16):
 
 
 def _precision(dtype):
-    """Precision of tl.dot on fp32 operands: exact for fp32 inputs, TF32 for bf16/fp16 inputs.
+    """Precision of tl.dot on fp32 operands: full fp32 for fp32 inputs, TF32 for bf16/fp16 inputs.
 
     Measured on the H200 (B2 T8K H16 D128): the triangular solve in TF32 is within 7e-6 of 3×TF32 ("tf32x3") on W
-    and U, and _fwd_wy_kernel takes 0.44 ms instead of 0.79 ms.
+    and U, and an earlier _fwd_wy_kernel took 0.44 ms instead of 0.79 ms.
     """
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -583,7 +583,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
         "chunk_gated_delta_rule (backward)", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
         (q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
          T, H, HV, K, V, NT), dict(C=_C, BK=BK, HAS_DHT=dht is not None, PRECISION=prec),
-        _tiles(V, 32, 16, num_warps=8, num_stages=1), _INSTEAD)  # ptxas, sm_90, bf16, K = 128: spills 368 B at 8 warps
+        _tiles(V, 32, 16, num_warps=8, num_stages=1), _INSTEAD)  # 8 warps: ptxas (sm_90, bf16, K = 128) spills 368 B
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
