@@ -1,0 +1,79 @@
+"""Chapter 5's forward kernels one at a time, under several launch configurations, and fla's kernels from a profile,
+at one length (default 32K tokens; B2 H16 D128 bf16). What bench/notes/deltanet.md's per-kernel table came from.
+On a GPU, with fla-core installed:   PYTHONPATH=. python bench/notes/deltanet_sweep.py [T]
+"""
+import itertools
+import sys
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+import minisparse.deltanet.triton as dt
+from minisparse import bench, runtime
+from minisparse.deltanet import chunk_gated_delta_rule
+
+
+def ms(fn):
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return f"{bench.median_ms(fn, warmup=3, rep=20):.3f} ms"
+    except Exception as e:  # a config that does not fit: say so and go on
+        return f"fails: {type(e).__name__}: {str(e)[:80]}"
+
+
+def kernel_times(fn, reps=5):
+    """CUDA time per call of every kernel fn launches, from torch.profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / reps / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def main(T):
+    B, H, D = 2, 16, 128
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = -torch.rand(B, T, H, device="cuda")
+    beta = torch.rand(B, T, H, device="cuda")
+    qn, kn = dt._l2norm_rows(q), dt._l2norm_rows(k)
+    NT = triton.cdiv(T, dt._C)
+    w, u, gc, _, states, _ = dt._wy_and_states(kn, v, g, beta, None, False, False, store_dtype=torch.bfloat16)
+    print(f"T = {T}: l2norm rows (one tensor) {ms(lambda: dt._l2norm_rows(q))}")
+    for bk, split, warps in itertools.product((32, 64), (True, False), (4, 8)):
+        f = lambda: dt._fwd_wy_kernel[(NT, B * H)](kn, v, g, beta, w, u, gc, gc, T, H, H, D, D, C=dt._C, BK=bk,
+                                                   BV=bk, STORE_T=False, SPLIT_T=split, PRECISION="tf32",
+                                                   num_warps=warps)
+        print(f"  wy      blocks {bk} split {split!s:5s} warps {warps}: {ms(f)}")
+    for bv, warps, stages in ((32, 4, 3), (32, 8, 3), (32, 4, 2), (16, 4, 3), (64, 4, 3)):
+        f = lambda: dt._fwd_states_kernel[(D // bv, B * H)](kn, w, u, gc, states, states, states, T, H, H, D, D, NT,
+                                                            C=dt._C, BK=D, BV=bv, HAS_H0=False, STORE_HT=False,
+                                                            PRECISION="tf32", num_warps=warps, num_stages=stages)
+        print(f"  scan    BV {bv} warps {warps} stages {stages}: {ms(f)}")
+    o = torch.empty_like(v)
+    for bv, bk, warps, stages in itertools.product((64, 128), (64, 32), (4, 8), (1, 2)):
+        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](qn, kn, u, gc, states, o, D ** -0.5, T, H, H, D, D,
+                                                                NT, C=dt._C, BK=bk, BV=bv, PRECISION="tf32",
+                                                                num_warps=warps, num_stages=stages)
+        print(f"  output  BV {bv} BK {bk} warps {warps} stages {stages}: {ms(f)}")
+    with torch.no_grad():
+        fwd = lambda: chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+        print("  end to end, value checks on :", ms(fwd))
+        previous = runtime.set_value_checks(False)
+        print("  end to end, value checks off:", ms(fwd))
+        runtime.set_value_checks(previous)
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla
+        except ImportError:
+            print("  (fla-core not installed: no per-kernel reference)")
+            return
+        for name, t in sorted(kernel_times(lambda: fla(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)).items(),
+                              key=lambda kv: -kv[1]):
+            print(f"  fla {name[:60]:60s} {t:.3f} ms")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32768)
