@@ -94,7 +94,8 @@ def set_value_checks(enabled: bool) -> bool:
     """Turn value checks on (the default) or off for every op; return the previous setting.
 
     Off, out-of-range values (a positive log decay or β outside [0, 2] in chapter 5, a decay rate ≤ 0 in chapter 4,
-    NaN) are no longer caught: the kernels compute what they are given. Shapes, dtypes, devices and kernel limits are always checked.
+    NaN) are no longer caught: the kernels compute what they are given. Shapes, dtypes, devices and kernel limits
+    are always checked.
 
     >>> previous = set_value_checks(False)   # in a tuned training loop, after a first checked step
     >>> _ = set_value_checks(previous)
