@@ -209,21 +209,28 @@ def l2norm(x, eps=1e-6):
 
 
 def _check_gate_and_beta(op, g, beta):
-    """g ≤ 0 and finite, β in [0, 2]: one reduction a tensor and one host sync (runtime.set_value_checks turns off)."""
+    """g ≤ 0 and finite, β in [0, 2]: one reduction a tensor, then a function that waits for its four numbers and
+    raises if they are out of range. The Triton ops queue their kernels before calling it, so that the host sync
+    overlaps the GPU's work (runtime.to_host_later); runtime.set_value_checks(False) turns the check off."""
     zero = beta.new_zeros((), dtype=torch.float32)  # on beta's device: stacked with the others below
     g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (zero, zero)
     b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (zero, zero)
-    g_lo, g_hi, b_lo, b_hi = torch.stack([g_lo, g_hi, b_lo, b_hi]).tolist()  # min and max propagate NaN
-    if not (g_hi <= 0 and g_lo > float("-inf")):
-        raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
-                         f"in [{g_lo:.3g}, {g_hi:.3g}]")
-    if not (b_lo >= 0 and b_hi <= 2):
-        raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit keys; "
-                         f"models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
+    ranges = runtime.to_host_later(torch.stack([g_lo, g_hi, b_lo, b_hi]))  # min and max propagate NaN
+
+    def verdict():
+        g_lo, g_hi, b_lo, b_hi = ranges()
+        if not (g_hi <= 0 and g_lo > float("-inf")):
+            raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
+                             f"in [{g_lo:.3g}, {g_hi:.3g}]")
+        if not (b_lo >= 0 and b_hi <= 2):
+            raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit "
+                             f"keys; models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
+    return verdict
 
 
-def _check_delta(op, q, k, v, g, beta, scale, initial_state):
-    """Validate the inputs every delta-rule op takes; return the scale as a float."""
+def _check_delta(op, q, k, v, g, beta, scale, initial_state, values=True):
+    """Validate the inputs every delta-rule op takes; return the scale as a float. `values`: also check g and β
+    now (unless runtime.set_value_checks(False)); the Triton ops check them themselves, later."""
     for name, t in (("q", q), ("k", k), ("v", v), ("beta", beta)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -252,8 +259,8 @@ def _check_delta(op, q, k, v, g, beta, scale, initial_state):
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
-    if runtime.checking_values():
-        _check_gate_and_beta(op, g, beta)
+    if values and runtime.checking_values():
+        _check_gate_and_beta(op, g, beta)()
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{op}: initial_state must be a tensor [B, HV, K, V] or None, got "
@@ -836,7 +843,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.naive import _check_delta
+from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
 
 
 @triton.jit
@@ -882,22 +889,31 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _t_dot(Tp, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """Tp [C, C] float32 @ x [C, B] as stored, accumulated in fp32.
+def _t_split(Tp, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """Tp [C, C] float32 as the operands of `_t_dot`: (hi, lo) with hi = Tp rounded to `dtype` and lo the rest, also
+    rounded, if SPLIT; else (Tp, Tp). Done once a chunk, before the column blocks."""
+    if SPLIT:
+        hi = Tp.to(dtype)
+        return hi, (Tp - hi.to(tl.float32)).to(dtype)
+    else:
+        return Tp, Tp
 
-    SPLIT (x in bf16): Tp = hi + lo with hi = Tp rounded to bf16 and lo the rest, also rounded: two bf16 tensor-core
-    products, accurate to about 2⁻¹⁶ of Tp with x entering exactly. Not for fp16: with very negative gates the
-    columns of T diag(βe^G) fall below fp16's range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit
-    inputs, ieee for fp32). Measured on the H200 at 32K tokens, in one run: 1.24 ms against TF32's 1.42 ms for the
-    WY kernel, Ũ within 1.9e-5 of fp32 against TF32's 4.2e-4. (Tp cast to 16 bits alone, as fla does,
-    loses what lo keeps; done on the unscaled T inside this kernel it also gave NaN on the H200, triton 3.6.)
+
+@triton.jit
+def _t_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Tp @ x [C, B] as stored, accumulated in fp32, for (hi, lo) = _t_split(Tp, x.dtype, SPLIT).
+
+    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of Tp with x entering
+    exactly. Not for fp16: with very negative gates the columns of T diag(βe^G) fall below fp16's range. Otherwise
+    one product on an fp32 copy of x (TF32 for 16-bit inputs, ieee for fp32). Measured on the H200 at 32K tokens, in
+    one run: 1.24 ms against TF32's 1.42 ms for the WY kernel, Ũ within 1.9e-5 of fp32 against TF32's 4.2e-4. (Tp
+    cast to 16 bits alone, as fla does, loses what lo keeps; done on the unscaled T inside this kernel it also gave
+    NaN on the H200, triton 3.6.)
     """
     if SPLIT:
-        hi = Tp.to(x.dtype)
-        lo = (Tp - hi.to(tl.float32)).to(x.dtype)
         return tl.dot(lo, x, tl.dot(hi, x))
     else:
-        return tl.dot(Tp, x.to(tl.float32), input_precision=PRECISION)
+        return tl.dot(hi, x.to(tl.float32), input_precision=PRECISION)
 
 
 @triton.jit
@@ -930,20 +946,20 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
     Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
     # the row scalings of K and V move onto T's columns: W = (T diag(β e^G)) K, Ũ = (T diag(β)) V
-    Tw = Tm * (beta * tl.exp(G))[None, :]  # [C, C]
-    Tu = Tm * beta[None, :]
+    Tw_hi, Tw_lo = _t_split(Tm * (beta * tl.exp(G))[None, :], k_ptr.dtype.element_ty, SPLIT_T)  # [C, C] each
+    Tu_hi, Tu_lo = _t_split(Tm * beta[None, :], v_ptr.dtype.element_ty, SPLIT_T)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
         kb = tl.load(k_ptr + k_rows + ks[None, :], mask=mask, other=0.0)  # [C, BK], again: cheaper than keeping it
-        w = _t_dot(Tw, kb, SPLIT_T, PRECISION)  # [C, BK]
+        w = _t_dot(Tw_hi, Tw_lo, kb, SPLIT_T, PRECISION)  # [C, BK]
         tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         vb = tl.load(v_ptr + v_off, mask=mask, other=0.0)  # [C, BV]
-        u = _t_dot(Tu, vb, SPLIT_T, PRECISION)  # [C, BV]
+        u = _t_dot(Tu_hi, Tu_lo, vb, SPLIT_T, PRECISION)  # [C, BV]
         tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=mask)
     tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
     if STORE_T:
@@ -953,47 +969,64 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
 @triton.jit
 def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
-    """Scan over chunks: states[n] = S entering chunk n; U ← Ũ − W S_n (in place); S_{n+1}. Grid (V/BV, B·HV)."""
+                       STORE_HT: tl.constexpr, STORE_U: tl.constexpr, PRECISION: tl.constexpr):
+    """Scan over chunks: states[n] = S entering chunk n; U = Ũ − W S_n (over Ũ if STORE_U); S_{n+1}.
+    Grid (V/BV, B·HV).
+
+    The state lives in two halves of BK/2 rows, S = [S1; S2] (BK ≥ 32), as fla's scan holds it: each product is then
+    two smaller independent ones. H200, 32K tokens: 0.61 ms against 0.77 ms for one [BK, BV] state, same results.
+    """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     h = hv // (HV // H)
     rows = tl.arange(0, C)
-    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
-    kv_off = ks[:, None] * V + vs[None, :]
-    S = tl.zeros((BK, BV), dtype=tl.float32)
+    k1 = tl.arange(0, BK // 2)  # rows of S1; S2's are k1 + BK // 2
+    k2 = k1 + BK // 2
+    vs = iv * BV + tl.arange(0, BV)
+    kv_mask1, kv_mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
+    kv_off1, kv_off2 = k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+    S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
+    S2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        S1 = tl.load(h0_ptr + bh * K * V + kv_off1, mask=kv_mask1, other=0.0).to(tl.float32)
+        S2 = tl.load(h0_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for n in range(NT):
-        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
+        out = states_ptr + (bh * NT + n) * K * V
+        tl.store(out + kv_off1, S1.to(states_ptr.dtype.element_ty), mask=kv_mask1)
+        tl.store(out + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
         t = n * C + rows
         tm = t < T
         L = tl.minimum(T - n * C, C)
-        k = tl.load(k_ptr + ((b * T + t[:, None]) * H + h) * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                    other=0.0).to(w_ptr.dtype.element_ty)  # [C, BK]; products in W's dtype, accumulated in fp32
-        w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :],
-                    mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
+        w_rows = ((b * T + t[:, None]) * HV + hv) * K  # [C, 1]
+        w1 = tl.load(w_ptr + w_rows + k1[None, :], mask=tm[:, None] & (k1[None, :] < K), other=0.0)  # [C, BK/2]
+        w2 = tl.load(w_ptr + w_rows + k2[None, :], mask=tm[:, None] & (k2[None, :] < K), other=0.0)
+        WS = tl.dot(w2, S2.to(w2.dtype), tl.dot(w1, S1.to(w1.dtype), input_precision=PRECISION),
+                    input_precision=PRECISION)  # [C, BV] W S, the halves' shares summed
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         u_mask = tm[:, None] & (vs[None, :] < V)
-        u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0).to(tl.float32)
-        u = u - tl.dot(w, S.to(w.dtype), input_precision=PRECISION)  # U = Ũ − W S
-        tl.store(u_ptr + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
+        u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0).to(tl.float32) - WS  # U = Ũ − W S
+        if STORE_U:  # the backward reads U; the forward's output kernel forms it again, cheaper than 4 bytes a value
+            tl.store(u_ptr + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
         G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
-        G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)  # G of the chunk's last token
+        G_last = tl.load(gc_ptr + (b * T + n * C + L - 1) * HV + hv)  # G of the chunk's last token
         key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
-        u = (u * key_decay[:, None]).to(w.dtype)  # the decay on U's C×BV rows, not on K's C×BK
-        S = S * tl.exp(G_last) + tl.dot(tl.trans(k), u, input_precision=PRECISION)
+        u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
+        k_cols = ((b * T + t[None, :]) * H + h) * K  # [1, C]: Kᵀ is loaded as [BK/2, C] tiles
+        kT1 = tl.load(k_ptr + k_cols + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
+        kT2 = tl.load(k_ptr + k_cols + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
+        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_last), input_precision=PRECISION)  # decayed S accumulates
+        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * tl.exp(G_last), input_precision=PRECISION)  # the product
     if STORE_HT:
-        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+        tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
+        tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
 
 
 @triton.jit
-def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
+def _fwd_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, K walked in blocks of BK.
-    Grid (V/BV, NT, B·HV)."""
+    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, with U = Ũ − W S_n formed here as the
+    scan formed it (u_ptr holds Ũ), K walked in blocks of BK. Grid (V/BV, NT, B·HV)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -1005,24 +1038,28 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T,
     vs = iv * BV + tl.arange(0, BV)
     QKt = tl.zeros((C, C), dtype=tl.float32)
     o = tl.zeros((C, BV), dtype=tl.float32)
+    WS = tl.zeros((C, BV), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
         q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
         k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
+        w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], mask=qk_mask, other=0.0)
         S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
                     mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV], in q's dtype
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
         o = tl.dot(q, S, o, input_precision=PRECISION)
+        WS = tl.dot(w, S, WS, input_precision=PRECISION)
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
     Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
     v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
+    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0) - WS  # [C, BV]
     o = tl.dot(QKt * Gamma, u, o * tl.exp(G)[:, None], input_precision=PRECISION)  # U is fp32: TF32 for 16-bit inputs
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
              mask=v_mask)
+
 
 # %% [markdown]
 # ### The backward pass
@@ -1358,9 +1395,19 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _scan_stages(dtype):
-    """Software-pipelining depth of the chunk scans: fp32 operands take twice the shared memory, so no prefetch."""
-    return 1 if dtype == torch.float32 else 3
+def _before_ampere(dev):
+    """A T4 (sm_75) or older: no TF32 or bf16 tensor cores, so the fp32 products run on CUDA cores and take far more
+    registers. ptxas (compiled on a CPU for sm_75, fp16) then spills 35 KB a thread in the WY kernel at 2 warps
+    against 4 KB at 4, and 29 KB in the output kernel at V-tiles of 128 against 16 KB at 64: the H200's choices
+    below are not the T4's."""
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0)
+
+
+def _scan_stages(dtype, store_dtype):
+    """Software-pipelining depth of the forward scan (chunks loaded ahead). fp32 inputs: none, their operands take
+    twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.85 ms; 3 stages 0.92, 2 stages 1.05). The
+    backward's recomputation (16-bit K, fp32 W and states): 3, as it was measured."""
+    return 1 if dtype == torch.float32 else 4 if store_dtype != torch.float32 else 3
 
 
 _INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
@@ -1377,7 +1424,9 @@ def _tiles(V, *widths, **options):
 
 
 def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
-    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state)
+    """Check everything but the values of g and β; return the scale and a function that checks those (call it after
+    queueing the kernels: it waits for the GPU)."""
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, values=False)
     runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
@@ -1385,12 +1434,12 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     if q.shape[-1] > max_dim or v.shape[-1] > max_dim:
         raise ValueError(f"{op}: head dimensions up to {max_dim} are supported (the state tile must fit on chip), "
                          f"got K = {q.shape[-1]}, V = {v.shape[-1]}")
-    return scale
+    return scale, (_check_gate_and_beta(op, g, beta) if runtime.checking_values() else lambda: None)
 
 
-def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32):
-    """Kernels 1 and 2: G, W, U (= Ũ − W S_n), the chunk states, optionally T and the final state (k normalised
-    already, if it is to be).
+def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32, store_u=True):
+    """Kernels 1 and 2: G, W, Ũ or U (= Ũ − W S_n if `store_u`), the chunk states, optionally T and the final state
+    (k normalised already, if it is to be).
 
     W and the chunk states are stored in `store_dtype`, Ũ and U in fp32: with almost no decay the state keeps every
     rounding of U it is given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
@@ -1409,7 +1458,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
         (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
         dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, PRECISION=prec),
-        _tiles(V, _WY_BLOCK), _INSTEAD)
+        _tiles(V, _WY_BLOCK, num_warps=4 if _before_ampere(dev) else 2), _INSTEAD)  # H200, 32K: 2 warps 0.88 ms,
+    # 4 warps 1.21, 8 warps 3.3 (fewer warps, fewer of the solve's reductions cross warps through shared memory)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
@@ -1418,8 +1468,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
         (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT),
-        dict(C=_C, BK=BK, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
-        _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype))
+        dict(C=_C, BK=max(BK, 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_U=store_u, PRECISION=prec),
+        _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype, store_dtype))
         + _tiles(V, 16, num_warps=4, num_stages=1),
         _INSTEAD)
     return w, u, gc, tinv, states, ht
@@ -1442,14 +1492,17 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     NT = triton.cdiv(T, _C)
     if l2:  # once, in a row kernel: normalising on load in each kernel made them spill registers, and the scan
         q, k = _l2norm_rows(q), _l2norm_rows(k)  # redid it for every V-tile
-    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); U in fp32
-    _, u, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype)
+    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); Ũ in fp32,
+    # and U not at all: the output kernel forms it again from Ũ, W and the state
+    w, u_wy, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype,
+                                                store_u=False)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-        (q, k, u, gc, states, o, scale, T, H, HV, K, V, NT),
+        (q, k, w, u_wy, gc, states, o, scale, T, H, HV, K, V, NT),
         dict(C=_C, BK=min(_pow2(K), _O_BLOCK), PRECISION=_precision(q.dtype)),
-        _tiles(V, 64, 32, 16, num_warps=4, num_stages=2), _INSTEAD)  # H200, 32K: V-tiles of 64 0.68 ms, 128 0.77
+        _tiles(V, *((64, 32, 16) if _before_ampere(q.device) else (128, 64, 32, 16)), num_warps=4, num_stages=2),
+        _INSTEAD)  # H200, 32K: V-tiles of 128 0.74 ms, 64 0.85 (U formed here: each tile forms it for its columns)
     return o, ht
 
 
@@ -1526,9 +1579,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
     None). K, V ≤ 128; any T. Differentiable in q, k, v, g, beta and initial_state.
     """
-    scale = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state, max_dim=128)
-    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state,
-                                      bool(use_qk_l2norm))
+    scale, check_values = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state, 128)
+    out = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, bool(use_qk_l2norm))
+    check_values()  # after queueing the kernels, so that waiting for the check overlaps them (section 5.8)
+    return out
 
 
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
@@ -1543,7 +1597,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 
     Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Raises if gradients are required.
     """
-    scale = _kernel_inputs("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state, max_dim=256)
+    scale, check_values = _kernel_inputs("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
+                                         256)
     tracked = [t for t in (q, k, v, g, beta, initial_state) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         raise RuntimeError("fused_recurrent_gated_delta_rule is forward only: call it under torch.no_grad() "
@@ -1559,6 +1614,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
     _fused_recurrent_kernel[(triton.cdiv(V, bv), B * HV)](
         q, k, v, g, beta, h0 if h0 is not None else o, o, ht if ht is not None else o, scale, T, H, HV, K, V,
         BK=_pow2(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=use_qk_l2norm)
+    check_values()
     return o, ht
 
 

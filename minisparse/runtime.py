@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device", "launch",
-    "checking_values", "set_value_checks", "describe", "print_environment",
+    "checking_values", "set_value_checks", "to_host_later", "describe", "print_environment",
 ]
 
 
@@ -82,12 +82,35 @@ _value_checks = True
 def checking_values() -> bool:
     """Whether ops check the values of their inputs (ranges, NaN), not only shapes, dtypes and devices.
 
-    A value check is one reduction and one host sync: the CPU waits for the GPU before it can queue the op's kernels,
-    so the launch overhead of every call shows in its time (0.17-0.37 ms a forward of chapter 5's chunk op, H200).
-    Never during CUDA graph capture, where a host sync is not allowed.
+    A value check is one reduction and one host sync. Ops that queue their kernels before waiting for it
+    (`to_host_later`) hide it; ops that wait first let the GPU idle while the CPU queues their kernels. Never during
+    CUDA graph capture, where a host sync is not allowed.
     """
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     return _value_checks and not capturing
+
+
+def to_host_later(t: torch.Tensor):
+    """Start copying a few numbers computed on the GPU to the host; return a function that waits for that copy alone
+    and gives them as a list.
+
+    What a value check needs: launch its reduction, call this, queue the op's kernels, then call the function. It
+    waits until the GPU reaches the copy, not until it has run the kernels queued after it, so in a loop of calls
+    the GPU never waits for the CPU (a check that synced before queueing cost 0.17-0.37 ms a call of chapter 5's
+    chunk op on the H200). On the CPU the values are read at once.
+    """
+    if t.device.type != "cuda":
+        values = t.tolist()
+        return lambda: values
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(t.device))
+
+    def wait():
+        copied.synchronize()
+        return host.tolist()
+    return wait
 
 
 def set_value_checks(enabled: bool) -> bool:

@@ -422,6 +422,18 @@ def test_bad_input_raises(fn, i):
         fn(**kw)
 
 
+@pytest.mark.parametrize("i", range(15))
+def test_triton_ops_raise_on_bad_input(i):
+    """The Triton ops check g and β after queueing their kernels (runtime.to_host_later): they still raise, and
+    return nothing computed from the bad values."""
+    what, kw, exc = _bad_cases()[i]
+    kw = {name: x.to(DEV) if isinstance(x, torch.Tensor) else x for name, x in kw.items()}
+    with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"):
+        chunk_gated_delta_rule(**kw)
+    with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"), torch.no_grad():
+        fused_recurrent_gated_delta_rule(**kw)
+
+
 def test_bad_scale_and_chunk_size():
     q, k, v, g, beta, _ = _inputs(1, 8, 2, 2, 16, 24, state=False)
     with pytest.raises(ValueError, match="scale"):

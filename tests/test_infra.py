@@ -207,3 +207,19 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
     for extra, name in ((args[3:-1], "L2NORM"), (args[3:] + ["NOPE=1"], "NOPE")):
         bad = subprocess.run(args[:3] + extra, capture_output=True, text=True, timeout=300)
         assert bad.returncode != 0 and name in bad.stderr, bad.stderr[-500:]
+
+
+def test_to_host_later_gives_the_values_without_waiting_for_later_work():
+    """The copy is waited for alone: work queued after it (here a sleep of 10⁹ GPU cycles) is still running when the
+    values arrive. On a CPU the values are read at once."""
+    x = torch.tensor([1.5, -2.0, float("nan")], device=runtime.device())
+    values = runtime.to_host_later(x * 2)
+    if x.is_cuda:
+        torch.cuda._sleep(10**9)  # GPU clock cycles: 0.5-1 s
+        after = torch.cuda.Event()
+        after.record()
+        got = values()
+        assert not after.query(), "to_host_later waited for the work queued after the copy"
+    else:
+        got = values()
+    assert got[:2] == [3.0, -4.0] and math.isnan(got[2])

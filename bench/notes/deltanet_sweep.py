@@ -1,6 +1,6 @@
 """Chapter 5's forward kernels one at a time, under several launch configurations, and fla's kernels from a profile,
 at one length (default 32K tokens; B2 H16 D128 bf16). What bench/notes/deltanet.md's per-kernel table came from.
-On a GPU, with fla-core installed:   PYTHONPATH=. python bench/notes/deltanet_sweep.py [T]
+On a GPU, with fla-core installed:   PYTHONPATH=. python bench/notes/deltanet_sweep.py [T ...]
 """
 import itertools
 import sys
@@ -41,22 +41,26 @@ def main(T):
     beta = torch.rand(B, T, H, device="cuda")
     qn, kn = dt._l2norm_rows(q), dt._l2norm_rows(k)
     NT = triton.cdiv(T, dt._C)
-    w, u, gc, _, states, _ = dt._wy_and_states(kn, v, g, beta, None, False, False, store_dtype=torch.bfloat16)
+    w, u, gc, _, states, _ = dt._wy_and_states(kn, v, g, beta, None, False, False, store_dtype=torch.bfloat16,
+                                               store_u=False)  # u holds Ũ
     print(f"T = {T}: l2norm rows (one tensor) {ms(lambda: dt._l2norm_rows(q))}")
-    for bk, split, warps in itertools.product((32, 64), (True, False), (4, 8)):
+    for bk, warps, stages in [(32, 4, 1), (32, 1, 1)] + list(itertools.product((16, 32, 64), (2,), (1, 2, 3))):
         f = lambda: dt._fwd_wy_kernel[(NT, B * H)](kn, v, g, beta, w, u, gc, gc, T, H, H, D, D, C=dt._C, BK=bk,
-                                                   BV=bk, STORE_T=False, SPLIT_T=split, PRECISION="tf32",
-                                                   num_warps=warps)
-        print(f"  wy      blocks {bk} split {split!s:5s} warps {warps}: {ms(f)}")
-    for bv, warps, stages in ((32, 4, 3), (32, 8, 3), (32, 4, 2), (16, 4, 3), (64, 4, 3)):
-        f = lambda: dt._fwd_states_kernel[(D // bv, B * H)](kn, w, u, gc, states, states, states, T, H, H, D, D, NT,
-                                                            C=dt._C, BK=D, BV=bv, HAS_H0=False, STORE_HT=False,
-                                                            PRECISION="tf32", num_warps=warps, num_stages=stages)
-        print(f"  scan    BV {bv} warps {warps} stages {stages}: {ms(f)}")
+                                                   BV=bk, STORE_T=False, SPLIT_T=True, PRECISION="tf32",
+                                                   num_warps=warps, num_stages=stages)
+        print(f"  wy      blocks {bk} warps {warps} stages {stages}: {ms(f)}")
+    u_scan = u.clone()  # the scan with STORE_U writes U over its input
+    for bv, warps, stages, store_u in ((32, 4, 3, False), (32, 4, 4, False), (32, 4, 5, False), (32, 4, 4, True),
+                                       (32, 8, 4, False), (64, 4, 4, False), (32, 2, 4, False)):
+        f = lambda: dt._fwd_states_kernel[(D // bv, B * H)](kn, w, u_scan, gc, states, states, states, T, H, H, D, D,
+                                                            NT, C=dt._C, BK=D, BV=bv, HAS_H0=False, STORE_HT=False,
+                                                            STORE_U=store_u, PRECISION="tf32", num_warps=warps,
+                                                            num_stages=stages)
+        print(f"  scan    BV {bv} warps {warps} stages {stages} store U {store_u!s:5s}: {ms(f)}")
     o = torch.empty_like(v)
-    for bv, bk, warps, stages in itertools.product((64, 128), (64, 32), (4, 8), (1, 2)):
-        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](qn, kn, u, gc, states, o, D ** -0.5, T, H, H, D, D,
-                                                                NT, C=dt._C, BK=bk, BV=bv, PRECISION="tf32",
+    for bv, bk, warps, stages in list(itertools.product((128, 64), (64, 128), (4,), (1, 2, 3))) + [(128, 64, 8, 3)]:
+        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](qn, kn, w, u, gc, states, o, D ** -0.5, T, H, H, D,
+                                                                D, NT, C=dt._C, BK=bk, BV=bv, PRECISION="tf32",
                                                                 num_warps=warps, num_stages=stages)
         print(f"  output  BV {bv} BK {bk} warps {warps} stages {stages}: {ms(f)}")
     with torch.no_grad():
@@ -70,10 +74,12 @@ def main(T):
         except ImportError:
             print("  (fla-core not installed: no per-kernel reference)")
             return
+        print("  fla end to end:", ms(lambda: fla(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)))
         for name, t in sorted(kernel_times(lambda: fla(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)).items(),
                               key=lambda kv: -kv[1]):
             print(f"  fla {name[:60]:60s} {t:.3f} ms")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32768)
+    for T in sys.argv[1:] or ["32768"]:
+        main(int(T))

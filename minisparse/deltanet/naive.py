@@ -13,21 +13,28 @@ def l2norm(x, eps=1e-6):
 
 
 def _check_gate_and_beta(op, g, beta):
-    """g ≤ 0 and finite, β in [0, 2]: one reduction a tensor and one host sync (runtime.set_value_checks turns off)."""
+    """g ≤ 0 and finite, β in [0, 2]: one reduction a tensor, then a function that waits for its four numbers and
+    raises if they are out of range. The Triton ops queue their kernels before calling it, so that the host sync
+    overlaps the GPU's work (runtime.to_host_later); runtime.set_value_checks(False) turns the check off."""
     zero = beta.new_zeros((), dtype=torch.float32)  # on beta's device: stacked with the others below
     g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (zero, zero)
     b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (zero, zero)
-    g_lo, g_hi, b_lo, b_hi = torch.stack([g_lo, g_hi, b_lo, b_hi]).tolist()  # min and max propagate NaN
-    if not (g_hi <= 0 and g_lo > float("-inf")):
-        raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
-                         f"in [{g_lo:.3g}, {g_hi:.3g}]")
-    if not (b_lo >= 0 and b_hi <= 2):
-        raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit keys; "
-                         f"models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
+    ranges = runtime.to_host_later(torch.stack([g_lo, g_hi, b_lo, b_hi]))  # min and max propagate NaN
+
+    def verdict():
+        g_lo, g_hi, b_lo, b_hi = ranges()
+        if not (g_hi <= 0 and g_lo > float("-inf")):
+            raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
+                             f"in [{g_lo:.3g}, {g_hi:.3g}]")
+        if not (b_lo >= 0 and b_hi <= 2):
+            raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit "
+                             f"keys; models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
+    return verdict
 
 
-def _check_delta(op, q, k, v, g, beta, scale, initial_state):
-    """Validate the inputs every delta-rule op takes; return the scale as a float."""
+def _check_delta(op, q, k, v, g, beta, scale, initial_state, values=True):
+    """Validate the inputs every delta-rule op takes; return the scale as a float. `values`: also check g and β
+    now (unless runtime.set_value_checks(False)); the Triton ops check them themselves, later."""
     for name, t in (("q", q), ("k", k), ("v", v), ("beta", beta)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -56,8 +63,8 @@ def _check_delta(op, q, k, v, g, beta, scale, initial_state):
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
-    if runtime.checking_values():
-        _check_gate_and_beta(op, g, beta)
+    if values and runtime.checking_values():
+        _check_gate_and_beta(op, g, beta)()
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{op}: initial_state must be a tensor [B, HV, K, V] or None, got "
