@@ -468,8 +468,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 
 
 _C = 64  # chunk length of the Triton kernels
-_WY_BLOCK = 32  # column blocks of K and V in the WY kernel (H200, 32K tokens: 1.28 ms; blocks of 64 1.50 ms)
-_O_BLOCK = 64  # blocks of K in the output kernel (0.68 ms; 32: 0.80 ms)
+_WY_BLOCK = 32  # column blocks of K and V in the WY kernel (H200, 32K tokens, 2 warps: 0.88 ms; blocks of 64 0.92)
+_O_BLOCK = 64  # blocks of K in the output kernel (V-tiles of 128: 0.74 ms; 32: 0.87, 128: 1.10)
 
 
 def _pow2(n, low=16):
@@ -532,7 +532,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     (k normalised already, if it is to be).
 
     W and the chunk states are stored in `store_dtype`, Ũ and U in fp32: with almost no decay the state keeps every
-    rounding of U it is given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
+    rounding of U it is given (section 5.8); the forward does not store U (its output kernel forms it again). The scan accumulates in fp32 and multiplies in W's dtype.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -549,7 +549,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
         (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
         dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, PRECISION=prec),
         _tiles(V, _WY_BLOCK, num_warps=4 if _before_ampere(dev) else 2), _INSTEAD)  # H200, 32K: 2 warps 0.88 ms,
-    # 4 warps 1.21, 8 warps 3.3 (fewer warps, fewer of the solve's reductions cross warps through shared memory)
+    # 4 warps 1.21, 8 warps 3.3 (probably: the solve's many small reductions then cross fewer warps)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
