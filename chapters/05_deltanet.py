@@ -791,7 +791,7 @@ if cfg is not None:
 # 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: $O = \sigma(\operatorname{diag}(e^G) Q S_n +
 #    (QK^\top \odot \Gamma) U)$ — chapter 4's output kernel with $U$ for $V$ and the gate's $\Gamma$ for the decay
 #    matrix. It forms $U = \tilde U - W S_n$ again from the stored state: one more product per block of $K$ costs
-#    less than the scan writing $U$ in fp32 and this kernel reading it back (0.16 ms less in the scan, 0.06 ms more
+#    less than the scan writing $U$ in fp32 and this kernel reading it back (0.16 ms less in the scan, 0.07 ms more
 #    here, at 32K tokens).
 #
 # **The triangular solve, by blocks.** Forward substitution computes $T$ one row at a time: row $i$ is
@@ -1413,8 +1413,9 @@ def _before_ampere(dev):
 
 def _scan_stages(dtype, store_dtype):
     """Software-pipelining depth of the forward scan (chunks loaded ahead). fp32 inputs: none, their operands take
-    twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.85 ms; 3 stages 0.92, 2 stages 1.05). The
-    backward's recomputation (16-bit K, fp32 W and states): 3, as it was measured."""
+    twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.61 ms; 3 stages 0.63, 5 stages 0.65; 2 stages
+    cost 0.17 ms more before the state was split in halves). The backward's recomputation (16-bit K, fp32 W and
+    states): 3, as it was measured."""
     return 1 if dtype == torch.float32 else 4 if store_dtype != torch.float32 else 3
 
 
@@ -1449,8 +1450,9 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     """Kernels 1 and 2: G, W, Ũ or U (= Ũ − W S_n if `store_u`), the chunk states, optionally T and the final state
     (k normalised already, if it is to be).
 
-    W and the chunk states are stored in `store_dtype`, Ũ and U in fp32: with almost no decay the state keeps every
-    rounding of U it is given (section 5.8); the forward does not store U (its output kernel forms it again). The scan accumulates in fp32 and multiplies in W's dtype.
+    W and the chunk states are stored in `store_dtype`; Ũ in fp32, and U in fp32 over it when `store_u` (the
+    forward's output kernel forms U again instead): with almost no decay the state keeps every rounding of U it is
+    given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -1471,7 +1473,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
-    # (8K tokens, bf16): 4 warps best with 16-bit products (0.30 ms; 8 warps 0.34), 8 with fp32 ones
+    # (32K tokens, bf16): 4 warps best with 16-bit products (0.61 ms; 8 warps 0.77, 2 warps 0.71; V-tiles of 64
+    # 0.83); 8 with fp32 ones (the backward's recomputation, measured before the state was split in halves)
     scan_warps = 8 if store_dtype == torch.float32 else 4
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
@@ -1905,7 +1908,7 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # - **Faster than fla's forward up to 8K tokens, 1.2–1.3× slower beyond.** Forward, ms (value checks on / off)
 #   against fla: 1K 0.60 / 0.20 vs 0.63; 2K 0.45 / 0.20 vs 0.83; 4K 0.72 / 0.44 vs 0.93; 8K 0.72 / 0.69 vs 1.20;
 #   16K 1.40 / 1.32 vs 1.09; 32K 2.66 / 2.59 vs 2.16; 64K 5.21 / 5.08 vs 4.27. Up to 8K both are bound by launches
-#   and host work (fla's own 8K time moved between 0.68 and 1.34 ms over our runs); from 16K on, where the kernels'
+#   and host work (fla's own 8K time moved between 0.7 and 1.3 ms over our runs); from 16K on, where the kernels'
 #   work dominates, fla's are faster. This chapter's target was fla's forward time: met up to 8K tokens, missed by
 #   about a fifth beyond.
 # - **The backward is the weak half**: forward + backward takes 5.6 ms at 8K, 21.6 ms at 32K and 42.5 ms at 64K,
@@ -1928,8 +1931,8 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # | output | 0.68 ms | 0.74 ms | 0.51 ms | forms $U$ itself; $V$-tiles of 128 |
 # | **end to end**, checks off | 3.47 ms | 2.59 ms | 2.16 ms | |
 #
-# The end-to-end time is the sum of the kernels (a profile of the whole call puts the scan at 0.70 ms there, and
-# everything else but the four kernels at 0.02 ms). The two gaps left are the WY kernel, which still uses all 255
+# The end-to-end time is the sum of the kernels, with the scan at the 0.70 ms a profile of the whole call gives it
+# there (timed alone: 0.61 ms); everything else in the call takes 0.02 ms. The two gaps left are the WY kernel, which still uses all 255
 # registers a thread may have and spills some, and the output kernel, which does more than fla's: it forms $U$ and
 # multiplies $(QK^\top \odot \Gamma) U$ in TF32 on fp32 operands where fla multiplies in bf16 (below).
 #
@@ -2203,12 +2206,12 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   L2-normalised $q, k$, gated RMSNorm — equal to `transformers`' `Qwen3NextGatedDeltaNet`, and decoding equals
 #   prefill.
 # - **Triton**: a parallel kernel per chunk for $G$, $A$, the UT transform (by $16 \times 16$ blocks and
-#   $(I - N)(I + N^2) D$) and $W, \tilde U$; a scan over chunks for the states; a parallel output kernel that forms
-#   $U$ from them; a fused recurrent kernel for decoding. The backward computes the state-free part of $dU$ in parallel, runs a
-#   reverse scan for the state gradients and the rest of $dU$, then one parallel kernel for every other gradient,
-#   and a row kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in fp32, bf16 and fp16;
-#   the forward is faster than fla's up to 8K tokens and 1.2–1.3× slower at 16K–64K, forward + backward 2.5× slower
-#   there (section 5.8).
+#   $(I - N)(I + N^2) D$) and $W, \tilde U$; a scan over chunks for the states; a parallel output kernel that
+#   forms $U$ from them; a fused recurrent kernel for decoding. The backward computes the state-free part of $dU$
+#   in parallel, runs a reverse scan for the state gradients and the rest of $dU$, then one parallel kernel for
+#   every other gradient, and a row kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in
+#   fp32, bf16 and fp16; the forward is faster than fla's up to 8K tokens and 1.2–1.3× slower at 16K–64K, forward +
+#   backward 2.5–2.6× slower there (section 5.8).
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
 #

@@ -424,8 +424,8 @@ def test_bad_input_raises(fn, i):
 
 @pytest.mark.parametrize("i", range(15))
 def test_triton_ops_raise_on_bad_input(i):
-    """The Triton ops check g and β after queueing their kernels (runtime.to_host_later): they still raise, and
-    return nothing computed from the bad values."""
+    """The Triton ops raise on every bad input the naive ones do, the value checks included (the ops wait for those
+    after queueing their kernels, runtime.to_host_later)."""
     what, kw, exc = _bad_cases()[i]
     kw = {name: x.to(DEV) if isinstance(x, torch.Tensor) else x for name, x in kw.items()}
     with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"):

@@ -209,17 +209,22 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
         assert bad.returncode != 0 and name in bad.stderr, bad.stderr[-500:]
 
 
-def test_to_host_later_gives_the_values_without_waiting_for_later_work():
-    """The copy is waited for alone: work queued after it (here a sleep of 10⁹ GPU cycles) is still running when the
-    values arrive. On a CPU the values are read at once."""
+def test_to_host_later_waits_for_the_copy_alone_and_only_when_asked():
+    """to_host_later returns at once, even with the GPU busy (here sleeping 10⁹ clock cycles, 0.5-1 s), and its
+    function waits for the copy alone: work queued after the copy is still running when the values arrive. On a CPU
+    the values are read at once."""
     x = torch.tensor([1.5, -2.0, float("nan")], device=runtime.device())
-    values = runtime.to_host_later(x * 2)
     if x.is_cuda:
-        torch.cuda._sleep(10**9)  # GPU clock cycles: 0.5-1 s
-        after = torch.cuda.Event()
+        runtime.to_host_later(x)()  # once first: the first pinned allocation of a process may synchronize
+        before, after = torch.cuda.Event(), torch.cuda.Event()
+        torch.cuda._sleep(10**9)
+        before.record()
+        values = runtime.to_host_later(x * 2)
+        assert not before.query(), "to_host_later waited for the GPU when called"
+        torch.cuda._sleep(10**9)
         after.record()
         got = values()
-        assert not after.query(), "to_host_later waited for the work queued after the copy"
+        assert before.query() and not after.query(), "its function waited for the work queued after the copy"
     else:
-        got = values()
+        got = runtime.to_host_later(x * 2)()
     assert got[:2] == [3.0, -4.0] and math.isnan(got[2])

@@ -11,7 +11,8 @@ from minisparse.testing import rel_rms
 
 
 def wy(k, v, g, beta, split, precision):
-    """W and Ũ (no scan) of the WY kernel, fp32 buffers, blocks of 32 columns as the op launches it."""
+    """W and Ũ (no scan) of the WY kernel, fp32 buffers, blocks of 32 columns; 4 warps, as measured in stop 11 (the
+    op now launches 2 on sm_80 and newer)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     w, u = torch.empty(B, T, H, K, device=k.device), torch.empty(B, T, H, V, device=k.device)

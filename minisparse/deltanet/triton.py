@@ -495,8 +495,9 @@ def _before_ampere(dev):
 
 def _scan_stages(dtype, store_dtype):
     """Software-pipelining depth of the forward scan (chunks loaded ahead). fp32 inputs: none, their operands take
-    twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.85 ms; 3 stages 0.92, 2 stages 1.05). The
-    backward's recomputation (16-bit K, fp32 W and states): 3, as it was measured."""
+    twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.61 ms; 3 stages 0.63, 5 stages 0.65; 2 stages
+    cost 0.17 ms more before the state was split in halves). The backward's recomputation (16-bit K, fp32 W and
+    states): 3, as it was measured."""
     return 1 if dtype == torch.float32 else 4 if store_dtype != torch.float32 else 3
 
 
@@ -531,8 +532,9 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     """Kernels 1 and 2: G, W, Ũ or U (= Ũ − W S_n if `store_u`), the chunk states, optionally T and the final state
     (k normalised already, if it is to be).
 
-    W and the chunk states are stored in `store_dtype`, Ũ and U in fp32: with almost no decay the state keeps every
-    rounding of U it is given (section 5.8); the forward does not store U (its output kernel forms it again). The scan accumulates in fp32 and multiplies in W's dtype.
+    W and the chunk states are stored in `store_dtype`; Ũ in fp32, and U in fp32 over it when `store_u` (the
+    forward's output kernel forms U again instead): with almost no decay the state keeps every rounding of U it is
+    given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -553,7 +555,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
-    # (8K tokens, bf16): 4 warps best with 16-bit products (0.30 ms; 8 warps 0.34), 8 with fp32 ones
+    # (32K tokens, bf16): 4 warps best with 16-bit products (0.61 ms; 8 warps 0.77, 2 warps 0.71; V-tiles of 64
+    # 0.83); 8 with fp32 ones (the backward's recomputation, measured before the state was split in halves)
     scan_warps = 8 if store_dtype == torch.float32 else 4
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
