@@ -256,7 +256,13 @@ def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state):
     if K > _MAX_DIM or V > _MAX_DIM:
         raise ValueError(f"{op}: head dimensions K and V must be <= {_MAX_DIM} (one on-chip tile), got K = {K}, "
                          f"V = {V}")
-    return scale, (_check_slope(op, slope) if runtime.checking_values() else lambda: None)
+    if not runtime.checking_values():
+        return scale, lambda: None
+    check_values = _check_slope(op, slope)
+    if q.device.type == "cpu":  # nothing runs ahead on a CPU: raise before the (slow) interpreted kernels start
+        check_values()
+        return scale, lambda: None
+    return scale, check_values
 
 
 def _forward(q, k, v, slope, scale, h0, output_final_state):
