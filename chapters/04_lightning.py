@@ -357,8 +357,22 @@ plt.show()
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_lightning(op, q, k, v, slope, scale, initial_state):
-    """Validate the inputs every lightning op takes; return the scale as a float."""
+def _check_slope(op, slope):
+    """slope > 0 and finite: one reduction, then a function that waits for it and raises if it fails. The Triton
+    ops queue their kernels before calling it, so that the host sync overlaps the GPU's work
+    (runtime.to_host_later)."""
+    good = runtime.to_host_later(torch.all((slope > 0) & torch.isfinite(slope)).reshape(1))
+
+    def verdict():
+        if not good()[0]:
+            raise ValueError(f"{op}: slope must hold finite rates > 0 (decay exp(-slope) < 1 each step), got "
+                             f"{slope.tolist()[:8]}")
+    return verdict
+
+
+def _check_lightning(op, q, k, v, slope, scale, initial_state, values=True):
+    """Validate the inputs every lightning op takes; return the scale as a float. `values`: also check the slope
+    now (unless runtime.set_value_checks(False)); the Triton ops check it themselves, later."""
     for name, t in (("q", q), ("k", k), ("v", v), ("slope", slope)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -381,9 +395,8 @@ def _check_lightning(op, q, k, v, slope, scale, initial_state):
         raise TypeError(f"{op}: slope must be a floating-point tensor, got {slope.dtype}")
     if slope.device != q.device:
         raise ValueError(f"{op}: slope must be on q's device {q.device}, got {slope.device}")
-    if runtime.checking_values() and not bool(torch.all((slope > 0) & torch.isfinite(slope))):  # one host sync
-        raise ValueError(f"{op}: slope must hold finite rates > 0 (decay exp(-slope) < 1 each step), got "
-                         f"{slope.tolist()[:8]}")
+    if values and runtime.checking_values():
+        _check_slope(op, slope)()
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{op}: initial_state must be a tensor [B, H, K, V] or None, got "
@@ -547,7 +560,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.lightning.naive import _check_lightning
+from minisparse.lightning.naive import _check_lightning, _check_slope
 
 
 @triton.jit
@@ -866,7 +879,9 @@ def _precision(dtype):
 
 
 def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state):
-    scale = _check_lightning(op, q, k, v, slope, scale, initial_state)
+    """Check everything but the slope's values; return the scale and a function that checks those (call it after
+    queueing the kernels: it waits for the GPU)."""
+    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, values=False)
     runtime.check_triton_device(op, q, k, v, slope, *([initial_state] if initial_state is not None else []))
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
@@ -875,7 +890,13 @@ def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state):
     if K > _MAX_DIM or V > _MAX_DIM:
         raise ValueError(f"{op}: head dimensions K and V must be <= {_MAX_DIM} (one on-chip tile), got K = {K}, "
                          f"V = {V}")
-    return scale
+    if not runtime.checking_values():
+        return scale, lambda: None
+    check_values = _check_slope(op, slope)
+    if q.device.type == "cpu":  # nothing runs ahead on a CPU: raise before the (slow) interpreted kernels start
+        check_values()
+        return scale, lambda: None
+    return scale, check_values
 
 
 def _forward(q, k, v, slope, scale, h0, output_final_state):
@@ -951,11 +972,12 @@ def chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_
     initial_state [B, H, K, V] or None -> (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
     S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t, scale defaulting to K ** -0.5.
     """
-    scale = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state)
+    scale, check_values = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    slope = slope.detach().float().contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
-    return _ChunkLightning.apply(q, k, v, slope, scale, h0, bool(output_final_state))
+    out = _ChunkLightning.apply(q, k, v, slope.detach().float().contiguous(), scale, h0, bool(output_final_state))
+    check_values()  # after queueing the kernels, so that waiting for the check overlaps them
+    return out
 
 
 def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
@@ -964,7 +986,8 @@ def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     Same arguments and result as chunk_lightning_attn. Cost grows with T sequentially: use it for T = 1 (or a
     handful of tokens); use chunk_lightning_attn for prompts and training. Raises if gradients are required.
     """
-    scale = _check_kernel_inputs("fused_recurrent_lightning_attn", q, k, v, slope, scale, initial_state)
+    scale, check_values = _check_kernel_inputs("fused_recurrent_lightning_attn", q, k, v, slope, scale,
+                                               initial_state)
     tracked = [t for t in (q, k, v, initial_state) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         raise RuntimeError("fused_recurrent_lightning_attn is forward only: call it under torch.no_grad() (decoding) "
@@ -979,6 +1002,7 @@ def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     _fused_recurrent_kernel[(triton.cdiv(V, bv), B * H)](
         q, k, v, slope.float().contiguous(), h0 if h0 is not None else q, o, ht if ht is not None else o, scale,
         T, H, K, V, BK=_pow2(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None)
+    check_values()
     return o, ht
 
 

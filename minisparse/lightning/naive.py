@@ -37,8 +37,22 @@ def decay_matrix(slope, length):
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_lightning(op, q, k, v, slope, scale, initial_state):
-    """Validate the inputs every lightning op takes; return the scale as a float."""
+def _check_slope(op, slope):
+    """slope > 0 and finite: one reduction, then a function that waits for it and raises if it fails. The Triton
+    ops queue their kernels before calling it, so that the host sync overlaps the GPU's work
+    (runtime.to_host_later)."""
+    good = runtime.to_host_later(torch.all((slope > 0) & torch.isfinite(slope)).reshape(1))
+
+    def verdict():
+        if not good()[0]:
+            raise ValueError(f"{op}: slope must hold finite rates > 0 (decay exp(-slope) < 1 each step), got "
+                             f"{slope.tolist()[:8]}")
+    return verdict
+
+
+def _check_lightning(op, q, k, v, slope, scale, initial_state, values=True):
+    """Validate the inputs every lightning op takes; return the scale as a float. `values`: also check the slope
+    now (unless runtime.set_value_checks(False)); the Triton ops check it themselves, later."""
     for name, t in (("q", q), ("k", k), ("v", v), ("slope", slope)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -61,9 +75,8 @@ def _check_lightning(op, q, k, v, slope, scale, initial_state):
         raise TypeError(f"{op}: slope must be a floating-point tensor, got {slope.dtype}")
     if slope.device != q.device:
         raise ValueError(f"{op}: slope must be on q's device {q.device}, got {slope.device}")
-    if runtime.checking_values() and not bool(torch.all((slope > 0) & torch.isfinite(slope))):  # one host sync
-        raise ValueError(f"{op}: slope must hold finite rates > 0 (decay exp(-slope) < 1 each step), got "
-                         f"{slope.tolist()[:8]}")
+    if values and runtime.checking_values():
+        _check_slope(op, slope)()
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"{op}: initial_state must be a tensor [B, H, K, V] or None, got "
