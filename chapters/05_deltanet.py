@@ -1929,16 +1929,17 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #   RMS of 3.8e-3, which is bf16 rounding; against the fp32 recurrence, this chapter's hardest check (the GPU check
 #   of section 5.6, which a GPU runs at 1000 tokens that forget almost nothing) gives 4.3e-3, inside the book's bf16
 #   bound of 5e-3.
-# - **Faster than fla's forward up to 8K tokens, 1.2–1.3× slower beyond.** Forward, ms (value checks on / off)
-#   against fla: 1K 0.60 / 0.20 vs 0.63; 2K 0.45 / 0.20 vs 0.83; 4K 0.72 / 0.44 vs 0.93; 8K 0.72 / 0.69 vs 1.20;
-#   16K 1.40 / 1.32 vs 1.09; 32K 2.66 / 2.59 vs 2.16; 64K 5.21 / 5.08 vs 4.27. Up to 8K both are bound by launches
-#   and host work (fla's own 8K time moved between 0.7 and 1.3 ms over our runs); from 16K on, where the kernels'
-#   work dominates, fla's are faster. This chapter's target was fla's forward time: met up to 8K tokens, missed by
-#   about a fifth beyond.
-# - **The backward is the weak half**: forward + backward takes 5.6 ms at 8K, 21.6 ms at 32K and 42.5 ms at 64K,
-#   against fla's 2.5, 8.5 and 16.7 ms (2.3×, 2.6×, 2.5×); below 4K ours is faster (2K: 1.7 against 2.9 ms).
+# - **Faster than fla's forward up to 8K tokens, 1.2–1.25× slower from 32K.** Forward, ms (value checks on / off)
+#   against fla: 1K 0.60 / 0.27 vs 0.82; 2K 0.63 / 0.42 vs 1.22; 4K 0.74 / 0.43 vs 1.25; 8K 0.87 / 0.69 vs 1.47;
+#   16K 1.38 / 1.32 vs 1.40; 32K 2.69 / 2.59 vs 2.15; 64K 5.13 / 5.09 vs 4.27. Up to 16K both are bound by
+#   launches and host work, and fla's times there move from run to run (8K: 1.20 ms in the previous run, 1.47 in
+#   this one; 16K: 1.09 and 1.40); from 32K on, where the kernels' work dominates, fla's are faster: 1.25× at 32K
+#   and 1.20× at 64K (value checks off: 1.20× and 1.19×; at 32K with $B = 1$, checks off, 1.69 against 1.40 ms).
+#   This chapter's target was fla's forward time: met up to 8K tokens, missed by a fifth from 32K.
+# - **The backward is the weak half**: forward + backward takes 5.2 ms at 8K, 20.2 ms at 32K and 39.8 ms at 64K,
+#   against fla's 4.9, 8.5 and 16.8 ms (1.06×, 2.4×, 2.4×); below 8K ours is faster (2K: 2.2 against 4.8 ms).
 # - **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K
-#   (0.95 ms); at 64K it takes 59.8 ms against our 5.2 ms, and 234 ms with its backward.
+#   (0.92 ms); at 64K it takes 58.3 ms against our 5.1 ms, and 234 ms with its backward.
 #
 # ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
 # miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
@@ -1989,15 +1990,25 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # in $[-30, -5]$ or $[-10^{-3}, 0]$. Not for fp16: there the columns of $T \operatorname{diag}(\beta e^G)$ fall
 # below fp16's range when gates are very negative.
 #
+# **Tried and dropped** (`bench/notes/deltanet.md` has the numbers): the scan and the output in one kernel, so that
+# no chunk state is written (2.03 ms against 0.61 + 0.74: the output's products then sit on the sequential path;
+# end to end 4.10 against 2.57 ms); normalising $q$ and $k$ inside the three kernels, as scalings of the products'
+# rows and columns instead of the two `l2norm` kernels (the WY kernel took 1.02 instead of 0.89 ms, the output
+# kernel 0.81 instead of 0.74, and at 4 warps the output kernel's results on the H200 were 3.4e-2 off, right at
+# 8 warps and in the interpreter: one more reason every kernel here is tested on the GPU); the output as
+# $(\operatorname{diag}(e^G) Q - P W) S_n + P 	ilde U$ with $P = QK^	op \odot \Gamma$, one accumulator fewer
+# (1.2 ms or more).
+#
 # The next things to try:
 #
 # - **The WY kernel** (0.88 against 0.72 ms): fla computes $A$ and $T$ in one kernel and $W$, $\tilde U$ in a
 #   second, each with fewer registers live.
 # - **The output kernel** (0.74 against 0.51 ms): fewer registers for its three accumulators ($QK^\top$, $QS_n$,
 #   $WS_n$), or a cheaper exact form of the last product.
-# - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (10.3 ms at 32K against 2.8 ms for
-#   fla's two kernels doing the same work, `chunk_bwd_kernel_dqkwg` and `prepare_wy_repr_bwd_kernel`) and shorten
-#   the reverse scan (4.2 ms, fla's 1.1 ms).
+# - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (9.2 ms at 32K with 2 stages, 10.3
+#   with 1, against 2.8 ms for fla's two kernels doing the same work, `chunk_bwd_kernel_dqkwg` and
+#   `prepare_wy_repr_bwd_kernel`) and shorten the reverse scan (3.8 ms with $dS$ in two halves as the forward scan
+#   holds $S$, 4.0–4.2 before; fla's 1.1 ms).
 
 # %%
 try:
@@ -2234,8 +2245,8 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   forms $U$ from them; a fused recurrent kernel for decoding. The backward computes the state-free part of $dU$
 #   in parallel, runs a reverse scan for the state gradients and the rest of $dU$, then one parallel kernel for
 #   every other gradient, and a row kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in
-#   fp32, bf16 and fp16; the forward is faster than fla's up to 8K tokens and 1.2–1.3× slower at 16K–64K, forward +
-#   backward 2.5–2.6× slower there (section 5.8).
+#   fp32, bf16 and fp16; the forward is faster than fla's up to 8K tokens and 1.2× slower at 32K–64K, forward +
+#   backward 2.4× slower there (section 5.8).
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
 #
