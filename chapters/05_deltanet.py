@@ -867,6 +867,24 @@ def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _heads(bh, H, HV):
+    """Program index bh = b·HV + hv -> (batch b, value head hv, key head h): HV/H value heads share a key head."""
+    b, hv = bh // HV, bh % HV
+    return b, hv, hv // (HV // H)
+
+
+@triton.jit
+def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows: each half's row indices, the
+    tile's columns, and each half's mask and offsets within a [K, V] state."""
+    k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
+    k2 = k1 + BK // 2
+    vs = iv * BV + tl.arange(0, BV)
+    mask1, mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
+    return k1, k2, vs, mask1, mask2, k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+
+
+@triton.jit
 def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [C, C], C ∈ {16, 32, 64}.
 
@@ -936,8 +954,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
     t = n * C + rows  # [C]
     tm = t < T
@@ -986,14 +1003,9 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
     """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
-    k1 = tl.arange(0, BK // 2)  # rows of S1; S2's are k1 + BK // 2
-    k2 = k1 + BK // 2
-    vs = iv * BV + tl.arange(0, BV)
-    kv_mask1, kv_mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
-    kv_off1, kv_off2 = k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # S = [S1; S2]
     S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     S2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_H0:
@@ -1038,8 +1050,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, sc
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
@@ -1123,8 +1134,7 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, gc_ptr, do_ptr, du_ptr, scale, T, H, HV, 
     """The part of dU that needs no state: scale (Q Kᵀ ⊙ Γ)ᵀ dO, every chunk in parallel. Grid (NT, B·HV)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
@@ -1157,14 +1167,9 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dst
     """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
-    k1 = tl.arange(0, BK // 2)
-    k2 = k1 + BK // 2
-    vs = iv * BV + tl.arange(0, BV)
-    kv_mask1, kv_mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
-    kv_off1, kv_off2 = k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # dS = [dS1; dS2]
     dS1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     dS2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_DHT:
@@ -1220,8 +1225,7 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, st
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
@@ -1362,8 +1366,7 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
     """The gated delta rule token by token for one (batch, value head, V-tile). Grid (V/BV, B·HV)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
+    b, hv, h = _heads(bh, H, HV)
     ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
     km, vm = ks < K, vs < V
     kv_off = ks[:, None] * V + vs[None, :]

@@ -209,6 +209,46 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
         assert bad.returncode != 0 and name in bad.stderr, bad.stderr[-500:]
 
 
+_SCALE_KERNEL = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def _times(x, f):
+    return x * f
+
+
+@triton.jit
+def scale_kernel(x_ptr, y_ptr, N, B: tl.constexpr):
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    x = tl.load(x_ptr + i, mask=i < N)
+    tl.store(y_ptr + i, {body}, mask=i < N)
+"""
+
+
+def test_kernel_resources_same_as_compares_ptx(tmp_path):
+    """--same-as: a kernel refactored through a helper function compiles to the same PTX (exit 0); one whose
+    arithmetic changed does not (exit 1, and the first differing line is shown)."""
+    import pathlib
+
+    import triton
+
+    if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools/kernel_resources.py"
+    for name, body in (("inline", "x * 2.0"), ("helper", "_times(x, 2.0)"), ("changed", "x * 3.0")):
+        (tmp_path / f"{name}.py").write_text(_SCALE_KERNEL.format(body=body))
+
+    def compare(a, b):
+        return subprocess.run([sys.executable, str(tool), f"{tmp_path / a}.py:scale_kernel", "B=64",
+                               "--same-as", str(tmp_path / f"{b}.py")], capture_output=True, text=True, timeout=300)
+
+    same = compare("helper", "inline")
+    assert same.returncode == 0 and "PTX identical" in same.stdout, same.stdout + same.stderr[-2000:]
+    changed = compare("changed", "inline")
+    assert changed.returncode == 1 and "PTX differs" in changed.stdout, changed.stdout + changed.stderr[-2000:]
+
+
 def test_to_host_later_waits_for_the_copy_alone_and_only_when_asked():
     """to_host_later returns at once, even with the GPU busy (here sleeping 10⁹ clock cycles, 0.5-1 s), and its
     function waits for the copy alone: work queued after the copy is still running when the values arrive. On a CPU

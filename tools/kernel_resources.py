@@ -10,11 +10,19 @@ only on the GPU (`OutOfResources`), and spills are the first suspect of a slow k
 a CPU, before spending device time. Arguments NAME=VALUE are the kernel's constexprs (ints, or strings such as
 PRECISION=tf32); pointer arguments are fp32 unless --dtype says otherwise; the other runtime arguments are i32,
 except those named by --float (default: scale). Compiling takes 10–60 s a kernel on this 2-core machine.
+
+    python tools/kernel_resources.py minisparse.deltanet.triton:_fwd_states_kernel ... --same-as /tmp/old.py
+
+also compiles the kernel of the same name from another module or .py file (e.g. the file as it was, `git show
+main:minisparse/deltanet/triton.py > /tmp/old.py`) and says whether the two PTX texts are identical, source-line
+and debug information aside; exit status 1 if not. Identical PTX means a refactor (a helper function, renamed
+variables) cannot change what runs on the GPU, so a GPU-verified kernel stays verified without device time.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import os
 import pathlib
@@ -60,11 +68,25 @@ def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | N
     return sig
 
 
+def compile_for(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
+                pointers: set | None = None):
+    """The compiled kernel (triton's CompiledKernel) for compute capability `arch`, on a machine without a GPU."""
+    src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats, pointers), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def ptx_instructions(kernel) -> list[str]:
+    """The kernel's PTX without what depends on source lines: .loc/.file directives, the labels that mark inlined
+    calls ($L__tmpN), and the debug sections."""
+    text = re.sub(r"\.section\s+\.debug.*", "", kernel.asm["ptx"], flags=re.S)
+    drop = re.compile(r"\s*(\.loc\b.*|\.file\b.*|\$L__tmp\d+:)?")
+    return [line for line in text.splitlines() if not drop.fullmatch(line)]
+
+
 def resources(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
               pointers: set | None = None) -> dict:
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats, pointers), constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
-    out = {"shared_kib": kernel.metadata.shared / 1024}
+    kernel = compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers)
+    out = {"shared_kib": kernel.metadata.shared / 1024, "kernel": kernel}
     ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
@@ -89,19 +111,43 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--same-as", metavar="MODULE", help="also compile the kernel of that name from MODULE (a module "
+                    "name or a .py file) and compare the PTX")
     args = ap.parse_args(argv)
     module, name = args.kernel.split(":")
-    fn = getattr(importlib.import_module(module), name)
-    while not isinstance(fn, JITFunction):  # @triton.heuristics / @triton.autotune wrap the kernel: compile the kernel
-        fn = fn.fn
     constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
     dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
-    r = resources(fn, constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
-                  set(filter(None, args.pointers.split(","))) or None)
+    options = (constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
+               set(filter(None, args.pointers.split(","))) or None)
+    r = resources(_kernel(module, name), *options)
     print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}: shared "
           f"{r['shared_kib']:.1f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
           f"{r['spill_loads']} B loaded")
+    if args.same_as:
+        ours = ptx_instructions(r["kernel"])
+        theirs = ptx_instructions(compile_for(_kernel(args.same_as, name), *options))
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            print(f"PTX differs from {args.same_as}'s ({len(ours)} / {len(theirs)} lines); first difference at line "
+                  f"{first + 1}:\n  {module}: {ours[first] if first < len(ours) else '(end)'}\n"
+                  f"  {args.same_as}: {theirs[first] if first < len(theirs) else '(end)'}")
+            return 1
+        print(f"PTX identical to {args.same_as}'s ({len(ours)} lines)")
     return 0
+
+
+def _kernel(module: str, name: str) -> JITFunction:
+    """Kernel `name` of `module`: a module name, or the path of a .py file."""
+    if module.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(pathlib.Path(module).stem, module)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+    else:
+        loaded = importlib.import_module(module)
+    fn = getattr(loaded, name)
+    while not isinstance(fn, JITFunction):  # @triton.heuristics / @triton.autotune wrap the kernel: compile the kernel
+        fn = fn.fn
+    return fn
 
 
 if __name__ == "__main__":
