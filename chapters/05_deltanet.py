@@ -2007,7 +2007,10 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # - **The WY kernel** (0.88 against 0.72 ms): fla computes $A$ and $T$ in one kernel and $W$, $\tilde U$ in a
 #   second, each with fewer registers live.
 # - **The output kernel** (0.74 against 0.51 ms): fewer registers for its three accumulators ($QK^\top$, $QS_n$,
-#   $WS_n$), or a cheaper exact form of the last product.
+#   $WS_n$), or a cheaper exact form of the last product. The measured shortcut trades precision: if the scan also
+#   writes $U$ in bf16 for the output alone (the state still gets the fp32 $U$), the output kernel becomes fla's
+#   and takes 0.50–0.53 ms with $P U$ on bf16 tensor cores (the scan 0.04–0.14 ms more), about 0.15 ms saved at
+#   32K; but on this chapter's near-no-decay check the rounding model then gives 4.87e-3 of the 5e-3 bound.
 # - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (9.2 ms at 32K with 2 stages, 10.3
 #   with 1, against 2.8 ms for fla's two kernels doing the same work, `chunk_bwd_kernel_dqkwg` and
 #   `prepare_wy_repr_bwd_kernel`) and shorten the reverse scan (3.8 ms with $dS$ in two halves as the forward scan
