@@ -842,7 +842,9 @@ if cfg is not None:
 # kernel (`_l2norm_rows_kernel`) normalises $Q$ and $K$ once before the three kernels run (in fp32, rounded back to
 # the input dtype, as `l2norm` followed by a cast would): 0.13 ms per tensor at 32K tokens on the H200, so about 0.07
 # ms for both at 8K, where `l2norm` in PyTorch took 0.77 ms. An earlier version normalised inside every kernel, on
-# load; that cost registers the kernels did not have, and the scan redid it for every tile of $V$.
+# load; that cost registers the kernels did not have, and the scan redid it for every tile of $V$. A later one
+# scaled the products' rows and columns by $1/\lVert q \rVert$, $1/\lVert k \rVert$ instead (no normalised tiles at
+# all): the two row kernels went, but the WY and output kernels slowed by as much (section 5.8).
 
 # %%
 #| export deltanet.triton
