@@ -877,8 +877,9 @@ def _heads(bh, H, HV):
 
 @triton.jit
 def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows: each half's row indices, the
-    tile's columns, and each half's mask and offsets within a [K, V] state."""
+    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows (BK ≥ 32, so that each half
+    is a tensor-core operand of ≥ 16 rows): each half's row indices, the tile's columns, and each half's mask and
+    offsets within a [K, V] state."""
     k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
     k2 = k1 + BK // 2
     vs = iv * BV + tl.arange(0, BV)
@@ -1935,12 +1936,13 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #   of section 5.6, which a GPU runs at 1000 tokens that forget almost nothing) gives 4.3e-3, inside the book's bf16
 #   bound of 5e-3.
 # - **Faster than fla's forward up to 8K tokens, 1.2–1.25× slower from 32K.** Forward, ms (value checks on / off)
-#   against fla: 1K 0.60 / 0.27 vs 0.82; 2K 0.63 / 0.42 vs 1.22; 4K 0.74 / 0.43 vs 1.25; 8K 0.87 / 0.69 vs 1.47;
+#   against fla: 1K 0.60 / 0.27 vs 0.82; 2K 0.63 / 0.42 vs 1.22; 4K 0.74 / 0.43 vs 1.24; 8K 0.87 / 0.69 vs 1.47;
 #   16K 1.38 / 1.32 vs 1.40; 32K 2.69 / 2.59 vs 2.15; 64K 5.13 / 5.09 vs 4.27. Up to 16K both are bound by
 #   launches and host work, and fla's times there move from run to run (8K: 1.20 ms in the previous run, 1.47 in
 #   this one; 16K: 1.09 and 1.40); from 32K on, where the kernels' work dominates, fla's are faster: 1.25× at 32K
-#   and 1.20× at 64K (value checks off: 1.20× and 1.19×; at 32K with $B = 1$, checks off, 1.69 against 1.40 ms).
-#   This chapter's target was fla's forward time: met up to 8K tokens, missed by a fifth from 32K.
+#   and 1.20× at 64K (value checks off: 1.21× and 1.19×; at 32K with $B = 1$, checks off, 1.69 against 1.40 ms in
+#   a separate run). This chapter's target was fla's forward time: met up to 8K tokens in every run (at 16K it
+#   depends on fla's run: 0.98× here, 1.29× in the previous one), missed by a fifth to a quarter from 32K.
 # - **The backward is the weak half**: forward + backward takes 5.2 ms at 8K, 20.2 ms at 32K and 39.8 ms at 64K,
 #   against fla's 4.9, 8.5 and 16.8 ms (1.06×, 2.4×, 2.4×); below 8K ours is faster (2K: 2.2 against 4.8 ms).
 # - **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K
@@ -1949,9 +1951,9 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
 # miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
 #
-# Where the forward's time goes at 32K tokens (H200, bf16, each kernel timed alone; "earlier" is this chapter's
-# previous version, whose end-to-end time was measured before the split of $T$ described below; fla's kernels are
-# last):
+# Where the forward's time goes at 32K tokens (H200, bf16, each kernel timed alone, in the run before this one's
+# benchmark, hence fla's 2.16 ms; "earlier" is this chapter's previous version, whose end-to-end time was measured
+# before the split of $T$ described below; fla's kernels are last):
 #
 # | step | earlier | now | fla | what changed |
 # |---|---|---|---|---|
@@ -1962,15 +1964,16 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # | **end to end**, checks off | 3.47 ms | 2.59 ms | 2.16 ms | |
 #
 # The end-to-end time is the sum of the kernels, with the scan at the 0.70 ms a profile of the whole call gives it
-# there (timed alone: 0.61 ms); everything else in the call takes 0.02 ms. The two gaps left are the WY kernel, which still uses all 255
-# registers a thread may have and spills some, and the output kernel, which does more than fla's: it forms $U$ and
-# multiplies $(QK^\top \odot \Gamma) U$ in TF32 on fp32 operands where fla multiplies in bf16 (below).
+# there (timed alone: 0.61 ms); everything else in the call takes 0.02 ms. The two gaps left are the WY kernel,
+# which still uses all 255 registers a thread may have and spills some, and the output kernel, which does more than
+# fla's: it forms $U$ and multiplies $(QK^\top \odot \Gamma) U$ in TF32 on fp32 operands where fla multiplies in
+# bf16 (below).
 #
 # **The host sync.** The value checks (is $g \le 0$, is $\beta$ in $[0, 2]$) read a reduction back to the CPU. The op
 # starts that copy, queues its kernels, and only then waits for the copy (`minisparse.runtime.to_host_later`), so
-# the wait overlaps the GPU's work instead of idling it: from 8K tokens on the checks cost 0.03–0.13 ms (they cost
-# 0.37 ms at 32K when the op waited before queueing). Below 8K a call's GPU work is as short as its CPU work, and
-# any wait for the GPU puts the two one after the other: 0.60 ms against 0.20 at 1K.
+# the wait overlaps the GPU's work instead of idling it: from 16K tokens on the checks cost 0.04–0.10 ms (they cost
+# 0.37 ms at 32K when the op waited before queueing). Up to 8K a call's GPU work is about as short as its CPU work,
+# and any wait for the GPU puts the two one after the other: 0.19–0.33 ms (1K: 0.60 ms against 0.27).
 # `minisparse.runtime.set_value_checks(False)` skips the checks (shapes, dtypes and devices are still checked); fla
 # checks no values at all.
 #
@@ -1996,13 +1999,13 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # below fp16's range when gates are very negative.
 #
 # **Tried and dropped** (`bench/notes/deltanet.md` has the numbers): the scan and the output in one kernel, so that
-# no chunk state is written (2.03 ms against 0.61 + 0.74: the output's products then sit on the sequential path;
+# no chunk state is written (2.03 ms against 0.71 + 0.74: the output's products then sit on the sequential path;
 # end to end 4.10 against 2.57 ms); normalising $q$ and $k$ inside the three kernels, as scalings of the products'
 # rows and columns instead of the two `l2norm` kernels (the WY kernel took 1.02 instead of 0.89 ms, the output
 # kernel 0.81 instead of 0.74, and at 4 warps the output kernel's results on the H200 were 3.4e-2 off, right at
 # 8 warps and in the interpreter: one more reason every kernel here is tested on the GPU); the output as
-# $(\operatorname{diag}(e^G) Q - P W) S_n + P 	ilde U$ with $P = QK^	op \odot \Gamma$, one accumulator fewer
-# (1.2 ms or more).
+# $(\operatorname{diag}(e^G) Q - P W) S_n + P \tilde U$ with $P = QK^\top \odot \Gamma$, one accumulator fewer
+# (1.2 ms or more, against 0.82 for the chapter's output kernel in that run).
 #
 # The next things to try:
 #
@@ -2010,7 +2013,8 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #   second, each with fewer registers live.
 # - **The output kernel** (0.74 against 0.51 ms): fewer registers for its three accumulators ($QK^\top$, $QS_n$,
 #   $WS_n$), or a cheaper exact form of the last product. The measured shortcut trades precision: if the scan also
-#   writes $U$ in bf16 for the output alone (the state still gets the fp32 $U$), the output kernel becomes fla's
+#   writes $U$ in bf16 for the output alone (the state still gets the fp32 $U$, unlike "$U$ in bf16 as well"
+#   above), the output kernel becomes fla's
 #   and takes 0.50–0.53 ms with $P U$ on bf16 tensor cores (the scan 0.04–0.14 ms more), about 0.15 ms saved at
 #   32K; but on this chapter's near-no-decay check the rounding model then gives 4.87e-3 of the 5e-3 bound.
 # - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (9.2 ms at 32K with 2 stages, 10.3
@@ -2253,8 +2257,8 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   forms $U$ from them; a fused recurrent kernel for decoding. The backward computes the state-free part of $dU$
 #   in parallel, runs a reverse scan for the state gradients and the rest of $dU$, then one parallel kernel for
 #   every other gradient, and a row kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in
-#   fp32, bf16 and fp16; the forward is faster than fla's up to 8K tokens and 1.2× slower at 32K–64K, forward +
-#   backward 2.4× slower there (section 5.8).
+#   fp32, bf16 and fp16; the forward is faster than fla's up to 8K tokens and 1.2–1.25× slower at 32K–64K,
+#   forward + backward 2.4× slower there (section 5.8).
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
 #

@@ -15,7 +15,7 @@ except those named by --float (default: scale). Compiling takes 10–60 s a kern
 
 also compiles the kernel of the same name from another module or .py file (e.g. the file as it was, `git show
 main:minisparse/deltanet/triton.py > /tmp/old.py`) and says whether the two PTX texts are identical, source-line
-and debug information aside; exit status 1 if not. Identical PTX means a refactor (a helper function, renamed
+and debug information aside; exit status 3 if not (errors exit 1 or 2, as Python and argparse do). Identical PTX means a refactor (a helper function, renamed
 variables) cannot change what runs on the GPU, so a GPU-verified kernel stays verified without device time.
 """
 from __future__ import annotations
@@ -85,8 +85,12 @@ def ptx_instructions(kernel) -> list[str]:
 
 def resources(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
               pointers: set | None = None) -> dict:
-    kernel = compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers)
-    out = {"shared_kib": kernel.metadata.shared / 1024, "kernel": kernel}
+    return kernel_resources(compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers), arch)
+
+
+def kernel_resources(kernel, arch: int) -> dict:
+    """Shared memory (KiB) of a compiled kernel, and registers and spill bytes as ptxas reports them."""
+    out = {"shared_kib": kernel.metadata.shared / 1024}
     ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
@@ -114,24 +118,25 @@ def main(argv=None) -> int:
     ap.add_argument("--same-as", metavar="MODULE", help="also compile the kernel of that name from MODULE (a module "
                     "name or a .py file) and compare the PTX")
     args = ap.parse_args(argv)
-    module, name = args.kernel.split(":")
+    module, name = args.kernel.rsplit(":", 1)
     constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
     dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
     options = (constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
                set(filter(None, args.pointers.split(","))) or None)
-    r = resources(_kernel(module, name), *options)
+    kernel = compile_for(_kernel(module, name), *options)
+    r = kernel_resources(kernel, args.arch)
     print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}: shared "
           f"{r['shared_kib']:.1f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
           f"{r['spill_loads']} B loaded")
     if args.same_as:
-        ours = ptx_instructions(r["kernel"])
+        ours = ptx_instructions(kernel)
         theirs = ptx_instructions(compile_for(_kernel(args.same_as, name), *options))
         if ours != theirs:
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             print(f"PTX differs from {args.same_as}'s ({len(ours)} / {len(theirs)} lines); first difference at line "
                   f"{first + 1}:\n  {module}: {ours[first] if first < len(ours) else '(end)'}\n"
                   f"  {args.same_as}: {theirs[first] if first < len(theirs) else '(end)'}")
-            return 1
+            return 3
         print(f"PTX identical to {args.same_as}'s ({len(ours)} lines)")
     return 0
 

@@ -28,8 +28,9 @@ def _heads(bh, H, HV):
 
 @triton.jit
 def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows: each half's row indices, the
-    tile's columns, and each half's mask and offsets within a [K, V] state."""
+    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows (BK ≥ 32, so that each half
+    is a tensor-core operand of ≥ 16 rows): each half's row indices, the tile's columns, and each half's mask and
+    offsets within a [K, V] state."""
     k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
     k2 = k1 + BK // 2
     vs = iv * BV + tl.arange(0, BV)
