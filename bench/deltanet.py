@@ -3,9 +3,10 @@
     PYTHONPATH=. python bench/deltanet.py --out bench/results      # on a GPU machine, from the repository root
     python bench/deltanet.py --out /tmp --smoke                     # on a CPU: checks that the script runs
 
-B = 2, H = HV = 16, K = V = 128, bf16, T from 1K to 64K by default; q and k L2-normalised inside (use_qk_l2norm), beta uniform in
-[0, 1], gates g = -U(0, 1); forward, and forward + backward (o.backward(do)). minisparse's forward is also timed with
-runtime.set_value_checks(False): fla checks no values, and the check's host sync exposes the launch overhead.
+B = 2, H = HV = 16, K = V = 128, bf16, T from 1K to 64K by default; q and k L2-normalised inside (use_qk_l2norm),
+beta uniform in [0, 1], gates g = -U(0, 1); forward, and forward + backward (o.backward(do)). minisparse's forward is
+also timed with runtime.set_value_checks(False): fla checks no values, and the check's host sync exposes the launch
+overhead.
 Medians by minisparse.bench.median_ms (CUDA events). Writes DIR/deltanet.json (minisparse.bench format) and prints
 a table last.
 Target, reported and not asserted: forward time ≤ 1.0× fla's chunk_gated_delta_rule.

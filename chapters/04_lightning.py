@@ -890,13 +890,7 @@ def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state):
     if K > _MAX_DIM or V > _MAX_DIM:
         raise ValueError(f"{op}: head dimensions K and V must be <= {_MAX_DIM} (one on-chip tile), got K = {K}, "
                          f"V = {V}")
-    if not runtime.checking_values():
-        return scale, lambda: None
-    check_values = _check_slope(op, slope)
-    if q.device.type == "cpu":  # nothing runs ahead on a CPU: raise before the (slow) interpreted kernels start
-        check_values()
-        return scale, lambda: None
-    return scale, check_values
+    return scale, runtime.check_values_later(lambda: _check_slope(op, slope), q.device)
 
 
 def _forward(q, k, v, slope, scale, h0, output_final_state):

@@ -1466,13 +1466,7 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     if q.shape[-1] > max_dim or v.shape[-1] > max_dim:
         raise ValueError(f"{op}: head dimensions up to {max_dim} are supported (the state tile must fit on chip), "
                          f"got K = {q.shape[-1]}, V = {v.shape[-1]}")
-    if not runtime.checking_values():
-        return scale, lambda: None
-    check_values = _check_gate_and_beta(op, g, beta)
-    if q.device.type == "cpu":  # nothing runs ahead on a CPU: raise before the (slow) interpreted kernels start
-        check_values()
-        return scale, lambda: None
-    return scale, check_values
+    return scale, runtime.check_values_later(lambda: _check_gate_and_beta(op, g, beta), q.device)
 
 
 def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32, store_u=True):

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device", "launch",
-    "checking_values", "set_value_checks", "to_host_later", "describe", "print_environment",
+    "checking_values", "set_value_checks", "to_host_later", "check_values_later", "describe", "print_environment",
 ]
 
 
@@ -96,9 +96,8 @@ def to_host_later(t: torch.Tensor):
 
     What a value check needs: launch its reduction, call this, queue the op's kernels, then call the function. It
     waits until the GPU reaches the copy, not until it has run the kernels queued after it, so the wait overlaps
-    the op's GPU work whenever that outlasts its CPU work (chapter 5's chunk op on the H200: the check costs
-    0.03-0.13 ms a call from 8K tokens on, 0.17-0.37 ms when it synced before queueing; at 1K-4K tokens, where a
-    call's GPU work is as short as its CPU work, still 0.25-0.4 ms). On the CPU the values are read at once.
+    the op's GPU work whenever that outlasts its CPU work (chapter 5, section 5.8, measures what that saves). On the
+    CPU the values are read at once.
     """
     if t.device.type != "cuda":
         values = t.tolist()
@@ -112,6 +111,20 @@ def to_host_later(t: torch.Tensor):
         copied.synchronize()
         return host.tolist()
     return wait
+
+
+def check_values_later(start, device: torch.device):
+    """A Triton op's value check, split around its kernels: `start()` launches the check's reduction (through
+    `to_host_later`) and returns the function that waits for it and raises; call what this returns after queueing
+    the kernels. With value checks off, nothing is started. On a CPU, where nothing runs ahead of the host (the
+    interpreter), the check runs now, before the slow interpreted kernels, and what this returns does nothing."""
+    if not checking_values():
+        return lambda: None
+    verdict = start()
+    if device.type != "cuda":
+        verdict()
+        return lambda: None
+    return verdict
 
 
 def set_value_checks(enabled: bool) -> bool:

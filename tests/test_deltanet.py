@@ -629,7 +629,6 @@ def test_qk_row_kernels_match_pytorch(l2):
     assert_close(f"dx (l2norm {l2})", xr.grad, _qk_grad(x, dy, l2), 1e-6)
 
 
-
 def _wy(k, v, g, beta, split):
     """The WY kernel alone (no scan), fp32 dots exact: W [B, T, H, K], Ũ [B, T, H, V], G [B, T, H] and T's rows
     [B, T, H, C], all fp32."""

@@ -249,6 +249,35 @@ def test_kernel_resources_same_as_compares_ptx(tmp_path):
     assert changed.returncode == 3 and "PTX differs" in changed.stdout, changed.stdout + changed.stderr[-2000:]
 
 
+def test_check_values_later_starts_waits_and_raises_where_it_should():
+    """check_values_later: off, it starts nothing; on a CPU it starts the check and raises at once; on a CUDA device
+    it starts the check and raises only when its function is called (after the op's kernels are queued)."""
+    calls = []
+
+    def start():
+        calls.append("start")
+
+        def verdict():
+            calls.append("verdict")
+            raise ValueError("out of range")
+        return verdict
+
+    previous = runtime.set_value_checks(False)
+    try:
+        runtime.check_values_later(start, torch.device("cpu"))()
+        runtime.check_values_later(start, torch.device("cuda"))()
+    finally:
+        runtime.set_value_checks(previous)
+    assert calls == []
+    with pytest.raises(ValueError, match="out of range"):
+        runtime.check_values_later(start, torch.device("cpu"))
+    assert calls == ["start", "verdict"]
+    later = runtime.check_values_later(start, torch.device("cuda"))  # needs no GPU: the device decides when
+    assert calls == ["start", "verdict", "start"]
+    with pytest.raises(ValueError, match="out of range"):
+        later()
+
+
 def test_to_host_later_waits_for_the_copy_alone_and_only_when_asked():
     """to_host_later returns at once, even with the GPU busy (here sleeping 10⁹ clock cycles, 0.5-1 s), and its
     function waits for the copy alone: work queued after the copy is still running when the values arrive. On a CPU
