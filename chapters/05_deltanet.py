@@ -946,10 +946,12 @@ def _t_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr, T, H, HV, K, V,
+def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, kr_ptr, tinv_ptr, T, H, HV, K, V,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
-                   SPLIT_T: tl.constexpr, PRECISION: tl.constexpr):
+                   SPLIT_T: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
     """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
+    L2: K as given is unnormalised; l2norm(K) = diag(r) K with r = 1/‖k‖ read off K Kᵀ's diagonal, and r is stored
+    in kr_ptr [B, T, HV] for the other two kernels.
 
     K and V are walked in column blocks of BK and BV: only [C, C] matrices stay in registers throughout (whole rows
     of K and V at once spilled registers at K = V = 128: 1.74 ms against 1.28 ms at 32K tokens, H200). SPLIT_T
@@ -970,11 +972,17 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
         ks = k0 + tl.arange(0, BK)
         kb = tl.load(k_ptr + k_rows + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)
+    key_scale = beta * tl.exp(G)  # [C]: W = T diag(β e^G) K
+    if L2:  # ‖k_i‖² is K Kᵀ's diagonal (exact bf16 products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ diag(r)
+        r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)  # [C], as l2norm
+        KKt = KKt * r[:, None] * r[None, :]
+        key_scale = key_scale * r
+        tl.store(kr_ptr + (b * T + t) * HV + hv, r, mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
     A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
     Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
-    # the row scalings of K and V move onto T's columns: W = (T diag(β e^G)) K, Ũ = (T diag(β)) V
-    Tw_hi, Tw_lo = _t_split(Tm * (beta * tl.exp(G))[None, :], k_ptr.dtype.element_ty, SPLIT_T)  # [C, C] each
+    # the row scalings of K and V move onto T's columns: W = (T diag(β e^G) diag(r)) K, Ũ = (T diag(β)) V
+    Tw_hi, Tw_lo = _t_split(Tm * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT_T)  # [C, C] each
     Tu_hi, Tu_lo = _t_split(Tm * beta[None, :], v_ptr.dtype.element_ty, SPLIT_T)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -995,11 +1003,12 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, tinv_ptr
 
 
 @triton.jit
-def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
+def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, uo_ptr, gc_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, STORE_U: tl.constexpr, PRECISION: tl.constexpr):
-    """Scan over chunks: states[n] = S entering chunk n; U = Ũ − W S_n (over Ũ if STORE_U); S_{n+1}.
-    Grid (V/BV, B·HV).
+                       STORE_HT: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
+    """Scan over chunks: states[n] = S entering chunk n; U = Ũ − W S_n, stored in uo_ptr (which may be u_ptr, Ũ's
+    buffer: each value is read before it is overwritten, by the same program); S_{n+1}. Grid (V/BV, B·HV). L2: K is
+    unnormalised and kr_ptr holds its rows' 1/‖k‖.
 
     The state lives in two halves of BK/2 rows, S = [S1; S2] (BK ≥ 32), as fla's scan holds it: each product is then
     two smaller independent ones. H200, 32K tokens: 0.61 ms against 0.77 ms for one [BK, BV] state, same results.
@@ -1029,11 +1038,12 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
         u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
         u_mask = tm[:, None] & (vs[None, :] < V)
         u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0).to(tl.float32) - WS  # U = Ũ − W S
-        if STORE_U:  # the backward reads U; the forward's output kernel forms it again, cheaper than 4 bytes a value
-            tl.store(u_ptr + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
+        tl.store(uo_ptr + u_off, u.to(uo_ptr.dtype.element_ty), mask=u_mask)
         G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
         G_last = tl.load(gc_ptr + (b * T + n * C + L - 1) * HV + hv)  # G of the chunk's last token
         key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
+        if L2:  # Knᵀ = Kᵀ diag(r): r joins the decay on U's rows
+            key_decay = key_decay * tl.load(kr_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
         u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
         k_cols = ((b * T + t[None, :]) * H + h) * K  # [1, C]: Kᵀ is loaded as [BK/2, C] tiles
         kT1 = tl.load(k_ptr + k_cols + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
@@ -1046,10 +1056,13 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, gc_ptr, h0_ptr, states_ptr, ht_ptr, 
 
 
 @triton.jit
-def _fwd_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, with U = Ũ − W S_n formed here as the
-    scan formed it (u_ptr holds Ũ), K walked in blocks of BK. Grid (V/BV, NT, B·HV)."""
+def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, K walked in blocks of BK.
+    Grid (V/BV, NT, B·HV). L2: Q and K are unnormalised; Q's rows' squared norms are summed here as Q is loaded,
+    K's 1/‖k‖ come from kr_ptr. The last product runs in U's dtype: P = scale (Q Kᵀ ⊙ Γ), scaled to |P| ≤ scale,
+    is rounded to it (bf16 tensor cores for bf16 inputs, as fla's output kernel)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -1060,77 +1073,33 @@ def _fwd_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, states_ptr, o_ptr, sc
     vs = iv * BV + tl.arange(0, BV)
     QKt = tl.zeros((C, C), dtype=tl.float32)
     o = tl.zeros((C, BV), dtype=tl.float32)
-    WS = tl.zeros((C, BV), dtype=tl.float32)
+    q_sq = tl.zeros((C,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
         q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
         k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
-        w = tl.load(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], mask=qk_mask, other=0.0)
         S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
                     mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV], in q's dtype
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
         o = tl.dot(q, S, o, input_precision=PRECISION)
-        WS = tl.dot(w, S, WS, input_precision=PRECISION)
+        if L2:
+            q_sq += tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1)
     G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
-    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
+    P = QKt * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
+    row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
+    if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
+        r_q = tl.rsqrt(q_sq + 1e-6)
+        P = P * r_q[:, None] * tl.load(kr_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)[None, :]
+        row_scale = row_scale * r_q
     v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0) - WS  # [C, BV]
-    o = tl.dot(QKt * Gamma, u, o * tl.exp(G)[:, None], input_precision=PRECISION)  # U is fp32: TF32 for 16-bit inputs
-    tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
-             mask=v_mask)
+    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
+    o = tl.dot((P * scale).to(u.dtype), u, o * row_scale[:, None], input_precision=PRECISION)
+    tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=v_mask)
 
 
-# %% [markdown]
-# ### The backward pass
-#
-# The backward pass runs the same dependency structure in reverse. Write $dX$ for $\partial \mathcal L / \partial X$
-# and $dS'$ for the gradient of the state *leaving* a chunk. Per chunk, from the forward equations:
-#
-# - **output**: $O = \sigma(\operatorname{diag}(e^G) Q S + (QK^\top \odot \Gamma) U)$ gives
-#   $dQ = \sigma(\operatorname{diag}(e^G)\, dO\, S^\top + (dO\, U^\top \odot \Gamma) K)$,
-#   $dK \mathrel{+}= \sigma (dO\, U^\top \odot \Gamma)^\top Q$, and
-#   $dU \mathrel{+}= \sigma (QK^\top \odot \Gamma)^\top dO$;
-# - **state update**: $S' = e^{G_L} S + (\operatorname{diag}(e^{G_L - G}) K)^\top U$ gives
-#   $dU \mathrel{+}= \operatorname{diag}(e^{G_L - G}) K\, dS'$ and
-#   $dK \mathrel{+}= \operatorname{diag}(e^{G_L - G})\, U\, dS'^\top$;
-# - **the write** $U = \tilde U - W S$: $dW = -dU\, S^\top$, $d\tilde U = dU$, and the entering state collects
-#   $dS = e^{G_L} dS' + \sigma (\operatorname{diag}(e^G) Q)^\top dO - W^\top dU$;
-# - **the WY representation**:
-#   $dT = dW (\operatorname{diag}(\beta e^G) K)^\top + d\tilde U (\operatorname{diag}(\beta) V)^\top$, and since
-#   $T = (I + A)^{-1}$, $dA = -T^\top\, dT\, T^\top$ (kept strictly lower);
-#   $A_{ij} = \beta_i \Gamma_{ij}\, k_i \cdot k_j$ then hands out $d\beta$ and two more terms of $dK$. The right-hand
-#   sides give the rest directly: $dV = \operatorname{diag}(\beta)\, T^\top d\tilde U$, and $T^\top dW$ is the
-#   gradient of $\operatorname{diag}(\beta e^G) K$, which feeds $dK$, $d\beta$ and $dG$;
-# - **gates**: write $m_{ij} = \frac{\partial \mathcal L}{\partial \Gamma_{ij}} \Gamma_{ij}$. Each pair factor
-#   $\Gamma_{ij} = e^{G_i - G_j}$ adds $m_{ij}$ to $dG_i$ and $-m_{ij}$ to $dG_j$; a single factor such as $e^{G_i}$
-#   or $e^{G_L}$ adds its own $m$ to that one position. $G$ is a cumulative sum, so $dg$ is the *reverse* cumulative
-#   sum of $dG$ within the chunk.
-#
-# Only the $dS$ recursion is sequential. The backward first reruns the forward's first two kernels, this time also
-# storing $T$: recomputing $W$, $U$ and the chunk states costs less memory than keeping them from the forward pass,
-# where they would hold several times the activations until the backward runs. Then three new kernels run:
-#
-# 1. **`_bwd_du_local_kernel`** — every chunk in parallel: the part of $dU$ that needs no state,
-#    $\sigma (QK^\top \odot \Gamma)^\top dO$, so that the sequential scan does not recompute $QK^\top$;
-# 2. **`_bwd_states_kernel`** — a reverse scan over chunks per (batch, value head, tile of $V$): store $dS'$, add
-#    $\operatorname{diag}(e^{G_L - G}) K\, dS'$ to the chunk's $dU$, and step $dS$ back (three products a chunk);
-#    the last step is the initial state's gradient;
-# 3. **`_bwd_chunk_kernel`** — every chunk in parallel: all of the rest. A first loop over tiles of $V$ gathers the
-#    $C \times C$ quantities ($dO\,U^\top$, $d\tilde U$'s part of $dT$) and writes $dV$; a second loop walks $K$ in
-#    blocks of 32 columns, with tiles of $V$ inside, for $dO\,S^\top$, $U\,dS'^\top$ and $dW$ — block by block, so
-#    that no $C \times K$ accumulator has to stay in registers (three of them at $K = 128$ would spill); a third pass
-#    over the $K$-blocks adds the terms of $dK$ that need the complete $dA$.
-#
-# With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
-# afterwards. With `use_qk_l2norm` the backward normalises $Q$ and $K$ with the forward's row kernel, and finishes
-# with the normalisation's own gradient, $dx = (dy - y\,\langle y, dy\rangle) / \lVert x\rVert$, in the kernel
-# that also sums the grouped heads and writes $dq$, $dk$ in the input dtype.
-
-# %%
-#| export deltanet.triton
 @triton.jit
 def _bwd_du_local_kernel(q_ptr, k_ptr, gc_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
@@ -1469,13 +1438,13 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
     return scale, runtime.check_values_later(lambda: _check_gate_and_beta(op, g, beta), q.device)
 
 
-def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32, store_u=True):
-    """Kernels 1 and 2: G, W, Ũ or U (= Ũ − W S_n if `store_u`), the chunk states, optionally T and the final state
-    (k normalised already, if it is to be).
+def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32,
+                   u_dtype=torch.float32, l2=False):
+    """Kernels 1 and 2: G, W, U = Ũ − W S_n, the chunk states, optionally T and the final state. With `l2`, k is
+    unnormalised and the kernels normalise its rows; their 1/‖k‖ are returned as `kr` [B, T, HV] (else None).
 
-    W and the chunk states are stored in `store_dtype`; Ũ in fp32, and U in fp32 over it when `store_u` (the
-    forward's output kernel forms U again instead): with almost no decay the state keeps every rounding of U it is
-    given (section 5.8). The scan accumulates in fp32 and multiplies in W's dtype.
+    W and the chunk states are stored in `store_dtype`, Ũ and then U over it in `u_dtype`. The scan accumulates in
+    fp32 and multiplies in W's dtype. Returns w, u, gc, kr, tinv, states, ht.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -1484,13 +1453,14 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     prec = _precision(k.dtype)
     BK = _pow2(K)
     w = torch.empty(B, T, HV, K, device=dev, dtype=store_dtype)
-    u = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=u_dtype)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
+    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None  # per value head, as G is
     tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
-        (k, v, g, beta, w, u, gc, tinv, T, H, HV, K, V),
-        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, PRECISION=prec),
+        (k, v, g, beta, w, u, gc, gc if kr is None else kr, tinv, T, H, HV, K, V),
+        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, L2=l2, PRECISION=prec),
         _tiles(V, _WY_BLOCK, num_warps=4 if _before_ampere(dev) else 2), _INSTEAD)  # H200, 32K: 2 warps 0.88 ms,
     # 4 warps 1.21, 8 warps 3.3 (probably: the solve's many small reductions then cross fewer warps)
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
@@ -1501,12 +1471,13 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     scan_warps = 8 if store_dtype == torch.float32 else 4
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-        (k, w, u, gc, h0 if h0 is not None else states, states, ht if ht is not None else states, T, H, HV, K, V, NT),
-        dict(C=_C, BK=max(BK, 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_U=store_u, PRECISION=prec),
+        (k, w, u, u, gc, gc if kr is None else kr, h0 if h0 is not None else states, states,
+         ht if ht is not None else states, T, H, HV, K, V, NT),
+        dict(C=_C, BK=max(BK, 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2=l2, PRECISION=prec),
         _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype, store_dtype))
         + _tiles(V, 16, num_warps=4, num_stages=1),
         _INSTEAD)
-    return w, u, gc, tinv, states, ht
+    return w, u, gc, kr, tinv, states, ht
 
 
 _ROWS = 16  # rows of q or k a program of the two row kernels handles
@@ -1524,19 +1495,17 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
-    if l2:  # once, in a row kernel: normalising on load in each kernel made them spill registers, and the scan
-        q, k = _l2norm_rows(q), _l2norm_rows(k)  # redid it for every V-tile
-    # the forward stores W and the states in the inputs' dtype, as fla does (half the bytes in bf16); Ũ in fp32,
-    # and U not at all: the output kernel forms it again from Ũ, W and the state
-    w, u_wy, gc, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype,
-                                                store_u=False)
+    # W, Ũ, U and the chunk states are stored in the inputs' dtype, as fla stores them (half the bytes in bf16); q and k
+    # are used as given, their normalisation applied as fp32 scalings inside the kernels (section 5.8 says why)
+    w, u, gc, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype,
+                                                 u_dtype=q.dtype, l2=l2)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-        (q, k, w, u_wy, gc, states, o, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BK=min(_pow2(K), _O_BLOCK), PRECISION=_precision(q.dtype)),
+        (q, k, u, gc, gc if kr is None else kr, states, o, scale, T, H, HV, K, V, NT),
+        dict(C=_C, BK=min(_pow2(K), _O_BLOCK), L2=l2, PRECISION=_precision(q.dtype)),
         _tiles(V, *((64, 32, 16) if _before_ampere(q.device) else (128, 64, 32, 16)), num_warps=4, num_stages=2),
-        _INSTEAD)  # H200, 32K: V-tiles of 128 0.74 ms, 64 0.85 (U formed here: each tile forms it for its columns)
+        _INSTEAD)
     return o, ht
 
 
@@ -1559,7 +1528,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     q_raw, k_raw = q, k
     if l2:  # as the forward does: the kernels then see unit rows in the input dtype
         q, k = _l2norm_rows(q), _l2norm_rows(k)
-    w, u, gc, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
+    w, u, gc, _, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
     BK = _pow2(K)
     do = do.contiguous()
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
