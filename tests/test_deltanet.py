@@ -211,6 +211,28 @@ def test_triton_chunk_and_fused_recurrent_match_naive(poisoned, T, H, HV, K, V, 
     assert chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, use_qk_l2norm=True)[1] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_l2norm_inside_the_kernels_any_row_norm(poisoned, dtype):
+    """The forward normalises q and k as fp32 scalings inside its kernels (1/‖k‖ from K Kᵀ's diagonal, 1/‖q‖ summed
+    while Q is loaded): rows with norms from 1e-3 to 1e3, and zero rows, as the recurrence normalises them. A kernel
+    that dropped a scaling, or applied it twice, fails here by orders of magnitude."""
+    if DEV == "cpu" and dtype != torch.float32:
+        pytest.skip("the interpreter's bf16/fp16 tl.dot: bf16/fp16 are tested on a GPU")
+    q, k, v, g, beta, h0 = _inputs(1, 150, 2, 4, 32, 48, gates=(-1e-3, 0.0), normalise=False, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    q = q * 10 ** (6 * torch.rand(1, 150, 2, 1, generator=gen) - 3)  # each row its own norm, 1e-3 … 1e3
+    k = k * 10 ** (6 * torch.rand(1, 150, 2, 1, generator=gen) - 3)
+    q[:, 7], k[:, 70] = 0.0, 0.0  # l2norm of a zero row is a zero row
+    q, k, v = (x.to(DEV, dtype) for x in (q, k, v))
+    g, beta, h0 = (x.to(DEV) for x in (g, beta, h0))
+    ref = naive_recurrent_gated_delta_rule(q.float(), k.float(), v.float(), g, beta, initial_state=h0,
+                                           output_final_state=True, use_qk_l2norm=True)
+    got = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    tol = 1e-4 if dtype == torch.float32 and DEV == "cpu" else 2e-3 if dtype == torch.float32 else 5e-3
+    assert_close(f"o ({dtype})", ref[0], got[0], tol)
+    assert_close(f"final state ({dtype})", ref[1], got[1], tol)
+
+
 def test_triton_without_l2norm_and_delta_rule(poisoned):
     q, k, v, g, beta, h0 = _dev(*_inputs(1, 70, 2, 2, 32, 32, normalise=True))
     o_r, s_r = naive_recurrent_delta_rule(q, k, v, beta, scale=0.5, initial_state=h0, output_final_state=True)
@@ -640,8 +662,8 @@ def _wy(k, v, g, beta, split):
     V = v.shape[-1]
     w, u = torch.empty(B, T, H, K, device=k.device), torch.empty(B, T, H, V, device=k.device)
     gc, tinv = torch.empty(B, T, H, device=k.device), torch.empty(B, T, H, _C, device=k.device)
-    _fwd_wy_kernel[(triton.cdiv(T, _C), B * H)](k, v, g, beta, w, u, gc, gc, tinv, T, H, H, K, V, C=_C, BK=32,
-                                                BV=32, STORE_T=True, SPLIT_T=split, L2=False, PRECISION="ieee")
+    _fwd_wy_kernel[(triton.cdiv(T, _C), B * H)](k, k, v, g, beta, w, u, gc, gc, gc, tinv, T, H, H, K, V, C=_C,
+                                                BK=32, BV=32, STORE_T=True, SPLIT_T=split, L2=False, PRECISION="ieee")
     return w, u, gc, tinv
 
 
