@@ -662,8 +662,8 @@ def _wy(k, v, g, beta, split):
     V = v.shape[-1]
     w, u = torch.empty(B, T, H, K, device=k.device), torch.empty(B, T, H, V, device=k.device)
     gc, tinv = torch.empty(B, T, H, device=k.device), torch.empty(B, T, H, _C, device=k.device)
-    _fwd_wy_kernel[(triton.cdiv(T, _C), B * H)](k, k, v, g, beta, w, u, gc, gc, gc, tinv, T, H, H, K, V, C=_C,
-                                                BK=32, BV=32, STORE_T=True, SPLIT_T=split, L2=False, PRECISION="ieee")
+    _fwd_wy_kernel[(triton.cdiv(T, _C), B * H)](k, v, g, beta, w, u, gc, gc, tinv, T, H, H, K, V, C=_C, BK=32,
+                                                BV=32, STORE_T=True, SPLIT_T=split, L2=False, PRECISION="ieee")
     return w, u, gc, tinv
 
 

@@ -97,13 +97,12 @@ def _t_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, qr_ptr, kr_ptr, tinv_ptr,
-                   T, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
+def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, kr_ptr, tinv_ptr, T, H, HV, K, V,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
                    SPLIT_T: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
     """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
-    L2: Q and K as given are unnormalised; l2norm(K) = diag(r) K with r = 1/‖k‖ read off K Kᵀ's diagonal, and
-    1/‖q‖ summed from Q's rows as they pass; both are stored, in qr_ptr and kr_ptr [B, T, HV], for the other two
-    kernels.
+    L2: K as given is unnormalised; l2norm(K) = diag(r) K with r = 1/‖k‖ read off K Kᵀ's diagonal, and r is stored
+    in kr_ptr [B, T, HV] for the other two kernels.
 
     K and V are walked in column blocks of BK and BV: only [C, C] matrices stay in registers throughout (whole rows
     of K and V at once spilled registers at K = V = 128: 1.74 ms against 1.28 ms at 32K tokens, H200). SPLIT_T
@@ -120,21 +119,16 @@ def _fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, q
     beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
     G = tl.cumsum(g, axis=0)  # [C] local cumulative log decay
     KKt = tl.zeros((C, C), dtype=tl.float32)
-    q_sq = tl.zeros((C,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         kb = tl.load(k_ptr + k_rows + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)
-        if L2:  # here rather than in the output kernel, where this sum beside the products was miscompiled (H200)
-            qb = tl.load(q_ptr + k_rows + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)
-            q_sq += tl.sum(qb * qb, axis=1)
     key_scale = beta * tl.exp(G)  # [C]: W = T diag(β e^G) K
     if L2:  # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ diag(r)
         r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)  # [C], as l2norm
         KKt = KKt * r[:, None] * r[None, :]
         key_scale = key_scale * r
         tl.store(kr_ptr + (b * T + t) * HV + hv, r, mask=tm)
-        tl.store(qr_ptr + (b * T + t) * HV + hv, tl.rsqrt(q_sq + 1e-6), mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
     A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
     Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
@@ -213,13 +207,26 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, uo_ptr, gc_ptr, kr_ptr, h0_ptr, stat
 
 
 @triton.jit
-def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, qr_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
+def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
+    """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each row's start, read
+    in blocks of BK. A loop of its own: summed in the output kernel's loop beside the products that use Q, these
+    squares were miscompiled on the H200 (triton 3.6; o 1.6e-1 off at V-tiles of 128, right in the interpreter)."""
+    sq = tl.zeros((R,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)
+        sq += tl.sum(x * x, axis=1)
+    return tl.rsqrt(sq + 1e-6)
+
+
+@triton.jit
+def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
                        PRECISION: tl.constexpr):
     """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, K walked in blocks of BK.
-    Grid (V/BV, NT, B·HV). L2: Q and K are unnormalised; their rows' 1/‖q‖, 1/‖k‖ come from qr_ptr, kr_ptr. The last
-    product runs in U's dtype: P = scale (Q Kᵀ ⊙ Γ), scaled to |P| ≤ scale, is rounded to it (bf16 tensor cores
-    for bf16 inputs, as fla's output kernel)."""
+    Grid (V/BV, NT, B·HV). L2: Q and K are unnormalised; Q's rows' 1/‖q‖ are summed here, K's come from kr_ptr.
+    The last product runs in U's dtype: P = scale (Q Kᵀ ⊙ Γ), scaled to |P| ≤ scale, is rounded to it (bf16 tensor
+    cores for bf16 inputs, as fla's output kernel)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -245,7 +252,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, qr_ptr, kr_ptr, states_ptr, 
     P = QKt * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
-        r_q = tl.load(qr_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
+        r_q = _row_rnorm(q_ptr + ((b * T + t[:, None]) * H + h) * K, tm, K, C, BK)  # Q again, from L2 cache
         P = P * r_q[:, None] * tl.load(kr_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)[None, :]
         row_scale = row_scale * r_q
     v_mask = tm[:, None] & (vs[None, :] < V)
@@ -570,13 +577,12 @@ def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
 
 
 def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32,
-                   u_dtype=torch.float32, q=None):
-    """Kernels 1 and 2: G, W, U = Ũ − W S_n, the chunk states, optionally T and the final state. Given `q`, q and k
-    are unnormalised and the kernels normalise k's rows; 1/‖q‖ and 1/‖k‖ are returned as `qr`, `kr` [B, T, HV]
-    (else None).
+                   u_dtype=torch.float32, l2=False):
+    """Kernels 1 and 2: G, W, U = Ũ − W S_n, the chunk states, optionally T and the final state. With `l2`, k is
+    unnormalised and the kernels normalise its rows; their 1/‖k‖ are returned as `kr` [B, T, HV] (else None).
 
     W and the chunk states are stored in `store_dtype`, Ũ and then U over it in `u_dtype`. The scan accumulates in
-    fp32 and multiplies in W's dtype. Returns w, u, gc, qr, kr, tinv, states, ht.
+    fp32 and multiplies in W's dtype. Returns w, u, gc, kr, tinv, states, ht.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -587,12 +593,11 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
     w = torch.empty(B, T, HV, K, device=dev, dtype=store_dtype)
     u = torch.empty(B, T, HV, V, device=dev, dtype=u_dtype)
     gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
-    l2 = q is not None
-    qr, kr = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None for _ in range(2))  # as G
+    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None  # per value head, as G is
     tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
-        (k if q is None else q, k, v, g, beta, w, u, gc, qr if l2 else gc, kr if l2 else gc, tinv, T, H, HV, K, V),
+        (k, v, g, beta, w, u, gc, kr if l2 else gc, tinv, T, H, HV, K, V),
         dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, L2=l2, PRECISION=prec),
         _tiles(V, _WY_BLOCK, num_warps=4 if _before_ampere(dev) else 2), _INSTEAD)  # H200, 32K: 2 warps 0.88 ms,
     # 4 warps 1.21, 8 warps 3.3 (probably: the solve's many small reductions then cross fewer warps)
@@ -610,7 +615,7 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=t
         _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype, store_dtype))
         + _tiles(V, 16, num_warps=4, num_stages=1),
         _INSTEAD)
-    return w, u, gc, qr, kr, tinv, states, ht
+    return w, u, gc, kr, tinv, states, ht
 
 
 _ROWS = 16  # rows of q or k a program of the two row kernels handles
@@ -630,12 +635,12 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
     NT = triton.cdiv(T, _C)
     # W, Ũ, U and the chunk states are stored in the inputs' dtype, as fla stores them (half the bytes in bf16); q and k
     # are used as given, their normalisation applied as fp32 scalings inside the kernels (section 5.8 says why)
-    w, u, gc, qr, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False,
-                                                     store_dtype=q.dtype, u_dtype=q.dtype, q=q if l2 else None)
+    w, u, gc, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype,
+                                                 u_dtype=q.dtype, l2=l2)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
     runtime.launch(
         "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-        (q, k, u, gc, qr if l2 else gc, kr if l2 else gc, states, o, scale, T, H, HV, K, V, NT),
+        (q, k, u, gc, kr if l2 else gc, states, o, scale, T, H, HV, K, V, NT),
         dict(C=_C, BK=min(_pow2(K), _O_BLOCK), L2=l2, PRECISION=_precision(q.dtype)),
         _tiles(V, *((64, 32, 16) if _before_ampere(q.device) else (128, 64, 32, 16)), num_warps=4, num_stages=2),
         _INSTEAD)
@@ -661,7 +666,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
     q_raw, k_raw = q, k
     if l2:  # as the forward does: the kernels then see unit rows in the input dtype
         q, k = _l2norm_rows(q), _l2norm_rows(k)
-    w, u, gc, _, _, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
+    w, u, gc, _, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
     BK = _pow2(K)
     do = do.contiguous()
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
