@@ -117,14 +117,30 @@ def check_values_later(start, device: torch.device):
     """A Triton op's value check, split around its kernels: `start()` launches the check's reduction (through
     `to_host_later`) and returns the function that waits for it and raises; call what this returns after queueing
     the kernels. With value checks off, nothing is started. On a CPU, where nothing runs ahead of the host (the
-    interpreter), the check runs now, before the slow interpreted kernels, and what this returns does nothing."""
+    interpreter), the check runs now, before the slow interpreted kernels, and what this returns does nothing. On a
+    GPU the check runs on a stream of its own, beside the kernels (`_beside_the_kernels`)."""
     if not checking_values():
         return lambda: None
-    verdict = start()
     if device.type != "cuda":
-        verdict()
+        start()()
         return lambda: None
-    return verdict
+    return _beside_the_kernels(start, device)
+
+
+_side_streams: dict = {}
+
+
+def _beside_the_kernels(start, device: torch.device):
+    """Run `start()` on a second CUDA stream of `device` that first waits for the current stream's queued work (which
+    produced the values to check). The check's reduction and copy then run next to the op's kernels, queued after
+    it on the current stream, instead of ahead of them: on the current stream the GPU would wait for the copy
+    (chapter 5, section 5.8). What `start()` returns waits for that copy, so the inputs it reads outlive it."""
+    side = _side_streams.get(device)
+    if side is None:
+        side = _side_streams[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        return start()
 
 
 def set_value_checks(enabled: bool) -> bool:

@@ -249,10 +249,11 @@ def test_kernel_resources_same_as_compares_ptx(tmp_path):
     assert changed.returncode == 3 and "PTX differs" in changed.stdout, changed.stdout + changed.stderr[-2000:]
 
 
-def test_check_values_later_starts_waits_and_raises_where_it_should():
+def test_check_values_later_starts_waits_and_raises_where_it_should(monkeypatch):
     """check_values_later: off, it starts nothing; on a CPU it starts the check and raises at once; on a CUDA device
     it starts the check and raises only when its function is called (after the op's kernels are queued)."""
     calls = []
+    monkeypatch.setattr(runtime, "_beside_the_kernels", lambda start, device: start())  # its stream: the GPU test
 
     def start():
         calls.append("start")
@@ -276,6 +277,26 @@ def test_check_values_later_starts_waits_and_raises_where_it_should():
     assert calls == ["start", "verdict", "start"]
     with pytest.raises(ValueError, match="out of range"):
         later()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams")
+def test_check_values_later_runs_beside_the_kernels_queued_after_it():
+    """On a GPU the check waits for the work queued before it (which made the values) but not for the work queued
+    after it (the op's kernels): its reduction and copy run on a stream of their own. Sleeps of 10⁹ clock cycles
+    stand for both."""
+    x = torch.tensor([1.0, 2.0], device="cuda")
+    runtime.check_values_later(lambda: (lambda f: f)(runtime.to_host_later(x)), x.device)()  # warm the stream
+    made, queued = torch.cuda.Event(), torch.cuda.Event()
+    torch.cuda._sleep(10**9)
+    y = x * 3  # the values to check, made after the first sleep
+    made.record()
+    wait = runtime.check_values_later(lambda: (lambda f: f)(runtime.to_host_later(y.sum().reshape(1))), x.device)
+    torch.cuda._sleep(10**9)  # the op's kernels
+    queued.record()
+    got = wait()
+    assert made.query(), "the check did not wait for the work that made its values"
+    assert not queued.query(), "the check waited for the kernels queued after it"
+    assert got == [9.0]
 
 
 def test_to_host_later_waits_for_the_copy_alone_and_only_when_asked():
