@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     rows = []
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, H=H, HV=H, K=D, V=D, T=args.T, chunk=64,
                   gates="-U(0, 1)", beta="U(0, 1)", scale="K ** -0.5",
-                  l2norm="use_qk_l2norm (inside each op: ours in a row kernel before its chunk kernels)",
+                  l2norm="use_qk_l2norm (inside each op: ours as fp32 scalings inside its chunk kernels)",
                   note="fwd under no_grad; fwd+bwd = o.backward(do); tflops: a rough count of the chunk form, "
                        "or causal 2·T²·2D (SDPA) a head, ×3 for fwd+bwd")
     for T in args.T:  # saved after every length, so a run cut short still leaves its results

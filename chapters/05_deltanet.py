@@ -784,15 +784,13 @@ if cfg is not None:
 #    and the WY representation $W = T \operatorname{diag}(\beta e^G) K$, $\tilde U = T \operatorname{diag}(\beta) V$.
 #    Nothing here depends on the state.
 # 2. **`_fwd_states_kernel`** — the only sequential part, a scan over chunks per (batch, value head, tile of $V$):
-#    store the entering state $S_n$, form $U = \tilde U - W S_n$, and move on:
+#    store the entering state $S_n$, form $U = \tilde U - W S_n$ and store it over $\tilde U$, and move on:
 #    $S_{n+1} = e^{G_L} S_n + (\operatorname{diag}(e^{G_L - G}) K)^\top U$. The state is held as two halves of
 #    $K/2$ rows, so that each product is two smaller independent ones (fla's scan does the same; at 32K tokens on the
-#    H200 the kernel took 0.61 ms this way, 0.77 ms with one $K \times 32$ tile).
+#    H200 the kernel took 0.61 ms this way, 0.77 ms with one $K \times 32$ tile, before it stored $U$).
 # 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: $O = \sigma(\operatorname{diag}(e^G) Q S_n +
 #    (QK^\top \odot \Gamma) U)$ — chapter 4's output kernel with $U$ for $V$ and the gate's $\Gamma$ for the decay
-#    matrix. It forms $U = \tilde U - W S_n$ again from the stored state: one more product per block of $K$ costs
-#    less than the scan writing $U$ in fp32 and this kernel reading it back (0.16 ms less in the scan, 0.07 ms more
-#    here, at 32K tokens).
+#    matrix.
 #
 # **The triangular solve, by blocks.** Forward substitution computes $T$ one row at a time: row $i$ is
 # $e_i - A_{i,:}\,T$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63 dependent
@@ -815,9 +813,10 @@ if cfg is not None:
 # ```
 #  _fwd_wy_kernel, program (chunk n, b·H_V + h_v):     K and V walked in column blocks of 32
 #      G  = cumsum(g) over the chunk                   [C]     (tl.cumsum)
-#      A  = β[:, None] · (K @ Kᵀ) ⊙ exp(G_i − G_j)     [C, C]  K @ Kᵀ accumulated block by block
+#      r  = 1 / sqrt(diag(K @ Kᵀ) + ε)                 [C]     use_qk_l2norm only: 1/‖k‖, stored for kernels 2, 3
+#      A  = β[:, None] · (K @ Kᵀ ⊙ r rᵀ) ⊙ exp(G_i − G_j)  [C, C]  K @ Kᵀ accumulated block by block
 #      T  = (I − N)(I + N²) D                          [C, C]  _unit_lower_inverse
-#      W  = (T · (β e^G)[None, :]) @ K                 [C, BK] per column block (_t_dot), stored as it is done
+#      W  = (T · (β e^G r)[None, :]) @ K               [C, BK] per column block (_t_dot), stored as it is done
 #      Ũ  = (T · β[None, :]) @ V                       [C, BV] the same
 # ```
 #
@@ -833,18 +832,22 @@ if cfg is not None:
 # probably because the solve's many small reductions then cross fewer warps. A T4 keeps 4 warps (the cell's
 # `_before_ampere`: without TF32 tensor cores the products take far more registers there).
 #
-# The scan accumulates the state in fp32 registers whatever the input dtype and multiplies in $W$'s dtype. The forward
-# *stores* $W$ and the chunk states in the input dtype, as fla does (half the bytes of fp32 in bf16, and 16-bit
-# tensor-core products in the scan and in the output kernel's $Q S_n$), but $\tilde U$ in fp32, and $U$ not at all:
-# section 5.8 shows why $U$'s precision matters. The backward's recomputation stores everything in fp32, $U$
-# included, for the gradients. Grouped value
-# heads are addressing only: value head $h_v$ reads key head $h_v // (H_V/H)$. With `use_qk_l2norm`, a small row
-# kernel (`_l2norm_rows_kernel`) normalises $Q$ and $K$ once before the three kernels run (in fp32, rounded back to
-# the input dtype, as `l2norm` followed by a cast would): 0.13 ms per tensor at 32K tokens on the H200, so about 0.07
-# ms for both at 8K, where `l2norm` in PyTorch took 0.77 ms. An earlier version normalised inside every kernel, on
-# load; that cost registers the kernels did not have, and the scan redid it for every tile of $V$. A later one
-# scaled the products' rows and columns by $1/\lVert q \rVert$, $1/\lVert k \rVert$ instead (no normalised tiles at
-# all): the two row kernels went, but the WY and output kernels slowed by as much (section 5.8).
+# **Storage, and where the normalisation goes.** The scan accumulates the state in fp32 registers whatever the input
+# dtype and multiplies in the input dtype. The forward *stores* $W$, $\tilde U$, $U$ and the chunk states in the
+# input dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core products in the output kernel,
+# $(QK^\top \odot \Gamma)$ rounded to bf16 times $U$. That is accurate enough only because $q$ and $k$ are never
+# rounded after they are normalised: with `use_qk_l2norm` the kernels take $q$ and $k$ as given and apply
+# $1/\lVert q \rVert$ and $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (section 5.8
+# measures both sides of that trade). For $k$ this costs the WY kernel almost nothing: $\lVert k_i \rVert^2$ is the
+# diagonal of the $K K^\top$ it computes anyway (products of 16-bit numbers are exact in fp32), so
+# $K_n K_n^\top = \operatorname{diag}(r)\, K K^\top \operatorname{diag}(r)$ and $W = T \operatorname{diag}(\beta e^G
+# r) K$. The kernel stores $r$ for the scan, which scales $U$'s rows by it along with the decay, and for the output
+# kernel, which scales $QK^\top$'s columns by it. $1/\lVert q \rVert$ the output kernel sums itself, in a loop over
+# $Q$'s rows of its own (`_row_rnorm`; the second read of $Q$ mostly hits the L2 cache): summed inside the loop that
+# feeds $Q$ to the tensor cores, it was miscompiled on the H200, with outputs 0.13–0.18 off at $V$-tiles of 128 and
+# right in the interpreter (section 5.8). Grouped value heads are addressing only: value head $h_v$ reads key head
+# $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
+# normalises $q$ and $k$ first in a row kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
 
 # %%
 #| export deltanet.triton
@@ -1110,6 +1113,55 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, s
     tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=v_mask)
 
 
+# %% [markdown]
+# ### The backward pass
+#
+# The backward pass runs the same dependency structure in reverse. Write $dX$ for $\partial \mathcal L / \partial X$
+# and $dS'$ for the gradient of the state *leaving* a chunk. Per chunk, from the forward equations:
+#
+# - **output**: $O = \sigma(\operatorname{diag}(e^G) Q S + (QK^\top \odot \Gamma) U)$ gives
+#   $dQ = \sigma(\operatorname{diag}(e^G)\, dO\, S^\top + (dO\, U^\top \odot \Gamma) K)$,
+#   $dK \mathrel{+}= \sigma (dO\, U^\top \odot \Gamma)^\top Q$, and
+#   $dU \mathrel{+}= \sigma (QK^\top \odot \Gamma)^\top dO$;
+# - **state update**: $S' = e^{G_L} S + (\operatorname{diag}(e^{G_L - G}) K)^\top U$ gives
+#   $dU \mathrel{+}= \operatorname{diag}(e^{G_L - G}) K\, dS'$ and
+#   $dK \mathrel{+}= \operatorname{diag}(e^{G_L - G})\, U\, dS'^\top$;
+# - **the write** $U = \tilde U - W S$: $dW = -dU\, S^\top$, $d\tilde U = dU$, and the entering state collects
+#   $dS = e^{G_L} dS' + \sigma (\operatorname{diag}(e^G) Q)^\top dO - W^\top dU$;
+# - **the WY representation**:
+#   $dT = dW (\operatorname{diag}(\beta e^G) K)^\top + d\tilde U (\operatorname{diag}(\beta) V)^\top$, and since
+#   $T = (I + A)^{-1}$, $dA = -T^\top\, dT\, T^\top$ (kept strictly lower);
+#   $A_{ij} = \beta_i \Gamma_{ij}\, k_i \cdot k_j$ then hands out $d\beta$ and two more terms of $dK$. The right-hand
+#   sides give the rest directly: $dV = \operatorname{diag}(\beta)\, T^\top d\tilde U$, and $T^\top dW$ is the
+#   gradient of $\operatorname{diag}(\beta e^G) K$, which feeds $dK$, $d\beta$ and $dG$;
+# - **gates**: write $m_{ij} = \frac{\partial \mathcal L}{\partial \Gamma_{ij}} \Gamma_{ij}$. Each pair factor
+#   $\Gamma_{ij} = e^{G_i - G_j}$ adds $m_{ij}$ to $dG_i$ and $-m_{ij}$ to $dG_j$; a single factor such as $e^{G_i}$
+#   or $e^{G_L}$ adds its own $m$ to that one position. $G$ is a cumulative sum, so $dg$ is the *reverse* cumulative
+#   sum of $dG$ within the chunk.
+#
+# Only the $dS$ recursion is sequential. The backward first reruns the forward's first two kernels, this time also
+# storing $T$: recomputing $W$, $U$ and the chunk states costs less memory than keeping them from the forward pass,
+# where they would hold several times the activations until the backward runs. Then three new kernels run:
+#
+# 1. **`_bwd_du_local_kernel`** — every chunk in parallel: the part of $dU$ that needs no state,
+#    $\sigma (QK^\top \odot \Gamma)^\top dO$, so that the sequential scan does not recompute $QK^\top$;
+# 2. **`_bwd_states_kernel`** — a reverse scan over chunks per (batch, value head, tile of $V$): store $dS'$, add
+#    $\operatorname{diag}(e^{G_L - G}) K\, dS'$ to the chunk's $dU$, and step $dS$ back (three products a chunk);
+#    the last step is the initial state's gradient;
+# 3. **`_bwd_chunk_kernel`** — every chunk in parallel: all of the rest. A first loop over tiles of $V$ gathers the
+#    $C \times C$ quantities ($dO\,U^\top$, $d\tilde U$'s part of $dT$) and writes $dV$; a second loop walks $K$ in
+#    blocks of 32 columns, with tiles of $V$ inside, for $dO\,S^\top$, $U\,dS'^\top$ and $dW$ — block by block, so
+#    that no $C \times K$ accumulator has to stay in registers (three of them at $K = 128$ would spill); a third pass
+#    over the $K$-blocks adds the terms of $dK$ that need the complete $dA$.
+#
+# With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
+# afterwards. With `use_qk_l2norm` the backward normalises $Q$ and $K$ first, in a row kernel (`_l2norm_rows_kernel`;
+# the forward's kernels normalise as they go instead), and finishes with the normalisation's own gradient,
+# $dx = (dy - y\,\langle y, dy\rangle) / \lVert x\rVert$, in the kernel that also sums the grouped heads and writes
+# $dq$, $dk$ in the input dtype.
+
+# %%
+#| export deltanet.triton
 @triton.jit
 def _bwd_du_local_kernel(q_ptr, k_ptr, gc_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
@@ -1389,7 +1441,7 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 #| export deltanet.triton
 _C = 64  # chunk length of the Triton kernels
 _WY_BLOCK = 32  # column blocks of K and V in the WY kernel (H200, 32K tokens, 2 warps: 0.88 ms; blocks of 64 0.92)
-_O_BLOCK = 64  # blocks of K in the output kernel (V-tiles of 128: 0.74 ms; 32: 0.87, 128: 1.10)
+_O_BLOCK = 64  # blocks of K in the output kernel (H200, 32K, V-tiles of 128: 0.53 ms; blocks of 128: 0.72)
 
 
 def _pow2(n, low=16):
@@ -1416,8 +1468,9 @@ def _before_ampere(dev):
 def _scan_stages(dtype, store_dtype):
     """Software-pipelining depth of the forward scan (chunks loaded ahead). fp32 inputs: none, their operands take
     twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.61 ms; 3 stages 0.63, 5 stages 0.65; 2 stages
-    cost 0.17 ms more before the state was split in halves). The backward's recomputation (16-bit K, fp32 W and
-    states): 3, as it was measured."""
+    cost 0.17 ms more before the state was split in halves; since the scan stores U, 4 stages 0.74-0.75 ms and 3
+    stages 0.73, kept at the 4 the GPU tests ran). The backward's recomputation (16-bit K, fp32 W and states): 3, as
+    it was measured."""
     return 1 if dtype == torch.float32 else 4 if store_dtype != torch.float32 else 3
 
 
@@ -1515,7 +1568,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
         (q, k, u, gc, kr if l2 else gc, states, o, scale, T, H, HV, K, V, NT),
         dict(C=_C, BK=min(_pow2(K), _O_BLOCK), L2=l2, PRECISION=_precision(q.dtype)),
         _tiles(V, *((64, 32, 16) if _before_ampere(q.device) else (128, 64, 32, 16)), num_warps=4, num_stages=2),
-        _INSTEAD)
+        _INSTEAD)  # H200, 32K: 0.53 ms (8 warps 0.53-0.55, 3 stages 0.50-0.51, same outputs; 2 stages are tested)
     return o, ht
 
 
@@ -1904,64 +1957,70 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #
 # - **Correct on the GPU.** The whole test suite of this chapter passes on the H200 (Triton 3.6) in fp32, bf16 and
 #   fp16, forward and every gradient, against the recurrence and the PyTorch chunk form — including on the
-#   configuration where fla refuses to run its own gated backward.¹ Our bf16 output and fla's agree to a relative
-#   RMS of 3.8e-3, which is bf16 rounding; against the fp32 recurrence, this chapter's hardest check (the GPU check
-#   of section 5.6, which a GPU runs at 1000 tokens that forget almost nothing) gives 4.3e-3, inside the book's bf16
-#   bound of 5e-3.
-# - **Faster than fla's forward up to 8K tokens, 1.2–1.25× slower from 32K.** Forward, ms (value checks on / off)
-#   against fla: 1K 0.60 / 0.27 vs 0.82; 2K 0.63 / 0.42 vs 1.22; 4K 0.74 / 0.43 vs 1.24; 8K 0.87 / 0.69 vs 1.47;
-#   16K 1.38 / 1.32 vs 1.40; 32K 2.69 / 2.59 vs 2.15; 64K 5.13 / 5.09 vs 4.27. Up to 16K both are bound by
-#   launches and host work, and fla's times there move from run to run (8K: 1.20 ms in the previous run, 1.47 in
-#   this one; 16K: 1.09 and 1.40); from 32K on, where the kernels' work dominates, fla's are faster: 1.25× at 32K
-#   and 1.20× at 64K (value checks off: 1.21× and 1.19×; at 32K with $B = 1$, checks off, 1.69 against 1.40 ms in
-#   a separate run). This chapter's target was fla's forward time: met up to 8K tokens in every run (at 16K it
-#   depends on fla's run: 0.98× here, 1.29× in the previous one), missed by a fifth to a quarter from 32K.
-# - **The backward is the weak half**: forward + backward takes 5.2 ms at 8K, 20.2 ms at 32K and 39.8 ms at 64K,
-#   against fla's 4.9, 8.5 and 16.8 ms (1.06×, 2.4×, 2.4×); below 8K ours is faster (2K: 2.2 against 4.8 ms).
-# - **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K
-#   (0.92 ms); at 64K it takes 58.3 ms against our 5.1 ms, and 234 ms with its backward.
+#   configuration where fla refuses to run its own gated backward.¹ Against the fp32 recurrence this chapter's bf16
+#   forward is *closer* than fla's: on this chapter's hardest check (the GPU check of section 5.6, 1000 tokens that
+#   forget almost nothing) 4.6e-3 against fla's 5.8e-3, inside the book's bf16 bound of 5e-3 where fla's is not;
+#   with $K = V = 128$, 3.7e-3 against 4.8e-3. The two bf16 outputs differ from each other by 5.0e-3 (relative RMS
+#   in the benchmark), more than either differs from the fp32 result, because they no longer round the same things
+#   (below, "Speed against precision").
+# - **As fast as fla's forward, value checks aside.** Forward, ms (value checks on / off) against fla: 1K 0.55 /
+#   0.35 vs 1.13; 2K 0.70 / 0.41 vs 1.39; 4K 0.33 / 0.29 vs 0.76; 8K 0.59 / 0.56 vs 0.96; 16K 1.13 / 1.07 vs 1.34;
+#   32K 2.27 / 2.13 vs 2.16; 64K 4.37 / 4.18 vs 4.27. Without the value checks (fla checks no values) that is
+#   0.29–0.99× fla's time at every length; with them, 0.43–0.84× up to 16K and 1.05× / 1.02× at 32K / 64K in this
+#   run. A separate run of the same kernels gave, at 32K, 2.15 ms with checks, 2.12 without, fla 2.15 (at $B = 1$:
+#   1.48 / 1.45 against 1.55), and at 64K 4.24 / 4.18 against 4.28: at 32K and more the two are level, and what
+#   the checks cost varies by run (below). Up to 16K both are bound by launches and host work, and fla's times
+#   there move from run to run (8K: 0.96 ms here, 1.47 in the run before).
+# - **The backward is the weak half**: forward + backward takes 5.1 ms at 8K, 19.7 ms at 32K and 38.8 ms at 64K,
+#   against fla's 3.9, 8.5 and 16.7 ms (1.3×, 2.3×, 2.3×); below 8K ours is faster (2K: 2.3 against 4.3 ms).
+# - **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens (4K: 0.26 ms against
+#   our 0.33) and slower from 8K (0.93 against 0.59); at 64K it takes 58.3 ms against our 4.4 ms, and 234 ms with
+#   its backward.
 #
 # ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
 # miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
 #
-# Where the forward's time goes at 32K tokens (H200, bf16, each kernel timed alone, in the run before this one's
-# benchmark, hence fla's 2.16 ms; "earlier" is this chapter's previous version, whose end-to-end time was measured
-# before the split of $T$ described below; fla's kernels are last):
+# Where the forward's time goes at 32K tokens (H200, bf16, $B = 2$, each kernel timed alone; "before" is this
+# chapter's previous version, which normalised $q$, $k$ in row kernels and kept $\tilde U$, $U$ in fp32; fla's
+# kernels are last):
 #
-# | step | earlier | now | fla | what changed |
+# | step | before | now | fla | what changed |
 # |---|---|---|---|---|
-# | `l2norm` of $q$, $k$ | 0.26 ms | 0.26 ms | 0.26 ms | |
-# | WY: $A$, $T$, $W$, $\tilde U$ | 1.24 ms | 0.88 ms | 0.72 ms (two kernels) | 2 warps a program instead of 4 |
-# | scan: the states | 1.07 ms | 0.61 ms | 0.60 ms | the state in two halves; $U$ not stored; 4 stages |
-# | output | 0.68 ms | 0.74 ms | 0.51 ms | forms $U$ itself; $V$-tiles of 128 |
-# | **end to end**, checks off | 3.47 ms | 2.59 ms | 2.16 ms | |
+# | `l2norm` of $q$, $k$ | 0.26 ms | — | 0.26 ms | inside the kernels, as fp32 scalings |
+# | WY: $A$, $T$, $W$, $\tilde U$ | 0.88 ms | 0.83 ms | 0.72 ms (two kernels) | $\tilde U$ stored in bf16; $1/\lVert k \rVert$ from $KK^\top$'s diagonal (0.015 ms) |
+# | scan: the states | 0.61 ms | 0.74 ms | 0.60 ms | stores $U$, in bf16 |
+# | output | 0.74 ms | 0.53 ms | 0.51 ms | reads $U$ instead of forming it; $(QK^\top \odot \Gamma)\,U$ on bf16 tensor cores |
+# | **end to end**, checks off | 2.59 ms | 2.12–2.13 ms | 2.15–2.16 ms | |
 #
-# The end-to-end time is the sum of the kernels, with the scan at the 0.70 ms a profile of the whole call gives it
-# there (timed alone: 0.61 ms); everything else in the call takes 0.02 ms. The two gaps left are the WY kernel,
-# which still uses all 255 registers a thread may have and spills some, and the output kernel, which does more than
-# fla's: it forms $U$ and multiplies $(QK^\top \odot \Gamma) U$ in TF32 on fp32 operands where fla multiplies in
-# bf16 (below).
+# The sum of the kernels is the end-to-end time: everything else in a call takes about 0.02 ms. The gaps left are the
+# WY kernel, which still uses all 255 registers a thread may have and spills some, and the scan: 0.13 ms slower now
+# that it stores $U$, although it moves no more bytes than before (it writes 0.27 GB of $U$ and reads 0.27 GB less
+# of $\tilde U$, now bf16).
 #
 # **The host sync.** The value checks (is $g \le 0$, is $\beta$ in $[0, 2]$) read a reduction back to the CPU. The op
 # starts that copy, queues its kernels, and only then waits for the copy (`minisparse.runtime.to_host_later`), so
-# the wait overlaps the GPU's work instead of idling it: from 16K tokens on the checks cost 0.04–0.10 ms (they cost
-# 0.37 ms at 32K when the op waited before queueing). Up to 8K a call's GPU work is about as short as its CPU work,
-# and any wait for the GPU puts the two one after the other: 0.19–0.33 ms (1K: 0.60 ms against 0.27).
+# the wait overlaps the GPU's work instead of idling it. In the benchmark run the checks cost 0.03–0.05 ms from 4K to
+# 16K, 0.14 and 0.19 ms at 32K and 64K, but 0.03 and 0.06 ms there in the separate run above; up to 2K, where a
+# call's GPU work is about as short as its CPU work, 0.2–0.3 ms (1K: 0.55 ms against 0.35). Those runs had the
+# check's reduction and copy on the op's own stream, ahead of its kernels; they now run on a stream of their own,
+# beside the kernels (`runtime.check_values_later`; tested on the H200, not yet timed).
 # `minisparse.runtime.set_value_checks(False)` skips the checks (shapes, dtypes and devices are still checked); fla
 # checks no values at all.
 #
-# **Speed against precision.** fla keeps $W$, $U$, $T$ and the chunk states in bf16 and multiplies them on bf16 tensor
-# cores. This chapter does the same for $W$, the chunk states and the scan's products, but keeps $\tilde U$ and $U$ at
-# fp32 accuracy and, for bf16, $T$'s products too (below; fp16 keeps them in TF32). A model that replays the
-# kernels' rounding in PyTorch on a CPU (`bench/notes/deltanet_rounding_model.py`) shows why, on the 1000-token
-# near-no-decay check of section 5.6 against the fp32 recurrence: $W$, $U$ and the states in fp32, 3.7e-3; this
-# chapter's choices with $T$'s products in TF32, 4.6e-3 (the H200 measures 4.3e-3 with the split below); $U$ in bf16
-# as well, 5.4e-3; fla's choices, 5.8e-3 — over the book's bound. A state that forgets almost nothing keeps almost
-# every rounding it was ever given, and $U$ is what it is given. Casting $T$ itself to bf16 inside the WY kernel also
-# gave NaN on the H200 at $K = 48$ with gates in $[-30, -5]$ (never in the interpreter; the same class of Hopper
-# miscompilation as fla's issue), so $T$ is never rounded to 16 bits in one piece. The output kernel's last product
-# in bf16, as fla does it, would take 0.69 ms instead of 0.74 at 32K, and move the output 2.9e-3 from the same
-# product in fp32 instead of 1.8e-3: not taken.
+# **Speed against precision.** fla keeps $W$, $\tilde U$, $U$, $T$ and the chunk states in bf16, and multiplies
+# $(QK^\top \odot \Gamma)$ rounded to bf16 by $U$. This chapter's previous version kept $\tilde U$ and $U$ in fp32,
+# because a model that replays every rounding of the kernels in PyTorch on a CPU
+# (`bench/notes/deltanet_rounding_model.py`; for this chapter's kernels it agrees with the H200 to 0.05e-3) put
+# fla's choices at 5.5e-3 on the 1000-token near-no-decay check of section 5.6 against the fp32 recurrence, over the
+# book's bound (fla itself measures 5.8e-3 there on the H200). A state that forgets almost nothing keeps almost
+# every rounding it was ever given. The same model showed where most of the error came from: rounding the *normalised* $q$ and $k$ to
+# bf16, which fla and that version both did in row kernels before the chunk kernels, costs 1.1e-3 on its own
+# (4.25e-3 with it, 3.17e-3 without, everything else unchanged). Normalising inside the kernels, as fp32 scalings of
+# products of the rows as given, removes that term, and the room it frees pays for storing $\tilde U$ and $U$ in
+# bf16 and rounding $QK^\top \odot \Gamma$: 4.52e-3 in the model, 4.55e-3 on the H200. (Keeping $\tilde U$ in fp32
+# and only $U$ in bf16 measured 3.98e-3, for 0.5 GB more memory traffic at 32K; not taken.) $T$ itself is still never
+# rounded to 16 bits in one piece: cast to bf16 inside the WY kernel it gave NaN on the H200 at $K = 48$ with gates in
+# $[-30, -5]$ (never in the interpreter; the same class of Hopper miscompilation as fla's issue).
 #
 # **$T$ in two bf16 halves.** For bf16 inputs the WY kernel does not multiply $T$ in TF32 (`_t_dot`): it splits
 # $T = T_\text{hi} + T_\text{lo}$ (both bf16) and folds the row scalings into $T$'s columns,
@@ -1973,27 +2032,23 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #
 # **Tried and dropped** (`bench/notes/deltanet.md` has the numbers): the scan and the output in one kernel, so that
 # no chunk state is written (2.03 ms against 0.71 + 0.74: the output's products then sit on the sequential path;
-# end to end 4.10 against 2.57 ms); normalising $q$ and $k$ inside the three kernels, as scalings of the products'
-# rows and columns instead of the two `l2norm` kernels (the WY kernel took 1.02 instead of 0.89 ms, the output
-# kernel 0.81 instead of 0.74, and at 4 warps the output kernel's results on the H200 were 3.4e-2 off, right at
-# 8 warps and in the interpreter: one more reason every kernel here is tested on the GPU); the output as
+# end to end 4.10 against 2.57 ms); normalising inside the kernels *while keeping* $\tilde U$ and $U$ in fp32 (no
+# gain: the WY kernel then summed $\lVert k \rVert^2$ from $K$'s tiles, 1.02 instead of 0.89 ms, and the output
+# kernel still formed $U$ itself); $1/\lVert q \rVert$ summed in the WY kernel, which then reads $Q$ too (0.93
+# instead of 0.83 ms); summed in the output kernel's main loop (wrong on the H200, above); the output as
 # $(\operatorname{diag}(e^G) Q - P W) S_n + P \tilde U$ with $P = QK^\top \odot \Gamma$, one accumulator fewer
-# (1.2 ms or more, against 0.82 for the chapter's output kernel in that run).
+# (1.2 ms or more, against 0.82 for the output kernel of that time).
 #
 # The next things to try:
 #
-# - **The WY kernel** (0.88 against 0.72 ms): fla computes $A$ and $T$ in one kernel and $W$, $\tilde U$ in a
+# - **The WY kernel** (0.83 against 0.72 ms): fla computes $A$ and $T$ in one kernel and $W$, $\tilde U$ in a
 #   second, each with fewer registers live.
-# - **The output kernel** (0.74 against 0.51 ms): fewer registers for its three accumulators ($QK^\top$, $QS_n$,
-#   $WS_n$), or a cheaper exact form of the last product. The measured shortcut trades precision: if the scan also
-#   writes $U$ in bf16 for the output alone (the state still gets the fp32 $U$, unlike "$U$ in bf16 as well"
-#   above), the output kernel becomes fla's
-#   and takes 0.50–0.53 ms with $P U$ on bf16 tensor cores (the scan 0.04–0.14 ms more), about 0.15 ms saved at
-#   32K; but on this chapter's near-no-decay check the rounding model then gives 4.87e-3 of the 5e-3 bound.
+# - **The scan's store of $U$** (0.13 ms at 32K, for no more bytes moved), and timing the value checks on their
+#   own stream.
 # - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (9.2 ms at 32K with 2 stages, 10.3
 #   with 1, against 2.8 ms for fla's two kernels doing the same work, `chunk_bwd_kernel_dqkwg` and
 #   `prepare_wy_repr_bwd_kernel`) and shorten the reverse scan (3.8 ms with $dS$ in two halves as the forward scan
-#   holds $S$, 4.0–4.2 before; fla's 1.1 ms).
+#   holds $S$, 4.0–4.2 before; fla's 1.1 ms). It still normalises $q$ and $k$ in row kernels and recomputes in fp32.
 
 # %%
 try:
@@ -2226,12 +2281,14 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   L2-normalised $q, k$, gated RMSNorm — equal to `transformers`' `Qwen3NextGatedDeltaNet`, and decoding equals
 #   prefill.
 # - **Triton**: a parallel kernel per chunk for $G$, $A$, the UT transform (by $16 \times 16$ blocks and
-#   $(I - N)(I + N^2) D$) and $W, \tilde U$; a scan over chunks for the states; a parallel output kernel that
-#   forms $U$ from them; a fused recurrent kernel for decoding. The backward computes the state-free part of $dU$
-#   in parallel, runs a reverse scan for the state gradients and the rest of $dU$, then one parallel kernel for
-#   every other gradient, and a row kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in
-#   fp32, bf16 and fp16; the forward is faster than fla's up to 8K tokens and 1.2–1.25× slower at 32K–64K,
-#   forward + backward 2.4× slower there (section 5.8).
+#   $(I - N)(I + N^2) D$) and $W, \tilde U$; a scan over chunks for the states and $U$; a parallel output kernel;
+#   a fused recurrent kernel for decoding. $q$ and $k$ are normalised inside the kernels, as fp32 scalings, which
+#   is what lets $W$, $\tilde U$, $U$ and the states be stored in bf16 as fla stores them and still stay closer to
+#   the fp32 recurrence than fla. The backward computes the state-free part of $dU$ in parallel, runs a reverse scan
+#   for the state gradients and the rest of $dU$, then one parallel kernel for every other gradient, and a row
+#   kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in fp32, bf16 and fp16; the
+#   forward takes 0.3–1.0× fla's time from 1K to 64K tokens without value checks (1.02–1.05× with them at 32K–64K
+#   in the benchmark run), forward + backward 2.3× fla's from 16K (section 5.8).
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
 #

@@ -39,28 +39,27 @@ def main(T):
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     g = -torch.rand(B, T, H, device="cuda")
     beta = torch.rand(B, T, H, device="cuda")
-    qn, kn = dt._l2norm_rows(q), dt._l2norm_rows(k)
     NT = triton.cdiv(T, dt._C)
-    w, u, gc, _, states, _ = dt._wy_and_states(kn, v, g, beta, None, False, False, store_dtype=torch.bfloat16,
-                                               store_u=False)  # u holds Ũ
-    print(f"T = {T}: l2norm rows (one tensor) {ms(lambda: dt._l2norm_rows(q))}")
-    for bk, warps, stages in [(32, 4, 1), (32, 1, 1)] + list(itertools.product((16, 32, 64), (2,), (1, 2, 3))):
-        f = lambda: dt._fwd_wy_kernel[(NT, B * H)](kn, v, g, beta, w, u, gc, gc, T, H, H, D, D, C=dt._C, BK=bk,
-                                                   BV=bk, STORE_T=False, SPLIT_T=True, PRECISION="tf32",
+    # q and k as given: the kernels normalise them (use_qk_l2norm); W, Ũ, U and the states in bf16, as the op stores them
+    w, u, gc, kr, _, states, _ = dt._wy_and_states(k, v, g, beta, None, False, False, store_dtype=torch.bfloat16,
+                                                    u_dtype=torch.bfloat16, l2=True)  # u holds U
+    u_wy = torch.empty_like(u)
+    for bk, warps, stages in [(32, 4, 3), (32, 1, 3)] + list(itertools.product((16, 32, 64), (2,), (2, 3, 4))):
+        f = lambda: dt._fwd_wy_kernel[(NT, B * H)](k, v, g, beta, w, u_wy, gc, kr, gc, T, H, H, D, D, C=dt._C, BK=bk,
+                                                   BV=bk, STORE_T=False, SPLIT_T=True, L2=True, PRECISION="tf32",
                                                    num_warps=warps, num_stages=stages)
         print(f"  wy      blocks {bk} warps {warps} stages {stages}: {ms(f)}")
-    u_scan = u.clone()  # the scan with STORE_U writes U over its input
-    for bv, warps, stages, store_u in ((32, 4, 3, False), (32, 4, 4, False), (32, 4, 5, False), (32, 4, 4, True),
-                                       (32, 8, 4, False), (64, 4, 4, False), (32, 2, 4, False)):
-        f = lambda: dt._fwd_states_kernel[(D // bv, B * H)](kn, w, u_scan, gc, states, states, states, T, H, H, D, D,
-                                                            NT, C=dt._C, BK=D, BV=bv, HAS_H0=False, STORE_HT=False,
-                                                            STORE_U=store_u, PRECISION="tf32", num_warps=warps,
-                                                            num_stages=stages)
-        print(f"  scan    BV {bv} warps {warps} stages {stages} store U {store_u!s:5s}: {ms(f)}")
+    u_scan = torch.empty_like(u)  # the scan reads Ũ (u_wy) and writes U here
+    for bv, warps, stages in ((32, 4, 3), (32, 4, 4), (32, 4, 5), (32, 8, 4), (64, 4, 4), (32, 2, 4)):
+        f = lambda: dt._fwd_states_kernel[(D // bv, B * H)](k, w, u_wy, u_scan, gc, kr, states, states, states, T, H,
+                                                            H, D, D, NT, C=dt._C, BK=D, BV=bv, HAS_H0=False,
+                                                            STORE_HT=False, L2=True, PRECISION="tf32",
+                                                            num_warps=warps, num_stages=stages)
+        print(f"  scan    BV {bv} warps {warps} stages {stages}: {ms(f)}")
     o = torch.empty_like(v)
-    for bv, bk, warps, stages in list(itertools.product((128, 64), (64, 128), (4,), (1, 2, 3))) + [(128, 64, 8, 3)]:
-        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](qn, kn, w, u, gc, states, o, D ** -0.5, T, H, H, D,
-                                                                D, NT, C=dt._C, BK=bk, BV=bv, PRECISION="tf32",
+    for bv, bk, warps, stages in list(itertools.product((128, 64), (64, 128), (4, 8), (2, 3))):
+        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](q, k, u, gc, kr, states, o, D ** -0.5, T, H, H, D, D,
+                                                                NT, C=dt._C, BK=bk, BV=bv, L2=True, PRECISION="tf32",
                                                                 num_warps=warps, num_stages=stages)
         print(f"  output  BV {bv} BK {bk} warps {warps} stages {stages}: {ms(f)}")
     with torch.no_grad():

@@ -18,8 +18,8 @@ def wy(k, v, g, beta, split, precision):
     w, u = torch.empty(B, T, H, K, device=k.device), torch.empty(B, T, H, V, device=k.device)
     gc = torch.empty(B, T, H, device=k.device)
     launch = lambda: dt._fwd_wy_kernel[(triton.cdiv(T, dt._C), B * H)](
-        k, v, g, beta, w, u, gc, gc, T, H, H, K, V, C=dt._C, BK=32, BV=32, STORE_T=False, SPLIT_T=split,
-        PRECISION=precision, num_warps=4)
+        k, v, g, beta, w, u, gc, gc, gc, T, H, H, K, V, C=dt._C, BK=32, BV=32, STORE_T=False, SPLIT_T=split,
+        L2=False, PRECISION=precision, num_warps=4)
     launch()
     return w, u, launch
 
