@@ -1432,7 +1432,7 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # fits the GPU's shared memory: the first is the one tuned and tested on the H200, the others have narrower $V$-tiles
 # (and, for the scan, fewer stages). That matters on a Colab T4, which gives a block 64 KiB instead of the H200's 227
 # KiB. Compiled for the T4 here on the CPU (`tools/kernel_resources.py --arch 75`, fp16, $K = V = 128$), the forward's
-# kernels fit at their first configuration (32 to 48 KiB each). In the backward, `_bwd_chunk_kernel` fits with
+# kernels fit at their first configuration (16 to 48 KiB each). In the backward, `_bwd_chunk_kernel` fits with
 # $V$-tiles of 16 (64 KiB) but the reverse scan needs 72 KiB even then, and `runtime.launch` then says so and points
 # to `naive_chunk_gated_delta_rule`. This chapter's own cells use $K = 32$, which fits. None of this has run on a T4:
 # it is what the compiler reports.
