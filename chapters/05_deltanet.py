@@ -776,8 +776,8 @@ if cfg is not None:
 # %% [markdown]
 # ## 5.6 Fast: the chunkwise form in Triton
 #
-# The chunk form of section 5.3 splits, by what depends on what, into three forward kernels (fla splits it the
-# same way):
+# The chunk form of section 5.3 splits, by what depends on what, into three forward kernels (fla splits it along the
+# same lines, with two kernels for the first step and its `l2norm` kernels before them):
 #
 # 1. **`_fwd_wy_kernel`** — per chunk, all chunks in parallel: the local cumulative gate $G$, the matrix
 #    $A = \text{strictly lower}(\operatorname{diag}(\beta) K K^\top \odot \Gamma)$, the UT transform $T = (I + A)^{-1}$,
@@ -814,7 +814,7 @@ if cfg is not None:
 #  _fwd_wy_kernel, program (chunk n, b·H_V + h_v):     K and V walked in column blocks of 32
 #      G  = cumsum(g) over the chunk                   [C]     (tl.cumsum)
 #      r  = 1 / sqrt(diag(K @ Kᵀ) + ε)                 [C]     use_qk_l2norm only: 1/‖k‖, stored for kernels 2, 3
-#      A  = β[:, None] · (K @ Kᵀ ⊙ r rᵀ) ⊙ exp(G_i − G_j)  [C, C]  K @ Kᵀ accumulated block by block
+#      A  = strictly lower(β[:, None] · (K @ Kᵀ ⊙ r rᵀ) ⊙ exp(G_i − G_j))  [C, C]  K @ Kᵀ by blocks
 #      T  = (I − N)(I + N²) D                          [C, C]  _unit_lower_inverse
 #      W  = (T · (β e^G r)[None, :]) @ K               [C, BK] per column block (_t_dot), stored as it is done
 #      Ũ  = (T · β[None, :]) @ V                       [C, BV] the same
@@ -828,7 +828,8 @@ if cfg is not None:
 # $C \times 128$ rows of $K$ and $V$ and their products at once: `ptxas` then ran out of registers and spilled to
 # memory, and the kernel took 1.74 ms at 32K tokens on the H200; walked in blocks of 32 columns (reloading $K$'s
 # block, which is cheaper than keeping it) it took 1.28 ms in the same run, before the split. Launched with 2 warps
-# a program instead of 4 it takes 0.88 ms (4 warps: 1.21 ms, 8 warps: 3.3 ms), though it then spills some registers:
+# a program instead of 4 it took 0.88 ms (4 warps: 1.21 ms, 8 warps: 3.3 ms; now 0.83 against 1.21), though it then
+# spills some registers:
 # probably because the solve's many small reductions then cross fewer warps. A T4 keeps 4 warps (the cell's
 # `_before_ampere`: without TF32 tensor cores the products take far more registers there).
 #
@@ -845,8 +846,8 @@ if cfg is not None:
 # kernel, which scales $QK^\top$'s columns by it. $1/\lVert q \rVert$ the output kernel sums itself, in a loop over
 # $Q$'s rows of its own (`_row_rnorm`; the second read of $Q$ mostly hits the L2 cache): summed inside the loop that
 # feeds $Q$ to the tensor cores, it was miscompiled on the H200, with outputs 0.13–0.18 off at $V$-tiles of 128 and
-# right in the interpreter (section 5.8). Grouped value heads are addressing only: value head $h_v$ reads key head
-# $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
+# right in the interpreter (`bench/notes/deltanet.md` has the runs). Grouped value heads are addressing only: value
+# head $h_v$ reads key head $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
 # normalises $q$ and $k$ first in a row kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
 
 # %%
@@ -1961,8 +1962,8 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 #   forward is *closer* than fla's: on this chapter's hardest check (the GPU check of section 5.6, 1000 tokens that
 #   forget almost nothing) 4.6e-3 against fla's 5.8e-3, inside the book's bf16 bound of 5e-3 where fla's is not;
 #   with $K = V = 128$, 3.7e-3 against 4.8e-3. The two bf16 outputs differ from each other by 5.0e-3 (relative RMS
-#   in the benchmark), more than either differs from the fp32 result, because they no longer round the same things
-#   (below, "Speed against precision").
+#   in the benchmark; 3.8e-3 for the previous version): they no longer round the same things, so their errors no
+#   longer overlap (below, "Speed against precision").
 # - **As fast as fla's forward, value checks aside.** Forward, ms (value checks on / off) against fla: 1K 0.55 /
 #   0.35 vs 1.13; 2K 0.70 / 0.41 vs 1.39; 4K 0.33 / 0.29 vs 0.76; 8K 0.59 / 0.56 vs 0.96; 16K 1.13 / 1.07 vs 1.34;
 #   32K 2.27 / 2.13 vs 2.16; 64K 4.37 / 4.18 vs 4.27. Without the value checks (fla checks no values) that is
@@ -1992,16 +1993,17 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # | output | 0.74 ms | 0.53 ms | 0.51 ms | reads $U$ instead of forming it; $(QK^\top \odot \Gamma)\,U$ on bf16 tensor cores |
 # | **end to end**, checks off | 2.59 ms | 2.12–2.13 ms | 2.15–2.16 ms | |
 #
-# The sum of the kernels is the end-to-end time: everything else in a call takes about 0.02 ms. The gaps left are the
+# The sum of the kernels is the end-to-end time: everything else in a call takes about 0.01 ms. The gaps left are the
 # WY kernel, which still uses all 255 registers a thread may have and spills some, and the scan: 0.13 ms slower now
 # that it stores $U$, although it moves no more bytes than before (it writes 0.27 GB of $U$ and reads 0.27 GB less
 # of $\tilde U$, now bf16).
 #
 # **The host sync.** The value checks (is $g \le 0$, is $\beta$ in $[0, 2]$) read a reduction back to the CPU. The op
 # starts that copy, queues its kernels, and only then waits for the copy (`minisparse.runtime.to_host_later`), so
-# the wait overlaps the GPU's work instead of idling it. In the benchmark run the checks cost 0.03–0.05 ms from 4K to
-# 16K, 0.14 and 0.19 ms at 32K and 64K, but 0.03 and 0.06 ms there in the separate run above; up to 2K, where a
-# call's GPU work is about as short as its CPU work, 0.2–0.3 ms (1K: 0.55 ms against 0.35). Those runs had the
+# the wait overlaps the GPU's work instead of idling it. What they cost varies by run: in the benchmark run 0.03–0.05
+# ms from 4K to 16K and 0.14 and 0.19 ms at 32K and 64K; in the separate run above 0.31 ms at 8K but 0.03 and 0.06 ms
+# at 32K and 64K; up to 2K, where a call's GPU work is about as short as its CPU work, 0.2–0.3 ms (1K: 0.55 ms
+# against 0.35). Those runs had the
 # check's reduction and copy on the op's own stream, ahead of its kernels; they now run on a stream of their own,
 # beside the kernels (`runtime.check_values_later`; tested on the H200, not yet timed).
 # `minisparse.runtime.set_value_checks(False)` skips the checks (shapes, dtypes and devices are still checked); fla
@@ -2010,17 +2012,17 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # **Speed against precision.** fla keeps $W$, $\tilde U$, $U$, $T$ and the chunk states in bf16, and multiplies
 # $(QK^\top \odot \Gamma)$ rounded to bf16 by $U$. This chapter's previous version kept $\tilde U$ and $U$ in fp32,
 # because a model that replays every rounding of the kernels in PyTorch on a CPU
-# (`bench/notes/deltanet_rounding_model.py`; for this chapter's kernels it agrees with the H200 to 0.05e-3) put
-# fla's choices at 5.5e-3 on the 1000-token near-no-decay check of section 5.6 against the fp32 recurrence, over the
-# book's bound (fla itself measures 5.8e-3 there on the H200). A state that forgets almost nothing keeps almost
-# every rounding it was ever given. The same model showed where most of the error came from: rounding the *normalised* $q$ and $k$ to
-# bf16, which fla and that version both did in row kernels before the chunk kernels, costs 1.1e-3 on its own
-# (4.25e-3 with it, 3.17e-3 without, everything else unchanged). Normalising inside the kernels, as fp32 scalings of
-# products of the rows as given, removes that term, and the room it frees pays for storing $\tilde U$ and $U$ in
-# bf16 and rounding $QK^\top \odot \Gamma$: 4.52e-3 in the model, 4.55e-3 on the H200. (Keeping $\tilde U$ in fp32
-# and only $U$ in bf16 measured 3.98e-3, for 0.5 GB more memory traffic at 32K; not taken.) $T$ itself is still never
-# rounded to 16 bits in one piece: cast to bf16 inside the WY kernel it gave NaN on the H200 at $K = 48$ with gates in
-# $[-30, -5]$ (never in the interpreter; the same class of Hopper miscompilation as fla's issue).
+# (`bench/notes/deltanet_rounding_model.py`; for this chapter's kernels it agrees with the H200 to 0.05e-3) put fla's
+# choices at 5.5e-3 on the 1000-token near-no-decay check of section 5.6 against the fp32 recurrence, over the book's
+# bound (fla itself measures 5.8e-3 there on the H200). A state that forgets almost nothing keeps almost every rounding
+# it was ever given. The same model showed where most of the error came from: rounding the *normalised* $q$ and $k$ to
+# bf16, which fla and that version both did in row kernels before the chunk kernels, costs 1.1e-3 on its own (4.25e-3
+# with it, 3.17e-3 without, everything else unchanged). Normalising inside the kernels, as fp32 scalings of products of
+# the rows as given, removes that term, and the room it frees pays for storing $\tilde U$ and $U$ in bf16 and rounding
+# $QK^\top \odot \Gamma$: 4.52e-3 in the model, 4.55e-3 on the H200. (Keeping $\tilde U$ in fp32 and only $U$ in bf16
+# measured 3.98e-3, for 0.5 GB more memory traffic at 32K; not taken.) $T$ itself is still never rounded to 16 bits in
+# one piece: cast to bf16 inside the WY kernel it gave NaN on the H200 at $K = 48$ with gates in $[-30, -5]$ (never in
+# the interpreter; the same class of Hopper miscompilation as fla's issue).
 #
 # **$T$ in two bf16 halves.** For bf16 inputs the WY kernel does not multiply $T$ in TF32 (`_t_dot`): it splits
 # $T = T_\text{hi} + T_\text{lo}$ (both bf16) and folds the row scalings into $T$'s columns,
