@@ -834,21 +834,21 @@ if cfg is not None:
 # `_before_ampere`: without TF32 tensor cores the products take far more registers there).
 #
 # **Storage, and where the normalisation goes.** The scan accumulates the state in fp32 registers whatever the input
-# dtype and multiplies in the input dtype. The forward *stores* $W$, $\tilde U$, $U$ and the chunk states in the
-# input dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core products in the output kernel,
-# $(QK^\top \odot \Gamma)$ rounded to bf16 times $U$. That is accurate enough only because $q$ and $k$ are never
-# rounded after they are normalised: with `use_qk_l2norm` the kernels take $q$ and $k$ as given and apply
-# $1/\lVert q \rVert$ and $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (section 5.8
-# measures both sides of that trade). For $k$ this costs the WY kernel almost nothing: $\lVert k_i \rVert^2$ is the
-# diagonal of the $K K^\top$ it computes anyway (products of 16-bit numbers are exact in fp32), so
-# $K_n K_n^\top = \operatorname{diag}(r)\, K K^\top \operatorname{diag}(r)$ and $W = T \operatorname{diag}(\beta e^G
-# r) K$. The kernel stores $r$ for the scan, which scales $U$'s rows by it along with the decay, and for the output
-# kernel, which scales $QK^\top$'s columns by it. $1/\lVert q \rVert$ the output kernel sums itself, in a loop over
-# $Q$'s rows of its own (`_row_rnorm`; the second read of $Q$ mostly hits the L2 cache): summed inside the loop that
-# feeds $Q$ to the tensor cores, it was miscompiled on the H200, with outputs 0.13–0.18 off at $V$-tiles of 128 and
-# right in the interpreter (`bench/notes/deltanet.md` has the runs). Grouped value heads are addressing only: value
-# head $h_v$ reads key head $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
-# normalises $q$ and $k$ first in a row kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
+# dtype and multiplies in the input dtype. The forward *stores* $W$, $\tilde U$, $U$ and the chunk states in the input
+# dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core products in the output kernel, $(QK^\top
+# \odot \Gamma)$ rounded to bf16 times $U$. That is accurate enough only because $q$ and $k$ are never rounded after
+# they are normalised: with `use_qk_l2norm` the kernels take $q$ and $k$ as given and apply $1/\lVert q \rVert$ and
+# $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (section 5.8 measures both sides of that
+# trade). For $k$ this costs the WY kernel almost nothing: $\lVert k_i \rVert^2$ is the diagonal of the $K K^\top$ it
+# computes anyway (products of 16-bit numbers are exact in fp32), so $K_n K_n^\top = \operatorname{diag}(r)\, K K^\top
+# \operatorname{diag}(r)$ and $W = T \operatorname{diag}(\beta e^G r) K$. The kernel stores $r$ for the scan, which
+# scales $U$'s rows by it along with the decay, and for the output kernel, which scales $QK^\top$'s columns by it.
+# $1/\lVert q \rVert$ the output kernel sums itself, in a loop over $Q$'s rows of its own (`_row_rnorm`; the second read
+# of $Q$ mostly hits the L2 cache): summed inside the loop that feeds $Q$ to the tensor cores, it was miscompiled on the
+# H200, with outputs 0.13–0.18 off at $V$-tiles of 128 and right in the interpreter (`bench/notes/deltanet.md` has the
+# runs). Grouped value heads are addressing only: value head $h_v$ reads key head $h_v // (H_V/H)$. The backward's
+# recomputation stores everything in fp32, $U$ included, for the gradients, and normalises $q$ and $k$ first in a row
+# kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
 
 # %%
 #| export deltanet.triton

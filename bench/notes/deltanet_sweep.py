@@ -40,7 +40,7 @@ def main(T):
     g = -torch.rand(B, T, H, device="cuda")
     beta = torch.rand(B, T, H, device="cuda")
     NT = triton.cdiv(T, dt._C)
-    # q and k as given: the kernels normalise them (use_qk_l2norm); W, Ũ, U and the states in bf16, as the op stores them
+    # q and k as given (the kernels normalise them); W, Ũ, U and the states in bf16, as the op stores them
     w, u, gc, kr, _, states, _ = dt._wy_and_states(k, v, g, beta, None, False, False, store_dtype=torch.bfloat16,
                                                     u_dtype=torch.bfloat16, l2=True)  # u holds U
     u_wy = torch.empty_like(u)
