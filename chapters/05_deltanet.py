@@ -1993,19 +1993,18 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # | output | 0.74 ms | 0.53 ms | 0.51 ms | reads $U$ instead of forming it; $(QK^\top \odot \Gamma)\,U$ on bf16 tensor cores |
 # | **end to end**, checks off | 2.59 ms | 2.12–2.13 ms | 2.15–2.16 ms | |
 #
-# The sum of the kernels is the end-to-end time: everything else in a call takes about 0.01 ms. The gaps left are the
-# WY kernel, which still uses all 255 registers a thread may have and spills some, and the scan: 0.13 ms slower now
+# Now the sum of the kernels is the end-to-end time: everything else in a call takes about 0.01 ms. The gaps left are
+# the WY kernel, which still uses all 255 registers a thread may have and spills some, and the scan: 0.13 ms slower now
 # that it stores $U$, although it moves no more bytes than before (it writes 0.27 GB of $U$ and reads 0.27 GB less
 # of $\tilde U$, now bf16).
 #
 # **The host sync.** The value checks (is $g \le 0$, is $\beta$ in $[0, 2]$) read a reduction back to the CPU. The op
-# starts that copy, queues its kernels, and only then waits for the copy (`minisparse.runtime.to_host_later`), so
-# the wait overlaps the GPU's work instead of idling it. What they cost varies by run: in the benchmark run 0.03–0.05
-# ms from 4K to 16K and 0.14 and 0.19 ms at 32K and 64K; in the separate run above 0.31 ms at 8K but 0.03 and 0.06 ms
-# at 32K and 64K; up to 2K, where a call's GPU work is about as short as its CPU work, 0.2–0.3 ms (1K: 0.55 ms
-# against 0.35). Those runs had the
-# check's reduction and copy on the op's own stream, ahead of its kernels; they now run on a stream of their own,
-# beside the kernels (`runtime.check_values_later`; tested on the H200, not yet timed).
+# starts that copy, queues its kernels, and only then waits for the copy (`minisparse.runtime.to_host_later`), so the
+# wait overlaps the GPU's work instead of idling it. What they cost varies by run: in the benchmark run 0.03–0.05 ms
+# from 4K to 16K and 0.14 and 0.19 ms at 32K and 64K; in the separate run above 0.31 ms at 8K but 0.03 and 0.06 ms at
+# 32K and 64K; up to 2K, where a call's GPU work is about as short as its CPU work, 0.2–0.3 ms (1K: 0.55 ms against
+# 0.35). Those runs had the check's reduction and copy on the op's own stream, ahead of its kernels; they now run on a
+# stream of their own, beside the kernels (`runtime.check_values_later`; tested on the H200, not yet timed).
 # `minisparse.runtime.set_value_checks(False)` skips the checks (shapes, dtypes and devices are still checked); fla
 # checks no values at all.
 #
