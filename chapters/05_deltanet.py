@@ -1063,7 +1063,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, uo_ptr, gc_ptr, kr_ptr, h0_ptr, stat
 def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
     """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each row's start, read
     in blocks of BK. A loop of its own: summed in the output kernel's loop beside the products that use Q, these
-    squares were miscompiled on the H200 (triton 3.6; o 1.6e-1 off at V-tiles of 128, right in the interpreter)."""
+    squares were miscompiled on the H200 (triton 3.6; o 0.13-0.18 off at V-tiles of 128, right in the interpreter)."""
     sq = tl.zeros((R,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)

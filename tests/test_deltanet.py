@@ -214,8 +214,8 @@ def test_triton_chunk_and_fused_recurrent_match_naive(poisoned, T, H, HV, K, V, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_l2norm_inside_the_kernels_any_row_norm(poisoned, dtype):
     """The forward normalises q and k as fp32 scalings inside its kernels (1/‖k‖ from K Kᵀ's diagonal, 1/‖q‖ summed
-    while Q is loaded): rows with norms from 1e-3 to 1e3, and zero rows, as the recurrence normalises them. A kernel
-    that dropped a scaling, or applied it twice, fails here by orders of magnitude."""
+    by the output kernel in a loop of its own): rows with norms from 1e-3 to 1e3, and zero rows, as the recurrence
+    normalises them. A kernel that dropped either scaling failed here (checked by removing each)."""
     if DEV == "cpu" and dtype != torch.float32:
         pytest.skip("the interpreter's bf16/fp16 tl.dot: bf16/fp16 are tested on a GPU")
     q, k, v, g, beta, h0 = _inputs(1, 150, 2, 4, 32, 48, gates=(-1e-3, 0.0), normalise=False, seed=11)

@@ -285,12 +285,12 @@ def test_check_values_later_runs_beside_the_kernels_queued_after_it():
     after it (the op's kernels): its reduction and copy run on a stream of their own. Sleeps of 10⁹ clock cycles
     stand for both."""
     x = torch.tensor([1.0, 2.0], device="cuda")
-    runtime.check_values_later(lambda: (lambda f: f)(runtime.to_host_later(x)), x.device)()  # warm the stream
+    runtime.check_values_later(lambda: runtime.to_host_later(x), x.device)()  # warm the stream
     made, queued = torch.cuda.Event(), torch.cuda.Event()
     torch.cuda._sleep(10**9)
     y = x * 3  # the values to check, made after the first sleep
     made.record()
-    wait = runtime.check_values_later(lambda: (lambda f: f)(runtime.to_host_later(y.sum().reshape(1))), x.device)
+    wait = runtime.check_values_later(lambda: runtime.to_host_later(y.sum().reshape(1)), x.device)
     torch.cuda._sleep(10**9)  # the op's kernels
     queued.record()
     got = wait()
