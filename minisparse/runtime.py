@@ -1,18 +1,22 @@
-"""Where the code runs: device, dtype, the Triton interpreter, and reading sizes.
+"""Where the code runs and how its kernels launch: device, dtype, the Triton interpreter, reading sizes, the value-check
+switch, and the one table of launch configurations every chapter's kernels use.
 
-Hand-written infrastructure (no chapter teaches it). Importing `minisparse` imports this module first, so that
-on a machine without a GPU the Triton kernels of the book run in Triton's interpreter on CPU tensors.
+Hand-written infrastructure (no chapter teaches it). Importing `minisparse` imports this module first, so that on a
+machine without a GPU the Triton kernels of the book run in Triton's interpreter on CPU tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import torch
 
 __all__ = [
-    "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "check_triton_device", "launch",
-    "checking_values", "set_value_checks", "to_host_later", "check_values_later", "describe", "print_environment",
+    "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "arch",
+    "checking_values", "set_value_checks",
+    "LAUNCH_TABLE", "launch_configs", "launch", "launch_config", "set_autotune", "autotuning",
+    "describe", "print_environment",
 ]
 
 
@@ -22,10 +26,22 @@ def has_gpu() -> bool:
 
 
 def _switch_on_interpreter() -> None:
-    # Triton reads TRITON_INTERPRET when kernels are decorated, so it must be set before any minisparse kernel
-    # module is imported. We only set it on machines without a GPU and never override an explicit choice.
-    if not has_gpu() and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"
+    """Set TRITON_INTERPRET=1 on a machine without a GPU, unless the variable is set: an explicit choice wins.
+
+    Triton reads the variable when it decorates a function with `@triton.jit`, its own library functions
+    (`tl.sum`, `tl.max`, …) included, which it decorates when `triton` is imported. So the switch works only
+    before the first `import triton`; after it, interpreted kernels would fail inside Triton with "Cannot call
+    @triton.jit'd outside of the scope of a kernel". We raise instead, saying what to do.
+    """
+    if has_gpu() or "TRITON_INTERPRET" in os.environ:
+        return
+    if "triton" in sys.modules:
+        raise ImportError(
+            "minisparse: this machine has no GPU, so minisparse runs its Triton kernels in Triton's interpreter, "
+            "which must be switched on before `import triton`, and triton is already imported. Import minisparse "
+            "before triton (or before packages that import it, such as fla), or set the environment variable "
+            "TRITON_INTERPRET=1 before starting Python (TRITON_INTERPRET=0 to use only the PyTorch ops).")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 _switch_on_interpreter()
@@ -60,97 +76,40 @@ def reading_size(cpu, gpu):
     return gpu if has_gpu() and not interpreting() else cpu
 
 
-def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
-    """Raise a clear error when a Triton op gets tensors it cannot run on."""
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    (dev,) = devices
-    if dev.type == "cpu" and not interpreting():
-        raise RuntimeError(
-            f"{op}: got CPU tensors, but Triton is not in interpreter mode. Either move the tensors to a GPU "
-            "(`.cuda()`), or set the environment variable TRITON_INTERPRET=1 before `import triton` "
-            "(on a machine without a GPU, `import minisparse` does this for you)."
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"{op}: Triton kernels run on CUDA tensors (or CPU under the interpreter), got {dev}")
+def arch(dev: torch.device | str) -> str:
+    """The row of `LAUNCH_TABLE` a device reads: "interpreter" for CPU tensors, else "sm_90" (Hopper and newer),
+    "sm_80" (Ampere, Ada) or "sm_75" (Turing: a Colab T4) by compute capability."""
+    dev = torch.device(dev)
+    if dev.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(dev)
+    return "sm_90" if major >= 9 else "sm_80" if major >= 8 else "sm_75"
 
 
-_value_checks = True
+# ------------------------------------------------------------------------------------------------- value checks
+_value_checks = False
 
 
-def checking_values() -> bool:
-    """Whether ops check the values of their inputs (ranges, NaN), not only shapes, dtypes and devices.
+def checking_values(dev: torch.device | str) -> bool:
+    """Whether a Triton op on `dev` checks the values of its inputs (gate ranges, NaN), not only shapes and dtypes.
 
-    A value check is one reduction and one host sync. Ops that queue their kernels before waiting for it
-    (`to_host_later`) hide it; ops that wait first let the GPU idle while the CPU queues their kernels. Never during
-    CUDA graph capture, where a host sync is not allowed.
+    The rule: on CPU tensors (the interpreter), always — the check is cheap next to interpreted kernels; on CUDA
+    tensors only after `set_value_checks(True)`, because reading a reduction back is a host sync, and never during
+    CUDA graph capture. The `naive_*` ops check values always and do not ask.
     """
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return _value_checks and not capturing
-
-
-def to_host_later(t: torch.Tensor):
-    """Start copying a few numbers computed on the GPU to the host; return a function that waits for that copy alone
-    and gives them as a list.
-
-    What a value check needs: launch its reduction, call this, queue the op's kernels, then call the function. It
-    waits until the GPU reaches the copy, not until it has run the kernels queued after it, so the wait overlaps
-    the op's GPU work whenever that outlasts its CPU work (chapter 5, section 5.8, measures what that saves). On the
-    CPU the values are read at once.
-    """
-    if t.device.type != "cuda":
-        values = t.tolist()
-        return lambda: values
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(t.device))
-
-    def wait():
-        copied.synchronize()
-        return host.tolist()
-    return wait
-
-
-def check_values_later(start, device: torch.device):
-    """A Triton op's value check, split around its kernels: `start()` launches the check's reduction (through
-    `to_host_later`) and returns the function that waits for it and raises; call what this returns after queueing
-    the kernels. With value checks off, nothing is started. On a CPU, where nothing runs ahead of the host (the
-    interpreter), the check runs now, before the slow interpreted kernels, and what this returns does nothing. On a
-    GPU the check runs on a stream of its own, beside the kernels (`_beside_the_kernels`)."""
-    if not checking_values():
-        return lambda: None
-    if device.type != "cuda":
-        start()()
-        return lambda: None
-    return _beside_the_kernels(start, device)
-
-
-_side_streams: dict = {}
-
-
-def _beside_the_kernels(start, device: torch.device):
-    """Run `start()` on a second CUDA stream of `device` that first waits for the current stream's queued work (which
-    produced the values to check). The check's reduction and copy then run next to the op's kernels, queued after
-    it on the current stream, instead of ahead of them: on the current stream the GPU would wait for the copy
-    (chapter 5, section 5.8). What `start()` returns waits for that copy, so the inputs it reads outlive it."""
-    side = _side_streams.get(device)
-    if side is None:
-        side = _side_streams[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        return start()
+    if torch.device(dev).type != "cuda":
+        return True
+    return _value_checks and not torch.cuda.is_current_stream_capturing()
 
 
 def set_value_checks(enabled: bool) -> bool:
-    """Turn value checks on (the default) or off for every op; return the previous setting.
+    """Make the Triton ops on CUDA tensors check their inputs' values (off by default); return the previous setting.
 
-    Off, out-of-range values (a positive log decay or β outside [0, 2] in chapter 5, a decay rate ≤ 0 in chapter 4,
-    NaN) are no longer caught: the kernels compute what they are given. Shapes, dtypes, devices and kernel limits
-    are always checked.
+    On, each call reduces its gates to their range and reads it back (one host sync) before launching its kernels:
+    a positive log decay, β outside [0, 2] or a NaN then raises instead of computing a wrong answer. Use it while
+    debugging a model; the `naive_*` ops and every op on CPU tensors check always.
 
-    >>> previous = set_value_checks(False)   # in a tuned training loop, after a first checked step
+    >>> previous = set_value_checks(True)
     >>> _ = set_value_checks(previous)
     """
     global _value_checks
@@ -160,28 +119,296 @@ def set_value_checks(enabled: bool) -> bool:
     return previous
 
 
-def launch(op: str, kernel, grid, args: tuple, constexprs: dict, configs: list[dict], instead: str) -> dict:
-    """Launch a Triton kernel with the first of `configs` that fits this GPU's shared memory; return that config.
+# ------------------------------------------------------------------------------------------------ launch table
+def _cfg(num_warps: int = 4, num_stages: int = 2, **tiles) -> dict:
+    return dict(tiles, num_warps=num_warps, num_stages=num_stages)
 
-    `grid(config)` gives the grid; each config holds tile constexprs and num_warps / num_stages. List the config
-    tuned on the H200 first and narrower ones after it, for GPUs with less shared memory a block (a T4 gives
-    64 KiB, an H200 227 KiB): a launch that asks for too much raises OutOfResources before running, so the next one
-    is tried. When none fits, raise a RuntimeError that names the kernel and says what to use `instead`.
+
+_ATTN_SMALL = [_cfg(4, 1, BLOCK_M=64, BLOCK_N=32), _cfg(4, 1, BLOCK_M=32, BLOCK_N=32), _cfg(4, 1, BLOCK_M=16, BLOCK_N=16)]
+
+# kernel -> row -> launch configurations, best first. A row is an `arch(...)` name, optionally with ".fp32" for
+# float32 inputs (whose operands take twice the shared memory). `launch` reads the row of the call's device, else the
+# next older architecture's, tries the configurations in order and keeps the first that compiles within the GPU's
+# shared memory. The first configuration of each sm_90 row is the one the H200 benchmarks measured
+# (bench/notes/ has the sweeps); the narrower ones after it are for GPUs with less shared memory a block (a T4 has
+# 64 KiB, an A100 163 KiB, an H200 227 KiB). "interpreter" rows favour few, large programs: fast to interpret.
+LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
+    # chapter 1, flash attention (BLOCK_M query rows, BLOCK_N key rows a tile); ".d256": head dims over 128
+    "attention.fwd": {
+        "interpreter": [_cfg(BLOCK_M=64, BLOCK_N=64)],
+        "sm_90": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_90.fp32": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_80": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64), *_ATTN_SMALL],
+    },
+    "attention.fwd.d256": {
+        "interpreter": [_cfg(BLOCK_M=64, BLOCK_N=64)],
+        "sm_90": [_cfg(8, 2, BLOCK_M=128, BLOCK_N=64), _cfg(4, 2, BLOCK_M=64, BLOCK_N=32), *_ATTN_SMALL],
+        "sm_90.fp32": _ATTN_SMALL,
+        "sm_80": _ATTN_SMALL,
+    },
+    "attention.dkdv": {  # BLOCK_N key rows a program owns, BLOCK_M query rows a loop step
+        "interpreter": [_cfg(BLOCK_M=64, BLOCK_N=64)],
+        "sm_90": [_cfg(4, 3, BLOCK_M=32, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_90.fp32": [_cfg(4, 2, BLOCK_M=32, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_80": [_cfg(4, 2, BLOCK_M=32, BLOCK_N=64), *_ATTN_SMALL],
+    },
+    "attention.dkdv.d256": {
+        "interpreter": [_cfg(BLOCK_M=64, BLOCK_N=64)],
+        "sm_90": [_cfg(8, 2, BLOCK_M=32, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_90.fp32": _ATTN_SMALL,
+        "sm_80": _ATTN_SMALL,
+    },
+    "attention.dq": {
+        "interpreter": [_cfg(BLOCK_M=64, BLOCK_N=64)],
+        "sm_90": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_90.fp32": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64), *_ATTN_SMALL],
+        "sm_80": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64), *_ATTN_SMALL],
+    },
+    "attention.dq.d256": {
+        "interpreter": [_cfg(BLOCK_M=64, BLOCK_N=64)],
+        "sm_90": [_cfg(8, 2, BLOCK_M=64, BLOCK_N=32), *_ATTN_SMALL],
+        "sm_90.fp32": _ATTN_SMALL,
+        "sm_80": _ATTN_SMALL,
+    },
+    "attention.delta": {"interpreter": [_cfg(BLOCK=64)], "sm_75": [_cfg(4, 2, BLOCK=64)]},
+    # chapter 2, grouped GEMM. Forward: BLOCK_M rows of one expert (the host's tile schedule depends on it, so every
+    # configuration of a row shares it); ".fp32" halves BLOCK_K, the dimension staged per pipeline step.
+    "moe.grouped_mm": {
+        "interpreter": [_cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)],
+        "sm_90": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+                  _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                  _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                  _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)],
+        "sm_90.fp32": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
+                       _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                       _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                       _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8)],
+        "sm_80": [_cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+        "sm_80.fp32": [_cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
+                       _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=16, GROUP_M=8),
+                       _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)],
+        "sm_75": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+                  _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+                  _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+        "sm_75.fp32": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+                       _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8),
+                       _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    },
+    "moe.grouped_mm_dw": {  # BLOCK_K × BLOCK_N tile of dW, BLOCK_M rows a step (halved for fp32)
+        "interpreter": [_cfg(BLOCK_K=32, BLOCK_N=64, BLOCK_M=32)],
+        "sm_90": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=64), _cfg(8, 3, BLOCK_K=128, BLOCK_N=256, BLOCK_M=64),
+                  _cfg(4, 4, BLOCK_K=128, BLOCK_N=128, BLOCK_M=32)],
+        "sm_90.fp32": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=32),
+                       _cfg(8, 3, BLOCK_K=128, BLOCK_N=256, BLOCK_M=32),
+                       _cfg(4, 4, BLOCK_K=128, BLOCK_N=128, BLOCK_M=16)],
+        "sm_80": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=32), _cfg(4, 4, BLOCK_K=64, BLOCK_N=128, BLOCK_M=32)],
+        "sm_80.fp32": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=16), _cfg(4, 4, BLOCK_K=64, BLOCK_N=128, BLOCK_M=16)],
+        "sm_75": [_cfg(4, 2, BLOCK_K=64, BLOCK_N=64, BLOCK_M=32), _cfg(4, 2, BLOCK_K=64, BLOCK_N=128, BLOCK_M=32)],
+        "sm_75.fp32": [_cfg(4, 2, BLOCK_K=64, BLOCK_N=64, BLOCK_M=16), _cfg(4, 2, BLOCK_K=64, BLOCK_N=128, BLOCK_M=16)],
+    },
+    # chapter 3, MLA decoding: BLOCK_H query rows (heads × tokens) and BLOCK_N cached tokens a tile, for a latent of
+    # up to 512 (the launcher shortens BLOCK_N for larger ones)
+    "mla.decode_split": {
+        "interpreter": [_cfg(BLOCK_H=16, BLOCK_N=32)],
+        "sm_90": [_cfg(8, 2, BLOCK_H=64, BLOCK_N=32), _cfg(8, 2, BLOCK_H=64, BLOCK_N=64),
+                  _cfg(8, 2, BLOCK_H=32, BLOCK_N=64), _cfg(8, 3, BLOCK_H=64, BLOCK_N=32),
+                  _cfg(4, 2, BLOCK_H=32, BLOCK_N=32)],
+        "sm_80": [_cfg(8, 1, BLOCK_H=32, BLOCK_N=32), _cfg(8, 2, BLOCK_H=32, BLOCK_N=32),
+                  _cfg(4, 2, BLOCK_H=16, BLOCK_N=64), _cfg(8, 2, BLOCK_H=64, BLOCK_N=32)],
+        "sm_90.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=32)],
+        "sm_80.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=32)],
+        "sm_75": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=16), _cfg(4, 1, BLOCK_H=16, BLOCK_N=32)],
+        "sm_75.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=16)],
+    },
+    "mla.decode_combine": {"interpreter": [_cfg(BLOCK_H=16)], "sm_75": [_cfg(4, 2, BLOCK_H=16)]},
+    # chapter 4, lightning attention, chunks of 64: state tiles BK × BV; the output and gradient kernels hold all of K
+    # and tile V by BV
+    "lightning.fwd_states": {
+        "interpreter": [_cfg(BK=64, BV=64)],
+        "sm_80": [_cfg(4, 2, BK=64, BV=64)],
+        "sm_75": [_cfg(4, 1, BK=64, BV=32)],
+    },
+    "lightning.fwd_output": {
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(4, 2, BV=64)],
+        "sm_75": [_cfg(4, 1, BV=32)],
+    },
+    "lightning.bwd_dstates": {
+        "interpreter": [_cfg(BK=64, BV=64)],
+        "sm_80": [_cfg(4, 2, BK=64, BV=64)],
+        "sm_75": [_cfg(4, 1, BK=64, BV=32)],
+    },
+    "lightning.bwd_dqkv": {  # ".k128": K over 64, where two [C, K] fp32 accumulators live through the V loop
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(4, 2, BV=64)],
+        "sm_75": [_cfg(4, 1, BV=32)],
+    },
+    "lightning.bwd_dqkv.k128": {
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(8, 2, BV=64)],
+        "sm_75": [_cfg(8, 1, BV=32)],
+    },
+    "lightning.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 2, BV=32)]},
+    # chapter 5, the gated delta rule, chunks of 64. BV: the value columns a program owns.
+    "deltanet.fwd_wy": {  # BK = 32 column blocks of K inside; 2 warps: the solve's many small reductions
+        "interpreter": [_cfg(BV=32)],
+        "sm_80": [_cfg(2, 2, BV=32)],
+        "sm_75": [_cfg(4, 2, BV=32)],
+    },
+    "deltanet.fwd_states": {  # the sequential scan: narrow V-tiles keep more programs busy
+        "interpreter": [_cfg(1, 1, BV=32)],
+        "sm_75": [_cfg(4, 4, BV=32), _cfg(4, 1, BV=16)],
+        "sm_75.fp32": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "deltanet.fwd_states.recompute": {  # the backward's recomputation: 16-bit K, fp32 W and states
+        "interpreter": [_cfg(1, 1, BV=32)],
+        "sm_75": [_cfg(8, 3, BV=32), _cfg(4, 1, BV=16)],
+        "sm_75.fp32": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "deltanet.fwd_output": {
+        "interpreter": [_cfg(BV=128)],
+        "sm_80": [_cfg(4, 2, BV=128), _cfg(4, 2, BV=64), _cfg(4, 2, BV=32), _cfg(4, 2, BV=16)],
+        "sm_75": [_cfg(4, 2, BV=64), _cfg(4, 2, BV=32), _cfg(4, 2, BV=16)],
+    },
+    "deltanet.bwd_du_local": {
+        "interpreter": [_cfg(BV=64)],
+        "sm_75": [_cfg(4, 3, BV=64), _cfg(4, 3, BV=32), _cfg(4, 3, BV=16)],
+    },
+    "deltanet.bwd_states": {
+        "interpreter": [_cfg(BV=32)],
+        "sm_75": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+    },
+    "deltanet.bwd_chunk": {
+        "interpreter": [_cfg(BV=32)],
+        "sm_75": [_cfg(8, 2, BV=32), _cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+    },
+    "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 2, BR=16)]},  # l2norm and dq/dk row kernels
+    "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 2, BV=32)]},
+}
+
+_ARCH_ORDER = ("sm_90", "sm_80", "sm_75")
+_forced: dict[str, dict] = {}  # kernel -> configuration, set by `launch_config`
+_chosen: dict = {}  # (kernel, row, dtype, key) -> index into the row: the first configuration that fitted
+_tuned: dict = {}  # (kernel, configurations) -> the triton.autotune wrapper of that kernel
+_autotune = False
+
+
+def launch_configs(kernel: str, dev: torch.device | str, dtype: torch.dtype) -> list[dict]:
+    """The launch configurations `LAUNCH_TABLE` gives `kernel` on `dev` for inputs of `dtype`, best first (copies)."""
+    if kernel not in LAUNCH_TABLE:
+        raise KeyError(f"runtime.launch: no launch configurations for {kernel!r}; LAUNCH_TABLE has "
+                       f"{sorted(LAUNCH_TABLE)}")
+    rows = LAUNCH_TABLE[kernel]
+    row = arch(dev)
+    i = _ARCH_ORDER.index(row) if row != "interpreter" else 0
+    # the device's architecture, then older ones, then newer ones (nearest first)
+    order = [row] if row == "interpreter" else [*_ARCH_ORDER[i:], *_ARCH_ORDER[:i][::-1]]
+    for name in order:
+        for key in ((f"{name}.fp32", name) if dtype == torch.float32 else (name,)):
+            if key in rows:
+                return [dict(c) for c in rows[key]]
+    raise KeyError(f"runtime.launch: LAUNCH_TABLE[{kernel!r}] has no row for {row} (rows: {sorted(rows)})")
+
+
+@contextlib.contextmanager
+def launch_config(kernel: str, **config):
+    """Force one launch configuration of `kernel` inside a `with` block (tests of odd tiles, sweeps in bench/notes).
+
+    >>> with launch_config("attention.fwd", BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1):
+    ...     pass
+    """
+    if kernel not in LAUNCH_TABLE:
+        raise KeyError(f"launch_config: no kernel {kernel!r} in LAUNCH_TABLE ({sorted(LAUNCH_TABLE)})")
+    saved = _forced.get(kernel)
+    _forced[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        if saved is None:
+            _forced.pop(kernel, None)
+        else:
+            _forced[kernel] = saved
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Autotune every kernel whose table row has several configurations (off by default); return the previous setting.
+
+    On, the first call of each kernel for a new problem size times the row's configurations (Triton's autotuner) and
+    keeps the fastest; off, each kernel runs the row's first configuration that fits. The benchmarks in bench/
+    turn it on; the tests and the chapters leave it off, so that their first calls are not timing runs.
+    """
+    global _autotune
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune: enabled must be True or False, got {enabled!r}")
+    previous, _autotune = _autotune, enabled
+    return previous
+
+
+def autotuning() -> bool:
+    """Whether `launch` autotunes (see `set_autotune`)."""
+    return _autotune
+
+
+def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtype, key=(), fit=None,
+           autotune_key: list[str] | None = None, instead: str = "the naive PyTorch version of this op") -> dict:
+    """Launch the Triton kernel `fn` (named `kernel` in `LAUNCH_TABLE`) with its configuration for this call; return
+    the configuration used.
+
+    grid(config) -> the launch grid. `constexprs`: the call's compile-time constants beside the table's tiles.
+    `fit(config) -> config` adapts a table entry to the call (e.g. caps a tile at the padded head dimension). The
+    configuration is the one forced by `launch_config`, else — with autotuning on and `autotune_key` given — the
+    fastest of the row, else the first of the row that compiles within this GPU's shared memory: a launch that asks
+    for too much raises OutOfResources before it runs, so the next is tried, and the one that fits is remembered per
+    (kernel, architecture, dtype, key) so later calls go straight to it. When none fits, a RuntimeError names the
+    kernel and says what to use `instead`.
     """
     from triton.runtime.errors import OutOfResources  # here: triton is imported after the interpreter is chosen
 
+    fit = fit or (lambda c: c)
+    if kernel in _forced:
+        configs = [fit(dict(_forced[kernel]))]
+    else:
+        configs = [fit(c) for c in launch_configs(kernel, device, dtype)]
+    unique = []
+    for c in configs:
+        if c not in unique:
+            unique.append(c)
+    configs = unique
+    if interpreting():  # the interpreter ignores warps and stages
+        configs = [{k: v for k, v in c.items() if k not in ("num_warps", "num_stages")} for c in configs]
+
+    if _autotune and autotune_key and kernel not in _forced and len(configs) > 1 and not interpreting():
+        import triton
+
+        tiles_key = (kernel, tuple(tuple(sorted(c.items())) for c in configs), tuple(autotune_key))
+        if tiles_key not in _tuned:
+            candidates = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                        num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
+            _tuned[tiles_key] = triton.autotune(candidates, key=list(autotune_key))(fn)
+        tuned = _tuned[tiles_key]
+        tuned[grid](*args, **constexprs)
+        return dict(tuned.best_config.all_kwargs()) if tuned.best_config is not None else configs[0]
+
+    remembered = (kernel, arch(device), dtype, key)
+    start = 0 if kernel in _forced else _chosen.get(remembered, 0)
     last = None
-    for cfg in configs:
+    for i in range(start, len(configs)):
         try:
-            kernel[grid(cfg)](*args, **constexprs, **cfg)
-            return cfg
+            fn[grid(configs[i])](*args, **constexprs, **configs[i])
         except OutOfResources as err:  # raised at launch, before the kernel runs: nothing was written
             last = err
-    name = getattr(kernel, "__name__", "a kernel")
-    raise RuntimeError(f"{op}: {name} needs more shared memory than this GPU gives a block ({last}), even with the "
-                       f"narrowest tiles tried. Use smaller head dimensions, or {instead}") from last
+            continue
+        if kernel not in _forced:
+            _chosen[remembered] = i
+        return configs[i]
+    raise RuntimeError(f"{kernel}: the kernel needs more shared memory than this GPU gives a block ({last}), even "
+                       f"with the narrowest tiles of runtime.LAUNCH_TABLE. Use smaller head dimensions, or "
+                       f"{instead}") from last
 
 
+# ------------------------------------------------------------------------------------------------- reporting
 def describe() -> str:
     """One line naming the device: 'NVIDIA T4' or 'CPU — Triton kernels run in the interpreter'."""
     if has_gpu():

@@ -24,7 +24,19 @@ def test_every_chapter_has_its_executed_notebook():
 
 def test_every_chapter_starts_with_the_setup_cell_and_the_book_uses_the_project_url():
     assert tool.setup_problems() == []
-    assert tool.repo_url() in tool.setup_cell()
+
+
+def test_setup_cell_installs_from_the_branch_the_colab_button_opens():
+    branch = tool.book_branch()
+    assert branch == "main"
+    assert f"git+{tool.repo_url()}@{branch}\"" in tool.setup_cell()
+
+
+def test_setup_cell_follows_the_book_branch(sandbox):
+    config = sandbox / "book" / "_config.yml"
+    config.write_text(config.read_text().replace("branch: main", "branch: gh-pages"))
+    assert "@gh-pages\"" in tool.setup_cell()
+    assert any("not the standard setup cell" in p for p in tool.setup_problems())
 
 
 @pytest.fixture

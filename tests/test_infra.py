@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minisparse
-from minisparse import runtime
+from minisparse import _checks, runtime
 from minisparse.testing import (ExerciseError, assert_close, check, make_bthd, make_log_gates, make_qkv, rel_rms)
 
 
@@ -38,16 +38,41 @@ def test_explicit_interpreter_choice_is_respected():
     assert out.split() == ["0", "False"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_importing_triton_first_on_a_machine_without_a_gpu_raises_at_import_saying_what_to_do():
+    """Triton decorates its own library functions when it is imported, so the interpreter cannot be switched on
+    after it: before the fix every kernel then failed deep inside Triton while print_environment() said the
+    interpreter was on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import triton, minisparse"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    assert "ImportError" in run.stderr and "Import minisparse before triton" in run.stderr, run.stderr[-1500:]
+    # an explicit choice is respected, and minisparse first works
+    ok = subprocess.run([sys.executable, "-c", "import minisparse, triton; from minisparse.attention import "
+                         "flash_attention; import torch; q = torch.randn(1, 5, 1, 16); "
+                         "print(flash_attention(q, q, q).shape)"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "torch.Size([1, 5, 1, 16])" in ok.stdout, ok.stderr[-1500:]
+    explicit = dict(env, TRITON_INTERPRET="1")
+    assert subprocess.run([sys.executable, "-c", code], env=explicit, capture_output=True).returncode == 0
+
+
 def test_triton_op_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        runtime.check_triton_device("my_op", torch.zeros(2))
+        _checks.triton_inputs("my_op", torch.zeros(2))
 
 
-def test_triton_op_rejects_mixed_devices():
+def test_triton_op_rejects_mixed_devices_and_bf16_in_the_interpreter_and_oversized_heads():
     meta = torch.zeros(2, device="meta")
     with pytest.raises(ValueError, match="one device"):
-        runtime.check_triton_device("my_op", torch.zeros(2), meta)
+        _checks.triton_inputs("my_op", torch.zeros(2), meta)
+    if runtime.interpreting():
+        with pytest.raises(TypeError, match="bfloat16 under the Triton interpreter"):
+            _checks.triton_inputs("my_op", torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="K must be <= 128"):
+        _checks.triton_inputs("my_op", torch.zeros(2), max_dims={"K": (256, 128)})
+    _checks.triton_inputs("my_op", torch.zeros(2), max_dims={"K": (128, 128)})
 
 
 def test_print_environment(capsys):
@@ -249,72 +274,172 @@ def test_kernel_resources_same_as_compares_ptx(tmp_path):
     assert changed.returncode == 3 and "PTX differs" in changed.stdout, changed.stdout + changed.stderr[-2000:]
 
 
-def test_check_values_later_starts_waits_and_raises_where_it_should(monkeypatch):
-    """check_values_later: off, it starts nothing; on a CPU it starts the check and raises at once; on a CUDA device
-    it starts the check and raises only when its function is called (after the op's kernels are queued)."""
-    calls = []
-    monkeypatch.setattr(runtime, "_beside_the_kernels", lambda start, device: start())  # its stream: the GPU test
-
-    def start():
-        calls.append("start")
-
-        def verdict():
-            calls.append("verdict")
-            raise ValueError("out of range")
-        return verdict
-
-    previous = runtime.set_value_checks(False)
+# --------------------------------------------------------------------------------------- the value-check rule
+def test_value_checks_follow_one_rule(monkeypatch):
+    """naive ops: always. Triton ops on CPU tensors: always. On CUDA tensors: only after set_value_checks(True),
+    and never during graph capture (the device type decides, so this runs without a GPU)."""
+    cpu, cuda = torch.zeros(1), torch.zeros(1, device="meta")
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_90")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_like = type("T", (), {"device": torch.device("cuda")})()
+    assert _checks.checking_values(True, cuda_like)
+    assert _checks.checking_values(False, cpu)
+    assert not _checks.checking_values(False, cuda_like)  # off by default on CUDA: no host sync
+    previous = runtime.set_value_checks(True)
     try:
-        runtime.check_values_later(start, torch.device("cpu"))()
-        runtime.check_values_later(start, torch.device("cuda"))()
+        assert _checks.checking_values(False, cuda_like)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert not _checks.checking_values(False, cuda_like)
     finally:
         runtime.set_value_checks(previous)
-    assert calls == []
-    with pytest.raises(ValueError, match="out of range"):
-        runtime.check_values_later(start, torch.device("cpu"))
-    assert calls == ["start", "verdict"]
-    later = runtime.check_values_later(start, torch.device("cuda"))  # needs no GPU: the device decides when
-    assert calls == ["start", "verdict", "start"]
-    with pytest.raises(ValueError, match="out of range"):
-        later()
+    assert previous is False
+    with pytest.raises(TypeError, match="True or False"):
+        runtime.set_value_checks("yes")
+    del cuda
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams")
-def test_check_values_later_runs_beside_the_kernels_queued_after_it():
-    """On a GPU the check waits for the work queued before it (which made the values) but not for the work queued
-    after it (the op's kernels): its reduction and copy run on a stream of their own. Sleeps of 10⁹ clock cycles
-    stand for both."""
-    x = torch.tensor([1.0, 2.0], device="cuda")
-    runtime.check_values_later(lambda: runtime.to_host_later(x), x.device)()  # warm the stream
-    made, queued = torch.cuda.Event(), torch.cuda.Event()
-    torch.cuda._sleep(10**9)
-    y = x * 3  # the values to check, made after the first sleep
-    made.record()
-    wait = runtime.check_values_later(lambda: runtime.to_host_later(y.sum().reshape(1)), x.device)
-    torch.cuda._sleep(10**9)  # the op's kernels
-    queued.record()
-    got = wait()
-    assert made.query(), "the check did not wait for the work that made its values"
-    assert not queued.query(), "the check waited for the kernels queued after it"
-    assert got == [9.0]
+@pytest.mark.parametrize("values, kw, message", [
+    ([0.0, -1.0, float("nan")], dict(high=0.0), "contains NaN \\(1 of 3 values\\)"),
+    ([0.5, -1.0], dict(high=0.0), "must be <= 0, got values in \\[-1, 0.5\\]"),
+    ([0.0, 1.0], dict(low=0.0, low_open=True), "must be > 0"),
+    ([-1.0, 3.0], dict(low=0.0, high=2.0), "must be >= 0 and <= 2"),
+    ([float("-inf"), 0.0], dict(low=-math.inf, low_open=True, high=0.0), "must be > -inf"),
+])
+def test_value_range_names_nan_and_the_range(values, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _checks.value_range("op", "g", torch.tensor(values), **kw)
 
 
-def test_to_host_later_waits_for_the_copy_alone_and_only_when_asked():
-    """to_host_later returns at once, even with the GPU busy (here sleeping 10⁹ clock cycles, 0.5-1 s), and its
-    function waits for the copy alone: work queued after the copy is still running when the values arrive. On a CPU
-    the values are read at once."""
-    x = torch.tensor([1.5, -2.0, float("nan")], device=runtime.device())
-    if x.is_cuda:
-        runtime.to_host_later(x)()  # once first: the first pinned allocation of a process may synchronize
-        before, after = torch.cuda.Event(), torch.cuda.Event()
-        torch.cuda._sleep(10**9)
-        before.record()
-        values = runtime.to_host_later(x * 2)
-        assert not before.query(), "to_host_later waited for the GPU when called"
-        torch.cuda._sleep(10**9)
-        after.record()
-        got = values()
-        assert before.query() and not after.query(), "its function waited for the work queued after the copy"
-    else:
-        got = runtime.to_host_later(x * 2)()
-    assert got[:2] == [3.0, -4.0] and math.isnan(got[2])
+def test_value_range_accepts_values_in_range_and_empty_tensors():
+    _checks.value_range("op", "g", torch.tensor([-3.0, 0.0]), low=-math.inf, low_open=True, high=0.0)
+    _checks.value_range("op", "g", torch.zeros(0), high=-1.0)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: _checks.tensor("op", "q", [1.0], "[B, T, H, K]"), TypeError, "q must be a torch.Tensor"),
+    (lambda: _checks.tensor("op", "q", torch.zeros(2, 3), "[B, T, H, K]"), ValueError, "4-D \\[B, T, H, K\\]"),
+    (lambda: _checks.qkv("op", torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 3, 8),
+                         grouped_values=True), ValueError, "HV a multiple of H = 2"),
+    (lambda: _checks.qkv("op", torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 4, 8)),
+     ValueError, "with q's B, T = \\(1, 4\\) and H = 2"),
+    (lambda: _checks.qkv("op", torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8, dtype=torch.float16),
+                         torch.zeros(1, 4, 2, 8)), TypeError, "share one dtype"),
+    (lambda: _checks.scale("op", -1.0, 8), ValueError, "scale must be a positive number"),
+    (lambda: _checks.scale("op", float("nan"), 8), ValueError, "scale must be a positive number"),
+    (lambda: _checks.initial_state("op", torch.zeros(1, 2, 8), (1, 2, 8, 8)), ValueError, "4-D"),
+    (lambda: _checks.initial_state("op", torch.zeros(1, 2, 8, 4), (1, 2, 8, 8)), ValueError,
+     "initial_state must be \\[B, H, K, V\\] = \\(1, 2, 8, 8\\)"),
+    (lambda: _checks.backend("op", "flash"), ValueError, "'auto', 'naive' or 'triton'"),
+    (lambda: _checks.positive_int("op", "num_heads", 0), ValueError, "num_heads must be an int > 0, got 0"),
+    (lambda: _checks.positive_int("op", "num_heads", True), ValueError, "num_heads must be an int > 0"),
+    (lambda: _checks.positive_int("op", "rank", -1, zero=True), ValueError, "rank must be an int >= 0"),
+    (lambda: _checks.divides("op", "num_kv_heads", 3, "num_heads", 8), ValueError, "= 3 must divide num_heads"),
+    (lambda: _checks.forward_only("op", torch.zeros(1, requires_grad=True), instead="x"), RuntimeError,
+     "forward only"),
+    (lambda: _checks.layer_input("Layer", torch.zeros(2, 3, 4, dtype=torch.float16), torch.nn.Linear(4, 4)),
+     TypeError, "x is torch.float16 but the layer's parameters are torch.float32"),
+    (lambda: _checks.layer_input("Layer", torch.zeros(2, 3, 5), torch.nn.Linear(4, 4), hidden=4), ValueError,
+     "hidden = 4"),
+])
+def test_shared_checks_name_the_argument_the_expectation_and_what_came(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_choose_backend_resolves_auto_by_device_and_dtype():
+    assert _checks.choose_backend("naive", torch.zeros(1)) == "naive"
+    if runtime.interpreting():
+        assert _checks.choose_backend("auto", torch.zeros(1)) == "triton"
+        assert _checks.choose_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "naive"
+
+
+# ------------------------------------------------------------------------------------------- the launch table
+class _FakeKernel:
+    """Stands for a @triton.jit function: records launches; raises OutOfResources for tiles wider than `fits`."""
+
+    def __init__(self, fits):
+        self.fits, self.launched = fits, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            from triton.runtime.errors import OutOfResources
+            if kw.get("BV", 0) > self.fits:
+                raise OutOfResources(kw["BV"] * 1024, self.fits * 1024, "shared memory")
+            self.launched.append((grid, kw))
+        return run
+
+
+def test_launch_table_rows_follow_the_architecture(monkeypatch):
+    cpu = torch.device("cpu")
+    assert runtime.arch(cpu) == "interpreter"
+    assert runtime.launch_configs("deltanet.fwd_output", cpu, torch.float32) == [
+        dict(BV=128, num_warps=4, num_stages=2)]
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_90")  # no sm_90 row: the next older one, sm_80
+    assert [c["BV"] for c in runtime.launch_configs("deltanet.fwd_output", "cuda", torch.bfloat16)] == [128, 64, 32, 16]
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_75")
+    assert [c["BV"] for c in runtime.launch_configs("deltanet.fwd_output", "cuda", torch.float16)] == [64, 32, 16]
+    assert runtime.launch_configs("attention.fwd", "cuda", torch.float16)[0]["BLOCK_M"] == 64  # sm_80's, newer
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_90")
+    fp32 = runtime.launch_configs("mla.decode_split", "cuda", torch.float32)
+    assert fp32 == [dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=1)]  # the .fp32 row before the plain one
+    with pytest.raises(KeyError, match="no launch configurations for 'nope'"):
+        runtime.launch_configs("nope", cpu, torch.float32)
+
+
+def test_launch_tries_in_order_remembers_what_fits_and_can_be_forced(monkeypatch):
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_75")
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "_chosen", {})
+    kernel = _FakeKernel(fits=32)
+    grid = lambda c: (c["BV"],)  # noqa: E731
+    used = runtime.launch("deltanet.fwd_output", kernel, grid, (), {"C": 64}, device="cuda", dtype=torch.float16)
+    assert used["BV"] == 32 and kernel.launched == [((32,), dict(C=64, BV=32, num_warps=4, num_stages=2))]
+    kernel.fits = 10**6  # a later call goes straight to the remembered config, without retrying the wider one
+    runtime.launch("deltanet.fwd_output", kernel, grid, (), {"C": 64}, device="cuda", dtype=torch.float16)
+    assert kernel.launched[-1][0] == (32,)
+    capped = runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.float32,
+                            fit=lambda c: dict(c, BV=min(c["BV"], 16)))
+    assert capped["BV"] == 16
+    with runtime.launch_config("deltanet.fwd_output", BV=8, num_warps=2, num_stages=1):
+        assert runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda",
+                              dtype=torch.float16)["BV"] == 8
+    assert "deltanet.fwd_output" not in runtime._forced
+    kernel.fits = 4
+    monkeypatch.setattr(runtime, "_chosen", {})
+    with pytest.raises(RuntimeError, match="deltanet.fwd_output: the kernel needs more shared memory.*, or X"):
+        runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.float16, instead="X")
+    with pytest.raises(KeyError, match="no kernel 'nope'"):
+        with runtime.launch_config("nope", BV=1):
+            pass
+
+
+def test_autotune_switch():
+    assert runtime.autotuning() is False
+    previous = runtime.set_autotune(True)
+    try:
+        assert runtime.autotuning()
+    finally:
+        runtime.set_autotune(previous)
+    with pytest.raises(TypeError):
+        runtime.set_autotune(1)
+
+
+def test_every_launch_in_the_package_names_a_row_of_the_table():
+    """A kernel launched outside runtime.launch, or under a name the table lacks, fails here."""
+    import ast
+    import pathlib
+    root = pathlib.Path(minisparse.__file__).parent
+    names = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            if getattr(node.func, "attr", None) == "launch" and node.args and isinstance(node.args[0], ast.Constant):
+                names.append(node.args[0].value)
+            called = node.func.value if isinstance(node.func, ast.Subscript) else None
+            if isinstance(called, ast.Name) and "kernel" in called.id and path.name != "runtime.py":
+                raise AssertionError(f"{path.name}:{node.lineno}: {called.id} launched as kernel[grid](...), "
+                                     "not through runtime.launch")
+    assert names, "no runtime.launch calls found"
+    missing = sorted(set(names) - set(runtime.LAUNCH_TABLE))
+    assert not missing, f"launched kernels without a LAUNCH_TABLE row: {missing}"

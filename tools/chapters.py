@@ -159,10 +159,19 @@ def repo_url() -> str:
     return project()["urls"]["Repository"]
 
 
+def book_branch() -> str:
+    """The branch the book's Colab buttons open notebooks from (book/_config.yml, `repository: branch:`)."""
+    found = re.search(r"(?m)^repository:\n(?:[ ]+.*\n)*?[ ]+branch:[ ]*(\S+)", (ROOT / "book" / "_config.yml").read_text())
+    if found is None:
+        raise ValueError("book/_config.yml: no `repository: branch:` setting")
+    return found.group(1)
+
+
 def setup_cell() -> str:
-    """The first code cell of every chapter, rendered from pyproject's URL and version (the pinned ref)."""
-    ref = f"v{project()['version']}"
-    return f'''{SETUP_MARK}: on Colab, install minisparse at a pinned release, keeping Colab's torch;
+    """The first code cell of every chapter, rendered from pyproject's URL and the branch the book's Colab buttons
+    open: a notebook opened from the book installs the package from the same branch it was opened from."""
+    ref = book_branch()
+    return f'''{SETUP_MARK}: on Colab, install minisparse from the book's branch, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 

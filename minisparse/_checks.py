@@ -1,0 +1,242 @@
+"""Argument checks shared by every op and layer of the book, so that a teaching cell validates its inputs in one line.
+
+Hand-written infrastructure (no chapter teaches it). Each helper raises `TypeError` (wrong type or dtype) or
+`ValueError` (wrong shape or value) with a message that names the op, the argument, what was expected and what
+came; `RuntimeError` where the environment cannot run the op (CPU tensors without the interpreter, a gradient
+through a forward-only kernel).
+
+The value-check rule (README, Design notes): the `naive_*` ops and every op on CPU tensors check values (gate
+ranges, NaN) eagerly; Triton ops on CUDA tensors do so only after `runtime.set_value_checks(True)`, because reading
+a reduction back to the host is a sync. Shape, dtype, device and kernel-limit checks are always on. Layers do not
+re-check values they built themselves.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from minisparse import runtime
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "naive", "triton")
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape))
+
+
+# ------------------------------------------------------------------------------------------------- tensors
+def tensor(op: str, name: str, t, layout: str | None = None, *, dtypes=None, optional: bool = False):
+    """`t` is a tensor (or None when `optional`) of rank `layout.count(',') + 1` (e.g. "[B, T, H, K]") with a dtype in
+    `dtypes`. Returns `t`."""
+    if t is None and optional:
+        return t
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{' ' + layout if layout else ''}"
+                        f"{' or None' if optional else ''}, got {type(t).__name__}")
+    if layout is not None and t.dim() != layout.count(",") + 1:
+        raise ValueError(f"{op}: {name} must be {layout.count(',') + 1}-D {layout}, got shape {_shape(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be one of {names}, got {t.dtype}")
+    return t
+
+
+def shape(op: str, name: str, t: torch.Tensor, want: tuple, layout: str, meaning: str = "") -> None:
+    """`t.shape == want`, else a ValueError that spells the layout with its numbers (and what it means)."""
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"{op}: {name} must be {layout} = {tuple(want)}{' (' + meaning + ')' if meaning else ''}, "
+                         f"got {_shape(t)}")
+
+
+def same_dtype(op: str, dtypes=FLOATS, **named) -> torch.dtype:
+    """The tensors in `named` share one dtype, among `dtypes`; return it."""
+    kinds = {t.dtype for t in named.values()}
+    first = next(iter(named.values())).dtype
+    if len(kinds) > 1 or first not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        got = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
+        raise TypeError(f"{op}: {', '.join(named)} must share one dtype among {allowed}, got {got}")
+    return first
+
+
+def same_device(op: str, **named) -> torch.device:
+    """The tensors in `named` (None skipped) live on one device; return it."""
+    present = {n: t for n, t in named.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        got = ", ".join(f"{n} on {t.device}" for n, t in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {got}")
+    return next(iter(devices))
+
+
+def qkv(op: str, q, k, v, *, grouped_values: bool = False) -> tuple[int, int, int, int, int, int]:
+    """The linear-attention layout: q, k `[B, T, H, K]` (one shape), v `[B, T, HV, V]` with HV = H, or with
+    `grouped_values` any multiple of H (GVA: value head i reads query/key head i // (HV // H)). The three share a
+    float dtype and a device. Returns (B, T, H, K, HV, V)."""
+    tensor(op, "q", q, "[B, T, H, K]")
+    tensor(op, "k", k, "[B, T, H, K]")
+    tensor(op, "v", v, "[B, T, HV, V]" if grouped_values else "[B, T, H, V]")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape [B, T, H, K] = {_shape(q)}, got {_shape(k)}")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    if v.shape[:2] != q.shape[:2] or (HV % H != 0 if grouped_values and H else HV != H):
+        heads = f"HV a multiple of H = {H}" if grouped_values else f"H = {H}"
+        raise ValueError(f"{op}: v must be {'[B, T, HV, V]' if grouped_values else '[B, T, H, V]'} with q's B, T = "
+                         f"{(B, T)} and {heads}, got {_shape(v)}")
+    same_dtype(op, q=q, k=k, v=v)
+    same_device(op, q=q, k=k, v=v)
+    return B, T, H, K, HV, V
+
+
+def per_head_token(op: str, name: str, t, want: tuple, layout: str, meaning: str, like: torch.Tensor) -> None:
+    """A gate-like tensor: exactly `want`, floating point, on `like`'s device."""
+    tensor(op, name, t, layout)
+    shape(op, name, t, want, layout, meaning)
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} must be on q's device {like.device}, got {t.device}")
+
+
+def initial_state(op: str, h0, want: tuple, layout: str = "[B, H, K, V]", like: torch.Tensor | None = None) -> None:
+    """None, or a float tensor of exactly `want` on `like`'s device."""
+    if h0 is None:
+        return
+    tensor(op, "initial_state", h0, layout, dtypes=FLOATS, optional=True)
+    shape(op, "initial_state", h0, want, layout)
+    if like is not None and h0.device != like.device:
+        raise ValueError(f"{op}: initial_state must be on q's device {like.device}, got {h0.device}")
+
+
+def scale(op: str, value, head_dim: int) -> float:
+    """The attention scale as a float: `head_dim ** -0.5` for None, else a positive finite number."""
+    if value is None:
+        return head_dim ** -0.5 if head_dim > 0 else 1.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: scale must be a positive number or None (head dim ** -0.5), got {value!r}")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------------- values
+def checking_values(naive: bool, *tensors: torch.Tensor) -> bool:
+    """The value-check rule: always for a naive op; for a Triton op, on CPU tensors always, on CUDA tensors only
+    after `runtime.set_value_checks(True)`."""
+    if naive:
+        return True
+    present = [t for t in tensors if t is not None]
+    return runtime.checking_values(present[0].device) if present else True
+
+
+def value_range(op: str, name: str, t: torch.Tensor, *, low=None, high=None, low_open: bool = False,
+                why: str = "") -> None:
+    """Every value of `t` is a number within [low, high] (`low_open`: > low). One reduction and one host sync; call
+    it only where `checking_values` says so."""
+    if t is None or t.numel() == 0:
+        return
+    x = t.detach().float()
+    nan = int(torch.isnan(x).sum())
+    if nan:
+        raise ValueError(f"{op}: {name} contains NaN ({nan} of {t.numel()} values){'; ' + why if why else ''}")
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    below = low is not None and (lo <= low if low_open else lo < low)
+    above = high is not None and hi > high
+    if below or above:
+        lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        upper = "" if high is None else f"<= {high:g}"
+        want = " and ".join(w for w in (lower, upper) if w)
+        raise ValueError(f"{op}: {name} must be {want}{' (' + why + ')' if why else ''}, got values in "
+                         f"[{lo:.3g}, {hi:.3g}]")
+
+
+# ------------------------------------------------------------------------------------------------- Triton ops
+def triton_inputs(op: str, *tensors, max_dims: dict | None = None, instead: str = "") -> None:
+    """What every Triton op needs of its inputs: one device; CUDA, or CPU under the interpreter; no bfloat16 under
+    the interpreter (its bf16 `tl.dot` is wrong: triton 3.3–3.8); head dims within the kernel's on-chip tiles
+    (`max_dims`, e.g. {"K": (K, 128), "V": (V, 128)})."""
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    dev = present[0].device
+    if dev.type == "cpu" and not runtime.interpreting():
+        raise RuntimeError(
+            f"{op}: got CPU tensors, but Triton is not in interpreter mode. Either move the tensors to a GPU "
+            "(`.cuda()`), or set the environment variable TRITON_INTERPRET=1 before `import triton` "
+            "(on a machine without a GPU, `import minisparse` does this for you).")
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{op}: Triton kernels run on CUDA tensors (or CPU under the interpreter), got {dev}")
+    if dev.type == "cpu" and any(t.dtype == torch.bfloat16 for t in present):
+        raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
+                        "use float32 on CPU, bfloat16 on a GPU")
+    for name, (got, limit) in (max_dims or {}).items():
+        if got > limit:
+            raise ValueError(f"{op}: {name} must be <= {limit} (the kernel holds it in one on-chip tile), got {got}"
+                             f"{'; use ' + instead if instead else ''}")
+
+
+def forward_only(op: str, *tensors, instead: str) -> None:
+    """A decoding kernel has no backward: raise if autograd would need one."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} is forward only (a decoding kernel): call it under torch.no_grad(), or use "
+                           f"{instead}, which has a backward pass")
+
+
+# ------------------------------------------------------------------------------------------------- layers
+def backend(op: str, value) -> str:
+    """A layer's `backend=` argument: "auto", "naive" or "triton"."""
+    if value not in BACKENDS:
+        raise ValueError(f"{op}: backend must be 'auto', 'naive' or 'triton', got {value!r}")
+    return value
+
+
+def choose_backend(value: str, x: torch.Tensor) -> str:
+    """Resolve "auto": the Triton kernels on CUDA tensors, or on CPU tensors under the interpreter (fp32/fp16 only:
+    its bf16 products are wrong); the naive PyTorch path otherwise."""
+    if value != "auto":
+        return value
+    usable = x.is_cuda or (runtime.interpreting() and x.device.type == "cpu" and x.dtype != torch.bfloat16)
+    return "triton" if usable else "naive"
+
+
+def positive_int(op: str, name: str, value, *, zero: bool = False) -> int:
+    """An int > 0 (>= 0 with `zero`); bools are not ints here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (0 if zero else 1):
+        raise ValueError(f"{op}: {name} must be an int {'>= 0' if zero else '> 0'}, got {value!r}")
+    return int(value)
+
+
+def positive_float(op: str, name: str, value) -> float:
+    """A finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def one_of(op: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def divides(op: str, name: str, value: int, other_name: str, other: int) -> None:
+    """`value` divides `other` (e.g. key heads into query heads)."""
+    if value == 0 or other % value != 0:
+        raise ValueError(f"{op}: {name} = {value} must divide {other_name} = {other}")
+
+
+def layer_input(op: str, x, module: torch.nn.Module, layout: str = "[B, T, hidden]", hidden: int | None = None):
+    """A layer's input: a float tensor of rank `layout` whose last dim is `hidden` and whose dtype and device are the
+    layer's parameters' (PyTorch's own message, "expected m1 and m2 to have the same dtype", names neither)."""
+    tensor(op, "x", x, layout)
+    if hidden is not None and x.shape[-1] != hidden:
+        raise ValueError(f"{op}: x must be {layout} with hidden = {hidden}, got {_shape(x)}")
+    p = next(module.parameters(), None)
+    if p is not None and x.dtype != p.dtype:
+        raise TypeError(f"{op}: x is {x.dtype} but the layer's parameters are {p.dtype}: convert one of them, e.g. "
+                        f"layer.to({str(x.dtype)}) or x.to({str(p.dtype)})")
+    if p is not None and x.device != p.device:
+        raise ValueError(f"{op}: x is on {x.device} but the layer's parameters are on {p.device}: move one of them")
+    return x
