@@ -1,9 +1,5 @@
 # minisparse — every target bootstraps .venv first (idempotent: a second run installs nothing).
-#   make book        build the Jupyter Book offline into book/_build/html
-#   make test        everything CI checks: unit tests, chapters under nbval, pairing/export checks, strict book build
-#   make notebooks   sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
-#   make export      regenerate minisparse/<mechanism>/ from the chapters' export cells
-#   make lab         JupyterLab on the chapters
+# `make help` lists the targets: the text after `## ` on a target's line.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -21,9 +17,10 @@ CHAPTERS := $(sort $(wildcard chapters/[0-9][0-9]_*.py))
 NOTEBOOKS := $(CHAPTERS:.py=.ipynb)
 JB := $(BIN)/jupyter-book build . --config book/_config.yml --toc book/_toc.yml --path-output book
 
-.PHONY: help venv book book-strict test unit nbval check export sync-setup notebooks lab clean
-help:
-	@sed -n '2,7p' Makefile | sed 's/^# //'
+.PHONY: help venv book book-strict test lint unit nbval check export sync-setup notebooks lab clean
+help: ## this list
+	@echo "minisparse: make TARGET (all but help and clean create .venv first, once)"
+	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -35,45 +32,50 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[book,test]" || { echo "make: installing minisparse[book,test] failed"; exit 1; }
 	touch $(STAMP)
 
-book: $(STAMP)
+book: $(STAMP) ## build the Jupyter Book offline into book/_build/html
 	@echo "==> building the book (offline)"
 	$(JB)
 	@echo "book: $(abspath book/_build/html/index.html)"
 
-book-strict: $(STAMP)
+book-strict: $(STAMP) ## the book with warnings as errors
 	@echo "==> building the book with warnings as errors"
 	$(JB) --warningiserror --nitpick --keep-going
 
-unit: $(STAMP)
-	@echo "==> unit tests"
+lint: $(STAMP) ## ruff on the package and the tools: unused or late imports, names undefined or defined twice
+	@echo "==> ruff: minisparse/ and tools/"
+	$(BIN)/ruff check --quiet minisparse tools
+
+# tests/test_chapters.py runs the checks of `tools/chapters.py check` (export, names, pairing, outputs, setup cells)
+unit: $(STAMP) ## tests/ on the CPU, the chapters <-> package checks included
+	@echo "==> unit tests, with the chapters -> package export, pairing, output and setup-cell checks"
 	$(BIN)/python -m pytest tests -q
 
-nbval: $(STAMP)
+nbval: $(STAMP) ## execute every chapter notebook under nbval
 	@echo "==> executing every chapter under nbval"
 	$(BIN)/python -m pytest --nbval-lax -q -p no:cacheprovider $(NOTEBOOKS)
 
-check: $(STAMP)
-	@echo "==> chapters -> package export, .py <-> .ipynb pairing, setup cells"
+check: lint ## quick, before a commit: lint and `tools/chapters.py check` (`make test` runs both, once)
+	@echo "==> chapters -> package export, names, .py <-> .ipynb pairing, notebook outputs, setup cells"
 	$(BIN)/python tools/chapters.py check
 
-test: unit check nbval book-strict
+test: lint unit nbval book-strict ## everything CI checks: lint, unit tests with the chapter checks, nbval, strict book
 	@echo "==> make test: all checks passed"
 
-export: $(STAMP)
+export: $(STAMP) ## regenerate minisparse/<mechanism>/ from the chapters' export cells
 	$(BIN)/python tools/chapters.py export
 
-sync-setup: $(STAMP)
+sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL from pyproject
 	$(BIN)/python tools/chapters.py sync-setup
 
-notebooks: $(STAMP) sync-setup export
+notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \
 	  echo "   $$py"; \
 	  $(BIN)/jupytext --quiet --to ipynb --execute "$$py" || { echo "make: executing $$py failed"; exit 1; }; \
 	done
 
-lab: $(STAMP)
+lab: $(STAMP) ## JupyterLab on the chapters
 	$(BIN)/jupyter lab chapters/
 
-clean:
+clean: ## remove the built book and pytest's cache
 	rm -rf book/_build .pytest_cache

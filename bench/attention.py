@@ -8,10 +8,14 @@ Shapes: B=2, H=16, D=128, bf16, T from 1k to 32k; forward and forward+backward m
 and 3.5 times that for forward+backward (five more matmuls in the backward), the usual flash-attention
 convention; causal attention has T(T+1)/2 visible pairs.
 
-`--sweep` first times a few tile configurations of each kernel at T=8192 and uses the fastest for the rest.
+Without --sweep the kernels run the first configuration of their `runtime.LAUNCH_TABLE` rows that fits the GPU
+("attention.fwd", "attention.dkdv", "attention.dq"): the rows hold the sweep's winners (bench/notes/attention.md).
+`--sweep` first times a few configurations of each kernel at T=8192 (forced with `runtime.launch_config`) and
+forces the fastest for the rest of the run; `--autotune` instead lets Triton's autotuner pick from each row.
 """
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -21,19 +25,26 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository, without installing it
 import minisparse.attention.triton as fa  # noqa: E402  (first: on a CPU it switches on the interpreter)
-from minisparse import bench  # noqa: E402
-import triton  # noqa: E402
+from minisparse import bench, runtime  # noqa: E402
 
-TileConfig = fa.TileConfig
 B, H, D = 2, 16, 128
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
 
-SWEEP = {  # (block_m, block_n, num_warps, num_stages); dkdv: block_m = query rows a step, block_n = keys owned
+SWEEP = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages); dkdv: BLOCK_M = query rows a step, BLOCK_N = keys owned
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4)],
     "dkdv": [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
+
+
+def forced(configs):
+    """Force {"fwd": (BLOCK_M, BLOCK_N, num_warps, num_stages), ...} on the kernels' table rows inside a with block."""
+    stack = contextlib.ExitStack()
+    for name, (block_m, block_n, warps, stages) in configs.items():
+        stack.enter_context(runtime.launch_config(f"attention.{name}", BLOCK_M=block_m, BLOCK_N=block_n,
+                                                  num_warps=warps, num_stages=stages))
+    return stack
 
 
 def median_ms(fn, grad_to_none=None):
@@ -103,7 +114,7 @@ def check_vs_sdpa(T):
 
 
 def sweep(T):
-    """Time each kernel's candidate tiles at one length; returns per-config times and the fastest of each."""
+    """Time each kernel's candidate configurations at one length; returns per-config times and the fastest of each."""
     q, k, v, do = make_inputs(T)
     scale = D**-0.5
     o, lse = fa._forward(q, k, v, True, scale, None)
@@ -111,22 +122,21 @@ def sweep(T):
     for name in ("fwd", "dkdv", "dq"):
         results[name] = {}
         for cfg in SWEEP[name]:
-            tile = TileConfig(*cfg)
             try:
                 if name == "fwd":
-                    with fa.tile_config(fwd=tile):
+                    with forced({"fwd": cfg}):
                         ms = median_ms(lambda: fa.flash_attention(q, k, v))
-                else:
-                    tiles = {"dkdv": best.get("dkdv"), "dq": best.get("dq"), name: tile}
-                    with fa.tile_config(**tiles):
+                else:  # the other backward kernel at its best so far, or its table row
+                    configs = {n: best[n + "_cfg"] for n in ("dkdv", "dq") if n + "_cfg" in best}
+                    with forced({**configs, name: cfg}):
                         ms = median_ms(lambda: fa._backward(do, q, k, v, o, lse, True, scale, None))
             except Exception as e:  # a tile that does not fit or fails to compile: note it and go on
                 results[name][str(cfg)] = f"error: {type(e).__name__}: {str(e)[:200]}"
                 continue
             results[name][str(cfg)] = ms
             print(f"  sweep {name:5s} {cfg}: {ms:.3f} ms", flush=True)
-            if name not in best or ms < results[name][str(best[name + "_cfg"])]:
-                best[name], best[name + "_cfg"] = tile, cfg
+            if name + "_cfg" not in best or ms < results[name][str(best[name + "_cfg"])]:
+                best[name + "_cfg"] = cfg
     return results, {n: best[n + "_cfg"] for n in ("fwd", "dkdv", "dq") if n + "_cfg" in best}
 
 
@@ -174,6 +184,7 @@ def main():
     parser.add_argument("--out", default="bench/results", help="directory for attention.json")
     parser.add_argument("--ts", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--sweep", action="store_true", help="pick each kernel's tiles by timing at --sweep-t first")
+    parser.add_argument("--autotune", action="store_true", help="let Triton's autotuner pick from the table rows")
     parser.add_argument("--sweep-t", type=int, default=8192)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--window-ts", default="8192,32768")
@@ -185,6 +196,7 @@ def main():
         B, H, D, DTYPE, DEVICE = 1, 2, 32, torch.float32, "cpu"
         for name in SWEEP:
             SWEEP[name] = [(32, 32, 4, 1), (64, 64, 4, 1)]
+    runtime.set_autotune(args.autotune)
     start = time.time()
     ts = [int(t) for t in args.ts.split(",")]
     doc = {
@@ -193,7 +205,8 @@ def main():
         "config": {"B": B, "H": H, "D": D, "dtype": str(DTYPE).removeprefix("torch."), "causal": True,
                    "window": args.window, "layout": "flash_attention [B, T, H, D]; SDPA and flex [B, H, T, D]",
                    "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
-                   "tflops": "4*B*H*D FLOPs a visible (query, key) pair for fwd, 3.5x that for fwd+bwd"},
+                   "tflops": "4*B*H*D FLOPs a visible (query, key) pair for fwd, 3.5x that for fwd+bwd",
+                   "launch": "autotuned from runtime.LAUNCH_TABLE" if args.autotune else "runtime.LAUNCH_TABLE"},
         "rows": [],
     }
     path = pathlib.Path(args.out) / "attention.json"
@@ -208,9 +221,9 @@ def main():
         doc["config"]["tiles"] = {n: list(c) for n, c in chosen.items()}
         print("chosen tiles:", chosen, flush=True)
         save()
-    tiles = {n: TileConfig(*c) for n, c in doc["config"].get("tiles", {}).items()}
+    tiles = {n: tuple(c) for n, c in doc["config"].get("tiles", {}).items()}
 
-    with fa.tile_config(**tiles):
+    with forced(tiles):
         doc["check_vs_sdpa_rel_rms"] = {"T": ts[0], **check_vs_sdpa(ts[0])}
         if DEVICE == "cuda":
             doc["host_overhead"] = host_ms_per_call()

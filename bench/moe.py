@@ -9,8 +9,10 @@
 2. the MoE layer, forward + backward, bf16: 8K tokens, hidden 2048, 64 experts of width 1408, top-6, a shared
    expert of width 2816 (DeepSeek-V2-Lite's shape), Triton backend vs the per-expert loop.
 
-Medians by minisparse.bench.median_ms (CUDA events). Writes DIR/moe.json (minisparse.bench format) and prints a
-table. Target, reported and not asserted: grouped_mm forward ≥ 0.8× torch._grouped_mm's speed.
+Autotuning is on (runtime.set_autotune(True)): the first call of each kernel for an (N, K) times the configurations
+of its runtime.LAUNCH_TABLE row and keeps the fastest; the JSON records the one each kernel ran with. Medians by
+minisparse.bench.median_ms (CUDA events). Writes DIR/moe.json (minisparse.bench format) and prints a table. Target,
+reported and not asserted: grouped_mm forward ≥ 0.8× torch._grouped_mm's speed.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository, without installing it
 
-from minisparse import bench  # noqa: E402
-from minisparse.moe import MoE, grouped_mm, grouped_mm_flops  # noqa: E402
+from minisparse import bench, runtime  # noqa: E402
+from minisparse.moe import MoE, grouped_mm, grouped_mm_flops, tile_schedule  # noqa: E402
 from minisparse.moe import triton as moe_triton  # noqa: E402
 from minisparse.testing import rel_rms  # noqa: E402
 
@@ -79,11 +81,11 @@ def gemm_rows(tokens: int) -> list[dict]:
         print(f"  T={tokens}: no torch._grouped_mm comparison ({type(e).__name__}: {str(e)[:100]})")
 
     cases = [
-        ("grouped_mm (triton)", "fwd", lambda: grouped_mm(x, w_hf, offs, validate=False)),
+        ("grouped_mm (triton)", "fwd", lambda: grouped_mm(x, w_hf, offs)),
         ("torch._grouped_mm", "fwd", lambda: torch._grouped_mm(x, w_hf, offs=offs)),
-        ("grouped_mm (triton), w [E,K,N]", "fwd", lambda: grouped_mm(x, w_kn, offs, validate=False)),
+        ("grouped_mm (triton), w [E,K,N]", "fwd", lambda: grouped_mm(x, w_kn, offs)),
         ("torch._grouped_mm, w [E,K,N]", "fwd", lambda: torch._grouped_mm(x, w_kn, offs=offs)),
-        ("grouped_mm (triton)", "bwd dX", lambda: grouped_mm(dy, w_hf.transpose(1, 2), offs, validate=False)),
+        ("grouped_mm (triton)", "bwd dX", lambda: grouped_mm(dy, w_hf.transpose(1, 2), offs)),
         ("torch._grouped_mm", "bwd dX", lambda: torch._grouped_mm(dy, w_hf.transpose(1, 2), offs=offs)),
         ("grouped_mm (triton)", "bwd dW", lambda: moe_triton._launch_dw(x, dy, offs, dw)),
         ("torch._grouped_mm", "bwd dW", lambda: torch._grouped_mm(x.t(), dy, offs=offs)),
@@ -92,7 +94,17 @@ def gemm_rows(tokens: int) -> list[dict]:
     for impl, p, fn in cases:
         ms = timed(fn)
         rows.append(dict(impl=impl, **{"pass": p}, **base, ms=ms, tflops=flops / ms / 1e9 if ms else None))
-    return rows
+    return rows, launch_configs(x, w_hf, dy, offs, dw)
+
+
+def launch_configs(x, w, dy, offs, dw) -> dict:
+    """The configuration each kernel runs with at this shape (autotuned: the fastest of its LAUNCH_TABLE row)."""
+    y = torch.empty(x.shape[0], w.shape[2], device=x.device, dtype=x.dtype)
+    block_m = moe_triton._block_m(x.device, x.dtype)
+    chosen = {"moe.grouped_mm": moe_triton._launch_fwd(x, w, offs, y, tile_schedule(offs, x.shape[0], block_m),
+                                                        block_m),
+              "moe.grouped_mm_dw": moe_triton._launch_dw(x, dy, offs, dw)}
+    return {k: {n: v for n, v in (c or {}).items() if isinstance(v, (int, float, str))} for k, c in chosen.items()}
 
 
 def layer_rows() -> list[dict]:
@@ -138,19 +150,20 @@ def main(argv=None) -> int:
         return 2
     else:
         print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
-    rows = []
+    runtime.set_autotune(True)  # the interpreter (--smoke) ignores it
+    rows, tuned = [], {}
     for tokens in args.tokens:
-        rows += gemm_rows(tokens)
+        gemm, tuned[tokens] = gemm_rows(tokens)
+        rows += gemm
     rows += layer_rows()
-    tuned = {"/".join(key): str(k.best_config) for key, k in moe_triton._TUNED.items()
-             if getattr(k, "best_config", None) is not None}
     config = dict(dtype=str(DTYPE).replace("torch.", ""), top_k=TOP_K, experts=E, K=K, N=N, tokens=args.tokens,
                   routing="softmax(N(0,1)) popularity, top-8 distinct experts a token, seed 0", layer=LAYER,
-                  autotuned=tuned,
-                  note="grouped_mm timed with validate=False (no host sync), as the MoE layer calls it")
+                  launch_configs=tuned,
+                  note="grouped_mm timed without value checks (the default on CUDA: no host sync), as the MoE "
+                       "layer calls it")
     path = bench.save_results("moe", config, rows, path=args.out / "moe.json")
 
-    print(f"\nwrote {path}; autotuned configs: {tuned}")
+    print(f"\nwrote {path}; launch configurations: {tuned}")
     print(f"{'impl':34s} {'pass':8s} {'tokens':>7s} {'ms':>8s} {'TFLOP/s':>8s}")
     for r in rows:
         ms = f"{r['ms']:.3f}" if r["ms"] else "failed"

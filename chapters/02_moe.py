@@ -238,36 +238,134 @@ if transformers is not None:
 # The renormalisation makes the kept weights sum to one; Qwen3 models make it a flag (`norm_topk_prob`). With it,
 # $g$ equals a softmax over the $k$ selected logits only — the other experts' logits cancel. The router runs in
 # fp32: a bf16 softmax over hundreds of experts loses the small probabilities that decide the $k$-th place.
+#
+# Every op of the chapter starts with one call that checks its arguments — shapes, dtypes, devices, the
+# configuration, and values such as a NaN logit — and raises an error that names the argument, what was expected and
+# what came. The helpers are built from the book's shared checks (`minisparse._checks`); the hidden cell below has
+# them. Value checks follow the book's rule: on CPU tensors always; on CUDA tensors only after
+# `minisparse.runtime.set_value_checks(True)`, because reading a reduction back to the host stalls the GPU.
 
-# %%
+# %% tags=["hide-input"]
 #| export moe.naive
 import math
 
 import torch
 import torch.nn.functional as F
 
+from minisparse import _checks  # the book's shared argument checks
 
-def _check_logits(op, logits):
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{op}: logits must be a 2-D tensor [N, E] (tokens × experts), got {got}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{op}: logits must be a floating-point tensor, got dtype {logits.dtype}")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # the PyTorch ops; the kernels: no fp64
+_IDS = (torch.int32, torch.int64)
 
 
-def _check_top_k(op, top_k, num_experts):
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"{op}: top_k must be an int in [1, E] with E = {num_experts} experts, got top_k={top_k!r}")
+def check_routing_args(op, num_experts, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0):
+    """A router's configuration: top_k an int in [1, E]; n_group an int that divides E; topk_group an int in
+    [1, n_group] whose groups hold at least top_k experts; routed_scaling_factor a positive number."""
+    _checks.positive_int(op, "top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"{op}: top_k must be <= the number of experts E = {num_experts}, got {top_k}")
+    _checks.positive_int(op, "n_group", n_group)
+    _checks.divides(op, "n_group", n_group, "the number of experts E", num_experts)
+    _checks.positive_int(op, "topk_group", topk_group)
+    if topk_group > n_group:
+        raise ValueError(f"{op}: topk_group must be <= n_group = {n_group} (the groups a token may use), "
+                         f"got {topk_group}")
+    per_group = num_experts // n_group
+    if top_k > topk_group * per_group:
+        raise ValueError(f"{op}: top_k = {top_k} experts cannot come from topk_group = {topk_group} groups of "
+                         f"{per_group} experts: need top_k <= {topk_group * per_group}")
+    _checks.positive_float(op, "routed_scaling_factor", routed_scaling_factor)
 
 
+def _check_router_inputs(op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0):
+    """A router's inputs: logits [N, E] float, bias None or a float [E] on logits' device, and the configuration
+    (check_routing_args). Values (CPU tensors always, CUDA tensors after runtime.set_value_checks(True)): no NaN in
+    logits or bias — top-k ranks a NaN above every number, so one NaN bias would send every token to its expert."""
+    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
+    E = logits.shape[1]
+    check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
+    if bias is not None:
+        _checks.tensor(op, "bias", bias, "[E]", dtypes=_FLOATS)
+        _checks.shape(op, "bias", bias, (E,), "[E]", "one per expert")
+        _checks.same_device(op, logits=logits, bias=bias)
+    if _checks.checking_values(False, logits):
+        _checks.value_range(op, "logits", logits, why="a NaN logit gives its token NaN weights")
+        _checks.value_range(op, "bias", bias, why="top-k would rank its expert first for every token")
+
+
+def _check_expert_ids(op, indices, num_experts, check_values):
+    """indices [N, k] int32/int64 expert ids, num_experts an int > 0; with check_values, under the value-check rule,
+    every id in [0, E) (a read-back; on a GPU an id out of range otherwise trips a device-side assert)."""
+    _checks.tensor(op, "indices", indices, "[N, k]", dtypes=_IDS)
+    _checks.positive_int(op, "num_experts", num_experts)
+    if check_values and _checks.checking_values(False, indices):
+        _checks.value_range(op, "indices", indices, low=0, high=num_experts - 1,
+                            why=f"expert ids for num_experts = {num_experts}")
+
+
+def _check_permute_args(op, x, indices, num_experts, check_values):
+    """x [N, H], indices [N, k] expert ids (see _check_expert_ids) with x's N, one device."""
+    _checks.tensor(op, "x", x, "[N, H]")
+    _check_expert_ids(op, indices, num_experts, check_values)
+    if indices.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: indices must be [N, k] with x's N = {x.shape[0]} tokens, got {tuple(indices.shape)}")
+    _checks.same_device(op, x=x, indices=indices)
+
+
+def _check_unpermute_args(op, y_sorted, weights, order):
+    """weights [N, k] float, y_sorted [N*k, H], order [N*k] int32/int64, one device."""
+    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_FLOATS)
+    _checks.tensor(op, "y_sorted", y_sorted, "[N*k, H]")
+    _checks.tensor(op, "order", order, "[N*k]", dtypes=_IDS)
+    rows = weights.shape[0] * weights.shape[1]
+    if y_sorted.shape[0] != rows:
+        raise ValueError(f"{op}: y_sorted must be [N*k, H] with N*k = {rows} (weights {tuple(weights.shape)}), got "
+                         f"{tuple(y_sorted.shape)}")
+    _checks.shape(op, "order", order, (rows,), "[N*k]", f"weights {tuple(weights.shape)}")
+    _checks.same_device(op, y_sorted=y_sorted, weights=weights, order=order)
+
+
+def check_grouped_mm_args(op, x, w, offsets, *, triton=False, check_values=True):
+    """A grouped GEMM's inputs: x [M, K] and w [G, K, N] of one float dtype, offsets [G] int32 cumulative row ends
+    (torch._grouped_mm's format), one device; for the Triton op (triton=True) fp32/fp16/bf16 only and what its
+    kernels need (_checks.triton_inputs). Values — offsets non-decreasing from >= 0, the last equal to M — always for
+    the PyTorch loop, under the value-check rule for the Triton op; check_values=False skips them (a read-back)."""
+    dtypes = _checks.FLOATS if triton else _FLOATS
+    _checks.tensor(op, "x", x, "[M, K]", dtypes=dtypes)
+    _checks.tensor(op, "w", w, "[G, K, N]", dtypes=dtypes)
+    _checks.tensor(op, "offsets", offsets, "[G]")
+    if offsets.dtype != torch.int32:
+        raise TypeError(f"{op}: offsets must be torch.int32 cumulative row ends (as torch._grouped_mm takes them), "
+                        f"got {offsets.dtype}")
+    if offsets.numel() != w.shape[0] or w.shape[0] == 0:
+        raise ValueError(f"{op}: offsets needs one entry per expert, len(offsets) == w.shape[0] >= 1, got "
+                         f"len(offsets) = {offsets.numel()} and w of shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x [M, K] and w [G, K, N] must share K, got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    _checks.same_dtype(op, dtypes, x=x, w=w)
+    _checks.same_device(op, x=x, w=w, offsets=offsets)
+    if triton:
+        _checks.triton_inputs(op, x, w, offsets, instead="grouped_mm_ref (a loop of PyTorch matmuls)")
+    if check_values and _checks.checking_values(not triton, x):
+        ends = offsets.tolist()
+        bad = [i for i in range(len(ends)) if ends[i] < (ends[i - 1] if i else 0)]
+        if bad:
+            raise ValueError(f"{op}: offsets must be non-decreasing cumulative row ends starting at >= 0, got "
+                             f"{ends[:8]}{' …' if len(ends) > 8 else ''} (first decrease at index {bad[0]})")
+        if ends[-1] != x.shape[0]:
+            raise ValueError(f"{op}: the last offset must equal M = x.shape[0] = {x.shape[0]} (every row belongs "
+                             f"to an expert), got {ends[-1]}")
+
+
+# %%
+#| export moe.naive
 def route_topk_softmax(logits, top_k, renormalize=True):
     """Mixtral / Qwen3-MoE routing: softmax over all experts in fp32, keep the top_k.
 
-    logits [N, E] -> (weights [N, top_k] fp32, indices [N, top_k] int64), best expert first.
+    logits [N, E] float -> (weights [N, top_k] fp32, indices [N, top_k] int64), best expert first.
     renormalize=True rescales the kept probabilities to sum to 1 (Mixtral always does; Qwen3: norm_topk_prob).
     """
-    _check_logits("route_topk_softmax", logits)
-    _check_top_k("route_topk_softmax", top_k, logits.shape[1])
+    _check_router_inputs("route_topk_softmax", logits, top_k)  # 1 <= top_k <= E, logits [N, E] without NaN
     probs = torch.softmax(logits.float(), dim=-1)  # [N, E] p = softmax(u)
     weights, indices = probs.topk(top_k, dim=-1)  # [N, k] p_i for i in S, and S
     if renormalize:
@@ -307,24 +405,11 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
     only the best topk_group groups stay eligible. Weights: unbiased scores of the chosen experts, renormalised
     (renormalize=True), times routed_scaling_factor.
     """
-    _check_logits("route_deepseek", logits)
+    _check_router_inputs("route_deepseek", logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
     N, E = logits.shape
-    _check_top_k("route_deepseek", top_k, E)
-    if isinstance(n_group, bool) or not isinstance(n_group, int) or n_group < 1 or E % n_group:
-        raise ValueError(f"route_deepseek: n_group must be a positive int that divides the number of experts "
-                         f"E = {E}, got n_group={n_group!r}")
-    if isinstance(topk_group, bool) or not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
-        raise ValueError(f"route_deepseek: topk_group must be an int in [1, n_group] with n_group = {n_group}, "
-                         f"got topk_group={topk_group!r}")
-    per_group = E // n_group
-    if top_k > topk_group * per_group:
-        raise ValueError(f"route_deepseek: top_k = {top_k} experts cannot come from topk_group = {topk_group} "
-                         f"groups of {per_group} experts: need top_k <= {topk_group * per_group}")
+    per_group = E // n_group  # experts a group
     if bias is None:
         bias = logits.new_zeros(E, dtype=torch.float32)
-    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (E,):
-        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"route_deepseek: bias must be a tensor of shape [E] = ({E},), got {got}")
 
     scores = torch.sigmoid(logits.float())  # [N, E] s_i, in (0, 1)
     choice = scores + bias.float()  # [N, E] s_i + b_i: used to choose, never to weight
@@ -432,16 +517,11 @@ if transformers is not None:
 
 # %%
 #| export moe.naive
-def expert_counts(indices, num_experts):
-    """Tokens routed to each expert: indices [N, k] -> counts [E] int64 (no host sync, unlike bincount on GPU)."""
-    if indices.is_floating_point() or indices.dtype == torch.bool:
-        raise TypeError(f"expert_counts: indices must be an integer tensor, got {indices.dtype}")
-    flat = indices.reshape(-1)
-    # The range check reads the indices on the host, so only on CPU; on a GPU an index out of range trips CUDA's
-    # own device-side assert in scatter_add_ instead, and the layer's hot path stays free of host syncs.
-    if flat.device.type == "cpu" and flat.numel() and not (0 <= flat.min() and flat.max() < num_experts):
-        raise ValueError(f"expert_counts: indices must lie in [0, {num_experts}), got values in "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
+def expert_counts(indices, num_experts, *, check_values=True):
+    """Tokens routed to each expert: indices [N, k] int -> counts [E] int64, by scatter_add (no host sync, unlike
+    bincount on a GPU). check_values=False skips the range check of indices (see the hidden cell of section 2.2)."""
+    _check_expert_ids("expert_counts", indices, num_experts, check_values)
+    flat = indices.reshape(-1).long()  # [N*k]
     return torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(0, flat,
                                                                                          torch.ones_like(flat))
 
@@ -452,14 +532,13 @@ def load_balancing_loss(router_probs, indices, num_experts):
     router_probs [N, E] (probabilities per token), indices [N, k] -> scalar. f_i = tokens routed to i / N (no
     gradient), P_i = mean probability of i. Equals k for perfectly uniform routing, up to E · k when collapsed.
     """
-    if router_probs.dim() != 2 or router_probs.shape[1] != num_experts:
-        raise ValueError(f"load_balancing_loss: router_probs must be [N, E] with E = num_experts = {num_experts}, "
-                         f"got shape {tuple(router_probs.shape)}")
-    if indices.dim() != 2 or indices.shape[0] != router_probs.shape[0]:
-        raise ValueError(f"load_balancing_loss: indices must be [N, k] with N = {router_probs.shape[0]}, "
-                         f"got shape {tuple(indices.shape)}")
+    op = "load_balancing_loss"
+    _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_FLOATS)
+    _checks.shape(op, "router_probs", router_probs, (router_probs.shape[0], num_experts), "[N, E]", "E = num_experts")
+    _check_expert_ids(op, indices, num_experts, check_values=True)
+    _checks.shape(op, "indices", indices, (router_probs.shape[0], indices.shape[1]), "[N, k]", "router_probs' N")
     N = router_probs.shape[0]
-    f = expert_counts(indices, num_experts).float() / N  # [E] fraction of tokens, no gradient
+    f = expert_counts(indices, num_experts, check_values=False).float() / N  # [E] fraction of tokens, no gradient
     P = router_probs.float().mean(dim=0)  # [E] mean probability, carries the gradient
     return num_experts * (f * P).sum()
 
@@ -470,14 +549,9 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
     bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up, overloaded down,
     an expert exactly at the mean stays.
     """
-    if not isinstance(bias, torch.Tensor) or not isinstance(tokens_per_expert, torch.Tensor):
-        raise TypeError(f"update_bias: bias and tokens_per_expert must be tensors, got {type(bias).__name__} and "
-                        f"{type(tokens_per_expert).__name__}")
-    if not bias.is_floating_point():
-        raise TypeError(f"update_bias: bias must be a floating-point tensor, got {bias.dtype}")
-    if bias.shape != tokens_per_expert.shape or bias.dim() != 1:
-        raise ValueError(f"update_bias: bias and tokens_per_expert must both be [E], got {tuple(bias.shape)} and "
-                         f"{tuple(tokens_per_expert.shape)}")
+    _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_FLOATS)
+    _checks.tensor("update_bias", "tokens_per_expert", tokens_per_expert, "[E]")
+    _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]", "bias' E")
     load = tokens_per_expert.float()
     return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)
 
@@ -606,14 +680,11 @@ def capacity_mask(indices, num_experts, capacity_factor):
 
     Priority: all first choices (slot 0) in token order, then all second choices, and so on (as GShard).
     """
-    if indices.dim() != 2:
-        raise ValueError(f"capacity_mask: indices must be [N, k], got shape {tuple(indices.shape)}")
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_mask: capacity_factor must be > 0 (1.0 = exactly the mean load), "
-                         f"got {capacity_factor!r}")
+    _check_expert_ids("capacity_mask", indices, num_experts, check_values=True)
+    _checks.positive_float("capacity_mask", "capacity_factor (1.0 = exactly the mean load)", capacity_factor)
     N, k = indices.shape
     capacity = math.ceil(capacity_factor * N * k / num_experts)
-    slot_major = indices.t().reshape(-1)  # [k*N] slot 0 of every token first
+    slot_major = indices.t().reshape(-1).long()  # [k*N] slot 0 of every token first
     one_hot = F.one_hot(slot_major, num_experts)  # [k*N, E]
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1  # [k*N] place in its expert's queue
     return (position < capacity).view(k, N).t()  # [N, k]
@@ -699,25 +770,18 @@ def moe_naive(x, weights, indices, gate_up_proj, down_proj):
 
 # %%
 #| export moe.naive
-def permute(x, indices, num_experts, validate=True):
+def permute(x, indices, num_experts, *, check_values=True):
     """Sort the (token, slot) pairs by expert: x [N, H], indices [N, k] ->
     (x_sorted [N*k, H], order [N*k] int64, offsets [E] int32).
 
-    x_sorted[i] = x[order[i] // k]; expert e owns rows offsets[e-1]:offsets[e]. validate=False skips the range
-    check of indices (it reads them back to the host).
+    x_sorted[i] = x[order[i] // k]; expert e owns rows offsets[e-1]:offsets[e]. check_values=False skips the range
+    check of indices, which reads them back to the host (the MoE layer, whose indices come from top-k, skips it).
     """
-    if x.dim() != 2 or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
-        raise ValueError(f"permute: need x [N, H] and indices [N, k] with the same N, got x {tuple(x.shape)} and "
-                         f"indices {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"permute: indices must be int32 or int64 expert ids, got {indices.dtype}")
-    if validate and indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < num_experts:
-        raise ValueError(f"permute: indices must lie in [0, num_experts) = [0, {num_experts}), got values in "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+    _check_permute_args("permute", x, indices, num_experts, check_values)
     flat = indices.reshape(-1).long()  # [N*k] expert of each pair, token-major
     order = torch.argsort(flat, stable=True)  # [N*k] pairs sorted by expert, ties in token order
     x_sorted = x[order // indices.shape[1]]  # [N*k, H]
-    offsets = expert_counts(flat, num_experts).cumsum(0).to(torch.int32)  # [E] cumulative row ends
+    offsets = expert_counts(indices, num_experts, check_values=False).cumsum(0).to(torch.int32)  # [E] row ends
     return x_sorted, order, offsets
 
 
@@ -726,15 +790,10 @@ def unpermute(y_sorted, weights, order):
 
     y_sorted [N*k, H], weights [N, k], order [N*k] (from permute) -> y [N, H] in y_sorted's dtype.
     """
-    if weights.dim() != 2:
-        raise ValueError(f"unpermute: weights must be [N, k] (one weight per token and slot), got shape "
-                         f"{tuple(weights.shape)}")
+    _check_unpermute_args("unpermute", y_sorted, weights, order)
     N, k = weights.shape
-    if y_sorted.dim() != 2 or y_sorted.shape[0] != N * k or order.shape != (N * k,):
-        raise ValueError(f"unpermute: need y_sorted [N*k, H] and order [N*k] with N*k = {N * k} (weights "
-                         f"{tuple(weights.shape)}), got y_sorted {tuple(y_sorted.shape)}, order {tuple(order.shape)}")
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)  # [N*k] sorted row of each pair
+    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)  # [N*k] row of each pair
     y = y_sorted[inverse].view(N, k, y_sorted.shape[-1])  # [N, k, H] back in (token, slot) order (N may be 0)
     return (y.float() * weights[..., None].float()).sum(dim=1).to(y_sorted.dtype)
 
@@ -742,8 +801,9 @@ def unpermute(y_sorted, weights, order):
 def grouped_mm_ref(x, w, offsets):
     """The grouped GEMM as a loop (the spec of section 2.7): rows offsets[g-1]:offsets[g] of x times w[g].
 
-    x [M, K] sorted by expert, w [G, K, N], offsets [G] cumulative row ends -> [M, N].
+    x [M, K] sorted by expert, w [G, K, N], offsets [G] int32 cumulative row ends -> [M, N].
     """
+    check_grouped_mm_args("grouped_mm_ref", x, w, offsets)  # one dtype, K shared, offsets end at M
     ends = [int(e) for e in offsets.tolist()]
     starts = [0] + ends[:-1]
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
@@ -971,17 +1031,18 @@ plt.show()
 # hard. A 16K-token training or prefill batch gives 512 tokens per expert, well past the ridge.
 #
 # The benchmark of section 2.9 is such a batch: 16K tokens × top-8 = 131,072 rows, 64 experts, the gate/up
-# projection of a 2048-wide model. The checks below tie the formulas to numbers stated elsewhere: the issue's
-# measurement of `torch._grouped_mm` on the H200 and DeepSeek-V3's active parameters.
+# projection of a 2048-wide model. The checks below tie the formulas to numbers recorded elsewhere: the H200 timing
+# of `torch._grouped_mm` at this shape in `bench/results/moe.json` (2026-11-28) and DeepSeek-V3's active parameters.
 
 # %%
 M_B, K_B, N_B, E_B = 131072, 2048, 2816, 64
 fl = grouped_mm_flops(M_B, K_B, N_B)
 by = grouped_mm_bytes(M_B, K_B, N_B, E_B)
-print(f"benchmark shape: {fl / 1e12:.2f} TFLOP, {by / 1e9:.2f} GB moved, intensity {fl / by:.0f} FLOP/byte "
-      f"→ at 2.48 ms that is {fl / 2.48e-3 / 1e12:.0f} TFLOP/s")
-assert abs(fl / 2.48e-3 / 1e12 - 611) < 2  # the issue: torch._grouped_mm 2.48 ms = 611 TFLOP/s
-assert fl / by > RIDGE  # compute-bound
+TORCH_MS = 2.47  # torch._grouped_mm at this shape on the H200, bf16 (bench/results/moe.json, 2026-11-28)
+tflops = fl / (TORCH_MS * 1e-3) / 1e12
+print(f"benchmark shape: {fl / 1e12:.2f} TFLOP, {by / 1e9:.2f} GB moved, intensity {fl / by:.0f} FLOP/byte; "
+      f"torch._grouped_mm's {TORCH_MS} ms is {tflops:.0f} TFLOP/s, {tflops / 693:.0%} of the bf16 matmul peak")
+assert fl / by > RIDGE and 0.8 < tflops / 693 < 1  # compute-bound, and the measured time is close to the peak's
 # DeepSeek-V3 per MoE layer: 9 experts (8 routed + 1 shared) of 3 · 7168 · 2048 weights, + the router
 ds_flops = moe_flops_per_token(7168, 2048, 256, 8, n_shared=1)
 assert ds_flops == 2 * 9 * 3 * 7168 * 2048 + 2 * 7168 * 256
@@ -1015,20 +1076,19 @@ assert 160 < m_ridge < 190
 
 # %%
 #| export moe.triton
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from minisparse import runtime
+from minisparse.moe.naive import check_grouped_mm_args
 
 
 def tile_schedule(offsets, num_rows, block_m):
-    """The row tiles of a grouped GEMM: tile t is rows tile_row[t] : tile_row[t] + block_m of expert tile_expert[t].
+    """The row tiles of a grouped GEMM: slot s is rows tile_row[s] : tile_row[s] + block_m of expert tile_expert[s].
 
-    offsets [G] int32 cumulative row ends, num_rows = M -> (tile_expert [T], tile_row [T]) int32, with
-    T = ceil(M / block_m) + G slots. Tiles never straddle two experts (a tile's rows past its expert's end are
+    offsets [G] int32 cumulative row ends, num_rows = M -> (tile_expert [S], tile_row [S]) int32, with
+    S = ceil(M / block_m) + G slots. Tiles never straddle two experts (a tile's rows past its expert's end are
     masked); empty experts get no tile; unused trailing slots have tile_expert = -1. Tensor ops only: no host sync.
     """
     G = offsets.numel()
@@ -1036,10 +1096,10 @@ def tile_schedule(offsets, num_rows, block_m):
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # [G] first row of each expert
     tiles = (ends - starts + block_m - 1) // block_m  # [G] row tiles of each expert, 0 when empty
     last = tiles.cumsum(0)  # [G] number of tiles of experts 0..g
-    t = torch.arange(triton.cdiv(num_rows, block_m) + G, device=offsets.device)  # [T] tile slots
-    expert = torch.searchsorted(last, t, right=True)  # [T] first expert whose tiles reach past t; G if none
+    slot = torch.arange(triton.cdiv(num_rows, block_m) + G, device=offsets.device)  # [S] tile slots
+    expert = torch.searchsorted(last, slot, right=True)  # [S] first expert whose tiles reach past the slot; G if none
     e = expert.clamp(max=G - 1)
-    row = starts[e] + (t - (last - tiles)[e]) * block_m  # [T] first row: expert start + tiles before t
+    row = starts[e] + (slot - (last - tiles)[e]) * block_m  # [S] first row: expert start + its tiles before the slot
     return torch.where(expert < G, expert, -1).to(torch.int32), row.to(torch.int32)
 
 
@@ -1113,6 +1173,10 @@ plt.show()
 #   cache instead of re-read from memory.
 # - **Strides, not layouts.** `x`, `w` and `y` are addressed through their strides, so `w` may be the transposed
 #   view of transformers' `[E, out, in]` weights, and the backward pass can pass $w^\top$ without a copy.
+#
+# Names in the kernels: `*_ptr` is an argument's base pointer, `w_g` the base of expert $g$'s matrix (computed
+# once), `*_ptrs` a block of pointers; `rows`, `cols` and `ks` index a tile; `acc` is the fp32 accumulator; `BM`,
+# `BN`, `BK` in the shape comments abbreviate `BLOCK_M`, `BLOCK_N`, `BLOCK_K`.
 
 # %%
 #| export moe.triton
@@ -1122,7 +1186,13 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_r
                        stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_ym, stride_yn,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr):
-    """y[rows of g] = x[rows of g] @ w[g]; one program = one BLOCK_M × BLOCK_N tile of y, all its rows in expert g.
+    """The grouped GEMM (forward, and dx on wᵀ): y[rows of g] = x[rows of g] @ w[g] for every expert g.
+
+    Program: one BLOCK_M × BLOCK_N tile of y, rows tile_row[t] : + BLOCK_M of the tile schedule's slot t, column
+    block pid_n. All its rows belong to expert g = tile_expert[t]; a slot with g = -1 is unused and returns at once.
+    Grid: (num_tiles · ⌈N / BLOCK_N⌉,), in bands of GROUP_M slots: a band's programs cover its slots' column blocks
+    one after another, so programs that run together share x's rows and w[g]'s columns in L2.
+    Tiling: K in steps of BLOCK_K into an fp32 accumulator [BLOCK_M, BLOCK_N]:
 
                   K →                           N →                            N →
           ┌──────────────────┐          ┌──────────────────┐          ┌──────────────────┐
@@ -1131,10 +1201,13 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_r
           └──────────────────┘          │      ┊▓▓▓▓┊      │          └──────────────────┘ to offsets[g]
                                         └──────────────────┘
                                          pid_n * BLOCK_N
+
+    Math: y[r, n] = Σ_k x[r, k] · w[g, k, n] for the tile's rows r < offsets[g]. Rows past the expert's end are read
+    (clamped to row M - 1, so in bounds) and never stored.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # program order: GROUP_M row tiles × all column blocks, column blocks of one row tile spread over the group
+    # program order: bands of GROUP_M slots × all column blocks, a slot's column blocks spread over its band
     per_group = GROUP_M * num_pid_n
     first_tile = (pid // per_group) * GROUP_M
     group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
@@ -1151,7 +1224,8 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_r
     ks = tl.arange(0, BLOCK_K)  # [BK]
     rows_read = tl.minimum(rows, M - 1).to(tl.int64)  # rows past the end are read (in bounds), never stored
     x_ptrs = x_ptr + rows_read[:, None] * stride_xm + ks[None, :] * stride_xk  # [BM, BK]
-    w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn  # [BK, BN]
+    w_g = w_ptr + g.to(tl.int64) * stride_wg  # expert g's [K, N] matrix
+    w_ptrs = w_g + ks[:, None] * stride_wk + cols[None, :] * stride_wn  # [BK, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -1202,7 +1276,23 @@ def _grouped_mm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, N, K,
                           stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwg, stride_dwk, stride_dwn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """dw[g] = x[rows of g]ᵀ @ dy[rows of g]; one program = one BLOCK_K × BLOCK_N tile of dw[g], all row blocks."""
+    """The grouped GEMM's weight gradient: dw[g] = x[rows of g]ᵀ @ dy[rows of g] for every expert g.
+
+    Program: one BLOCK_K × BLOCK_N tile of dw[g]; it walks expert g's rows BLOCK_M at a time.
+    Grid: (⌈K / BLOCK_K⌉ · ⌈N / BLOCK_N⌉, G): the programs of one expert run together and share its rows in L2.
+    Tiling: a row block of x read transposed, [BLOCK_K, BLOCK_M], times the same row block of dy, [BLOCK_M, BLOCK_N],
+    summed into an fp32 accumulator [BLOCK_K, BLOCK_N]:
+
+             rows of g →                 N →                      N →
+          ┌──────────────────┐   r  ┌──────────────────┐      ┌──────────────────┐
+        K │░░ x[r0:+BM]ᵀ ░░░░│   ↓  │     ┊▓▓▓▓┊       │    K │     ┊▓▓▓▓┊       │ tile of dw[g],
+          │ → step BLOCK_M → │  @   │ dy  ┊▓▓▓▓┊       │   =  │dw[g]┊▓▓▓▓┊       │ every row block
+          └──────────────────┘      └──────────────────┘      └──────────────────┘ of expert g summed
+
+    Math: dw[g, k, n] = Σ_{start <= r < end} x[r, k] · dy[r, n], with [start, end) = [offsets[g-1], offsets[g]).
+    Rows past the expert's end are masked to zero (here they would be summed in); an empty expert's loop runs zero
+    times and stores zeros, its gradient.
+    """
     pid = tl.program_id(0)
     g = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -1222,132 +1312,99 @@ def _grouped_mm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, N, K,
                      mask=in_g[:, None] & (cols[None, :] < N), other=0.0)  # [BM, BN]
         acc = tl.dot(xt, dy, acc, input_precision=PRECISION)  # [BK, BN]
 
-    dw_ptrs = dw_ptr + g.to(tl.int64) * stride_dwg + ks[:, None] * stride_dwk + cols[None, :] * stride_dwn
+    dw_g = dw_ptr + g.to(tl.int64) * stride_dwg  # expert g's [K, N] gradient
+    dw_ptrs = dw_g + ks[:, None] * stride_dwk + cols[None, :] * stride_dwn  # [BK, BN]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(ks[:, None] < K) & (cols[None, :] < N))
 
 
 # %% [markdown]
 # ### Block sizes, launch and autograd
 #
-# Tile sizes trade on-chip memory against reuse. On an H100/H200 (227 KB of shared memory a block) a
-# 128 × 256 tile with `BLOCK_K` = 64 and 3 pipeline stages uses 144 KB in bf16; a Colab T4 has 64 KB, so it gets
-# 64 × 64 tiles; fp32 halves `BLOCK_K`. On a GPU the launcher lets `triton.autotune` time a few candidates once per
-# shape when the problem is large enough to care (`MINISPARSE_AUTOTUNE=0` pins the first candidate); `BLOCK_M` is
-# fixed per GPU generation because the tile schedule is built with it. The interpreter gets one small
-# configuration — it pays per program, not per FLOP — and is never autotuned.
+# Tile sizes trade on-chip memory against reuse. On an H100/H200 (227 KiB of shared memory a block) a 128 × 256 tile
+# with `BLOCK_K` = 64 and 3 pipeline stages takes 144 KiB in bf16 — each stage holds a 128 × 64 slab of `x` and a
+# 64 × 256 slab of `w` — while a Colab T4 has 64 KiB and gets 64 × 64 tiles; fp32 operands take twice the bytes, so
+# their rows halve `BLOCK_K`. Both kernels read these settings from the book's one table, `runtime.LAUNCH_TABLE`:
+# row `"moe.grouped_mm"` for the forward kernel (and $\partial x$, which is the same kernel), `"moe.grouped_mm_dw"`
+# for the weight gradient, each per GPU architecture and best first. `runtime.launch` tries a row in order, keeps the
+# first configuration that compiles within the GPU's shared memory and remembers it. Two points are particular to
+# the grouped GEMM:
+#
+# - `BLOCK_M` is the tile schedule's tile height, and the host builds the schedule before the launch, so every
+#   configuration of a row shares one `BLOCK_M`. The launcher reads it from the row (`runtime.launch_configs`), or
+#   from the configuration a test forces with `runtime.launch_config("moe.grouped_mm", BLOCK_M=16, ...)`.
+# - With `runtime.set_autotune(True)` — `bench/moe.py` turns it on — the first call for each $(N, K)$ times the
+#   row's configurations and keeps the fastest; off, the default, the first that fits runs. `bench/notes/moe.md`
+#   has the H200 timings behind the `sm_90` rows.
+#
+# The interpreter's row is one configuration of few, large programs: it pays per program, not per FLOP.
+
+# %%
+def tiles(c):  # BLOCK_M×BLOCK_N×BLOCK_K, warps and pipeline stages of one configuration
+    return "×".join(str(c[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" {c['num_warps']}w{c['num_stages']}s"
+
+
+print("BLOCK_M×BLOCK_N×BLOCK_K, warps (w) and stages (s) of each configuration, best first")
+for kernel in ("moe.grouped_mm", "moe.grouped_mm_dw"):
+    for row in ("sm_90", "sm_80", "sm_75"):  # and the interpreter's: 32×64×32 for both
+        print(f"{kernel:18s} {row:11s}", ", ".join(tiles(c) for c in runtime.LAUNCH_TABLE[kernel][row]))
 
 # %%
 #| export moe.triton
-# Candidates per GPU generation. Forward: BLOCK_M (fixed: the schedule depends on it) and
-# (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); weight gradient: (BLOCK_K, BLOCK_N, BLOCK_M, warps, stages).
-_FWD_CONFIGS = {
-    "hopper": (128, [(256, 64, 8, 8, 3), (128, 64, 8, 8, 4), (128, 64, 8, 4, 4), (256, 64, 8, 8, 4)]),
-    "ampere": (128, [(128, 32, 8, 4, 4), (256, 32, 8, 8, 3), (128, 64, 8, 8, 3)]),
-    "older": (64, [(64, 32, 8, 4, 2), (128, 32, 8, 4, 2), (64, 64, 8, 4, 2)]),  # T4: 64 KB of shared memory
-}
-_DW_CONFIGS = {
-    "hopper": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
-    "ampere": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
-    "older": [(64, 64, 32, 4, 2), (64, 128, 32, 4, 2)],
-}
-_INTERPRETER_FWD = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)  # few, large programs: fast to interpret
-_INTERPRETER_DW = dict(BLOCK_K=32, BLOCK_N=64, BLOCK_M=32)
-_TUNED = {}
-
-
-def _generation(device):
-    major, _ = torch.cuda.get_device_capability(device)
-    return "hopper" if major >= 9 else "ampere" if major >= 8 else "older"
-
-
-def _autotune(work):
-    """Autotune only problems big enough for the choice to matter (and never under the interpreter)."""
-    return os.environ.get("MINISPARSE_AUTOTUNE", "1") != "0" and work >= 1 << 27
+_INSTEAD = "grouped_mm_ref (a loop of PyTorch matmuls)"
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact (no TF32 rounding); 16-bit inputs ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 in: exact fp32 products; 16-bit inputs ignore it
 
 
-def _fwd_setup(device, dtype, work):
-    """(kernel, BLOCK_M, launch meta-parameters) for this device, dtype and problem size M·N·K."""
-    if device.type != "cuda":
-        meta = dict(_INTERPRETER_FWD)
-        return _grouped_mm_kernel, meta.pop("BLOCK_M"), meta
-    gen, wide = _generation(device), dtype == torch.float32
-    block_m, configs = _FWD_CONFIGS[gen]
-    # fp32 tiles take twice the shared memory: halve BLOCK_K (the dimension staged per pipeline step)
-    configs = [(bn, bk // 2 if wide else bk, gm, nw, ns) for bn, bk, gm, nw, ns in configs]
-    if not _autotune(work):
-        bn, bk, gm, nw, ns = configs[0]
-        return _grouped_mm_kernel, block_m, dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
-    key = ("fwd", gen, str(dtype))
-    if key not in _TUNED:
-        cands = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), num_warps=nw, num_stages=ns)
-                 for bn, bk, gm, nw, ns in configs]
-        _TUNED[key] = triton.autotune(cands, key=["N", "K", "BLOCK_M"])(_grouped_mm_kernel)
-    return _TUNED[key], block_m, {}
+def _block_m(device, dtype):
+    """The forward's BLOCK_M for this device and dtype: the first configuration `runtime.launch` will try — the one
+    a test forces with `runtime.launch_config`, else the first of the row (all of a row's configurations share it)."""
+    forced = runtime._forced.get("moe.grouped_mm")
+    return (forced or runtime.launch_configs("moe.grouped_mm", device, dtype)[0])["BLOCK_M"]
 
 
-def _dw_setup(device, dtype, work):
-    if device.type != "cuda":
-        return _grouped_mm_dw_kernel, dict(_INTERPRETER_DW)
-    gen, wide = _generation(device), dtype == torch.float32
-    configs = [(bk, bn, bm // 2 if wide else bm, nw, ns) for bk, bn, bm, nw, ns in _DW_CONFIGS[gen]]
-    if not _autotune(work):
-        bk, bn, bm, nw, ns = configs[0]
-        return _grouped_mm_dw_kernel, dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=bm, num_warps=nw, num_stages=ns)
-    key = ("dw", gen, str(dtype))
-    if key not in _TUNED:
-        cands = [triton.Config(dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=bm), num_warps=nw, num_stages=ns)
-                 for bk, bn, bm, nw, ns in configs]
-        _TUNED[key] = triton.autotune(cands, key=["N", "K"])(_grouped_mm_dw_kernel)
-    return _TUNED[key], {}
-
-
-def _launch_fwd(x, w, offsets, y, schedule=None, config=None):
-    """Write y [M, N] = grouped x [M, K] @ w [G, K, N]. Returns the schedule (tile_expert, tile_row, BLOCK_M).
-
-    config (tests): dict(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M) to bypass the per-device choice.
-    """
+def _launch_fwd(x, w, offsets, y, schedule, block_m):
+    """Write y [M, N] = grouped x [M, K] @ w [G, K, N] tile by tile over `schedule` = (tile_expert, tile_row) from
+    tile_schedule(offsets, M, block_m). Returns the launch configuration (None when there is nothing to launch)."""
     M, K = x.shape
     N = w.shape[2]
-    if config is None:
-        kernel, block_m, meta = _fwd_setup(x.device, x.dtype, M * N * K)
-    else:
-        meta = dict(config)
-        kernel, block_m = _grouped_mm_kernel, meta.pop("BLOCK_M")
-    if schedule is None or schedule[2] != block_m:
-        schedule = (*tile_schedule(offsets, M, block_m), block_m)
     if M == 0 or N == 0:
-        return schedule
-    if K == 0:
+        return None
+    if K == 0:  # an empty sum
         y.zero_()
-        return schedule
-    tile_expert, tile_row, _ = schedule
-    T = tile_expert.numel()
-    kernel[lambda m: (T * triton.cdiv(N, m["BLOCK_N"]),)](
-        x, w, y, offsets, tile_expert, tile_row, M, N, K, T, *x.stride(), *w.stride(), *y.stride(),
-        BLOCK_M=block_m, PRECISION=_precision(x.dtype), **meta)
-    return schedule
+        return None
+    tile_expert, tile_row = schedule
+    num_tiles = tile_expert.numel()
+    return runtime.launch(
+        "moe.grouped_mm", _grouped_mm_kernel, lambda c: (num_tiles * triton.cdiv(N, c["BLOCK_N"]),),
+        (x, w, y, offsets, tile_expert, tile_row, M, N, K, num_tiles, *x.stride(), *w.stride(), *y.stride()),
+        dict(PRECISION=_precision(x.dtype)), device=x.device, dtype=x.dtype,
+        fit=lambda c: {**c, "BLOCK_M": block_m},  # the tile height the schedule was built with
+        autotune_key=["N", "K"], instead=_INSTEAD)
 
 
-def _launch_dw(x, dy, offsets, dw, config=None):
-    """Write dw [G, K, N] = per-expert x_gᵀ @ dy_g (zeros for empty experts)."""
+def _launch_dw(x, dy, offsets, dw):
+    """Write dw [G, K, N] = per-expert x_gᵀ @ dy_g (zeros for empty experts). Returns the launch configuration."""
     K, N, G = x.shape[1], dy.shape[1], offsets.numel()
-    work = x.shape[0] * K * N
-    kernel, meta = _dw_setup(x.device, x.dtype, work) if config is None else (_grouped_mm_dw_kernel, dict(config))
     if K == 0 or N == 0:
-        return
-    kernel[lambda m: (triton.cdiv(K, m["BLOCK_K"]) * triton.cdiv(N, m["BLOCK_N"]), G)](
-        x, dy, dw, offsets, N, K, *x.stride(), *dy.stride(), *dw.stride(), PRECISION=_precision(x.dtype), **meta)
+        return None
+    return runtime.launch(
+        "moe.grouped_mm_dw", _grouped_mm_dw_kernel,
+        lambda c: (triton.cdiv(K, c["BLOCK_K"]) * triton.cdiv(N, c["BLOCK_N"]), G),
+        (x, dy, dw, offsets, N, K, *x.stride(), *dy.stride(), *dw.stride()),
+        dict(PRECISION=_precision(x.dtype)), device=x.device, dtype=x.dtype, autotune_key=["N", "K"],
+        instead=_INSTEAD)
 
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets):
+        block_m = _block_m(x.device, x.dtype)
+        schedule = tile_schedule(offsets, x.shape[0], block_m)  # [S] expert and first row of each tile slot
         y = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)  # [M, N]
-        ctx.schedule = _launch_fwd(x, w, offsets, y)
+        _launch_fwd(x, w, offsets, y, schedule, block_m)
+        ctx.schedule, ctx.block_m = schedule, block_m
         ctx.save_for_backward(x, w, offsets)
         return y
 
@@ -1358,56 +1415,24 @@ class _GroupedMM(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dx_g = dy_g @ w_gᵀ: the forward kernel on a transposed view, same schedule
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            _launch_fwd(dy, w.transpose(1, 2), offsets, dx, ctx.schedule)
+            _launch_fwd(dy, w.transpose(1, 2), offsets, dx, ctx.schedule, ctx.block_m)
         if ctx.needs_input_grad[1]:  # dw_g = x_gᵀ @ dy_g, laid out like w (e.g. a transposed [E, out, in] view)
             dw = torch.empty_like(w)
             _launch_dw(x, dy, offsets, dw)
         return dx, dw, None
 
 
-def _check_grouped_mm(x, w, offsets, validate):
-    for name, t, dims, shape in (("x", x, 2, "[M, K]"), ("w", w, 3, "[G, K, N]"), ("offsets", offsets, 1, "[G]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"grouped_mm: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"grouped_mm: {name} must be {dims}-D {shape}, got shape {tuple(t.shape)}")
-    if offsets.dtype != torch.int32:
-        raise TypeError(f"grouped_mm: offsets must be torch.int32 cumulative row ends (as torch._grouped_mm takes "
-                        f"them), got {offsets.dtype}")
-    if offsets.numel() != w.shape[0] or w.shape[0] == 0:
-        raise ValueError(f"grouped_mm: offsets needs one entry per expert, len(offsets) == w.shape[0] >= 1, got "
-                         f"len(offsets) = {offsets.numel()} and w of shape {tuple(w.shape)}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"grouped_mm: x [M, K] and w [G, K, N] must share K, got x {tuple(x.shape)} and w "
-                         f"{tuple(w.shape)}")
-    if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"grouped_mm: x and w must have one dtype among float32, float16, bfloat16, got x "
-                        f"{x.dtype} and w {w.dtype}")
-    runtime.check_triton_device("grouped_mm", x, w, offsets)
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        raise TypeError("grouped_mm: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
-                        "use float32 (or float16) on CPU, bfloat16 on a GPU")
-    if validate:  # one read-back to the host; the MoE layer builds offsets itself and skips it
-        ends = offsets.tolist()
-        bad = [i for i in range(len(ends)) if ends[i] < (ends[i - 1] if i else 0)]
-        if bad:
-            raise ValueError(f"grouped_mm: offsets must be non-decreasing cumulative row ends starting at >= 0, got "
-                             f"{ends[:8]}{' …' if len(ends) > 8 else ''} (first decrease at index {bad[0]})")
-        if ends[-1] != x.shape[0]:
-            raise ValueError(f"grouped_mm: the last offset must equal M = x.shape[0] = {x.shape[0]} (every row "
-                             f"belongs to an expert), got {ends[-1]}")
-
-
-def grouped_mm(x, w, offsets, *, validate=True):
+def grouped_mm(x, w, offsets, *, check_values=True):
     """Grouped GEMM in Triton: y[offsets[g-1]:offsets[g]] = x[offsets[g-1]:offsets[g]] @ w[g], differentiable.
 
     x [M, K] rows sorted by expert; w [G, K, N] (any strides, e.g. `weight.transpose(1, 2)` of transformers'
-    [E, out, in] experts); offsets [G] int32 cumulative row ends, offsets[-1] == M -> y [M, N] in x's dtype.
-    Same result as `torch._grouped_mm(x, w, offs=offsets)`. One launch over all experts, fp32 accumulation; empty
-    experts are fine. Backward: dx by the same kernel on w's transpose, dw by a grouped weight-gradient kernel.
-    validate=False skips the offsets check, which reads offsets back to the host (a sync on a GPU).
+    [E, out, in] experts); offsets [G] int32 cumulative row ends, offsets[-1] == M -> y [M, N] in x's dtype (fp32,
+    fp16 or bf16). Same result as `torch._grouped_mm(x, w, offs=offsets)`. One launch over all experts, fp32
+    accumulation; empty experts are fine. Backward: dx by the same kernel on w's transpose, dw by the grouped
+    weight-gradient kernel. The offsets check reads offsets back to the host: on CPU tensors always, on CUDA
+    tensors after `runtime.set_value_checks(True)`; check_values=False skips it (the MoE layer, which built them).
     """
-    _check_grouped_mm(x, w, offsets, validate)
+    check_grouped_mm_args("grouped_mm", x, w, offsets, triton=True, check_values=check_values)
     return _GroupedMM.apply(x, w, offsets)
 
 
@@ -1447,19 +1472,26 @@ except (RuntimeError, AttributeError) as err:  # older PyTorch, or a dtype/devic
     print("torch._grouped_mm is not available here:", str(err).splitlines()[0][:100])
 
 # %% [markdown]
-# Bad input fails early and says what it wanted:
+# Bad input fails early and says what it wanted. Shapes, dtypes and devices are checked on every call; the offsets'
+# values (non-decreasing, the last equal to $M$) on CPU tensors always and on CUDA tensors after
+# `runtime.set_value_checks(True)`, since reading them back stalls the GPU — the cell turns it on, so that it prints
+# the same on a GPU.
 
 # %%
-for bad in [lambda: grouped_mm(x_c, w_c, offs_c.long()),  # int64 offsets
-            lambda: grouped_mm(x_c, w_c, offs_c.flip(0)),  # not monotone
-            lambda: grouped_mm(x_c, w_c, offs_c[:-1]),  # one offset short
-            lambda: grouped_mm(x_c[:, :-1], w_c, offs_c)]:  # K mismatch
-    try:
-        bad()
-    except (ValueError, TypeError) as err:
-        print(f"{type(err).__name__}: {err}")
-    else:
-        raise AssertionError("bad input was accepted")
+previous = runtime.set_value_checks(True)
+try:
+    for bad in [lambda: grouped_mm(x_c, w_c, offs_c.long()),  # int64 offsets
+                lambda: grouped_mm(x_c, w_c, offs_c.flip(0)),  # not monotone
+                lambda: grouped_mm(x_c, w_c, offs_c[:-1]),  # one offset short
+                lambda: grouped_mm(x_c[:, :-1], w_c, offs_c)]:  # K mismatch
+        try:
+            bad()
+        except (ValueError, TypeError) as err:
+            print(f"{type(err).__name__}: {err}")
+        else:
+            raise AssertionError("bad input was accepted")
+finally:
+    runtime.set_value_checks(previous)
 
 # %% [markdown]
 # ## 2.8 The layer
@@ -1479,8 +1511,13 @@ for bad in [lambda: grouped_mm(x_c, w_c, offs_c.long()),  # int64 offsets
 # The router computes its logits in fp32 whatever the layer's dtype (transformers does so for DeepSeek-V3; for
 # Mixtral it computes them in the input dtype, which differs only in bf16 rounding). `backend="triton"` runs the
 # experts with `permute` → `grouped_mm` → SwiGLU → `grouped_mm` → `unpermute`; `"naive"` runs `moe_naive`;
-# `"auto"` (the default) picks Triton on a GPU and the loop on a CPU. The last routing is kept in
-# `layer.last_routing` (logits, indices) for an auxiliary loss or the bias update.
+# `"auto"` (the default) picks Triton on a GPU, and on a CPU under the interpreter for fp32 and fp16, the loop
+# otherwise — the rule of every layer in the book. The last routing is kept in `layer.last_routing` (logits,
+# indices) for an auxiliary loss or the bias update.
+#
+# The constructor checks its arguments (sizes, the router kind, a group limit the router can meet) and `forward`
+# its input: fp16 input to an fp32 layer says so, instead of failing inside a matmul. The routing the layer computes
+# itself — top-k indices, offsets built from them — is not checked again on its way through the kernels.
 
 # %%
 #| export moe.layer
@@ -1488,8 +1525,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minisparse.moe.naive import moe_naive, permute, route_deepseek, route_topk_softmax, unpermute
+from minisparse import _checks
+from minisparse.moe.naive import check_routing_args, moe_naive, permute, route_deepseek, route_topk_softmax, unpermute
 from minisparse.moe.triton import grouped_mm
+
+_ROUTERS = ("softmax", "deepseek")
+
+
+def _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group, topk_group,
+                    routed_scaling_factor, shared_intermediate_size, shared_expert_gate):
+    """MoE's constructor arguments: sizes ints > 0 (the shared expert's >= 0, 0 meaning none), a known router kind,
+    a routing the router can meet (check_routing_args), and a shared expert behind a shared_expert_gate."""
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                        ("num_experts", num_experts)):
+        _checks.positive_int("MoE", name, value)
+    _checks.one_of("MoE", "router", router, _ROUTERS)
+    check_routing_args("MoE", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
+    _checks.positive_int("MoE", "shared_intermediate_size (0: no shared expert)", shared_intermediate_size, zero=True)
+    if shared_expert_gate and not shared_intermediate_size:
+        raise ValueError("MoE: shared_expert_gate=True needs a shared expert (shared_intermediate_size > 0)")
 
 
 class SwiGLU(nn.Module):
@@ -1511,14 +1565,15 @@ class Router(nn.Module):
     def __init__(self, hidden_size, num_experts, top_k, kind="softmax", n_group=1, topk_group=1,
                  routed_scaling_factor=1.0, renormalize=True):
         super().__init__()
-        if kind not in ("softmax", "deepseek"):
-            raise ValueError(f"Router: kind must be 'softmax' or 'deepseek', got {kind!r}")
+        _checks.positive_int("Router", "hidden_size", hidden_size)
+        _checks.positive_int("Router", "num_experts", num_experts)
+        _checks.one_of("Router", "kind", kind, _ROUTERS)
+        check_routing_args("Router", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
         self.kind, self.top_k, self.renormalize = kind, top_k, renormalize
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         if kind == "deepseek":
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
-        self.route(torch.zeros(1, num_experts))  # invalid top_k / groups fail here, not at the first forward
 
     def route(self, logits):
         if self.kind == "softmax":
@@ -1543,34 +1598,34 @@ class Experts(nn.Module):
     def forward(self, x, weights, indices, backend="naive"):  # x [N, H], weights/indices [N, k] -> [N, H]
         if backend == "naive":
             return moe_naive(x, weights, indices, self.gate_up_proj, self.down_proj)
-        x_sorted, order, offsets = permute(x, indices, self.gate_up_proj.shape[0], validate=False)  # [N*k, H]
-        h = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offsets, validate=False)  # [N*k, 2I]
+        # indices come from the router's top-k and offsets from sorting them: no value check on the way
+        x_sorted, order, offsets = permute(x, indices, self.gate_up_proj.shape[0], check_values=False)  # [N*k, H]
+        h = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offsets, check_values=False)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)  # [N*k, I] each
-        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets, validate=False)  # [N*k, H]
+        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets,
+                              check_values=False)  # [N*k, H]
         return unpermute(y_sorted, weights, order)  # [N, H]
 
 
+# %%
+#| export moe.layer
 class MoE(nn.Module):
     """A mixture-of-experts FFN: router, E routed SwiGLU experts, optional (sigmoid-gated) shared expert.
 
-    hidden_states [..., H] -> [..., H]. router="softmax" (Mixtral, Qwen3) or "deepseek" (sigmoid, groups, bias);
-    shared_intermediate_size > 0 adds a shared SwiGLU (DeepSeek: n_shared × moe_intermediate_size), and
-    shared_expert_gate=True scales it by sigmoid(x · w_s) (Qwen3-Next). backend: "auto" | "triton" | "naive".
+    hidden_states [B, T, H] (or [N, H]) in the experts' dtype -> the same shape. router="softmax" (Mixtral, Qwen3)
+    or "deepseek" (sigmoid, groups, bias); shared_intermediate_size > 0 adds a shared SwiGLU (DeepSeek:
+    n_shared × moe_intermediate_size), and shared_expert_gate=True scales it by sigmoid(x · w_s) (Qwen3-Next).
+    backend: "auto" | "naive" | "triton".
     """
 
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *, router="softmax", n_group=1,
                  topk_group=1, routed_scaling_factor=1.0, renormalize=True, shared_intermediate_size=0,
                  shared_expert_gate=False, backend="auto"):
         super().__init__()
-        for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
-                        ("num_experts", num_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoE: {name} must be a positive int, got {v!r}")
-        if backend not in ("auto", "triton", "naive"):
-            raise ValueError(f"MoE: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-        if shared_expert_gate and not shared_intermediate_size:
-            raise ValueError("MoE: shared_expert_gate=True needs a shared expert (shared_intermediate_size > 0)")
-        self.hidden_size, self.num_experts, self.top_k, self.backend = hidden_size, num_experts, top_k, backend
+        _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group, topk_group,
+                        routed_scaling_factor, shared_intermediate_size, shared_expert_gate)
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.backend = backend  # checked by the property below
         self.gate = Router(hidden_size, num_experts, top_k, router, n_group, topk_group, routed_scaling_factor,
                            renormalize)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
@@ -1579,6 +1634,15 @@ class MoE(nn.Module):
         self.last_routing = None
         self.reset_parameters()
 
+    @property
+    def backend(self):
+        """"auto" (Triton where it runs, else the loop), "naive" or "triton"; assigning checks the value."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value):
+        self._backend = _checks.backend("MoE", value)
+
     def reset_parameters(self, std=0.02):
         """Normal(0, std) weights as transformers initialises them; zero bias."""
         for p in self.parameters():
@@ -1586,19 +1650,14 @@ class MoE(nn.Module):
         if hasattr(self.gate, "e_score_correction_bias"):
             self.gate.e_score_correction_bias.zero_()
 
-    def _backend(self, x):
-        if self.backend != "auto":
-            return self.backend
-        return "triton" if x.is_cuda else "naive"
-
     def forward(self, hidden_states):
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"MoE: hidden_states must be [..., {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        layout = "[N, hidden]" if getattr(hidden_states, "ndim", None) == 2 else "[B, T, hidden]"
+        _checks.layer_input("MoE", hidden_states, self.experts, layout, self.hidden_size)  # the experts' dtype
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [N, H]
         logits, weights, indices = self.gate(x)  # [N, E], [N, k], [N, k]
         self.last_routing = (logits, indices)
-        y = self.experts(x, weights, indices, self._backend(x))  # [N, H]
+        y = self.experts(x, weights, indices, _checks.choose_backend(self.backend, x))  # [N, H]
         if self.shared_experts is not None:
             shared = self.shared_experts(x)  # [N, H]
             if self.shared_expert_gate is not None:
@@ -1749,7 +1808,7 @@ else:
                  f"{moe_results['date']}", fontsize=9)
     fig.tight_layout()
     plt.show()
-    print("config:", moe_results["config"])
+    print("config:", {k: cfg[k] for k in ("dtype", "top_k", "experts", "K", "N", "tokens")})
 
 # %% [markdown]
 # On a GPU, the cell below also times the two at a smaller size live (it prints a note on a CPU, where the
@@ -1764,7 +1823,7 @@ if runtime.has_gpu() and not runtime.interpreting():
     x_l = torch.randn(M_L, K_L, device=DEVICE, dtype=DTYPE)
     w_l = torch.randn(E_L, N_L, K_L, device=DEVICE, dtype=DTYPE).transpose(1, 2)  # transformers' layout, viewed
     flops = grouped_mm_flops(M_L, K_L, N_L)
-    impls = {"grouped_mm (triton)": lambda: grouped_mm(x_l, w_l, offs_l, validate=False),
+    impls = {"grouped_mm (triton)": lambda: grouped_mm(x_l, w_l, offs_l),  # no host read on a GPU
              "torch._grouped_mm": lambda: torch._grouped_mm(x_l, w_l, offs=offs_l),
              "loop (grouped_mm_ref)": lambda: grouped_mm_ref(x_l, w_l, offs_l)}
     for name, fn in impls.items():

@@ -55,7 +55,7 @@
 # :::
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
@@ -65,7 +65,7 @@ if importlib.util.find_spec("minisparse") is None:
                                   "or `pip install -e .` in this kernel's environment")
     # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
 
 minisparse.runtime.print_environment()
@@ -121,7 +121,6 @@ except ImportError:
 
 # %%
 #| export mla.cost
-import math
 from dataclasses import dataclass
 
 import torch
@@ -360,6 +359,7 @@ import math
 
 import torch
 
+from minisparse import _checks
 from minisparse.attention.naive import RotaryEmbedding, attention_ref, rope_frequencies
 
 
@@ -688,8 +688,9 @@ def make_mla_rope(dim, theta=10000.0, interleaved=True, rope_scaling=None):
 # `absorb=False` it expands keys and values from the (cached) latents and runs chapter 1's `attention_ref`, as
 # transformers does; with `absorb=True` it runs section 3.3's attention on the latents. `backend` picks how the
 # absorbed attention runs: `"naive"` (PyTorch), `"triton"` (section 3.7's kernel, on a CPU in the interpreter) or
-# `"auto"` (the kernel on a GPU, PyTorch on a CPU and whenever gradients are needed: the kernel decodes, it has no
-# backward pass).
+# `"auto"` (the kernel on a GPU or under the interpreter, PyTorch otherwise — and whenever gradients are needed: the
+# kernel decodes, it has no backward pass). The constructor's and `forward`'s argument checks are one call each
+# (`_check_mla_args`, `_checks.layer_input`; the engineering notes at the end of the chapter list them).
 
 # %%
 #| export mla.layer
@@ -698,6 +699,7 @@ import math
 import torch
 import torch.nn as nn
 
+from minisparse import _checks
 from minisparse.attention.layer import RMSNorm
 from minisparse.attention.naive import attention_ref
 from minisparse.mla.naive import (MLACache, _rope_type, absorb_output, absorb_query, expand_latent, make_mla_rope,
@@ -717,11 +719,9 @@ class MLA(nn.Module):
                  qk_rope_head_dim=64, v_head_dim=128, attention_bias=False, norm_eps=1e-6, rope_theta=10000.0,
                  rope_interleave=True, rope_scaling=None, backend="auto"):
         super().__init__()
-        if backend not in ("auto", "naive", "triton"):
-            raise ValueError(f"MLA: backend must be 'auto', 'naive' or 'triton', got {backend!r}")
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"MLA: qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
-        self.hidden_size, self.num_heads, self.backend = hidden_size, num_heads, backend
+        _check_mla_args(hidden_size, num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+                        v_head_dim, norm_eps, rope_theta)
+        self.hidden_size, self.num_heads, self.backend = hidden_size, num_heads, _checks.backend("MLA", backend)
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -757,8 +757,7 @@ class MLA(nn.Module):
         return q_nope, q_rope, c_kv, k_rope
 
     def forward(self, x, cache=None, absorb=False, positions=None):
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"MLA: x must be [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        _checks.layer_input("MLA", x, self, "[B, T, hidden]", self.hidden_size)
         B, T, _ = x.shape
         start = 0 if cache is None else len(cache)
         if positions is None:
@@ -772,7 +771,7 @@ class MLA(nn.Module):
             k, v = expand_latent(c_kv, k_rope, self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim,
                                  self.v_head_dim)  # [B, S, H, dn + dr], [B, S, H, dv]
             o = attention_ref(torch.cat([q_nope, q_rope], dim=-1), k, v, causal=True, scale=self.scaling)
-        return self.o_proj(o.reshape(B, T, -1))  # [B, T, hidden]
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))  # [B, T, hidden]
 
     def absorbed_weights(self):
         """(W_uk [H, dn, r], W_uv [H, dv, r]): views of kv_b_proj.weight."""
@@ -781,11 +780,13 @@ class MLA(nn.Module):
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = absorb_query(q_nope, w_uk)  # [B, T, H, r]
-        needs_grad = torch.is_grad_enabled() and (q_latent.requires_grad or c_kv.requires_grad)
-        if self.backend == "triton" or (self.backend == "auto" and q_latent.is_cuda and not needs_grad):
+        backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q_latent)  # backend may be reassigned
+        if self.backend == "auto" and torch.is_grad_enabled() and (q_latent.requires_grad or c_kv.requires_grad):
+            backend = "naive"  # the kernel has no backward pass
+        if backend == "triton":
             from minisparse.mla.triton import mla_decode  # lazy: the layer imports without the kernels
 
-            o_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, self.scaling, validate=False)
+            o_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, self.scaling)  # [B, T, H, r]
         else:
             o_latent = mla_attention_absorbed(q_latent, q_rope, c_kv, k_rope, self.scaling)  # [B, T, H, r]
         return absorb_output(o_latent, w_uv)  # [B, T, H, dv]
@@ -1165,55 +1166,13 @@ plt.show()
 # ### The spec and the split, in PyTorch
 #
 # First the specification of what the kernel computes — `mla_attention_absorbed` on each sequence's first
-# `lengths[b]` tokens — and the checks every decode op makes. Then the same computation cut into splits, in
-# PyTorch: partial states per split, then the merge. (It computes every score at once, so it is a model of the
-# kernel's arithmetic, not of its memory use.)
+# `lengths[b]` tokens. Then the same computation cut into splits, in PyTorch: partial states per split, then the
+# merge. (It computes every score at once, so it is a model of the kernel's arithmetic, not of its memory use.) The
+# three decode ops check their arguments with one call, `check_mla_decode_args` (in the engineering notes at the
+# end of the chapter).
 
 # %%
 #| export mla.naive
-def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, check_lengths=True):
-    """Validate the decode inputs (see mla_decode); raise TypeError/ValueError naming the argument. Returns
-    (B, T, H, Dc, Dr, S). check_lengths=True reads lengths back to the host to check T <= lengths[b] <= S."""
-    for name, t, dims, shape in (("q_latent", q_latent, 4, "[B, T, H, Dc]"), ("q_rope", q_rope, 4, "[B, T, H, Dr]"),
-                                 ("kv_cache", kv_cache, 3, "[B, S, Dc]"), ("rope_cache", rope_cache, 3, "[B, S, Dr]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"{op}: {name} must be {dims}-D {shape}, got shape {tuple(t.shape)}")
-        if not t.is_floating_point() or t.dtype != q_latent.dtype:
-            raise TypeError(f"{op}: {name} must be floating point with q_latent's dtype {q_latent.dtype}, got "
-                            f"{t.dtype}")
-    B, T, H, Dc = q_latent.shape
-    S, Dr = kv_cache.shape[1], q_rope.shape[-1]
-    if kv_cache.shape[2] != Dc:
-        raise ValueError(f"{op}: latent dim mismatch: q_latent has Dc={Dc} (last dim) but kv_cache has "
-                         f"{kv_cache.shape[2]} ({tuple(kv_cache.shape)})")
-    if rope_cache.shape[2] != Dr:
-        raise ValueError(f"{op}: rope dim mismatch: q_rope has Dr={Dr} (last dim) but rope_cache has "
-                         f"{rope_cache.shape[2]} ({tuple(rope_cache.shape)})")
-    if tuple(q_rope.shape[:3]) != (B, T, H):
-        raise ValueError(f"{op}: q_rope must be [B={B}, T={T}, H={H}, Dr] like q_latent, got {tuple(q_rope.shape)}")
-    if kv_cache.shape[0] != B or tuple(rope_cache.shape[:2]) != (B, S):
-        raise ValueError(f"{op}: kv_cache [B, S, Dc] and rope_cache [B, S, Dr] must share B={B} and S, got "
-                         f"{tuple(kv_cache.shape)} and {tuple(rope_cache.shape)}")
-    if T > S:
-        raise ValueError(f"{op}: the T={T} queries are the last T of the cached tokens, so T <= S, got S={S}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-        raise ValueError(f"{op}: scale must be a positive number (MLA: (qk_nope + qk_rope) ** -0.5), got {scale!r}")
-    if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point():
-            got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"{op}: lengths must be an integer tensor [B={B}] (cached tokens per sequence), got {got}")
-        if check_lengths and B:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if hi > S:
-                raise ValueError(f"{op}: lengths beyond the cache: max(lengths) = {hi} > S = {S} tokens in kv_cache")
-            if lo < T:
-                raise ValueError(f"{op}: every sequence needs lengths[b] >= T = {T} (its queries are cached tokens), "
-                                 f"got min(lengths) = {lo}")
-    return B, T, H, Dc, Dr, S
-
-
 def mla_decode_ref(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None):
     """The spec of mla_decode: per sequence b, mla_attention_absorbed over its first lengths[b] cached tokens.
 
@@ -1334,13 +1293,12 @@ plt.show()
 # dtype.
 #
 # Addresses go through strides, so the cache may be two views of one `[B, S, Dc + Dr]` buffer (as `MLACache`
-# stores it), and batch offsets are 64-bit: 64 sequences × 64k tokens × 576 values overflow 32 bits.
+# stores it), and batch offsets are 64-bit: 64 sequences × 64k tokens × 576 values overflow 32 bits. Names in the
+# kernels: `*_ptr` pointers (moved once to the program's sequence), `s_<tensor><dim>` strides, `*_ok` masks.
 
 # %%
 #| export mla.triton
 import functools
-import math
-import os
 import warnings
 
 import torch
@@ -1348,7 +1306,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from minisparse import runtime
+from minisparse import _checks, runtime
 from minisparse.mla.naive import check_mla_decode_args, mla_decode_ref
 
 _LOG2E = 1.4426950408889634
@@ -1361,15 +1319,27 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
                              s_kvb, s_kvn, s_kvd, s_krb, s_krn, s_krd,
                              DC: tl.constexpr, DR: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_DR: tl.constexpr,
                              BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Partial softmax state of BLOCK_H query rows of sequence b over one split of its latent cache.
+    """Partial softmax states of BLOCK_H query rows of sequence b over one split of its latent cache.
 
-                   cache tokens of sequence b  →   (lengths[b] of S slots used)
-               ┌──────────┬──────────┬──────────┬──────┐┄┄┄┄┄┄┐
-      rows     │ split 0  │ split 1  │ split 2  │ sp.3 │ (past │   one program = (row block, split, b):
-      (t, h)   │ ▓▓ ▓▓ ▓▓ │          │          │      │  the  │   loops over BLOCK_N-token tiles of its
-      BLOCK_H  │  BLOCK_N │          │          │      │  end) │   split; each tile [c | kᴿ] is read once
-               └──────────┴──────────┴──────────┴──────┘┄┄┄┄┄┄┘   and used as keys (q̃cᵀ + qᴿkᴿᵀ) and values (p c)
-      writes acc [BLOCK_H, Dc], m [BLOCK_H], l [BLOCK_H] (fp32) to slot (b, split) of the partial buffers
+    Program (pid_h, split, b), grid (cdiv(ROWS, BLOCK_H), NS, B). A row is one (query token t, head h) pair,
+    row = t·H + h, ROWS = T·H; query t of sequence b sits at position lengths[b] − T + t and sees the keys up to it.
+    The program owns rows pid_h·BLOCK_H … + BLOCK_H and the tokens [split·split_len, (split + 1)·split_len) cut at
+    lengths[b]; a split that starts past lengths[b] exits at once.
+
+                    cache tokens of sequence b  →                (lengths[b] of S used)
+                ┌──────────────┬──────────────┬──────────────┬───────┐┄┄┄┄┄┄┄┐
+       rows     │   split 0    │   split 1    │   split 2    │ sp. 3 │ past  │
+       (t, h)   │▓▓▓▓│▓▓▓▓│▓▓▓▓│              │              │       │ the   │
+       BLOCK_H  │BLOCK_N tiles │              │              │       │ end   │
+                └──────────────┴──────────────┴──────────────┴───────┘┄┄┄┄┄┄┄┘
+       q̃ [BLOCK_H, DC] and qᴿ [BLOCK_H, DR] are loaded once; each tile [c | kᴿ] [BLOCK_N, DC + DR] is loaded once
+       and used twice: as keys (scores) and, c alone, as values.
+
+    Math, per tile, in base 2 (qk_scale = scale·log₂e):
+        s   = (q̃ cᵀ + qᴿ kᴿᵀ)·qk_scale, −∞ past the split, past lengths[b] and past the row's own position
+        m'  = max(m, rowmax s);  p = 2^(s − m');  ℓ = ℓ·2^(m − m') + Σ p;  acc = acc·2^(m − m') + p c
+    Writes acc [BLOCK_H, DC], m and ℓ [BLOCK_H] (fp32) to slot (b, split) of the partial buffers [B, NS, ROWS, …].
+    DC, DR are padded to the powers of two BLOCK_DC, BLOCK_DR with zeros, which add nothing to a dot product.
     """
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
@@ -1378,20 +1348,24 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
     start = split * split_len
     if start >= length:  # past this sequence's end: the combine never reads this slot
         return
-    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH] row = t * H + h
+    b64 = b.to(tl.int64)
+    ql_ptr += b64 * s_qlb  # sequence b's queries and cache
+    qr_ptr += b64 * s_qrb
+    kv_ptr += b64 * s_kvb
+    kr_ptr += b64 * s_krb
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH] row = t·H + h
     row_ok = rows < ROWS
     t = rows // H
     h = rows % H
     last_key = length - T + t  # [BH] the position of each row's query: it sees keys 0 .. last_key
     last_row = tl.minimum(pid_h * BLOCK_H + BLOCK_H, ROWS) - 1
     end = tl.minimum(tl.minimum(start + split_len, length), length - T + last_row // H + 1)  # no row sees beyond
-    b64 = b.to(tl.int64)
     dc = tl.arange(0, BLOCK_DC)
     dr = tl.arange(0, BLOCK_DR)
-    ql = tl.load(ql_ptr + b64 * s_qlb + t[:, None] * s_qlt + h[:, None] * s_qlh + dc[None, :] * s_qld,
-                 mask=row_ok[:, None] & (dc[None, :] < DC), other=0.0)  # [BH, BDC]
-    qr = tl.load(qr_ptr + b64 * s_qrb + t[:, None] * s_qrt + h[:, None] * s_qrh + dr[None, :] * s_qrd,
-                 mask=row_ok[:, None] & (dr[None, :] < DR), other=0.0)  # [BH, BDR]
+    ql = tl.load(ql_ptr + t[:, None] * s_qlt + h[:, None] * s_qlh + dc[None, :] * s_qld,
+                 mask=row_ok[:, None] & (dc[None, :] < DC), other=0.0)  # [BH, BDC] q̃
+    qr = tl.load(qr_ptr + t[:, None] * s_qrt + h[:, None] * s_qrh + dr[None, :] * s_qrd,
+                 mask=row_ok[:, None] & (dr[None, :] < DR), other=0.0)  # [BH, BDR] qᴿ
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -1400,9 +1374,9 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
         n = n0 + tl.arange(0, BLOCK_N)  # [BN] token positions
         n_ok = n < end
         n64 = n.to(tl.int64)
-        c = tl.load(kv_ptr + b64 * s_kvb + n64[:, None] * s_kvn + dc[None, :] * s_kvd,
+        c = tl.load(kv_ptr + n64[:, None] * s_kvn + dc[None, :] * s_kvd,
                     mask=n_ok[:, None] & (dc[None, :] < DC), other=0.0)  # [BN, BDC] latents: keys and values
-        kr = tl.load(kr_ptr + b64 * s_krb + n64[:, None] * s_krn + dr[None, :] * s_krd,
+        kr = tl.load(kr_ptr + n64[:, None] * s_krn + dr[None, :] * s_krd,
                      mask=n_ok[:, None] & (dr[None, :] < DR), other=0.0)  # [BN, BDR] shared rotary keys
         s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)  # [BH, BN] content term q̃·c
         s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION)  # + position term qᴿ·kᴿ
@@ -1422,12 +1396,22 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
     tl.store(l_ptr + slot, l_i, mask=row_ok)
 
 
+# %%
+#| export mla.triton
 @triton.jit
 def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS, NS, split_len,
                                s_ob, s_ot, s_oh, s_od,
                                DC: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr):
-    """o = merge of the partial states (m, l, acc) of the splits sequence b uses, divided by l; one program =
-    BLOCK_H rows of one sequence."""
+    """The output of BLOCK_H query rows of sequence b: the merge of the partial states its splits wrote.
+
+    Program (pid, b), grid (cdiv(ROWS, BLOCK_H), B). It reads the slots (b, 0) … (b, used − 1) of the partial
+    buffers, used = ceil(lengths[b] / split_len) — the splits that ran for sequence b — each an
+    [BLOCK_H, DC] tile of acc and [BLOCK_H] of m and ℓ:
+
+        m' = max(m, m_i);  ℓ = ℓ·2^(m − m') + ℓ_i·2^(m_i − m');  o = o·2^(m − m') + acc_i·2^(m_i − m')
+
+    then writes o / ℓ in o's dtype. A split in which a row saw no key has m_i = −∞ and weighs 0.
+    """
     pid = tl.program_id(0)
     b = tl.program_id(1)
     rows = pid * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -1453,122 +1437,25 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
         o = o * alpha[:, None] + a_s * beta[:, None]
         m_run = m_new
     o = o / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    o_ptr += b64 * s_ob  # sequence b's output
     t = rows // H
     h = rows % H
-    tl.store(o_ptr + b64 * s_ob + t[:, None] * s_ot + h[:, None] * s_oh + dc[None, :] * s_od,
+    tl.store(o_ptr + t[:, None] * s_ot + h[:, None] * s_oh + dc[None, :] * s_od,
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dc_ok[None, :])
 
 
 # %% [markdown]
-# ### Block sizes, splits and the launch
+# ### The op
 #
-# The tiles are sized for a latent of 512 (they shrink for larger ones). On Hopper (227 KB of shared memory a
-# block) a program takes 64 heads: `q̃` is 64 KB in bf16, a 32-token tile of `[c | kᴿ]` 36 KB per pipeline stage,
-# and the fp32 accumulator `[64, 512]` is split over 8 warps (128 registers a thread). Ampere gets 32 heads; a
-# Colab T4 (64 KB, fp16) 16 heads and 16-token tiles, one stage. fp32 inputs (tests on a GPU) take twice the
-# memory and get the small tiles. On a GPU, for problems large enough to matter, `triton.autotune` times the
-# candidates of its generation once per shape (`MINISPARSE_AUTOTUNE=0` pins the first). The interpreter gets one
-# configuration. The number of splits comes from the batch, the head blocks and the SM count, as described above.
+# `mla_decode` checks its arguments (one call), plans the splits, launches the split kernel on a grid of
+# (head blocks, splits, sequences) and the combine kernel on (head blocks, sequences). The tile sizes come from the
+# book's launch table, `minisparse.runtime.LAUNCH_TABLE` (rows `"mla.decode_split"` and `"mla.decode_combine"`, per
+# GPU architecture); the engineering notes at the end of the chapter say how they were chosen and how the launch
+# works.
 
 # %%
 #| export mla.triton
-# (BLOCK_H, BLOCK_N, num_warps, num_stages) per GPU generation for 16-bit inputs and a latent of <= 512; the first
-# is used when not autotuning. fp32 (tests) uses the small configuration of its generation.
-_CONFIGS = {
-    "hopper": [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
-    "ampere": [(32, 32, 8, 1), (32, 32, 8, 2), (16, 64, 4, 2), (64, 32, 8, 2)],
-    "older": [(16, 16, 4, 1), (16, 32, 4, 1)],  # T4: 64 KB of shared memory, fp16
-}
-_FP32_CONFIG = {"hopper": (16, 32, 4, 1), "ampere": (16, 32, 4, 1), "older": (16, 16, 4, 1)}
-_INTERPRETER_CONFIG = (16, 32)  # BLOCK_H, BLOCK_N: few, large programs are fast to interpret
-_COMBINE_BLOCK_H = 16
-_MIN_SPLIT = 256  # tokens: the shortest split worth a program
-_TUNED = {}
-
-
-def _generation(device):
-    major, _ = torch.cuda.get_device_capability(device)
-    return "hopper" if major >= 9 else "ampere" if major >= 8 else "older"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact; 16-bit inputs ignore it
-
-
-def _split_setup(device, dtype, block_dc, work):
-    """(kernel, launch meta-parameters or {} when autotuned, BLOCK_H to plan the splits with)."""
-    if device.type != "cuda":
-        bh, bn = _INTERPRETER_CONFIG
-        return _mla_decode_split_kernel, dict(BLOCK_H=bh, BLOCK_N=bn), bh
-    gen = _generation(device)
-    shrink = max(1, block_dc // 512)  # a larger latent: proportionally shorter token tiles
-    if dtype == torch.float32:
-        configs = [_FP32_CONFIG[gen]]
-    else:
-        configs = _CONFIGS[gen]
-    configs = [(bh, max(16, bn // shrink), nw, ns) for bh, bn, nw, ns in configs]
-    bh, bn, nw, ns = configs[0]
-    if os.environ.get("MINISPARSE_AUTOTUNE", "1") == "0" or len(configs) == 1 or work < (1 << 22):
-        return _mla_decode_split_kernel, dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=nw, num_stages=ns), bh
-    key = (gen, str(dtype), shrink)
-    if key not in _TUNED:
-        cands = [triton.Config(dict(BLOCK_H=h, BLOCK_N=n), num_warps=w, num_stages=s) for h, n, w, s in configs]
-        _TUNED[key] = triton.autotune(cands, key=["ROWS", "NS", "DC", "DR"])(_mla_decode_split_kernel)
-    return _TUNED[key], {}, bh
-
-
-def _plan_splits(B, rows, row_blocks, max_len, device, latent_bytes, dc, split_len=None):
-    """(split_len, NS): enough splits to fill the GPU about once (a program per SM), none shorter than _MIN_SPLIT
-    tokens or so short that its partial state (rows × dc fp32, written and read back) outweighs the cache it
-    summarises (latent_bytes a token). split_len is a multiple of 64 (every BLOCK_N divides it)."""
-    if split_len is None:
-        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-        want = max(1, sms // max(1, B * row_blocks))  # splits per (sequence, head block)
-        shortest = max(_MIN_SPLIT, 8 * rows * dc // latent_bytes)  # 2 × rows × dc × 4 bytes <= split's cache bytes
-        num_splits = max(1, min(want, max_len // shortest))
-        split_len = triton.cdiv(triton.cdiv(max_len, num_splits), 64) * 64
-    return split_len, max(1, triton.cdiv(max_len, split_len))
-
-
-def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len, config=None, split_len=None):
-    """Run the split and combine kernels, writing out [B, T, H, Dc]. config (tests): dict(BLOCK_H, BLOCK_N)."""
-    B, T, H, DC = q_latent.shape
-    DR = q_rope.shape[-1]
-    ROWS = T * H
-    BLOCK_DC, BLOCK_DR = max(16, triton.next_power_of_2(DC)), max(16, triton.next_power_of_2(DR))
-    dev = q_latent.device
-    if config is None:
-        kernel, meta, block_h = _split_setup(dev, q_latent.dtype, BLOCK_DC, B * max_len * ROWS)
-    else:
-        kernel, meta, block_h = _mla_decode_split_kernel, dict(config), config["BLOCK_H"]
-    latent_bytes = (DC + DR) * kv_cache.element_size()
-    split_len, NS = _plan_splits(B, ROWS, triton.cdiv(ROWS, block_h), max_len, dev, latent_bytes, DC, split_len)
-    if lengths is None:
-        lengths = torch.full((B,), kv_cache.shape[1], dtype=torch.int32, device=dev)
-    lengths = lengths.to(device=dev, dtype=torch.int32).contiguous()
-    acc = _empty((B, NS, ROWS, DC), dtype=torch.float32, device=dev)  # partial states, fp32
-    m = _empty((B, NS, ROWS), dtype=torch.float32, device=dev)
-    l_ = _empty((B, NS, ROWS), dtype=torch.float32, device=dev)
-    kernel[lambda meta_: (triton.cdiv(ROWS, meta_["BLOCK_H"]), NS, B)](
-        q_latent, q_rope, kv_cache, rope_cache, lengths, acc, m, l_, T, H, ROWS, NS, split_len, scale * _LOG2E,
-        *q_latent.stride(), *q_rope.stride(), *kv_cache.stride(), *rope_cache.stride(),
-        DC=DC, DR=DR, BLOCK_DC=BLOCK_DC, BLOCK_DR=BLOCK_DR, PRECISION=_precision(q_latent.dtype), **meta)
-    _mla_decode_combine_kernel[(triton.cdiv(ROWS, _COMBINE_BLOCK_H), B)](
-        acc, m, l_, lengths, out, T, H, ROWS, NS, split_len, *out.stride(),
-        DC=DC, BLOCK_DC=BLOCK_DC, BLOCK_H=_COMBINE_BLOCK_H, num_warps=4)
-    return out
-
-
-def _empty(shape, dtype, device):  # the partial buffers (a test fills them with NaN to prove they are written)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, out=None, validate=True):
+def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, out=None):
     """Absorbed MLA attention over the latent cache, in Triton: split-K flash-decoding, all heads of a token
     reading each cached latent once.
 
@@ -1577,39 +1464,28 @@ def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, o
     kv_cache   [B, S, Dc]     the cached latents c (keys and values); any strides, e.g. MLACache.latent
     rope_cache [B, S, Dr]     the cached shared rotary keys; e.g. MLACache.rope
     scale      the softmax scale — MLA's (qk_nope + qk_rope) ** -0.5 (× YaRN's mscale²), not Dc's
-    lengths    None (every sequence uses all S tokens) or an integer tensor [B], T <= lengths[b] <= S
-    -> o_latent [B, T, H, Dc] in q's dtype (or written into `out`): softmax(scale (q̃·c + qᴿ·kᴿ)) c, the T queries
-    of sequence b at positions lengths[b] - T .. lengths[b] - 1 (causal among themselves). fp32 accumulation.
-    validate=False skips the check of lengths against S, which reads lengths back to the host (a sync on a GPU).
-    Inputs fp32, fp16 or bf16 (on a GPU; fp32 or fp16 in the interpreter). Inference only: no backward.
-    Where the kernel does not fit the GPU's shared memory (a T4's 64 KiB at Dc = 512: ≈ 68 KiB by the compiler's
-    count), it warns and computes with mla_decode_ref instead.
+    lengths    None (every sequence uses all S tokens) or an integer tensor [B] on q's device, T <= lengths[b] <= S
+    out        None, or a tensor [B, T, H, Dc] in q's dtype and device to write into
+    -> o_latent [B, T, H, Dc] in q's dtype: softmax(scale (q̃·c + qᴿ·kᴿ)) c, the T queries of sequence b at positions
+    lengths[b] - T .. lengths[b] - 1 (causal among themselves); fp32 accumulation.
+
+    Inputs share one dtype: fp32, fp16 or bf16 on a GPU, fp32 or fp16 in the interpreter. Inference only: no
+    backward. The range of `lengths` is checked on CPU tensors, and on CUDA tensors after
+    `runtime.set_value_checks(True)` (it reads lengths back to the host). Where no launch configuration fits the
+    GPU's shared memory (a T4 at Dc = 512), it warns and computes with mla_decode_ref instead.
     """
-    B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache, rope_cache, scale, lengths,
-                                               check_lengths=validate)
-    if q_latent.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"mla_decode: inputs must be float32, float16 or bfloat16, got {q_latent.dtype}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_latent, q_rope, kv_cache, rope_cache)):
-        raise RuntimeError("mla_decode is a decoding kernel without a backward pass: call it under torch.no_grad(), "
-                           "or train with mla_attention_absorbed / MLA(absorb=False)")
-    runtime.check_triton_device("mla_decode", q_latent, q_rope, kv_cache, rope_cache,
-                                *([lengths] if lengths is not None else []))
-    if q_latent.device.type == "cpu" and q_latent.dtype == torch.bfloat16:
-        raise TypeError("mla_decode: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
-                        "use float32 on CPU, bfloat16 on a GPU")
+    B, T, H, DC, DR, S, max_len = _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out)
     if out is None:
         out = torch.empty(B, T, H, DC, dtype=q_latent.dtype, device=q_latent.device)
-    elif tuple(out.shape) != (B, T, H, DC) or out.dtype != q_latent.dtype or out.device != q_latent.device:
-        raise ValueError(f"mla_decode: out must be [B, T, H, Dc] = {(B, T, H, DC)} in q_latent's dtype and device, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     if B == 0 or T * H == 0:
         return out
-    max_len = int(lengths.max()) if (lengths is not None and validate) else S
     try:
         return _launch(q_latent, q_rope, kv_cache, rope_cache, float(scale), lengths, out, max_len)
-    except OutOfResources as err:  # e.g. a T4 (64 KiB a block): Dc = 512 in one tile needs ≈ 68 KiB there
-        warnings.warn(f"mla_decode: the kernel needs more shared memory than this GPU gives a block at Dc = {DC} "
-                      f"({err}); computing with PyTorch's absorbed attention (mla_decode_ref) instead", stacklevel=2)
+    except RuntimeError as err:
+        if not isinstance(err.__cause__, OutOfResources):
+            raise
+        warnings.warn(f"mla_decode: no launch configuration fits this GPU's shared memory at Dc = {DC} ({err}); "
+                      "computing with PyTorch's absorbed attention (mla_decode_ref) instead", stacklevel=2)
         ref = mla_decode_ref(q_latent.float(), q_rope.float(), kv_cache.float(), rope_cache.float(), scale, lengths)
         return out.copy_(ref)
 
@@ -1644,7 +1520,9 @@ for case in CASES:
           f"({str(DTYPE).replace('torch.', '')})")
 
 # %% [markdown]
-# Bad input fails before any kernel runs, and says what it wanted:
+# Bad input fails before any kernel runs, and says what it wanted. Shapes, dtypes and devices are always checked;
+# `lengths` beyond the cache is a check of *values*, which reads `lengths` back to the host: on CPU tensors it always
+# runs, on a GPU after `runtime.set_value_checks(True)` (as here), so that a decoding step never waits for the host.
 
 # %%
 bad_calls = {
@@ -1653,6 +1531,7 @@ bad_calls = {
     "lengths beyond the cache": lambda: mla_decode(ql, qr, kv, kr, sc, torch.tensor([S + 1] * B, device=DEVICE)),
     "mixed dtypes": lambda: mla_decode(ql, qr.double(), kv, kr, sc),
 }
+previous = runtime.set_value_checks(True)
 for what, call in bad_calls.items():
     try:
         call()
@@ -1660,15 +1539,17 @@ for what, call in bad_calls.items():
         print(f"{what:26s} → {type(err).__name__}: {err}")
     else:
         raise AssertionError(f"{what}: accepted")
+runtime.set_value_checks(previous)
 
 # %% [markdown]
 # ## 3.8 The layer on the kernel
 #
 # `MLA(..., backend=...)` decides who runs the absorbed attention: `"naive"` always uses PyTorch, `"triton"` always
-# uses `mla_decode` (on a CPU in the interpreter, fp32), and `"auto"` — the default — uses the kernel for CUDA
-# tensors when no gradient is needed, PyTorch otherwise. The layer passes `MLACache`'s two views straight to the kernel, with
-# `validate=False` so that a decoding step never waits for the host. Token-by-token decoding on the kernel must
-# give the same outputs as the PyTorch path:
+# uses `mla_decode` (on a CPU in the interpreter, fp32), and `"auto"` — the default — uses the kernel where it
+# runs (CUDA tensors, or fp32/fp16 CPU tensors under the interpreter) when no gradient is needed, PyTorch otherwise.
+# The layer passes `MLACache`'s two views straight to the kernel, without `lengths`, so a decoding step has no value
+# to check and never waits for the host. Token-by-token decoding on the kernel must give the same outputs as the
+# PyTorch path:
 
 # %%
 T_WIRE = runtime.reading_size(cpu=10, gpu=300)
@@ -1760,8 +1641,8 @@ if runtime.has_gpu() and not runtime.interpreting():
     buf = torch.randn(B_L, T_L, 576, generator=g, device=DEVICE).to(DTYPE)  # one [c | kᴿ] buffer, as MLACache
     ql = torch.randn(B_L, 1, H_L, 512, generator=g, device=DEVICE).to(DTYPE)
     qr = torch.randn(B_L, 1, H_L, 64, generator=g, device=DEVICE).to(DTYPE)
-    mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5, validate=False)  # compile (and tune) first
-    ms = bench.median_ms(lambda: mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5, validate=False))
+    mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5)  # compile first
+    ms = bench.median_ms(lambda: mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5))
     gb = mla_decode_bytes(T_L, B=B_L) / 1e9
     print(f"mla_decode B={B_L} T={T_L} H={H_L}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s of cache read, "
           f"{mla_decode_flops(T_L, H_L, B=B_L) / ms / 1e9:.0f} TFLOP/s")
@@ -2095,3 +1976,199 @@ check_combine_splits(combine_splits_solution)
 #   [arXiv:2510.26692](https://arxiv.org/abs/2510.26692)
 # - `transformers` 5.x: `DeepseekV3Attention`, `DeepseekV3RotaryEmbedding` and the YaRN parameters in
 #   `modeling_rope_utils` (the oracles of the tests); `GlmMoeDsaConfig`, `KimiLinearConfig` (model shapes).
+
+# %% [markdown]
+# ## Engineering notes
+#
+# What a practitioner needs and a first reading skips: the argument checks of the layer and of the decode ops, and
+# how `mla_decode` chooses its tiles and splits.
+#
+# ### Argument checks
+#
+# The layer checks its sizes when it is built, so that `MLA(32, 0)` or a negative `kv_lora_rank` fail there, naming
+# the argument, and not at the first forward inside a matrix product. `forward` checks its input with the book's
+# shared `_checks.layer_input` (rank, hidden size, and the layer's dtype and device: fp16 input to an fp32 layer
+# says so). The decode ops (`mla_decode_ref`, `mla_decode_splitk`, `mla_decode`) share `check_mla_decode_args`.
+# Checks of shapes, dtypes and devices always run; the check that `T <= lengths[b] <= S` reads `lengths` back to
+# the host, so the kernel makes it on CPU tensors, and on CUDA tensors only after `runtime.set_value_checks(True)`
+# (the book's rule for value checks: a host sync stalls the GPU's queue).
+
+# %%
+#| export mla.layer
+def _check_mla_args(hidden_size, num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+                    v_head_dim, norm_eps, rope_theta):
+    """MLA's constructor arguments: sizes are ints > 0 (q_lora_rank may be None: one q_proj), qk_rope_head_dim is
+    even (RoPE rotates pairs), norm_eps and rope_theta positive numbers."""
+    for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("kv_lora_rank", kv_lora_rank),
+                        ("qk_nope_head_dim", qk_nope_head_dim), ("qk_rope_head_dim", qk_rope_head_dim),
+                        ("v_head_dim", v_head_dim)):
+        _checks.positive_int("MLA", name, value)
+    if q_lora_rank is not None:
+        _checks.positive_int("MLA", "q_lora_rank (None for a single q_proj)", q_lora_rank)
+    if qk_rope_head_dim % 2:
+        raise ValueError(f"MLA: qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+    _checks.positive_float("MLA", "norm_eps", norm_eps)
+    _checks.positive_float("MLA", "rope_theta", rope_theta)
+
+
+# %%
+#| export mla.naive
+def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, check_values=True,
+                          dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    """The arguments of the decode ops (see mla_decode): ranks, shapes, one dtype among `dtypes`, one device, a
+    positive scale, lengths None or an integer tensor [B]; with check_values also T <= lengths[b] <= S, which reads
+    lengths back to the host. Raises TypeError/ValueError naming the argument; returns (B, T, H, Dc, Dr, S)."""
+    _checks.tensor(op, "q_latent", q_latent, "[B, T, H, Dc]")
+    _checks.tensor(op, "q_rope", q_rope, "[B, T, H, Dr]")
+    _checks.tensor(op, "kv_cache", kv_cache, "[B, S, Dc]")
+    _checks.tensor(op, "rope_cache", rope_cache, "[B, S, Dr]")
+    _checks.same_dtype(op, dtypes, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
+    _checks.same_device(op, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache,
+                        lengths=lengths if isinstance(lengths, torch.Tensor) else None)
+    B, T, H, Dc = q_latent.shape
+    S, Dr = kv_cache.shape[1], q_rope.shape[-1]
+    _checks.shape(op, "q_rope", q_rope, (B, T, H, Dr), "[B, T, H, Dr]", "q_latent's B, T, H")
+    _checks.shape(op, "kv_cache", kv_cache, (B, S, Dc), "[B, S, Dc]", "q_latent's B and Dc")
+    _checks.shape(op, "rope_cache", rope_cache, (B, S, Dr), "[B, S, Dr]", "kv_cache's B and S, q_rope's Dr")
+    if T > S:
+        raise ValueError(f"{op}: the T={T} queries are the last T of the cached tokens, so T <= S, got S={S}")
+    if scale is None:
+        raise ValueError(f"{op}: scale must be given: MLA's is (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, "
+                         "not the latent's Dc ** -0.5")
+    _checks.positive_float(op, "scale", scale)
+    if lengths is not None:
+        if (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point()
+                or lengths.is_complex() or lengths.dtype == torch.bool):
+            got = (f"{tuple(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor)
+                   else type(lengths).__name__)
+            raise ValueError(f"{op}: lengths must be an integer tensor [B={B}] (cached tokens per sequence), got {got}")
+        if check_values and B:
+            lo, hi = (int(v) for v in torch.aminmax(lengths))
+            if hi > S:
+                raise ValueError(f"{op}: lengths beyond the cache: max(lengths) = {hi} > S = {S} tokens in kv_cache")
+            if lo < T:
+                raise ValueError(f"{op}: every sequence needs lengths[b] >= T = {T} (its queries are cached tokens), "
+                                 f"got min(lengths) = {lo}")
+    return B, T, H, Dc, Dr, S
+
+
+# %% [markdown]
+# ### Tiles, splits and the launch
+#
+# `mla_decode` launches both kernels through `minisparse.runtime.launch`, which reads the rows
+# `"mla.decode_split"` and `"mla.decode_combine"` of `runtime.LAUNCH_TABLE` for the GPU's architecture and keeps the
+# first configuration that compiles within its shared memory. The split kernel's rows are sized for a latent of
+# 512; a larger one gets proportionally shorter token tiles (`fit`). On Hopper (227 KiB of shared memory a block) a
+# program takes 64 heads: `q̃` is 64 KiB in bf16, a 32-token tile of `[c | kᴿ]` 36 KiB per pipeline stage, and the
+# fp32 accumulator `[64, 512]` is spread over 8 warps (128 registers a thread). Ampere gets 32 heads; a Colab T4
+# (64 KiB, fp16) 16 heads and 16-token tiles, one stage — and at Dc = 512 even those do not fit, so there
+# `mla_decode` warns and computes with `mla_decode_ref`. fp32 inputs take twice the memory and get the small tiles.
+# The interpreter gets one configuration of few, large programs (fast to interpret).
+#
+# The number of splits is planned on the host before the launch, from the batch, the number of head blocks
+# `cdiv(T·H, BLOCK_H)` and the SM count (section 3.7), so it needs `BLOCK_H`: the plan takes it from the
+# configuration the launch tries first — the one a test forces with `runtime.launch_config`, else the first of the
+# row. With `runtime.set_autotune(True)` (the benchmarks) the row's candidates are timed for each shape; a candidate
+# keeps its own `BLOCK_H` only where it gives as many head blocks as the planned one (with 16 heads, 32 and 64 both
+# give one), else it takes the planned `BLOCK_H` — so every candidate runs with the plan made for it. The sweeps
+# behind the table's rows are in `bench/notes/mla.md`.
+
+# %%
+#| export mla.triton
+_MIN_SPLIT = 256  # tokens: the shortest split worth a program
+
+
+def _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out):
+    """Everything mla_decode checks before launching; returns (B, T, H, Dc, Dr, S, max_len), max_len the longest
+    sequence when lengths were read back (value checks on), else S."""
+    checking = _checks.checking_values(False, q_latent)
+    B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache, rope_cache, scale, lengths,
+                                               check_values=checking, dtypes=_checks.FLOATS)
+    _checks.forward_only("mla_decode", q_latent, q_rope, kv_cache, rope_cache,
+                         instead="mla_attention_absorbed (the MLA layer with absorb=False or backend='naive')")
+    _checks.triton_inputs("mla_decode", q_latent, q_rope, kv_cache, rope_cache, lengths)
+    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, T, H, DC)
+                            or out.dtype != q_latent.dtype or out.device != q_latent.device):
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"mla_decode: out must be [B, T, H, Dc] = {(B, T, H, DC)} in q_latent's dtype and device, "
+                         f"got {got}")
+    max_len = int(lengths.max()) if lengths is not None and checking and B else S
+    return B, T, H, DC, DR, S, max_len
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact; 16-bit inputs ignore it
+
+
+def _plan_splits(B, rows, row_blocks, max_len, device, latent_bytes, dc, split_len=None):
+    """(split_len, NS): enough splits to fill the GPU about once (a program per SM), none shorter than _MIN_SPLIT
+    tokens or so short that its partial state (rows × dc fp32, written and read back) outweighs the cache it
+    summarises (latent_bytes a token). split_len is a multiple of 64, so every BLOCK_N of the table divides it."""
+    if split_len is None:
+        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+        want = max(1, sms // max(1, B * row_blocks))  # splits per (sequence, head block)
+        shortest = max(_MIN_SPLIT, 8 * rows * dc // latent_bytes)  # 2 × rows × dc × 4 bytes <= split's cache bytes
+        num_splits = max(1, min(want, max_len // shortest))
+        split_len = triton.cdiv(triton.cdiv(max_len, num_splits), 64) * 64
+    return split_len, max(1, triton.cdiv(max_len, split_len))
+
+
+def _split_tiles(block_dc, rows=None, block_h=None):
+    """`fit` for the split kernel's table entries: BLOCK_N shortened for latents over 512 (the rows are sized for
+    512), never under 16. With `rows` and `block_h` (autotuning), an entry whose BLOCK_H cuts the rows into another
+    number of blocks than block_h does takes block_h instead: the splits were planned for cdiv(rows, block_h) blocks."""
+    shrink = max(1, block_dc // 512)
+
+    def fit(config):
+        fitted = dict(config, BLOCK_N=max(16, config["BLOCK_N"] // shrink))
+        if block_h is not None and triton.cdiv(rows, fitted["BLOCK_H"]) != triton.cdiv(rows, block_h):
+            fitted["BLOCK_H"] = block_h
+        return fitted
+    return fit
+
+
+def _first_split_config(device, dtype, fit):
+    """The split kernel's configuration the launch tries first: the one forced by runtime.launch_config, else the
+    first of its LAUNCH_TABLE row; after `fit`."""
+    return fit(runtime.launch_configs("mla.decode_split", device, dtype)[0])
+
+
+def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len, split_len=None):
+    """Plan the splits, run the split kernel, then the combine kernel into out [B, T, H, Dc]; return out.
+    split_len (tests) replaces the planned split length."""
+    B, T, H, DC = q_latent.shape
+    DR = q_rope.shape[-1]
+    ROWS = T * H
+    BLOCK_DC, BLOCK_DR = max(16, triton.next_power_of_2(DC)), max(16, triton.next_power_of_2(DR))
+    dev, dtype = q_latent.device, q_latent.dtype
+    block_h = _first_split_config(dev, dtype, _split_tiles(BLOCK_DC))["BLOCK_H"]
+    latent_bytes = (DC + DR) * kv_cache.element_size()
+    split_len, NS = _plan_splits(B, ROWS, triton.cdiv(ROWS, block_h), max_len, dev, latent_bytes, DC, split_len)
+    if lengths is None:
+        lengths = torch.full((B,), kv_cache.shape[1], dtype=torch.int32, device=dev)
+    lengths = lengths.to(dtype=torch.int32).contiguous()
+    acc = _empty((B, NS, ROWS, DC), torch.float32, dev)  # partial states, fp32
+    m = _empty((B, NS, ROWS), torch.float32, dev)
+    l_ = _empty((B, NS, ROWS), torch.float32, dev)
+    runtime.launch(
+        "mla.decode_split", _mla_decode_split_kernel, lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), NS, B),
+        (q_latent, q_rope, kv_cache, rope_cache, lengths, acc, m, l_, T, H, ROWS, NS, split_len, scale * _LOG2E,
+         *q_latent.stride(), *q_rope.stride(), *kv_cache.stride(), *rope_cache.stride()),
+        dict(DC=DC, DR=DR, BLOCK_DC=BLOCK_DC, BLOCK_DR=BLOCK_DR, PRECISION=_precision(dtype)),
+        device=dev, dtype=dtype, key=(BLOCK_DC, BLOCK_DR),
+        fit=_split_tiles(BLOCK_DC, *((ROWS, block_h) if runtime.autotuning() else ())),
+        autotune_key=["ROWS", "NS", "split_len", "DC", "DR"], instead="mla_decode_ref")
+    runtime.launch(
+        "mla.decode_combine", _mla_decode_combine_kernel, lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), B),
+        (acc, m, l_, lengths, out, T, H, ROWS, NS, split_len, *out.stride()), dict(DC=DC, BLOCK_DC=BLOCK_DC),
+        device=dev, dtype=dtype, key=(BLOCK_DC,), instead="mla_decode_ref")
+    return out
+
+
+def _empty(shape, dtype, device):  # the partial buffers (a test fills them with NaN to prove they are written)
+    return torch.empty(shape, dtype=dtype, device=device)

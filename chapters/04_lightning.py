@@ -53,7 +53,7 @@
 # :::
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
@@ -63,14 +63,14 @@ if importlib.util.find_spec("minisparse") is None:
                                   "or `pip install -e .` in this kernel's environment")
     # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
 
 minisparse.runtime.print_environment()
 
 # %%
 import math
-import time
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -90,7 +90,9 @@ except ImportError:
     transformers = None
     print("transformers is not installed: the checks against MiniMax's layer are skipped")
 try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
-    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+    with warnings.catch_warnings():  # fla-core 0.6.0 warns at import, from its own file, when Triton has no GPU
+        warnings.filterwarnings("ignore", "Triton is not supported on current platform", UserWarning)
+        from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 except ImportError:
     naive_recurrent_simple_gla = None
     print("fla-core is not installed: the check against fla's naive_recurrent_simple_gla is skipped")
@@ -177,6 +179,9 @@ assert torch.allclose(o_rec, o_par) and torch.allclose(o_chk, o_par)
 
 # %%
 #| export lightning.cost
+import numpy as np
+
+
 def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
     """FLOPs of linear attention for one head over a whole sequence of T tokens (2 FLOPs a multiply-add).
 
@@ -263,11 +268,9 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state aft
 
 # %%
 #| export lightning.naive
-import math
-
 import torch
 
-from minisparse import runtime
+from minisparse import _checks  # the book's shared argument checks
 
 
 def minimax_slopes(num_heads, layer_idx, num_layers):
@@ -276,10 +279,8 @@ def minimax_slopes(num_heads, layer_idx, num_layers):
     ALiBi's geometric slopes 2^(-8(h+1)/H), scaled by (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5), as
     MiniMax's released modeling code (and transformers' MiniMaxLightningAttention) computes its `slope_rate`.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"minimax_slopes: num_heads must be a positive int, got {num_heads!r}")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"minimax_slopes: num_layers must be a positive int, got {num_layers!r}")
+    _checks.positive_int("minimax_slopes", "num_heads", num_heads)
+    _checks.positive_int("minimax_slopes", "num_layers", num_layers)
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
         raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
                          f"got {layer_idx!r}")
@@ -350,67 +351,28 @@ plt.show()
 #
 # The spec is the recurrence itself, with the book's conventions: `q, k [B, T, H, K]`, `v [B, T, H, V]` ($K \ne V$
 # allowed), `slope [H]` of positive rates, an optional `initial_state [B, H, K, V]`, and `(o, final_state)` returned,
-# `final_state` only when asked for. It accumulates in fp32 whatever the input dtype.
+# `final_state` only when asked for. It accumulates in fp32 whatever the input dtype. Validation is one call,
+# `_check_lightning`, built from the book's shared checks (`minisparse._checks`); the naive ops also check that every
+# rate is positive and finite, and the Triton ops of section 4.4 check it on CPU tensors, and on a GPU when asked
+# (`runtime.set_value_checks(True)`).
 
 # %%
 #| export lightning.naive
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_slope(op, slope):
-    """slope > 0 and finite: one reduction, then a function that waits for it and raises if it fails. The Triton
-    ops queue their kernels before calling it, so that the host sync overlaps the GPU's work
-    (runtime.to_host_later)."""
-    good = runtime.to_host_later(torch.all((slope > 0) & torch.isfinite(slope)).reshape(1))
-
-    def verdict():
-        if not good()[0]:
-            raise ValueError(f"{op}: slope must hold finite rates > 0 (decay exp(-slope) < 1 each step), got "
-                             f"{slope.tolist()[:8]}")
-    return verdict
+    """slope > 0 and finite (a NaN is reported as NaN): one reduction and a host sync."""
+    _checks.value_range(op, "slope", slope, low=0, low_open=True, high=torch.finfo(torch.float32).max,
+                        why="finite decay rates: exp(-slope) < 1 each step")
 
 
-def _check_lightning(op, q, k, v, slope, scale, initial_state, values=True):
-    """Validate the inputs every lightning op takes; return the scale as a float. `values`: also check the slope
-    now (unless runtime.set_value_checks(False)); the Triton ops check it themselves, later."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("slope", slope)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t, shape in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]")):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D {shape}, got shape {tuple(t.shape)}")
-    if k.shape != q.shape:
-        raise ValueError(f"{op}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{op}: v must be [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, got "
-                         f"{tuple(v.shape)}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k, v must share one dtype among float32, float16, bfloat16, got q {q.dtype}, "
-                        f"k {k.dtype}, v {v.dtype}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if slope.dim() != 1 or slope.shape[0] != H:
-        raise ValueError(f"{op}: slope must be [H] = [{H}] (one decay rate a head), got shape {tuple(slope.shape)}")
-    if not slope.is_floating_point():
-        raise TypeError(f"{op}: slope must be a floating-point tensor, got {slope.dtype}")
-    if slope.device != q.device:
-        raise ValueError(f"{op}: slope must be on q's device {q.device}, got {slope.device}")
-    if values and runtime.checking_values():
-        _check_slope(op, slope)()
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor):
-            raise TypeError(f"{op}: initial_state must be a tensor [B, H, K, V] or None, got "
-                            f"{type(initial_state).__name__}")
-        if tuple(initial_state.shape) != (B, H, K, V):
-            raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {(B, H, K, V)}, got "
-                             f"{tuple(initial_state.shape)}")
-        if initial_state.dtype not in _DTYPES:
-            raise TypeError(f"{op}: initial_state must be float32, float16 or bfloat16, got {initial_state.dtype}")
-    if scale is None:
-        return K ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{op}: scale must be a positive number or None (K ** -0.5), got {scale!r}")
-    return float(scale)
+def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
+    """Validate what every lightning op takes; return the scale as a float (K ** -0.5 for None). `check_values`:
+    also check the slope's values now (the naive ops always do; see runtime.checking_values for the Triton ops)."""
+    B, _, H, K, _, V = _checks.qkv(op, q, k, v)
+    _checks.per_head_token(op, "slope", slope, (H,), "[H]", "one decay rate a head", like=q)
+    _checks.initial_state(op, initial_state, (B, H, K, V), like=q)
+    if check_values:
+        _check_slope(op, slope)
+    return _checks.scale(op, scale, K)
 
 
 def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
@@ -419,7 +381,8 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     q, k [B, T, H, K]; v [B, T, H, V]; slope [H] > 0; initial_state [B, H, K, V] or None ->
     (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None). Accumulates in float32.
     """
-    scale = _check_lightning("naive_recurrent_lightning_attn", q, k, v, slope, scale, initial_state)
+    scale = _check_lightning("naive_recurrent_lightning_attn", q, k, v, slope, scale, initial_state,
+                             check_values=True)
     B, T, H, K = q.shape
     V = v.shape[-1]
     lam = torch.exp(-slope.float())[None, :, None, None]  # [1, H, 1, 1] decay per step
@@ -467,9 +430,13 @@ def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, o
     Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length (any T works:
     the last block is shorter). Accumulates in float32.
     """
-    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"naive_chunk_lightning_attn: chunk_size must be a positive int, got {chunk_size!r}")
+    return _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size, check_values=True)
+
+
+def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size, check_values):
+    """naive_chunk_lightning_attn; check_values=False skips the slope's values (LightningAttention's own slopes)."""
+    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state, check_values)
+    _checks.positive_int("naive_chunk_lightning_attn", "chunk_size", chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
     s = slope.float()[:, None, None]  # [H, 1, 1]
@@ -553,13 +520,19 @@ print("naive_chunk_lightning_attn == naive_recurrent_lightning_attn for C = 16, 
 
 # %%
 #| export lightning.triton
-from dataclasses import dataclass
+"""Lightning attention in Triton (chapter 4, section 4.4): the chunk scan, the chunk outputs, their backward pass,
+and a recurrent kernel for decoding.
 
+Names in the kernels: `*_ptr` is a tensor argument, `*_base` where this program's (batch, head) slice of it starts,
+`*_off` offsets within that slice and `*_mask` which of them are in bounds. C is the chunk length, NT the number of
+chunks, BK × BV a tile of a [K, V] state. Tensors are contiguous [B, T, H, ·], so token t of head h is
+`H · (K or V)` elements after token t - 1. Launch configurations come from `runtime.LAUNCH_TABLE` ("lightning.*").
+"""
 import torch
 import triton
 import triton.language as tl
 
-from minisparse import runtime
+from minisparse import _checks, runtime
 from minisparse.lightning.naive import _check_lightning, _check_slope
 
 
@@ -567,27 +540,35 @@ from minisparse.lightning.naive import _check_lightning, _check_slope
 def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
                        STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
-    """states[b, h, n] = the state entering chunk n; ht = the state after the last chunk. Grid (K/BK · V/BV, B·H)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    nv = tl.cdiv(V, BV)
-    ks = (pid // nv) * BK + tl.arange(0, BK)  # [BK] this program's rows of the state
-    vs = (pid % nv) * BV + tl.arange(0, BV)  # [BV] and columns
-    rows = tl.arange(0, C)  # [C] position in a chunk
+    """The chunk scan: the state entering every chunk, and the state after the last one.
+
+    Program: one (batch b, head h) and one [BK, BV] tile of its [K, V] state. Grid (cdiv(K, BK) · cdiv(V, BV), B · H).
+    Tiling: the tile of S stays in fp32 registers while the program walks the NT chunks in order; each step loads
+    Kᵀ [BK, C] and V [C, BV] of one chunk (rows past T load as 0).
+    Math, with λ = exp(-s_h) and L the chunk's length (the last chunk may be shorter):
+        S = h0[b, h] if HAS_H0 else 0
+        for n = 0 .. NT-1:  states[b, h, n] = S;   S ← λ^L S + Kᵀ diag(b) V,   b_j = λ^(L-1-j) (0 for j ≥ L)
+        ht[b, h] = S if STORE_HT
+    """
+    i_kv, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = i_bh // H, i_bh % H
+    n_v = tl.cdiv(V, BV)
+    ks = (i_kv // n_v) * BK + tl.arange(0, BK)  # [BK] this program's rows of the state
+    vs = (i_kv % n_v) * BV + tl.arange(0, BV)  # [BV] and its columns
+    rows = tl.arange(0, C)  # [C] positions within a chunk
     s = tl.load(slope_ptr + h).to(tl.float32)
+    k_base = k_ptr + (b * T * H + h) * K  # token t of (b, h) at k_base + t * H * K
+    v_base = v_ptr + (b * T * H + h) * V
+    states_base = states_ptr + i_bh * NT * K * V  # chunk n's [K, V] state at states_base + n * K * V
+    kv_off = ks[:, None] * V + vs[None, :]  # [BK, BV] within one [K, V] state
     kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
-    kv_off = ks[:, None] * V + vs[None, :]  # [BK, BV] offsets in a [K, V] state
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-    k_base = k_ptr + b * T * H * K + h * K  # token t of head h at k_base + t * H * K
-    v_base = v_ptr + b * T * H * V + h * V
-    st_base = states_ptr + bh * NT * K * V
+        S = tl.load(h0_ptr + i_bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     for n in range(NT):
-        tl.store(st_base + n * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
-        t = n * C + rows  # [C] positions of this chunk
-        L = tl.minimum(T - n * C, C)  # its length (the last chunk may be short)
+        tl.store(states_base + n * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
+        t = n * C + rows  # [C] the chunk's positions
+        L = tl.minimum(T - n * C, C)  # its length
         kt = tl.load(k_base + t[None, :] * H * K + ks[:, None], mask=(t[None, :] < T) & (ks[:, None] < K),
                      other=0.0)  # [BK, C] Kᵀ
         vb = tl.load(v_base + t[:, None] * H * V + vs[None, :], mask=(t[:, None] < T) & (vs[None, :] < V),
@@ -596,7 +577,7 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
         S = S * tl.exp(-s * L.to(tl.float32)) + tl.dot((kt * key_decay[None, :]).to(vb.dtype), vb,
                                                         input_precision=PRECISION)
     if STORE_HT:
-        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+        tl.store(ht_ptr + i_bh * K * V + kv_off, S, mask=kv_mask)
 
 
 # %% [markdown]
@@ -620,32 +601,42 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale, T, H, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """o of one chunk and one V-tile: scale · (diag(a) Q S_n + (Q Kᵀ ⊙ D) V). Grid (V/BV, NT, B·H)."""
-    iv = tl.program_id(0)
-    n = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    b, h = bh // H, bh % H
+    """The outputs of one chunk, for one tile of V.
+
+    Program: one (batch b, head h, chunk n, V-tile). Grid (cdiv(V, BV), NT, B · H).
+    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded to a power of two), V [C, BV] and the entering
+    state's tile S_n [BK, BV]; the scores [C, C] stay on chip.
+    Math, with λ = exp(-s_h), D_ij = λ^(i-j) for i ≥ j (0 above the diagonal) and a_i = λ^(i+1):
+        O = scale · (diag(a) Q S_n + (Q Kᵀ ⊙ D) V)
+    """
+    i_v, n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)
-    t = n * C + rows  # [C]
+    t = n * C + rows  # [C] the chunk's positions
     ks = tl.arange(0, BK)
-    vs = iv * BV + tl.arange(0, BV)
+    vs = i_v * BV + tl.arange(0, BV)
     s = tl.load(slope_ptr + h).to(tl.float32)
-    tk = (t[:, None] < T) & (ks[None, :] < K)
-    tv = (t[:, None] < T) & (vs[None, :] < V)
-    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]  # [C, BK]
-    q = tl.load(q_ptr + qk_off, mask=tk, other=0.0)
-    k = tl.load(k_ptr + qk_off, mask=tk, other=0.0)
-    v = tl.load(v_ptr + (b * T * H + h) * V + t[:, None] * H * V + vs[None, :], mask=tv, other=0.0)  # [C, BV]
-    S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
-                mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV] state entering chunk n
+    q_base = q_ptr + (b * T * H + h) * K  # token t of (b, h) at q_base + t * H * K
+    k_base = k_ptr + (b * T * H + h) * K
+    v_base = v_ptr + (b * T * H + h) * V
+    o_base = o_ptr + (b * T * H + h) * V
+    state_base = states_ptr + (i_bh * NT + n) * K * V  # the state entering chunk n
+    qk_off = t[:, None] * H * K + ks[None, :]  # [C, BK]
+    vo_off = t[:, None] * H * V + vs[None, :]  # [C, BV]
+    qk_mask = (t[:, None] < T) & (ks[None, :] < K)
+    vo_mask = (t[:, None] < T) & (vs[None, :] < V)
+    q = tl.load(q_base + qk_off, mask=qk_mask, other=0.0)
+    k = tl.load(k_base + qk_off, mask=qk_mask, other=0.0)
+    v = tl.load(v_base + vo_off, mask=vo_mask, other=0.0)  # [C, BV]
+    S = tl.load(state_base + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & (vs[None, :] < V),
+                other=0.0)  # [BK, BV]
     diff = (rows[:, None] - rows[None, :]).to(tl.float32)  # [C, C] i - j
     D = tl.exp(tl.where(diff >= 0, -s * diff, float("-inf")))  # decay matrix, 0 above the diagonal
     A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D  # [C, C]
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))  # [C]
     o = tl.dot(q, S.to(q.dtype), input_precision=PRECISION) * query_decay[:, None]
     o = tl.dot(A.to(v.dtype), v, o, input_precision=PRECISION)
-    tl.store(o_ptr + (b * T * H + h) * V + t[:, None] * H * V + vs[None, :], (o * scale).to(o_ptr.dtype.element_ty),
-             mask=tv)
+    tl.store(o_base + vo_off, (o * scale).to(o_ptr.dtype.element_ty), mask=vo_mask)
 
 
 # %% [markdown]
@@ -682,27 +673,35 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
 def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr, scale, T, H, K, V, NT,
                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                         STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
-    """dstates[b, h, n] = gradient of the state leaving chunk n; dh0 = gradient of initial_state. Reverse scan."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    nv = tl.cdiv(V, BV)
-    ks = (pid // nv) * BK + tl.arange(0, BK)
-    vs = (pid % nv) * BV + tl.arange(0, BV)
+    """The reverse chunk scan: the gradient of the state leaving every chunk, and of initial_state.
+
+    Program: one (batch b, head h) and one [BK, BV] tile of ∂S. Grid (cdiv(K, BK) · cdiv(V, BV), B · H).
+    Tiling: the tile of ∂S stays in fp32 registers while the program walks the chunks from the last to the first;
+    each step loads Qᵀ [BK, C] and ∂O [C, BV] of one chunk (rows past T load as 0).
+    Math, with λ = exp(-s_h), L the chunk's length and a_i = λ^(i+1):
+        ∂S = ∂ht[b, h] if HAS_DHT else 0
+        for n = NT-1 .. 0:  dstates[b, h, n] = ∂S;   ∂S ← λ^L ∂S + scale · Qᵀ diag(a) ∂O
+        dh0[b, h] = ∂S if STORE_DH0
+    """
+    i_kv, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = i_bh // H, i_bh % H
+    n_v = tl.cdiv(V, BV)
+    ks = (i_kv // n_v) * BK + tl.arange(0, BK)
+    vs = (i_kv % n_v) * BV + tl.arange(0, BV)
     rows = tl.arange(0, C)
     s = tl.load(slope_ptr + h).to(tl.float32)
-    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    q_base = q_ptr + (b * T * H + h) * K
+    do_base = do_ptr + (b * T * H + h) * V
+    dstates_base = dstates_ptr + i_bh * NT * K * V
     kv_off = ks[:, None] * V + vs[None, :]
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
     dS = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_DHT:
-        dS = tl.load(dht_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-    q_base = q_ptr + b * T * H * K + h * K
-    do_base = do_ptr + b * T * H * V + h * V
-    st_base = dstates_ptr + bh * NT * K * V
+        dS = tl.load(dht_ptr + i_bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))  # [C]
     for i in range(NT):
         n = NT - 1 - i
-        tl.store(st_base + n * K * V + kv_off, dS.to(dstates_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dstates_base + n * K * V + kv_off, dS.to(dstates_ptr.dtype.element_ty), mask=kv_mask)
         t = n * C + rows
         L = tl.minimum(T - n * C, C)
         qt = tl.load(q_base + t[None, :] * H * K + ks[:, None], mask=(t[None, :] < T) & (ks[:, None] < K),
@@ -712,57 +711,69 @@ def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr,
         dS = dS * tl.exp(-s * L.to(tl.float32)) + scale * tl.dot((qt * query_decay[None, :]).to(do.dtype), do,
                                                                    input_precision=PRECISION)
     if STORE_DH0:
-        tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
+        tl.store(dh0_ptr + i_bh * K * V + kv_off, dS, mask=kv_mask)
 
 
+# %%
+#| export lightning.triton
 @triton.jit
 def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates_ptr, dq_ptr, dk_ptr, dv_ptr,
                      scale, T, H, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      NV: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk, dv of one chunk (all of K, V in NV tiles of BV). Grid (NT, B·H)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    """∂q, ∂k and ∂v of one chunk.
+
+    Program: one (batch b, head h, chunk n). Grid (NT, B · H).
+    Tiling: Q, K [C, BK] with all of K in one tile; a loop over the NV tiles of V loads V, ∂O [C, BV] and the tiles
+    [BK, BV] of S_n (entering the chunk) and ∂S'_n (leaving it), accumulates ∂O Vᵀ [C, C], ∂O S_nᵀ and V ∂S'_nᵀ
+    [C, BK] in fp32, and stores that tile of ∂V.
+    Math, with A = scale · (Q Kᵀ ⊙ D), ∂A = scale · (∂O Vᵀ ⊙ D), a_i = λ^(i+1), b_j = λ^(L-1-j):
+        ∂Q = scale · diag(a) ∂O S_nᵀ + ∂A K,   ∂K = ∂Aᵀ Q + diag(b) V ∂S'_nᵀ,   ∂V = Aᵀ ∂O + diag(b) K ∂S'_n
+    """
+    n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)
     t = n * C + rows
     L = tl.minimum(T - n * C, C)
     ks = tl.arange(0, BK)
     s = tl.load(slope_ptr + h).to(tl.float32)
-    tk = (t[:, None] < T) & (ks[None, :] < K)
-    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]
-    q = tl.load(q_ptr + qk_off, mask=tk, other=0.0)  # [C, BK]
-    k = tl.load(k_ptr + qk_off, mask=tk, other=0.0)
+    qk_base = (b * T * H + h) * K  # where (b, h) starts in q, k, dq, dk
+    vo_base = (b * T * H + h) * V  # and in v, do, dv
+    state_base = (i_bh * NT + n) * K * V  # chunk n's [K, V] tile in states and dstates
+    qk_off = t[:, None] * H * K + ks[None, :]  # [C, BK]
+    qk_mask = (t[:, None] < T) & (ks[None, :] < K)
+    q = tl.load(q_ptr + qk_base + qk_off, mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + qk_base + qk_off, mask=qk_mask, other=0.0)
     diff = (rows[:, None] - rows[None, :]).to(tl.float32)
     D = tl.exp(tl.where(diff >= 0, -s * diff, float("-inf")))  # [C, C]
-    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D * scale  # [C, C] σ (Q Kᵀ ⊙ D)
+    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D * scale  # [C, C] scale · (Q Kᵀ ⊙ D)
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))
     key_decay = tl.exp(tl.where(rows < L, -s * (L - 1 - rows).to(tl.float32), float("-inf")))
     dA = tl.zeros((C, C), dtype=tl.float32)  # ∂O Vᵀ
-    dq = tl.zeros((C, BK), dtype=tl.float32)  # ∂O Sᵀ
-    dk = tl.zeros((C, BK), dtype=tl.float32)  # V ∂S'ᵀ
-    st_off = (bh * NT + n) * K * V
-    for iv in range(NV):
-        vs = iv * BV + tl.arange(0, BV)
-        tv = (t[:, None] < T) & (vs[None, :] < V)
-        tkv = (ks[:, None] < K) & (vs[None, :] < V)
-        v_off = (b * T * H + h) * V + t[:, None] * H * V + vs[None, :]
-        v = tl.load(v_ptr + v_off, mask=tv, other=0.0)  # [C, BV]
-        do = tl.load(do_ptr + v_off, mask=tv, other=0.0)
-        S = tl.load(states_ptr + st_off + ks[:, None] * V + vs[None, :], mask=tkv, other=0.0).to(q.dtype)
-        dS = tl.load(dstates_ptr + st_off + ks[:, None] * V + vs[None, :], mask=tkv, other=0.0).to(q.dtype)
+    dq = tl.zeros((C, BK), dtype=tl.float32)  # ∂O S_nᵀ
+    dk = tl.zeros((C, BK), dtype=tl.float32)  # V ∂S'_nᵀ
+    for i_v in range(NV):
+        vs = i_v * BV + tl.arange(0, BV)
+        vo_off = t[:, None] * H * V + vs[None, :]  # [C, BV]
+        vo_mask = (t[:, None] < T) & (vs[None, :] < V)
+        kv_off = ks[:, None] * V + vs[None, :]  # [BK, BV]
+        kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+        v = tl.load(v_ptr + vo_base + vo_off, mask=vo_mask, other=0.0)
+        do = tl.load(do_ptr + vo_base + vo_off, mask=vo_mask, other=0.0)
+        S = tl.load(states_ptr + state_base + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        dS = tl.load(dstates_ptr + state_base + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         dA = tl.dot(do, tl.trans(v), dA, input_precision=PRECISION)
         dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
         dk = tl.dot(v, tl.trans(dS), dk, input_precision=PRECISION)
-        dv = tl.dot(tl.trans(A).to(do.dtype), do, input_precision=PRECISION)  # σ Aᵀ ∂O
+        dv = tl.dot(tl.trans(A).to(do.dtype), do, input_precision=PRECISION)  # Aᵀ ∂O
         dv += tl.dot(k, dS, input_precision=PRECISION) * key_decay[:, None]  # + diag(b) K ∂S'
-        tl.store(dv_ptr + v_off, dv.to(dv_ptr.dtype.element_ty), mask=tv)
-    dA = (dA * D * scale).to(q.dtype)  # σ (∂O Vᵀ ⊙ D)
+        tl.store(dv_ptr + vo_base + vo_off, dv.to(dv_ptr.dtype.element_ty), mask=vo_mask)
+    dA = (dA * D * scale).to(q.dtype)  # scale · (∂O Vᵀ ⊙ D)
     dq = dq * (query_decay * scale)[:, None]
     dq = tl.dot(dA, k, dq, input_precision=PRECISION)
     dk = dk * key_decay[:, None]
     dk = tl.dot(tl.trans(dA), q, dk, input_precision=PRECISION)
-    tl.store(dq_ptr + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=tk)
-    tl.store(dk_ptr + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=tk)
+    tl.store(dq_ptr + qk_base + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_mask)
+    tl.store(dk_ptr + qk_base + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=qk_mask)
 
 
 # %% [markdown]
@@ -788,215 +799,217 @@ def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates
 @triton.jit
 def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, K, V,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
-    """The recurrence token by token for one (b, h, V-tile), the state in registers. Grid (V/BV, B·H)."""
-    iv = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    """The recurrence token by token, for decoding.
+
+    Program: one (batch b, head h, V-tile). Grid (cdiv(V, BV), B · H).
+    Tiling: the state's [BK, BV] tile (all of K, padded to a power of two) stays in fp32 registers through the T
+    tokens; each step loads one token's q, k [BK] and v [BV]. No tl.dot: an outer product and a reduction over K.
+    Math, with λ = exp(-s_h):
+        S = h0[b, h] if HAS_H0 else 0
+        for t = 0 .. T-1:  S ← λ S + k_tᵀ v_t,   o_t = scale · q_t S
+        ht[b, h] = S if STORE_HT
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = i_bh // H, i_bh % H
     ks = tl.arange(0, BK)
-    vs = iv * BV + tl.arange(0, BV)
-    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    vs = i_v * BV + tl.arange(0, BV)
+    q_base = q_ptr + (b * T * H + h) * K  # token t of (b, h) at q_base + t * H * K
+    k_base = k_ptr + (b * T * H + h) * K
+    v_base = v_ptr + (b * T * H + h) * V
+    o_base = o_ptr + (b * T * H + h) * V
     kv_off = ks[:, None] * V + vs[None, :]
+    kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
     lam = tl.exp(-tl.load(slope_ptr + h).to(tl.float32))
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + i_bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     for t in range(T):
-        qk_off = ((b * T + t) * H + h) * K + ks
-        v_off = ((b * T + t) * H + h) * V + vs
-        q = tl.load(q_ptr + qk_off, mask=ks < K, other=0.0).to(tl.float32)  # [BK]
-        k = tl.load(k_ptr + qk_off, mask=ks < K, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + v_off, mask=vs < V, other=0.0).to(tl.float32)  # [BV]
+        q = tl.load(q_base + t * H * K + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BK]
+        k = tl.load(k_base + t * H * K + ks, mask=ks < K, other=0.0).to(tl.float32)
+        v = tl.load(v_base + t * H * V + vs, mask=vs < V, other=0.0).to(tl.float32)  # [BV]
         S = S * lam + k[:, None] * v[None, :]
         o = tl.sum(S * q[:, None], axis=0) * scale  # [BV]
-        tl.store(o_ptr + v_off, o.to(o_ptr.dtype.element_ty), mask=vs < V)
+        tl.store(o_base + t * H * V + vs, o.to(o_ptr.dtype.element_ty), mask=vs < V)
     if STORE_HT:
-        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+        tl.store(ht_ptr + i_bh * K * V + kv_off, S, mask=kv_mask)
 
 
 # %% [markdown]
-# ### Tiles, launch and autograd
+# ### Launch and autograd
 #
-# The chunk length is 64 everywhere: $C \times C$ score tiles are tensor-core sized, and the intra-chunk work
-# ($2TC(K+V)$ FLOPs) stays below the state work. `LightningTiles` holds the knobs. On Hopper and Ampere the state
-# kernels use 64 × 64 state tiles and the output kernel a 64-wide $V$ tile with all of $K$; a Colab T4 (64 KB of
-# shared memory a block) gets 32-wide $V$ tiles in the output and gradient kernels. The interpreter gets the same
-# 64-row chunks (it pays per program, so fewer, larger programs are faster there). `lightning_tiles(...)` overrides
-# the choice inside a `with` block — the tests use it to run odd tile shapes.
+# The chunk length is $C = 64$ on every device: it belongs to the algorithm, not to the launch — $C \times C$ score
+# tiles are tensor-core sized, and the intra-chunk work ($2TC(K+V)$ FLOPs) stays below the state work ($4TKV$). Tile
+# sizes, warps and pipeline stages are launch settings, read from the book's one table, `runtime.LAUNCH_TABLE`: each
+# launch names its row (`"lightning.fwd_states"`, `"lightning.fwd_output"`, …), and `runtime.launch` takes the first
+# configuration of the row that fits the GPU, capped at the padded $K$ and $V$ (a 48-wide head gets a 64-wide tile).
+# The scan kernels use 64 × 64 state tiles; the output and gradient kernels hold all of $K$ and tile $V$. The
+# gradient kernel keeps two $C \times K$ fp32 accumulators alive through its loop over $V$, so heads wider than 64
+# read their own row, `"lightning.bwd_dqkv.k128"`, with 8 warps. A GPU with 64 KiB of shared memory a block (a Colab
+# T4) cannot hold that kernel at $K = 128$ with any $V$-tile: there `runtime.launch` raises an error that names the
+# PyTorch path instead (`bench/notes/lightning.md` has the numbers). Tests force odd tiles with
+# `runtime.launch_config("lightning.fwd_states", BK=16, BV=16)`.
+
+# %%
+for name in ("lightning.fwd_states", "lightning.fwd_output", "lightning.bwd_dstates", "lightning.bwd_dqkv",
+             "lightning.bwd_dqkv.k128", "lightning.fused_recurrent"):
+    print(f"{name:25s} on this machine:", runtime.launch_configs(name, DEVICE, DTYPE)[0])
 
 # %%
 #| export lightning.triton
-from contextlib import contextmanager
-
-_MAX_DIM = 128  # K and V live in one on-chip tile in the output and gradient kernels
-
-
-@dataclass(frozen=True)
-class LightningTiles:
-    """Tile sizes of the lightning kernels: chunk C rows; state tiles block_k × block_v; the V tile of the output
-    and gradient kernels; warps and pipeline stages."""
-
-    chunk: int = 64
-    block_k: int = 64
-    block_v: int = 64
-    block_v_out: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-_OVERRIDE: list = []
+_CHUNK = 64  # C, the chunk length of the algorithm (section 4.3): the same on every device
+_MAX_DIM = 128  # K and V each live in one on-chip tile in the output and gradient kernels
 _INSTEAD = "the PyTorch chunk form: naive_chunk_lightning_attn, or LightningAttention(..., backend='naive')"
 
 
-@contextmanager
-def lightning_tiles(tiles):
-    """Force `tiles` (a LightningTiles) inside a `with` block."""
-    _OVERRIDE.append(tiles)
-    try:
-        yield
-    finally:
-        _OVERRIDE.pop()
-
-
-def _tiles(device, dtype):
-    if _OVERRIDE:
-        return _OVERRIDE[-1]
-    if device.type != "cuda":
-        return LightningTiles()
-    major, _ = torch.cuda.get_device_capability(device)
-    if major >= 9:
-        return LightningTiles(64, 64, 64, 64, 4, 2)
-    if major >= 8:
-        return LightningTiles(64, 64, 64, 64, 4, 2)
-    return LightningTiles(64, 64, 32, 32, 4, 1)  # T4: 64 KB of shared memory a block
-
-
-def _pow2(n, low=16):
-    return max(low, triton.next_power_of_2(n))
+def _pow2(n):
+    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact (no TF32 rounding); ignored for 16-bit
 
 
-def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state):
-    """Check everything but the slope's values; return the scale and a function that checks those (call it after
-    queueing the kernels: it waits for the GPU)."""
-    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, values=False)
-    runtime.check_triton_device(op, q, k, v, slope, *([initial_state] if initial_state is not None else []))
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
-                        "use float32 on CPU, bfloat16 on a GPU")
-    K, V = q.shape[-1], v.shape[-1]
-    if K > _MAX_DIM or V > _MAX_DIM:
-        raise ValueError(f"{op}: head dimensions K and V must be <= {_MAX_DIM} (one on-chip tile), got K = {K}, "
-                         f"V = {V}")
-    return scale, runtime.check_values_later(lambda: _check_slope(op, slope), q.device)
+def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values):
+    """_check_lightning's checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
+    interpreter, K and V <= 128), then the slope's values where `check_values` and the value-check rule ask for
+    them (runtime.checking_values). Returns the scale as a float."""
+    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False)
+    _checks.triton_inputs(op, q, k, v, slope, initial_state, instead=_INSTEAD,
+                          max_dims={"K": (q.shape[-1], _MAX_DIM), "V": (v.shape[-1], _MAX_DIM)})
+    if check_values and _checks.checking_values(False, q):
+        _check_slope(op, slope)
+    return scale
+
+
+def _state_tiles(K, V):
+    """runtime.launch's `fit` for the scan kernels: a [BK, BV] state tile no larger than the padded state."""
+    return lambda c: dict(c, BK=min(c["BK"], _pow2(K)), BV=min(c["BV"], _pow2(V)))
+
+
+def _v_tiles(V, loop=False):
+    """`fit` for the kernels that tile V alone: BV no wider than the padded V; with `loop`, also NV, the number of
+    V-tiles the gradient kernel loops over."""
+    def fit(c):
+        bv = min(c["BV"], _pow2(V))
+        return dict(c, BV=bv, NV=triton.cdiv(V, bv)) if loop else dict(c, BV=bv)
+    return fit
+
+
+def _options(q, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per padded K and V (they set the shared
+    memory a tile needs); with autotuning on, Triton's autotuner retunes per length and head dims."""
+    return dict(device=q.device, dtype=q.dtype, key=(_pow2(q.shape[-1]), _pow2(v.shape[-1])),
+                autotune_key=["T", "K", "V"], instead=_INSTEAD)
 
 
 def _forward(q, k, v, slope, scale, h0, output_final_state):
+    """o [B, T, H, V] in q's dtype, the final state [B, H, K, V] fp32 (or None), and the chunk states
+    [B, H, NT, K, V] in q's dtype, which the backward reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    tiles = _tiles(q.device, q.dtype)
-    C = tiles.chunk
-    NT = triton.cdiv(T, C)
+    NT = triton.cdiv(T, _CHUNK)
     prec = _precision(q.dtype)
-    bk, bv = min(tiles.block_k, _pow2(K)), min(tiles.block_v, _pow2(V))
     states = torch.empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
     ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    runtime.launch(
-        "chunk_lightning_attn", _fwd_states_kernel, lambda c: (triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H),
-        (k, v, slope, h0 if h0 is not None else k, states, ht if ht is not None else states, T, H, K, V, NT),
-        dict(C=C, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
-        [dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)], _INSTEAD)
+    runtime.launch("lightning.fwd_states", _fwd_states_kernel,
+                   lambda c: (triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]), B * H),
+                   (k, v, slope, h0, states, ht, T, H, K, V, NT),
+                   dict(C=_CHUNK, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
+                   fit=_state_tiles(K, V), **_options(q, v))
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    bvo = min(tiles.block_v_out, _pow2(V))
-    runtime.launch(
-        "chunk_lightning_attn", _fwd_output_kernel, lambda c: (triton.cdiv(V, bvo), NT, B * H),
-        (q, k, v, slope, states, o, scale, T, H, K, V, NT), dict(C=C, BK=_pow2(K), BV=bvo, PRECISION=prec),
-        [dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)], _INSTEAD)
+    runtime.launch("lightning.fwd_output", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * H),
+                   (q, k, v, slope, states, o, scale, T, H, K, V, NT), dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec),
+                   fit=_v_tiles(V), **_options(q, v))
     return o, ht, states
 
 
+def _backward(q, k, v, slope, scale, states, do, dht, need_dh0):
+    """dq, dk, dv (their inputs' dtypes) and d initial_state [B, H, K, V] fp32 (None unless `need_dh0`), from
+    do [B, T, H, V] in q's dtype and d final_state (fp32 or None)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = states.shape[2]
+    prec = _precision(q.dtype)
+    dstates = torch.empty_like(states)
+    dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
+    runtime.launch("lightning.bwd_dstates", _bwd_dstates_kernel,
+                   lambda c: (triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]), B * H),
+                   (q, do, slope, dht, dstates, dh0, scale, T, H, K, V, NT),
+                   dict(C=_CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=prec),
+                   fit=_state_tiles(K, V), **_options(q, v))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    runtime.launch("lightning.bwd_dqkv" + (".k128" if K > 64 else ""), _bwd_dqkv_kernel, lambda c: (NT, B * H),
+                   (q, k, v, do, slope, states, dstates, dq, dk, dv, scale, T, H, K, V, NT),
+                   dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec), fit=_v_tiles(V, loop=True), **_options(q, v))
+    return dq, dk, dv, dh0
+
+
+# %%
+#| export lightning.triton
 class _ChunkLightning(torch.autograd.Function):
+    """Autograd glue: the forward saves q, k, v, the slopes and the chunk states; the backward runs the two
+    gradient kernels."""
+
     @staticmethod
     def forward(ctx, q, k, v, slope, scale, h0, output_final_state):
         o, ht, states = _forward(q, k, v, slope, scale, h0, output_final_state)
         ctx.save_for_backward(q, k, v, slope, h0, states)
         ctx.scale = scale
-        ctx.h0_dtype = h0.dtype if h0 is not None else None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, slope, h0, states = ctx.saved_tensors
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        tiles = _tiles(q.device, q.dtype)
-        C = tiles.chunk
-        NT = states.shape[2]
-        prec = _precision(q.dtype)
-        do = do.to(q.dtype).contiguous()
-        bk, bv = min(tiles.block_k, _pow2(K)), min(tiles.block_v, _pow2(V))
-        dstates = torch.empty_like(states)
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dh0 = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if need_dh0 else None
-        if dht is not None:
-            dht = dht.float().contiguous()
-        runtime.launch(
-            "chunk_lightning_attn (backward)", _bwd_dstates_kernel,
-            lambda c: (triton.cdiv(K, bk) * triton.cdiv(V, bv), B * H),
-            (q, do, slope, dht if dht is not None else do, dstates, dh0 if dh0 is not None else dstates, ctx.scale,
-             T, H, K, V, NT), dict(C=C, BK=bk, BV=bv, HAS_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=prec),
-            [dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)], _INSTEAD)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        bvo = min(tiles.block_v_out, _pow2(V))
-        runtime.launch(  # on a T4 (64 KiB a block) this one does not fit at K = 128: 92 KiB with V-tiles of 16
-            "chunk_lightning_attn (backward)", _bwd_dqkv_kernel, lambda c: (NT, B * H),
-            (q, k, v, do, slope, states, dstates, dq, dk, dv, ctx.scale, T, H, K, V, NT),
-            dict(C=C, BK=_pow2(K), BV=bvo, NV=triton.cdiv(V, bvo), PRECISION=prec),
-            [dict(num_warps=8 if q.is_cuda and K > 64 else tiles.num_warps, num_stages=tiles.num_stages)],
-            _INSTEAD)  # 8 warps: two [C, K] fp32 accumulators live through the V loop
-        return dq, dk, dv, None, None, (dh0.to(ctx.h0_dtype) if dh0 is not None else None), None
+        dq, dk, dv, dh0 = _backward(q, k, v, slope, ctx.scale, states, do.to(q.dtype).contiguous(),
+                                    dht.float().contiguous() if dht is not None else None, need_dh0)
+        return dq, dk, dv, None, None, (dh0.to(h0.dtype) if dh0 is not None else None), None
 
 
 def chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
     """Lightning attention in Triton, chunkwise (C = 64), differentiable in q, k, v and initial_state.
 
-    q, k [B, T, H, K]; v [B, T, H, V] (K, V <= 128, any size); slope [H] > 0 (fixed rates: no gradient);
-    initial_state [B, H, K, V] or None -> (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None).
-    S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t, scale defaulting to K ** -0.5.
+    q, k [B, T, H, K]; v [B, T, H, V] (K, V <= 128, any size); all three float32, float16 or bfloat16 (not
+    bfloat16 under the interpreter). slope [H] float, > 0 (fixed rates: no gradient). scale: a float, default
+    K ** -0.5. initial_state [B, H, K, V] float or None.
+    Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None unless output_final_state).
+    S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
     """
-    scale, check_values = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _chunk(q, k, v, slope, scale, initial_state, output_final_state, check_values=True)
+
+
+def _chunk(q, k, v, slope, scale, initial_state, output_final_state, check_values):
+    """chunk_lightning_attn; check_values=False skips the slope's values (LightningAttention's own slopes)."""
+    scale = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state, check_values)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    out = _ChunkLightning.apply(q, k, v, slope.detach().float().contiguous(), scale, h0, bool(output_final_state))
-    check_values()  # after queueing the kernels, so that waiting for the check overlaps them
-    return out
+    return _ChunkLightning.apply(q.contiguous(), k.contiguous(), v.contiguous(), slope.detach().float().contiguous(),
+                                 scale, h0, bool(output_final_state))
 
 
 def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
     """Lightning attention token by token in Triton, for decoding a few tokens from a state. Forward only.
 
-    Same arguments and result as chunk_lightning_attn. Cost grows with T sequentially: use it for T = 1 (or a
-    handful of tokens); use chunk_lightning_attn for prompts and training. Raises if gradients are required.
+    Same arguments and result as chunk_lightning_attn. Its cost grows with T sequentially: use it for T = 1 (or a
+    handful of tokens), chunk_lightning_attn for prompts and training. Raises if gradients are required.
     """
-    scale, check_values = _check_kernel_inputs("fused_recurrent_lightning_attn", q, k, v, slope, scale,
-                                               initial_state)
-    tracked = [t for t in (q, k, v, initial_state) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        raise RuntimeError("fused_recurrent_lightning_attn is forward only: call it under torch.no_grad() (decoding) "
-                           "or use chunk_lightning_attn, which has a backward pass")
+    return _fused_recurrent(q, k, v, slope, scale, initial_state, output_final_state, check_values=True)
+
+
+def _fused_recurrent(q, k, v, slope, scale, initial_state, output_final_state, check_values):
+    """fused_recurrent_lightning_attn; check_values=False skips the slope's values (LightningAttention's slopes)."""
+    op = "fused_recurrent_lightning_attn"
+    scale = _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values)
+    _checks.forward_only(op, q, k, v, initial_state, instead="chunk_lightning_attn")
     B, T, H, K = q.shape
     V = v.shape[-1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     h0 = initial_state.contiguous() if initial_state is not None else None
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    bv = min(32, _pow2(V))
-    _fused_recurrent_kernel[(triton.cdiv(V, bv), B * H)](
-        q, k, v, slope.float().contiguous(), h0 if h0 is not None else q, o, ht if ht is not None else o, scale,
-        T, H, K, V, BK=_pow2(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None)
-    check_values()
+    runtime.launch("lightning.fused_recurrent", _fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * H),
+                   (q.contiguous(), k.contiguous(), v.contiguous(), slope.detach().float().contiguous(), h0, o, ht,
+                    scale, T, H, K, V), dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None),
+                   fit=_v_tiles(V), **_options(q, v))
     return o, ht
 
 
@@ -1020,7 +1033,6 @@ slope_c = torch.tensor([1e-4, 0.05, 0.5, 8.0], device=DEVICE)  # from no decay a
 leaves = [x.detach().clone().requires_grad_() for x in (qc, kc, vc, h0c)]
 o_k, s_k = chunk_lightning_attn(*leaves[:3], slope_c, initial_state=leaves[3], output_final_state=True)
 do_c, ds_c = torch.randn_like(o_k), torch.randn_like(s_k)
-t0 = time.perf_counter()
 torch.autograd.backward((o_k, s_k), (do_c, ds_c))
 ref_leaves = [x.detach().double().requires_grad_() for x in (qc, kc, vc, h0c)]
 o_r, s_r = naive_recurrent_lightning_attn(*[x.float() for x in ref_leaves[:3]], slope_c,
@@ -1066,17 +1078,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisparse.lightning.naive import minimax_slopes, naive_chunk_lightning_attn
-from minisparse.lightning.triton import chunk_lightning_attn, fused_recurrent_lightning_attn
-from minisparse import runtime
+from minisparse import _checks
+from minisparse.lightning.naive import _naive_chunk, minimax_slopes
+from minisparse.lightning.triton import _chunk, _fused_recurrent
 
 
 class LightningAttention(nn.Module):
     """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1) -> RMSNorm ->
     sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers' MiniMaxLightningAttention.
 
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
-    final state [B, H, d, d] float32 when use_cache or a state was given, else None).
+    forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) -> (y [B, T,
+    hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or a state was given, else
+    None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T], 0 for padding.
     backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state without
     gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto" (the default: Triton
     for CUDA tensors or under the interpreter, else naive — so the layer also runs on a GPU machine's CPU).
@@ -1085,16 +1098,22 @@ class LightningAttention(nn.Module):
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256, eps=1e-6,
                  backend="auto"):
         super().__init__()
-        if backend not in ("auto", "triton", "naive"):
-            raise ValueError(f"LightningAttention: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        op = "LightningAttention"
+        for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                            ("num_layers", num_layers), ("block_size", block_size)]:
+            _checks.positive_int(op, name, value)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
+            raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
+                             f"got {layer_idx!r}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx, self.num_layers, self.block_size = layer_idx, num_layers, block_size
-        self.backend = backend
+        self.backend = _checks.backend(op, backend)
         self.qkv_proj = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
         self.output_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.norm = nn.RMSNorm(num_heads * head_dim, eps=eps)
-        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))  # [H], not trained
+        self.norm = nn.RMSNorm(num_heads * head_dim, eps=_checks.positive_float(op, "eps", eps))
+        # [H] constant rates, not trained: built here, so never value-checked again
+        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))
 
     @classmethod
     def from_hf(cls, module, backend="auto"):
@@ -1110,31 +1129,29 @@ class LightningAttention(nn.Module):
             layer.slope_rate.copy_(module.slope_rate.reshape(-1))
         return layer
 
-    def _attend(self, q, k, v, state, use_cache):
+    def _attend(self, q, k, v, state, want_state):
+        """The recurrence with the layer's own slopes (the ops' private entry points: no value check), scale 1."""
         slope = self.slope_rate.float()
-        want_state = use_cache or state is not None
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
-        if backend == "naive":
-            return naive_chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state, chunk_size=self.block_size)
-        if backend != "triton":
-            raise ValueError(f"LightningAttention: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        if _checks.choose_backend(self.backend, q) == "naive":
+            return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size, check_values=False)
         if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
-            return fused_recurrent_lightning_attn(q, k, v, slope, 1.0, state, want_state)
-        return chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state)
+            return _fused_recurrent(q, k, v, slope, 1.0, state, want_state, check_values=False)
+        return _chunk(q, k, v, slope, 1.0, state, want_state, check_values=False)
 
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"LightningAttention: hidden_states must be [B, T, hidden_size = {self.hidden_size}], "
-                             f"got shape {tuple(hidden_states.shape)}")
+        op = "LightningAttention"
+        _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
         B, T, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
+        _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
+        if attention_mask is not None:
+            _checks.tensor(op, "attention_mask", attention_mask, "[B, T]")
+            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]", "1 for a token, 0 for padding")
         qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens add nothing to the state
+        if attention_mask is not None:  # padded tokens add nothing to the state
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
         q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
-        o, new_state = self._attend(q, k, v, state, use_cache)
+        o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
         o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
         o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
         return self.out_proj(o), new_state
@@ -1200,8 +1217,6 @@ if transformers is not None:
 
 # %%
 #| export lightning.cost
-import numpy as np
-
 # Shapes: MiniMax-M1 from the MiniMax-01 / M1 reports (80 layers, 1 softmax in 8, 64 heads × 128, GQA with 8 KV
 # heads, 45.9B active); DeepSeek-R1 = DeepSeek-V3's architecture (61 MLA layers, 128 heads, q·k over 128 + 64
 # dims, v 128, a 512 + 64 latent cached per token, 37B active).

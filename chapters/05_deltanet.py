@@ -30,7 +30,7 @@
 # | `naive_recurrent_delta_rule`, `naive_recurrent_gated_delta_rule` | the spec: the delta rule token by token, in PyTorch |
 # | `naive_chunk_delta_rule`, `naive_chunk_gated_delta_rule` | the chunkwise WY/UT form in PyTorch (differentiable), equal to the spec |
 # | `l2norm` | the key/query normalisation every delta-rule model uses |
-# | `chunk_gated_delta_rule`, `chunk_delta_rule` | Triton forward (WY/UT, three kernels) and backward (two more), any $T$, $K, V \le 128$ and $K \ne V$, grouped value heads, initial and final state |
+# | `chunk_gated_delta_rule`, `chunk_delta_rule` | Triton forward (WY/UT, three kernels) and backward (three more), any $T$, $K, V \le 128$ and $K \ne V$, grouped value heads, initial and final state |
 # | `fused_recurrent_gated_delta_rule` | Triton, for decoding a few tokens from a state (forward only) |
 # | `GatedDeltaNet` | the layer as Qwen3-Next builds it, `GatedDeltaNet.from_hf` |
 # | `gdn_flops`, `gdn_state_bytes`, `hybrid_costs` | the cost model: a GDN layer, and a stack of GDN and softmax layers (Qwen3-Next's 3:1) |
@@ -45,7 +45,7 @@
 # interpreter; section 5.8 has their H200 numbers.
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
@@ -55,13 +55,14 @@ if importlib.util.find_spec("minisparse") is None:
                                   "or `pip install -e .` in this kernel's environment")
     # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
 
 minisparse.runtime.print_environment()
 
 # %%
 import math
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -76,7 +77,9 @@ DEVICE = runtime.device()
 DTYPE = runtime.default_dtype()
 
 try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
-    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule as fla_naive_recurrent_gdr
+    with warnings.catch_warnings():  # fla-core 0.6.0 warns at import, from its own file, when Triton has no GPU
+        warnings.filterwarnings("ignore", "Triton is not supported on current platform", UserWarning)
+        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule as fla_naive_recurrent_gdr
 except ImportError:
     fla_naive_recurrent_gdr = None
     print("fla-core is not installed: the check against fla's naive_recurrent_gated_delta_rule is skipped")
@@ -197,9 +200,7 @@ print(f"just after the rewrite, linear attention returns {old_l[100]:.2f} of v* 
 #| export deltanet.naive
 import torch
 
-from minisparse import runtime
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from minisparse import _checks
 
 
 def l2norm(x, eps=1e-6):
@@ -209,76 +210,30 @@ def l2norm(x, eps=1e-6):
 
 
 def _check_gate_and_beta(op, g, beta):
-    """g ≤ 0 and finite, β in [0, 2]: one reduction a tensor, then a function that waits for its four numbers and
-    raises if they are out of range. The Triton ops queue their kernels before calling it, so that the host sync
-    overlaps the GPU's work (runtime.to_host_later); runtime.set_value_checks(False) turns the check off."""
-    zero = beta.new_zeros((), dtype=torch.float32)  # on beta's device: stacked with the others below
-    g_lo, g_hi = torch.aminmax(g.float()) if g is not None and g.numel() else (zero, zero)
-    b_lo, b_hi = torch.aminmax(beta.float()) if beta.numel() else (zero, zero)
-    ranges = runtime.to_host_later(torch.stack([g_lo, g_hi, b_lo, b_hi]))  # min and max propagate NaN
-
-    def verdict():
-        g_lo, g_hi, b_lo, b_hi = ranges()
-        if not (g_hi <= 0 and g_lo > float("-inf")):
-            raise ValueError(f"{op}: g must be finite and <= 0 (a log decay: exp(g) in (0, 1]), got values "
-                             f"in [{g_lo:.3g}, {g_hi:.3g}]")
-        if not (b_lo >= 0 and b_hi <= 2):
-            raise ValueError(f"{op}: beta must lie in [0, 2] (I - beta k kᵀ must not amplify the state for unit "
-                             f"keys; models use sigmoid outputs in [0, 1]), got values in [{b_lo:.3g}, {b_hi:.3g}]")
-    return verdict
+    """The values: g finite and ≤ 0, β in [0, 2], NaN reported as NaN. One reduction and a host sync a tensor."""
+    if g is not None:
+        _checks.value_range(op, "g", g, low=float("-inf"), low_open=True, high=0.0,
+                            why="a finite log decay: exp(g) in (0, 1]")
+    _checks.value_range(op, "beta", beta, low=0.0, high=2.0,
+                        why="I - beta k kᵀ must not amplify the state for unit keys; models use sigmoid outputs")
 
 
-def _check_delta(op, q, k, v, g, beta, scale, initial_state, values=True):
-    """Validate the inputs every delta-rule op takes; return the scale as a float. `values`: also check g and β
-    now (unless runtime.set_value_checks(False)); the Triton ops check them themselves, later."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("beta", beta)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t, shape in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, HV, V]")):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D {shape}, got shape {tuple(t.shape)}")
-    if k.shape != q.shape:
-        raise ValueError(f"{op}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
-    B, T, H, K = q.shape
-    if v.shape[:2] != q.shape[:2] or v.shape[2] % H != 0:
-        raise ValueError(f"{op}: v must be [B, T, HV, V] with q's B, T = {(B, T)} and HV a multiple of H = {H}, "
-                         f"got {tuple(v.shape)}")
-    HV, V = v.shape[2], v.shape[3]
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k, v must share one dtype among float32, float16, bfloat16, got q {q.dtype}, "
-                        f"k {k.dtype}, v {v.dtype}")
-    for name, t in (("g", g), ("beta", beta)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != (B, T, HV):
-            raise ValueError(f"{op}: {name} must be [B, T, HV] = {(B, T, HV)} (one per token and value head), "
-                             f"got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
-    if values and runtime.checking_values():
-        _check_gate_and_beta(op, g, beta)()
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor):
-            raise TypeError(f"{op}: initial_state must be a tensor [B, HV, K, V] or None, got "
-                            f"{type(initial_state).__name__}")
-        if tuple(initial_state.shape) != (B, HV, K, V):
-            raise ValueError(f"{op}: initial_state must be [B, HV, K, V] = {(B, HV, K, V)}, got "
-                             f"{tuple(initial_state.shape)}")
-        if initial_state.dtype not in _DTYPES:
-            raise TypeError(f"{op}: initial_state must be float32, float16 or bfloat16, got {initial_state.dtype}")
-    if scale is None:
-        return K ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{op}: scale must be a positive number or None (K ** -0.5), got {scale!r}")
-    return float(scale)
+def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values):
+    """Validate what every delta-rule op takes (g may be None: no decay); return the scale as a float (K ** -0.5
+    for None). `check_values`: also check the values of g and β now (the naive ops always do; the Triton ops follow
+    the value-check rule, runtime.checking_values; a layer skips what it built itself)."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    if g is not None:
+        _checks.per_head_token(op, "g", g, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    if check_values:
+        _check_gate_and_beta(op, g, beta)
+    return _checks.scale(op, scale, K)
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised."""
+    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised; g None -> zeros."""
     HV = v.shape[2]
     rep = HV // q.shape[2]
     q, k = q.float(), k.float()
@@ -298,7 +253,14 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
     initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
     None). Accumulates in float32.
     """
-    scale = _check_delta("naive_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
+    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                            check_values=True)
+
+
+def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
+                     op="naive_recurrent_gated_delta_rule"):
+    """naive_recurrent_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
@@ -316,9 +278,8 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                                use_qk_l2norm=False):
     """DeltaNet token by token: naive_recurrent_gated_delta_rule with g = 0 (no decay). Same shapes."""
-    _check_delta("naive_recurrent_delta_rule", q, k, v, None, beta, scale, initial_state)
-    return naive_recurrent_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, scale,
-                                            initial_state, output_final_state, use_qk_l2norm)
+    return _naive_recurrent(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                            check_values=True, op="naive_recurrent_delta_rule")
 
 
 # %% [markdown]
@@ -388,12 +349,14 @@ if transformers is not None:
 # $$
 # (I + A)\, U = \operatorname{diag}(\beta)\, V - \operatorname{diag}(\beta e^{G})\, K S
 # \quad\Longrightarrow\quad
-# U = \underbrace{T\operatorname{diag}(\beta) V}_{\tilde U} - \underbrace{T \operatorname{diag}(\beta e^G) K}_{W}\, S,
-# \qquad T = (I + A)^{-1}.
+# U = \underbrace{A_\text{inv}\operatorname{diag}(\beta) V}_{\tilde U}
+#   - \underbrace{A_\text{inv} \operatorname{diag}(\beta e^G) K}_{W}\, S,
+# \qquad A_\text{inv} = (I + A)^{-1}.
 # $$
 #
-# $T$ is the **UT transform** of the chunk: it depends only on the chunk's keys, $\beta$ and gates — not on $S$ — so all
-# chunks compute theirs in parallel (a triangular solve of $L \times L$, $L = 64$). $W$ and $\tilde U$ are the **WY
+# $A_\text{inv}$ (the inverse of $I + A$, not of $A$) is the **UT transform** of the chunk: it depends only on the
+# chunk's keys, $\beta$ and gates — not on $S$ — so all chunks compute theirs in parallel (a triangular solve of
+# $L \times L$, $L = 64$). $W$ and $\tilde U$ are the **WY
 # representation**: without gates, the product of the chunk's Householder matrices is $I - K^\top W$. What
 # remains is chapter 4's chunkwise form with $U$ in place of $V$ and the gate's $e^{G_i - G_j}$ in place of
 # $\lambda^{i-j}$:
@@ -406,6 +369,14 @@ if transformers is not None:
 # Every exponent is $\le 0$ ($G$ decreases along the chunk), and above the diagonal it is masked to $-\infty$ *before*
 # `exp`: a gate of $-30$ a token makes $e^{G}$ underflow to 0 within a chunk, never overflow. The only sequential
 # part left across chunks is $U = \tilde U - WS$ and the state update, two matrix products per chunk.
+#
+# **Sums, not differences.** $G_i - G_j$ is the sum of the gates between the two tokens, $g_{j+1} + \dots + g_i$, and
+# that is how the code computes it: a cumulative sum down each column of the matrix that holds $g_i$ below the
+# diagonal, $D_{ij} = g_{j+1} + \dots + g_i$, so $\Gamma = e^{D}$, and $G_L - G_j$ is the last row of $D$. Subtracting
+# two cumulative sums loses digits instead: one gate of $-10^5$ early in a chunk makes every later $G_i$ about
+# $-10^5$, where float32 numbers lie $0.008$ apart, so a decay $e^{G_i - G_j}$ between two later tokens comes out
+# about 1 % off, and the output with it. The sums keep every exponent as accurate as the gates it adds, for any
+# finite $g \le 0$; section 5.6 shows that the gradient of $g$ needs the same care.
 
 # %%
 #| export deltanet.naive
@@ -413,46 +384,52 @@ def naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=Non
                                  use_qk_l2norm=False, chunk_size=64):
     """Gated delta rule by chunks (the WY/UT form): same arguments and results as naive_recurrent_gated_delta_rule.
 
-    Per chunk of L ≤ chunk_size tokens: G = local cumsum of g; A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit
-    lower-triangular solve gives W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S,
-    O = scale (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(e^{G_L − G}) K)ᵀ U. Differentiable by autograd.
+    Per chunk of L ≤ chunk_size tokens: G_i = g_1 + … + g_i, Γ_ij = exp(g_{j+1} + … + g_i) for j ≤ i (segment
+    sums, never G_i − G_j); A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit lower-triangular solve gives
+    W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S,
+    O = scale (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(Γ_L) K)ᵀ U. Differentiable by autograd.
     """
-    scale = _check_delta("naive_chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"naive_chunk_gated_delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
+    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+                        check_values=True)
+
+
+def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+                 check_values, op="naive_chunk_gated_delta_rule"):
+    """naive_chunk_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)
+    _checks.positive_int(op, "chunk_size", chunk_size)
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
     qf, kf, vf = (x.transpose(1, 2) for x in (qf, kf, vf))  # [B, HV, T, ·]
     gf, bf = gf.transpose(1, 2), bf.transpose(1, 2)  # [B, HV, T]
     S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
-    outs = []
+    o = qf.new_empty(B, HV, T, V)
     for c0 in range(0, T, chunk_size):
         L = min(chunk_size, T - c0)
         qc, kc, vc = qf[:, :, c0:c0 + L], kf[:, :, c0:c0 + L], vf[:, :, c0:c0 + L]  # [B, HV, L, ·]
-        bc = bf[:, :, c0:c0 + L]  # [B, HV, L]
-        G = gf[:, :, c0:c0 + L].cumsum(-1)  # [B, HV, L] local cumulative log decay G_i
+        gc, bc = gf[:, :, c0:c0 + L], bf[:, :, c0:c0 + L]  # [B, HV, L]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # j <= i
-        Gamma = torch.exp(torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")))  # [B, HV, L, L]
+        G = gc.cumsum(-1)  # [B, HV, L] G_i: log decay from the chunk's start through token i
+        after = ~causal.T  # [L, L] i > j
+        D = torch.where(after, gc[..., :, None], 0.0).cumsum(-2)  # [B, HV, L, L] D_ij = g_{j+1} + … + g_i, i ≥ j
+        Gamma = torch.exp(torch.where(causal, D, float("-inf")))  # [B, HV, L, L] e^{G_i − G_j}, 0 above
         A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)  # strictly lower
         eye = torch.eye(L, device=q.device)
         rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
         WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
         W, U_tilde = WU[..., :K], WU[..., K:]  # [B, HV, L, K], [B, HV, L, V]
         U = U_tilde - W @ S  # [B, HV, L, V] what each token writes
-        o = (qc * G.exp()[..., None]) @ S + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U  # [B, HV, L, V]
-        outs.append(scale * o)
-        S = G[..., -1, None, None].exp() * S + (kc * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ U
-    o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, HV, V]
-    return o.to(q.dtype), (S if output_final_state else None)
+        o[:, :, c0:c0 + L] = scale * ((qc * G.exp()[..., None]) @ S + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U)
+        S = G[..., -1, None, None].exp() * S + (kc * Gamma[..., -1, :, None]).transpose(-1, -2) @ U  # Γ_Lj
+    return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 
 def naive_chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm=False, chunk_size=64):
     """DeltaNet by chunks: naive_chunk_gated_delta_rule with g = 0. Same shapes as naive_recurrent_delta_rule."""
-    _check_delta("naive_chunk_delta_rule", q, k, v, None, beta, scale, initial_state)
-    return naive_chunk_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, scale,
-                                        initial_state, output_final_state, use_qk_l2norm, chunk_size)
+    return _naive_chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+                        check_values=True, op="naive_chunk_delta_rule")
 
 
 # %% [markdown]
@@ -484,7 +461,7 @@ for low, high in [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]:
 # ### The attention matrix a GDN head implies
 #
 # With the state starting at zero, the outputs are *linear in the values*: the chunk form with a single chunk says
-# $O = \sigma (QK^\top \odot \Gamma)\, T \operatorname{diag}(\beta)\, V$. So a delta-rule head, for given queries,
+# $O = \sigma (QK^\top \odot \Gamma)\, A_\text{inv} \operatorname{diag}(\beta)\, V$. So a delta-rule head, for given queries,
 # keys, $\beta$ and gates, acts like attention with the matrix
 #
 # $$
@@ -504,8 +481,8 @@ def implied_attention(q, k, g, beta, scale=1.0):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
     A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-    Tmat = torch.linalg.solve_triangular(torch.eye(T) + A, torch.eye(T), upper=False, unitriangular=True)
-    return scale * ((q @ k.T) * Gamma) @ Tmat * beta[None, :]
+    A_inv = torch.linalg.solve_triangular(torch.eye(T) + A, torch.eye(T), upper=False, unitriangular=True)
+    return scale * ((q @ k.T) * Gamma) @ A_inv * beta[None, :]
 
 
 T_P, d_P = 48, 16
@@ -777,99 +754,114 @@ if cfg is not None:
 # ## 5.6 Fast: the chunkwise form in Triton
 #
 # The chunk form of section 5.3 splits, by what depends on what, into three forward kernels (fla splits it along the
-# same lines, with two kernels for the first step and its `l2norm` kernels before them):
+# same lines, with two kernels for the first step and its `l2norm` kernels before them). They live in
+# `minisparse/deltanet/chunk_fwd.py`; the backward's in `chunk_bwd.py`, the op and its autograd glue in `chunk.py`,
+# the decoding kernel in `fused_recurrent.py`:
 #
-# 1. **`_fwd_wy_kernel`** — per chunk, all chunks in parallel: the local cumulative gate $G$, the matrix
-#    $A = \text{strictly lower}(\operatorname{diag}(\beta) K K^\top \odot \Gamma)$, the UT transform $T = (I + A)^{-1}$,
-#    and the WY representation $W = T \operatorname{diag}(\beta e^G) K$, $\tilde U = T \operatorname{diag}(\beta) V$.
-#    Nothing here depends on the state.
+# 1. **`_fwd_wy_kernel`** — per chunk, all chunks in parallel: the matrix
+#    $A = \text{strictly lower}(\operatorname{diag}(\beta) K K^\top \odot \Gamma)$, the UT transform
+#    $A_\text{inv} = (I + A)^{-1}$, and the WY representation $W = A_\text{inv} \operatorname{diag}(\beta e^G) K$,
+#    $\tilde U = A_\text{inv} \operatorname{diag}(\beta) V$. Nothing here depends on the state.
 # 2. **`_fwd_states_kernel`** — the only sequential part, a scan over chunks per (batch, value head, tile of $V$):
 #    store the entering state $S_n$, form $U = \tilde U - W S_n$ and store it over $\tilde U$, and move on:
 #    $S_{n+1} = e^{G_L} S_n + (\operatorname{diag}(e^{G_L - G}) K)^\top U$. The state is held as two halves of
-#    $K/2$ rows, so that each product is two smaller independent ones (fla's scan does the same; at 32K tokens on the
-#    H200 the kernel took 0.61 ms this way, 0.77 ms with one $K \times 32$ tile, before it stored $U$).
+#    $K/2$ rows, so that each product is two smaller independent ones (fla's scan does the same).
 # 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: $O = \sigma(\operatorname{diag}(e^G) Q S_n +
 #    (QK^\top \odot \Gamma) U)$ — chapter 4's output kernel with $U$ for $V$ and the gate's $\Gamma$ for the decay
 #    matrix.
 #
-# **The triangular solve, by blocks.** Forward substitution computes $T$ one row at a time: row $i$ is
-# $e_i - A_{i,:}\,T$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63 dependent
-# steps of scalar work, no tensor cores — the slowest thing in the forward pass. `_unit_lower_inverse` instead cuts
-# $I + A$ into $16 \times 16$ blocks, $I + A = (I + A_\text{diag}) + A_\text{off}$:
+# Every kernel forms its decays from the chunk's gates as section 5.3 does, by sums: `_gate_sums` returns
+# $G_i = g_0 + \dots + g_i$ (`tl.cumsum`) and the $C \times C$ matrix $D_{ij} = g_{j+1} + \dots + g_i$ (a cumulative
+# sum down each column of a masked matrix), so $\Gamma = e^{D}$ on and below the diagonal, and $G_L - G_j$ is
+# `_gate_to_end`'s sum of the gates after $j$.
+#
+# **The triangular solve, by blocks.** Forward substitution computes $A_\text{inv}$ one row at a time: row $i$ is
+# $e_i - A_{i,:}\,A_\text{inv}$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63
+# dependent steps of scalar work, no tensor cores. `_unit_lower_inverse` instead cuts $I + A$ into $16 \times 16$
+# blocks, $I + A = (I + A_\text{diag}) + A_\text{off}$:
 #
 # - forward substitution runs inside the four diagonal blocks *at once* (the matrix reshaped to
-#   `[4, 16, 16]`), 15 steps on small tiles: $D = (I + A_\text{diag})^{-1}$, block diagonal;
-# - then $I + A = (I + A_\text{diag})(I + N)$ with $N = D A_\text{off}$, which is strictly *block*-lower, so
+#   `[4, 16, 16]`), 15 steps on small tiles: $E = (I + A_\text{diag})^{-1}$, block diagonal;
+# - then $I + A = (I + A_\text{diag})(I + N)$ with $N = E A_\text{off}$, which is strictly *block*-lower, so
 #   $N^4 = 0$ and the Neumann series stops: $(I + N)^{-1} = I - N + N^2 - N^3 = (I - N)(I + N^2)$. Hence
 #
-# $$ T = (I + A)^{-1} = (I - N)(I + N^2)\, D , $$
+# $$ A_\text{inv} = (I + A)^{-1} = (I - N)(I + N^2)\, E , $$
 #
-# four $64 \times 64$ matrix products on tensor cores ($N$, $N^2$, $(I - N)(I + N^2)$, and the product with $D$). The
+# four $64 \times 64$ matrix products on tensor cores ($N$, $N^2$, $(I - N)(I + N^2)$, and the product with $E$). The
 # series stops after four terms, so it is exact: no truncation, and no long alternating sum to lose precision in.
 # Like every product of fp32 operands in these kernels, they run in TF32 when the inputs are bf16 or fp16 and in
-# full fp32 when the inputs are fp32. (The more accurate 3×TF32, `tf32x3`, changed $W$ and $U$ by less than 7e-6 on
-# the H200 and made an earlier version of the kernel take 0.79 ms instead of 0.44 ms at 8K tokens.)
+# full fp32 when the inputs are fp32.
 #
 # ```
 #  _fwd_wy_kernel, program (chunk n, b·H_V + h_v):     K and V walked in column blocks of 32
-#      G  = cumsum(g) over the chunk                   [C]     (tl.cumsum)
+#      G, D = _gate_sums(g)                            [C], [C, C]
 #      r  = 1 / sqrt(diag(K @ Kᵀ) + ε)                 [C]     use_qk_l2norm only: 1/‖k‖, stored for kernels 2, 3
-#      A  = strictly lower(β[:, None] · (K @ Kᵀ ⊙ r rᵀ) ⊙ exp(G_i − G_j))  [C, C]  K @ Kᵀ by blocks
-#      T  = (I − N)(I + N²) D                          [C, C]  _unit_lower_inverse
-#      W  = (T · (β e^G r)[None, :]) @ K               [C, BK] per column block (_t_dot), stored as it is done
-#      Ũ  = (T · β[None, :]) @ V                       [C, BV] the same
+#      A  = strictly lower(β[:, None] · (K @ Kᵀ ⊙ r rᵀ) ⊙ exp(D))  [C, C]  K @ Kᵀ by blocks
+#      A_inv = (I − N)(I + N²) E                       [C, C]  _unit_lower_inverse
+#      W  = (A_inv · (β e^G r)[None, :]) @ K           [C, BK] per column block (_split_dot), stored as it is done
+#      Ũ  = (A_inv · β[None, :]) @ V                   [C, BV] the same
 # ```
 #
-# The row scalings of $K$ and $V$ move onto $T$'s columns, so that $K$ and $V$ enter the products exactly as stored.
-# For bf16 inputs `_t_dot` then splits the scaled $T$ into two bf16 halves, $T_\text{hi} + T_\text{lo}$, and runs two
-# bf16 tensor-core products: as accurate as fp32 to about $2^{-16}$, and faster than one TF32 product on fp32 copies
-# of $K$ and $V$ (section 5.8 has the numbers; fp16 keeps TF32, because very negative gates push the scaled columns
-# below fp16's range). Only $C \times C$ matrices stay in registers from start to end. A first version held whole
-# $C \times 128$ rows of $K$ and $V$ and their products at once: `ptxas` then ran out of registers and spilled to
-# memory, and the kernel took 1.74 ms at 32K tokens on the H200; walked in blocks of 32 columns (reloading $K$'s
-# block, which is cheaper than keeping it) it took 1.28 ms in the same run, before the split. Launched with 2 warps
-# a program instead of 4 it took 0.88 ms (4 warps: 1.21 ms, 8 warps: 3.3 ms; now 0.83 against 1.21), though it then
-# spills some registers:
-# probably because the solve's many small reductions then cross fewer warps. A T4 keeps 4 warps (the cell's
-# `_before_ampere`: without TF32 tensor cores the products take far more registers there).
+# The row scalings of $K$ and $V$ move onto $A_\text{inv}$'s columns, so that $K$ and $V$ enter the products exactly
+# as stored. For bf16 inputs `_split_dot` then splits the scaled $A_\text{inv}$ into two bf16 halves,
+# $A_\text{hi} + A_\text{lo}$, and runs two bf16 tensor-core products: as accurate as fp32 to about $2^{-16}$, and
+# faster than one TF32 product on fp32 copies of $K$ and $V$ (`bench/notes/deltanet.md`). fp16 keeps TF32, because
+# very negative gates push the scaled columns below fp16's range. Only $C \times C$ matrices stay in registers from
+# start to end: the kernel walks $K$ and $V$ in blocks of 32 columns and loads $K$'s blocks twice rather than keep
+# them. Its launch configurations (2 warps on Ampere and newer, 4 on a T4, whose fp32 products run on CUDA cores and
+# need more registers) are in `runtime.LAUNCH_TABLE` under `"deltanet.fwd_wy"`.
 #
 # **Storage, and where the normalisation goes.** The scan accumulates the state in fp32 registers whatever the input
 # dtype and multiplies in the input dtype. The forward *stores* $W$, $\tilde U$, $U$ and the chunk states in the input
 # dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core products in the output kernel, $(QK^\top
 # \odot \Gamma)$ rounded to bf16 times $U$. That is accurate enough only because $q$ and $k$ are never rounded after
 # they are normalised: with `use_qk_l2norm` the kernels take $q$ and $k$ as given and apply $1/\lVert q \rVert$ and
-# $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (section 5.8 measures both sides of that
+# $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (`bench/notes/deltanet.md` measures the
 # trade). For $k$ this costs the WY kernel almost nothing: $\lVert k_i \rVert^2$ is the diagonal of the $K K^\top$ it
 # computes anyway (products of 16-bit numbers are exact in fp32), so $K_n K_n^\top = \operatorname{diag}(r)\, K K^\top
-# \operatorname{diag}(r)$ and $W = T \operatorname{diag}(\beta e^G r) K$. The kernel stores $r$ for the scan, which
-# scales $U$'s rows by it along with the decay, and for the output kernel, which scales $QK^\top$'s columns by it.
-# $1/\lVert q \rVert$ the output kernel sums itself, in a loop over $Q$'s rows of its own (`_row_rnorm`; the second read
-# of $Q$ mostly hits the L2 cache): summed inside the loop that feeds $Q$ to the tensor cores, it was miscompiled on the
-# H200, with outputs 0.13–0.18 off at $V$-tiles of 128 and right in the interpreter (`bench/notes/deltanet.md` has the
-# runs). Grouped value heads are addressing only: value head $h_v$ reads key head $h_v // (H_V/H)$. The backward's
-# recomputation stores everything in fp32, $U$ included, for the gradients, and normalises $q$ and $k$ first in a row
-# kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
+# \operatorname{diag}(r)$ and $W = A_\text{inv} \operatorname{diag}(\beta e^G r) K$. The kernel stores $r$ for the
+# scan, which scales $U$'s rows by it along with the decay, and for the output kernel, which scales $QK^\top$'s columns
+# by it. $1/\lVert q \rVert$ the output kernel sums itself, in a loop over $Q$'s rows of its own (`_row_rnorm`; the
+# second read of $Q$ mostly hits the L2 cache). Grouped value heads are addressing only: value head $h_v$ reads key
+# head $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
+# normalises $q$ and $k$ first in a row kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
+#
+# Each kernel below addresses one (batch, head) through base pointers computed once (`k_bh`, `u_bh`, …: token $t$'s
+# row is at `k_bh + t·H·K`), and takes `None` for a pointer it does not use, with a compile-time flag that says so
+# (`HAS_H0`, `STORE_HT`, `L2`, …): Triton compiles the flag's branch out.
 
 # %%
-#| export deltanet.triton
+#| export deltanet.chunk_fwd
 import torch
 import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
+
+_C = 64  # chunk length: A_inv's [C, C] blocks are tensor-core tiles, and the solve's four 16-blocks fit N⁴ = 0
+_WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of this many columns, so only [C, C] matrices stay live
+_OUTPUT_COLUMNS = 64  # the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
+_INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
 
 
-@triton.jit
-def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """y = l2norm(x) for BR rows of x [R, K]: in fp32, rounded back to x's dtype as `l2norm` and a cast would.
-    Grid (R/BR,)."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    ks = tl.arange(0, BK)
-    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BR, BK]
-    y = x * tl.rsqrt(tl.sum(x * x, axis=1)[:, None] + 1e-6)
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+def _pow2(n):
+    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype):
+    """tl.dot's precision on fp32 operands: full fp32 for fp32 inputs, TF32 for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _options(x, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])), instead=_INSTEAD)
+
+
+def _v_tile(V):
+    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
+    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
 
 
 @triton.jit
@@ -877,6 +869,24 @@ def _heads(bh, H, HV):
     """Program index bh = b·HV + hv -> (batch b, value head hv, key head h): HV/H value heads share a key head."""
     b, hv = bh // HV, bh % HV
     return b, hv, hv // (HV // H)
+
+
+@triton.jit
+def _gate_sums(g, C: tl.constexpr):
+    """A chunk's log gates g [C] (0 past T) -> G [C], G_i = g_0 + … + g_i, and D [C, C], D_ij = g_{j+1} + … + g_i
+    for i ≥ j (0 above the diagonal): e^{G_i − G_j} is computed as e^{D_ij}, a sum of the gates between the two
+    tokens, never as the difference of two cumulative sums (which loses digits when G is large)."""
+    rows = tl.arange(0, C)
+    G = tl.cumsum(g, axis=0)
+    D = tl.cumsum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)  # column j sums rows i > j
+    return G, D
+
+
+@triton.jit
+def _gate_to_end(g, C: tl.constexpr):
+    """[C]: Σ_{t > j} g_t, the log decay from token j to the chunk's end (G_L − G_j, as a sum)."""
+    rows = tl.arange(0, C)
+    return tl.sum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)
 
 
 @triton.jit
@@ -896,8 +906,8 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [C, C], C ∈ {16, 32, 64}.
 
     Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on [C/16, 16, 16]); then
-    with D = (I + A_diag)⁻¹ and N = D A_off (strictly block-lower, so N⁴ = 0 for ≤ 4 blocks):
-    (I + A)⁻¹ = (I + N)⁻¹ D = (I − N)(I + N²) D: four tensor-core products in all.
+    with E = (I + A_diag)⁻¹ and N = E A_off (strictly block-lower, so N⁴ = 0 for ≤ 4 blocks):
+    (I + A)⁻¹ = (I + N)⁻¹ E = (I − N)(I + N²) E: four tensor-core products in all.
     """
     NB: tl.constexpr = C // 16
     rows = tl.arange(0, C)
@@ -908,40 +918,37 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     A4 = tl.reshape(A, (NB, 16, NB, 16))
     Ad = tl.sum(tl.where(diag4, A4, 0.0), axis=2)  # [NB, 16, 16] the diagonal blocks
     eye16 = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)  # [16, 16]
-    D3 = tl.zeros((NB, 16, 16), dtype=tl.float32) + eye16[None, :, :]
+    E3 = tl.zeros((NB, 16, 16), dtype=tl.float32) + eye16[None, :, :]
     for i in range(1, 16):
         sel = r16[None, :, None] == i  # [1, 16, 1]
         a_i = tl.sum(tl.where(sel, Ad, 0.0), axis=1)  # [NB, 16] row i of every block
-        t_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * D3, axis=1)  # e_i − A[i] @ D
-        D3 = tl.where(sel, t_i[:, None, :], D3)
-    D = tl.reshape(tl.where(diag4, D3[:, :, None, :], 0.0), (C, C))  # block diagonal [C, C]
+        e_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * E3, axis=1)  # e_i − A[i] @ E
+        E3 = tl.where(sel, e_i[:, None, :], E3)
+    E = tl.reshape(tl.where(diag4, E3[:, :, None, :], 0.0), (C, C))  # block diagonal [C, C]
     eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
-    N = tl.dot(D, tl.where(same_block, 0.0, A), input_precision=PRECISION)
+    N = tl.dot(E, tl.where(same_block, 0.0, A), input_precision=PRECISION)
     N2 = tl.dot(N, N, input_precision=PRECISION)
-    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), D, input_precision=PRECISION)
+    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), E, input_precision=PRECISION)
 
 
 @triton.jit
-def _t_split(Tp, dtype: tl.constexpr, SPLIT: tl.constexpr):
-    """Tp [C, C] float32 as the operands of `_t_dot`: (hi, lo) with hi = Tp rounded to `dtype` and lo the rest, also
-    rounded, if SPLIT; else (Tp, Tp). Done once a chunk, before the column blocks."""
+def _split_hi_lo(M, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """M [C, C] float32 as the operands of `_split_dot`: (hi, lo) with hi = M rounded to `dtype` and lo the rest,
+    also rounded, if SPLIT; else (M, M). Done once a chunk, before the column blocks."""
     if SPLIT:
-        hi = Tp.to(dtype)
-        return hi, (Tp - hi.to(tl.float32)).to(dtype)
+        hi = M.to(dtype)
+        return hi, (M - hi.to(tl.float32)).to(dtype)
     else:
-        return Tp, Tp
+        return M, M
 
 
 @triton.jit
-def _t_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """Tp @ x [C, B] as stored, accumulated in fp32, for (hi, lo) = _t_split(Tp, x.dtype, SPLIT).
+def _split_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """M @ x [C, B] accumulated in fp32, for (hi, lo) = _split_hi_lo(M, x.dtype, SPLIT).
 
-    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of Tp with x entering
-    exactly. Not for fp16: with very negative gates the columns of T diag(βe^G) fall below fp16's range. Otherwise
-    one product on an fp32 copy of x (TF32 for 16-bit inputs, ieee for fp32). Measured on the H200 at 32K tokens, in
-    one run: 1.24 ms against TF32's 1.42 ms for the WY kernel, Ũ within 1.9e-5 of fp32 against TF32's 4.2e-4. (Tp
-    cast to 16 bits alone, as fla does, loses what lo keeps; done on the unscaled T inside this kernel it also gave
-    NaN on the H200, triton 3.6.)
+    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of M with x entering
+    exactly as stored. Not for fp16: with very negative gates the columns of A_inv diag(βe^G) fall below fp16's
+    range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit inputs, ieee for fp32).
     """
     if SPLIT:
         return tl.dot(lo, x, tl.dot(hi, x))
@@ -949,77 +956,98 @@ def _t_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(hi, x.to(tl.float32), input_precision=PRECISION)
 
 
+# %%
+#| export deltanet.chunk_fwd
 @triton.jit
-def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, gc_ptr, kr_ptr, tinv_ptr, T, H, HV, K, V,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_T: tl.constexpr,
-                   SPLIT_T: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
-    """G (local cumsum), T = (I + A)⁻¹, W = T diag(β e^G) K, Ũ = T diag(β) V of one chunk. Grid (NT, B·HV).
-    L2: K as given is unnormalised; l2norm(K) = diag(r) K with r = 1/‖k‖ read off K Kᵀ's diagonal, and r is stored
-    in kr_ptr [B, T, HV] for the other two kernels.
+def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr, T, H, HV, K, V,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, L2: tl.constexpr,
+                   STORE_AINV: tl.constexpr, PRECISION: tl.constexpr):
+    """The UT transform and the WY representation of one chunk.
 
-    K and V are walked in column blocks of BK and BV: only [C, C] matrices stay in registers throughout (whole rows
-    of K and V at once spilled registers at K = V = 128: 1.74 ms against 1.28 ms at 32K tokens, H200). SPLIT_T
-    (bf16 inputs): the products run on bf16 tensor cores with T in two halves, see `_t_dot`.
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and stored one
+    column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C] matrices stay in registers.
+    Math (rows past T load as 0; Γ_ij = e^{D_ij}, _gate_sums):
+        A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)               L2: K Kᵀ → diag(r) K Kᵀ diag(r), r = 1/‖k‖
+        A_inv = (I + A)⁻¹                                      _unit_lower_inverse
+        W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     the row scalings ride on A_inv's columns
+    Stores W [B, T, HV, K] and Ũ [B, T, HV, V]; r [B, T, HV] if L2; A_inv's rows [B, T, HV, C] if STORE_AINV.
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
+    k_bh = k_ptr + (b * T * H + h) * K  # token t's key row at k_bh + t·H·K
+    v_bh = v_ptr + (b * T * HV + hv) * V  # token t's value row at v_bh + t·HV·V; Ũ likewise
+    u_bh = u_ptr + (b * T * HV + hv) * V
+    w_bh = w_ptr + (b * T * HV + hv) * K  # token t's row of W at w_bh + t·HV·K
+    gate_bh = b * T * HV + hv  # token t's g, β, r at gate_bh + t·HV
     rows = tl.arange(0, C)
     t = n * C + rows  # [C]
     tm = t < T
-    k_rows = ((b * T + t[:, None]) * H + h) * K  # [C, 1] offsets of the chunk's key rows
-    g = tl.load(g_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
-    beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C], 0 past T
-    G = tl.cumsum(g, axis=0)  # [C] local cumulative log decay
+    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+    G, D = _gate_sums(g, C)
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        kb = tl.load(k_ptr + k_rows + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)  # [C, BK]
-        KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)
-    key_scale = beta * tl.exp(G)  # [C]: W = T diag(β e^G) K
+        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)
+        KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)  # [C, C]
+    key_scale = beta * tl.exp(G)  # [C]: W = A_inv diag(β e^G) K
     if L2:  # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ diag(r)
         r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)  # [C], as l2norm
         KKt = KKt * r[:, None] * r[None, :]
         key_scale = key_scale * r
-        tl.store(kr_ptr + (b * T + t) * HV + hv, r, mask=tm)
+        tl.store(kr_ptr + gate_bh + t * HV, r, mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf"))), 0.0)
-    Tm = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
-    # the row scalings of K and V move onto T's columns: W = (T diag(β e^G) diag(r)) K, Ũ = (T diag(β)) V
-    Tw_hi, Tw_lo = _t_split(Tm * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT_T)  # [C, C] each
-    Tu_hi, Tu_lo = _t_split(Tm * beta[None, :], v_ptr.dtype.element_ty, SPLIT_T)
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(D), 0.0)  # [C, C]
+    A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
+    w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)  # [C, C] each
+    u_hi, u_lo = _split_hi_lo(A_inv * beta[None, :], v_ptr.dtype.element_ty, SPLIT)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
-        kb = tl.load(k_ptr + k_rows + ks[None, :], mask=mask, other=0.0)  # [C, BK], again: cheaper than keeping it
-        w = _t_dot(Tw_hi, Tw_lo, kb, SPLIT_T, PRECISION)  # [C, BK]
-        tl.store(w_ptr + ((b * T + t[:, None]) * HV + hv) * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)  # [C, BK], loaded again
+        w = _split_dot(w_hi, w_lo, kb, SPLIT, PRECISION)  # [C, BK]
+        tl.store(w_bh + t[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        off = t[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
-        vb = tl.load(v_ptr + v_off, mask=mask, other=0.0)  # [C, BV]
-        u = _t_dot(Tu_hi, Tu_lo, vb, SPLIT_T, PRECISION)  # [C, BV]
-        tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=mask)
-    tl.store(gc_ptr + (b * T + t) * HV + hv, G, mask=tm)
-    if STORE_T:
-        tl.store(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], Tm, mask=tm[:, None])
+        vb = tl.load(v_bh + off, mask=mask, other=0.0)  # [C, BV]
+        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT, PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
+    if STORE_AINV:  # the backward's recomputation keeps A_inv for dA = −A_invᵀ dA_inv A_invᵀ
+        tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv, mask=tm[:, None])
 
 
+# %% [markdown]
+# The scan: the only loop over chunks. A program owns one tile of $V$ columns of one head's state and walks the
+# chunks in order; each step is two products on the sequential path ($W S$, then the state update), with the state
+# in two halves of rows so that each product splits into two independent ones.
+
+# %%
+#| export deltanet.chunk_fwd
 @triton.jit
-def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, uo_ptr, gc_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
+def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
                        STORE_HT: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
-    """Scan over chunks: states[n] = S entering chunk n; U = Ũ − W S_n, stored in uo_ptr (which may be u_ptr, Ũ's
-    buffer: each value is read before it is overwritten, by the same program); S_{n+1}. Grid (V/BV, B·HV). L2: K is
-    unnormalised and kr_ptr holds its rows' 1/‖k‖.
+    """The scan over chunks: the state entering each chunk, U = Ũ − W S_n, and the final state.
 
-    The state lives in two halves of BK/2 rows, S = [S1; S2] (BK ≥ 32), as fla's scan holds it: each product is then
-    two smaller independent ones. H200, 32K tokens: 0.61 ms against 0.77 ms for one [BK, BV] state, same results.
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B · HV).
+    Tiling: the state tile lives in fp32 registers as two halves of BK/2 rows, S = [S1; S2] (BK ≥ 32), so that each
+    product is two smaller independent ones; a step loads W [C, BK/2] and Kᵀ [BK/2, C] per half and Ũ [C, BV].
+    U is written over Ũ in u_ptr: each element is read, then overwritten, by the same program.
+    Math, chunk by chunk (S = h0 if HAS_H0 else 0; L2: r = 1/‖k‖ from the WY kernel, else r = 1):
+        states[n] = S;   U = Ũ − W S;   S ← e^{G_L} S + Kᵀ diag(e^{G_L − G} r) U     (G_L − G_j = Σ_{t > j} g_t)
+    and ht = S after the last chunk if STORE_HT.
     """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
+    k_bh = k_ptr + (b * T * H + h) * K  # token t's key row at k_bh + t·H·K
+    w_bh = w_ptr + (b * T * HV + hv) * K  # token t's row of W at w_bh + t·HV·K
+    u_bh = u_ptr + (b * T * HV + hv) * V  # token t's row of Ũ (then U) at u_bh + t·HV·V
+    gate_bh = b * T * HV + hv  # token t's g and r at gate_bh + t·HV
+    states_bh = states_ptr + bh * NT * K * V  # chunk n's [K, V] state at states_bh + n·K·V
     rows = tl.arange(0, C)
     k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # S = [S1; S2]
     S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
@@ -1028,42 +1056,44 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, uo_ptr, gc_ptr, kr_ptr, h0_ptr, stat
         S1 = tl.load(h0_ptr + bh * K * V + kv_off1, mask=kv_mask1, other=0.0).to(tl.float32)
         S2 = tl.load(h0_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for n in range(NT):
-        out = states_ptr + (bh * NT + n) * K * V
-        tl.store(out + kv_off1, S1.to(states_ptr.dtype.element_ty), mask=kv_mask1)
-        tl.store(out + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
+        tl.store(states_bh + n * K * V + kv_off1, S1.to(states_ptr.dtype.element_ty), mask=kv_mask1)
+        tl.store(states_bh + n * K * V + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
         t = n * C + rows
         tm = t < T
-        L = tl.minimum(T - n * C, C)
-        w_rows = ((b * T + t[:, None]) * HV + hv) * K  # [C, 1]
-        w1 = tl.load(w_ptr + w_rows + k1[None, :], mask=tm[:, None] & (k1[None, :] < K), other=0.0)  # [C, BK/2]
-        w2 = tl.load(w_ptr + w_rows + k2[None, :], mask=tm[:, None] & (k2[None, :] < K), other=0.0)
+        w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K), other=0.0)
+        w2 = tl.load(w_bh + t[:, None] * HV * K + k2[None, :], mask=tm[:, None] & (k2[None, :] < K), other=0.0)
         WS = tl.dot(w2, S2.to(w2.dtype), tl.dot(w1, S1.to(w1.dtype), input_precision=PRECISION),
                     input_precision=PRECISION)  # [C, BV] W S, the halves' shares summed
-        u_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        u_off = t[:, None] * HV * V + vs[None, :]
         u_mask = tm[:, None] & (vs[None, :] < V)
-        u = tl.load(u_ptr + u_off, mask=u_mask, other=0.0).to(tl.float32) - WS  # U = Ũ − W S
-        tl.store(uo_ptr + u_off, u.to(uo_ptr.dtype.element_ty), mask=u_mask)
-        G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
-        G_last = tl.load(gc_ptr + (b * T + n * C + L - 1) * HV + hv)  # G of the chunk's last token
-        key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
+        u = tl.load(u_bh + u_off, mask=u_mask, other=0.0).to(tl.float32) - WS  # U = Ũ − W S
+        tl.store(u_bh + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
+        g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+        key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
         if L2:  # Knᵀ = Kᵀ diag(r): r joins the decay on U's rows
-            key_decay = key_decay * tl.load(kr_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
+            key_decay = key_decay * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)
         u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
-        k_cols = ((b * T + t[None, :]) * H + h) * K  # [1, C]: Kᵀ is loaded as [BK/2, C] tiles
-        kT1 = tl.load(k_ptr + k_cols + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
-        kT2 = tl.load(k_ptr + k_cols + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
-        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_last), input_precision=PRECISION)  # decayed S accumulates
-        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * tl.exp(G_last), input_precision=PRECISION)  # the product
+        kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
+        kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
+        decay = tl.exp(tl.sum(g, axis=0))  # e^{G_L}
+        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * decay, input_precision=PRECISION)  # decayed S accumulates the product
+        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * decay, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
         tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
 
 
+# %% [markdown]
+# The output kernel is chapter 4's, with $U$ for $V$ and $\Gamma = e^D$ for the decay matrix; with `use_qk_l2norm` it
+# scales $QK^\top$ and $QS_n$ by the rows' inverse norms instead of reading normalised copies of $q$ and $k$.
+
+# %%
+#| export deltanet.chunk_fwd
 @triton.jit
 def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
     """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each row's start, read
-    in blocks of BK. A loop of its own: summed in the output kernel's loop beside the products that use Q, these
-    squares were miscompiled on the H200 (triton 3.6; o 0.13-0.18 off at V-tiles of 128, right in the interpreter)."""
+    in blocks of BK. A loop of its own, not the output kernel's main loop: summed there, beside the products that
+    use the same loads, triton 3.6 miscompiled these squares on sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
     sq = tl.zeros((R,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -1073,17 +1103,28 @@ def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
+def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """O = scale (diag(e^G) Q S_n + (Q Kᵀ ⊙ Γ) U) of one chunk and V-tile, K walked in blocks of BK.
-    Grid (V/BV, NT, B·HV). L2: Q and K are unnormalised; Q's rows' 1/‖q‖ are summed here, K's come from kr_ptr.
-    The last product runs in U's dtype: P = scale (Q Kᵀ ⊙ Γ), scaled to |P| ≤ scale, is rounded to it (bf16 tensor
-    cores for bf16 inputs, as fla's output kernel)."""
+    """The outputs of one chunk, for one V-tile.
+
+    Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
+    Tiling: K is walked in blocks of BK: Q, K [C, BK] and the entering state's tile S_n [BK, BV] a step, with
+    Q Kᵀ [C, C] and Q S_n [C, BV] accumulating in fp32; then U [C, BV] once.
+    Math (L2: Q, K as given, r_q = 1/‖q‖ summed here, r_k = 1/‖k‖ from the WY kernel; else both 1):
+        P = scale · (Q Kᵀ ⊙ Γ) ⊙ r_q r_kᵀ        rounded to U's dtype (|P| ≤ scale): 16-bit tensor cores for P U
+        O = scale · diag(e^G r_q) Q S_n + P U
+    """
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
+    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at q_bh, k_bh + t·H·K
+    k_bh = k_ptr + (b * T * H + h) * K
+    u_bh = u_ptr + (b * T * HV + hv) * V  # token t's rows of U and O at u_bh, o_bh + t·HV·V
+    o_bh = o_ptr + (b * T * HV + hv) * V
+    gate_bh = b * T * HV + hv  # token t's g and r_k at gate_bh + t·HV
+    S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n, [K, V]
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
@@ -1092,26 +1133,28 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, s
     o = tl.zeros((C, BV), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+        qk_off = t[:, None] * H * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
-        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
-        S = tl.load(states_ptr + (bh * NT + n) * K * V + ks[:, None] * V + vs[None, :],
-                    mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV], in q's dtype
+        q = tl.load(q_bh + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+        k = tl.load(k_bh + qk_off, mask=qk_mask, other=0.0)
+        S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & (vs[None, :] < V),
+                    other=0.0)  # [BK, BV], in q's dtype
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
         o = tl.dot(q, S, o, input_precision=PRECISION)
-    G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
-    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: G = 0 there, keep their exponents out
-    P = QKt * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
+    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+    G, D = _gate_sums(g, C)
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+    P = tl.where(causal, QKt * tl.exp(D), 0.0)  # [C, C] Q Kᵀ ⊙ Γ
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
-        r_q = _row_rnorm(q_ptr + ((b * T + t[:, None]) * H + h) * K, tm, K, C, BK)  # Q again, from L2 cache
-        P = P * r_q[:, None] * tl.load(kr_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)[None, :]
+        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)  # Q again, mostly from the L2 cache
+        P = P * r_q[:, None] * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)[None, :]
         row_scale = row_scale * r_q
+    v_off = t[:, None] * HV * V + vs[None, :]
     v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], mask=v_mask, other=0.0)  # [C, BV]
+    u = tl.load(u_bh + v_off, mask=v_mask, other=0.0)  # [C, BV]
     o = tl.dot((P * scale).to(u.dtype), u, o * row_scale[:, None], input_precision=PRECISION)
-    tl.store(o_ptr + ((b * T + t[:, None]) * HV + hv) * V + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=v_mask)
+    tl.store(o_bh + v_off, o.to(o_ptr.dtype.element_ty), mask=v_mask)
 
 
 # %% [markdown]
@@ -1130,30 +1173,40 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, s
 # - **the write** $U = \tilde U - W S$: $dW = -dU\, S^\top$, $d\tilde U = dU$, and the entering state collects
 #   $dS = e^{G_L} dS' + \sigma (\operatorname{diag}(e^G) Q)^\top dO - W^\top dU$;
 # - **the WY representation**:
-#   $dT = dW (\operatorname{diag}(\beta e^G) K)^\top + d\tilde U (\operatorname{diag}(\beta) V)^\top$, and since
-#   $T = (I + A)^{-1}$, $dA = -T^\top\, dT\, T^\top$ (kept strictly lower);
-#   $A_{ij} = \beta_i \Gamma_{ij}\, k_i \cdot k_j$ then hands out $d\beta$ and two more terms of $dK$. The right-hand
-#   sides give the rest directly: $dV = \operatorname{diag}(\beta)\, T^\top d\tilde U$, and $T^\top dW$ is the
-#   gradient of $\operatorname{diag}(\beta e^G) K$, which feeds $dK$, $d\beta$ and $dG$;
-# - **gates**: write $m_{ij} = \frac{\partial \mathcal L}{\partial \Gamma_{ij}} \Gamma_{ij}$. Each pair factor
-#   $\Gamma_{ij} = e^{G_i - G_j}$ adds $m_{ij}$ to $dG_i$ and $-m_{ij}$ to $dG_j$; a single factor such as $e^{G_i}$
-#   or $e^{G_L}$ adds its own $m$ to that one position. $G$ is a cumulative sum, so $dg$ is the *reverse* cumulative
-#   sum of $dG$ within the chunk.
+#   $dA_\text{inv} = dW (\operatorname{diag}(\beta e^G) K)^\top + d\tilde U (\operatorname{diag}(\beta) V)^\top$, and
+#   since $A_\text{inv} = (I + A)^{-1}$, $dA = -A_\text{inv}^\top\, dA_\text{inv}\, A_\text{inv}^\top$ (kept strictly
+#   lower); $A_{ij} = \beta_i \Gamma_{ij}\, k_i \cdot k_j$ then hands out $d\beta$ and two more terms of $dK$. The
+#   right-hand sides give the rest directly: $dV = \operatorname{diag}(\beta)\, A_\text{inv}^\top d\tilde U$, and
+#   $A_\text{inv}^\top dW$ is the gradient of $\operatorname{diag}(\beta e^G) K$, which feeds $dK$, $d\beta$ and $dg$;
+# - **gates**: every decay is $e$ to a sum of gates, and $dg_t$ collects, from each factor that contains $g_t$, the
+#   factor times its gradient: $m_{ij} = \frac{\partial \mathcal L}{\partial \Gamma_{ij}} \Gamma_{ij}$ for
+#   $j < t \le i$ (the pair factors $\Gamma_{ij} = e^{g_{j+1} + \dots + g_i}$), the terms with $e^{G_i}$ for
+#   $t \le i$, those with $e^{G_L - G_j}$ for $t > j$, and the one with $e^{G_L}$ for every $t$ (`_gate_grad`).
+#
+# The last rule is where the chunk form can lose its accuracy. The same sums can be written as $dg = $ the reverse
+# cumulative sum of $dG$ with $dG_i = \sum_j m_{ij} - \sum_j m_{ji} + \dots$, and autograd through $G_i - G_j$ or a
+# kernel that follows it computes exactly that. But for a very negative $g_t$ the true $dg_t$ is tiny — every term
+# carries $e^{g_t}$ — while the $dG_i$ it would be assembled from are of order one, and their difference keeps only
+# rounding error: at $g_t \approx -100$ such a $dg$ was wrong in every digit while the forward stayed exact. Summing
+# each term only into the gates it contains keeps $dg_t$ as accurate as its terms, and the tests below check it down
+# to gates of $-10^{30}$.
 #
 # Only the $dS$ recursion is sequential. The backward first reruns the forward's first two kernels, this time also
-# storing $T$: recomputing $W$, $U$ and the chunk states costs less memory than keeping them from the forward pass,
-# where they would hold several times the activations until the backward runs. Then three new kernels run:
+# storing $A_\text{inv}$: recomputing $W$, $U$ and the chunk states costs less memory than keeping them from the
+# forward pass, where they would hold several times the activations until the backward runs. Then three new kernels
+# run:
 #
 # 1. **`_bwd_du_local_kernel`** — every chunk in parallel: the part of $dU$ that needs no state,
 #    $\sigma (QK^\top \odot \Gamma)^\top dO$, so that the sequential scan does not recompute $QK^\top$;
 # 2. **`_bwd_states_kernel`** — a reverse scan over chunks per (batch, value head, tile of $V$): store $dS'$, add
 #    $\operatorname{diag}(e^{G_L - G}) K\, dS'$ to the chunk's $dU$, and step $dS$ back (three products a chunk);
 #    the last step is the initial state's gradient;
-# 3. **`_bwd_chunk_kernel`** — every chunk in parallel: all of the rest. A first loop over tiles of $V$ gathers the
-#    $C \times C$ quantities ($dO\,U^\top$, $d\tilde U$'s part of $dT$) and writes $dV$; a second loop walks $K$ in
-#    blocks of 32 columns, with tiles of $V$ inside, for $dO\,S^\top$, $U\,dS'^\top$ and $dW$ — block by block, so
-#    that no $C \times K$ accumulator has to stay in registers (three of them at $K = 128$ would spill); a third pass
-#    over the $K$-blocks adds the terms of $dK$ that need the complete $dA$.
+# 3. **`_bwd_chunk_kernel`** — every chunk in parallel: all of the rest, in three passes. A first pass over tiles of
+#    $V$ gathers the $C \times C$ quantities ($dO\,U^\top$, $d\tilde U$'s part of $dA_\text{inv}$) and writes $dV$;
+#    a second walks $K$ in blocks of 32 columns, with tiles of $V$ inside, for $dO\,S^\top$, $U\,dS'^\top$ and $dW$
+#    — block by block, so that no $C \times K$ accumulator has to stay in registers (three of them at $K = 128$
+#    would spill); a third pass over the $K$-blocks adds the terms of $dK$ that need the complete $dA$. Then
+#    `_gate_grad` assembles $dg$.
 #
 # With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
 # afterwards. With `use_qk_l2norm` the backward normalises $Q$ and $K$ first, in a row kernel (`_l2norm_rows_kernel`;
@@ -1162,47 +1215,76 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, gc_ptr, kr_ptr, states_ptr, o_ptr, s
 # $dq$, $dk$ in the input dtype.
 
 # %%
-#| export deltanet.triton
+#| export deltanet.chunk_bwd
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import runtime
+from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _gate_to_end, _heads, _options, _pow2, _precision,
+                                           _state_halves, _v_tile, _wy_and_states)
+
+_BWD_COLUMNS = 32  # _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
+
+
 @triton.jit
-def _bwd_du_local_kernel(q_ptr, k_ptr, gc_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
+def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """The part of dU that needs no state: scale (Q Kᵀ ⊙ Γ)ᵀ dO, every chunk in parallel. Grid (NT, B·HV)."""
+    """The part of dU that needs no state, every chunk in parallel.
+
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded); dO and dU walked in V-tiles [C, BV].
+    Math: dU = scale (Q Kᵀ ⊙ Γ)ᵀ dO (fp32).
+    """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
+    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
+    k_bh = k_ptr + (b * T * H + h) * K
+    do_bh = do_ptr + (b * T * HV + hv) * V  # token t's rows of dO and dU at + t·HV·V
+    du_bh = du_ptr + (b * T * HV + hv) * V
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
     ks = tl.arange(0, BK)
-    qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
     qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
-    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)
-    G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
+    q = tl.load(q_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)  # [C, BK]
+    k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)
+    g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+    _, D = _gate_sums(g, C)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-    AqkT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale  # [C, C]
+    PT = tl.trans(tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PRECISION) * tl.exp(D), 0.0)) * scale
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
-        v_mask = tm[:, None] & (vs[None, :] < V)
-        do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
-        tl.store(du_ptr + v_off, tl.dot(AqkT, do, input_precision=PRECISION), mask=v_mask)
+        off = t[:, None] * HV * V + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        tl.store(du_bh + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
 
 
 @triton.jit
-def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
+def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
                        T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       HAS_DHT: tl.constexpr, PRECISION: tl.constexpr):
-    """Reverse scan over chunks: dstates[n] = ∂/∂S_{n+1}; dU of chunk n; ∂/∂S_0. Grid (V/BV, B·HV).
+                       HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+    """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d initial_state.
 
-    du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry (_bwd_du_local_kernel); the scan adds diag(e^{G_L − G}) K dS' to it and
-    steps dS ← e^{G_L} dS' + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU: three products a chunk on the sequential path. dS is
-    held in two halves of BK/2 rows (BK ≥ 32), as the forward scan holds S.
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state gradient. Grid (cdiv(V, BV), B · HV).
+    Tiling: dS lives in fp32 registers as two halves of BK/2 rows (BK ≥ 32), as the forward scan holds S; a step
+    loads K [C, BK/2], Qᵀ and Wᵀ [BK/2, C] per half, and dO, dU [C, BV].
+    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry, from
+    _bwd_du_local_kernel, and is updated in place):
+        dstates[n] = dS;   dU += diag(e^{G_L − G}) K dS;   dS ← e^{G_L} dS + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU
+    and dh0 = dS after chunk 0 if STORE_DH0.
     """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
+    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
+    k_bh = k_ptr + (b * T * H + h) * K
+    w_bh = w_ptr + (b * T * HV + hv) * K  # token t's row of W at + t·HV·K
+    do_bh = do_ptr + (b * T * HV + hv) * V  # token t's rows of dO and dU at + t·HV·V
+    du_bh = du_ptr + (b * T * HV + hv) * V
+    dstates_bh = dstates_ptr + bh * NT * K * V  # chunk n's [K, V] at + n·K·V
     rows = tl.arange(0, C)
     k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # dS = [dS1; dS2]
     dS1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
@@ -1212,171 +1294,258 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dht_ptr, du_ptr, dst
         dS2 = tl.load(dht_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for i in range(NT):
         n = NT - 1 - i
-        out = dstates_ptr + (bh * NT + n) * K * V
-        tl.store(out + kv_off1, dS1, mask=kv_mask1)
-        tl.store(out + kv_off2, dS2, mask=kv_mask2)
+        tl.store(dstates_bh + n * K * V + kv_off1, dS1, mask=kv_mask1)
+        tl.store(dstates_bh + n * K * V + kv_off2, dS2, mask=kv_mask2)
         t = n * C + rows
         tm = t < T
-        L = tl.minimum(T - n * C, C)
-        G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
-        G_last = tl.load(gc_ptr + (b * T + n * C + L - 1) * HV + hv)
-        key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C]
-        qk_rows = ((b * T + t[:, None]) * H + h) * K  # [C, 1]
+        g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+        key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
-        kd1 = tl.load(k_ptr + qk_rows + k1[None, :], mask=m1, other=0.0).to(tl.float32) * key_decay[:, None]
-        kd2 = tl.load(k_ptr + qk_rows + k2[None, :], mask=m2, other=0.0).to(tl.float32) * key_decay[:, None]
-        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
+        kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1, other=0.0).to(tl.float32) * key_decay[:, None]
+        kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2, other=0.0).to(tl.float32) * key_decay[:, None]
+        v_off = t[:, None] * HV * V + vs[None, :]
         v_mask = tm[:, None] & (vs[None, :] < V)
-        du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
+        du = tl.load(du_bh + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
         du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION), input_precision=PRECISION)
-        tl.store(du_ptr + v_off, du, mask=v_mask)
-        do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
-        qk_cols = ((b * T + t[None, :]) * H + h) * K  # [1, C]: Qᵀ and Wᵀ are loaded as [BK/2, C] tiles
-        w_cols = ((b * T + t[None, :]) * HV + hv) * K
+        tl.store(du_bh + v_off, du, mask=v_mask)
+        do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
         mT1, mT2 = (k1[:, None] < K) & tm[None, :], (k2[:, None] < K) & tm[None, :]
-        qs = scale * tl.exp(G)[None, :]  # [1, C]
-        qT1 = tl.load(q_ptr + qk_cols + k1[:, None], mask=mT1, other=0.0).to(tl.float32) * qs
-        qT2 = tl.load(q_ptr + qk_cols + k2[:, None], mask=mT2, other=0.0).to(tl.float32) * qs
-        wT1 = tl.load(w_ptr + w_cols + k1[:, None], mask=mT1, other=0.0)
-        wT2 = tl.load(w_ptr + w_cols + k2[:, None], mask=mT2, other=0.0)
-        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_last), input_precision=PRECISION)
-        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_last), input_precision=PRECISION)
-        dS1 = dS1 - tl.dot(wT1, du, input_precision=PRECISION)
-        dS2 = dS2 - tl.dot(wT2, du, input_precision=PRECISION)
-    tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
-    tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
+        qs = scale * tl.exp(tl.cumsum(g, axis=0))[None, :]  # [1, C] scale e^{G_i}
+        qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1, other=0.0).to(tl.float32) * qs
+        qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2, other=0.0).to(tl.float32) * qs
+        wT1 = tl.load(w_bh + t[None, :] * HV * K + k1[:, None], mask=mT1, other=0.0)
+        wT2 = tl.load(w_bh + t[None, :] * HV * K + k2[:, None], mask=mT2, other=0.0)
+        decay = tl.exp(tl.sum(g, axis=0))  # e^{G_L}
+        dS1 = tl.dot(qT1, do, dS1 * decay, input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
+        dS2 = tl.dot(qT2, do, dS2 * decay, input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
+    if STORE_DH0:
+        tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
+        tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
 
 
+# %% [markdown]
+# `_bwd_chunk_kernel`'s three passes are `@triton.jit` functions of their own (Triton inlines them), so the kernel
+# reads as the list of steps above; `_gate_grad` is the summation rule for $dg$.
+
+# %%
+#| export deltanet.chunk_bwd
 @triton.jit
-def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gc_ptr, tinv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
-                      du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
-                      C: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one chunk (q, k, v, β, g), given dU and the state gradients. Grid (NT, B·HV).
-
-    Output part: dQ = scale (diag(e^G) dO Sᵀ + (dO Uᵀ ⊙ Γ) K), dK += (dO Uᵀ ⊙ Γ)ᵀ Q scale; state update:
-    dK += diag(e^{G_L − G}) U dS'ᵀ; U = Ũ − W S: dW = −dU Sᵀ; WY: dT = dW (diag(βe^G) K)ᵀ + dU (diag(β) V)ᵀ,
-    dA = −Tᵀ dT Tᵀ (strictly lower), then A = β_i Γ_ij k_i·k_j. dG collects every e^{…G…}; dg = reverse cumsum.
-    K is walked in blocks of BKB columns so that no [C, K] accumulator has to live in registers.
-    """
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv, h = _heads(bh, H, HV)
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    tm = t < T
-    L = tl.minimum(T - n * C, C)
-    G = tl.load(gc_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)  # [C]
-    beta = tl.load(beta_ptr + (b * T + t) * HV + hv, mask=tm, other=0.0)
-    eG = tl.exp(G)
-    G_last = tl.sum(tl.where(rows == L - 1, G, 0.0), axis=0)
-    key_decay = tl.where(tm, tl.exp(tl.where(tm, G_last - G, float("-inf"))), 0.0)  # [C] e^{G_L − G_j}
-    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    Gamma = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))  # [C, C]
-    Tm = tl.load(tinv_ptr + ((b * T + t[:, None]) * HV + hv) * C + rows[None, :], mask=tm[:, None], other=0.0)
-    # 1. over V: dO Uᵀ, Ũ's part of dT, and dV, β's V-part (Ũ = T diag(β) V)
-    dAqk = tl.zeros((C, C), dtype=tl.float32)
-    dT = tl.zeros((C, C), dtype=tl.float32)
+def _bwd_values_pass(do_bh, u_bh, du_bh, v_bh, dv_bh, t, tm, beta, A_inv, HV, V,
+                     C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass 1 of _bwd_chunk_kernel, over V-tiles [C, BV]: dO Uᵀ [C, C], Ũ's share of dA_inv, dV = diag(β) A_invᵀ dU
+    (stored) and β's share through Ũ = A_inv diag(β) V."""
+    dOUt = tl.zeros((C, C), dtype=tl.float32)
+    dA_inv = tl.zeros((C, C), dtype=tl.float32)
     dbeta = tl.zeros((C,), dtype=tl.float32)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
-        v_mask = tm[:, None] & (vs[None, :] < V)
-        do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
-        u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)
-        du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)
-        v = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
-        dAqk = tl.dot(do, tl.trans(u), dAqk, input_precision=PRECISION)
-        dT = tl.dot(du, tl.trans(v * beta[:, None]), dT, input_precision=PRECISION)
-        Tdu = tl.dot(tl.trans(Tm), du, input_precision=PRECISION)  # [C, BV] ∂/∂(diag(β) V)
-        tl.store(dv_ptr + v_off, (Tdu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=v_mask)
-        dbeta += tl.sum(Tdu * v, axis=1)
-    dAqk = dAqk * scale * Gamma  # ∂/∂(q_i·k_j), causal: o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
-    dG = tl.zeros((C,), dtype=tl.float32)
-    kdk = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂k_j of the state update
+        off = t[:, None] * HV * V + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        u = tl.load(u_bh + off, mask=mask, other=0.0)
+        du = tl.load(du_bh + off, mask=mask, other=0.0)
+        v = tl.load(v_bh + off, mask=mask, other=0.0).to(tl.float32)
+        dOUt = tl.dot(do, tl.trans(u), dOUt, input_precision=PRECISION)
+        dA_inv = tl.dot(du, tl.trans(v * beta[:, None]), dA_inv, input_precision=PRECISION)
+        Adu = tl.dot(tl.trans(A_inv), du, input_precision=PRECISION)  # [C, BV] ∂/∂(diag(β) V)
+        tl.store(dv_bh + off, Adu * beta[:, None], mask=mask)
+        dbeta += tl.sum(Adu * v, axis=1)
+    return dOUt, dA_inv, dbeta
+
+
+@triton.jit
+def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, tm, scale, beta, eG, key_decay,
+                   dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K] accumulator lives
+    across blocks): dQ (final) and dK without the terms through A (stored, per value head), dW's share of dA_inv,
+    Q Kᵀ, and the gate terms s_i (factors e^{G_i}) and c_j (factors e^{G_L − G_j}) for _gate_grad."""
+    QKt = tl.zeros((C, C), dtype=tl.float32)
+    s = tl.zeros((C,), dtype=tl.float32)  # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
+    c = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
     kTdw = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂(β_j e^{G_j} k_j) of W
-    SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S ⊙ dS'
-    # 2. over K-blocks (and V inside): dQ (final), dK without the A-terms, dW's part of dT
-    for k0 in range(0, K, BKB):
-        ks = k0 + tl.arange(0, BKB)
-        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
+    SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS'
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        qk_off = t[:, None] * H * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BKB]
-        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
-        dq = tl.zeros((C, BKB), dtype=tl.float32)  # dO Sᵀ
-        dk_state = tl.zeros((C, BKB), dtype=tl.float32)  # U dS'ᵀ
-        dw = tl.zeros((C, BKB), dtype=tl.float32)  # −dU Sᵀ
+        q = tl.load(q_bh + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+        k = tl.load(k_bh + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
+        dq = tl.zeros((C, BK), dtype=tl.float32)  # dO S_nᵀ
+        dk_state = tl.zeros((C, BK), dtype=tl.float32)  # U dS'ᵀ
+        dw = tl.zeros((C, BK), dtype=tl.float32)  # −dU S_nᵀ
         for v0 in range(0, V, BV):
             vs = v0 + tl.arange(0, BV)
-            v_off = ((b * T + t[:, None]) * HV + hv) * V + vs[None, :]
-            v_mask = tm[:, None] & (vs[None, :] < V)
+            off = t[:, None] * HV * V + vs[None, :]
+            mask = tm[:, None] & (vs[None, :] < V)
             kv_off = ks[:, None] * V + vs[None, :]
             kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
-            do = tl.load(do_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
-            u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)
-            du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)
-            S = tl.load(states_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)  # [BKB, BV]
-            dS = tl.load(dstates_ptr + (bh * NT + n) * K * V + kv_off, mask=kv_mask, other=0.0)
+            do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+            u = tl.load(u_bh + off, mask=mask, other=0.0)
+            du = tl.load(du_bh + off, mask=mask, other=0.0)
+            S = tl.load(S_n + kv_off, mask=kv_mask, other=0.0)  # [BK, BV]
+            dS = tl.load(dS_n + kv_off, mask=kv_mask, other=0.0)
             dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
             dk_state = tl.dot(u, tl.trans(dS), dk_state, input_precision=PRECISION)
             dw = dw - tl.dot(du, tl.trans(S), input_precision=PRECISION)
             SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
         dq = dq * (scale * eG)[:, None]
-        dG += tl.sum(dq * q, axis=1)  # ∂/∂G_i of e^{G_i} q_i S
-        M = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂/∂Γ_ij · Γ_ij
-        dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+        s += tl.sum(dq * q, axis=1)
+        QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
         dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
         dk_state = dk_state * key_decay[:, None]  # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
-        kdk += tl.sum(dk_state * k, axis=1)
+        c += tl.sum(dk_state * k, axis=1)
         dk = tl.dot(tl.trans(dAqk), q, dk_state, input_precision=PRECISION)
-        kbg = k * (beta * eG)[:, None]  # W = T diag(β e^G) K
-        dT = tl.dot(dw, tl.trans(kbg), dT, input_precision=PRECISION)
-        Tdw = tl.dot(tl.trans(Tm), dw, input_precision=PRECISION)  # [C, BKB] ∂/∂(diag(β e^G) K)
-        dk += Tdw * (beta * eG)[:, None]
-        kTdw += tl.sum(Tdw * k, axis=1)
-        out_off = ((b * T + t[:, None]) * HV + hv) * K + ks[None, :]
-        tl.store(dq_ptr + out_off, dq, mask=qk_mask)
-        tl.store(dk_ptr + out_off, dk, mask=qk_mask)
-    dG_L = tl.sum(SdS, axis=0) * tl.exp(G_last) + tl.sum(kdk, axis=0)
-    dG += tl.where(rows == L - 1, dG_L, 0.0) - kdk
-    dbeta += kTdw * eG
-    dG += kTdw * beta * eG
-    # 3. T = (I + A)⁻¹: dA = −Tᵀ dT Tᵀ, strictly lower; A_ij = β_i Γ_ij k_i·k_j
-    lower = rows[:, None] > rows[None, :]
-    dA = -tl.dot(tl.dot(tl.trans(Tm), dT, input_precision=PRECISION), tl.trans(Tm), input_precision=PRECISION)
-    dA = tl.where(lower, dA, 0.0) * Gamma  # ∂/∂A_ij · Γ_ij
-    dKK = dA * beta[:, None]  # ∂/∂(k_i·k_j)
-    tl.debug_barrier()  # step 2's stores of dk are read back below, by other threads of this program
-    for k0 in range(0, K, BKB):
-        ks = k0 + tl.arange(0, BKB)
-        qk_off = ((b * T + t[:, None]) * H + h) * K + ks[None, :]
-        qk_mask = tm[:, None] & (ks[None, :] < K)
-        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BKB]
-        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂/∂A_ij · A_ij / β_i
-        dbeta += tl.sum(M, axis=1)
-        M = M * beta[:, None]
-        dG += tl.sum(M, axis=1) - tl.sum(M, axis=0)
-        out_off = ((b * T + t[:, None]) * HV + hv) * K + ks[None, :]
-        dk = tl.load(dk_ptr + out_off, mask=qk_mask, other=0.0)
-        dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
-        tl.store(dk_ptr + out_off, dk, mask=qk_mask)
-    # G = cumsum(g) within the chunk: dg = reverse cumsum of dG
-    dG = tl.where(tm, dG, 0.0)
-    dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
-    tl.store(dbeta_ptr + (b * T + t) * HV + hv, dbeta, mask=tm)
-    tl.store(dg_ptr + (b * T + t) * HV + hv, dg, mask=tm)
+        kbg = k * (beta * eG)[:, None]  # W = A_inv diag(β e^G) K
+        dA_inv = tl.dot(dw, tl.trans(kbg), dA_inv, input_precision=PRECISION)
+        Adw = tl.dot(tl.trans(A_inv), dw, input_precision=PRECISION)  # [C, BK] ∂/∂(diag(β e^G) K)
+        dk += Adw * (beta * eG)[:, None]
+        kTdw += tl.sum(Adw * k, axis=1)
+        out_off = t[:, None] * HV * K + ks[None, :]
+        tl.store(dq_bh + out_off, dq, mask=qk_mask)
+        tl.store(dk_bh + out_off, dk, mask=qk_mask)
+    return QKt, dA_inv, s, c, kTdw, tl.sum(SdS, axis=0)
 
 
 @triton.jit
-def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, G, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
-    """dq or dk for BR rows r = (b·T + t)·H + h of x [R, K]: the G value heads' gradients dy [R·G, K] summed (they
-    share key head h), then through l2norm if L2NORM: rstd (dy − y ⟨y, dy⟩). Stored in dx's dtype. Grid (R/BR,)."""
+def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dKK, H, HV, K, C: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Pass 3 of _bwd_chunk_kernel, over K-blocks: K Kᵀ [C, C], and dK's terms through A_ij = β_i Γ_ij k_i·k_j,
+    dK += dKK K + dKKᵀ K with dKK = ∂L/∂(k_i·k_j), added to what pass 2 stored."""
+    KKt = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        qk_mask = tm[:, None] & (ks[None, :] < K)
+        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+        KKt = tl.dot(k, tl.trans(k), KKt, input_precision=PRECISION)
+        out_off = t[:, None] * HV * K + ks[None, :]
+        dk = tl.load(dk_bh + out_off, mask=qk_mask, other=0.0)
+        dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
+        tl.store(dk_bh + out_off, dk, mask=qk_mask)
+    return KKt
+
+
+@triton.jit
+def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
+    """dg [C] of one chunk, each term summed into exactly the gates it contains:
+        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i), Γ_ij = e^{g_{j+1} + … + g_i}   -> dg_t for j < t ≤ i
+        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i                -> dg_t for t ≤ i
+        c [C]         terms with a factor e^{G_L − G_j}                               -> dg_t for j < t
+        z             the term with e^{G_L}                                           -> every dg_t
+    Every term that reaches dg_t carries e^{g_t}, so a very negative g_t gets a gradient as small, and as accurate,
+    as its terms. (∂L/∂G followed by a reverse cumulative sum gives the same sums mathematically, but there dg_t comes
+    out as a difference of O(1) numbers, wrong in every digit once e^{g_t} is below float32's rounding.)
+    """
+    rows = tl.arange(0, C)
+    before = tl.where(rows[:, None] < rows[None, :], 1.0, 0.0)  # [C, C] [j < t]
+    X = tl.dot(pairs, before, input_precision="ieee")  # X_it = Σ_{j < t} m_ij, exactly as summed terms
+    dg = tl.sum(tl.where(rows[:, None] >= rows[None, :], X + s[:, None], 0.0), axis=0)  # Σ_{i ≥ t} (X_it + s_i)
+    dg += tl.sum(tl.where(rows[:, None] < rows[None, :], c[:, None], 0.0), axis=0)  # Σ_{j < t} c_j
+    return tl.where(tm, dg + z, 0.0)
+
+
+# %% [markdown]
+# The kernel itself: the decays, the three passes, $dA$ between the second and the third, and $dg$ last.
+
+# %%
+#| export deltanet.chunk_bwd
+@triton.jit
+def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
+                      du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Every gradient of one chunk but dU: dq and dk (per value head, fp32), dv, dβ, dg.
+
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, Q Kᵀ, K Kᵀ) stay in registers; three passes stream the
+    rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles inside (_bwd_keys_pass); K-blocks again
+    for the terms that need the whole dA (_bwd_through_a_pass).
+    Math (section 5.6; dS' = dstates[n], the gradient of the state leaving the chunk):
+        dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
+        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K + dKKᵀ K
+        dW = −dU S_nᵀ,  dA_inv = dW (diag(β e^G) K)ᵀ + dU (diag(β) V)ᵀ,  dA = −A_invᵀ dA_inv A_invᵀ (strictly lower)
+        dV = diag(β) A_invᵀ dU;  dβ and dg from every factor they enter (_gate_grad)
+    """
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
+    k_bh = k_ptr + (b * T * H + h) * K
+    vh = (b * T * HV + hv) * V  # token t's rows of v, U, dO, dU, dV at + t·HV·V
+    kh = (b * T * HV + hv) * K  # token t's rows of dq and dk (per value head) at + t·HV·K
+    gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
+    S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n
+    dS_n = dstates_ptr + (bh * NT + n) * K * V  # the gradient of the state leaving it
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
+    G, D = _gate_sums(g, C)
+    eG = tl.exp(G)
+    key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+    Gamma = tl.where(causal, tl.exp(D), 0.0)  # [C, C]
+    lower = rows[:, None] > rows[None, :]
+    A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
+    dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh, dv_ptr + vh, t, tm,
+                                           beta, A_inv, HV, V, C, BV, PRECISION)
+    dAqk = dOUt * scale * Gamma  # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
+    QKt, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh, du_ptr + vh, S_n, dS_n,
+                                                  dq_ptr + kh, dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
+                                                  dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV, PRECISION)
+    pairs = tl.where(lower, dAqk * QKt, 0.0)  # m_ij of the output's Γ_ij (the diagonal's Γ_ii = 1 has no gate)
+    dbeta += kTdw * eG
+    s += kTdw * beta * eG
+    dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
+                input_precision=PRECISION)
+    dA = tl.where(lower, -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
+    tl.debug_barrier()  # pass 2's stores of dk are read back by pass 3, by other threads of this program
+    KKt = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA * beta[:, None], H, HV, K, C, BK, PRECISION)
+    M = dA * KKt  # ∂L/∂A_ij · A_ij / β_i
+    dbeta += tl.sum(M, axis=1)
+    pairs += M * beta[:, None]
+    dg = _gate_grad(pairs, s, c, SdS * tl.exp(tl.sum(g, axis=0)), tm, C)
+    tl.store(dbeta_ptr + gate_bh + t * HV, dbeta, mask=tm)
+    tl.store(dg_ptr + gate_bh + t * HV, dg, mask=tm)
+
+
+# %% [markdown]
+# The two row kernels of the backward: `l2norm` of $q$ and $k$ before the recomputation, and, at the end, the sum
+# over grouped value heads and the normalisation's gradient.
+
+# %%
+#| export deltanet.chunk_bwd
+@triton.jit
+def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """y = l2norm(x) for rows of x [R, K], in fp32, rounded back to x's dtype (as `l2norm` and a cast would).
+
+    Program: BR rows, all of K in one tile (BK = K padded). Grid (cdiv(R, BR),).
+    Math: y = x · rsqrt(Σ x² + 1e-6).
+    """
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ks = tl.arange(0, BK)
+    off, mask = rows[:, None] * K + ks[None, :], (rows[:, None] < R) & (ks[None, :] < K)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BR, BK]
+    y = x * tl.rsqrt(tl.sum(x * x, axis=1)[:, None] + 1e-6)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, GROUP, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
+    """dq or dk from the per-value-head gradients: summed over the GROUP = HV/H value heads that share key head h,
+    then through l2norm if L2NORM.
+
+    Program: BR rows r = (b·T + t)·H + h of x [R, K], all of K in one tile. Grid (cdiv(R, BR),).
+    Math: dy = Σ_j dy[r·GROUP + j] (fp32);  L2NORM: dx = rstd (dy − y ⟨y, dy⟩), y = rstd x, rstd = rsqrt(Σ x² + 1e-6);
+    stored in dx's dtype.
+    """
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     ks = tl.arange(0, BK)
     mask = (rows[:, None] < R) & (ks[None, :] < K)
     dy = tl.zeros((BR, BK), dtype=tl.float32)
-    for j in range(G):
-        dy += tl.load(dy_ptr + (rows[:, None] * G + j) * K + ks[None, :], mask=mask, other=0.0)
+    for j in range(GROUP):
+        dy += tl.load(dy_ptr + (rows[:, None] * GROUP + j) * K + ks[None, :], mask=mask, other=0.0)
     if L2NORM:
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) + 1e-6)  # [BR]
@@ -1393,15 +1562,37 @@ def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, G, K, BR: tl.constexpr, BK: tl.con
 # $k_t S$ (a reduction over $K$), write, read the output — one token after another. Forward only.
 
 # %%
-#| export deltanet.triton
+#| export deltanet.fused_recurrent
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import _checks, runtime
+from minisparse.deltanet.chunk import _check_kernel_inputs
+from minisparse.deltanet.chunk_fwd import _heads, _options, _pow2, _v_tile
+
+
 @triton.jit
 def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                             L2NORM: tl.constexpr):
-    """The gated delta rule token by token for one (batch, value head, V-tile). Grid (V/BV, B·HV)."""
+    """The gated delta rule token by token, for decoding.
+
+    Program: one (batch b, value head hv) and one V-tile of its state. Grid (cdiv(V, BV), B · HV).
+    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole sequence; a step
+    loads one row of q, k [BK] and v [BV].
+    Math, t = 0 … T−1 (S = h0 if HAS_H0 else 0; L2NORM: q_t, k_t normalised first):
+        S ← e^{g_t} S;   S ← S + k_tᵀ β_t (v_t − k_t S);   o_t = scale · q_t S
+    and ht = S if STORE_HT.
+    """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
+    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
+    k_bh = k_ptr + (b * T * H + h) * K
+    v_bh = v_ptr + (b * T * HV + hv) * V  # token t's rows of v and o at + t·HV·V
+    o_bh = o_ptr + (b * T * HV + hv) * V
+    gate_bh = b * T * HV + hv  # token t's g and β at + t·HV
     ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
     km, vm = ks < K, vs < V
     kv_off = ks[:, None] * V + vs[None, :]
@@ -1409,19 +1600,19 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
     if HAS_H0:
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
     for t in range(T):
-        q = tl.load(q_ptr + ((b * T + t) * H + h) * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
-        k = tl.load(k_ptr + ((b * T + t) * H + h) * K + ks, mask=km, other=0.0).to(tl.float32)
+        q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
+        k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
         if L2NORM:
             q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
             k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-        v = tl.load(v_ptr + ((b * T + t) * HV + hv) * V + vs, mask=vm, other=0.0).to(tl.float32)  # [BV]
-        g = tl.load(g_ptr + (b * T + t) * HV + hv).to(tl.float32)
-        beta = tl.load(beta_ptr + (b * T + t) * HV + hv).to(tl.float32)
+        v = tl.load(v_bh + t * HV * V + vs, mask=vm, other=0.0).to(tl.float32)  # [BV]
+        g = tl.load(g_ptr + gate_bh + t * HV).to(tl.float32)
+        beta = tl.load(beta_ptr + gate_bh + t * HV).to(tl.float32)
         S = S * tl.exp(g)
         err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v_t − k_t S
         S = S + k[:, None] * (beta * err)[None, :]
         o = tl.sum(q[:, None] * S, axis=0) * scale  # [BV]
-        tl.store(o_ptr + ((b * T + t) * HV + hv) * V + vs, o.to(o_ptr.dtype.element_ty), mask=vm)
+        tl.store(o_bh + t * HV * V + vs, o.to(o_ptr.dtype.element_ty), mask=vm)
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off, S, mask=km[:, None] & vm[None, :])
 
@@ -1429,201 +1620,153 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # %% [markdown]
 # ### Launch and autograd
 #
-# Every launch goes through `runtime.launch`, which tries a short list of tile configurations and keeps the first that
-# fits the GPU's shared memory: the first is the one tuned and tested on the H200, the others have narrower $V$-tiles
-# (and, for the scan, fewer stages). That matters on a Colab T4, which gives a block 64 KiB instead of the H200's 227
-# KiB. Compiled for the T4 here on the CPU (`tools/kernel_resources.py --arch 75`, fp16, $K = V = 128$), the forward's
-# kernels fit at their first configuration (16 to 48 KiB each). In the backward, `_bwd_chunk_kernel` fits with
-# $V$-tiles of 16 (64 KiB) but the reverse scan needs 72 KiB even then, and `runtime.launch` then says so and points
-# to `naive_chunk_gated_delta_rule`. This chapter's own cells use $K = 32$, which fits. None of this has run on a T4:
-# it is what the compiler reports.
+# Every launch goes through `runtime.launch` with its row of `runtime.LAUNCH_TABLE` (`"deltanet.fwd_wy"`,
+# `"deltanet.fwd_states"`, …): the table lists configurations best first per GPU architecture, `launch` keeps the
+# first that fits the GPU's shared memory (a Colab T4 gives a block 64 KiB, an H200 227 KiB), and `fit` caps a
+# $V$-tile at the padded $V$. When none fits — the backward's reverse scan on a T4 at $K = 128$, by the compiler's
+# count — the error names the kernel and points to `naive_chunk_gated_delta_rule`. The two scans are never
+# autotuned: they update $U$ and $dU$ in place, and the autotuner's repeated runs would apply the update twice.
+#
+# The forward's host side: kernels 1 and 2, which the backward reruns in fp32, then the output kernel.
 
 # %%
-#| export deltanet.triton
-_C = 64  # chunk length of the Triton kernels
-_WY_BLOCK = 32  # column blocks of K and V in the WY kernel (H200, 32K tokens, 2 warps: 0.88 ms; blocks of 64 0.92)
-_O_BLOCK = 64  # blocks of K in the output kernel (H200, 32K, V-tiles of 128: 0.53 ms; blocks of 128: 0.72)
+#| export deltanet.chunk_fwd
+def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
+    """Kernels 1 and 2 -> (w, u, kr, ainv, states, ht): W; U (written over Ũ); kr = 1/‖k‖ [B, T, HV] if `l2` (k is
+    then unnormalised), else None; A_inv's rows [B, T, HV, C] if `recompute`, else None; the chunk states
+    [B, HV, NT, K, V]; the final state [B, HV, K, V] fp32 or None.
 
-
-def _pow2(n, low=16):
-    return max(low, triton.next_power_of_2(n))
-
-
-def _precision(dtype):
-    """Precision of tl.dot on fp32 operands: full fp32 for fp32 inputs, TF32 for bf16/fp16 inputs.
-
-    Measured on the H200 (B2 T8K H16 D128): the triangular solve in TF32 is within 7e-6 of 3×TF32 ("tf32x3") on W
-    and U, and an earlier _fwd_wy_kernel took 0.44 ms instead of 0.79 ms.
-    """
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _before_ampere(dev):
-    """A T4 (sm_75) or older: no TF32 or bf16 tensor cores, so the fp32 products run on CUDA cores and take far more
-    registers. ptxas (compiled on a CPU for sm_75, fp16) then spills 35 KB a thread in the WY kernel at 2 warps
-    against 4 KB at 4, and 29 KB in the output kernel at V-tiles of 128 against 16 KB at 64: the H200's choices
-    below are not the T4's."""
-    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0)
-
-
-def _scan_stages(dtype, store_dtype):
-    """Software-pipelining depth of the forward scan (chunks loaded ahead). fp32 inputs: none, their operands take
-    twice the shared memory. 16-bit W and states: 4 (H200, 32K tokens: 0.61 ms; 3 stages 0.63, 5 stages 0.65; 2 stages
-    cost 0.17 ms more before the state was split in halves; since the scan stores U, 4 stages 0.74-0.75 ms and 3
-    stages 0.73, kept at the 4 the GPU tests ran). The backward's recomputation (16-bit K, fp32 W and states): 3, as
-    it was measured."""
-    return 1 if dtype == torch.float32 else 4 if store_dtype != torch.float32 else 3
-
-
-_INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
-
-
-def _tiles(V, *widths, **options):
-    """Launch configurations to try in order: V-tiles of the given widths (capped at V), with `options`."""
-    out = []
-    for bv in widths:
-        cfg = dict(BV=min(bv, _pow2(V)), **options)
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
-def _kernel_inputs(op, q, k, v, g, beta, scale, initial_state, max_dim):
-    """Check everything but the values of g and β; return the scale and a function that checks those (call it after
-    queueing the kernels: it waits for the GPU)."""
-    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, values=False)
-    runtime.check_triton_device(op, *[t for t in (q, k, v, g, beta, initial_state) if t is not None])
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        raise TypeError(f"{op}: bfloat16 under the Triton interpreter gives wrong results (an interpreter bug); "
-                        "use float32 on CPU, bfloat16 on a GPU")
-    if q.shape[-1] > max_dim or v.shape[-1] > max_dim:
-        raise ValueError(f"{op}: head dimensions up to {max_dim} are supported (the state tile must fit on chip), "
-                         f"got K = {q.shape[-1]}, V = {v.shape[-1]}")
-    return scale, runtime.check_values_later(lambda: _check_gate_and_beta(op, g, beta), q.device)
-
-
-def _wy_and_states(k, v, g, beta, h0, output_final_state, store_t, store_dtype=torch.float32,
-                   u_dtype=torch.float32, l2=False):
-    """Kernels 1 and 2: G, W, U = Ũ − W S_n, the chunk states, optionally T and the final state. With `l2`, k is
-    unnormalised and the kernels normalise its rows; their 1/‖k‖ are returned as `kr` [B, T, HV] (else None).
-
-    W and the chunk states are stored in `store_dtype`, Ũ and then U over it in `u_dtype`. The scan accumulates in
-    fp32 and multiplies in W's dtype. Returns w, u, gc, kr, tinv, states, ht.
+    The forward stores W, U and the states in the inputs' dtype (as fla does: half the bytes in 16 bits); the
+    backward's recomputation (`recompute`) stores them in fp32, with A_inv, for the gradients. The scans accumulate
+    in fp32 and multiply in W's dtype.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
-    dev = k.device
-    prec = _precision(k.dtype)
-    BK = _pow2(K)
-    w = torch.empty(B, T, HV, K, device=dev, dtype=store_dtype)
-    u = torch.empty(B, T, HV, V, device=dev, dtype=u_dtype)
-    gc = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
-    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None  # per value head, as G is
-    tinv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if store_t else gc  # gc: unused placeholder
-    runtime.launch(
-        "chunk_gated_delta_rule", _fwd_wy_kernel, lambda c: (NT, B * HV),
-        (k, v, g, beta, w, u, gc, kr if l2 else gc, tinv, T, H, HV, K, V),
-        dict(C=_C, BK=min(BK, _WY_BLOCK), STORE_T=store_t, SPLIT_T=k.dtype == torch.bfloat16, L2=l2, PRECISION=prec),
-        _tiles(V, _WY_BLOCK, num_warps=4 if _before_ampere(dev) else 2), _INSTEAD)  # H200, 32K: 2 warps 0.88 ms,
-    # 4 warps 1.21, 8 warps 3.3 (probably: the solve's many small reductions then cross fewer warps)
-    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store_dtype)
+    dev, prec = k.device, _precision(k.dtype)
+    store = torch.float32 if recompute else k.dtype
+    w = torch.empty(B, T, HV, K, device=dev, dtype=store)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=store)
+    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None  # per value head, as g is
+    ainv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if recompute else None
+    runtime.launch("deltanet.fwd_wy", _fwd_wy_kernel, lambda c: (NT, B * HV),
+                   (k, v, g, beta, w, u, kr, ainv, T, H, HV, K, V),
+                   dict(C=_C, BK=min(_pow2(K), _WY_COLUMNS), SPLIT=k.dtype == torch.bfloat16, L2=l2,
+                        STORE_AINV=recompute, PRECISION=prec),
+                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(k, v))
+    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    # narrow V-tiles: the scan is sequential, so more programs is what keeps the GPU busy. Measured on the H200
-    # (32K tokens, bf16): 4 warps best with 16-bit products (0.61 ms; 8 warps 0.77, 2 warps 0.71; V-tiles of 64
-    # 0.83); 8 with fp32 ones (the backward's recomputation, measured before the state was split in halves)
-    scan_warps = 8 if store_dtype == torch.float32 else 4
-    runtime.launch(
-        "chunk_gated_delta_rule", _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-        (k, w, u, u, gc, kr if l2 else gc, h0 if h0 is not None else states, states,
-         ht if ht is not None else states, T, H, HV, K, V, NT),
-        dict(C=_C, BK=max(BK, 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2=l2, PRECISION=prec),
-        _tiles(V, 32, num_warps=scan_warps, num_stages=_scan_stages(k.dtype, store_dtype))
-        + _tiles(V, 16, num_warps=4, num_stages=1),
-        _INSTEAD)
-    return w, u, gc, kr, tinv, states, ht
+    # never autotuned: the scan writes U over Ũ, and the autotuner's repeated runs would subtract W S twice
+    runtime.launch("deltanet.fwd_states.recompute" if recompute else "deltanet.fwd_states", _fwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (k, w, u, g, kr, h0, states, ht, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=max(_pow2(K), 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2=l2,
+                        PRECISION=prec),
+                   fit=_v_tile(V), **_options(k, v))
+    return w, u, kr, ainv, states, ht
 
 
-_ROWS = 16  # rows of q or k a program of the two row kernels handles
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
+    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None). With `l2`, q and k
+    are used as given and their normalisation is applied inside the kernels, as fp32 scalings."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    w, u, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute=False)
+    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
+    runtime.launch("deltanet.fwd_output", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+                   (q, k, u, g, kr, states, o, scale, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=min(_pow2(K), _OUTPUT_COLUMNS), L2=l2, PRECISION=_precision(q.dtype)),
+                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+    return o, ht
 
 
+# %% [markdown]
+# The backward's host side, then the op: its checks (shapes, dtypes, devices and the kernels' limits always; the
+# values of $g$ and $\beta$ on CPU tensors, and on CUDA tensors after `runtime.set_value_checks(True)`, before any
+# kernel is queued), and the autograd glue.
+
+# %%
+#| export deltanet.chunk_bwd
 def _l2norm_rows(x):
     """l2norm(x) over the last dimension in x's dtype, in one kernel (PyTorch's l2norm takes several)."""
     y = torch.empty_like(x)
     R, K = x.numel() // x.shape[-1], x.shape[-1]
-    _l2norm_rows_kernel[(triton.cdiv(R, _ROWS),)](x, y, R, K, BR=_ROWS, BK=_pow2(K))
+    runtime.launch("deltanet.rows", _l2norm_rows_kernel, lambda c: (triton.cdiv(R, c["BR"]),), (x, y, R, K),
+                   dict(BK=_pow2(K)), **_options(x, x))
     return y
-
-
-def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
-    B, T, H, K = q.shape
-    HV, V = v.shape[2:]
-    NT = triton.cdiv(T, _C)
-    # W, Ũ, U and the chunk states are stored in the inputs' dtype, as fla stores them (half the bytes in bf16); q and k
-    # are used as given, their normalisation applied as fp32 scalings inside the kernels (section 5.8 says why)
-    w, u, gc, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, False, store_dtype=q.dtype,
-                                                 u_dtype=q.dtype, l2=l2)
-    o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    runtime.launch(
-        "chunk_gated_delta_rule", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
-        (q, k, u, gc, kr if l2 else gc, states, o, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BK=min(_pow2(K), _O_BLOCK), L2=l2, PRECISION=_precision(q.dtype)),
-        _tiles(V, *((64, 32, 16) if _before_ampere(q.device) else (128, 64, 32, 16)), num_warps=4, num_stages=2),
-        _INSTEAD)  # H200, 32K: 0.53 ms (8 warps 0.53-0.55, 3 stages 0.50-0.51, same outputs; 2 stages are tested)
-    return o, ht
 
 
 def _qk_grad(x, dy, l2):
     """x [B, T, H, K] (q or k as given), dy [B, T, HV, K] float32 (per value head) -> dx [B, T, H, K] in x's dtype."""
     dx = torch.empty_like(x)
     R, K = x.numel() // x.shape[-1], x.shape[-1]
-    G = dy.shape[2] // x.shape[2]
-    _qk_grad_kernel[(triton.cdiv(R, _ROWS),)](x, dy, dx, R, G, K, BR=_ROWS, BK=_pow2(K), L2NORM=l2)
+    runtime.launch("deltanet.rows", _qk_grad_kernel, lambda c: (triton.cdiv(R, c["BR"]),),
+                   (x, dy, dx, R, dy.shape[2] // x.shape[2], K), dict(BK=_pow2(K), L2NORM=l2), **_options(x, x))
     return dx
 
 
-def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2):
-    """Gradients of q, k, v, g, beta and h0 (dq, dk in q's dtype, summed over grouped value heads; others float32)."""
+def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
+    """Gradients of q, k (in q's dtype, summed over grouped value heads), v, g, beta and h0 (fp32; dh0 None unless
+    `need_dh0`). Recomputes W, U and the chunk states in fp32 (cheaper in memory than keeping the forward's)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
-    dev = q.device
-    prec = _precision(q.dtype)
+    dev, prec = q.device, _precision(q.dtype)
     q_raw, k_raw = q, k
-    if l2:  # as the forward does: the kernels then see unit rows in the input dtype
+    if l2:  # the backward's kernels take unit rows, in the input dtype
         q, k = _l2norm_rows(q), _l2norm_rows(k)
-    w, u, gc, _, tinv, states, _ = _wy_and_states(k, v, g, beta, h0, False, True)
-    BK = _pow2(K)
-    do = do.contiguous()
+    w, u, _, ainv, states, _ = _wy_and_states(k, v, g, beta, h0, False, l2=False, recompute=True)
     du = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
-    dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32)
-    runtime.launch(
-        "chunk_gated_delta_rule (backward)", _bwd_du_local_kernel, lambda c: (NT, B * HV),
-        (q, k, gc, do, du, scale, T, H, HV, K, V), dict(C=_C, BK=BK, PRECISION=prec), _tiles(V, 64, 32, 16), _INSTEAD)
-    runtime.launch(
-        "chunk_gated_delta_rule (backward)", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-        (q, k, w, gc, do, dht.float().contiguous() if dht is not None else dh0, du, dstates, dh0, scale,
-         T, H, HV, K, V, NT), dict(C=_C, BK=max(BK, 32), HAS_DHT=dht is not None, PRECISION=prec),
-        _tiles(V, 32, 16, num_warps=8, num_stages=1), _INSTEAD)  # 8 warps: ptxas (sm_90, bf16, K = 128) spills 368 B
+    dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
+    runtime.launch("deltanet.bwd_du_local", _bwd_du_local_kernel, lambda c: (NT, B * HV),
+                   (q, k, g, do, du, scale, T, H, HV, K, V), dict(C=_C, BK=_pow2(K), PRECISION=prec),
+                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+    # never autotuned: the reverse scan adds to dU in place
+    runtime.launch("deltanet.bwd_states", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (q, k, w, g, do, dht, du, dstates, dh0, scale, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=max(_pow2(K), 32), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+                        PRECISION=prec), fit=_v_tile(V), **_options(q, v))
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
-    runtime.launch(
-        "chunk_gated_delta_rule (backward)", _bwd_chunk_kernel, lambda c: (NT, B * HV),
-        (q, k, v, beta, gc, tinv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale, T, H, HV, K, V, NT),
-        dict(C=_C, BKB=min(32, BK), PRECISION=prec),
-        _tiles(V, 32, num_warps=8, num_stages=2) + _tiles(V, 32, 16, num_warps=8, num_stages=1),
-        _INSTEAD)  # 112 KiB at K = 128, bf16, 1 stage (of 227). H200, 32K: 2 stages 9.24 ms, 1 stage 10.27
-    # sum over the value heads that share a query/key head; through l2norm (the kernels differentiated with
-    # respect to the normalised q and k)
+    runtime.launch("deltanet.bwd_chunk", _bwd_chunk_kernel, lambda c: (NT, B * HV),
+                   (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale,
+                    T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS), PRECISION=prec),
+                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
 
+# %%
+#| export deltanet.chunk
+import torch
+
+from minisparse import _checks
+from minisparse.deltanet.chunk_bwd import _chunk_backward
+from minisparse.deltanet.chunk_fwd import _INSTEAD, _chunk_forward
+from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
+
+
+def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
+    """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
+    interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and the value-check rule ask for
+    them (on CPU tensors always; on CUDA after runtime.set_value_checks(True)), before any kernel is queued.
+    Returns the scale as a float."""
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values=False)
+    _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
+                          max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
+    if check_values and _checks.checking_values(False, q):
+        _check_gate_and_beta(op, g, beta)
+    return scale
+
+
 class _ChunkGatedDeltaRule(torch.autograd.Function):
+    """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk states in fp32,
+    which costs less memory than keeping them), the backward runs five kernels and two row kernels."""
+
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         gf, bf = g.float().contiguous(), beta.float().contiguous()
         h0f = h0.float().contiguous() if h0 is not None else None
         ctx.save_for_backward(q, k, v, gf, bf, h0f)
@@ -1634,8 +1777,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0 = ctx.saved_tensors
-        grads = _chunk_backward(q, k, v, g, beta, ctx.scale, h0, do, dht, ctx.l2)
-        grads = [d.to(dt) if dt is not None else None for d, dt in zip(grads, ctx.dtypes)]
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        grads = _chunk_backward(q, k, v, g, beta, ctx.scale, h0, do.contiguous(),
+                                dht.float().contiguous() if dht is not None else None, ctx.l2, need_dh0)
+        grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
@@ -1643,49 +1788,64 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                            use_qk_l2norm=False):
     """The gated delta rule by chunks of 64 in Triton (WY/UT form), forward and backward.
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
-    initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
-    None). K, V ≤ 128; any T. Differentiable in q, k, v, g, beta and initial_state.
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
+    bfloat16 under the interpreter). g [B, T, HV] log decay, finite and ≤ 0; beta [B, T, HV] in [0, 2] (any float
+    dtype). scale: a float, default K ** -0.5. initial_state [B, HV, K, V] or None. use_qk_l2norm: normalise q and
+    k inside (as fp32 scalings). Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None
+    unless output_final_state). Differentiable in q, k, v, g, beta and initial_state.
     """
-    scale, check_values = _kernel_inputs("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state, 128)
-    out = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, bool(use_qk_l2norm))
-    check_values()  # after queueing the kernels, so that waiting for the check overlaps them (section 5.8)
-    return out
+    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True)
+
+
+def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
+           op="chunk_gated_delta_rule"):
+    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values (GatedDeltaNet's)."""
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=128)
+    if g is None:
+        g = torch.zeros_like(beta, dtype=torch.float32)
+    return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state, scale,
+                                      bool(output_final_state), bool(use_qk_l2norm))
 
 
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
-    """DeltaNet by chunks in Triton: chunk_gated_delta_rule with g = 0."""
-    return chunk_gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, scale, initial_state,
-                                  output_final_state, use_qk_l2norm)
+    """DeltaNet by chunks in Triton: chunk_gated_delta_rule with g = 0. Same shapes, without g."""
+    return _chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True,
+                  op="chunk_delta_rule")
 
 
+# %% [markdown]
+# And the decoding op, on the same checks.
+
+# %%
+#| export deltanet.fused_recurrent
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                      use_qk_l2norm=False):
     """The gated delta rule token by token in Triton, for decoding a few tokens from a state. Forward only.
 
-    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Raises if gradients are required.
+    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Its cost grows with T sequentially: use it
+    for T = 1 (or a handful of tokens), chunk_gated_delta_rule for prompts and training. Raises if gradients are
+    required.
     """
-    scale, check_values = _kernel_inputs("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
-                                         256)
-    tracked = [t for t in (q, k, v, g, beta, initial_state) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        raise RuntimeError("fused_recurrent_gated_delta_rule is forward only: call it under torch.no_grad() "
-                           "(decoding) or use chunk_gated_delta_rule, which has a backward pass")
+    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                            check_values=True)
+
+
+def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+    op = "fused_recurrent_gated_delta_rule"
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=256)
+    _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_gated_delta_rule")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g, beta = g.float().contiguous(), beta.float().contiguous()
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    bv = min(32, _pow2(V))
-    _fused_recurrent_kernel[(triton.cdiv(V, bv), B * HV)](
-        q, k, v, g, beta, h0 if h0 is not None else o, o, ht if ht is not None else o, scale, T, H, HV, K, V,
-        BK=_pow2(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=use_qk_l2norm)
-    check_values()
+    runtime.launch("deltanet.fused_recurrent", _fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
+                    beta.float().contiguous(), h0, o, ht, scale, T, H, HV, K, V),
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=bool(use_qk_l2norm)),
+                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
     return o, ht
-
-
 
 
 # %% [markdown]
@@ -1763,9 +1923,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisparse import runtime
-from minisparse.deltanet.naive import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
-from minisparse.deltanet.triton import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from minisparse import _checks
+from minisparse.deltanet.chunk import _chunk
+from minisparse.deltanet.fused_recurrent import _fused_recurrent
+from minisparse.deltanet.naive import _naive_chunk, _naive_recurrent
 
 
 class GatedRMSNorm(nn.Module):
@@ -1773,8 +1934,8 @@ class GatedRMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(_checks.positive_int("GatedRMSNorm", "dim", dim)))
+        self.eps = _checks.positive_float("GatedRMSNorm", "eps", eps)
 
     def forward(self, x, z):
         dtype = x.dtype
@@ -1794,19 +1955,23 @@ class GatedDeltaNet(nn.Module):
     it is returned when use_cache is True or a state was given.
     backend: "triton" (chunk_gated_delta_rule; fused_recurrent_gated_delta_rule for ≤ 16 tokens from a state without
     gradients), "naive" (naive_chunk_gated_delta_rule; the recurrence for single-token steps), or "auto" (the
-    default: Triton for CUDA tensors or under the interpreter, else naive).
+    default: Triton for CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1]
+    hold by construction, so it never asks the ops to check their values.
     """
 
     def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel_size=4, eps=1e-6,
                  chunk_size=64, backend="auto"):
         super().__init__()
-        if backend not in ("auto", "triton", "naive"):
-            raise ValueError(f"GatedDeltaNet: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-        if num_v_heads % num_k_heads != 0:
-            raise ValueError(f"GatedDeltaNet: num_v_heads must be a multiple of num_k_heads, got {num_v_heads} and "
-                             f"{num_k_heads}")
-        if conv_kernel_size < 2:
-            raise ValueError(f"GatedDeltaNet: conv_kernel_size must be >= 2, got {conv_kernel_size}")
+        op = "GatedDeltaNet"
+        for name, value in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads), ("num_v_heads", num_v_heads),
+                            ("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim), ("chunk_size", chunk_size)):
+            _checks.positive_int(op, name, value)
+        _checks.divides(op, "num_k_heads", num_k_heads, "num_v_heads", num_v_heads)
+        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
+            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2 (a causal convolution over past tokens), "
+                             f"got {conv_kernel_size}")
+        _checks.positive_float(op, "eps", eps)
+        _checks.backend(op, backend)
         self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
         self.head_k_dim, self.head_v_dim, self.conv_kernel_size = head_k_dim, head_v_dim, conv_kernel_size
         self.chunk_size, self.backend = chunk_size, backend
@@ -1851,34 +2016,31 @@ class GatedDeltaNet(nn.Module):
         W = self.conv_kernel_size
         prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
         xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        if x.shape[-1] == 0:  # T = 0: nothing to convolve, and the state carries over
+            return x, xx
         y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
         return F.silu(y), xx[..., -(W - 1):]
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
-        decoding = rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled()
-        if backend == "naive":
+        """The gated delta rule on the layer's own q, k, v, g, β: no value checks (check_values=False)."""
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
+        if _checks.choose_backend(self.backend, q) == "naive":
             if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
-                return naive_recurrent_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state,
-                                                        use_qk_l2norm=True)
-            return naive_chunk_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True,
-                                                chunk_size=self.chunk_size)
-        if decoding:
-            return fused_recurrent_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True)
-        return chunk_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True)
+                return _naive_recurrent(*args, check_values=False)
+            return _naive_chunk(*args, self.chunk_size, check_values=False)
+        if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+            return _fused_recurrent(*args, check_values=False)
+        return _chunk(*args, check_values=False)
 
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"GatedDeltaNet: hidden_states must be [B, T, hidden_size = {self.hidden_size}], got "
-                             f"shape {tuple(hidden_states.shape)}")
+        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)  # [B, T, hidden]
         B, T, _ = hidden_states.shape
         if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
             hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
         conv_state, rec_state = (None, None) if state is None else state
         q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
-        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)  # [B, T, C]
+        mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
+                           v.reshape(B, T, self.value_dim)], dim=-1)  # [B, T, conv_dim]
         mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
         q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
@@ -1954,102 +2116,35 @@ print("decoding with conv + recurrent state == prefill (10 single-token steps af
 # `bench/deltanet.py` times `chunk_gated_delta_rule` against fla's `chunk_gated_delta_rule` (the kernels Qwen3-Next
 # runs in `transformers` and vLLM) and SDPA causal attention on an H200, in bf16 at $B = 2$, 16 heads,
 # $K = V = 128$, $T$ from 1K to 64K; the cell below plots `bench/results/deltanet.json` and prints its forward
-# times. Where we stand:
+# times. In the run of 2026-11-29 (torch 2.11, triton 3.6, fla-core 0.6.0):
 #
-# - **Correct on the GPU.** The whole test suite of this chapter passes on the H200 (Triton 3.6) in fp32, bf16 and
-#   fp16, forward and every gradient, against the recurrence and the PyTorch chunk form — including on the
-#   configuration where fla refuses to run its own gated backward.¹ Against the fp32 recurrence this chapter's bf16
-#   forward is *closer* than fla's: on this chapter's hardest check (the GPU check of section 5.6, 1000 tokens that
-#   forget almost nothing) 4.6e-3 against fla's 5.8e-3, inside the book's bf16 bound of 5e-3 where fla's is not;
-#   with $K = V = 128$, 3.7e-3 against 4.8e-3. The two bf16 outputs differ from each other by 5.0e-3 (relative RMS
-#   in the benchmark; 3.8e-3 for the previous version): they no longer round the same things, so their errors no
-#   longer overlap (below, "Speed against precision").
-# - **As fast as fla's forward, value checks aside.** Forward, ms (value checks on / off) against fla: 1K 0.55 /
-#   0.35 vs 1.13; 2K 0.70 / 0.41 vs 1.39; 4K 0.33 / 0.29 vs 0.76; 8K 0.59 / 0.56 vs 0.96; 16K 1.13 / 1.07 vs 1.34;
-#   32K 2.27 / 2.13 vs 2.16; 64K 4.37 / 4.18 vs 4.27. Without the value checks (fla checks no values) that is
-#   0.29–0.99× fla's time at every length; with them, 0.43–0.84× up to 16K and 1.05× / 1.02× at 32K / 64K in this
-#   run. A separate run of the same kernels gave, at 32K, 2.15 ms with checks, 2.12 without, fla 2.15 (at $B = 1$:
-#   1.48 / 1.45 against 1.55), and at 64K 4.24 / 4.18 against 4.28: at 32K and more the two are level, and what
-#   the checks cost varies by run (below). Up to 16K both are bound by launches and host work, and fla's times
-#   there move from run to run (8K: 0.96 ms here, 1.47 in the run before).
+# - **Correct on the GPU.** The chapter's tests pass on the H200 in fp32, bf16 and fp16, forward and every gradient,
+#   against the recurrence and the PyTorch chunk form — including the configuration where fla refuses to run its
+#   own gated backward.¹ Against the fp32 recurrence the bf16 forward is *closer* than fla's: 4.6e-3 against fla's
+#   5.8e-3 on section 5.6's GPU check (1000 tokens that forget almost nothing), inside the book's bf16 bound of 5e-3
+#   where fla's is not; 3.7e-3 against 4.8e-3 with $K = V = 128$. The two bf16 outputs differ from each other by
+#   5.0e-3: they round different things, so their errors do not overlap.
+# - **The forward is level with fla's**: 0.29–0.99× fla's time at every length from 1K to 64K (32K: 2.13 against
+#   2.16 ms; 64K: 4.18 against 4.27). Up to 16K both are bound by launches and host work, and fla's times there move
+#   from run to run.
 # - **The backward is the weak half**: forward + backward takes 5.1 ms at 8K, 19.7 ms at 32K and 38.8 ms at 64K,
-#   against fla's 3.9, 8.5 and 16.7 ms (1.3×, 2.3×, 2.3×); below 8K ours is faster (2K: 2.3 against 4.3 ms).
+#   against fla's 3.9, 8.5 and 16.7 ms; below 8K ours is faster (2K: 2.3 against 4.3 ms). At 32K its chunk kernel
+#   takes 9.2 ms against 2.8 ms for fla's two kernels that do the same work, and its reverse scan 3.8 ms against 1.1.
 # - **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens (4K: 0.26 ms against
-#   our 0.33) and slower from 8K (0.93 against 0.59); at 64K it takes 58.3 ms against our 4.4 ms, and 234 ms with
+#   our 0.29) and slower from 8K (0.93 against 0.56); at 64K it takes 58.3 ms against our 4.2 ms, and 234 ms with
 #   its backward.
 #
 # ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
 # miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
 #
-# Where the forward's time goes at 32K tokens (H200, bf16, $B = 2$, each kernel timed alone; "before" is this
-# chapter's previous version, which normalised $q$, $k$ in row kernels and kept $\tilde U$, $U$ in fp32; fla's
-# kernels are last):
-#
-# | step | before | now | fla | what changed |
-# |---|---|---|---|---|
-# | `l2norm` of $q$, $k$ | 0.26 ms | — | 0.26 ms | inside the kernels, as fp32 scalings |
-# | WY: $A$, $T$, $W$, $\tilde U$ | 0.88 ms | 0.83 ms | 0.72 ms (two kernels) | $\tilde U$ stored in bf16; $1/\lVert k \rVert$ from $KK^\top$'s diagonal (0.015 ms) |
-# | scan: the states | 0.61 ms | 0.74 ms | 0.60 ms | stores $U$, in bf16 |
-# | output | 0.74 ms | 0.53 ms | 0.51 ms | reads $U$ instead of forming it; $(QK^\top \odot \Gamma)\,U$ on bf16 tensor cores |
-# | **end to end**, checks off | 2.59 ms | 2.12–2.13 ms | 2.15–2.16 ms | |
-#
-# Now the sum of the kernels is the end-to-end time: everything else in a call takes about 0.01 ms. The gaps left are
-# the WY kernel, which still uses all 255 registers a thread may have and spills some, and the scan: 0.13 ms slower now
-# that it stores $U$, although it moves no more bytes than before (it writes 0.27 GB of $U$ and reads 0.27 GB less
-# of $\tilde U$, now bf16).
-#
-# **The host sync.** The value checks (is $g \le 0$, is $\beta$ in $[0, 2]$) read a reduction back to the CPU. The op
-# starts that copy, queues its kernels, and only then waits for the copy (`minisparse.runtime.to_host_later`), so the
-# wait overlaps the GPU's work instead of idling it. What they cost varies by run: in the benchmark run 0.03–0.05 ms
-# from 4K to 16K and 0.14 and 0.19 ms at 32K and 64K; in the separate run above 0.31 ms at 8K but 0.03 and 0.06 ms at
-# 32K and 64K; up to 2K, where a call's GPU work is about as short as its CPU work, 0.2–0.3 ms (1K: 0.55 ms against
-# 0.35). Those runs had the check's reduction and copy on the op's own stream, ahead of its kernels; they now run on a
-# stream of their own, beside the kernels (`runtime.check_values_later`; tested on the H200, not yet timed).
-# `minisparse.runtime.set_value_checks(False)` skips the checks (shapes, dtypes and devices are still checked); fla
-# checks no values at all.
-#
-# **Speed against precision.** fla keeps $W$, $\tilde U$, $U$, $T$ and the chunk states in bf16, and multiplies
-# $(QK^\top \odot \Gamma)$ rounded to bf16 by $U$. This chapter's previous version kept $\tilde U$ and $U$ in fp32,
-# because a model that replays every rounding of the kernels in PyTorch on a CPU
-# (`bench/notes/deltanet_rounding_model.py`; for this chapter's kernels it agrees with the H200 to 0.05e-3) put fla's
-# choices at 5.5e-3 on the 1000-token near-no-decay check of section 5.6 against the fp32 recurrence, over the book's
-# bound (fla itself measures 5.8e-3 there on the H200). A state that forgets almost nothing keeps almost every rounding
-# it was ever given. The same model showed where most of the error came from: rounding the *normalised* $q$ and $k$ to
-# bf16, which fla and that version both did in row kernels before the chunk kernels, costs 1.1e-3 on its own (4.25e-3
-# with it, 3.17e-3 without, everything else unchanged). Normalising inside the kernels, as fp32 scalings of products of
-# the rows as given, removes that term, and the room it frees pays for storing $\tilde U$ and $U$ in bf16 and rounding
-# $QK^\top \odot \Gamma$: 4.52e-3 in the model, 4.55e-3 on the H200. (Keeping $\tilde U$ in fp32 and only $U$ in bf16
-# measured 3.98e-3, for 0.5 GB more memory traffic at 32K; not taken.) $T$ itself is still never rounded to 16 bits in
-# one piece: cast to bf16 inside the WY kernel it gave NaN on the H200 at $K = 48$ with gates in $[-30, -5]$ (never in
-# the interpreter; the same class of Hopper miscompilation as fla's issue).
-#
-# **$T$ in two bf16 halves.** For bf16 inputs the WY kernel does not multiply $T$ in TF32 (`_t_dot`): it splits
-# $T = T_\text{hi} + T_\text{lo}$ (both bf16) and folds the row scalings into $T$'s columns,
-# $W = (T \operatorname{diag}(\beta e^G))\,K$, so that $K$ and $V$ enter bf16 tensor cores exactly as stored: two
-# bf16 products instead of one TF32 product. Timed alone at 32K (`bench/notes/deltanet_wy_split.py`): 1.24 ms
-# against 1.42 ms, $\tilde U$ within 1.9e-5 of fp32 instead of TF32's 4.2e-4, and no NaN at $K = 48$ or 128, gates
-# in $[-30, -5]$ or $[-10^{-3}, 0]$. Not for fp16: there the columns of $T \operatorname{diag}(\beta e^G)$ fall
-# below fp16's range when gates are very negative.
-#
-# **Tried and dropped** (`bench/notes/deltanet.md` has the numbers): the scan and the output in one kernel, so that
-# no chunk state is written (2.03 ms against 0.71 + 0.74: the output's products then sit on the sequential path;
-# end to end 4.10 against 2.57 ms); normalising inside the kernels *while keeping* $\tilde U$ and $U$ in fp32 (no
-# gain: the WY kernel then summed $\lVert k \rVert^2$ from $K$'s tiles, 1.02 instead of 0.89 ms, and the output
-# kernel still formed $U$ itself); $1/\lVert q \rVert$ summed in the WY kernel, which then reads $Q$ too (0.93
-# instead of 0.83 ms); summed in the output kernel's main loop (wrong on the H200, above); the output as
-# $(\operatorname{diag}(e^G) Q - P W) S_n + P \tilde U$ with $P = QK^\top \odot \Gamma$, one accumulator fewer
-# (1.2 ms or more, against 0.82 for the output kernel of that time).
-#
-# The next things to try:
-#
-# - **The WY kernel** (0.83 against 0.72 ms): fla computes $A$ and $T$ in one kernel and $W$, $\tilde U$ in a
-#   second, each with fewer registers live.
-# - **The scan's store of $U$** (0.13 ms at 32K, for no more bytes moved), and timing the value checks on their
-#   own stream.
-# - **The backward**: fuse the two passes over $V$-tiles in `_bwd_chunk_kernel` (9.2 ms at 32K with 2 stages, 10.3
-#   with 1, against 2.8 ms for fla's two kernels doing the same work, `chunk_bwd_kernel_dqkwg` and
-#   `prepare_wy_repr_bwd_kernel`) and shorten the reverse scan (3.8 ms with $dS$ in two halves as the forward scan
-#   holds $S$, 4.0–4.2 before; fla's 1.1 ms). It still normalises $q$ and $k$ in row kernels and recomputes in fp32.
+# **Speed against precision.** fla keeps $W$, $\tilde U$, $U$, $A_\text{inv}$ and the chunk states in bf16 and
+# multiplies $(QK^\top \odot \Gamma)$ rounded to bf16 by $U$. This chapter's kernels store the same quantities in
+# bf16 but $A_\text{inv}$, whose products run as two bf16 halves, and they never round the *normalised* $q$ and $k$:
+# with `use_qk_l2norm` the normalisation is an fp32 scaling inside the kernels (section 5.6). A model that replays
+# every rounding of the kernels in PyTorch on a CPU (`bench/notes/deltanet_rounding_model.py`) says where the error
+# of a state that forgets almost nothing comes from: rounding the normalised rows alone costs about 1e-3 of the
+# 5e-3 bound, which is what pays for the 16-bit storage. `bench/notes/deltanet.md` has the per-kernel times, the
+# rounding model's table and the launch sweeps behind `runtime.LAUNCH_TABLE`'s rows.
 
 # %%
 try:
@@ -2064,18 +2159,14 @@ else:
     for ax in fig.axes:
         ax.set_yscale("log")  # SDPA's quadratic time would flatten the linear-time lines otherwise
     plt.show()
-    ms = {(r["impl"].split(" (")[0].replace("fla ", "fla:"), r["pass"], r["T"]): r["ms"]
-          for r in deltanet_results["rows"]}
-    print(f"{'T':>6s} {'ours fwd':>9s} {'checks off':>10s} {'fla fwd':>8s} {'ours/fla':>8s} {'SDPA fwd':>9s}"
-          "   (ms, bf16, H200)")
+    ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in deltanet_results["rows"]}
+    print(f"{'T':>6s} {'ours fwd':>9s} {'fla fwd':>8s} {'ours/fla':>8s} {'SDPA fwd':>9s}   "
+          f"(ms, bf16, {deltanet_results['device']}, {deltanet_results['date']})")
     for T in deltanet_results["config"]["T"]:
-        ours, unchecked, fla, sdpa = (ms.get((n, "fwd", T)) for n in (
-            "chunk_gated_delta_rule", "minisparse, value checks off", "fla:chunk_gated_delta_rule", "SDPA causal"))
-        if None in (ours, fla, sdpa):
-            continue  # a run cut short: this length was not timed
-        unchecked = f"{unchecked:10.3f}" if unchecked is not None else f"{'—':>10s}"  # older runs did not time it
-        print(f"{T:6d} {ours:9.3f} {unchecked} {fla:8.3f} {ours / fla:7.2f}× {sdpa:9.3f}")
-    print("runs:", deltanet_results["config"].get("runs", "one run"))
+        ours, fla, sdpa = (ms.get((n, "fwd", T)) for n in (
+            "minisparse, value checks off", "fla chunk_gated_delta_rule", "SDPA causal"))
+        if None not in (ours, fla, sdpa):
+            print(f"{T:6d} {ours:9.3f} {fla:8.3f} {ours / fla:7.2f}× {sdpa:9.3f}")
 
 # %% [markdown]
 # ## 5.9 Exercises
@@ -2120,7 +2211,7 @@ def _ut_reference(k, beta, g):
 
 
 def check_ut_transform(fn):
-    """Check fn(k [L, K], beta [L], g [L]) -> T = (I + A)⁻¹ [L, L], A_ij = β_i e^{G_i − G_j} (k_i·k_j) for j < i."""
+    """Check fn(k [L, K], beta [L], g [L]) -> A_inv = (I + A)⁻¹ [L, L], A_ij = β_i e^{G_i − G_j} (k_i·k_j), j < i."""
     gen = torch.Generator().manual_seed(52)
     cases = []
     for L, K, low in [(4, 8, -0.5), (16, 16, -1.0), (1, 4, -0.1), (32, 8, -3.0), (8, 4, 0.0)]:
@@ -2189,12 +2280,12 @@ check_delta_step(delta_step_solution)
 # %% [markdown]
 # ### Exercise 2: the UT transform of a chunk
 #
-# Given a chunk's unit keys `k [L, K]`, `beta [L]` and log gates `g [L]`, return $T = (I + A)^{-1}$ with
+# Given a chunk's unit keys `k [L, K]`, `beta [L]` and log gates `g [L]`, return $A_\text{inv} = (I + A)^{-1}$ with
 # $A_{ij} = \beta_i\, e^{G_i - G_j}\, (k_i \cdot k_j)$ for $j < i$ and 0 elsewhere ($G$ the cumulative sum of $g$).
 
 # %%
 def my_ut_transform(k, beta, g):
-    # your code here: return T [L, L]
+    # your code here: return A_inv [L, L]
     raise NotImplementedError
 
 
@@ -2271,9 +2362,11 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   $S \leftarrow S + \beta\, k^\top (v - kS)$. With unit keys and $\beta = 1$ it overwrites the value stored under
 #   $k$; $\beta \in [0, 2]$ keeps it stable. **Gated DeltaNet** adds Mamba2's data-dependent decay $e^{g_t}$.
 # - **The chunkwise form** cannot use chapter 4's powers of $\lambda$: the transition is a product of Householder
-#   matrices. The **UT transform** $T = (I + A)^{-1}$ of each chunk (a unit lower-triangular solve, independent of
-#   the state) gives the **WY representation** $W, \tilde U$; then $U = \tilde U - WS$ and chapter 4's chunk form with
-#   $U$ for $V$ and $e^{G_i - G_j}$ for $\lambda^{i-j}$. Local cumulative gates keep every exponent $\le 0$.
+#   matrices. The **UT transform** $A_\text{inv} = (I + A)^{-1}$ of each chunk (a unit lower-triangular solve,
+#   independent of the state) gives the **WY representation** $W, \tilde U$; then $U = \tilde U - WS$ and chapter 4's
+#   chunk form with $U$ for $V$ and $e^{G_i - G_j}$ for $\lambda^{i-j}$. Local cumulative gates keep every exponent
+#   $\le 0$, and computing each exponent as a sum of gates (never a difference of cumulative sums) keeps the output
+#   and every gradient exact for any finite gate.
 # - **Seen as attention**, a GDN head applies $P = \sigma (QK^\top \odot\Gamma)(I+A)^{-1}\operatorname{diag}(\beta)$:
 #   the latest occurrence of a key wins and earlier ones get negative weight; the state's norm saturates instead of
 #   growing.
@@ -2282,14 +2375,13 @@ check_chunk_cumsum(chunk_cumsum_solution)
 #   L2-normalised $q, k$, gated RMSNorm — equal to `transformers`' `Qwen3NextGatedDeltaNet`, and decoding equals
 #   prefill.
 # - **Triton**: a parallel kernel per chunk for $G$, $A$, the UT transform (by $16 \times 16$ blocks and
-#   $(I - N)(I + N^2) D$) and $W, \tilde U$; a scan over chunks for the states and $U$; a parallel output kernel;
+#   $(I - N)(I + N^2) E$) and $W, \tilde U$; a scan over chunks for the states and $U$; a parallel output kernel;
 #   a fused recurrent kernel for decoding. $q$ and $k$ are normalised inside the kernels, as fp32 scalings, which
 #   is what lets $W$, $\tilde U$, $U$ and the states be stored in bf16 as fla stores them and still stay closer to
 #   the fp32 recurrence than fla. The backward computes the state-free part of $dU$ in parallel, runs a reverse scan
 #   for the state gradients and the rest of $dU$, then one parallel kernel for every other gradient, and a row
 #   kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in fp32, bf16 and fp16; the
-#   forward takes 0.3–1.0× fla's time from 1K to 64K tokens without value checks (1.02–1.05× with them at 32K–64K
-#   in the benchmark run), forward + backward 2.3× fla's from 16K (section 5.8).
+#   forward took 0.3–1.0× fla's time from 1K to 64K tokens, forward + backward 2.3× fla's from 16K (section 5.8).
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
 #

@@ -132,9 +132,9 @@ def checking_values(naive: bool, *tensors: torch.Tensor) -> bool:
 
 
 def value_range(op: str, name: str, t: torch.Tensor, *, low=None, high=None, low_open: bool = False,
-                why: str = "") -> None:
-    """Every value of `t` is a number within [low, high] (`low_open`: > low). One reduction and one host sync; call
-    it only where `checking_values` says so."""
+                finite: bool = False, why: str = "") -> None:
+    """Every value of `t` is a number within [low, high] (`low_open`: > low; `finite`: and not ±inf). One reduction
+    and one host sync; call it only where `checking_values` says so."""
     if t is None or t.numel() == 0:
         return
     x = t.detach().float()
@@ -142,6 +142,9 @@ def value_range(op: str, name: str, t: torch.Tensor, *, low=None, high=None, low
     if nan:
         raise ValueError(f"{op}: {name} contains NaN ({nan} of {t.numel()} values){'; ' + why if why else ''}")
     lo, hi = (float(v) for v in torch.aminmax(x))
+    if finite and not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{op}: {name} must be finite{' (' + why + ')' if why else ''}, got values in "
+                         f"[{lo:.3g}, {hi:.3g}]")
     below = low is not None and (lo <= low if low_open else lo < low)
     above = high is not None and hi > high
     if below or above:
@@ -199,7 +202,19 @@ def choose_backend(value: str, x: torch.Tensor) -> str:
     if value != "auto":
         return value
     usable = x.is_cuda or (runtime.interpreting() and x.device.type == "cpu" and x.dtype != torch.bfloat16)
-    return "triton" if usable else "naive"
+    return "triton" if usable and _has_triton() else "naive"
+
+
+def _has_triton() -> bool:
+    """Whether triton is installed (it is not on macOS or Windows, where the naive ops still run)."""
+    global _triton_found
+    if _triton_found is None:
+        import importlib.util
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
+
+
+_triton_found = None
 
 
 def positive_int(op: str, name: str, value, *, zero: bool = False) -> int:
@@ -227,16 +242,18 @@ def divides(op: str, name: str, value: int, other_name: str, other: int) -> None
         raise ValueError(f"{op}: {name} = {value} must divide {other_name} = {other}")
 
 
-def layer_input(op: str, x, module: torch.nn.Module, layout: str = "[B, T, hidden]", hidden: int | None = None):
+def layer_input(op: str, x, module: torch.nn.Module, layout: str = "[B, T, hidden]", hidden: int | None = None,
+                name: str = "x"):
     """A layer's input: a float tensor of rank `layout` whose last dim is `hidden` and whose dtype and device are the
     layer's parameters' (PyTorch's own message, "expected m1 and m2 to have the same dtype", names neither)."""
-    tensor(op, "x", x, layout)
+    tensor(op, name, x, layout)
     if hidden is not None and x.shape[-1] != hidden:
-        raise ValueError(f"{op}: x must be {layout} with hidden = {hidden}, got {_shape(x)}")
+        raise ValueError(f"{op}: {name} must be {layout} with hidden = {hidden}, got {_shape(x)}")
     p = next(module.parameters(), None)
     if p is not None and x.dtype != p.dtype:
-        raise TypeError(f"{op}: x is {x.dtype} but the layer's parameters are {p.dtype}: convert one of them, e.g. "
-                        f"layer.to({str(x.dtype)}) or x.to({str(p.dtype)})")
+        raise TypeError(f"{op}: {name} is {x.dtype} but the layer's parameters are {p.dtype}: convert one of them, "
+                        f"e.g. layer.to({str(x.dtype)}) or {name}.to({str(p.dtype)})")
     if p is not None and x.device != p.device:
-        raise ValueError(f"{op}: x is on {x.device} but the layer's parameters are on {p.device}: move one of them")
+        raise ValueError(f"{op}: {name} is on {x.device} but the layer's parameters are on {p.device}: move one of "
+                         "them")
     return x

@@ -79,11 +79,19 @@ def reading_size(cpu, gpu):
 def arch(dev: torch.device | str) -> str:
     """The row of `LAUNCH_TABLE` a device reads: "interpreter" for CPU tensors, else "sm_90" (Hopper and newer),
     "sm_80" (Ampere, Ada) or "sm_75" (Turing: a Colab T4) by compute capability."""
-    dev = torch.device(dev)
-    if dev.type != "cuda":
-        return "interpreter"
-    major, _ = torch.cuda.get_device_capability(dev)
-    return "sm_90" if major >= 9 else "sm_80" if major >= 8 else "sm_75"
+    found = _arch_of.get(dev)
+    if found is None:
+        d = torch.device(dev)
+        if d.type != "cuda":
+            found = "interpreter"
+        else:
+            major, _ = torch.cuda.get_device_capability(d)
+            found = "sm_90" if major >= 9 else "sm_80" if major >= 8 else "sm_75"
+        _arch_of[dev] = found
+    return found
+
+
+_arch_of: dict = {}  # device -> arch(device): launches ask on every call
 
 
 # ------------------------------------------------------------------------------------------------- value checks
@@ -212,7 +220,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # up to 512 (the launcher shortens BLOCK_N for larger ones)
     "mla.decode_split": {
         "interpreter": [_cfg(BLOCK_H=16, BLOCK_N=32)],
-        "sm_90": [_cfg(8, 2, BLOCK_H=64, BLOCK_N=32), _cfg(8, 2, BLOCK_H=64, BLOCK_N=64),
+        "sm_90": [_cfg(8, 2, BLOCK_H=64, BLOCK_N=64), _cfg(8, 2, BLOCK_H=64, BLOCK_N=32),
                   _cfg(8, 2, BLOCK_H=32, BLOCK_N=64), _cfg(8, 3, BLOCK_H=64, BLOCK_N=32),
                   _cfg(4, 2, BLOCK_H=32, BLOCK_N=32)],
         "sm_80": [_cfg(8, 1, BLOCK_H=32, BLOCK_N=32), _cfg(8, 2, BLOCK_H=32, BLOCK_N=32),
@@ -291,12 +299,25 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")
 _forced: dict[str, dict] = {}  # kernel -> configuration, set by `launch_config`
 _chosen: dict = {}  # (kernel, row, dtype, key) -> index into the row: the first configuration that fitted
+_rows: dict = {}  # (kernel, device, dtype) -> its LAUNCH_TABLE row
 _tuned: dict = {}  # (kernel, configurations) -> the triton.autotune wrapper of that kernel
 _autotune = False
 
 
 def launch_configs(kernel: str, dev: torch.device | str, dtype: torch.dtype) -> list[dict]:
-    """The launch configurations `LAUNCH_TABLE` gives `kernel` on `dev` for inputs of `dtype`, best first (copies)."""
+    """The launch configurations `kernel` would try on `dev` for inputs of `dtype`, best first (copies): the one
+    `launch_config` forces, if any, else its `LAUNCH_TABLE` row. A launcher that plans on a tile size (a schedule
+    built on the host) reads it here."""
+    if kernel in _forced:
+        return [dict(_forced[kernel])]
+    return [dict(c) for c in _row(kernel, dev, dtype)]
+
+
+def _row(kernel: str, dev, dtype: torch.dtype) -> list[dict]:
+    """The table row `kernel` reads on `dev` for `dtype` (not copied: callers must not modify it)."""
+    found = _rows.get((kernel, dev, dtype))
+    if found is not None:
+        return found
     if kernel not in LAUNCH_TABLE:
         raise KeyError(f"runtime.launch: no launch configurations for {kernel!r}; LAUNCH_TABLE has "
                        f"{sorted(LAUNCH_TABLE)}")
@@ -308,7 +329,8 @@ def launch_configs(kernel: str, dev: torch.device | str, dtype: torch.dtype) -> 
     for name in order:
         for key in ((f"{name}.fp32", name) if dtype == torch.float32 else (name,)):
             if key in rows:
-                return [dict(c) for c in rows[key]]
+                _rows[(kernel, dev, dtype)] = rows[key]
+                return rows[key]
     raise KeyError(f"runtime.launch: LAUNCH_TABLE[{kernel!r}] has no row for {row} (rows: {sorted(rows)})")
 
 
@@ -361,51 +383,68 @@ def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtyp
     configuration is the one forced by `launch_config`, else — with autotuning on and `autotune_key` given — the
     fastest of the row, else the first of the row that compiles within this GPU's shared memory: a launch that asks
     for too much raises OutOfResources before it runs, so the next is tried, and the one that fits is remembered per
-    (kernel, architecture, dtype, key) so later calls go straight to it. When none fits, a RuntimeError names the
+    (kernel, architecture, dtype, key) so later calls go straight to it — `key` must hold whatever `fit` depends on
+    that changes which configurations fit (e.g. a padded head dimension). When none fits, a RuntimeError names the
     kernel and says what to use `instead`.
     """
+    fit = fit or _same
+    forced = _forced.get(kernel)
+    if forced is None and not _autotune:  # the common case: the configuration that fitted last time
+        i = _chosen.get((kernel, arch(device), dtype, key))
+        if i is not None:
+            config = _interpretable(fit(dict(_row(kernel, device, dtype)[i])))
+            try:
+                fn[grid(config)](*args, **constexprs, **config)
+                return config
+            except Exception as err:  # a larger problem of the same key no longer fits: try the row from the top
+                if type(err).__name__ != "OutOfResources":
+                    raise
     from triton.runtime.errors import OutOfResources  # here: triton is imported after the interpreter is chosen
 
-    fit = fit or (lambda c: c)
-    if kernel in _forced:
-        configs = [fit(dict(_forced[kernel]))]
-    else:
-        configs = [fit(c) for c in launch_configs(kernel, device, dtype)]
-    unique = []
-    for c in configs:
-        if c not in unique:
-            unique.append(c)
-    configs = unique
-    if interpreting():  # the interpreter ignores warps and stages
-        configs = [{k: v for k, v in c.items() if k not in ("num_warps", "num_stages")} for c in configs]
+    row = [forced] if forced is not None else _row(kernel, device, dtype)
+    configs = []  # (index in the row, fitted configuration), duplicates after fitting dropped
+    for i, c in enumerate(row):
+        fitted = _interpretable(fit(dict(c)))
+        if all(fitted != f for _, f in configs):
+            configs.append((i, fitted))
 
-    if _autotune and autotune_key and kernel not in _forced and len(configs) > 1 and not interpreting():
+    if _autotune and autotune_key and forced is None and len(configs) > 1 and not interpreting():
         import triton
 
-        tiles_key = (kernel, tuple(tuple(sorted(c.items())) for c in configs), tuple(autotune_key))
+        tiles_key = (kernel, tuple(tuple(sorted(c.items())) for _, c in configs), tuple(autotune_key))
         if tiles_key not in _tuned:
             candidates = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                                        num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
+                                        num_warps=c["num_warps"], num_stages=c["num_stages"]) for _, c in configs]
             _tuned[tiles_key] = triton.autotune(candidates, key=list(autotune_key))(fn)
         tuned = _tuned[tiles_key]
         tuned[grid](*args, **constexprs)
-        return dict(tuned.best_config.all_kwargs()) if tuned.best_config is not None else configs[0]
+        return dict(tuned.best_config.all_kwargs()) if tuned.best_config is not None else configs[0][1]
 
-    remembered = (kernel, arch(device), dtype, key)
-    start = 0 if kernel in _forced else _chosen.get(remembered, 0)
     last = None
-    for i in range(start, len(configs)):
+    for i, config in configs:
         try:
-            fn[grid(configs[i])](*args, **constexprs, **configs[i])
+            fn[grid(config)](*args, **constexprs, **config)
         except OutOfResources as err:  # raised at launch, before the kernel runs: nothing was written
             last = err
             continue
-        if kernel not in _forced:
-            _chosen[remembered] = i
-        return configs[i]
+        if forced is None:
+            _chosen[(kernel, arch(device), dtype, key)] = i
+        return config
     raise RuntimeError(f"{kernel}: the kernel needs more shared memory than this GPU gives a block ({last}), even "
                        f"with the narrowest tiles of runtime.LAUNCH_TABLE. Use smaller head dimensions, or "
                        f"{instead}") from last
+
+
+def _same(config: dict) -> dict:
+    return config
+
+
+def _interpretable(config: dict) -> dict:
+    """The interpreter takes no warps or stages."""
+    if interpreting():
+        config.pop("num_warps", None)
+        config.pop("num_stages", None)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------- reporting

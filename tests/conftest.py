@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import minisparse  # noqa: F401  before any test module imports fla (which imports triton): see minisparse.runtime
+
 
 @pytest.fixture
 def poisoned(monkeypatch):

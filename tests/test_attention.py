@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minisparse.attention.layer as layer_module
+from minisparse import runtime
 from minisparse.attention import (
     Attention, KVCache, RotaryEmbedding, apply_rope, attended_pairs, attention_bytes, attention_flops,
     attention_mask, attention_ref, attention_weights, check_kv_cache_bytes, check_online_softmax,
-    check_window_blocks, kv_cache_bytes_per_token, softmax_state,
+    check_window_blocks, flash_attention, kv_cache_bytes_per_token, softmax_state,
 )
 from minisparse.testing import TOLERANCES, ExerciseError, assert_close, make_bthd, make_qkv
 
@@ -274,48 +276,166 @@ def test_layer_matches_transformers(kind):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_raise_clear_errors():
-    q, k, v = make_qkv(1, 8, 4, 16, HKV=2)
-    with pytest.raises(ValueError, match="same head dim, got q 16 and k 32"):
-        attention_ref(q, make_bthd(1, 8, 2, 32), v)
-    with pytest.raises(ValueError, match="q must have 4 dims"):
-        attention_ref(q[0], k, v)
-    with pytest.raises(ValueError, match="HQ=4, HKV=3"):
-        attention_ref(q, make_bthd(1, 8, 3, 16), make_bthd(1, 8, 3, 16))
-    with pytest.raises(ValueError, match="needs causal=True"):
-        attention_ref(q, k, v, causal=False, window=4)
-    with pytest.raises(ValueError, match="window"):
-        attention_ref(q, k, v, window=0)
-    with pytest.raises(ValueError, match="must agree on B, Tk, HKV"):
-        attention_ref(q, k, v[:, :7])
-    with pytest.raises(ValueError, match="Tq <= Tk"):
-        attention_ref(q, k[:, :5], v[:, :5])
-    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
-        attention_ref(q, k.numpy(), v)
-    with pytest.raises(TypeError, match="floating point"):
-        attention_ref(q, k.int(), v)
-    with pytest.raises(TypeError, match="share a dtype"):
-        attention_ref(q, k.double(), v)
-    with pytest.raises(ValueError, match="batch size 1"):
-        attention_ref(q, make_bthd(2, 8, 2, 16), make_bthd(2, 8, 2, 16))
-    with pytest.raises(ValueError, match="even D"):
-        apply_rope(make_bthd(1, 4, 1, 7), torch.arange(4))
-    with pytest.raises(ValueError, match="positions must be"):
-        apply_rope(q, torch.arange(5))
-    with pytest.raises(TypeError, match="integers"):
-        RotaryEmbedding(16)(q, torch.arange(8.0))
-    with pytest.raises(ValueError, match="num_kv_heads must divide"):
-        Attention(64, 4, 3)
-    with pytest.raises(ValueError, match="backend"):
-        Attention(64, 4, backend="cuda")
-    layer = Attention(32, 2)
-    with pytest.raises(ValueError, match="hidden_size=32"):
-        layer(torch.randn(1, 3, 16))
+# One table for the reference and the kernel: flash_attention accepts what attention_ref accepts and rejects the
+# rest with the same message (tests/test_flash_attention.py has the kernel's own limits).
+DEV = runtime.device()
+
+
+def _good_args():
+    q, k, v = make_qkv(1, 8, 4, 16, HKV=2, device=DEV)
+    return dict(q=q, k=k, v=v)
+
+
+BAD_ARGS = [
+    # (description, mutate(args), exception, regex the message must match)
+    ("q not a tensor", lambda a: a.update(q=a["q"].tolist()), TypeError, "q must be a torch.Tensor"),
+    ("k a numpy array", lambda a: a.update(k=a["k"].cpu().numpy()), TypeError, "k must be a torch.Tensor"),
+    ("q 3-D", lambda a: a.update(q=a["q"][0]), ValueError, r"q must be 4-D \[B, Tq, HQ, D\], got shape \(8, 4, 16\)"),
+    ("int k", lambda a: a.update(k=a["k"].int()), TypeError, "k must be one of .*, got torch.int32"),
+    ("mixed dtypes", lambda a: a.update(k=a["k"].half()), TypeError, "must share one dtype"),
+    ("head dims differ", lambda a: a.update(k=make_bthd(1, 8, 2, 32, device=DEV)), ValueError,
+     r"k must be \[B, Tk, HKV, D\] = \(1, 8, 2, 16\) \(q's batch size and head dim\), got \(1, 8, 2, 32\)"),
+    ("batch differs", lambda a: a.update(k=make_bthd(2, 8, 2, 16, device=DEV), v=make_bthd(2, 8, 2, 16, device=DEV)),
+     ValueError, "q's batch size"),
+    ("v shorter than k", lambda a: a.update(v=a["v"][:, :7]), ValueError,
+     r"v must be \[B, Tk, HKV, Dv\] = \(1, 8, 2, 16\) \(k's batch, length and heads\)"),
+    ("v heads differ", lambda a: a.update(v=make_bthd(1, 8, 1, 16, device=DEV)), ValueError, "k's batch, length and heads"),
+    ("heads do not divide", lambda a: a.update(k=make_bthd(1, 8, 3, 16, device=DEV), v=make_bthd(1, 8, 3, 16, device=DEV)),
+     ValueError, r"HKV \(k's heads\) = 3 must divide HQ \(q's heads, GQA groups\) = 4"),
+    ("Tq > Tk", lambda a: a.update(k=a["k"][:, :5], v=a["v"][:, :5]), ValueError, "Tq <= Tk, got Tq=8, Tk=5"),
+    ("window 0", lambda a: a.update(window=0), ValueError, "window must be an int > 0, got 0"),
+    ("window float", lambda a: a.update(window=2.5), ValueError, "window must be an int > 0, got 2.5"),
+    ("window bool", lambda a: a.update(window=True), ValueError, "window must be an int > 0, got True"),
+    ("window without causal", lambda a: a.update(window=4, causal=False), ValueError, "window=4 needs causal=True"),
+    ("negative scale", lambda a: a.update(scale=-0.5), ValueError, "scale must be a positive number or None"),
+    ("scale a string", lambda a: a.update(scale="0.5"), ValueError, "scale must be a positive number or None"),
+    ("nan scale", lambda a: a.update(scale=float("nan")), ValueError, "scale must be a positive number or None"),
+]
+
+
+@pytest.mark.parametrize("op", [attention_ref, flash_attention], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("desc,mutate,exc,match", BAD_ARGS, ids=[b[0] for b in BAD_ARGS])
+def test_bad_args_raise(op, desc, mutate, exc, match):
+    args = _good_args()
+    mutate(args)
+    with pytest.raises(exc, match=match) as info:
+        op(**args)
+    assert str(info.value).startswith(f"{op.__name__}: "), "the message names the op"
+
+
+BAD_CALLS = [
+    # (description, call, exception, regex) for RoPE, the KV cache and attention_weights
+    ("rope odd D", lambda: apply_rope(make_bthd(1, 4, 1, 7), torch.arange(4)), ValueError, "even D"),
+    ("rope positions length", lambda: apply_rope(make_bthd(1, 8, 2, 16), torch.arange(5)), ValueError,
+     "positions must be"),
+    ("rope float positions", lambda: RotaryEmbedding(16)(make_bthd(1, 8, 2, 16), torch.arange(8.0)), TypeError,
+     "integers"),
+    ("cache heads", lambda: KVCache(2, 5, 2, 4).append(make_bthd(2, 1, 1, 4), make_bthd(2, 1, 1, 4)), ValueError,
+     "KVCache.append"),
+    ("weights heads do not divide", lambda: attention_weights(make_bthd(1, 8, 4, 16), make_bthd(1, 8, 3, 16)),
+     ValueError, "attention_weights: HKV"),
+]
+
+
+@pytest.mark.parametrize("desc,call,exc,match", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+def test_bad_calls_raise(desc, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------- layer arguments and input
+LAYER = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+BAD_LAYER_ARGS = [
+    # (description, changed constructor arguments, exception, regex)
+    ("hidden_size 0", dict(hidden_size=0), ValueError, "hidden_size must be an int > 0, got 0"),
+    ("num_heads float", dict(num_heads=4.0), ValueError, "num_heads must be an int > 0, got 4.0"),
+    ("num_kv_heads 0", dict(num_kv_heads=0), ValueError, "num_kv_heads must be an int > 0, got 0"),
+    ("num_kv_heads does not divide", dict(num_kv_heads=3), ValueError, "num_kv_heads = 3 must divide num_heads = 4"),
+    ("heads do not split hidden", dict(hidden_size=30, head_dim=None), ValueError,
+     r"num_heads \(with head_dim=None\) = 4 must divide hidden_size = 30"),
+    ("head_dim negative", dict(head_dim=-16), ValueError, "head_dim must be an int > 0, got -16"),
+    ("rotary_dim 0", dict(rotary_dim=0), ValueError, "rotary_dim must be an int > 0, got 0"),
+    ("rotary_dim odd", dict(rotary_dim=7), ValueError, "rotary_dim must be even and <= head_dim = 16, got 7"),
+    ("rotary_dim > head_dim", dict(rotary_dim=32), ValueError, "<= head_dim = 16, got 32"),
+    ("window 0", dict(window=0), ValueError, "Attention: window must be an int > 0, got 0"),
+    ("norm_eps 0", dict(norm_eps=0.0), ValueError, "norm_eps must be a positive number, got 0.0"),
+    ("rope_theta negative", dict(rope_theta=-1.0), ValueError, "rope_theta must be a positive number"),
+    ("backend 'ref' (renamed 'naive')", dict(backend="ref"), ValueError,
+     "backend must be 'auto', 'naive' or 'triton', got 'ref'"),
+    ("backend 'flash' (renamed 'triton')", dict(backend="flash"), ValueError, "got 'flash'"),
+]
+
+
+@pytest.mark.parametrize("desc,changes,exc,match", BAD_LAYER_ARGS, ids=[b[0] for b in BAD_LAYER_ARGS])
+def test_layer_rejects_bad_arguments(desc, changes, exc, match):
+    with pytest.raises(exc, match=match):
+        Attention(**{**LAYER, **changes})
+
+
+BAD_LAYER_INPUTS = [
+    ("not a tensor", lambda: [[0.0] * 64], TypeError, "x must be a torch.Tensor"),
+    ("2-D", lambda: torch.randn(3, 64), ValueError, r"x must be 3-D \[B, T, hidden\]"),
+    ("wrong hidden", lambda: torch.randn(1, 3, 16), ValueError, "hidden = 64, got"),
+    ("fp16 into an fp32 layer", lambda: torch.randn(1, 3, 64).half(), TypeError,
+     "x is torch.float16 but the layer's parameters are torch.float32"),
+]
+
+
+@pytest.mark.parametrize("desc,make,exc,match", BAD_LAYER_INPUTS, ids=[b[0] for b in BAD_LAYER_INPUTS])
+def test_layer_rejects_bad_input(desc, make, exc, match):
+    with pytest.raises(exc, match=match):
+        Attention(**LAYER)(make())
+
+
+def test_layer_cache_overflow_says_so():
+    layer = Attention(32, 2, backend="naive")
     cache = layer.new_cache(1, 4)
     with torch.no_grad():
         layer(torch.randn(1, 3, 32), cache)
         with pytest.raises(ValueError, match="do not fit"):
             layer(torch.randn(1, 2, 32), cache)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_accepts_zero_tokens(backend):
+    """T = 0 (an empty prompt chunk) gives an empty output, with or without a cache, and a gradient."""
+    layer = Attention(**LAYER, backend=backend).to(DEV)
+    x = torch.randn(2, 0, 64, device=DEV, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, 64)
+    y.sum().backward()
+    cache = layer.new_cache(2, 4)
+    with torch.no_grad():
+        assert layer(torch.randn(2, 0, 64, device=DEV), cache).shape == (2, 0, 64) and len(cache) == 0
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float32, "triton"), (torch.bfloat16, "naive")])
+def test_layer_auto_backend(monkeypatch, dtype, expected):
+    """backend="auto" runs the kernels where they run (CUDA; fp32 under the interpreter) and attention_ref otherwise."""
+    calls = []
+    monkeypatch.setattr(layer_module, "flash_attention", lambda *a, **kw: calls.append("triton") or attention_ref(*a, **kw))
+    monkeypatch.setattr(layer_module, "attention_ref", lambda *a, **kw: calls.append("naive") or attention_ref(*a, **kw))
+    layer = Attention(**LAYER).to(dtype)
+    assert layer.backend == "auto"
+    with torch.no_grad():
+        layer(torch.randn(1, 5, 64, dtype=dtype))
+    if not runtime.interpreting():
+        expected = "naive"  # CPU tensors without the interpreter: the kernels cannot run them
+    assert calls == [expected]
+
+
+@pytest.mark.parametrize("kw", LAYER_VARIANTS[1:], ids=lambda kw: ",".join(kw))
+def test_layer_backends_agree(kw):
+    """backend="triton" (section 1.5's kernels) equals backend="naive" (attention_ref), forward and gradients."""
+    torch.manual_seed(4)
+    naive = Attention(48, 6, 2, 16, backend="naive", **kw).to(DEV)
+    triton_ = Attention(48, 6, 2, 16, backend="triton", **kw).to(DEV)
+    triton_.load_state_dict(naive.state_dict())
+    x = torch.randn(2, 21, 48, device=DEV, requires_grad=True)
+    y_naive, y_triton = naive(x), triton_(x)
+    assert_close("forward", y_naive, y_triton, 1e-5)
+    (g_naive,), (g_triton,) = (torch.autograd.grad(y.square().sum(), x) for y in (y_naive, y_triton))
+    assert_close("dx", g_naive, g_triton, 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ cost model

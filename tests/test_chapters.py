@@ -1,5 +1,7 @@
-"""The single-source pipeline: chapters → package export, .py ↔ .ipynb pairing, the setup cell and the URL."""
+"""The single-source pipeline: chapters → package export (one definition per public name), .py ↔ .ipynb pairing,
+no machine paths in notebook outputs, the setup cell and the URL; and the package data pyproject declares."""
 import importlib.util
+import json
 import pathlib
 import shutil
 import textwrap
@@ -24,6 +26,15 @@ def test_every_chapter_has_its_executed_notebook():
 
 def test_every_chapter_starts_with_the_setup_cell_and_the_book_uses_the_project_url():
     assert tool.setup_problems() == []
+
+
+def test_package_data_declared_in_pyproject_exists():
+    """A declared file that does not exist is left out of the wheel without a word (py.typed: the package's types)."""
+    declared = tool.tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert declared
+    for package, patterns in declared.items():
+        for pattern in patterns:
+            assert list((ROOT / package.replace(".", "/")).glob(pattern)), f"no file matches {package}/{pattern}"
 
 
 def test_setup_cell_installs_from_the_branch_the_colab_button_opens():
@@ -117,3 +128,81 @@ def test_two_chapters_cannot_export_the_same_module(sandbox):
         (sandbox / "chapters" / f"{n}_dup.py").write_text("# %%\n#| export dup.naive\nx = 1\n")
     with pytest.raises(SystemExit, match="one place only"):
         tool.render_package()
+
+
+def test_no_public_name_is_defined_twice_in_a_subpackage():
+    assert tool.name_problems() == []
+
+
+def test_no_notebook_output_shows_a_path_of_the_build_machine():
+    assert tool.output_problems() == []
+
+
+DEMO_MODULES = '''\
+# %%
+#| export demo.naive
+def double(x):
+    return 2 * x
+
+# %%
+#| export demo.triton
+def {second}(x):
+    return x + x
+'''
+
+
+def test_check_catches_a_public_name_defined_in_two_modules_of_a_subpackage(sandbox):
+    (sandbox / "chapters" / "98_demo.py").write_text(DEMO_MODULES.format(second="triple"))
+    assert tool.name_problems() == []
+    (sandbox / "chapters" / "98_demo.py").write_text(DEMO_MODULES.format(second="double"))
+    assert tool.name_problems() == ["minisparse/demo: `double` is defined in naive.py and triton.py "
+                                    "(chapters/98_demo.py): define it once in the subpackage (rename one, or import "
+                                    "it from the other module)"]
+
+
+def test_check_catches_a_public_name_defined_twice_in_one_module(sandbox):
+    (sandbox / "chapters" / "98_demo.py").write_text(
+        "# %%\n#| export demo.naive\nSCALE = 1.0\n\n# %%\n#| export demo.naive\n_X = 0\nSCALE: float = 2.0\n")
+    problems = tool.name_problems()
+    assert [p.split(":")[1] for p in problems] == [" `SCALE` is defined in naive.py 2 times (chapters/98_demo.py)"]
+
+
+# (output as a notebook stores it, whether a path of the build machine is in it)
+OUTPUTS = [
+    ({"output_type": "stream", "name": "stderr",
+      "text": ["/work/main/.venv/lib/python3.11/site-packages/fla/utils/hardware.py:62: UserWarning: no GPU\n"]}, True),
+    ({"output_type": "stream", "name": "stdout", "text": "wrote /tmp/tiles.json\n"}, True),
+    ({"output_type": "stream", "name": "stdout", "text": "cache in /home/ada/.cache/triton\n"}, True),
+    ({"output_type": "stream", "name": "stdout", "text": "/root/minisparse/chapters\n"}, True),
+    ({"output_type": "stream", "name": "stdout", "text": "/Users/ada/minisparse\n"}, True),
+    ({"output_type": "stream", "name": "stderr", "text": "C:\\Users\\ada\\minisparse\\runtime.py:3: Warning\n"}, True),
+    ({"output_type": "stream", "name": "stderr", "text": "/usr/lib/python3/dist-packages/numpy/core.py:1\n"}, True),
+    ({"output_type": "execute_result", "execution_count": 1, "metadata": {},
+      "data": {"text/plain": "PosixPath('/opt/conda/lib/python3.11/site-packages/torch')"}}, True),
+    ({"output_type": "error", "ename": "ValueError", "evalue": "bad",
+      "traceback": ["\x1b[0;31mValueError\x1b[0m", "File \x1b[0;32m/work/main/minisparse/runtime.py:12\x1b[0m"]}, True),
+    ({"output_type": "stream", "name": "stdout", "text": "see https://github.com/home/x and the tmp/ folder\n"}, False),
+    ({"output_type": "stream", "name": "stdout", "text": "bench/results/attention.json, chapters/01_attention.py\n"},
+     False),
+    ({"output_type": "display_data", "metadata": {},
+      "data": {"image/png": "iVBORw0KGgo/work/home/tmp/", "text/plain": "<Figure size 640x480 with 1 Axes>"}}, False),
+]
+
+
+@pytest.mark.parametrize("output, has_path", OUTPUTS)
+def test_machine_paths_are_found_in_every_kind_of_output_and_only_there(output, has_path):
+    found = [p for text in tool.output_texts(output) for p in tool.machine_paths(text)]
+    assert bool(found) == has_path, found
+
+
+def test_check_catches_a_machine_path_planted_in_a_notebook_output(sandbox):
+    nb_path = tool.chapter_files()[0].with_suffix(".ipynb")
+    assert not any(p.startswith(nb_path.name) for p in tool.output_problems())
+    nb = json.loads(nb_path.read_text())
+    cell = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and i > 0)
+    nb["cells"][cell]["outputs"].append(OUTPUTS[0][0])
+    nb_path.write_text(json.dumps(nb))
+    planted = [p for p in tool.output_problems() if p.startswith(nb_path.name)]
+    assert len(planted) == 1
+    assert planted[0].startswith(f"{nb_path.name}: cell {cell + 1}'s output shows a path of the machine that ran it "
+                                 "('/work/main/.venv/lib/python3.11/site-packages/fla/")

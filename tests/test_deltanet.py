@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import minisparse  # noqa: F401  (sets up the runtime)
-from minisparse import runtime
+from minisparse import _checks, runtime
 from minisparse.deltanet import (GatedDeltaNet, check_chunk_cumsum, check_delta_step, check_ut_transform,
                                  chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm,
                                  naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
@@ -270,6 +270,74 @@ def test_triton_chunk_gradients(T, H, HV, K, V, gates, state, final):
             assert_close(name, r, c, 1e-4 if DEV == "cpu" else 2e-3)  # GPU fp32: cuBLAS/Triton may use TF32
 
 
+def _extreme_gates(kind, T, HV, seed):
+    """Valid but very negative log decays: "strong" all in [-200, -50] a token (the first above -80, so that the
+    initial state's gradient, of size e^{g_0}, stays a normal float32 number); "mixed" 30 % of the tokens in
+    [-200, -50] among gates in [-2, 0]; "huge" 30 % at -1e5 to -1e30 among gates in [-2, 0]."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "strong":
+        g = make_log_gates(1, T, HV, low=-200.0, high=-50.0, seed=seed)
+        g[:, 0] = g[:, 0].clamp(min=-80.0)
+        return g
+    g = make_log_gates(1, T, HV, low=-2.0, high=0.0, seed=seed)
+    pick = torch.rand(1, T, HV, generator=gen) < 0.3
+    low = -150 * torch.rand(1, T, HV, generator=gen) - 50 if kind == "mixed" else \
+        -(10.0 ** (5 + 25 * torch.rand(1, T, HV, generator=gen)))
+    return torch.where(pick, low, g)
+
+
+def _chunk_by_differences(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm=True,
+                          chunk_size=64):
+    """The known-wrong variant: the chunk form with Γ_ij = exp(G_i − G_j), differences of cumulative sums, as the
+    chunk form is usually written. Exact in exact arithmetic; in float32 it loses the digits that very negative gates
+    leave, in the forward (mixed gates) and in dg (its autograd forms ∂L/∂G, then a reverse cumulative sum)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    q, k = l2norm(q).repeat_interleave(HV // H, 2), l2norm(k).repeat_interleave(HV // H, 2)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    g, beta = g.transpose(1, 2), beta.transpose(1, 2)
+    S, outs = initial_state.float(), []
+    for c0 in range(0, T, chunk_size):
+        L = min(chunk_size, T - c0)
+        qc, kc, vc, bc = q[:, :, c0:c0 + L], k[:, :, c0:c0 + L], v[:, :, c0:c0 + L], beta[:, :, c0:c0 + L]
+        G = g[:, :, c0:c0 + L].cumsum(-1)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        Gamma = torch.exp(torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")))
+        A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)
+        rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)
+        WU = torch.linalg.solve_triangular(torch.eye(L) + A, rhs, upper=False, unitriangular=True)
+        U = WU[..., K:] - WU[..., :K] @ S
+        outs.append(K ** -0.5 * ((qc * G.exp()[..., None]) @ S + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U))
+        S = G[..., -1, None, None].exp() * S + (kc * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ U
+    return torch.cat(outs, dim=2).transpose(1, 2), S
+
+
+@pytest.mark.parametrize("kind", ["strong", "mixed", "huge"])
+@pytest.mark.parametrize("fn", ["chunk_gated_delta_rule", "naive_chunk_gated_delta_rule"])
+def test_very_negative_gates_keep_forward_and_gradients_exact(poisoned, kind, fn):
+    """Gates far below what models produce but valid (finite, ≤ 0): the output, the final state and every gradient,
+    dg included, within 1e-5 of autograd through the recurrence in float32 on a CPU — ten times inside the book's fp32
+    bound; float32's own rounding gives about 1e-7. The chunk forms compute each decay as a sum of the gates it spans
+    and assemble dg term by term. The known-wrong variant, the same chunk form with differences of cumulative sums,
+    must miss that bound (by 5e-5 under "mixed" gates, up to 100 % under "strong" and "huge" ones)."""
+    T, HV = 70, 2
+    q, k, v, _, beta, h0 = _inputs(1, T, 1, HV, 16, 24, normalise=False, seed=31)
+    g = _extreme_gates(kind, T, HV, seed=32)
+    gen = torch.Generator().manual_seed(33)
+    do, dht = torch.randn(1, T, HV, 24, generator=gen), torch.randn(1, HV, 16, 24, generator=gen)
+    ref = _grads(naive_recurrent_gated_delta_rule, (q, k, v, g, beta, h0), do, dht, use_qk_l2norm=True)
+    if fn == "chunk_gated_delta_rule":
+        got = _grads(chunk_gated_delta_rule, _dev(q, k, v, g, beta, h0), do.to(DEV), dht.to(DEV),
+                     use_qk_l2norm=True)
+    else:
+        got = _grads(naive_chunk_gated_delta_rule, (q, k, v, g, beta, h0), do, dht, use_qk_l2norm=True, chunk_size=16)
+    for name, r, c in zip(NAMES, ref, got):
+        assert_close(f"{name} ({kind} gates)", r, c.cpu(), 1e-5 if DEV == "cpu" or fn.startswith("naive") else 2e-3)
+    wrong = _grads(_chunk_by_differences, (q, k, v, g, beta, h0), do, dht)  # on the CPU, in float32
+    worst = max(rel_rms(c, r) for name, r, c in zip(NAMES, ref, wrong) if name in ("o", "dg"))
+    assert worst > 1e-5, f"the test cannot tell differences of cumulative sums from sums ({worst:.1e})"
+
+
 def test_triton_delta_rule_gradients_and_partial_tracking():
     q, k, v, g, beta, h0 = _dev(*_inputs(1, 70, 2, 2, 32, 16, normalise=True))
     do = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(4)).to(DEV)
@@ -340,27 +408,58 @@ def test_triton_half_precision(T, H, HV, K, V, gates, dtype):
     assert_close(f"fused recurrent final state ({dtype})", ref[1], s_f, 5e-3)
 
 
-def test_value_checks_can_be_turned_off():
-    """runtime.set_value_checks(False) skips the range checks (and their host sync), never the shape checks; the
-    ops then compute what they are given: a slightly positive log decay gives the recurrence's answer."""
+def test_value_checks_follow_the_rule():
+    """The Triton ops check g's and β's values on CPU tensors always, and on CUDA tensors only after
+    runtime.set_value_checks(True), before launching; unchecked, they compute what they are given (a slightly
+    positive log decay gives the recurrence's answer). Shapes are checked either way."""
     q, k, v, g, beta, h0 = (x.to(DEV) for x in _inputs(1, 70, 1, 2, 16, 16))
     g_up = g.abs() * 0.01  # exp(g) slightly above 1: outside the model's range, still a well-defined recurrence
-    with pytest.raises(ValueError, match="g must be finite and <= 0"):
-        chunk_gated_delta_rule(q, k, v, g_up, beta)
-    assert runtime.checking_values()
     previous = runtime.set_value_checks(False)
     try:
-        assert previous is True and not runtime.checking_values()
-        ref = naive_recurrent_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
-        got = chunk_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
-        assert_close("o with g > 0, value checks off", ref, got, 1e-4 if DEV == "cpu" else 2e-3)
-        with pytest.raises(ValueError, match="beta must be"):  # shapes are still checked
+        if DEV == "cpu":
+            with pytest.raises(ValueError, match="g must be > -inf and <= 0"):
+                chunk_gated_delta_rule(q, k, v, g_up, beta)
+        else:
+            ref = naive_recurrent_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
+            got = chunk_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
+            assert_close("o with g > 0, value checks off", ref, got, 2e-3)
+        with pytest.raises(ValueError, match="beta must be"):  # shapes are always checked
             chunk_gated_delta_rule(q, k, v, g, beta[:, :-1])
+        runtime.set_value_checks(True)
+        with pytest.raises(ValueError, match="g must be > -inf and <= 0"):
+            chunk_gated_delta_rule(q, k, v, g_up, beta)
+        with pytest.raises(ValueError, match="g contains NaN"), torch.no_grad():
+            fused_recurrent_gated_delta_rule(q, k, v, torch.full_like(g, float("nan")), beta)
     finally:
         runtime.set_value_checks(previous)
-    assert runtime.checking_values()
-    with pytest.raises(TypeError, match="True or False"):
-        runtime.set_value_checks(0)
+    with pytest.raises(ValueError, match="g must be > -inf and <= 0"):  # the naive ops check always
+        naive_recurrent_gated_delta_rule(q, k, v, g_up, beta)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_never_rechecks_its_own_gates(monkeypatch, backend):
+    """GatedDeltaNet builds g = −exp(A_log)·softplus(…) ≤ 0 and β = σ(b) itself: its forward (prefill, a short
+    step and single-token decoding) never asks for a value check, while the public ops it calls do."""
+    calls = []
+    real = _checks.value_range
+    monkeypatch.setattr(_checks, "value_range", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    layer = GatedDeltaNet(32, 2, 4, 16, 16, backend=backend)
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(0)).to(DEV if backend == "triton" else "cpu")
+    layer = layer.to(x.device)
+    with torch.no_grad():
+        _, st = layer(x[:, :30], use_cache=True)
+        _, st = layer(x[:, 30:33], state=st)
+        layer(x[:, 33:34], state=st)
+    layer(x)[0].sum().backward()
+    assert calls == [], calls
+    q, k, v, g, beta, _ = (None if t is None else t.to(x.device) for t in _inputs(1, 8, 2, 4, 16, 16, state=False))
+    fn = chunk_gated_delta_rule if backend == "triton" else naive_chunk_gated_delta_rule
+    previous = runtime.set_value_checks(True)  # on CUDA the Triton op checks values only when asked
+    try:
+        fn(q, k, v, g, beta)
+    finally:
+        runtime.set_value_checks(previous)
+    assert calls == ["g", "beta"], calls  # the control: the op itself checks
 
 
 def test_triton_errors(monkeypatch):
@@ -381,89 +480,104 @@ def test_triton_errors(monkeypatch):
             chunk_gated_delta_rule(q.detach(), k, v, g, beta)
 
 
-def test_launch_falls_back_to_narrower_tiles_and_explains_when_none_fit():
-    """A GPU with little shared memory (a T4 gives a block 64 KiB) makes wide tiles raise OutOfResources at launch:
-    the next configuration is tried; when none fits, the error says what to use instead."""
-    from triton.runtime.errors import OutOfResources
-
-    from minisparse import runtime
-    from minisparse.deltanet import triton as dt
-
-    class FakeKernel:  # fits only when BV <= limit
-        __name__ = "_fake_kernel"
-
-        def __init__(self, limit):
-            self.limit, self.calls = limit, []
-
-        def __getitem__(self, grid):
-            def run(*args, BV, **kw):
-                self.calls.append((grid, BV, kw))
-                if BV > self.limit:
-                    raise OutOfResources(1000 * BV, 1000 * self.limit, "shared memory")
-            return run
-
-    configs = dt._tiles(128, 64, 32, 16, num_stages=1)
-    assert [c["BV"] for c in configs] == [64, 32, 16] and dt._tiles(16, 64, 32, 16) == [dict(BV=16)]
-    k = FakeKernel(limit=16)
-    cfg = runtime.launch("op", k, lambda c: (128 // c["BV"],), (1, 2), dict(C=64), configs, dt._INSTEAD)
-    assert cfg == dict(BV=16, num_stages=1)
-    assert [(g, bv) for g, bv, _ in k.calls] == [((2,), 64), ((4,), 32), ((8,), 16)]
-    assert k.calls[-1][2] == dict(C=64, num_stages=1)
-    with pytest.raises(RuntimeError, match="_fake_kernel.*naive_chunk_gated_delta_rule"):
-        runtime.launch("op", FakeKernel(limit=8), lambda c: (1,), (), {}, configs, dt._INSTEAD)
+def test_forced_tiles_give_the_same_results(poisoned):
+    """Every kernel of the chunk op under a forced narrow V-tile (runtime.launch_config), as a GPU with little shared
+    memory would run it: V = 48 in three tiles of 16, forward and every gradient equal to the default tiles'."""
+    inputs = _dev(*_inputs(1, 70, 1, 2, 32, 48, normalise=False, seed=4))
+    gen = torch.Generator().manual_seed(5)
+    do, dht = torch.randn(1, 70, 2, 48, generator=gen).to(DEV), torch.randn(1, 2, 32, 48, generator=gen).to(DEV)
+    ref = _grads(chunk_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)
+    with contextlib.ExitStack() as stack:
+        for name in ("deltanet.fwd_wy", "deltanet.fwd_states", "deltanet.fwd_states.recompute", "deltanet.fwd_output",
+                     "deltanet.bwd_du_local", "deltanet.bwd_states", "deltanet.bwd_chunk"):
+            stack.enter_context(runtime.launch_config(name, BV=16, num_warps=4, num_stages=1))
+        stack.enter_context(runtime.launch_config("deltanet.rows", BR=4, num_warps=4, num_stages=1))
+        got = _grads(chunk_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)
+    for name, r, c in zip(NAMES, ref, got):
+        assert_close(f"{name} (V-tiles of 16)", r, c, 1e-5 if DEV == "cpu" else 2e-3)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def _bad_cases():
+def _ok():
     q, k, v, g, beta, h0 = _inputs(1, 8, 2, 4, 16, 24)
-    ok = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
-    return [
-        ("g", dict(ok, g=g[..., :2]), ValueError),  # gate per key head instead of value head
-        ("g", dict(ok, g=g[:, :, :, None]), ValueError),
-        ("g", dict(ok, g=g.abs() + 0.1), ValueError),  # positive log decay
-        ("g", dict(ok, g=torch.full_like(g, float("nan"))), ValueError),
-        ("g", dict(ok, g=torch.full_like(g, float("-inf"))), ValueError),
-        ("beta", dict(ok, beta=beta + 2.5), ValueError),
-        ("beta", dict(ok, beta=-beta - 0.1), ValueError),
-        ("beta", dict(ok, beta=beta[..., 0]), ValueError),
-        ("initial_state", dict(ok, initial_state=h0[:, :2]), ValueError),
-        ("initial_state", dict(ok, initial_state=h0.transpose(-1, -2)), ValueError),
-        ("v", dict(ok, v=torch.randn(1, 8, 3, 24)), ValueError),  # HV not a multiple of H
-        ("k", dict(ok, k=k[:, :, :, :8]), ValueError),
-        ("q", dict(ok, q=q[0]), ValueError),
-        ("dtype", dict(ok, k=k.double()), TypeError),
-        ("beta", dict(ok, beta=beta.tolist()), TypeError),
-    ]
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
+
+
+# (change to valid inputs, exception, message): shared by the naive and the Triton ops
+BAD_INPUTS = [
+    pytest.param(lambda ok: dict(ok, g=ok["g"][..., :2]), ValueError, "g must be", id="g per key head"),
+    pytest.param(lambda ok: dict(ok, g=ok["g"][:, :, :, None]), ValueError, "g must be", id="g 4-D"),
+    pytest.param(lambda ok: dict(ok, g=ok["g"].abs() + 0.1), ValueError, r"g must be > -inf and <= 0",
+                 id="g positive"),
+    pytest.param(lambda ok: dict(ok, g=torch.full_like(ok["g"], float("nan"))), ValueError, "g contains NaN",
+                 id="g NaN"),
+    pytest.param(lambda ok: dict(ok, g=torch.where(torch.arange(8)[None, :, None] == 3, float("nan"), ok["g"])),
+                 ValueError, r"g contains NaN \(4 of 32", id="one NaN token"),
+    pytest.param(lambda ok: dict(ok, g=torch.full_like(ok["g"], float("-inf"))), ValueError, "g must be > -inf",
+                 id="g -inf"),
+    pytest.param(lambda ok: dict(ok, beta=ok["beta"] + 2.5), ValueError, r"beta must be >= 0 and <= 2",
+                 id="beta > 2"),
+    pytest.param(lambda ok: dict(ok, beta=-ok["beta"] - 0.1), ValueError, "beta must be >= 0", id="beta < 0"),
+    pytest.param(lambda ok: dict(ok, beta=torch.full_like(ok["beta"], float("nan"))), ValueError,
+                 "beta contains NaN", id="beta NaN"),
+    pytest.param(lambda ok: dict(ok, beta=ok["beta"][..., 0]), ValueError, "beta must be", id="beta 2-D"),
+    pytest.param(lambda ok: dict(ok, beta=ok["beta"].tolist()), TypeError, "beta must be a torch.Tensor",
+                 id="beta a list"),
+    pytest.param(lambda ok: dict(ok, g=ok["g"].int()), TypeError, "g must be a floating-point", id="g int"),
+    pytest.param(lambda ok: dict(ok, initial_state=ok["initial_state"][:, :2]), ValueError,
+                 "initial_state must be", id="state heads"),
+    pytest.param(lambda ok: dict(ok, initial_state=ok["initial_state"].transpose(-1, -2)), ValueError,
+                 "initial_state must be", id="state transposed"),
+    pytest.param(lambda ok: dict(ok, v=torch.randn(1, 8, 3, 24)), ValueError, "v must be", id="HV not a multiple"),
+    pytest.param(lambda ok: dict(ok, k=ok["k"][:, :, :, :8]), ValueError, "k must have q's shape", id="k shape"),
+    pytest.param(lambda ok: dict(ok, q=ok["q"][0]), ValueError, "q must be 4-D", id="q 3-D"),
+    pytest.param(lambda ok: dict(ok, k=ok["k"].double()), TypeError, "share one dtype", id="k float64"),
+    pytest.param(lambda ok: dict(ok, scale=-1.0), ValueError, "scale must be", id="scale negative"),
+    pytest.param(lambda ok: dict(ok, scale=float("nan")), ValueError, "scale must be", id="scale NaN"),
+]
 
 
 @pytest.mark.parametrize("fn", [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule])
-@pytest.mark.parametrize("i", range(15))
-def test_bad_input_raises(fn, i):
-    what, kw, exc = _bad_cases()[i]
-    with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"):
-        fn(**kw)
+@pytest.mark.parametrize("change,exc,match", BAD_INPUTS)
+def test_bad_input_raises(fn, change, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**change(_ok()))
 
 
-@pytest.mark.parametrize("i", range(15))
-def test_triton_ops_raise_on_bad_input(i):
-    """The Triton ops raise on every bad input the naive ones do, the value checks included (the ops wait for those
-    after queueing their kernels, runtime.to_host_later)."""
-    what, kw, exc = _bad_cases()[i]
-    kw = {name: x.to(DEV) if isinstance(x, torch.Tensor) else x for name, x in kw.items()}
-    with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"):
-        chunk_gated_delta_rule(**kw)
-    with pytest.raises(exc, match="dtype" if what == "dtype" else f"{what} must"), torch.no_grad():
-        fused_recurrent_gated_delta_rule(**kw)
+@pytest.mark.parametrize("change,exc,match", BAD_INPUTS)
+def test_triton_ops_raise_on_bad_input(change, exc, match):
+    """The Triton ops raise on every bad input the naive ones do, the value checks included (on CUDA tensors those
+    run after runtime.set_value_checks(True); on CPU tensors always)."""
+    kw = {name: x.to(DEV) if isinstance(x, torch.Tensor) else x for name, x in change(_ok()).items()}
+    previous = runtime.set_value_checks(True)
+    try:
+        with pytest.raises(exc, match=match):
+            chunk_gated_delta_rule(**kw)
+        with pytest.raises(exc, match=match), torch.no_grad():
+            fused_recurrent_gated_delta_rule(**kw)
+    finally:
+        runtime.set_value_checks(previous)
 
 
-def test_bad_scale_and_chunk_size():
+def test_bad_chunk_size_and_ungated_ops():
     q, k, v, g, beta, _ = _inputs(1, 8, 2, 2, 16, 24, state=False)
-    with pytest.raises(ValueError, match="scale"):
-        naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=-1.0)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="chunk_size must be an int > 0"):
         naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=0)
-    with pytest.raises(ValueError, match="beta"):
-        naive_recurrent_delta_rule(q, k, v, beta + 3)
+    for fn in (naive_recurrent_delta_rule, naive_chunk_delta_rule, chunk_delta_rule):
+        with pytest.raises(ValueError, match="beta must be >= 0 and <= 2"):
+            fn(q.to(DEV) if fn is chunk_delta_rule else q, k.to(DEV) if fn is chunk_delta_rule else k,
+               v.to(DEV) if fn is chunk_delta_rule else v, (beta + 3).to(DEV) if fn is chunk_delta_rule else beta + 3)
+
+
+@pytest.mark.parametrize("fn", [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule,
+                                chunk_gated_delta_rule, fused_recurrent_gated_delta_rule])
+def test_zero_length_sequences(fn):
+    """T = 0: an empty output and the initial state carried through unchanged (or zeros without one)."""
+    q, k, v, g, beta, h0 = _dev(*_inputs(2, 0, 1, 2, 16, 24))
+    with torch.no_grad():
+        o, s = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        o0, s0 = fn(q, k, v, g, beta, output_final_state=True)
+    assert o.shape == (2, 0, 2, 24) and torch.equal(s, h0.float()) and torch.equal(s0, torch.zeros_like(s0))
 
 
 # ---------------------------------------------------------------------------------------------------- layer
@@ -520,18 +634,44 @@ def test_layer_decoding_matches_prefill(backend):
     assert_close("recurrent state", st_full[1], st[1], tol)
 
 
-def test_layer_gradients_flow_and_bad_arguments():
+def test_layer_gradients_flow_and_zero_length():
     layer = GatedDeltaNet(32, 2, 4, 8, 8)
     x = torch.randn(1, 20, 32, requires_grad=True)
     y, _ = layer(x)
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
-    with pytest.raises(ValueError, match="backend"):
-        GatedDeltaNet(32, 2, 4, 8, 8, backend="cuda")
-    with pytest.raises(ValueError, match="multiple"):
-        GatedDeltaNet(32, 3, 4, 8, 8)
-    with pytest.raises(ValueError, match="hidden_states"):
+    with torch.no_grad():
+        y0, (conv0, rec0) = layer(torch.randn(2, 0, 32), use_cache=True)
+    assert y0.shape == (2, 0, 32) and conv0.shape == (2, layer.conv_dim, 3) and rec0.shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(backend="cuda"), "backend must be 'auto', 'naive' or 'triton', got 'cuda'"),
+    (dict(backend="ref"), "backend must be"),
+    (dict(num_k_heads=3), "num_k_heads = 3 must divide num_v_heads = 4"),
+    (dict(num_k_heads=0), "num_k_heads must be an int > 0, got 0"),
+    (dict(num_v_heads=-4), "num_v_heads must be an int > 0, got -4"),
+    (dict(head_k_dim=0), "head_k_dim must be an int > 0"),
+    (dict(head_v_dim=2.5), "head_v_dim must be an int > 0, got 2.5"),
+    (dict(hidden_size=0), "hidden_size must be an int > 0"),
+    (dict(conv_kernel_size=1), "conv_kernel_size must be an int >= 2"),
+    (dict(chunk_size=0), "chunk_size must be an int > 0"),
+    (dict(eps=0.0), "eps must be a positive number"),
+])
+def test_layer_rejects_bad_arguments(kwargs, match):
+    args = dict(hidden_size=32, num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8)
+    with pytest.raises(ValueError, match=match):
+        GatedDeltaNet(**dict(args, **kwargs))
+
+
+def test_layer_rejects_bad_input():
+    layer = GatedDeltaNet(32, 2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, hidden\] with hidden = 32, got \(1, 20, 16\)"):
         layer(torch.randn(1, 20, 16))
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        layer(torch.randn(20, 32))
+    with pytest.raises(TypeError, match="x is torch.float16 but the layer's parameters are torch.float32"):
+        layer(torch.randn(1, 20, 32).half())
 
 
 # -------------------------------------------------------------------------------------------- exercise checkers
@@ -639,7 +779,7 @@ def test_qwen3_next_hybrid_tends_to_a_quarter_of_full_attention():
 def test_qk_row_kernels_match_pytorch(l2):
     """The backward's two row kernels: l2norm in the input dtype, and dq/dk summed over grouped value heads and
     taken through l2norm, against PyTorch autograd (odd K, rows not a multiple of the kernels' 16, HV = 3H)."""
-    from minisparse.deltanet.triton import _l2norm_rows, _qk_grad
+    from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
 
     gen = torch.Generator().manual_seed(9)
     x = (3 * torch.randn(2, 13, 2, 45, generator=gen)).to(DEV)
@@ -652,41 +792,43 @@ def test_qk_row_kernels_match_pytorch(l2):
 
 
 def _wy(k, v, g, beta, split):
-    """The WY kernel alone (no scan), fp32 dots exact: W [B, T, H, K], Ũ [B, T, H, V], G [B, T, H] and T's rows
+    """The WY kernel alone (no scan), fp32 dots exact: W [B, T, H, K], Ũ [B, T, H, V] and A_inv's rows
     [B, T, H, C], all fp32."""
     import triton
 
-    from minisparse.deltanet.triton import _C, _fwd_wy_kernel
+    from minisparse.deltanet.chunk_fwd import _C, _fwd_wy_kernel
 
     B, T, H, K = k.shape
     V = v.shape[-1]
     w, u = torch.empty(B, T, H, K, device=k.device), torch.empty(B, T, H, V, device=k.device)
-    gc, tinv = torch.empty(B, T, H, device=k.device), torch.empty(B, T, H, _C, device=k.device)
-    _fwd_wy_kernel[(triton.cdiv(T, _C), B * H)](k, v, g, beta, w, u, gc, gc, tinv, T, H, H, K, V, C=_C, BK=32,
-                                                BV=32, STORE_T=True, SPLIT_T=split, L2=False, PRECISION="ieee")
-    return w, u, gc, tinv
+    ainv = torch.empty(B, T, H, _C, device=k.device)
+    _fwd_wy_kernel[(triton.cdiv(T, _C), B * H)](k, v, g, beta, w, u, None, ainv, T, H, H, K, V, C=_C, BK=32,
+                                                BV=32, SPLIT=split, L2=False, STORE_AINV=True, PRECISION="ieee")
+    return w, u, ainv
 
 
 @pytest.mark.parametrize("dtype, gates", [(torch.bfloat16, (-1e-3, 0.0)), (torch.bfloat16, (-30.0, -5.0)),
                                           (torch.float16, (-1e-3, 0.0)), (torch.float16, (-2.0, 0.0))])
-def test_split_t_products_are_fp32_accurate(dtype, gates):
-    """W = T diag(βe^G) K and Ũ = T diag(β) V with T in two 16-bit halves (16-bit tensor cores, K and V as stored):
-    within 2e-5 of the same products in fp32 on the same rounded inputs. The known-wrong answer, T rounded once to
-    16 bits (fla's choice), must miss that bound. K = 48, V = 40, T = 100, β up to 2. The ops split T for bf16 only:
-    in fp16, T diag(βe^G) underflows with very negative gates (W 15 % off at g in [-30, -5]), so fp16 is tested
-    here with moderate gates, the split's arithmetic being the same; the interpreter runs it, not bf16."""
+def test_split_products_are_fp32_accurate(dtype, gates):
+    """W = A_inv diag(βe^G) K and Ũ = A_inv diag(β) V with A_inv's scaled columns in two 16-bit halves (16-bit
+    tensor cores, K and V as stored): within 2e-5 of the same products in fp32 on the same rounded inputs. The
+    known-wrong answer, the scaled A_inv rounded once to 16 bits (fla's choice), must miss that bound. K = 48, V = 40,
+    T = 100, β up to 2. The ops split for bf16 only: in fp16, A_inv diag(βe^G) underflows with very negative gates
+    (W 15 % off at g in [-30, -5]), so fp16 is tested here with moderate gates, the split's arithmetic being the same;
+    the interpreter runs it, not bf16."""
     if DEV == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter's bf16 tl.dot is wrong; fp16 covers the split on a CPU")
     q, k, v, g, beta, _ = _inputs(1, 100, 2, 2, 48, 40, seed=5, gates=gates, state=False)
     k, v, g, beta = k.to(dtype).to(DEV), v.to(dtype).to(DEV), g.to(DEV), (2 * beta).to(DEV)
-    w_ref, u_ref, G, Tm = _wy(k.float(), v.float(), g, beta, split=False)
-    w, u, *_ = _wy(k, v, g, beta, split=True)
-    assert_close("W (T split in two)", w_ref, w, 2e-5)
-    assert_close("Ũ (T split in two)", u_ref, u, 2e-5)
-    w_once = torch.empty_like(w_ref)  # T diag(βe^G) rounded once, chunk by chunk and head by head
+    w_ref, u_ref, A_inv = _wy(k.float(), v.float(), g, beta, split=False)
+    w, u, _ = _wy(k, v, g, beta, split=True)
+    assert_close("W (A_inv split in two)", w_ref, w, 2e-5)
+    assert_close("Ũ (A_inv split in two)", u_ref, u, 2e-5)
+    w_once = torch.empty_like(w_ref)  # A_inv diag(βe^G) rounded once, chunk by chunk and head by head
     for c0 in range(0, k.shape[1], 64):
         c1 = min(c0 + 64, k.shape[1])
         for h in range(k.shape[2]):
-            Tw = Tm[0, c0:c1, h, : c1 - c0] * (beta[0, c0:c1, h] * G[0, c0:c1, h].exp())[None, :]
-            w_once[0, c0:c1, h] = Tw.to(dtype).float() @ k[0, c0:c1, h].float()
-    assert rel_rms(w_once, w_ref) > 5 * 2e-5, "the bound cannot tell T split in two from T rounded once"
+            G = g[0, c0:c1, h].cumsum(0)
+            scaled = A_inv[0, c0:c1, h, : c1 - c0] * (beta[0, c0:c1, h] * G.exp())[None, :]
+            w_once[0, c0:c1, h] = scaled.to(dtype).float() @ k[0, c0:c1, h].float()
+    assert rel_rms(w_once, w_ref) > 5 * 2e-5, "the bound cannot tell A_inv split in two from A_inv rounded once"

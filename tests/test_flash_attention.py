@@ -1,25 +1,26 @@
 """Tests of the flash attention Triton kernels (forward and the three gradients).
 
 On a machine without a GPU the kernels run in Triton's interpreter (float32, CPU); with CUDA the same cases
-run on the GPU in bfloat16, float16 and float32. Every test runs with poisoned (NaN-filled) kernel outputs,
-so an element a kernel forgets to write shows up as a NaN.
+run on the GPU in bfloat16, float16 and float32. Every test runs with the `poisoned` fixture (tests/conftest.py):
+the op's outputs start as NaN, so an element a kernel forgets to write shows up as a NaN. Tests that need small
+or unequal tiles force them with `runtime.launch_config`.
 """
 
-import os
-import pathlib
+import contextlib
 import random
-import sys
 
 import pytest
 import torch
 
 import minisparse.attention.triton as fa  # `import minisparse` switches on the interpreter without a GPU
+from minisparse import runtime
 from minisparse.attention import attention_ref
 from minisparse.testing import assert_close, make_qkv
 
-flash_attention, TileConfig, tile_config = fa.flash_attention, fa.TileConfig, fa.tile_config
+flash_attention = fa.flash_attention
+pytestmark = pytest.mark.usefixtures("poisoned")
 
-INTERPRET = fa._interpreting()
+INTERPRET = runtime.interpreting()
 if INTERPRET:
     SETTINGS = [("cpu", torch.float32)]
 else:
@@ -91,14 +92,15 @@ def check_against_reference(got, want, dtype):
         assert err <= tol, f"{name}: relative RMS error {err:.2e} > {tol:.0e}"
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Fill every kernel output with NaN before the kernel runs: an unwritten element stays NaN."""
-
-    def poisoned(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
-
-    monkeypatch.setattr(fa, "_new_output", poisoned)
+@contextlib.contextmanager
+def forced_tiles(fwd, dkdv, dq):
+    """Force (BLOCK_M, BLOCK_N) of the three tiled kernels (rows "attention.fwd", ".dkdv", ".dq"; head dims <= 128),
+    with 4 warps and one stage so that small tiles compile on any GPU."""
+    with contextlib.ExitStack() as stack:
+        for kernel, (block_m, block_n) in (("attention.fwd", fwd), ("attention.dkdv", dkdv), ("attention.dq", dq)):
+            stack.enter_context(runtime.launch_config(kernel, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                                                      num_stages=1))
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,8 +178,7 @@ def test_small_tiles(case, device, dtype):
     """16 x 16 tiles make every loop (boundary before, interior, boundary after) run at small T."""
     B, Tq, Tk, HQ, HKV, DK, DV, causal, window = case
     q, k, v, do = make_inputs(B, Tq, Tk, HQ, HKV, DK, DV, device, dtype, seed=2)
-    tiles = TileConfig(16, 16)
-    with tile_config(fwd=tiles, dkdv=tiles, dq=tiles):
+    with forced_tiles((16, 16), (16, 16), (16, 16)):
         got, want = run_both(q, k, v, do, causal, window=window)
     check_against_reference(got, want, dtype)
 
@@ -195,8 +196,8 @@ def test_random_shapes_and_tiles(seed, device, dtype):
     causal = seed % 4 != 3
     window = rnd.choice([None, 3, 17, 40]) if causal else None
     q, k, v, do = make_inputs(1, Tq, Tk, HQ, HKV, DK, DV, device, dtype, seed=seed)
-    fwd, dkdv, dq = (TileConfig(rnd.choice([16, 32]), rnd.choice([16, 32])) for _ in range(3))
-    with tile_config(fwd=fwd, dkdv=dkdv, dq=dq):
+    fwd, dkdv, dq = ((rnd.choice([16, 32]), rnd.choice([16, 32])) for _ in range(3))
+    with forced_tiles(fwd, dkdv, dq):
         got, want = run_both(q, k, v, do, causal, window=window)
     check_against_reference(got, want, dtype)
 
@@ -232,56 +233,90 @@ def test_scale_and_layout(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Bad inputs
+# The launch path: one row of runtime.LAUNCH_TABLE a kernel, forced configurations really used
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def launches(monkeypatch):
+    """Record (table row, configuration used) of every runtime.launch the op makes."""
+    calls, real = [], runtime.launch
+
+    def recording(kernel, *args, **kwargs):
+        config = real(kernel, *args, **kwargs)
+        calls.append((kernel, config))
+        return config
+
+    monkeypatch.setattr(runtime, "launch", recording)
+    return calls
+
+
+@pytest.mark.parametrize("DK,DV,suffix", [(64, 64, ""), (40, 128, ""), (32, 160, ".d256"), (256, 64, ".d256")])
+def test_launch_rows(launches, DK, DV, suffix):
+    """Forward and backward launch through runtime.launch, on the ".d256" rows when a padded head dim exceeds 128."""
+    q, k, v, do = make_inputs(1, 20, 20, 2, 1, DK, DV, SETTINGS[0][0], SETTINGS[0][1])
+    q.requires_grad_()
+    flash_attention(q, k, v).backward(do)
+    assert [kernel for kernel, _ in launches] == [f"attention.fwd{suffix}", "attention.delta",
+                                                  f"attention.dkdv{suffix}", f"attention.dq{suffix}"]
+
+
+def test_launch_config_forces_tiles(launches):
+    q, k, v, do = make_inputs(1, 40, 40, 2, 1, 32, 32, SETTINGS[0][0], SETTINGS[0][1])
+    q.requires_grad_()
+    with forced_tiles((16, 32), (32, 16), (16, 16)):
+        flash_attention(q, k, v).backward(do)
+    used = {kernel: (c["BLOCK_M"], c["BLOCK_N"]) for kernel, c in launches if kernel != "attention.delta"}
+    assert used == {"attention.fwd": (16, 32), "attention.dkdv": (32, 16), "attention.dq": (16, 16)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs: the kernel's own limits (tests/test_attention.py shares the reference's table with the kernel)
 # ----------------------------------------------------------------------------------------------------------------
 def _good(device, dtype=torch.float32):
     q, k, v, _ = make_inputs(1, 8, 8, 4, 2, 32, 32, device, dtype)
-    return q, k, v
+    return dict(q=q, k=k, v=v)
 
 
 BAD_INPUTS = [
-    # (description, mutate(q, k, v) -> (args, kwargs), exception, words in the message)
-    ("rank 3", lambda q, k, v: ((q[0], k, v), {}), ValueError, ["q", "4 dims"]),
-    ("int dtype", lambda q, k, v: ((q.long(), k, v), {}), TypeError, ["q", "torch.int64"]),
-    ("mixed dtypes", lambda q, k, v: ((q, k.double().float().half(), v), {}), TypeError, ["share a dtype"]),
-    ("head dims differ", lambda q, k, v: ((q[..., :16], k, v), {}), ValueError, ["head dim", "16", "32"]),
-    ("k/v lengths differ", lambda q, k, v: ((q, k, v[:, :4]), {}), ValueError, ["k", "v", "Tk"]),
-    ("heads not divisible", lambda q, k, v: ((q[:, :, :3], k, v), {}), ValueError, ["HQ=3", "HKV=2"]),
-    ("Tq > Tk", lambda q, k, v: ((q, k[:, :4], v[:, :4]), {}), ValueError, ["Tq=8", "Tk=4"]),
-    ("batch differs", lambda q, k, v: ((q.expand(2, -1, -1, -1), k, v), {}), ValueError, ["batch"]),
-    ("head dim > 256", lambda q, k, v: ((q.new_zeros(1, 8, 4, 320), k.new_zeros(1, 8, 2, 320), v), {}),
-     ValueError, ["256", "320"]),
-    ("window 0", lambda q, k, v: ((q, k, v), {"window": 0}), ValueError, ["window", "positive"]),
-    ("window float", lambda q, k, v: ((q, k, v), {"window": 2.5}), ValueError, ["window", "2.5"]),
-    ("window without causal", lambda q, k, v: ((q, k, v), {"window": 4, "causal": False}), ValueError,
-     ["window", "causal=True"]),
-    ("not a tensor", lambda q, k, v: ((q.tolist(), k, v), {}), TypeError, ["q", "list"]),
+    # (description, mutate(args), exception, regex the message must match)
+    ("q/k head dim > 256", lambda a: a.update(q=a["q"].new_zeros(1, 8, 4, 320), k=a["k"].new_zeros(1, 8, 2, 320)),
+     ValueError, "q/k head dim must be <= 256 .*, got 320; use attention_ref"),
+    ("v head dim > 256", lambda a: a.update(v=a["v"].new_zeros(1, 8, 2, 264)), ValueError,
+     "v head dim must be <= 256 .*, got 264"),
+    ("float64", lambda a: a.update(**{n: t.double() for n, t in a.items()}), TypeError,
+     "q, k, v must share one dtype among float32, float16, bfloat16, got q torch.float64"),
+    ("scale a tensor", lambda a: a.update(scale=torch.tensor(0.5)), ValueError, "scale must be a positive number"),
 ]
 
 
-@pytest.mark.parametrize("desc,mutate,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_inputs_raise(desc, mutate, exc, words):
-    args, kwargs = mutate(*_good(SETTINGS[0][0]))
-    with pytest.raises(exc) as info:
-        flash_attention(*args, **kwargs)
-    for word in words:
-        assert word in str(info.value), f"{desc}: {word!r} not in {str(info.value)!r}"
+@pytest.mark.parametrize("desc,mutate,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise(desc, mutate, exc, match):
+    args = _good(SETTINGS[0][0])
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        flash_attention(**args)
 
 
 def test_mixed_devices_raise():
-    q, k, v = _good("cpu")
     if INTERPRET:
         pytest.skip("needs a second device")
+    args = _good("cpu")
     with pytest.raises(ValueError, match="one device"):
-        flash_attention(q.cuda(), k, v)
+        flash_attention(args["q"].cuda(), args["k"], args["v"])
 
 
 def test_cpu_without_interpreter_says_how(monkeypatch):
     """Compiled Triton cannot run on CPU tensors: the error tells the reader what to do."""
-    monkeypatch.setattr(fa, "_interpreting", lambda: False)
-    q, k, v = _good("cpu")
-    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton"):
-        flash_attention(q, k, v)
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="set the environment variable TRITON_INTERPRET=1 before `import triton`"):
+        flash_attention(**_good("cpu"))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's bf16 dot is what this guards against")
+def test_bf16_in_the_interpreter_raises():
+    """The interpreter's bf16 tl.dot gives wrong results (triton 3.3-3.8): bf16 CPU tensors are refused, as by
+    every Triton op of the book, with a message that says to use float32."""
+    with pytest.raises(TypeError, match="bfloat16 under the Triton interpreter .* use float32 on CPU"):
+        flash_attention(**_good("cpu", torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,21 +398,45 @@ def test_non_causal_with_more_queries_than_keys():
     assert_close("o", attention_ref(q, k, v, causal=False), flash_attention(q, k, v, causal=False), 1e-4)
 
 
-@pytest.mark.parametrize("Tq, Tk", [(0, 6), (4, 0)])
-def test_empty_queries_or_keys_keep_the_graph(Tq, Tk):
-    q, k, v = make_qkv(1, Tq, 2, 16, Tk=Tk, device=DEV, requires_grad=True)
+@pytest.mark.parametrize("B, Tq, Tk", [(0, 5, 5), (1, 0, 6), (1, 4, 0)])
+def test_empty_inputs_keep_the_graph(B, Tq, Tk):
+    q, k, v = make_qkv(B, Tq, 2, 16, Tk=Tk, device=DEV, requires_grad=True)
     o = flash_attention(q, k, v, causal=False)
-    assert o.shape == (1, Tq, 2, 16) and o.requires_grad
+    assert o.shape == (B, Tq, 2, 16) and o.requires_grad
     o.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the interpreter's bf16 dot is what this guards against")
-def test_bf16_in_the_interpreter_is_computed_in_fp32():
-    q, k, v = make_qkv(1, 32, 2, 64, dtype=torch.bfloat16, seed=5, requires_grad=True)
-    o = flash_attention(q, k, v)
-    assert o.dtype == torch.bfloat16
-    ref = attention_ref(*(x.detach().float() for x in (q, k, v)))
-    assert_close("o", ref, o.float(), 5e-3)
-    o.float().sum().backward()
-    assert torch.isfinite(q.grad).all()
+# ----------------------------------------------------------------------------------------------------------------
+# The checks above can fail: known-wrong variants
+# ----------------------------------------------------------------------------------------------------------------
+def test_check_ranges_rejects_wrong_bounds():
+    """Bounds that skip a needed key tile, visit an empty one, or unmask a boundary tile are caught."""
+    Tq = Tk = 40
+    window, device = 10, SETTINGS[0][0]
+    right = torch.full((3, 4), -1, dtype=torch.int32, device=device)  # (lo, full_lo, full_hi, hi) of 3 query tiles
+    _bounds_kernel[(3,)](right, torch.empty_like(right), Tq, Tk, window, 16, 16, True, True)
+    right = right.cpu()
+    mask = visible_mask(Tq, Tk, True, window)
+    check_ranges(right, mask, 16, 16)
+    assert right[0].tolist() == [0, 16, 16, 16] and right[1, 0] == 0  # tile 0: one masked key tile; tile 1 from 0
+    skips, visits_empty, unmasks = right.clone(), right.clone(), right.clone()
+    skips[1, 0] = 16  # query tile 1 (positions 16..31) sees keys from 7: it must visit key tile 0
+    visits_empty[0, 3] = 32  # query tile 0 sees no key of tile 1
+    unmasks[0, 1] = 0  # key tile 0 is query tile 0's diagonal: it needs the mask
+    for wrong in (skips, visits_empty, unmasks):
+        with pytest.raises(AssertionError):
+            check_ranges(wrong, mask, 16, 16)
+
+
+def test_reference_check_rejects_a_wrong_kernel():
+    """check_against_reference fails on an unwritten (NaN) element and on a gradient off by the scale."""
+    q, k, v, do = make_inputs(1, 20, 20, 2, 1, 16, 16, SETTINGS[0][0], SETTINGS[0][1])
+    got, want = run_both(q, k, v, do, causal=True)
+    check_against_reference(got, want, q.dtype)
+    unwritten = got[0].clone()
+    unwritten[0, 7, 1, 3] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        check_against_reference((unwritten, *got[1:]), want, q.dtype)
+    with pytest.raises(AssertionError, match="dk: relative RMS error"):
+        check_against_reference((got[0], got[1], got[2] * 1.25, got[3]), want, q.dtype)

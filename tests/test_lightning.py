@@ -6,19 +6,21 @@ On a CPU the kernels run in Triton's interpreter in fp32 on odd shapes (T = 1, 3
 1e-4 to 8) with NaN-poisoned output buffers; on a GPU the same tests run on CUDA, plus bf16 versions against an fp32
 reference from the same rounded inputs (fwd ≤ 5e-3, grads ≤ 8e-3 relative RMS).
 """
+import contextlib
 import math
 import warnings
 
 import pytest
 import torch
 
-import minisparse
+from minisparse import _checks, runtime
 from minisparse.lightning import (LightningAttention, check_chunk_output, check_decay_matrix, check_state_update,
                                   chunk_lightning_attn, decay_matrix, fused_recurrent_lightning_attn,
                                   generation_cost, lightning_flops, minimax_slopes, naive_chunk_lightning_attn,
                                   naive_recurrent_lightning_attn)
 from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1
-from minisparse.lightning.triton import LightningTiles, lightning_tiles
+from minisparse.lightning.naive import _naive_chunk
+from minisparse.lightning.triton import _chunk
 from minisparse.testing import ExerciseError, assert_close
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,9 +106,11 @@ def test_minimax_slopes_bad_args(args):
 
 
 # --------------------------------------------------------------------------------------------- the kernels
-def _check_kernel(B, T, H, K, V, *, state, final, dtype=torch.float32, seed=0, slope=None, tol=None):
+def _check_kernel(B, T, H, K, V, *, state, final, dtype=torch.float32, seed=0, slope=None, tol=None,
+                  reference_slope=None):
     q, k, v, h0 = _inputs(B, T, H, K, V, seed=seed, dtype=dtype, state=state)
     slope = _slopes(H) if slope is None else slope
+    reference_slope = slope if reference_slope is None else reference_slope
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, h0) if x is not None]
     h0_leaf = leaves[3] if state else None
     o, s = chunk_lightning_attn(leaves[0], leaves[1], leaves[2], slope, initial_state=h0_leaf,
@@ -119,8 +123,8 @@ def _check_kernel(B, T, H, K, V, *, state, final, dtype=torch.float32, seed=0, s
     torch.autograd.backward([o] + ([s] if final else []), [do] + ([ds] if final else []))
     # the fp32 reference from the same (rounded) inputs
     refs = [x.detach().float().requires_grad_() for x in (q, k, v, h0) if x is not None]
-    o_r, s_r = naive_recurrent_lightning_attn(refs[0], refs[1], refs[2], slope, initial_state=refs[3] if state else None,
-                                              output_final_state=final)
+    o_r, s_r = naive_recurrent_lightning_attn(refs[0], refs[1], refs[2], reference_slope,
+                                              initial_state=refs[3] if state else None, output_final_state=final)
     torch.autograd.backward([o_r] + ([s_r] if final else []), [do.float()] + ([ds] if final else []))
     ftol, gtol = tol or ((1e-4, 1e-4) if dtype == torch.float32 else (5e-3, 8e-3))
     assert_close("o", o_r, o, ftol)
@@ -143,9 +147,31 @@ def test_kernel_state_without_final(poisoned):
 
 
 def test_kernel_small_tiles(poisoned):
-    """Several state tiles a head, several V tiles in the output and gradient kernels, many chunks."""
-    with lightning_tiles(LightningTiles(chunk=16, block_k=16, block_v=16, block_v_out=16)):
-        _check_kernel(1, 50, 3, 40, 48, state=True, final=True, seed=5)
+    """Several state tiles a head (3 × 3 of 16 × 16), several V-tiles in the output and gradient kernels, three
+    chunks, forced through runtime.launch_config."""
+    with contextlib.ExitStack() as forced:
+        for kernel in ("lightning.fwd_states", "lightning.bwd_dstates"):
+            forced.enter_context(runtime.launch_config(kernel, BK=16, BV=16))
+        for kernel in ("lightning.fwd_output", "lightning.bwd_dqkv"):
+            forced.enter_context(runtime.launch_config(kernel, BV=16))
+        _check_kernel(1, 150, 3, 40, 48, state=True, final=True, seed=5)
+
+
+def test_kernel_comparison_catches_a_wrong_decay():
+    """The known-wrong variant: a kernel run with rates 1 % off must fail the comparison the tests above pass."""
+    with pytest.raises(AssertionError):
+        _check_kernel(1, 70, 3, 32, 48, state=True, final=True, seed=11, slope=_slopes(3) * 1.01,
+                      reference_slope=_slopes(3))
+
+
+@pytest.mark.parametrize("op", [chunk_lightning_attn, fused_recurrent_lightning_attn, naive_chunk_lightning_attn,
+                                naive_recurrent_lightning_attn], ids=lambda f: f.__name__)
+def test_empty_sequence(op):
+    """T = 0: an empty output, and the final state is the initial one."""
+    q, k, v, h0 = _inputs(2, 0, 3, 16, 24)
+    with torch.no_grad():
+        o, s = op(q, k, v, _slopes(3), initial_state=h0, output_final_state=True)
+    assert o.shape == (2, 0, 3, 24) and torch.equal(s, h0.float())
 
 
 @pytest.mark.parametrize("slope", [1e-4, 8.0, 30.0])
@@ -236,7 +262,7 @@ def test_layer_backward_and_mask():
         _, s_masked = layer(x, use_cache=True, attention_mask=mask)
         _, s_short = layer(x[:, 5:], use_cache=True)
     assert_close("padded state", s_short, s_masked, 1e-4)
-    with pytest.raises(ValueError, match="hidden_states"):
+    with pytest.raises(ValueError, match="hidden = 32"):
         layer(torch.randn(2, 20, 31, device=DEV))
 
 
@@ -249,11 +275,16 @@ def _good(device=DEV):
 BAD = [
     ("zero slope", lambda a: a.update(slope=torch.tensor([0.1, 0.0], device=DEV)), ValueError, "> 0"),
     ("negative slope", lambda a: a.update(slope=torch.tensor([-0.1, 0.2], device=DEV)), ValueError, "> 0"),
-    ("nan slope", lambda a: a.update(slope=torch.tensor([float("nan"), 0.2], device=DEV)), ValueError, "> 0"),
+    ("nan slope", lambda a: a.update(slope=torch.tensor([float("nan"), 0.2], device=DEV)), ValueError,
+     "slope contains NaN"),
+    ("inf slope", lambda a: a.update(slope=torch.tensor([float("inf"), 0.2], device=DEV)), ValueError, "finite"),
     ("slope per head wrong", lambda a: a.update(slope=torch.ones(3, device=DEV)), ValueError, r"slope must be \[H\]"),
-    ("slope 2-D", lambda a: a.update(slope=torch.ones(2, 1, device=DEV)), ValueError, r"slope must be \[H\]"),
+    ("slope 2-D", lambda a: a.update(slope=torch.ones(2, 1, device=DEV)), ValueError, r"slope must be 1-D \[H\]"),
+    ("int slope", lambda a: a.update(slope=torch.ones(2, dtype=torch.long, device=DEV)), TypeError,
+     "slope must be a floating-point"),
     ("state shape", lambda a: a.update(initial_state=torch.zeros(1, 2, 24, 16, device=DEV)), ValueError,
      "initial_state must be"),
+    ("int state", lambda a: a.update(initial_state=a["initial_state"].long()), TypeError, "initial_state must be"),
     ("q 3-D", lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
     ("k shape", lambda a: a.update(k=a["k"][:, :4]), ValueError, "k must have q's shape"),
     ("v heads", lambda a: a.update(v=a["v"][:, :, :1]), ValueError, "v must be"),
@@ -269,30 +300,91 @@ OPS = [naive_recurrent_lightning_attn, naive_chunk_lightning_attn, chunk_lightni
 @pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("desc,mutate,exc,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_inputs_raise(op, desc, mutate, exc, words):
+    """Every row raises in the naive and the Triton ops (value rows on CUDA with value checks on: off by default)."""
     args = _good()
     mutate(args)
-    with pytest.raises(exc, match=words):
-        with torch.no_grad():
-            op(**args)
-
-
-def test_slope_check_follows_value_checks_switch():
-    """runtime.set_value_checks(False) skips the slope check: slope = 0 (no decay) is then computed, and the Triton
-    chunk form still equals the recurrence; the shape check stays on."""
-    args = _good()
-    args["slope"] = torch.zeros(2, device=DEV)
-    with pytest.raises(ValueError, match="> 0"):
-        chunk_lightning_attn(**args)
-    previous = minisparse.runtime.set_value_checks(False)
+    previous = runtime.set_value_checks(True)
     try:
-        with torch.no_grad():
-            ref = naive_recurrent_lightning_attn(**args)[0]
-            got = chunk_lightning_attn(**args)[0]
-        assert_close("o with slope 0, value checks off", ref, got, 1e-4 if DEV == "cpu" else 2e-3)
-        with pytest.raises(ValueError, match=r"slope must be \[H\]"):
-            chunk_lightning_attn(**{**args, "slope": torch.zeros(3, device=DEV)})
+        with pytest.raises(exc, match=words):
+            with torch.no_grad():
+                op(**args)
     finally:
-        minisparse.runtime.set_value_checks(previous)
+        runtime.set_value_checks(previous)
+
+
+def test_naive_chunk_size_is_checked():
+    with pytest.raises(ValueError, match="chunk_size must be an int > 0"):
+        naive_chunk_lightning_attn(**_good("cpu"), chunk_size=0)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_does_not_recheck_its_slopes(monkeypatch, backend):
+    """LightningAttention built its slopes (constant, positive): prefill, decoding (the fused recurrent kernel) and
+    training run without a value check, while the public ops, on the same values, do check."""
+    def no_value_checks(*args, **kwargs):
+        raise AssertionError("a value check ran")
+
+    monkeypatch.setattr(_checks, "value_range", no_value_checks)
+    dev = DEV if backend == "triton" else "cpu"
+    layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=16, backend=backend).to(dev)
+    x = torch.randn(2, 20, 32, device=dev)
+    with torch.no_grad():
+        _, state = layer(x, use_cache=True)
+        layer(x[:, :1], state=state)
+    layer(x)[0].sum().backward()
+    op = naive_chunk_lightning_attn if backend == "naive" else chunk_lightning_attn
+    q = torch.randn(1, 4, 2, 16, device=dev)
+    previous = runtime.set_value_checks(True)  # CUDA tensors: the Triton ops check values only when asked
+    try:
+        with pytest.raises(AssertionError, match="a value check ran"):
+            op(q, q, q, layer.slope_rate)
+    finally:
+        runtime.set_value_checks(previous)
+
+
+def test_unchecked_path_computes_without_decay():
+    """The path the layer takes skips the value check: slope = 0 (no decay) is then computed, by the kernels as by
+    the PyTorch chunk form; shapes are still checked."""
+    a = _good()
+    q, k, v, h0, zero = a["q"], a["k"], a["v"], a["initial_state"], torch.zeros(2, device=DEV)
+    with torch.no_grad():
+        ref = _naive_chunk(q, k, v, zero, None, h0, False, 64, check_values=False)[0]
+        got = _chunk(q, k, v, zero, None, h0, False, check_values=False)[0]
+    assert_close("o with slope 0", ref, got, 1e-4 if DEV == "cpu" else 2e-3)
+    with pytest.raises(ValueError, match=r"slope must be \[H\]"):
+        _chunk(q, k, v, torch.zeros(3, device=DEV), None, h0, False, check_values=False)
+
+
+LAYER_BAD = [
+    (dict(hidden_size=0), "hidden_size must be an int > 0"),
+    (dict(num_heads=-1), "num_heads must be an int > 0"),
+    (dict(head_dim=16.0), "head_dim must be an int > 0"),
+    (dict(num_layers=0), "num_layers must be an int > 0"),
+    (dict(layer_idx=3), r"layer_idx must be an int in \[0, num_layers\)"),
+    (dict(block_size=0), "block_size must be an int > 0"),
+    (dict(eps=0.0), "eps must be a positive number"),
+    (dict(backend="flash"), "backend must be 'auto', 'naive' or 'triton'"),
+]
+
+
+@pytest.mark.parametrize("change,words", LAYER_BAD, ids=[next(iter(c)) for c, _ in LAYER_BAD])
+def test_layer_constructor_checks(change, words):
+    kwargs = dict(hidden_size=32, num_heads=2, head_dim=16, layer_idx=1, num_layers=3, block_size=16)
+    with pytest.raises(ValueError, match=f"LightningAttention: {words}"):
+        LightningAttention(**{**kwargs, **change})
+
+
+def test_layer_input_checks():
+    layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3)
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(TypeError, match="x is torch.float16 but the layer's parameters are torch.float32"):
+        layer(x.half())
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, H, d, d\] = \(2, 2, 16, 16\)"):
+        layer(x, state=torch.zeros(2, 2, 16, 8))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \(2, 5\)"):
+        layer(x, attention_mask=torch.ones(2, 4))
+    y, state = layer(x[:, :0], use_cache=True)  # T = 0
+    assert y.shape == (2, 0, 32) and torch.equal(state, torch.zeros(2, 2, 16, 16))
 
 
 def test_kernel_head_dim_limit():
@@ -302,7 +394,7 @@ def test_kernel_head_dim_limit():
 
 
 def test_cpu_without_interpreter_says_how(monkeypatch):
-    monkeypatch.setattr(minisparse.runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
     args = _good("cpu")
     for op in (chunk_lightning_attn, fused_recurrent_lightning_attn):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

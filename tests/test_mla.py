@@ -19,6 +19,7 @@ from minisparse.mla import (MLA, GQAConfig, MLACache, MLAConfig, absorb_output, 
                             mla_decode, mla_decode_bytes, mla_decode_flops, mla_decode_ref, mla_decode_splitk,
                             mla_softmax_scale, split_kv_b, yarn_frequencies, yarn_mscale)
 from minisparse.mla import triton as mla_triton
+from minisparse import runtime
 from minisparse.attention import apply_rope
 from minisparse.testing import TOLERANCES, ExerciseError, assert_close
 
@@ -79,7 +80,7 @@ def test_mla_matches_transformers(q_lora_rank, interleave):
     with torch.no_grad():
         assert_close("expanded", ref, ours(x), 1e-5)
         assert_close("absorbed", ref, ours(x, absorb=True), 1e-5)
-        ours.backend = "triton" if DEV == "cuda" or mla_triton.runtime.interpreting() else "naive"
+        ours.backend = "triton" if DEV == "cuda" or runtime.interpreting() else "naive"
         assert_close(f"absorbed ({ours.backend})", ref, ours(x, absorb=True), 1e-4)
     # the layouts matter: a layer with the other RoPE pairing gives different outputs
     wrong = MLA.from_hf(hf, backend="naive")
@@ -194,12 +195,15 @@ def _decode_inputs(B, T, H, Dc, Dr, S, seed=7, dtype=torch.float32, device=DEV, 
 
 
 def _run(args, scale, lengths, config, split_len, out=None):
+    """mla_decode with the launch table's tiles, or with `config` forced through runtime.launch_config and the
+    split length forced to `split_len` (odd tiles and splits that the planner would not pick at these sizes)."""
     ql, qr, kv, kr = args
     if config is None and split_len is None:
         return mla_decode(ql, qr, kv, kr, scale, lengths, out=out)
     B, T, H, Dc = ql.shape
     out = torch.empty(B, T, H, Dc, dtype=ql.dtype, device=ql.device) if out is None else out
-    return mla_triton._launch(ql, qr, kv, kr, scale, lengths, out, kv.shape[1], config=config, split_len=split_len)
+    with runtime.launch_config("mla.decode_split", **config):
+        return mla_triton._launch(ql, qr, kv, kr, scale, lengths, out, kv.shape[1], split_len=split_len)
 
 
 @pytest.mark.parametrize("B,T,H,Dc,Dr,S,lengths,config,split_len", DECODE_CASES)
@@ -343,47 +347,187 @@ def test_kv_cache_bytes_of_real_models():
 
 
 # ------------------------------------------------------------------------------------ bad input
-def test_bad_inputs_raise_clear_errors(monkeypatch):
+def _good_decode_args():
     ql, qr, kv, kr = _decode_inputs(2, 1, 3, 48, 16, 20)
-    bad = [
-        (ValueError, "latent dim mismatch", lambda: mla_decode(ql, qr, kv[..., :40], kr, 0.1)),
-        (ValueError, "rope dim mismatch", lambda: mla_decode(ql, qr, kv, kr[..., :8], 0.1)),
-        (ValueError, "lengths beyond the cache", lambda: mla_decode(ql, qr, kv, kr, 0.1, torch.tensor([20, 21]))),
-        (ValueError, "lengths\\[b\\] >= T", lambda: mla_decode(ql[:, [0, 0]], qr[:, [0, 0]], kv, kr, 0.1,
-                                                             torch.tensor([20, 1]))),
-        (ValueError, "integer tensor", lambda: mla_decode(ql, qr, kv, kr, 0.1, torch.tensor([20.0, 3.0]))),
-        (ValueError, "integer tensor", lambda: mla_decode(ql, qr, kv, kr, 0.1, torch.tensor([20]))),
-        (ValueError, "share B", lambda: mla_decode(ql, qr, kv[:1], kr[:1], 0.1)),
-        (ValueError, "T <= S", lambda: mla_decode(ql.expand(2, 30, 3, 48), qr.expand(2, 30, 3, 16), kv, kr, 0.1)),
-        (ValueError, "q_rope must be", lambda: mla_decode(ql, qr[:, :, :2], kv, kr, 0.1)),
-        (ValueError, "4-D", lambda: mla_decode(ql[:, 0], qr, kv, kr, 0.1)),
-        (ValueError, "scale", lambda: mla_decode(ql, qr, kv, kr, -1.0)),
-        (TypeError, "dtype", lambda: mla_decode(ql, qr.double(), kv, kr, 0.1)),
-        (TypeError, "torch.Tensor", lambda: mla_decode(ql, qr, kv.tolist(), kr, 0.1)),
-        (ValueError, "out must be", lambda: mla_decode(ql, qr, kv, kr, 0.1, out=torch.empty(2, 1, 3, 47))),
-        (ValueError, "backend", lambda: MLA(32, 2, backend="flash")),
-        (ValueError, "hidden_size=32", lambda: MLA(32, 2, kv_lora_rank=8)(torch.randn(1, 3, 31))),
-    ]
-    if DEV == "cpu":
-        bad.append((TypeError, "bfloat16", lambda: mla_decode(*(a.bfloat16() for a in (ql, qr, kv, kr)), 0.1)))
-    else:
-        bad.append((ValueError, "one device", lambda: mla_decode(ql, qr, kv.cpu(), kr, 0.1)))
-    for exc, match, call in bad:
-        with pytest.raises(exc, match=match):
-            call()
-    with pytest.raises(RuntimeError, match="backward"):
-        mla_decode(ql.requires_grad_(), qr, kv, kr, 0.1)
-    ql.requires_grad_(False)
-    layer = MLA(32, 2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, backend="triton").to(DEV)
-    with pytest.raises(RuntimeError, match="backward"):  # an explicit backend="triton" does not fall back silently
+    return dict(q_latent=ql, q_rope=qr, kv_cache=kv, rope_cache=kr, scale=0.1, lengths=None)
+
+
+def _lengths(*values):
+    return torch.tensor(values, device=DEV)
+
+
+@pytest.fixture
+def value_checks():
+    """Value checks on, as after runtime.set_value_checks(True): the Triton op on CUDA tensors then checks the range of
+    lengths too (on CPU tensors it always does)."""
+    previous = runtime.set_value_checks(True)
+    yield
+    runtime.set_value_checks(previous)
+
+
+# (what is wrong, the change to good arguments, exception, message): shared by the three decode ops
+BAD_DECODE = [
+    ("latent dim mismatch", lambda a: dict(kv_cache=a["kv_cache"][..., :40]), ValueError, r"kv_cache must be \[B, S, Dc\]"),
+    ("rope dim mismatch", lambda a: dict(rope_cache=a["rope_cache"][..., :8]), ValueError,
+     r"rope_cache must be \[B, S, Dr\]"),
+    ("lengths beyond the cache", lambda a: dict(lengths=_lengths(20, 21)), ValueError, "lengths beyond the cache"),
+    ("a length under T", lambda a: dict(q_latent=a["q_latent"][:, [0, 0]], q_rope=a["q_rope"][:, [0, 0]],
+                                        lengths=_lengths(20, 1)), ValueError, r"lengths\[b\] >= T"),
+    ("float lengths", lambda a: dict(lengths=torch.tensor([20.0, 3.0], device=DEV)), ValueError, "integer tensor"),
+    ("bool lengths", lambda a: dict(lengths=torch.tensor([True, True], device=DEV)), ValueError, "integer tensor"),
+    ("lengths of the wrong size", lambda a: dict(lengths=_lengths(20)), ValueError, r"integer tensor \[B=2\]"),
+    ("lengths a list", lambda a: dict(lengths=[20, 20]), ValueError, "integer tensor"),
+    ("cache of another batch", lambda a: dict(kv_cache=a["kv_cache"][:1], rope_cache=a["rope_cache"][:1]), ValueError,
+     "kv_cache must be"),
+    ("more queries than cached tokens", lambda a: dict(q_latent=a["q_latent"].expand(2, 30, 3, 48),
+                                                       q_rope=a["q_rope"].expand(2, 30, 3, 16)), ValueError, "T <= S"),
+    ("q_rope of other heads", lambda a: dict(q_rope=a["q_rope"][:, :, :2]), ValueError, r"q_rope must be \[B, T, H, Dr\]"),
+    ("3-D q_latent", lambda a: dict(q_latent=a["q_latent"][:, 0]), ValueError, "4-D"),
+    ("negative scale", lambda a: dict(scale=-1.0), ValueError, "scale must be a positive number"),
+    ("no scale", lambda a: dict(scale=None), ValueError, "scale must be given"),
+    ("mixed dtypes", lambda a: dict(q_rope=a["q_rope"].half()), TypeError, "share one dtype"),
+    ("integer cache", lambda a: dict(kv_cache=a["kv_cache"].long()), TypeError, "share one dtype"),
+    ("a list for a tensor", lambda a: dict(kv_cache=a["kv_cache"].tolist()), TypeError, "torch.Tensor"),
+]
+DECODE_OPS = {"mla_decode_ref": mla_decode_ref, "mla_decode_splitk": mla_decode_splitk, "mla_decode": mla_decode}
+
+
+@pytest.mark.parametrize("op", list(DECODE_OPS))
+@pytest.mark.parametrize("what, change, exc, match", BAD_DECODE, ids=[case[0] for case in BAD_DECODE])
+def test_decode_ops_reject_bad_input(op, what, change, exc, match, value_checks):
+    args = _good_decode_args()
+    DECODE_OPS[op](**args)  # the good arguments pass ...
+    args.update(change(args))
+    with pytest.raises(exc, match=match):  # ... and each change alone is refused, naming what is wrong
+        DECODE_OPS[op](**args)
+
+
+BAD_KERNEL = [  # what only the Triton op refuses
+    ("float64", lambda a: {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in a.items()}, TypeError,
+     "float32, float16, bfloat16"),
+    ("out of the wrong shape", lambda a: dict(out=torch.empty(2, 1, 3, 47, device=DEV)), ValueError, "out must be"),
+    ("out of another dtype", lambda a: dict(out=torch.empty(2, 1, 3, 48, device=DEV, dtype=torch.float16)),
+     ValueError, "out must be"),
+    ("a gradient through the kernel", lambda a: dict(q_latent=a["q_latent"].clone().requires_grad_()), RuntimeError,
+     "forward only.*torch.no_grad"),
+    *([("bfloat16 in the interpreter", lambda a: {k: v.bfloat16() if isinstance(v, torch.Tensor) else v
+                                                  for k, v in a.items()}, TypeError, "bfloat16 under the Triton")]
+      if DEV == "cpu" else
+      [("cache on another device", lambda a: dict(kv_cache=a["kv_cache"].cpu()), ValueError, "one device")]),
+]
+
+
+@pytest.mark.parametrize("what, change, exc, match", BAD_KERNEL, ids=[case[0] for case in BAD_KERNEL])
+def test_mla_decode_rejects_what_the_kernel_cannot_run(what, change, exc, match):
+    args = _good_decode_args()
+    args.update(change(args))
+    with pytest.raises(exc, match=match):
+        mla_decode(**args)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter switch matters on CPU tensors")
+def test_mla_decode_on_cpu_without_the_interpreter_says_how_to_turn_it_on(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mla_decode(**_good_decode_args())
+
+
+def test_mla_decode_reads_lengths_back_only_when_checking_values(monkeypatch):
+    """The range check of lengths is a host read: on CUDA tensors it runs only after set_value_checks(True). With
+    value checks off the kernel plans for all S slots instead of max(lengths)."""
+    seen = []
+    real = mla_triton._launch
+    monkeypatch.setattr(mla_triton, "_launch", lambda *a, **k: (seen.append(a[7]), real(*a, **k))[1])
+    args = _good_decode_args()
+    args["lengths"] = _lengths(9, 7)
+    mla_decode(**args)
+    assert seen[-1] == (9 if DEV == "cpu" else 20)
+    monkeypatch.setattr(runtime, "checking_values", lambda dev: False)  # the CUDA default, on any device
+    args["lengths"] = _lengths(21, 7)  # out of range, and not read back: the planner sees S
+    checked = []
+    monkeypatch.setattr(mla_triton, "_launch", lambda *a, **k: checked.append(a[7]))
+    mla_decode(**args)
+    assert checked == [20]
+    monkeypatch.setattr(runtime, "checking_values", lambda dev: True)  # set_value_checks(True), or a CPU tensor
+    with pytest.raises(ValueError, match="lengths beyond the cache"):
+        mla_decode(**args)
+
+
+MLA_SIZES = dict(hidden_size=32, num_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+BAD_LAYER = [  # (what is wrong, constructor arguments changed, exception, message naming the argument)
+    ("no heads", dict(num_heads=0), ValueError, "num_heads must be an int > 0, got 0"),
+    ("negative kv_lora_rank", dict(kv_lora_rank=-4), ValueError, "kv_lora_rank must be an int > 0, got -4"),
+    ("zero q_lora_rank", dict(q_lora_rank=0), ValueError, "q_lora_rank .*must be an int > 0, got 0"),
+    ("fractional q_lora_rank", dict(q_lora_rank=2.5), ValueError, "q_lora_rank .*must be an int > 0, got 2.5"),
+    ("zero qk_nope_head_dim", dict(qk_nope_head_dim=0), ValueError, "qk_nope_head_dim must be an int > 0"),
+    ("negative qk_rope_head_dim", dict(qk_rope_head_dim=-2), ValueError, "qk_rope_head_dim must be an int > 0"),
+    ("odd qk_rope_head_dim", dict(qk_rope_head_dim=3), ValueError, "qk_rope_head_dim must be even"),
+    ("zero v_head_dim", dict(v_head_dim=0), ValueError, "v_head_dim must be an int > 0"),
+    ("no hidden size", dict(hidden_size=0), ValueError, "hidden_size must be an int > 0"),
+    ("heads as a bool", dict(num_heads=True), ValueError, "num_heads must be an int > 0"),
+    ("zero norm_eps", dict(norm_eps=0.0), ValueError, "norm_eps must be a positive number"),
+    ("negative rope_theta", dict(rope_theta=-1.0), ValueError, "rope_theta must be a positive number"),
+    ("an unknown backend", dict(backend="flash"), ValueError, "backend must be 'auto', 'naive' or 'triton'"),
+]
+
+
+@pytest.mark.parametrize("what, change, exc, match", BAD_LAYER, ids=[case[0] for case in BAD_LAYER])
+def test_mla_constructor_names_the_bad_argument(what, change, exc, match):
+    kw = {**MLA_SIZES, **change}
+    with pytest.raises(exc, match=match):
+        MLA(kw.pop("hidden_size"), kw.pop("num_heads"), **kw)
+
+
+def _small_mla(**kw):
+    return MLA(MLA_SIZES["hidden_size"], MLA_SIZES["num_heads"],
+               **{k: v for k, v in MLA_SIZES.items() if k not in ("hidden_size", "num_heads")}, **kw).to(DEV)
+
+
+BAD_FORWARD = [  # (what is wrong, the input, exception, message)
+    ("another hidden size", lambda: torch.randn(1, 3, 31, device=DEV), ValueError, r"\[B, T, hidden\] with hidden = 32"),
+    ("no batch dimension", lambda: torch.randn(3, 32, device=DEV), ValueError, "3-D"),
+    ("fp16 input to an fp32 layer", lambda: torch.randn(1, 3, 32, device=DEV, dtype=torch.float16), TypeError,
+     "x is torch.float16 but the layer's parameters are torch.float32"),
+    ("a list", lambda: [[0.0] * 32], TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("what, make, exc, match", BAD_FORWARD, ids=[case[0] for case in BAD_FORWARD])
+def test_mla_forward_names_what_is_wrong_with_its_input(what, make, exc, match):
+    with pytest.raises(exc, match=match):
+        _small_mla()(make())
+
+
+def test_mla_backend_is_checked_when_reassigned():
+    layer = _small_mla()
+    layer.backend = "ref"
+    with pytest.raises(ValueError, match="backend must be 'auto', 'naive' or 'triton', got 'ref'"):
+        layer(torch.randn(1, 3, 32, device=DEV), absorb=True)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+@pytest.mark.parametrize("absorb", [False, True], ids=["expanded", "absorbed"])
+def test_mla_accepts_zero_new_tokens(backend, absorb):
+    """T = 0 gives an empty output, with or without a cache, and leaves the cache as it was."""
+    torch.manual_seed(10)
+    layer = _small_mla(backend=backend)
+    x = torch.randn(2, 5, 32, device=DEV)
+    with torch.no_grad():
+        assert layer(x[:, :0], absorb=absorb).shape == (2, 0, 32)
+        cache = layer.new_cache(2, 5)
+        first = layer(x[:, :3], cache, absorb=absorb)
+        assert layer(x[:, 3:3], cache, absorb=absorb).shape == (2, 0, 32) and len(cache) == 3
+        rest = layer(x[:, 3:], cache, absorb=absorb)
+        assert_close("decoding after an empty step", layer(x), torch.cat([first, rest], 1), 1e-4)
+
+
+def test_mla_auto_backend_uses_pytorch_when_gradients_are_needed():
+    layer = _small_mla(backend="triton")
+    with pytest.raises(RuntimeError, match="forward only"):  # an explicit backend="triton" does not fall back
         layer(torch.randn(1, 3, 32, device=DEV), absorb=True)
     layer.backend = "auto"  # ... "auto" uses PyTorch when gradients are needed, so training works everywhere
     layer(torch.randn(1, 3, 32, device=DEV), absorb=True).sum().backward()
     assert layer.kv_b_proj.weight.grad is not None
-    if DEV == "cpu":  # a Triton op on CPU tensors without the interpreter says how to turn it on
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            mla_decode(ql, qr, kv, kr, 0.1)
 
 
 # ------------------------------------------------------------------------------------ the exercise checkers
@@ -501,15 +645,19 @@ def test_from_hf_rejects_rope_types_it_does_not_implement():
         MLA.from_hf(hf)
 
 
-def test_mla_decode_falls_back_to_pytorch_when_the_kernel_does_not_fit(monkeypatch):
-    """A GPU with little shared memory (a T4) cannot hold Dc = 512 in one tile: the launch raises OutOfResources,
-    and mla_decode warns and answers with mla_decode_ref instead of failing (into `out` when given)."""
+def _no_config_fits(*args, **kwargs):
+    """What runtime.launch raises when no configuration of the row fits the GPU's shared memory (a T4 at Dc = 512)."""
     from triton.runtime.errors import OutOfResources
 
-    def too_big(*args, **kwargs):
+    try:
         raise OutOfResources(69632, 65536, "shared memory")
+    except OutOfResources as err:
+        raise RuntimeError("mla.decode_split: the kernel needs more shared memory than this GPU gives a block") from err
 
-    monkeypatch.setattr(mla_triton, "_launch", too_big)
+
+def test_mla_decode_falls_back_to_pytorch_when_no_configuration_fits(monkeypatch):
+    """mla_decode warns and answers with mla_decode_ref (into `out` when given) instead of failing."""
+    monkeypatch.setattr(runtime, "launch", _no_config_fits)
     ql, qr, kv, kr = _decode_inputs(2, 1, 4, 64, 16, 40)[:4]
     lens = torch.tensor([40, 17], device=DEV)
     out = torch.full((2, 1, 4, 64), float("nan"), device=DEV)
@@ -517,3 +665,88 @@ def test_mla_decode_falls_back_to_pytorch_when_the_kernel_does_not_fit(monkeypat
         got = mla_decode(ql, qr, kv, kr, 0.1, lens, out=out)
     assert got is out
     assert_close("fallback", mla_decode_ref(ql, qr, kv, kr, 0.1, lens), out, 1e-6)
+
+
+def test_mla_decode_does_not_hide_other_launch_errors(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(runtime, "launch", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        mla_decode(**_good_decode_args())
+
+
+# ------------------------------------------------------------------------------------ the launch
+class _RecordedLaunches:
+    """runtime.launch, recording each call's kernel name, fit and autotune key before launching."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, kernel, fn, grid, args, constexprs, **kw):
+        self.calls.append(dict(kernel=kernel, fit=kw.get("fit"), autotune_key=kw.get("autotune_key")))
+        return self.real(kernel, fn, grid, args, constexprs, **kw)
+
+
+def test_mla_decode_launches_both_kernels_through_the_launch_table(monkeypatch):
+    launches = _RecordedLaunches(runtime.launch)
+    monkeypatch.setattr(runtime, "launch", launches)
+    args = _good_decode_args()
+    assert_close("launch", mla_decode_ref(**args), mla_decode(**args), TOLERANCES[torch.float32][0])
+    assert [c["kernel"] for c in launches.calls] == ["mla.decode_split", "mla.decode_combine"]
+    assert launches.calls[0]["autotune_key"] == ["ROWS", "NS", "split_len", "DC", "DR"]  # tuned per shape
+
+
+def test_split_tiles_shorten_token_tiles_for_large_latents():
+    entry = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    assert mla_triton._split_tiles(512)(entry) == entry  # the rows are sized for a latent of 512 ...
+    assert mla_triton._split_tiles(64)(entry) == entry
+    assert mla_triton._split_tiles(1024)(entry)["BLOCK_N"] == 32  # ... twice the latent, half the tokens a tile
+    assert mla_triton._split_tiles(4096)(dict(entry, BLOCK_N=32))["BLOCK_N"] == 16  # never under 16
+    assert mla_triton._split_tiles(512, rows=128, block_h=32)(entry)["BLOCK_H"] == 32  # 2 head blocks -> 4
+    assert mla_triton._split_tiles(512, rows=16, block_h=32)(entry)["BLOCK_H"] == 64  # 1 head block either way
+
+
+def test_mla_decode_at_a_latent_over_512_matches_the_reference():
+    args = _decode_inputs(2, 1, 3, 1000, 16, 40)
+    lens = torch.tensor([40, 9], device=DEV)
+    assert_close("Dc = 1000", mla_decode_ref(*args, 0.05, lens), mla_decode(*args, 0.05, lens),
+                 TOLERANCES[torch.float32][0])
+
+
+@pytest.mark.parametrize("block_h", [16, 32])
+def test_split_plan_uses_the_forced_block_h(monkeypatch, block_h):
+    """The host plans the splits for the BLOCK_H the kernel launches with: a forced configuration's."""
+    planned = []
+    real = mla_triton._plan_splits
+    monkeypatch.setattr(mla_triton, "_plan_splits", lambda *a, **k: (planned.append(a[2]), real(*a, **k))[1])
+    args = _decode_inputs(1, 1, 40, 48, 16, 30)
+    with runtime.launch_config("mla.decode_split", BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1):
+        out = mla_decode(*args, 0.1)
+    assert planned == [math.ceil(40 / block_h)]  # head blocks of the forced BLOCK_H
+    assert_close("forced", mla_decode_ref(*args, 0.1), out, TOLERANCES[torch.float32][0])
+
+
+@pytest.mark.parametrize("H", [3, 40])
+def test_autotuning_keeps_the_head_blocks_the_splits_were_planned_for(monkeypatch, H):
+    """With autotuning on, every candidate launches with as many head blocks as the splits were planned for: its own
+    BLOCK_H where that gives the same count, else the planned BLOCK_H. Off, the row's entries keep their own, so a GPU
+    with less shared memory can fall back to narrower ones. Checked on the sm_90 row (entries of BLOCK_H 64 and 32)
+    with a forced BLOCK_H of 64: 3 heads make one block either way, 40 heads one block of 64 or two of 32."""
+    launches = _RecordedLaunches(runtime.launch)
+    monkeypatch.setattr(runtime, "launch", launches)
+    row = runtime.LAUNCH_TABLE["mla.decode_split"]["sm_90"]
+    assert {c["BLOCK_H"] for c in row} == {32, 64}
+    args = _good_decode_args()
+    args["q_latent"], args["q_rope"] = args["q_latent"][:, :, [0] * H], args["q_rope"][:, :, [0] * H]
+    previous = runtime.set_autotune(True)
+    try:  # the interpreter never autotunes, but the fit handed to runtime.launch is the one a GPU uses
+        with runtime.launch_config("mla.decode_split", BLOCK_H=64, BLOCK_N=16):
+            mla_decode(**args)
+    finally:
+        runtime.set_autotune(previous)
+    tuned = [launches.calls[0]["fit"](c)["BLOCK_H"] for c in row]
+    assert tuned == ([c["BLOCK_H"] for c in row] if H == 3 else [64] * len(row))
+    assert {math.ceil(H / b) for b in tuned} == {math.ceil(H / 64)}
+    mla_decode(**args)
+    assert [launches.calls[-2]["fit"](c)["BLOCK_H"] for c in row] == [c["BLOCK_H"] for c in row]

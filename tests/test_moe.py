@@ -3,8 +3,11 @@ vs torch._grouped_mm (forward and both gradients), the MoE layer vs transformers
 
 On a CPU the kernels run in Triton's interpreter in fp32 at small shapes (M=70, K=48, N=40, 5 experts, two of them
 empty); on a GPU the same tests run on CUDA, plus bf16 versions against an fp32 reference from the same rounded
-inputs (fwd ≤ 5e-3, grads ≤ 8e-3 relative RMS).
+inputs (fwd ≤ 5e-3, grads ≤ 8e-3 relative RMS). Kernel outputs start as NaN (the `poisoned` fixture), so a row or an
+expert a kernel forgets to write fails the comparison.
 """
+import contextlib
+import functools
 import warnings
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import minisparse
+from minisparse import runtime
 from minisparse.moe import (MoE, capacity_mask, check_route_topk_softmax, check_tile_schedule, check_unpermute,
                             check_update_bias, expert_counts, grouped_mm, grouped_mm_ref, load_balancing_loss,
                             moe_naive, permute, route_deepseek, route_topk_softmax, tile_schedule, unpermute,
@@ -34,7 +38,21 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are tested on a GPU (the interpreter's "
                                                                 "bf16 tl.dot is wrong)")
 COUNTS = [0, 13, 0, 40, 17]  # 70 rows, 5 experts: two empty, none a multiple of the tile
-SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)  # several tiles per expert, K-loop of 3 steps
+TILES_16 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)  # several tiles per expert, a K-loop of 3 steps
+DW_TILES_16 = dict(BLOCK_K=16, BLOCK_N=16, BLOCK_M=16)
+
+
+def _tiles(kernel, config):
+    """Force `config` on `kernel` (runtime.launch_config), or the table's own row for None."""
+    return contextlib.nullcontext() if config is None else runtime.launch_config(kernel, **config)
+
+
+@pytest.fixture
+def value_checks_on():
+    """Value checks on CUDA tensors too (CPU tensors always have them), restored afterwards."""
+    previous = runtime.set_value_checks(True)
+    yield
+    runtime.set_value_checks(previous)
 
 
 def _gen(seed):
@@ -195,43 +213,68 @@ def test_tile_schedule_covers_every_row_once_and_never_straddles():
 
 
 @pytest.mark.parametrize("M_K_N, counts", [((70, 48, 40), COUNTS), ((50, 64, 64), [20, 0, 30])])
-@pytest.mark.parametrize("config", [None, SMALL_TILES], ids=["default-tiles", "16-tiles"])
-def test_grouped_mm_forward_every_row_written(M_K_N, counts, config):
+@pytest.mark.parametrize("tiles", [None, TILES_16], ids=["table-tiles", "16-tiles"])
+def test_grouped_mm_forward_every_row_written(poisoned, M_K_N, counts, tiles):
     M, K, N = M_K_N
-    if config is not None and DEV == "cuda":
-        config = dict(config, num_warps=4, num_stages=2)
     g = _gen(12)
     x = torch.randn(M, K, generator=g).to(DEV)
     w = torch.randn(len(counts), K, N, generator=g).to(DEV)
-    offs = _offsets(counts)
-    y = torch.full((M, N), float("nan"), device=DEV)  # poisoned: a row the kernel skips stays NaN
-    _launch_fwd(x, w, offs, y, config=config)
+    with _tiles("moe.grouped_mm", tiles):
+        y = grouped_mm(x, w, _offsets(counts))  # y starts as NaN: a row the kernel skips stays NaN
     assert_close("y", _loop(x, w, counts), y, 1e-5)
+
+
+def _reference_and_poisoned_output(seed=17):
+    g = _gen(seed)
+    x, w = torch.randn(70, 48, generator=g).to(DEV), torch.randn(5, 48, 40, generator=g).to(DEV)
+    return x, w, _loop(x, w, COUNTS), torch.full((70, 40), float("nan"), device=DEV)
 
 
 def test_grouped_mm_result_does_not_depend_on_program_order():
     # A GPU runs programs in any order, the interpreter in launch order. Running the tiles backwards catches a
     # partial tile that writes rows of the next expert (which in launch order the next tile would overwrite).
-    g = _gen(17)
-    x, w = torch.randn(70, 48, generator=g).to(DEV), torch.randn(5, 48, 40, generator=g).to(DEV)
+    x, w, ref, y = _reference_and_poisoned_output()
     offs = _offsets(COUNTS)
-    config = SMALL_TILES if DEV == "cpu" else dict(SMALL_TILES, num_warps=4, num_stages=2)
-    expert, row = tile_schedule(offs, 70, config["BLOCK_M"])
-    y = torch.full((70, 40), float("nan"), device=DEV)
-    _launch_fwd(x, w, offs, y, schedule=(expert.flip(0).contiguous(), row.flip(0).contiguous(), config["BLOCK_M"]),
-                config=config)
-    assert_close("y, tiles in reverse order", _loop(x, w, COUNTS), y, 1e-5)
+    expert, row = tile_schedule(offs, 70, 16)
+    with runtime.launch_config("moe.grouped_mm", **TILES_16):
+        _launch_fwd(x, w, offs, y, (expert.flip(0).contiguous(), row.flip(0).contiguous()), 16)
+    assert_close("y, tiles in reverse order", ref, y, 1e-5)
 
 
-def test_grouped_mm_forward_and_gradients_vs_loop_fp32():
+def test_a_schedule_whose_tiles_straddle_experts_is_caught():
+    """The known-wrong variant: a plain matmul's tiling, tile s = rows 16·s … 16·s + 15 with the expert of its first
+    row. Rows of the next expert get the wrong weights or stay unwritten; the comparison with the loop must fail."""
+    x, w, ref, y = _reference_and_poisoned_output()
+    offs = _offsets(COUNTS)
+    rows = torch.arange(0, 70, 16, device=DEV)
+    owner = torch.searchsorted(offs.long(), rows, right=True)  # the expert that owns each tile's first row
+    with runtime.launch_config("moe.grouped_mm", **TILES_16):
+        _launch_fwd(x, w, offs, y, (owner.to(torch.int32), rows.to(torch.int32)), 16)
+    with pytest.raises(AssertionError):
+        assert_close("y, straddling tiles", ref, y, 1e-5)
+
+
+def test_forced_block_m_builds_the_schedule():
+    """BLOCK_M is the schedule's tile height: a forced configuration's BLOCK_M must be the one the schedule uses
+    (here 16 instead of the table's), or rows would be missed."""
+    x, w, ref, _ = _reference_and_poisoned_output()
+    table_m = runtime.launch_configs("moe.grouped_mm", x.device, x.dtype)[0]["BLOCK_M"]
+    for block_m in sorted({16, table_m}):
+        with runtime.launch_config("moe.grouped_mm", **dict(TILES_16, BLOCK_M=block_m)):
+            assert_close(f"y, BLOCK_M = {block_m}", ref, grouped_mm(x, w, _offsets(COUNTS)), 1e-5)
+
+
+@pytest.mark.parametrize("tiles", [None, TILES_16], ids=["table-tiles", "16-tiles"])
+def test_grouped_mm_forward_and_gradients_vs_loop_fp32(poisoned, tiles):
     M, K, N = 70, 48, 40
     g = _gen(13)
     x = torch.randn(M, K, generator=g).to(DEV).requires_grad_()
     w = torch.randn(5, N, K, generator=g).to(DEV).transpose(1, 2).requires_grad_()  # [G, K, N] strided view
     dy = torch.randn(M, N, generator=g).to(DEV)
     offs = _offsets(COUNTS)
-    y = grouped_mm(x, w, offs)
-    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    with _tiles("moe.grouped_mm", tiles), _tiles("moe.grouped_mm_dw", tiles and DW_TILES_16):
+        y = grouped_mm(x, w, offs)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     yr = _loop(xr, wr, COUNTS)
     dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy)
@@ -243,17 +286,40 @@ def test_grouped_mm_forward_and_gradients_vs_loop_fp32():
     assert_close("grouped_mm_ref", yr, grouped_mm_ref(x.detach(), w.detach(), offs), 1e-6)
 
 
-def test_grouped_mm_weight_gradient_writes_every_expert():
+@pytest.mark.parametrize("tiles", [None, DW_TILES_16], ids=["table-tiles", "16-tiles"])
+def test_grouped_mm_weight_gradient_writes_every_expert(tiles):
     M, K, N = 70, 48, 40
     g = _gen(14)
     x, dy = torch.randn(M, K, generator=g).to(DEV), torch.randn(M, N, generator=g).to(DEV)
     offs = _offsets(COUNTS)
-    for config in (None, dict(BLOCK_K=16, BLOCK_N=16, BLOCK_M=16)):
-        dw = torch.full((5, K, N), float("nan"), device=DEV)
-        _launch_dw(x, dy, offs, dw, config=config)
-        starts = [0] + offs.tolist()[:-1]
-        ref = torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offs.tolist())])
-        assert_close("dw", ref, dw, 1e-5)
+    dw = torch.full((5, K, N), float("nan"), device=DEV)  # an expert the kernel skips stays NaN
+    with _tiles("moe.grouped_mm_dw", tiles):
+        _launch_dw(x, dy, offs, dw)
+    starts = [0] + offs.tolist()[:-1]
+    ref = torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offs.tolist())])
+    assert_close("dw", ref, dw, 1e-5)
+
+
+def test_grouped_mm_offsets_check_follows_the_value_check_rule():
+    """The offsets check reads them back to the host: on CPU tensors always, on CUDA tensors only after
+    runtime.set_value_checks(True); check_values=False skips it everywhere. The shape checks stay on."""
+    x, w, _, _ = _reference_and_poisoned_output()
+    short = _offsets([0, 13, 0, 40, 16])  # ends at 69, not M = 70
+    previous = runtime.set_value_checks(False)
+    try:
+        if DEV == "cpu":
+            with pytest.raises(ValueError, match="last offset must equal M"):
+                grouped_mm(x, w, short)
+        else:
+            grouped_mm(x, w, short)  # no host read, no check
+        runtime.set_value_checks(True)
+        with pytest.raises(ValueError, match="last offset must equal M"):
+            grouped_mm(x, w, short)
+        grouped_mm(x, w, short, check_values=False)
+        with pytest.raises(ValueError, match="one entry per expert"):
+            grouped_mm(x, w, short[:-1], check_values=False)
+    finally:
+        runtime.set_value_checks(previous)
 
 
 def test_grouped_mm_matches_torch_grouped_mm():
@@ -352,54 +418,122 @@ def test_moe_top_k_equal_to_num_experts_is_a_dense_mixture():
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_routers_reject_bad_configurations():
-    logits = torch.randn(4, 12)
-    with pytest.raises(ValueError, match="n_group must .* divides .* E = 12.*n_group=5"):
-        route_deepseek(logits, None, 2, n_group=5, topk_group=1)
-    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, E\] with E = 12 .*top_k=13"):
-        route_topk_softmax(logits, 13)
-    with pytest.raises(ValueError, match="top_k"):
-        route_deepseek(logits, None, 13)
-    with pytest.raises(ValueError, match=r"topk_group must be .* n_group = 4.*topk_group=5"):
-        route_deepseek(logits, None, 2, n_group=4, topk_group=5)
-    with pytest.raises(ValueError, match="cannot come from topk_group = 1 groups of 3"):
-        route_deepseek(logits, None, 4, n_group=4, topk_group=1)
-    with pytest.raises(ValueError, match=r"bias must be .* \[E\] = \(12,\).*\(11,\)"):
-        route_deepseek(logits, torch.zeros(11), 2)
-    with pytest.raises(ValueError, match="logits must be a 2-D"):
-        route_topk_softmax(torch.randn(2, 3, 4), 1)
-    with pytest.raises(TypeError, match="floating-point"):
-        route_topk_softmax(torch.ones(2, 3, dtype=torch.int64), 1)
-    with pytest.raises(ValueError, match="top_k"):
-        MoE(16, 8, 4, 5)
-    with pytest.raises(ValueError, match="n_group"):
-        MoE(16, 8, 6, 2, router="deepseek", n_group=4)
+def _nan_at(t, *index):
+    t = t.clone()
+    t[index] = float("nan")
+    return t
 
 
-def test_grouped_mm_rejects_bad_input():
-    x, w = torch.randn(70, 48).to(DEV), torch.randn(5, 48, 40).to(DEV)
-    offs = _offsets(COUNTS)
-    cases = [
-        (dict(offsets=offs.long()), TypeError, "offsets must be torch.int32.*got torch.int64"),
-        (dict(offsets=offs.flip(0)), ValueError, "non-decreasing.*first decrease at index"),
-        (dict(offsets=torch.tensor([13, 10, 53, 70, 70], dtype=torch.int32, device=DEV)), ValueError,
-         "non-decreasing.*index 1"),
-        (dict(offsets=torch.tensor([-1, 10, 53, 70, 70], dtype=torch.int32, device=DEV)), ValueError,
-         "starting at >= 0.*index 0"),
-        (dict(offsets=_offsets([0, 13, 0, 40, 16])), ValueError,
-         r"last offset must equal M = x.shape\[0\] = 70 .*got 69"),
-        (dict(offsets=offs[:-1]), ValueError, r"one entry per expert.*len\(offsets\) = 4"),
-        (dict(offsets=offs[None]), ValueError, "offsets must be 1-D"),
-        (dict(x=x[:, :47]), ValueError, r"must share K, got x \(70, 47\)"),
-        (dict(x=x.double(), w=w.double()), TypeError, "float32, float16, bfloat16.*float64"),
-        (dict(x=x.half()), TypeError, "x torch.float16 and w torch.float32"),
-        (dict(x=x[None]), ValueError, r"x must be 2-D \[M, K\]"),
-        (dict(w=w[0]), ValueError, r"w must be 3-D \[G, K, N\]"),
-    ]
-    for change, err, msg in cases:
-        args = dict(x=x, w=w, offsets=offs) | change
-        with pytest.raises(err, match=msg):
-            grouped_mm(**args)
+# Each row: (what is wrong, a change to the good arguments, the exception, words of its message).
+ROUTER_BAD = [  # both routers
+    ("logits 3-D", lambda a: a.update(logits=torch.randn(2, 3, 12)), ValueError, r"logits must be 2-D \[N, E\]"),
+    ("integer logits", lambda a: a.update(logits=a["logits"].long()), TypeError, "logits must be one of float32"),
+    ("logits a list", lambda a: a.update(logits=a["logits"].tolist()), TypeError, "logits must be a torch.Tensor"),
+    ("top_k > E", lambda a: a.update(top_k=13), ValueError, "top_k must be <= the number of experts E = 12, got 13"),
+    ("top_k 0", lambda a: a.update(top_k=0), ValueError, "top_k must be an int > 0, got 0"),
+    ("top_k float", lambda a: a.update(top_k=2.0), ValueError, "top_k must be an int > 0, got 2.0"),
+    ("NaN logit", lambda a: a.update(logits=_nan_at(a["logits"], 1, 3)), ValueError, r"logits contains NaN \(1 of 48"),
+]
+ROUTERS = [pytest.param(route_topk_softmax, id="softmax"),
+           pytest.param(functools.partial(route_deepseek, bias=None), id="deepseek")]
+DEEPSEEK_BAD = [  # route_deepseek's groups, bias and scale
+    ("n_group does not divide E", lambda a: a.update(n_group=5), ValueError,
+     "n_group = 5 must divide the number of experts E = 12"),
+    ("n_group 0", lambda a: a.update(n_group=0), ValueError, "n_group must be an int > 0, got 0"),
+    ("topk_group > n_group", lambda a: a.update(n_group=4, topk_group=5), ValueError,
+     "topk_group must be <= n_group = 4 .*got 5"),
+    ("groups too small for top_k", lambda a: a.update(top_k=4, n_group=4, topk_group=1), ValueError,
+     "top_k = 4 experts cannot come from topk_group = 1 groups of 3"),
+    ("bias shape", lambda a: a.update(bias=torch.zeros(11)), ValueError, r"bias must be \[E\] = \(12,\).*got \(11,\)"),
+    ("integer bias", lambda a: a.update(bias=torch.zeros(12, dtype=torch.long)), TypeError, "bias must be one of"),
+    ("NaN bias", lambda a: a.update(bias=_nan_at(torch.zeros(12), 5)), ValueError, "bias contains NaN"),
+    ("scale 0", lambda a: a.update(routed_scaling_factor=0.0), ValueError,
+     "routed_scaling_factor must be a positive number, got 0.0"),
+]
+
+
+def _router_args():
+    return dict(logits=torch.randn(4, 12, generator=_gen(30)), top_k=2)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("desc, change, exc, words", ROUTER_BAD, ids=[b[0] for b in ROUTER_BAD])
+def test_routers_reject_bad_input(router, desc, change, exc, words):
+    args = _router_args()
+    change(args)
+    with pytest.raises(exc, match=words):
+        router(**args)
+
+
+@pytest.mark.parametrize("desc, change, exc, words", DEEPSEEK_BAD, ids=[b[0] for b in DEEPSEEK_BAD])
+def test_route_deepseek_rejects_bad_input(desc, change, exc, words):
+    args = dict(_router_args(), bias=torch.zeros(12))
+    change(args)
+    with pytest.raises(exc, match=words):
+        route_deepseek(**args)
+
+
+def test_a_nan_bias_would_send_every_token_to_its_expert():
+    """Why the NaN check of the bias: top-k ranks NaN first, so unchecked, every token picks that expert."""
+    logits, bias = torch.randn(50, 12, generator=_gen(31)), _nan_at(torch.zeros(12), 5)
+    scores = torch.sigmoid(logits) + bias
+    assert (scores.topk(2, dim=-1).indices == 5).any(dim=-1).all()
+    with pytest.raises(ValueError, match="bias contains NaN"):
+        route_deepseek(logits, bias, 2)
+
+
+def _gmm_args():
+    g = _gen(32)
+    return dict(x=torch.randn(70, 48, generator=g).to(DEV), w=torch.randn(5, 48, 40, generator=g).to(DEV),
+                offsets=_offsets(COUNTS))
+
+
+GMM_BAD = [  # grouped_mm_ref (the spec) and grouped_mm (Triton)
+    ("int64 offsets", lambda a: a.update(offsets=a["offsets"].long()), TypeError,
+     "offsets must be torch.int32.*got torch.int64"),
+    ("offsets reversed", lambda a: a.update(offsets=a["offsets"].flip(0)), ValueError,
+     "non-decreasing.*first decrease at index"),
+    ("offsets decrease at 1", lambda a: a.update(offsets=torch.tensor([13, 10, 53, 70, 70], dtype=torch.int32,
+                                                                       device=DEV)), ValueError,
+     "non-decreasing.*index 1"),
+    ("negative offset", lambda a: a.update(offsets=torch.tensor([-1, 10, 53, 70, 70], dtype=torch.int32,
+                                                                 device=DEV)), ValueError, "starting at >= 0.*index 0"),
+    ("last offset short of M", lambda a: a.update(offsets=_offsets([0, 13, 0, 40, 16])), ValueError,
+     r"last offset must equal M = x.shape\[0\] = 70 .*got 69"),
+    ("one offset short", lambda a: a.update(offsets=a["offsets"][:-1]), ValueError,
+     r"one entry per expert.*len\(offsets\) = 4"),
+    ("offsets 2-D", lambda a: a.update(offsets=a["offsets"][None]), ValueError, r"offsets must be 1-D \[G\]"),
+    ("K mismatch", lambda a: a.update(x=a["x"][:, :47]), ValueError, r"must share K, got x \(70, 47\)"),
+    ("mixed dtypes", lambda a: a.update(x=a["x"].half()), TypeError,
+     "x, w must share one dtype.*x torch.float16, w torch.float32"),
+    ("integer x and w", lambda a: a.update(x=a["x"].long(), w=a["w"].long()), TypeError, "x must be one of float32"),
+    ("x 3-D", lambda a: a.update(x=a["x"][None]), ValueError, r"x must be 2-D \[M, K\]"),
+    ("w 2-D", lambda a: a.update(w=a["w"][0]), ValueError, r"w must be 3-D \[G, K, N\]"),
+    ("x a list", lambda a: a.update(x=a["x"].tolist()), TypeError, "x must be a torch.Tensor"),
+]
+GMM_TRITON_BAD = [  # what only the kernels refuse
+    ("float64", lambda a: a.update(x=a["x"].double(), w=a["w"].double()), TypeError,
+     "x must be one of float32, float16, bfloat16, got torch.float64"),
+]
+
+
+@pytest.mark.parametrize("op", [grouped_mm_ref, grouped_mm], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("desc, change, exc, words", GMM_BAD, ids=[b[0] for b in GMM_BAD])
+def test_grouped_mm_rejects_bad_input(value_checks_on, op, desc, change, exc, words):
+    args = _gmm_args()
+    change(args)
+    with pytest.raises(exc, match=words):
+        op(**args)
+
+
+@pytest.mark.parametrize("desc, change, exc, words", GMM_TRITON_BAD, ids=[b[0] for b in GMM_TRITON_BAD])
+def test_grouped_mm_kernel_limits(desc, change, exc, words):
+    args = _gmm_args()
+    change(args)
+    with pytest.raises(exc, match=words):
+        grouped_mm(**args)
+    change(good := _gmm_args())
+    assert_close(desc, _loop(good["x"], good["w"], COUNTS), grouped_mm_ref(**good), 1e-6)  # the spec takes it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
@@ -415,13 +549,130 @@ def test_grouped_mm_refuses_bf16_in_the_interpreter():
         grouped_mm(torch.randn(70, 48).bfloat16(), torch.randn(5, 48, 40).bfloat16(), _offsets(COUNTS, "cpu"))
 
 
-def test_permute_rejects_bad_indices():
-    with pytest.raises(ValueError, match=r"indices must lie in \[0, num_experts\) = \[0, 4\), got values in \[0, 4\]"):
-        permute(torch.randn(3, 2), torch.tensor([[0, 4], [1, 2], [3, 3]]), 4)
-    with pytest.raises(ValueError, match="same N"):
-        permute(torch.randn(3, 2), torch.tensor([[0, 1]]), 4)
-    with pytest.raises(TypeError, match="int32 or int64"):
-        permute(torch.randn(1, 2), torch.tensor([[0.0, 1.0]]), 4)
+PERMUTE_BAD = [
+    ("expert id = E", lambda a: a.update(indices=torch.tensor([[0, 4], [1, 2], [3, 3]])), ValueError,
+     r"indices must be >= 0 and <= 3 \(expert ids for num_experts = 4\), got values in \[0, 4\]"),
+    ("negative expert id", lambda a: a.update(indices=torch.tensor([[0, -1], [1, 2], [3, 3]])), ValueError,
+     r"got values in \[-1, 3\]"),
+    ("indices for another N", lambda a: a.update(indices=torch.tensor([[0, 1]])), ValueError,
+     r"indices must be \[N, k\] with x's N = 3 tokens, got \(1, 2\)"),
+    ("float indices", lambda a: a.update(indices=a["indices"].float()), TypeError,
+     "indices must be one of int32, int64, got torch.float32"),
+    ("indices 1-D", lambda a: a.update(indices=torch.tensor([0, 1, 2])), ValueError, r"indices must be 2-D \[N, k\]"),
+    ("x 1-D", lambda a: a.update(x=torch.randn(3)), ValueError, r"x must be 2-D \[N, H\]"),
+    ("num_experts 0", lambda a: a.update(num_experts=0), ValueError, "num_experts must be an int > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("desc, change, exc, words", PERMUTE_BAD, ids=[b[0] for b in PERMUTE_BAD])
+def test_permute_rejects_bad_input(desc, change, exc, words):
+    args = dict(x=torch.randn(3, 2), indices=torch.tensor([[0, 1], [1, 2], [3, 3]]), num_experts=4)
+    change(args)
+    with pytest.raises(exc, match=words):
+        permute(**args)
+
+
+UNPERMUTE_BAD = [
+    ("weights 1-D", lambda a: a.update(weights=a["weights"][:, 0]), ValueError, r"weights must be 2-D \[N, k\]"),
+    ("integer weights", lambda a: a.update(weights=a["weights"].long()), TypeError, "weights must be one of"),
+    ("a row short", lambda a: a.update(y_sorted=a["y_sorted"][:-1]), ValueError,
+     r"y_sorted must be \[N\*k, H\] with N\*k = 6"),
+    ("order short", lambda a: a.update(order=a["order"][:-1]), ValueError, r"order must be \[N\*k\] = \(6,\)"),
+    ("float order", lambda a: a.update(order=a["order"].float()), TypeError, "order must be one of int32, int64"),
+]
+
+
+@pytest.mark.parametrize("desc, change, exc, words", UNPERMUTE_BAD, ids=[b[0] for b in UNPERMUTE_BAD])
+def test_unpermute_rejects_bad_input(desc, change, exc, words):
+    x_sorted, order, _ = permute(torch.randn(3, 2), torch.tensor([[0, 1], [1, 2], [3, 3]]), 4)
+    args = dict(y_sorted=x_sorted, weights=torch.rand(3, 2), order=order)
+    change(args)
+    with pytest.raises(exc, match=words):
+        unpermute(**args)
+
+
+HELPERS_BAD = [  # balancing and dispatch helpers: (what, the call, exception, words)
+    ("load balancing: expert id = E",
+     lambda: load_balancing_loss(torch.full((2, 4), 0.25), torch.tensor([[1, 2], [3, 4]]), 4), ValueError,
+     r"indices must be >= 0 and <= 3"),
+    ("load balancing: probs for other experts",
+     lambda: load_balancing_loss(torch.full((2, 5), 0.2), torch.tensor([[0, 1], [2, 3]]), 4), ValueError,
+     r"router_probs must be \[N, E\] = \(2, 4\)"),
+    ("load balancing: indices for other tokens",
+     lambda: load_balancing_loss(torch.full((2, 4), 0.25), torch.tensor([[0, 1]]), 4), ValueError,
+     r"indices must be \[N, k\] = \(2, 2\)"),
+    ("counts: float ids", lambda: expert_counts(torch.tensor([[0.0, 1.0]]), 4), TypeError,
+     "indices must be one of int32, int64"),
+    ("counts: id = E", lambda: expert_counts(torch.tensor([[0, 4]]), 4), ValueError, r"got values in \[0, 4\]"),
+    ("capacity factor 0", lambda: capacity_mask(torch.tensor([[0, 1], [2, 3]]), 4, 0.0), ValueError,
+     "capacity_factor .* must be a positive number, got 0.0"),
+    ("bias update: integer bias", lambda: update_bias(torch.zeros(4, dtype=torch.long), torch.ones(4)), TypeError,
+     "bias must be one of"),
+    ("bias update: counts for other experts", lambda: update_bias(torch.zeros(4), torch.tensor([1, 2, 3])),
+     ValueError, r"tokens_per_expert must be \[E\] = \(4,\)"),
+]
+
+
+@pytest.mark.parametrize("desc, call, exc, words", HELPERS_BAD, ids=[b[0] for b in HELPERS_BAD])
+def test_balancing_and_dispatch_helpers_reject_bad_input(desc, call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+MOE_ARGS = dict(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)
+MOE_BAD_ARGS = [
+    ("hidden_size 0", dict(hidden_size=0), ValueError, "MoE: hidden_size must be an int > 0, got 0"),
+    ("intermediate_size float", dict(intermediate_size=8.0), ValueError, "MoE: intermediate_size must be an int > 0"),
+    ("num_experts True", dict(num_experts=True), ValueError, "MoE: num_experts must be an int > 0, got True"),
+    ("top_k > num_experts", dict(top_k=5), ValueError, "MoE: top_k must be <= the number of experts E = 4, got 5"),
+    ("top_k 0", dict(top_k=0), ValueError, "MoE: top_k must be an int > 0, got 0"),
+    ("unknown router", dict(router="sinkhorn"), ValueError,
+     "MoE: router must be one of 'softmax', 'deepseek', got 'sinkhorn'"),
+    ("n_group does not divide", dict(router="deepseek", n_group=3), ValueError,
+     "MoE: n_group = 3 must divide the number of experts E = 4"),
+    ("topk_group > n_group", dict(router="deepseek", n_group=2, topk_group=3), ValueError,
+     "MoE: topk_group must be <= n_group = 2"),
+    ("groups too small", dict(router="deepseek", n_group=4, topk_group=1), ValueError,
+     "MoE: top_k = 2 experts cannot come from topk_group = 1 groups of 1"),
+    ("scale negative", dict(routed_scaling_factor=-1.0), ValueError, "MoE: routed_scaling_factor must be a positive"),
+    ("shared size negative", dict(shared_intermediate_size=-8), ValueError,
+     r"MoE: shared_intermediate_size \(0: no shared expert\) must be an int >= 0, got -8"),
+    ("gate without shared expert", dict(shared_expert_gate=True), ValueError,
+     "shared_expert_gate=True needs a shared expert"),
+    ("backend name", dict(backend="flash"), ValueError, "MoE: backend must be 'auto', 'naive' or 'triton', got 'flash'"),
+]
+
+
+@pytest.mark.parametrize("desc, change, exc, words", MOE_BAD_ARGS, ids=[b[0] for b in MOE_BAD_ARGS])
+def test_moe_rejects_bad_constructor_arguments(desc, change, exc, words):
+    with pytest.raises(exc, match=words):
+        MoE(**(MOE_ARGS | change))
+
+
+def test_moe_backend_is_checked_when_assigned_too():
+    layer = MoE(**MOE_ARGS)
+    layer.backend = "naive"
+    with pytest.raises(ValueError, match="MoE: backend must be 'auto', 'naive' or 'triton', got 'ref'"):
+        layer.backend = "ref"
+    assert layer.backend == "naive"
+
+
+MOE_BAD_INPUT = [
+    ("fp16 into an fp32 layer", lambda: torch.randn(2, 3, 16, device=DEV).half(), TypeError,
+     "MoE: x is torch.float16 but the layer's parameters are torch.float32"),
+    ("wrong hidden size", lambda: torch.randn(2, 3, 15, device=DEV), ValueError,
+     r"MoE: x must be \[B, T, hidden\] with hidden = 16, got \(2, 3, 15\)"),
+    ("4-D input", lambda: torch.randn(1, 2, 3, 16, device=DEV), ValueError, r"MoE: x must be 3-D \[B, T, hidden\]"),
+    ("a list", lambda: [[0.0] * 16], TypeError, "MoE: x must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+@pytest.mark.parametrize("desc, make, exc, words", MOE_BAD_INPUT, ids=[b[0] for b in MOE_BAD_INPUT])
+def test_moe_rejects_bad_input(backend, desc, make, exc, words):
+    layer = MoE(**MOE_ARGS, backend=backend).to(DEV)
+    with pytest.raises(exc, match=words):
+        layer(make())
 
 
 # ------------------------------------------------------------------------------------------------ exercises
@@ -493,28 +744,13 @@ def test_package_exports_the_api():
                                            "MoE"} <= set(minisparse.moe.__all__)
 
 
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)], ids=["N=0", "T=0"])
 @pytest.mark.parametrize("backend", ["naive", "triton"])
-def test_moe_layer_on_an_empty_batch(backend):
+def test_moe_layer_on_an_empty_batch(backend, shape):
     dev = DEV if backend == "triton" else "cpu"
     layer = MoE(16, 32, 8, 2, backend=backend).to(dev)
-    x = torch.randn(0, 16, device=dev, requires_grad=True)
+    x = torch.randn(shape, device=dev, requires_grad=True)
     y = layer(x)
-    assert y.shape == (0, 16)
+    assert y.shape == shape
     if backend == "triton":  # the sorted path keeps the (empty) graph; the naive loop returns a constant
         y.sum().backward()
-
-
-def test_balancing_and_dispatch_helpers_reject_bad_input():
-    from minisparse.moe import expert_counts, unpermute
-
-    idx = torch.tensor([[0, 1], [2, 3]])
-    with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        load_balancing_loss(torch.full((2, 4), 0.25), idx + 1, 4)
-    with pytest.raises(TypeError, match="integer"):
-        expert_counts(idx.float(), 4)
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
-        capacity_mask(idx, 4, 0.0)
-    with pytest.raises(TypeError, match="floating-point"):
-        update_bias(torch.zeros(4, dtype=torch.long), torch.ones(4))
-    with pytest.raises(ValueError, match=r"weights must be \[N, k\]"):
-        unpermute(torch.zeros(4, 3), torch.ones(4), torch.arange(4))

@@ -2,11 +2,10 @@
 
 Which stored or multiplied quantity costs how much accuracy on the chapter's hardest check (T = 1000, K = 32, V = 48,
 HV = 4, gates in [-1e-3, 0]: a state that forgets almost nothing), and on two others. Each flag rounds one quantity
-to bf16: the normalised q and k (rqk), T (rT: fla's; the chapter's kernels split T in two bf16 halves, modelled as
-exact), W (rw), Ũ (ru), the stored chunk states (rs), U for the output's product (rU), P = QKᵀ ⊙ Γ for that product
-(rP), and U as the scan's 16-bit operand (rUscan). Against the H200 (stop 14), chapter's check: previous version
-4.25e-3 here, 4.30e-3 measured; this chapter 4.52e-3, 4.55e-3 measured; fla's choices here and fla measured: see
-the output (5.80e-3 measured).
+to bf16: the normalised q and k (rqk), A_inv (rT: fla's; the chapter's kernels split A_inv in two bf16 halves,
+modelled as exact), W (rw), Ũ (ru), the stored chunk states (rs), U for the output's product (rU), P = QKᵀ ⊙ Γ for
+that product (rP), and U as the scan's 16-bit operand (rUscan). The H200's measurements of the same choices are in
+deltanet.md (2026-11-29).
     python bench/notes/deltanet_rounding_model.py          (CPU, a few seconds)
 """
 import sys
@@ -53,7 +52,7 @@ def emulate(q, k, v, g, beta, h0, rqk=True, rT=False, rw=True, ru=False, rs=True
 
 
 CHOICES = [
-    ("previous version: rows normalised in bf16, Ũ and U fp32", {}),
+    ("rows normalised in bf16, Ũ and U fp32", {}),
     ("  the same with q, k normalised in fp32", dict(rqk=False)),
     ("this chapter: q, k in fp32 scalings; Ũ, U, P in bf16", dict(rqk=False, ru=True, rU=True, rP=True)),
     ("  the same with Ũ in fp32", dict(rqk=False, rU=True, rP=True)),

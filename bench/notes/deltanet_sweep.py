@@ -1,5 +1,6 @@
 """Chapter 5's forward kernels one at a time, under several launch configurations, and fla's kernels from a profile,
-at one length (default 32K tokens; B2 H16 D128 bf16). What bench/notes/deltanet.md's per-kernel table came from.
+at one length (default 32K tokens; B2 H16 D128 bf16). The sweeps behind runtime.LAUNCH_TABLE's "deltanet.fwd_*" rows
+and bench/notes/deltanet.md's per-kernel table.
 On a GPU, with fla-core installed:   PYTHONPATH=. python bench/notes/deltanet_sweep.py [T ...]
 """
 import itertools
@@ -9,7 +10,7 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-import minisparse.deltanet.triton as dt
+import minisparse.deltanet.chunk_fwd as dt
 from minisparse import bench, runtime
 from minisparse.deltanet import chunk_gated_delta_rule
 
@@ -40,33 +41,31 @@ def main(T):
     g = -torch.rand(B, T, H, device="cuda")
     beta = torch.rand(B, T, H, device="cuda")
     NT = triton.cdiv(T, dt._C)
-    # q and k as given (the kernels normalise them); W, Ũ, U and the states in bf16, as the op stores them
-    w, u, gc, kr, _, states, _ = dt._wy_and_states(k, v, g, beta, None, False, False, store_dtype=torch.bfloat16,
-                                                    u_dtype=torch.bfloat16, l2=True)  # u holds U
+    # q and k as given (the kernels normalise them); W, U and the states in bf16, as the op stores them
+    w, u, kr, _, states, _ = dt._wy_and_states(k, v, g, beta, None, False, l2=True, recompute=False)  # u holds U
     u_wy = torch.empty_like(u)
     for bk, warps, stages in [(32, 4, 3), (32, 1, 3)] + list(itertools.product((16, 32, 64), (2,), (2, 3, 4))):
-        f = lambda: dt._fwd_wy_kernel[(NT, B * H)](k, v, g, beta, w, u_wy, gc, kr, gc, T, H, H, D, D, C=dt._C, BK=bk,
-                                                   BV=bk, STORE_T=False, SPLIT_T=True, L2=True, PRECISION="tf32",
+        f = lambda: dt._fwd_wy_kernel[(NT, B * H)](k, v, g, beta, w, u_wy, kr, None, T, H, H, D, D, C=dt._C, BK=bk,
+                                                   BV=bk, SPLIT=True, L2=True, STORE_AINV=False, PRECISION="tf32",
                                                    num_warps=warps, num_stages=stages)
         print(f"  wy      blocks {bk} warps {warps} stages {stages}: {ms(f)}")
-    u_scan = torch.empty_like(u)  # the scan reads Ũ (u_wy) and writes U here
+    u_scan = torch.empty_like(u)  # the scan writes U over Ũ: each timed run starts from a fresh copy of Ũ
     for bv, warps, stages in ((32, 4, 3), (32, 4, 4), (32, 4, 5), (32, 8, 4), (64, 4, 4), (32, 2, 4)):
-        f = lambda: dt._fwd_states_kernel[(D // bv, B * H)](k, w, u_wy, u_scan, gc, kr, states, states, states, T, H,
-                                                            H, D, D, NT, C=dt._C, BK=D, BV=bv, HAS_H0=False,
-                                                            STORE_HT=False, L2=True, PRECISION="tf32",
-                                                            num_warps=warps, num_stages=stages)
-        print(f"  scan    BV {bv} warps {warps} stages {stages}: {ms(f)}")
+        f = lambda: (u_scan.copy_(u_wy), dt._fwd_states_kernel[(D // bv, B * H)](
+            k, w, u_scan, g, kr, None, states, None, T, H, H, D, D, NT, C=dt._C, BK=D, BV=bv, HAS_H0=False,
+            STORE_HT=False, L2=True, PRECISION="tf32", num_warps=warps, num_stages=stages))
+        print(f"  scan    BV {bv} warps {warps} stages {stages}: {ms(f)} (with a copy of Ũ)")
     o = torch.empty_like(v)
     for bv, bk, warps, stages in list(itertools.product((128, 64), (64, 128), (4, 8), (2, 3))):
-        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](q, k, u, gc, kr, states, o, D ** -0.5, T, H, H, D, D,
+        f = lambda: dt._fwd_output_kernel[(D // bv, NT, B * H)](q, k, u, g, kr, states, o, D ** -0.5, T, H, H, D, D,
                                                                 NT, C=dt._C, BK=bk, BV=bv, L2=True, PRECISION="tf32",
                                                                 num_warps=warps, num_stages=stages)
         print(f"  output  BV {bv} BK {bk} warps {warps} stages {stages}: {ms(f)}")
     with torch.no_grad():
         fwd = lambda: chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
-        print("  end to end, value checks on :", ms(fwd))
-        previous = runtime.set_value_checks(False)
-        print("  end to end, value checks off:", ms(fwd))
+        print("  end to end:", ms(fwd))
+        previous = runtime.set_value_checks(True)
+        print("  end to end, runtime.set_value_checks(True):", ms(fwd))
         runtime.set_value_checks(previous)
         try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla

@@ -2,7 +2,9 @@
 import torch
 import torch.nn as nn
 
-from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copy of section 1.2
+from minisparse import _checks
+from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copies of sections
+from minisparse.attention.triton import flash_attention  # 1.2 and 1.5
 
 
 class RMSNorm(nn.Module):
@@ -10,7 +12,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6, zero_centered=False):
         super().__init__()
-        self.eps, self.zero_centered = eps, zero_centered
+        _checks.positive_int("RMSNorm", "dim", dim)
+        self.eps, self.zero_centered = _checks.positive_float("RMSNorm", "eps", eps), zero_centered
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x):
@@ -20,26 +23,43 @@ class RMSNorm(nn.Module):
         return (y * w).to(x.dtype)
 
 
+def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps, rope_theta,
+                    backend):
+    """Check Attention's constructor arguments; return num_kv_heads, head_dim and rotary_dim with defaults filled."""
+    op = "Attention"
+    _checks.positive_int(op, "hidden_size", hidden_size)
+    _checks.positive_int(op, "num_heads", num_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else _checks.positive_int(op, "num_kv_heads", num_kv_heads)
+    _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
+    if head_dim is None:  # the Llama convention: the heads split the hidden size
+        _checks.divides(op, "num_heads (with head_dim=None)", num_heads, "hidden_size", hidden_size)
+        head_dim = hidden_size // num_heads
+    _checks.positive_int(op, "head_dim", head_dim)
+    rotary_dim = head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"{op}: rotary_dim must be even and <= head_dim = {head_dim}, got {rotary_dim}")
+    if window is not None:
+        _checks.positive_int(op, "window", window)
+    _checks.positive_float(op, "norm_eps", norm_eps)
+    _checks.positive_float(op, "rope_theta", rope_theta)
+    _checks.backend(op, backend)
+    return num_kv_heads, head_dim, rotary_dim
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with GQA, RoPE, optional q/k RMSNorm, optional output gate and a KV cache.
 
     forward(x [B, T, hidden], cache=None, positions=None) -> [B, T, hidden]. With a cache (see new_cache) the T
     new tokens sit at positions len(cache) .. len(cache) + T - 1 and attend to everything cached before them.
+    backend: "auto" (the Triton kernels where they run, else attention_ref), "naive" or "triton".
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, bias=False, o_bias=None,
                  gate=False, qk_norm=False, zero_centered_norm=False, norm_eps=1e-6, rope_theta=10000.0,
-                 rotary_dim=None, interleaved_rope=False, window=None, backend="ref"):
+                 rotary_dim=None, interleaved_rope=False, window=None, backend="auto"):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        if num_heads % num_kv_heads:
-            raise ValueError(f"Attention: num_kv_heads must divide num_heads, got {num_kv_heads} and {num_heads}")
-        if backend not in ("ref", "flash"):
-            raise ValueError(f"Attention: backend must be 'ref' or 'flash', got {backend!r}")
-        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
-            raise ValueError(f"Attention: rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+        num_kv_heads, head_dim, rotary_dim = _attention_args(hidden_size, num_heads, num_kv_heads, head_dim,
+                                                             rotary_dim, window, norm_eps, rope_theta, backend)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.gate, self.window, self.backend, self.rotary_dim = gate, window, backend, rotary_dim
@@ -53,8 +73,7 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(rotary_dim, rope_theta, interleaved_rope)
 
     def forward(self, x, cache=None, positions=None):
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"Attention: x must be [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        _checks.layer_input("Attention", x, self, hidden=self.hidden_size)  # [B, T, hidden], the layer's dtype
         B, T, _ = x.shape
         start = 0 if cache is None else len(cache)
         if positions is None:
@@ -67,7 +86,7 @@ class Attention(nn.Module):
         q, k = self._rope(q, positions), self._rope(k, positions)
         if cache is not None:
             k, v = cache.append(k, v)  # [B, start + T, HKV, D]
-        o = self._attend(q, k, v).reshape(B, T, -1)  # [B, T, H*D]
+        o = self._attend(q, k, v).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
         if g is not None:
             o = o * torch.sigmoid(g)  # gated attention: elementwise, per channel of each head
         return self.o_proj(o)  # [B, T, hidden]
@@ -88,9 +107,7 @@ class Attention(nn.Module):
         return torch.cat((self.rope(rot, positions), rest), dim=-1)
 
     def _attend(self, q, k, v):
-        if self.backend == "flash":
-            from minisparse.attention import flash_attention  # lazy: the layer does not need the kernels to import
-
+        if _checks.choose_backend(self.backend, q) == "triton":
             return flash_attention(q, k, v, causal=True, window=self.window)
         return attention_ref(q, k, v, causal=True, window=self.window)
 
@@ -101,7 +118,7 @@ class Attention(nn.Module):
                        device=device or w.device)
 
     @classmethod
-    def from_hf(cls, module):
+    def from_hf(cls, module, backend="auto"):
         """Build from a transformers attention module (Llama, Mistral, Qwen2/3, Qwen3-Next …), copying its weights."""
         cfg = module.config
         rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
@@ -117,7 +134,7 @@ class Attention(nn.Module):
             zero_centered_norm=qk_norm and _scales_by_one_plus_weight(norm),
             norm_eps=getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)),
             rope_theta=rope["rope_theta"], rotary_dim=int(D * rope.get("partial_rotary_factor", 1.0)),
-            window=getattr(module, "sliding_window", getattr(cfg, "sliding_window", None)),
+            window=getattr(module, "sliding_window", getattr(cfg, "sliding_window", None)), backend=backend,
         )
         w = module.q_proj.weight
         layer.load_state_dict(module.state_dict())

@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from minisparse import _checks  # the book's shared argument checks
+
 
 def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
     """Boolean mask [Tq, Tk], True where query i may attend to key s.
@@ -24,46 +26,39 @@ def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
 def _check_window(op, causal, window):
     if window is None:
         return
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"{op}: window must be a positive int (or None for no window), got {window!r}")
+    _checks.positive_int(op, "window", window)
     if not causal:
         raise ValueError(f"{op}: window={window} needs causal=True (a sliding window looks back from each query, "
                          "keys pos - window < s <= pos), got causal=False")
 
 
-def check_attention_args(op, q, k, v=None, causal=True, window=None):
-    """Validate q [B,Tq,HQ,D], k [B,Tk,HKV,D], v [B,Tk,HKV,Dv]; raise TypeError/ValueError naming the argument."""
-    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must have 4 dims [B, T, H, D], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be floating point (fp32, fp16 or bf16), got {t.dtype}")
-    if len({t.dtype for _, t in named}) > 1:
-        raise TypeError(f"{op}: q, k, v must share a dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in named))
-    B, Tq, HQ, D = q.shape
-    _, Tk, HKV, _ = k.shape
-    if k.shape[0] != B:
-        raise ValueError(f"{op}: k must have q's batch size {B}, got k of shape {tuple(k.shape)}")
-    if k.shape[3] != D:
-        raise ValueError(f"{op}: q and k must have the same head dim, got q {D} and k {k.shape[3]}")
-    if v is not None and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: k [B, Tk, HKV, D] and v [B, Tk, HKV, Dv] must agree on B, Tk, HKV, got k "
-                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
-    if HKV == 0 or HQ % HKV != 0:
-        raise ValueError(f"{op}: the K/V heads must divide the query heads (GQA groups), got HQ={HQ}, HKV={HKV}")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # fp64: the tests' oracle runs in it
+
+
+def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
+    """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask and the scale;
+    return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError naming the argument."""
+    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
+    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
+    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
+    named = dict(q=q, k=k) if v is None else dict(q=q, k=k, v=v)
+    _checks.same_dtype(op, _DTYPES, **named)
+    _checks.same_device(op, **named)
+    (B, Tq, HQ, D), (Tk, HKV) = q.shape, k.shape[1:3]
+    _checks.shape(op, "k", k, (B, Tk, HKV, D), "[B, Tk, HKV, D]", "q's batch size and head dim")
+    if v is not None:
+        _checks.shape(op, "v", v, (B, Tk, HKV, v.shape[3]), "[B, Tk, HKV, Dv]", "k's batch, length and heads")
+    _checks.divides(op, "HKV (k's heads)", HKV, "HQ (q's heads, GQA groups)", HQ)
     _check_window(op, causal, window)
     if causal and Tq > Tk:
         raise ValueError(f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
                          f"Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+    return _checks.scale(op, scale, D)
 
 
 def _probabilities(q, k, causal, scale, window):
     B, Tq, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
     k = k.repeat_interleave(HQ // HKV, dim=2)  # [B, Tk, HQ, D]  query head h reads K/V head h // G
     s = torch.einsum("bthd,bshd->bhts", q.to(acc), k.to(acc)) * scale  # [B, HQ, Tq, Tk]
@@ -74,7 +69,7 @@ def _probabilities(q, k, causal, scale, window):
 
 def attention_weights(q, k, causal=True, scale=None, window=None):
     """Attention probabilities P [B, HQ, Tq, Tk] (fp32) of q [B,Tq,HQ,D] over k [B,Tk,HKV,D] — for pictures."""
-    check_attention_args("attention_weights", q, k, None, causal, window)
+    scale = check_attention_args("attention_weights", q, k, None, causal, window, scale)
     return _probabilities(q, k, causal, scale, window)
 
 
@@ -85,7 +80,7 @@ def attention_ref(q, k, v, causal=True, scale=None, window=None):
     GQA: HKV divides HQ. causal is bottom-right aligned (query i at position i + Tk - Tq).
     window W: keys position - W < s <= position. Softmax and accumulation in fp32.
     """
-    check_attention_args("attention_ref", q, k, v, causal, window)
+    scale = check_attention_args("attention_ref", q, k, v, causal, window, scale)
     HQ, HKV = q.shape[2], k.shape[2]
     p = _probabilities(q, k, causal, scale, window)  # [B, HQ, Tq, Tk]
     v = v.repeat_interleave(HQ // HKV, dim=2).to(p.dtype)  # [B, Tk, HQ, Dv]

@@ -2,15 +2,13 @@
 """Flash attention in Triton: forward and backward kernels for `[B, T, H, D]` tensors (chapter 1, section 1.5).
 
 Notation in comments: B batch, Tq/Tk query/key lengths, HQ query heads, HKV key/value heads (GROUP = HQ // HKV
-query heads share one K/V head), DK/DV head dims, BM/BN the heights of a query tile and a key tile.
+query heads share one K/V head), DK/DV head dims, BM/BN the heights of a query tile and a key tile. Launch
+configurations (BLOCK_M, BLOCK_N, warps, stages) come from `runtime.LAUNCH_TABLE`, rows "attention.*".
 """
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
-from minisparse import runtime
+from minisparse import _checks, runtime
 from minisparse.attention.naive import attention_ref, check_attention_args  # section 1.2
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels fold log2(e) into the scale
@@ -172,20 +170,22 @@ def _visible(q_idx, k_idx, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, Tq, HQ, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = Σ_d dO[b, i, h, d] · O[b, i, h, d]   (= Σ_j P_ij dP_ij). Grid (cdiv(Tq, BM), B * HQ).
+def _bwd_delta_kernel(O, DO, DELTA, Tq, HQ, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program = BLOCK query rows of one (batch, query head). Grid (cdiv(Tq, BLOCK), B * HQ).
 
-        O tile  [BM, DV] --.
-                            (multiply, sum over DV) --> delta [BM]
-        dO tile [BM, DV] --'
+        O tile  [BLOCK, DV] --.
+                               (multiply, sum over DV) --> delta [BLOCK]
+        dO tile [BLOCK, DV] --'
+
+    delta[b, h, i] = Σ_d dO[b, i, h, d] · O[b, i, h, d]  (= Σ_j P_ij dP_ij, the softmax backward's row sums).
     """
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     hq = pid_bh % HQ
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = (b.to(tl.int64) * Tq * HQ + hq) * DV  # row 0 of this (batch, head) in O and dO
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] query indices
     offs_dv = tl.arange(0, DV_PAD)
-    base = (b.to(tl.int64) * Tq * HQ + hq) * DV
-    o = _load_tile(O + base, rows, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)
+    o = _load_tile(O + base, rows, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)  # [BLOCK, DV_PAD]
     do = _load_tile(DO + base, rows, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
 
@@ -262,8 +262,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, q
     hkv = pid_bh % HKV
     group = HQ // HKV
 
-    k_base = K + (b.to(tl.int64) * Tk * HKV + hkv) * DK
-    v_base = V + (b.to(tl.int64) * Tk * HKV + hkv) * DV
+    kv_row0 = b.to(tl.int64) * Tk * HKV + hkv  # (b, 0, hkv) in rows of K, V, dK, dV
+    k_base, dk_base = K + kv_row0 * DK, DK_OUT + kv_row0 * DK
+    v_base, dv_base = V + kv_row0 * DV, DV_OUT + kv_row0 * DV
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key indices
     offs_m = tl.arange(0, BLOCK_M)
@@ -277,9 +278,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, q
     lo, full_lo, full_hi, hi = _query_range(start_n, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for g in range(0, group):
         hq = hkv * group + g
-        q_base = Q + (b.to(tl.int64) * Tq * HQ + hq) * DK
-        do_base = DO + (b.to(tl.int64) * Tq * HQ + hq) * DV
-        lse_base = LSE + (b.to(tl.int64) * HQ + hq) * Tq
+        q_row0 = b.to(tl.int64) * Tq * HQ + hq  # (b, 0, hq) in rows of Q, dO
+        q_base, do_base = Q + q_row0 * DK, DO + q_row0 * DV
+        lse_base = LSE + (b.to(tl.int64) * HQ + hq) * Tq  # LSE and delta are [B, HQ, Tq]
         delta_base = DELTA + (b.to(tl.int64) * HQ + hq) * Tq
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV, cols,
                              lo, full_lo, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
@@ -292,8 +293,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, q
                              DK, DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
 
     # S = σ Q Kᵀ, so dK carries the factor σ; dV does not. Key tiles that no query sees store zeros.
-    _store_tile(DK_OUT + (b.to(tl.int64) * Tk * HKV + hkv) * DK, cols, HKV * DK, Tk, offs_dk, DK, dk * sm_scale)
-    _store_tile(DV_OUT + (b.to(tl.int64) * Tk * HKV + hkv) * DV, cols, HKV * DV, Tk, offs_dv, DV, dv)
+    _store_tile(dk_base, cols, HKV * DK, Tk, offs_dk, DK, dk * sm_scale)
+    _store_tile(dv_base, cols, HKV * DV, Tk, offs_dv, DV, dv)
 
 
 @triton.jit
@@ -369,103 +370,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
     _store_tile(dq_base, rows, HQ * DK, Tq, offs_dk, DK, dq * sm_scale)
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tiles and launch settings of one kernel: block_m query rows and block_n key rows a tile, num_warps warps
-    a program, num_stages loads in flight. For the dK/dV kernel, block_n is the key rows a program owns and
-    block_m the query rows of one loop step."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
+_INSTEAD = "attention_ref (PyTorch), which has no limit on the head dims"
 
 
-_OVERRIDE: dict = {}  # kernel name -> TileConfig, set by `tile_config`
+def _check_flash_args(q, k, v, causal, scale, window):
+    """Validate flash_attention's arguments and return the scale as a float."""
+    scale = check_attention_args("flash_attention", q, k, v, causal, window, scale)  # section 1.2
+    _checks.same_dtype("flash_attention", q=q, k=k, v=v)  # fp32, fp16, bf16: no fp64 in the kernels
+    (_, Tq, HQ, DK), (_, Tk, HKV, DV) = q.shape, v.shape
+    _checks.triton_inputs("flash_attention", q, k, v, max_dims={"q/k head dim": (DK, 256), "v head dim": (DV, 256)},
+                          instead=_INSTEAD)
+    if max(Tq * HQ, Tk * HKV) * max(DK, DV) >= 2**31:  # row offsets inside one batch element are 32-bit
+        raise ValueError(f"flash_attention: one batch element of q, k, v or o must hold fewer than 2**31 values, "
+                         f"got Tq * HQ * D = {Tq * HQ * max(DK, DV)}, Tk * HKV * D = {Tk * HKV * max(DK, DV)}")
+    return scale
 
 
-@contextmanager
-def tile_config(fwd=None, dkdv=None, dq=None):
-    """Force tiles inside a `with` block: `with tile_config(fwd=TileConfig(64, 32, 4, 2)): ...`."""
-    saved = dict(_OVERRIDE)
-    _OVERRIDE.update({name: cfg for name, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)) if cfg is not None})
-    try:
-        yield
-    finally:
-        _OVERRIDE.clear()
-        _OVERRIDE.update(saved)
-
-
-def _interpreting() -> bool:
-    """True when Triton runs these kernels on the CPU (TRITON_INTERPRET=1 was set before importing triton)."""
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _tile_candidates(kernel: str, d_pad: int, dtype: torch.dtype, device: torch.device) -> list:
-    """Tile settings for `kernel` ("fwd", "dkdv" or "dq"), best first."""
-    if _interpreting():
-        return [TileConfig(64, 64)]
-    small = [TileConfig(64, 32, 4, 1), TileConfig(32, 32, 4, 1), TileConfig(16, 16, 4, 1)]
-    if torch.cuda.get_device_capability(device)[0] < 9 or dtype == torch.float32:
-        first = {"fwd": TileConfig(64, 64, 4, 2), "dkdv": TileConfig(32, 64, 4, 2), "dq": TileConfig(64, 64, 4, 2)}
-        return ([first[kernel]] if d_pad <= 128 else []) + small
-    if d_pad <= 128:  # Hopper and newer, 16-bit: the H200 sweep's winners at D = 128
-        first = {"fwd": [TileConfig(128, 64, 8, 3)], "dkdv": [TileConfig(32, 64, 4, 3)],
-                 "dq": [TileConfig(128, 64, 8, 3)]}
-    else:  # head dims up to 256: narrower tiles so that they still fit
-        first = {"fwd": [TileConfig(128, 64, 8, 2), TileConfig(64, 32, 4, 2)], "dkdv": [TileConfig(32, 64, 8, 2)],
-                 "dq": [TileConfig(64, 32, 8, 2)]}
-    return first[kernel] + small
-
-
-_CHOSEN: dict = {}  # (kernel, device, dtype, compile-time constants) -> the TileConfig that compiled
-
-
-def _launch(kernel_name, kernel, grid, args, meta, device, dtype):
-    """Launch `kernel` on grid(tiles) with the forced tiles, or the first candidate that fits this GPU."""
-    if kernel_name in _OVERRIDE:
-        candidates = [_OVERRIDE[kernel_name]]
-    else:
-        key = (kernel_name, str(device), dtype, tuple(sorted(meta.items())))
-        d_pad = max(meta["DK_PAD"], meta["DV_PAD"])
-        candidates = [_CHOSEN[key]] if key in _CHOSEN else _tile_candidates(kernel_name, d_pad, dtype, device)
-    configs = [dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in candidates]
-    chosen = runtime.launch(f"flash_attention ({kernel_name})", kernel, grid, args, meta, configs,
-                            instead="attention_ref (PyTorch)")  # the first that fits this GPU's shared memory
-    cfg = candidates[configs.index(chosen)]
-    if kernel_name not in _OVERRIDE:
-        _CHOSEN[key] = cfg
-    return cfg
-
-
-def _check_inputs(q, k, v, causal, scale, window):
-    """Raise TypeError / ValueError / RuntimeError naming the argument, what was expected and what came."""
-    check_attention_args("flash_attention", q, k, v, causal, window)  # shapes, dtypes, GQA, window (section 1.2)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"flash_attention: q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    (B, Tq, HQ, DK), (_, Tk, HKV, _), DV = q.shape, k.shape, v.shape[-1]
-    for name, d in (("q/k head dim", DK), ("v head dim", DV)):
-        if not 1 <= d <= 256:
-            raise ValueError(f"flash_attention: {name} must be in 1..256, got {d}")
-    if max(Tq * HQ * max(DK, DV), Tk * HKV * max(DK, DV)) >= 2**31:
-        raise ValueError("flash_attention: one batch element of q, k, v or o must hold fewer than 2**31 values")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"flash_attention: scale must be a float or None, got {type(scale).__name__}")
-    if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("flash_attention: got CPU tensors but Triton is not in interpreter mode: set "
-                           "TRITON_INTERPRET=1 before importing triton (minisparse does this for you on machines "
-                           "without a GPU), or move the tensors to CUDA")
-
-
-def _new_output(shape, like, dtype=None):
-    """An uninitialised output: the kernels write every element (the tests fill these with NaN to prove it)."""
-    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
-
-
-def _meta(q, v, causal, window):
+def _constexprs(q, v, causal, window):
     """The compile-time constants of a call: head dims and their power-of-two padding, mask flags, precision."""
     DK, DV = q.shape[-1], v.shape[-1]
     return dict(DK=DK, DV=DV, DK_PAD=max(16, triton.next_power_of_2(DK)), DV_PAD=max(16, triton.next_power_of_2(DV)),
@@ -473,15 +394,27 @@ def _meta(q, v, causal, window):
                 PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32 in means fp32 products, not tf32
 
 
+def _row(kernel, meta):
+    """The LAUNCH_TABLE name of "fwd", "dkdv" or "dq" for this call: head dims over 128 take the ".d256" rows."""
+    return f"attention.{kernel}" + (".d256" if max(meta["DK_PAD"], meta["DV_PAD"]) > 128 else "")
+
+
+def _options(q, meta):
+    """runtime.launch's keywords shared by the three tiled kernels: the chosen configuration is remembered per
+    padded head dims (they set the shared memory a tile needs); the autotuner retunes per length and mask."""
+    return dict(device=q.device, dtype=q.dtype, key=(meta["DK_PAD"], meta["DV_PAD"]),
+                autotune_key=["Tq", "Tk", "DK_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW"], instead=_INSTEAD)
+
+
 def _forward(q, k, v, causal, scale, window):
     """o [B, Tq, HQ, DV] and lse [B, HQ, Tq] (base 2) from q [B, Tq, HQ, DK], k [B, Tk, HKV, DK], v [B, Tk, HKV, DV]."""
     B, Tq, HQ, _ = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[-1]
-    o = _new_output((B, Tq, HQ, DV), q)
-    lse = _new_output((B, HQ, Tq), q, torch.float32)
-    args = (q, k, v, o, lse, Tq, Tk, HQ, HKV, scale * _LOG2E, window or 0)
-    _launch("fwd", _fwd_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ), args,
-            _meta(q, v, causal, window), q.device, q.dtype)
+    meta = _constexprs(q, v, causal, window)
+    o = torch.empty(B, Tq, HQ, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, HQ, Tq, device=q.device, dtype=torch.float32)
+    runtime.launch(_row("fwd", meta), _fwd_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
+                   (q, k, v, o, lse, Tq, Tk, HQ, HKV, scale * _LOG2E, window or 0), meta, **_options(q, meta))
     return o, lse
 
 
@@ -489,15 +422,17 @@ def _backward(do, q, k, v, o, lse, causal, scale, window):
     """dq [B, Tq, HQ, DK], dk [B, Tk, HKV, DK], dv [B, Tk, HKV, DV] from do [B, Tq, HQ, DV]."""
     B, Tq, HQ, _ = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
-    meta = _meta(q, v, causal, window)
-    delta = _new_output((B, HQ, Tq), q, torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(Tq, 64), B * HQ)](o, do, delta, Tq, HQ, meta["DV"], meta["DV_PAD"], 64)
-    dq, dk, dv = _new_output(q.shape, q), _new_output(k.shape, k), _new_output(v.shape, v)
+    meta = _constexprs(q, v, causal, window)
+    delta = torch.empty(B, HQ, Tq, device=q.device, dtype=torch.float32)
+    runtime.launch("attention.delta", _bwd_delta_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK"]), B * HQ),
+                   (o, do, delta, Tq, HQ), dict(DV=meta["DV"], DV_PAD=meta["DV_PAD"]),
+                   device=q.device, dtype=q.dtype, instead=_INSTEAD)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (Tq, Tk, HQ, HKV, scale * _LOG2E, scale, window or 0)
-    _launch("dkdv", _bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c["BLOCK_N"]), B * HKV),
-            (q, k, v, do, lse, delta, dk, dv, *common), meta, q.device, q.dtype)
-    _launch("dq", _bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
-            (q, k, v, do, lse, delta, dq, *common), meta, q.device, q.dtype)
+    runtime.launch(_row("dkdv", meta), _bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c["BLOCK_N"]), B * HKV),
+                   (q, k, v, do, lse, delta, dk, dv, *common), meta, **_options(q, meta))
+    runtime.launch(_row("dq", meta), _bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
+                   (q, k, v, do, lse, delta, dq, *common), meta, **_options(q, meta))
     return dq, dk, dv
 
 
@@ -524,29 +459,28 @@ def flash_attention(q, k, v, causal=True, scale=None, window=None):
     Args:
         q: queries `[B, Tq, HQ, DK]`.
         k: keys `[B, Tk, HKV, DK]` with `HQ % HKV == 0` (GQA: query head h reads K/V head h // (HQ // HKV);
-            K and V are never repeated in memory) and `Tq <= Tk`.
+            K and V are never repeated in memory) and, when causal, `Tq <= Tk`.
         v: values `[B, Tk, HKV, DV]`; DV may differ from DK. Head dims up to 256, any size (padded inside).
         causal: query i attends to keys s <= i + Tk - Tq (bottom-right alignment: the queries are the last Tq
             positions, as when decoding after a KV cache; with Tq == Tk this is SDPA's `is_causal`).
-        scale: multiplies q·k; None means DK ** -0.5.
-        window: sliding-window length W (needs causal): the query at position p sees keys p - W < s <= p.
+        scale: multiplies q·k, a positive number; None means DK ** -0.5.
+        window: sliding-window length W, a positive int (needs causal): the query at position p sees keys
+            p - W < s <= p.
 
-    q, k, v share a dtype (float16, bfloat16 or float32) and a device: CUDA, or CPU when Triton runs in its
-    interpreter (TRITON_INTERPRET=1, which `import minisparse` sets on machines without a GPU). Products
-    accumulate in float32.
+    q, k, v share a dtype and a device: float16, bfloat16 or float32 on CUDA; float32 or float16 on CPU tensors,
+    where the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which `import minisparse` sets on machines
+    without a GPU) — bfloat16 there raises a TypeError, because the interpreter's bf16 `tl.dot` is wrong (triton
+    3.3–3.8): use float32 on CPU. Products accumulate in float32. Empty inputs (B, Tq or Tk = 0) go through
+    `attention_ref`.
 
     Returns:
         o `[B, Tq, HQ, DV]` in q's dtype, differentiable with respect to q, k and v.
     """
-    _check_inputs(q, k, v, causal, scale, window)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if q.shape[1] == 0 or k.shape[1] == 0:  # nothing to attend: an empty grid cannot launch; keep the graph
+    scale = _check_flash_args(q, k, v, causal, scale, window)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to attend: an empty grid cannot launch; keep the graph
         return attention_ref(q, k, v, causal=causal, scale=scale, window=window)
-    if q.dtype == torch.bfloat16 and _interpreting():
-        # The interpreter's bf16 tl.dot is wrong (DESIGN §7): compute in fp32, round the output to bf16.
-        return flash_attention(q.float(), k.float(), v.float(), causal, scale, window).to(q.dtype)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window)
 
 
-__all__ = ['TileConfig', 'tile_config', 'FlashAttentionFunction', 'flash_attention']
+__all__ = ['FlashAttentionFunction', 'flash_attention']

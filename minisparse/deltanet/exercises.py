@@ -32,7 +32,7 @@ def _ut_reference(k, beta, g):
 
 
 def check_ut_transform(fn):
-    """Check fn(k [L, K], beta [L], g [L]) -> T = (I + A)⁻¹ [L, L], A_ij = β_i e^{G_i − G_j} (k_i·k_j) for j < i."""
+    """Check fn(k [L, K], beta [L], g [L]) -> A_inv = (I + A)⁻¹ [L, L], A_ij = β_i e^{G_i − G_j} (k_i·k_j), j < i."""
     gen = torch.Generator().manual_seed(52)
     cases = []
     for L, K, low in [(4, 8, -0.5), (16, 16, -1.0), (1, 4, -0.1), (32, 8, -3.0), (8, 4, 0.0)]:

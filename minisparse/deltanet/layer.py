@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisparse import runtime
-from minisparse.deltanet.naive import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
-from minisparse.deltanet.triton import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from minisparse import _checks
+from minisparse.deltanet.chunk import _chunk
+from minisparse.deltanet.fused_recurrent import _fused_recurrent
+from minisparse.deltanet.naive import _naive_chunk, _naive_recurrent
 
 
 class GatedRMSNorm(nn.Module):
@@ -13,8 +14,8 @@ class GatedRMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(_checks.positive_int("GatedRMSNorm", "dim", dim)))
+        self.eps = _checks.positive_float("GatedRMSNorm", "eps", eps)
 
     def forward(self, x, z):
         dtype = x.dtype
@@ -34,19 +35,23 @@ class GatedDeltaNet(nn.Module):
     it is returned when use_cache is True or a state was given.
     backend: "triton" (chunk_gated_delta_rule; fused_recurrent_gated_delta_rule for ≤ 16 tokens from a state without
     gradients), "naive" (naive_chunk_gated_delta_rule; the recurrence for single-token steps), or "auto" (the
-    default: Triton for CUDA tensors or under the interpreter, else naive).
+    default: Triton for CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1]
+    hold by construction, so it never asks the ops to check their values.
     """
 
     def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel_size=4, eps=1e-6,
                  chunk_size=64, backend="auto"):
         super().__init__()
-        if backend not in ("auto", "triton", "naive"):
-            raise ValueError(f"GatedDeltaNet: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-        if num_v_heads % num_k_heads != 0:
-            raise ValueError(f"GatedDeltaNet: num_v_heads must be a multiple of num_k_heads, got {num_v_heads} and "
-                             f"{num_k_heads}")
-        if conv_kernel_size < 2:
-            raise ValueError(f"GatedDeltaNet: conv_kernel_size must be >= 2, got {conv_kernel_size}")
+        op = "GatedDeltaNet"
+        for name, value in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads), ("num_v_heads", num_v_heads),
+                            ("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim), ("chunk_size", chunk_size)):
+            _checks.positive_int(op, name, value)
+        _checks.divides(op, "num_k_heads", num_k_heads, "num_v_heads", num_v_heads)
+        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
+            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2 (a causal convolution over past tokens), "
+                             f"got {conv_kernel_size}")
+        _checks.positive_float(op, "eps", eps)
+        _checks.backend(op, backend)
         self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
         self.head_k_dim, self.head_v_dim, self.conv_kernel_size = head_k_dim, head_v_dim, conv_kernel_size
         self.chunk_size, self.backend = chunk_size, backend
@@ -91,34 +96,31 @@ class GatedDeltaNet(nn.Module):
         W = self.conv_kernel_size
         prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
         xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        if x.shape[-1] == 0:  # T = 0: nothing to convolve, and the state carries over
+            return x, xx
         y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
         return F.silu(y), xx[..., -(W - 1):]
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
-        decoding = rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled()
-        if backend == "naive":
+        """The gated delta rule on the layer's own q, k, v, g, β: no value checks (check_values=False)."""
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
+        if _checks.choose_backend(self.backend, q) == "naive":
             if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
-                return naive_recurrent_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state,
-                                                        use_qk_l2norm=True)
-            return naive_chunk_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True,
-                                                chunk_size=self.chunk_size)
-        if decoding:
-            return fused_recurrent_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True)
-        return chunk_gated_delta_rule(q, k, v, g, beta, None, rec_state, want_state, use_qk_l2norm=True)
+                return _naive_recurrent(*args, check_values=False)
+            return _naive_chunk(*args, self.chunk_size, check_values=False)
+        if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+            return _fused_recurrent(*args, check_values=False)
+        return _chunk(*args, check_values=False)
 
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"GatedDeltaNet: hidden_states must be [B, T, hidden_size = {self.hidden_size}], got "
-                             f"shape {tuple(hidden_states.shape)}")
+        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)  # [B, T, hidden]
         B, T, _ = hidden_states.shape
         if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
             hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
         conv_state, rec_state = (None, None) if state is None else state
         q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
-        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)  # [B, T, C]
+        mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
+                           v.reshape(B, T, self.value_dim)], dim=-1)  # [B, T, conv_dim]
         mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
         q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)

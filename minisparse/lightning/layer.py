@@ -3,17 +3,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisparse.lightning.naive import minimax_slopes, naive_chunk_lightning_attn
-from minisparse.lightning.triton import chunk_lightning_attn, fused_recurrent_lightning_attn
-from minisparse import runtime
+from minisparse import _checks
+from minisparse.lightning.naive import _naive_chunk, minimax_slopes
+from minisparse.lightning.triton import _chunk, _fused_recurrent
 
 
 class LightningAttention(nn.Module):
     """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1) -> RMSNorm ->
     sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers' MiniMaxLightningAttention.
 
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
-    final state [B, H, d, d] float32 when use_cache or a state was given, else None).
+    forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) -> (y [B, T,
+    hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or a state was given, else
+    None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T], 0 for padding.
     backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state without
     gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto" (the default: Triton
     for CUDA tensors or under the interpreter, else naive — so the layer also runs on a GPU machine's CPU).
@@ -22,16 +23,22 @@ class LightningAttention(nn.Module):
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256, eps=1e-6,
                  backend="auto"):
         super().__init__()
-        if backend not in ("auto", "triton", "naive"):
-            raise ValueError(f"LightningAttention: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        op = "LightningAttention"
+        for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                            ("num_layers", num_layers), ("block_size", block_size)]:
+            _checks.positive_int(op, name, value)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
+            raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
+                             f"got {layer_idx!r}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx, self.num_layers, self.block_size = layer_idx, num_layers, block_size
-        self.backend = backend
+        self.backend = _checks.backend(op, backend)
         self.qkv_proj = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
         self.output_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.norm = nn.RMSNorm(num_heads * head_dim, eps=eps)
-        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))  # [H], not trained
+        self.norm = nn.RMSNorm(num_heads * head_dim, eps=_checks.positive_float(op, "eps", eps))
+        # [H] constant rates, not trained: built here, so never value-checked again
+        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))
 
     @classmethod
     def from_hf(cls, module, backend="auto"):
@@ -47,31 +54,29 @@ class LightningAttention(nn.Module):
             layer.slope_rate.copy_(module.slope_rate.reshape(-1))
         return layer
 
-    def _attend(self, q, k, v, state, use_cache):
+    def _attend(self, q, k, v, state, want_state):
+        """The recurrence with the layer's own slopes (the ops' private entry points: no value check), scale 1."""
         slope = self.slope_rate.float()
-        want_state = use_cache or state is not None
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if q.is_cuda or (runtime.interpreting() and q.dtype != torch.bfloat16) else "naive"
-        if backend == "naive":
-            return naive_chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state, chunk_size=self.block_size)
-        if backend != "triton":
-            raise ValueError(f"LightningAttention: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+        if _checks.choose_backend(self.backend, q) == "naive":
+            return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size, check_values=False)
         if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
-            return fused_recurrent_lightning_attn(q, k, v, slope, 1.0, state, want_state)
-        return chunk_lightning_attn(q, k, v, slope, 1.0, state, want_state)
+            return _fused_recurrent(q, k, v, slope, 1.0, state, want_state, check_values=False)
+        return _chunk(q, k, v, slope, 1.0, state, want_state, check_values=False)
 
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"LightningAttention: hidden_states must be [B, T, hidden_size = {self.hidden_size}], "
-                             f"got shape {tuple(hidden_states.shape)}")
+        op = "LightningAttention"
+        _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
         B, T, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
+        _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
+        if attention_mask is not None:
+            _checks.tensor(op, "attention_mask", attention_mask, "[B, T]")
+            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]", "1 for a token, 0 for padding")
         qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens add nothing to the state
+        if attention_mask is not None:  # padded tokens add nothing to the state
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
         q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
-        o, new_state = self._attend(q, k, v, state, use_cache)
+        o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
         o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
         o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
         return self.out_proj(o), new_state

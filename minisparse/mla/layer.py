@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn as nn
 
+from minisparse import _checks
 from minisparse.attention.layer import RMSNorm
 from minisparse.attention.naive import attention_ref
 from minisparse.mla.naive import (MLACache, _rope_type, absorb_output, absorb_query, expand_latent, make_mla_rope,
@@ -23,11 +24,9 @@ class MLA(nn.Module):
                  qk_rope_head_dim=64, v_head_dim=128, attention_bias=False, norm_eps=1e-6, rope_theta=10000.0,
                  rope_interleave=True, rope_scaling=None, backend="auto"):
         super().__init__()
-        if backend not in ("auto", "naive", "triton"):
-            raise ValueError(f"MLA: backend must be 'auto', 'naive' or 'triton', got {backend!r}")
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"MLA: qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
-        self.hidden_size, self.num_heads, self.backend = hidden_size, num_heads, backend
+        _check_mla_args(hidden_size, num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+                        v_head_dim, norm_eps, rope_theta)
+        self.hidden_size, self.num_heads, self.backend = hidden_size, num_heads, _checks.backend("MLA", backend)
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -63,8 +62,7 @@ class MLA(nn.Module):
         return q_nope, q_rope, c_kv, k_rope
 
     def forward(self, x, cache=None, absorb=False, positions=None):
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"MLA: x must be [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        _checks.layer_input("MLA", x, self, "[B, T, hidden]", self.hidden_size)
         B, T, _ = x.shape
         start = 0 if cache is None else len(cache)
         if positions is None:
@@ -78,7 +76,7 @@ class MLA(nn.Module):
             k, v = expand_latent(c_kv, k_rope, self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim,
                                  self.v_head_dim)  # [B, S, H, dn + dr], [B, S, H, dv]
             o = attention_ref(torch.cat([q_nope, q_rope], dim=-1), k, v, causal=True, scale=self.scaling)
-        return self.o_proj(o.reshape(B, T, -1))  # [B, T, hidden]
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))  # [B, T, hidden]
 
     def absorbed_weights(self):
         """(W_uk [H, dn, r], W_uv [H, dv, r]): views of kv_b_proj.weight."""
@@ -87,11 +85,13 @@ class MLA(nn.Module):
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = absorb_query(q_nope, w_uk)  # [B, T, H, r]
-        needs_grad = torch.is_grad_enabled() and (q_latent.requires_grad or c_kv.requires_grad)
-        if self.backend == "triton" or (self.backend == "auto" and q_latent.is_cuda and not needs_grad):
+        backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q_latent)  # backend may be reassigned
+        if self.backend == "auto" and torch.is_grad_enabled() and (q_latent.requires_grad or c_kv.requires_grad):
+            backend = "naive"  # the kernel has no backward pass
+        if backend == "triton":
             from minisparse.mla.triton import mla_decode  # lazy: the layer imports without the kernels
 
-            o_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, self.scaling, validate=False)
+            o_latent = mla_decode(q_latent, q_rope, c_kv, k_rope, self.scaling)  # [B, T, H, r]
         else:
             o_latent = mla_attention_absorbed(q_latent, q_rope, c_kv, k_rope, self.scaling)  # [B, T, H, r]
         return absorb_output(o_latent, w_uv)  # [B, T, H, dv]
@@ -125,6 +125,22 @@ class MLA(nn.Module):
         layer.load_state_dict(module.state_dict())
         w = module.kv_b_proj.weight
         return layer.to(device=w.device, dtype=w.dtype)
+
+
+def _check_mla_args(hidden_size, num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+                    v_head_dim, norm_eps, rope_theta):
+    """MLA's constructor arguments: sizes are ints > 0 (q_lora_rank may be None: one q_proj), qk_rope_head_dim is
+    even (RoPE rotates pairs), norm_eps and rope_theta positive numbers."""
+    for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("kv_lora_rank", kv_lora_rank),
+                        ("qk_nope_head_dim", qk_nope_head_dim), ("qk_rope_head_dim", qk_rope_head_dim),
+                        ("v_head_dim", v_head_dim)):
+        _checks.positive_int("MLA", name, value)
+    if q_lora_rank is not None:
+        _checks.positive_int("MLA", "q_lora_rank (None for a single q_proj)", q_lora_rank)
+    if qk_rope_head_dim % 2:
+        raise ValueError(f"MLA: qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+    _checks.positive_float("MLA", "norm_eps", norm_eps)
+    _checks.positive_float("MLA", "rope_theta", rope_theta)
 
 
 __all__ = ['MLA']

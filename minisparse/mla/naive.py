@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from minisparse import _checks
 from minisparse.attention.naive import RotaryEmbedding, attention_ref, rope_frequencies
 
 
@@ -176,49 +177,6 @@ def make_mla_rope(dim, theta=10000.0, interleaved=True, rope_scaling=None):
                                interleaved=interleaved)
 
 
-def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, check_lengths=True):
-    """Validate the decode inputs (see mla_decode); raise TypeError/ValueError naming the argument. Returns
-    (B, T, H, Dc, Dr, S). check_lengths=True reads lengths back to the host to check T <= lengths[b] <= S."""
-    for name, t, dims, shape in (("q_latent", q_latent, 4, "[B, T, H, Dc]"), ("q_rope", q_rope, 4, "[B, T, H, Dr]"),
-                                 ("kv_cache", kv_cache, 3, "[B, S, Dc]"), ("rope_cache", rope_cache, 3, "[B, S, Dr]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"{op}: {name} must be {dims}-D {shape}, got shape {tuple(t.shape)}")
-        if not t.is_floating_point() or t.dtype != q_latent.dtype:
-            raise TypeError(f"{op}: {name} must be floating point with q_latent's dtype {q_latent.dtype}, got "
-                            f"{t.dtype}")
-    B, T, H, Dc = q_latent.shape
-    S, Dr = kv_cache.shape[1], q_rope.shape[-1]
-    if kv_cache.shape[2] != Dc:
-        raise ValueError(f"{op}: latent dim mismatch: q_latent has Dc={Dc} (last dim) but kv_cache has "
-                         f"{kv_cache.shape[2]} ({tuple(kv_cache.shape)})")
-    if rope_cache.shape[2] != Dr:
-        raise ValueError(f"{op}: rope dim mismatch: q_rope has Dr={Dr} (last dim) but rope_cache has "
-                         f"{rope_cache.shape[2]} ({tuple(rope_cache.shape)})")
-    if tuple(q_rope.shape[:3]) != (B, T, H):
-        raise ValueError(f"{op}: q_rope must be [B={B}, T={T}, H={H}, Dr] like q_latent, got {tuple(q_rope.shape)}")
-    if kv_cache.shape[0] != B or tuple(rope_cache.shape[:2]) != (B, S):
-        raise ValueError(f"{op}: kv_cache [B, S, Dc] and rope_cache [B, S, Dr] must share B={B} and S, got "
-                         f"{tuple(kv_cache.shape)} and {tuple(rope_cache.shape)}")
-    if T > S:
-        raise ValueError(f"{op}: the T={T} queries are the last T of the cached tokens, so T <= S, got S={S}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-        raise ValueError(f"{op}: scale must be a positive number (MLA: (qk_nope + qk_rope) ** -0.5), got {scale!r}")
-    if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point():
-            got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"{op}: lengths must be an integer tensor [B={B}] (cached tokens per sequence), got {got}")
-        if check_lengths and B:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if hi > S:
-                raise ValueError(f"{op}: lengths beyond the cache: max(lengths) = {hi} > S = {S} tokens in kv_cache")
-            if lo < T:
-                raise ValueError(f"{op}: every sequence needs lengths[b] >= T = {T} (its queries are cached tokens), "
-                                 f"got min(lengths) = {lo}")
-    return B, T, H, Dc, Dr, S
-
-
 def mla_decode_ref(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None):
     """The spec of mla_decode: per sequence b, mla_attention_absorbed over its first lengths[b] cached tokens.
 
@@ -264,4 +222,43 @@ def mla_decode_splitk(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=Non
     return o.to(q_latent.dtype)
 
 
-__all__ = ['split_kv_b', 'expand_latent', 'absorb_query', 'absorb_output', 'mla_attention_absorbed', 'MLACache', 'yarn_mscale', 'yarn_frequencies', 'YarnRotaryEmbedding', 'mla_softmax_scale', 'make_mla_rope', 'check_mla_decode_args', 'mla_decode_ref', 'combine_splits', 'mla_decode_splitk']
+def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, check_values=True,
+                          dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    """The arguments of the decode ops (see mla_decode): ranks, shapes, one dtype among `dtypes`, one device, a
+    positive scale, lengths None or an integer tensor [B]; with check_values also T <= lengths[b] <= S, which reads
+    lengths back to the host. Raises TypeError/ValueError naming the argument; returns (B, T, H, Dc, Dr, S)."""
+    _checks.tensor(op, "q_latent", q_latent, "[B, T, H, Dc]")
+    _checks.tensor(op, "q_rope", q_rope, "[B, T, H, Dr]")
+    _checks.tensor(op, "kv_cache", kv_cache, "[B, S, Dc]")
+    _checks.tensor(op, "rope_cache", rope_cache, "[B, S, Dr]")
+    _checks.same_dtype(op, dtypes, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
+    _checks.same_device(op, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache,
+                        lengths=lengths if isinstance(lengths, torch.Tensor) else None)
+    B, T, H, Dc = q_latent.shape
+    S, Dr = kv_cache.shape[1], q_rope.shape[-1]
+    _checks.shape(op, "q_rope", q_rope, (B, T, H, Dr), "[B, T, H, Dr]", "q_latent's B, T, H")
+    _checks.shape(op, "kv_cache", kv_cache, (B, S, Dc), "[B, S, Dc]", "q_latent's B and Dc")
+    _checks.shape(op, "rope_cache", rope_cache, (B, S, Dr), "[B, S, Dr]", "kv_cache's B and S, q_rope's Dr")
+    if T > S:
+        raise ValueError(f"{op}: the T={T} queries are the last T of the cached tokens, so T <= S, got S={S}")
+    if scale is None:
+        raise ValueError(f"{op}: scale must be given: MLA's is (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, "
+                         "not the latent's Dc ** -0.5")
+    _checks.positive_float(op, "scale", scale)
+    if lengths is not None:
+        if (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point()
+                or lengths.is_complex() or lengths.dtype == torch.bool):
+            got = (f"{tuple(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor)
+                   else type(lengths).__name__)
+            raise ValueError(f"{op}: lengths must be an integer tensor [B={B}] (cached tokens per sequence), got {got}")
+        if check_values and B:
+            lo, hi = (int(v) for v in torch.aminmax(lengths))
+            if hi > S:
+                raise ValueError(f"{op}: lengths beyond the cache: max(lengths) = {hi} > S = {S} tokens in kv_cache")
+            if lo < T:
+                raise ValueError(f"{op}: every sequence needs lengths[b] >= T = {T} (its queries are cached tokens), "
+                                 f"got min(lengths) = {lo}")
+    return B, T, H, Dc, Dr, S
+
+
+__all__ = ['split_kv_b', 'expand_latent', 'absorb_query', 'absorb_output', 'mla_attention_absorbed', 'MLACache', 'yarn_mscale', 'yarn_frequencies', 'YarnRotaryEmbedding', 'mla_softmax_scale', 'make_mla_rope', 'mla_decode_ref', 'combine_splits', 'mla_decode_splitk', 'check_mla_decode_args']

@@ -3,8 +3,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minisparse.moe.naive import moe_naive, permute, route_deepseek, route_topk_softmax, unpermute
+from minisparse import _checks
+from minisparse.moe.naive import check_routing_args, moe_naive, permute, route_deepseek, route_topk_softmax, unpermute
 from minisparse.moe.triton import grouped_mm
+
+_ROUTERS = ("softmax", "deepseek")
+
+
+def _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group, topk_group,
+                    routed_scaling_factor, shared_intermediate_size, shared_expert_gate):
+    """MoE's constructor arguments: sizes ints > 0 (the shared expert's >= 0, 0 meaning none), a known router kind,
+    a routing the router can meet (check_routing_args), and a shared expert behind a shared_expert_gate."""
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                        ("num_experts", num_experts)):
+        _checks.positive_int("MoE", name, value)
+    _checks.one_of("MoE", "router", router, _ROUTERS)
+    check_routing_args("MoE", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
+    _checks.positive_int("MoE", "shared_intermediate_size (0: no shared expert)", shared_intermediate_size, zero=True)
+    if shared_expert_gate and not shared_intermediate_size:
+        raise ValueError("MoE: shared_expert_gate=True needs a shared expert (shared_intermediate_size > 0)")
 
 
 class SwiGLU(nn.Module):
@@ -26,14 +43,15 @@ class Router(nn.Module):
     def __init__(self, hidden_size, num_experts, top_k, kind="softmax", n_group=1, topk_group=1,
                  routed_scaling_factor=1.0, renormalize=True):
         super().__init__()
-        if kind not in ("softmax", "deepseek"):
-            raise ValueError(f"Router: kind must be 'softmax' or 'deepseek', got {kind!r}")
+        _checks.positive_int("Router", "hidden_size", hidden_size)
+        _checks.positive_int("Router", "num_experts", num_experts)
+        _checks.one_of("Router", "kind", kind, _ROUTERS)
+        check_routing_args("Router", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
         self.kind, self.top_k, self.renormalize = kind, top_k, renormalize
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         if kind == "deepseek":
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
-        self.route(torch.zeros(1, num_experts))  # invalid top_k / groups fail here, not at the first forward
 
     def route(self, logits):
         if self.kind == "softmax":
@@ -58,34 +76,32 @@ class Experts(nn.Module):
     def forward(self, x, weights, indices, backend="naive"):  # x [N, H], weights/indices [N, k] -> [N, H]
         if backend == "naive":
             return moe_naive(x, weights, indices, self.gate_up_proj, self.down_proj)
-        x_sorted, order, offsets = permute(x, indices, self.gate_up_proj.shape[0], validate=False)  # [N*k, H]
-        h = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offsets, validate=False)  # [N*k, 2I]
+        # indices come from the router's top-k and offsets from sorting them: no value check on the way
+        x_sorted, order, offsets = permute(x, indices, self.gate_up_proj.shape[0], check_values=False)  # [N*k, H]
+        h = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offsets, check_values=False)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)  # [N*k, I] each
-        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets, validate=False)  # [N*k, H]
+        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets,
+                              check_values=False)  # [N*k, H]
         return unpermute(y_sorted, weights, order)  # [N, H]
 
 
 class MoE(nn.Module):
     """A mixture-of-experts FFN: router, E routed SwiGLU experts, optional (sigmoid-gated) shared expert.
 
-    hidden_states [..., H] -> [..., H]. router="softmax" (Mixtral, Qwen3) or "deepseek" (sigmoid, groups, bias);
-    shared_intermediate_size > 0 adds a shared SwiGLU (DeepSeek: n_shared × moe_intermediate_size), and
-    shared_expert_gate=True scales it by sigmoid(x · w_s) (Qwen3-Next). backend: "auto" | "triton" | "naive".
+    hidden_states [B, T, H] (or [N, H]) in the experts' dtype -> the same shape. router="softmax" (Mixtral, Qwen3)
+    or "deepseek" (sigmoid, groups, bias); shared_intermediate_size > 0 adds a shared SwiGLU (DeepSeek:
+    n_shared × moe_intermediate_size), and shared_expert_gate=True scales it by sigmoid(x · w_s) (Qwen3-Next).
+    backend: "auto" | "naive" | "triton".
     """
 
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *, router="softmax", n_group=1,
                  topk_group=1, routed_scaling_factor=1.0, renormalize=True, shared_intermediate_size=0,
                  shared_expert_gate=False, backend="auto"):
         super().__init__()
-        for name, v in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
-                        ("num_experts", num_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoE: {name} must be a positive int, got {v!r}")
-        if backend not in ("auto", "triton", "naive"):
-            raise ValueError(f"MoE: backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-        if shared_expert_gate and not shared_intermediate_size:
-            raise ValueError("MoE: shared_expert_gate=True needs a shared expert (shared_intermediate_size > 0)")
-        self.hidden_size, self.num_experts, self.top_k, self.backend = hidden_size, num_experts, top_k, backend
+        _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group, topk_group,
+                        routed_scaling_factor, shared_intermediate_size, shared_expert_gate)
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.backend = backend  # checked by the property below
         self.gate = Router(hidden_size, num_experts, top_k, router, n_group, topk_group, routed_scaling_factor,
                            renormalize)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
@@ -94,6 +110,15 @@ class MoE(nn.Module):
         self.last_routing = None
         self.reset_parameters()
 
+    @property
+    def backend(self):
+        """"auto" (Triton where it runs, else the loop), "naive" or "triton"; assigning checks the value."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value):
+        self._backend = _checks.backend("MoE", value)
+
     def reset_parameters(self, std=0.02):
         """Normal(0, std) weights as transformers initialises them; zero bias."""
         for p in self.parameters():
@@ -101,19 +126,14 @@ class MoE(nn.Module):
         if hasattr(self.gate, "e_score_correction_bias"):
             self.gate.e_score_correction_bias.zero_()
 
-    def _backend(self, x):
-        if self.backend != "auto":
-            return self.backend
-        return "triton" if x.is_cuda else "naive"
-
     def forward(self, hidden_states):
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"MoE: hidden_states must be [..., {self.hidden_size}], got {tuple(hidden_states.shape)}")
+        layout = "[N, hidden]" if getattr(hidden_states, "ndim", None) == 2 else "[B, T, hidden]"
+        _checks.layer_input("MoE", hidden_states, self.experts, layout, self.hidden_size)  # the experts' dtype
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [N, H]
         logits, weights, indices = self.gate(x)  # [N, E], [N, k], [N, k]
         self.last_routing = (logits, indices)
-        y = self.experts(x, weights, indices, self._backend(x))  # [N, H]
+        y = self.experts(x, weights, indices, _checks.choose_backend(self.backend, x))  # [N, H]
         if self.shared_experts is not None:
             shared = self.shared_experts(x)  # [N, H]
             if self.shared_expert_gate is not None:

@@ -4,28 +4,118 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minisparse import _checks  # the book's shared argument checks
 
-def _check_logits(op, logits):
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{op}: logits must be a 2-D tensor [N, E] (tokens × experts), got {got}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{op}: logits must be a floating-point tensor, got dtype {logits.dtype}")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # the PyTorch ops; the kernels: no fp64
+_IDS = (torch.int32, torch.int64)
 
 
-def _check_top_k(op, top_k, num_experts):
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"{op}: top_k must be an int in [1, E] with E = {num_experts} experts, got top_k={top_k!r}")
+def check_routing_args(op, num_experts, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0):
+    """A router's configuration: top_k an int in [1, E]; n_group an int that divides E; topk_group an int in
+    [1, n_group] whose groups hold at least top_k experts; routed_scaling_factor a positive number."""
+    _checks.positive_int(op, "top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"{op}: top_k must be <= the number of experts E = {num_experts}, got {top_k}")
+    _checks.positive_int(op, "n_group", n_group)
+    _checks.divides(op, "n_group", n_group, "the number of experts E", num_experts)
+    _checks.positive_int(op, "topk_group", topk_group)
+    if topk_group > n_group:
+        raise ValueError(f"{op}: topk_group must be <= n_group = {n_group} (the groups a token may use), "
+                         f"got {topk_group}")
+    per_group = num_experts // n_group
+    if top_k > topk_group * per_group:
+        raise ValueError(f"{op}: top_k = {top_k} experts cannot come from topk_group = {topk_group} groups of "
+                         f"{per_group} experts: need top_k <= {topk_group * per_group}")
+    _checks.positive_float(op, "routed_scaling_factor", routed_scaling_factor)
+
+
+def _check_router_inputs(op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0):
+    """A router's inputs: logits [N, E] float, bias None or a float [E] on logits' device, and the configuration
+    (check_routing_args). Values (CPU tensors always, CUDA tensors after runtime.set_value_checks(True)): no NaN in
+    logits or bias — top-k ranks a NaN above every number, so one NaN bias would send every token to its expert."""
+    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
+    E = logits.shape[1]
+    check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
+    if bias is not None:
+        _checks.tensor(op, "bias", bias, "[E]", dtypes=_FLOATS)
+        _checks.shape(op, "bias", bias, (E,), "[E]", "one per expert")
+        _checks.same_device(op, logits=logits, bias=bias)
+    if _checks.checking_values(False, logits):
+        _checks.value_range(op, "logits", logits, why="a NaN logit gives its token NaN weights")
+        _checks.value_range(op, "bias", bias, why="top-k would rank its expert first for every token")
+
+
+def _check_expert_ids(op, indices, num_experts, check_values):
+    """indices [N, k] int32/int64 expert ids, num_experts an int > 0; with check_values, under the value-check rule,
+    every id in [0, E) (a read-back; on a GPU an id out of range otherwise trips a device-side assert)."""
+    _checks.tensor(op, "indices", indices, "[N, k]", dtypes=_IDS)
+    _checks.positive_int(op, "num_experts", num_experts)
+    if check_values and _checks.checking_values(False, indices):
+        _checks.value_range(op, "indices", indices, low=0, high=num_experts - 1,
+                            why=f"expert ids for num_experts = {num_experts}")
+
+
+def _check_permute_args(op, x, indices, num_experts, check_values):
+    """x [N, H], indices [N, k] expert ids (see _check_expert_ids) with x's N, one device."""
+    _checks.tensor(op, "x", x, "[N, H]")
+    _check_expert_ids(op, indices, num_experts, check_values)
+    if indices.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: indices must be [N, k] with x's N = {x.shape[0]} tokens, got {tuple(indices.shape)}")
+    _checks.same_device(op, x=x, indices=indices)
+
+
+def _check_unpermute_args(op, y_sorted, weights, order):
+    """weights [N, k] float, y_sorted [N*k, H], order [N*k] int32/int64, one device."""
+    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_FLOATS)
+    _checks.tensor(op, "y_sorted", y_sorted, "[N*k, H]")
+    _checks.tensor(op, "order", order, "[N*k]", dtypes=_IDS)
+    rows = weights.shape[0] * weights.shape[1]
+    if y_sorted.shape[0] != rows:
+        raise ValueError(f"{op}: y_sorted must be [N*k, H] with N*k = {rows} (weights {tuple(weights.shape)}), got "
+                         f"{tuple(y_sorted.shape)}")
+    _checks.shape(op, "order", order, (rows,), "[N*k]", f"weights {tuple(weights.shape)}")
+    _checks.same_device(op, y_sorted=y_sorted, weights=weights, order=order)
+
+
+def check_grouped_mm_args(op, x, w, offsets, *, triton=False, check_values=True):
+    """A grouped GEMM's inputs: x [M, K] and w [G, K, N] of one float dtype, offsets [G] int32 cumulative row ends
+    (torch._grouped_mm's format), one device; for the Triton op (triton=True) fp32/fp16/bf16 only and what its
+    kernels need (_checks.triton_inputs). Values — offsets non-decreasing from >= 0, the last equal to M — always for
+    the PyTorch loop, under the value-check rule for the Triton op; check_values=False skips them (a read-back)."""
+    dtypes = _checks.FLOATS if triton else _FLOATS
+    _checks.tensor(op, "x", x, "[M, K]", dtypes=dtypes)
+    _checks.tensor(op, "w", w, "[G, K, N]", dtypes=dtypes)
+    _checks.tensor(op, "offsets", offsets, "[G]")
+    if offsets.dtype != torch.int32:
+        raise TypeError(f"{op}: offsets must be torch.int32 cumulative row ends (as torch._grouped_mm takes them), "
+                        f"got {offsets.dtype}")
+    if offsets.numel() != w.shape[0] or w.shape[0] == 0:
+        raise ValueError(f"{op}: offsets needs one entry per expert, len(offsets) == w.shape[0] >= 1, got "
+                         f"len(offsets) = {offsets.numel()} and w of shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x [M, K] and w [G, K, N] must share K, got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    _checks.same_dtype(op, dtypes, x=x, w=w)
+    _checks.same_device(op, x=x, w=w, offsets=offsets)
+    if triton:
+        _checks.triton_inputs(op, x, w, offsets, instead="grouped_mm_ref (a loop of PyTorch matmuls)")
+    if check_values and _checks.checking_values(not triton, x):
+        ends = offsets.tolist()
+        bad = [i for i in range(len(ends)) if ends[i] < (ends[i - 1] if i else 0)]
+        if bad:
+            raise ValueError(f"{op}: offsets must be non-decreasing cumulative row ends starting at >= 0, got "
+                             f"{ends[:8]}{' …' if len(ends) > 8 else ''} (first decrease at index {bad[0]})")
+        if ends[-1] != x.shape[0]:
+            raise ValueError(f"{op}: the last offset must equal M = x.shape[0] = {x.shape[0]} (every row belongs "
+                             f"to an expert), got {ends[-1]}")
 
 
 def route_topk_softmax(logits, top_k, renormalize=True):
     """Mixtral / Qwen3-MoE routing: softmax over all experts in fp32, keep the top_k.
 
-    logits [N, E] -> (weights [N, top_k] fp32, indices [N, top_k] int64), best expert first.
+    logits [N, E] float -> (weights [N, top_k] fp32, indices [N, top_k] int64), best expert first.
     renormalize=True rescales the kept probabilities to sum to 1 (Mixtral always does; Qwen3: norm_topk_prob).
     """
-    _check_logits("route_topk_softmax", logits)
-    _check_top_k("route_topk_softmax", top_k, logits.shape[1])
+    _check_router_inputs("route_topk_softmax", logits, top_k)  # 1 <= top_k <= E, logits [N, E] without NaN
     probs = torch.softmax(logits.float(), dim=-1)  # [N, E] p = softmax(u)
     weights, indices = probs.topk(top_k, dim=-1)  # [N, k] p_i for i in S, and S
     if renormalize:
@@ -41,24 +131,11 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
     only the best topk_group groups stay eligible. Weights: unbiased scores of the chosen experts, renormalised
     (renormalize=True), times routed_scaling_factor.
     """
-    _check_logits("route_deepseek", logits)
+    _check_router_inputs("route_deepseek", logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
     N, E = logits.shape
-    _check_top_k("route_deepseek", top_k, E)
-    if isinstance(n_group, bool) or not isinstance(n_group, int) or n_group < 1 or E % n_group:
-        raise ValueError(f"route_deepseek: n_group must be a positive int that divides the number of experts "
-                         f"E = {E}, got n_group={n_group!r}")
-    if isinstance(topk_group, bool) or not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
-        raise ValueError(f"route_deepseek: topk_group must be an int in [1, n_group] with n_group = {n_group}, "
-                         f"got topk_group={topk_group!r}")
-    per_group = E // n_group
-    if top_k > topk_group * per_group:
-        raise ValueError(f"route_deepseek: top_k = {top_k} experts cannot come from topk_group = {topk_group} "
-                         f"groups of {per_group} experts: need top_k <= {topk_group * per_group}")
+    per_group = E // n_group  # experts a group
     if bias is None:
         bias = logits.new_zeros(E, dtype=torch.float32)
-    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (E,):
-        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"route_deepseek: bias must be a tensor of shape [E] = ({E},), got {got}")
 
     scores = torch.sigmoid(logits.float())  # [N, E] s_i, in (0, 1)
     choice = scores + bias.float()  # [N, E] s_i + b_i: used to choose, never to weight
@@ -75,16 +152,11 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
     return weights * routed_scaling_factor, indices
 
 
-def expert_counts(indices, num_experts):
-    """Tokens routed to each expert: indices [N, k] -> counts [E] int64 (no host sync, unlike bincount on GPU)."""
-    if indices.is_floating_point() or indices.dtype == torch.bool:
-        raise TypeError(f"expert_counts: indices must be an integer tensor, got {indices.dtype}")
-    flat = indices.reshape(-1)
-    # The range check reads the indices on the host, so only on CPU; on a GPU an index out of range trips CUDA's
-    # own device-side assert in scatter_add_ instead, and the layer's hot path stays free of host syncs.
-    if flat.device.type == "cpu" and flat.numel() and not (0 <= flat.min() and flat.max() < num_experts):
-        raise ValueError(f"expert_counts: indices must lie in [0, {num_experts}), got values in "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
+def expert_counts(indices, num_experts, *, check_values=True):
+    """Tokens routed to each expert: indices [N, k] int -> counts [E] int64, by scatter_add (no host sync, unlike
+    bincount on a GPU). check_values=False skips the range check of indices (see the hidden cell of section 2.2)."""
+    _check_expert_ids("expert_counts", indices, num_experts, check_values)
+    flat = indices.reshape(-1).long()  # [N*k]
     return torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(0, flat,
                                                                                          torch.ones_like(flat))
 
@@ -95,14 +167,13 @@ def load_balancing_loss(router_probs, indices, num_experts):
     router_probs [N, E] (probabilities per token), indices [N, k] -> scalar. f_i = tokens routed to i / N (no
     gradient), P_i = mean probability of i. Equals k for perfectly uniform routing, up to E · k when collapsed.
     """
-    if router_probs.dim() != 2 or router_probs.shape[1] != num_experts:
-        raise ValueError(f"load_balancing_loss: router_probs must be [N, E] with E = num_experts = {num_experts}, "
-                         f"got shape {tuple(router_probs.shape)}")
-    if indices.dim() != 2 or indices.shape[0] != router_probs.shape[0]:
-        raise ValueError(f"load_balancing_loss: indices must be [N, k] with N = {router_probs.shape[0]}, "
-                         f"got shape {tuple(indices.shape)}")
+    op = "load_balancing_loss"
+    _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_FLOATS)
+    _checks.shape(op, "router_probs", router_probs, (router_probs.shape[0], num_experts), "[N, E]", "E = num_experts")
+    _check_expert_ids(op, indices, num_experts, check_values=True)
+    _checks.shape(op, "indices", indices, (router_probs.shape[0], indices.shape[1]), "[N, k]", "router_probs' N")
     N = router_probs.shape[0]
-    f = expert_counts(indices, num_experts).float() / N  # [E] fraction of tokens, no gradient
+    f = expert_counts(indices, num_experts, check_values=False).float() / N  # [E] fraction of tokens, no gradient
     P = router_probs.float().mean(dim=0)  # [E] mean probability, carries the gradient
     return num_experts * (f * P).sum()
 
@@ -113,14 +184,9 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
     bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up, overloaded down,
     an expert exactly at the mean stays.
     """
-    if not isinstance(bias, torch.Tensor) or not isinstance(tokens_per_expert, torch.Tensor):
-        raise TypeError(f"update_bias: bias and tokens_per_expert must be tensors, got {type(bias).__name__} and "
-                        f"{type(tokens_per_expert).__name__}")
-    if not bias.is_floating_point():
-        raise TypeError(f"update_bias: bias must be a floating-point tensor, got {bias.dtype}")
-    if bias.shape != tokens_per_expert.shape or bias.dim() != 1:
-        raise ValueError(f"update_bias: bias and tokens_per_expert must both be [E], got {tuple(bias.shape)} and "
-                         f"{tuple(tokens_per_expert.shape)}")
+    _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_FLOATS)
+    _checks.tensor("update_bias", "tokens_per_expert", tokens_per_expert, "[E]")
+    _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]", "bias' E")
     load = tokens_per_expert.float()
     return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)
 
@@ -130,14 +196,11 @@ def capacity_mask(indices, num_experts, capacity_factor):
 
     Priority: all first choices (slot 0) in token order, then all second choices, and so on (as GShard).
     """
-    if indices.dim() != 2:
-        raise ValueError(f"capacity_mask: indices must be [N, k], got shape {tuple(indices.shape)}")
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_mask: capacity_factor must be > 0 (1.0 = exactly the mean load), "
-                         f"got {capacity_factor!r}")
+    _check_expert_ids("capacity_mask", indices, num_experts, check_values=True)
+    _checks.positive_float("capacity_mask", "capacity_factor (1.0 = exactly the mean load)", capacity_factor)
     N, k = indices.shape
     capacity = math.ceil(capacity_factor * N * k / num_experts)
-    slot_major = indices.t().reshape(-1)  # [k*N] slot 0 of every token first
+    slot_major = indices.t().reshape(-1).long()  # [k*N] slot 0 of every token first
     one_hot = F.one_hot(slot_major, num_experts)  # [k*N, E]
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=1) - 1  # [k*N] place in its expert's queue
     return (position < capacity).view(k, N).t()  # [N, k]
@@ -164,25 +227,18 @@ def moe_naive(x, weights, indices, gate_up_proj, down_proj):
     return y.to(x.dtype)
 
 
-def permute(x, indices, num_experts, validate=True):
+def permute(x, indices, num_experts, *, check_values=True):
     """Sort the (token, slot) pairs by expert: x [N, H], indices [N, k] ->
     (x_sorted [N*k, H], order [N*k] int64, offsets [E] int32).
 
-    x_sorted[i] = x[order[i] // k]; expert e owns rows offsets[e-1]:offsets[e]. validate=False skips the range
-    check of indices (it reads them back to the host).
+    x_sorted[i] = x[order[i] // k]; expert e owns rows offsets[e-1]:offsets[e]. check_values=False skips the range
+    check of indices, which reads them back to the host (the MoE layer, whose indices come from top-k, skips it).
     """
-    if x.dim() != 2 or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
-        raise ValueError(f"permute: need x [N, H] and indices [N, k] with the same N, got x {tuple(x.shape)} and "
-                         f"indices {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"permute: indices must be int32 or int64 expert ids, got {indices.dtype}")
-    if validate and indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < num_experts:
-        raise ValueError(f"permute: indices must lie in [0, num_experts) = [0, {num_experts}), got values in "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+    _check_permute_args("permute", x, indices, num_experts, check_values)
     flat = indices.reshape(-1).long()  # [N*k] expert of each pair, token-major
     order = torch.argsort(flat, stable=True)  # [N*k] pairs sorted by expert, ties in token order
     x_sorted = x[order // indices.shape[1]]  # [N*k, H]
-    offsets = expert_counts(flat, num_experts).cumsum(0).to(torch.int32)  # [E] cumulative row ends
+    offsets = expert_counts(indices, num_experts, check_values=False).cumsum(0).to(torch.int32)  # [E] row ends
     return x_sorted, order, offsets
 
 
@@ -191,15 +247,10 @@ def unpermute(y_sorted, weights, order):
 
     y_sorted [N*k, H], weights [N, k], order [N*k] (from permute) -> y [N, H] in y_sorted's dtype.
     """
-    if weights.dim() != 2:
-        raise ValueError(f"unpermute: weights must be [N, k] (one weight per token and slot), got shape "
-                         f"{tuple(weights.shape)}")
+    _check_unpermute_args("unpermute", y_sorted, weights, order)
     N, k = weights.shape
-    if y_sorted.dim() != 2 or y_sorted.shape[0] != N * k or order.shape != (N * k,):
-        raise ValueError(f"unpermute: need y_sorted [N*k, H] and order [N*k] with N*k = {N * k} (weights "
-                         f"{tuple(weights.shape)}), got y_sorted {tuple(y_sorted.shape)}, order {tuple(order.shape)}")
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)  # [N*k] sorted row of each pair
+    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)  # [N*k] row of each pair
     y = y_sorted[inverse].view(N, k, y_sorted.shape[-1])  # [N, k, H] back in (token, slot) order (N may be 0)
     return (y.float() * weights[..., None].float()).sum(dim=1).to(y_sorted.dtype)
 
@@ -207,11 +258,12 @@ def unpermute(y_sorted, weights, order):
 def grouped_mm_ref(x, w, offsets):
     """The grouped GEMM as a loop (the spec of section 2.7): rows offsets[g-1]:offsets[g] of x times w[g].
 
-    x [M, K] sorted by expert, w [G, K, N], offsets [G] cumulative row ends -> [M, N].
+    x [M, K] sorted by expert, w [G, K, N], offsets [G] int32 cumulative row ends -> [M, N].
     """
+    check_grouped_mm_args("grouped_mm_ref", x, w, offsets)  # one dtype, K shared, offsets end at M
     ends = [int(e) for e in offsets.tolist()]
     starts = [0] + ends[:-1]
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
 
 
-__all__ = ['route_topk_softmax', 'route_deepseek', 'expert_counts', 'load_balancing_loss', 'update_bias', 'capacity_mask', 'expert_ffn', 'moe_naive', 'permute', 'unpermute', 'grouped_mm_ref']
+__all__ = ['check_routing_args', 'check_grouped_mm_args', 'route_topk_softmax', 'route_deepseek', 'expert_counts', 'load_balancing_loss', 'update_bias', 'capacity_mask', 'expert_ffn', 'moe_naive', 'permute', 'unpermute', 'grouped_mm_ref']

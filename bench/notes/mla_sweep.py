@@ -1,0 +1,54 @@
+"""Chapter 3's split kernel under each configuration of its LAUNCH_TABLE row, forced one at a time (the split plan
+then uses the forced BLOCK_H), at DeepSeek-V3's latent (512 + 64), bf16, one new token a sequence, for the shapes of
+bench/mla.py. What bench/notes/mla.md's table came from.
+On a GPU:   PYTHONPATH=. python bench/notes/mla_sweep.py [--heads 128 16] [--batches 1 16 64] [--contexts ...]
+"""
+import argparse
+
+import torch
+
+from minisparse import bench, runtime
+from minisparse.mla import mla_decode, mla_decode_bytes
+
+
+def ms(fn):
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return bench.median_ms(fn)
+    except Exception as err:  # a configuration that does not fit: say so and go on
+        print(f"    fails: {type(err).__name__}: {str(err)[:80]}")
+        return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", type=int, nargs="*", default=[128, 16])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 16384, 65536])
+    args = ap.parse_args(argv)
+    row = runtime.launch_configs("mla.decode_split", "cuda", torch.bfloat16)
+    names = [f"{c['BLOCK_H']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in row]
+    print(f"{torch.cuda.get_device_name(0)}; row {runtime.arch('cuda')}: {', '.join(names)}")
+    print(f"{'H':>4s} {'B':>3s} {'T':>6s} " + " ".join(f"{n:>16s}" for n in names) + "   best (GB/s)")
+    for H in args.heads:
+        for B in args.batches:
+            for T in args.contexts:
+                if B * T * 576 * 2 > 20e9:
+                    continue
+                g = torch.Generator(device="cuda").manual_seed(0)
+                buf = torch.randn(B, T, 576, generator=g, device="cuda").to(torch.bfloat16)  # [c | kᴿ], as MLACache
+                ql = torch.randn(B, 1, H, 512, generator=g, device="cuda").to(torch.bfloat16)
+                qr = torch.randn(B, 1, H, 64, generator=g, device="cuda").to(torch.bfloat16)
+                times = []
+                for config in row:
+                    with runtime.launch_config("mla.decode_split", **config):
+                        times.append(ms(lambda: mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5)))
+                best = min(t for t in times if t is not None)
+                cells = " ".join(f"{t:13.3f} ms" if t is not None else f"{'fails':>16s}" for t in times)
+                gbps = mla_decode_bytes(T, B=B) / best / 1e6
+                print(f"{H:4d} {B:3d} {T:6d} {cells}   {names[times.index(best)]} ({gbps:.0f})")
+
+
+if __name__ == "__main__":
+    main()
