@@ -52,7 +52,7 @@
 # :::
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
@@ -62,7 +62,7 @@ if importlib.util.find_spec("minisparse") is None:
                                   "or `pip install -e .` in this kernel's environment")
     # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
 
 minisparse.runtime.print_environment()
@@ -1330,8 +1330,8 @@ def _grouped_mm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, N, K,
 # the grouped GEMM:
 #
 # - `BLOCK_M` is the tile schedule's tile height, and the host builds the schedule before the launch, so every
-#   configuration of a row shares one `BLOCK_M`. The launcher reads it from the row (`runtime.launch_configs`), or
-#   from the configuration a test forces with `runtime.launch_config("moe.grouped_mm", BLOCK_M=16, ...)`.
+#   configuration of a row shares one `BLOCK_M`. The launcher reads it with `runtime.launch_configs`, which gives
+#   the configuration a test forces with `runtime.launch_config("moe.grouped_mm", BLOCK_M=16, ...)`, else the row.
 # - With `runtime.set_autotune(True)` — `bench/moe.py` turns it on — the first call for each $(N, K)$ times the
 #   row's configurations and keeps the fastest; off, the default, the first that fits runs. `bench/notes/moe.md`
 #   has the H200 timings behind the `sm_90` rows.
@@ -1358,10 +1358,9 @@ def _precision(dtype):
 
 
 def _block_m(device, dtype):
-    """The forward's BLOCK_M for this device and dtype: the first configuration `runtime.launch` will try — the one
-    a test forces with `runtime.launch_config`, else the first of the row (all of a row's configurations share it)."""
-    forced = runtime._forced.get("moe.grouped_mm")
-    return (forced or runtime.launch_configs("moe.grouped_mm", device, dtype)[0])["BLOCK_M"]
+    """The forward's BLOCK_M for this device and dtype, read from the configurations `runtime.launch` will try: the
+    one a test forces with `runtime.launch_config`, else the row (all of a row's configurations share it)."""
+    return runtime.launch_configs("moe.grouped_mm", device, dtype)[0]["BLOCK_M"]
 
 
 def _launch_fwd(x, w, offsets, y, schedule, block_m):

@@ -770,10 +770,13 @@ if cfg is not None:
 #    (QK^\top \odot \Gamma) U)$ — chapter 4's output kernel with $U$ for $V$ and the gate's $\Gamma$ for the decay
 #    matrix.
 #
-# Every kernel forms its decays from the chunk's gates as section 5.3 does, by sums: `_gate_sums` returns
-# $G_i = g_0 + \dots + g_i$ (`tl.cumsum`) and the $C \times C$ matrix $D_{ij} = g_{j+1} + \dots + g_i$ (a cumulative
-# sum down each column of a masked matrix), so $\Gamma = e^{D}$ on and below the diagonal, and $G_L - G_j$ is
-# `_gate_to_end`'s sum of the gates after $j$.
+# Every kernel forms its decays from the chunk's gates as accurately as section 5.3's sums, more cheaply than a
+# $C \times C$ cumulative sum: `_gate_sums` adds the gates up in float64 (`tl.cumsum`), after clamping them at
+# $-1000$, and `_pair_exponents` takes the differences $D_{ij} = G_i - G_j$ in float64 before rounding them to
+# float32. With $|G| \le 64\,000$ those differences are the sums of the gates between two tokens to about
+# $10^{-11}$; and the clamp changes no float32 result, since a gate below $-104$ already makes every decay it enters
+# exactly 0. Then $\Gamma = e^{D}$ on and below the diagonal, and $e^{G_L - G_j}$ decays key $j$ to the chunk's
+# end.
 #
 # **The triangular solve, by blocks.** Forward substitution computes $A_\text{inv}$ one row at a time: row $i$ is
 # $e_i - A_{i,:}\,A_\text{inv}$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63
@@ -873,20 +876,25 @@ def _heads(bh, H, HV):
 
 @triton.jit
 def _gate_sums(g, C: tl.constexpr):
-    """A chunk's log gates g [C] (0 past T) -> G [C], G_i = g_0 + … + g_i, and D [C, C], D_ij = g_{j+1} + … + g_i
-    for i ≥ j (0 above the diagonal): e^{G_i − G_j} is computed as e^{D_ij}, a sum of the gates between the two
-    tokens, never as the difference of two cumulative sums (which loses digits when G is large)."""
-    rows = tl.arange(0, C)
-    G = tl.cumsum(g, axis=0)
-    D = tl.cumsum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)  # column j sums rows i > j
-    return G, D
+    """A chunk's log gates g [C] (0 past T) -> (G, G64, to_end, G_L): G_i = g_0 + … + g_i in float32 and float64,
+    to_end_j = G_L − G_j (float32), the log decay from token j to the chunk's end, and G_L (float32).
+
+    The sums run in float64 over the gates clamped at −1000, so that every difference of them (here and in
+    _pair_exponents) is the sum of the gates between two tokens to about 1e-11 (|G| ≤ 64 000). In float32 the
+    differences would lose digits whenever G is large: one gate of −1e5 early in a chunk puts every later G near −1e5,
+    where float32 numbers lie 0.008 apart. The clamp changes no float32 result: a gate below −104 already makes every
+    decay it enters exactly 0 (and its gradient, a multiple of that decay, too).
+    """
+    G64 = tl.cumsum(tl.maximum(g, -1000.0).to(tl.float64), axis=0)
+    G_L = tl.sum(tl.where(tl.arange(0, C) == C - 1, G64, 0.0), axis=0)  # past T the gates are 0: G_{C-1} = G_L
+    return G64.to(tl.float32), G64, (G_L - G64).to(tl.float32), G_L.to(tl.float32)
 
 
 @triton.jit
-def _gate_to_end(g, C: tl.constexpr):
-    """[C]: Σ_{t > j} g_t, the log decay from token j to the chunk's end (G_L − G_j, as a sum)."""
-    rows = tl.arange(0, C)
-    return tl.sum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)
+def _pair_exponents(G64):
+    """[C, C] float32: D_ij = G_i − G_j, the log decay from token j to token i (g_{j+1} + … + g_i for i ≥ j), taken
+    from _gate_sums' float64 sums. Positive above the diagonal: mask it to −inf before exp."""
+    return (G64[:, None] - G64[None, :]).to(tl.float32)
 
 
 @triton.jit
@@ -967,7 +975,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
     Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and stored one
     column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C] matrices stay in registers.
-    Math (rows past T load as 0; Γ_ij = e^{D_ij}, _gate_sums):
+    Math (rows past T load as 0; Γ_ij = e^{G_i − G_j}, _gate_sums):
         A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)               L2: K Kᵀ → diag(r) K Kᵀ diag(r), r = 1/‖k‖
         A_inv = (I + A)⁻¹                                      _unit_lower_inverse
         W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     the row scalings ride on A_inv's columns
@@ -986,7 +994,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     tm = t < T
     g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
     beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    G, D = _gate_sums(g, C)
+    G, G64, _, _ = _gate_sums(g, C)
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -999,7 +1007,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
         key_scale = key_scale * r
         tl.store(kr_ptr + gate_bh + t * HV, r, mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.where(lower, KKt * beta[:, None] * tl.exp(D), 0.0)  # [C, C]
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, _pair_exponents(G64), float("-inf"))), 0.0)
     A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
     w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)  # [C, C] each
     u_hi, u_lo = _split_hi_lo(A_inv * beta[None, :], v_ptr.dtype.element_ty, SPLIT)
@@ -1069,15 +1077,15 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
         u = tl.load(u_bh + u_off, mask=u_mask, other=0.0).to(tl.float32) - WS  # U = Ũ − W S
         tl.store(u_bh + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
         g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-        key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
+        _, _, to_end, G_L = _gate_sums(g, C)
+        key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
         if L2:  # Knᵀ = Kᵀ diag(r): r joins the decay on U's rows
             key_decay = key_decay * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)
         u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
         kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
         kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
-        decay = tl.exp(tl.sum(g, axis=0))  # e^{G_L}
-        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * decay, input_precision=PRECISION)  # decayed S accumulates the product
-        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * decay, input_precision=PRECISION)
+        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_L), input_precision=PRECISION)  # decayed S accumulates
+        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * tl.exp(G_L), input_precision=PRECISION)  # the product
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
         tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
@@ -1142,9 +1150,9 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
         o = tl.dot(q, S, o, input_precision=PRECISION)
     g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    G, D = _gate_sums(g, C)
-    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    P = tl.where(causal, QKt * tl.exp(D), 0.0)  # [C, C] Q Kᵀ ⊙ Γ
+    G, G64, _, _ = _gate_sums(g, C)
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: keep their exponents out
+    P = QKt * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
         r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)  # Q again, mostly from the L2 cache
@@ -1221,7 +1229,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _gate_to_end, _heads, _options, _pow2, _precision,
+from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2, _precision,
                                            _state_halves, _v_tile, _wy_and_states)
 
 _BWD_COLUMNS = 32  # _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
@@ -1251,9 +1259,10 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     q = tl.load(q_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)  # [C, BK]
     k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)
     g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    _, D = _gate_sums(g, C)
+    _, G64, _, _ = _gate_sums(g, C)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    PT = tl.trans(tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PRECISION) * tl.exp(D), 0.0)) * scale
+    Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
+    PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale  # [C, C] scale (Q Kᵀ ⊙ Γ)ᵀ
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         off = t[:, None] * HV * V + vs[None, :]
@@ -1299,7 +1308,8 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         t = n * C + rows
         tm = t < T
         g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-        key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
+        G, _, to_end, G_L = _gate_sums(g, C)
+        key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
         kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1, other=0.0).to(tl.float32) * key_decay[:, None]
         kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2, other=0.0).to(tl.float32) * key_decay[:, None]
@@ -1310,14 +1320,13 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         tl.store(du_bh + v_off, du, mask=v_mask)
         do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
         mT1, mT2 = (k1[:, None] < K) & tm[None, :], (k2[:, None] < K) & tm[None, :]
-        qs = scale * tl.exp(tl.cumsum(g, axis=0))[None, :]  # [1, C] scale e^{G_i}
+        qs = scale * tl.exp(G)[None, :]  # [1, C] scale e^{G_i}
         qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1, other=0.0).to(tl.float32) * qs
         qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2, other=0.0).to(tl.float32) * qs
         wT1 = tl.load(w_bh + t[None, :] * HV * K + k1[:, None], mask=mT1, other=0.0)
         wT2 = tl.load(w_bh + t[None, :] * HV * K + k2[:, None], mask=mT2, other=0.0)
-        decay = tl.exp(tl.sum(g, axis=0))  # e^{G_L}
-        dS1 = tl.dot(qT1, do, dS1 * decay, input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
-        dS2 = tl.dot(qT2, do, dS2 * decay, input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
+        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L), input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
+        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L), input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
@@ -1358,9 +1367,10 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
                    dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr):
     """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K] accumulator lives
-    across blocks): dQ (final) and dK without the terms through A (stored, per value head), dW's share of dA_inv,
-    Q Kᵀ, and the gate terms s_i (factors e^{G_i}) and c_j (factors e^{G_L − G_j}) for _gate_grad."""
-    QKt = tl.zeros((C, C), dtype=tl.float32)
+    across blocks): dQ (final) and dK without the terms through A (stored, per value head), dW's share of dA_inv, and
+    the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j) of the output's Γ_ij, s_i (factors e^{G_i}), c_j
+    (factors e^{G_L − G_j}) and Σ S_n ⊙ dS' (the factor e^{G_L})."""
+    pairs = tl.zeros((C, C), dtype=tl.float32)
     s = tl.zeros((C,), dtype=tl.float32)  # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
     c = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
     kTdw = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂(β_j e^{G_j} k_j) of W
@@ -1391,7 +1401,7 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
             SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
         dq = dq * (scale * eG)[:, None]
         s += tl.sum(dq * q, axis=1)
-        QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
+        pairs += dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # this block's share of q_i·k_j
         dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
         dk_state = dk_state * key_decay[:, None]  # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
         c += tl.sum(dk_state * k, axis=1)
@@ -1404,43 +1414,48 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
         out_off = t[:, None] * HV * K + ks[None, :]
         tl.store(dq_bh + out_off, dq, mask=qk_mask)
         tl.store(dk_bh + out_off, dk, mask=qk_mask)
-    return QKt, dA_inv, s, c, kTdw, tl.sum(SdS, axis=0)
+    return pairs, dA_inv, s, c, kTdw, tl.sum(SdS, axis=0)
 
 
 @triton.jit
-def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dKK, H, HV, K, C: tl.constexpr, BK: tl.constexpr,
+def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.constexpr, BK: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """Pass 3 of _bwd_chunk_kernel, over K-blocks: K Kᵀ [C, C], and dK's terms through A_ij = β_i Γ_ij k_i·k_j,
-    dK += dKK K + dKKᵀ K with dKK = ∂L/∂(k_i·k_j), added to what pass 2 stored."""
-    KKt = tl.zeros((C, C), dtype=tl.float32)
+    """Pass 3 of _bwd_chunk_kernel, over K-blocks: what flows through A_ij = β_i Γ_ij k_i·k_j, given
+    dA = ∂L/∂A_ij · Γ_ij. dK += dKK K + dKKᵀ K with dKK_ij = β_i dA_ij = ∂L/∂(k_i·k_j), added to what pass 2
+    stored; dβ_i += Σ_j dA_ij k_i·k_j; and each m_ij = β_i dA_ij k_i·k_j joins `pairs`. Returns (pairs, dβ's share).
+    """
+    dKK = dA * beta[:, None]
+    dbeta = tl.zeros((C,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         qk_mask = tm[:, None] & (ks[None, :] < K)
         k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
-        KKt = tl.dot(k, tl.trans(k), KKt, input_precision=PRECISION)
+        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂L/∂A_ij · A_ij / β_i
+        dbeta += tl.sum(M, axis=1)
+        pairs += M * beta[:, None]
         out_off = t[:, None] * HV * K + ks[None, :]
         dk = tl.load(dk_bh + out_off, mask=qk_mask, other=0.0)
         dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
         dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
         tl.store(dk_bh + out_off, dk, mask=qk_mask)
-    return KKt
+    return pairs, dbeta
 
 
 @triton.jit
 def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
     """dg [C] of one chunk, each term summed into exactly the gates it contains:
-        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i), Γ_ij = e^{g_{j+1} + … + g_i}   -> dg_t for j < t ≤ i
-        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i                -> dg_t for t ≤ i
-        c [C]         terms with a factor e^{G_L − G_j}                               -> dg_t for j < t
-        z             the term with e^{G_L}                                           -> every dg_t
+        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i; 0 elsewhere), Γ_ij = e^{g_{j+1} + … + g_i}  -> dg_t, j < t ≤ i
+        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i                         -> dg_t, t ≤ i
+        c [C]         terms with a factor e^{G_L − G_j}                                        -> dg_t, j < t
+        z             the term with e^{G_L}                                                    -> every dg_t
     Every term that reaches dg_t carries e^{g_t}, so a very negative g_t gets a gradient as small, and as accurate,
     as its terms. (∂L/∂G followed by a reverse cumulative sum gives the same sums mathematically, but there dg_t comes
     out as a difference of O(1) numbers, wrong in every digit once e^{g_t} is below float32's rounding.)
     """
     rows = tl.arange(0, C)
-    before = tl.where(rows[:, None] < rows[None, :], 1.0, 0.0)  # [C, C] [j < t]
-    X = tl.dot(pairs, before, input_precision="ieee")  # X_it = Σ_{j < t} m_ij, exactly as summed terms
-    dg = tl.sum(tl.where(rows[:, None] >= rows[None, :], X + s[:, None], 0.0), axis=0)  # Σ_{i ≥ t} (X_it + s_i)
+    R = tl.cumsum(pairs, axis=0, reverse=True)  # [C, C] R_tj = Σ_{i ≥ t} m_ij
+    dg = tl.sum(tl.where(rows[None, :] < rows[:, None], R, 0.0), axis=1)  # row t: Σ_{j < t} Σ_{i ≥ t} m_ij
+    dg += tl.cumsum(s, axis=0, reverse=True)  # Σ_{i ≥ t} s_i
     dg += tl.sum(tl.where(rows[:, None] < rows[None, :], c[:, None], 0.0), axis=0)  # Σ_{j < t} c_j
     return tl.where(tm, dg + z, 0.0)
 
@@ -1457,9 +1472,9 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
     """Every gradient of one chunk but dU: dq and dk (per value head, fp32), dv, dβ, dg.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, Q Kᵀ, K Kᵀ) stay in registers; three passes stream the
-    rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles inside (_bwd_keys_pass); K-blocks again
-    for the terms that need the whole dA (_bwd_through_a_pass).
+    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, the gate terms m_ij) stay in registers; three passes
+    stream the rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles inside (_bwd_keys_pass);
+    K-blocks again for the terms that need the whole dA (_bwd_through_a_pass).
     Math (section 5.6; dS' = dstates[n], the gradient of the state leaving the chunk):
         dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
         dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K + dKKᵀ K
@@ -1481,31 +1496,29 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
     tm = t < T
     g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
     beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
-    G, D = _gate_sums(g, C)
+    G, G64, to_end, G_L = _gate_sums(g, C)
     eG = tl.exp(G)
-    key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
+    key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    Gamma = tl.where(causal, tl.exp(D), 0.0)  # [C, C]
+    Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
     lower = rows[:, None] > rows[None, :]
     A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
     dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh, dv_ptr + vh, t, tm,
                                            beta, A_inv, HV, V, C, BV, PRECISION)
     dAqk = dOUt * scale * Gamma  # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
-    QKt, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh, du_ptr + vh, S_n, dS_n,
-                                                  dq_ptr + kh, dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
-                                                  dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV, PRECISION)
-    pairs = tl.where(lower, dAqk * QKt, 0.0)  # m_ij of the output's Γ_ij (the diagonal's Γ_ii = 1 has no gate)
+    pairs, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh, du_ptr + vh, S_n, dS_n,
+                                                    dq_ptr + kh, dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
+                                                    dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV, PRECISION)
     dbeta += kTdw * eG
     s += kTdw * beta * eG
     dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
                 input_precision=PRECISION)
     dA = tl.where(lower, -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
     tl.debug_barrier()  # pass 2's stores of dk are read back by pass 3, by other threads of this program
-    KKt = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA * beta[:, None], H, HV, K, C, BK, PRECISION)
-    M = dA * KKt  # ∂L/∂A_ij · A_ij / β_i
-    dbeta += tl.sum(M, axis=1)
-    pairs += M * beta[:, None]
-    dg = _gate_grad(pairs, s, c, SdS * tl.exp(tl.sum(g, axis=0)), tm, C)
+    pairs, dbeta_a = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA, beta, pairs, H, HV, K, C, BK, PRECISION)
+    dbeta += dbeta_a
+    # the diagonal's Γ_ii = 1 holds no gate: only j < i enters dg
+    dg = _gate_grad(tl.where(lower, pairs, 0.0), s, c, SdS * tl.exp(G_L), tm, C)
     tl.store(dbeta_ptr + gate_bh + t * HV, dbeta, mask=tm)
     tl.store(dg_ptr + gate_bh + t * HV, dg, mask=tm)
 

@@ -137,9 +137,10 @@ _ATTN_SMALL = [_cfg(4, 1, BLOCK_M=64, BLOCK_N=32), _cfg(4, 1, BLOCK_M=32, BLOCK_
 # kernel -> row -> launch configurations, best first. A row is an `arch(...)` name, optionally with ".fp32" for
 # float32 inputs (whose operands take twice the shared memory). `launch` reads the row of the call's device, else the
 # next older architecture's, tries the configurations in order and keeps the first that compiles within the GPU's
-# shared memory. The first configuration of each sm_90 row is the one the H200 benchmarks measured
-# (bench/notes/ has the sweeps); the narrower ones after it are for GPUs with less shared memory a block (a T4 has
-# 64 KiB, an A100 163 KiB, an H200 227 KiB). "interpreter" rows favour few, large programs: fast to interpret.
+# shared memory. The first configuration of each sm_90 row is the fastest of the H200 sweeps in bench/notes/ at the
+# benchmarks' sizes; the others are autotuning candidates and narrower tiles for GPUs with less shared memory a block
+# (a T4 has 64 KiB, an A100 163 KiB, an H200 227 KiB). "interpreter" rows favour few, large programs: fast to
+# interpret.
 LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # chapter 1, flash attention (BLOCK_M query rows, BLOCK_N key rows a tile); ".d256": head dims over 128
     "attention.fwd": {
@@ -206,7 +207,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "moe.grouped_mm_dw": {  # BLOCK_K × BLOCK_N tile of dW, BLOCK_M rows a step (halved for fp32)
         "interpreter": [_cfg(BLOCK_K=32, BLOCK_N=64, BLOCK_M=32)],
-        "sm_90": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=64), _cfg(8, 3, BLOCK_K=128, BLOCK_N=256, BLOCK_M=64),
+        "sm_90": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=256, BLOCK_M=64), _cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=64),
                   _cfg(4, 4, BLOCK_K=128, BLOCK_N=128, BLOCK_M=32)],
         "sm_90.fp32": [_cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_M=32),
                        _cfg(8, 3, BLOCK_K=128, BLOCK_N=256, BLOCK_M=32),

@@ -214,7 +214,7 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
         pytest.skip("this triton wheel ships no ptxas")
     root = pathlib.Path(__file__).resolve().parent.parent
     args = [sys.executable, str(root / "tools/kernel_resources.py"),
-            "minisparse.deltanet.triton:_fused_recurrent_kernel", "BK=16", "BV=16", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
+            "minisparse.deltanet.fused_recurrent:_fused_recurrent_kernel", "BK=16", "BV=16", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip().splitlines()[-1]
@@ -404,6 +404,11 @@ def test_launch_tries_in_order_remembers_what_fits_and_can_be_forced(monkeypatch
         assert runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda",
                               dtype=torch.float16)["BV"] == 8
     assert "deltanet.fwd_output" not in runtime._forced
+    # the remembered configuration stops fitting (a larger problem under the same key): the row is tried again
+    kernel.fits = 32
+    wider = runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.float16,
+                           fit=lambda c: dict(c, BV=2 * c["BV"]))
+    assert wider["BV"] == 32 and runtime._chosen[("deltanet.fwd_output", "sm_75", torch.float16, ())] == 2
     kernel.fits = 4
     monkeypatch.setattr(runtime, "_chosen", {})
     with pytest.raises(RuntimeError, match="deltanet.fwd_output: the kernel needs more shared memory.*, or X"):

@@ -1,6 +1,6 @@
 """Compile one Triton kernel for a GPU architecture on a machine without a GPU, and report its resources.
 
-    python tools/kernel_resources.py minisparse.deltanet.triton:_bwd_chunk_kernel C=64 BK=128 BV=32 \\
+    python tools/kernel_resources.py minisparse.deltanet.chunk_bwd:_bwd_chunk_kernel C=64 BK=128 BV=32 \\
         PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,v_ptr,do_ptr --warps 4 --stages 1
 
 prints the shared memory the launch needs (Hopper allows 227 KiB a block), the registers per thread and the bytes
@@ -11,10 +11,10 @@ a CPU, before spending device time. Arguments NAME=VALUE are the kernel's conste
 PRECISION=tf32); pointer arguments are fp32 unless --dtype says otherwise; the other runtime arguments are i32,
 except those named by --float (default: scale). Compiling takes 10–60 s a kernel on this 2-core machine.
 
-    python tools/kernel_resources.py minisparse.deltanet.triton:_fwd_states_kernel ... --same-as /tmp/old.py
+    python tools/kernel_resources.py minisparse.deltanet.chunk_fwd:_fwd_states_kernel ... --same-as /tmp/old.py
 
 also compiles the kernel of the same name from another module or .py file (e.g. the file as it was, `git show
-main:minisparse/deltanet/triton.py > /tmp/old.py`) and says whether the two PTX texts are identical, source-line
+main:minisparse/deltanet/chunk_fwd.py > /tmp/old.py`) and says whether the two PTX texts are identical, source-line
 and debug information aside; exit status 3 if not (errors exit 1 or 2, as Python and argparse do). Identical PTX means a refactor (a helper function, renamed
 variables) cannot change what runs on the GPU, so a GPU-verified kernel stays verified without device time.
 """
@@ -107,7 +107,7 @@ def kernel_resources(kernel, arch: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", help="module:name, e.g. minisparse.deltanet.triton:_fwd_wy_kernel")
+    ap.add_argument("kernel", help="module:name, e.g. minisparse.deltanet.chunk_fwd:_fwd_wy_kernel")
     ap.add_argument("constexprs", nargs="*", help="NAME=VALUE for each constexpr parameter")
     ap.add_argument("--dtype", action="append", default=[], help="DTYPE=ptr1,ptr2 (e.g. bf16=q_ptr,k_ptr)")
     ap.add_argument("--float", default="scale", help="comma-separated float arguments (default: scale)")

@@ -40,20 +40,25 @@ def _heads(bh, H, HV):
 
 @triton.jit
 def _gate_sums(g, C: tl.constexpr):
-    """A chunk's log gates g [C] (0 past T) -> G [C], G_i = g_0 + … + g_i, and D [C, C], D_ij = g_{j+1} + … + g_i
-    for i ≥ j (0 above the diagonal): e^{G_i − G_j} is computed as e^{D_ij}, a sum of the gates between the two
-    tokens, never as the difference of two cumulative sums (which loses digits when G is large)."""
-    rows = tl.arange(0, C)
-    G = tl.cumsum(g, axis=0)
-    D = tl.cumsum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)  # column j sums rows i > j
-    return G, D
+    """A chunk's log gates g [C] (0 past T) -> (G, G64, to_end, G_L): G_i = g_0 + … + g_i in float32 and float64,
+    to_end_j = G_L − G_j (float32), the log decay from token j to the chunk's end, and G_L (float32).
+
+    The sums run in float64 over the gates clamped at −1000, so that every difference of them (here and in
+    _pair_exponents) is the sum of the gates between two tokens to about 1e-11 (|G| ≤ 64 000). In float32 the
+    differences would lose digits whenever G is large: one gate of −1e5 early in a chunk puts every later G near −1e5,
+    where float32 numbers lie 0.008 apart. The clamp changes no float32 result: a gate below −104 already makes every
+    decay it enters exactly 0 (and its gradient, a multiple of that decay, too).
+    """
+    G64 = tl.cumsum(tl.maximum(g, -1000.0).to(tl.float64), axis=0)
+    G_L = tl.sum(tl.where(tl.arange(0, C) == C - 1, G64, 0.0), axis=0)  # past T the gates are 0: G_{C-1} = G_L
+    return G64.to(tl.float32), G64, (G_L - G64).to(tl.float32), G_L.to(tl.float32)
 
 
 @triton.jit
-def _gate_to_end(g, C: tl.constexpr):
-    """[C]: Σ_{t > j} g_t, the log decay from token j to the chunk's end (G_L − G_j, as a sum)."""
-    rows = tl.arange(0, C)
-    return tl.sum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)
+def _pair_exponents(G64):
+    """[C, C] float32: D_ij = G_i − G_j, the log decay from token j to token i (g_{j+1} + … + g_i for i ≥ j), taken
+    from _gate_sums' float64 sums. Positive above the diagonal: mask it to −inf before exp."""
+    return (G64[:, None] - G64[None, :]).to(tl.float32)
 
 
 @triton.jit
@@ -132,7 +137,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
     Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and stored one
     column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C] matrices stay in registers.
-    Math (rows past T load as 0; Γ_ij = e^{D_ij}, _gate_sums):
+    Math (rows past T load as 0; Γ_ij = e^{G_i − G_j}, _gate_sums):
         A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)               L2: K Kᵀ → diag(r) K Kᵀ diag(r), r = 1/‖k‖
         A_inv = (I + A)⁻¹                                      _unit_lower_inverse
         W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     the row scalings ride on A_inv's columns
@@ -151,7 +156,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     tm = t < T
     g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
     beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    G, D = _gate_sums(g, C)
+    G, G64, _, _ = _gate_sums(g, C)
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -164,7 +169,7 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
         key_scale = key_scale * r
         tl.store(kr_ptr + gate_bh + t * HV, r, mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.where(lower, KKt * beta[:, None] * tl.exp(D), 0.0)  # [C, C]
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, _pair_exponents(G64), float("-inf"))), 0.0)
     A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
     w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)  # [C, C] each
     u_hi, u_lo = _split_hi_lo(A_inv * beta[None, :], v_ptr.dtype.element_ty, SPLIT)
@@ -227,15 +232,15 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
         u = tl.load(u_bh + u_off, mask=u_mask, other=0.0).to(tl.float32) - WS  # U = Ũ − W S
         tl.store(u_bh + u_off, u.to(u_ptr.dtype.element_ty), mask=u_mask)
         g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-        key_decay = tl.where(tm, tl.exp(_gate_to_end(g, C)), 0.0)  # [C] e^{G_L − G_j}
+        _, _, to_end, G_L = _gate_sums(g, C)
+        key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
         if L2:  # Knᵀ = Kᵀ diag(r): r joins the decay on U's rows
             key_decay = key_decay * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)
         u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
         kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
         kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
-        decay = tl.exp(tl.sum(g, axis=0))  # e^{G_L}
-        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * decay, input_precision=PRECISION)  # decayed S accumulates the product
-        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * decay, input_precision=PRECISION)
+        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_L), input_precision=PRECISION)  # decayed S accumulates
+        S2 = tl.dot(kT2.to(w1.dtype), u, S2 * tl.exp(G_L), input_precision=PRECISION)  # the product
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
         tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
@@ -294,9 +299,9 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
         o = tl.dot(q, S, o, input_precision=PRECISION)
     g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    G, D = _gate_sums(g, C)
-    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    P = tl.where(causal, QKt * tl.exp(D), 0.0)  # [C, C] Q Kᵀ ⊙ Γ
+    G, G64, _, _ = _gate_sums(g, C)
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]  # rows past T: keep their exponents out
+    P = QKt * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
         r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)  # Q again, mostly from the L2 cache

@@ -238,8 +238,7 @@ def _split_tiles(block_dc, rows=None, block_h=None):
 def _first_split_config(device, dtype, fit):
     """The split kernel's configuration the launch tries first: the one forced by runtime.launch_config, else the
     first of its LAUNCH_TABLE row; after `fit`."""
-    forced = runtime._forced.get("mla.decode_split")
-    return fit(dict(forced) if forced is not None else runtime.launch_configs("mla.decode_split", device, dtype)[0])
+    return fit(runtime.launch_configs("mla.decode_split", device, dtype)[0])
 
 
 def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len, split_len=None):

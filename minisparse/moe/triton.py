@@ -147,10 +147,9 @@ def _precision(dtype):
 
 
 def _block_m(device, dtype):
-    """The forward's BLOCK_M for this device and dtype: the first configuration `runtime.launch` will try — the one
-    a test forces with `runtime.launch_config`, else the first of the row (all of a row's configurations share it)."""
-    forced = runtime._forced.get("moe.grouped_mm")
-    return (forced or runtime.launch_configs("moe.grouped_mm", device, dtype)[0])["BLOCK_M"]
+    """The forward's BLOCK_M for this device and dtype, read from the configurations `runtime.launch` will try: the
+    one a test forces with `runtime.launch_config`, else the row (all of a row's configurations share it)."""
+    return runtime.launch_configs("moe.grouped_mm", device, dtype)[0]["BLOCK_M"]
 
 
 def _launch_fwd(x, w, offsets, y, schedule, block_m):
