@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: -execution
+#     cell_metadata_filter: tags,-execution
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -34,7 +34,7 @@
 # :::
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse at a pinned release, keeping Colab's torch;
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
 # anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
@@ -44,7 +44,7 @@ if importlib.util.find_spec("minisparse") is None:
                                   "or `pip install -e .` in this kernel's environment")
     # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "minisparse @ git+https://github.com/minisparse/minisparse@v0.1.0"], check=True)
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
 
 minisparse.runtime.print_environment()

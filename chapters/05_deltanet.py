@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: -execution
+#     cell_metadata_filter: tags,-execution
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -797,7 +797,7 @@ if cfg is not None:
 #
 # ```
 #  _fwd_wy_kernel, program (chunk n, b·H_V + h_v):     K and V walked in column blocks of 32
-#      G, D = _gate_sums(g)                            [C], [C, C]
+#      G  = cumsum(g) in float64; D = G_i − G_j        [C], [C, C]  _gate_sums, _pair_exponents
 #      r  = 1 / sqrt(diag(K @ Kᵀ) + ε)                 [C]     use_qk_l2norm only: 1/‖k‖, stored for kernels 2, 3
 #      A  = strictly lower(β[:, None] · (K @ Kᵀ ⊙ r rᵀ) ⊙ exp(D))  [C, C]  K @ Kᵀ by blocks
 #      A_inv = (I − N)(I + N²) E                       [C, C]  _unit_lower_inverse
@@ -841,7 +841,7 @@ import triton.language as tl
 
 from minisparse import runtime
 
-_C = 64  # chunk length: A_inv's [C, C] blocks are tensor-core tiles, and the solve's four 16-blocks fit N⁴ = 0
+_C = 64  # chunk length: [C, C] tensor-core tiles, and at most four 16-row blocks in the solve, so that N⁴ = 0
 _WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of this many columns, so only [C, C] matrices stay live
 _OUTPUT_COLUMNS = 64  # the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
 _INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
@@ -909,6 +909,11 @@ def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
     return k1, k2, vs, mask1, mask2, k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
 
 
+# %% [markdown]
+# The triangular solve by blocks, and the split products that apply $A_\text{inv}$ to $K$ and $V$ as stored:
+
+# %%
+#| export deltanet.chunk_fwd
 @triton.jit
 def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [C, C], C ∈ {16, 32, 64}.
@@ -1195,9 +1200,9 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
 # cumulative sum of $dG$ with $dG_i = \sum_j m_{ij} - \sum_j m_{ji} + \dots$, and autograd through $G_i - G_j$ or a
 # kernel that follows it computes exactly that. But for a very negative $g_t$ the true $dg_t$ is tiny — every term
 # carries $e^{g_t}$ — while the $dG_i$ it would be assembled from are of order one, and their difference keeps only
-# rounding error: at $g_t \approx -100$ such a $dg$ was wrong in every digit while the forward stayed exact. Summing
-# each term only into the gates it contains keeps $dg_t$ as accurate as its terms, and the tests below check it down
-# to gates of $-10^{30}$.
+# rounding error: at $g_t \approx -100$ such a $dg$ is wrong in every digit while the forward is exact. Summing each
+# term only into the gates it contains keeps $dg_t$ as accurate as its terms; `tests/test_deltanet.py` checks it, and
+# the output, down to gates of $-10^{30}$, against a known-wrong variant that takes differences.
 #
 # Only the $dS$ recursion is sequential. The backward first reruns the forward's first two kernels, this time also
 # storing $A_\text{inv}$: recomputing $W$, $U$ and the chunk states costs less memory than keeping them from the
@@ -1957,6 +1962,11 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
 
 
+# %% [markdown]
+# The layer: projections, convolution, gates, the delta rule and the gated norm, in the order of the list above.
+
+# %%
+#| export deltanet.layer
 class GatedDeltaNet(nn.Module):
     """Qwen3-Next's Gated DeltaNet layer. Parameter names as transformers' Qwen3NextGatedDeltaNet.
 

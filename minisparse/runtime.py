@@ -179,7 +179,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_90.fp32": _ATTN_SMALL,
         "sm_80": _ATTN_SMALL,
     },
-    "attention.delta": {"interpreter": [_cfg(BLOCK=64)], "sm_75": [_cfg(4, 2, BLOCK=64)]},
+    "attention.delta": {"interpreter": [_cfg(BLOCK=64)], "sm_75": [_cfg(4, 3, BLOCK=64)]},
     # chapter 2, grouped GEMM. Forward: BLOCK_M rows of one expert (the host's tile schedule depends on it, so every
     # configuration of a row shares it); ".fp32" halves BLOCK_K, the dimension staged per pipeline step.
     "moe.grouped_mm": {
@@ -231,7 +231,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=16), _cfg(4, 1, BLOCK_H=16, BLOCK_N=32)],
         "sm_75.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=16)],
     },
-    "mla.decode_combine": {"interpreter": [_cfg(BLOCK_H=16)], "sm_75": [_cfg(4, 2, BLOCK_H=16)]},
+    "mla.decode_combine": {"interpreter": [_cfg(BLOCK_H=16)], "sm_75": [_cfg(4, 3, BLOCK_H=16)]},
     # chapter 4, lightning attention, chunks of 64: state tiles BK × BV; the output and gradient kernels hold all of K
     # and tile V by BV
     "lightning.fwd_states": {
@@ -259,12 +259,12 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 2, BV=64)],
         "sm_75": [_cfg(8, 1, BV=32)],
     },
-    "lightning.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 2, BV=32)]},
+    "lightning.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
     # chapter 5, the gated delta rule, chunks of 64. BV: the value columns a program owns.
     "deltanet.fwd_wy": {  # BK = 32 column blocks of K inside; 2 warps: the solve's many small reductions
         "interpreter": [_cfg(BV=32)],
-        "sm_80": [_cfg(2, 2, BV=32)],
-        "sm_75": [_cfg(4, 2, BV=32)],
+        "sm_80": [_cfg(2, 3, BV=32)],
+        "sm_75": [_cfg(4, 3, BV=32)],
     },
     "deltanet.fwd_states": {  # the sequential scan: narrow V-tiles keep more programs busy
         "interpreter": [_cfg(1, 1, BV=32)],
@@ -293,8 +293,8 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "interpreter": [_cfg(BV=32)],
         "sm_75": [_cfg(8, 2, BV=32), _cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
     },
-    "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 2, BR=16)]},  # l2norm and dq/dk row kernels
-    "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 2, BV=32)]},
+    "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
+    "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")

@@ -3,8 +3,11 @@ recurrence, the chunkwise WY/UT form vs the recurrence (forward, final state, gr
 initial state) and vs transformers' chunked function, the layer vs Qwen3NextGatedDeltaNet, decoding vs prefill, bad
 input, the exercise checkers, the cost model of section 5.5.
 
-Shapes are odd on purpose: T = 1, 37, 100 (not multiples of the chunk), K = 32 ≠ V = 48, grouped value heads
-(HV = 2H), an initial state, gates from -1e-3 to -30 a token. On a CPU the Triton kernels run in the interpreter in
+Shapes are odd on purpose: T = 0, 1, 37, 100 (not multiples of the chunk), K = 32 ≠ V = 48, grouped value heads
+(HV = 2H), an initial state, gates from -1e-3 to -30 a token, and valid but extreme gates (-200 to -1e30 a token,
+alone and among ordinary ones) against a known-wrong variant. Value checks follow the book's rule (naive ops always;
+Triton ops on CPU tensors always, on CUDA tensors after runtime.set_value_checks(True)), the layer never re-checks
+its own gates, and one table of bad inputs is shared by the naive and the Triton ops. On a CPU the Triton kernels run in the interpreter in
 fp32 with NaN-poisoned output buffers, forward and backward checked against the recurrence; the hardest triangular
 solve (identical keys, β = 2) too. On a GPU the same tests run on CUDA, plus bf16 and fp16 inputs against the chunk
 form in fp32 (forward, final state and every gradient).
@@ -23,6 +26,7 @@ from minisparse.deltanet import (GatedDeltaNet, check_chunk_cumsum, check_delta_
                                  chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm,
                                  naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
                                  naive_recurrent_gated_delta_rule)
+from minisparse.deltanet.naive import _naive_recurrent
 from minisparse.testing import ExerciseError, assert_close, make_log_gates, rel_rms
 
 GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
@@ -419,8 +423,8 @@ def test_value_checks_follow_the_rule():
         if DEV == "cpu":
             with pytest.raises(ValueError, match="g must be > -inf and <= 0"):
                 chunk_gated_delta_rule(q, k, v, g_up, beta)
-        else:
-            ref = naive_recurrent_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
+        else:  # the reference: the recurrence without its own (always-on) value checks
+            ref = _naive_recurrent(q, k, v, g_up, beta, None, h0, False, False, check_values=False)[0]
             got = chunk_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
             assert_close("o with g > 0, value checks off", ref, got, 2e-3)
         with pytest.raises(ValueError, match="beta must be"):  # shapes are always checked
@@ -466,8 +470,6 @@ def test_triton_errors(monkeypatch):
     q, k, v, g, beta = (x.to(DEV) for x in _inputs(1, 8, 2, 2, 16, 16, state=False)[:5])
     with pytest.raises(RuntimeError, match="forward only"):
         fused_recurrent_gated_delta_rule(q.requires_grad_(True), k, v, g, beta)
-    with pytest.raises(ValueError, match="beta"):
-        chunk_gated_delta_rule(q.detach(), k, v, g, beta + 3)
     with pytest.raises(ValueError, match="128"):
         chunk_gated_delta_rule(*(x.to(DEV) for x in _inputs(1, 4, 1, 1, 8, 200, state=False)[:5]))
     with pytest.raises(ValueError, match="256"), torch.no_grad():
@@ -563,10 +565,15 @@ def test_bad_chunk_size_and_ungated_ops():
     q, k, v, g, beta, _ = _inputs(1, 8, 2, 2, 16, 24, state=False)
     with pytest.raises(ValueError, match="chunk_size must be an int > 0"):
         naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=0)
-    for fn in (naive_recurrent_delta_rule, naive_chunk_delta_rule, chunk_delta_rule):
+    for fn in (naive_recurrent_delta_rule, naive_chunk_delta_rule):
         with pytest.raises(ValueError, match="beta must be >= 0 and <= 2"):
-            fn(q.to(DEV) if fn is chunk_delta_rule else q, k.to(DEV) if fn is chunk_delta_rule else k,
-               v.to(DEV) if fn is chunk_delta_rule else v, (beta + 3).to(DEV) if fn is chunk_delta_rule else beta + 3)
+            fn(q, k, v, beta + 3)
+    previous = runtime.set_value_checks(True)  # on CUDA tensors the Triton ops check values only when asked
+    try:
+        with pytest.raises(ValueError, match="beta must be >= 0 and <= 2"):
+            chunk_delta_rule(*_dev(q, k, v, beta + 3))
+    finally:
+        runtime.set_value_checks(previous)
 
 
 @pytest.mark.parametrize("fn", [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule,

@@ -37,9 +37,9 @@ def emulate(q, k, v, g, beta, h0, rqk=True, rT=False, rw=True, ru=False, rs=True
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         Gamma = torch.exp(torch.where(causal, G[..., :, None] - G[..., None, :], float("-inf")))
         A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)
-        Tm = torch.linalg.inv(torch.eye(L) + A)
-        Tm = r16(Tm) if rT else Tm
-        W, Ut = Tm @ ((bc * G.exp())[..., None] * kc), Tm @ (bc[..., None] * vc)
+        A_inv = torch.linalg.inv(torch.eye(L) + A)
+        A_inv = r16(A_inv) if rT else A_inv
+        W, Ut = A_inv @ ((bc * G.exp())[..., None] * kc), A_inv @ (bc[..., None] * vc)
         W, Ut = (r16(W) if rw else W), (r16(Ut) if ru else Ut)
         S_stored = r16(S) if rs else S
         U = Ut - W @ S_stored
@@ -56,7 +56,7 @@ CHOICES = [
     ("  the same with q, k normalised in fp32", dict(rqk=False)),
     ("this chapter: q, k in fp32 scalings; Ũ, U, P in bf16", dict(rqk=False, ru=True, rU=True, rP=True)),
     ("  the same with Ũ in fp32", dict(rqk=False, rU=True, rP=True)),
-    ("fla's choices: rows in bf16; T, Ũ, U, P in bf16", dict(rT=True, ru=True, rU=True, rP=True)),
+    ("fla's choices: rows in bf16; A_inv, Ũ, U, P in bf16", dict(rT=True, ru=True, rU=True, rP=True)),
     ("everything fp32 but the output", dict(rqk=False, rw=False, rs=False, rUscan=False)),
 ]
 

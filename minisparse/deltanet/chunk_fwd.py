@@ -5,7 +5,7 @@ import triton.language as tl
 
 from minisparse import runtime
 
-_C = 64  # chunk length: A_inv's [C, C] blocks are tensor-core tiles, and the solve's four 16-blocks fit N⁴ = 0
+_C = 64  # chunk length: [C, C] tensor-core tiles, and at most four 16-row blocks in the solve, so that N⁴ = 0
 _WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of this many columns, so only [C, C] matrices stay live
 _OUTPUT_COLUMNS = 64  # the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
 _INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
