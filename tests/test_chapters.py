@@ -206,3 +206,11 @@ def test_check_catches_a_machine_path_planted_in_a_notebook_output(sandbox):
     assert len(planted) == 1
     assert planted[0].startswith(f"{nb_path.name}: cell {cell + 1}'s output shows a path of the machine that ran it "
                                  "('/work/main/.venv/lib/python3.11/site-packages/fla/")
+
+
+def test_no_exported_cell_is_longer_than_a_lesson(sandbox):
+    assert tool.cell_size_problems() == []
+    chapter = sorted((sandbox / "chapters").glob("0[1-9]_*.py"))[0]
+    long_cell = "\n# %%\n#| export demo.naive\n" + "\n".join(f"x{i} = {i}" for i in range(tool.MAX_EXPORT_CELL + 1))
+    chapter.write_text(chapter.read_text() + long_cell + "\n")
+    assert any("export cell of demo.naive has" in p for p in tool.cell_size_problems())
