@@ -194,6 +194,8 @@ def main():
     global B, H, D, DTYPE, DEVICE
     if args.smoke:
         B, H, D, DTYPE, DEVICE = 1, 2, 32, torch.float32, "cpu"
+        if args.ts == parser.get_default("ts"):  # interpreter-sized lengths unless asked for others
+            args.ts, args.window_ts, args.window = "64,128", "128", 32
         for name in SWEEP:
             SWEEP[name] = [(32, 32, 4, 1), (64, 64, 4, 1)]
     runtime.set_autotune(args.autotune)
