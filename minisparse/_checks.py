@@ -65,6 +65,8 @@ def same_dtype(op: str, dtypes=FLOATS, **named) -> torch.dtype:
 def same_device(op: str, **named) -> torch.device:
     """The tensors in `named` (None skipped) live on one device; return it."""
     present = {n: t for n, t in named.items() if t is not None}
+    if not present:
+        raise ValueError(f"{op}: no tensors given")
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
         got = ", ".join(f"{n} on {t.device}" for n, t in present.items())
@@ -161,6 +163,8 @@ def triton_inputs(op: str, *tensors, max_dims: dict | None = None, instead: str 
     the interpreter (its bf16 `tl.dot` is wrong: triton 3.3–3.8); head dims within the kernel's on-chip tiles
     (`max_dims`, e.g. {"K": (K, 128), "V": (V, 128)})."""
     present = [t for t in tensors if t is not None]
+    if not present:
+        return
     devices = {t.device for t in present}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")

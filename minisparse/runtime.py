@@ -412,13 +412,17 @@ def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtyp
     if _autotune and autotune_key and forced is None and len(configs) > 1 and not interpreting():
         import triton
 
-        tiles_key = (kernel, tuple(tuple(sorted(c.items())) for _, c in configs), tuple(autotune_key))
+        tiles_key = (fn, kernel, arch(device), tuple(tuple(sorted(c.items())) for _, c in configs),
+                     tuple(autotune_key))
         if tiles_key not in _tuned:
             candidates = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                         num_warps=c["num_warps"], num_stages=c["num_stages"]) for _, c in configs]
             _tuned[tiles_key] = triton.autotune(candidates, key=list(autotune_key))(fn)
         tuned = _tuned[tiles_key]
-        tuned[grid](*args, **constexprs)
+        try:
+            tuned[grid](*args, **constexprs)
+        except OutOfResources as err:  # every candidate too large: the autotuner launched one anyway
+            raise _too_large(kernel, err, instead) from err
         return dict(tuned.best_config.all_kwargs()) if tuned.best_config is not None else configs[0][1]
 
     last = None
@@ -431,9 +435,12 @@ def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtyp
         if forced is None:
             _chosen[(kernel, arch(device), dtype, key)] = i
         return config
-    raise RuntimeError(f"{kernel}: the kernel needs more shared memory than this GPU gives a block ({last}), even "
-                       f"with the narrowest tiles of runtime.LAUNCH_TABLE. Use smaller head dimensions, or "
-                       f"{instead}") from last
+    raise _too_large(kernel, last, instead) from last
+
+
+def _too_large(kernel: str, err, instead: str) -> RuntimeError:
+    return RuntimeError(f"{kernel}: the kernel needs more shared memory than this GPU gives a block ({err}), even "
+                        f"with the narrowest tiles of runtime.LAUNCH_TABLE. Use smaller head dimensions, or {instead}")
 
 
 def _same(config: dict) -> dict:

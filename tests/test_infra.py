@@ -370,6 +370,7 @@ class _FakeKernel:
 
 
 def test_launch_table_rows_follow_the_architecture(monkeypatch):
+    monkeypatch.setattr(runtime, "_rows", {})  # rows are cached per device: the faked architectures must not stay
     cpu = torch.device("cpu")
     assert runtime.arch(cpu) == "interpreter"
     assert runtime.launch_configs("deltanet.fwd_output", cpu, torch.float32) == [
@@ -390,6 +391,7 @@ def test_launch_tries_in_order_remembers_what_fits_and_can_be_forced(monkeypatch
     monkeypatch.setattr(runtime, "arch", lambda dev: "sm_75")
     monkeypatch.setattr(runtime, "interpreting", lambda: False)
     monkeypatch.setattr(runtime, "_chosen", {})
+    monkeypatch.setattr(runtime, "_rows", {})
     kernel = _FakeKernel(fits=32)
     grid = lambda c: (c["BV"],)  # noqa: E731
     used = runtime.launch("deltanet.fwd_output", kernel, grid, (), {"C": 64}, device="cuda", dtype=torch.float16)
@@ -416,6 +418,47 @@ def test_launch_tries_in_order_remembers_what_fits_and_can_be_forced(monkeypatch
     with pytest.raises(KeyError, match="no kernel 'nope'"):
         with runtime.launch_config("nope", BV=1):
             pass
+
+
+def test_autotune_hands_the_fitted_row_to_tritons_autotuner_and_names_the_kernel_when_nothing_fits(monkeypatch):
+    """With autotuning on, the row's fitted configurations become triton.Configs of one autotuner per kernel (keyed by
+    the function too: two kernels share the "deltanet.rows" name); when every candidate is too large the error is the
+    launch's own RuntimeError, which callers (mla_decode's T4 fallback) catch."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    made = []
+
+    class FakeTuner:
+        def __init__(self, configs, key, fn):
+            self.configs, self.key, self.fn, self.best_config = configs, key, fn, configs[1]
+            made.append(self)
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if self.fn == "too large":
+                    raise OutOfResources(1, 0, "shared memory")
+                self.grid = grid({"BV": 64})
+            return run
+
+    monkeypatch.setattr(triton, "autotune", lambda configs, key: (lambda fn: FakeTuner(configs, key, fn)))
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_90")
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "_rows", {})
+    monkeypatch.setattr(runtime, "_tuned", {})
+    previous = runtime.set_autotune(True)
+    try:
+        kw = dict(device="cuda", dtype=torch.bfloat16, autotune_key=["T"], fit=lambda c: dict(c, BV=min(c["BV"], 64)))
+        used = runtime.launch("deltanet.fwd_output", "kernel a", lambda c: (c["BV"],), (), {}, **kw)
+        tuner = made[0]
+        assert [c.kwargs["BV"] for c in tuner.configs] == [64, 32, 16]  # 128 capped to 64, duplicates dropped
+        assert tuner.key == ["T"] and tuner.grid == (64,) and used["BV"] == 32
+        runtime.launch("deltanet.fwd_output", "kernel b", lambda c: (1,), (), {}, **kw)
+        assert len(made) == 2 and made[1].fn == "kernel b"
+        with pytest.raises(RuntimeError, match="deltanet.fwd_output: the kernel needs more shared memory"):
+            runtime.launch("deltanet.fwd_output", "too large", lambda c: (1,), (), {}, **kw)
+    finally:
+        runtime.set_autotune(previous)
 
 
 def test_autotune_switch():
