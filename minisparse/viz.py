@@ -5,13 +5,14 @@ columns = keys) and return the matplotlib Figure so that a chapter can save or a
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["to_numpy", "heatmap", "panels", "mask_panel", "tokens_axis", "explorer"]
+__all__ = ["to_numpy", "heatmap", "panels", "mask_panel", "tokens_axis", "explorer", "Box", "schematic"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -106,3 +107,71 @@ def explorer(draw: Callable[..., object], **controls):
     ui = widgets.interactive(draw, **controls)
     display(ui)
     return ui
+
+
+@dataclass
+class Box:
+    """One block of a schematic: a labelled rectangle centred at `(x, y)` in data units.
+
+    `label` may hold several lines (`"\\n"`) and mathtext (`"$W_{UK}$"`); `note` is a smaller line under the box
+    (a shape such as `"[B, T, H, D]"`); `color` is any matplotlib colour (a light fill reads best).
+    """
+    x: float
+    y: float
+    label: str
+    w: float = 1.6
+    h: float = 0.7
+    color: str = "#dbe9f6"
+    note: str = ""
+
+
+def schematic(boxes: Mapping[str, Box], arrows: Sequence[tuple] = (), *, title: str = "", size=(9, 3.2),
+              groups: Sequence[tuple] = ()):
+    """Draw a data-flow picture: named boxes, arrows between them, dashed groups around some; returns the Figure.
+
+    `arrows` are `(src, dst)` or `(src, dst, label)`: an arrow from the edge of box `src` to the edge of box `dst`.
+    `groups` are `(names, label)`: a dashed rectangle around the named boxes, labelled at its top-left (a kernel, a
+    chunk, a layer). Coordinates are free: the axes fit the boxes, so a chapter lays out its flow on any grid.
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+
+    unknown = {n for a in arrows for n in a[:2]} - set(boxes)
+    unknown |= {n for names, _ in groups for n in names} - set(boxes)
+    if unknown:
+        raise ValueError(f"schematic: arrows or groups name boxes that do not exist: {sorted(unknown)}")
+    fig, ax = plt.subplots(figsize=size)
+    patches = {}
+    for name, b in boxes.items():
+        patch = FancyBboxPatch((b.x - b.w / 2, b.y - b.h / 2), b.w, b.h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                               facecolor=b.color, edgecolor="#333333", linewidth=1.0, zorder=2)
+        ax.add_patch(patch)
+        patches[name] = patch
+        ax.text(b.x, b.y, b.label, ha="center", va="center", fontsize=9, zorder=3)
+        if b.note:
+            ax.text(b.x, b.y - b.h / 2 - 0.08, b.note, ha="center", va="top", fontsize=7.5, color="#555555", zorder=3)
+    for names, label in groups:
+        xs = [boxes[n].x - boxes[n].w / 2 for n in names] + [boxes[n].x + boxes[n].w / 2 for n in names]
+        ys = [boxes[n].y - boxes[n].h / 2 for n in names] + [boxes[n].y + boxes[n].h / 2 for n in names]
+        x0, x1, y0, y1 = min(xs) - 0.2, max(xs) + 0.2, min(ys) - 0.35, max(ys) + 0.3
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linestyle="--", edgecolor="#888888",
+                               linewidth=1.0, zorder=1))
+        ax.text(x0 + 0.05, y1 + 0.04, label, ha="left", va="bottom", fontsize=8, color="#555555")
+    for arrow in arrows:
+        src, dst = arrow[:2]
+        a, b = boxes[src], boxes[dst]
+        ax.add_patch(FancyArrowPatch((a.x, a.y), (b.x, b.y), patchA=patches[src], patchB=patches[dst],
+                                     arrowstyle="-|>", mutation_scale=12, linewidth=1.0, color="#333333", zorder=1))
+        if len(arrow) > 2 and arrow[2]:
+            ax.text((a.x + b.x) / 2, (a.y + b.y) / 2 + 0.08, arrow[2], ha="center", va="bottom", fontsize=7.5,
+                    color="#333333", zorder=3, bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
+    xs = [v for b in boxes.values() for v in (b.x - b.w / 2, b.x + b.w / 2)]
+    ys = [v for b in boxes.values() for v in (b.y - b.h / 2 - (0.3 if b.note else 0), b.y + b.h / 2)]
+    pad = 0.5 if groups else 0.25
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

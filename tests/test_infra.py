@@ -491,3 +491,19 @@ def test_every_launch_in_the_package_names_a_row_of_the_table():
     assert names, "no runtime.launch calls found"
     missing = sorted(set(names) - set(runtime.LAUNCH_TABLE))
     assert not missing, f"launched kernels without a LAUNCH_TABLE row: {missing}"
+
+
+def test_schematic_draws_boxes_arrows_groups_and_rejects_unknown_names():
+    import matplotlib
+    matplotlib.use("Agg")
+    from minisparse.viz import Box, schematic
+
+    boxes = {"a": Box(0, 0, "a"), "b": Box(2, 0, "b", note="[T, D]")}
+    fig = schematic(boxes, [("a", "b", "x")], groups=[(["a", "b"], "kernel")], title="t")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 4  # two boxes, one group, one arrow
+    assert {t.get_text() for t in ax.texts} >= {"a", "b", "[T, D]", "x", "kernel"}
+    with pytest.raises(ValueError, match="do not exist"):
+        schematic(boxes, [("a", "c")])
+    with pytest.raises(ValueError, match="do not exist"):
+        schematic(boxes, groups=[(["z"], "g")])
