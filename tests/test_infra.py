@@ -473,7 +473,8 @@ def test_autotune_switch():
 
 
 def test_every_launch_in_the_package_names_a_row_of_the_table():
-    """A kernel launched outside runtime.launch, or under a name the table lacks, fails here."""
+    """A kernel launched outside runtime.launch, or under a name the table lacks, fails here. Exercise checkers
+    (`exercises.py`) launch the reader's own kernel, which has no row, so they are exempt."""
     import ast
     import pathlib
     root = pathlib.Path(minisparse.__file__).parent
@@ -485,7 +486,7 @@ def test_every_launch_in_the_package_names_a_row_of_the_table():
             if getattr(node.func, "attr", None) == "launch" and node.args and isinstance(node.args[0], ast.Constant):
                 names.append(node.args[0].value)
             called = node.func.value if isinstance(node.func, ast.Subscript) else None
-            if isinstance(called, ast.Name) and "kernel" in called.id and path.name != "runtime.py":
+            if isinstance(called, ast.Name) and "kernel" in called.id and path.name not in ("runtime.py", "exercises.py"):
                 raise AssertionError(f"{path.name}:{node.lineno}: {called.id} launched as kernel[grid](...), "
                                      "not through runtime.launch")
     assert names, "no runtime.launch calls found"
