@@ -64,15 +64,19 @@ def test_triton_op_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch)
 
 
 def test_triton_op_rejects_mixed_devices_and_bf16_in_the_interpreter_and_oversized_heads():
+    dev = "cpu" if runtime.interpreting() else "cuda"  # where Triton ops accept tensors on this machine
     meta = torch.zeros(2, device="meta")
     with pytest.raises(ValueError, match="one device"):
-        _checks.triton_inputs("my_op", torch.zeros(2), meta)
+        _checks.triton_inputs("my_op", torch.zeros(2, device=dev), meta)
     if runtime.interpreting():
         with pytest.raises(TypeError, match="bfloat16 under the Triton interpreter"):
             _checks.triton_inputs("my_op", torch.zeros(2, dtype=torch.bfloat16))
+    else:
+        with pytest.raises(RuntimeError, match="not in interpreter mode"):
+            _checks.triton_inputs("my_op", torch.zeros(2))
     with pytest.raises(ValueError, match="K must be <= 128"):
-        _checks.triton_inputs("my_op", torch.zeros(2), max_dims={"K": (256, 128)})
-    _checks.triton_inputs("my_op", torch.zeros(2), max_dims={"K": (128, 128)})
+        _checks.triton_inputs("my_op", torch.zeros(2, device=dev), max_dims={"K": (256, 128)})
+    _checks.triton_inputs("my_op", torch.zeros(2, device=dev), max_dims={"K": (128, 128)})
 
 
 def test_print_environment(capsys):
