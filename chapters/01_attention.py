@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: tags,-execution
+#     cell_metadata_filter: tags,mystnb,-execution
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -17,38 +17,51 @@
 # # Chapter 1 — Attention and its cost
 #
 # Every sparse mechanism in this book is measured against one baseline: dense softmax attention. This chapter
-# builds that baseline and, more importantly, its bill: how many FLOPs it spends, how many bytes it moves and how
-# much memory its KV cache holds. Later chapters exist because these three numbers grow with the context length.
+# builds that baseline and its bill — the FLOPs it spends, the bytes it moves, the memory its KV cache holds —
+# and then the kernel that keeps the bill as low as it can go: flash attention, in Triton.
 #
-# What you build here, and can import afterwards:
+# **Learning objectives.** After this chapter you can
 #
-# | name | what it is |
-# |---|---|
-# | `attention_ref(q, k, v, causal=True, scale=None, window=None)` | softmax attention as the equations say (causal, sliding window, GQA) |
-# | `attention_mask`, `attention_weights` | who may attend to whom, and the probabilities, for pictures |
-# | `apply_rope`, `RotaryEmbedding` | rotary position embeddings, both channel conventions |
-# | `KVCache` | a preallocated key/value cache for decoding |
-# | `attention_flops`, `attention_bytes`, `kv_cache_bytes_per_token`, … | the cost model |
-# | `flash_attention` | the Triton kernels, forward and backward (section 1.5) |
-# | `Attention` | the layer: GQA, RoPE, KV cache, optional q/k norm and Qwen3-Next's output gate; `backend="auto"`, `"naive"` or `"triton"` |
+# - write softmax attention as a reference spec: causal and sliding-window masks, GQA, RoPE, a KV cache;
+# - count its FLOPs, bytes and KV-cache size exactly, and say when it is compute-bound and when memory-bound;
+# - compute a softmax one block of keys at a time (online softmax) and turn that into a tiled Triton kernel;
+# - say which tiles a causal or sliding-window kernel skips, and why the backward pass recomputes instead of
+#   storing;
+# - assemble the attention layer of current open models (GQA, q/k norm, Qwen3-Next's output gate).
 #
-# ```python
-# from minisparse.attention import attention_ref, Attention
-# ```
+# **Prerequisites.** Chapter 0 (the map of the book). Matrix products, the softmax and the chain rule; Python and
+# PyTorch. No GPU and no Triton experience: on a CPU the kernels run in Triton's interpreter.
 #
-# Tensors are laid out `[B, T, H, D]` (batch, time, heads, head dim) everywhere, as in fla. On a laptop CPU the
-# chapter runs at small "reading sizes" in well under two minutes; on a GPU the same cells use realistic sizes.
+# **Time.** About 90 minutes for the core path (sections 1.1–1.8), plus an hour for the exercises. The
+# *Engineering notes* at the end (argument checks, loop-bound arithmetic, the backward kernels, launch
+# configurations, loaders) are optional.
+#
+# **Roadmap.**
+#
+# - 1.1 *Why*: attention's FLOPs grow as $T^2$ and its KV cache as $T$ — two pictures at real models' shapes.
+# - 1.2 *Naive*: the equations as code — masks, softmax, GQA, RoPE, the KV cache.
+# - 1.3 *See it*: masks, attention on a toy sentence, an explorer.
+# - 1.4 *Cost model*: FLOPs, bytes and arithmetic intensity, for prefill and for decoding.
+# - 1.5 *Fast*: online softmax, flash attention tile by tile, the Triton forward kernel, the backward in brief.
+# - 1.6 *Layer*: the `Attention` module with its KV cache, checked against one-pass prefill.
+# - 1.7 *Measure*: the kernels against SDPA and `flex_attention` on an H200.
+# - 1.8 *Exercises*: merge softmax states, fix a decoding mask, size a hybrid cache, write a tile loop in Triton.
+#
+# What you build lands in `minisparse.attention` (`attention_ref`, the cost model, `flash_attention`, `Attention`,
+# …), so later chapters import it. Tensors are laid out `[B, T, H, D]` (batch, time, heads, head dim) everywhere, as in fla. On a laptop
+# CPU the chapter runs at small "reading sizes" in a few minutes; on a GPU the same cells use realistic sizes.
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
-# anywhere, print the versions and the device this chapter runs on.
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
 if importlib.util.find_spec("minisparse") is None:
     if "google.colab" not in sys.modules:
-        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
-                                  "or `pip install -e .` in this kernel's environment")
-    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
@@ -94,50 +107,27 @@ DTYPE = runtime.default_dtype()
 # ($2$ for $K$ and $V$, $L$ layers, $H_{kv}$ key/value heads). Three designs trade quality for cache size:
 # **MHA** (multi-head attention, one K/V head per query head, Vaswani et al.), **MQA** (multi-query attention:
 # one K/V head shared by all query heads, Shazeer 2019) and **GQA** (grouped-query attention: $H_{kv}$ groups in
-# between, Ainslie et al. 2023). The shapes below are those of real checkpoints; the cell after the table checks
+# between, Ainslie et al. 2023). The shapes below are those of real checkpoints; the Engineering notes (E.1) check
 # them against `transformers`' configuration classes, whose defaults are those models' shapes.
 
 # %%
-# Shapes of real models (transformers' config defaults, checked below). kv_layers = layers that keep a KV cache.
+# Shapes of real models (transformers' config defaults, checked in E.1). kv_layers = layers that
+# keep a KV cache.
 MODELS = {
-    "Llama-2-7B (MHA)": dict(config="LlamaConfig", kv_layers=32, heads=32, kv_heads=32, head_dim=128, window=None),
-    "Mistral-7B (GQA 4:1)": dict(config="MistralConfig", kv_layers=32, heads=32, kv_heads=8, head_dim=128,
-                                 window=4096),
-    "Falcon-7B (MQA)": dict(config="FalconConfig", kv_layers=32, heads=71, kv_heads=1, head_dim=64, window=None),
-    "Qwen3-Next-80B-A3B (GQA 8:1)": dict(config="Qwen3NextConfig", kv_layers=12, heads=16, kv_heads=2,
-                                         head_dim=256, window=None),
+    "Llama-2-7B (MHA)": dict(config="LlamaConfig", kv_layers=32, heads=32, kv_heads=32,
+                             head_dim=128, window=None),
+    "Mistral-7B (GQA 4:1)": dict(config="MistralConfig", kv_layers=32, heads=32, kv_heads=8,
+                                 head_dim=128, window=4096),
+    "Falcon-7B (MQA)": dict(config="FalconConfig", kv_layers=32, heads=71, kv_heads=1,
+                            head_dim=64, window=None),
+    "Qwen3-Next-80B-A3B (GQA 8:1)": dict(config="Qwen3NextConfig", kv_layers=12, heads=16,
+                                         kv_heads=2, head_dim=256, window=None),
 }
-LLAMA = dict(hidden=4096, heads=32, head_dim=128, ffn=11008)  # Llama-2-7B's per-layer shapes, for the FLOP picture
+LLAMA = dict(hidden=4096, heads=32, head_dim=128, ffn=11008)  # Llama-2-7B's layer, for the FLOPs
 
 # %% [markdown]
 # Qwen3-Next keeps a KV cache in only 12 of its 48 layers: the other 36 are Gated DeltaNet layers with a
 # fixed-size state (chapter 5). Mistral-7B's sliding window of 4096 tokens caps its cache at 4096 tokens per layer.
-# The check below reads the same numbers from `transformers` (no network: the defaults live in the code).
-
-# %%
-def kv_layout(cfg):
-    """(layers with a KV cache, K/V heads, query heads, head dim) of a transformers config."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
-        kv_heads = 1  # Falcon-7B: one K/V head for all query heads
-    else:
-        kv_heads = cfg.num_key_value_heads
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    kv_layers = sum(t != "linear_attention" for t in layer_types)
-    return kv_layers, kv_heads, cfg.num_attention_heads, head_dim
-
-
-try:
-    import transformers
-except ImportError:
-    print("transformers is not installed: the table above is not checked against its configs")
-else:
-    for name, m in MODELS.items():
-        cfg = getattr(transformers, m["config"])()
-        assert kv_layout(cfg) == (m["kv_layers"], m["kv_heads"], m["heads"], m["head_dim"]), (name, kv_layout(cfg))
-    llama = transformers.LlamaConfig()
-    assert (llama.hidden_size, llama.intermediate_size) == (LLAMA["hidden"], LLAMA["ffn"])
-    print(f"✓ the shapes of {len(MODELS)} models match transformers {transformers.__version__}'s config defaults")
 
 # %% [markdown]
 # Two pictures, at Llama-2-7B's shapes for one layer in bf16 (back-of-envelope; section 1.4 makes it exact). Left:
@@ -148,8 +138,9 @@ else:
 T_axis = [2**i for i in range(8, 18)]  # 256 … 131072 tokens
 d, H, D, F = LLAMA["hidden"], LLAMA["heads"], LLAMA["head_dim"], LLAMA["ffn"]
 attn = [2 * H * 2 * D * T * (T + 1) / 2 for T in T_axis]              # q·k and p·v, causal pairs
-linear = [2 * T * d * (4 * H * D) + 2 * T * d * F * 3 for T in T_axis]  # q,k,v,o projections + SwiGLU FFN
-cross = next(T for T in range(1, 10**6, 64) if 2 * H * D * T * (T + 1) >= 2 * T * d * (4 * H * D + 3 * F))
+linear = [2 * T * d * (4 * H * D) + 2 * T * d * F * 3 for T in T_axis]  # projections + SwiGLU
+cross = next(T for T in range(1, 10**6, 64)
+             if 2 * H * D * T * (T + 1) >= 2 * T * d * (4 * H * D + 3 * F))
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
 ax1.loglog(T_axis, attn, "o-", label="attention core  (∝ T²)")
@@ -216,7 +207,7 @@ plt.show()
 # (chapter 3), linear attention replaces it with a fixed-size state (chapters 4–6), sparse attention reads only
 # part of it (chapters 7–8).
 #
-# None of the models in this book's survey drops softmax attention altogether. Qwen3-Next and Qwen3.5 keep it in
+# None of the models in the survey [S] drops softmax attention altogether. Qwen3-Next and Qwen3.5 keep it in
 # one layer of four (the gated attention layer of section 1.6), Kimi Linear in one of four (as MLA), MiniMax-M1 in
 # one of eight; DeepSeek-V3.2 and GLM-5 keep it in every layer but let each query read only selected tokens; and
 # MiniMax went back to full attention in every layer for M2. The dense layer of this chapter stays the reference
@@ -266,14 +257,6 @@ def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
     return allowed
 
 
-def _check_window(op, causal, window):
-    if window is None:
-        return
-    _checks.positive_int(op, "window", window)
-    if not causal:
-        raise ValueError(f"{op}: window={window} needs causal=True (a sliding window looks back from each query, "
-                         "keys pos - window < s <= pos), got causal=False")
-
 # %% [markdown]
 # ### 1.2.2 Scores, softmax, output
 #
@@ -288,33 +271,12 @@ def _check_window(op, causal, window):
 # (the convention of transformers' `repeat_kv` and of SDPA's `enable_gqa`). The reference simply repeats K and V
 # $G$ times; the kernel of section 1.5 will index the shared head instead.
 #
-# First the checks every public op makes (DESIGN §5: name the argument, what was expected, what came). They are
-# built from the book's shared helpers (`minisparse._checks`), so the cells that compute stay short:
+# Every public op first checks its arguments with the book's shared helpers (`minisparse._checks`), naming
+# the argument, what was expected and what came. Those checks are plumbing; they are in the Engineering notes
+# (E.2), and the package already holds them:
 
 # %%
-#| export attention.naive
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # fp64: the tests' oracle runs in it
-
-
-def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
-    """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask and the scale;
-    return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError naming the argument."""
-    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
-    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
-    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
-    named = dict(q=q, k=k) if v is None else dict(q=q, k=k, v=v)
-    _checks.same_dtype(op, _DTYPES, **named)
-    _checks.same_device(op, **named)
-    (B, Tq, HQ, D), (Tk, HKV) = q.shape, k.shape[1:3]
-    _checks.shape(op, "k", k, (B, Tk, HKV, D), "[B, Tk, HKV, D]", "q's batch size and head dim")
-    if v is not None:
-        _checks.shape(op, "v", v, (B, Tk, HKV, v.shape[3]), "[B, Tk, HKV, Dv]", "k's batch, length and heads")
-    _checks.divides(op, "HKV (k's heads)", HKV, "HQ (q's heads, GQA groups)", HQ)
-    _check_window(op, causal, window)
-    if causal and Tq > Tk:
-        raise ValueError(f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
-                         f"Tq <= Tk, got Tq={Tq}, Tk={Tk}")
-    return _checks.scale(op, scale, D)
+from minisparse.attention.naive import _check_rope_args, _check_window, check_attention_args
 
 # %% [markdown]
 # Then the probabilities $P$, in fp32 whatever the input dtype (a bf16 softmax over thousands of keys loses the
@@ -334,7 +296,7 @@ def _probabilities(q, k, causal, scale, window):
 
 
 def attention_weights(q, k, causal=True, scale=None, window=None):
-    """Attention probabilities P [B, HQ, Tq, Tk] (fp32) of q [B,Tq,HQ,D] over k [B,Tk,HKV,D] — for pictures."""
+    """Attention probabilities P [B, HQ, Tq, Tk] (fp32) of q [B,Tq,HQ,D] over k [B,Tk,HKV,D]."""
     scale = check_attention_args("attention_weights", q, k, None, causal, window, scale)
     return _probabilities(q, k, causal, scale, window)
 
@@ -361,8 +323,10 @@ def attention_ref(q, k, v, causal=True, scale=None, window=None):
 # %%
 q, k, v = make_qkv(2, 37, 4, 16, HKV=2, dtype=torch.float64)
 sdpa = torch.nn.functional.scaled_dot_product_attention(
-    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
-print(f"relative RMS error vs SDPA: {assert_close('attention_ref', sdpa, attention_ref(q, k, v), 1e-12):.1e}")
+    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+).transpose(1, 2)
+err = assert_close("attention_ref", sdpa, attention_ref(q, k, v), 1e-12)
+print(f"relative RMS error vs SDPA: {err:.1e}")
 
 # %% [markdown]
 # ### 1.2.3 Rotary position embeddings (RoPE)
@@ -410,19 +374,9 @@ def _rotate(x, cos, sin, interleaved):
     return torch.cat((r1, r2), dim=-1)
 
 
-def _check_rope_args(op, x, positions):
-    if not isinstance(x, torch.Tensor) or not isinstance(positions, torch.Tensor):
-        raise TypeError(f"{op}: x and positions must be torch.Tensors, got {type(x).__name__}, "
-                        f"{type(positions).__name__}")
-    if x.dim() != 4 or x.shape[-1] % 2:
-        raise ValueError(f"{op}: x must be [B, T, H, D] with an even D, got shape {tuple(x.shape)}")
-    B, T = x.shape[:2]
-    if tuple(positions.shape) not in ((T,), (B, T)):
-        raise ValueError(f"{op}: positions must be [T]=[{T}] or [B, T]=[{B}, {T}], got {tuple(positions.shape)}")
-
-
 def apply_rope(x, positions, theta=10000.0, interleaved=False):
-    """Rotary position embedding of x [B, T, H, D] at positions [T] or [B, T]; computed in fp32, returned in x's dtype.
+    """Rotary position embedding of x [B, T, H, D] at positions [T] or [B, T]; computed in fp32,
+    returned in x's dtype.
 
     interleaved=False pairs channels (j, j + D/2) (GPT-NeoX, Llama in transformers);
     interleaved=True pairs (2j, 2j + 1) (RoFormer, GPT-J).
@@ -435,46 +389,8 @@ def apply_rope(x, positions, theta=10000.0, interleaved=False):
     return _rotate(x.to(acc), angles.cos(), angles.sin(), interleaved).to(x.dtype)
 
 # %% [markdown]
-# A layer calls RoPE twice per step with the same positions, so it keeps a table of $\cos$ and $\sin$ per
-# position, grown on demand. The table is kept in fp32 even if the module is cast to bf16 (a bf16 angle table
-# would blur positions above a few hundred).
-
-# %%
-#| export attention.naive
-class RotaryEmbedding(nn.Module):
-    """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals apply_rope."""
-
-    def __init__(self, dim, theta=10000.0, interleaved=False, max_len=2048):
-        super().__init__()
-        if dim % 2:
-            raise ValueError(f"RotaryEmbedding: dim must be even, got {dim}")
-        self.dim, self.theta, self.interleaved = dim, theta, interleaved
-        self._build(max_len, None)
-
-    def _build(self, n, device):
-        omega = rope_frequencies(self.dim, self.theta, torch.float32, device)  # [dim/2]
-        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x, positions):
-        _check_rope_args("RotaryEmbedding", x, positions)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"RotaryEmbedding: x's last dim must be dim={self.dim}, got {x.shape[-1]}")
-        if positions.is_floating_point():
-            raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
-            self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / device move
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
-        cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
-        sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
-        acc = torch.promote_types(x.dtype, torch.float32)
-        return _rotate(x.to(acc), cos.to(acc), sin.to(acc), self.interleaved).to(x.dtype)
-
-# %% [markdown]
-# Three checks of what we claimed: scores depend on the offset only; the two conventions are the same rotation
-# with the channels reordered; the cached module equals the function.
+# Two checks of what we claimed: scores depend on the offset only; the two conventions are the same rotation
+# with the channels reordered.
 
 # %%
 x = torch.randn(1, 1, 1, 64, dtype=torch.float64).expand(1, 9, 1, 64)  # one vector, at 9 positions
@@ -483,12 +399,12 @@ score = qr[0, :, 0] @ kr[0, :, 0].T  # [9, 9]: query at position t, key at posit
 for off in range(-8, 9):  # every diagonal (a fixed offset t - s) is constant
     diag = score.diagonal(off)
     assert torch.allclose(diag, diag[0].expand_as(diag)), off
-perm = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])  # interleaved order -> half-split order
+perm = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])  # interleaved -> half-split
 y = torch.randn(2, 9, 3, 64)
 pos = torch.arange(9)
-assert torch.allclose(apply_rope(y, pos, interleaved=True)[..., perm], apply_rope(y[..., perm], pos), atol=1e-6)
-assert torch.equal(RotaryEmbedding(64)(y, pos), apply_rope(y, pos))
-print("✓ RoPE: relative, conventions agree up to a channel permutation, RotaryEmbedding == apply_rope")
+inter = apply_rope(y, pos, interleaved=True)
+assert torch.allclose(inter[..., perm], apply_rope(y[..., perm], pos), atol=1e-6)
+print("✓ RoPE: relative; the two conventions agree up to a channel permutation")
 
 # %% [markdown]
 # ### 1.2.4 The KV cache
@@ -496,46 +412,9 @@ print("✓ RoPE: relative, conventions agree up to a channel permutation, Rotary
 # When decoding, each step brings $T_{new}$ tokens (one, or a chunk of a prompt). Their keys and values are
 # computed once, rotated by RoPE at their positions, and written after the cached ones; the new queries then attend
 # to everything cached so far, bottom-right aligned. Preallocating the whole buffer,
-# `[B, max_len, H_kv, D]`, keeps each step from reallocating and copying the past.
-
-# %%
-#| export attention.naive
-class KVCache:
-    """Preallocated keys [B, max_len, HKV, D] and values [B, max_len, HKV, Dv]; `length` tokens are filled."""
-
-    def __init__(self, batch, max_len, num_kv_heads, head_dim, v_head_dim=None, *, dtype=torch.float32, device=None):
-        v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def max_len(self):
-        return self.k.shape[1]
-
-    def __len__(self):
-        return self.length
-
-    def append(self, k, v):
-        """Store k [B, t, HKV, D], v [B, t, HKV, Dv] after the cached tokens; return all of them [B, length, ...]."""
-        B, _, HKV, D = self.k.shape
-        t = k.shape[1] if k.dim() == 4 else -1
-        if tuple(k.shape) != (B, t, HKV, D) or tuple(v.shape) != (B, t, HKV, self.v.shape[-1]):
-            raise ValueError(f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
-                             f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:  # a silent cast would round fp32 keys to fp16
-            raise TypeError(f"KVCache.append: the cache holds {self.k.dtype}, got k {k.dtype} and v {v.dtype} "
-                            "(make the cache with the layer's dtype)")
-        if self.length + t > self.max_len:
-            raise ValueError(f"KVCache.append: {t} new tokens do not fit: {self.length} of max_len={self.max_len} "
-                             "are used (make a larger cache)")
-        self.k[:, self.length:self.length + t] = k
-        self.v[:, self.length:self.length + t] = v
-        self.length += t
-        return self.k[:, :self.length], self.v[:, :self.length]
-
-    def reset(self):
-        self.length = 0
+# `[B, max_len, H_kv, D]`, keeps each step from reallocating and copying the past. That buffer is `KVCache`
+# (`append(k, v)` writes the new tokens after the cached ones and returns all of them; its code is in the
+# Engineering notes, E.3); section 1.6's layer uses it.
 
 # %% [markdown]
 # ## 1.3 See it
@@ -553,10 +432,11 @@ fig = viz.mask_panel({
     "decode: 4 queries, 16 keys": attention_mask(4, 16),
     "bidirectional (encoder)": attention_mask(16, 16, causal=False),
 })
-fig.axes[2].set_yticks(range(4), [f"{12 + i}" for i in range(4)])  # the 4 new queries sit at positions 12..15
+fig.axes[2].set_yticks(range(4), [f"{12 + i}" for i in range(4)])  # new queries: positions 12..15
 plt.show()
 HQ = 8
-viz.mask_panel({f"{name}: {HQ} query heads, {hkv} K/V": torch.arange(HQ)[:, None] // (HQ // hkv) == torch.arange(hkv)
+viz.mask_panel({f"{name}: {HQ} query heads, {hkv} K/V":
+                torch.arange(HQ)[:, None] // (HQ // hkv) == torch.arange(hkv)
                 for name, hkv in [("MHA", 8), ("GQA", 2), ("MQA", 1)]},
                xlabel="K/V head", ylabel="query head", size=2.6)
 for ax, hkv in zip(plt.gcf().axes, (8, 2, 1)):
@@ -585,7 +465,7 @@ tokens = torch.tensor([vocab.index(w) for w in words])
 content = 1.2 * emb[tokens][None, :, None, :]  # [1, T, 1, D]
 position = apply_rope(1.3 * torch.ones(1, T_toy, 1, D_toy), torch.arange(T_toy))  # [1, T, 1, D]
 both = apply_rope(content, torch.arange(T_toy))  # [1, T, 1, D]
-random_proj = torch.randn(2, D_toy, D_toy, generator=g) / D_toy**0.5  # an untrained layer's W_q, W_k
+random_proj = torch.randn(2, D_toy, D_toy, generator=g) / D_toy**0.5  # untrained W_q, W_k
 untrained = (emb[tokens] @ random_proj[0], emb[tokens] @ random_proj[1])  # ([T, D], [T, D])
 
 # Four heads side by side: q [1, T, 4, D], k [1, T, 4, D]
@@ -601,7 +481,7 @@ def label_words(ax):
 
 P_toy = attention_weights(toy_q, toy_k)[0]  # [4, T, T]
 fig = viz.panels({HEAD_NAMES[h]: P_toy[h] for h in range(3)}, size=3.6, vmin=0, vmax=1)
-for ax in fig.axes:
+for ax in fig.axes[:3]:  # the heatmaps (the colour bars come after)
     label_words(ax)
 fig.tight_layout()
 plt.show()
@@ -611,23 +491,7 @@ plt.show()
 # "sat" gives a third to each of the three); the position head is a soft band along the diagonal, the same shape
 # in every row; content + RoPE keeps the content head's choices but ranks them by distance — itself first, then
 # the nearest copy, the oldest last.
-#
-# RoPE's preference for nearby tokens comes from its frequencies. The score of a vector with itself, $\Delta$
-# positions apart, is $\sum_j \cos(\Delta\,\omega_j)$ (up to a constant): the fast pairs decorrelate at once, the
-# slow ones stay aligned for long. A larger $\theta$ slows all of them down, which is how long-context models
-# stretch RoPE:
-
-# %%
-dist = torch.arange(0, 32768)
-fig, ax = plt.subplots(figsize=(7, 3))
-for theta in (1e4, 5e5, 1e6):
-    omega = rope_frequencies(128, theta, torch.float64)  # [64]
-    ax.plot(dist, torch.cos(dist[:, None] * omega).mean(1), lw=0.8, label=f"θ = {theta:.0e}")
-ax.set_xscale("symlog", linthresh=16)
-ax.set(xlabel="distance Δ = t − s (tokens)", ylabel="mean cos(Δ ω_j)",
-       title="RoPE similarity vs distance (D = 128)")
-ax.legend(fontsize=8)
-plt.show()
+# (Why RoPE prefers nearby tokens, and how a larger $\theta$ stretches it: Engineering notes, E.3.)
 
 # %% [markdown]
 # ### 1.3.3 Explore
@@ -636,8 +500,7 @@ plt.show()
 # distance to a word's earlier copy, the content heads find it. The fourth head is what an untrained layer does:
 # little structure beyond the causal triangle.
 
-# %%
-# NBVAL_IGNORE_OUTPUT
+# %% tags=["nbval-ignore-output"]
 def draw(window=T_toy, head=0):
     P = attention_weights(toy_q, toy_k, window=window)[0, head]  # [T, T]
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
@@ -673,14 +536,14 @@ explorer = viz.explorer(draw, window=(1, T_toy, 1), head=(0, len(HEAD_NAMES) - 1
 # %%
 #| export attention.cost
 def _pairs_up_to(n, window):
-    """Pairs of the first n positions under causal (+ window) masking: sum_{p<n} min(p + 1, window)."""
+    """Pairs of the first n positions, causal (+ window): sum_{p<n} min(p + 1, window)."""
     if window is None or n <= window:
         return n * (n + 1) // 2
     return window * (window + 1) // 2 + (n - window) * window
 
 
 def attended_pairs(Tq, Tk=None, causal=True, window=None):
-    """How many (query, key) pairs the mask allows, exactly (queries at positions Tk - Tq .. Tk - 1)."""
+    """How many (query, key) pairs the mask allows (queries at positions Tk - Tq .. Tk - 1)."""
     Tk = Tq if Tk is None else Tk
     if not causal:
         if window is not None:
@@ -692,14 +555,16 @@ def attended_pairs(Tq, Tk=None, causal=True, window=None):
 
 
 def attention_flops(T, D, H, causal=True, window=None, *, Tk=None, Dv=None, B=1):
-    """Forward matmul FLOPs of softmax attention: 2·B·H·(D + Dv) per allowed (query, key) pair. T = queries."""
+    """Forward matmul FLOPs of softmax attention: 2·B·H·(D + Dv) per allowed (query, key) pair;
+    T = queries."""
     Dv = D if Dv is None else Dv
     return 2 * B * H * (D + Dv) * attended_pairs(T, Tk, causal, window)
 
 
 def attention_bytes(T, D, H, HKV=None, *, Tk=None, Dv=None, B=1, dtype_bytes=2, materialize=True):
-    """HBM bytes of one forward: read q, k, v and write o; plus, if materialize (naive attention), write S,
-    read S, write P, read P — four passes over B·H·T·Tk scores. materialize=False: flash attention's lower bound.
+    """HBM bytes of one forward: read q, k, v and write o; plus, if materialize (naive attention),
+    write S, read S, write P, read P — four passes over B·H·T·Tk scores. materialize=False: flash
+    attention's lower bound.
     """
     HKV = H if HKV is None else HKV
     Tk = T if Tk is None else Tk
@@ -734,9 +599,10 @@ assert attended_pairs(5, 9, window=3) == int(attention_mask(5, 9, window=3).sum(
 assert attended_pairs(7, 7, causal=False) == int(attention_mask(7, 7, causal=False).sum())
 assert attention_flops(4096, 128, 32, causal=False) == 4 * 4096**2 * 128 * 32
 assert abs(attention_flops(2**16, 128, 32) / (2 * 2**32 * 128 * 32) - 1) < 1e-4
-assert [attention_flops(T, LLAMA['head_dim'], LLAMA['heads']) for T in T_axis] == attn  # section 1.1's curve
+assert [attention_flops(T, D, H) for T in T_axis] == attn  # section 1.1's curve
 for name, m in MODELS.items():
-    assert kv_cache_bytes_per_token(m["kv_layers"], m["kv_heads"], m["head_dim"]) == cache_bytes_per_token(m)
+    per_token = kv_cache_bytes_per_token(m["kv_layers"], m["kv_heads"], m["head_dim"])
+    assert per_token == cache_bytes_per_token(m)
 print("✓ cost model agrees with the mask, the back-of-envelope numbers and the FA2 convention")
 
 # %% [markdown]
@@ -751,9 +617,10 @@ H, D = LLAMA["heads"], LLAMA["head_dim"]
 ridge = 693e12 / 4.25e12
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
 ax1.loglog(T_axis, [attention_flops(T, D, H) for T in T_axis], "o-", label="dense causal")
-ax1.loglog(T_axis, [attention_flops(T, D, H, window=4096) for T in T_axis], "s-", label="window 4096")
-ax1.loglog(T_axis, [projection_flops(T, LLAMA["hidden"], H, H, D) + ffn_flops(T, LLAMA["hidden"], LLAMA["ffn"])
-                    for T in T_axis], "--", label="projections + FFN")
+ax1.loglog(T_axis, [attention_flops(T, D, H, window=4096) for T in T_axis], "s-",
+           label="window 4096")
+dense = [projection_flops(T, d, H, H, D) + ffn_flops(T, d, F) for T in T_axis]
+ax1.loglog(T_axis, dense, "--", label="projections + FFN")
 ax1.set(ylabel="FLOPs per layer (forward)", title="FLOPs")
 viz.tokens_axis(ax1)
 ax1.legend(fontsize=8)
@@ -782,7 +649,8 @@ plt.show()
 for name, m in MODELS.items():
     T_ctx = 32768
     flops = attention_flops(1, m["head_dim"], m["heads"], Tk=T_ctx)
-    bytes_ = attention_bytes(1, m["head_dim"], m["heads"], m["kv_heads"], Tk=T_ctx, materialize=False)
+    bytes_ = attention_bytes(1, m["head_dim"], m["heads"], m["kv_heads"], Tk=T_ctx,
+                             materialize=False)
     print(f"{name:30s} decode intensity {flops / bytes_:6.1f} FLOP/B   (ridge {ridge:.0f})")
 
 # %% [markdown]
@@ -794,16 +662,12 @@ for name, m in MODELS.items():
 # one block of keys at a time, the scores of that pair of blocks live in registers, and a small running state per
 # query row carries the softmax from one key block to the next. Nothing of size $T^2$ ever reaches memory.
 #
-# This section builds `flash_attention` — forward and backward — in four steps:
-#
-# 1. a short Triton primer: a vector add and a tiled matrix product (5.1);
-# 2. the algorithm in plain PyTorch: online softmax on one row, then attention tile by tile (5.2–5.3);
-# 3. the forward kernel, and the loop bounds that make causal and sliding-window attention cheap (5.4–5.5);
-# 4. the backward pass: recompute instead of store, in three kernels (5.6), and the op that ties them together
-#    (5.7), checked against `attention_ref` (5.8).
-#
-# The cells marked `#| export attention.triton` become `minisparse/attention/triton.py`; the others are for
-# reading. On a CPU every kernel here runs in Triton's interpreter (numpy under the hood) at small sizes.
+# The section goes in five steps: a short Triton primer (1.5.1); online softmax on one row (1.5.2); attention
+# tile by tile in plain PyTorch, with a picture of the tiles (1.5.3); the forward kernel and which tiles it may
+# skip (1.5.4–1.5.5); the backward pass in brief and checks of the finished op against `attention_ref` (1.5.6).
+# The integer arithmetic of the loop bounds, the three backward kernels and the launch plumbing are in the
+# Engineering notes. Cells marked `#| export attention.triton` become `minisparse/attention/triton.py`; on a CPU
+# every kernel runs in Triton's interpreter (numpy under the hood) at small sizes.
 
 # %% [markdown]
 # ### 1.5.1 A Triton primer
@@ -820,7 +684,7 @@ for name, m in MODELS.items():
 import triton
 import triton.language as tl
 
-from minisparse.testing import TOLERANCES  # relative RMS error bounds by dtype: (forward, gradients)
+from minisparse.testing import TOLERANCES  # relative RMS error bounds: (forward, gradients)
 
 
 @triton.jit
@@ -840,44 +704,11 @@ assert torch.equal(out, x + y)
 print("✓ vector add: 4 programs of 256 lanes cover 1000 elements")
 
 # %% [markdown]
-# Attention is made of matrix products, so the second kernel is one: $C = AB$ with $A$ of shape $M \times K$ and
-# $B$ of shape $K \times N$. Program $(i, j)$ owns the output tile $C[iB_M : (i+1)B_M,\ jB_N : (j+1)B_N]$; it walks
-# along $K$ in steps of $B_K$, loads a $B_M \times B_K$ tile of $A$ and a $B_K \times B_N$ tile of $B$, and adds
-# their product with `tl.dot` — which the compiler maps to the GPU's tensor cores. Two-dimensional blocks come from
-# broadcasting: `rows[:, None] * K + ks[None, :]` is the $B_M \times B_K$ block of element offsets of a row-major
-# matrix. Masked lanes load `other=0.0`, and zeros add nothing to a dot product, so the edges need no other care.
-
-# %%
-@triton.jit
-def matmul_kernel(A, B, C, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C [M, N] = A [M, K] @ B [K, N], row-major. Grid (cdiv(M, BM), cdiv(N, BN)).
-
-             K ->                  N ->
-        +---------+         +----+----+----+
-      M | A rows  |  @    K | .. | B  | .. |    program (i, j) adds A[i-rows, k-tile] @ B[k-tile, j-cols]
-        +---------+         +----+----+----+    for k-tile = 0, BK, 2BK, ... into its C tile [BM, BN]
-    """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        a = tl.load(A + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        b = tl.load(B + ks[:, None] * N + cols[None, :], mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc += tl.dot(a, b)  # [BM, BK] @ [BK, BN], accumulated in fp32
-    tl.store(C + rows[:, None] * N + cols[None, :], acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-a, b = torch.randn(100, 70, device=DEVICE), torch.randn(70, 90, device=DEVICE)
-c = torch.empty(100, 90, device=DEVICE)
-matmul_kernel[(triton.cdiv(100, 32), triton.cdiv(90, 32))](a, b, c, 100, 90, 70, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
-# on a GPU, tl.dot multiplies fp32 inputs in tf32 unless told otherwise: hence the looser tolerance there
-err = assert_close("matmul_kernel", a @ b, c, 1e-5 if DEVICE.type == "cpu" else 1e-2)
-print(f"✓ tiled matmul, 100x70 @ 70x90 with 32-tiles and masked edges: relative RMS error {err:.1e}")
-
-# %% [markdown]
-# That is all the Triton the attention kernels need: program ids, blocks of offsets, masked loads and stores,
-# `tl.dot`, and a loop. What remains is the algorithm.
+# Attention is made of matrix products. In a kernel, `tl.dot(a, b)` multiplies two tiles — a $B_M \times B_K$
+# block and a $B_K \times B_N$ block, built by broadcasting offsets such as `rows[:, None] * K + ks[None, :]` — on
+# the GPU's tensor cores, accumulating in fp32; a tiled matrix product loops over $K$ in such tiles (the
+# Engineering notes, E.4, build one). That is all the Triton the attention kernels need: program ids, blocks of
+# offsets, masked loads and stores, `tl.dot`, and a loop. What remains is the algorithm.
 #
 # ### 1.5.2 Online softmax, on one row
 #
@@ -923,14 +754,14 @@ print("✓ three blocks, one running state: the same output as softmax(s) @ v, a
 # no copy of K and V: query head $h$ simply reads K/V head $\lfloor h / G \rfloor$. Tiles that the mask empties
 # entirely are skipped; the others are masked with $-\infty$ before the softmax.
 #
-# One detail differs from 5.2: the running maximum starts at a large *finite* negative number instead of
+# One detail differs from 1.5.2: the running maximum starts at a large *finite* negative number instead of
 # $-\infty$. With a window, the first key tile a row visits can be entirely masked for that row; starting from
 # $-\infty$ the update would compute $e^{-\infty - (-\infty)}$ = NaN, while from $-10^{30}$ it computes
 # $e^{-\infty} = 0$ and $e^{0} = 1$: nothing added, nothing rescaled.
 
 # %%
 def flash_attention_torch(q, k, v, causal=True, scale=None, window=None, block_m=32, block_n=32):
-    """Flash attention's algorithm in PyTorch loops: o [B, Tq, HQ, Dv] and lse [B, HQ, Tq] (natural log)."""
+    """Flash attention's algorithm in PyTorch loops: o [B, Tq, HQ, Dv], lse [B, HQ, Tq] (base e)."""
     B, Tq, HQ, D = q.shape
     Tk, HKV, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = D**-0.5 if scale is None else scale
@@ -967,8 +798,36 @@ def flash_attention_torch(q, k, v, causal=True, scale=None, window=None, block_m
 q, k, v = make_qkv(1, 100, 4, 32, HKV=2, Dv=24, device=DEVICE, dtype=torch.float32)
 for causal, window in [(True, None), (True, 20), (False, None)]:
     o_tiles, _ = flash_attention_torch(q, k, v, causal=causal, window=window)
-    err = assert_close("flash_attention_torch", attention_ref(q, k, v, causal=causal, window=window), o_tiles, 1e-5)
-    print(f"✓ tile by tile = attention_ref (causal={causal}, window={window}): relative RMS error {err:.1e}")
+    ref = attention_ref(q, k, v, causal=causal, window=window)
+    err = assert_close("flash_attention_torch", ref, o_tiles, 1e-5)
+    print(f"✓ tile by tile = attention_ref (causal={causal}, window={window}): error {err:.1e}")
+
+# %% [markdown]
+# The picture of what one program of the kernel does. Its query tile is loaded once; the key and value tiles
+# stream past it; each tile's scores exist only on chip, long enough to update the running state; after the last
+# tile the state becomes the output tile and one log-sum-exp per row.
+
+# %%
+Box = viz.Box
+boxes = {
+    "Q": Box(0, 1, "query tile $Q_i$\n$B_M \\times D$", w=2.2, h=0.9, note="loaded once"),
+    "KV": Box(3.2, 3.5, "key / value tiles $K_j, V_j$\n$B_N \\times D$ each", w=3.2, h=0.9,
+              color="#fde2c8", note="streamed from memory, j = 0, 1, …"),
+    "S": Box(3.2, 1, "scores $S_{ij} = \\sigma Q_i K_j^\\top$\n$B_M \\times B_N$", w=2.6, h=0.9,
+             color="#e8e8e8"),
+    "P": Box(6.6, 1, "$m' = \\max(m, \\mathrm{rowmax}\\,S_{ij})$\n$P_{ij} = e^{S_{ij} - m'}$",
+             w=3.0, h=0.9, color="#e8e8e8"),
+    "state": Box(10, 1, "running state per row\n$m$, $\\ell$ and acc $[B_M, D_v]$", w=3.0, h=0.9,
+                 color="#d9f0d3", note="rescaled by $e^{m - m'}$, then + $P_{ij}$, + $P_{ij} V_j$"),
+    "O": Box(14.4, 1, "output tile acc / $\\ell$\nLSE $= m + \\log \\ell$", w=2.6, h=0.9,
+             note="written once"),
+}
+arrows = [("Q", "S"), ("KV", "S", "$K_j$"), ("S", "P"), ("P", "state", "$P_{ij}$"),
+          ("KV", "state", "$V_j$"), ("state", "O", "after the last tile")]
+viz.schematic(boxes, arrows, groups=[(["S", "P", "state"], "on chip, once per key/value tile j")],
+              title="One program of flash attention: query tile i against streamed key/value tiles",
+              size=(13, 4.6))
+plt.show()
 
 # %% [markdown]
 # ### 1.5.4 The forward kernel
@@ -977,10 +836,6 @@ for causal, window in [(True, None), (True, 20), (False, None)]:
 # the query tiles, axis 1 the (batch, query head) pairs. Everything inside one program runs on tiles, and the
 # few things that the PyTorch version did not have to think about are:
 #
-# - **Layout.** In a contiguous `[B, T, H, D]` tensor, element $(b, t, h, d)$ sits at offset
-#   $((bT + t)H + h)D + d$: consecutive rows of one head are $H \cdot D$ elements apart. The kernel computes a base
-#   pointer per (batch, head) — in 64-bit, since $B \cdot T \cdot H \cdot D$ can pass $2^{31}$ — and adds row and
-#   column offsets to it.
 # - **Head dims that are not powers of two.** Tile shapes must be powers of two, so a head dim of 80 becomes a
 #   tile of 128 columns whose last 48 load as zeros (`DK_PAD`, `DV_PAD`). Zero columns add nothing to $QK^\top$ and
 #   produce output columns that are never stored.
@@ -990,17 +845,18 @@ for causal, window in [(True, None), (True, 20), (False, None)]:
 # - **Precision.** $Q$, $K$, $V$ and $P$ enter the tensor cores in the input's dtype (bf16 or fp16 on a GPU); the
 #   scores, the state and the accumulator are fp32.
 #
-# First, two helpers that load and store a tile of rows. A tile in the middle of the sequence needs no row mask,
-# and a power-of-two head dim needs no column mask; the helpers then emit plain loads, which the compiler can
-# vectorise and pipeline best.
+# The kernel reads and writes tiles through two small helpers, `_load_tile` and `_store_tile`, which mask
+# only where a tile sticks out past the sequence or the head dim (Engineering notes, E.4).
 
 # %%
 #| export attention.triton
-"""Flash attention in Triton: forward and backward kernels for `[B, T, H, D]` tensors (chapter 1, section 1.5).
+"""Flash attention in Triton: forward and backward kernels for `[B, T, H, D]` tensors (chapter 1,
+section 1.5).
 
-Notation in comments: B batch, Tq/Tk query/key lengths, HQ query heads, HKV key/value heads (GROUP = HQ // HKV
-query heads share one K/V head), DK/DV head dims, BM/BN the heights of a query tile and a key tile. Launch
-configurations (BLOCK_M, BLOCK_N, warps, stages) come from `runtime.LAUNCH_TABLE`, rows "attention.*".
+Notation in comments: B batch, Tq/Tk query/key lengths, HQ query heads, HKV key/value heads
+(GROUP = HQ // HKV query heads share one K/V head), DK/DV head dims, BM/BN the heights of a query
+tile and a key tile. Launch configurations (BLOCK_M, BLOCK_N, warps, stages) come from
+`runtime.LAUNCH_TABLE`, rows "attention.*".
 """
 import torch
 import triton
@@ -1010,11 +866,923 @@ from minisparse.attention.naive import attention_ref, check_attention_args  # se
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels fold log2(e) into the scale
 
+# %% [markdown]
+# The loop body: one key tile updates the state of the program's query rows. It is 1.5.3's inner loop, in base 2.
+# `MASKED` is a compile-time flag: the same function is compiled twice, once with the mask for the tiles on the
+# diagonal or the window's edge, once without it for the tiles in between (1.5.5 says which are which).
 
+# %%
+#| export attention.triton
 @triton.jit
-def _load_tile(base, rows, row_stride, n_rows, cols, N_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Load the tile [len(rows), len(cols)] at base + rows * row_stride + cols; padding columns (>= N_COLS) and,
-    when CHECK_ROWS, rows >= n_rows read as 0. Interior tiles of power-of-two width load without any mask."""
+def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, start, end, Tq, Tk,
+               qk_scale, window, offs_n, offs_dk, offs_dv,
+               DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key tiles starting at start, start + BN, ... < end.
+
+    acc [BM, DV_PAD] fp32 unnormalised output, m_i [BM] running max, l_i [BM] running sum (base 2).
+    """
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n  # [BN] key indices
+        k = _load_tile(k_base, cols, k_stride, Tk, offs_dk, DK, MASKED)  # [BN, DK_PAD]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN] scores, base 2
+        if MASKED:
+            keep = _visible(rows[:, None], cols[None, :], Tq, Tk, window, CAUSAL, HAS_WINDOW)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
+        p = tl.math.exp2(s - m_new[:, None])  # [BM, BN] unnormalised probabilities
+        alpha = tl.math.exp2(m_i - m_new)  # [BM] rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, cols, v_stride, Tk, offs_dv, DV, MASKED)  # [BN, DV_PAD]
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM, DV_PAD]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+# %% [markdown]
+# The kernel around this loop, `_fwd_kernel` (Engineering notes, E.4), computes base pointers for its
+# (batch, head), loads its query tile once, asks `_key_range` (section 1.5.5) which key tiles to visit, runs `_fwd_tiles` three times — masked
+# boundary tiles, unmasked interior tiles, masked boundary tiles — and stores $O = \mathrm{acc} / \ell$ and
+# $L_2 = m + \log_2 \ell$. Exercise 4 asks you to write the loop body of a stripped-down version of it.
+
+# %% [markdown]
+# ### 1.5.5 Which tiles to visit: causal and sliding-window loop bounds
+#
+# A query tile covers the rows $i_0, \dots, i_1$, at positions $p = i + T_k - T_q$. Under the causal mask a row
+# sees the keys $s \le p$, with a window of $W$ also only $s > p - W$. The keys that *some* row of the tile sees
+# therefore form one range,
+#
+# $$
+# p_0 - W + 1 \;\le\; s \;\le\; p_1, \qquad p_0 = i_0 + T_k - T_q,\quad p_1 = i_1 + T_k - T_q ,
+# $$
+#
+# and the kernel loops only over the key tiles that meet it: `_key_range` returns its start `lo` (rounded down to
+# a tile) and end `hi`. Inside that range a key tile needs no mask when **every** row sees **every** key of it —
+# those *interior* tiles, from `full_lo` to `full_hi`, take the unmasked loop; the tiles at either end are
+# *boundary* tiles and take the masked one. (`_key_range` and the mask `_visible` are a dozen lines of integer
+# arithmetic each; they are in the Engineering notes, checked tile by tile against `attention_mask`.)
+#
+# The picture classifies every (query tile, key tile) pair straight from the mask, for 64 × 64 tiles:
+
+# %%
+from matplotlib.colors import ListedColormap
+
+
+def tile_classes(allowed, bm, bn):
+    """[query tiles, key tiles]: 0 no visible pair (skip), 1 some (boundary), 2 all (interior)."""
+    Tq, Tk = allowed.shape
+    padded = torch.zeros(-(-Tq // bm) * bm, -(-Tk // bn) * bn)  # past the end: invisible
+    padded[:Tq, :Tk] = allowed.float()
+    tiles = padded.unflatten(0, (-1, bm)).unflatten(2, (-1, bn))  # [tiles_q, bm, tiles_k, bn]
+    seen = tiles.mean(dim=(1, 3))  # [tiles_q, tiles_k] fraction of visible pairs
+    return (seen > 0).long() + (seen == 1).long()
+
+
+setups = {"causal": (512, 512, None), "window W = 160": (512, 512, 160),
+          "causal, Tq = 192 < Tk = 512": (192, 512, None)}
+fig, axes = plt.subplots(1, len(setups), figsize=(11, 3.6))
+colors = ["#eeeeee", "#f4a259", "#3d7ab8"]
+for ax, (title, (Tq, Tk, window)) in zip(axes, setups.items()):
+    classes = tile_classes(attention_mask(Tq, Tk, window=window), 64, 64)
+    ax.imshow(classes, cmap=ListedColormap(colors), vmin=0, vmax=2, extent=(0, Tk, Tq, 0),
+              interpolation="nearest", aspect="auto")
+    ax.set_title(f"{title}\nvisits {(classes > 0).float().mean():.0%} of the tiles", fontsize=9)
+    ax.set_xlabel("key position")
+axes[0].set_ylabel("query index")
+fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors], ncol=3, fontsize=8,
+           labels=["skipped", "boundary tile (masked)", "interior tile (no mask)"],
+           loc="lower center", frameon=False)
+fig.tight_layout(rect=(0, 0.08, 1, 1))
+plt.show()
+
+# %% [markdown]
+# Causal attention visits a little over half of the tiles, and only the diagonal ones pay for a mask. With a
+# window the work per query tile is constant — about $W / B_N + 1$ key tiles — so the cost grows linearly with
+# $T$: the sliding-window layers of Mistral, Gemma and gpt-oss are cheap for exactly this reason.
+
+# %% [markdown]
+# ### 1.5.6 The backward pass, and the finished op
+#
+# With $S = \sigma QK^\top$ (masked), $P = \operatorname{softmax}(S)$ and $O = PV$, the gradients for an output
+# gradient $dO$ are
+#
+# $$
+# \begin{aligned}
+# dV &= P^\top dO, \qquad dP = dO\, V^\top, \qquad dS = P \circ \bigl(dP - \delta \mathbf{1}^\top\bigr), \\
+# dQ &= \sigma\, dS\, K, \qquad dK = \sigma\, dS^\top Q, \qquad \delta_i = \textstyle\sum_j P_{ij}\, dP_{ij}.
+# \end{aligned}
+# $$
+#
+# Two facts keep this cheap. First, $\delta_i = \sum_j P_{ij} (dO_i \cdot v_j) = dO_i \cdot O_i$: a dot product of
+# two rows we already have. Second, $P$ need not be stored: the forward kept one number per row, the log-sum-exp
+# $L$, and $P_{ij} = e^{s_{ij} - L_i}$ comes back exactly from a recomputed score. Recomputing $QK^\top$ costs
+# FLOPs; storing $P$ would cost $T^2$ memory traffic, which is what we set out to avoid.
+#
+# $dK$ and $dV$ sum over queries, $dQ$ over keys, so the backward uses three kernels and no atomic additions:
+# $\delta$ per query tile; a **key-tile** program that holds $K_j, V_j$ and accumulates $dK_j, dV_j$ over the query
+# tiles that see it (for all $G$ query heads of its GQA group); and a **query-tile** program, the forward's tiling
+# again, that accumulates $dQ_i$. Both recompute $S$ and $dP$: seven tile products per pair of tiles instead of
+# five — the price of no atomics. The kernels, and the host code that checks the inputs, picks a launch
+# configuration from `runtime.LAUNCH_TABLE` and wires everything into `torch.autograd`, are in the Engineering
+# notes. The result is one function:
+
+# %%
+from minisparse.attention.triton import flash_attention  # the op of the Engineering notes (E.6)
+
+# %% [markdown]
+# **Checks.** The op against `attention_ref` — forward and the three gradients — on shapes chosen to catch the usual
+# mistakes: lengths that are not multiples of the tile, a head dim of 80 (padded to 128), $D_v \ne D_k$, GQA and
+# MQA, a window, $T_q < T_k$, and no mask at all. The reference runs in fp32 on the same inputs; the tolerance is
+# the book's: relative RMS error $\le 10^{-4}$ in fp32, $5 \cdot 10^{-3}$ (forward) and $8 \cdot 10^{-3}$
+# (gradients) in 16-bit. `tests/test_flash_attention.py` sweeps many more shapes, with tiles forced small
+# (`runtime.launch_config`) so that every loop runs, and with outputs filled with NaN beforehand so that an element
+# a kernel forgets to write cannot hide.
+
+# %%
+def check_flash(B, Tq, Tk, HQ, HKV, D, Dv, causal=True, window=None, seed=0):
+    q, k, v = make_qkv(B, Tq, HQ, D, HKV=HKV, Dv=Dv, Tk=Tk, dtype=DTYPE, device=DEVICE, seed=seed,
+                       requires_grad=True)
+    do = torch.randn(B, Tq, HQ, Dv, device=DEVICE, dtype=DTYPE)
+    o = flash_attention(q, k, v, causal=causal, window=window)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))  # same inputs, fp32
+    o_ref = attention_ref(q32, k32, v32, causal=causal, window=window)
+    grads_ref = torch.autograd.grad(o_ref, (q32, k32, v32), do.float())
+    fwd_tol, grad_tol = TOLERANCES[DTYPE]
+    errs = [assert_close("o", o_ref, o, fwd_tol)]
+    errs += [assert_close(n, r, g, grad_tol)
+             for n, r, g in zip(("dq", "dk", "dv"), grads_ref, grads)]
+    mask = "causal" if causal else "full"
+    mask += f", window {window}" if window else ""
+    print(f"✓ B={B} Tq={Tq} Tk={Tk} HQ={HQ} HKV={HKV} D={D} Dv={Dv} {mask:18s} "
+          f"o {errs[0]:.0e}  dq {errs[1]:.0e}  dk {errs[2]:.0e}  dv {errs[3]:.0e}")
+
+
+T_check = runtime.reading_size(cpu=100, gpu=1000)
+check_flash(2, 37, 37, 2, 2, 64, 64)  # shorter than one tile
+check_flash(1, T_check, T_check, 4, 2, 80, 80)  # head dim 80, GQA 4:2
+check_flash(1, T_check, T_check, 4, 1, 32, 48, window=16)  # MQA, window, Dv != Dk
+check_flash(1, 37, T_check, 2, 1, 32, 32)  # Tq < Tk: the last 37 positions
+check_flash(1, 50, T_check, 2, 2, 32, 32, causal=False)  # no mask
+
+# %% [markdown]
+# Two more properties. A window at least as long as the sequence is plain causal attention — the mechanism reduces
+# to the baseline in the limit:
+
+# %%
+q, k, v = make_qkv(1, 64, 2, 32, device=DEVICE, dtype=DTYPE)
+assert torch.equal(flash_attention(q, k, v, window=64), flash_attention(q, k, v))
+print("✓ window = T gives exactly causal attention")
+
+# %% [markdown]
+# ## 1.6 Layer
+#
+# The `Attention` module puts the pieces together the way current open models do. For input $x \in
+# \mathbb{R}^{T \times d}$:
+#
+# $$
+# q = x W_q,\quad k = x W_k,\quad v = x W_v \quad(\text{split into heads}), \qquad
+# q, k \leftarrow \operatorname{RoPE}(\operatorname{RMSNorm}(q), \operatorname{RMSNorm}(k)),
+# $$
+#
+# $$
+# o = \operatorname{attention}(q, k, v), \qquad
+# o \leftarrow o \odot \sigma(x W_g)\ \ (\text{gated}), \qquad y = o\, W_o .
+# $$
+#
+# - **GQA** through fewer K/V heads; **RoPE** on all channels, or on the first `rotary_dim` (Qwen3-Next rotates a
+#   quarter of each head, GLM-4.5 half);
+# - **q/k RMSNorm** per head (Qwen3, Qwen3-Next) keeps the attention logits from growing during training; Qwen3-Next
+#   stores the weight as an offset from one, $y = \hat{x}\,(1 + w)$ (`zero_centered_norm=True`);
+# - the **output gate** of Qwen3-Next's *gated attention* (Qiu et al., 2025): an elementwise sigmoid gate on the
+#   attention output before $W_o$, which the paper reports adds a non-linearity between $W_v$ and $W_o$ and removes
+#   the "attention sink" on the first token. As in the checkpoint, `q_proj` has $2 H_q D$ outputs: each head's
+#   slice holds its query ($D$ channels), then its gate ($D$ channels);
+# - the **KV cache**: `forward(x, cache)` rotates the new keys at positions `len(cache) …`, appends them and
+#   attends bottom-right aligned;
+# - `backend=`: `"naive"` uses `attention_ref`, `"triton"` section 1.5's kernels, `"auto"` (the default) the
+#   kernels where they run (CUDA, or fp32 on a CPU under the interpreter) and `attention_ref` elsewhere.
+#
+# Parameter names follow transformers (`q_proj`, …, `k_norm`), so `Attention.from_hf(module)` builds the layer
+# from a transformers attention module and copies its weights (Engineering notes, E.7, which also check it
+# against transformers' `Qwen3NextAttention`).
+
+# %%
+#| export attention.layer
+import torch
+import torch.nn as nn
+
+from minisparse import _checks
+from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # section 1.2
+from minisparse.attention.triton import flash_attention  # section 1.5
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) times weight (1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
+
+    def __init__(self, dim, eps=1e-6, zero_centered=False):
+        super().__init__()
+        _checks.positive_int("RMSNorm", "dim", dim)
+        self.eps, self.zero_centered = _checks.positive_float("RMSNorm", "eps", eps), zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + 1.0 if self.zero_centered else self.weight.float()
+        return (y * w).to(x.dtype)
+
+
+# %%
+from minisparse.attention.layer import _attention_args  # argument checks (Engineering notes, E.7)
+
+
+# %% [markdown]
+# The layer itself. Each step of `forward` is one line of the equations above; the shapes are in the comments.
+
+# %%
+#| export attention.layer
+class Attention(nn.Module):
+    """Causal multi-head attention: GQA, RoPE, optional q/k RMSNorm and output gate, a KV cache.
+
+    forward(x [B, T, hidden], cache=None, positions=None) -> [B, T, hidden]. With a cache (see
+    new_cache) the T new tokens sit at positions len(cache) .. len(cache) + T - 1 and attend to
+    everything cached before them.
+    backend: "auto" (the Triton kernels where they run, else attention_ref), "naive" or "triton".
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, bias=False,
+                 o_bias=None, gate=False, qk_norm=False, zero_centered_norm=False, norm_eps=1e-6,
+                 rope_theta=10000.0, rotary_dim=None, interleaved_rope=False, window=None,
+                 backend="auto"):
+        super().__init__()
+        num_kv_heads, head_dim, rotary_dim = _attention_args(
+            hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps,
+            rope_theta, backend)
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.gate, self.window, self.backend, self.rotary_dim = gate, window, backend, rotary_dim
+        o_bias = bias if o_bias is None else o_bias
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim * (2 if gate else 1), bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm) if qk_norm else None
+        self.rope = RotaryEmbedding(rotary_dim, rope_theta, interleaved_rope)
+
+    def forward(self, x, cache=None, positions=None):
+        _checks.layer_input("Attention", x, self, hidden=self.hidden_size)  # [B, T, hidden]
+        B, T, _ = x.shape
+        start = 0 if cache is None else len(cache)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=x.device)  # [T]
+        q, g = self._queries(x)  # [B, T, H, D], gate [B, T, H*D] or None
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B, start + T, HKV, D]
+        o = self._attend(q, k, v).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
+        if g is not None:
+            o = o * torch.sigmoid(g)  # gated attention: elementwise, per channel of each head
+        return self.o_proj(o)  # [B, T, hidden]
+
+    def _queries(self, x):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        if not self.gate:
+            return self.q_proj(x).view(B, T, H, D), None
+        qg = self.q_proj(x).view(B, T, H, 2 * D)  # each head: [query | gate]
+        q, g = qg.split(D, dim=-1)  # [B, T, H, D] each
+        return q, g.reshape(B, T, H * D)
+
+    def _rope(self, x, positions):
+        if self.rotary_dim == self.head_dim:
+            return self.rope(x, positions)
+        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # partial RoPE
+        return torch.cat((self.rope(rot, positions), rest), dim=-1)
+
+    def _attend(self, q, k, v):
+        if _checks.choose_backend(self.backend, q) == "triton":
+            return flash_attention(q, k, v, causal=True, window=self.window)
+        return attention_ref(q, k, v, causal=True, window=self.window)
+
+    def new_cache(self, batch, max_len, *, dtype=None, device=None):
+        """An empty KVCache for this layer (post-RoPE keys), in the layer's dtype and device."""
+        w = self.k_proj.weight
+        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=dtype or w.dtype,
+                       device=device or w.device)
+
+    @classmethod
+    def from_hf(cls, module, backend="auto"):
+        """Build from a transformers attention module, copying its weights (`attention_from_hf`)."""
+        from minisparse.attention.hf import attention_from_hf  # the loader (Engineering notes, E.7)
+
+        return attention_from_hf(cls, module, backend)
+
+# %% [markdown]
+# The test that matters for a cache: decoding token by token (after a prompt, and with a chunk in between) must
+# give the outputs of one pass over the whole sequence — with and without the gate, with GQA, q/k norm, partial
+# RoPE and a window.
+
+# %%
+T_dec = runtime.reading_size(cpu=24, gpu=256)
+for gate in (False, True):
+    torch.manual_seed(1)
+    layer = Attention(64, 4, 2, 16, gate=gate, qk_norm=True, rotary_dim=8, window=7).to(DEVICE)
+    with torch.no_grad():
+        for p in (layer.q_norm.weight, layer.k_norm.weight):
+            torch.nn.init.normal_(p, mean=1.0, std=0.3)  # norms that do something
+        x = torch.randn(2, T_dec, 64, device=DEVICE)
+        full = layer(x)  # [B, T, hidden]  one pass
+        cache = layer.new_cache(2, T_dec)
+        steps = [layer(x[:, :5], cache), layer(x[:, 5:9], cache)]  # a prompt, then a chunk of 4
+        steps += [layer(x[:, t:t + 1], cache) for t in range(9, T_dec)]  # then one token at a time
+    err = assert_close(f"decode (gate={gate})", full, torch.cat(steps, dim=1), 1e-5)
+    print(f"✓ gate={gate}: cached decoding equals the prefill, relative RMS error {err:.1e}")
+
+# %% [markdown]
+# ## 1.7 Measure
+#
+# On the H200 the benchmark `bench/attention.py` times `flash_attention` against PyTorch's SDPA (which dispatches
+# to FlashAttention kernels written in CUDA for Hopper) and, for a sliding window of 1024 keys, against
+# `torch.compile`d `flex_attention`, at B = 2, H = 16, D = 128, causal, bf16, for T from 1k to 32k. The results
+# are committed in `bench/results/attention.json`, so on a CPU this section plots them; the plot's title gives the
+# device, versions and date, and the table below gives our throughput as a fraction of the anchor's.
+
+# %%
+results = bench.load_results("attention")
+bench.plot_passes(results)
+plt.show()
+ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in results["rows"]}
+anchors = {"SDPA": ("flash_attention", "sdpa"),
+           "flex, window": ("flash_attention (window 1024)", "flex_attention (window 1024)")}
+ratio = {(a, p, T): ms[anchor, p, T] / ms[ours, p, T] for a, (ours, anchor) in anchors.items()
+         for p in ("fwd", "fwd+bwd") for T in sorted({r["T"] for r in results["rows"]})
+         if (ours, p, T) in ms and (anchor, p, T) in ms}
+print(f"{results['device']}, {results['date']}, torch {results['torch']}, "
+      f"triton {results['triton']}: flash_attention's throughput / the anchor's")
+print(f"{'T':>6s}" + "".join(f"{a + ' ' + p:>22s}" for a in anchors for p in ("fwd", "fwd+bwd")))
+for T in sorted({T for *_, T in ratio}):
+    cells = [f"{ratio[a, p, T]:.2f}" if (a, p, T) in ratio else "–" for a in anchors
+             for p in ("fwd", "fwd+bwd")]
+    print(f"{T:6d}" + "".join(f"{c:>22s}" for c in cells))
+long = [T for *_, T in ratio if T >= 8192]
+assert all(0.8 <= ratio["SDPA", "fwd", T] < 0.86 for T in long)  # the takeaways below
+assert all(0.7 <= ratio["SDPA", "fwd+bwd", T] < 0.76 for T in long)
+assert ratio["SDPA", "fwd+bwd", 1024] < 0.4
+assert all(0.98 <= ratio["flex, window", "fwd", T] < 1.05 for T in (8192, 32768))
+assert all(0.85 <= ratio["flex, window", "fwd+bwd", T] < 0.95 for T in (8192, 32768))
+
+# %% [markdown]
+# **Takeaways** (H200, 2026-11-28):
+#
+# 1. **Forward: about 0.83× of SDPA from T = 8k on** (≈ 445–485 TFLOP/s against ≈ 530–590). The remaining gap is
+#    the distance between a Triton kernel and a hand-scheduled CUDA one for Hopper.
+# 2. **Forward + backward: about 0.73× of SDPA from T = 8k on, 0.36× at 1k.** Two causes: by design, the dQ
+#    kernel recomputes two of the products the dK/dV kernel already computed (the price of no atomic adds);
+#    and a fixed ≈ 0.57 ms of host time per call (four launches and autograd's hand-off), which dominates
+#    short sequences.
+# 3. **Sliding window: on par with `flex_attention`** (1.0× forward, ≈ 0.9× forward + backward), because the loop
+#    bounds of section 1.5.5 skip every key tile outside the window: the cost no longer grows with $T^2$.
+#
+# `bench/notes/attention.md` records the tile sweep behind the launch configurations.
+
+# %% [markdown]
+# ## 1.8 Exercises
+#
+# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
+# one line when your answer is right and says what differs when it is not. The checkers live in
+# `minisparse.attention.exercises` (their code is in the Engineering notes).
+
+# %%
+from minisparse.attention.exercises import (check_decode_attention, check_flash_tile,
+                                            check_kv_cache_bytes, check_online_softmax)
+
+# %% [markdown]
+# ### Exercise 1 (extend): merge two softmax states
+#
+# Section 1.5.2 folds one block of keys at a time into a running state. Split-K kernels for decoding
+# (flash-decoding) instead give *different programs* different halves of the keys and merge their states at the
+# end. For a block of scores $s$ (rows = queries) and values $v$ the state is
+#
+# $$
+# m = \max_j s_j, \qquad \ell = \sum_j e^{s_j - m}, \qquad a = \sum_j e^{s_j - m}\, v_j ,
+# $$
+#
+# and the output is $a / \ell$ (`minisparse.attention.softmax_state(s, v)` computes it). Write `merge_states`,
+# which combines the states of two blocks into the state of both, without the scores. Shapes: `m`, `l` are `[N]`,
+# `a` is `[N, Dv]`. The checker accepts answers within $10^{-5}$ of the merged state, including the empty state
+# ($m = -\infty$, $\ell = 0$, $a = 0$) and scores near 100 in fp32, where $e^{s}$ overflows.
+
+# %%
+def merge_states(m1, l1, a1, m2, l2, a2):
+    # your code here: return m, l, a
+    raise NotImplementedError
+
+
+# %%
+attempt(check_online_softmax, merge_states)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — each state was summed against its own maximum; moving both to the common maximum m
+# multiplies each by exp(m_i - m) <= 1, which never overflows. Merging into the empty state (m =
+# -inf) multiplies it by exp(-inf) = 0 and returns the other state unchanged.
+def merge_states_solution(m1, l1, a1, m2, l2, a2):
+    m = torch.maximum(m1, m2)  # [N] the new running max
+    c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)  # [N] rescale factors, <= 1
+    return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
+
+
+check_online_softmax(merge_states_solution)
+
+# %% [markdown]
+# ### Exercise 2 (debug): a decoding step that only works on the prompt
+#
+# The function below attends the newest $T_q$ tokens to all $T_k$ tokens so far (the new ones last, as after
+# `KVCache.append`). It agrees with `attention_ref` on a prompt ($T_q = T_k$) and is wrong on every decoding
+# step after it. Find the bug and fix it in place; the checker compares with `attention_ref` for several
+# $(T_q, T_k)$, within $10^{-10}$ in fp64.
+
+# %%
+def decode_attention(q, k, v):
+    """q [Tq, D] the newest Tq tokens; k, v [Tk, D] all tokens so far, the new ones last."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    s = q @ k.T / q.shape[-1] ** 0.5  # [Tq, Tk]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril()  # causal
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v  # [Tq, D]
+
+
+# %%
+attempt(check_decode_attention, decode_attention)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — `tril()` aligns the mask top-left: query i sees keys 0..i, right only when Tq == Tk.
+# The new queries are the LAST Tq positions, so query i sits at position i + Tk - Tq and sees keys s
+# <= i + Tk - Tq: the diagonal shifts right by Tk - Tq (bottom-right alignment, section 1.2.1). With
+# one new token the bug lets it see only the first token of the context.
+def decode_attention_solution(q, k, v):
+    Tq, Tk = q.shape[0], k.shape[0]
+    s = q @ k.T / q.shape[-1] ** 0.5  # [Tq, Tk]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)  # bottom-right causal
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v  # [Tq, D]
+
+
+check_decode_attention(decode_attention_solution)
+
+# %% [markdown]
+# ### Exercise 3 (extend): the KV cache of a hybrid layer stack
+#
+# Section 1.1 sized the cache of models whose layers are all alike. Many are not: transformers describes a
+# model's layers with `config.layer_types`, where `"full_attention"` layers cache every token,
+# `"sliding_attention"` layers only the last `window` tokens and `"linear_attention"` layers (Gated DeltaNet and
+# friends, chapters 4–5) no K/V at all. Write `kv_cache_bytes`, the bytes of the whole cache for a batch of
+# sequences of `seq_len` tokens; the checker compares exact integers on layouts shaped like Llama-2, Mistral,
+# Qwen3-Next, gpt-oss and Gemma 3 4B: five sliding layers with a 1024-token window for each full layer (the
+# Gemma 3 technical report; the 4096 that transformers' `Gemma3TextConfig()` still defaults to is Gemma 2's).
+
+# %%
+def kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2,
+                   window=None):
+    # your code here: return an int
+    raise NotImplementedError
+
+
+# %%
+attempt(check_kv_cache_bytes, kv_cache_bytes)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — per layer, 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x dtype_bytes,
+# where a full layer caches seq_len tokens, a sliding one min(seq_len, window) and a linear one
+# none. Qwen3-Next at its native 262,144 tokens: 12 full layers x 2 heads x 256 channels x 2 x 2
+# bytes x 262,144 = 6 GiB per sequence (all 48 layers full would be 24 GiB). Gemma 3 4B at 128k: its
+# 5 full layers hold 128k tokens, its 29 sliding layers only 1024 each, so the sliding layers are
+# under 5 % of the cache.
+def kv_cache_bytes_solution(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2,
+                            window=None):
+    per_token = 2 * num_kv_heads * head_dim * dtype_bytes  # K and V of one token in one layer
+    cached = {"full_attention": seq_len, "linear_attention": 0,
+              "sliding_attention": seq_len if window is None else min(seq_len, window)}
+    return sum(batch * cached[t] * per_token for t in layer_types)
+
+
+check_kv_cache_bytes(kv_cache_bytes_solution)
+gemma3_4b = (["sliding_attention"] * 5 + ["full_attention"]) * 5 + ["sliding_attention"] * 4
+full_part = kv_cache_bytes_solution(["full_attention"] * 5, 4, 256, 131072)
+total = kv_cache_bytes_solution(gemma3_4b, 4, 256, 131072, window=1024)
+assert (total - full_part) / total < 0.05 and 2**30 * 2.5 <= total < 2**30 * 3
+print(f"Gemma 3 4B, one 128k sequence in bf16: {total / 2**30:.2f} GiB, "
+      f"{(total - full_part) / total:.1%} of it in the 29 sliding layers")
+
+# %% [markdown]
+# ### Exercise 4 (Triton): the tile loop of flash attention
+#
+# The kernel below is a stripped-down flash attention for one head: `q, k, v, o` are `[T, D]` fp32, causal,
+# one program per tile of `BM` queries, looping over every tile of `BN` keys (no loop bounds, no padding of
+# the head dim). Everything is there except the body of the loop: mask the scores `s` (a key is visible when its
+# index is at most the query's) and update the running max `m`, sum `l` and output `acc` as in section 1.5.3 —
+# natural `tl.exp` is fine. The checker launches your kernel (in the interpreter on a CPU) for lengths that are
+# not multiples of the tile and head dims 16 and 32, compares with `attention_ref`, and reports the first
+# position that differs (tolerance $10^{-4}$ relative on a CPU; on a GPU, where `tl.dot` multiplies fp32 in tf32,
+# $2 \cdot 10^{-2}$).
+
+# %%
+@triton.jit
+def flash_tile_kernel(Q, K, V, O, T, scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Causal attention of one head; q, k, v, o [T, D] row-major fp32. Grid (cdiv(T, BM),)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM] query indices
+    dims = tl.arange(0, D)  # [D]
+    q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=rows[:, None] < T, other=0.0)  # [BM, D]
+    m = tl.full([BM], -1.0e30, tl.float32)  # running max (finite: see section 1.5.3)
+    l = tl.zeros([BM], tl.float32)  # running sum
+    acc = tl.zeros([BM, D], tl.float32)  # running output
+    for start in range(0, T, BN):  # every key tile
+        cols = start + tl.arange(0, BN)  # [BN] key indices
+        k = tl.load(K + cols[:, None] * D + dims[None, :], mask=cols[:, None] < T, other=0.0)
+        v = tl.load(V + cols[:, None] * D + dims[None, :], mask=cols[:, None] < T, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN] scores
+        # your code here: mask s, then update m, l and acc
+        pass
+    tl.store(O + rows[:, None] * D + dims[None, :], acc / l[:, None], mask=rows[:, None] < T)
+
+
+# %%
+attempt(check_flash_tile, flash_tile_kernel)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the loop body is section 1.5.3's update on a [BM, BN] tile. Masked scores become -inf,
+# so their exp is 0; the finite start of m keeps a row whose first visible key comes in a later tile
+# free of NaN. Keys past T need no mask of their own here: for every stored row (< T) the causal
+# mask already hides them.
+@triton.jit
+def flash_tile_kernel_solution(Q, K, V, O, T, scale, D: tl.constexpr, BM: tl.constexpr,
+                               BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM] query indices
+    dims = tl.arange(0, D)  # [D]
+    q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=rows[:, None] < T, other=0.0)  # [BM, D]
+    m = tl.full([BM], -1.0e30, tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for start in range(0, T, BN):
+        cols = start + tl.arange(0, BN)  # [BN] key indices
+        k = tl.load(K + cols[:, None] * D + dims[None, :], mask=cols[:, None] < T, other=0.0)
+        v = tl.load(V + cols[:, None] * D + dims[None, :], mask=cols[:, None] < T, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN] scores
+        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))  # causal mask
+        m_new = tl.maximum(m, tl.max(s, 1))  # [BM]
+        alpha = tl.exp(m - m_new)  # [BM] rescales what was summed under the old max
+        p = tl.exp(s - m_new[:, None])  # [BM, BN]
+        l = alpha * l + tl.sum(p, 1)
+        acc = alpha[:, None] * acc + tl.dot(p, v)  # [BM, D]
+        m = m_new
+    tl.store(O + rows[:, None] * D + dims[None, :], acc / l[:, None], mask=rows[:, None] < T)
+
+
+check_flash_tile(flash_tile_kernel_solution)
+
+# %% [markdown]
+# ## Summary
+#
+# - Softmax attention compares every query with every key it may see: $O(T^2)$ FLOPs, and $O(T^2)$ bytes if the
+#   scores are written out. The projections and the FFN are linear in $T$, so attention takes over only at long
+#   context (≈ 50k tokens at Llama-2-7B's shapes) — but its memory traffic matters from the first thousand.
+# - The reference `attention_ref` is the spec: fp32 softmax, GQA by repeating K/V, masks aligned bottom-right so
+#   that decoding after a cache is the same code, and a sliding window $t - W < s \le t$.
+# - RoPE rotates channel pairs by position so that scores depend on offsets; the half-split and interleaved
+#   conventions differ only by a channel permutation, but a checkpoint needs the one it was trained with.
+# - The KV cache costs $2 L H_{kv} D$ elements per token. GQA, MQA, windows and hybrid layer stacks shrink it;
+#   decoding is memory-bound with an arithmetic intensity of about $H_q / H_{kv}$.
+# - Flash attention keeps the scores on chip and carries an online-softmax state across key blocks, turning a
+#   memory-bound computation into a compute-bound one.
+# - The `Attention` layer adds q/k RMSNorm, partial RoPE and Qwen3-Next's sigmoid output gate, and loads
+#   transformers' weights with `Attention.from_hf`.
+#
+# ## References
+#
+# - A. Vaswani et al., *Attention Is All You Need*, 2017. [arXiv:1706.03762](https://arxiv.org/abs/1706.03762)
+# - N. Shazeer, *Fast Transformer Decoding: One Write-Head is All You Need* (MQA), 2019. [arXiv:1911.02150](https://arxiv.org/abs/1911.02150)
+# - J. Ainslie et al., *GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints*, 2023. [arXiv:2305.13245](https://arxiv.org/abs/2305.13245)
+# - J. Su et al., *RoFormer: Enhanced Transformer with Rotary Position Embedding*, 2021. [arXiv:2104.09864](https://arxiv.org/abs/2104.09864)
+# - S. Black et al., *GPT-NeoX-20B* (the half-split rotary convention), 2022. [arXiv:2204.06745](https://arxiv.org/abs/2204.06745)
+# - I. Beltagy et al., *Longformer* (sliding-window attention), 2020. [arXiv:2004.05150](https://arxiv.org/abs/2004.05150); A. Jiang et al., *Mistral 7B*, 2023. [arXiv:2310.06825](https://arxiv.org/abs/2310.06825)
+# - M. Milakov, N. Gimelshein, *Online normalizer calculation for softmax*, 2018. [arXiv:1805.02867](https://arxiv.org/abs/1805.02867)
+# - T. Dao et al., *FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness*, 2022. [arXiv:2205.14135](https://arxiv.org/abs/2205.14135)
+# - T. Dao, *FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning*, 2023. [arXiv:2307.08691](https://arxiv.org/abs/2307.08691)
+# - R. Pope et al., *Efficiently Scaling Transformer Inference* (KV-cache memory and decoding's arithmetic intensity), 2022. [arXiv:2211.05102](https://arxiv.org/abs/2211.05102)
+# - Z. Qiu et al., *Gated Attention for Large Language Models: Non-linearity, Sparsity, and Attention-Sink-Free*, 2025. [arXiv:2505.06708](https://arxiv.org/abs/2505.06708)
+# - Qwen team, *Qwen3-Next-80B-A3B* model card, 2025. [huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); its attention in transformers: [`modeling_qwen3_next.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py) (`Qwen3NextAttention`).
+# - Gemma Team, *Gemma 3 Technical Report* (5 local layers with a 1024-token window per global layer), 2025. [arXiv:2503.19786](https://arxiv.org/abs/2503.19786)
+# - T. Dao, D. Haziza, F. Massa, G. Sizov, *Flash-Decoding for long-context inference* (split-K merging of softmax states), PyTorch blog, 2023.
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text says so.
+
+# %% [markdown]
+# ## Engineering notes (optional)
+#
+# What a practitioner needs and a first reading skips: the check of section 1.1's model table against
+# transformers, RoPE's cached table, the integer arithmetic of the loop bounds, the three backward kernels, the
+# op's launch configurations and input checks, the loader of transformers' weights, live timing on a GPU, and
+# the exercise checkers. Every cell here is part of the package or checks it.
+#
+# ### E.1 Section 1.1's model table against transformers' configs
+#
+# `transformers`' configuration classes default to the shapes of the models they are named after; the check
+# reads the same numbers from them (no network: the defaults live in the code).
+
+# %%
+def kv_layout(cfg):
+    """(layers with a KV cache, K/V heads, query heads, head dim) of a transformers config."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon-7B: one K/V head for all query heads
+    else:
+        kv_heads = cfg.num_key_value_heads
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    kv_layers = sum(t != "linear_attention" for t in layer_types)
+    return kv_layers, kv_heads, cfg.num_attention_heads, head_dim
+
+
+try:
+    import transformers
+except ImportError:
+    print("transformers is not installed: the table above is not checked against its configs")
+else:
+    for name, m in MODELS.items():
+        cfg = getattr(transformers, m["config"])()
+        assert kv_layout(cfg) == (m["kv_layers"], m["kv_heads"], m["heads"], m["head_dim"]), (
+            name,
+            kv_layout(cfg),
+        )
+    llama = transformers.LlamaConfig()
+    assert (llama.hidden_size, llama.intermediate_size) == (LLAMA["hidden"], LLAMA["ffn"])
+    print(
+        f"✓ the shapes of {len(MODELS)} models match transformers {transformers.__version__}'s "
+        f"config defaults"
+    )
+
+# %% [markdown]
+# ### E.2 Argument checks
+#
+# The checks of section 1.2, built from `minisparse._checks`: each names the argument, what was expected and
+# what came. `attention_ref`, `attention_weights`, `attention_mask`, `apply_rope` and the kernels' op call them.
+
+# %%
+#| export attention.naive
+# fp64 too: the tests' oracle runs in it
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
+    """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask
+    and the scale;
+    return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError naming the
+    argument."""
+    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
+    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
+    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
+    named = dict(q=q, k=k) if v is None else dict(q=q, k=k, v=v)
+    _checks.same_dtype(op, _DTYPES, **named)
+    _checks.same_device(op, **named)
+    (B, Tq, HQ, D), (Tk, HKV) = q.shape, k.shape[1:3]
+    _checks.shape(op, "k", k, (B, Tk, HKV, D), "[B, Tk, HKV, D]", "q's batch size and head dim")
+    if v is not None:
+        _checks.shape(
+            op, "v", v, (B, Tk, HKV, v.shape[3]), "[B, Tk, HKV, Dv]", "k's batch, length and heads"
+        )
+    _checks.divides(op, "HKV (k's heads)", HKV, "HQ (q's heads, GQA groups)", HQ)
+    _check_window(op, causal, window)
+    if causal and Tq > Tk:
+        raise ValueError(
+            f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
+            f"Tq <= Tk, got Tq={Tq}, Tk={Tk}"
+        )
+    return _checks.scale(op, scale, D)
+
+
+def _check_window(op, causal, window):
+    if window is None:
+        return
+    _checks.positive_int(op, "window", window)
+    if not causal:
+        raise ValueError(
+            f"{op}: window={window} needs causal=True (a sliding window looks back from each "
+            f"query, "
+            "keys pos - window < s <= pos), got causal=False"
+        )
+
+
+def _check_rope_args(op, x, positions):
+    if not isinstance(x, torch.Tensor) or not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{op}: x and positions must be torch.Tensors, got {type(x).__name__}, "
+                        f"{type(positions).__name__}")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"{op}: x must be [B, T, H, D] with an even D, got shape {tuple(x.shape)}")
+    B, T = x.shape[:2]
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(
+            f"{op}: positions must be [T]=[{T}] or [B, T]=[{B}, {T}], got {tuple(positions.shape)}"
+        )
+
+# %% [markdown]
+# ### E.3 RoPE's cached table, the KV cache
+#
+# A layer calls RoPE twice per step with the same positions, so it keeps a table of $\cos$ and $\sin$ per
+# position, grown on demand. The table is kept in fp32 even if the module is cast to bf16 (a bf16 angle table
+# would blur positions above a few hundred).
+
+# %%
+#| export attention.naive
+class RotaryEmbedding(nn.Module):
+    """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals
+    apply_rope."""
+
+    def __init__(self, dim, theta=10000.0, interleaved=False, max_len=2048):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RotaryEmbedding: dim must be even, got {dim}")
+        self.dim, self.theta, self.interleaved = dim, theta, interleaved
+        self._build(max_len, None)
+
+    def _build(self, n, device):
+        omega = rope_frequencies(self.dim, self.theta, torch.float32, device)  # [dim/2]
+        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, positions):
+        _check_rope_args("RotaryEmbedding", x, positions)
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"RotaryEmbedding: x's last dim must be dim={self.dim}, got {x.shape[-1]}"
+            )
+        if positions.is_floating_point():
+            raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
+            self._build(
+                max(need, len(self.cos)), x.device
+            )  # grow, or undo a .to(bf16) / device move
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
+        cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
+        sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return _rotate(x.to(acc), cos.to(acc), sin.to(acc), self.interleaved).to(x.dtype)
+
+# %%
+y, pos = torch.randn(2, 9, 3, 64), torch.arange(9)
+assert torch.equal(RotaryEmbedding(64)(y, pos), apply_rope(y, pos))
+print("✓ RotaryEmbedding == apply_rope")
+
+# %% [markdown]
+# RoPE's preference for nearby tokens comes from its frequencies. The score of a vector with itself, $\Delta$
+# positions apart, is $\sum_j \cos(\Delta\,\omega_j)$ (up to a constant): the fast pairs decorrelate at once, the
+# slow ones stay aligned for long. A larger $\theta$ slows all of them down, which is how long-context models
+# stretch RoPE:
+
+# %%
+dist = torch.arange(0, 32768)
+fig, ax = plt.subplots(figsize=(7, 3))
+for theta in (1e4, 5e5, 1e6):
+    omega = rope_frequencies(128, theta, torch.float64)  # [64]
+    ax.plot(dist, torch.cos(dist[:, None] * omega).mean(1), lw=0.8, label=f"θ = {theta:.0e}")
+ax.set_xscale("symlog", linthresh=16)
+ax.set(xlabel="distance Δ = t − s (tokens)", ylabel="mean cos(Δ ω_j)",
+       title="RoPE similarity vs distance (D = 128)")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# The KV cache
+#
+# The preallocated cache of section 1.2.4; a silent cast or an overflow raises instead of corrupting it.
+
+# %%
+#| export attention.naive
+class KVCache:
+    """Preallocated keys [B, max_len, HKV, D] and values [B, max_len, HKV, Dv]; `length` tokens are
+    filled."""
+
+    def __init__(self, batch, max_len, num_kv_heads, head_dim, v_head_dim=None, *,
+                 dtype=torch.float32, device=None):
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.k.shape[1]
+
+    def __len__(self):
+        return self.length
+
+    def append(self, k, v):
+        """Store k [B, t, HKV, D], v [B, t, HKV, Dv] after the cached tokens; return all of them
+        [B, length, ...]."""
+        B, _, HKV, D = self.k.shape
+        t = k.shape[1] if k.dim() == 4 else -1
+        if tuple(k.shape) != (B, t, HKV, D) or tuple(v.shape) != (B, t, HKV, self.v.shape[-1]):
+            raise ValueError(
+                f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
+                f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if (
+            k.dtype != self.k.dtype or v.dtype != self.v.dtype
+        ):  # a silent cast would round fp32 keys to fp16
+            raise TypeError(
+                f"KVCache.append: the cache holds {self.k.dtype}, got k {k.dtype} and v {v.dtype} "
+                "(make the cache with the layer's dtype)"
+            )
+        if self.length + t > self.max_len:
+            raise ValueError(
+                f"KVCache.append: {t} new tokens do not fit: {self.length} of "
+                f"max_len={self.max_len} "
+                "are used (make a larger cache)"
+            )
+        self.k[:, self.length:self.length + t] = k
+        self.v[:, self.length:self.length + t] = v
+        self.length += t
+        return self.k[:, :self.length], self.v[:, :self.length]
+
+    def reset(self):
+        self.length = 0
+
+# %% [markdown]
+# ### E.4 Tile helpers, loop bounds, a tiled matrix product
+#
+# First the primer's second kernel, a tiled matrix product: the pattern the attention kernels repeat. It computes $C = AB$ with $A$ of shape $M \times K$ and
+# $B$ of shape $K \times N$. Program $(i, j)$ owns the output tile $C[iB_M : (i+1)B_M,\ jB_N : (j+1)B_N]$; it walks
+# along $K$ in steps of $B_K$, loads a $B_M \times B_K$ tile of $A$ and a $B_K \times B_N$ tile of $B$, and adds
+# their product with `tl.dot` — which the compiler maps to the GPU's tensor cores. Two-dimensional blocks come from
+# broadcasting: `rows[:, None] * K + ks[None, :]` is the $B_M \times B_K$ block of element offsets of a row-major
+# matrix. Masked lanes load `other=0.0`, and zeros add nothing to a dot product, so the edges need no other care.
+
+# %%
+@triton.jit
+def matmul_kernel(
+    A, B, C, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """C [M, N] = A [M, K] @ B [K, N], row-major. Grid (cdiv(M, BM), cdiv(N, BN)).
+
+             K ->                  N ->
+        +---------+         +----+----+----+
+      M | A rows  |  @    K | .. | B  | .. |   program (i, j) adds A[i-rows, k-tile] @ B[k-tile, j]
+        +---------+         +----+----+----+   for k-tile = 0, BK, 2BK, ... into its C tile
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        a = tl.load(
+            A + rows[:, None] * K + ks[None, :],
+            mask=(rows[:, None] < M) & (ks[None, :] < K),
+            other=0.0,
+        )
+        b = tl.load(
+            B + ks[:, None] * N + cols[None, :],
+            mask=(ks[:, None] < K) & (cols[None, :] < N),
+            other=0.0,
+        )
+        acc += tl.dot(a, b)  # [BM, BK] @ [BK, BN], accumulated in fp32
+    tl.store(
+        C + rows[:, None] * N + cols[None, :], acc, mask=(rows[:, None] < M) & (cols[None, :] < N)
+    )
+
+
+a, b = torch.randn(100, 70, device=DEVICE), torch.randn(70, 90, device=DEVICE)
+c = torch.empty(100, 90, device=DEVICE)
+matmul_kernel[(triton.cdiv(100, 32), triton.cdiv(90, 32))](
+    a, b, c, 100, 90, 70, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32
+)
+# on a GPU, tl.dot multiplies fp32 inputs in tf32 unless told otherwise: hence the looser tolerance
+# there
+err = assert_close("matmul_kernel", a @ b, c, 1e-5 if DEVICE.type == "cpu" else 1e-2)
+print(
+    f"✓ tiled matmul, 100x70 @ 70x90 with 32-tiles and masked edges: relative RMS error {err:.1e}"
+)
+
+# %% [markdown]
+# Then the attention kernels' helpers.
+#
+# Two helpers load and store a tile of rows. A tile in the middle of the sequence needs no row mask, and a
+# power-of-two head dim needs no column mask; the helpers then emit plain loads, which the compiler can
+# vectorise and pipeline best.
+
+# %%
+#| export attention.triton
+@triton.jit
+def _load_tile(
+    base, rows, row_stride, n_rows, cols, N_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr
+):
+    """Load the tile [len(rows), len(cols)] at base + rows * row_stride + cols; padding columns (>=
+    N_COLS) and,
+    when CHECK_ROWS, rows >= n_rows read as 0. Interior tiles of power-of-two width load without
+    any mask."""
     ptrs = base + rows[:, None] * row_stride + cols[None, :]
     if CHECK_ROWS:
         tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
@@ -1027,44 +1795,166 @@ def _load_tile(base, rows, row_stride, n_rows, cols, N_COLS: tl.constexpr, CHECK
 
 @triton.jit
 def _store_tile(base, rows, row_stride, n_rows, cols, N_COLS: tl.constexpr, value):
-    """Store `value` [len(rows), len(cols)] in the pointer's dtype, skipping rows >= n_rows and padding columns."""
+    """Store `value` [len(rows), len(cols)] in the pointer's dtype, skipping rows >= n_rows and
+    padding columns."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < N_COLS)
-    tl.store(base + rows[:, None] * row_stride + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
+    tl.store(
+        base + rows[:, None] * row_stride + cols[None, :],
+        value.to(base.dtype.element_ty),
+        mask=mask,
+    )
 
 # %% [markdown]
-# The loop body: one key tile updates the state of the program's query rows. It is 5.3's inner loop, in base 2.
-# `MASKED` is a compile-time flag: the same function is compiled twice, once with the mask for the tiles on the
-# diagonal or the window's edge, once without it for the tiles in between (5.5 says which are which).
+# The loop bounds of section 1.5.5 in integers. From `lo` (the start of the first key tile that meets the visible
+# range, rounded down to a multiple of $B_N$) to `hi` $= p_1 + 1$, a key tile $[n, n + B_N)$ needs no mask when
+# the first row sees its last key, $n + B_N - 1 \le p_0$, the last row still sees its first key, $n > p_1 - W$,
+# and the tile lies inside the tensor, $n + B_N \le T_k$. One subtlety: Triton's `//` on integers truncates
+# toward zero, like C, rather than flooring like Python; $p_0 - W + 1$ can be negative, so the code clamps at
+# zero before dividing.
 
 # %%
 #| export attention.triton
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, start, end, Tq, Tk,
-               qk_scale, window, offs_n, offs_dk, offs_dv,
-               DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over the key tiles starting at start, start + BN, ... < end.
+def _ordered(lo, full_lo, full_hi, hi):
+    """Clamp so that lo <= full_lo <= full_hi <= hi: the three loops then never overlap or run
+    backwards."""
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
 
-    acc [BM, DV_PAD] fp32 unnormalised output, m_i [BM] running max and l_i [BM] running sum (base 2).
-    """
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n  # [BN] key indices
-        k = _load_tile(k_base, cols, k_stride, Tk, offs_dk, DK, MASKED)  # [BN, DK_PAD]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN] scores, base-2 units
-        if MASKED:
-            keep = _visible(rows[:, None], cols[None, :], Tq, Tk, window, CAUSAL, HAS_WINDOW)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
-        p = tl.math.exp2(s - m_new[:, None])  # [BM, BN] unnormalised probabilities
-        alpha = tl.math.exp2(m_i - m_new)  # [BM] rescales what was summed under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, cols, v_stride, Tk, offs_dv, DV, MASKED)  # [BN, DV_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM, DV_PAD]
-        m_i = m_new
-    return acc, m_i, l_i
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key rows [lo, hi) that the queries [start_m, start_m + BM) need; tiles starting in [full_lo,
+    full_hi)
+    are visible to every one of those queries and lie inside the tensor, so they need no mask."""
+    keys_in_whole_tiles = (Tk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        first_pos = start_m + Tk - Tq  # position of the tile's first query
+        last_pos = tl.minimum(start_m + BLOCK_M, Tq) - 1 + Tk - Tq  # ... and of its last real query
+        hi = last_pos + 1  # keys s <= last_pos
+        full_hi = tl.minimum(
+            (first_pos + 1) // BLOCK_N * BLOCK_N, keys_in_whole_tiles
+        )  # tile end <= first_pos + 1
+        if HAS_WINDOW:  # keys s > pos - window; clamp before // (it truncates toward zero)
+            lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+            full_lo = (tl.maximum(last_pos - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        else:
+            lo = 0
+            full_lo = 0
+    else:
+        lo = 0
+        full_lo = 0
+        full_hi = keys_in_whole_tiles
+        hi = Tk
+    return _ordered(lo, full_lo, full_hi, hi)
+
+
+@triton.jit
+def _visible(q_idx, k_idx, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query, key) pairs attend: a column of query indices against a row of key indices (or
+    the
+    transpose) broadcasts to the tile's mask. Only boundary tiles pay for it."""
+    keep = (q_idx < Tq) & (k_idx < Tk)
+    if CAUSAL:
+        pos = q_idx + (Tk - Tq)
+        keep = keep & (k_idx <= pos)
+        if HAS_WINDOW:
+            keep = keep & (k_idx > pos - window)
+    return keep
 
 # %% [markdown]
-# And the kernel: find this program's query tile and head, load $Q$ once, run the three loops, normalise, store
+# A picture makes the bounds concrete. The small kernel below asks `_key_range` itself — the very code the
+# forward kernel runs — for the bounds of every query tile, and colours each (query tile, key tile) pair:
+# skipped, boundary (masked) or interior (no mask). Under the picture, a check that the bounds are right: every
+# tile holding a visible pair is visited, no other tile is, and every interior tile is entirely visible.
+
+# %%
+@triton.jit
+def key_ranges_kernel(OUT, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Program i writes (lo, full_lo, full_hi, hi) of query tile i to OUT[4i : 4i + 4]."""
+    i = tl.program_id(0)
+    lo, full_lo, full_hi, hi = _key_range(
+        i * BLOCK_M, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW
+    )
+    tl.store(OUT + 4 * i, lo)
+    tl.store(OUT + 4 * i + 1, full_lo)
+    tl.store(OUT + 4 * i + 2, full_hi)
+    tl.store(OUT + 4 * i + 3, hi)
+
+
+def tile_kinds(Tq, Tk, block_m, block_n, causal=True, window=None):
+    """[query tiles, key tiles] array: 0 skipped, 1 boundary (masked), 2 interior — as the kernel
+    decides."""
+    n_m, n_n = triton.cdiv(Tq, block_m), triton.cdiv(Tk, block_n)
+    ranges = torch.zeros(n_m, 4, dtype=torch.int32, device=DEVICE)
+    key_ranges_kernel[(n_m,)](
+        ranges, Tq, Tk, window or 0, block_m, block_n, causal, window is not None
+    )
+    kinds = torch.zeros(n_m, n_n, dtype=torch.int64)
+    for i, (lo, full_lo, full_hi, hi) in enumerate(ranges.tolist()):
+        for n in range(lo, hi, block_n):
+            kinds[i, n // block_n] = 2 if full_lo <= n < full_hi else 1
+    return kinds
+
+
+def check_tile_kinds(kinds, Tq, Tk, block_m, block_n, causal, window):
+    allowed = attention_mask(Tq, Tk, causal, window)
+    for i in range(kinds.shape[0]):
+        for j in range(kinds.shape[1]):
+            tile = allowed[i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            assert (kinds[i, j] > 0) == bool(tile.any()), (
+                f"tile ({i}, {j}): visited iff it holds a visible pair"
+            )
+            if kinds[i, j] == 2:
+                assert tile.shape[1] == block_n and tile.all(), (
+                    f"tile ({i}, {j}) is marked interior but is not"
+                )
+
+
+from matplotlib.colors import ListedColormap
+
+setups = {
+    "causal": (512, 512, True, None),
+    "window W = 160": (512, 512, True, 160),
+    "causal, Tq = 192 < Tk = 512": (192, 512, True, None),
+    "not causal, Tq = 192": (192, 512, False, None),
+}
+fig, axes = plt.subplots(1, len(setups), figsize=(13, 3.6))
+for ax, (title, (Tq, Tk, causal, window)) in zip(axes, setups.items()):
+    kinds = tile_kinds(Tq, Tk, 64, 64, causal, window)
+    check_tile_kinds(kinds, Tq, Tk, 64, 64, causal, window)
+    ax.imshow(kinds, cmap=ListedColormap(["#eeeeee", "#f4a259", "#3d7ab8"]), vmin=0, vmax=2,
+              extent=(0, Tk, Tq, 0), interpolation="nearest", aspect="auto")
+    ax.imshow(attention_mask(Tq, Tk, causal, window).numpy(),
+              cmap=ListedColormap(["none", "black"]), alpha=0.15, extent=(0, Tk, Tq, 0),
+              interpolation="nearest", aspect="auto")  # the mask itself, faintly
+    visited = (kinds > 0).float().mean().item()
+    ax.set_title(f"{title}\nvisits {visited:.0%} of the tiles", fontsize=9)
+    ax.set_xlabel("key position")
+axes[0].set_ylabel("query index")
+fig.legend(
+    handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#eeeeee", "#f4a259", "#3d7ab8")],
+    labels=["skipped", "boundary tile (masked)", "interior tile (no mask)"],
+    loc="lower center",
+    ncol=3,
+    fontsize=8,
+    frameon=False,
+)
+fig.tight_layout(rect=(0, 0.08, 1, 1))
+plt.show()
+print(
+    "✓ 64 x 64 tiles: every tile with a visible pair is visited, no other; interior tiles are "
+    "fully visible"
+)
+# %% [markdown]
+# The forward kernel of section 1.5.4. **Layout.** In a contiguous `[B, T, H, D]` tensor, element $(b, t, h, d)$
+# sits at offset $((bT + t)H + h)D + d$: consecutive rows of one head are $H \cdot D$ elements apart. The kernel
+# computes a base pointer per (batch, head) — in 64-bit, since $B \cdot T \cdot H \cdot D$ can pass $2^{31}$ — and adds
+# row and column offsets to it. It finds its query tile and head, loads $Q$ once, runs the three loops, normalises, stores
 # $O$ and $L_2$. Late query tiles have the most keys under a causal mask, so the kernel numbers the tiles from
 # the end: the longest programs start first and the short ones fill the gaps at the end of the grid.
 
@@ -1079,13 +1969,14 @@ def _fwd_kernel(Q, K, V, O, LSE, Tq, Tk, HQ, HKV, qk_scale, window,
 
                       key tiles of K/V head hq // GROUP (BN rows each) ->
                   lo        full_lo                     full_hi       hi
-                  |  masked  |   interior: no mask needed  |  masked   |   skipped: every tile outside [lo, hi)
-                  +----+----+----+----+----+----+----+----+----+----+
-       Q tile  -> |    |    |    |    |    |    |    |    |    |    |   S = Q Kᵀ [BM, BN] per step,
-       [BM, DK]   +----+----+----+----+----+----+----+----+----+----+   acc [BM, DV] += P V_tile (fp32)
+                  |  masked  |   interior: no mask needed  |  masked   |  (tiles outside [lo, hi):
+                  +----+----+----+----+----+----+----+----+----+----+   skipped)
+       Q tile  -> |    |    |    |    |    |    |    |    |    |    |  S = Q Kᵀ [BM, BN] a step,
+       [BM, DK]   +----+----+----+----+----+----+----+----+----+----+  acc [BM, DV] += P V (fp32)
                    window's edge                        causal diagonal, end of keys
 
-    Writes O [BM, DV] and LSE [BM] = m + log2(l), the base-2 log-sum-exp that the backward pass reuses.
+    Writes O [BM, DV] and LSE [BM] = m + log2(l), the base-2 log-sum-exp that the backward pass
+    reuses.
     """
     pid_m = tl.program_id(0)
     if CAUSAL:  # late query tiles have the most keys: launch them first
@@ -1108,170 +1999,38 @@ def _fwd_kernel(Q, K, V, O, LSE, Tq, Tk, HQ, HKV, qk_scale, window,
     offs_dv = tl.arange(0, DV_PAD)
 
     q = _load_tile(q_base, rows, HQ * DK, Tq, offs_dk, DK, True)  # [BM, DK_PAD], loaded once
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a fully masked first tile must not give NaN
+    m_i = tl.full(
+        [BLOCK_M], -1.0e30, tl.float32
+    )  # finite: a fully masked first tile must not give NaN
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_range(
+        start_m, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW
+    )
     k_stride = HKV * DK
     v_stride = HKV * DV
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, lo, full_lo,
-                               Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv,
-                               DK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, full_lo, full_hi,
-                               Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv,
-                               DK, DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, full_hi, hi,
-                               Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv,
-                               DK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, lo,
+                               full_lo, Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV,
+                               BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, full_lo,
+                               full_hi, Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV,
+                               BLOCK_N, False, CAUSAL, HAS_WINDOW, PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, full_hi,
+                               hi, Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV,
+                               BLOCK_N, True, CAUSAL, HAS_WINDOW, PRECISION)
 
-    # every real row saw at least its own key, so l_i > 0 there; rows past Tq are computed but never stored
+    # every real row saw at least its own key, so l_i > 0 there; rows past Tq are computed but never
+    # stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     _store_tile(o_base, rows, HQ * DV, Tq, offs_dv, DV, acc / l_safe[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, m_i + tl.math.log2(l_safe), mask=rows < Tq)
 
 # %% [markdown]
-# ### 1.5.5 Which tiles to visit: causal and sliding-window loop bounds
-#
-# A query tile covers the rows $i_0, \dots, i_1$ (the last tile may be short), at positions
-# $p = i + T_k - T_q$. With the causal mask a row sees the keys $s \le p$, with a window of $W$ also only
-# $s > p - W$. The keys that *some* row of the tile sees therefore form one range,
-#
-# $$
-# p_0 - W + 1 \;\le\; s \;\le\; p_1, \qquad p_0 = i_0 + T_k - T_q,\quad p_1 = i_1 + T_k - T_q ,
-# $$
-#
-# and the loop runs over the key tiles that meet it: from `lo` (the start of the first one, rounded down to a
-# multiple of $B_N$) to `hi` $= p_1 + 1$. Inside that range, a key tile $[n, n + B_N)$ needs no mask when
-# **every** row sees **every** key of it: the first row sees its last key, $n + B_N - 1 \le p_0$, and the last
-# row still sees its first key, $n > p_1 - W$ — and the tile lies inside the tensor, $n + B_N \le T_k$. Those
-# interior tiles run from `full_lo` to `full_hi`; the rest of $[$`lo`, `hi`$)$ are boundary tiles and take the
-# masked loop. (Exercise 2 in section 1.8 asks you to derive `lo` and `hi` yourself, counted in tiles.)
-#
-# One subtlety of integer arithmetic: Triton's `//` on integers truncates toward zero, like C, rather than
-# flooring like Python. $p_0 - W + 1$ can be negative, so the code clamps at zero before dividing.
-
-# %%
-#| export attention.triton
-@triton.jit
-def _ordered(lo, full_lo, full_hi, hi):
-    """Clamp so that lo <= full_lo <= full_hi <= hi: the three loops then never overlap or run backwards."""
-    hi = tl.maximum(hi, lo)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def _key_range(start_m, Tq, Tk, window,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key rows [lo, hi) that the queries [start_m, start_m + BM) need; tiles starting in [full_lo, full_hi)
-    are visible to every one of those queries and lie inside the tensor, so they need no mask."""
-    keys_in_whole_tiles = (Tk // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        first_pos = start_m + Tk - Tq  # position of the tile's first query
-        last_pos = tl.minimum(start_m + BLOCK_M, Tq) - 1 + Tk - Tq  # ... and of its last real query
-        hi = last_pos + 1  # keys s <= last_pos
-        full_hi = tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, keys_in_whole_tiles)  # tile end <= first_pos + 1
-        if HAS_WINDOW:  # keys s > pos - window; clamp before // (it truncates toward zero)
-            lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
-            full_lo = (tl.maximum(last_pos - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        else:
-            lo = 0
-            full_lo = 0
-    else:
-        lo = 0
-        full_lo = 0
-        full_hi = keys_in_whole_tiles
-        hi = Tk
-    return _ordered(lo, full_lo, full_hi, hi)
-
-
-@triton.jit
-def _visible(q_idx, k_idx, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which (query, key) pairs attend: a column of query indices against a row of key indices (or the
-    transpose) broadcasts to the tile's mask. Only boundary tiles pay for it."""
-    keep = (q_idx < Tq) & (k_idx < Tk)
-    if CAUSAL:
-        pos = q_idx + (Tk - Tq)
-        keep = keep & (k_idx <= pos)
-        if HAS_WINDOW:
-            keep = keep & (k_idx > pos - window)
-    return keep
-
-# %% [markdown]
-# A picture makes the bounds concrete. The small kernel below asks `_key_range` itself — the very code the
-# forward kernel runs — for the bounds of every query tile, and colours each (query tile, key tile) pair:
-# skipped, boundary (masked) or interior (no mask). Under the picture, a check that the bounds are right: every
-# tile holding a visible pair is visited, no other tile is, and every interior tile is entirely visible.
-
-# %%
-@triton.jit
-def key_ranges_kernel(OUT, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Program i writes (lo, full_lo, full_hi, hi) of query tile i to OUT[4i : 4i + 4]."""
-    i = tl.program_id(0)
-    lo, full_lo, full_hi, hi = _key_range(i * BLOCK_M, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    tl.store(OUT + 4 * i, lo)
-    tl.store(OUT + 4 * i + 1, full_lo)
-    tl.store(OUT + 4 * i + 2, full_hi)
-    tl.store(OUT + 4 * i + 3, hi)
-
-
-def tile_kinds(Tq, Tk, block_m, block_n, causal=True, window=None):
-    """[query tiles, key tiles] array: 0 skipped, 1 boundary (masked), 2 interior — as the kernel decides."""
-    n_m, n_n = triton.cdiv(Tq, block_m), triton.cdiv(Tk, block_n)
-    ranges = torch.zeros(n_m, 4, dtype=torch.int32, device=DEVICE)
-    key_ranges_kernel[(n_m,)](ranges, Tq, Tk, window or 0, block_m, block_n, causal, window is not None)
-    kinds = torch.zeros(n_m, n_n, dtype=torch.int64)
-    for i, (lo, full_lo, full_hi, hi) in enumerate(ranges.tolist()):
-        for n in range(lo, hi, block_n):
-            kinds[i, n // block_n] = 2 if full_lo <= n < full_hi else 1
-    return kinds
-
-
-def check_tile_kinds(kinds, Tq, Tk, block_m, block_n, causal, window):
-    allowed = attention_mask(Tq, Tk, causal, window)
-    for i in range(kinds.shape[0]):
-        for j in range(kinds.shape[1]):
-            tile = allowed[i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
-            assert (kinds[i, j] > 0) == bool(tile.any()), f"tile ({i}, {j}): visited iff it holds a visible pair"
-            if kinds[i, j] == 2:
-                assert tile.shape[1] == block_n and tile.all(), f"tile ({i}, {j}) is marked interior but is not"
-
-
-from matplotlib.colors import ListedColormap
-
-setups = {"causal": (512, 512, True, None), "window W = 160": (512, 512, True, 160),
-          "causal, Tq = 192 < Tk = 512": (192, 512, True, None), "not causal, Tq = 192": (192, 512, False, None)}
-fig, axes = plt.subplots(1, len(setups), figsize=(13, 3.6))
-for ax, (title, (Tq, Tk, causal, window)) in zip(axes, setups.items()):
-    kinds = tile_kinds(Tq, Tk, 64, 64, causal, window)
-    check_tile_kinds(kinds, Tq, Tk, 64, 64, causal, window)
-    ax.imshow(kinds, cmap=ListedColormap(["#eeeeee", "#f4a259", "#3d7ab8"]), vmin=0, vmax=2,
-              extent=(0, Tk, Tq, 0), interpolation="nearest", aspect="auto")
-    ax.imshow(attention_mask(Tq, Tk, causal, window).numpy(), cmap=ListedColormap(["none", "black"]), alpha=0.15,
-              extent=(0, Tk, Tq, 0), interpolation="nearest", aspect="auto")  # the mask itself, faintly
-    visited = (kinds > 0).float().mean().item()
-    ax.set_title(f"{title}\nvisits {visited:.0%} of the tiles", fontsize=9)
-    ax.set_xlabel("key position")
-axes[0].set_ylabel("query index")
-fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#eeeeee", "#f4a259", "#3d7ab8")],
-           labels=["skipped", "boundary tile (masked)", "interior tile (no mask)"], loc="lower center", ncol=3,
-           fontsize=8, frameon=False)
-fig.tight_layout(rect=(0, 0.08, 1, 1))
-plt.show()
-print("✓ 64 x 64 tiles: every tile with a visible pair is visited, no other; interior tiles are fully visible")
-
-# %% [markdown]
-# Causal attention visits a little over half of the tiles, and only the diagonal ones pay for a mask. With a
-# window the work per query tile is constant — about $W / B_N + 1$ key tiles — so the cost grows linearly with
-# $T$: the sliding-window layers of Gemma and gpt-oss are cheap for exactly this reason.
-#
-# The kernel can already run. Here it is launched by hand, the way the op of 5.7 will launch it: one program per
-# query tile and (batch, head); `qk_scale` carries $\log_2 e$; head dim 40 is padded to tiles of 64 columns.
-# Its output must match `attention_ref`, and its base-2 log-sum-exp must match 5.3's natural one times
-# $\log_2 e$.
+# With the helpers and the bounds defined, the forward kernel of section 1.5.4 can be launched by hand, the way
+# the op of E.6 launches it: one program per query tile and (batch, head); `qk_scale` carries $\log_2 e$; head
+# dim 40 is padded to tiles of 64 columns. Its output must match `attention_ref`, and its base-2 log-sum-exp
+# must match section 1.5.3's natural one times $\log_2 e$.
 
 # %%
 B, T, HQ, HKV, D = 1, 100, 4, 2, 40
@@ -1279,54 +2038,56 @@ q, k, v = make_qkv(B, T, HQ, D, HKV=HKV, device=DEVICE, dtype=DTYPE)
 o = torch.empty_like(q)
 lse2 = torch.empty(B, HQ, T, device=DEVICE, dtype=torch.float32)
 _fwd_kernel[(triton.cdiv(T, 32), B * HQ)](
-    q, k, v, o, lse2, T, T, HQ, HKV, D**-0.5 * _LOG2E, 16,  # window 16
-    DK=D, DV=D, DK_PAD=64, DV_PAD=64, BLOCK_M=32, BLOCK_N=32, CAUSAL=True, HAS_WINDOW=True, PRECISION=None)
+    q,
+    k,
+    v,
+    o,
+    lse2,
+    T,
+    T,
+    HQ,
+    HKV,
+    D**-0.5 * _LOG2E,
+    16,  # window 16
+    DK=D,
+    DV=D,
+    DK_PAD=64,
+    DV_PAD=64,
+    BLOCK_M=32,
+    BLOCK_N=32,
+    CAUSAL=True,
+    HAS_WINDOW=True,
+    PRECISION=None,
+)
 tol = TOLERANCES[DTYPE][0]
 err = assert_close("forward kernel vs attention_ref", attention_ref(q, k, v, window=16), o, tol)
 _, lse_torch = flash_attention_torch(q, k, v, window=16)
 assert_close("base-2 log-sum-exp", lse_torch * _LOG2E, lse2, tol)
-print(f"✓ the forward kernel (window 16, GQA 4:2, head dim 40) matches attention_ref: relative RMS error {err:.1e}")
+print(
+    f"✓ the forward kernel (window 16, GQA 4:2, head dim 40) matches attention_ref: relative RMS "
+    f"error {err:.1e}"
+)
 
 # %% [markdown]
-# ### 1.5.6 The backward pass: recompute, don't store
+# ### E.5 The backward kernels
 #
-# With $S = \sigma QK^\top$ (masked), $P = \operatorname{softmax}(S)$ and $O = PV$, the gradients for an output
-# gradient $dO$ are
-#
-# $$
-# dV = P^\top dO, \qquad dP = dO\, V^\top, \qquad dS = P \circ \bigl(dP - \delta \mathbf{1}^\top\bigr),
-# \qquad dQ = \sigma\, dS\, K, \qquad dK = \sigma\, dS^\top Q,
-# $$
-#
-# where the softmax's Jacobian contributes the row sums $\delta_i = \sum_j P_{ij}\, dP_{ij}$. Two facts keep this
-# cheap. First, $\delta_i = \sum_j P_{ij} (dO_i \cdot v_j) = dO_i \cdot O_i$: a dot product of two rows we already
-# have, no $T^2$ anything. Second, $P$ need not be stored: the forward pass kept one number per row, $L_2$, and
-# $P_{ij} = 2^{\,s_{ij} \log_2 e - L_2(i)}$ comes back exactly from a recomputed score. Recomputing $QK^\top$
-# costs FLOPs; storing $P$ would cost $T^2$ memory traffic, which is what we set out to avoid.
-#
-# The gradients accumulate in different directions — $dK$ and $dV$ sum over queries, $dQ$ over keys — so the
-# backward pass uses three kernels, none of which needs atomic additions:
-#
-# 1. `_bwd_delta_kernel`: $\delta = \operatorname{rowsum}(dO \circ O)$, one program per query tile;
-# 2. `_bwd_dkdv_kernel`: one program per **key tile** and K/V head; it holds its $K$, $V$ tiles and the $dK$,
-#    $dV$ accumulators, and loops over the query tiles that see it — for each of the $G$ query heads of its GQA
-#    group, so the group's contributions are summed in registers instead of by atomics;
-# 3. `_bwd_dq_kernel`: one program per **query tile** and head, the forward's tiling, looping over key tiles.
-#
-# The price is that kernels 2 and 3 both recompute $S$ and $dP$: seven tile products per pair of tiles instead of
-# the five the equations need.
+# The three kernels of section 1.5.6. First $\delta = \operatorname{rowsum}(dO \circ O)$, one program per
+# query tile:
 
 # %%
 #| export attention.triton
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, Tq, HQ, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_delta_kernel(
+    O, DO, DELTA, Tq, HQ, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr
+):
     """One program = BLOCK query rows of one (batch, query head). Grid (cdiv(Tq, BLOCK), B * HQ).
 
         O tile  [BLOCK, DV] --.
                                (multiply, sum over DV) --> delta [BLOCK]
         dO tile [BLOCK, DV] --'
 
-    delta[b, h, i] = Σ_d dO[b, i, h, d] · O[b, i, h, d]  (= Σ_j P_ij dP_ij, the softmax backward's row sums).
+    delta[b, h, i] = Σ_d dO[b, i, h, d] · O[b, i, h, d]  (= Σ_j P_ij dP_ij, the softmax backward's
+    row sums).
     """
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -1339,7 +2100,7 @@ def _bwd_delta_kernel(O, DO, DELTA, Tq, HQ, DV: tl.constexpr, DV_PAD: tl.constex
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
 
 # %% [markdown]
-# The dK/dV program needs the transpose of 5.5's question: which query tiles see this key tile? Query $i$ sees key
+# The dK/dV program needs the transpose of section 1.5.5's question: which query tiles see this key tile? Query $i$ sees key
 # $s$ when $s \le i + T_k - T_q$ (and $s > i + T_k - T_q - W$), so the first query that sees the tile's first key
 # is $n - (T_k - T_q)$, and with a window the last one that sees its last key is $n + B_N - 1 - (T_k - T_q) + W - 1$.
 # The interior query tiles are those whose every row sees every key of the tile — and lie inside the tensor,
@@ -1348,18 +2109,23 @@ def _bwd_delta_kernel(O, DO, DELTA, Tq, HQ, DV: tl.constexpr, DV_PAD: tl.constex
 # %%
 #| export attention.triton
 @triton.jit
-def _query_range(start_n, Tq, Tk, window,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _query_range(start_n, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Query rows [lo, hi) that see some key of [start_n, start_n + BN); query tiles starting in
-    [full_lo, full_hi) see all of those keys and lie inside the tensor. The transpose of `_key_range`."""
+    [full_lo, full_hi) see all of those keys and lie inside the tensor. The transpose of
+    `_key_range`."""
     queries_in_whole_tiles = (Tq // BLOCK_M) * BLOCK_M
     if CAUSAL:
         shift = Tk - Tq  # query i sits at position i + shift
         last_key = tl.minimum(start_n + BLOCK_N, Tk) - 1
         lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M  # first query to see start_n
-        full_lo = (tl.maximum(last_key - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # sees last_key too
+        full_lo = (
+            (tl.maximum(last_key - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        )  # sees last_key too
         if HAS_WINDOW:
-            hi = tl.minimum(last_key - shift + window, Tq)  # past the last query that still sees last_key
+            hi = tl.minimum(
+                last_key - shift + window, Tq
+            )  # past the last query that still sees last_key
             full_hi = tl.minimum(tl.maximum(start_n - shift + window, 0) // BLOCK_M * BLOCK_M,
                                  queries_in_whole_tiles)  # tiles whose last row still sees start_n
         else:
@@ -1384,14 +2150,17 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, d
                 start, end, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """Add the contributions of the query tiles start, start + BM, ... < end (one query head) to dK, dV."""
+    """Add the contributions of the query tiles start, start + BM, ... < end (one query head) to
+    dK, dV."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m  # [BM] query indices
         q = _load_tile(q_base, rows, q_stride, Tq, offs_dk, DK, MASKED)  # [BM, DK_PAD]
         do = _load_tile(do_base, rows, do_stride, Tq, offs_dv, DV, MASKED)  # [BM, DV_PAD]
         lse = tl.load(lse_base + rows, mask=rows < Tq, other=0.0)  # [BM] base-2 log-sum-exp
         delta = tl.load(delta_base + rows, mask=rows < Tq, other=0.0)  # [BM]
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM] = (Q Kᵀ)ᵀ, base 2
+        s_t = (
+            tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        )  # [BN, BM] = (Q Kᵀ)ᵀ, base 2
         p_t = tl.math.exp2(s_t - lse[None, :])  # [BN, BM] Pᵀ, recomputed
         if MASKED:
             keep = _visible(rows[None, :], cols[:, None], Tq, Tk, window, CAUSAL, HAS_WINDOW)
@@ -1402,18 +2171,20 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, d
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # [BN, DK]  dSᵀ Q
     return dk, dv
 
-
+# %%
+#| export attention.triton
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, qk_scale, sm_scale, window,
-                     DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, qk_scale, sm_scale,
+                     window, DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr,
+                     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """One program = BN keys of one (batch, K/V head); it alone writes their dK, dV. Grid (cdiv(Tk, BN), B * HKV).
+    """One program = BN keys of one (batch, K/V head); it alone writes their dK, dV. Grid (cdiv(Tk,
+    BN), B * HKV).
 
                        K, V tile [BN, D], loaded once
                               |
         query head g = 0   :  query tiles lo .. hi (BM rows each)  --.
-        query head g = 1   :  query tiles lo .. hi                     +--> dK [BN, DK], dV [BN, DV]  (fp32)
+        query head g = 1   :  query tiles lo .. hi                     +--> dK [BN, DK], dV [BN, DV]
         ...   the G = HQ / HKV query heads that share this K/V head  --'
 
     Per query tile: Pᵀ = exp2(K Qᵀ·qk_scale - L2), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ - delta),
@@ -1438,21 +2209,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, q
     dk = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
 
-    lo, full_lo, full_hi, hi = _query_range(start_n, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _query_range(
+        start_n, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW
+    )
     for g in range(0, group):
         hq = hkv * group + g
         q_row0 = b.to(tl.int64) * Tq * HQ + hq  # (b, 0, hq) in rows of Q, dO
         q_base, do_base = Q + q_row0 * DK, DO + q_row0 * DV
         lse_base = LSE + (b.to(tl.int64) * HQ + hq) * Tq  # LSE and delta are [B, HQ, Tq]
         delta_base = DELTA + (b.to(tl.int64) * HQ + hq) * Tq
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV, cols,
-                             lo, full_lo, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV,
+                             cols, lo, full_lo, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
                              DK, DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV, cols,
-                             full_lo, full_hi, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
-                             DK, DV, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV, cols,
-                             full_hi, hi, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV,
+                             cols, full_lo, full_hi, Tq, Tk, qk_scale, window, offs_m, offs_dk,
+                             offs_dv, DK, DV, BLOCK_M, False, CAUSAL, HAS_WINDOW, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, HQ * DK, HQ * DV,
+                             cols, full_hi, hi, Tq, Tk, qk_scale, window, offs_m, offs_dk, offs_dv,
                              DK, DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
 
     # S = σ Q Kᵀ, so dK carries the factor σ; dV does not. Key tiles that no query sees store zeros.
@@ -1478,13 +2251,16 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, s
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN] base 2
         p = tl.math.exp2(s - lse[:, None])  # [BM, BN] P, recomputed
         if MASKED:
-            p = tl.where(_visible(rows[:, None], cols[None, :], Tq, Tk, window, CAUSAL, HAS_WINDOW), p, 0.0)
+            p = tl.where(
+                _visible(rows[:, None], cols[None, :], Tq, Tk, window, CAUSAL, HAS_WINDOW), p, 0.0
+            )
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]  dO Vᵀ
         ds = p * (dp - delta[:, None])  # [BM, BN]  dS (without σ)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM, DK]  dS K
     return dq
 
-
+# %%
+#| export attention.triton
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, sm_scale, window,
                    DK: tl.constexpr, DV: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
@@ -1496,7 +2272,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
                   lo                                           hi
                   +------+------+------+------+------+------+
        Q, dO   -> | mask |          interior          | mask |   P = exp2(Q Kᵀ·qk_scale - L2)
-       [BM, D]    +------+------+------+------+------+------+   dS = P ∘ (dO Vᵀ - delta),  dQ += σ dS K
+       [BM, D]    +------+------+------+------+------+------+  dS = P∘(dO Vᵀ - delta), dQ += σ dS K
     """
     pid_m = tl.program_id(0)
     if CAUSAL:  # late query tiles have the most keys: launch them first
@@ -1522,23 +2298,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, DK_PAD], tl.float32)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_range(
+        start_m, Tq, Tk, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW
+    )
     k_stride = HKV * DK
     v_stride = HKV * DV
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, lo, full_lo, Tq, Tk,
-                   qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW,
-                   PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, full_lo, full_hi, Tq, Tk,
-                   qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N, False, CAUSAL, HAS_WINDOW,
-                   PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, full_hi, hi, Tq, Tk,
-                   qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N, True, CAUSAL, HAS_WINDOW,
-                   PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, lo, full_lo, Tq,
+                   Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N, True, CAUSAL,
+                   HAS_WINDOW, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, full_lo,
+                   full_hi, Tq, Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N,
+                   False, CAUSAL, HAS_WINDOW, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, full_hi, hi, Tq,
+                   Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N, True, CAUSAL,
+                   HAS_WINDOW, PRECISION)
     dq_base = DQ_OUT + (b.to(tl.int64) * Tq * HQ + hq) * DK
     _store_tile(dq_base, rows, HQ * DK, Tq, offs_dk, DK, dq * sm_scale)
 
 # %% [markdown]
-# ### 1.5.7 The op: launch configurations, input checks, autograd
+# ### E.6 The op: launch configurations, input checks, autograd
 #
 # **Launch configurations.** Bigger tiles reuse each load more, but every tile must fit in the multiprocessor's
 # shared memory several times over (the compiler *pipelines* the loop: it loads tile $j+1$ while computing on tile
@@ -1577,11 +2355,17 @@ def _check_flash_args(q, k, v, causal, scale, window):
     scale = check_attention_args("flash_attention", q, k, v, causal, window, scale)  # section 1.2
     _checks.same_dtype("flash_attention", q=q, k=k, v=v)  # fp32, fp16, bf16: no fp64 in the kernels
     (_, Tq, HQ, DK), (_, Tk, HKV, DV) = q.shape, v.shape
-    _checks.triton_inputs("flash_attention", q, k, v, max_dims={"q/k head dim": (DK, 256), "v head dim": (DV, 256)},
+    _checks.triton_inputs("flash_attention", q, k, v,
+                          max_dims={"q/k head dim": (DK, 256), "v head dim": (DV, 256)},
                           instead=_INSTEAD)
-    if max(Tq * HQ, Tk * HKV) * max(DK, DV) >= 2**31:  # row offsets inside one batch element are 32-bit
-        raise ValueError(f"flash_attention: one batch element of q, k, v or o must hold fewer than 2**31 values, "
-                         f"got Tq * HQ * D = {Tq * HQ * max(DK, DV)}, Tk * HKV * D = {Tk * HKV * max(DK, DV)}")
+    if (
+        max(Tq * HQ, Tk * HKV) * max(DK, DV) >= 2**31
+    ):  # row offsets inside one batch element are 32-bit
+        raise ValueError(
+            f"flash_attention: one batch element of q, k, v or o must hold fewer than 2**31 "
+            f"values, "
+            f"got Tq * HQ * D = {Tq * HQ * max(DK, DV)}, Tk * HKV * D = {Tk * HKV * max(DK, DV)}"
+        )
     return scale
 
 # %% [markdown]
@@ -1595,34 +2379,48 @@ def _check_flash_args(q, k, v, causal, scale, window):
 # %%
 #| export attention.triton
 def _constexprs(q, v, causal, window):
-    """The compile-time constants of a call: head dims and their power-of-two padding, mask flags, precision."""
+    """The compile-time constants of a call: head dims and their power-of-two padding, mask flags,
+    precision."""
     DK, DV = q.shape[-1], v.shape[-1]
-    return dict(DK=DK, DV=DV, DK_PAD=max(16, triton.next_power_of_2(DK)), DV_PAD=max(16, triton.next_power_of_2(DV)),
-                CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-                PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32 in means fp32 products, not tf32
+    return dict(DK=DK, DV=DV, DK_PAD=max(16, triton.next_power_of_2(DK)),
+                DV_PAD=max(16, triton.next_power_of_2(DV)), CAUSAL=bool(causal),
+                HAS_WINDOW=window is not None,
+                # fp32 in means fp32 products, not tf32
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
 
 
 def _row(kernel, meta):
-    """The LAUNCH_TABLE name of "fwd", "dkdv" or "dq" for this call: head dims over 128 take the ".d256" rows."""
+    """The LAUNCH_TABLE name of "fwd", "dkdv" or "dq" for this call: head dims over 128 take the
+    ".d256" rows."""
     return f"attention.{kernel}" + (".d256" if max(meta["DK_PAD"], meta["DV_PAD"]) > 128 else "")
 
 
 def _options(q, meta):
-    """runtime.launch's keywords shared by the three tiled kernels: the chosen configuration is remembered per
-    padded head dims (they set the shared memory a tile needs); the autotuner retunes per length and mask."""
+    """runtime.launch's keywords shared by the three tiled kernels: the chosen configuration is
+    remembered per
+    padded head dims (they set the shared memory a tile needs); the autotuner retunes per length
+    and mask."""
     return dict(device=q.device, dtype=q.dtype, key=(meta["DK_PAD"], meta["DV_PAD"]),
-                autotune_key=["Tq", "Tk", "DK_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW"], instead=_INSTEAD)
+                autotune_key=["Tq", "Tk", "DK_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW"],
+                instead=_INSTEAD)
 
 
 def _forward(q, k, v, causal, scale, window):
-    """o [B, Tq, HQ, DV] and lse [B, HQ, Tq] (base 2) from q [B, Tq, HQ, DK], k [B, Tk, HKV, DK], v [B, Tk, HKV, DV]."""
+    """o [B, Tq, HQ, DV] and lse [B, HQ, Tq] (base 2) from q [B, Tq, HQ, DK], k [B, Tk, HKV, DK], v
+    [B, Tk, HKV, DV]."""
     B, Tq, HQ, _ = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[-1]
     meta = _constexprs(q, v, causal, window)
     o = torch.empty(B, Tq, HQ, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, HQ, Tq, device=q.device, dtype=torch.float32)
-    runtime.launch(_row("fwd", meta), _fwd_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
-                   (q, k, v, o, lse, Tq, Tk, HQ, HKV, scale * _LOG2E, window or 0), meta, **_options(q, meta))
+    runtime.launch(
+        _row("fwd", meta),
+        _fwd_kernel,
+        lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
+        (q, k, v, o, lse, Tq, Tk, HQ, HKV, scale * _LOG2E, window or 0),
+        meta,
+        **_options(q, meta),
+    )
     return o, lse
 
 
@@ -1632,20 +2430,40 @@ def _backward(do, q, k, v, o, lse, causal, scale, window):
     Tk, HKV = k.shape[1], k.shape[2]
     meta = _constexprs(q, v, causal, window)
     delta = torch.empty(B, HQ, Tq, device=q.device, dtype=torch.float32)
-    runtime.launch("attention.delta", _bwd_delta_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK"]), B * HQ),
-                   (o, do, delta, Tq, HQ), dict(DV=meta["DV"], DV_PAD=meta["DV_PAD"]),
-                   device=q.device, dtype=q.dtype, instead=_INSTEAD)
+    runtime.launch(
+        "attention.delta",
+        _bwd_delta_kernel,
+        lambda c: (triton.cdiv(Tq, c["BLOCK"]), B * HQ),
+        (o, do, delta, Tq, HQ),
+        dict(DV=meta["DV"], DV_PAD=meta["DV_PAD"]),
+        device=q.device,
+        dtype=q.dtype,
+        instead=_INSTEAD,
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (Tq, Tk, HQ, HKV, scale * _LOG2E, scale, window or 0)
-    runtime.launch(_row("dkdv", meta), _bwd_dkdv_kernel, lambda c: (triton.cdiv(Tk, c["BLOCK_N"]), B * HKV),
-                   (q, k, v, do, lse, delta, dk, dv, *common), meta, **_options(q, meta))
-    runtime.launch(_row("dq", meta), _bwd_dq_kernel, lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
-                   (q, k, v, do, lse, delta, dq, *common), meta, **_options(q, meta))
+    runtime.launch(
+        _row("dkdv", meta),
+        _bwd_dkdv_kernel,
+        lambda c: (triton.cdiv(Tk, c["BLOCK_N"]), B * HKV),
+        (q, k, v, do, lse, delta, dk, dv, *common),
+        meta,
+        **_options(q, meta),
+    )
+    runtime.launch(
+        _row("dq", meta),
+        _bwd_dq_kernel,
+        lambda c: (triton.cdiv(Tq, c["BLOCK_M"]), B * HQ),
+        (q, k, v, do, lse, delta, dq, *common),
+        meta,
+        **_options(q, meta),
+    )
     return dq, dk, dv
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd glue: the forward saves q, k, v, o and the base-2 log-sum-exp; the backward recomputes P."""
+    """Autograd glue: the forward saves q, k, v, o and the base-2 log-sum-exp; the backward
+    recomputes P."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window):
@@ -1660,171 +2478,92 @@ class FlashAttentionFunction(torch.autograd.Function):
         dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window)
         return dq, dk, dv, None, None, None
 
-
+# %%
+#| export attention.triton
 def flash_attention(q, k, v, causal=True, scale=None, window=None):
-    """Softmax attention computed tile by tile in Triton (flash attention), with forward and backward kernels.
+    """Softmax attention computed tile by tile in Triton (flash attention), with forward and
+    backward kernels.
 
     Args:
         q: queries `[B, Tq, HQ, DK]`.
-        k: keys `[B, Tk, HKV, DK]` with `HQ % HKV == 0` (GQA: query head h reads K/V head h // (HQ // HKV);
+        k: keys `[B, Tk, HKV, DK]` with `HQ % HKV == 0` (GQA: query head h reads K/V head h // (HQ
+        // HKV);
             K and V are never repeated in memory) and, when causal, `Tq <= Tk`.
-        v: values `[B, Tk, HKV, DV]`; DV may differ from DK. Head dims up to 256, any size (padded inside).
-        causal: query i attends to keys s <= i + Tk - Tq (bottom-right alignment: the queries are the last Tq
+        v: values `[B, Tk, HKV, DV]`; DV may differ from DK. Head dims up to 256, any size (padded
+        inside).
+        causal: query i attends to keys s <= i + Tk - Tq (bottom-right alignment: the queries are
+        the last Tq
             positions, as when decoding after a KV cache; with Tq == Tk this is SDPA's `is_causal`).
         scale: multiplies q·k, a positive number; None means DK ** -0.5.
-        window: sliding-window length W, a positive int (needs causal): the query at position p sees keys
+        window: sliding-window length W, a positive int (needs causal): the query at position p
+        sees keys
             p - W < s <= p.
 
-    q, k, v share a dtype and a device: float16, bfloat16 or float32 on CUDA; float32 or float16 on CPU tensors,
-    where the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which `import minisparse` sets on machines
-    without a GPU) — bfloat16 there raises a TypeError, because the interpreter's bf16 `tl.dot` is wrong (triton
-    3.3–3.8): use float32 on CPU. Products accumulate in float32. Empty inputs (B, Tq or Tk = 0) go through
+    q, k, v share a dtype and a device: float16, bfloat16 or float32 on CUDA; float32 or float16 on
+    CPU tensors,
+    where the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which `import minisparse`
+    sets on machines
+    without a GPU) — bfloat16 there raises a TypeError, because the interpreter's bf16 `tl.dot` is
+    wrong (triton
+    3.3–3.8): use float32 on CPU. Products accumulate in float32. Empty inputs (B, Tq or Tk = 0) go
+    through
     `attention_ref`.
 
     Returns:
         o `[B, Tq, HQ, DV]` in q's dtype, differentiable with respect to q, k and v.
     """
     scale = _check_flash_args(q, k, v, causal, scale, window)
-    if q.numel() == 0 or k.numel() == 0:  # nothing to attend: an empty grid cannot launch; keep the graph
+    if (
+        q.numel() == 0 or k.numel() == 0
+    ):  # nothing to attend: an empty grid cannot launch; keep the graph
         return attention_ref(q, k, v, causal=causal, scale=scale, window=window)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window)
 
 # %% [markdown]
-# ### 1.5.8 Checks
+# ### E.7 The layer's argument checks and transformers' weights
 #
-# The op against `attention_ref` — forward and the three gradients — on shapes chosen to catch the usual
-# mistakes: lengths that are not multiples of the tile, a head dim of 80 (padded to 128), $D_v \ne D_k$, GQA and
-# MQA, a window, $T_q < T_k$, and no mask at all. The reference runs in fp32 on the same inputs; the tolerance is
-# the book's: relative RMS error $\le 10^{-4}$ in fp32, $5 \cdot 10^{-3}$ (forward) and $8 \cdot 10^{-3}$
-# (gradients) in 16-bit. `tests/test_flash_attention.py` sweeps many more shapes, with tiles forced small
-# (`runtime.launch_config`) so that every loop runs, and with outputs filled with NaN beforehand so that an element
-# a kernel forgets to write cannot hide.
+# A Qwen3-Next-shaped layer, built on the `meta` device so that no memory is allocated: 16 query heads with their
+# gates, 2 K/V heads of 256 channels, RoPE on 64 of them.
 
 # %%
-def check_flash(B, Tq, Tk, HQ, HKV, D, Dv, causal=True, window=None, seed=0):
-    q, k, v = make_qkv(B, Tq, HQ, D, HKV=HKV, Dv=Dv, Tk=Tk, dtype=DTYPE, device=DEVICE, seed=seed,
-                       requires_grad=True)
-    do = torch.randn(B, Tq, HQ, Dv, device=DEVICE, dtype=DTYPE)
-    o = flash_attention(q, k, v, causal=causal, window=window)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))  # same (rounded) inputs, fp32
-    o_ref = attention_ref(q32, k32, v32, causal=causal, window=window)
-    grads_ref = torch.autograd.grad(o_ref, (q32, k32, v32), do.float())
-    fwd_tol, grad_tol = TOLERANCES[DTYPE]
-    errs = [assert_close("o", o_ref, o, fwd_tol)]
-    errs += [assert_close(n, r, g, grad_tol) for n, r, g in zip(("dq", "dk", "dv"), grads_ref, grads)]
-    mask = "causal" if causal else "full"
-    mask += f", window {window}" if window else ""
-    print(f"✓ B={B} Tq={Tq} Tk={Tk} HQ={HQ} HKV={HKV} D={D} Dv={Dv} {mask:18s} "
-          f"o {errs[0]:.0e}  dq {errs[1]:.0e}  dk {errs[2]:.0e}  dv {errs[3]:.0e}")
-
-
-T_check = runtime.reading_size(cpu=100, gpu=1000)
-check_flash(2, 37, 37, 2, 2, 64, 64)  # shorter than one tile
-check_flash(1, T_check, T_check, 4, 2, 80, 80)  # head dim 80, GQA 4:2
-check_flash(1, T_check, T_check, 4, 1, 32, 48, window=16)  # MQA, window, Dv != Dk
-check_flash(1, 37, T_check, 2, 1, 32, 32)  # Tq < Tk: the last 37 positions
-check_flash(1, 50, T_check, 2, 2, 32, 32, causal=False)  # no mask
+with torch.device("meta"):
+    big = Attention(
+        2048, 16, 2, 256, gate=True, qk_norm=True, zero_centered_norm=True, rotary_dim=64
+    )
+for name, p in big.named_parameters():
+    print(f"{name:16s} {str(tuple(p.shape)):14s} {p.numel() / 1e6:6.2f} M")
+print(f"{'total':16s} {'':14s} {sum(p.numel() for p in big.parameters()) / 1e6:6.2f} M")
 
 # %% [markdown]
-# Two more properties. A window at least as long as the sequence is plain causal attention — the mechanism reduces
-# to the baseline in the limit. And a wrong call fails with a message that says what to fix:
-
-# %%
-q, k, v = make_qkv(1, 64, 2, 32, device=DEVICE, dtype=DTYPE)
-assert torch.equal(flash_attention(q, k, v, window=64), flash_attention(q, k, v))
-print("✓ window = T gives exactly causal attention")
-try:
-    flash_attention(q, k[..., :16], v)
-except ValueError as e:
-    print("ValueError:", e)
-
-# %% [markdown]
-# How fast is it? Section 1.7 compares the kernels with PyTorch's SDPA, which dispatches to FlashAttention kernels
-# written in CUDA for Hopper, and with `flex_attention` for the window, on an H200. The backward's distance from
-# SDPA comes mostly from the recomputation above: the dQ kernel repeats two of the products that the dK/dV kernel
-# already computed.
-
-# %% [markdown]
-# ## 1.6 Layer
-#
-# The `Attention` module puts the pieces together the way current open models do. For input $x \in
-# \mathbb{R}^{T \times d}$:
-#
-# $$
-# q = x W_q,\quad k = x W_k,\quad v = x W_v \quad(\text{split into heads}), \qquad
-# q, k \leftarrow \operatorname{RoPE}(\operatorname{RMSNorm}(q), \operatorname{RMSNorm}(k)),
-# $$
-#
-# $$
-# o = \operatorname{attention}(q, k, v), \qquad
-# o \leftarrow o \odot \sigma(x W_g)\ \ (\text{gated}), \qquad y = o\, W_o .
-# $$
-#
-# - **GQA** through fewer K/V heads; **RoPE** on all channels, or on the first `rotary_dim` (Qwen3-Next rotates a
-#   quarter of each head, GLM-4.5 half);
-# - **q/k RMSNorm** per head (Qwen3, Qwen3-Next) keeps the attention logits from growing during training. Qwen3-Next
-#   stores the norm's weight as an offset from one, $y = \hat{x}\,(1 + w)$ with $w$ initialised at zero
-#   (`zero_centered_norm=True`); Llama-style norms store $w$ itself;
-# - the **output gate** of Qwen3-Next's *gated attention* (Qiu et al., 2025): an elementwise sigmoid gate on the
-#   attention output, computed from the same input, before $W_o$. The paper reports that it adds a non-linearity
-#   between $W_v$ and $W_o$, makes the gate scores sparse and removes the "attention sink" on the first token. In
-#   Qwen3-Next's checkpoint $W_g$ is not a separate matrix: `q_proj` has $2 H_q D$ outputs, and each head's slice
-#   holds its query ($D$ channels) followed by its gate ($D$ channels). We lay it out the same way, so the
-#   checkpoint's `q_proj.weight` loads as it is;
-# - the **KV cache**: `forward(x, cache)` rotates the new keys at positions `len(cache) …`, appends them and
-#   attends bottom-right aligned;
-# - `backend=`: `"naive"` computes with `attention_ref`, `"triton"` with section 1.5's kernels, and `"auto"` (the
-#   default) picks the kernels where they run — CUDA tensors, or fp32 on a CPU under the interpreter — and
-#   `attention_ref` elsewhere.
-#
-# Parameter names follow transformers (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`), and
-# `Attention.from_hf(module)` builds the layer from a transformers attention module and copies its weights. The
-# constructor checks its arguments and `forward` its input with the book's shared checks (`_attention_args` below),
-# so a wrong head count or an fp16 input to an fp32 layer fails with a message that names it.
+# `Attention`'s constructor checks its arguments here, with the book's shared checks:
 
 # %%
 #| export attention.layer
-import torch
-import torch.nn as nn
-
-from minisparse import _checks
-from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copies of sections
-from minisparse.attention.triton import flash_attention  # 1.2 and 1.5
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) times weight (or times 1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
-
-    def __init__(self, dim, eps=1e-6, zero_centered=False):
-        super().__init__()
-        _checks.positive_int("RMSNorm", "dim", dim)
-        self.eps, self.zero_centered = _checks.positive_float("RMSNorm", "eps", eps), zero_centered
-        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float() + 1.0 if self.zero_centered else self.weight.float()
-        return (y * w).to(x.dtype)
-
-
-def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps, rope_theta,
-                    backend):
-    """Check Attention's constructor arguments; return num_kv_heads, head_dim and rotary_dim with defaults filled."""
+def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps,
+                    rope_theta, backend):
+    """Check Attention's constructor arguments; return num_kv_heads, head_dim and rotary_dim with
+    defaults filled."""
     op = "Attention"
     _checks.positive_int(op, "hidden_size", hidden_size)
     _checks.positive_int(op, "num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else _checks.positive_int(op, "num_kv_heads", num_kv_heads)
+    num_kv_heads = (
+        num_heads
+        if num_kv_heads is None
+        else _checks.positive_int(op, "num_kv_heads", num_kv_heads)
+    )
     _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
     if head_dim is None:  # the Llama convention: the heads split the hidden size
         _checks.divides(op, "num_heads (with head_dim=None)", num_heads, "hidden_size", hidden_size)
         head_dim = hidden_size // num_heads
     _checks.positive_int(op, "head_dim", head_dim)
-    rotary_dim = head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
+    rotary_dim = (
+        head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
+    )
     if rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"{op}: rotary_dim must be even and <= head_dim = {head_dim}, got {rotary_dim}")
+        raise ValueError(
+            f"{op}: rotary_dim must be even and <= head_dim = {head_dim}, got {rotary_dim}"
+        )
     if window is not None:
         _checks.positive_int(op, "window", window)
     _checks.positive_float(op, "norm_eps", norm_eps)
@@ -1832,144 +2571,51 @@ def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, 
     _checks.backend(op, backend)
     return num_kv_heads, head_dim, rotary_dim
 
+
 # %% [markdown]
-# The layer itself. Each step of `forward` is one line of the equations above; the shapes are in the comments.
+# `Attention.from_hf(module)` calls the loader below: it reads the module's shapes and settings — GQA, the q/k
+# norm and whether it scales by $w$ or $1 + w$, partial RoPE, the gate folded into `q_proj`, a sliding window —
+# builds the layer and copies the weights, whose names already match.
 
 # %%
-#| export attention.layer
-class Attention(nn.Module):
-    """Causal multi-head attention with GQA, RoPE, optional q/k RMSNorm, optional output gate and a KV cache.
+#| export attention.hf
+import torch
 
-    forward(x [B, T, hidden], cache=None, positions=None) -> [B, T, hidden]. With a cache (see new_cache) the T
-    new tokens sit at positions len(cache) .. len(cache) + T - 1 and attend to everything cached before them.
-    backend: "auto" (the Triton kernels where they run, else attention_ref), "naive" or "triton".
-    """
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, bias=False, o_bias=None,
-                 gate=False, qk_norm=False, zero_centered_norm=False, norm_eps=1e-6, rope_theta=10000.0,
-                 rotary_dim=None, interleaved_rope=False, window=None, backend="auto"):
-        super().__init__()
-        num_kv_heads, head_dim, rotary_dim = _attention_args(hidden_size, num_heads, num_kv_heads, head_dim,
-                                                             rotary_dim, window, norm_eps, rope_theta, backend)
-        self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.gate, self.window, self.backend, self.rotary_dim = gate, window, backend, rotary_dim
-        o_bias = bias if o_bias is None else o_bias
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim * (2 if gate else 1), bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
-        self.q_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm) if qk_norm else None
-        self.rope = RotaryEmbedding(rotary_dim, rope_theta, interleaved_rope)
-
-    def forward(self, x, cache=None, positions=None):
-        _checks.layer_input("Attention", x, self, hidden=self.hidden_size)  # [B, T, hidden], the layer's dtype
-        B, T, _ = x.shape
-        start = 0 if cache is None else len(cache)
-        if positions is None:
-            positions = torch.arange(start, start + T, device=x.device)  # [T]
-        q, g = self._queries(x)  # [B, T, H, D], gate [B, T, H*D] or None
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self._rope(q, positions), self._rope(k, positions)
-        if cache is not None:
-            k, v = cache.append(k, v)  # [B, start + T, HKV, D]
-        o = self._attend(q, k, v).reshape(B, T, self.num_heads * self.head_dim)  # [B, T, H*D]
-        if g is not None:
-            o = o * torch.sigmoid(g)  # gated attention: elementwise, per channel of each head
-        return self.o_proj(o)  # [B, T, hidden]
-
-    def _queries(self, x):
-        B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        if not self.gate:
-            return self.q_proj(x).view(B, T, H, D), None
-        qg = self.q_proj(x).view(B, T, H, 2 * D)  # each head: [query | gate]
-        q, g = qg.split(D, dim=-1)  # [B, T, H, D] each
-        return q, g.reshape(B, T, H * D)
-
-    def _rope(self, x, positions):
-        if self.rotary_dim == self.head_dim:
-            return self.rope(x, positions)
-        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # partial RoPE: first rotary_dim channels
-        return torch.cat((self.rope(rot, positions), rest), dim=-1)
-
-    def _attend(self, q, k, v):
-        if _checks.choose_backend(self.backend, q) == "triton":
-            return flash_attention(q, k, v, causal=True, window=self.window)
-        return attention_ref(q, k, v, causal=True, window=self.window)
-
-    def new_cache(self, batch, max_len, *, dtype=None, device=None):
-        """An empty KVCache for this layer (post-RoPE keys), in the layer's dtype and device by default."""
-        w = self.k_proj.weight
-        return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=dtype or w.dtype,
-                       device=device or w.device)
-
-    @classmethod
-    def from_hf(cls, module, backend="auto"):
-        """Build from a transformers attention module (Llama, Mistral, Qwen2/3, Qwen3-Next …), copying its weights."""
-        cfg = module.config
-        rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-        if "rope_theta" not in rope or rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"Attention.from_hf: only plain RoPE is implemented, got {rope}")
-        H, D = cfg.num_attention_heads, module.head_dim
-        qk_norm = getattr(module, "q_norm", None) is not None
-        norm = module.q_norm if qk_norm else None
-        layer = cls(
-            cfg.hidden_size, H, cfg.num_key_value_heads, D,
-            bias=module.q_proj.bias is not None, o_bias=module.o_proj.bias is not None,
-            gate=module.q_proj.out_features == 2 * H * D, qk_norm=qk_norm,
-            zero_centered_norm=qk_norm and _scales_by_one_plus_weight(norm),
-            norm_eps=getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)),
-            rope_theta=rope["rope_theta"], rotary_dim=int(D * rope.get("partial_rotary_factor", 1.0)),
-            window=getattr(module, "sliding_window", getattr(cfg, "sliding_window", None)), backend=backend,
-        )
-        w = module.q_proj.weight
-        layer.load_state_dict(module.state_dict())
-        return layer.to(device=w.device, dtype=w.dtype)
+def attention_from_hf(cls, module, backend="auto"):
+    """A `cls` (Attention) with the shapes and weights of a transformers attention module (Llama,
+    Mistral,
+    Qwen2/3, Qwen3-Next …). Only plain RoPE is read; scaled variants raise NotImplementedError."""
+    cfg = module.config
+    rope = getattr(cfg, "rope_parameters", None) or {
+        "rope_theta": getattr(cfg, "rope_theta", 10000.0)
+    }
+    if "rope_theta" not in rope or rope.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"Attention.from_hf: only plain RoPE is implemented, got {rope}")
+    H, D = cfg.num_attention_heads, module.head_dim
+    qk_norm = getattr(module, "q_norm", None) is not None
+    norm = module.q_norm if qk_norm else None
+    layer = cls(cfg.hidden_size, H, cfg.num_key_value_heads, D, bias=module.q_proj.bias is not None,
+                o_bias=module.o_proj.bias is not None, gate=module.q_proj.out_features == 2 * H * D,
+                qk_norm=qk_norm, zero_centered_norm=qk_norm and _scales_by_one_plus_weight(norm),
+                norm_eps=getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)),
+                rope_theta=rope["rope_theta"],
+                rotary_dim=int(D * rope.get("partial_rotary_factor", 1.0)),
+                window=getattr(module, "sliding_window", getattr(cfg, "sliding_window", None)),
+                backend=backend)
+    w = module.q_proj.weight
+    layer.load_state_dict(module.state_dict())
+    return layer.to(device=w.device, dtype=w.dtype)
 
 
 def _scales_by_one_plus_weight(norm):
-    """True when an RMSNorm computes x̂·(1 + w) (Qwen3-Next, Gemma), False for x̂·w (Llama, Qwen3): ask it."""
+    """True when an RMSNorm computes x̂·(1 + w) (Qwen3-Next, Gemma), False for x̂·w (Llama, Qwen3):
+    ask it."""
     with torch.no_grad():
         w = norm.weight.float()
-        y = norm(torch.full((1, w.numel()), 1e3, dtype=norm.weight.dtype, device=norm.weight.device)).float()
+        x = torch.full((1, w.numel()), 1e3, dtype=norm.weight.dtype, device=norm.weight.device)
+        y = norm(x).float()
     return bool((y - (1 + w)).abs().max() < (y - w).abs().max())  # x = 1e3 everywhere has x̂ = 1
-
-# %% [markdown]
-# A Qwen3-Next-shaped layer, built on the `meta` device so that no memory is allocated: 16 query heads with their
-# gates, 2 K/V heads of 256 channels, RoPE on 64 of them.
-
-# %%
-with torch.device("meta"):
-    big = Attention(2048, 16, 2, 256, gate=True, qk_norm=True, zero_centered_norm=True, rotary_dim=64)
-for name, p in big.named_parameters():
-    print(f"{name:16s} {str(tuple(p.shape)):14s} {p.numel() / 1e6:6.2f} M")
-print(f"{'total':16s} {'':14s} {sum(p.numel() for p in big.parameters()) / 1e6:6.2f} M")
-
-# %% [markdown]
-# The test that matters for a cache: decoding token by token (after a prompt, and with a chunk in between) must
-# give the outputs of one pass over the whole sequence — with and without the gate, with GQA, q/k norm, partial
-# RoPE and a window.
-
-# %%
-T_dec = runtime.reading_size(cpu=24, gpu=256)
-for gate in (False, True):
-    torch.manual_seed(1)
-    layer = Attention(64, 4, 2, 16, gate=gate, qk_norm=True, rotary_dim=8, window=7).to(DEVICE)
-    with torch.no_grad():
-        for p in (layer.q_norm.weight, layer.k_norm.weight):
-            torch.nn.init.normal_(p, mean=1.0, std=0.3)  # norms that do something
-        x = torch.randn(2, T_dec, 64, device=DEVICE)
-        full = layer(x)  # [B, T, hidden]  one pass
-        cache = layer.new_cache(2, T_dec)
-        steps = [layer(x[:, :5], cache), layer(x[:, 5:9], cache)]  # a prompt, then a chunk of 4
-        steps += [layer(x[:, t:t + 1], cache) for t in range(9, T_dec)]  # then one token at a time
-    err = assert_close(f"decode (gate={gate})", full, torch.cat(steps, dim=1), 1e-5)
-    print(f"✓ gate={gate}: cached decoding equals the prefill, relative RMS error {err:.1e}")
 
 # %% [markdown]
 # And the second oracle: transformers' own `Qwen3NextAttention` at a tiny configuration. `from_hf` reads its
@@ -1980,7 +2626,9 @@ try:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fla, imported by transformers' Qwen3-Next, warns that there is no GPU
+        warnings.simplefilter(
+            "ignore"
+        )  # fla, imported by transformers' Qwen3-Next, warns that there is no GPU
         from transformers import Qwen3NextConfig
         from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
 except ImportError:
@@ -1996,7 +2644,9 @@ else:
         ours = Attention.from_hf(hf)
         x = torch.randn(2, 19, 64)
         cos_sin = hf_qwen3_next.Qwen3NextRotaryEmbedding(cfg)(x, torch.arange(19)[None])
-        causal = torch.full((19, 19), float("-inf")).triu(1)[None, None]  # additive mask [1, 1, T, T]
+        causal = torch.full((19, 19), float("-inf")).triu(1)[
+            None, None
+        ]  # additive mask [1, 1, T, T]
         y_hf, _ = hf(x, cos_sin, causal)
     err = assert_close("Attention vs Qwen3NextAttention", y_hf, ours(x), 1e-5)
     print(f"✓ gate={ours.gate}, rotary_dim={ours.rotary_dim} of {ours.head_dim}: "
@@ -2015,7 +2665,9 @@ with torch.no_grad():
     layer.backend = "triton"
     fast = layer(x)
 err = assert_close("backend='triton' vs 'naive'", ref, fast, TOLERANCES[DTYPE][0])
-print(f"✓ backend='triton' equals backend='naive' in {str(DTYPE)[6:]}: relative RMS error {err:.1e}")
+print(
+    f"✓ backend='triton' equals backend='naive' in {str(DTYPE)[6:]}: relative RMS error {err:.1e}"
+)
 for wrong in (lambda: Attention(64, 4, 3), lambda: layer(x.double())):
     try:
         wrong()
@@ -2023,49 +2675,20 @@ for wrong in (lambda: Attention(64, 4, 3), lambda: layer(x.double())):
         print(f"{type(e).__name__}: {e}")
 
 # %% [markdown]
-# ## 1.7 Measure
+# ### E.8 Timing on a GPU
 #
-# On the H200 the benchmark `bench/attention.py` times `flash_attention` against PyTorch's SDPA (and
-# `flex_attention` for the window) at B = 2, H = 16, D = 128, causal, bf16, for T from 1k to 32k. Its results are
-# committed in `bench/results/attention.json`, so on a CPU this section plots them; the title says which device,
-# versions and date.
-
-# %%
-try:
-    results = bench.load_results("attention")
-except FileNotFoundError:
-    results = None
-    print("No committed benchmark yet: bench/results/attention.json is written by bench/attention.py on the H200.")
-if results is not None:
-    bench.plot_passes(results)
-    plt.show()
-    at_8k = {(r["impl"], r["pass"]): r["ms"] for r in results["rows"] if r.get("T") == 8192}
-    for p in ("fwd", "fwd+bwd"):
-        ratio = at_8k[("sdpa", p)] / at_8k[("flash_attention", p)]
-        print(f"T = 8192, {p:7s}: flash_attention {at_8k[('flash_attention', p)]:.2f} ms, "
-              f"SDPA {at_8k[('sdpa', p)]:.2f} ms -> {ratio:.2f}x SDPA's throughput")
-
-# %% [markdown]
-# **Reading the plot.** On the H200 the forward kernel reaches about 0.83× of SDPA's throughput from T = 8k on
-# (≈ 445–485 TFLOP/s against SDPA's ≈ 530–590, which dispatches to a hand-written CUDA flash-attention kernel), and
-# forward + backward about 0.73×. Two things cost the backward its distance to SDPA. First, design: the dQ
-# kernel recomputes $S$ and $P$ that the dK/dV kernel already computed — two extra matrix products out of seven —
-# the price of having no atomic adds. Second, a fixed ≈ 0.57 ms of host-side time per forward + backward call
-# (three launches plus autograd's hand-off), which dominates below T ≈ 2k: at T = 1k the backward runs at only
-# 0.36× SDPA. For the sliding window (1024 keys), the kernel matches `torch.compile`d `flex_attention` forward
-# (1.0×) and reaches ≈ 0.9× of it forward + backward, because the loop bounds of section 1.5.5 skip every key tile
-# outside the window.
-
-# %% [markdown]
 # On a GPU the chapter also times a few sizes live (`minisparse.bench.median_ms`, CUDA events): the reference,
 # which writes the scores to memory, against SDPA and, when present, our kernel.
 
 # %%
 if runtime.has_gpu():
-    impls = {"attention_ref": attention_ref,
-             "SDPA": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
-             "flash_attention": flash_attention}
+    impls = {
+        "attention_ref": attention_ref,
+        "SDPA": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        ).transpose(1, 2),
+        "flash_attention": flash_attention,
+    }
     for T in (1024, 2048, 4096):
         q, k, v = make_qkv(2, T, 16, 128, dtype=DTYPE, device=DEVICE)
         times = {name: bench.median_ms(lambda f=f: f(q, k, v)) for name, f in impls.items()}
@@ -2076,17 +2699,22 @@ else:
     print("No GPU here: nothing to time live (the plot above shows the committed H200 numbers).")
 
 # %% [markdown]
-# ## 1.8 Exercises
+# ### E.9 The exercise checkers
 #
-# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
-# one line when your answer is right and says what differs when it is not.
+# Each checker runs the reader's answer and the chapter's spec on the same cases and raises `ExerciseError` at
+# the first difference (`minisparse.testing.check` for functions; a direct launch for the Triton kernel, which
+# has no row in the launch table). `tests/test_attention.py` feeds each one known-wrong answers.
 
-# %% tags=["hide-input"]
+# %%
 #| export attention.exercises
-import torch
+import warnings
 
-from minisparse.attention.naive import attention_mask
-from minisparse.testing import check
+import torch
+import triton
+
+from minisparse import runtime
+from minisparse.attention.naive import attention_ref
+from minisparse.testing import ExerciseError, check
 
 
 def _merge_softmax_states(m1, l1, a1, m2, l2, a2):
@@ -2096,7 +2724,8 @@ def _merge_softmax_states(m1, l1, a1, m2, l2, a2):
 
 
 def softmax_state(s, v):
-    """(m, l, acc) of scores s [N, n] over values v [n, Dv]: row max, sum of exp(s - m), exp(s - m) @ v."""
+    """(m, l, acc) of scores s [N, n] over values v [n, Dv]: row max, sum of exp(s - m), exp(s - m)
+    @ v."""
     m = s.max(dim=-1).values  # [N]
     p = torch.exp(s - m[:, None])  # [N, n]
     return m, p.sum(dim=-1), p @ v  # [N], [N], [N, Dv]
@@ -2105,7 +2734,8 @@ def softmax_state(s, v):
 def _online_softmax_cases():
     g = torch.Generator().manual_seed(11)
     cases = []
-    for N, n1, n2, Dv, shift in [(4, 3, 5, 8, 0.0), (6, 16, 16, 4, 100.0), (5, 1, 7, 3, -60.0), (3, 8, 2, 5, 20.0)]:
+    for N, n1, n2, Dv, shift in [(4, 3, 5, 8, 0.0), (6, 16, 16, 4, 100.0), (5, 1, 7, 3, -60.0),
+                                 (3, 8, 2, 5, 20.0)]:
         s = torch.randn(N, n1 + n2, generator=g) * 3 + shift  # [N, n1 + n2] scores, fp32
         s[: N // 2, n1:] += 6.0  # some rows have their max in the second block, some in the first
         v = torch.randn(n1 + n2, Dv, generator=g)
@@ -2117,216 +2747,109 @@ def _online_softmax_cases():
 
 
 def check_online_softmax(merge):
-    """Check merge(m1, l1, a1, m2, l2, a2) -> (m, l, a), the state of two blocks of keys together."""
-    check("online softmax merge", merge, _merge_softmax_states, _online_softmax_cases(), tol=1e-5,
-          hint="rescale each state to the new max m = max(m1, m2): l = exp(m1 - m) l1 + exp(m2 - m) l2, the same "
-               "for a; never exponentiate a score or a max on its own (exp(100) overflows fp32)")
+    """Exercise 1: merge(m1, l1, a1, m2, l2, a2) -> (m, l, a), the state of two blocks of keys
+    together."""
+    check(
+        "online softmax merge",
+        merge,
+        _merge_softmax_states,
+        _online_softmax_cases(),
+        tol=1e-5,
+        hint="rescale each state to the new max m = max(m1, m2): l = exp(m1 - m) l1 + exp(m2 - "
+             "m) l2, "
+        "the same for a; never exponentiate a score or a max on its own (exp(100) overflows fp32)",
+    )
 
 
-def _key_blocks(q_block, block_m, block_n, window, seq_len):
-    rows = attention_mask(seq_len, seq_len, causal=True, window=window)[q_block * block_m:(q_block + 1) * block_m]
-    keys = rows.any(dim=0).nonzero().flatten()  # the keys some query of the block may see
-    return int(keys[0]) // block_n, int(keys[-1]) // block_n + 1
+def _decode_reference(q, k, v):
+    return attention_ref(q[None, :, None], k[None, :, None], v[None, :, None])[0, :, 0]  # [Tq, D]
 
 
-def check_window_blocks(key_blocks):
-    """Check key_blocks(q_block, block_m, block_n, window, seq_len) -> (lo, hi), the key blocks to loop over."""
-    cases = [(0, 16, 16, None, 64), (3, 16, 16, None, 64), (2, 16, 16, 17, 64), (2, 16, 16, 16, 64),
-             (5, 16, 32, 8, 90), (1, 32, 16, 1, 50), (4, 8, 16, 40, 37), (6, 16, 16, 100, 100), (2, 64, 64, 64, 200),
-             (3, 32, 16, None, 100)]
-    check("window key blocks", key_blocks, _key_blocks, cases,
-          hint="queries q_block*block_m .. min((q_block+1)*block_m, seq_len) - 1; the first query's earliest key is "
-               "first_q - window + 1 (not - window), the last query's latest key is itself; hi is exclusive")
+def check_decode_attention(decode):
+    """Exercise 2: decode(q [Tq, D], k [Tk, D], v [Tk, D]) -> [Tq, D], the newest Tq queries over
+    Tk keys."""
+    g = torch.Generator().manual_seed(5)
+    cases = [tuple(torch.randn(n, D, generator=g, dtype=torch.float64) for n in (Tq, Tk, Tk))
+             for Tq, Tk, D in [(6, 6, 8), (1, 9, 8), (3, 10, 4), (5, 7, 16)]]
+    check(
+        "decode attention",
+        decode,
+        _decode_reference,
+        cases,
+        tol=1e-10,
+        hint="the Tq new queries are the last Tq positions: query i sits at position i + Tk - Tq "
+             "and sees "
+        "the keys s <= i + Tk - Tq (the mask is aligned bottom-right)",
+    )
 
 
-def _kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+def _kv_cache_bytes(
+    layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None
+):
     held = {"full_attention": seq_len, "linear_attention": 0,
             "sliding_attention": seq_len if window is None else min(seq_len, window)}
     return sum(2 * batch * held[t] * num_kv_heads * head_dim * dtype_bytes for t in layer_types)
 
 
 def check_kv_cache_bytes(kv_cache_bytes):
-    """Check kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, window) -> int."""
-    qwen3_next = (["linear_attention"] * 3 + ["full_attention"]) * 12
-    gpt_oss = ["sliding_attention", "full_attention"] * 18
-    gemma3 = (["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2
-    cases = [(["full_attention"] * 32, 32, 128, 4096, 1, 2, None), (["full_attention"] * 32, 8, 128, 1000, 4, 2, None),
+    """Exercise 3: kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes,
+    window)."""
+    qwen3_next = (
+        ["linear_attention"] * 3 + ["full_attention"]
+    ) * 12  # 48 layers, 12 with a KV cache
+    gpt_oss = ["sliding_attention", "full_attention"] * 18  # 36 layers, window 128
+    gemma3_4b = (["sliding_attention"] * 5 + ["full_attention"]) * 5 + [
+        "sliding_attention"
+    ] * 4  # window 1024
+    llama2 = ["full_attention"] * 32
+    cases = [(llama2, 32, 128, 4096, 1, 2, None), (llama2, 8, 128, 1000, 4, 2, None),
              (qwen3_next, 2, 256, 262144, 1, 2, None), (gpt_oss, 8, 64, 131072, 2, 2, 128),
-             (gemma3, 4, 256, 32768, 1, 2, 4096), (gemma3, 4, 256, 1000, 3, 1, 4096)]
-    check("KV-cache bytes", kv_cache_bytes, _kv_cache_bytes, cases,
-          hint="per layer: 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x dtype_bytes; a full layer "
-               "caches seq_len tokens, a sliding one min(seq_len, window), a linear one none")
-
-# %% [markdown]
-# ### Exercise 1: online softmax
-#
-# Flash attention never sees a whole row of scores; it sees one block of keys at a time and carries a small
-# *state* per query from block to block. For a block of scores $s$ (rows = queries) and values $v$ the state is
-#
-# $$
-# m = \max_j s_j, \qquad \ell = \sum_j e^{s_j - m}, \qquad a = \sum_j e^{s_j - m}\, v_j ,
-# $$
-#
-# and the attention output is $a / \ell$ (`softmax_state(s, v)` computes it). Write `merge_states`, which
-# combines the states of two blocks into the state of both — without the scores. Shapes: `m`, `l` are `[N]`,
-# `a` is `[N, Dv]`. It must handle the empty state ($m = -\infty$, $\ell = 0$, $a = 0$), where a kernel starts, and
-# scores near 100 in fp32, where $e^{s}$ overflows.
+             (gemma3_4b, 4, 256, 131072, 1, 2, 1024), (gemma3_4b, 4, 256, 1000, 3, 1, 1024)]
+    check(
+        "KV-cache bytes",
+        kv_cache_bytes,
+        _kv_cache_bytes,
+        cases,
+        hint="per layer: 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x "
+             "dtype_bytes; a "
+        "full layer caches seq_len tokens, a sliding one min(seq_len, window), a linear one none",
+    )
 
 # %%
-def merge_states(m1, l1, a1, m2, l2, a2):
-    # your code here: return m, l, a
-    raise NotImplementedError
+#| export attention.exercises
+def check_flash_tile(kernel, block=16):
+    """Exercise 4: launch kernel[(cdiv(T, block),)](q, k, v, o, T, scale, D=D, BM=block, BN=block)
+    on
+    q, k, v [T, D] fp32 and compare o with causal attention_ref; report the first position that
+    differs."""
+    device = runtime.device()
+    tol = 1e-4 if device.type == "cpu" else 2e-2  # on a GPU, tl.dot on fp32 multiplies in tf32
+    g = torch.Generator().manual_seed(7)
+    for T, D in [(37, 16), (16, 16), (50, 32), (5, 16)]:
+        q = 1.5 * torch.randn(T, D, generator=g)  # [T, D] sharper scores: the running max moves
+        k, v = torch.randn(2, T, D, generator=g)  # [T, D] each
+        q, k, v = q.to(device), k.to(device), v.to(device)
+        o = torch.full_like(q, float("nan"))  # a row the kernel forgets to write stays NaN
+        with (
+            warnings.catch_warnings()
+        ):  # numpy's warning on 0 / 0 in the interpreter: reported below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            kernel[(triton.cdiv(T, block),)](q, k, v, o, T, D**-0.5, D=D, BM=block, BN=block)
+        expected = _decode_reference(q, k, v)  # [T, D]
+        bad = ~((o - expected).abs() <= tol * (1 + expected.abs()))  # NaN counts as wrong
+        if bad.any():
+            r, c = (int(i) for i in bad.nonzero()[0])
+            if o.isnan().all():
+                why = "every output is NaN (0 / 0): the loop body has not updated m, l and acc yet"
+            elif r < block:
+                why = "rows of the first tile differ: check the mask (row r sees keys 0 .. r)"
+            else:
+                why = "later rows differ: rescale l and acc by exp(m - m_new) when m grows"
+            got = float(o[r, c])
+            raise ExerciseError(
+                f"✗ flash tile: T={T}, D={D}: row {r}, column {c}: got {got:.5g}, expected "
+                f"{float(expected[r, c]):.5g} ({int(bad.any(1).sum())} of {T} rows differ)"
+                f"\nHint: {why}"
+            )
+    print("✓ flash tile: all 4 shapes match causal attention_ref")
 
-
-# %%
-attempt(check_online_softmax, merge_states)
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def merge_states(m1, l1, a1, m2, l2, a2):
-#     m = torch.maximum(m1, m2)                      # [N] the new running max
-#     c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)  # [N] rescale factors, ≤ 1 (exp(-inf) = 0)
-#     return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
-# ```
-# Both states were computed against their own maximum; moving them to the common maximum multiplies each by
-# $e^{m_i - m} \le 1$, which never overflows. Merging into the empty state returns the other state unchanged.
-# :::
-
-# %% tags=["hide-input"]
-def merge_states_solution(m1, l1, a1, m2, l2, a2):
-    m = torch.maximum(m1, m2)  # [N] the new running max
-    c1, c2 = torch.exp(m1 - m), torch.exp(m2 - m)  # [N] rescale factors, ≤ 1 (exp(-inf) = 0)
-    return m, c1 * l1 + c2 * l2, c1[:, None] * a1 + c2[:, None] * a2
-
-
-check_online_softmax(merge_states_solution)
-
-# %% [markdown]
-# ### Exercise 2: which key blocks does a query block need?
-#
-# A flash-attention kernel gives each program a block of `block_m` queries and loops over blocks of `block_n`
-# keys. Skipping the blocks that the mask empties is where causal and windowed attention save their work. With
-# $T_q = T_k = $ `seq_len`, causal, and a window `window` (`None` = no window), write `key_blocks` returning
-# `(lo, hi)` such that `for j in range(lo, hi)` visits exactly the key blocks that hold at least one key some query
-# of block `q_block` may attend to. (The last query block may be shorter than `block_m`.)
-
-# %%
-def key_blocks(q_block, block_m, block_n, window, seq_len):
-    # your code here: return lo, hi
-    raise NotImplementedError
-
-
-# %%
-attempt(check_window_blocks, key_blocks)
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def key_blocks(q_block, block_m, block_n, window, seq_len):
-#     first_q = q_block * block_m
-#     last_q = min(first_q + block_m, seq_len) - 1
-#     first_k = 0 if window is None else max(0, first_q - window + 1)  # the first query's oldest key
-#     last_k = last_q                                                   # causal: the last query's own position
-#     return first_k // block_n, last_k // block_n + 1
-# ```
-# The allowed keys of a block of consecutive queries form one contiguous range, from the first query's window start
-# to the last query's position, so the block range follows by integer division. Without a window the loop starts
-# at 0 and the work of query block $i$ grows with $i$; with a window it is at most
-# $\lceil (W + \text{block\_m}) / \text{block\_n} \rceil + 1$ blocks, whatever the length.
-# :::
-
-# %% tags=["hide-input"]
-def key_blocks_solution(q_block, block_m, block_n, window, seq_len):
-    first_q = q_block * block_m
-    last_q = min(first_q + block_m, seq_len) - 1
-    first_k = 0 if window is None else max(0, first_q - window + 1)  # the first query's oldest key
-    last_k = last_q  # causal: the last query's own position
-    return first_k // block_n, last_k // block_n + 1
-
-
-check_window_blocks(key_blocks_solution)
-
-# %% [markdown]
-# ### Exercise 3: KV-cache bytes of a hybrid model
-#
-# transformers describes a model's layers with `config.layer_types`: `"full_attention"` layers cache every token,
-# `"sliding_attention"` layers only the last `window` tokens, `"linear_attention"` layers (Gated DeltaNet and
-# friends) no K/V at all. Write `kv_cache_bytes` returning the bytes of the whole cache for a batch of sequences
-# of `seq_len` tokens. The checker tries layouts shaped like Llama-2, Mistral, Qwen3-Next, gpt-oss and Gemma 3.
-
-# %%
-def kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
-    # your code here: return an int
-    raise NotImplementedError
-
-
-# %%
-attempt(check_kv_cache_bytes, kv_cache_bytes)
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def kv_cache_bytes(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
-#     per_token = 2 * num_kv_heads * head_dim * dtype_bytes  # K and V of one token in one layer
-#     cached = {"full_attention": seq_len, "linear_attention": 0,
-#               "sliding_attention": seq_len if window is None else min(seq_len, window)}
-#     return sum(batch * cached[t] * per_token for t in layer_types)
-# ```
-# Qwen3-Next at its native 262,144 tokens: 12 full layers × 2 heads × 256 channels × 2 × 2 bytes × 262,144 tokens
-# = 6 GiB per sequence. The same model with all 48 layers full would need 24 GiB.
-# :::
-
-# %% tags=["hide-input"]
-def kv_cache_bytes_solution(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
-    per_token = 2 * num_kv_heads * head_dim * dtype_bytes  # K and V of one token in one layer
-    cached = {"full_attention": seq_len, "linear_attention": 0,
-              "sliding_attention": seq_len if window is None else min(seq_len, window)}
-    return sum(batch * cached[t] * per_token for t in layer_types)
-
-
-check_kv_cache_bytes(kv_cache_bytes_solution)
-
-# %% [markdown]
-# ## Summary
-#
-# - Softmax attention compares every query with every key it may see: $O(T^2)$ FLOPs, and $O(T^2)$ bytes if the
-#   scores are written out. The projections and the FFN are linear in $T$, so attention takes over only at long
-#   context (≈ 50k tokens at Llama-2-7B's shapes) — but its memory traffic matters from the first thousand.
-# - The reference `attention_ref` is the spec: fp32 softmax, GQA by repeating K/V, masks aligned bottom-right so
-#   that decoding after a cache is the same code, and a sliding window $t - W < s \le t$.
-# - RoPE rotates channel pairs by position so that scores depend on offsets; the half-split and interleaved
-#   conventions differ only by a channel permutation, but a checkpoint needs the one it was trained with.
-# - The KV cache costs $2 L H_{kv} D$ elements per token. GQA, MQA, windows and hybrid layer stacks shrink it;
-#   decoding is memory-bound with an arithmetic intensity of about $H_q / H_{kv}$.
-# - Flash attention keeps the scores on chip and carries an online-softmax state across key blocks, turning a
-#   memory-bound computation into a compute-bound one.
-# - The `Attention` layer adds q/k RMSNorm, partial RoPE and Qwen3-Next's sigmoid output gate, and loads
-#   transformers' weights with `Attention.from_hf`.
-#
-# ## References
-#
-# - A. Vaswani et al., *Attention Is All You Need*, 2017. [arXiv:1706.03762](https://arxiv.org/abs/1706.03762)
-# - N. Shazeer, *Fast Transformer Decoding: One Write-Head is All You Need* (MQA), 2019.
-#   [arXiv:1911.02150](https://arxiv.org/abs/1911.02150)
-# - J. Ainslie et al., *GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints*, 2023.
-#   [arXiv:2305.13245](https://arxiv.org/abs/2305.13245)
-# - J. Su et al., *RoFormer: Enhanced Transformer with Rotary Position Embedding*, 2021.
-#   [arXiv:2104.09864](https://arxiv.org/abs/2104.09864)
-# - S. Black et al., *GPT-NeoX-20B* (the half-split rotary convention), 2022.
-#   [arXiv:2204.06745](https://arxiv.org/abs/2204.06745)
-# - I. Beltagy et al., *Longformer* (sliding-window attention), 2020. [arXiv:2004.05150](https://arxiv.org/abs/2004.05150);
-#   A. Jiang et al., *Mistral 7B*, 2023. [arXiv:2310.06825](https://arxiv.org/abs/2310.06825)
-# - M. Milakov, N. Gimelshein, *Online normalizer calculation for softmax*, 2018.
-#   [arXiv:1805.02867](https://arxiv.org/abs/1805.02867)
-# - T. Dao et al., *FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness*, 2022.
-#   [arXiv:2205.14135](https://arxiv.org/abs/2205.14135)
-# - T. Dao, *FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning*, 2023.
-#   [arXiv:2307.08691](https://arxiv.org/abs/2307.08691)
-# - R. Pope et al., *Efficiently Scaling Transformer Inference* (KV-cache memory and decoding's arithmetic
-#   intensity), 2022. [arXiv:2211.05102](https://arxiv.org/abs/2211.05102)
-# - Z. Qiu et al., *Gated Attention for Large Language Models: Non-linearity, Sparsity, and Attention-Sink-Free*,
-#   2025. [arXiv:2505.06708](https://arxiv.org/abs/2505.06708)
-# - Qwen team, *Qwen3-Next-80B-A3B* model card, 2025. [huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct);
-#   its attention in transformers: [`modeling_qwen3_next.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py)
-#   (`Qwen3NextAttention`).

@@ -22,46 +22,42 @@
 # reads. MiniMax's *Lightning Attention* is linear attention with a per-head exponential decay, computed block by
 # block so that it runs at tensor-core speed; MiniMax-01 and MiniMax-M1 use it in seven of every eight layers.
 #
-# This chapter opens the linear-attention half of the book (chapters 5 and 6 build on it): the same computation
-# in its three forms — parallel, recurrent and chunkwise — then MiniMax's decay, Triton kernels for training and
-# for decoding, MiniMax's layer loaded from `transformers`, and what the fixed-size state costs in recall.
+# **You will learn to**
 #
-# What you build here, and can import afterwards:
+# - derive the parallel, recurrent and chunkwise forms of (decayed) linear attention and say what each costs;
+# - compute MiniMax's per-head, per-layer decay rates and read a head's memory span off them;
+# - write the chunkwise form — intra-chunk $(QK^\top \odot D)V$, inter-chunk through the state — in PyTorch and
+#   as Triton kernels, checked against the recurrence;
+# - build MiniMax's lightning layer, load it from `transformers` and decode token by token from its state;
+# - weigh the hybrid (7 lightning : 1 softmax) against its cost and its limited recall.
 #
-# | name | what it is |
-# |---|---|
-# | `minimax_slopes` | MiniMax's per-head, per-layer decay rates |
-# | `naive_recurrent_lightning_attn`, `naive_chunk_lightning_attn` | the spec: the recurrence token by token, and Lightning Attention's block split, in PyTorch |
-# | `decay_matrix`, `lightning_flops`, `softmax_attention_flops`, `generation_cost` | the decay mask and the cost model |
-# | `chunk_lightning_attn` | Triton, forward and backward (autograd), any $T$, $K \ne V$, initial and final state |
-# | `fused_recurrent_lightning_attn` | Triton, for decoding a few tokens from a state (forward only) |
-# | `LightningAttention` | the layer as MiniMax builds it, `LightningAttention.from_hf` |
+# **Prerequisites**: chapter 1 (causal attention, the `[B, T, H, D]` layout, how a Triton program tiles a matrix);
+# matrix products and geometric series. **Time**: about 1.5 hours for the core path, plus the exercises.
 #
-# ```python
-# from minisparse.lightning import chunk_lightning_attn, minimax_slopes, LightningAttention
-# ```
+# **Roadmap**
 #
-# Layout `[B, T, H, D]` as everywhere in the book; a state is `[B, H, K, V]` (key dimension × value dimension). On a
-# laptop CPU the chapter runs at small "reading sizes" in under two minutes, with the Triton kernels in the
-# interpreter; on a GPU the same cells use larger sizes.
+# - 4.1 *Why*: one computation in three forms, and a state that does not grow; 4.2 *Decay*: MiniMax's slopes;
+# - 4.3 *Naive*: the recurrence (the spec) and Lightning Attention's chunk form; 4.4 *Fast*: the chunk form in
+#   Triton, kernel by kernel; 4.5 *The layer*, as MiniMax builds it;
+# - 4.6 *Hybrids*: MiniMax-M1's 7 : 1 stack, its generation cost, and what a fixed state cannot recall;
+# - 4.7 *See it*: where the chunks cut the decay matrix; 4.8 *Measure*: the H200 numbers; 4.9 *Exercises*; then
+#   a summary, references and the optional engineering notes (backward and decoding kernels, launch plumbing).
 #
-# :::{admonition} Where the numbers come from
-# :class: note
-# Numbers marked **[S]** come from *the minisparse seed survey, Feb 2026* (see chapter 0). Model shapes come from
-# `transformers`' configuration classes where they hold the real shapes, and otherwise from the papers listed at
-# the end (MiniMax-01 and MiniMax-M1 for MiniMax's layers).
-# :::
+# Layout `[B, T, H, D]` as everywhere in the book; a state is `[B, H, K, V]`. On a laptop CPU the chapter runs in
+# a few minutes, the Triton kernels in the interpreter. **[S]** is the seed survey (see References); model shapes
+# come from `transformers`' configuration classes and the MiniMax-01 and MiniMax-M1 reports.
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
-# anywhere, print the versions and the device this chapter runs on.
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
 if importlib.util.find_spec("minisparse") is None:
     if "google.colab" not in sys.modules:
-        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
-                                  "or `pip install -e .` in this kernel's environment")
-    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
@@ -70,7 +66,6 @@ minisparse.runtime.print_environment()
 
 # %%
 import math
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -84,18 +79,12 @@ torch.manual_seed(0)
 DEVICE = runtime.device()
 DTYPE = runtime.default_dtype()
 
-try:  # transformers is a test dependency: the cells that compare against it skip, with a message, without it
+# transformers is a test dependency: without it, the cells that compare against it skip
+try:
     import transformers
 except ImportError:
     transformers = None
     print("transformers is not installed: the checks against MiniMax's layer are skipped")
-try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
-    with warnings.catch_warnings():  # fla-core 0.6.0 warns at import, from its own file, when Triton has no GPU
-        warnings.filterwarnings("ignore", "Triton is not supported on current platform", UserWarning)
-        from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
-except ImportError:
-    naive_recurrent_simple_gla = None
-    print("fla-core is not installed: the check against fla's naive_recurrent_simple_gla is skipped")
 
 # %% [markdown]
 # ## 4.1 Why: a state that does not grow
@@ -107,11 +96,22 @@ except ImportError:
 # $$
 #
 # The softmax couples $q_t$ to every key separately, so all $t$ keys and values must be kept: the **KV cache**
-# grows linearly with $T$ and the work for the whole sequence quadratically. Katharopoulos et al. (2020) observed
-# that if the similarity is a plain dot product (no exponential, no normalisation) the sum can be regrouped:
+# grows linearly with $T$ and the work for the whole sequence quadratically. Katharopoulos et al. (2020) replaced
+# the exponential by a product of feature maps, $\phi(q)\phi(k)^\top$ with $\phi = \mathrm{elu} + 1 > 0$, and kept
+# the normaliser:
 #
 # $$
-# o_t = \sum_{s \le t} (q_t k_s^\top)\, v_s = q_t \underbrace{\sum_{s \le t} k_s^\top v_s}_{S_t \,\in\, \mathbb R^{K\times V}},
+# o_t = \frac{\phi(q_t) \sum_{s \le t} \phi(k_s)^\top v_s}{\phi(q_t) \sum_{s \le t} \phi(k_s)^\top} ,
+# $$
+#
+# where both sums are running totals that no longer depend on the query. TransNormer (Qin et al., 2022) traced the
+# unstable training of such models to that denominator, dropped it and normalised the layer's output instead (the
+# RMSNorm of section 4.5). Without the normaliser, and with $\phi$ folded into the projections, the sum regroups into
+# a plain matrix:
+#
+# $$
+# o_t = \sum_{s \le t} (q_t k_s^\top)\, v_s
+#     = q_t \underbrace{\sum_{s \le t} k_s^\top v_s}_{S_t \,\in\, \mathbb R^{K\times V}},
 # \qquad S_t = S_{t-1} + k_t^\top v_t .
 # $$
 #
@@ -123,8 +123,9 @@ except ImportError:
 # - **recurrent**: $S_t = S_{t-1} + k_t^\top v_t$, $o_t = q_t S_t$ — $O(T)$ work, one token at a time (good for
 #   decoding, but a sequential loop of tiny outer products that leaves tensor cores idle);
 # - **chunkwise**: cut the sequence into chunks of $C$ tokens; inside a chunk use the parallel form, across chunks
-#   carry the state — $O(T C)$ + $O(T\,KV/C \cdot C)$ work, made of matrix multiplies. This is the form every fast
-#   linear-attention kernel uses, and the one this chapter builds.
+#   carry the state. With head dimension $d$ that is $O(TCd + Td^2)$ work per head: $T/C$ quadratic blocks of
+#   $O(C^2 d)$ each, plus $T/C$ state products of $O(C d^2)$ each — all matrix multiplies. This is the form every
+#   fast linear-attention kernel uses, and the one this chapter builds.
 #
 # The three below are written for one head, without decay (section 4.2 adds it), and agree to rounding:
 
@@ -152,14 +153,16 @@ def chunkwise_form(q, k, v, C=16):
     out = []
     for c0 in range(0, q.shape[0], C):
         qc, kc, vc = q[c0:c0 + C], k[c0:c0 + C], v[c0:c0 + C]  # [L, K], [L, K], [L, V]
-        out.append(qc @ S + parallel_form(qc, kc, vc))  # earlier chunks through S, this chunk directly
+        # earlier chunks through S, this chunk directly
+        out.append(qc @ S + parallel_form(qc, kc, vc))
         S = S + kc.T @ vc  # fold the chunk into the state
     return torch.cat(out)
 
 
 g = torch.Generator().manual_seed(0)
 q1, k1, v1 = (torch.randn(100, 16, generator=g, dtype=torch.float64) / 4 for _ in range(3))
-o_par, o_rec, o_chk = parallel_form(q1, k1, v1), recurrent_form(q1, k1, v1), chunkwise_form(q1, k1, v1)
+o_par, o_rec = parallel_form(q1, k1, v1), recurrent_form(q1, k1, v1)
+o_chk = chunkwise_form(q1, k1, v1)
 print(f"recurrent vs parallel: {(o_rec - o_par).abs().max():.1e}, chunkwise vs parallel: "
       f"{(o_chk - o_par).abs().max():.1e} (max abs difference, float64, T = 100, C = 16)")
 assert torch.allclose(o_rec, o_par) and torch.allclose(o_chk, o_par)
@@ -183,10 +186,10 @@ import numpy as np
 
 
 def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
-    """FLOPs of linear attention for one head over a whole sequence of T tokens (2 FLOPs a multiply-add).
+    """FLOPs of linear attention, one head, a whole sequence of T tokens (2 FLOPs a multiply-add).
 
-    form: "parallel" (masked QKᵀ then ·V, causal half), "recurrent" (update + read a K×V state per token) or
-    "chunk" (parallel inside chunks of `chunk` tokens, the state across them).
+    form: "parallel" (masked QKᵀ then ·V, causal half), "recurrent" (update + read a K×V state per
+    token) or "chunk" (parallel inside chunks of `chunk` tokens, the state across them).
     """
     if form == "parallel":
         return T * T * (d_k + d_v)  # 2 · T²/2 · (K + V)
@@ -194,11 +197,12 @@ def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
         return 4 * T * d_k * d_v
     if form == "chunk":
         return T * chunk * (d_k + d_v) + 4 * T * d_k * d_v
-    raise ValueError(f"lightning_flops: form must be 'parallel', 'recurrent' or 'chunk', got {form!r}")
+    raise ValueError(f"lightning_flops: form must be 'parallel', 'recurrent' or 'chunk', got "
+                     f"{form!r}")
 
 
 def softmax_attention_flops(T, d_qk, d_v, heads=1):
-    """FLOPs of causal softmax attention over T tokens: QKᵀ and PV on the causal half, 2 FLOPs a multiply-add."""
+    """FLOPs of causal softmax attention over T tokens: QKᵀ and PV on the causal half."""
     return heads * T * T * (d_qk + d_v)
 
 
@@ -215,21 +219,26 @@ ax1.set(xlabel="sequence length T", ylabel="FLOPs, one head, whole sequence",
         title="Three forms of one computation (d = 128, C = 64)")
 ax1.legend(fontsize=8)
 ax1.grid(alpha=0.3, which="major")
-kv_bytes = 2 * 8 * 128 * 2 * Ts  # a softmax layer of M1: K and V of 8 KV heads × 128, bf16, per token
-state_bytes = 64 * 128 * 128 * 4 * np.ones_like(Ts)  # a lightning layer of M1: 64 heads × 128 × 128 fp32 state
+# a softmax layer of M1: K and V of 8 KV heads × 128, bf16, per token
+kv_bytes = 2 * 8 * 128 * 2 * Ts
+# a lightning layer of M1: 64 heads × 128 × 128 fp32 state
+state_bytes = 64 * 128 * 128 * 4 * np.ones_like(Ts)
 ax2.loglog(Ts, kv_bytes / 2**20, color="tab:red", label="softmax layer: KV cache (GQA, 8 KV heads)")
-ax2.loglog(Ts, state_bytes / 2**20, color="tab:green", label="lightning layer: state (64 heads, fp32)")
-ax2.set(xlabel="tokens in context", ylabel="MiB per sequence, one layer", title="What a layer keeps while decoding")
+ax2.loglog(Ts, state_bytes / 2**20, color="tab:green",
+           label="lightning layer: state (64 heads, fp32)")
+ax2.set(xlabel="tokens in context", ylabel="MiB per sequence, one layer",
+        title="What a layer keeps while decoding")
 ax2.legend(fontsize=8)
 ax2.grid(alpha=0.3, which="major")
 fig.tight_layout()
 plt.show()
 cross = next(t for t in Ts if kv_bytes[list(Ts).index(t)] > state_bytes[0])
-print(f"the KV cache of one softmax layer outgrows a lightning layer's state after {cross:,.0f} tokens")
+print(f"the KV cache of one softmax layer outgrows a lightning layer's state "
+      f"after {cross:,.0f} tokens")
 
 # %% [markdown]
-# *Assumptions: MiniMax-M1's attention shape from the MiniMax-01 report (64 query heads of 128; softmax layers with
-# 8 KV heads; states kept in fp32, KV cache in bf16). FLOPs count only the attention core, not the projections.*
+# *Assumptions: M1's shape from the MiniMax-01 report (64 query heads of 128; softmax layers with 8 KV heads; fp32
+# states, bf16 KV cache). FLOPs count only the attention core, not the projections.*
 #
 # Two costs remain. Softmax attention's state is exact — it can look up any earlier token — while a $K \times V$
 # matrix can only hold so much (section 4.6 measures how much). And plain linear attention, with $S_t = S_{t-1} +
@@ -243,9 +252,10 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state aft
 # fixed rate $s_h > 0$ per head:
 #
 # $$
-# S_t = e^{-s_h}\, S_{t-1} + k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t
-# \quad\Longleftrightarrow\quad
-# o_t = \sigma \sum_{s \le t} e^{-s_h (t-s)}\, (q_t k_s^\top)\, v_s ,
+# \begin{aligned}
+# S_t &= e^{-s_h}\, S_{t-1} + k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t \\
+# \Longleftrightarrow\quad o_t &= \sigma \sum_{s \le t} e^{-s_h (t-s)}\, (q_t k_s^\top)\, v_s ,
+# \end{aligned}
 # $$
 #
 # with a scale $\sigma$ (MiniMax uses $\sigma = 1$; the book's default is $K^{-1/2}$). A token $n$ steps back weighs
@@ -264,7 +274,7 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state aft
 # Head 0 forgets fastest ($s = 2^{-8/H}$, a half-life under a token for $H = 64$); the last head keeps a memory of
 # hundreds of tokens. Deeper layers forget more slowly, and the last layer almost not at all ($s \approx 10^{-5}$
 # times the head's rate). The two $10^{-5}$ keep the rate positive in the last layer and are part of the released
-# code; we copy them so that the buffers match bit for bit.
+# code; we copy them so that the buffers match `transformers'` bit for bit (checked in the Engineering notes).
 
 # %%
 #| export lightning.naive
@@ -276,21 +286,24 @@ from minisparse import _checks  # the book's shared argument checks
 def minimax_slopes(num_heads, layer_idx, num_layers):
     """MiniMax's decay rates s_h > 0 of one lightning layer: [num_heads] float32.
 
-    ALiBi's geometric slopes 2^(-8(h+1)/H), scaled by (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5), as
-    MiniMax's released modeling code (and transformers' MiniMaxLightningAttention) computes its `slope_rate`.
+    ALiBi's geometric slopes 2^(-8(h+1)/H), scaled by (1 - layer_idx / (num_layers - 1 + 1e-5) +
+    1e-5), as MiniMax's released modeling code (and transformers' MiniMaxLightningAttention)
+    computes its `slope_rate`.
     """
     _checks.positive_int("minimax_slopes", "num_heads", num_heads)
     _checks.positive_int("minimax_slopes", "num_layers", num_layers)
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
-        raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
-                         f"got {layer_idx!r}")
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx >= num_layers \
+            or layer_idx < 0:
+        raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = "
+                         f"[0, {num_layers}), got {layer_idx!r}")
     base = 1 / (2 ** (8 / num_heads))
     rate = base ** (torch.arange(num_heads) + 1)  # [H] float32: base^1 ... base^H
     return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
 
 
 def decay_matrix(slope, length):
-    """The decay mask of one head: D[i, j] = exp(-slope · (i - j)) for j <= i, else 0. [length, length] float32.
+    """The decay mask of one head, [length, length] float32: D[i, j] = exp(-slope · (i - j)) for
+    j <= i, else 0.
 
     The exponent is masked *before* exp, so no positive exponent is ever computed.
     """
@@ -305,19 +318,8 @@ from minisparse.lightning import decay_matrix, minimax_slopes
 H_M1, L_M1 = 64, 80  # MiniMax-01 / M1: 64 heads, 80 layers (MiniMax-01 report, Table 2)
 for layer in (0, 40, 79):
     s = minimax_slopes(H_M1, layer, L_M1)
-    print(f"layer {layer:2d}: rates {s[0]:.3g} … {s[-1]:.2e}; half-lives {math.log(2) / s[0]:.1f} … "
-          f"{math.log(2) / s[-1]:,.0f} tokens")
-
-if transformers is not None:
-    from transformers import MiniMaxConfig
-    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
-
-    for heads, layers, idx in [(8, 6, 0), (8, 6, 3), (8, 6, 5), (64, 80, 17), (5, 1, 0)]:
-        cfg = MiniMaxConfig(hidden_size=heads * 8, num_attention_heads=heads, head_dim=8, num_hidden_layers=layers,
-                            block_size=16)
-        hf = MiniMaxLightningAttention(cfg, idx)
-        assert torch.equal(hf.slope_rate.view(-1), minimax_slopes(heads, idx, layers)), (heads, layers, idx)
-    print("minimax_slopes == transformers' MiniMaxLightningAttention.slope_rate (bit for bit, 5 configurations)")
+    print(f"layer {layer:2d}: rates {s[0]:.3g} … {s[-1]:.2e}; "
+          f"half-lives {math.log(2) / s[0]:.1f} … {math.log(2) / s[-1]:,.0f} tokens")
 
 # %% [markdown]
 # What the decay does to attention: with $q_t k_s^\top$ the raw scores, the output mixes the values with weights
@@ -337,46 +339,27 @@ for layer in (0, 40, 78):
         w = scores * decay_matrix(s[h], T_PIC)
         pics[f"layer {layer}, head {h}: s = {s[h]:.2g}"] = w / w.max()
 fig = viz.panels(pics, ncols=4, size=2.5, cmap="magma", vmin=0, vmax=1,
-                 suptitle="Decay-weighted attention |q_t k_s| · exp(-s (t - s)) of MiniMax-M1's heads")
+                 suptitle="Decay-weighted attention |q_t k_s| · exp(-s (t - s)), M1's heads")
 plt.show()
 
 # %% [markdown]
-# Two things to notice. Within one layer the heads span scales from one token to the whole window: a
-# multi-resolution memory by construction, not by learning. And across layers the whole range slides towards long
-# memory, so that the last layers approach plain, undecayed linear attention. The decay is fixed: the rates are
-# buffers, not parameters, and nothing depends on the input. (Chapters 5 and 6 make the decay depend on the token.)
+# Within one layer the heads span scales from one token to the whole window, a multi-resolution memory by
+# construction; across layers the range slides towards long memory. The rates are fixed buffers, not parameters,
+# and nothing depends on the input (chapters 5 and 6 make the decay depend on the token).
 
 # %% [markdown]
 # ## 4.3 Naive: the recurrence, and Lightning Attention's blocks
 #
 # The spec is the recurrence itself, with the book's conventions: `q, k [B, T, H, K]`, `v [B, T, H, V]` ($K \ne V$
-# allowed), `slope [H]` of positive rates, an optional `initial_state [B, H, K, V]`, and `(o, final_state)` returned,
-# `final_state` only when asked for. It accumulates in fp32 whatever the input dtype. Validation is one call,
-# `_check_lightning`, built from the book's shared checks (`minisparse._checks`); the naive ops also check that every
-# rate is positive and finite, and the Triton ops of section 4.4 check it on CPU tensors, and on a GPU when asked
-# (`runtime.set_value_checks(True)`).
+# allowed), `slope [H]` of positive rates, an optional `initial_state [B, H, K, V]`; it returns `(o, final_state)`
+# (the state only when asked for) and accumulates in fp32. Validation is one call, `_check_lightning` (Engineering
+# notes), which also checks that every rate is positive and finite.
 
 # %%
 #| export lightning.naive
-def _check_slope(op, slope):
-    """slope > 0 and finite (a NaN is reported as NaN): one reduction and a host sync."""
-    _checks.value_range(op, "slope", slope, low=0, low_open=True, high=torch.finfo(torch.float32).max,
-                        why="finite decay rates: exp(-slope) < 1 each step")
-
-
-def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
-    """Validate what every lightning op takes; return the scale as a float (K ** -0.5 for None). `check_values`:
-    also check the slope's values now (the naive ops always do; see runtime.checking_values for the Triton ops)."""
-    B, _, H, K, _, V = _checks.qkv(op, q, k, v)
-    _checks.per_head_token(op, "slope", slope, (H,), "[H]", "one decay rate a head", like=q)
-    _checks.initial_state(op, initial_state, (B, H, K, V), like=q)
-    if check_values:
-        _check_slope(op, slope)
-    return _checks.scale(op, scale, K)
-
-
-def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
-    """Lightning attention token by token: S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
+def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
+                                   output_final_state=False):
+    """Lightning attention token by token: S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = σ q_t S_t.
 
     q, k [B, T, H, K]; v [B, T, H, V]; slope [H] > 0; initial_state [B, H, K, V] or None ->
     (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None). Accumulates in float32.
@@ -386,11 +369,13 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     lam = torch.exp(-slope.float())[None, :, None, None]  # [1, H, 1, 1] decay per step
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    S = initial_state.float().clone() if initial_state is not None else \
+        q.new_zeros(B, H, K, V, dtype=torch.float32)  # [B, H, K, V]
     qf, kf, vf = q.float() * scale, k.float(), v.float()
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     for t in range(T):
-        S = lam * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # [B, H, K, V] decay, then add k_tᵀ v_t
+        # [B, H, K, V] decay, then add k_tᵀ v_t
+        S = lam * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]
         o[:, t] = (qf[:, t, :, :, None] * S).sum(dim=2)  # [B, H, V] q_t S_t
     return o.to(q.dtype), (S if output_final_state else None)
 
@@ -401,46 +386,76 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
 # its tokens $i = 0 \dots L-1$ ($L \le C$; the last block may be short). Unrolling the recurrence from $t_0$:
 #
 # $$
-# o_i = \sigma\Big(\underbrace{\lambda^{i+1}\, q_i S}_{\text{inter-block}}
-# + \underbrace{\textstyle\sum_{j \le i} \lambda^{i-j}\, (q_i k_j^\top)\, v_j}_{\text{intra-block}}\Big),
-# \qquad
-# S' = \lambda^{L} S + \textstyle\sum_{j} \lambda^{L-1-j}\, k_j^\top v_j .
+# \begin{aligned}
+# o_i &= \sigma\Big(\underbrace{\lambda^{i+1}\, q_i S}_{\text{inter-block}}
+#   + \underbrace{\textstyle\sum_{j \le i} \lambda^{i-j}\, (q_i k_j^\top)\, v_j}_{\text{intra-block}}\Big), \\
+# S' &= \lambda^{L} S + \textstyle\sum_{j} \lambda^{L-1-j}\, k_j^\top v_j .
+# \end{aligned}
 # $$
 #
 # In matrices, with $Q, K_c, V_c$ the block's rows, $D_{ij} = \lambda^{i-j}$ ($j \le i$, else 0) the decay matrix,
 # $a_i = \lambda^{i+1}$ the *query decay* and $b_j = \lambda^{L-1-j}$ the *key decay*:
 #
 # $$
-# O_c = \sigma\big(\operatorname{diag}(a)\, Q S + (Q K_c^\top \odot D)\, V_c\big), \qquad
-# S' = \lambda^{L} S + (\operatorname{diag}(b) K_c)^\top V_c .
+# \begin{aligned}
+# O_c &= \sigma\big(\operatorname{diag}(a)\, Q S + (Q K_c^\top \odot D)\, V_c\big), \\
+# S' &= \lambda^{L} S + (\operatorname{diag}(b) K_c)^\top V_c .
+# \end{aligned}
 # $$
 #
 # The intra-block part is quadratic in $C$ only; the inter-block part is one $C \times K$ by $K \times V$ product;
 # and the state moves on by one $K \times C$ by $C \times V$ product. Every exponent is $\le 0$ — $i - j \ge 0$,
 # $i + 1 > 0$, $L - 1 - j \ge 0$ — so no factor can overflow, even for a fast head whose $\lambda^{64}$ underflows to
 # zero. (Forms that divide by $\lambda^{j}$ to factor $D$ into a product of two vectors do overflow; this one never
-# does.) MiniMax's released code and `transformers` use exactly these three factors with $C = 256$.
+# does.) MiniMax's released code and `transformers` use exactly these three factors with $C = 256$. The picture:
+# each chunk's outputs need only its own rows and the state entering it; the states form a chain.
+
+# %% tags=["hide-input"]
+Box, boxes, arrows, groups = viz.Box, {}, [], []
+for n in range(2):  # two chunks, and the states that enter and leave them
+    x = 4.8 * n
+    boxes[f"S{n}"] = Box(x - 2.4, -1.5, f"$S_{n}$", w=0.8, color="#d9f0d3", note="[K, V]")
+    boxes[f"in{n}"] = Box(x, 2.4, f"$Q_{n},\\ K_{n},\\ V_{n}$", w=2.0)
+    boxes[f"inter{n}"] = Box(x - 1.0, 1.1, f"inter\n$\\mathrm{{diag}}(a)\\,Q_{n} S_{n}$", w=1.8,
+                             h=0.8, color="#d9f0d3")
+    boxes[f"intra{n}"] = Box(x + 1.0, 1.1, "intra\n$(Q K^\\top \\odot D)\\,V$", w=1.8, h=0.8)
+    boxes[f"o{n}"] = Box(x, 0, f"$O_{n}$", w=0.8, color="#fde0c5", note="[C, V]")
+    arrows += [(f"in{n}", f"intra{n}"), (f"in{n}", f"inter{n}"), (f"S{n}", f"inter{n}"),
+               (f"intra{n}", f"o{n}"), (f"inter{n}", f"o{n}")]
+    groups.append(([f"in{n}", f"intra{n}", f"inter{n}", f"o{n}"],
+                   f"chunk {n} (chunks in parallel)"))
+    update = f"$\\lambda^L S_{n} + (\\mathrm{{diag}}(b) K_{n})^\\top V_{n}$"
+    arrows.append((f"S{n}", f"S{n + 1}", update))
+boxes["S2"] = Box(7.2, -1.5, "$S_2$", w=0.8, color="#d9f0d3", note="[K, V]")
+fig = viz.schematic(boxes, arrows, groups=groups, size=(10, 4.2),
+                    title="The chunk form: outputs from a chunk's rows and the state entering it")
+plt.show()
 
 # %%
 #| export lightning.naive
-def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False,
+def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
+                               output_final_state=False,
                                chunk_size=64):
-    """Lightning attention by blocks: intra-block (Q Kᵀ ⊙ D) V plus inter-block diag(a) Q S, state carried across.
+    """Lightning attention by blocks: intra-block (Q Kᵀ ⊙ D) V + inter-block diag(a) Q S.
 
-    Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length (any T works:
-    the last block is shorter). Accumulates in float32.
+    Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length
+    (any T works: the last block is shorter). Accumulates in float32.
     """
-    return _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size, check_values=True)
+    return _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size,
+                        check_values=True)
 
 
-def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size, check_values):
-    """naive_chunk_lightning_attn; check_values=False skips the slope's values (LightningAttention's own slopes)."""
-    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state, check_values)
+def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size,
+                 check_values):
+    """naive_chunk_lightning_attn; check_values=False skips the slope's values (the layer's own)."""
+    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state,
+                             check_values)
     _checks.positive_int("naive_chunk_lightning_attn", "chunk_size", chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
     s = slope.float()[:, None, None]  # [H, 1, 1]
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    S = initial_state.float().clone() if initial_state is not None else \
+        q.new_zeros(B, H, K, V, dtype=torch.float32)  # [B, H, K, V]
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, ·]
     o = torch.empty(B, H, T, V, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, chunk_size):
@@ -454,13 +469,14 @@ def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk
         intra = ((qc @ kc.transpose(-1, -2)) * D) @ vc  # [B, H, L, V]
         inter = (qc * a) @ S  # [B, H, L, V]
         o[:, :, c0:c0 + L] = scale * (inter + intra)
-        S = torch.exp(-s * L) * S + (kc * b).transpose(-1, -2) @ vc  # [B, H, K, V] λ^L S + (diag(b) K)ᵀ V
+        # [B, H, K, V] λ^L S + (diag(b) K)ᵀ V
+        S = torch.exp(-s * L) * S + (kc * b).transpose(-1, -2) @ vc
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 
 # %% [markdown]
-# Both against an independent reference — fla's `naive_recurrent_simple_gla` with the gate $g = -s_h$ at every
-# step — and against each other, on a short odd length with $K \ne V$, an initial state and MiniMax's slopes:
+# The two agree on an odd length with $K \ne V$, an initial state and MiniMax's slopes (and the recurrence agrees
+# with fla's `naive_recurrent_simple_gla`, gate $g = -s_h$: Engineering notes):
 
 # %%
 from minisparse.lightning import naive_chunk_lightning_attn, naive_recurrent_lightning_attn
@@ -470,63 +486,44 @@ q0, k0 = make_bthd(B0, T0, H0, K0, seed=1), make_bthd(B0, T0, H0, K0, seed=2)
 v0 = make_bthd(B0, T0, H0, V0, seed=3)
 h00 = torch.randn(B0, H0, K0, V0, generator=torch.Generator().manual_seed(4))
 slope0 = minimax_slopes(H0, 1, 4)
-o_rec0, s_rec0 = naive_recurrent_lightning_attn(q0, k0, v0, slope0, initial_state=h00, output_final_state=True)
+o_rec0, s_rec0 = naive_recurrent_lightning_attn(q0, k0, v0, slope0, initial_state=h00,
+                                                output_final_state=True)
 for C in (16, 64, 100):
-    o_chk0, s_chk0 = naive_chunk_lightning_attn(q0, k0, v0, slope0, initial_state=h00, output_final_state=True,
-                                                chunk_size=C)
+    o_chk0, s_chk0 = naive_chunk_lightning_attn(q0, k0, v0, slope0, initial_state=h00,
+                                                output_final_state=True, chunk_size=C)
     assert_close(f"chunk (C={C}) vs recurrent: o", o_rec0, o_chk0, 1e-5)
     assert_close(f"chunk (C={C}) vs recurrent: final state", s_rec0, s_chk0, 1e-5)
-if naive_recurrent_simple_gla is not None:
-    gate = (-slope0).expand(B0, T0, H0)  # [B, T, H] log decay, the same every step
-    o_fla, s_fla = naive_recurrent_simple_gla(q0, k0, v0, gate, scale=K0 ** -0.5, initial_state=h00,
-                                              output_final_state=True)
-    assert_close("recurrent vs fla naive_recurrent_simple_gla: o", o_fla, o_rec0, 1e-5)
-    assert_close("recurrent vs fla naive_recurrent_simple_gla: state", s_fla, s_rec0, 1e-5)
-    print("naive_recurrent_lightning_attn == fla's naive_recurrent_simple_gla(g = -slope)")
-print("naive_chunk_lightning_attn == naive_recurrent_lightning_attn for C = 16, 64, 100 (T = 77, K = 32, V = 48)")
+print("naive_chunk_lightning_attn == naive_recurrent_lightning_attn for C = 16, 64, 100 "
+      "(T = 77, K = 32, V = 48)")
 
 # %% [markdown]
 # ## 4.4 Fast: the chunkwise form in Triton
 #
-# The naive block loop already has the right shape, but it runs the blocks one after another and launches a dozen
-# small PyTorch operations for each. The Triton version splits the work by what depends on what:
-#
-# 1. **The chunk states** $S_0, S_1, \dots$ (the state *entering* each chunk) depend on each other — a scan over
-#    chunks — but each step is one small matrix product. One program per (batch, head, tile of the state) walks
-#    the chunks in order, keeping its tile of $S$ in registers in fp32, and writes each chunk's entering state to
-#    memory: `_fwd_states_kernel`.
-# 2. **The outputs** of a chunk depend only on that chunk's $Q, K, V$ and its entering state, so all chunks run in
-#    parallel: one program per (batch, head, chunk, tile of $V$) — `_fwd_output_kernel`.
-#
-# The backward pass mirrors it: a reverse scan for the state gradients, then one parallel kernel for
-# $\partial q, \partial k, \partial v$ (derived below).
+# The naive loop runs the chunks one after another, a dozen small PyTorch operations each. The Triton version
+# splits the work by what depends on what, as in the picture: the **chunk states** $S_0, S_1, \dots$ depend on each
+# other (a scan over chunks, one small matrix product a step: `_fwd_states_kernel`), while the **outputs** of a
+# chunk need only its own rows and its entering state, so all chunks run in parallel (`_fwd_output_kernel`). The
+# backward mirrors it (derived below; its kernels, the decoding kernel and the launch code: Engineering notes).
 #
 # ### The state kernel, tile by tile
 #
-# ```
-#  program (b, h, K-tile ik, V-tile iv):       S tile [BK, BV] in fp32 registers, from initial_state or 0
-#  for chunk n = 0 .. NT-1:
-#      store S  →  states[b, h, n, ik-tile, iv-tile]         the state entering chunk n
-#      load  Kᵀ [BK, C] and V [C, BV] of chunk n              rows past T load as 0
-#      b_j = exp(-s (L-1-j)) for j < L, 0 beyond              key decay, exponent ≤ 0, masked before exp
-#      S ← exp(-s L) · S  +  (Kᵀ · b) @ V                     one tl.dot, fp32 accumulate
-#  store S → final_state (if asked)
-# ```
-#
-# Splitting the state into `BK × BV` tiles gives $B \cdot H \cdot (K/B_K)(V/B_V)$ independent scans — 128 for the
-# benchmark's $B = 2$, $H = 16$, $K = V = 128$ with 64 × 64 tiles — enough to keep a GPU's SMs busy while each
-# walks its chunks. Chunk states are stored in the input dtype (as fla does), which halves their traffic in bf16;
-# the running sum stays in fp32.
+# One program keeps a `BK × BV` tile of $S$ in fp32 registers and walks the chunks in order: it stores the tile as
+# the state entering chunk $n$, loads that chunk's $K^\top$ `[BK, C]` and $V$ `[C, BV]` (rows past $T$ as zeros),
+# and moves on with one `tl.dot`, $S \leftarrow \lambda^L S + (K^\top \operatorname{diag}(b))\,V$. Tiling the state
+# gives $B \cdot H \cdot (K/B_K)(V/B_V)$ independent scans — 128 for the benchmark's $B = 2$, $H = 16$,
+# $K = V = 128$ with 64 × 64 tiles — enough to keep a GPU busy. Chunk states are stored in the input dtype (as
+# fla does), which halves their traffic in bf16; the running sum stays in fp32.
 
 # %%
 #| export lightning.triton
-"""Lightning attention in Triton (chapter 4, section 4.4): the chunk scan, the chunk outputs, their backward pass,
-and a recurrent kernel for decoding.
+"""Lightning attention in Triton (chapter 4, section 4.4): the chunk scan, the chunk outputs, their
+backward pass, and a recurrent kernel for decoding.
 
-Names in the kernels: `*_ptr` is a tensor argument, `*_base` where this program's (batch, head) slice of it starts,
-`*_off` offsets within that slice and `*_mask` which of them are in bounds. C is the chunk length, NT the number of
-chunks, BK × BV a tile of a [K, V] state. Tensors are contiguous [B, T, H, ·], so token t of head h is
-`H · (K or V)` elements after token t - 1. Launch configurations come from `runtime.LAUNCH_TABLE` ("lightning.*").
+Names in the kernels: `*_ptr` is a tensor argument, `*_base` where this program's (batch, head)
+slice of it starts, `*_off` offsets within that slice and `*_mask` which of them are in bounds. C is
+the chunk length, NT the number of chunks, BK × BV a tile of a [K, V] state. Tensors are contiguous
+[B, T, H, ·], so token t of head h is `H · (K or V)` elements after token t - 1. Launch
+configurations come from `runtime.LAUNCH_TABLE` ("lightning.*").
 """
 import torch
 import triton
@@ -542,12 +539,14 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
                        STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     """The chunk scan: the state entering every chunk, and the state after the last one.
 
-    Program: one (batch b, head h) and one [BK, BV] tile of its [K, V] state. Grid (cdiv(K, BK) · cdiv(V, BV), B · H).
-    Tiling: the tile of S stays in fp32 registers while the program walks the NT chunks in order; each step loads
-    Kᵀ [BK, C] and V [C, BV] of one chunk (rows past T load as 0).
+    Program: one (batch b, head h) and one [BK, BV] tile of its [K, V] state.
+    Grid (cdiv(K, BK) · cdiv(V, BV), B · H).
+    Tiling: the tile of S stays in fp32 registers while the program walks the NT chunks in order;
+    each step loads Kᵀ [BK, C] and V [C, BV] of one chunk (rows past T load as 0).
     Math, with λ = exp(-s_h) and L the chunk's length (the last chunk may be shorter):
         S = h0[b, h] if HAS_H0 else 0
-        for n = 0 .. NT-1:  states[b, h, n] = S;   S ← λ^L S + Kᵀ diag(b) V,   b_j = λ^(L-1-j) (0 for j ≥ L)
+        for n = 0 .. NT-1:  states[b, h, n] = S;   S ← λ^L S + Kᵀ diag(b) V
+                            with b_j = λ^(L-1-j) (0 for j ≥ L)
         ht[b, h] = S if STORE_HT
     """
     i_kv, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -559,7 +558,8 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
     s = tl.load(slope_ptr + h).to(tl.float32)
     k_base = k_ptr + (b * T * H + h) * K  # token t of (b, h) at k_base + t * H * K
     v_base = v_ptr + (b * T * H + h) * V
-    states_base = states_ptr + i_bh * NT * K * V  # chunk n's [K, V] state at states_base + n * K * V
+    # chunk n's [K, V] state at states_base + n * K * V
+    states_base = states_ptr + i_bh * NT * K * V
     kv_off = ks[:, None] * V + vs[None, :]  # [BK, BV] within one [K, V] state
     kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
     S = tl.zeros((BK, BV), dtype=tl.float32)
@@ -569,11 +569,13 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
         tl.store(states_base + n * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
         t = n * C + rows  # [C] the chunk's positions
         L = tl.minimum(T - n * C, C)  # its length
-        kt = tl.load(k_base + t[None, :] * H * K + ks[:, None], mask=(t[None, :] < T) & (ks[:, None] < K),
+        kt = tl.load(k_base + t[None, :] * H * K + ks[:, None],
+                     mask=(t[None, :] < T) & (ks[:, None] < K),
                      other=0.0)  # [BK, C] Kᵀ
-        vb = tl.load(v_base + t[:, None] * H * V + vs[None, :], mask=(t[:, None] < T) & (vs[None, :] < V),
+        vb = tl.load(v_base + t[:, None] * H * V + vs[None, :],
+                     mask=(t[:, None] < T) & (vs[None, :] < V),
                      other=0.0)  # [C, BV]
-        key_decay = tl.exp(tl.where(rows < L, -s * (L - 1 - rows).to(tl.float32), float("-inf")))  # [C]
+        key_decay = tl.exp(tl.where(rows < L, -s * (L - 1 - rows).to(tl.float32), float("-inf")))
         S = S * tl.exp(-s * L.to(tl.float32)) + tl.dot((kt * key_decay[None, :]).to(vb.dtype), vb,
                                                         input_precision=PRECISION)
     if STORE_HT:
@@ -583,29 +585,25 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
 # %% [markdown]
 # ### The output kernel, tile by tile
 #
-# ```
-#  program (b, h, chunk n, V-tile iv):               all of K in one tile (K ≤ 128, padded to a power of two)
-#      load Q, K [C, BK], V [C, BV], S_n [BK, BV]
-#      A   = Q @ Kᵀ                       [C, C]      tl.dot
-#      A  ⊙= D,  D_ij = exp(-s (i-j)) for i ≥ j       the exponent is masked to -inf above the diagonal first
-#      O   = diag(exp(-s (i+1))) · (Q @ S_n)  +  A @ V     two tl.dot, fp32 accumulate
-#      store σ · O  (rows < T, columns < V)
-# ```
+# One program per (batch, head, chunk, `V`-tile) holds all of $K$ in one tile: it loads $Q, K$ `[C, BK]`, $V$
+# `[C, BV]` and the entering state's tile, forms the $C \times C$ scores $QK^\top \odot D$ on chip (the exponent
+# masked above the diagonal before `exp`), and accumulates $\operatorname{diag}(a)\,QS_n + (QK^\top \odot D)\,V$ with
+# two more `tl.dot`s in fp32.
 #
-# $K$ and $V$ need not be powers of two: tiles are padded to the next power of two and the padding is loaded as
-# zeros (masked loads) and never stored (masked stores), so a 48-wide head costs a 64-wide tile and gives exact
-# results. Rows past $T$ in the last chunk load as zeros too: they add nothing to $A$, to $Q S$, or to the state.
+# $K$ and $V$ need not be powers of two: tiles are padded, the padding loads as zeros and is never stored, so a
+# 48-wide head costs a 64-wide tile; rows past $T$ load as zeros too and add nothing.
 
 # %%
 #| export lightning.triton
 @triton.jit
 def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale, T, H, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """The outputs of one chunk, for one tile of V.
 
     Program: one (batch b, head h, chunk n, V-tile). Grid (cdiv(V, BV), NT, B · H).
-    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded to a power of two), V [C, BV] and the entering
-    state's tile S_n [BK, BV]; the scores [C, C] stay on chip.
+    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded to a power of two), V [C, BV] and
+    the entering state's tile S_n [BK, BV]; the scores [C, C] stay on chip.
     Math, with λ = exp(-s_h), D_ij = λ^(i-j) for i ≥ j (0 above the diagonal) and a_i = λ^(i+1):
         O = scale · (diag(a) Q S_n + (Q Kᵀ ⊙ D) V)
     """
@@ -628,7 +626,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
     q = tl.load(q_base + qk_off, mask=qk_mask, other=0.0)
     k = tl.load(k_base + qk_off, mask=qk_mask, other=0.0)
     v = tl.load(v_base + vo_off, mask=vo_mask, other=0.0)  # [C, BV]
-    S = tl.load(state_base + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & (vs[None, :] < V),
+    S = tl.load(state_base + ks[:, None] * V + vs[None, :],
+                mask=(ks[:, None] < K) & (vs[None, :] < V),
                 other=0.0)  # [BK, BV]
     diff = (rows[:, None] - rows[None, :]).to(tl.float32)  # [C, C] i - j
     D = tl.exp(tl.where(diff >= 0, -s * diff, float("-inf")))  # decay matrix, 0 above the diagonal
@@ -648,8 +647,10 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
 # **reverse** recurrence over chunks, the transpose of the forward one:
 #
 # $$
-# \partial S'_{NT-1} = \partial S_{\text{final}}, \qquad
-# \partial S'_{n-1} = \lambda^{L_n}\, \partial S'_n + \sigma\,(\operatorname{diag}(a)\, Q_n)^\top \partial O_n ,
+# \begin{aligned}
+# \partial S'_{NT-1} &= \partial S_{\text{final}}, \\
+# \partial S'_{n-1} &= \lambda^{L_n}\, \partial S'_n + \sigma\,(\operatorname{diag}(a)\, Q_n)^\top \partial O_n ,
+# \end{aligned}
 # $$
 #
 # and the gradient of `initial_state` is what the scan holds after chunk 0. With $\partial S'$ known for every
@@ -663,21 +664,825 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
 # \end{aligned}
 # $$
 #
-# `_bwd_dstates_kernel` is the state kernel run backwards with $Q$ and $\partial O$ in the places of $K$ and $V$;
-# `_bwd_dqkv_kernel` takes one chunk per program, all of $K$ in one tile, and loops over $V$ in tiles, accumulating
-# $\partial O\,V^\top$, $\partial O\, S^\top$ and $V\,(\partial S')^\top$, storing each $\partial V$ tile as it goes.
+# So the backward is two kernels again: the state kernel run backwards, with $Q$ and $\partial O$ in the places of
+# $K$ and $V$, and one parallel kernel per chunk for $\partial Q, \partial K, \partial V$ (Engineering notes).
+
+# %% [markdown]
+# ### Check it against the spec
+#
+# Output, final state and all four gradients against `naive_recurrent_lightning_attn` (autograd through the loop),
+# with $T$ not a multiple of $C$ and $K \ne V$: fp32 in the interpreter on a CPU, bf16 on a GPU.
+
+# %%
+from minisparse.lightning import chunk_lightning_attn
+
+Bc, Tc, Hc, Kc, Vc = 2, runtime.reading_size(cpu=100, gpu=1000), 4, 48, 40
+fwd_tol, grad_tol = (1e-4, 1e-4) if DTYPE == torch.float32 else (5e-3, 8e-3)
+qc, kc = (make_bthd(Bc, Tc, Hc, Kc, seed=s, device=DEVICE, dtype=DTYPE) / 3 for s in (10, 11))
+vc = make_bthd(Bc, Tc, Hc, Vc, seed=12, device=DEVICE, dtype=DTYPE)
+h0c = (0.1 * torch.randn(Bc, Hc, Kc, Vc, device=DEVICE)).to(DTYPE)
+slope_c = torch.tensor([1e-4, 0.05, 0.5, 8.0], device=DEVICE)  # from no decay at all to e^-8 a step
+leaves = [x.detach().clone().requires_grad_() for x in (qc, kc, vc, h0c)]
+o_k, s_k = chunk_lightning_attn(*leaves[:3], slope_c, initial_state=leaves[3],
+                                output_final_state=True)
+do_c, ds_c = torch.randn_like(o_k), torch.randn_like(s_k)
+torch.autograd.backward((o_k, s_k), (do_c, ds_c))
+ref_leaves = [x.detach().double().requires_grad_() for x in (qc, kc, vc, h0c)]
+o_r, s_r = naive_recurrent_lightning_attn(*[x.float() for x in ref_leaves[:3]], slope_c,
+                                          initial_state=ref_leaves[3].float(),
+                                          output_final_state=True)
+torch.autograd.backward((o_r, s_r), (do_c.float(), ds_c.float()))
+for name, out, ref, tol in [("o", o_k, o_r, fwd_tol), ("final_state", s_k, s_r, fwd_tol)] + [
+        (f"d{n}", a.grad, r.grad, grad_tol) for n, a, r in zip(["q", "k", "v", "initial_state"],
+                                                               leaves, ref_leaves)]:
+    err = assert_close(f"chunk_lightning_attn {name}", ref, out, tol)
+    print(f"{name:14s} relative RMS error {err:.1e}")
+print(f"chunk_lightning_attn forward + backward match the recurrence "
+      f"(T = {Tc}, K = {Kc}, V = {Vc}, {str(DTYPE).replace('torch.', '')})")
+
+# %% [markdown]
+# ## 4.5 The layer, as MiniMax builds it
+#
+# A MiniMax lightning layer (MiniMax-01 report, §2.2; `transformers`' `MiniMaxLightningAttention`) wraps the
+# recurrence in four pieces:
+#
+# 1. one projection `qkv_proj` to $3 H d$ features, laid out head by head (`[q | k | v]` of head 0, then head 1, …),
+#    and a **SiLU** on all of them — keys and queries become mostly non-negative features, which keeps
+#    $q_t k_s^\top$ from cancelling;
+# 2. the recurrence with MiniMax's slopes and **no scaling** ($\sigma = 1$), in blocks of 256 tokens;
+# 3. an **RMSNorm** over the concatenated heads (`norm`, width $H d$) — linear attention has no softmax
+#    denominator, so the output's magnitude is set by the norm instead (TransNormer's "NormAttention");
+# 4. a **sigmoid output gate** computed from the layer's input, `sigmoid(output_gate(x)) ⊙ …`, then `out_proj`.
+#
+# `LightningAttention` uses the same parameter names, so `from_hf` copies the weights one to one. It returns
+# `(y, state)`: pass `state` back in to continue a sequence, which is how decoding works — a prompt's final
+# state, then one token at a time.
+
+# %%
+#| export lightning.layer
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse import _checks
+from minisparse.lightning.naive import _naive_chunk, minimax_slopes
+from minisparse.lightning.triton import _chunk, _fused_recurrent
+
+
+class LightningAttention(nn.Module):
+    """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1)
+    -> RMSNorm -> sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers'
+    MiniMaxLightningAttention.
+
+    forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) ->
+    (y [B, T, hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or
+    a state was given, else None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T],
+    0 for padding. backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16
+    tokens from a state without gradients), "naive" (naive_chunk_lightning_attn with
+    chunk_size=block_size), or "auto" (the default: Triton for CUDA tensors or under the
+    interpreter, else naive — so the layer also runs on a GPU machine's CPU).
+    """
+
+    def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256,
+                 eps=1e-6, backend="auto"):
+        super().__init__()
+        op = "LightningAttention"
+        _check_layer_args(op, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size)
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.layer_idx, self.num_layers, self.block_size = layer_idx, num_layers, block_size
+        self.backend = _checks.backend(op, backend)
+        self.qkv_proj = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
+        self.output_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.norm = nn.RMSNorm(num_heads * head_dim, eps=_checks.positive_float(op, "eps", eps))
+        # [H] constant rates, not trained: built here, so never value-checked again
+        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))
+
+    @classmethod
+    def from_hf(cls, module, backend="auto"):
+        """Copy transformers' MiniMaxLightningAttention (weights, slopes, block size)."""
+        from minisparse.lightning.hf import layer_from_hf
+        return layer_from_hf(cls, module, backend)
+
+    def _attend(self, q, k, v, state, want_state):
+        """The recurrence with the layer's own slopes, scale 1 (private ops: no value check)."""
+        slope = self.slope_rate.float()
+        if _checks.choose_backend(self.backend, q) == "naive":
+            return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size,
+                                check_values=False)
+        if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
+            return _fused_recurrent(q, k, v, slope, 1.0, state, want_state, check_values=False)
+        return _chunk(q, k, v, slope, 1.0, state, want_state, check_values=False)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        op = "LightningAttention"
+        _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
+        B, T, _ = hidden_states.shape
+        H, d = self.num_heads, self.head_dim
+        _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
+        if attention_mask is not None:
+            _checks.tensor(op, "attention_mask", attention_mask, "[B, T]")
+            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]",
+                          "1 for a token, 0 for padding")
+        qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
+        if attention_mask is not None:  # padded tokens add nothing to the state
+            qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
+        q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
+        o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
+        o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
+        o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
+        return self.out_proj(o), new_state
+
+
+# %% [markdown]
+# Decoding is the state passed back in: a prompt through the layer with `use_cache=True`, then one token at a
+# time from the returned state, gives what running the whole sequence at once gives. (The Engineering notes check
+# the layer against `transformers`' `MiniMaxLightningAttention`: outputs, decoding through its cache, and states.)
+
+# %%
+from minisparse.lightning import LightningAttention
+
+torch.manual_seed(0)
+layer = LightningAttention(64, num_heads=4, head_dim=16, layer_idx=1, num_layers=4, block_size=32)
+x_l = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(5))  # [B, T, hidden]
+with torch.no_grad():
+    y_full, _ = layer(x_l)
+    y_p, st = layer(x_l[:, :50], use_cache=True)  # prefill 50 tokens: st [B, H, d, d]
+    outs = [y_p]
+    for t in range(50, 70):  # then decode 20, one at a time
+        y_t, st = layer(x_l[:, t:t + 1], state=st)
+        outs.append(y_t)
+assert_close("prefill + decode vs the full sequence", y_full, torch.cat(outs, 1), 1e-5)
+print("LightningAttention: prefill 50 + decode 20 one at a time == the whole sequence at once")
+
+# %% [markdown]
+# ## 4.6 Hybrids and the controversy
+#
+# ### MiniMax-M1: seven lightning layers, then one softmax layer
+#
+# A model of only lightning layers would have a constant cost per generated token — and, as the last experiment of
+# this section shows, a memory that cannot look up an arbitrary earlier token exactly. MiniMax-01 and MiniMax-M1
+# therefore keep one softmax-attention layer (GQA, 8 KV heads) after every seven lightning layers; with 80 layers,
+# 70 lightning and 10 softmax (MiniMax-01 report, §2). The softmax layers' KV cache and cost per token grow with the
+# context, but only an eighth as much as in an all-softmax stack of the same shape.
+
+# %% tags=["hide-input"]
+kinds = ["lightning"] * 7 + ["softmax"]  # one block of MiniMax-M1's stack, repeated 10 times
+boxes = {f"l{i}": viz.Box(1.3 * i, 0, "softmax\n(GQA)" if k == "softmax" else f"lightning\n{i + 1}",
+                          w=1.1, h=0.8, color="#f6d5d5" if k == "softmax" else "#d9f0d3",
+                          note="KV cache ∝ t" if k == "softmax" else "state 128×128 a head")
+         for i, k in enumerate(kinds)}
+fig = viz.schematic(boxes, [(f"l{i}", f"l{i + 1}") for i in range(7)], size=(10, 2.2),
+                    groups=[(list(boxes), "× 10 = 80 layers (MiniMax-01 report, §2)")],
+                    title="MiniMax-01 / M1: seven lightning layers, then one softmax layer")
+plt.show()
+
+# %% [markdown]
+# The M1 report (MiniMax, 2025, Fig. 1 and §1) states the consequence for long reasoning traces: generating 100K
+# tokens costs M1 about **25 %** of DeepSeek-R1's FLOPs (and under 50 % at 64K). The cost model below reproduces
+# the order of that number from the two architectures' shapes. Per generated token at context length $t$ it counts:
+#
+# - $2 N_{\text{active}}$ FLOPs for everything that does not depend on $t$ (projections, experts, embeddings);
+# - $2 H t (d_{qk} + d_v)$ per softmax layer (scores over $t$ keys, then the weighted sum of $t$ values);
+# - $4 H d_k d_v$ per lightning layer (update and read the state), whatever $t$ is.
+
+# %%
+#| export lightning.cost
+# Shapes: MiniMax-M1 from the MiniMax-01 / M1 reports (80 layers, 1 softmax in 8, 64 heads × 128,
+# GQA with 8 KV heads, 45.9B active); DeepSeek-R1 = DeepSeek-V3's architecture (61 MLA layers, 128
+# heads, q·k over 128 + 64 dims, v 128, a 512 + 64 latent cached per token, 37B active).
+MINIMAX_M1 = dict(name="MiniMax-M1", active_params=45.9e9, softmax_layers=10, heads=64, d_qk=128,
+                  d_v=128, kv_bytes_per_token=10 * 2 * 8 * 128 * 2, linear_layers=70,
+                  linear_heads=64, d_k=128, d_v_lin=128, state_bytes=70 * 64 * 128 * 128 * 4)
+DEEPSEEK_R1 = dict(name="DeepSeek-R1", active_params=37e9, softmax_layers=61, heads=128, d_qk=192,
+                   d_v=128, kv_bytes_per_token=61 * (512 + 64) * 2, linear_layers=0,
+                   linear_heads=0, d_k=0, d_v_lin=0, state_bytes=0)
+
+
+def generation_cost(spec, n_tokens, prompt=0):
+    """FLOPs to generate n_tokens after a prompt (summed over the generated tokens), and the cache
+    at the end.
+
+    spec: a dict like MINIMAX_M1. Returns (flops, cache_bytes) as float arrays shaped like n_tokens.
+    Counts 2 · active parameters a token, 2 · heads · t · (d_qk + d_v) a softmax layer at context t,
+    and 4 · heads · d_k · d_v a lightning layer; the prompt's own processing is not included.
+    """
+    n = np.asarray(n_tokens, dtype=float)
+    ctx_sum = n * prompt + n * (n + 1) / 2  # Σ_{t = prompt+1}^{prompt+n} t
+    s = spec
+    flops = (2 * s["active_params"] * n
+             + s["softmax_layers"] * 2 * s["heads"] * (s["d_qk"] + s["d_v"]) * ctx_sum
+             + s["linear_layers"] * 4 * s["linear_heads"] * s["d_k"] * s["d_v_lin"] * n)
+    cache = s["kv_bytes_per_token"] * (n + prompt) + s["state_bytes"]
+    return flops, cache
+
+
+# %%
+from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1, generation_cost
+
+N_gen = np.logspace(3, np.log10(200_000), 80)
+f_m1, _ = generation_cost(MINIMAX_M1, N_gen)
+f_r1, _ = generation_cost(DEEPSEEK_R1, N_gen)
+# R1's decoding kernels work on the 576/512-wide latent
+absorbed = dict(DEEPSEEK_R1, d_qk=576, d_v=512)
+f_r1a, _ = generation_cost(absorbed, N_gen)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+ax1.loglog(N_gen, f_r1, color="tab:red", label="DeepSeek-R1 (61 MLA layers)")
+ax1.loglog(N_gen, f_m1, color="tab:green", label="MiniMax-M1 (70 lightning + 10 softmax)")
+ax1.set(xlabel="generated tokens", ylabel="FLOPs to generate them", title="Generation cost")
+ratio = f_m1 / f_r1
+ax2.semilogx(N_gen, 100 * ratio, color="tab:green", label="MLA counted as 128 heads × (192 + 128)")
+ax2.semilogx(N_gen, 100 * f_m1 / f_r1a, color="tab:green", ls=":",
+             label="MLA in its absorbed form (576 + 512)")
+for n_claim, pct in [(64_000, 50), (100_000, 25)]:
+    ax2.scatter([n_claim], [pct], color="black", zorder=3, marker="x")
+ax2.annotate("M1 report: < 50 % at 64K,\n≈ 25 % at 100K", (100_000, 25), xytext=(2e3, 20),
+             fontsize=7,
+             arrowprops=dict(arrowstyle="->", lw=0.6))
+ax2.set(xlabel="generated tokens", ylabel="M1 FLOPs / R1 FLOPs (%)", title="M1 relative to R1",
+        ylim=(0, 130))
+for ax in (ax1, ax2):
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="major")
+fig.tight_layout()
+plt.show()
+at = {n: generation_cost(MINIMAX_M1, n)[0] / generation_cost(DEEPSEEK_R1, n)[0]
+      for n in (64_000, 100_000)}
+at_abs = generation_cost(MINIMAX_M1, 100_000)[0] / generation_cost(absorbed, 100_000)[0]
+print(f"M1 / R1 FLOPs: {at[64_000]:.0%} at 64K, {at[100_000]:.0%} at 100K generated tokens "
+      f"({at_abs:.0%} with R1's attention counted in its absorbed form); "
+      "the report says < 50 % and ≈ 25 %")
+assert at[64_000] < 0.5 and 0.2 < at[100_000] < 0.4 and at_abs < at[100_000]
+
+# %% [markdown]
+# *Assumptions: no prompt (it adds the same KV-cache reads to both but favours M1 further); every layer's
+# attention counted on the causal context only; bf16 caches, fp32 lightning states; active parameter counts from
+# the papers ([S] agrees); MoE routing overheads, memory traffic and kernel efficiency ignored — this is a count of
+# arithmetic, as the report's figure is.* How DeepSeek's MLA is counted matters: as 128 ordinary heads with
+# 192-wide scores, M1 spends about a third of R1's FLOPs at 100K; counted in the absorbed form R1's decoding
+# kernels actually run, about an eighth. The report's 25 % lies between the two. Either way the ratio keeps
+# falling with length — at 100K tokens R1's attention is already most of its work, while M1's is a tenth of the
+# layers.
+#
+# ### M2 goes back to full attention — and M2.5?
+#
+# Cheap long generation was M1's selling point. Its successor MiniMax-M2 (Oct 2025) nonetheless uses softmax
+# attention in **every** layer: the survey reports the team citing accuracy problems of the hybrid in reasoning
+# and multi-turn tasks, which their cost advantage did not outweigh [S]. The survey then says MiniMax-M2.5
+# reintroduced lightning attention [S]; chapter 0 could not confirm it: M2.5's released checkpoint has M2's
+# architecture (`model_type` `minimax_m2`), softmax (GQA) attention in every layer in `transformers`. The lightning
+# layer of this chapter is MiniMax-01/M1's.
+#
+# ### What a fixed-size state cannot recall
+#
+# The accuracy worry has a simple mechanical core. Store $N$ key–value pairs and ask for the value of one key.
+# Softmax attention keeps every pair and picks the matching key out of all of them. A linear state folds them into
+# $S = \sum_i k_i^\top v_i$, and reading it with $k_j$ gives $v_j \lVert k_j\rVert^2 + \sum_{i \ne j} (k_j k_i^\top)\, v_i$:
+# the wanted value plus crosstalk from every other pair. For random keys in $d$ dimensions the crosstalk grows like
+# $\sqrt{N/d}$, so a $d \times d$ state recalls reliably only about $d$ pairs — whatever the sequence length.
+#
+# The experiment: $N$ random unit key–value pairs ($d = 32$) written into the state of
+# `naive_recurrent_lightning_attn` (almost no decay, or a middle MiniMax slope), or attended over by softmax
+# (inverse temperature 8); each key is then queried, and the answer counts when the closest stored value is right.
+
+# %%
+def recall_accuracy(n_pairs, d=32, slope=1e-6, memory="linear", seed=0, beta=8.0):
+    """Fraction of N stored key-value pairs recalled from their keys (nearest stored value)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(n_pairs, d, generator=g), dim=-1)  # [N, d] unit vectors
+    vals = F.normalize(torch.randn(n_pairs, d, generator=g), dim=-1)
+    if memory == "linear":
+        _, S = naive_recurrent_lightning_attn(keys[None, :, None], keys[None, :, None],
+                                              vals[None, :, None], torch.tensor([slope]),
+                                              scale=1.0, output_final_state=True)
+        answers = keys @ S[0, 0]  # [N, d] read the state with every key
+    else:
+        # [N, d] attend over all stored pairs
+        answers = torch.softmax(beta * keys @ keys.T, dim=-1) @ vals
+    return (answers @ vals.T).argmax(-1).eq(torch.arange(n_pairs)).float().mean().item()
+
+
+pairs = [4, 8, 16, 32, 64, 128, 256, 512]
+# a middle head of a middle layer of M1: half-life ≈ 50 tokens
+mid_slope = float(minimax_slopes(64, 40, 80)[40])
+curves = {"softmax attention (cache grows: 2·N·d numbers)":
+              [recall_accuracy(n, memory="softmax") for n in pairs],
+          "linear state, no decay (d·d = 1024 numbers)": [recall_accuracy(n) for n in pairs],
+          f"linear state, MiniMax decay s = {mid_slope:.3f}":
+              [recall_accuracy(n, slope=mid_slope) for n in pairs]}
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+for (label, acc), color in zip(curves.items(), ["tab:red", "tab:green", "tab:olive"]):
+    ax.semilogx(pairs, acc, marker="o", color=color, label=label, base=2)
+ax.axvline(32, color="grey", ls=":", lw=1)
+ax.text(34, 0.05, "N = d", color="grey", fontsize=8)
+ax.set(xlabel="stored key-value pairs N", ylabel="recalled correctly", ylim=(0, 1.05),
+       title="Associative recall, head size d = 32")
+ax.legend(fontsize=7)
+ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+for label, acc in curves.items():
+    print(f"{label:48s} " + " ".join(f"{a:4.2f}" for a in acc))
+lin, soft = curves["linear state, no decay (d·d = 1024 numbers)"], curves[
+    "softmax attention (cache grows: 2·N·d numbers)"]
+assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] == 1.0
+
+# %% [markdown]
+# Softmax attention recalls nearly every pair up to hundreds of them; the linear state is perfect for a few pairs,
+# then loses them once $N$ passes $d$, and the decayed state also forgets the oldest pairs first, whatever their
+# number. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
+# softmax layers to do the exact look-ups — the layers M2 decided to keep everywhere. Chapters 5 and 6 improve the
+# state itself: the delta rule *overwrites* a key's old value instead of adding to it, which raises the recall of
+# a $d \times d$ state considerably.
+
+# %% [markdown]
+# ## 4.7 See it
+#
+# ### The decay matrix, and where the chunks cut it
+#
+# The explorer draws the full $T \times T$ decay-weighted mask $\lambda^{t-s}$ for 128 tokens and marks the
+# chunks. The blocks on the diagonal are the intra-chunk part — computed directly as $(QK^\top \odot D)V$; everything
+# below them reaches the output through the chunk states, with the query decay $\lambda^{i+1}$ on the left and
+# the key decay $\lambda^{L-1-j}$ on the right of each off-diagonal block. Slide the decay rate and the chunk size:
+# a fast head leaves almost nothing below the diagonal blocks (its state carries little), a slow head almost
+# everything.
+
+# %% tags=["nbval-ignore-output"]
+def draw_decay(log10_slope=-1.5, chunk=32):
+    s = 10 ** log10_slope
+    T_e = 128
+    D_full = decay_matrix(s, T_e)  # [T, T]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw=dict(width_ratios=[1, 1.2]))
+    title = f"λ^(t-s), s = {s:.3g} (half-life {math.log(2) / s:.3g} tokens)"
+    viz.heatmap(ax1, D_full, title, cmap="magma",
+                vmin=0, vmax=1, colorbar=True)
+    for c in range(chunk, T_e, chunk):
+        ax1.axhline(c - 0.5, color="white", lw=0.6)
+        ax1.axvline(c - 0.5, color="white", lw=0.6)
+    intra = sum(D_full[c:c + chunk, c:c + chunk].sum() for c in range(0, T_e, chunk))
+    ax2.bar(["intra-chunk\n(diagonal blocks)", "inter-chunk\n(through the state)"],
+            [float(intra), float(D_full.sum() - intra)], color=["tab:blue", "tab:green"])
+    ax2.set(ylabel="total decay weight", title=f"chunk = {chunk}: who carries the attention mass")
+    fig.tight_layout()
+    plt.show()
+
+
+explorer = viz.explorer(draw_decay, log10_slope=(-4.0, 1.0, 0.25), chunk=[8, 16, 32, 64])
+
+# %% [markdown]
+# ## 4.8 Measure
+#
+# `bench/lightning.py` times `chunk_lightning_attn` on the H200 against fla's `chunk_simple_gla` with the same
+# constant decay (`g_gamma = -slope`), fla's `chunk_lightning_attn` (TransNormer's rates, the same cost) and SDPA
+# causal attention: $B = 2$, $H = 16$, $K = V = 128$, bf16, $T$ from 1K to 64K, forward and forward + backward.
+# This cell plots the committed `bench/results/lightning.json`.
+
+# %%
+res = bench.load_results("lightning")  # committed with the book
+fig = bench.plot_passes(res, y="ms")
+for ax in fig.axes:
+    ax.set_yscale("log")
+plt.show()
+short = lambda impl: impl.split(" (")[0].replace(" causal", "")  # noqa: E731
+ms_at = {(short(r["impl"]), r["pass"], r["T"]): r["ms"] for r in res["rows"]}
+ours, fla = "chunk_lightning_attn", "fla chunk_simple_gla"
+print(f"{res['device']}, {res['config']['dtype']}, {res['date']}: ms, ours / fla")
+for T in (2048, 8192, 65536):
+    m = {p: f"{ms_at[ours, p, T]:.2f} / {ms_at[fla, p, T]:.2f}" for p in ("fwd", "fwd+bwd")}
+    sdpa = ms_at["SDPA", "fwd", T]
+    print(f"T = {T:6d}  fwd {m['fwd']}  fwd+bwd {m['fwd+bwd']}  SDPA fwd {sdpa:.2f}")
+ratio = {p: [ms_at[ours, p, T] / ms_at[fla, p, T] for T in res["config"]["T"]]
+         for p in ("fwd", "fwd+bwd")}
+assert 1.4 < min(ratio["fwd"][1:]) and max(ratio["fwd"][1:]) < 2.0  # from 2K to 64K
+assert 0.94 < min(ratio["fwd+bwd"][3:]) and max(ratio["fwd+bwd"][3:]) < 1.03  # from 8K to 64K
+assert round(ms_at[ours, "fwd", 8192], 2) == 0.44 and round(ms_at[fla, "fwd", 8192], 2) == 0.31
+assert round(ms_at[ours, "fwd", 65536], 1) == 2.7 and round(ms_at["SDPA", "fwd", 65536]) == 57
+
+# %% [markdown]
+# **Takeaways** (H200, bf16, 2026-11-29; the table above):
+#
+# - The forward stays 1.4–2.0× behind fla's `chunk_simple_gla` from 2K to 64K tokens (0.44 ms against 0.31 ms at
+#   8K): it does not match fla yet.
+# - Forward + backward is on par with fla: 0.95–1.02× from 8K to 64K tokens.
+# - Both grow linearly in $T$: at 64K our forward takes 2.7 ms where causal softmax attention (SDPA) takes 57 ms.
+
+# %% [markdown]
+# ## 4.9 Exercises
+#
+# Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
+
+# %%
+import triton
+import triton.language as tl
+
+from minisparse.lightning.exercises import (check_balanced_chunk, check_chunk_form_fix,
+                                            check_output_tile_kernel, check_state_norm_prediction,
+                                            load_chunk)
+from minisparse.testing import attempt
+
+# %% [markdown]
+# ### Exercise 1 (derive): the chunk length that balances the work
+#
+# Part of the chunk form's work grows with $C$ (the intra-chunk products), part does not (reading the state,
+# $\operatorname{diag}(a)QS$, and moving it on). Count both from section 4.3's block equations for key width $K$ and
+# value width $V$ (2 FLOPs a multiply–add, the causal half of each $C \times C$ product) and derive the $C$ at
+# which they are equal; the checker tries several $(K, V)$. Then evaluate it for MiniMax's heads ($K = V = 128$).
+
+# %%
+def my_balanced_chunk(d_k, d_v):
+    # your code here: the chunk length C at which intra-chunk FLOPs == state FLOPs
+    raise NotImplementedError
+
+
+# %%
+attempt(check_balanced_chunk, my_balanced_chunk)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — per chunk of C tokens: Q Kᵀ and (·)V on the causal half cost C²K + C²V FLOPs; Q S and
+# the state update cost 2CKV each. Over T/C chunks: T·C·(K + V) against 4·T·K·V, equal at
+# C = 4KV / (K + V), i.e. C = 2d when K = V = d. For MiniMax's d = 128 that is 256, the block size
+# of MiniMax's own code: there the two halves of the work are equal. The book's kernels use C = 64,
+# where the intra-chunk part is a fifth of the total.
+def balanced_chunk_solution(d_k, d_v):
+    return 4 * d_k * d_v / (d_k + d_v)
+
+
+check_balanced_chunk(balanced_chunk_solution)
+intra, total = 8192 * 64 * 256, lightning_flops(8192, 128, 128, 64, "chunk")
+assert balanced_chunk_solution(128, 128) == 256 and intra / total == 0.2
+
+# %% [markdown]
+# ### Exercise 2 (predict): how big does the state get?
+#
+# Feed a state independent random unit keys and values ($d = 16$) for $T = 1024$ tokens, $S_t = \lambda S_{t-1} +
+# k_t^\top v_t$. Before measuring, write down the Frobenius norm $\lVert S_T\rVert$ you expect without decay and
+# with $s = 0.1$ and $s = 0.01$ ($\lambda = e^{-s}$): how do 1024 outer products of random directions add up? The
+# checker measures the RMS norm over 64 random sequences and accepts each prediction within 10 %.
+
+# %%
+my_predictions = {"no decay": None, "s = 0.1": None, "s = 0.01": None}  # your numbers here
+
+# %%
+attempt(check_state_norm_prediction, my_predictions)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — S_T = Σ_t λ^(T-1-t) k_tᵀ v_t. Each outer product has norm ‖k‖‖v‖ = 1, and two of them
+# are nearly orthogonal (their inner product (k_i·k_j)(v_i·v_j) has mean 0), so their squared norms
+# add: ‖S_T‖² ≈ Σ_t λ^(2t). Without decay that is T: the norm grows like √T (32 here), not like T.
+# With decay the sum is geometric: ‖S_T‖ → 1/√(1 - λ²) after ~1/(2s) tokens (2.35 for s = 0.1, 7.1
+# for s = 0.01), not 1/(1 - λ) — the terms add in quadrature. A fast head's state stays small; a
+# slow head's settles high; without decay it never settles.
+def state_norm_solution(slope, T=1024):
+    lam2 = math.exp(-2 * slope)
+    return math.sqrt(T) if slope == 0 else math.sqrt((1 - lam2 ** T) / (1 - lam2))
+
+
+cases = [("no decay", 0.0), ("s = 0.1", 0.1), ("s = 0.01", 0.01)]
+check_state_norm_prediction({name: state_norm_solution(s) for name, s in cases})
+
+# %% [markdown]
+# ### Exercise 3 (debug): a chunk form with a wrong exponent
+#
+# `chunk_form_with_a_bug` computes one head's outputs and final state chunk by chunk from an entering state `S`
+# (scale 1). One exponent in it is wrong: find it from the block equations (or by comparing with the recurrence)
+# and return the fixed function. The checker runs it against the recurrence on odd lengths, with and without `S`.
+
+# %%
+#| export lightning.bugs
+import math
+
+import torch
+
+from minisparse.lightning.naive import decay_matrix
+
+
+def chunk_form_with_a_bug(q, k, v, S, slope, C=16):
+    """One head, scale 1: q, k [T, K], v [T, V], entering state S [K, V] -> (o [T, V], S_T)."""
+    lam = math.exp(-slope)
+    out = []
+    for c0 in range(0, q.shape[0], C):
+        qc, kc, vc = q[c0:c0 + C], k[c0:c0 + C], v[c0:c0 + C]  # [L, K], [L, K], [L, V]
+        L = qc.shape[0]
+        i = torch.arange(L, dtype=q.dtype)  # [L] position in the chunk
+        a = lam ** i  # [L] query decay
+        b = lam ** (L - 1 - i)  # [L] key decay
+        out.append((qc * a[:, None]) @ S + ((qc @ kc.T) * decay_matrix(slope, L)) @ vc)
+        S = lam ** L * S + (kc * b[:, None]).T @ vc
+    return torch.cat(out), S
+
+
+# %%
+def my_fixed_chunk_form(q, k, v, S, slope, C=16):
+    # your code here: return (o [T, V], final state [K, V])
+    raise NotImplementedError
+
+
+# %%
+attempt(check_chunk_form_fix, my_fixed_chunk_form)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the query decay. The recurrence decays the state *before* adding token i's own kᵀv, so
+# by the time row i of the chunk reads it, the entering state has decayed i + 1 times:
+# a_i = λ^(i+1), not λ^i. The bug is invisible in a first chunk that starts from S = 0 (nothing to
+# decay), so the checker starts from a nonzero S.
+def fixed_chunk_form_solution(q, k, v, S, slope, C=16):
+    lam, out = math.exp(-slope), []
+    for c0 in range(0, q.shape[0], C):
+        qc, kc, vc = q[c0:c0 + C], k[c0:c0 + C], v[c0:c0 + C]
+        i = torch.arange(qc.shape[0], dtype=q.dtype)
+        a, b = lam ** (i + 1), lam ** (len(i) - 1 - i)  # the fix: a_i = λ^(i+1)
+        out.append((qc * a[:, None]) @ S + ((qc @ kc.T) * decay_matrix(slope, len(i))) @ vc)
+        S = lam ** len(i) * S + (kc * b[:, None]).T @ vc
+    return torch.cat(out), S
+
+
+check_chunk_form_fix(fixed_chunk_form_solution)
+
+# %% [markdown]
+# ### Exercise 4 (Triton): the lightning output tile
+#
+# Complete the kernel: one program computes one chunk of one head, $O = \operatorname{diag}(a)\,QS +
+# (QK^\top \odot D)\,V$ with $a_i = \lambda^{i+1}$, $D_{ij} = \lambda^{i-j}$ for $j \le i$ (scale 1). The loads
+# (`load_chunk`, zero-padded to powers of two) and the store are written; fill in the marked gap, keeping every
+# exponent $\le 0$. The checker launches it on odd shapes ($L = 5, 13, 33$; $K, V$ not powers of two; slopes
+# $10^{-3}$ to 2) — in the interpreter on a CPU — against the recurrence, and says which element differs and why.
+
+# %%
+@triton.jit
+def my_output_tile_kernel(q_ptr, k_ptr, v_ptr, s_ptr, o_ptr, slope, L, K, V,
+                          BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    # q, k [BL, BK], v [BL, BV], S [BK, BV]: masked loads, zeros past L, K and V
+    q, k, v, S = load_chunk(q_ptr, k_ptr, v_ptr, s_ptr, L, K, V, BL, BK, BV)
+    rows, vs = tl.arange(0, BL), tl.arange(0, BV)  # [BL] row i of the chunk, [BV] columns of V
+    # ---- your code: o [BL, BV] = diag(a) Q S + (Q Kᵀ ⊙ D) V ----
+    o = tl.zeros((BL, BV), dtype=tl.float32)
+    # ---- end of your code ----
+    o_mask = (rows[:, None] < L) & (vs[None, :] < V)
+    tl.store(o_ptr + rows[:, None] * V + vs[None, :], o, mask=o_mask)
+
+
+# %%
+attempt(check_output_tile_kernel, my_output_tile_kernel)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the gap is a few lines. The exponent of D is masked to -inf above the diagonal *before*
+# exp (exp of +slope·(j - i) would overflow for a fast head); the query decay has i + 1; "ieee"
+# keeps fp32 products exact on a GPU (the interpreter ignores it). Padded rows and columns load as
+# zeros, so they add nothing, and the store's mask drops them.
+@triton.jit
+def output_tile_kernel_solution(q_ptr, k_ptr, v_ptr, s_ptr, o_ptr, slope, L, K, V,
+                                BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    q, k, v, S = load_chunk(q_ptr, k_ptr, v_ptr, s_ptr, L, K, V, BL, BK, BV)
+    rows, vs = tl.arange(0, BL), tl.arange(0, BV)
+    diff = (rows[:, None] - rows[None, :]).to(tl.float32)  # [BL, BL] i - j
+    D = tl.exp(tl.where(diff >= 0, -slope * diff, float("-inf")))  # 0 above the diagonal
+    a = tl.exp(-slope * (rows + 1).to(tl.float32))  # [BL] query decay λ^(i+1)
+    o = tl.dot(q, S, input_precision="ieee") * a[:, None]  # inter-chunk
+    A = tl.dot(q, tl.trans(k), input_precision="ieee") * D  # [BL, BL] intra-chunk scores
+    o = tl.dot(A, v, o, input_precision="ieee")  # + (Q Kᵀ ⊙ D) V
+    o_mask = (rows[:, None] < L) & (vs[None, :] < V)
+    tl.store(o_ptr + rows[:, None] * V + vs[None, :], o, mask=o_mask)
+
+
+check_output_tile_kernel(output_tile_kernel_solution)
+
+# %% [markdown]
+# ## Summary
+#
+# - **Linear attention** drops the softmax (and, since TransNormer, its normaliser) so that
+#   $\sum_s (q_t k_s^\top) v_s = q_t S_t$: the past becomes a $K \times V$ state of constant size. The same numbers
+#   come from three forms — parallel ($O(T^2 d)$), recurrent ($O(Td^2)$, sequential) and chunkwise ($O(TCd + Td^2)$:
+#   matrix multiplies inside chunks, the state across them).
+# - **Lightning Attention** adds a fixed per-head decay, $S_t = e^{-s_h} S_{t-1} + k_t^\top v_t$, with MiniMax's
+#   ALiBi-like rates scaled down layer by layer (`minimax_slopes`): each layer mixes heads with memories from one
+#   token to thousands.
+# - **Chunkwise with decay**: intra-chunk $(QK^\top \odot D)V$, inter-chunk $\operatorname{diag}(a)QS$, state update
+#   $\lambda^L S + (\operatorname{diag}(b)K)^\top V$ — every exponent $\le 0$, so nothing overflows.
+# - **Triton**: a scan kernel writes the chunk states, a parallel kernel the outputs; the backward is a reverse
+#   scan and one parallel kernel. A fused recurrent kernel decodes token by token (forward only).
+# - **The layer** (`LightningAttention`): SiLU on $q, k, v$, no scaling, RMSNorm, a sigmoid output gate — equal to
+#   `transformers`' `MiniMaxLightningAttention`, and decoding from a state equals the prefill.
+# - **Hybrids**: MiniMax-M1 keeps one softmax layer in eight; a FLOP count puts it at a third to an eighth of
+#   DeepSeek-R1's generation cost at 100K tokens (the report: 25 %). A fixed state recalls only about $d$ arbitrary
+#   pairs; MiniMax-M2 went back to full attention (M2.5's released architecture too).
+#
+# Next, chapter 5 replaces the additive update by the **delta rule**, which lets the state overwrite what it holds
+# (DeltaNet, Gated DeltaNet), and chunks it with the same idea.
+#
+# ## References
+#
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
+#   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
+#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   says so.
+# - A. Katharopoulos, A. Vyas, N. Pappas, F. Fleuret, *Transformers are RNNs: Fast Autoregressive Transformers with
+#   Linear Attention* (feature maps, with the normaliser), ICML 2020. [arXiv:2006.16236](https://arxiv.org/abs/2006.16236)
+# - Y. Sun et al., *Retentive Network: A Successor to Transformer for Large Language Models* (RetNet: decayed linear
+#   attention and its parallel, recurrent and chunkwise forms), 2023. [arXiv:2307.08621](https://arxiv.org/abs/2307.08621)
+# - Z. Qin et al., *Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language
+#   Models*, 2024. [arXiv:2401.04658](https://arxiv.org/abs/2401.04658)
+# - Z. Qin et al., *The Devil in Linear Transformer* (TransNormer: the normaliser dropped, NormAttention), 2022.
+#   [arXiv:2210.10340](https://arxiv.org/abs/2210.10340)
+# - MiniMax, *MiniMax-01: Scaling Foundation Models with Lightning Attention* (§2: the 7 : 1 hybrid, 80 layers), 2025.
+#   [arXiv:2501.08313](https://arxiv.org/abs/2501.08313)
+# - MiniMax, *MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention*, 2025.
+#   [arXiv:2506.13585](https://arxiv.org/abs/2506.13585)
+# - O. Press, N. A. Smith, M. Lewis, *Train Short, Test Long: Attention with Linear Biases Enables Input Length
+#   Extrapolation* (ALiBi's slopes), ICLR 2022. [arXiv:2108.12409](https://arxiv.org/abs/2108.12409)
+# - DeepSeek-AI, *DeepSeek-V3 Technical Report*, 2024 (R1's architecture). [arXiv:2412.19437](https://arxiv.org/abs/2412.19437)
+# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Gated Linear Attention Transformers with Hardware-Efficient
+#   Training*, 2023 (the chunkwise kernels fla builds on). [arXiv:2312.06635](https://arxiv.org/abs/2312.06635);
+#   `fla-core` 0.6: `naive_recurrent_simple_gla`, `chunk_simple_gla` (the test oracle and benchmark anchor).
+# - `transformers` 5.x: `MiniMaxLightningAttention`, `MiniMaxCache`, `MiniMaxConfig` (the layer's oracle).
+
+# %% [markdown]
+# ## Engineering notes (optional)
+#
+# What a practitioner needs and a first reading skips: the check of MiniMax's slopes against `transformers`, the
+# backward kernels, the decoding kernel, how the kernels are launched and wrapped for autograd, a live timing on a
+# GPU, and the exercise checkers.
+#
+# ### Argument checks
+#
+# What every lightning op validates, from `minisparse._checks`: shapes and dtypes of `q, k, v`, one rate a head,
+# the initial state's shape, the scale; and, for the naive ops always (the Triton ops by the value-check rule of
+# `runtime.checking_values`), that every rate is positive and finite.
+
+# %%
+#| export lightning.naive
+def _check_slope(op, slope):
+    """slope > 0 and finite (a NaN is reported as NaN): one reduction and a host sync."""
+    _checks.value_range(op, "slope", slope, low=0, low_open=True,
+                        high=torch.finfo(torch.float32).max,
+                        why="finite decay rates: exp(-slope) < 1 each step")
+
+
+def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
+    """Validate what every lightning op takes; return the scale as a float (K ** -0.5 for None).
+    `check_values`: also check the slope's values now (the naive ops always do; see
+    runtime.checking_values for the Triton ops)."""
+    B, _, H, K, _, V = _checks.qkv(op, q, k, v)
+    _checks.per_head_token(op, "slope", slope, (H,), "[H]", "one decay rate a head", like=q)
+    _checks.initial_state(op, initial_state, (B, H, K, V), like=q)
+    if check_values:
+        _check_slope(op, slope)
+    return _checks.scale(op, scale, K)
+
+
+# %% [markdown]
+# The layer's constructor checks its sizes the same way (`_check_layer_args`, called by
+# `LightningAttention.__init__`).
+
+# %%
+#| export lightning.layer
+def _check_layer_args(op, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size):
+    """Positive int sizes, and 0 <= layer_idx < num_layers; raises ValueError naming `op`."""
+    for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads),
+                        ("head_dim", head_dim), ("num_layers", num_layers),
+                        ("block_size", block_size)]:
+        _checks.positive_int(op, name, value)
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) \
+            or not 0 <= layer_idx < num_layers:
+        raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = "
+                         f"[0, {num_layers}), got {layer_idx!r}")
+
+
+# %% [markdown]
+# ### The recurrence against fla
+#
+# An independent reference for the spec: fla's `naive_recurrent_simple_gla` with the gate $g = -s_h$ at every step
+# (the same recurrence), on section 4.3's inputs.
+
+# %%
+import warnings
+
+try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
+    # fla-core 0.6.0 warns at import, from its own file, when Triton has no GPU
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Triton is not supported on current platform",
+                                UserWarning)
+        from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+except ImportError:
+    naive_recurrent_simple_gla = None
+    print("fla-core is not installed: "
+          "the check against fla's naive_recurrent_simple_gla is skipped")
+
+if naive_recurrent_simple_gla is not None:  # section 4.3's q0, k0, v0, h00
+    gate = (-slope0).expand(B0, T0, H0)  # [B, T, H] log decay, the same every step
+    o_fla, s_fla = naive_recurrent_simple_gla(q0, k0, v0, gate, scale=K0 ** -0.5, initial_state=h00,
+                                              output_final_state=True)
+    assert_close("recurrent vs fla naive_recurrent_simple_gla: o", o_fla, o_rec0, 1e-5)
+    assert_close("recurrent vs fla naive_recurrent_simple_gla: state", s_fla, s_rec0, 1e-5)
+    print("naive_recurrent_lightning_attn == fla's naive_recurrent_simple_gla(g = -slope)")
+
+
+# %% [markdown]
+# ### MiniMax's slopes, bit for bit
+#
+# `minimax_slopes` against the `slope_rate` buffer of `transformers`' `MiniMaxLightningAttention`, for several head
+# and layer counts (the two $10^{-5}$ of section 4.2 included).
+
+# %%
+if transformers is not None:
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    for heads, layers, idx in [(8, 6, 0), (8, 6, 3), (8, 6, 5), (64, 80, 17), (5, 1, 0)]:
+        cfg = MiniMaxConfig(hidden_size=heads * 8, num_attention_heads=heads, head_dim=8,
+                            num_hidden_layers=layers, block_size=16)
+        hf = MiniMaxLightningAttention(cfg, idx)
+        ours = minimax_slopes(heads, idx, layers)
+        assert torch.equal(hf.slope_rate.view(-1), ours), (heads, layers, idx)
+    print("minimax_slopes == transformers' MiniMaxLightningAttention.slope_rate "
+          "(bit for bit, 5 configurations)")
+
+
+# %% [markdown]
+# ### Loading `transformers`' layer
+#
+# `LightningAttention.from_hf` copies a `MiniMaxLightningAttention`: the shapes, the layer index, the block size
+# and the norm's epsilon from the module, then the four weights and the slope buffer one to one (the parameter
+# names are the same).
+
+# %%
+#| export lightning.hf
+import torch
+
+
+def layer_from_hf(cls, module, backend="auto"):
+    """A `cls` (LightningAttention) with the weights, slopes and block size of transformers'
+    MiniMaxLightningAttention `module`, on its device and in its dtype."""
+    H, d = module.num_attention_heads, module.head_dim
+    layer = cls(module.qkv_proj.in_features, H, d, module.layer_idx, module.num_hidden_layers,
+                block_size=module.block_size, eps=module.norm.variance_epsilon, backend=backend)
+    w = module.qkv_proj.weight
+    layer = layer.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for name in ("qkv_proj", "output_gate", "out_proj", "norm"):
+            getattr(layer, name).weight.copy_(getattr(module, name).weight)
+        layer.slope_rate.copy_(module.slope_rate.reshape(-1))
+    return layer
+
+
+# %% [markdown]
+# Against `transformers`: a tiny MiniMax configuration, random weights, the same input; then decoding — a prompt
+# through the layer with a cache, then tokens one at a time from the cached state — must equal running the whole
+# sequence at once. `transformers` takes its state through a `MiniMaxCache` (its `linear_cache` per layer), which
+# we read back to compare states too.
+
+# %%
+from minisparse.lightning import LightningAttention
+
+if transformers is not None:
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache, MiniMaxLightningAttention
+
+    cfg = MiniMaxConfig(hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=4,
+                        block_size=32)
+    torch.manual_seed(0)
+    hf_layer = MiniMaxLightningAttention(cfg, layer_idx=1).eval()
+    for p in hf_layer.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    ours = LightningAttention.from_hf(hf_layer).eval()
+    x_l = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y_hf, _ = hf_layer(x_l, position_embeddings=None, attention_mask=None)
+        y_ours, _ = ours(x_l)
+        assert_close("LightningAttention vs MiniMaxLightningAttention", y_hf, y_ours, 1e-5)
+        # prefill 50 tokens, then decode 20 one at a time (cache passed positionally)
+        cache = MiniMaxCache()
+        outs_hf = [hf_layer(x_l[:, :50], None, None, cache)[0]]
+        outs_hf += [hf_layer(x_l[:, t:t + 1], None, None, cache)[0] for t in range(50, 70)]
+        y_p, st = ours(x_l[:, :50], use_cache=True)
+        outs = [y_p]
+        for t in range(50, 70):
+            y_t, st = ours(x_l[:, t:t + 1], state=st)
+            outs.append(y_t)
+        assert_close("decode (transformers' cache) vs full", y_hf, torch.cat(outs_hf, 1), 1e-5)
+        assert_close("decode (our state) vs full", y_hf, torch.cat(outs, 1), 1e-5)
+        assert_close("our state vs transformers' linear cache", cache.get_linear_cache(1), st, 1e-5)
+    print("LightningAttention.from_hf == transformers' MiniMaxLightningAttention; prefill + 20 "
+          "decode steps == the full sequence, and the states agree")
+
+
+# %% [markdown]
+# ### The backward kernels
+#
+# The equations are in section 4.4: a reverse scan over chunks for the state gradients, then one program per chunk
+# for $\partial Q, \partial K, \partial V$, looping over $V$ in tiles and storing each $\partial V$ tile as it goes.
 
 # %%
 #| export lightning.triton
 @triton.jit
-def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr, scale, T, H, K, V, NT,
-                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                        STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr, scale, T, H, K, V,
+                        NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
     """The reverse chunk scan: the gradient of the state leaving every chunk, and of initial_state.
 
-    Program: one (batch b, head h) and one [BK, BV] tile of ∂S. Grid (cdiv(K, BK) · cdiv(V, BV), B · H).
-    Tiling: the tile of ∂S stays in fp32 registers while the program walks the chunks from the last to the first;
-    each step loads Qᵀ [BK, C] and ∂O [C, BV] of one chunk (rows past T load as 0).
+    Program: one (batch b, head h) and one [BK, BV] tile of ∂S.
+    Grid (cdiv(K, BK) · cdiv(V, BV), B · H).
+    Tiling: the tile of ∂S stays in fp32 registers while the program walks the chunks from the last
+    to the first; each step loads Qᵀ [BK, C] and ∂O [C, BV] of one chunk (rows past T load as 0).
     Math, with λ = exp(-s_h), L the chunk's length and a_i = λ^(i+1):
         ∂S = ∂ht[b, h] if HAS_DHT else 0
         for n = NT-1 .. 0:  dstates[b, h, n] = ∂S;   ∂S ← λ^L ∂S + scale · Qᵀ diag(a) ∂O
@@ -701,14 +1506,18 @@ def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr,
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))  # [C]
     for i in range(NT):
         n = NT - 1 - i
-        tl.store(dstates_base + n * K * V + kv_off, dS.to(dstates_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dstates_base + n * K * V + kv_off, dS.to(dstates_ptr.dtype.element_ty),
+                 mask=kv_mask)
         t = n * C + rows
         L = tl.minimum(T - n * C, C)
-        qt = tl.load(q_base + t[None, :] * H * K + ks[:, None], mask=(t[None, :] < T) & (ks[:, None] < K),
+        qt = tl.load(q_base + t[None, :] * H * K + ks[:, None],
+                     mask=(t[None, :] < T) & (ks[:, None] < K),
                      other=0.0)  # [BK, C] Qᵀ
-        do = tl.load(do_base + t[:, None] * H * V + vs[None, :], mask=(t[:, None] < T) & (vs[None, :] < V),
+        do = tl.load(do_base + t[:, None] * H * V + vs[None, :],
+                     mask=(t[:, None] < T) & (vs[None, :] < V),
                      other=0.0)  # [C, BV]
-        dS = dS * tl.exp(-s * L.to(tl.float32)) + scale * tl.dot((qt * query_decay[None, :]).to(do.dtype), do,
+        qt_a = (qt * query_decay[None, :]).to(do.dtype)  # [BK, C] Qᵀ diag(a)
+        dS = dS * tl.exp(-s * L.to(tl.float32)) + scale * tl.dot(qt_a, do,
                                                                    input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0_ptr + i_bh * K * V + kv_off, dS, mask=kv_mask)
@@ -717,17 +1526,18 @@ def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr,
 # %%
 #| export lightning.triton
 @triton.jit
-def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates_ptr, dq_ptr, dk_ptr, dv_ptr,
-                     scale, T, H, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     NV: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates_ptr, dq_ptr,
+                     dk_ptr, dv_ptr, scale, T, H, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, NV: tl.constexpr, PRECISION: tl.constexpr):
     """∂q, ∂k and ∂v of one chunk.
 
     Program: one (batch b, head h, chunk n). Grid (NT, B · H).
-    Tiling: Q, K [C, BK] with all of K in one tile; a loop over the NV tiles of V loads V, ∂O [C, BV] and the tiles
-    [BK, BV] of S_n (entering the chunk) and ∂S'_n (leaving it), accumulates ∂O Vᵀ [C, C], ∂O S_nᵀ and V ∂S'_nᵀ
-    [C, BK] in fp32, and stores that tile of ∂V.
+    Tiling: Q, K [C, BK] with all of K in one tile; a loop over the NV tiles of V loads V, ∂O [C,
+    BV] and the tiles [BK, BV] of S_n (entering the chunk) and ∂S'_n (leaving it), accumulates ∂O Vᵀ
+    [C, C], ∂O S_nᵀ and V ∂S'_nᵀ [C, BK] in fp32, and stores that tile of ∂V.
     Math, with A = scale · (Q Kᵀ ⊙ D), ∂A = scale · (∂O Vᵀ ⊙ D), a_i = λ^(i+1), b_j = λ^(L-1-j):
-        ∂Q = scale · diag(a) ∂O S_nᵀ + ∂A K,   ∂K = ∂Aᵀ Q + diag(b) V ∂S'_nᵀ,   ∂V = Aᵀ ∂O + diag(b) K ∂S'_n
+        ∂Q = scale · diag(a) ∂O S_nᵀ + ∂A K,   ∂K = ∂Aᵀ Q + diag(b) V ∂S'_nᵀ,
+        ∂V = Aᵀ ∂O + diag(b) K ∂S'_n
     """
     n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = i_bh // H, i_bh % H
@@ -797,13 +1607,15 @@ def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates
 # %%
 #| export lightning.triton
 @triton.jit
-def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, K, V,
-                            BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, K,
+                            V, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                            STORE_HT: tl.constexpr):
     """The recurrence token by token, for decoding.
 
     Program: one (batch b, head h, V-tile). Grid (cdiv(V, BV), B · H).
-    Tiling: the state's [BK, BV] tile (all of K, padded to a power of two) stays in fp32 registers through the T
-    tokens; each step loads one token's q, k [BK] and v [BV]. No tl.dot: an outer product and a reduction over K.
+    Tiling: the state's [BK, BV] tile (all of K, padded to a power of two) stays in fp32 registers
+    through the T tokens; each step loads one token's q, k [BK] and v [BV]. No tl.dot: an outer
+    product and a reduction over K.
     Math, with λ = exp(-s_h):
         S = h0[b, h] if HAS_H0 else 0
         for t = 0 .. T-1:  S ← λ S + k_tᵀ v_t,   o_t = scale · q_t S
@@ -850,30 +1662,32 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_pt
 # `runtime.launch_config("lightning.fwd_states", BK=16, BV=16)`.
 
 # %%
-for name in ("lightning.fwd_states", "lightning.fwd_output", "lightning.bwd_dstates", "lightning.bwd_dqkv",
-             "lightning.bwd_dqkv.k128", "lightning.fused_recurrent"):
+for name in ("lightning.fwd_states", "lightning.fwd_output", "lightning.bwd_dstates",
+             "lightning.bwd_dqkv", "lightning.bwd_dqkv.k128", "lightning.fused_recurrent"):
     print(f"{name:25s} on this machine:", runtime.launch_configs(name, DEVICE, DTYPE)[0])
 
 # %%
 #| export lightning.triton
 _CHUNK = 64  # C, the chunk length of the algorithm (section 4.3): the same on every device
 _MAX_DIM = 128  # K and V each live in one on-chip tile in the output and gradient kernels
-_INSTEAD = "the PyTorch chunk form: naive_chunk_lightning_attn, or LightningAttention(..., backend='naive')"
+_INSTEAD = ("the PyTorch chunk form: naive_chunk_lightning_attn, or "
+            "LightningAttention(..., backend='naive')")
 
 
 def _pow2(n):
-    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's smallest)."""
+    """The width of a tile for n columns: the next power of two, at least 16 (tl.dot's smallest)."""
     return max(16, triton.next_power_of_2(n))
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact (no TF32 rounding); ignored for 16-bit
+    # fp32 exact (no TF32 rounding); ignored for 16-bit
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values):
-    """_check_lightning's checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
-    interpreter, K and V <= 128), then the slope's values where `check_values` and the value-check rule ask for
-    them (runtime.checking_values). Returns the scale as a float."""
+    """_check_lightning's checks, then what the kernels need (CUDA tensors or the interpreter, no
+    bf16 under the interpreter, K and V <= 128), then the slope's values where `check_values` and
+    the value-check rule ask for them (runtime.checking_values). Returns the scale as a float."""
     scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, slope, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], _MAX_DIM), "V": (v.shape[-1], _MAX_DIM)})
@@ -883,13 +1697,13 @@ def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values)
 
 
 def _state_tiles(K, V):
-    """runtime.launch's `fit` for the scan kernels: a [BK, BV] state tile no larger than the padded state."""
+    """runtime.launch's `fit` for the scan kernels: a [BK, BV] tile within the padded state."""
     return lambda c: dict(c, BK=min(c["BK"], _pow2(K)), BV=min(c["BV"], _pow2(V)))
 
 
 def _v_tiles(V, loop=False):
-    """`fit` for the kernels that tile V alone: BV no wider than the padded V; with `loop`, also NV, the number of
-    V-tiles the gradient kernel loops over."""
+    """`fit` for the kernels that tile V alone: BV no wider than the padded V; with `loop`, also NV,
+    the number of V-tiles the gradient kernel loops over."""
     def fit(c):
         bv = min(c["BV"], _pow2(V))
         return dict(c, BV=bv, NV=triton.cdiv(V, bv)) if loop else dict(c, BV=bv)
@@ -897,36 +1711,41 @@ def _v_tiles(V, loop=False):
 
 
 def _options(q, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per padded K and V (they set the shared
-    memory a tile needs); with autotuning on, Triton's autotuner retunes per length and head dims."""
+    """runtime.launch's keywords: the configuration that fits is remembered per padded K and V (they
+    set the shared memory a tile needs); with autotuning on, Triton's autotuner retunes per length
+    and head dims."""
     return dict(device=q.device, dtype=q.dtype, key=(_pow2(q.shape[-1]), _pow2(v.shape[-1])),
                 autotune_key=["T", "K", "V"], instead=_INSTEAD)
 
 
 def _forward(q, k, v, slope, scale, h0, output_final_state):
-    """o [B, T, H, V] in q's dtype, the final state [B, H, K, V] fp32 (or None), and the chunk states
-    [B, H, NT, K, V] in q's dtype, which the backward reads."""
+    """o [B, T, H, V] in q's dtype, the final state [B, H, K, V] fp32 (or None), and the chunk
+    states [B, H, NT, K, V] in q's dtype, which the backward reads."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, _CHUNK)
     prec = _precision(q.dtype)
     states = torch.empty(B, H, NT, K, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    ht = None
+    if output_final_state:
+        ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
     runtime.launch("lightning.fwd_states", _fwd_states_kernel,
                    lambda c: (triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]), B * H),
                    (k, v, slope, h0, states, ht, T, H, K, V, NT),
                    dict(C=_CHUNK, HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
                    fit=_state_tiles(K, V), **_options(q, v))
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    runtime.launch("lightning.fwd_output", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * H),
-                   (q, k, v, slope, states, o, scale, T, H, K, V, NT), dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec),
+    runtime.launch("lightning.fwd_output", _fwd_output_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), NT, B * H),
+                   (q, k, v, slope, states, o, scale, T, H, K, V, NT),
+                   dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec),
                    fit=_v_tiles(V), **_options(q, v))
     return o, ht, states
 
 
 def _backward(q, k, v, slope, scale, states, do, dht, need_dh0):
-    """dq, dk, dv (their inputs' dtypes) and d initial_state [B, H, K, V] fp32 (None unless `need_dh0`), from
-    do [B, T, H, V] in q's dtype and d final_state (fp32 or None)."""
+    """dq, dk, dv (their inputs' dtypes) and d initial_state [B, H, K, V] fp32 (None unless
+    `need_dh0`), from do [B, T, H, V] in q's dtype and d final_state (fp32 or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = states.shape[2]
@@ -936,20 +1755,23 @@ def _backward(q, k, v, slope, scale, states, do, dht, need_dh0):
     runtime.launch("lightning.bwd_dstates", _bwd_dstates_kernel,
                    lambda c: (triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]), B * H),
                    (q, do, slope, dht, dstates, dh0, scale, T, H, K, V, NT),
-                   dict(C=_CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=prec),
+                   dict(C=_CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+                        PRECISION=prec),
                    fit=_state_tiles(K, V), **_options(q, v))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    runtime.launch("lightning.bwd_dqkv" + (".k128" if K > 64 else ""), _bwd_dqkv_kernel, lambda c: (NT, B * H),
+    runtime.launch("lightning.bwd_dqkv" + (".k128" if K > 64 else ""), _bwd_dqkv_kernel,
+                   lambda c: (NT, B * H),
                    (q, k, v, do, slope, states, dstates, dq, dk, dv, scale, T, H, K, V, NT),
-                   dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec), fit=_v_tiles(V, loop=True), **_options(q, v))
+                   dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec), fit=_v_tiles(V, loop=True),
+                   **_options(q, v))
     return dq, dk, dv, dh0
 
 
 # %%
 #| export lightning.triton
 class _ChunkLightning(torch.autograd.Function):
-    """Autograd glue: the forward saves q, k, v, the slopes and the chunk states; the backward runs the two
-    gradient kernels."""
+    """Autograd glue: the forward saves q, k, v, the slopes and the chunk states; the backward runs
+    the two gradient kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, slope, scale, h0, output_final_state):
@@ -968,36 +1790,42 @@ class _ChunkLightning(torch.autograd.Function):
 
 
 def chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
-    """Lightning attention in Triton, chunkwise (C = 64), differentiable in q, k, v and initial_state.
+    """Lightning attention in Triton, chunkwise (C = 64), differentiable in q, k, v, initial_state.
 
-    q, k [B, T, H, K]; v [B, T, H, V] (K, V <= 128, any size); all three float32, float16 or bfloat16 (not
-    bfloat16 under the interpreter). slope [H] float, > 0 (fixed rates: no gradient). scale: a float, default
-    K ** -0.5. initial_state [B, H, K, V] float or None.
-    Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None unless output_final_state).
+    q, k [B, T, H, K]; v [B, T, H, V] (K, V <= 128, any size); all three float32, float16 or
+    bfloat16 (not bfloat16 under the interpreter). slope [H] float, > 0 (fixed rates: no gradient).
+    scale: a float, default K ** -0.5. initial_state [B, H, K, V] float or None.
+    Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, or None unless
+    output_final_state).
     S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
     """
     return _chunk(q, k, v, slope, scale, initial_state, output_final_state, check_values=True)
 
 
 def _chunk(q, k, v, slope, scale, initial_state, output_final_state, check_values):
-    """chunk_lightning_attn; check_values=False skips the slope's values (LightningAttention's own slopes)."""
-    scale = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state, check_values)
+    """chunk_lightning_attn; check_values=False skips the slope's values (the layer's own)."""
+    scale = _check_kernel_inputs("chunk_lightning_attn", q, k, v, slope, scale, initial_state,
+                                 check_values)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    return _ChunkLightning.apply(q.contiguous(), k.contiguous(), v.contiguous(), slope.detach().float().contiguous(),
+    return _ChunkLightning.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                 slope.detach().float().contiguous(),
                                  scale, h0, bool(output_final_state))
 
 
-def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
-    """Lightning attention token by token in Triton, for decoding a few tokens from a state. Forward only.
+def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
+                                   output_final_state=False):
+    """Lightning attention token by token in Triton, for decoding from a state. Forward only.
 
-    Same arguments and result as chunk_lightning_attn. Its cost grows with T sequentially: use it for T = 1 (or a
-    handful of tokens), chunk_lightning_attn for prompts and training. Raises if gradients are required.
+    Same arguments and result as chunk_lightning_attn. Its cost grows with T sequentially: use it
+    for T = 1 (or a handful of tokens), chunk_lightning_attn for prompts and training. Raises if
+    gradients are required.
     """
-    return _fused_recurrent(q, k, v, slope, scale, initial_state, output_final_state, check_values=True)
+    return _fused_recurrent(q, k, v, slope, scale, initial_state, output_final_state,
+                            check_values=True)
 
 
 def _fused_recurrent(q, k, v, slope, scale, initial_state, output_final_state, check_values):
-    """fused_recurrent_lightning_attn; check_values=False skips the slope's values (LightningAttention's slopes)."""
+    """fused_recurrent_lightning_attn; check_values=False skips the slope's values (the layer's)."""
     op = "fused_recurrent_lightning_attn"
     scale = _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values)
     _checks.forward_only(op, q, k, v, initial_state, instead="chunk_lightning_attn")
@@ -1005,461 +1833,43 @@ def _fused_recurrent(q, k, v, slope, scale, initial_state, output_final_state, c
     V = v.shape[-1]
     h0 = initial_state.contiguous() if initial_state is not None else None
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    runtime.launch("lightning.fused_recurrent", _fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * H),
-                   (q.contiguous(), k.contiguous(), v.contiguous(), slope.detach().float().contiguous(), h0, o, ht,
-                    scale, T, H, K, V), dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None),
+    ht = None
+    if output_final_state:
+        ht = torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+    runtime.launch("lightning.fused_recurrent", _fused_recurrent_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * H),
+                   (q.contiguous(), k.contiguous(), v.contiguous(),
+                    slope.detach().float().contiguous(), h0, o, ht,
+                    scale, T, H, K, V),
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None),
                    fit=_v_tiles(V), **_options(q, v))
     return o, ht
 
 
 # %% [markdown]
-# ### Check it against the spec
+# ### The decoding kernel against the recurrence
 #
-# Forward, final state and the gradients of $q, k, v$ and the initial state, against `naive_recurrent_lightning_attn`
-# (autograd through the token loop), at a length that is not a multiple of the chunk and with $K \ne V$, neither a
-# power of two. On a CPU this runs in the interpreter in fp32; on a GPU in bf16 (fp16 on a T4) against an fp32
-# reference computed from the same rounded inputs.
+# One token from the final state of section 4.4's check equals the next step of the recurrence.
 
 # %%
-from minisparse.lightning import chunk_lightning_attn, fused_recurrent_lightning_attn
-
-Bc, Tc, Hc, Kc, Vc = 2, runtime.reading_size(cpu=100, gpu=1000), 4, 48, 40
-fwd_tol, grad_tol = (1e-4, 1e-4) if DTYPE == torch.float32 else (5e-3, 8e-3)
-qc, kc = (make_bthd(Bc, Tc, Hc, Kc, seed=s, device=DEVICE, dtype=DTYPE) / 3 for s in (10, 11))
-vc = make_bthd(Bc, Tc, Hc, Vc, seed=12, device=DEVICE, dtype=DTYPE)
-h0c = (0.1 * torch.randn(Bc, Hc, Kc, Vc, device=DEVICE)).to(DTYPE)
-slope_c = torch.tensor([1e-4, 0.05, 0.5, 8.0], device=DEVICE)  # from no decay at all to e^-8 a step
-leaves = [x.detach().clone().requires_grad_() for x in (qc, kc, vc, h0c)]
-o_k, s_k = chunk_lightning_attn(*leaves[:3], slope_c, initial_state=leaves[3], output_final_state=True)
-do_c, ds_c = torch.randn_like(o_k), torch.randn_like(s_k)
-torch.autograd.backward((o_k, s_k), (do_c, ds_c))
-ref_leaves = [x.detach().double().requires_grad_() for x in (qc, kc, vc, h0c)]
-o_r, s_r = naive_recurrent_lightning_attn(*[x.float() for x in ref_leaves[:3]], slope_c,
-                                          initial_state=ref_leaves[3].float(), output_final_state=True)
-torch.autograd.backward((o_r, s_r), (do_c.float(), ds_c.float()))
-for name, out, ref, tol in [("o", o_k, o_r, fwd_tol), ("final_state", s_k, s_r, fwd_tol)] + [
-        (f"d{n}", a.grad, r.grad, grad_tol) for n, a, r in zip(["q", "k", "v", "initial_state"], leaves, ref_leaves)]:
-    err = assert_close(f"chunk_lightning_attn {name}", ref, out, tol)
-    print(f"{name:14s} relative RMS error {err:.1e}")
-
-with torch.no_grad():  # decoding: one token from the final state equals the next step of the recurrence
+from minisparse.lightning import fused_recurrent_lightning_attn
+# decoding: one token from the final state equals the next step of the recurrence
+with torch.no_grad():
     q1_, k1_, v1_ = (x[:, :1] for x in (qc, kc, vc))
-    o_dec, s_dec = fused_recurrent_lightning_attn(q1_, k1_, v1_, slope_c, initial_state=s_k.detach(),
+    o_dec, s_dec = fused_recurrent_lightning_attn(q1_, k1_, v1_, slope_c,
+                                                  initial_state=s_k.detach(),
                                                   output_final_state=True)
     o_dr, s_dr = naive_recurrent_lightning_attn(q1_, k1_, v1_, slope_c, initial_state=s_k.detach(),
                                                 output_final_state=True)
     assert_close("fused_recurrent o", o_dr, o_dec, fwd_tol)
     assert_close("fused_recurrent state", s_dr, s_dec, fwd_tol)
-print(f"chunk_lightning_attn forward + backward and fused_recurrent_lightning_attn match the recurrence "
-      f"(T = {Tc}, K = {Kc}, V = {Vc}, {str(DTYPE).replace('torch.', '')})")
+print("fused_recurrent_lightning_attn: one decoding step from the final state == the recurrence")
 
 # %% [markdown]
-# ## 4.5 The layer, as MiniMax builds it
+# ### A live timing
 #
-# A MiniMax lightning layer (MiniMax-01 report, §2.2; `transformers`' `MiniMaxLightningAttention`) wraps the
-# recurrence in four pieces:
-#
-# 1. one projection `qkv_proj` to $3 H d$ features, laid out head by head (`[q | k | v]` of head 0, then head 1, …),
-#    and a **SiLU** on all of them — keys and queries become mostly non-negative features, which keeps
-#    $q_t k_s^\top$ from cancelling;
-# 2. the recurrence with MiniMax's slopes and **no scaling** ($\sigma = 1$), in blocks of 256 tokens;
-# 3. an **RMSNorm** over the concatenated heads (`norm`, width $H d$) — linear attention has no softmax
-#    denominator, so the output's magnitude is set by the norm instead (TransNormer's "NormAttention");
-# 4. a **sigmoid output gate** computed from the layer's input, `sigmoid(output_gate(x)) ⊙ …`, then `out_proj`.
-#
-# `LightningAttention` uses the same parameter names, so `from_hf` copies the weights one to one. It returns
-# `(y, state)`: pass `state` back in to continue a sequence, which is how decoding works — a prompt's final
-# state, then one token at a time.
-
-# %%
-#| export lightning.layer
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from minisparse import _checks
-from minisparse.lightning.naive import _naive_chunk, minimax_slopes
-from minisparse.lightning.triton import _chunk, _fused_recurrent
-
-
-class LightningAttention(nn.Module):
-    """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1) -> RMSNorm ->
-    sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers' MiniMaxLightningAttention.
-
-    forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) -> (y [B, T,
-    hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or a state was given, else
-    None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T], 0 for padding.
-    backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state without
-    gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto" (the default: Triton
-    for CUDA tensors or under the interpreter, else naive — so the layer also runs on a GPU machine's CPU).
-    """
-
-    def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256, eps=1e-6,
-                 backend="auto"):
-        super().__init__()
-        op = "LightningAttention"
-        for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
-                            ("num_layers", num_layers), ("block_size", block_size)]:
-            _checks.positive_int(op, name, value)
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
-            raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
-                             f"got {layer_idx!r}")
-        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
-        self.layer_idx, self.num_layers, self.block_size = layer_idx, num_layers, block_size
-        self.backend = _checks.backend(op, backend)
-        self.qkv_proj = nn.Linear(hidden_size, 3 * num_heads * head_dim, bias=False)
-        self.output_gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.norm = nn.RMSNorm(num_heads * head_dim, eps=_checks.positive_float(op, "eps", eps))
-        # [H] constant rates, not trained: built here, so never value-checked again
-        self.register_buffer("slope_rate", minimax_slopes(num_heads, layer_idx, num_layers))
-
-    @classmethod
-    def from_hf(cls, module, backend="auto"):
-        """Copy transformers' MiniMaxLightningAttention (weights, slopes, block size) into a LightningAttention."""
-        H, d = module.num_attention_heads, module.head_dim
-        layer = cls(module.qkv_proj.in_features, H, d, module.layer_idx, module.num_hidden_layers,
-                    block_size=module.block_size, eps=module.norm.variance_epsilon, backend=backend)
-        w = module.qkv_proj.weight
-        layer = layer.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for name in ("qkv_proj", "output_gate", "out_proj", "norm"):
-                getattr(layer, name).weight.copy_(getattr(module, name).weight)
-            layer.slope_rate.copy_(module.slope_rate.reshape(-1))
-        return layer
-
-    def _attend(self, q, k, v, state, want_state):
-        """The recurrence with the layer's own slopes (the ops' private entry points: no value check), scale 1."""
-        slope = self.slope_rate.float()
-        if _checks.choose_backend(self.backend, q) == "naive":
-            return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size, check_values=False)
-        if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
-            return _fused_recurrent(q, k, v, slope, 1.0, state, want_state, check_values=False)
-        return _chunk(q, k, v, slope, 1.0, state, want_state, check_values=False)
-
-    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        op = "LightningAttention"
-        _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
-        B, T, _ = hidden_states.shape
-        H, d = self.num_heads, self.head_dim
-        _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
-        if attention_mask is not None:
-            _checks.tensor(op, "attention_mask", attention_mask, "[B, T]")
-            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]", "1 for a token, 0 for padding")
-        qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
-        if attention_mask is not None:  # padded tokens add nothing to the state
-            qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
-        q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
-        o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
-        o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
-        o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
-        return self.out_proj(o), new_state
-
-
-# %% [markdown]
-# Against `transformers`: a tiny MiniMax configuration, random weights, the same input; then decoding — a prompt
-# through the layer with a cache, then tokens one at a time from the cached state — must equal running the whole
-# sequence at once. `transformers` takes its state through a `MiniMaxCache` (its `linear_cache` per layer), which
-# we read back to compare states too.
-
-# %%
-from minisparse.lightning import LightningAttention
-
-if transformers is not None:
-    from transformers.models.minimax.modeling_minimax import MiniMaxCache
-
-    cfg = MiniMaxConfig(hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=4, block_size=32)
-    torch.manual_seed(0)
-    hf_layer = MiniMaxLightningAttention(cfg, layer_idx=1).eval()
-    for p in hf_layer.parameters():
-        torch.nn.init.normal_(p, std=0.15)
-    ours = LightningAttention.from_hf(hf_layer).eval()
-    x_l = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        y_hf, _ = hf_layer(x_l, position_embeddings=None, attention_mask=None)
-        y_ours, _ = ours(x_l)
-        assert_close("LightningAttention vs MiniMaxLightningAttention", y_hf, y_ours, 1e-5)
-        cache = MiniMaxCache()  # prefill 50 tokens, then decode 20 one at a time (cache passed positionally)
-        outs_hf = [hf_layer(x_l[:, :50], None, None, cache)[0]]
-        outs_hf += [hf_layer(x_l[:, t:t + 1], None, None, cache)[0] for t in range(50, 70)]
-        y_p, st = ours(x_l[:, :50], use_cache=True)
-        outs = [y_p]
-        for t in range(50, 70):
-            y_t, st = ours(x_l[:, t:t + 1], state=st)
-            outs.append(y_t)
-        assert_close("decode (transformers' cache) vs full", y_hf, torch.cat(outs_hf, 1), 1e-5)
-        assert_close("decode (our state) vs full", y_hf, torch.cat(outs, 1), 1e-5)
-        assert_close("our state vs transformers' linear cache", cache.get_linear_cache(1), st, 1e-5)
-    print("LightningAttention.from_hf == transformers' MiniMaxLightningAttention; prefill + 20 decode steps == "
-          "the full sequence, and the states agree")
-
-# %% [markdown]
-# ## 4.6 Hybrids and the controversy
-#
-# ### MiniMax-M1: seven lightning layers, then one softmax layer
-#
-# A model of only lightning layers would have a constant cost per generated token — and, as the last experiment of
-# this section shows, a memory that cannot look up an arbitrary earlier token exactly. MiniMax-01 and MiniMax-M1
-# therefore keep one softmax-attention layer (GQA, 8 KV heads) after every seven lightning layers: 70 lightning and
-# 10 softmax layers out of 80 [S]. The softmax layers keep a growing KV cache and a cost per token that grows with
-# the context, but only an eighth as much as an all-softmax stack of the same shape.
-#
-# The M1 report (MiniMax, 2025, Fig. 1 and §1) states the consequence for long reasoning traces: generating 100K
-# tokens costs M1 about **25 %** of DeepSeek-R1's FLOPs (and under 50 % at 64K). The cost model below reproduces
-# the order of that number from the two architectures' shapes. Per generated token at context length $t$ it counts:
-#
-# - $2 N_{\text{active}}$ FLOPs for everything that does not depend on $t$ (projections, experts, embeddings);
-# - $2 H t (d_{qk} + d_v)$ per softmax layer (scores over $t$ keys, then the weighted sum of $t$ values);
-# - $4 H d_k d_v$ per lightning layer (update and read the state), whatever $t$ is.
-#
-# Memory: the KV cache of the softmax layers grows with $t$; the lightning states do not.
-
-# %%
-#| export lightning.cost
-# Shapes: MiniMax-M1 from the MiniMax-01 / M1 reports (80 layers, 1 softmax in 8, 64 heads × 128, GQA with 8 KV
-# heads, 45.9B active); DeepSeek-R1 = DeepSeek-V3's architecture (61 MLA layers, 128 heads, q·k over 128 + 64
-# dims, v 128, a 512 + 64 latent cached per token, 37B active).
-MINIMAX_M1 = dict(name="MiniMax-M1", active_params=45.9e9, softmax_layers=10, heads=64, d_qk=128, d_v=128,
-                  kv_bytes_per_token=10 * 2 * 8 * 128 * 2, linear_layers=70, linear_heads=64, d_k=128, d_v_lin=128,
-                  state_bytes=70 * 64 * 128 * 128 * 4)
-DEEPSEEK_R1 = dict(name="DeepSeek-R1", active_params=37e9, softmax_layers=61, heads=128, d_qk=192, d_v=128,
-                   kv_bytes_per_token=61 * (512 + 64) * 2, linear_layers=0, linear_heads=0, d_k=0, d_v_lin=0,
-                   state_bytes=0)
-
-
-def generation_cost(spec, n_tokens, prompt=0):
-    """FLOPs to generate n_tokens after a prompt (summed over the generated tokens), and the cache at the end.
-
-    spec: a dict like MINIMAX_M1. Returns (flops, cache_bytes) as float arrays shaped like n_tokens. Counts
-    2 · active parameters a token, 2 · heads · t · (d_qk + d_v) a softmax layer at context t, and
-    4 · heads · d_k · d_v a lightning layer; the prompt's own processing is not included.
-    """
-    n = np.asarray(n_tokens, dtype=float)
-    ctx_sum = n * prompt + n * (n + 1) / 2  # Σ_{t = prompt+1}^{prompt+n} t
-    s = spec
-    flops = (2 * s["active_params"] * n
-             + s["softmax_layers"] * 2 * s["heads"] * (s["d_qk"] + s["d_v"]) * ctx_sum
-             + s["linear_layers"] * 4 * s["linear_heads"] * s["d_k"] * s["d_v_lin"] * n)
-    cache = s["kv_bytes_per_token"] * (n + prompt) + s["state_bytes"]
-    return flops, cache
-
-
-# %%
-from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1, generation_cost
-
-N_gen = np.logspace(3, np.log10(200_000), 80)
-f_m1, c_m1 = generation_cost(MINIMAX_M1, N_gen)
-f_r1, c_r1 = generation_cost(DEEPSEEK_R1, N_gen)
-absorbed = dict(DEEPSEEK_R1, d_qk=576, d_v=512)  # R1's decoding kernels work on the 576/512-wide latent
-f_r1a, _ = generation_cost(absorbed, N_gen)
-fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13.5, 3.8))
-ax1.loglog(N_gen, f_r1, color="tab:red", label="DeepSeek-R1 (61 MLA layers)")
-ax1.loglog(N_gen, f_m1, color="tab:green", label="MiniMax-M1 (70 lightning + 10 softmax)")
-ax1.set(xlabel="generated tokens", ylabel="FLOPs to generate them", title="Generation cost")
-ratio = f_m1 / f_r1
-ax2.semilogx(N_gen, 100 * ratio, color="tab:green", label="MLA counted as 128 heads × (192 + 128)")
-ax2.semilogx(N_gen, 100 * f_m1 / f_r1a, color="tab:green", ls=":", label="MLA in its absorbed form (576 + 512)")
-for n_claim, pct in [(64_000, 50), (100_000, 25)]:
-    ax2.scatter([n_claim], [pct], color="black", zorder=3, marker="x")
-ax2.annotate("M1 report: < 50 % at 64K,\n≈ 25 % at 100K", (100_000, 25), xytext=(2e3, 20), fontsize=7,
-             arrowprops=dict(arrowstyle="->", lw=0.6))
-ax2.set(xlabel="generated tokens", ylabel="M1 FLOPs / R1 FLOPs (%)", title="M1 relative to R1", ylim=(0, 130))
-ax3.loglog(N_gen, c_r1 / 2**30, color="tab:red", label="R1: MLA latent cache")
-ax3.loglog(N_gen, c_m1 / 2**30, color="tab:green", label="M1: KV cache (10 layers) + states (70 layers)")
-ax3.set(xlabel="tokens in context", ylabel="GiB per sequence", title="What decoding keeps")
-for ax in (ax1, ax2, ax3):
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="major")
-fig.tight_layout()
-plt.show()
-at = {n: generation_cost(MINIMAX_M1, n)[0] / generation_cost(DEEPSEEK_R1, n)[0] for n in (64_000, 100_000)}
-at_abs = generation_cost(MINIMAX_M1, 100_000)[0] / generation_cost(absorbed, 100_000)[0]
-print(f"M1 / R1 FLOPs: {at[64_000]:.0%} at 64K, {at[100_000]:.0%} at 100K generated tokens "
-      f"({at_abs:.0%} with R1's attention counted in its absorbed form); the report says < 50 % and ≈ 25 %")
-assert at[64_000] < 0.5 and 0.2 < at[100_000] < 0.4 and at_abs < at[100_000]
-
-# %% [markdown]
-# *Assumptions: no prompt (it adds the same KV-cache reads to both but favours M1 further); every layer's
-# attention counted on the causal context only; bf16 caches, fp32 lightning states; active parameter counts from
-# the papers ([S] agrees); MoE routing overheads, memory traffic and kernel efficiency ignored — this is a count of
-# arithmetic, as the report's figure is.* How DeepSeek's MLA is counted matters: as 128 ordinary heads with
-# 192-wide scores, M1 spends about a third of R1's FLOPs at 100K; counted in the absorbed form R1's decoding
-# kernels actually run, about an eighth. The report's 25 % lies between the two. Either way the ratio keeps
-# falling with length — at 100K tokens R1's attention is already most of its work, while M1's is a tenth of the
-# layers.
-#
-# ### M2 goes back to full attention — and M2.5?
-#
-# Cheap long generation was M1's selling point. Its successor MiniMax-M2 (Oct 2025) nonetheless uses softmax
-# attention in **every** layer: the survey reports the team citing accuracy problems of the hybrid in reasoning
-# and multi-turn tasks, which their cost advantage did not outweigh [S]. The survey then says MiniMax-M2.5
-# reintroduced lightning attention [S]. Chapter 0 checked that claim against the released checkpoint and could not
-# confirm it: M2.5 ships with M2's architecture (`model_type` `minimax_m2`), which `transformers` implements with
-# softmax (GQA) attention in every layer. Treat the reintroduction as the survey's claim, unconfirmed by the
-# weights as released; the lightning layer of this chapter is MiniMax-01/M1's.
-#
-# ### What a fixed-size state cannot recall
-#
-# The accuracy worry has a simple mechanical core. Store $N$ key–value pairs and ask for the value of one key.
-# Softmax attention keeps every pair and picks the matching key out of all of them. A linear state folds them into
-# $S = \sum_i k_i^\top v_i$, and reading it with $k_j$ gives $v_j \lVert k_j\rVert^2 + \sum_{i \ne j} (k_j k_i^\top)\, v_i$:
-# the wanted value plus crosstalk from every other pair. For random keys in $d$ dimensions the crosstalk grows like
-# $\sqrt{N/d}$, so a $d \times d$ state recalls reliably only about $d$ pairs — whatever the sequence length.
-#
-# The experiment: random unit keys and values in $d = 32$ dimensions; $N$ pairs written into (a) the state of
-# `naive_recurrent_lightning_attn` with almost no decay, (b) the same with a MiniMax slope from a middle layer,
-# (c) softmax attention over the stored pairs with an inverse temperature of 8 (both see the same keys, of the same
-# head size); then each key is queried and the answer counts as correct when the closest stored value is the right
-# one.
-
-# %%
-def recall_accuracy(n_pairs, d=32, slope=1e-6, memory="linear", seed=0, beta=8.0):
-    """Fraction of N stored key-value pairs whose value is recalled from its key (nearest stored value)."""
-    g = torch.Generator().manual_seed(seed)
-    keys = F.normalize(torch.randn(n_pairs, d, generator=g), dim=-1)  # [N, d] unit vectors
-    vals = F.normalize(torch.randn(n_pairs, d, generator=g), dim=-1)
-    if memory == "linear":
-        _, S = naive_recurrent_lightning_attn(keys[None, :, None], keys[None, :, None], vals[None, :, None],
-                                              torch.tensor([slope]), scale=1.0, output_final_state=True)
-        answers = keys @ S[0, 0]  # [N, d] read the state with every key
-    else:
-        answers = torch.softmax(beta * keys @ keys.T, dim=-1) @ vals  # [N, d] attend over all stored pairs
-    return (answers @ vals.T).argmax(-1).eq(torch.arange(n_pairs)).float().mean().item()
-
-
-pairs = [4, 8, 16, 32, 64, 128, 256, 512]
-mid_slope = float(minimax_slopes(64, 40, 80)[40])  # a middle head of a middle layer of M1: half-life ≈ 50 tokens
-curves = {"softmax attention (cache grows: 2·N·d numbers)": [recall_accuracy(n, memory="softmax") for n in pairs],
-          "linear state, no decay (d·d = 1024 numbers)": [recall_accuracy(n) for n in pairs],
-          f"linear state, MiniMax decay s = {mid_slope:.3f}": [recall_accuracy(n, slope=mid_slope) for n in pairs]}
-fig, ax = plt.subplots(figsize=(6.5, 3.6))
-for (label, acc), color in zip(curves.items(), ["tab:red", "tab:green", "tab:olive"]):
-    ax.semilogx(pairs, acc, marker="o", color=color, label=label, base=2)
-ax.axvline(32, color="grey", ls=":", lw=1)
-ax.text(34, 0.05, "N = d", color="grey", fontsize=8)
-ax.set(xlabel="stored key-value pairs N", ylabel="recalled correctly", ylim=(0, 1.05),
-       title="Associative recall, head size d = 32")
-ax.legend(fontsize=7)
-ax.grid(alpha=0.3)
-fig.tight_layout()
-plt.show()
-for label, acc in curves.items():
-    print(f"{label:48s} " + " ".join(f"{a:4.2f}" for a in acc))
-lin, soft = curves["linear state, no decay (d·d = 1024 numbers)"], curves[
-    "softmax attention (cache grows: 2·N·d numbers)"]
-assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] == 1.0
-
-# %% [markdown]
-# Softmax attention recalls nearly every pair up to hundreds of them; the linear state is perfect for a few pairs,
-# then loses them once $N$ passes $d$, and the decayed state also forgets the oldest pairs first, whatever their
-# number. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
-# softmax layers to do the exact look-ups — the layers M2 decided to keep everywhere. Chapters 5 and 6 improve the
-# state itself: the delta rule *overwrites* a key's old value instead of adding to it, which raises the recall of
-# a $d \times d$ state considerably.
-
-# %% [markdown]
-# ## 4.7 See it
-#
-# ### The state over time
-#
-# With decay, the state's norm stops growing: each step multiplies the old state by $\lambda$ and adds one outer
-# product, so for inputs of steady size it settles near $\lVert k^\top v\rVert / \sqrt{1 - \lambda^2}$ (random
-# directions add in quadrature). Fast heads settle within a few tokens at a small norm; slow heads take
-# $\sim 1/s$ tokens and settle high; without decay the norm grows like $\sqrt t$ forever.
-
-# %%
-T_S, d_s = 1024, 16
-g = torch.Generator().manual_seed(2)
-ks_, vs_ = F.normalize(torch.randn(T_S, d_s, generator=g), dim=-1), F.normalize(torch.randn(T_S, d_s, generator=g),
-                                                                               dim=-1)
-heads_s = {f"M1 layer 0, head {h} (s = {minimax_slopes(64, 0, 80)[h]:.3g})": float(minimax_slopes(64, 0, 80)[h])
-           for h in (0, 16, 32, 63)}
-heads_s["no decay (s = 1e-9)"] = 1e-9
-fig, ax = plt.subplots(figsize=(7, 3.6))
-for label, s in heads_s.items():
-    S = torch.zeros(d_s, d_s)
-    norms = []
-    lam = math.exp(-s)
-    for t in range(T_S):
-        S = lam * S + ks_[t, :, None] * vs_[t, None, :]
-        norms.append(S.norm().item())
-    ax.loglog(np.arange(1, T_S + 1), norms, label=label)
-    if s > 1e-6:
-        ax.axhline(1 / math.sqrt(1 - lam ** 2), color="grey", lw=0.5, ls=":")
-ax.set(xlabel="token t", ylabel="‖S_t‖ (Frobenius)", title="State norm: decay caps it (dotted: 1/√(1-λ²))")
-ax.legend(fontsize=7)
-ax.grid(alpha=0.3)
-fig.tight_layout()
-plt.show()
-
-# %% [markdown]
-# ### The decay matrix, and where the chunks cut it
-#
-# The explorer draws the full $T \times T$ decay-weighted mask $\lambda^{t-s}$ for 128 tokens and marks the
-# chunks. The blocks on the diagonal are the intra-chunk part — computed directly as $(QK^\top \odot D)V$; everything
-# below them reaches the output through the chunk states, with the query decay $\lambda^{i+1}$ on the left and
-# the key decay $\lambda^{L-1-j}$ on the right of each off-diagonal block. Slide the decay rate and the chunk size:
-# a fast head leaves almost nothing below the diagonal blocks (its state carries little), a slow head almost
-# everything.
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-def draw_decay(log10_slope=-1.5, chunk=32):
-    s = 10 ** log10_slope
-    T_e = 128
-    D_full = decay_matrix(s, T_e)  # [T, T]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw=dict(width_ratios=[1, 1.2]))
-    viz.heatmap(ax1, D_full, f"λ^(t-s), s = {s:.3g} (half-life {math.log(2) / s:.3g} tokens)", cmap="magma",
-                vmin=0, vmax=1, colorbar=True)
-    for c in range(chunk, T_e, chunk):
-        ax1.axhline(c - 0.5, color="white", lw=0.6)
-        ax1.axvline(c - 0.5, color="white", lw=0.6)
-    intra = sum(D_full[c:c + chunk, c:c + chunk].sum() for c in range(0, T_e, chunk))
-    ax2.bar(["intra-chunk\n(diagonal blocks)", "inter-chunk\n(through the state)"],
-            [float(intra), float(D_full.sum() - intra)], color=["tab:blue", "tab:green"])
-    ax2.set(ylabel="total decay weight", title=f"chunk = {chunk}: who carries the attention mass")
-    fig.tight_layout()
-    plt.show()
-
-
-explorer = viz.explorer(draw_decay, log10_slope=(-4.0, 1.0, 0.25), chunk=[8, 16, 32, 64])
-
-# %% [markdown]
-# ## 4.8 Measure
-#
-# On the H200, `bench/lightning.py` times `chunk_lightning_attn` against fla's `chunk_simple_gla` with the same
-# per-head constant decay (`g_gamma = -slope`: the same recurrence and the same cost), fla's own
-# `chunk_lightning_attn` (TransNormer's rates, the same cost), and SDPA causal attention as the softmax reference:
-# $B = 2$, $H = 16$, $K = V = 128$, bf16, $T$ from 1K to 64K, forward and forward + backward. It writes
-# `bench/results/lightning.json`, which this cell plots.
-
-# %%
-try:
-    lightning_results = bench.load_results("lightning")
-except FileNotFoundError:
-    lightning_results = None
-if lightning_results is None:
-    print("H200 numbers for this chapter are pending. On a GPU machine with fla-core installed, from the repository "
-          "root, run\n    PYTHONPATH=. python bench/lightning.py --out bench/results\n"
-          "and commit bench/results/lightning.json; this cell then plots it.")
-else:
-    fig = bench.plot_passes(lightning_results, y="ms")
-    for ax in fig.axes:
-        ax.set_yscale("log")
-    plt.show()
-    print("config:", lightning_results["config"])
-
-# %% [markdown]
-# **Reading the plot** (H200, bf16, 2026-11-28). At $T = 8192$ our forward takes 0.44 ms against fla's 0.31 ms for
-# the same recurrence (`chunk_simple_gla`): 1.43× its time, so the forward misses the book's target of matching
-# fla, and it stays 1.4–2.0× behind from 2K to 64K tokens. Forward + backward is on par: 1.45 ms against 1.49 ms at
-# 8K (0.97×), 0.95–1.02× from 8K to 64K. Both are linear in $T$: at 64K our forward takes 2.7 ms where causal
-# softmax attention (SDPA) takes 57 ms.
-
-# %% [markdown]
-# On a GPU, the cell below also times the kernel at $T = 8192$ live (it prints a note on a CPU, where the
-# interpreter's timings would mean nothing).
+# On a GPU, the cell below times the kernel at $T = 8192$ (it prints a note on a CPU, where the interpreter's
+# timings would mean nothing).
 
 # %%
 if runtime.has_gpu() and not runtime.interpreting():
@@ -1467,243 +1877,176 @@ if runtime.has_gpu() and not runtime.interpreting():
     qm, km, vm = (torch.randn(Bm, Tm, Hm, Dm, device=DEVICE, dtype=DTYPE) / 4 for _ in range(3))
     sm = minimax_slopes(Hm, 0, 2).to(DEVICE)
     ms = bench.median_ms(lambda: chunk_lightning_attn(qm, km, vm, sm))
-    sd = bench.median_ms(lambda: F.scaled_dot_product_attention(qm.transpose(1, 2), km.transpose(1, 2),
+    sd = bench.median_ms(lambda: F.scaled_dot_product_attention(qm.transpose(1, 2),
+                                                                km.transpose(1, 2),
                                                                 vm.transpose(1, 2), is_causal=True))
     print(f"chunk_lightning_attn fwd {ms:.3f} ms, SDPA causal fwd {sd:.3f} ms (B2 T8192 H16 D128)")
 else:
-    print("No GPU here: nothing to time live (the plot above shows the committed H200 numbers, when there are some).")
+    print("No GPU here: nothing to time live (section 4.8 shows the committed H200 numbers).")
 
 # %% [markdown]
-# ## 4.9 Exercises
+# ### The exercise checkers
 #
-# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
-# one line when your answer is right and says what differs when it is not (`attempt` prints that message instead of
-# raising it, so the chapter still runs top to bottom; call the checker directly to get the exception). All three
-# work on one head: `q, k [L, K]`, `v [L, V]`, a state `S [K, V]`, a positive rate `slope` (a float).
+# `minisparse.lightning.exercises`: each checker compares an answer with an independent computation — the
+# recurrence, a measurement, a closed form — and says what differs. The Triton checker launches the reader's
+# kernel directly (it has no row in the launch table), in the interpreter on CPU tensors.
 
 # %% tags=["hide-input"]
 #| export lightning.exercises
+import math
+
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from minisparse.lightning.naive import decay_matrix
-from minisparse.testing import check
-
-
-def _chunk_cases():
-    g = torch.Generator().manual_seed(41)
-    cases = []
-    for L, K, V, slope in [(8, 4, 4, 0.3), (16, 8, 6, 0.05), (5, 3, 7, 2.0), (1, 4, 4, 0.5), (12, 6, 6, 1e-3)]:
-        cases.append((torch.randn(L, K, generator=g), torch.randn(L, K, generator=g), torch.randn(L, V, generator=g),
-                      torch.randn(K, V, generator=g), slope))
-    return cases
+from minisparse import runtime
+from minisparse.lightning.naive import naive_recurrent_lightning_attn
+from minisparse.testing import ExerciseError, check, rel_rms
 
 
-def _decay_reference(slope, length):
-    return decay_matrix(slope, length)
+def check_balanced_chunk(fn):
+    """Exercise 1: fn(d_k, d_v) -> the chunk length where intra-chunk FLOPs equal state FLOPs."""
+    check("balanced chunk length", lambda a, b: float(fn(a, b)), lambda a, b: 4 * a * b / (a + b),
+          [(128, 128), (64, 64), (128, 256), (192, 128), (16, 48)], tol=1e-6,
+          hint="per chunk: C²K + C²V FLOPs for Q Kᵀ and (·)V on the causal half; 2CKV to read "
+               "the state (Q S) and 2CKV to move it on. Sum over T/C chunks, set the parts equal")
 
 
-def check_decay_matrix(fn):
-    """Check fn(slope, length) -> D [length, length] with D[i, j] = exp(-slope (i - j)) for j <= i, else 0."""
-    cases = [(0.5, 4), (0.1, 16), (3.0, 7), (1e-4, 5), (20.0, 6), (0.7, 1)]
-    check("decay matrix", lambda s, n: fn(s, n).float(), _decay_reference, cases, tol=1e-6,
-          hint="i - j >= 0 on and below the diagonal: exp(-slope * (i - j)) there, 0 above it. Mask the exponent "
-               "to -inf above the diagonal before exp (exp of +slope·(j - i) overflows for fast heads)")
+def measured_state_norm(slope, T=1024, d=16, n_seq=64, seed=0):
+    """RMS over n_seq sequences of ‖S_T‖ (Frobenius), S_t = exp(-slope) S_{t-1} + k_tᵀ v_t,
+    with k_t, v_t random unit vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = F.normalize(torch.randn(n_seq, T, d, generator=g, dtype=torch.float64), dim=-1)  # [N, T, d]
+    v = F.normalize(torch.randn(n_seq, T, d, generator=g, dtype=torch.float64), dim=-1)
+    w = torch.exp(-slope * (T - 1 - torch.arange(T, dtype=torch.float64)))  # [T] token t's weight
+    S = torch.einsum("t,ntk,ntv->nkv", w, k, v)  # [N, d, d]
+    return S.pow(2).sum(dim=(1, 2)).mean().sqrt().item()
 
 
-def _state_update_reference(S, k, v, slope):
-    L = k.shape[0]
-    b = torch.exp(-slope * (L - 1 - torch.arange(L, dtype=torch.float32)))  # [L] key decay
-    return torch.exp(torch.tensor(-slope * L)) * S + (k * b[:, None]).T @ v
+def check_state_norm_prediction(predictions, tol=0.1):
+    """Exercise 2: predictions {"no decay", "s = 0.1", "s = 0.01"} -> numbers, each within tol
+    of the measurement."""
+    slopes = {"no decay": 0.0, "s = 0.1": 0.1, "s = 0.01": 0.01}
+    measured = {name: measured_state_norm(s) for name, s in slopes.items()}
+    for name, m in measured.items():
+        p = predictions.get(name) if isinstance(predictions, dict) else None
+        if not isinstance(p, (int, float)) or isinstance(p, bool):
+            raise ExerciseError(f"✗ state norm: write a number for {name!r} (got {p!r})")
+        if not abs(p - m) <= tol * m:
+            raise ExerciseError(
+                f"✗ state norm, {name}: you predicted {p:.4g}, the measurement is {m:.4g} (RMS "
+                "over 64 random sequences of 1024 tokens, d = 16)\nHint: independent random outer "
+                "products are nearly orthogonal, so their squared norms add (a random walk), and "
+                "decay weights them geometrically")
+    print("✓ state norm: all 3 predictions within 10 % of the measurement ("
+          + ", ".join(f"{n}: {m:.3g}" for n, m in measured.items()) + ")")
 
 
-def check_state_update(fn):
-    """Check fn(S [K, V], k [L, K], v [L, V], slope) -> the state after the chunk, [K, V]."""
-    cases = [(S, k, v, slope) for _, k, v, S, slope in _chunk_cases()]
-    check("inter-chunk state update", fn, _state_update_reference, cases, tol=1e-5,
-          hint="the old state decays by λ^L over the chunk's L steps; token j of the chunk (0-based) is followed by "
-               "L-1-j more steps, so it enters with weight λ^(L-1-j): S' = λ^L S + (diag(b) k)ᵀ v")
+def _recurrence(q, k, v, S, slope):
+    """One head, scale 1, through the book's spec: (o [T, V], final state [K, V])."""
+    o, St = naive_recurrent_lightning_attn(q[None, :, None], k[None, :, None], v[None, :, None],
+                                           torch.tensor([float(slope)]), scale=1.0,
+                                           initial_state=S[None, None], output_final_state=True)
+    return o[0, :, 0], St[0, 0]
 
 
-def _chunk_output_reference(q, k, v, S, slope):
+def _case(T, K, V, slope, state, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(T, K, generator=g) / 2, torch.randn(T, K, generator=g) / 2
+    v = torch.randn(T, V, generator=g)
+    S = torch.randn(K, V, generator=g) if state else torch.zeros(K, V)
+    return q, k, v, S, slope
+
+
+def check_chunk_form_fix(fn):
+    """Exercise 3: fn(q, k, v, S, slope, C=16) -> (o, final state), the recurrence from S."""
+    cases = [_case(40, 8, 6, 0.3, True, 1), _case(37, 5, 9, 2.0, True, 2),
+             _case(50, 6, 6, 1e-3, False, 3), _case(16, 4, 4, 0.7, True, 4)]
+    for n, (q, k, v, S, slope) in enumerate(cases):
+        try:
+            o, St = fn(q, k, v, S.clone(), slope)
+        except NotImplementedError:
+            raise ExerciseError("✗ chunk form: not implemented yet — fill in the function and run "
+                                "the cell again") from None
+        o_ref, S_ref = _recurrence(q, k, v, S, slope)
+        where = f"case {n + 1} of {len(cases)} (T = {q.shape[0]}, slope = {slope}, C = 16)"
+        bad = ((o - o_ref).abs() > 1e-4 * (1 + o_ref.abs())).any(dim=1).nonzero()  # [rows, 1]
+        if len(bad):
+            r = int(bad[0])
+            got, exp = ([round(x, 4) for x in t[r, :3].tolist()] for t in (o, o_ref))
+            raise ExerciseError(f"✗ chunk form, {where}: row {r} (chunk {r // 16}, position "
+                                f"{r % 16} in it) differs: got {got}, expected {exp} (first 3 "
+                                "columns)\nHint: which term of row i uses the state that "
+                                "entered the chunk, and how many decays has it seen by token i?")
+        if rel_rms(St, S_ref) > 1e-5:
+            raise ExerciseError(f"✗ chunk form, {where}: the outputs match but the final state "
+                                f"does not (relative RMS {rel_rms(St, S_ref):.1e}): the last chunk "
+                                "has L ≤ C tokens")
+    print(f"✓ chunk form: all {len(cases)} cases match the recurrence (outputs and final state)")
+
+
+
+# %% tags=["hide-input"]
+#| export lightning.exercises
+@triton.jit
+def load_chunk(q_ptr, k_ptr, v_ptr, s_ptr, L, K, V,
+               BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Exercise 4's loads: q, k [BL, BK], v [BL, BV], S [BK, BV] from row-major tensors, zeros
+    past L, K and V."""
+    rows, ks, vs = tl.arange(0, BL), tl.arange(0, BK), tl.arange(0, BV)
+    qk_mask = (rows[:, None] < L) & (ks[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * K + ks[None, :], mask=qk_mask, other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * K + ks[None, :], mask=qk_mask, other=0.0)
+    v_mask = (rows[:, None] < L) & (vs[None, :] < V)
+    v = tl.load(v_ptr + rows[:, None] * V + vs[None, :], mask=v_mask, other=0.0)
+    s_mask = (ks[:, None] < K) & (vs[None, :] < V)
+    S = tl.load(s_ptr + ks[:, None] * V + vs[None, :], mask=s_mask, other=0.0)
+    return q, k, v, S
+
+
+def _tile_suspects(q, k, v, S, slope):
+    """Plausible wrong output tiles, to name what a wrong kernel computed."""
     L = q.shape[0]
-    a = torch.exp(-slope * (torch.arange(L, dtype=torch.float32) + 1))  # [L] query decay
-    return (q * a[:, None]) @ S + ((q @ k.T) * decay_matrix(slope, L)) @ v
+    i = torch.arange(L, dtype=torch.float32)
+    D = torch.exp(-slope * (i[:, None] - i[None, :]).clamp(min=0)) * (i[:, None] >= i[None, :])
+    a = torch.exp(-slope * (i + 1))[:, None]
+    intra = (q @ k.T * D) @ v
+    return {"the kernel wrote zeros: fill in the gap": torch.zeros_like(intra),
+            "the query decay has exponent i, not i + 1": (q * a / math.exp(-slope)) @ S + intra,
+            "the inter-chunk term diag(a) Q S is missing": intra,
+            "the intra-chunk term (Q Kᵀ ⊙ D) V is missing": (q * a) @ S,
+            "D is not zero above the diagonal (the future leaks in)":
+                (q * a) @ S + (q @ k.T * torch.exp(-slope * (i[:, None] - i[None, :]).abs())) @ v}
 
 
-def check_chunk_output(fn):
-    """Check fn(q [L, K], k [L, K], v [L, V], S [K, V], slope) -> the chunk's outputs [L, V] (scale 1)."""
-    check("chunkwise output", fn, _chunk_output_reference, _chunk_cases(), tol=1e-5,
-          hint="unroll S_t from the state S that enters the chunk: o_i = λ^(i+1) q_i S + Σ_{j≤i} λ^(i-j) (q_i·k_j) "
-               "v_j; in matrices diag(a) q S + (q kᵀ ⊙ D) v with a_i = λ^(i+1) (the state decays once more at "
-               "token i's own step)")
-
-
-# %% [markdown]
-# ### Exercise 1: the decay matrix
-#
-# Write `decay_matrix(slope, length)`: $D_{ij} = e^{-s(i-j)}$ for $j \le i$ and $0$ above the diagonal, as a float32
-# tensor. The checker includes $s = 20$, where a careless formula computes $e^{+20 \cdot 5}$ above the diagonal.
-
-# %%
-from minisparse.lightning.exercises import check_chunk_output, check_decay_matrix, check_state_update
-from minisparse.testing import attempt
-
-
-def my_decay_matrix(slope, length):
-    # your code here: return D [length, length]
-    raise NotImplementedError
-
-
-# %%
-attempt(check_decay_matrix, my_decay_matrix)  # prints what is wrong until the stub above is filled in
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def my_decay_matrix(slope, length):
-#     i = torch.arange(length, dtype=torch.float32)
-#     diff = i[:, None] - i[None, :]                                   # [L, L] i - j
-#     return torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))
-# ```
-# `torch.exp(-slope * diff).tril()` gives the same numbers for small rates, but for a fast head it computes
-# `exp(+100)` above the diagonal first — in fp16 that is `inf`, and `inf * 0` in a later product is NaN. Masking
-# the exponent keeps every exponent ≤ 0.
-# :::
-
-# %% tags=["hide-input"]
-def decay_matrix_solution(slope, length):
-    i = torch.arange(length, dtype=torch.float32)
-    diff = i[:, None] - i[None, :]  # [L, L] i - j
-    return torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))
-
-
-check_decay_matrix(decay_matrix_solution)
-
-
-# %% [markdown]
-# ### Exercise 2: the inter-chunk state update
-#
-# Given the state $S$ entering a chunk and the chunk's keys and values, return the state leaving it — what the
-# recurrence would give after the chunk's $L$ steps, in one matrix product.
-
-# %%
-def my_state_update(S, k, v, slope):
-    # your code here: return the state after the chunk, [K, V]
-    raise NotImplementedError
-
-
-# %%
-attempt(check_state_update, my_state_update)  # prints what is wrong until the stub above is filled in
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def my_state_update(S, k, v, slope):
-#     L = k.shape[0]
-#     b = torch.exp(-slope * (L - 1 - torch.arange(L, dtype=torch.float32)))  # [L] key decay λ^(L-1-j)
-#     return math.exp(-slope * L) * S + (k * b[:, None]).T @ v
-# ```
-# The last token of the chunk enters undecayed ($b_{L-1} = 1$), the first one decayed $L-1$ times, and the old
-# state $L$ times. A common slip is $\lambda^{L-j}$: one decay too many for every token.
-# :::
-
-# %% tags=["hide-input"]
-def state_update_solution(S, k, v, slope):
-    L = k.shape[0]
-    b = torch.exp(-slope * (L - 1 - torch.arange(L, dtype=torch.float32)))  # [L] key decay λ^(L-1-j)
-    return math.exp(-slope * L) * S + (k * b[:, None]).T @ v
-
-
-check_state_update(state_update_solution)
-
-
-# %% [markdown]
-# ### Exercise 3: derive the chunkwise form
-#
-# Unroll $S_t = \lambda S_{t-1} + k_t^\top v_t$ from the state $S$ that enters a chunk, and write the chunk's outputs
-# $o_i = q_i S_{t_0 + i}$ ($\sigma = 1$) with matrix products only: an inter-chunk term through $S$ and an
-# intra-chunk term through the decay matrix. Check your derivation against the recurrence.
-
-# %%
-def my_chunk_output(q, k, v, S, slope):
-    # your code here: return o [L, V]
-    raise NotImplementedError
-
-
-# %%
-attempt(check_chunk_output, my_chunk_output)  # prints what is wrong until the stub above is filled in
-
-# %% [markdown]
-# :::{dropdown} Solution
-# Token $i$ of the chunk sees the entering state decayed $i+1$ times (the recurrence decays before it adds), and
-# token $j \le i$ of the chunk decayed $i - j$ times:
-# $S_{t_0+i} = \lambda^{i+1} S + \sum_{j \le i} \lambda^{i-j} k_j^\top v_j$. Multiply by $q_i$ on the left:
-# ```python
-# def my_chunk_output(q, k, v, S, slope):
-#     L = q.shape[0]
-#     a = torch.exp(-slope * (torch.arange(L, dtype=torch.float32) + 1))    # [L] query decay λ^(i+1)
-#     i = torch.arange(L, dtype=torch.float32)
-#     diff = i[:, None] - i[None, :]
-#     D = torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))   # [L, L] decay matrix
-#     return (q * a[:, None]) @ S + ((q @ k.T) * D) @ v
-# ```
-# The first product is $L \times K$ by $K \times V$, the second $L \times L$: both run on tensor cores, which is
-# what the Triton output kernel of section 4.4 does tile by tile.
-# :::
-
-# %% tags=["hide-input"]
-def chunk_output_solution(q, k, v, S, slope):
-    L = q.shape[0]
-    a = torch.exp(-slope * (torch.arange(L, dtype=torch.float32) + 1))  # [L] query decay λ^(i+1)
-    return (q * a[:, None]) @ S + ((q @ k.T) * decay_matrix_solution(slope, L)) @ v
-
-
-check_chunk_output(chunk_output_solution)
-
-# %% [markdown]
-# ## Summary
-#
-# - **Linear attention** drops the softmax so that $\sum_s (q_t k_s^\top) v_s = q_t S_t$: the past becomes a
-#   $K \times V$ state of constant size. The same numbers come from three forms — parallel ($O(T^2)$),
-#   recurrent ($O(T)$, sequential) and chunkwise (matrix multiplies inside chunks, the state across them).
-# - **Lightning Attention** adds a fixed per-head decay, $S_t = e^{-s_h} S_{t-1} + k_t^\top v_t$, with MiniMax's
-#   ALiBi-like rates scaled down layer by layer (`minimax_slopes`): each layer mixes heads with memories from one
-#   token to thousands.
-# - **Chunkwise with decay**: intra-chunk $(QK^\top \odot D)V$, inter-chunk $\operatorname{diag}(a)QS$, state update
-#   $\lambda^L S + (\operatorname{diag}(b)K)^\top V$ — every exponent $\le 0$, so nothing overflows.
-# - **Triton**: a scan kernel writes the chunk states, a parallel kernel the outputs; the backward is a reverse scan
-#   for the state gradients (including `initial_state`'s) and one parallel kernel for $\partial q, \partial k,
-#   \partial v$. A fused recurrent kernel decodes token by token (forward only).
-# - **The layer** (`LightningAttention`): SiLU on $q, k, v$, no scaling, RMSNorm, a sigmoid output gate — equal to
-#   `transformers`' `MiniMaxLightningAttention`, and decoding from a state equals the prefill.
-# - **Hybrids**: MiniMax-M1 keeps one softmax layer in eight; a FLOP count puts it at a third to an eighth of
-#   DeepSeek-R1's generation cost at 100K tokens (the report: 25 %). A fixed state recalls only about $d$ arbitrary
-#   pairs; MiniMax-M2 went back to full attention, and the survey's claim that M2.5 reintroduced lightning
-#   attention is not borne out by its released architecture.
-#
-# Next, chapter 5 replaces the additive update by the **delta rule**, which lets the state overwrite what it holds
-# (DeltaNet, Gated DeltaNet), and chunks it with the same idea.
-#
-# ## References
-#
-# - **[S]** The minisparse seed survey, Feb 2026: *Open sparse-architecture models, a panorama (as of February
-#   2026)*, in the project's shared notes.
-# - A. Katharopoulos, A. Vyas, N. Pappas, F. Fleuret, *Transformers are RNNs: Fast Autoregressive Transformers with
-#   Linear Attention*, ICML 2020. [arXiv:2006.16236](https://arxiv.org/abs/2006.16236)
-# - Y. Sun et al., *Retentive Network: A Successor to Transformer for Large Language Models* (RetNet: decayed linear
-#   attention and its parallel, recurrent and chunkwise forms), 2023. [arXiv:2307.08621](https://arxiv.org/abs/2307.08621)
-# - Z. Qin et al., *Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language
-#   Models*, 2024. [arXiv:2401.04658](https://arxiv.org/abs/2401.04658)
-# - Z. Qin et al., *The Devil in Linear Transformer* (TransNormer, NormAttention), 2022.
-#   [arXiv:2210.10340](https://arxiv.org/abs/2210.10340)
-# - MiniMax, *MiniMax-01: Scaling Foundation Models with Lightning Attention*, 2025.
-#   [arXiv:2501.08313](https://arxiv.org/abs/2501.08313)
-# - MiniMax, *MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention*, 2025.
-#   [arXiv:2506.13585](https://arxiv.org/abs/2506.13585)
-# - O. Press, N. A. Smith, M. Lewis, *Train Short, Test Long: Attention with Linear Biases Enables Input Length
-#   Extrapolation* (ALiBi's slopes), ICLR 2022. [arXiv:2108.12409](https://arxiv.org/abs/2108.12409)
-# - DeepSeek-AI, *DeepSeek-V3 Technical Report*, 2024 (R1's architecture). [arXiv:2412.19437](https://arxiv.org/abs/2412.19437)
-# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Gated Linear Attention Transformers with Hardware-Efficient
-#   Training*, 2023 (the chunkwise kernels fla builds on). [arXiv:2312.06635](https://arxiv.org/abs/2312.06635);
-#   `fla-core` 0.6: `naive_recurrent_simple_gla`, `chunk_simple_gla` (the test oracle and benchmark anchor).
-# - `transformers` 5.x: `MiniMaxLightningAttention`, `MiniMaxCache`, `MiniMaxConfig` (the layer's oracle).
+def check_output_tile_kernel(kernel):
+    """Exercise 4: launch kernel[(1,)](q, k, v, S, o, slope, L, K, V, BL=, BK=, BV=) on odd
+    shapes and compare o with the recurrence run from S (the interpreter on CPU, or the GPU)."""
+    dev = "cuda" if runtime.has_gpu() and not runtime.interpreting() else "cpu"
+    tol = 1e-4 if dev == "cpu" else 2e-3  # a GPU's fp32 tl.dot may round through TF32 unless "ieee"
+    shapes = [(5, 3, 7, 0.3), (16, 16, 16, 1e-3), (13, 20, 9, 2.0), (1, 4, 4, 0.5),
+              (33, 8, 24, 0.05)]
+    for n, (L, K, V, slope) in enumerate(shapes):
+        q, k, v, S, _ = _case(L, K, V, slope, True, 10 + n)
+        ref = _recurrence(q, k, v, S, slope)[0]
+        o = torch.full((L, V), float("nan"), device=dev)
+        pad = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731  (tl.dot needs ≥ 16)
+        kernel[(1,)](q.to(dev), k.to(dev), v.to(dev), S.to(dev), o, slope, L, K, V,
+                     BL=pad(L), BK=pad(K), BV=pad(V))
+        o = o.cpu()
+        where = f"shape {n + 1} of {len(shapes)} (L = {L}, K = {K}, V = {V}, slope = {slope})"
+        if torch.isnan(o).any():
+            r, c = (int(x) for x in torch.isnan(o).nonzero()[0])
+            raise ExerciseError(f"✗ output tile, {where}: row {r}, column {c} is NaN — never "
+                                "stored, or a NaN computed (exp of a huge exponent times 0?); "
+                                "store every row < L, column < V")
+        if rel_rms(o, ref) > tol:
+            r, c = (int(x) for x in ((o - ref).abs() > tol * (1 + ref.abs())).nonzero()[0])
+            suspects = _tile_suspects(q, k, v, S, slope).items()
+            why = next((w for w, alt in suspects if torch.allclose(o, alt, rtol=1e-3, atol=1e-5)),
+                       "compare with the block equations of section 4.3")
+            raise ExerciseError(f"✗ output tile, {where}: row {r}, column {c}: got {o[r, c]:.5g}, "
+                                f"expected {ref[r, c]:.5g} (relative RMS {rel_rms(o, ref):.1e})."
+                                f"\nLikely: {why}")
+    print(f"✓ output tile: all {len(shapes)} shapes match the recurrence")

@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: tags,-execution
+#     cell_metadata_filter: tags,mystnb,-execution
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -21,39 +21,46 @@
 # rid of its value is to forget everything at the same rate. The **delta rule** (DeltaNet) changes the update
 # instead: before writing $v_t$ under key $k_t$, it reads what the state already returns for $k_t$ and writes only
 # the *difference*. **Gated DeltaNet** (GDN) adds a data-dependent forget gate on top. GDN is the linear-attention
-# half of Qwen3-Next and Qwen3.5, and the parent of chapter 6's Kimi Delta Attention.
+# half of Qwen3-Next and Qwen3.5 [S], and the parent of chapter 6's Kimi Delta Attention.
 #
-# What you build here, and can import afterwards:
+# **Learning objectives.** After this chapter you can
+# - explain the delta rule as one gradient step of online regression on the state, and why it can *overwrite*;
+# - derive the chunkwise WY/UT form: one unit lower-triangular solve $(I + A)^{-1}$ per chunk turns a product of
+#   Householder-like transitions into matrix products;
+# - read a GDN head as an attention matrix; count a GDN layer's FLOPs and state in Qwen3-Next's 3:1 hybrid;
+# - follow the Triton WY kernel tile by tile, its blocked triangular solve included;
+# - build Qwen3-Next's `GatedDeltaNet` layer (projections, short convolutions, gates, gated RMSNorm).
 #
-# | name | what it is |
-# |---|---|
-# | `naive_recurrent_delta_rule`, `naive_recurrent_gated_delta_rule` | the spec: the delta rule token by token, in PyTorch |
-# | `naive_chunk_delta_rule`, `naive_chunk_gated_delta_rule` | the chunkwise WY/UT form in PyTorch (differentiable), equal to the spec |
-# | `l2norm` | the key/query normalisation every delta-rule model uses |
-# | `chunk_gated_delta_rule`, `chunk_delta_rule` | Triton forward (WY/UT, three kernels) and backward (three more), any $T$, $K, V \le 128$ and $K \ne V$, grouped value heads, initial and final state |
-# | `fused_recurrent_gated_delta_rule` | Triton, for decoding a few tokens from a state (forward only) |
-# | `GatedDeltaNet` | the layer as Qwen3-Next builds it, `GatedDeltaNet.from_hf` |
-# | `gdn_flops`, `gdn_state_bytes`, `hybrid_costs` | the cost model: a GDN layer, and a stack of GDN and softmax layers (Qwen3-Next's 3:1) |
+# **Prerequisites.** Chapter 4 (linear attention, its chunkwise form and decay matrix, `lightning_flops`);
+# chapter 1 for softmax attention's cost and the first Triton kernels. Math: matrix products, forward substitution
+# for a triangular system, the gradient of a squared error.
 #
-# ```python
-# from minisparse.deltanet import naive_chunk_gated_delta_rule, GatedDeltaNet
-# ```
+# **Time.** About two hours for the core path (5.1–5.9); the Engineering notes at the end are optional.
 #
-# Layout `[B, T, H, D]` as everywhere in the book; gates `g` and write strengths `beta` are `[B, T, HV]`; a state is
-# `[B, HV, K, V]`. Value heads may outnumber query/key heads (`HV % H == 0`, *grouped value heads*, as in
-# Qwen3-Next). On a laptop CPU the chapter runs at small reading sizes in seconds, with the Triton kernels in the
-# interpreter; section 5.8 has their H200 numbers.
+# **Roadmap.** **5.1 Why** — linear attention only adds; the delta rule writes the error. **5.2 Naive** — the
+# recurrence. **5.3 Chunkwise** — the UT transform and the WY representation, in PyTorch. **5.4 See it** — the
+# attention matrix a head implies, an explorer. **5.5 Cost** — a GDN layer, and Qwen3-Next's 3:1
+# stack. **5.6 Fast** — the Triton WY kernel and its blocked solve. **5.7 Layer** — `GatedDeltaNet`. **5.8 Measure**
+# — H200 timings against fla and SDPA. **5.9 Exercises** — derive, debug, extend, Triton. **Engineering notes** —
+# the other kernels, the backward, decoding, launch plumbing, gate numerics, precision, the transformers check.
+#
+# What you build is importable afterwards: `from minisparse.deltanet import naive_chunk_gated_delta_rule,
+# chunk_gated_delta_rule, GatedDeltaNet` (and the cost model `gdn_flops`, `hybrid_costs`).
+#
+# Layout `[B, T, H, D]`; gates `g` and write strengths `beta` `[B, T, HV]`; a state `[B, HV, K, V]`; value heads may
+# outnumber query/key heads (`HV % H == 0`, as in Qwen3-Next). On a CPU, Triton kernels run in the interpreter.
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
-# anywhere, print the versions and the device this chapter runs on.
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
 if importlib.util.find_spec("minisparse") is None:
     if "google.colab" not in sys.modules:
-        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
-                                  "or `pip install -e .` in this kernel's environment")
-    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
@@ -70,20 +77,21 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import bench, runtime, viz
-from minisparse.testing import assert_close, make_bthd, make_log_gates
+from minisparse.testing import assert_close, attempt, make_bthd, make_log_gates
 
 torch.manual_seed(0)
 DEVICE = runtime.device()
 DTYPE = runtime.default_dtype()
 
 try:  # fla-core: an independent reference for the recurrence (its naive_* functions run on CPU)
-    with warnings.catch_warnings():  # fla-core 0.6.0 warns at import, from its own file, when Triton has no GPU
-        warnings.filterwarnings("ignore", "Triton is not supported on current platform", UserWarning)
-        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule as fla_naive_recurrent_gdr
+    with warnings.catch_warnings():  # fla-core 0.6.0 warns at import when Triton has no GPU
+        warnings.filterwarnings("ignore", "Triton is not supported on current platform")
+        from fla.ops.gated_delta_rule import naive as fla_naive
+    fla_naive_recurrent_gdr = fla_naive.naive_recurrent_gated_delta_rule
 except ImportError:
     fla_naive_recurrent_gdr = None
-    print("fla-core is not installed: the check against fla's naive_recurrent_gated_delta_rule is skipped")
-try:  # transformers is a test dependency: the cells that compare against Qwen3-Next skip, with a message, without it
+    print("fla-core is not installed: the check against fla's recurrence is skipped")
+try:  # a test dependency: without it, the cells that compare against Qwen3-Next skip
     import transformers
 except ImportError:
     transformers = None
@@ -97,16 +105,17 @@ except ImportError:
 # state holds at most $K$ orthogonal keys; after that, keys overlap, every read returns a blend, and writing a new
 # value under an old key returns *old + new*, forever (or until the decay has erased both).
 #
-# DeltaNet (Schlag et al. 2021; Yang et al. 2024) treats the state as the weights of a linear map that should send
-# $k_t \mapsto v_t$, and takes **one gradient step** on the squared error of that map for the current pair:
+# DeltaNet (Schlag et al. 2021; Yang et al. 2024) treats the state as a linear map that should send $k_t \mapsto v_t$,
+# and takes **one gradient step** on its squared error for the current pair:
 #
 # $$
-# \mathcal L_t(S) = \tfrac12 \lVert k_t S - v_t \rVert^2, \qquad
-# S_t = S_{t-1} - \beta_t \nabla \mathcal L_t(S_{t-1}) = S_{t-1} + \beta_t\, k_t^\top \big(v_t - k_t S_{t-1}\big).
+# \begin{aligned}
+# \mathcal L_t(S) &= \tfrac12 \lVert k_t S - v_t \rVert^2, \\
+# S_t &= S_{t-1} - \beta_t \nabla \mathcal L_t(S_{t-1}) = S_{t-1} + \beta_t\, k_t^\top \big(v_t - k_t S_{t-1}\big).
+# \end{aligned}
 # $$
 #
-# (Row vectors as in chapter 4; in fla's column notation, $S \leftarrow S + \beta k (v - S^\top k)^\top$.)
-# $k_t S_{t-1}$ is what the memory currently returns for $k_t$; the update writes only the error $v_t - k_t
+# (Row vectors as in chapter 4.) $k_t S_{t-1}$ is what the memory currently returns for $k_t$; the update writes only the error $v_t - k_t
 # S_{t-1}$, scaled by a learning rate $\beta_t \in [0, 1]$ the model predicts per token. With $\lVert k_t\rVert = 1$
 # and $\beta_t = 1$ the step is exact: afterwards $k_t S_t = v_t$, whatever was stored there before — an
 # **overwrite**. Equivalently $S_t = (I - \beta_t k_t^\top k_t) S_{t-1} + \beta_t k_t^\top v_t$: the old state is
@@ -124,17 +133,17 @@ except ImportError:
 # S_t = \alpha_t \big(I - \beta_t k_t^\top k_t\big) S_{t-1} + \beta_t k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t .
 # $$
 #
-# The picture: one pair $(k^\ast, v^\ast)$ is written at $t = 0$ into a $64 \times 64$ state, then 99 random pairs,
-# then $k^\ast$ is written again with a *new* value $v^{\text{new}}$, then 99 more. We read the memory with $k^\ast$
-# after every token and measure how much of $v^\ast$ and of $v^{\text{new}}$ it returns (the projection
-# $\langle k^\ast S_t, v\rangle / \lVert v \rVert^2$).
+# The picture: $(k^\ast, v^\ast)$ is written at $t = 0$ into a $64 \times 64$ state, then 99 random pairs, then
+# $k^\ast$ again with a *new* value $v^{\text{new}}$, then 99 more; after every token, how much of $v^\ast$ and of
+# $v^{\text{new}}$ does reading with $k^\ast$ return ($\langle k^\ast S_t, v\rangle / \lVert v \rVert^2$)?
 
 # %%
 def memory_trace(rule, d=64, T=200, t_new=100, beta=0.9, g=-0.02, seed=0):
-    """Write (k*, v*) at t = 0 and (k*, v_new) at t_new between random pairs; return how much of v* and v_new the
-    state returns for k* after each token, for rule in 'linear', 'delta', 'gated delta'."""
+    """Write (k*, v*) at t = 0 and (k*, v_new) at t_new between random pairs; return the shares of
+    v* and v_new that k* reads after each token, for rule in 'linear', 'delta', 'gated delta'."""
     gen = torch.Generator().manual_seed(seed)
-    keys = F.normalize(torch.randn(T, d, generator=gen, dtype=torch.float64), dim=-1)  # [T, d] unit keys
+    # [T, d] unit keys
+    keys = F.normalize(torch.randn(T, d, generator=gen, dtype=torch.float64), dim=-1)
     vals = torch.randn(T, d, generator=gen, dtype=torch.float64)  # [T, d]
     keys[t_new] = keys[0]  # the same key again, with a new value
     S = torch.zeros(d, d, dtype=torch.float64)
@@ -168,26 +177,22 @@ fig.tight_layout()
 plt.show()
 old_l, new_l = memory_trace("linear")
 old_d, new_d = memory_trace("delta")
-print(f"just after the rewrite, linear attention returns {old_l[100]:.2f} of v* and {new_l[100]:.2f} of v_new; "
-      f"DeltaNet {old_d[100]:.2f} and {new_d[100]:.2f}")
+print(f"just after the rewrite, linear attention returns {old_l[100]:.2f} of v* and "
+      f"{new_l[100]:.2f} of v_new; DeltaNet {old_d[100]:.2f} and {new_d[100]:.2f}")
 
 # %% [markdown]
-# Linear attention returns all of the old value *and* all of the new one after the rewrite: it replaced nothing,
-# and it never will. DeltaNet's read of $v^\ast$ fades as the random keys, which overlap $k^\ast$ a little, partly
-# overwrite its direction; at the rewrite it drops to almost nothing and the memory returns $0.9\,v^{\text{new}}$
-# ($\beta = 0.9$). The gate adds a fade at a rate the model controls token by token. Qwen3-Next's heads learn both.
+# Linear attention returns all of the old value *and* all of the new one after the rewrite. DeltaNet's read of
+# $v^\ast$ fades as random keys, which overlap $k^\ast$ a little, partly overwrite its direction; at the rewrite it
+# drops to almost nothing and the memory returns $0.9\,v^{\text{new}}$ ($\beta = 0.9$). The gate adds a fade at a
+# rate the model controls token by token.
 
 # %% [markdown]
 # ## 5.2 Naive: the recurrence
 #
-# The spec, with the book's conventions and fla's argument names (but the book's order `q, k, v, g, beta` — fla's
-# own naive function takes `q, k, v, beta, g`, the tests watch for that):
-#
-# - `q, k [B, T, H, K]`, `v [B, T, HV, V]` with `HV % H == 0`: value head $h_v$ reads query/key head
-#   $\lfloor h_v / (HV/H) \rfloor$, as Qwen3-Next groups them;
-# - `g [B, T, HV]` log decay, finite and $\le 0$; `beta [B, T, HV]` in $[0, 2]$ (after the sigmoid);
-# - `scale` (default $K^{-1/2}$), `initial_state [B, HV, K, V]`, `output_final_state`;
-# - `use_qk_l2norm=True` normalises $q$ and $k$ inside (as Qwen3-Next calls it), else the caller must.
+# The spec, with fla's argument names in the book's order `q, k, v, g, beta`: `q, k [B, T, H, K]`,
+# `v [B, T, HV, V]` (value head $h_v$ reads query/key head $\lfloor h_v / (HV/H) \rfloor$), `g [B, T, HV]` log decay
+# $\le 0$, `beta [B, T, HV]` in $[0, 2]$, `scale` (default $K^{-1/2}$), `initial_state [B, HV, K, V]`; with
+# `use_qk_l2norm=True` the op normalises $q$ and $k$ itself, else the caller must.
 #
 # Per token, in the order the equation reads: decay, read, write the error, read the output:
 #
@@ -204,121 +209,55 @@ from minisparse import _checks
 
 
 def l2norm(x, eps=1e-6):
-    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers' l2norm)."""
+    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers')."""
     x = x.float()
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def _check_gate_and_beta(op, g, beta):
-    """The values: g finite and ≤ 0, β in [0, 2], NaN reported as NaN. One reduction and a host sync a tensor."""
-    if g is not None:
-        _checks.value_range(op, "g", g, low=float("-inf"), low_open=True, high=0.0,
-                            why="a finite log decay: exp(g) in (0, 1]")
-    _checks.value_range(op, "beta", beta, low=0.0, high=2.0,
-                        why="I - beta k kᵀ must not amplify the state for unit keys; models use sigmoid outputs")
+def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm=False):
+    """Gated delta rule token by token: S ← exp(g_t) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale
+    · q_t S.
 
-
-def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values):
-    """Validate what every delta-rule op takes (g may be None: no decay); return the scale as a float (K ** -0.5
-    for None). `check_values`: also check the values of g and β now (the naive ops always do; the Triton ops follow
-    the value-check rule, runtime.checking_values; a layer skips what it built itself)."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
-    if g is not None:
-        _checks.per_head_token(op, "g", g, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
-    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
-    if check_values:
-        _check_gate_and_beta(op, g, beta)
-    return _checks.scale(op, scale, K)
-
-
-def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised; g None -> zeros."""
-    HV = v.shape[2]
-    rep = HV // q.shape[2]
-    q, k = q.float(), k.float()
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    if rep > 1:  # grouped value heads: value head hv reads query/key head hv // rep
-        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
-    g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g.float()
-    return q, k, v.float(), g, beta.float()
-
-
-def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                     use_qk_l2norm=False):
-    """Gated delta rule token by token: S ← exp(g_t) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale · q_t S.
-
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
-    initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
-    None). Accumulates in float32.
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV]
+    in [0, 2]; initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype,
+    final_state [B, HV, K, V] float32 or None). Accumulates in float32.
     """
-    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            check_values=True)
+    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, check_values=True)
 
 
-def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
-                     op="naive_recurrent_gated_delta_rule"):
-    """naive_recurrent_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
-    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)
+def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values, op="naive_recurrent_gated_delta_rule"):
+    """naive_recurrent_gated_delta_rule; check_values=False skips g's and β's values."""
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)  # shapes, values
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)  # float32, q, k per value head
     S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float().clone()
     o = qf.new_empty(B, T, HV, V)
     for t in range(T):
         kt = kf[:, t]  # [B, HV, K]
         S = S * gf[:, t].exp()[:, :, None, None]  # decay: exp(g_t) S
-        err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S: what the memory gets wrong
-        S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # write β_t · error under k_t
+        # [B, HV, V] v_t − k_t S: what the memory gets wrong
+        err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)
+        # write β_t · error under k_t
+        S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]
         o[:, t] = torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S)  # [B, HV, V]
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
-                               use_qk_l2norm=False):
-    """DeltaNet token by token: naive_recurrent_gated_delta_rule with g = 0 (no decay). Same shapes."""
-    return _naive_recurrent(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            check_values=True, op="naive_recurrent_delta_rule")
+def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None,
+                               output_final_state=False, use_qk_l2norm=False):
+    """DeltaNet token by token: naive_recurrent_gated_delta_rule with g = 0. Same shapes."""
+    return _naive_recurrent(q, k, v, None, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, check_values=True, op="naive_recurrent_delta_rule")
 
 
 # %% [markdown]
-# Two independent references check it: fla's `naive_recurrent_gated_delta_rule` (note its order `q, k, v, beta,
-# g`; it has no grouped heads) and transformers' `torch_recurrent_gated_delta_rule` from Qwen3-Next (order
-# `q, k, v, g, beta`; it always scales by $K^{-1/2}$, normalises with `use_qk_l2norm_in_kernel` and repeats the
-# query/key heads for grouped value heads). The decorator transformers wraps it in may swap in fla's Triton kernel
-# when fla is importable; `.__wrapped__` is the PyTorch function itself.
-
-# %%
-from minisparse.deltanet import naive_recurrent_delta_rule, naive_recurrent_gated_delta_rule
-
-B0, T0, H0, K0, V0 = 2, 45, 3, 32, 48
-q0, k0, v0 = make_bthd(B0, T0, H0, K0, seed=1), make_bthd(B0, T0, H0, K0, seed=2), make_bthd(B0, T0, H0, V0, seed=3)
-q0n, k0n = F.normalize(q0, dim=-1), F.normalize(k0, dim=-1)  # the caller normalises
-g0 = make_log_gates(B0, T0, H0, low=-1.0, seed=4)
-beta0 = torch.rand(B0, T0, H0, generator=torch.Generator().manual_seed(5))
-h00 = torch.randn(B0, H0, K0, V0, generator=torch.Generator().manual_seed(6))
-o_rec0, s_rec0 = naive_recurrent_gated_delta_rule(q0n, k0n, v0, g0, beta0, initial_state=h00, output_final_state=True)
-if fla_naive_recurrent_gdr is not None:
-    o_fla, s_fla = fla_naive_recurrent_gdr(q0n, k0n, v0, beta0, g0, initial_state=h00, output_final_state=True)
-    assert_close("vs fla naive_recurrent_gated_delta_rule: o", o_fla, o_rec0, 1e-5)
-    assert_close("vs fla naive_recurrent_gated_delta_rule: state", s_fla, s_rec0, 1e-5)
-    print("naive_recurrent_gated_delta_rule == fla's naive_recurrent_gated_delta_rule (T = 45, K = 32, V = 48)")
-if transformers is not None:
-    from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
-
-    hf_rec = getattr(qwen3_next.torch_recurrent_gated_delta_rule, "__wrapped__",
-                     qwen3_next.torch_recurrent_gated_delta_rule)
-    v0g = make_bthd(B0, T0, 2 * H0, V0, seed=7)  # grouped value heads: HV = 2 H
-    g0g, beta0g = make_log_gates(B0, T0, 2 * H0, low=-1.0, seed=8), torch.rand(B0, T0, 2 * H0)
-    # q, k repeated per value head: older transformers releases (5.17) take equal head counts only
-    o_hf, s_hf = hf_rec(q0.repeat_interleave(2, 2), k0.repeat_interleave(2, 2), v0g, g0g, beta0g,
-                        output_final_state=True, use_qk_l2norm_in_kernel=True)
-    o_me, s_me = naive_recurrent_gated_delta_rule(q0, k0, v0g, g0g, beta0g, output_final_state=True,
-                                                  use_qk_l2norm=True)
-    assert_close("vs transformers torch_recurrent_gated_delta_rule: o", o_hf, o_me, 1e-5)
-    assert_close("vs transformers torch_recurrent_gated_delta_rule: state", s_hf, s_me, 1e-5)
-    print("naive_recurrent_gated_delta_rule == transformers' torch_recurrent_gated_delta_rule (HV = 2H, l2norm inside)")
+# The argument checks (`_check_delta`) and `_prepare` (float32 copies, $q$ and $k$ repeated to the value heads)
+# are in the Engineering notes, with the checks of the recurrence against two independent references: fla's
+# `naive_recurrent_gated_delta_rule` and transformers' Qwen3-Next recurrence.
 
 # %% [markdown]
 # ## 5.3 Chunkwise: the WY representation and the UT transform
@@ -347,55 +286,79 @@ if transformers is not None:
 # system:
 #
 # $$
-# (I + A)\, U = \operatorname{diag}(\beta)\, V - \operatorname{diag}(\beta e^{G})\, K S
-# \quad\Longrightarrow\quad
-# U = \underbrace{A_\text{inv}\operatorname{diag}(\beta) V}_{\tilde U}
+# \begin{aligned}
+# (I + A)\, U &= \operatorname{diag}(\beta)\, V - \operatorname{diag}(\beta e^{G})\, K S ,\\
+# U &= \underbrace{A_\text{inv}\operatorname{diag}(\beta) V}_{\tilde U}
 #   - \underbrace{A_\text{inv} \operatorname{diag}(\beta e^G) K}_{W}\, S,
 # \qquad A_\text{inv} = (I + A)^{-1}.
+# \end{aligned}
 # $$
 #
 # $A_\text{inv}$ (the inverse of $I + A$, not of $A$) is the **UT transform** of the chunk: it depends only on the
 # chunk's keys, $\beta$ and gates — not on $S$ — so all chunks compute theirs in parallel (a triangular solve of
-# $L \times L$, $L = 64$). $W$ and $\tilde U$ are the **WY
-# representation**: without gates, the product of the chunk's Householder matrices is $I - K^\top W$. What
-# remains is chapter 4's chunkwise form with $U$ in place of $V$ and the gate's $e^{G_i - G_j}$ in place of
-# $\lambda^{i-j}$:
+# $L \times L$, $L = 64$). $W$ and $\tilde U$ are the **WY representation**: without gates, the product of the
+# chunk's Householder matrices is $I - K^\top W$. What remains is chapter 4's chunkwise form with $U$ in place of
+# $V$ and the gate's $e^{G_i - G_j}$ in place of $\lambda^{i-j}$ ($\Gamma_{ij} = e^{G_i - G_j}$ for $j \le i$, else 0):
 #
 # $$
-# O = \sigma\big(\operatorname{diag}(e^{G}) Q S + (Q K^\top \odot \Gamma)\, U\big), \qquad
-# S' = e^{G_L} S + \big(\operatorname{diag}(e^{G_L - G}) K\big)^\top U, \qquad \Gamma_{ij} = e^{G_i - G_j}\ (j \le i).
+# \begin{aligned}
+# O &= \sigma\big(\operatorname{diag}(e^{G}) Q S + (Q K^\top \odot \Gamma)\, U\big),\\
+# S' &= e^{G_L} S + \big(\operatorname{diag}(e^{G_L - G}) K\big)^\top U .
+# \end{aligned}
 # $$
 #
 # Every exponent is $\le 0$ ($G$ decreases along the chunk), and above the diagonal it is masked to $-\infty$ *before*
 # `exp`: a gate of $-30$ a token makes $e^{G}$ underflow to 0 within a chunk, never overflow. The only sequential
-# part left across chunks is $U = \tilde U - WS$ and the state update, two matrix products per chunk.
-#
-# **Sums, not differences.** $G_i - G_j$ is the sum of the gates between the two tokens, $g_{j+1} + \dots + g_i$, and
-# that is how the code computes it: a cumulative sum down each column of the matrix that holds $g_i$ below the
-# diagonal, $D_{ij} = g_{j+1} + \dots + g_i$, so $\Gamma = e^{D}$, and $G_L - G_j$ is the last row of $D$. Subtracting
-# two cumulative sums loses digits instead: one gate of $-10^5$ early in a chunk makes every later $G_i$ about
-# $-10^5$, where float32 numbers lie $0.008$ apart, so a decay $e^{G_i - G_j}$ between two later tokens comes out
-# about 1 % off, and the output with it. The sums keep every exponent as accurate as the gates it adds, for any
-# finite $g \le 0$; section 5.6 shows that the gradient of $g$ needs the same care.
+# part left across chunks is $U = \tilde U - WS$ and the state update, two matrix products per chunk. One more
+# care: the code takes $G_i - G_j$ as the *sum* of the gates between the two tokens, $g_{j+1} + \dots + g_i$ (a
+# cumulative sum down the columns of a masked $L \times L$ matrix), not as a difference of two cumulative sums,
+# which loses digits when one gate is very negative (Engineering notes). One chunk, in the three groups that
+# section 5.6 turns into three Triton kernels:
+
+# %%
+B_ = viz.Box
+GREEN, ORANGE = "#e2f0d9", "#fde2c8"
+wy_boxes = {
+    "in": B_(0.0, 1.4, "chunk n:\n$K, V, \\beta, g$", w=1.7),
+    "A": B_(2.6, 1.4, "$A$ = strictly lower\n$\\mathrm{diag}(\\beta) KK^\\top \\odot \\Gamma$",
+            w=2.3),
+    "inv": B_(5.3, 1.4, "$A_{inv} = (I + A)^{-1}$\nUT transform", w=2.2, color=ORANGE),
+    "wy": B_(8.0, 1.4, "$W,\\ \\tilde U$\nWY representation", w=2.2),
+    "S": B_(5.3, -0.3, "state $S_n$\nentering chunk n", w=2.2, color=GREEN),
+    "U": B_(8.0, -0.3, "$U = \\tilde U - W S_n$", w=2.2, color=GREEN),
+    "next": B_(11.0, -0.3, "$S_{n+1} = e^{G_L} S_n$\n$+ (\\mathrm{diag}(e^{G_L - G})K)^\\top U$",
+               w=2.8, color=GREEN, note="enters chunk n + 1"),
+    "O": B_(11.0, 1.4, "$O = \\sigma(\\mathrm{diag}(e^G) Q S_n$\n$+ (QK^\\top \\odot \\Gamma) U)$",
+            w=2.8),
+}
+wy_arrows = [("in", "A"), ("A", "inv"), ("inv", "wy", "$\\times\\,\\beta K,\\ \\beta V$"),
+             ("wy", "U"), ("S", "U", "$W S_n$"), ("U", "next"), ("U", "O"), ("S", "O", "$Q S_n$")]
+wy_groups = [(["A", "inv", "wy"], "every chunk in parallel: no state"),
+             (["O"], "every chunk in parallel"),
+             (["S", "U", "next"], "a scan over chunks: the only sequential part")]
+fig = viz.schematic(wy_boxes, wy_arrows, groups=wy_groups, size=(12, 4.2),
+                    title="One chunk: UT, WY, the scan")
+plt.show()
 
 # %%
 #| export deltanet.naive
-def naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                 use_qk_l2norm=False, chunk_size=64):
-    """Gated delta rule by chunks (the WY/UT form): same arguments and results as naive_recurrent_gated_delta_rule.
+def naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                 output_final_state=False, use_qk_l2norm=False, chunk_size=64):
+    """Gated delta rule by chunks (the WY/UT form): same arguments and results as
+    naive_recurrent_gated_delta_rule.
 
-    Per chunk of L ≤ chunk_size tokens: G_i = g_1 + … + g_i, Γ_ij = exp(g_{j+1} + … + g_i) for j ≤ i (segment
-    sums, never G_i − G_j); A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit lower-triangular solve gives
-    W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S,
-    O = scale (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(Γ_L) K)ᵀ U. Differentiable by autograd.
+    Per chunk of L ≤ chunk_size tokens: G_i = g_1 + … + g_i, Γ_ij = exp(g_{j+1} + … + g_i) for j ≤ i
+    (segment sums, never G_i − G_j); A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit lower-triangular
+    solve gives W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S, O = scale
+    (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(Γ_L) K)ᵀ U. Differentiable by autograd.
     """
-    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
-                        check_values=True)
+    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                        chunk_size, check_values=True)
 
 
-def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
-                 check_values, op="naive_chunk_gated_delta_rule"):
-    """naive_chunk_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                 chunk_size, check_values, op="naive_chunk_gated_delta_rule"):
+    """naive_chunk_gated_delta_rule; check_values=False skips g's and β's values (the layer's)."""
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)
     _checks.positive_int(op, "chunk_size", chunk_size)
     B, T, H, K = q.shape
@@ -412,24 +375,31 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # j <= i
         G = gc.cumsum(-1)  # [B, HV, L] G_i: log decay from the chunk's start through token i
         after = ~causal.T  # [L, L] i > j
-        D = torch.where(after, gc[..., :, None], 0.0).cumsum(-2)  # [B, HV, L, L] D_ij = g_{j+1} + … + g_i, i ≥ j
-        Gamma = torch.exp(torch.where(causal, D, float("-inf")))  # [B, HV, L, L] e^{G_i − G_j}, 0 above
+        # [B, HV, L, L] D_ij = g_{j+1} + … + g_i, i ≥ j
+        D = torch.where(after, gc[..., :, None], 0.0).cumsum(-2)
+        # [B, HV, L, L] e^{G_i − G_j}, 0 above
+        Gamma = torch.exp(torch.where(causal, D, float("-inf")))
         A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)  # strictly lower
         eye = torch.eye(L, device=q.device)
-        rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
-        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        # [B, HV, L, K + V]
+        rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)
+        # (I + A)⁻¹ rhs
+        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         W, U_tilde = WU[..., :K], WU[..., K:]  # [B, HV, L, K], [B, HV, L, V]
         U = U_tilde - W @ S  # [B, HV, L, V] what each token writes
-        o[:, :, c0:c0 + L] = scale * ((qc * G.exp()[..., None]) @ S + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U)
-        S = G[..., -1, None, None].exp() * S + (kc * Gamma[..., -1, :, None]).transpose(-1, -2) @ U  # Γ_Lj
+        o[:, :, c0:c0 + L] = scale * ((qc * G.exp()[..., None]) @ S
+                                      + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U)
+        # Γ_Lj
+        S = G[..., -1, None, None].exp() * S + (kc * Gamma[..., -1, :, None]).transpose(-1, -2) @ U
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 
 def naive_chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm=False, chunk_size=64):
-    """DeltaNet by chunks: naive_chunk_gated_delta_rule with g = 0. Same shapes as naive_recurrent_delta_rule."""
-    return _naive_chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
-                        check_values=True, op="naive_chunk_delta_rule")
+    """DeltaNet by chunks: naive_chunk_gated_delta_rule with g = 0. Same shapes as
+    naive_recurrent_delta_rule."""
+    return _naive_chunk(q, k, v, None, beta, scale, initial_state, output_final_state,
+                        use_qk_l2norm, chunk_size, check_values=True, op="naive_chunk_delta_rule")
 
 
 # %% [markdown]
@@ -437,7 +407,7 @@ def naive_chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output
 # heads, an initial state, and gates from near 0 to $-30$ a token:
 
 # %%
-from minisparse.deltanet import naive_chunk_gated_delta_rule
+from minisparse.deltanet import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 
 Bc, Tc, Hc, HVc, Kc, Vc = 2, 100, 2, 4, 32, 48
 qc0 = F.normalize(make_bthd(Bc, Tc, Hc, Kc, seed=11), dim=-1)  # unit queries and keys
@@ -447,10 +417,11 @@ betac = torch.rand(Bc, Tc, HVc, generator=torch.Generator().manual_seed(14))
 hc0 = torch.randn(Bc, HVc, Kc, Vc, generator=torch.Generator().manual_seed(15))
 for low, high in [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]:
     gc0 = make_log_gates(Bc, Tc, HVc, low=low, high=high, seed=16)
-    o_r, s_r = naive_recurrent_gated_delta_rule(qc0, kc0, vc0, gc0, betac, initial_state=hc0, output_final_state=True)
+    o_r, s_r = naive_recurrent_gated_delta_rule(qc0, kc0, vc0, gc0, betac, initial_state=hc0,
+                                                output_final_state=True)
     for C in (16, 64):
-        o_c, s_c = naive_chunk_gated_delta_rule(qc0, kc0, vc0, gc0, betac, initial_state=hc0, output_final_state=True,
-                                                chunk_size=C)
+        o_c, s_c = naive_chunk_gated_delta_rule(qc0, kc0, vc0, gc0, betac, initial_state=hc0,
+                                                output_final_state=True, chunk_size=C)
         e = assert_close(f"chunk (C={C}, g in [{low}, {high}]) vs recurrent: o", o_r, o_c, 1e-5)
         assert_close(f"chunk (C={C}, g in [{low}, {high}]) vs recurrent: state", s_r, s_c, 1e-5)
     print(f"g in [{low:g}, {high:g}]: chunk == recurrent (relative RMS {e:.1e} at C = 64)")
@@ -460,28 +431,23 @@ for low, high in [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]:
 #
 # ### The attention matrix a GDN head implies
 #
-# With the state starting at zero, the outputs are *linear in the values*: the chunk form with a single chunk says
-# $O = \sigma (QK^\top \odot \Gamma)\, A_\text{inv} \operatorname{diag}(\beta)\, V$. So a delta-rule head, for given queries,
-# keys, $\beta$ and gates, acts like attention with the matrix
-#
-# $$
-# P = \sigma\, (QK^\top \odot \Gamma)\,(I + A)^{-1} \operatorname{diag}(\beta) ,
-# $$
-#
-# lower-triangular like causal attention, but with entries of both signs: the delta rule *subtracts* what later keys
-# overwrote. Linear attention is $P = QK^\top \odot M$. Below, 48 tokens whose keys repeat every 12 tokens (a word
+# From a zero state the outputs are *linear in the values*: one chunk gives
+# $O = \sigma (QK^\top \odot \Gamma)\, A_\text{inv} \operatorname{diag}(\beta)\, V$, so a head acts like attention with
+# $P = \sigma\, (QK^\top \odot \Gamma)\,(I + A)^{-1} \operatorname{diag}(\beta)$: lower-triangular like causal
+# attention, but with entries of both signs, since the delta rule *subtracts* what later keys overwrote. Linear attention is $P = QK^\top \odot M$. Below, 48 tokens whose keys repeat every 12 tokens (a word
 # that keeps coming back with new values), and queries that look up the key seen 5 tokens earlier
 # ($q_t \approx k_{t-5}$): the three heads' $P$, and a check that $PV$ is the recurrence's output.
 
 # %%
 def implied_attention(q, k, g, beta, scale=1.0):
-    """P [T, T] with o = P v for one head from a zero state: q, k [T, K] (unit rows), g, beta [T]."""
+    """P [T, T], o = P v for one head from a zero state: q, k [T, K] unit rows; g, beta [T]."""
     T = q.shape[0]
     G = g.cumsum(0)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
     A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-    A_inv = torch.linalg.solve_triangular(torch.eye(T) + A, torch.eye(T), upper=False, unitriangular=True)
+    A_inv = torch.linalg.solve_triangular(torch.eye(T) + A, torch.eye(T), upper=False,
+                                          unitriangular=True)
     return scale * ((q @ k.T) * Gamma) @ A_inv * beta[None, :]
 
 
@@ -489,75 +455,47 @@ T_P, d_P = 48, 16
 gen = torch.Generator().manual_seed(3)
 base = F.normalize(torch.randn(12, d_P, generator=gen), dim=-1)
 kP = base.repeat(4, 1)  # [48, 16] every key comes back every 12 tokens
-qP = F.normalize(torch.roll(kP, 5, dims=0) + 0.1 * torch.randn(T_P, d_P, generator=gen), dim=-1)  # q_t ≈ k_{t-5}
+# q_t ≈ k_{t-5}
+qP = F.normalize(torch.roll(kP, 5, dims=0) + 0.1 * torch.randn(T_P, d_P, generator=gen), dim=-1)
 betaP = torch.full((T_P,), 0.9)
+gP = torch.full((T_P,), -0.1)
 pics = {
     "linear attention": (qP @ kP.T).tril(),
     "DeltaNet (β = 0.9)": implied_attention(qP, kP, torch.zeros(T_P), betaP),
-    "Gated DeltaNet (β = 0.9, g = -0.1)": implied_attention(qP, kP, torch.full((T_P,), -0.1), betaP),
+    "Gated DeltaNet (β = 0.9, g = -0.1)": implied_attention(qP, kP, gP, betaP),
 }
 vmax = max(float(p.abs().max()) for p in pics.values())
 fig = viz.panels(pics, ncols=3, size=3.4, cmap="RdBu_r", vmin=-vmax, vmax=vmax,
-                 suptitle="Implied attention P (o = P v) of one head; keys repeat every 12 tokens, q_t ≈ k_{t-5}")
+                 suptitle="Implied attention P (o = P v) of one head; keys repeat every 12 tokens, "
+                          "q_t ≈ k_{t-5}", colorbar=True)
 plt.show()
 vP = torch.randn(T_P, 8, generator=gen)
-o_check, _ = naive_recurrent_gated_delta_rule(qP[None, :, None], kP[None, :, None], vP[None, :, None],
-                                              torch.full((1, T_P, 1), -0.1), betaP[None, :, None], scale=1.0)
-assert_close("P v vs the recurrence", o_check[0, :, 0], pics["Gated DeltaNet (β = 0.9, g = -0.1)"] @ vP, 1e-5)
+o_check, _ = naive_recurrent_gated_delta_rule(qP[None, :, None], kP[None, :, None],
+                                              vP[None, :, None], torch.full((1, T_P, 1), -0.1),
+                                              betaP[None, :, None], scale=1.0)
+assert_close("P v vs the recurrence", o_check[0, :, 0],
+             pics["Gated DeltaNet (β = 0.9, g = -0.1)"] @ vP, 1e-5)
 print("implied attention P @ v == naive_recurrent_gated_delta_rule (T = 48)")
 
 # %% [markdown]
 # Linear attention gives the same weight to every earlier occurrence of the key a query looks up: stripes at
 # distances 5, 17, 29, 41. DeltaNet keeps the *latest* occurrence (distance 5) and gives the earlier ones weights
 # near zero or below: the latest write replaced their values. The gate fades the whole lower triangle with distance.
-#
-# ### The state over time
-#
-# Without the delta rule the state's norm grows with every token, like $\sqrt t$ for random pairs; with it, the
-# state is the solution of a regression that never needs more than $\lVert v \rVert$ per key direction, and its norm
-# saturates. The gate lowers the plateau further.
-
-# %%
-T_S, d_S = runtime.reading_size(cpu=1024, gpu=4096), 32
-gen = torch.Generator().manual_seed(0)
-kS = F.normalize(torch.randn(T_S, d_S, generator=gen), dim=-1)  # [T, d] random unit keys
-vS = torch.randn(T_S, d_S, generator=gen)  # [T, d]
-fig, ax = plt.subplots(figsize=(7, 3.4))
-for label, beta_s, g_s in [("linear attention", None, 0.0), ("DeltaNet (β = 0.5)", 0.5, 0.0),
-                           ("Gated DeltaNet (β = 0.5, g = -0.02)", 0.5, -0.02)]:
-    S, norms = torch.zeros(d_S, d_S), []
-    for t in range(T_S):
-        if beta_s is None:
-            S = S + torch.outer(kS[t], vS[t])  # add only
-        else:
-            S = math.exp(g_s) * S
-            S = S + beta_s * torch.outer(kS[t], vS[t] - kS[t] @ S)  # the delta rule
-        norms.append(float(S.norm()))
-    ax.plot(norms, label=label)
-ax.set(xlabel="token t", ylabel="‖S_t‖ (Frobenius)",
-       title=f"State norm over time (K = V = {d_S}, random unit keys)")
-ax.set_yscale("log")
-ax.legend(fontsize=8)
-ax.grid(alpha=0.3)
-fig.tight_layout()
-plt.show()
 
 # %% [markdown]
 # ### Explorer: β and the gate
 #
-# Move $\beta$ (how much of the error each token writes) and the gate (how fast everything fades) and watch the
-# implied attention of the repeated-keys example. $\beta \to 0$ with no gate approaches a scaled linear attention
-# ($(I + A)^{-1} \to I$); $\beta = 1$ overwrites exactly; $\beta > 1$ over-corrects and alternates signs.
+# Move $\beta$ and the gate and watch the implied attention of the repeated keys. $\beta \to 0$ without a gate
+# approaches scaled linear attention; $\beta = 1$ overwrites exactly; $\beta > 1$ over-corrects, alternating signs.
 
-# %%
-# NBVAL_IGNORE_OUTPUT
+# %% tags=["nbval-ignore-output"]
 def draw_delta(beta=0.9, log10_decay=-1.0):
     g = -(10 ** log10_decay)
     P = implied_attention(qP, kP, torch.full((T_P,), g), torch.full((T_P,), beta))
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     m = float(P.abs().max())
-    viz.heatmap(ax, P, f"β = {beta:.2f}, g = {g:.3g} (half-life {math.log(2) / -g:.3g} tokens)", cmap="RdBu_r",
-                vmin=-m, vmax=m, colorbar=True)
+    viz.heatmap(ax, P, f"β = {beta:.2f}, g = {g:.3g} (half-life {math.log(2) / -g:.3g} tokens)",
+                cmap="RdBu_r", vmin=-m, vmax=m, colorbar=True)
     fig.tight_layout()
     plt.show()
 
@@ -587,8 +525,7 @@ explorer = viz.explorer(draw_delta, beta=(0.05, 2.0, 0.05), log10_decay=(-4.0, 1
 # M_\text{GDN} = 4\, H_v K V + 2\,(k_\text{conv} - 1)(2HK + H_v V) \ \text{bytes, whatever } T .
 # $$
 #
-# The triangular solve is the one step that is not a plain matrix multiply; fla computes it by blocked forward
-# substitution inside one kernel. Below, `gdn_flops` reuses chapter 4's `lightning_flops` for the first bracket.
+# Below, `gdn_flops` reuses chapter 4's `lightning_flops` for the first bracket.
 
 # %%
 #| export deltanet.cost
@@ -597,18 +534,22 @@ from minisparse.lightning.cost import lightning_flops
 
 
 def gdn_flops(T, d_k, d_v, value_heads=1, chunk=64):
-    """Forward FLOPs of the chunkwise gated delta rule over T tokens (2 FLOPs a multiply-add), all value heads.
+    """Forward FLOPs of the chunkwise gated delta rule over T tokens (2 FLOPs a multiply-add), all
+    value heads.
 
-    Chapter 4's chunk form (intra-chunk causal QKᵀ and ·U, the state's read and update) plus the UT transform:
-    causal KKᵀ (C·K a token), the triangular solve for K + V right-hand sides (C·(K + V)) and W·S (2·K·V).
+    Chapter 4's chunk form (intra-chunk causal QKᵀ and ·U, the state's read and update) plus the UT
+    transform:
+    causal KKᵀ (C·K a token), the triangular solve for K + V right-hand sides (C·(K + V)) and W·S
+    (2·K·V).
     """
     extra = T * (chunk * d_k + chunk * (d_k + d_v) + 2 * d_k * d_v)
     return value_heads * (lightning_flops(T, d_k, d_v, chunk=chunk, form="chunk") + extra)
 
 
 def gdn_state_bytes(key_heads, value_heads, d_k, d_v, conv_kernel=4, state_bytes=4, dtype_bytes=2):
-    """Decoding memory of one GDN layer, independent of T: the K×V states (state_bytes each) and the short
-    convolution's last conv_kernel - 1 inputs over the 2·H·K + Hv·V convolved channels (dtype_bytes each)."""
+    """Decoding memory of one GDN layer, independent of T: the K×V states (state_bytes each) and the
+    short convolution's last conv_kernel - 1 inputs over the 2·H·K + Hv·V convolved channels
+    (dtype_bytes each)."""
     return (value_heads * d_k * d_v * state_bytes
             + (conv_kernel - 1) * (2 * key_heads * d_k + value_heads * d_v) * dtype_bytes)
 
@@ -618,24 +559,16 @@ def gdn_state_bytes(key_heads, value_heads, d_k, d_v, conv_kernel=4, state_bytes
 # Qwen3-Next-80B-A3B stacks 48 layers as 12 × (3 × (Gated DeltaNet → MoE), 1 × (Gated Attention → MoE)), and
 # keeps its native context at 262,144 tokens: three linear layers to one softmax layer (its
 # [model card](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); the seed survey lists the same 3:1 layout
-# for Qwen3.5). The softmax layers
-# are chapter 1's `Attention` with the output gate, no new code: 16 query heads, 2 K/V heads of 256 channels, RoPE
+# for Qwen3.5 [S]). The softmax layers are chapter 1's `Attention` with its output gate (`gate=True`): 16 query heads, 2 K/V heads of 256 channels, RoPE
 # on a quarter of them. We read all shapes from `transformers`' `Qwen3NextConfig()` defaults, which are this
 # model's.
 
 # %%
 if transformers is not None:
-    from minisparse.attention import Attention
-
     cfg = transformers.Qwen3NextConfig()
-    rope = getattr(cfg, "rope_parameters", None) or {"partial_rotary_factor": cfg.partial_rotary_factor}  # 5.x | 4.x
-    with torch.device("meta"):  # shapes only, no memory
-        gated_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                               gate=True, qk_norm=True, zero_centered_norm=True,
-                               rotary_dim=int(cfg.head_dim * rope["partial_rotary_factor"]))
-    print(f"{cfg.num_hidden_layers} layers: {''.join('A' if t == 'full_attention' else 'g' for t in cfg.layer_types)}"
+    pattern = "".join("A" if t == "full_attention" else "g" for t in cfg.layer_types)
+    print(f"{cfg.num_hidden_layers} layers: {pattern}"
           "   (g = Gated DeltaNet, A = gated attention)")
-    print("gated attention q_proj:", tuple(gated_attn.q_proj.weight.shape), "= queries and their gates")
     print(f"GDN: {cfg.linear_num_key_heads} q/k heads × {cfg.linear_key_head_dim}, "
           f"{cfg.linear_num_value_heads} value heads × {cfg.linear_value_head_dim}, "
           f"conv kernel {cfg.linear_conv_kernel_dim}")
@@ -653,52 +586,16 @@ else:
 # M_\text{stack}(T) = n_A \cdot 4 H_{kv} D \cdot T + n_G M_\text{GDN} .
 # $$
 #
-# Assumptions: prefill of one sequence, forward only; only the token-mixing core is counted — the projections, the
-# short convolution, norms and the MoE blocks grow linearly in $T$ in both models and are left out (they would
-# only push the curves together at short $T$); the KV cache in bf16, the GDN states in fp32; batch 1. The
-# comparison model is the same stack with all 48 layers gated attention.
-
-# %%
-#| export deltanet.cost
-
-
-def layer_pattern(config):
-    """The list of 'linear_attention' / 'full_attention' of a Qwen3-Next-style config: its layer_types, or else
-    every full_attention_interval-th layer is softmax attention."""
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        every = config.full_attention_interval
-        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
-                 for i in range(config.num_hidden_layers)]
-    return list(types)
-
-
-def hybrid_costs(config, T, layer_types=None, chunk=64, dtype_bytes=2, state_bytes=4):
-    """Token-mixing prefill FLOPs of the whole stack over T tokens and its decoding memory at context T.
-
-    config: a Qwen3NextConfig (or anything with its fields). layer_types overrides the config's pattern (e.g.
-    ['full_attention'] * 48 for the all-attention model). Returns a dict: flops, kv_bytes (softmax layers' K and V),
-    state_bytes (GDN states + conv states, constant in T), memory = kv_bytes + state_bytes, and the layer counts.
-    """
-    types = layer_pattern(config) if layer_types is None else list(layer_types)
-    bad = set(types) - {"full_attention", "linear_attention"}
-    if bad:
-        raise ValueError(f"hybrid_costs: unknown layer types {sorted(bad)}")
-    n_attn, n_gdn = types.count("full_attention"), types.count("linear_attention")
-    c = config
-    attn = attention_flops(T, c.head_dim, c.num_attention_heads, causal=True)
-    gdn = gdn_flops(T, c.linear_key_head_dim, c.linear_value_head_dim, c.linear_num_value_heads, chunk=chunk)
-    kv = kv_cache_bytes_per_token(n_attn, c.num_key_value_heads, c.head_dim, dtype_bytes) * T
-    states = n_gdn * gdn_state_bytes(c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim,
-                                     c.linear_value_head_dim, c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
-    return dict(flops=n_attn * attn + n_gdn * gdn, kv_bytes=kv, state_bytes=states, memory=kv + states,
-                full_attention_layers=n_attn, linear_attention_layers=n_gdn)
+# Assumptions: prefill of one sequence, forward only, token mixing only (projections, convolutions, norms and MoE
+# grow linearly in both models); KV cache in bf16, GDN states in fp32; batch 1; the comparison model is the same
+# stack with all 48 layers gated attention. `hybrid_costs(config, T)` sums it (code in the Engineering notes).
 
 # %% [markdown]
-# Prefill FLOPs of the two stacks from 1K to 256K tokens (K = 1024; 256K = 262,144, Qwen3-Next's native context),
-# and the memory a decoder holds at context $T$.
+# Prefill FLOPs from 1K to 256K tokens (262,144: Qwen3-Next's native context), and decoding memory at context $T$.
 
 # %%
+from minisparse.deltanet import hybrid_costs
+
 if cfg is not None:
     Ts = [2 ** i for i in range(10, 19)]  # 1K … 262K
     full_types = ["full_attention"] * cfg.num_hidden_layers
@@ -712,9 +609,12 @@ if cfg is not None:
             title="Prefill cost of the layer stack")
     GiB = 2 ** 30
     ax2.loglog(Ts, [c["memory"] / GiB for c in full], "o-", label="48 × gated attention (KV cache)")
-    ax2.loglog(Ts, [c["memory"] / GiB for c in hyb], "s-", label="3:1 hybrid (KV cache + GDN states)")
-    ax2.axhline(hyb[0]["state_bytes"] / GiB, color="gray", ls="--", lw=1, label="GDN states alone (36 layers)")
-    ax2.set(xlabel="context T", ylabel="GiB (batch 1)", title="Decoding memory at context T", ylim=(0.05, None))
+    ax2.loglog(Ts, [c["memory"] / GiB for c in hyb], "s-",
+               label="3:1 hybrid (KV cache + GDN states)")
+    ax2.axhline(hyb[0]["state_bytes"] / GiB, color="gray", ls="--", lw=1,
+                label="GDN states alone (36 layers)")
+    ax2.set(xlabel="context T", ylabel="GiB (batch 1)", title="Decoding memory at context T",
+            ylim=(0.05, None))
     for ax in (ax1, ax2):
         ax.set_xticks(Ts, [f"{T // 1024}K" for T in Ts])
         ax.minorticks_off()
@@ -727,56 +627,27 @@ if cfg is not None:
               f"memory {h['memory'] / GiB:7.3f} GiB vs {f['memory'] / GiB:7.3f} GiB")
 
 # %% [markdown]
-# At 1K tokens the GDN layers' linear cost is still comparable to attention's quadratic one, and the hybrid saves
-# only about a third of the FLOPs; by 262K the 12 softmax layers are almost everything and the stack costs a quarter
-# of the all-attention one. Memory is simpler: the hybrid keeps exactly a quarter of the KV cache plus a constant
-# ~74 MiB of states (36 layers × 32 value heads × 128 × 128 in fp32, and the convolution's inputs). That constant
-# equals the KV cache the 36 replaced layers would hold for about 1,000 tokens (36 × 2 KiB a token), so the hybrid
-# holds slightly *more* at 1K and 4× less at 262K: 6.1 GiB instead of 24 GiB a sequence. The check: the KV-cache
-# quarter is exact at 262K, the states do not depend on $T$, and the FLOP ratio falls toward ¼ from above.
-
-# %%
-if cfg is not None:
-    T_max = 262_144
-    h, f = hybrid_costs(cfg, T_max), hybrid_costs(cfg, T_max, layer_types=full_types)
-    assert (h["full_attention_layers"], h["linear_attention_layers"]) == (12, 36)
-    assert 4 * h["kv_bytes"] == f["kv_bytes"] and f["state_bytes"] == 0  # exactly a quarter, in integers
-    assert h["state_bytes"] == hybrid_costs(cfg, 1)["state_bytes"] == 36 * (32 * 128 * 128 * 4 + 3 * 8192 * 2)
-    assert h["memory"] == f["memory"] // 4 + h["state_bytes"]
-    ratios = [hybrid_costs(cfg, T)["flops"] / hybrid_costs(cfg, T, layer_types=full_types)["flops"]
-              for T in (2 ** 10, 2 ** 14, 2 ** 18, 2 ** 24)]
-    assert all(a > b > 0.25 for a, b in zip(ratios, ratios[1:])) and ratios[-1] - 0.25 < 1e-4, ratios
-    print(f"262K: hybrid KV = all-attention KV / 4 = {h['kv_bytes'] / GiB:.1f} GiB, "
-          f"+ {h['state_bytes'] / 2**20:.1f} MiB "
-          f"of states; FLOP ratio {ratios[0]:.3f} (1K) → {ratios[2]:.4f} (262K) → {ratios[3]:.5f} (16M) → 1/4")
+# At 1K tokens the hybrid saves only about a third of the FLOPs; by 262K the 12 softmax layers are almost everything
+# and the stack costs a quarter of the all-attention one. The hybrid keeps exactly a quarter of the KV cache plus a
+# constant ~74 MiB of states (36 layers × 32 value heads × 128 × 128 in fp32, and the convolution's inputs): slightly
+# *more* memory at 1K, 4× less at 262K (6.1 GiB instead of 24 GiB a sequence); the Engineering notes assert
+# these numbers.
 
 # %% [markdown]
 # ## 5.6 Fast: the chunkwise form in Triton
 #
-# The chunk form of section 5.3 splits, by what depends on what, into three forward kernels (fla splits it along the
-# same lines, with two kernels for the first step and its `l2norm` kernels before them). They live in
-# `minisparse/deltanet/chunk_fwd.py`; the backward's in `chunk_bwd.py`, the op and its autograd glue in `chunk.py`,
-# the decoding kernel in `fused_recurrent.py`:
+# The chunk form of section 5.3 splits, by what depends on what, into the three groups of its picture, and so into
+# three forward kernels (fla splits it along the same lines):
 #
-# 1. **`_fwd_wy_kernel`** — per chunk, all chunks in parallel: the matrix
-#    $A = \text{strictly lower}(\operatorname{diag}(\beta) K K^\top \odot \Gamma)$, the UT transform
-#    $A_\text{inv} = (I + A)^{-1}$, and the WY representation $W = A_\text{inv} \operatorname{diag}(\beta e^G) K$,
-#    $\tilde U = A_\text{inv} \operatorname{diag}(\beta) V$. Nothing here depends on the state.
+# 1. **`_fwd_wy_kernel`** — per chunk, all chunks in parallel: $A$, the UT transform $A_\text{inv} = (I + A)^{-1}$,
+#    and the WY representation $W$, $\tilde U$. Nothing here depends on the state.
 # 2. **`_fwd_states_kernel`** — the only sequential part, a scan over chunks per (batch, value head, tile of $V$):
-#    store the entering state $S_n$, form $U = \tilde U - W S_n$ and store it over $\tilde U$, and move on:
-#    $S_{n+1} = e^{G_L} S_n + (\operatorname{diag}(e^{G_L - G}) K)^\top U$. The state is held as two halves of
-#    $K/2$ rows, so that each product is two smaller independent ones (fla's scan does the same).
-# 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: $O = \sigma(\operatorname{diag}(e^G) Q S_n +
-#    (QK^\top \odot \Gamma) U)$ — chapter 4's output kernel with $U$ for $V$ and the gate's $\Gamma$ for the decay
-#    matrix.
+#    store the entering state $S_n$, form $U = \tilde U - W S_n$, and move on to $S_{n+1}$.
+# 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: chapter 4's output kernel with $U$ for $V$
+#    and $\Gamma$ for the decay matrix.
 #
-# Every kernel forms its decays from the chunk's gates as accurately as section 5.3's sums, more cheaply than a
-# $C \times C$ cumulative sum: `_gate_sums` adds the gates up in float64 (`tl.cumsum`), after clamping them at
-# $-1000$, and `_pair_exponents` takes the differences $D_{ij} = G_i - G_j$ in float64 before rounding them to
-# float32. With $|G| \le 64\,000$ those differences are the sums of the gates between two tokens to about
-# $10^{-11}$; and the clamp changes no float32 result, since a gate below $-104$ already makes every decay it enters
-# exactly 0. Then $\Gamma = e^{D}$ on and below the diagonal, and $e^{G_L - G_j}$ decays key $j$ to the chunk's
-# end.
+# The scan, the output kernel, the backward (three more kernels), decoding and the host code are in the Engineering
+# notes. This section reads the kernel that is new: the WY kernel, and inside it the triangular solve.
 #
 # **The triangular solve, by blocks.** Forward substitution computes $A_\text{inv}$ one row at a time: row $i$ is
 # $e_i - A_{i,:}\,A_\text{inv}$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63
@@ -792,8 +663,6 @@ if cfg is not None:
 #
 # four $64 \times 64$ matrix products on tensor cores ($N$, $N^2$, $(I - N)(I + N^2)$, and the product with $E$). The
 # series stops after four terms, so it is exact: no truncation, and no long alternating sum to lose precision in.
-# Like every product of fp32 operands in these kernels, they run in TF32 when the inputs are bf16 or fp16 and in
-# full fp32 when the inputs are fp32.
 #
 # ```
 #  _fwd_wy_kernel, program (chunk n, b·H_V + h_v):     K and V walked in column blocks of 32
@@ -805,33 +674,11 @@ if cfg is not None:
 #      Ũ  = (A_inv · β[None, :]) @ V                   [C, BV] the same
 # ```
 #
-# The row scalings of $K$ and $V$ move onto $A_\text{inv}$'s columns, so that $K$ and $V$ enter the products exactly
-# as stored. For bf16 inputs `_split_dot` then splits the scaled $A_\text{inv}$ into two bf16 halves,
-# $A_\text{hi} + A_\text{lo}$, and runs two bf16 tensor-core products: as accurate as fp32 to about $2^{-16}$, and
-# faster than one TF32 product on fp32 copies of $K$ and $V$ (`bench/notes/deltanet.md`). fp16 keeps TF32, because
-# very negative gates push the scaled columns below fp16's range. Only $C \times C$ matrices stay in registers from
-# start to end: the kernel walks $K$ and $V$ in blocks of 32 columns and loads $K$'s blocks twice rather than keep
-# them. Its launch configurations (2 warps on Ampere and newer, 4 on a T4, whose fp32 products run on CUDA cores and
-# need more registers) are in `runtime.LAUNCH_TABLE` under `"deltanet.fwd_wy"`.
-#
-# **Storage, and where the normalisation goes.** The scan accumulates the state in fp32 registers whatever the input
-# dtype and multiplies in the input dtype. The forward *stores* $W$, $\tilde U$, $U$ and the chunk states in the input
-# dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core products in the output kernel, $(QK^\top
-# \odot \Gamma)$ rounded to bf16 times $U$. That is accurate enough only because $q$ and $k$ are never rounded after
-# they are normalised: with `use_qk_l2norm` the kernels take $q$ and $k$ as given and apply $1/\lVert q \rVert$ and
-# $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (`bench/notes/deltanet.md` measures the
-# trade). For $k$ this costs the WY kernel almost nothing: $\lVert k_i \rVert^2$ is the diagonal of the $K K^\top$ it
-# computes anyway (products of 16-bit numbers are exact in fp32), so $K_n K_n^\top = \operatorname{diag}(r)\, K K^\top
-# \operatorname{diag}(r)$ and $W = A_\text{inv} \operatorname{diag}(\beta e^G r) K$. The kernel stores $r$ for the
-# scan, which scales $U$'s rows by it along with the decay, and for the output kernel, which scales $QK^\top$'s columns
-# by it. $1/\lVert q \rVert$ the output kernel sums itself, in a loop over $Q$'s rows of its own (`_row_rnorm`; the
-# second read of $Q$ mostly hits the L2 cache). Grouped value heads are addressing only: value head $h_v$ reads key
-# head $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
-# normalises $q$ and $k$ first in a row kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
-#
-# Each kernel below addresses one (batch, head) through base pointers computed once (`k_bh`, `u_bh`, …: token $t$'s
-# row is at `k_bh + t·H·K`), and takes `None` for a pointer it does not use, with a compile-time flag that says so
-# (`HAS_H0`, `STORE_HT`, `L2`, …): Triton compiles the flag's branch out.
+# Only $C \times C$ matrices stay in registers from start to end: the kernel walks $K$ and $V$ in blocks of 32
+# columns and loads $K$'s blocks twice rather than keep them; the row scalings of $K$ and $V$ ride on $A_\text{inv}$'s
+# columns, so that $K$ and $V$ enter the products as stored. Token $t$'s key row is at `k_bh + t·H·K`; value head
+# $h_v$ reads key head $h_v // (H_V/H)$ (`_heads`); a pointer the kernel does not use is `None`, with a
+# compile-time flag (`L2`, `STORE_AINV`). The helpers (`_gate_sums`, `_split_dot`, …) are in the Engineering notes.
 
 # %%
 #| export deltanet.chunk_fwd
@@ -841,76 +688,9 @@ import triton.language as tl
 
 from minisparse import runtime
 
-_C = 64  # chunk length: [C, C] tensor-core tiles, and at most four 16-row blocks in the solve, so that N⁴ = 0
-_WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of this many columns, so only [C, C] matrices stay live
-_OUTPUT_COLUMNS = 64  # the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
-_INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
+_C = 64  # chunk length: [C, C] tensor-core tiles, and four 16-row blocks in the solve (N⁴ = 0)
+_WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of 32 columns: only [C, C] matrices stay
 
-
-def _pow2(n):
-    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's smallest)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def _precision(dtype):
-    """tl.dot's precision on fp32 operands: full fp32 for fp32 inputs, TF32 for 16-bit inputs."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _options(x, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K and V."""
-    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])), instead=_INSTEAD)
-
-
-def _v_tile(V):
-    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
-    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
-
-
-@triton.jit
-def _heads(bh, H, HV):
-    """Program index bh = b·HV + hv -> (batch b, value head hv, key head h): HV/H value heads share a key head."""
-    b, hv = bh // HV, bh % HV
-    return b, hv, hv // (HV // H)
-
-
-@triton.jit
-def _gate_sums(g, C: tl.constexpr):
-    """A chunk's log gates g [C] (0 past T) -> (G, G64, to_end, G_L): G_i = g_0 + … + g_i in float32 and float64,
-    to_end_j = G_L − G_j (float32), the log decay from token j to the chunk's end, and G_L (float32).
-
-    The sums run in float64 over the gates clamped at −1000, so that every difference of them (here and in
-    _pair_exponents) is the sum of the gates between two tokens to about 1e-11 (|G| ≤ 64 000). In float32 the
-    differences would lose digits whenever G is large: one gate of −1e5 early in a chunk puts every later G near −1e5,
-    where float32 numbers lie 0.008 apart. The clamp changes no float32 result: a gate below −104 already makes every
-    decay it enters exactly 0 (and its gradient, a multiple of that decay, too).
-    """
-    G64 = tl.cumsum(tl.maximum(g, -1000.0).to(tl.float64), axis=0)
-    G_L = tl.sum(tl.where(tl.arange(0, C) == C - 1, G64, 0.0), axis=0)  # past T the gates are 0: G_{C-1} = G_L
-    return G64.to(tl.float32), G64, (G_L - G64).to(tl.float32), G_L.to(tl.float32)
-
-
-@triton.jit
-def _pair_exponents(G64):
-    """[C, C] float32: D_ij = G_i − G_j, the log decay from token j to token i (g_{j+1} + … + g_i for i ≥ j), taken
-    from _gate_sums' float64 sums. Positive above the diagonal: mask it to −inf before exp."""
-    return (G64[:, None] - G64[None, :]).to(tl.float32)
-
-
-@triton.jit
-def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows (BK ≥ 32, so that each half
-    is a tensor-core operand of ≥ 16 rows): each half's row indices, the tile's columns, and each half's mask and
-    offsets within a [K, V] state."""
-    k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
-    k2 = k1 + BK // 2
-    vs = iv * BV + tl.arange(0, BV)
-    mask1, mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
-    return k1, k2, vs, mask1, mask2, k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
-
-
-# %% [markdown]
-# The triangular solve by blocks, and the split products that apply $A_\text{inv}$ to $K$ and $V$ as stored:
 
 # %%
 #| export deltanet.chunk_fwd
@@ -918,9 +698,9 @@ def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
 def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [C, C], C ∈ {16, 32, 64}.
 
-    Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on [C/16, 16, 16]); then
-    with E = (I + A_diag)⁻¹ and N = E A_off (strictly block-lower, so N⁴ = 0 for ≤ 4 blocks):
-    (I + A)⁻¹ = (I + N)⁻¹ E = (I − N)(I + N²) E: four tensor-core products in all.
+    Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on
+    [C/16, 16, 16]); then with E = (I + A_diag)⁻¹ and N = E A_off (strictly block-lower, so N⁴ = 0
+    for ≤ 4 blocks): (I + A)⁻¹ = (I + N)⁻¹ E = (I − N)(I + N²) E, four tensor-core products.
     """
     NB: tl.constexpr = C // 16
     rows = tl.arange(0, C)
@@ -935,56 +715,34 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     for i in range(1, 16):
         sel = r16[None, :, None] == i  # [1, 16, 1]
         a_i = tl.sum(tl.where(sel, Ad, 0.0), axis=1)  # [NB, 16] row i of every block
-        e_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * E3, axis=1)  # e_i − A[i] @ E
+        # e_i − A[i] @ E
+        e_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * E3, axis=1)
         E3 = tl.where(sel, e_i[:, None, :], E3)
     E = tl.reshape(tl.where(diag4, E3[:, :, None, :], 0.0), (C, C))  # block diagonal [C, C]
     eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     N = tl.dot(E, tl.where(same_block, 0.0, A), input_precision=PRECISION)
     N2 = tl.dot(N, N, input_precision=PRECISION)
-    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), E, input_precision=PRECISION)
-
-
-@triton.jit
-def _split_hi_lo(M, dtype: tl.constexpr, SPLIT: tl.constexpr):
-    """M [C, C] float32 as the operands of `_split_dot`: (hi, lo) with hi = M rounded to `dtype` and lo the rest,
-    also rounded, if SPLIT; else (M, M). Done once a chunk, before the column blocks."""
-    if SPLIT:
-        hi = M.to(dtype)
-        return hi, (M - hi.to(tl.float32)).to(dtype)
-    else:
-        return M, M
-
-
-@triton.jit
-def _split_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """M @ x [C, B] accumulated in fp32, for (hi, lo) = _split_hi_lo(M, x.dtype, SPLIT).
-
-    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of M with x entering
-    exactly as stored. Not for fp16: with very negative gates the columns of A_inv diag(βe^G) fall below fp16's
-    range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit inputs, ieee for fp32).
-    """
-    if SPLIT:
-        return tl.dot(lo, x, tl.dot(hi, x))
-    else:
-        return tl.dot(hi, x.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), E,
+                  input_precision=PRECISION)
 
 
 # %%
 #| export deltanet.chunk_fwd
 @triton.jit
 def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr, T, H, HV, K, V,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, L2: tl.constexpr,
-                   STORE_AINV: tl.constexpr, PRECISION: tl.constexpr):
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
+                   L2: tl.constexpr, STORE_AINV: tl.constexpr, PRECISION: tl.constexpr):
     """The UT transform and the WY representation of one chunk.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and stored one
-    column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C] matrices stay in registers.
-    Math (rows past T load as 0; Γ_ij = e^{G_i − G_j}, _gate_sums):
-        A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)               L2: K Kᵀ → diag(r) K Kᵀ diag(r), r = 1/‖k‖
-        A_inv = (I + A)⁻¹                                      _unit_lower_inverse
-        W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     the row scalings ride on A_inv's columns
-    Stores W [B, T, HV, K] and Ũ [B, T, HV, V]; r [B, T, HV] if L2; A_inv's rows [B, T, HV, C] if STORE_AINV.
+    Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and
+    stored one column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C]
+    matrices stay in registers.
+    Math (rows past T load as 0; Γ_ij = e^{G_i − G_j}, _gate_sums; L2: r = 1/‖k‖, else r = 1):
+        A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)         L2: K Kᵀ → diag(r) K Kᵀ diag(r)
+        A_inv = (I + A)⁻¹                                _unit_lower_inverse
+        W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     (row scalings ride on A_inv)
+    Stores W [B, T, HV, K], Ũ [B, T, HV, V]; r [B, T, HV] if L2; A_inv [B, T, HV, C] if STORE_AINV.
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -1003,23 +761,30 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)
+        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
+                     other=0.0)
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)  # [C, C]
     key_scale = beta * tl.exp(G)  # [C]: W = A_inv diag(β e^G) K
-    if L2:  # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ diag(r)
-        r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)  # [C], as l2norm
+    # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ
+    # diag(r)
+    if L2:
+        # [C], as l2norm
+        r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)
         KKt = KKt * r[:, None] * r[None, :]
         key_scale = key_scale * r
         tl.store(kr_ptr + gate_bh + t * HV, r, mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, _pair_exponents(G64), float("-inf"))), 0.0)
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, _pair_exponents(G64),
+                                                              float("-inf"))), 0.0)
     A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
-    w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)  # [C, C] each
+    # [C, C] each
+    w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)
     u_hi, u_lo = _split_hi_lo(A_inv * beta[None, :], v_ptr.dtype.element_ty, SPLIT)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)  # [C, BK], loaded again
+        # [C, BK], loaded again
+        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)
         w = _split_dot(w_hi, w_lo, kb, SPLIT, PRECISION)  # [C, BK]
         tl.store(w_bh + t[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
     for v0 in range(0, V, BV):
@@ -1027,30 +792,658 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
         off = t[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         vb = tl.load(v_bh + off, mask=mask, other=0.0)  # [C, BV]
-        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT, PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT,
+                                        PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
     if STORE_AINV:  # the backward's recomputation keeps A_inv for dA = −A_invᵀ dA_inv A_invᵀ
-        tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv, mask=tm[:, None])
+        tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv,
+                 mask=tm[:, None])
 
 
 # %% [markdown]
-# The scan: the only loop over chunks. A program owns one tile of $V$ columns of one head's state and walks the
-# chunks in order; each step is two products on the sequential path ($W S$, then the state update), with the state
-# in two halves of rows so that each product splits into two independent ones.
+# ### Check it against the spec
+#
+# The op `chunk_gated_delta_rule` and the decoding kernel `fused_recurrent_gated_delta_rule` (notes), in fp32 at
+# $T = 100$ (not a multiple of 64), $K = 32 \ne V = 48$, grouped value heads, an initial state, gates down to $-30$:
+
+# %%
+from minisparse.deltanet import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+Bt, Tt, Ht, HVt, Kt, Vt = 1, runtime.reading_size(cpu=100, gpu=1000), 2, 4, 32, 48
+qt, kt = make_bthd(Bt, Tt, Ht, Kt, seed=21,
+                   device=DEVICE), make_bthd(Bt, Tt, Ht, Kt, seed=22, device=DEVICE)
+vt = make_bthd(Bt, Tt, HVt, Vt, seed=23, device=DEVICE)
+betat = torch.rand(Bt, Tt, HVt, generator=torch.Generator().manual_seed(24)).to(DEVICE)
+ht0 = torch.randn(Bt, HVt, Kt, Vt, generator=torch.Generator().manual_seed(25)).to(DEVICE)
+for low, high in [(-1e-3, 0.0), (-30.0, -5.0)]:
+    gt = make_log_gates(Bt, Tt, HVt, low=low, high=high, seed=26, device=DEVICE)
+    args = (qt.to(DTYPE), kt.to(DTYPE), vt.to(DTYPE), gt, betat)
+    # the reference in float32 on the same (rounded) inputs: a bf16 reference would add its own
+    # rounding
+    o_ref, s_ref = naive_recurrent_gated_delta_rule(*(x.float() for x in args[:3]), gt, betat,
+                                                    initial_state=ht0, output_final_state=True,
+                                                    use_qk_l2norm=True)
+    o_tri, s_tri = chunk_gated_delta_rule(*args, initial_state=ht0, output_final_state=True,
+                                          use_qk_l2norm=True)
+    tol = 1e-4 if DTYPE == torch.float32 else 5e-3
+    e = assert_close(f"chunk_gated_delta_rule (g in [{low}, {high}]): o", o_ref, o_tri, tol)
+    assert_close("chunk_gated_delta_rule: final state", s_ref, s_tri, tol)
+    with torch.no_grad():
+        o_dec, s_dec = fused_recurrent_gated_delta_rule(*args, initial_state=ht0,
+                                                        output_final_state=True, use_qk_l2norm=True)
+    assert_close("fused_recurrent_gated_delta_rule: o", o_ref, o_dec, tol)
+    assert_close("fused_recurrent_gated_delta_rule: final state", s_ref, s_dec, tol)
+    print(
+        f"g in [{low:g}, {high:g}]: Triton chunk and fused recurrent == the recurrence (chunk rel. "
+        f"RMS {e:.1e})")
+
+# %% [markdown]
+# ## 5.7 The layer, as Qwen3-Next builds it
+#
+# Qwen3-Next's `Qwen3NextGatedDeltaNet` wraps the gated delta rule in a layer with:
+#
+# - **fused input projections**: `in_proj_qkvz` gives $q, k, v$ and an output gate $z$, `in_proj_ba` gives the logits
+#   of $\beta$ and of the step size $a$ — laid out per *key head* group: for each of the $H_k$ key heads,
+#   $[q \,|\, k \,|\, r\cdot v \,|\, r \cdot z]$ with $r = H_v / H_k$ value heads per key head;
+# - a **short causal depthwise convolution** (kernel 4) over $q, k, v$ together, then SiLU — local mixing that the
+#   delta rule alone does poorly; while decoding it keeps the last three inputs as a *conv state*;
+# - **L2-normalised** $q, k$, scale $K^{-1/2}$;
+# - $\beta = \operatorname{sigmoid}(b)$ and Mamba2's gate
+#   $g = -e^{A_{\log}} \cdot \operatorname{softplus}(a + \text{dt\_bias})$ — a learned per-head rate $e^{A_{\log}}$
+#   times a data-dependent step size;
+# - a **gated RMSNorm** per value head, $\operatorname{RMSNorm}(o) \odot \operatorname{SiLU}(z)$, then `out_proj`.
+#
+# The `state` the layer takes and returns is the pair (conv state `[B, 2·H_k·K + H_v·V, kernel − 1]`, recurrent
+# state `[B, H_v, K, V]` float32). In orange below, the delta-rule core of sections 5.2–5.6; in green, the gates:
+
+# %%
+gdn_boxes = {
+    "x": B_(0.0, 0.0, "hidden states\n$x$ [B, T, d]", w=1.8),
+    "qkvz": B_(2.7, 1.0, "in_proj_qkvz", w=1.9),
+    "ba": B_(2.7, -1.0, "in_proj_ba", w=1.9),
+    "conv": B_(5.4, 1.0, "short causal conv\n(kernel 4) + SiLU", w=2.2),
+    "l2": B_(8.1, 1.0, "l2norm($q$, $k$)", w=1.9),
+    "z": B_(6.6, 2.5, "output gate $z$", w=1.9),
+    "gates": B_(5.4, -1.0,
+                "$\\beta = \\sigma(b)$, $g = -e^{A_{\\log}}$\n$\\cdot$ softplus($a$ + dt_bias)",
+                w=3.0, color=GREEN),
+    "core": B_(10.7, 0.0, "gated delta rule\n$S_t = e^{g_t}(I - \\beta_t k_t^\\top k_t) S_{t-1}$\n"
+                          "$+\\ \\beta_t k_t^\\top v_t$", w=3.2, h=1.0, color=ORANGE),
+    "norm": B_(13.9, 0.0, "gated RMSNorm\nRMSNorm($o$) $\\odot$ SiLU($z$)", w=2.6),
+    "out": B_(16.3, 0.0, "out_proj", w=1.5),
+}
+gdn_arrows = [("x", "qkvz"), ("x", "ba"), ("qkvz", "conv", "$q, k, v$"), ("conv", "l2", "$q, k$"),
+              ("l2", "core"), ("conv", "core", "$v$"), ("qkvz", "z"), ("z", "norm"),
+              ("ba", "gates", "$b, a$"), ("gates", "core", "$g, \\beta$"), ("core", "norm", "$o$"),
+              ("norm", "out")]
+fig = viz.schematic(gdn_boxes, gdn_arrows, size=(14, 4.0),
+                    title="Gated DeltaNet layer (Qwen3-Next)")
+plt.show()
+
+# %%
+#| export deltanet.layer
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse import _checks
+from minisparse.deltanet.chunk import _chunk
+from minisparse.deltanet.fused_recurrent import _fused_recurrent
+from minisparse.deltanet.naive import _naive_chunk, _naive_recurrent
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3-Next's Gated DeltaNet layer, parameter names as transformers' Qwen3NextGatedDeltaNet
+    (the picture above).
+
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
+    [B, T, hidden], new state or None). A state is (conv_state [B, conv_dim, kernel − 1],
+    recurrent_state [B, HV, K, V] float32), returned when use_cache is True or a state was given.
+    backend: "triton" (chunk; fused recurrent for ≤ 16 tokens from a state without gradients),
+    "naive" (PyTorch chunk; the recurrence for single steps), or "auto" (Triton for CUDA tensors or
+    under the interpreter). g ≤ 0 and β in [0, 1] hold by construction: no value checks.
+    """
+
+    def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
+                 conv_kernel_size=4, eps=1e-6, chunk_size=64, backend="auto"):
+        super().__init__()
+        # positive sizes, HV % H == 0, kernel ≥ 2 (Engineering notes)
+        _check_layer_args(hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
+                          conv_kernel_size, eps, chunk_size, backend)
+        self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.conv_kernel_size = conv_kernel_size
+        self.chunk_size, self.backend = chunk_size, backend
+        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim,
+                                      bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size,
+                                groups=self.conv_dim, bias=False, padding=conv_kernel_size - 1)
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
+        # decay rates exp(A_log) in [1, 16]
+        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())
+        self.norm = GatedRMSNorm(head_v_dim, eps=eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    @classmethod
+    def from_hf(cls, module, backend="auto"):
+        """Copy transformers' Qwen3NextGatedDeltaNet (weights, shapes) into a GatedDeltaNet."""
+        return _from_hf(cls, module, backend)
+
+    def _split(self, qkvz, ba):
+        """The grouped layout -> q, k [B, T, Hk, K], v, z [B, T, Hv, V], b, a [B, T, Hv]."""
+        B, T, _ = qkvz.shape
+        Hk, dk, dv = self.num_k_heads, self.head_k_dim, self.head_v_dim
+        r = self.num_v_heads // Hk  # value heads per key head
+        qkvz = qkvz.view(B, T, Hk, 2 * dk + 2 * r * dv)  # per key head: [q | k | r·v | r·z]
+        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
+        b, a = ba.view(B, T, Hk, 2 * r).split([r, r], dim=-1)
+        Hv = self.num_v_heads
+        v, z = v.reshape(B, T, Hv, dv), z.reshape(B, T, Hv, dv)
+        return q, k, v, z, b.reshape(B, T, Hv), a.reshape(B, T, Hv)
+
+    def _conv(self, x, conv_state):
+        """Causal depthwise conv + SiLU over x [B, C, T] after conv_state [B, C, W − 1] (or 0)."""
+        W = self.conv_kernel_size
+        if conv_state is None:
+            prev = x.new_zeros(x.shape[0], x.shape[1], W - 1)
+        else:
+            prev = conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        if x.shape[-1] == 0:  # T = 0: nothing to convolve, and the state carries over
+            return x, xx
+        y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
+        return F.silu(y), xx[..., -(W - 1):]
+
+    def _attend(self, q, k, v, g, beta, rec_state, want_state):
+        """The gated delta rule on the layer's own q, k, v, g, β (no value checks)."""
+        # scale K^-0.5, q and k normalised inside
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)
+        if _checks.choose_backend(self.backend, q) == "naive":
+            # one decoding step: the recurrence is the cheaper form
+            if rec_state is not None and q.shape[1] == 1:
+                return _naive_recurrent(*args, check_values=False)
+            return _naive_chunk(*args, self.chunk_size, check_values=False)
+        if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+            return _fused_recurrent(*args, check_values=False)
+        return _chunk(*args, check_values=False)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        # [B, T, hidden]
+        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)
+        B, T, _ = hidden_states.shape
+        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+        conv_state, rec_state = (None, None) if state is None else state
+        q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states),
+                                       self.in_proj_ba(hidden_states))
+        mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
+                           v.reshape(B, T, self.value_dim)], dim=-1)  # [B, T, conv_dim]
+        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
+        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        beta = b.sigmoid()  # [B, T, Hv]
+        # [B, T, Hv] log decay ≤ 0
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        want_state = use_cache or state is not None
+        o, new_rec = self._attend(q, k, v, g, beta, rec_state, want_state)
+        o = self.norm(o, z)  # [B, T, Hv, V] per value head
+        y = self.out_proj(o.reshape(B, T, self.value_dim))
+        return y, ((new_conv, new_rec) if want_state else None)
+
+
+# %% [markdown]
+# Decoding: a 60-token prompt with `use_cache=True`, then ten single tokens from the returned (conv, recurrent)
+# state, equal the prefill of all 70 tokens. (The notes check the layer against transformers' with `from_hf`.)
+
+# %%
+from minisparse.deltanet import GatedDeltaNet
+
+torch.manual_seed(0)
+layer = GatedDeltaNet(64, 2, 4, 16, 24)  # hidden 64, 2 key heads × 16, 4 value heads × 24
+x_dec = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    y_full, _ = layer(x_dec)
+    y_pre, st = layer(x_dec[:, :60], use_cache=True)
+    steps = [y_pre]
+    for t in range(60, 70):
+        y_t, st = layer(x_dec[:, t:t + 1], state=st)
+        steps.append(y_t)
+assert_close("decode (prompt 60 + 10 single steps) vs prefill", y_full, torch.cat(steps, dim=1),
+             1e-5)
+print("decoding with conv + recurrent state == prefill (60-token prompt, then 10 single tokens)")
+
+# %% [markdown]
+# ## 5.8 Measure
+#
+# **The design, and why.** Three forward kernels, so that only the scan is sequential; the solve by blocks, so that
+# it runs on tensor cores; $W$, $\tilde U$, $U$ and the chunk states stored in the input dtype, as fla stores them
+# (half the bytes in bf16), while the normalised $q$, $k$ are never rounded ($1/\lVert q\rVert$, $1/\lVert k\rVert$
+# are fp32 scalings inside the kernels); a backward that recomputes $W$, $U$ and the states in fp32.
+#
+# `bench/deltanet.py` times `chunk_gated_delta_rule` (value checks off) against fla's `chunk_gated_delta_rule`
+# (the kernels Qwen3-Next runs in `transformers` and vLLM) and SDPA causal attention, in bf16 at $B = 2$,
+# 16 heads, $K = V = 128$. The cell plots `bench/results/deltanet.json` and prints its table.
+
+# %%
+r = bench.load_results("deltanet")
+fig = bench.plot_passes(r, y="ms")
+for ax in fig.axes:
+    ax.set_yscale("log")  # SDPA's quadratic time would flatten the linear-time lines otherwise
+plt.show()
+ms = {(row["impl"], row["pass"], row["T"]): row["ms"] for row in r["rows"]}
+OURS, FLA, SDPA = "minisparse, value checks off", "fla chunk_gated_delta_rule", "SDPA causal"
+# the fwd+bwd rows (value checks on: one sync a call)
+OURS_BWD = "chunk_gated_delta_rule (minisparse)"
+print(f"{r['device']}, {r['date']}, torch {r['torch']}, triton {r['triton']}; bf16, ms")
+print(f"{'T':>6s} | {'fwd: ours':>9s} {'fla':>6s} {'SDPA':>7s} | "
+      f"{'fwd+bwd: ours':>13s} {'fla':>6s} {'SDPA':>7s}")
+for T in r["config"]["T"]:
+    fwd = [ms[OURS, "fwd", T], ms[FLA, "fwd", T], ms[SDPA, "fwd", T]]
+    both = [ms[OURS_BWD, "fwd+bwd", T], ms[FLA, "fwd+bwd", T], ms[SDPA, "fwd+bwd", T]]
+    print(f"{T:6d} | {fwd[0]:9.2f} {fwd[1]:6.2f} {fwd[2]:7.2f} | "
+          f"{both[0]:13.2f} {both[1]:6.2f} {both[2]:7.2f}")
+fwd_ratio = [ms[OURS, "fwd", T] / ms[FLA, "fwd", T] for T in r["config"]["T"]]
+assert 0.29 <= min(fwd_ratio) and max(fwd_ratio) <= 0.99, fwd_ratio  # takeaway 1
+bwd_ratio = {T: ms[OURS_BWD, "fwd+bwd", T] / ms[FLA, "fwd+bwd", T] for T in r["config"]["T"]}
+assert all(round(bwd_ratio[T], 1) == 2.3 for T in (16384, 32768, 65536)), bwd_ratio  # takeaway 2
+assert all(bwd_ratio[T] < 1 for T in (1024, 2048, 4096)), bwd_ratio
+assert ms[SDPA, "fwd", 4096] < ms[OURS, "fwd", 4096]
+assert ms[SDPA, "fwd", 8192] > ms[OURS, "fwd", 8192]
+assert round(ms[SDPA, "fwd", 65536] / ms[OURS, "fwd", 65536]) == 14  # takeaway 3
+
+# %% [markdown]
+# Three takeaways:
+#
+# 1. **The forward is level with fla's**: 0.29–0.99× fla's time at every length from 1K to 64K; up to 16K both are
+#    bound by launches and host work.
+# 2. **The backward is the weak half**: forward + backward takes 2.3× fla's time from 16K to 64K, and less than
+#    fla's up to 4K, where launches dominate. Most of the gap is the backward's chunk kernel, which does in one
+#    kernel what fla splits across two.
+# 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
+#    at 64K it takes 14× our forward's time, and the gap grows linearly with $T$.
+#
+# The per-kernel times and the launch sweeps behind `runtime.LAUNCH_TABLE`'s rows are in `bench/notes/deltanet.md`.
+
+# %% [markdown]
+# ## 5.9 Exercises
+#
+# Each exercise has a stub, a cell that checks it (`attempt` prints what differs; call the checker itself to get
+# the exception), and a solution in a collapsed cell.
+#
+# ### Exercise 1 (derive): what one delta step leaves behind
+#
+# A state stores $v_i$ under orthonormal keys $k_i$: $S = \sum_i k_i^\top v_i$. One gated delta step writes
+# $v^\text{new}$ under $k_j$ with strength $\beta$ and log gate $g$. Derive what the memory returns afterwards:
+# $k_j$ reads $a\, v_j + b\, v^\text{new}$, any other $k_i$ reads $c\, v_i$; return $(a, b, c)$ as functions of
+# $\beta$ and $g$. The checker measures them on the recurrence (to 1e-4). Which $\beta$ overwrites exactly, and what
+# does $\beta = 2$ do to the old value?
+
+# %%
+from minisparse.deltanet.exercises import (check_chunk_transition, check_overwrite_coefficients,
+                                           check_planted_bug_fixed, check_unit_lower_inverse_kernel)
+
+
+def my_overwrite_coefficients(beta, g):
+    # your code here: return (a, b, c), three floats
+    raise NotImplementedError
+
+
+# %%
+# prints what is wrong until the stub is filled
+attempt(check_overwrite_coefficients, my_overwrite_coefficients)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — decay first: S̃ = e^g S, so k_j S̃ = e^g v_j. The write adds k_jᵀ β (v_new − e^g v_j),
+# which only k_j reads (k_i · k_j = 0 for i ≠ j). So k_j reads e^g v_j + β (v_new − e^g v_j) = (1 −
+# β) e^g v_j + β v_new, and k_i reads e^g v_i. β = 1 overwrites exactly (a = 0, b = 1); β = 2
+# reflects: the old value comes back negated.
+def overwrite_coefficients_solution(beta, g):
+    return (1 - beta) * math.exp(g), beta, math.exp(g)
+
+
+check_overwrite_coefficients(overwrite_coefficients_solution)
+
+# %% [markdown]
+# ### Exercise 2 (debug): this chunk form has a bug
+#
+# This function computes what each token of a chunk writes, $U = \tilde U - W S$, for one head entering with state
+# `S`, and has one planted error. Which of the checker's five cases pass is the clue (a zero `S`? no gates?). Fix
+# it: the checker accepts a function that matches the recurrence to 1e-4 on all five.
+
+# %%
+def chunk_writes_with_a_bug(k, v, g, beta, S):
+    """One chunk, one head: k [L, K] unit rows, v [L, V], g, beta [L], S [K, V] -> U [L, V]."""
+    L = len(g)
+    G = g.cumsum(0)  # [L] chunk-local cumulative log decay
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))  # [L, L]
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)  # [L, L] strictly lower
+    A_inv = torch.linalg.inv(torch.eye(L) + A)  # the UT transform
+    W = A_inv @ (beta[:, None] * k)  # [L, K]
+    return A_inv @ (beta[:, None] * v) - W @ S  # [L, V] U = Ũ − W S
+
+
+# %%
+attempt(check_planted_bug_fixed, chunk_writes_with_a_bug)  # the planted bug: which cases fail?
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the cases with a zero entering state pass (W S = 0 whatever W is), and so do the cases
+# without gates (e^G = 1): the error is in the term that multiplies S and should carry the gate.
+# Token i reads the entering state decayed by e^{G_i}, so W = A_inv diag(β e^G) K, not A_inv diag(β)
+# K.
+def chunk_writes_fixed(k, v, g, beta, S):
+    L = len(g)
+    G = g.cumsum(0)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    A_inv = torch.linalg.inv(torch.eye(L) + A)
+    W = A_inv @ ((beta * G.exp())[:, None] * k)  # the fix: the decay e^{G_i} of the entering state
+    return A_inv @ (beta[:, None] * v) - W @ S
+
+
+check_planted_bug_fixed(chunk_writes_fixed)
+
+# %% [markdown]
+# ### Exercise 3 (extend): a whole chunk's transition from its WY representation
+#
+# Without gates a chunk's product of Householder matrices is $I - K^\top W$ (section 5.3). Extend it to the gated
+# rule: the state leaving a chunk is $S' = P S + (\text{terms without } S)$, $P = M_L \cdots M_1$,
+# $M_t = e^{g_t}(I - \beta_t k_t^\top k_t)$. Write $P$ `[K, K]` from $W$ and diagonal scalings (section 5.3's
+# equations), not as a product of $L$ matrices; the checker compares with that product in float64 (to 1e-4).
+
+# %%
+def my_chunk_transition(k, beta, g):
+    # k [L, K] unit rows, beta [L], g [L] -> P [K, K]
+    # your code here
+    raise NotImplementedError
+
+
+# %%
+attempt(check_chunk_transition, my_chunk_transition)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — substitute U = Ũ − W S into S' = e^{G_L} S + (diag(e^{G_L − G}) K)ᵀ U and keep what
+# multiplies S: P = e^{G_L} I − Kᵀ diag(e^{G_L − G}) W, with W = (I + A)⁻¹ diag(β e^G) K. With g = 0
+# it is I − KᵀW.
+def chunk_transition_solution(k, beta, g):
+    L, K = k.shape
+    G = g.cumsum(0)  # [L]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))  # [L, L]
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    eye = torch.eye(L, dtype=k.dtype)
+    W = torch.linalg.solve_triangular(eye + A, (beta * G.exp())[:, None] * k, upper=False)  # [L, K]
+    return G[-1].exp() * torch.eye(K, dtype=k.dtype) - k.T @ ((G[-1] - G).exp()[:, None] * W)
+
+
+check_chunk_transition(chunk_transition_solution)
+
+# %% [markdown]
+# ### Exercise 4 (Triton): the unit lower-triangular inverse, row by row
+#
+# The WY kernel's solve starts with forward substitution. Complete the loop body below so that the kernel writes
+# $X = (I + A)^{-1}$ for a strictly lower-triangular $A$ of $L \times L$ (padded to the tile $C$). Row $i$ of $X$ is
+# $e_i - A_{i,:} X$ and needs only rows $< i$, already final. Triton has no row indexing: select a row with
+# `tl.where` on `rows == i` and a `tl.sum`, and write it back the same way. The checker runs the kernel (in the
+# interpreter on a CPU) on chunks of 13, 16, 5 and 1 tokens against `torch.linalg.solve_triangular`.
+
+# %%
+@triton.jit
+def my_unit_lower_inverse_kernel(a_ptr, x_ptr, L, C: tl.constexpr):
+    """Program n: A = a[n] [L, L] strictly lower-triangular -> x[n] = (I + A)⁻¹; tiles C ≥ L."""
+    n = tl.program_id(0)
+    rows = tl.arange(0, C)
+    inside = (rows[:, None] < L) & (rows[None, :] < L)
+    offs = n * L * L + rows[:, None] * L + rows[None, :]
+    A = tl.load(a_ptr + offs, mask=inside, other=0.0)  # [C, C], zero past L
+    X = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)  # [C, C]: row 0 of (I + A)⁻¹ is e_0
+    for i in range(1, C):
+        # your code here: replace row i of X by e_i − A[i, :] @ X
+        pass
+    tl.store(x_ptr + offs, X, mask=inside)
+
+
+# %%
+attempt(check_unit_lower_inverse_kernel, my_unit_lower_inverse_kernel)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — a_i is row i of A (zero from column i on, so the rows ≥ i of X, still identity rows, do
+# not enter); e_i − a_i X is row i of the inverse; tl.where writes it into row i. C − 1 dependent
+# steps of vector work: this is why the chapter's kernel runs it only inside 16 × 16 blocks and
+# finishes with tensor-core products.
+@triton.jit
+def unit_lower_inverse_solution_kernel(a_ptr, x_ptr, L, C: tl.constexpr):
+    n = tl.program_id(0)
+    rows = tl.arange(0, C)
+    inside = (rows[:, None] < L) & (rows[None, :] < L)
+    offs = n * L * L + rows[:, None] * L + rows[None, :]
+    A = tl.load(a_ptr + offs, mask=inside, other=0.0)
+    X = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    for i in range(1, C):
+        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)  # [C] row i of A
+        x_i = tl.where(rows == i, 1.0, 0.0) - tl.sum(a_i[:, None] * X, axis=0)  # e_i − a_i X
+        X = tl.where(rows[:, None] == i, x_i[None, :], X)
+    tl.store(x_ptr + offs, X, mask=inside)
+
+
+check_unit_lower_inverse_kernel(unit_lower_inverse_solution_kernel)
+
+# %% [markdown]
+# ## Summary
+#
+# - **The delta rule** replaces linear attention's "add $k^\top v$" by one step of online regression on the state,
+#   $S \leftarrow S + \beta\, k^\top (v - kS)$: with unit keys and $\beta = 1$ it overwrites. **Gated DeltaNet**
+#   adds Mamba2's data-dependent decay $e^{g_t}$.
+# - **The chunkwise form**: the UT transform $(I + A)^{-1}$ of each chunk, a unit lower-triangular solve independent
+#   of the state, gives the WY representation $W, \tilde U$; then $U = \tilde U - WS$ and chapter 4's chunk form
+#   with $U$ for $V$ and $e^{G_i - G_j}$ for $\lambda^{i-j}$.
+# - **Seen as attention**, the latest occurrence of a key wins and earlier ones get negative weight. **Cost**: linear
+#   in $T$, a constant state; Qwen3-Next's 3:1 stack tends to a quarter of all-attention's FLOPs and KV cache.
+# - **Triton**: the WY kernel solves by $16 \times 16$ blocks and $(I - N)(I + N^2) E$ on tensor cores; a scan over
+#   chunks and a parallel output kernel finish the forward, level with fla's on an H200.
+# - **The layer**: projections, short convolutions with a decoding state, $\beta = \sigma(b)$,
+#   $g = -e^{A_{\log}}\operatorname{softplus}(a + \text{dt\_bias})$, gated RMSNorm; decoding equals prefill.
+#
+# Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
+#
+# ## References
+#
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
+#   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
+#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   says so.
+# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Parallelizing Linear Transformers with the Delta Rule over Sequence
+#   Length* (DeltaNet's chunkwise WY/UT algorithm), NeurIPS 2024. [arXiv:2406.06484](https://arxiv.org/abs/2406.06484)
+# - S. Yang, J. Kautz, A. Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule*, ICLR 2025.
+#   [arXiv:2412.06464](https://arxiv.org/abs/2412.06464)
+# - I. Schlag, K. Irie, J. Schmidhuber, *Linear Transformers Are Secretly Fast Weight Programmers* (the delta rule in
+#   linear attention), ICML 2021. [arXiv:2102.11174](https://arxiv.org/abs/2102.11174)
+# - C. Bischof, C. Van Loan, *The WY Representation for Products of Householder Matrices*, SIAM J. Sci. Stat.
+#   Comput. 8(1), 1987; T. Joffrain et al., *Accumulating Householder Transformations, Revisited* (the UT transform),
+#   ACM TOMS 32(2), 2006.
+# - T. Dao, A. Gu, *Transformers are SSMs* (Mamba2's gate), ICML 2024.
+#   [arXiv:2405.21060](https://arxiv.org/abs/2405.21060)
+# - Qwen Team, *Qwen3-Next* (model card and blog post, September 2025: hybrid of Gated DeltaNet and gated attention
+#   layers, 3:1, 262,144 tokens native).
+#   [Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); `transformers` 5.x:
+#   `Qwen3NextGatedDeltaNet`, `torch_recurrent_gated_delta_rule` (the layer's and the recurrence's oracle);
+#   `Qwen3NextConfig()` (the shapes of section 5.5).
+# - `fla-core` 0.6 (flash-linear-attention): `naive_recurrent_gated_delta_rule` (the test oracle),
+#   `chunk_gated_delta_rule`.
+
+# %% [markdown]
+# ## Engineering notes (optional)
+#
+# What a practitioner needs and a first reading skips: the kernels' helpers and the numerics of the gates, the
+# precision of the products, the scan and the output kernel, the backward pass, decoding, the host code that
+# launches everything, and the check of the layer against transformers. The measurements behind the launch
+# configurations and the precision choices are in `bench/notes/deltanet.md`, by date.
+#
+# ### Helpers: tile widths, precision, and the gates' sums
+#
+# **Sums, not differences.** $G_i - G_j$ is the sum of the gates between the two tokens, $g_{j+1} + \dots + g_i$.
+# The PyTorch chunk form of section 5.3 computes it that way: a cumulative sum down each column of the matrix that
+# holds $g_i$ below the diagonal, $D_{ij} = g_{j+1} + \dots + g_i$, so $\Gamma = e^{D}$, and $G_L - G_j$ is the
+# last row of $D$. Subtracting two float32 cumulative sums loses digits instead: one gate of $-10^5$ early in a
+# chunk makes every later $G_i$ about $-10^5$, where float32 numbers lie $0.008$ apart, so a decay $e^{G_i - G_j}$
+# between two later tokens comes out about 1 % off, and the output with it.
+#
+# The kernels get the same accuracy more cheaply than a $C \times C$ cumulative sum: `_gate_sums` adds the gates
+# up in float64 (`tl.cumsum`), after clamping them at $-1000$, and `_pair_exponents` takes the differences
+# $D_{ij} = G_i - G_j$ in float64 before rounding them to float32. With $|G| \le 64\,000$ those differences are the
+# sums of the gates between two tokens to about $10^{-11}$; and the clamp changes no float32 result, since a gate
+# below $-104$ already makes every decay it enters exactly 0. The gradient of $g$ needs the same care (the backward
+# pass, below); `tests/test_deltanet.py` checks output and gradients down to gates of $-10^{30}$.
+
+# %%
+#| export deltanet.chunk_fwd
+# the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
+_OUTPUT_COLUMNS = 64
+_INSTEAD = ("the PyTorch chunk form: naive_chunk_gated_delta_rule, "
+            "or GatedDeltaNet(..., backend='naive')")
+
+
+@triton.jit
+def _heads(bh, H, HV):
+    """Program index bh = b·HV + hv -> (batch b, value head hv, key head h): HV/H value heads share
+    a key head."""
+    b, hv = bh // HV, bh % HV
+    return b, hv, hv // (HV // H)
+
+
+def _pow2(n):
+    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's
+    smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype):
+    """tl.dot's precision on fp32 operands: full fp32 for fp32 inputs, TF32 for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _options(x, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
+    and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
+                instead=_INSTEAD)
+
+
+def _v_tile(V):
+    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
+    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
+
+
+@triton.jit
+def _gate_sums(g, C: tl.constexpr):
+    """A chunk's log gates g [C] (0 past T) -> (G, G64, to_end, G_L): G_i = g_0 + … + g_i in float32
+    and float64, to_end_j = G_L − G_j (float32), the log decay from token j to the chunk's end, and
+    G_L (float32).
+
+    The sums run in float64 over the gates clamped at −1000, so that every difference of them (here
+    and in _pair_exponents) is the sum of the gates between two tokens to about 1e-11 (|G| ≤ 64
+    000). In float32 the differences would lose digits whenever G is large: one gate of −1e5 early
+    in a chunk puts every later G near −1e5, where float32 numbers lie 0.008 apart. The clamp
+    changes no float32 result: a gate below −104 already makes every decay it enters exactly 0 (and
+    its gradient, a multiple of that decay, too).
+    """
+    G64 = tl.cumsum(tl.maximum(g, -1000.0).to(tl.float64), axis=0)
+    # past T the gates are 0: G_{C-1} = G_L
+    G_L = tl.sum(tl.where(tl.arange(0, C) == C - 1, G64, 0.0), axis=0)
+    return G64.to(tl.float32), G64, (G_L - G64).to(tl.float32), G_L.to(tl.float32)
+
+
+@triton.jit
+def _pair_exponents(G64):
+    """[C, C] float32: D_ij = G_i − G_j, the log decay from token j to token i (g_{j+1} + … + g_i
+    for i ≥ j), taken from _gate_sums' float64 sums. Positive above the diagonal: mask it to −inf
+    before exp."""
+    return (G64[:, None] - G64[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows (BK ≥ 32, so that
+    each half is a tensor-core operand of ≥ 16 rows): each half's row indices, the tile's columns,
+    and each half's mask and offsets within a [K, V] state."""
+    k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
+    k2 = k1 + BK // 2
+    vs = iv * BV + tl.arange(0, BV)
+    mask1, mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
+    return k1, k2, vs, mask1, mask2, k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+
+
+# %% [markdown]
+# **Products that keep $K$ and $V$ as stored.** The WY kernel moves the row scalings of $K$ and $V$ onto
+# $A_\text{inv}$'s columns. For bf16 inputs `_split_dot` then splits the scaled $A_\text{inv}$ into two bf16 halves,
+# $A_\text{hi} + A_\text{lo}$, and runs two bf16 tensor-core products: as accurate as fp32 to about $2^{-16}$, and
+# faster than one TF32 product on fp32 copies of $K$ and $V$. fp16 keeps TF32, because very negative gates push the
+# scaled columns below fp16's range. Like every product of fp32 operands in these kernels, the solve's products
+# run in TF32 when the inputs are bf16 or fp16 and in full fp32 when the inputs are fp32. The WY kernel's launch
+# configurations (2 warps on Ampere and newer, 4 on a T4, whose fp32 products run on CUDA cores and need more
+# registers) are in `runtime.LAUNCH_TABLE` under `"deltanet.fwd_wy"`; `tests/test_deltanet.py` checks the split
+# products against fp32 (`test_split_products_are_fp32_accurate`).
 
 # %%
 #| export deltanet.chunk_fwd
 @triton.jit
-def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
+def _split_hi_lo(M, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """M [C, C] float32 as the operands of `_split_dot`: (hi, lo) with hi = M rounded to `dtype` and
+    lo the rest, also rounded, if SPLIT; else (M, M). Done once a chunk, before the column
+    blocks."""
+    if SPLIT:
+        hi = M.to(dtype)
+        return hi, (M - hi.to(tl.float32)).to(dtype)
+    else:
+        return M, M
+
+
+@triton.jit
+def _split_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """M @ x [C, B] accumulated in fp32, for (hi, lo) = _split_hi_lo(M, x.dtype, SPLIT).
+
+    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of M
+    with x entering exactly as stored. Not for fp16: with very negative gates the columns of A_inv
+    diag(βe^G) fall below fp16's range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit
+    inputs, ieee for fp32).
+    """
+    if SPLIT:
+        return tl.dot(lo, x, tl.dot(hi, x))
+    else:
+        return tl.dot(hi, x.to(tl.float32), input_precision=PRECISION)
+
+
+# %% [markdown]
+# ### The scan and the output kernel
+#
+# The scan: the only loop over chunks. A program owns one tile of $V$ columns of one head's state and walks the
+# chunks in order; each step is two products on the sequential path ($W S$, then the state update
+# $S_{n+1} = e^{G_L} S_n + (\operatorname{diag}(e^{G_L - G}) K)^\top U$), with the state in two halves of $K/2$ rows
+# so that each product splits into two independent ones (fla's scan does the same).
+
+# %%
+#| export deltanet.chunk_fwd
+@triton.jit
+def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K,
+                       V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, L2: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """The scan over chunks: the state entering each chunk, U = Ũ − W S_n, and the final state.
 
-    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile lives in fp32 registers as two halves of BK/2 rows, S = [S1; S2] (BK ≥ 32), so that each
-    product is two smaller independent ones; a step loads W [C, BK/2] and Kᵀ [BK/2, C] per half and Ũ [C, BV].
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B ·
+    HV).
+    Tiling: the state tile lives in fp32 registers as two halves of BK/2 rows, S = [S1; S2] (BK ≥
+    32), so that each product is two smaller independent ones; a step loads W [C, BK/2] and Kᵀ
+    [BK/2, C] per half and Ũ [C, BV].
     U is written over Ũ in u_ptr: each element is read, then overwritten, by the same program.
     Math, chunk by chunk (S = h0 if HAS_H0 else 0; L2: r = 1/‖k‖ from the WY kernel, else r = 1):
-        states[n] = S;   U = Ũ − W S;   S ← e^{G_L} S + Kᵀ diag(e^{G_L − G} r) U     (G_L − G_j = Σ_{t > j} g_t)
+        states[n] = S;   U = Ũ − W S;   S ← e^{G_L} S + Kᵀ diag(e^{G_L − G} r) U     (G_L − G_j
+            = Σ_{t > j} g_t)
     and ht = S after the last chunk if STORE_HT.
     """
     iv = tl.program_id(0)
@@ -1062,7 +1455,8 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
     gate_bh = b * T * HV + hv  # token t's g and r at gate_bh + t·HV
     states_bh = states_ptr + bh * NT * K * V  # chunk n's [K, V] state at states_bh + n·K·V
     rows = tl.arange(0, C)
-    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # S = [S1; S2]
+    # S = [S1; S2]
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
     S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     S2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_H0:
@@ -1073,8 +1467,10 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
         tl.store(states_bh + n * K * V + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
         t = n * C + rows
         tm = t < T
-        w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K), other=0.0)
-        w2 = tl.load(w_bh + t[:, None] * HV * K + k2[None, :], mask=tm[:, None] & (k2[None, :] < K), other=0.0)
+        w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K),
+                     other=0.0)
+        w2 = tl.load(w_bh + t[:, None] * HV * K + k2[None, :], mask=tm[:, None] & (k2[None, :] < K),
+                     other=0.0)
         WS = tl.dot(w2, S2.to(w2.dtype), tl.dot(w1, S1.to(w1.dtype), input_precision=PRECISION),
                     input_precision=PRECISION)  # [C, BV] W S, the halves' shares summed
         u_off = t[:, None] * HV * V + vs[None, :]
@@ -1087,9 +1483,12 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
         if L2:  # Knᵀ = Kᵀ diag(r): r joins the decay on U's rows
             key_decay = key_decay * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)
         u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
-        kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
-        kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
-        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_L), input_precision=PRECISION)  # decayed S accumulates
+        kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :],
+                      other=0.0)
+        kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :],
+                      other=0.0)
+        # decayed S accumulates
+        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_L), input_precision=PRECISION)
         S2 = tl.dot(kT2.to(w1.dtype), u, S2 * tl.exp(G_L), input_precision=PRECISION)  # the product
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
@@ -1099,33 +1498,52 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
 # %% [markdown]
 # The output kernel is chapter 4's, with $U$ for $V$ and $\Gamma = e^D$ for the decay matrix; with `use_qk_l2norm` it
 # scales $QK^\top$ and $QS_n$ by the rows' inverse norms instead of reading normalised copies of $q$ and $k$.
+#
+# **Storage, and where the normalisation goes.** The scan accumulates the state in fp32 registers whatever the input
+# dtype and multiplies in the input dtype. The forward *stores* $W$, $\tilde U$, $U$ and the chunk states in the input
+# dtype, as fla does: half the bytes of fp32 in bf16, and 16-bit tensor-core products in the output kernel, $(QK^\top
+# \odot \Gamma)$ rounded to bf16 times $U$. That is accurate enough only because $q$ and $k$ are never rounded after
+# they are normalised: with `use_qk_l2norm` the kernels take $q$ and $k$ as given and apply $1/\lVert q \rVert$ and
+# $1/\lVert k \rVert$ as fp32 scalings of products of the unrounded rows (`bench/notes/deltanet.md` measures the
+# trade). For $k$ this costs the WY kernel almost nothing: $\lVert k_i \rVert^2$ is the diagonal of the $K K^\top$ it
+# computes anyway (products of 16-bit numbers are exact in fp32), so $K_n K_n^\top = \operatorname{diag}(r)\, K K^\top
+# \operatorname{diag}(r)$ and $W = A_\text{inv} \operatorname{diag}(\beta e^G r) K$. The kernel stores $r$ for the
+# scan, which scales $U$'s rows by it along with the decay, and for the output kernel, which scales $QK^\top$'s columns
+# by it. $1/\lVert q \rVert$ the output kernel sums itself, in a loop over $Q$'s rows of its own (`_row_rnorm`; the
+# second read of $Q$ mostly hits the L2 cache). Grouped value heads are addressing only: value head $h_v$ reads key
+# head $h_v // (H_V/H)$. The backward's recomputation stores everything in fp32, $U$ included, for the gradients, and
+# normalises $q$ and $k$ first in a row kernel (`_l2norm_rows_kernel`: in fp32, rounded back to the input dtype).
+#
 
 # %%
 #| export deltanet.chunk_fwd
 @triton.jit
 def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
-    """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each row's start, read
-    in blocks of BK. A loop of its own, not the output kernel's main loop: summed there, beside the products that
-    use the same loads, triton 3.6 miscompiled these squares on sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
+    """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each
+    row's start, read in blocks of BK. A loop of its own, not the output kernel's main loop: summed
+    there, beside the products that use the same loads, triton 3.6 miscompiled these squares on
+    sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
     sq = tl.zeros((R,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)
+        x = tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K),
+                    other=0.0).to(tl.float32)
         sq += tl.sum(x * x, axis=1)
     return tl.rsqrt(sq + 1e-6)
 
 
 @triton.jit
-def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V,
+                       NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
                        PRECISION: tl.constexpr):
     """The outputs of one chunk, for one V-tile.
 
     Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
-    Tiling: K is walked in blocks of BK: Q, K [C, BK] and the entering state's tile S_n [BK, BV] a step, with
-    Q Kᵀ [C, C] and Q S_n [C, BV] accumulating in fp32; then U [C, BV] once.
+    Tiling: K is walked in blocks of BK: Q, K [C, BK] and the entering state's tile S_n [BK, BV] a
+    step, with Q Kᵀ [C, C] and Q S_n [C, BV] accumulating in fp32; then U [C, BV] once.
     Math (L2: Q, K as given, r_q = 1/‖q‖ summed here, r_k = 1/‖k‖ from the WY kernel; else both 1):
-        P = scale · (Q Kᵀ ⊙ Γ) ⊙ r_q r_kᵀ        rounded to U's dtype (|P| ≤ scale): 16-bit tensor cores for P U
+        P = scale · (Q Kᵀ ⊙ Γ) ⊙ r_q r_kᵀ        rounded to U's dtype (|P| ≤ scale): 16-bit
+            tensor cores for P U
         O = scale · diag(e^G r_q) Q S_n + P U
     """
     iv = tl.program_id(0)
@@ -1160,7 +1578,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     P = QKt * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
-        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)  # Q again, mostly from the L2 cache
+        # Q again, mostly from the L2 cache
+        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)
         P = P * r_q[:, None] * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)[None, :]
         row_scale = row_scale * r_q
     v_off = t[:, None] * HV * V + vs[None, :]
@@ -1169,6 +1588,17 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     o = tl.dot((P * scale).to(u.dtype), u, o * row_scale[:, None], input_precision=PRECISION)
     tl.store(o_bh + v_off, o.to(o_ptr.dtype.element_ty), mask=v_mask)
 
+
+# %% [markdown]
+# **Precision against fla.** fla keeps $W$, $\tilde U$, $U$, $A_\text{inv}$ and the chunk states in bf16 and
+# multiplies $(QK^\top \odot \Gamma)$ rounded to bf16 by $U$. These kernels store the same quantities in bf16 but
+# $A_\text{inv}$, whose products run as two bf16 halves, and they never round the *normalised* $q$ and $k$. A model
+# that replays every rounding of the kernels in PyTorch on a CPU (`bench/notes/deltanet_rounding_model.py`) says
+# where the error of a state that forgets almost nothing comes from: rounding the normalised rows alone costs about
+# 1e-3 of the 5e-3 bound, which is what pays for the 16-bit storage. The measured errors on the H200, against fla's
+# (2026-11-29), are in `bench/notes/deltanet.md`. fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4
+# to 3.7.0 (its issue 640, a miscompilation); the benchmark lifts that check only to time fla, and never uses its
+# gradients.
 
 # %% [markdown]
 # ### The backward pass
@@ -1234,19 +1664,22 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2, _precision,
-                                           _state_halves, _v_tile, _wy_and_states)
+from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2,
+                                           _precision, _state_halves, _v_tile, _wy_and_states)
 
-_BWD_COLUMNS = 32  # _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
+# _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
+_BWD_COLUMNS = 32
 
 
 @triton.jit
 def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
-                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """The part of dU that needs no state, every chunk in parallel.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded); dO and dU walked in V-tiles [C, BV].
+    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded); dO and dU walked in V-tiles [C,
+    BV].
     Math: dU = scale (Q Kᵀ ⊙ Γ)ᵀ dO (fp32).
     """
     n = tl.program_id(0)
@@ -1267,7 +1700,8 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     _, G64, _, _ = _gate_sums(g, C)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
     Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
-    PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale  # [C, C] scale (Q Kᵀ ⊙ Γ)ᵀ
+    # [C, C] scale (Q Kᵀ ⊙ Γ)ᵀ
+    PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         off = t[:, None] * HV * V + vs[None, :]
@@ -1277,17 +1711,21 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
 
 
 @triton.jit
-def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
-                       T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
-    """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d initial_state.
+def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
+                       scale, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d
+    initial_state.
 
-    Program: one (batch b, value head hv) and one V-tile of its [K, V] state gradient. Grid (cdiv(V, BV), B · HV).
-    Tiling: dS lives in fp32 registers as two halves of BK/2 rows (BK ≥ 32), as the forward scan holds S; a step
-    loads K [C, BK/2], Qᵀ and Wᵀ [BK/2, C] per half, and dO, dU [C, BV].
-    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry, from
-    _bwd_du_local_kernel, and is updated in place):
-        dstates[n] = dS;   dU += diag(e^{G_L − G}) K dS;   dS ← e^{G_L} dS + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state gradient. Grid (cdiv(V,
+    BV), B · HV).
+    Tiling: dS lives in fp32 registers as two halves of BK/2 rows (BK ≥ 32), as the forward scan
+    holds S; a step loads K [C, BK/2], Qᵀ and Wᵀ [BK/2, C] per half, and dO, dU [C, BV].
+    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry,
+    from _bwd_du_local_kernel, and is updated in place):
+        dstates[n] = dS;   dU += diag(e^{G_L − G}) K dS;   dS ← e^{G_L} dS + scale (diag(e^G)
+            Q)ᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0.
     """
     iv = tl.program_id(0)
@@ -1300,7 +1738,8 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
     du_bh = du_ptr + (b * T * HV + hv) * V
     dstates_bh = dstates_ptr + bh * NT * K * V  # chunk n's [K, V] at + n·K·V
     rows = tl.arange(0, C)
-    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # dS = [dS1; dS2]
+    # dS = [dS1; dS2]
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
     dS1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     dS2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_DHT:
@@ -1316,22 +1755,29 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         G, _, to_end, G_L = _gate_sums(g, C)
         key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
-        kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1, other=0.0).to(tl.float32) * key_decay[:, None]
-        kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2, other=0.0).to(tl.float32) * key_decay[:, None]
+        kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1,
+                      other=0.0).to(tl.float32) * key_decay[:, None]
+        kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2,
+                      other=0.0).to(tl.float32) * key_decay[:, None]
         v_off = t[:, None] * HV * V + vs[None, :]
         v_mask = tm[:, None] & (vs[None, :] < V)
         du = tl.load(du_bh + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
-        du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION), input_precision=PRECISION)
+        du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION),
+                    input_precision=PRECISION)
         tl.store(du_bh + v_off, du, mask=v_mask)
         do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
         mT1, mT2 = (k1[:, None] < K) & tm[None, :], (k2[:, None] < K) & tm[None, :]
         qs = scale * tl.exp(G)[None, :]  # [1, C] scale e^{G_i}
-        qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1, other=0.0).to(tl.float32) * qs
-        qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2, other=0.0).to(tl.float32) * qs
+        qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1,
+                      other=0.0).to(tl.float32) * qs
+        qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2,
+                      other=0.0).to(tl.float32) * qs
         wT1 = tl.load(w_bh + t[None, :] * HV * K + k1[:, None], mask=mT1, other=0.0)
         wT2 = tl.load(w_bh + t[None, :] * HV * K + k2[:, None], mask=mT2, other=0.0)
-        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L), input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
-        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L), input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
+        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L),
+                     input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
+        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L),
+                     input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
@@ -1346,8 +1792,8 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
 @triton.jit
 def _bwd_values_pass(do_bh, u_bh, du_bh, v_bh, dv_bh, t, tm, beta, A_inv, HV, V,
                      C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass 1 of _bwd_chunk_kernel, over V-tiles [C, BV]: dO Uᵀ [C, C], Ũ's share of dA_inv, dV = diag(β) A_invᵀ dU
-    (stored) and β's share through Ũ = A_inv diag(β) V."""
+    """Pass 1 of _bwd_chunk_kernel, over V-tiles [C, BV]: dO Uᵀ [C, C], Ũ's share of dA_inv, dV =
+    diag(β) A_invᵀ dU (stored) and β's share through Ũ = A_inv diag(β) V."""
     dOUt = tl.zeros((C, C), dtype=tl.float32)
     dA_inv = tl.zeros((C, C), dtype=tl.float32)
     dbeta = tl.zeros((C,), dtype=tl.float32)
@@ -1368,16 +1814,19 @@ def _bwd_values_pass(do_bh, u_bh, du_bh, v_bh, dv_bh, t, tm, beta, A_inv, HV, V,
 
 
 @triton.jit
-def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, tm, scale, beta, eG, key_decay,
-                   dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K] accumulator lives
-    across blocks): dQ (final) and dK without the terms through A (stored, per value head), dW's share of dA_inv, and
-    the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j) of the output's Γ_ij, s_i (factors e^{G_i}), c_j
-    (factors e^{G_L − G_j}) and Σ S_n ⊙ dS' (the factor e^{G_L})."""
+def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, tm, scale, beta, eG,
+                   key_decay, dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K]
+    accumulator lives across blocks): dQ (final) and dK without the terms through A (stored, per
+    value head), dW's share of dA_inv, and the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j)
+    of the output's Γ_ij, s_i (factors e^{G_i}), c_j (factors e^{G_L − G_j}) and Σ S_n ⊙ dS' (the
+    factor e^{G_L})."""
     pairs = tl.zeros((C, C), dtype=tl.float32)
-    s = tl.zeros((C,), dtype=tl.float32)  # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
-    c = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
+    # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
+    s = tl.zeros((C,), dtype=tl.float32)
+    # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
+    c = tl.zeros((C,), dtype=tl.float32)
     kTdw = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂(β_j e^{G_j} k_j) of W
     SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS'
     for k0 in range(0, K, BK):
@@ -1406,9 +1855,11 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
             SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
         dq = dq * (scale * eG)[:, None]
         s += tl.sum(dq * q, axis=1)
-        pairs += dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # this block's share of q_i·k_j
+        # this block's share of q_i·k_j
+        pairs += dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
-        dk_state = dk_state * key_decay[:, None]  # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+        # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+        dk_state = dk_state * key_decay[:, None]
         c += tl.sum(dk_state * k, axis=1)
         dk = tl.dot(tl.trans(dAqk), q, dk_state, input_precision=PRECISION)
         kbg = k * (beta * eG)[:, None]  # W = A_inv diag(β e^G) K
@@ -1423,19 +1874,22 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
 
 
 @triton.jit
-def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.constexpr, BK: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.constexpr,
+                        BK: tl.constexpr, PRECISION: tl.constexpr):
     """Pass 3 of _bwd_chunk_kernel, over K-blocks: what flows through A_ij = β_i Γ_ij k_i·k_j, given
-    dA = ∂L/∂A_ij · Γ_ij. dK += dKK K + dKKᵀ K with dKK_ij = β_i dA_ij = ∂L/∂(k_i·k_j), added to what pass 2
-    stored; dβ_i += Σ_j dA_ij k_i·k_j; and each m_ij = β_i dA_ij k_i·k_j joins `pairs`. Returns (pairs, dβ's share).
+    dA = ∂L/∂A_ij · Γ_ij. dK += dKK K + dKKᵀ K with dKK_ij = β_i dA_ij = ∂L/∂(k_i·k_j), added to
+    what pass 2 stored; dβ_i += Σ_j dA_ij k_i·k_j; and each m_ij = β_i dA_ij k_i·k_j joins `pairs`.
+    Returns (pairs, dβ's share).
     """
     dKK = dA * beta[:, None]
     dbeta = tl.zeros((C,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
-        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂L/∂A_ij · A_ij / β_i
+        # [C, BK]
+        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        # this block's share of ∂L/∂A_ij · A_ij / β_i
+        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)
         dbeta += tl.sum(M, axis=1)
         pairs += M * beta[:, None]
         out_off = t[:, None] * HV * K + ks[None, :]
@@ -1446,20 +1900,33 @@ def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.con
     return pairs, dbeta
 
 
+# %% [markdown]
+# The summation rule for $dg$:
+
+# %%
+#| export deltanet.chunk_bwd
 @triton.jit
 def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
     """dg [C] of one chunk, each term summed into exactly the gates it contains:
-        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i; 0 elsewhere), Γ_ij = e^{g_{j+1} + … + g_i}  -> dg_t, j < t ≤ i
-        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i                         -> dg_t, t ≤ i
-        c [C]         terms with a factor e^{G_L − G_j}                                        -> dg_t, j < t
-        z             the term with e^{G_L}                                                    -> every dg_t
-    Every term that reaches dg_t carries e^{g_t}, so a very negative g_t gets a gradient as small, and as accurate,
-    as its terms. (∂L/∂G followed by a reverse cumulative sum gives the same sums mathematically, but there dg_t comes
-    out as a difference of O(1) numbers, wrong in every digit once e^{g_t} is below float32's rounding.)
+        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i; 0 elsewhere), Γ_ij = e^{g_{j+1} + … + g_i}
+            -> dg_t, j < t ≤ i
+        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i
+            -> dg_t, t ≤ i
+        c [C]         terms with a factor e^{G_L − G_j}
+            -> dg_t, j < t
+        z             the term with e^{G_L}
+            -> every dg_t
+    Every term that reaches dg_t carries e^{g_t}, so a very negative g_t gets a gradient as
+        small, and as accurate,
+    as its terms. (∂L/∂G followed by a reverse cumulative sum gives the same sums
+        mathematically, but there dg_t comes
+    out as a difference of O(1) numbers, wrong in every digit once e^{g_t} is below float32's
+        rounding.)
     """
     rows = tl.arange(0, C)
     R = tl.cumsum(pairs, axis=0, reverse=True)  # [C, C] R_tj = Σ_{i ≥ t} m_ij
-    dg = tl.sum(tl.where(rows[None, :] < rows[:, None], R, 0.0), axis=1)  # row t: Σ_{j < t} Σ_{i ≥ t} m_ij
+    # row t: Σ_{j < t} Σ_{i ≥ t} m_ij
+    dg = tl.sum(tl.where(rows[None, :] < rows[:, None], R, 0.0), axis=1)
     dg += tl.cumsum(s, axis=0, reverse=True)  # Σ_{i ≥ t} s_i
     dg += tl.sum(tl.where(rows[:, None] < rows[None, :], c[:, None], 0.0), axis=0)  # Σ_{j < t} c_j
     return tl.where(tm, dg + z, 0.0)
@@ -1471,19 +1938,24 @@ def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
 # %%
 #| export deltanet.chunk_bwd
 @triton.jit
-def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
-                      du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
+                      dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale,
+                      T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """Every gradient of one chunk but dU: dq and dk (per value head, fp32), dv, dβ, dg.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, the gate terms m_ij) stay in registers; three passes
-    stream the rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles inside (_bwd_keys_pass);
+    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, the gate terms m_ij) stay in registers;
+    three passes stream the rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles
+    inside (_bwd_keys_pass);
     K-blocks again for the terms that need the whole dA (_bwd_through_a_pass).
-    Math (section 5.6; dS' = dstates[n], the gradient of the state leaving the chunk):
+    Math (chapter 5, Engineering notes, the backward pass; dS' = dstates[n], the gradient of the
+    state leaving the chunk):
         dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
-        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K + dKKᵀ K
-        dW = −dU S_nᵀ,  dA_inv = dW (diag(β e^G) K)ᵀ + dU (diag(β) V)ᵀ,  dA = −A_invᵀ dA_inv A_invᵀ (strictly lower)
+        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K +
+            dKKᵀ K
+        dW = −dU S_nᵀ,  dA_inv = dW (diag(β e^G) K)ᵀ + dU (diag(β) V)ᵀ,  dA = −A_invᵀ dA_inv
+            A_invᵀ (strictly lower)
         dV = diag(β) A_invᵀ dU;  dβ and dg from every factor they enter (_gate_grad)
     """
     n = tl.program_id(0)
@@ -1507,20 +1979,26 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
     Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
     lower = rows[:, None] > rows[None, :]
-    A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
-    dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh, dv_ptr + vh, t, tm,
-                                           beta, A_inv, HV, V, C, BV, PRECISION)
-    dAqk = dOUt * scale * Gamma  # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
-    pairs, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh, du_ptr + vh, S_n, dS_n,
-                                                    dq_ptr + kh, dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
-                                                    dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV, PRECISION)
+    A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
+                    other=0.0)
+    dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh,
+                                           dv_ptr + vh, t, tm, beta, A_inv, HV, V, C, BV, PRECISION)
+    # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
+    dAqk = dOUt * scale * Gamma
+    pairs, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh,
+                                                    du_ptr + vh, S_n, dS_n, dq_ptr + kh,
+                                                    dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
+                                                    dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV,
+                                                    PRECISION)
     dbeta += kTdw * eG
     s += kTdw * beta * eG
     dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
                 input_precision=PRECISION)
     dA = tl.where(lower, -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
-    tl.debug_barrier()  # pass 2's stores of dk are read back by pass 3, by other threads of this program
-    pairs, dbeta_a = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA, beta, pairs, H, HV, K, C, BK, PRECISION)
+    # pass 2's stores of dk are read back by pass 3, by other threads of this program
+    tl.debug_barrier()
+    pairs, dbeta_a = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA, beta, pairs, H, HV, K, C, BK,
+                                         PRECISION)
     dbeta += dbeta_a
     # the diagonal's Γ_ii = 1 holds no gate: only j < i enters dg
     dg = _gate_grad(tl.where(lower, pairs, 0.0), s, c, SdS * tl.exp(G_L), tm, C)
@@ -1536,7 +2014,8 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
 #| export deltanet.chunk_bwd
 @triton.jit
 def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """y = l2norm(x) for rows of x [R, K], in fp32, rounded back to x's dtype (as `l2norm` and a cast would).
+    """y = l2norm(x) for rows of x [R, K], in fp32, rounded back to x's dtype (as `l2norm` and a
+    cast would).
 
     Program: BR rows, all of K in one tile (BK = K padded). Grid (cdiv(R, BR),).
     Math: y = x · rsqrt(Σ x² + 1e-6).
@@ -1550,12 +2029,14 @@ def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, GROUP, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
-    """dq or dk from the per-value-head gradients: summed over the GROUP = HV/H value heads that share key head h,
-    then through l2norm if L2NORM.
+def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, GROUP, K, BR: tl.constexpr, BK: tl.constexpr,
+                    L2NORM: tl.constexpr):
+    """dq or dk from the per-value-head gradients: summed over the GROUP = HV/H value heads that
+    share key head h, then through l2norm if L2NORM.
 
     Program: BR rows r = (b·T + t)·H + h of x [R, K], all of K in one tile. Grid (cdiv(R, BR),).
-    Math: dy = Σ_j dy[r·GROUP + j] (fp32);  L2NORM: dx = rstd (dy − y ⟨y, dy⟩), y = rstd x, rstd = rsqrt(Σ x² + 1e-6);
+    Math: dy = Σ_j dy[r·GROUP + j] (fp32);  L2NORM: dx = rstd (dy − y ⟨y, dy⟩), y = rstd x, rstd
+        = rsqrt(Σ x² + 1e-6);
     stored in dx's dtype.
     """
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -1591,14 +2072,14 @@ from minisparse.deltanet.chunk_fwd import _heads, _options, _pow2, _v_tile
 
 
 @triton.jit
-def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
-                            BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                            L2NORM: tl.constexpr):
+def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T,
+                            H, HV, K, V, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                            STORE_HT: tl.constexpr, L2NORM: tl.constexpr):
     """The gated delta rule token by token, for decoding.
 
     Program: one (batch b, value head hv) and one V-tile of its state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole sequence; a step
-    loads one row of q, k [BK] and v [BV].
+    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole
+    sequence; a step loads one row of q, k [BK] and v [BV].
     Math, t = 0 … T−1 (S = h0 if HAS_H0 else 0; L2NORM: q_t, k_t normalised first):
         S ← e^{g_t} S;   S ← S + k_tᵀ β_t (v_t − k_t S);   o_t = scale · q_t S
     and ht = S if STORE_HT.
@@ -1616,7 +2097,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
     kv_off = ks[:, None] * V + vs[None, :]
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
+                    other=0.0).to(tl.float32)
     for t in range(T):
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
@@ -1650,13 +2132,13 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # %%
 #| export deltanet.chunk_fwd
 def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
-    """Kernels 1 and 2 -> (w, u, kr, ainv, states, ht): W; U (written over Ũ); kr = 1/‖k‖ [B, T, HV] if `l2` (k is
-    then unnormalised), else None; A_inv's rows [B, T, HV, C] if `recompute`, else None; the chunk states
-    [B, HV, NT, K, V]; the final state [B, HV, K, V] fp32 or None.
+    """Kernels 1 and 2 -> (w, u, kr, ainv, states, ht): W; U (written over Ũ); kr = 1/‖k‖ [B, T, HV]
+    if `l2` (k is then unnormalised), else None; A_inv's rows [B, T, HV, C] if `recompute`, else
+    None; the chunk states [B, HV, NT, K, V]; the final state [B, HV, K, V] fp32 or None.
 
-    The forward stores W, U and the states in the inputs' dtype (as fla does: half the bytes in 16 bits); the
-    backward's recomputation (`recompute`) stores them in fp32, with A_inv, for the gradients. The scans accumulate
-    in fp32 and multiply in W's dtype.
+    The forward stores W, U and the states in the inputs' dtype (as fla does: half the bytes in 16
+    bits); the backward's recomputation (`recompute`) stores them in fp32, with A_inv, for the
+    gradients. The scans accumulate in fp32 and multiply in W's dtype.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -1665,7 +2147,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
     store = torch.float32 if recompute else k.dtype
     w = torch.empty(B, T, HV, K, device=dev, dtype=store)
     u = torch.empty(B, T, HV, V, device=dev, dtype=store)
-    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None  # per value head, as g is
+    # per value head, as g is
+    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None
     ainv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if recompute else None
     runtime.launch("deltanet.fwd_wy", _fwd_wy_kernel, lambda c: (NT, B * HV),
                    (k, v, g, beta, w, u, kr, ainv, T, H, HV, K, V),
@@ -1674,28 +2157,32 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
                    fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(k, v))
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    # never autotuned: the scan writes U over Ũ, and the autotuner's repeated runs would subtract W S twice
-    runtime.launch("deltanet.fwd_states.recompute" if recompute else "deltanet.fwd_states", _fwd_states_kernel,
-                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    # never autotuned: the scan writes U over Ũ, and the autotuner's repeated runs would subtract W
+    # S twice
+    runtime.launch("deltanet.fwd_states.recompute" if recompute else "deltanet.fwd_states",
+                   _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (k, w, u, g, kr, h0, states, ht, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=max(_pow2(K), 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2=l2,
-                        PRECISION=prec),
-                   fit=_v_tile(V), **_options(k, v))
+                   dict(C=_C, BK=max(_pow2(K), 32), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        L2=l2, PRECISION=prec), fit=_v_tile(V), **_options(k, v))
     return w, u, kr, ainv, states, ht
 
 
 def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
-    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None). With `l2`, q and k
-    are used as given and their normalisation is applied inside the kernels, as fp32 scalings."""
+    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None). With
+    `l2`, q and k are used as given and their normalisation is applied inside the kernels, as fp32
+    scalings."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
-    w, u, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute=False)
+    w, u, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, l2,
+                                             recompute=False)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    runtime.launch("deltanet.fwd_output", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+    runtime.launch("deltanet.fwd_output", _fwd_output_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
                    (q, k, u, g, kr, states, o, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=min(_pow2(K), _OUTPUT_COLUMNS), L2=l2, PRECISION=_precision(q.dtype)),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   dict(C=_C, BK=min(_pow2(K), _OUTPUT_COLUMNS), L2=l2,
+                        PRECISION=_precision(q.dtype)), fit=_v_tile(V),
+                   autotune_key=["T", "K", "V"], **_options(q, v))
     return o, ht
 
 
@@ -1707,26 +2194,31 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
 # %%
 #| export deltanet.chunk_bwd
 def _l2norm_rows(x):
-    """l2norm(x) over the last dimension in x's dtype, in one kernel (PyTorch's l2norm takes several)."""
+    """l2norm(x) over the last dimension in x's dtype, in one kernel (PyTorch's l2norm takes
+    several)."""
     y = torch.empty_like(x)
     R, K = x.numel() // x.shape[-1], x.shape[-1]
-    runtime.launch("deltanet.rows", _l2norm_rows_kernel, lambda c: (triton.cdiv(R, c["BR"]),), (x, y, R, K),
-                   dict(BK=_pow2(K)), **_options(x, x))
+    runtime.launch("deltanet.rows", _l2norm_rows_kernel, lambda c: (triton.cdiv(R, c["BR"]),),
+                   (x, y, R, K), dict(BK=_pow2(K)), **_options(x, x))
     return y
 
 
 def _qk_grad(x, dy, l2):
-    """x [B, T, H, K] (q or k as given), dy [B, T, HV, K] float32 (per value head) -> dx [B, T, H, K] in x's dtype."""
+    """x [B, T, H, K] (q or k as given), dy [B, T, HV, K] float32 (per value head) -> dx [B, T, H,
+    K] in x's dtype."""
     dx = torch.empty_like(x)
     R, K = x.numel() // x.shape[-1], x.shape[-1]
     runtime.launch("deltanet.rows", _qk_grad_kernel, lambda c: (triton.cdiv(R, c["BR"]),),
-                   (x, dy, dx, R, dy.shape[2] // x.shape[2], K), dict(BK=_pow2(K), L2NORM=l2), **_options(x, x))
+                   (x, dy, dx, R, dy.shape[2] // x.shape[2], K), dict(BK=_pow2(K), L2NORM=l2),
+                   **_options(x, x))
     return dx
 
 
 def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
-    """Gradients of q, k (in q's dtype, summed over grouped value heads), v, g, beta and h0 (fp32; dh0 None unless
-    `need_dh0`). Recomputes W, U and the chunk states in fp32 (cheaper in memory than keeping the forward's)."""
+    """Gradients of q, k (in q's dtype, summed over grouped value heads), v, g, beta and h0
+        (fp32; dh0 None unless
+    `need_dh0`). Recomputes W, U and the chunk states in fp32 (cheaper in memory than keeping
+        the forward's)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -1739,20 +2231,24 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
     dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
     runtime.launch("deltanet.bwd_du_local", _bwd_du_local_kernel, lambda c: (NT, B * HV),
-                   (q, k, g, do, du, scale, T, H, HV, K, V), dict(C=_C, BK=_pow2(K), PRECISION=prec),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   (q, k, g, do, du, scale, T, H, HV, K, V),
+                   dict(C=_C, BK=_pow2(K), PRECISION=prec), fit=_v_tile(V),
+                   autotune_key=["T", "K", "V"], **_options(q, v))
     # never autotuned: the reverse scan adds to dU in place
-    runtime.launch("deltanet.bwd_states", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    runtime.launch("deltanet.bwd_states", _bwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (q, k, w, g, do, dht, du, dstates, dh0, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=max(_pow2(K), 32), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-                        PRECISION=prec), fit=_v_tile(V), **_options(q, v))
+                   dict(C=_C, BK=max(_pow2(K), 32), HAS_DHT=dht is not None,
+                        STORE_DH0=dh0 is not None, PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     runtime.launch("deltanet.bwd_chunk", _bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale,
-                    T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS), PRECISION=prec),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
+                    scale, T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS),
+                                                     PRECISION=prec), fit=_v_tile(V),
+                   autotune_key=["T", "K", "V"], **_options(q, v))
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
 
@@ -1767,9 +2263,10 @@ from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
-    """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
-    interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and the value-check rule ask for
-    them (on CPU tensors always; on CUDA after runtime.set_value_checks(True)), before any kernel is queued.
+    """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
+    the value-check rule ask for them (on CPU tensors always; on CUDA after
+    runtime.set_value_checks(True)), before any kernel is queued.
     Returns the scale as a float."""
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
@@ -1780,8 +2277,9 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
-    """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk states in fp32,
-    which costs less memory than keeping them), the backward runs five kernels and two row kernels."""
+    """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk
+    states in fp32, which costs less memory than keeping them), the backward runs five kernels and
+    two row kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
@@ -1797,38 +2295,45 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         q, k, v, g, beta, h0 = ctx.saved_tensors
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         grads = _chunk_backward(q, k, v, g, beta, ctx.scale, h0, do.contiguous(),
-                                dht.float().contiguous() if dht is not None else None, ctx.l2, need_dh0)
+                                dht.float().contiguous() if dht is not None else None, ctx.l2,
+                                need_dh0)
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           use_qk_l2norm=False):
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                           output_final_state=False, use_qk_l2norm=False):
     """The gated delta rule by chunks of 64 in Triton (WY/UT form), forward and backward.
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
-    bfloat16 under the interpreter). g [B, T, HV] log decay, finite and ≤ 0; beta [B, T, HV] in [0, 2] (any float
-    dtype). scale: a float, default K ** -0.5. initial_state [B, HV, K, V] or None. use_qk_l2norm: normalise q and
-    k inside (as fp32 scalings). Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None
-    unless output_final_state). Differentiable in q, k, v, g, beta and initial_state.
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
+    bfloat16 (not bfloat16 under the interpreter). g [B, T, HV] log decay, finite and ≤ 0; beta [B,
+    T, HV] in [0, 2] (any float dtype). scale: a float, default K ** -0.5. initial_state [B, HV, K,
+    V] or None. use_qk_l2norm: normalise q and k inside (as fp32 scalings). Returns (o [B, T, HV, V]
+    in q's dtype, final_state [B, HV, K, V] float32, or None unless output_final_state).
+    Differentiable in q, k, v, g, beta and initial_state.
     """
-    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True)
+    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                  check_values=True)
 
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
            op="chunk_gated_delta_rule"):
-    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values (GatedDeltaNet's)."""
-    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=128)
+    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values
+    (GatedDeltaNet's)."""
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=128)
     if g is None:
         g = torch.zeros_like(beta, dtype=torch.float32)
-    return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state, scale,
-                                      bool(output_final_state), bool(use_qk_l2norm))
+    return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta,
+                                      initial_state, scale, bool(output_final_state),
+                                      bool(use_qk_l2norm))
 
 
-def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
+def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                     use_qk_l2norm=False):
     """DeltaNet by chunks in Triton: chunk_gated_delta_rule with g = 0. Same shapes, without g."""
-    return _chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True,
-                  op="chunk_delta_rule")
+    return _chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                  check_values=True, op="chunk_delta_rule")
 
 
 # %% [markdown]
@@ -1836,68 +2341,46 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
 
 # %%
 #| export deltanet.fused_recurrent
-def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                     use_qk_l2norm=False):
-    """The gated delta rule token by token in Triton, for decoding a few tokens from a state. Forward only.
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm=False):
+    """The gated delta rule token by token in Triton, for decoding a few tokens from a state.
+    Forward only.
 
-    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Its cost grows with T sequentially: use it
-    for T = 1 (or a handful of tokens), chunk_gated_delta_rule for prompts and training. Raises if gradients are
-    required.
+    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Its cost grows with T
+    sequentially: use it for T = 1 (or a handful of tokens), chunk_gated_delta_rule for prompts and
+    training. Raises if gradients are required.
     """
-    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            check_values=True)
+    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, check_values=True)
 
 
-def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
-    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values):
+    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values
+    (GatedDeltaNet's own)."""
     op = "fused_recurrent_gated_delta_rule"
-    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=256)
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=256)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_gated_delta_rule")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    runtime.launch("deltanet.fused_recurrent", _fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    ht = torch.empty(B, HV, K, V, dtype=torch.float32,
+                     device=q.device) if output_final_state else None
+    runtime.launch("deltanet.fused_recurrent", _fused_recurrent_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
                     beta.float().contiguous(), h0, o, ht, scale, T, H, HV, K, V),
-                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=bool(use_qk_l2norm)),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        L2NORM=bool(use_qk_l2norm)), fit=_v_tile(V), autotune_key=["T", "K", "V"],
+                   **_options(q, v))
     return o, ht
 
 
 # %% [markdown]
-# ### Check it against the spec
+# ### Checks of the Triton backward and of the naive recurrence against transformers
 #
-# On a CPU the kernels run in Triton's interpreter, in fp32, at a reading size: $T = 100$ (not a multiple of 64),
-# $K = 32 \ne V = 48$, grouped value heads, an initial state, and gates down to $-30$ a token.
-
-# %%
-from minisparse.deltanet import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-
-Bt, Tt, Ht, HVt, Kt, Vt = 1, runtime.reading_size(cpu=100, gpu=1000), 2, 4, 32, 48
-qt, kt = make_bthd(Bt, Tt, Ht, Kt, seed=21, device=DEVICE), make_bthd(Bt, Tt, Ht, Kt, seed=22, device=DEVICE)
-vt = make_bthd(Bt, Tt, HVt, Vt, seed=23, device=DEVICE)
-betat = torch.rand(Bt, Tt, HVt, generator=torch.Generator().manual_seed(24)).to(DEVICE)
-ht0 = torch.randn(Bt, HVt, Kt, Vt, generator=torch.Generator().manual_seed(25)).to(DEVICE)
-for low, high in [(-1e-3, 0.0), (-30.0, -5.0)]:
-    gt = make_log_gates(Bt, Tt, HVt, low=low, high=high, seed=26, device=DEVICE)
-    args = (qt.to(DTYPE), kt.to(DTYPE), vt.to(DTYPE), gt, betat)
-    # the reference in float32 on the same (rounded) inputs: a bf16 reference would add its own rounding
-    o_ref, s_ref = naive_recurrent_gated_delta_rule(*(x.float() for x in args[:3]), gt, betat, initial_state=ht0,
-                                                    output_final_state=True, use_qk_l2norm=True)
-    o_tri, s_tri = chunk_gated_delta_rule(*args, initial_state=ht0, output_final_state=True, use_qk_l2norm=True)
-    tol = 1e-4 if DTYPE == torch.float32 else 5e-3
-    e = assert_close(f"chunk_gated_delta_rule (g in [{low}, {high}]): o", o_ref, o_tri, tol)
-    assert_close("chunk_gated_delta_rule: final state", s_ref, s_tri, tol)
-    with torch.no_grad():
-        o_dec, s_dec = fused_recurrent_gated_delta_rule(*args, initial_state=ht0, output_final_state=True,
-                                                        use_qk_l2norm=True)
-    assert_close("fused_recurrent_gated_delta_rule: o", o_ref, o_dec, tol)
-    assert_close("fused_recurrent_gated_delta_rule: final state", s_ref, s_dec, tol)
-    print(f"g in [{low:g}, {high:g}]: Triton chunk and fused recurrent == the recurrence (chunk rel. RMS {e:.1e})")
-
-# %% [markdown]
 # And the backward pass: the gradients of all six inputs through the Triton kernels against autograd through the
 # recurrence, for $\langle o, dO\rangle + \langle S_T, dS_T\rangle$ with random $dO$, $dS_T$.
 
@@ -1907,48 +2390,128 @@ gt = make_log_gates(Bt, Tt, HVt, low=-2.0, high=0.0, seed=28, device=DEVICE)
 dot_ = torch.randn(Bt, Tt, HVt, Vt, generator=gen).to(DEVICE)
 dst_ = torch.randn(Bt, HVt, Kt, Vt, generator=gen).to(DEVICE)
 grads = {}
-for name, fn in [("recurrence", naive_recurrent_gated_delta_rule), ("Triton", chunk_gated_delta_rule)]:
+for name, fn in [("recurrence", naive_recurrent_gated_delta_rule),
+                 ("Triton", chunk_gated_delta_rule)]:
     leaves = [x.detach().clone().requires_grad_(True) for x in (qt, kt, vt, gt, betat, ht0)]
     o_, s_ = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True, use_qk_l2norm=True)
     ((o_ * dot_).sum() + (s_ * dst_).sum()).backward()
     grads[name] = [x.grad for x in leaves]
-tol = 1e-4 if DEVICE == "cpu" else 2e-3  # on a GPU the recurrence's own fp32 matmuls may run in TF32
-for n, r, t in zip(["q", "k", "v", "g", "beta", "initial_state"], grads["recurrence"], grads["Triton"]):
+# on a GPU the recurrence's own fp32 matmuls may run in TF32
+tol = 1e-4 if DEVICE == "cpu" else 2e-3
+for n, r, t in zip(["q", "k", "v", "g", "beta", "initial_state"], grads["recurrence"],
+                   grads["Triton"]):
     print(f"d{n:<13s} relative RMS {assert_close('d' + n, r, t, tol):.1e}")
 
 # %% [markdown]
-# ## 5.7 The layer, as Qwen3-Next builds it
+# The recurrence against fla's `naive_recurrent_gated_delta_rule` (note its order `q, k, v, beta, g`; it has no
+# grouped heads):
+
+# %%
+from minisparse.deltanet import naive_recurrent_delta_rule, naive_recurrent_gated_delta_rule
+
+B0, T0, H0, K0, V0 = 2, 45, 3, 32, 48
+q0, k0 = make_bthd(B0, T0, H0, K0, seed=1), make_bthd(B0, T0, H0, K0, seed=2)
+v0 = make_bthd(B0, T0, H0, V0, seed=3)
+q0n, k0n = F.normalize(q0, dim=-1), F.normalize(k0, dim=-1)  # the caller normalises
+g0 = make_log_gates(B0, T0, H0, low=-1.0, seed=4)
+beta0 = torch.rand(B0, T0, H0, generator=torch.Generator().manual_seed(5))
+h00 = torch.randn(B0, H0, K0, V0, generator=torch.Generator().manual_seed(6))
+o_rec0, s_rec0 = naive_recurrent_gated_delta_rule(q0n, k0n, v0, g0, beta0, initial_state=h00,
+                                                  output_final_state=True)
+if fla_naive_recurrent_gdr is not None:
+    o_fla, s_fla = fla_naive_recurrent_gdr(q0n, k0n, v0, beta0, g0, initial_state=h00,
+                                           output_final_state=True)
+    assert_close("vs fla naive_recurrent_gated_delta_rule: o", o_fla, o_rec0, 1e-5)
+    assert_close("vs fla naive_recurrent_gated_delta_rule: state", s_fla, s_rec0, 1e-5)
+    print("naive_recurrent_gated_delta_rule == fla's (T = 45, K = 32, V = 48)")
+
+# %% [markdown]
+# The recurrence against transformers' `torch_recurrent_gated_delta_rule` from Qwen3-Next (order `q, k, v, g, beta`;
+# it always scales by $K^{-1/2}$, normalises with `use_qk_l2norm_in_kernel` and repeats the query/key heads for
+# grouped value heads). The decorator transformers wraps it in may swap in fla's Triton kernel when fla is
+# importable; `.__wrapped__` is the PyTorch function itself.
+
+# %%
+if transformers is not None:
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+
+    hf_rec = getattr(qwen3_next.torch_recurrent_gated_delta_rule, "__wrapped__",
+                     qwen3_next.torch_recurrent_gated_delta_rule)
+    v0g = make_bthd(B0, T0, 2 * H0, V0, seed=7)  # grouped value heads: HV = 2 H
+    g0g, beta0g = make_log_gates(B0, T0, 2 * H0, low=-1.0, seed=8), torch.rand(B0, T0, 2 * H0)
+    # q, k repeated per value head: older transformers releases (5.17) take equal head counts only
+    o_hf, s_hf = hf_rec(q0.repeat_interleave(2, 2), k0.repeat_interleave(2, 2), v0g, g0g, beta0g,
+                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_me, s_me = naive_recurrent_gated_delta_rule(q0, k0, v0g, g0g, beta0g, output_final_state=True,
+                                                  use_qk_l2norm=True)
+    assert_close("vs transformers torch_recurrent_gated_delta_rule: o", o_hf, o_me, 1e-5)
+    assert_close("vs transformers torch_recurrent_gated_delta_rule: state", s_hf, s_me, 1e-5)
+    print(
+        "naive_recurrent_gated_delta_rule == transformers' torch_recurrent_gated_delta_rule (HV = "
+        "2H, l2norm inside)")
+
+# %% [markdown]
+# ### The hybrid stack's numbers, asserted
 #
-# Qwen3-Next's `Qwen3NextGatedDeltaNet` wraps the gated delta rule in a layer with:
+# The numbers section 5.5 states: a quarter of the KV cache exactly, states independent of $T$, the FLOP ratio
+# falling toward ¼ from above.
+
+# %%
+if cfg is not None:
+    T_max = 262_144
+    h, f = hybrid_costs(cfg, T_max), hybrid_costs(cfg, T_max, layer_types=full_types)
+    assert (h["full_attention_layers"], h["linear_attention_layers"]) == (12, 36)
+    # exactly a quarter, in integers
+    assert 4 * h["kv_bytes"] == f["kv_bytes"] and f["state_bytes"] == 0
+    states_36 = 36 * (32 * 128 * 128 * 4 + 3 * 8192 * 2)  # 36 layers: states + conv inputs
+    assert h["state_bytes"] == hybrid_costs(cfg, 1)["state_bytes"] == states_36
+    assert h["memory"] == f["memory"] // 4 + h["state_bytes"]
+    ratios = [hybrid_costs(cfg, T)["flops"] / hybrid_costs(cfg, T, layer_types=full_types)["flops"]
+              for T in (2 ** 10, 2 ** 14, 2 ** 18, 2 ** 24)]
+    assert all(a > b > 0.25 for a,
+               b in zip(ratios, ratios[1:])) and ratios[-1] - 0.25 < 1e-4, ratios
+    print(f"262K: hybrid KV = all-attention KV / 4 = {h['kv_bytes'] / GiB:.1f} GiB, "
+          f"+ {h['state_bytes'] / 2**20:.1f} MiB "
+          f"of states; FLOP ratio {ratios[0]:.3f} (1K) → {ratios[2]:.4f} (262K) "
+          f"→ {ratios[3]:.5f} (16M) → 1/4")
+
+# %% [markdown]
+# ### The state's norm over time
 #
-# - **fused input projections**: `in_proj_qkvz` gives $q, k, v$ and an output gate $z$, `in_proj_ba` gives the logits
-#   of $\beta$ and of the step size $a$ — laid out per *key head* group: for each of the $H_k$ key heads,
-#   $[q \,|\, k \,|\, r\cdot v \,|\, r \cdot z]$ with $r = H_v / H_k$ value heads per key head;
-# - a **short causal depthwise convolution** (kernel 4) over $q, k, v$ together, then SiLU — local mixing that the
-#   delta rule alone does poorly; while decoding it keeps the last three inputs as a *conv state*;
-# - **L2-normalised** $q, k$, scale $K^{-1/2}$;
-# - $\beta = \operatorname{sigmoid}(b)$ and Mamba2's gate
-#   $g = -e^{A_{\log}} \cdot \operatorname{softplus}(a + \text{dt\_bias})$ — a learned per-head rate $e^{A_{\log}}$
-#   times a data-dependent step size;
-# - a **gated RMSNorm** per value head, $\operatorname{RMSNorm}(o) \odot \operatorname{SiLU}(z)$, then `out_proj`.
+# Without the delta rule the state's norm grows like $\sqrt t$ for random pairs; with it, the state solves a regression
+# that never needs more than $\lVert v \rVert$ per key direction, and its norm saturates; the gate lowers the plateau.
+
+# %%
+T_S, d_S = runtime.reading_size(cpu=1024, gpu=4096), 32
+gen = torch.Generator().manual_seed(0)
+kS = F.normalize(torch.randn(T_S, d_S, generator=gen), dim=-1)  # [T, d] random unit keys
+vS = torch.randn(T_S, d_S, generator=gen)  # [T, d]
+fig, ax = plt.subplots(figsize=(7, 3.4))
+for label, beta_s, g_s in [("linear attention", None, 0.0), ("DeltaNet (β = 0.5)", 0.5, 0.0),
+                           ("Gated DeltaNet (β = 0.5, g = -0.02)", 0.5, -0.02)]:
+    S, norms = torch.zeros(d_S, d_S), []
+    for t in range(T_S):
+        # linear attention never reads
+        read = 0.0 if beta_s is None else kS[t] @ (math.exp(g_s) * S)
+        S = math.exp(g_s) * S + (beta_s or 1.0) * torch.outer(kS[t], vS[t] - read)
+        norms.append(float(S.norm()))
+    ax.plot(norms, label=label)
+ax.set(xlabel="token t", ylabel="‖S_t‖ (Frobenius)", yscale="log",
+       title=f"State norm over time (K = V = {d_S}, random unit keys)")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+plt.show()
+
+# %% [markdown]
+# ### The gated RMSNorm
 #
-# The parameter names are transformers', so `from_hf` is a copy. The `state` the layer takes and returns is the pair
-# (conv state `[B, 2·H_k·K + H_v·V, kernel − 1]`, recurrent state `[B, H_v, K, V]` float32).
+# Qwen3-Next's `RMSNormGated`: normalise first, then gate with $\operatorname{SiLU}(z)$.
 
 # %%
 #| export deltanet.layer
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from minisparse import _checks
-from minisparse.deltanet.chunk import _chunk
-from minisparse.deltanet.fused_recurrent import _fused_recurrent
-from minisparse.deltanet.naive import _naive_chunk, _naive_recurrent
-
-
 class GatedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension, then ⊙ SiLU(z) (Qwen3-Next's RMSNormGated: norm first, then gate)."""
+    """RMSNorm over the last dimension, then ⊙ SiLU(z) (Qwen3-Next's RMSNormGated: norm first, then
+    gate)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -1963,134 +2526,150 @@ class GatedRMSNorm(nn.Module):
 
 
 # %% [markdown]
-# The layer: projections, convolution, gates, the delta rule and the gated norm, in the order of the list above.
+# ### Argument checks of the delta-rule ops, and the hybrid stack's cost model
 
 # %%
-#| export deltanet.layer
-class GatedDeltaNet(nn.Module):
-    """Qwen3-Next's Gated DeltaNet layer. Parameter names as transformers' Qwen3NextGatedDeltaNet.
+#| export deltanet.naive
+def _check_gate_and_beta(op, g, beta):
+    """The values: g finite and ≤ 0, β in [0, 2], NaN reported as NaN. One reduction and a host sync
+    a tensor."""
+    if g is not None:
+        _checks.value_range(op, "g", g, low=float("-inf"), low_open=True, high=0.0,
+                            why="a finite log decay: exp(g) in (0, 1]")
+    _checks.value_range(op, "beta", beta, low=0.0, high=2.0,
+                        why="I - beta k kᵀ must not amplify the state for unit keys; models use "
+                            "sigmoid outputs")
 
-    in_proj_qkvz, in_proj_ba -> causal depthwise conv1d over q, k, v (+ SiLU) -> l2norm(q, k), β = σ(b),
-    g = −exp(A_log)·softplus(a + dt_bias) -> gated delta rule -> GatedRMSNorm(o, z) per value head -> out_proj.
 
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
-    new state or None). A state is (conv_state [B, conv_dim, kernel − 1], recurrent_state [B, HV, K, V] float32);
-    it is returned when use_cache is True or a state was given.
-    backend: "triton" (chunk_gated_delta_rule; fused_recurrent_gated_delta_rule for ≤ 16 tokens from a state without
-    gradients), "naive" (naive_chunk_gated_delta_rule; the recurrence for single-token steps), or "auto" (the
-    default: Triton for CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1]
-    hold by construction, so it never asks the ops to check their values.
+def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values):
+    """Validate what every delta-rule op takes (g may be None: no decay); return the scale as a
+    float (K ** -0.5 for None). `check_values`: also check the values of g and β now (the naive ops
+    always do; the Triton ops follow the value-check rule, runtime.checking_values; a layer skips
+    what it built itself)."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    if g is not None:
+        _checks.per_head_token(op, "g", g, (B, T, HV), "[B, T, HV]", "one per token and value head",
+                               like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
+                           "one per token and value head", like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    if check_values:
+        _check_gate_and_beta(op, g, beta)
+    return _checks.scale(op, scale, K)
+
+
+def _prepare(q, k, v, g, beta, use_qk_l2norm):
+    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised; g None ->
+    zeros."""
+    HV = v.shape[2]
+    rep = HV // q.shape[2]
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if rep > 1:  # grouped value heads: value head hv reads query/key head hv // rep
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
+    g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g.float()
+    return q, k, v.float(), g, beta.float()
+
+
+# %%
+#| export deltanet.cost
+def layer_pattern(config):
+    """The list of 'linear_attention' / 'full_attention' of a Qwen3-Next-style config: its
+    layer_types, or else every full_attention_interval-th layer is softmax attention."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        every = config.full_attention_interval
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                 for i in range(config.num_hidden_layers)]
+    return list(types)
+
+
+def hybrid_costs(config, T, layer_types=None, chunk=64, dtype_bytes=2, state_bytes=4):
+    """Token-mixing prefill FLOPs of the whole stack over T tokens and its decoding memory at
+    context T.
+
+    config: a Qwen3NextConfig (or anything with its fields). layer_types overrides the config's
+    pattern (e.g.
+    ['full_attention'] * 48 for the all-attention model). Returns a dict: flops, kv_bytes (softmax
+    layers' K and V), state_bytes (GDN states + conv states, constant in T), memory = kv_bytes +
+    state_bytes, and the layer counts.
     """
-
-    def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel_size=4, eps=1e-6,
-                 chunk_size=64, backend="auto"):
-        super().__init__()
-        op = "GatedDeltaNet"
-        for name, value in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads), ("num_v_heads", num_v_heads),
-                            ("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim), ("chunk_size", chunk_size)):
-            _checks.positive_int(op, name, value)
-        _checks.divides(op, "num_k_heads", num_k_heads, "num_v_heads", num_v_heads)
-        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
-            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2 (a causal convolution over past tokens), "
-                             f"got {conv_kernel_size}")
-        _checks.positive_float(op, "eps", eps)
-        _checks.backend(op, backend)
-        self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
-        self.head_k_dim, self.head_v_dim, self.conv_kernel_size = head_k_dim, head_v_dim, conv_kernel_size
-        self.chunk_size, self.backend = chunk_size, backend
-        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
-        self.conv_dim = 2 * self.key_dim + self.value_dim
-        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim, bias=False,
-                                padding=conv_kernel_size - 1)
-        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
-        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())  # decay rates exp(A_log) in [1, 16]
-        self.norm = GatedRMSNorm(head_v_dim, eps=eps)
-        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-
-    @classmethod
-    def from_hf(cls, module, backend="auto"):
-        """Copy transformers' Qwen3NextGatedDeltaNet (weights and shapes) into a GatedDeltaNet."""
-        if module.activation not in ("silu", "swish"):
-            raise ValueError(f"GatedDeltaNet.from_hf: only SiLU convolutions are supported, got {module.activation!r}")
-        layer = cls(module.hidden_size, module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
-                    module.conv_kernel_size, module.layer_norm_epsilon, backend=backend)
-        w = module.in_proj_qkvz.weight
-        layer = layer.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for name in ("in_proj_qkvz", "in_proj_ba", "conv1d", "out_proj", "norm"):
-                getattr(layer, name).weight.copy_(getattr(module, name).weight)
-            layer.dt_bias.copy_(module.dt_bias)
-            layer.A_log.copy_(module.A_log)
-        return layer
-
-    def _split(self, qkvz, ba):
-        """Qwen3-Next's grouped layout -> q, k [B, T, Hk, K], v, z [B, T, Hv, V], b, a [B, T, Hv]."""
-        B, T, _ = qkvz.shape
-        Hk, r, dk, dv = self.num_k_heads, self.num_v_heads // self.num_k_heads, self.head_k_dim, self.head_v_dim
-        q, k, v, z = qkvz.view(B, T, Hk, 2 * dk + 2 * r * dv).split([dk, dk, r * dv, r * dv], dim=-1)
-        b, a = ba.view(B, T, Hk, 2 * r).split([r, r], dim=-1)
-        Hv = self.num_v_heads
-        return q, k, v.reshape(B, T, Hv, dv), z.reshape(B, T, Hv, dv), b.reshape(B, T, Hv), a.reshape(B, T, Hv)
-
-    def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1] (zeros if None)."""
-        W = self.conv_kernel_size
-        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
-        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
-        if x.shape[-1] == 0:  # T = 0: nothing to convolve, and the state carries over
-            return x, xx
-        y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
-        return F.silu(y), xx[..., -(W - 1):]
-
-    def _attend(self, q, k, v, g, beta, rec_state, want_state):
-        """The gated delta rule on the layer's own q, k, v, g, β: no value checks (check_values=False)."""
-        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
-        if _checks.choose_backend(self.backend, q) == "naive":
-            if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
-                return _naive_recurrent(*args, check_values=False)
-            return _naive_chunk(*args, self.chunk_size, check_values=False)
-        if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
-            return _fused_recurrent(*args, check_values=False)
-        return _chunk(*args, check_values=False)
-
-    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)  # [B, T, hidden]
-        B, T, _ = hidden_states.shape
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
-            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
-        conv_state, rec_state = (None, None) if state is None else state
-        q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
-        mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
-                           v.reshape(B, T, self.value_dim)], dim=-1)  # [B, T, conv_dim]
-        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
-        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = b.sigmoid()  # [B, T, Hv]
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [B, T, Hv] log decay ≤ 0
-        want_state = use_cache or state is not None
-        o, new_rec = self._attend(q, k, v, g, beta, rec_state, want_state)
-        o = self.norm(o, z)  # [B, T, Hv, V] per value head
-        y = self.out_proj(o.reshape(B, T, self.value_dim))
-        return y, ((new_conv, new_rec) if want_state else None)
+    types = layer_pattern(config) if layer_types is None else list(layer_types)
+    bad = set(types) - {"full_attention", "linear_attention"}
+    if bad:
+        raise ValueError(f"hybrid_costs: unknown layer types {sorted(bad)}")
+    n_attn, n_gdn = types.count("full_attention"), types.count("linear_attention")
+    c = config
+    attn = attention_flops(T, c.head_dim, c.num_attention_heads, causal=True)
+    gdn = gdn_flops(T, c.linear_key_head_dim, c.linear_value_head_dim, c.linear_num_value_heads,
+                    chunk=chunk)
+    kv = kv_cache_bytes_per_token(n_attn, c.num_key_value_heads, c.head_dim, dtype_bytes) * T
+    states = n_gdn * gdn_state_bytes(c.linear_num_key_heads, c.linear_num_value_heads,
+                                     c.linear_key_head_dim, c.linear_value_head_dim,
+                                     c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
+    return dict(flops=n_attn * attn + n_gdn * gdn, kv_bytes=kv, state_bytes=states,
+                memory=kv + states, full_attention_layers=n_attn, linear_attention_layers=n_gdn)
 
 
 # %% [markdown]
-# Checked against transformers at a tiny configuration with grouped value heads. Transformers' functions would use
-# fla's Triton kernels when fla is importable (they do not run on a CPU); the cell hands the module its own PyTorch
-# functions (`.__wrapped__`) for the duration of the check, then restores them.
+# ### The layer against transformers
+#
+# `GatedDeltaNet.from_hf` copies the weights; the parameter names are transformers'.
 
 # %%
-from minisparse.deltanet import GatedDeltaNet
+#| export deltanet.layer
+def _check_layer_args(hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
+                      conv_kernel_size, eps, chunk_size, backend):
+    """GatedDeltaNet's constructor arguments: positive sizes, value heads a multiple of key heads, a
+    kernel ≥ 2."""
+    op = "GatedDeltaNet"
+    for name, value in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads),
+                        ("num_v_heads", num_v_heads), ("head_k_dim", head_k_dim),
+                        ("head_v_dim", head_v_dim), ("chunk_size", chunk_size)):
+        _checks.positive_int(op, name, value)
+    _checks.divides(op, "num_k_heads", num_k_heads, "num_v_heads", num_v_heads)
+    if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
+        raise ValueError(f"{op}: conv_kernel_size must be an int >= 2 "
+                         "(a causal convolution over past tokens), "
+                         f"got {conv_kernel_size}")
+    _checks.positive_float(op, "eps", eps)
+    _checks.backend(op, backend)
 
+
+def _from_hf(cls, module, backend="auto"):
+    """GatedDeltaNet.from_hf: copy transformers' Qwen3NextGatedDeltaNet (weights and shapes) into a
+    GatedDeltaNet."""
+    if module.activation not in ("silu", "swish"):
+        raise ValueError(
+            "GatedDeltaNet.from_hf: only SiLU convolutions are supported, got "
+            f"{module.activation!r}")
+    layer = cls(module.hidden_size, module.num_k_heads, module.num_v_heads, module.head_k_dim,
+                module.head_v_dim, module.conv_kernel_size, module.layer_norm_epsilon,
+                backend=backend)
+    w = module.in_proj_qkvz.weight
+    layer = layer.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for name in ("in_proj_qkvz", "in_proj_ba", "conv1d", "out_proj", "norm"):
+            getattr(layer, name).weight.copy_(getattr(module, name).weight)
+        layer.dt_bias.copy_(module.dt_bias)
+        layer.A_log.copy_(module.A_log)
+    return layer
+
+
+# %% [markdown]
+# `GatedDeltaNet.from_hf` against transformers' `Qwen3NextGatedDeltaNet` at a tiny configuration with grouped value
+# heads. Transformers' functions would use fla's Triton kernels when fla is importable (they do not run on a CPU);
+# the cell hands the module its own PyTorch functions (`.__wrapped__`) for the duration of the check, then restores
+# them.
+
+# %%
 if transformers is not None:
     from transformers import Qwen3NextConfig
 
-    cfg = Qwen3NextConfig(hidden_size=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-                          linear_value_head_dim=24, linear_conv_kernel_dim=4, num_hidden_layers=1,
+    cfg = Qwen3NextConfig(hidden_size=64, linear_num_key_heads=2, linear_num_value_heads=4,
+                          linear_key_head_dim=16, linear_value_head_dim=24,
+                          linear_conv_kernel_dim=4, num_hidden_layers=1,
                           layer_types=["linear_attention"])
     torch.manual_seed(0)
     hf_layer = qwen3_next.Qwen3NextGatedDeltaNet(cfg, layer_idx=0).eval()
@@ -2113,318 +2692,153 @@ if transformers is not None:
     with torch.no_grad():
         y_ours, _ = ours(x_hf)
     assert_close("GatedDeltaNet.from_hf vs Qwen3NextGatedDeltaNet", y_hf, y_ours, 1e-5)
-    print(f"GatedDeltaNet.from_hf == transformers' Qwen3NextGatedDeltaNet (T = 70, Hk = 2, Hv = 4, K = 16, V = 24)")
-else:
-    ours = GatedDeltaNet(64, 2, 4, 16, 24)
-    x_hf = torch.randn(2, 70, 64)
+    print(
+        "GatedDeltaNet.from_hf == transformers' Qwen3NextGatedDeltaNet "
+        "(T = 70, Hk = 2, Hv = 4, K = 16, V = 24)")
 
 # %% [markdown]
-# Decoding: feed the first 60 tokens as a prompt with `use_cache=True`, then the remaining ten one at a time with
-# the returned (conv, recurrent) state. The outputs equal the prefill of all 70 tokens.
-
-# %%
-with torch.no_grad():
-    y_full, _ = ours(x_hf)
-    y_pre, st = ours(x_hf[:, :60], use_cache=True)
-    steps = [y_pre]
-    for t in range(60, 70):
-        y_t, st = ours(x_hf[:, t:t + 1], state=st)
-        steps.append(y_t)
-assert_close("decode (prompt 60 + 10 single steps) vs prefill", y_full, torch.cat(steps, dim=1), 1e-5)
-print("decoding with conv + recurrent state == prefill (10 single-token steps after a 60-token prompt)")
-
-# %% [markdown]
-# ## 5.8 Measure
+# ### The exercises' checkers
 #
-# `bench/deltanet.py` times `chunk_gated_delta_rule` against fla's `chunk_gated_delta_rule` (the kernels Qwen3-Next
-# runs in `transformers` and vLLM) and SDPA causal attention on an H200, in bf16 at $B = 2$, 16 heads,
-# $K = V = 128$, $T$ from 1K to 64K; the cell below plots `bench/results/deltanet.json` and prints its forward
-# times. In the run of 2026-11-29 (torch 2.11, triton 3.6, fla-core 0.6.0):
-#
-# - **Correct on the GPU.** The chapter's tests pass on the H200 in fp32, bf16 and fp16, forward and every gradient,
-#   against the recurrence and the PyTorch chunk form — including the configuration where fla refuses to run its
-#   own gated backward.¹ Against the fp32 recurrence the bf16 forward is *closer* than fla's: 4.6e-3 against fla's
-#   5.8e-3 on section 5.6's GPU check (1000 tokens that forget almost nothing), inside the book's bf16 bound of 5e-3
-#   where fla's is not; 3.7e-3 against 4.8e-3 with $K = V = 128$. The two bf16 outputs differ from each other by
-#   5.0e-3: they round different things, so their errors do not overlap.
-# - **The forward is level with fla's**: 0.29–0.99× fla's time at every length from 1K to 64K (32K: 2.13 against
-#   2.16 ms; 64K: 4.18 against 4.27). Up to 16K both are bound by launches and host work, and fla's times there move
-#   from run to run.
-# - **The backward is the weak half**: forward + backward takes 5.1 ms at 8K, 19.7 ms at 32K and 38.8 ms at 64K,
-#   against fla's 3.9, 8.5 and 16.7 ms; below 8K ours is faster (2K: 2.3 against 4.3 ms). At 32K its chunk kernel
-#   takes 9.2 ms against 2.8 ms for fla's two kernels that do the same work, and its reverse scan 3.8 ms against 1.1.
-# - **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens (4K: 0.26 ms against
-#   our 0.29) and slower from 8K (0.93 against 0.56); at 64K it takes 58.3 ms against our 4.2 ms, and 234 ms with
-#   its backward.
-#
-# ¹ fla refuses its gated chunk backward on Hopper GPUs with Triton 3.4 to 3.7.0 (its issue 640, a
-# miscompilation); the benchmark lifts that check only to time fla, and never uses its gradients.
-#
-# **Speed against precision.** fla keeps $W$, $\tilde U$, $U$, $A_\text{inv}$ and the chunk states in bf16 and
-# multiplies $(QK^\top \odot \Gamma)$ rounded to bf16 by $U$. This chapter's kernels store the same quantities in
-# bf16 but $A_\text{inv}$, whose products run as two bf16 halves, and they never round the *normalised* $q$ and $k$:
-# with `use_qk_l2norm` the normalisation is an fp32 scaling inside the kernels (section 5.6). A model that replays
-# every rounding of the kernels in PyTorch on a CPU (`bench/notes/deltanet_rounding_model.py`) says where the error
-# of a state that forgets almost nothing comes from: rounding the normalised rows alone costs about 1e-3 of the
-# 5e-3 bound, which is what pays for the 16-bit storage. `bench/notes/deltanet.md` has the per-kernel times, the
-# rounding model's table and the launch sweeps behind `runtime.LAUNCH_TABLE`'s rows.
-
-# %%
-try:
-    deltanet_results = bench.load_results("deltanet")
-except FileNotFoundError:
-    deltanet_results = None
-if deltanet_results is None:
-    print("No results yet: on a GPU machine with fla-core installed, `python bench/deltanet.py --out bench/results` "
-          "writes bench/results/deltanet.json; this cell then plots it.")
-else:
-    fig = bench.plot_passes(deltanet_results, y="ms")
-    for ax in fig.axes:
-        ax.set_yscale("log")  # SDPA's quadratic time would flatten the linear-time lines otherwise
-    plt.show()
-    ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in deltanet_results["rows"]}
-    print(f"{'T':>6s} {'ours fwd':>9s} {'fla fwd':>8s} {'ours/fla':>8s} {'SDPA fwd':>9s}   "
-          f"(ms, bf16, {deltanet_results['device']}, {deltanet_results['date']})")
-    for T in deltanet_results["config"]["T"]:
-        ours, fla, sdpa = (ms.get((n, "fwd", T)) for n in (
-            "minisparse, value checks off", "fla chunk_gated_delta_rule", "SDPA causal"))
-        if None not in (ours, fla, sdpa):
-            print(f"{T:6d} {ours:9.3f} {fla:8.3f} {ours / fla:7.2f}× {sdpa:9.3f}")
-
-# %% [markdown]
-# ## 5.9 Exercises
-#
-# Each exercise has a stub to fill in, a cell that checks it, and a solution behind a dropdown. The checker prints
-# one line when your answer is right and says what differs when it is not (`attempt` prints that message instead of
-# raising it, so the chapter still runs top to bottom; call the checker directly to get the exception). All three
-# work on one head, in float32.
+# Each checker measures the answer against the chapter's spec (the recurrence, an explicit product, PyTorch's
+# triangular solve) on several cases and says what differs.
 
 # %% tags=["hide-input"]
 #| export deltanet.exercises
+import math
+
 import torch
 
-from minisparse.testing import check
+from minisparse import runtime
+from minisparse.deltanet.naive import naive_recurrent_gated_delta_rule
+from minisparse.testing import ExerciseError, check
 
 
-def _delta_step_reference(S, k, v, beta, g):
-    S = torch.exp(torch.tensor(g)) * S
-    return S + beta * torch.outer(k, v - k @ S)
+def _orthonormal_keys(K, gen):
+    """K orthonormal rows [K, K] (float64): Q of a random matrix's QR."""
+    return torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=torch.float64))[0].T
 
 
-def check_delta_step(fn):
-    """Check fn(S [K, V], k [K] unit, v [V], beta, g) -> the state after one gated delta-rule step, [K, V]."""
-    gen = torch.Generator().manual_seed(51)
+def _measured_coefficients(beta, g, K=8, V=6, j=3, seed=61):
+    """(a, b, c) measured from one step of naive_recurrent_gated_delta_rule on S = Σ k_iᵀ v_i,
+    orthonormal k_i."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = _orthonormal_keys(K, gen)  # [K, K]
+    vals, v_new = torch.randn(K, V, generator=gen,
+                              dtype=torch.float64), torch.randn(V, generator=gen,
+                                                                dtype=torch.float64)
+    S = keys.T @ vals  # [K, V] Σ_i k_iᵀ v_i
+    one = lambda x: x.float()[None, None, None]  # noqa: E731  [1, 1, 1, ·]: one token, one head
+    _, S1 = naive_recurrent_gated_delta_rule(one(keys[j]), one(keys[j]), one(v_new),
+                                             torch.tensor([[[g]]]), torch.tensor([[[beta]]]),
+                                             initial_state=S.float()[None, None],
+                                             output_final_state=True)
+    reads = keys @ S1[0, 0].double()  # [K, V] what each key reads now
+    ab = torch.linalg.lstsq(torch.stack([vals[j], v_new], 1), reads[j][:, None]).solution[:, 0]
+    i = (j + 1) % K
+    c = float(reads[i] @ vals[i] / (vals[i] @ vals[i]))
+    return float(ab[0]), float(ab[1]), c
+
+
+def check_overwrite_coefficients(fn):
+    """Check fn(beta, g) -> (a, b, c): after one gated delta step writing v_new under k_j, k_j reads
+    a·v_j + b·v_new and every other orthonormal key k_i reads c·v_i. Measured on the recurrence."""
+    cases = [(1.0, 0.0), (0.5, -0.3), (0.9, -2.0), (0.0, -0.1), (2.0, 0.0), (0.3, -1e-3)]
+    check("what one delta step leaves behind", fn, _measured_coefficients, cases, tol=1e-4,
+          hint="decay first, then read what the decayed state returns for k_j; the write adds "
+               "k_jᵀ β (v_new − that read), and k_i · k_j = 0 for i ≠ j")
+
+
+def _recurrent_writes(k, v, g, beta, S):
+    """u_i = β_i (v_i − k_i S̃_i), S̃_i the state after token i's decay: the recurrence, token by
+    token."""
+    S, U = S.double(), []
+    for t in range(len(g)):
+        S = math.exp(float(g[t])) * S
+        u = float(beta[t]) * (v[t].double() - k[t].double() @ S)  # [V]
+        S = S + torch.outer(k[t].double(), u)
+        U.append(u)
+    return torch.stack(U).float()
+
+
+def check_planted_bug_fixed(fn):
+    """Check fn(k [L, K] unit rows, v [L, V], g [L], beta [L], S [K, V]) -> U [L, V], what each
+    token of a chunk writes, against the recurrence: zero and non-zero entering states, with and
+    without gates."""
+    gen = torch.Generator().manual_seed(62)
     cases = []
-    for K, V, beta, g in [(4, 4, 1.0, 0.0), (8, 6, 0.5, -0.3), (16, 16, 0.9, -2.0), (5, 3, 0.0, -0.1),
-                          (6, 8, 2.0, 0.0)]:
-        k = torch.randn(K, generator=gen)
-        cases.append((torch.randn(K, V, generator=gen), k / k.norm(), torch.randn(V, generator=gen), beta, g))
-    check("one gated delta-rule step", fn, _delta_step_reference, cases, tol=1e-5,
-          hint="decay first (S ← exp(g) S), then read what the decayed state returns for k (k @ S), and write "
-               "beta times the error under k: S + beta · outer(k, v − k @ S)")
+    for L, low, state in [(16, -1.0, 0.0), (12, 0.0, 1.0), (16, -1.0, 1.0), (7, -3.0, 2.0),
+                          (1, -0.5, 1.0)]:
+        k = torch.nn.functional.normalize(torch.randn(L, 12, generator=gen), dim=-1)
+        cases.append((k, torch.randn(L, 10, generator=gen), low * torch.rand(L, generator=gen),
+                      torch.rand(L, generator=gen), state * torch.randn(12, 10, generator=gen)))
+    check("what a chunk writes, fixed", fn, _recurrent_writes, cases, tol=1e-4,
+          hint="case 1 has a zero entering state S, case 2 no gates (g = 0); the error is in a "
+               "term that " "only matters when S is not zero and the gates are not 0")
 
 
-def _ut_reference(k, beta, g):
-    L = k.shape[0]
-    G = g.cumsum(0)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
-    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-    return torch.linalg.inv(torch.eye(L) + A)
+# %%
+#| export deltanet.exercises
+def _explicit_transition(k, beta, g):
+    L, K = k.shape
+    P = torch.eye(K, dtype=torch.float64)
+    for t in range(L):
+        kt = k[t].double()
+        P = math.exp(float(g[t])) * (torch.eye(K,
+                                               dtype=torch.float64) - float(beta[t]) * torch.outer(
+            kt, kt)) @ P
+    return P
 
 
-def check_ut_transform(fn):
-    """Check fn(k [L, K], beta [L], g [L]) -> A_inv = (I + A)⁻¹ [L, L], A_ij = β_i e^{G_i − G_j} (k_i·k_j), j < i."""
-    gen = torch.Generator().manual_seed(52)
+def check_chunk_transition(fn):
+    """Check fn(k [L, K] unit rows, beta [L], g [L]) -> P = M_L ⋯ M_1 [K, K], M_t = e^{g_t}(I − β_t
+    k_tᵀ k_t)."""
+    gen = torch.Generator().manual_seed(63)
     cases = []
-    for L, K, low in [(4, 8, -0.5), (16, 16, -1.0), (1, 4, -0.1), (32, 8, -3.0), (8, 4, 0.0)]:
-        k = torch.randn(L, K, generator=gen)
-        cases.append((k / k.norm(dim=-1, keepdim=True), torch.rand(L, generator=gen),
-                      low * torch.rand(L, generator=gen)))
-    check("UT transform of a chunk", fn, _ut_reference, cases, tol=1e-4,
-          hint="G = cumsum(g); A is *strictly* lower-triangular (j < i) with A_ij = beta_i · exp(G_i − G_j) · k_i·k_j "
-               "(beta of the row, not the column); T = inverse of (I + A), e.g. torch.linalg.solve_triangular(I + A, "
-               "I, upper=False)")
+    for L, K, low, beta_max in [(1, 4, -0.5, 1.0), (5, 8, 0.0, 1.0), (16, 16, -0.3, 1.0),
+                                (33, 8, -0.1, 1.0), (12, 6, -0.2, 2.0)]:
+        k = torch.nn.functional.normalize(torch.randn(L, K, generator=gen, dtype=torch.float64),
+                                          dim=-1)
+        cases.append((k, beta_max * torch.rand(L, generator=gen, dtype=torch.float64),
+                      low * torch.rand(L, generator=gen, dtype=torch.float64)))
+    check("a chunk's transition from its WY representation", fn, _explicit_transition, cases,
+          tol=1e-4,
+          hint="substitute U = Ũ − W S into the state update of section 5.3 and keep the terms "
+               "that multiply S; W = (I + A)⁻¹ diag(β e^G) K, and key j is decayed by "
+               "e^{G_L − G_j} to the chunk's end")
 
 
-def _chunk_cumsum_reference(g, chunk_size):
-    return torch.cat([c.cumsum(0) for c in g.split(chunk_size)])
-
-
-def check_chunk_cumsum(fn):
-    """Check fn(g [T], chunk_size) -> G [T], the cumulative sum of g restarted at every chunk boundary."""
-    gen = torch.Generator().manual_seed(53)
-    cases = [(-torch.rand(T, generator=gen) * s, C) for T, C, s in [(8, 4, 1.0), (100, 64, 0.1), (5, 16, 3.0),
-                                                                     (64, 64, 30.0), (17, 1, 1.0)]]
-    check("chunk-local cumulative gate", fn, _chunk_cumsum_reference, cases, tol=1e-6,
-          hint="a cumulative sum inside each chunk of chunk_size tokens, starting again at 0 at each chunk (the last "
-               "chunk may be short); not a global cumsum: that would make exp(G) underflow for long sequences")
-
-
-# %% [markdown]
-# ### Exercise 1: one delta-rule step
-#
-# Write one step of the gated delta rule for one head: given the state $S$ `[K, V]`, a unit key `k [K]`, a value
-# `v [V]`, $\beta$ and the log gate $g$ (floats), return the new state.
-
-# %%
-from minisparse.deltanet.exercises import check_chunk_cumsum, check_delta_step, check_ut_transform
-from minisparse.testing import attempt
-
-
-def my_delta_step(S, k, v, beta, g):
-    # your code here: return the new state [K, V]
-    raise NotImplementedError
-
-
-# %%
-attempt(check_delta_step, my_delta_step)  # prints what is wrong until the stub above is filled in
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def my_delta_step(S, k, v, beta, g):
-#     S = math.exp(g) * S                            # forget
-#     return S + beta * torch.outer(k, v - k @ S)    # write beta · (what it should return − what it returns)
-# ```
-# Reading *before* the decay (`k @ S` on the old state) is the common slip: the error must be measured on the state
-# the write will land in. With $\beta = 1$ and a unit key, `k @ new_S` equals `v` exactly.
-# :::
-
-# %% tags=["hide-input"]
-def delta_step_solution(S, k, v, beta, g):
-    S = math.exp(g) * S
-    return S + beta * torch.outer(k, v - k @ S)
-
-
-check_delta_step(delta_step_solution)
-
-
-# %% [markdown]
-# ### Exercise 2: the UT transform of a chunk
-#
-# Given a chunk's unit keys `k [L, K]`, `beta [L]` and log gates `g [L]`, return $A_\text{inv} = (I + A)^{-1}$ with
-# $A_{ij} = \beta_i\, e^{G_i - G_j}\, (k_i \cdot k_j)$ for $j < i$ and 0 elsewhere ($G$ the cumulative sum of $g$).
-
-# %%
-def my_ut_transform(k, beta, g):
-    # your code here: return A_inv [L, L]
-    raise NotImplementedError
-
-
-# %%
-attempt(check_ut_transform, my_ut_transform)  # prints what is wrong until the stub above is filled in
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def my_ut_transform(k, beta, g):
-#     L = k.shape[0]
-#     G = g.cumsum(0)
-#     causal = torch.ones(L, L, dtype=torch.bool).tril()
-#     Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))   # e^{G_i − G_j}, j ≤ i
-#     A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)                                  # strictly lower
-#     I = torch.eye(L)
-#     return torch.linalg.solve_triangular(I + A, I, upper=False, unitriangular=True)
-# ```
-# $I + A$ is unit lower-triangular, so it is always invertible and its inverse is lower-triangular too: forward
-# substitution row by row, which is what a kernel does in registers.
-# :::
-
-# %% tags=["hide-input"]
-def ut_transform_solution(k, beta, g):
-    L = k.shape[0]
-    G = g.cumsum(0)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))
-    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-    eye = torch.eye(L)
-    return torch.linalg.solve_triangular(eye + A, eye, upper=False, unitriangular=True)
-
-
-check_ut_transform(ut_transform_solution)
-
-
-# %% [markdown]
-# ### Exercise 3: the gate's chunk-local cumulative sum
-#
-# Return $G$ `[T]`, the cumulative sum of the log gates `g [T]` restarted at each chunk of `chunk_size` tokens. (A
-# global cumulative sum would give the same differences $G_i - G_j$ inside a chunk, but for a long sequence of
-# gates near $-30$, $G$ reaches $-10^6$, where float32 loses all the digits the differences need.)
-
-# %%
-def my_chunk_cumsum(g, chunk_size):
-    # your code here: return G [T]
-    raise NotImplementedError
-
-
-# %%
-attempt(check_chunk_cumsum, my_chunk_cumsum)  # prints what is wrong until the stub above is filled in
-
-# %% [markdown]
-# :::{dropdown} Solution
-# ```python
-# def my_chunk_cumsum(g, chunk_size):
-#     return torch.cat([c.cumsum(0) for c in g.split(chunk_size)])
-# ```
-# On a GPU, pad $T$ to a multiple of the chunk and do `g.view(-1, chunk_size).cumsum(-1)`: one scan per chunk, all
-# in parallel.
-# :::
-
-# %% tags=["hide-input"]
-def chunk_cumsum_solution(g, chunk_size):
-    return torch.cat([c.cumsum(0) for c in g.split(chunk_size)])
-
-
-check_chunk_cumsum(chunk_cumsum_solution)
-
-# %% [markdown]
-# ## Summary
-#
-# - **The delta rule** replaces linear attention's "add $k^\top v$" by one step of online regression on the state:
-#   $S \leftarrow S + \beta\, k^\top (v - kS)$. With unit keys and $\beta = 1$ it overwrites the value stored under
-#   $k$; $\beta \in [0, 2]$ keeps it stable. **Gated DeltaNet** adds Mamba2's data-dependent decay $e^{g_t}$.
-# - **The chunkwise form** cannot use chapter 4's powers of $\lambda$: the transition is a product of Householder
-#   matrices. The **UT transform** $A_\text{inv} = (I + A)^{-1}$ of each chunk (a unit lower-triangular solve,
-#   independent of the state) gives the **WY representation** $W, \tilde U$; then $U = \tilde U - WS$ and chapter 4's
-#   chunk form with $U$ for $V$ and $e^{G_i - G_j}$ for $\lambda^{i-j}$. Local cumulative gates keep every exponent
-#   $\le 0$, and computing each exponent as a sum of gates (never a difference of cumulative sums) keeps the output
-#   and every gradient exact for any finite gate.
-# - **Seen as attention**, a GDN head applies $P = \sigma (QK^\top \odot\Gamma)(I+A)^{-1}\operatorname{diag}(\beta)$:
-#   the latest occurrence of a key wins and earlier ones get negative weight; the state's norm saturates instead of
-#   growing.
-# - **The layer** (`GatedDeltaNet`): Qwen3-Next's fused projections, short causal convolution with a decoding state,
-#   $g = -e^{A_{\log}}\operatorname{softplus}(a + \text{dt\_bias})$, $\beta = \operatorname{sigmoid}(b)$,
-#   L2-normalised $q, k$, gated RMSNorm — equal to `transformers`' `Qwen3NextGatedDeltaNet`, and decoding equals
-#   prefill.
-# - **Triton**: a parallel kernel per chunk for $G$, $A$, the UT transform (by $16 \times 16$ blocks and
-#   $(I - N)(I + N^2) E$) and $W, \tilde U$; a scan over chunks for the states and $U$; a parallel output kernel;
-#   a fused recurrent kernel for decoding. $q$ and $k$ are normalised inside the kernels, as fp32 scalings, which
-#   is what lets $W$, $\tilde U$, $U$ and the states be stored in bf16 as fla stores them and still stay closer to
-#   the fp32 recurrence than fla. The backward computes the state-free part of $dU$ in parallel, runs a reverse scan
-#   for the state gradients and the rest of $dU$, then one parallel kernel for every other gradient, and a row
-#   kernel for l2norm's gradient and the grouped heads' sum. Correct on the H200 in fp32, bf16 and fp16; the
-#   forward took 0.3–1.0× fla's time from 1K to 64K tokens, forward + backward 2.3× fla's from 16K (section 5.8).
-#
-# Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).
-#
-# ## References
-#
-# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Parallelizing Linear Transformers with the Delta Rule over Sequence
-#   Length* (DeltaNet's chunkwise WY/UT algorithm), NeurIPS 2024. [arXiv:2406.06484](https://arxiv.org/abs/2406.06484)
-# - S. Yang, J. Kautz, A. Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule*, ICLR 2025.
-#   [arXiv:2412.06464](https://arxiv.org/abs/2412.06464)
-# - I. Schlag, K. Irie, J. Schmidhuber, *Linear Transformers Are Secretly Fast Weight Programmers* (the delta rule in
-#   linear attention), ICML 2021. [arXiv:2102.11174](https://arxiv.org/abs/2102.11174)
-# - C. Bischof, C. Van Loan, *The WY Representation for Products of Householder Matrices*, SIAM J. Sci. Stat.
-#   Comput. 8(1), 1987; T. Joffrain et al., *Accumulating Householder Transformations, Revisited* (the UT transform),
-#   ACM TOMS 32(2), 2006.
-# - T. Dao, A. Gu, *Transformers are SSMs* (Mamba2's gate), ICML 2024.
-#   [arXiv:2405.21060](https://arxiv.org/abs/2405.21060)
-# - Qwen Team, *Qwen3-Next* (model card and blog post, September 2025: hybrid of Gated DeltaNet and gated attention
-#   layers, 3:1, 262,144 tokens native).
-#   [Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); `transformers` 5.x:
-#   `Qwen3NextGatedDeltaNet`, `torch_recurrent_gated_delta_rule` (the layer's and the recurrence's oracle);
-#   `Qwen3NextConfig()` (the shapes of section 5.5).
-# - `fla-core` 0.6 (flash-linear-attention): `naive_recurrent_gated_delta_rule` (the test oracle),
-#   `chunk_gated_delta_rule`.
+def check_unit_lower_inverse_kernel(kernel):
+    """Launch kernel[(N,)](a, x, L, C=C) on N chunks of strictly lower-triangular A [N, L, L]
+    (float32, on the book's device: the interpreter on a CPU) and compare x with (I + A)⁻¹; name the
+    first entry that differs."""
+    dev, name = runtime.device(), "unit lower-triangular inverse (Triton)"
+    gen = torch.Generator().manual_seed(64)
+    cases = [(3, 13, 16), (2, 16, 16), (2, 5, 8), (1, 1, 16)]  # (chunks N, tokens L, tile C)
+    for case, (N, L, C) in enumerate(cases, 1):
+        k = torch.nn.functional.normalize(torch.randn(N, L, 8, generator=gen), dim=-1)
+        beta, decay = torch.rand(N, L, 1, generator=gen), torch.rand(N, L, L, generator=gen)
+        # [N, L, L] as a chunk's A
+        a = (beta * (k @ k.transpose(1, 2)) * decay).tril(-1).contiguous()
+        eye = torch.eye(L).expand(N, L, L)
+        want = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
+        x = torch.full((N, L, L), float("nan"), device=dev)
+        try:
+            kernel[(N,)](a.to(dev), x, L, C=C)
+        # a compile or run error of the reader's kernel: say which, not a traceback
+        except Exception as err:
+            raise ExerciseError(f"✗ {name}: case {case} of {len(cases)} (N={N}, L={L}, C={C}) "
+                                f"raised {type(err).__name__}: {err}") from None
+        got = x.cpu()
+        bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+        if bad.any():
+            n, i, j = (int(t) for t in bad.nonzero()[0])
+            rows_ok = "" if i == 0 else "; row 0 of that chunk matches" if i == 1 else (
+                f"; rows 0–{i - 1} of that chunk match")
+            raise ExerciseError(
+                f"✗ {name}: case {case} of {len(cases)} (N={N}, L={L}, C={C}): chunk {n}, "
+                f"row {i}, column {j}: got {float(got[n, i, j]):.6g}, "
+                f"expected {float(want[n, i, j]):.6g}{rows_ok}\n"
+                "Hint: row i of (I + A)⁻¹ is e_i − A[i, :] @ X, from the rows < i of X; "
+                "select row i of A with tl.where(rows[:, None] == i, A, 0.0) summed over "
+                "axis 0, and write row i back the same way")
+    print(f"✓ {name}: all {len(cases)} cases match")

@@ -149,13 +149,12 @@ def check(name: str, answer: Callable, reference: Callable, cases: Sequence[tupl
     print(f"✓ {name}: all {len(cases)} cases match")
 
 
-def attempt(checker: Callable, *args, **kwargs) -> bool:
+def attempt(checker: Callable, *args, **kwargs) -> None:
     """Run an exercise checker and print its verdict instead of raising: for the cell that checks a reader's
-    stub, so the chapter still runs top to bottom (in Jupyter and as a plain script). Returns True on success.
+    stub, so the chapter still runs top to bottom (in Jupyter and as a plain script). Returns None, so the cell
+    shows only the verdict (`✓ …` on success, the checker's `✗ …` message otherwise) and no stray value.
     """
     try:
         checker(*args, **kwargs)
-        return True
     except ExerciseError as err:
         print(err)
-        return False

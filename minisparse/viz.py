@@ -23,8 +23,11 @@ def to_numpy(x) -> np.ndarray:
 
 
 def heatmap(ax, matrix, title: str = "", *, cmap: str = "viridis", xlabel: str = "key s", ylabel: str = "query t",
-            vmin=None, vmax=None, colorbar: bool = False):
-    """Draw a `[T, S]` matrix on `ax` (queries down, keys across) and return the image."""
+            vmin=None, vmax=None, colorbar: bool = True):
+    """Draw a `[T, S]` matrix on `ax` (queries down, keys across) and return the image.
+
+    A colour bar beside the axes says what the colours mean (`colorbar=False` leaves it out: two-colour masks).
+    """
     m = to_numpy(matrix)
     if m.ndim != 2:
         raise ValueError(f"heatmap: expected a 2-D [T, S] matrix, got shape {m.shape}")
@@ -39,7 +42,11 @@ def heatmap(ax, matrix, title: str = "", *, cmap: str = "viridis", xlabel: str =
 
 def panels(matrices: Mapping[str, object], *, ncols: int | None = None, size: float = 2.8, suptitle: str = "",
            **heatmap_kw):
-    """Several `[T, S]` matrices side by side, one titled panel each; returns the Figure."""
+    """Several `[T, S]` matrices side by side, one titled panel each; returns the Figure.
+
+    `heatmap_kw` go to every `heatmap` (cmap, vmin, vmax, xlabel, ylabel, colorbar — a colour bar per panel unless
+    `colorbar=False`).
+    """
     n = len(matrices)
     if n == 0:
         raise ValueError("panels: need at least one matrix")
@@ -57,7 +64,8 @@ def panels(matrices: Mapping[str, object], *, ncols: int | None = None, size: fl
 
 
 def mask_panel(masks: Mapping[str, object], **kw):
-    """Boolean masks (True = may attend) side by side in two colours."""
+    """Boolean masks (True = may attend, dark) side by side in two colours; no colour bar unless `colorbar=True`."""
+    kw.setdefault("colorbar", False)
     return panels({k: to_numpy(v) > 0 for k, v in masks.items()}, cmap="Blues", vmin=0, vmax=1, **kw)
 
 
@@ -89,9 +97,11 @@ def explorer(draw: Callable[..., object], **controls):
     """An ipywidgets explorer: `draw(**values)` redraws when a control changes.
 
     `controls` are ipywidgets (e.g. `IntSlider`) or `(min, max, step)` tuples / option lists as in
-    `ipywidgets.interact`. The first picture is drawn at once, so the static book shows it; ipywidgets' saved state
-    keeps the controls visible there. Where ipywidgets or IPython is missing (a plain `python chapter.py` run on a
-    bare GPU machine) the picture is drawn once at the controls' initial values. Returns the widget, or None.
+    `ipywidgets.interact`. The first picture is drawn at once and saved with the notebook's widget state, so the
+    built book shows it and the controls, offline too (the book serves the widget manager from book/_static); there
+    a control moves but redraws nothing, since no kernel runs: in Jupyter or Colab every change redraws. Where
+    ipywidgets or IPython is missing (a plain `python chapter.py` run on a bare GPU machine) the picture is drawn
+    once at the controls' initial values. Returns the widget, or None.
     """
     if not controls:
         raise ValueError("explorer: give at least one control, e.g. window=(1, 64, 1)")

@@ -16,8 +16,8 @@ import minisparse.attention.layer as layer_module
 from minisparse import runtime
 from minisparse.attention import (
     Attention, KVCache, RotaryEmbedding, apply_rope, attended_pairs, attention_bytes, attention_flops,
-    attention_mask, attention_ref, attention_weights, check_kv_cache_bytes, check_online_softmax,
-    check_window_blocks, flash_attention, kv_cache_bytes_per_token, softmax_state,
+    attention_mask, attention_ref, attention_weights, check_decode_attention, check_flash_tile,
+    check_kv_cache_bytes, check_online_softmax, flash_attention, kv_cache_bytes_per_token, softmax_state,
 )
 from minisparse.testing import TOLERANCES, ExerciseError, assert_close, make_bthd, make_qkv
 
@@ -494,35 +494,34 @@ def test_check_online_softmax(capsys):
         check_online_softmax(stub)
 
 
-def blocks_right(q_block, block_m, block_n, window, seq_len):
-    lo_q, hi_q = q_block * block_m, min((q_block + 1) * block_m, seq_len) - 1
-    lo_k = 0 if window is None else max(0, lo_q - window + 1)
-    return lo_k // block_n, hi_q // block_n + 1
+def decode_right(q, k, v):
+    Tq, Tk = q.shape[0], k.shape[0]
+    s = (q @ k.T / q.shape[-1] ** 0.5).masked_fill(~torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
-def blocks_off_by_one(q_block, block_m, block_n, window, seq_len):  # uses t - W <= s
-    lo, hi = blocks_right(q_block, block_m, block_n, window, seq_len)
-    lo_q = q_block * block_m
-    return (lo if window is None else max(0, lo_q - window) // block_n), hi
+def decode_top_left(q, k, v):  # the planted bug of exercise 2: the causal mask aligned top-left
+    Tq, Tk = q.shape[0], k.shape[0]
+    s = (q @ k.T / q.shape[-1] ** 0.5).masked_fill(~torch.ones(Tq, Tk, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
-def blocks_no_window(q_block, block_m, block_n, window, seq_len):
-    return blocks_right(q_block, block_m, block_n, None, seq_len)
+def decode_off_by_one(q, k, v):  # hides the query's own key
+    Tq, Tk = q.shape[0], k.shape[0]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq - 1)
+    allowed[:, 0] = True  # keep every row non-empty
+    s = (q @ k.T / q.shape[-1] ** 0.5).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
-def blocks_full_last_block(q_block, block_m, block_n, window, seq_len):  # forgets that the last block is short
-    lo, _ = blocks_right(q_block, block_m, block_n, window, seq_len)
-    return lo, ((q_block + 1) * block_m - 1) // block_n + 1
-
-
-def test_check_window_blocks(capsys):
-    check_window_blocks(blocks_right)
-    assert capsys.readouterr().out == "✓ window key blocks: all 10 cases match\n"
-    for wrong in (blocks_off_by_one, blocks_no_window, blocks_full_last_block):
-        with pytest.raises(ExerciseError, match="window key blocks: case"):
-            check_window_blocks(wrong)
+def test_check_decode_attention(capsys):
+    check_decode_attention(decode_right)
+    assert capsys.readouterr().out == "✓ decode attention: all 4 cases match\n"
+    for wrong in (decode_top_left, decode_off_by_one):
+        with pytest.raises(ExerciseError, match="decode attention: case"):
+            check_decode_attention(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):
-        check_window_blocks(stub)
+        check_decode_attention(stub)
 
 
 def kv_right(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
@@ -552,6 +551,58 @@ def test_check_kv_cache_bytes(capsys):
             check_kv_cache_bytes(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):
         check_kv_cache_bytes(stub)
+
+
+def _flash_tile(bug):
+    """Exercise 4's kernel, right (bug=None) or with one planted bug; the checker must reject each bug."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(Q, K, V, O, T, scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BUG: tl.constexpr = 0):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        dims = tl.arange(0, D)
+        q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=rows[:, None] < T, other=0.0)
+        m = tl.full([BM], -1.0e30, tl.float32)
+        l = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for start in range(0, T, BN):
+            cols = start + tl.arange(0, BN)
+            k = tl.load(K + cols[:, None] * D + dims[None, :], mask=cols[:, None] < T, other=0.0)
+            v = tl.load(V + cols[:, None] * D + dims[None, :], mask=cols[:, None] < T, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            if BUG == 3:  # the stub: the loop body left empty
+                pass
+            else:
+                if BUG == 1:  # off by one: a query does not see itself
+                    s = tl.where(cols[None, :] < rows[:, None], s, float("-inf"))
+                else:
+                    s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l = alpha * l + tl.sum(p, 1)
+                if BUG == 2:  # forgets to rescale the accumulator when the max grows
+                    acc = acc + tl.dot(p, v)
+                else:
+                    acc = alpha[:, None] * acc + tl.dot(p, v)
+                m = m_new
+        tl.store(O + rows[:, None] * D + dims[None, :], acc / l[:, None], mask=rows[:, None] < T)
+
+    class Bound:  # kernel[grid](...) with the bug fixed in
+        def __getitem__(self, grid):
+            return lambda *args, **kw: kernel[grid](*args, **kw, BUG=bug)
+
+    return Bound()
+
+
+def test_check_flash_tile(capsys):
+    check_flash_tile(_flash_tile(0))
+    assert capsys.readouterr().out == "✓ flash tile: all 4 shapes match causal attention_ref\n"
+    for bug, why in [(1, "check the mask"), (2, "rescale l and acc"), (3, "has not updated")]:
+        with pytest.raises(ExerciseError, match=f"(?s)flash tile: T=37, D=16: row .*{why}"):
+            check_flash_tile(_flash_tile(bug))
 
 
 def test_kv_cache_refuses_another_dtype():

@@ -214,3 +214,89 @@ def test_no_exported_cell_is_longer_than_a_lesson(sandbox):
     long_cell = "\n# %%\n#| export demo.naive\n" + "\n".join(f"x{i} = {i}" for i in range(tool.MAX_EXPORT_CELL + 1))
     chapter.write_text(chapter.read_text() + long_cell + "\n")
     assert any("export cell of demo.naive has" in p for p in tool.cell_size_problems())
+
+
+def test_no_chapter_code_line_overflows_the_page_or_shows_an_nbval_comment():
+    assert tool.code_style_problems() == []
+
+
+def test_the_setup_cell_fits_the_page():
+    assert max(len(line) for line in tool.setup_cell().splitlines()) <= tool.MAX_CODE_LINE
+
+
+STYLE_DEMO = '''\
+# %% [markdown]
+# A markdown line may be long: {prose}
+# Tell nbval with a tag, never with a `# NBVAL_IGNORE_OUTPUT` comment.
+
+# %% tags=["nbval-ignore-output"]
+x = 1
+{code}
+'''
+
+
+def _demo_problems(sandbox, code: str) -> list[str]:
+    (sandbox / "chapters" / "98_demo.py").write_text(STYLE_DEMO.format(prose="word " * 40, code=code))
+    return [p for p in tool.code_style_problems() if p.startswith("98_demo.py")]
+
+
+def test_check_catches_a_code_line_over_100_characters(sandbox):
+    fits = "y = " + "1 + " * 23 + "1"  # 97 characters
+    assert len(fits) <= tool.MAX_CODE_LINE and _demo_problems(sandbox, fits) == []
+    assert _demo_problems(sandbox, "z = 1" + " " * 95 + "# overflow") != []
+    too_long = "y = " + "1 + " * 24 + "1"
+    assert len(too_long) == tool.MAX_CODE_LINE + 1
+    problems = _demo_problems(sandbox, too_long)
+    assert len(problems) == 1 and "1 code lines over 100 characters" in problems[0], problems
+    assert "cell 2, 101 characters" in problems[0]
+
+
+def test_check_catches_an_nbval_comment_in_a_code_cell(sandbox):
+    assert _demo_problems(sandbox, "print(x)") == []
+    for marker in ("print(x)  # NBVAL_IGNORE_OUTPUT", "# NBVAL_CHECK_OUTPUT\nprint(x)", "#NBVAL_SKIP"):
+        problems = _demo_problems(sandbox, marker)
+        assert len(problems) == 1 and "`# NBVAL_` comments in code cells" in problems[0], (marker, problems)
+
+
+def test_sync_setup_rewrites_the_notebook_setup_cell_and_keeps_its_outputs(sandbox):
+    stale = "# Setup (the same in every chapter): an older version\nimport minisparse\n"
+    py = sandbox / "chapters" / "98_demo.py"
+    py.write_text(f"# %% [markdown]\n# Demo.\n\n# %% tags=[\"hide-input\"]\n{stale}\n# %%\nprint(2)\n")
+    out = {"output_type": "stream", "name": "stdout", "text": ["torch 2.13.0 on cpu\n"]}
+    nb = {"cells": [{"cell_type": "markdown", "id": "a", "metadata": {}, "source": ["Demo."]},
+                    {"cell_type": "code", "id": "b", "metadata": {"tags": ["hide-input"]}, "execution_count": 1,
+                     "outputs": [out], "source": stale.splitlines(keepends=True)},
+                    {"cell_type": "code", "id": "c", "metadata": {}, "execution_count": 2, "outputs": [],
+                     "source": ["print(2)"]}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    py.with_suffix(".ipynb").write_text(json.dumps(nb, indent=1))
+    assert any(p.startswith("98_demo.py: its first code cell") for p in tool.setup_problems())
+    tool.sync_setup()
+    assert not any(p.startswith("98_demo.py") for p in tool.setup_problems())
+    cells = json.loads(py.with_suffix(".ipynb").read_text())["cells"]
+    assert "".join(cells[1]["source"]) == tool.setup_cell() and cells[1]["outputs"] == [out]
+    assert cells[1]["execution_count"] == 1 and cells[2]["source"] == ["print(2)"]
+
+
+# ------------------------------------------------------------------------------------------------- the book
+def test_the_book_serves_the_widget_manager_itself():
+    """Explorers render offline: every script myst-nb loads for ipywidgets is a file in book/_static, not a URL."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["sphinx"]["config"]
+    scripts = config["nb_ipywidgets_js"]
+    assert scripts and not any("://" in s for s in scripts)
+    for path in scripts:  # html_static_path is relative to the repository root, where the book is built from
+        assert any((ROOT / d / path).is_file() for d in config["html_static_path"]), path
+
+
+def test_every_benchmarked_implementation_keeps_one_colour():
+    from minisparse import bench
+
+    impls = {r["impl"] for f in bench.results_dir().glob("*.json") for r in json.loads(f.read_text())["rows"]}
+    assert impls, "no benchmark results"
+    families = {i: bench.impl_family(i) for i in impls}
+    assert families.get("sdpa", "SDPA") == "SDPA" and families.get("flash_attention", "minisparse") == "minisparse"
+    assert all(bench.impl_style(i)["color"] == bench.IMPL_COLORS[f] for i, f in families.items())
+    assert {bench.impl_family(n) for n in ("SDPA causal", "fla chunk_gated_delta_rule", "flex_attention (window 1024)",
+                                           "torch._grouped_mm", "MoE layer (naive)", "mla_decode")} == set(bench.IMPL_COLORS)

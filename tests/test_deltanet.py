@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import minisparse  # noqa: F401  (sets up the runtime)
 from minisparse import _checks, runtime
-from minisparse.deltanet import (GatedDeltaNet, check_chunk_cumsum, check_delta_step, check_ut_transform,
-                                 chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm,
+from minisparse.deltanet import (GatedDeltaNet, check_chunk_transition, check_overwrite_coefficients,
+                                 check_planted_bug_fixed, check_unit_lower_inverse_kernel, chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, l2norm,
                                  naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
                                  naive_recurrent_gated_delta_rule)
 from minisparse.deltanet.naive import _naive_recurrent
@@ -682,58 +682,98 @@ def test_layer_rejects_bad_input():
 
 
 # -------------------------------------------------------------------------------------------- exercise checkers
-def _wrong_step_read_before_decay(S, k, v, beta, g):
-    return math.exp(g) * S + beta * torch.outer(k, v - k @ S)
+def _overwrite(beta, g):
+    return (1 - beta) * math.exp(g), beta, math.exp(g)
 
 
-def _wrong_step_no_beta(S, k, v, beta, g):
-    S = math.exp(g) * S
-    return S + torch.outer(k, v - k @ S)
-
-
-def _wrong_ut_column_beta(k, beta, g):  # beta of the column instead of the row
-    L = k.shape[0]
+def _chunk_writes(k, v, g, beta, S, decay_w=True):
+    """U = Ũ − W S of one chunk; decay_w=False is the chapter's planted bug (W without e^G)."""
+    L = len(g)
     G = g.cumsum(0)
     Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
-    A = (beta[None, :] * (k @ k.T) * Gamma).tril(-1)
-    return torch.linalg.inv(torch.eye(L) + A)
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    A_inv = torch.linalg.inv(torch.eye(L) + A)
+    W = A_inv @ ((beta * G.exp() if decay_w else beta)[:, None] * k)
+    return A_inv @ (beta[:, None] * v) - W @ S
 
 
-def _wrong_ut_no_inverse(k, beta, g):
-    L = k.shape[0]
+def _transition(k, beta, g, gated=True, decay_keys=True):
+    """M_L ⋯ M_1 from W; gated=False drops e^{G_L} and the key decays, decay_keys=False only the key decays."""
+    L, K = k.shape
     G = g.cumsum(0)
     Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
-    return torch.eye(L) - (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
+    eye = torch.eye(L, dtype=k.dtype)
+    W = torch.linalg.solve_triangular(eye + A, (beta * G.exp())[:, None] * k, upper=False)
+    if not gated:
+        return torch.eye(K, dtype=k.dtype) - k.T @ W
+    key_decay = (G[-1] - G).exp() if decay_keys else torch.ones_like(G)
+    return G[-1].exp() * torch.eye(K, dtype=k.dtype) - k.T @ (key_decay[:, None] * W)
+
+
+def _triangular_kernel(variant):
+    """The Triton exercise's kernel: 'solution', 'stub' (the loop body left out), 'plus' (e_i + A X, a sign slip),
+    'first_order' (e_i − A[i, :]: I − A, no substitution)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a_ptr, x_ptr, L, C: tl.constexpr, VARIANT: tl.constexpr):
+        n = tl.program_id(0)
+        rows = tl.arange(0, C)
+        inside = (rows[:, None] < L) & (rows[None, :] < L)
+        offs = n * L * L + rows[:, None] * L + rows[None, :]
+        A = tl.load(a_ptr + offs, mask=inside, other=0.0)
+        X = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+        for i in range(1, C):
+            a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)
+            e_i = tl.where(rows == i, 1.0, 0.0)
+            if VARIANT == 0:
+                x_i = e_i - tl.sum(a_i[:, None] * X, axis=0)
+            elif VARIANT == 1:
+                x_i = tl.sum(tl.where(rows[:, None] == i, X, 0.0), axis=0)
+            elif VARIANT == 2:
+                x_i = e_i + tl.sum(a_i[:, None] * X, axis=0)
+            else:
+                x_i = e_i - a_i
+            X = tl.where(rows[:, None] == i, x_i[None, :], X)
+        tl.store(x_ptr + offs, X, mask=inside)
+
+    code = ["solution", "stub", "plus", "first_order"].index(variant)
+
+    class Launcher:  # kernel[grid](a, x, L, C=C) as the checker calls it, with the variant bound
+        def __getitem__(self, grid):
+            return lambda a, x, L, C: kernel[grid](a, x, L, C=C, VARIANT=code)
+
+    return Launcher()
 
 
 @pytest.mark.parametrize("checker,wrong", [
-    (check_delta_step, _wrong_step_read_before_decay), (check_delta_step, _wrong_step_no_beta),
-    (check_ut_transform, _wrong_ut_column_beta), (check_ut_transform, _wrong_ut_no_inverse),
-    (check_chunk_cumsum, lambda g, C: g.cumsum(0)),  # global, not chunk-local
-    (check_chunk_cumsum, lambda g, C: torch.cat([c.cumsum(0) - c for c in g.split(C)])),  # exclusive
+    (check_overwrite_coefficients, lambda b, g: ((1 - b), b, math.exp(g))),  # the decay forgotten on k_j's read
+    (check_overwrite_coefficients, lambda b, g: ((1 - b) * math.exp(g), b * math.exp(g), math.exp(g))),
+    (check_overwrite_coefficients, lambda b, g: ((1 - b) * math.exp(g), b, 1.0)),  # other keys not decayed
+    (check_planted_bug_fixed, lambda k, v, g, beta, S: _chunk_writes(k, v, g, beta, S, decay_w=False)),  # the bug
+    (check_chunk_transition, lambda k, beta, g: _transition(k, beta, g, gated=False)),
+    (check_chunk_transition, lambda k, beta, g: _transition(k, beta, g, decay_keys=False)),
+    (check_unit_lower_inverse_kernel, _triangular_kernel("stub")),
+    (check_unit_lower_inverse_kernel, _triangular_kernel("plus")),
+    (check_unit_lower_inverse_kernel, _triangular_kernel("first_order")),
 ])
 def test_checkers_reject_wrong_answers(checker, wrong):
     with pytest.raises(ExerciseError):
         checker(wrong)
 
 
-def test_checkers_accept_the_reference():
-    def step(S, k, v, beta, g):
-        _, out = naive_recurrent_gated_delta_rule(k[None, None, None], k[None, None, None], v[None, None, None],
-                                                  torch.tensor([[[g]]]), torch.tensor([[[beta]]]),
-                                                  initial_state=S[None, None], output_final_state=True)
-        return out[0, 0]
+def test_checkers_accept_the_solutions():
+    check_overwrite_coefficients(_overwrite)
+    check_planted_bug_fixed(_chunk_writes)
+    check_chunk_transition(_transition)
+    check_unit_lower_inverse_kernel(_triangular_kernel("solution"))
 
-    def ut(k, beta, g):
-        L = k.shape[0]
-        G = g.cumsum(0)
-        Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
-        A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-        return torch.linalg.solve_triangular(torch.eye(L) + A, torch.eye(L), upper=False, unitriangular=True)
 
-    check_delta_step(step)
-    check_ut_transform(ut)
-    check_chunk_cumsum(lambda g, C: torch.cat([c.cumsum(0) for c in g.split(C)]))
+def test_triangular_checker_names_the_first_wrong_entry():
+    with pytest.raises(ExerciseError, match=r"chunk 0, row 1, column 0: got 0, expected .*row 0 of that chunk"):
+        check_unit_lower_inverse_kernel(_triangular_kernel("stub"))
 
 
 # ---------------------------------------------------------------------------------------------- cost model (5.5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minisparse
-from minisparse import _checks, runtime
+from minisparse import _checks, bench, runtime
 from minisparse.testing import (ExerciseError, assert_close, check, make_bthd, make_log_gates, make_qkv, rel_rms)
 
 
@@ -182,9 +182,13 @@ def test_bench_results_roundtrip_and_plot(tmp_path, monkeypatch):
 def test_attempt_prints_instead_of_raising(capsys):
     from minisparse.testing import attempt
 
-    assert attempt(check, "double", lambda x: 3 * x, _double, [(torch.ones(2),)]) is False
+    # None either way, so a checking cell shows the verdict line and no stray True/False under it
+    assert attempt(check, "double", lambda x: 3 * x, _double, [(torch.ones(2),)]) is None
     assert "✗ double" in capsys.readouterr().out
-    assert attempt(check, "double", _double, _double, [(torch.ones(2),)]) is True
+    assert attempt(check, "double", _double, _double, [(torch.ones(2),)]) is None
+    assert "✓ double" in capsys.readouterr().out
+    with pytest.raises(ValueError):  # only a wrong answer is reported; a broken checker still raises
+        attempt(lambda: (_ for _ in ()).throw(ValueError("bug in the checker")))
 
 
 def test_explorer_draws_once_without_a_kernel():
@@ -512,3 +516,44 @@ def test_schematic_draws_boxes_arrows_groups_and_rejects_unknown_names():
         schematic(boxes, [("a", "c")])
     with pytest.raises(ValueError, match="do not exist"):
         schematic(boxes, groups=[(["z"], "g")])
+
+
+@pytest.mark.parametrize("impl, family", [
+    ("flash_attention", "minisparse"), ("grouped_mm (triton)", "minisparse"), ("chunk_lightning_attn", "minisparse"),
+    ("mla_decode", "minisparse"), ("minisparse, value checks off", "minisparse"),
+    ("fla chunk_gated_delta_rule", "fla"), ("fla chunk_simple_gla", "fla"), ("sdpa", "SDPA"),
+    ("SDPA causal", "SDPA"), ("flex_attention (window 1024)", "flex_attention"), ("torch._grouped_mm", "torch"),
+    ("torch absorbed (bmm)", "torch"), ("MoE layer (naive)", "naive"),
+    ("flashy kernel", "minisparse"),  # "fla" only as a word of its own names fla
+])
+def test_impl_family_names_each_implementation_of_the_committed_results(impl, family):
+    assert bench.impl_family(impl) == family
+    style = bench.impl_style(impl)
+    assert style["color"] == bench.IMPL_COLORS[family]
+
+
+def test_every_committed_result_has_one_colour_per_family_and_variants_dashed():
+    for path in sorted(bench.results_dir().glob("*.json")):
+        doc = json.loads(path.read_text())
+        for impl in {r["impl"] for r in doc["rows"]}:
+            assert bench.impl_family(impl) in bench.IMPL_COLORS, (path.name, impl)
+    assert bench.impl_style("flash_attention (window 1024)")["linestyle"] == "--"
+    assert bench.impl_style("flash_attention")["linestyle"] == "-"
+
+
+def test_config_table_and_filtered_log_plot(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    rows = [{"impl": "ours", "pass": "fwd", "T": t, "H": h, "ms": t * h / 1e3} for t in (1, 2) for h in (1, 2)]
+    doc = json.loads(bench.save_results("demo", {"B": 2, "tiles": {"fwd": [64, 32]}, "T": [1, 2]}, rows,
+                                        path=tmp_path / "demo.json").read_text())
+    table = bench.config_table(doc, keys=["tiles", "B", "missing"])
+    lines = table.splitlines()
+    assert lines[:2] == ["| setting | value |", "|---|---|"]
+    assert any("tiles" in ln and "fwd: 64, 32" in ln for ln in lines)
+    assert not any("missing" in ln for ln in lines)
+    assert [ln.split("|")[1].strip() for ln in lines[2:]].index("tiles") < \
+        [ln.split("|")[1].strip() for ln in lines[2:]].index("B")
+    ax = bench.plot_results(doc, where={"H": 2}, logy=True)
+    assert len(ax.lines) == 1 and ax.get_yscale() == "log"
+    assert list(ax.lines[0].get_ydata()) == [0.002, 0.004]

@@ -14,14 +14,19 @@ import pytest
 import torch
 
 from minisparse import _checks, runtime
-from minisparse.lightning import (LightningAttention, check_chunk_output, check_decay_matrix, check_state_update,
-                                  chunk_lightning_attn, decay_matrix, fused_recurrent_lightning_attn,
-                                  generation_cost, lightning_flops, minimax_slopes, naive_chunk_lightning_attn,
-                                  naive_recurrent_lightning_attn)
+from minisparse.lightning import (LightningAttention, chunk_lightning_attn, decay_matrix,
+                                  fused_recurrent_lightning_attn, generation_cost, lightning_flops, minimax_slopes,
+                                  naive_chunk_lightning_attn, naive_recurrent_lightning_attn)
+from minisparse.lightning.bugs import chunk_form_with_a_bug
+from minisparse.lightning.exercises import (check_balanced_chunk, check_chunk_form_fix, check_output_tile_kernel,
+                                            check_state_norm_prediction, load_chunk)
 from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1
 from minisparse.lightning.naive import _naive_chunk
 from minisparse.lightning.triton import _chunk
 from minisparse.testing import ExerciseError, assert_close
+
+import triton  # noqa: E402  (after minisparse, which picks the interpreter on a CPU)
+import triton.language as tl  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are tested on a GPU (the interpreter's "
@@ -425,45 +430,84 @@ def test_cost_model():
 
 
 # -------------------------------------------------------------------------------------------- exercise checkers
-def _wrong_decay(slope, n):  # no mask: the upper triangle is exp(+slope (j - i)), not 0
-    i = torch.arange(n, dtype=torch.float32)
-    return torch.exp(-slope * (i[:, None] - i[None, :]).abs())
+def test_balanced_chunk_checker():
+    check_balanced_chunk(lambda d_k, d_v: 4 * d_k * d_v / (d_k + d_v))
+    for wrong in (lambda d_k, d_v: 2 * d_k * d_v / (d_k + d_v),  # the state read or its update forgotten
+                  lambda d_k, d_v: 2 * d_k,  # right only when K = V
+                  lambda d_k, d_v: math.sqrt(d_k * d_v)):
+        with pytest.raises(ExerciseError):
+            check_balanced_chunk(wrong)
 
 
-def _wrong_state(S, k, v, slope):  # one decay too many for every token: λ^(L-j)
-    L = k.shape[0]
-    b = torch.exp(-slope * (L - torch.arange(L, dtype=torch.float32)))
-    return math.exp(-slope * L) * S + (k * b[:, None]).T @ v
+def _norm(slope, T=1024):
+    lam2 = math.exp(-2 * slope)
+    return math.sqrt(T) if slope == 0 else math.sqrt((1 - lam2 ** T) / (1 - lam2))
 
 
-def _wrong_output(q, k, v, S, slope):  # query decay λ^i instead of λ^(i+1)
-    L = q.shape[0]
-    a = torch.exp(-slope * torch.arange(L, dtype=torch.float32))
-    return (q * a[:, None]) @ S + ((q @ k.T) * decay_matrix(slope, L)) @ v
-
-
-@pytest.mark.parametrize("checker,wrong", [(check_decay_matrix, _wrong_decay), (check_state_update, _wrong_state),
-                                           (check_chunk_output, _wrong_output),
-                                           (check_decay_matrix, lambda s, n: decay_matrix(s, n).T),
-                                           (check_chunk_output, lambda q, k, v, S, s: q @ S)])
-def test_checkers_reject_wrong_answers(checker, wrong):
+def test_state_norm_checker():
+    right = {"no decay": _norm(0), "s = 0.1": _norm(0.1), "s = 0.01": _norm(0.01)}
+    check_state_norm_prediction(right)
+    for name, wrong in [("no decay", 1024.0),  # linear growth: the outer products do not align
+                        ("s = 0.1", 1 / (1 - math.exp(-0.1))),  # 1/(1-λ): adding norms, not squares
+                        ("s = 0.01", 1.0), ("no decay", None)]:
+        with pytest.raises(ExerciseError):
+            check_state_norm_prediction(dict(right, **{name: wrong}))
     with pytest.raises(ExerciseError):
-        checker(wrong)
+        check_state_norm_prediction([32.0, 2.35, 7.1])
 
 
-def test_checkers_accept_the_reference():
-    check_decay_matrix(decay_matrix)
+def _chunk_form(q, k, v, S, slope, C=16, query_shift=1, state_len=None):
+    """The chunk form with the right exponents (query_shift=1, state decayed by λ^L); the knobs plant bugs."""
+    lam, out = math.exp(-slope), []
+    for c0 in range(0, q.shape[0], C):
+        qc, kc, vc = q[c0:c0 + C], k[c0:c0 + C], v[c0:c0 + C]
+        L = qc.shape[0]
+        i = torch.arange(L, dtype=q.dtype)
+        out.append((qc * (lam ** (i + query_shift))[:, None]) @ S + ((qc @ kc.T) * decay_matrix(slope, L)) @ vc)
+        S = lam ** (state_len or L) * S + (kc * (lam ** (L - 1 - i))[:, None]).T @ vc
+    return torch.cat(out), S
 
-    def state(S, k, v, slope):
-        _, out = naive_recurrent_lightning_attn(k[None, :, None], k[None, :, None], v[None, :, None],
-                                                torch.tensor([slope]), initial_state=S[None, None],
-                                                output_final_state=True)
-        return out[0, 0]
 
-    def output(q, k, v, S, slope):
-        o, _ = naive_recurrent_lightning_attn(q[None, :, None], k[None, :, None], v[None, :, None],
-                                              torch.tensor([slope]), scale=1.0, initial_state=S[None, None])
-        return o[0, :, 0]
+def test_chunk_form_checker():
+    check_chunk_form_fix(_chunk_form)
+    for wrong in (chunk_form_with_a_bug,  # the planted bug: query decay λ^i
+                  lambda q, k, v, S, slope, C=16: _chunk_form(q, k, v, S, slope, C, state_len=C),  # λ^C, short chunk
+                  lambda q, k, v, S, slope, C=16: _chunk_form(q, k, v, S, slope, C, query_shift=2)):
+        with pytest.raises(ExerciseError):
+            check_chunk_form_fix(wrong)
 
-    check_state_update(state)
-    check_chunk_output(output)
+
+@triton.jit
+def _tile(q_ptr, k_ptr, v_ptr, s_ptr, o_ptr, slope, L, K, V, BL: tl.constexpr, BK: tl.constexpr,
+          BV: tl.constexpr, SHIFT: tl.constexpr, CAUSAL: tl.constexpr, INTER: tl.constexpr, STORE_ALL: tl.constexpr):
+    """Exercise 4's output tile; the flags plant the bugs a reader might write."""
+    q, k, v, S = load_chunk(q_ptr, k_ptr, v_ptr, s_ptr, L, K, V, BL, BK, BV)
+    rows, vs = tl.arange(0, BL), tl.arange(0, BV)
+    diff = (rows[:, None] - rows[None, :]).to(tl.float32)
+    if CAUSAL:
+        D = tl.exp(tl.where(diff >= 0, -slope * diff, float("-inf")))
+    else:
+        D = tl.exp(-slope * tl.abs(diff))
+    o = tl.dot(tl.dot(q, tl.trans(k), input_precision="ieee") * D, v, input_precision="ieee")
+    if INTER:
+        o += tl.dot(q, S, input_precision="ieee") * tl.exp(-slope * (rows + SHIFT).to(tl.float32))[:, None]
+    o_mask = (rows[:, None] < L) & (vs[None, :] < V) if STORE_ALL else (rows[:, None] < L - 1) & (vs[None, :] < V)
+    tl.store(o_ptr + rows[:, None] * V + vs[None, :], o, mask=o_mask)
+
+
+class _Launcher:
+    """kernel[grid](...) with fixed planted-bug flags: what check_output_tile_kernel launches."""
+
+    def __init__(self, **flags):
+        self.flags = dict(dict(SHIFT=1, CAUSAL=True, INTER=True, STORE_ALL=True), **flags)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: _tile[grid](*args, **kw, **self.flags)
+
+
+def test_output_tile_checker():
+    check_output_tile_kernel(_Launcher())
+    for flags, words in [(dict(SHIFT=0), "exponent i"), (dict(CAUSAL=False), "above the diagonal"),
+                         (dict(INTER=False), "inter-chunk term"), (dict(STORE_ALL=False), "NaN")]:
+        with pytest.raises(ExerciseError, match=words):
+            check_output_tile_kernel(_Launcher(**flags))

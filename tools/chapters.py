@@ -3,8 +3,10 @@
     python tools/chapters.py export         write minisparse/<mechanism>/*.py from the chapters' export cells
     python tools/chapters.py check          fail on any difference: export, .py ↔ .ipynb pairing, setup cells, URL;
                                             a public name defined twice in one subpackage; a path of this machine
-                                            in a committed notebook output
-    python tools/chapters.py sync-setup     rewrite every chapter's setup cell and the book's URL from pyproject
+                                            in a committed notebook output; a code line over 100 characters or
+                                            a `# NBVAL_` comment in a chapter's code cell (a cell tag says it)
+    python tools/chapters.py sync-setup     rewrite every chapter's setup cell (.py and .ipynb, outputs kept) and
+                                            the book's URL from pyproject
 
 A code cell whose first line is `#| export <subpackage>.<module>` (e.g. `#| export attention.naive`) is copied,
 in chapter order, into `minisparse/<subpackage>/<module>.py`. Each subpackage also gets a generated
@@ -174,6 +176,35 @@ def name_problems() -> list[str]:
             for (sub, name), count in where.items() if sum(count.values()) > 1]
 
 
+# ------------------------------------------------------------------------------------------ code as rendered
+MAX_CODE_LINE = 100  # characters: a longer code line overflows the book's page at 1280 px
+NBVAL_COMMENT = re.compile(r"#\s*NBVAL_")  # nbval's comment markers; the book would show them
+
+
+def code_style_problems() -> list[str]:
+    """A chapter code cell as a reader sees it in the book: no line over MAX_CODE_LINE characters, and no
+    `# NBVAL_…` comment (a cell tag says the same without showing: `nbval-ignore-output`, `nbval-check-output`,
+    `raises-exception`, `nbval-skip`)."""
+    problems = []
+    for py in chapter_files():
+        long, marked = [], []
+        for n, cell in enumerate(jupytext.read(py).cells, 1):
+            if cell.cell_type != "code" or cell.source.startswith(SETUP_MARK):
+                continue  # the setup cell is the tool's: setup_problems() says when it is stale
+            for line in cell.source.splitlines():
+                if len(line) > MAX_CODE_LINE:
+                    long.append(f"cell {n}, {len(line)} characters: {line.strip()[:50]!r}")
+                if NBVAL_COMMENT.search(line):
+                    marked.append(f"cell {n}: {line.strip()[:50]!r}")
+        if long:
+            problems.append(f"{py.name}: {len(long)} code lines over {MAX_CODE_LINE} characters (they overflow the "
+                            f"book's page; wrap them), e.g. " + "; ".join(long[:3]))
+        if marked:
+            problems.append(f"{py.name}: {len(marked)} `# NBVAL_` comments in code cells (the book shows them; use a "
+                            "cell tag: `# %% tags=[\"nbval-ignore-output\"]`), e.g. " + "; ".join(marked[:3]))
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------- pairing
 def _cells(nb) -> list[tuple[str, str]]:
     return [(c.cell_type, c.source.strip()) for c in nb.cells]
@@ -256,15 +287,16 @@ def setup_cell() -> str:
     """The first code cell of every chapter, rendered from pyproject's URL and the branch the book's Colab buttons
     open: a notebook opened from the book installs the package from the same branch it was opened from."""
     ref = book_branch()
-    return f'''{SETUP_MARK}: on Colab, install minisparse from the book's branch, keeping Colab's torch;
-# anywhere, print the versions and the device this chapter runs on.
+    return f'''{SETUP_MARK}: on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
 if importlib.util.find_spec("minisparse") is None:
     if "google.colab" not in sys.modules:
-        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
-                                  "or `pip install -e .` in this kernel's environment")
-    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "minisparse @ git+{repo_url()}@{ref}"], check=True)
 import minisparse
@@ -296,6 +328,14 @@ def sync_setup() -> None:
             nb.cells.insert(next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), len(nb.cells)),
                             jupytext.reads(f"# %% tags=[\"hide-input\"]\n{want}\n", fmt="py:percent").cells[0])
         jupytext.write(nb, py, fmt="py:percent")
+        nb_path = py.with_suffix(".ipynb")
+        if nb_path.exists():  # the executed twin: the same source, its outputs kept (the cell prints the same)
+            doc = json.loads(nb_path.read_text())
+            first = next((c for c in doc["cells"] if c["cell_type"] == "code"), None)
+            source = "".join(first["source"]) if first is not None else ""
+            if source.startswith(SETUP_MARK) and source != want:
+                first["source"] = want.splitlines(keepends=True)
+                nb_path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     cfg = ROOT / "book" / "_config.yml"
     cfg.write_text(re.sub(r"(?m)^(\s*url:\s*)\S+(\s*# from pyproject.*)$", rf"\g<1>{repo_url()}\g<2>", cfg.read_text()))
 
@@ -309,12 +349,14 @@ def main(argv: list[str]) -> int:
         sync_setup()
         return 0
     if cmd == "check":
-        problems = export_problems() + name_problems() + cell_size_problems() + pairing_problems() + output_problems() + setup_problems()
+        problems = (export_problems() + name_problems() + cell_size_problems() + code_style_problems()
+                    + pairing_problems() + output_problems() + setup_problems())
         for p in problems:
             print(f"✗ {p}")
         if not problems:
             print(f"✓ {len(chapter_files())} chapters: package exported, one definition per public name, notebooks "
-                  "paired and executed, no machine paths in outputs, setup cells current")
+                  f"paired and executed, code lines ≤ {MAX_CODE_LINE} characters and no NBVAL comments, no machine "
+                  "paths in outputs, setup cells current")
         return 1 if problems else 0
     print(__doc__)
     return 2

@@ -4,6 +4,7 @@ from .naive import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
 from .triton import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
+from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['attention_mask', 'check_attention_args', 'attention_weights', 'attention_ref', 'rope_frequencies', 'apply_rope', 'RotaryEmbedding', 'KVCache', 'attended_pairs', 'attention_flops', 'attention_bytes', 'projection_flops', 'ffn_flops', 'kv_cache_bytes_per_token', 'FlashAttentionFunction', 'flash_attention', 'RMSNorm', 'Attention', 'softmax_state', 'check_online_softmax', 'check_window_blocks', 'check_kv_cache_bytes']
+__all__ = ['attention_mask', 'attention_weights', 'attention_ref', 'rope_frequencies', 'apply_rope', 'check_attention_args', 'RotaryEmbedding', 'KVCache', 'attended_pairs', 'attention_flops', 'attention_bytes', 'projection_flops', 'ffn_flops', 'kv_cache_bytes_per_token', 'FlashAttentionFunction', 'flash_attention', 'RMSNorm', 'Attention', 'attention_from_hf', 'softmax_state', 'check_online_softmax', 'check_decode_attention', 'check_kv_cache_bytes', 'check_flash_tile']

@@ -3,12 +3,12 @@ import torch
 import torch.nn as nn
 
 from minisparse import _checks
-from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # the package's copies of sections
-from minisparse.attention.triton import flash_attention  # 1.2 and 1.5
+from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  # section 1.2
+from minisparse.attention.triton import flash_attention  # section 1.5
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) times weight (or times 1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
+    """x / rms(x) times weight (1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
 
     def __init__(self, dim, eps=1e-6, zero_centered=False):
         super().__init__()
@@ -23,43 +23,23 @@ class RMSNorm(nn.Module):
         return (y * w).to(x.dtype)
 
 
-def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps, rope_theta,
-                    backend):
-    """Check Attention's constructor arguments; return num_kv_heads, head_dim and rotary_dim with defaults filled."""
-    op = "Attention"
-    _checks.positive_int(op, "hidden_size", hidden_size)
-    _checks.positive_int(op, "num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else _checks.positive_int(op, "num_kv_heads", num_kv_heads)
-    _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
-    if head_dim is None:  # the Llama convention: the heads split the hidden size
-        _checks.divides(op, "num_heads (with head_dim=None)", num_heads, "hidden_size", hidden_size)
-        head_dim = hidden_size // num_heads
-    _checks.positive_int(op, "head_dim", head_dim)
-    rotary_dim = head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
-    if rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(f"{op}: rotary_dim must be even and <= head_dim = {head_dim}, got {rotary_dim}")
-    if window is not None:
-        _checks.positive_int(op, "window", window)
-    _checks.positive_float(op, "norm_eps", norm_eps)
-    _checks.positive_float(op, "rope_theta", rope_theta)
-    _checks.backend(op, backend)
-    return num_kv_heads, head_dim, rotary_dim
-
-
 class Attention(nn.Module):
-    """Causal multi-head attention with GQA, RoPE, optional q/k RMSNorm, optional output gate and a KV cache.
+    """Causal multi-head attention: GQA, RoPE, optional q/k RMSNorm and output gate, a KV cache.
 
-    forward(x [B, T, hidden], cache=None, positions=None) -> [B, T, hidden]. With a cache (see new_cache) the T
-    new tokens sit at positions len(cache) .. len(cache) + T - 1 and attend to everything cached before them.
+    forward(x [B, T, hidden], cache=None, positions=None) -> [B, T, hidden]. With a cache (see
+    new_cache) the T new tokens sit at positions len(cache) .. len(cache) + T - 1 and attend to
+    everything cached before them.
     backend: "auto" (the Triton kernels where they run, else attention_ref), "naive" or "triton".
     """
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, bias=False, o_bias=None,
-                 gate=False, qk_norm=False, zero_centered_norm=False, norm_eps=1e-6, rope_theta=10000.0,
-                 rotary_dim=None, interleaved_rope=False, window=None, backend="auto"):
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *, bias=False,
+                 o_bias=None, gate=False, qk_norm=False, zero_centered_norm=False, norm_eps=1e-6,
+                 rope_theta=10000.0, rotary_dim=None, interleaved_rope=False, window=None,
+                 backend="auto"):
         super().__init__()
-        num_kv_heads, head_dim, rotary_dim = _attention_args(hidden_size, num_heads, num_kv_heads, head_dim,
-                                                             rotary_dim, window, norm_eps, rope_theta, backend)
+        num_kv_heads, head_dim, rotary_dim = _attention_args(
+            hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps,
+            rope_theta, backend)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.gate, self.window, self.backend, self.rotary_dim = gate, window, backend, rotary_dim
@@ -73,7 +53,7 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(rotary_dim, rope_theta, interleaved_rope)
 
     def forward(self, x, cache=None, positions=None):
-        _checks.layer_input("Attention", x, self, hidden=self.hidden_size)  # [B, T, hidden], the layer's dtype
+        _checks.layer_input("Attention", x, self, hidden=self.hidden_size)  # [B, T, hidden]
         B, T, _ = x.shape
         start = 0 if cache is None else len(cache)
         if positions is None:
@@ -103,7 +83,7 @@ class Attention(nn.Module):
     def _rope(self, x, positions):
         if self.rotary_dim == self.head_dim:
             return self.rope(x, positions)
-        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # partial RoPE: first rotary_dim channels
+        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # partial RoPE
         return torch.cat((self.rope(rot, positions), rest), dim=-1)
 
     def _attend(self, q, k, v):
@@ -112,41 +92,49 @@ class Attention(nn.Module):
         return attention_ref(q, k, v, causal=True, window=self.window)
 
     def new_cache(self, batch, max_len, *, dtype=None, device=None):
-        """An empty KVCache for this layer (post-RoPE keys), in the layer's dtype and device by default."""
+        """An empty KVCache for this layer (post-RoPE keys), in the layer's dtype and device."""
         w = self.k_proj.weight
         return KVCache(batch, max_len, self.num_kv_heads, self.head_dim, dtype=dtype or w.dtype,
                        device=device or w.device)
 
     @classmethod
     def from_hf(cls, module, backend="auto"):
-        """Build from a transformers attention module (Llama, Mistral, Qwen2/3, Qwen3-Next …), copying its weights."""
-        cfg = module.config
-        rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-        if "rope_theta" not in rope or rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"Attention.from_hf: only plain RoPE is implemented, got {rope}")
-        H, D = cfg.num_attention_heads, module.head_dim
-        qk_norm = getattr(module, "q_norm", None) is not None
-        norm = module.q_norm if qk_norm else None
-        layer = cls(
-            cfg.hidden_size, H, cfg.num_key_value_heads, D,
-            bias=module.q_proj.bias is not None, o_bias=module.o_proj.bias is not None,
-            gate=module.q_proj.out_features == 2 * H * D, qk_norm=qk_norm,
-            zero_centered_norm=qk_norm and _scales_by_one_plus_weight(norm),
-            norm_eps=getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)),
-            rope_theta=rope["rope_theta"], rotary_dim=int(D * rope.get("partial_rotary_factor", 1.0)),
-            window=getattr(module, "sliding_window", getattr(cfg, "sliding_window", None)), backend=backend,
+        """Build from a transformers attention module, copying its weights (`attention_from_hf`)."""
+        from minisparse.attention.hf import attention_from_hf  # the loader (Engineering notes, E.7)
+
+        return attention_from_hf(cls, module, backend)
+
+
+def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps,
+                    rope_theta, backend):
+    """Check Attention's constructor arguments; return num_kv_heads, head_dim and rotary_dim with
+    defaults filled."""
+    op = "Attention"
+    _checks.positive_int(op, "hidden_size", hidden_size)
+    _checks.positive_int(op, "num_heads", num_heads)
+    num_kv_heads = (
+        num_heads
+        if num_kv_heads is None
+        else _checks.positive_int(op, "num_kv_heads", num_kv_heads)
+    )
+    _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
+    if head_dim is None:  # the Llama convention: the heads split the hidden size
+        _checks.divides(op, "num_heads (with head_dim=None)", num_heads, "hidden_size", hidden_size)
+        head_dim = hidden_size // num_heads
+    _checks.positive_int(op, "head_dim", head_dim)
+    rotary_dim = (
+        head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
+    )
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(
+            f"{op}: rotary_dim must be even and <= head_dim = {head_dim}, got {rotary_dim}"
         )
-        w = module.q_proj.weight
-        layer.load_state_dict(module.state_dict())
-        return layer.to(device=w.device, dtype=w.dtype)
-
-
-def _scales_by_one_plus_weight(norm):
-    """True when an RMSNorm computes x̂·(1 + w) (Qwen3-Next, Gemma), False for x̂·w (Llama, Qwen3): ask it."""
-    with torch.no_grad():
-        w = norm.weight.float()
-        y = norm(torch.full((1, w.numel()), 1e3, dtype=norm.weight.dtype, device=norm.weight.device)).float()
-    return bool((y - (1 + w)).abs().max() < (y - w).abs().max())  # x = 1e3 everywhere has x̂ = 1
+    if window is not None:
+        _checks.positive_int(op, "window", window)
+    _checks.positive_float(op, "norm_eps", norm_eps)
+    _checks.positive_float(op, "rope_theta", rope_theta)
+    _checks.backend(op, backend)
+    return num_kv_heads, head_dim, rotary_dim
 
 
 __all__ = ['RMSNorm', 'Attention']

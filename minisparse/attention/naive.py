@@ -23,39 +23,6 @@ def attention_mask(Tq, Tk=None, causal=True, window=None, device=None):
     return allowed
 
 
-def _check_window(op, causal, window):
-    if window is None:
-        return
-    _checks.positive_int(op, "window", window)
-    if not causal:
-        raise ValueError(f"{op}: window={window} needs causal=True (a sliding window looks back from each query, "
-                         "keys pos - window < s <= pos), got causal=False")
-
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # fp64: the tests' oracle runs in it
-
-
-def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
-    """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask and the scale;
-    return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError naming the argument."""
-    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
-    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
-    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
-    named = dict(q=q, k=k) if v is None else dict(q=q, k=k, v=v)
-    _checks.same_dtype(op, _DTYPES, **named)
-    _checks.same_device(op, **named)
-    (B, Tq, HQ, D), (Tk, HKV) = q.shape, k.shape[1:3]
-    _checks.shape(op, "k", k, (B, Tk, HKV, D), "[B, Tk, HKV, D]", "q's batch size and head dim")
-    if v is not None:
-        _checks.shape(op, "v", v, (B, Tk, HKV, v.shape[3]), "[B, Tk, HKV, Dv]", "k's batch, length and heads")
-    _checks.divides(op, "HKV (k's heads)", HKV, "HQ (q's heads, GQA groups)", HQ)
-    _check_window(op, causal, window)
-    if causal and Tq > Tk:
-        raise ValueError(f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
-                         f"Tq <= Tk, got Tq={Tq}, Tk={Tk}")
-    return _checks.scale(op, scale, D)
-
-
 def _probabilities(q, k, causal, scale, window):
     B, Tq, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
@@ -68,7 +35,7 @@ def _probabilities(q, k, causal, scale, window):
 
 
 def attention_weights(q, k, causal=True, scale=None, window=None):
-    """Attention probabilities P [B, HQ, Tq, Tk] (fp32) of q [B,Tq,HQ,D] over k [B,Tk,HKV,D] — for pictures."""
+    """Attention probabilities P [B, HQ, Tq, Tk] (fp32) of q [B,Tq,HQ,D] over k [B,Tk,HKV,D]."""
     scale = check_attention_args("attention_weights", q, k, None, causal, window, scale)
     return _probabilities(q, k, causal, scale, window)
 
@@ -106,19 +73,9 @@ def _rotate(x, cos, sin, interleaved):
     return torch.cat((r1, r2), dim=-1)
 
 
-def _check_rope_args(op, x, positions):
-    if not isinstance(x, torch.Tensor) or not isinstance(positions, torch.Tensor):
-        raise TypeError(f"{op}: x and positions must be torch.Tensors, got {type(x).__name__}, "
-                        f"{type(positions).__name__}")
-    if x.dim() != 4 or x.shape[-1] % 2:
-        raise ValueError(f"{op}: x must be [B, T, H, D] with an even D, got shape {tuple(x.shape)}")
-    B, T = x.shape[:2]
-    if tuple(positions.shape) not in ((T,), (B, T)):
-        raise ValueError(f"{op}: positions must be [T]=[{T}] or [B, T]=[{B}, {T}], got {tuple(positions.shape)}")
-
-
 def apply_rope(x, positions, theta=10000.0, interleaved=False):
-    """Rotary position embedding of x [B, T, H, D] at positions [T] or [B, T]; computed in fp32, returned in x's dtype.
+    """Rotary position embedding of x [B, T, H, D] at positions [T] or [B, T]; computed in fp32,
+    returned in x's dtype.
 
     interleaved=False pairs channels (j, j + D/2) (GPT-NeoX, Llama in transformers);
     interleaved=True pairs (2j, 2j + 1) (RoFormer, GPT-J).
@@ -131,8 +88,65 @@ def apply_rope(x, positions, theta=10000.0, interleaved=False):
     return _rotate(x.to(acc), angles.cos(), angles.sin(), interleaved).to(x.dtype)
 
 
+# fp64 too: the tests' oracle runs in it
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
+    """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask
+    and the scale;
+    return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError naming the
+    argument."""
+    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
+    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
+    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
+    named = dict(q=q, k=k) if v is None else dict(q=q, k=k, v=v)
+    _checks.same_dtype(op, _DTYPES, **named)
+    _checks.same_device(op, **named)
+    (B, Tq, HQ, D), (Tk, HKV) = q.shape, k.shape[1:3]
+    _checks.shape(op, "k", k, (B, Tk, HKV, D), "[B, Tk, HKV, D]", "q's batch size and head dim")
+    if v is not None:
+        _checks.shape(
+            op, "v", v, (B, Tk, HKV, v.shape[3]), "[B, Tk, HKV, Dv]", "k's batch, length and heads"
+        )
+    _checks.divides(op, "HKV (k's heads)", HKV, "HQ (q's heads, GQA groups)", HQ)
+    _check_window(op, causal, window)
+    if causal and Tq > Tk:
+        raise ValueError(
+            f"{op}: causal attention places the Tq queries at the end of the Tk keys, so it needs "
+            f"Tq <= Tk, got Tq={Tq}, Tk={Tk}"
+        )
+    return _checks.scale(op, scale, D)
+
+
+def _check_window(op, causal, window):
+    if window is None:
+        return
+    _checks.positive_int(op, "window", window)
+    if not causal:
+        raise ValueError(
+            f"{op}: window={window} needs causal=True (a sliding window looks back from each "
+            f"query, "
+            "keys pos - window < s <= pos), got causal=False"
+        )
+
+
+def _check_rope_args(op, x, positions):
+    if not isinstance(x, torch.Tensor) or not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{op}: x and positions must be torch.Tensors, got {type(x).__name__}, "
+                        f"{type(positions).__name__}")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"{op}: x must be [B, T, H, D] with an even D, got shape {tuple(x.shape)}")
+    B, T = x.shape[:2]
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(
+            f"{op}: positions must be [T]=[{T}] or [B, T]=[{B}, {T}], got {tuple(positions.shape)}"
+        )
+
+
 class RotaryEmbedding(nn.Module):
-    """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals apply_rope."""
+    """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals
+    apply_rope."""
 
     def __init__(self, dim, theta=10000.0, interleaved=False, max_len=2048):
         super().__init__()
@@ -150,12 +164,16 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x, positions):
         _check_rope_args("RotaryEmbedding", x, positions)
         if x.shape[-1] != self.dim:
-            raise ValueError(f"RotaryEmbedding: x's last dim must be dim={self.dim}, got {x.shape[-1]}")
+            raise ValueError(
+                f"RotaryEmbedding: x's last dim must be dim={self.dim}, got {x.shape[-1]}"
+            )
         if positions.is_floating_point():
             raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
-            self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / device move
+            self._build(
+                max(need, len(self.cos)), x.device
+            )  # grow, or undo a .to(bf16) / device move
         cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
         cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
         sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
@@ -164,9 +182,11 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys [B, max_len, HKV, D] and values [B, max_len, HKV, Dv]; `length` tokens are filled."""
+    """Preallocated keys [B, max_len, HKV, D] and values [B, max_len, HKV, Dv]; `length` tokens are
+    filled."""
 
-    def __init__(self, batch, max_len, num_kv_heads, head_dim, v_head_dim=None, *, dtype=torch.float32, device=None):
+    def __init__(self, batch, max_len, num_kv_heads, head_dim, v_head_dim=None, *,
+                 dtype=torch.float32, device=None):
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
@@ -180,18 +200,28 @@ class KVCache:
         return self.length
 
     def append(self, k, v):
-        """Store k [B, t, HKV, D], v [B, t, HKV, Dv] after the cached tokens; return all of them [B, length, ...]."""
+        """Store k [B, t, HKV, D], v [B, t, HKV, Dv] after the cached tokens; return all of them
+        [B, length, ...]."""
         B, _, HKV, D = self.k.shape
         t = k.shape[1] if k.dim() == 4 else -1
         if tuple(k.shape) != (B, t, HKV, D) or tuple(v.shape) != (B, t, HKV, self.v.shape[-1]):
-            raise ValueError(f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
-                             f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:  # a silent cast would round fp32 keys to fp16
-            raise TypeError(f"KVCache.append: the cache holds {self.k.dtype}, got k {k.dtype} and v {v.dtype} "
-                            "(make the cache with the layer's dtype)")
+            raise ValueError(
+                f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
+                f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if (
+            k.dtype != self.k.dtype or v.dtype != self.v.dtype
+        ):  # a silent cast would round fp32 keys to fp16
+            raise TypeError(
+                f"KVCache.append: the cache holds {self.k.dtype}, got k {k.dtype} and v {v.dtype} "
+                "(make the cache with the layer's dtype)"
+            )
         if self.length + t > self.max_len:
-            raise ValueError(f"KVCache.append: {t} new tokens do not fit: {self.length} of max_len={self.max_len} "
-                             "are used (make a larger cache)")
+            raise ValueError(
+                f"KVCache.append: {t} new tokens do not fit: {self.length} of "
+                f"max_len={self.max_len} "
+                "are used (make a larger cache)"
+            )
         self.k[:, self.length:self.length + t] = k
         self.v[:, self.length:self.length + t] = v
         self.length += t
@@ -201,4 +231,4 @@ class KVCache:
         self.length = 0
 
 
-__all__ = ['attention_mask', 'check_attention_args', 'attention_weights', 'attention_ref', 'rope_frequencies', 'apply_rope', 'RotaryEmbedding', 'KVCache']
+__all__ = ['attention_mask', 'attention_weights', 'attention_ref', 'rope_frequencies', 'apply_rope', 'check_attention_args', 'RotaryEmbedding', 'KVCache']

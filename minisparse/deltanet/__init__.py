@@ -3,10 +3,10 @@
 from .naive import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
 from .chunk_fwd import *  # noqa: F401,F403
+from .layer import *  # noqa: F401,F403
 from .chunk_bwd import *  # noqa: F401,F403
 from .fused_recurrent import *  # noqa: F401,F403
 from .chunk import *  # noqa: F401,F403
-from .layer import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['l2norm', 'naive_recurrent_gated_delta_rule', 'naive_recurrent_delta_rule', 'naive_chunk_gated_delta_rule', 'naive_chunk_delta_rule', 'gdn_flops', 'gdn_state_bytes', 'layer_pattern', 'hybrid_costs', 'fused_recurrent_gated_delta_rule', 'chunk_gated_delta_rule', 'chunk_delta_rule', 'GatedRMSNorm', 'GatedDeltaNet', 'check_delta_step', 'check_ut_transform', 'check_chunk_cumsum']
+__all__ = ['l2norm', 'naive_recurrent_gated_delta_rule', 'naive_recurrent_delta_rule', 'naive_chunk_gated_delta_rule', 'naive_chunk_delta_rule', 'gdn_flops', 'gdn_state_bytes', 'layer_pattern', 'hybrid_costs', 'GatedDeltaNet', 'GatedRMSNorm', 'fused_recurrent_gated_delta_rule', 'chunk_gated_delta_rule', 'chunk_delta_rule', 'check_overwrite_coefficients', 'check_planted_bug_fixed', 'check_chunk_transition', 'check_unit_lower_inverse_kernel']

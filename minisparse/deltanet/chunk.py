@@ -8,9 +8,10 @@ from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
-    """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
-    interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and the value-check rule ask for
-    them (on CPU tensors always; on CUDA after runtime.set_value_checks(True)), before any kernel is queued.
+    """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
+    the value-check rule ask for them (on CPU tensors always; on CUDA after
+    runtime.set_value_checks(True)), before any kernel is queued.
     Returns the scale as a float."""
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
@@ -21,8 +22,9 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
-    """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk states in fp32,
-    which costs less memory than keeping them), the backward runs five kernels and two row kernels."""
+    """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk
+    states in fp32, which costs less memory than keeping them), the backward runs five kernels and
+    two row kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
@@ -38,38 +40,45 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         q, k, v, g, beta, h0 = ctx.saved_tensors
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         grads = _chunk_backward(q, k, v, g, beta, ctx.scale, h0, do.contiguous(),
-                                dht.float().contiguous() if dht is not None else None, ctx.l2, need_dh0)
+                                dht.float().contiguous() if dht is not None else None, ctx.l2,
+                                need_dh0)
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           use_qk_l2norm=False):
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                           output_final_state=False, use_qk_l2norm=False):
     """The gated delta rule by chunks of 64 in Triton (WY/UT form), forward and backward.
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
-    bfloat16 under the interpreter). g [B, T, HV] log decay, finite and ≤ 0; beta [B, T, HV] in [0, 2] (any float
-    dtype). scale: a float, default K ** -0.5. initial_state [B, HV, K, V] or None. use_qk_l2norm: normalise q and
-    k inside (as fp32 scalings). Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None
-    unless output_final_state). Differentiable in q, k, v, g, beta and initial_state.
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
+    bfloat16 (not bfloat16 under the interpreter). g [B, T, HV] log decay, finite and ≤ 0; beta [B,
+    T, HV] in [0, 2] (any float dtype). scale: a float, default K ** -0.5. initial_state [B, HV, K,
+    V] or None. use_qk_l2norm: normalise q and k inside (as fp32 scalings). Returns (o [B, T, HV, V]
+    in q's dtype, final_state [B, HV, K, V] float32, or None unless output_final_state).
+    Differentiable in q, k, v, g, beta and initial_state.
     """
-    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True)
+    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                  check_values=True)
 
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
            op="chunk_gated_delta_rule"):
-    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values (GatedDeltaNet's)."""
-    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=128)
+    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values
+    (GatedDeltaNet's)."""
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=128)
     if g is None:
         g = torch.zeros_like(beta, dtype=torch.float32)
-    return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state, scale,
-                                      bool(output_final_state), bool(use_qk_l2norm))
+    return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta,
+                                      initial_state, scale, bool(output_final_state),
+                                      bool(use_qk_l2norm))
 
 
-def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
+def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                     use_qk_l2norm=False):
     """DeltaNet by chunks in Triton: chunk_gated_delta_rule with g = 0. Same shapes, without g."""
-    return _chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True,
-                  op="chunk_delta_rule")
+    return _chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                  check_values=True, op="chunk_delta_rule")
 
 
 __all__ = ['chunk_gated_delta_rule', 'chunk_delta_rule']

@@ -4,19 +4,22 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2, _precision,
-                                           _state_halves, _v_tile, _wy_and_states)
+from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2,
+                                           _precision, _state_halves, _v_tile, _wy_and_states)
 
-_BWD_COLUMNS = 32  # _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
+# _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
+_BWD_COLUMNS = 32
 
 
 @triton.jit
 def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
-                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+                         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """The part of dU that needs no state, every chunk in parallel.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded); dO and dU walked in V-tiles [C, BV].
+    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded); dO and dU walked in V-tiles [C,
+    BV].
     Math: dU = scale (Q Kᵀ ⊙ Γ)ᵀ dO (fp32).
     """
     n = tl.program_id(0)
@@ -37,7 +40,8 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     _, G64, _, _ = _gate_sums(g, C)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
     Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
-    PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale  # [C, C] scale (Q Kᵀ ⊙ Γ)ᵀ
+    # [C, C] scale (Q Kᵀ ⊙ Γ)ᵀ
+    PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         off = t[:, None] * HV * V + vs[None, :]
@@ -47,17 +51,21 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
 
 
 @triton.jit
-def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr, scale,
-                       T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
-    """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d initial_state.
+def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
+                       scale, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d
+    initial_state.
 
-    Program: one (batch b, value head hv) and one V-tile of its [K, V] state gradient. Grid (cdiv(V, BV), B · HV).
-    Tiling: dS lives in fp32 registers as two halves of BK/2 rows (BK ≥ 32), as the forward scan holds S; a step
-    loads K [C, BK/2], Qᵀ and Wᵀ [BK/2, C] per half, and dO, dU [C, BV].
-    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry, from
-    _bwd_du_local_kernel, and is updated in place):
-        dstates[n] = dS;   dU += diag(e^{G_L − G}) K dS;   dS ← e^{G_L} dS + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state gradient. Grid (cdiv(V,
+    BV), B · HV).
+    Tiling: dS lives in fp32 registers as two halves of BK/2 rows (BK ≥ 32), as the forward scan
+    holds S; a step loads K [C, BK/2], Qᵀ and Wᵀ [BK/2, C] per half, and dO, dU [C, BV].
+    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale (Q Kᵀ ⊙ Γ)ᵀ dO on entry,
+    from _bwd_du_local_kernel, and is updated in place):
+        dstates[n] = dS;   dU += diag(e^{G_L − G}) K dS;   dS ← e^{G_L} dS + scale (diag(e^G)
+            Q)ᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0.
     """
     iv = tl.program_id(0)
@@ -70,7 +78,8 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
     du_bh = du_ptr + (b * T * HV + hv) * V
     dstates_bh = dstates_ptr + bh * NT * K * V  # chunk n's [K, V] at + n·K·V
     rows = tl.arange(0, C)
-    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # dS = [dS1; dS2]
+    # dS = [dS1; dS2]
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
     dS1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     dS2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_DHT:
@@ -86,22 +95,29 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         G, _, to_end, G_L = _gate_sums(g, C)
         key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
-        kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1, other=0.0).to(tl.float32) * key_decay[:, None]
-        kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2, other=0.0).to(tl.float32) * key_decay[:, None]
+        kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1,
+                      other=0.0).to(tl.float32) * key_decay[:, None]
+        kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2,
+                      other=0.0).to(tl.float32) * key_decay[:, None]
         v_off = t[:, None] * HV * V + vs[None, :]
         v_mask = tm[:, None] & (vs[None, :] < V)
         du = tl.load(du_bh + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
-        du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION), input_precision=PRECISION)
+        du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION),
+                    input_precision=PRECISION)
         tl.store(du_bh + v_off, du, mask=v_mask)
         do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
         mT1, mT2 = (k1[:, None] < K) & tm[None, :], (k2[:, None] < K) & tm[None, :]
         qs = scale * tl.exp(G)[None, :]  # [1, C] scale e^{G_i}
-        qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1, other=0.0).to(tl.float32) * qs
-        qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2, other=0.0).to(tl.float32) * qs
+        qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1,
+                      other=0.0).to(tl.float32) * qs
+        qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2,
+                      other=0.0).to(tl.float32) * qs
         wT1 = tl.load(w_bh + t[None, :] * HV * K + k1[:, None], mask=mT1, other=0.0)
         wT2 = tl.load(w_bh + t[None, :] * HV * K + k2[:, None], mask=mT2, other=0.0)
-        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L), input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
-        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L), input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
+        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L),
+                     input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
+        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L),
+                     input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
@@ -110,8 +126,8 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
 @triton.jit
 def _bwd_values_pass(do_bh, u_bh, du_bh, v_bh, dv_bh, t, tm, beta, A_inv, HV, V,
                      C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass 1 of _bwd_chunk_kernel, over V-tiles [C, BV]: dO Uᵀ [C, C], Ũ's share of dA_inv, dV = diag(β) A_invᵀ dU
-    (stored) and β's share through Ũ = A_inv diag(β) V."""
+    """Pass 1 of _bwd_chunk_kernel, over V-tiles [C, BV]: dO Uᵀ [C, C], Ũ's share of dA_inv, dV =
+    diag(β) A_invᵀ dU (stored) and β's share through Ũ = A_inv diag(β) V."""
     dOUt = tl.zeros((C, C), dtype=tl.float32)
     dA_inv = tl.zeros((C, C), dtype=tl.float32)
     dbeta = tl.zeros((C,), dtype=tl.float32)
@@ -132,16 +148,19 @@ def _bwd_values_pass(do_bh, u_bh, du_bh, v_bh, dv_bh, t, tm, beta, A_inv, HV, V,
 
 
 @triton.jit
-def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, tm, scale, beta, eG, key_decay,
-                   dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K] accumulator lives
-    across blocks): dQ (final) and dK without the terms through A (stored, per value head), dW's share of dA_inv, and
-    the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j) of the output's Γ_ij, s_i (factors e^{G_i}), c_j
-    (factors e^{G_L − G_j}) and Σ S_n ⊙ dS' (the factor e^{G_L})."""
+def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, tm, scale, beta, eG,
+                   key_decay, dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K]
+    accumulator lives across blocks): dQ (final) and dK without the terms through A (stored, per
+    value head), dW's share of dA_inv, and the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j)
+    of the output's Γ_ij, s_i (factors e^{G_i}), c_j (factors e^{G_L − G_j}) and Σ S_n ⊙ dS' (the
+    factor e^{G_L})."""
     pairs = tl.zeros((C, C), dtype=tl.float32)
-    s = tl.zeros((C,), dtype=tl.float32)  # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
-    c = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
+    # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
+    s = tl.zeros((C,), dtype=tl.float32)
+    # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
+    c = tl.zeros((C,), dtype=tl.float32)
     kTdw = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂(β_j e^{G_j} k_j) of W
     SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS'
     for k0 in range(0, K, BK):
@@ -170,9 +189,11 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
             SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
         dq = dq * (scale * eG)[:, None]
         s += tl.sum(dq * q, axis=1)
-        pairs += dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)  # this block's share of q_i·k_j
+        # this block's share of q_i·k_j
+        pairs += dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
-        dk_state = dk_state * key_decay[:, None]  # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+        # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+        dk_state = dk_state * key_decay[:, None]
         c += tl.sum(dk_state * k, axis=1)
         dk = tl.dot(tl.trans(dAqk), q, dk_state, input_precision=PRECISION)
         kbg = k * (beta * eG)[:, None]  # W = A_inv diag(β e^G) K
@@ -187,19 +208,22 @@ def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, t
 
 
 @triton.jit
-def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.constexpr, BK: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.constexpr,
+                        BK: tl.constexpr, PRECISION: tl.constexpr):
     """Pass 3 of _bwd_chunk_kernel, over K-blocks: what flows through A_ij = β_i Γ_ij k_i·k_j, given
-    dA = ∂L/∂A_ij · Γ_ij. dK += dKK K + dKKᵀ K with dKK_ij = β_i dA_ij = ∂L/∂(k_i·k_j), added to what pass 2
-    stored; dβ_i += Σ_j dA_ij k_i·k_j; and each m_ij = β_i dA_ij k_i·k_j joins `pairs`. Returns (pairs, dβ's share).
+    dA = ∂L/∂A_ij · Γ_ij. dK += dKK K + dKKᵀ K with dKK_ij = β_i dA_ij = ∂L/∂(k_i·k_j), added to
+    what pass 2 stored; dβ_i += Σ_j dA_ij k_i·k_j; and each m_ij = β_i dA_ij k_i·k_j joins `pairs`.
+    Returns (pairs, dβ's share).
     """
     dKK = dA * beta[:, None]
     dbeta = tl.zeros((C,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
-        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # this block's share of ∂L/∂A_ij · A_ij / β_i
+        # [C, BK]
+        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        # this block's share of ∂L/∂A_ij · A_ij / β_i
+        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)
         dbeta += tl.sum(M, axis=1)
         pairs += M * beta[:, None]
         out_off = t[:, None] * HV * K + ks[None, :]
@@ -213,36 +237,49 @@ def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.con
 @triton.jit
 def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
     """dg [C] of one chunk, each term summed into exactly the gates it contains:
-        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i; 0 elsewhere), Γ_ij = e^{g_{j+1} + … + g_i}  -> dg_t, j < t ≤ i
-        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i                         -> dg_t, t ≤ i
-        c [C]         terms with a factor e^{G_L − G_j}                                        -> dg_t, j < t
-        z             the term with e^{G_L}                                                    -> every dg_t
-    Every term that reaches dg_t carries e^{g_t}, so a very negative g_t gets a gradient as small, and as accurate,
-    as its terms. (∂L/∂G followed by a reverse cumulative sum gives the same sums mathematically, but there dg_t comes
-    out as a difference of O(1) numbers, wrong in every digit once e^{g_t} is below float32's rounding.)
+        pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i; 0 elsewhere), Γ_ij = e^{g_{j+1} + … + g_i}
+            -> dg_t, j < t ≤ i
+        s [C]         terms with a factor e^{G_i}, G_i = g_0 + … + g_i
+            -> dg_t, t ≤ i
+        c [C]         terms with a factor e^{G_L − G_j}
+            -> dg_t, j < t
+        z             the term with e^{G_L}
+            -> every dg_t
+    Every term that reaches dg_t carries e^{g_t}, so a very negative g_t gets a gradient as
+        small, and as accurate,
+    as its terms. (∂L/∂G followed by a reverse cumulative sum gives the same sums
+        mathematically, but there dg_t comes
+    out as a difference of O(1) numbers, wrong in every digit once e^{g_t} is below float32's
+        rounding.)
     """
     rows = tl.arange(0, C)
     R = tl.cumsum(pairs, axis=0, reverse=True)  # [C, C] R_tj = Σ_{i ≥ t} m_ij
-    dg = tl.sum(tl.where(rows[None, :] < rows[:, None], R, 0.0), axis=1)  # row t: Σ_{j < t} Σ_{i ≥ t} m_ij
+    # row t: Σ_{j < t} Σ_{i ≥ t} m_ij
+    dg = tl.sum(tl.where(rows[None, :] < rows[:, None], R, 0.0), axis=1)
     dg += tl.cumsum(s, axis=0, reverse=True)  # Σ_{i ≥ t} s_i
     dg += tl.sum(tl.where(rows[:, None] < rows[None, :], c[:, None], 0.0), axis=0)  # Σ_{j < t} c_j
     return tl.where(tm, dg + z, 0.0)
 
 
 @triton.jit
-def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr, dstates_ptr, do_ptr,
-                      du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
+                      dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale,
+                      T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """Every gradient of one chunk but dU: dq and dk (per value head, fp32), dv, dβ, dg.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, the gate terms m_ij) stay in registers; three passes
-    stream the rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles inside (_bwd_keys_pass);
+    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, the gate terms m_ij) stay in registers;
+    three passes stream the rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles
+    inside (_bwd_keys_pass);
     K-blocks again for the terms that need the whole dA (_bwd_through_a_pass).
-    Math (section 5.6; dS' = dstates[n], the gradient of the state leaving the chunk):
+    Math (chapter 5, Engineering notes, the backward pass; dS' = dstates[n], the gradient of the
+    state leaving the chunk):
         dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
-        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K + dKKᵀ K
-        dW = −dU S_nᵀ,  dA_inv = dW (diag(β e^G) K)ᵀ + dU (diag(β) V)ᵀ,  dA = −A_invᵀ dA_inv A_invᵀ (strictly lower)
+        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K +
+            dKKᵀ K
+        dW = −dU S_nᵀ,  dA_inv = dW (diag(β e^G) K)ᵀ + dU (diag(β) V)ᵀ,  dA = −A_invᵀ dA_inv
+            A_invᵀ (strictly lower)
         dV = diag(β) A_invᵀ dU;  dβ and dg from every factor they enter (_gate_grad)
     """
     n = tl.program_id(0)
@@ -266,20 +303,26 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
     Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
     lower = rows[:, None] > rows[None, :]
-    A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
-    dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh, dv_ptr + vh, t, tm,
-                                           beta, A_inv, HV, V, C, BV, PRECISION)
-    dAqk = dOUt * scale * Gamma  # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
-    pairs, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh, du_ptr + vh, S_n, dS_n,
-                                                    dq_ptr + kh, dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
-                                                    dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV, PRECISION)
+    A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
+                    other=0.0)
+    dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh,
+                                           dv_ptr + vh, t, tm, beta, A_inv, HV, V, C, BV, PRECISION)
+    # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
+    dAqk = dOUt * scale * Gamma
+    pairs, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh,
+                                                    du_ptr + vh, S_n, dS_n, dq_ptr + kh,
+                                                    dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
+                                                    dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV,
+                                                    PRECISION)
     dbeta += kTdw * eG
     s += kTdw * beta * eG
     dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
                 input_precision=PRECISION)
     dA = tl.where(lower, -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
-    tl.debug_barrier()  # pass 2's stores of dk are read back by pass 3, by other threads of this program
-    pairs, dbeta_a = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA, beta, pairs, H, HV, K, C, BK, PRECISION)
+    # pass 2's stores of dk are read back by pass 3, by other threads of this program
+    tl.debug_barrier()
+    pairs, dbeta_a = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA, beta, pairs, H, HV, K, C, BK,
+                                         PRECISION)
     dbeta += dbeta_a
     # the diagonal's Γ_ii = 1 holds no gate: only j < i enters dg
     dg = _gate_grad(tl.where(lower, pairs, 0.0), s, c, SdS * tl.exp(G_L), tm, C)
@@ -289,7 +332,8 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
 
 @triton.jit
 def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
-    """y = l2norm(x) for rows of x [R, K], in fp32, rounded back to x's dtype (as `l2norm` and a cast would).
+    """y = l2norm(x) for rows of x [R, K], in fp32, rounded back to x's dtype (as `l2norm` and a
+    cast would).
 
     Program: BR rows, all of K in one tile (BK = K padded). Grid (cdiv(R, BR),).
     Math: y = x · rsqrt(Σ x² + 1e-6).
@@ -303,12 +347,14 @@ def _l2norm_rows_kernel(x_ptr, y_ptr, R, K, BR: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, GROUP, K, BR: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
-    """dq or dk from the per-value-head gradients: summed over the GROUP = HV/H value heads that share key head h,
-    then through l2norm if L2NORM.
+def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, GROUP, K, BR: tl.constexpr, BK: tl.constexpr,
+                    L2NORM: tl.constexpr):
+    """dq or dk from the per-value-head gradients: summed over the GROUP = HV/H value heads that
+    share key head h, then through l2norm if L2NORM.
 
     Program: BR rows r = (b·T + t)·H + h of x [R, K], all of K in one tile. Grid (cdiv(R, BR),).
-    Math: dy = Σ_j dy[r·GROUP + j] (fp32);  L2NORM: dx = rstd (dy − y ⟨y, dy⟩), y = rstd x, rstd = rsqrt(Σ x² + 1e-6);
+    Math: dy = Σ_j dy[r·GROUP + j] (fp32);  L2NORM: dx = rstd (dy − y ⟨y, dy⟩), y = rstd x, rstd
+        = rsqrt(Σ x² + 1e-6);
     stored in dx's dtype.
     """
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -326,26 +372,31 @@ def _qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, R, GROUP, K, BR: tl.constexpr, BK: tl
 
 
 def _l2norm_rows(x):
-    """l2norm(x) over the last dimension in x's dtype, in one kernel (PyTorch's l2norm takes several)."""
+    """l2norm(x) over the last dimension in x's dtype, in one kernel (PyTorch's l2norm takes
+    several)."""
     y = torch.empty_like(x)
     R, K = x.numel() // x.shape[-1], x.shape[-1]
-    runtime.launch("deltanet.rows", _l2norm_rows_kernel, lambda c: (triton.cdiv(R, c["BR"]),), (x, y, R, K),
-                   dict(BK=_pow2(K)), **_options(x, x))
+    runtime.launch("deltanet.rows", _l2norm_rows_kernel, lambda c: (triton.cdiv(R, c["BR"]),),
+                   (x, y, R, K), dict(BK=_pow2(K)), **_options(x, x))
     return y
 
 
 def _qk_grad(x, dy, l2):
-    """x [B, T, H, K] (q or k as given), dy [B, T, HV, K] float32 (per value head) -> dx [B, T, H, K] in x's dtype."""
+    """x [B, T, H, K] (q or k as given), dy [B, T, HV, K] float32 (per value head) -> dx [B, T, H,
+    K] in x's dtype."""
     dx = torch.empty_like(x)
     R, K = x.numel() // x.shape[-1], x.shape[-1]
     runtime.launch("deltanet.rows", _qk_grad_kernel, lambda c: (triton.cdiv(R, c["BR"]),),
-                   (x, dy, dx, R, dy.shape[2] // x.shape[2], K), dict(BK=_pow2(K), L2NORM=l2), **_options(x, x))
+                   (x, dy, dx, R, dy.shape[2] // x.shape[2], K), dict(BK=_pow2(K), L2NORM=l2),
+                   **_options(x, x))
     return dx
 
 
 def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
-    """Gradients of q, k (in q's dtype, summed over grouped value heads), v, g, beta and h0 (fp32; dh0 None unless
-    `need_dh0`). Recomputes W, U and the chunk states in fp32 (cheaper in memory than keeping the forward's)."""
+    """Gradients of q, k (in q's dtype, summed over grouped value heads), v, g, beta and h0
+        (fp32; dh0 None unless
+    `need_dh0`). Recomputes W, U and the chunk states in fp32 (cheaper in memory than keeping
+        the forward's)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -358,20 +409,24 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
     dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
     runtime.launch("deltanet.bwd_du_local", _bwd_du_local_kernel, lambda c: (NT, B * HV),
-                   (q, k, g, do, du, scale, T, H, HV, K, V), dict(C=_C, BK=_pow2(K), PRECISION=prec),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   (q, k, g, do, du, scale, T, H, HV, K, V),
+                   dict(C=_C, BK=_pow2(K), PRECISION=prec), fit=_v_tile(V),
+                   autotune_key=["T", "K", "V"], **_options(q, v))
     # never autotuned: the reverse scan adds to dU in place
-    runtime.launch("deltanet.bwd_states", _bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    runtime.launch("deltanet.bwd_states", _bwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (q, k, w, g, do, dht, du, dstates, dh0, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=max(_pow2(K), 32), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-                        PRECISION=prec), fit=_v_tile(V), **_options(q, v))
+                   dict(C=_C, BK=max(_pow2(K), 32), HAS_DHT=dht is not None,
+                        STORE_DH0=dh0 is not None, PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
     dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     runtime.launch("deltanet.bwd_chunk", _bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg, scale,
-                    T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS), PRECISION=prec),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
+                    scale, T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS),
+                                                     PRECISION=prec), fit=_v_tile(V),
+                   autotune_key=["T", "K", "V"], **_options(q, v))
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
 

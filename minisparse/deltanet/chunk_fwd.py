@@ -5,81 +5,17 @@ import triton.language as tl
 
 from minisparse import runtime
 
-_C = 64  # chunk length: [C, C] tensor-core tiles, and at most four 16-row blocks in the solve, so that N⁴ = 0
-_WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of this many columns, so only [C, C] matrices stay live
-_OUTPUT_COLUMNS = 64  # the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
-_INSTEAD = "the PyTorch chunk form: naive_chunk_gated_delta_rule, or GatedDeltaNet(..., backend='naive')"
-
-
-def _pow2(n):
-    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's smallest)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def _precision(dtype):
-    """tl.dot's precision on fp32 operands: full fp32 for fp32 inputs, TF32 for 16-bit inputs."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _options(x, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K and V."""
-    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])), instead=_INSTEAD)
-
-
-def _v_tile(V):
-    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
-    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
-
-
-@triton.jit
-def _heads(bh, H, HV):
-    """Program index bh = b·HV + hv -> (batch b, value head hv, key head h): HV/H value heads share a key head."""
-    b, hv = bh // HV, bh % HV
-    return b, hv, hv // (HV // H)
-
-
-@triton.jit
-def _gate_sums(g, C: tl.constexpr):
-    """A chunk's log gates g [C] (0 past T) -> (G, G64, to_end, G_L): G_i = g_0 + … + g_i in float32 and float64,
-    to_end_j = G_L − G_j (float32), the log decay from token j to the chunk's end, and G_L (float32).
-
-    The sums run in float64 over the gates clamped at −1000, so that every difference of them (here and in
-    _pair_exponents) is the sum of the gates between two tokens to about 1e-11 (|G| ≤ 64 000). In float32 the
-    differences would lose digits whenever G is large: one gate of −1e5 early in a chunk puts every later G near −1e5,
-    where float32 numbers lie 0.008 apart. The clamp changes no float32 result: a gate below −104 already makes every
-    decay it enters exactly 0 (and its gradient, a multiple of that decay, too).
-    """
-    G64 = tl.cumsum(tl.maximum(g, -1000.0).to(tl.float64), axis=0)
-    G_L = tl.sum(tl.where(tl.arange(0, C) == C - 1, G64, 0.0), axis=0)  # past T the gates are 0: G_{C-1} = G_L
-    return G64.to(tl.float32), G64, (G_L - G64).to(tl.float32), G_L.to(tl.float32)
-
-
-@triton.jit
-def _pair_exponents(G64):
-    """[C, C] float32: D_ij = G_i − G_j, the log decay from token j to token i (g_{j+1} + … + g_i for i ≥ j), taken
-    from _gate_sums' float64 sums. Positive above the diagonal: mask it to −inf before exp."""
-    return (G64[:, None] - G64[None, :]).to(tl.float32)
-
-
-@triton.jit
-def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows (BK ≥ 32, so that each half
-    is a tensor-core operand of ≥ 16 rows): each half's row indices, the tile's columns, and each half's mask and
-    offsets within a [K, V] state."""
-    k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
-    k2 = k1 + BK // 2
-    vs = iv * BV + tl.arange(0, BV)
-    mask1, mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
-    return k1, k2, vs, mask1, mask2, k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+_C = 64  # chunk length: [C, C] tensor-core tiles, and four 16-row blocks in the solve (N⁴ = 0)
+_WY_COLUMNS = 32  # the WY kernel walks K and V in blocks of 32 columns: only [C, C] matrices stay
 
 
 @triton.jit
 def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     """(I + A)⁻¹ for a strictly lower-triangular A [C, C], C ∈ {16, 32, 64}.
 
-    Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on [C/16, 16, 16]); then
-    with E = (I + A_diag)⁻¹ and N = E A_off (strictly block-lower, so N⁴ = 0 for ≤ 4 blocks):
-    (I + A)⁻¹ = (I + N)⁻¹ E = (I − N)(I + N²) E: four tensor-core products in all.
+    Forward substitution inside the 16×16 diagonal blocks, all blocks at once (15 steps on
+    [C/16, 16, 16]); then with E = (I + A_diag)⁻¹ and N = E A_off (strictly block-lower, so N⁴ = 0
+    for ≤ 4 blocks): (I + A)⁻¹ = (I + N)⁻¹ E = (I − N)(I + N²) E, four tensor-core products.
     """
     NB: tl.constexpr = C // 16
     rows = tl.arange(0, C)
@@ -94,54 +30,32 @@ def _unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
     for i in range(1, 16):
         sel = r16[None, :, None] == i  # [1, 16, 1]
         a_i = tl.sum(tl.where(sel, Ad, 0.0), axis=1)  # [NB, 16] row i of every block
-        e_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * E3, axis=1)  # e_i − A[i] @ E
+        # e_i − A[i] @ E
+        e_i = tl.where(r16[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * E3, axis=1)
         E3 = tl.where(sel, e_i[:, None, :], E3)
     E = tl.reshape(tl.where(diag4, E3[:, :, None, :], 0.0), (C, C))  # block diagonal [C, C]
     eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     N = tl.dot(E, tl.where(same_block, 0.0, A), input_precision=PRECISION)
     N2 = tl.dot(N, N, input_precision=PRECISION)
-    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), E, input_precision=PRECISION)
-
-
-@triton.jit
-def _split_hi_lo(M, dtype: tl.constexpr, SPLIT: tl.constexpr):
-    """M [C, C] float32 as the operands of `_split_dot`: (hi, lo) with hi = M rounded to `dtype` and lo the rest,
-    also rounded, if SPLIT; else (M, M). Done once a chunk, before the column blocks."""
-    if SPLIT:
-        hi = M.to(dtype)
-        return hi, (M - hi.to(tl.float32)).to(dtype)
-    else:
-        return M, M
-
-
-@triton.jit
-def _split_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """M @ x [C, B] accumulated in fp32, for (hi, lo) = _split_hi_lo(M, x.dtype, SPLIT).
-
-    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of M with x entering
-    exactly as stored. Not for fp16: with very negative gates the columns of A_inv diag(βe^G) fall below fp16's
-    range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit inputs, ieee for fp32).
-    """
-    if SPLIT:
-        return tl.dot(lo, x, tl.dot(hi, x))
-    else:
-        return tl.dot(hi, x.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PRECISION), E,
+                  input_precision=PRECISION)
 
 
 @triton.jit
 def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr, T, H, HV, K, V,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, L2: tl.constexpr,
-                   STORE_AINV: tl.constexpr, PRECISION: tl.constexpr):
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
+                   L2: tl.constexpr, STORE_AINV: tl.constexpr, PRECISION: tl.constexpr):
     """The UT transform and the WY representation of one chunk.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and stored one
-    column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C] matrices stay in registers.
-    Math (rows past T load as 0; Γ_ij = e^{G_i − G_j}, _gate_sums):
-        A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)               L2: K Kᵀ → diag(r) K Kᵀ diag(r), r = 1/‖k‖
-        A_inv = (I + A)⁻¹                                      _unit_lower_inverse
-        W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     the row scalings ride on A_inv's columns
-    Stores W [B, T, HV, K] and Ũ [B, T, HV, V]; r [B, T, HV] if L2; A_inv's rows [B, T, HV, C] if STORE_AINV.
+    Tiling: K Kᵀ [C, C] accumulates over K's column blocks [C, BK]; then W and Ũ are computed and
+    stored one column block at a time ([C, BK] of K, [C, BV] of V, loaded again): only [C, C]
+    matrices stay in registers.
+    Math (rows past T load as 0; Γ_ij = e^{G_i − G_j}, _gate_sums; L2: r = 1/‖k‖, else r = 1):
+        A     = strictly lower(diag(β) K Kᵀ ⊙ Γ)         L2: K Kᵀ → diag(r) K Kᵀ diag(r)
+        A_inv = (I + A)⁻¹                                _unit_lower_inverse
+        W = (A_inv diag(β e^G r)) K,  Ũ = (A_inv diag(β)) V     (row scalings ride on A_inv)
+    Stores W [B, T, HV, K], Ũ [B, T, HV, V]; r [B, T, HV] if L2; A_inv [B, T, HV, C] if STORE_AINV.
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -160,23 +74,30 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)
+        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
+                     other=0.0)
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)  # [C, C]
     key_scale = beta * tl.exp(G)  # [C]: W = A_inv diag(β e^G) K
-    if L2:  # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ diag(r)
-        r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)  # [C], as l2norm
+    # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ
+    # diag(r)
+    if L2:
+        # [C], as l2norm
+        r = tl.rsqrt(tl.sum(tl.where(rows[:, None] == rows[None, :], KKt, 0.0), axis=1) + 1e-6)
         KKt = KKt * r[:, None] * r[None, :]
         key_scale = key_scale * r
         tl.store(kr_ptr + gate_bh + t * HV, r, mask=tm)
     lower = rows[:, None] > rows[None, :]  # j < i
-    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, _pair_exponents(G64), float("-inf"))), 0.0)
+    A = tl.where(lower, KKt * beta[:, None] * tl.exp(tl.where(lower, _pair_exponents(G64),
+                                                              float("-inf"))), 0.0)
     A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C] float32
-    w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)  # [C, C] each
+    # [C, C] each
+    w_hi, w_lo = _split_hi_lo(A_inv * key_scale[None, :], k_ptr.dtype.element_ty, SPLIT)
     u_hi, u_lo = _split_hi_lo(A_inv * beta[None, :], v_ptr.dtype.element_ty, SPLIT)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)  # [C, BK], loaded again
+        # [C, BK], loaded again
+        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)
         w = _split_dot(w_hi, w_lo, kb, SPLIT, PRECISION)  # [C, BK]
         tl.store(w_bh + t[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
     for v0 in range(0, V, BV):
@@ -184,23 +105,132 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
         off = t[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         vb = tl.load(v_bh + off, mask=mask, other=0.0)  # [C, BV]
-        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT, PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT,
+                                        PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
     if STORE_AINV:  # the backward's recomputation keeps A_inv for dA = −A_invᵀ dA_inv A_invᵀ
-        tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv, mask=tm[:, None])
+        tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv,
+                 mask=tm[:, None])
+
+
+# the output kernel walks K in blocks of this many columns (Q, K and S_n tiles a step)
+_OUTPUT_COLUMNS = 64
+_INSTEAD = ("the PyTorch chunk form: naive_chunk_gated_delta_rule, "
+            "or GatedDeltaNet(..., backend='naive')")
 
 
 @triton.jit
-def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                       STORE_HT: tl.constexpr, L2: tl.constexpr, PRECISION: tl.constexpr):
+def _heads(bh, H, HV):
+    """Program index bh = b·HV + hv -> (batch b, value head hv, key head h): HV/H value heads share
+    a key head."""
+    b, hv = bh // HV, bh % HV
+    return b, hv, hv // (HV // H)
+
+
+def _pow2(n):
+    """The width of a tile that holds n columns: the next power of two, at least 16 (tl.dot's
+    smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype):
+    """tl.dot's precision on fp32 operands: full fp32 for fp32 inputs, TF32 for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _options(x, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
+    and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
+                instead=_INSTEAD)
+
+
+def _v_tile(V):
+    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
+    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
+
+
+@triton.jit
+def _gate_sums(g, C: tl.constexpr):
+    """A chunk's log gates g [C] (0 past T) -> (G, G64, to_end, G_L): G_i = g_0 + … + g_i in float32
+    and float64, to_end_j = G_L − G_j (float32), the log decay from token j to the chunk's end, and
+    G_L (float32).
+
+    The sums run in float64 over the gates clamped at −1000, so that every difference of them (here
+    and in _pair_exponents) is the sum of the gates between two tokens to about 1e-11 (|G| ≤ 64
+    000). In float32 the differences would lose digits whenever G is large: one gate of −1e5 early
+    in a chunk puts every later G near −1e5, where float32 numbers lie 0.008 apart. The clamp
+    changes no float32 result: a gate below −104 already makes every decay it enters exactly 0 (and
+    its gradient, a multiple of that decay, too).
+    """
+    G64 = tl.cumsum(tl.maximum(g, -1000.0).to(tl.float64), axis=0)
+    # past T the gates are 0: G_{C-1} = G_L
+    G_L = tl.sum(tl.where(tl.arange(0, C) == C - 1, G64, 0.0), axis=0)
+    return G64.to(tl.float32), G64, (G_L - G64).to(tl.float32), G_L.to(tl.float32)
+
+
+@triton.jit
+def _pair_exponents(G64):
+    """[C, C] float32: D_ij = G_i − G_j, the log decay from token j to token i (g_{j+1} + … + g_i
+    for i ≥ j), taken from _gate_sums' float64 sums. Positive above the diagonal: mask it to −inf
+    before exp."""
+    return (G64[:, None] - G64[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _state_halves(iv, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """A scan's [BK, BV] state tile (columns iv·BV …) as two halves of BK/2 rows (BK ≥ 32, so that
+    each half is a tensor-core operand of ≥ 16 rows): each half's row indices, the tile's columns,
+    and each half's mask and offsets within a [K, V] state."""
+    k1 = tl.arange(0, BK // 2)  # rows of the first half; the second's are k1 + BK // 2
+    k2 = k1 + BK // 2
+    vs = iv * BV + tl.arange(0, BV)
+    mask1, mask2 = (k1[:, None] < K) & (vs[None, :] < V), (k2[:, None] < K) & (vs[None, :] < V)
+    return k1, k2, vs, mask1, mask2, k1[:, None] * V + vs[None, :], k2[:, None] * V + vs[None, :]
+
+
+@triton.jit
+def _split_hi_lo(M, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """M [C, C] float32 as the operands of `_split_dot`: (hi, lo) with hi = M rounded to `dtype` and
+    lo the rest, also rounded, if SPLIT; else (M, M). Done once a chunk, before the column
+    blocks."""
+    if SPLIT:
+        hi = M.to(dtype)
+        return hi, (M - hi.to(tl.float32)).to(dtype)
+    else:
+        return M, M
+
+
+@triton.jit
+def _split_dot(hi, lo, x, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """M @ x [C, B] accumulated in fp32, for (hi, lo) = _split_hi_lo(M, x.dtype, SPLIT).
+
+    SPLIT (x in bf16): two bf16 tensor-core products, hi @ x + lo @ x, accurate to about 2⁻¹⁶ of M
+    with x entering exactly as stored. Not for fp16: with very negative gates the columns of A_inv
+    diag(βe^G) fall below fp16's range. Otherwise one product on an fp32 copy of x (TF32 for 16-bit
+    inputs, ieee for fp32).
+    """
+    if SPLIT:
+        return tl.dot(lo, x, tl.dot(hi, x))
+    else:
+        return tl.dot(hi, x.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, ht_ptr, T, H, HV, K,
+                       V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, L2: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """The scan over chunks: the state entering each chunk, U = Ũ − W S_n, and the final state.
 
-    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile lives in fp32 registers as two halves of BK/2 rows, S = [S1; S2] (BK ≥ 32), so that each
-    product is two smaller independent ones; a step loads W [C, BK/2] and Kᵀ [BK/2, C] per half and Ũ [C, BV].
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B ·
+    HV).
+    Tiling: the state tile lives in fp32 registers as two halves of BK/2 rows, S = [S1; S2] (BK ≥
+    32), so that each product is two smaller independent ones; a step loads W [C, BK/2] and Kᵀ
+    [BK/2, C] per half and Ũ [C, BV].
     U is written over Ũ in u_ptr: each element is read, then overwritten, by the same program.
     Math, chunk by chunk (S = h0 if HAS_H0 else 0; L2: r = 1/‖k‖ from the WY kernel, else r = 1):
-        states[n] = S;   U = Ũ − W S;   S ← e^{G_L} S + Kᵀ diag(e^{G_L − G} r) U     (G_L − G_j = Σ_{t > j} g_t)
+        states[n] = S;   U = Ũ − W S;   S ← e^{G_L} S + Kᵀ diag(e^{G_L − G} r) U     (G_L − G_j
+            = Σ_{t > j} g_t)
     and ht = S after the last chunk if STORE_HT.
     """
     iv = tl.program_id(0)
@@ -212,7 +242,8 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
     gate_bh = b * T * HV + hv  # token t's g and r at gate_bh + t·HV
     states_bh = states_ptr + bh * NT * K * V  # chunk n's [K, V] state at states_bh + n·K·V
     rows = tl.arange(0, C)
-    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)  # S = [S1; S2]
+    # S = [S1; S2]
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
     S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     S2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_H0:
@@ -223,8 +254,10 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
         tl.store(states_bh + n * K * V + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
         t = n * C + rows
         tm = t < T
-        w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K), other=0.0)
-        w2 = tl.load(w_bh + t[:, None] * HV * K + k2[None, :], mask=tm[:, None] & (k2[None, :] < K), other=0.0)
+        w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K),
+                     other=0.0)
+        w2 = tl.load(w_bh + t[:, None] * HV * K + k2[None, :], mask=tm[:, None] & (k2[None, :] < K),
+                     other=0.0)
         WS = tl.dot(w2, S2.to(w2.dtype), tl.dot(w1, S1.to(w1.dtype), input_precision=PRECISION),
                     input_precision=PRECISION)  # [C, BV] W S, the halves' shares summed
         u_off = t[:, None] * HV * V + vs[None, :]
@@ -237,9 +270,12 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
         if L2:  # Knᵀ = Kᵀ diag(r): r joins the decay on U's rows
             key_decay = key_decay * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)
         u = (u * key_decay[:, None]).to(w1.dtype)  # the decay on U's C×BV rows, not on K's C×BK
-        kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :], other=0.0)
-        kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :], other=0.0)
-        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_L), input_precision=PRECISION)  # decayed S accumulates
+        kT1 = tl.load(k_bh + t[None, :] * H * K + k1[:, None], mask=(k1[:, None] < K) & tm[None, :],
+                      other=0.0)
+        kT2 = tl.load(k_bh + t[None, :] * H * K + k2[:, None], mask=(k2[:, None] < K) & tm[None, :],
+                      other=0.0)
+        # decayed S accumulates
+        S1 = tl.dot(kT1.to(w1.dtype), u, S1 * tl.exp(G_L), input_precision=PRECISION)
         S2 = tl.dot(kT2.to(w1.dtype), u, S2 * tl.exp(G_L), input_precision=PRECISION)  # the product
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
@@ -248,28 +284,31 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
 
 @triton.jit
 def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
-    """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each row's start, read
-    in blocks of BK. A loop of its own, not the output kernel's main loop: summed there, beside the products that
-    use the same loads, triton 3.6 miscompiled these squares on sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
+    """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each
+    row's start, read in blocks of BK. A loop of its own, not the output kernel's main loop: summed
+    there, beside the products that use the same loads, triton 3.6 miscompiled these squares on
+    sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
     sq = tl.zeros((R,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)
+        x = tl.load(rows_ptr + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K),
+                    other=0.0).to(tl.float32)
         sq += tl.sum(x * x, axis=1)
     return tl.rsqrt(sq + 1e-6)
 
 
 @triton.jit
-def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V, NT,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, scale, T, H, HV, K, V,
+                       NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
                        PRECISION: tl.constexpr):
     """The outputs of one chunk, for one V-tile.
 
     Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
-    Tiling: K is walked in blocks of BK: Q, K [C, BK] and the entering state's tile S_n [BK, BV] a step, with
-    Q Kᵀ [C, C] and Q S_n [C, BV] accumulating in fp32; then U [C, BV] once.
+    Tiling: K is walked in blocks of BK: Q, K [C, BK] and the entering state's tile S_n [BK, BV] a
+    step, with Q Kᵀ [C, C] and Q S_n [C, BV] accumulating in fp32; then U [C, BV] once.
     Math (L2: Q, K as given, r_q = 1/‖q‖ summed here, r_k = 1/‖k‖ from the WY kernel; else both 1):
-        P = scale · (Q Kᵀ ⊙ Γ) ⊙ r_q r_kᵀ        rounded to U's dtype (|P| ≤ scale): 16-bit tensor cores for P U
+        P = scale · (Q Kᵀ ⊙ Γ) ⊙ r_q r_kᵀ        rounded to U's dtype (|P| ≤ scale): 16-bit
+            tensor cores for P U
         O = scale · diag(e^G r_q) Q S_n + P U
     """
     iv = tl.program_id(0)
@@ -304,7 +343,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     P = QKt * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C] Q Kᵀ ⊙ Γ
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
-        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)  # Q again, mostly from the L2 cache
+        # Q again, mostly from the L2 cache
+        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)
         P = P * r_q[:, None] * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)[None, :]
         row_scale = row_scale * r_q
     v_off = t[:, None] * HV * V + vs[None, :]
@@ -315,13 +355,13 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
 
 
 def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
-    """Kernels 1 and 2 -> (w, u, kr, ainv, states, ht): W; U (written over Ũ); kr = 1/‖k‖ [B, T, HV] if `l2` (k is
-    then unnormalised), else None; A_inv's rows [B, T, HV, C] if `recompute`, else None; the chunk states
-    [B, HV, NT, K, V]; the final state [B, HV, K, V] fp32 or None.
+    """Kernels 1 and 2 -> (w, u, kr, ainv, states, ht): W; U (written over Ũ); kr = 1/‖k‖ [B, T, HV]
+    if `l2` (k is then unnormalised), else None; A_inv's rows [B, T, HV, C] if `recompute`, else
+    None; the chunk states [B, HV, NT, K, V]; the final state [B, HV, K, V] fp32 or None.
 
-    The forward stores W, U and the states in the inputs' dtype (as fla does: half the bytes in 16 bits); the
-    backward's recomputation (`recompute`) stores them in fp32, with A_inv, for the gradients. The scans accumulate
-    in fp32 and multiply in W's dtype.
+    The forward stores W, U and the states in the inputs' dtype (as fla does: half the bytes in 16
+    bits); the backward's recomputation (`recompute`) stores them in fp32, with A_inv, for the
+    gradients. The scans accumulate in fp32 and multiply in W's dtype.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2:]
@@ -330,7 +370,8 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
     store = torch.float32 if recompute else k.dtype
     w = torch.empty(B, T, HV, K, device=dev, dtype=store)
     u = torch.empty(B, T, HV, V, device=dev, dtype=store)
-    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None  # per value head, as g is
+    # per value head, as g is
+    kr = torch.empty(B, T, HV, device=dev, dtype=torch.float32) if l2 else None
     ainv = torch.empty(B, T, HV, _C, device=dev, dtype=torch.float32) if recompute else None
     runtime.launch("deltanet.fwd_wy", _fwd_wy_kernel, lambda c: (NT, B * HV),
                    (k, v, g, beta, w, u, kr, ainv, T, H, HV, K, V),
@@ -339,28 +380,32 @@ def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):
                    fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(k, v))
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=store)
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    # never autotuned: the scan writes U over Ũ, and the autotuner's repeated runs would subtract W S twice
-    runtime.launch("deltanet.fwd_states.recompute" if recompute else "deltanet.fwd_states", _fwd_states_kernel,
-                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    # never autotuned: the scan writes U over Ũ, and the autotuner's repeated runs would subtract W
+    # S twice
+    runtime.launch("deltanet.fwd_states.recompute" if recompute else "deltanet.fwd_states",
+                   _fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (k, w, u, g, kr, h0, states, ht, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=max(_pow2(K), 32), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2=l2,
-                        PRECISION=prec),
-                   fit=_v_tile(V), **_options(k, v))
+                   dict(C=_C, BK=max(_pow2(K), 32), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        L2=l2, PRECISION=prec), fit=_v_tile(V), **_options(k, v))
     return w, u, kr, ainv, states, ht
 
 
 def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2):
-    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None). With `l2`, q and k
-    are used as given and their normalisation is applied inside the kernels, as fp32 scalings."""
+    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None). With
+    `l2`, q and k are used as given and their normalisation is applied inside the kernels, as fp32
+    scalings."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
-    w, u, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute=False)
+    w, u, kr, _, states, ht = _wy_and_states(k, v, g, beta, h0, output_final_state, l2,
+                                             recompute=False)
     o = torch.empty(B, T, HV, V, device=q.device, dtype=q.dtype)
-    runtime.launch("deltanet.fwd_output", _fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+    runtime.launch("deltanet.fwd_output", _fwd_output_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
                    (q, k, u, g, kr, states, o, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=min(_pow2(K), _OUTPUT_COLUMNS), L2=l2, PRECISION=_precision(q.dtype)),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   dict(C=_C, BK=min(_pow2(K), _OUTPUT_COLUMNS), L2=l2,
+                        PRECISION=_precision(q.dtype)), fit=_v_tile(V),
+                   autotune_key=["T", "K", "V"], **_options(q, v))
     return o, ht
 
 

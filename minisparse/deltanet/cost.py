@@ -4,25 +4,29 @@ from minisparse.lightning.cost import lightning_flops
 
 
 def gdn_flops(T, d_k, d_v, value_heads=1, chunk=64):
-    """Forward FLOPs of the chunkwise gated delta rule over T tokens (2 FLOPs a multiply-add), all value heads.
+    """Forward FLOPs of the chunkwise gated delta rule over T tokens (2 FLOPs a multiply-add), all
+    value heads.
 
-    Chapter 4's chunk form (intra-chunk causal QKᵀ and ·U, the state's read and update) plus the UT transform:
-    causal KKᵀ (C·K a token), the triangular solve for K + V right-hand sides (C·(K + V)) and W·S (2·K·V).
+    Chapter 4's chunk form (intra-chunk causal QKᵀ and ·U, the state's read and update) plus the UT
+    transform:
+    causal KKᵀ (C·K a token), the triangular solve for K + V right-hand sides (C·(K + V)) and W·S
+    (2·K·V).
     """
     extra = T * (chunk * d_k + chunk * (d_k + d_v) + 2 * d_k * d_v)
     return value_heads * (lightning_flops(T, d_k, d_v, chunk=chunk, form="chunk") + extra)
 
 
 def gdn_state_bytes(key_heads, value_heads, d_k, d_v, conv_kernel=4, state_bytes=4, dtype_bytes=2):
-    """Decoding memory of one GDN layer, independent of T: the K×V states (state_bytes each) and the short
-    convolution's last conv_kernel - 1 inputs over the 2·H·K + Hv·V convolved channels (dtype_bytes each)."""
+    """Decoding memory of one GDN layer, independent of T: the K×V states (state_bytes each) and the
+    short convolution's last conv_kernel - 1 inputs over the 2·H·K + Hv·V convolved channels
+    (dtype_bytes each)."""
     return (value_heads * d_k * d_v * state_bytes
             + (conv_kernel - 1) * (2 * key_heads * d_k + value_heads * d_v) * dtype_bytes)
 
 
 def layer_pattern(config):
-    """The list of 'linear_attention' / 'full_attention' of a Qwen3-Next-style config: its layer_types, or else
-    every full_attention_interval-th layer is softmax attention."""
+    """The list of 'linear_attention' / 'full_attention' of a Qwen3-Next-style config: its
+    layer_types, or else every full_attention_interval-th layer is softmax attention."""
     types = getattr(config, "layer_types", None)
     if types is None:
         every = config.full_attention_interval
@@ -32,11 +36,14 @@ def layer_pattern(config):
 
 
 def hybrid_costs(config, T, layer_types=None, chunk=64, dtype_bytes=2, state_bytes=4):
-    """Token-mixing prefill FLOPs of the whole stack over T tokens and its decoding memory at context T.
+    """Token-mixing prefill FLOPs of the whole stack over T tokens and its decoding memory at
+    context T.
 
-    config: a Qwen3NextConfig (or anything with its fields). layer_types overrides the config's pattern (e.g.
-    ['full_attention'] * 48 for the all-attention model). Returns a dict: flops, kv_bytes (softmax layers' K and V),
-    state_bytes (GDN states + conv states, constant in T), memory = kv_bytes + state_bytes, and the layer counts.
+    config: a Qwen3NextConfig (or anything with its fields). layer_types overrides the config's
+    pattern (e.g.
+    ['full_attention'] * 48 for the all-attention model). Returns a dict: flops, kv_bytes (softmax
+    layers' K and V), state_bytes (GDN states + conv states, constant in T), memory = kv_bytes +
+    state_bytes, and the layer counts.
     """
     types = layer_pattern(config) if layer_types is None else list(layer_types)
     bad = set(types) - {"full_attention", "linear_attention"}
@@ -45,12 +52,14 @@ def hybrid_costs(config, T, layer_types=None, chunk=64, dtype_bytes=2, state_byt
     n_attn, n_gdn = types.count("full_attention"), types.count("linear_attention")
     c = config
     attn = attention_flops(T, c.head_dim, c.num_attention_heads, causal=True)
-    gdn = gdn_flops(T, c.linear_key_head_dim, c.linear_value_head_dim, c.linear_num_value_heads, chunk=chunk)
+    gdn = gdn_flops(T, c.linear_key_head_dim, c.linear_value_head_dim, c.linear_num_value_heads,
+                    chunk=chunk)
     kv = kv_cache_bytes_per_token(n_attn, c.num_key_value_heads, c.head_dim, dtype_bytes) * T
-    states = n_gdn * gdn_state_bytes(c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim,
-                                     c.linear_value_head_dim, c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
-    return dict(flops=n_attn * attn + n_gdn * gdn, kv_bytes=kv, state_bytes=states, memory=kv + states,
-                full_attention_layers=n_attn, linear_attention_layers=n_gdn)
+    states = n_gdn * gdn_state_bytes(c.linear_num_key_heads, c.linear_num_value_heads,
+                                     c.linear_key_head_dim, c.linear_value_head_dim,
+                                     c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
+    return dict(flops=n_attn * attn + n_gdn * gdn, kv_bytes=kv, state_bytes=states,
+                memory=kv + states, full_attention_layers=n_attn, linear_attention_layers=n_gdn)
 
 
 __all__ = ['gdn_flops', 'gdn_state_bytes', 'layer_pattern', 'hybrid_costs']

@@ -9,14 +9,14 @@ from minisparse.deltanet.chunk_fwd import _heads, _options, _pow2, _v_tile
 
 
 @triton.jit
-def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
-                            BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                            L2NORM: tl.constexpr):
+def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T,
+                            H, HV, K, V, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                            STORE_HT: tl.constexpr, L2NORM: tl.constexpr):
     """The gated delta rule token by token, for decoding.
 
     Program: one (batch b, value head hv) and one V-tile of its state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole sequence; a step
-    loads one row of q, k [BK] and v [BV].
+    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole
+    sequence; a step loads one row of q, k [BK] and v [BV].
     Math, t = 0 … T−1 (S = h0 if HAS_H0 else 0; L2NORM: q_t, k_t normalised first):
         S ← e^{g_t} S;   S ← S + k_tᵀ β_t (v_t − k_t S);   o_t = scale · q_t S
     and ht = S if STORE_HT.
@@ -34,7 +34,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
     kv_off = ks[:, None] * V + vs[None, :]
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
+                    other=0.0).to(tl.float32)
     for t in range(T):
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
@@ -53,33 +54,40 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
         tl.store(ht_ptr + bh * K * V + kv_off, S, mask=km[:, None] & vm[None, :])
 
 
-def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                     use_qk_l2norm=False):
-    """The gated delta rule token by token in Triton, for decoding a few tokens from a state. Forward only.
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm=False):
+    """The gated delta rule token by token in Triton, for decoding a few tokens from a state.
+    Forward only.
 
-    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Its cost grows with T sequentially: use it
-    for T = 1 (or a handful of tokens), chunk_gated_delta_rule for prompts and training. Raises if gradients are
-    required.
+    Same arguments and result as chunk_gated_delta_rule, with K, V ≤ 256. Its cost grows with T
+    sequentially: use it for T = 1 (or a handful of tokens), chunk_gated_delta_rule for prompts and
+    training. Raises if gradients are required.
     """
-    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            check_values=True)
+    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, check_values=True)
 
 
-def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
-    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values):
+    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values
+    (GatedDeltaNet's own)."""
     op = "fused_recurrent_gated_delta_rule"
-    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=256)
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=256)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_gated_delta_rule")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    runtime.launch("deltanet.fused_recurrent", _fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    ht = torch.empty(B, HV, K, V, dtype=torch.float32,
+                     device=q.device) if output_final_state else None
+    runtime.launch("deltanet.fused_recurrent", _fused_recurrent_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
                     beta.float().contiguous(), h0, o, ht, scale, T, H, HV, K, V),
-                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=bool(use_qk_l2norm)),
-                   fit=_v_tile(V), autotune_key=["T", "K", "V"], **_options(q, v))
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        L2NORM=bool(use_qk_l2norm)), fit=_v_tile(V), autotune_key=["T", "K", "V"],
+                   **_options(q, v))
     return o, ht
 
 

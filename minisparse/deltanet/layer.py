@@ -9,8 +9,113 @@ from minisparse.deltanet.fused_recurrent import _fused_recurrent
 from minisparse.deltanet.naive import _naive_chunk, _naive_recurrent
 
 
+class GatedDeltaNet(nn.Module):
+    """Qwen3-Next's Gated DeltaNet layer, parameter names as transformers' Qwen3NextGatedDeltaNet
+    (the picture above).
+
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
+    [B, T, hidden], new state or None). A state is (conv_state [B, conv_dim, kernel − 1],
+    recurrent_state [B, HV, K, V] float32), returned when use_cache is True or a state was given.
+    backend: "triton" (chunk; fused recurrent for ≤ 16 tokens from a state without gradients),
+    "naive" (PyTorch chunk; the recurrence for single steps), or "auto" (Triton for CUDA tensors or
+    under the interpreter). g ≤ 0 and β in [0, 1] hold by construction: no value checks.
+    """
+
+    def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
+                 conv_kernel_size=4, eps=1e-6, chunk_size=64, backend="auto"):
+        super().__init__()
+        # positive sizes, HV % H == 0, kernel ≥ 2 (Engineering notes)
+        _check_layer_args(hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
+                          conv_kernel_size, eps, chunk_size, backend)
+        self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.conv_kernel_size = conv_kernel_size
+        self.chunk_size, self.backend = chunk_size, backend
+        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim,
+                                      bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size,
+                                groups=self.conv_dim, bias=False, padding=conv_kernel_size - 1)
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
+        # decay rates exp(A_log) in [1, 16]
+        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())
+        self.norm = GatedRMSNorm(head_v_dim, eps=eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    @classmethod
+    def from_hf(cls, module, backend="auto"):
+        """Copy transformers' Qwen3NextGatedDeltaNet (weights, shapes) into a GatedDeltaNet."""
+        return _from_hf(cls, module, backend)
+
+    def _split(self, qkvz, ba):
+        """The grouped layout -> q, k [B, T, Hk, K], v, z [B, T, Hv, V], b, a [B, T, Hv]."""
+        B, T, _ = qkvz.shape
+        Hk, dk, dv = self.num_k_heads, self.head_k_dim, self.head_v_dim
+        r = self.num_v_heads // Hk  # value heads per key head
+        qkvz = qkvz.view(B, T, Hk, 2 * dk + 2 * r * dv)  # per key head: [q | k | r·v | r·z]
+        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
+        b, a = ba.view(B, T, Hk, 2 * r).split([r, r], dim=-1)
+        Hv = self.num_v_heads
+        v, z = v.reshape(B, T, Hv, dv), z.reshape(B, T, Hv, dv)
+        return q, k, v, z, b.reshape(B, T, Hv), a.reshape(B, T, Hv)
+
+    def _conv(self, x, conv_state):
+        """Causal depthwise conv + SiLU over x [B, C, T] after conv_state [B, C, W − 1] (or 0)."""
+        W = self.conv_kernel_size
+        if conv_state is None:
+            prev = x.new_zeros(x.shape[0], x.shape[1], W - 1)
+        else:
+            prev = conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        if x.shape[-1] == 0:  # T = 0: nothing to convolve, and the state carries over
+            return x, xx
+        y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
+        return F.silu(y), xx[..., -(W - 1):]
+
+    def _attend(self, q, k, v, g, beta, rec_state, want_state):
+        """The gated delta rule on the layer's own q, k, v, g, β (no value checks)."""
+        # scale K^-0.5, q and k normalised inside
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)
+        if _checks.choose_backend(self.backend, q) == "naive":
+            # one decoding step: the recurrence is the cheaper form
+            if rec_state is not None and q.shape[1] == 1:
+                return _naive_recurrent(*args, check_values=False)
+            return _naive_chunk(*args, self.chunk_size, check_values=False)
+        if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+            return _fused_recurrent(*args, check_values=False)
+        return _chunk(*args, check_values=False)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        # [B, T, hidden]
+        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)
+        B, T, _ = hidden_states.shape
+        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
+        conv_state, rec_state = (None, None) if state is None else state
+        q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states),
+                                       self.in_proj_ba(hidden_states))
+        mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
+                           v.reshape(B, T, self.value_dim)], dim=-1)  # [B, T, conv_dim]
+        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
+        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        beta = b.sigmoid()  # [B, T, Hv]
+        # [B, T, Hv] log decay ≤ 0
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        want_state = use_cache or state is not None
+        o, new_rec = self._attend(q, k, v, g, beta, rec_state, want_state)
+        o = self.norm(o, z)  # [B, T, Hv, V] per value head
+        y = self.out_proj(o.reshape(B, T, self.value_dim))
+        return y, ((new_conv, new_rec) if want_state else None)
+
+
 class GatedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension, then ⊙ SiLU(z) (Qwen3-Next's RMSNormGated: norm first, then gate)."""
+    """RMSNorm over the last dimension, then ⊙ SiLU(z) (Qwen3-Next's RMSNormGated: norm first, then
+    gate)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -24,115 +129,42 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
 
 
-class GatedDeltaNet(nn.Module):
-    """Qwen3-Next's Gated DeltaNet layer. Parameter names as transformers' Qwen3NextGatedDeltaNet.
-
-    in_proj_qkvz, in_proj_ba -> causal depthwise conv1d over q, k, v (+ SiLU) -> l2norm(q, k), β = σ(b),
-    g = −exp(A_log)·softplus(a + dt_bias) -> gated delta rule -> GatedRMSNorm(o, z) per value head -> out_proj.
-
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
-    new state or None). A state is (conv_state [B, conv_dim, kernel − 1], recurrent_state [B, HV, K, V] float32);
-    it is returned when use_cache is True or a state was given.
-    backend: "triton" (chunk_gated_delta_rule; fused_recurrent_gated_delta_rule for ≤ 16 tokens from a state without
-    gradients), "naive" (naive_chunk_gated_delta_rule; the recurrence for single-token steps), or "auto" (the
-    default: Triton for CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1]
-    hold by construction, so it never asks the ops to check their values.
-    """
-
-    def __init__(self, hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel_size=4, eps=1e-6,
-                 chunk_size=64, backend="auto"):
-        super().__init__()
-        op = "GatedDeltaNet"
-        for name, value in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads), ("num_v_heads", num_v_heads),
-                            ("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim), ("chunk_size", chunk_size)):
-            _checks.positive_int(op, name, value)
-        _checks.divides(op, "num_k_heads", num_k_heads, "num_v_heads", num_v_heads)
-        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
-            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2 (a causal convolution over past tokens), "
-                             f"got {conv_kernel_size}")
-        _checks.positive_float(op, "eps", eps)
-        _checks.backend(op, backend)
-        self.hidden_size, self.num_k_heads, self.num_v_heads = hidden_size, num_k_heads, num_v_heads
-        self.head_k_dim, self.head_v_dim, self.conv_kernel_size = head_k_dim, head_v_dim, conv_kernel_size
-        self.chunk_size, self.backend = chunk_size, backend
-        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
-        self.conv_dim = 2 * self.key_dim + self.value_dim
-        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim, bias=False,
-                                padding=conv_kernel_size - 1)
-        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
-        self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())  # decay rates exp(A_log) in [1, 16]
-        self.norm = GatedRMSNorm(head_v_dim, eps=eps)
-        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-
-    @classmethod
-    def from_hf(cls, module, backend="auto"):
-        """Copy transformers' Qwen3NextGatedDeltaNet (weights and shapes) into a GatedDeltaNet."""
-        if module.activation not in ("silu", "swish"):
-            raise ValueError(f"GatedDeltaNet.from_hf: only SiLU convolutions are supported, got {module.activation!r}")
-        layer = cls(module.hidden_size, module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
-                    module.conv_kernel_size, module.layer_norm_epsilon, backend=backend)
-        w = module.in_proj_qkvz.weight
-        layer = layer.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for name in ("in_proj_qkvz", "in_proj_ba", "conv1d", "out_proj", "norm"):
-                getattr(layer, name).weight.copy_(getattr(module, name).weight)
-            layer.dt_bias.copy_(module.dt_bias)
-            layer.A_log.copy_(module.A_log)
-        return layer
-
-    def _split(self, qkvz, ba):
-        """Qwen3-Next's grouped layout -> q, k [B, T, Hk, K], v, z [B, T, Hv, V], b, a [B, T, Hv]."""
-        B, T, _ = qkvz.shape
-        Hk, r, dk, dv = self.num_k_heads, self.num_v_heads // self.num_k_heads, self.head_k_dim, self.head_v_dim
-        q, k, v, z = qkvz.view(B, T, Hk, 2 * dk + 2 * r * dv).split([dk, dk, r * dv, r * dv], dim=-1)
-        b, a = ba.view(B, T, Hk, 2 * r).split([r, r], dim=-1)
-        Hv = self.num_v_heads
-        return q, k, v.reshape(B, T, Hv, dv), z.reshape(B, T, Hv, dv), b.reshape(B, T, Hv), a.reshape(B, T, Hv)
-
-    def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1] (zeros if None)."""
-        W = self.conv_kernel_size
-        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
-        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
-        if x.shape[-1] == 0:  # T = 0: nothing to convolve, and the state carries over
-            return x, xx
-        y = F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)  # [B, C, T]
-        return F.silu(y), xx[..., -(W - 1):]
-
-    def _attend(self, q, k, v, g, beta, rec_state, want_state):
-        """The gated delta rule on the layer's own q, k, v, g, β: no value checks (check_values=False)."""
-        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
-        if _checks.choose_backend(self.backend, q) == "naive":
-            if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
-                return _naive_recurrent(*args, check_values=False)
-            return _naive_chunk(*args, self.chunk_size, check_values=False)
-        if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
-            return _fused_recurrent(*args, check_values=False)
-        return _chunk(*args, check_values=False)
-
-    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)  # [B, T, hidden]
-        B, T, _ = hidden_states.shape
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
-            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
-        conv_state, rec_state = (None, None) if state is None else state
-        q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
-        mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
-                           v.reshape(B, T, self.value_dim)], dim=-1)  # [B, T, conv_dim]
-        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
-        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = b.sigmoid()  # [B, T, Hv]
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [B, T, Hv] log decay ≤ 0
-        want_state = use_cache or state is not None
-        o, new_rec = self._attend(q, k, v, g, beta, rec_state, want_state)
-        o = self.norm(o, z)  # [B, T, Hv, V] per value head
-        y = self.out_proj(o.reshape(B, T, self.value_dim))
-        return y, ((new_conv, new_rec) if want_state else None)
+def _check_layer_args(hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
+                      conv_kernel_size, eps, chunk_size, backend):
+    """GatedDeltaNet's constructor arguments: positive sizes, value heads a multiple of key heads, a
+    kernel ≥ 2."""
+    op = "GatedDeltaNet"
+    for name, value in (("hidden_size", hidden_size), ("num_k_heads", num_k_heads),
+                        ("num_v_heads", num_v_heads), ("head_k_dim", head_k_dim),
+                        ("head_v_dim", head_v_dim), ("chunk_size", chunk_size)):
+        _checks.positive_int(op, name, value)
+    _checks.divides(op, "num_k_heads", num_k_heads, "num_v_heads", num_v_heads)
+    if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
+        raise ValueError(f"{op}: conv_kernel_size must be an int >= 2 "
+                         "(a causal convolution over past tokens), "
+                         f"got {conv_kernel_size}")
+    _checks.positive_float(op, "eps", eps)
+    _checks.backend(op, backend)
 
 
-__all__ = ['GatedRMSNorm', 'GatedDeltaNet']
+def _from_hf(cls, module, backend="auto"):
+    """GatedDeltaNet.from_hf: copy transformers' Qwen3NextGatedDeltaNet (weights and shapes) into a
+    GatedDeltaNet."""
+    if module.activation not in ("silu", "swish"):
+        raise ValueError(
+            "GatedDeltaNet.from_hf: only SiLU convolutions are supported, got "
+            f"{module.activation!r}")
+    layer = cls(module.hidden_size, module.num_k_heads, module.num_v_heads, module.head_k_dim,
+                module.head_v_dim, module.conv_kernel_size, module.layer_norm_epsilon,
+                backend=backend)
+    w = module.in_proj_qkvz.weight
+    layer = layer.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for name in ("in_proj_qkvz", "in_proj_ba", "conv1d", "out_proj", "norm"):
+            getattr(layer, name).weight.copy_(getattr(module, name).weight)
+        layer.dt_bias.copy_(module.dt_bias)
+        layer.A_log.copy_(module.A_log)
+    return layer
+
+
+__all__ = ['GatedDeltaNet', 'GatedRMSNorm']

@@ -5,100 +5,68 @@ from minisparse import _checks
 
 
 def l2norm(x, eps=1e-6):
-    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers' l2norm)."""
+    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers')."""
     x = x.float()
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def _check_gate_and_beta(op, g, beta):
-    """The values: g finite and ≤ 0, β in [0, 2], NaN reported as NaN. One reduction and a host sync a tensor."""
-    if g is not None:
-        _checks.value_range(op, "g", g, low=float("-inf"), low_open=True, high=0.0,
-                            why="a finite log decay: exp(g) in (0, 1]")
-    _checks.value_range(op, "beta", beta, low=0.0, high=2.0,
-                        why="I - beta k kᵀ must not amplify the state for unit keys; models use sigmoid outputs")
+def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm=False):
+    """Gated delta rule token by token: S ← exp(g_t) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale
+    · q_t S.
 
-
-def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values):
-    """Validate what every delta-rule op takes (g may be None: no decay); return the scale as a float (K ** -0.5
-    for None). `check_values`: also check the values of g and β now (the naive ops always do; the Triton ops follow
-    the value-check rule, runtime.checking_values; a layer skips what it built itself)."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
-    if g is not None:
-        _checks.per_head_token(op, "g", g, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
-    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
-    if check_values:
-        _check_gate_and_beta(op, g, beta)
-    return _checks.scale(op, scale, K)
-
-
-def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised; g None -> zeros."""
-    HV = v.shape[2]
-    rep = HV // q.shape[2]
-    q, k = q.float(), k.float()
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    if rep > 1:  # grouped value heads: value head hv reads query/key head hv // rep
-        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
-    g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g.float()
-    return q, k, v.float(), g, beta.float()
-
-
-def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                     use_qk_l2norm=False):
-    """Gated delta rule token by token: S ← exp(g_t) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale · q_t S.
-
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV] in [0, 2];
-    initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32 or
-    None). Accumulates in float32.
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV]
+    in [0, 2]; initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype,
+    final_state [B, HV, K, V] float32 or None). Accumulates in float32.
     """
-    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            check_values=True)
+    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, check_values=True)
 
 
-def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
-                     op="naive_recurrent_gated_delta_rule"):
-    """naive_recurrent_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
-    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)
+def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values, op="naive_recurrent_gated_delta_rule"):
+    """naive_recurrent_gated_delta_rule; check_values=False skips g's and β's values."""
+    scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)  # shapes, values
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)  # float32, q, k per value head
     S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float().clone()
     o = qf.new_empty(B, T, HV, V)
     for t in range(T):
         kt = kf[:, t]  # [B, HV, K]
         S = S * gf[:, t].exp()[:, :, None, None]  # decay: exp(g_t) S
-        err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S: what the memory gets wrong
-        S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # write β_t · error under k_t
+        # [B, HV, V] v_t − k_t S: what the memory gets wrong
+        err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)
+        # write β_t · error under k_t
+        S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]
         o[:, t] = torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S)  # [B, HV, V]
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
-                               use_qk_l2norm=False):
-    """DeltaNet token by token: naive_recurrent_gated_delta_rule with g = 0 (no decay). Same shapes."""
-    return _naive_recurrent(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                            check_values=True, op="naive_recurrent_delta_rule")
+def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None,
+                               output_final_state=False, use_qk_l2norm=False):
+    """DeltaNet token by token: naive_recurrent_gated_delta_rule with g = 0. Same shapes."""
+    return _naive_recurrent(q, k, v, None, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, check_values=True, op="naive_recurrent_delta_rule")
 
 
-def naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                 use_qk_l2norm=False, chunk_size=64):
-    """Gated delta rule by chunks (the WY/UT form): same arguments and results as naive_recurrent_gated_delta_rule.
+def naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                 output_final_state=False, use_qk_l2norm=False, chunk_size=64):
+    """Gated delta rule by chunks (the WY/UT form): same arguments and results as
+    naive_recurrent_gated_delta_rule.
 
-    Per chunk of L ≤ chunk_size tokens: G_i = g_1 + … + g_i, Γ_ij = exp(g_{j+1} + … + g_i) for j ≤ i (segment
-    sums, never G_i − G_j); A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit lower-triangular solve gives
-    W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S,
-    O = scale (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(Γ_L) K)ᵀ U. Differentiable by autograd.
+    Per chunk of L ≤ chunk_size tokens: G_i = g_1 + … + g_i, Γ_ij = exp(g_{j+1} + … + g_i) for j ≤ i
+    (segment sums, never G_i − G_j); A = strictly lower (diag(β) K Kᵀ ⊙ Γ); a unit lower-triangular
+    solve gives W = (I + A)⁻¹ diag(β e^G) K and Ũ = (I + A)⁻¹ diag(β) V; then U = Ũ − W S, O = scale
+    (diag(e^G) Q S + (Q Kᵀ ⊙ Γ) U), S ← e^{G_L} S + (diag(Γ_L) K)ᵀ U. Differentiable by autograd.
     """
-    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
-                        check_values=True)
+    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                        chunk_size, check_values=True)
 
 
-def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
-                 check_values, op="naive_chunk_gated_delta_rule"):
-    """naive_chunk_gated_delta_rule; check_values=False skips g's and β's values (GatedDeltaNet's own)."""
+def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                 chunk_size, check_values, op="naive_chunk_gated_delta_rule"):
+    """naive_chunk_gated_delta_rule; check_values=False skips g's and β's values (the layer's)."""
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values)
     _checks.positive_int(op, "chunk_size", chunk_size)
     B, T, H, K = q.shape
@@ -115,24 +83,73 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # j <= i
         G = gc.cumsum(-1)  # [B, HV, L] G_i: log decay from the chunk's start through token i
         after = ~causal.T  # [L, L] i > j
-        D = torch.where(after, gc[..., :, None], 0.0).cumsum(-2)  # [B, HV, L, L] D_ij = g_{j+1} + … + g_i, i ≥ j
-        Gamma = torch.exp(torch.where(causal, D, float("-inf")))  # [B, HV, L, L] e^{G_i − G_j}, 0 above
+        # [B, HV, L, L] D_ij = g_{j+1} + … + g_i, i ≥ j
+        D = torch.where(after, gc[..., :, None], 0.0).cumsum(-2)
+        # [B, HV, L, L] e^{G_i − G_j}, 0 above
+        Gamma = torch.exp(torch.where(causal, D, float("-inf")))
         A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)  # strictly lower
         eye = torch.eye(L, device=q.device)
-        rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
-        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        # [B, HV, L, K + V]
+        rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)
+        # (I + A)⁻¹ rhs
+        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         W, U_tilde = WU[..., :K], WU[..., K:]  # [B, HV, L, K], [B, HV, L, V]
         U = U_tilde - W @ S  # [B, HV, L, V] what each token writes
-        o[:, :, c0:c0 + L] = scale * ((qc * G.exp()[..., None]) @ S + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U)
-        S = G[..., -1, None, None].exp() * S + (kc * Gamma[..., -1, :, None]).transpose(-1, -2) @ U  # Γ_Lj
+        o[:, :, c0:c0 + L] = scale * ((qc * G.exp()[..., None]) @ S
+                                      + ((qc @ kc.transpose(-1, -2)) * Gamma) @ U)
+        # Γ_Lj
+        S = G[..., -1, None, None].exp() * S + (kc * Gamma[..., -1, :, None]).transpose(-1, -2) @ U
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 
 def naive_chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm=False, chunk_size=64):
-    """DeltaNet by chunks: naive_chunk_gated_delta_rule with g = 0. Same shapes as naive_recurrent_delta_rule."""
-    return _naive_chunk(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
-                        check_values=True, op="naive_chunk_delta_rule")
+    """DeltaNet by chunks: naive_chunk_gated_delta_rule with g = 0. Same shapes as
+    naive_recurrent_delta_rule."""
+    return _naive_chunk(q, k, v, None, beta, scale, initial_state, output_final_state,
+                        use_qk_l2norm, chunk_size, check_values=True, op="naive_chunk_delta_rule")
+
+
+def _check_gate_and_beta(op, g, beta):
+    """The values: g finite and ≤ 0, β in [0, 2], NaN reported as NaN. One reduction and a host sync
+    a tensor."""
+    if g is not None:
+        _checks.value_range(op, "g", g, low=float("-inf"), low_open=True, high=0.0,
+                            why="a finite log decay: exp(g) in (0, 1]")
+    _checks.value_range(op, "beta", beta, low=0.0, high=2.0,
+                        why="I - beta k kᵀ must not amplify the state for unit keys; models use "
+                            "sigmoid outputs")
+
+
+def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values):
+    """Validate what every delta-rule op takes (g may be None: no decay); return the scale as a
+    float (K ** -0.5 for None). `check_values`: also check the values of g and β now (the naive ops
+    always do; the Triton ops follow the value-check rule, runtime.checking_values; a layer skips
+    what it built itself)."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    if g is not None:
+        _checks.per_head_token(op, "g", g, (B, T, HV), "[B, T, HV]", "one per token and value head",
+                               like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
+                           "one per token and value head", like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    if check_values:
+        _check_gate_and_beta(op, g, beta)
+    return _checks.scale(op, scale, K)
+
+
+def _prepare(q, k, v, g, beta, use_qk_l2norm):
+    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised; g None ->
+    zeros."""
+    HV = v.shape[2]
+    rep = HV // q.shape[2]
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if rep > 1:  # grouped value heads: value head hv reads query/key head hv // rep
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
+    g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g.float()
+    return q, k, v.float(), g, beta.float()
 
 
 __all__ = ['l2norm', 'naive_recurrent_gated_delta_rule', 'naive_recurrent_delta_rule', 'naive_chunk_gated_delta_rule', 'naive_chunk_delta_rule']

@@ -4,6 +4,8 @@ from .cost import *  # noqa: F401,F403
 from .naive import *  # noqa: F401,F403
 from .triton import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
+from .bugs import *  # noqa: F401,F403
+from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['lightning_flops', 'softmax_attention_flops', 'MINIMAX_M1', 'DEEPSEEK_R1', 'generation_cost', 'minimax_slopes', 'decay_matrix', 'naive_recurrent_lightning_attn', 'naive_chunk_lightning_attn', 'chunk_lightning_attn', 'fused_recurrent_lightning_attn', 'LightningAttention', 'check_decay_matrix', 'check_state_update', 'check_chunk_output']
+__all__ = ['lightning_flops', 'softmax_attention_flops', 'MINIMAX_M1', 'DEEPSEEK_R1', 'generation_cost', 'minimax_slopes', 'decay_matrix', 'naive_recurrent_lightning_attn', 'naive_chunk_lightning_attn', 'chunk_lightning_attn', 'fused_recurrent_lightning_attn', 'LightningAttention', 'chunk_form_with_a_bug', 'layer_from_hf', 'check_balanced_chunk', 'measured_state_norm', 'check_state_norm_prediction', 'check_chunk_form_fix', 'load_chunk', 'check_output_tile_kernel']

@@ -3,10 +3,10 @@ import numpy as np
 
 
 def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
-    """FLOPs of linear attention for one head over a whole sequence of T tokens (2 FLOPs a multiply-add).
+    """FLOPs of linear attention, one head, a whole sequence of T tokens (2 FLOPs a multiply-add).
 
-    form: "parallel" (masked QKᵀ then ·V, causal half), "recurrent" (update + read a K×V state per token) or
-    "chunk" (parallel inside chunks of `chunk` tokens, the state across them).
+    form: "parallel" (masked QKᵀ then ·V, causal half), "recurrent" (update + read a K×V state per
+    token) or "chunk" (parallel inside chunks of `chunk` tokens, the state across them).
     """
     if form == "parallel":
         return T * T * (d_k + d_v)  # 2 · T²/2 · (K + V)
@@ -14,31 +14,33 @@ def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
         return 4 * T * d_k * d_v
     if form == "chunk":
         return T * chunk * (d_k + d_v) + 4 * T * d_k * d_v
-    raise ValueError(f"lightning_flops: form must be 'parallel', 'recurrent' or 'chunk', got {form!r}")
+    raise ValueError(f"lightning_flops: form must be 'parallel', 'recurrent' or 'chunk', got "
+                     f"{form!r}")
 
 
 def softmax_attention_flops(T, d_qk, d_v, heads=1):
-    """FLOPs of causal softmax attention over T tokens: QKᵀ and PV on the causal half, 2 FLOPs a multiply-add."""
+    """FLOPs of causal softmax attention over T tokens: QKᵀ and PV on the causal half."""
     return heads * T * T * (d_qk + d_v)
 
 
-# Shapes: MiniMax-M1 from the MiniMax-01 / M1 reports (80 layers, 1 softmax in 8, 64 heads × 128, GQA with 8 KV
-# heads, 45.9B active); DeepSeek-R1 = DeepSeek-V3's architecture (61 MLA layers, 128 heads, q·k over 128 + 64
-# dims, v 128, a 512 + 64 latent cached per token, 37B active).
-MINIMAX_M1 = dict(name="MiniMax-M1", active_params=45.9e9, softmax_layers=10, heads=64, d_qk=128, d_v=128,
-                  kv_bytes_per_token=10 * 2 * 8 * 128 * 2, linear_layers=70, linear_heads=64, d_k=128, d_v_lin=128,
-                  state_bytes=70 * 64 * 128 * 128 * 4)
-DEEPSEEK_R1 = dict(name="DeepSeek-R1", active_params=37e9, softmax_layers=61, heads=128, d_qk=192, d_v=128,
-                   kv_bytes_per_token=61 * (512 + 64) * 2, linear_layers=0, linear_heads=0, d_k=0, d_v_lin=0,
-                   state_bytes=0)
+# Shapes: MiniMax-M1 from the MiniMax-01 / M1 reports (80 layers, 1 softmax in 8, 64 heads × 128,
+# GQA with 8 KV heads, 45.9B active); DeepSeek-R1 = DeepSeek-V3's architecture (61 MLA layers, 128
+# heads, q·k over 128 + 64 dims, v 128, a 512 + 64 latent cached per token, 37B active).
+MINIMAX_M1 = dict(name="MiniMax-M1", active_params=45.9e9, softmax_layers=10, heads=64, d_qk=128,
+                  d_v=128, kv_bytes_per_token=10 * 2 * 8 * 128 * 2, linear_layers=70,
+                  linear_heads=64, d_k=128, d_v_lin=128, state_bytes=70 * 64 * 128 * 128 * 4)
+DEEPSEEK_R1 = dict(name="DeepSeek-R1", active_params=37e9, softmax_layers=61, heads=128, d_qk=192,
+                   d_v=128, kv_bytes_per_token=61 * (512 + 64) * 2, linear_layers=0,
+                   linear_heads=0, d_k=0, d_v_lin=0, state_bytes=0)
 
 
 def generation_cost(spec, n_tokens, prompt=0):
-    """FLOPs to generate n_tokens after a prompt (summed over the generated tokens), and the cache at the end.
+    """FLOPs to generate n_tokens after a prompt (summed over the generated tokens), and the cache
+    at the end.
 
-    spec: a dict like MINIMAX_M1. Returns (flops, cache_bytes) as float arrays shaped like n_tokens. Counts
-    2 · active parameters a token, 2 · heads · t · (d_qk + d_v) a softmax layer at context t, and
-    4 · heads · d_k · d_v a lightning layer; the prompt's own processing is not included.
+    spec: a dict like MINIMAX_M1. Returns (flops, cache_bytes) as float arrays shaped like n_tokens.
+    Counts 2 · active parameters a token, 2 · heads · t · (d_qk + d_v) a softmax layer at context t,
+    and 4 · heads · d_k · d_v a lightning layer; the prompt's own processing is not included.
     """
     n = np.asarray(n_tokens, dtype=float)
     ctx_sum = n * prompt + n * (n + 1) / 2  # Σ_{t = prompt+1}^{prompt+n} t

@@ -9,27 +9,24 @@ from minisparse.lightning.triton import _chunk, _fused_recurrent
 
 
 class LightningAttention(nn.Module):
-    """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1) -> RMSNorm ->
-    sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers' MiniMaxLightningAttention.
+    """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1)
+    -> RMSNorm -> sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers'
+    MiniMaxLightningAttention.
 
-    forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) -> (y [B, T,
-    hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or a state was given, else
-    None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T], 0 for padding.
-    backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state without
-    gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto" (the default: Triton
-    for CUDA tensors or under the interpreter, else naive — so the layer also runs on a GPU machine's CPU).
+    forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) ->
+    (y [B, T, hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or
+    a state was given, else None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T],
+    0 for padding. backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16
+    tokens from a state without gradients), "naive" (naive_chunk_lightning_attn with
+    chunk_size=block_size), or "auto" (the default: Triton for CUDA tensors or under the
+    interpreter, else naive — so the layer also runs on a GPU machine's CPU).
     """
 
-    def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256, eps=1e-6,
-                 backend="auto"):
+    def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256,
+                 eps=1e-6, backend="auto"):
         super().__init__()
         op = "LightningAttention"
-        for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
-                            ("num_layers", num_layers), ("block_size", block_size)]:
-            _checks.positive_int(op, name, value)
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
-            raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
-                             f"got {layer_idx!r}")
+        _check_layer_args(op, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx, self.num_layers, self.block_size = layer_idx, num_layers, block_size
         self.backend = _checks.backend(op, backend)
@@ -42,23 +39,16 @@ class LightningAttention(nn.Module):
 
     @classmethod
     def from_hf(cls, module, backend="auto"):
-        """Copy transformers' MiniMaxLightningAttention (weights, slopes, block size) into a LightningAttention."""
-        H, d = module.num_attention_heads, module.head_dim
-        layer = cls(module.qkv_proj.in_features, H, d, module.layer_idx, module.num_hidden_layers,
-                    block_size=module.block_size, eps=module.norm.variance_epsilon, backend=backend)
-        w = module.qkv_proj.weight
-        layer = layer.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for name in ("qkv_proj", "output_gate", "out_proj", "norm"):
-                getattr(layer, name).weight.copy_(getattr(module, name).weight)
-            layer.slope_rate.copy_(module.slope_rate.reshape(-1))
-        return layer
+        """Copy transformers' MiniMaxLightningAttention (weights, slopes, block size)."""
+        from minisparse.lightning.hf import layer_from_hf
+        return layer_from_hf(cls, module, backend)
 
     def _attend(self, q, k, v, state, want_state):
-        """The recurrence with the layer's own slopes (the ops' private entry points: no value check), scale 1."""
+        """The recurrence with the layer's own slopes, scale 1 (private ops: no value check)."""
         slope = self.slope_rate.float()
         if _checks.choose_backend(self.backend, q) == "naive":
-            return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size, check_values=False)
+            return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size,
+                                check_values=False)
         if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
             return _fused_recurrent(q, k, v, slope, 1.0, state, want_state, check_values=False)
         return _chunk(q, k, v, slope, 1.0, state, want_state, check_values=False)
@@ -71,7 +61,8 @@ class LightningAttention(nn.Module):
         _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
         if attention_mask is not None:
             _checks.tensor(op, "attention_mask", attention_mask, "[B, T]")
-            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]", "1 for a token, 0 for padding")
+            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]",
+                          "1 for a token, 0 for padding")
         qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
         if attention_mask is not None:  # padded tokens add nothing to the state
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
@@ -80,6 +71,18 @@ class LightningAttention(nn.Module):
         o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
         o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
         return self.out_proj(o), new_state
+
+
+def _check_layer_args(op, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size):
+    """Positive int sizes, and 0 <= layer_idx < num_layers; raises ValueError naming `op`."""
+    for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads),
+                        ("head_dim", head_dim), ("num_layers", num_layers),
+                        ("block_size", block_size)]:
+        _checks.positive_int(op, name, value)
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) \
+            or not 0 <= layer_idx < num_layers:
+        raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = "
+                         f"[0, {num_layers}), got {layer_idx!r}")
 
 
 __all__ = ['LightningAttention']

@@ -7,21 +7,24 @@ from minisparse import _checks  # the book's shared argument checks
 def minimax_slopes(num_heads, layer_idx, num_layers):
     """MiniMax's decay rates s_h > 0 of one lightning layer: [num_heads] float32.
 
-    ALiBi's geometric slopes 2^(-8(h+1)/H), scaled by (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5), as
-    MiniMax's released modeling code (and transformers' MiniMaxLightningAttention) computes its `slope_rate`.
+    ALiBi's geometric slopes 2^(-8(h+1)/H), scaled by (1 - layer_idx / (num_layers - 1 + 1e-5) +
+    1e-5), as MiniMax's released modeling code (and transformers' MiniMaxLightningAttention)
+    computes its `slope_rate`.
     """
     _checks.positive_int("minimax_slopes", "num_heads", num_heads)
     _checks.positive_int("minimax_slopes", "num_layers", num_layers)
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
-        raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = [0, {num_layers}), "
-                         f"got {layer_idx!r}")
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx >= num_layers \
+            or layer_idx < 0:
+        raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = "
+                         f"[0, {num_layers}), got {layer_idx!r}")
     base = 1 / (2 ** (8 / num_heads))
     rate = base ** (torch.arange(num_heads) + 1)  # [H] float32: base^1 ... base^H
     return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
 
 
 def decay_matrix(slope, length):
-    """The decay mask of one head: D[i, j] = exp(-slope · (i - j)) for j <= i, else 0. [length, length] float32.
+    """The decay mask of one head, [length, length] float32: D[i, j] = exp(-slope · (i - j)) for
+    j <= i, else 0.
 
     The exponent is masked *before* exp, so no positive exponent is ever computed.
     """
@@ -30,25 +33,9 @@ def decay_matrix(slope, length):
     return torch.exp(torch.where(diff >= 0, -float(slope) * diff, float("-inf")))
 
 
-def _check_slope(op, slope):
-    """slope > 0 and finite (a NaN is reported as NaN): one reduction and a host sync."""
-    _checks.value_range(op, "slope", slope, low=0, low_open=True, high=torch.finfo(torch.float32).max,
-                        why="finite decay rates: exp(-slope) < 1 each step")
-
-
-def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
-    """Validate what every lightning op takes; return the scale as a float (K ** -0.5 for None). `check_values`:
-    also check the slope's values now (the naive ops always do; see runtime.checking_values for the Triton ops)."""
-    B, _, H, K, _, V = _checks.qkv(op, q, k, v)
-    _checks.per_head_token(op, "slope", slope, (H,), "[H]", "one decay rate a head", like=q)
-    _checks.initial_state(op, initial_state, (B, H, K, V), like=q)
-    if check_values:
-        _check_slope(op, slope)
-    return _checks.scale(op, scale, K)
-
-
-def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):
-    """Lightning attention token by token: S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
+def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
+                                   output_final_state=False):
+    """Lightning attention token by token: S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = σ q_t S_t.
 
     q, k [B, T, H, K]; v [B, T, H, V]; slope [H] > 0; initial_state [B, H, K, V] or None ->
     (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None). Accumulates in float32.
@@ -58,33 +45,40 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     B, T, H, K = q.shape
     V = v.shape[-1]
     lam = torch.exp(-slope.float())[None, :, None, None]  # [1, H, 1, 1] decay per step
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    S = initial_state.float().clone() if initial_state is not None else \
+        q.new_zeros(B, H, K, V, dtype=torch.float32)  # [B, H, K, V]
     qf, kf, vf = q.float() * scale, k.float(), v.float()
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     for t in range(T):
-        S = lam * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]  # [B, H, K, V] decay, then add k_tᵀ v_t
+        # [B, H, K, V] decay, then add k_tᵀ v_t
+        S = lam * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]
         o[:, t] = (qf[:, t, :, :, None] * S).sum(dim=2)  # [B, H, V] q_t S_t
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False,
+def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
+                               output_final_state=False,
                                chunk_size=64):
-    """Lightning attention by blocks: intra-block (Q Kᵀ ⊙ D) V plus inter-block diag(a) Q S, state carried across.
+    """Lightning attention by blocks: intra-block (Q Kᵀ ⊙ D) V + inter-block diag(a) Q S.
 
-    Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length (any T works:
-    the last block is shorter). Accumulates in float32.
+    Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length
+    (any T works: the last block is shorter). Accumulates in float32.
     """
-    return _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size, check_values=True)
+    return _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size,
+                        check_values=True)
 
 
-def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size, check_values):
-    """naive_chunk_lightning_attn; check_values=False skips the slope's values (LightningAttention's own slopes)."""
-    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state, check_values)
+def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size,
+                 check_values):
+    """naive_chunk_lightning_attn; check_values=False skips the slope's values (the layer's own)."""
+    scale = _check_lightning("naive_chunk_lightning_attn", q, k, v, slope, scale, initial_state,
+                             check_values)
     _checks.positive_int("naive_chunk_lightning_attn", "chunk_size", chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
     s = slope.float()[:, None, None]  # [H, 1, 1]
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    S = initial_state.float().clone() if initial_state is not None else \
+        q.new_zeros(B, H, K, V, dtype=torch.float32)  # [B, H, K, V]
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, ·]
     o = torch.empty(B, H, T, V, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, chunk_size):
@@ -98,8 +92,28 @@ def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk
         intra = ((qc @ kc.transpose(-1, -2)) * D) @ vc  # [B, H, L, V]
         inter = (qc * a) @ S  # [B, H, L, V]
         o[:, :, c0:c0 + L] = scale * (inter + intra)
-        S = torch.exp(-s * L) * S + (kc * b).transpose(-1, -2) @ vc  # [B, H, K, V] λ^L S + (diag(b) K)ᵀ V
+        # [B, H, K, V] λ^L S + (diag(b) K)ᵀ V
+        S = torch.exp(-s * L) * S + (kc * b).transpose(-1, -2) @ vc
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
+
+
+def _check_slope(op, slope):
+    """slope > 0 and finite (a NaN is reported as NaN): one reduction and a host sync."""
+    _checks.value_range(op, "slope", slope, low=0, low_open=True,
+                        high=torch.finfo(torch.float32).max,
+                        why="finite decay rates: exp(-slope) < 1 each step")
+
+
+def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
+    """Validate what every lightning op takes; return the scale as a float (K ** -0.5 for None).
+    `check_values`: also check the slope's values now (the naive ops always do; see
+    runtime.checking_values for the Triton ops)."""
+    B, _, H, K, _, V = _checks.qkv(op, q, k, v)
+    _checks.per_head_token(op, "slope", slope, (H,), "[H]", "one decay rate a head", like=q)
+    _checks.initial_state(op, initial_state, (B, H, K, V), like=q)
+    if check_values:
+        _check_slope(op, slope)
+    return _checks.scale(op, scale, K)
 
 
 __all__ = ['minimax_slopes', 'decay_matrix', 'naive_recurrent_lightning_attn', 'naive_chunk_lightning_attn']
