@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from minisparse.mla import (MLA, GQAConfig, MLACache, MLAConfig, absorb_output, absorb_query, attention_family,
-                            check_absorbed_query, check_cache_bytes, check_combine_splits, check_split_query,
+                            check_cache_numbers, check_fixed_absorbed_attention, check_full_rope_scores,
+                            check_score_tile, buggy_absorbed_attention,
                             combine_splits, expand_latent, kv_cache_bytes, kv_values_per_token, mla_attention_absorbed,
                             mla_decode, mla_decode_bytes, mla_decode_flops, mla_decode_ref, mla_decode_splitk,
                             mla_softmax_scale, split_kv_b, yarn_frequencies, yarn_mscale)
@@ -531,80 +532,58 @@ def test_mla_auto_backend_uses_pytorch_when_gradients_are_needed():
 
 
 # ------------------------------------------------------------------------------------ the exercise checkers
-def _absorbed_right(q_nope, w, dn, dv):
-    return torch.einsum("bthd,hdr->bthr", q_nope, w.view(q_nope.shape[2], dn + dv, -1)[:, :dn])
+def _rope_right(q, c, w_uk, t, theta):
+    q_rot = apply_rope(q.expand(c.shape[0], -1)[None, :, None], t - torch.arange(c.shape[0]), theta)[0, :, 0]
+    return ((q_rot @ w_uk) * c).sum(-1)
 
 
-def _absorbed_value_rows(q_nope, w, dn, dv):  # takes each head's last dn rows (part of W_uv) instead of W_uk
-    return torch.einsum("bthd,hdr->bthr", q_nope, w.view(q_nope.shape[2], dn + dv, -1)[:, -dn:])
+def _rope_absorbed_once(q, c, w_uk, t, theta):  # folds W_uk into the unrotated query: right at s = t only
+    return c @ (w_uk.T @ q)
 
 
-def _absorbed_flat_split(q_nope, w, dn, dv):  # W_uk as the first H·dn rows of the flat matrix
+def test_absorbing_once_under_full_rope_is_exact_only_at_offset_zero():
+    # exercise 1's point: with RoPE on the whole key, one absorbed query is right at s = t only
+    g = torch.Generator().manual_seed(2)
+    q, c, w = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(16,), (12, 32), (16, 32)])
+    wrong = _rope_absorbed_once(q, c, w, 11, 100.0) - _rope_right(q, c, w, 11, 100.0)
+    assert wrong[11].abs() < 1e-9 < wrong[:11].abs().min()
+
+
+def _rope_wrong_sign(q, c, w_uk, t, theta):  # rotates by s - t instead of t - s
+    q_rot = apply_rope(q.expand(c.shape[0], -1)[None, :, None], torch.arange(c.shape[0]) - t, theta)[0, :, 0]
+    return ((q_rot @ w_uk) * c).sum(-1)
+
+
+def _numbers_right():
+    return 78 * 576, 32768 * 12 * 576 * 2, 128 * 256 / 576, 128 * 320 / 576
+
+
+def _numbers_no_rope():  # forgets the shared rotary key
+    return 78 * 512, 32768 * 12 * 512 * 2, 128 * 256 / 512, 128 * 320 / 512
+
+
+def _numbers_all_layers():  # counts the linear-attention layers as MLA
+    return 78 * 576, 32768 * 48 * 576 * 2, 128 * 256 / 576, 128 * 320 / 576
+
+
+def _numbers_192_baseline():  # the 192-d keys in the baseline
+    return 78 * 576, 32768 * 12 * 576 * 2, 128 * 320 / 576, 128 * 320 / 576
+
+
+def _attention_top_left_mask(q_nope, q_rope, c_kv, k_rope, w_kv_b, dn, dv):  # queries at 0 .. T-1
+    H, T, S = q_nope.shape[2], q_nope.shape[1], c_kv.shape[1]
+    w = w_kv_b.view(H, dn + dv, -1)
+    q = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w[:, :dn]), q_rope], -1)
+    s = torch.einsum("bthe,bse->bths", q, torch.cat([c_kv, k_rope], -1)) * (dn + q_rope.shape[-1]) ** -0.5
+    p = s.masked_fill(~torch.ones(T, S, dtype=torch.bool).tril()[None, :, None], float("-inf")).softmax(-1)
+    return torch.einsum("bths,bsr,hvr->bthv", p, c_kv, w[:, dn:])
+
+
+def _attention_right(q_nope, q_rope, c_kv, k_rope, w_kv_b, dn, dv):
     H = q_nope.shape[2]
-    return torch.einsum("bthd,hdr->bthr", q_nope, w[:H * dn].view(H, dn, -1))
-
-
-def _cache_right(cfg, T, B, nbytes):
-    per = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if getattr(cfg, "kv_lora_rank", None)
-           else cfg.num_key_value_heads * (cfg.head_dim + (getattr(cfg, "v_head_dim", None) or cfg.head_dim)))
-    types_ = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    return B * T * per * nbytes * sum(t != "linear_attention" for t in types_)
-
-
-def _cache_mla_as_mha(cfg, T, B, nbytes):  # expands MLA's cache per head: the mistake MLA exists to avoid
-    if getattr(cfg, "kv_lora_rank", None):
-        return B * T * cfg.num_hidden_layers * cfg.num_attention_heads * 2 * (cfg.kv_lora_rank + 64) * nbytes
-    return _cache_right(cfg, T, B, nbytes)
-
-
-def _cache_ignores_layer_types(cfg, T, B, nbytes):
-    return _cache_right(types.SimpleNamespace(**{k: v for k, v in vars(cfg).items() if k != "layer_types"}), T, B,
-                        nbytes)
-
-
-def _cache_only_k(cfg, T, B, nbytes):  # forgets V for softmax attention
-    if getattr(cfg, "kv_lora_rank", None):
-        return _cache_right(cfg, T, B, nbytes)
-    return B * T * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * nbytes
-
-
-def _split_right(q, H, dn, dr, pos, theta):
-    qn, qr = q.view(*q.shape[:2], H, dn + dr).split([dn, dr], -1)
-    return qn, apply_rope(qr, pos, theta, interleaved=True)
-
-
-def _split_flat(q, H, dn, dr, pos, theta):  # splits the flat vector at H·dn: mixes the heads' parts
-    qn, qr = q.split([H * dn, H * dr], -1)
-    return qn.reshape(*q.shape[:2], H, dn), apply_rope(qr.reshape(*q.shape[:2], H, dr), pos, theta, interleaved=True)
-
-
-def _split_half_rope(q, H, dn, dr, pos, theta):  # the other RoPE pairing
-    qn, qr = q.view(*q.shape[:2], H, dn + dr).split([dn, dr], -1)
-    return qn, apply_rope(qr, pos, theta, interleaved=False)
-
-
-def _split_no_rope(q, H, dn, dr, pos, theta):
-    return tuple(q.view(*q.shape[:2], H, dn + dr).split([dn, dr], -1))
-
-
-def _combine_right(m, l, acc):
-    w = torch.exp(m - m.max(0).values)
-    return (w[..., None] * acc).sum(0) / (w * l).sum(0)[..., None]
-
-
-def _combine_ignores_max(m, l, acc):  # adds the states as if they shared one max
-    return acc.sum(0) / l.sum(0)[..., None]
-
-
-def _combine_unshifted(m, l, acc):  # exp(m) on its own: overflows for scores near 200
-    w = torch.exp(m)
-    return (w[..., None] * acc).sum(0) / (w * l).sum(0)[..., None]
-
-
-def _combine_best_split_only(m, l, acc):
-    best = m.argmax(0)
-    idx = torch.arange(m.shape[1])
-    return acc[best, idx] / l[best, idx][:, None]
+    w_uk, w_uv = split_kv_b(w_kv_b, H, dn, dv)
+    o = mla_attention_absorbed(absorb_query(q_nope, w_uk), q_rope, c_kv, k_rope, (dn + q_rope.shape[-1]) ** -0.5)
+    return absorb_output(o, w_uv)
 
 
 def _stub(*args):
@@ -612,20 +591,64 @@ def _stub(*args):
 
 
 @pytest.mark.parametrize("checker, right, wrongs", [
-    (check_absorbed_query, _absorbed_right, [_absorbed_value_rows, _absorbed_flat_split]),
-    (check_cache_bytes, _cache_right, [_cache_mla_as_mha, _cache_ignores_layer_types, _cache_only_k]),
-    (check_split_query, _split_right, [_split_flat, _split_half_rope, _split_no_rope]),
-    (check_combine_splits, _combine_right, [_combine_ignores_max, _combine_unshifted, _combine_best_split_only]),
-], ids=["absorbed_query", "cache_bytes", "split_query", "combine_splits"])
+    (check_full_rope_scores, _rope_right, [_rope_absorbed_once, _rope_wrong_sign]),
+    (check_cache_numbers, _numbers_right, [_numbers_no_rope, _numbers_all_layers, _numbers_192_baseline]),
+    (check_fixed_absorbed_attention, _attention_right, [buggy_absorbed_attention, _attention_top_left_mask]),
+], ids=["full_rope_scores", "cache_numbers", "fixed_absorbed_attention"])
 def test_checkers_accept_right_and_reject_wrong_answers(capsys, checker, right, wrongs):
     checker(right)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("✓")
     for wrong in wrongs:
-        with pytest.raises(ExerciseError, match="case"):
+        with pytest.raises(ExerciseError, match="✗"):
             checker(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):
         checker(_stub)
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _tile_right(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, s_ptr, S, scale, H: tl.constexpr, DC: tl.constexpr,
+                DR: tl.constexpr, BLOCK_N: tl.constexpr, MASK_SHIFT: tl.constexpr = 0, ROPE: tl.constexpr = 1):
+    blk, b = tl.program_id(0), tl.program_id(1)
+    h, dc, dr = tl.arange(0, H), tl.arange(0, DC), tl.arange(0, DR)
+    n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_cache = n < S
+    ql = tl.load(ql_ptr + b * H * DC + h[:, None] * DC + dc[None, :])
+    qr = tl.load(qr_ptr + b * H * DR + h[:, None] * DR + dr[None, :])
+    c = tl.load(kv_ptr + b * S * DC + n[:, None] * DC + dc[None, :], mask=in_cache[:, None], other=0.0)
+    kr = tl.load(kr_ptr + b * S * DR + n[:, None] * DR + dr[None, :], mask=in_cache[:, None], other=0.0)
+    length = tl.load(len_ptr + b)
+    s = tl.dot(ql, tl.trans(c))
+    if ROPE:
+        s += tl.dot(qr, tl.trans(kr))
+    s = s * scale
+    s = tl.where(n[None, :] < length + MASK_SHIFT, s, float("-inf"))
+    tl.store(s_ptr + b * H * S + h[:, None] * S + n[None, :], s, mask=in_cache[None, :])
+
+
+def _tile_variant(**constexprs):
+    def launch_like(grid):
+        return lambda *args, **kw: _tile_right[grid](*args, **kw, **constexprs)
+
+    class Variant:  # kernel[grid](...) with extra constexprs: a planted bug
+        def __getitem__(self, grid):
+            return launch_like(grid)
+    return Variant()
+
+
+def test_score_tile_checker_accepts_the_solution_and_names_what_differs(capsys):
+    check_score_tile(_tile_right)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError, match="must be -inf"):
+        check_score_tile(_tile_variant(MASK_SHIFT=1))  # off by one: position lengths[b] kept
+    with pytest.raises(ExerciseError, match="must not be masked"):
+        check_score_tile(_tile_variant(MASK_SHIFT=-1))
+    with pytest.raises(ExerciseError, match="both terms"):
+        check_score_tile(_tile_variant(ROPE=0))  # the content term only
 
 
 def test_combine_splits_reference_handles_empty_splits():

@@ -4,6 +4,7 @@ from .cost import *  # noqa: F401,F403
 from .naive import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
 from .triton import *  # noqa: F401,F403
+from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['GQAConfig', 'MLAConfig', 'attention_family', 'kv_values_per_token', 'cached_tokens', 'kv_cache_bytes', 'mla_decode_flops', 'mla_decode_bytes', 'mla_absorb_flops', 'mla_expand_flops', 'mha_decode_flops', 'mha_decode_bytes', 'split_kv_b', 'expand_latent', 'absorb_query', 'absorb_output', 'mla_attention_absorbed', 'MLACache', 'yarn_mscale', 'yarn_frequencies', 'YarnRotaryEmbedding', 'mla_softmax_scale', 'make_mla_rope', 'mla_decode_ref', 'combine_splits', 'mla_decode_splitk', 'check_mla_decode_args', 'MLA', 'mla_decode', 'check_absorbed_query', 'check_cache_bytes', 'check_split_query', 'check_combine_splits']
+__all__ = ['kv_values_per_token', 'kv_cache_bytes', 'GQAConfig', 'MLAConfig', 'attention_family', 'cached_tokens', 'mla_decode_flops', 'mla_decode_bytes', 'mla_absorb_flops', 'mla_expand_flops', 'mha_decode_flops', 'mha_decode_bytes', 'split_kv_b', 'expand_latent', 'absorb_query', 'absorb_output', 'mla_attention_absorbed', 'mla_decode_ref', 'combine_splits', 'yarn_mscale', 'yarn_frequencies', 'YarnRotaryEmbedding', 'mla_softmax_scale', 'make_mla_rope', 'MLACache', 'check_mla_decode_args', 'mla_decode_splitk', 'MLA', 'mla_decode', 'mla_from_hf', 'check_full_rope_scores', 'check_cache_numbers', 'buggy_absorbed_attention', 'check_fixed_absorbed_attention', 'score_tile_loads', 'score_tile_store', 'check_score_tile']

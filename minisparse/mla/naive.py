@@ -8,10 +8,11 @@ from minisparse.attention.naive import RotaryEmbedding, attention_ref, rope_freq
 
 
 def split_kv_b(w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
-    """Views of kv_b_proj.weight [H·(dn + dv), r] as W_uk [H, dn, r] and W_uv [H, dv, r] (each head: k_nope | v)."""
+    """Views of kv_b_proj.weight [H·(dn + dv), r] as W_uk [H, dn, r] and W_uv [H, dv, r] (each head:
+    k_nope | v)."""
     if w_kv_b.dim() != 2 or w_kv_b.shape[0] != num_heads * (qk_nope_head_dim + v_head_dim):
-        raise ValueError(f"split_kv_b: w_kv_b must be [H·(dn+dv), r] = [{num_heads}·({qk_nope_head_dim}+"
-                         f"{v_head_dim}), r], got {tuple(w_kv_b.shape)}")
+        raise ValueError(f"split_kv_b: w_kv_b must be [H·(dn+dv), r] = [{num_heads}·"
+                         f"({qk_nope_head_dim}+{v_head_dim}), r], got {tuple(w_kv_b.shape)}")
     w = w_kv_b.view(num_heads, qk_nope_head_dim + v_head_dim, w_kv_b.shape[1])  # [H, dn + dv, r]
     return w[:, :qk_nope_head_dim], w[:, qk_nope_head_dim:]
 
@@ -19,19 +20,19 @@ def split_kv_b(w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
 def expand_latent(c_kv, k_rope, w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
     """Per-head keys and values from the cache: k_i = [W_uk,i c ; k_rope], v_i = W_uv,i c.
 
-    c_kv [B, S, r] (normalised latents), k_rope [B, S, dr] (rotated, shared by the heads), w_kv_b = kv_b_proj.weight
-    [H·(dn+dv), r]  ->  k [B, S, H, dn + dr], v [B, S, H, dv].
+    c_kv [B, S, r] (normalised latents), k_rope [B, S, dr] (rotated, shared by the heads),
+    w_kv_b = kv_b_proj.weight [H·(dn+dv), r]  ->  k [B, S, H, dn + dr], v [B, S, H, dv].
     """
     B, S, _ = c_kv.shape
     w_uk, w_uv = split_kv_b(w_kv_b, num_heads, qk_nope_head_dim, v_head_dim)
     k_nope = torch.einsum("bsr,hdr->bshd", c_kv, w_uk)  # [B, S, H, dn]  k^C = W_uk c
     v = torch.einsum("bsr,hvr->bshv", c_kv, w_uv)  # [B, S, H, dv]  v = W_uv c
-    k_rope = k_rope[:, :, None, :].expand(B, S, num_heads, k_rope.shape[-1])  # [B, S, H, dr] the same for every head
+    k_rope = k_rope[:, :, None, :].expand(B, S, num_heads, k_rope.shape[-1])  # one for every head
     return torch.cat([k_nope, k_rope], dim=-1), v
 
 
 def absorb_query(q_nope, w_uk):
-    """q̃ = W_ukᵀ q_nope per head: q_nope [B, T, H, dn], w_uk [H, dn, r] -> q_latent [B, T, H, r]."""
+    """q̃ = W_ukᵀ q_nope per head: q_nope [B, T, H, dn], w_uk [H, dn, r] -> [B, T, H, r]."""
     return torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
 
 
@@ -43,23 +44,141 @@ def absorb_output(o_latent, w_uv):
 def mla_attention_absorbed(q_latent, q_rope, c_kv, k_rope, scale, causal=True):
     """Attention on the latent cache: MQA with keys [c ; k_rope] (r + dr) and values c (r).
 
-    q_latent [B, T, H, r], q_rope [B, T, H, dr], c_kv [B, S, r], k_rope [B, S, dr] -> o_latent [B, T, H, r].
-    The T queries sit at positions S - T .. S - 1 (bottom-right, as after a cache). scale: MLA's, (dn + dr) ** -0.5.
+    q_latent [B, T, H, r], q_rope [B, T, H, dr], c_kv [B, S, r], k_rope [B, S, dr] -> o_latent
+    [B, T, H, r]. The T queries sit at positions S - T .. S - 1 (bottom-right, as after a cache).
+    scale: MLA's, (dn + dr) ** -0.5.
     """
     q = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, r + dr]
     k = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # [B, S, 1, r + dr] one key for all heads
     return attention_ref(q, k, c_kv[:, :, None], causal=causal, scale=scale)  # [B, T, H, r]
 
 
-class MLACache:
-    """The latent KV cache: one buffer [B, max_len, kv_lora_rank + rope_dim] of c_kv | k_rope; `length` filled.
+def mla_decode_ref(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None):
+    """The spec of mla_decode (same arguments): per sequence b, mla_attention_absorbed over its
+    first lengths[b] cached tokens (all S when lengths is None) -> o_latent [B, T, H, Dc]; the T
+    queries of b sit at positions lengths[b] - T .. lengths[b] - 1."""
+    B, _, _, _, _, S = check_mla_decode_args("mla_decode_ref", q_latent, q_rope, kv_cache,
+                                             rope_cache, scale, lengths)
+    ends = [S] * B if lengths is None else [int(n) for n in lengths.tolist()]
+    return torch.cat([mla_attention_absorbed(q_latent[b:b + 1], q_rope[b:b + 1],
+                                             kv_cache[b:b + 1, :n], rope_cache[b:b + 1, :n], scale)
+                      for b, n in enumerate(ends)])
 
-    append(c_kv [B, t, r], k_rope [B, t, dr]) writes after the cached tokens and returns all of them as views
-    (latent [B, length, r], rope [B, length, dr]) of the one buffer.
+
+def combine_splits(m, l, acc):
+    """Merge partial softmax states along dim 0: m, l [NS, ...], acc [NS, ..., D] -> o [..., D].
+
+    Split i holds m = max of its scores (-inf if it saw none), l = sum exp(s - m), acc = sum
+    exp(s - m) v.
+    """
+    m_all = m.max(dim=0).values  # [...]
+    w = torch.where(torch.isneginf(m), torch.zeros_like(m), torch.exp(m - m_all))  # empty: weight 0
+    return (w[..., None] * acc).sum(dim=0) / (w * l).sum(dim=0)[..., None]
+
+
+def yarn_mscale(factor, mscale=1.0):
+    """YaRN's attention-temperature term 0.1 · mscale · ln(factor) + 1 (1 when the context is not
+    stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_frequencies(dim, theta, factor, original_max_len, beta_fast=32.0, beta_slow=1.0,
+                     truncate=True):
+    """YaRN's RoPE frequencies [dim/2]: keep fast pairs, divide slow ones by `factor`, a linear ramp
+    between.
+
+    Pair j turns original_max_len · omega_j / (2 pi) times over the original context; the pairs
+    that turn beta_fast and beta_slow times bound the ramp (rounded outwards when truncate, as
+    transformers does).
+    """
+    omega = rope_frequencies(dim, theta)  # [dim/2] theta^(-2j/dim)
+
+    # the (fractional) pair index j that turns `turns` times over the original context
+    def pair_turning(turns):
+        return dim * math.log(original_max_len / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    lo, hi = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    # 0 keep .. 1 slow
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    return omega * (1 - ramp) + omega / factor * ramp
+
+
+class YarnRotaryEmbedding(RotaryEmbedding):
+    """Chapter 1's RotaryEmbedding with YaRN frequencies and cos/sin tables scaled by
+    attention_factor."""
+
+    # set after RotaryEmbedding.__init__, whose first _build uses the plain frequencies
+    _yarn = None
+
+    def __init__(self, dim, theta, factor, original_max_len, *, beta_fast=32.0, beta_slow=1.0,
+                 truncate=True, attention_factor=1.0, interleaved=False, max_len=2048):
+        super().__init__(dim, theta, interleaved, max_len)
+        self._yarn = dict(factor=factor, original_max_len=original_max_len, beta_fast=beta_fast,
+                          beta_slow=beta_slow, truncate=truncate)
+        self.attention_factor = attention_factor
+        self._build(max_len, None)
+
+    def _build(self, n, device):
+        if self._yarn is None:
+            return super()._build(n, device)
+        omega = yarn_frequencies(self.dim, self.theta, **self._yarn).to(device)  # [dim/2]
+        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
+        self.register_buffer("cos", angles.cos() * self.attention_factor, persistent=False)
+        self.register_buffer("sin", angles.sin() * self.attention_factor, persistent=False)
+
+
+def _rope_type(rope_scaling):
+    return (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+
+
+def mla_softmax_scale(qk_head_dim, rope_scaling=None):
+    """MLA's softmax scale: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, times yarn_mscale(factor,
+    mscale_all_dim) ** 2 when rope_scaling is a YaRN setting with mscale_all_dim (DeepSeek-V3's
+    checkpoints)."""
+    scale = qk_head_dim**-0.5
+    if _rope_type(rope_scaling) != "default" and rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+    return scale
+
+
+def make_mla_rope(dim, theta=10000.0, interleaved=True, rope_scaling=None):
+    """The layer's RotaryEmbedding: plain, or YaRN when rope_scaling = {"rope_type": "yarn",
+    "factor": …, "original_max_position_embeddings": …, optional beta_fast, beta_slow, mscale,
+    mscale_all_dim, attention_factor, truncate} (transformers' rope_parameters keys)."""
+    kind = _rope_type(rope_scaling)
+    if kind == "default":
+        return RotaryEmbedding(dim, theta, interleaved)
+    if kind != "yarn":
+        raise NotImplementedError(f"MLA: rope type {kind!r} is not implemented (default and yarn "
+                                  f"are)")
+    s = rope_scaling
+    factor = s["factor"]
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:  # as transformers infers it
+        ms, ms_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = (yarn_mscale(factor, ms) / yarn_mscale(factor, ms_all) if ms and ms_all
+                            else yarn_mscale(factor))
+    return YarnRotaryEmbedding(dim, theta, factor, s["original_max_position_embeddings"],
+                               beta_fast=s.get("beta_fast") or 32.0,
+                               beta_slow=s.get("beta_slow") or 1.0,
+                               truncate=s.get("truncate", True),
+                               attention_factor=attention_factor, interleaved=interleaved)
+
+
+class MLACache:
+    """The latent KV cache: one buffer [B, max_len, kv_lora_rank + rope_dim] of c_kv | k_rope;
+    `length` filled.
+
+    append(c_kv [B, t, r], k_rope [B, t, dr]) writes after the cached tokens and returns all of
+    them as views (latent [B, length, r], rope [B, length, dr]) of the one buffer.
     """
 
     def __init__(self, batch, max_len, kv_lora_rank, rope_dim, *, dtype=torch.float32, device=None):
-        self.buffer = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.buffer = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype,
+                                  device=device)
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
         self.length = 0
 
@@ -82,10 +201,12 @@ class MLACache:
         B, r, dr = self.buffer.shape[0], self.kv_lora_rank, self.rope_dim
         t = c_kv.shape[1] if c_kv.dim() == 3 else -1
         if tuple(c_kv.shape) != (B, t, r) or tuple(k_rope.shape) != (B, t, dr):
-            raise ValueError(f"MLACache.append: c_kv must be [B={B}, t, kv_lora_rank={r}] and k_rope [B, t, "
-                             f"rope_dim={dr}], got c_kv {tuple(c_kv.shape)}, k_rope {tuple(k_rope.shape)}")
+            raise ValueError(f"MLACache.append: c_kv must be [B={B}, t, kv_lora_rank={r}] and "
+                             f"k_rope [B, t, rope_dim={dr}], got c_kv {tuple(c_kv.shape)}, "
+                             f"k_rope {tuple(k_rope.shape)}")
         if self.length + t > self.max_len:
-            raise ValueError(f"MLACache.append: {t} new tokens do not fit: {self.length} of max_len={self.max_len} "
+            raise ValueError(f"MLACache.append: {t} new tokens do not fit: {self.length} of "
+                             f"max_len={self.max_len} "
                              "are used (make a larger cache with new_cache(batch, max_len))")
         self.buffer[:, self.length:self.length + t, :r] = c_kv
         self.buffer[:, self.length:self.length + t, r:] = k_rope
@@ -96,120 +217,70 @@ class MLACache:
         self.length = 0
 
 
-def yarn_mscale(factor, mscale=1.0):
-    """YaRN's attention-temperature term 0.1 · mscale · ln(factor) + 1 (1 when the context is not stretched)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def yarn_frequencies(dim, theta, factor, original_max_len, beta_fast=32.0, beta_slow=1.0, truncate=True):
-    """YaRN's RoPE frequencies [dim/2]: keep fast pairs, divide slow ones by `factor`, a linear ramp between.
-
-    Pair j turns original_max_len · omega_j / (2 pi) times over the original context; the pairs that turn
-    beta_fast and beta_slow times bound the ramp (rounded outwards when truncate, as transformers does).
-    """
-    omega = rope_frequencies(dim, theta)  # [dim/2] theta^(-2j/dim)
-
-    def pair_turning(turns):  # the (fractional) pair index j that turns `turns` times over the original context
-        return dim * math.log(original_max_len / (2 * math.pi * turns)) / (2 * math.log(theta))
-
-    lo, hi = pair_turning(beta_fast), pair_turning(beta_slow)
-    if truncate:
-        lo, hi = math.floor(lo), math.ceil(hi)
-    lo, hi = max(lo, 0), min(hi, dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)  # 0 keep .. 1 slow
-    return omega * (1 - ramp) + omega / factor * ramp
-
-
-class YarnRotaryEmbedding(RotaryEmbedding):
-    """Chapter 1's RotaryEmbedding with YaRN frequencies and cos/sin tables scaled by attention_factor."""
-
-    _yarn = None  # set after RotaryEmbedding.__init__, whose first _build uses the plain frequencies
-
-    def __init__(self, dim, theta, factor, original_max_len, *, beta_fast=32.0, beta_slow=1.0, truncate=True,
-                 attention_factor=1.0, interleaved=False, max_len=2048):
-        super().__init__(dim, theta, interleaved, max_len)
-        self._yarn = dict(factor=factor, original_max_len=original_max_len, beta_fast=beta_fast,
-                          beta_slow=beta_slow, truncate=truncate)
-        self.attention_factor = attention_factor
-        self._build(max_len, None)
-
-    def _build(self, n, device):
-        if self._yarn is None:
-            return super()._build(n, device)
-        omega = yarn_frequencies(self.dim, self.theta, **self._yarn).to(device)  # [dim/2]
-        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
-        self.register_buffer("cos", angles.cos() * self.attention_factor, persistent=False)
-        self.register_buffer("sin", angles.sin() * self.attention_factor, persistent=False)
-
-
-def _rope_type(rope_scaling):
-    return (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-
-
-def mla_softmax_scale(qk_head_dim, rope_scaling=None):
-    """MLA's softmax scale: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, times yarn_mscale(factor,
-    mscale_all_dim) ** 2 when rope_scaling is a YaRN setting with mscale_all_dim (DeepSeek-V3's checkpoints)."""
-    scale = qk_head_dim**-0.5
-    if _rope_type(rope_scaling) != "default" and rope_scaling.get("mscale_all_dim"):
-        scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
-    return scale
-
-
-def make_mla_rope(dim, theta=10000.0, interleaved=True, rope_scaling=None):
-    """The layer's RotaryEmbedding: plain, or YaRN when rope_scaling = {"rope_type": "yarn", "factor": …,
-    "original_max_position_embeddings": …, optional beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor,
-    truncate} (transformers' rope_parameters keys)."""
-    kind = _rope_type(rope_scaling)
-    if kind == "default":
-        return RotaryEmbedding(dim, theta, interleaved)
-    if kind != "yarn":
-        raise NotImplementedError(f"MLA: rope type {kind!r} is not implemented (default and yarn are)")
-    s = rope_scaling
-    factor = s["factor"]
-    attention_factor = s.get("attention_factor")
-    if attention_factor is None:  # as transformers infers it
-        ms, ms_all = s.get("mscale"), s.get("mscale_all_dim")
-        attention_factor = (yarn_mscale(factor, ms) / yarn_mscale(factor, ms_all) if ms and ms_all
-                            else yarn_mscale(factor))
-    return YarnRotaryEmbedding(dim, theta, factor, s["original_max_position_embeddings"],
-                               beta_fast=s.get("beta_fast") or 32.0, beta_slow=s.get("beta_slow") or 1.0,
-                               truncate=s.get("truncate", True), attention_factor=attention_factor,
-                               interleaved=interleaved)
-
-
-def mla_decode_ref(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None):
-    """The spec of mla_decode: per sequence b, mla_attention_absorbed over its first lengths[b] cached tokens.
-
-    q_latent [B, T, H, Dc], q_rope [B, T, H, Dr], kv_cache [B, S, Dc], rope_cache [B, S, Dr], lengths [B] or None
-    (all S) -> o_latent [B, T, H, Dc]; the T queries of b sit at positions lengths[b] - T .. lengths[b] - 1.
-    """
-    B, _, _, _, _, S = check_mla_decode_args("mla_decode_ref", q_latent, q_rope, kv_cache, rope_cache, scale, lengths)
-    ends = [S] * B if lengths is None else [int(n) for n in lengths.tolist()]
-    return torch.cat([mla_attention_absorbed(q_latent[b:b + 1], q_rope[b:b + 1], kv_cache[b:b + 1, :n],
-                                             rope_cache[b:b + 1, :n], scale) for b, n in enumerate(ends)])
-
-
-def combine_splits(m, l, acc):
-    """Merge partial softmax states along dim 0: m, l [NS, ...], acc [NS, ..., D] -> o [..., D].
-
-    Split i holds m = max of its scores (-inf if it saw none), l = sum exp(s - m), acc = sum exp(s - m) v.
-    """
-    m_all = m.max(dim=0).values  # [...]
-    w = torch.where(torch.isneginf(m), torch.zeros_like(m), torch.exp(m - m_all))  # [NS, ...] empty splits weigh 0
-    return (w[..., None] * acc).sum(dim=0) / (w * l).sum(dim=0)[..., None]
+def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *,
+                          check_values=True,
+                          dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    """The arguments of the decode ops (see mla_decode): ranks, shapes, one dtype among `dtypes`,
+    one device, a positive scale, lengths None or an integer tensor [B]; with check_values also T
+    <= lengths[b] <= S, which reads lengths back to the host. Raises TypeError/ValueError naming
+    the argument; returns (B, T, H, Dc, Dr, S)."""
+    _checks.tensor(op, "q_latent", q_latent, "[B, T, H, Dc]")
+    _checks.tensor(op, "q_rope", q_rope, "[B, T, H, Dr]")
+    _checks.tensor(op, "kv_cache", kv_cache, "[B, S, Dc]")
+    _checks.tensor(op, "rope_cache", rope_cache, "[B, S, Dr]")
+    _checks.same_dtype(op, dtypes, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache,
+                       rope_cache=rope_cache)
+    _checks.same_device(op, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache,
+                        rope_cache=rope_cache,
+                        lengths=lengths if isinstance(lengths, torch.Tensor) else None)
+    B, T, H, Dc = q_latent.shape
+    S, Dr = kv_cache.shape[1], q_rope.shape[-1]
+    _checks.shape(op, "q_rope", q_rope, (B, T, H, Dr), "[B, T, H, Dr]", "q_latent's B, T, H")
+    _checks.shape(op, "kv_cache", kv_cache, (B, S, Dc), "[B, S, Dc]", "q_latent's B and Dc")
+    _checks.shape(op, "rope_cache", rope_cache, (B, S, Dr), "[B, S, Dr]",
+                  "kv_cache's B and S, q_rope's Dr")
+    if T > S:
+        raise ValueError(f"{op}: the T={T} queries are the last T of the cached tokens, so T <= "
+                         f"S, got S={S}")
+    if scale is None:
+        raise ValueError(f"{op}: scale must be given: MLA's is (qk_nope_head_dim + "
+                         f"qk_rope_head_dim) ** -0.5, "
+                         "not the latent's Dc ** -0.5")
+    _checks.positive_float(op, "scale", scale)
+    if lengths is not None:
+        if (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,)
+                or lengths.is_floating_point() or lengths.is_complex()
+                or lengths.dtype == torch.bool):
+            got = (f"{tuple(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor)
+                   else type(lengths).__name__)
+            raise ValueError(f"{op}: lengths must be an integer tensor [B={B}] (cached tokens per "
+                             f"sequence), got {got}")
+        if check_values and B:
+            lo, hi = (int(v) for v in torch.aminmax(lengths))
+            if hi > S:
+                raise ValueError(f"{op}: lengths beyond the cache: max(lengths) = {hi} > S = {S} "
+                                 f"tokens in kv_cache")
+            if lo < T:
+                raise ValueError(f"{op}: every sequence needs lengths[b] >= T = {T} (its queries "
+                                 f"are cached tokens), "
+                                 f"got min(lengths) = {lo}")
+    return B, T, H, Dc, Dr, S
 
 
 def mla_decode_splitk(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, split_len=64):
-    """mla_decode_ref computed as the kernel does: keys cut into splits of split_len tokens, a partial softmax
-    state (m, l, acc) per split and query row, then combine_splits. Same arguments; PyTorch, fp32."""
-    B, T, H, Dc, _, S = check_mla_decode_args("mla_decode_splitk", q_latent, q_rope, kv_cache, rope_cache, scale,
+    """mla_decode_ref computed as the kernel does: keys cut into splits of split_len tokens, a
+    partial softmax state (m, l, acc) per split and query row, then combine_splits. Same
+    arguments; PyTorch, fp32."""
+    B, T, H, Dc, _, S = check_mla_decode_args("mla_decode_splitk", q_latent, q_rope, kv_cache,
+                                              rope_cache, scale,
                                               lengths)
     f = torch.float32
     s = (torch.einsum("bthr,bsr->bths", q_latent.to(f), kv_cache.to(f))
          + torch.einsum("bthd,bsd->bths", q_rope.to(f), rope_cache.to(f))) * scale  # [B, T, H, S]
     ends = torch.full((B,), S, device=s.device) if lengths is None else lengths.to(s.device)
     last = ends[:, None] - T + torch.arange(T, device=s.device)  # [B, T] position of each query
-    visible = torch.arange(S, device=s.device) <= last[..., None]  # [B, T, S] causal, within the sequence
+    # [B, T, S] causal, within the sequence
+    visible = torch.arange(S, device=s.device) <= last[..., None]
     s = s.masked_fill(~visible[:, :, None, :], float("-inf"))
     ns = -(-S // split_len)  # number of splits
     pad = ns * split_len - S
@@ -222,43 +293,4 @@ def mla_decode_splitk(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=Non
     return o.to(q_latent.dtype)
 
 
-def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, check_values=True,
-                          dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
-    """The arguments of the decode ops (see mla_decode): ranks, shapes, one dtype among `dtypes`, one device, a
-    positive scale, lengths None or an integer tensor [B]; with check_values also T <= lengths[b] <= S, which reads
-    lengths back to the host. Raises TypeError/ValueError naming the argument; returns (B, T, H, Dc, Dr, S)."""
-    _checks.tensor(op, "q_latent", q_latent, "[B, T, H, Dc]")
-    _checks.tensor(op, "q_rope", q_rope, "[B, T, H, Dr]")
-    _checks.tensor(op, "kv_cache", kv_cache, "[B, S, Dc]")
-    _checks.tensor(op, "rope_cache", rope_cache, "[B, S, Dr]")
-    _checks.same_dtype(op, dtypes, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
-    _checks.same_device(op, q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache,
-                        lengths=lengths if isinstance(lengths, torch.Tensor) else None)
-    B, T, H, Dc = q_latent.shape
-    S, Dr = kv_cache.shape[1], q_rope.shape[-1]
-    _checks.shape(op, "q_rope", q_rope, (B, T, H, Dr), "[B, T, H, Dr]", "q_latent's B, T, H")
-    _checks.shape(op, "kv_cache", kv_cache, (B, S, Dc), "[B, S, Dc]", "q_latent's B and Dc")
-    _checks.shape(op, "rope_cache", rope_cache, (B, S, Dr), "[B, S, Dr]", "kv_cache's B and S, q_rope's Dr")
-    if T > S:
-        raise ValueError(f"{op}: the T={T} queries are the last T of the cached tokens, so T <= S, got S={S}")
-    if scale is None:
-        raise ValueError(f"{op}: scale must be given: MLA's is (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, "
-                         "not the latent's Dc ** -0.5")
-    _checks.positive_float(op, "scale", scale)
-    if lengths is not None:
-        if (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,) or lengths.is_floating_point()
-                or lengths.is_complex() or lengths.dtype == torch.bool):
-            got = (f"{tuple(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor)
-                   else type(lengths).__name__)
-            raise ValueError(f"{op}: lengths must be an integer tensor [B={B}] (cached tokens per sequence), got {got}")
-        if check_values and B:
-            lo, hi = (int(v) for v in torch.aminmax(lengths))
-            if hi > S:
-                raise ValueError(f"{op}: lengths beyond the cache: max(lengths) = {hi} > S = {S} tokens in kv_cache")
-            if lo < T:
-                raise ValueError(f"{op}: every sequence needs lengths[b] >= T = {T} (its queries are cached tokens), "
-                                 f"got min(lengths) = {lo}")
-    return B, T, H, Dc, Dr, S
-
-
-__all__ = ['split_kv_b', 'expand_latent', 'absorb_query', 'absorb_output', 'mla_attention_absorbed', 'MLACache', 'yarn_mscale', 'yarn_frequencies', 'YarnRotaryEmbedding', 'mla_softmax_scale', 'make_mla_rope', 'mla_decode_ref', 'combine_splits', 'mla_decode_splitk', 'check_mla_decode_args']
+__all__ = ['split_kv_b', 'expand_latent', 'absorb_query', 'absorb_output', 'mla_attention_absorbed', 'mla_decode_ref', 'combine_splits', 'yarn_mscale', 'yarn_frequencies', 'YarnRotaryEmbedding', 'mla_softmax_scale', 'make_mla_rope', 'MLACache', 'check_mla_decode_args', 'mla_decode_splitk']

@@ -18,29 +18,17 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
                              T, H, ROWS, NS, split_len, qk_scale,
                              s_qlb, s_qlt, s_qlh, s_qld, s_qrb, s_qrt, s_qrh, s_qrd,
                              s_kvb, s_kvn, s_kvd, s_krb, s_krn, s_krd,
-                             DC: tl.constexpr, DR: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_DR: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Partial softmax states of BLOCK_H query rows of sequence b over one split of its latent cache.
+                             DC: tl.constexpr, DR: tl.constexpr, BLOCK_DC: tl.constexpr,
+                             BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """Partial softmax states of BLOCK_H query rows of sequence b over one split of its latent
+    cache: steps 1–3 of section 3.7, "The kernels, tile by tile".
 
-    Program (pid_h, split, b), grid (cdiv(ROWS, BLOCK_H), NS, B). A row is one (query token t, head h) pair,
-    row = t·H + h, ROWS = T·H; query t of sequence b sits at position lengths[b] − T + t and sees the keys up to it.
-    The program owns rows pid_h·BLOCK_H … + BLOCK_H and the tokens [split·split_len, (split + 1)·split_len) cut at
-    lengths[b]; a split that starts past lengths[b] exits at once.
-
-                    cache tokens of sequence b  →                (lengths[b] of S used)
-                ┌──────────────┬──────────────┬──────────────┬───────┐┄┄┄┄┄┄┄┐
-       rows     │   split 0    │   split 1    │   split 2    │ sp. 3 │ past  │
-       (t, h)   │▓▓▓▓│▓▓▓▓│▓▓▓▓│              │              │       │ the   │
-       BLOCK_H  │BLOCK_N tiles │              │              │       │ end   │
-                └──────────────┴──────────────┴──────────────┴───────┘┄┄┄┄┄┄┄┘
-       q̃ [BLOCK_H, DC] and qᴿ [BLOCK_H, DR] are loaded once; each tile [c | kᴿ] [BLOCK_N, DC + DR] is loaded once
-       and used twice: as keys (scores) and, c alone, as values.
-
-    Math, per tile, in base 2 (qk_scale = scale·log₂e):
-        s   = (q̃ cᵀ + qᴿ kᴿᵀ)·qk_scale, −∞ past the split, past lengths[b] and past the row's own position
-        m'  = max(m, rowmax s);  p = 2^(s − m');  ℓ = ℓ·2^(m − m') + Σ p;  acc = acc·2^(m − m') + p c
-    Writes acc [BLOCK_H, DC], m and ℓ [BLOCK_H] (fp32) to slot (b, split) of the partial buffers [B, NS, ROWS, …].
-    DC, DR are padded to the powers of two BLOCK_DC, BLOCK_DR with zeros, which add nothing to a dot product.
+    Program (pid_h, split, b), grid (cdiv(ROWS, BLOCK_H), NS, B). A row is one (query token t,
+    head h) pair, row = t·H + h, ROWS = T·H; query t of sequence b sits at position lengths[b] −
+    T + t. Tokens [split·split_len, (split + 1)·split_len), cut at lengths[b]. Writes acc
+    [BLOCK_H, DC], m and ℓ [BLOCK_H] (fp32, base-2 logits: qk_scale = scale·log₂e) to slot
+    (b, split) of the partial buffers [B, NS, ROWS, …]. DC, DR: zero-padded to BLOCK_DC, BLOCK_DR.
     """
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
@@ -50,17 +38,15 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
     if start >= length:  # past this sequence's end: the combine never reads this slot
         return
     b64 = b.to(tl.int64)
-    ql_ptr += b64 * s_qlb  # sequence b's queries and cache
-    qr_ptr += b64 * s_qrb
-    kv_ptr += b64 * s_kvb
-    kr_ptr += b64 * s_krb
+    ql_ptr, qr_ptr = ql_ptr + b64 * s_qlb, qr_ptr + b64 * s_qrb  # sequence b's queries ...
+    kv_ptr, kr_ptr = kv_ptr + b64 * s_kvb, kr_ptr + b64 * s_krb  # ... and cache
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH] row = t·H + h
     row_ok = rows < ROWS
     t = rows // H
     h = rows % H
     last_key = length - T + t  # [BH] the position of each row's query: it sees keys 0 .. last_key
     last_row = tl.minimum(pid_h * BLOCK_H + BLOCK_H, ROWS) - 1
-    end = tl.minimum(tl.minimum(start + split_len, length), length - T + last_row // H + 1)  # no row sees beyond
+    end = tl.minimum(tl.minimum(start + split_len, length), length - T + last_row // H + 1)
     dc = tl.arange(0, BLOCK_DC)
     dr = tl.arange(0, BLOCK_DR)
     ql = tl.load(ql_ptr + t[:, None] * s_qlt + h[:, None] * s_qlh + dc[None, :] * s_qld,
@@ -76,38 +62,82 @@ def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, acc_ptr, m
         n_ok = n < end
         n64 = n.to(tl.int64)
         c = tl.load(kv_ptr + n64[:, None] * s_kvn + dc[None, :] * s_kvd,
-                    mask=n_ok[:, None] & (dc[None, :] < DC), other=0.0)  # [BN, BDC] latents: keys and values
+                    mask=n_ok[:, None] & (dc[None, :] < DC), other=0.0)  # [BN, BDC] latents
         kr = tl.load(kr_ptr + n64[:, None] * s_krn + dr[None, :] * s_krd,
-                     mask=n_ok[:, None] & (dr[None, :] < DR), other=0.0)  # [BN, BDR] shared rotary keys
+                     mask=n_ok[:, None] & (dr[None, :] < DR), other=0.0)  # [BN, BDR] rotary keys
         s = tl.dot(ql, tl.trans(c), input_precision=PRECISION)  # [BH, BN] content term q̃·c
         s = tl.dot(qr, tl.trans(kr), s, input_precision=PRECISION)  # + position term qᴿ·kᴿ
         s = s * qk_scale  # base-2 logits
         s = tl.where(n_ok[None, :] & (n[None, :] <= last_key[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BH]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a finite stand-in for rows that saw nothing yet
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite for rows that saw nothing
         alpha = tl.exp2(m_i - m_ref)  # rescales the old state (0 when it was empty)
         p = tl.exp2(s - m_ref[:, None])  # [BH, BN]
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)  # [BH, BDC]
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
         m_i = m_new
 
     slot = (b64 * NS + split) * ROWS + rows  # [BH] row in the partial buffers [B, NS, ROWS, ...]
-    tl.store(acc_ptr + slot[:, None] * DC + dc[None, :], acc, mask=row_ok[:, None] & (dc[None, :] < DC))
+    dc_ok = dc[None, :] < DC
+    tl.store(acc_ptr + slot[:, None] * DC + dc[None, :], acc, mask=row_ok[:, None] & dc_ok)
     tl.store(m_ptr + slot, m_i, mask=row_ok)
     tl.store(l_ptr + slot, l_i, mask=row_ok)
+
+
+def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, out=None):
+    """Absorbed MLA attention over the latent cache, in Triton: split-K flash-decoding, all heads of
+    a token reading each cached latent once.
+
+    q_latent   [B, T, H, Dc]  the queries folded into the latent space (q_nope · W_uk per head)
+    q_rope     [B, T, H, Dr]  the rotary queries
+    kv_cache   [B, S, Dc]     the cached latents c (keys and values); any strides (MLACache.latent)
+    rope_cache [B, S, Dr]     the cached shared rotary keys; e.g. MLACache.rope
+    scale      the softmax scale — MLA's (qk_nope + qk_rope) ** -0.5 (× YaRN's mscale²), not Dc's
+    lengths    None (every sequence uses all S tokens) or an integer tensor [B] on q's device,
+               T <= lengths[b] <= S
+    out        None, or a tensor [B, T, H, Dc] in q's dtype and device to write into
+    -> o_latent [B, T, H, Dc] in q's dtype: softmax(scale (q̃·c + qᴿ·kᴿ)) c, the T queries of
+    sequence b at positions lengths[b] - T .. lengths[b] - 1 (causal among themselves); fp32
+    accumulation.
+
+    Inputs share one dtype: fp32, fp16 or bf16 on a GPU, fp32 or fp16 in the interpreter.
+    Inference only: no backward. The range of `lengths` is checked on CPU tensors, and on CUDA
+    tensors after `runtime.set_value_checks(True)` (it reads lengths back to the host). Where no
+    launch configuration fits the GPU's shared memory (a T4 at Dc = 512), it warns and computes
+    with mla_decode_ref instead.
+    """
+    B, T, H, DC, DR, S, max_len = _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale,
+                                                lengths, out)
+    if out is None:
+        out = torch.empty(B, T, H, DC, dtype=q_latent.dtype, device=q_latent.device)
+    if B == 0 or T * H == 0:
+        return out
+    try:
+        return _launch(q_latent, q_rope, kv_cache, rope_cache, float(scale), lengths, out, max_len)
+    except RuntimeError as err:
+        if not isinstance(err.__cause__, OutOfResources):
+            raise
+        warnings.warn(f"mla_decode: no launch configuration fits this GPU's shared memory at "
+                      f"Dc = {DC} ({err}); computing with PyTorch's absorbed attention "
+                      "(mla_decode_ref) instead", stacklevel=2)
+        ref = mla_decode_ref(q_latent.float(), q_rope.float(), kv_cache.float(),
+                             rope_cache.float(), scale, lengths)
+        return out.copy_(ref)
 
 
 @triton.jit
 def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS, NS, split_len,
                                s_ob, s_ot, s_oh, s_od,
                                DC: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The output of BLOCK_H query rows of sequence b: the merge of the partial states its splits wrote.
+    """The output of BLOCK_H query rows of sequence b: the merge of the partial states its splits
+    wrote.
 
-    Program (pid, b), grid (cdiv(ROWS, BLOCK_H), B). It reads the slots (b, 0) … (b, used − 1) of the partial
-    buffers, used = ceil(lengths[b] / split_len) — the splits that ran for sequence b — each an
-    [BLOCK_H, DC] tile of acc and [BLOCK_H] of m and ℓ:
+    Program (pid, b), grid (cdiv(ROWS, BLOCK_H), B). It reads the slots (b, 0) … (b, used − 1) of
+    the partial buffers, used = ceil(lengths[b] / split_len) — the splits that ran for sequence b
+    — each an [BLOCK_H, DC] tile of acc and [BLOCK_H] of m and ℓ:
 
-        m' = max(m, m_i);  ℓ = ℓ·2^(m − m') + ℓ_i·2^(m_i − m');  o = o·2^(m − m') + acc_i·2^(m_i − m')
+        m' = max(m, m_i);  ℓ = ℓ·2^(m − m') + ℓ_i·2^(m_i − m')
+        o = o·2^(m − m') + acc_i·2^(m_i − m')
 
     then writes o / ℓ in o's dtype. A split in which a row saw no key has m_i = −∞ and weighs 0.
     """
@@ -127,7 +157,8 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
         slot = (b64 * NS + i) * ROWS + rows
         m_s = tl.load(m_ptr + slot, mask=row_ok, other=float("-inf"))
         l_s = tl.load(l_ptr + slot, mask=row_ok, other=0.0)
-        a_s = tl.load(acc_ptr + slot[:, None] * DC + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
+        a_s = tl.load(acc_ptr + slot[:, None] * DC + dc[None, :],
+                      mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
         m_new = tl.maximum(m_run, m_s)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_ref)
@@ -143,57 +174,26 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dc_ok[None, :])
 
 
-def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, out=None):
-    """Absorbed MLA attention over the latent cache, in Triton: split-K flash-decoding, all heads of a token
-    reading each cached latent once.
-
-    q_latent   [B, T, H, Dc]  the queries folded into the latent space (q_nope · W_uk per head)
-    q_rope     [B, T, H, Dr]  the rotary queries
-    kv_cache   [B, S, Dc]     the cached latents c (keys and values); any strides, e.g. MLACache.latent
-    rope_cache [B, S, Dr]     the cached shared rotary keys; e.g. MLACache.rope
-    scale      the softmax scale — MLA's (qk_nope + qk_rope) ** -0.5 (× YaRN's mscale²), not Dc's
-    lengths    None (every sequence uses all S tokens) or an integer tensor [B] on q's device, T <= lengths[b] <= S
-    out        None, or a tensor [B, T, H, Dc] in q's dtype and device to write into
-    -> o_latent [B, T, H, Dc] in q's dtype: softmax(scale (q̃·c + qᴿ·kᴿ)) c, the T queries of sequence b at positions
-    lengths[b] - T .. lengths[b] - 1 (causal among themselves); fp32 accumulation.
-
-    Inputs share one dtype: fp32, fp16 or bf16 on a GPU, fp32 or fp16 in the interpreter. Inference only: no
-    backward. The range of `lengths` is checked on CPU tensors, and on CUDA tensors after
-    `runtime.set_value_checks(True)` (it reads lengths back to the host). Where no launch configuration fits the
-    GPU's shared memory (a T4 at Dc = 512), it warns and computes with mla_decode_ref instead.
-    """
-    B, T, H, DC, DR, S, max_len = _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out)
-    if out is None:
-        out = torch.empty(B, T, H, DC, dtype=q_latent.dtype, device=q_latent.device)
-    if B == 0 or T * H == 0:
-        return out
-    try:
-        return _launch(q_latent, q_rope, kv_cache, rope_cache, float(scale), lengths, out, max_len)
-    except RuntimeError as err:
-        if not isinstance(err.__cause__, OutOfResources):
-            raise
-        warnings.warn(f"mla_decode: no launch configuration fits this GPU's shared memory at Dc = {DC} ({err}); "
-                      "computing with PyTorch's absorbed attention (mla_decode_ref) instead", stacklevel=2)
-        ref = mla_decode_ref(q_latent.float(), q_rope.float(), kv_cache.float(), rope_cache.float(), scale, lengths)
-        return out.copy_(ref)
-
-
 _MIN_SPLIT = 256  # tokens: the shortest split worth a program
 
 
 def _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out):
-    """Everything mla_decode checks before launching; returns (B, T, H, Dc, Dr, S, max_len), max_len the longest
-    sequence when lengths were read back (value checks on), else S."""
+    """Everything mla_decode checks before launching; returns (B, T, H, Dc, Dr, S, max_len), max_len
+    the longest sequence when lengths were read back (value checks on), else S."""
     checking = _checks.checking_values(False, q_latent)
-    B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache, rope_cache, scale, lengths,
+    B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache,
+                                               rope_cache, scale, lengths,
                                                check_values=checking, dtypes=_checks.FLOATS)
     _checks.forward_only("mla_decode", q_latent, q_rope, kv_cache, rope_cache,
-                         instead="mla_attention_absorbed (the MLA layer with absorb=False or backend='naive')")
+                         instead="mla_attention_absorbed (the MLA layer with absorb=False or "
+                                 "backend='naive')")
     _checks.triton_inputs("mla_decode", q_latent, q_rope, kv_cache, rope_cache, lengths)
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, T, H, DC)
                             or out.dtype != q_latent.dtype or out.device != q_latent.device):
-        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"mla_decode: out must be [B, T, H, Dc] = {(B, T, H, DC)} in q_latent's dtype and device, "
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"mla_decode: out must be [B, T, H, Dc] = {(B, T, H, DC)} in q_latent's "
+                         f"dtype and device, "
                          f"got {got}")
     max_len = int(lengths.max()) if lengths is not None and checking and B else S
     return B, T, H, DC, DR, S, max_len
@@ -209,41 +209,45 @@ def _precision(dtype):
 
 
 def _plan_splits(B, rows, row_blocks, max_len, device, latent_bytes, dc, split_len=None):
-    """(split_len, NS): enough splits to fill the GPU about once (a program per SM), none shorter than _MIN_SPLIT
-    tokens or so short that its partial state (rows × dc fp32, written and read back) outweighs the cache it
-    summarises (latent_bytes a token). split_len is a multiple of 64, so every BLOCK_N of the table divides it."""
+    """(split_len, NS): enough splits to fill the GPU about once (a program per SM), none shorter
+    than _MIN_SPLIT tokens or so short that its partial state (rows × dc fp32, written and read
+    back) outweighs the cache it summarises (latent_bytes a token). split_len is a multiple of
+    64, so every BLOCK_N of the table divides it."""
     if split_len is None:
         sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
         want = max(1, sms // max(1, B * row_blocks))  # splits per (sequence, head block)
-        shortest = max(_MIN_SPLIT, 8 * rows * dc // latent_bytes)  # 2 × rows × dc × 4 bytes <= split's cache bytes
+        # 2 × rows × dc × 4 bytes <= split's cache bytes
+        shortest = max(_MIN_SPLIT, 8 * rows * dc // latent_bytes)
         num_splits = max(1, min(want, max_len // shortest))
         split_len = triton.cdiv(triton.cdiv(max_len, num_splits), 64) * 64
     return split_len, max(1, triton.cdiv(max_len, split_len))
 
 
 def _split_tiles(block_dc, rows=None, block_h=None):
-    """`fit` for the split kernel's table entries: BLOCK_N shortened for latents over 512 (the rows are sized for
-    512), never under 16. With `rows` and `block_h` (autotuning), an entry whose BLOCK_H cuts the rows into another
-    number of blocks than block_h does takes block_h instead: the splits were planned for cdiv(rows, block_h) blocks."""
+    """`fit` for the split kernel's table entries: BLOCK_N shortened for latents over 512 (the rows
+    are sized for 512), never under 16. With `rows` and `block_h` (autotuning), an entry whose
+    BLOCK_H cuts the rows into another number of blocks than block_h does takes block_h instead:
+    the splits were planned for cdiv(rows, block_h) blocks."""
     shrink = max(1, block_dc // 512)
 
     def fit(config):
         fitted = dict(config, BLOCK_N=max(16, config["BLOCK_N"] // shrink))
-        if block_h is not None and triton.cdiv(rows, fitted["BLOCK_H"]) != triton.cdiv(rows, block_h):
+        if block_h is not None and (triton.cdiv(rows, fitted["BLOCK_H"])
+                                    != triton.cdiv(rows, block_h)):
             fitted["BLOCK_H"] = block_h
         return fitted
     return fit
 
 
 def _first_split_config(device, dtype, fit):
-    """The split kernel's configuration the launch tries first: the one forced by runtime.launch_config, else the
-    first of its LAUNCH_TABLE row; after `fit`."""
+    """The split kernel's configuration the launch tries first: the one forced by
+    runtime.launch_config, else the first of its LAUNCH_TABLE row; after `fit`."""
     return fit(runtime.launch_configs("mla.decode_split", device, dtype)[0])
 
 
 def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len, split_len=None):
-    """Plan the splits, run the split kernel, then the combine kernel into out [B, T, H, Dc]; return out.
-    split_len (tests) replaces the planned split length."""
+    """Plan the splits, run the split kernel, then the combine kernel into out [B, T, H, Dc]; return
+    out. split_len (tests) replaces the planned split length."""
     B, T, H, DC = q_latent.shape
     DR = q_rope.shape[-1]
     ROWS = T * H
@@ -251,7 +255,8 @@ def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len
     dev, dtype = q_latent.device, q_latent.dtype
     block_h = _first_split_config(dev, dtype, _split_tiles(BLOCK_DC))["BLOCK_H"]
     latent_bytes = (DC + DR) * kv_cache.element_size()
-    split_len, NS = _plan_splits(B, ROWS, triton.cdiv(ROWS, block_h), max_len, dev, latent_bytes, DC, split_len)
+    split_len, NS = _plan_splits(B, ROWS, triton.cdiv(ROWS, block_h), max_len, dev, latent_bytes,
+                                 DC, split_len)
     if lengths is None:
         lengths = torch.full((B,), kv_cache.shape[1], dtype=torch.int32, device=dev)
     lengths = lengths.to(dtype=torch.int32).contiguous()
@@ -259,21 +264,26 @@ def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len
     m = _empty((B, NS, ROWS), torch.float32, dev)
     l_ = _empty((B, NS, ROWS), torch.float32, dev)
     runtime.launch(
-        "mla.decode_split", _mla_decode_split_kernel, lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), NS, B),
-        (q_latent, q_rope, kv_cache, rope_cache, lengths, acc, m, l_, T, H, ROWS, NS, split_len, scale * _LOG2E,
+        "mla.decode_split", _mla_decode_split_kernel,
+        lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), NS, B),
+        (q_latent, q_rope, kv_cache, rope_cache, lengths, acc, m, l_, T, H, ROWS, NS, split_len,
+         scale * _LOG2E,
          *q_latent.stride(), *q_rope.stride(), *kv_cache.stride(), *rope_cache.stride()),
         dict(DC=DC, DR=DR, BLOCK_DC=BLOCK_DC, BLOCK_DR=BLOCK_DR, PRECISION=_precision(dtype)),
         device=dev, dtype=dtype, key=(BLOCK_DC, BLOCK_DR),
         fit=_split_tiles(BLOCK_DC, *((ROWS, block_h) if runtime.autotuning() else ())),
         autotune_key=["ROWS", "NS", "split_len", "DC", "DR"], instead="mla_decode_ref")
     runtime.launch(
-        "mla.decode_combine", _mla_decode_combine_kernel, lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), B),
-        (acc, m, l_, lengths, out, T, H, ROWS, NS, split_len, *out.stride()), dict(DC=DC, BLOCK_DC=BLOCK_DC),
+        "mla.decode_combine", _mla_decode_combine_kernel,
+        lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), B),
+        (acc, m, l_, lengths, out, T, H, ROWS, NS, split_len, *out.stride()),
+        dict(DC=DC, BLOCK_DC=BLOCK_DC),
         device=dev, dtype=dtype, key=(BLOCK_DC,), instead="mla_decode_ref")
     return out
 
 
-def _empty(shape, dtype, device):  # the partial buffers (a test fills them with NaN to prove they are written)
+# the partial buffers (a test fills them with NaN to prove they are written)
+def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
