@@ -165,6 +165,16 @@ def test_rope_scores_depend_on_offset_only():
         assert score(10, 3) != pytest.approx(score(10, 4), rel=1e-3)
 
 
+def test_rope_conventions_differ_by_a_channel_permutation():
+    """Chapter 1, section 1.2.3: interleaved pairs (2j, 2j+1) and half-split pairs (j, j + D/2) are the same
+    rotation with the channels reordered."""
+    perm = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])  # interleaved -> half-split order
+    y, pos = make_bthd(2, 9, 3, 64, dtype=torch.float64, seed=14), torch.arange(9)
+    inter = apply_rope(y, pos, interleaved=True)
+    assert_close("interleaved vs half-split", inter[..., perm], apply_rope(y[..., perm], pos), 1e-12)
+    assert not torch.allclose(inter, apply_rope(y, pos))  # without the permutation they differ
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_embedding_equals_apply_rope(interleaved):
     rope = RotaryEmbedding(32, theta=5e5, interleaved=interleaved, max_len=8)  # positions beyond 8 grow the table
@@ -551,6 +561,18 @@ def test_check_kv_cache_bytes(capsys):
             check_kv_cache_bytes(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):
         check_kv_cache_bytes(stub)
+
+
+def test_exercise3_figures():
+    """The figures exercise 3's solution states: Qwen3-Next at 262,144 tokens, Gemma 3 4B at 128k."""
+    qwen3_next = (["linear_attention"] * 3 + ["full_attention"]) * 12
+    assert kv_right(qwen3_next, 2, 256, 262144) == 6 * 2**30
+    assert kv_right(["full_attention"] * 48, 2, 256, 262144) == 24 * 2**30
+    gemma3_4b = (["sliding_attention"] * 5 + ["full_attention"]) * 5 + ["sliding_attention"] * 4
+    assert gemma3_4b.count("sliding_attention") == 29
+    total = kv_right(gemma3_4b, 4, 256, 131072, window=1024)
+    full_part = kv_right(["full_attention"] * 5, 4, 256, 131072)
+    assert (total - full_part) / total < 0.05 and 2.5 * 2**30 <= total < 3 * 2**30
 
 
 def _flash_tile(bug):

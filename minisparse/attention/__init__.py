@@ -7,4 +7,4 @@ from .layer import *  # noqa: F401,F403
 from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['attention_mask', 'attention_weights', 'attention_ref', 'rope_frequencies', 'apply_rope', 'check_attention_args', 'RotaryEmbedding', 'KVCache', 'attended_pairs', 'attention_flops', 'attention_bytes', 'projection_flops', 'ffn_flops', 'kv_cache_bytes_per_token', 'FlashAttentionFunction', 'flash_attention', 'RMSNorm', 'Attention', 'attention_from_hf', 'softmax_state', 'check_online_softmax', 'check_decode_attention', 'check_kv_cache_bytes', 'check_flash_tile']
+__all__ = ['attention_mask', 'attention_weights', 'attention_ref', 'rope_frequencies', 'apply_rope', 'check_attention_args', 'RotaryEmbedding', 'KVCache', 'attended_pairs', 'attention_flops', 'attention_bytes', 'projection_flops', 'ffn_flops', 'kv_cache_bytes_per_token', 'FlashAttentionFunction', 'flash_attention', 'Attention', 'RMSNorm', 'attention_from_hf', 'softmax_state', 'check_online_softmax', 'check_decode_attention', 'check_kv_cache_bytes', 'check_flash_tile']

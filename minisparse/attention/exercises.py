@@ -103,15 +103,14 @@ def check_kv_cache_bytes(kv_cache_bytes):
         _kv_cache_bytes,
         cases,
         hint="per layer: 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x "
-             "dtype_bytes; a "
-        "full layer caches seq_len tokens, a sliding one min(seq_len, window), a linear one none",
+             "dtype_bytes; a full layer caches seq_len tokens, a sliding one min(seq_len, window), "
+             "a linear one none",
     )
 
 
 def check_flash_tile(kernel, block=16):
     """Exercise 4: launch kernel[(cdiv(T, block),)](q, k, v, o, T, scale, D=D, BM=block, BN=block)
-    on
-    q, k, v [T, D] fp32 and compare o with causal attention_ref; report the first position that
+    on q, k, v [T, D] fp32 and compare o with causal attention_ref; report the first position that
     differs."""
     device = runtime.device()
     tol = 1e-4 if device.type == "cpu" else 2e-2  # on a GPU, tl.dot on fp32 multiplies in tf32
@@ -121,9 +120,7 @@ def check_flash_tile(kernel, block=16):
         k, v = torch.randn(2, T, D, generator=g)  # [T, D] each
         q, k, v = q.to(device), k.to(device), v.to(device)
         o = torch.full_like(q, float("nan"))  # a row the kernel forgets to write stays NaN
-        with (
-            warnings.catch_warnings()
-        ):  # numpy's warning on 0 / 0 in the interpreter: reported below
+        with warnings.catch_warnings():  # numpy's warning on 0 / 0 in the interpreter: see below
             warnings.simplefilter("ignore", RuntimeWarning)
             kernel[(triton.cdiv(T, block),)](q, k, v, o, T, D**-0.5, D=D, BM=block, BN=block)
         expected = _decode_reference(q, k, v)  # [T, D]

@@ -7,22 +7,6 @@ from minisparse.attention.naive import KVCache, RotaryEmbedding, attention_ref  
 from minisparse.attention.triton import flash_attention  # section 1.5
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) times weight (1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
-
-    def __init__(self, dim, eps=1e-6, zero_centered=False):
-        super().__init__()
-        _checks.positive_int("RMSNorm", "dim", dim)
-        self.eps, self.zero_centered = _checks.positive_float("RMSNorm", "eps", eps), zero_centered
-        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float() + 1.0 if self.zero_centered else self.weight.float()
-        return (y * w).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Causal multi-head attention: GQA, RoPE, optional q/k RMSNorm and output gate, a KV cache.
 
@@ -73,12 +57,11 @@ class Attention(nn.Module):
 
     def _queries(self, x):
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
         if not self.gate:
-            return self.q_proj(x).view(B, T, H, D), None
-        qg = self.q_proj(x).view(B, T, H, 2 * D)  # each head: [query | gate]
-        q, g = qg.split(D, dim=-1)  # [B, T, H, D] each
-        return q, g.reshape(B, T, H * D)
+            return self.q_proj(x).view(B, T, self.num_heads, self.head_dim), None
+        qg = self.q_proj(x).view(B, T, self.num_heads, -1)  # each head: [query | gate], 2D channels
+        q, g = qg.chunk(2, dim=-1)  # [B, T, H, D] each
+        return q, g.reshape(B, T, -1)
 
     def _rope(self, x, positions):
         if self.rotary_dim == self.head_dim:
@@ -101,8 +84,23 @@ class Attention(nn.Module):
     def from_hf(cls, module, backend="auto"):
         """Build from a transformers attention module, copying its weights (`attention_from_hf`)."""
         from minisparse.attention.hf import attention_from_hf  # the loader (Engineering notes, E.7)
-
         return attention_from_hf(cls, module, backend)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) times weight (1 + weight when zero_centered, as Qwen3-Next); computed in fp32."""
+
+    def __init__(self, dim, eps=1e-6, zero_centered=False):
+        super().__init__()
+        _checks.positive_int("RMSNorm", "dim", dim)
+        self.eps, self.zero_centered = _checks.positive_float("RMSNorm", "eps", eps), zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + 1.0 if self.zero_centered else self.weight.float()
+        return (y * w).to(x.dtype)
 
 
 def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, window, norm_eps,
@@ -137,4 +135,4 @@ def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, 
     return num_kv_heads, head_dim, rotary_dim
 
 
-__all__ = ['RMSNorm', 'Attention']
+__all__ = ['Attention', 'RMSNorm']

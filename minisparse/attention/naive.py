@@ -94,9 +94,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
     """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask
-    and the scale;
-    return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError naming the
-    argument."""
+    and the scale; return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError
+    naming the argument."""
     _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
     _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
     _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
@@ -126,8 +125,7 @@ def _check_window(op, causal, window):
     if not causal:
         raise ValueError(
             f"{op}: window={window} needs causal=True (a sliding window looks back from each "
-            f"query, "
-            "keys pos - window < s <= pos), got causal=False"
+            "query, keys pos - window < s <= pos), got causal=False"
         )
 
 
@@ -171,9 +169,7 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
-            self._build(
-                max(need, len(self.cos)), x.device
-            )  # grow, or undo a .to(bf16) / device move
+            self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / a move
         cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
         cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
         sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
@@ -209,9 +205,7 @@ class KVCache:
                 f"KVCache.append: k must be [B={B}, t, HKV={HKV}, D={D}] and v [B, t, HKV, "
                 f"Dv={self.v.shape[-1]}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
-        if (
-            k.dtype != self.k.dtype or v.dtype != self.v.dtype
-        ):  # a silent cast would round fp32 keys to fp16
+        if k.dtype != self.k.dtype or v.dtype != self.v.dtype:  # a cast would round fp32 keys
             raise TypeError(
                 f"KVCache.append: the cache holds {self.k.dtype}, got k {k.dtype} and v {v.dtype} "
                 "(make the cache with the layer's dtype)"
@@ -219,8 +213,7 @@ class KVCache:
         if self.length + t > self.max_len:
             raise ValueError(
                 f"KVCache.append: {t} new tokens do not fit: {self.length} of "
-                f"max_len={self.max_len} "
-                "are used (make a larger cache)"
+                f"max_len={self.max_len} are used (make a larger cache)"
             )
         self.k[:, self.length:self.length + t] = k
         self.v[:, self.length:self.length + t] = v
