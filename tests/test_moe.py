@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 import minisparse
 from minisparse import runtime
-from minisparse.moe import (MoE, capacity_mask, check_route_topk_softmax, check_tile_schedule, check_unpermute,
-                            check_update_bias, expert_counts, grouped_mm, grouped_mm_ref, load_balancing_loss,
-                            moe_naive, permute, route_deepseek, route_topk_softmax, tile_schedule, unpermute,
-                            update_bias)
+from minisparse.moe import (MoE, capacity_mask, check_dropped_fraction, check_expected_groups,
+                            check_grouped_tile, check_unpermute, expert_counts, grouped_mm, grouped_mm_ref,
+                            load_balancing_loss, moe_naive, permute, route_deepseek, route_topk_softmax,
+                            tile_schedule, unpermute, update_bias)
 from minisparse.moe.triton import _launch_dw, _launch_fwd
 from minisparse.testing import ExerciseError, assert_close
 
@@ -676,54 +676,85 @@ def test_moe_rejects_bad_input(backend, desc, make, exc, words):
 
 
 # ------------------------------------------------------------------------------------------------ exercises
-def test_exercise_checkers_accept_the_reference(capsys):
-    from minisparse.moe import exercises as ex
+import math  # noqa: E402
 
-    check_route_topk_softmax(route_topk_softmax)
-    check_update_bias(update_bias)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def _dropped(shares, cf):
+    return sum(max(0.0, p - cf / len(shares)) for p in shares)
+
+
+def _groups(E, G, k):
+    return G * (1 - math.comb(E - E // G, k) / math.comb(E, k))
+
+
+def _planted_unpermute(y_sorted, weights, order):  # the bug of exercise 3: weights in (token, slot) order
+    N, k = weights.shape
+    return torch.zeros(N, y_sorted.shape[1]).index_add(0, order // k, y_sorted * weights.reshape(-1, 1))
+
+
+@triton.jit
+def _tile(x_ptr, w_ptr, y_ptr, te_ptr, tr_ptr, off_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, MASK_ROWS: tl.constexpr, K_TAIL: tl.constexpr, WRITE: tl.constexpr):
+    t, pid_n = tl.program_id(0), tl.program_id(1)
+    g = tl.load(te_ptr + t)
+    if g < 0:
+        return
+    rows = tl.load(tr_ptr + t) + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_end = tl.load(off_ptr + g)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_stop = K if K_TAIL else (K // BLOCK_K) * BLOCK_K  # without K_TAIL: the last partial K step is skipped
+    for k0 in range(0, k_stop, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
+        b = tl.load(w_ptr + g * K * N + kk[:, None] * N + cols[None, :],
+                    mask=(kk[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    keep = (rows[:, None] < M) & (cols[None, :] < N)
+    if MASK_ROWS:
+        keep = keep & (rows[:, None] < row_end)
+    if WRITE:
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=keep)
+
+
+def _tile_variant(**flags):
+    """_tile with its flags bound: check_grouped_tile launches kernel[grid](...) with the tile sizes only."""
+    class Bound:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: _tile[grid](*args, **kw, **flags)
+    return Bound()
+
+
+GOOD_TILE = dict(MASK_ROWS=True, K_TAIL=True, WRITE=True)
+
+
+def test_exercise_checkers_accept_the_reference(capsys):
+    check_dropped_fraction(_dropped)
+    check_expected_groups(_groups)
     check_unpermute(unpermute)
-    check_tile_schedule(ex._tiles)
+    check_grouped_tile(_tile_variant(**GOOD_TILE))
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("✓") for line in lines)
 
 
-def _always_renormalise(logits, top_k, renormalize=True):
-    return route_topk_softmax(logits, top_k, True)
-
-
-def _unstable_softmax(logits, top_k, renormalize=True):
-    p = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)  # overflows for logits near 100
-    w, i = p.topk(top_k, -1)
-    return (w / w.sum(-1, keepdim=True) if renormalize else w), i
-
-
-def _global_tiles(counts, block_m):  # a plain matmul's tiling: tiles straddle experts
-    starts = torch.tensor([0] + counts).cumsum(0).tolist()
-    owner = lambda r: max(e for e in range(len(counts)) if starts[e] <= r and counts[e])  # noqa: E731
-    return [(owner(r), r) for r in range(0, sum(counts), block_m)]
-
-
-def _tiles_for_empty_experts_too(counts, block_m):
-    tiles, start = [], 0
-    for e, n in enumerate(counts):
-        tiles += [(e, r) for r in range(start, start + max(n, 1), block_m)]
-        start += n
-    return tiles
-
-
 @pytest.mark.parametrize("checker, wrong", [
-    (check_route_topk_softmax, _always_renormalise),
-    (check_route_topk_softmax, _unstable_softmax),
-    (check_route_topk_softmax, lambda logits, k, r=True: route_topk_softmax(-logits, k, r)),  # picks the worst
-    (check_update_bias, lambda b, c, rate=1e-3: b + rate * torch.sign(c.float() - c.float().mean())),  # flipped
-    (check_update_bias, lambda b, c, rate=1e-3: b + rate * (c.float().mean() - c.float())),  # no sign
-    (check_update_bias, lambda b, c, rate=1e-3: b.add_(rate * torch.sign(c.float().mean() - c.float()))),  # in place
-    (check_unpermute, lambda ys, w, order: (ys[order].view(*w.shape, -1) * w[..., None]).sum(1)),  # wrong direction
+    (check_dropped_fraction, lambda shares, cf: sum(max(0.0, p - 1 / len(shares)) for p in shares)),  # no cf
+    (check_dropped_fraction, lambda shares, cf: 2 * _dropped(shares, cf)),  # a fraction of tokens, not of N·k
+    (check_expected_groups, lambda E, G, k: G * (1 - (1 - 1 / G) ** k)),  # with replacement
+    (check_expected_groups, lambda E, G, k: min(k, G)),  # every expert in a new group
+    (check_unpermute, _planted_unpermute),
+    (check_unpermute, lambda ys, w, order: (ys[order].view(*w.shape, -1) * w[..., None]).sum(1)),  # wrong way
     (check_unpermute, lambda ys, w, order: unpermute(ys, torch.ones_like(w), order)),  # unweighted
-    (check_tile_schedule, _global_tiles),
-    (check_tile_schedule, _tiles_for_empty_experts_too),
-], ids=["router-always-renormalises", "router-unstable-exp", "router-picks-worst", "bias-flipped", "bias-no-sign", "bias-in-place",
-        "unpermute-wrong-direction", "unpermute-unweighted", "tiles-straddle", "tiles-for-empty-experts"])
+    (check_grouped_tile, _tile_variant(**{**GOOD_TILE, "MASK_ROWS": False})),  # stores past the expert's end
+    (check_grouped_tile, _tile_variant(**{**GOOD_TILE, "K_TAIL": False})),  # drops the last partial K step
+    (check_grouped_tile, _tile_variant(**{**GOOD_TILE, "WRITE": False})),  # the stub: nothing stored
+], ids=["dropped-no-cf", "dropped-per-token", "groups-with-replacement", "groups-min", "unpermute-planted-bug",
+        "unpermute-wrong-direction", "unpermute-unweighted", "tile-no-row-mask", "tile-no-k-tail", "tile-stub"])
 def test_exercise_checkers_reject_wrong_answers(checker, wrong):
     with pytest.raises(ExerciseError, match="✗"):
         checker(wrong)
@@ -733,7 +764,7 @@ def test_exercise_checkers_report_a_stub_as_not_implemented():
     def stub(*args):
         raise NotImplementedError
 
-    for checker in (check_route_topk_softmax, check_update_bias, check_unpermute, check_tile_schedule):
+    for checker in (check_dropped_fraction, check_expected_groups, check_unpermute):
         with pytest.raises(ExerciseError, match="not implemented yet"):
             checker(stub)
 

@@ -4,6 +4,7 @@ from .cost import *  # noqa: F401,F403
 from .naive import *  # noqa: F401,F403
 from .triton import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['moe_params', 'moe_flops_per_token', 'grouped_mm_flops', 'grouped_mm_bytes', 'expert_intensity', 'check_routing_args', 'check_grouped_mm_args', 'route_topk_softmax', 'route_deepseek', 'expert_counts', 'load_balancing_loss', 'update_bias', 'capacity_mask', 'expert_ffn', 'moe_naive', 'permute', 'unpermute', 'grouped_mm_ref', 'tile_schedule', 'grouped_mm', 'SwiGLU', 'Router', 'Experts', 'MoE', 'check_route_topk_softmax', 'check_update_bias', 'check_unpermute', 'check_tile_schedule']
+__all__ = ['moe_params', 'moe_flops_per_token', 'expert_intensity', 'grouped_mm_flops', 'grouped_mm_bytes', 'route_topk_softmax', 'route_deepseek', 'expert_counts', 'load_balancing_loss', 'update_bias', 'capacity_mask', 'expert_ffn', 'moe_naive', 'permute', 'unpermute', 'grouped_mm_ref', 'tile_schedule', 'grouped_mm', 'Experts', 'MoE', 'SwiGLU', 'Router', 'check_routing_args', 'check_grouped_mm_args', 'SKEWED_SHARES', 'check_dropped_fraction', 'check_expected_groups', 'check_unpermute', 'check_grouped_tile']

@@ -3,10 +3,12 @@ import numpy as np
 
 
 def moe_params(hidden, inter, num_experts, top_k, n_shared=0, shared_inter=None):
-    """(total, active) parameters of one MoE layer's experts, SwiGLU (3 matrices of hidden × inter each).
+    """(total, active) parameters of one MoE layer's experts, SwiGLU (3 matrices of hidden × inter
+    each).
 
     Shared experts (`n_shared` of width `shared_inter`, default `inter`) count in both. The router's
-    `num_experts × hidden` weights are left out (DeepSeek-V3: 1.8M against 11.3B of experts a layer).
+    `num_experts × hidden` weights are left out (DeepSeek-V3: 1.8M against 11.3B of experts a
+    layer).
     """
     shared_inter = inter if shared_inter is None else shared_inter
     expert = 3 * hidden * inter  # W_gate, W_up: inter × hidden; W_down: hidden × inter
@@ -15,19 +17,9 @@ def moe_params(hidden, inter, num_experts, top_k, n_shared=0, shared_inter=None)
 
 
 def moe_flops_per_token(hidden, inter, num_experts, top_k, n_shared=0, shared_inter=None):
-    """Forward FLOPs one token spends in one MoE layer: router + top_k routed + shared experts (2 per weight)."""
+    """Forward FLOPs a token spends in one MoE layer: router + top_k routed + shared experts."""
     _, active = moe_params(hidden, inter, num_experts, top_k, n_shared, shared_inter)
     return 2 * active + 2 * hidden * num_experts
-
-
-def grouped_mm_flops(M, K, N):
-    """FLOPs of a grouped GEMM over M rows in total: every row is multiplied by one K × N matrix."""
-    return 2 * M * K * N
-
-
-def grouped_mm_bytes(M, K, N, num_groups, bytes_per_element=2):
-    """Bytes a grouped GEMM must move at least: x [M, K] and y [M, N] once, every group's w [K, N] once."""
-    return bytes_per_element * (M * K + num_groups * K * N + M * N)
 
 
 def expert_intensity(tokens_per_expert, hidden, inter, bytes_per_element=2):
@@ -40,4 +32,14 @@ def expert_intensity(tokens_per_expert, hidden, inter, bytes_per_element=2):
     return flops / (bytes_per_element * (3 * hidden * inter + 2 * m * hidden))
 
 
-__all__ = ['moe_params', 'moe_flops_per_token', 'grouped_mm_flops', 'grouped_mm_bytes', 'expert_intensity']
+def grouped_mm_flops(M, K, N):
+    """FLOPs of a grouped GEMM over M rows in total: every row times one K × N matrix."""
+    return 2 * M * K * N
+
+
+def grouped_mm_bytes(M, K, N, num_groups, bytes_per_element=2):
+    """Bytes a grouped GEMM moves at least: x [M, K] and y [M, N] once, every w [K, N] once."""
+    return bytes_per_element * (M * K + num_groups * K * N + M * N)
+
+
+__all__ = ['moe_params', 'moe_flops_per_token', 'expert_intensity', 'grouped_mm_flops', 'grouped_mm_bytes']

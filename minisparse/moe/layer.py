@@ -4,81 +4,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minisparse import _checks
-from minisparse.moe.naive import check_routing_args, moe_naive, permute, route_deepseek, route_topk_softmax, unpermute
+from minisparse.moe.checks import _ROUTERS, _check_moe_args, check_routing_args
+from minisparse.moe.naive import moe_naive, permute, route_deepseek, route_topk_softmax, unpermute
 from minisparse.moe.triton import grouped_mm
-
-_ROUTERS = ("softmax", "deepseek")
-
-
-def _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group, topk_group,
-                    routed_scaling_factor, shared_intermediate_size, shared_expert_gate):
-    """MoE's constructor arguments: sizes ints > 0 (the shared expert's >= 0, 0 meaning none), a known router kind,
-    a routing the router can meet (check_routing_args), and a shared expert behind a shared_expert_gate."""
-    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
-                        ("num_experts", num_experts)):
-        _checks.positive_int("MoE", name, value)
-    _checks.one_of("MoE", "router", router, _ROUTERS)
-    check_routing_args("MoE", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
-    _checks.positive_int("MoE", "shared_intermediate_size (0: no shared expert)", shared_intermediate_size, zero=True)
-    if shared_expert_gate and not shared_intermediate_size:
-        raise ValueError("MoE: shared_expert_gate=True needs a shared expert (shared_intermediate_size > 0)")
-
-
-class SwiGLU(nn.Module):
-    """A dense SwiGLU FFN with transformers' names: down_proj(silu(gate_proj(x)) * up_proj(x)). The shared expert."""
-
-    def __init__(self, hidden_size, intermediate_size):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Router(nn.Module):
-    """The gate: logits = x @ weightᵀ in fp32, then route_topk_softmax or route_deepseek (with its bias buffer)."""
-
-    def __init__(self, hidden_size, num_experts, top_k, kind="softmax", n_group=1, topk_group=1,
-                 routed_scaling_factor=1.0, renormalize=True):
-        super().__init__()
-        _checks.positive_int("Router", "hidden_size", hidden_size)
-        _checks.positive_int("Router", "num_experts", num_experts)
-        _checks.one_of("Router", "kind", kind, _ROUTERS)
-        check_routing_args("Router", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
-        self.kind, self.top_k, self.renormalize = kind, top_k, renormalize
-        self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        if kind == "deepseek":
-            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
-
-    def route(self, logits):
-        if self.kind == "softmax":
-            return route_topk_softmax(logits, self.top_k, self.renormalize)
-        bias = getattr(self, "e_score_correction_bias", None)
-        return route_deepseek(logits, bias, self.top_k, self.n_group, self.topk_group, self.routed_scaling_factor,
-                              self.renormalize)
-
-    def forward(self, x):  # x [N, H] -> logits [N, E] fp32, weights [N, k] fp32, indices [N, k]
-        logits = F.linear(x.float(), self.weight.float())
-        return (logits, *self.route(logits))
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as two 3-D tensors (transformers >= 5): gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """E SwiGLU experts as two 3-D tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
 
     def __init__(self, num_experts, hidden_size, intermediate_size):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
+                                                     hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x, weights, indices, backend="naive"):  # x [N, H], weights/indices [N, k] -> [N, H]
+    def forward(self, x, weights, indices, backend="naive"):  # x [N, H], weights/indices [N, k]
         if backend == "naive":
             return moe_naive(x, weights, indices, self.gate_up_proj, self.down_proj)
-        # indices come from the router's top-k and offsets from sorting them: no value check on the way
-        x_sorted, order, offsets = permute(x, indices, self.gate_up_proj.shape[0], check_values=False)  # [N*k, H]
-        h = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offsets, check_values=False)  # [N*k, 2I]
+        # indices come from the router's top-k, offsets from sorting them: no value checks
+        E = self.gate_up_proj.shape[0]
+        x_sorted, order, offsets = permute(x, indices, E, check_values=False)  # [N*k, H]
+        h = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offsets, check_values=False)
         gate, up = h.chunk(2, dim=-1)  # [N*k, I] each
         y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets,
                               check_values=False)  # [N*k, H]
@@ -86,33 +32,36 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts FFN: router, E routed SwiGLU experts, optional (sigmoid-gated) shared expert.
+    """A mixture-of-experts FFN: router, E routed SwiGLU experts, an optional (gated) shared expert.
 
-    hidden_states [B, T, H] (or [N, H]) in the experts' dtype -> the same shape. router="softmax" (Mixtral, Qwen3)
-    or "deepseek" (sigmoid, groups, bias); shared_intermediate_size > 0 adds a shared SwiGLU (DeepSeek:
-    n_shared × moe_intermediate_size), and shared_expert_gate=True scales it by sigmoid(x · w_s) (Qwen3-Next).
-    backend: "auto" | "naive" | "triton".
+    hidden_states [B, T, H] (or [N, H]) in the experts' dtype -> the same shape. router="softmax"
+    (Mixtral, Qwen3) or "deepseek" (sigmoid, groups, bias); shared_intermediate_size > 0 adds a
+    shared SwiGLU, and shared_expert_gate=True scales it by sigmoid(x · w_s) (Qwen3-Next). backend:
+    "auto" | "naive" | "triton".
     """
 
-    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *, router="softmax", n_group=1,
-                 topk_group=1, routed_scaling_factor=1.0, renormalize=True, shared_intermediate_size=0,
-                 shared_expert_gate=False, backend="auto"):
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *, router="softmax",
+                 n_group=1, topk_group=1, routed_scaling_factor=1.0, renormalize=True,
+                 shared_intermediate_size=0, shared_expert_gate=False, backend="auto"):
         super().__init__()
-        _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group, topk_group,
-                        routed_scaling_factor, shared_intermediate_size, shared_expert_gate)
+        _check_moe_args(hidden_size, intermediate_size, num_experts, top_k, router, n_group,
+                        topk_group, routed_scaling_factor, shared_intermediate_size,
+                        shared_expert_gate)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.backend = backend  # checked by the property below
-        self.gate = Router(hidden_size, num_experts, top_k, router, n_group, topk_group, routed_scaling_factor,
-                           renormalize)
+        self.gate = Router(hidden_size, num_experts, top_k, router, n_group, topk_group,
+                           routed_scaling_factor, renormalize)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
-        self.shared_experts = SwiGLU(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
-        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.shared_experts = (SwiGLU(hidden_size, shared_intermediate_size)
+                               if shared_intermediate_size else None)
+        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False)
+                                   if shared_expert_gate else None)
         self.last_routing = None
         self.reset_parameters()
 
     @property
     def backend(self):
-        """"auto" (Triton where it runs, else the loop), "naive" or "triton"; assigning checks the value."""
+        """ "auto" (Triton where it runs, else the loop), "naive" or "triton"; checked when set."""
         return self._backend
 
     @backend.setter
@@ -128,7 +77,7 @@ class MoE(nn.Module):
 
     def forward(self, hidden_states):
         layout = "[N, hidden]" if getattr(hidden_states, "ndim", None) == 2 else "[B, T, hidden]"
-        _checks.layer_input("MoE", hidden_states, self.experts, layout, self.hidden_size)  # the experts' dtype
+        _checks.layer_input("MoE", hidden_states, self.experts, layout, self.hidden_size)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [N, H]
         logits, weights, indices = self.gate(x)  # [N, E], [N, k], [N, k]
@@ -136,41 +85,106 @@ class MoE(nn.Module):
         y = self.experts(x, weights, indices, _checks.choose_backend(self.backend, x))  # [N, H]
         if self.shared_experts is not None:
             shared = self.shared_experts(x)  # [N, H]
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared  # Qwen3-Next's gated shared expert
+            if self.shared_expert_gate is not None:  # Qwen3-Next's gated shared expert
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
         return y.view(shape)
 
-    @classmethod
-    def from_hf(cls, module, backend="auto"):
-        """An MoE with the weights of transformers' DeepseekV3MoE, MixtralSparseMoeBlock or Qwen3NextSparseMoeBlock.
 
-        Reads the routing configuration from module.gate and the sizes from module.experts' 3-D tensors. Mixtral's
-        router jitter (training only) is not reproduced.
-        """
-        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-        if gate is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-            raise TypeError(f"MoE.from_hf: expected a transformers MoE block with .gate and 3-D .experts.gate_up_proj "
-                            f"(DeepseekV3MoE, MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock), got "
-                            f"{type(module).__name__}")
-        probe = torch.linspace(-4, 4, 17)
-        if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
-            raise ValueError(f"MoE.from_hf: the experts' activation must be SiLU, got {experts.act_fn}")
-        E, two_i, H = experts.gate_up_proj.shape
-        if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3
-            routing = dict(router="deepseek", n_group=gate.num_group, topk_group=gate.topk_group,
-                           routed_scaling_factor=gate.routed_scaling_factor, renormalize=gate.norm_topk_prob)
-        else:  # Mixtral always renormalises; Qwen3-Next has a flag
-            routing = dict(router="softmax", renormalize=getattr(gate, "norm_topk_prob", True))
-        shared = getattr(module, "shared_experts", None) or getattr(module, "shared_expert", None)
-        layer = cls(H, two_i // 2, E, gate.top_k, **routing, backend=backend,
-                    shared_intermediate_size=shared.gate_proj.out_features if shared is not None else 0,
-                    shared_expert_gate=getattr(module, "shared_expert_gate", None) is not None)
-        state = {k.replace("shared_expert.", "shared_experts."): v for k, v in module.state_dict().items()}
-        layer.load_state_dict(state)
-        layer.to(device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
-        layer.gate.float()  # the router stays in fp32, as DeepSeek-V3 keeps it
-        return layer
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN, transformers' names: down_proj(silu(gate_proj(x)) * up_proj(x)). The
+    shared expert."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-__all__ = ['SwiGLU', 'Router', 'Experts', 'MoE']
+class Router(nn.Module):
+    """The gate: logits = x @ weightᵀ in fp32, then route_topk_softmax or route_deepseek (with its
+    bias)."""
+
+    def __init__(self, hidden_size, num_experts, top_k, kind="softmax", n_group=1, topk_group=1,
+                 routed_scaling_factor=1.0, renormalize=True):
+        super().__init__()
+        _checks.positive_int("Router", "hidden_size", hidden_size)
+        _checks.positive_int("Router", "num_experts", num_experts)
+        _checks.one_of("Router", "kind", kind, _ROUTERS)
+        check_routing_args("Router", num_experts, top_k, n_group, topk_group, routed_scaling_factor)
+        self.kind, self.top_k, self.renormalize = kind, top_k, renormalize
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        if kind == "deepseek":
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def route(self, logits):
+        if self.kind == "softmax":
+            return route_topk_softmax(logits, self.top_k, self.renormalize)
+        bias = getattr(self, "e_score_correction_bias", None)
+        return route_deepseek(logits, bias, self.top_k, self.n_group, self.topk_group,
+                              self.routed_scaling_factor, self.renormalize)
+
+    def forward(self, x):  # x [N, H] -> logits [N, E] fp32, weights [N, k] fp32, indices [N, k]
+        logits = F.linear(x.float(), self.weight.float())
+        return (logits, *self.route(logits))
+
+
+def _moe_from_hf(cls, module, backend="auto"):
+    """An MoE with the weights of transformers' DeepseekV3MoE, MixtralSparseMoeBlock or
+    Qwen3NextSparseMoeBlock.
+
+    Reads the routing configuration from module.gate and the sizes from module.experts' 3-D tensors.
+    Mixtral's router jitter (training only) is not reproduced.
+    """
+    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+    if gate is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        raise TypeError(
+            "MoE.from_hf: expected a transformers MoE block with .gate and 3-D "
+            ".experts.gate_up_proj "
+            f"(DeepseekV3MoE, MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock), got "
+            f"{type(module).__name__}"
+        )
+    probe = torch.linspace(-4, 4, 17)
+    if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
+        raise ValueError(f"MoE.from_hf: the experts' activation must be SiLU, got {experts.act_fn}")
+    E, two_i, H = experts.gate_up_proj.shape
+    if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3
+        routing = dict(
+            router="deepseek",
+            n_group=gate.num_group,
+            topk_group=gate.topk_group,
+            routed_scaling_factor=gate.routed_scaling_factor,
+            renormalize=gate.norm_topk_prob,
+        )
+    else:  # Mixtral always renormalises; Qwen3-Next has a flag
+        routing = dict(router="softmax", renormalize=getattr(gate, "norm_topk_prob", True))
+    shared = getattr(module, "shared_experts", None) or getattr(module, "shared_expert", None)
+    layer = cls(
+        H,
+        two_i // 2,
+        E,
+        gate.top_k,
+        **routing,
+        backend=backend,
+        shared_intermediate_size=shared.gate_proj.out_features if shared is not None else 0,
+        shared_expert_gate=getattr(module, "shared_expert_gate", None) is not None,
+    )
+    state = {
+        k.replace("shared_expert.", "shared_experts."): v for k, v in module.state_dict().items()
+    }
+    layer.load_state_dict(state)
+    layer.to(device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
+    layer.gate.float()  # the router stays in fp32, as DeepSeek-V3 keeps it
+    return layer
+
+
+MoE.from_hf = classmethod(_moe_from_hf)
+
+
+__all__ = ['Experts', 'MoE', 'SwiGLU', 'Router']

@@ -5,117 +5,20 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import _checks  # the book's shared argument checks
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # the PyTorch ops; the kernels: no fp64
-_IDS = (torch.int32, torch.int64)
-
-
-def check_routing_args(op, num_experts, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0):
-    """A router's configuration: top_k an int in [1, E]; n_group an int that divides E; topk_group an int in
-    [1, n_group] whose groups hold at least top_k experts; routed_scaling_factor a positive number."""
-    _checks.positive_int(op, "top_k", top_k)
-    if top_k > num_experts:
-        raise ValueError(f"{op}: top_k must be <= the number of experts E = {num_experts}, got {top_k}")
-    _checks.positive_int(op, "n_group", n_group)
-    _checks.divides(op, "n_group", n_group, "the number of experts E", num_experts)
-    _checks.positive_int(op, "topk_group", topk_group)
-    if topk_group > n_group:
-        raise ValueError(f"{op}: topk_group must be <= n_group = {n_group} (the groups a token may use), "
-                         f"got {topk_group}")
-    per_group = num_experts // n_group
-    if top_k > topk_group * per_group:
-        raise ValueError(f"{op}: top_k = {top_k} experts cannot come from topk_group = {topk_group} groups of "
-                         f"{per_group} experts: need top_k <= {topk_group * per_group}")
-    _checks.positive_float(op, "routed_scaling_factor", routed_scaling_factor)
-
-
-def _check_router_inputs(op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0):
-    """A router's inputs: logits [N, E] float, bias None or a float [E] on logits' device, and the configuration
-    (check_routing_args). Values (CPU tensors always, CUDA tensors after runtime.set_value_checks(True)): no NaN in
-    logits or bias — top-k ranks a NaN above every number, so one NaN bias would send every token to its expert."""
-    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
-    E = logits.shape[1]
-    check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
-    if bias is not None:
-        _checks.tensor(op, "bias", bias, "[E]", dtypes=_FLOATS)
-        _checks.shape(op, "bias", bias, (E,), "[E]", "one per expert")
-        _checks.same_device(op, logits=logits, bias=bias)
-    if _checks.checking_values(False, logits):
-        _checks.value_range(op, "logits", logits, why="a NaN logit gives its token NaN weights")
-        _checks.value_range(op, "bias", bias, why="top-k would rank its expert first for every token")
-
-
-def _check_expert_ids(op, indices, num_experts, check_values):
-    """indices [N, k] int32/int64 expert ids, num_experts an int > 0; with check_values, under the value-check rule,
-    every id in [0, E) (a read-back; on a GPU an id out of range otherwise trips a device-side assert)."""
-    _checks.tensor(op, "indices", indices, "[N, k]", dtypes=_IDS)
-    _checks.positive_int(op, "num_experts", num_experts)
-    if check_values and _checks.checking_values(False, indices):
-        _checks.value_range(op, "indices", indices, low=0, high=num_experts - 1,
-                            why=f"expert ids for num_experts = {num_experts}")
-
-
-def _check_permute_args(op, x, indices, num_experts, check_values):
-    """x [N, H], indices [N, k] expert ids (see _check_expert_ids) with x's N, one device."""
-    _checks.tensor(op, "x", x, "[N, H]")
-    _check_expert_ids(op, indices, num_experts, check_values)
-    if indices.shape[0] != x.shape[0]:
-        raise ValueError(f"{op}: indices must be [N, k] with x's N = {x.shape[0]} tokens, got {tuple(indices.shape)}")
-    _checks.same_device(op, x=x, indices=indices)
-
-
-def _check_unpermute_args(op, y_sorted, weights, order):
-    """weights [N, k] float, y_sorted [N*k, H], order [N*k] int32/int64, one device."""
-    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_FLOATS)
-    _checks.tensor(op, "y_sorted", y_sorted, "[N*k, H]")
-    _checks.tensor(op, "order", order, "[N*k]", dtypes=_IDS)
-    rows = weights.shape[0] * weights.shape[1]
-    if y_sorted.shape[0] != rows:
-        raise ValueError(f"{op}: y_sorted must be [N*k, H] with N*k = {rows} (weights {tuple(weights.shape)}), got "
-                         f"{tuple(y_sorted.shape)}")
-    _checks.shape(op, "order", order, (rows,), "[N*k]", f"weights {tuple(weights.shape)}")
-    _checks.same_device(op, y_sorted=y_sorted, weights=weights, order=order)
-
-
-def check_grouped_mm_args(op, x, w, offsets, *, triton=False, check_values=True):
-    """A grouped GEMM's inputs: x [M, K] and w [G, K, N] of one float dtype, offsets [G] int32 cumulative row ends
-    (torch._grouped_mm's format), one device; for the Triton op (triton=True) fp32/fp16/bf16 only and what its
-    kernels need (_checks.triton_inputs). Values — offsets non-decreasing from >= 0, the last equal to M — always for
-    the PyTorch loop, under the value-check rule for the Triton op; check_values=False skips them (a read-back)."""
-    dtypes = _checks.FLOATS if triton else _FLOATS
-    _checks.tensor(op, "x", x, "[M, K]", dtypes=dtypes)
-    _checks.tensor(op, "w", w, "[G, K, N]", dtypes=dtypes)
-    _checks.tensor(op, "offsets", offsets, "[G]")
-    if offsets.dtype != torch.int32:
-        raise TypeError(f"{op}: offsets must be torch.int32 cumulative row ends (as torch._grouped_mm takes them), "
-                        f"got {offsets.dtype}")
-    if offsets.numel() != w.shape[0] or w.shape[0] == 0:
-        raise ValueError(f"{op}: offsets needs one entry per expert, len(offsets) == w.shape[0] >= 1, got "
-                         f"len(offsets) = {offsets.numel()} and w of shape {tuple(w.shape)}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"{op}: x [M, K] and w [G, K, N] must share K, got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    _checks.same_dtype(op, dtypes, x=x, w=w)
-    _checks.same_device(op, x=x, w=w, offsets=offsets)
-    if triton:
-        _checks.triton_inputs(op, x, w, offsets, instead="grouped_mm_ref (a loop of PyTorch matmuls)")
-    if check_values and _checks.checking_values(not triton, x):
-        ends = offsets.tolist()
-        bad = [i for i in range(len(ends)) if ends[i] < (ends[i - 1] if i else 0)]
-        if bad:
-            raise ValueError(f"{op}: offsets must be non-decreasing cumulative row ends starting at >= 0, got "
-                             f"{ends[:8]}{' …' if len(ends) > 8 else ''} (first decrease at index {bad[0]})")
-        if ends[-1] != x.shape[0]:
-            raise ValueError(f"{op}: the last offset must equal M = x.shape[0] = {x.shape[0]} (every row belongs "
-                             f"to an expert), got {ends[-1]}")
+from minisparse.moe.checks import (_FLOATS, _check_expert_ids, _check_permute_args,
+                                   _check_router_inputs, _check_unpermute_args,
+                                   check_grouped_mm_args)
 
 
 def route_topk_softmax(logits, top_k, renormalize=True):
     """Mixtral / Qwen3-MoE routing: softmax over all experts in fp32, keep the top_k.
 
     logits [N, E] float -> (weights [N, top_k] fp32, indices [N, top_k] int64), best expert first.
-    renormalize=True rescales the kept probabilities to sum to 1 (Mixtral always does; Qwen3: norm_topk_prob).
+    renormalize=True rescales the kept probabilities to sum to 1 (Mixtral always does; Qwen3:
+    norm_topk_prob).
     """
-    _check_router_inputs("route_topk_softmax", logits, top_k)  # 1 <= top_k <= E, logits [N, E] without NaN
+    # 1 <= top_k <= E, logits [N, E] without NaN
+    _check_router_inputs("route_topk_softmax", logits, top_k)
     probs = torch.softmax(logits.float(), dim=-1)  # [N, E] p = softmax(u)
     weights, indices = probs.topk(top_k, dim=-1)  # [N, k] p_i for i in S, and S
     if renormalize:
@@ -123,15 +26,18 @@ def route_topk_softmax(logits, top_k, renormalize=True):
     return weights, indices
 
 
-def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0, renormalize=True):
-    """DeepSeek-V3 routing: sigmoid scores, group-limited top-k chosen with a bias, weights from unbiased scores.
+def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                   renormalize=True):
+    """DeepSeek-V3 routing: sigmoid scores, a group-limited top-k chosen with a bias, unbiased
+    weights.
 
     logits [N, E]; bias [E] or None (zeros) -> (weights [N, top_k] fp32, indices [N, top_k] int64).
-    The E experts form n_group groups of E / n_group; a group's score is the sum of its top-2 biased scores and
-    only the best topk_group groups stay eligible. Weights: unbiased scores of the chosen experts, renormalised
-    (renormalize=True), times routed_scaling_factor.
+    The E experts form n_group groups of E / n_group; a group's score is the sum of its top-2 biased
+    scores and only the best topk_group groups stay eligible. Weights: unbiased scores of the chosen
+    experts, renormalised (renormalize=True), times routed_scaling_factor.
     """
-    _check_router_inputs("route_deepseek", logits, top_k, bias, n_group, topk_group, routed_scaling_factor)
+    _check_router_inputs("route_deepseek", logits, top_k, bias, n_group, topk_group,
+                         routed_scaling_factor)
     N, E = logits.shape
     per_group = E // n_group  # experts a group
     if bias is None:
@@ -141,10 +47,12 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
     choice = scores + bias.float()  # [N, E] s_i + b_i: used to choose, never to weight
     if n_group > 1:
         grouped = choice.view(N, n_group, per_group)  # [N, G, E/G]
-        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [N, G] sum of the best two
+        # [N, G] sum of the best two
+        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
         kept = group_score.topk(topk_group, dim=-1).indices  # [N, topk_group]
         group_ok = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)  # [N, G]
-        choice = choice.masked_fill(~group_ok.repeat_interleave(per_group, dim=1), float("-inf"))  # [N, E]
+        # [N, E]
+        choice = choice.masked_fill(~group_ok.repeat_interleave(per_group, dim=1), float("-inf"))
     indices = choice.topk(top_k, dim=-1).indices  # [N, k] S
     weights = scores.gather(1, indices)  # [N, k] unbiased s_i
     if renormalize:
@@ -153,27 +61,29 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
 
 
 def expert_counts(indices, num_experts, *, check_values=True):
-    """Tokens routed to each expert: indices [N, k] int -> counts [E] int64, by scatter_add (no host sync, unlike
-    bincount on a GPU). check_values=False skips the range check of indices (see the hidden cell of section 2.2)."""
+    """Tokens routed to each expert: indices [N, k] int -> counts [E] int64, by scatter_add (no host
+    sync, unlike bincount on a GPU). check_values=False skips the range check of indices (see the
+    Engineering notes)."""
     _check_expert_ids("expert_counts", indices, num_experts, check_values)
     flat = indices.reshape(-1).long()  # [N*k]
-    return torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(0, flat,
-                                                                                         torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=indices.device)  # [E]
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def load_balancing_loss(router_probs, indices, num_experts):
     """Switch / Mixtral auxiliary loss E · sum_i f_i P_i (multiply by your alpha).
 
-    router_probs [N, E] (probabilities per token), indices [N, k] -> scalar. f_i = tokens routed to i / N (no
-    gradient), P_i = mean probability of i. Equals k for perfectly uniform routing, up to E · k when collapsed.
+    router_probs [N, E] (probabilities per token), indices [N, k] -> scalar. f_i = tokens routed to
+    i / N (no gradient), P_i = mean probability of i. Equals k for perfectly uniform routing, up to
+    E · k when collapsed.
     """
     op = "load_balancing_loss"
     _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_FLOATS)
-    _checks.shape(op, "router_probs", router_probs, (router_probs.shape[0], num_experts), "[N, E]", "E = num_experts")
-    _check_expert_ids(op, indices, num_experts, check_values=True)
-    _checks.shape(op, "indices", indices, (router_probs.shape[0], indices.shape[1]), "[N, k]", "router_probs' N")
     N = router_probs.shape[0]
-    f = expert_counts(indices, num_experts, check_values=False).float() / N  # [E] fraction of tokens, no gradient
+    _checks.shape(op, "router_probs", router_probs, (N, num_experts), "[N, E]", "E = num_experts")
+    _check_expert_ids(op, indices, num_experts, check_values=True)
+    _checks.shape(op, "indices", indices, (N, indices.shape[1]), "[N, k]", "router_probs' N")
+    f = expert_counts(indices, num_experts, check_values=False).float() / N  # [E] no gradient
     P = router_probs.float().mean(dim=0)  # [E] mean probability, carries the gradient
     return num_experts * (f * P).sum()
 
@@ -181,23 +91,27 @@ def load_balancing_loss(router_probs, indices, num_experts):
 def update_bias(bias, tokens_per_expert, rate=1e-3):
     """Auxiliary-loss-free balancing: b_i + rate · sign(mean load − load_i), as a new tensor.
 
-    bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up, overloaded down,
-    an expert exactly at the mean stays.
+    bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up,
+    overloaded down, an expert exactly at the mean stays.
     """
     _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_FLOATS)
     _checks.tensor("update_bias", "tokens_per_expert", tokens_per_expert, "[E]")
-    _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]", "bias' E")
+    _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]",
+                  "bias' E")
     load = tokens_per_expert.float()
     return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)
 
 
 def capacity_mask(indices, num_experts, capacity_factor):
-    """Which (token, slot) assignments fit when each expert holds ceil(cf · N · k / E) rows: bool [N, k].
+    """Which (token, slot) assignments fit when each expert holds ceil(cf · N · k / E) rows: bool
+    [N, k].
 
-    Priority: all first choices (slot 0) in token order, then all second choices, and so on (as GShard).
+    Priority: all first choices (slot 0) in token order, then all second choices, and so on (as
+    GShard).
     """
     _check_expert_ids("capacity_mask", indices, num_experts, check_values=True)
-    _checks.positive_float("capacity_mask", "capacity_factor (1.0 = exactly the mean load)", capacity_factor)
+    _checks.positive_float("capacity_mask", "capacity_factor (1.0 = exactly the mean load)",
+                           capacity_factor)
     N, k = indices.shape
     capacity = math.ceil(capacity_factor * N * k / num_experts)
     slot_major = indices.t().reshape(-1).long()  # [k*N] slot 0 of every token first
@@ -207,7 +121,7 @@ def capacity_mask(indices, num_experts, capacity_factor):
 
 
 def expert_ffn(x, gate_up, down):
-    """One SwiGLU expert in transformers' layout: x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
+    """One SwiGLU expert, transformers' layout: x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each: W_gate x, W_up x
     return F.linear(F.silu(gate) * up, down)  # [n, H]
 
@@ -215,11 +129,11 @@ def expert_ffn(x, gate_up, down):
 def moe_naive(x, weights, indices, gate_up_proj, down_proj):
     """The spec: y_t = sum_j weights[t, j] · FFN_{indices[t, j]}(x_t), one expert at a time.
 
-    x [N, H]; weights, indices [N, k]; gate_up_proj [E, 2I, H]; down_proj [E, H, I] -> y [N, H] in x's dtype.
+    x [N, H]; weights, indices [N, k]; gate_up_proj [E, 2I, H]; down_proj [E, H, I] -> y [N, H].
     """
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [N, H] accumulate in fp32
     for e in range(gate_up_proj.shape[0]):
-        token, slot = torch.where(indices == e)  # [n_e] tokens routed to e, and in which of their k slots
+        token, slot = torch.where(indices == e)  # [n_e] tokens routed to e, and their slots
         if token.numel() == 0:
             continue
         out = expert_ffn(x[token], gate_up_proj[e], down_proj[e])  # [n_e, H]
@@ -231,15 +145,15 @@ def permute(x, indices, num_experts, *, check_values=True):
     """Sort the (token, slot) pairs by expert: x [N, H], indices [N, k] ->
     (x_sorted [N*k, H], order [N*k] int64, offsets [E] int32).
 
-    x_sorted[i] = x[order[i] // k]; expert e owns rows offsets[e-1]:offsets[e]. check_values=False skips the range
-    check of indices, which reads them back to the host (the MoE layer, whose indices come from top-k, skips it).
+    x_sorted[i] = x[order[i] // k]; expert e owns rows offsets[e-1]:offsets[e]. check_values=False
+    skips the range check of indices, a read-back to the host (the MoE layer's come from top-k).
     """
     _check_permute_args("permute", x, indices, num_experts, check_values)
     flat = indices.reshape(-1).long()  # [N*k] expert of each pair, token-major
     order = torch.argsort(flat, stable=True)  # [N*k] pairs sorted by expert, ties in token order
     x_sorted = x[order // indices.shape[1]]  # [N*k, H]
-    offsets = expert_counts(indices, num_experts, check_values=False).cumsum(0).to(torch.int32)  # [E] row ends
-    return x_sorted, order, offsets
+    counts = expert_counts(indices, num_experts, check_values=False)  # [E]
+    return x_sorted, order, counts.cumsum(0).to(torch.int32)  # offsets [E]: row ends
 
 
 def unpermute(y_sorted, weights, order):
@@ -249,14 +163,15 @@ def unpermute(y_sorted, weights, order):
     """
     _check_unpermute_args("unpermute", y_sorted, weights, order)
     N, k = weights.shape
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)  # [N*k] row of each pair
-    y = y_sorted[inverse].view(N, k, y_sorted.shape[-1])  # [N, k, H] back in (token, slot) order (N may be 0)
+    inverse = torch.empty_like(order)  # [N*k] the sorted row of each pair
+    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    y = y_sorted[inverse].view(N, k, y_sorted.shape[-1])  # [N, k, H] in (token, slot) order
     return (y.float() * weights[..., None].float()).sum(dim=1).to(y_sorted.dtype)
 
 
 def grouped_mm_ref(x, w, offsets):
-    """The grouped GEMM as a loop (the spec of section 2.7): rows offsets[g-1]:offsets[g] of x times w[g].
+    """The grouped GEMM as a loop (section 2.7's spec): rows offsets[g-1]:offsets[g] of x times
+    w[g].
 
     x [M, K] sorted by expert, w [G, K, N], offsets [G] int32 cumulative row ends -> [M, N].
     """
@@ -266,4 +181,4 @@ def grouped_mm_ref(x, w, offsets):
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
 
 
-__all__ = ['check_routing_args', 'check_grouped_mm_args', 'route_topk_softmax', 'route_deepseek', 'expert_counts', 'load_balancing_loss', 'update_bias', 'capacity_mask', 'expert_ffn', 'moe_naive', 'permute', 'unpermute', 'grouped_mm_ref']
+__all__ = ['route_topk_softmax', 'route_deepseek', 'expert_counts', 'load_balancing_loss', 'update_bias', 'capacity_mask', 'expert_ffn', 'moe_naive', 'permute', 'unpermute', 'grouped_mm_ref']

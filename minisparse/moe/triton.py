@@ -4,15 +4,17 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.moe.naive import check_grouped_mm_args
+from minisparse.moe.checks import check_grouped_mm_args
 
 
 def tile_schedule(offsets, num_rows, block_m):
-    """The row tiles of a grouped GEMM: slot s is rows tile_row[s] : tile_row[s] + block_m of expert tile_expert[s].
+    """The row tiles of a grouped GEMM: slot s is rows tile_row[s] : + block_m of expert
+    tile_expert[s].
 
-    offsets [G] int32 cumulative row ends, num_rows = M -> (tile_expert [S], tile_row [S]) int32, with
-    S = ceil(M / block_m) + G slots. Tiles never straddle two experts (a tile's rows past its expert's end are
-    masked); empty experts get no tile; unused trailing slots have tile_expert = -1. Tensor ops only: no host sync.
+    offsets [G] int32 cumulative row ends, num_rows = M -> (tile_expert [S], tile_row [S]) int32,
+    with S = ceil(M / block_m) + G slots. Tiles never straddle two experts (a tile's rows past its
+    expert's end are masked); an empty expert gets no tile; unused trailing slots have tile_expert =
+    -1. Tensor ops only: no host sync.
     """
     G = offsets.numel()
     ends = offsets.long()  # [G]
@@ -20,40 +22,43 @@ def tile_schedule(offsets, num_rows, block_m):
     tiles = (ends - starts + block_m - 1) // block_m  # [G] row tiles of each expert, 0 when empty
     last = tiles.cumsum(0)  # [G] number of tiles of experts 0..g
     slot = torch.arange(triton.cdiv(num_rows, block_m) + G, device=offsets.device)  # [S] tile slots
-    expert = torch.searchsorted(last, slot, right=True)  # [S] first expert whose tiles reach past the slot; G if none
+    expert = torch.searchsorted(last, slot, right=True)  # [S] the slot's expert; G if none
     e = expert.clamp(max=G - 1)
-    row = starts[e] + (slot - (last - tiles)[e]) * block_m  # [S] first row: expert start + its tiles before the slot
+    row = starts[e] + (slot - (last - tiles)[e]) * block_m  # [S] expert start + its earlier tiles
     return torch.where(expert < G, expert, -1).to(torch.int32), row.to(torch.int32)
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+                    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
-def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, M, N, K, num_tiles,
-                       stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_ym, stride_yn,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr):
-    """The grouped GEMM (forward, and dx on wᵀ): y[rows of g] = x[rows of g] @ w[g] for every expert g.
+def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, M, N, K,
+                       num_tiles, stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_ym,
+                       stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                       EVEN_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The grouped GEMM (forward, and dx on wᵀ): y[rows of g] = x[rows of g] @ w[g] for every g.
 
-    Program: one BLOCK_M × BLOCK_N tile of y, rows tile_row[t] : + BLOCK_M of the tile schedule's slot t, column
-    block pid_n. All its rows belong to expert g = tile_expert[t]; a slot with g = -1 is unused and returns at once.
-    Grid: (num_tiles · ⌈N / BLOCK_N⌉,), in bands of GROUP_M slots: a band's programs cover its slots' column blocks
-    one after another, so programs that run together share x's rows and w[g]'s columns in L2.
+    Program: one BLOCK_M × BLOCK_N tile of y: rows tile_row[t] : + BLOCK_M of the schedule's slot t,
+    column block pid_n. All its rows belong to expert g = tile_expert[t]; g = -1 returns at once.
+    Grid: (num_tiles · ⌈N / BLOCK_N⌉,), in bands of GROUP_M slots: a band's programs cover its
+    slots' column blocks one after another, so programs that run together share x's rows and w[g] in
+    L2.
     Tiling: K in steps of BLOCK_K into an fp32 accumulator [BLOCK_M, BLOCK_N]:
 
-                  K →                           N →                            N →
-          ┌──────────────────┐          ┌──────────────────┐          ┌──────────────────┐
-     row0 │░░ x[row0:+BM] ░░░│       K  │      ┊▓▓▓▓┊      │     row0 │      ┊▓▓▓▓┊      │ BLOCK_M rows,
-          │ → step BLOCK_K → │  @    ↓  │ w[g] ┊▓▓▓▓┊      │   =      │  y   ┊▓▓▓▓┊      │ stored only up
-          └──────────────────┘          │      ┊▓▓▓▓┊      │          └──────────────────┘ to offsets[g]
-                                        └──────────────────┘
-                                         pid_n * BLOCK_N
+                 K →                      N →                        N →
+          ┌────────────────┐        ┌──────────────┐          ┌──────────────┐
+     row0 │░ x[row0:+BM] ░░│     K  │    ┊▓▓▓┊     │     row0 │    ┊▓▓▓┊     │ BLOCK_M rows,
+          │→ step BLOCK_K →│  @  ↓  │w[g]┊▓▓▓┊     │   =      │ y  ┊▓▓▓┊     │ stored only
+          └────────────────┘        │    ┊▓▓▓┊     │          └──────────────┘ below offsets[g]
+                                    └──────────────┘
+                                    pid_n * BLOCK_N
 
-    Math: y[r, n] = Σ_k x[r, k] · w[g, k, n] for the tile's rows r < offsets[g]. Rows past the expert's end are read
-    (clamped to row M - 1, so in bounds) and never stored.
+    Math: y[r, n] = Σ_k x[r, k] · w[g, k, n] for the tile's rows r < offsets[g]. Rows past the
+    expert's end are read (clamped to row M - 1, so in bounds) and never stored.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # program order: bands of GROUP_M slots × all column blocks, a slot's column blocks spread over its band
+    # program order: bands of GROUP_M slots × all column blocks
     per_group = GROUP_M * num_pid_n
     first_tile = (pid // per_group) * GROUP_M
     group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
@@ -68,7 +73,7 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_r
     rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
-    rows_read = tl.minimum(rows, M - 1).to(tl.int64)  # rows past the end are read (in bounds), never stored
+    rows_read = tl.minimum(rows, M - 1).to(tl.int64)  # rows past the end: read, never stored
     x_ptrs = x_ptr + rows_read[:, None] * stride_xm + ks[None, :] * stride_xk  # [BM, BK]
     w_g = w_ptr + g.to(tl.int64) * stride_wg  # expert g's [K, N] matrix
     w_ptrs = w_g + ks[:, None] * stride_wk + cols[None, :] * stride_wn  # [BK, BN]
@@ -84,7 +89,7 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_r
         else:
             a = tl.load(x_ptrs, mask=ks[None, :] < K - k0, other=0.0)
             b = tl.load(w_ptrs, mask=(ks[:, None] < K - k0) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # [BM, BN] += [BM, BK] @ [BK, BN], fp32
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # [BM, BN] += [BM, BK] @ [BK, BN]
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -94,26 +99,42 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_r
 
 
 @triton.jit
-def _grouped_mm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, N, K,
-                          stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwg, stride_dwk, stride_dwn,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+def _grouped_mm_dw_kernel(
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_dym,
+    stride_dyn,
+    stride_dwg,
+    stride_dwk,
+    stride_dwn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """The grouped GEMM's weight gradient: dw[g] = x[rows of g]ᵀ @ dy[rows of g] for every expert g.
 
     Program: one BLOCK_K × BLOCK_N tile of dw[g]; it walks expert g's rows BLOCK_M at a time.
-    Grid: (⌈K / BLOCK_K⌉ · ⌈N / BLOCK_N⌉, G): the programs of one expert run together and share its rows in L2.
-    Tiling: a row block of x read transposed, [BLOCK_K, BLOCK_M], times the same row block of dy, [BLOCK_M, BLOCK_N],
-    summed into an fp32 accumulator [BLOCK_K, BLOCK_N]:
+    Grid: (⌈K / BLOCK_K⌉ · ⌈N / BLOCK_N⌉, G): the programs of one expert run together and share its
+    rows in L2.
+    Tiling: a row block of x read transposed, [BLOCK_K, BLOCK_M], times the same row block of dy,
+    [BLOCK_M, BLOCK_N], summed into an fp32 accumulator [BLOCK_K, BLOCK_N]:
 
-             rows of g →                 N →                      N →
-          ┌──────────────────┐   r  ┌──────────────────┐      ┌──────────────────┐
-        K │░░ x[r0:+BM]ᵀ ░░░░│   ↓  │     ┊▓▓▓▓┊       │    K │     ┊▓▓▓▓┊       │ tile of dw[g],
-          │ → step BLOCK_M → │  @   │ dy  ┊▓▓▓▓┊       │   =  │dw[g]┊▓▓▓▓┊       │ every row block
-          └──────────────────┘      └──────────────────┘      └──────────────────┘ of expert g summed
+            rows of g →            N →                  N →
+          ┌────────────────┐   r  ┌──────────────┐      ┌──────────────┐
+        K │░ x[r0:+BM]ᵀ ░░░│   ↓  │    ┊▓▓▓┊     │    K │    ┊▓▓▓┊     │ tile of dw[g],
+          │→ step BLOCK_M →│  @   │ dy ┊▓▓▓┊     │   =  │dw  ┊▓▓▓┊     │ every row block
+          └────────────────┘      └──────────────┘      └──────────────┘ of expert g summed
 
-    Math: dw[g, k, n] = Σ_{start <= r < end} x[r, k] · dy[r, n], with [start, end) = [offsets[g-1], offsets[g]).
-    Rows past the expert's end are masked to zero (here they would be summed in); an empty expert's loop runs zero
-    times and stores zeros, its gradient.
+    Math: dw[g, k, n] = Σ_{start <= r < end} x[r, k] · dy[r, n], with [start, end) = [offsets[g-1],
+    offsets[g]). Rows past the expert's end are masked to zero (here they would be summed in); an
+    empty expert's loop runs zero times and stores zeros, its gradient.
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -128,10 +149,16 @@ def _grouped_mm_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, N, K,
         rows = r0 + tl.arange(0, BLOCK_M)  # [BM]
         in_g = rows < end
         rows64 = rows.to(tl.int64)
-        xt = tl.load(x_ptr + rows64[None, :] * stride_xm + ks[:, None] * stride_xk,
-                     mask=in_g[None, :] & (ks[:, None] < K), other=0.0)  # [BK, BM] = x[rows, ks]ᵀ
-        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=in_g[:, None] & (cols[None, :] < N), other=0.0)  # [BM, BN]
+        xt = tl.load(
+            x_ptr + rows64[None, :] * stride_xm + ks[:, None] * stride_xk,
+            mask=in_g[None, :] & (ks[:, None] < K),
+            other=0.0,
+        )  # [BK, BM] = x[rows, ks]ᵀ
+        dy = tl.load(
+            dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=in_g[:, None] & (cols[None, :] < N),
+            other=0.0,
+        )  # [BM, BN]
         acc = tl.dot(xt, dy, acc, input_precision=PRECISION)  # [BK, BN]
 
     dw_g = dw_ptr + g.to(tl.int64) * stride_dwg  # expert g's [K, N] gradient
@@ -143,18 +170,21 @@ _INSTEAD = "grouped_mm_ref (a loop of PyTorch matmuls)"
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 in: exact fp32 products; 16-bit inputs ignore it
+    # fp32 in: exact fp32 products; 16-bit inputs ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _block_m(device, dtype):
-    """The forward's BLOCK_M for this device and dtype, read from the configurations `runtime.launch` will try: the
-    one a test forces with `runtime.launch_config`, else the row (all of a row's configurations share it)."""
+    """The forward's BLOCK_M for this device and dtype, read from the configurations
+    `runtime.launch` will try: the one a test forces with `runtime.launch_config`, else the row (all
+    of a row's configurations share it)."""
     return runtime.launch_configs("moe.grouped_mm", device, dtype)[0]["BLOCK_M"]
 
 
 def _launch_fwd(x, w, offsets, y, schedule, block_m):
-    """Write y [M, N] = grouped x [M, K] @ w [G, K, N] tile by tile over `schedule` = (tile_expert, tile_row) from
-    tile_schedule(offsets, M, block_m). Returns the launch configuration (None when there is nothing to launch)."""
+    """Write y [M, N] = grouped x [M, K] @ w [G, K, N] tile by tile over `schedule` = (tile_expert,
+    tile_row) from tile_schedule(offsets, M, block_m). Returns the launch configuration (None when
+    there is nothing to launch)."""
     M, K = x.shape
     N = w.shape[2]
     if M == 0 or N == 0:
@@ -165,31 +195,58 @@ def _launch_fwd(x, w, offsets, y, schedule, block_m):
     tile_expert, tile_row = schedule
     num_tiles = tile_expert.numel()
     return runtime.launch(
-        "moe.grouped_mm", _grouped_mm_kernel, lambda c: (num_tiles * triton.cdiv(N, c["BLOCK_N"]),),
-        (x, w, y, offsets, tile_expert, tile_row, M, N, K, num_tiles, *x.stride(), *w.stride(), *y.stride()),
-        dict(PRECISION=_precision(x.dtype)), device=x.device, dtype=x.dtype,
+        "moe.grouped_mm",
+        _grouped_mm_kernel,
+        lambda c: (num_tiles * triton.cdiv(N, c["BLOCK_N"]),),
+        (
+            x,
+            w,
+            y,
+            offsets,
+            tile_expert,
+            tile_row,
+            M,
+            N,
+            K,
+            num_tiles,
+            *x.stride(),
+            *w.stride(),
+            *y.stride(),
+        ),
+        dict(PRECISION=_precision(x.dtype)),
+        device=x.device,
+        dtype=x.dtype,
         fit=lambda c: {**c, "BLOCK_M": block_m},  # the tile height the schedule was built with
-        autotune_key=["N", "K"], instead=_INSTEAD)
+        autotune_key=["N", "K"],
+        instead=_INSTEAD,
+    )
 
 
 def _launch_dw(x, dy, offsets, dw):
-    """Write dw [G, K, N] = per-expert x_gᵀ @ dy_g (zeros for empty experts). Returns the launch configuration."""
+    """Write dw [G, K, N] = per-expert x_gᵀ @ dy_g (zeros for empty experts). Returns the launch
+    configuration."""
     K, N, G = x.shape[1], dy.shape[1], offsets.numel()
     if K == 0 or N == 0:
         return None
     return runtime.launch(
-        "moe.grouped_mm_dw", _grouped_mm_dw_kernel,
+        "moe.grouped_mm_dw",
+        _grouped_mm_dw_kernel,
         lambda c: (triton.cdiv(K, c["BLOCK_K"]) * triton.cdiv(N, c["BLOCK_N"]), G),
         (x, dy, dw, offsets, N, K, *x.stride(), *dy.stride(), *dw.stride()),
-        dict(PRECISION=_precision(x.dtype)), device=x.device, dtype=x.dtype, autotune_key=["N", "K"],
-        instead=_INSTEAD)
+        dict(PRECISION=_precision(x.dtype)),
+        device=x.device,
+        dtype=x.dtype,
+        autotune_key=["N", "K"],
+        instead=_INSTEAD,
+    )
 
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets):
         block_m = _block_m(x.device, x.dtype)
-        schedule = tile_schedule(offsets, x.shape[0], block_m)  # [S] expert and first row of each tile slot
+        # [S] expert and first row of each tile slot
+        schedule = tile_schedule(offsets, x.shape[0], block_m)
         y = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)  # [M, N]
         _launch_fwd(x, w, offsets, y, schedule, block_m)
         ctx.schedule, ctx.block_m = schedule, block_m
@@ -201,24 +258,28 @@ class _GroupedMM(torch.autograd.Function):
         x, w, offsets = ctx.saved_tensors
         dy = dy.to(x.dtype)
         dx = dw = None
-        if ctx.needs_input_grad[0]:  # dx_g = dy_g @ w_gᵀ: the forward kernel on a transposed view, same schedule
+        # dx_g = dy_g @ w_gᵀ: the forward kernel on a transposed view, same schedule
+        if ctx.needs_input_grad[0]:
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             _launch_fwd(dy, w.transpose(1, 2), offsets, dx, ctx.schedule, ctx.block_m)
-        if ctx.needs_input_grad[1]:  # dw_g = x_gᵀ @ dy_g, laid out like w (e.g. a transposed [E, out, in] view)
+        # dw_g = x_gᵀ @ dy_g, laid out like w (e.g. a transposed [E, out, in] view)
+        if ctx.needs_input_grad[1]:
             dw = torch.empty_like(w)
             _launch_dw(x, dy, offsets, dw)
         return dx, dw, None
 
 
 def grouped_mm(x, w, offsets, *, check_values=True):
-    """Grouped GEMM in Triton: y[offsets[g-1]:offsets[g]] = x[offsets[g-1]:offsets[g]] @ w[g], differentiable.
+    """Grouped GEMM in Triton: y[offsets[g-1]:offsets[g]] = x[offsets[g-1]:offsets[g]] @ w[g],
+    differentiable.
 
-    x [M, K] rows sorted by expert; w [G, K, N] (any strides, e.g. `weight.transpose(1, 2)` of transformers'
-    [E, out, in] experts); offsets [G] int32 cumulative row ends, offsets[-1] == M -> y [M, N] in x's dtype (fp32,
-    fp16 or bf16). Same result as `torch._grouped_mm(x, w, offs=offsets)`. One launch over all experts, fp32
-    accumulation; empty experts are fine. Backward: dx by the same kernel on w's transpose, dw by the grouped
-    weight-gradient kernel. The offsets check reads offsets back to the host: on CPU tensors always, on CUDA
-    tensors after `runtime.set_value_checks(True)`; check_values=False skips it (the MoE layer, which built them).
+    x [M, K] rows sorted by expert; w [G, K, N] (any strides, e.g. `weight.transpose(1, 2)` of
+    transformers' [E, out, in] experts); offsets [G] int32 cumulative row ends, offsets[-1] == M ->
+    y [M, N] in x's dtype (fp32, fp16 or bf16). Same result as `torch._grouped_mm(x, w,
+    offs=offsets)`. One launch over all experts, fp32 accumulation; empty experts are fine.
+    Backward: dx by the same kernel on w's transpose, dw by the grouped weight-gradient kernel. The
+    offsets check reads offsets back to the host: on CPU tensors always, on CUDA tensors after
+    `runtime.set_value_checks(True)`; check_values=False skips it (the MoE layer, which built them).
     """
     check_grouped_mm_args("grouped_mm", x, w, offsets, triton=True, check_values=check_values)
     return _GroupedMM.apply(x, w, offsets)
