@@ -1,0 +1,398 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 6 — Kimi Delta Attention
+#
+# Chapter 5's Gated DeltaNet forgets with one number per head and token: $S \leftarrow e^{g_t} S$ shrinks every
+# row of the state at the same rate. **Kimi Delta Attention** (KDA) gives each *key channel* its own rate,
+# $S \leftarrow \operatorname{diag}(e^{g_t}) S$ with $g_t \in \mathbb R^{K}$, so one head can keep some channels for
+# thousands of tokens while it rewrites others every few. Kimi Linear (Moonshot AI, October 2025) stacks three KDA
+# layers per MLA layer (chapter 3). This chapter builds KDA the way chapter 5 built GDN — recurrence, chunk form,
+# Triton kernels, layer — and spends its attention on what the per-channel gate changes.
+#
+# **You will learn to**
+#
+# - write KDA's recurrence and explain why it reduces to Gated DeltaNet when the gate is the same in every channel;
+# - derive the chunkwise (WY/UT) form with a decay *vector*, and see why its intra-chunk products need a reference
+#   point inside the chunk to stay finite;
+# - show, on a task with two time scales, what a per-channel gate remembers that a per-head gate cannot;
+# - estimate the memory and decoding cost of Kimi Linear's 3 : 1 KDA + MLA stack and compare it with the report;
+# - read a Triton chunk kernel with sub-chunks, and load transformers' `KimiLinearDeltaAttention` weights.
+#
+# **Prerequisites**: chapter 5 (the delta rule, the WY/UT chunk form, `GatedDeltaNet`), chapter 3 (MLA's latent
+# cache) for the cost model. Linear algebra: triangular solves, diagonal scalings. **Time**: about 75 minutes for
+# the core path (sections 6.1–6.9), more with the exercises.
+#
+# **Roadmap**
+#
+# | section | what |
+# |---|---|
+# | 6.1 Why | one gate a channel; where Kimi Linear uses it |
+# | 6.2 Naive | the recurrence and the chunk form, checked against fla and transformers |
+# | 6.3 See it | per-channel forgetting; a two-time-scale recall task where KDA beats GDN |
+# | 6.4 Cost | Kimi Linear's 3 : 1 stack against all-MLA, 4K to 1M tokens |
+# | 6.5 Fast | sub-chunks and reference points; the Triton kernels |
+# | 6.6 Layer | `KimiDeltaAttention`, `from_hf`, decoding = prefill |
+# | 6.7 Measure | the H200 benchmark against fla |
+# | 6.8 Exercises | derive, debug, predict, and a Triton kernel |
+# | 6.9 Summary | and references |
+#
+# What you can import afterwards:
+#
+# | name | what it is |
+# |---|---|
+# | `naive_recurrent_kda` | the spec: KDA token by token (fla's signature) |
+# | `naive_chunk_kda` | the chunkwise WY/UT form in PyTorch, differentiable, exact for any finite gate |
+# | `chunk_kda` | Triton forward and backward by chunks of 64 with sub-chunks of 16 |
+# | `fused_recurrent_kda` | Triton, for decoding a few tokens from a state (forward only) |
+# | `KimiDeltaAttention` | the layer as Kimi Linear builds it, `from_hf` |
+# | `kda_state_bytes`, `kimi_linear_costs` | the cost model of section 6.4 |
+#
+# Layout `[B, T, H, D]` as everywhere in the book: `q, k [B, T, H, K]`, `v [B, T, HV, V]` (HV a multiple of H:
+# grouped value heads), the gate `g [B, T, HV, K]` — one log decay per token, value head *and key channel* — and
+# `beta [B, T, HV]`. A state is `[B, HV, K, V]`.
+
+# %% tags=["hide-input"]
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
+# anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
+                                  "or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+
+# %%
+import math
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minisparse import runtime, viz
+from minisparse.testing import assert_close, attempt, make_log_gates
+
+torch.manual_seed(0)
+DEVICE = runtime.device()
+DTYPE = runtime.default_dtype()
+
+try:  # fla-core: an independent reference (its naive_* functions run on CPU)
+    with warnings.catch_warnings():  # fla-core 0.6 warns at import when Triton has no GPU
+        warnings.simplefilter("ignore")
+        from fla.ops.kda.naive import naive_recurrent_kda as fla_naive_recurrent_kda
+except ImportError:
+    fla_naive_recurrent_kda = None
+    print("fla-core is not installed: the checks against fla's naive_recurrent_kda are skipped")
+try:  # transformers: Kimi Linear's layer and its PyTorch KDA functions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers.models.kimi_linear import modeling_kimi_linear as hf_kimi
+except ImportError:
+    hf_kimi = None
+    print("transformers is not installed: the checks against Kimi Linear's layer are skipped")
+
+# %% [markdown]
+# ## 6.1 Why: one forget rate per channel
+#
+# Read a delta-rule state as a memory with $K$ key channels: row $c$ of $S \in \mathbb R^{K \times V}$ holds what
+# keys with weight in channel $c$ wrote. Gated DeltaNet decays the whole state by one factor $e^{g_t}$ a token, so a
+# head has **one time scale**: if it keeps a fact for 1,000 tokens, it also keeps every distractor for 1,000 tokens;
+# if it clears distractors quickly, it loses the fact as quickly. Models work around this with many heads of
+# different rates, but inside a head the trade-off stays.
+#
+# KDA (Kimi Team, *Kimi Linear*, arXiv:2510.26692) makes the gate a vector, one log decay per key channel:
+#
+# $$
+# \begin{aligned}
+# S_t &= \big(I - \beta_t k_t^\top k_t\big)\operatorname{diag}\!\big(e^{g_t}\big) S_{t-1} + \beta_t k_t^\top v_t,
+#   \qquad g_t \in \mathbb R^{K},\ g_t \le 0, \\
+# o_t &= \sigma\, q_t S_t .
+# \end{aligned}
+# $$
+#
+# With $g_t = \gamma_t \mathbf 1$ (the same in every channel) this is exactly Gated DeltaNet. The model computes
+# $g_t$ from the token through a low-rank projection (section 6.6), so it can decide per token and per channel how
+# much to keep. The idea is Gated Linear Attention's fine-grained gate (Yang et al. 2024) on the delta rule; the
+# report calls the result a "fine-grained" gate and the layer's memory "RNN memory with finite state".
+#
+# Kimi Linear (48B total, 3B active parameters) interleaves three KDA layers with one MLA layer; the released
+# checkpoint has 27 layers, 20 KDA and 7 MLA (chapter 0, §0.6). The report claims up to **75 % less KV cache** and
+# up to **6× decoding throughput at 1M tokens** against full MLA [Kimi Linear report, abstract]. The survey lists
+# Kimi K2.5 with the same KDA + MLA 3 : 1 layout [S]; chapter 0 says what transformers' configurations show
+# instead. Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
+#
+# The picture: how much of a value written at $t = 0$ survives $t$ tokens of decay. One GDN head has one curve. A
+# KDA head can spread its channels over time scales from a few tokens to thousands — here 8 of its channels, with
+# rates chosen by hand.
+
+# %%
+t = np.arange(0, 2001)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+for rate in (0.002, 0.02, 0.2):
+    axes[0].plot(t, np.exp(-rate * t), label=f"$g = -{rate}$")
+axes[0].set(title="Gated DeltaNet: one rate a head", xlabel="tokens since the write",
+            ylabel="fraction kept, $e^{G}$", xscale="symlog")
+axes[0].legend(fontsize=8)
+rates = np.geomspace(1e-4, 1.0, 8)  # 8 channels of one KDA head, log-spaced
+for c, rate in enumerate(rates):
+    axes[1].plot(t, np.exp(-rate * t), color=plt.cm.viridis(c / 7), label=f"channel {c}: {rate:.0e}")
+axes[1].set(title="KDA: one rate a key channel", xlabel="tokens since the write", xscale="symlog")
+axes[1].legend(fontsize=7, ncol=2)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 6.2 Naive: the recurrence
+#
+# Token by token, for one value head (row vectors, $k_t, q_t \in \mathbb R^{1\times K}$, $v_t \in \mathbb R^{1\times
+# V}$, $S \in \mathbb R^{K\times V}$):
+#
+# $$
+# \begin{aligned}
+# S &\leftarrow \operatorname{diag}(e^{g_t})\, S
+#   &&\text{forget: row } c \text{ of the state shrinks by } e^{g_{t,c}} \\
+# S &\leftarrow S + \beta_t\, k_t^\top \big(v_t - k_t S\big)
+#   &&\text{write the error of the decayed memory under } k_t \\
+# o_t &= \sigma\, q_t S &&\text{read, } \sigma = K^{-1/2} \text{ by default}
+# \end{aligned}
+# $$
+#
+# Everything but the first line is chapter 5. The signature is fla's `naive_recurrent_kda`, with chapter 5's
+# `use_qk_l2norm` (Kimi Linear normalises $q$ and $k$ inside the op). The argument checks are chapter 5's with one
+# change: `g` is `[B, T, HV, K]`. A `[B, T, HV]` gate — chapter 5's shape — is refused with a message that says so.
+
+# %%
+#| export kda.naive
+import torch
+
+from minisparse import _checks
+from minisparse.deltanet.naive import _check_gate_and_beta, l2norm
+
+
+def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
+    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None). `check_values`: also
+    check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops always do, the Triton ops follow the
+    value-check rule, a layer skips what it built itself."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
+        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per key channel), got "
+                         f"shape {tuple(g.shape)}: a [B, T, HV] gate is Gated DeltaNet's — repeat it over K "
+                         "(g[..., None].expand(-1, -1, -1, K)) or use minisparse.deltanet")
+    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]", "one per token, value head and key channel",
+                           like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    if check_values:
+        _check_gate_and_beta(op, g, beta)
+    return _checks.scale(op, scale, K)
+
+
+def _prepare(q, k, v, g, beta, use_qk_l2norm):
+    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)), optionally
+    L2-normalised first."""
+    rep = v.shape[2] // q.shape[2]
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if rep > 1:
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
+    return q, k, v.float(), g.float(), beta.float()
+
+
+def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                        use_qk_l2norm=False):
+    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t S.
+
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel, finite and ≤ 0;
+    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k first.
+    Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless output_final_state).
+    Accumulates in float32; differentiable (gradients flow through final_state too).
+    """
+    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, True)
+
+
+def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+    """naive_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
+    scale = _check_kda("naive_recurrent_kda", q, k, v, g, beta, scale, initial_state, check_values)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    o = []
+    for t in range(T):
+        kt = kf[:, t]  # [B, HV, K]
+        S = S * gf[:, t].exp()[..., None]  # [B, HV, K, V] diag(e^{g_t}) S: row c by its own factor
+        err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S
+        S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # + k_tᵀ β_t err
+        o.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S))  # [B, HV, V]
+    o = torch.stack(o, dim=1) if T else vf.new_zeros(B, 0, HV, V)  # [B, T, HV, V]
+    return o.to(q.dtype), (S if output_final_state else None)
+
+# %% [markdown]
+# Two independent references agree with it: fla's `naive_recurrent_kda` and the PyTorch recurrence in transformers'
+# Kimi Linear model. (transformers silently calls fla's Triton kernel instead when fla is installed; its own
+# PyTorch function is the decorated function's `__wrapped__`. Its recurrence has one head count for $q$, $k$ and
+# $v$, so the check gives it $q$, $k$ repeated per value head.) Grouped value heads, an initial state, gates down to
+# $-30$ a token:
+
+# %%
+def kda_inputs(B, T, H, HV, K, V, *, low=-2.0, high=0.0, seed=0, state=True, dtype=torch.float32, device="cpu"):
+    """Unit q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K] uniform in [low, high]; beta in [0, 1]; h0."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = make_log_gates(B, T, HV, K, low=low, high=high, seed=seed + 1)
+    beta = torch.rand(B, T, HV, generator=gen)
+    h0 = 0.5 * torch.randn(B, HV, K, V, generator=gen) if state else None
+    return [x.to(device=device, dtype=dtype) if x is not None else None for x in (q, k, v, g, beta, h0)]
+
+
+q, k, v, g, beta, h0 = kda_inputs(2, 37, 2, 4, 32, 48, low=-30.0)
+o, S = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+if fla_naive_recurrent_kda is not None:
+    o_fla, S_fla = fla_naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    print(f"vs fla:          o {assert_close('o', o_fla, o, 1e-5):.1e}, "
+          f"state {assert_close('S', S_fla, S, 1e-5):.1e}")
+if hf_kimi is not None:
+    rep = lambda x: x.repeat_interleave(2, dim=2)  # noqa: E731  q, k per value head
+    o_hf, S_hf = hf_kimi.recurrent_kimi_delta_attention.__wrapped__(
+        rep(q), rep(k), v, g, beta, initial_state=h0, output_final_state=True)
+    print(f"vs transformers: o {assert_close('o', o_hf, o, 1e-5):.1e}, "
+          f"state {assert_close('S', S_hf, S, 1e-5):.1e}")
+
+# %% [markdown]
+# And the reduction to chapter 5: with the gate repeated over the $K$ channels, KDA *is* Gated DeltaNet.
+
+# %%
+from minisparse.deltanet import naive_recurrent_gated_delta_rule
+
+g_head = make_log_gates(2, 37, 4, low=-3.0, seed=5)  # [B, T, HV]: one gate a head
+o_kda, S_kda = naive_recurrent_kda(q, k, v, g_head[..., None].expand(-1, -1, -1, 32), beta,
+                                                  initial_state=h0, output_final_state=True)
+o_gdn, S_gdn = naive_recurrent_gated_delta_rule(q, k, v, g_head, beta, initial_state=h0, output_final_state=True)
+print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 1e-6):.1e}, "
+      f"state {assert_close('S', S_gdn, S_kda, 1e-6):.1e}")
+
+# %% [markdown]
+# ### The chunk form with a decay vector
+#
+# Chapter 5's chunk algorithm carries over once every scalar decay becomes a vector over the key channels. Inside a
+# chunk of $L$ tokens, let $G_i = g_1 + \dots + g_i \in \mathbb R^K$ be the local cumulative gate and
+# $\Gamma_{ij} = e^{G_i - G_j} \in \mathbb R^K$ ($j \le i$) the decay from token $j$ to token $i$, per channel.
+# Unrolling the recurrence from the state $S$ entering the chunk gives, for the values $u_j$ each token writes,
+# $u_i + \sum_{j<i} A_{ij} u_j = \beta_i v_i - \beta_i (k_i \odot e^{G_i}) S$ with
+#
+# $$
+# A_{ij} = \beta_i \big\langle k_i \odot \Gamma_{ij},\ k_j \big\rangle \quad (j < i), \qquad
+# P_{ij} = \big\langle q_i \odot \Gamma_{ij},\ k_j \big\rangle \quad (j \le i),
+# $$
+#
+# so with the UT transform of chapter 5,
+#
+# $$
+# \begin{aligned}
+# W &= (I + A)^{-1} \operatorname{diag}(\beta)\,(K \odot e^{G}), \qquad
+#   \tilde U = (I + A)^{-1} \operatorname{diag}(\beta)\, V, \qquad U = \tilde U - W S, \\
+# O &= \sigma \big( (Q \odot e^{G})\, S + P\, U \big), \qquad
+#   S \leftarrow \operatorname{diag}(e^{G_L})\, S + \big(K \odot e^{G_L - G}\big)^\top U .
+# \end{aligned}
+# $$
+#
+# **What changed.** In chapter 5, $\Gamma_{ij}$ was a scalar and came out of the inner product:
+# $A = \operatorname{diag}(\beta)(KK^\top \odot \Gamma)$, one matrix product and a mask. Here the decay sits *inside*
+# the sum over channels, $\sum_c k_{ic} k_{jc}\, e^{G_{ic} - G_{jc}}$, so $A$ and $P$ are no longer a product of two
+# $[L, K]$ matrices. One could write $e^{G_i - G_j} = e^{G_i} e^{-G_j}$ and use $(K \odot e^{G})(K \odot
+# e^{-G})^\top$ — but $e^{-G_j}$ overflows float32 as soon as a channel's gates sum below $-88$ inside the chunk,
+# which one token at $-30$ a token reaches in three steps. The naive form below sidesteps this by computing the
+# $[L, L, K]$ tensor of segment sums $G_i - G_j = g_{j+1} + \dots + g_i$ directly (always $\le 0$, exact for any
+# finite gate), at $L$ times the memory of chapter 5's $\Gamma$; section 6.5 shows how the kernel gets matrix
+# products back.
+
+# %%
+#| export kda.naive
+def naive_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                    use_qk_l2norm=False, chunk_size=64):
+    """KDA by chunks (the WY/UT form with a decay per key channel): same arguments and results as
+    naive_recurrent_kda, plus chunk_size (any T). Per chunk of L tokens, with the exponents as segment sums
+    D_ij = g_{j+1} + … + g_i ∈ R^K (j ≤ i; never a difference of cumulative sums), Γ_ij = e^{D_ij}:
+    A_ij = β_i ⟨k_i ⊙ Γ_ij, k_j⟩ (j < i), P_ij = ⟨q_i ⊙ Γ_ij, k_j⟩ (j ≤ i);
+    W = (I + A)⁻¹ diag(β) (K ⊙ e^G), Ũ = (I + A)⁻¹ diag(β) V, U = Ũ − W S;
+    O = scale ((Q ⊙ e^G) S + P U), S ← diag(e^{G_L}) S + (K ⊙ Γ_L·)ᵀ U. Differentiable by autograd.
+    """
+    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+                        True)
+
+
+def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+                 check_values):
+    """naive_chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
+    op = "naive_chunk_kda"
+    scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values)
+    _checks.positive_int(op, "chunk_size", chunk_size)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))  # [B, HV, T, ·]
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    o = []
+    for c0 in range(0, T, chunk_size):
+        L = min(chunk_size, T - c0)
+        qc, kc, vc, gc = (x[:, :, c0:c0 + L] for x in (qf, kf, vf, gf))  # [B, HV, L, ·]
+        bc = bf[:, :, c0:c0 + L]  # [B, HV, L]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # [L, L] j ≤ i
+        after = ~causal.T  # [L, L] t > j
+        D = torch.where(after[:, :, None], gc[:, :, :, None, :], 0.0).cumsum(2)  # [B, HV, L, L, K] D_ij
+        Gamma = torch.exp(torch.where(causal[:, :, None], D, float("-inf")))  # [B, HV, L, L, K], 0 above
+        G = gc.cumsum(2)  # [B, HV, L, K] G_i = g_1 + … + g_i
+        A = (bc[..., None] * torch.einsum("bhic,bhjc,bhijc->bhij", kc, kc, Gamma)).tril(-1)  # [B, HV, L, L]
+        P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)  # [B, HV, L, L], lower incl. diagonal
+        rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
+        eye = torch.eye(L, device=q.device)
+        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        U = WU[..., K:] - WU[..., :K] @ S  # [B, HV, L, V] U = Ũ − W S
+        o.append(scale * ((qc * G.exp()) @ S + P @ U))  # [B, HV, L, V]
+        S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U  # Γ_Lj = e^{D_Lj}
+    o = torch.cat(o, dim=2) if T else vf.new_zeros(B, HV, 0, V)
+    return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
+
+# %% [markdown]
+# It equals the recurrence — forward, final state and every gradient — for $T$ not a multiple of the chunk, grouped
+# value heads and gates from $-10^{-3}$ to $-30$ a token (more cases, down to $-10^{30}$, in `tests/test_kda.py`):
+
+# %%
+for low in (-1e-3, -2.0, -30.0):
+    args = kda_inputs(2, 50, 2, 4, 32, 48, low=low, seed=3)
+    for x in args:
+        x.requires_grad_(True)
+    o_r, S_r = naive_recurrent_kda(*args[:5], initial_state=args[5], output_final_state=True)
+    o_c, S_c = naive_chunk_kda(*args[:5], initial_state=args[5], output_final_state=True, chunk_size=16)
+    assert_close("o", o_r, o_c, 1e-5)
+    assert_close("final state", S_r, S_c, 1e-5)
+    dout, dS = torch.randn_like(o_r), torch.randn_like(S_r)
+    grads_r = torch.autograd.grad((o_r * dout).sum() + (S_r * dS).sum(), args)
+    grads_c = torch.autograd.grad((o_c * dout).sum() + (S_c * dS).sum(), args)
+    errs = [assert_close(f"d{n}", a, b, 1e-4)
+            for n, a, b in zip(("q", "k", "v", "g", "beta", "h0"), grads_r, grads_c)]
+    print(f"gates down to {low:g}: chunk == recurrence (largest gradient error {max(errs):.1e})")
+
