@@ -1,0 +1,223 @@
+"""minisparse.kda (chapter 6): the recurrence vs fla's naive_recurrent_kda and transformers' Kimi Linear recurrence,
+the chunk form vs the recurrence (forward, final state, every gradient) and vs transformers' chunked function, the
+reduction to Gated DeltaNet when g is constant over K, extreme gates against a known-wrong factorisation, one
+bad-input table shared by the naive and the Triton ops, the layer vs transformers' KimiLinearDeltaAttention and
+decoding vs prefill, the cost model, the Triton kernels vs the naive spec, and the exercise checkers.
+
+Shapes are odd on purpose: T = 0, 1, 37, 100 (not multiples of the chunk), K ≠ V, grouped value heads (HV = 2H),
+an initial state, gates from -1e-3 to -30 a token and valid extreme gates (-200 to -1e30). On a CPU the Triton
+kernels run in the interpreter in fp32 with NaN-poisoned output buffers.
+"""
+import contextlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minisparse  # noqa: F401  (sets up the runtime)
+from minisparse.deltanet import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
+from minisparse.kda import naive_chunk_kda, naive_recurrent_kda
+from minisparse.testing import assert_close, make_log_gates
+
+GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
+
+
+def _inputs(B, T, H, HV, K, V, *, seed=0, gates=(-2.0, 0.0), state=True, normalise=True, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    if normalise:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = make_log_gates(B, T, HV, K, low=gates[0], high=gates[1], seed=seed + 1)
+    beta = torch.rand(B, T, HV, generator=gen)
+    h0 = 0.5 * torch.randn(B, HV, K, V, generator=gen) if state else None
+    return [x.to(device) if x is not None else None for x in (q, k, v, g, beta, h0)]
+
+
+def _fla_naive():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("fla.ops.kda.naive")
+
+
+def _hf():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pytest.importorskip("transformers")
+        from transformers.models.kimi_linear import modeling_kimi_linear
+    return modeling_kimi_linear
+
+
+def _grads(out, state, inputs, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(out.shape, generator=gen).to(out.device)
+    loss = (out.float() * do).sum()
+    if state is not None:
+        loss = loss + (state * torch.randn(state.shape, generator=gen).to(state.device)).sum()
+    return torch.autograd.grad(loss, [x for x in inputs if x is not None])
+
+
+# ------------------------------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize("state", [False, True])
+@pytest.mark.parametrize("gates", GATES)
+@pytest.mark.parametrize("HV", [2, 4])
+def test_naive_recurrent_matches_fla(state, gates, HV):
+    fla = _fla_naive()
+    q, k, v, g, beta, h0 = _inputs(2, 37, 2, HV, 32, 48, gates=gates, state=state)
+    o_ref, s_ref = fla.naive_recurrent_kda(q, k, v, g, beta, scale=0.3, initial_state=h0, output_final_state=True)
+    o, s = naive_recurrent_kda(q, k, v, g, beta, scale=0.3, initial_state=h0, output_final_state=True)
+    assert_close("o vs fla", o_ref, o, 1e-5)
+    assert_close("final state vs fla", s_ref, s, 1e-5)
+    assert naive_recurrent_kda(q, k, v, g, beta, initial_state=h0)[1] is None
+
+
+def test_naive_recurrent_and_chunk_match_transformers():
+    hf = _hf()
+    q, k, v, g, beta, h0 = _inputs(2, 37, 3, 3, 32, 48, normalise=False)
+    o_ref, s_ref = hf.recurrent_kimi_delta_attention.__wrapped__(q, k, v, g, beta, initial_state=h0,
+                                                                  output_final_state=True,
+                                                                  use_qk_l2norm_in_kernel=True)
+    o, s = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    assert_close("recurrent o vs transformers", o_ref, o, 1e-5)
+    assert_close("recurrent state vs transformers", s_ref, s, 1e-5)
+    o_ref, s_ref = hf.chunk_kimi_delta_attention.__wrapped__(q, k, v, g, beta, chunk_size=16, initial_state=h0,
+                                                              output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o, s = naive_chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True,
+                           chunk_size=16)
+    assert_close("chunk o vs transformers", o_ref, o, 1e-5)
+    assert_close("chunk state vs transformers", s_ref, s, 1e-5)
+
+
+@pytest.mark.parametrize("chunk", [False, True])
+def test_gate_constant_over_k_is_gated_deltanet(chunk):
+    q, k, v, _, beta, h0 = _inputs(2, 45, 2, 4, 16, 24)
+    g = make_log_gates(2, 45, 4, low=-4.0, seed=9)
+    g_kda = g[..., None].expand(-1, -1, -1, 16)
+    if chunk:
+        o, s = naive_chunk_kda(q, k, v, g_kda, beta, initial_state=h0, output_final_state=True, chunk_size=16)
+        o_ref, s_ref = naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                    chunk_size=16)
+    else:
+        o, s = naive_recurrent_kda(q, k, v, g_kda, beta, initial_state=h0, output_final_state=True)
+        o_ref, s_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert_close("o vs GDN", o_ref, o, 1e-5)
+    assert_close("state vs GDN", s_ref, s, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- the chunk form
+@pytest.mark.parametrize("T,C", [(0, 64), (1, 64), (37, 16), (64, 64), (100, 32)])
+@pytest.mark.parametrize("gates", GATES)
+def test_chunk_matches_recurrent(T, C, gates):
+    q, k, v, g, beta, h0 = _inputs(2, T, 2, 4, 32, 48, gates=gates)
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_c, s_c = naive_chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=C)
+    assert o_c.shape == (2, T, 4, 48)
+    if T:
+        assert_close("o", o_r, o_c, 1e-5)
+    assert_close("final state", s_r, s_c, 1e-5)
+
+
+@pytest.mark.parametrize("gates", GATES)
+def test_chunk_gradients_match_recurrent_including_final_state(gates):
+    inputs = _inputs(1, 40, 2, 4, 16, 24, gates=gates, seed=4)
+    for x in inputs:
+        x.requires_grad_(True)
+    o_r, s_r = naive_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
+    o_c, s_c = naive_chunk_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True,
+                               chunk_size=16)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_r, s_r, inputs),
+                          _grads(o_c, s_c, inputs)):
+        assert_close(name, a, b, 1e-4)
+
+
+def _factored_chunk(q, k, v, g, beta, C=16):
+    """A known-wrong chunk form: the intra-chunk decay factored as e^{G_i} · e^{-G_j} (overflows for large |G|)."""
+    B, T, H, K = q.shape
+    out, S = [], torch.zeros(B, H, K, v.shape[-1])
+    qf, kf, vf, gf = (x.transpose(1, 2).float() for x in (q, k, v, g))
+    bf = beta.transpose(1, 2).float()
+    for c0 in range(0, T, C):
+        qc, kc, vc, gc, bc = (x[:, :, c0:c0 + C] for x in (qf, kf, vf, gf, bf))
+        L = qc.shape[2]
+        G = gc.cumsum(2)
+        A = (bc[..., None] * ((kc * G.exp()) @ (kc * (-G).exp()).transpose(-1, -2))).tril(-1)
+        P = ((qc * G.exp()) @ (kc * (-G).exp()).transpose(-1, -2)).tril()
+        rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], -1)
+        WU = torch.linalg.solve_triangular(torch.eye(L) + A, rhs, upper=False, unitriangular=True)
+        U = WU[..., K:] - WU[..., :K] @ S
+        out.append(K ** -0.5 * ((qc * G.exp()) @ S + P @ U))
+        S = G[:, :, -1, :, None].exp() * S + (kc * (G[:, :, -1:] - G).exp()).transpose(-1, -2) @ U
+    return torch.cat(out, 2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("extreme", [-200.0, -1e4, -1e30])
+def test_extreme_gates_stay_exact_where_the_factored_form_fails(extreme):
+    q, k, v, g, beta, _ = _inputs(1, 48, 2, 2, 16, 16, gates=(-1.0, 0.0), state=False)
+    g = g.clone()
+    g[:, 5, :, :8] = extreme  # half the channels of one token: a hard reset there
+    g[:, 20:23] = extreme  # every channel, three tokens
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, output_final_state=True)
+    o_c, s_c = naive_chunk_kda(q, k, v, g, beta, output_final_state=True, chunk_size=16)
+    assert_close("o", o_r, o_c, 1e-5)
+    assert_close("final state", s_r, s_c, 1e-5)
+    bad = _factored_chunk(q, k, v, g, beta)
+    assert not torch.isfinite(bad).all() or (bad - o_r).norm() > 1e-2 * o_r.norm()
+
+
+def test_gates_of_minus_thirty_a_token_with_long_chunks():
+    """64 tokens at -30 a channel: e^{-G} would be e^{1920}; the segment sums stay exact."""
+    q, k, v, g, beta, h0 = _inputs(1, 128, 1, 1, 16, 16, gates=(-30.0, -30.0))
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_c, s_c = naive_chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert_close("o", o_r, o_c, 1e-5)
+    assert_close("final state", s_r, s_c, 1e-5)
+    assert not torch.isfinite(_factored_chunk(q, k, v, g, beta, C=64)).all()
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+B, T, H, HV, K, V = 1, 5, 2, 4, 16, 8
+
+
+def _good():
+    q, k, v, g, beta, h0 = _inputs(B, T, H, HV, K, V, gates=(-1.0, -0.1))
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
+
+
+BAD_INPUTS = [  # (id, change to the good arguments, exception, message fragment)
+    ("g per head, not per channel", lambda a: dict(a, g=a["g"][..., 0]), ValueError, "one log decay per key channel"),
+    ("g wrong K", lambda a: dict(a, g=a["g"][..., :8]), ValueError, "g must be [B, T, HV, K]"),
+    ("g positive", lambda a: dict(a, g=a["g"].abs() + 0.1), ValueError, "g must be"),
+    ("g NaN", lambda a: dict(a, g=a["g"].masked_fill(a["g"] < -0.5, float("nan"))), ValueError, "NaN"),
+    ("g -inf", lambda a: dict(a, g=a["g"].masked_fill(a["g"] < -0.5, float("-inf"))), ValueError, "g must be"),
+    ("beta above 2", lambda a: dict(a, beta=a["beta"] + 2.5), ValueError, "beta must be"),
+    ("beta negative", lambda a: dict(a, beta=a["beta"] - 1.5), ValueError, "beta must be"),
+    ("beta per channel", lambda a: dict(a, beta=a["g"]), ValueError, "beta must be 3-D"),
+    ("heads mismatch", lambda a: dict(a, v=a["v"][:, :, :3]), ValueError, "HV a multiple of H"),
+    ("k shape", lambda a: dict(a, k=a["k"][:, :, :1]), ValueError, "k must have q's shape"),
+    ("state shape", lambda a: dict(a, initial_state=a["initial_state"][:, :2]), ValueError, "initial_state"),
+    ("dtype mix", lambda a: dict(a, v=a["v"].double()), TypeError, "share one dtype"),
+    ("q not a tensor", lambda a: dict(a, q=a["q"].tolist()), TypeError, "q must be a torch.Tensor"),
+]
+
+
+def _ops():
+    ops = [("naive_recurrent_kda", naive_recurrent_kda), ("naive_chunk_kda", naive_chunk_kda)]
+    try:
+        from minisparse.kda import chunk_kda, fused_recurrent_kda
+        ops += [("chunk_kda", chunk_kda), ("fused_recurrent_kda", fused_recurrent_kda)]
+    except ImportError:
+        pass
+    return ops
+
+
+@pytest.mark.parametrize("op", _ops(), ids=lambda o: o[0])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c[0])
+def test_bad_input_is_refused_with_a_clear_message(op, case):
+    name, fn = op
+    _, change, exc, fragment = case
+    args = change(_good())
+    with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
+        with torch.no_grad():
+            fn(**args)
+    assert name in str(info.value)
