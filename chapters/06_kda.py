@@ -396,3 +396,212 @@ for low in (-1e-3, -2.0, -30.0):
             for n, a, b in zip(("q", "k", "v", "g", "beta", "h0"), grads_r, grads_c)]
     print(f"gates down to {low:g}: chunk == recurrence (largest gradient error {max(errs):.1e})")
 
+# %% [markdown]
+# ## 6.6 The layer, as Kimi Linear builds it
+#
+# `KimiDeltaAttention` is chapter 5's `GatedDeltaNet` with Kimi Linear's choices, parameter for parameter as
+# transformers' `KimiLinearDeltaAttention`:
+#
+# - separate `q_proj`, `k_proj`, `v_proj` ($H$ heads of $K = V$ = `head_dim`, no grouped value heads in the
+#   released model), one causal depthwise convolution of width 4 over the three, then SiLU;
+# - the **gate**: a low-rank projection `f_a_proj` (hidden → $K$) then `f_b_proj` ($K$ → $H K$), one value per head
+#   and channel, and $g = -e^{A_{\log}} \operatorname{softplus}(f + \text{dt\_bias})$ — Mamba's parametrisation with
+#   one rate `A_log` a head and one bias a channel;
+# - $\beta = \operatorname{sigmoid}(\text{b\_proj}(x))$, $q$ and $k$ L2-normalised inside the op;
+# - the output: RMSNorm per head, times $\operatorname{sigmoid}$ of a low-rank output gate (`g_a_proj`, `g_b_proj`)
+#   — sigmoid, where Qwen3-Next's gated norm uses SiLU — then `o_proj`.
+#
+# A state for decoding is `(conv_state [B, 3HK, 3], recurrent_state [B, H, K, V] float32)`, as in chapter 5.
+
+# %%
+#| export kda.layer
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse import _checks
+from minisparse.kda.naive import _naive_chunk, _naive_recurrent
+
+
+class SigmoidGatedRMSNorm(nn.Module):
+    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's output norm)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(_checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)))
+        self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
+
+    def forward(self, x, gate):
+        xf = x.float()  # [..., dim]
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf * torch.sigmoid(gate.float())).to(x.dtype)
+
+
+class KimiDeltaAttention(nn.Module):
+    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its forget_gate's
+    f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
+
+    q/k/v_proj -> causal depthwise conv1d over [q | k | v] (+ SiLU) -> l2norm(q, k) inside the op;
+    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) -> KDA ->
+    SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
+
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
+    new state or None). A state is (conv_state [B, 3·H·K, kernel − 1], recurrent_state [B, H, K, K] float32); it
+    is returned when use_cache is True or a state was given. backend: "triton", "naive" or "auto" (Triton for
+    CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1] hold by
+    construction, so it never asks the ops to check their values.
+    """
+
+    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5, chunk_size=64,
+                 backend="auto"):
+        super().__init__()
+        op = "KimiDeltaAttention"
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                            ("chunk_size", chunk_size)):
+            _checks.positive_int(op, name, value)
+        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
+            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2, got {conv_kernel_size}")
+        _checks.backend(op, backend)
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.conv_kernel_size, self.chunk_size, self.backend = conv_kernel_size, chunk_size, backend
+        self.qkv_dim = num_heads * head_dim
+        self.conv_dim = 3 * self.qkv_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim, bias=False,
+                                padding=conv_kernel_size - 1)
+        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)  # the forget gate, rank head_dim
+        self.f_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())  # rates e^{A_log} in [1, 16]
+        self.dt_bias = nn.Parameter(torch.zeros(self.qkv_dim))
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)  # the output gate, rank head_dim
+        self.g_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
+        self.o_norm = SigmoidGatedRMSNorm(head_dim, eps=eps)
+        self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
+
+    def gate(self, x):
+        """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
+        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
+        g = -self.A_log.float().exp()[:, None] * F.softplus(f.view(*x.shape[:2], self.num_heads, self.head_dim))
+        return g  # [B, T, H, K]
+
+    def _conv(self, x, conv_state):
+        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1] (zeros if None)."""
+        W = self.conv_kernel_size
+        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        if x.shape[-1] == 0:
+            return x, xx
+        return F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)), xx[..., -(W - 1):]
+
+    def _attend(self, q, k, v, g, beta, rec_state, want_state):
+        """KDA on the layer's own q, k, v, g, β: no value checks."""
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
+        if _checks.choose_backend(self.backend, q) == "triton":
+            from minisparse.kda.chunk import _chunk
+            from minisparse.kda.fused_recurrent import _fused_recurrent
+
+            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+                return _fused_recurrent(*args, check_values=False)
+            return _chunk(*args, check_values=False)
+        if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
+            return _naive_recurrent(*args, check_values=False)
+        return _naive_chunk(*args, self.chunk_size, check_values=False)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        x = _checks.layer_input("KimiDeltaAttention", hidden_states, self, hidden=self.hidden_size)
+        B, T, _ = x.shape
+        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+            x = x * attention_mask[:, :, None].to(x.dtype)
+        conv_state, rec_state = (None, None) if state is None else state
+        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
+        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
+        q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim)
+                   for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
+        beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
+        want_state = use_cache or state is not None
+        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)  # [B, T, H, K]
+        out_gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
+        y = self.o_proj(self.o_norm(o, out_gate).reshape(B, T, self.qkv_dim))
+        return y, ((new_conv, new_rec) if want_state else None)
+
+# %%
+#| export kda.layer
+def _from_hf(cls, module, backend="auto"):
+    """Copy transformers' KimiLinearDeltaAttention (weights and shapes) into a KimiDeltaAttention."""
+    if module.activation not in ("silu", "swish"):
+        raise ValueError(f"KimiDeltaAttention.from_hf: only SiLU convolutions are supported, got {module.activation!r}")
+    layer = cls(module.hidden_size, module.num_heads, module.head_dim, module.conv_kernel_size,
+                module.layer_norm_epsilon, backend=backend)
+    w = module.q_proj.weight
+    layer = layer.to(device=w.device, dtype=w.dtype)
+    gate = module.forget_gate
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "conv1d", "b_proj", "g_a_proj", "g_b_proj", "o_norm", "o_proj"):
+            getattr(layer, name).weight.copy_(getattr(module, name).weight)
+        layer.f_a_proj.weight.copy_(gate.f_a_proj.weight)
+        layer.f_b_proj.weight.copy_(gate.f_b_proj.weight)
+        layer.A_log.copy_(gate.A_log.reshape(-1))
+        layer.dt_bias.copy_(gate.dt_bias.reshape(-1))
+    return layer
+
+
+KimiDeltaAttention.from_hf = classmethod(_from_hf)
+
+# %% [markdown]
+# `from_hf` copies the weights of transformers' module. At a tiny configuration (2 heads of 16, hidden 64) the two
+# layers agree, with transformers' PyTorch path (its functions' `__wrapped__`, as in section 6.2); and decoding token
+# by token from the returned state equals the prefill.
+
+# %%
+import contextlib
+
+
+@contextlib.contextmanager
+def hf_torch_path():
+    """Make transformers' Kimi Linear module call its own PyTorch functions, not fla's kernels, while inside."""
+    names = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
+             "causal_conv1d_update"]
+    saved = {n: getattr(hf_kimi, n) for n in names}
+    try:
+        for n in names:
+            setattr(hf_kimi, n, getattr(saved[n], "__wrapped__", saved[n]))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(hf_kimi, n, f)
+
+
+def tiny_hf_kda(hidden=64, heads=2, head_dim=16, seed=0):
+    """transformers' KimiLinearDeltaAttention at a tiny config, its uninitialised parameters set."""
+    from transformers import KimiLinearConfig
+
+    torch.manual_seed(seed)
+    config = KimiLinearConfig(hidden_size=hidden, linear_num_heads=heads, linear_head_dim=head_dim,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              layer_types=["linear_attention", "full_attention"])
+    module = hf_kimi.KimiLinearDeltaAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        module.forget_gate.dt_bias.uniform_(-2, 1)
+        module.forget_gate.A_log.uniform_(-1, 1)
+        module.o_norm.weight.uniform_(0.5, 1.5)
+    return module
+
+
+if hf_kimi is not None:
+    module = tiny_hf_kda()
+    layer = KimiDeltaAttention.from_hf(module, backend="naive")
+    x = torch.randn(2, 37, 64)
+    with torch.no_grad(), hf_torch_path():
+        y_hf = module(x)
+    y, _ = layer(x)
+    print(f"KimiDeltaAttention vs transformers: {assert_close('y', y_hf, y, 1e-5):.1e}")
+
+    y_pre, _ = layer(x)  # prefill, then token by token
+    state, steps = None, []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y_t, state = layer(x[:, t:t + 1], state=state, use_cache=True)
+            steps.append(y_t)
+    print(f"decoding token by token == prefill: {assert_close('y', y_pre, torch.cat(steps, 1), 1e-5):.1e}")
+

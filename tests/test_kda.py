@@ -221,3 +221,102 @@ def test_bad_input_is_refused_with_a_clear_message(op, case):
         with torch.no_grad():
             fn(**args)
     assert name in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------- the layer
+@contextlib.contextmanager
+def _torch_path(mod):
+    """Make Kimi Linear's module call its own PyTorch functions (not fla's Triton kernels) while inside."""
+    names = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
+             "causal_conv1d_update"]
+    saved = {n: getattr(mod, n) for n in names}
+    try:
+        for n in names:
+            setattr(mod, n, getattr(saved[n], "__wrapped__", saved[n]))
+        yield
+    finally:
+        for n in names:
+            setattr(mod, n, saved[n])
+
+
+def _tiny_hf(hidden=64, heads=2, head_dim=16, seed=0):
+    hf = _hf()
+    from transformers import KimiLinearConfig
+
+    torch.manual_seed(seed)
+    config = KimiLinearConfig(hidden_size=hidden, linear_num_heads=heads, linear_head_dim=head_dim,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              layer_types=["linear_attention", "full_attention"])
+    module = hf.KimiLinearDeltaAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        module.forget_gate.dt_bias.uniform_(-2, 1)
+        module.forget_gate.A_log.uniform_(-1, 1)
+        module.o_norm.weight.uniform_(0.5, 1.5)
+    return hf, module
+
+
+@pytest.mark.parametrize("T", [1, 37, 70])
+def test_layer_from_hf_matches_transformers(T):
+    from minisparse.kda import KimiDeltaAttention
+
+    hf, module = _tiny_hf()
+    layer = KimiDeltaAttention.from_hf(module, backend="naive")
+    x = torch.randn(2, T, 64)
+    mask = torch.ones(2, T)
+    mask[1, : T // 3] = 0  # left padding in the second sequence
+    with torch.no_grad(), _torch_path(hf):
+        y_hf = module(x)
+        y_hf_masked = module(x, attention_mask=mask)
+    with torch.no_grad():
+        y, state = layer(x)
+        y_masked, _ = layer(x, attention_mask=mask)
+    assert state is None
+    assert_close("y vs transformers", y_hf, y, 1e-5)
+    assert_close("y (padding mask) vs transformers", y_hf_masked, y_masked, 1e-5)
+
+
+def test_layer_decoding_equals_prefill_and_the_state_continues():
+    from minisparse.kda import KimiDeltaAttention
+
+    torch.manual_seed(1)
+    layer = KimiDeltaAttention(48, 3, 16, backend="naive")
+    x = torch.randn(2, 30, 48)
+    with torch.no_grad():
+        y_full, (conv, rec) = layer(x, use_cache=True)
+        assert conv.shape == (2, 3 * 48, 3) and rec.shape == (2, 3, 16, 16) and rec.dtype == torch.float32
+        y_a, state = layer(x[:, :11], use_cache=True)  # a prefill, then a continuation, then single tokens
+        y_b, state = layer(x[:, 11:20], state=state)
+        steps = [y_a, y_b]
+        for t in range(20, 30):
+            y_t, state = layer(x[:, t:t + 1], state=state)
+            steps.append(y_t)
+    assert_close("decode == prefill", y_full, torch.cat(steps, 1), 1e-5)
+    assert_close("final state", rec, state[1], 1e-5)
+
+
+def test_layer_gate_is_kimi_linears_and_gradients_flow():
+    from minisparse.kda import KimiDeltaAttention
+
+    hf, module = _tiny_hf()
+    layer = KimiDeltaAttention.from_hf(module, backend="naive")
+    x = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        assert_close("gate", module.forget_gate(x), layer.gate(x), 1e-6)
+    assert (layer.gate(x) <= 0).all()
+    y, _ = layer(x)
+    y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_layer_rejects_bad_arguments():
+    from minisparse.kda import KimiDeltaAttention
+
+    with pytest.raises(ValueError, match="conv_kernel_size"):
+        KimiDeltaAttention(32, 2, 16, conv_kernel_size=1)
+    with pytest.raises(ValueError, match="backend"):
+        KimiDeltaAttention(32, 2, 16, backend="cuda")
+    layer = KimiDeltaAttention(32, 2, 16)
+    with pytest.raises(ValueError, match="hidden = 32"):
+        layer(torch.randn(1, 4, 16))
+    with pytest.raises(TypeError, match="layer's parameters"):
+        layer(torch.randn(1, 4, 32, dtype=torch.float64))
