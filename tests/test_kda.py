@@ -320,3 +320,32 @@ def test_layer_rejects_bad_arguments():
         layer(torch.randn(1, 4, 16))
     with pytest.raises(TypeError, match="layer's parameters"):
         layer(torch.randn(1, 4, 32, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------- the cost model
+def test_cost_model_reproduces_the_memory_claim_and_bounds_decoding():
+    pytest.importorskip("transformers")
+    from transformers import KimiLinearConfig
+
+    from minisparse.deltanet.cost import gdn_flops
+    from minisparse.kda import kda_flops, kimi_linear_costs
+    from minisparse.mla.cost import kv_cache_bytes
+    from minisparse.overview import KIMI_LINEAR_FULL_LAYERS
+
+    full = KIMI_LINEAR_FULL_LAYERS
+    kimi = KimiLinearConfig(linear_attn_config=dict(full_attn_layers=full,
+                                                    kda_layers=[i for i in range(1, 28) if i not in full]))
+    assert kimi.layer_types.count("full_attention") == 7
+    T = 2 ** 20
+    hyb = kimi_linear_costs(kimi, T)
+    mla = kimi_linear_costs(kimi, T, ["full_attention"] * 27)
+    assert hyb["kv_bytes"] == kv_cache_bytes(kimi, T)  # chapter 3's cache count agrees
+    assert hyb["state_bytes"] > 20 * 32 * 128 * 128 * 4  # states plus the short convolutions' last inputs
+    assert 0.735 < 1 - hyb["memory"] / mla["memory"] < 0.745
+    assert kda_flops(1000, 128, 128, 2) - gdn_flops(1000, 128, 128, 2) == 2 * 4 * 1000 * 128
+    one = hyb["tokens_per_s"] / mla["tokens_per_s"]
+    many = (kimi_linear_costs(kimi, T, batch=4096)["tokens_per_s"]
+            / kimi_linear_costs(kimi, T, ["full_attention"] * 27, batch=4096)["tokens_per_s"])
+    assert 2.5 < one < many < 27 / 7
+    with pytest.raises(ValueError, match="unknown layer types"):
+        kimi_linear_costs(kimi, T, ["sliding_attention"])
