@@ -620,6 +620,499 @@ if hf_kimi is not None:
 # implementation effect this model does not predict.
 
 # %% [markdown]
+# ## 6.5 Fast: sub-chunks, reference points, and the Triton kernels
+#
+# ### Getting matrix products back
+#
+# The naive chunk form paid for exactness with an $[L, L, K]$ tensor. A kernel wants $A$ and $P$ as products of
+# $[L, K]$ tiles on tensor cores. The factorisation $e^{G_i - G_j} = e^{G_i - G_r}\, e^{G_r - G_j}$ holds for any
+# **reference point** $r$; it is safe when both factors are $\le 1$, i.e. when $j \le r \le i$: then
+# $G_i - G_r = g_{r+1} + \dots + g_i \le 0$ and $G_r - G_j \le 0$, and neither factor can overflow. (Where one of
+# them underflows to 0, the product it stands for is smaller still.) One reference point cannot serve every pair
+# of a chunk, so the kernel cuts the chunk of 64 into **sub-chunks** of 16 tokens:
+#
+# - for a query sub-chunk $I$ and every earlier token $j < r_I$ (the first token of $I$), one product of two
+#   $[64, K]$ tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} < r_I}^\top$,
+#   for $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier
+#   tokens;
+# - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel adds up
+#   $\sum_c x_{ic} k_{jc} e^{G_{ic} - G_{jc}}$ one column offset at a time (16 elementwise steps over $[64, K]$,
+#   every block at once), as the naive form did.
+#
+# ```
+#        keys j →      sub-chunk 0   1     2     3
+#   queries i   0     [ diag ]
+#       ↓       1     [ ref r_1  ][diag]
+#               2     [ ref r_2        ][diag]
+#               3     [ ref r_3              ][diag]
+#   ref r_I: one tile product with every factor ≤ 1;   diag: 16 elementwise column steps
+# ```
+#
+# The same split is fla's (`chunk_intra`: sub-chunks of 16, the diagonal blocks token by token). In PyTorch, for one
+# head and one chunk:
+
+# %%
+def intra_chunk_products(x, k, g, sub=16):
+    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) for one chunk: x, k [L, K], g [L, K] -> [L, L], by sub-chunks
+    with reference points (off-diagonal blocks: one product each) and column steps (diagonal blocks)."""
+    L = x.shape[0]
+    G = g.double().cumsum(0)  # [L, K]; float64 so that differences of it are sums of gates
+    P = torch.zeros(L, L, dtype=torch.float64)
+    for r in range(sub, L, sub):  # off-diagonal: queries in [r, r + sub), keys before r
+        xq = x[r:r + sub].double() * (G[r:r + sub] - G[r]).exp()  # [sub, K], factors ≤ 1
+        kk = k[:r].double() * (G[r] - G[:r]).exp()  # [r, K], factors ≤ 1
+        P[r:r + sub, :r] = xq @ kk.T
+    for s in range(0, L, sub):  # diagonal blocks: pair by pair
+        for j in range(s, min(s + sub, L)):
+            for i in range(j, min(s + sub, L)):
+                P[i, j] = (x[i].double() * k[j] * (G[i] - G[j]).exp()).sum()
+    return P.float()
+
+
+gen = torch.Generator().manual_seed(0)
+xk = F.normalize(torch.randn(64, 32, generator=gen), dim=-1)
+gk = -30 * torch.rand(64, 32, generator=gen)  # −30 a token: e^{-G} would be e^{+960}
+P_naive = torch.zeros(64, 64)
+for i in range(64):  # the segment sums of section 6.2, pair by pair
+    for j in range(i + 1):
+        P_naive[i, j] = (xk[i] * xk[j] * gk[j + 1:i + 1].sum(0).exp()).sum()
+P_sub = intra_chunk_products(xk, xk, gk)
+print(f"sub-chunks with reference points == segment sums: {assert_close('P', P_naive, P_sub, 1e-6):.1e}")
+G_all = gk.cumsum(0)
+P_factored = ((xk * G_all.exp()) @ (xk * (-G_all).exp()).T).tril()  # one reference point: token 0
+print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).sum().item()} of "
+      f"{64 * 65 // 2} entries are inf or NaN")
+
+# %% [markdown]
+# ### The kernels
+#
+# The forward splits like chapter 5's, with the per-channel gate handled in the first kernel so that the other two
+# never see a gate: `_kda_fwd_intra_kernel` turns the gates into decayed copies of $q$ and $k$ that the scan and
+# the output kernel use as they are.
+#
+# 1. **`_kda_fwd_intra_kernel`** — per chunk, all chunks in parallel, walking $K$ in blocks of 32 channels:
+#    the local cumulative gates (float64 sums, as chapter 5's `_gate_sums`), $A$ and $P$ by sub-chunks as above,
+#    $A_\text{inv} = (I + A)^{-1}$ (chapter 5's `_unit_lower_inverse`), then
+#    $W = A_\text{inv}\operatorname{diag}(\beta)(K \odot e^{G})$, $\tilde U = A_\text{inv}\operatorname{diag}(\beta)V$,
+#    and the decayed rows the other kernels need: $Q \odot e^{G}$, $K \odot e^{G_L - G}$ and $e^{G_L}$.
+# 2. **`_kda_fwd_states_kernel`** — the scan over chunks per (batch, value head, tile of $V$):
+#    $U = \tilde U - W S_n$ (written over $\tilde U$),
+#    $S_{n+1} = \operatorname{diag}(e^{G_L}) S_n + (K \odot e^{G_L - G})^\top U$.
+# 3. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
+#
+# Intermediates are stored in float32 (the backward reads them), products of float32 operands run in TF32 for 16-bit
+# inputs and in full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's
+# row kernel.
+
+# %%
+#| export kda.chunk_fwd
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import runtime
+from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower_inverse
+
+_C = 64  # chunk length
+_BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
+_COLUMNS = 32  # the intra kernel walks K in blocks of this many channels
+_INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., backend='naive')"
+
+
+def _options(x, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])), instead=_INSTEAD)
+
+
+def _v_tile(V):
+    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
+    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
+
+
+@triton.jit
+def _local_gates(g_ptr, rows, tm, ks, km, HV, K):
+    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and past K; gates
+    clamped at −1000, which changes no float32 decay): differences of G are sums of gates to about 1e-11."""
+    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+    return tl.cumsum(tl.maximum(g.to(tl.float32), -1000.0).to(tl.float64), axis=0)
+
+
+@triton.jit
+def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk, repeated over it."""
+    NB: tl.constexpr = C // BC
+    X3 = tl.reshape(X, (NB, BC, BK))
+    pick = tl.arange(0, BC)[None, :, None] == jl
+    row = tl.sum(tl.where(pick, X3, tl.zeros_like(X3)), axis=1)  # [NB, BK]
+    return tl.reshape(tl.broadcast_to(row[:, None, :], (NB, BC, BK)), (C, BK))
+
+
+@triton.jit
+def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """Add one block of BK channels to A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, unscaled) and
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C, C] float32.
+    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal blocks by column
+    offsets."""
+    rows = tl.arange(0, C)
+    for I in tl.static_range(1, C // BC):  # queries of sub-chunk I, keys before its first row r = I·BC
+        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK] G at the reference point
+        mine = (rows // BC) == I
+        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))  # ≤ 1
+        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32), float("-inf")))  # ≤ 1
+        k_r = k * e_k  # [C, BK] keys decayed to the reference point
+        A = tl.dot(k * e_q, tl.trans(k_r), A, input_precision=PRECISION)
+        P = tl.dot(q * e_q, tl.trans(k_r), P, input_precision=PRECISION)
+    for jl in tl.static_range(BC):  # diagonal blocks: column (i // BC)·BC + jl of every row i at once
+        k_j = _row_of_block(k, jl, C, BC, BK)
+        G_j = _row_of_block(G, jl, C, BC, BK)
+        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))  # ≤ 1
+        ke = k_j * e
+        col = (rows // BC) * BC + jl  # [C] the column each row fills
+        hit = tl.arange(0, C)[None, :] == col[:, None]  # [C, C]
+        A += tl.where(hit, tl.sum(k * ke, axis=1)[:, None], 0.0)
+        P += tl.where(hit, tl.sum(q * ke, axis=1)[:, None], 0.0)
+    return A, P
+
+# %%
+#| export kda.chunk_fwd
+@triton.jit
+def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr, gl_ptr, p_ptr,
+                          T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Everything of one chunk that does not depend on the state.
+
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32 registers; V walked in
+    tiles [C, BV] at the end.
+    Math (rows past T load as 0; G: local cumulative gates, _local_gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
+        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])      _intra_products
+        A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
+        qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P [B, T, HV, C] (fp32) and gl [B, HV, NT, K].
+    """
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    qk_rows = (b * T * H + h) * K + t * H * K  # [C] token t's q and k rows
+    hv_k = (b * T * HV + hv) * K + t * HV * K  # [C] token t's rows of g, W, qg, kd (per value head)
+    hv_v = (b * T * HV + hv) * V + t * HV * V  # [C] token t's rows of v and Ũ
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K  # the chunk's first gate row
+    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
+    A = tl.zeros((C, C), dtype=tl.float32)
+    P = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
+        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
+        A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
+    A = tl.where(rows[:, None] > rows[None, :], A * beta[:, None], 0.0)
+    A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C]
+    tl.store(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], P, mask=tm[:, None])
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
+        G_L = tl.sum(tl.where(rows[:, None] == C - 1, G, 0.0), axis=0)  # [BK] (gates past T are 0)
+        eG = tl.exp(G.to(tl.float32))
+        off = hv_k[:, None] + ks[None, :]
+        w = tl.dot(A_inv, k * (beta[:, None] * eG), input_precision=PRECISION)  # [C, BK]
+        tl.store(w_ptr + off, w, mask=m)
+        tl.store(qg_ptr + off, q * eG, mask=m)
+        tl.store(kd_ptr + off, k * tl.exp((G_L[None, :] - G).to(tl.float32)), mask=m)
+        tl.store(gl_ptr + (bh * NT + n) * K + ks, tl.exp(G_L.to(tl.float32)), mask=km)
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        m = tm[:, None] & (vs[None, :] < V)
+        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BV]
+        u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
+        tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
+
+
+@triton.jit
+def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_ptr, T, HV, K, V, NT,
+                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                           STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
+    """The scan over chunks: the state entering each chunk, U = Ũ − W S_n, and the final state.
+
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B · HV).
+    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C, BK], Ũ [C, BV]
+    and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten, by the same program).
+    Math, chunk by chunk (S = h0 if HAS_H0 else 0):
+        states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
+    and ht = S after the last chunk if STORE_HT.
+    """
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    rows = tl.arange(0, C)
+    ks = tl.arange(0, BK)
+    vs = iv * BV + tl.arange(0, BV)
+    km, vm = ks < K, vs < V
+    kv_off = ks[:, None] * V + vs[None, :]
+    kv_mask = km[:, None] & vm[None, :]
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    for n in range(NT):
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
+        t = n * C + rows
+        tm = t < T
+        hv_k = (b * T * HV + hv) * K + t * HV * K
+        hv_v = (b * T * HV + hv) * V + t * HV * V
+        m_k = tm[:, None] & km[None, :]
+        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        u_off = hv_v[:, None] + vs[None, :]
+        m_v = tm[:, None] & vm[None, :]
+        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)  # [C, BV]
+        tl.store(u_ptr + u_off, u, mask=m_v)
+        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
+        S = tl.dot(tl.trans(kd), u, S * gl[:, None], input_precision=PRECISION)
+    if STORE_HT:
+        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+
+
+@triton.jit
+def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV, K, V, NT,
+                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """The outputs of one chunk, for one V-tile.
+
+    Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
+    Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
+    Math: O = scale · ((Q ⊙ e^G) S_n + P U).
+    """
+    iv = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    vs = iv * BV + tl.arange(0, BV)
+    vm = vs < V
+    hv_k = (b * T * HV + hv) * K + t * HV * K
+    hv_v = (b * T * HV + hv) * V + t * HV * V
+    S_n = states_ptr + (bh * NT + n) * K * V
+    o = tl.zeros((C, BV), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)
+        S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :], other=0.0)
+        o = tl.dot(qg, S, o, input_precision=PRECISION)
+    P = tl.load(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
+    m_v = tm[:, None] & vm[None, :]
+    u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
+    o = tl.dot(P, u, o, input_precision=PRECISION) * scale
+    tl.store(o_ptr + hv_v[:, None] + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=m_v)
+
+
+def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
+    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, states, all fp32)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    dev, prec = q.device, _precision(q.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    w, qg, kd = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
+    u = torch.empty(B, T, HV, V, **f32)
+    p = torch.empty(B, T, HV, _C, **f32)
+    gl = torch.empty(B, HV, NT, K, **f32)
+    runtime.launch("kda.fwd_intra", _kda_fwd_intra_kernel, lambda c: (NT, B * HV),
+                   (q, k, v, g, beta, w, u, qg, kd, gl, p, T, H, HV, K, V, NT),
+                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
+    states = torch.empty(B, HV, NT, K, V, **f32)
+    ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
+    runtime.launch("kda.fwd_states", _kda_fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (w, u, kd, gl, h0, states, ht, T, HV, K, V, NT),
+                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
+                   fit=_v_tile(V), **_options(q, v))
+    o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
+    runtime.launch("kda.fwd_output", _kda_fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+                   (qg, p, u, states, o, scale, T, HV, K, V, NT),
+                   dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V), **_options(q, v))
+    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, states=states)
+
+# %% [markdown]
+# ### Launch and autograd
+#
+# `chunk_kda` checks its arguments (the shared table of section 6.2, plus the kernels' limits: CUDA tensors or the
+# interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked, and runs the three kernels. Its backward
+# recomputes the chunk form in PyTorch from the saved inputs and differentiates it with autograd.
+
+# %%
+#| export kda.chunk
+import torch
+
+from minisparse import _checks
+from minisparse.deltanet.chunk_bwd import _l2norm_rows
+from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
+from minisparse.kda.naive import _check_gate_and_beta, _check_kda, _naive_chunk
+
+
+def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
+    """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
+    interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and the value-check rule ask for
+    them (on CPU tensors always; on CUDA after runtime.set_value_checks(True)). Returns the scale as a float."""
+    scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values=False)
+    _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
+                          max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
+    if check_values and _checks.checking_values(False, q):
+        _check_gate_and_beta(op, g, beta)
+    return scale
+
+
+class _ChunkKDA(torch.autograd.Function):
+    """Autograd glue: the forward runs the Triton kernels and saves the inputs; the backward recomputes the chunk
+    form in PyTorch (naive_chunk_kda, fp32) and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
+        ctx.save_for_backward(q, k, v, g, beta, h0)
+        ctx.scale, ctx.l2 = scale, l2
+        qn, kn = (_l2norm_rows(q), _l2norm_rows(k)) if l2 else (q, k)
+        h0f = h0.float().contiguous() if h0 is not None else None
+        o, ht, _ = _kda_forward(qn, kn, v, g.float().contiguous(), beta.float().contiguous(), scale, h0f,
+                                output_final_state)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        inputs = [x.detach().requires_grad_(x is not None and need) if x is not None else None
+                  for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            o, ht = _naive_chunk(*inputs[:5], ctx.scale, inputs[5], dht is not None, ctx.l2, 64, check_values=False)
+            outs, grads_out = [o], [do]
+            if dht is not None:
+                outs.append(ht)
+                grads_out.append(dht)
+            wanted = [x for x in inputs if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True)) if wanted else iter(())
+        grads = [next(got) if x is not None and x.requires_grad else None for x in inputs]
+        return (*grads, None, None, None)
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton: forward in three kernels; backward by recomputation.
+
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
+    bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite and ≤ 0; beta [B, T, HV] in
+    [0, 2]. scale: a float, default K ** -0.5. initial_state [B, HV, K, V] or None. use_qk_l2norm: normalise q and k
+    first. Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
+    output_final_state). Differentiable in q, k, v, g, beta and initial_state.
+    """
+    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True)
+
+
+def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+    """chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
+    scale = _check_kernel_inputs("chunk_kda", q, k, v, g, beta, scale, initial_state, check_values, max_dim=128)
+    return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state, scale,
+                           bool(output_final_state), bool(use_qk_l2norm))
+
+# %% [markdown]
+# ### Decoding: one program per state tile, token by token
+#
+# For one token at a time, chapter 5's fused recurrent kernel carries over with a vector gate: the state tile stays
+# in registers, each step scales its rows by $e^{g_t}$ (a `[BK]` vector) instead of one number.
+
+# %%
+#| export kda.fused_recurrent
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import _checks, runtime
+from minisparse.deltanet.chunk_fwd import _heads, _pow2
+from minisparse.kda.chunk import _check_kernel_inputs
+from minisparse.kda.chunk_fwd import _options, _v_tile
+
+
+@triton.jit
+def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
+                                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                                L2NORM: tl.constexpr):
+    """KDA token by token, for decoding.
+
+    Program: one (batch b, value head hv) and one V-tile of its state. Grid (cdiv(V, BV), B · HV).
+    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole sequence; a step loads
+    one row of q, k, g [BK] and v [BV].
+    Math, t = 0 … T−1 (S = h0 if HAS_H0 else 0; L2NORM: q_t, k_t normalised first):
+        S ← diag(e^{g_t}) S;   S ← S + k_tᵀ β_t (v_t − k_t S);   o_t = scale · q_t S
+    and ht = S if STORE_HT.
+    """
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
+    k_bh = k_ptr + (b * T * H + h) * K
+    g_bh = g_ptr + (b * T * HV + hv) * K  # token t's gate row at + t·HV·K
+    v_bh = v_ptr + (b * T * HV + hv) * V  # token t's rows of v and o at + t·HV·V
+    o_bh = o_ptr + (b * T * HV + hv) * V
+    beta_bh = beta_ptr + b * T * HV + hv  # token t's β at + t·HV
+    ks, vs = tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    km, vm = ks < K, vs < V
+    kv_off = ks[:, None] * V + vs[None, :]
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
+    for t in range(T):
+        q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
+        k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
+        if L2NORM:
+            q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+            k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+        g = tl.load(g_bh + t * HV * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
+        v = tl.load(v_bh + t * HV * V + vs, mask=vm, other=0.0).to(tl.float32)  # [BV]
+        beta = tl.load(beta_bh + t * HV).to(tl.float32)
+        S = S * tl.exp(g)[:, None]  # row c by its own decay
+        err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v_t − k_t S
+        S = S + k[:, None] * (beta * err)[None, :]
+        tl.store(o_bh + t * HV * V + vs, (tl.sum(q[:, None] * S, axis=0) * scale).to(o_ptr.dtype.element_ty),
+                 mask=vm)
+    if STORE_HT:
+        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=km[:, None] & vm[None, :])
+
+
+def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                        use_qk_l2norm=False):
+    """KDA token by token in Triton, for decoding a few tokens from a state. Forward only.
+
+    Same arguments and result as chunk_kda, with K, V ≤ 256. Its cost grows with T sequentially: use it for T = 1
+    (or a handful of tokens), chunk_kda for prompts and training. Raises if gradients are required.
+    """
+    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                            check_values=True)
+
+
+def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+    """fused_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
+    op = "fused_recurrent_kda"
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=256)
+    _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_kda")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    runtime.launch("kda.fused_recurrent", _kda_fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
+                    beta.float().contiguous(), h0, o, ht, scale, T, H, HV, K, V),
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=bool(use_qk_l2norm)),
+                   fit=_v_tile(V), **_options(q, v))
+    return o, ht
+
+# %% [markdown]
 # ## 6.6 The layer, as Kimi Linear builds it
 #
 # `KimiDeltaAttention` is chapter 5's `GatedDeltaNet` with Kimi Linear's choices, parameter for parameter as

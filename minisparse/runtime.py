@@ -295,6 +295,24 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
+    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. The intra kernel walks
+    # K in blocks of 32 and keeps four [C, C] fp32 matrices; on a T4 (64 KiB) the scan's fp32 state tile is K × BV.
+    "kda.fwd_intra": {
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
+        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.fwd_states": {
+        "interpreter": [_cfg(1, 1, BV=64)],
+        "sm_80": [_cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
+        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.fwd_output": {
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 2, BV=32)],
+        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")

@@ -2,6 +2,9 @@
 """minisparse.kda: the public API of chapters/06_kda.py."""
 from .naive import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
+from .chunk_fwd import *  # noqa: F401,F403
+from .chunk import *  # noqa: F401,F403
+from .fused_recurrent import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
 
-__all__ = ['naive_recurrent_kda', 'naive_chunk_kda', 'kda_flops', 'kimi_linear_costs', 'SigmoidGatedRMSNorm', 'KimiDeltaAttention']
+__all__ = ['naive_recurrent_kda', 'naive_chunk_kda', 'kda_flops', 'kimi_linear_costs', 'chunk_kda', 'fused_recurrent_kda', 'SigmoidGatedRMSNorm', 'KimiDeltaAttention']
