@@ -349,3 +349,120 @@ def test_cost_model_reproduces_the_memory_claim_and_bounds_decoding():
     assert 2.5 < one < many < 27 / 7
     with pytest.raises(ValueError, match="unknown layer types"):
         kimi_linear_costs(kimi, T, ["sliding_attention"])
+
+
+# ------------------------------------------------------------------------------------------------- Triton
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+TRITON_SHAPES = [  # (T, H, HV, K, V, gates): odd T, K and V in {16, 24, 32, 48, 64}, HV > H
+    (1, 1, 1, 16, 16, (-2.0, 0.0)),
+    (37, 1, 2, 24, 48, (-30.0, -5.0)),
+    (70, 2, 4, 32, 16, (-1e-3, 0.0)),
+    (64, 1, 1, 48, 32, (-2.0, 0.0)),
+    (100, 1, 2, 64, 24, (-30.0, 0.0)),
+]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "T{}-H{}-HV{}-K{}-V{}-g{}".format(*s[:5], s[5][0]))
+def test_chunk_kda_forward_matches_the_recurrence(shape, poisoned):
+    from minisparse.kda import chunk_kda
+
+    T, H, HV, K, V, gates = shape
+    q, k, v, g, beta, h0 = _inputs(2 if T < 50 else 1, T, H, HV, K, V, gates=gates, device=_device())
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    with torch.no_grad():
+        o, s = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        o_none, s_none = chunk_kda(q, k, v, g, beta)  # no initial state, no final state
+    assert_close("o", o_r, o, 1e-4)
+    assert_close("final state", s_r, s, 1e-4)
+    assert s_none is None
+    assert_close("o without h0", naive_recurrent_kda(q, k, v, g, beta)[0], o_none, 1e-4)
+
+
+def test_chunk_kda_with_l2norm_and_scale_matches_transformers_style_use():
+    from minisparse.kda import chunk_kda
+
+    q, k, v, g, beta, h0 = _inputs(1, 45, 2, 2, 32, 32, normalise=False, device=_device())
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, scale=0.2, initial_state=h0, output_final_state=True,
+                                   use_qk_l2norm=True)
+    with torch.no_grad():
+        o, s = chunk_kda(q, k, v, g, beta, scale=0.2, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    assert_close("o", o_r, o, 1e-4)
+    assert_close("final state", s_r, s, 1e-4)
+
+
+@pytest.mark.parametrize("extreme", [-200.0, -1e30])
+def test_chunk_kda_extreme_gates(extreme, poisoned):
+    from minisparse.kda import chunk_kda
+
+    q, k, v, g, beta, h0 = _inputs(1, 70, 1, 1, 16, 16, gates=(-1.0, 0.0), device=_device())
+    g = g.clone()
+    g[:, 5, :, :8] = extreme  # half the channels of one token
+    g[:, 20:23] = extreme  # every channel, three tokens inside the first chunk's second sub-chunk
+    g[:, 64] = extreme  # the first token of the second chunk
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    with torch.no_grad():
+        o, s = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert_close("o", o_r, o, 1e-4)
+    assert_close("final state", s_r, s, 1e-4)
+
+
+@pytest.mark.parametrize("shape", [(37, 1, 2, 16, 24, (-2.0, 0.0)), (70, 1, 1, 32, 16, (-30.0, -1.0))])
+def test_chunk_kda_gradients_match_the_recurrence(shape):
+    from minisparse.kda import chunk_kda
+
+    T, H, HV, K, V, gates = shape
+    inputs = _inputs(1, T, H, HV, K, V, gates=gates, normalise=False, device=_device())
+    for x in inputs:
+        x.requires_grad_(True)
+    o_r, s_r = naive_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
+    o, s = chunk_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_r, s_r, inputs), _grads(o, s, inputs)):
+        assert_close(name, a, b, 1e-4)
+
+
+@pytest.mark.parametrize("T,K,V,HV", [(1, 16, 16, 1), (9, 48, 24, 2), (30, 64, 32, 4)])
+def test_fused_recurrent_kda_matches_the_recurrence(T, K, V, HV, poisoned):
+    from minisparse.kda import fused_recurrent_kda
+
+    q, k, v, g, beta, h0 = _inputs(2, T, 1, HV, K, V, gates=(-30.0, 0.0), normalise=False, device=_device())
+    o_r, s_r = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    with torch.no_grad():
+        o, s = fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    assert_close("o", o_r, o, 1e-4)
+    assert_close("final state", s_r, s, 1e-4)
+
+
+def test_triton_ops_refuse_gradients_in_decoding_and_heads_over_the_limit():
+    from minisparse.kda import chunk_kda, fused_recurrent_kda
+
+    q, k, v, g, beta, _ = _inputs(1, 3, 1, 1, 16, 16, device=_device())
+    with pytest.raises(RuntimeError, match="forward only"):
+        fused_recurrent_kda(q.requires_grad_(True), k, v, g, beta)
+    q, k, v, g, beta, _ = _inputs(1, 3, 1, 1, 160, 16, device=_device())
+    with pytest.raises(ValueError, match="K must be <= 128"):
+        chunk_kda(q, k, v, g, beta)
+    q, k, v, g, beta, _ = _inputs(1, 3, 1, 1, 16, 300, device=_device())
+    with pytest.raises(ValueError, match="V must be <= 256"):
+        with torch.no_grad():
+            fused_recurrent_kda(q, k, v, g, beta)
+
+
+def test_layer_triton_backend_equals_naive():
+    from minisparse.kda import KimiDeltaAttention
+
+    torch.manual_seed(2)
+    layer = KimiDeltaAttention(32, 2, 16, backend="naive").to(_device())
+    x = torch.randn(1, 40, 32, device=_device())
+    with torch.no_grad():
+        y_naive, s_naive = layer(x, use_cache=True)
+        layer.backend = "triton"
+        y_tri, s_tri = layer(x, use_cache=True)
+        y_step, _ = layer(x[:, :1], state=s_tri)  # the fused recurrent kernel from a state
+        layer.backend = "naive"
+        y_step_naive, _ = layer(x[:, :1], state=s_naive)
+    assert_close("y", y_naive, y_tri, 1e-4)
+    assert_close("state", s_naive[1], s_tri[1], 1e-4)
+    assert_close("decode step", y_step_naive, y_step, 1e-4)
