@@ -836,7 +836,8 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
         tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
 
-
+# %%
+#| export kda.chunk_fwd
 @triton.jit
 def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_ptr, T, HV, K, V, NT,
                            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
@@ -914,7 +915,8 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
     o = tl.dot(P, u, o, input_precision=PRECISION) * scale
     tl.store(o_ptr + hv_v[:, None] + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=m_v)
 
-
+# %%
+#| export kda.chunk_fwd
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
     intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, states, all fp32)."""
