@@ -777,8 +777,8 @@ def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.con
 #| export kda.chunk_fwd
 @triton.jit
 def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr, gl_ptr, p_ptr,
-                          T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, PRECISION: tl.constexpr):
+                          a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Everything of one chunk that does not depend on the state.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
@@ -788,7 +788,8 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])      _intra_products
         A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P [B, T, HV, C] (fp32) and gl [B, HV, NT, K].
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32) and
+    gl [B, HV, NT, K].
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -811,9 +812,12 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
         A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
-    A = tl.where(rows[:, None] > rows[None, :], A * beta[:, None], 0.0)
-    A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C]
-    tl.store(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], P, mask=tm[:, None])
+    A = tl.where(rows[:, None] > rows[None, :], A, 0.0)
+    A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
+    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] row t's C entries
+    tl.store(p_ptr + cc, P, mask=tm[:, None])
+    tl.store(a_ptr + cc, A, mask=tm[:, None])  # for the backward: A_ij / β_i and A_inv
+    tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
@@ -919,7 +923,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 #| export kda.chunk_fwd
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, states, all fp32)."""
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -927,10 +931,10 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     u = torch.empty(B, T, HV, V, **f32)
-    p = torch.empty(B, T, HV, _C, **f32)
+    p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     runtime.launch("kda.fwd_intra", _kda_fwd_intra_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, w, u, qg, kd, gl, p, T, H, HV, K, V, NT),
+                   (q, k, v, g, beta, w, u, qg, kd, gl, p, a, ainv, T, H, HV, K, V, NT),
                    dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, **f32)
@@ -943,23 +947,299 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     runtime.launch("kda.fwd_output", _kda_fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
                    (qg, p, u, states, o, scale, T, HV, K, V, NT),
                    dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V), **_options(q, v))
-    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, states=states)
+    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states)
+
+# %% [markdown]
+# ### The backward pass
+#
+# The backward follows chapter 5's split: a reverse scan for what depends on the state, then one parallel kernel a
+# chunk for everything else. Per chunk, with $S_n$ the entering state and $dS'$ the gradient of the leaving one:
+#
+# $$
+# \begin{aligned}
+# dU &= \sigma P^\top dO + (K \odot e^{G_L - G})\, dS', \qquad
+# dS_n = \operatorname{diag}(e^{G_L})\, dS' + \sigma (Q \odot e^{G})^\top dO - W^\top dU, \\
+# dP &= \sigma\, dO\, U^\top, \quad dW = -dU S_n^\top, \quad
+# dA_\text{inv} = dW\,\big(\operatorname{diag}(\beta) K \odot e^{G}\big)^\top + dU\,(\operatorname{diag}(\beta)V)^\top,
+# \quad dA = -A_\text{inv}^\top\, dA_\text{inv}\, A_\text{inv}^\top .
+# \end{aligned}
+# $$
+#
+# What is new is how $dA$ and $dP$ reach the keys, queries and gates: through
+# $A_{ij} = \beta_i \sum_c k_{ic} k_{jc} e^{G_{ic} - G_{jc}}$, with $R_i = \sum_j dA'_{ij}\, k_j \odot
+# \Gamma_{ij}$ and $C_j = \sum_i dA'_{ij}\, k_i \odot \Gamma_{ij}$ ($dA' = \operatorname{diag}(\beta) dA$),
+#
+# $$
+# dk_i \mathrel{+}= R_i + C_i, \qquad dG_i \mathrel{+}= k_i \odot R_i - k_i \odot C_i ,
+# $$
+#
+# and the same with $q$ for $P$. $R$ and $C$ are the forward's intra-chunk products run backwards — a matrix times
+# decayed keys — so `_intra_grads` computes them with the same sub-chunks and reference points. Every other
+# gate term is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's gradient is
+# $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum.
+
+# %%
+#| export kda.chunk_bwd
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import runtime
+from minisparse.kda.chunk_fwd import _BC, _C, _COLUMNS, _local_gates, _options, _row_of_block, _v_tile
+from minisparse.deltanet.chunk_fwd import _pow2, _precision
+
+
+@triton.jit
+def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
+                           scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+    """The reverse scan: dU and the gradient of the state leaving each chunk, and d initial_state.
+
+    Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V, BV), B · HV).
+    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg [C, BK], gl [BK].
+    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
+        dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
+    and dh0 = dS after chunk 0 if STORE_DH0.
+    """
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    rows = tl.arange(0, C)
+    ks = tl.arange(0, BK)
+    vs = iv * BV + tl.arange(0, BV)
+    km, vm = ks < K, vs < V
+    kv_off = ks[:, None] * V + vs[None, :]
+    kv_mask = km[:, None] & vm[None, :]
+    dS = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_DHT:
+        dS = tl.load(dht_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+    for i in range(NT):
+        n = NT - 1 - i
+        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off, dS, mask=kv_mask)
+        t = n * C + rows
+        tm = t < T
+        hv_k = (b * T * HV + hv) * K + t * HV * K
+        hv_v = (b * T * HV + hv) * V + t * HV * V
+        m_k, m_v = tm[:, None] & km[None, :], tm[:, None] & vm[None, :]
+        P = tl.load(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
+        do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)  # [C, BV]
+        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION), input_precision=PRECISION)
+        tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
+        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
+        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
+        gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
+        dS = tl.dot(tl.trans(qg), do * scale, dS * gl[:, None], input_precision=PRECISION)
+        dS -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
+    if STORE_DH0:
+        tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
+
+
+@triton.jit
+def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send back through
+    A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG) [C, BK]:
+        R_i = Σ_j dA_ij k_j ⊙ Γ_ij,  C_j = Σ_i dA_ij k_i ⊙ Γ_ij  (Rq, Cq with dP, and q_i in Cq)
+        dq = Rq;  dk = R + C + Cq;  dG = k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq
+    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column offsets."""
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    blk = rows // BC
+    off = blk[:, None] > blk[None, :]
+    R = tl.zeros((C, BK), dtype=tl.float32)
+    Cg = tl.zeros((C, BK), dtype=tl.float32)
+    Rq = tl.zeros((C, BK), dtype=tl.float32)
+    Cq = tl.zeros((C, BK), dtype=tl.float32)
+    for I in tl.static_range(1, C // BC):  # rows of sub-chunk I against the keys before r = I·BC
+        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK]
+        mine = blk == I
+        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))  # ≤ 1
+        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32), float("-inf")))
+        dA_I = tl.where(mine[:, None] & off, dA, 0.0)  # [C, C] rows of sub-chunk I, off-diagonal blocks
+        dP_I = tl.where(mine[:, None] & off, dP, 0.0)
+        k_j = k * e_j
+        R += e_i * tl.dot(dA_I, k_j, input_precision=PRECISION)
+        Rq += e_i * tl.dot(dP_I, k_j, input_precision=PRECISION)
+        Cg += e_j * tl.dot(tl.trans(dA_I), k * e_i, input_precision=PRECISION)
+        Cq += e_j * tl.dot(tl.trans(dP_I), q * e_i, input_precision=PRECISION)
+    for jl in tl.static_range(BC):  # diagonal blocks
+        target = blk * BC + jl  # [C] row i's column (R), row j's partner row (C)
+        G_l = _row_of_block(G, jl, C, BC, BK)
+        k_l = _row_of_block(k, jl, C, BC, BK)
+        # R: row i, column j = target_i ≤ i
+        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_l).to(tl.float32), float("-inf")))
+        pick_col = cols[None, :] == target[:, None]  # [C, C]
+        R += tl.sum(tl.where(pick_col, dA, 0.0), axis=1)[:, None] * k_l * e
+        Rq += tl.sum(tl.where(pick_col, dP, 0.0), axis=1)[:, None] * k_l * e
+        # C: row j, partner i = target_j ≥ j
+        e2 = tl.exp(tl.where(((rows % BC) <= jl)[:, None], (G_l - G).to(tl.float32), float("-inf")))
+        pick_row = rows[:, None] == target[None, :]  # [C, C]: entry (target_j, j)
+        Cg += tl.sum(tl.where(pick_row, dA, 0.0), axis=0)[:, None] * k_l * e2
+        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * _row_of_block(q, jl, C, BC, BK) * e2
+    return Rq, R + Cg + Cq, k * (R - Cg) + q * Rq - k * Cq
+
+# %%
+#| export kda.chunk_bwd
+@triton.jit
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr, states_ptr,
+                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
+                          T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ (fp32).
+
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the rest: V-tiles
+    [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state, stored); K-blocks again for the
+    terms through A and P (_intra_grads), added to what the second pass stored, then dg = reverse cumsum of dG.
+    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ with
+    X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give their dG terms.
+    """
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    qk_rows = (b * T * H + h) * K + t * H * K
+    hv_k = (b * T * HV + hv) * K + t * HV * K
+    hv_v = (b * T * HV + hv) * V + t * HV * V
+    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    S_n = states_ptr + (bh * NT + n) * K * V
+    dS_n = dstates_ptr + (bh * NT + n) * K * V
+    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
+    A_inv = tl.load(ainv_ptr + cc, mask=tm[:, None], other=0.0)  # [C, C]
+    dP = tl.zeros((C, C), dtype=tl.float32)
+    dA_inv = tl.zeros((C, C), dtype=tl.float32)
+    dbeta = tl.zeros((C,), dtype=tl.float32)
+    for v0 in range(0, V, BV):  # pass 1: V-tiles
+        vs = v0 + tl.arange(0, BV)
+        m_v = tm[:, None] & (vs[None, :] < V)
+        off = hv_v[:, None] + vs[None, :]
+        do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+        du = tl.load(du_ptr + off, mask=m_v, other=0.0)
+        v = tl.load(v_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+        dP = tl.dot(do, tl.trans(u), dP, input_precision=PRECISION)
+        dA_inv = tl.dot(du, tl.trans(v * beta[:, None]), dA_inv, input_precision=PRECISION)
+        Adu = tl.dot(tl.trans(A_inv), du, input_precision=PRECISION)  # [C, BV]
+        tl.store(dv_ptr + off, Adu * beta[:, None], mask=m_v)
+        dbeta += tl.sum(Adu * v, axis=1)
+    dP = tl.where(rows[:, None] >= rows[None, :], dP * scale, 0.0)
+    for k0 in range(0, K, BK):  # pass 2: K-blocks, the terms through the state and the row scalings
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m_k = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
+        G_L = tl.sum(tl.where(rows[:, None] == C - 1, G, 0.0), axis=0)  # [BK]
+        eG = tl.exp(G.to(tl.float32))
+        to_end = tl.exp((G_L[None, :] - G).to(tl.float32))  # [C, BK] e^{G_L − G}
+        dqg = tl.zeros((C, BK), dtype=tl.float32)
+        dW = tl.zeros((C, BK), dtype=tl.float32)
+        dkd = tl.zeros((C, BK), dtype=tl.float32)
+        dgl = tl.zeros((BK,), dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            vs = v0 + tl.arange(0, BV)
+            m_v = tm[:, None] & (vs[None, :] < V)
+            off = hv_v[:, None] + vs[None, :]
+            kv_off = ks[:, None] * V + vs[None, :]
+            kv_m = km[:, None] & (vs[None, :] < V)
+            do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+            du = tl.load(du_ptr + off, mask=m_v, other=0.0)
+            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0)  # [BK, BV]
+            dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0)
+            dqg = tl.dot(do, tl.trans(S), dqg, input_precision=PRECISION)
+            dW -= tl.dot(du, tl.trans(S), input_precision=PRECISION)
+            dkd = tl.dot(u, tl.trans(dS), dkd, input_precision=PRECISION)
+            dgl += tl.sum(S * dS, axis=1)
+        dqg = dqg * scale
+        X = k * (beta[:, None] * eG)  # W = A_inv X
+        dA_inv = tl.dot(dW, tl.trans(X), dA_inv, input_precision=PRECISION)
+        dX = tl.dot(tl.trans(A_inv), dW, input_precision=PRECISION)
+        dbeta += tl.sum(dX * k * eG, axis=1)
+        kd = k * to_end
+        dG = dX * X + dqg * q * eG - dkd * kd
+        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L.to(tl.float32))  # [BK] through e^{G_L}
+        last = tl.minimum(C - 1, T - 1 - n * C)  # G_L is the G of the chunk's last token (gates past T are 0)
+        dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
+        off = hv_k[:, None] + ks[None, :]
+        tl.store(dq_ptr + off, dqg * eG, mask=m_k)
+        tl.store(dk_ptr + off, dX * beta[:, None] * eG + dkd * to_end, mask=m_k)
+        tl.store(dg_ptr + off, dG, mask=m_k)
+    dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
+                input_precision=PRECISION)
+    dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0)  # ∂L/∂A_ij
+    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)  # A_ij = β_i · a_ij
+    dA = dA * beta[:, None]  # ∂L/∂a_ij
+    tl.debug_barrier()  # pass 2's stores are read back by pass 3, by other threads of this program
+    for k0 in range(0, K, BK):  # pass 3: through A and P
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m_k = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
+        dq, dk, dG = _intra_grads(q, k, G, dA, dP, C, BC, BK, PRECISION)
+        off = hv_k[:, None] + ks[None, :]
+        dq += tl.load(dq_ptr + off, mask=m_k, other=0.0)
+        dk += tl.load(dk_ptr + off, mask=m_k, other=0.0)
+        dG += tl.load(dg_ptr + off, mask=m_k, other=0.0)
+        tl.store(dq_ptr + off, dq, mask=m_k)
+        tl.store(dk_ptr + off, dk, mask=m_k)
+        tl.store(dg_ptr + off, tl.cumsum(dG, axis=0, reverse=True), mask=m_k)
+    tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
+
+# %%
+#| export kda.chunk_bwd
+def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
+    """Gradients of the (normalised) q, k per value head [B, T, HV, K], and of v, g, beta, h0 (fp32; dh0 None unless
+    `need_dh0`), from the forward's intermediates `saved` (_kda_forward's dict)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    NT = triton.cdiv(T, _C)
+    dev, prec = q.device, _precision(q.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    du = torch.empty(B, T, HV, V, **f32)
+    dstates = torch.empty(B, HV, NT, K, V, **f32)
+    dh0 = torch.empty(B, HV, K, V, **f32) if need_dh0 else None
+    s = saved
+    # never autotuned: the scan writes dU, which the chunk kernel reads
+    runtime.launch("kda.bwd_states", _kda_bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T, HV, K, V, NT),
+                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=prec),
+                   fit=_v_tile(V), **_options(q, v))
+    dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
+    dv = torch.empty(B, T, HV, V, **f32)
+    dbeta = torch.empty(B, T, HV, **f32)
+    runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
+                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do, du,
+                    dq, dk, dv, dg, dbeta, scale, T, H, HV, K, V, NT),
+                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
+    return dq, dk, dv, dg, dbeta, dh0
 
 # %% [markdown]
 # ### Launch and autograd
 #
 # `chunk_kda` checks its arguments (the shared table of section 6.2, plus the kernels' limits: CUDA tensors or the
-# interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked, and runs the three kernels. Its backward
-# recomputes the chunk form in PyTorch from the saved inputs and differentiates it with autograd.
+# interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the three
+# kernels. The autograd function keeps the forward's fp32 intermediates for the two backward kernels, and chapter
+# 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
+# normalisation.
 
 # %%
 #| export kda.chunk
 import torch
 
 from minisparse import _checks
-from minisparse.deltanet.chunk_bwd import _l2norm_rows
+from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
+from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
-from minisparse.kda.naive import _check_gate_and_beta, _check_kda, _naive_chunk
+from minisparse.kda.naive import _check_gate_and_beta, _check_kda
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
@@ -975,37 +1255,34 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkKDA(torch.autograd.Function):
-    """Autograd glue: the forward runs the Triton kernels and saves the inputs; the backward recomputes the chunk
-    form in PyTorch (naive_chunk_kda, fp32) and differentiates it."""
+    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv, the chunk
+    states) for the backward's two kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
-        ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.scale, ctx.l2 = scale, l2
         qn, kn = (_l2norm_rows(q), _l2norm_rows(k)) if l2 else (q, k)
+        gf, bf = g.float().contiguous(), beta.float().contiguous()
         h0f = h0.float().contiguous() if h0 is not None else None
-        o, ht, _ = _kda_forward(qn, kn, v, g.float().contiguous(), beta.float().contiguous(), scale, h0f,
-                                output_final_state)
+        o, ht, saved = _kda_forward(qn, kn, v, gf, bf, scale, h0f, output_final_state)
+        ctx.save_for_backward(q, k, qn, kn, v, gf, bf, *saved.values())
+        ctx.names, ctx.scale, ctx.l2, ctx.has_h0 = list(saved), scale, l2, h0 is not None
+        ctx.dtypes = [x.dtype if x is not None else None for x in (q, k, v, g, beta, h0)]
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        inputs = [x.detach().requires_grad_(x is not None and need) if x is not None else None
-                  for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            o, ht = _naive_chunk(*inputs[:5], ctx.scale, inputs[5], dht is not None, ctx.l2, 64, check_values=False)
-            outs, grads_out = [o], [do]
-            if dht is not None:
-                outs.append(ht)
-                grads_out.append(dht)
-            wanted = [x for x in inputs if x is not None and x.requires_grad]
-            got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True)) if wanted else iter(())
-        grads = [next(got) if x is not None and x.requires_grad else None for x in inputs]
+        q, k, qn, kn, v, g, beta, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.names, rest))
+        need_dh0 = ctx.has_h0 and ctx.needs_input_grad[5]
+        dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved, do.contiguous(),
+                                                   dht.float().contiguous() if dht is not None else None, need_dh0)
+        grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
+        grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
-    """KDA by chunks of 64 (sub-chunks of 16) in Triton: forward in three kernels; backward by recomputation.
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (three kernels) and backward (two).
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
     bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite and ≤ 0; beta [B, T, HV] in

@@ -313,6 +313,16 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
+    "kda.bwd_states": {
+        "interpreter": [_cfg(1, 1, BV=64)],
+        "sm_80": [_cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
+        "sm_75": [_cfg(4, 1, BV=16)],
+    },
+    "kda.bwd_chunk": {
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=16)],
+    },
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")

@@ -409,12 +409,27 @@ def test_chunk_kda_extreme_gates(extreme, poisoned):
     assert_close("final state", s_r, s, 1e-4)
 
 
-@pytest.mark.parametrize("shape", [(37, 1, 2, 16, 24, (-2.0, 0.0)), (70, 1, 1, 32, 16, (-30.0, -1.0))])
-def test_chunk_kda_gradients_match_the_recurrence(shape):
+GRAD_SHAPES = [  # (T, H, HV, K, V, gates, extreme gate or None)
+    (37, 1, 2, 16, 24, (-2.0, 0.0), None),
+    (100, 1, 2, 48, 24, (-2.0, 0.0), None),
+    (130, 2, 2, 16, 32, (-30.0, 0.0), None),
+    (70, 1, 1, 32, 16, (-1.0, 0.0), -1e30),
+    (65, 1, 1, 16, 16, (-1e-3, 0.0), -200.0),
+]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "T{}-H{}-HV{}-K{}-V{}".format(*s[:5]) + f"-x{s[6]}")
+def test_chunk_kda_gradients_match_the_recurrence(shape, poisoned):
+    """Every gradient (q, k through l2norm and summed over grouped value heads, v, g, β, h0, and through the final
+    state) against autograd through the recurrence, on T not a multiple of the chunk and with extreme gates."""
     from minisparse.kda import chunk_kda
 
-    T, H, HV, K, V, gates = shape
+    T, H, HV, K, V, gates, extreme = shape
     inputs = _inputs(1, T, H, HV, K, V, gates=gates, normalise=False, device=_device())
+    if extreme is not None:
+        inputs[3][:, 5, :, :8] = extreme
+        inputs[3][:, 20:23] = extreme
+        inputs[3][:, 64] = extreme
     for x in inputs:
         x.requires_grad_(True)
     o_r, s_r = naive_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)

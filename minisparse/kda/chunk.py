@@ -2,9 +2,10 @@
 import torch
 
 from minisparse import _checks
-from minisparse.deltanet.chunk_bwd import _l2norm_rows
+from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
+from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
-from minisparse.kda.naive import _check_gate_and_beta, _check_kda, _naive_chunk
+from minisparse.kda.naive import _check_gate_and_beta, _check_kda
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
@@ -20,37 +21,34 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkKDA(torch.autograd.Function):
-    """Autograd glue: the forward runs the Triton kernels and saves the inputs; the backward recomputes the chunk
-    form in PyTorch (naive_chunk_kda, fp32) and differentiates it."""
+    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv, the chunk
+    states) for the backward's two kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
-        ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.scale, ctx.l2 = scale, l2
         qn, kn = (_l2norm_rows(q), _l2norm_rows(k)) if l2 else (q, k)
+        gf, bf = g.float().contiguous(), beta.float().contiguous()
         h0f = h0.float().contiguous() if h0 is not None else None
-        o, ht, _ = _kda_forward(qn, kn, v, g.float().contiguous(), beta.float().contiguous(), scale, h0f,
-                                output_final_state)
+        o, ht, saved = _kda_forward(qn, kn, v, gf, bf, scale, h0f, output_final_state)
+        ctx.save_for_backward(q, k, qn, kn, v, gf, bf, *saved.values())
+        ctx.names, ctx.scale, ctx.l2, ctx.has_h0 = list(saved), scale, l2, h0 is not None
+        ctx.dtypes = [x.dtype if x is not None else None for x in (q, k, v, g, beta, h0)]
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        inputs = [x.detach().requires_grad_(x is not None and need) if x is not None else None
-                  for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            o, ht = _naive_chunk(*inputs[:5], ctx.scale, inputs[5], dht is not None, ctx.l2, 64, check_values=False)
-            outs, grads_out = [o], [do]
-            if dht is not None:
-                outs.append(ht)
-                grads_out.append(dht)
-            wanted = [x for x in inputs if x is not None and x.requires_grad]
-            got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True)) if wanted else iter(())
-        grads = [next(got) if x is not None and x.requires_grad else None for x in inputs]
+        q, k, qn, kn, v, g, beta, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.names, rest))
+        need_dh0 = ctx.has_h0 and ctx.needs_input_grad[5]
+        dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved, do.contiguous(),
+                                                   dht.float().contiguous() if dht is not None else None, need_dh0)
+        grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
+        grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
-    """KDA by chunks of 64 (sub-chunks of 16) in Triton: forward in three kernels; backward by recomputation.
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (three kernels) and backward (two).
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
     bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite and ≤ 0; beta [B, T, HV] in

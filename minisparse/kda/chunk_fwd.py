@@ -69,8 +69,8 @@ def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.con
 
 @triton.jit
 def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr, gl_ptr, p_ptr,
-                          T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, PRECISION: tl.constexpr):
+                          a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Everything of one chunk that does not depend on the state.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
@@ -80,7 +80,8 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])      _intra_products
         A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P [B, T, HV, C] (fp32) and gl [B, HV, NT, K].
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32) and
+    gl [B, HV, NT, K].
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -103,9 +104,12 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
         A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
-    A = tl.where(rows[:, None] > rows[None, :], A * beta[:, None], 0.0)
-    A_inv = _unit_lower_inverse(A, C, PRECISION)  # [C, C]
-    tl.store(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], P, mask=tm[:, None])
+    A = tl.where(rows[:, None] > rows[None, :], A, 0.0)
+    A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
+    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] row t's C entries
+    tl.store(p_ptr + cc, P, mask=tm[:, None])
+    tl.store(a_ptr + cc, A, mask=tm[:, None])  # for the backward: A_ij / β_i and A_inv
+    tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
@@ -209,7 +213,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, states, all fp32)."""
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -217,10 +221,10 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     u = torch.empty(B, T, HV, V, **f32)
-    p = torch.empty(B, T, HV, _C, **f32)
+    p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     runtime.launch("kda.fwd_intra", _kda_fwd_intra_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, w, u, qg, kd, gl, p, T, H, HV, K, V, NT),
+                   (q, k, v, g, beta, w, u, qg, kd, gl, p, a, ainv, T, H, HV, K, V, NT),
                    dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, **f32)
@@ -233,7 +237,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     runtime.launch("kda.fwd_output", _kda_fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
                    (qg, p, u, states, o, scale, T, HV, K, V, NT),
                    dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V), **_options(q, v))
-    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, states=states)
+    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states)
 
 
 __all__ = []
