@@ -481,3 +481,34 @@ def test_layer_triton_backend_equals_naive():
     assert_close("y", y_naive, y_tri, 1e-4)
     assert_close("state", s_naive[1], s_tri[1], 1e-4)
     assert_close("decode step", y_step_naive, y_step, 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-bit kernels are checked on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(300, 2, 4, 64, 128, (-2.0, 0.0)), (1000, 1, 1, 128, 128, (-30.0, 0.0))])
+def test_chunk_kda_in_16_bits_on_the_gpu(dtype, shape):
+    """bf16 / fp16 inputs against the fp32 chunk form on the same (rounded) inputs: forward, final state and every
+    gradient within the book's 16-bit bounds (5e-3 forward, 8e-3 gradients)."""
+    from minisparse.kda import chunk_kda, fused_recurrent_kda
+    from minisparse.testing import TOLERANCES
+
+    T, H, HV, K, V, gates = shape
+    base = _inputs(1, T, H, HV, K, V, gates=gates, normalise=False, device="cuda")
+    low = [x.to(dtype) if i < 3 else x for i, x in enumerate(base)]  # q, k, v in 16 bits; g, β, h0 in fp32
+    ref = [x.float() for x in low]
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    for xs in (low, ref):
+        for x in xs:
+            x.requires_grad_(True)
+    o_ref, s_ref = naive_chunk_kda(*ref[:5], initial_state=ref[5], output_final_state=True, use_qk_l2norm=True)
+    o, s = chunk_kda(*low[:5], initial_state=low[5], output_final_state=True, use_qk_l2norm=True)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert_close("o", o_ref, o, fwd_tol)
+    assert_close("final state", s_ref, s, fwd_tol)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_ref, s_ref, ref), _grads(o, s, low)):
+        assert_close(name, a, b, grad_tol)
+    with torch.no_grad():
+        o1, s1 = fused_recurrent_kda(*[x.detach() for x in low[:5]], initial_state=low[5].detach(),
+                                     output_final_state=True, use_qk_l2norm=True)
+    assert_close("fused recurrent o", o_ref, o1, fwd_tol)
+    assert_close("fused recurrent state", s_ref, s1, fwd_tol)
