@@ -512,3 +512,88 @@ def test_chunk_kda_in_16_bits_on_the_gpu(dtype, shape):
                                      output_final_state=True, use_qk_l2norm=True)
     assert_close("fused recurrent o", o_ref, o1, fwd_tol)
     assert_close("fused recurrent state", s_ref, s1, fwd_tol)
+
+
+# ------------------------------------------------------------------------------------------------- exercises
+def test_crossover_checker_accepts_the_solution_and_rejects_wrong_counts(capsys):
+    from minisparse.kda.exercises import check_crossover
+    from minisparse.testing import ExerciseError
+
+    def solution(c):
+        return c.linear_num_heads * c.linear_head_dim ** 2 * 4 / ((c.kv_lora_rank + c.qk_rope_head_dim) * 2)
+
+    check_crossover(solution)
+    assert "✓" in capsys.readouterr().out
+    for wrong in (lambda c: solution(c) / 2,  # the states in bf16
+                  lambda c: c.linear_num_heads * c.linear_head_dim ** 2 * 4 / (c.kv_lora_rank * 2),  # no rope key
+                  lambda c: solution(c) / c.linear_num_heads):  # a cache per head
+        with pytest.raises(ExerciseError):
+            check_crossover(wrong)
+
+
+def test_intra_products_checker_rejects_the_bug_and_a_missing_diagonal():
+    from minisparse.kda.exercises import _intra_reference, buggy_intra_products, check_intra_products
+    from minisparse.testing import ExerciseError
+
+    check_intra_products(_intra_reference)
+    with pytest.raises(ExerciseError, match="overflows"):
+        check_intra_products(buggy_intra_products)
+    with pytest.raises(ExerciseError):
+        check_intra_products(lambda x, k, g: _intra_reference(x, k, g).tril(-1))
+
+
+def test_fact_prediction_checker_rejects_off_by_one_and_retention():
+    import math
+
+    from minisparse.kda.exercises import check_fact_prediction
+    from minisparse.testing import ExerciseError
+
+    check_fact_prediction(lambda r, T: 1 - math.exp(-r * (T - 1)))
+    for wrong in (lambda r, T: 1 - math.exp(-r * T), lambda r, T: math.exp(-r * (T - 1))):
+        with pytest.raises(ExerciseError):
+            check_fact_prediction(wrong)
+
+
+def test_kda_step_kernel_checker_rejects_a_scalar_decay_and_a_late_decay():
+    import triton
+    import triton.language as tl
+
+    from minisparse.kda.exercises import check_kda_step_kernel
+    from minisparse.testing import ExerciseError
+
+    def make(variant):
+        @triton.jit
+        def kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V, BK: tl.constexpr,
+                   BV: tl.constexpr, VARIANT: tl.constexpr):
+            hv = tl.program_id(0)
+            ks, vs = tl.arange(0, BK), tl.arange(0, BV)
+            km, vm = ks < K, vs < V
+            q = tl.load(q_ptr + hv * K + ks, mask=km, other=0.0)
+            k = tl.load(k_ptr + hv * K + ks, mask=km, other=0.0)
+            g = tl.load(g_ptr + hv * K + ks, mask=km, other=0.0)
+            v = tl.load(v_ptr + hv * V + vs, mask=vm, other=0.0)
+            beta = tl.load(beta_ptr + hv)
+            s_off, s_mask = hv * K * V + ks[:, None] * V + vs[None, :], km[:, None] & vm[None, :]
+            S = tl.load(s_ptr + s_off, mask=s_mask, other=0.0)
+            if VARIANT == 0:  # right
+                S = S * tl.exp(g)[:, None]
+                S = S + k[:, None] * (beta * (v - tl.sum(k[:, None] * S, axis=0)))[None, :]
+            elif VARIANT == 1:  # one decay for the whole head (GDN's)
+                S = S * tl.exp(tl.sum(g, axis=0) / K)
+                S = S + k[:, None] * (beta * (v - tl.sum(k[:, None] * S, axis=0)))[None, :]
+            else:  # write first, decay after
+                S = S + k[:, None] * (beta * (v - tl.sum(k[:, None] * S, axis=0)))[None, :]
+                S = S * tl.exp(g)[:, None]
+            o = tl.sum(q[:, None] * S, axis=0) * scale
+            tl.store(s_ptr + s_off, S, mask=s_mask)
+            tl.store(o_ptr + hv * V + vs, o, mask=vm)
+
+        class Bound:  # kernel[grid](...) with VARIANT fixed
+            def __getitem__(self, grid):
+                return lambda *a, **kw: kernel[grid](*a, VARIANT=variant, **kw)
+        return Bound()
+
+    check_kda_step_kernel(make(0))
+    for variant in (1, 2):
+        with pytest.raises(ExerciseError, match="KDA step kernel"):
+            check_kda_step_kernel(make(variant))
