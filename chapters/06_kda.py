@@ -157,7 +157,8 @@ axes[0].set(title="Gated DeltaNet: one rate a head", xlabel="tokens since the wr
 axes[0].legend(fontsize=8)
 rates = np.geomspace(1e-4, 1.0, 8)  # 8 channels of one KDA head, log-spaced
 for c, rate in enumerate(rates):
-    axes[1].plot(t, np.exp(-rate * t), color=plt.cm.viridis(c / 7), label=f"channel {c}: {rate:.0e}")
+    axes[1].plot(t, np.exp(-rate * t), color=plt.cm.viridis(c / 7),
+                 label=f"channel {c}: {rate:.0e}")
 axes[1].set(title="KDA: one rate a key channel", xlabel="tokens since the write", xscale="symlog")
 axes[1].legend(fontsize=7, ncol=2)
 plt.tight_layout()
@@ -192,17 +193,20 @@ from minisparse.deltanet.naive import _check_gate_and_beta, l2norm
 
 
 def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
-    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None). `check_values`: also
-    check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops always do, the Triton ops follow the
-    value-check rule, a layer skips what it built itself."""
+    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
+    `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
+    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
     B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
     if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
-        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per key channel), got "
-                         f"shape {tuple(g.shape)}: a [B, T, HV] gate is Gated DeltaNet's — repeat it over K "
-                         "(g[..., None].expand(-1, -1, -1, K)) or use minisparse.deltanet")
-    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]", "one per token, value head and key channel",
+        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
+                         f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
+                         "DeltaNet's — repeat it over K (g[..., None].expand(-1, -1, -1, K)) or "
+                         "use minisparse.deltanet")
+    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]",
+                           "one per token, value head and key channel",
                            like=q)
-    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
+                           "one per token and value head", like=q)
     _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
     if check_values:
         _check_gate_and_beta(op, g, beta)
@@ -210,8 +214,8 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)), optionally
-    L2-normalised first."""
+    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)),
+    optionally L2-normalised first."""
     rep = v.shape[2] // q.shape[2]
     q, k = q.float(), k.float()
     if use_qk_l2norm:
@@ -223,17 +227,22 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
 
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
-    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t S.
+    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
+    S.
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel, finite and ≤ 0;
-    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k first.
-    Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless output_final_state).
-    Accumulates in float32; differentiable (gradients flow through final_state too).
-    """
-    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, True)
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel,
+    finite and ≤ 0;
+    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k
+    first.
+    Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
+    output_final_state). Accumulates in float32; differentiable (gradients flow through final_state
+    too)."""
+    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, True)
 
 
-def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values):
     """naive_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
     scale = _check_kda("naive_recurrent_kda", q, k, v, g, beta, scale, initial_state, check_values)
     B, T, H, K = q.shape
@@ -258,21 +267,25 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
 # $-30$ a token:
 
 # %%
-def kda_inputs(B, T, H, HV, K, V, *, low=-2.0, high=0.0, seed=0, state=True, dtype=torch.float32, device="cpu"):
-    """Unit q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K] uniform in [low, high]; beta in [0, 1]; h0."""
+def kda_inputs(B, T, H, HV, K, V, *, low=-2.0, high=0.0, seed=0, state=True, dtype=torch.float32,
+               device="cpu"):
+    """Unit q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K] uniform in [low, high]; beta in [0,
+    1]; h0."""
     gen = torch.Generator().manual_seed(seed)
     q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
     v = torch.randn(B, T, HV, V, generator=gen)
     g = make_log_gates(B, T, HV, K, low=low, high=high, seed=seed + 1)
     beta = torch.rand(B, T, HV, generator=gen)
     h0 = 0.5 * torch.randn(B, HV, K, V, generator=gen) if state else None
-    return [x.to(device=device, dtype=dtype) if x is not None else None for x in (q, k, v, g, beta, h0)]
+    out = (q, k, v, g, beta, h0)
+    return [x.to(device=device, dtype=dtype) if x is not None else None for x in out]
 
 
 q, k, v, g, beta, h0 = kda_inputs(2, 37, 2, 4, 32, 48, low=-30.0)
 o, S = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
 if fla_naive_recurrent_kda is not None:
-    o_fla, S_fla = fla_naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_fla, S_fla = fla_naive_recurrent_kda(q, k, v, g, beta, initial_state=h0,
+                                           output_final_state=True)
     print(f"vs fla:          o {assert_close('o', o_fla, o, 1e-5):.1e}, "
           f"state {assert_close('S', S_fla, S, 1e-5):.1e}")
 if hf_kimi is not None:
@@ -291,7 +304,8 @@ from minisparse.deltanet import naive_recurrent_gated_delta_rule
 g_head = make_log_gates(2, 37, 4, low=-3.0, seed=5)  # [B, T, HV]: one gate a head
 o_kda, S_kda = naive_recurrent_kda(q, k, v, g_head[..., None].expand(-1, -1, -1, 32), beta,
                                                   initial_state=h0, output_final_state=True)
-o_gdn, S_gdn = naive_recurrent_gated_delta_rule(q, k, v, g_head, beta, initial_state=h0, output_final_state=True)
+o_gdn, S_gdn = naive_recurrent_gated_delta_rule(q, k, v, g_head, beta, initial_state=h0,
+                                                output_final_state=True)
 print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 1e-6):.1e}, "
       f"state {assert_close('S', S_gdn, S_kda, 1e-6):.1e}")
 
@@ -335,17 +349,20 @@ print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 
 def naive_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                     use_qk_l2norm=False, chunk_size=64):
     """KDA by chunks (the WY/UT form with a decay per key channel): same arguments and results as
-    naive_recurrent_kda, plus chunk_size (any T). Per chunk of L tokens, with the exponents as segment sums
-    D_ij = g_{j+1} + … + g_i ∈ R^K (j ≤ i; never a difference of cumulative sums), Γ_ij = e^{D_ij}:
+    naive_recurrent_kda, plus chunk_size (any T). Per chunk of L tokens, with the exponents as
+    segment sums D_ij = g_{j+1} + … + g_i ∈ R^K (j ≤ i; never a difference of cumulative sums),
+    Γ_ij = e^{D_ij}:
     A_ij = β_i ⟨k_i ⊙ Γ_ij, k_j⟩ (j < i), P_ij = ⟨q_i ⊙ Γ_ij, k_j⟩ (j ≤ i);
     W = (I + A)⁻¹ diag(β) (K ⊙ e^G), Ũ = (I + A)⁻¹ diag(β) V, U = Ũ − W S;
     O = scale ((Q ⊙ e^G) S + P U), S ← diag(e^{G_L}) S + (K ⊙ Γ_L·)ᵀ U. Differentiable by autograd.
     """
-    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                        chunk_size,
                         True)
 
 
-def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                 chunk_size,
                  check_values):
     """naive_chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
     op = "naive_chunk_kda"
@@ -353,7 +370,8 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
     _checks.positive_int(op, "chunk_size", chunk_size)
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))  # [B, HV, T, ·]
+    # [B, HV, T, ·]
+    qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))
     S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
     o = []
     for c0 in range(0, T, chunk_size):
@@ -362,17 +380,24 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         bc = bf[:, :, c0:c0 + L]  # [B, HV, L]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # [L, L] j ≤ i
         after = ~causal.T  # [L, L] t > j
-        D = torch.where(after[:, :, None], gc[:, :, :, None, :], 0.0).cumsum(2)  # [B, HV, L, L, K] D_ij
-        Gamma = torch.exp(torch.where(causal[:, :, None], D, float("-inf")))  # [B, HV, L, L, K], 0 above
+        # [B, HV, L, L, K] D_ij
+        D = torch.where(after[:, :, None], gc[:, :, :, None, :], 0.0).cumsum(2)
+        # [B, HV, L, L, K], 0 above
+        Gamma = torch.exp(torch.where(causal[:, :, None], D, float("-inf")))
         G = gc.cumsum(2)  # [B, HV, L, K] G_i = g_1 + … + g_i
-        A = (bc[..., None] * torch.einsum("bhic,bhjc,bhijc->bhij", kc, kc, Gamma)).tril(-1)  # [B, HV, L, L]
-        P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)  # [B, HV, L, L], lower incl. diagonal
-        rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
+        # [B, HV, L, L]
+        A = (bc[..., None] * torch.einsum("bhic,bhjc,bhijc->bhij", kc, kc, Gamma)).tril(-1)
+        # [B, HV, L, L], lower incl. diagonal
+        P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)
+        # [B, HV, L, K + V]
+        rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)
         eye = torch.eye(L, device=q.device)
-        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        # (I + A)⁻¹ rhs
+        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         U = WU[..., K:] - WU[..., :K] @ S  # [B, HV, L, V] U = Ũ − W S
         o.append(scale * ((qc * G.exp()) @ S + P @ U))  # [B, HV, L, V]
-        S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U  # Γ_Lj = e^{D_Lj}
+        # Γ_Lj = e^{D_Lj}
+        S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U
     o = torch.cat(o, dim=2) if T else vf.new_zeros(B, HV, 0, V)
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
@@ -386,7 +411,8 @@ for low in (-1e-3, -2.0, -30.0):
     for x in args:
         x.requires_grad_(True)
     o_r, S_r = naive_recurrent_kda(*args[:5], initial_state=args[5], output_final_state=True)
-    o_c, S_c = naive_chunk_kda(*args[:5], initial_state=args[5], output_final_state=True, chunk_size=16)
+    o_c, S_c = naive_chunk_kda(*args[:5], initial_state=args[5], output_final_state=True,
+                               chunk_size=16)
     assert_close("o", o_r, o_c, 1e-5)
     assert_close("final state", S_r, S_c, 1e-5)
     dout, dS = torch.randn_like(o_r), torch.randn_like(S_r)
@@ -418,7 +444,8 @@ g_demo = -F.softplus(f + bias)  # [T, K], A_log = 0
 G_kda = g_demo.cumsum(0)  # [T, K] log of what is left
 G_gdn = g_demo.mean(1, keepdim=True).cumsum(0).expand(-1, K_DEMO)  # one gate for every channel
 to_log10 = lambda G: (G / math.log(10)).clamp(min=-6).T  # noqa: E731  [K, T], floor at 1e-6
-viz.panels({"Gated DeltaNet: one gate a head": to_log10(G_gdn), "KDA: one gate a channel": to_log10(G_kda)},
+viz.panels({"Gated DeltaNet: one gate a head": to_log10(G_gdn),
+            "KDA: one gate a channel": to_log10(G_kda)},
            size=4.2, xlabel="token t", ylabel="key channel c", vmin=-6, vmax=0, colorbar=True,
            suptitle="log10 of the part of a t = 0 write still in the state")
 plt.show()
@@ -441,24 +468,28 @@ plt.show()
 
 # %%
 def two_scales(g_slow, g_fast, K=32, slow=8, T=400, n_vars=4, noise=0.5, seeds=8):
-    """(fact error, variables error) of one KDA head with gate g_slow on the first `slow` channels and g_fast on
-    the others (g_slow == g_fast: Gated DeltaNet), averaged over `seeds` sequences run as one batch."""
+    """(fact error, variables error) of one KDA head with gate g_slow on the first `slow` channels
+    and g_fast on the others (g_slow == g_fast: Gated DeltaNet), averaged over `seeds` sequences run
+    as one batch."""
     gen = torch.Generator().manual_seed(0)
     B, fast = seeds, K - slow
-    base = torch.linalg.qr(torch.randn(B, fast, n_vars, generator=gen))[0].transpose(1, 2)  # [B, n, fast]
+    # [B, n, fast]
+    base = torch.linalg.qr(torch.randn(B, fast, n_vars, generator=gen))[0].transpose(1, 2)
     which = torch.randint(0, n_vars, (B, T), generator=gen)  # which variable token t writes (t ≥ 1)
     k = torch.zeros(B, T, 1, K)
     k[:, 0, 0, :slow] = F.normalize(torch.randn(B, slow, generator=gen), dim=-1)  # the fact's key
-    noisy = base[torch.arange(B)[:, None], which[:, 1:]] + noise * fast ** -0.5 * torch.randn(B, T - 1, fast,
-                                                                                               generator=gen)
+    jitter = noise * fast ** -0.5 * torch.randn(B, T - 1, fast, generator=gen)
+    noisy = base[torch.arange(B)[:, None], which[:, 1:]] + jitter  # [B, T − 1, fast] noisy keys
     k[:, 1:, 0, slow:] = F.normalize(noisy, dim=-1)
     v = torch.randn(B, T, 1, K, generator=gen)
-    g = torch.cat([torch.full((B, T, 1, slow), g_slow), torch.full((B, T, 1, fast), g_fast)], dim=-1)
+    g = torch.cat([torch.full((B, T, 1, slow), g_slow), torch.full((B, T, 1, fast), g_fast)],
+                  dim=-1)
     _, S = naive_recurrent_kda(k, k, v, g, torch.ones(B, T, 1), scale=1.0, output_final_state=True)
     S = S[:, 0]  # [B, K, V]
     err = lambda key, val: ((key @ S - val).norm(dim=-1) / val.norm(dim=-1))  # noqa: E731  [B]
     fact = err(k[:, 0, 0, None], v[:, 0, 0, None]).mean()
-    last = torch.stack([(which == j).int().cumsum(1).argmax(1) for j in range(n_vars)], 1)  # [B, n] last writes
+    # [B, n] last writes
+    last = torch.stack([(which == j).int().cumsum(1).argmax(1) for j in range(n_vars)], 1)
     clean = F.pad(base, (slow, 0))  # [B, n, K] the variables' clean keys
     variables = err(clean, v[torch.arange(B)[:, None], last, 0]).mean()
     return float(fact), float(variables)
@@ -472,7 +503,8 @@ best_kda = min(rates, key=lambda r: sum(kda[r]))
 fig, ax = plt.subplots(figsize=(7, 3.2))
 ax.plot(rates[1:], [e[0] for e in gdn[1:]], "o-", label="GDN: fact")
 ax.plot(rates[1:], [e[1] for e in gdn[1:]], "s-", label="GDN: variables")
-ax.plot(rates[1:], [kda[r][1] for r in rates[1:]], "s--", label="KDA (fact channels at g = 0): variables")
+ax.plot(rates[1:], [kda[r][1] for r in rates[1:]], "s--",
+        label="KDA (fact channels at g = 0): variables")
 ax.axhline(kda[best_kda][0], color="C2", ls=":", label="KDA: fact")
 ax.set(xscale="log", xlabel="decay rate −g of the variables' channels (GDN: of every channel)",
        ylabel="relative recall error", title="One head, K = V = 32, 400 tokens")
@@ -481,8 +513,8 @@ plt.show()
 g_err, k_err = sum(gdn[rates.index(best_gdn)]) / 2, sum(kda[best_kda]) / 2
 print(f"best GDN (rate {best_gdn}): fact {gdn[rates.index(best_gdn)][0]:.2f}, "
       f"variables {gdn[rates.index(best_gdn)][1]:.2f}, mean {g_err:.2f}")
-print(f"best KDA (variables' rate {best_kda}): fact {kda[best_kda][0]:.2f}, variables {kda[best_kda][1]:.2f}, "
-      f"mean {k_err:.2f}")
+print(f"best KDA (variables' rate {best_kda}): fact {kda[best_kda][0]:.2f}, "
+      f"variables {kda[best_kda][1]:.2f}, mean {k_err:.2f}")
 assert k_err < 0.8 * g_err and kda[best_kda][0] < 1e-3
 
 # %% [markdown]
@@ -527,21 +559,23 @@ from minisparse.mla.cost import kv_values_per_token, mla_decode_flops
 
 
 def kda_flops(T, d_k, d_v, heads=1, chunk=64):
-    """Forward FLOPs of KDA by chunks over T tokens, all heads: Gated DeltaNet's (chapter 5) plus the per-channel
-    decay's elementwise scalings of q, k and the state update (4·T·d_k a head)."""
+    """Forward FLOPs of KDA by chunks over T tokens, all heads: Gated DeltaNet's (chapter 5) plus
+    the per-channel decay's elementwise scalings of q, k and the state update (4·T·d_k a head)."""
     return gdn_flops(T, d_k, d_v, heads, chunk=chunk) + heads * 4 * T * d_k
 
 
-def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, hbm=4.25e12, peak=693e12,
+def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, hbm=4.25e12,
+                      peak=693e12,
                       dtype_bytes=2, state_bytes=4):
     """Token-mixing cost of a Kimi Linear stack at context T, and a roofline of one decoding step.
 
-    config: a KimiLinearConfig (its layer_types: 'linear_attention' = KDA, 'full_attention' = MLA), or
-    layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict: prefill_flops (attention
-    and KDA, causal, over T tokens), kv_bytes (MLA latent caches, per sequence), state_bytes (KDA states + conv
-    states), memory (their sum), step_bytes / step_flops / step_seconds of one decoding step of `batch` sequences
-    (active weights read once; caches and states read, states written), tokens_per_s, and the layer counts.
-    """
+    config: a KimiLinearConfig (its layer_types: 'linear_attention' = KDA, 'full_attention' = MLA),
+    or
+    layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict:
+    prefill_flops (attention and KDA, causal, over T tokens), kv_bytes (MLA latent caches, per
+    sequence), state_bytes (KDA states + conv states), memory (their sum), step_bytes / step_flops /
+    step_seconds of one decoding step of `batch` sequences (active weights read once; caches and
+    states read, states written), tokens_per_s, and the layer counts."""
     types = list(config.layer_types if layer_types is None else layer_types)
     bad = set(types) - {"full_attention", "linear_attention"}
     if bad:
@@ -555,10 +589,13 @@ def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, h
     states = n_kda * gdn_state_bytes(H, H, K, K, c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
     step_bytes = active_params * dtype_bytes + batch * (kv + 2 * states)
     step_flops = batch * (2 * active_params
-                          + n_mla * mla_decode_flops(T, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim)
-                          + n_kda * H * 6 * K * K)  # decay, read k S, write, read q S: ~3 multiply-adds an entry
+                          + n_mla * mla_decode_flops(T, c.num_attention_heads, c.kv_lora_rank,
+                                                     c.qk_rope_head_dim)
+                          # decay, read k S, write, read q S: ~3 multiply-adds an entry
+                          + n_kda * H * 6 * K * K)
     seconds = max(step_bytes / hbm, step_flops / peak)
-    return dict(prefill_flops=prefill, kv_bytes=kv, state_bytes=states, memory=kv + states, step_bytes=step_bytes,
+    return dict(prefill_flops=prefill, kv_bytes=kv, state_bytes=states, memory=kv + states,
+                step_bytes=step_bytes,
                 step_flops=step_flops, step_seconds=seconds, tokens_per_s=batch / seconds,
                 mla_layers=n_mla, kda_layers=n_kda)
 
@@ -577,13 +614,15 @@ if hf_kimi is not None:
     mla = [kimi_linear_costs(kimi, T, ALL_MLA) for T in lengths]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     axes[0].plot(lengths, [m["memory"] / 2 ** 30 for m in mla], "o-", label="all MLA (27)")
-    axes[0].plot(lengths, [h["memory"] / 2 ** 30 for h in hyb], "s-", label="Kimi Linear (20 KDA + 7 MLA)")
+    axes[0].plot(lengths, [h["memory"] / 2 ** 30 for h in hyb], "s-",
+                 label="Kimi Linear (20 KDA + 7 MLA)")
     axes[0].set(yscale="log", ylabel="GiB per sequence", title="cache + states")
     axes[1].plot(lengths, [m["prefill_flops"] / h["prefill_flops"] for m, h in zip(mla, hyb)], "o-")
     axes[1].set(ylabel="all-MLA FLOPs / hybrid FLOPs", title="prefill (token mixing only)")
     for batch in (1, 16):
         ratio = [kimi_linear_costs(kimi, T, batch=batch)["tokens_per_s"]
-                 / kimi_linear_costs(kimi, T, ALL_MLA, batch=batch)["tokens_per_s"] for T in lengths]
+                 / kimi_linear_costs(kimi, T, ALL_MLA,
+                                     batch=batch)["tokens_per_s"] for T in lengths]
         axes[2].plot(lengths, ratio, "o-", label=f"batch {batch}")
     axes[2].axhline(6, color="grey", ls=":", label="report: up to 6×")
     axes[2].set(ylabel="decoding tokens/s, hybrid / all-MLA", title="decoding (roofline)")
@@ -596,11 +635,13 @@ if hf_kimi is not None:
     at_1m = dict(hyb=hyb[-1], mla=mla[-1])
     saved = 1 - at_1m["hyb"]["memory"] / at_1m["mla"]["memory"]
     speedup = {b: kimi_linear_costs(kimi, 2 ** 20, batch=b)["tokens_per_s"]
-               / kimi_linear_costs(kimi, 2 ** 20, ALL_MLA, batch=b)["tokens_per_s"] for b in (1, 16, 1024)}
+               / kimi_linear_costs(kimi, 2 ** 20, ALL_MLA, batch=b)["tokens_per_s"]
+               for b in (1, 16, 1024)}
     print(f"at 1M tokens: all-MLA {at_1m['mla']['memory'] / 2 ** 30:.1f} GiB, hybrid "
-          f"{at_1m['hyb']['memory'] / 2 ** 30:.2f} GiB of which KDA states {at_1m['hyb']['state_bytes'] / 2 ** 20:.0f}"
-          f" MiB: {100 * saved:.1f} % less")
-    print("decoding speed-up at 1M, roofline: " + ", ".join(f"batch {b}: {s:.2f}×" for b, s in speedup.items()))
+          f"{at_1m['hyb']['memory'] / 2 ** 30:.2f} GiB of which KDA states "
+          f"{at_1m['hyb']['state_bytes'] / 2 ** 20:.0f} MiB: {100 * saved:.1f} % less")
+    print("decoding speed-up at 1M, roofline: "
+          + ", ".join(f"batch {b}: {s:.2f}×" for b, s in speedup.items()))
     assert 0.735 < saved < 0.745  # 1 − 7/27 = 74.1 %, the states add 0.1 %
     assert 2.5 < speedup[1] < speedup[16] < speedup[1024] < 27 / 7
 
@@ -653,8 +694,9 @@ if hf_kimi is not None:
 
 # %%
 def intra_chunk_products(x, k, g, sub=16):
-    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) for one chunk: x, k [L, K], g [L, K] -> [L, L], by sub-chunks
-    with reference points (off-diagonal blocks: one product each) and column steps (diagonal blocks)."""
+    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) for one chunk: x, k [L, K], g [L, K] -> [L, L],
+    by sub-chunks with reference points (off-diagonal blocks: one product each) and column steps
+    (diagonal blocks)."""
     L = x.shape[0]
     G = g.double().cumsum(0)  # [L, K]; float64 so that differences of it are sums of gates
     P = torch.zeros(L, L, dtype=torch.float64)
@@ -677,7 +719,8 @@ for i in range(64):  # the segment sums of section 6.2, pair by pair
     for j in range(i + 1):
         P_naive[i, j] = (xk[i] * xk[j] * gk[j + 1:i + 1].sum(0).exp()).sum()
 P_sub = intra_chunk_products(xk, xk, gk)
-print(f"sub-chunks with reference points == segment sums: {assert_close('P', P_naive, P_sub, 1e-6):.1e}")
+print(f"sub-chunks with reference points == segment sums: "
+      f"{assert_close('P', P_naive, P_sub, 1e-6):.1e}")
 G_all = gk.cumsum(0)
 P_factored = ((xk * G_all.exp()) @ (xk * (-G_all).exp()).T).tril()  # one reference point: token 0
 print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).sum().item()} of "
@@ -722,7 +765,8 @@ arrows = [("in", "G"), ("in", "AP"), ("G", "AP"), ("AP", "inv"), ("inv", "wu"), 
           ("wu", "scan", "W, Ũ, kd"), ("scan", "out", "Sₙ, U"), ("AP", "out")]
 groups = [(["G", "AP", "inv", "wu"], "kernel 1: intra — every chunk in parallel"),
           (["scan"], "kernel 2: scan over chunks"), (["out"], "kernel 3: output — parallel")]
-viz.schematic(boxes, arrows, groups=groups, size=(11, 3.6), title="chunk_kda's forward, one chunk of one head")
+viz.schematic(boxes, arrows, groups=groups, size=(11, 3.6),
+              title="chunk_kda's forward, one chunk of one head")
 plt.show()
 
 # %%
@@ -741,8 +785,10 @@ _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., 
 
 
 def _options(x, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K and V."""
-    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])), instead=_INSTEAD)
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
+    and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
+                instead=_INSTEAD)
 
 
 def _v_tile(V):
@@ -752,15 +798,18 @@ def _v_tile(V):
 
 @triton.jit
 def _local_gates(g_ptr, rows, tm, ks, km, HV, K):
-    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and past K; gates
-    clamped at −1000, which changes no float32 decay): differences of G are sums of gates to about 1e-11."""
-    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and
+    past K; gates clamped at −1000, which changes no float32 decay): differences of G are sums of
+    gates to about 1e-11."""
+    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :],
+                other=0.0)
     return tl.cumsum(tl.maximum(g.to(tl.float32), -1000.0).to(tl.float64), axis=0)
 
 
 @triton.jit
 def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk, repeated over it."""
+    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk,
+    repeated over it."""
     NB: tl.constexpr = C // BC
     X3 = tl.reshape(X, (NB, BC, BK))
     pick = tl.arange(0, BC)[None, :, None] == jl
@@ -769,24 +818,32 @@ def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """Add one block of BK channels to A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, unscaled) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C, C] float32.
-    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal blocks by column
-    offsets."""
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C,
+    C] float32.
+    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal
+    blocks by column offsets."""
     rows = tl.arange(0, C)
-    for I in tl.static_range(1, C // BC):  # queries of sub-chunk I, keys before its first row r = I·BC
-        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK] G at the reference point
+    # queries of sub-chunk I, keys before its first row r = I·BC
+    for I in tl.static_range(1, C // BC):
+        # [BK] G at the reference point
+        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)
         mine = (rows // BC) == I
-        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))  # ≤ 1
-        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32), float("-inf")))  # ≤ 1
+        # ≤ 1
+        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
+        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
+                              float("-inf")))  # ≤ 1
         k_r = k * e_k  # [C, BK] keys decayed to the reference point
         A = tl.dot(k * e_q, tl.trans(k_r), A, input_precision=PRECISION)
         P = tl.dot(q * e_q, tl.trans(k_r), P, input_precision=PRECISION)
-    for jl in tl.static_range(BC):  # diagonal blocks: column (i // BC)·BC + jl of every row i at once
+    # diagonal blocks: column (i // BC)·BC + jl of every row i at once
+    for jl in tl.static_range(BC):
         k_j = _row_of_block(k, jl, C, BC, BK)
         G_j = _row_of_block(G, jl, C, BC, BK)
-        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))  # ≤ 1
+        # ≤ 1
+        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))
         ke = k_j * e
         col = (rows // BC) * BC + jl  # [C] the column each row fills
         hit = tl.arange(0, C)[None, :] == col[:, None]  # [C, C]
@@ -797,21 +854,21 @@ def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.con
 # %%
 #| export kda.chunk_fwd
 @triton.jit
-def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr, gl_ptr, p_ptr,
-                          a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
+                          gl_ptr, p_ptr, a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """Everything of one chunk that does not depend on the state.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32 registers; V walked in
-    tiles [C, BV] at the end.
-    Math (rows past T load as 0; G: local cumulative gates, _local_gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
-        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])      _intra_products
+    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32
+    registers; V walked in tiles [C, BV] at the end.
+    Math (rows past T load as 0; G: local cumulative gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
+        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])
         A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32) and
-    gl [B, HV, NT, K].
-    """
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32)
+    and gl [B, HV, NT, K]."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -829,7 +886,8 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         m = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
+        # [C, BK]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
         A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
@@ -857,25 +915,27 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         m = tm[:, None] & (vs[None, :] < V)
-        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BV]
+        # [C, BV]
+        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)
         u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
         tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
 
 # %%
 #| export kda.chunk_fwd
 @triton.jit
-def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_ptr, T, HV, K, V, NT,
-                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                           STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_ptr, T, HV, K, V,
+                           NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     """The scan over chunks: the state entering each chunk, U = Ũ − W S_n, and the final state.
 
-    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C, BK], Ũ [C, BV]
-    and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten, by the same program).
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B ·
+    HV).
+    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C,
+    BK], Ũ [C, BV] and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten,
+    by the same program).
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
-    and ht = S after the last chunk if STORE_HT.
-    """
+    and ht = S after the last chunk if STORE_HT."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -898,7 +958,8 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
-        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)  # [C, BV]
+        # [C, BV]
+        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_off, u, mask=m_v)
         kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
         gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
@@ -909,13 +970,13 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
 
 @triton.jit
 def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV, K, V, NT,
-                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """The outputs of one chunk, for one V-tile.
 
     Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
     Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
-    Math: O = scale · ((Q ⊙ e^G) S_n + P U).
-    """
+    Math: O = scale · ((Q ⊙ e^G) S_n + P U)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -931,10 +992,13 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
     o = tl.zeros((C, BV), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)
-        S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :], other=0.0)
+        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
+                     other=0.0)
+        S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :],
+                    other=0.0)
         o = tl.dot(qg, S, o, input_precision=PRECISION)
-    P = tl.load(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
+    pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
+    P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
     m_v = tm[:, None] & vm[None, :]
     u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
     o = tl.dot(P, u, o, input_precision=PRECISION) * scale
@@ -944,7 +1008,8 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 #| export kda.chunk_fwd
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32)."""
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32).
+    """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -960,14 +1025,18 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, **f32)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
-    runtime.launch("kda.fwd_states", _kda_fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    runtime.launch("kda.fwd_states", _kda_fwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (w, u, kd, gl, h0, states, ht, T, HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
+                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
-    runtime.launch("kda.fwd_output", _kda_fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+    runtime.launch("kda.fwd_output", _kda_fwd_output_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
                    (qg, p, u, states, o, scale, T, HV, K, V, NT),
-                   dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V), **_options(q, v))
+                   dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
     return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states)
 
 # %% [markdown]
@@ -1006,22 +1075,26 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.kda.chunk_fwd import _BC, _C, _COLUMNS, _local_gates, _options, _row_of_block, _v_tile
 from minisparse.deltanet.chunk_fwd import _pow2, _precision
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _local_gates, _options, _row_of_block,
+                                      _v_tile)
 
 
 @triton.jit
-def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
-                           scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr,
+                           dstates_ptr, dh0_ptr,
+                           scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """The reverse scan: dU and the gradient of the state leaving each chunk, and d initial_state.
 
-    Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V, BV), B · HV).
-    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg [C, BK], gl [BK].
+    Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V,
+    BV), B · HV).
+    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg
+    [C, BK], gl [BK].
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
         dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
-    and dh0 = dS after chunk 0 if STORE_DH0.
-    """
+    and dh0 = dS after chunk 0 if STORE_DH0."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -1042,10 +1115,13 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
         m_k, m_v = tm[:, None] & km[None, :], tm[:, None] & vm[None, :]
-        P = tl.load(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
-        do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)  # [C, BV]
+        pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
+        P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
+        # [C, BV]
+        do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
         kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
-        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION), input_precision=PRECISION)
+        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION),
+                    input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
         w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
         qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
@@ -1057,12 +1133,15 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
 
 @triton.jit
-def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send back through
-    A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG) [C, BK]:
+def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send
+    back through A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG)
+    [C, BK]:
         R_i = Σ_j dA_ij k_j ⊙ Γ_ij,  C_j = Σ_i dA_ij k_i ⊙ Γ_ij  (Rq, Cq with dP, and q_i in Cq)
         dq = Rq;  dk = R + C + Cq;  dG = k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq
-    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column offsets."""
+    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column
+    offsets."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     blk = rows // BC
@@ -1074,9 +1153,12 @@ def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.cons
     for I in tl.static_range(1, C // BC):  # rows of sub-chunk I against the keys before r = I·BC
         G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK]
         mine = blk == I
-        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))  # ≤ 1
-        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32), float("-inf")))
-        dA_I = tl.where(mine[:, None] & off, dA, 0.0)  # [C, C] rows of sub-chunk I, off-diagonal blocks
+        # ≤ 1
+        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
+        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
+                              float("-inf")))
+        # [C, C] rows of sub-chunk I, off-diagonal blocks
+        dA_I = tl.where(mine[:, None] & off, dA, 0.0)
         dP_I = tl.where(mine[:, None] & off, dP, 0.0)
         k_j = k * e_j
         R += e_i * tl.dot(dA_I, k_j, input_precision=PRECISION)
@@ -1096,25 +1178,30 @@ def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.cons
         e2 = tl.exp(tl.where(((rows % BC) <= jl)[:, None], (G_l - G).to(tl.float32), float("-inf")))
         pick_row = rows[:, None] == target[None, :]  # [C, C]: entry (target_j, j)
         Cg += tl.sum(tl.where(pick_row, dA, 0.0), axis=0)[:, None] * k_l * e2
-        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * _row_of_block(q, jl, C, BC, BK) * e2
+        q_l = _row_of_block(q, jl, C, BC, BK)
+        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * q_l * e2
     return Rq, R + Cg + Cq, k * (R - Cg) + q * Rq - k * Cq
 
 # %%
 #| export kda.chunk_bwd
 @triton.jit
-def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr, states_ptr,
-                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr,
+                          states_ptr,
+                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+                          scale,
                           T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ (fp32).
+    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ
+    (fp32).
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the rest: V-tiles
-    [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state, stored); K-blocks again for the
-    terms through A and P (_intra_grads), added to what the second pass stored, then dg = reverse cumsum of dG.
-    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ with
-    X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give their dG terms.
-    """
+    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the
+    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state,
+    stored); K-blocks again for the terms through A and P (_intra_grads), added to what the second
+    pass stored, then dg = reverse cumsum of dG.
+    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
+    with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
+    their dG terms."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -1185,7 +1272,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         kd = k * to_end
         dG = dX * X + dqg * q * eG - dkd * kd
         dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L.to(tl.float32))  # [BK] through e^{G_L}
-        last = tl.minimum(C - 1, T - 1 - n * C)  # G_L is the G of the chunk's last token (gates past T are 0)
+        # G_L is the G of the chunk's last token (gates past T are 0)
+        last = tl.minimum(C - 1, T - 1 - n * C)
         dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
         off = hv_k[:, None] + ks[None, :]
         tl.store(dq_ptr + off, dqg * eG, mask=m_k)
@@ -1194,7 +1282,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
                 input_precision=PRECISION)
     dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0)  # ∂L/∂A_ij
-    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)  # A_ij = β_i · a_ij
+    # A_ij = β_i · a_ij
+    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)
     dA = dA * beta[:, None]  # ∂L/∂a_ij
     tl.debug_barrier()  # pass 2's stores are read back by pass 3, by other threads of this program
     for k0 in range(0, K, BK):  # pass 3: through A and P
@@ -1217,8 +1306,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
 # %%
 #| export kda.chunk_bwd
 def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
-    """Gradients of the (normalised) q, k per value head [B, T, HV, K], and of v, g, beta, h0 (fp32; dh0 None unless
-    `need_dh0`), from the forward's intermediates `saved` (_kda_forward's dict)."""
+    """Gradients of the (normalised) q, k per value head [B, T, HV, K], and of v, g, beta, h0 (fp32;
+    dh0 None unless `need_dh0`), from the forward's intermediates `saved` (_kda_forward's dict)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -1229,15 +1318,19 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dh0 = torch.empty(B, HV, K, V, **f32) if need_dh0 else None
     s = saved
     # never autotuned: the scan writes dU, which the chunk kernel reads
-    runtime.launch("kda.bwd_states", _kda_bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-                   (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T, HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=prec),
+    runtime.launch("kda.bwd_states", _kda_bwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T,
+                    HV, K, V, NT),
+                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+                        PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, HV, V, **f32)
     dbeta = torch.empty(B, T, HV, **f32)
     runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do, du,
+                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do,
+                    du,
                     dq, dk, dv, dg, dbeta, scale, T, H, HV, K, V, NT),
                    dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
@@ -1264,9 +1357,10 @@ from minisparse.kda.naive import _check_gate_and_beta, _check_kda
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
-    """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
-    interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and the value-check rule ask for
-    them (on CPU tensors always; on CUDA after runtime.set_value_checks(True)). Returns the scale as a float."""
+    """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
+    the value-check rule ask for them (on CPU tensors always; on CUDA after
+    runtime.set_value_checks(True)). Returns the scale as a float."""
     scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
@@ -1276,8 +1370,8 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkKDA(torch.autograd.Function):
-    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv, the chunk
-    states) for the backward's two kernels."""
+    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv,
+    the chunk states) for the backward's two kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
@@ -1295,29 +1389,34 @@ class _ChunkKDA(torch.autograd.Function):
         q, k, qn, kn, v, g, beta, *rest = ctx.saved_tensors
         saved = dict(zip(ctx.names, rest))
         need_dh0 = ctx.has_h0 and ctx.needs_input_grad[5]
-        dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved, do.contiguous(),
-                                                   dht.float().contiguous() if dht is not None else None, need_dh0)
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved,
+                                                   do.contiguous(), dht, need_dh0)
         grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
-def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm=False):
     """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (three kernels) and backward (two).
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
-    bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite and ≤ 0; beta [B, T, HV] in
-    [0, 2]. scale: a float, default K ** -0.5. initial_state [B, HV, K, V] or None. use_qk_l2norm: normalise q and k
-    first. Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
-    output_final_state). Differentiable in q, k, v, g, beta and initial_state.
-    """
-    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True)
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
+    bfloat16 (not bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite
+    and ≤ 0; beta [B, T, HV] in [0, 2]. scale: a float, default K ** -0.5. initial_state [B, HV, K,
+    V] or None. use_qk_l2norm: normalise q and k first. Returns (o [B, T, HV, V] in q's dtype,
+    final_state [B, HV, K, V] float32, or None unless output_final_state). Differentiable in q, k,
+    v, g, beta and initial_state."""
+    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                  check_values=True)
 
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
     """chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
-    scale = _check_kernel_inputs("chunk_kda", q, k, v, g, beta, scale, initial_state, check_values, max_dim=128)
-    return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state, scale,
+    scale = _check_kernel_inputs("chunk_kda", q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=128)
+    return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state,
+                           scale,
                            bool(output_final_state), bool(use_qk_l2norm))
 
 # %% [markdown]
@@ -1339,18 +1438,18 @@ from minisparse.kda.chunk_fwd import _options, _v_tile
 
 
 @triton.jit
-def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
-                                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                                L2NORM: tl.constexpr):
+def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
+                                T, H, HV, K, V,
+                                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                                STORE_HT: tl.constexpr, L2NORM: tl.constexpr):
     """KDA token by token, for decoding.
 
     Program: one (batch b, value head hv) and one V-tile of its state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole sequence; a step loads
-    one row of q, k, g [BK] and v [BV].
+    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole
+    sequence; a step loads one row of q, k, g [BK] and v [BV].
     Math, t = 0 … T−1 (S = h0 if HAS_H0 else 0; L2NORM: q_t, k_t normalised first):
         S ← diag(e^{g_t}) S;   S ← S + k_tᵀ β_t (v_t − k_t S);   o_t = scale · q_t S
-    and ht = S if STORE_HT.
-    """
+    and ht = S if STORE_HT."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -1365,7 +1464,8 @@ def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_
     kv_off = ks[:, None] * V + vs[None, :]
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
+                    other=0.0).to(tl.float32)
     for t in range(T):
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
@@ -1378,7 +1478,8 @@ def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_
         S = S * tl.exp(g)[:, None]  # row c by its own decay
         err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v_t − k_t S
         S = S + k[:, None] * (beta * err)[None, :]
-        tl.store(o_bh + t * HV * V + vs, (tl.sum(q[:, None] * S, axis=0) * scale).to(o_ptr.dtype.element_ty),
+        tl.store(o_bh + t * HV * V + vs, (tl.sum(q[:, None] * S,
+                                                 axis=0) * scale).to(o_ptr.dtype.element_ty),
                  mask=vm)
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off, S, mask=km[:, None] & vm[None, :])
@@ -1388,27 +1489,33 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
                         use_qk_l2norm=False):
     """KDA token by token in Triton, for decoding a few tokens from a state. Forward only.
 
-    Same arguments and result as chunk_kda, with K, V ≤ 256. Its cost grows with T sequentially: use it for T = 1
-    (or a handful of tokens), chunk_kda for prompts and training. Raises if gradients are required.
-    """
-    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+    Same arguments and result as chunk_kda, with K, V ≤ 256. Its cost grows with T sequentially: use
+    it for T = 1 (or a handful of tokens), chunk_kda for prompts and training. Raises if gradients
+    are required."""
+    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm,
                             check_values=True)
 
 
-def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values):
     """fused_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
     op = "fused_recurrent_kda"
-    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=256)
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=256)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_kda")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    runtime.launch("kda.fused_recurrent", _kda_fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    ht = torch.empty(B, HV, K, V, dtype=torch.float32,
+                     device=q.device) if output_final_state else None
+    runtime.launch("kda.fused_recurrent", _kda_fused_recurrent_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
                     beta.float().contiguous(), h0, o, ht, scale, T, H, HV, K, V),
-                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=bool(use_qk_l2norm)),
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        L2NORM=bool(use_qk_l2norm)),
                    fit=_v_tile(V), **_options(q, v))
     return o, ht
 
@@ -1469,11 +1576,13 @@ from minisparse.kda.naive import _naive_chunk, _naive_recurrent
 
 
 class SigmoidGatedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's output norm)."""
+    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's
+    output norm)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(_checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)))
+        dim = _checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)
+        self.weight = nn.Parameter(torch.ones(dim))
         self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
 
     def forward(self, x, gate):
@@ -1483,26 +1592,27 @@ class SigmoidGatedRMSNorm(nn.Module):
 
 
 class KimiDeltaAttention(nn.Module):
-    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its forget_gate's
-    f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
+    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its
+    forget_gate's f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
 
     q/k/v_proj -> causal depthwise conv1d over [q | k | v] (+ SiLU) -> l2norm(q, k) inside the op;
-    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) -> KDA ->
-    SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
+    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) ->
+    KDA -> SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
 
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
-    new state or None). A state is (conv_state [B, 3·H·K, kernel − 1], recurrent_state [B, H, K, K] float32); it
-    is returned when use_cache is True or a state was given. backend: "triton", "naive" or "auto" (Triton for
-    CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1] hold by
-    construction, so it never asks the ops to check their values.
-    """
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
+    [B, T, hidden], new state or None). A state is (conv_state [B, 3·H·K, kernel − 1],
+    recurrent_state [B, H, K, K] float32); it is returned when use_cache is True or a state was
+    given. backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
+    else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it never asks the
+    ops to check their values."""
 
-    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5, chunk_size=64,
+    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
+                 chunk_size=64,
                  backend="auto"):
         super().__init__()
         op = "KimiDeltaAttention"
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
-                            ("chunk_size", chunk_size)):
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("chunk_size", chunk_size)):
             _checks.positive_int(op, name, value)
         if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
             raise ValueError(f"{op}: conv_kernel_size must be an int >= 2, got {conv_kernel_size}")
@@ -1511,15 +1621,20 @@ class KimiDeltaAttention(nn.Module):
         self.conv_kernel_size, self.chunk_size, self.backend = conv_kernel_size, chunk_size, backend
         self.qkv_dim = num_heads * head_dim
         self.conv_dim = 3 * self.qkv_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim, bias=False,
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size,
+                                groups=self.conv_dim, bias=False,
                                 padding=conv_kernel_size - 1)
-        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)  # the forget gate, rank head_dim
+        # the forget gate, rank head_dim
+        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
         self.f_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())  # rates e^{A_log} in [1, 16]
+        # rates e^{A_log} in [1, 16]
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
         self.dt_bias = nn.Parameter(torch.zeros(self.qkv_dim))
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)  # the output gate, rank head_dim
+        # the output gate, rank head_dim
+        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
         self.g_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
         self.o_norm = SigmoidGatedRMSNorm(head_dim, eps=eps)
         self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
@@ -1527,13 +1642,15 @@ class KimiDeltaAttention(nn.Module):
     def gate(self, x):
         """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
         f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
-        g = -self.A_log.float().exp()[:, None] * F.softplus(f.view(*x.shape[:2], self.num_heads, self.head_dim))
-        return g  # [B, T, H, K]
+        f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
+        return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
     def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1] (zeros if None)."""
+        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1]
+        (zeros if None)."""
         W = self.conv_kernel_size
-        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
+        prev = x.new_zeros(x.shape[0], x.shape[1],
+                           W - 1) if conv_state is None else conv_state.to(x.dtype)
         xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
         if x.shape[-1] == 0:
             return x, xx
@@ -1541,15 +1658,18 @@ class KimiDeltaAttention(nn.Module):
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         """KDA on the layer's own q, k, v, g, β: no value checks."""
-        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
+        # scale K^-0.5, q and k normalised inside
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)
         if _checks.choose_backend(self.backend, q) == "triton":
             from minisparse.kda.chunk import _chunk
             from minisparse.kda.fused_recurrent import _fused_recurrent
 
-            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+            # decoding
+            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
                 return _fused_recurrent(*args, check_values=False)
             return _chunk(*args, check_values=False)
-        if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
+        # one decoding step: the recurrence is the cheaper form
+        if rec_state is not None and q.shape[1] == 1:
             return _naive_recurrent(*args, check_values=False)
         return _naive_chunk(*args, self.chunk_size, check_values=False)
 
@@ -1565,7 +1685,8 @@ class KimiDeltaAttention(nn.Module):
                    for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
         beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
         want_state = use_cache or state is not None
-        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)  # [B, T, H, K]
+        # [B, T, H, K]
+        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)
         out_gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
         y = self.o_proj(self.o_norm(o, out_gate).reshape(B, T, self.qkv_dim))
         return y, ((new_conv, new_rec) if want_state else None)
@@ -1573,16 +1694,19 @@ class KimiDeltaAttention(nn.Module):
 # %%
 #| export kda.layer
 def _from_hf(cls, module, backend="auto"):
-    """Copy transformers' KimiLinearDeltaAttention (weights and shapes) into a KimiDeltaAttention."""
+    """Copy transformers' KimiLinearDeltaAttention (weights and shapes) into a KimiDeltaAttention.
+    """
     if module.activation not in ("silu", "swish"):
-        raise ValueError(f"KimiDeltaAttention.from_hf: only SiLU convolutions are supported, got {module.activation!r}")
+        raise ValueError("KimiDeltaAttention.from_hf: only SiLU convolutions are supported, got "
+                         f"{module.activation!r}")
     layer = cls(module.hidden_size, module.num_heads, module.head_dim, module.conv_kernel_size,
                 module.layer_norm_epsilon, backend=backend)
     w = module.q_proj.weight
     layer = layer.to(device=w.device, dtype=w.dtype)
     gate = module.forget_gate
     with torch.no_grad():
-        for name in ("q_proj", "k_proj", "v_proj", "conv1d", "b_proj", "g_a_proj", "g_b_proj", "o_norm", "o_proj"):
+        for name in ("q_proj", "k_proj", "v_proj", "conv1d", "b_proj", "g_a_proj", "g_b_proj",
+                     "o_norm", "o_proj"):
             getattr(layer, name).weight.copy_(getattr(module, name).weight)
         layer.f_a_proj.weight.copy_(gate.f_a_proj.weight)
         layer.f_b_proj.weight.copy_(gate.f_b_proj.weight)
@@ -1604,7 +1728,8 @@ import contextlib
 
 @contextlib.contextmanager
 def hf_torch_path():
-    """Make transformers' Kimi Linear module call its own PyTorch functions, not fla's kernels, while inside."""
+    """Make transformers' Kimi Linear module call its own PyTorch functions, not fla's kernels,
+    while inside."""
     names = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
              "causal_conv1d_update"]
     saved = {n: getattr(hf_kimi, n) for n in names}
@@ -1648,7 +1773,8 @@ if hf_kimi is not None:
         for t in range(x.shape[1]):
             y_t, state = layer(x[:, t:t + 1], state=state, use_cache=True)
             steps.append(y_t)
-    print(f"decoding token by token == prefill: {assert_close('y', y_pre, torch.cat(steps, 1), 1e-5):.1e}")
+    err = assert_close("y", y_pre, torch.cat(steps, 1), 1e-5)
+    print(f"decoding token by token == prefill: {err:.1e}")
 
 # %% [markdown]
 # ## 6.7 Measure
@@ -1668,16 +1794,16 @@ try:
 except FileNotFoundError:
     kda_results = None
 if kda_results is None:
-    print("No results yet: on a GPU machine with fla-core installed, `python bench/kda.py --out bench/results "
-          "--long` writes bench/results/kda.json; this cell then plots it.")
+    print("No results yet: on a GPU machine with fla-core installed, `python bench/kda.py --out "
+          "bench/results --long` writes bench/results/kda.json; this cell then plots it.")
 else:
     ms = {(r["impl"], r["pass"], r["B"], r["T"]): r for r in kda_results["rows"]}
     print(f"{'B':>2s} {'T':>6s} {'pass':8s} {'ours':>8s} {'fla':>8s} {'ours/fla':>8s}   "
           f"(ms, {kda_results['config']['dtype']}, {kda_results['device']}, {kda_results['date']})")
     for B, T in kda_results["config"]["runs"]:
         for p in ("fwd", "fwd+bwd"):
-            ours, fla = (ms.get((n, p, B, T), {}).get("ms") for n in ("minisparse, value checks off",
-                                                                       "fla chunk_kda"))
+            ours, fla = (ms.get((n, p, B, T), {}).get("ms")
+                         for n in ("minisparse, value checks off", "fla chunk_kda"))
             if ours and fla:
                 print(f"{B:2d} {T:6d} {p:8s} {ours:8.3f} {fla:8.3f} {ours / fla:7.2f}×")
     for r in kda_results["rows"]:
@@ -1706,22 +1832,26 @@ from minisparse.testing import ExerciseError, check
 
 def _crossover(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4  # fp32 K×K states, all heads
-    return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)  # bf16 latent + rope key a token
+    # bf16 latent + rope key a token
+    return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
 
 
 def check_crossover(fn):
-    """Check fn(config) -> the context length (a float) at which one MLA layer's cache (bf16 latent + rope key)
-    holds as many bytes as one KDA layer's fp32 states (conv states left out)."""
+    """Check fn(config) -> the context length (a float) at which one MLA layer's cache (bf16 latent
+    + rope key) holds as many bytes as one KDA layer's fp32 states (conv states left out)."""
     shapes = [(32, 128, 512, 64), (16, 64, 256, 32), (8, 128, 512, 64), (32, 96, 448, 64)]
-    cases = [(SimpleNamespace(linear_num_heads=h, linear_head_dim=d, kv_lora_rank=r, qk_rope_head_dim=p),)
+    cases = [(SimpleNamespace(linear_num_heads=h, linear_head_dim=d, kv_lora_rank=r,
+                              qk_rope_head_dim=p),)
              for h, d, r, p in shapes]
     check("KDA state = MLA cache", fn, _crossover, cases, tol=1e-3,
-          hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA layer adds "
-               "kv_lora_rank + qk_rope_head_dim bf16 numbers a token, shared by all its heads")
+          hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA "
+               "layer adds kv_lora_rank + qk_rope_head_dim bf16 numbers a token, shared by all its "
+               "heads")
 
 
 def buggy_intra_products(x, k, g):
-    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) of one chunk, G = cumsum(g): x, k, g [L, K] -> [L, L]."""
+    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) of one chunk, G = cumsum(g): x, k, g [L, K] ->
+    [L, L]."""
     G = g.cumsum(0)  # [L, K]
     return ((x * G.exp()) @ (k * (-G).exp()).T).tril()
 
@@ -1729,25 +1859,29 @@ def buggy_intra_products(x, k, g):
 def _intra_reference(x, k, g):
     L = x.shape[0]
     after = ~torch.ones(L, L, dtype=torch.bool).tril().T  # t > j
-    D = torch.where(after[:, :, None], g.double()[:, None, :], 0.0).cumsum(0)  # [L, L, K] g_{j+1} + … + g_i
+    # [L, L, K] g_{j+1} + … + g_i
+    D = torch.where(after[:, :, None], g.double()[:, None, :], 0.0).cumsum(0)
     causal = torch.ones(L, L, dtype=torch.bool).tril()[:, :, None]
-    return torch.einsum("ic,jc,ijc->ij", x.double(), k.double(), torch.where(causal, D, -math.inf).exp()).float()
+    Gamma = torch.where(causal, D, -math.inf).exp()  # [L, L, K]
+    return torch.einsum("ic,jc,ijc->ij", x.double(), k.double(), Gamma).float()
 
 
 def check_intra_products(fn):
-    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L] against the exact segment sums, including gates of −30 a
-    token and one of −10⁴ (where buggy_intra_products returns inf and NaN)."""
+    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L] against the exact segment sums, including
+    gates of −30 a token and one of −10⁴ (where buggy_intra_products returns inf and NaN)."""
     gen = torch.Generator().manual_seed(61)
     cases = []
-    for L, K, low, spike in [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None)]:
+    shapes = [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None)]
+    for L, K, low, spike in shapes:
         x, k = (F.normalize(torch.randn(L, K, generator=gen), dim=-1) for _ in range(2))
         g = low * torch.rand(L, K, generator=gen)
         if spike is not None:
             g[3, : K // 2] = spike
         cases.append((x, k, g))
     check("intra-chunk products with per-channel decay", fn, _intra_reference, cases, tol=1e-4,
-          hint="e^{G_i − G_j} = e^{G_i} · e^{−G_j} overflows once G_j < −88; keep every exponent ≤ 0 — sum the gates "
-               "between j and i, or split at a reference point r with j ≤ r ≤ i (section 6.5). Keep the diagonal.")
+          hint="e^{G_i − G_j} = e^{G_i} · e^{−G_j} overflows once G_j < −88; keep every exponent "
+               "≤ 0 — sum the gates between j and i, or split at a reference point r with "
+               "j ≤ r ≤ i (section 6.5). Keep the diagonal.")
 
 
 def _fact_error(rate, T, K=32, slow=8, V=16):
@@ -1756,39 +1890,43 @@ def _fact_error(rate, T, K=32, slow=8, V=16):
     k[0, 0, 0, :slow] = F.normalize(torch.randn(slow, generator=gen), dim=0)
     k[0, 1:, 0, slow:] = F.normalize(torch.randn(T - 1, K - slow, generator=gen), dim=-1)
     v = torch.randn(1, T, 1, V, generator=gen)
-    g = torch.cat([torch.full((1, T, 1, slow), -rate), torch.full((1, T, 1, K - slow), -0.1)], dim=-1)
+    g = torch.cat([torch.full((1, T, 1, slow), -rate), torch.full((1, T, 1, K - slow), -0.1)],
+                  dim=-1)
     _, S = naive_recurrent_kda(k, k, v, g, torch.ones(1, T, 1), scale=1.0, output_final_state=True)
     return float((k[0, 0, 0] @ S[0, 0] - v[0, 0, 0]).norm() / v[0, 0, 0].norm())
 
 
 def check_fact_prediction(fn):
-    """Check fn(rate, T) -> the predicted relative recall error of the fact in section 6.3's setup (written with
-    β = 1 at t = 0 in 8 channels that decay at −rate a token; T − 1 later writes in the other 24 channels),
-    against a run of naive_recurrent_kda, within 1e-3."""
+    """Check fn(rate, T) -> the predicted relative recall error of the fact in section 6.3's setup
+    (written with β = 1 at t = 0 in 8 channels that decay at −rate a token; T − 1 later writes in
+    the other 24 channels), against a run of naive_recurrent_kda, within 1e-3."""
     for rate, T in [(0.001, 400), (0.01, 400), (0.003, 101), (0.0, 50), (0.05, 30)]:
         try:
             got = fn(rate, T)
         except NotImplementedError:
-            raise ExerciseError("✗ fact recall error: not implemented yet — fill in the function and run the cell "
-                                "again") from None
+            raise ExerciseError("✗ fact recall error: not implemented yet — fill in the function "
+                                "and run the cell again") from None
         want = _fact_error(rate, T)
         if not isinstance(got, (int, float)) or not abs(got - want) <= 1e-3:
-            raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: predicted {got!r}, measured "
-                                f"{want:.4f}\nHint: the later writes never touch the fact's channels; count how "
-                                "many decays the fact goes through after it is written (the decay of token 0 comes "
-                                "before its write), and return an error, not a retention")
+            raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: predicted "
+                                f"{got!r}, measured {want:.4f}\nHint: the later writes never "
+                                "touch the fact's channels; count how many decays the fact goes "
+                                "through after it is written (the decay of token 0 comes before "
+                                "its write), and return an error, not a retention")
     print("✓ fact recall error: all 5 predictions match the measurement")
 
 
 def _step_reference(q, k, v, g, beta, S, scale):
-    o, S1 = naive_recurrent_kda(q[None, None], k[None, None], v[None, None], g[None, None], beta[None, None],
+    o, S1 = naive_recurrent_kda(q[None, None], k[None, None], v[None, None], g[None, None],
+                                beta[None, None],
                                 scale=scale, initial_state=S[None], output_final_state=True)
     return o[0, 0], S1[0]
 
 
 def check_kda_step_kernel(kernel):
-    """Launch kernel[(HV,)](q, k, v, g, beta, S, o, scale, K, V, BK=, BV=) — one decoding step of KDA for HV heads,
-    S [HV, K, V] updated in place, o [HV, V] — on odd shapes, and compare with naive_recurrent_kda."""
+    """Launch kernel[(HV,)](q, k, v, g, beta, S, o, scale, K, V, BK=, BV=) — one decoding step of
+    KDA for HV heads, S [HV, K, V] updated in place, o [HV, V] — on odd shapes, and compare with
+    naive_recurrent_kda."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(63)
     for HV, K, V in [(1, 16, 16), (3, 24, 40), (2, 48, 8)]:
@@ -1798,18 +1936,19 @@ def check_kda_step_kernel(kernel):
         o_ref, S_ref = _step_reference(q, k, v, g, beta, S0, 0.5)
         q, k, v, g, beta, S = (x.to(dev).contiguous() for x in (q, k, v, g, beta, S0.clone()))
         o = torch.full((HV, V), float("nan"), device=dev)
-        kernel[(HV,)](q, k, v, g, beta, S, o, 0.5, K, V, BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V))
+        kernel[(HV,)](q, k, v, g, beta, S, o, 0.5, K, V, BK=triton.next_power_of_2(K),
+                      BV=triton.next_power_of_2(V))
         for name, got, want in (("state", S.cpu(), S_ref), ("output", o.cpu(), o_ref)):
             bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
             if bad.any():
                 where = tuple(int(i) for i in bad.nonzero()[0])
                 same = name == "state" and torch.allclose(got, S0)
                 raise ExerciseError(
-                    f"✗ KDA step kernel, HV={HV} K={K} V={V}: {name}{list(where)} is {got[where].item():.5f}, "
-                    f"expected {want[where].item():.5f}"
+                    f"✗ KDA step kernel, HV={HV} K={K} V={V}: {name}{list(where)} is "
+                    f"{got[where].item():.5f}, expected {want[where].item():.5f}"
                     + ("\nThe state is unchanged: fill in the marked lines." if same else
-                       "\nHint: decay first, row by row (S * tl.exp(g)[:, None]), then read k S from the decayed "
-                       "state and add k[:, None] * (beta * (v − k S))[None, :]"))
+                       "\nHint: decay first, row by row (S * tl.exp(g)[:, None]), then read k S "
+                       "from the decayed state and add k[:, None] * (beta * (v − k S))[None, :]"))
     print("✓ KDA step kernel: 3 shapes match naive_recurrent_kda")
 
 # %% [markdown]
@@ -1835,8 +1974,10 @@ def my_crossover(config):
 attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is filled in
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — states: H · K² numbers of 4 bytes; MLA: (d_c + d_rope) numbers of 2 bytes a token, shared by
-# every head (that sharing is MLA's point, chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens —
+# Solution — states: H · K² numbers of 4 bytes; MLA: (d_c + d_rope) numbers of 2 bytes a token,
+# shared by
+# every head (that sharing is MLA's point, chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈
+# 1,820 tokens —
 # beyond a few thousand tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
 def crossover_solution(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
@@ -1868,9 +2009,12 @@ def my_intra_products(x, k, g):
 attempt(check_intra_products, my_intra_products)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the bug: e^{−G_j} = e^{+|G_j|} overflows float32 once a channel's gates sum below −88 (three tokens at
-# −30), and inf · 0 gives NaN. Fix: never form a positive exponent. Section 6.5's sub-chunks with reference points
-# do it with matrix products; here the simplest exact fix, in float64: one reference point per row block of 16.
+# Solution — the bug: e^{−G_j} = e^{+|G_j|} overflows float32 once a channel's gates sum below −88
+# (three tokens at
+# −30), and inf · 0 gives NaN. Fix: never form a positive exponent. Section 6.5's sub-chunks with
+# reference points
+# do it with matrix products; here the simplest exact fix, in float64: one reference point per row
+# block of 16.
 def intra_products_solution(x, k, g, sub=16):
     L = x.shape[0]
     G = g.double().cumsum(0)
@@ -1904,9 +2048,12 @@ def my_fact_error(rate, T):
 attempt(check_fact_prediction, my_fact_error)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the variables' keys are zero in the fact's channels, so the delta rule never reads or writes those rows
-# (k_t S and k_tᵀ … only touch rows where k_t is non-zero): the fact only decays. Token 0 decays the empty state,
-# then writes v* exactly (β = 1, unit key); tokens 1 … T − 1 decay it T − 1 times: k* S = e^{−r (T − 1)} v*.
+# Solution — the variables' keys are zero in the fact's channels, so the delta rule never reads or
+# writes those rows
+# (k_t S and k_tᵀ … only touch rows where k_t is non-zero): the fact only decays. Token 0 decays the
+# empty state,
+# then writes v* exactly (β = 1, unit key); tokens 1 … T − 1 decay it T − 1 times: k* S = e^{−r (T −
+# 1)} v*.
 def fact_error_solution(rate, T):
     return 1 - math.exp(-rate * (T - 1))
 
@@ -1949,7 +2096,8 @@ def my_kda_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale
 attempt(check_kda_step_kernel, my_kda_step_kernel)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the decay is a [BK] vector broadcast over the state's columns; the error is read from the *decayed*
+# Solution — the decay is a [BK] vector broadcast over the state's columns; the error is read from
+# the *decayed*
 # state (the recurrence decays first, then writes). Padded rows (ks ≥ K) load k = 0, so they stay 0.
 @triton.jit
 def kda_step_solution(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V,

@@ -9,9 +9,10 @@ from minisparse.kda.naive import _check_gate_and_beta, _check_kda
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
-    """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no bf16 under the
-    interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and the value-check rule ask for
-    them (on CPU tensors always; on CUDA after runtime.set_value_checks(True)). Returns the scale as a float."""
+    """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
+    the value-check rule ask for them (on CPU tensors always; on CUDA after
+    runtime.set_value_checks(True)). Returns the scale as a float."""
     scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
@@ -21,8 +22,8 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkKDA(torch.autograd.Function):
-    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv, the chunk
-    states) for the backward's two kernels."""
+    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv,
+    the chunk states) for the backward's two kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
@@ -40,29 +41,34 @@ class _ChunkKDA(torch.autograd.Function):
         q, k, qn, kn, v, g, beta, *rest = ctx.saved_tensors
         saved = dict(zip(ctx.names, rest))
         need_dh0 = ctx.has_h0 and ctx.needs_input_grad[5]
-        dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved, do.contiguous(),
-                                                   dht.float().contiguous() if dht is not None else None, need_dh0)
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved,
+                                                   do.contiguous(), dht, need_dh0)
         grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
 
 
-def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm=False):
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm=False):
     """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (three kernels) and backward (two).
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or bfloat16 (not
-    bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite and ≤ 0; beta [B, T, HV] in
-    [0, 2]. scale: a float, default K ** -0.5. initial_state [B, HV, K, V] or None. use_qk_l2norm: normalise q and k
-    first. Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
-    output_final_state). Differentiable in q, k, v, g, beta and initial_state.
-    """
-    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values=True)
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
+    bfloat16 (not bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite
+    and ≤ 0; beta [B, T, HV] in [0, 2]. scale: a float, default K ** -0.5. initial_state [B, HV, K,
+    V] or None. use_qk_l2norm: normalise q and k first. Returns (o [B, T, HV, V] in q's dtype,
+    final_state [B, HV, K, V] float32, or None unless output_final_state). Differentiable in q, k,
+    v, g, beta and initial_state."""
+    return _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                  check_values=True)
 
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
     """chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
-    scale = _check_kernel_inputs("chunk_kda", q, k, v, g, beta, scale, initial_state, check_values, max_dim=128)
-    return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state, scale,
+    scale = _check_kernel_inputs("chunk_kda", q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=128)
+    return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state,
+                           scale,
                            bool(output_final_state), bool(use_qk_l2norm))
 
 

@@ -4,22 +4,26 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.kda.chunk_fwd import _BC, _C, _COLUMNS, _local_gates, _options, _row_of_block, _v_tile
 from minisparse.deltanet.chunk_fwd import _pow2, _precision
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _local_gates, _options, _row_of_block,
+                                      _v_tile)
 
 
 @triton.jit
-def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
-                           scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr,
+                           dstates_ptr, dh0_ptr,
+                           scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """The reverse scan: dU and the gradient of the state leaving each chunk, and d initial_state.
 
-    Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V, BV), B · HV).
-    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg [C, BK], gl [BK].
+    Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V,
+    BV), B · HV).
+    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg
+    [C, BK], gl [BK].
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
         dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
-    and dh0 = dS after chunk 0 if STORE_DH0.
-    """
+    and dh0 = dS after chunk 0 if STORE_DH0."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -40,10 +44,13 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
         m_k, m_v = tm[:, None] & km[None, :], tm[:, None] & vm[None, :]
-        P = tl.load(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
-        do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)  # [C, BV]
+        pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
+        P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
+        # [C, BV]
+        do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
         kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
-        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION), input_precision=PRECISION)
+        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION),
+                    input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
         w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
         qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
@@ -55,12 +62,15 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
 
 @triton.jit
-def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send back through
-    A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG) [C, BK]:
+def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send
+    back through A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG)
+    [C, BK]:
         R_i = Σ_j dA_ij k_j ⊙ Γ_ij,  C_j = Σ_i dA_ij k_i ⊙ Γ_ij  (Rq, Cq with dP, and q_i in Cq)
         dq = Rq;  dk = R + C + Cq;  dG = k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq
-    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column offsets."""
+    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column
+    offsets."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     blk = rows // BC
@@ -72,9 +82,12 @@ def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.cons
     for I in tl.static_range(1, C // BC):  # rows of sub-chunk I against the keys before r = I·BC
         G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK]
         mine = blk == I
-        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))  # ≤ 1
-        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32), float("-inf")))
-        dA_I = tl.where(mine[:, None] & off, dA, 0.0)  # [C, C] rows of sub-chunk I, off-diagonal blocks
+        # ≤ 1
+        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
+        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
+                              float("-inf")))
+        # [C, C] rows of sub-chunk I, off-diagonal blocks
+        dA_I = tl.where(mine[:, None] & off, dA, 0.0)
         dP_I = tl.where(mine[:, None] & off, dP, 0.0)
         k_j = k * e_j
         R += e_i * tl.dot(dA_I, k_j, input_precision=PRECISION)
@@ -94,24 +107,29 @@ def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.cons
         e2 = tl.exp(tl.where(((rows % BC) <= jl)[:, None], (G_l - G).to(tl.float32), float("-inf")))
         pick_row = rows[:, None] == target[None, :]  # [C, C]: entry (target_j, j)
         Cg += tl.sum(tl.where(pick_row, dA, 0.0), axis=0)[:, None] * k_l * e2
-        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * _row_of_block(q, jl, C, BC, BK) * e2
+        q_l = _row_of_block(q, jl, C, BC, BK)
+        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * q_l * e2
     return Rq, R + Cg + Cq, k * (R - Cg) + q * Rq - k * Cq
 
 
 @triton.jit
-def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr, states_ptr,
-                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr,
+                          states_ptr,
+                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+                          scale,
                           T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                           BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ (fp32).
+    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ
+    (fp32).
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the rest: V-tiles
-    [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state, stored); K-blocks again for the
-    terms through A and P (_intra_grads), added to what the second pass stored, then dg = reverse cumsum of dG.
-    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ with
-    X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give their dG terms.
-    """
+    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the
+    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state,
+    stored); K-blocks again for the terms through A and P (_intra_grads), added to what the second
+    pass stored, then dg = reverse cumsum of dG.
+    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
+    with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
+    their dG terms."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -182,7 +200,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         kd = k * to_end
         dG = dX * X + dqg * q * eG - dkd * kd
         dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L.to(tl.float32))  # [BK] through e^{G_L}
-        last = tl.minimum(C - 1, T - 1 - n * C)  # G_L is the G of the chunk's last token (gates past T are 0)
+        # G_L is the G of the chunk's last token (gates past T are 0)
+        last = tl.minimum(C - 1, T - 1 - n * C)
         dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
         off = hv_k[:, None] + ks[None, :]
         tl.store(dq_ptr + off, dqg * eG, mask=m_k)
@@ -191,7 +210,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
                 input_precision=PRECISION)
     dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0)  # ∂L/∂A_ij
-    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)  # A_ij = β_i · a_ij
+    # A_ij = β_i · a_ij
+    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)
     dA = dA * beta[:, None]  # ∂L/∂a_ij
     tl.debug_barrier()  # pass 2's stores are read back by pass 3, by other threads of this program
     for k0 in range(0, K, BK):  # pass 3: through A and P
@@ -213,8 +233,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
 
 
 def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
-    """Gradients of the (normalised) q, k per value head [B, T, HV, K], and of v, g, beta, h0 (fp32; dh0 None unless
-    `need_dh0`), from the forward's intermediates `saved` (_kda_forward's dict)."""
+    """Gradients of the (normalised) q, k per value head [B, T, HV, K], and of v, g, beta, h0 (fp32;
+    dh0 None unless `need_dh0`), from the forward's intermediates `saved` (_kda_forward's dict)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -225,15 +245,19 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dh0 = torch.empty(B, HV, K, V, **f32) if need_dh0 else None
     s = saved
     # never autotuned: the scan writes dU, which the chunk kernel reads
-    runtime.launch("kda.bwd_states", _kda_bwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-                   (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T, HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PRECISION=prec),
+    runtime.launch("kda.bwd_states", _kda_bwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+                   (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T,
+                    HV, K, V, NT),
+                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+                        PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, HV, V, **f32)
     dbeta = torch.empty(B, T, HV, **f32)
     runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do, du,
+                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do,
+                    du,
                     dq, dk, dv, dg, dbeta, scale, T, H, HV, K, V, NT),
                    dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))

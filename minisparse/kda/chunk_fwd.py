@@ -13,8 +13,10 @@ _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., 
 
 
 def _options(x, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K and V."""
-    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])), instead=_INSTEAD)
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
+    and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
+                instead=_INSTEAD)
 
 
 def _v_tile(V):
@@ -24,15 +26,18 @@ def _v_tile(V):
 
 @triton.jit
 def _local_gates(g_ptr, rows, tm, ks, km, HV, K):
-    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and past K; gates
-    clamped at −1000, which changes no float32 decay): differences of G are sums of gates to about 1e-11."""
-    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and
+    past K; gates clamped at −1000, which changes no float32 decay): differences of G are sums of
+    gates to about 1e-11."""
+    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :],
+                other=0.0)
     return tl.cumsum(tl.maximum(g.to(tl.float32), -1000.0).to(tl.float64), axis=0)
 
 
 @triton.jit
 def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk, repeated over it."""
+    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk,
+    repeated over it."""
     NB: tl.constexpr = C // BC
     X3 = tl.reshape(X, (NB, BC, BK))
     pick = tl.arange(0, BC)[None, :, None] == jl
@@ -41,24 +46,32 @@ def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """Add one block of BK channels to A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, unscaled) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C, C] float32.
-    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal blocks by column
-    offsets."""
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C,
+    C] float32.
+    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal
+    blocks by column offsets."""
     rows = tl.arange(0, C)
-    for I in tl.static_range(1, C // BC):  # queries of sub-chunk I, keys before its first row r = I·BC
-        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK] G at the reference point
+    # queries of sub-chunk I, keys before its first row r = I·BC
+    for I in tl.static_range(1, C // BC):
+        # [BK] G at the reference point
+        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)
         mine = (rows // BC) == I
-        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))  # ≤ 1
-        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32), float("-inf")))  # ≤ 1
+        # ≤ 1
+        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
+        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
+                              float("-inf")))  # ≤ 1
         k_r = k * e_k  # [C, BK] keys decayed to the reference point
         A = tl.dot(k * e_q, tl.trans(k_r), A, input_precision=PRECISION)
         P = tl.dot(q * e_q, tl.trans(k_r), P, input_precision=PRECISION)
-    for jl in tl.static_range(BC):  # diagonal blocks: column (i // BC)·BC + jl of every row i at once
+    # diagonal blocks: column (i // BC)·BC + jl of every row i at once
+    for jl in tl.static_range(BC):
         k_j = _row_of_block(k, jl, C, BC, BK)
         G_j = _row_of_block(G, jl, C, BC, BK)
-        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))  # ≤ 1
+        # ≤ 1
+        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))
         ke = k_j * e
         col = (rows // BC) * BC + jl  # [C] the column each row fills
         hit = tl.arange(0, C)[None, :] == col[:, None]  # [C, C]
@@ -68,21 +81,21 @@ def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr, gl_ptr, p_ptr,
-                          a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
+                          gl_ptr, p_ptr, a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """Everything of one chunk that does not depend on the state.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32 registers; V walked in
-    tiles [C, BV] at the end.
-    Math (rows past T load as 0; G: local cumulative gates, _local_gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
-        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])      _intra_products
+    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32
+    registers; V walked in tiles [C, BV] at the end.
+    Math (rows past T load as 0; G: local cumulative gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
+        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])
         A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32) and
-    gl [B, HV, NT, K].
-    """
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32)
+    and gl [B, HV, NT, K]."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -100,7 +113,8 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         m = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
+        # [C, BK]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
         A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
@@ -128,24 +142,26 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         m = tm[:, None] & (vs[None, :] < V)
-        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BV]
+        # [C, BV]
+        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)
         u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
         tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
 
 
 @triton.jit
-def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_ptr, T, HV, K, V, NT,
-                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                           STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_ptr, T, HV, K, V,
+                           NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PRECISION: tl.constexpr):
     """The scan over chunks: the state entering each chunk, U = Ũ − W S_n, and the final state.
 
-    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C, BK], Ũ [C, BV]
-    and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten, by the same program).
+    Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B ·
+    HV).
+    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C,
+    BK], Ũ [C, BV] and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten,
+    by the same program).
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
-    and ht = S after the last chunk if STORE_HT.
-    """
+    and ht = S after the last chunk if STORE_HT."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
@@ -168,7 +184,8 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
-        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)  # [C, BV]
+        # [C, BV]
+        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_off, u, mask=m_v)
         kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
         gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
@@ -179,13 +196,13 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
 
 @triton.jit
 def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV, K, V, NT,
-                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+                           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """The outputs of one chunk, for one V-tile.
 
     Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
     Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
-    Math: O = scale · ((Q ⊙ e^G) S_n + P U).
-    """
+    Math: O = scale · ((Q ⊙ e^G) S_n + P U)."""
     iv = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -201,10 +218,13 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
     o = tl.zeros((C, BV), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=tm[:, None] & (ks[None, :] < K), other=0.0)
-        S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :], other=0.0)
+        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
+                     other=0.0)
+        S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :],
+                    other=0.0)
         o = tl.dot(qg, S, o, input_precision=PRECISION)
-    P = tl.load(p_ptr + ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None], other=0.0)
+    pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
+    P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
     m_v = tm[:, None] & vm[None, :]
     u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
     o = tl.dot(P, u, o, input_precision=PRECISION) * scale
@@ -213,7 +233,8 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32)."""
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32).
+    """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
@@ -229,14 +250,18 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, **f32)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
-    runtime.launch("kda.fwd_states", _kda_fwd_states_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    runtime.launch("kda.fwd_states", _kda_fwd_states_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (w, u, kd, gl, h0, states, ht, T, HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, PRECISION=prec),
+                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
-    runtime.launch("kda.fwd_output", _kda_fwd_output_kernel, lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
+    runtime.launch("kda.fwd_output", _kda_fwd_output_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), NT, B * HV),
                    (qg, p, u, states, o, scale, T, HV, K, V, NT),
-                   dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V), **_options(q, v))
+                   dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
     return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states)
 
 

@@ -5,21 +5,23 @@ from minisparse.mla.cost import kv_values_per_token, mla_decode_flops
 
 
 def kda_flops(T, d_k, d_v, heads=1, chunk=64):
-    """Forward FLOPs of KDA by chunks over T tokens, all heads: Gated DeltaNet's (chapter 5) plus the per-channel
-    decay's elementwise scalings of q, k and the state update (4·T·d_k a head)."""
+    """Forward FLOPs of KDA by chunks over T tokens, all heads: Gated DeltaNet's (chapter 5) plus
+    the per-channel decay's elementwise scalings of q, k and the state update (4·T·d_k a head)."""
     return gdn_flops(T, d_k, d_v, heads, chunk=chunk) + heads * 4 * T * d_k
 
 
-def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, hbm=4.25e12, peak=693e12,
+def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, hbm=4.25e12,
+                      peak=693e12,
                       dtype_bytes=2, state_bytes=4):
     """Token-mixing cost of a Kimi Linear stack at context T, and a roofline of one decoding step.
 
-    config: a KimiLinearConfig (its layer_types: 'linear_attention' = KDA, 'full_attention' = MLA), or
-    layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict: prefill_flops (attention
-    and KDA, causal, over T tokens), kv_bytes (MLA latent caches, per sequence), state_bytes (KDA states + conv
-    states), memory (their sum), step_bytes / step_flops / step_seconds of one decoding step of `batch` sequences
-    (active weights read once; caches and states read, states written), tokens_per_s, and the layer counts.
-    """
+    config: a KimiLinearConfig (its layer_types: 'linear_attention' = KDA, 'full_attention' = MLA),
+    or
+    layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict:
+    prefill_flops (attention and KDA, causal, over T tokens), kv_bytes (MLA latent caches, per
+    sequence), state_bytes (KDA states + conv states), memory (their sum), step_bytes / step_flops /
+    step_seconds of one decoding step of `batch` sequences (active weights read once; caches and
+    states read, states written), tokens_per_s, and the layer counts."""
     types = list(config.layer_types if layer_types is None else layer_types)
     bad = set(types) - {"full_attention", "linear_attention"}
     if bad:
@@ -33,10 +35,13 @@ def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, h
     states = n_kda * gdn_state_bytes(H, H, K, K, c.linear_conv_kernel_dim, state_bytes, dtype_bytes)
     step_bytes = active_params * dtype_bytes + batch * (kv + 2 * states)
     step_flops = batch * (2 * active_params
-                          + n_mla * mla_decode_flops(T, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim)
-                          + n_kda * H * 6 * K * K)  # decay, read k S, write, read q S: ~3 multiply-adds an entry
+                          + n_mla * mla_decode_flops(T, c.num_attention_heads, c.kv_lora_rank,
+                                                     c.qk_rope_head_dim)
+                          # decay, read k S, write, read q S: ~3 multiply-adds an entry
+                          + n_kda * H * 6 * K * K)
     seconds = max(step_bytes / hbm, step_flops / peak)
-    return dict(prefill_flops=prefill, kv_bytes=kv, state_bytes=states, memory=kv + states, step_bytes=step_bytes,
+    return dict(prefill_flops=prefill, kv_bytes=kv, state_bytes=states, memory=kv + states,
+                step_bytes=step_bytes,
                 step_flops=step_flops, step_seconds=seconds, tokens_per_s=batch / seconds,
                 mla_layers=n_mla, kda_layers=n_kda)
 

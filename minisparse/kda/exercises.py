@@ -12,22 +12,26 @@ from minisparse.testing import ExerciseError, check
 
 def _crossover(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4  # fp32 K×K states, all heads
-    return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)  # bf16 latent + rope key a token
+    # bf16 latent + rope key a token
+    return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
 
 
 def check_crossover(fn):
-    """Check fn(config) -> the context length (a float) at which one MLA layer's cache (bf16 latent + rope key)
-    holds as many bytes as one KDA layer's fp32 states (conv states left out)."""
+    """Check fn(config) -> the context length (a float) at which one MLA layer's cache (bf16 latent
+    + rope key) holds as many bytes as one KDA layer's fp32 states (conv states left out)."""
     shapes = [(32, 128, 512, 64), (16, 64, 256, 32), (8, 128, 512, 64), (32, 96, 448, 64)]
-    cases = [(SimpleNamespace(linear_num_heads=h, linear_head_dim=d, kv_lora_rank=r, qk_rope_head_dim=p),)
+    cases = [(SimpleNamespace(linear_num_heads=h, linear_head_dim=d, kv_lora_rank=r,
+                              qk_rope_head_dim=p),)
              for h, d, r, p in shapes]
     check("KDA state = MLA cache", fn, _crossover, cases, tol=1e-3,
-          hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA layer adds "
-               "kv_lora_rank + qk_rope_head_dim bf16 numbers a token, shared by all its heads")
+          hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA "
+               "layer adds kv_lora_rank + qk_rope_head_dim bf16 numbers a token, shared by all its "
+               "heads")
 
 
 def buggy_intra_products(x, k, g):
-    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) of one chunk, G = cumsum(g): x, k, g [L, K] -> [L, L]."""
+    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) of one chunk, G = cumsum(g): x, k, g [L, K] ->
+    [L, L]."""
     G = g.cumsum(0)  # [L, K]
     return ((x * G.exp()) @ (k * (-G).exp()).T).tril()
 
@@ -35,25 +39,29 @@ def buggy_intra_products(x, k, g):
 def _intra_reference(x, k, g):
     L = x.shape[0]
     after = ~torch.ones(L, L, dtype=torch.bool).tril().T  # t > j
-    D = torch.where(after[:, :, None], g.double()[:, None, :], 0.0).cumsum(0)  # [L, L, K] g_{j+1} + … + g_i
+    # [L, L, K] g_{j+1} + … + g_i
+    D = torch.where(after[:, :, None], g.double()[:, None, :], 0.0).cumsum(0)
     causal = torch.ones(L, L, dtype=torch.bool).tril()[:, :, None]
-    return torch.einsum("ic,jc,ijc->ij", x.double(), k.double(), torch.where(causal, D, -math.inf).exp()).float()
+    Gamma = torch.where(causal, D, -math.inf).exp()  # [L, L, K]
+    return torch.einsum("ic,jc,ijc->ij", x.double(), k.double(), Gamma).float()
 
 
 def check_intra_products(fn):
-    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L] against the exact segment sums, including gates of −30 a
-    token and one of −10⁴ (where buggy_intra_products returns inf and NaN)."""
+    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L] against the exact segment sums, including
+    gates of −30 a token and one of −10⁴ (where buggy_intra_products returns inf and NaN)."""
     gen = torch.Generator().manual_seed(61)
     cases = []
-    for L, K, low, spike in [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None)]:
+    shapes = [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None)]
+    for L, K, low, spike in shapes:
         x, k = (F.normalize(torch.randn(L, K, generator=gen), dim=-1) for _ in range(2))
         g = low * torch.rand(L, K, generator=gen)
         if spike is not None:
             g[3, : K // 2] = spike
         cases.append((x, k, g))
     check("intra-chunk products with per-channel decay", fn, _intra_reference, cases, tol=1e-4,
-          hint="e^{G_i − G_j} = e^{G_i} · e^{−G_j} overflows once G_j < −88; keep every exponent ≤ 0 — sum the gates "
-               "between j and i, or split at a reference point r with j ≤ r ≤ i (section 6.5). Keep the diagonal.")
+          hint="e^{G_i − G_j} = e^{G_i} · e^{−G_j} overflows once G_j < −88; keep every exponent "
+               "≤ 0 — sum the gates between j and i, or split at a reference point r with "
+               "j ≤ r ≤ i (section 6.5). Keep the diagonal.")
 
 
 def _fact_error(rate, T, K=32, slow=8, V=16):
@@ -62,39 +70,43 @@ def _fact_error(rate, T, K=32, slow=8, V=16):
     k[0, 0, 0, :slow] = F.normalize(torch.randn(slow, generator=gen), dim=0)
     k[0, 1:, 0, slow:] = F.normalize(torch.randn(T - 1, K - slow, generator=gen), dim=-1)
     v = torch.randn(1, T, 1, V, generator=gen)
-    g = torch.cat([torch.full((1, T, 1, slow), -rate), torch.full((1, T, 1, K - slow), -0.1)], dim=-1)
+    g = torch.cat([torch.full((1, T, 1, slow), -rate), torch.full((1, T, 1, K - slow), -0.1)],
+                  dim=-1)
     _, S = naive_recurrent_kda(k, k, v, g, torch.ones(1, T, 1), scale=1.0, output_final_state=True)
     return float((k[0, 0, 0] @ S[0, 0] - v[0, 0, 0]).norm() / v[0, 0, 0].norm())
 
 
 def check_fact_prediction(fn):
-    """Check fn(rate, T) -> the predicted relative recall error of the fact in section 6.3's setup (written with
-    β = 1 at t = 0 in 8 channels that decay at −rate a token; T − 1 later writes in the other 24 channels),
-    against a run of naive_recurrent_kda, within 1e-3."""
+    """Check fn(rate, T) -> the predicted relative recall error of the fact in section 6.3's setup
+    (written with β = 1 at t = 0 in 8 channels that decay at −rate a token; T − 1 later writes in
+    the other 24 channels), against a run of naive_recurrent_kda, within 1e-3."""
     for rate, T in [(0.001, 400), (0.01, 400), (0.003, 101), (0.0, 50), (0.05, 30)]:
         try:
             got = fn(rate, T)
         except NotImplementedError:
-            raise ExerciseError("✗ fact recall error: not implemented yet — fill in the function and run the cell "
-                                "again") from None
+            raise ExerciseError("✗ fact recall error: not implemented yet — fill in the function "
+                                "and run the cell again") from None
         want = _fact_error(rate, T)
         if not isinstance(got, (int, float)) or not abs(got - want) <= 1e-3:
-            raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: predicted {got!r}, measured "
-                                f"{want:.4f}\nHint: the later writes never touch the fact's channels; count how "
-                                "many decays the fact goes through after it is written (the decay of token 0 comes "
-                                "before its write), and return an error, not a retention")
+            raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: predicted "
+                                f"{got!r}, measured {want:.4f}\nHint: the later writes never "
+                                "touch the fact's channels; count how many decays the fact goes "
+                                "through after it is written (the decay of token 0 comes before "
+                                "its write), and return an error, not a retention")
     print("✓ fact recall error: all 5 predictions match the measurement")
 
 
 def _step_reference(q, k, v, g, beta, S, scale):
-    o, S1 = naive_recurrent_kda(q[None, None], k[None, None], v[None, None], g[None, None], beta[None, None],
+    o, S1 = naive_recurrent_kda(q[None, None], k[None, None], v[None, None], g[None, None],
+                                beta[None, None],
                                 scale=scale, initial_state=S[None], output_final_state=True)
     return o[0, 0], S1[0]
 
 
 def check_kda_step_kernel(kernel):
-    """Launch kernel[(HV,)](q, k, v, g, beta, S, o, scale, K, V, BK=, BV=) — one decoding step of KDA for HV heads,
-    S [HV, K, V] updated in place, o [HV, V] — on odd shapes, and compare with naive_recurrent_kda."""
+    """Launch kernel[(HV,)](q, k, v, g, beta, S, o, scale, K, V, BK=, BV=) — one decoding step of
+    KDA for HV heads, S [HV, K, V] updated in place, o [HV, V] — on odd shapes, and compare with
+    naive_recurrent_kda."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(63)
     for HV, K, V in [(1, 16, 16), (3, 24, 40), (2, 48, 8)]:
@@ -104,18 +116,19 @@ def check_kda_step_kernel(kernel):
         o_ref, S_ref = _step_reference(q, k, v, g, beta, S0, 0.5)
         q, k, v, g, beta, S = (x.to(dev).contiguous() for x in (q, k, v, g, beta, S0.clone()))
         o = torch.full((HV, V), float("nan"), device=dev)
-        kernel[(HV,)](q, k, v, g, beta, S, o, 0.5, K, V, BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V))
+        kernel[(HV,)](q, k, v, g, beta, S, o, 0.5, K, V, BK=triton.next_power_of_2(K),
+                      BV=triton.next_power_of_2(V))
         for name, got, want in (("state", S.cpu(), S_ref), ("output", o.cpu(), o_ref)):
             bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
             if bad.any():
                 where = tuple(int(i) for i in bad.nonzero()[0])
                 same = name == "state" and torch.allclose(got, S0)
                 raise ExerciseError(
-                    f"✗ KDA step kernel, HV={HV} K={K} V={V}: {name}{list(where)} is {got[where].item():.5f}, "
-                    f"expected {want[where].item():.5f}"
+                    f"✗ KDA step kernel, HV={HV} K={K} V={V}: {name}{list(where)} is "
+                    f"{got[where].item():.5f}, expected {want[where].item():.5f}"
                     + ("\nThe state is unchanged: fill in the marked lines." if same else
-                       "\nHint: decay first, row by row (S * tl.exp(g)[:, None]), then read k S from the decayed "
-                       "state and add k[:, None] * (beta * (v − k S))[None, :]"))
+                       "\nHint: decay first, row by row (S * tl.exp(g)[:, None]), then read k S "
+                       "from the decayed state and add k[:, None] * (beta * (v − k S))[None, :]"))
     print("✓ KDA step kernel: 3 shapes match naive_recurrent_kda")
 
 

@@ -10,18 +10,18 @@ from minisparse.kda.chunk_fwd import _options, _v_tile
 
 
 @triton.jit
-def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale, T, H, HV, K, V,
-                                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                                L2NORM: tl.constexpr):
+def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
+                                T, H, HV, K, V,
+                                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                                STORE_HT: tl.constexpr, L2NORM: tl.constexpr):
     """KDA token by token, for decoding.
 
     Program: one (batch b, value head hv) and one V-tile of its state. Grid (cdiv(V, BV), B · HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole sequence; a step loads
-    one row of q, k, g [BK] and v [BV].
+    Tiling: the state tile S [BK, BV] (all of K, padded) stays in fp32 registers for the whole
+    sequence; a step loads one row of q, k, g [BK] and v [BV].
     Math, t = 0 … T−1 (S = h0 if HAS_H0 else 0; L2NORM: q_t, k_t normalised first):
         S ← diag(e^{g_t}) S;   S ← S + k_tᵀ β_t (v_t − k_t S);   o_t = scale · q_t S
-    and ht = S if STORE_HT.
-    """
+    and ht = S if STORE_HT."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -36,7 +36,8 @@ def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_
     kv_off = ks[:, None] * V + vs[None, :]
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
+                    other=0.0).to(tl.float32)
     for t in range(T):
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
@@ -49,7 +50,8 @@ def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_
         S = S * tl.exp(g)[:, None]  # row c by its own decay
         err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v_t − k_t S
         S = S + k[:, None] * (beta * err)[None, :]
-        tl.store(o_bh + t * HV * V + vs, (tl.sum(q[:, None] * S, axis=0) * scale).to(o_ptr.dtype.element_ty),
+        tl.store(o_bh + t * HV * V + vs, (tl.sum(q[:, None] * S,
+                                                 axis=0) * scale).to(o_ptr.dtype.element_ty),
                  mask=vm)
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off, S, mask=km[:, None] & vm[None, :])
@@ -59,27 +61,33 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
                         use_qk_l2norm=False):
     """KDA token by token in Triton, for decoding a few tokens from a state. Forward only.
 
-    Same arguments and result as chunk_kda, with K, V ≤ 256. Its cost grows with T sequentially: use it for T = 1
-    (or a handful of tokens), chunk_kda for prompts and training. Raises if gradients are required.
-    """
-    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+    Same arguments and result as chunk_kda, with K, V ≤ 256. Its cost grows with T sequentially: use
+    it for T = 1 (or a handful of tokens), chunk_kda for prompts and training. Raises if gradients
+    are required."""
+    return _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm,
                             check_values=True)
 
 
-def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values):
     """fused_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
     op = "fused_recurrent_kda"
-    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim=256)
+    scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
+                                 max_dim=256)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_kda")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(B, HV, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    runtime.launch("kda.fused_recurrent", _kda_fused_recurrent_kernel, lambda c: (triton.cdiv(V, c["BV"]), B * HV),
+    ht = torch.empty(B, HV, K, V, dtype=torch.float32,
+                     device=q.device) if output_final_state else None
+    runtime.launch("kda.fused_recurrent", _kda_fused_recurrent_kernel,
+                   lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
                     beta.float().contiguous(), h0, o, ht, scale, T, H, HV, K, V),
-                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None, L2NORM=bool(use_qk_l2norm)),
+                   dict(BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
+                        L2NORM=bool(use_qk_l2norm)),
                    fit=_v_tile(V), **_options(q, v))
     return o, ht
 

@@ -8,11 +8,13 @@ from minisparse.kda.naive import _naive_chunk, _naive_recurrent
 
 
 class SigmoidGatedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's output norm)."""
+    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's
+    output norm)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(_checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)))
+        dim = _checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)
+        self.weight = nn.Parameter(torch.ones(dim))
         self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
 
     def forward(self, x, gate):
@@ -22,26 +24,27 @@ class SigmoidGatedRMSNorm(nn.Module):
 
 
 class KimiDeltaAttention(nn.Module):
-    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its forget_gate's
-    f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
+    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its
+    forget_gate's f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
 
     q/k/v_proj -> causal depthwise conv1d over [q | k | v] (+ SiLU) -> l2norm(q, k) inside the op;
-    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) -> KDA ->
-    SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
+    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) ->
+    KDA -> SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
 
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y [B, T, hidden],
-    new state or None). A state is (conv_state [B, 3·H·K, kernel − 1], recurrent_state [B, H, K, K] float32); it
-    is returned when use_cache is True or a state was given. backend: "triton", "naive" or "auto" (Triton for
-    CUDA tensors or under the interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1] hold by
-    construction, so it never asks the ops to check their values.
-    """
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
+    [B, T, hidden], new state or None). A state is (conv_state [B, 3·H·K, kernel − 1],
+    recurrent_state [B, H, K, K] float32); it is returned when use_cache is True or a state was
+    given. backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
+    else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it never asks the
+    ops to check their values."""
 
-    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5, chunk_size=64,
+    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
+                 chunk_size=64,
                  backend="auto"):
         super().__init__()
         op = "KimiDeltaAttention"
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
-                            ("chunk_size", chunk_size)):
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("chunk_size", chunk_size)):
             _checks.positive_int(op, name, value)
         if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
             raise ValueError(f"{op}: conv_kernel_size must be an int >= 2, got {conv_kernel_size}")
@@ -50,15 +53,20 @@ class KimiDeltaAttention(nn.Module):
         self.conv_kernel_size, self.chunk_size, self.backend = conv_kernel_size, chunk_size, backend
         self.qkv_dim = num_heads * head_dim
         self.conv_dim = 3 * self.qkv_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size, groups=self.conv_dim, bias=False,
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size,
+                                groups=self.conv_dim, bias=False,
                                 padding=conv_kernel_size - 1)
-        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)  # the forget gate, rank head_dim
+        # the forget gate, rank head_dim
+        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
         self.f_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())  # rates e^{A_log} in [1, 16]
+        # rates e^{A_log} in [1, 16]
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
         self.dt_bias = nn.Parameter(torch.zeros(self.qkv_dim))
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)  # the output gate, rank head_dim
+        # the output gate, rank head_dim
+        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
         self.g_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
         self.o_norm = SigmoidGatedRMSNorm(head_dim, eps=eps)
         self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
@@ -66,13 +74,15 @@ class KimiDeltaAttention(nn.Module):
     def gate(self, x):
         """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
         f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
-        g = -self.A_log.float().exp()[:, None] * F.softplus(f.view(*x.shape[:2], self.num_heads, self.head_dim))
-        return g  # [B, T, H, K]
+        f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
+        return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
     def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1] (zeros if None)."""
+        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1]
+        (zeros if None)."""
         W = self.conv_kernel_size
-        prev = x.new_zeros(x.shape[0], x.shape[1], W - 1) if conv_state is None else conv_state.to(x.dtype)
+        prev = x.new_zeros(x.shape[0], x.shape[1],
+                           W - 1) if conv_state is None else conv_state.to(x.dtype)
         xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
         if x.shape[-1] == 0:
             return x, xx
@@ -80,15 +90,18 @@ class KimiDeltaAttention(nn.Module):
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         """KDA on the layer's own q, k, v, g, β: no value checks."""
-        args = (q, k, v, g, beta, None, rec_state, want_state, True)  # scale K^-0.5, q and k normalised inside
+        # scale K^-0.5, q and k normalised inside
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)
         if _checks.choose_backend(self.backend, q) == "triton":
             from minisparse.kda.chunk import _chunk
             from minisparse.kda.fused_recurrent import _fused_recurrent
 
-            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():  # decoding
+            # decoding
+            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
                 return _fused_recurrent(*args, check_values=False)
             return _chunk(*args, check_values=False)
-        if rec_state is not None and q.shape[1] == 1:  # one decoding step: the recurrence is the cheaper form
+        # one decoding step: the recurrence is the cheaper form
+        if rec_state is not None and q.shape[1] == 1:
             return _naive_recurrent(*args, check_values=False)
         return _naive_chunk(*args, self.chunk_size, check_values=False)
 
@@ -104,23 +117,27 @@ class KimiDeltaAttention(nn.Module):
                    for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
         beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
         want_state = use_cache or state is not None
-        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)  # [B, T, H, K]
+        # [B, T, H, K]
+        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)
         out_gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
         y = self.o_proj(self.o_norm(o, out_gate).reshape(B, T, self.qkv_dim))
         return y, ((new_conv, new_rec) if want_state else None)
 
 
 def _from_hf(cls, module, backend="auto"):
-    """Copy transformers' KimiLinearDeltaAttention (weights and shapes) into a KimiDeltaAttention."""
+    """Copy transformers' KimiLinearDeltaAttention (weights and shapes) into a KimiDeltaAttention.
+    """
     if module.activation not in ("silu", "swish"):
-        raise ValueError(f"KimiDeltaAttention.from_hf: only SiLU convolutions are supported, got {module.activation!r}")
+        raise ValueError("KimiDeltaAttention.from_hf: only SiLU convolutions are supported, got "
+                         f"{module.activation!r}")
     layer = cls(module.hidden_size, module.num_heads, module.head_dim, module.conv_kernel_size,
                 module.layer_norm_epsilon, backend=backend)
     w = module.q_proj.weight
     layer = layer.to(device=w.device, dtype=w.dtype)
     gate = module.forget_gate
     with torch.no_grad():
-        for name in ("q_proj", "k_proj", "v_proj", "conv1d", "b_proj", "g_a_proj", "g_b_proj", "o_norm", "o_proj"):
+        for name in ("q_proj", "k_proj", "v_proj", "conv1d", "b_proj", "g_a_proj", "g_b_proj",
+                     "o_norm", "o_proj"):
             getattr(layer, name).weight.copy_(getattr(module, name).weight)
         layer.f_a_proj.weight.copy_(gate.f_a_proj.weight)
         layer.f_b_proj.weight.copy_(gate.f_b_proj.weight)

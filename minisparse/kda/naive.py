@@ -6,17 +6,20 @@ from minisparse.deltanet.naive import _check_gate_and_beta, l2norm
 
 
 def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
-    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None). `check_values`: also
-    check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops always do, the Triton ops follow the
-    value-check rule, a layer skips what it built itself."""
+    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
+    `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
+    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
     B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
     if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
-        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per key channel), got "
-                         f"shape {tuple(g.shape)}: a [B, T, HV] gate is Gated DeltaNet's — repeat it over K "
-                         "(g[..., None].expand(-1, -1, -1, K)) or use minisparse.deltanet")
-    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]", "one per token, value head and key channel",
+        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
+                         f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
+                         "DeltaNet's — repeat it over K (g[..., None].expand(-1, -1, -1, K)) or "
+                         "use minisparse.deltanet")
+    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]",
+                           "one per token, value head and key channel",
                            like=q)
-    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]", "one per token and value head", like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
+                           "one per token and value head", like=q)
     _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
     if check_values:
         _check_gate_and_beta(op, g, beta)
@@ -24,8 +27,8 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)), optionally
-    L2-normalised first."""
+    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)),
+    optionally L2-normalised first."""
     rep = v.shape[2] // q.shape[2]
     q, k = q.float(), k.float()
     if use_qk_l2norm:
@@ -37,17 +40,22 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
 
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
-    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t S.
+    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
+    S.
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel, finite and ≤ 0;
-    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k first.
-    Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless output_final_state).
-    Accumulates in float32; differentiable (gradients flow through final_state too).
-    """
-    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, True)
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel,
+    finite and ≤ 0;
+    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k
+    first.
+    Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
+    output_final_state). Accumulates in float32; differentiable (gradients flow through final_state
+    too)."""
+    return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
+                            use_qk_l2norm, True)
 
 
-def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
+def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                     check_values):
     """naive_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
     scale = _check_kda("naive_recurrent_kda", q, k, v, g, beta, scale, initial_state, check_values)
     B, T, H, K = q.shape
@@ -68,17 +76,20 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
 def naive_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                     use_qk_l2norm=False, chunk_size=64):
     """KDA by chunks (the WY/UT form with a decay per key channel): same arguments and results as
-    naive_recurrent_kda, plus chunk_size (any T). Per chunk of L tokens, with the exponents as segment sums
-    D_ij = g_{j+1} + … + g_i ∈ R^K (j ≤ i; never a difference of cumulative sums), Γ_ij = e^{D_ij}:
+    naive_recurrent_kda, plus chunk_size (any T). Per chunk of L tokens, with the exponents as
+    segment sums D_ij = g_{j+1} + … + g_i ∈ R^K (j ≤ i; never a difference of cumulative sums),
+    Γ_ij = e^{D_ij}:
     A_ij = β_i ⟨k_i ⊙ Γ_ij, k_j⟩ (j < i), P_ij = ⟨q_i ⊙ Γ_ij, k_j⟩ (j ≤ i);
     W = (I + A)⁻¹ diag(β) (K ⊙ e^G), Ũ = (I + A)⁻¹ diag(β) V, U = Ũ − W S;
     O = scale ((Q ⊙ e^G) S + P U), S ← diag(e^{G_L}) S + (K ⊙ Γ_L·)ᵀ U. Differentiable by autograd.
     """
-    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+    return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                        chunk_size,
                         True)
 
 
-def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, chunk_size,
+def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                 chunk_size,
                  check_values):
     """naive_chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
     op = "naive_chunk_kda"
@@ -86,7 +97,8 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
     _checks.positive_int(op, "chunk_size", chunk_size)
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))  # [B, HV, T, ·]
+    # [B, HV, T, ·]
+    qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))
     S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
     o = []
     for c0 in range(0, T, chunk_size):
@@ -95,17 +107,24 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         bc = bf[:, :, c0:c0 + L]  # [B, HV, L]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # [L, L] j ≤ i
         after = ~causal.T  # [L, L] t > j
-        D = torch.where(after[:, :, None], gc[:, :, :, None, :], 0.0).cumsum(2)  # [B, HV, L, L, K] D_ij
-        Gamma = torch.exp(torch.where(causal[:, :, None], D, float("-inf")))  # [B, HV, L, L, K], 0 above
+        # [B, HV, L, L, K] D_ij
+        D = torch.where(after[:, :, None], gc[:, :, :, None, :], 0.0).cumsum(2)
+        # [B, HV, L, L, K], 0 above
+        Gamma = torch.exp(torch.where(causal[:, :, None], D, float("-inf")))
         G = gc.cumsum(2)  # [B, HV, L, K] G_i = g_1 + … + g_i
-        A = (bc[..., None] * torch.einsum("bhic,bhjc,bhijc->bhij", kc, kc, Gamma)).tril(-1)  # [B, HV, L, L]
-        P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)  # [B, HV, L, L], lower incl. diagonal
-        rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)  # [B, HV, L, K + V]
+        # [B, HV, L, L]
+        A = (bc[..., None] * torch.einsum("bhic,bhjc,bhijc->bhij", kc, kc, Gamma)).tril(-1)
+        # [B, HV, L, L], lower incl. diagonal
+        P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)
+        # [B, HV, L, K + V]
+        rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)
         eye = torch.eye(L, device=q.device)
-        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        # (I + A)⁻¹ rhs
+        WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         U = WU[..., K:] - WU[..., :K] @ S  # [B, HV, L, V] U = Ũ − W S
         o.append(scale * ((qc * G.exp()) @ S + P @ U))  # [B, HV, L, V]
-        S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U  # Γ_Lj = e^{D_Lj}
+        # Γ_Lj = e^{D_Lj}
+        S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U
     o = torch.cat(o, dim=2) if T else vf.new_zeros(B, HV, 0, V)
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
