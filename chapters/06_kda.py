@@ -113,6 +113,7 @@ except ImportError:
     hf_kimi = None
     print("transformers is not installed: the checks against Kimi Linear's layer are skipped")
 
+
 # %% [markdown]
 # ## 6.1 Why: one forget rate per channel
 #
@@ -309,6 +310,7 @@ o_gdn, S_gdn = naive_recurrent_gated_delta_rule(q, k, v, g_head, beta, initial_s
 print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 1e-6):.1e}, "
       f"state {assert_close('S', S_gdn, S_kda, 1e-6):.1e}")
 
+
 # %% [markdown]
 # ### The chunk form with a decay vector
 #
@@ -421,6 +423,7 @@ for low in (-1e-3, -2.0, -30.0):
     errs = [assert_close(f"d{n}", a, b, 1e-4)
             for n, a, b in zip(("q", "k", "v", "g", "beta", "h0"), grads_r, grads_c)]
     print(f"gates down to {low:g}: chunk == recurrence (largest gradient error {max(errs):.1e})")
+
 
 # %% [markdown]
 # ## 6.3 See it
@@ -537,6 +540,7 @@ def draw_two_scales(slow_channels=8, log10_rate=-1.5):
 
 
 viz.explorer(draw_two_scales, slow_channels=(4, 16, 4), log10_rate=(-3.0, 0.0, 0.5))
+
 
 # %% [markdown]
 # ## 6.4 Cost: Kimi Linear's 3 : 1 stack against all-MLA
@@ -660,6 +664,7 @@ if hf_kimi is not None:
 # The direction and the order of magnitude follow from the cache bytes; the last factor of ~1.6 is an
 # implementation effect this model does not predict.
 
+
 # %% [markdown]
 # ## 6.5 Fast: sub-chunks, reference points, and the Triton kernels
 #
@@ -743,11 +748,15 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 #    $S_{n+1} = \operatorname{diag}(e^{G_L}) S_n + (K \odot e^{G_L - G})^\top U$.
 # 3. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
 #
-# Intermediates are stored in float32 (the backward reads them), products of float32 operands run in TF32 for 16-bit
-# inputs and in full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's
-# row kernel.
+# Kernels 2 and 3 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the backward (a reverse scan and
+# one chunk kernel that runs the sub-chunk trick backwards), the autograd glue and the decoding kernel are in the
+# Engineering notes at the end. Intermediates are stored in float32 (the backward reads them); products of float32
+# operands run in TF32 for 16-bit inputs and in full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are
+# normalised first by chapter 5's row kernel.
 #
-# The picture: what each kernel reads and writes, one chunk of one head.
+# The picture: what each kernel reads and writes, one chunk of one head. Below it, the heart of the first kernel:
+# `_intra_products` adds one block of channels to $A$ and $P$ with the reference points and the column steps
+# (the kernel itself, which calls it once per block of 32 channels, is in the Engineering notes).
 
 # %%
 from minisparse.viz import Box
@@ -782,18 +791,6 @@ _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
 _COLUMNS = 32  # the intra kernel walks K in blocks of this many channels
 _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., backend='naive')"
-
-
-def _options(x, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
-    and V."""
-    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
-                instead=_INSTEAD)
-
-
-def _v_tile(V):
-    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
-    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
 
 
 @triton.jit
@@ -851,8 +848,494 @@ def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.con
         P += tl.where(hit, tl.sum(q * ke, axis=1)[:, None], 0.0)
     return A, P
 
+# %% [markdown]
+# ### Check it against the spec
+#
+# The kernels against the recurrence at reading sizes — $T$ not a multiple of 64, $K \ne V$, grouped value heads,
+# gates down to $-30$ a token — forward, final state and every gradient (on a CPU in the interpreter, in fp32;
+# `tests/test_kda.py` sweeps more shapes, extreme gates and, on a GPU, bf16 and fp16):
+
+# %%
+from minisparse.kda import chunk_kda
+
+T_CHECK = runtime.reading_size(cpu=100, gpu=1000)
+args = kda_inputs(1, T_CHECK, 2, 4, 32, 48, low=-30.0, seed=7, device=DEVICE)
+for x in args:
+    x.requires_grad_(True)
+o_r, S_r = naive_recurrent_kda(*args[:5], initial_state=args[5], output_final_state=True)
+o_t, S_t = chunk_kda(*args[:5], initial_state=args[5], output_final_state=True)
+dout, dS = torch.randn_like(o_r), torch.randn_like(S_r)
+grads_r = torch.autograd.grad((o_r * dout).sum() + (S_r * dS).sum(), args)
+grads_t = torch.autograd.grad((o_t * dout).sum() + (S_t * dS).sum(), args)
+errs = {"o": assert_close("o", o_r, o_t, 1e-4), "final state": assert_close("S", S_r, S_t, 1e-4)}
+errs |= {f"d{n}": assert_close(f"d{n}", a, b, 1e-4)
+         for n, a, b in zip(("q", "k", "v", "g", "beta", "h0"), grads_r, grads_t)}
+print("chunk_kda vs the recurrence: " + ", ".join(f"{n} {e:.0e}" for n, e in errs.items()))
+
+# %% [markdown]
+# ## 6.6 The layer, as Kimi Linear builds it
+#
+# `KimiDeltaAttention` is chapter 5's `GatedDeltaNet` with Kimi Linear's choices, parameter for parameter as
+# transformers' `KimiLinearDeltaAttention`:
+#
+# - separate `q_proj`, `k_proj`, `v_proj` ($H$ heads of $K = V$ = `head_dim`, no grouped value heads in the
+#   released model), one causal depthwise convolution of width 4 over the three, then SiLU;
+# - the **gate**: a low-rank projection `f_a_proj` (hidden → $K$) then `f_b_proj` ($K$ → $H K$), one value per head
+#   and channel, and $g = -e^{A_{\log}} \operatorname{softplus}(f + \text{dt\_bias})$ — Mamba's parametrisation with
+#   one rate `A_log` a head and one bias a channel;
+# - $\beta = \operatorname{sigmoid}(\text{b\_proj}(x))$, $q$ and $k$ L2-normalised inside the op;
+# - the output: RMSNorm per head, times $\operatorname{sigmoid}$ of a low-rank output gate (`g_a_proj`, `g_b_proj`)
+#   — sigmoid, where Qwen3-Next's gated norm uses SiLU — then `o_proj`.
+#
+# A state for decoding is `(conv_state [B, 3HK, 3], recurrent_state [B, H, K, V] float32)`, as in chapter 5.
+
+# %%
+#| export kda.layer
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse import _checks
+from minisparse.kda.naive import _naive_chunk, _naive_recurrent
+
+
+class SigmoidGatedRMSNorm(nn.Module):
+    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's
+    output norm)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        dim = _checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
+
+    def forward(self, x, gate):
+        xf = x.float()  # [..., dim]
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf * torch.sigmoid(gate.float())).to(x.dtype)
+
+
+class KimiDeltaAttention(nn.Module):
+    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its
+    forget_gate's f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
+
+    q/k/v_proj -> causal depthwise conv1d over [q | k | v] (+ SiLU) -> l2norm(q, k) inside the op;
+    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) ->
+    KDA -> SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
+
+    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
+    [B, T, hidden], new state or None). A state is (conv_state [B, 3·H·K, kernel − 1],
+    recurrent_state [B, H, K, K] float32); it is returned when use_cache is True or a state was
+    given. backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
+    else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it never asks the
+    ops to check their values."""
+
+    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
+                 chunk_size=64,
+                 backend="auto"):
+        super().__init__()
+        op = "KimiDeltaAttention"
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("chunk_size", chunk_size)):
+            _checks.positive_int(op, name, value)
+        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
+            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2, got {conv_kernel_size}")
+        _checks.backend(op, backend)
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.conv_kernel_size, self.chunk_size, self.backend = conv_kernel_size, chunk_size, backend
+        self.qkv_dim = num_heads * head_dim
+        self.conv_dim = 3 * self.qkv_dim
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size,
+                                groups=self.conv_dim, bias=False,
+                                padding=conv_kernel_size - 1)
+        # the forget gate, rank head_dim
+        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
+        self.f_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
+        # rates e^{A_log} in [1, 16]
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
+        self.dt_bias = nn.Parameter(torch.zeros(self.qkv_dim))
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        # the output gate, rank head_dim
+        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
+        self.g_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
+        self.o_norm = SigmoidGatedRMSNorm(head_dim, eps=eps)
+        self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
+
+    def gate(self, x):
+        """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
+        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
+        f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
+        return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
+
+    def _conv(self, x, conv_state):
+        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1]
+        (zeros if None)."""
+        W = self.conv_kernel_size
+        prev = x.new_zeros(x.shape[0], x.shape[1],
+                           W - 1) if conv_state is None else conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+        if x.shape[-1] == 0:
+            return x, xx
+        return F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)), xx[..., -(W - 1):]
+
+    def _attend(self, q, k, v, g, beta, rec_state, want_state):
+        """KDA on the layer's own q, k, v, g, β: no value checks."""
+        # scale K^-0.5, q and k normalised inside
+        args = (q, k, v, g, beta, None, rec_state, want_state, True)
+        if _checks.choose_backend(self.backend, q) == "triton":
+            from minisparse.kda.chunk import _chunk
+            from minisparse.kda.fused_recurrent import _fused_recurrent
+
+            # decoding
+            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
+                return _fused_recurrent(*args, check_values=False)
+            return _chunk(*args, check_values=False)
+        # one decoding step: the recurrence is the cheaper form
+        if rec_state is not None and q.shape[1] == 1:
+            return _naive_recurrent(*args, check_values=False)
+        return _naive_chunk(*args, self.chunk_size, check_values=False)
+
+    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
+        x = _checks.layer_input("KimiDeltaAttention", hidden_states, self, hidden=self.hidden_size)
+        B, T, _ = x.shape
+        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+            x = x * attention_mask[:, :, None].to(x.dtype)
+        conv_state, rec_state = (None, None) if state is None else state
+        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
+        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
+        q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim)
+                   for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
+        beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
+        want_state = use_cache or state is not None
+        # [B, T, H, K]
+        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)
+        out_gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
+        y = self.o_proj(self.o_norm(o, out_gate).reshape(B, T, self.qkv_dim))
+        return y, ((new_conv, new_rec) if want_state else None)
+
+
+# %% [markdown]
+# Decoding token by token from the returned state — a prefill, a continuation, then single tokens — gives the
+# prefill's outputs and state (the Engineering notes load transformers' weights with `from_hf` and compare the two
+# layers):
+
+# %%
+torch.manual_seed(0)
+layer = KimiDeltaAttention(64, 2, 16, backend="naive")
+x = torch.randn(2, 37, 64)
+with torch.no_grad():
+    y_pre, (_, S_pre) = layer(x, use_cache=True)
+    y_a, state = layer(x[:, :20], use_cache=True)
+    steps = [y_a]
+    for t in range(20, x.shape[1]):
+        y_t, state = layer(x[:, t:t + 1], state=state)
+        steps.append(y_t)
+err = assert_close("y", y_pre, torch.cat(steps, 1), 1e-5)
+assert_close("state", S_pre, state[1], 1e-5)
+print(f"decoding token by token == prefill: {err:.1e}")
+
+
+# %% [markdown]
+# ## 6.7 Measure
+#
+# `bench/kda.py` times `chunk_kda` against fla's `chunk_kda` (the kernel Kimi Linear runs in transformers and vLLM)
+# on a GPU in bf16, at $B = 2$, 16 heads, $K = V = 128$, $T = 8192$, and at $B = 1$ from 8K to 64K tokens
+# (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence. The targets are
+# forward and forward + backward each at most fla's time; fla's own times measured on the book's H200 are 0.99 ms
+# forward and 5.23 ms forward + backward at $B = 2$, $T = 8192$. The cell below plots `bench/results/kda.json`
+# when it exists.
+
+# %%
+from minisparse import bench
+
+try:
+    kda_results = bench.load_results("kda")
+except FileNotFoundError:
+    kda_results = None
+if kda_results is None:
+    print("No results yet: on a GPU machine with fla-core installed, `python bench/kda.py --out "
+          "bench/results --long` writes bench/results/kda.json; this cell then plots it.")
+else:
+    ms = {(r["impl"], r["pass"], r["B"], r["T"]): r for r in kda_results["rows"]}
+    print(f"{'B':>2s} {'T':>6s} {'pass':8s} {'ours':>8s} {'fla':>8s} {'ours/fla':>8s}   "
+          f"(ms, {kda_results['config']['dtype']}, {kda_results['device']}, {kda_results['date']})")
+    for B, T in kda_results["config"]["runs"]:
+        for p in ("fwd", "fwd+bwd"):
+            ours, fla = (ms.get((n, p, B, T), {}).get("ms")
+                         for n in ("minisparse, value checks off", "fla chunk_kda"))
+            if ours and fla:
+                print(f"{B:2d} {T:6d} {p:8s} {ours:8.3f} {fla:8.3f} {ours / fla:7.2f}×")
+    print("; ".join(f"{r['impl']}: {r['rel_rms']:.2e} relative RMS against the fp32 recurrence"
+                    for r in kda_results["rows"] if r.get("rel_rms") is not None))
+
+
+# %% [markdown]
+# ## 6.8 Exercises
+#
+# Each exercise has a stub to fill in, a cell that checks it, and a solution in a collapsed cell. The checker prints
+# one line when your answer is right and says what differs when it is not (`attempt` prints that message instead of
+# raising it, so the chapter still runs top to bottom).
+
+# %% [markdown]
+# ### Exercise 1 (derive): when does one KDA layer hold less than one MLA layer?
+#
+# A KDA layer's memory does not grow with the context; an MLA layer's does. Write `my_crossover(config)`: the
+# context length $T$ (a float) at which one MLA layer's cache — the latent (`kv_lora_rank`) and the shared rotary key
+# (`qk_rope_head_dim`), bf16, a token — holds as many bytes as one KDA layer's states (`linear_num_heads` heads of
+# `linear_head_dim` × `linear_head_dim` in fp32; leave the short convolutions' few inputs out). The checker tries
+# Kimi Linear's shapes and three others, within 0.1 %.
+
+# %%
+from minisparse.kda.exercises import (buggy_intra_products, check_crossover, check_fact_prediction,
+                                      check_intra_products, check_kda_step_kernel)
+
+
+def my_crossover(config):
+    # your code here
+    raise NotImplementedError
+
+
+# %%
+attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is filled in
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — states: H · K² numbers of 4 bytes; MLA: (d_c + d_rope) numbers of 2 bytes a token,
+# shared by
+# every head (that sharing is MLA's point, chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈
+# 1,820 tokens —
+# beyond a few thousand tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
+def crossover_solution(config):
+    state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
+    return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
+
+
+check_crossover(crossover_solution)
+
+# %% [markdown]
+# ### Exercise 2 (debug): the intra-chunk products overflow
+#
+# `buggy_intra_products(x, k, g)` computes one chunk's $P_{ij} = \sum_c x_{ic} k_{jc} e^{G_{ic} - G_{jc}}$
+# ($j \le i$, $G$ the chunk's cumulative gate) with one matrix product. It is right for mild gates and returns
+# inf and NaN for gates of $-30$ a token. Find why, and return a fixed `my_intra_products` (any exact method: the
+# checker compares with the segment sums of section 6.2, within $10^{-4}$, on chunks of 16–64 tokens).
+
+# %%
+import inspect
+
+print(inspect.getsource(buggy_intra_products))
+
+
+def my_intra_products(x, k, g):
+    # your code here: a fixed version of buggy_intra_products
+    raise NotImplementedError
+
+
+# %%
+attempt(check_intra_products, my_intra_products)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the bug: e^{−G_j} = e^{+|G_j|} overflows float32 once a channel's gates sum below −88
+# (three tokens at
+# −30), and inf · 0 gives NaN. Fix: never form a positive exponent. Section 6.5's sub-chunks with
+# reference points
+# do it with matrix products; here the simplest exact fix, in float64: one reference point per row
+# block of 16.
+def intra_products_solution(x, k, g, sub=16):
+    L = x.shape[0]
+    G = g.double().cumsum(0)
+    P = torch.zeros(L, L, dtype=torch.float64)
+    for r in range(0, L, sub):  # rows [r, r + sub): keys before r through the reference point r
+        xq = x[r:r + sub].double() * (G[r:r + sub] - G[r]).exp()
+        P[r:r + sub, :r] = xq @ (k[:r].double() * (G[r] - G[:r]).exp()).T
+        for i in range(r, min(r + sub, L)):  # the diagonal block, pair by pair
+            P[i, r:i + 1] = (x[i].double() * k[r:i + 1] * (G[i] - G[r:i + 1]).exp()).sum(-1)
+    return P.float()
+
+
+check_intra_products(intra_products_solution)
+
+# %% [markdown]
+# ### Exercise 3 (predict): how much of the fact is left?
+#
+# In section 6.3's experiment the fact is written with $\beta = 1$ at $t = 0$ into 8 channels, and the next
+# $T - 1$ tokens write variables into the other 24. Suppose the fact's channels decay at $g = -r$ a token instead
+# of 0. Predict — without running anything — the relative recall error $\lVert k^\ast S_{T} - v^\ast\rVert /
+# \lVert v^\ast \rVert$ after the last token, as a function `my_fact_error(rate, T)`. The checker runs the
+# recurrence for five (rate, $T$) pairs and accepts predictions within $10^{-3}$.
+
+# %%
+def my_fact_error(rate, T):
+    # your code here
+    raise NotImplementedError
+
+
+# %%
+attempt(check_fact_prediction, my_fact_error)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the variables' keys are zero in the fact's channels, so the delta rule never reads or
+# writes those rows
+# (k_t S and k_tᵀ … only touch rows where k_t is non-zero): the fact only decays. Token 0 decays the
+# empty state,
+# then writes v* exactly (β = 1, unit key); tokens 1 … T − 1 decay it T − 1 times: k* S = e^{−r (T −
+# 1)} v*.
+def fact_error_solution(rate, T):
+    return 1 - math.exp(-rate * (T - 1))
+
+
+check_fact_prediction(fact_error_solution)
+
+# %% [markdown]
+# ### Exercise 4 (Triton): one decoding step
+#
+# Complete the kernel: one program per value head decodes one token — decay the state per key channel, write the
+# delta-rule update of $(k, v)$ with strength $\beta$, read $o = \sigma\, q S$. The loads and stores are given; the
+# three marked lines are yours. The checker launches it (in the interpreter on a CPU) for three odd shapes and
+# compares state and output with `naive_recurrent_kda`.
+
+# %%
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def my_kda_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V,
+                       BK: tl.constexpr, BV: tl.constexpr):
+    hv = tl.program_id(0)
+    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
+    km, vm = ks < K, vs < V
+    q = tl.load(q_ptr + hv * K + ks, mask=km, other=0.0)  # [BK]
+    k = tl.load(k_ptr + hv * K + ks, mask=km, other=0.0)
+    g = tl.load(g_ptr + hv * K + ks, mask=km, other=0.0)  # [BK] log decay per channel
+    v = tl.load(v_ptr + hv * V + vs, mask=vm, other=0.0)  # [BV]
+    beta = tl.load(beta_ptr + hv)
+    s_off, s_mask = hv * K * V + ks[:, None] * V + vs[None, :], km[:, None] & vm[None, :]
+    S = tl.load(s_ptr + s_off, mask=s_mask, other=0.0)  # [BK, BV]
+    # your code here (three lines): decay S per channel; err = v − k S; S += k ⊗ (beta · err)
+    o = tl.sum(q[:, None] * S, axis=0) * scale
+    tl.store(s_ptr + s_off, S, mask=s_mask)
+    tl.store(o_ptr + hv * V + vs, o, mask=vm)
+
+
+# %%
+attempt(check_kda_step_kernel, my_kda_step_kernel)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the decay is a [BK] vector broadcast over the state's columns; the error is read from
+# the *decayed*
+# state (the recurrence decays first, then writes). Padded rows (ks ≥ K) load k = 0, so they stay 0.
+@triton.jit
+def kda_step_solution(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V,
+                      BK: tl.constexpr, BV: tl.constexpr):
+    hv = tl.program_id(0)
+    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
+    km, vm = ks < K, vs < V
+    q = tl.load(q_ptr + hv * K + ks, mask=km, other=0.0)
+    k = tl.load(k_ptr + hv * K + ks, mask=km, other=0.0)
+    g = tl.load(g_ptr + hv * K + ks, mask=km, other=0.0)
+    v = tl.load(v_ptr + hv * V + vs, mask=vm, other=0.0)
+    beta = tl.load(beta_ptr + hv)
+    s_off, s_mask = hv * K * V + ks[:, None] * V + vs[None, :], km[:, None] & vm[None, :]
+    S = tl.load(s_ptr + s_off, mask=s_mask, other=0.0)
+    S = S * tl.exp(g)[:, None]  # row c by e^{g_c}
+    err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v − k S
+    S = S + k[:, None] * (beta * err)[None, :]
+    o = tl.sum(q[:, None] * S, axis=0) * scale
+    tl.store(s_ptr + s_off, S, mask=s_mask)
+    tl.store(o_ptr + hv * V + vs, o, mask=vm)
+
+
+check_kda_step_kernel(kda_step_solution)
+
+
+# %% [markdown]
+# ## 6.9 Summary
+#
+# - **KDA** is Gated DeltaNet with one log decay per key channel: $S \leftarrow (I - \beta k^\top k)
+#   \operatorname{diag}(e^{g_t}) S + \beta k^\top v$, $g_t \in \mathbb R^K$. With $g$ constant over $K$ it *is*
+#   Gated DeltaNet; `naive_recurrent_kda` equals fla's and transformers' recurrences.
+# - **What it buys**: one head holds several time scales at once. At equal state size ($32 \times 32$), a head that
+#   must keep a fact for 400 tokens while tracking noisy variables does both with per-channel gates, and no single
+#   rate does: the best GDN rate leaves a mean recall error of 0.26, KDA's 0.19 (section 6.3).
+# - **The chunk form** is chapter 5's WY/UT form with the decay inside the sum over channels:
+#   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij},
+#   k_j\rangle$. The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel
+#   gets tensor-core products back with **sub-chunks of 16 and a reference point** $r$ between every pair
+#   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and handles the $16 \times 16$ diagonal blocks column by
+#   column. The single-reference factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
+# - **Triton**: `chunk_kda` — an intra-chunk kernel (gates, $A$, $P$, UT transform, $W$, $\tilde U$, decayed rows),
+#   a scan, an output kernel; a backward of a reverse scan and one chunk kernel whose intra-chunk gradients reuse the
+#   reference points; `fused_recurrent_kda` for decoding. Equal to the recurrence in fp32 (about $10^{-7}$) forward
+#   and every gradient, on odd shapes and gates down to $-10^{30}$.
+# - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
+#   decoding token by token from its state equals the prefill.
+# - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
+#   report's "up to 75 %" is the 3 : 1 limit. A roofline gives 2.7–3.8× its decoding throughput, not the report's
+#   6×: the rest is how real MLA kernels fall short of the bandwidth bound at 1M tokens.
+#
+# Next, chapter 7 leaves linear attention for **sparse** attention: NSA's compressed, selected and sliding branches,
+# and MoBA's block routing.
+#
+# ## References
+#
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
+#   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
+#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   says so.
+# - Kimi Team, *Kimi Linear: An Expressive, Efficient Attention Architecture*, October 2025 (KDA, the 3 : 1 KDA + MLA
+#   hybrid, "up to 75 %" less KV cache and "up to 6×" decoding throughput at 1M tokens).
+#   [arXiv:2510.26692](https://arxiv.org/abs/2510.26692); model card
+#   [moonshotai/Kimi-Linear-48B-A3B-Instruct](https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct).
+# - S. Yang, J. Kautz, A. Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule*, ICLR 2025.
+#   [arXiv:2412.06464](https://arxiv.org/abs/2412.06464)
+# - S. Yang, B. Wang, Y. Shen, R. Panda, Y. Kim, *Gated Linear Attention Transformers with Hardware-Efficient
+#   Training* (the per-channel gate and the secondary chunking of its chunk form), ICML 2024.
+#   [arXiv:2312.06635](https://arxiv.org/abs/2312.06635)
+# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Parallelizing Linear Transformers with the Delta Rule over Sequence
+#   Length* (the WY/UT chunk form), NeurIPS 2024. [arXiv:2406.06484](https://arxiv.org/abs/2406.06484)
+# - `fla-core` 0.6 (flash-linear-attention): `fla.ops.kda` — `naive_recurrent_kda` (the test oracle), `chunk_kda`
+#   (the benchmark's anchor).
+# - `transformers` 5.x: `KimiLinearConfig`, `KimiLinearDeltaAttention`, `recurrent_kimi_delta_attention` and
+#   `chunk_kimi_delta_attention` (oracles for the layer and the recurrence).
+
+# %% [markdown]
+# ## Engineering notes (optional)
+#
+# What a first reading can skip: the forward kernels around section 6.5's helpers, the backward, the autograd glue, the decoding kernel,
+# loading transformers' weights, and the exercise checkers. The core path uses all of them through
+# `minisparse.kda`.
+#
+# ### The scan and the output kernel
+#
+# The scan keeps one $[K, B_V]$ tile of the state in fp32 registers and walks the chunks; the output kernel is
+# chapter 4's with $U$ for $V$. Neither sees a gate: the intra kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
+# and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
+# newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
+
+
+# %% [markdown]
+# ### The intra-chunk kernel
+#
+# `_kda_fwd_intra_kernel` strings section 6.5's helpers together: a first pass over $K$'s channel blocks sums $A$ and
+# $P$ (`_intra_products`), the $C \times C$ solve runs once, and a second pass writes $W$ and the decayed rows block
+# by block, a third pass $\tilde U$ tile by tile.
+
 # %%
 #| export kda.chunk_fwd
+def _options(x, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
+    and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
+                instead=_INSTEAD)
+
+
+def _v_tile(V):
+    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
+    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
+
+
 @triton.jit
 def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
                           gl_ptr, p_ptr, a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr,
@@ -1038,6 +1521,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states)
+
 
 # %% [markdown]
 # ### The backward pass
@@ -1336,6 +1820,7 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
                    **_options(q, v))
     return dq, dk, dv, dg, dbeta, dh0
 
+
 # %% [markdown]
 # ### Launch and autograd
 #
@@ -1418,6 +1903,7 @@ def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2
     return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state,
                            scale,
                            bool(output_final_state), bool(use_qk_l2norm))
+
 
 # %% [markdown]
 # ### Decoding: one program per state tile, token by token
@@ -1520,176 +2006,26 @@ def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
     return o, ht
 
 # %% [markdown]
-# ### Check it against the spec
-#
-# The kernels against the recurrence at reading sizes — $T$ not a multiple of 64, $K \ne V$, grouped value heads,
-# gates down to $-30$ a token — forward, final state and every gradient (on a CPU in the interpreter, in fp32;
-# `tests/test_kda.py` sweeps more shapes, extreme gates and, on a GPU, bf16 and fp16):
+# Against the recurrence, on the inputs of section 6.5's check:
 
 # %%
-from minisparse.kda import chunk_kda, fused_recurrent_kda
+from minisparse.kda import fused_recurrent_kda
 
-T_CHECK = runtime.reading_size(cpu=100, gpu=1000)
 args = kda_inputs(1, T_CHECK, 2, 4, 32, 48, low=-30.0, seed=7, device=DEVICE)
-for x in args:
-    x.requires_grad_(True)
-o_r, S_r = naive_recurrent_kda(*args[:5], initial_state=args[5], output_final_state=True)
-o_t, S_t = chunk_kda(*args[:5], initial_state=args[5], output_final_state=True)
-dout, dS = torch.randn_like(o_r), torch.randn_like(S_r)
-grads_r = torch.autograd.grad((o_r * dout).sum() + (S_r * dS).sum(), args)
-grads_t = torch.autograd.grad((o_t * dout).sum() + (S_t * dS).sum(), args)
-errs = {"o": assert_close("o", o_r, o_t, 1e-4), "final state": assert_close("S", S_r, S_t, 1e-4)}
-errs |= {f"d{n}": assert_close(f"d{n}", a, b, 1e-4)
-         for n, a, b in zip(("q", "k", "v", "g", "beta", "h0"), grads_r, grads_t)}
-print("chunk_kda vs the recurrence: " + ", ".join(f"{n} {e:.0e}" for n, e in errs.items()))
 with torch.no_grad():
-    o_f, S_f = fused_recurrent_kda(*[x.detach() for x in args[:5]], initial_state=args[5].detach(),
-                                   output_final_state=True)
+    o_r, S_r = naive_recurrent_kda(*args[:5], initial_state=args[5], output_final_state=True)
+    o_f, S_f = fused_recurrent_kda(*args[:5], initial_state=args[5], output_final_state=True)
 print(f"fused_recurrent_kda vs the recurrence: o {assert_close('o', o_r, o_f, 1e-4):.0e}, "
       f"state {assert_close('S', S_r, S_f, 1e-4):.0e}")
 
+
 # %% [markdown]
-# ## 6.6 The layer, as Kimi Linear builds it
+# ### Loading transformers' weights
 #
-# `KimiDeltaAttention` is chapter 5's `GatedDeltaNet` with Kimi Linear's choices, parameter for parameter as
-# transformers' `KimiLinearDeltaAttention`:
-#
-# - separate `q_proj`, `k_proj`, `v_proj` ($H$ heads of $K = V$ = `head_dim`, no grouped value heads in the
-#   released model), one causal depthwise convolution of width 4 over the three, then SiLU;
-# - the **gate**: a low-rank projection `f_a_proj` (hidden → $K$) then `f_b_proj` ($K$ → $H K$), one value per head
-#   and channel, and $g = -e^{A_{\log}} \operatorname{softplus}(f + \text{dt\_bias})$ — Mamba's parametrisation with
-#   one rate `A_log` a head and one bias a channel;
-# - $\beta = \operatorname{sigmoid}(\text{b\_proj}(x))$, $q$ and $k$ L2-normalised inside the op;
-# - the output: RMSNorm per head, times $\operatorname{sigmoid}$ of a low-rank output gate (`g_a_proj`, `g_b_proj`)
-#   — sigmoid, where Qwen3-Next's gated norm uses SiLU — then `o_proj`.
-#
-# A state for decoding is `(conv_state [B, 3HK, 3], recurrent_state [B, H, K, V] float32)`, as in chapter 5.
-
-# %%
-#| export kda.layer
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from minisparse import _checks
-from minisparse.kda.naive import _naive_chunk, _naive_recurrent
-
-
-class SigmoidGatedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension in float32, times weight, times sigmoid(gate) (Kimi Linear's
-    output norm)."""
-
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        dim = _checks.positive_int("SigmoidGatedRMSNorm", "dim", dim)
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
-
-    def forward(self, x, gate):
-        xf = x.float()  # [..., dim]
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf * torch.sigmoid(gate.float())).to(x.dtype)
-
-
-class KimiDeltaAttention(nn.Module):
-    """Kimi Linear's KDA layer. Parameter names as transformers' KimiLinearDeltaAttention (its
-    forget_gate's f_a_proj, f_b_proj, A_log and dt_bias sit on the layer itself).
-
-    q/k/v_proj -> causal depthwise conv1d over [q | k | v] (+ SiLU) -> l2norm(q, k) inside the op;
-    g = −exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias) [B, T, H, K]; β = σ(b_proj(x)) ->
-    KDA -> SigmoidGatedRMSNorm(o, g_b_proj(g_a_proj(x))) per head -> o_proj.
-
-    forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
-    [B, T, hidden], new state or None). A state is (conv_state [B, 3·H·K, kernel − 1],
-    recurrent_state [B, H, K, K] float32); it is returned when use_cache is True or a state was
-    given. backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
-    else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it never asks the
-    ops to check their values."""
-
-    def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
-                 chunk_size=64,
-                 backend="auto"):
-        super().__init__()
-        op = "KimiDeltaAttention"
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
-                            ("head_dim", head_dim), ("chunk_size", chunk_size)):
-            _checks.positive_int(op, name, value)
-        if _checks.positive_int(op, "conv_kernel_size", conv_kernel_size) < 2:
-            raise ValueError(f"{op}: conv_kernel_size must be an int >= 2, got {conv_kernel_size}")
-        _checks.backend(op, backend)
-        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
-        self.conv_kernel_size, self.chunk_size, self.backend = conv_kernel_size, chunk_size, backend
-        self.qkv_dim = num_heads * head_dim
-        self.conv_dim = 3 * self.qkv_dim
-        self.q_proj, self.k_proj, self.v_proj = (
-            nn.Linear(hidden_size, self.qkv_dim, bias=False) for _ in range(3))
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel_size,
-                                groups=self.conv_dim, bias=False,
-                                padding=conv_kernel_size - 1)
-        # the forget gate, rank head_dim
-        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
-        self.f_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
-        # rates e^{A_log} in [1, 16]
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
-        self.dt_bias = nn.Parameter(torch.zeros(self.qkv_dim))
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        # the output gate, rank head_dim
-        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
-        self.g_b_proj = nn.Linear(head_dim, self.qkv_dim, bias=False)
-        self.o_norm = SigmoidGatedRMSNorm(head_dim, eps=eps)
-        self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
-
-    def gate(self, x):
-        """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
-        f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
-        return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
-
-    def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1]
-        (zeros if None)."""
-        W = self.conv_kernel_size
-        prev = x.new_zeros(x.shape[0], x.shape[1],
-                           W - 1) if conv_state is None else conv_state.to(x.dtype)
-        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
-        if x.shape[-1] == 0:
-            return x, xx
-        return F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)), xx[..., -(W - 1):]
-
-    def _attend(self, q, k, v, g, beta, rec_state, want_state):
-        """KDA on the layer's own q, k, v, g, β: no value checks."""
-        # scale K^-0.5, q and k normalised inside
-        args = (q, k, v, g, beta, None, rec_state, want_state, True)
-        if _checks.choose_backend(self.backend, q) == "triton":
-            from minisparse.kda.chunk import _chunk
-            from minisparse.kda.fused_recurrent import _fused_recurrent
-
-            # decoding
-            if rec_state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():
-                return _fused_recurrent(*args, check_values=False)
-            return _chunk(*args, check_values=False)
-        # one decoding step: the recurrence is the cheaper form
-        if rec_state is not None and q.shape[1] == 1:
-            return _naive_recurrent(*args, check_values=False)
-        return _naive_chunk(*args, self.chunk_size, check_values=False)
-
-    def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        x = _checks.layer_input("KimiDeltaAttention", hidden_states, self, hidden=self.hidden_size)
-        B, T, _ = x.shape
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
-            x = x * attention_mask[:, :, None].to(x.dtype)
-        conv_state, rec_state = (None, None) if state is None else state
-        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
-        mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
-        q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim)
-                   for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
-        beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
-        want_state = use_cache or state is not None
-        # [B, T, H, K]
-        o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)
-        out_gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
-        y = self.o_proj(self.o_norm(o, out_gate).reshape(B, T, self.qkv_dim))
-        return y, ((new_conv, new_rec) if want_state else None)
+# `KimiDeltaAttention.from_hf` copies the weights of transformers' `KimiLinearDeltaAttention` (its `forget_gate`'s
+# parameters move onto the layer). At a tiny configuration (2 heads of 16, hidden 64) the two layers agree, with
+# transformers' PyTorch path (its functions' `__wrapped__`, as in section 6.2: with fla installed it would call
+# fla's Triton kernels instead).
 
 # %%
 #| export kda.layer
@@ -1716,11 +2052,6 @@ def _from_hf(cls, module, backend="auto"):
 
 
 KimiDeltaAttention.from_hf = classmethod(_from_hf)
-
-# %% [markdown]
-# `from_hf` copies the weights of transformers' module. At a tiny configuration (2 heads of 16, hidden 64) the two
-# layers agree, with transformers' PyTorch path (its functions' `__wrapped__`, as in section 6.2); and decoding token
-# by token from the returned state equals the prefill.
 
 # %%
 import contextlib
@@ -1767,55 +2098,12 @@ if hf_kimi is not None:
     y, _ = layer(x)
     print(f"KimiDeltaAttention vs transformers: {assert_close('y', y_hf, y, 1e-5):.1e}")
 
-    y_pre, _ = layer(x)  # prefill, then token by token
-    state, steps = None, []
-    with torch.no_grad():
-        for t in range(x.shape[1]):
-            y_t, state = layer(x[:, t:t + 1], state=state, use_cache=True)
-            steps.append(y_t)
-    err = assert_close("y", y_pre, torch.cat(steps, 1), 1e-5)
-    print(f"decoding token by token == prefill: {err:.1e}")
 
 # %% [markdown]
-# ## 6.7 Measure
+# ### The exercise checkers
 #
-# `bench/kda.py` times `chunk_kda` against fla's `chunk_kda` (the kernel Kimi Linear runs in transformers and vLLM)
-# on a GPU in bf16, at $B = 2$, 16 heads, $K = V = 128$, $T = 8192$, and at $B = 1$ from 8K to 64K tokens
-# (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence. The targets are
-# forward and forward + backward each at most fla's time; fla's own times measured on the book's H200 are 0.99 ms
-# forward and 5.23 ms forward + backward at $B = 2$, $T = 8192$. The cell below plots `bench/results/kda.json`
-# when it exists.
-
-# %%
-from minisparse import bench
-
-try:
-    kda_results = bench.load_results("kda")
-except FileNotFoundError:
-    kda_results = None
-if kda_results is None:
-    print("No results yet: on a GPU machine with fla-core installed, `python bench/kda.py --out "
-          "bench/results --long` writes bench/results/kda.json; this cell then plots it.")
-else:
-    ms = {(r["impl"], r["pass"], r["B"], r["T"]): r for r in kda_results["rows"]}
-    print(f"{'B':>2s} {'T':>6s} {'pass':8s} {'ours':>8s} {'fla':>8s} {'ours/fla':>8s}   "
-          f"(ms, {kda_results['config']['dtype']}, {kda_results['device']}, {kda_results['date']})")
-    for B, T in kda_results["config"]["runs"]:
-        for p in ("fwd", "fwd+bwd"):
-            ours, fla = (ms.get((n, p, B, T), {}).get("ms")
-                         for n in ("minisparse, value checks off", "fla chunk_kda"))
-            if ours and fla:
-                print(f"{B:2d} {T:6d} {p:8s} {ours:8.3f} {fla:8.3f} {ours / fla:7.2f}×")
-    for r in kda_results["rows"]:
-        if r["pass"] == "accuracy":
-            print(f"{r['impl']}: relative RMS against the fp32 recurrence {r['rel_rms']:.2e}")
-
-# %% [markdown]
-# ## 6.8 Exercises
-#
-# Each exercise has a stub to fill in, a cell that checks it, and a solution in a collapsed cell. The checker prints
-# one line when your answer is right and says what differs when it is not (`attempt` prints that message instead of
-# raising it, so the chapter still runs top to bottom).
+# Each checker compares an answer with an independent computation and says what differs; `tests/test_kda.py` feeds
+# every one a known-wrong answer.
 
 # %% tags=["hide-input"]
 #| export kda.exercises
@@ -1884,6 +2172,8 @@ def check_intra_products(fn):
                "j ≤ r ≤ i (section 6.5). Keep the diagonal.")
 
 
+# %% tags=["hide-input"]
+#| export kda.exercises
 def _fact_error(rate, T, K=32, slow=8, V=16):
     gen = torch.Generator().manual_seed(62)
     k = torch.zeros(1, T, 1, K)
@@ -1951,223 +2241,3 @@ def check_kda_step_kernel(kernel):
                        "from the decayed state and add k[:, None] * (beta * (v − k S))[None, :]"))
     print("✓ KDA step kernel: 3 shapes match naive_recurrent_kda")
 
-# %% [markdown]
-# ### Exercise 1 (derive): when does one KDA layer hold less than one MLA layer?
-#
-# A KDA layer's memory does not grow with the context; an MLA layer's does. Write `my_crossover(config)`: the
-# context length $T$ (a float) at which one MLA layer's cache — the latent (`kv_lora_rank`) and the shared rotary key
-# (`qk_rope_head_dim`), bf16, a token — holds as many bytes as one KDA layer's states (`linear_num_heads` heads of
-# `linear_head_dim` × `linear_head_dim` in fp32; leave the short convolutions' few inputs out). The checker tries
-# Kimi Linear's shapes and three others, within 0.1 %.
-
-# %%
-from minisparse.kda.exercises import (buggy_intra_products, check_crossover, check_fact_prediction,
-                                      check_intra_products, check_kda_step_kernel)
-
-
-def my_crossover(config):
-    # your code here
-    raise NotImplementedError
-
-
-# %%
-attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is filled in
-
-# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — states: H · K² numbers of 4 bytes; MLA: (d_c + d_rope) numbers of 2 bytes a token,
-# shared by
-# every head (that sharing is MLA's point, chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈
-# 1,820 tokens —
-# beyond a few thousand tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
-def crossover_solution(config):
-    state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
-    return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
-
-
-check_crossover(crossover_solution)
-
-# %% [markdown]
-# ### Exercise 2 (debug): the intra-chunk products overflow
-#
-# `buggy_intra_products(x, k, g)` computes one chunk's $P_{ij} = \sum_c x_{ic} k_{jc} e^{G_{ic} - G_{jc}}$
-# ($j \le i$, $G$ the chunk's cumulative gate) with one matrix product. It is right for mild gates and returns
-# inf and NaN for gates of $-30$ a token. Find why, and return a fixed `my_intra_products` (any exact method: the
-# checker compares with the segment sums of section 6.2, within $10^{-4}$, on chunks of 16–64 tokens).
-
-# %%
-import inspect
-
-print(inspect.getsource(buggy_intra_products))
-
-
-def my_intra_products(x, k, g):
-    # your code here: a fixed version of buggy_intra_products
-    raise NotImplementedError
-
-
-# %%
-attempt(check_intra_products, my_intra_products)
-
-# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the bug: e^{−G_j} = e^{+|G_j|} overflows float32 once a channel's gates sum below −88
-# (three tokens at
-# −30), and inf · 0 gives NaN. Fix: never form a positive exponent. Section 6.5's sub-chunks with
-# reference points
-# do it with matrix products; here the simplest exact fix, in float64: one reference point per row
-# block of 16.
-def intra_products_solution(x, k, g, sub=16):
-    L = x.shape[0]
-    G = g.double().cumsum(0)
-    P = torch.zeros(L, L, dtype=torch.float64)
-    for r in range(0, L, sub):  # rows [r, r + sub): keys before r through the reference point r
-        xq = x[r:r + sub].double() * (G[r:r + sub] - G[r]).exp()
-        P[r:r + sub, :r] = xq @ (k[:r].double() * (G[r] - G[:r]).exp()).T
-        for i in range(r, min(r + sub, L)):  # the diagonal block, pair by pair
-            P[i, r:i + 1] = (x[i].double() * k[r:i + 1] * (G[i] - G[r:i + 1]).exp()).sum(-1)
-    return P.float()
-
-
-check_intra_products(intra_products_solution)
-
-# %% [markdown]
-# ### Exercise 3 (predict): how much of the fact is left?
-#
-# In section 6.3's experiment the fact is written with $\beta = 1$ at $t = 0$ into 8 channels, and the next
-# $T - 1$ tokens write variables into the other 24. Suppose the fact's channels decay at $g = -r$ a token instead
-# of 0. Predict — without running anything — the relative recall error $\lVert k^\ast S_{T} - v^\ast\rVert /
-# \lVert v^\ast \rVert$ after the last token, as a function `my_fact_error(rate, T)`. The checker runs the
-# recurrence for five (rate, $T$) pairs and accepts predictions within $10^{-3}$.
-
-# %%
-def my_fact_error(rate, T):
-    # your code here
-    raise NotImplementedError
-
-
-# %%
-attempt(check_fact_prediction, my_fact_error)
-
-# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the variables' keys are zero in the fact's channels, so the delta rule never reads or
-# writes those rows
-# (k_t S and k_tᵀ … only touch rows where k_t is non-zero): the fact only decays. Token 0 decays the
-# empty state,
-# then writes v* exactly (β = 1, unit key); tokens 1 … T − 1 decay it T − 1 times: k* S = e^{−r (T −
-# 1)} v*.
-def fact_error_solution(rate, T):
-    return 1 - math.exp(-rate * (T - 1))
-
-
-check_fact_prediction(fact_error_solution)
-
-# %% [markdown]
-# ### Exercise 4 (Triton): one decoding step
-#
-# Complete the kernel: one program per value head decodes one token — decay the state per key channel, write the
-# delta-rule update of $(k, v)$ with strength $\beta$, read $o = \sigma\, q S$. The loads and stores are given; the
-# three marked lines are yours. The checker launches it (in the interpreter on a CPU) for three odd shapes and
-# compares state and output with `naive_recurrent_kda`.
-
-# %%
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def my_kda_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V,
-                       BK: tl.constexpr, BV: tl.constexpr):
-    hv = tl.program_id(0)
-    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
-    km, vm = ks < K, vs < V
-    q = tl.load(q_ptr + hv * K + ks, mask=km, other=0.0)  # [BK]
-    k = tl.load(k_ptr + hv * K + ks, mask=km, other=0.0)
-    g = tl.load(g_ptr + hv * K + ks, mask=km, other=0.0)  # [BK] log decay per channel
-    v = tl.load(v_ptr + hv * V + vs, mask=vm, other=0.0)  # [BV]
-    beta = tl.load(beta_ptr + hv)
-    s_off, s_mask = hv * K * V + ks[:, None] * V + vs[None, :], km[:, None] & vm[None, :]
-    S = tl.load(s_ptr + s_off, mask=s_mask, other=0.0)  # [BK, BV]
-    # your code here (three lines): decay S per channel; err = v − k S; S += k ⊗ (beta · err)
-    o = tl.sum(q[:, None] * S, axis=0) * scale
-    tl.store(s_ptr + s_off, S, mask=s_mask)
-    tl.store(o_ptr + hv * V + vs, o, mask=vm)
-
-
-# %%
-attempt(check_kda_step_kernel, my_kda_step_kernel)
-
-# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the decay is a [BK] vector broadcast over the state's columns; the error is read from
-# the *decayed*
-# state (the recurrence decays first, then writes). Padded rows (ks ≥ K) load k = 0, so they stay 0.
-@triton.jit
-def kda_step_solution(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V,
-                      BK: tl.constexpr, BV: tl.constexpr):
-    hv = tl.program_id(0)
-    ks, vs = tl.arange(0, BK), tl.arange(0, BV)
-    km, vm = ks < K, vs < V
-    q = tl.load(q_ptr + hv * K + ks, mask=km, other=0.0)
-    k = tl.load(k_ptr + hv * K + ks, mask=km, other=0.0)
-    g = tl.load(g_ptr + hv * K + ks, mask=km, other=0.0)
-    v = tl.load(v_ptr + hv * V + vs, mask=vm, other=0.0)
-    beta = tl.load(beta_ptr + hv)
-    s_off, s_mask = hv * K * V + ks[:, None] * V + vs[None, :], km[:, None] & vm[None, :]
-    S = tl.load(s_ptr + s_off, mask=s_mask, other=0.0)
-    S = S * tl.exp(g)[:, None]  # row c by e^{g_c}
-    err = v - tl.sum(k[:, None] * S, axis=0)  # [BV] v − k S
-    S = S + k[:, None] * (beta * err)[None, :]
-    o = tl.sum(q[:, None] * S, axis=0) * scale
-    tl.store(s_ptr + s_off, S, mask=s_mask)
-    tl.store(o_ptr + hv * V + vs, o, mask=vm)
-
-
-check_kda_step_kernel(kda_step_solution)
-
-# %% [markdown]
-# ## 6.9 Summary
-#
-# - **KDA** is Gated DeltaNet with one log decay per key channel: $S \leftarrow (I - \beta k^\top k)
-#   \operatorname{diag}(e^{g_t}) S + \beta k^\top v$, $g_t \in \mathbb R^K$. With $g$ constant over $K$ it *is*
-#   Gated DeltaNet; `naive_recurrent_kda` equals fla's and transformers' recurrences.
-# - **What it buys**: one head holds several time scales at once. At equal state size ($32 \times 32$), a head that
-#   must keep a fact for 400 tokens while tracking noisy variables does both with per-channel gates, and no single
-#   rate does: the best GDN rate leaves a mean recall error of 0.26, KDA's 0.19 (section 6.3).
-# - **The chunk form** is chapter 5's WY/UT form with the decay inside the sum over channels:
-#   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij},
-#   k_j\rangle$. The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel
-#   gets tensor-core products back with **sub-chunks of 16 and a reference point** $r$ between every pair
-#   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and handles the $16 \times 16$ diagonal blocks column by
-#   column. The single-reference factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
-# - **Triton**: `chunk_kda` — an intra-chunk kernel (gates, $A$, $P$, UT transform, $W$, $\tilde U$, decayed rows),
-#   a scan, an output kernel; a backward of a reverse scan and one chunk kernel whose intra-chunk gradients reuse the
-#   reference points; `fused_recurrent_kda` for decoding. Equal to the recurrence in fp32 (about $10^{-7}$) forward
-#   and every gradient, on odd shapes and gates down to $-10^{30}$.
-# - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
-#   decoding token by token from its state equals the prefill.
-# - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
-#   report's "up to 75 %" is the 3 : 1 limit. A roofline gives 2.7–3.8× its decoding throughput, not the report's
-#   6×: the rest is how real MLA kernels fall short of the bandwidth bound at 1M tokens.
-#
-# Next, chapter 7 leaves linear attention for **sparse** attention: NSA's compressed, selected and sliding branches,
-# and MoBA's block routing.
-#
-# ## References
-#
-# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
-#   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
-#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
-#   says so.
-# - Kimi Team, *Kimi Linear: An Expressive, Efficient Attention Architecture*, October 2025 (KDA, the 3 : 1 KDA + MLA
-#   hybrid, "up to 75 %" less KV cache and "up to 6×" decoding throughput at 1M tokens).
-#   [arXiv:2510.26692](https://arxiv.org/abs/2510.26692); model card
-#   [moonshotai/Kimi-Linear-48B-A3B-Instruct](https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct).
-# - S. Yang, J. Kautz, A. Hatamizadeh, *Gated Delta Networks: Improving Mamba2 with Delta Rule*, ICLR 2025.
-#   [arXiv:2412.06464](https://arxiv.org/abs/2412.06464)
-# - S. Yang, B. Wang, Y. Shen, R. Panda, Y. Kim, *Gated Linear Attention Transformers with Hardware-Efficient
-#   Training* (the per-channel gate and the secondary chunking of its chunk form), ICML 2024.
-#   [arXiv:2312.06635](https://arxiv.org/abs/2312.06635)
-# - S. Yang, B. Wang, Y. Zhang, Y. Shen, Y. Kim, *Parallelizing Linear Transformers with the Delta Rule over Sequence
-#   Length* (the WY/UT chunk form), NeurIPS 2024. [arXiv:2406.06484](https://arxiv.org/abs/2406.06484)
-# - `fla-core` 0.6 (flash-linear-attention): `fla.ops.kda` — `naive_recurrent_kda` (the test oracle), `chunk_kda`
-#   (the benchmark's anchor).
-# - `transformers` 5.x: `KimiLinearConfig`, `KimiLinearDeltaAttention`, `recurrent_kimi_delta_attention` and
-#   `chunk_kimi_delta_attention` (oracles for the layer and the recurrence).

@@ -3,10 +3,10 @@
 from .naive import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
 from .chunk_fwd import *  # noqa: F401,F403
+from .layer import *  # noqa: F401,F403
 from .chunk_bwd import *  # noqa: F401,F403
 from .chunk import *  # noqa: F401,F403
 from .fused_recurrent import *  # noqa: F401,F403
-from .layer import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['naive_recurrent_kda', 'naive_chunk_kda', 'kda_flops', 'kimi_linear_costs', 'chunk_kda', 'fused_recurrent_kda', 'SigmoidGatedRMSNorm', 'KimiDeltaAttention', 'check_crossover', 'buggy_intra_products', 'check_intra_products', 'check_fact_prediction', 'check_kda_step_kernel']
+__all__ = ['naive_recurrent_kda', 'naive_chunk_kda', 'kda_flops', 'kimi_linear_costs', 'SigmoidGatedRMSNorm', 'KimiDeltaAttention', 'chunk_kda', 'fused_recurrent_kda', 'check_crossover', 'buggy_intra_products', 'check_intra_products', 'check_fact_prediction', 'check_kda_step_kernel']

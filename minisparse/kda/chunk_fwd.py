@@ -12,18 +12,6 @@ _COLUMNS = 32  # the intra kernel walks K in blocks of this many channels
 _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., backend='naive')"
 
 
-def _options(x, v):
-    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
-    and V."""
-    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
-                instead=_INSTEAD)
-
-
-def _v_tile(V):
-    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
-    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
-
-
 @triton.jit
 def _local_gates(g_ptr, rows, tm, ks, km, HV, K):
     """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and
@@ -78,6 +66,18 @@ def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.con
         A += tl.where(hit, tl.sum(k * ke, axis=1)[:, None], 0.0)
         P += tl.where(hit, tl.sum(q * ke, axis=1)[:, None], 0.0)
     return A, P
+
+
+def _options(x, v):
+    """runtime.launch's keywords: the configuration that fits is remembered per dtype and padded K
+    and V."""
+    return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
+                instead=_INSTEAD)
+
+
+def _v_tile(V):
+    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
+    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
 
 
 @triton.jit
