@@ -295,30 +295,33 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
-    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. The intra kernel walks
-    # K in blocks of 32 and keeps four [C, C] fp32 matrices; on a T4 (64 KiB) the scan's fp32 state tile is K × BV.
-    "kda.fwd_intra": {
+    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. Shared memory at
+    # K = V = 128 as tools/kernel_resources.py reports it (2026-12-03, compiled on a CPU, not yet timed): the scans
+    # stage [C, K] fp32 tiles, so they run one stage (two stages of the backward scan need 256 KiB); on a T4
+    # (64 KiB) the forward fits, the backward's kernels (68 and 112 KiB) do not and chunk_kda's backward falls
+    # back to PyTorch there.
+    "kda.fwd_intra": {  # 48 KiB
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_states": {
+    "kda.fwd_states": {  # 56 KiB (sm_90), 40 KiB (sm_75) at 8 warps, 1 stage
         "interpreter": [_cfg(1, 1, BV=64)],
-        "sm_80": [_cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
-        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_output": {
+    "kda.fwd_output": {  # 64 KiB at BV = 64, 2 stages; 24 KiB at BV = 32, 1 stage
         "interpreter": [_cfg(BV=64)],
-        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 2, BV=32)],
+        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
-    "kda.bwd_states": {
+    "kda.bwd_states": {  # 80 KiB at 8 warps, 1 stage, BV = 32
         "interpreter": [_cfg(1, 1, BV=64)],
-        "sm_80": [_cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
-        "sm_75": [_cfg(4, 1, BV=16)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=16)],
     },
-    "kda.bwd_chunk": {
+    "kda.bwd_chunk": {  # 160 KiB at 8 warps, 1 stage, BV = 32
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=16)],

@@ -597,3 +597,23 @@ def test_kda_step_kernel_checker_rejects_a_scalar_decay_and_a_late_decay():
     for variant in (1, 2):
         with pytest.raises(ExerciseError, match="KDA step kernel"):
             check_kda_step_kernel(make(variant))
+
+
+def test_chunk_kda_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(monkeypatch):
+    """On a GPU with too little shared memory (a T4) runtime.launch raises; the backward then recomputes the
+    gradients with the PyTorch chunk form, with a warning, instead of failing."""
+    from minisparse.kda import chunk, chunk_kda
+
+    def too_large(*args, **kwargs):
+        raise RuntimeError("kda.bwd_chunk: the kernel needs more shared memory than this GPU gives a block")
+
+    monkeypatch.setattr(chunk, "_kda_backward", too_large)
+    inputs = _inputs(1, 40, 1, 2, 16, 16, normalise=False, device=_device())
+    for x in inputs:
+        x.requires_grad_(True)
+    o_r, s_r = naive_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
+    o, s = chunk_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
+    with pytest.warns(RuntimeWarning, match="PyTorch chunk form"):
+        grads = _grads(o, s, inputs)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_r, s_r, inputs), grads):
+        assert_close(name, a, b, 1e-4)
