@@ -1530,11 +1530,12 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 #
 # $$
 # \begin{aligned}
-# dU &= \sigma P^\top dO + (K \odot e^{G_L - G})\, dS', \qquad
-# dS_n = \operatorname{diag}(e^{G_L})\, dS' + \sigma (Q \odot e^{G})^\top dO - W^\top dU, \\
-# dP &= \sigma\, dO\, U^\top, \quad dW = -dU S_n^\top, \quad
-# dA_\text{inv} = dW\,\big(\operatorname{diag}(\beta) K \odot e^{G}\big)^\top + dU\,(\operatorname{diag}(\beta)V)^\top,
-# \quad dA = -A_\text{inv}^\top\, dA_\text{inv}\, A_\text{inv}^\top .
+# dU &= \sigma P^\top dO + (K \odot e^{G_L - G})\, dS', \\
+# dS_n &= \operatorname{diag}(e^{G_L})\, dS' + \sigma (Q \odot e^{G})^\top dO - W^\top dU, \\
+# dP &= \sigma\, dO\, U^\top, \qquad dW = -dU S_n^\top, \\
+# dA_\text{inv} &= dW\,\big(\operatorname{diag}(\beta) K \odot e^{G}\big)^\top
+#   + dU\,(\operatorname{diag}(\beta)V)^\top, \qquad
+#   dA = -A_\text{inv}^\top\, dA_\text{inv}\, A_\text{inv}^\top .
 # \end{aligned}
 # $$
 #
