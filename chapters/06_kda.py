@@ -58,8 +58,8 @@
 # | `naive_chunk_kda` | the chunkwise WY/UT form in PyTorch, differentiable, exact for any finite gate |
 # | `chunk_kda` | Triton forward and backward by chunks of 64 with sub-chunks of 16 |
 # | `fused_recurrent_kda` | Triton, for decoding a few tokens from a state (forward only) |
-# | `KimiDeltaAttention` | the layer as Kimi Linear builds it, `from_hf` |
-# | `kda_state_bytes`, `kimi_linear_costs` | the cost model of section 6.4 |
+# | `KimiDeltaAttention`, `SigmoidGatedRMSNorm` | the layer as Kimi Linear builds it, `from_hf`, and its output norm |
+# | `kda_flops`, `kimi_linear_costs` | the cost model of section 6.4: one KDA layer, and Kimi Linear's stack against all-MLA |
 #
 # Layout `[B, T, H, D]` as everywhere in the book: `q, k [B, T, H, K]`, `v [B, T, HV, V]` (HV a multiple of H:
 # grouped value heads), the gate `g [B, T, HV, K]` — one log decay per token, value head *and key channel* — and
