@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import minisparse  # noqa: F401  (sets up the runtime)
+from minisparse import runtime
 from minisparse.deltanet import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from minisparse.kda import naive_chunk_kda, naive_recurrent_kda
 from minisparse.testing import assert_close, make_log_gates
@@ -214,13 +215,68 @@ def _ops():
 @pytest.mark.parametrize("op", _ops(), ids=lambda o: o[0])
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c[0])
 def test_bad_input_is_refused_with_a_clear_message(op, case):
+    """One table for the naive and the Triton ops; the Triton ops' value checks run on CPU tensors always and on
+    CUDA tensors after runtime.set_value_checks(True), which this test sets."""
     name, fn = op
     _, change, exc, fragment = case
     args = change(_good())
-    with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
-        with torch.no_grad():
-            fn(**args)
+    if not name.startswith("naive"):
+        args = {n: x.to(_device()) if isinstance(x, torch.Tensor) else x for n, x in args.items()}
+    previous = runtime.set_value_checks(True)
+    try:
+        with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
+            with torch.no_grad():
+                fn(**args)
+    finally:
+        runtime.set_value_checks(previous)
     assert name in str(info.value)
+
+
+def test_value_checks_follow_the_rule():
+    """The Triton ops check g's and β's values on CPU tensors always, on CUDA tensors only after
+    runtime.set_value_checks(True); unchecked, they compute what they are given. The naive ops always check."""
+    from minisparse.kda import chunk_kda
+    from minisparse.kda.naive import _naive_recurrent
+
+    q, k, v, g, beta, h0 = _inputs(1, 70, 1, 2, 16, 16, device=_device())
+    g_up = g.abs() * 0.01  # a slightly positive log decay: outside the model's range, still well defined
+    previous = runtime.set_value_checks(False)
+    try:
+        if _device() == "cpu":
+            with pytest.raises(ValueError, match="g must be"):
+                chunk_kda(q, k, v, g_up, beta)
+        else:
+            ref = _naive_recurrent(q, k, v, g_up, beta, None, h0, False, False, check_values=False)[0]
+            assert_close("o with g > 0, value checks off", ref, chunk_kda(q, k, v, g_up, beta, initial_state=h0)[0],
+                         1e-3)
+        runtime.set_value_checks(True)
+        with pytest.raises(ValueError, match="g must be"):
+            chunk_kda(q, k, v, g_up, beta)
+    finally:
+        runtime.set_value_checks(previous)
+    with pytest.raises(ValueError, match="g must be"):
+        naive_recurrent_kda(q, k, v, g_up, beta)
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_never_rechecks_its_own_gates(monkeypatch, backend):
+    """KimiDeltaAttention builds g ≤ 0 and β = σ(b) itself: prefill, a short continuation, single-token decoding
+    and the backward never ask for a value check."""
+    from minisparse import _checks
+    from minisparse.kda import KimiDeltaAttention
+
+    calls = []
+    real = _checks.value_range
+    monkeypatch.setattr(_checks, "value_range", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    dev = _device() if backend == "triton" else "cpu"
+    layer = KimiDeltaAttention(32, 2, 16, backend=backend).to(dev)
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(0)).to(dev)
+    with torch.no_grad():
+        _, st = layer(x[:, :30], use_cache=True)
+        _, st = layer(x[:, 30:33], state=st)
+        layer(x[:, 33:34], state=st)
+    layer(x)[0].sum().backward()
+    assert calls == [], calls
 
 
 # ------------------------------------------------------------------------------------------------- the layer
