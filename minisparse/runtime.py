@@ -296,10 +296,9 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
     # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. Shared memory at
-    # K = V = 128 as tools/kernel_resources.py reports it (2026-12-03, compiled on a CPU, not yet timed): the scans
-    # stage [C, K] fp32 tiles, so they run one stage (two stages of the backward scan need 256 KiB); on a T4
-    # (64 KiB) the forward fits, the backward's kernels (68 and 112 KiB) do not and chunk_kda's backward falls
-    # back to PyTorch there.
+    # K = V = 128 as compiled on a CPU (bench/notes/kda.md, not yet timed): the scans stage [C, K] fp32 tiles, so
+    # they run one stage; on a T4 (64 KiB) the forward fits, the backward's kernels do not and chunk_kda's
+    # backward falls back to PyTorch there.
     "kda.fwd_intra": {  # 48 KiB; 8 warps spill 284 B of registers on sm_90, 4 warps 1 KiB
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(8, 2, BV=64), _cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
