@@ -291,8 +291,9 @@ if fla_naive_recurrent_kda is not None:
           f"state {assert_close('S', S_fla, S, 1e-5):.1e}")
 if hf_kimi is not None:
     rep = lambda x: x.repeat_interleave(2, dim=2)  # noqa: E731  q, k per value head
-    o_hf, S_hf = hf_kimi.recurrent_kimi_delta_attention.__wrapped__(
-        rep(q), rep(k), v, g, beta, initial_state=h0, output_final_state=True)
+    hf_recurrent = hf_kimi.recurrent_kimi_delta_attention
+    hf_recurrent = getattr(hf_recurrent, "__wrapped__", hf_recurrent)  # the PyTorch function itself
+    o_hf, S_hf = hf_recurrent(rep(q), rep(k), v, g, beta, initial_state=h0, output_final_state=True)
     print(f"vs transformers: o {assert_close('o', o_hf, o, 1e-5):.1e}, "
           f"state {assert_close('S', S_hf, S, 1e-5):.1e}")
 

@@ -50,6 +50,11 @@ def _hf():
     return modeling_kimi_linear
 
 
+def _torch_fn(fn):
+    """transformers' own PyTorch function under its hub/fla dispatching decorator."""
+    return getattr(fn, "__wrapped__", fn)
+
+
 def _grads(out, state, inputs, seed=7):
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(out.shape, generator=gen).to(out.device)
@@ -76,14 +81,14 @@ def test_naive_recurrent_matches_fla(state, gates, HV):
 def test_naive_recurrent_and_chunk_match_transformers():
     hf = _hf()
     q, k, v, g, beta, h0 = _inputs(2, 37, 3, 3, 32, 48, normalise=False)
-    o_ref, s_ref = hf.recurrent_kimi_delta_attention.__wrapped__(q, k, v, g, beta, initial_state=h0,
-                                                                  output_final_state=True,
-                                                                  use_qk_l2norm_in_kernel=True)
+    recurrent, chunked = _torch_fn(hf.recurrent_kimi_delta_attention), _torch_fn(hf.chunk_kimi_delta_attention)
+    o_ref, s_ref = recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                             use_qk_l2norm_in_kernel=True)
     o, s = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
     assert_close("recurrent o vs transformers", o_ref, o, 1e-5)
     assert_close("recurrent state vs transformers", s_ref, s, 1e-5)
-    o_ref, s_ref = hf.chunk_kimi_delta_attention.__wrapped__(q, k, v, g, beta, chunk_size=16, initial_state=h0,
-                                                              output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_ref, s_ref = chunked(q, k, v, g, beta, chunk_size=16, initial_state=h0, output_final_state=True,
+                           use_qk_l2norm_in_kernel=True)
     o, s = naive_chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True,
                            chunk_size=16)
     assert_close("chunk o vs transformers", o_ref, o, 1e-5)
