@@ -66,15 +66,16 @@
 # `beta [B, T, HV]`. A state is `[B, HV, K, V]`.
 
 # %% tags=["hide-input"]
-# Setup (the same in every chapter): on Colab, install minisparse from the book's branch, keeping Colab's torch;
-# anywhere, print the versions and the device this chapter runs on.
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
 import importlib.util, subprocess, sys
 
 if importlib.util.find_spec("minisparse") is None:
     if "google.colab" not in sys.modules:
-        raise ModuleNotFoundError("minisparse is not installed: from the repository root run `make lab`, "
-                                  "or `pip install -e .` in this kernel's environment")
-    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm; never replace its torch.
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
 import minisparse
@@ -1894,8 +1895,8 @@ class _ChunkKDA(torch.autograd.Function):
 
 
 def _recomputed_grads(q, k, v, g, beta, h0, scale, l2, do, dht):
-    """The gradients by autograd through the PyTorch chunk form, recomputed in fp32: the backward where
-    its kernels do not fit the GPU's shared memory. Warns once."""
+    """The gradients by autograd through the PyTorch chunk form, recomputed in fp32: the backward
+    where its kernels do not fit the GPU's shared memory. Warns once."""
     warnings.warn("chunk_kda: the backward kernels need more shared memory than this GPU gives a "
                   "block; computing the gradients with the PyTorch chunk form instead (slower)",
                   RuntimeWarning, stacklevel=3)

@@ -58,8 +58,8 @@ class _ChunkKDA(torch.autograd.Function):
 
 
 def _recomputed_grads(q, k, v, g, beta, h0, scale, l2, do, dht):
-    """The gradients by autograd through the PyTorch chunk form, recomputed in fp32: the backward where
-    its kernels do not fit the GPU's shared memory. Warns once."""
+    """The gradients by autograd through the PyTorch chunk form, recomputed in fp32: the backward
+    where its kernels do not fit the GPU's shared memory. Warns once."""
     warnings.warn("chunk_kda: the backward kernels need more shared memory than this GPU gives a "
                   "block; computing the gradients with the PyTorch chunk form instead (slower)",
                   RuntimeWarning, stacklevel=3)
