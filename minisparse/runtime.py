@@ -295,6 +295,36 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
+    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. Shared memory at
+    # K = V = 128 as compiled on a CPU (bench/notes/kda.md, not yet timed): the scans stage [C, K] fp32 tiles, so
+    # they run one stage; on a T4 (64 KiB) the forward fits, the backward's kernels do not and chunk_kda's
+    # backward falls back to PyTorch there.
+    "kda.fwd_intra": {  # 48 KiB; 8 warps spill 284 B of registers on sm_90, 4 warps 1 KiB
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(8, 2, BV=64), _cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
+        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.fwd_states": {  # 56 KiB (sm_90), 40 KiB (sm_75) at 8 warps, 1 stage
+        "interpreter": [_cfg(1, 1, BV=64)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.fwd_output": {  # 64 KiB at BV = 64, 2 stages; 24 KiB at BV = 32, 1 stage
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
+        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
+    "kda.bwd_states": {  # 80 KiB at 8 warps, 1 stage, BV = 32
+        "interpreter": [_cfg(1, 1, BV=64)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=16)],
+    },
+    "kda.bwd_chunk": {  # 160 KiB at 8 warps, 1 stage, BV = 32
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=16)],
+    },
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")
