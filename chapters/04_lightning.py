@@ -1032,39 +1032,41 @@ explorer = viz.explorer(draw_decay, log10_slope=(-4.0, 1.0, 0.25), chunk=[8, 16,
 # %% [markdown]
 # ## 4.8 Measure
 #
-# `bench/lightning.py` times `chunk_lightning_attn` on the H200 against fla's `chunk_simple_gla` with the same
-# constant decay (`g_gamma = -slope`), fla's `chunk_lightning_attn` (TransNormer's rates, the same cost) and SDPA
-# causal attention: $B = 2$, $H = 16$, $K = V = 128$, bf16, $T$ from 1K to 64K, forward and forward + backward.
-# This cell plots the committed `bench/results/lightning.json`.
+# `bench/lightning.py` times `chunk_lightning_attn` on the H200 against fla's `chunk_simple_gla` (the same decay,
+# `g_gamma = -slope`), fla's `chunk_lightning_attn` (TransNormer's rates) and SDPA causal attention at $B = 2$, $H = 16$,
+# $K = V = 128$ in bf16; the cell plots `bench/results/lightning.json` and prints its table (ratio: our time over fla's).
 
 # %%
 res = bench.load_results("lightning")  # committed with the book
-fig = bench.plot_passes(res, y="ms")
-for ax in fig.axes:
-    ax.set_yscale("log")
+bench.plot_passes(res, y="ms", logy=True)
 plt.show()
-short = lambda impl: impl.split(" (")[0].replace(" causal", "")  # noqa: E731
-ms_at = {(short(r["impl"]), r["pass"], r["T"]): r["ms"] for r in res["rows"]}
-ours, fla = "chunk_lightning_attn", "fla chunk_simple_gla"
-print(f"{res['device']}, {res['config']['dtype']}, {res['date']}: ms, ours / fla")
-for T in (2048, 8192, 65536):
-    m = {p: f"{ms_at[ours, p, T]:.2f} / {ms_at[fla, p, T]:.2f}" for p in ("fwd", "fwd+bwd")}
-    sdpa = ms_at["SDPA", "fwd", T]
-    print(f"T = {T:6d}  fwd {m['fwd']}  fwd+bwd {m['fwd+bwd']}  SDPA fwd {sdpa:.2f}")
-ratio = {p: [ms_at[ours, p, T] / ms_at[fla, p, T] for T in res["config"]["T"]]
-         for p in ("fwd", "fwd+bwd")}
-assert 1.4 < min(ratio["fwd"][1:]) and max(ratio["fwd"][1:]) < 2.0  # from 2K to 64K
-assert 0.94 < min(ratio["fwd+bwd"][3:]) and max(ratio["fwd+bwd"][3:]) < 1.03  # from 8K to 64K
-assert round(ms_at[ours, "fwd", 8192], 2) == 0.44 and round(ms_at[fla, "fwd", 8192], 2) == 0.31
-assert round(ms_at[ours, "fwd", 65536], 1) == 2.7 and round(ms_at["SDPA", "fwd", 65536]) == 57
+ms_at = {(r["impl"].split(" (")[0], r["pass"], r["T"]): r["ms"] for r in res["rows"]}
+ours, fla, sdpa = "chunk_lightning_attn", "fla chunk_simple_gla", "SDPA causal"
+Ts = res["config"]["T"]
+ratio = {p: {T: ms_at[ours, p, T] / ms_at[fla, p, T] for T in Ts} for p in ("fwd", "fwd+bwd")}
+print(f"{res['device']}, {res['config']['dtype']}, {res['date']}: ms, ours / fla = ratio")
+print("     T | fwd: ours    fla ratio | fwd+bwd: ours    fla ratio | SDPA fwd")
+for T in Ts:
+    f, b = (f"{ms_at[ours, p, T]:.3f} {ms_at[fla, p, T]:6.3f} {ratio[p][T]:5.2f}"
+            for p in ("fwd", "fwd+bwd"))
+    print(f"{T:6d} | {f:>22s} | {b:>26s} | {ms_at[sdpa, 'fwd', T]:8.3f}")
+r2 = {p: [round(ratio[p][T], 2) for T in Ts] for p in ratio}  # T = 1K, 2K, 4K, ..., 64K
+assert r2["fwd"][:2] == [0.48, 0.82] and all(0.095 < ms_at[fla, "fwd", T] < 0.115 for T in Ts[:3])
+assert (min(r2["fwd"][2:]), max(r2["fwd"][2:])) == (1.42, 1.50), r2  # takeaway 1
+both = r2["fwd+bwd"]  # takeaway 2: the largest ratio, 0.92, is below 1
+assert (both[0], min(both[3:]), max(both)) == (0.20, 0.91, 0.92), r2
+assert all((ms_at[sdpa, "fwd", T] < ms_at[ours, "fwd", T]) == (T <= 2048) for T in Ts)  # takeaway 3
+gap = {T: ms_at[sdpa, "fwd", T] / ms_at[ours, "fwd", T] for T in Ts}
+assert (round(ms_at[ours, "fwd", 65536], 1), round(ms_at[sdpa, "fwd", 65536])) == (2.3, 59)
+assert round(gap[65536]) == 25 and all(1.8 < gap[2 * T] / gap[T] < 2.1 for T in Ts[2:-1]), gap
 
 # %% [markdown]
-# **Takeaways** (H200, bf16, 2026-11-29; the table above):
-#
-# - The forward stays 1.4–2.0× behind fla's `chunk_simple_gla` from 2K to 64K tokens (0.44 ms against 0.31 ms at
-#   8K): it does not match fla yet.
-# - Forward + backward is on par with fla: 0.95–1.02× from 8K to 64K tokens.
-# - Both grow linearly in $T$: at 64K our forward takes 2.7 ms where causal softmax attention (SDPA) takes 57 ms.
+# **Takeaways** (H200, bf16, 2026-12-03; the table above):
+# - **The forward falls behind fla's once the work outweighs the launches**: 0.48× fla's time at 1K and 0.82× at
+#   2K, where fla's hardly moves (0.10–0.11 ms up to 4K), but 1.42–1.50× from 4K to 64K.
+# - **Forward + backward is faster than fla's at every length**: 0.20× fla's time at 1K, 0.91–0.92× from 8K to 64K.
+# - **Both grow linearly in $T$**: SDPA's causal forward is faster only up to 2K tokens; at 64K our forward takes
+#   2.3 ms where SDPA takes 59 ms (25×), and from 4K the gap about doubles with each doubling of $T$.
 
 # %% [markdown]
 # ## 4.9 Exercises
