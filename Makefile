@@ -52,7 +52,7 @@ unit: $(STAMP) ## tests/ on the CPU, the chapters <-> package checks included
 
 nbval: $(STAMP) ## execute every chapter notebook under nbval
 	@echo "==> executing every chapter under nbval"
-	$(BIN)/python -m pytest --nbval-lax -q -p no:cacheprovider $(NOTEBOOKS)
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=600 -q -p no:cacheprovider $(NOTEBOOKS)
 
 check: lint ## quick, before a commit: lint and `tools/chapters.py check` (`make test` runs both, once)
 	@echo "==> chapters -> package export, names, .py <-> .ipynb pairing, notebook outputs, setup cells"
