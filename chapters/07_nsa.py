@@ -1,0 +1,335 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 7 — Native Sparse Attention and MoBA
+#
+# OPENING
+
+# %% tags=["hide-input"]
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from minisparse import runtime, viz
+from minisparse.attention import attention_ref
+from minisparse.testing import assert_close, make_qkv
+
+torch.manual_seed(0)
+DEVICE = runtime.device()
+DTYPE = runtime.default_dtype()
+
+# %%
+#| export nsa.naive
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from minisparse import _checks
+from minisparse.attention.naive import attention_ref
+
+
+def check_nsa_qkv(op, q, k, v):
+    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ.
+    Returns (B, T, HQ, H, D, Dv)."""
+    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
+    _checks.tensor(op, "k", k, "[B, T, H, D]")
+    _checks.tensor(op, "v", v, "[B, T, H, Dv]")
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != D:
+        raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, T, H, Dv] with k's B, T, H = {tuple(k.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    _checks.divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
+    _checks.same_dtype(op, q=q, k=k, v=v)
+    _checks.same_device(op, q=q, k=k, v=v)
+    return B, T, HQ, H, D, v.shape[3]
+
+
+def check_block_size(op, block_size, name="block_size"):
+    """A block size is a power of two (the kernels tile a block with it)."""
+    bs = _checks.positive_int(op, name, block_size)
+    if bs & (bs - 1):
+        raise ValueError(f"{op}: {name} must be a power of two, got {bs}")
+    return bs
+
+
+def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
+    """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first token is not in
+    the query's future, `0 <= i` and `i * block_size <= t`. Values are checked by the book's value-check rule."""
+    _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
+    if block_indices.shape[:2] != (B, T) or block_indices.shape[2] not in (H, HQ):
+        raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = {HQ} heads, "
+                         f"one selection per query head), got {tuple(block_indices.shape)}")
+    if _checks.checking_values(naive, block_indices) and block_indices.numel():
+        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1)
+        bad_low = block_indices < -1
+        future = block_indices * block_size > t  # the block's first token comes after the query
+        if bool(bad_low.any()):
+            raise ValueError(f"{op}: block_indices must be >= -1 (-1 pads a row), got "
+                             f"{int(block_indices.min())}")
+        if bool(future.any()):
+            b, tt, h, s = (int(i) for i in future.nonzero()[0])
+            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {int(block_indices[b, tt, h, s])} "
+                             f"is out of range or in the future: query {tt} sees blocks 0..{tt // block_size}")
+
+
+def check_gate(op, name, g, B, T, HQ, like):
+    """A branch gate g [B, T, HQ] (already in [0, 1]), or None to drop the branch."""
+    if g is None:
+        return
+    _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]", "a gate per token and query head", like)
+
+# %%
+#| export nsa.naive
+def mean_pool(x, block_size):
+    """The simplest compression φ: each block of `block_size` tokens becomes the mean of its tokens.
+
+    x [B, T, H, D] -> [B, ceil(T / block_size), H, D]; a partial last block is the mean of the tokens it has.
+    """
+    _checks.tensor("mean_pool", "x", x, "[B, T, H, D]")
+    bs = check_block_size("mean_pool", block_size)
+    B, T, H, D = x.shape
+    NB = -(-T // bs)  # ceil(T / bs) blocks
+    padded = F.pad(x.float(), (0, 0, 0, 0, 0, NB * bs - T))  # [B, NB·bs, H, D] zeros past T
+    sums = padded.view(B, NB, bs, H, D).sum(2)  # [B, NB, H, D]
+    counts = (T - torch.arange(NB, device=x.device) * bs).clamp(max=bs)  # [NB] tokens in each block
+    return (sums / counts.view(1, NB, 1, 1)).to(x.dtype)
+
+
+class CompressKV(torch.nn.Module):
+    """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride + block_size);
+    its summary is an MLP of the block's tokens plus a learned intra-block position embedding.
+
+    φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a fresh
+    module equals `mean_pool` (stride = block_size) and training moves it from there. One module a K or V
+    stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D]; windows that run past T are
+    zero-padded (a query never sees them: a summary becomes visible once its last token is in the past).
+    """
+
+    def __init__(self, head_dim, block_size=64, stride=None, hidden=None):
+        super().__init__()
+        self.block_size = check_block_size("CompressKV", block_size)
+        self.stride = check_block_size("CompressKV", stride or block_size, "stride")
+        if self.stride > self.block_size:
+            raise ValueError(f"CompressKV: stride must be <= block_size = {block_size}, got {self.stride}")
+        hidden = hidden or 2 * head_dim
+        self.pos = torch.nn.Parameter(torch.zeros(self.block_size, head_dim))  # [l, D] intra-block position
+        self.up = torch.nn.Linear(self.block_size * head_dim, hidden)  # W₁
+        self.down = torch.nn.Linear(hidden, head_dim)  # W₂, zero at first
+        torch.nn.init.zeros_(self.down.weight)
+        torch.nn.init.zeros_(self.down.bias)
+
+    def forward(self, x):
+        B, T, H, D = x.shape
+        l, d = self.block_size, self.stride
+        N = -(-T // d)  # summaries, one every `stride` tokens
+        x = F.pad(x, (0, 0, 0, 0, 0, (N - 1) * d + l - T))  # [B, (N-1)·d + l, H, D]
+        blocks = x.unfold(1, l, d).permute(0, 1, 2, 4, 3)  # [B, N, H, l, D]
+        mlp = self.down(F.gelu(self.up((blocks + self.pos).flatten(-2))))  # [B, N, H, D]
+        return blocks.mean(-2) + mlp
+
+# %%
+#| export nsa.naive
+def compressed_scores(q, k_cmp, block_size, scale=None, stride=None):
+    """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once the summary's
+    last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of zeros.
+
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ).
+    """
+    B, T, HQ, D = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    scale = _checks.scale("compressed_attention", scale, D)
+    stride = block_size if stride is None else stride
+    k_rep = k_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
+    s = torch.einsum("bthd,bchd->bthc", q.float(), k_rep) * scale  # [B, T, HQ, N]
+    last = torch.arange(N, device=q.device) * stride + block_size - 1  # [N] last token of summary c
+    seen = last[None, :] <= torch.arange(T, device=q.device)[:, None]  # [T, N]
+    s = s.masked_fill(~seen[None, :, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with nothing visible: 0
+
+
+def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None):
+    """Branch 1, o_cmp = Σ_c p_cmp[t, c] · v_cmp[c]: attention over the block summaries.
+
+    q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32 inside).
+    """
+    op = "compressed_attention"
+    _checks.tensor(op, "k_cmp", k_cmp, "[B, N, H, D]")
+    _checks.tensor(op, "v_cmp", v_cmp, "[B, N, H, Dv]")
+    check_block_size(op, block_size)
+    if k_cmp.shape[:3] != v_cmp.shape[:3]:
+        raise ValueError(f"{op}: v_cmp must be [B, N, H, Dv] with k_cmp's B, N, H = "
+                         f"{tuple(k_cmp.shape[:3])}, got {tuple(v_cmp.shape)}")
+    p = compressed_scores(q, k_cmp, block_size, scale, stride)  # [B, T, HQ, N]
+    v_rep = v_cmp.float().repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)  # [B, N, HQ, Dv]
+    return torch.einsum("bthc,bchd->bthd", p, v_rep).to(q.dtype)
+
+# %%
+#| export nsa.naive
+def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
+    """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group, so a kernel
+    loads a block once for all its heads); block 0 and the query's own and previous blocks always kept.
+
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T, H, S]
+    int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible or surplus
+    slots.
+    """
+    op = "select_blocks"
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the previous one are "
+                         f"always kept), got {S}")
+    check_block_size(op, block_size)
+    B, T, HQ, _ = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    p = compressed_scores(q, k_cmp, block_size, scale)  # [B, T, HQ, N]
+    score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
+    t = torch.arange(T, device=q.device)[:, None]  # [T, 1]
+    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    own = t // block_size
+    forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
+    seen = (c + 1) * block_size - 1 <= t  # [T, N] complete blocks in the past
+    score = score.masked_fill(~seen[None, :, None], float("-inf"))
+    score = score.masked_fill(forced[None, :, None], float("inf"))
+    top_score, top = score.topk(min(S, N), dim=-1)  # [B, T, H, min(S, N)]
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values  # invisible: N, sorts last
+    top = top.masked_fill(top == N, -1)
+    return F.pad(top, (0, S - top.shape[-1]), value=-1)  # [B, T, H, S]
+
+# %%
+#| export nsa.naive
+def selection_mask(block_indices, T, block_size):
+    """Which keys each query may read: token s of block i when i is in the query's row of `block_indices`
+    and s <= t. block_indices [B, T, Hs, S] -> mask [B, T, Hs, T] bool (padding -1 selects nothing)."""
+    B, _, Hs, S = block_indices.shape
+    N = -(-T // block_size)
+    onehot = torch.zeros(B, T, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
+    onehot.scatter_(-1, block_indices.long().masked_fill(block_indices < 0, N), True)  # -1 -> slot N
+    keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, T, Hs, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=block_indices.device).tril()  # [T, T] s <= t
+    return keys & causal[None, :, None, :]
+
+
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
+    """Branch 2: softmax attention restricted to the tokens of the selected blocks (and s <= t).
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a GQA group;
+    [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no key gets 0.
+    """
+    op = "selected_attention"
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v)
+    check_block_size(op, block_size)
+    check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive=True)
+    scale = _checks.scale(op, scale, D)
+    mask = selection_mask(block_indices, T, block_size)  # [B, T, Hs, T]
+    mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, T, HQ, T]
+    k_rep, v_rep = (x.float().repeat_interleave(HQ // H, dim=2) for x in (k, v))  # [B, T, HQ, *]
+    s = torch.einsum("bthd,bshd->bths", q.float(), k_rep) * scale  # [B, T, HQ, T]
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bths,bshd->bthd", p, v_rep).to(q.dtype)
+
+# %%
+#| export nsa.naive
+def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512, scale=None,
+        block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
+    """Native Sparse Attention: o = g_cmp ⊙ o_cmp + g_slc ⊙ o_slc + g_swa ⊙ o_swa (NSA, eq. 5).
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None drops that
+    branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v); block_indices
+    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch.
+    Returns o [B, T, HQ, Dv] (and block_indices [B, T, H, S] when `return_block_indices`).
+    """
+    op = "nsa"
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v)
+    check_block_size(op, block_size)
+    W = _checks.positive_int(op, "window_size", window_size, zero=True)
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check_gate(op, name, g, B, T, HQ, q)
+    k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
+    v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
+    if block_indices is None:
+        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale)  # [B, T, H, S]
+    o = torch.zeros(B, T, HQ, Dv, dtype=torch.float32, device=q.device)
+    if g_cmp is not None:
+        o += g_cmp[..., None] * compressed_attention(q, k_cmp, v_cmp, block_size, scale).float()
+    if g_slc is not None:
+        o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size, scale).float()
+    if g_swa is not None and W > 0:
+        o += g_swa[..., None] * attention_ref(q, k, v, causal=True, scale=scale, window=W).float()
+    o = o.to(q.dtype)
+    return (o, block_indices) if return_block_indices else o
+
+# %%
+#| export nsa.naive
+def moba_select(q, k, chunk_size, topk):
+    """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps the best
+    `topk − 1` of them and always its own chunk (counted in `topk`).
+
+    q [B, T, HQ, D], k [B, T, H, D] -> block_indices [B, T, HQ, topk] int64, increasing, -1 padded.
+    """
+    op = "moba"
+    check_block_size(op, chunk_size, "chunk_size")
+    K = _checks.positive_int(op, "topk", topk)
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    k_bar = mean_pool(k, chunk_size).float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
+    N = k_bar.shape[1]
+    s = torch.einsum("bthd,bchd->bthc", q.float(), k_bar)  # [B, T, HQ, N] the gate's scores
+    own = torch.arange(T, device=q.device)[:, None] // chunk_size  # [T, 1]
+    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    s = s.masked_fill((c > own)[None, :, None], float("-inf"))  # future chunks
+    s = s.masked_fill((c == own)[None, :, None], float("inf"))  # the own chunk, always
+    top_score, top = s.topk(min(K, N), dim=-1)  # [B, T, HQ, min(K, N)]
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
+    return F.pad(top.masked_fill(top == N, -1), (0, K - top.shape[-1]), value=-1)
+
+
+def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
+    """MoBA: each query head attends causally over the union of the `topk` chunks its gate picks.
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T, HQ, topk]).
+    With topk >= the number of chunks it is causal dense attention.
+    """
+    check_nsa_qkv("moba", q, k, v)
+    idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
+    o = selected_attention(q, k, v, idx, chunk_size, scale)
+    return (o, idx) if return_block_indices else o

@@ -1,0 +1,179 @@
+"""Chapter 7: NSA and MoBA — the naive ops against fla's references and an own MoBA reference, the limits, the
+bad-input table (shared by the naive and Triton ops), the Triton kernels against the naive ops."""
+import math
+
+import pytest
+import torch
+
+import minisparse  # noqa: F401  before fla (see minisparse.runtime)
+from minisparse import nsa as N
+from minisparse.attention import attention_ref
+from minisparse.testing import assert_close, make_qkv
+
+fla_naive = pytest.importorskip("fla.ops.nsa.naive")
+
+
+def gates(B, T, HQ, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(B, T, HQ, generator=g) for _ in range(3)]
+
+
+# ------------------------------------------------------------------------------------------- naive vs fla
+@pytest.mark.parametrize("T,HQ,H,bs", [(37, 4, 2, 8), (64, 2, 2, 16), (50, 16, 1, 16)])
+def test_mean_pool_and_compressed_attention_match_fla(T, HQ, H, bs):
+    q, k, v = make_qkv(2, T, HQ, 16, HKV=H, seed=1)
+    kc, vc = N.mean_pool(k, bs), N.mean_pool(v, bs)
+    assert kc.shape == (2, math.ceil(T / bs), H, 16)
+    assert_close("last block", k[:, (kc.shape[1] - 1) * bs:].mean(1), kc[:, -1], 1e-6)
+    want, _ = fla_naive.naive_nsa_compression(q, kc, vc, bs, 16 ** -0.5)
+    assert_close("o_cmp", want, N.compressed_attention(q, kc, vc, bs), 1e-5)
+
+
+@pytest.mark.parametrize("T,HQ,H,bs,S", [(37, 4, 2, 8, 3), (100, 8, 2, 8, 5), (64, 16, 1, 16, 16),
+                                         (90, 2, 1, 8, 4)])
+def test_select_blocks_matches_fla_topk(T, HQ, H, bs, S):
+    q, k, _ = make_qkv(2, T, HQ, 16, HKV=H, seed=2)
+    kc = N.mean_pool(k, bs)
+    ours = N.select_blocks(q, kc, S, bs)
+    theirs = fla_naive.naive_nsa_topk(q, kc, S, bs, 16 ** -0.5)
+    assert ours.shape == theirs.shape == (2, T, H, S)
+    srt = lambda x: x.masked_fill(x < 0, 10**6).sort(-1).values  # noqa: E731  sets, padding last
+    assert torch.equal(srt(ours), srt(theirs))
+    valid = ours[ours >= 0]
+    assert torch.equal(ours, srt(ours).masked_fill(srt(ours) == 10**6, -1)) and valid.numel()
+
+
+@pytest.mark.parametrize("T,HQ,H,bs,S", [(37, 4, 2, 8, 3), (70, 2, 1, 16, 3), (48, 16, 1, 8, 4)])
+def test_selected_attention_matches_fla_selection(T, HQ, H, bs, S):
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=3)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), S, bs)
+    idx[:, ::5, :, -1] = -1  # padding in the middle of rows too
+    assert_close("o_slc", fla_naive.naive_nsa_selection(q, k, v, idx, bs), N.selected_attention(q, k, v, idx, bs),
+                 1e-5)
+
+
+def test_nsa_matches_fla_naive_nsa_plus_the_window_branch(monkeypatch):
+    B, T, HQ, H, bs, S, W = 1, 75, 16, 1, 16, 3, 20
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=4)
+    gc, gs, gw = gates(B, T, HQ)
+    if q.device.type == "cpu":  # fla 0.6's mean pooling is a Triton kernel that finds no driver in the interpreter:
+        # pool with ours (tested against the definition above), keep the rest of fla's naive_nsa
+        monkeypatch.setattr(fla_naive, "mean_pooling", lambda x, bs, cu_seqlens=None: N.mean_pool(x, bs))
+    want = fla_naive.naive_nsa(q, k, v, gc, gs, None, block_counts=S, block_size=bs, window_size=0)
+    o, idx = N.nsa(q, k, v, gc, gs, None, block_counts=S, block_size=bs, window_size=0, return_block_indices=True)
+    assert_close("nsa, window 0", want, o, 1e-5)
+    o_w = N.nsa(q, k, v, gc, gs, gw, block_counts=S, block_size=bs, window_size=W)
+    assert_close("window branch", want + gw[..., None] * attention_ref(q, k, v, window=W), o_w, 1e-5)
+
+
+def test_compress_kv_starts_as_mean_pooling_and_learns():
+    _, k, _ = make_qkv(2, 40, 2, 8, seed=6)
+    phi = N.CompressKV(8, block_size=8)
+    assert_close("fresh φ", N.mean_pool(k, 8)[:, :5], phi(k), 1e-6)
+    phi2 = N.CompressKV(8, block_size=16, stride=8)
+    out = phi2(k)
+    assert out.shape == (2, 5, 2, 8)
+    assert_close("overlapping windows", k[:, 8:24].mean(1), out[:, 1], 1e-6)
+    out.square().sum().backward()
+    assert phi2.down.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="stride must be <= block_size"):
+        N.CompressKV(8, block_size=8, stride=16)
+
+
+# ------------------------------------------------------------------------------------------- MoBA
+def moba_reference(q, k, v, chunk, topk):
+    """MoBA from its paper's definition, one query and one head at a time: gate scores ⟨q, mean(K_chunk)⟩ of
+    the complete past chunks, top-(k−1) of them plus the own chunk, causal softmax over their tokens."""
+    B, T, HQ, D = q.shape
+    G = HQ // k.shape[2]
+    o = torch.zeros(B, T, HQ, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(HQ):
+            kh, vh = k[b, :, h // G].double(), v[b, :, h // G].double()
+            for t in range(T):
+                own = t // chunk
+                past = [(float(q[b, t, h].double() @ kh[c * chunk:(c + 1) * chunk].mean(0)), c) for c in range(own)]
+                chosen = {c for _, c in sorted(past, reverse=True)[:topk - 1]} | {own}
+                keys = [s for s in range(t + 1) if s // chunk in chosen]
+                w = torch.softmax((kh[keys] @ q[b, t, h].double()) * D ** -0.5, 0)
+                o[b, t, h] = w @ vh[keys]
+    return o
+
+
+@pytest.mark.parametrize("T,HQ,H,chunk,topk", [(45, 2, 1, 8, 2), (64, 4, 2, 16, 3), (33, 3, 3, 4, 4)])
+def test_moba_matches_its_definition(T, HQ, H, chunk, topk):
+    q, k, v = make_qkv(1, T, HQ, 8, HKV=H, seed=7)
+    assert_close("moba", moba_reference(q, k, v, chunk, topk), N.moba(q, k, v, chunk, topk).double(), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- limits
+def test_every_block_selected_is_causal_attention():
+    T, bs = 53, 8
+    q, k, v = make_qkv(2, T, 4, 16, HKV=2, seed=8)
+    nb = math.ceil(T / bs)
+    all_blocks = torch.arange(nb).view(1, 1, 1, nb).expand(2, T, 2, nb).clone()
+    all_blocks[all_blocks * bs > torch.arange(T).view(1, T, 1, 1)] = -1
+    want = attention_ref(q, k, v)
+    assert_close("all blocks", want, N.selected_attention(q, k, v, all_blocks, bs), 1e-5)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), nb, bs)  # block_counts >= blocks: every visible block
+    assert_close("select all", want, N.selected_attention(q, k, v, idx, bs), 1e-5)
+
+
+def test_moba_with_topk_at_least_the_chunks_is_dense_causal():
+    q, k, v = make_qkv(1, 50, 4, 8, HKV=1, seed=9)
+    assert_close("moba dense", attention_ref(q, k, v), N.moba(q, k, v, 8, 7), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _inputs(T=20, HQ=4, H=2, bs=8):
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=11)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), 3, bs)
+    return q, k, v, idx
+
+
+def _future(idx):
+    idx = idx.clone()
+    idx[0, 3, 0, 0] = 1  # query 3 cannot see block 1 (tokens 8..15)
+    return idx
+
+
+# (what is wrong, how to break the arguments of selected_attention(q, k, v, idx, block_size), error, message)
+SELECTION_BAD_INPUT = [
+    ("index in the future", lambda q, k, v, i, bs: (q, k, v, _future(i), bs), ValueError, "in the future"),
+    ("index past the end", lambda q, k, v, i, bs: (q, k, v, i.masked_fill(i == 2, 9), bs), ValueError,
+     "out of range"),
+    ("index below -1", lambda q, k, v, i, bs: (q, k, v, i.masked_fill(i == 0, -2), bs), ValueError, ">= -1"),
+    ("float indices", lambda q, k, v, i, bs: (q, k, v, i.float(), bs), TypeError, "int32 or int64"),
+    ("indices of another length", lambda q, k, v, i, bs: (q, k, v, i[:, :5], bs), ValueError, r"\[B, T, H, S\]"),
+    ("block size not a power of two", lambda q, k, v, i, bs: (q, k, v, i, 12), ValueError, "power of two"),
+    ("HQ not a multiple of H", lambda q, k, v, i, bs: (q[:, :, :3], k, v, i, bs), ValueError, "must divide"),
+    ("k of another length", lambda q, k, v, i, bs: (q, k[:, :7], v[:, :7], i, bs), ValueError, "q's B, T"),
+    ("v of other heads", lambda q, k, v, i, bs: (q, k, v[:, :, :1], i, bs), ValueError, "k's B, T, H"),
+    ("mixed dtypes", lambda q, k, v, i, bs: (q, k.double(), v, i, bs), TypeError, "one dtype"),
+]
+
+
+def selection_ops():
+    return {"naive": N.selected_attention}
+
+
+@pytest.mark.parametrize("backend", ["naive"])
+@pytest.mark.parametrize("what,make,error,message", SELECTION_BAD_INPUT, ids=[r[0] for r in SELECTION_BAD_INPUT])
+def test_selection_bad_input(backend, what, make, error, message):
+    q, k, v, idx = _inputs()
+    with pytest.raises(error, match=message):
+        selection_ops()[backend](*make(q, k, v, idx, 8))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, window_size=-1), "window_size"),
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, block_counts=2), "block_counts must be >= 3"),
+    (lambda q, k, v: N.nsa(q, k, v, q[:, :, :2, 0], None, None, block_size=8), r"g_cmp must be \[B, T, HQ\]"),
+    (lambda q, k, v: N.moba(q, k, v, 6, 2), "chunk_size must be a power of two"),
+    (lambda q, k, v: N.moba(q, k, v, 8, 0), "topk"),
+    (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 4), 8), "v_cmp"),
+])
+def test_nsa_and_moba_bad_input(call, message):
+    q, k, v, _ = _inputs()
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(q, k, v)
