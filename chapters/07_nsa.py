@@ -63,15 +63,17 @@ from minisparse import _checks
 from minisparse.attention.naive import attention_ref
 
 
-def check_nsa_qkv(op, q, k, v):
-    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ.
-    Returns (B, T, HQ, H, D, Dv)."""
+def check_nsa_qkv(op, q, k, v, fewer_queries=False):
+    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ
+    (`fewer_queries`: q may have TQ <= T tokens, the last TQ positions). Returns (B, T, HQ, H, D, Dv)."""
     _checks.tensor(op, "q", q, "[B, T, HQ, D]")
     _checks.tensor(op, "k", k, "[B, T, H, D]")
     _checks.tensor(op, "v", v, "[B, T, H, Dv]")
     B, T, HQ, D = q.shape
     H = k.shape[2]
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != D:
+    if fewer_queries and k.shape[0] == B and k.shape[1] >= T:
+        T = k.shape[1]  # decoding: q holds the last TQ positions
+    if k.shape[:2] != (B, T) or k.shape[3] != D:
         raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{op}: v must be [B, T, H, Dv] with k's B, T, H = {tuple(k.shape[:3])}, "
@@ -90,9 +92,10 @@ def check_block_size(op, block_size, name="block_size"):
     return bs
 
 
-def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
+def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
     """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first token is not in
-    the query's future, `0 <= i` and `i * block_size <= t`. Values are checked by the book's value-check rule."""
+    the query's future, `0 <= i` and `i * block_size <= t` (query t at position t + offset). Values are checked
+    by the book's value-check rule."""
     _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
@@ -100,7 +103,7 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
         raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = {HQ} heads, "
                          f"one selection per query head), got {tuple(block_indices.shape)}")
     if _checks.checking_values(naive, block_indices) and block_indices.numel():
-        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1)
+        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1) + offset
         bad_low = block_indices < -1
         future = block_indices * block_size > t  # the block's first token comes after the query
         if bool(bad_low.any()):
@@ -109,7 +112,7 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
         if bool(future.any()):
             b, tt, h, s = (int(i) for i in future.nonzero()[0])
             raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {int(block_indices[b, tt, h, s])} "
-                             f"is out of range or in the future: query {tt} sees blocks 0..{tt // block_size}")
+                             f"is out of range or in the future: query {tt} sees blocks 0..{(tt + offset) // block_size}")
 
 
 def check_gate(op, name, g, B, T, HQ, like):
@@ -333,3 +336,329 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
     o = selected_attention(q, k, v, idx, chunk_size, scale)
     return (o, idx) if return_block_indices else o
+
+# %%
+#| export nsa.triton
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import _checks, runtime
+from minisparse.nsa.naive import check_block_indices, check_block_size, check_nsa_qkv
+
+_INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
+
+
+@triton.jit
+def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, scale,
+                         HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
+                         S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query heads that
+    share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
+
+        q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
+        for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
+            for each BN-key tile of the block:                 k tile [BN, BD], v tile [BN, BDV]
+                s = q kᵀ · scale   [BG, BN]  (keys after the query masked)
+                online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
+        o = acc / l [BG, DV],  lse = m + log l [BG]
+
+    Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token a K/V
+    head, whatever G is.
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hs = i_bh // HS, i_bh % HS
+    i_h = i_hs // (HS // H)
+    pos = i_t + TK - TQ  # the query's position among the keys
+    o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_hs * G + o_g  # [BG] rows of q, o, lse
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D), other=0.0)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BDV], tl.float32)
+    for i_s in range(S):
+        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_s)
+        if i_blk >= 0:
+            for i_n in range(0, BS, BN):
+                if i_blk * BS + i_n <= pos:  # a tile wholly after the query adds nothing
+                    o_s = i_blk * BS + i_n + o_n  # [BN] key positions
+                    m_s = o_s <= pos
+                    kv_row = (i_b * TK + o_s) * H + i_h  # [BN]
+                    b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
+                                  mask=m_s[None, :] & (o_d[:, None] < D), other=0.0)  # [BD, BN]
+                    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                                  mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+                    b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale  # [BG, BN]
+                    b_s = tl.where(m_s[None, :], b_s, float("-inf"))
+                    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                    b_p = tl.exp(b_s - b_mn[:, None])  # [BG, BN]
+                    alpha = tl.exp(b_m - b_mn)
+                    b_l = b_l * alpha + tl.sum(b_p, 1)
+                    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+                    b_m = b_mn
+    seen = b_l > 0  # a query with no key: o = 0
+    b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
+    tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_g[:, None] & (o_dv[None, :] < DV))
+    tl.store(lse_ptr + row, tl.where(seen, b_m + tl.log(tl.where(seen, b_l, 1.0)), 0.0), mask=m_g)
+
+# %%
+#| export nsa.triton
+@triton.jit
+def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, TQ, TK, scale,
+                        HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
+                        S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                        BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Selected attention, dQ. The forward's program and loop; per tile, with P recomputed from the lse,
+
+        dP = dO vᵀ [BG, BN],  dS = P ⊙ (dP − δ),  dq += dS k · scale   (δ = rowsum(dO ⊙ O)).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hs = i_bh // HS, i_bh % HS
+    i_h = i_hs // (HS // H)
+    pos = i_t + TK - TQ
+    o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_hs * G + o_g  # [BG]
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D), other=0.0)
+    b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :], mask=m_g[:, None] & (o_dv[None, :] < DV),
+                   other=0.0)
+    b_lse = tl.load(lse_ptr + row, mask=m_g, other=0.0)
+    b_delta = tl.load(delta_ptr + row, mask=m_g, other=0.0)
+    b_dq = tl.zeros([BG, BD], tl.float32)
+    for i_s in range(S):
+        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_s)
+        if i_blk >= 0:
+            for i_n in range(0, BS, BN):
+                if i_blk * BS + i_n <= pos:
+                    o_s = i_blk * BS + i_n + o_n
+                    m_s = o_s <= pos
+                    kv_row = (i_b * TK + o_s) * H + i_h
+                    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
+                                  mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+                    b_v = tl.load(v_ptr + kv_row[None, :] * DV + o_dv[:, None],
+                                  mask=m_s[None, :] & (o_dv[:, None] < DV), other=0.0)  # [BDV, BN]
+                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BG, BN]
+                    b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+                    b_dp = tl.dot(b_do, b_v, input_precision=PRECISION)  # [BG, BN]
+                    b_ds = b_p * (b_dp - b_delta[:, None])
+                    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    tl.store(dq_ptr + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=m_g[:, None] & (o_d[None, :] < D))
+
+# %%
+#| export nsa.triton
+@triton.jit
+def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, entries_ptr,
+                         dk_ptr, dv_ptr, TQ, TK, NB, scale,
+                         HQ: tl.constexpr, H: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+                         BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr,
+                         BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one block of
+    K/V head i_h and walks the list of (query token, selection head) pairs that selected that block — the
+    inverse of block_indices, built on the host by one sort (`_inverse_index`). BR/BG entries a step, each
+    the BG query heads of one pair, stacked into BR rows:
+
+        k, v tiles [BN, BD], [BN, BDV] (loaded once)
+        for each BR-row step of the list:  q [BR, BD], dO [BR, BDV], lse, δ [BR]
+            P = exp(q kᵀ · scale − lse),  dv += Pᵀ dO,  dS = P ⊙ (dO vᵀ − δ),  dk += dSᵀ q · scale
+
+    No atomics: every dk, dv row has one owner.
+    """
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_blk = (i_n * BN) // BS
+    o_d, o_dv, o_r = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BR)
+    o_s = i_n * BN + tl.arange(0, BN)  # [BN] key positions
+    m_s = o_s < TK
+    kv_row = (i_b * TK + o_s) * H + i_h
+    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :], mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :], mask=m_s[:, None] & (o_dv[None, :] < DV),
+                  other=0.0)
+    b_dk = tl.zeros([BN, BD], tl.float32)
+    b_dv = tl.zeros([BN, BDV], tl.float32)
+    start = tl.load(offsets_ptr + i_bh * NB + i_blk)
+    end = tl.load(offsets_ptr + i_bh * NB + i_blk + 1)
+    for i in range(start, end, BR // BG):
+        o_e = i + o_r // BG  # [BR] list entry of each row
+        g = o_r % BG  # [BR] query head within the group
+        m_r = (o_e < end) & (g < G)
+        e = tl.load(entries_ptr + o_e, mask=m_r, other=0)  # t · R + selection head within the K/V head
+        t = e // R
+        row = (i_b * TQ + t) * HQ + (i_h * R + e % R) * G + g  # [BR] rows of q, dO, lse, δ
+        b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+        b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv[None, :] < DV),
+                       other=0.0)
+        b_lse = tl.load(lse_ptr + row, mask=m_r, other=0.0)
+        b_delta = tl.load(delta_ptr + row, mask=m_r, other=0.0)
+        m = m_r[:, None] & (o_s[None, :] <= (t + TK - TQ)[:, None])  # [BR, BN] causal
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BR, BN]
+        b_p = tl.where(m, tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BR, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=PRECISION)
+    tl.store(dk_ptr + kv_row[:, None] * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=m_s[:, None] & (o_d[None, :] < D))
+    tl.store(dv_ptr + kv_row[:, None] * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty),
+             mask=m_s[:, None] & (o_dv[None, :] < DV))
+
+# %%
+#| export nsa.triton
+def _meta(q, v, H, HS, S, block_size):
+    """The compile-time constants of a call."""
+    HQ, D, DV = q.shape[2], q.shape[3], v.shape[3]
+    G = HQ // HS
+    return dict(HQ=HQ, H=H, HS=HS, G=G, S=S, BS=block_size, D=D, DV=DV, BG=max(16, triton.next_power_of_2(G)),
+                BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
+                PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32 in: fp32 products, not tf32
+
+
+def _fit_keys(block_size):
+    """Cap the key tile at the block: a tile never straddles two blocks."""
+    return lambda c: {**c, "BN": min(c["BN"], block_size)}
+
+
+def _selection_forward(q, k, v, idx, block_size, scale, row):
+    B, TQ, HQ, _ = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    HS, S = idx.shape[2], idx.shape[3]
+    meta = _meta(q, v, H, HS, S, block_size)
+    o = torch.empty(B, TQ, HQ, v.shape[3], device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
+    runtime.launch(row + ".fwd", selection_fwd_kernel, lambda c: (TQ, B * HS),
+                   (q, k, v, idx, o, lse, TQ, TK, scale), meta, device=q.device, dtype=q.dtype,
+                   key=(meta["BD"], meta["BDV"], block_size), fit=_fit_keys(block_size), instead=_INSTEAD)
+    return o, lse
+
+
+def _inverse_index(idx, H, NB):
+    """For each (batch, K/V head, block): the (query token, selection head) pairs that selected it, as one
+    sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB + 1] into it.
+    One sort on the device, no host sync."""
+    B, TQ, HS, S = idx.shape
+    R = HS // H
+    b = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
+    t = torch.arange(TQ, device=idx.device).view(1, TQ, 1, 1)
+    hs = torch.arange(HS, device=idx.device).view(1, 1, HS, 1)
+    key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)  # padding sorts last
+    key, order = key.flatten().sort(stable=True)
+    entries = (t * R + hs % R).expand(B, TQ, HS, S).flatten()[order].to(torch.int32)
+    counts = torch.bincount(key, minlength=B * H * NB + 1)[: B * H * NB]
+    offsets = torch.zeros(B * H * NB + 1, dtype=torch.int32, device=idx.device)
+    offsets[1:] = counts.cumsum(0)
+    return offsets, entries
+
+
+def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
+    B, TQ, HQ, _ = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    HS, S = idx.shape[2], idx.shape[3]
+    meta = _meta(q, v, H, HS, S, block_size)
+    delta = (o.float() * do.float()).sum(-1)  # [B, TQ, HQ] δ = rowsum(dO ⊙ O)
+    dq = torch.empty_like(q)
+    common = dict(device=q.device, dtype=q.dtype, key=(meta["BD"], meta["BDV"], block_size),
+                  fit=_fit_keys(block_size), instead=_INSTEAD)
+    runtime.launch(row + ".dq", selection_dq_kernel, lambda c: (TQ, B * HS),
+                   (q, k, v, idx, do, lse, delta, dq, TQ, TK, scale), meta, **common)
+    NB = triton.cdiv(TK, block_size)
+    offsets, entries = _inverse_index(idx, H, NB)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    kv_meta = {n: meta[n] for n in ("HQ", "H", "G", "BS", "D", "DV", "BD", "BDV", "PRECISION")}
+    kv_meta.update(R=HS // H, BG=triton.next_power_of_2(meta["G"]))
+    runtime.launch(row + ".dkv", selection_dkv_kernel, lambda c: (triton.cdiv(TK, c["BN"]), B * H),
+                   (q, k, v, do, lse, delta, offsets, entries, dk, dv, TQ, TK, NB, scale),
+                   kv_meta, **{**common, "fit": lambda c: {**_fit_keys(block_size)(c),
+                                                            "BR": max(c["BR"], kv_meta["BG"])}})
+    return dq, dk, dv
+
+# %%
+#| export nsa.triton
+class SelectedAttentionFunction(torch.autograd.Function):
+    """Autograd glue: the forward saves q, k, v, the indices, o and lse; the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, block_size, scale, row):
+        o, lse = _selection_forward(q, k, v, idx, block_size, scale, row)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.block_size, ctx.scale, ctx.row = block_size, scale, row
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        dq, dk, dv = _selection_backward(do.contiguous(), q, k, v, idx, o, lse, ctx.block_size, ctx.scale,
+                                         ctx.row)
+        return dq, dk, dv, None, None, None, None
+
+
+def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=None):
+    """`selected_attention` in Triton, forward and backward, any GQA group size HQ / H ≥ 1.
+
+    q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ positions, so
+    TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or [B, TQ, HQ, S] (one a
+    query head), int32/int64, -1 padded, each row's blocks distinct. Returns o [B, TQ, HQ, DV] in q's dtype.
+    """
+    return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
+
+
+def _selected(q, k, v, block_indices, block_size, scale, row):
+    op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
+    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
+    bs = check_block_size(op, block_size)
+    if bs < 16:
+        raise ValueError(f"{op}: block_size must be >= 16 (a tensor-core tile), got {bs}")
+    _checks.triton_inputs(op, q, k, v, block_indices, max_dims={"D": (D, 256), "DV": (DV, 256)},
+                          instead=_INSTEAD)
+    check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=False, offset=T - TQ)
+    scale = _checks.scale(op, scale, D)
+    q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
+    return SelectedAttentionFunction.apply(q, k, v, idx, bs, scale, row)
+# %%
+#| export nsa.triton
+from minisparse.attention.triton import flash_attention
+from minisparse.nsa.naive import check_gate, compressed_attention, mean_pool, moba_select, select_blocks
+
+
+def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
+    """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch) picks
+    each query head's chunks, then the selection kernels run with one selection a query head.
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T, HQ, topk]).
+    """
+    check_nsa_qkv("parallel_moba", q, k, v)
+    idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
+    o = _selected(q, k, v, idx, chunk_size, scale, "moba.selection")
+    return (o, idx) if return_block_indices else o
+
+
+def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512, scale=None,
+                 block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
+    """`nsa` with the selection branch in Triton and the window branch by chapter 1's `flash_attention`; the
+    compressed branch and the selection stay in PyTorch (T / block_size summaries a query). Same arguments
+    and results as `nsa`.
+    """
+    op = "parallel_nsa"
+    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v)
+    W = _checks.positive_int(op, "window_size", window_size, zero=True)
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check_gate(op, name, g, B, T, HQ, q)
+    k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
+    v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
+    if block_indices is None:
+        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale)
+    o = torch.zeros(B, T, HQ, DV, dtype=torch.float32, device=q.device)
+    if g_cmp is not None:
+        o = o + g_cmp[..., None] * compressed_attention(q, k_cmp, v_cmp, block_size, scale).float()
+    if g_slc is not None:
+        o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale, "nsa.selection").float()
+    if g_swa is not None and W > 0:
+        o = o + g_swa[..., None] * flash_attention(q, k, v, causal=True, scale=scale, window=W).float()
+    o = o.to(q.dtype)
+    return (o, block_indices) if return_block_indices else o

@@ -295,6 +295,27 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
+    # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
+    # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
+    # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage; the H100/H200 row is unmeasured (no sweep yet).
+    **{f"{kind}.selection.fwd": {
+        "interpreter": [_cfg(BN=64)],
+        "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
+    } for kind in ("nsa", "moba")},
+    **{f"{kind}.selection.dq": {
+        "interpreter": [_cfg(BN=64)],
+        "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
+    } for kind in ("nsa", "moba")},
+    **{f"{kind}.selection.dkv": {
+        "interpreter": [_cfg(BN=64, BR=64)],
+        "sm_90": [_cfg(4, 2, BN=64, BR=64), _cfg(4, 1, BN=32, BR=32)],
+        "sm_80": [_cfg(4, 2, BN=64, BR=64), _cfg(4, 1, BN=32, BR=32)],
+        "sm_75": [_cfg(4, 1, BN=32, BR=32), _cfg(4, 1, BN=16, BR=16)],
+    } for kind in ("nsa", "moba")},
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")

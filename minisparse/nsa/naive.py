@@ -9,15 +9,17 @@ from minisparse import _checks
 from minisparse.attention.naive import attention_ref
 
 
-def check_nsa_qkv(op, q, k, v):
-    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ.
-    Returns (B, T, HQ, H, D, Dv)."""
+def check_nsa_qkv(op, q, k, v, fewer_queries=False):
+    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ
+    (`fewer_queries`: q may have TQ <= T tokens, the last TQ positions). Returns (B, T, HQ, H, D, Dv)."""
     _checks.tensor(op, "q", q, "[B, T, HQ, D]")
     _checks.tensor(op, "k", k, "[B, T, H, D]")
     _checks.tensor(op, "v", v, "[B, T, H, Dv]")
     B, T, HQ, D = q.shape
     H = k.shape[2]
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != D:
+    if fewer_queries and k.shape[0] == B and k.shape[1] >= T:
+        T = k.shape[1]  # decoding: q holds the last TQ positions
+    if k.shape[:2] != (B, T) or k.shape[3] != D:
         raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{op}: v must be [B, T, H, Dv] with k's B, T, H = {tuple(k.shape[:3])}, "
@@ -36,9 +38,10 @@ def check_block_size(op, block_size, name="block_size"):
     return bs
 
 
-def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
+def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
     """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first token is not in
-    the query's future, `0 <= i` and `i * block_size <= t`. Values are checked by the book's value-check rule."""
+    the query's future, `0 <= i` and `i * block_size <= t` (query t at position t + offset). Values are checked
+    by the book's value-check rule."""
     _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
@@ -46,7 +49,7 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
         raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = {HQ} heads, "
                          f"one selection per query head), got {tuple(block_indices.shape)}")
     if _checks.checking_values(naive, block_indices) and block_indices.numel():
-        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1)
+        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1) + offset
         bad_low = block_indices < -1
         future = block_indices * block_size > t  # the block's first token comes after the query
         if bool(bad_low.any()):
@@ -55,7 +58,7 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive):
         if bool(future.any()):
             b, tt, h, s = (int(i) for i in future.nonzero()[0])
             raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {int(block_indices[b, tt, h, s])} "
-                             f"is out of range or in the future: query {tt} sees blocks 0..{tt // block_size}")
+                             f"is out of range or in the future: query {tt} sees blocks 0..{(tt + offset) // block_size}")
 
 
 def check_gate(op, name, g, B, T, HQ, like):
