@@ -8,7 +8,8 @@ import torch
 import minisparse  # noqa: F401  before fla (see minisparse.runtime)
 from minisparse import nsa as N
 from minisparse.attention import attention_ref
-from minisparse.testing import assert_close, make_qkv
+from minisparse import runtime
+from minisparse.testing import TOLERANCES, assert_close, make_qkv
 
 fla_naive = pytest.importorskip("fla.ops.nsa.naive")
 
@@ -125,7 +126,7 @@ def test_moba_with_topk_at_least_the_chunks_is_dense_causal():
 
 
 # ------------------------------------------------------------------------------------------- bad input
-def _inputs(T=20, HQ=4, H=2, bs=8):
+def _inputs(T=40, HQ=4, H=2, bs=16):
     q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=11)
     idx = N.select_blocks(q, N.mean_pool(k, bs), 3, bs)
     return q, k, v, idx
@@ -133,7 +134,7 @@ def _inputs(T=20, HQ=4, H=2, bs=8):
 
 def _future(idx):
     idx = idx.clone()
-    idx[0, 3, 0, 0] = 1  # query 3 cannot see block 1 (tokens 8..15)
+    idx[0, 3, 0, 0] = 1  # query 3 cannot see block 1 (tokens 16..31)
     return idx
 
 
@@ -154,15 +155,15 @@ SELECTION_BAD_INPUT = [
 
 
 def selection_ops():
-    return {"naive": N.selected_attention}
+    return {"naive": N.selected_attention, "triton": N.parallel_selected_attention}
 
 
-@pytest.mark.parametrize("backend", ["naive"])
+@pytest.mark.parametrize("backend", ["naive", "triton"])
 @pytest.mark.parametrize("what,make,error,message", SELECTION_BAD_INPUT, ids=[r[0] for r in SELECTION_BAD_INPUT])
 def test_selection_bad_input(backend, what, make, error, message):
     q, k, v, idx = _inputs()
     with pytest.raises(error, match=message):
-        selection_ops()[backend](*make(q, k, v, idx, 8))
+        selection_ops()[backend](*make(q, k, v, idx, 16))
 
 
 @pytest.mark.parametrize("call,message", [
@@ -177,3 +178,81 @@ def test_nsa_and_moba_bad_input(call, message):
     q, k, v, _ = _inputs()
     with pytest.raises((ValueError, TypeError), match=message):
         call(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------- Triton vs naive
+DEV = runtime.device()
+DTYPES = [torch.float32] if DEV.type == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def _grads(out, inputs, do):
+    return torch.autograd.grad(out, inputs, do)
+
+
+def _against_naive(fast, naive, q, k, v, dtype, what):
+    """fast(q, k, v) vs naive(q, k, v) in fp32 from the same (rounded) inputs: forward and every gradient."""
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    q, k, v = (x.to(DEV, dtype).detach().requires_grad_() for x in (q, k, v))
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o, ref = fast(q, k, v), naive(q32, k32, v32)
+    assert_close(f"{what}: o", ref, o.float(), fwd_tol)
+    do = torch.randn(o.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
+    for n, want, got in zip("qkv", _grads(ref, (q32, k32, v32), do), _grads(o, (q, k, v), do.to(dtype))):
+        assert_close(f"{what}: d{n}", want, got.float(), grad_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,HQ,H,D,bs,S", [
+    (45, 2, 2, 16, 16, 3),  # group 1, T not a multiple of the block
+    (37, 4, 2, 24, 16, 4),  # group 2, D not a power of two
+    (40, 16, 1, 16, 16, 3),  # group 16
+    (70, 6, 2, 16, 32, 3),  # group 3 (padded to 16 rows), two key tiles a block on the GPU rows
+])
+def test_selection_kernel_matches_naive(poisoned, dtype, T, HQ, H, D, bs, S):
+    q, k, v = make_qkv(1, T, HQ, D, HKV=H, seed=12, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), S, bs)
+    idx[:, 1::4, :, -1] = -1  # padding inside rows
+    _against_naive(lambda q, k, v: N.parallel_selected_attention(q, k, v, idx, bs),
+                   lambda q, k, v: N.selected_attention(q, k, v, idx, bs), q, k, v, dtype, f"G={HQ // H}")
+
+
+def test_selection_kernel_disagrees_with_a_wrong_selection():
+    """The comparison can fail: the kernel given one block fewer is not the naive op on the full selection."""
+    q, k, v = make_qkv(1, 40, 2, 16, HKV=1, seed=13, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, 16), 3, 16)
+    fewer = idx.clone()
+    fewer[:, :, :, 0] = -1  # drop block 0
+    with pytest.raises(AssertionError, match="relative RMS"):
+        assert_close("o", N.selected_attention(q, k, v, idx, 16),
+                     N.parallel_selected_attention(q, k, v, fewer, 16), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,HQ,H,chunk,topk", [(50, 2, 1, 16, 2), (40, 4, 4, 16, 2)])
+def test_moba_kernel_matches_naive(poisoned, dtype, T, HQ, H, chunk, topk):
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=14, device=DEV)
+    idx = N.moba_select(q, k, chunk, topk)  # fixed, so that rounding cannot flip a choice
+    _against_naive(lambda q, k, v: N.parallel_selected_attention(q, k, v, idx, chunk),
+                   lambda q, k, v: N.selected_attention(q, k, v, idx, chunk), q, k, v, dtype, "per head")
+    o, got = N.parallel_moba(q, k, v, chunk, topk, return_block_indices=True)
+    assert torch.equal(got, idx)
+    assert_close("parallel_moba", N.moba(q, k, v, chunk, topk), o, 1e-4)
+
+
+def test_decoding_step_reads_only_the_selected_blocks(poisoned):
+    """TQ < T: the queries are the last positions; one token decodes against the whole cache."""
+    T, bs = 75, 16
+    q, k, v = make_qkv(1, T, 4, 16, HKV=2, seed=15, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), 3, bs)
+    full = N.selected_attention(q, k, v, idx, bs)
+    for TQ in (1, 3):
+        o = N.parallel_selected_attention(q[:, -TQ:], k, v, idx[:, -TQ:], bs)
+        assert_close(f"decode TQ={TQ}", full[:, -TQ:], o, 1e-4)
+
+
+def test_parallel_nsa_matches_nsa():
+    B, T, HQ, H, bs = 1, 70, 4, 2, 16
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=16, device=DEV)
+    gc, gs, gw = (g.to(DEV) for g in gates(B, T, HQ))
+    kw = dict(block_counts=3, block_size=bs, window_size=20)
+    assert_close("parallel_nsa", N.nsa(q, k, v, gc, gs, gw, **kw), N.parallel_nsa(q, k, v, gc, gs, gw, **kw), 1e-4)
