@@ -172,11 +172,12 @@ class CompressKV(torch.nn.Module):
 
 # %%
 #| export nsa.naive
-def compressed_scores(q, k_cmp, block_size, scale=None, stride=None):
+def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once the summary's
     last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of zeros.
 
-    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ).
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset (decoding:
+    q holds the last tokens only).
     """
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -185,12 +186,12 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None):
     k_rep = k_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
     s = torch.einsum("bthd,bchd->bthc", q.float(), k_rep) * scale  # [B, T, HQ, N]
     last = torch.arange(N, device=q.device) * stride + block_size - 1  # [N] last token of summary c
-    seen = last[None, :] <= torch.arange(T, device=q.device)[:, None]  # [T, N]
+    seen = last[None, :] <= torch.arange(T, device=q.device)[:, None] + offset  # [T, N]
     s = s.masked_fill(~seen[None, :, None, :], float("-inf"))
     return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with nothing visible: 0
 
 
-def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None):
+def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, offset=0):
     """Branch 1, o_cmp = Σ_c p_cmp[t, c] · v_cmp[c]: attention over the block summaries.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32 inside).
@@ -202,19 +203,19 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None):
     if k_cmp.shape[:3] != v_cmp.shape[:3]:
         raise ValueError(f"{op}: v_cmp must be [B, N, H, Dv] with k_cmp's B, N, H = "
                          f"{tuple(k_cmp.shape[:3])}, got {tuple(v_cmp.shape)}")
-    p = compressed_scores(q, k_cmp, block_size, scale, stride)  # [B, T, HQ, N]
+    p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
     v_rep = v_cmp.float().repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)  # [B, N, HQ, Dv]
     return torch.einsum("bthc,bchd->bthd", p, v_rep).to(q.dtype)
 
 # %%
 #| export nsa.naive
-def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
+def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
     """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group, so a kernel
     loads a block once for all its heads); block 0 and the query's own and previous blocks always kept.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T, H, S]
     int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible or surplus
-    slots.
+    slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
     S = _checks.positive_int(op, "block_counts", block_counts)
@@ -224,9 +225,9 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
     check_block_size(op, block_size)
     B, T, HQ, _ = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
-    p = compressed_scores(q, k_cmp, block_size, scale)  # [B, T, HQ, N]
+    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
-    t = torch.arange(T, device=q.device)[:, None]  # [T, 1]
+    t = torch.arange(T, device=q.device)[:, None] + offset  # [T, 1] positions
     c = torch.arange(N, device=q.device)[None, :]  # [1, N]
     own = t // block_size
     forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
@@ -242,13 +243,14 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
 #| export nsa.naive
 def selection_mask(block_indices, T, block_size):
     """Which keys each query may read: token s of block i when i is in the query's row of `block_indices`
-    and s <= t. block_indices [B, T, Hs, S] -> mask [B, T, Hs, T] bool (padding -1 selects nothing)."""
-    B, _, Hs, S = block_indices.shape
+    and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask [B, TQ, Hs, T] bool
+    (padding -1 selects nothing)."""
+    B, TQ, Hs, S = block_indices.shape
     N = -(-T // block_size)
-    onehot = torch.zeros(B, T, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
+    onehot = torch.zeros(B, TQ, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
     onehot.scatter_(-1, block_indices.long().masked_fill(block_indices < 0, N), True)  # -1 -> slot N
-    keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, T, Hs, T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=block_indices.device).tril()  # [T, T] s <= t
+    keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, TQ, Hs, T]
+    causal = torch.ones(TQ, T, dtype=torch.bool, device=block_indices.device).tril(T - TQ)  # s <= t
     return keys & causal[None, :, None, :]
 
 
@@ -257,14 +259,15 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a GQA group;
     [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no key gets 0.
+    q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
     """
     op = "selected_attention"
-    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v)
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
     check_block_size(op, block_size)
-    check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive=True)
+    check_block_indices(op, block_indices, B, q.shape[1], HQ, H, block_size, naive=True, offset=T - q.shape[1])
     scale = _checks.scale(op, scale, D)
     mask = selection_mask(block_indices, T, block_size)  # [B, T, Hs, T]
-    mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, T, HQ, T]
+    mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, TQ, HQ, T]
     k_rep, v_rep = (x.float().repeat_interleave(HQ // H, dim=2) for x in (k, v))  # [B, T, HQ, *]
     s = torch.einsum("bthd,bshd->bths", q.float(), k_rep) * scale  # [B, T, HQ, T]
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -278,22 +281,25 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None drops that
     branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v); block_indices
-    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch.
-    Returns o [B, T, HQ, Dv] (and block_indices [B, T, H, S] when `return_block_indices`).
+    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q and the gates may hold
+    only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and block_indices [B, TQ, H, S] when
+    `return_block_indices`).
     """
     op = "nsa"
-    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v)
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
     check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, T, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
     if block_indices is None:
-        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale)  # [B, T, H, S]
-    o = torch.zeros(B, T, HQ, Dv, dtype=torch.float32, device=q.device)
+        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)  # [B, TQ, H, S]
+    o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o += g_cmp[..., None] * compressed_attention(q, k_cmp, v_cmp, block_size, scale).float()
+        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, Dv]
+        o += g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
         o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size, scale).float()
     if g_swa is not None and W > 0:
@@ -303,7 +309,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
 
 # %%
 #| export nsa.naive
-def moba_select(q, k, chunk_size, topk):
+def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens only
     """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps the best
     `topk − 1` of them and always its own chunk (counted in `topk`).
 
@@ -317,7 +323,7 @@ def moba_select(q, k, chunk_size, topk):
     k_bar = mean_pool(k, chunk_size).float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
     N = k_bar.shape[1]
     s = torch.einsum("bthd,bchd->bthc", q.float(), k_bar)  # [B, T, HQ, N] the gate's scores
-    own = torch.arange(T, device=q.device)[:, None] // chunk_size  # [T, 1]
+    own = (torch.arange(T, device=q.device)[:, None] + k.shape[1] - T) // chunk_size  # [T, 1]
     c = torch.arange(N, device=q.device)[None, :]  # [1, N]
     s = s.masked_fill((c > own)[None, :, None], float("-inf"))  # future chunks
     s = s.masked_fill((c == own)[None, :, None], float("inf"))  # the own chunk, always
@@ -332,7 +338,7 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T, HQ, topk]).
     With topk >= the number of chunks it is causal dense attention.
     """
-    check_nsa_qkv("moba", q, k, v)
+    check_nsa_qkv("moba", q, k, v, fewer_queries=True)
     idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
     o = selected_attention(q, k, v, idx, chunk_size, scale)
     return (o, idx) if return_block_indices else o
@@ -632,7 +638,7 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T, HQ, topk]).
     """
-    check_nsa_qkv("parallel_moba", q, k, v)
+    check_nsa_qkv("parallel_moba", q, k, v, fewer_queries=True)
     idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
     o = _selected(q, k, v, idx, chunk_size, scale, "moba.selection")
     return (o, idx) if return_block_indices else o
@@ -645,20 +651,156 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     and results as `nsa`.
     """
     op = "parallel_nsa"
-    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v)
+    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, T, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
     if block_indices is None:
-        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale)
-    o = torch.zeros(B, T, HQ, DV, dtype=torch.float32, device=q.device)
+        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale, T - TQ)
+    o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o = o + g_cmp[..., None] * compressed_attention(q, k_cmp, v_cmp, block_size, scale).float()
+        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
+        o = o + g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
         o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale, "nsa.selection").float()
     if g_swa is not None and W > 0:
         o = o + g_swa[..., None] * flash_attention(q, k, v, causal=True, scale=scale, window=W).float()
     o = o.to(q.dtype)
     return (o, block_indices) if return_block_indices else o
+# %%
+#| export nsa.layer
+import torch
+from torch import nn
+
+from minisparse import _checks
+from minisparse.attention.naive import apply_rope
+from minisparse.nsa.naive import CompressKV, moba, nsa
+
+
+class NativeSparseAttention(nn.Module):
+    """An NSA attention layer (or MoBA, `kind="moba"`): projections, RoPE, a sigmoid gate MLP, GQA.
+
+    x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of `head_dim`
+    (one block selection a group of num_heads / num_kv_heads query heads). `compress="mlp"` learns φ
+    (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`: "naive", "triton" or "auto" (Triton on
+    CUDA tensors or CPU under the interpreter). With `return_block_indices` forward also returns the selection.
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
+                 block_counts=16, window_size=512, compress="mlp", moba_topk=3, rope_theta=10000.0,
+                 backend="auto"):
+        super().__init__()
+        op = "NativeSparseAttention"
+        _checks.one_of(op, "kind", kind, ("nsa", "moba"))
+        _checks.one_of(op, "compress", compress, ("mlp", "mean"))
+        _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
+        self.kind, self.backend = kind, _checks.backend(op, backend)
+        self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim
+        self.block_size, self.block_counts, self.window_size = block_size, block_counts, window_size
+        self.moba_topk, self.rope_theta = moba_topk, rope_theta
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        if kind == "nsa":
+            self.g_proj = nn.Linear(hidden_size, 3 * num_heads)  # the gate MLP: one gate a branch and head
+            self.k_cmp = CompressKV(head_dim, block_size) if compress == "mlp" else None
+            self.v_cmp = CompressKV(head_dim, block_size) if compress == "mlp" else None
+
+    def forward(self, x, return_block_indices=False, last=None):
+        """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B, n, hidden]
+        (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
+        _checks.layer_input("NativeSparseAttention", x, self)
+        B, T, _ = x.shape
+        TQ = T if last is None else _checks.positive_int("NativeSparseAttention", "last", last)
+        pos = torch.arange(T, device=x.device)
+        q = self.q_proj(x[:, T - TQ:]).view(B, TQ, self.HQ, self.D)
+        q = apply_rope(q, pos[T - TQ:], self.rope_theta)  # [B, TQ, HQ, D]
+        k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)  # [B, T, H, D]
+        v = self.v_proj(x).view(B, T, self.H, self.D)  # [B, T, H, D]
+        fast = _checks.choose_backend(self.backend, x) == "triton"
+        if self.kind == "moba":
+            from minisparse.nsa.triton import parallel_moba
+            o, idx = (parallel_moba if fast else moba)(q, k, v, self.block_size, self.moba_topk,
+                                                        return_block_indices=True)
+        else:
+            from minisparse.nsa.triton import parallel_nsa
+            g = torch.sigmoid(self.g_proj(x[:, T - TQ:])).view(B, TQ, self.HQ, 3)  # [B, TQ, HQ, 3] in (0, 1)
+            cmp = {} if self.k_cmp is None else dict(k_cmp=self.k_cmp(k), v_cmp=self.v_cmp(v))
+            o, idx = (parallel_nsa if fast else nsa)(
+                q, k, v, g[..., 0], g[..., 1], g[..., 2], block_counts=self.block_counts,
+                block_size=self.block_size, window_size=self.window_size, return_block_indices=True, **cmp)
+        o = self.o_proj(o.reshape(B, TQ, self.HQ * self.D))
+        return (o, idx) if return_block_indices else o
+# %%
+#| export nsa.needle
+import torch
+from torch import nn
+
+from minisparse.nsa.layer import NativeSparseAttention
+
+
+def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
+                 device="cpu"):
+    """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values —
+    with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with distinct keys.
+    The last token asks for one of the keys (its value blank); the answer is that needle's
+    value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0 nor a window of
+    `avoid` tokens holds them.
+
+    Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer [batch].
+    """
+    g = generator
+    keys = torch.full((batch, T), n_keys)  # [batch, T] blank
+    values = torch.full((batch, T), n_values)  # [batch, T] blank
+    blocks = torch.rand(batch, (T - avoid) // block - 1, generator=g).argsort(-1)[:, :pairs] + 1  # distinct
+    where = blocks * block + torch.randint(block, (batch, pairs), generator=g)  # [batch, pairs] positions
+    asked = torch.rand(batch, n_keys, generator=g).argsort(-1)[:, :pairs]  # [batch, pairs] distinct keys
+    rows = torch.arange(batch)[:, None]
+    keys[rows, where] = asked
+    values[rows, where] = torch.randint(n_values, (batch, pairs), generator=g)
+    keys[:, -1] = asked[:, 0]  # the question: the first needle's key, value blank
+    where = where[:, 0]
+    return (keys.to(device), values.to(device), where.to(device),
+            values[torch.arange(batch), where].to(device))
+
+
+class NeedleModel(nn.Module):
+    """Embeddings of key and value, one NSA (or MoBA) layer with a residual, a readout of the last token."""
+
+    def __init__(self, n_keys=16, n_values=16, hidden=64, heads=4, kv_heads=1, **attention):
+        super().__init__()
+        self.key_emb = nn.Embedding(n_keys + 1, hidden)  # + blank
+        self.value_emb = nn.Embedding(n_values + 1, hidden)
+        self.attn = NativeSparseAttention(hidden, heads, kv_heads, hidden // heads, **attention)
+        self.readout = nn.Linear(hidden, n_values)
+
+    def forward(self, keys, values):
+        x = self.key_emb(keys) + self.value_emb(values)  # [B, T, hidden]
+        o, idx = self.attn(x, return_block_indices=True, last=1)  # the last token's output only
+        return self.readout(x[:, -1] + o[:, 0]), idx  # [B, n_values] logits, [B, 1, H, S] selection
+
+
+def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50, pairs=4):
+    """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every `log_every`
+    steps, `found` = fraction of last tokens whose selection holds the needle's block (NSA only)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    log = []
+    for step in range(1, steps + 1):
+        keys, values, where, answer = needle_batch(batch, T, pairs=pairs, avoid=avoid,
+                                                   block=model.attn.block_size, generator=g)
+        logits, idx = model(keys, values)
+        loss = nn.functional.cross_entropy(logits, answer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == 1:
+            acc = (logits.argmax(-1) == answer).float().mean().item()
+            block = (where // model.attn.block_size)[:, None, None]  # [B, 1, 1]
+            found = (idx[:, -1] == block).any(-1).float().mean().item()
+            log.append((step, loss.item(), acc, found))
+    return log

@@ -256,3 +256,25 @@ def test_parallel_nsa_matches_nsa():
     gc, gs, gw = (g.to(DEV) for g in gates(B, T, HQ))
     kw = dict(block_counts=3, block_size=bs, window_size=20)
     assert_close("parallel_nsa", N.nsa(q, k, v, gc, gs, gw, **kw), N.parallel_nsa(q, k, v, gc, gs, gw, **kw), 1e-4)
+
+
+# ------------------------------------------------------------------------------------------- layer, needle task
+@pytest.mark.parametrize("kind", ["nsa", "moba"])
+def test_layer_backends_agree_and_last_tokens_equal_the_full_outputs(kind):
+    torch.manual_seed(0)
+    layer = N.NativeSparseAttention(32, 4, 2, 16, kind=kind, block_size=16, block_counts=3, window_size=20,
+                                    moba_topk=2, backend="naive").to(DEV)
+    x = torch.randn(2, 45, 32, device=DEV)
+    o, idx = layer(x, return_block_indices=True)
+    assert o.shape == x.shape and idx.shape == (2, 45, 2 if kind == "nsa" else 4, 3 if kind == "nsa" else 2)
+    assert_close("last 3", o[:, -3:], layer(x, last=3), 1e-5)
+    layer.backend = "triton"
+    assert_close("triton layer", o, layer(x), 1e-4)
+
+
+def test_needle_batch_plants_distinct_needles_outside_the_window_and_block_zero():
+    keys, values, where, answer = N.needle_batch(64, 128, avoid=32, block=16, generator=torch.Generator().manual_seed(0))
+    rows = torch.arange(64)
+    assert torch.equal(keys[rows, where], keys[:, -1]) and torch.equal(values[rows, where], answer)
+    assert (where >= 16).all() and (where < 128 - 32).all()
+    assert ((keys < 16).sum(1) == 4 + 1).all()  # four needles and the question

@@ -2,5 +2,7 @@
 """minisparse.nsa: the public API of chapters/07_nsa.py."""
 from .naive import *  # noqa: F401,F403
 from .triton import *  # noqa: F401,F403
+from .layer import *  # noqa: F401,F403
+from .needle import *  # noqa: F401,F403
 
-__all__ = ['check_nsa_qkv', 'check_block_size', 'check_block_indices', 'check_gate', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba', 'selection_fwd_kernel', 'selection_dq_kernel', 'selection_dkv_kernel', 'SelectedAttentionFunction', 'parallel_selected_attention', 'parallel_moba', 'parallel_nsa']
+__all__ = ['check_nsa_qkv', 'check_block_size', 'check_block_indices', 'check_gate', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba', 'selection_fwd_kernel', 'selection_dq_kernel', 'selection_dkv_kernel', 'SelectedAttentionFunction', 'parallel_selected_attention', 'parallel_moba', 'parallel_nsa', 'NativeSparseAttention', 'needle_batch', 'NeedleModel', 'train_needle']

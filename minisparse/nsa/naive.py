@@ -116,11 +116,12 @@ class CompressKV(torch.nn.Module):
         return blocks.mean(-2) + mlp
 
 
-def compressed_scores(q, k_cmp, block_size, scale=None, stride=None):
+def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once the summary's
     last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of zeros.
 
-    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ).
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset (decoding:
+    q holds the last tokens only).
     """
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -129,12 +130,12 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None):
     k_rep = k_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
     s = torch.einsum("bthd,bchd->bthc", q.float(), k_rep) * scale  # [B, T, HQ, N]
     last = torch.arange(N, device=q.device) * stride + block_size - 1  # [N] last token of summary c
-    seen = last[None, :] <= torch.arange(T, device=q.device)[:, None]  # [T, N]
+    seen = last[None, :] <= torch.arange(T, device=q.device)[:, None] + offset  # [T, N]
     s = s.masked_fill(~seen[None, :, None, :], float("-inf"))
     return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with nothing visible: 0
 
 
-def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None):
+def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, offset=0):
     """Branch 1, o_cmp = Σ_c p_cmp[t, c] · v_cmp[c]: attention over the block summaries.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32 inside).
@@ -146,18 +147,18 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None):
     if k_cmp.shape[:3] != v_cmp.shape[:3]:
         raise ValueError(f"{op}: v_cmp must be [B, N, H, Dv] with k_cmp's B, N, H = "
                          f"{tuple(k_cmp.shape[:3])}, got {tuple(v_cmp.shape)}")
-    p = compressed_scores(q, k_cmp, block_size, scale, stride)  # [B, T, HQ, N]
+    p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
     v_rep = v_cmp.float().repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)  # [B, N, HQ, Dv]
     return torch.einsum("bthc,bchd->bthd", p, v_rep).to(q.dtype)
 
 
-def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
+def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
     """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group, so a kernel
     loads a block once for all its heads); block 0 and the query's own and previous blocks always kept.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T, H, S]
     int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible or surplus
-    slots.
+    slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
     S = _checks.positive_int(op, "block_counts", block_counts)
@@ -167,9 +168,9 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
     check_block_size(op, block_size)
     B, T, HQ, _ = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
-    p = compressed_scores(q, k_cmp, block_size, scale)  # [B, T, HQ, N]
+    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
-    t = torch.arange(T, device=q.device)[:, None]  # [T, 1]
+    t = torch.arange(T, device=q.device)[:, None] + offset  # [T, 1] positions
     c = torch.arange(N, device=q.device)[None, :]  # [1, N]
     own = t // block_size
     forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
@@ -184,13 +185,14 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None):
 
 def selection_mask(block_indices, T, block_size):
     """Which keys each query may read: token s of block i when i is in the query's row of `block_indices`
-    and s <= t. block_indices [B, T, Hs, S] -> mask [B, T, Hs, T] bool (padding -1 selects nothing)."""
-    B, _, Hs, S = block_indices.shape
+    and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask [B, TQ, Hs, T] bool
+    (padding -1 selects nothing)."""
+    B, TQ, Hs, S = block_indices.shape
     N = -(-T // block_size)
-    onehot = torch.zeros(B, T, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
+    onehot = torch.zeros(B, TQ, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
     onehot.scatter_(-1, block_indices.long().masked_fill(block_indices < 0, N), True)  # -1 -> slot N
-    keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, T, Hs, T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=block_indices.device).tril()  # [T, T] s <= t
+    keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, TQ, Hs, T]
+    causal = torch.ones(TQ, T, dtype=torch.bool, device=block_indices.device).tril(T - TQ)  # s <= t
     return keys & causal[None, :, None, :]
 
 
@@ -199,14 +201,15 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a GQA group;
     [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no key gets 0.
+    q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
     """
     op = "selected_attention"
-    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v)
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
     check_block_size(op, block_size)
-    check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive=True)
+    check_block_indices(op, block_indices, B, q.shape[1], HQ, H, block_size, naive=True, offset=T - q.shape[1])
     scale = _checks.scale(op, scale, D)
     mask = selection_mask(block_indices, T, block_size)  # [B, T, Hs, T]
-    mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, T, HQ, T]
+    mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, TQ, HQ, T]
     k_rep, v_rep = (x.float().repeat_interleave(HQ // H, dim=2) for x in (k, v))  # [B, T, HQ, *]
     s = torch.einsum("bthd,bshd->bths", q.float(), k_rep) * scale  # [B, T, HQ, T]
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -219,22 +222,25 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None drops that
     branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v); block_indices
-    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch.
-    Returns o [B, T, HQ, Dv] (and block_indices [B, T, H, S] when `return_block_indices`).
+    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q and the gates may hold
+    only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and block_indices [B, TQ, H, S] when
+    `return_block_indices`).
     """
     op = "nsa"
-    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v)
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
     check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, T, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
     if block_indices is None:
-        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale)  # [B, T, H, S]
-    o = torch.zeros(B, T, HQ, Dv, dtype=torch.float32, device=q.device)
+        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)  # [B, TQ, H, S]
+    o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o += g_cmp[..., None] * compressed_attention(q, k_cmp, v_cmp, block_size, scale).float()
+        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, Dv]
+        o += g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
         o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size, scale).float()
     if g_swa is not None and W > 0:
@@ -243,7 +249,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     return (o, block_indices) if return_block_indices else o
 
 
-def moba_select(q, k, chunk_size, topk):
+def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens only
     """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps the best
     `topk − 1` of them and always its own chunk (counted in `topk`).
 
@@ -257,7 +263,7 @@ def moba_select(q, k, chunk_size, topk):
     k_bar = mean_pool(k, chunk_size).float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
     N = k_bar.shape[1]
     s = torch.einsum("bthd,bchd->bthc", q.float(), k_bar)  # [B, T, HQ, N] the gate's scores
-    own = torch.arange(T, device=q.device)[:, None] // chunk_size  # [T, 1]
+    own = (torch.arange(T, device=q.device)[:, None] + k.shape[1] - T) // chunk_size  # [T, 1]
     c = torch.arange(N, device=q.device)[None, :]  # [1, N]
     s = s.masked_fill((c > own)[None, :, None], float("-inf"))  # future chunks
     s = s.masked_fill((c == own)[None, :, None], float("inf"))  # the own chunk, always
@@ -272,7 +278,7 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T, HQ, topk]).
     With topk >= the number of chunks it is causal dense attention.
     """
-    check_nsa_qkv("moba", q, k, v)
+    check_nsa_qkv("moba", q, k, v, fewer_queries=True)
     idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
     o = selected_attention(q, k, v, idx, chunk_size, scale)
     return (o, idx) if return_block_indices else o

@@ -288,7 +288,7 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T, HQ, topk]).
     """
-    check_nsa_qkv("parallel_moba", q, k, v)
+    check_nsa_qkv("parallel_moba", q, k, v, fewer_queries=True)
     idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
     o = _selected(q, k, v, idx, chunk_size, scale, "moba.selection")
     return (o, idx) if return_block_indices else o
@@ -301,17 +301,19 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     and results as `nsa`.
     """
     op = "parallel_nsa"
-    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v)
+    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, T, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
     if block_indices is None:
-        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale)
-    o = torch.zeros(B, T, HQ, DV, dtype=torch.float32, device=q.device)
+        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale, T - TQ)
+    o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o = o + g_cmp[..., None] * compressed_attention(q, k_cmp, v_cmp, block_size, scale).float()
+        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
+        o = o + g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
         o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale, "nsa.selection").float()
     if g_swa is not None and W > 0:
