@@ -278,3 +278,60 @@ def test_needle_batch_plants_distinct_needles_outside_the_window_and_block_zero(
     assert torch.equal(keys[rows, where], keys[:, -1]) and torch.equal(values[rows, where], answer)
     assert (where >= 16).all() and (where < 128 - 32).all()
     assert ((keys < 16).sum(1) == 4 + 1).all()  # four needles and the question
+
+
+# ------------------------------------------------------------------------------------------- exercise checkers
+from minisparse.nsa import exercises as X  # noqa: E402
+from minisparse.testing import ExerciseError  # noqa: E402
+
+
+def test_decode_tokens_checker_accepts_the_count_and_rejects_a_count_without_summaries(capsys):
+    def right(T, l, d, lp, n, w):
+        return ((T - l) // d + 1 if T >= l else 0) + min(T, n * lp) + min(T, w)
+
+    X.check_decode_tokens(right)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError):
+        X.check_decode_tokens(lambda T, l, d, lp, n, w: min(T, n * lp) + min(T, w))
+    with pytest.raises(ExerciseError):  # off by one: T // d windows
+        X.check_decode_tokens(lambda T, l, d, lp, n, w: T // d + min(T, n * lp) + min(T, w))
+
+
+def test_selection_checker_rejects_the_planted_bug_and_accepts_select_blocks():
+    with pytest.raises(ExerciseError):
+        X.check_selection_fix(N.select_blocks_with_a_bug)
+    X.check_selection_fix(lambda q, kc, S, bs: N.select_blocks(q, kc, S, bs))
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _scores_without_causal_mask(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                                BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = X.load_group_queries(q_ptr, G, D, BG, BD)
+    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
+    pos = idx * BS + j
+    real = (idx >= 0) & (pos < T)  # the bug: keys after the query are kept
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D), other=0.0)
+    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+@triton.jit
+def _scores_right(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                  BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = X.load_group_queries(q_ptr, G, D, BG, BD)
+    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
+    pos = idx * BS + j
+    real = (idx >= 0) & (pos <= t) & (pos < T)
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D), other=0.0)
+    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+def test_block_scores_checker_rejects_a_kernel_without_the_causal_mask_and_accepts_the_right_one():
+    with pytest.raises(ExerciseError, match="position"):
+        X.check_block_scores_kernel(_scores_without_causal_mask)
+    X.check_block_scores_kernel(_scores_right)

@@ -10,10 +10,13 @@ from minisparse.nsa.naive import CompressKV, moba, nsa
 class NativeSparseAttention(nn.Module):
     """An NSA attention layer (or MoBA, `kind="moba"`): projections, RoPE, a sigmoid gate MLP, GQA.
 
-    x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of `head_dim`
+    x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of
+    `head_dim`
     (one block selection a group of num_heads / num_kv_heads query heads). `compress="mlp"` learns φ
-    (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`: "naive", "triton" or "auto" (Triton on
-    CUDA tensors or CPU under the interpreter). With `return_block_indices` forward also returns the selection.
+    (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`: "naive", "triton" or "auto"
+    (Triton on
+    CUDA tensors or CPU under the interpreter). With `return_block_indices` forward also returns the
+    selection.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
@@ -33,12 +36,14 @@ class NativeSparseAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         if kind == "nsa":
-            self.g_proj = nn.Linear(hidden_size, 3 * num_heads)  # the gate MLP: one gate a branch and head
+            # the gate MLP: one gate a branch and head
+            self.g_proj = nn.Linear(hidden_size, 3 * num_heads)
             self.k_cmp = CompressKV(head_dim, block_size) if compress == "mlp" else None
             self.v_cmp = CompressKV(head_dim, block_size) if compress == "mlp" else None
 
     def forward(self, x, return_block_indices=False, last=None):
-        """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B, n, hidden]
+        """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B,
+        n, hidden]
         (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
         _checks.layer_input("NativeSparseAttention", x, self)
         B, T, _ = x.shape
@@ -46,7 +51,8 @@ class NativeSparseAttention(nn.Module):
         pos = torch.arange(T, device=x.device)
         q = self.q_proj(x[:, T - TQ:]).view(B, TQ, self.HQ, self.D)
         q = apply_rope(q, pos[T - TQ:], self.rope_theta)  # [B, TQ, HQ, D]
-        k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)  # [B, T, H, D]
+        # [B, T, H, D]
+        k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)
         v = self.v_proj(x).view(B, T, self.H, self.D)  # [B, T, H, D]
         fast = _checks.choose_backend(self.backend, x) == "triton"
         if self.kind == "moba":
@@ -55,11 +61,13 @@ class NativeSparseAttention(nn.Module):
                                                         return_block_indices=True)
         else:
             from minisparse.nsa.triton import parallel_nsa
-            g = torch.sigmoid(self.g_proj(x[:, T - TQ:])).view(B, TQ, self.HQ, 3)  # [B, TQ, HQ, 3] in (0, 1)
+            # [B, TQ, HQ, 3] in (0, 1)
+            g = torch.sigmoid(self.g_proj(x[:, T - TQ:])).view(B, TQ, self.HQ, 3)
             cmp = {} if self.k_cmp is None else dict(k_cmp=self.k_cmp(k), v_cmp=self.v_cmp(v))
             o, idx = (parallel_nsa if fast else nsa)(
                 q, k, v, g[..., 0], g[..., 1], g[..., 2], block_counts=self.block_counts,
-                block_size=self.block_size, window_size=self.window_size, return_block_indices=True, **cmp)
+                block_size=self.block_size, window_size=self.window_size,
+                return_block_indices=True, **cmp)
         o = self.o_proj(o.reshape(B, TQ, self.HQ * self.D))
         return (o, idx) if return_block_indices else o
 

@@ -11,7 +11,8 @@ from minisparse.attention.naive import attention_ref
 
 def check_nsa_qkv(op, q, k, v, fewer_queries=False):
     """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ
-    (`fewer_queries`: q may have TQ <= T tokens, the last TQ positions). Returns (B, T, HQ, H, D, Dv)."""
+    (`fewer_queries`: q may have TQ <= T tokens, the last TQ positions). Returns (B, T, HQ, H, D,
+    Dv)."""
     _checks.tensor(op, "q", q, "[B, T, HQ, D]")
     _checks.tensor(op, "k", k, "[B, T, H, D]")
     _checks.tensor(op, "v", v, "[B, T, H, Dv]")
@@ -20,7 +21,8 @@ def check_nsa_qkv(op, q, k, v, fewer_queries=False):
     if fewer_queries and k.shape[0] == B and k.shape[1] >= T:
         T = k.shape[1]  # decoding: q holds the last TQ positions
     if k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got {tuple(k.shape)}")
+        raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got "
+                         f"{tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{op}: v must be [B, T, H, Dv] with k's B, T, H = {tuple(k.shape[:3])}, "
                          f"got {tuple(v.shape)}")
@@ -39,14 +41,17 @@ def check_block_size(op, block_size, name="block_size"):
 
 
 def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
-    """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first token is not in
-    the query's future, `0 <= i` and `i * block_size <= t` (query t at position t + offset). Values are checked
+    """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
+    token is not in
+    the query's future, `0 <= i` and `i * block_size <= t` (query t at position t + offset). Values
+    are checked
     by the book's value-check rule."""
     _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
     if block_indices.shape[:2] != (B, T) or block_indices.shape[2] not in (H, HQ):
-        raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = {HQ} heads, "
+        raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = "
+                         f"{HQ} heads, "
                          f"one selection per query head), got {tuple(block_indices.shape)}")
     if _checks.checking_values(naive, block_indices) and block_indices.numel():
         t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1) + offset
@@ -57,21 +62,24 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offse
                              f"{int(block_indices.min())}")
         if bool(future.any()):
             b, tt, h, s = (int(i) for i in future.nonzero()[0])
-            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {int(block_indices[b, tt, h, s])} "
-                             f"is out of range or in the future: query {tt} sees blocks 0..{(tt + offset) // block_size}")
+            got, seen = int(block_indices[b, tt, h, s]), (tt + offset) // block_size
+            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {got} is out of range or "
+                             f"in the future: query {tt} sees blocks 0..{seen}")
 
 
 def check_gate(op, name, g, B, T, HQ, like):
     """A branch gate g [B, T, HQ] (already in [0, 1]), or None to drop the branch."""
     if g is None:
         return
-    _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]", "a gate per token and query head", like)
+    _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]",
+                           "a gate per token and query head", like)
 
 
 def mean_pool(x, block_size):
     """The simplest compression φ: each block of `block_size` tokens becomes the mean of its tokens.
 
-    x [B, T, H, D] -> [B, ceil(T / block_size), H, D]; a partial last block is the mean of the tokens it has.
+    x [B, T, H, D] -> [B, ceil(T / block_size), H, D]; a partial last block is the mean of the
+    tokens it has.
     """
     _checks.tensor("mean_pool", "x", x, "[B, T, H, D]")
     bs = check_block_size("mean_pool", block_size)
@@ -84,13 +92,18 @@ def mean_pool(x, block_size):
 
 
 class CompressKV(torch.nn.Module):
-    """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride + block_size);
+    """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride +
+    block_size);
     its summary is an MLP of the block's tokens plus a learned intra-block position embedding.
 
-    φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a fresh
-    module equals `mean_pool` (stride = block_size) and training moves it from there. One module a K or V
-    stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D]; windows that run past T are
-    zero-padded (a query never sees them: a summary becomes visible once its last token is in the past).
+    φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
+    fresh
+    module equals `mean_pool` (stride = block_size) and training moves it from there. One module a K
+    or V
+    stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D]; windows that run
+    past T are
+    zero-padded (a query never sees them: a summary becomes visible once its last token is in the
+    past).
     """
 
     def __init__(self, head_dim, block_size=64, stride=None, hidden=None):
@@ -98,9 +111,11 @@ class CompressKV(torch.nn.Module):
         self.block_size = check_block_size("CompressKV", block_size)
         self.stride = check_block_size("CompressKV", stride or block_size, "stride")
         if self.stride > self.block_size:
-            raise ValueError(f"CompressKV: stride must be <= block_size = {block_size}, got {self.stride}")
+            raise ValueError(f"CompressKV: stride must be <= block_size = {block_size}, got "
+                             f"{self.stride}")
         hidden = hidden or 2 * head_dim
-        self.pos = torch.nn.Parameter(torch.zeros(self.block_size, head_dim))  # [l, D] intra-block position
+        # [l, D] intra-block position
+        self.pos = torch.nn.Parameter(torch.zeros(self.block_size, head_dim))
         self.up = torch.nn.Linear(self.block_size * head_dim, hidden)  # W₁
         self.down = torch.nn.Linear(hidden, head_dim)  # W₂, zero at first
         torch.nn.init.zeros_(self.down.weight)
@@ -117,10 +132,13 @@ class CompressKV(torch.nn.Module):
 
 
 def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
-    """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once the summary's
-    last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of zeros.
+    """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once
+    the summary's
+    last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of
+    zeros.
 
-    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset (decoding:
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
+    (decoding:
     q holds the last tokens only).
     """
     B, T, HQ, D = q.shape
@@ -138,7 +156,8 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
 def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, offset=0):
     """Branch 1, o_cmp = Σ_c p_cmp[t, c] · v_cmp[c]: attention over the block summaries.
 
-    q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32 inside).
+    q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32
+    inside).
     """
     op = "compressed_attention"
     _checks.tensor(op, "k_cmp", k_cmp, "[B, N, H, D]")
@@ -153,17 +172,22 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
 
 
 def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
-    """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group, so a kernel
-    loads a block once for all its heads); block 0 and the query's own and previous blocks always kept.
+    """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group,
+    so a kernel
+    loads a block once for all its heads); block 0 and the query's own and previous blocks always
+    kept.
 
-    q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T, H, S]
-    int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible or surplus
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T,
+    H, S]
+    int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible
+    or surplus
     slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
     S = _checks.positive_int(op, "block_counts", block_counts)
     if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the previous one are "
+        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
+                         f"previous one are "
                          f"always kept), got {S}")
     check_block_size(op, block_size)
     B, T, HQ, _ = q.shape
@@ -178,19 +202,23 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
     score = score.masked_fill(~seen[None, :, None], float("-inf"))
     score = score.masked_fill(forced[None, :, None], float("inf"))
     top_score, top = score.topk(min(S, N), dim=-1)  # [B, T, H, min(S, N)]
-    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values  # invisible: N, sorts last
+    # invisible: N, sorts last
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
     top = top.masked_fill(top == N, -1)
     return F.pad(top, (0, S - top.shape[-1]), value=-1)  # [B, T, H, S]
 
 
 def selection_mask(block_indices, T, block_size):
-    """Which keys each query may read: token s of block i when i is in the query's row of `block_indices`
-    and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask [B, TQ, Hs, T] bool
+    """Which keys each query may read: token s of block i when i is in the query's row of
+    `block_indices`
+    and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask [B, TQ, Hs, T]
+    bool
     (padding -1 selects nothing)."""
     B, TQ, Hs, S = block_indices.shape
     N = -(-T // block_size)
     onehot = torch.zeros(B, TQ, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
-    onehot.scatter_(-1, block_indices.long().masked_fill(block_indices < 0, N), True)  # -1 -> slot N
+    # -1 -> slot N
+    onehot.scatter_(-1, block_indices.long().masked_fill(block_indices < 0, N), True)
     keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, TQ, Hs, T]
     causal = torch.ones(TQ, T, dtype=torch.bool, device=block_indices.device).tril(T - TQ)  # s <= t
     return keys & causal[None, :, None, :]
@@ -199,14 +227,16 @@ def selection_mask(block_indices, T, block_size):
 def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     """Branch 2: softmax attention restricted to the tokens of the selected blocks (and s <= t).
 
-    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a GQA group;
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a
+    GQA group;
     [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no key gets 0.
     q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
     """
     op = "selected_attention"
     B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
     check_block_size(op, block_size)
-    check_block_indices(op, block_indices, B, q.shape[1], HQ, H, block_size, naive=True, offset=T - q.shape[1])
+    check_block_indices(op, block_indices, B, q.shape[1], HQ, H, block_size, naive=True,
+                        offset=T - q.shape[1])
     scale = _checks.scale(op, scale, D)
     mask = selection_mask(block_indices, T, block_size)  # [B, T, Hs, T]
     mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, TQ, HQ, T]
@@ -216,14 +246,19 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     return torch.einsum("bths,bshd->bthd", p, v_rep).to(q.dtype)
 
 
-def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512, scale=None,
+def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512,
+        scale=None,
         block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
     """Native Sparse Attention: o = g_cmp ⊙ o_cmp + g_slc ⊙ o_slc + g_swa ⊙ o_swa (NSA, eq. 5).
 
-    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None drops that
-    branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v); block_indices
-    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q and the gates may hold
-    only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and block_indices [B, TQ, H, S] when
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None
+    drops that
+    branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v);
+    block_indices
+    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q and the gates
+    may hold
+    only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and block_indices [B, TQ, H,
+    S] when
     `return_block_indices`).
     """
     op = "nsa"
@@ -236,13 +271,16 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
     if block_indices is None:
-        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)  # [B, TQ, H, S]
+        # [B, TQ, H, S]
+        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
     o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, Dv]
+        # [B, TQ, HQ, Dv]
+        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
         o += g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
-        o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size, scale).float()
+        o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size,
+                                                   scale).float()
     if g_swa is not None and W > 0:
         o += g_swa[..., None] * attention_ref(q, k, v, causal=True, scale=scale, window=W).float()
     o = o.to(q.dtype)
@@ -250,7 +288,8 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
 
 
 def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens only
-    """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps the best
+    """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps
+    the best
     `topk − 1` of them and always its own chunk (counted in `topk`).
 
     q [B, T, HQ, D], k [B, T, H, D] -> block_indices [B, T, HQ, topk] int64, increasing, -1 padded.
@@ -275,7 +314,8 @@ def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens o
 def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     """MoBA: each query head attends causally over the union of the `topk` chunks its gate picks.
 
-    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T, HQ, topk]).
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T,
+    HQ, topk]).
     With topk >= the number of chunks it is causal dense attention.
     """
     check_nsa_qkv("moba", q, k, v, fewer_queries=True)

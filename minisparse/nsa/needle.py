@@ -7,20 +7,27 @@ from minisparse.nsa.layer import NativeSparseAttention
 
 def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
                  device="cpu"):
-    """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values —
-    with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with distinct keys.
+    """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values
+    —
+    with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
+    distinct keys.
     The last token asks for one of the keys (its value blank); the answer is that needle's
-    value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0 nor a window of
+    value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0 nor a
+    window of
     `avoid` tokens holds them.
 
-    Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer [batch].
+    Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
+    [batch].
     """
     g = generator
     keys = torch.full((batch, T), n_keys)  # [batch, T] blank
     values = torch.full((batch, T), n_values)  # [batch, T] blank
-    blocks = torch.rand(batch, (T - avoid) // block - 1, generator=g).argsort(-1)[:, :pairs] + 1  # distinct
-    where = blocks * block + torch.randint(block, (batch, pairs), generator=g)  # [batch, pairs] positions
-    asked = torch.rand(batch, n_keys, generator=g).argsort(-1)[:, :pairs]  # [batch, pairs] distinct keys
+    # distinct
+    blocks = torch.rand(batch, (T - avoid) // block - 1, generator=g).argsort(-1)[:, :pairs] + 1
+    # [batch, pairs] positions
+    where = blocks * block + torch.randint(block, (batch, pairs), generator=g)
+    # [batch, pairs] distinct keys
+    asked = torch.rand(batch, n_keys, generator=g).argsort(-1)[:, :pairs]
     rows = torch.arange(batch)[:, None]
     keys[rows, where] = asked
     values[rows, where] = torch.randint(n_values, (batch, pairs), generator=g)
@@ -31,7 +38,8 @@ def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=1
 
 
 class NeedleModel(nn.Module):
-    """Embeddings of key and value, one NSA (or MoBA) layer with a residual, a readout of the last token."""
+    """Key and value embeddings, one NSA (or MoBA) layer with a residual, a readout of the last
+    token."""
 
     def __init__(self, n_keys=16, n_values=16, hidden=64, heads=4, kv_heads=1, **attention):
         super().__init__()
@@ -46,8 +54,10 @@ class NeedleModel(nn.Module):
         return self.readout(x[:, -1] + o[:, 0]), idx  # [B, n_values] logits, [B, 1, H, S] selection
 
 
-def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50, pairs=4):
-    """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every `log_every`
+def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50,
+                 pairs=4):
+    """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every
+    `log_every`
     steps, `found` = fraction of last tokens whose selection holds the needle's block (NSA only)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

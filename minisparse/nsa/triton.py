@@ -15,7 +15,8 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                          S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          PRECISION: tl.constexpr):
-    """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query heads that
+    """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
+    heads that
     share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
@@ -25,7 +26,8 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                 online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
         o = acc / l [BG, DV],  lse = m + log l [BG]
 
-    Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token a K/V
+    Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
+    a K/V
     head, whatever G is.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -35,7 +37,8 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
     m_g = o_g < G
     row = (i_b * TQ + i_t) * HQ + i_hs * G + o_g  # [BG] rows of q, o, lse
-    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D), other=0.0)
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+                  other=0.0)
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
@@ -57,7 +60,9 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                     b_p = tl.exp(b_s - b_mn[:, None])  # [BG, BN]
                     alpha = tl.exp(b_m - b_mn)
                     b_l = b_l * alpha + tl.sum(b_p, 1)
-                    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+                    b_acc = b_acc * alpha[:,
+                                          None] + tl.dot(b_p.to(b_v.dtype), b_v,
+                                                         input_precision=PRECISION)
                     b_m = b_mn
     seen = b_l > 0  # a query with no key: o = 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
@@ -67,12 +72,14 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
 
 
 @triton.jit
-def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, TQ, TK, scale,
+def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, TQ, TK,
+                        scale,
                         HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
                         S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                         BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """Selected attention, dQ. The forward's program and loop; per tile, with P recomputed from the lse,
+    """Selected attention, dQ. The forward's program and loop; per tile, with P recomputed from the
+    lse,
 
         dP = dO vᵀ [BG, BN],  dS = P ⊙ (dP − δ),  dq += dS k · scale   (δ = rowsum(dO ⊙ O)).
     """
@@ -83,8 +90,10 @@ def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr
     o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
     m_g = o_g < G
     row = (i_b * TQ + i_t) * HQ + i_hs * G + o_g  # [BG]
-    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D), other=0.0)
-    b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :], mask=m_g[:, None] & (o_dv[None, :] < DV),
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :],
+                   mask=m_g[:, None] & (o_dv[None, :] < DV),
                    other=0.0)
     b_lse = tl.load(lse_ptr + row, mask=m_g, other=0.0)
     b_delta = tl.load(delta_ptr + row, mask=m_g, other=0.0)
@@ -117,9 +126,12 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
                          BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr,
                          BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                          PRECISION: tl.constexpr):
-    """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one block of
-    K/V head i_h and walks the list of (query token, selection head) pairs that selected that block — the
-    inverse of block_indices, built on the host by one sort (`_inverse_index`). BR/BG entries a step, each
+    """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one
+    block of
+    K/V head i_h and walks the list of (query token, selection head) pairs that selected that block
+    — the
+    inverse of block_indices, built on the host by one sort (`_inverse_index`). BR/BG entries a
+    step, each
     the BG query heads of one pair, stacked into BR rows:
 
         k, v tiles [BN, BD], [BN, BDV] (loaded once)
@@ -135,8 +147,10 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
     o_s = i_n * BN + tl.arange(0, BN)  # [BN] key positions
     m_s = o_s < TK
     kv_row = (i_b * TK + o_s) * H + i_h
-    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :], mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)
-    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :], mask=m_s[:, None] & (o_dv[None, :] < DV),
+    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
+                  mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                  mask=m_s[:, None] & (o_dv[None, :] < DV),
                   other=0.0)
     b_dk = tl.zeros([BN, BD], tl.float32)
     b_dv = tl.zeros([BN, BDV], tl.float32)
@@ -146,11 +160,14 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
         o_e = i + o_r // BG  # [BR] list entry of each row
         g = o_r % BG  # [BR] query head within the group
         m_r = (o_e < end) & (g < G)
-        e = tl.load(entries_ptr + o_e, mask=m_r, other=0)  # t · R + selection head within the K/V head
+        # t · R + selection head within the K/V head
+        e = tl.load(entries_ptr + o_e, mask=m_r, other=0)
         t = e // R
         row = (i_b * TQ + t) * HQ + (i_h * R + e % R) * G + g  # [BR] rows of q, dO, lse, δ
-        b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
-        b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv[None, :] < DV),
+        b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :],
+                      mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+        b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :],
+                       mask=m_r[:, None] & (o_dv[None, :] < DV),
                        other=0.0)
         b_lse = tl.load(lse_ptr + row, mask=m_r, other=0.0)
         b_delta = tl.load(delta_ptr + row, mask=m_r, other=0.0)
@@ -161,7 +178,8 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BR, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=PRECISION)
-    tl.store(dk_ptr + kv_row[:, None] * D + o_d[None, :], (b_dk * scale).to(dk_ptr.dtype.element_ty),
+    tl.store(dk_ptr + kv_row[:, None] * D + o_d[None, :],
+             (b_dk * scale).to(dk_ptr.dtype.element_ty),
              mask=m_s[:, None] & (o_d[None, :] < D))
     tl.store(dv_ptr + kv_row[:, None] * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty),
              mask=m_s[:, None] & (o_dv[None, :] < DV))
@@ -171,9 +189,11 @@ def _meta(q, v, H, HS, S, block_size):
     """The compile-time constants of a call."""
     HQ, D, DV = q.shape[2], q.shape[3], v.shape[3]
     G = HQ // HS
-    return dict(HQ=HQ, H=H, HS=HS, G=G, S=S, BS=block_size, D=D, DV=DV, BG=max(16, triton.next_power_of_2(G)),
+    return dict(HQ=HQ, H=H, HS=HS, G=G, S=S, BS=block_size, D=D, DV=DV,
+                BG=max(16, triton.next_power_of_2(G)),
                 BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
-                PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32 in: fp32 products, not tf32
+                # fp32 in: fp32 products, not tf32
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
 
 
 def _fit_keys(block_size):
@@ -190,20 +210,24 @@ def _selection_forward(q, k, v, idx, block_size, scale, row):
     lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
     runtime.launch(row + ".fwd", selection_fwd_kernel, lambda c: (TQ, B * HS),
                    (q, k, v, idx, o, lse, TQ, TK, scale), meta, device=q.device, dtype=q.dtype,
-                   key=(meta["BD"], meta["BDV"], block_size), fit=_fit_keys(block_size), instead=_INSTEAD)
+                   key=(meta["BD"], meta["BDV"],
+                        block_size), fit=_fit_keys(block_size), instead=_INSTEAD)
     return o, lse
 
 
 def _inverse_index(idx, H, NB):
-    """For each (batch, K/V head, block): the (query token, selection head) pairs that selected it, as one
-    sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB + 1] into it.
+    """For each (batch, K/V head, block): the (query token, selection head) pairs that selected it,
+    as one
+    sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB + 1]
+    into it.
     One sort on the device, no host sync."""
     B, TQ, HS, S = idx.shape
     R = HS // H
     b = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
     t = torch.arange(TQ, device=idx.device).view(1, TQ, 1, 1)
     hs = torch.arange(HS, device=idx.device).view(1, 1, HS, 1)
-    key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)  # padding sorts last
+    # padding sorts last
+    key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)
     key, order = key.flatten().sort(stable=True)
     entries = (t * R + hs % R).expand(B, TQ, HS, S).flatten()[order].to(torch.int32)
     counts = torch.bincount(key, minlength=B * H * NB + 1)[: B * H * NB]
@@ -236,7 +260,8 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
-    """Autograd glue: the forward saves q, k, v, the indices, o and lse; the backward recomputes P."""
+    """Autograd glue: the forward saves q, k, v, the indices, o and lse; the backward recomputes
+    P."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size, scale, row):
@@ -248,7 +273,8 @@ class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, idx, o, lse = ctx.saved_tensors
-        dq, dk, dv = _selection_backward(do.contiguous(), q, k, v, idx, o, lse, ctx.block_size, ctx.scale,
+        dq, dk, dv = _selection_backward(do.contiguous(), q, k, v, idx, o, lse, ctx.block_size,
+                                         ctx.scale,
                                          ctx.row)
         return dq, dk, dv, None, None, None, None
 
@@ -256,9 +282,12 @@ class SelectedAttentionFunction(torch.autograd.Function):
 def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     """`selected_attention` in Triton, forward and backward, any GQA group size HQ / H ≥ 1.
 
-    q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ positions, so
-    TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or [B, TQ, HQ, S] (one a
-    query head), int32/int64, -1 padded, each row's blocks distinct. Returns o [B, TQ, HQ, DV] in q's dtype.
+    q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ
+    positions, so
+    TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or [B, TQ, HQ, S]
+    (one a
+    query head), int32/int64, -1 padded, each row's blocks distinct. Returns o [B, TQ, HQ, DV] in
+    q's dtype.
     """
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
@@ -279,14 +308,17 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
 
 
 from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import check_gate, compressed_attention, mean_pool, moba_select, select_blocks
+from minisparse.nsa.naive import (check_gate, compressed_attention, mean_pool, moba_select,
+                                  select_blocks)
 
 
 def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
-    """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch) picks
+    """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch)
+    picks
     each query head's chunks, then the selection kernels run with one selection a query head.
 
-    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T, HQ, topk]).
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T,
+    HQ, topk]).
     """
     check_nsa_qkv("parallel_moba", q, k, v, fewer_queries=True)
     idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
@@ -294,10 +326,13 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     return (o, idx) if return_block_indices else o
 
 
-def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512, scale=None,
+def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512,
+                 scale=None,
                  block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
-    """`nsa` with the selection branch in Triton and the window branch by chapter 1's `flash_attention`; the
-    compressed branch and the selection stay in PyTorch (T / block_size summaries a query). Same arguments
+    """`nsa` with the selection branch in Triton and the window branch by chapter 1's
+    `flash_attention`; the
+    compressed branch and the selection stay in PyTorch (T / block_size summaries a query). Same
+    arguments
     and results as `nsa`.
     """
     op = "parallel_nsa"
@@ -309,15 +344,18 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
     if block_indices is None:
-        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale, T - TQ)
+        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale,
+                                      T - TQ)
     o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
         o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
         o = o + g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
-        o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale, "nsa.selection").float()
+        o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale,
+                                             "nsa.selection").float()
     if g_swa is not None and W > 0:
-        o = o + g_swa[..., None] * flash_attention(q, k, v, causal=True, scale=scale, window=W).float()
+        o = o + g_swa[..., None] * flash_attention(q, k, v, causal=True, scale=scale,
+                                                   window=W).float()
     o = o.to(q.dtype)
     return (o, block_indices) if return_block_indices else o
 
