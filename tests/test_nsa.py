@@ -12,6 +12,7 @@ from minisparse import runtime
 from minisparse.testing import TOLERANCES, assert_close, make_qkv
 
 fla_naive = pytest.importorskip("fla.ops.nsa.naive")
+DEV = runtime.device()
 
 
 def gates(B, T, HQ, seed=5):
@@ -162,8 +163,14 @@ def selection_ops():
 @pytest.mark.parametrize("what,make,error,message", SELECTION_BAD_INPUT, ids=[r[0] for r in SELECTION_BAD_INPUT])
 def test_selection_bad_input(backend, what, make, error, message):
     q, k, v, idx = _inputs()
-    with pytest.raises(error, match=message):
-        selection_ops()[backend](*make(q, k, v, idx, 16))
+    if backend == "triton":  # on the Triton op's device, with index values checked (on CUDA only when asked)
+        q, k, v, idx = (x.to(DEV) for x in (q, k, v, idx))
+    previous = runtime.set_value_checks(True)
+    try:
+        with pytest.raises(error, match=message):
+            selection_ops()[backend](*make(q, k, v, idx, 16))
+    finally:
+        runtime.set_value_checks(previous)
 
 
 @pytest.mark.parametrize("call,message", [
@@ -181,7 +188,6 @@ def test_nsa_and_moba_bad_input(call, message):
 
 
 # ------------------------------------------------------------------------------------------- Triton vs naive
-DEV = runtime.device()
 DTYPES = [torch.float32] if DEV.type == "cpu" else [torch.bfloat16, torch.float16]
 
 
