@@ -173,10 +173,8 @@ def check_block_size(op, block_size, name="block_size"):
 
 def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
     """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
-    token is not in
-    the query's future, `0 <= i` and `i * block_size <= t` (query t at position t + offset). Values
-    are checked
-    by the book's value-check rule."""
+    token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
+    offset). Values are checked by the book's value-check rule."""
     _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
@@ -239,17 +237,14 @@ def mean_pool(x, block_size):
 
 class CompressKV(torch.nn.Module):
     """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride +
-    block_size);
-    its summary is an MLP of the block's tokens plus a learned intra-block position embedding.
+    block_size); its summary is an MLP of the block's tokens plus a learned intra-block position
+    embedding.
 
     φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
-    fresh
-    module equals `mean_pool` (stride = block_size) and training moves it from there. One module a K
-    or V
-    stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D]; windows that run
-    past T are
-    zero-padded (a query never sees them: a summary becomes visible once its last token is in the
-    past).
+    fresh module equals `mean_pool` (stride = block_size) and training moves it from there. One
+    module a K or V stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D];
+    windows that run past T are zero-padded (a query never sees them: a summary becomes visible once
+    its last token is in the past).
     """
 
     def __init__(self, head_dim, block_size=64, stride=None, hidden=None):
@@ -295,13 +290,11 @@ print(pooled.shape, CompressKV(8, block_size=16, stride=8)(k_demo).shape)
 #| export nsa.naive
 def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once
-    the summary's
-    last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of
-    zeros.
+    the summary's last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none
+    gets a row of zeros.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
-    (decoding:
-    q holds the last tokens only).
+    (decoding: q holds the last tokens only).
     """
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -355,29 +348,30 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
 #| export nsa.naive
 def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
     """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group,
-    so a kernel
-    loads a block once for all its heads); block 0 and the query's own and previous blocks always
-    kept.
+    so a kernel loads a block once for all its heads); block 0 and the query's own and previous
+    blocks always kept.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T,
-    H, S]
-    int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible
-    or surplus
-    slots. Query i sits at position i + offset.
+    H, S] int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally
+    invisible or surplus slots. Query i sits at position i + offset.
     """
+    check_block_size("select_blocks", block_size)
+    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
+    return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
+
+
+def blocks_from_scores(p, H, block_counts, block_size, offset=0):
+    """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
+    computes them once for both branches) -> block_indices [B, T, H, S]."""
     op = "select_blocks"
     S = _checks.positive_int(op, "block_counts", block_counts)
     if S < 3:
         raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                         f"previous one are "
-                         f"always kept), got {S}")
-    check_block_size(op, block_size)
-    B, T, HQ, _ = q.shape
-    N, H = k_cmp.shape[1], k_cmp.shape[2]
-    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
+                         f"previous one are always kept), got {S}")
+    B, T, HQ, N = p.shape
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
-    t = torch.arange(T, device=q.device)[:, None] + offset  # [T, 1] positions
-    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
+    c = torch.arange(N, device=p.device)[None, :]  # [1, N]
     own = t // block_size
     forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
     seen = (c + 1) * block_size - 1 <= t  # [T, N] complete blocks in the past
@@ -398,10 +392,8 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
 #| export nsa.naive
 def selection_mask(block_indices, T, block_size):
     """Which keys each query may read: token s of block i when i is in the query's row of
-    `block_indices`
-    and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask [B, TQ, Hs, T]
-    bool
-    (padding -1 selects nothing)."""
+    `block_indices` and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask
+    [B, TQ, Hs, T] bool (padding -1 selects nothing)."""
     B, TQ, Hs, S = block_indices.shape
     N = -(-T // block_size)
     onehot = torch.zeros(B, TQ, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
@@ -416,9 +408,8 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     """Branch 2: softmax attention restricted to the tokens of the selected blocks (and s <= t).
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a
-    GQA group;
-    [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no key gets 0.
-    q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
+    GQA group; [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no
+    key gets 0. q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
     """
     op = "selected_attention"
     B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -449,14 +440,10 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     """Native Sparse Attention: o = g_cmp ⊙ o_cmp + g_slc ⊙ o_slc + g_swa ⊙ o_swa (NSA, eq. 5).
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None
-    drops that
-    branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v);
-    block_indices
-    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q and the gates
-    may hold
-    only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and block_indices [B, TQ, H,
-    S] when
-    `return_block_indices`).
+    drops that branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v);
+    block_indices [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q
+    and the gates may hold only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and
+    block_indices [B, TQ, H, S] when `return_block_indices`).
     """
     op = "nsa"
     B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -467,14 +454,13 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
         check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
-    if block_indices is None:
-        # [B, TQ, H, S]
-        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
+    p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
+    if block_indices is None:  # [B, TQ, H, S], from the same probabilities
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
     o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
-    if g_cmp is not None:
-        # [B, TQ, HQ, Dv]
-        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
-        o += g_cmp[..., None] * o_cmp.float()
+    if g_cmp is not None:  # branch 1
+        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, Dv]
+        o += g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
     if g_slc is not None:
         o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size,
                                                    scale).float()
@@ -530,8 +516,7 @@ assert_close("every block = causal", attention_ref(q, k, v),
 #| export nsa.naive
 def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens only
     """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps
-    the best
-    `topk − 1` of them and always its own chunk (counted in `topk`).
+    the best `topk − 1` of them and always its own chunk (counted in `topk`).
 
     q [B, T, HQ, D], k [B, T, H, D] -> block_indices [B, T, HQ, topk] int64, increasing, -1 padded.
     """
@@ -556,8 +541,7 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     """MoBA: each query head attends causally over the union of the `topk` chunks its gate picks.
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T,
-    HQ, topk]).
-    With topk >= the number of chunks it is causal dense attention.
+    HQ, topk]). With topk >= the number of chunks it is causal dense attention.
     """
     check_nsa_qkv("moba", q, k, v, fewer_queries=True)
     idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
@@ -685,8 +669,7 @@ def keys_read(context, *, block_size=64, block_counts=16, window_size=512, cmp_b
     or ints.
 
     cmp: summaries whose window [i·d, i·d + l) is complete, ⌊(c − l)/d⌋ + 1; slc: n blocks of l'
-    tokens
-    (capped at c); swa: the last w tokens. l = cmp_block, d = stride (both default to l' =
+    tokens (capped at c); swa: the last w tokens. l = cmp_block, d = stride (both default to l' =
     block_size).
     """
     c = np.asarray(context, dtype=np.int64)
@@ -703,13 +686,11 @@ def nsa_cost(T, mode="prefill", *, head_dim=128, q_heads=64, kv_heads=4, bytes_p
     """The work of one NSA layer against dense causal attention, per branch.
 
     mode "prefill": forward FLOPs over T causal queries, 4·D FLOPs a (query head, key) pair (Q Kᵀ
-    and P V);
-    "training": forward + backward = 3.5× the forward (the backward, 2.5×, recomputes P and makes
-    dQ, dK,
-    dV), for dense and sparse alike;
-    "decoding": bytes of KV cache one new token reads at context T, 2·D·bytes a (key head, key): the
-    selection is shared by a GQA group, so each block is read once per key head.
-    Returns {"cmp", "slc", "swa", "nsa", "dense": numbers, "ratio": dense / nsa}.
+    and P V); "training": forward + backward = 3.5× the forward (the backward, 2.5×, recomputes P
+    and makes dQ, dK, dV), for dense and sparse alike; "decoding": bytes of KV cache one new token
+    reads at context T, 2·D·bytes a (key head, key): the selection is shared by a GQA group, so each
+    block is read once per key head. Returns {"cmp", "slc", "swa", "nsa", "dense": numbers, "ratio":
+    dense / nsa}.
     """
     if mode == "decoding":
         keys = keys_read(T, **branches)
@@ -805,8 +786,7 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
-    heads that
-    share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
+    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
         for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
@@ -816,8 +796,7 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
         o = acc / l [BG, DV],  lse = m + log l [BG]
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
-    a K/V
-    head, whatever G is.
+    a K/V head, whatever G is.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hs = i_bh // HS, i_bh % HS
@@ -916,12 +895,10 @@ class NativeSparseAttention(nn.Module):
     """An NSA attention layer (or MoBA, `kind="moba"`): projections, RoPE, a sigmoid gate MLP, GQA.
 
     x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of
-    `head_dim`
-    (one block selection a group of num_heads / num_kv_heads query heads). `compress="mlp"` learns φ
-    (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`: "naive", "triton" or "auto"
-    (Triton on
-    CUDA tensors or CPU under the interpreter). With `return_block_indices` forward also returns the
-    selection.
+    `head_dim` (one block selection a group of num_heads / num_kv_heads query heads).
+    `compress="mlp"` learns φ (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`:
+    "naive", "triton" or "auto" (Triton on CUDA tensors or CPU under the interpreter). With
+    `return_block_indices` forward also returns the selection.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
@@ -948,8 +925,7 @@ class NativeSparseAttention(nn.Module):
 
     def forward(self, x, return_block_indices=False, last=None):
         """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B,
-        n, hidden]
-        (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
+        n, hidden] (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
         _checks.layer_input("NativeSparseAttention", x, self)
         B, T, _ = x.shape
         TQ = T if last is None else _checks.positive_int("NativeSparseAttention", "last", last)
@@ -995,13 +971,10 @@ from minisparse.nsa.layer import NativeSparseAttention
 def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
                  device="cpu"):
     """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values
-    —
-    with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
-    distinct keys.
-    The last token asks for one of the keys (its value blank); the answer is that needle's
-    value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0 nor a
-    window of
-    `avoid` tokens holds them.
+    — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
+    distinct keys. The last token asks for one of the keys (its value blank); the answer is that
+    needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0
+    nor a window of `avoid` tokens holds them.
 
     Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
     [batch].
@@ -1044,8 +1017,8 @@ class NeedleModel(nn.Module):
 def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50,
                  pairs=4):
     """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every
-    `log_every`
-    steps, `found` = fraction of last tokens whose selection holds the needle's block (NSA only)."""
+    `log_every` steps, `found` = fraction of last tokens whose selection holds the needle's block
+    (NSA only)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     log = []
@@ -1376,12 +1349,9 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
                          BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one
-    block of
-    K/V head i_h and walks the list of (query token, selection head) pairs that selected that block
-    — the
-    inverse of block_indices, built on the host by one sort (`_inverse_index`). BR/BG entries a
-    step, each
-    the BG query heads of one pair, stacked into BR rows:
+    block of K/V head i_h and walks the list of (query token, selection head) pairs that selected
+    that block — the inverse of block_indices, built on the host by one sort (`_inverse_index`).
+    BR/BG entries a step, each the BG query heads of one pair, stacked into BR rows:
 
         k, v tiles [BN, BD], [BN, BDV] (loaded once)
         for each BR-row step of the list:  q [BR, BD], dO [BR, BDV], lse, δ [BR]
@@ -1467,10 +1437,8 @@ def _selection_forward(q, k, v, idx, block_size, scale, row):
 
 def _inverse_index(idx, H, NB):
     """For each (batch, K/V head, block): the (query token, selection head) pairs that selected it,
-    as one
-    sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB + 1]
-    into it.
-    One sort on the device, no host sync."""
+    as one sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB +
+    1] into it. One sort on the device, no host sync."""
     B, TQ, HS, S = idx.shape
     R = HS // H
     b = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
@@ -1520,8 +1488,7 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 # %% tags=["hide-input"]
 #| export nsa.triton
 class SelectedAttentionFunction(torch.autograd.Function):
-    """Autograd glue: the forward saves q, k, v, the indices, o and lse; the backward recomputes
-    P."""
+    """Autograd glue: the forward saves q, k, v, the indices, o, lse; the backward recomputes P."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size, scale, row):
@@ -1543,11 +1510,9 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
     """`selected_attention` in Triton, forward and backward, any GQA group size HQ / H ≥ 1.
 
     q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ
-    positions, so
-    TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or [B, TQ, HQ, S]
-    (one a
-    query head), int32/int64, -1 padded, each row's blocks distinct. Returns o [B, TQ, HQ, DV] in
-    q's dtype.
+    positions, so TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or
+    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. Returns o
+    [B, TQ, HQ, DV] in q's dtype.
     """
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
@@ -1569,14 +1534,13 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
 # %% tags=["hide-input"]
 #| export nsa.triton
 from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import (check_gate, compressed_attention, mean_pool, moba_select,
-                                  select_blocks)
+from minisparse.nsa.naive import (blocks_from_scores, check_gate, compressed_scores, mean_pool,
+                                  moba_select)
 
 
 def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch)
-    picks
-    each query head's chunks, then the selection kernels run with one selection a query head.
+    picks each query head's chunks, then the selection kernels run with one selection a query head.
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T,
     HQ, topk]).
@@ -1591,10 +1555,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                  scale=None,
                  block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
-    `flash_attention`; the
-    compressed branch and the selection stay in PyTorch (T / block_size summaries a query). Same
-    arguments
-    and results as `nsa`.
+    `flash_attention`; the compressed branch and the selection stay in PyTorch (T / block_size
+    summaries a query). Same arguments and results as `nsa`.
     """
     op = "parallel_nsa"
     B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -1604,13 +1566,13 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
         check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
-    if block_indices is None:
-        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale,
-                                      T - TQ)
+    p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N] fp32
+    if block_indices is None:  # [B, TQ, H, S], from the same probabilities
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
     o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
-        o = o + g_cmp[..., None] * o_cmp.float()
+        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, DV]
+        o = o + g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
     if g_slc is not None:
         o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale,
                                              "nsa.selection").float()
@@ -1689,8 +1651,8 @@ def check_selection_fix(fn):
 
 
 def _scores_reference(q, k, idx, t, block_size, scale):
-    """[G, block_size] scores of q [G, D] against block idx of k [T, D]; -inf past t, past T or
-    for idx < 0."""
+    """[G, block_size] scores of q [G, D] against block idx of k [T, D]; -inf past t, past T or for
+    idx < 0."""
     s = torch.full((q.shape[0], block_size), float("-inf"))
     if idx >= 0:
         pos = idx * block_size + torch.arange(block_size)

@@ -11,8 +11,7 @@ def keys_read(context, *, block_size=64, block_counts=16, window_size=512, cmp_b
     or ints.
 
     cmp: summaries whose window [i·d, i·d + l) is complete, ⌊(c − l)/d⌋ + 1; slc: n blocks of l'
-    tokens
-    (capped at c); swa: the last w tokens. l = cmp_block, d = stride (both default to l' =
+    tokens (capped at c); swa: the last w tokens. l = cmp_block, d = stride (both default to l' =
     block_size).
     """
     c = np.asarray(context, dtype=np.int64)
@@ -29,13 +28,11 @@ def nsa_cost(T, mode="prefill", *, head_dim=128, q_heads=64, kv_heads=4, bytes_p
     """The work of one NSA layer against dense causal attention, per branch.
 
     mode "prefill": forward FLOPs over T causal queries, 4·D FLOPs a (query head, key) pair (Q Kᵀ
-    and P V);
-    "training": forward + backward = 3.5× the forward (the backward, 2.5×, recomputes P and makes
-    dQ, dK,
-    dV), for dense and sparse alike;
-    "decoding": bytes of KV cache one new token reads at context T, 2·D·bytes a (key head, key): the
-    selection is shared by a GQA group, so each block is read once per key head.
-    Returns {"cmp", "slc", "swa", "nsa", "dense": numbers, "ratio": dense / nsa}.
+    and P V); "training": forward + backward = 3.5× the forward (the backward, 2.5×, recomputes P
+    and makes dQ, dK, dV), for dense and sparse alike; "decoding": bytes of KV cache one new token
+    reads at context T, 2·D·bytes a (key head, key): the selection is shared by a GQA group, so each
+    block is read once per key head. Returns {"cmp", "slc", "swa", "nsa", "dense": numbers, "ratio":
+    dense / nsa}.
     """
     if mode == "decoding":
         keys = keys_read(T, **branches)

@@ -36,8 +36,8 @@ def check_selection_fix(fn):
 
 
 def _scores_reference(q, k, idx, t, block_size, scale):
-    """[G, block_size] scores of q [G, D] against block idx of k [T, D]; -inf past t, past T or
-    for idx < 0."""
+    """[G, block_size] scores of q [G, D] against block idx of k [T, D]; -inf past t, past T or for
+    idx < 0."""
     s = torch.full((q.shape[0], block_size), float("-inf"))
     if idx >= 0:
         pos = idx * block_size + torch.arange(block_size)

@@ -11,12 +11,10 @@ class NativeSparseAttention(nn.Module):
     """An NSA attention layer (or MoBA, `kind="moba"`): projections, RoPE, a sigmoid gate MLP, GQA.
 
     x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of
-    `head_dim`
-    (one block selection a group of num_heads / num_kv_heads query heads). `compress="mlp"` learns φ
-    (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`: "naive", "triton" or "auto"
-    (Triton on
-    CUDA tensors or CPU under the interpreter). With `return_block_indices` forward also returns the
-    selection.
+    `head_dim` (one block selection a group of num_heads / num_kv_heads query heads).
+    `compress="mlp"` learns φ (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`:
+    "naive", "triton" or "auto" (Triton on CUDA tensors or CPU under the interpreter). With
+    `return_block_indices` forward also returns the selection.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
@@ -43,8 +41,7 @@ class NativeSparseAttention(nn.Module):
 
     def forward(self, x, return_block_indices=False, last=None):
         """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B,
-        n, hidden]
-        (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
+        n, hidden] (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
         _checks.layer_input("NativeSparseAttention", x, self)
         B, T, _ = x.shape
         TQ = T if last is None else _checks.positive_int("NativeSparseAttention", "last", last)

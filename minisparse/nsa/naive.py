@@ -42,10 +42,8 @@ def check_block_size(op, block_size, name="block_size"):
 
 def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
     """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
-    token is not in
-    the query's future, `0 <= i` and `i * block_size <= t` (query t at position t + offset). Values
-    are checked
-    by the book's value-check rule."""
+    token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
+    offset). Values are checked by the book's value-check rule."""
     _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
@@ -93,17 +91,14 @@ def mean_pool(x, block_size):
 
 class CompressKV(torch.nn.Module):
     """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride +
-    block_size);
-    its summary is an MLP of the block's tokens plus a learned intra-block position embedding.
+    block_size); its summary is an MLP of the block's tokens plus a learned intra-block position
+    embedding.
 
     φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
-    fresh
-    module equals `mean_pool` (stride = block_size) and training moves it from there. One module a K
-    or V
-    stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D]; windows that run
-    past T are
-    zero-padded (a query never sees them: a summary becomes visible once its last token is in the
-    past).
+    fresh module equals `mean_pool` (stride = block_size) and training moves it from there. One
+    module a K or V stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D];
+    windows that run past T are zero-padded (a query never sees them: a summary becomes visible once
+    its last token is in the past).
     """
 
     def __init__(self, head_dim, block_size=64, stride=None, hidden=None):
@@ -133,13 +128,11 @@ class CompressKV(torch.nn.Module):
 
 def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once
-    the summary's
-    last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none gets a row of
-    zeros.
+    the summary's last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none
+    gets a row of zeros.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
-    (decoding:
-    q holds the last tokens only).
+    (decoding: q holds the last tokens only).
     """
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -173,29 +166,30 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
 
 def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
     """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group,
-    so a kernel
-    loads a block once for all its heads); block 0 and the query's own and previous blocks always
-    kept.
+    so a kernel loads a block once for all its heads); block 0 and the query's own and previous
+    blocks always kept.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T,
-    H, S]
-    int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally invisible
-    or surplus
-    slots. Query i sits at position i + offset.
+    H, S] int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally
+    invisible or surplus slots. Query i sits at position i + offset.
     """
+    check_block_size("select_blocks", block_size)
+    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
+    return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
+
+
+def blocks_from_scores(p, H, block_counts, block_size, offset=0):
+    """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
+    computes them once for both branches) -> block_indices [B, T, H, S]."""
     op = "select_blocks"
     S = _checks.positive_int(op, "block_counts", block_counts)
     if S < 3:
         raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                         f"previous one are "
-                         f"always kept), got {S}")
-    check_block_size(op, block_size)
-    B, T, HQ, _ = q.shape
-    N, H = k_cmp.shape[1], k_cmp.shape[2]
-    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
+                         f"previous one are always kept), got {S}")
+    B, T, HQ, N = p.shape
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
-    t = torch.arange(T, device=q.device)[:, None] + offset  # [T, 1] positions
-    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
+    c = torch.arange(N, device=p.device)[None, :]  # [1, N]
     own = t // block_size
     forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
     seen = (c + 1) * block_size - 1 <= t  # [T, N] complete blocks in the past
@@ -210,10 +204,8 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
 
 def selection_mask(block_indices, T, block_size):
     """Which keys each query may read: token s of block i when i is in the query's row of
-    `block_indices`
-    and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask [B, TQ, Hs, T]
-    bool
-    (padding -1 selects nothing)."""
+    `block_indices` and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask
+    [B, TQ, Hs, T] bool (padding -1 selects nothing)."""
     B, TQ, Hs, S = block_indices.shape
     N = -(-T // block_size)
     onehot = torch.zeros(B, TQ, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
@@ -228,9 +220,8 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     """Branch 2: softmax attention restricted to the tokens of the selected blocks (and s <= t).
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a
-    GQA group;
-    [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no key gets 0.
-    q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
+    GQA group; [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no
+    key gets 0. q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
     """
     op = "selected_attention"
     B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -252,14 +243,10 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     """Native Sparse Attention: o = g_cmp ⊙ o_cmp + g_slc ⊙ o_slc + g_swa ⊙ o_swa (NSA, eq. 5).
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None
-    drops that
-    branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v);
-    block_indices
-    [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q and the gates
-    may hold
-    only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and block_indices [B, TQ, H,
-    S] when
-    `return_block_indices`).
+    drops that branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v);
+    block_indices [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q
+    and the gates may hold only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and
+    block_indices [B, TQ, H, S] when `return_block_indices`).
     """
     op = "nsa"
     B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -270,14 +257,13 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
         check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
-    if block_indices is None:
-        # [B, TQ, H, S]
-        block_indices = select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
+    p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
+    if block_indices is None:  # [B, TQ, H, S], from the same probabilities
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
     o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
-    if g_cmp is not None:
-        # [B, TQ, HQ, Dv]
-        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
-        o += g_cmp[..., None] * o_cmp.float()
+    if g_cmp is not None:  # branch 1
+        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, Dv]
+        o += g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
     if g_slc is not None:
         o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size,
                                                    scale).float()
@@ -289,8 +275,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
 
 def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens only
     """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps
-    the best
-    `topk − 1` of them and always its own chunk (counted in `topk`).
+    the best `topk − 1` of them and always its own chunk (counted in `topk`).
 
     q [B, T, HQ, D], k [B, T, H, D] -> block_indices [B, T, HQ, topk] int64, increasing, -1 padded.
     """
@@ -315,8 +300,7 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     """MoBA: each query head attends causally over the union of the `topk` chunks its gate picks.
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T,
-    HQ, topk]).
-    With topk >= the number of chunks it is causal dense attention.
+    HQ, topk]). With topk >= the number of chunks it is causal dense attention.
     """
     check_nsa_qkv("moba", q, k, v, fewer_queries=True)
     idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
@@ -324,4 +308,4 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     return (o, idx) if return_block_indices else o
 
 
-__all__ = ['check_nsa_qkv', 'check_block_size', 'check_block_indices', 'check_gate', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba']
+__all__ = ['check_nsa_qkv', 'check_block_size', 'check_block_indices', 'check_gate', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'blocks_from_scores', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba']

@@ -8,13 +8,10 @@ from minisparse.nsa.layer import NativeSparseAttention
 def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
                  device="cpu"):
     """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values
-    —
-    with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
-    distinct keys.
-    The last token asks for one of the keys (its value blank); the answer is that needle's
-    value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0 nor a
-    window of
-    `avoid` tokens holds them.
+    — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
+    distinct keys. The last token asks for one of the keys (its value blank); the answer is that
+    needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0
+    nor a window of `avoid` tokens holds them.
 
     Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
     [batch].
@@ -57,8 +54,8 @@ class NeedleModel(nn.Module):
 def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50,
                  pairs=4):
     """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every
-    `log_every`
-    steps, `found` = fraction of last tokens whose selection holds the needle's block (NSA only)."""
+    `log_every` steps, `found` = fraction of last tokens whose selection holds the needle's block
+    (NSA only)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     log = []

@@ -16,8 +16,7 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
-    heads that
-    share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
+    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
         for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
@@ -27,8 +26,7 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
         o = acc / l [BG, DV],  lse = m + log l [BG]
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
-    a K/V
-    head, whatever G is.
+    a K/V head, whatever G is.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hs = i_bh // HS, i_bh % HS
@@ -127,12 +125,9 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
                          BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one
-    block of
-    K/V head i_h and walks the list of (query token, selection head) pairs that selected that block
-    — the
-    inverse of block_indices, built on the host by one sort (`_inverse_index`). BR/BG entries a
-    step, each
-    the BG query heads of one pair, stacked into BR rows:
+    block of K/V head i_h and walks the list of (query token, selection head) pairs that selected
+    that block — the inverse of block_indices, built on the host by one sort (`_inverse_index`).
+    BR/BG entries a step, each the BG query heads of one pair, stacked into BR rows:
 
         k, v tiles [BN, BD], [BN, BDV] (loaded once)
         for each BR-row step of the list:  q [BR, BD], dO [BR, BDV], lse, δ [BR]
@@ -217,10 +212,8 @@ def _selection_forward(q, k, v, idx, block_size, scale, row):
 
 def _inverse_index(idx, H, NB):
     """For each (batch, K/V head, block): the (query token, selection head) pairs that selected it,
-    as one
-    sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB + 1]
-    into it.
-    One sort on the device, no host sync."""
+    as one sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB +
+    1] into it. One sort on the device, no host sync."""
     B, TQ, HS, S = idx.shape
     R = HS // H
     b = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
@@ -260,8 +253,7 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
-    """Autograd glue: the forward saves q, k, v, the indices, o and lse; the backward recomputes
-    P."""
+    """Autograd glue: the forward saves q, k, v, the indices, o, lse; the backward recomputes P."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size, scale, row):
@@ -283,11 +275,9 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
     """`selected_attention` in Triton, forward and backward, any GQA group size HQ / H ≥ 1.
 
     q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ
-    positions, so
-    TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or [B, TQ, HQ, S]
-    (one a
-    query head), int32/int64, -1 padded, each row's blocks distinct. Returns o [B, TQ, HQ, DV] in
-    q's dtype.
+    positions, so TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or
+    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. Returns o
+    [B, TQ, HQ, DV] in q's dtype.
     """
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
@@ -308,14 +298,13 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
 
 
 from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import (check_gate, compressed_attention, mean_pool, moba_select,
-                                  select_blocks)
+from minisparse.nsa.naive import (blocks_from_scores, check_gate, compressed_scores, mean_pool,
+                                  moba_select)
 
 
 def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch)
-    picks
-    each query head's chunks, then the selection kernels run with one selection a query head.
+    picks each query head's chunks, then the selection kernels run with one selection a query head.
 
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T,
     HQ, topk]).
@@ -330,10 +319,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                  scale=None,
                  block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
-    `flash_attention`; the
-    compressed branch and the selection stay in PyTorch (T / block_size summaries a query). Same
-    arguments
-    and results as `nsa`.
+    `flash_attention`; the compressed branch and the selection stay in PyTorch (T / block_size
+    summaries a query). Same arguments and results as `nsa`.
     """
     op = "parallel_nsa"
     B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -343,13 +330,13 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
         check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
-    if block_indices is None:
-        block_indices = select_blocks(q.detach(), k_cmp.detach(), block_counts, block_size, scale,
-                                      T - TQ)
+    p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N] fp32
+    if block_indices is None:  # [B, TQ, H, S], from the same probabilities
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
     o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        o_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, scale, offset=T - TQ)
-        o = o + g_cmp[..., None] * o_cmp.float()
+        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, DV]
+        o = o + g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
     if g_slc is not None:
         o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale,
                                              "nsa.selection").float()
