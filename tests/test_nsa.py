@@ -341,3 +341,22 @@ def test_block_scores_checker_rejects_a_kernel_without_the_causal_mask_and_accep
     with pytest.raises(ExerciseError, match="position"):
         X.check_block_scores_kernel(_scores_without_causal_mask)
     X.check_block_scores_kernel(_scores_right)
+
+
+def test_parallel_nsa_gradients_match_nsa_including_learned_summaries():
+    """The compressed branch by SDPA (a block-causal mask, blind queries zeroed) against the naive einsum,
+    with every gradient: q, k, v, the gates and the summaries (as CompressKV would give them)."""
+    B, T, HQ, H, bs = 1, 53, 4, 2, 16
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=17, device=DEV)
+    gs = [g.to(DEV) for g in gates(B, T, HQ, seed=3)]
+    kc, vc = N.mean_pool(k, bs) + 0.1, N.mean_pool(v, bs) - 0.1
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gs, kc, vc)]
+    twins = [x.clone().requires_grad_() for x in (q, k, v, *gs, kc, vc)]
+    kw = dict(block_counts=3, block_size=bs, window_size=20)
+    o = N.parallel_nsa(*leaves[:6], k_cmp=leaves[6], v_cmp=leaves[7], **kw)
+    ref = N.nsa(*twins[:6], k_cmp=twins[6], v_cmp=twins[7], **kw)
+    assert_close("o", ref, o, 1e-4)
+    do = torch.randn_like(o)
+    for name, a, b in zip(["q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp"],
+                          torch.autograd.grad(ref, twins, do), torch.autograd.grad(o, leaves, do)):
+        assert_close(f"d{name}", a, b, 1e-4)

@@ -315,12 +315,38 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     return (o, idx) if return_block_indices else o
 
 
+@torch.no_grad()
+def _select_in_chunks(q, k_cmp, block_counts, block_size, scale, offset, chunk=4096):
+    """select_blocks over `chunk` queries at a time: the [chunk, HQ, N] fp32 probabilities of one
+    chunk are the largest tensor alive, not [T, HQ, N]."""
+    parts = []
+    for i in range(0, q.shape[1], chunk):
+        p = compressed_scores(q[:, i:i + chunk], k_cmp, block_size, scale, offset=offset + i)
+        parts.append(blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset + i))
+    return torch.cat(parts, 1)
+
+
+def _compressed_branch(q, k_cmp, v_cmp, block_size, scale, offset):
+    """compressed_attention by SDPA with a block-causal mask (fused kernels, forward and backward,
+    no [T, HQ, N] tensor kept). A query that sees no summary gets summary 0 unmasked and its output
+    zeroed, so no row of the softmax is empty. -> [B, TQ, HQ, DV]"""
+    TQ, N = q.shape[1], k_cmp.shape[1]
+    t = torch.arange(TQ, device=q.device)[:, None] + offset  # [TQ, 1] positions
+    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    seen = (c + 1) * block_size - 1 <= t  # [TQ, N]
+    blind = ~seen.any(-1, keepdim=True)  # [TQ, 1] queries before the first complete block
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cmp.to(q.dtype).transpose(1, 2), v_cmp.to(q.dtype).transpose(1, 2),
+        attn_mask=seen | (blind & (c == 0)), scale=scale, enable_gqa=True).transpose(1, 2)
+    return o * (~blind).to(o.dtype).view(1, TQ, 1, 1)
+
+
 def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512,
                  scale=None,
                  block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
-    `flash_attention`; the compressed branch and the selection stay in PyTorch (T / block_size
-    summaries a query). Same arguments and results as `nsa`.
+    `flash_attention`; the compressed branch by SDPA with a block-causal mask, the top-n in PyTorch
+    over chunks of queries. Same arguments and results as `nsa`.
     """
     op = "parallel_nsa"
     B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -330,13 +356,12 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
         check_gate(op, name, g, B, TQ, HQ, q)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
-    p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N] fp32
-    if block_indices is None:  # [B, TQ, H, S], from the same probabilities
-        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
+    if block_indices is None:  # [B, TQ, H, S]
+        block_indices = _select_in_chunks(q, k_cmp, block_counts, block_size, scale, T - TQ)
     o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
-        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, DV]
-        o = o + g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
+        o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
+        o = o + g_cmp[..., None] * o_cmp.float()
     if g_slc is not None:
         o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale,
                                              "nsa.selection").float()
