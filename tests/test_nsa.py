@@ -279,7 +279,8 @@ def test_layer_backends_agree_and_last_tokens_equal_the_full_outputs(kind):
 
 
 def test_needle_batch_plants_distinct_needles_outside_the_window_and_block_zero():
-    keys, values, where, answer = N.needle_batch(64, 128, avoid=32, block=16, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    keys, values, where, answer = N.needle_batch(64, 128, avoid=32, block=16, generator=g)
     rows = torch.arange(64)
     assert torch.equal(keys[rows, where], keys[:, -1]) and torch.equal(values[rows, where], answer)
     assert (where >= 16).all() and (where < 128 - 32).all()
