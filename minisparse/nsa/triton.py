@@ -28,7 +28,7 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
     a K/V head, whatever G is.
     """
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
     i_b, i_hs = i_bh // HS, i_bh % HS
     i_h = i_hs // (HS // H)
     pos = i_t + TK - TQ  # the query's position among the keys
@@ -81,7 +81,7 @@ def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr
 
         dP = dO vᵀ [BG, BN],  dS = P ⊙ (dP − δ),  dq += dS k · scale   (δ = rowsum(dO ⊙ O)).
     """
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
     i_b, i_hs = i_bh // HS, i_bh % HS
     i_h = i_hs // (HS // H)
     pos = i_t + TK - TQ
@@ -135,7 +135,7 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
 
     No atomics: every dk, dv row has one owner.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_blk = (i_n * BN) // BS
     o_d, o_dv, o_r = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BR)
