@@ -310,6 +310,11 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
     } for kind in ("nsa", "moba")},
+    "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores stays in registers)
+        "interpreter": [_cfg(BC=64)],
+        "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
+        "sm_75": [_cfg(4, 1, BC=32), _cfg(4, 1, BC=16)],
+    },
     **{f"{kind}.selection.dkv": {
         "interpreter": [_cfg(BN=64, BR=64)],
         "sm_90": [_cfg(4, 2, BN=64, BR=64), _cfg(4, 1, BN=32, BR=32)],

@@ -361,3 +361,12 @@ def test_parallel_nsa_gradients_match_nsa_including_learned_summaries():
     for name, a, b in zip(["q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp"],
                           torch.autograd.grad(ref, twins, do), torch.autograd.grad(o, leaves, do)):
         assert_close(f"d{name}", a, b, 1e-4)
+
+
+@pytest.mark.parametrize("T,HQ,H,S,TQ", [(75, 4, 2, 3, 75), (130, 16, 1, 5, 130), (50, 2, 2, 4, 50),
+                                         (200, 6, 2, 16, 200), (150, 4, 2, 4, 1)])
+def test_fused_top_n_selects_what_select_blocks_selects(poisoned, T, HQ, H, S, TQ):
+    q, k, _ = make_qkv(1, T, HQ, 16, HKV=H, seed=18, device=DEV)
+    kc = N.mean_pool(k, 16)
+    want = N.select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ)
+    assert torch.equal(want, N.parallel_select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ))

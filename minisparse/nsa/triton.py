@@ -252,6 +252,89 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
     return dq, dk, dv
 
 
+@triton.jit
+def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
+                       HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+                       SP: tl.constexpr,
+                       BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+                       BC: tl.constexpr, BNA: tl.constexpr, PRECISION: tl.constexpr):
+    """Group-shared top-n without the [T, HQ, N] probabilities: program (t, b·H + h).
+    pass 1: softmax statistics m, l of each of the G heads over the visible summaries (tiles of BC);
+    pass 2: p = exp(s − m) / l summed over the G heads -> one score a block, written to a [N] row;
+    then S rounds of argmax over that row, forced blocks (0, own, previous) first."""
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    pos = i_t + TK - TQ
+    own = pos // BS
+    n_seen = (pos + 1) // BS  # complete blocks: summaries 0 .. n_seen - 1
+    o_g, o_d, o_c = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BC)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_h * G + o_g
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    for c0 in range(0, n_seen, BC):
+        c = c0 + o_c
+        b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
+                      mask=(c[None, :] < n_seen) & (o_d[:, None] < D), other=0.0)
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale
+        b_s = tl.where(c[None, :] < n_seen, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, None]), 1)
+        b_m = b_mn
+    srow = score_ptr + (i_b * TQ + i_t) * H * N + i_h * N
+    for c0 in range(0, n_seen, BC):
+        c = c0 + o_c
+        b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
+                      mask=(c[None, :] < n_seen) & (o_d[:, None] < D), other=0.0)
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale
+        b_p = tl.exp(b_s - b_m[:, None]) / b_l[:, None]
+        b_p = tl.where(m_g[:, None] & (c[None, :] < n_seen), b_p, 0.0)
+        tl.store(srow + c, tl.sum(b_p, 0), mask=c < n_seen)
+    o_a = tl.arange(0, BNA)
+    sc = tl.load(srow + o_a, mask=o_a < n_seen, other=float("-inf"))
+    forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)
+    sc = tl.where(forced & (o_a < N), float("inf"), sc)
+    o_s = tl.arange(0, SP)
+    picks = tl.full([SP], -1, tl.int64)
+    for i in range(S):
+        best = tl.max(sc, 0)
+        j = tl.argmax(sc, 0)
+        pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
+        picks = tl.where(o_s == i, pick, picks)
+        sc = tl.where(o_a == j, float("-inf"), sc)
+    tl.store(idx_ptr + ((i_b * TQ + i_t) * H + i_h) * S + o_s, picks, mask=o_s < S)
+
+
+def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
+    """`select_blocks` in Triton (forward only: indices have no gradient), the same block_indices
+    [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset),
+    k_cmp [B, N, H, D] one summary a block."""
+    op = "parallel_select_blocks"
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
+    bs = check_block_size(op, block_size)
+    B, TQ, HQ, D = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    _checks.divides(op, "H (k_cmp's heads)", H, "HQ (q's heads)", HQ)
+    _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256)}, instead="select_blocks")
+    scale = _checks.scale(op, scale, D)
+    score = torch.empty(B, TQ, H, N, device=q.device, dtype=torch.float32)  # one row a group
+    idx = torch.empty(B, TQ, H, S, device=q.device, dtype=torch.int64)
+    meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D,
+                BG=max(16, triton.next_power_of_2(HQ // H)), BD=max(16, triton.next_power_of_2(D)),
+                BNA=max(16, triton.next_power_of_2(N)),
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
+    runtime.launch("nsa.select", select_topk_kernel, lambda c: (TQ, B * H),
+                   (q.detach().contiguous(), k_cmp.detach().to(q.dtype).contiguous(), score, idx,
+                    TQ, TQ + offset, N, scale), meta, device=q.device, dtype=q.dtype,
+                   key=(meta["BD"], meta["BNA"]), instead="minisparse.nsa.select_blocks")
+    top = idx.masked_fill(idx < 0, N).sort(-1).values  # the argmax rounds give score order
+    return top.masked_fill(top == N, -1)
+
+
 class SelectedAttentionFunction(torch.autograd.Function):
     """Autograd glue: the forward saves q, k, v, the indices, o, lse; the backward recomputes P."""
 
@@ -315,17 +398,6 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     return (o, idx) if return_block_indices else o
 
 
-@torch.no_grad()
-def _select_in_chunks(q, k_cmp, block_counts, block_size, scale, offset, chunk=4096):
-    """select_blocks over `chunk` queries at a time: the [chunk, HQ, N] fp32 probabilities of one
-    chunk are the largest tensor alive, not [T, HQ, N]."""
-    parts = []
-    for i in range(0, q.shape[1], chunk):
-        p = compressed_scores(q[:, i:i + chunk], k_cmp, block_size, scale, offset=offset + i)
-        parts.append(blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset + i))
-    return torch.cat(parts, 1)
-
-
 def _compressed_branch(q, k_cmp, v_cmp, block_size, scale, offset):
     """compressed_attention by SDPA with a block-causal mask (fused kernels, forward and backward,
     no [T, HQ, N] tensor kept). A query that sees no summary gets summary 0 unmasked and its output
@@ -345,8 +417,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                  scale=None,
                  block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
-    `flash_attention`; the compressed branch by SDPA with a block-causal mask, the top-n in PyTorch
-    over chunks of queries. Same arguments and results as `nsa`.
+    `flash_attention`; the compressed branch by SDPA with a block-causal mask, the top-n by
+    `parallel_select_blocks`. Same arguments and results as `nsa`.
     """
     op = "parallel_nsa"
     B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
@@ -357,7 +429,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
     if block_indices is None:  # [B, TQ, H, S]
-        block_indices = _select_in_chunks(q, k_cmp, block_counts, block_size, scale, T - TQ)
+        block_indices = parallel_select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
     o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
     if g_cmp is not None:
         o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
@@ -372,4 +444,4 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     return (o, block_indices) if return_block_indices else o
 
 
-__all__ = ['selection_fwd_kernel', 'selection_dq_kernel', 'selection_dkv_kernel', 'SelectedAttentionFunction', 'parallel_selected_attention', 'parallel_moba', 'parallel_nsa']
+__all__ = ['selection_fwd_kernel', 'selection_dq_kernel', 'selection_dkv_kernel', 'select_topk_kernel', 'parallel_select_blocks', 'SelectedAttentionFunction', 'parallel_selected_attention', 'parallel_moba', 'parallel_nsa']
