@@ -325,6 +325,32 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=16)],
     },
+    # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
+    # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
+    # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage; the H100/H200 row is unmeasured (no sweep yet).
+    **{f"{kind}.selection.fwd": {
+        "interpreter": [_cfg(BN=64)],
+        "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
+    } for kind in ("nsa", "moba")},
+    **{f"{kind}.selection.dq": {
+        "interpreter": [_cfg(BN=64)],
+        "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
+    } for kind in ("nsa", "moba")},
+    "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores stays in registers)
+        "interpreter": [_cfg(BC=64)],
+        "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
+        "sm_75": [_cfg(4, 1, BC=32), _cfg(4, 1, BC=16)],
+    },
+    **{f"{kind}.selection.dkv": {
+        "interpreter": [_cfg(BN=64, BR=64)],
+        "sm_90": [_cfg(4, 2, BN=64, BR=64), _cfg(4, 1, BN=32, BR=32)],
+        "sm_80": [_cfg(4, 2, BN=64, BR=64), _cfg(4, 1, BN=32, BR=32)],
+        "sm_75": [_cfg(4, 1, BN=32, BR=32), _cfg(4, 1, BN=16, BR=16)],
+    } for kind in ("nsa", "moba")},
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")

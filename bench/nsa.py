@@ -1,0 +1,154 @@
+"""Chapter 7's benchmark: NSA (all three branches, selection included) and MoBA against dense SDPA and fla.
+
+    PYTHONPATH=. python bench/nsa.py --out bench/results        # on a GPU machine, from the repository root
+
+NSA: B = 1, HQ = 64, H = 4, D = 128, blocks of 64, 16 blocks, window 512, bf16, T from 8K to 64K: forward (under
+no_grad), forward + backward (o.backward(do)) and one decoding step (the last token against a cache of T tokens)
+for minisparse's parallel_nsa, fla's parallel_nsa (carry fla-core) and SDPA (causal, GQA). MoBA: HQ = H = 16, chunks
+of 128, top-16, gate included, against SDPA. Medians by minisparse.bench.median_ms. Writes DIR/nsa.json and prints a
+table and the ratios last. Targets, reported and not asserted (issue 19): NSA forward ≥ 3× SDPA at 32K and ≥ 4× at
+64K, forward + backward ≥ 2.5× at 64K, decoding ≥ 5× at 64K; MoBA ≥ 5× SDPA at 32K.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository, without installing it
+
+from minisparse import bench  # noqa: E402
+from minisparse.nsa import mean_pool, parallel_moba, parallel_nsa  # noqa: E402
+
+B, HQ, H, D, BS, S, W = 1, 64, 4, 128, 64, 16, 512
+MOBA = dict(HQ=16, H=16, chunk=128, topk=16)
+TS = (8192, 16384, 32768, 65536)
+DEVICE, DTYPE = "cuda", torch.bfloat16
+SMOKE = False  # --smoke: tiny shapes on a CPU in the interpreter: checks that the script runs
+
+
+def timed(fn) -> float | None:
+    try:
+        fn()  # compile outside the timing
+        if SMOKE:
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return bench.median_ms(fn, warmup=5, rep=20)
+    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
+        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        return None
+
+
+def sdpa(q, k, v, causal=True):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=causal, enable_gqa=True).transpose(1, 2)
+
+
+def nsa_impls(gates, summaries):
+    kw = dict(block_counts=S, block_size=BS, window_size=W)
+
+    def ours(q, k, v, n):
+        # decoding reads the cached block summaries (a cache of T / BS entries), as a server keeps them
+        cached = dict(zip(("k_cmp", "v_cmp"), summaries)) if n < k.shape[1] else {}
+        return parallel_nsa(q, k, v, *(g[:, -n:] for g in gates), **kw, **cached)
+
+    out = {"parallel_nsa (minisparse)": ours,
+           "SDPA causal": lambda q, k, v, n: sdpa(q, k, v, causal=n == k.shape[1])}
+    try:
+        from fla.ops.nsa import parallel_nsa as fla_nsa
+
+        out["fla parallel_nsa"] = lambda q, k, v, n: fla_nsa(q, k, v, *(g[:, -n:] for g in gates), **kw)
+    except ImportError as err:
+        print(f"  fla parallel_nsa unavailable: {err}")
+    return out
+
+
+def rows_for(T: int) -> list[dict]:
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    make = lambda *s: torch.randn(*s, device=DEVICE, generator=g, dtype=DTYPE)  # noqa: E731
+    q, k, v = make(B, T, HQ, D), make(B, T, H, D), make(B, T, H, D)
+    gates = [torch.rand(B, T, HQ, device=DEVICE, generator=g, dtype=DTYPE) for _ in range(3)]
+    do = make(B, T, HQ, D)
+    summaries = (mean_pool(k, BS), mean_pool(v, BS))
+    rows = []
+    for name, fn in nsa_impls(gates, summaries).items():
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v, T)
+
+        def fwd_bwd():
+            fn(*leaves, T).backward(do)
+
+        def decode():
+            with torch.no_grad():
+                return fn(q[:, -1:], k, v, 1)
+
+        for p, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd), ("decode", decode)):
+            rows.append(dict(impl=name, **{"pass": p}, T=T, B=B, HQ=HQ, H=H, D=D, ms=timed(f)))
+            for x in leaves:
+                x.grad = None
+    hq, h = MOBA["HQ"], MOBA["H"]
+    q, k, v = make(B, T, hq, D), make(B, T, h, D), make(B, T, h, D)
+    for name, fn in (("parallel_moba (minisparse)", lambda: parallel_moba(q, k, v, MOBA["chunk"], MOBA["topk"])),
+                     ("SDPA causal (MoBA shapes)", lambda: sdpa(q, k, v))):
+        with torch.no_grad():
+            rows.append(dict(impl=name, **{"pass": "moba fwd"}, T=T, B=B, HQ=hq, H=h, D=D, ms=timed(fn)))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for nsa.json")
+    ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="sequence lengths")
+    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
+    args = ap.parse_args(argv)
+    global SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W
+    if args.smoke:
+        SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W = True, "cpu", torch.float32, 1, 4, 2, 16, 16, 3, 32
+        MOBA.update(HQ=2, H=2, chunk=16, topk=2)
+        args.T = [80]
+        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+    elif not torch.cuda.is_available():
+        print("bench/nsa.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
+              file=sys.stderr)
+        return 2
+    else:
+        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
+    config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, HQ=HQ, H=H, D=D, block_size=BS, block_counts=S,
+                  window_size=W, T=args.T, moba=dict(MOBA),
+                  note="fwd under no_grad; fwd+bwd = o.backward(do); decode = the last token against T cached "
+                       "tokens (minisparse: with the cached block summaries, fla: as its API takes it); "
+                       "moba fwd includes the gate")
+    rows = []
+    for T in args.T:  # saved after every length, so a run cut short still leaves its results
+        print(f"T = {T}")
+        rows += rows_for(T)
+        path = bench.save_results("nsa", config, rows, path=args.out / "nsa.json")
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nwrote {path}")
+    print(f"{'impl':30s} {'pass':9s} {'T':>6s} {'ms':>9s}")
+    for r in rows:
+        print(f"{r['impl']:30s} {r['pass']:9s} {r['T']:6d} {r['ms'] if r['ms'] is None else round(r['ms'], 3)!s:>9s}")
+    ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in rows}
+    for p, ref, ours in (("fwd", "SDPA causal", "parallel_nsa (minisparse)"),
+                         ("fwd+bwd", "SDPA causal", "parallel_nsa (minisparse)"),
+                         ("decode", "SDPA causal", "parallel_nsa (minisparse)"),
+                         ("moba fwd", "SDPA causal (MoBA shapes)", "parallel_moba (minisparse)")):
+        for T in args.T:
+            a, b = ms.get((ref, p, T)), ms.get((ours, p, T))
+            if a and b:
+                print(f"{p:9s} T={T:6d}: SDPA / minisparse = {a / b:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

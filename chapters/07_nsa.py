@@ -1,0 +1,1807 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,mystnb,-execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 7 — Native Sparse Attention and MoBA
+#
+# Dense attention reads every past token for every new one; chapters 4 and 5 replaced that with a fixed-size
+# state, and paid for it in recall. This chapter keeps exact softmax attention but lets each query **choose which
+# blocks of the past to read**. DeepSeek's *Native Sparse Attention* (NSA) does it with three branches — coarse
+# block summaries, the top-n blocks those summaries point at, and a local window — mixed by learned gates, and
+# trained that way from the start. Moonshot's *MoBA* is the simpler sibling: a router over mean-pooled block
+# keys, top-k blocks plus the query's own. NSA is the academic root of DeepSeek Sparse Attention (chapter 8).
+#
+# **You will learn to**
+#
+# - write NSA's three branches (compressed, selected, sliding window) and MoBA from their equations, and check
+#   them against fla's references and against the limits (every block selected ⇒ causal attention);
+# - explain why NSA shares one selection across a GQA group, and what that buys a kernel;
+# - count what each branch costs against dense attention in training, prefill and decoding, and read the
+#   paper's 9× / 6× / 11.6× speed-ups at 64K as bounds of that model;
+# - write the selection kernel in Triton: one program loads each selected block once for a whole GQA group,
+#   for any group size; and its backward without atomics;
+# - train a small NSA layer until its selection finds a planted needle.
+#
+# **Prerequisites**: chapter 1 (softmax attention, the online softmax, flash attention's tiles, GQA); top-k
+# from chapter 2. **Time**: about 1.5 hours for the core path, plus the exercises.
+#
+# **Roadmap**
+#
+# - 7.1 *Why*: attention that reads a fixed budget of tokens; 7.2 *Naive*: the three branches and MoBA;
+# - 7.3 *See it*: each branch's mask, a drawn data flow, an explorer; 7.4 *Cost model*: FLOPs and bytes per branch;
+# - 7.5 *Fast*: the group-centric selection kernel; 7.6 *The layer* and the needle; 7.7 *Measure*;
+# - 7.8 *Exercises*; then a summary, references and the engineering notes (backward kernels, argument checks).
+#
+# Layout `[B, T, H, D]` as everywhere: `q [B, T, HQ, D]`, `k, v [B, T, H, D]`, a GQA group of `G = HQ / H`
+# query heads a key head. **[S]** is the seed survey (see References).
+
+# %% tags=["hide-input"]
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from minisparse import runtime, viz
+from minisparse.attention import apply_rope, attention_ref
+from minisparse.testing import assert_close, make_qkv
+
+torch.manual_seed(0)
+DEVICE = runtime.device()
+DTYPE = runtime.default_dtype()
+
+# %% [markdown]
+# ## 7.1 Why: a fixed budget of tokens a query
+#
+# At context $T$ a dense attention head does $O(T)$ work for each new token and $O(T^2)$ for a sequence, and
+# decoding reads the whole KV cache every step. Most of that is wasted: a trained head's attention is
+# concentrated on a few regions. *Sparse* attention reads only those regions; the hard parts are choosing them
+# cheaply, choosing them in a way that can be trained (not pruned after training), and reading them fast on a
+# GPU, where scattered single tokens waste memory bandwidth and tensor cores.
+#
+# NSA (Yuan et al., 2025) answers all three with **blocks**. Split the keys into blocks of $l'$ tokens. For
+# query $t$:
+#
+# $$
+# \begin{aligned}
+# o_t &= g^{\text{cmp}}_t\, \mathrm{Attn}(q_t, \tilde K^{\text{cmp}}_t, \tilde V^{\text{cmp}}_t)
+#      + g^{\text{slc}}_t\, \mathrm{Attn}(q_t, \tilde K^{\text{slc}}_t, \tilde V^{\text{slc}}_t) \\
+#     &\quad + g^{\text{win}}_t\, \mathrm{Attn}(q_t, K_{t-w+1:t}, V_{t-w+1:t}) ,
+# \end{aligned}
+# $$
+#
+# with gates $g \in [0, 1]$ from a small MLP of the token, and three key sets:
+#
+# - **compressed**: one summary a block, $\tilde k_i = \varphi(k_{id+1 : id+l})$ — coarse, but it sees the
+#   whole past at $1/d$ of the cost;
+# - **selected**: the $n$ blocks whose summaries the query attends to most, read in full — fine detail where it
+#   matters. The compressed branch's probabilities *are* the importance scores, so choosing costs nothing extra;
+# - **window**: the last $w$ tokens, so that local patterns do not crowd out the other two branches.
+#
+# Each query reads about $T/d + n l' + w$ tokens instead of $T$: at 64K with the paper's $l = 32$, $d = 16$,
+# $l' = 64$, $n = 16$, $w = 512$ that is 5.6K, and the paper measures 9.0× forward, 6.0× backward and 11.6×
+# decoding speed-ups over FlashAttention-2 there (section 7.4 reads them against a cost model).
+#
+# **MoBA** (Lu et al., 2025) keeps one branch: split keys into chunks, score each past chunk by
+# $q_t \cdot \operatorname{mean}(K_{\text{chunk}})$, attend over the top-$k$ chunks plus the query's own. Moonshot
+# reports serving Kimi's long-context requests with it.
+#
+# The survey [S] files both under research methods, not bound to a released large model: NSA as the ACL 2025
+# best paper and the basis of DSA (DeepSeek-V3.2, then GLM-5: chapter 8), MoBA as another "sparse–sparse"
+# method trained natively. Neither is in a `transformers` model, so this chapter's oracles are fla's reference
+# functions and the papers' definitions.
+
+# %% [markdown]
+# ## 7.2 Naive: three branches and a router
+#
+# Every op of this section is plain PyTorch, computed in fp32, with the shapes in comments; they are the spec the
+# kernels of section 7.5 are tested against. The argument checks they share with the kernels (shapes, power-of-two
+# block sizes, block indices that are neither out of range nor in the query's future) sit in the hidden cell
+# below; the engineering notes list the bad inputs they reject.
+
+# %% tags=["hide-input"]
+#| export nsa.naive
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from minisparse import _checks
+from minisparse.attention.naive import attention_ref
+
+
+def check_nsa_qkv(op, q, k, v, fewer_queries=False):
+    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ
+    (`fewer_queries`: q may have TQ <= T tokens, the last TQ positions). Returns (B, T, HQ, H, D,
+    Dv)."""
+    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
+    _checks.tensor(op, "k", k, "[B, T, H, D]")
+    _checks.tensor(op, "v", v, "[B, T, H, Dv]")
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    if fewer_queries and k.shape[0] == B and k.shape[1] >= T:
+        T = k.shape[1]  # decoding: q holds the last TQ positions
+    if k.shape[:2] != (B, T) or k.shape[3] != D:
+        raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got "
+                         f"{tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, T, H, Dv] with k's B, T, H = {tuple(k.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    _checks.divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
+    _checks.same_dtype(op, q=q, k=k, v=v)
+    _checks.same_device(op, q=q, k=k, v=v)
+    return B, T, HQ, H, D, v.shape[3]
+
+
+def check_block_size(op, block_size, name="block_size"):
+    """A block size is a power of two (the kernels tile a block with it)."""
+    bs = _checks.positive_int(op, name, block_size)
+    if bs & (bs - 1):
+        raise ValueError(f"{op}: {name} must be a power of two, got {bs}")
+    return bs
+
+
+def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
+    """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
+    token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
+    offset). Values are checked by the book's value-check rule."""
+    _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
+    if block_indices.shape[:2] != (B, T) or block_indices.shape[2] not in (H, HQ):
+        raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = "
+                         f"{HQ} heads, "
+                         f"one selection per query head), got {tuple(block_indices.shape)}")
+    if _checks.checking_values(naive, block_indices) and block_indices.numel():
+        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1) + offset
+        bad_low = block_indices < -1
+        future = block_indices * block_size > t  # the block's first token comes after the query
+        if bool(bad_low.any()):
+            raise ValueError(f"{op}: block_indices must be >= -1 (-1 pads a row), got "
+                             f"{int(block_indices.min())}")
+        if bool(future.any()):
+            b, tt, h, s = (int(i) for i in future.nonzero()[0])
+            got, seen = int(block_indices[b, tt, h, s]), (tt + offset) // block_size
+            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {got} is out of range or "
+                             f"in the future: query {tt} sees blocks 0..{seen}")
+
+
+def check_gate(op, name, g, B, T, HQ, like):
+    """A branch gate g [B, T, HQ] (already in [0, 1]), or None to drop the branch."""
+    if g is None:
+        return
+    _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]",
+                           "a gate per token and query head", like)
+
+# %% [markdown]
+# ### Compression: one summary a block
+#
+# NSA's compression maps a window of $l$ consecutive keys, every $d$ tokens, to one key (and the same for
+# values):
+#
+# $$
+# \tilde K^{\text{cmp}}_t = \bigl\{\, \varphi(k_{id+1 : id+l}) \;:\; 0 \le i \le \lfloor (t-l)/d \rfloor \,\bigr\},
+# $$
+#
+# where $\varphi$ is a learnable MLP with an intra-block position encoding. The simplest $\varphi$ is the mean, which
+# is what fla's reference uses, with $d = l$. `CompressKV` is the paper's learnable version; its second layer starts
+# at zero, so a fresh module *is* mean pooling and training moves it away from there.
+
+# %%
+#| export nsa.naive
+def mean_pool(x, block_size):
+    """The simplest compression φ: each block of `block_size` tokens becomes the mean of its tokens.
+
+    x [B, T, H, D] -> [B, ceil(T / block_size), H, D]; a partial last block is the mean of the
+    tokens it has.
+    """
+    _checks.tensor("mean_pool", "x", x, "[B, T, H, D]")
+    bs = check_block_size("mean_pool", block_size)
+    B, T, H, D = x.shape
+    NB = -(-T // bs)  # ceil(T / bs) blocks
+    padded = F.pad(x.float(), (0, 0, 0, 0, 0, NB * bs - T))  # [B, NB·bs, H, D] zeros past T
+    sums = padded.view(B, NB, bs, H, D).sum(2)  # [B, NB, H, D]
+    counts = (T - torch.arange(NB, device=x.device) * bs).clamp(max=bs)  # [NB] tokens in each block
+    return (sums / counts.view(1, NB, 1, 1)).to(x.dtype)
+
+
+class CompressKV(torch.nn.Module):
+    """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride +
+    block_size); its summary is an MLP of the block's tokens plus a learned intra-block position
+    embedding.
+
+    φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
+    fresh module equals `mean_pool` (stride = block_size) and training moves it from there. One
+    module a K or V stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D];
+    windows that run past T are zero-padded (a query never sees them: a summary becomes visible once
+    its last token is in the past).
+    """
+
+    def __init__(self, head_dim, block_size=64, stride=None, hidden=None):
+        super().__init__()
+        self.block_size = check_block_size("CompressKV", block_size)
+        self.stride = check_block_size("CompressKV", stride or block_size, "stride")
+        if self.stride > self.block_size:
+            raise ValueError(f"CompressKV: stride must be <= block_size = {block_size}, got "
+                             f"{self.stride}")
+        hidden = hidden or 2 * head_dim
+        # [l, D] intra-block position
+        self.pos = torch.nn.Parameter(torch.zeros(self.block_size, head_dim))
+        self.up = torch.nn.Linear(self.block_size * head_dim, hidden)  # W₁
+        self.down = torch.nn.Linear(hidden, head_dim)  # W₂, zero at first
+        torch.nn.init.zeros_(self.down.weight)
+        torch.nn.init.zeros_(self.down.bias)
+
+    def forward(self, x):
+        B, T, H, D = x.shape
+        l, d = self.block_size, self.stride
+        N = -(-T // d)  # summaries, one every `stride` tokens
+        x = F.pad(x, (0, 0, 0, 0, 0, (N - 1) * d + l - T))  # [B, (N-1)·d + l, H, D]
+        blocks = x.unfold(1, l, d).permute(0, 1, 2, 4, 3)  # [B, N, H, l, D]
+        mlp = self.down(F.gelu(self.up((blocks + self.pos).flatten(-2))))  # [B, N, H, D]
+        return blocks.mean(-2) + mlp
+
+# %%
+_, k_demo, _ = make_qkv(1, 40, 2, 8, seed=1)
+pooled = mean_pool(k_demo, 16)  # [1, 3, 2, 8]: blocks of 16, 16 and 8 tokens
+assert_close("partial last block", k_demo[:, 32:].mean(1), pooled[:, 2], 1e-6)
+assert_close("fresh φ = mean pool", pooled[:, :2], CompressKV(8, 16)(k_demo)[:, :2], 1e-6)
+print(pooled.shape, CompressKV(8, block_size=16, stride=8)(k_demo).shape)
+
+# %% [markdown]
+# ### Branch 1: compressed attention
+#
+# Query $t$ attends over the summaries it may see. A summary mixes all tokens of its window, so it becomes
+# visible only once its *last* token is in the past, $id + l - 1 \le t$; before the first window completes a query
+# sees no summary and the branch gives 0. `compressed_scores` returns the probabilities $p^{\text{cmp}}_t$
+# (`[B, T, HQ, N]`), which the selection reuses.
+
+# %%
+#| export nsa.naive
+def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
+    """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once
+    the summary's last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none
+    gets a row of zeros.
+
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
+    (decoding: q holds the last tokens only).
+    """
+    B, T, HQ, D = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    scale = _checks.scale("compressed_attention", scale, D)
+    stride = block_size if stride is None else stride
+    k_rep = k_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
+    s = torch.einsum("bthd,bchd->bthc", q.float(), k_rep) * scale  # [B, T, HQ, N]
+    last = torch.arange(N, device=q.device) * stride + block_size - 1  # [N] last token of summary c
+    seen = last[None, :] <= torch.arange(T, device=q.device)[:, None] + offset  # [T, N]
+    s = s.masked_fill(~seen[None, :, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with nothing visible: 0
+
+
+def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, offset=0):
+    """Branch 1, o_cmp = Σ_c p_cmp[t, c] · v_cmp[c]: attention over the block summaries.
+
+    q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32
+    inside).
+    """
+    op = "compressed_attention"
+    _checks.tensor(op, "k_cmp", k_cmp, "[B, N, H, D]")
+    _checks.tensor(op, "v_cmp", v_cmp, "[B, N, H, Dv]")
+    check_block_size(op, block_size)
+    if k_cmp.shape[:3] != v_cmp.shape[:3]:
+        raise ValueError(f"{op}: v_cmp must be [B, N, H, Dv] with k_cmp's B, N, H = "
+                         f"{tuple(k_cmp.shape[:3])}, got {tuple(v_cmp.shape)}")
+    p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
+    v_rep = v_cmp.float().repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)  # [B, N, HQ, Dv]
+    return torch.einsum("bthc,bchd->bthd", p, v_rep).to(q.dtype)
+
+# %% [markdown]
+# ### Branch 2: choosing blocks, once a group
+#
+# The compressed probabilities already say which parts of the past the query cares about. With selection blocks
+# aligned to compression blocks ($l' = l = d$, as in fla) the importance of block $j$ is its summary's probability;
+# the paper's general case ($l = 32$, $d = 16$, $l' = 64$) sums the overlapping summaries into each selection
+# block. Then NSA makes one decisive choice for the hardware: the query heads of a **GQA group share one
+# selection**,
+#
+# $$
+# p^{\text{slc}}_t[j] = \sum_{h \in \text{group}} p^{\text{cmp}, h}_t[j], \qquad
+# \mathcal I_t = \operatorname{top-}n\bigl(p^{\text{slc}}_t\bigr) ,
+# $$
+#
+# so the $G$ heads of a group read the *same* $n$ blocks, and a kernel can load each block once for all of them:
+# the bytes read per token fall by $G$, and the $G$ query rows form a matrix product with the block's keys. The
+# first block (an attention sink) and the query's own and previous blocks are always kept; a block whose summary is
+# not yet visible cannot be picked (its slot stays `-1`).
+
+# %%
+#| export nsa.naive
+def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
+    """The top-n selection: blocks ranked by p_cmp summed over each GQA group (one choice a group,
+    so a kernel loads a block once for all its heads); block 0 and the query's own and previous
+    blocks always kept.
+
+    q [B, T, HQ, D], k_cmp [B, N, H, D] (mean-pooled, one summary a block) -> block_indices [B, T,
+    H, S] int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally
+    invisible or surplus slots. Query i sits at position i + offset.
+    """
+    check_block_size("select_blocks", block_size)
+    p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
+    return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
+
+
+def blocks_from_scores(p, H, block_counts, block_size, offset=0):
+    """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
+    computes them once for both branches) -> block_indices [B, T, H, S]."""
+    op = "select_blocks"
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
+                         f"previous one are always kept), got {S}")
+    B, T, HQ, N = p.shape
+    score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
+    t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
+    c = torch.arange(N, device=p.device)[None, :]  # [1, N]
+    own = t // block_size
+    forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
+    seen = (c + 1) * block_size - 1 <= t  # [T, N] complete blocks in the past
+    score = score.masked_fill(~seen[None, :, None], float("-inf"))
+    score = score.masked_fill(forced[None, :, None], float("inf"))
+    top_score, top = score.topk(min(S, N), dim=-1)  # [B, T, H, min(S, N)]
+    # invisible: N, sorts last
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
+    top = top.masked_fill(top == N, -1)
+    return F.pad(top, (0, S - top.shape[-1]), value=-1)  # [B, T, H, S]
+
+# %% [markdown]
+# Attention over the selected blocks is ordinary softmax attention under a mask: key $s$ is readable when its
+# block is in $\mathcal I_t$ and $s \le t$. `selection_mask` builds that mask from the indices (padding `-1`
+# selects nothing); `selected_attention` applies it.
+
+# %%
+#| export nsa.naive
+def selection_mask(block_indices, T, block_size):
+    """Which keys each query may read: token s of block i when i is in the query's row of
+    `block_indices` and s <= t. block_indices [B, TQ, Hs, S] (the last TQ of T positions) -> mask
+    [B, TQ, Hs, T] bool (padding -1 selects nothing)."""
+    B, TQ, Hs, S = block_indices.shape
+    N = -(-T // block_size)
+    onehot = torch.zeros(B, TQ, Hs, N + 1, dtype=torch.bool, device=block_indices.device)
+    # -1 -> slot N
+    onehot.scatter_(-1, block_indices.long().masked_fill(block_indices < 0, N), True)
+    keys = onehot[..., :N].repeat_interleave(block_size, dim=-1)[..., :T]  # [B, TQ, Hs, T]
+    causal = torch.ones(TQ, T, dtype=torch.bool, device=block_indices.device).tril(T - TQ)  # s <= t
+    return keys & causal[None, :, None, :]
+
+
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
+    """Branch 2: softmax attention restricted to the tokens of the selected blocks (and s <= t).
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], block_indices [B, T, H, S] (one selection a
+    GQA group; [B, T, HQ, S]: one a query head) -> o [B, T, HQ, Dv] in q's dtype; a query with no
+    key gets 0. q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
+    """
+    op = "selected_attention"
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    check_block_size(op, block_size)
+    check_block_indices(op, block_indices, B, q.shape[1], HQ, H, block_size, naive=True,
+                        offset=T - q.shape[1])
+    scale = _checks.scale(op, scale, D)
+    mask = selection_mask(block_indices, T, block_size)  # [B, T, Hs, T]
+    mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, TQ, HQ, T]
+    k_rep, v_rep = (x.float().repeat_interleave(HQ // H, dim=2) for x in (k, v))  # [B, T, HQ, *]
+    s = torch.einsum("bthd,bshd->bths", q.float(), k_rep) * scale  # [B, T, HQ, T]
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bths,bshd->bthd", p, v_rep).to(q.dtype)
+
+# %% [markdown]
+# ### Branch 3 and the gates
+#
+# The window branch is chapter 1's `attention_ref(..., window=w)`. `nsa` adds the three branches with their gates
+# (`[B, T, HQ]`, already through a sigmoid). Computing the selection from the same summaries the compressed branch
+# attends to is the whole trick: the top-n is not differentiable, but the summaries learn through the compressed
+# branch, and the selection follows them.
+
+# %%
+#| export nsa.naive
+def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512,
+        scale=None,
+        block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
+    """Native Sparse Attention: o = g_cmp ⊙ o_cmp + g_slc ⊙ o_slc + g_swa ⊙ o_swa (NSA, eq. 5).
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv]; g_* [B, T, HQ] gates already in [0, 1] (None
+    drops that branch); k_cmp, v_cmp [B, N, H, *] block summaries (default: `mean_pool` of k and v);
+    block_indices [B, T, H, S] overrides the selection; `window_size=0` drops the window branch. q
+    and the gates may hold only the last TQ < T tokens (decoding). Returns o [B, TQ, HQ, Dv] (and
+    block_indices [B, TQ, H, S] when `return_block_indices`).
+    """
+    op = "nsa"
+    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
+    check_block_size(op, block_size)
+    W = _checks.positive_int(op, "window_size", window_size, zero=True)
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check_gate(op, name, g, B, TQ, HQ, q)
+    k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
+    v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
+    p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
+    if block_indices is None:  # [B, TQ, H, S], from the same probabilities
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
+    o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
+    if g_cmp is not None:  # branch 1
+        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, Dv]
+        o += g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
+    if g_slc is not None:
+        o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size,
+                                                   scale).float()
+    if g_swa is not None and W > 0:
+        o += g_swa[..., None] * attention_ref(q, k, v, causal=True, scale=scale, window=W).float()
+    o = o.to(q.dtype)
+    return (o, block_indices) if return_block_indices else o
+
+# %% [markdown]
+# These agree with fla 0.6's references (`naive_nsa_compression`, `naive_nsa_topk`, `naive_nsa_selection`,
+# `naive_nsa`; tests/test_nsa.py runs them all, here two of them) — and in the limits, where sparse attention must
+# become dense: when every visible block is selected, selected attention is causal attention.
+
+# %% tags=["nbval-ignore-output"]
+q, k, v = make_qkv(1, 75, 16, 16, HKV=1, seed=4)  # a GQA group of 16, T not a multiple of the block
+idx = select_blocks(q, mean_pool(k, 16), block_counts=3, block_size=16)  # [1, 75, 1, 3]
+print("query 70 reads blocks", idx[0, 70, 0].tolist(), "; query 5 reads", idx[0, 5, 0].tolist())
+try:
+    import warnings
+
+    with warnings.catch_warnings():  # fla warns that Triton has no GPU here, naming its own path
+        warnings.simplefilter("ignore")
+        from fla.ops.nsa.naive import naive_nsa_selection, naive_nsa_topk
+except ImportError:
+    print("fla-core is not installed: the comparison with its references is skipped")
+else:
+    theirs = naive_nsa_topk(q, mean_pool(k, 16), 3, 16, 16 ** -0.5)  # ordered by score
+    as_set = lambda x: x.masked_fill(x < 0, 10**6).sort(-1).values  # noqa: E731
+    assert torch.equal(as_set(idx), as_set(theirs))
+    assert_close("selection vs fla", naive_nsa_selection(q, k, v, idx, 16),
+                 selected_attention(q, k, v, idx, 16), 1e-5)
+
+# %%
+every = select_blocks(q, mean_pool(k, 16), block_counts=5, block_size=16)  # 5 ≥ the 5 blocks
+assert_close("every block = causal", attention_ref(q, k, v),
+             selected_attention(q, k, v, every, 16), 1e-5)
+
+# %% [markdown]
+# ### MoBA: a router over block means
+#
+# MoBA drops the compressed and window branches and the group sharing. Query head $h$ at position $t$ scores
+# each complete past chunk by $s_j = q^h_t \cdot \operatorname{mean}(K_j)$, keeps the top $k - 1$ of them plus
+# its own chunk, and attends causally over their union:
+#
+# $$
+# o^h_t = \mathrm{Attn}\Bigl(q^h_t,\; \bigcup_{j \in \operatorname{top-}(k-1)(s) \,\cup\, \{\lfloor t/c\rfloor\}}
+# K_j \cap K_{\le t}\Bigr) .
+# $$
+#
+# It is the same `selected_attention`, with one selection a *query* head (`[B, T, HQ, k]`).
+
+# %%
+#| export nsa.naive
+def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens only
+    """MoBA's gate: query t of head h scores each complete past chunk by q_t · mean(k_chunk), keeps
+    the best `topk − 1` of them and always its own chunk (counted in `topk`).
+
+    q [B, T, HQ, D], k [B, T, H, D] -> block_indices [B, T, HQ, topk] int64, increasing, -1 padded.
+    """
+    op = "moba"
+    check_block_size(op, chunk_size, "chunk_size")
+    K = _checks.positive_int(op, "topk", topk)
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    k_bar = mean_pool(k, chunk_size).float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
+    N = k_bar.shape[1]
+    s = torch.einsum("bthd,bchd->bthc", q.float(), k_bar)  # [B, T, HQ, N] the gate's scores
+    own = (torch.arange(T, device=q.device)[:, None] + k.shape[1] - T) // chunk_size  # [T, 1]
+    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    s = s.masked_fill((c > own)[None, :, None], float("-inf"))  # future chunks
+    s = s.masked_fill((c == own)[None, :, None], float("inf"))  # the own chunk, always
+    top_score, top = s.topk(min(K, N), dim=-1)  # [B, T, HQ, min(K, N)]
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
+    return F.pad(top.masked_fill(top == N, -1), (0, K - top.shape[-1]), value=-1)
+
+
+def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
+    """MoBA: each query head attends causally over the union of the `topk` chunks its gate picks.
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T,
+    HQ, topk]). With topk >= the number of chunks it is causal dense attention.
+    """
+    check_nsa_qkv("moba", q, k, v, fewer_queries=True)
+    idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
+    o = selected_attention(q, k, v, idx, chunk_size, scale)
+    return (o, idx) if return_block_indices else o
+
+# %%
+q, k, v = make_qkv(1, 50, 4, 8, HKV=1, seed=9)
+assert_close("MoBA, top-k ≥ chunks = dense", attention_ref(q, k, v), moba(q, k, v, 8, 7), 1e-5)
+print("MoBA chunks of query 49, head 0 (top-3):", moba_select(q, k, 8, 3)[0, 49, 0].tolist())
+
+# %% [markdown]
+# ## 7.3 See it
+#
+# ### What each branch reads
+#
+# One head of a GQA group over $T = 256$ tokens, blocks of 16, $n = 5$ blocks, a window of 32. The keys carry a
+# few "hot" tokens that every query likes (a stand-in for what a trained head attends to), so the selection has
+# something to find. Rows are queries, columns keys; dark = read. The compressed branch reads summaries, drawn
+# here over the tokens each one covers.
+
+# %%
+def branch_masks(q, k, block_size, block_counts, window):
+    """[T, T] masks of head 0: keys under visible summaries, selected keys, window, union."""
+    T = q.shape[1]
+    t, s = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    seen = (s // block_size + 1) * block_size - 1 <= t  # the summary covering s is complete
+    idx = select_blocks(q, mean_pool(k, block_size), block_counts, block_size)  # [1, T, H, S]
+    slc = selection_mask(idx, T, block_size)[0, :, 0]  # [T, T]
+    win = (s <= t) & (s > t - window)
+    return {"compressed (summaries)": seen, "selected blocks": slc, f"window {window}": win,
+            "read in full: selected ∪ window": slc | win}
+
+
+def hot_keys(T=256, H=1, HQ=4, D=16, hot=(40, 41, 120, 200), seed=0):
+    """q, k with a few hot keys: every query's dot product with them is large."""
+    q, k, _ = make_qkv(1, T, HQ, D, HKV=H, seed=seed)
+    direction = torch.randn(D, generator=torch.Generator().manual_seed(seed))
+    q = q + 0.6 * direction  # every query leans the same way ...
+    k[:, list(hot)] += 3.0 * direction  # ... and a few keys point there
+    return q, k
+
+
+q_hot, k_hot = hot_keys()
+fig = viz.mask_panel(branch_masks(q_hot, k_hot, 16, 5, 32), size=2.6,
+                     suptitle="NSA, one head: the keys each branch reads (T = 256, blocks of 16)")
+
+# %% [markdown]
+# The selected blocks form columns: many queries pick the same blocks, those holding the hot tokens at 40, 120 and
+# 200 (once their summaries are visible), beside the forced first block and the diagonal of own and previous
+# blocks. What a row reads in full is a fixed budget, at most $n l' + w$ tokens however long the row, plus one
+# summary a complete block.
+#
+# ### The data flow
+#
+# The picture below is what `nsa` computes, and where this chapter's kernels sit. The summaries feed both the
+# compressed branch and, through their probabilities, the choice of blocks; the selection kernel reads each chosen
+# block once for the $G$ query heads of a group.
+
+# %%
+B_ = viz.Box
+boxes = {
+    "qkv": B_(0, 1.2, "q, k, v", note="[B,T,HQ|H,D]"),
+    "phi": B_(2.4, 2.6, "compress φ\n(mean / MLP)", note="[B,T/l,H,D]"),
+    "cmp": B_(5.0, 2.6, "compressed\nattention"),
+    "top": B_(5.0, 1.2, "Σ group, top-n\n+ first, local", w=1.8, note="block_indices [B,T,H,n]"),
+    "slc": B_(7.6, 1.2, "selected attention\n(group-centric)", w=2.0),
+    "win": B_(5.0, -0.3, "sliding window\n(chapter 1)", w=1.8),
+    "out": B_(10.3, 1.2, "o = Σ g · o_branch", w=1.9),
+    "gate": B_(10.3, -0.3, "gates\nMLP + σ"),
+}
+arrows = [("qkv", "phi"), ("phi", "cmp", "k̃, ṽ"), ("cmp", "top", "p_cmp"), ("top", "slc"),
+          ("qkv", "win"), ("cmp", "out"), ("slc", "out"), ("win", "out"), ("gate", "out")]
+fig = viz.schematic(boxes, arrows, groups=[(["slc"], "Triton: nsa.selection.*")],
+                    title="Native Sparse Attention: three branches, one selection a GQA group",
+                    size=(10, 3.6))
+
+# %% [markdown]
+# ### Explorer
+#
+# Move the block size, the number of selected blocks and the window: the union's budget per row stays fixed
+# while the sequence grows, and a larger block buys fewer, coarser choices. (In the built book the first picture
+# shows; in Jupyter or Colab every change redraws.)
+
+# %% tags=["nbval-ignore-output"]
+def draw_union(block_size=16, block_counts=5, window=32):
+    masks = branch_masks(q_hot, k_hot, block_size, block_counts, window)
+    full = masks["read in full: selected ∪ window"]
+    frac = full.sum().item() / torch.ones(256, 256).tril().sum().item()
+    viz.mask_panel(masks, size=2.4,
+                   suptitle=f"blocks of {block_size}, n = {block_counts}, window {window}: "
+                   f"{frac:.0%} of the causal pairs read in full")
+    plt.show()
+
+
+viz.explorer(draw_union, block_size=[16, 8, 32], block_counts=(3, 12, 1), window=(0, 96, 16))
+
+# %% [markdown]
+# ## 7.4 Cost model
+#
+# Count keys. A query that sees $c$ tokens reads, in each branch,
+#
+# $$
+# \underbrace{\lfloor (c - l)/d \rfloor + 1}_{\text{compressed}} \;+\; \underbrace{\min(c,\, n l')}_{\text{selected}}
+# \;+\; \underbrace{\min(c,\, w)}_{\text{window}} \quad\text{keys, against } c \text{ for dense.}
+# $$
+#
+# For **prefill** and **training** the work is $4D$ FLOPs a (query head, key) pair (the $QK^\top$ and $PV$
+# products), summed over $c = 1 \dots T$; the backward multiplies both sides by the same factor, so the ratio is
+# the same. For **decoding** the work is reading the cache: $2 D$ elements a (key head, key) — one read a group,
+# thanks to the shared selection. `nsa_cost` evaluates both; the model ignores the compression MLP, the gates
+# and the top-n (all $O(T)$ or $O(T^2/l)$ with small constants) and the overlap of the window with selected blocks.
+
+# %%
+#| export nsa.cost
+import numpy as np
+
+# NSA's §4.1 settings
+PAPER = dict(cmp_block=32, stride=16, block_size=64, block_counts=16, window_size=512)
+
+
+def keys_read(context, *, block_size=64, block_counts=16, window_size=512, cmp_block=None,
+              stride=None):
+    """Keys one query reads in each branch when it sees `context` tokens (itself included): arrays
+    or ints.
+
+    cmp: summaries whose window [i·d, i·d + l) is complete, ⌊(c − l)/d⌋ + 1; slc: n blocks of l'
+    tokens (capped at c); swa: the last w tokens. l = cmp_block, d = stride (both default to l' =
+    block_size).
+    """
+    c = np.asarray(context, dtype=np.int64)
+    l = cmp_block or block_size
+    d = stride or l
+    cmp = np.where(c >= l, (c - l) // d + 1, 0)
+    slc = np.minimum(c, block_counts * block_size)
+    swa = np.minimum(c, window_size)
+    return {"cmp": cmp, "slc": slc, "swa": swa, "nsa": cmp + slc + swa, "dense": c}
+
+
+def nsa_cost(T, mode="prefill", *, head_dim=128, q_heads=64, kv_heads=4, bytes_per_el=2,
+             **branches):
+    """The work of one NSA layer against dense causal attention, per branch.
+
+    mode "prefill": forward FLOPs over T causal queries, 4·D FLOPs a (query head, key) pair (Q Kᵀ
+    and P V); "training": forward + backward = 3.5× the forward (the backward, 2.5×, recomputes P
+    and makes dQ, dK, dV), for dense and sparse alike; "decoding": bytes of KV cache one new token
+    reads at context T, 2·D·bytes a (key head, key): the selection is shared by a GQA group, so each
+    block is read once per key head. Returns {"cmp", "slc", "swa", "nsa", "dense": numbers, "ratio":
+    dense / nsa}.
+    """
+    if mode == "decoding":
+        keys = keys_read(T, **branches)
+        cost = {b: float(n) * kv_heads * 2 * head_dim * bytes_per_el for b, n in keys.items()}
+    elif mode in ("prefill", "training"):
+        keys = keys_read(np.arange(1, T + 1), **branches)  # query t sees t + 1 tokens
+        factor = 4 * head_dim * q_heads * (3.5 if mode == "training" else 1.0)
+        cost = {b: float(n.sum()) * factor for b, n in keys.items()}
+    else:
+        raise ValueError(f"nsa_cost: mode must be 'prefill', 'training' or 'decoding', got "
+                         f"{mode!r}")
+    cost["ratio"] = cost["dense"] / cost["nsa"]
+    return cost
+
+# %%
+lengths = 2 ** np.arange(11, 18)  # 2K … 128K
+fig, ax = plt.subplots(figsize=(7.5, 3.6))
+for mode, style in (("prefill", "-"), ("decoding", "--")):
+    for name, settings, colour in (("paper: l=32, d=16, l'=64", PAPER, "C0"),
+                                   ("fla: l=d=l'=64", {}, "C1")):
+        ratios = [nsa_cost(int(T), mode, **settings)["ratio"] for T in lengths]
+        ax.plot(lengths, ratios, style, color=colour, marker="o", ms=3, label=f"{mode}, {name}")
+ax.scatter([65536] * 3, [9.0, 6.0, 11.6], color="k", zorder=3,
+           label="paper, measured: fwd, bwd, decode")
+viz.tokens_axis(ax)
+ax.set_ylabel("dense / NSA (FLOPs or bytes)")
+ax.set_yscale("log", base=2)
+ax.legend(fontsize=7.5)
+ax.set_title("NSA's advantage over dense causal attention, one layer (HQ 64, H 4, D 128)")
+plt.show()
+
+at64k = {m: nsa_cost(65536, m, **PAPER)["ratio"] for m in ("prefill", "training", "decoding")}
+print({m: round(r, 2) for m, r in at64k.items()}, keys_read(65536, **PAPER))
+assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 0.01
+
+# %% [markdown]
+# Read against the paper's measurements at 64K:
+#
+# - **Decoding, 11.6×**: the model gives $65536 / (4095 + 1024 + 512) = 11.64$ — the paper's own count
+#   (its Table 4: 5632 tokens against 65536). Decoding is memory-bound, so reading 11.6× fewer bytes is the
+#   speed-up, once the kernel streams the selected blocks at full bandwidth.
+# - **Forward, 9.0×**: the FLOP ratio is 9.17×, so the paper's forward kernel runs at nearly the same efficiency
+#   as FlashAttention-2 while doing a ninth of the work: gathered blocks still make dense matrix products,
+#   with the $G$ heads of a group as the rows of the query tile.
+# - **Backward, 6.0×**: the bound is the same 9.17×; the backward reaches two thirds of it. A likely reason:
+#   its dK, dV gather contributions from whichever queries selected a block — an irregular reduction that dense
+#   attention's backward never has (section 7.5 and the notes show how this book's kernel does it).
+#
+# At 8K the bound is only 2.4× (prefill) and 4× (decoding): sparse attention pays off with length, and the
+# fixed budget ($n l' + w = 1536$ tokens plus $T/16$ summaries) means the ratio keeps growing. With fla's
+# coarser compression ($l = d = 64$, the setting this book's kernels and benchmark use) the summaries are four
+# times fewer and the bound at 64K rises to 16× for prefill and 25.6× for decoding.
+
+# %% [markdown]
+# ## 7.5 Fast: the group-centric selection kernel
+#
+# The compressed branch attends over $T/l$ summaries and the window branch is chapter 1's flash attention with a
+# window: neither needs a new kernel. The selected branch does. A *query-centric* kernel (one program a query
+# head, as flash attention) would load each selected block once per head: with $G = 16$ heads a group, sixteen
+# times the bytes. NSA's kernel is **group-centric**: one program takes one token and one GQA group, holds the
+# group's $G$ query rows as one tile, and walks the group's $n$ blocks:
+#
+# ```
+# program (t, b·H + h)                           q tile [G → BG, D]: the G heads of token t
+# for each of the n selected blocks i:           (-1: skip)
+#     for each BN-key tile of block i:           k [BN, D], v [BN, Dv] — loaded once for all G heads
+#         s = q kᵀ · scale   [BG, BN]            keys after t masked to -inf
+#         online softmax: m, l, acc              (chapter 1)
+# o = acc / l,  lse = m + log l
+# ```
+#
+# The reads per token are $n\,l'$ keys and values per *key* head, whatever $G$ is. fla's kernel requires
+# $G \ge 16$ because a tensor-core product needs at least 16 rows; this kernel pads the group to `BG = max(16,
+# next_pow2(G))` rows and masks the padding, so any $G \ge 1$ works (for small $G$ the padded rows are wasted
+# work, not wrong). The `PRECISION` constant keeps fp32 products exact on a GPU (no TF32), as in chapter 1.
+
+# %%
+#| export nsa.triton
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import _checks, runtime
+from minisparse.nsa.naive import check_block_indices, check_block_size, check_nsa_qkv
+
+_INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
+
+
+@triton.jit
+def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, scale,
+                         HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
+                         S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
+    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
+
+        q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
+        for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
+            for each BN-key tile of the block:                 k tile [BN, BD], v tile [BN, BDV]
+                s = q kᵀ · scale   [BG, BN]  (keys after the query masked)
+                online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
+        o = acc / l [BG, DV],  lse = m + log l [BG]
+
+    Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
+    a K/V head, whatever G is.
+    """
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
+    i_b, i_hs = i_bh // HS, i_bh % HS
+    i_h = i_hs // (HS // H)
+    pos = i_t + TK - TQ  # the query's position among the keys
+    o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_hs * G + o_g  # [BG] rows of q, o, lse
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BDV], tl.float32)
+    for i_s in range(S):
+        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_s)
+        if i_blk >= 0:
+            for i_n in range(0, BS, BN):
+                if i_blk * BS + i_n <= pos:  # a tile wholly after the query adds nothing
+                    o_s = i_blk * BS + i_n + o_n  # [BN] key positions
+                    m_s = o_s <= pos
+                    kv_row = (i_b * TK + o_s) * H + i_h  # [BN]
+                    b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
+                                  mask=m_s[None, :] & (o_d[:, None] < D), other=0.0)  # [BD, BN]
+                    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                                  mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+                    b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale  # [BG, BN]
+                    b_s = tl.where(m_s[None, :], b_s, float("-inf"))
+                    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                    b_p = tl.exp(b_s - b_mn[:, None])  # [BG, BN]
+                    alpha = tl.exp(b_m - b_mn)
+                    b_l = b_l * alpha + tl.sum(b_p, 1)
+                    b_acc = b_acc * alpha[:,
+                                          None] + tl.dot(b_p.to(b_v.dtype), b_v,
+                                                         input_precision=PRECISION)
+                    b_m = b_mn
+    seen = b_l > 0  # a query with no key: o = 0
+    b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
+    tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_g[:, None] & (o_dv[None, :] < DV))
+    tl.store(lse_ptr + row, tl.where(seen, b_m + tl.log(tl.where(seen, b_l, 1.0)), 0.0), mask=m_g)
+
+# %% [markdown]
+# The backward recomputes $P$ from the saved log-sum-exp. dQ is the forward's loop again (each token owns its
+# rows). dK and dV are the hard part: a block receives contributions from every query that selected it. Rather than
+# atomic adds into shared rows, the launcher inverts `block_indices` with one sort — for each (key head, block), the
+# list of (token, head) pairs that chose it — and a *key-centric* kernel walks that list, so every dK, dV row has
+# one owner. Both kernels, the inversion and the autograd glue are in the engineering notes; `parallel_moba` and
+# `parallel_nsa` run the same kernels (MoBA with one selection a query head, under its own launch-table rows).
+#
+# The checks: Triton against the naive op on a length that is not a multiple of the block, group sizes 1, 2 and
+# 16, forward and every gradient, and one decoding step (`q` holding only the last token) against the full
+# computation. On a CPU this runs in Triton's interpreter in fp32; tests/test_nsa.py runs the same on a GPU in
+# bf16 and fp16, with every output buffer poisoned with NaN.
+
+# %%
+from minisparse.nsa import parallel_moba, parallel_nsa, parallel_selected_attention
+
+tol_fwd, tol_grad = (1e-4, 1e-4) if DTYPE == torch.float32 else (5e-3, 8e-3)
+for T, HQ, H in ((45, 2, 2), (37, 4, 2), (40, 16, 1)):  # groups of 1, 2 and 16
+    qkv = [x.to(DEVICE, DTYPE).requires_grad_() for x in make_qkv(1, T, HQ, 16, HKV=H, seed=12)]
+    ref = [x.detach().float().requires_grad_() for x in qkv]  # the spec, in fp32
+    idx = select_blocks(ref[0].detach(), mean_pool(ref[1].detach(), 16), 3, 16)  # [1, T, H, 3]
+    o_fast, o_ref = parallel_selected_attention(*qkv, idx, 16), selected_attention(*ref, idx, 16)
+    assert_close(f"G = {HQ // H}: o", o_ref, o_fast.float(), tol_fwd)
+    do = torch.randn_like(o_ref)
+    fast_grads = torch.autograd.grad(o_fast, qkv, do.to(DTYPE))
+    for name, want, got in zip("qkv", torch.autograd.grad(o_ref, ref, do), fast_grads):
+        assert_close(f"G = {HQ // H}: d{name}", want, got.float(), tol_grad)
+
+q, k, v = (x.to(DEVICE, DTYPE) for x in make_qkv(1, 75, 4, 16, HKV=2, seed=15))
+idx = select_blocks(q, mean_pool(k, 16), 3, 16)
+step = parallel_selected_attention(q[:, -1:], k, v, idx[:, -1:], 16)  # decode the last token
+assert_close("one decoding step", selected_attention(q, k, v, idx, 16)[:, -1:].float(),
+             step.float(), tol_fwd)
+print("Triton = naive: forward and dq, dk, dv for G = 1, 2, 16; one decoding step")
+
+# %% [markdown]
+# ## 7.6 The layer, and a needle
+#
+# `NativeSparseAttention` is the attention layer around `nsa`: q, k, v projections with GQA, RoPE on q and k,
+# `CompressKV` for the summaries of k and v, and a gate MLP — here one linear map and a sigmoid, three gates a
+# query head. `kind="moba"` swaps the three branches for MoBA. `last=n` computes only the last $n$ tokens'
+# outputs against all $T$ keys: a decoding step, or a loss on the final token only.
+
+# %%
+#| export nsa.layer
+import torch
+from torch import nn
+
+from minisparse import _checks
+from minisparse.attention.naive import apply_rope
+from minisparse.nsa.naive import CompressKV, moba, nsa
+
+
+class NativeSparseAttention(nn.Module):
+    """An NSA attention layer (or MoBA, `kind="moba"`): projections, RoPE, a sigmoid gate MLP, GQA.
+
+    x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of
+    `head_dim` (one block selection a group of num_heads / num_kv_heads query heads).
+    `compress="mlp"` learns φ (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`:
+    "naive", "triton" or "auto" (Triton on CUDA tensors or CPU under the interpreter). With
+    `return_block_indices` forward also returns the selection.
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
+                 block_counts=16, window_size=512, compress="mlp", moba_topk=3, rope_theta=10000.0,
+                 backend="auto"):
+        super().__init__()
+        op = "NativeSparseAttention"
+        _checks.one_of(op, "kind", kind, ("nsa", "moba"))
+        _checks.one_of(op, "compress", compress, ("mlp", "mean"))
+        _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
+        self.kind, self.backend = kind, _checks.backend(op, backend)
+        self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim
+        self.block_size, self.block_counts, self.window_size = block_size, block_counts, window_size
+        self.moba_topk, self.rope_theta = moba_topk, rope_theta
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        if kind == "nsa":
+            # the gate MLP: one gate a branch and head
+            self.g_proj = nn.Linear(hidden_size, 3 * num_heads)
+            self.k_cmp = CompressKV(head_dim, block_size) if compress == "mlp" else None
+            self.v_cmp = CompressKV(head_dim, block_size) if compress == "mlp" else None
+
+    def forward(self, x, return_block_indices=False, last=None):
+        """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B,
+        n, hidden] (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
+        _checks.layer_input("NativeSparseAttention", x, self)
+        B, T, _ = x.shape
+        TQ = T if last is None else _checks.positive_int("NativeSparseAttention", "last", last)
+        pos = torch.arange(T, device=x.device)
+        q = self.q_proj(x[:, T - TQ:]).view(B, TQ, self.HQ, self.D)
+        q = apply_rope(q, pos[T - TQ:], self.rope_theta)  # [B, TQ, HQ, D]
+        # [B, T, H, D]
+        k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)
+        v = self.v_proj(x).view(B, T, self.H, self.D)  # [B, T, H, D]
+        fast = _checks.choose_backend(self.backend, x) == "triton"
+        if self.kind == "moba":
+            from minisparse.nsa.triton import parallel_moba
+            o, idx = (parallel_moba if fast else moba)(q, k, v, self.block_size, self.moba_topk,
+                                                        return_block_indices=True)
+        else:
+            from minisparse.nsa.triton import parallel_nsa
+            # [B, TQ, HQ, 3] in (0, 1)
+            g = torch.sigmoid(self.g_proj(x[:, T - TQ:])).view(B, TQ, self.HQ, 3)
+            cmp = {} if self.k_cmp is None else dict(k_cmp=self.k_cmp(k), v_cmp=self.v_cmp(v))
+            o, idx = (parallel_nsa if fast else nsa)(
+                q, k, v, g[..., 0], g[..., 1], g[..., 2], block_counts=self.block_counts,
+                block_size=self.block_size, window_size=self.window_size,
+                return_block_indices=True, **cmp)
+        o = self.o_proj(o.reshape(B, TQ, self.HQ * self.D))
+        return (o, idx) if return_block_indices else o
+
+# %% [markdown]
+# Does the selection learn to find what matters? A synthetic retrieval task: a context of blank tokens with four
+# (key, value) needles planted in different blocks, and a final token that asks for one key. The answer's block is
+# never block 0, never in the last 64 tokens (so neither the forced blocks nor the window of 32 hold it) — the
+# model must *select* it. One NSA layer ($T = 256$, blocks of 16, $n = 5$, so two free choices besides the three
+# forced blocks), trained on the last token's loss, with `found` = the share of final tokens whose selection holds
+# the needle's block.
+
+# %%
+#| export nsa.needle
+import torch
+from torch import nn
+
+from minisparse.nsa.layer import NativeSparseAttention
+
+
+def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
+                 device="cpu"):
+    """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values
+    — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
+    distinct keys. The last token asks for one of the keys (its value blank); the answer is that
+    needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0
+    nor a window of `avoid` tokens holds them.
+
+    Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
+    [batch].
+    """
+    g = generator
+    keys = torch.full((batch, T), n_keys)  # [batch, T] blank
+    values = torch.full((batch, T), n_values)  # [batch, T] blank
+    # distinct
+    blocks = torch.rand(batch, (T - avoid) // block - 1, generator=g).argsort(-1)[:, :pairs] + 1
+    # [batch, pairs] positions
+    where = blocks * block + torch.randint(block, (batch, pairs), generator=g)
+    # [batch, pairs] distinct keys
+    asked = torch.rand(batch, n_keys, generator=g).argsort(-1)[:, :pairs]
+    rows = torch.arange(batch)[:, None]
+    keys[rows, where] = asked
+    values[rows, where] = torch.randint(n_values, (batch, pairs), generator=g)
+    keys[:, -1] = asked[:, 0]  # the question: the first needle's key, value blank
+    where = where[:, 0]
+    return (keys.to(device), values.to(device), where.to(device),
+            values[torch.arange(batch), where].to(device))
+
+
+class NeedleModel(nn.Module):
+    """Key and value embeddings, one NSA (or MoBA) layer with a residual, a readout of the last
+    token."""
+
+    def __init__(self, n_keys=16, n_values=16, hidden=64, heads=4, kv_heads=1, **attention):
+        super().__init__()
+        self.key_emb = nn.Embedding(n_keys + 1, hidden)  # + blank
+        self.value_emb = nn.Embedding(n_values + 1, hidden)
+        self.attn = NativeSparseAttention(hidden, heads, kv_heads, hidden // heads, **attention)
+        self.readout = nn.Linear(hidden, n_values)
+
+    def forward(self, keys, values):
+        x = self.key_emb(keys) + self.value_emb(values)  # [B, T, hidden]
+        o, idx = self.attn(x, return_block_indices=True, last=1)  # the last token's output only
+        return self.readout(x[:, -1] + o[:, 0]), idx  # [B, n_values] logits, [B, 1, H, S] selection
+
+
+def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50,
+                 pairs=4):
+    """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every
+    `log_every` steps, `found` = fraction of last tokens whose selection holds the needle's block
+    (NSA only)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    log = []
+    for step in range(1, steps + 1):
+        keys, values, where, answer = needle_batch(batch, T, pairs=pairs, avoid=avoid,
+                                                   block=model.attn.block_size, generator=g)
+        logits, idx = model(keys, values)
+        loss = nn.functional.cross_entropy(logits, answer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == 1:
+            acc = (logits.argmax(-1) == answer).float().mean().item()
+            block = (where // model.attn.block_size)[:, None, None]  # [B, 1, 1]
+            found = (idx[:, -1] == block).any(-1).float().mean().item()
+            log.append((step, loss.item(), acc, found))
+    return log
+
+# %% tags=["nbval-ignore-output"]
+torch.manual_seed(0)
+needle_model = NeedleModel(block_size=16, block_counts=5, window_size=32, backend="naive")
+log = train_needle(needle_model, steps=400, lr=3e-3, log_every=50)
+for step, loss, acc, found in log:
+    print(f"step {step:3d}  loss {loss:.2f}  accuracy {acc:.2f}  needle block selected {found:.2f}")
+
+# %%
+final = log[-1]
+assert final[2] > 0.5 and final[3] > 0.5, final  # chance: 1/16 and about 2/13
+
+# %% [markdown]
+# Accuracy follows `found`: the layer answers when, and because, its selection holds the needle's block. Nothing
+# told the selection where to look; the summaries learned it through the compressed branch. Below, one test
+# sequence: the group's importance scores $p^{\text{slc}}$ of each block for the final token, the blocks it reads,
+# and the needles. High bars sit on needle blocks: the summaries learned "a needle is here" first, and the
+# query's choice among the needles is what the remaining training sharpens.
+
+# %%
+with torch.no_grad():
+    keys, values, where, answer = needle_batch(1, 256, block=16,
+                                               generator=torch.Generator().manual_seed(7))
+    layer = needle_model.attn
+    x = needle_model.key_emb(keys) + needle_model.value_emb(values)
+    k_last = apply_rope(layer.k_proj(x).view(1, 256, 1, 16), torch.arange(256))
+    q_last = apply_rope(layer.q_proj(x[:, -1:]).view(1, 1, 4, 16), torch.arange(255, 256))
+    # [16] blocks
+    p_cmp = compressed_scores(q_last, layer.k_cmp(k_last), 16, offset=255)[0, 0].sum(0)  # [16]
+    others = (keys[0, :-1] < 16).nonzero()[:, 0] // 16  # blocks of all four needles
+    chosen = select_blocks(q_last, layer.k_cmp(k_last), 5, 16, offset=255)[0, 0, 0]
+fig, ax = plt.subplots(figsize=(7.5, 2.6))
+colours = ["C1" if j in chosen.tolist() else "C7" for j in range(16)]
+ax.bar(range(16), p_cmp.numpy(), color=colours)
+for j in others.tolist():
+    ax.axvline(j, color="C7", ls=":", lw=1)
+ax.axvline(int(where) // 16, color="C3", ls="--", label=f"the asked needle (token {int(where)})")
+ax.set_xlabel("block (orange: selected)")
+ax.set_ylabel("Σ_group p_cmp")
+ax.legend(fontsize=8)
+ax.set_title("The final token's importance scores (dotted: the other needles' blocks)")
+plt.show()
+
+# %% [markdown]
+# ## 7.7 Measure
+#
+# `bench/nsa.py` times NSA (all three branches, selection included: forward, forward + backward, one decoding
+# step) against dense SDPA and fla's `parallel_nsa` at HQ 64 / H 4, D 128, blocks of 64, 16 blocks, window 512,
+# bf16, and MoBA (chunks of 128, top-16, H 16) against SDPA. These kernels have no committed H200 results yet:
+# this cell plots `bench/results/nsa.json` once it exists; until then section 7.4's bound is the number to beat.
+
+# %% tags=["nbval-ignore-output"]
+from minisparse import bench
+
+try:
+    res = bench.load_results("nsa")
+except (FileNotFoundError, OSError, ValueError):
+    res = None
+    print("bench/results/nsa.json is not committed yet: run bench/nsa.py on a GPU (see "
+          "bench/README.md)")
+if res is not None:
+    fig = bench.plot_passes(res, y="ms", logy=True)
+    plt.show()
+
+# %% [markdown]
+# ## 7.8 Exercises
+#
+# Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
+
+# %%
+import triton
+import triton.language as tl
+
+from minisparse.nsa.bugs import select_blocks_with_a_bug
+from minisparse.nsa.exercises import (check_block_scores_kernel, check_decode_tokens,
+                                      check_selection_fix, load_group_queries)
+from minisparse.testing import attempt
+
+# %% [markdown]
+# ### Exercise 1 (derive): the tokens one decoding step reads
+#
+# From the three branches' key sets (section 7.1), write the number of cached tokens NSA reads to decode one token
+# at context $T$, for compression windows of $l$ with stride $d$, $n$ selected blocks of $l'$ and a window $w$
+# (ignore the overlap of window and selected blocks, and count a branch as at most $T$ tokens). The checker
+# tries five settings, the paper's at 64K among them; then divide 65536 by your count.
+
+# %%
+def my_decode_tokens(T, l, d, lp, n, w):
+    # your code here: tokens read by one decoding step at context T
+    raise NotImplementedError
+
+
+# %%
+attempt(check_decode_tokens, my_decode_tokens)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the compressed branch reads one summary per complete window: windows start every d
+# tokens and need l of them, so ⌊(T − l)/d⌋ + 1 once T ≥ l, none before. The selected branch reads
+# n blocks of l' tokens and the window w tokens, each capped at T. At 64K with the paper's settings:
+# 4095 + 1024 + 512 = 5631 tokens, 65536 / 5631 = 11.6× fewer bytes than dense decoding — the
+# paper's decoding speed-up, because decoding is bound by reading the cache.
+def decode_tokens_solution(T, l, d, lp, n, w):
+    compressed = (T - l) // d + 1 if T >= l else 0
+    return compressed + min(T, n * lp) + min(T, w)
+
+
+check_decode_tokens(decode_tokens_solution)
+assert round(65536 / decode_tokens_solution(65536, 32, 16, 64, 16, 512), 1) == 11.6
+
+# %% [markdown]
+# ### Exercise 2 (debug): a selection that wastes its slots
+#
+# `select_blocks_with_a_bug` is the group-shared top-n of section 7.2 with one line missing. A model trained
+# with it still learns, and `selected_attention` still masks every key after the query — but early in the
+# sequence some of its choices are useless, and `selected_attention` rejects them as "in the future". Find the
+# missing line (compare its output with `select_blocks` for query 3 of a short sequence) and return the fixed
+# function; the checker compares it with `select_blocks` on three shapes.
+
+# %%
+def my_fixed_selection(q, k_cmp, block_counts, block_size):
+    # your code here: select_blocks_with_a_bug with the missing line restored
+    raise NotImplementedError
+
+
+# %%
+attempt(check_selection_fix, my_fixed_selection)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the bug: blocks whose summary is not yet visible keep score 0 instead of -inf.
+# compressed_scores gives them probability 0, and 0 still beats nothing in a top-n: a query that
+# sees fewer than n blocks fills its slots with future blocks (real indices, not -1), which cost a
+# kernel a load each and read nothing. The fix masks invisible blocks to -inf before the forced
+# ones are set to +inf, so that the surplus slots become -1.
+def fixed_selection_solution(q, k_cmp, block_counts, block_size):
+    B, T, HQ, _ = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    score = compressed_scores(q, k_cmp, block_size).view(B, T, H, HQ // H, N).sum(3)
+    t, c = torch.arange(T)[:, None], torch.arange(N)[None, :]
+    own = t // block_size
+    seen = (c + 1) * block_size - 1 <= t  # the missing line's mask
+    score = score.masked_fill(~seen[None, :, None], float("-inf"))
+    forced = (c == 0) | (c == own) | (c == own - 1)
+    score = score.masked_fill(forced[None, :, None], float("inf"))
+    top_score, top = score.topk(min(block_counts, N), dim=-1)
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
+    top = top.masked_fill(top == N, -1)
+    return torch.nn.functional.pad(top, (0, block_counts - top.shape[-1]), value=-1)
+
+
+check_selection_fix(fixed_selection_solution)
+
+# %% [markdown]
+# ### Exercise 3 (Triton): the block-gather tile
+#
+# The inner step of the selection kernel: for one token $t$ and one GQA group, gather block `idx` of the keys
+# and score it for all $G$ heads at once, $s = q k^\top \cdot \text{scale}$, `[BG, BS]`. Keys after the query
+# ($\text{position} > t$), past the end ($\ge T$), and every key of a padding block (`idx = -1`) must score
+# `-inf`. `q` (the G rows, zero-padded) is loaded for you; `k` is one key head, `[T, D]` row-major. The checker
+# launches your kernel on groups of 1, 2, 3, 4 and 16, $D$ = 16, 24 and 32, a partial own block and a padding
+# block, and says which score differs.
+
+# %%
+@triton.jit
+def my_block_scores_kernel(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                           BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = load_group_queries(q_ptr, G, D, BG, BD)  # [BG, BD]
+    rows, j = tl.arange(0, BG), tl.arange(0, BS)  # query rows, keys of the block
+    # ---- your code: s [BG, BS] = q kᵀ · scale over keys idx·BS + j, -inf where masked ----
+    s = tl.zeros((BG, BS), dtype=tl.float32)
+    # ---- end of your code ----
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+# %%
+attempt(check_block_scores_kernel, my_block_scores_kernel)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — one masked gather and one product. The positions of the block's keys are idx·BS + j;
+# a key is real when the block is (idx ≥ 0), it is not after the query and not past T. Masked
+# loads read zeros (their products are 0, not -inf), so the -inf comes from tl.where afterwards.
+# The same tile, with v and an online softmax around it, is the selection kernel's inner loop.
+@triton.jit
+def block_scores_kernel_solution(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                                 BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = load_group_queries(q_ptr, G, D, BG, BD)
+    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
+    pos = idx * BS + j  # [BS] key positions
+    real = (idx >= 0) & (pos <= t) & (pos < T)
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D),
+                other=0.0)  # [BS, BD]
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BG, BS]
+    s = tl.where(real[None, :], s, float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+check_block_scores_kernel(block_scores_kernel_solution)
+
+# %% [markdown]
+# ## Summary
+#
+# - **NSA** gives each query three key sets — block summaries (compressed), the top-n blocks those summaries
+#   point at (selected) and the last $w$ tokens (window) — mixed by learned gates. It reads about
+#   $T/d + n l' + w$ tokens instead of $T$, and it is trained sparse from the start.
+# - **The selection costs nothing extra**: the compressed branch's probabilities, summed over a GQA group, rank the
+#   blocks; block 0 and the local blocks are always kept. The top-n is not differentiable, but the summaries learn
+#   through the compressed branch — enough for a small layer to find a planted needle.
+# - **Group sharing is a hardware decision**: one selection a group lets one program load each block once for all
+#   $G$ heads, as a `[G, D]` × `[D, BN]` product. This chapter's kernel pads the group to 16 rows, so any
+#   $G \ge 1$ works; its backward inverts the selection with one sort instead of atomics.
+# - **MoBA** is the one-branch sibling: a router over chunk means, top-k chunks plus the own chunk, one choice a
+#   query head. Both reduce to causal attention when everything is selected.
+# - **Cost**: at 64K the FLOP bound is 9.2× (the paper measures 9.0× forward, 6.0× backward) and the decoding bytes
+#   bound is 11.6× (measured 11.6×) with the paper's settings; the ratios grow with $T$.
+#
+# Next, chapter 8: DeepSeek Sparse Attention keeps NSA's idea of choosing what to read but chooses single
+# tokens with a cheap "lightning indexer", on top of MLA.
+#
+# ## References
+#
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
+#   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
+#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   says so.
+# - J. Yuan et al., *Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention*, ACL 2025
+#   (best paper). [arXiv:2502.11089](https://arxiv.org/abs/2502.11089)
+# - E. Lu et al., *MoBA: Mixture of Block Attention for Long-Context LLMs*, 2025.
+#   [arXiv:2502.13189](https://arxiv.org/abs/2502.13189)
+# - T. Dao, *FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning*, 2023 (the baseline
+#   of NSA's speed-ups). [arXiv:2307.08691](https://arxiv.org/abs/2307.08691)
+# - `fla-core` 0.6 (flash-linear-attention): `naive_nsa`, `naive_nsa_compression`, `naive_nsa_topk`,
+#   `naive_nsa_selection` (this chapter's oracles) and `parallel_nsa` (the benchmark's anchor).
+# - DeepSeek-AI, *DeepSeek-V3.2-Exp: Boosting Long-Context Efficiency with DeepSeek Sparse Attention*, 2025
+#   (NSA's successor; chapter 8).
+
+# %% [markdown]
+# ## Engineering notes (optional)
+#
+# ### Bad input
+#
+# The naive ops and the kernels share their argument checks (the hidden cell of section 7.2), and
+# tests/test_nsa.py runs one table of bad inputs against both: block indices below −1, past the last block or in
+# the query's future (its first token after the query); float indices; indices of another length; a block size
+# that is not a power of two (the kernels also need ≥ 16); HQ not a multiple of H; k, v of another length or
+# other heads; mixed dtypes; a negative window; fewer than 3 blocks; gates of the wrong shape. Padding (−1) is
+# honoured everywhere. Index values are checked on CPU tensors always, on CUDA tensors only after
+# `minisparse.runtime.set_value_checks(True)` (a check is a host sync).
+#
+# ### The backward kernels
+#
+# `selection_dq_kernel` repeats the forward's walk over the selected blocks with $P$ recomputed from the saved
+# log-sum-exp; `selection_dkv_kernel` owns `BN` keys of one block and walks the (token, head) pairs that selected
+# it. `_inverse_index` builds those lists with one stable sort of `block_indices` on the device (padding sorts
+# last) and a `bincount` for the offsets — no host sync.
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
+def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, TQ, TK,
+                        scale,
+                        HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
+                        S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                        BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Selected attention, dQ. The forward's program and loop; per tile, with P recomputed from the
+    lse,
+
+        dP = dO vᵀ [BG, BN],  dS = P ⊙ (dP − δ),  dq += dS k · scale   (δ = rowsum(dO ⊙ O)).
+    """
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
+    i_b, i_hs = i_bh // HS, i_bh % HS
+    i_h = i_hs // (HS // H)
+    pos = i_t + TK - TQ
+    o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_hs * G + o_g  # [BG]
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :],
+                   mask=m_g[:, None] & (o_dv[None, :] < DV),
+                   other=0.0)
+    b_lse = tl.load(lse_ptr + row, mask=m_g, other=0.0)
+    b_delta = tl.load(delta_ptr + row, mask=m_g, other=0.0)
+    b_dq = tl.zeros([BG, BD], tl.float32)
+    for i_s in range(S):
+        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_s)
+        if i_blk >= 0:
+            for i_n in range(0, BS, BN):
+                if i_blk * BS + i_n <= pos:
+                    o_s = i_blk * BS + i_n + o_n
+                    m_s = o_s <= pos
+                    kv_row = (i_b * TK + o_s) * H + i_h
+                    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
+                                  mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+                    b_v = tl.load(v_ptr + kv_row[None, :] * DV + o_dv[:, None],
+                                  mask=m_s[None, :] & (o_dv[:, None] < DV), other=0.0)  # [BDV, BN]
+                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BG, BN]
+                    b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+                    b_dp = tl.dot(b_do, b_v, input_precision=PRECISION)  # [BG, BN]
+                    b_ds = b_p * (b_dp - b_delta[:, None])
+                    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    tl.store(dq_ptr + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=m_g[:, None] & (o_d[None, :] < D))
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
+def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offsets_ptr, entries_ptr,
+                         dk_ptr, dv_ptr, TQ, TK, NB, scale,
+                         HQ: tl.constexpr, H: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+                         BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr,
+                         BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one
+    block of K/V head i_h and walks the list of (query token, selection head) pairs that selected
+    that block — the inverse of block_indices, built on the host by one sort (`_inverse_index`).
+    BR/BG entries a step, each the BG query heads of one pair, stacked into BR rows:
+
+        k, v tiles [BN, BD], [BN, BDV] (loaded once)
+        for each BR-row step of the list:  q [BR, BD], dO [BR, BDV], lse, δ [BR]
+            P = exp(q kᵀ · scale − lse),  dv += Pᵀ dO,  dS = P ⊙ (dO vᵀ − δ),  dk += dSᵀ q · scale
+
+    No atomics: every dk, dv row has one owner.
+    """
+    i_n, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_blk = (i_n * BN) // BS
+    o_d, o_dv, o_r = tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BR)
+    o_s = i_n * BN + tl.arange(0, BN)  # [BN] key positions
+    m_s = o_s < TK
+    kv_row = (i_b * TK + o_s) * H + i_h
+    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
+                  mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)
+    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                  mask=m_s[:, None] & (o_dv[None, :] < DV),
+                  other=0.0)
+    b_dk = tl.zeros([BN, BD], tl.float32)
+    b_dv = tl.zeros([BN, BDV], tl.float32)
+    start = tl.load(offsets_ptr + i_bh * NB + i_blk)
+    end = tl.load(offsets_ptr + i_bh * NB + i_blk + 1)
+    for i in range(start, end, BR // BG):
+        o_e = i + o_r // BG  # [BR] list entry of each row
+        g = o_r % BG  # [BR] query head within the group
+        m_r = (o_e < end) & (g < G)
+        # t · R + selection head within the K/V head
+        e = tl.load(entries_ptr + o_e, mask=m_r, other=0)
+        t = e // R
+        row = (i_b * TQ + t) * HQ + (i_h * R + e % R) * G + g  # [BR] rows of q, dO, lse, δ
+        b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :],
+                      mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+        b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :],
+                       mask=m_r[:, None] & (o_dv[None, :] < DV),
+                       other=0.0)
+        b_lse = tl.load(lse_ptr + row, mask=m_r, other=0.0)
+        b_delta = tl.load(delta_ptr + row, mask=m_r, other=0.0)
+        m = m_r[:, None] & (o_s[None, :] <= (t + TK - TQ)[:, None])  # [BR, BN] causal
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BR, BN]
+        b_p = tl.where(m, tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BR, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=PRECISION)
+    tl.store(dk_ptr + kv_row[:, None] * D + o_d[None, :],
+             (b_dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=m_s[:, None] & (o_d[None, :] < D))
+    tl.store(dv_ptr + kv_row[:, None] * DV + o_dv[None, :], b_dv.to(dv_ptr.dtype.element_ty),
+             mask=m_s[:, None] & (o_dv[None, :] < DV))
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+def _meta(q, v, H, HS, S, block_size):
+    """The compile-time constants of a call."""
+    HQ, D, DV = q.shape[2], q.shape[3], v.shape[3]
+    G = HQ // HS
+    return dict(HQ=HQ, H=H, HS=HS, G=G, S=S, BS=block_size, D=D, DV=DV,
+                BG=max(16, triton.next_power_of_2(G)),
+                BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
+                # fp32 in: fp32 products, not tf32
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
+
+
+def _fit_keys(block_size):
+    """Cap the key tile at the block: a tile never straddles two blocks."""
+    return lambda c: {**c, "BN": min(c["BN"], block_size)}
+
+
+def _selection_forward(q, k, v, idx, block_size, scale, row):
+    B, TQ, HQ, _ = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    HS, S = idx.shape[2], idx.shape[3]
+    meta = _meta(q, v, H, HS, S, block_size)
+    o = torch.empty(B, TQ, HQ, v.shape[3], device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
+    runtime.launch(row + ".fwd", selection_fwd_kernel, lambda c: (TQ, B * HS),
+                   (q, k, v, idx, o, lse, TQ, TK, scale), meta, device=q.device, dtype=q.dtype,
+                   key=(meta["BD"], meta["BDV"],
+                        block_size), fit=_fit_keys(block_size), instead=_INSTEAD)
+    return o, lse
+
+
+def _inverse_index(idx, H, NB):
+    """For each (batch, K/V head, block): the (query token, selection head) pairs that selected it,
+    as one sorted list `entries` (t · R + r, R = selection heads a K/V head) and `offsets` [B·H·NB +
+    1] into it. One sort on the device, no host sync."""
+    B, TQ, HS, S = idx.shape
+    R = HS // H
+    b = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
+    t = torch.arange(TQ, device=idx.device).view(1, TQ, 1, 1)
+    hs = torch.arange(HS, device=idx.device).view(1, 1, HS, 1)
+    # padding sorts last
+    key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)
+    key, order = key.flatten().sort(stable=True)
+    entries = (t * R + hs % R).expand(B, TQ, HS, S).flatten()[order].to(torch.int32)
+    counts = torch.bincount(key, minlength=B * H * NB + 1)[: B * H * NB]
+    offsets = torch.zeros(B * H * NB + 1, dtype=torch.int32, device=idx.device)
+    offsets[1:] = counts.cumsum(0)
+    return offsets, entries
+
+
+def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
+    B, TQ, HQ, _ = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    HS, S = idx.shape[2], idx.shape[3]
+    meta = _meta(q, v, H, HS, S, block_size)
+    delta = (o.float() * do.float()).sum(-1)  # [B, TQ, HQ] δ = rowsum(dO ⊙ O)
+    dq = torch.empty_like(q)
+    common = dict(device=q.device, dtype=q.dtype, key=(meta["BD"], meta["BDV"], block_size),
+                  fit=_fit_keys(block_size), instead=_INSTEAD)
+    runtime.launch(row + ".dq", selection_dq_kernel, lambda c: (TQ, B * HS),
+                   (q, k, v, idx, do, lse, delta, dq, TQ, TK, scale), meta, **common)
+    NB = triton.cdiv(TK, block_size)
+    offsets, entries = _inverse_index(idx, H, NB)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    kv_meta = {n: meta[n] for n in ("HQ", "H", "G", "BS", "D", "DV", "BD", "BDV", "PRECISION")}
+    kv_meta.update(R=HS // H, BG=triton.next_power_of_2(meta["G"]))
+    runtime.launch(row + ".dkv", selection_dkv_kernel, lambda c: (triton.cdiv(TK, c["BN"]), B * H),
+                   (q, k, v, do, lse, delta, offsets, entries, dk, dv, TQ, TK, NB, scale),
+                   kv_meta, **{**common, "fit": lambda c: {**_fit_keys(block_size)(c),
+                                                            "BR": max(c["BR"], kv_meta["BG"])}})
+    return dq, dk, dv
+
+# %% [markdown]
+# ### The top-n without the probabilities in memory
+#
+# `select_blocks` materialises the compressed probabilities of every query head, `[T, HQ, N]` in fp32 — 17 GB at
+# 64K with HQ 64. `parallel_select_blocks` computes them group by group in one program a (token, key head): a first
+# pass over the summaries for each head's softmax statistics, a second that sums the G heads' probabilities into
+# one score a block (one `[N]` row a group, 1/G of the bytes), then n rounds of argmax over that row.
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
+def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
+                       HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+                       SP: tl.constexpr,
+                       BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+                       BC: tl.constexpr, BNA: tl.constexpr, PRECISION: tl.constexpr):
+    """Group-shared top-n without the [T, HQ, N] probabilities: program (t, b·H + h).
+    pass 1: softmax statistics m, l of each of the G heads over the visible summaries (tiles of BC);
+    pass 2: p = exp(s − m) / l summed over the G heads -> one score a block, written to a [N] row;
+    then S rounds of argmax over that row, forced blocks (0, own, previous) first."""
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    pos = i_t + TK - TQ
+    own = pos // BS
+    n_seen = (pos + 1) // BS  # complete blocks: summaries 0 .. n_seen - 1
+    o_g, o_d, o_c = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BC)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_h * G + o_g
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    for c0 in range(0, n_seen, BC):
+        c = c0 + o_c
+        b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
+                      mask=(c[None, :] < n_seen) & (o_d[:, None] < D), other=0.0)
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale
+        b_s = tl.where(c[None, :] < n_seen, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, None]), 1)
+        b_m = b_mn
+    srow = score_ptr + (i_b * TQ + i_t) * H * N + i_h * N
+    for c0 in range(0, n_seen, BC):
+        c = c0 + o_c
+        b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
+                      mask=(c[None, :] < n_seen) & (o_d[:, None] < D), other=0.0)
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale
+        b_p = tl.exp(b_s - b_m[:, None]) / b_l[:, None]
+        b_p = tl.where(m_g[:, None] & (c[None, :] < n_seen), b_p, 0.0)
+        tl.store(srow + c, tl.sum(b_p, 0), mask=c < n_seen)
+    o_a = tl.arange(0, BNA)
+    sc = tl.load(srow + o_a, mask=o_a < n_seen, other=float("-inf"))
+    forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)
+    sc = tl.where(forced & (o_a < N), float("inf"), sc)
+    o_s = tl.arange(0, SP)
+    picks = tl.full([SP], -1, tl.int64)
+    for i in range(S):
+        best = tl.max(sc, 0)
+        j = tl.argmax(sc, 0)
+        pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
+        picks = tl.where(o_s == i, pick, picks)
+        sc = tl.where(o_a == j, float("-inf"), sc)
+    tl.store(idx_ptr + ((i_b * TQ + i_t) * H + i_h) * S + o_s, picks, mask=o_s < S)
+
+
+def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
+    """`select_blocks` in Triton (forward only: indices have no gradient), the same block_indices
+    [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset),
+    k_cmp [B, N, H, D] one summary a block."""
+    op = "parallel_select_blocks"
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
+    bs = check_block_size(op, block_size)
+    B, TQ, HQ, D = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    _checks.divides(op, "H (k_cmp's heads)", H, "HQ (q's heads)", HQ)
+    _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256)}, instead="select_blocks")
+    scale = _checks.scale(op, scale, D)
+    score = torch.empty(B, TQ, H, N, device=q.device, dtype=torch.float32)  # one row a group
+    idx = torch.empty(B, TQ, H, S, device=q.device, dtype=torch.int64)
+    meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D,
+                BG=max(16, triton.next_power_of_2(HQ // H)), BD=max(16, triton.next_power_of_2(D)),
+                BNA=max(16, triton.next_power_of_2(N)),
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
+    runtime.launch("nsa.select", select_topk_kernel, lambda c: (TQ, B * H),
+                   (q.detach().contiguous(), k_cmp.detach().to(q.dtype).contiguous(), score, idx,
+                    TQ, TQ + offset, N, scale), meta, device=q.device, dtype=q.dtype,
+                   key=(meta["BD"], meta["BNA"]), instead="minisparse.nsa.select_blocks")
+    top = idx.masked_fill(idx < 0, N).sort(-1).values  # the argmax rounds give score order
+    return top.masked_fill(top == N, -1)
+
+# %% [markdown]
+# ### Launch and autograd
+#
+# `runtime.launch` takes each kernel's tiles from `LAUNCH_TABLE` (`nsa.selection.{fwd,dq,dkv}`, and the same under
+# `moba.` for MoBA's larger chunks); `BN` is capped at the block size so that a key tile never straddles two
+# blocks, and the dK/dV kernel's `BR` rows hold `BR / next_pow2(G)` (token, head) pairs. At $D = 128$ in 16 bits a
+# T4 (64 KiB of shared memory a block) takes `BN = 32` and one stage; the sm_80/sm_90 rows are first guesses,
+# not yet swept.
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+class SelectedAttentionFunction(torch.autograd.Function):
+    """Autograd glue: the forward saves q, k, v, the indices, o, lse; the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, block_size, scale, row):
+        o, lse = _selection_forward(q, k, v, idx, block_size, scale, row)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.block_size, ctx.scale, ctx.row = block_size, scale, row
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        dq, dk, dv = _selection_backward(do.contiguous(), q, k, v, idx, o, lse, ctx.block_size,
+                                         ctx.scale,
+                                         ctx.row)
+        return dq, dk, dv, None, None, None, None
+
+
+def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=None):
+    """`selected_attention` in Triton, forward and backward, any GQA group size HQ / H ≥ 1.
+
+    q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ
+    positions, so TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or
+    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. Returns o
+    [B, TQ, HQ, DV] in q's dtype.
+    """
+    return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
+
+
+def _selected(q, k, v, block_indices, block_size, scale, row):
+    op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
+    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
+    bs = check_block_size(op, block_size)
+    if bs < 16:
+        raise ValueError(f"{op}: block_size must be >= 16 (a tensor-core tile), got {bs}")
+    _checks.triton_inputs(op, q, k, v, block_indices, max_dims={"D": (D, 256), "DV": (DV, 256)},
+                          instead=_INSTEAD)
+    check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=False, offset=T - TQ)
+    scale = _checks.scale(op, scale, D)
+    q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
+    return SelectedAttentionFunction.apply(q, k, v, idx, bs, scale, row)
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+from minisparse.attention.triton import flash_attention
+from minisparse.nsa.naive import (blocks_from_scores, check_gate, compressed_scores, mean_pool,
+                                  moba_select)
+
+
+def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
+    """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch)
+    picks each query head's chunks, then the selection kernels run with one selection a query head.
+
+    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T,
+    HQ, topk]).
+    """
+    check_nsa_qkv("parallel_moba", q, k, v, fewer_queries=True)
+    idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
+    o = _selected(q, k, v, idx, chunk_size, scale, "moba.selection")
+    return (o, idx) if return_block_indices else o
+
+
+def _compressed_branch(q, k_cmp, v_cmp, block_size, scale, offset):
+    """compressed_attention by SDPA with a block-causal mask (fused kernels, forward and backward,
+    no [T, HQ, N] tensor kept). A query that sees no summary gets summary 0 unmasked and its output
+    zeroed, so no row of the softmax is empty. -> [B, TQ, HQ, DV]"""
+    TQ, N = q.shape[1], k_cmp.shape[1]
+    t = torch.arange(TQ, device=q.device)[:, None] + offset  # [TQ, 1] positions
+    c = torch.arange(N, device=q.device)[None, :]  # [1, N]
+    seen = (c + 1) * block_size - 1 <= t  # [TQ, N]
+    blind = ~seen.any(-1, keepdim=True)  # [TQ, 1] queries before the first complete block
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cmp.to(q.dtype).transpose(1, 2), v_cmp.to(q.dtype).transpose(1, 2),
+        attn_mask=seen | (blind & (c == 0)), scale=scale, enable_gqa=True).transpose(1, 2)
+    return o * (~blind).to(o.dtype).view(1, TQ, 1, 1)
+
+
+def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_size=512,
+                 scale=None,
+                 block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
+    """`nsa` with the selection branch in Triton and the window branch by chapter 1's
+    `flash_attention`; the compressed branch by SDPA with a block-causal mask, the top-n by
+    `parallel_select_blocks`. Same arguments and results as `nsa`.
+    """
+    op = "parallel_nsa"
+    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    TQ = q.shape[1]
+    W = _checks.positive_int(op, "window_size", window_size, zero=True)
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        check_gate(op, name, g, B, TQ, HQ, q)
+    k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
+    v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
+    if block_indices is None:  # [B, TQ, H, S]
+        block_indices = parallel_select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
+    o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
+    if g_cmp is not None:
+        o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
+        o = o + g_cmp[..., None] * o_cmp.float()
+    if g_slc is not None:
+        o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale,
+                                             "nsa.selection").float()
+    if g_swa is not None and W > 0:
+        o = o + g_swa[..., None] * flash_attention(q, k, v, causal=True, scale=scale,
+                                                   window=W).float()
+    o = o.to(q.dtype)
+    return (o, block_indices) if return_block_indices else o
+
+# %% [markdown]
+# ### The exercise checkers
+#
+# `minisparse.nsa.exercises`: each checker compares an answer with an independent computation — the cost model,
+# `select_blocks`, a PyTorch gather — and says what differs. The Triton checker launches the reader's kernel
+# directly, in the interpreter on CPU tensors. `minisparse.nsa.bugs` holds exercise 2's planted bug.
+
+# %% tags=["hide-input"]
+#| export nsa.bugs
+import torch
+
+from minisparse.nsa.naive import compressed_scores
+
+
+def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size):
+    """Group-shared top-n selection (as `select_blocks`, scale D^-1/2) — with one planted bug."""
+    B, T, HQ, _ = q.shape
+    N, H = k_cmp.shape[1], k_cmp.shape[2]
+    p = compressed_scores(q, k_cmp, block_size)  # [B, T, HQ, N]
+    score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N]
+    t = torch.arange(T)[:, None]
+    c = torch.arange(N)[None, :]
+    forced = (c == 0) | (c == t // block_size) | (c == t // block_size - 1)  # [T, N]
+    score = score.masked_fill(forced[None, :, None], float("inf"))
+    top_score, top = score.topk(min(block_counts, N), dim=-1)
+    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
+    top = top.masked_fill(top == N, -1)
+    return torch.nn.functional.pad(top, (0, block_counts - top.shape[-1]), value=-1)
+
+
+# %% tags=["hide-input"]
+#| export nsa.exercises
+import torch
+import triton
+import triton.language as tl
+
+from minisparse.nsa.cost import keys_read
+from minisparse.nsa.naive import mean_pool, select_blocks
+from minisparse.testing import ExerciseError, check
+
+
+def check_decode_tokens(fn):
+    """Exercise 1: fn(T, l, d, lp, n, w) -> tokens of cache one decoding step reads at context T."""
+    def reference(T, l, d, lp, n, w):
+        return int(keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n,
+                             window_size=w)["nsa"])
+    check("tokens read by one decoding step", lambda *a: int(fn(*a)), reference,
+          [(65536, 32, 16, 64, 16, 512), (8192, 32, 16, 64, 16, 512), (131072, 64, 64, 64, 16, 512),
+           (1000, 32, 16, 64, 8, 256), (40, 32, 16, 64, 16, 512)],
+          hint="three branches: the complete compression windows ⌊(T − l)/d⌋ + 1 (none before "
+               "T = l), "
+               "n blocks of l' tokens and the window of w tokens — each capped at T")
+
+
+def check_selection_fix(fn):
+    """Exercise 2: fn(q, k_cmp, block_counts, block_size) -> select_blocks' block_indices."""
+    cases = []
+    for seed, (T, HQ, H, bs, S) in enumerate([(70, 4, 2, 8, 4), (100, 2, 1, 16, 3),
+                                              (45, 6, 3, 8, 5)]):
+        g = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(1, T, HQ, 16, generator=g), torch.randn(1, T, H, 16, generator=g)
+        cases.append((q, mean_pool(k, bs), S, bs))
+    check("group-shared selection", fn, lambda q, kc, S, bs: select_blocks(q, kc, S, bs), cases,
+          hint="compare the buggy function's picks with block_indices from select_blocks for one "
+               "query "
+               "early in the sequence: which blocks can it choose that it must not?")
+
+
+def _scores_reference(q, k, idx, t, block_size, scale):
+    """[G, block_size] scores of q [G, D] against block idx of k [T, D]; -inf past t, past T or for
+    idx < 0."""
+    s = torch.full((q.shape[0], block_size), float("-inf"))
+    if idx >= 0:
+        pos = idx * block_size + torch.arange(block_size)
+        ok = (pos <= t) & (pos < k.shape[0])
+        s[:, ok] = (q @ k[pos[ok]].T) * scale
+    return s
+
+
+def check_block_scores_kernel(kernel):
+    """Exercise 3: the block-gather tile, launched in the interpreter on CPU (on CUDA: the GPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    for G, D, T, t, idx in [(4, 16, 50, 37, 2), (1, 24, 45, 44, 2), (16, 16, 64, 20, 1),
+                            (3, 32, 33, 32, 0),
+                            (2, 16, 40, 39, -1)]:
+        BS, BG, BD = 16, max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
+        q, k = torch.randn(G, D, generator=g), torch.randn(T, D, generator=g)
+        want = _scores_reference(q, k, idx, t, BS, D ** -0.5)
+        out = torch.full((G, BS), 7.0, device=dev)  # anything the kernel leaves shows
+        kernel[(1,)](q.to(dev), k.to(dev), out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
+        out = out.cpu()
+        wrong_inf = torch.isinf(want) != torch.isinf(out)
+        if wrong_inf.any():
+            r, c = (int(i) for i in wrong_inf.nonzero()[0])
+            raise ExerciseError(
+                f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): row {r}, key {c} (position "
+                f"{idx * BS + c}): got {out[r, c].item():.4g}, expected {want[r, c].item():.4g}\n"
+                "Hint: a key after the query (position > t), past T, or of a padding block (-1) "
+                "must "
+                "score -inf")
+        err = (out - want).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+        if err > 1e-4:
+            raise ExerciseError(f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): largest "
+                                f"difference "
+                                f"{err:.3g}\nHint: s = q kᵀ · scale over the keys idx·BS + j")
+    print("✓ block scores: all 5 cases match (groups 1–16, D not a power of two, a partial block, "
+          "padding)")
+
+
+@triton.jit
+def load_group_queries(q_ptr, G, D, BG: tl.constexpr, BD: tl.constexpr):
+    """q [BG, BD]: the G query heads of one token, zero-padded."""
+    rows, cols = tl.arange(0, BG), tl.arange(0, BD)
+    return tl.load(q_ptr + rows[:, None] * D + cols[None, :],
+                   mask=(rows[:, None] < G) & (cols[None, :] < D),
+                   other=0.0)

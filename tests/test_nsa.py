@@ -1,0 +1,372 @@
+"""Chapter 7: NSA and MoBA — the naive ops against fla's references and an own MoBA reference, the limits, the
+bad-input table (shared by the naive and Triton ops), the Triton kernels against the naive ops."""
+import math
+
+import pytest
+import torch
+
+import minisparse  # noqa: F401  before fla (see minisparse.runtime)
+from minisparse import nsa as N
+from minisparse.attention import attention_ref
+from minisparse import runtime
+from minisparse.testing import TOLERANCES, assert_close, make_qkv
+
+fla_naive = pytest.importorskip("fla.ops.nsa.naive")
+DEV = runtime.device()
+
+
+def gates(B, T, HQ, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(B, T, HQ, generator=g) for _ in range(3)]
+
+
+# ------------------------------------------------------------------------------------------- naive vs fla
+@pytest.mark.parametrize("T,HQ,H,bs", [(37, 4, 2, 8), (64, 2, 2, 16), (50, 16, 1, 16)])
+def test_mean_pool_and_compressed_attention_match_fla(T, HQ, H, bs):
+    q, k, v = make_qkv(2, T, HQ, 16, HKV=H, seed=1)
+    kc, vc = N.mean_pool(k, bs), N.mean_pool(v, bs)
+    assert kc.shape == (2, math.ceil(T / bs), H, 16)
+    assert_close("last block", k[:, (kc.shape[1] - 1) * bs:].mean(1), kc[:, -1], 1e-6)
+    want, _ = fla_naive.naive_nsa_compression(q, kc, vc, bs, 16 ** -0.5)
+    assert_close("o_cmp", want, N.compressed_attention(q, kc, vc, bs), 1e-5)
+
+
+@pytest.mark.parametrize("T,HQ,H,bs,S", [(37, 4, 2, 8, 3), (100, 8, 2, 8, 5), (64, 16, 1, 16, 16),
+                                         (90, 2, 1, 8, 4)])
+def test_select_blocks_matches_fla_topk(T, HQ, H, bs, S):
+    q, k, _ = make_qkv(2, T, HQ, 16, HKV=H, seed=2)
+    kc = N.mean_pool(k, bs)
+    ours = N.select_blocks(q, kc, S, bs)
+    theirs = fla_naive.naive_nsa_topk(q, kc, S, bs, 16 ** -0.5)
+    assert ours.shape == theirs.shape == (2, T, H, S)
+    srt = lambda x: x.masked_fill(x < 0, 10**6).sort(-1).values  # noqa: E731  sets, padding last
+    assert torch.equal(srt(ours), srt(theirs))
+    valid = ours[ours >= 0]
+    assert torch.equal(ours, srt(ours).masked_fill(srt(ours) == 10**6, -1)) and valid.numel()
+
+
+@pytest.mark.parametrize("T,HQ,H,bs,S", [(37, 4, 2, 8, 3), (70, 2, 1, 16, 3), (48, 16, 1, 8, 4)])
+def test_selected_attention_matches_fla_selection(T, HQ, H, bs, S):
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=3)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), S, bs)
+    idx[:, ::5, :, -1] = -1  # padding in the middle of rows too
+    assert_close("o_slc", fla_naive.naive_nsa_selection(q, k, v, idx, bs), N.selected_attention(q, k, v, idx, bs),
+                 1e-5)
+
+
+def test_nsa_matches_fla_naive_nsa_plus_the_window_branch(monkeypatch):
+    B, T, HQ, H, bs, S, W = 1, 75, 16, 1, 16, 3, 20
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=4)
+    gc, gs, gw = gates(B, T, HQ)
+    if q.device.type == "cpu":  # fla 0.6's mean pooling is a Triton kernel that finds no driver in the interpreter:
+        # pool with ours (tested against the definition above), keep the rest of fla's naive_nsa
+        monkeypatch.setattr(fla_naive, "mean_pooling", lambda x, bs, cu_seqlens=None: N.mean_pool(x, bs))
+    want = fla_naive.naive_nsa(q, k, v, gc, gs, None, block_counts=S, block_size=bs, window_size=0)
+    o, idx = N.nsa(q, k, v, gc, gs, None, block_counts=S, block_size=bs, window_size=0, return_block_indices=True)
+    assert_close("nsa, window 0", want, o, 1e-5)
+    o_w = N.nsa(q, k, v, gc, gs, gw, block_counts=S, block_size=bs, window_size=W)
+    assert_close("window branch", want + gw[..., None] * attention_ref(q, k, v, window=W), o_w, 1e-5)
+
+
+def test_compress_kv_starts_as_mean_pooling_and_learns():
+    _, k, _ = make_qkv(2, 40, 2, 8, seed=6)
+    phi = N.CompressKV(8, block_size=8)
+    assert_close("fresh φ", N.mean_pool(k, 8)[:, :5], phi(k), 1e-6)
+    phi2 = N.CompressKV(8, block_size=16, stride=8)
+    out = phi2(k)
+    assert out.shape == (2, 5, 2, 8)
+    assert_close("overlapping windows", k[:, 8:24].mean(1), out[:, 1], 1e-6)
+    out.square().sum().backward()
+    assert phi2.down.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="stride must be <= block_size"):
+        N.CompressKV(8, block_size=8, stride=16)
+
+
+# ------------------------------------------------------------------------------------------- MoBA
+def moba_reference(q, k, v, chunk, topk):
+    """MoBA from its paper's definition, one query and one head at a time: gate scores ⟨q, mean(K_chunk)⟩ of
+    the complete past chunks, top-(k−1) of them plus the own chunk, causal softmax over their tokens."""
+    B, T, HQ, D = q.shape
+    G = HQ // k.shape[2]
+    o = torch.zeros(B, T, HQ, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(HQ):
+            kh, vh = k[b, :, h // G].double(), v[b, :, h // G].double()
+            for t in range(T):
+                own = t // chunk
+                past = [(float(q[b, t, h].double() @ kh[c * chunk:(c + 1) * chunk].mean(0)), c) for c in range(own)]
+                chosen = {c for _, c in sorted(past, reverse=True)[:topk - 1]} | {own}
+                keys = [s for s in range(t + 1) if s // chunk in chosen]
+                w = torch.softmax((kh[keys] @ q[b, t, h].double()) * D ** -0.5, 0)
+                o[b, t, h] = w @ vh[keys]
+    return o
+
+
+@pytest.mark.parametrize("T,HQ,H,chunk,topk", [(45, 2, 1, 8, 2), (64, 4, 2, 16, 3), (33, 3, 3, 4, 4)])
+def test_moba_matches_its_definition(T, HQ, H, chunk, topk):
+    q, k, v = make_qkv(1, T, HQ, 8, HKV=H, seed=7)
+    assert_close("moba", moba_reference(q, k, v, chunk, topk), N.moba(q, k, v, chunk, topk).double(), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- limits
+def test_every_block_selected_is_causal_attention():
+    T, bs = 53, 8
+    q, k, v = make_qkv(2, T, 4, 16, HKV=2, seed=8)
+    nb = math.ceil(T / bs)
+    all_blocks = torch.arange(nb).view(1, 1, 1, nb).expand(2, T, 2, nb).clone()
+    all_blocks[all_blocks * bs > torch.arange(T).view(1, T, 1, 1)] = -1
+    want = attention_ref(q, k, v)
+    assert_close("all blocks", want, N.selected_attention(q, k, v, all_blocks, bs), 1e-5)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), nb, bs)  # block_counts >= blocks: every visible block
+    assert_close("select all", want, N.selected_attention(q, k, v, idx, bs), 1e-5)
+
+
+def test_moba_with_topk_at_least_the_chunks_is_dense_causal():
+    q, k, v = make_qkv(1, 50, 4, 8, HKV=1, seed=9)
+    assert_close("moba dense", attention_ref(q, k, v), N.moba(q, k, v, 8, 7), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _inputs(T=40, HQ=4, H=2, bs=16):
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=11)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), 3, bs)
+    return q, k, v, idx
+
+
+def _future(idx):
+    idx = idx.clone()
+    idx[0, 3, 0, 0] = 1  # query 3 cannot see block 1 (tokens 16..31)
+    return idx
+
+
+# (what is wrong, how to break the arguments of selected_attention(q, k, v, idx, block_size), error, message)
+SELECTION_BAD_INPUT = [
+    ("index in the future", lambda q, k, v, i, bs: (q, k, v, _future(i), bs), ValueError, "in the future"),
+    ("index past the end", lambda q, k, v, i, bs: (q, k, v, i.masked_fill(i == 2, 9), bs), ValueError,
+     "out of range"),
+    ("index below -1", lambda q, k, v, i, bs: (q, k, v, i.masked_fill(i == 0, -2), bs), ValueError, ">= -1"),
+    ("float indices", lambda q, k, v, i, bs: (q, k, v, i.float(), bs), TypeError, "int32 or int64"),
+    ("indices of another length", lambda q, k, v, i, bs: (q, k, v, i[:, :5], bs), ValueError, r"\[B, T, H, S\]"),
+    ("block size not a power of two", lambda q, k, v, i, bs: (q, k, v, i, 12), ValueError, "power of two"),
+    ("HQ not a multiple of H", lambda q, k, v, i, bs: (q[:, :, :3], k, v, i, bs), ValueError, "must divide"),
+    ("k of another length", lambda q, k, v, i, bs: (q, k[:, :7], v[:, :7], i, bs), ValueError, "q's B, T"),
+    ("v of other heads", lambda q, k, v, i, bs: (q, k, v[:, :, :1], i, bs), ValueError, "k's B, T, H"),
+    ("mixed dtypes", lambda q, k, v, i, bs: (q, k.double(), v, i, bs), TypeError, "one dtype"),
+]
+
+
+def selection_ops():
+    return {"naive": N.selected_attention, "triton": N.parallel_selected_attention}
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+@pytest.mark.parametrize("what,make,error,message", SELECTION_BAD_INPUT, ids=[r[0] for r in SELECTION_BAD_INPUT])
+def test_selection_bad_input(backend, what, make, error, message):
+    q, k, v, idx = _inputs()
+    if backend == "triton":  # on the Triton op's device, with index values checked (on CUDA only when asked)
+        q, k, v, idx = (x.to(DEV) for x in (q, k, v, idx))
+    previous = runtime.set_value_checks(True)
+    try:
+        with pytest.raises(error, match=message):
+            selection_ops()[backend](*make(q, k, v, idx, 16))
+    finally:
+        runtime.set_value_checks(previous)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, window_size=-1), "window_size"),
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, block_counts=2), "block_counts must be >= 3"),
+    (lambda q, k, v: N.nsa(q, k, v, q[:, :, :2, 0], None, None, block_size=8), r"g_cmp must be \[B, T, HQ\]"),
+    (lambda q, k, v: N.moba(q, k, v, 6, 2), "chunk_size must be a power of two"),
+    (lambda q, k, v: N.moba(q, k, v, 8, 0), "topk"),
+    (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 4), 8), "v_cmp"),
+])
+def test_nsa_and_moba_bad_input(call, message):
+    q, k, v, _ = _inputs()
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------- Triton vs naive
+DTYPES = [torch.float32] if DEV.type == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def _grads(out, inputs, do):
+    return torch.autograd.grad(out, inputs, do)
+
+
+def _against_naive(fast, naive, q, k, v, dtype, what):
+    """fast(q, k, v) vs naive(q, k, v) in fp32 from the same (rounded) inputs: forward and every gradient."""
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    q, k, v = (x.to(DEV, dtype).detach().requires_grad_() for x in (q, k, v))
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o, ref = fast(q, k, v), naive(q32, k32, v32)
+    assert_close(f"{what}: o", ref, o.float(), fwd_tol)
+    do = torch.randn(o.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
+    for n, want, got in zip("qkv", _grads(ref, (q32, k32, v32), do), _grads(o, (q, k, v), do.to(dtype))):
+        assert_close(f"{what}: d{n}", want, got.float(), grad_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,HQ,H,D,bs,S", [
+    (45, 2, 2, 16, 16, 3),  # group 1, T not a multiple of the block
+    (37, 4, 2, 24, 16, 4),  # group 2, D not a power of two
+    (40, 16, 1, 16, 16, 3),  # group 16
+    (70, 6, 2, 16, 32, 3),  # group 3 (padded to 16 rows), two key tiles a block on the GPU rows
+])
+def test_selection_kernel_matches_naive(poisoned, dtype, T, HQ, H, D, bs, S):
+    q, k, v = make_qkv(1, T, HQ, D, HKV=H, seed=12, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), S, bs)
+    idx[:, 1::4, :, -1] = -1  # padding inside rows
+    _against_naive(lambda q, k, v: N.parallel_selected_attention(q, k, v, idx, bs),
+                   lambda q, k, v: N.selected_attention(q, k, v, idx, bs), q, k, v, dtype, f"G={HQ // H}")
+
+
+def test_selection_kernel_disagrees_with_a_wrong_selection():
+    """The comparison can fail: the kernel given one block fewer is not the naive op on the full selection."""
+    q, k, v = make_qkv(1, 40, 2, 16, HKV=1, seed=13, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, 16), 3, 16)
+    fewer = idx.clone()
+    fewer[:, :, :, 0] = -1  # drop block 0
+    with pytest.raises(AssertionError, match="relative RMS"):
+        assert_close("o", N.selected_attention(q, k, v, idx, 16),
+                     N.parallel_selected_attention(q, k, v, fewer, 16), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,HQ,H,chunk,topk", [(50, 2, 1, 16, 2), (40, 4, 4, 16, 2)])
+def test_moba_kernel_matches_naive(poisoned, dtype, T, HQ, H, chunk, topk):
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=14, device=DEV)
+    idx = N.moba_select(q, k, chunk, topk)  # fixed, so that rounding cannot flip a choice
+    _against_naive(lambda q, k, v: N.parallel_selected_attention(q, k, v, idx, chunk),
+                   lambda q, k, v: N.selected_attention(q, k, v, idx, chunk), q, k, v, dtype, "per head")
+    o, got = N.parallel_moba(q, k, v, chunk, topk, return_block_indices=True)
+    assert torch.equal(got, idx)
+    assert_close("parallel_moba", N.moba(q, k, v, chunk, topk), o, 1e-4)
+
+
+def test_decoding_step_reads_only_the_selected_blocks(poisoned):
+    """TQ < T: the queries are the last positions; one token decodes against the whole cache."""
+    T, bs = 75, 16
+    q, k, v = make_qkv(1, T, 4, 16, HKV=2, seed=15, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), 3, bs)
+    full = N.selected_attention(q, k, v, idx, bs)
+    for TQ in (1, 3):
+        o = N.parallel_selected_attention(q[:, -TQ:], k, v, idx[:, -TQ:], bs)
+        assert_close(f"decode TQ={TQ}", full[:, -TQ:], o, 1e-4)
+
+
+def test_parallel_nsa_matches_nsa():
+    B, T, HQ, H, bs = 1, 70, 4, 2, 16
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=16, device=DEV)
+    gc, gs, gw = (g.to(DEV) for g in gates(B, T, HQ))
+    kw = dict(block_counts=3, block_size=bs, window_size=20)
+    assert_close("parallel_nsa", N.nsa(q, k, v, gc, gs, gw, **kw), N.parallel_nsa(q, k, v, gc, gs, gw, **kw), 1e-4)
+
+
+# ------------------------------------------------------------------------------------------- layer, needle task
+@pytest.mark.parametrize("kind", ["nsa", "moba"])
+def test_layer_backends_agree_and_last_tokens_equal_the_full_outputs(kind):
+    torch.manual_seed(0)
+    layer = N.NativeSparseAttention(32, 4, 2, 16, kind=kind, block_size=16, block_counts=3, window_size=20,
+                                    moba_topk=2, backend="naive").to(DEV)
+    x = torch.randn(2, 45, 32, device=DEV)
+    o, idx = layer(x, return_block_indices=True)
+    assert o.shape == x.shape and idx.shape == (2, 45, 2 if kind == "nsa" else 4, 3 if kind == "nsa" else 2)
+    assert_close("last 3", o[:, -3:], layer(x, last=3), 1e-5)
+    layer.backend = "triton"
+    assert_close("triton layer", o, layer(x), 1e-4)
+
+
+def test_needle_batch_plants_distinct_needles_outside_the_window_and_block_zero():
+    g = torch.Generator().manual_seed(0)
+    keys, values, where, answer = N.needle_batch(64, 128, avoid=32, block=16, generator=g)
+    rows = torch.arange(64)
+    assert torch.equal(keys[rows, where], keys[:, -1]) and torch.equal(values[rows, where], answer)
+    assert (where >= 16).all() and (where < 128 - 32).all()
+    assert ((keys < 16).sum(1) == 4 + 1).all()  # four needles and the question
+
+
+# ------------------------------------------------------------------------------------------- exercise checkers
+from minisparse.nsa import exercises as X  # noqa: E402
+from minisparse.testing import ExerciseError  # noqa: E402
+
+
+def test_decode_tokens_checker_accepts_the_count_and_rejects_a_count_without_summaries(capsys):
+    def right(T, l, d, lp, n, w):
+        return ((T - l) // d + 1 if T >= l else 0) + min(T, n * lp) + min(T, w)
+
+    X.check_decode_tokens(right)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError):
+        X.check_decode_tokens(lambda T, l, d, lp, n, w: min(T, n * lp) + min(T, w))
+    with pytest.raises(ExerciseError):  # off by one: T // d windows
+        X.check_decode_tokens(lambda T, l, d, lp, n, w: T // d + min(T, n * lp) + min(T, w))
+
+
+def test_selection_checker_rejects_the_planted_bug_and_accepts_select_blocks():
+    with pytest.raises(ExerciseError):
+        X.check_selection_fix(N.select_blocks_with_a_bug)
+    X.check_selection_fix(lambda q, kc, S, bs: N.select_blocks(q, kc, S, bs))
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _scores_without_causal_mask(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                                BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = X.load_group_queries(q_ptr, G, D, BG, BD)
+    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
+    pos = idx * BS + j
+    real = (idx >= 0) & (pos < T)  # the bug: keys after the query are kept
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D), other=0.0)
+    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+@triton.jit
+def _scores_right(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                  BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = X.load_group_queries(q_ptr, G, D, BG, BD)
+    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
+    pos = idx * BS + j
+    real = (idx >= 0) & (pos <= t) & (pos < T)
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D), other=0.0)
+    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+def test_block_scores_checker_rejects_a_kernel_without_the_causal_mask_and_accepts_the_right_one():
+    with pytest.raises(ExerciseError, match="position"):
+        X.check_block_scores_kernel(_scores_without_causal_mask)
+    X.check_block_scores_kernel(_scores_right)
+
+
+def test_parallel_nsa_gradients_match_nsa_including_learned_summaries():
+    """The compressed branch by SDPA (a block-causal mask, blind queries zeroed) against the naive einsum,
+    with every gradient: q, k, v, the gates and the summaries (as CompressKV would give them)."""
+    B, T, HQ, H, bs = 1, 53, 4, 2, 16
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=17, device=DEV)
+    gs = [g.to(DEV) for g in gates(B, T, HQ, seed=3)]
+    kc, vc = N.mean_pool(k, bs) + 0.1, N.mean_pool(v, bs) - 0.1
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gs, kc, vc)]
+    twins = [x.clone().requires_grad_() for x in (q, k, v, *gs, kc, vc)]
+    kw = dict(block_counts=3, block_size=bs, window_size=20)
+    o = N.parallel_nsa(*leaves[:6], k_cmp=leaves[6], v_cmp=leaves[7], **kw)
+    ref = N.nsa(*twins[:6], k_cmp=twins[6], v_cmp=twins[7], **kw)
+    assert_close("o", ref, o, 1e-4)
+    do = torch.randn_like(o)
+    for name, a, b in zip(["q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp"],
+                          torch.autograd.grad(ref, twins, do), torch.autograd.grad(o, leaves, do)):
+        assert_close(f"d{name}", a, b, 1e-4)
+
+
+@pytest.mark.parametrize("T,HQ,H,S,TQ", [(75, 4, 2, 3, 75), (130, 16, 1, 5, 130), (50, 2, 2, 4, 50),
+                                         (200, 6, 2, 16, 200), (150, 4, 2, 4, 1)])
+def test_fused_top_n_selects_what_select_blocks_selects(poisoned, T, HQ, H, S, TQ):
+    q, k, _ = make_qkv(1, T, HQ, 16, HKV=H, seed=18, device=DEV)
+    kc = N.mean_pool(k, 16)
+    want = N.select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ)
+    assert torch.equal(want, N.parallel_select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ))
