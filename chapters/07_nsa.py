@@ -130,9 +130,6 @@ DTYPE = runtime.default_dtype()
 
 # %% tags=["hide-input"]
 #| export nsa.naive
-import math
-import numbers
-
 import torch
 import torch.nn.functional as F
 
@@ -774,7 +771,9 @@ import triton
 import triton.language as tl
 
 from minisparse import _checks, runtime
-from minisparse.nsa.naive import check_block_indices, check_block_size, check_nsa_qkv
+from minisparse.attention.triton import flash_attention
+from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate, check_nsa_qkv,
+                                  mean_pool, moba_select)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -1625,11 +1624,6 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
 
 # %% tags=["hide-input"]
 #| export nsa.triton
-from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import (blocks_from_scores, check_gate, compressed_scores, mean_pool,
-                                  moba_select)
-
-
 def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch)
     picks each query head's chunks, then the selection kernels run with one selection a query head.

@@ -4,7 +4,9 @@ import triton
 import triton.language as tl
 
 from minisparse import _checks, runtime
-from minisparse.nsa.naive import check_block_indices, check_block_size, check_nsa_qkv
+from minisparse.attention.triton import flash_attention
+from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate, check_nsa_qkv,
+                                  mean_pool, moba_select)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -378,11 +380,6 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
     scale = _checks.scale(op, scale, D)
     q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
     return SelectedAttentionFunction.apply(q, k, v, idx, bs, scale, row)
-
-
-from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import (blocks_from_scores, check_gate, compressed_scores, mean_pool,
-                                  moba_select)
 
 
 def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
