@@ -786,7 +786,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower_inverse
+from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower_inverse, _v_tile
 
 _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
@@ -1330,11 +1330,6 @@ def _options(x, v):
     and V."""
     return dict(device=x.device, dtype=x.dtype, key=(_pow2(x.shape[-1]), _pow2(v.shape[-1])),
                 instead=_INSTEAD)
-
-
-def _v_tile(V):
-    """runtime.launch's `fit` for kernels that tile V: a V-tile no wider than the padded V."""
-    return lambda c: dict(c, BV=min(c["BV"], _pow2(V)))
 
 
 @triton.jit
