@@ -107,11 +107,11 @@ DEVICE = runtime.device()
 # make the indexer cheap: few heads, ReLU instead of a softmax (no normalisation over $s$, so scores can be
 # computed block by block and compared), and FP8 arithmetic in production. It is still a pass over *every*
 # past token for every query — $O(T^2)$ — but at $64 \times 128$ multiply-adds a pair against MLA's $128 \times
-# 320$, a fifth of the dense work (section 8.5 makes this precise).
+# 320$, a fifth of the dense work (section 8.6 makes this precise).
 #
 # Two differences from NSA (chapter 7) matter. NSA picks *blocks* from their summaries, so selection and
 # attention share one mechanism; DSA's indexer is a separate, small network that picks *single tokens* and is
-# trained to imitate the dense attention (section 8.4). And DSA was not trained sparse from scratch: DeepSeek
+# trained to imitate the dense attention (section 8.5). And DSA was not trained sparse from scratch: DeepSeek
 # started from V3.1's dense checkpoint, warmed the indexer up with the main model frozen, then trained everything
 # sparse. The survey [S] puts it this way: DSA is V3.2's only architectural change over V3.1, brings attention
 # from $O(L^2)$ to $O(Lk)$ and saves about 50 % of the compute at 128K; GLM-5 adopted it on top of MLA.
@@ -194,7 +194,7 @@ def selection_mask(indices, TK):
 # %% [markdown]
 # Attention over the selected tokens is softmax attention under a mask: key $s$ is read when it is among the
 # query's indices (and, as a guard, not after the query). All heads share the selection; a GQA group of
-# $G = H_Q / H$ query heads reads one key head. `backend` is the dispatch point for the kernels of section 8.6:
+# $G = H_Q / H$ query heads reads one key head. `backend` is the dispatch point for the kernels of section 8.7:
 # `"auto"` runs them on a GPU (or on CPU under Triton's interpreter) once `minisparse.dsa.triton` exists, the
 # PyTorch code below otherwise; `"naive"` always runs the PyTorch code.
 
@@ -234,7 +234,7 @@ def dsa(q, k, v, q_idx, k_idx, w_idx, topk=2048, scale=None, return_indices=Fals
     q, k, v as sparse_attention; q_idx [B, TQ, HI, DI], k_idx [B, TK, DI], w_idx [B, TQ, HI] (or
     None) as indexer_scores (its scale: DI ** -0.5). Returns o [B, TQ, HQ, Dv] (and indices [B, TQ,
     topk] int64, -1 padded, when return_indices). The selection is not differentiable: gradients
-    reach q, k, v, never the indexer (section 8.4 trains it by its own loss).
+    reach q, k, v, never the indexer (section 8.5 trains it by its own loss).
     """
     K = check_topk("dsa", topk)
     with torch.no_grad():
@@ -263,7 +263,7 @@ def _use_triton(op, backend, x):
 
 
 def _sparse_attention_triton(q, k, v, indices, scale):
-    """The kernels' entry point (section 8.6): same arguments and result as sparse_attention."""
+    """The kernels' entry point (section 8.7): same arguments and result as sparse_attention."""
     from minisparse.dsa.triton import sparse_attention_triton
     return sparse_attention_triton(q, k, v, indices, scale)
 
