@@ -351,6 +351,46 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BN=64, BR=64), _cfg(4, 1, BN=32, BR=32)],
         "sm_75": [_cfg(4, 1, BN=32, BR=32), _cfg(4, 1, BN=16, BR=16)],
     } for kind in ("nsa", "moba")},
+    # chapter 8, DeepSeek sparse attention. BG: query heads a program (a head block of one key head's group, capped
+    # at the padded group); BN: selected key slots a tile. ".d512": key rows over 256 dims (MLA's 512 + 64 latent),
+    # whose sm_90 entry mirrors "mla.decode_split" (the same 64-head × 576-dim tiles). Shared memory as compiled on a
+    # CPU (bench/notes/dsa.md): 217 KiB for the sm_90 .d512 forward, 132 KiB for its backward; a T4 cannot hold a
+    # 576-dim tile (68 KiB at 16 × 16), so the latent form there raises and names the PyTorch version. The H200
+    # rows are unmeasured (no sweep yet).
+    "dsa.sparse.fwd": {
+        "interpreter": [_cfg(BG=64, BN=64)],
+        "sm_90": [_cfg(4, 2, BG=64, BN=64), _cfg(8, 2, BG=64, BN=64), _cfg(4, 2, BG=32, BN=64),
+                  _cfg(4, 1, BG=16, BN=32)],
+        "sm_80": [_cfg(4, 2, BG=64, BN=64), _cfg(4, 2, BG=32, BN=32), _cfg(4, 1, BG=16, BN=32)],
+        "sm_75": [_cfg(4, 1, BG=16, BN=32), _cfg(4, 1, BG=16, BN=16)],
+    },
+    "dsa.sparse.fwd.d512": {
+        "interpreter": [_cfg(BG=64, BN=32)],
+        "sm_90": [_cfg(8, 2, BG=64, BN=64), _cfg(8, 2, BG=64, BN=32), _cfg(8, 1, BG=64, BN=32),
+                  _cfg(4, 1, BG=32, BN=32), _cfg(4, 1, BG=16, BN=16)],
+        "sm_80": [_cfg(8, 1, BG=64, BN=32), _cfg(4, 1, BG=32, BN=32), _cfg(4, 1, BG=16, BN=16)],
+        "sm_75": [_cfg(4, 1, BG=16, BN=16)],
+    },
+    "dsa.sparse.bwd": {
+        "interpreter": [_cfg(BG=64, BN=64)],
+        "sm_90": [_cfg(8, 2, BG=64, BN=32), _cfg(4, 1, BG=32, BN=32), _cfg(4, 1, BG=16, BN=16)],
+        "sm_80": [_cfg(4, 1, BG=32, BN=32), _cfg(4, 1, BG=16, BN=16)],
+        "sm_75": [_cfg(4, 1, BG=16, BN=16)],
+    },
+    "dsa.sparse.bwd.d512": {
+        "interpreter": [_cfg(BG=64, BN=32)],
+        "sm_90": [_cfg(8, 1, BG=32, BN=32), _cfg(4, 1, BG=16, BN=32), _cfg(4, 1, BG=16, BN=16)],
+        "sm_80": [_cfg(4, 1, BG=16, BN=32), _cfg(4, 1, BG=16, BN=16)],
+        "sm_75": [_cfg(4, 1, BG=16, BN=16)],
+    },
+    "dsa.sparse.merge": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 2, BR=16)]},
+    # the lightning indexer's scores: BT query tokens × all HI heads (BT·HI rows of one product), BN keys a tile
+    "dsa.indexer": {
+        "interpreter": [_cfg(BT=4, BN=64)],
+        "sm_90": [_cfg(8, 3, BT=4, BN=64), _cfg(8, 3, BT=8, BN=64), _cfg(8, 3, BT=2, BN=128), _cfg(4, 3, BT=2, BN=64)],
+        "sm_80": [_cfg(8, 2, BT=2, BN=64), _cfg(8, 2, BT=1, BN=64)],
+        "sm_75": [_cfg(8, 1, BT=1, BN=32), _cfg(4, 1, BT=1, BN=16)],
+    },
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")
