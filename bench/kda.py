@@ -101,7 +101,9 @@ def rows_for(B, T) -> list[dict]:
             fn(*leaves).backward(do)
 
         for p, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            t0 = time.perf_counter()
             ms = timed(f)
+            print(f"  {name:30s} {p:8s} {ms} ms  ({time.perf_counter() - t0:.0f} s with compiling)")
             rows.append(dict(impl=name, **{"pass": p}, B=B, T=T, H=H, D=D, ms=ms))
             for x in leaves:
                 x.grad = None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository, without installing it
 
 from minisparse import bench  # noqa: E402
+from minisparse.attention import flash_attention  # noqa: E402
 from minisparse.nsa import mean_pool, parallel_moba, parallel_nsa  # noqa: E402
 
 B, HQ, H, D, BS, S, W = 1, 64, 4, 128, 64, 16, 512
@@ -63,7 +64,12 @@ def nsa_impls(gates, summaries):
     try:
         from fla.ops.nsa import parallel_nsa as fla_nsa
 
-        out["fla parallel_nsa"] = lambda q, k, v, n: fla_nsa(q, k, v, *(g[:, -n:] for g in gates), **kw)
+        def fla(q, k, v, n):  # fla's window branch needs flash-attn: the window by chapter 1's kernel
+            g_cmp, g_slc, g_swa = (g[:, -n:] for g in gates)
+            o = fla_nsa(q, k, v, g_cmp, g_slc, None, block_counts=S, block_size=BS, window_size=0)
+            return o + g_swa[..., None] * flash_attention(q, k, v, causal=True, window=W)
+
+        out["fla parallel_nsa + window"] = fla
     except ImportError as err:
         print(f"  fla parallel_nsa unavailable: {err}")
     return out
