@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +38,7 @@ FLA = "fla chunk_gated_delta_rule"
 
 
 def timed(fn) -> float | None:
-    try:
-        fn()  # compile outside the timing
-        if SMOKE:
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        torch.cuda.synchronize()
-        return bench.median_ms(fn, warmup=10, rep=40)
-    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
-        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None
+    return bench.timed(fn, smoke=SMOKE, warmup=10, rep=40)
 
 
 def checked(fn):
@@ -135,7 +124,7 @@ def main(argv=None) -> int:
     if args.smoke:
         SMOKE, DEVICE, DTYPE, B, H, D = True, "cpu", torch.float32, 1, 2, 32
         args.T = [70]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+        bench.environment = bench.smoke_environment
     elif not torch.cuda.is_available():
         print("bench/deltanet.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
               file=sys.stderr)

@@ -37,17 +37,7 @@ FLA = "fla chunk_kda"
 
 
 def timed(fn) -> float | None:
-    try:
-        fn()  # compile outside the timing
-        if SMOKE:
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        torch.cuda.synchronize()
-        return bench.median_ms(fn, warmup=10, rep=40)
-    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
-        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None
+    return bench.timed(fn, smoke=SMOKE, warmup=10, rep=40)
 
 
 def impls():
@@ -101,7 +91,9 @@ def rows_for(B, T) -> list[dict]:
             fn(*leaves).backward(do)
 
         for p, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            t0 = time.perf_counter()
             ms = timed(f)
+            print(f"  {name:30s} {p:8s} {ms} ms  ({time.perf_counter() - t0:.0f} s with compiling)")
             rows.append(dict(impl=name, **{"pass": p}, B=B, T=T, H=H, D=D, ms=ms))
             for x in leaves:
                 x.grad = None
@@ -119,7 +111,7 @@ def main(argv=None) -> int:
     if args.smoke:
         SMOKE, DEVICE, DTYPE, H, D = True, "cpu", torch.float32, 2, 32
         runs = [(1, 70)]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+        bench.environment = bench.smoke_environment
     elif not torch.cuda.is_available():
         print("bench/kda.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
               file=sys.stderr)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +30,7 @@ SMOKE = False  # --smoke: tiny shapes on a CPU in the interpreter, wall-clock ti
 
 
 def timed(fn) -> float | None:
-    try:
-        fn()  # compile outside the timing
-        if SMOKE:
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        torch.cuda.synchronize()
-        return bench.median_ms(fn, warmup=10, rep=40)
-    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
-        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None
+    return bench.timed(fn, smoke=SMOKE, warmup=10, rep=40)
 
 
 def impls(slope):
@@ -111,7 +100,7 @@ def main(argv=None) -> int:
     if args.smoke:
         SMOKE, DEVICE, DTYPE, B, H, D = True, "cpu", torch.float32, 1, 2, 32
         args.T = [70]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+        bench.environment = bench.smoke_environment
     elif not torch.cuda.is_available():
         print("bench/lightning.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
               file=sys.stderr)

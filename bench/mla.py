@@ -55,21 +55,7 @@ def _recording(launch):
 
 
 def timed(fn) -> float | None:
-    """Median ms on the GPU (None if it fails, e.g. out of memory); wall-clock median of 3 calls with --smoke."""
-    try:
-        if SMOKE:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return sorted(times)[1]
-        return bench.median_ms(fn)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # noqa: B014 (OOM subclasses RuntimeError)
-        print(f"    failed: {str(err).splitlines()[0][:100]}")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None
+    return bench.timed(fn, smoke=SMOKE)
 
 
 def absorbed_bmm(ql, qr, buf):
@@ -141,7 +127,7 @@ def main(argv=None) -> int:
     if args.smoke:
         SMOKE, DEVICE, DTYPE = True, "cpu", torch.float32
         args.batches, args.contexts, args.heads = [1, 2], [64, 96], [128, 16]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+        bench.environment = bench.smoke_environment
     elif not torch.cuda.is_available():
         print("bench/mla.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
               file=sys.stderr)

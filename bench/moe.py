@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import torch
 
@@ -47,17 +46,7 @@ def routed_offsets(tokens: int, top_k: int, experts: int, seed: int = 0):
 
 
 def timed(fn) -> float | None:
-    try:
-        fn()  # compile / autotune outside the timing
-        if SMOKE:
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        torch.cuda.synchronize()
-        return bench.median_ms(fn)
-    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
-        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None
+    return bench.timed(fn, smoke=SMOKE)
 
 
 def gemm_rows(tokens: int) -> list[dict]:
@@ -143,7 +132,7 @@ def main(argv=None) -> int:
         SMOKE, DEVICE, DTYPE, K, N = True, "cpu", torch.float32, 64, 96
         LAYER.update(tokens=64, hidden=64, inter=32, experts=8, top_k=2, shared=48)
         args.tokens = [16]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+        bench.environment = bench.smoke_environment
     elif not torch.cuda.is_available():
         print("bench/moe.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
               file=sys.stderr)

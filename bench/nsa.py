@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repository, without installing it
 
 from minisparse import bench  # noqa: E402
+from minisparse.attention import flash_attention  # noqa: E402
 from minisparse.nsa import mean_pool, parallel_moba, parallel_nsa  # noqa: E402
 
 B, HQ, H, D, BS, S, W = 1, 64, 4, 128, 64, 16, 512
@@ -32,17 +32,7 @@ SMOKE = False  # --smoke: tiny shapes on a CPU in the interpreter: checks that t
 
 
 def timed(fn) -> float | None:
-    try:
-        fn()  # compile outside the timing
-        if SMOKE:
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        torch.cuda.synchronize()
-        return bench.median_ms(fn, warmup=5, rep=20)
-    except Exception as err:  # noqa: BLE001 - a failing impl is recorded, the others still run
-        print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None
+    return bench.timed(fn, smoke=SMOKE, warmup=5, rep=20)
 
 
 def sdpa(q, k, v, causal=True):
@@ -63,7 +53,12 @@ def nsa_impls(gates, summaries):
     try:
         from fla.ops.nsa import parallel_nsa as fla_nsa
 
-        out["fla parallel_nsa"] = lambda q, k, v, n: fla_nsa(q, k, v, *(g[:, -n:] for g in gates), **kw)
+        def fla(q, k, v, n):  # fla's window branch needs flash-attn: the window by chapter 1's kernel
+            g_cmp, g_slc, g_swa = (g[:, -n:] for g in gates)
+            o = fla_nsa(q, k, v, g_cmp, g_slc, None, block_counts=S, block_size=BS, window_size=0)
+            return o + g_swa[..., None] * flash_attention(q, k, v, causal=True, window=W)
+
+        out["fla parallel_nsa + window"] = fla
     except ImportError as err:
         print(f"  fla parallel_nsa unavailable: {err}")
     return out
@@ -115,7 +110,7 @@ def main(argv=None) -> int:
         SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W = True, "cpu", torch.float32, 1, 4, 2, 16, 16, 3, 32
         MOBA.update(HQ=2, H=2, chunk=16, topk=2)
         args.T = [80]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
+        bench.environment = bench.smoke_environment
     elif not torch.cuda.is_available():
         print("bench/nsa.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
               file=sys.stderr)

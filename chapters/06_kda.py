@@ -185,34 +185,15 @@ plt.show()
 # Everything but the first line is chapter 5. The signature is fla's `naive_recurrent_kda`, with chapter 5's
 # `use_qk_l2norm` (Kimi Linear normalises $q$ and $k$ inside the op). The argument checks are chapter 5's with one
 # change: `g` is `[B, T, HV, K]`. A `[B, T, HV]` gate — chapter 5's shape — is refused with a message that says so.
+# The checks (`_check_kda`) are in the Engineering notes.
 
 # %%
 #| export kda.naive
 import torch
 
 from minisparse import _checks
-from minisparse.deltanet.naive import _check_gate_and_beta, l2norm
-
-
-def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
-    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
-    `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
-    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
-    if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
-        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
-                         f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
-                         "DeltaNet's — repeat it over K (g[..., None].expand(-1, -1, -1, K)) or "
-                         "use minisparse.deltanet")
-    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]",
-                           "one per token, value head and key channel",
-                           like=q)
-    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
-                           "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
-    if check_values:
-        _check_gate_and_beta(op, g, beta)
-    return _checks.scale(op, scale, K)
+from minisparse.deltanet.naive import l2norm
+from minisparse.kda.checks import _check_kda  # the argument checks (Engineering notes)
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
@@ -1317,6 +1298,41 @@ check_kda_step_kernel(kda_step_solution)
 
 
 # %% [markdown]
+# ### The argument checks
+#
+# Every KDA op, naive or Triton, validates its arguments with one function: chapter 5's shape, dtype and device
+# checks with `g` one log decay per key channel, and the values of `g` and $\beta$ when the value-check rule asks.
+
+# %%
+#| export kda.checks
+import torch
+
+from minisparse import _checks
+from minisparse.deltanet.naive import _check_gate_and_beta
+
+
+def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
+    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
+    `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
+    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
+        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
+                         f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
+                         "DeltaNet's — repeat it over K (g[..., None].expand(-1, -1, -1, K)) or "
+                         "use minisparse.deltanet")
+    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]",
+                           "one per token, value head and key channel",
+                           like=q)
+    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
+                           "one per token and value head", like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    if check_values:
+        _check_gate_and_beta(op, g, beta)
+    return _checks.scale(op, scale, K)
+
+
+# %% [markdown]
 # ### The intra-chunk kernel
 #
 # `_kda_fwd_intra_kernel` strings section 6.5's helpers together: a first pass over $K$'s channel blocks sums $A$ and
@@ -1839,7 +1855,9 @@ from minisparse import _checks
 from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
 from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
-from minisparse.kda.naive import _check_gate_and_beta, _check_kda, _naive_chunk
+from minisparse.deltanet.naive import _check_gate_and_beta
+from minisparse.kda.checks import _check_kda
+from minisparse.kda.naive import _naive_chunk
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):

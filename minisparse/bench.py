@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["median_ms", "environment", "save_results", "load_results", "results_dir", "plot_results", "plot_passes",
+__all__ = ["median_ms", "timed", "environment", "smoke_environment", "save_results", "load_results", "results_dir", "plot_results", "plot_passes",
            "IMPL_COLORS", "impl_family", "impl_style", "config_table"]
 
 
@@ -34,6 +34,28 @@ def median_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, gra
     return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def timed(fn: Callable[[], object], *, smoke: bool = False, warmup: int = 25, rep: int = 100) -> float | None:
+    """A benchmark script's timing of one case: `fn()` once to compile (and autotune) outside the timing, then
+    `median_ms` on a GPU, or one wall-clock call with `smoke` (a CPU run that checks the script). A failure
+    (out of memory, an unsupported shape in an anchor library) is printed and gives None, so the other cases still
+    run and the results file records the gap."""
+    import time
+
+    try:
+        fn()
+        if smoke:
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return median_ms(fn, warmup=warmup, rep=rep)
+    except Exception as err:  # noqa: BLE001 - a failing case is recorded as None
+        print(f"  failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
 def environment() -> dict:
     """Device, library versions and today's date, recorded with every result."""
     import triton
@@ -45,6 +67,11 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
     }
+
+
+def smoke_environment() -> dict:
+    """What `environment()` records for a --smoke run on a CPU (nothing is timed there)."""
+    return dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
 
 
 def results_dir() -> pathlib.Path:

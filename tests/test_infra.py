@@ -179,6 +179,19 @@ def test_bench_results_roundtrip_and_plot(tmp_path, monkeypatch):
             bench.median_ms(lambda: None)
 
 
+def test_bench_timed_records_a_failure_as_none(capsys):
+    calls = []
+    assert isinstance(bench.timed(lambda: calls.append(1), smoke=True), float)
+    assert len(calls) == 2  # once to compile, once timed
+
+    def broken():
+        raise RuntimeError("out of memory\nmore detail")
+
+    assert bench.timed(broken, smoke=True) is None
+    assert "failed: RuntimeError: out of memory" in capsys.readouterr().out
+    assert bench.smoke_environment()["device"] == "cpu"
+
+
 def test_attempt_prints_instead_of_raising(capsys):
     from minisparse.testing import attempt
 

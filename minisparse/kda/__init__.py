@@ -4,6 +4,7 @@ from .naive import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
 from .chunk_fwd import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
 from .chunk_bwd import *  # noqa: F401,F403
 from .chunk import *  # noqa: F401,F403
 from .fused_recurrent import *  # noqa: F401,F403

@@ -7,7 +7,9 @@ from minisparse import _checks
 from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
 from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
-from minisparse.kda.naive import _check_gate_and_beta, _check_kda, _naive_chunk
+from minisparse.deltanet.naive import _check_gate_and_beta
+from minisparse.kda.checks import _check_kda
+from minisparse.kda.naive import _naive_chunk
 
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):

@@ -2,28 +2,8 @@
 import torch
 
 from minisparse import _checks
-from minisparse.deltanet.naive import _check_gate_and_beta, l2norm
-
-
-def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
-    """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
-    `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
-    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
-    if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
-        raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
-                         f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
-                         "DeltaNet's — repeat it over K (g[..., None].expand(-1, -1, -1, K)) or "
-                         "use minisparse.deltanet")
-    _checks.per_head_token(op, "g", g, (B, T, HV, K), "[B, T, HV, K]",
-                           "one per token, value head and key channel",
-                           like=q)
-    _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
-                           "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
-    if check_values:
-        _check_gate_and_beta(op, g, beta)
-    return _checks.scale(op, scale, K)
+from minisparse.deltanet.naive import l2norm
+from minisparse.kda.checks import _check_kda  # the argument checks (Engineering notes)
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
