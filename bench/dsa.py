@@ -35,12 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 from minisparse import bench, runtime  # noqa: E402
 from minisparse.mla import mla_decode  # noqa: E402
 
-try:  # the chapter's module once the lead has spliced the kernels in; the draft until then
-    from minisparse.dsa.triton import (_score_chunk, _topk_chunk, _chunk_rows, lightning_indexer,  # noqa: E402
-                                       selection_overlap, sparse_attention_triton)
-except ImportError:
-    from draft.dsa_triton import (_score_chunk, _topk_chunk, _chunk_rows, lightning_indexer,  # noqa: E402
-                                  selection_overlap, sparse_attention_triton)
+from minisparse.dsa.triton import (_chunk_rows, _score_chunk, _topk_chunk, lightning_indexer,  # noqa: E402
+                                   selection_overlap, sparse_attention_triton)
 
 B, HQ, DC, DR, HI, DI, TOPK = 1, 128, 512, 64, 64, 128, 2048
 DENSE_QK, DENSE_V = 192, 128
@@ -82,6 +78,11 @@ def timed(fn) -> float | None:
 
 def make(*shape, g, scale=1.0):
     return (torch.randn(*shape, device=DEVICE, generator=g, dtype=torch.float32) * scale).to(DTYPE)
+
+
+def attend(q, kv, idx):
+    """DSA's sparse attention in MLA's latent form: v = the key rows' first DC dims, a view."""
+    return sparse_attention_triton(q, kv, kv[..., :DC], idx, SCALE)
 
 
 def dense(q, k, v):
@@ -137,8 +138,7 @@ def prefill_rows(T: int) -> list[dict]:
             rows.append(dict(impl=f"indexer + top-k{tag}", **{"pass": "prefill fwd"}, **cfg,
                              ms=timed(lambda: lightning_indexer(qi, ki, w, TOPK))))
             rows.append(dict(impl=f"DSA prefill{tag}", **{"pass": "prefill fwd"}, **cfg,
-                             ms=timed(lambda: sparse_attention_triton(q, kv, None, lightning_indexer(qi, ki, w, TOPK),
-                                                                      SCALE))))
+                             ms=timed(lambda: attend(q, kv, lightning_indexer(qi, ki, w, TOPK)))))
             if kind == "fp8":
                 tail = min(T, 512)
                 got = lightning_indexer(qi[:, -tail:], ki, w[:, -tail:], TOPK)
@@ -146,7 +146,7 @@ def prefill_rows(T: int) -> list[dict]:
                                  overlap=selection_overlap(got, idx[:, -tail:])))
                 print(f"  FP8 indexer keeps {rows[-1]['overlap']:.4f} of the bf16 selection (last {tail} queries)")
         rows.append(dict(impl="sparse attention", **{"pass": "prefill fwd"}, **cfg,
-                         ms=timed(lambda: sparse_attention_triton(q, kv, None, idx, SCALE))))
+                         ms=timed(lambda: attend(q, kv, idx))))
         c0 = max(0, (T - 1) // _chunk_rows(B, T, T) * _chunk_rows(B, T, T))  # the widest (last) chunk
         if T > TOPK:
             s = _score_chunk(q_idx, k_idx, w, c0, T, DI ** -0.5)
@@ -170,17 +170,15 @@ def decode_rows() -> list[dict]:
         rows.append(dict(impl="mla_decode (full cache)", **{"pass": "decode"}, **cfg,
                          ms=timed(lambda: mla_decode(q[..., :DC], q[..., DC:], latent, rope, SCALE))))
         rows.append(dict(impl="DSA decode attention", **{"pass": "decode"}, **cfg,
-                         ms=timed(lambda: sparse_attention_triton(q, kv, None, idx, SCALE))))
+                         ms=timed(lambda: attend(q, kv, idx))))
         rows.append(dict(impl="DSA decode indexer + top-k", **{"pass": "decode"}, **cfg,
                          ms=timed(lambda: lightning_indexer(q_idx, k_idx, w, TOPK))))
         rows.append(dict(impl="DSA decode step", **{"pass": "decode"}, **cfg,
-                         ms=timed(lambda: sparse_attention_triton(q, kv, None, lightning_indexer(q_idx, k_idx, w, TOPK),
-                                                                  SCALE))))
+                         ms=timed(lambda: attend(q, kv, lightning_indexer(q_idx, k_idx, w, TOPK)))))
         if fp8_ok():
             qi, ki = q_idx.to(torch.float8_e4m3fn), k_idx.to(torch.float8_e4m3fn)
             rows.append(dict(impl="DSA decode step, FP8 indexer", **{"pass": "decode"}, **cfg,
-                             ms=timed(lambda: sparse_attention_triton(q, kv, None, lightning_indexer(qi, ki, w, TOPK),
-                                                                      SCALE))))
+                             ms=timed(lambda: attend(q, kv, lightning_indexer(qi, ki, w, TOPK)))))
     return rows
 
 
@@ -211,7 +209,7 @@ def main(argv=None) -> int:
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, HQ=HQ, latent=DC, rope=DR, indexer_heads=HI,
                   indexer_dim=DI, topk=TOPK, dense_qk=DENSE_QK, dense_v=DENSE_V, T=args.T, decode=dict(DECODE),
                   note="forward only, under no_grad; random inputs; DSA = lightning_indexer + sparse_attention_triton "
-                       "(latent form, v = the key row's first 512 dims); dense = causal SDPA in the expanded form")
+                       "(latent form, v = kv[..., :512], a view); dense = causal SDPA in the expanded form")
     rows = []
     path = None
     for T in args.T:  # saved after every length, so a run cut short still leaves its results

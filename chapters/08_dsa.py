@@ -47,7 +47,8 @@
 #   training; 8.6 *Cost model*: prefill and decoding at DeepSeek-V3.2's shapes, FP8, the head count;
 # - 8.7 *Fast*: gather instead of mask, top-k without the score matrix, the kernels; 8.8 *Measure*;
 #   8.9 *Exercises*;
-# - then a summary, references and the engineering notes (argument checks, transformers loaders, checkers).
+# - then a summary, references and the engineering notes (argument checks, the kernels' checks, merge,
+#   backward and launchers, transformers loaders, checkers).
 #
 # Layout `[B, T, H, D]` as everywhere. **[S]** is the seed survey (see References).
 
@@ -135,8 +136,6 @@ DEVICE = runtime.device()
 
 # %%
 #| export dsa.naive
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
@@ -194,9 +193,9 @@ def selection_mask(indices, TK):
 # %% [markdown]
 # Attention over the selected tokens is softmax attention under a mask: key $s$ is read when it is among the
 # query's indices (and, as a guard, not after the query). All heads share the selection; a GQA group of
-# $G = H_Q / H$ query heads reads one key head. `backend` is the dispatch point for the kernels of section 8.7:
-# `"auto"` runs them on a GPU (or on CPU under Triton's interpreter) once `minisparse.dsa.triton` exists, the
-# PyTorch code below otherwise; `"naive"` always runs the PyTorch code.
+# $G = H_Q / H$ query heads reads one key head. `backend` is the dispatch point for the kernels of section 8.7,
+# the book's one rule: `"auto"` runs them on CUDA tensors (or on CPU tensors under Triton's interpreter, fp32 and
+# fp16), the PyTorch code below otherwise; `"naive"` always runs the PyTorch code, `"triton"` always the kernels.
 
 # %%
 #| export dsa.naive
@@ -250,20 +249,14 @@ def dsa(q, k, v, q_idx, k_idx, w_idx, topk=2048, scale=None, return_indices=Fals
 
 
 def _use_triton(op, backend, x):
-    """The dispatch rule: "naive" never; "triton" always (an error if the kernels are missing);
-    "auto" when minisparse.dsa.triton exists and _checks.choose_backend picks Triton for x."""
-    backend = _checks.backend(op, backend)
-    if backend == "naive":
-        return False
-    have = importlib.util.find_spec("minisparse.dsa.triton") is not None
-    if backend == "triton" and not have:
-        raise RuntimeError(f"{op}: backend='triton' needs minisparse.dsa.triton, which this "
-                           "installation lacks; use backend='naive'")
-    return have and _checks.choose_backend(backend, x) == "triton"
+    """The dispatch rule (_checks.choose_backend): "naive" never, "triton" always, "auto" on CUDA
+    tensors or under the interpreter."""
+    return _checks.choose_backend(_checks.backend(op, backend), x) == "triton"
 
 
 def _sparse_attention_triton(q, k, v, indices, scale):
-    """The kernels' entry point (section 8.7): same arguments and result as sparse_attention."""
+    """The kernels' entry point (section 8.7): same arguments and result as sparse_attention;
+    MLA's v = k[..., :512] is read from the key rows."""
     from minisparse.dsa.triton import sparse_attention_triton
     return sparse_attention_triton(q, k, v, indices, scale)
 
@@ -1107,7 +1100,332 @@ assert_close("gather = mask", sparse_attention(q, k, v, idx8, backend="naive"),
 # %% [markdown]
 # ### The kernels
 #
-# *(The kernel cells — `lightning_indexer` and `sparse_attention_triton`, forward and backward — go here.)*
+# DSA has two kernels to write and one decision to make.
+#
+# 1. **Sparse attention over gathered tokens.** Each query token brings its own list of `topk` key positions,
+#    shared by all of its heads. Chapter 7's selection kernel gathered *blocks* of 64 contiguous keys; here the
+#    unit is a single token, so every key row is fetched through an index. What makes this cheap is the same idea
+#    as chapter 7's: a program owns one query token and *all* the query heads that read one key head (MLA's latent
+#    form has a single key head, so up to 128 heads), and it loads each gathered key row once for all of them.
+#    The work per token is `topk × heads × (D + Dv)` multiply-adds and the bytes are `topk × D` per key head —
+#    a row fetched once serves 64 heads.
+# 2. **The lightning indexer's scores.** `I[t, s] = Σ_j w[t, j] · ReLU(scale · q_idx[t, j] · k_idx[s])` is a
+#    matrix product of the `HI` indexer heads' queries against one shared key, a ReLU, and a weighted sum over the
+#    heads. The kernel computes it tile by tile for a chunk of queries, so memory stays at `chunk × T` scores.
+# 3. **The top-k.** We keep PyTorch's `torch.topk` on each chunk's scores (radix select on the GPU); section 8.8
+#    measures what it costs next to the scores. A fused running top-k of 2,048 entries would not fit on chip.
+#
+# A decoding step is the sparse attention with one query token: too few programs to fill a GPU (16 sequences ×
+# 2 head blocks), so the kernel also splits the `topk` list into pieces, each program writes a partial softmax
+# state, and a small kernel merges them — chapter 3's split-K (`mla_decode`), over 2,048 selected tokens instead
+# of the whole cache.
+#
+# **Shapes.** `q [B, Tq, HQ, D]`, `k [B, Tk, H, D]`, `v [B, Tk, H, Dv]`, `indices [B, Tq, topk]`, query `i` at
+# position `Tk − Tq + i`, as in section 8.2. The GQA form has `HQ = G · H` with head dims up to 256. MLA's absorbed
+# form (chapter 3) is the same call with `H = 1`, `D = 512 + 64` and `v = k[..., :512]`, a view: the entry point
+# sees that the value is the leading part of the key rows, reads it from the key tile it already holds (no second
+# gather), and adds the value's gradient into the key's. Key dims that are not a power of two (576, 192, 72) are
+# split into a power-of-two head `BDA` and a tail `BDB` (512 + 64, 128 + 64, 64 + 16 padded from 8): two
+# tensor-core products `q_a k_aᵀ + q_b k_bᵀ`, no padding of 576 to 1,024. Every tile is padded to a power of two
+# ≥ 16 and masked. Kernel names follow fla: `o_` offsets, `m_` masks, `b_` on-chip blocks, `i_` program indices.
+
+# %%
+#| export dsa.triton
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from minisparse import _checks, runtime
+from minisparse.dsa.checks import (check_attention_args, check_indexer_args, check_indices,
+                                   check_topk)
+
+_INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
+_LOG2E = 1.4426950408889634
+
+
+def _split_dim(D):
+    """Key dim D -> (BDA, BDB): a power-of-two head tile (>= 16) and a tail tile (0 when D fits
+    the head)."""
+    head = max(16, 1 << (D.bit_length() - 1))  # the largest power of two <= D, at least 16
+    tail = D - head
+    return head, (0 if tail <= 0 else max(16, triton.next_power_of_2(tail)))
+
+# %% [markdown]
+# ### The forward kernel
+#
+# A program holds the query rows of its head block, walks the token's index row a tile of `BN` slots at a time,
+# gathers those key rows and runs flash attention's online softmax over them (in base 2: `exp2` with the scale
+# folded into `log₂e`). `tl.dot` wants tiles of at least 16 rows, so a group of G < 16 heads is padded to 16 rows
+# and masked. Padding slots (−1) and keys after the query are masked in the loads, so a tile of padding loads
+# nothing. Offsets that multiply a position by a row length are 64-bit: at 128K tokens × 128 heads × 576 dims a
+# query tensor has 9.7·10⁹ elements. With `SPLIT` the program covers one piece of the index row and writes its
+# partial state for the merge kernel (engineering notes).
+
+# %%
+#| export dsa.triton
+@triton.jit
+def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr,
+                      B, TQ, TK, TOPK, SPLIT_LEN, ROWS, qk_scale,
+                      HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                      D: tl.constexpr, DV: tl.constexpr, BDA: tl.constexpr, BDB: tl.constexpr,
+                      BDV: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                      V_IS_KA: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Sparse attention over gathered key rows, forward.
+
+    Program (i_t·NBHG + i_b·H·NHB + i_h·NHB + i_hb, i_s) with NHB = ⌈G / BG⌉ head blocks a key
+    head and NBHG = B·H·NHB; grid (TQ·NBHG, NS): the head blocks of one token run side by side
+    and share its gathered rows in L2. The program owns query token i_t of sequence i_b (at
+    position TK − TQ + i_t), the query heads i_h·G + i_hb·BG … + BG − 1 (BG >= 16 rows, masked
+    past G), and slots [i_s·SPLIT_LEN, (i_s + 1)·SPLIT_LEN) of the token's index row (TOPK
+    slots, −1 = padding).
+
+        q_a [BG, BDA], q_b [BG, BDB]                      loaded once (BDB = 0: no tail)
+        for each tile of BN slots:
+            idx [BN] -> k_a [BN, BDA], k_b [BN, BDB]      gathered rows of key head i_h
+                        v [BN, BDV]                       gathered, or v = k_a if V_IS_KA
+            s = (q_a k_aᵀ + q_b k_bᵀ)·qk_scale [BG, BN]   −∞ at idx < 0 and idx > position
+            m' = max(m, rowmax s),  α = 2^(m − m'),  p = 2^(s − m')
+            l = α·l + rowsum p,  acc = α·acc + p v
+        SPLIT = False: o = acc / l [BG, DV], lse = m + log₂ l [BG] (0, 0 for a query with no key)
+        SPLIT = True:  acc, m, l to piece i_s of the partial buffers [NS, ROWS = B·TQ·HQ, …]
+
+    qk_scale = scale·log₂e. V_IS_KA (MLA's v = k[..., :DV]): BDV = BDA and v_ptr is None.
+    acc_ptr, m_ptr, l_ptr are None without SPLIT.
+    """
+    NHB: tl.constexpr = (G + BG - 1) // BG  # head blocks a key head
+    pid = tl.program_id(0).to(tl.int64)
+    i_t, i_bhg = pid // (B * H * NHB), pid % (B * H * NHB)  # B·H·NHB programs a token
+    i_s = tl.program_id(1)
+    i_b, i_h, i_hb = i_bhg // (H * NHB), (i_bhg // NHB) % H, i_bhg % NHB
+    pos = i_t + TK - TQ  # the query's position among the keys
+    o_g = i_hb * BG + tl.arange(0, BG)  # [BG] heads within the group
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_h * G + o_g  # [BG] rows of q, o, lse ([B·TQ·HQ, …] views)
+    o_da, o_dv, o_n = tl.arange(0, BDA), tl.arange(0, BDV), tl.arange(0, BN)
+    b_qa = tl.load(q_ptr + row[:, None] * D + o_da[None, :],
+                   mask=m_g[:, None] & (o_da[None, :] < D), other=0.0)
+    if BDB > 0:
+        o_db = BDA + tl.arange(0, BDB)
+        b_qb = tl.load(q_ptr + row[:, None] * D + o_db[None, :],
+                       mask=m_g[:, None] & (o_db[None, :] < D), other=0.0)
+    k_base = k_ptr + (i_b * TK * H + i_h) * D  # key head i_h of sequence i_b; token n at + n·H·D
+    if not V_IS_KA:
+        v_base = v_ptr + (i_b * TK * H + i_h) * DV
+    idx_row = idx_ptr + (i_b * TQ + i_t) * TOPK
+    start = i_s * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, TOPK)
+
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BDV], tl.float32)
+    for n0 in range(start, end, BN):
+        o_slot = n0 + o_n
+        i_k = tl.load(idx_row + o_slot, mask=o_slot < end, other=-1).to(tl.int64)  # [BN] keys
+        m_n = (i_k >= 0) & (i_k <= pos)
+        b_ka = tl.load(k_base + i_k[:, None] * (H * D) + o_da[None, :],
+                       mask=m_n[:, None] & (o_da[None, :] < D), other=0.0)  # [BN, BDA]
+        b_s = tl.dot(b_qa, tl.trans(b_ka), input_precision=PRECISION)  # [BG, BN]
+        if BDB > 0:
+            b_kb = tl.load(k_base + i_k[:, None] * (H * D) + o_db[None, :],
+                           mask=m_n[:, None] & (o_db[None, :] < D), other=0.0)
+            b_s = tl.dot(b_qb, tl.trans(b_kb), b_s, input_precision=PRECISION)
+        b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # finite for rows that saw nothing yet
+        b_p = tl.exp2(b_s - b_mr[:, None])  # [BG, BN]
+        alpha = tl.exp2(b_m - b_mr)
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        if V_IS_KA:
+            b_v = b_ka  # MLA: the value is the latent part of the key row (BDV = BDA)
+        else:
+            b_v = tl.load(v_base + i_k[:, None] * (H * DV) + o_dv[None, :],
+                          mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_mn
+
+    m_o = m_g[:, None] & (o_dv[None, :] < DV)
+    if SPLIT:
+        part = i_s.to(tl.int64) * ROWS + row  # [BG] rows of the partial buffers [NS, ROWS, …]
+        tl.store(acc_ptr + part[:, None] * DV + o_dv[None, :], b_acc, mask=m_o)
+        tl.store(m_ptr + part, b_m, mask=m_g)
+        tl.store(l_ptr + part, b_l, mask=m_g)
+    else:
+        seen = b_l > 0  # a query whose slots were all padding: o = 0
+        b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
+        tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
+                 mask=m_o)
+        b_lse = tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), 0.0)
+        tl.store(lse_ptr + row, b_lse, mask=m_g)
+
+# %% [markdown]
+# The backward replays this walk with `P` recomputed from the saved log-sum-exp; a program owns its token's
+# `dq`, and adds its key rows' `dk`, `dv` contributions, summed over its head block, into fp32 buffers by atomic
+# adds (a key row is read by up to every later query). It and the launchers are in the engineering notes. The
+# public op: one validation call, then the autograd function; `indices` get no gradient (a selection is not
+# differentiable; the indexer learns from its own loss, section 8.5).
+
+# %%
+#| export dsa.triton
+def sparse_attention_triton(q, k, v, indices, scale=None):
+    """sparse_attention in Triton, forward and backward: attention of each query over its selected
+    key tokens only, the selection shared by all heads.
+
+    q        [B, Tq, HQ, D]   query i at position Tk − Tq + i (prefill: Tq = Tk; decoding: Tq = 1)
+    k        [B, Tk, H, D]    H divides HQ (GQA); MLA's absorbed form: H = 1, D = 512 + 64
+    v        [B, Tk, H, Dv]   MLA: the view k[..., :512], read from the key tile (k's gradient then
+                              holds both roles)
+    indices  [B, Tq, topk]    int32/int64 key positions <= the query's, each at most once a row,
+                              −1 = padding; checked on CPU, on CUDA after
+                              runtime.set_value_checks(True)
+    scale    softmax scale, default D ** -0.5 (MLA: (qk_nope + qk_rope) ** -0.5)
+    -> o [B, Tq, HQ, Dv] in q's dtype, fp32 accumulation; a query whose slots are all −1 gets 0.
+
+    One dtype for all (fp32, fp16, bf16; fp32 or fp16 in the interpreter). Gradients for q, k and
+    v; none for indices. Head dims up to 256 (GQA) or 1024 (H = 1).
+    """
+    return _sparse_attention(q, k, v, indices, scale)
+
+# %% [markdown]
+# ### The lightning indexer's score kernel
+#
+# The indexer has `HI` heads of `DI` dims and one key per token, shared by the heads (MQA). For `BT` query tokens,
+# stack their `HI` head rows into one `[BT·HI, DI]` matrix: one tensor-core product against a key tile gives every
+# head's dot product with every key, and the rest is element-wise. The ReLU and the weighted head sum come after
+# the product; since `scale > 0`, `ReLU(scale·x) = scale·ReLU(x)` and the scale folds into the weights. The
+# program keeps its query rows on chip and streams the keys, as flash attention does: each key tile read once
+# serves `BT · HI` rows (256 at BT = 4, HI = 64). The scores of a *chunk* of queries land in a `[chunk, W]` fp32
+# buffer (W: the keys the chunk's last query can see), then `torch.topk` picks each row's `topk` largest. The chunk
+# is sized so that the buffer stays near 1 GiB: 4,096 queries at 64K, all of them at 8K. A decoding step (one
+# query against a long cache) splits the keys instead (`KS`), so that 16 sequences still fill the GPU.
+#
+# **FP8.** On GPUs with FP8 tensor cores (sm_89 and newer) `q_idx` and `k_idx` may come as `torch.float8_e4m3fn`:
+# the same kernel then runs its product in FP8 (twice the tensor-core rate of bf16, half the bytes), accumulating in
+# fp32; the ReLU, the weights and the head sum stay fp32. Production DeepSeek-V3.2 stores the indexer's keys this
+# way; the benchmark measures how much of the bf16 top-k it keeps.
+
+# %%
+#| export dsa.triton
+@triton.jit
+def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scale,
+                         HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
+                         BT: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    """Lightning-indexer scores of a chunk of queries:
+    I[t, s] = Σ_j w[t, j]·ReLU(scale·q[t, j]·k[s]) for s <= pos(t).
+
+    Program (i_m, i_s, i_b); grid (cdiv(CQ, BT), cdiv(W, KS), B). Queries C0 + i_m·BT … + BT − 1
+    of sequence i_b (of TQ; query t at position TK − TQ + t), keys [i_s·KS, min((i_s + 1)·KS, W)).
+    q [B, TQ, HI, DI], k [B, TK, DI], w [B, TQ, HI]; writes rows t − C0 of the chunk's scores
+    s [B, CQ, W] (fp32; −∞ after the query's position).
+
+        q [BT·BHI, BDI]   row r: token r // BHI, head r % BHI (padded heads masked)
+        w·scale [BT·BHI]
+        for each key tile k [BN, BDI] up to the block's last position:
+            x = q kᵀ [BT·BHI, BN]                       the only tensor-core work
+            I = Σ_heads w·ReLU(x)  -> [BT, BN]          −∞ where key > the query's position
+        the tiles after the block's last position: −∞, no product
+    """
+    i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_r = tl.arange(0, BT * BHI)
+    r_t = C0 + i_m * BT + o_r // BHI  # [BT·BHI] query of each row
+    r_j = o_r % BHI  # [BT·BHI] head of each row
+    m_r = (r_t < C0 + CQ) & (r_j < HI)
+    o_d = tl.arange(0, BDI)
+    b_q = tl.load(q_ptr + ((i_b * TQ + r_t) * HI + r_j)[:, None] * DI + o_d[None, :],
+                  mask=m_r[:, None] & (o_d[None, :] < DI), other=0.0)  # [BT·BHI, BDI]
+    b_w = tl.load(w_ptr + (i_b * TQ + r_t) * HI + r_j, mask=m_r, other=0.0).to(tl.float32) * scale
+    o_t = C0 + i_m * BT + tl.arange(0, BT)  # [BT] the block's queries
+    m_t = o_t < C0 + CQ
+    pos = o_t + TK - TQ  # [BT] their positions
+    last = tl.max(tl.where(m_t, pos, 0), 0)  # the block's last visible key
+    k_base = k_ptr + i_b * TK * DI
+    s_rows = s_ptr + (i_b * CQ + o_t - C0) * W  # [BT] score rows of the chunk
+    n_start, n_end = i_s * KS, tl.minimum((i_s + 1) * KS, W)
+    n_stop = tl.minimum(n_end, last + 1)  # keys past the block's last query: no product
+    for n0 in range(n_start, n_stop, BN):
+        o_n = n0 + tl.arange(0, BN)
+        b_k = tl.load(k_base + o_n[:, None] * DI + o_d[None, :],
+                      mask=(o_n[:, None] < n_stop) & (o_d[None, :] < DI), other=0.0)  # [BN, BDI]
+        b_x = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT·BHI, BN]
+        b_x = tl.maximum(b_x, 0.0) * b_w[:, None]
+        b_i = tl.sum(tl.reshape(b_x, (BT, BHI, BN)), 1)  # [BT, BN]
+        b_i = tl.where(o_n[None, :] <= pos[:, None], b_i, float("-inf"))
+        tl.store(s_rows[:, None] + o_n[None, :], b_i, mask=m_t[:, None] & (o_n[None, :] < n_end))
+    n_mid = tl.where(n_stop > n_start, n_start + (n_stop - n_start + BN - 1) // BN * BN, n_start)
+    for n0 in range(n_mid, n_end, BN):  # the rest of the range: −∞
+        o_n = n0 + tl.arange(0, BN)
+        tl.store(s_rows[:, None] + o_n[None, :], tl.full([BT, BN], float("-inf"), tl.float32),
+                 mask=m_t[:, None] & (o_n[None, :] < n_end))
+
+# %% [markdown]
+# `lightning_indexer` runs the kernel a chunk of queries at a time and keeps each row's `topk` largest
+# (`_score_chunk`, `_topk_chunk` in the engineering notes). `−∞` entries — keys in a query's future — come back as
+# `−1`, the padding of a query with fewer than `topk` past tokens. The indices are in no particular order
+# (`sorted=False` spares a sort of every row): the set is what the attention uses.
+
+# %%
+#| export dsa.triton
+def lightning_indexer(q_idx, k_idx, w_idx, topk, scale=None):
+    """The lightning indexer and its top-k in Triton, without the [T, T] score matrix.
+
+    q_idx [B, Tq, HI, DI]  indexer queries (fp32, fp16, bf16; float8_e4m3fn on sm_89+, with k_idx)
+    k_idx [B, Tk, DI]      one indexer key a token, shared by the heads; query i at Tk − Tq + i
+    w_idx [B, Tq, HI]      per-head weights
+    topk  keys kept a query;  scale  default DI ** -0.5
+    -> indices [B, Tq, topk] int64: the keys s <= pos(t) with the topk largest
+       I[t, s] = Σ_j w[t, j]·ReLU(scale·q_idx[t, j]·k_idx[s]) (select_topk(indexer_scores(...))
+       up to ties), in no particular order; −1 pads a query with fewer than topk past tokens.
+
+    Scores are computed a chunk of queries at a time into a [B, chunk, Tk] fp32 buffer of about
+    1 GiB.
+    """
+    op = "lightning_indexer"
+    topk, scale = check_indexer_triton(op, q_idx, k_idx, w_idx, topk, scale)
+    q_idx, k_idx, w_idx = (x.detach().contiguous() for x in (q_idx, k_idx, w_idx))
+    B, TQ, _, _ = q_idx.shape
+    TK = k_idx.shape[1]
+    out = torch.full((B, TQ, topk), -1, device=q_idx.device, dtype=torch.int64)
+    if out.numel() == 0:
+        return out
+    chunk = _chunk_rows(B, TQ, TK)
+    for c0 in range(0, TQ, chunk):
+        c1 = min(TQ, c0 + chunk)
+        W = c1 + TK - TQ
+        if W <= topk:  # the chunk's queries keep every past key: no scores needed
+            none = torch.empty(B, c1 - c0, W, device=q_idx.device)
+            out[:, c0:c1, :W] = _topk_chunk(none, topk, c0 + TK - TQ)
+            continue
+        ids = _topk_chunk(_score_chunk(q_idx, k_idx, w_idx, c0, c1, scale), topk, c0 + TK - TQ)
+        out[:, c0:c1, :ids.shape[2]] = ids
+    return out
+
+# %% [markdown]
+# Against the naive ops on section 8.2's example (in Triton's interpreter on a CPU, fp32): the same selected sets
+# (compared by their scores, since ReLU makes ties at 0 common), the same outputs, and — through the public
+# `sparse_attention` — the latent form with `v = k[..., :32]` a view, forward and gradients. The cell imports the
+# generated package: the launchers it calls are defined in the engineering notes.
+
+# %%
+from minisparse.dsa.triton import lightning_indexer, sparse_attention_triton
+
+qi, ki, wi = (t.to(DEVICE) for t in (q_idx, k_idx, w_idx))
+idx_k = lightning_indexer(qi, ki, wi, 8).cpu()
+assert torch.equal(chosen_scores(scores8, idx_k), chosen_scores(scores8, idx8))
+o_k = sparse_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), idx8.to(DEVICE))
+assert_close("kernel = naive", sparse_attention(q, k, v, idx8, backend="naive"), o_k.cpu(), 1e-5)
+
+g = torch.Generator().manual_seed(5)  # a latent form: 4 heads, one key row of 32 + 8 a token
+q_l, k_l = torch.randn(1, 20, 4, 40, generator=g), torch.randn(1, 20, 1, 40, generator=g)
+sel = select_topk(indexer_scores(q_idx[:1, :20], k_idx[:1, :20], w_idx[:1, :20]), 6)
+grads = []
+for backend, dev in (("naive", "cpu"), ("triton", DEVICE)):
+    ql_, kl_ = (t.detach().to(dev).requires_grad_() for t in (q_l, k_l))
+    o_ = sparse_attention(ql_, kl_, kl_[..., :32], sel.to(dev), 0.2, backend=backend)
+    grads.append([o_.cpu(), *(g.cpu() for g in torch.autograd.grad(o_.square().sum(), (ql_, kl_)))])
+for name, a, b in zip(("o", "dq", "dk"), *grads):
+    assert_close(f"latent form, {name}", a, b, 1e-4)
 
 # %% [markdown]
 # ## 8.8 Measure
@@ -1272,6 +1590,10 @@ check_index_score_tile(index_score_kernel_solution)
 #   $128 \times 320$. At V3.2's shapes a 128K prefill costs about 43 % of dense over the whole model (the
 #   survey's "about 50 % less"), a decoding step reads a seventh of the attention bytes; DSA breaks even from
 #   about 8.7K tokens with 128 heads and never, in bf16, with 16 — the head count decides.
+# - **Fast**: the kernels gather the selected rows instead of masking. A program owns one query token and a block
+#   of the heads that share a key head, and loads each gathered row once for all of them (in MLA's form the value
+#   is read from the same tile); a decoding step splits the index list and merges. The indexer scores a chunk of
+#   queries with one product of all its heads against a key tile, and `torch.topk` selects: no `[T, T]` matrix.
 #
 # Next, chapter 9 assembles the book's layers into whole models: DeepSeek-V3.2 and GLM-5 among them.
 #
@@ -1301,8 +1623,8 @@ check_index_score_tile(index_score_kernel_solution)
 # `topk` ≤ 0 or not an int; indices that are not integers, of the wrong shape, below −1, at or past $T_k$, in
 # the query's future (after position $T_k - T_q + i$) or repeated within a row; q, k, v of different ranks,
 # batches, head dims or dtypes (in the latent form: a query row that is not the key row's 576), $T_q > T_k$,
-# H not dividing HQ, v with other heads than k; indexer inputs whose batch, length, heads or head dim disagree. Padding
-# (−1) is honoured everywhere. Index values are checked on CPU tensors always, on CUDA tensors by the kernels
+# H not dividing HQ, v with other heads than k; indexer inputs whose batch, length, heads, head dim or dtype
+# disagree. Padding (−1) is honoured everywhere. The kernels add their own limits (next section). Index values are checked on CPU tensors always, on CUDA tensors by the kernels
 # only after `minisparse.runtime.set_value_checks(True)` (a check is a host sync).
 
 # %% tags=["hide-input"]
@@ -1317,11 +1639,11 @@ def check_topk(op, topk):
     return _checks.positive_int(op, "topk", topk)
 
 
-def check_indexer_args(op, q_idx, k_idx, w_idx):
-    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, w_idx [B, TQ, HI] or None; floats on
-    one device. Returns (B, TQ, HI, DI, TK)."""
-    _checks.tensor(op, "q_idx", q_idx, "[B, TQ, HI, DI]", dtypes=_checks.FLOATS)
-    _checks.tensor(op, "k_idx", k_idx, "[B, TK, DI]", dtypes=_checks.FLOATS)
+def check_indexer_args(op, q_idx, k_idx, w_idx, dtypes=_checks.FLOATS):
+    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, of one dtype among `dtypes` (the
+    kernel adds FP8), w_idx [B, TQ, HI] float or None; one device. Returns (B, TQ, HI, DI, TK)."""
+    _checks.tensor(op, "q_idx", q_idx, "[B, TQ, HI, DI]")
+    _checks.tensor(op, "k_idx", k_idx, "[B, TK, DI]")
     B, TQ, HI, DI = q_idx.shape
     if k_idx.shape[0] != B or k_idx.shape[2] != DI or k_idx.shape[1] < TQ:
         raise ValueError(f"{op}: k_idx must be [B, TK, DI] with q_idx's B = {B}, DI = {DI} and "
@@ -1329,6 +1651,7 @@ def check_indexer_args(op, q_idx, k_idx, w_idx):
     if w_idx is not None:
         _checks.per_head_token(op, "w_idx", w_idx, (B, TQ, HI), "[B, TQ, HI]",
                                "one weight a query token and indexer head", q_idx)
+    _checks.same_dtype(op, dtypes, q_idx=q_idx, k_idx=k_idx)
     _checks.same_device(op, q_idx=q_idx, k_idx=k_idx)
     return B, TQ, HI, DI, k_idx.shape[1]
 
@@ -1380,6 +1703,414 @@ def check_indices(op, indices, B, TQ, TK, naive):
         b, i, j = (int(n) for n in dup.nonzero()[0])
         raise ValueError(f"{op}: indices[{b}, {i}] selects key {int(srt[b, i, j])} twice: a "
                          "selection is a set (pad with -1 instead)")
+
+# %% [markdown]
+# ### The kernels' checks
+#
+# The kernels take the naive ops' checks (`minisparse.dsa.checks`) and add what only a kernel needs: CUDA or the
+# interpreter, head dims within one on-chip tile, the scale, and for an FP8 indexer a GPU with FP8 tensor cores.
+
+# %% tags=["hide-input"]
+#| export dsa.triton
+def check_sparse_triton(op, q, k, v, indices, scale):
+    """The checks of sparse_attention_triton; returns the scale. Shapes, dtypes and devices as
+    sparse_attention (check_attention_args, check_indices: the index values when
+    _checks.checking_values says so), then the kernels' limits."""
+    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    check_indices(op, indices, B, TQ, TK, naive=False)
+    limit = 1024 if H == 1 else 256  # MLA's latent rows (one key head) up to 1024 dims, GQA 256
+    _checks.triton_inputs(op, q, k, v, indices, max_dims={"D": (D, limit), "Dv": (DV, limit)},
+                          instead=_INSTEAD)
+    return _checks.scale(op, scale, D)
+
+
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+def check_indexer_triton(op, q_idx, k_idx, w_idx, topk, scale):
+    """The checks of lightning_indexer; returns (topk, scale). Shapes and dtypes as
+    indexer_scores (check_indexer_args; FP8 allowed on GPUs with FP8 tensor cores), w_idx
+    required and finite, then the kernel's limits."""
+    topk = check_topk(op, topk)
+    _checks.tensor(op, "w_idx", w_idx, "[B, TQ, HI]")
+    dtypes = (*_checks.FLOATS, _FP8) if _FP8 else _checks.FLOATS
+    B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx, dtypes)
+    if q_idx.dtype == _FP8:
+        cc = torch.cuda.get_device_capability(q_idx.device) if q_idx.is_cuda else None
+        if cc is None or cc < (8, 9):
+            on = "" if cc is None else f" (sm_{cc[0]}{cc[1]})"
+            raise TypeError(f"{op}: float8_e4m3fn q_idx/k_idx need a GPU with FP8 tensor cores "
+                            f"(sm_89 or newer), got {q_idx.device}{on}")
+    _checks.triton_inputs(op, q_idx, k_idx, w_idx, max_dims={"DI": (DI, 256), "HI": (HI, 128)},
+                          instead="minisparse.dsa.indexer_scores + select_topk")
+    if _checks.checking_values(False, q_idx):
+        _checks.value_range(op, "w_idx", w_idx, finite=True)
+    return topk, _checks.scale(op, scale, DI)
+
+# %% [markdown]
+# ### Decoding: the merge kernel
+#
+# With one query token a sequence, the forward grid has `B · NHB` programs (16 × 2 for a B16 decoding step of
+# MLA's 128 heads), and an H200 has 132 SMs. So the launcher cuts each index row into `NS` pieces of `L` slots —
+# enough programs to cover the GPU about twice, none shorter than 256 slots — and each piece writes its partial
+# state `(acc, m, l)` in fp32. The merge kernel combines them exactly as the online softmax combines tiles; a piece
+# whose slots were all padding has `m_i = −∞` and weighs nothing.
+
+# %% tags=["hide-input"]
+#| export dsa.triton
+@triton.jit
+def sparse_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, lse_ptr, ROWS, NS,
+                        DV: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr):
+    """Merge NS partial softmax states of each row.
+
+    Program i_r, grid (cdiv(ROWS, BR),): rows i_r·BR … + BR − 1 of the partial buffers
+    acc [NS, ROWS, DV], m, l [NS, ROWS] (base 2) -> o [ROWS, DV], lse [ROWS] (base 2).
+
+        for each piece i:  m' = max(m, m_i)
+                           l = l·2^(m − m') + l_i·2^(m_i − m')
+                           o = o·2^(m − m') + acc_i·2^(m_i − m')
+        o / l -> o [BR, DV],  m + log₂ l -> lse [BR]   (0, 0 for a row that saw no key)
+    """
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < ROWS
+    o_dv = tl.arange(0, BDV)
+    m_rd = m_r[:, None] & (o_dv[None, :] < DV)
+    b_m = tl.full([BR], float("-inf"), tl.float32)
+    b_l = tl.zeros([BR], tl.float32)
+    b_o = tl.zeros([BR, BDV], tl.float32)
+    for i in range(NS):
+        part = i * ROWS + o_r
+        b_mi = tl.load(m_ptr + part, mask=m_r, other=float("-inf"))
+        b_li = tl.load(l_ptr + part, mask=m_r, other=0.0)
+        b_ai = tl.load(acc_ptr + part[:, None] * DV + o_dv[None, :], mask=m_rd, other=0.0)
+        b_mn = tl.maximum(b_m, b_mi)
+        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        alpha, beta = tl.exp2(b_m - b_mr), tl.exp2(b_mi - b_mr)
+        b_l = b_l * alpha + b_li * beta
+        b_o = b_o * alpha[:, None] + b_ai * beta[:, None]
+        b_m = b_mn
+    seen = b_l > 0
+    b_o = b_o / tl.where(seen, b_l, 1.0)[:, None]
+    tl.store(o_ptr + o_r[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_rd)
+    tl.store(lse_ptr + o_r, tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), 0.0),
+             mask=m_r)
+
+# %% [markdown]
+# ### The backward kernel: dQ in registers, dK and dV by atomic adds
+#
+# The backward replays the forward's walk with `P` recomputed from the saved base-2 log-sum-exp. A program owns its
+# token's `dq` (one owner: written once, no atomics). The key rows are the problem: a key row is selected by up to
+# every later query — thousands of programs — and chapter 7's answer (a key-centric kernel walking the inverse of
+# the selection) needs that inverse: a sort of `T × topk` entries (134 M at 64K), and then each entry re-reads a
+# whole `[heads, D]` query tile for one key, which is memory-bound. Here each program adds its `[BN, D]`
+# contributions into fp32 `dk`, `dv` buffers with atomic adds (`sem="relaxed"`: reductions, no ordering), after
+# summing them over its BG heads — one atomic per element per (token, head block), 64× fewer than per head. With
+# the value read from the key (MLA) its gradient is added into the first `Dv` columns of `dk_a` before the atomic
+# add. The order of atomic additions varies from run to run, so the key gradients are not bitwise reproducible.
+
+# %% tags=["hide-input"]
+#| export dsa.triton
+@triton.jit
+def sparse_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr,
+                      dq_ptr, dk_ptr, dv_ptr, B, TQ, TK, TOPK, scale, qk_scale,
+                      HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                      D: tl.constexpr, DV: tl.constexpr, BDA: tl.constexpr, BDB: tl.constexpr,
+                      BDV: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                      V_IS_KA: tl.constexpr, PRECISION: tl.constexpr):
+    """Sparse attention, backward: dq of BG heads of one token, its dk, dv contributions by fp32
+    atomic adds.
+
+    Program i_t·NBHG + i_b·H·NHB + i_h·NHB + i_hb; grid (TQ·NBHG,), the forward's without splits.
+        q_a, q_b [BG, ·], dO [BG, BDV], lse, δ = rowsum(dO ⊙ O) [BG]   loaded once
+        for each tile of BN slots:     idx -> k_a, k_b, v (gathered)
+            p  = 2^(s·qk_scale − lse) [BG, BN]
+            dp = dO vᵀ,  ds = p ⊙ (dp − δ)
+            dq += ds k                                       (· scale at the end)
+            dk[idx] += dsᵀ q · scale [BN, D],  dv[idx] += pᵀ dO [BN, DV]   atomic, fp32
+    V_IS_KA (v = k[..., :DV], MLA): v_ptr and dv_ptr are None; dv goes into dk's first columns.
+    """
+    NHB: tl.constexpr = (G + BG - 1) // BG
+    pid = tl.program_id(0).to(tl.int64)
+    i_t, i_bhg = pid // (B * H * NHB), pid % (B * H * NHB)
+    i_b, i_h, i_hb = i_bhg // (H * NHB), (i_bhg // NHB) % H, i_bhg % NHB
+    pos = i_t + TK - TQ
+    o_g = i_hb * BG + tl.arange(0, BG)
+    m_g = o_g < G
+    row = (i_b * TQ + i_t) * HQ + i_h * G + o_g  # [BG]
+    o_da, o_dv, o_n = tl.arange(0, BDA), tl.arange(0, BDV), tl.arange(0, BN)
+    m_qa = m_g[:, None] & (o_da[None, :] < D)
+    b_qa = tl.load(q_ptr + row[:, None] * D + o_da[None, :], mask=m_qa, other=0.0)
+    b_dqa = tl.zeros([BG, BDA], tl.float32)
+    if BDB > 0:
+        o_db = BDA + tl.arange(0, BDB)
+        m_qb = m_g[:, None] & (o_db[None, :] < D)
+        b_qb = tl.load(q_ptr + row[:, None] * D + o_db[None, :], mask=m_qb, other=0.0)
+        b_dqb = tl.zeros([BG, BDB], tl.float32)
+    b_do = tl.load(do_ptr + row[:, None] * DV + o_dv[None, :],
+                   mask=m_g[:, None] & (o_dv[None, :] < DV), other=0.0)
+    b_lse = tl.load(lse_ptr + row, mask=m_g, other=0.0)
+    b_delta = tl.load(delta_ptr + row, mask=m_g, other=0.0)
+    k_base = k_ptr + (i_b * TK * H + i_h) * D
+    dk_base = dk_ptr + (i_b * TK * H + i_h) * D  # dk: fp32, k's layout
+    if not V_IS_KA:
+        v_base = v_ptr + (i_b * TK * H + i_h) * DV
+        dv_base = dv_ptr + (i_b * TK * H + i_h) * DV  # dv: fp32, v's layout
+    idx_row = idx_ptr + (i_b * TQ + i_t) * TOPK
+    for n0 in range(0, TOPK, BN):
+        o_slot = n0 + o_n
+        i_k = tl.load(idx_row + o_slot, mask=o_slot < TOPK, other=-1).to(tl.int64)
+        m_n = (i_k >= 0) & (i_k <= pos)
+        m_ka = m_n[:, None] & (o_da[None, :] < D)
+        p_ka = i_k[:, None] * (H * D) + o_da[None, :]  # [BN, BDA] offsets of the gathered rows
+        b_ka = tl.load(k_base + p_ka, mask=m_ka, other=0.0)
+        b_s = tl.dot(b_qa, tl.trans(b_ka), input_precision=PRECISION)
+        if BDB > 0:
+            m_kb = m_n[:, None] & (o_db[None, :] < D)
+            p_kb = i_k[:, None] * (H * D) + o_db[None, :]
+            b_kb = tl.load(k_base + p_kb, mask=m_kb, other=0.0)
+            b_s = tl.dot(b_qb, tl.trans(b_kb), b_s, input_precision=PRECISION)
+        b_p = tl.where(m_n[None, :], tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.0)  # [BG, BN]
+        m_v = m_n[:, None] & (o_dv[None, :] < DV)
+        if V_IS_KA:
+            b_v = b_ka
+        else:
+            b_v = tl.load(v_base + i_k[:, None] * (H * DV) + o_dv[None, :], mask=m_v, other=0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BG, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dsl = b_ds.to(b_ka.dtype)
+        b_dqa += tl.dot(b_dsl, b_ka, input_precision=PRECISION)
+        b_dka = tl.dot(tl.trans(b_dsl), b_qa, input_precision=PRECISION) * scale  # [BN, BDA]
+        b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)  # [BN, BDV]
+        if V_IS_KA:
+            b_dka += b_dv
+        else:
+            tl.atomic_add(dv_base + i_k[:, None] * (H * DV) + o_dv[None, :], b_dv, mask=m_v,
+                          sem="relaxed")
+        tl.atomic_add(dk_base + p_ka, b_dka, mask=m_ka, sem="relaxed")
+        if BDB > 0:
+            b_dqb += tl.dot(b_dsl, b_kb, input_precision=PRECISION)
+            b_dkb = tl.dot(tl.trans(b_dsl), b_qb, input_precision=PRECISION) * scale
+            tl.atomic_add(dk_base + p_kb, b_dkb, mask=m_kb, sem="relaxed")
+    b_dqa = (b_dqa * scale).to(dq_ptr.dtype.element_ty)
+    tl.store(dq_ptr + row[:, None] * D + o_da[None, :], b_dqa, mask=m_qa)
+    if BDB > 0:
+        b_dqb = (b_dqb * scale).to(dq_ptr.dtype.element_ty)
+        tl.store(dq_ptr + row[:, None] * D + o_db[None, :], b_dqb, mask=m_qb)
+
+# %% [markdown]
+# ### The attention launchers and the autograd function
+#
+# `_meta` turns a call's shapes into the kernels' compile-time constants; `_plan_splits` decides the decoding
+# split (one split whenever the grid already covers the GPU twice, as in prefill); the autograd function saves
+# `o` and the base-2 `lse` for the backward. The head block `BG` comes from the launch table (64 heads on an H200,
+# 16 on a T4) capped at the padded group. `_sparse_attention` is the entry behind `sparse_attention_triton`:
+# `_value_in_key` recognises MLA's `v = k[..., :512]` (same storage and strides, fewer dims, and one tensor for
+# autograd), and then passes `v = None`, which below means "the value is `k[..., :DV]`".
+
+# %% tags=["hide-input"]
+#| export dsa.triton
+_MIN_SPLIT = 256  # index slots: the shortest split worth a program
+
+
+def _meta(q, k, v, DV):
+    D = q.shape[3]
+    BDA, BDB = _split_dim(D)
+    BDV = BDA if v is None else max(16, triton.next_power_of_2(DV))  # v from k: k_a's tile
+    return dict(HQ=q.shape[2], H=k.shape[2], G=q.shape[2] // k.shape[2], D=D, DV=DV, BDA=BDA,
+                BDB=BDB, BDV=BDV, V_IS_KA=v is None,
+                PRECISION="ieee" if q.dtype == torch.float32 else None)  # fp32: exact, not tf32
+
+
+def _row(meta, kind):
+    """The LAUNCH_TABLE row of a call: ".d512" for MLA-sized key rows (over 256 dims)."""
+    return f"dsa.sparse.{kind}" + (".d512" if meta["BDA"] + meta["BDB"] > 256 else "")
+
+
+def _fit_heads(G):
+    """Cap the head block at the padded group: a group of 16 heads needs no 64-row tile."""
+    return lambda c: {**c, "BG": min(c["BG"], max(16, triton.next_power_of_2(G)))}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _plan_splits(programs, topk, device, num_splits=None):
+    """(NS, split_len): pieces of the index list so that about two programs run per SM (one
+    piece in prefill)."""
+    if num_splits is None:
+        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+        num_splits = max(1, min(triton.cdiv(2 * sms, programs), topk // _MIN_SPLIT))
+    split_len = triton.cdiv(topk, num_splits)
+    return triton.cdiv(topk, split_len), split_len
+
+# %% tags=["hide-input"]
+#| export dsa.triton
+def _sparse_forward(q, k, v, idx, scale, DV, num_splits=None):
+    """o [B, TQ, HQ, DV] in q's dtype and the base-2 lse [B, TQ, HQ] fp32."""
+    B, TQ, HQ, D = q.shape
+    TK, H, TOPK = k.shape[1], k.shape[2], idx.shape[2]
+    meta = _meta(q, k, v, DV)
+    fit = _fit_heads(meta["G"])
+    name = _row(meta, "fwd")
+    BG = fit(runtime.launch_configs(name, q.device, q.dtype)[0])["BG"]  # the first one tried
+    programs = TQ * B * H * triton.cdiv(meta["G"], BG)
+    NS, split_len = _plan_splits(programs, TOPK, q.device, num_splits)
+    ROWS = B * TQ * HQ
+    o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
+    if ROWS == 0:
+        return o, lse
+    acc = m = l_ = None
+    if NS > 1:
+        acc = torch.empty(NS, ROWS, DV, device=q.device, dtype=torch.float32)
+        m, l_ = (torch.empty(NS, ROWS, device=q.device, dtype=torch.float32) for _ in range(2))
+    runtime.launch(name, sparse_fwd_kernel,
+                   lambda c: (TQ * B * H * triton.cdiv(meta["G"], c["BG"]), NS),
+                   (q, k, v, idx, o, lse, acc, m, l_, B, TQ, TK, TOPK, split_len, ROWS,
+                    scale * _LOG2E),
+                   {**meta, "SPLIT": NS > 1}, device=q.device, dtype=q.dtype,
+                   key=(meta["BDA"], meta["BDB"], meta["BDV"]), fit=fit,
+                   autotune_key=["B", "TQ", "TOPK", "SPLIT_LEN"], instead=_INSTEAD)
+    if NS > 1:
+        runtime.launch("dsa.sparse.merge", sparse_merge_kernel,
+                       lambda c: (triton.cdiv(ROWS, c["BR"]),), (acc, m, l_, o, lse, ROWS, NS),
+                       dict(DV=DV, BDV=meta["BDV"]), device=q.device, dtype=q.dtype,
+                       key=(meta["BDV"],), instead=_INSTEAD)
+    return o, lse
+
+
+def _sparse_backward(do, q, k, v, idx, o, lse, scale, DV):
+    """(dq, dk, dv) in the inputs' dtypes; dv None when v is (the value read from k)."""
+    B, TQ, HQ, D = q.shape
+    TK, H, TOPK = k.shape[1], k.shape[2], idx.shape[2]
+    meta = _meta(q, k, v, DV)
+    fit = _fit_heads(meta["G"])
+    delta = (o.float() * do.float()).sum(-1)  # [B, TQ, HQ] δ = rowsum(dO ⊙ O)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)  # atomic targets: fp32 zeros
+    dv = None if v is None else torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if dq.numel():
+        runtime.launch(_row(meta, "bwd"), sparse_bwd_kernel,
+                       lambda c: (TQ * B * H * triton.cdiv(meta["G"], c["BG"]),),
+                       (q, k, v, idx, do, lse, delta, dq, dk, dv, B, TQ, TK, TOPK, scale,
+                        scale * _LOG2E), meta, device=q.device, dtype=q.dtype,
+                       key=(meta["BDA"], meta["BDB"], meta["BDV"]), fit=fit, instead=_INSTEAD)
+    return dq, dk.to(k.dtype), (None if v is None else dv.to(v.dtype))
+
+
+def _sparse_attention(q, k, v, indices, scale=None, num_splits=None):
+    """sparse_attention_triton with the decoding split forced (tests): num_splits None = planned."""
+    scale = check_sparse_triton("sparse_attention_triton", q, k, v, indices, scale)
+    DV = v.shape[3]
+    if _value_in_key(k, v):
+        v = None  # the kernel reads the value from the key tile
+    else:
+        v = v.contiguous()
+    q, k, idx = q.contiguous(), k.contiguous(), indices.contiguous()
+    return SparseAttentionFunction.apply(q, k, v, idx, scale, num_splits, DV)
+
+
+def _value_in_key(k, v):
+    """v is the leading DV dims of k's rows (MLA's v = k[..., :512]), with DV within the key's
+    power-of-two head tile, and autograd sees one tensor (both views of one base, or no gradient
+    wanted): then the kernel may read v from the key tile."""
+    same_rows = (v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+                 and v.shape[3] < k.shape[3] and v.shape[3] <= _split_dim(k.shape[3])[0])
+    if not same_rows:
+        return False
+    if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        return True
+    return v._base is not None and v._base is (k if k._base is None else k._base)
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """Autograd glue: the forward saves q, k, v, the indices, o and the base-2 lse; the backward
+    recomputes P. v None: the value is k[..., :DV]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, scale, num_splits, DV):
+        o, lse = _sparse_forward(q, k, v, idx, scale, DV, num_splits)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.scale, ctx.DV = scale, DV
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        dq, dk, dv = _sparse_backward(do.contiguous(), q, k, v, idx, o, lse, ctx.scale, ctx.DV)
+        return dq, dk, dv, None, None, None, None
+
+# %% [markdown]
+# ### The indexer's launcher
+#
+# `_score_chunk` runs the score kernel for queries `[c0, c1)`; `_topk_chunk` keeps each row's `topk` largest
+# (rows that can see at most `topk` keys keep all of them, without a top-k). `selection_overlap` compares two
+# selections (the FP8 indexer's against the bf16 one's, in the benchmark).
+
+# %% tags=["hide-input"]
+#| export dsa.triton
+_SCORE_BUDGET = 1 << 28  # fp32 scores a chunk: 1 GiB
+
+
+def _chunk_rows(B, TQ, TK):
+    """Queries a chunk: as many as keep B × chunk × TK fp32 scores within _SCORE_BUDGET
+    (multiples of 64)."""
+    return max(64, min(TQ, _SCORE_BUDGET // max(1, B * TK)) // 64 * 64)
+
+
+def _score_chunk(q_idx, k_idx, w_idx, c0, c1, scale, key_split=None):
+    """Scores [B, c1 − c0, W] fp32 of queries c0 … c1 − 1 against the W keys the last of them
+    sees; key_split (tests) replaces the planned keys a program."""
+    B, TQ, HI, DI = q_idx.shape
+    TK = k_idx.shape[1]
+    CQ, W = c1 - c0, c1 + TK - TQ
+    scores = torch.empty(B, CQ, W, device=q_idx.device, dtype=torch.float32)
+    fp8 = q_idx.element_size() == 1  # FP8 products take K >= 32
+    meta = dict(HI=HI, DI=DI, BHI=triton.next_power_of_2(HI),
+                BDI=max(32 if fp8 else 16, triton.next_power_of_2(DI)),
+                PRECISION="ieee" if q_idx.dtype == torch.float32 else None)
+    cfg = runtime.launch_configs("dsa.indexer", q_idx.device, q_idx.dtype)[0]
+
+    def fit(c):  # at least 16 rows for tl.dot, at most the chunk's queries
+        bt = min(c["BT"], triton.next_power_of_2(CQ))
+        return {**c, "BT": max(bt, triton.cdiv(16, meta["BHI"]))}
+
+    blocks = B * triton.cdiv(CQ, fit(cfg)["BT"])
+    KS = W if key_split is None else key_split
+    if q_idx.is_cuda and key_split is None:  # few query blocks (decoding): split the keys too
+        want = triton.cdiv(2 * _sm_count(q_idx.device.index or 0), blocks)  # two programs an SM
+        KS = triton.cdiv(triton.cdiv(W, max(1, min(want, W // 1024))), 64) * 64
+    runtime.launch("dsa.indexer", indexer_score_kernel,
+                   lambda c: (triton.cdiv(CQ, c["BT"]), triton.cdiv(W, KS), B),
+                   (q_idx, k_idx, w_idx, scores, TQ, TK, c0, CQ, W, KS, scale), meta,
+                   device=q_idx.device, dtype=q_idx.dtype, key=(meta["BHI"], meta["BDI"]),
+                   fit=fit, autotune_key=["TQ", "CQ"],
+                   instead="minisparse.dsa.indexer_scores + select_topk")
+    return scores
+
+
+def _topk_chunk(scores, topk, first_pos):
+    """Indices [B, CQ, min(topk, W)] of each row's largest scores, −1 for −∞ (future) entries."""
+    B, CQ, W = scores.shape
+    if W <= topk:  # every visible key is kept: no top-k
+        n = torch.arange(W, device=scores.device)
+        pos = first_pos + torch.arange(CQ, device=scores.device)[:, None]
+        return torch.where(n <= pos, n, -1).expand(B, CQ, W)
+    values, ids = torch.topk(scores, topk, dim=-1, sorted=False)
+    return ids.masked_fill_(values == float("-inf"), -1)
+
+
+def selection_overlap(a, b):
+    """The mean fraction of b's selected positions (>= 0) that a selects too, over rows: a top-k's
+    agreement with another (FP8 vs bf16 indexer). a, b [B, T, topk] int64, −1 padded."""
+    B, T, K = b.shape
+    n = int(max(a.max(), b.max())) + 2
+    hit = torch.zeros(B, T, n, dtype=torch.bool, device=a.device)
+    hit.scatter_(2, a.clamp(min=-1) + 1, True)  # column 0 absorbs the padding
+    shared = hit.gather(2, b + 1) & (b >= 0)
+    return float((shared.sum(-1) / (b >= 0).sum(-1).clamp(min=1)).mean())
 
 # %% [markdown]
 # ### Loading transformers' modules

@@ -1,7 +1,11 @@
 """Chapter 8: DeepSeek Sparse Attention — the naive ops against fla's references, SDPA and chapter 3's absorbed MLA,
-the bad-input table (shared by the naive ops and, once it exists, minisparse.dsa.triton), the layers against
-transformers' DeepSeek-V3.2 / GLM-5 modules, decoding = prefill, the cost model, the exercise checkers."""
-import importlib.util
+the bad-input tables (shared by the naive ops and minisparse.dsa.triton), the layers against transformers'
+DeepSeek-V3.2 / GLM-5 modules, decoding = prefill, the cost model, the exercise checkers; the Triton kernels (sparse
+attention over gathered tokens, GQA and MLA's latent form, prefill and decoding, forward and every gradient; the
+lightning indexer) against an own masked-softmax reference and fla's naive_dsa / naive_dsa_indexer.
+
+On CPU the kernels run in Triton's interpreter in fp32 (tiny shapes); on CUDA the same tests run in bf16 and fp16.
+"""
 import math
 
 import pytest
@@ -10,11 +14,14 @@ import torch.nn.functional as F
 
 import minisparse  # noqa: F401  before fla (see minisparse.runtime)
 from minisparse import dsa as D
+from minisparse import runtime
 from minisparse.attention import attention_ref
+from minisparse.dsa import triton as DT
 from minisparse.mla import mla_attention_absorbed
-from minisparse.testing import ExerciseError, assert_close, make_qkv
+from minisparse.testing import TOLERANCES, ExerciseError, assert_close, make_qkv
 
-HAVE_TRITON_OPS = importlib.util.find_spec("minisparse.dsa.triton") is not None
+DEV = runtime.device()
+DTYPES = [torch.float32] if DEV.type == "cpu" else [torch.bfloat16, torch.float16]
 try:
     import transformers
     from transformers import DeepseekV32Config, GlmMoeDsaConfig
@@ -147,9 +154,10 @@ def _idx(fill):
 
 
 BAD_ATTENTION = [
-    ("future index", _with(indices=_idx(lambda i: i.__setitem__((0, 2, 0), 5))), ValueError, "in the future|<= the query"),
-    ("index past TK", _with(indices=_idx(lambda i: i.__setitem__((0, 7, 0), 8))), ValueError, "out of range|<= the query"),
-    ("index below -1", _with(indices=_idx(lambda i: i.__setitem__((0, 7, 0), -2))), ValueError, "out of range|padding"),
+    ("future index", _with(indices=_idx(lambda i: i.__setitem__((0, 2, 0), 5))), ValueError,
+     "in the future: query 2 sits at position 2"),
+    ("index past TK", _with(indices=_idx(lambda i: i.__setitem__((0, 7, 0), 8))), ValueError, "out of range"),
+    ("index below -1", _with(indices=_idx(lambda i: i.__setitem__((0, 7, 0), -2))), ValueError, "out of range"),
     ("repeated index", _with(indices=_idx(lambda i: i[0, 7].copy_(torch.tensor([3, 3, 1])))), ValueError, "twice"),
     ("float indices", _with(indices=lambda a: a["indices"].float()), TypeError, "int32"),
     ("indices of another length", _with(indices=lambda a: a["indices"][:, :5]), ValueError, "indices must be"),
@@ -157,28 +165,44 @@ BAD_ATTENTION = [
     ("HQ not a multiple of H", _with(q=lambda a: a["q"][:, :, :3]), ValueError, "must divide"),
     ("head dims differ", _with(k=lambda a: a["k"][..., :4]), ValueError, "k must be"),
     ("v with other heads", _with(v=lambda a: a["v"][:, :, :1]), ValueError, "v must be"),
-    ("more queries than keys", _with(k=lambda a: a["k"][:, :5], v=lambda a: a["v"][:, :5]), ValueError, "TK >= TQ|at least Tq"),
+    ("more queries than keys", _with(k=lambda a: a["k"][:, :5], v=lambda a: a["v"][:, :5]), ValueError, "TK >= TQ"),
     ("mixed dtypes", _with(v=lambda a: a["v"].double()), TypeError, "share one dtype"),
+    ("k on another device", _with(k=lambda a: torch.empty(a["k"].shape, device="meta")), ValueError, "one device"),
+    ("q 3-D", _with(q=lambda a: a["q"][0]), ValueError, "4-D"),
     ("latent query row of 512, key row of 576", lambda: dict(q=torch.randn(1, 4, 8, 512), k=torch.randn(1, 4, 1, 576),
                                                               v=torch.randn(1, 4, 1, 512),
                                                               indices=torch.zeros(1, 4, 1, dtype=torch.long)),
      ValueError, "k must be"),
 ]
-OPS = ["naive"] + (["triton"] if HAVE_TRITON_OPS else [])
+OPS = ["naive", "triton"]
+
+
+def _on(kind, args):
+    """The Triton op's arguments on its device (a CPU one stays there: the interpreter)."""
+    if kind == "naive":
+        return args
+    return {n: a.to(DEV) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for n, a in args.items()}
 
 
 def _sparse_op(kind):
     if kind == "naive":
         return lambda q, k, v, indices: D.sparse_attention(q, k, v, indices, backend="naive")
-    from minisparse.dsa.triton import sparse_attention_triton
-    return sparse_attention_triton
+    return lambda q, k, v, indices: D.sparse_attention(q, k, v, indices, backend="triton")
+
+
+@pytest.fixture
+def value_checks():
+    """Index values are checked by the kernels on CUDA only when asked (a host sync)."""
+    previous = runtime.set_value_checks(True)
+    yield
+    runtime.set_value_checks(previous)
 
 
 @pytest.mark.parametrize("kind", OPS)
 @pytest.mark.parametrize("name,build,exc,match", BAD_ATTENTION, ids=[row[0] for row in BAD_ATTENTION])
-def test_sparse_attention_rejects_bad_input(kind, name, build, exc, match):
+def test_sparse_attention_rejects_bad_input(value_checks, kind, name, build, exc, match):
     with pytest.raises(exc, match=match):
-        _sparse_op(kind)(**build())
+        _sparse_op(kind)(**_on(kind, build()))
 
 
 BAD_INDEXER = [
@@ -186,25 +210,52 @@ BAD_INDEXER = [
     ("topk float", dict(topk=2.0), ValueError, "topk"),
     ("k_idx of another dim", dict(k_idx=torch.randn(1, 8, 4)), ValueError, "k_idx must be"),
     ("k_idx per head", dict(k_idx=torch.randn(1, 8, 2, 8)), ValueError, "3-D"),
-    ("k_idx shorter than q_idx", dict(k_idx=torch.randn(1, 5, 8)), ValueError, "TK >= TQ|Tk ≥ Tq"),
+    ("k_idx shorter than q_idx", dict(k_idx=torch.randn(1, 5, 8)), ValueError, "TK >= TQ"),
     ("w_idx of other heads", dict(w_idx=torch.randn(1, 8, 3)), ValueError, "w_idx must be"),
+    ("mixed dtypes", dict(k_idx=torch.randn(1, 8, 8).double()), TypeError, "share one dtype"),
+    ("NaN weights", dict(w_idx=torch.full((1, 8, 2), math.nan)), ValueError, "NaN"),
 ]
 
 
 def _indexer_op(kind):
     if kind == "naive":
         return lambda q_idx, k_idx, w_idx, topk: D.select_topk(D.indexer_scores(q_idx, k_idx, w_idx), topk)
-    from minisparse.dsa.triton import lightning_indexer
-    return lightning_indexer
+    return DT.lightning_indexer
 
 
 @pytest.mark.parametrize("kind", OPS)
 @pytest.mark.parametrize("name,change,exc,match", BAD_INDEXER, ids=[row[0] for row in BAD_INDEXER])
-def test_indexer_rejects_bad_input(kind, name, change, exc, match):
+def test_indexer_rejects_bad_input(value_checks, kind, name, change, exc, match):
     q_idx, k_idx, w_idx = _indexer_inputs(1, 8, 8, 2, 8)
     args = {**dict(q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, topk=3), **change}
     with pytest.raises(exc, match=match):
-        _indexer_op(kind)(**args)
+        _indexer_op(kind)(**_on(kind, args))
+
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+KERNEL_ONLY = [  # what only a kernel needs: on-chip head dims, FP8 tensor cores, the interpreter's dtypes
+    ("GQA head dim over 256", lambda: DT.sparse_attention_triton(
+        *make_qkv(1, 4, 4, 272, HKV=2, device=DEV), torch.zeros(1, 4, 1, dtype=torch.long, device=DEV)),
+     ValueError, "D must be <= 256"),
+    ("indexer head dim over 256", lambda: DT.lightning_indexer(
+        *_on("triton", dict(zip("qkw", _indexer_inputs(1, 4, 4, 2, 272)))).values(), 2), ValueError,
+     "DI must be <= 256"),
+]
+if DEV.type == "cpu":
+    KERNEL_ONLY += [
+        ("bf16 in the interpreter", lambda: DT.sparse_attention_triton(
+            *(t.bfloat16() for t in make_qkv(1, 4, 2, 16)), torch.zeros(1, 4, 1, dtype=torch.long)), TypeError,
+         "interpreter"),
+        ("fp8 on CPU", lambda: DT.lightning_indexer(torch.zeros(1, 6, 2, 16, dtype=FP8),
+                                                   torch.zeros(1, 6, 16, dtype=FP8), torch.ones(1, 6, 2), 4),
+         TypeError, "FP8 tensor cores"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", KERNEL_ONLY, ids=[row[0] for row in KERNEL_ONLY])
+def test_kernels_reject_what_only_a_kernel_cannot_do(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
 
 
 def test_dsa_rejects_bad_topk_and_backend():
@@ -214,9 +265,6 @@ def test_dsa_rejects_bad_topk_and_backend():
         D.dsa(a["q"], a["k"], a["v"], q_idx, k_idx, w_idx, topk=-1)
     with pytest.raises(ValueError, match="backend"):
         D.sparse_attention(a["q"], a["k"], a["v"], a["indices"], backend="cuda")
-    if not HAVE_TRITON_OPS:
-        with pytest.raises(RuntimeError, match="minisparse.dsa.triton"):
-            D.sparse_attention(a["q"], a["k"], a["v"], a["indices"], backend="triton")
 
 
 # ------------------------------------------------------------------------------------------- the indexer's loss
@@ -405,3 +453,273 @@ def test_index_score_tile_checker():
         D.check_index_score_tile(no_relu)
     with pytest.raises(ExerciseError, match="key 37"):
         D.check_index_score_tile(strict_mask)
+
+
+# ------------------------------------------------------------------------------------------- kernels: references
+def masked_softmax_attention(q, k, v, idx, scale):
+    """An own reference: dense scores, −∞ except at the selected positions, softmax, a query with no key → 0.
+    q [B, TQ, HQ, D], k [B, TK, H, D], v [B, TK, H, DV], idx [B, TQ, topk] (−1 padded) → [B, TQ, HQ, DV]."""
+    B, TQ, HQ, _ = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    keep = torch.zeros(B, TQ, TK + 1, dtype=torch.bool, device=q.device)
+    keep.scatter_(2, idx.long().masked_fill(idx < 0, TK), True)  # column TK absorbs the padding
+    s = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(G, 2)) * scale
+    s = s.masked_fill(~keep[:, None, :, :TK], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("bhts,bshd->bthd", p, v.repeat_interleave(G, 2))
+
+
+def random_indices(B, TQ, TK, topk, seed=0, device=DEV):
+    """Distinct past positions a query (query i at TK − TQ + i), −1 padded; every third row loses a slot too."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((B, TQ, topk), -1, dtype=torch.int64)
+    for b in range(B):
+        for t in range(TQ):
+            pos = TK - TQ + t
+            n = min(topk, pos + 1)
+            idx[b, t, :n] = torch.randperm(pos + 1, generator=g)[:n]
+            idx[b, t] = idx[b, t, torch.randperm(topk, generator=g)]  # padding anywhere in the row
+    idx[:, ::3, 0] = -1
+    return idx.to(device)
+
+
+def against_reference(q, k, v, idx, dtype, what, scale=None, num_splits=None, latent=False):
+    """The kernel in `dtype` vs the fp32 reference on the same rounded inputs: forward and every gradient. latent:
+    v is the view k[..., :DV] (DV = the key's power-of-two head), as MLA passes it."""
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    leaves = [x.to(DEV, dtype).detach().requires_grad_() for x in ((q, k) if latent else (q, k, v))]
+    ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
+    if latent:
+        DV = DT._split_dim(D)[0]
+        o = DT._sparse_attention(*leaves, leaves[1][..., :DV], idx, scale, num_splits)
+        ref = masked_softmax_attention(*ref_leaves, ref_leaves[1][..., :DV], idx, scale)
+    else:
+        o = DT._sparse_attention(*leaves, idx, scale, num_splits)
+        ref = masked_softmax_attention(*ref_leaves, idx, scale)
+    assert_close(f"{what}: o", ref, o.float(), fwd_tol)
+    do = torch.randn(o.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
+    want = torch.autograd.grad(ref, ref_leaves, do)
+    got = torch.autograd.grad(o, leaves, do.to(dtype))
+    for n, a, b in zip("qkv", want, got):
+        assert_close(f"{what}: d{n}", a, b.float(), grad_tol)
+    return ref
+
+
+def make(B, T, H, D, seed, device=DEV):
+    return torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+# ------------------------------------------------------------------------------------------- kernels: sparse attention
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,TQ,TK,HQ,H,D,DV,topk", [
+    (1, 37, 37, 2, 2, 16, 16, 20),  # group 1, Tq and topk not multiples of a tile, padding in early rows
+    (2, 45, 45, 4, 2, 24, 40, 16),  # group 2, odd head dims (24 = 16 + 8 split, Dv 40)
+    (1, 40, 40, 16, 1, 32, 32, 70),  # group 16, topk > T: every past key
+    (1, 5, 60, 3, 1, 8, 8, 12),  # group 3 (padded rows), D < 16, the last 5 queries of 60 keys
+    (2, 1, 80, 4, 2, 16, 16, 33),  # a decoding step
+])
+def test_sparse_kernel_matches_reference(poisoned, dtype, B, TQ, TK, HQ, H, D, DV, topk):
+    q, k, v = make(B, TQ, HQ, D, 1), make(B, TK, H, D, 2), make(B, TK, H, DV, 3)
+    idx = random_indices(B, TQ, TK, topk, seed=4)
+    against_reference(q, k, v, idx, dtype, f"G={HQ // H}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,TQ,TK,HQ,topk,num_splits", [
+    (1, 33, 33, 16, 20, None),  # prefill, 16 heads of one latent key
+    (2, 3, 50, 20, 21, 1),  # 20 heads padded to a 32-row tile
+    (2, 1, 90, 16, 64, 3),  # a decoding step split in 3, merged
+    (1, 2, 70, 4, 40, 4),  # 4 heads, splits of 10 slots
+])
+def test_latent_form_matches_reference(poisoned, dtype, B, TQ, TK, HQ, topk, num_splits):
+    """MLA's form scaled down: one key head of D = 72 = 64 + 8 dims, v = the view k[..., :64]."""
+    q, k = make(B, TQ, HQ, 72, 5), make(B, TK, 1, 72, 6)
+    idx = random_indices(B, TQ, TK, topk, seed=7).to(torch.int32)
+    against_reference(q, k, None, idx, dtype, f"latent HQ={HQ} splits={num_splits}", scale=0.2,
+                      num_splits=num_splits, latent=True)
+
+
+def test_a_value_view_of_the_key_is_read_from_the_key_tile(monkeypatch):
+    """v = k[..., :64] runs the kernel's value-from-key mode; a copy, a view wider than the key's power-of-two head,
+    or a detached view (whose gradient must not reach k) runs the gathered-value mode — all with the same results."""
+    seen = []
+    real = DT.SparseAttentionFunction.apply
+    monkeypatch.setattr(DT.SparseAttentionFunction, "apply", lambda *a: seen.append(a[2] is None) or real(*a))
+    q, k = make(1, 9, 4, 72, 30), make(1, 9, 1, 72, 31).requires_grad_()
+    idx = random_indices(1, 9, 9, 5, seed=32)
+    for v in (k[..., :64], k[..., :64].detach().clone(), k[..., :70], k.detach()[..., :64]):
+        o = DT.sparse_attention_triton(q, k, v, idx, 0.2)
+        ref = masked_softmax_attention(q, k, v, idx, 0.2)
+        assert_close("o", ref, o, 1e-5)
+        do = torch.randn(o.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
+        assert_close("dk", torch.autograd.grad(ref, k, do)[0], torch.autograd.grad(o, k, do)[0], 1e-5)
+    assert seen == [True, False, False, False]
+    with torch.no_grad():  # no gradient wanted: a detached view is read from the key too
+        DT.sparse_attention_triton(q, k.detach(), k.detach()[..., :64], idx, 0.2)
+    assert seen[-1] is True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_narrow_tiles_several_head_blocks(poisoned, dtype):
+    """Forced 16-head × 16-slot tiles: 40 heads in three head blocks (the last one half empty), 37 slots in three
+    tiles; GQA and the latent form, forward and backward."""
+    idx = random_indices(1, 9, 9, 37, seed=23)
+    q, k, v = make(1, 9, 40, 16, 24), make(1, 9, 1, 16, 25), make(1, 9, 1, 24, 26)
+    ql, kl = make(1, 9, 40, 72, 27), make(1, 9, 1, 72, 28)
+    tiles = dict(BG=16, BN=16, num_warps=4, num_stages=1)
+    with runtime.launch_config("dsa.sparse.fwd", **tiles), runtime.launch_config("dsa.sparse.bwd", **tiles), \
+            runtime.launch_config("dsa.sparse.fwd.d512", **tiles), \
+            runtime.launch_config("dsa.sparse.bwd.d512", **tiles):
+        against_reference(q, k, v, idx, dtype, "GQA, 16-row tiles")
+        against_reference(ql, kl, None, idx, dtype, "latent, 16-row tiles", scale=0.2, latent=True)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_gqa_split_equals_one_split(num_splits):
+    q, k, v = make(2, 1, 8, 16, 8), make(2, 64, 2, 16, 9), make(2, 64, 2, 24, 10)
+    idx = random_indices(2, 1, 64, 50, seed=11)
+    one = DT._sparse_attention(q, k, v, idx, None, 1)
+    assert_close("split", one, DT._sparse_attention(q, k, v, idx, None, num_splits), 1e-5)
+
+
+def test_kernel_matches_fla_naive_dsa_with_given_indices():
+    T, HQ, H, D = 41, 4, 2, 16
+    q, k, v = make(1, T, HQ, D, 12), make(1, T, H, D, 13), make(1, T, H, D, 14)
+    idx = random_indices(1, T, T, 9, seed=15)
+    want = fla_naive.naive_dsa(q.float(), k.float(), v.float(), None, None, indices=idx)
+    assert_close("naive_dsa", want, DT.sparse_attention_triton(q, k, v, idx).float(), 1e-4)
+
+
+def test_kernel_with_topk_at_least_T_is_causal_dense_attention():
+    T, HQ, H, D = 30, 4, 1, 16
+    q, k, v = make(1, T, HQ, D, 16), make(1, T, H, D, 17), make(1, T, H, D, 18)
+    idx = torch.arange(T, device=DEV).expand(1, T, T)
+    idx = torch.where(idx <= torch.arange(T, device=DEV)[:, None], idx, -1)
+    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=True).transpose(1, 2)
+    assert_close("dense", dense.float(), DT.sparse_attention_triton(q, k, v, idx).float(), 1e-4)
+
+
+def test_a_dropped_index_is_caught():
+    """The comparison can fail: the kernel given one selected key fewer is not the reference."""
+    q, k, v = make(1, 20, 2, 16, 19), make(1, 20, 1, 16, 20), make(1, 20, 1, 16, 21)
+    idx = random_indices(1, 20, 20, 8, seed=22)
+    fewer = idx.clone()
+    fewer[:, 10:, 1] = -1
+    with pytest.raises(AssertionError, match="relative RMS"):
+        assert_close("o", masked_softmax_attention(q, k, v, idx, 0.25),
+                     DT.sparse_attention_triton(q, k, v, fewer, 0.25), 1e-4)
+
+
+def test_auto_backend_runs_the_kernel_where_choose_backend_says_so(monkeypatch):
+    calls = []
+    real = DT.sparse_attention_triton
+    monkeypatch.setattr(DT, "sparse_attention_triton", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make(1, 6, 2, 16, 40), make(1, 6, 1, 16, 41), make(1, 6, 1, 16, 42)
+    idx = random_indices(1, 6, 6, 3, seed=43)
+    o = D.sparse_attention(q, k, v, idx)
+    assert len(calls) == (D.naive._checks.choose_backend("auto", q) == "triton")
+    assert_close("auto", D.sparse_attention(q, k, v, idx, backend="naive"), o, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- kernels: the indexer
+def indexer_inputs(B, TQ, TK, HI, DI, seed, device=DEV):
+    """Head 0 of every query and every key positive: each score has a positive term, so no ReLU ties at 0."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, TQ, HI, DI, generator=g)
+    q[:, :, 0] = q[:, :, 0].abs()
+    k = torch.randn(B, TK, DI, generator=g).abs()
+    w = torch.rand(B, TQ, HI, generator=g) + 0.1
+    return q.to(device), k.to(device), w.to(device)
+
+
+def exact_scores(q, k, w, scale):
+    """I [B, TQ, TK] in fp64 from the given inputs, −∞ after each query's position."""
+    TQ, TK = q.shape[1], k.shape[1]
+    x = torch.einsum("btjd,bsd->btjs", q.double(), k.double()) * scale
+    score = (x.relu() * w.double()[..., None]).sum(2)
+    pos = torch.arange(TK - TQ, TK, device=q.device)[:, None]
+    return score.masked_fill(torch.arange(TK, device=q.device)[None, :] > pos, float("-inf"))
+
+
+def assert_same_selection(got, want, score, tol):
+    """Equal as sets of positions, or — where rounding reorders near-equal scores — equal as multisets of
+    scores within tol; −1 padding in the same number."""
+    assert got.shape == want.shape and got.dtype == torch.int64
+    assert torch.equal((got < 0).sum(-1), (want < 0).sum(-1)), "different padding"
+    srt = lambda x: x.masked_fill(x < 0, 10**9).sort(-1).values  # noqa: E731
+    if torch.equal(srt(got), srt(want)):
+        return
+    pick = lambda i: score.gather(-1, i.clamp(min=0)).masked_fill(i < 0, 0).sort(-1).values  # noqa: E731
+    gap = (pick(got) - pick(want)).abs().max().item()
+    assert gap <= tol, f"selections differ beyond ties: score gap {gap:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("B,T,HI,DI,topk,chunk_budget", [
+    (2, 70, 3, 24, 16, None),  # odd heads and dims, T not a multiple of a tile
+    (1, 150, 4, 32, 40, 64 * 150),  # three chunks of 64 queries
+    (1, 50, 2, 16, 64, None),  # topk > T: every past key, −1 after
+])
+def test_indexer_selects_what_naive_dsa_indexer_selects(monkeypatch, B, T, HI, DI, topk, chunk_budget):
+    if chunk_budget is not None:
+        monkeypatch.setattr(DT, "_SCORE_BUDGET", chunk_budget)
+    dtype = torch.float32 if DEV.type == "cpu" else torch.bfloat16
+    q, k, w = (x.to(dtype) for x in indexer_inputs(B, T, T, HI, DI, seed=30))
+    got = DT.lightning_indexer(q, k, w, topk)
+    want = fla_naive.naive_dsa_indexer(q, k, w, topk, activation="relu")
+    score = exact_scores(q, k, w, DI ** -0.5)
+    assert_same_selection(got, want, score, 1e-9 if dtype == torch.float32 else 2e-2)
+
+
+def test_indexer_decoding_rows_equal_the_prefill_rows():
+    """Tq < Tk: the last queries against the whole key sequence select what the same queries select in prefill."""
+    q, k, w = indexer_inputs(2, 90, 90, 4, 16, seed=31)
+    full = DT.lightning_indexer(q, k, w, 24)
+    srt = lambda x: x.masked_fill(x < 0, 10**9).sort(-1).values  # noqa: E731
+    for TQ in (1, 3):
+        part = DT.lightning_indexer(q[:, -TQ:], k, w[:, -TQ:], 24)
+        assert torch.equal(srt(part), srt(full[:, -TQ:]))
+
+
+@pytest.mark.parametrize("key_split", [64, 100])
+def test_indexer_key_splits_write_every_score(poisoned, key_split):
+    """The decoding layout: one query against 300 keys cut into ranges of key_split (a GPU plans them)."""
+    q, k, w = indexer_inputs(2, 1, 300, 4, 16, seed=33)
+    whole = DT._score_chunk(q, k, w, 0, 1, 0.25, key_split=300)
+    split = DT._score_chunk(q, k, w, 0, 1, 0.25, key_split=key_split)
+    assert not torch.isnan(split).any() and torch.equal(torch.isinf(whole), torch.isinf(split))
+    assert_close("split", whole.nan_to_num(0, 0, 0), split.nan_to_num(0, 0, 0), 1e-6)
+    assert_close("scores", exact_scores(q, k, w, 0.25).float(), split, 1e-5)
+
+
+def test_indexer_scores_match_the_definition():
+    q, k, w = indexer_inputs(1, 40, 40, 3, 20, seed=32)
+    w = w - 0.6  # negative weights too
+    got = DT._score_chunk(q, k, w, 8, 40, 0.3)  # queries 8 … 39
+    want = exact_scores(q, k, w, 0.3)[:, 8:40]
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert_close("scores", want.nan_to_num(0, 0, 0).float(), got.nan_to_num(0, 0, 0), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------- kernels: GPU only
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores: sm_89 and newer")
+def test_fp8_indexer_keeps_most_of_the_bf16_selection():
+    q, k, w = indexer_inputs(1, 1024, 1024, 8, 64, seed=70)
+    want = DT.lightning_indexer(q.bfloat16(), k.bfloat16(), w, 128)
+    got = DT.lightning_indexer(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), w, 128)
+    overlap = DT.selection_overlap(got, want)
+    assert overlap > 0.7, overlap
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the MLA-sized tiles")
+def test_latent_576_on_gpu():
+    """DeepSeek-V3.2's latent form at reading size: D = 576, Dv = 512, 128 heads, B2 decoding and short prefill."""
+    for TQ, TK, topk in ((1, 700, 256), (64, 64, 40)):
+        q, k = make(2, TQ, 128, 576, 80), make(2, TK, 1, 576, 81)
+        idx = random_indices(2, TQ, TK, topk, seed=82)
+        against_reference(q * 0.3, k * 0.3, None, idx, torch.bfloat16, f"576 TQ={TQ}", scale=192 ** -0.5,
+                          latent=True)

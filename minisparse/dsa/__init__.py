@@ -3,8 +3,9 @@
 from .naive import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
+from .triton import *  # noqa: F401,F403
 from .checks import *  # noqa: F401,F403
 from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['causal_mask', 'indexer_scores', 'select_topk', 'selection_mask', 'sparse_attention', 'dsa', 'indexer_kl_loss', 'attention_recall', 'gather_attention', 'LightningIndexer', 'DSACache', 'DSAttention', 'V32', 'dsa_shapes', 'dsa_cost', 'model_prefill_flops', 'check_topk', 'check_indexer_args', 'check_attention_args', 'check_indices', 'indexer_from_hf', 'dsa_from_hf', 'check_break_even', 'indexer_scores_with_a_bug', 'check_scores_fix', 'load_index_queries', 'check_index_score_tile']
+__all__ = ['causal_mask', 'indexer_scores', 'select_topk', 'selection_mask', 'sparse_attention', 'dsa', 'indexer_kl_loss', 'attention_recall', 'gather_attention', 'LightningIndexer', 'DSACache', 'DSAttention', 'V32', 'dsa_shapes', 'dsa_cost', 'model_prefill_flops', 'sparse_fwd_kernel', 'sparse_attention_triton', 'indexer_score_kernel', 'lightning_indexer', 'check_sparse_triton', 'check_indexer_triton', 'sparse_merge_kernel', 'sparse_bwd_kernel', 'SparseAttentionFunction', 'selection_overlap', 'check_topk', 'check_indexer_args', 'check_attention_args', 'check_indices', 'indexer_from_hf', 'dsa_from_hf', 'check_break_even', 'indexer_scores_with_a_bug', 'check_scores_fix', 'load_index_queries', 'check_index_score_tile']

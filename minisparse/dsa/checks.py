@@ -9,11 +9,11 @@ def check_topk(op, topk):
     return _checks.positive_int(op, "topk", topk)
 
 
-def check_indexer_args(op, q_idx, k_idx, w_idx):
-    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, w_idx [B, TQ, HI] or None; floats on
-    one device. Returns (B, TQ, HI, DI, TK)."""
-    _checks.tensor(op, "q_idx", q_idx, "[B, TQ, HI, DI]", dtypes=_checks.FLOATS)
-    _checks.tensor(op, "k_idx", k_idx, "[B, TK, DI]", dtypes=_checks.FLOATS)
+def check_indexer_args(op, q_idx, k_idx, w_idx, dtypes=_checks.FLOATS):
+    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, of one dtype among `dtypes` (the
+    kernel adds FP8), w_idx [B, TQ, HI] float or None; one device. Returns (B, TQ, HI, DI, TK)."""
+    _checks.tensor(op, "q_idx", q_idx, "[B, TQ, HI, DI]")
+    _checks.tensor(op, "k_idx", k_idx, "[B, TK, DI]")
     B, TQ, HI, DI = q_idx.shape
     if k_idx.shape[0] != B or k_idx.shape[2] != DI or k_idx.shape[1] < TQ:
         raise ValueError(f"{op}: k_idx must be [B, TK, DI] with q_idx's B = {B}, DI = {DI} and "
@@ -21,6 +21,7 @@ def check_indexer_args(op, q_idx, k_idx, w_idx):
     if w_idx is not None:
         _checks.per_head_token(op, "w_idx", w_idx, (B, TQ, HI), "[B, TQ, HI]",
                                "one weight a query token and indexer head", q_idx)
+    _checks.same_dtype(op, dtypes, q_idx=q_idx, k_idx=k_idx)
     _checks.same_device(op, q_idx=q_idx, k_idx=k_idx)
     return B, TQ, HI, DI, k_idx.shape[1]
 
