@@ -455,6 +455,23 @@ def test_index_score_tile_checker():
         D.check_index_score_tile(strict_mask)
 
 
+def test_index_score_tile_checker_launches_on_the_triton_device():
+    """The checker's tensors live where Triton runs: the GPU when there is one (a CPU tensor cannot reach a CUDA
+    kernel), else the CPU under the interpreter."""
+    right, _, _ = _score_tile_kernels()
+    seen = set()
+
+    class Spy:  # records the devices of the tensors the checker launches the kernel with
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(a.device.type for a in args if isinstance(a, torch.Tensor))
+                return right[grid](*args, **kwargs)
+            return launch
+
+    D.check_index_score_tile(Spy())
+    assert seen == {DEV.type}
+
+
 # ------------------------------------------------------------------------------------------- kernels: references
 def masked_softmax_attention(q, k, v, idx, scale):
     """An own reference: dense scores, −∞ except at the selected positions, softmax, a query with no key → 0.

@@ -4,16 +4,7 @@ import numpy as np
 from minisparse.mla.cost import mha_decode_flops, mla_decode_bytes, mla_decode_flops
 
 V32 = dict(heads=128, index_heads=64, index_dim=128, topk=2048, kv_lora_rank=512, rope_dim=64,
-           qk_head_dim=192, v_head_dim=128)  # DeepseekV32Config()'s attention
-
-
-def dsa_shapes(config):
-    """dsa_cost's shape arguments from a transformers DeepseekV32Config or GlmMoeDsaConfig."""
-    return dict(heads=config.num_attention_heads, index_heads=config.index_n_heads,
-                index_dim=config.index_head_dim, topk=config.index_topk,
-                kv_lora_rank=config.kv_lora_rank, rope_dim=config.qk_rope_head_dim,
-                qk_head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
-                v_head_dim=config.v_head_dim)
+           qk_head_dim=192, v_head_dim=128)  # DeepseekV32Config()'s attention (dsa_shapes)
 
 
 def dsa_cost(position, mode="prefill", *, index_fp8=False, heads=128, index_heads=64,
@@ -57,4 +48,13 @@ def model_prefill_flops(position, *, layers=61, other_flops=2 * 37e9, dsa=True, 
     return other_flops + layers * cost["dsa" if dsa else "dense"]
 
 
-__all__ = ['V32', 'dsa_shapes', 'dsa_cost', 'model_prefill_flops']
+def dsa_shapes(config):
+    """dsa_cost's shape arguments from a transformers DeepseekV32Config or GlmMoeDsaConfig."""
+    return dict(heads=config.num_attention_heads, index_heads=config.index_n_heads,
+                index_dim=config.index_head_dim, topk=config.index_topk,
+                kv_lora_rank=config.kv_lora_rank, rope_dim=config.qk_rope_head_dim,
+                qk_head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
+                v_head_dim=config.v_head_dim)
+
+
+__all__ = ['V32', 'dsa_cost', 'model_prefill_flops', 'dsa_shapes']

@@ -81,7 +81,10 @@ def load_index_queries(q_ptr, w_ptr, HI, DI, BH: tl.constexpr, BD: tl.constexpr)
 
 
 def check_index_score_tile(kernel):
-    """Exercise 3: launch `kernel` for one query and one key tile; compare with indexer_scores."""
+    """Exercise 3: launch `kernel` for one query and one key tile; compare with indexer_scores.
+    The kernel runs where Triton does: on the GPU when there is one, else in the interpreter on
+    CPU tensors."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(11)
     for HI, DI, TK, t, n0, BN in ((4, 16, 40, 37, 32, 16), (3, 24, 20, 10, 0, 16),
                                   (1, 8, 70, 69, 64, 8), (5, 32, 33, 20, 16, 32)):
@@ -92,9 +95,10 @@ def check_index_score_tile(kernel):
         for j in range(BN):
             if n0 + j <= t:
                 ref[j] = seen[n0 + j]
-        got = torch.full((BN,), float("nan"))
-        kernel[(1,)](q, k, w, got, t, n0, TK, scale, HI, DI,
+        got = torch.full((BN,), float("nan"), device=dev)  # anything the kernel leaves shows
+        kernel[(1,)](q.to(dev), k.to(dev), w.to(dev), got, t, n0, TK, scale, HI, DI,
                      BH=triton.next_power_of_2(HI), BD=triton.next_power_of_2(DI), BN=BN)
+        got = got.cpu()
         for j in range(BN):
             bad = not (bool(torch.isinf(ref[j])) and got[j] == ref[j]) and not (
                 bool(torch.isfinite(ref[j])) and abs(float(got[j] - ref[j])) <= 1e-4 *

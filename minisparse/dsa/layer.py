@@ -10,15 +10,11 @@ from minisparse.mla.naive import MLACache, absorb_output, absorb_query, make_mla
 
 
 class LightningIndexer(nn.Module):
-    """The lightning indexer of DeepSeek-V3.2 / GLM-5 (transformers' DeepseekV32Indexer and
-    GlmMoeDsaIndexer parameters: wq_b, wk, k_norm, weights_proj).
-
-    forward(x [B, T, hidden], q_latent [B, T, q_lora_rank], position_embeddings=None,
-    positions=None) -> (indices [B, T, topk] int64, -1 padded; scores [B, T, T] fp32, -inf above
-    the diagonal). position_embeddings: transformers' (cos, sin) [B, T, rope_dim], or None for the
-    layer's own RoPE at `positions` (default 0 .. T-1). rope_interleave: False for DeepSeek-V3.2
-    (half-split pairs), True for GLM-5.
-    """
+    """The lightning indexer of DeepSeek-V3.2 / GLM-5 (transformers' parameters: wq_b, wk, k_norm,
+    weights_proj). forward(x [B, T, hidden], q_latent [B, T, q_lora_rank], position_embeddings=None
+    (transformers' (cos, sin), or the own RoPE at `positions`, default 0 .. T-1)) -> (indices
+    [B, T, topk] int64, -1 padded; scores [B, T, T] fp32, -inf above the diagonal).
+    rope_interleave: False for DeepSeek-V3.2 (half-split pairs), True for GLM-5."""
 
     def __init__(self, hidden_size, q_lora_rank, n_heads=64, head_dim=128, rope_dim=64,
                  topk=2048, *, rope_theta=10000.0, rope_interleave=False, rope_scaling=None,
@@ -72,48 +68,13 @@ class LightningIndexer(nn.Module):
         return indexer_from_hf(module, cls=cls)
 
 
-def _rotate_hf(t, cos, sin, interleaved):
-    """RoPE from transformers' (cos, sin) [B, T, dr] (each frequency twice) on t [B, T, H, dr]."""
-    cos, sin = cos[:, :, None].to(t.dtype), sin[:, :, None].to(t.dtype)
-    if interleaved:  # pairs (0, 1), (2, 3), …; the result in half-split layout, as transformers
-        c, s = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
-        a, b = t[..., 0::2], t[..., 1::2]
-        return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
-    a, b = t.chunk(2, dim=-1)
-    return t * cos + torch.cat([-b, a], dim=-1) * sin
-
-
-class DSACache(MLACache):
-    """MLA's latent cache plus the indexer's keys: index_keys [B, max_len, index_dim].
-    append(c_kv, k_rope, k_idx [B, t, index_dim]) -> (latent, rope, index keys) so far."""
-
-    def __init__(self, batch, max_len, kv_lora_rank, rope_dim, index_dim, *,
-                 dtype=torch.float32, device=None):
-        super().__init__(batch, max_len, kv_lora_rank, rope_dim, dtype=dtype, device=device)
-        self.index_keys = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
-
-    def append(self, c_kv, k_rope, k_idx):
-        start = self.length
-        if k_idx.shape != (*c_kv.shape[:2], self.index_keys.shape[-1]):
-            raise ValueError(f"DSACache.append: k_idx must be [B, t, index_dim] = "
-                             f"{(*c_kv.shape[:2], self.index_keys.shape[-1])}, got "
-                             f"{tuple(k_idx.shape)}")
-        latent, rope = super().append(c_kv, k_rope)
-        self.index_keys[:, start:self.length] = k_idx
-        return latent, rope, self.index_keys[:, :self.length]
-
-
 class DSAttention(MLA):
     """DeepSeek Sparse Attention on MLA (transformers' DeepseekV32Attention parameters: MLA's plus
-    `indexer.*`).
-
-    forward(x [B, T, hidden], cache=None, positions=None, sparse=True, return_indices=False) ->
-    [B, T, hidden] (and indices [B, T, topk], scores [B, T, S] with return_indices). Each query
-    attends, in MLA's absorbed form, to the index_topk tokens its indexer ranks highest
-    (sparse=False: to all, the dense layer); with a cache (new_cache) the T tokens follow the
-    cached ones, so token-by-token decoding gives the prefill's outputs. The indexer's inputs are
-    detached.
-    """
+    `indexer.*`). forward(x [B, T, hidden], cache=None, positions=None, sparse=True,
+    return_indices=False) -> [B, T, hidden] (and indices [B, T, topk], scores [B, T, S]). Each
+    query attends, in MLA's absorbed form, to the index_topk tokens its indexer ranks highest
+    (sparse=False: to all); with a cache (new_cache) the T tokens follow the cached ones, so
+    token-by-token decoding gives the prefill's outputs. The indexer's inputs are detached."""
 
     def __init__(self, hidden_size, num_heads, *, q_lora_rank, index_n_heads=64,
                  index_head_dim=128, index_topk=2048, indexer_rope_interleave=False, **mla_kwargs):
@@ -167,4 +128,35 @@ class DSAttention(MLA):
         return dsa_from_hf(module, backend, cls=cls)
 
 
-__all__ = ['LightningIndexer', 'DSACache', 'DSAttention']
+class DSACache(MLACache):
+    """MLA's latent cache plus the indexer's keys: index_keys [B, max_len, index_dim].
+    append(c_kv, k_rope, k_idx [B, t, index_dim]) -> (latent, rope, index keys) so far."""
+
+    def __init__(self, batch, max_len, kv_lora_rank, rope_dim, index_dim, *,
+                 dtype=torch.float32, device=None):
+        super().__init__(batch, max_len, kv_lora_rank, rope_dim, dtype=dtype, device=device)
+        self.index_keys = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
+
+    def append(self, c_kv, k_rope, k_idx):
+        start = self.length
+        if k_idx.shape != (*c_kv.shape[:2], self.index_keys.shape[-1]):
+            raise ValueError(f"DSACache.append: k_idx must be [B, t, index_dim] = "
+                             f"{(*c_kv.shape[:2], self.index_keys.shape[-1])}, got "
+                             f"{tuple(k_idx.shape)}")
+        latent, rope = super().append(c_kv, k_rope)
+        self.index_keys[:, start:self.length] = k_idx
+        return latent, rope, self.index_keys[:, :self.length]
+
+
+def _rotate_hf(t, cos, sin, interleaved):
+    """RoPE from transformers' (cos, sin) [B, T, dr] (each frequency twice) on t [B, T, H, dr]."""
+    cos, sin = cos[:, :, None].to(t.dtype), sin[:, :, None].to(t.dtype)
+    if interleaved:  # pairs (0, 1), (2, 3), …; the result in half-split layout, as transformers
+        c, s = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+        a, b = t[..., 0::2], t[..., 1::2]
+        return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+    a, b = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-b, a], dim=-1) * sin
+
+
+__all__ = ['LightningIndexer', 'DSAttention', 'DSACache']

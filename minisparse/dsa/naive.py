@@ -17,7 +17,6 @@ def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
 
         I[t, s] = Σ_j w[t, j] · ReLU(scale · q_idx[t, j] · k_idx[s])   for s <= t
 
-
     q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] (one key a token, shared by the HI heads), w_idx
     [B, TQ, HI] (None: weights 1) -> I [B, TQ, TK]; query i sits at position TK − TQ + i.
     scale defaults to DI ** -0.5 (positive, so it never changes the ranking).
@@ -68,8 +67,9 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
     """
     op = "sparse_attention"
     B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
-    if _use_triton(op, backend, q):
-        return _sparse_attention_triton(q, k, v, indices, scale)
+    if _use_triton(op, backend, q):  # the kernels of section 8.7
+        from minisparse.dsa.triton import sparse_attention_triton
+        return sparse_attention_triton(q, k, v, indices, scale)
     check_indices(op, indices, B, TQ, TK, naive=True)
     scale = _checks.scale(op, scale, D)
     keep = selection_mask(indices, TK) & causal_mask(TQ, TK, q.device)  # [B, TQ, TK]
@@ -104,16 +104,8 @@ def dsa(q, k, v, q_idx, k_idx, w_idx, topk=2048, scale=None, return_indices=Fals
 
 
 def _use_triton(op, backend, x):
-    """The dispatch rule (_checks.choose_backend): "naive" never, "triton" always, "auto" on CUDA
-    tensors or under the interpreter."""
+    """Run the kernels? "naive" never, "triton" always, "auto" on CUDA or in the interpreter."""
     return _checks.choose_backend(_checks.backend(op, backend), x) == "triton"
-
-
-def _sparse_attention_triton(q, k, v, indices, scale):
-    """The kernels' entry point (section 8.7): same arguments and result as sparse_attention;
-    MLA's v = k[..., :512] is read from the key rows."""
-    from minisparse.dsa.triton import sparse_attention_triton
-    return sparse_attention_triton(q, k, v, indices, scale)
 
 
 def indexer_kl_loss(p_attn, scores, indices=None):

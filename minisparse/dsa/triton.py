@@ -13,14 +13,6 @@ _INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 _LOG2E = 1.4426950408889634
 
 
-def _split_dim(D):
-    """Key dim D -> (BDA, BDB): a power-of-two head tile (>= 16) and a tail tile (0 when D fits
-    the head)."""
-    head = max(16, 1 << (D.bit_length() - 1))  # the largest power of two <= D, at least 16
-    tail = D - head
-    return head, (0 if tail <= 0 else max(16, triton.next_power_of_2(tail)))
-
-
 @triton.jit
 def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr,
                       B, TQ, TK, TOPK, SPLIT_LEN, ROWS, qk_scale,
@@ -28,27 +20,18 @@ def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_p
                       D: tl.constexpr, DV: tl.constexpr, BDA: tl.constexpr, BDB: tl.constexpr,
                       BDV: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                       V_IS_KA: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """Sparse attention over gathered key rows, forward.
+    """Sparse attention over gathered key rows, forward. Grid (TQ·B·H·NHB, NS), NHB = ⌈G / BG⌉:
+    program (i_t, i_b, i_h, i_hb; i_s) owns query token i_t of sequence i_b, the BG query heads
+    i_h·G + i_hb·BG … of key head i_h (masked past G), and slots [i_s·SPLIT_LEN, …) of the
+    token's index row; the head blocks of one token run side by side and share its rows in L2.
 
-    Program (i_t·NBHG + i_b·H·NHB + i_h·NHB + i_hb, i_s) with NHB = ⌈G / BG⌉ head blocks a key
-    head and NBHG = B·H·NHB; grid (TQ·NBHG, NS): the head blocks of one token run side by side
-    and share its gathered rows in L2. The program owns query token i_t of sequence i_b (at
-    position TK − TQ + i_t), the query heads i_h·G + i_hb·BG … + BG − 1 (BG >= 16 rows, masked
-    past G), and slots [i_s·SPLIT_LEN, (i_s + 1)·SPLIT_LEN) of the token's index row (TOPK
-    slots, −1 = padding).
-
-        q_a [BG, BDA], q_b [BG, BDB]                      loaded once (BDB = 0: no tail)
-        for each tile of BN slots:
-            idx [BN] -> k_a [BN, BDA], k_b [BN, BDB]      gathered rows of key head i_h
-                        v [BN, BDV]                       gathered, or v = k_a if V_IS_KA
+        for each tile of BN slots:   idx [BN] -> k_a, k_b, v gathered (v = k_a if V_IS_KA)
             s = (q_a k_aᵀ + q_b k_bᵀ)·qk_scale [BG, BN]   −∞ at idx < 0 and idx > position
-            m' = max(m, rowmax s),  α = 2^(m − m'),  p = 2^(s − m')
-            l = α·l + rowsum p,  acc = α·acc + p v
-        SPLIT = False: o = acc / l [BG, DV], lse = m + log₂ l [BG] (0, 0 for a query with no key)
+            online softmax in base 2: m, l, acc
+        SPLIT = False: o = acc / l, lse = m + log₂ l (0, 0 for a query with no key)
         SPLIT = True:  acc, m, l to piece i_s of the partial buffers [NS, ROWS = B·TQ·HQ, …]
 
-    qk_scale = scale·log₂e. V_IS_KA (MLA's v = k[..., :DV]): BDV = BDA and v_ptr is None.
-    acc_ptr, m_ptr, l_ptr are None without SPLIT.
+    qk_scale = scale·log₂e. V_IS_KA (MLA): BDV = BDA, v_ptr None; acc/m/l_ptr None unless SPLIT.
     """
     NHB: tl.constexpr = (G + BG - 1) // BG  # head blocks a key head
     pid = tl.program_id(0).to(tl.int64)
@@ -114,114 +97,6 @@ def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_p
                  mask=m_o)
         b_lse = tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), 0.0)
         tl.store(lse_ptr + row, b_lse, mask=m_g)
-
-
-def sparse_attention_triton(q, k, v, indices, scale=None):
-    """sparse_attention in Triton, forward and backward: attention of each query over its selected
-    key tokens only, the selection shared by all heads.
-
-    q        [B, Tq, HQ, D]   query i at position Tk − Tq + i (prefill: Tq = Tk; decoding: Tq = 1)
-    k        [B, Tk, H, D]    H divides HQ (GQA); MLA's absorbed form: H = 1, D = 512 + 64
-    v        [B, Tk, H, Dv]   MLA: the view k[..., :512], read from the key tile (k's gradient then
-                              holds both roles)
-    indices  [B, Tq, topk]    int32/int64 key positions <= the query's, each at most once a row,
-                              −1 = padding; checked on CPU, on CUDA after
-                              runtime.set_value_checks(True)
-    scale    softmax scale, default D ** -0.5 (MLA: (qk_nope + qk_rope) ** -0.5)
-    -> o [B, Tq, HQ, Dv] in q's dtype, fp32 accumulation; a query whose slots are all −1 gets 0.
-
-    One dtype for all (fp32, fp16, bf16; fp32 or fp16 in the interpreter). Gradients for q, k and
-    v; none for indices. Head dims up to 256 (GQA) or 1024 (H = 1).
-    """
-    return _sparse_attention(q, k, v, indices, scale)
-
-
-@triton.jit
-def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scale,
-                         HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
-                         BT: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
-    """Lightning-indexer scores of a chunk of queries:
-    I[t, s] = Σ_j w[t, j]·ReLU(scale·q[t, j]·k[s]) for s <= pos(t).
-
-    Program (i_m, i_s, i_b); grid (cdiv(CQ, BT), cdiv(W, KS), B). Queries C0 + i_m·BT … + BT − 1
-    of sequence i_b (of TQ; query t at position TK − TQ + t), keys [i_s·KS, min((i_s + 1)·KS, W)).
-    q [B, TQ, HI, DI], k [B, TK, DI], w [B, TQ, HI]; writes rows t − C0 of the chunk's scores
-    s [B, CQ, W] (fp32; −∞ after the query's position).
-
-        q [BT·BHI, BDI]   row r: token r // BHI, head r % BHI (padded heads masked)
-        w·scale [BT·BHI]
-        for each key tile k [BN, BDI] up to the block's last position:
-            x = q kᵀ [BT·BHI, BN]                       the only tensor-core work
-            I = Σ_heads w·ReLU(x)  -> [BT, BN]          −∞ where key > the query's position
-        the tiles after the block's last position: −∞, no product
-    """
-    i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b = tl.program_id(2).to(tl.int64)
-    o_r = tl.arange(0, BT * BHI)
-    r_t = C0 + i_m * BT + o_r // BHI  # [BT·BHI] query of each row
-    r_j = o_r % BHI  # [BT·BHI] head of each row
-    m_r = (r_t < C0 + CQ) & (r_j < HI)
-    o_d = tl.arange(0, BDI)
-    b_q = tl.load(q_ptr + ((i_b * TQ + r_t) * HI + r_j)[:, None] * DI + o_d[None, :],
-                  mask=m_r[:, None] & (o_d[None, :] < DI), other=0.0)  # [BT·BHI, BDI]
-    b_w = tl.load(w_ptr + (i_b * TQ + r_t) * HI + r_j, mask=m_r, other=0.0).to(tl.float32) * scale
-    o_t = C0 + i_m * BT + tl.arange(0, BT)  # [BT] the block's queries
-    m_t = o_t < C0 + CQ
-    pos = o_t + TK - TQ  # [BT] their positions
-    last = tl.max(tl.where(m_t, pos, 0), 0)  # the block's last visible key
-    k_base = k_ptr + i_b * TK * DI
-    s_rows = s_ptr + (i_b * CQ + o_t - C0) * W  # [BT] score rows of the chunk
-    n_start, n_end = i_s * KS, tl.minimum((i_s + 1) * KS, W)
-    n_stop = tl.minimum(n_end, last + 1)  # keys past the block's last query: no product
-    for n0 in range(n_start, n_stop, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_k = tl.load(k_base + o_n[:, None] * DI + o_d[None, :],
-                      mask=(o_n[:, None] < n_stop) & (o_d[None, :] < DI), other=0.0)  # [BN, BDI]
-        b_x = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT·BHI, BN]
-        b_x = tl.maximum(b_x, 0.0) * b_w[:, None]
-        b_i = tl.sum(tl.reshape(b_x, (BT, BHI, BN)), 1)  # [BT, BN]
-        b_i = tl.where(o_n[None, :] <= pos[:, None], b_i, float("-inf"))
-        tl.store(s_rows[:, None] + o_n[None, :], b_i, mask=m_t[:, None] & (o_n[None, :] < n_end))
-    n_mid = tl.where(n_stop > n_start, n_start + (n_stop - n_start + BN - 1) // BN * BN, n_start)
-    for n0 in range(n_mid, n_end, BN):  # the rest of the range: −∞
-        o_n = n0 + tl.arange(0, BN)
-        tl.store(s_rows[:, None] + o_n[None, :], tl.full([BT, BN], float("-inf"), tl.float32),
-                 mask=m_t[:, None] & (o_n[None, :] < n_end))
-
-
-def lightning_indexer(q_idx, k_idx, w_idx, topk, scale=None):
-    """The lightning indexer and its top-k in Triton, without the [T, T] score matrix.
-
-    q_idx [B, Tq, HI, DI]  indexer queries (fp32, fp16, bf16; float8_e4m3fn on sm_89+, with k_idx)
-    k_idx [B, Tk, DI]      one indexer key a token, shared by the heads; query i at Tk − Tq + i
-    w_idx [B, Tq, HI]      per-head weights
-    topk  keys kept a query;  scale  default DI ** -0.5
-    -> indices [B, Tq, topk] int64: the keys s <= pos(t) with the topk largest
-       I[t, s] = Σ_j w[t, j]·ReLU(scale·q_idx[t, j]·k_idx[s]) (select_topk(indexer_scores(...))
-       up to ties), in no particular order; −1 pads a query with fewer than topk past tokens.
-
-    Scores are computed a chunk of queries at a time into a [B, chunk, Tk] fp32 buffer of about
-    1 GiB.
-    """
-    op = "lightning_indexer"
-    topk, scale = check_indexer_triton(op, q_idx, k_idx, w_idx, topk, scale)
-    q_idx, k_idx, w_idx = (x.detach().contiguous() for x in (q_idx, k_idx, w_idx))
-    B, TQ, _, _ = q_idx.shape
-    TK = k_idx.shape[1]
-    out = torch.full((B, TQ, topk), -1, device=q_idx.device, dtype=torch.int64)
-    if out.numel() == 0:
-        return out
-    chunk = _chunk_rows(B, TQ, TK)
-    for c0 in range(0, TQ, chunk):
-        c1 = min(TQ, c0 + chunk)
-        W = c1 + TK - TQ
-        if W <= topk:  # the chunk's queries keep every past key: no scores needed
-            none = torch.empty(B, c1 - c0, W, device=q_idx.device)
-            out[:, c0:c1, :W] = _topk_chunk(none, topk, c0 + TK - TQ)
-            continue
-        ids = _topk_chunk(_score_chunk(q_idx, k_idx, w_idx, c0, c1, scale), topk, c0 + TK - TQ)
-        out[:, c0:c1, :ids.shape[2]] = ids
-    return out
 
 
 def check_sparse_triton(op, q, k, v, indices, scale):
@@ -386,6 +261,35 @@ def sparse_bwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr,
         tl.store(dq_ptr + row[:, None] * D + o_db[None, :], b_dqb, mask=m_qb)
 
 
+def sparse_attention_triton(q, k, v, indices, scale=None):
+    """sparse_attention in Triton, forward and backward: attention of each query over its selected
+    key tokens only, the selection shared by all heads.
+
+    q        [B, Tq, HQ, D]   query i at position Tk − Tq + i (prefill: Tq = Tk; decoding: Tq = 1)
+    k        [B, Tk, H, D]    H divides HQ (GQA); MLA's absorbed form: H = 1, D = 512 + 64
+    v        [B, Tk, H, Dv]   MLA: the view k[..., :512], read from the key tile (k's gradient then
+                              holds both roles)
+    indices  [B, Tq, topk]    int32/int64 key positions <= the query's, each at most once a row,
+                              −1 = padding; checked on CPU, on CUDA after
+                              runtime.set_value_checks(True)
+    scale    softmax scale, default D ** -0.5 (MLA: (qk_nope + qk_rope) ** -0.5)
+    -> o [B, Tq, HQ, Dv] in q's dtype, fp32 accumulation; a query whose slots are all −1 gets 0.
+
+    One dtype for all (fp32, fp16, bf16; fp32 or fp16 in the interpreter). Gradients for q, k and
+    v; none for indices. Head dims up to 256 (GQA) or 1024 (H = 1).
+    """
+    return _sparse_attention(q, k, v, indices, scale)
+
+
+
+def _split_dim(D):
+    """Key dim D -> (BDA, BDB): a power-of-two head tile (>= 16) and a tail tile (0 when D fits
+    the head)."""
+    head = max(16, 1 << (D.bit_length() - 1))  # the largest power of two <= D, at least 16
+    tail = D - head
+    return head, (0 if tail <= 0 else max(16, triton.next_power_of_2(tail)))
+
+
 _MIN_SPLIT = 256  # index slots: the shortest split worth a program
 
 
@@ -519,6 +423,94 @@ class SparseAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+@triton.jit
+def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scale,
+                         HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
+                         BT: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    """Lightning-indexer scores of a chunk of queries:
+    I[t, s] = Σ_j w[t, j]·ReLU(scale·q[t, j]·k[s]) for s <= pos(t).
+
+    Program (i_m, i_s, i_b); grid (cdiv(CQ, BT), cdiv(W, KS), B). Queries C0 + i_m·BT … + BT − 1
+    of sequence i_b (of TQ; query t at position TK − TQ + t), keys [i_s·KS, min((i_s + 1)·KS, W)).
+    q [B, TQ, HI, DI], k [B, TK, DI], w [B, TQ, HI]; writes rows t − C0 of the chunk's scores
+    s [B, CQ, W] (fp32; −∞ after the query's position).
+
+        q [BT·BHI, BDI]   row r: token r // BHI, head r % BHI (padded heads masked)
+        w·scale [BT·BHI]
+        for each key tile k [BN, BDI] up to the block's last position:
+            x = q kᵀ [BT·BHI, BN]                       the only tensor-core work
+            I = Σ_heads w·ReLU(x)  -> [BT, BN]          −∞ where key > the query's position
+        the tiles after the block's last position: −∞, no product
+    """
+    i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_r = tl.arange(0, BT * BHI)
+    r_t = C0 + i_m * BT + o_r // BHI  # [BT·BHI] query of each row
+    r_j = o_r % BHI  # [BT·BHI] head of each row
+    m_r = (r_t < C0 + CQ) & (r_j < HI)
+    o_d = tl.arange(0, BDI)
+    b_q = tl.load(q_ptr + ((i_b * TQ + r_t) * HI + r_j)[:, None] * DI + o_d[None, :],
+                  mask=m_r[:, None] & (o_d[None, :] < DI), other=0.0)  # [BT·BHI, BDI]
+    b_w = tl.load(w_ptr + (i_b * TQ + r_t) * HI + r_j, mask=m_r, other=0.0).to(tl.float32) * scale
+    o_t = C0 + i_m * BT + tl.arange(0, BT)  # [BT] the block's queries
+    m_t = o_t < C0 + CQ
+    pos = o_t + TK - TQ  # [BT] their positions
+    last = tl.max(tl.where(m_t, pos, 0), 0)  # the block's last visible key
+    k_base = k_ptr + i_b * TK * DI
+    s_rows = s_ptr + (i_b * CQ + o_t - C0) * W  # [BT] score rows of the chunk
+    n_start, n_end = i_s * KS, tl.minimum((i_s + 1) * KS, W)
+    n_stop = tl.minimum(n_end, last + 1)  # keys past the block's last query: no product
+    for n0 in range(n_start, n_stop, BN):
+        o_n = n0 + tl.arange(0, BN)
+        b_k = tl.load(k_base + o_n[:, None] * DI + o_d[None, :],
+                      mask=(o_n[:, None] < n_stop) & (o_d[None, :] < DI), other=0.0)  # [BN, BDI]
+        b_x = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT·BHI, BN]
+        b_x = tl.maximum(b_x, 0.0) * b_w[:, None]
+        b_i = tl.sum(tl.reshape(b_x, (BT, BHI, BN)), 1)  # [BT, BN]
+        b_i = tl.where(o_n[None, :] <= pos[:, None], b_i, float("-inf"))
+        tl.store(s_rows[:, None] + o_n[None, :], b_i, mask=m_t[:, None] & (o_n[None, :] < n_end))
+    n_mid = tl.where(n_stop > n_start, n_start + (n_stop - n_start + BN - 1) // BN * BN, n_start)
+    for n0 in range(n_mid, n_end, BN):  # the rest of the range: −∞
+        o_n = n0 + tl.arange(0, BN)
+        tl.store(s_rows[:, None] + o_n[None, :], tl.full([BT, BN], float("-inf"), tl.float32),
+                 mask=m_t[:, None] & (o_n[None, :] < n_end))
+
+
+def lightning_indexer(q_idx, k_idx, w_idx, topk, scale=None):
+    """The lightning indexer and its top-k in Triton, without the [T, T] score matrix.
+
+    q_idx [B, Tq, HI, DI]  indexer queries (fp32, fp16, bf16; float8_e4m3fn on sm_89+, with k_idx)
+    k_idx [B, Tk, DI]      one indexer key a token, shared by the heads; query i at Tk − Tq + i
+    w_idx [B, Tq, HI]      per-head weights
+    topk  keys kept a query;  scale  default DI ** -0.5
+    -> indices [B, Tq, topk] int64: the keys s <= pos(t) with the topk largest
+       I[t, s] = Σ_j w[t, j]·ReLU(scale·q_idx[t, j]·k_idx[s]) (select_topk(indexer_scores(...))
+       up to ties), in no particular order; −1 pads a query with fewer than topk past tokens.
+
+    Scores are computed a chunk of queries at a time into a [B, chunk, Tk] fp32 buffer of about
+    1 GiB.
+    """
+    op = "lightning_indexer"
+    topk, scale = check_indexer_triton(op, q_idx, k_idx, w_idx, topk, scale)
+    q_idx, k_idx, w_idx = (x.detach().contiguous() for x in (q_idx, k_idx, w_idx))
+    B, TQ, _, _ = q_idx.shape
+    TK = k_idx.shape[1]
+    out = torch.full((B, TQ, topk), -1, device=q_idx.device, dtype=torch.int64)
+    if out.numel() == 0:
+        return out
+    chunk = _chunk_rows(B, TQ, TK)
+    for c0 in range(0, TQ, chunk):
+        c1 = min(TQ, c0 + chunk)
+        W = c1 + TK - TQ
+        if W <= topk:  # the chunk's queries keep every past key: no scores needed
+            none = torch.empty(B, c1 - c0, W, device=q_idx.device)
+            out[:, c0:c1, :W] = _topk_chunk(none, topk, c0 + TK - TQ)
+            continue
+        ids = _topk_chunk(_score_chunk(q_idx, k_idx, w_idx, c0, c1, scale), topk, c0 + TK - TQ)
+        out[:, c0:c1, :ids.shape[2]] = ids
+    return out
+
+
 _SCORE_BUDGET = 1 << 28  # fp32 scores a chunk: 1 GiB
 
 
@@ -581,4 +573,4 @@ def selection_overlap(a, b):
     return float((shared.sum(-1) / (b >= 0).sum(-1).clamp(min=1)).mean())
 
 
-__all__ = ['sparse_fwd_kernel', 'sparse_attention_triton', 'indexer_score_kernel', 'lightning_indexer', 'check_sparse_triton', 'check_indexer_triton', 'sparse_merge_kernel', 'sparse_bwd_kernel', 'SparseAttentionFunction', 'selection_overlap']
+__all__ = ['sparse_fwd_kernel', 'check_sparse_triton', 'check_indexer_triton', 'sparse_merge_kernel', 'sparse_bwd_kernel', 'sparse_attention_triton', 'SparseAttentionFunction', 'indexer_score_kernel', 'lightning_indexer', 'selection_overlap']
