@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the test suite on CUDA, the chapters as plain scripts, then the benchmarks.
 #   bash bench/gpu_suite.sh OUTDIR [bench names...]      e.g. bash bench/gpu_suite.sh $OUT attention moe
+# Environment: TESTS (default tests), CHAPTERS (default every chapter), TEST_TIMEOUT, CHAPTER_TIMEOUT, BENCH_TIMEOUT
+# (seconds), BENCH_ARGS (passed to every bench script, e.g. "--long").
 # Logs and <name>.json land in OUTDIR; copy the JSON into bench/results/ and commit it.
 set -u
 out=${1:?usage: gpu_suite.sh OUTDIR [bench ...]}; shift
@@ -21,6 +23,6 @@ tail -n 4 "$out/tests.log"
 for c in ${CHAPTERS:-chapters/0[1-9]_*.py}; do echo "$c: $(tail -n 1 "$out/$(basename "$c" .py).log")"; done
 for b in "$@"; do
   echo "== bench/$b.py"
-  timeout "${BENCH_TIMEOUT:-200}" python3 "bench/$b.py" --out "$out" > "$out/bench_$b.log" 2>&1; echo "bench $b rc=$?"
+  timeout "${BENCH_TIMEOUT:-200}" python3 "bench/$b.py" --out "$out" ${BENCH_ARGS:-} > "$out/bench_$b.log" 2>&1; echo "bench $b rc=$?"
   tail -n 25 "$out/bench_$b.log"
 done
