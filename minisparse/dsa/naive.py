@@ -34,13 +34,16 @@ def select_topk(scores, topk):
     """The `topk` highest-scoring keys of each query: indices [B, TQ, topk] int64, best first;
     -1 fills the slots of a query that sees fewer than `topk` keys (-inf scores are never kept).
 
-    scores [B, TQ, TK] as from indexer_scores. Ties are broken by torch.topk (any order).
+    scores [B, TQ, TK] as from indexer_scores. Equal scores (ReLU makes exact zeros common) go
+    to the earlier key, so a query chooses the same keys in prefill and in token-by-token
+    decoding.
     """
     op = "select_topk"
     K = check_topk(op, topk)
     _checks.tensor(op, "scores", scores, "[B, TQ, TK]")
     _checks.value_range(op, "scores", scores)  # NaN would make the choice arbitrary
-    best, idx = scores.topk(min(K, scores.shape[-1]), dim=-1)  # [B, TQ, min(K, TK)]
+    best, idx = scores.sort(dim=-1, descending=True, stable=True)  # stable: ties in key order
+    best, idx = best[..., :K], idx[..., :K]  # [B, TQ, min(K, TK)]
     idx = idx.masked_fill(best == float("-inf"), -1)  # future keys are not choices
     return F.pad(idx, (0, K - idx.shape[-1]), value=-1)  # [B, TQ, K]
 
