@@ -1,0 +1,1630 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,mystnb,-execution
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 9 — The models, side by side
+#
+# Chapters 1–8 built each mechanism alone. The open models of 2025–26 combine them, and they disagree about how.
+# Qwen3-Next and Kimi Linear interleave three linear-attention layers with one full-attention layer; MiniMax-M1
+# interleaves seven with one; DeepSeek-V3.2 and GLM-5 keep attention everywhere but let each query read only
+# 2,048 chosen tokens; Mixtral and MiniMax-M2 read everything. Underneath, all but one are mixtures of experts.
+# This chapter assembles each of these from the book's layers, counts them at their real sizes, trains small
+# copies side by side on the same data, and ends on the table the survey [S] could only sketch.
+#
+# **You will learn to**
+#
+# - describe a hybrid decoder by one string — a mixer letter per layer — plus a dense or MoE FFN, and build it
+#   from chapters 1–8's layers, with caches for every mixer and token-by-token generation;
+# - count total and active parameters and the KV cache + state a sequence holds, for our configs and for
+#   transformers' configs of the same families, and explain where the published figures differ;
+# - train the families at equal size on multi-query associative recall and on real text, and see where pure
+#   linear attention loses recall and how much the hybrids and sparse selection win back;
+# - predict from cost models which family decodes cheapest at a given context, and design a layer pattern for a
+#   memory budget.
+#
+# **Prerequisites**: chapters 1–8 (each mixer's layer and cache; chapter 2's MoE; chapter 0's map of the
+# models). Cross-entropy training with AdamW.
+# **Time**: about 1.5 hours for the core path, plus the exercises; the chapter runs on a CPU in under two
+# minutes (tiny models, few steps) and shows the committed GPU results where they exist.
+#
+# **Roadmap**
+#
+# - 9.1 *Why*: four routes through one question; 9.2 *The config*: `HybridConfig`, the presets;
+# - 9.3 *The model*: `HybridLM`, caches, `generate`; 9.4 *Counting*: parameters and memory at full scale,
+#   checked against transformers and the survey;
+# - 9.5 *Cost model*: a decoding step at 128K; 9.6 *Training side by side*: recall and language modelling;
+# - 9.7 *The table*; 9.8 *Exercises*; then a summary, references and the engineering notes (transformers
+#   configs, the training script under `torchrun`, the exercise checkers).
+#
+# Layout `[B, T, H, D]` as everywhere. **[S]** is the seed survey (see References).
+
+# %% tags=["hide-input"]
+# Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
+# keeping Colab's torch; anywhere, print the versions and the device this chapter runs on.
+import importlib.util, subprocess, sys
+
+if importlib.util.find_spec("minisparse") is None:
+    if "google.colab" not in sys.modules:
+        raise ModuleNotFoundError("minisparse is not installed: from the repository root run "
+                                  "`make lab`, or `pip install -e .` in this kernel's environment")
+    # --no-deps: Colab already has torch, triton, numpy, matplotlib, ipywidgets and tqdm;
+    # never replace its torch.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "minisparse @ git+https://github.com/minisparse/minisparse@main"], check=True)
+import minisparse
+
+minisparse.runtime.print_environment()
+
+
+# %%
+import math
+import tempfile
+
+import matplotlib.pyplot as plt
+import torch
+
+from minisparse import bench, runtime, viz
+from minisparse.testing import assert_close
+
+torch.manual_seed(0)
+BACKEND = "auto" if runtime.has_gpu() else "naive"  # on a CPU the layers' PyTorch paths are faster
+
+# %% [markdown]
+# ## 9.1 Why: four routes through one question
+#
+# Every model of the survey [S] answers the same question — how should a layer mix tokens when the context is
+# 128K to 1M long? — and the answers fall into four routes:
+#
+# | route | models (survey figures) | what a layer reads for one new token |
+# |---|---|---|
+# | hybrid linear / full | Qwen3-Next 80B-A3B (3 Gated DeltaNet : 1 gated attention), Kimi Linear 48B-A3B (3 KDA : 1 MLA) | a fixed-size state in 3 of 4 layers, the whole cache in 1 |
+# | mostly linear | MiniMax-M1 456B / 45.9B (7 lightning : 1 softmax) | a state in 7 of 8 layers |
+# | sparse selection | DeepSeek-V3.2 685B / 37B, GLM-5 (DSA on MLA, every layer) | 2,048 chosen cache entries, after an indexer scores them all |
+# | full attention | Mixtral 8x7B, MiniMax-M2 | the whole cache in every layer |
+#
+# The survey also records the tension between them: MiniMax went back to full attention for M2, citing accuracy
+# on reasoning and multi-turn tasks, and brought lightning attention back in M2.5. A fixed-size state is cheap
+# and forgets; a cache is exact and grows. To compare the routes on equal terms we need them in one framework:
+# one model class in which only the mixer of each layer changes. Everything else — embeddings, RMSNorm,
+# residuals, the FFN (dense or chapter 2's MoE) — is shared.
+
+# %%
+B = viz.Box
+boxes = {
+    "ids": B(0, 0, "token ids"), "emb": B(2.1, 0, "embedding"),
+    "n1": B(4.2, 0, "RMSNorm", w=1.3), "mix": B(6.3, 0, "mixer\nF M L G K N D", h=0.9,
+                                              color="#fde2c8", note="one letter a layer"),
+    "n2": B(8.4, 0, "RMSNorm", w=1.3), "ffn": B(10.5, 0, "FFN\ndense or MoE", h=0.9,
+                                              color="#e3f1d8", note="router, experts, shared"),
+    "out": B(12.6, 0, "RMSNorm →\nLM head", h=0.9), "pat": B(6.3, -1.9, "pattern 'GGGF' × 12 "
+                                                            "(Qwen3-Next), 'LLLLLLLF' × 10 "
+                                                            "(MiniMax-M1), 'D' × 61 (V3.2)",
+                                                            w=8.5, color="#f3f3f3"),
+}
+arrows = [("ids", "emb"), ("emb", "n1"), ("n1", "mix"), ("mix", "n2", "+ x"), ("n2", "ffn"),
+          ("ffn", "out", "+ h"), ("pat", "mix")]
+fig = viz.schematic(boxes, arrows, groups=[(("n1", "mix", "n2", "ffn"), "Block × num_layers")],
+                    title="HybridLM: one block, repeated; only the mixer's letter changes",
+                    size=(11, 3.6))
+plt.show()
+
+# %% [markdown]
+# ## 9.2 The config
+#
+# A `HybridConfig` is a flat list of shapes. Its `pattern` holds one letter a layer — `F` full softmax attention
+# (GQA, optionally Qwen3-Next's output gate), `M` MLA, `L` lightning, `G` Gated DeltaNet, `K` KDA, `N` NSA, `D`
+# DSA — repeated to `num_layers` (so `"GGGF"` with 48 layers is Qwen3-Next's 3:1) or written out in full (Kimi
+# Linear's 27 layers end on a 2:1 block). The FFN is dense for the first `first_dense_layers` layers and an MoE
+# afterwards when `num_experts > 0`. Each mixer reads only its own fields.
+
+# %%
+#| export models.config
+import dataclasses
+from dataclasses import dataclass
+
+MIXERS = {  # pattern letter -> the mixer of that layer (the chapter that built it)
+    "F": "full softmax attention, GQA (+ output gate) — chapter 1",
+    "M": "multi-head latent attention — chapter 3",
+    "L": "lightning attention — chapter 4",
+    "G": "Gated DeltaNet — chapter 5",
+    "K": "Kimi Delta Attention — chapter 6",
+    "N": "native sparse attention — chapter 7",
+    "D": "DeepSeek sparse attention on MLA — chapter 8",
+}
+
+
+@dataclass
+class HybridConfig:
+    """The shape of a hybrid decoder: one mixer letter a layer (`MIXERS`), then a dense or MoE FFN.
+
+    `pattern` is repeated to `num_layers` (its length must divide it) or spelled out in full.
+    Fields are grouped by the mixer that reads them; a mixer ignores the others' fields.
+    """
+    name: str = "custom"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 4
+    pattern: str = "F"
+    # F and N: softmax attention with GQA
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    attn_gate: bool = False  # Qwen3-Next's sigmoid output gate
+    qk_norm: bool = False
+    rotary_dim: int | None = None  # partial RoPE (None: the whole head)
+    rope_theta: float = 10000.0
+    # M and D: MLA (num_heads query heads), D adds the lightning indexer
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    index_n_heads: int = 2
+    index_head_dim: int = 16
+    index_topk: int = 16
+    indexer_rope_interleave: bool = False
+    indexer_loss_weight: float = 1.0  # the indexer's KL distillation loss, added while training
+    # L, G, K: linear attention. Heads of lightning and KDA, value heads of Gated DeltaNet
+    linear_num_heads: int = 4
+    linear_num_k_heads: int | None = None  # Gated DeltaNet's key heads (None: linear_num_heads)
+    linear_head_dim: int = 16
+    conv_kernel_size: int = 4
+    lightning_block_size: int = 64
+    # N: NSA's selection
+    nsa_block_size: int = 16
+    nsa_block_counts: int = 3
+    nsa_window: int = 16
+    # the FFN: dense SwiGLU, or MoE from layer first_dense_layers on when num_experts > 0
+    intermediate_size: int = 128
+    num_experts: int = 0
+    top_k: int = 2
+    moe_intermediate_size: int = 64
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    first_dense_layers: int = 0
+    # the rest
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    zero_centered_norm: bool = False  # Qwen3-Next's RMSNorm: weight stored as w − 1
+    backend: str = "auto"
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def layer_kinds(self):
+        """The pattern spelled out: one mixer letter for each of the num_layers layers."""
+        return list(self.pattern * (self.num_layers // len(self.pattern)))
+
+    def is_moe(self, i):
+        """Whether layer i's FFN is a mixture of experts."""
+        return self.num_experts > 0 and i >= self.first_dense_layers
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+
+# %%
+#| export models.config
+def _bad(field, why, value):
+    return ValueError(f"HybridConfig.{field}: {why}, got {value!r}")
+
+
+def validate(c):
+    """Raise ValueError naming the field for a config no model can be built from."""
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "index_n_heads", "index_head_dim", "index_topk", "linear_num_heads",
+              "linear_head_dim", "intermediate_size", "top_k", "moe_intermediate_size"):
+        v = getattr(c, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _bad(f, "must be an int > 0", v)
+    if not isinstance(c.pattern, str) or not c.pattern:
+        raise _bad("pattern", f"must be a non-empty string of mixer letters {''.join(MIXERS)}",
+                   c.pattern)
+    unknown = sorted(set(c.pattern) - set(MIXERS))
+    if unknown:
+        raise _bad("pattern", f"unknown mixer letters {unknown}; known: "
+                   + ", ".join(f"{k} = {v.split(' —')[0]}" for k, v in MIXERS.items()), c.pattern)
+    if c.num_layers % len(c.pattern):
+        raise _bad("num_layers", f"must be a multiple of len(pattern) = {len(c.pattern)} "
+                   f"(pattern {c.pattern!r} repeats)", c.num_layers)
+    if c.head_dim is None and c.hidden_size % c.num_heads:
+        raise _bad("num_heads", f"must divide hidden_size = {c.hidden_size} when head_dim is None",
+                   c.num_heads)
+    if c.num_heads % c.num_kv_heads:
+        raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
+    k_heads = c.linear_num_k_heads or c.linear_num_heads
+    if c.linear_num_heads % k_heads:
+        raise _bad("linear_num_k_heads", f"must divide linear_num_heads = {c.linear_num_heads}",
+                   k_heads)
+    if c.num_experts:
+        if c.top_k > c.num_experts:
+            raise _bad("top_k", f"must be <= num_experts = {c.num_experts}", c.top_k)
+        if c.router not in ("softmax", "deepseek"):
+            raise _bad("router", "must be 'softmax' or 'deepseek'", c.router)
+    if not 0 <= c.first_dense_layers <= c.num_layers:
+        raise _bad("first_dense_layers", f"must be in [0, num_layers = {c.num_layers}]",
+                   c.first_dense_layers)
+    if c.backend not in ("auto", "naive", "triton"):
+        raise _bad("backend", "must be 'auto', 'naive' or 'triton'", c.backend)
+
+# %% [markdown]
+# The presets give each surveyed model its real shapes (`scale="full"`, taken from transformers' configs and
+# the released config files) and a reading-size copy (`scale="small"`): the same pattern, router and shared
+# expert, at hidden size 64, 8 layers, 8 experts top-2 and byte-level vocabulary, so that the families differ
+# only in their mixers. Keyword arguments override any field.
+
+# %%
+#| export models.config
+_SMALL = dict(vocab_size=256, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+              head_dim=16, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+              v_head_dim=16, index_n_heads=8, index_head_dim=16, index_topk=16,
+              linear_num_heads=4, linear_head_dim=16, intermediate_size=192, num_experts=8,
+              top_k=2, moe_intermediate_size=48)
+
+
+def _preset(name, scale, small, full, overrides):
+    if scale not in ("small", "full"):
+        raise ValueError(f"{name}: scale must be 'small' or 'full', got {scale!r}")
+    fields = {**_SMALL, **small} if scale == "small" else dict(full)
+    return HybridConfig(name=name, **{**fields, **overrides})
+
+
+def deepseek_v32_like(scale="small", **overrides):
+    """DeepSeek-V3.2: DSA on MLA in all 61 layers; 3 dense FFNs, then 256 experts top-8 + 1 shared
+    (sigmoid router, 8 groups)."""
+    moe = dict(router="deepseek", routed_scaling_factor=2.5, first_dense_layers=3)
+    return _preset("deepseek_v32_like", scale,
+                   dict(pattern="D", shared_intermediate_size=48, q_lora_rank=32, **moe,
+                        n_group=2, topk_group=1),
+                   dict(vocab_size=129280, hidden_size=7168, num_layers=61, pattern="D",
+                        num_heads=128, num_kv_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        index_n_heads=64, index_head_dim=128, index_topk=2048,
+                        intermediate_size=18432, num_experts=256, top_k=8,
+                        moe_intermediate_size=2048, shared_intermediate_size=2048, n_group=8,
+                        topk_group=4, **moe), overrides)
+
+
+def glm5_like(scale="small", **overrides):
+    """GLM-5 (transformers' GlmMoeDsa defaults): DSA on MLA, 78 layers, 3 dense FFNs, then 256
+    experts top-8 + 1 shared; the indexer rotates interleaved pairs."""
+    moe = dict(router="deepseek", routed_scaling_factor=2.5, first_dense_layers=3,
+               indexer_rope_interleave=True)
+    return _preset("glm5_like", scale,
+                   dict(pattern="D", shared_intermediate_size=48, q_lora_rank=32, **moe),
+                   dict(vocab_size=154880, hidden_size=6144, num_layers=78, pattern="D",
+                        num_heads=64, num_kv_heads=64, q_lora_rank=2048, kv_lora_rank=512,
+                        qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+                        index_n_heads=32, index_head_dim=128, index_topk=2048,
+                        intermediate_size=12288, num_experts=256, top_k=8,
+                        moe_intermediate_size=2048, shared_intermediate_size=2048,
+                        norm_eps=1e-5, **moe), overrides)
+
+
+def qwen3_next_like(scale="small", **overrides):
+    """Qwen3-Next-80B-A3B: 3 Gated DeltaNet : 1 gated attention (GQA 16/2, head 256, partial
+    RoPE); 512 experts top-10 + a gated shared expert in every layer."""
+    attn = dict(pattern="GGGF", attn_gate=True, qk_norm=True, zero_centered_norm=True,
+                shared_expert_gate=True)
+    return _preset("qwen3_next_like", scale,
+                   dict(linear_num_k_heads=2, rotary_dim=8, shared_intermediate_size=48,
+                        **attn),
+                   dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=16,
+                        num_kv_heads=2, head_dim=256, rotary_dim=64, linear_num_heads=32,
+                        linear_num_k_heads=16, linear_head_dim=128, num_experts=512,
+                        top_k=10, moe_intermediate_size=512, shared_intermediate_size=512,
+                        **attn), overrides)
+
+
+# %%
+#| export models.config
+KIMI_LINEAR_PATTERN = "KKKM" * 6 + "KKM"  # the released 48B: MLA at layers 4, 8, …, 24 and 27
+
+
+def kimi_linear_like(scale="small", **overrides):
+    """Kimi Linear 48B-A3B: 3 KDA : 1 MLA (NoPE in the model; MLA's RoPE kept here), 27 layers
+    (the last block 2:1); a dense first FFN, then 256 experts top-8 + 1 shared."""
+    moe = dict(router="deepseek", routed_scaling_factor=2.446, first_dense_layers=1)
+    return _preset("kimi_linear_like", scale,
+                   dict(pattern="KKKM", shared_intermediate_size=48, **moe),
+                   dict(vocab_size=163840, hidden_size=2304, num_layers=27,
+                        pattern=KIMI_LINEAR_PATTERN, num_heads=32, num_kv_heads=32,
+                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, linear_num_heads=32, linear_head_dim=128,
+                        intermediate_size=9216, num_experts=256, top_k=8,
+                        moe_intermediate_size=1024, shared_intermediate_size=1024,
+                        norm_eps=1e-5, **moe), overrides)
+
+
+def minimax_m1_like(scale="small", **overrides):
+    """MiniMax-M1 (MiniMax-Text-01's shapes): 7 lightning : 1 softmax attention over 80 layers,
+    32 experts top-2, no shared expert."""
+    return _preset("minimax_m1_like", scale,
+                   dict(pattern="LLLLLLLF", rotary_dim=8),
+                   dict(vocab_size=200064, hidden_size=6144, num_layers=80, pattern="LLLLLLLF",
+                        num_heads=64, num_kv_heads=8, head_dim=128, rotary_dim=64,
+                        rope_theta=1e7, linear_num_heads=64, linear_head_dim=128,
+                        lightning_block_size=256, num_experts=32, top_k=2,
+                        moe_intermediate_size=9216, norm_eps=1e-5), overrides)
+
+
+def mixtral_like(scale="small", **overrides):
+    """Mixtral 8x7B: full GQA attention (32/8 heads) in every layer, 8 experts top-2."""
+    return _preset("mixtral_like", scale, dict(pattern="F", rope_theta=1e6),
+                   dict(vocab_size=32000, hidden_size=4096, num_layers=32, pattern="F",
+                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                        num_experts=8, top_k=2, moe_intermediate_size=14336, norm_eps=1e-5),
+                   overrides)
+
+
+def dense_baseline(scale="small", **overrides):
+    """Full attention and a dense SwiGLU in every layer (Mistral-7B's shapes at full scale)."""
+    return _preset("dense_baseline", scale, dict(pattern="F", num_experts=0),
+                   dict(vocab_size=32000, hidden_size=4096, num_layers=32, pattern="F",
+                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                        intermediate_size=14336, norm_eps=1e-5), overrides)
+
+
+PRESETS = {f.__name__: f for f in (deepseek_v32_like, qwen3_next_like, kimi_linear_like,
+                                   minimax_m1_like, glm5_like, mixtral_like, dense_baseline)}
+
+# %%
+for name, preset in PRESETS.items():
+    c = preset()
+    print(f"{name:18s} pattern {''.join(c.layer_kinds)}  FFN "
+          f"{'dense' if not c.num_experts else f'{c.num_experts} experts top-{c.top_k}'}")
+
+# %% [markdown]
+# A config no model can be built from fails when it is made, naming the field: an unknown letter, a layer
+# count the pattern does not divide (`num_layers`), heads that do not split the hidden size (`num_heads`).
+
+# %%
+for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_heads=5)):
+    try:
+        HybridConfig(**bad)
+    except ValueError as err:
+        print(err)
+    else:
+        raise AssertionError(f"{bad} was accepted")
+
+# %% [markdown]
+# ## 9.3 The model
+#
+# Each chapter's layer has its own calling convention: the attention layers take a cache object and return the
+# output; the recurrent ones take and return a state; NSA has no cache at all. `Mixer` puts one interface in
+# front of all seven — `forward(x, cache)` returns the output and updates the cache in place — without changing
+# the layers:
+#
+# - `F`, `M`, `D` use their own caches (`KVCache`, `MLACache`, `DSACache`), which grow with the context;
+# - `L`, `G`, `K` keep a `StateCache`: the `(conv_state, recurrent_state)` the layer returned last, constant in
+#   size;
+# - `N` keeps the layer's past *inputs* (`InputCache`) and recomputes its keys and values at each step with
+#   `last=` new tokens: NSA's layer has no KV cache of its own, so this is the simple correct wrapper, not the
+#   fast one.
+#
+# DSA's indexer learns only from its own loss (chapter 8: its inputs are detached). While training, the mixer
+# computes that KL to the dense attention over the selected keys and hands it to the model as `aux_loss` —
+# sparse training from the first step, where DeepSeek first warmed the indexer up on a dense checkpoint.
+
+# %%
+#| export models.model
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisparse.attention import Attention, RMSNorm
+from minisparse.deltanet import GatedDeltaNet
+from minisparse.dsa import DSAttention, indexer_kl_loss
+from minisparse.kda import KimiDeltaAttention
+from minisparse.lightning import LightningAttention
+from minisparse.mla import MLA
+from minisparse.moe import MoE, SwiGLU
+from minisparse.nsa import NativeSparseAttention
+
+
+class StateCache:
+    """A recurrent layer's cache: its state after the `length` tokens it has read."""
+
+    def __init__(self):
+        self.state, self.length = None, 0
+
+    def __len__(self):
+        return self.length
+
+
+class InputCache(StateCache):
+    """For a layer without a cache of its own (NSA): the layer inputs seen so far [B, length, d]."""
+
+
+class Mixer(nn.Module):
+    """One layer's token mixer behind one interface: forward(x [B, T, d], cache=None) -> [B, T, d].
+
+    `layer` is the chapter's module, unchanged; the cache (new_cache) is the layer's own (KVCache,
+    MLACache, DSACache), a StateCache for the recurrent layers, or an InputCache for NSA.
+    """
+
+    def __init__(self, kind, c, index):
+        super().__init__()
+        self.kind, self.aux_loss = kind, None
+        self.indexer_loss_weight = c.indexer_loss_weight
+        mla = dict(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+                   qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                   v_head_dim=c.v_head_dim, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                   backend=c.backend)
+        H, d = c.linear_num_heads, c.linear_head_dim
+        if kind == "F":
+            self.layer = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                   gate=c.attn_gate, qk_norm=c.qk_norm,
+                                   zero_centered_norm=c.zero_centered_norm, norm_eps=c.norm_eps,
+                                   rope_theta=c.rope_theta, rotary_dim=c.rotary_dim,
+                                   backend=c.backend)
+        elif kind == "M":
+            self.layer = MLA(c.hidden_size, c.num_heads, **mla)
+        elif kind == "D":
+            mla["q_lora_rank"] = c.q_lora_rank or c.kv_lora_rank  # the indexer reads q's latent
+            self.layer = DSAttention(c.hidden_size, c.num_heads, index_n_heads=c.index_n_heads,
+                                     index_head_dim=c.index_head_dim, index_topk=c.index_topk,
+                                     indexer_rope_interleave=c.indexer_rope_interleave, **mla)
+        elif kind == "L":
+            self.layer = LightningAttention(c.hidden_size, H, d, index, c.num_layers,
+                                            block_size=c.lightning_block_size, eps=c.norm_eps,
+                                            backend=c.backend)
+        elif kind == "G":
+            self.layer = GatedDeltaNet(c.hidden_size, c.linear_num_k_heads or H, H, d, d,
+                                       c.conv_kernel_size, c.norm_eps, backend=c.backend)
+        elif kind == "K":
+            self.layer = KimiDeltaAttention(c.hidden_size, H, d, c.conv_kernel_size, c.norm_eps,
+                                            backend=c.backend)
+        else:  # "N"
+            self.layer = NativeSparseAttention(
+                c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim or c.hidden_size
+                // c.num_heads, block_size=c.nsa_block_size, block_counts=c.nsa_block_counts,
+                window_size=c.nsa_window, rope_theta=c.rope_theta, backend=c.backend)
+
+    def new_cache(self, batch, max_len):
+        if self.kind in "FMD":
+            return self.layer.new_cache(batch, max_len)
+        return InputCache() if self.kind == "N" else StateCache()
+
+    def forward(self, x, cache=None):
+        if self.kind == "D" and self.training and self.indexer_loss_weight > 0:
+            # DSA's indexer learns only from its distillation loss (chapter 8): KL to the dense
+            # attention, over the selected keys; sparse attention from the first step
+            y, indices, scores = self.layer(x, cache, return_indices=True)
+            p = self.layer.attention_probs(x.detach())  # [B, T, H, T], a target
+            self.aux_loss = self.indexer_loss_weight * indexer_kl_loss(p, scores, indices)
+            return y
+        if self.kind in "FMD":
+            return self.layer(x, cache)
+        if self.kind == "N":
+            if cache is None:
+                return self.layer(x)
+            seen = x if cache.state is None else torch.cat([cache.state, x], dim=1)
+            cache.state, cache.length = seen, seen.shape[1]
+            return self.layer(seen, last=x.shape[1])  # all keys, the new queries
+        y, state = self.layer(x, state=None if cache is None else cache.state,
+                              use_cache=cache is not None)
+        if cache is not None:
+            cache.state, cache.length = state, cache.length + x.shape[1]
+        return y
+
+# %%
+#| export models.model
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then h + ffn(norm(h)); the FFN is a SwiGLU
+    or chapter 2's MoE (router, routed experts, optional gated shared expert)."""
+
+    def __init__(self, c, index):
+        super().__init__()
+        kind = c.layer_kinds[index]
+        self.input_norm = RMSNorm(c.hidden_size, c.norm_eps, c.zero_centered_norm)
+        self.mixer = Mixer(kind, c, index)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.norm_eps, c.zero_centered_norm)
+        if c.is_moe(index):
+            self.ffn = MoE(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.top_k,
+                           router=c.router, n_group=c.n_group, topk_group=c.topk_group,
+                           routed_scaling_factor=c.routed_scaling_factor,
+                           shared_intermediate_size=c.shared_intermediate_size,
+                           shared_expert_gate=c.shared_expert_gate, backend=c.backend)
+        else:
+            self.ffn = SwiGLU(c.hidden_size, c.intermediate_size)
+
+    def forward(self, x, cache=None):  # x [B, T, d]
+        h = x + self.mixer(self.input_norm(x), cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class HybridLM(nn.Module):
+    """A decoder-only LM from a HybridConfig: embeddings -> Blocks -> RMSNorm -> LM head.
+
+    forward(input_ids [B, T] int64, caches=None) -> logits [B, T, vocab] fp32. With caches
+    (new_caches) the T tokens follow the ones already cached, so decoding token by token gives the
+    prefill's logits. After a training forward, `aux_loss` holds the layers' auxiliary losses
+    (DSA's indexer distillation), or None.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.zero_centered_norm)
+        self.lm_head = (None if config.tie_embeddings else
+                        nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.aux_loss = None
+        if self.embed_tokens.weight.device.type != "meta":
+            nn.init.normal_(self.embed_tokens.weight, std=0.02)
+
+    def forward(self, input_ids, caches=None):
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"HybridLM: input_ids must be [B, T] int64, got "
+                             f"{tuple(input_ids.shape)} {input_ids.dtype}")
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"HybridLM: caches must hold one cache a layer ({len(self.layers)}),"
+                             f" got {len(caches)}; make them with new_caches")
+        x = self.embed_tokens(input_ids)  # [B, T, d]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if caches is None else caches[i])
+        x = self.norm(x)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        aux = [m.aux_loss for m in self.modules() if isinstance(m, Mixer) and
+               m.aux_loss is not None]
+        self.aux_loss = sum(aux) if aux and self.training else None
+        for m in self.modules():
+            if isinstance(m, Mixer):
+                m.aux_loss = None
+        return F.linear(x, w).float()  # [B, T, vocab]
+
+    def new_caches(self, batch, max_len):
+        """One empty cache a layer, for `batch` sequences of up to `max_len` tokens."""
+        return [layer.mixer.new_cache(batch, max_len) for layer in self.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None):
+        """Prefill the prompt [B, T], then decode max_new_tokens one at a time from the caches:
+        greedy (temperature 0) or sampled. Returns [B, T + max_new_tokens]."""
+        was_training = self.training
+        self.eval()
+        input_ids = input_ids.to(self.embed_tokens.weight.device)
+        B, T = input_ids.shape
+        caches = self.new_caches(B, T + max_new_tokens)
+        out, logits = input_ids, self(input_ids, caches)[:, -1]  # [B, vocab]
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+            logits = self(nxt, caches)[:, -1]
+        self.train(was_training)
+        return out
+
+# %% [markdown]
+# The contract of the caches: feeding a sequence in pieces — a 17-token prefill, then one token at a time — gives
+# the logits of one pass over the whole sequence, for every preset. (DSA's top-k needs scores without ties for
+# this to hold exactly: ReLU makes exact-zero scores common when the indexer has few heads, so the small presets
+# give it 8; see the engineering notes.)
+
+# %%
+ids = torch.randint(0, 256, (2, 40))
+for name, preset in PRESETS.items():
+    model = HybridLM(preset(backend=BACKEND)).eval()
+    with torch.no_grad():
+        full = model(ids)  # [2, 40, 256]
+        caches = model.new_caches(2, 40)
+        steps = [model(ids[:, :17], caches)] + [model(ids[:, t:t + 1], caches)
+                                                 for t in range(17, 40)]
+    assert_close(f"{name}: token by token vs one pass", full, torch.cat(steps, dim=1), 1e-4)
+
+# %% [markdown]
+# `generate` is that loop: prefill the prompt into fresh caches, then feed back one token at a time. An untrained
+# model generates noise, of course; section 9.6 trains them.
+
+# %%
+model = HybridLM(qwen3_next_like(backend=BACKEND))
+print(model.generate(torch.tensor([list(b"def ")]), 12)[0].tolist())
+
+# %% [markdown]
+# ## 9.4 Counting: parameters and memory at full scale
+#
+# `param_counts` builds the model on PyTorch's **meta device** — shapes without storage, so DeepSeek-V3.2's 672
+# billion parameters cost no memory — and counts. *Total* counts every parameter once (tied embeddings once).
+# *Active* subtracts the routed experts a token does not use: in each MoE layer $(E - k)$ experts of
+# $3 \cdot d \cdot d_{ff}$ parameters; embeddings, attention, shared experts and routers are always active.
+
+# %%
+#| export models.count
+import torch
+
+from minisparse.models.model import HybridLM
+
+
+def _as_config(config):
+    """A HybridConfig as is; a transformers config converted (config_from_hf, engineering notes)."""
+    if hasattr(config, "layer_kinds"):  # a HybridConfig
+        return config
+    if hasattr(config, "model_type"):
+        from minisparse.models.hf import config_from_hf
+        return config_from_hf(config)
+    raise TypeError(f"expected a HybridConfig or a transformers config, got {type(config)}")
+
+
+def param_counts(config):
+    """{"total", "active"} parameters of the model built from `config` (a HybridConfig or a
+    transformers config of a SUPPORTED family), counted on the meta device. total: every parameter
+    once (tied embeddings once, no MTP layers); active: total minus the routed experts a token
+    does not use (embeddings and LM head included)."""
+    c = _as_config(config)
+    if repr(c) in _COUNTED:  # building a 700B model on meta takes a fraction of a second
+        return dict(_COUNTED[repr(c)])
+    with torch.device("meta"):
+        model = HybridLM(c)
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for layer in model.layers:
+        experts = getattr(layer.ffn, "experts", None)
+        if experts is not None:
+            per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
+            idle += (c.num_experts - c.top_k) * per_expert
+    _COUNTED[repr(c)] = {"total": total, "active": total - idle}
+    return dict(_COUNTED[repr(c)])
+
+
+_COUNTED = {}
+
+# %% [markdown]
+# The same function takes a transformers config of the supported families (DeepSeek-V3/V3.2, GLM-5's
+# `GlmMoeDsa`, Qwen3-Next, Kimi Linear, MiniMax, Mixtral): `config_from_hf` reads its shapes into a
+# `HybridConfig`. Built on the meta device at their default configs, transformers' own `ForCausalLM` models have
+# exactly as many parameters as ours, family by family (the engineering notes show it; the tests assert it).
+
+# %% [markdown]
+# Now the presets at full scale against the published figures. Two conventions explain every gap:
+#
+# - **MTP layers.** DeepSeek-V3/V3.2 ship a multi-token-prediction module (one more MoE layer, a projection
+#   $2d \to d$, its own copies of embedding and head): 685B = 671.9B of model + about 14B of MTP. Inference
+#   without speculative decoding never runs it, and transformers does not build it; we count it only here.
+# - **Embeddings.** "Activated" figures leave out the embedding table and usually the LM head: MiniMax-M1's
+#   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B), DeepSeek's 37B our 38.4B
+#   minus the input table. Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way.
+
+# %%
+SURVEY = {  # (total, active) as published: the survey [S]; Kimi Linear: its model card
+    "deepseek_v32_like": (685e9, 37e9), "qwen3_next_like": (80e9, 3e9),
+    "kimi_linear_like": (48e9, 3e9), "minimax_m1_like": (456e9, 45.9e9),
+    "mixtral_like": (47e9, 13e9),
+}
+
+
+def mtp_params(c):
+    """DeepSeek's MTP module: one more MoE layer, the 2d -> d projection, embedding and head."""
+    with torch.device("meta"):
+        layer = HybridLM(c.replace(num_layers=1, first_dense_layers=0)).layers[0]
+    return (sum(p.numel() for p in layer.parameters()) + 2 * c.hidden_size ** 2
+            + 2 * c.vocab_size * c.hidden_size + 2 * c.hidden_size)
+
+
+FULL = {name: preset("full") for name, preset in PRESETS.items()}
+COUNTS = {name: param_counts(c) for name, c in FULL.items()}
+print(f"{'preset':18s} {'total':>8s} {'active':>7s} {'published':>16s}  note")
+for name, c in FULL.items():
+    n, note = COUNTS[name], ""
+    emb = c.vocab_size * c.hidden_size
+    if name == "deepseek_v32_like":
+        note = f"+ MTP {mtp_params(c) / 1e9:.1f} B = {(n['total'] + mtp_params(c)) / 1e9:.1f} B"
+    elif name == "minimax_m1_like":
+        note = f"active − embedding − head = {(n['active'] - 2 * emb) / 1e9:.2f} B"
+    pub = SURVEY.get(name)
+    pub = f"{pub[0] / 1e9:5.0f} / {pub[1] / 1e9:4.1f} B" if pub else "—"
+    print(f"{name:18s} {n['total'] / 1e9:7.1f}B {n['active'] / 1e9:6.2f}B {pub:>16s}  {note}")
+dsv = FULL["deepseek_v32_like"]
+assert abs(COUNTS["deepseek_v32_like"]["total"] + mtp_params(dsv) - 685e9) < 1e9
+assert abs(COUNTS["minimax_m1_like"]["active"] - 2 * 200_064 * 6_144 - 45.9e9) < 0.1e9
+assert abs(COUNTS["mixtral_like"]["total"] - 46.7e9) < 0.1e9
+
+# %% [markdown]
+# ### Memory a sequence holds
+#
+# Decoding keeps, for each sequence, whatever the mixers need to continue: a softmax layer its keys and values
+# ($2 H_{kv} d_h$ numbers a token), MLA its latent and rotary key ($d_c + d_r$ = 576), DSA those plus the
+# indexer's key (128 more), a linear layer its $d \times d$ states (fp32) and its short convolution's last inputs
+# — constant, whatever the context.
+
+# %%
+#| export models.count
+def layer_cache_numbers(c, kind):
+    """(numbers a token, numbers a sequence) one layer of this mixer keeps when decoding: the
+    growing KV cache and the constant state (a recurrent state, a convolution's last inputs)."""
+    H, d, W = c.linear_num_heads, c.linear_head_dim, c.conv_kernel_size
+    head_dim = c.head_dim or c.hidden_size // c.num_heads
+    if kind in "FN":
+        return 2 * c.num_kv_heads * head_dim, 0  # K and V of every KV head
+    if kind in "MD":  # the latent c_kv and the rotary key; DSA adds the indexer's key
+        return c.kv_lora_rank + c.qk_rope_head_dim + (c.index_head_dim if kind == "D" else 0), 0
+    if kind == "L":
+        return 0, H * d * d  # one d x d state a head
+    if kind == "G":
+        Hk = c.linear_num_k_heads or H
+        return 0, H * d * d + (2 * Hk * d + H * d) * (W - 1)  # states + conv over q, k, v
+    return 0, H * d * d + 3 * H * d * (W - 1)  # "K"
+
+
+def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.float32):
+    """{"per_token", "per_sequence"}: the bytes every layer together caches for each token of
+    context (KV caches in `dtype`), and the constant bytes a sequence holds whatever its length
+    (recurrent states in `state_dtype`, as the layers keep them; convolution states in `dtype`).
+    config: a HybridConfig or a transformers config of a SUPPORTED family."""
+    c = _as_config(config)
+    b, bs = torch.empty(0, dtype=dtype).element_size(), torch.empty(
+        0, dtype=state_dtype).element_size()
+    per_token = per_seq = 0
+    for kind in c.layer_kinds:
+        tok, seq = layer_cache_numbers(c, kind)
+        per_token += tok * b
+        if seq:
+            state = c.linear_num_heads * c.linear_head_dim ** 2
+            per_seq += state * bs + (seq - state) * b
+    return {"per_token": per_token, "per_sequence": per_seq}
+
+
+def memory_per_sequence(config, context, dtype=torch.bfloat16):
+    """Bytes of KV cache + recurrent state one sequence of `context` tokens holds."""
+    m = kv_cache_bytes_per_token(config, dtype)
+    return m["per_token"] * context + m["per_sequence"]
+
+# %%
+GiB = 2 ** 30
+contexts = [2 ** p for p in range(10, 21)]  # 1K .. 1M
+fig, ax = plt.subplots(figsize=(7.5, 4.2))
+for name, c in FULL.items():
+    ax.loglog(contexts, [memory_per_sequence(c, T) / GiB for T in contexts], marker="o", ms=3,
+              label=f"{name} ({''.join(sorted(set(c.layer_kinds)))})")
+ax.axvline(131_072, color="#999999", lw=0.8, ls=":")
+viz.tokens_axis(ax, "context (tokens)")
+ax.set_ylabel("KV cache + state per sequence (GiB, bf16)")
+ax.set_title("Memory one sequence holds, at full scale")
+ax.legend(fontsize=7.5)
+plt.show()
+MEM = {name: kv_cache_bytes_per_token(c) for name, c in FULL.items()}
+for name, m in MEM.items():
+    print(f"{name:18s} {m['per_token'] / 1024:6.1f} KiB a token + {m['per_sequence'] / 2**20:5.1f} "
+          f"MiB a sequence; {memory_per_sequence(FULL[name], 2**20) / GiB:6.1f} GiB at 1M")
+assert MEM["deepseek_v32_like"]["per_token"] == 61 * (576 + 128) * 2  # MLA + the indexer key
+assert MEM["qwen3_next_like"]["per_token"] == 12 * 2 * 2 * 256 * 2  # 12 GQA layers, 2 KV heads
+assert round(MEM["qwen3_next_like"]["per_sequence"] / 2**20) == 74
+assert round(MEM["minimax_m1_like"]["per_sequence"] / 2**20) == 280
+assert memory_per_sequence(FULL["kimi_linear_like"], 2**20) < 8 * GiB
+
+# %% [markdown]
+# The lines sort themselves by slope: the three hybrids cache 3–16 times less a token than Mixtral's full
+# attention, because only one layer in four (or eight) caches anything; DeepSeek-V3.2 caches in every layer, but
+# MLA's latent is small. Kimi Linear's 7 MLA layers are the smallest cache of all, 8 KiB a token — under 8 GiB at
+# a million tokens, where Mixtral's holds 128. At short contexts the order flips: the linear layers' states
+# (74 MiB for Qwen3-Next, 280 MiB for MiniMax-M1) cost more than thousands of tokens of cache.
+#
+# ## 9.5 Cost model: one decoding step
+#
+# A decoding step of one sequence reads every active weight once, plus what its mixers read: the whole cache
+# for full attention and MLA, every index key but only $k$ = 2,048 latents for DSA, the state for a linear
+# layer. On a GPU a step is memory-bound, so bytes read are a good first estimate of its time. The FLOPs: two
+# a weight, plus each mixer's own work — $4 H d_h T$ for softmax attention over $T$ tokens, MLA's absorbed form
+# over $2 d_c + d_r$ numbers a key, DSA's indexer over all $T$ keys and its attention over $k$ = 2,048 of them, a
+# linear layer's $O(H d^2)$ state update whatever $T$.
+
+# %%
+#| export models.cost
+from minisparse.models.count import _as_config, layer_cache_numbers, param_counts
+
+
+def _nsa_keys(c, context):
+    """Keys an NSA query reads: compressed summaries + selected blocks + the window."""
+    keys = context // c.nsa_block_size + c.nsa_block_counts * c.nsa_block_size + c.nsa_window
+    return min(context, keys)
+
+
+def mixer_decode_flops(c, kind, context):
+    """FLOPs of one layer's token mixing for one new token at `context` (projections excluded:
+    they are in 2 × active parameters)."""
+    head_dim = c.head_dim or c.hidden_size // c.num_heads
+    H, d = c.linear_num_heads, c.linear_head_dim
+    if kind in "FN":  # q·k and p·v over every key read
+        return 4 * c.num_heads * head_dim * (context if kind == "F" else _nsa_keys(c, context))
+    if kind in "MD":  # absorbed MLA: scores over r + dr numbers, values over r
+        width = 2 * c.kv_lora_rank + c.qk_rope_head_dim
+        if kind == "M":
+            return 2 * c.num_heads * width * context
+        indexer = 2 * c.index_n_heads * c.index_head_dim * context
+        return indexer + 2 * c.num_heads * width * min(context, c.index_topk)
+    return 4 * H * d * d * (2 if kind in "GK" else 1)  # read + update a d x d state (+ delta)
+
+
+def mixer_decode_bytes(c, kind, context, dtype_bytes=2, state_bytes=4):
+    """Bytes of cache or state one layer reads for one new token at `context`: the whole cache
+    (F, M), the index keys of all tokens and the latents of top-k (D), the keys NSA selects (N),
+    the state (L, G, K)."""
+    tok, seq = layer_cache_numbers(c, kind)
+    if kind == "D":
+        latent = tok - c.index_head_dim
+        return dtype_bytes * (c.index_head_dim * context + latent * min(context, c.index_topk))
+    if kind == "N":
+        return dtype_bytes * tok * _nsa_keys(c, context)
+    if seq:
+        state = c.linear_num_heads * c.linear_head_dim ** 2
+        return state * state_bytes + (seq - state) * dtype_bytes
+    return dtype_bytes * tok * context
+
+
+def decode_cost(config, context, dtype_bytes=2):
+    """One decoding step of one sequence at `context` tokens: {"flops", "bytes"}. bytes = the
+    active weights (the embedding table excluded: one row is read) + what each mixer reads."""
+    c = _as_config(config)
+    active = param_counts(c)["active"] - c.vocab_size * c.hidden_size * (not c.tie_embeddings)
+    flops = 2 * active + sum(mixer_decode_flops(c, k, context) for k in c.layer_kinds)
+    read = sum(mixer_decode_bytes(c, k, context, dtype_bytes) for k in c.layer_kinds)
+    return {"flops": flops, "bytes": active * dtype_bytes + read}
+
+# %%
+T128 = 131_072
+COST = {name: decode_cost(c, T128) for name, c in FULL.items()}
+for name, cost in COST.items():
+    print(f"{name:18s} {cost['bytes'] / 1e9:6.1f} GB read, {cost['flops'] / 1e9:7.1f} GFLOP "
+          f"a step at 128K")
+v32 = FULL["deepseek_v32_like"]
+dense_mla = decode_cost(v32.replace(pattern="M"), T128)
+print(f"DSA vs the same model with dense MLA: {COST['deepseek_v32_like']['flops'] / 1e9:.0f} vs "
+      f"{dense_mla['flops'] / 1e9:.0f} GFLOP")
+assert COST["deepseek_v32_like"]["flops"] < 0.15 * dense_mla["flops"]
+
+# %% [markdown]
+# ## 9.6 Training side by side
+#
+# Counting says what the routes cost; training says what they buy. Two tasks, every model on the same batches:
+#
+# - **Multi-query associative recall (MQAR)**: a sequence lists $N$ key–value pairs, then asks for the values of
+#   some keys again, `k1 v1 k2 v2 … kN vN · q1 a1 q2 a2 …`, with the loss only on the answers. Softmax attention
+#   solves it by looking back (an induction head); a fixed-size state must *store* $N$ associations in $d \times d$
+#   numbers a head, and the delta rule's overwrites help but cannot beat the arithmetic — recall falls as $N$
+#   grows. This is the survey's "linear attention accuracy" tension in its smallest form.
+# - **Language modelling** on the Python standard library's own source files, byte by byte: a corpus that exists
+#   offline on every machine with Python, Colab included.
+#
+# `train` is a plain AdamW loop with a tqdm bar; `save_checkpoint` / `load_checkpoint` store weights, optimiser
+# state, the next step and the loss history as plain tensors and numbers, so `torch.load(weights_only=True)`
+# reads them and a resumed run continues the same loss curve.
+
+# %%
+#| export models.training
+import pathlib
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+IGNORE = -100  # a target position without a loss
+
+
+def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None):
+    """Multi-query associative recall: N key-value pairs, then queries of some of the keys.
+
+    Keys come from [0, vocab/2), values from [vocab/2, vocab). The sequence is k1 v1 … kN vN,
+    then q1 a1 q2 a2 … (each q a key from the pairs, each a its value); the targets are the
+    answers a at the positions of their queries, IGNORE elsewhere. Returns (input_ids [B, T],
+    targets [B, T]) int64 with T = 2 (N + num_queries); num_queries defaults to N.
+    """
+    Q = num_pairs if num_queries is None else num_queries
+    half = vocab // 2
+    if not 0 < num_pairs <= half:
+        raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
+                         f"{num_pairs}")
+    keys = torch.rand(batch, half, generator=generator).argsort(-1)[:, :num_pairs]  # distinct
+    values = torch.randint(half, vocab, (batch, num_pairs), generator=generator)
+    ask = torch.randint(0, num_pairs, (batch, Q), generator=generator)  # which pair each query
+    q, a = keys.gather(1, ask), values.gather(1, ask)  # [B, Q]
+    ids = torch.cat([torch.stack([keys, values], -1).flatten(1),
+                     torch.stack([q, a], -1).flatten(1)], dim=1)  # [B, 2N + 2Q]
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, 2 * num_pairs::2] = a  # at each query, predict its answer
+    return ids, targets
+
+
+def stdlib_bytes(max_bytes=2_000_000):
+    """Text that exists offline on every machine: the Python standard library's own source
+    files, concatenated in sorted order, as bytes [max_bytes] uint8 (byte-level tokens, vocab
+    256)."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+
+
+def lm_batch(data, batch, seq_len, *, generator=None):
+    """Random windows of a byte tensor: (input_ids, targets = the next bytes), [B, seq_len]."""
+    start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    rows = torch.stack([data[s:s + seq_len + 1] for s in start.tolist()]).long()
+    return rows[:, :-1], rows[:, 1:]
+
+
+def lm_loss(model, ids, targets):
+    """Next-token cross-entropy over the positions with a target, plus the model's auxiliary
+    losses."""
+    logits = model(ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    aux = getattr(model, "module", model).aux_loss
+    return loss if aux is None else loss + aux, loss.detach()
+
+# %%
+from minisparse.models.training import (load_checkpoint, recall_accuracy, save_checkpoint,
+                                        train)  # the loop and checkpoints: engineering notes
+
+ids, targets = mqar_batch(1, 4, vocab=64, generator=torch.Generator().manual_seed(0))
+print("tokens ", ids[0].tolist())
+print("targets", targets[0].tolist())
+assert (targets[0, 8::2] == ids[0, 9::2]).all()  # each query's target is the answer after it
+
+# %% [markdown]
+# At reading size: two-layer models of width 64 with dense FFNs, 250 AdamW steps (600 on a GPU) on a mix of 2, 4 and 8
+# pairs (keys and values from 64 symbols), one family a letter pattern — full attention (`FF`), pure Gated
+# DeltaNet (`GG`) and lightning (`LL`), the 1:1 hybrid (`GF`, the smallest stack that has both) and DSA keeping
+# 8 tokens (`DD`). The GPU script (`bench/capstone.py`) trains the real presets longer; its results follow.
+
+# %% tags=["nbval-ignore-output"]
+STEPS, PAIRS, V = runtime.reading_size(250, 600), (2, 4, 8), 64
+LETTERS = {"full FF": "F", "linear GG": "G", "lightning LL": "L", "hybrid GF": "GF",
+           "sparse DD": "D"}
+
+
+def mqar_batches(step):
+    g = torch.Generator().manual_seed(step)  # the same batches for every model
+    return mqar_batch(32, PAIRS[step % len(PAIRS)], vocab=V, generator=g)
+
+
+small, curves, recall = {}, {}, {}
+for label, pattern in LETTERS.items():
+    torch.manual_seed(0)
+    cfg = dense_baseline(backend=BACKEND, num_layers=2, pattern=pattern, index_topk=8,
+                         intermediate_size=128)
+    small[label] = HybridLM(cfg).to(runtime.device())
+    _, hist = train(small[label], mqar_batches, STEPS, lr=3e-3, desc=label)
+    curves[label] = hist["loss"]
+    recall[label] = {n: recall_accuracy(small[label], n, vocab=V, batch=128) for n in (2, 4, 8, 16)}
+
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+for label in LETTERS:
+    ax1.plot(torch.tensor(curves[label]).view(-1, 10).mean(1), label=label)
+    ax2.plot(list(recall[label]), list(recall[label].values()), marker="o", label=label)
+ax1.set(xlabel="step / 10", ylabel="loss on the answers", title="MQAR training")
+ax2.set(xlabel="key-value pairs N", ylabel="recall accuracy", xscale="log", title="recall vs N")
+ax2.legend(fontsize=8)
+plt.show()
+for label in LETTERS:
+    params = sum(p.numel() for p in small[label].parameters())
+    print(f"{label:13s} {params / 1e3:5.0f}K params  recall "
+          + "  ".join(f"N={n}: {a:.2f}" for n, a in recall[label].items()))
+assert recall["full FF"][2] > recall["linear GG"][2] + 0.2  # attention answers, the GDN barely
+assert recall["hybrid GF"][2] > recall["linear GG"][2]  # one attention layer wins part back
+
+# %% [markdown]
+# After a few hundred steps, full attention, DSA (keeping 8 of up to 32 tokens) and lightning attention have
+# begun to answer; Gated DeltaNet alone is still close to chance (1/32), and the `GF` hybrid — one attention
+# layer of two — lands in between. Recall falls with $N$ for all of them. This is far too little training for
+# the capacity of a fixed-size state to decide the order (lightning's early lead says more about how fast a
+# plain decayed sum trains than about how much it can hold); the GPU run below, 1,000 steps and up to 64
+# pairs, is the measurement. Next, the same kind of model on text — the standard library's bytes — with a
+# checkpoint halfway through the run.
+
+# %% tags=["nbval-ignore-output"]
+data = stdlib_bytes(runtime.reading_size(300_000, 20_000_000))
+print(f"{len(data):,} bytes of the standard library, e.g. {bytes(data[:60].tolist())!r}")
+
+
+def text_batches(step):
+    return lm_batch(data, 16, 128, generator=torch.Generator().manual_seed(step))
+
+
+torch.manual_seed(0)
+lm = HybridLM(dense_baseline(backend=BACKEND, num_layers=2, pattern="GF")).to(runtime.device())
+opt, hist = train(lm, text_batches, 40, desc="lm, first half")
+with tempfile.TemporaryDirectory() as tmp:
+    save_checkpoint(f"{tmp}/lm.pt", lm, opt, 40, hist)
+    torch.manual_seed(1)
+    resumed = HybridLM(lm.config).to(runtime.device())  # fresh weights, then the checkpoint's
+    opt2, step, hist2 = load_checkpoint(f"{tmp}/lm.pt", resumed)
+_, hist2 = train(resumed, text_batches, 80, optimizer=opt2, start_step=step, history=hist2,
+                 desc="lm, resumed")
+_, straight = train(lm, text_batches, 80, optimizer=opt, start_step=40, history=dict(
+    loss=list(hist["loss"]), seconds=list(hist["seconds"])), desc="lm, straight on")
+print(f"loss {hist2['loss'][0]:.2f} -> {hist2['loss'][-1]:.2f} over {len(hist2['loss'])} steps")
+assert max(abs(a - b) for a, b in zip(hist2["loss"], straight["loss"])) < 1e-4
+sample = lm.generate(torch.tensor([list(b"import ")]), 24)[0].tolist()
+print(bytes(sample).decode(errors="replace"))
+
+# %% [markdown]
+# ### The presets on a GPU
+#
+# `bench/capstone.py` trains every preset at its small scale (8 layers, 8 experts top-2, width 128) on MQAR with
+# 4 to 64 pairs and on the standard library, with the chapters' Triton kernels, and measures training tokens/s,
+# peak memory and the latency of a decoding step after 8K tokens. It runs unchanged under `torchrun` with DDP
+# (engineering notes). Its committed results, when present, are plotted here.
+
+# %% tags=["nbval-ignore-output"]
+try:
+    RESULTS = bench.load_results("capstone")
+except (FileNotFoundError, OSError):
+    RESULTS = None
+    print("bench/results/capstone.json is not committed yet: run bench/capstone.py on a GPU")
+if RESULTS is not None:
+    rows = RESULTS["rows"]
+    print(f"{RESULTS['date']}, {RESULTS['device']}, torch {RESULTS['torch']}, "
+          f"triton {RESULTS['triton']}; {RESULTS['config']}")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name in PRESETS:
+        r = [x for x in rows if x["impl"] == name and x["task"] == "mqar"]
+        lm_rows = [x for x in rows if x["impl"] == name and x["task"] == "lm"]
+        if r:
+            ax1.plot([x["num_pairs"] for x in r], [x["recall"] for x in r], marker="o", label=name)
+        if lm_rows:
+            ax2.plot(lm_rows[0]["loss"], label=name)
+    ax1.set(xscale="log", xlabel="key-value pairs N", ylabel="recall", title="MQAR recall")
+    ax2.set(xlabel="step (subsampled)", ylabel="loss (nats a byte)", title="standard library")
+    ax1.legend(fontsize=7)
+    plt.show()
+
+# %% [markdown]
+# ## 9.7 The table
+#
+# Everything above in one table, generated from the code: the mechanism of each family, its parameters and
+# memory at full scale (section 9.4), a decoding step at 128K (section 9.5), and — where the GPU results are
+# committed — recall with the most pairs, training throughput and decode latency at small scale.
+
+# %%
+MECHANISM = {
+    "deepseek_v32_like": "DSA on MLA, every layer", "glm5_like": "DSA on MLA, every layer",
+    "qwen3_next_like": "3 Gated DeltaNet : 1 gated GQA", "kimi_linear_like": "3 KDA : 1 MLA",
+    "minimax_m1_like": "7 lightning : 1 GQA", "mixtral_like": "GQA, every layer",
+    "dense_baseline": "GQA, dense FFN",
+}
+
+
+def measured(name, task, key):
+    rows = [r for r in (RESULTS or {"rows": []})["rows"] if r["impl"] == name and r["task"] == task]
+    return rows[-1][key] if rows else None
+
+
+def fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+print(f"| family | mechanism | total / active | KV a token | state a seq. | 128K step: GB, GFLOP "
+      f"| recall@max | train tok/s | decode ms |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name, c in FULL.items():
+    n, m, cost = COUNTS[name], MEM[name], COST[name]
+    print(f"| {name} | {MECHANISM[name]} | {n['total'] / 1e9:.1f}B / {n['active'] / 1e9:.1f}B "
+          f"| {m['per_token'] / 1024:.1f} KiB | {m['per_sequence'] / 2**20:.0f} MiB "
+          f"| {cost['bytes'] / 1e9:.1f}, {cost['flops'] / 1e9:.0f} "
+          f"| {fmt(measured(name, 'mqar', 'recall'), '.2f')} "
+          f"| {fmt(measured(name, 'lm', 'tokens_per_s'), ',.0f')} "
+          f"| {fmt(measured(name, 'decode', 'ms'), '.2f')} |")
+
+# %% [markdown]
+# The table's lesson is the survey's, made quantitative. Sparse selection (V3.2, GLM-5) holds a cache in every
+# layer — the smallest a full-attention layer can have — but a step reads only 2,048 latents of it and every
+# index key: its step barely grows with context, and costs a tenth of dense MLA's FLOPs at 128K.
+# The 3:1 hybrids hold 5–16 times less cache than full attention and pay in constant state; MiniMax-M1's 7:1
+# holds the largest state. Which wins depends on the context: at short contexts the weights dominate every step,
+# at a million tokens the cache does — exercise 2 finds where the order flips. And recall is what the linear layers give up: the one attention layer in four or eight is
+# there to win it back.
+#
+# ## 9.8 Exercises
+#
+# Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
+
+# %%
+from minisparse.models.exercises import (check_crossover, check_full_layers, check_generate_fix,
+                                         generate_with_a_bug)
+from minisparse.testing import attempt
+
+# %% [markdown]
+# ### Exercise 1 (derive): a layer pattern for a memory budget
+#
+# Take Qwen3-Next's shapes (`qwen3_next_like("full")`, 48 layers) and suppose you may choose how many of its
+# layers are full attention, the rest Gated DeltaNet. Return the largest number of full-attention layers whose
+# KV cache plus states, for one sequence of `context` tokens in bf16 (states in fp32, as the layers keep them),
+# fit in `budget` bytes — or -1 if even none fit. Derive it from the per-layer numbers of section 9.4 (a closed
+# form, or a loop over `layer_cache_numbers`); the checker tries four contexts, two budgets and two KV-head
+# counts.
+
+# %%
+def my_full_layers(config, context, budget):
+    # your code here: the largest n in 0..config.num_layers that fits, or -1
+    raise NotImplementedError
+
+
+# %%
+attempt(check_full_layers, my_full_layers)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — a full layer costs context × 2·HKV·d_h·2 bytes; a Gated DeltaNet layer a constant:
+# its fp32 states (H·d² · 4) and its bf16 convolution inputs. n full layers and L − n linear ones:
+# n·a + (L − n)·s ≤ budget  =>  n ≤ (budget − L·s) / (a − s), rounded down and clipped to L.
+def full_layers_solution(config, context, budget):
+    a = layer_cache_numbers(config, "F")[0] * 2 * context  # bytes of one full layer
+    numbers = layer_cache_numbers(config, "G")[1]
+    state = config.linear_num_heads * config.linear_head_dim ** 2
+    s = state * 4 + (numbers - state) * 2  # bytes of one Gated DeltaNet layer
+    L = config.num_layers
+    if L * s > budget:
+        return -1
+    return min(L, math.floor((budget - L * s) / (a - s))) if a > s else L
+
+
+check_full_layers(full_layers_solution)
+
+# %% [markdown]
+# ### Exercise 2 (predict): which family decodes cheaper, and from what context
+#
+# Section 9.5's `decode_cost` gives the bytes a decoding step reads at context $T$. For two configs `a` and `b`,
+# return the smallest context (in tokens) from which `a`'s step reads at least as many bytes as `b`'s: `0.0`
+# when it already does at $T = 0$, `math.inf` when it never does (up to $2^{24}$ tokens), else the crossing
+# point, within 0.1 %. Predict first: DeepSeek-V3.2 reads fewer weights than MiniMax-M1 — does its 61-layer
+# cache ever catch up? The checker tries six pairs of full-scale presets.
+
+# %%
+def my_crossover(a, b):
+    # your code here
+    raise NotImplementedError
+
+
+# %%
+attempt(check_crossover, my_crossover)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — bytes(T) = weights + states + what the mixers read: a line in T for full attention
+# and MLA, a line with a kink at T = k for DSA (its latents stop growing at 2,048 tokens; only
+# the 128-number index keys keep growing). Past the kinks both are lines, so the gap changes sign
+# at most once: closed form there, or bisection anywhere. DeepSeek-V3.2 never catches MiniMax-M1:
+# its step reads 61 × 256 bytes more a token of context, M1's ten GQA layers 40,960.
+def crossover_solution(a, b, top=2**24):
+    def gap(T):
+        return decode_cost(a, T)["bytes"] - decode_cost(b, T)["bytes"]
+    if gap(0) >= 0:
+        return 0.0
+    if gap(top) < 0:
+        return math.inf
+    lo, hi = 0, top
+    while hi - lo > 1:  # invariant: gap(lo) < 0 <= gap(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if gap(mid) >= 0 else (mid, hi)
+    return float(hi)
+
+
+check_crossover(crossover_solution)
+assert crossover_solution(FULL["deepseek_v32_like"], FULL["minimax_m1_like"]) == math.inf
+
+# %% [markdown]
+# ### Exercise 3 (debug): generation that forgets the prompt
+#
+# `generate_with_a_bug` runs without error and returns the right shape, but on a trained model its continuation
+# ignores the prompt. Find the bug (compare its tokens with `HybridLM.generate`) and return the fixed function;
+# the checker compares it with greedy decoding *without* caches on a full-attention, a Gated DeltaNet and a
+# hybrid model.
+
+# %%
+def my_generate(model, input_ids, max_new_tokens):
+    # your code here: generate_with_a_bug with the bug fixed
+    raise NotImplementedError
+
+
+# %%
+attempt(check_generate_fix, my_generate)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the buggy version ran the prompt without caches, then created empty ones: the first
+# decoding step saw only the new token, with the KV caches and recurrent states of nothing. The
+# prefill must write the caches it decodes from: make them first and pass them to the prompt too.
+@torch.no_grad()
+def generate_solution(model, input_ids, max_new_tokens):
+    model.eval()
+    caches = model.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    logits, out = model(input_ids, caches)[:, -1], input_ids
+    for _ in range(max_new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+        logits = model(nxt, caches)[:, -1]
+    return out
+
+
+check_generate_fix(generate_solution)
+
+# %% [markdown]
+# ## Summary
+#
+# - **One model, seven mixers.** A hybrid decoder is a string of mixer letters plus an FFN choice:
+#   `HybridConfig` + `HybridLM` build DeepSeek-V3.2, GLM-5, Qwen3-Next, Kimi Linear, MiniMax-M1 and Mixtral from
+#   chapters 1–8's layers, with a cache for every mixer; token-by-token decoding equals the prefill for all.
+# - **Counting.** Built on the meta device, our models have exactly transformers' parameter counts for every
+#   supported family. The published figures differ by conventions: DeepSeek's 685B includes the 14B MTP module,
+#   "active" figures leave out embeddings (MiniMax-M1's 45.9B = our 48.4B minus embedding and head).
+# - **Memory and cost.** At a million tokens a sequence holds 8 GiB (Kimi Linear) to 128 GiB (Mixtral); the
+#   hybrids trade a constant state for a 3–16× smaller cache; sparse selection keeps a cache in every layer but
+#   a decoding step reads only 2,048 latents of it, a tenth of dense MLA's FLOPs at 128K.
+# - **Recall.** On MQAR at reading size the Gated DeltaNet-only model lags full attention and DSA, and one
+#   attention layer in two wins part of the gap back; how recall falls with the number of pairs once each
+#   family has trained is what the GPU run measures — the tension that sent MiniMax back to full attention in
+#   M2, and the reason every hybrid keeps one layer in four (or eight) exact.
+#
+# ## References
+#
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
+#   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
+#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   says so.
+# - S. Arora et al., *Zoology: Measuring and Improving Recall in Efficient Language Models*, 2023 (MQAR).
+#   [arXiv:2312.04927](https://arxiv.org/abs/2312.04927)
+# - DeepSeek-AI, *DeepSeek-V3 Technical Report*, 2024 (MTP, 671B + 14B); *DeepSeek-V3.2*, 2025 (DSA).
+# - Qwen team, Qwen3-Next (hybrid Gated DeltaNet + gated attention, 80B-A3B), 2025; Kimi team, *Kimi Linear*,
+#   2025 (3:1 KDA + MLA, 48B-A3B); MiniMax, *MiniMax-01* and *MiniMax-M1*, 2025 (7:1 lightning, 456B / 45.9B);
+#   Mistral AI, *Mixtral of Experts*, 2024.
+# - transformers 5: the `ForCausalLM` models of these families, built on the meta device for the counts.
+
+# %% [markdown]
+# ## Engineering notes (optional)
+#
+# ### transformers configs
+#
+# `config_from_hf` reads a transformers config of a supported family into a `HybridConfig`: the layer types
+# (`linear_attention` / `full_attention`) become pattern letters, the leading dense FFNs (`mlp_layer_types` or
+# `first_k_dense_replace`) become `first_dense_layers`, and each family's names for the same shapes are mapped
+# (Kimi's `num_experts_per_token`, Qwen3-Next's `linear_num_value_heads`, …). Another family raises a
+# `ValueError` that lists the supported ones; tests/test_models.py compares the counts with transformers' models
+# for each of them.
+
+# %%
+#| export models.hf
+from minisparse.models.config import HybridConfig
+
+SUPPORTED = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_next", "kimi_linear",
+             "minimax", "mixtral")
+
+
+def _mlp_dense_prefix(hf, moe_default):
+    """How many leading layers have a dense FFN (the rest must all be MoE)."""
+    kinds = getattr(hf, "mlp_layer_types", None)
+    if kinds is None:
+        return getattr(hf, "first_k_dense_replace", 0) if moe_default else hf.num_hidden_layers
+    n = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+    if any(k == "dense" for k in kinds[n:]):
+        raise ValueError("config_from_hf: dense FFNs after the first MoE layer are not supported")
+    return n
+
+
+def _layer_letters(hf, linear, full):
+    return "".join(linear if t == "linear_attention" else full for t in hf.layer_types)
+
+
+def config_from_hf(hf, backend="auto"):
+    """A HybridConfig with the shapes of a transformers config of a supported family (SUPPORTED)."""
+    mt = getattr(hf, "model_type", type(hf).__name__)
+    if mt not in SUPPORTED:
+        raise ValueError(f"config_from_hf: model_type {mt!r} is not supported; supported "
+                         f"families: {', '.join(SUPPORTED)}")
+    c = dict(name=mt, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+             num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+             num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+             norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings),
+             intermediate_size=hf.intermediate_size, backend=backend)
+    if mt in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "kimi_linear"):  # MLA + DeepSeek MoE
+        kimi = mt == "kimi_linear"
+        c.update(q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank,
+                 qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
+                 v_head_dim=hf.v_head_dim, router="deepseek",
+                 routed_scaling_factor=hf.routed_scaling_factor,
+                 num_experts=hf.num_experts if kimi else hf.n_routed_experts,
+                 top_k=hf.num_experts_per_token if kimi else hf.num_experts_per_tok,
+                 moe_intermediate_size=hf.moe_intermediate_size,
+                 n_group=hf.num_expert_group if kimi else hf.n_group, topk_group=hf.topk_group,
+                 first_dense_layers=_mlp_dense_prefix(hf, True))
+        shared = hf.num_shared_experts if kimi else hf.n_shared_experts
+        c["shared_intermediate_size"] = (shared or 0) * hf.moe_intermediate_size
+        if kimi:
+            c.update(pattern=_layer_letters(hf, "K", "M"), linear_num_heads=hf.linear_num_heads,
+                     linear_head_dim=hf.linear_head_dim,
+                     conv_kernel_size=hf.linear_conv_kernel_dim)
+        elif mt == "deepseek_v3":
+            c["pattern"] = "M"
+        else:
+            c.update(pattern="D", index_n_heads=hf.index_n_heads,
+                     index_head_dim=hf.index_head_dim, index_topk=hf.index_topk,
+                     indexer_rope_interleave=mt == "glm_moe_dsa")
+    elif mt == "qwen3_next":
+        if hf.mlp_only_layers or hf.decoder_sparse_step != 1:
+            raise ValueError("config_from_hf: Qwen3-Next with dense layers is not supported")
+        rope = getattr(hf, "rope_parameters", None) or {}
+        c.update(pattern=_layer_letters(hf, "G", "F"), head_dim=hf.head_dim, attn_gate=True,
+                 qk_norm=True, zero_centered_norm=True,
+                 rotary_dim=int(hf.head_dim * rope.get("partial_rotary_factor", 1.0)),
+                 linear_num_heads=hf.linear_num_value_heads,
+                 linear_num_k_heads=hf.linear_num_key_heads,
+                 linear_head_dim=hf.linear_key_head_dim,
+                 conv_kernel_size=hf.linear_conv_kernel_dim, num_experts=hf.num_experts,
+                 top_k=hf.num_experts_per_tok, moe_intermediate_size=hf.moe_intermediate_size,
+                 shared_intermediate_size=hf.shared_expert_intermediate_size,
+                 shared_expert_gate=True)
+        if hf.linear_key_head_dim != hf.linear_value_head_dim:
+            raise ValueError("config_from_hf: Qwen3-Next with key and value head dims that differ"
+                             " is not supported")
+    else:  # minimax, mixtral: GQA + softmax-routed experts, no shared expert
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        c.update(pattern="F" if mt == "mixtral" else _layer_letters(hf, "L", "F"),
+                 head_dim=head_dim, num_experts=hf.num_local_experts,
+                 top_k=hf.num_experts_per_tok, moe_intermediate_size=hf.intermediate_size,
+                 linear_num_heads=hf.num_attention_heads, linear_head_dim=head_dim,
+                 lightning_block_size=getattr(hf, "block_size", 256))
+    return HybridConfig(**c)
+
+# %% [markdown]
+# The check that matters: transformers' own `ForCausalLM`, built on the meta device at its default config — the
+# released model's shapes — has exactly as many parameters as ours.
+
+# %% tags=["nbval-ignore-output"]
+import warnings
+
+try:
+    import transformers
+    from transformers import AutoModelForCausalLM
+except ImportError:
+    transformers = None
+    print("transformers is not installed: the comparison is skipped (tests/test_models.py runs it)")
+FAMILIES = ("DeepseekV32Config", "GlmMoeDsaConfig", "Qwen3NextConfig", "KimiLinearConfig",
+            "MixtralConfig")
+for name in FAMILIES if transformers else ():
+    hf_config = getattr(transformers, name)()
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fla, if installed, warns on import that it has no GPU
+        theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+    ours = param_counts(hf_config)
+    assert ours["total"] == theirs, (name, ours, theirs)
+    print(f"{name:18s} total {ours['total'] / 1e9:7.2f} B = transformers'; "
+          f"active {ours['active'] / 1e9:5.2f} B")
+
+# %% [markdown]
+# ### Decoding equals prefill, and DSA's ties
+#
+# Every mixer's cached path gives the uncached logits to float rounding, with one caveat. DSA's top-k breaks
+# ties in its indexer scores by position in the score row, and ReLU makes exact zeros common: with 2 indexer
+# heads a quarter of the keys score 0 for both. A prefill (40 keys in the row) and a decoding step (the keys so
+# far) can then keep different zero-score keys, and the outputs differ by a few percent. With 8 heads ties are
+# rare, which is what the small presets use; a tie-break on position inside `select_topk` (chapter 8) would make
+# it exact for any head count.
+#
+# ### The training script, DDP and checkpoints
+#
+# `bench/capstone.py` runs as `python bench/capstone.py` on one device or as `torchrun --nproc_per_node N
+# bench/capstone.py` on N: under torchrun it initialises a process group (NCCL on GPUs, gloo on CPUs) and wraps
+# each model in `DistributedDataParallel` with `find_unused_parameters=True` — experts a step routes no token
+# to get no gradient. Each rank draws its own batches (seed = step and rank); rank 0 writes the results and the
+# checkpoints (`--ckpt DIR`, `--resume` continues from them). tests/test_models.py runs it with two CPU processes
+# for a few steps. The presets at full scale would need FSDP (sharded parameters and optimiser state) on top;
+# the script trains the small scale only.
+
+
+# %% [markdown]
+# The training loop, the recall metric and the checkpoints of section 9.6:
+
+# %%
+#| export models.training
+def train(model, get_batch, steps, *, lr=3e-3, optimizer=None, start_step=0, history=None,
+          desc="train", progress=True):
+    """AdamW steps start_step .. steps − 1 on get_batch(step) -> (input_ids, targets); returns
+    (optimizer, history). history: {"loss": [...], "seconds": [...]} continued when given, so a
+    resumed run extends the curve of the run it resumes."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    history = history or {"loss": [], "seconds": []}
+    dev = next(model.parameters()).device
+    model.train()
+    bar = tqdm(range(start_step, steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        ids, targets = (t.to(dev) for t in get_batch(step))  # to the model's device
+        t0 = time.perf_counter()
+        total, loss = lm_loss(model, ids, targets)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history["loss"].append(loss.item())
+        history["seconds"].append(time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+    return optimizer, history
+
+
+@torch.no_grad()
+def recall_accuracy(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0, progress=False):
+    """The share of MQAR queries answered right (argmax) with num_pairs pairs in context, tokens
+    from [0, vocab) (default: the model's vocabulary)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    right = total = 0
+    dev = next(model.parameters()).device
+    for _ in tqdm(range(batches), desc=f"recall N={num_pairs}", disable=not progress, leave=False):
+        ids, targets = mqar_batch(batch, num_pairs, vocab=vocab or model.config.vocab_size,
+                                  generator=g)
+        ids, targets = ids.to(dev), targets.to(dev)
+        pred = model(ids).argmax(-1)
+        asked = targets != IGNORE
+        right += (pred[asked] == targets[asked]).sum().item()
+        total += asked.sum().item()
+    model.train()
+    return right / total
+
+
+def save_checkpoint(path, model, optimizer, step, history):
+    """Weights, optimizer state, the next step and the loss history: plain tensors and numbers,
+    so torch.load(weights_only=True) reads it back."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "history": history}, path)
+
+
+def load_checkpoint(path, model, optimizer=None, lr=3e-3):
+    """Restore a checkpoint into model (and a new or given AdamW); returns (optimizer, step,
+    history) to pass to train(..., start_step=step, history=history)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    getattr(model, "module", model).load_state_dict(state["model"])
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer.load_state_dict(state["optimizer"])
+    return optimizer, state["step"], state["history"]
+
+# %% [markdown]
+# ### The exercise checkers
+#
+# Each checker compares a reader's answer with an independent computation (brute force over layer counts,
+# bisection on the cost model, greedy decoding without caches); tests/test_models.py feeds each a known-wrong
+# answer.
+
+# %% tags=["hide-input"]
+#| export models.exercises
+import math
+
+import torch
+
+from minisparse.models.config import PRESETS, HybridConfig
+from minisparse.models.cost import decode_cost
+from minisparse.models.count import memory_per_sequence
+from minisparse.models.model import HybridLM
+from minisparse.testing import ExerciseError
+
+
+def _not_yet(name, fn, *args):
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise ExerciseError(f"✗ {name}: not implemented yet — fill in the function and run the "
+                            "cell again") from None
+
+
+def _with_full_layers(config, n):
+    """config with n full-attention layers spread evenly over the stack, the rest Gated DeltaNet."""
+    L = config.num_layers
+    full = {round((i + 1) * L / n) - 1 for i in range(n)} if n else set()
+    return config.replace(pattern="".join("F" if i in full else "G" for i in range(L)))
+
+
+def check_full_layers(fn):
+    """Exercise 1: the most full-attention layers (the rest Gated DeltaNet) whose KV cache and
+    states fit `budget` bytes at `context` tokens."""
+    base = PRESETS["qwen3_next_like"]("full")
+    cases = [(base, 262_144, 8 * 2**30), (base, 1_048_576, 16 * 2**30), (base, 32_768, 2**30),
+             (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28)]
+    for config, context, budget in cases:
+        fits = [n for n in range(config.num_layers + 1)
+                if memory_per_sequence(_with_full_layers(config, n), context) <= budget]
+        want = max(fits) if fits else -1
+        got = _not_yet("full layers for a budget", fn, config, context, budget)
+        if got != want:
+            raise ExerciseError(
+                f"✗ full layers for a budget: context {context:,}, budget {budget / 2**30:g} GiB,"
+                f" num_kv_heads {config.num_kv_heads}: expected {want}, got {got}\nHint: a full "
+                "layer caches K and V (2 · HKV · head_dim numbers a token, bf16); a Gated "
+                "DeltaNet layer holds an fp32 state and a bf16 convolution state whatever the "
+                "context; -1 when even 0 full layers do not fit")
+    print(f"✓ full layers for a budget: all {len(cases)} cases match")
+
+
+def _crossover(a, b, top=2**24):
+    """The smallest context T (tokens, up to `top`) from which a's decoding step reads at least
+    b's bytes; inf if none. Bisection: the gap is piecewise linear and changes sign once."""
+    def gap(T):
+        return decode_cost(a, T)["bytes"] - decode_cost(b, T)["bytes"]
+    if gap(0) >= 0:
+        return 0.0
+    if gap(top) < 0:
+        return math.inf
+    lo, hi = 0, top
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if gap(mid) >= 0 else (mid, hi)
+    return float(hi)
+
+
+def check_crossover(fn):
+    """Exercise 2: the context from which family a's decoding step reads more bytes than b's."""
+    full = {name: f("full") for name, f in PRESETS.items()}
+    pairs = [("deepseek_v32_like", "minimax_m1_like"), ("qwen3_next_like", "kimi_linear_like"),
+             ("dense_baseline", "deepseek_v32_like"), ("mixtral_like", "deepseek_v32_like"),
+             ("mixtral_like", "minimax_m1_like"), ("glm5_like", "minimax_m1_like")]
+    for a, b in pairs:
+        want = _crossover(full[a], full[b])
+        got = _not_yet("crossover", fn, full[a], full[b])
+        ok = (math.isinf(want) and got == want) or (
+            not math.isinf(want) and isinstance(got, (int, float))
+            and abs(got - want) <= max(1.0, 1e-3 * want))
+        if not ok:
+            raise ExerciseError(f"✗ crossover: {a} vs {b}: expected {want:,.0f} tokens, got "
+                                f"{got!r}\nHint: a step reads the active weights, the states and "
+                                "the cache — all of it, or only what DSA selects; 0 when a "
+                                "already reads more at T = 0, math.inf when it never does")
+    print(f"✓ crossover: all {len(pairs)} pairs match")
+
+
+@torch.no_grad()
+def generate_with_a_bug(model, input_ids, max_new_tokens):
+    """Greedy generation with a planted bug (exercise 3)."""
+    model.eval()
+    logits = model(input_ids)[:, -1]
+    caches = model.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    out = input_ids
+    for _ in range(max_new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+        logits = model(nxt, caches)[:, -1]
+    return out
+
+
+def check_generate_fix(fn):
+    """Exercise 3: the fixed generation equals greedy decoding without caches, on a full-attention,
+    a Gated DeltaNet and a hybrid model."""
+    for pattern in ("F", "G", "GF"):
+        torch.manual_seed(3)
+        c = HybridConfig(vocab_size=32, hidden_size=32, num_layers=2, pattern=pattern,
+                         num_heads=2, num_kv_heads=1, linear_num_heads=2, intermediate_size=64,
+                         backend="naive")
+        model = HybridLM(c).eval()
+        prompt = torch.randint(0, 32, (2, 7))
+        want = prompt
+        with torch.no_grad():
+            for _ in range(6):  # the slow way: the whole sequence again at every step
+                want = torch.cat([want, model(want)[:, -1:].argmax(-1)], dim=1)
+        got = _not_yet("generate", fn, model, prompt, 6)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or (got != want).any():
+            raise ExerciseError(f"✗ generate: pattern {pattern!r}: the tokens differ from "
+                                "greedy decoding without caches\nHint: what do the caches "
+                                "hold when the first decoding step runs?")
+    print("✓ generate: all 3 models match")

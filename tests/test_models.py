@@ -1,0 +1,269 @@
+"""Chapter 9: the models side by side — HybridConfig validation, decoding = prefill for every preset (and NSA), one
+training step per preset, parameter counts against transformers' models built on the meta device, the cache
+sizes, checkpoint resume, the training script (one process and two under torchrun/gloo), the exercise checkers."""
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minisparse  # noqa: F401  before anything that imports triton
+from minisparse import models as M
+from minisparse.models import exercises as X
+from minisparse.models import training as TR
+from minisparse.testing import ExerciseError, assert_close
+
+try:
+    import transformers
+    from transformers import AutoModelForCausalLM
+except ImportError:
+    transformers = None
+HF = pytest.mark.skipif(transformers is None, reason="the oracles are transformers' ForCausalLM models")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(pattern="GGGX"), "pattern"), (dict(pattern=""), "pattern"),
+    (dict(pattern="GGGF", num_layers=6), "num_layers"), (dict(num_heads=5), "num_heads"),
+    (dict(num_kv_heads=3), "num_kv_heads"), (dict(hidden_size=0), "hidden_size"),
+    (dict(num_experts=4, top_k=5), "top_k"), (dict(num_experts=4, router="mixtral"), "router"),
+    (dict(linear_num_heads=4, linear_num_k_heads=3), "linear_num_k_heads"),
+    (dict(first_dense_layers=9), "first_dense_layers"), (dict(backend="cuda"), "backend"),
+])
+def test_bad_configs_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=rf"HybridConfig\.{field}:"):
+        M.HybridConfig(**bad)
+
+
+def test_presets_patterns_and_scales():
+    assert "".join(M.qwen3_next_like("full").layer_kinds).count("F") == 12
+    kimi = M.kimi_linear_like("full").layer_kinds
+    assert len(kimi) == 27 and kimi.count("M") == 7 and kimi[26] == "M"
+    assert M.minimax_m1_like("full").layer_kinds.count("F") == 10
+    with pytest.raises(ValueError, match="scale"):
+        M.mixtral_like("huge")
+
+
+def _decode_vs_prefill(model, T=24, split=9):
+    ids = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.new_caches(2, T)
+        steps = [model(ids[:, :split], caches)] + [model(ids[:, t:t + 1], caches) for t in range(split, T)]
+    return full, torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("name", list(M.PRESETS))
+def test_decode_equals_prefill_every_preset(name):
+    torch.manual_seed(0)
+    model = M.HybridLM(M.PRESETS[name](backend="naive", num_layers=len(M.PRESETS[name]().pattern)
+                                       if name != "dense_baseline" else 2, first_dense_layers=0)).eval()
+    full, steps = _decode_vs_prefill(model)
+    assert_close(name, full, steps, 1e-4)
+
+
+def test_decode_equals_prefill_nsa_and_mla():
+    torch.manual_seed(0)
+    cfg = M.HybridConfig(pattern="NM", num_layers=2, nsa_block_size=4, nsa_block_counts=3, nsa_window=4,
+                         backend="naive")
+    full, steps = _decode_vs_prefill(M.HybridLM(cfg).eval(), T=20, split=5)
+    assert_close("NSA + MLA", full, steps, 1e-4)
+
+
+def test_generate_greedy_equals_uncached_argmax():
+    X.check_generate_fix(lambda m, ids, n: m.generate(ids, n))  # HybridLM.generate passes the checker
+
+
+@pytest.mark.parametrize("name", list(M.PRESETS))
+def test_one_training_step_every_preset(name):
+    torch.manual_seed(0)
+    preset = M.PRESETS[name]
+    model = M.HybridLM(preset(backend="naive", num_layers=len(preset().pattern), first_dense_layers=0))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt, hist = TR.train(model, lambda s: TR.mqar_batch(4, 4, generator=torch.Generator().manual_seed(s)), 1,
+                         progress=False)
+    assert len(hist["loss"]) == 1 and math.isfinite(hist["loss"][0])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if name in ("deepseek_v32_like", "glm5_like"):  # the indexer learns from its KL loss
+        idx = [b.mixer.layer.indexer.wk.weight for b in model.layers]
+        assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in idx)
+
+
+HF_FAMILIES = ["DeepseekV3Config", "DeepseekV32Config", "GlmMoeDsaConfig", "Qwen3NextConfig", "KimiLinearConfig",
+               "MiniMaxConfig", "MixtralConfig"]
+
+
+@HF
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_param_counts_match_transformers_meta_models(name):
+    cfg = getattr(transformers, name)()
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    counts = M.param_counts(cfg)
+    assert counts["total"] == theirs
+    assert counts["active"] < counts["total"]
+
+
+@HF
+def test_minimax_m1_full_preset_matches_transformers_at_its_shapes():
+    c = M.minimax_m1_like("full")
+    cfg = transformers.MiniMaxConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.moe_intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, num_local_experts=c.num_experts, num_experts_per_tok=c.top_k,
+        layer_types=["full_attention" if k == "F" else "linear_attention" for k in c.layer_kinds])
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    assert M.param_counts(c)["total"] == theirs == M.param_counts(cfg)["total"]
+
+
+def test_survey_figures_and_their_conventions():
+    v32 = M.param_counts(M.deepseek_v32_like("full"))
+    assert abs(v32["total"] / 1e9 - 671.9) < 0.1  # + the 14B MTP module = 685B
+    assert abs((v32["active"] - 129280 * 7168) / 1e9 - 37.5) < 0.1  # 37B without the input table
+    m1 = M.param_counts(M.minimax_m1_like("full"))
+    assert abs(m1["total"] / 1e9 - 456.1) < 0.1
+    assert abs((m1["active"] - 2 * 200064 * 6144) / 1e9 - 45.9) < 0.05  # 45.9B without embedding and head
+    q = M.param_counts(M.qwen3_next_like("full"))
+    assert 79e9 < q["total"] < 81e9 and 3e9 < q["active"] - 2 * 151936 * 2048 < 3.5e9
+    k = M.param_counts(M.kimi_linear_like("full"))
+    assert 48e9 < k["total"] < 50e9 and 2.5e9 < k["active"] - 2 * 163840 * 2304 < 3.5e9
+
+
+def test_unsupported_family_lists_the_supported():
+    class Llama:
+        model_type = "llama"
+    with pytest.raises(ValueError, match="not supported.*deepseek_v32.*mixtral"):
+        M.param_counts(Llama())
+    with pytest.raises(TypeError):
+        M.kv_cache_bytes_per_token(object())
+
+
+def test_kv_cache_bytes():
+    v32 = M.kv_cache_bytes_per_token(M.deepseek_v32_like("full"))
+    assert v32 == {"per_token": 61 * (512 + 64 + 128) * 2, "per_sequence": 0}
+    mix = M.kv_cache_bytes_per_token(M.mixtral_like("full"), torch.float32)
+    assert mix["per_token"] == 32 * 2 * 8 * 128 * 4
+    q = M.kv_cache_bytes_per_token(M.qwen3_next_like("full"))
+    state = 36 * (32 * 128 * 128 * 4 + (2 * 16 * 128 + 32 * 128) * 3 * 2)
+    assert q == {"per_token": 12 * 2 * 2 * 256 * 2, "per_sequence": state}
+    c = M.HybridConfig(pattern="KL", num_layers=2)
+    got = M.kv_cache_bytes_per_token(c)
+    assert got["per_token"] == 0 and got["per_sequence"] == 2 * 4 * 16 * 16 * 4 + 3 * 4 * 16 * 3 * 2
+
+
+@HF
+def test_kv_cache_bytes_from_transformers_config_equal_the_converted():
+    cfg = transformers.Qwen3NextConfig()
+    assert M.kv_cache_bytes_per_token(cfg) == M.kv_cache_bytes_per_token(M.config_from_hf(cfg))
+
+
+def test_mqar_batch_layout():
+    ids, tg = TR.mqar_batch(3, 5, num_queries=4, vocab=64, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == tg.shape == (3, 18)
+    keys, vals = ids[:, :10:2], ids[:, 1:10:2]
+    assert (keys < 32).all() and (vals >= 32).all()
+    for b in range(3):
+        lookup = dict(zip(keys[b].tolist(), vals[b].tolist()))
+        assert len(lookup) == 5
+        for j in range(10, 18, 2):
+            assert tg[b, j] == lookup[ids[b, j].item()] == ids[b, j + 1]
+    assert (tg[:, :10] == TR.IGNORE).all() and (tg[:, 11::2] == TR.IGNORE).all()
+
+
+def test_stdlib_corpus_and_batches():
+    data = TR.stdlib_bytes(20_000)
+    assert data.dtype == torch.uint8 and len(data) == 20_000
+    ids, tg = TR.lm_batch(data, 2, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids[:, 1:], tg[:, :-1])
+
+
+def test_checkpoint_resume_continues_the_loss_curve(tmp_path):
+    def batches(step):
+        return TR.mqar_batch(4, 3, vocab=32, generator=torch.Generator().manual_seed(step))
+
+    cfg = M.HybridConfig(vocab_size=32, pattern="GF", num_layers=2, backend="naive")
+    torch.manual_seed(0)
+    straight = M.HybridLM(cfg)
+    _, full = TR.train(straight, batches, 6, progress=False)
+    torch.manual_seed(0)
+    first = M.HybridLM(cfg)
+    opt, hist = TR.train(first, batches, 3, progress=False)
+    TR.save_checkpoint(tmp_path / "c.pt", first, opt, 3, hist)
+    torch.manual_seed(5)
+    resumed = M.HybridLM(cfg)
+    opt2, step, hist2 = TR.load_checkpoint(tmp_path / "c.pt", resumed)
+    _, hist2 = TR.train(resumed, batches, 6, optimizer=opt2, start_step=step, history=hist2, progress=False)
+    assert step == 3 and len(hist2["loss"]) == 6
+    assert max(abs(a - b) for a, b in zip(hist2["loss"], full["loss"])) < 1e-5
+
+
+def _script_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_training_script_smoke(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "bench" / "capstone.py"), "--smoke", "--out", str(tmp_path),
+                    "--presets", "dense_baseline,minimax_m1_like", "--ckpt", str(tmp_path / "ck")],
+                   check=True, env=_script_env(), capture_output=True, timeout=300)
+    import json
+    doc = json.loads((tmp_path / "capstone.json").read_text())
+    tasks = {(r["impl"], r["task"]) for r in doc["rows"]}
+    assert ("minimax_m1_like", "decode") in tasks and ("dense_baseline", "lm") in tasks
+    assert (tmp_path / "ck" / "dense_baseline-lm.pt").exists()
+
+
+def test_training_script_ddp_two_cpu_processes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    out = subprocess.run(torchrun + [str(ROOT / "bench" / "capstone.py"), "--smoke", "--out", str(tmp_path),
+                                     "--presets", "dense_baseline"],
+                         env=_script_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    doc = json.loads((tmp_path / "capstone.json").read_text())
+    assert doc["config"]["world"] == 2
+
+
+def test_check_full_layers():
+    X.check_full_layers(lambda c, T, b: _full_layers(c, T, b))
+    with pytest.raises(ExerciseError):  # forgets V: counts K only
+        X.check_full_layers(lambda c, T, b: _full_layers(c, T, b, kv=1))
+    with pytest.raises(ExerciseError):
+        X.check_full_layers(lambda c, T, b: (_ for _ in ()).throw(NotImplementedError))
+
+
+def _full_layers(c, T, budget, kv=2):
+    best = -1
+    for n in range(c.num_layers + 1):
+        mem = n * kv * c.num_kv_heads * c.head_dim * 2 * T + (c.num_layers - n) * (
+            M.kv_cache_bytes_per_token(c.replace(pattern="G"))["per_sequence"] // c.num_layers)
+        if mem <= budget:
+            best = n
+    return best
+
+
+def test_check_crossover():
+    def line(x, T1, T2):  # bytes(T) = intercept + slope · T between two contexts
+        b1, b2 = M.decode_cost(x, T1)["bytes"], M.decode_cost(x, T2)["bytes"]
+        return b1 - (b2 - b1) / (T2 - T1) * T1, (b2 - b1) / (T2 - T1)
+
+    def from_lines(a, b, T1, T2):
+        if M.decode_cost(a, 0)["bytes"] >= M.decode_cost(b, 0)["bytes"]:
+            return 0.0
+        (ia, sa), (ib, sb) = line(a, T1, T2), line(b, T1, T2)
+        return float(math.ceil((ib - ia) / (sa - sb))) if sa > sb else math.inf
+
+    X.check_crossover(lambda a, b: from_lines(a, b, 2**20, 2**21))  # past DSA's kink at k = 2048
+    with pytest.raises(ExerciseError):  # lines through T = 0 and 1 miss DSA's kink
+        X.check_crossover(lambda a, b: from_lines(a, b, 0, 1))
+    with pytest.raises(ExerciseError):  # the cache alone, without the weights
+        X.check_crossover(lambda a, b: 0.0 if M.kv_cache_bytes_per_token(a)["per_token"] >=
+                          M.kv_cache_bytes_per_token(b)["per_token"] else math.inf)
+
+
+def test_check_generate_fix():
+    with pytest.raises(ExerciseError):
+        X.check_generate_fix(X.generate_with_a_bug)
