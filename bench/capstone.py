@@ -2,15 +2,18 @@
 
     PYTHONPATH=. python bench/capstone.py --out bench/results               # one GPU, from the repository root
     PYTHONPATH=. torchrun --nproc_per_node 8 bench/capstone.py --out bench/results   # DDP over 8 GPUs
+    PYTHONPATH=. torchrun --nproc_per_node 8 bench/capstone.py --fsdp --out DIR      # FSDP2 over 8 GPUs
     PYTHONPATH=. python bench/capstone.py --smoke --out /tmp/capstone       # a CPU: tiny, seconds
 
 For each preset of minisparse.models (the small scale: 8 layers, 8 experts top-2, byte vocabulary, width
 `--hidden`): (a) MQAR — AdamW on a mix of 4 .. 64 key-value pairs, then recall accuracy against the number
 of pairs; (b) language modelling on byte windows of the Python standard library's source (offline everywhere);
 training tokens/s and peak memory; (c) decoding latency per token after a prompt of `--context` tokens. Every preset
-sees the same batches (one seed a step and rank). Under torchrun the model is wrapped in DDP (NCCL on GPUs, gloo on
-CPUs); rank 0 writes `capstone.json` (minisparse.bench.save_results): rows {impl: preset, ms, task, ...}.
-Checkpoints go to `--ckpt` (save with torch.save, load with torch.load(weights_only=True)); `--resume` continues.
+sees the same batches (one seed a step and rank). Under torchrun the model is wrapped in DDP, or sharded with FSDP2
+(`--fsdp`: each block, then the root) (NCCL on GPUs, gloo on CPUs); rank 0 writes `capstone.json`
+(minisparse.bench.save_results): rows {impl: preset, ms, task, ...}. Checkpoints go to `--ckpt`, the full state in
+one file (gathered from every rank, written by rank 0 with torch.save, read by every rank with
+torch.load(weights_only=True)); `--resume` continues.
 A preset that fails leaves a row {task: "error"} and the others run on. To fit short per-command limits, run the
 presets in separate calls (`--presets qwen3_next_like --out DIR/qwen`) and merge the rows.
 """
@@ -29,14 +32,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 
 from minisparse import bench  # noqa: E402
 from minisparse.models import PRESETS, HybridLM, param_counts  # noqa: E402
-from minisparse.models.training import (load_checkpoint, lm_batch, mqar_batch, recall_accuracy,  # noqa: E402
-                                     save_checkpoint, stdlib_bytes, train)
+from minisparse.models.training import (data_parallel, load_checkpoint, lm_batch, mqar_batch,  # noqa: E402
+                                     recall_accuracy, save_checkpoint, stdlib_bytes, train)
 
 MQAR_VOCAB = 256  # keys 0..127, values 128..255: room for 64 pairs
 
 
 def setup():
-    """(rank, world, device): DDP under torchrun, else one process."""
+    """(rank, world, device): a process group under torchrun with several processes, else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -60,7 +63,7 @@ def build(name, args, dev):
     config = PRESETS[name](**overrides)
     model = HybridLM(config).to(dev)
     if dist.is_initialized():
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        model = data_parallel(model, "fsdp" if args.fsdp else "ddp")
     return config, model
 
 
@@ -82,7 +85,7 @@ def run_task(name, task, args, rank, dev, get_batch, steps):
         torch.cuda.reset_peak_memory_stats(dev)
     opt, history = train(model, get_batch, steps, lr=args.lr, optimizer=opt, start_step=start,
                          history=history, desc=f"{name} {task}", progress=rank == 0)
-    if ckpt is not None and rank == 0:
+    if ckpt is not None:  # every rank: FSDP2 gathers the shards; rank 0 writes
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(ckpt, model, opt, steps, history)
     return config, getattr(model, "module", model), history
@@ -101,6 +104,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=8192, help="decode latency after this many tokens")
     p.add_argument("--ckpt", default=None, help="checkpoint directory")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the models with FSDP2 instead of "
+                   "replicating them with DDP")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and steps: checks the script runs")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast on CUDA (default: fp32 weights "
                    "and activations, the kernels' fp32 path)")
@@ -108,6 +113,9 @@ def main(argv=None):
     if args.smoke:
         args.steps, args.lm_steps, args.batch, args.seq, args.context = 4, 3, 4, 32, 32
     rank, world, dev = setup()
+    parallel = ("fsdp" if args.fsdp else "ddp") if dist.is_initialized() else None
+    if args.fsdp and parallel is None:
+        print("--fsdp: one process, nothing to shard; run under torchrun to shard", flush=True)
     pairs = (2, 4, 8) if args.smoke else (4, 8, 16, 32, 64)
     data = stdlib_bytes(200_000 if args.smoke else 20_000_000)
 
@@ -135,7 +143,7 @@ def main(argv=None):
         path = pathlib.Path(args.out) / "capstone.json" if args.out else None
         cfg = dict(steps=args.steps, lm_steps=args.lm_steps, batch=args.batch, world=world, seq=args.seq,
                    hidden=args.hidden, lr=args.lr, pairs=list(pairs), smoke=args.smoke,
-                   autocast=args.autocast, context=args.context)
+                   autocast=args.autocast, context=args.context, parallel=parallel)
         print("wrote", bench.save_results("capstone", cfg, rows, path))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -920,7 +920,9 @@ import sysconfig
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 IGNORE = -100  # a target position without a loss
@@ -1071,8 +1073,8 @@ print(bytes(sample).decode(errors="replace"))
 #
 # `bench/capstone.py` trains every preset at its small scale (8 layers, 8 experts top-2, width 128) on MQAR with
 # 4 to 64 pairs and on the standard library, with the chapters' Triton kernels, and measures training tokens/s,
-# peak memory and the latency of a decoding step after 8K tokens. It runs unchanged under `torchrun` with DDP
-# (engineering notes). Its committed results, when present, are plotted here.
+# peak memory and the latency of a decoding step after 8K tokens. It runs unchanged under `torchrun` with DDP,
+# or FSDP2 with `--fsdp` (engineering notes). Its committed results, when present, are plotted here.
 
 # %% tags=["nbval-ignore-output"]
 try:
@@ -1425,15 +1427,30 @@ for name in FAMILIES if transformers else ():
 # rare, which is what the small presets use; a tie-break on position inside `select_topk` (chapter 8) would make
 # it exact for any head count.
 #
-# ### The training script, DDP and checkpoints
+# ### The training script, DDP, FSDP2 and checkpoints
 #
 # `bench/capstone.py` runs as `python bench/capstone.py` on one device or as `torchrun --nproc_per_node N
-# bench/capstone.py` on N: under torchrun it initialises a process group (NCCL on GPUs, gloo on CPUs) and wraps
-# each model in `DistributedDataParallel` with `find_unused_parameters=True` — experts a step routes no token
-# to get no gradient. Each rank draws its own batches (seed = step and rank); rank 0 writes the results and the
-# checkpoints (`--ckpt DIR`, `--resume` continues from them). tests/test_models.py runs it with two CPU processes
-# for a few steps. The presets at full scale would need FSDP (sharded parameters and optimiser state) on top;
-# the script trains the small scale only.
+# bench/capstone.py` on N: under torchrun it initialises a process group (NCCL on GPUs, gloo on CPUs) and
+# `data_parallel` wraps each model. By default that is `DistributedDataParallel` with
+# `find_unused_parameters=True` — experts a step routes no token to get no gradient. With `--fsdp` it is FSDP2
+# instead: `fully_shard` on each `Block`, then on the root, so each rank keeps 1/N of the weights, gradients and
+# AdamW state and gathers a block's weights only while it runs; unrouted experts reduce a zero gradient so every
+# rank's reduce-scatter has the same shape. Each rank draws its own batches (seed = step and rank) and gradients
+# are averaged over the ranks, so N ranks of B sequences train like one process on the N·B; rank 0 writes the
+# results. tests/test_models.py runs the script with two CPU processes for a few steps under each wrapper, and
+# checks that FSDP2's losses, before and after a resume, equal one process's on the same global batch.
+#
+# Choose DDP while a full replica — weights, gradients and two AdamW moments, 16 bytes a parameter in fp32 —
+# fits one GPU next to the activations: it is simpler and communicates less. Choose FSDP2 when it does not: the
+# MoE presets at full scale (47B to 744B parameters) need 0.75 to 12 TB for that replica, far past an H200's
+# 141 GB, and even the 7B dense baseline's 115 GB leaves no room for activations; sharded over N GPUs the
+# replica costs 1/N of that, at the price of gathering each block's weights in every forward and backward.
+#
+# Checkpoints (`--ckpt DIR`, `--resume` continues from them) hold the full, unsharded state:
+# `save_checkpoint` calls `get_state_dict` (`torch.distributed.checkpoint`, full state dict, offloaded to the
+# CPU), which unwraps DDP and gathers FSDP2's shards — under a process group every rank calls it and rank 0
+# writes one file; `load_checkpoint` reads that file with `torch.load(weights_only=True)` on every rank and
+# `set_state_dict` puts each rank's shard back. So a checkpoint written by any wrapper resumes under any other.
 
 
 # %% [markdown]
@@ -1485,21 +1502,48 @@ def recall_accuracy(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0
     return right / total
 
 
+def data_parallel(model, parallel="ddp"):
+    """Wrap model for data parallelism over the initialised process group: "ddp" replicates it
+    (DistributedDataParallel), "fsdp" shards it with FSDP2 (fully_shard each Block, then the root;
+    the model keeps its class and attributes). Build the optimizer after wrapping."""
+    if not dist.is_initialized():
+        raise RuntimeError("data_parallel: no process group; run under torchrun and call "
+                           "torch.distributed.init_process_group first")
+    if parallel == "ddp":  # experts a step routes no token to get no gradient: unused parameters
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if parallel != "fsdp":
+        raise ValueError(f"data_parallel: parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+
+    for block in model.layers:
+        fully_shard(block)  # one all-gather a block in forward, one reduce-scatter in backward
+    fully_shard(model)  # the root: embeddings, final norm, LM head
+    if hasattr(model, "set_reduce_scatter_unused_params"):  # an unrouted expert sends zeros, so
+        model.set_reduce_scatter_unused_params(True)  # every rank reduce-scatters the same shape
+    return model
+
+
 def save_checkpoint(path, model, optimizer, step, history):
     """Weights, optimizer state, the next step and the loss history: plain tensors and numbers,
-    so torch.load(weights_only=True) reads it back."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "history": history}, path)
+    so torch.load(weights_only=True) reads it back. The full (unsharded) state of a plain, DDP or
+    FSDP2 model; under a process group every rank calls it and rank 0 writes the file."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)  # gathers FSDP2's shards
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({"model": weights, "optimizer": optim, "step": step, "history": history}, path)
+    if dist.is_initialized():
+        dist.barrier()  # the file is whole before any rank reads it back
 
 
 def load_checkpoint(path, model, optimizer=None, lr=3e-3):
-    """Restore a checkpoint into model (and a new or given AdamW); returns (optimizer, step,
-    history) to pass to train(..., start_step=step, history=history)."""
+    """Restore a checkpoint into model (plain, DDP or FSDP2; every rank reads the file) and a new
+    or given AdamW; returns (optimizer, step, history) to pass to train(..., start_step=step,
+    history=history)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    getattr(model, "module", model).load_state_dict(state["model"])
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
     return optimizer, state["step"], state["history"]
 
 # %% [markdown]

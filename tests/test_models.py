@@ -216,15 +216,73 @@ def test_training_script_smoke(tmp_path):
     assert (tmp_path / "ck" / "dense_baseline-lm.pt").exists()
 
 
-def test_training_script_ddp_two_cpu_processes(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    out = subprocess.run(torchrun + [str(ROOT / "bench" / "capstone.py"), "--smoke", "--out", str(tmp_path),
-                                     "--presets", "dense_baseline"],
-                         env=_script_env(), capture_output=True, text=True, timeout=300)
+def _torchrun(port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_training_script_two_cpu_processes(tmp_path, parallel):
+    flags = ["--fsdp", "--presets", "mixtral_like", "--ckpt", str(tmp_path / "ck")] if parallel == "fsdp" else [
+        "--presets", "dense_baseline"]  # FSDP2: unrouted experts, checkpoints gathered from both ranks
+    out = subprocess.run(_torchrun(29533 if parallel == "ddp" else 29534) + [
+        str(ROOT / "bench" / "capstone.py"), "--smoke", "--out", str(tmp_path)] + flags,
+        env=_script_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     import json
     doc = json.loads((tmp_path / "capstone.json").read_text())
-    assert doc["config"]["world"] == 2
+    assert doc["config"]["world"] == 2 and doc["config"]["parallel"] == parallel
+    assert {r["task"] for r in doc["rows"]} == {"mqar", "lm", "decode"}
+    if parallel == "fsdp":
+        state = torch.load(tmp_path / "ck" / "mixtral_like-lm.pt", weights_only=True)
+        c = M.PRESETS["mixtral_like"]()  # the full tensors, gathered from the two shards
+        assert state["step"] == 3 and state["model"]["embed_tokens.weight"].shape == (c.vocab_size, c.hidden_size)
+
+
+FSDP_CONFIG = dict(vocab_size=32, pattern="GF", num_layers=2, num_experts=4, top_k=2, backend="naive")
+FSDP_WORKER = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from minisparse import models as M
+from minisparse.models import training as TR
+dist.init_process_group("gloo")
+rank, out, cfg = dist.get_rank(), sys.argv[1], M.HybridConfig(**json.loads(sys.argv[2]))
+def half(step):  # this rank's half of the global batch of 4
+    ids, tg = TR.mqar_batch(4, 3, vocab=32, generator=torch.Generator().manual_seed(step))
+    return ids[2 * rank:2 * rank + 2], tg[2 * rank:2 * rank + 2]
+torch.manual_seed(0)
+model = TR.data_parallel(M.HybridLM(cfg), "fsdp")
+params = list(model.parameters())
+assert all(isinstance(p, DTensor) for p in params)
+local = sum(p.to_local().numel() for p in params)
+opt, first = TR.train(model, half, 2, progress=False)
+TR.save_checkpoint(out + "/c.pt", model, opt, 2, first)
+torch.manual_seed(5)  # other weights: the checkpoint must overwrite them
+resumed = TR.data_parallel(M.HybridLM(cfg), "fsdp")
+opt, step, _ = TR.load_checkpoint(out + "/c.pt", resumed)
+_, rest = TR.train(resumed, half, 4, optimizer=opt, start_step=step, progress=False)
+json.dump(dict(loss=first["loss"] + rest["loss"], local=local, total=sum(p.numel() for p in params)),
+          open(f"{out}/rank{rank}.json", "w"))
+"""
+
+
+def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(tmp_path):
+    """FSDP2 on two gloo ranks, each on half the batch, trains as one process on the whole batch (the
+    mean of the ranks' losses = its loss), and a checkpoint gathered from the shards resumes it."""
+    import json
+    (tmp_path / "worker.py").write_text(FSDP_WORKER)
+    out = subprocess.run(_torchrun(29535) + [str(tmp_path / "worker.py"), str(tmp_path), json.dumps(FSDP_CONFIG)],
+                         env=_script_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sum(r["local"] for r in ranks) == ranks[0]["total"] and ranks[0]["local"] < ranks[0]["total"]
+
+    def whole(step):
+        return TR.mqar_batch(4, 3, vocab=32, generator=torch.Generator().manual_seed(step))
+
+    torch.manual_seed(0)
+    _, one = TR.train(M.HybridLM(M.HybridConfig(**FSDP_CONFIG)), whole, 4, progress=False)
+    two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
+    assert len(two) == 4 and max(abs(a - b) for a, b in zip(two, one["loss"])) < 1e-5, (two, one["loss"])
 
 
 def test_check_full_layers():

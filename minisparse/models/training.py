@@ -4,7 +4,9 @@ import sysconfig
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 IGNORE = -100  # a target position without a loss
@@ -109,22 +111,49 @@ def recall_accuracy(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0
     return right / total
 
 
+def data_parallel(model, parallel="ddp"):
+    """Wrap model for data parallelism over the initialised process group: "ddp" replicates it
+    (DistributedDataParallel), "fsdp" shards it with FSDP2 (fully_shard each Block, then the root;
+    the model keeps its class and attributes). Build the optimizer after wrapping."""
+    if not dist.is_initialized():
+        raise RuntimeError("data_parallel: no process group; run under torchrun and call "
+                           "torch.distributed.init_process_group first")
+    if parallel == "ddp":  # experts a step routes no token to get no gradient: unused parameters
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if parallel != "fsdp":
+        raise ValueError(f"data_parallel: parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+
+    for block in model.layers:
+        fully_shard(block)  # one all-gather a block in forward, one reduce-scatter in backward
+    fully_shard(model)  # the root: embeddings, final norm, LM head
+    if hasattr(model, "set_reduce_scatter_unused_params"):  # an unrouted expert sends zeros, so
+        model.set_reduce_scatter_unused_params(True)  # every rank reduce-scatters the same shape
+    return model
+
+
 def save_checkpoint(path, model, optimizer, step, history):
     """Weights, optimizer state, the next step and the loss history: plain tensors and numbers,
-    so torch.load(weights_only=True) reads it back."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "history": history}, path)
+    so torch.load(weights_only=True) reads it back. The full (unsharded) state of a plain, DDP or
+    FSDP2 model; under a process group every rank calls it and rank 0 writes the file."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)  # gathers FSDP2's shards
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({"model": weights, "optimizer": optim, "step": step, "history": history}, path)
+    if dist.is_initialized():
+        dist.barrier()  # the file is whole before any rank reads it back
 
 
 def load_checkpoint(path, model, optimizer=None, lr=3e-3):
-    """Restore a checkpoint into model (and a new or given AdamW); returns (optimizer, step,
-    history) to pass to train(..., start_step=step, history=history)."""
+    """Restore a checkpoint into model (plain, DDP or FSDP2; every rank reads the file) and a new
+    or given AdamW; returns (optimizer, step, history) to pass to train(..., start_step=step,
+    history=history)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    getattr(model, "module", model).load_state_dict(state["model"])
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
     return optimizer, state["step"], state["history"]
 
 
-__all__ = ['IGNORE', 'mqar_batch', 'stdlib_bytes', 'lm_batch', 'lm_loss', 'train', 'recall_accuracy', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['IGNORE', 'mqar_batch', 'stdlib_bytes', 'lm_batch', 'lm_loss', 'train', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint']
