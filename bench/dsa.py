@@ -17,7 +17,7 @@ cache + top-k + sparse attention over 2,048 tokens) and "DSA decode attention" (
 Inputs are random (a worst case for locality: real selections cluster). Each kernel runs the first configuration of
 its runtime.LAUNCH_TABLE row that fits (--autotune: the fastest of the row). Short calls: medians by
 minisparse.bench.median_ms; calls over 20 ms (dense attention at 64K takes about 0.3 s): the median of 3.
-Writes DIR/dsa.json and prints a table and the ratios last. Targets (issue 20), reported and not asserted: DSA prefill
+Writes DIR/dsa.json and prints a table and the ratios last. Targets, reported and not asserted: DSA prefill
 ≥ 2× dense at 64K and ≥ 3× at 128K; with the FP8 indexer ≥ 2.5× at 64K; the decoding step ≥ 5× mla_decode.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ NSA: B = 1, HQ = 64, H = 4, D = 128, blocks of 64, 16 blocks, window 512, bf16, 
 no_grad), forward + backward (o.backward(do)) and one decoding step (the last token against a cache of T tokens)
 for minisparse's parallel_nsa, fla's parallel_nsa (carry fla-core) and SDPA (causal, GQA). MoBA: HQ = H = 16, chunks
 of 128, top-16, gate included, against SDPA. Medians by minisparse.bench.median_ms. Writes DIR/nsa.json and prints a
-table and the ratios last. Targets, reported and not asserted (issue 19): NSA forward ≥ 3× SDPA at 32K and ≥ 4× at
+table and the ratios last. Targets, reported and not asserted: NSA forward ≥ 3× SDPA at 32K and ≥ 4× at
 64K, forward + backward ≥ 2.5× at 64K, decoding ≥ 5× at 64K; MoBA ≥ 5× SDPA at 32K.
 """
 from __future__ import annotations

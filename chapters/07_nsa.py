@@ -1120,7 +1120,7 @@ if res is not None:
 # millisecond whatever the context — overhead, not reading — and MoBA, whose heads each pick their own chunks, loads
 # every chunk once per query and head, which makes it slower than dense attention. `bench/notes/nsa.md` says where
 # each of these goes next; the kernels of section 7.5 are correct (they pass the same tests in bf16 and fp16 on the
-# H200) but not yet fast.
+# H200), and their speed is where the next kernel work lies.
 
 # %% [markdown]
 # ## 7.8 Exercises

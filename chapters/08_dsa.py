@@ -1059,7 +1059,7 @@ assert_close("kernel = naive", sparse_attention(q, k, v, idx8, backend="naive"),
 # `mla_decode` over the whole cache. The cell plots the committed H200 run (`bench/results/dsa.json`), tabulates
 # it, and divides section 8.6's FLOPs of each part by its measured time.
 
-# %% tags=["nbval-ignore-output"]
+# %% tags=["nbval-ignore-output", "hide-input"]
 from minisparse import bench
 
 try:
@@ -1134,7 +1134,7 @@ if res is not None:
 #   step at 3.8× with bf16 index keys (6.5× with FP8), and 0.30 ms of the step lies outside the two parts timed
 #   alone: launches and host work between them, which a profile has yet to break down.
 #
-# The kernels are correct (their tests pass in bf16 and fp16 on the H200) but not yet fast; `bench/notes/dsa.md`
+# The kernels are correct (their tests pass in bf16 and fp16 on the H200) but slower than the model allows; `bench/notes/dsa.md`
 # lists what to try next, and the engineering notes check every number above against the results file.
 
 # %% [markdown]
@@ -1278,7 +1278,7 @@ check_index_score_tile(index_score_kernel_solution)
 #   bf16, with 16 — the head count decides.
 # - **Fast and measured**: the kernels gather the selected rows for a block of heads at once and score the indexer
 #   with one product of all its heads against a key tile, with no `[T, T]` matrix. On an H200 they are correct but
-#   not yet fast: DSA's prefill only matches dense SDPA at 64K, a decoding step is 1.64× faster than `mla_decode`.
+#   slower than the model allows: DSA's prefill only matches dense SDPA at 64K, a decoding step is 1.64× faster than `mla_decode`.
 #
 # Next, chapter 9 assembles the book's layers into whole models: DeepSeek-V3.2 and GLM-5 among them.
 #
