@@ -8,18 +8,22 @@
 For each preset of minisparse.models (the small scale: 8 layers, 8 experts top-2, byte vocabulary, width
 `--hidden`): (a) MQAR — AdamW on a mix of 4 .. 64 key-value pairs, then recall accuracy against the number
 of pairs; (b) language modelling on byte windows of the Python standard library's source (offline everywhere);
-training tokens/s and peak memory; (c) decoding latency per token after a prompt of `--context` tokens. Every preset
-sees the same batches (one seed a step and rank). Under torchrun the model is wrapped in DDP, or sharded with FSDP2
+(c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps, and the
+latency of a decoded token after a prompt of `--context` tokens. Every preset sees the same batches (one seed a
+step and rank). `--tasks` picks among mqar, lm and speed: the learning curves may come from runs that share a
+GPU, the speed rows only from one running alone. Under torchrun the model is wrapped in DDP, or sharded with FSDP2
 (`--fsdp`: each block, then the root) (NCCL on GPUs, gloo on CPUs); rank 0 writes `capstone.json`
 (minisparse.bench.save_results): rows {impl: preset, ms, task, ...}. Checkpoints go to `--ckpt`, the full state in
 one file (gathered from every rank, written by rank 0 with torch.save, read by every rank with
 torch.load(weights_only=True)); `--resume` continues.
 A preset that fails leaves a row {task: "error"} and the others run on. To fit short per-command limits, run the
-presets in separate calls (`--presets qwen3_next_like --out DIR/qwen`) and merge the rows.
+presets in separate processes (`--presets qwen3_next_like --out DIR/qwen`) and merge their rows
+(`--merge DIR/*/capstone.json --out bench/results`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -43,7 +47,12 @@ def setup():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"capstone.py: local rank {local}, but this machine shows "
+                             f"{torch.cuda.device_count()} GPU(s): start at most that many processes a node "
+                             "(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPUs")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -77,7 +86,7 @@ def peak_mb(dev):
 def run_task(name, task, args, rank, dev, get_batch, steps):
     torch.manual_seed(0)
     config, model = build(name, args, dev)
-    ckpt = pathlib.Path(args.ckpt) / f"{name}-{task}.pt" if args.ckpt else None
+    ckpt = pathlib.Path(args.ckpt) / f"{name}-{task}.pt" if args.ckpt and task != "speed" else None
     opt, start, history = None, 0, None
     if ckpt is not None and args.resume and ckpt.exists():
         opt, start, history = load_checkpoint(ckpt, model, lr=args.lr)
@@ -95,6 +104,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="directory for capstone.json (default bench/results)")
     p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--tasks", default="mqar,lm,speed", help="any of mqar, lm, speed (comma-separated)")
+    p.add_argument("--speed-steps", type=int, default=30, help="training steps of the speed task; the "
+                   "first third warms up, the rest are timed")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge these capstone.json files "
+                   "(one preset or task each) into --out and exit")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lm-steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64, help="sequences a step and rank")
@@ -110,8 +124,16 @@ def main(argv=None):
     p.add_argument("--autocast", action="store_true", help="bf16 autocast on CUDA (default: fp32 weights "
                    "and activations, the kernels' fp32 path)")
     args = p.parse_args(argv)
+    if args.merge:
+        print("wrote", merge(args.merge, args.out))
+        return
+    tasks = args.tasks.split(",")
+    unknown = set(tasks) - {"mqar", "lm", "speed"}
+    if unknown:
+        p.error(f"--tasks: unknown {sorted(unknown)}; expected any of mqar, lm, speed")
     if args.smoke:
         args.steps, args.lm_steps, args.batch, args.seq, args.context = 4, 3, 4, 32, 32
+        args.speed_steps = 3
     rank, world, dev = setup()
     parallel = ("fsdp" if args.fsdp else "ddp") if dist.is_initialized() else None
     if args.fsdp and parallel is None:
@@ -133,7 +155,7 @@ def main(argv=None):
     for name in args.presets.split(","):
         try:
             with torch.autocast("cuda", torch.bfloat16, enabled=args.autocast and dev.type == "cuda"):
-                rows += run_preset(name, args, rank, world, dev, pairs, mqar, text)
+                rows += run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text)
         except Exception as err:  # one failing preset must not cost the others' results
             if args.smoke:
                 raise
@@ -141,7 +163,8 @@ def main(argv=None):
             print(f"{name}: failed: {err}", flush=True)
     if rank == 0:
         path = pathlib.Path(args.out) / "capstone.json" if args.out else None
-        cfg = dict(steps=args.steps, lm_steps=args.lm_steps, batch=args.batch, world=world, seq=args.seq,
+        cfg = dict(tasks=tasks, steps=args.steps, lm_steps=args.lm_steps, speed_steps=args.speed_steps,
+                   batch=args.batch, world=world, seq=args.seq,
                    hidden=args.hidden, lr=args.lr, pairs=list(pairs), smoke=args.smoke,
                    autocast=args.autocast, context=args.context, parallel=parallel)
         print("wrote", bench.save_results("capstone", cfg, rows, path))
@@ -149,38 +172,69 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def run_preset(name, args, rank, world, dev, pairs, mqar, text):
-    """MQAR training and recall, LM training, decode latency of one preset: its result rows."""
+def run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text):
+    """The result rows of one preset: MQAR training and recall, LM training, speed (tokens/s, decode latency)."""
     rows = []
-    config, model, hist = run_task(name, "mqar", args, rank, dev, mqar, args.steps)
-    counts = param_counts(config)
-    ms = 1e3 * sum(hist["seconds"][-20:]) / len(hist["seconds"][-20:])
-    recall = {}
-    for n in pairs:
-        recall[n] = recall_accuracy(model, n, vocab=MQAR_VOCAB, batch=8 if args.smoke else 256,
-                                    batches=1 if args.smoke else 4, progress=rank == 0)
-        rows.append(dict(impl=name, ms=ms, task="mqar", num_pairs=n, params=counts["total"],
-                         active=counts["active"], recall=recall[n]))
-    config, model, hist = run_task(name, "lm", args, rank, dev, text, args.lm_steps)
-    ms = 1e3 * sum(hist["seconds"][-20:]) / len(hist["seconds"][-20:])
-    tokens = args.batch * world * args.seq
-    rows.append(dict(impl=name, ms=ms, task="lm", params=counts["total"], tokens_per_s=tokens / ms * 1e3,
-                     peak_mb=peak_mb(dev), loss=hist["loss"][::max(1, len(hist["loss"]) // 100)],
-                     final_loss=sum(hist["loss"][-20:]) / len(hist["loss"][-20:])))
-    rows.append(dict(impl=name, ms=decode_ms(model, args.context, dev), task="decode", context=args.context))
+    if "mqar" in tasks:
+        config, model, hist = run_task(name, "mqar", args, rank, dev, mqar, args.steps)
+        counts = param_counts(config)
+        for n in pairs:
+            recall = recall_accuracy(model, n, vocab=MQAR_VOCAB, batch=8 if args.smoke else 256,
+                                     batches=1 if args.smoke else 4, progress=rank == 0)
+            rows.append(dict(impl=name, ms=mean_ms(hist), task="mqar", num_pairs=n, params=counts["total"],
+                             active=counts["active"], recall=recall))
+    if "lm" in tasks:
+        config, model, hist = run_task(name, "lm", args, rank, dev, text, args.lm_steps)
+        counts = param_counts(config)
+        rows.append(dict(impl=name, ms=mean_ms(hist), task="lm", params=counts["total"],
+                         loss=hist["loss"][::max(1, len(hist["loss"]) // 100)],
+                         final_loss=sum(hist["loss"][-20:]) / len(hist["loss"][-20:])))
+    if "speed" in tasks:
+        config, model, hist = run_task(name, "speed", args, rank, dev, text, args.speed_steps)
+        timed = hist["seconds"][args.speed_steps // 3:]  # compilation and autotuning happen in the first steps
+        ms = 1e3 * sum(timed) / len(timed)
+        rows.append(dict(impl=name, ms=ms, task="train_speed", params=param_counts(config)["total"],
+                         tokens_per_s=args.batch * world * args.seq / ms * 1e3, peak_mb=peak_mb(dev)))
+        rows.append(dict(impl=name, ms=decode_ms(model, args.context, dev), task="decode", context=args.context))
     if rank == 0:
-        print(f"{name:18s} recall@{pairs[-1]} {recall[pairs[-1]]:.2f}  lm {rows[-2]['final_loss']:.3f}  "
-              f"{rows[-2]['tokens_per_s']:.0f} tok/s  decode {rows[-1]['ms']:.2f} ms/token", flush=True)
+        print(name, "  ".join(f"{r['task']}{'@' + str(r['num_pairs']) if 'num_pairs' in r else ''}: "
+                             f"{r.get('recall', r.get('final_loss', r.get('tokens_per_s', r['ms']))):.3g}"
+                             for r in rows), flush=True)
     return rows
 
 
+def mean_ms(hist, last=20):
+    """Milliseconds a training step over the last `last` steps of a history."""
+    return 1e3 * sum(hist["seconds"][-last:]) / len(hist["seconds"][-last:])
+
+
+def merge(paths, out):
+    """One capstone.json from several (one preset or task each, or earlier merges): the rows together, and each
+    part's config with the presets it covers."""
+    docs = [json.loads(pathlib.Path(f).read_text()) for f in paths]
+    rows = [r for d in docs for r in d["rows"]]
+    parts = [part for d in docs for part in d["config"].get("parts") or [
+        dict(d["config"], presets=sorted({r["impl"] for r in d["rows"]}))]]
+    config = dict({k: v for k, v in docs[0]["config"].items() if k != "parts"}, parts=parts)
+    env = {k: docs[0][k] for k in ("date", "device", "torch", "triton", "cuda")}  # where the rows were measured
+    for f, d in zip(paths, docs):
+        if any(d[k] != env[k] for k in ("device", "torch", "triton")):
+            raise SystemExit(f"--merge: {f} was measured on {d['device']} (torch {d['torch']}, triton "
+                             f"{d['triton']}), {paths[0]} on {env['device']} (torch {env['torch']}, triton "
+                             f"{env['triton']}): merge only results of one machine and software")
+    return bench.save_results("capstone", config, rows, pathlib.Path(out) / "capstone.json" if out else None, env)
+
+
 @torch.no_grad()
-def decode_ms(model, context, dev, new_tokens=16):
-    """Milliseconds a decoded token after a prompt of `context` tokens (one sequence, caches)."""
+def decode_ms(model, context, dev, new_tokens=16, warmup=2):
+    """Milliseconds a decoded token after a prompt of `context` tokens (one sequence, caches), after `warmup`
+    untimed tokens (the decoding kernels compile on the first)."""
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, context), device=dev)
-    caches = model.new_caches(1, context + new_tokens + 1)
+    caches = model.new_caches(1, context + warmup + new_tokens + 1)
     logits = model(prompt, caches)[:, -1:]
+    for _ in range(warmup):
+        logits = model(logits.argmax(-1), caches)[:, -1:]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()

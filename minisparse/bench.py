@@ -86,14 +86,16 @@ def results_dir() -> pathlib.Path:
     raise FileNotFoundError("bench/results/ not found: run from a clone of the minisparse repository")
 
 
-def save_results(name: str, config: dict, rows: Iterable[dict], path: pathlib.Path | str | None = None) -> pathlib.Path:
-    """Write `{environment, config, rows}` as JSON to `path` (default `bench/results/<name>.json`)."""
+def save_results(name: str, config: dict, rows: Iterable[dict], path: pathlib.Path | str | None = None,
+                 env: dict | None = None) -> pathlib.Path:
+    """Write `{environment, config, rows}` as JSON to `path` (default `bench/results/<name>.json`). `env` is the
+    environment recorded: this machine's (`environment()`) unless the rows were measured elsewhere (a merge)."""
     rows = list(rows)
     for r in rows:
         missing = {"impl", "ms"} - set(r)
         if missing:
             raise ValueError(f"save_results: row {r} lacks {sorted(missing)}")
-    doc = {"name": name, **environment(), "config": config, "rows": rows}
+    doc = {"name": name, **(environment() if env is None else env), "config": config, "rows": rows}
     path = pathlib.Path(path) if path is not None else results_dir() / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")

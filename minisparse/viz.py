@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["to_numpy", "heatmap", "panels", "mask_panel", "tokens_axis", "explorer", "Box", "schematic"]
+__all__ = ["to_numpy", "heatmap", "panels", "mask_panel", "tokens_axis", "explorer", "show_markdown", "Box", "schematic"]
 
 
 def to_numpy(x) -> np.ndarray:
@@ -117,6 +117,20 @@ def explorer(draw: Callable[..., object], **controls):
     ui = widgets.interactive(draw, **controls)
     display(ui)
     return ui
+
+
+def show_markdown(text: str) -> None:
+    """Show a Markdown table or paragraph: rendered in Jupyter, Colab and the built book; printed as text where
+    IPython is missing or no kernel runs (a plain `python chapter.py`)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(text)
+    else:
+        display(Markdown(text))
 
 
 @dataclass

@@ -202,7 +202,8 @@ def test_checkpoint_resume_continues_the_loss_curve(tmp_path):
 
 
 def _script_env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # CPU processes (gloo) even on a GPU machine: the two-process tests must not ask for a second GPU
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_training_script_smoke(tmp_path):
@@ -214,6 +215,34 @@ def test_training_script_smoke(tmp_path):
     tasks = {(r["impl"], r["task"]) for r in doc["rows"]}
     assert ("minimax_m1_like", "decode") in tasks and ("dense_baseline", "lm") in tasks
     assert (tmp_path / "ck" / "dense_baseline-lm.pt").exists()
+
+
+def test_training_script_tasks_and_merge(tmp_path):
+    """Speed measured apart from the learning curves, then the two parts merged into one capstone.json."""
+    script = [sys.executable, str(ROOT / "bench" / "capstone.py"), "--smoke", "--presets", "dense_baseline"]
+    for task in ("mqar", "speed"):
+        subprocess.run(script + ["--tasks", task, "--out", str(tmp_path / task)], check=True, env=_script_env(),
+                       capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "capstone.py"), "--merge", str(tmp_path / "mqar" /
+                    "capstone.json"), str(tmp_path / "speed" / "capstone.json"), "--out", str(tmp_path)],
+                   check=True, env=_script_env(), capture_output=True, timeout=300)
+    import json
+    doc = json.loads((tmp_path / "capstone.json").read_text())
+    assert [r["task"] for r in doc["rows"]] == ["mqar"] * 3 + ["train_speed", "decode"]
+    assert [part["tasks"] for part in doc["config"]["parts"]] == [["mqar"], ["speed"]]
+    assert doc["rows"][3]["tokens_per_s"] > 0
+    speed, other = tmp_path / "speed" / "capstone.json", tmp_path / "other.json"
+    speed.write_text(speed.read_text().replace('"device": "cpu"', '"device": "NVIDIA H200"'))
+    merge = [sys.executable, str(ROOT / "bench" / "capstone.py"), "--merge", str(speed)]
+    subprocess.run(merge + ["--out", str(tmp_path)], check=True, env=_script_env(), capture_output=True, timeout=300)
+    assert json.loads((tmp_path / "capstone.json").read_text())["device"] == "NVIDIA H200"  # where it was measured
+    other.write_text(speed.read_text().replace('"NVIDIA H200"', '"Tesla T4"'))
+    mixed = subprocess.run(merge + [str(other), "--out", str(tmp_path / "m")], env=_script_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert mixed.returncode != 0 and "merge only results of one machine" in mixed.stderr
+    bad = subprocess.run(script + ["--tasks", "mqar,sped"], env=_script_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "unknown ['sped']" in bad.stderr
 
 
 def _torchrun(port):
@@ -231,7 +260,7 @@ def test_training_script_two_cpu_processes(tmp_path, parallel):
     import json
     doc = json.loads((tmp_path / "capstone.json").read_text())
     assert doc["config"]["world"] == 2 and doc["config"]["parallel"] == parallel
-    assert {r["task"] for r in doc["rows"]} == {"mqar", "lm", "decode"}
+    assert {r["task"] for r in doc["rows"]} == {"mqar", "lm", "train_speed", "decode"}
     if parallel == "fsdp":
         state = torch.load(tmp_path / "ck" / "mixtral_like-lm.pt", weights_only=True)
         c = M.PRESETS["mixtral_like"]()  # the full tensors, gathered from the two shards
