@@ -226,9 +226,10 @@ def merge(paths, out):
 
 
 @torch.no_grad()
-def decode_ms(model, context, dev, new_tokens=16, warmup=2):
+def decode_ms(model, context, dev, new_tokens=16, warmup=16):
     """Milliseconds a decoded token after a prompt of `context` tokens (one sequence, caches), after `warmup`
-    untimed tokens (the decoding kernels compile on the first)."""
+    untimed tokens: the decoding kernels compile on the first, and again for each new specialisation of a
+    length argument (Triton specialises integers divisible by 16), so the warm-up covers 16 lengths."""
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, context), device=dev)
     caches = model.new_caches(1, context + warmup + new_tokens + 1)
