@@ -7,6 +7,10 @@ Hand-written infrastructure. A results file `bench/results/<name>.json` holds:
      "rows": [{"impl": "flash_attention", "pass": "fwd", "T": 8192, "ms": 1.02, "tflops": 539.1}, ...]}
 
 Chapters plot these on a CPU, where nothing can be timed, and time live on a GPU.
+
+The roofline helpers at the end (`roofline_point`, `plot_roofline` and the `*_cost` counts of one call of each
+benchmarked kernel) place a timing against the H200's measured compute and memory ceilings (the book's Roofline
+page).
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = ["median_ms", "timed", "environment", "smoke_environment", "save_results", "load_results", "results_dir", "plot_results", "plot_passes",
-           "IMPL_COLORS", "impl_family", "impl_style", "config_table"]
+           "IMPL_COLORS", "impl_family", "impl_style", "config_table", "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
+           "roofline_tflops", "roofline_point", "plot_roofline", "attention_fwd_cost", "grouped_mm_cost",
+           "mla_decode_cost", "lightning_fwd_cost", "gdn_fwd_cost", "kda_fwd_cost", "nsa_fwd_cost",
+           "dsa_sparse_fwd_cost"]
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
@@ -274,3 +281,190 @@ def config_table(doc: dict, keys: Iterable[str] | None = None) -> str:
              f"CUDA {doc.get('cuda', '?')}, {doc.get('date', '?')} |"]
     lines += [f"| {k} | {fmt(config[k])} |" for k in keys]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Roofline: the GPU's two ceilings, and the FLOPs and bytes of one call of each benchmarked kernel.
+#
+# Every `*_cost` function returns {"flops": ..., "bytes": ...} for one call at the given shapes:
+#   flops  the useful FLOPs (2 a multiply-add), only the products the mask or the selection keeps, as the
+#          chapter's cost model counts them (the chapter's function is called, never restated);
+#   bytes  the least traffic the call must make: every input read once, every output written once, nothing
+#          intermediate (no scores, no chunk states). A kernel's real traffic is at least this much.
+
+H200_MATMUL_TFLOPS = 693.0  # bf16 dense matmul on the benchmarks' H200, measured (DESIGN.md §7)
+H200_COPY_TBPS = 4.25  # HBM copy on the same GPU, measured (DESIGN.md §7; bench/results/mla.json records it too)
+
+
+def roofline_tflops(intensity, peak_tflops: float = H200_MATMUL_TFLOPS, copy_tbps: float = H200_COPY_TBPS):
+    """The roofline at `intensity` FLOP/byte (a number or an array), in TFLOP/s: min(peak, intensity × bandwidth).
+    The two ceilings meet at the ridge point, peak / bandwidth FLOP/byte (163 on the H200)."""
+    import numpy as np
+
+    return np.minimum(peak_tflops, np.asarray(intensity, dtype=float) * copy_tbps)
+
+
+def roofline_point(flops: float, nbytes: float, ms: float, peak_tflops: float = H200_MATMUL_TFLOPS,
+                   copy_tbps: float = H200_COPY_TBPS) -> dict:
+    """Where one call of `flops` FLOPs moving `nbytes` bytes in `ms` milliseconds sits on the roofline.
+
+    Returns {flops, bytes, ms, intensity (FLOP/byte), tflops, tbps (achieved), bound, fraction}: `bound` is
+    "compute" when the intensity is at or past the ridge point (peak / bandwidth), else "memory", and `fraction` is
+    the share of that binding ceiling reached (TFLOP/s over the peak, or TB/s over the bandwidth)."""
+    seconds = ms * 1e-3
+    tflops, tbps = flops / seconds / 1e12, nbytes / seconds / 1e12
+    intensity = flops / nbytes
+    compute = intensity >= peak_tflops / copy_tbps
+    return dict(flops=flops, bytes=nbytes, ms=ms, intensity=intensity, tflops=tflops, tbps=tbps,
+                bound="compute" if compute else "memory",
+                fraction=tflops / peak_tflops if compute else tbps / copy_tbps)
+
+
+def attention_fwd_cost(B: int, T: int, H: int, D: int, *, HKV: int | None = None, Dv: int | None = None,
+                       window: int | None = None, dtype_bytes: int = 2) -> dict:
+    """Causal softmax attention, forward (chapter 1): 2·B·H·(D + Dv) FLOPs a visible (query, key) pair (QKᵀ and
+    PV; T(T+1)/2 pairs, fewer with a `window`); bytes: q [B, T, H, D], k [B, T, HKV, D], v [B, T, HKV, Dv] read
+    and o [B, T, H, Dv] written (flash attention's lower bound)."""
+    from minisparse.attention.cost import attention_bytes, attention_flops
+
+    return dict(flops=attention_flops(T, D, H, window=window, Dv=Dv, B=B),
+                bytes=attention_bytes(T, D, H, HKV, Dv=Dv, B=B, dtype_bytes=dtype_bytes, materialize=False))
+
+
+def grouped_mm_cost(M: int, K: int, N: int, E: int, dtype_bytes: int = 2) -> dict:
+    """A grouped GEMM (chapter 2): M routed rows in total, each times its expert's K × N matrix, 2·M·K·N FLOPs;
+    bytes: x [M, K] and the E weights [K, N] read, y [M, N] written. The backward's dX (M·N in, M·K out) and dW
+    (x and dY in, E·K·N out) products have the same counts."""
+    from minisparse.moe.cost import grouped_mm_bytes, grouped_mm_flops
+
+    return dict(flops=grouped_mm_flops(M, K, N), bytes=grouped_mm_bytes(M, K, N, E, dtype_bytes))
+
+
+def mla_decode_cost(B: int, T: int, H: int, kv_lora_rank: int = 512, rope_dim: int = 64,
+                    dtype_bytes: int = 2) -> dict:
+    """One absorbed MLA decoding step (chapter 3): B·H query rows each score T cached keys of r + dr and average T
+    values of r, 2·B·H·T·(2r + dr) FLOPs; bytes: the latent cache [B, T, r + dr] (once for all heads) and the
+    queries [B, H, r + dr] read, the outputs [B, H, r] written."""
+    from minisparse.mla.cost import mla_decode_bytes, mla_decode_flops
+
+    r, dr = kv_lora_rank, rope_dim
+    return dict(flops=mla_decode_flops(T, H, r, dr, B=B),
+                bytes=mla_decode_bytes(T, r, dr, B=B, dtype_bytes=dtype_bytes) + B * H * (2 * r + dr) * dtype_bytes)
+
+
+def lightning_fwd_cost(B: int, T: int, H: int, K: int, V: int, chunk: int = 64, dtype_bytes: int = 2) -> dict:
+    """Chunked lightning attention, forward (chapter 4): the chunk form's FLOPs a head (causal QKᵀ and ·V inside
+    each chunk, the state's read and update); bytes: q, k [B, T, H, K] and v [B, T, H, V] read, o written (the
+    per-head decay rates are left out: H numbers)."""
+    from minisparse.lightning.cost import lightning_flops
+
+    return dict(flops=B * H * lightning_flops(T, K, V, chunk=chunk, form="chunk"),
+                bytes=B * T * H * (2 * K + 2 * V) * dtype_bytes)
+
+
+def gdn_fwd_cost(B: int, T: int, H: int, K: int, V: int, *, HV: int | None = None, chunk: int = 64,
+                 dtype_bytes: int = 2, gate_bytes: int = 4) -> dict:
+    """The chunked gated delta rule, forward (chapter 5): lightning's chunk form plus the UT transform, per value
+    head; bytes: q, k [B, T, H, K], v [B, T, HV, V] read, o [B, T, HV, V] written, and the gate and beta
+    [B, T, HV] read (`gate_bytes` each: the benchmarks pass them in fp32)."""
+    from minisparse.deltanet.cost import gdn_flops
+
+    HV = H if HV is None else HV
+    return dict(flops=B * gdn_flops(T, K, V, HV, chunk=chunk),
+                bytes=B * T * ((2 * H * K + 2 * HV * V) * dtype_bytes + 2 * HV * gate_bytes))
+
+
+def kda_fwd_cost(B: int, T: int, H: int, K: int, V: int, chunk: int = 64, dtype_bytes: int = 2,
+                 gate_bytes: int = 4) -> dict:
+    """Chunked Kimi Delta Attention, forward (chapter 6): the gated delta rule's FLOPs plus the per-channel decay's
+    scalings; bytes: q, k [B, T, H, K], v [B, T, H, V] read, o written, and the per-channel gate [B, T, H, K] and
+    beta [B, T, H] read (`gate_bytes` each)."""
+    from minisparse.kda.cost import kda_flops
+
+    return dict(flops=B * kda_flops(T, K, V, H, chunk=chunk),
+                bytes=B * T * H * ((2 * K + 2 * V) * dtype_bytes + (K + 1) * gate_bytes))
+
+
+def nsa_fwd_cost(B: int, T: int, HQ: int, H: int, D: int, *, block_size: int = 64, block_counts: int = 16,
+                 window_size: int = 512, dtype_bytes: int = 2) -> dict:
+    """Native sparse attention, forward (chapter 7): 4·D FLOPs a (query head, key read) pair over its three
+    branches (compressed summaries of `block_size`, `block_counts` selected blocks, the last `window_size`
+    tokens); bytes: q [B, T, HQ, D], k and v [B, T, H, D] and the three branch gates [B, T, HQ] read, o
+    [B, T, HQ, D] written."""
+    from minisparse.nsa.cost import nsa_cost
+
+    cost = nsa_cost(T, "prefill", head_dim=D, q_heads=HQ, kv_heads=H, block_size=block_size,
+                    block_counts=block_counts, window_size=window_size)
+    return dict(flops=B * int(cost["nsa"]), bytes=B * T * (2 * HQ * D + 2 * H * D + 3 * HQ) * dtype_bytes)
+
+
+def dsa_sparse_fwd_cost(B: int, T: int, HQ: int, *, kv_lora_rank: int = 512, rope_dim: int = 64, topk: int = 2048,
+                        dtype_bytes: int = 2, index_bytes: int = 8) -> dict:
+    """DSA's sparse attention in MLA's latent form, forward over a prefill of T tokens (chapter 8): each query row
+    of each of the HQ heads attends to min(t + 1, topk) selected keys, 2·(2r + dr) FLOPs a pair (as MLA's absorbed
+    decoding); bytes: q [B, T, HQ, r + dr], the one key row a token [B, T, r + dr] (its first r dims are the value)
+    and the indices [B, T, topk] (`index_bytes` each) read, o [B, T, HQ, r] written."""
+    from minisparse.attention.cost import attended_pairs
+    from minisparse.mla.cost import mla_decode_flops
+
+    r, dr = kv_lora_rank, rope_dim
+    pairs = attended_pairs(T, window=topk)  # Σ_t min(t + 1, topk)
+    return dict(flops=mla_decode_flops(pairs, HQ, r, dr, B=B),
+                bytes=B * T * ((HQ * (2 * r + dr) + r + dr) * dtype_bytes + topk * index_bytes))
+
+
+def plot_roofline(points: Iterable[dict], *, ax=None, peak_tflops: float = H200_MATMUL_TFLOPS,
+                  copy_tbps: float = H200_COPY_TBPS, xlim=None, ylim=None):
+    """A log-log roofline: achieved TFLOP/s against arithmetic intensity (FLOP/byte), under the memory ceiling
+    (intensity × bandwidth) and the compute ceiling (the peak), one marker per point.
+
+    points: dicts with "impl" (which gives the marker its colour and shape, `impl_style`), "intensity" and
+    "tflops" (as `roofline_point` returns them). Anchors are drawn larger and under the book's kernels, so that
+    two points at one place both show. The x limits default to whole decades around the points. The legend has
+    one entry per implementation family. Returns the axes; the caller labels the points."""
+    import math
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    points = list(points)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    if xlim is None:
+        xs = [p["intensity"] for p in points] or [peak_tflops / copy_tbps]
+        xlim = (10 ** math.floor(math.log10(min(xs) / 2)), 10 ** math.ceil(math.log10(max(xs) * 2)))
+    if ylim is None:
+        ys = [p["tflops"] for p in points] or [peak_tflops]
+        ylim = (min(ys) / 2, peak_tflops * 2)
+    x = np.geomspace(*xlim, 200)
+    ax.plot(x, roofline_tflops(x, peak_tflops, copy_tbps), color="black", lw=1.2, zorder=1)
+    ridge = peak_tflops / copy_tbps
+    ax.axvline(ridge, color="black", lw=0.6, ls=":", zorder=1)
+    ax.text(xlim[1] / 1.15, peak_tflops * 1.08, f"bf16 matmul: {peak_tflops:g} TFLOP/s", ha="right", va="bottom",
+            fontsize=9)
+    ax.text(ridge * 1.08, ylim[0] * 1.1, f"ridge point: {ridge:.0f} FLOP/byte", ha="left", va="bottom", fontsize=9)
+    x_text = xlim[0] * 1.15  # left of the memory ceiling, a factor 6 below where the text's height meets it
+    ax.text(x_text, x_text * copy_tbps * 6, f"HBM copy:\n{copy_tbps:g} TB/s", ha="left", va="center", fontsize=9)
+    families = {}
+    # anchors first and larger, the book's kernels on top: a kernel level with its anchor still shows both
+    for p in sorted(points, key=lambda p: impl_family(p["impl"]) == "minisparse"):
+        family = impl_family(p["impl"])
+        ours = family == "minisparse"
+        style = impl_style(p["impl"])
+        ax.plot([p["intensity"]], [p["tflops"]], linestyle="none", marker=style["marker"], color=style["color"],
+                markersize=7 if ours else 9, zorder=4 if ours else 3)
+        families.setdefault(family, style)
+    names = {"minisparse": "this book", "torch": "PyTorch"}
+    ordered = sorted(families.items(), key=lambda fs: fs[0] != "minisparse")  # the book first
+    handles = [plt.Line2D([], [], linestyle="none", marker=s["marker"], color=s["color"], markersize=7,
+                          label=names.get(f, f)) for f, s in ordered]
+    ax.set(xscale="log", yscale="log", xlim=xlim, ylim=ylim, ylabel="achieved TFLOP/s",
+           xlabel="arithmetic intensity: FLOPs per byte of minimum traffic")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1e4 else f"{v:,g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(handles=handles, loc="lower right", fontsize=9)
+    return ax

@@ -570,3 +570,66 @@ def test_config_table_and_filtered_log_plot(tmp_path):
     ax = bench.plot_results(doc, where={"H": 2}, logy=True)
     assert len(ax.lines) == 1 and ax.get_yscale() == "log"
     assert list(ax.lines[0].get_ydata()) == [0.002, 0.004]
+
+
+def test_roofline_point_names_the_binding_ceiling_and_the_share_reached():
+    ridge = bench.H200_MATMUL_TFLOPS / bench.H200_COPY_TBPS  # ≈ 163 FLOP/byte
+    p = bench.roofline_point(flops=2e12, nbytes=1e9, ms=10.0)  # 2,000 FLOP/B: past the ridge
+    assert p["intensity"] == 2000 and p["bound"] == "compute"
+    assert p["tflops"] == pytest.approx(200) and p["tbps"] == pytest.approx(0.1)
+    assert p["fraction"] == pytest.approx(200 / 693)
+    p = bench.roofline_point(flops=1e9, nbytes=1e9, ms=1.0)  # 1 FLOP/B: memory-bound, 1 TB/s of 4.25
+    assert p["bound"] == "memory" and p["tbps"] == pytest.approx(1.0) and p["fraction"] == pytest.approx(1 / 4.25)
+    assert bench.roofline_point(ridge * 1e9, 1e9, 1.0)["bound"] == "compute"
+    assert list(bench.roofline_tflops([10, 1e4])) == pytest.approx([42.5, 693])
+
+
+@pytest.mark.parametrize("cost, flops, nbytes", [
+    # causal attention, T = 4: 10 visible pairs × 4·B·H·D = 80 FLOPs; q, k, v, o: 4 × 4·1·2 elements of 2 bytes
+    (lambda: bench.attention_fwd_cost(1, 4, 1, 2), 80, 64),
+    # window 2: pairs 1 + 2 + 2 + 2 = 7
+    (lambda: bench.attention_fwd_cost(1, 4, 1, 2, window=2), 56, 64),
+    # GQA, Dv ≠ D: 3 pairs × 2·4·(8 + 4); q 2·4·8 + k, v 2·1·(8 + 4) + o 2·4·4 = 120 elements
+    (lambda: bench.attention_fwd_cost(1, 2, 4, 8, HKV=1, Dv=4), 288, 240),
+    # grouped GEMM: 2·10·3·5; x 10·3 + w 2·3·5 + y 10·5 = 110 elements
+    (lambda: bench.grouped_mm_cost(10, 3, 5, 2), 300, 220),
+    # MLA decoding: 2·B·H·T·(2r + dr) = 2·2·4·3·18; cache 2·3·10 + q 2·4·10 + o 2·4·8 = 204 elements
+    (lambda: bench.mla_decode_cost(2, 3, 4, kv_lora_rank=8, rope_dim=2), 864, 408),
+    # lightning, chunk 2: a head T·C·(K + V) + 4·T·K·V = 128 + 512, two heads; q, k, v, o: 8·2·16 elements
+    (lambda: bench.lightning_fwd_cost(1, 8, 2, 4, 4, chunk=2), 1280, 512),
+    # gated delta rule: lightning's 640 + T·(C·K + C·(K + V) + 2·K·V) = 448; 8 tokens × (16 bf16 + 2 fp32)
+    (lambda: bench.gdn_fwd_cost(1, 8, 1, 4, 4, chunk=2), 1088, 320),
+    # KDA: the delta rule's 1088 + 4·T·K = 128; 8 tokens × (16 bf16 + (K + 1) fp32)
+    (lambda: bench.kda_fwd_cost(1, 8, 1, 4, 4, chunk=2), 1216, 416),
+    # NSA, T = 4, blocks of 2, 1 selected, window 1: keys read cmp 0+1+1+2, slc 1+2+2+2, swa 4 = 15, × 4·D·HQ;
+    # q, o 2·2·2 + k, v 2·1·2 + gates 3·2 = 18 elements a token
+    (lambda: bench.nsa_fwd_cost(1, 4, 2, 1, 2, block_size=2, block_counts=1, window_size=1), 240, 144),
+    # DSA sparse attention, top-2 of T = 4: pairs 1 + 2 + 2 + 2 = 7 × 2·HQ·(2r + dr) = 40; a token: q, o
+    # 2·(8 + 2) + the key row 6 elements of 2 bytes, 2 indices of 8 bytes
+    (lambda: bench.dsa_sparse_fwd_cost(1, 4, 2, kv_lora_rank=4, rope_dim=2, topk=2), 280, 272),
+])
+def test_each_kernel_cost_counts_a_hand_computed_case(cost, flops, nbytes):
+    assert cost() == {"flops": flops, "bytes": nbytes}
+
+
+def test_dsa_sparse_cost_sums_the_chapters_per_position_model():
+    import numpy as np
+
+    from minisparse.dsa.cost import dsa_cost
+
+    per_position = dsa_cost(np.arange(5000), "prefill", topk=2048)["sparse"].sum()
+    assert bench.dsa_sparse_fwd_cost(1, 5000, 128, topk=2048)["flops"] == pytest.approx(per_position, rel=1e-12)
+
+
+def test_plot_roofline_draws_both_ceilings_and_one_marker_a_point():
+    import matplotlib
+    matplotlib.use("Agg")
+    points = [dict(impl="flash_attention", **bench.roofline_point(8e12, 1e9, 18.0)),
+              dict(impl="sdpa", **bench.roofline_point(8e12, 1e9, 15.0)),
+              dict(impl="fla chunk_simple_gla", **bench.roofline_point(1.7e11, 2.1e9, 1.5))]
+    ax = bench.plot_roofline(points)
+    roof, markers = ax.lines[0], ax.lines[2:]
+    assert max(roof.get_ydata()) == pytest.approx(693) and len(markers) == 3
+    assert markers[-1].get_color() == bench.IMPL_COLORS["minisparse"]  # the book's kernel drawn last, on top
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["this book", "SDPA", "fla"]
+    assert ax.get_xscale() == ax.get_yscale() == "log"

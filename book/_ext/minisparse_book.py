@@ -2,15 +2,15 @@
 
 - Launch buttons (Colab) only on the chapters: a page that is executed at build time, such as the Performance
   appendix, is a MyST notebook too, and sphinx-book-theme would offer to open it in Colab.
-- The Performance page depends on bench/results/*.json: a new result re-draws its figures on the next build,
-  even when the page's text did not change.
+- The Performance and Roofline pages depend on bench/results/*.json: a new result re-draws their figures on the
+  next build, even when the page's text did not change.
 """
 from __future__ import annotations
 
 import pathlib
 
 LAUNCHABLE = "chapters/"          # docnames under this prefix keep their launch buttons
-RESULTS_PAGES = {"book/performance": "bench/results/*.json"}
+RESULTS_PAGES = {"book/performance": "bench/results/*.json", "book/roofline": "bench/results/*.json"}
 
 
 def _drop_launch_buttons(app, pagename, templatename, context, doctree):
