@@ -292,8 +292,8 @@ def config_table(doc: dict, keys: Iterable[str] | None = None) -> str:
 #   bytes  the least traffic the call must make: every input read once, every output written once, nothing
 #          intermediate (no scores, no chunk states). A kernel's real traffic is at least this much.
 
-H200_MATMUL_TFLOPS = 693.0  # bf16 dense matmul on the benchmarks' H200, measured (DESIGN.md §7)
-H200_COPY_TBPS = 4.25  # HBM copy on the same GPU, measured (DESIGN.md §7; bench/results/mla.json records it too)
+H200_MATMUL_TFLOPS = 693.0  # bf16 dense matmul on the benchmarks' H200, measured (bench/notes/roofline.md)
+H200_COPY_TBPS = 4.25  # HBM copy on the same GPU, measured (bench/notes/roofline.md; mla.json records it too)
 
 
 def roofline_tflops(intensity, peak_tflops: float = H200_MATMUL_TFLOPS, copy_tbps: float = H200_COPY_TBPS):
