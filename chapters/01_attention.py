@@ -2335,28 +2335,22 @@ def flash_attention(q, k, v, causal=True, scale=None, window=None):
 
     Args:
         q: queries `[B, Tq, HQ, DK]`.
-        k: keys `[B, Tk, HKV, DK]` with `HQ % HKV == 0` (GQA: query head h reads K/V head h // (HQ
-        // HKV);
-            K and V are never repeated in memory) and, when causal, `Tq <= Tk`.
-        v: values `[B, Tk, HKV, DV]`; DV may differ from DK. Head dims up to 256, any size (padded
-        inside).
-        causal: query i attends to keys s <= i + Tk - Tq (bottom-right alignment: the queries are
-        the last Tq
-            positions, as when decoding after a KV cache; with Tq == Tk this is SDPA's `is_causal`).
+        k: keys `[B, Tk, HKV, DK]` with `HQ % HKV == 0` (GQA: query head h reads K/V head
+            h // (HQ // HKV); K and V are never repeated in memory) and, when causal, `Tq <= Tk`.
+        v: values `[B, Tk, HKV, DV]`; DV may differ from DK. Head dims up to 256, any size
+            (padded inside).
+        causal: query i attends to keys s <= i + Tk - Tq (bottom-right alignment: the queries
+            are the last Tq positions, as when decoding after a KV cache; with Tq == Tk this is
+            SDPA's `is_causal`).
         scale: multiplies q·k, a positive number; None means DK ** -0.5.
         window: sliding-window length W, a positive int (needs causal): the query at position p
-        sees keys
-            p - W < s <= p.
+            sees keys p - W < s <= p.
 
-    q, k, v share a dtype and a device: float16, bfloat16 or float32 on CUDA; float32 or float16 on
-    CPU tensors,
-    where the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which `import minisparse`
-    sets on machines
-    without a GPU) — bfloat16 there raises a TypeError, because the interpreter's bf16 `tl.dot` is
-    wrong (triton
-    3.3–3.8): use float32 on CPU. Products accumulate in float32. Empty inputs (B, Tq or Tk = 0) go
-    through
-    `attention_ref`.
+    q, k, v share a dtype and a device: float16, bfloat16 or float32 on CUDA; float32 or float16
+    on CPU tensors, where the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which
+    `import minisparse` sets on machines without a GPU) — bfloat16 there raises a TypeError,
+    because the interpreter's bf16 `tl.dot` is wrong (triton 3.3–3.8): use float32 on CPU.
+    Products accumulate in float32. Empty inputs (B, Tq or Tk = 0) go through `attention_ref`.
 
     Returns:
         o `[B, Tq, HQ, DV]` in q's dtype, differentiable with respect to q, k and v.

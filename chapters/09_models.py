@@ -572,10 +572,10 @@ class HybridLM(nn.Module):
         self.lm_head = (None if config.tie_embeddings else
                         nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.aux_loss = None
-        # Untied, the embeddings keep nn.Embedding's N(0, 1): tokens at the scale of what the layers
-        # (PyTorch's default inits) add to the residual stream. At std 0.02 the layers' outputs drown
-        # the token identities and MQAR sits on its 1/N plateau for thousands of steps
-        # (bench/notes/capstone.md). Tied to the LM head, 0.02 keeps the first logits small.
+        # Untied, the embeddings keep nn.Embedding's N(0, 1): tokens at the scale of what the
+        # layers (PyTorch's default inits) add to the residual stream. At std 0.02 the layers'
+        # outputs drown the token identities and MQAR sits on its 1/N plateau for thousands of
+        # steps (bench/notes/capstone.md). Tied to the LM head, 0.02 keeps the first logits small.
         if config.tie_embeddings and self.embed_tokens.weight.device.type != "meta":
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
@@ -1036,10 +1036,10 @@ for label in LETTERS:
     params = sum(p.numel() for p in small[label].parameters())
     print(f"{label:13s} {params / 1e3:5.0f}K params  recall "
           + "  ".join(f"N={n}: {a:.2f}" for n, a in recall[label].items()))
-assert min(recall["full FF"][n] for n in PAIRS) > 0.9  # attention has learned the association
-assert recall["linear GG"][8] < recall["full FF"][8] - 0.4  # the delta rule's state holds a few pairs
-assert recall["lightning LL"][4] < 0.45  # a decayed sum: near 1/N, the format without the association
-assert min(recall["hybrid GF"][8], recall["sparse DD"][8]) > 0.7  # one attention layer / 8 keys suffice
+assert min(recall["full FF"][n] for n in PAIRS) > 0.9  # attention learned the association
+assert recall["linear GG"][8] < recall["full FF"][8] - 0.4  # the delta rule holds a few pairs
+assert recall["lightning LL"][4] < 0.45  # near 1/N: the format without the association
+assert min(recall["hybrid GF"][8], recall["sparse DD"][8]) > 0.7  # one layer / 8 keys suffice
 
 # %% [markdown]
 # Full attention learns the task outright — and answers 16 pairs, twice what it was trained on, most of the time.
@@ -1096,13 +1096,15 @@ except (FileNotFoundError, OSError):
     print("bench/results/capstone.json is not committed: run bench/capstone.py on a GPU")
 if RESULTS is not None:
     rows, cfg = RESULTS["rows"], RESULTS["config"]
-    print(f"{RESULTS['date']}, {RESULTS['device']}, torch {RESULTS['torch']}, triton {RESULTS['triton']}; "
-          f"width {cfg['hidden']}, batch {cfg['batch']} x {cfg['seq']}; "
-          + "; ".join(f"{'+'.join(part['tasks'])}: {len(part['presets'])} presets" for part in cfg["parts"]))
+    parts = "; ".join(f"{'+'.join(p['tasks'])}: {len(p['presets'])} presets" for p in cfg["parts"])
+    print(f"{RESULTS['date']}, {RESULTS['device']}, torch {RESULTS['torch']}, "
+          f"triton {RESULTS['triton']}; width {cfg['hidden']}, "
+          f"batch {cfg['batch']} x {cfg['seq']}; {parts}")
     speed = {r["impl"]: r for r in rows if r["task"] == "train_speed"}
-    viz.show_markdown("\n".join(["| preset | train tokens/s | ms a step | peak memory (MiB) |", "|---|---|---|---|"]
-                                 + [f"| {n} | {r['tokens_per_s']:,.0f} | {r['ms']:.1f} | {r['peak_mb']:,.0f} |"
-                                    for n, r in speed.items()]))
+    table = ["| preset | train tokens/s | ms a step | peak memory (MiB) |", "|---|---|---|---|"]
+    table += [f"| {n} | {r['tokens_per_s']:,.0f} | {r['ms']:.1f} | {r['peak_mb']:,.0f} |"
+              for n, r in speed.items()]
+    viz.show_markdown("\n".join(table))
     learned = [r for r in rows if r["task"] in ("mqar", "lm")]
     if learned:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -1110,7 +1112,8 @@ if RESULTS is not None:
             r = [x for x in learned if x["impl"] == name and x["task"] == "mqar"]
             lm_rows = [x for x in learned if x["impl"] == name and x["task"] == "lm"]
             if r:
-                ax1.plot([x["num_pairs"] for x in r], [x["recall"] for x in r], marker="o", label=name)
+                ax1.plot([x["num_pairs"] for x in r], [x["recall"] for x in r], marker="o",
+                         label=name)
             if lm_rows:
                 ax2.plot(lm_rows[0]["loss"], label=name)
         ax1.set(xscale="log", xlabel="key-value pairs N", ylabel="recall", title="MQAR recall")
@@ -1120,8 +1123,8 @@ if RESULTS is not None:
     else:
         print("learning curves: not in the committed results (bench/capstone.py --tasks mqar,lm)")
     assert max(speed, key=lambda n: speed[n]["ms"]) in ("deepseek_v32_like", "glm5_like")
-    assert speed["dense_baseline"]["tokens_per_s"] > 2 * max(r["tokens_per_s"] for n, r in speed.items()
-                                                             if n != "dense_baseline")
+    others = [r["tokens_per_s"] for n, r in speed.items() if n != "dense_baseline"]
+    assert speed["dense_baseline"]["tokens_per_s"] > 2 * max(others)
 
 # %% [markdown]
 # At width 128 a step costs what its *launches* cost, not its FLOPs: the dense baseline trains at about a million
@@ -1156,18 +1159,23 @@ def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
-SMALL_SCALE = [(title, task, key, spec) for title, task, key, spec in [  # the GPU columns that have results
-    ("recall@max", "mqar", "recall", ".2f"), ("train tok/s", "train_speed", "tokens_per_s", ",.0f"),
-    ("decode ms", "decode", "ms", ".2f")] if any(measured(n, task, key) is not None for n in FULL)]
-lines = ["| family | mechanism | total / active | KV a token | state a seq. | 128K step: GB, GFLOP | "
-         + " | ".join(title for title, *_ in SMALL_SCALE) + " |", "|---" * (6 + len(SMALL_SCALE)) + "|"]
+SMALL_SCALE = [  # the columns of the GPU run, those that have results
+    (title, task, key, spec) for title, task, key, spec in [
+        ("recall@max", "mqar", "recall", ".2f"),
+        ("train tok/s", "train_speed", "tokens_per_s", ",.0f"),
+        ("decode ms", "decode", "ms", ".2f")]
+    if any(measured(n, task, key) is not None for n in FULL)]
+lines = ["| family | mechanism | total / active | KV a token | state a seq. "
+         "| 128K step: GB, GFLOP | " + " | ".join(title for title, *_ in SMALL_SCALE) + " |",
+         "|---" * (6 + len(SMALL_SCALE)) + "|"]
 for name, c in FULL.items():
     n, m, cost = COUNTS[name], MEM[name], COST[name]
     lines.append(f"| {name} | {MECHANISM[name]} "
                  f"| {n['total'] / 1e9:.1f}B / {n['active'] / 1e9:.1f}B "
                  f"| {m['per_token'] / 1024:.1f} KiB | {m['per_sequence'] / 2**20:.0f} MiB "
                  f"| {cost['bytes'] / 1e9:.1f}, {cost['flops'] / 1e9:.0f} | "
-                 + " | ".join(fmt(measured(name, task, key), spec) for _, task, key, spec in SMALL_SCALE) + " |")
+                 + " | ".join(fmt(measured(name, task, key), spec)
+                              for _, task, key, spec in SMALL_SCALE) + " |")
 viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text in a terminal
 
 # %% [markdown]
