@@ -1088,7 +1088,7 @@ print(bytes(sample).decode(errors="replace"))
 # where present, and the speed of a training step on the language-modelling batches (64 × 512 bytes), each preset
 # measured alone on the GPU.
 
-# %% tags=["nbval-ignore-output"]
+# %% tags=["nbval-ignore-output", "hide-input"]
 try:
     RESULTS = bench.load_results("capstone")
 except (FileNotFoundError, OSError):
