@@ -6,12 +6,13 @@
     PYTHONPATH=. python bench/capstone.py --smoke --out /tmp/capstone       # a CPU: tiny, seconds
 
 For each preset of minisparse.models (the small scale: 8 layers, 8 experts top-2, byte vocabulary, width
-`--hidden`): (a) MQAR — AdamW on a mix of 4 .. 64 key-value pairs, then recall accuracy against the number
-of pairs; (b) language modelling on byte windows of the Python standard library's source (offline everywhere);
-(c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps, and the
-latency of a decoded token after a prompt of `--context` tokens. Every preset sees the same batches (one seed a
-step and rank). `--tasks` picks among mqar, lm and speed: the learning curves may come from runs that share a
-GPU, the speed rows only from one running alone. Under torchrun the model is wrapped in DDP, or sharded with FSDP2
+`--hidden`): (a) MQAR — AdamW on a mix of `--pairs` key-value pairs (4 .. 64), then recall accuracy against the
+number of pairs; (b) language modelling on byte windows of the Python standard library's source (offline
+everywhere); (c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps, and
+the latency of a decoded token after a prompt of `--context` tokens. Every preset sees the same batches (one seed a
+step and rank). `--tasks` picks among mqar, lm and speed: the learning curves may come from runs that share a GPU,
+the speed rows only from one running alone.
+Under torchrun the model is wrapped in DDP, or sharded with FSDP2
 (`--fsdp`: each block, then the root) (NCCL on GPUs, gloo on CPUs); rank 0 writes `capstone.json`
 (minisparse.bench.save_results): rows {impl: preset, ms, task, ...}. Checkpoints go to `--ckpt`, the full state in
 one file (gathered from every rank, written by rank 0 with torch.save, read by every rank with
@@ -39,7 +40,6 @@ from minisparse.models import PRESETS, HybridLM, param_counts  # noqa: E402
 from minisparse.models.training import (data_parallel, load_checkpoint, lm_batch, mqar_batch,  # noqa: E402
                                      recall_accuracy, save_checkpoint, stdlib_bytes, train)
 
-MQAR_VOCAB = 256  # keys 0..127, values 128..255: room for 64 pairs
 
 
 def setup():
@@ -114,7 +114,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="sequences a step and rank")
     p.add_argument("--seq", type=int, default=512, help="LM window")
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate (at 8 layers, 3e-3 keeps "
+                   "MQAR on its 1/N plateau where 1e-3 leaves it: bench/notes/capstone.md)")
+    p.add_argument("--pairs", default="4,8,16,32,64", help="MQAR: the numbers of key-value pairs, one a step "
+                   "in turn; recall is measured at each")
+    p.add_argument("--mqar-vocab", type=int, default=256, help="MQAR's symbols: keys below half, values above "
+                   "(at most the model's vocabulary, 256; at least twice the most pairs)")
     p.add_argument("--context", type=int, default=8192, help="decode latency after this many tokens")
     p.add_argument("--ckpt", default=None, help="checkpoint directory")
     p.add_argument("--resume", action="store_true")
@@ -138,12 +143,15 @@ def main(argv=None):
     parallel = ("fsdp" if args.fsdp else "ddp") if dist.is_initialized() else None
     if args.fsdp and parallel is None:
         print("--fsdp: one process, nothing to shard; run under torchrun to shard", flush=True)
-    pairs = (2, 4, 8) if args.smoke else (4, 8, 16, 32, 64)
+    pairs = (2, 4, 8) if args.smoke else tuple(int(n) for n in args.pairs.split(","))
+    if not 2 * max(pairs) <= args.mqar_vocab <= 256:
+        p.error(f"--mqar-vocab {args.mqar_vocab}: must hold 2 x the most pairs ({2 * max(pairs)}) and at most "
+                "the models' 256 symbols")
     data = stdlib_bytes(200_000 if args.smoke else 20_000_000)
 
     def mqar(step):
         g = torch.Generator().manual_seed(1000 * step + rank)
-        ids, tg = mqar_batch(args.batch, pairs[step % len(pairs)], vocab=MQAR_VOCAB, generator=g)
+        ids, tg = mqar_batch(args.batch, pairs[step % len(pairs)], vocab=args.mqar_vocab, generator=g)
         return ids.to(dev), tg.to(dev)
 
     def text(step):
@@ -163,7 +171,8 @@ def main(argv=None):
             print(f"{name}: failed: {err}", flush=True)
     if rank == 0:
         path = pathlib.Path(args.out) / "capstone.json" if args.out else None
-        cfg = dict(tasks=tasks, steps=args.steps, lm_steps=args.lm_steps, speed_steps=args.speed_steps,
+        cfg = dict(tasks=tasks, mqar_vocab=args.mqar_vocab, steps=args.steps, lm_steps=args.lm_steps,
+                   speed_steps=args.speed_steps,
                    batch=args.batch, world=world, seq=args.seq,
                    hidden=args.hidden, lr=args.lr, pairs=list(pairs), smoke=args.smoke,
                    autocast=args.autocast, context=args.context, parallel=parallel)
@@ -179,7 +188,7 @@ def run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text):
         config, model, hist = run_task(name, "mqar", args, rank, dev, mqar, args.steps)
         counts = param_counts(config)
         for n in pairs:
-            recall = recall_accuracy(model, n, vocab=MQAR_VOCAB, batch=8 if args.smoke else 256,
+            recall = recall_accuracy(model, n, vocab=args.mqar_vocab, batch=8 if args.smoke else 256,
                                      batches=1 if args.smoke else 4, progress=rank == 0)
             rows.append(dict(impl=name, ms=mean_ms(hist), task="mqar", num_pairs=n, params=counts["total"],
                              active=counts["active"], recall=recall))

@@ -243,6 +243,9 @@ def test_training_script_tasks_and_merge(tmp_path):
     bad = subprocess.run(script + ["--tasks", "mqar,sped"], env=_script_env(), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and "unknown ['sped']" in bad.stderr
+    bad = subprocess.run(script[:2] + ["--pairs", "4,64", "--mqar-vocab", "64"], env=_script_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "must hold 2 x the most pairs (128)" in bad.stderr
 
 
 def _torchrun(port):
