@@ -1096,7 +1096,10 @@ except (FileNotFoundError, OSError):
     print("bench/results/capstone.json is not committed: run bench/capstone.py on a GPU")
 if RESULTS is not None:
     rows, cfg = RESULTS["rows"], RESULTS["config"]
-    parts = "; ".join(f"{'+'.join(p['tasks'])}: {len(p['presets'])} presets" for p in cfg["parts"])
+    runs = {}  # presets a kind of run (the parts merged into the file)
+    for part in cfg["parts"]:
+        runs["+".join(part["tasks"])] = runs.get("+".join(part["tasks"]), 0) + len(part["presets"])
+    parts = "; ".join(f"{tasks}: {n} presets" for tasks, n in runs.items())
     print(f"{RESULTS['date']}, {RESULTS['device']}, torch {RESULTS['torch']}, "
           f"triton {RESULTS['triton']}; width {cfg['hidden']}, "
           f"batch {cfg['batch']} x {cfg['seq']}; {parts}")
