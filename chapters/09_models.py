@@ -1323,10 +1323,10 @@ check_generate_fix(generate_solution)
 # - **Memory and cost.** At a million tokens a sequence holds 8 GiB (Kimi Linear) to 128 GiB (Mixtral); the
 #   hybrids trade a constant state for a 3–16× smaller cache; sparse selection keeps a cache in every layer but
 #   a decoding step reads only 2,048 latents of it, a tenth of dense MLA's FLOPs at 128K.
-# - **Recall.** On MQAR at reading size the Gated DeltaNet-only model lags full attention and DSA, and one
-#   attention layer in two wins part of the gap back; how recall falls with the number of pairs once each
-#   family has trained is what the GPU run measures — the tension that sent MiniMax back to full attention in
-#   M2, and the reason every hybrid keeps one layer in four (or eight) exact.
+# - **Recall.** On MQAR at reading size full attention learns the association outright, Gated DeltaNet holds it
+#   for a few pairs and loses it as they grow, lightning attention never gets past naming some value it has
+#   seen, and one attention layer in two — or DSA's top-8 — wins almost all of it back: the tension that sent
+#   MiniMax back to full attention in M2, and the reason every hybrid keeps one layer in four (or eight) exact.
 #
 # ## References
 #
