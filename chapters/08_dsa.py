@@ -128,8 +128,7 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import _checks
-from minisparse.dsa.checks import (check_attention_args, check_indexer_args, check_indices,
-                                   check_topk)
+from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
 
 
 def causal_mask(TQ, TK, device=None):
@@ -202,7 +201,7 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
     selected (topk >= TK) it is causal attention.
     """
     op = "sparse_attention"
-    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     if _use_triton(op, backend, q):  # the kernels of section 8.7
         from minisparse.dsa.triton import sparse_attention_triton
         return sparse_attention_triton(q, k, v, indices, scale)
@@ -852,7 +851,7 @@ def gather_attention(q, k, v, indices, scale=None):
     """sparse_attention by gathering the selected rows: O(TQ·K) work and memory, no [TQ, TK] mask
     (the kernels' formulation). Same arguments and result as sparse_attention."""
     op = "gather_attention"
-    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     check_indices(op, indices, B, TQ, TK, naive=True)
     scale = _checks.scale(op, scale, D)
     K = indices.shape[-1]
@@ -907,8 +906,7 @@ import triton
 import triton.language as tl
 
 from minisparse import _checks, runtime
-from minisparse.dsa.checks import (check_attention_args, check_indexer_args, check_indices,
-                                   check_topk)
+from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
 
 _INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 _LOG2E = 1.4426950408889634
@@ -1341,27 +1339,6 @@ def check_indexer_args(op, q_idx, k_idx, w_idx, dtypes=_checks.FLOATS):
     return B, TQ, HI, DI, k_idx.shape[1]
 
 
-def check_attention_args(op, q, k, v):
-    """q [B, TQ, HQ, D], k [B, TK, H, D], v [B, TK, H, Dv] with TQ <= TK and H dividing HQ (MLA's
-    latent form: H = 1, D = 576, Dv = 512); one float dtype, one device. Returns (B, TQ, TK,
-    HQ, H, D, Dv)."""
-    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]")
-    _checks.tensor(op, "k", k, "[B, TK, H, D]")
-    _checks.tensor(op, "v", v, "[B, TK, H, Dv]")
-    B, TQ, HQ, D = q.shape
-    TK, H = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or TK < TQ:
-        raise ValueError(f"{op}: k must be [B, TK, H, D] with q's B = {B}, D = {D} and TK >= TQ = "
-                         f"{TQ} (queries are the last TQ positions), got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: v must be [B, TK, H, Dv] with k's B, TK, H = "
-                         f"{tuple(k.shape[:3])}, got {tuple(v.shape)}")
-    _checks.divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
-    _checks.same_dtype(op, q=q, k=k, v=v)
-    _checks.same_device(op, q=q, k=k, v=v)
-    return B, TQ, TK, HQ, H, D, v.shape[3]
-
-
 def check_indices(op, indices, B, TQ, TK, naive):
     """indices [B, TQ, K] int32/int64 on the queries' device: each entry -1 (padding) or a distinct
     key 0 <= s <= TK − TQ + i (query i's position). Values are checked by the book's value-check
@@ -1399,9 +1376,9 @@ def check_indices(op, indices, B, TQ, TK, naive):
 #| export dsa.triton
 def check_sparse_triton(op, q, k, v, indices, scale):
     """The checks of sparse_attention_triton; returns the scale. Shapes, dtypes and devices as
-    sparse_attention (check_attention_args, check_indices: the index values when
+    sparse_attention (_checks.last_queries_qkv, check_indices: the index values when
     _checks.checking_values says so), then the kernels' limits."""
-    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     check_indices(op, indices, B, TQ, TK, naive=False)
     limit = 1024 if H == 1 else 256  # MLA's latent rows (one key head) up to 1024 dims, GQA 256
     _checks.triton_inputs(op, q, k, v, indices, max_dims={"D": (D, limit), "Dv": (DV, limit)},

@@ -94,6 +94,26 @@ def qkv(op: str, q, k, v, *, grouped_values: bool = False) -> tuple[int, int, in
     return B, T, H, K, HV, V
 
 
+def last_queries_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
+    """The softmax-attention layout with the queries at the end: q `[B, TQ, HQ, D]`, k `[B, TK, H, D]`, v
+    `[B, TK, H, Dv]`, TQ <= TK (query i sits at position TK - TQ + i: TQ = TK in a prefill, fewer when decoding)
+    and H dividing HQ (GQA); one float dtype, one device. Returns (B, TQ, TK, HQ, H, D, Dv)."""
+    tensor(op, "q", q, "[B, TQ, HQ, D]")
+    tensor(op, "k", k, "[B, TK, H, D]")
+    tensor(op, "v", v, "[B, TK, H, Dv]")
+    B, TQ, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D or TK < TQ:
+        raise ValueError(f"{op}: k must be [B, TK, H, D] with q's B = {B}, D = {D} and TK >= TQ = {TQ} "
+                         f"(queries are the last TQ positions), got {_shape(k)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, TK, H, Dv] with k's B, TK, H = {tuple(k.shape[:3])}, got {_shape(v)}")
+    divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
+    same_dtype(op, q=q, k=k, v=v)
+    same_device(op, q=q, k=k, v=v)
+    return B, TQ, TK, HQ, H, D, v.shape[3]
+
+
 def per_head_token(op: str, name: str, t, want: tuple, layout: str, meaning: str, like: torch.Tensor) -> None:
     """A gate-like tensor: exactly `want`, floating point, on `like`'s device."""
     tensor(op, name, t, layout)

@@ -149,8 +149,8 @@ SELECTION_BAD_INPUT = [
     ("indices of another length", lambda q, k, v, i, bs: (q, k, v, i[:, :5], bs), ValueError, r"\[B, T, H, S\]"),
     ("block size not a power of two", lambda q, k, v, i, bs: (q, k, v, i, 12), ValueError, "power of two"),
     ("HQ not a multiple of H", lambda q, k, v, i, bs: (q[:, :, :3], k, v, i, bs), ValueError, "must divide"),
-    ("k of another length", lambda q, k, v, i, bs: (q, k[:, :7], v[:, :7], i, bs), ValueError, "q's B, T"),
-    ("v of other heads", lambda q, k, v, i, bs: (q, k, v[:, :, :1], i, bs), ValueError, "k's B, T, H"),
+    ("k of another length", lambda q, k, v, i, bs: (q, k[:, :7], v[:, :7], i, bs), ValueError, "TK >= TQ"),
+    ("v of other heads", lambda q, k, v, i, bs: (q, k, v[:, :, :1], i, bs), ValueError, "k's B, TK, H"),
     ("mixed dtypes", lambda q, k, v, i, bs: (q, k.double(), v, i, bs), TypeError, "one dtype"),
 ]
 

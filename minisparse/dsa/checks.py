@@ -26,27 +26,6 @@ def check_indexer_args(op, q_idx, k_idx, w_idx, dtypes=_checks.FLOATS):
     return B, TQ, HI, DI, k_idx.shape[1]
 
 
-def check_attention_args(op, q, k, v):
-    """q [B, TQ, HQ, D], k [B, TK, H, D], v [B, TK, H, Dv] with TQ <= TK and H dividing HQ (MLA's
-    latent form: H = 1, D = 576, Dv = 512); one float dtype, one device. Returns (B, TQ, TK,
-    HQ, H, D, Dv)."""
-    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]")
-    _checks.tensor(op, "k", k, "[B, TK, H, D]")
-    _checks.tensor(op, "v", v, "[B, TK, H, Dv]")
-    B, TQ, HQ, D = q.shape
-    TK, H = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or TK < TQ:
-        raise ValueError(f"{op}: k must be [B, TK, H, D] with q's B = {B}, D = {D} and TK >= TQ = "
-                         f"{TQ} (queries are the last TQ positions), got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: v must be [B, TK, H, Dv] with k's B, TK, H = "
-                         f"{tuple(k.shape[:3])}, got {tuple(v.shape)}")
-    _checks.divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
-    _checks.same_dtype(op, q=q, k=k, v=v)
-    _checks.same_device(op, q=q, k=k, v=v)
-    return B, TQ, TK, HQ, H, D, v.shape[3]
-
-
 def check_indices(op, indices, B, TQ, TK, naive):
     """indices [B, TQ, K] int32/int64 on the queries' device: each entry -1 (padding) or a distinct
     key 0 <= s <= TK − TQ + i (query i's position). Values are checked by the book's value-check
@@ -75,4 +54,4 @@ def check_indices(op, indices, B, TQ, TK, naive):
                          "selection is a set (pad with -1 instead)")
 
 
-__all__ = ['check_topk', 'check_indexer_args', 'check_attention_args', 'check_indices']
+__all__ = ['check_topk', 'check_indexer_args', 'check_indices']

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import _checks
-from minisparse.dsa.checks import (check_attention_args, check_indexer_args, check_indices,
-                                   check_topk)
+from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
 
 
 def causal_mask(TQ, TK, device=None):
@@ -69,7 +68,7 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
     selected (topk >= TK) it is causal attention.
     """
     op = "sparse_attention"
-    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     if _use_triton(op, backend, q):  # the kernels of section 8.7
         from minisparse.dsa.triton import sparse_attention_triton
         return sparse_attention_triton(q, k, v, indices, scale)
@@ -142,7 +141,7 @@ def gather_attention(q, k, v, indices, scale=None):
     """sparse_attention by gathering the selected rows: O(TQ·K) work and memory, no [TQ, TK] mask
     (the kernels' formulation). Same arguments and result as sparse_attention."""
     op = "gather_attention"
-    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     check_indices(op, indices, B, TQ, TK, naive=True)
     scale = _checks.scale(op, scale, D)
     K = indices.shape[-1]

@@ -6,8 +6,7 @@ import triton
 import triton.language as tl
 
 from minisparse import _checks, runtime
-from minisparse.dsa.checks import (check_attention_args, check_indexer_args, check_indices,
-                                   check_topk)
+from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
 
 _INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 _LOG2E = 1.4426950408889634
@@ -101,9 +100,9 @@ def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_p
 
 def check_sparse_triton(op, q, k, v, indices, scale):
     """The checks of sparse_attention_triton; returns the scale. Shapes, dtypes and devices as
-    sparse_attention (check_attention_args, check_indices: the index values when
+    sparse_attention (_checks.last_queries_qkv, check_indices: the index values when
     _checks.checking_values says so), then the kernels' limits."""
-    B, TQ, TK, HQ, H, D, DV = check_attention_args(op, q, k, v)
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     check_indices(op, indices, B, TQ, TK, naive=False)
     limit = 1024 if H == 1 else 256  # MLA's latent rows (one key head) up to 1024 dims, GQA 256
     _checks.triton_inputs(op, q, k, v, indices, max_dims={"D": (D, limit), "Dv": (DV, limit)},

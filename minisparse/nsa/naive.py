@@ -6,29 +6,6 @@ from minisparse import _checks
 from minisparse.attention.naive import attention_ref
 
 
-def check_nsa_qkv(op, q, k, v, fewer_queries=False):
-    """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv], one float dtype and device, H divides HQ
-    (`fewer_queries`: q may have TQ <= T tokens, the last TQ positions). Returns (B, T, HQ, H, D,
-    Dv)."""
-    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
-    _checks.tensor(op, "k", k, "[B, T, H, D]")
-    _checks.tensor(op, "v", v, "[B, T, H, Dv]")
-    B, T, HQ, D = q.shape
-    H = k.shape[2]
-    if fewer_queries and k.shape[0] == B and k.shape[1] >= T:
-        T = k.shape[1]  # decoding: q holds the last TQ positions
-    if k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(f"{op}: k must be [B, T, H, D] with q's B, T, D = {(B, T, D)}, got "
-                         f"{tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: v must be [B, T, H, Dv] with k's B, T, H = {tuple(k.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
-    _checks.divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
-    _checks.same_dtype(op, q=q, k=k, v=v)
-    _checks.same_device(op, q=q, k=k, v=v)
-    return B, T, HQ, H, D, v.shape[3]
-
-
 def check_block_size(op, block_size, name="block_size"):
     """A block size is a power of two (the kernels tile a block with it)."""
     bs = _checks.positive_int(op, name, block_size)
@@ -221,7 +198,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     key gets 0. q may hold only the last TQ < T tokens (decoding), block_indices then [B, TQ, *, S].
     """
     op = "selected_attention"
-    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    B, _, T, HQ, H, D, Dv = _checks.last_queries_qkv(op, q, k, v)
     check_block_size(op, block_size)
     check_block_indices(op, block_indices, B, q.shape[1], HQ, H, block_size, naive=True,
                         offset=T - q.shape[1])
@@ -246,7 +223,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     block_indices [B, TQ, H, S] when `return_block_indices`).
     """
     op = "nsa"
-    B, T, HQ, H, D, Dv = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    B, _, T, HQ, H, D, Dv = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
     check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
@@ -299,10 +276,10 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, Dv] -> o [B, T, HQ, Dv] (and block_indices [B, T,
     HQ, topk]). With topk >= the number of chunks it is causal dense attention.
     """
-    check_nsa_qkv("moba", q, k, v, fewer_queries=True)
+    _checks.last_queries_qkv("moba", q, k, v)
     idx = moba_select(q, k, chunk_size, topk)  # [B, T, HQ, topk]
     o = selected_attention(q, k, v, idx, chunk_size, scale)
     return (o, idx) if return_block_indices else o
 
 
-__all__ = ['check_nsa_qkv', 'check_block_size', 'check_block_indices', 'check_gate', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'blocks_from_scores', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba']
+__all__ = ['check_block_size', 'check_block_indices', 'check_gate', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'blocks_from_scores', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba']

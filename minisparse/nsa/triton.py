@@ -5,8 +5,8 @@ import triton.language as tl
 
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate, check_nsa_qkv,
-                                  mean_pool, moba_select)
+from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate, mean_pool,
+                                  moba_select)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -369,7 +369,7 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
 
 def _selected(q, k, v, block_indices, block_size, scale, row):
     op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
-    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
     if bs < 16:
@@ -389,7 +389,7 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T,
     HQ, topk]).
     """
-    check_nsa_qkv("parallel_moba", q, k, v, fewer_queries=True)
+    _checks.last_queries_qkv("parallel_moba", q, k, v)
     idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
     o = _selected(q, k, v, idx, chunk_size, scale, "moba.selection")
     return (o, idx) if return_block_indices else o
@@ -418,7 +418,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     `parallel_select_blocks`. Same arguments and results as `nsa`.
     """
     op = "parallel_nsa"
-    B, T, HQ, H, D, DV = check_nsa_qkv(op, q, k, v, fewer_queries=True)
+    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
