@@ -77,7 +77,8 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import bench, runtime, viz
-from minisparse.testing import assert_close, attempt, make_bthd, make_log_gates
+from minisparse.testing import (assert_close, attempt, hf_torch_function, hf_torch_path, make_bthd,
+                                make_log_gates)
 
 torch.manual_seed(0)
 DEVICE = runtime.device()
@@ -2442,15 +2443,14 @@ if fla_naive_recurrent_gdr is not None:
 # %% [markdown]
 # The recurrence against transformers' `torch_recurrent_gated_delta_rule` from Qwen3-Next (order `q, k, v, g, beta`;
 # it always scales by $K^{-1/2}$, normalises with `use_qk_l2norm_in_kernel` and repeats the query/key heads for
-# grouped value heads). The decorator transformers wraps it in may swap in fla's Triton kernel when fla is
-# importable; `.__wrapped__` is the PyTorch function itself.
+# grouped value heads). transformers decorates it so that a call may run fla's Triton kernel or a hub kernel
+# instead; `minisparse.testing.hf_torch_function` digs out the PyTorch function itself.
 
 # %%
 if transformers is not None:
     from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
-    hf_rec = getattr(qwen3_next.torch_recurrent_gated_delta_rule, "__wrapped__",
-                     qwen3_next.torch_recurrent_gated_delta_rule)
+    hf_rec = hf_torch_function(qwen3_next.torch_recurrent_gated_delta_rule)
     v0g = make_bthd(B0, T0, 2 * H0, V0, seed=7)  # grouped value heads: HV = 2 H
     g0g, beta0g = make_log_gates(B0, T0, 2 * H0, low=-1.0, seed=8), torch.rand(B0, T0, 2 * H0)
     # q, k repeated per value head: older transformers releases (5.17) take equal head counts only
@@ -2673,9 +2673,8 @@ def _from_hf(cls, module, backend="auto"):
 
 # %% [markdown]
 # `GatedDeltaNet.from_hf` against transformers' `Qwen3NextGatedDeltaNet` at a tiny configuration with grouped value
-# heads. Transformers' functions would use fla's Triton kernels when fla is importable (they do not run on a CPU);
-# the cell hands the module its own PyTorch functions (`.__wrapped__`) for the duration of the check, then restores
-# them.
+# heads. Transformers' functions would use fla's Triton kernels when fla is importable and the inputs sit on a GPU;
+# `hf_torch_path` hands the module its own PyTorch functions for the duration of the check, then restores them.
 
 # %%
 if transformers is not None:
@@ -2692,16 +2691,10 @@ if transformers is not None:
         hf_layer.dt_bias.uniform_(-1, 1)
     names = ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
              "causal_conv1d_update"]
-    saved = {n: getattr(qwen3_next, n) for n in names}
-    try:
-        for n in names:
-            setattr(qwen3_next, n, getattr(saved[n], "__wrapped__", saved[n]))
+    with hf_torch_path(qwen3_next, names):
         x_hf = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             y_hf = hf_layer(x_hf)
-    finally:
-        for n in names:
-            setattr(qwen3_next, n, saved[n])
     ours = GatedDeltaNet.from_hf(hf_layer)
     with torch.no_grad():
         y_ours, _ = ours(x_hf)

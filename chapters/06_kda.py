@@ -93,7 +93,8 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import runtime, viz
-from minisparse.testing import assert_close, attempt, make_log_gates
+from minisparse.testing import (assert_close, attempt, hf_torch_function, hf_torch_path,
+                                make_log_gates)
 
 torch.manual_seed(0)
 DEVICE = runtime.device()
@@ -244,10 +245,10 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
 
 # %% [markdown]
 # Two independent references agree with it: fla's `naive_recurrent_kda` and the PyTorch recurrence in transformers'
-# Kimi Linear model. (transformers silently calls fla's Triton kernel instead when fla is installed; its own
-# PyTorch function is the decorated function's `__wrapped__`. Its recurrence has one head count for $q$, $k$ and
-# $v$, so the check gives it $q$, $k$ repeated per value head.) Grouped value heads, an initial state, gates down to
-# $-30$ a token:
+# Kimi Linear model. (transformers silently calls fla's Triton kernel instead when fla is installed and the inputs
+# sit on a GPU; `minisparse.testing.hf_torch_function` digs out its PyTorch function. Its recurrence has one head
+# count for $q$, $k$ and $v$, so the check gives it $q$, $k$ repeated per value head.) Grouped value heads, an
+# initial state, gates down to $-30$ a token:
 
 # %%
 def kda_inputs(B, T, H, HV, K, V, *, low=-2.0, high=0.0, seed=0, state=True, dtype=torch.float32,
@@ -273,8 +274,7 @@ if fla_naive_recurrent_kda is not None:
           f"state {assert_close('S', S_fla, S, 1e-5):.1e}")
 if hf_kimi is not None:
     rep = lambda x: x.repeat_interleave(2, dim=2)  # noqa: E731  q, k per value head
-    hf_recurrent = hf_kimi.recurrent_kimi_delta_attention
-    hf_recurrent = getattr(hf_recurrent, "__wrapped__", hf_recurrent)  # the PyTorch function itself
+    hf_recurrent = hf_torch_function(hf_kimi.recurrent_kimi_delta_attention)
     o_hf, S_hf = hf_recurrent(rep(q), rep(k), v, g, beta, initial_state=h0, output_final_state=True)
     print(f"vs transformers: o {assert_close('o', o_hf, o, 1e-5):.1e}, "
           f"state {assert_close('S', S_hf, S, 1e-5):.1e}")
@@ -2066,8 +2066,8 @@ print(f"fused_recurrent_kda vs the recurrence: o {assert_close('o', o_r, o_f, 1e
 #
 # `KimiDeltaAttention.from_hf` copies the weights of transformers' `KimiLinearDeltaAttention` (its `forget_gate`'s
 # parameters move onto the layer). At a tiny configuration (2 heads of 16, hidden 64) the two layers agree, with
-# transformers' PyTorch path (its functions' `__wrapped__`, as in section 6.2: with fla installed it would call
-# fla's Triton kernels instead).
+# transformers' PyTorch path (`hf_torch_path`, as in section 6.2: with fla installed it would call fla's Triton
+# kernels instead).
 
 # %%
 #| export kda.layer
@@ -2096,25 +2096,6 @@ def _from_hf(cls, module, backend="auto"):
 KimiDeltaAttention.from_hf = classmethod(_from_hf)
 
 # %%
-import contextlib
-
-
-@contextlib.contextmanager
-def hf_torch_path():
-    """Make transformers' Kimi Linear module call its own PyTorch functions, not fla's kernels,
-    while inside."""
-    names = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
-             "causal_conv1d_update"]
-    saved = {n: getattr(hf_kimi, n) for n in names}
-    try:
-        for n in names:
-            setattr(hf_kimi, n, getattr(saved[n], "__wrapped__", saved[n]))
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(hf_kimi, n, f)
-
-
 def tiny_hf_kda(hidden=64, heads=2, head_dim=16, seed=0):
     """transformers' KimiLinearDeltaAttention at a tiny config, its uninitialised parameters set."""
     from transformers import KimiLinearConfig
@@ -2135,7 +2116,9 @@ if hf_kimi is not None:
     module = tiny_hf_kda()
     layer = KimiDeltaAttention.from_hf(module, backend="naive")
     x = torch.randn(2, 37, 64)
-    with torch.no_grad(), hf_torch_path():
+    pytorch_only = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention",
+                    "causal_conv1d_fn", "causal_conv1d_update"]
+    with torch.no_grad(), hf_torch_path(hf_kimi, pytorch_only):
         y_hf = module(x)
     y, _ = layer(x)
     print(f"KimiDeltaAttention vs transformers: {assert_close('y', y_hf, y, 1e-5):.1e}")

@@ -6,14 +6,16 @@ deterministic line on success, a helpful `ExerciseError` on a wrong answer.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 __all__ = [
     "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
-    "ExerciseError", "check", "attempt",
+    "ExerciseError", "check", "attempt", "hf_torch_function", "hf_torch_path",
 ]
 
 # Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
@@ -51,6 +53,44 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) ->
         raise AssertionError(f"{name}: relative RMS error {err:.3e} > {tol:.0e} (largest difference "
                              f"{diff.max().item():.3e} at index {where})")
     return err
+
+
+def hf_torch_function(fn: Callable) -> Callable:
+    """transformers' own PyTorch implementation under the decorators that may send a call elsewhere.
+
+    transformers decorates its linear-attention functions so that a call runs fla's Triton kernel when fla is
+    installed and the inputs sit on a GPU, or a Hugging Face hub kernel; with the `kernels` package installed (a
+    dependency since transformers 5.25) the decorated name is even an `nn.Module` whose `forward` calls the
+    dispatcher. An oracle must be transformers' PyTorch code, whatever is installed and wherever the tensors live:
+    this peels both layers off and raises TypeError unless what is left is a function defined in transformers.
+    """
+    f = fn
+    if isinstance(f, torch.nn.Module):  # kernels' function-as-module: the dispatcher is `forward`'s `func`
+        f = inspect.getclosurevars(type(f).forward).nonlocals.get("func")
+    f = inspect.unwrap(f) if callable(f) else f
+    if not (inspect.isfunction(f) and f.__module__.startswith("transformers.")):
+        raise TypeError(f"hf_torch_function: found no PyTorch function of transformers under {fn!r} "
+                        f"(got {f!r}); has transformers changed how it decorates this function?")
+    return f
+
+
+@contextlib.contextmanager
+def hf_torch_path(module, names: Sequence[str]) -> Iterator[None]:
+    """Inside the block, the transformers `module`'s functions `names` are its own PyTorch ones.
+
+    A transformers layer calls module-level names (`torch_chunk_gated_delta_rule`, `causal_conv1d_fn`, ...);
+    this swaps each for `hf_torch_function(...)` of itself (names that are None, for an absent optional package,
+    stay None) and restores them on exit, so that a layer-level check compares against transformers' PyTorch path.
+    """
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n, f in saved.items():
+            if f is not None:
+                setattr(module, n, hf_torch_function(f))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(module, n, f)
 
 
 def seeded(seed: int, dev: torch.device | str = "cpu") -> torch.Generator:

@@ -27,7 +27,8 @@ from minisparse.deltanet import (GatedDeltaNet, check_chunk_transition, check_ov
                                  naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
                                  naive_recurrent_gated_delta_rule)
 from minisparse.deltanet.naive import _naive_recurrent
-from minisparse.testing import ExerciseError, assert_close, make_log_gates, rel_rms
+from minisparse.testing import (ExerciseError, assert_close, hf_torch_function, hf_torch_path, make_log_gates,
+                                 rel_rms)
 
 GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
 
@@ -52,19 +53,8 @@ def _qwen3_next():
     return modeling_qwen3_next
 
 
-@contextlib.contextmanager
-def _torch_path(mod):
-    """Make Qwen3-Next's module call its own PyTorch functions (not fla's Triton kernels) while inside."""
-    names = ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
-             "causal_conv1d_update"]
-    saved = {n: getattr(mod, n) for n in names}
-    try:
-        for n in names:
-            setattr(mod, n, getattr(saved[n], "__wrapped__", saved[n]))
-        yield
-    finally:
-        for n in names:
-            setattr(mod, n, saved[n])
+_TORCH_PATH = ["torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+               "causal_conv1d_update"]
 
 
 # ------------------------------------------------------------------------------------------------- the spec
@@ -105,11 +95,9 @@ def test_naive_recurrent_matches_transformers(HV):
     mod = _qwen3_next()
     q, k, v, g, beta, h0 = _inputs(2, 37, 3, HV, 32, 48, normalise=False)
     G = HV // q.shape[2]  # older transformers (5.17) take equal heads: give it q, k repeated per value head
-    o_ref, s_ref = mod.torch_recurrent_gated_delta_rule.__wrapped__(q.repeat_interleave(G, 2),
-                                                                    k.repeat_interleave(G, 2), v, g, beta,
-                                                                    initial_state=h0,
-                                                                    output_final_state=True,
-                                                                    use_qk_l2norm_in_kernel=True)
+    hf_fn = hf_torch_function(mod.torch_recurrent_gated_delta_rule)
+    o_ref, s_ref = hf_fn(q.repeat_interleave(G, 2), k.repeat_interleave(G, 2), v, g, beta, initial_state=h0,
+                         output_final_state=True, use_qk_l2norm_in_kernel=True)
     o, s = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                             use_qk_l2norm=True)
     assert_close("o vs transformers", o_ref, o, 1e-5)
@@ -148,11 +136,9 @@ def test_chunk_matches_transformers_chunk():
     mod = _qwen3_next()
     q, k, v, g, beta, h0 = _inputs(2, 100, 2, 4, 32, 48, normalise=False)
     G = v.shape[2] // q.shape[2]  # older transformers (5.17) take equal heads: q, k repeated per value head
-    o_ref, s_ref = mod.torch_chunk_gated_delta_rule.__wrapped__(q.repeat_interleave(G, 2),
-                                                                k.repeat_interleave(G, 2), v, g, beta,
-                                                                initial_state=h0,
-                                                                output_final_state=True,
-                                                                use_qk_l2norm_in_kernel=True)
+    hf_fn = hf_torch_function(mod.torch_chunk_gated_delta_rule)
+    o_ref, s_ref = hf_fn(q.repeat_interleave(G, 2), k.repeat_interleave(G, 2), v, g, beta, initial_state=h0,
+                         output_final_state=True, use_qk_l2norm_in_kernel=True)
     o, s = naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                         use_qk_l2norm=True)
     assert_close("o vs transformers chunk", o_ref, o, 1e-5)
@@ -611,7 +597,7 @@ def test_layer_from_hf(Hk, Hv, T, backend):
     mod, hf = _hf_layer(Hk, Hv)
     hf = hf.to(dev)
     x = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(1)).to(dev)
-    with _torch_path(mod), torch.no_grad():
+    with hf_torch_path(mod, _TORCH_PATH), torch.no_grad():
         y_ref = hf(x)
     ours = GatedDeltaNet.from_hf(hf, backend=backend)
     with torch.no_grad():

@@ -10,7 +10,8 @@ import torch
 
 import minisparse
 from minisparse import _checks, bench, runtime
-from minisparse.testing import (ExerciseError, assert_close, check, make_bthd, make_log_gates, make_qkv, rel_rms)
+from minisparse.testing import (ExerciseError, assert_close, check, hf_torch_function, hf_torch_path, make_bthd,
+                                make_log_gates, make_qkv, rel_rms)
 
 
 # --------------------------------------------------------------------------------------------------- runtime
@@ -105,6 +106,23 @@ def test_assert_close_catches_nan_inf_and_shape_mismatch():
     with pytest.raises(AssertionError, match="shape"):
         assert_close("x", ref, torch.ones(4, 5), tol=1.0)
     assert rel_rms(bad, ref) == math.inf
+
+
+def test_hf_torch_function_finds_transformers_pytorch_code_under_its_decorators():
+    pytest.importorskip("transformers")
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+
+    for name in ("torch_recurrent_gated_delta_rule", "torch_chunk_gated_delta_rule", "l2norm"):
+        fn = hf_torch_function(getattr(qwen3_next, name))
+        assert fn.__module__ == qwen3_next.__name__ and fn.__name__ == name
+        assert not isinstance(fn, torch.nn.Module) and not hasattr(fn, "__wrapped__")
+    for foreign in (torch.nn.functional.relu, torch.nn.ReLU(), None):  # not transformers' code: refused
+        with pytest.raises(TypeError, match="no PyTorch function of transformers"):
+            hf_torch_function(foreign)
+    before = qwen3_next.torch_chunk_gated_delta_rule
+    with hf_torch_path(qwen3_next, ["torch_chunk_gated_delta_rule"]):
+        assert qwen3_next.torch_chunk_gated_delta_rule is hf_torch_function(before)
+    assert qwen3_next.torch_chunk_gated_delta_rule is before  # restored
 
 
 def test_factories_are_seeded_and_shaped():

@@ -8,7 +8,6 @@ Shapes are odd on purpose: T = 0, 1, 37, 100 (not multiples of the chunk), K ≠
 an initial state, gates from -1e-3 to -30 a token and valid extreme gates (-200 to -1e30). On a CPU the Triton
 kernels run in the interpreter in fp32 with NaN-poisoned output buffers.
 """
-import contextlib
 import warnings
 
 import pytest
@@ -19,7 +18,7 @@ import minisparse  # noqa: F401  (sets up the runtime)
 from minisparse import runtime
 from minisparse.deltanet import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from minisparse.kda import naive_chunk_kda, naive_recurrent_kda
-from minisparse.testing import assert_close, make_log_gates
+from minisparse.testing import assert_close, hf_torch_function, hf_torch_path, make_log_gates
 
 GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
 
@@ -50,11 +49,6 @@ def _hf():
     return modeling_kimi_linear
 
 
-def _torch_fn(fn):
-    """transformers' own PyTorch function under its hub/fla dispatching decorator."""
-    return getattr(fn, "__wrapped__", fn)
-
-
 def _grads(out, state, inputs, seed=7):
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(out.shape, generator=gen).to(out.device)
@@ -81,7 +75,8 @@ def test_naive_recurrent_matches_fla(state, gates, HV):
 def test_naive_recurrent_and_chunk_match_transformers():
     hf = _hf()
     q, k, v, g, beta, h0 = _inputs(2, 37, 3, 3, 32, 48, normalise=False)
-    recurrent, chunked = _torch_fn(hf.recurrent_kimi_delta_attention), _torch_fn(hf.chunk_kimi_delta_attention)
+    recurrent = hf_torch_function(hf.recurrent_kimi_delta_attention)
+    chunked = hf_torch_function(hf.chunk_kimi_delta_attention)
     o_ref, s_ref = recurrent(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                              use_qk_l2norm_in_kernel=True)
     o, s = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
@@ -285,19 +280,8 @@ def test_layer_never_rechecks_its_own_gates(monkeypatch, backend):
 
 
 # ------------------------------------------------------------------------------------------------- the layer
-@contextlib.contextmanager
-def _torch_path(mod):
-    """Make Kimi Linear's module call its own PyTorch functions (not fla's Triton kernels) while inside."""
-    names = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
-             "causal_conv1d_update"]
-    saved = {n: getattr(mod, n) for n in names}
-    try:
-        for n in names:
-            setattr(mod, n, getattr(saved[n], "__wrapped__", saved[n]))
-        yield
-    finally:
-        for n in names:
-            setattr(mod, n, saved[n])
+_TORCH_PATH = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
+               "causal_conv1d_update"]
 
 
 def _tiny_hf(hidden=64, heads=2, head_dim=16, seed=0):
@@ -325,7 +309,7 @@ def test_layer_from_hf_matches_transformers(T):
     x = torch.randn(2, T, 64)
     mask = torch.ones(2, T)
     mask[1, : T // 3] = 0  # left padding in the second sequence
-    with torch.no_grad(), _torch_path(hf):
+    with torch.no_grad(), hf_torch_path(hf, _TORCH_PATH):
         y_hf = module(x)
         y_hf_masked = module(x, attention_mask=mask)
     with torch.no_grad():

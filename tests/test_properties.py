@@ -11,7 +11,6 @@ On a CPU the kernels run in Triton's interpreter: fp32 and fp16 (never bf16, who
 and the example budgets below keep the module to a few minutes there. Examples are derandomised, so CI draws the
 same ones every run; a failure prints the drawn case, which reproduces it exactly.
 """
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
