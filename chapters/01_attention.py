@@ -2204,7 +2204,8 @@ _INSTEAD = "attention_ref (PyTorch), which has no limit on the head dims"
 def _check_flash_args(q, k, v, causal, scale, window):
     """Validate flash_attention's arguments and return the scale as a float."""
     scale = check_attention_args("flash_attention", q, k, v, causal, window, scale)  # section 1.2
-    _checks.same_dtype("flash_attention", q=q, k=k, v=v)  # fp32, fp16, bf16: no fp64 in the kernels
+    if q.dtype not in _checks.FLOATS:  # section 1.2 allows fp64 (the oracle); the kernels do not
+        _checks.same_dtype("flash_attention", q=q, k=k, v=v)  # raises: fp32, fp16 or bf16
     (_, Tq, HQ, DK), (_, Tk, HKV, DV) = q.shape, v.shape
     _checks.triton_inputs("flash_attention", q, k, v,
                           max_dims={"q/k head dim": (DK, 256), "v head dim": (DV, 256)},
@@ -2223,19 +2224,28 @@ def _check_flash_args(q, k, v, causal, scale, window):
 # programs. The outputs are allocated with `torch.empty`, uninitialised: the kernels write every element (the
 # tests' `poisoned` fixture fills every `torch.empty` with NaN to prove it). The `torch.autograd.Function` saves
 # $Q$, $K$, $V$, $O$ and $L_2$ — linear in $T$ — for the backward pass. `flash_attention` checks its inputs, makes
-# the tensors contiguous and applies it.
+# the tensors contiguous and applies it — or, when nothing needs a gradient, calls `_forward` directly: at short
+# lengths the GPU finishes a kernel sooner than Python issues it, so every microsecond on the host is one the GPU
+# waits (`bench/notes/attention.md` measures them).
 
 # %%
 #| export attention.triton
 def _constexprs(q, v, causal, window):
     """The compile-time constants of a call: head dims and their power-of-two padding, mask flags,
-    precision."""
-    DK, DV = q.shape[-1], v.shape[-1]
-    return dict(DK=DK, DV=DV, DK_PAD=max(16, triton.next_power_of_2(DK)),
-                DV_PAD=max(16, triton.next_power_of_2(DV)), CAUSAL=bool(causal),
-                HAS_WINDOW=window is not None,
-                # fp32 in means fp32 products, not tf32
-                PRECISION="ieee" if q.dtype == torch.float32 else None)
+    precision. One dict per combination, built once (callers must not modify it)."""
+    key = (q.shape[-1], v.shape[-1], q.dtype, bool(causal), window is not None)
+    meta = _CONSTEXPRS.get(key)
+    if meta is None:
+        DK, DV, dtype, causal, has_window = key
+        meta = _CONSTEXPRS[key] = dict(
+            DK=DK, DV=DV, DK_PAD=max(16, triton.next_power_of_2(DK)),
+            DV_PAD=max(16, triton.next_power_of_2(DV)), CAUSAL=causal, HAS_WINDOW=has_window,
+            # fp32 in means fp32 products, not tf32
+            PRECISION="ieee" if dtype == torch.float32 else None)
+    return meta
+
+
+_CONSTEXPRS = {}  # (DK, DV, dtype, causal, windowed) -> _constexprs: every call asks
 
 
 def _row(kernel, meta):
@@ -2359,7 +2369,9 @@ def flash_attention(q, k, v, causal=True, scale=None, window=None):
     if q.numel() == 0 or k.numel() == 0:  # nothing to attend: an empty grid cannot launch
         return attention_ref(q, k, v, causal=causal, scale=scale, window=window)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, window)
+    return _forward(q, k, v, causal, scale, window)[0]  # nothing to differentiate: no autograd node
 
 # %% [markdown]
 # ### E.7 The layer's argument checks and transformers' weights

@@ -285,9 +285,10 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "interpreter": [_cfg(BV=64)],
         "sm_75": [_cfg(4, 3, BV=64), _cfg(4, 3, BV=32), _cfg(4, 3, BV=16)],
     },
-    "deltanet.bwd_states": {
+    "deltanet.bwd_states": {  # a T4 loads each operand right before its product: 24 against 72 KiB at K = 128
         "interpreter": [_cfg(BV=32)],
-        "sm_75": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+        "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
+        "sm_75": [_cfg(8, 1, BV=32, LATE_LOADS=True), _cfg(8, 1, BV=16, LATE_LOADS=True)],
     },
     "deltanet.bwd_chunk": {
         "interpreter": [_cfg(BV=32)],

@@ -215,6 +215,21 @@ def test_single_token(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
+def test_a_call_without_gradients_builds_no_graph_and_gives_the_same_output(device, dtype):
+    """Nothing to differentiate (no_grad, or no input that requires a gradient): the kernel runs without an autograd
+    node — less host time — and gives the same output, bit for bit; one input that needs a gradient gets the node."""
+    q, k, v, _ = make_inputs(1, 37, 37, 4, 2, 32, 24, device, dtype, seed=5)
+    plain = flash_attention(q, k, v)
+    assert plain.grad_fn is None
+    with torch.no_grad():
+        assert torch.equal(flash_attention(q, k, v.clone().requires_grad_()), plain)
+    for i in range(3):
+        args = [x.clone().requires_grad_(j == i) for j, x in enumerate((q, k, v))]
+        o = flash_attention(*args)
+        assert type(o.grad_fn).__name__ == "FlashAttentionFunctionBackward" and torch.equal(o, plain)
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
 def test_window_reduces_to_causal(device, dtype):
     """A window at least as long as the sequence changes nothing."""
     q, k, v, _ = make_inputs(1, 37, 37, 2, 1, 32, 32, device, dtype, seed=3)

@@ -311,6 +311,12 @@ def test_kernel_resources_same_as_compares_ptx(tmp_path):
     assert same.returncode == 0 and "PTX identical" in same.stdout, same.stdout + same.stderr[-2000:]
     changed = compare("changed", "inline")
     assert changed.returncode == 3 and "PTX differs" in changed.stdout, changed.stdout + changed.stderr[-2000:]
+    # a constexpr with a default may be left out: a flag that picks a variant, off, leaves the old kernel's PTX
+    flagged = _SCALE_KERNEL.format(body="_times(x, 3.0) if LATE else x * 2.0").replace(
+        "B: tl.constexpr)", "B: tl.constexpr, LATE: tl.constexpr = False)")
+    (tmp_path / "flagged.py").write_text(flagged)
+    same = compare("flagged", "inline")
+    assert same.returncode == 0 and "PTX identical" in same.stdout, same.stdout + same.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------- the value-check rule

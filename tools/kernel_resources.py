@@ -52,8 +52,9 @@ def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | N
     is_ptr = (lambda n: n in pointers) if pointers else (lambda n: n.endswith("_ptr"))
     wanted = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
     if set(constexprs) != wanted:
-        raise SystemExit(f"{fn.fn.__name__}: give exactly its constexprs {sorted(wanted)}; missing "
-                         f"{sorted(wanted - set(constexprs))}, unknown {sorted(set(constexprs) - wanted)}")
+        raise SystemExit(f"{fn.fn.__name__}: give exactly its constexprs {sorted(wanted)} (those with a default "
+                         f"may be left out); missing {sorted(wanted - set(constexprs))}, unknown "
+                         f"{sorted(set(constexprs) - wanted)}")
     unknown = set(dtypes) - {n for n in params if is_ptr(n)}
     if unknown:
         raise SystemExit(f"{fn.fn.__name__}: --dtype names pointers it does not have: {sorted(unknown)}")
@@ -70,7 +71,11 @@ def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | N
 
 def compile_for(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
                 pointers: set | None = None):
-    """The compiled kernel (triton's CompiledKernel) for compute capability `arch`, on a machine without a GPU."""
+    """The compiled kernel (triton's CompiledKernel) for compute capability `arch`, on a machine without a GPU.
+    Constexprs left out of `constexprs` take their defaults, if they have one."""
+    defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
+                if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
+    constexprs = {**{n: v for n, v in defaults.items() if n not in constexprs}, **constexprs}
     src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats, pointers), constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 

@@ -51,10 +51,23 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
 
 
 @triton.jit
+def _late_dstate_half(dS, decay, q_bh, w_bh, kh, t, tm, qs, do, du, H, HV, K,
+                      PRECISION: tl.constexpr):
+    """One half of the reverse scan's step, e^{G_L} dS + scale (diag(e^G) Q)ᵀ dO − Wᵀ dU, with each
+    operand loaded right before its product: one [BK/2, C] fp32 tile waits in shared memory at a
+    time."""
+    m = (kh[:, None] < K) & tm[None, :]
+    qT = tl.load(q_bh + t[None, :] * H * K + kh[:, None], mask=m, other=0.0).to(tl.float32) * qs
+    dS = tl.dot(qT, do, dS * decay, input_precision=PRECISION)
+    wT = tl.load(w_bh + t[None, :] * HV * K + kh[:, None], mask=m, other=0.0)
+    return dS - tl.dot(wT, du, input_precision=PRECISION)
+
+
+@triton.jit
 def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
                        scale, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, LATE_LOADS: tl.constexpr = False):
     """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d
     initial_state.
 
@@ -67,6 +80,9 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         dstates[n] = dS;   dU += diag(e^{G_L − G}) K dS;   dS ← e^{G_L} dS + scale (diag(e^G)
             Q)ᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0.
+    LATE_LOADS (a T4's launch-table rows): the same products in the same order, each operand loaded
+    right before its product, so that shared memory holds one operand tile at a time (24 against 72
+    KiB at K = 128 on sm_75, whose blocks get 64); elsewhere the loads come first, as measured.
     """
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -95,29 +111,47 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         G, _, to_end, G_L = _gate_sums(g, C)
         key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
-        kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1,
-                      other=0.0).to(tl.float32) * key_decay[:, None]
-        kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2,
-                      other=0.0).to(tl.float32) * key_decay[:, None]
-        v_off = t[:, None] * HV * V + vs[None, :]
-        v_mask = tm[:, None] & (vs[None, :] < V)
-        du = tl.load(du_bh + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
-        du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION),
-                    input_precision=PRECISION)
-        tl.store(du_bh + v_off, du, mask=v_mask)
-        do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
-        mT1, mT2 = (k1[:, None] < K) & tm[None, :], (k2[:, None] < K) & tm[None, :]
-        qs = scale * tl.exp(G)[None, :]  # [1, C] scale e^{G_i}
-        qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1,
-                      other=0.0).to(tl.float32) * qs
-        qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2,
-                      other=0.0).to(tl.float32) * qs
-        wT1 = tl.load(w_bh + t[None, :] * HV * K + k1[:, None], mask=mT1, other=0.0)
-        wT2 = tl.load(w_bh + t[None, :] * HV * K + k2[:, None], mask=mT2, other=0.0)
-        dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L),
-                     input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
-        dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L),
-                     input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
+        if LATE_LOADS:
+            v_off = t[:, None] * HV * V + vs[None, :]
+            v_mask = tm[:, None] & (vs[None, :] < V)
+            qs = scale * tl.exp(G)[None, :]  # [1, C] scale e^{G_i}
+            du = tl.load(du_bh + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
+            kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1,
+                          other=0.0).to(tl.float32) * key_decay[:, None]
+            du = tl.dot(kd1, dS1, du, input_precision=PRECISION)
+            kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2,
+                          other=0.0).to(tl.float32) * key_decay[:, None]
+            du = tl.dot(kd2, dS2, du, input_precision=PRECISION)
+            tl.store(du_bh + v_off, du, mask=v_mask)
+            do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
+            dS1 = _late_dstate_half(dS1, tl.exp(G_L), q_bh, w_bh, k1, t, tm, qs, do, du, H, HV, K,
+                                    PRECISION)
+            dS2 = _late_dstate_half(dS2, tl.exp(G_L), q_bh, w_bh, k2, t, tm, qs, do, du, H, HV, K,
+                                    PRECISION)
+        else:
+            kd1 = tl.load(k_bh + t[:, None] * H * K + k1[None, :], mask=m1,
+                          other=0.0).to(tl.float32) * key_decay[:, None]
+            kd2 = tl.load(k_bh + t[:, None] * H * K + k2[None, :], mask=m2,
+                          other=0.0).to(tl.float32) * key_decay[:, None]
+            v_off = t[:, None] * HV * V + vs[None, :]
+            v_mask = tm[:, None] & (vs[None, :] < V)
+            du = tl.load(du_bh + v_off, mask=v_mask, other=0.0)  # [C, BV] the local part
+            du = tl.dot(kd2, dS2, tl.dot(kd1, dS1, du, input_precision=PRECISION),
+                        input_precision=PRECISION)
+            tl.store(du_bh + v_off, du, mask=v_mask)
+            do = tl.load(do_bh + v_off, mask=v_mask, other=0.0).to(tl.float32)  # [C, BV]
+            mT1, mT2 = (k1[:, None] < K) & tm[None, :], (k2[:, None] < K) & tm[None, :]
+            qs = scale * tl.exp(G)[None, :]  # [1, C] scale e^{G_i}
+            qT1 = tl.load(q_bh + t[None, :] * H * K + k1[:, None], mask=mT1,
+                          other=0.0).to(tl.float32) * qs
+            qT2 = tl.load(q_bh + t[None, :] * H * K + k2[:, None], mask=mT2,
+                          other=0.0).to(tl.float32) * qs
+            wT1 = tl.load(w_bh + t[None, :] * HV * K + k1[:, None], mask=mT1, other=0.0)
+            wT2 = tl.load(w_bh + t[None, :] * HV * K + k2[:, None], mask=mT2, other=0.0)
+            dS1 = tl.dot(qT1, do, dS1 * tl.exp(G_L),
+                         input_precision=PRECISION) - tl.dot(wT1, du, input_precision=PRECISION)
+            dS2 = tl.dot(qT2, do, dS2 * tl.exp(G_L),
+                         input_precision=PRECISION) - tl.dot(wT2, du, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
