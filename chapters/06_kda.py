@@ -137,12 +137,14 @@ except ImportError:
 #
 # With $g_t = \gamma_t \mathbf 1$ (the same in every channel) this is exactly Gated DeltaNet. The model computes
 # $g_t$ from the token through a low-rank projection (section 6.6), so it can decide per token and per channel how
-# much to keep. The idea is Gated Linear Attention's fine-grained gate (Yang et al. 2024) on the delta rule; the
-# report calls the result a "fine-grained" gate and the layer's memory "RNN memory with finite state".
+# much to keep. The idea is Gated Linear Attention's per-channel gate (Yang et al. 2024) on the delta rule; the
+# report describes KDA as extending Gated DeltaNet "with a finer-grained gating mechanism, enabling more effective
+# use of limited finite-state RNN memory" (Kimi Team 2025, abstract).
 #
-# Kimi Linear (48B total, 3B active parameters) interleaves three KDA layers with one MLA layer; the released
-# checkpoint has 27 layers, 20 KDA and 7 MLA (chapter 0, §0.6). The report claims up to **75 % less KV cache** and
-# up to **6× decoding throughput at 1M tokens** against full MLA [Kimi Linear report, abstract]. The survey lists
+# Kimi Linear (48B total, 3B activated parameters) interleaves three KDA layers with one MLA layer (Kimi Team
+# 2025); the released checkpoint has 27 layers, 20 KDA and 7 MLA (chapter 0, §0.6). The report claims KV cache
+# usage reduced by **up to 75 %** and **up to 6× decoding throughput for a 1M context** against full MLA (Kimi
+# Team 2025, abstract). The survey lists
 # Kimi K2.5 with the same KDA + MLA 3 : 1 layout [S]; chapter 0 says what transformers' configurations show
 # instead. Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
 #
@@ -324,7 +326,7 @@ print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 
 # the sum over channels, $\sum_c k_{ic} k_{jc}\, e^{G_{ic} - G_{jc}}$, so $A$ and $P$ are no longer a product of two
 # $[L, K]$ matrices. One could write $e^{G_i - G_j} = e^{G_i} e^{-G_j}$ and use $(K \odot e^{G})(K \odot
 # e^{-G})^\top$ — but $e^{-G_j}$ overflows float32 as soon as a channel's gates sum below $-88$ inside the chunk,
-# which one token at $-30$ a token reaches in three steps. The naive form below sidesteps this by computing the
+# which a channel gated at $-30$ a token reaches after three tokens. The naive form below sidesteps this by computing the
 # $[L, L, K]$ tensor of segment sums $G_i - G_j = g_{j+1} + \dots + g_i$ directly (always $\le 0$, exact for any
 # finite gate), at $L$ times the memory of chapter 5's $\Gamma$; section 6.5 shows how the kernel gets matrix
 # products back.
@@ -490,6 +492,7 @@ fig, ax = plt.subplots(figsize=(7, 3.2))
 ax.plot(rates[1:], [e[0] for e in gdn[1:]], "o-", label="GDN: fact")
 ax.plot(rates[1:], [e[1] for e in gdn[1:]], "s-", label="variables (GDN and KDA alike)")
 ax.axhline(kda[best_kda][0], color="C2", ls=":", label="KDA: fact (its channels at g = 0)")
+ax.axhline(gdn[0][1], color="C1", ls="--", label="variables at rate 0 (off the log axis)")
 ax.set(xscale="log", xlabel="decay rate −g of the variables' channels (GDN: of every channel)",
        ylabel="relative recall error", title="One head, K = V = 32, 400 tokens")
 ax.legend(fontsize=8)
@@ -503,10 +506,11 @@ assert k_err < 0.8 * g_err and kda[best_kda][0] < 1e-3
 assert (round(g_err, 2), round(k_err, 2)) == (0.26, 0.19)  # the numbers of the summary
 
 # %% [markdown]
-# Every single rate fails one of the two jobs: the rates that clear the variables' noise (0.01–0.1) erase the fact
-# within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up. KDA keeps the fact exactly (its
-# channels never decay and the variables' writes never touch them) *and* runs its variable channels at the best
-# rate — at the same $32 \times 32$ state. A trained model does not get its channels handed to it; it learns the
+# Every single rate fails one of the two jobs: the rates that cut the variables' error (0.01–0.1; from 0.53 at rate 0
+# to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up —
+# the best GDN keeps the fact and leaves the variables at 0.53. KDA keeps the fact exactly (its channels never
+# decay and the variables' writes never touch them) *and* runs its variable channels at the best rate, 0.38 — at
+# the same $32 \times 32$ state. Forgetting reduces the noise; it does not remove it. A trained model does not get its channels handed to it; it learns the
 # split through $f$ and `dt_bias`. The explorer moves the split: how many channels the fact gets, and how fast
 # the rest forget.
 
@@ -521,21 +525,29 @@ def draw_two_scales(slow_channels=8, log10_rate=-1.5):
     plt.show()
 
 
-viz.explorer(draw_two_scales, slow_channels=(4, 16, 4), log10_rate=(-3.0, 0.0, 0.5))
+explorer = viz.explorer(draw_two_scales, slow_channels=(4, 16, 4), log10_rate=(-3.0, 0.0, 0.5))
 
 
 # %% [markdown]
 # ## 6.4 Cost: Kimi Linear's 3 : 1 stack against all-MLA
 #
 # A KDA layer costs what a GDN layer costs: the same chunk algorithm, the same $K \times V$ state a head. The
-# per-channel gate adds elementwise work (scaling $q$ and $k$ by decays, $O(TK)$ a head), nothing of order $TK^2$.
+# per-channel gate adds elementwise work, nothing of order $TK^2$: the decays of $q$ and $k$ ($O(TK)$ a head), and
+# in the kernel the diagonal sub-chunk blocks of section 6.5, about 16 exponentials and multiply-adds per channel
+# and token ($O(TKB_C)$), off the tensor cores. `kda_flops` counts only the scalings; the kernel's time is another
+# matter (section 6.7).
 # So the cost model is chapter 5's `gdn_flops` and `gdn_state_bytes`, chapter 3's MLA cache and decoding cost,
 # and chapter 1's attention FLOPs, put together at the shapes of `KimiLinearConfig()` with the released layout
 # (`minisparse.overview.KIMI_LINEAR_FULL_LAYERS`: MLA at layers 4, 8, …, 24 and 27; 20 KDA, 7 MLA).
 #
 # For decoding we use a **roofline**: a step of `batch` sequences reads the active weights once (3B parameters in
 # bf16, the report's count) and every sequence's cache and states, and does the matching FLOPs; its time is the
-# larger of bytes / bandwidth and FLOPs / peak, at the H200 numbers of DESIGN §7 (4.25 TB/s, 693 TFLOP/s).
+# larger of bytes / bandwidth and FLOPs / peak, at the H200's measured ceilings (4.25 TB/s, 693 TFLOP/s;
+# `bench/notes/roofline.md`). Two simplifications make the larger batches a limit rather than a deployment: the
+# weights are 3B parameters at every batch, though 16 tokens routed to 8 of 256 experts each touch about a hundred
+# experts (and a thousand touch all 48B), which would add weight bytes to both stacks and pull the ratio towards 1;
+# and at 1M tokens one all-MLA sequence's cache (30 GiB) already takes a fifth of an H200, so batch 16 needs several
+# GPUs. The curves show what the ratio tends to as caches dominate the bytes.
 
 # %%
 #| export kda.cost
@@ -634,8 +646,14 @@ if hf_kimi is not None:
 
 # %% [markdown]
 # **Memory: reproduced.** At 1M tokens the released stack keeps 74 % less than all-MLA: only 7 of 27 layers grow a
-# cache, and 20 KDA layers add a fixed 40 MiB of states (32 heads × $128 \times 128$ fp32 each; 41 MiB with the short convolutions' last inputs). "Up to 75 %" is
-# the limit of a strict 3 : 1 stack ($1 - \tfrac14$); the released checkpoint has one extra MLA layer at the top.
+# cache, and 20 KDA layers add a fixed 40 MiB of states (32 heads × $128 \times 128$ fp32 each; 41 MiB with the
+# short convolutions' last inputs). "Up to 75 %" is the limit of a strict 3 : 1 stack ($1 - \tfrac14$); the
+# released checkpoint has one extra MLA layer at the top.
+#
+# **Prefill (middle panel).** Token mixing costs the hybrid 3.0× fewer FLOPs than all-MLA at 4K and 3.85× at 1M:
+# the 7 MLA layers' quadratic attention dominates both stacks at long context, so the ratio tends to 27/7, and
+# at short context the 20 KDA layers' linear cost still counts. (FLOPs of token mixing only: the projections and
+# MoE FFNs, the same in both stacks, would pull every ratio towards 1.)
 #
 # **Decoding throughput: a gap.** A roofline gives 2.7× at batch 1 (the 6 GB of active weights are read for one
 # token) rising towards $27/7 = 3.9\times$ when caches dominate the bytes: at 1M tokens a decoding step is
@@ -999,7 +1017,7 @@ class KimiDeltaAttention(nn.Module):
 
 
 # %% [markdown]
-# Decoding token by token from the returned state — a prefill, a continuation, then single tokens — gives the
+# Decoding token by token from the returned state — a prefill of 20 tokens, then single tokens — gives the
 # prefill's outputs and state (the Engineering notes load transformers' weights with `from_hf` and compare the two
 # layers):
 
@@ -1024,10 +1042,15 @@ print(f"decoding token by token == prefill: {err:.1e}")
 #
 # `bench/kda.py` times `chunk_kda` against fla's `chunk_kda` (the kernel Kimi Linear runs in transformers and vLLM)
 # on a GPU in bf16, at $B = 2$, 16 heads, $K = V = 128$, $T = 8192$, and at $B = 1$ from 8K to 64K tokens
-# (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence. The targets are
-# forward and forward + backward each at most fla's time; fla's own times measured on the book's H200 are 0.99 ms
-# forward and 5.23 ms forward + backward at $B = 2$, $T = 8192$. The cell below plots `bench/results/kda.json`
-# when it exists.
+# (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence. The target is
+# forward and forward + backward each at most fla's time.
+#
+# Where the kernels stand: the one H200 run so far (`bench/notes/kda.md`, 2026-12-03; it stopped at its time limit
+# while fla's backward was still compiling, so no results file was written) timed our forward at 8.70 ms against
+# fla's 1.06 ms — 8.2× fla's time — and our forward + backward at 23.11 ms, at $B = 2$, $T = 8192$, with accuracy on
+# par (3.1e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The same note lists what the compiler
+# reports for each kernel: the intra-chunk kernel spills registers in every configuration, the first place to look.
+# The cell below prints `bench/results/kda.json` once a complete run has written it.
 
 # %%
 from minisparse import bench
@@ -1038,7 +1061,7 @@ except FileNotFoundError:
     kda_results = None
 if kda_results is None:
     print("No results yet: on a GPU machine with fla-core installed, `python bench/kda.py --out "
-          "bench/results --long` writes bench/results/kda.json; this cell then plots it.")
+          "bench/results --long` writes bench/results/kda.json; this cell then prints it.")
 else:
     ms = {(r["impl"], r["pass"], r["B"], r["T"]): r for r in kda_results["rows"]}
     print(f"{'B':>2s} {'T':>6s} {'pass':8s} {'ours':>8s} {'fla':>8s} {'ours/fla':>8s}   "
@@ -1239,8 +1262,9 @@ check_kda_step_kernel(kda_step_solution)
 #   \operatorname{diag}(e^{g_t}) S + \beta k^\top v$, $g_t \in \mathbb R^K$. With $g$ constant over $K$ it *is*
 #   Gated DeltaNet; `naive_recurrent_kda` equals fla's and transformers' recurrences.
 # - **What it buys**: one head holds several time scales at once. At equal state size ($32 \times 32$), a head that
-#   must keep a fact for 400 tokens while tracking noisy variables does both with per-channel gates, and no single
-#   rate does: the best GDN rate leaves a mean recall error of 0.26, KDA's 0.19 (section 6.3).
+#   must keep a fact for 400 tokens while tracking noisy variables keeps the fact and lets its variable channels
+#   forget with per-channel gates; no single rate does both: the best GDN rate keeps the fact and leaves the
+#   variables at 0.53 (mean recall error 0.26), KDA cuts them to 0.38 (mean 0.19; section 6.3).
 # - **The chunk form** is chapter 5's WY/UT form with the decay inside the sum over channels:
 #   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij},
 #   k_j\rangle$. The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel
@@ -1255,7 +1279,8 @@ check_kda_step_kernel(kda_step_solution)
 #   decoding token by token from its state equals the prefill.
 # - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
 #   report's "up to 75 %" is the 3 : 1 limit. A roofline gives 2.7–3.8× its decoding throughput, not the report's
-#   6×: the rest is how real MLA kernels fall short of the bandwidth bound at 1M tokens.
+#   6×: the remaining factor of about 1.6 is what a model of bytes and FLOPs leaves out (how far real kernels fall
+#   short of the bandwidth bound, scheduling, the rest of the layer), and the model cannot say which.
 #
 # Next, chapter 7 leaves linear attention for **sparse** attention: NSA's compressed, selected and sliding branches,
 # and MoBA's block routing.
@@ -1292,7 +1317,7 @@ check_kda_step_kernel(kda_step_solution)
 # ### The scan and the output kernel
 #
 # The scan keeps one $[K, B_V]$ tile of the state in fp32 registers and walks the chunks; the output kernel is
-# chapter 4's with $U$ for $V$. Neither sees a gate: the intra kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
+# chapter 5's, as section 6.5 says. Neither sees a gate: the intra kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
 # and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
 # newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
 
@@ -1837,7 +1862,7 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 # %% [markdown]
 # ### Launch and autograd
 #
-# `chunk_kda` checks its arguments (the shared table of section 6.2, plus the kernels' limits: CUDA tensors or the
+# `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the
 # interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the three
 # kernels. The autograd function keeps the forward's fp32 intermediates for the two backward kernels, and chapter
 # 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
