@@ -530,7 +530,7 @@ import triton
 import triton.language as tl
 
 from minisparse import _checks, runtime
-from minisparse.lightning.naive import _check_lightning, _check_slope
+from minisparse.lightning.naive import _check_lightning, _check_slope, _naive_chunk
 
 
 @triton.jit
@@ -1659,8 +1659,10 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_pt
 # The scan kernels use 64 × 64 state tiles; the output and gradient kernels hold all of $K$ and tile $V$. The
 # gradient kernel keeps two $C \times K$ fp32 accumulators alive through its loop over $V$, so heads wider than 64
 # read their own row, `"lightning.bwd_dqkv.k128"`, with 8 warps. A GPU with 64 KiB of shared memory a block (a Colab
-# T4) cannot hold that kernel at $K = 128$ with any $V$-tile: there `runtime.launch` raises an error that names the
-# PyTorch path instead (`bench/notes/lightning.md` has the numbers). Tests force odd tiles with
+# T4) cannot hold that kernel at $K = 128$ with any $V$-tile (104 KiB at $V$-tiles of 32, 92 at 16): there
+# `runtime.launch` raises `runtime.SharedMemoryError`, and the backward computes the gradients by autograd through
+# the PyTorch chunk form instead, with a warning (`runtime.grads_by_autograd`; `bench/notes/lightning.md` has the
+# numbers). Tests force odd tiles with
 # `runtime.launch_config("lightning.fwd_states", BK=16, BV=16)`.
 
 # %%
@@ -1786,9 +1788,20 @@ class _ChunkLightning(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, slope, h0, states = ctx.saved_tensors
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dh0 = _backward(q, k, v, slope, ctx.scale, states, do.to(q.dtype).contiguous(),
-                                    dht.float().contiguous() if dht is not None else None, need_dh0)
-        return dq, dk, dv, None, None, (dh0.to(h0.dtype) if dh0 is not None else None), None
+        try:
+            dq, dk, dv, dh0 = _backward(q, k, v, slope, ctx.scale, states,
+                                        do.to(q.dtype).contiguous(),
+                                        dht.float().contiguous() if dht is not None else None,
+                                        need_dh0)
+        except runtime.SharedMemoryError:  # a GPU whose shared memory the kernels outgrow (a T4)
+            def chunk_form(q, k, v, h0):
+                return _naive_chunk(q, k, v, slope, ctx.scale, h0, dht is not None, _CHUNK,
+                                    check_values=False)
+            dq, dk, dv, dh0 = runtime.grads_by_autograd("chunk_lightning_attn", chunk_form,
+                                                        [q, k, v, h0], [do, dht])
+            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dh0 = dh0.to(h0.dtype) if need_dh0 else None
+        return dq, dk, dv, None, None, dh0, None
 
 
 def chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):

@@ -1868,15 +1868,13 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 # 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
 # normalisation. On a GPU whose shared memory the two backward kernels outgrow — a T4's 64 KiB, against the 68 and
 # 112 KiB they ask for at $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch
-# chunk form.
+# chunk form (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit).
 
 # %%
 #| export kda.chunk
-import warnings
-
 import torch
 
-from minisparse import _checks
+from minisparse import _checks, runtime
 from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
 from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
@@ -1922,31 +1920,16 @@ class _ChunkKDA(torch.autograd.Function):
         try:
             dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved,
                                                        do.contiguous(), dht, need_dh0)
-        except RuntimeError as err:  # a GPU whose shared memory the kernels outgrow (a T4)
-            if "shared memory" not in str(err):
-                raise
-            grads = _recomputed_grads(q, k, v, g, beta, h0, ctx.scale, ctx.l2, do, dht)
+        except runtime.SharedMemoryError:  # a GPU whose shared memory the kernels outgrow (a T4)
+            def chunk_form(q, k, v, g, beta, h0):
+                return _naive_chunk(q, k, v, g, beta, ctx.scale, h0, dht is not None, ctx.l2, 64,
+                                    check_values=False)
+            grads = runtime.grads_by_autograd("chunk_kda", chunk_form, [q, k, v, g, beta, h0],
+                                              [do, dht])
         else:
             grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
-
-
-def _recomputed_grads(q, k, v, g, beta, h0, scale, l2, do, dht):
-    """The gradients by autograd through the PyTorch chunk form, recomputed in fp32: the backward
-    where its kernels do not fit the GPU's shared memory. Warns once."""
-    warnings.warn("chunk_kda: the backward kernels need more shared memory than this GPU gives a "
-                  "block; computing the gradients with the PyTorch chunk form instead (slower)",
-                  RuntimeWarning, stacklevel=3)
-    leaves = [x.detach().float().requires_grad_() if x is not None else None
-              for x in (q, k, v, g, beta, h0)]
-    with torch.enable_grad():
-        o, ht = _naive_chunk(*leaves[:5], scale, leaves[5], dht is not None, l2, 64,
-                             check_values=False)
-        outs, seeds = ([o, ht], [do, dht]) if dht is not None else ([o], [do])
-        wanted = [x for x in leaves if x is not None]
-        got = iter(torch.autograd.grad(outs, wanted, seeds))
-    return [next(got) if x is not None else None for x in leaves]
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

@@ -19,9 +19,10 @@
 # Chapters 1–8 built each mechanism alone. The open models of 2025–26 combine them, and they disagree about how.
 # Qwen3-Next and Kimi Linear interleave three linear-attention layers with one full-attention layer; MiniMax-M1
 # interleaves seven with one; DeepSeek-V3.2 and GLM-5 keep attention everywhere but let each query read only
-# 2,048 chosen tokens; Mixtral and MiniMax-M2 read everything. Underneath, all but one are mixtures of experts.
-# This chapter assembles each of these from the book's layers, counts them at their real sizes, trains small
-# copies side by side on the same data, and ends on the table the survey [S] could only sketch.
+# 2,048 chosen tokens; Mixtral and MiniMax-M2 read everything. Underneath, all of them are mixtures of experts.
+# This chapter assembles each of these from the book's layers, counts them at their real sizes, trains small models
+# of each kind of mixer side by side on the same recall task, and ends on the table the survey [S] could only
+# sketch.
 #
 # **You will learn to**
 #
@@ -29,8 +30,8 @@
 #   from chapters 1–8's layers, with caches for every mixer and token-by-token generation;
 # - count total and active parameters and the KV cache + state a sequence holds, for our configs and for
 #   transformers' configs of the same families, and explain where the published figures differ;
-# - train the families at equal size on multi-query associative recall and on real text, and see where pure
-#   linear attention loses recall and how much the hybrids and sparse selection win back;
+# - train small models of each mixer at equal size on multi-query associative recall (and one on real text), and
+#   see where pure linear attention loses recall and how much a hybrid and sparse selection win back;
 # - predict from cost models which family decodes cheapest at a given context, and design a layer pattern for a
 #   memory budget.
 #
@@ -271,7 +272,9 @@ def validate(c):
 # The presets give each surveyed model its real shapes (`scale="full"`, taken from transformers' configs and
 # the released config files) and a reading-size copy (`scale="small"`): the same pattern, router and shared
 # expert, at hidden size 64, 8 layers, 8 experts top-2 and byte-level vocabulary, so that the families differ
-# only in their mixers. Keyword arguments override any field.
+# mostly in their mixers — each keeps its own router (softmax or DeepSeek's), shared expert, dense first layers
+# and attention options, so the largest has 1.6 times the active parameters of the smallest at this size;
+# `bench/capstone.py` widens them to 128. Keyword arguments override any field.
 
 # %%
 #| export models.config
@@ -626,9 +629,7 @@ class HybridLM(nn.Module):
 
 # %% [markdown]
 # The contract of the caches: feeding a sequence in pieces — a 17-token prefill, then one token at a time — gives
-# the logits of one pass over the whole sequence, for every preset. (DSA's top-k needs scores without ties for
-# this to hold exactly: ReLU makes exact-zero scores common when the indexer has few heads, so the small presets
-# give it 8; see the engineering notes.)
+# the logits of one pass over the whole sequence, for every preset.
 
 # %%
 ids = torch.randint(0, 256, (2, 40))
@@ -701,17 +702,22 @@ _COUNTED = {}
 # The same function takes a transformers config of the supported families (DeepSeek-V3/V3.2, GLM-5's
 # `GlmMoeDsa`, Qwen3-Next, Kimi Linear, MiniMax, Mixtral): `config_from_hf` reads its shapes into a
 # `HybridConfig`. Built on the meta device at their default configs, transformers' own `ForCausalLM` models have
-# exactly as many parameters as ours, family by family (the engineering notes show it; the tests assert it).
+# exactly as many parameters as our count of the same configs, family by family (the engineering notes show it;
+# the tests assert it). The presets follow the released checkpoints where a default config does not: Kimi Linear's
+# release puts MLA at layers 4, 8, …, 24 and 27 (7 layers, chapter 0), `KimiLinearConfig()` at 5, 9, …, 25 (6), so
+# the preset counts 49.12B / 3.48B against 49.13B / 3.49B for the default config.
 
 # %% [markdown]
-# Now the presets at full scale against the published figures. Two conventions explain every gap:
+# Now the presets at full scale against the published figures (the survey's; Kimi Linear's from its model card,
+# as the survey lists only Kimi K2.5). Two conventions explain the gaps:
 #
 # - **MTP layers.** DeepSeek-V3/V3.2 ship a multi-token-prediction module (one more MoE layer, a projection
 #   $2d \to d$, its own copies of embedding and head): 685B = 671.9B of model + about 14B of MTP. Inference
 #   without speculative decoding never runs it, and transformers does not build it; we count it only here.
 # - **Embeddings.** "Activated" figures leave out the embedding table and usually the LM head: MiniMax-M1's
 #   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B), DeepSeek's 37B our 38.4B
-#   minus the input table. Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way.
+#   minus the input table. Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way, and Kimi
+#   Linear's 48B total is our 49.1B less both embedding matrices (2 × 163,840 × 2,304 = 0.76B): 48.4B.
 
 # %%
 SURVEY = {  # (total, active) as published: the survey [S]; Kimi Linear: its model card
@@ -824,8 +830,9 @@ assert memory_per_sequence(FULL["kimi_linear_like"], 2**20) < 8 * GiB
 # The lines sort themselves by slope: the three hybrids cache 3–16 times less a token than Mixtral's full
 # attention, because only one layer in four (or eight) caches anything; DeepSeek-V3.2 caches in every layer, but
 # MLA's latent is small. Kimi Linear's 7 MLA layers are the smallest cache of all, 8 KiB a token — under 8 GiB at
-# a million tokens, where Mixtral's holds 128. At short contexts the order flips: the linear layers' states
-# (74 MiB for Qwen3-Next, 280 MiB for MiniMax-M1) cost more than thousands of tokens of cache.
+# a million tokens, where Mixtral's holds 128. At short contexts the order flips: the linear layers' states are a
+# fixed cost (74 MiB for Qwen3-Next, 280 MiB for MiniMax-M1), as much as 590 and 2,240 tokens of Mixtral's cache
+# (128 KiB a token).
 #
 # ## 9.5 Cost model: one decoding step
 #
@@ -1020,7 +1027,7 @@ for label, pattern in LETTERS.items():
     cfg = dense_baseline(backend=BACKEND, num_layers=2, pattern=pattern, index_topk=8,
                          intermediate_size=128)
     small[label] = HybridLM(cfg).to(runtime.device())
-    _, hist = train(small[label], mqar_batches, STEPS, lr=3e-3, desc=label)
+    _, hist = train(small[label], mqar_batches, STEPS, lr=3e-3, desc=label, progress=False)
     curves[label] = hist["loss"]
     recall[label] = {n: recall_accuracy(small[label], n, vocab=V, batch=128) for n in (2, 4, 8, 16)}
 
@@ -1047,10 +1054,11 @@ assert min(recall["hybrid GF"][8], recall["sparse DD"][8]) > 0.7  # one layer / 
 # matrix a head, and each new pair written into it overwrites part of the others. Lightning attention stays near
 # $1/N$: its decayed sum of $k v^\top$ never removes anything, so the keys blur together and the model falls back
 # on naming some value it has seen. One attention layer of two (`GF`) recovers nearly everything full attention
-# has, and so does DSA's top-8 selection: at these lengths the indexer has to find one key among at most 32. This
-# is the survey's "linear attention accuracy" tension at reading size; the GPU run below trains the real
-# presets. Next, the same kind of model on text — the standard library's bytes — with a checkpoint halfway
-# through the run.
+# has; DSA's top-8 selection matches it up to 4 pairs and falls behind beyond (0.82 at 8 pairs, 0.52 at 16,
+# against 1.00 and 0.85), when 8 kept tokens must include the query's key among more candidates. This is the
+# survey's "linear attention accuracy" tension at reading size; the presets' own learning curves need a GPU run of
+# `bench/capstone.py` (below). Next, the same kind of model on text — the standard library's bytes — with a
+# checkpoint halfway through the run.
 
 # %% tags=["nbval-ignore-output"]
 data = stdlib_bytes(runtime.reading_size(300_000, 20_000_000))
@@ -1063,16 +1071,17 @@ def text_batches(step):
 
 torch.manual_seed(0)
 lm = HybridLM(dense_baseline(backend=BACKEND, num_layers=2, pattern="GF")).to(runtime.device())
-opt, hist = train(lm, text_batches, 40, desc="lm, first half")
+opt, hist = train(lm, text_batches, 40, desc="lm, first half", progress=False)
 with tempfile.TemporaryDirectory() as tmp:
     save_checkpoint(f"{tmp}/lm.pt", lm, opt, 40, hist)
     torch.manual_seed(1)
     resumed = HybridLM(lm.config).to(runtime.device())  # fresh weights, then the checkpoint's
     opt2, step, hist2 = load_checkpoint(f"{tmp}/lm.pt", resumed)
 _, hist2 = train(resumed, text_batches, 80, optimizer=opt2, start_step=step, history=hist2,
-                 desc="lm, resumed")
+                 desc="lm, resumed", progress=False)
 _, straight = train(lm, text_batches, 80, optimizer=opt, start_step=40, history=dict(
-    loss=list(hist["loss"]), seconds=list(hist["seconds"])), desc="lm, straight on")
+    loss=list(hist["loss"]), seconds=list(hist["seconds"])), desc="lm, straight on",
+    progress=False)
 print(f"loss {hist2['loss'][0]:.2f} -> {hist2['loss'][-1]:.2f} over {len(hist2['loss'])} steps")
 assert max(abs(a - b) for a, b in zip(hist2["loss"], straight["loss"])) < 1e-4
 sample = lm.generate(torch.tensor([list(b"import ")]), 24)[0].tolist()
@@ -1084,9 +1093,9 @@ print(bytes(sample).decode(errors="replace"))
 # `bench/capstone.py` trains every preset at its small scale (8 layers, 8 experts top-2, width 128) on MQAR with
 # 4 to 64 pairs and on the standard library, with the chapters' Triton kernels, and measures training tokens/s,
 # peak memory and the latency of a decoding step after 8K tokens. It runs unchanged under `torchrun` with DDP,
-# or FSDP2 with `--fsdp` (engineering notes). What its committed results hold is shown here: learning curves
-# where present, and the speed of a training step on the language-modelling batches (64 × 512 bytes), each preset
-# measured alone on the GPU.
+# or FSDP2 with `--fsdp` (engineering notes). What its committed results hold is shown here — so far only the
+# speed of a training step on the language-modelling batches (64 × 512 bytes), each preset measured alone on the
+# GPU; learning curves and decoding latency appear when a run commits them.
 
 # %% tags=["nbval-ignore-output", "hide-input"]
 try:
@@ -1130,19 +1139,23 @@ if RESULTS is not None:
     assert speed["dense_baseline"]["tokens_per_s"] > 2 * max(others)
 
 # %% [markdown]
-# At width 128 a step costs what its *launches* cost, not its FLOPs: the dense baseline trains at about a million
-# tokens a second, more than twice any other preset, although the MoE presets compute fewer FLOPs a token. Routing
-# to 8 experts, the sparse attention's indexer and the recurrent layers' extra kernels each add launches that a
-# width-128 model cannot hide; the DSA presets, with an indexer and its distillation loss in every layer, are the
-# slowest. These numbers rank software overhead at toy scale — section 9.5's cost model, not this table, says
+# At width 128 the dense baseline trains at about a million tokens a second, more than twice any other preset,
+# although the MoE presets compute fewer FLOPs a token: at this width a step is most likely bound by its kernel
+# launches and host work (routing to 8 experts, the indexer, the recurrent layers' extra kernels) rather than its
+# FLOPs — a hypothesis no profile has checked yet. The DSA presets are the slowest and take the most memory
+# (9.3 GB): their indexer's distillation target is the dense attention, a $[B, T, H, T]$ tensor in every layer. These numbers rank software overhead at toy scale — section 9.5's cost model, not this table, says
 # what the mechanisms cost at the real shapes.
 
 # %% [markdown]
 # ## 9.7 The table
 #
 # Everything above in one table, generated from the code: the mechanism of each family, its parameters and
-# memory at full scale (section 9.4), a decoding step at 128K (section 9.5), and — for what the committed GPU
-# results hold — recall with the most pairs, training throughput and decode latency at small scale.
+# memory at full scale (section 9.4), a decoding step at 128K (section 9.5), and the small-scale columns the
+# committed GPU results fill (today training throughput; recall with the most pairs and decode latency when a run
+# commits them). Units: parameters as built (embeddings included, MTP layers not: section 9.4); the KV cache a
+# token in bf16 summed over layers; the state a sequence in fp32 (recurrent states) and bf16 (convolution inputs);
+# the 128K step for one sequence with bf16 weights, caches and states, in GB read and GFLOP; training tokens/s of
+# the width-128 presets on the H200, a toy-scale measurement beside full-scale estimates.
 
 # %%
 MECHANISM = {
@@ -1184,7 +1197,11 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # %% [markdown]
 # The table's lesson is the survey's, made quantitative. Sparse selection (V3.2, GLM-5) holds a cache in every
 # layer — the smallest a full-attention layer can have — but a step reads only 2,048 latents of it and every
-# index key: its step barely grows with context, and costs a tenth of dense MLA's FLOPs at 128K.
+# index key: its step barely grows with context, and costs a tenth of dense MLA's FLOPs at 128K. The survey's own
+# figures are smaller savings: about 50 % less compute at 128K for DSA, and 25–30 % of DeepSeek-R1's compute to
+# generate 100K tokens for MiniMax-M1 [S], where this model gives a tenth and 12 % (summed over the 100K decoding
+# steps, V3.2's shapes with dense MLA standing in for R1). The model counts a decoding step's FLOPs only — no
+# prefill, no kernels short of their peak — and by bytes read DSA saves little (77 against 82 GB a step at 128K).
 # The 3:1 hybrids hold 5–16 times less cache than full attention and pay in constant state; MiniMax-M1's 7:1
 # holds the largest state. Which wins depends on the context: at short contexts the weights dominate every step,
 # at a million tokens the cache does — exercise 2 finds where the order flips. And recall is what the linear
@@ -1206,8 +1223,9 @@ from minisparse.testing import attempt
 # layers are full attention, the rest Gated DeltaNet. Return the largest number of full-attention layers whose
 # KV cache plus states, for one sequence of `context` tokens in bf16 (states in fp32, as the layers keep them),
 # fit in `budget` bytes — or -1 if even none fit. Derive it from the per-layer numbers of section 9.4 (a closed
-# form, or a loop over `layer_cache_numbers`); the checker tries four contexts, two budgets and two KV-head
-# counts.
+# form, or a loop over `layer_cache_numbers`); the checker tries four contexts, two KV-head counts and eight
+# budgets, three of them right at a boundary (the exact bytes of 5 full layers, one byte less, and one byte less
+# than the states alone).
 
 # %%
 def my_full_layers(config, context, budget):
@@ -1465,12 +1483,10 @@ for name in FAMILIES if transformers else ():
 # %% [markdown]
 # ### Decoding equals prefill, and DSA's ties
 #
-# Every mixer's cached path gives the uncached logits to float rounding, with one caveat. DSA's top-k breaks
-# ties in its indexer scores by position in the score row, and ReLU makes exact zeros common: with 2 indexer
-# heads a quarter of the keys score 0 for both. A prefill (40 keys in the row) and a decoding step (the keys so
-# far) can then keep different zero-score keys, and the outputs differ by a few percent. With 8 heads ties are
-# rare, which is what the small presets use; a tie-break on position inside `select_topk` (chapter 8) would make
-# it exact for any head count.
+# Every mixer's cached path gives the uncached logits to float rounding. DSA needs one precaution: ReLU makes exact
+# zeros common among its indexer scores (with 2 indexer heads a quarter of the keys score 0 for both), so a prefill
+# and a decoding step rank many tied keys. `select_topk` (chapter 8) sorts stably — ties in key order — so both
+# keep the same keys, for any number of indexer heads.
 #
 # ### The training script, DDP, FSDP2 and checkpoints
 #
@@ -1630,8 +1646,13 @@ def check_full_layers(fn):
     """Exercise 1: the most full-attention layers (the rest Gated DeltaNet) whose KV cache and
     states fit `budget` bytes at `context` tokens."""
     base = PRESETS["qwen3_next_like"]("full")
+
+    def at(n, context=131_072):  # the bytes of n full layers: budgets right at the boundaries
+        return memory_per_sequence(_with_full_layers(base, n), context)
+
     cases = [(base, 262_144, 8 * 2**30), (base, 1_048_576, 16 * 2**30), (base, 32_768, 2**30),
-             (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28)]
+             (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28),
+             (base, 131_072, at(5)), (base, 131_072, at(5) - 1), (base, 131_072, at(0) - 1)]
     for config, context, budget in cases:
         fits = [n for n in range(config.num_layers + 1)
                 if memory_per_sequence(_with_full_layers(config, n), context) <= budget]

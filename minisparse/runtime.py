@@ -16,7 +16,7 @@ __all__ = [
     "has_gpu", "device", "default_dtype", "interpreting", "reading_size", "arch",
     "checking_values", "set_value_checks",
     "LAUNCH_TABLE", "launch_configs", "launch", "launch_config", "set_autotune", "autotuning",
-    "describe", "print_environment",
+    "SharedMemoryError", "grads_by_autograd", "describe", "print_environment",
 ]
 
 
@@ -535,9 +535,37 @@ def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtyp
     raise _too_large(kernel, last, instead) from last
 
 
-def _too_large(kernel: str, err, instead: str) -> RuntimeError:
-    return RuntimeError(f"{kernel}: the kernel needs more shared memory than this GPU gives a block ({err}), even "
-                        f"with the narrowest tiles of runtime.LAUNCH_TABLE. Use smaller head dimensions, or {instead}")
+class SharedMemoryError(RuntimeError):
+    """What `launch` raises when no configuration of a kernel's row fits the GPU's shared memory (a T4 gives a block
+    64 KiB). An op with a PyTorch form to fall back to catches it and warns (`grads_by_autograd` for a backward);
+    elsewhere it reaches the user, naming the kernel and what to use instead."""
+
+
+def _too_large(kernel: str, err, instead: str) -> SharedMemoryError:
+    return SharedMemoryError(f"{kernel}: the kernel needs more shared memory than this GPU gives a block ({err}), "
+                             f"even with the narrowest tiles of runtime.LAUNCH_TABLE. Use smaller head dimensions, "
+                             f"or {instead}")
+
+
+def grads_by_autograd(op: str, forward, inputs: list, grad_outputs: list) -> list:
+    """The gradients a Triton op's backward returns when its kernels do not fit the GPU (`SharedMemoryError`):
+    autograd through `forward(*leaves)`, a PyTorch form of the op, recomputed in fp32. `inputs`: the op's tensors
+    (None where absent), each floating one a leaf; `grad_outputs`: the gradients of forward's outputs (None: that
+    output is not used). Warns (once per call site) that it is slower. Returns one gradient per input (None where
+    absent)."""
+    import warnings
+
+    warnings.warn(f"{op}: the backward kernels need more shared memory than this GPU gives a block; computing the "
+                  "gradients with its PyTorch form instead (slower)", RuntimeWarning, stacklevel=3)
+    leaves = [x.detach().float().requires_grad_() if x is not None else None for x in inputs]
+    with torch.enable_grad():
+        outs = forward(*leaves)
+        used = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]
+        wanted = [x for x in leaves if x is not None]
+        got = iter(torch.autograd.grad([o for o, _ in used], wanted, [g.float() for _, g in used],
+                                       allow_unused=True))
+    grads = [next(got) if x is not None else None for x in leaves]
+    return [torch.zeros_like(x) if x is not None and d is None else d for x, d in zip(leaves, grads)]
 
 
 def _same(config: dict) -> dict:

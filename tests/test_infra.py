@@ -458,7 +458,8 @@ def test_launch_tries_in_order_remembers_what_fits_and_can_be_forced(monkeypatch
     assert wider["BV"] == 32 and runtime._chosen[("deltanet.fwd_output", "sm_75", torch.float16, ())] == 2
     kernel.fits = 4
     monkeypatch.setattr(runtime, "_chosen", {})
-    with pytest.raises(RuntimeError, match="deltanet.fwd_output: the kernel needs more shared memory.*, or X"):
+    with pytest.raises(runtime.SharedMemoryError, match="deltanet.fwd_output: the kernel needs more shared memory.*, "
+                       "or X"):
         runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.float16, instead="X")
     with pytest.raises(KeyError, match="no kernel 'nope'"):
         with runtime.launch_config("nope", BV=1):

@@ -511,3 +511,31 @@ def test_output_tile_checker():
                          (dict(INTER=False), "inter-chunk term"), (dict(STORE_ALL=False), "NaN")]:
         with pytest.raises(ExerciseError, match=words):
             check_output_tile_kernel(_Launcher(**flags))
+
+
+def test_chunk_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(monkeypatch):
+    """On a GPU with too little shared memory (a T4 at K = 128) runtime.launch raises SharedMemoryError; the backward
+    then computes the gradients by autograd through the PyTorch chunk form, with a warning, instead of failing."""
+    import minisparse.lightning.triton as lt
+
+    def too_large(*args, **kwargs):
+        raise runtime.SharedMemoryError("lightning.bwd_dqkv.k128: the kernel needs more shared memory than this GPU "
+                                        "gives a block")
+
+    monkeypatch.setattr(lt, "_backward", too_large)
+    q, k, v, h0 = (x.requires_grad_() for x in _inputs(1, 70, 2, 16, 24, seed=3))
+    slope = _slopes(2)
+    seeds = (torch.randn(1, 70, 2, 24, device=DEV), torch.randn(1, 2, 16, 24, device=DEV))
+
+    def grads(fn):
+        o, ht = fn(q, k, v, slope, initial_state=h0, output_final_state=True)
+        return torch.autograd.grad((o, ht), (q, k, v, h0), seeds)
+
+    want = grads(naive_recurrent_lightning_attn)
+    with pytest.warns(RuntimeWarning, match="chunk_lightning_attn: .*its PyTorch form"):
+        got = grads(chunk_lightning_attn)
+    for name, a, b in zip(("dq", "dk", "dv", "dh0"), want, got):
+        assert_close(name, a, b, 1e-5)
+    with pytest.raises(RuntimeError, match="other failure"):  # only the shared-memory error falls back
+        monkeypatch.setattr(lt, "_backward", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("other failure")))
+        grads(chunk_lightning_attn)

@@ -670,12 +670,8 @@ def test_from_hf_rejects_rope_types_it_does_not_implement():
 
 def _no_config_fits(*args, **kwargs):
     """What runtime.launch raises when no configuration of the row fits the GPU's shared memory (a T4 at Dc = 512)."""
-    from triton.runtime.errors import OutOfResources
-
-    try:
-        raise OutOfResources(69632, 65536, "shared memory")
-    except OutOfResources as err:
-        raise RuntimeError("mla.decode_split: the kernel needs more shared memory than this GPU gives a block") from err
+    raise runtime.SharedMemoryError("mla.decode_split: the kernel needs more shared memory than this GPU gives a "
+                                    "block")
 
 
 def test_mla_decode_falls_back_to_pytorch_when_no_configuration_fits(monkeypatch):

@@ -319,17 +319,25 @@ def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(tmp_path):
 
 def test_check_full_layers():
     X.check_full_layers(lambda c, T, b: _full_layers(c, T, b))
-    with pytest.raises(ExerciseError):  # forgets V: counts K only
-        X.check_full_layers(lambda c, T, b: _full_layers(c, T, b, kv=1))
+    wrong = {"forgets V: counts K only": dict(kv=1), "forgets the convolution state": dict(conv=False),
+             "adds full layers instead of replacing Gated DeltaNet ones": dict(replaces=False),
+             "never answers -1": dict(floor=0)}
+    for why, kw in wrong.items():
+        with pytest.raises(ExerciseError):
+            X.check_full_layers(lambda c, T, b: _full_layers(c, T, b, **kw))
+            pytest.fail(f"the checker accepted a wrong answer that {why}")
     with pytest.raises(ExerciseError):
         X.check_full_layers(lambda c, T, b: (_ for _ in ()).throw(NotImplementedError))
 
 
-def _full_layers(c, T, budget, kv=2):
-    best = -1
+def _full_layers(c, T, budget, kv=2, conv=True, replaces=True, floor=-1):
+    """The answer to exercise 1 by a loop over n; the keywords make it wrong in one way each."""
+    H, d = c.linear_num_heads, c.linear_head_dim
+    gdn = (M.kv_cache_bytes_per_token(c.replace(pattern="G"))["per_sequence"] // c.num_layers if conv
+           else 4 * H * d * d)  # one layer's fp32 state (+ its bf16 convolution state)
+    best = floor
     for n in range(c.num_layers + 1):
-        mem = n * kv * c.num_kv_heads * c.head_dim * 2 * T + (c.num_layers - n) * (
-            M.kv_cache_bytes_per_token(c.replace(pattern="G"))["per_sequence"] // c.num_layers)
+        mem = n * kv * c.num_kv_heads * c.head_dim * 2 * T + (c.num_layers - (n if replaces else 0)) * gdn
         if mem <= budget:
             best = n
     return best

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from minisparse import _checks, runtime
-from minisparse.lightning.naive import _check_lightning, _check_slope
+from minisparse.lightning.naive import _check_lightning, _check_slope, _naive_chunk
 
 
 @triton.jit
@@ -373,9 +373,20 @@ class _ChunkLightning(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, slope, h0, states = ctx.saved_tensors
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dh0 = _backward(q, k, v, slope, ctx.scale, states, do.to(q.dtype).contiguous(),
-                                    dht.float().contiguous() if dht is not None else None, need_dh0)
-        return dq, dk, dv, None, None, (dh0.to(h0.dtype) if dh0 is not None else None), None
+        try:
+            dq, dk, dv, dh0 = _backward(q, k, v, slope, ctx.scale, states,
+                                        do.to(q.dtype).contiguous(),
+                                        dht.float().contiguous() if dht is not None else None,
+                                        need_dh0)
+        except runtime.SharedMemoryError:  # a GPU whose shared memory the kernels outgrow (a T4)
+            def chunk_form(q, k, v, h0):
+                return _naive_chunk(q, k, v, slope, ctx.scale, h0, dht is not None, _CHUNK,
+                                    check_values=False)
+            dq, dk, dv, dh0 = runtime.grads_by_autograd("chunk_lightning_attn", chunk_form,
+                                                        [q, k, v, h0], [do, dht])
+            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dh0 = dh0.to(h0.dtype) if need_dh0 else None
+        return dq, dk, dv, None, None, dh0, None
 
 
 def chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False):

@@ -5,7 +5,6 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from minisparse import _checks, runtime
 from minisparse.mla.naive import check_mla_decode_args, mla_decode_ref
@@ -114,9 +113,7 @@ def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, o
         return out
     try:
         return _launch(q_latent, q_rope, kv_cache, rope_cache, float(scale), lengths, out, max_len)
-    except RuntimeError as err:
-        if not isinstance(err.__cause__, OutOfResources):
-            raise
+    except runtime.SharedMemoryError as err:
         warnings.warn(f"mla_decode: no launch configuration fits this GPU's shared memory at "
                       f"Dc = {DC} ({err}); computing with PyTorch's absorbed attention "
                       "(mla_decode_ref) instead", stacklevel=2)

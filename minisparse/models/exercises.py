@@ -29,8 +29,13 @@ def check_full_layers(fn):
     """Exercise 1: the most full-attention layers (the rest Gated DeltaNet) whose KV cache and
     states fit `budget` bytes at `context` tokens."""
     base = PRESETS["qwen3_next_like"]("full")
+
+    def at(n, context=131_072):  # the bytes of n full layers: budgets right at the boundaries
+        return memory_per_sequence(_with_full_layers(base, n), context)
+
     cases = [(base, 262_144, 8 * 2**30), (base, 1_048_576, 16 * 2**30), (base, 32_768, 2**30),
-             (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28)]
+             (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28),
+             (base, 131_072, at(5)), (base, 131_072, at(5) - 1), (base, 131_072, at(0) - 1)]
     for config, context, budget in cases:
         fits = [n for n in range(config.num_layers + 1)
                 if memory_per_sequence(_with_full_layers(config, n), context) <= budget]
