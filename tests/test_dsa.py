@@ -446,22 +446,34 @@ def _score_tile_kernels():
         s = tl.where(real, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))
         tl.store(s_ptr + tl.arange(0, BN), s)
 
-    return right, no_relu, strict_mask
+    @triton.jit
+    def no_key_end(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
+                   BN: tl.constexpr):
+        q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
+        n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
+        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=(n < TK)[:, None] & (d[None, :] < DI), other=0.0)
+        dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        s = tl.where(n <= t, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))  # keys past TK: 0
+        tl.store(s_ptr + tl.arange(0, BN), s)
+
+    return right, no_relu, strict_mask, no_key_end
 
 
 def test_index_score_tile_checker():
-    right, no_relu, strict_mask = _score_tile_kernels()
+    right, no_relu, strict_mask, no_key_end = _score_tile_kernels()
     D.check_index_score_tile(right)
     with pytest.raises(ExerciseError, match="ReLU"):
         D.check_index_score_tile(no_relu)
     with pytest.raises(ExerciseError, match="key 37"):
         D.check_index_score_tile(strict_mask)
+    with pytest.raises(ExerciseError, match="past TK must be -inf"):
+        D.check_index_score_tile(no_key_end)
 
 
 def test_index_score_tile_checker_launches_on_the_triton_device():
     """The checker's tensors live where Triton runs: the GPU when there is one (a CPU tensor cannot reach a CUDA
     kernel), else the CPU under the interpreter."""
-    right, _, _ = _score_tile_kernels()
+    right = _score_tile_kernels()[0]
     seen = set()
 
     class Spy:  # records the devices of the tensors the checker launches the kernel with

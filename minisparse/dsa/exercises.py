@@ -86,14 +86,16 @@ def check_index_score_tile(kernel):
     CPU tensors."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(11)
+    # the last launch: the keys end before the query (t ≥ TK), as in a split of the keys
     for HI, DI, TK, t, n0, BN in ((4, 16, 40, 37, 32, 16), (3, 24, 20, 10, 0, 16),
-                                  (1, 8, 70, 69, 64, 8), (5, 32, 33, 20, 16, 32)):
+                                  (1, 8, 70, 69, 64, 8), (5, 32, 33, 20, 16, 32),
+                                  (2, 16, 24, 30, 16, 16)):
         q, k = torch.randn(HI, DI, generator=g), torch.randn(TK, DI, generator=g)
         w, scale = torch.randn(HI, generator=g), DI ** -0.5
         ref = torch.full((BN,), float("-inf"))
-        seen = indexer_scores(q[None, None], k[None, :t + 1], w[None, None], scale)[0, 0]  # [t+1]
+        seen = indexer_scores(q[None, None], k[None, :t + 1], w[None, None], scale)[0, 0]
         for j in range(BN):
-            if n0 + j <= t:
+            if n0 + j <= t and n0 + j < TK:
                 ref[j] = seen[n0 + j]
         got = torch.full((BN,), float("nan"), device=dev)  # anything the kernel leaves shows
         kernel[(1,)](q.to(dev), k.to(dev), w.to(dev), got, t, n0, TK, scale, HI, DI,
@@ -109,7 +111,7 @@ def check_index_score_tile(kernel):
                 raise ExerciseError(f"✗ index score tile: HI={HI}, DI={DI}, t={t}, n0={n0}: key "
                                     f"{n0 + j}: got {float(got[j]):.5g}, expected "
                                     f"{float(ref[j]):.5g} ({why})")
-    print("✓ index score tile: all 4 launches match")
+    print("✓ index score tile: all 5 launches match")
 
 
 __all__ = ['check_break_even', 'indexer_scores_with_a_bug', 'check_scores_fix', 'load_index_queries', 'check_index_score_tile']
