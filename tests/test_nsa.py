@@ -302,6 +302,8 @@ def test_decode_tokens_checker_accepts_the_count_and_rejects_a_count_without_sum
         X.check_decode_tokens(lambda T, l, d, lp, n, w: min(T, n * lp) + min(T, w))
     with pytest.raises(ExerciseError):  # off by one: T // d windows
         X.check_decode_tokens(lambda T, l, d, lp, n, w: T // d + min(T, n * lp) + min(T, w))
+    with pytest.raises(ExerciseError):  # no window before T = l: negative below it
+        X.check_decode_tokens(lambda T, l, d, lp, n, w: (T - l) // d + 1 + min(T, n * lp) + min(T, w))
 
 
 def test_selection_checker_rejects_the_planted_bug_and_accepts_select_blocks():

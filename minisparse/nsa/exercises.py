@@ -15,7 +15,7 @@ def check_decode_tokens(fn):
                              window_size=w)["nsa"])
     check("tokens read by one decoding step", lambda *a: int(fn(*a)), reference,
           [(65536, 32, 16, 64, 16, 512), (8192, 32, 16, 64, 16, 512), (131072, 64, 64, 64, 16, 512),
-           (1000, 32, 16, 64, 8, 256), (40, 32, 16, 64, 16, 512)],
+           (1000, 32, 16, 64, 8, 256), (40, 32, 16, 64, 16, 512), (10, 32, 16, 64, 16, 512)],
           hint="three branches: the complete compression windows ⌊(T − l)/d⌋ + 1 (none before "
                "T = l), "
                "n blocks of l' tokens and the window of w tokens — each capped at T")

@@ -128,7 +128,7 @@ def selection_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, offset
                          PRECISION: tl.constexpr):
     """Selected attention, dK and dV, key-centric: program (i_n, i_b·H + i_h) owns BN keys of one
     block of K/V head i_h and walks the list of (query token, selection head) pairs that selected
-    that block — the inverse of block_indices, built on the host by one sort (`_inverse_index`).
+    that block — the inverse of block_indices, built on the device by one sort (`_inverse_index`).
     BR/BG entries a step, each the BG query heads of one pair, stacked into BR rows:
 
         k, v tiles [BN, BD], [BN, BDV] (loaded once)
