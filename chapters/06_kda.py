@@ -1060,8 +1060,9 @@ try:
 except FileNotFoundError:
     kda_results = None
 if kda_results is None:
-    print("No results yet: on a GPU machine with fla-core installed, `python bench/kda.py --out "
-          "bench/results --long` writes bench/results/kda.json; this cell then prints it.")
+    print("No results yet. On a GPU machine with fla-core installed,\n"
+          "  python bench/kda.py --out bench/results --long\n"
+          "writes bench/results/kda.json; this cell then prints it.")
 else:
     ms = {(r["impl"], r["pass"], r["B"], r["T"]): r for r in kda_results["rows"]}
     print(f"{'B':>2s} {'T':>6s} {'pass':8s} {'ours':>8s} {'fla':>8s} {'ours/fla':>8s}   "

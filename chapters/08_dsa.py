@@ -108,6 +108,24 @@ DEVICE = runtime.device()
 # picks *single tokens*, trained to imitate the dense attention (section 8.5). The survey [S]: DSA is V3.2's only
 # architectural change over V3.1, brings attention from $O(L^2)$ to $O(Lk)$ and saves about 50 % of the compute
 # at 128K; GLM-5 adopted it on top of MLA.
+#
+# The problem and the answer in one picture: the attention work of one token of a prefill, at V3.2's shapes, for
+# dense MLA and for DSA (section 8.6 builds this cost model; here, its answer). Dense work grows with every past
+# token; DSA's grows at a fifth of the slope — the indexer still scores every token — plus a constant for the
+# 2,048 it keeps.
+
+# %%
+from minisparse.dsa import dsa_cost  # section 8.6
+
+pos = np.arange(0, 131072, 1024)
+cost = dsa_cost(pos, "prefill")
+fig, ax = plt.subplots(figsize=(6.6, 3.0))
+ax.plot(pos, cost["dense"] / 1e6, "C7", label="dense MLA: attends to every past token")
+ax.plot(pos, cost["dsa"] / 1e6, "C0", label="DSA: indexer over every token + attention over 2,048")
+ax.set(xlabel="token position t", ylabel="MFLOP, one layer",
+       title="The attention work of one token")
+ax.legend(fontsize=8)
+plt.show()
 
 # %% [markdown]
 # ## 8.2 Naive: indexer, top-k, sparse attention
