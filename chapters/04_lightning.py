@@ -1986,7 +1986,12 @@ def check_chunk_form_fix(fn):
                                 "the cell again") from None
         o_ref, S_ref = _recurrence(q, k, v, S, slope)
         where = f"case {n + 1} of {len(cases)} (T = {q.shape[0]}, slope = {slope}, C = 16)"
-        bad = ((o - o_ref).abs() > 1e-4 * (1 + o_ref.abs())).any(dim=1).nonzero()  # [rows, 1]
+        for name, got, want in (("outputs", o, o_ref), ("final state", St, S_ref)):
+            if tuple(got.shape) != tuple(want.shape):
+                raise ExerciseError(f"✗ chunk form, {where}: the {name} have shape "
+                                    f"{tuple(got.shape)}, expected {tuple(want.shape)}")
+        # written so that NaN (a row never written) counts as a difference
+        bad = (~((o - o_ref).abs() <= 1e-4 * (1 + o_ref.abs()))).any(dim=1).nonzero()  # [rows, 1]
         if len(bad):
             r = int(bad[0])
             got, exp = ([round(x, 4) for x in t[r, :3].tolist()] for t in (o, o_ref))
@@ -1994,7 +1999,7 @@ def check_chunk_form_fix(fn):
                                 f"{r % 16} in it) differs: got {got}, expected {exp} (first 3 "
                                 "columns)\nHint: which term of row i uses the state that "
                                 "entered the chunk, and how many decays has it seen by token i?")
-        if rel_rms(St, S_ref) > 1e-5:
+        if not rel_rms(St, S_ref) <= 1e-5:
             raise ExerciseError(f"✗ chunk form, {where}: the outputs match but the final state "
                                 f"does not (relative RMS {rel_rms(St, S_ref):.1e}): the last chunk "
                                 "has L ≤ C tokens")

@@ -468,11 +468,22 @@ def _chunk_form(q, k, v, S, slope, C=16, query_shift=1, state_len=None):
     return torch.cat(out), S
 
 
+def _unwritten_rows(q, k, v, S, slope, C=16):
+    """Right final state, but the last output row of every chunk never written (NaN, as torch.empty may hold)."""
+    o, St = _chunk_form(q, k, v, S, slope, C)
+    o = o.clone()
+    o[C - 1::C] = float("nan")
+    return o, St
+
+
 def test_chunk_form_checker():
     check_chunk_form_fix(_chunk_form)
     for wrong in (chunk_form_with_a_bug,  # the planted bug: query decay λ^i
                   lambda q, k, v, S, slope, C=16: _chunk_form(q, k, v, S, slope, C, state_len=C),  # λ^C, short chunk
-                  lambda q, k, v, S, slope, C=16: _chunk_form(q, k, v, S, slope, C, query_shift=2)):
+                  lambda q, k, v, S, slope, C=16: _chunk_form(q, k, v, S, slope, C, query_shift=2),
+                  _unwritten_rows,
+                  lambda q, k, v, S, slope, C=16: (_chunk_form(q, k, v, S, slope, C)[0],
+                                                   _chunk_form(q, k, v, S, slope, C)[1][None])):  # [1, K, V]
         with pytest.raises(ExerciseError):
             check_chunk_form_fix(wrong)
 

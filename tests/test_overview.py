@@ -81,6 +81,7 @@ def test_cache_prediction_accepts_a_prediction_within_ten_percent(capsys):
     (("Kimi Linear", 27 / 48), "not within"),  # counted all the layers
     (("Kimi Linear or Qwen3-Next", 0.33), "name one model"),
     (("Kimi Linear", "0.33"), "not within"),
+    (("Kimi Linear", float("nan")), "not within"),  # a placeholder or 0/0
     ("Kimi Linear", "return \\(name, ratio\\)"),
 ])
 def test_cache_prediction_rejects_wrong_predictions(answer, match):

@@ -111,7 +111,7 @@ def check_cache_prediction(fn, seq_len=1 << 20, tol=0.1):
         raise ExerciseError(f"✗ cache prediction: {name} does not keep the smaller cache; "
                             f"{computed}" + hint)
     number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
-    if not number or abs(ratio / truth - 1) > tol:
+    if not number or not abs(ratio / truth - 1) <= tol:  # NaN fails too
         raise ExerciseError(f"✗ cache prediction: ratio {ratio!r} is not within {tol:.0%} of the "
                             f"computed one; {computed}" + hint)
     print(f"✓ cache prediction: {name} keeps the smaller cache; your ratio {ratio:.3f} is within "
