@@ -241,12 +241,15 @@ def plot_passes(doc: dict, *, y: str | None = None, size=(6, 3.6), ncols: int = 
     ncols = max(1, min(ncols, len(passes)))
     nrows = -(-len(passes) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    machine = ""
     for ax, p in zip(axes.flat, passes):
         plot_results(doc, y=y, passes=[p], ax=ax, logy=logy, where=where, legend=legend != "figure")
         ax.set_ylabel({"tflops": "TFLOP/s", "ms": "median time (ms)", "gbps": "GB/s"}.get(y, y))
-        ax.set_title(f"{doc['name']} · {p}\n" + ax.get_title(), fontsize=9)
+        machine = ax.get_title()  # the device, versions and date: once, above the panels
+        ax.set_title(f"{doc['name']} · {p}", fontsize=9)
     for ax in list(axes.flat)[len(passes):]:
         ax.axis("off")
+    fig.suptitle(machine, fontsize=9)
     if legend == "figure":
         handles = {}
         for ax in axes.flat:

@@ -240,7 +240,10 @@ def test_plot_passes_one_panel_per_pass():
 
     doc = {"name": "d", "device": "x", "torch": "t", "triton": "r", "date": "today", "rows": [
         {"impl": "a", "pass": "fwd", "T": 1, "ms": 1.0}, {"impl": "a", "pass": "fwd+bwd", "T": 1, "ms": 2.0}]}
-    assert len(plot_passes(doc).axes) == 2
+    fig = plot_passes(doc)
+    assert len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ["d · fwd", "d · fwd+bwd"]  # the machine once, not per panel
+    assert "x" in fig._suptitle.get_text() and "today" in fig._suptitle.get_text()
 
 
 def test_kernel_resources_compiles_for_hopper_without_a_gpu():
