@@ -321,15 +321,14 @@ print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 
 # \end{aligned}
 # $$
 #
-# **What changed.** In chapter 5, $\Gamma_{ij}$ was a scalar and came out of the inner product:
-# $A = \operatorname{diag}(\beta)(KK^\top \odot \Gamma)$, one matrix product and a mask. Here the decay sits *inside*
-# the sum over channels, $\sum_c k_{ic} k_{jc}\, e^{G_{ic} - G_{jc}}$, so $A$ and $P$ are no longer a product of two
-# $[L, K]$ matrices. One could write $e^{G_i - G_j} = e^{G_i} e^{-G_j}$ and use $(K \odot e^{G})(K \odot
-# e^{-G})^\top$ — but $e^{-G_j}$ overflows float32 as soon as a channel's gates sum below $-88$ inside the chunk,
-# which a channel gated at $-30$ a token reaches after three tokens. The naive form below sidesteps this by computing the
-# $[L, L, K]$ tensor of segment sums $G_i - G_j = g_{j+1} + \dots + g_i$ directly (always $\le 0$, exact for any
-# finite gate), at $L$ times the memory of chapter 5's $\Gamma$; section 6.5 shows how the kernel gets matrix
-# products back.
+# **What changed.** In chapter 5, $\Gamma_{ij}$ was a scalar and came out of the inner product: $A =
+# \operatorname{diag}(\beta)(KK^\top \odot \Gamma)$, one matrix product and a mask. Here the decay sits *inside* the
+# sum over channels, $\sum_c k_{ic} k_{jc}\, e^{G_{ic} - G_{jc}}$, so $A$ and $P$ are no longer a product of two $[L,
+# K]$ matrices. One could write $e^{G_i - G_j} = e^{G_i} e^{-G_j}$ and use $(K \odot e^{G})(K \odot e^{-G})^\top$ — but
+# $e^{-G_j}$ overflows float32 as soon as a channel's gates sum below $-88$ inside the chunk, which a channel gated at
+# $-30$ a token reaches after three tokens. The naive form below sidesteps this by computing the $[L, L, K]$ tensor of
+# segment sums $G_i - G_j = g_{j+1} + \dots + g_i$ directly (always $\le 0$, exact for any finite gate), at $L$ times
+# the memory of chapter 5's $\Gamma$; section 6.5 shows how the kernel gets matrix products back.
 
 # %%
 #| export kda.naive
@@ -507,12 +506,12 @@ assert (round(g_err, 2), round(k_err, 2)) == (0.26, 0.19)  # the numbers of the 
 
 # %% [markdown]
 # Every single rate fails one of the two jobs: the rates that cut the variables' error (0.01–0.1; from 0.53 at rate 0
-# to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up —
-# the best GDN keeps the fact and leaves the variables at 0.53. KDA keeps the fact exactly (its channels never
-# decay and the variables' writes never touch them) *and* runs its variable channels at the best rate, 0.38 — at
-# the same $32 \times 32$ state. Forgetting reduces the noise; it does not remove it. A trained model does not get its channels handed to it; it learns the
-# split through $f$ and `dt_bias`. The explorer moves the split: how many channels the fact gets, and how fast
-# the rest forget.
+# to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up — the
+# best GDN keeps the fact and leaves the variables at 0.53. KDA keeps the fact exactly (its channels never decay and
+# the variables' writes never touch them) *and* runs its variable channels at the best rate, 0.38 — at the same $32
+# \times 32$ state. Forgetting reduces the noise; it does not remove it. A trained model does not get its channels
+# handed to it; it learns the split through $f$ and `dt_bias`. The explorer moves the split: how many channels the fact
+# gets, and how fast the rest forget.
 
 # %% tags=["nbval-ignore-output"]
 def draw_two_scales(slow_channels=8, log10_rate=-1.5):
@@ -677,10 +676,9 @@ if hf_kimi is not None:
 # them underflows to 0, the product it stands for is smaller still.) One reference point cannot serve every pair
 # of a chunk, so the kernel cuts the chunk of 64 into **sub-chunks** of 16 tokens:
 #
-# - for a query sub-chunk $I$ and every earlier token $j < r_I$ (the first token of $I$), one product of two
-#   $[64, K]$ tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} < r_I}^\top$,
-#   for $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier
-#   tokens;
+# - for a query sub-chunk $I$ and every earlier token $j < r_I$ (the first token of $I$), one product of two $[64, K]$
+#   tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} < r_I}^\top$, for $X
+#   = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier tokens;
 # - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel adds up
 #   $\sum_c x_{ic} k_{jc} e^{G_{ic} - G_{jc}}$ one column offset at a time (16 elementwise steps over $[64, K]$,
 #   every block at once), as the naive form did.
@@ -1311,8 +1309,8 @@ check_kda_step_kernel(kda_step_solution)
 # %% [markdown]
 # ## Engineering notes (optional)
 #
-# What a first reading can skip: the forward kernels around section 6.5's helpers, the backward, the autograd glue, the decoding kernel,
-# loading transformers' weights, and the exercise checkers. The core path uses all of them through
+# What a first reading can skip: the forward kernels around section 6.5's helpers, the backward, the autograd glue, the
+# decoding kernel, loading transformers' weights, and the exercise checkers. The core path uses all of them through
 # `minisparse.kda`.
 #
 # ### The scan and the output kernel

@@ -113,9 +113,9 @@ DTYPE = runtime.default_dtype()
 # FlashAttention-2 there, and expects 11.6× for decoding from its count of the tokens read (its Table 4; section 7.4
 # reads all three against a cost model).
 #
-# **MoBA** (Lu et al., 2025) keeps one branch: split keys into chunks, score each past chunk by
-# $q_t \cdot \operatorname{mean}(K_{\text{chunk}})$, attend over the top-$k$ chunks, the query's own among them. Moonshot
-# reports serving Kimi's long-context requests with it.
+# **MoBA** (Lu et al., 2025) keeps one branch: split keys into chunks, score each past chunk by $q_t \cdot
+# \operatorname{mean}(K_{\text{chunk}})$, attend over the top-$k$ chunks, the query's own among them. Moonshot reports
+# serving Kimi's long-context requests with it.
 #
 # The survey [S] files both under research methods, not bound to a released large model: NSA as the ACL 2025
 # best paper and the basis of DSA (DeepSeek-V3.2, then GLM-5: chapter 8), MoBA as another "sparse–sparse"
@@ -1065,9 +1065,9 @@ plt.show()
 # `bench/nsa.py` times NSA (all three branches, selection included: forward, forward + backward, one decoding
 # step) against dense SDPA at HQ 64 / H 4, D 128, blocks of 64, 16 blocks, window 512, bf16, and MoBA (chunks of
 # 128, top-16, H 16) against SDPA. It also times fla's `parallel_nsa`, but in the committed run fla's rows are
-# empty: fla's window branch needs the flash-attn package, which the machine did not have; the script now pairs
-# fla's compression and selection with chapter 1's window kernel instead (`bench/notes/nsa.md`). The cell plots the committed H200 run
-# (`bench/results/nsa.json`) and tabulates SDPA's time over ours (above 1: NSA is faster).
+# empty: fla's window branch needs the flash-attn package, which the machine did not have; the script pairs fla's
+# compression and selection with chapter 1's window kernel instead (`bench/notes/nsa.md`). The cell plots the
+# committed H200 run (`bench/results/nsa.json`) and tabulates SDPA's time over ours (above 1: NSA is faster).
 
 # %% tags=["nbval-ignore-output"]
 from minisparse import bench
@@ -1097,13 +1097,13 @@ if res is not None:
     assert round(ratio["fwd"], 1) == 1.8 and round(ratio["fwd+bwd"], 1) == 2.2  # the prose below
 
 # %% [markdown]
-# What the run says. With every branch and the selection included, NSA's forward passes dense attention only at
-# 64K (0.98× at 32K), where it is 1.8× faster; forward + backward passes from 32K and is 2.2× faster at 64K, far below the 16× that section 7.4's model allows at these
-# settings: the top-n scan and the compressed branch grow as $T^2/64$ and reuse little of what they load. Decoding costs a constant
-# millisecond whatever the context — overhead, not reading — and MoBA, whose heads each pick their own chunks, loads
-# every chunk once per query and head, which makes it slower than dense attention. `bench/notes/nsa.md` says where
-# each of these goes next; the kernels of section 7.5 are correct (they pass the same tests in bf16 and fp16 on the
-# H200), and their speed is where the next kernel work lies.
+# What the run says. With every branch and the selection included, NSA's forward passes dense attention only at 64K
+# (0.98× at 32K), where it is 1.8× faster; forward + backward passes from 32K and is 2.2× faster at 64K, far below the
+# 16× that section 7.4's model allows at these settings: the top-n scan and the compressed branch grow as $T^2/64$ and
+# reuse little of what they load. Decoding costs a constant millisecond whatever the context — overhead, not reading —
+# and MoBA, whose heads each pick their own chunks, loads every chunk once per query and head, which makes it slower
+# than dense attention. `bench/notes/nsa.md` says where each of these goes next; the kernels of section 7.5 are correct
+# (they pass the same tests in bf16 and fp16 on the H200), and their speed is where the next kernel work lies.
 
 # %% [markdown]
 # ## 7.8 Exercises
@@ -1154,9 +1154,9 @@ assert round(65536 / decode_tokens_solution(65536, 32, 16, 64, 16, 512), 1) == 1
 # %% [markdown]
 # ### Exercise 2 (debug): a selection that wastes its slots
 #
-# `select_blocks_with_a_bug` is the group-shared top-n of section 7.2 with one line missing. A model trained
-# with it picks, early in the sequence, blocks that no query there may read, where `select_blocks` leaves the slot
-# empty. Find the missing line (compare its output with `select_blocks` for query 3 of a short sequence) and return the fixed
+# `select_blocks_with_a_bug` is the group-shared top-n of section 7.2 with one line missing. A model trained with it
+# picks, early in the sequence, blocks that no query there may read, where `select_blocks` leaves the slot empty. Find
+# the missing line (compare its output with `select_blocks` for query 3 of a short sequence) and return the fixed
 # function; the checker compares it with `select_blocks` on three shapes.
 
 # %%
@@ -1244,9 +1244,10 @@ check_block_scores_kernel(block_scores_kernel_solution)
 # - **NSA** gives each query three key sets — block summaries (compressed), the top-n blocks those summaries
 #   point at (selected) and the last $w$ tokens (window) — mixed by learned gates. It reads about
 #   $T/d + n l' + w$ tokens instead of $T$, and it is trained sparse from the start.
-# - **The selection needs no scorer of its own**: the compressed branch's probabilities, summed over a GQA group,
-#   rank the blocks (the top-n over them still costs time); block 0 and the local blocks are always kept. The top-n is not differentiable, but the summaries learn
-#   through the compressed branch — enough for a small layer to find a planted needle.
+# - **The selection needs no scorer of its own**: the compressed branch's probabilities, summed over a GQA group, rank
+#   the blocks (the top-n over them still costs time); block 0 and the local blocks are always kept. The top-n is not
+#   differentiable, but the summaries learn through the compressed branch — enough for a small layer to find a planted
+#   needle.
 # - **Group sharing is a hardware decision**: one selection a group lets one program load each block once for all
 #   $G$ heads, as a `[G, D]` × `[D, BN]` product. This chapter's kernel pads the group to 16 rows, so any
 #   $G \ge 1$ works; its backward inverts the selection with one sort instead of atomics.

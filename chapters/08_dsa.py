@@ -811,10 +811,11 @@ assert 0.40 < at["prefill, a 128K sequence"] < 0.46
 assert 0.12 < at["decoding at 128K, attention bytes"] < 0.25
 
 # %% [markdown]
-# So "about 50 % less compute at 128K" [S] is the size the model gives for a whole 128K prefill (57 % saved over
-# the sequence, 67 % for its last token, bf16 indexer): the attention core drops to about a third over the sequence
-# and a quarter for the last token (a fifth with an FP8 indexer), and the rest of the model dilutes the saving. Decoding saves more: it is bandwidth-bound, and the FP8 indexer reads 132 bytes a token
-# where dense MLA reads 1,152, so at 128K a step reads about a seventh (bf16 index keys: a quarter) of dense's.
+# So "about 50 % less compute at 128K" [S] is the size the model gives for a whole 128K prefill (57 % saved over the
+# sequence, 67 % for its last token, bf16 indexer): the attention core drops to about a third over the sequence and a
+# quarter for the last token (a fifth with an FP8 indexer), and the rest of the model dilutes the saving. Decoding
+# saves more: it is bandwidth-bound, and the FP8 indexer reads 132 bytes a token where dense MLA reads 1,152, so at
+# 128K a step reads about a seventh (bf16 index keys: a quarter) of dense's.
 #
 # **FP8** halves the indexer's key cache and doubles its tensor-core rate. Its scores only rank tokens, so
 # rounding matters only where it flips a choice at the top-k boundary, between candidates of about equal attention
@@ -1165,8 +1166,9 @@ if res is not None:
 #   (6.5× with FP8). 0.30 ms of the step lies outside the two parts timed alone, and nothing measured so far says
 #   where it goes.
 #
-# The kernels are correct (their tests pass in bf16 and fp16 on the H200) but slower than the model allows; `bench/notes/dsa.md`
-# lists what to try next, and the engineering notes check every number above against the results file.
+# The kernels are correct (their tests pass in bf16 and fp16 on the H200) but slower than the model allows;
+# `bench/notes/dsa.md` lists what to try next, and the engineering notes check every number above against the results
+# file.
 
 # %% [markdown]
 # ## 8.9 Exercises
@@ -1304,13 +1306,14 @@ check_index_score_tile(index_score_kernel_solution)
 # - **Training**: the indexer learns by distillation, KL from the dense attention's head-summed distribution,
 #   first with the main model frozen, then with sparse attention switched on; its inputs are detached, so the two
 #   losses do not mix. At reading size the top-8 recall more than doubled.
-# - **Cost**: the indexer is still $O(T^2)$, at $64 \times 128$ multiply-adds a pair against dense MLA's
-#   $128 \times 320$. At V3.2's shapes a 128K prefill costs about 43 % of dense over the whole model, a decoding
-#   step reads a seventh of the attention bytes with FP8 index keys (a quarter in bf16); DSA breaks even from about 8.7K keys with 128 heads and never, in
-#   bf16, with 16 — the head count decides (a bf16 indexer throughout; FP8 halves its share).
-# - **Fast and measured**: the kernels gather the selected rows for a block of heads at once and score the indexer
-#   with one product of all its heads against a key tile, with no `[T, T]` matrix. On an H200 they are correct but
-#   slower than the model allows: DSA's prefill only matches dense SDPA at 64K, a decoding step is 1.64× faster than `mla_decode`.
+# - **Cost**: the indexer is still $O(T^2)$, at $64 \times 128$ multiply-adds a pair against dense MLA's $128 \times
+#   320$. At V3.2's shapes a 128K prefill costs about 43 % of dense over the whole model, a decoding step reads a
+#   seventh of the attention bytes with FP8 index keys (a quarter in bf16); DSA breaks even from about 8.7K keys with
+#   128 heads and never, in bf16, with 16 — the head count decides (a bf16 indexer throughout; FP8 halves its share).
+# - **Fast and measured**: the kernels gather the selected rows for a block of heads at once and score the indexer with
+#   one product of all its heads against a key tile, with no `[T, T]` matrix. On an H200 they are correct but slower
+#   than the model allows: DSA's prefill only matches dense SDPA at 64K, a decoding step is 1.64× faster than
+#   `mla_decode`.
 #
 # Next, chapter 9 assembles the book's layers into whole models: DeepSeek-V3.2 and GLM-5 among them.
 #

@@ -1139,12 +1139,13 @@ if RESULTS is not None:
     assert speed["dense_baseline"]["tokens_per_s"] > 2 * max(others)
 
 # %% [markdown]
-# At width 128 the dense baseline trains at about a million tokens a second, more than twice any other preset,
-# although the MoE presets compute fewer FLOPs a token: at this width a step is most likely bound by its kernel
-# launches and host work (routing to 8 experts, the indexer, the recurrent layers' extra kernels) rather than its
-# FLOPs — a hypothesis no profile has checked yet. The DSA presets are the slowest and take the most memory
-# (9.3 GB): their indexer's distillation target is the dense attention, a $[B, T, H, T]$ tensor in every layer. These numbers rank software overhead at toy scale — section 9.5's cost model, not this table, says
-# what the mechanisms cost at the real shapes.
+# At width 128 the dense baseline trains at about a million tokens a second, more than twice any other preset, although
+# the MoE presets compute fewer FLOPs a token: at this width a step is most likely bound by its kernel launches and
+# host work (routing to 8 experts, the indexer, the recurrent layers' extra kernels) rather than its FLOPs — a
+# hypothesis no profile has checked yet. The DSA presets are the slowest and take the most memory (9.3 GB): their
+# indexer's distillation target is the dense attention, a $[B, T, H, T]$ tensor in every layer. These numbers rank
+# software overhead at toy scale — section 9.5's cost model, not this table, says what the mechanisms cost at the real
+# shapes.
 
 # %% [markdown]
 # ## 9.7 The table

@@ -79,8 +79,8 @@ def check_chunk_form_fix(fn):
         where = f"case {n + 1} of {len(cases)} (T = {q.shape[0]}, slope = {slope}, C = 16)"
         for name, got, want in (("outputs", o, o_ref), ("final state", St, S_ref)):
             if tuple(got.shape) != tuple(want.shape):
-                raise ExerciseError(f"✗ chunk form, {where}: the {name} have shape "
-                                    f"{tuple(got.shape)}, expected {tuple(want.shape)}")
+                raise ExerciseError(f"✗ chunk form, {where}: {name}: shape {tuple(got.shape)}, "
+                                    f"expected {tuple(want.shape)}")
         # written so that NaN (a row never written) counts as a difference
         bad = (~((o - o_ref).abs() <= 1e-4 * (1 + o_ref.abs()))).any(dim=1).nonzero()  # [rows, 1]
         if len(bad):
