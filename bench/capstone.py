@@ -191,7 +191,7 @@ def run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text):
             recall = recall_accuracy(model, n, vocab=args.mqar_vocab, batch=8 if args.smoke else 256,
                                      batches=1 if args.smoke else 4, progress=rank == 0)
             rows.append(dict(impl=name, ms=mean_ms(hist), task="mqar", num_pairs=n, params=counts["total"],
-                             active=counts["active"], recall=recall))
+                             active=counts["active"], recall=recall, loss=curve(hist["loss"], len(pairs))))
     if "lm" in tasks:
         config, model, hist = run_task(name, "lm", args, rank, dev, text, args.lm_steps)
         counts = param_counts(config)
@@ -210,6 +210,13 @@ def run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text):
                              f"{r.get('recall', r.get('final_loss', r.get('tokens_per_s', r['ms']))):.3g}"
                              for r in rows), flush=True)
     return rows
+
+
+def curve(losses, period, points=100):
+    """A learning curve of at most `points` means over windows of whole periods (one step of each pair count
+    a period), so every point averages the same mix of tasks."""
+    width = min(len(losses), period * max(1, -(-len(losses) // (period * points)))) or 1
+    return [sum(losses[i:i + width]) / width for i in range(0, len(losses) - width + 1, width)]
 
 
 def mean_ms(hist, last=20):

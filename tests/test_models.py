@@ -214,6 +214,8 @@ def test_training_script_smoke(tmp_path):
     doc = json.loads((tmp_path / "capstone.json").read_text())
     tasks = {(r["impl"], r["task"]) for r in doc["rows"]}
     assert ("minimax_m1_like", "decode") in tasks and ("dense_baseline", "lm") in tasks
+    mqar = [r for r in doc["rows"] if r["task"] == "mqar"]
+    assert mqar and all(len(r["loss"]) >= 1 and all(x > 0 for x in r["loss"]) for r in mqar)  # a learning curve
     assert (tmp_path / "ck" / "dense_baseline-lm.pt").exists()
 
 
