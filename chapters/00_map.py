@@ -763,7 +763,7 @@ print(f"MLA: {mla_bytes:,} bytes a token; the 3:1 hybrid is smaller than MLA "
 # 7. **Measure** — live on a GPU; on a CPU, the committed H200 results, with date and versions.
 # 8. **Exercises** — at least three that need understanding, not retyping: *derive* a quantity from the
 #    equations, *predict* a number before the checker computes it, *debug* a planted bug, *extend* the mechanism;
-#    in chapters 1–5 one of them is a small Triton kernel. Each has a stub, a checker that says what is wrong, and
+#    in chapters 1–8 one of them is a small Triton kernel. Each has a stub, a checker that says what is wrong, and
 #    a solution hidden under "Show the solution".
 # 9. **Summary** and references.
 # 10. **Engineering notes** (optional) — launch configurations, loaders, numerical details and performance
