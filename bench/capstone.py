@@ -8,10 +8,10 @@
 For each preset of minisparse.models (the small scale: 8 layers, 8 experts top-2, byte vocabulary, width
 `--hidden`): (a) MQAR — AdamW on a mix of `--pairs` key-value pairs (4 .. 64), then recall accuracy against the
 number of pairs; (b) language modelling on byte windows of the Python standard library's source (offline
-everywhere); (c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps, and
-the latency of a decoded token after a prompt of `--context` tokens. Every preset sees the same batches (one seed a
-step and rank). `--tasks` picks among mqar, lm and speed: the learning curves may come from runs that share a GPU,
-the speed rows only from one running alone.
+everywhere); (c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps
+(peak_mb: tensors on CUDA, the process's resident set on a CPU), and the latency of a decoded token after a prompt
+of `--context` tokens. Every preset sees the same batches (one seed a step and rank). `--tasks` picks among mqar,
+lm and speed: the learning curves may come from runs that share a GPU, the speed rows only from one running alone.
 Under torchrun the model is wrapped in DDP, or sharded with FSDP2
 (`--fsdp`: each block, then the root) (NCCL on GPUs, gloo on CPUs); rank 0 writes `capstone.json`
 (minisparse.bench.save_results): rows {impl: preset, ms, task, ...}. Checkpoints go to `--ckpt`, the full state in
@@ -76,11 +76,30 @@ def build(name, args, dev):
     return config, model
 
 
+def reset_peak(dev):
+    """Start a new peak_mb measurement: CUDA's allocator statistics, or on Linux the process's peak resident set
+    (VmHWM; writing 5 to /proc/self/clear_refs sets it back to the present resident set)."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: peak_mb has nothing to read
+        pass
+
+
 def peak_mb(dev):
+    """MiB at the peak since reset_peak: on CUDA the memory tensors held (torch.cuda.max_memory_allocated); on a
+    CPU the whole process's resident set (interpreter, libraries, data, and what earlier presets left mapped),
+    not only this model's tensors; None where the kernel keeps no resettable peak (not Linux)."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return None if kb is None else kb / 1024
 
 
 def run_task(name, task, args, rank, dev, get_batch, steps):
@@ -90,8 +109,7 @@ def run_task(name, task, args, rank, dev, get_batch, steps):
     opt, start, history = None, 0, None
     if ckpt is not None and args.resume and ckpt.exists():
         opt, start, history = load_checkpoint(ckpt, model, lr=args.lr)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak(dev)
     opt, history = train(model, get_batch, steps, lr=args.lr, optimizer=opt, start_step=start,
                          history=history, desc=f"{name} {task}", progress=rank == 0)
     if ckpt is not None:  # every rank: FSDP2 gathers the shards; rank 0 writes

@@ -25,17 +25,37 @@ HF = pytest.mark.skipif(transformers is None, reason="the oracles are transforme
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("bad, field", [
-    (dict(pattern="GGGX"), "pattern"), (dict(pattern=""), "pattern"),
-    (dict(pattern="GGGF", num_layers=6), "num_layers"), (dict(num_heads=5), "num_heads"),
-    (dict(num_kv_heads=3), "num_kv_heads"), (dict(hidden_size=0), "hidden_size"),
-    (dict(num_experts=4, top_k=5), "top_k"), (dict(num_experts=4, router="mixtral"), "router"),
-    (dict(linear_num_heads=4, linear_num_k_heads=3), "linear_num_k_heads"),
-    (dict(first_dense_layers=9), "first_dense_layers"), (dict(backend="cuda"), "backend"),
+@pytest.mark.parametrize("bad, field, want", [
+    (dict(pattern="GGGX"), "pattern", "unknown mixer letters"), (dict(pattern=""), "pattern", "non-empty"),
+    (dict(pattern="GGGF", num_layers=6), "num_layers", "multiple of len"), (dict(num_heads=5), "num_heads", "divide"),
+    (dict(num_kv_heads=3), "num_kv_heads", "divide num_heads"), (dict(hidden_size=0), "hidden_size", "int >= 1"),
+    (dict(head_dim=0), "head_dim", "int >= 1 or None"), (dict(num_experts=-1), "num_experts", "int >= 0"),
+    (dict(num_experts=4, top_k=5), "top_k", "<= num_experts"),
+    (dict(num_experts=4, router="mixtral"), "router", "'softmax' or"),
+    (dict(n_group=0), "n_group", "int >= 1"), (dict(num_experts=8, n_group=3), "n_group", "divide num_experts = 8"),
+    (dict(num_experts=8, n_group=2, topk_group=3), "topk_group", "<= n_group = 2"),
+    (dict(num_experts=8, n_group=4, top_k=3), "top_k", "topk_group x experts a group = 2"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor", "> 0"),
+    (dict(shared_intermediate_size=-1), "shared_intermediate_size", "int >= 0"),
+    (dict(rotary_dim=7), "rotary_dim", "even"), (dict(rotary_dim=18), "rotary_dim", "<= the head dim 16"),
+    (dict(linear_num_heads=4, linear_num_k_heads=3), "linear_num_k_heads", "divide linear_num_heads"),
+    (dict(conv_kernel_size=1), "conv_kernel_size", "int >= 2"),
+    (dict(lightning_block_size=0), "lightning_block_size", "int >= 1"),
+    (dict(nsa_block_size=12), "nsa_block_size", "power of two"), (dict(nsa_block_counts=2), "nsa_block_counts", ">= 3"),
+    (dict(nsa_window=-1), "nsa_window", "int >= 0"),
+    (dict(first_dense_layers=9), "first_dense_layers", "num_layers = 4"), (dict(backend="cuda"), "backend", "'auto'"),
 ])
-def test_bad_configs_name_the_field(bad, field):
-    with pytest.raises(ValueError, match=rf"HybridConfig\.{field}:"):
+def test_bad_configs_name_the_field(bad, field, want):
+    with pytest.raises(ValueError, match=rf"HybridConfig\.{field}:") as err:
         M.HybridConfig(**bad)
+    assert want in str(err.value), str(err.value)  # and what was expected
+
+
+def test_model_validates_a_config_changed_after_creation():
+    c = M.HybridConfig(pattern="F", num_layers=3)
+    c.pattern = "FG"  # 3 layers no longer repeat the pattern
+    with pytest.raises(ValueError, match=r"HybridConfig\.num_layers:"):
+        M.HybridLM(c)
 
 
 def test_presets_patterns_and_scales():
@@ -118,6 +138,15 @@ def test_minimax_m1_full_preset_matches_transformers_at_its_shapes():
     with torch.device("meta"):
         theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
     assert M.param_counts(c)["total"] == theirs == M.param_counts(cfg)["total"]
+
+
+@HF
+def test_mixtral_8x7b_active_parameters():
+    """Mistral's figures for Mixtral 8x7B, 46.7B parameters of which 12.9B a token uses (the paper rounds them to
+    47B and 13B), from transformers' MixtralConfig defaults (its shapes) and from our full preset: within 0.05B,
+    half the last digit published."""
+    for counts in (M.param_counts(transformers.MixtralConfig()), M.param_counts(M.mixtral_like("full"))):
+        assert abs(counts["total"] / 1e9 - 46.7) < 0.05 and abs(counts["active"] / 1e9 - 12.9) < 0.05, counts
 
 
 def test_survey_figures_and_their_conventions():
@@ -250,12 +279,34 @@ def test_training_script_tasks_and_merge(tmp_path):
     assert bad.returncode != 0 and "must hold 2 x the most pairs (128)" in bad.stderr
 
 
+@pytest.mark.skipif(not pathlib.Path("/proc/self/clear_refs").exists(), reason="a resettable peak RSS is Linux's")
+def test_capstone_cpu_peak_memory_restarts_at_each_task():
+    """On a CPU the speed rows' peak_mb is the peak resident set since the task began, not since the process
+    started: a 400 MB tensor freed before the reset does not show in the next task's peak."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("capstone", ROOT / "bench" / "capstone.py")
+    capstone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capstone)
+    cpu = torch.device("cpu")
+    capstone.reset_peak(cpu)
+    base = capstone.peak_mb(cpu)
+    big = torch.ones(100_000_000)  # 400 MB, written
+    first = capstone.peak_mb(cpu)
+    del big  # a block this large goes back to the system
+    capstone.reset_peak(cpu)
+    small = torch.ones(10_000_000)  # 40 MB
+    second = capstone.peak_mb(cpu)
+    del small
+    assert first - base > 350 and second < first - 300, (base, first, second)
+
+
 def _torchrun(port):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_training_script_two_cpu_processes(tmp_path, parallel):
+    """The script runs under torchrun; what DDP and FSDP2 compute is checked by the data_parallel test below."""
     flags = ["--fsdp", "--presets", "mixtral_like", "--ckpt", str(tmp_path / "ck")] if parallel == "fsdp" else [
         "--presets", "dense_baseline"]  # FSDP2: unrouted experts, checkpoints gathered from both ranks
     out = subprocess.run(_torchrun(29533 if parallel == "ddp" else 29534) + [
@@ -272,49 +323,58 @@ def test_training_script_two_cpu_processes(tmp_path, parallel):
         assert state["step"] == 3 and state["model"]["embed_tokens.weight"].shape == (c.vocab_size, c.hidden_size)
 
 
-FSDP_CONFIG = dict(vocab_size=32, pattern="GF", num_layers=2, num_experts=4, top_k=2, backend="naive")
-FSDP_WORKER = """
+DP_CONFIG = dict(vocab_size=32, pattern="GF", num_layers=2, num_experts=4, top_k=2, backend="naive")
+DP_WORKER = """
 import json, sys, torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from minisparse import models as M
 from minisparse.models import training as TR
 dist.init_process_group("gloo")
-rank, out, cfg = dist.get_rank(), sys.argv[1], M.HybridConfig(**json.loads(sys.argv[2]))
+rank, out, cfg, parallel = dist.get_rank(), sys.argv[1], M.HybridConfig(**json.loads(sys.argv[2])), sys.argv[3]
 def half(step):  # this rank's half of the global batch of 4
     ids, tg = TR.mqar_batch(4, 3, vocab=32, generator=torch.Generator().manual_seed(step))
     return ids[2 * rank:2 * rank + 2], tg[2 * rank:2 * rank + 2]
+def full(p):  # a parameter whole: FSDP2 gathers its shards
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 torch.manual_seed(0)
-model = TR.data_parallel(M.HybridLM(cfg), "fsdp")
+model = TR.data_parallel(M.HybridLM(cfg), parallel)
 params = list(model.parameters())
-assert all(isinstance(p, DTensor) for p in params)
-local = sum(p.to_local().numel() for p in params)
+assert all(isinstance(p, DTensor) for p in params) == (parallel == "fsdp")
+local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
 opt, first = TR.train(model, half, 2, progress=False)
 TR.save_checkpoint(out + "/c.pt", model, opt, 2, first)
 torch.manual_seed(5)  # other weights: the checkpoint must overwrite them
-resumed = TR.data_parallel(M.HybridLM(cfg), "fsdp")
+resumed = TR.data_parallel(M.HybridLM(cfg), parallel)
 opt, step, _ = TR.load_checkpoint(out + "/c.pt", resumed)
 _, rest = TR.train(resumed, half, 4, optimizer=opt, start_step=step, progress=False)
-json.dump(dict(loss=first["loss"] + rest["loss"], local=local, total=sum(p.numel() for p in params)),
+json.dump(dict(loss=first["loss"] + rest["loss"], local=local, total=sum(p.numel() for p in params),
+               weights=[full(p).double().sum().item() for p in resumed.parameters()]),
           open(f"{out}/rank{rank}.json", "w"))
 """
 
 
-def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(tmp_path):
-    """FSDP2 on two gloo ranks, each on half the batch, trains as one process on the whole batch (the
-    mean of the ranks' losses = its loss), and a checkpoint gathered from the shards resumes it."""
+@pytest.mark.parametrize("parallel, port", [("ddp", 29536), ("fsdp", 29535)])
+def test_data_parallel_two_cpu_processes_equal_one_process_and_resume(tmp_path, parallel, port):
+    """DDP and FSDP2 on two gloo ranks, each on half the batch, train as one process on the whole batch (the
+    mean of the ranks' losses = its loss; the ranks' weights stay equal though their batches differ), and a
+    checkpoint (FSDP2's gathered from the shards) resumes it. FSDP2 holds half the parameters a rank."""
     import json
-    (tmp_path / "worker.py").write_text(FSDP_WORKER)
-    out = subprocess.run(_torchrun(29535) + [str(tmp_path / "worker.py"), str(tmp_path), json.dumps(FSDP_CONFIG)],
-                         env=_script_env(), capture_output=True, text=True, timeout=120)
+    (tmp_path / "worker.py").write_text(DP_WORKER)
+    out = subprocess.run(_torchrun(port) + [str(tmp_path / "worker.py"), str(tmp_path), json.dumps(DP_CONFIG),
+                                            parallel], env=_script_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert sum(r["local"] for r in ranks) == ranks[0]["total"] and ranks[0]["local"] < ranks[0]["total"]
+    if parallel == "fsdp":
+        assert sum(r["local"] for r in ranks) == ranks[0]["total"] and ranks[0]["local"] < ranks[0]["total"]
+    else:  # replicas
+        assert ranks[0]["local"] == ranks[1]["local"] == ranks[0]["total"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
 
     def whole(step):
         return TR.mqar_batch(4, 3, vocab=32, generator=torch.Generator().manual_seed(step))
 
     torch.manual_seed(0)
-    _, one = TR.train(M.HybridLM(M.HybridConfig(**FSDP_CONFIG)), whole, 4, progress=False)
+    _, one = TR.train(M.HybridLM(M.HybridConfig(**DP_CONFIG)), whole, 4, progress=False)
     two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
     assert len(two) == 4 and max(abs(a - b) for a, b in zip(two, one["loss"])) < 1e-5, (two, one["loss"])
 
@@ -323,7 +383,7 @@ def test_check_full_layers():
     X.check_full_layers(lambda c, T, b: _full_layers(c, T, b))
     wrong = {"forgets V: counts K only": dict(kv=1), "forgets the convolution state": dict(conv=False),
              "adds full layers instead of replacing Gated DeltaNet ones": dict(replaces=False),
-             "never answers -1": dict(floor=0)}
+             "never answers -1": dict(floor=0), "never caps at the model's layers": dict(cap=False)}
     for why, kw in wrong.items():
         with pytest.raises(ExerciseError):
             X.check_full_layers(lambda c, T, b: _full_layers(c, T, b, **kw))
@@ -332,13 +392,13 @@ def test_check_full_layers():
         X.check_full_layers(lambda c, T, b: (_ for _ in ()).throw(NotImplementedError))
 
 
-def _full_layers(c, T, budget, kv=2, conv=True, replaces=True, floor=-1):
+def _full_layers(c, T, budget, kv=2, conv=True, replaces=True, floor=-1, cap=True):
     """The answer to exercise 1 by a loop over n; the keywords make it wrong in one way each."""
     H, d = c.linear_num_heads, c.linear_head_dim
     gdn = (M.kv_cache_bytes_per_token(c.replace(pattern="G"))["per_sequence"] // c.num_layers if conv
            else 4 * H * d * d)  # one layer's fp32 state (+ its bf16 convolution state)
     best = floor
-    for n in range(c.num_layers + 1):
+    for n in range(c.num_layers + 1 if cap else 10 * c.num_layers):  # uncapped: n from the budget alone
         mem = n * kv * c.num_kv_heads * c.head_dim * 2 * T + (c.num_layers - (n if replaces else 0)) * gdn
         if mem <= budget:
             best = n
@@ -364,6 +424,25 @@ def test_check_crossover():
                           M.kv_cache_bytes_per_token(b)["per_token"] else math.inf)
 
 
+@torch.no_grad()
+def _generate_without_caches(model, ids, n):
+    for _ in range(n):  # the right tokens, the whole sequence again at every step
+        ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def _generate_refilling_caches(model, ids, n):
+    for _ in range(n):  # caches, but new ones filled with the whole sequence at every step
+        ids = torch.cat([ids, model(ids, model.new_caches(ids.shape[0], ids.shape[1]))[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
 def test_check_generate_fix():
-    with pytest.raises(ExerciseError):
-        X.check_generate_fix(X.generate_with_a_bug)
+    wrong = {"forgets the prompt (the planted bug)": (X.generate_with_a_bug, "tokens differ"),
+             "never uses caches": (_generate_without_caches, "not decoded from the caches"),
+             "refills new caches every step": (_generate_refilling_caches, "not decoded from the caches")}
+    for why, (fn, message) in wrong.items():
+        with pytest.raises(ExerciseError, match=message):
+            X.check_generate_fix(fn)
+            pytest.fail(f"the checker accepted a wrong answer that {why}")

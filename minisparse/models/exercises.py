@@ -35,7 +35,8 @@ def check_full_layers(fn):
 
     cases = [(base, 262_144, 8 * 2**30), (base, 1_048_576, 16 * 2**30), (base, 32_768, 2**30),
              (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28),
-             (base, 131_072, at(5)), (base, 131_072, at(5) - 1), (base, 131_072, at(0) - 1)]
+             (base, 131_072, at(5)), (base, 131_072, at(5) - 1), (base, 131_072, at(0) - 1),
+             (base, 4_096, 2**50)]  # every layer fits: the answer stops at num_layers = 48
     for config, context, budget in cases:
         fits = [n for n in range(config.num_layers + 1)
                 if memory_per_sequence(_with_full_layers(config, n), context) <= budget]
@@ -101,9 +102,42 @@ def generate_with_a_bug(model, input_ids, max_new_tokens):
     return out
 
 
+def _spy_forward(model):
+    """Record (tokens, caches) of every forward call of model: [(T, caches or None), ...]."""
+    calls, forward = [], model.forward
+
+    def spy(input_ids, caches=None):
+        calls.append((input_ids.shape[1], caches))
+        return forward(input_ids, caches)
+
+    model.forward = spy  # nn.Module.__call__ looks forward up on the instance first
+    return calls
+
+
+def _cache_misuse(calls, prompt_len, new_tokens):
+    """Why the forward calls of a generation did not decode from the caches, or None: the prompt
+    once with caches, then each new token alone with the same caches (the last one may be left
+    out: its logits are not needed)."""
+    if not calls or calls[0][1] is None or calls[0][0] != prompt_len:
+        return (f"the first forward call must run the {prompt_len}-token prompt with caches, got "
+                + ("none" if not calls else f"{calls[0][0]} tokens "
+                   + ("without caches" if calls[0][1] is None else "with caches")))
+    caches = calls[0][1]
+    for i, (T, c) in enumerate(calls[1:], 1):
+        if T != 1 or c is not caches:
+            with_ = ("no caches" if c is None else "the prompt's caches" if c is caches
+                     else "new caches")
+            return (f"decoding step {i} fed {T} tokens with {with_}; each step feeds one new token "
+                    "with the prompt's caches")
+    if not new_tokens - 1 <= len(calls) - 1 <= new_tokens:
+        return f"{len(calls) - 1} decoding steps for {new_tokens} new tokens"
+    return None
+
+
 def check_generate_fix(fn):
     """Exercise 3: the fixed generation equals greedy decoding without caches, on a full-attention,
-    a Gated DeltaNet and a hybrid model."""
+    a Gated DeltaNet and a hybrid model, and decodes from the caches: the prompt runs once, then
+    each new token alone."""
     for pattern in ("F", "G", "GF"):
         torch.manual_seed(3)
         c = HybridConfig(vocab_size=32, hidden_size=32, num_layers=2, pattern=pattern,
@@ -115,12 +149,18 @@ def check_generate_fix(fn):
         with torch.no_grad():
             for _ in range(6):  # the slow way: the whole sequence again at every step
                 want = torch.cat([want, model(want)[:, -1:].argmax(-1)], dim=1)
+        calls = _spy_forward(model)
         got = _not_yet("generate", fn, model, prompt, 6)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape or (got != want).any():
             raise ExerciseError(f"✗ generate: pattern {pattern!r}: the tokens differ from "
                                 "greedy decoding without caches\nHint: what do the caches "
                                 "hold when the first decoding step runs?")
-    print("✓ generate: all 3 models match")
+        misuse = _cache_misuse(calls, prompt.shape[1], 6)
+        if misuse:
+            raise ExerciseError(f"✗ generate: pattern {pattern!r}: the right tokens, but not "
+                                f"decoded from the caches: {misuse}\nHint: prefill the prompt "
+                                "into new_caches, then feed each new token alone")
+    print("✓ generate: all 3 models match and decode from their caches")
 
 
 __all__ = ['check_full_layers', 'check_crossover', 'generate_with_a_bug', 'check_generate_fix']

@@ -9,6 +9,7 @@ from minisparse.dsa import DSAttention, indexer_kl_loss
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
+from minisparse.models.config import validate
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
 
@@ -135,6 +136,7 @@ class HybridLM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        validate(config)  # again: a dataclass's fields can change after it was made
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
