@@ -133,6 +133,7 @@ plt.show()
 # %%
 #| export models.config
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 MIXERS = {  # pattern letter -> the mixer of that layer (the chapter that built it)
@@ -229,15 +230,36 @@ def _bad(field, why, value):
     return ValueError(f"HybridConfig.{field}: {why}, got {value!r}")
 
 
+def _int(c, field, least=1, why=""):
+    """The int field `field` of c, checked to be >= least (bools are not ints here)."""
+    v = getattr(c, field)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise _bad(field, f"must be an int >= {least}{why}", v)
+    return v
+
+
 def validate(c):
-    """Raise ValueError naming the field for a config no model can be built from."""
+    """Raise ValueError naming the field for a config no model can be built from. Every field is
+    checked, also those of mixers the pattern does not use."""
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
               "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
               "index_n_heads", "index_head_dim", "index_topk", "linear_num_heads",
-              "linear_head_dim", "intermediate_size", "top_k", "moe_intermediate_size"):
+              "linear_head_dim", "lightning_block_size", "intermediate_size", "top_k",
+              "moe_intermediate_size", "n_group", "topk_group"):
+        _int(c, f)
+    for f in ("num_experts", "shared_intermediate_size", "first_dense_layers", "nsa_window"):
+        _int(c, f, 0)
+    for f in ("head_dim", "rotary_dim", "q_lora_rank", "linear_num_k_heads"):  # None: a default
+        if getattr(c, f) is not None:
+            _int(c, f, why=" or None")
+    for f in ("rope_theta", "norm_eps", "routed_scaling_factor"):
         v = getattr(c, f)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _bad(f, "must be an int > 0", v)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+            raise _bad(f, "must be a finite number > 0", v)
+    _int(c, "conv_kernel_size", 2, " (the short convolution of G and K layers)")
+    _int(c, "nsa_block_counts", 3, " (NSA always keeps block 0, the own and the previous block)")
+    if _int(c, "nsa_block_size") & (c.nsa_block_size - 1):
+        raise _bad("nsa_block_size", "must be a power of two", c.nsa_block_size)
     if not isinstance(c.pattern, str) or not c.pattern:
         raise _bad("pattern", f"must be a non-empty string of mixer letters {''.join(MIXERS)}",
                    c.pattern)
@@ -251,6 +273,9 @@ def validate(c):
     if c.head_dim is None and c.hidden_size % c.num_heads:
         raise _bad("num_heads", f"must divide hidden_size = {c.hidden_size} when head_dim is None",
                    c.num_heads)
+    head_dim = c.head_dim or c.hidden_size // c.num_heads
+    if c.rotary_dim is not None and (c.rotary_dim % 2 or c.rotary_dim > head_dim):
+        raise _bad("rotary_dim", f"must be even and <= the head dim {head_dim}", c.rotary_dim)
     if c.num_heads % c.num_kv_heads:
         raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
     k_heads = c.linear_num_k_heads or c.linear_num_heads
@@ -262,7 +287,14 @@ def validate(c):
             raise _bad("top_k", f"must be <= num_experts = {c.num_experts}", c.top_k)
         if c.router not in ("softmax", "deepseek"):
             raise _bad("router", "must be 'softmax' or 'deepseek'", c.router)
-    if not 0 <= c.first_dense_layers <= c.num_layers:
+        if c.num_experts % c.n_group:
+            raise _bad("n_group", f"must divide num_experts = {c.num_experts}", c.n_group)
+        if c.topk_group > c.n_group:
+            raise _bad("topk_group", f"must be <= n_group = {c.n_group}", c.topk_group)
+        reach = c.topk_group * (c.num_experts // c.n_group)  # the experts a token's groups hold
+        if c.top_k > reach:
+            raise _bad("top_k", f"must be <= topk_group x experts a group = {reach}", c.top_k)
+    if c.first_dense_layers > c.num_layers:
         raise _bad("first_dense_layers", f"must be in [0, num_layers = {c.num_layers}]",
                    c.first_dense_layers)
     if c.backend not in ("auto", "naive", "triton"):
@@ -441,6 +473,7 @@ from minisparse.dsa import DSAttention, indexer_kl_loss
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
+from minisparse.models.config import validate
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
 
@@ -568,6 +601,7 @@ class HybridLM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        validate(config)  # again: a dataclass's fields can change after it was made
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
@@ -1671,7 +1705,8 @@ def check_full_layers(fn):
 
     cases = [(base, 262_144, 8 * 2**30), (base, 1_048_576, 16 * 2**30), (base, 32_768, 2**30),
              (base.replace(num_kv_heads=4), 131_072, 3 * 2**30), (base, 1_048_576, 2**28),
-             (base, 131_072, at(5)), (base, 131_072, at(5) - 1), (base, 131_072, at(0) - 1)]
+             (base, 131_072, at(5)), (base, 131_072, at(5) - 1), (base, 131_072, at(0) - 1),
+             (base, 4_096, 2**50)]  # every layer fits: the answer stops at num_layers = 48
     for config, context, budget in cases:
         fits = [n for n in range(config.num_layers + 1)
                 if memory_per_sequence(_with_full_layers(config, n), context) <= budget]
@@ -1723,6 +1758,8 @@ def check_crossover(fn):
     print(f"✓ crossover: all {len(pairs)} pairs match")
 
 
+# %% tags=["hide-input"]
+#| export models.exercises
 @torch.no_grad()
 def generate_with_a_bug(model, input_ids, max_new_tokens):
     """Greedy generation with a planted bug (exercise 3)."""
@@ -1737,9 +1774,42 @@ def generate_with_a_bug(model, input_ids, max_new_tokens):
     return out
 
 
+def _spy_forward(model):
+    """Record (tokens, caches) of every forward call of model: [(T, caches or None), ...]."""
+    calls, forward = [], model.forward
+
+    def spy(input_ids, caches=None):
+        calls.append((input_ids.shape[1], caches))
+        return forward(input_ids, caches)
+
+    model.forward = spy  # nn.Module.__call__ looks forward up on the instance first
+    return calls
+
+
+def _cache_misuse(calls, prompt_len, new_tokens):
+    """Why the forward calls of a generation did not decode from the caches, or None: the prompt
+    once with caches, then each new token alone with the same caches (the last one may be left
+    out: its logits are not needed)."""
+    if not calls or calls[0][1] is None or calls[0][0] != prompt_len:
+        return (f"the first forward call must run the {prompt_len}-token prompt with caches, got "
+                + ("none" if not calls else f"{calls[0][0]} tokens "
+                   + ("without caches" if calls[0][1] is None else "with caches")))
+    caches = calls[0][1]
+    for i, (T, c) in enumerate(calls[1:], 1):
+        if T != 1 or c is not caches:
+            with_ = ("no caches" if c is None else "the prompt's caches" if c is caches
+                     else "new caches")
+            return (f"decoding step {i} fed {T} tokens with {with_}; each step feeds one new token "
+                    "with the prompt's caches")
+    if not new_tokens - 1 <= len(calls) - 1 <= new_tokens:
+        return f"{len(calls) - 1} decoding steps for {new_tokens} new tokens"
+    return None
+
+
 def check_generate_fix(fn):
     """Exercise 3: the fixed generation equals greedy decoding without caches, on a full-attention,
-    a Gated DeltaNet and a hybrid model."""
+    a Gated DeltaNet and a hybrid model, and decodes from the caches: the prompt runs once, then
+    each new token alone."""
     for pattern in ("F", "G", "GF"):
         torch.manual_seed(3)
         c = HybridConfig(vocab_size=32, hidden_size=32, num_layers=2, pattern=pattern,
@@ -1751,9 +1821,15 @@ def check_generate_fix(fn):
         with torch.no_grad():
             for _ in range(6):  # the slow way: the whole sequence again at every step
                 want = torch.cat([want, model(want)[:, -1:].argmax(-1)], dim=1)
+        calls = _spy_forward(model)
         got = _not_yet("generate", fn, model, prompt, 6)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape or (got != want).any():
             raise ExerciseError(f"✗ generate: pattern {pattern!r}: the tokens differ from "
                                 "greedy decoding without caches\nHint: what do the caches "
                                 "hold when the first decoding step runs?")
-    print("✓ generate: all 3 models match")
+        misuse = _cache_misuse(calls, prompt.shape[1], 6)
+        if misuse:
+            raise ExerciseError(f"✗ generate: pattern {pattern!r}: the right tokens, but not "
+                                f"decoded from the caches: {misuse}\nHint: prefill the prompt "
+                                "into new_caches, then feed each new token alone")
+    print("✓ generate: all 3 models match and decode from their caches")
