@@ -133,8 +133,9 @@ plt.show()
 # %%
 #| export models.config
 import dataclasses
-import numbers
 from dataclasses import dataclass
+
+from minisparse.models.checks import validate
 
 MIXERS = {  # pattern letter -> the mixer of that layer (the chapter that built it)
     "F": "full softmax attention, GQA (+ output gate) — chapter 1",
@@ -223,82 +224,6 @@ class HybridConfig:
         return dataclasses.replace(self, **changes)
 
 
-
-# %%
-#| export models.config
-def _bad(field, why, value):
-    return ValueError(f"HybridConfig.{field}: {why}, got {value!r}")
-
-
-def _int(c, field, least=1, why=""):
-    """The int field `field` of c, checked to be >= least (bools are not ints here)."""
-    v = getattr(c, field)
-    if isinstance(v, bool) or not isinstance(v, int) or v < least:
-        raise _bad(field, f"must be an int >= {least}{why}", v)
-    return v
-
-
-def validate(c):
-    """Raise ValueError naming the field for a config no model can be built from. Every field is
-    checked, also those of mixers the pattern does not use."""
-    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-              "index_n_heads", "index_head_dim", "index_topk", "linear_num_heads",
-              "linear_head_dim", "lightning_block_size", "intermediate_size", "top_k",
-              "moe_intermediate_size", "n_group", "topk_group"):
-        _int(c, f)
-    for f in ("num_experts", "shared_intermediate_size", "first_dense_layers", "nsa_window"):
-        _int(c, f, 0)
-    for f in ("head_dim", "rotary_dim", "q_lora_rank", "linear_num_k_heads"):  # None: a default
-        if getattr(c, f) is not None:
-            _int(c, f, why=" or None")
-    for f in ("rope_theta", "norm_eps", "routed_scaling_factor"):
-        v = getattr(c, f)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
-            raise _bad(f, "must be a finite number > 0", v)
-    _int(c, "conv_kernel_size", 2, " (the short convolution of G and K layers)")
-    _int(c, "nsa_block_counts", 3, " (NSA always keeps block 0, the own and the previous block)")
-    if _int(c, "nsa_block_size") & (c.nsa_block_size - 1):
-        raise _bad("nsa_block_size", "must be a power of two", c.nsa_block_size)
-    if not isinstance(c.pattern, str) or not c.pattern:
-        raise _bad("pattern", f"must be a non-empty string of mixer letters {''.join(MIXERS)}",
-                   c.pattern)
-    unknown = sorted(set(c.pattern) - set(MIXERS))
-    if unknown:
-        raise _bad("pattern", f"unknown mixer letters {unknown}; known: "
-                   + ", ".join(f"{k} = {v.split(' —')[0]}" for k, v in MIXERS.items()), c.pattern)
-    if c.num_layers % len(c.pattern):
-        raise _bad("num_layers", f"must be a multiple of len(pattern) = {len(c.pattern)} "
-                   f"(pattern {c.pattern!r} repeats)", c.num_layers)
-    if c.head_dim is None and c.hidden_size % c.num_heads:
-        raise _bad("num_heads", f"must divide hidden_size = {c.hidden_size} when head_dim is None",
-                   c.num_heads)
-    head_dim = c.head_dim or c.hidden_size // c.num_heads
-    if c.rotary_dim is not None and (c.rotary_dim % 2 or c.rotary_dim > head_dim):
-        raise _bad("rotary_dim", f"must be even and <= the head dim {head_dim}", c.rotary_dim)
-    if c.num_heads % c.num_kv_heads:
-        raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
-    k_heads = c.linear_num_k_heads or c.linear_num_heads
-    if c.linear_num_heads % k_heads:
-        raise _bad("linear_num_k_heads", f"must divide linear_num_heads = {c.linear_num_heads}",
-                   k_heads)
-    if c.num_experts:
-        if c.top_k > c.num_experts:
-            raise _bad("top_k", f"must be <= num_experts = {c.num_experts}", c.top_k)
-        if c.router not in ("softmax", "deepseek"):
-            raise _bad("router", "must be 'softmax' or 'deepseek'", c.router)
-        if c.num_experts % c.n_group:
-            raise _bad("n_group", f"must divide num_experts = {c.num_experts}", c.n_group)
-        if c.topk_group > c.n_group:
-            raise _bad("topk_group", f"must be <= n_group = {c.n_group}", c.topk_group)
-        reach = c.topk_group * (c.num_experts // c.n_group)  # the experts a token's groups hold
-        if c.top_k > reach:
-            raise _bad("top_k", f"must be <= topk_group x experts a group = {reach}", c.top_k)
-    if c.first_dense_layers > c.num_layers:
-        raise _bad("first_dense_layers", f"must be in [0, num_layers = {c.num_layers}]",
-                   c.first_dense_layers)
-    if c.backend not in ("auto", "naive", "triton"):
-        raise _bad("backend", "must be 'auto', 'naive' or 'triton'", c.backend)
 
 # %% [markdown]
 # The presets give each surveyed model its real shapes (`scale="full"`, taken from transformers' configs and
@@ -473,7 +398,7 @@ from minisparse.dsa import DSAttention, indexer_kl_loss
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
-from minisparse.models.config import validate
+from minisparse.models.checks import validate
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
 
@@ -1416,6 +1341,94 @@ check_generate_fix(generate_solution)
 # %% [markdown]
 # ## Engineering notes (optional)
 #
+# ### Config validation
+#
+# `HybridConfig` checks every field when it is made (and `HybridLM` again when it is built, since a dataclass's
+# fields can change): an error names the field, what was expected and what came, also for fields of mixers the
+# pattern does not use.
+
+# %%
+#| export models.checks
+import numbers
+
+
+def _bad(field, why, value):
+    return ValueError(f"HybridConfig.{field}: {why}, got {value!r}")
+
+
+def _int(c, field, least=1, why=""):
+    """The int field `field` of c, checked to be >= least (bools are not ints here)."""
+    v = getattr(c, field)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise _bad(field, f"must be an int >= {least}{why}", v)
+    return v
+
+
+def validate(c):
+    """Raise ValueError naming the field for a config no model can be built from. Every field is
+    checked, also those of mixers the pattern does not use."""
+    from minisparse.models.config import MIXERS  # here: the config module imports this one
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "index_n_heads", "index_head_dim", "index_topk", "linear_num_heads",
+              "linear_head_dim", "lightning_block_size", "intermediate_size", "top_k",
+              "moe_intermediate_size", "n_group", "topk_group"):
+        _int(c, f)
+    for f in ("num_experts", "shared_intermediate_size", "first_dense_layers", "nsa_window"):
+        _int(c, f, 0)
+    for f in ("head_dim", "rotary_dim", "q_lora_rank", "linear_num_k_heads"):  # None: a default
+        if getattr(c, f) is not None:
+            _int(c, f, why=" or None")
+    for f in ("rope_theta", "norm_eps", "routed_scaling_factor"):
+        v = getattr(c, f)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+            raise _bad(f, "must be a finite number > 0", v)
+    _int(c, "conv_kernel_size", 2, " (the short convolution of G and K layers)")
+    _int(c, "nsa_block_counts", 3, " (NSA always keeps block 0, the own and the previous block)")
+    if _int(c, "nsa_block_size") & (c.nsa_block_size - 1):
+        raise _bad("nsa_block_size", "must be a power of two", c.nsa_block_size)
+    if not isinstance(c.pattern, str) or not c.pattern:
+        raise _bad("pattern", f"must be a non-empty string of mixer letters {''.join(MIXERS)}",
+                   c.pattern)
+    unknown = sorted(set(c.pattern) - set(MIXERS))
+    if unknown:
+        raise _bad("pattern", f"unknown mixer letters {unknown}; known: "
+                   + ", ".join(f"{k} = {v.split(' —')[0]}" for k, v in MIXERS.items()), c.pattern)
+    if c.num_layers % len(c.pattern):
+        raise _bad("num_layers", f"must be a multiple of len(pattern) = {len(c.pattern)} "
+                   f"(pattern {c.pattern!r} repeats)", c.num_layers)
+    if c.head_dim is None and c.hidden_size % c.num_heads:
+        raise _bad("num_heads", f"must divide hidden_size = {c.hidden_size} when head_dim is None",
+                   c.num_heads)
+    head_dim = c.head_dim or c.hidden_size // c.num_heads
+    if c.rotary_dim is not None and (c.rotary_dim % 2 or c.rotary_dim > head_dim):
+        raise _bad("rotary_dim", f"must be even and <= the head dim {head_dim}", c.rotary_dim)
+    if c.num_heads % c.num_kv_heads:
+        raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
+    k_heads = c.linear_num_k_heads or c.linear_num_heads
+    if c.linear_num_heads % k_heads:
+        raise _bad("linear_num_k_heads", f"must divide linear_num_heads = {c.linear_num_heads}",
+                   k_heads)
+    if c.num_experts:
+        if c.top_k > c.num_experts:
+            raise _bad("top_k", f"must be <= num_experts = {c.num_experts}", c.top_k)
+        if c.router not in ("softmax", "deepseek"):
+            raise _bad("router", "must be 'softmax' or 'deepseek'", c.router)
+        if c.num_experts % c.n_group:
+            raise _bad("n_group", f"must divide num_experts = {c.num_experts}", c.n_group)
+        if c.topk_group > c.n_group:
+            raise _bad("topk_group", f"must be <= n_group = {c.n_group}", c.topk_group)
+        reach = c.topk_group * (c.num_experts // c.n_group)  # the experts a token's groups hold
+        if c.top_k > reach:
+            raise _bad("top_k", f"must be <= topk_group x experts a group = {reach}", c.top_k)
+    if c.first_dense_layers > c.num_layers:
+        raise _bad("first_dense_layers", f"must be in [0, num_layers = {c.num_layers}]",
+                   c.first_dense_layers)
+    if c.backend not in ("auto", "naive", "triton"):
+        raise _bad("backend", "must be 'auto', 'naive' or 'triton'", c.backend)
+
+
+# %% [markdown]
 # ### transformers configs
 #
 # `config_from_hf` reads a transformers config of a supported family into a `HybridConfig`: the layer types

@@ -5,7 +5,8 @@ from .model import *  # noqa: F401,F403
 from .count import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
 from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['MIXERS', 'HybridConfig', 'validate', 'deepseek_v32_like', 'glm5_like', 'qwen3_next_like', 'KIMI_LINEAR_PATTERN', 'kimi_linear_like', 'minimax_m1_like', 'mixtral_like', 'dense_baseline', 'PRESETS', 'StateCache', 'InputCache', 'Mixer', 'Block', 'HybridLM', 'param_counts', 'layer_cache_numbers', 'kv_cache_bytes_per_token', 'memory_per_sequence', 'mixer_decode_flops', 'mixer_decode_bytes', 'decode_cost', 'IGNORE', 'mqar_batch', 'stdlib_bytes', 'lm_batch', 'lm_loss', 'train', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint', 'SUPPORTED', 'config_from_hf', 'check_full_layers', 'check_crossover', 'generate_with_a_bug', 'check_generate_fix']
+__all__ = ['MIXERS', 'HybridConfig', 'deepseek_v32_like', 'glm5_like', 'qwen3_next_like', 'KIMI_LINEAR_PATTERN', 'kimi_linear_like', 'minimax_m1_like', 'mixtral_like', 'dense_baseline', 'PRESETS', 'StateCache', 'InputCache', 'Mixer', 'Block', 'HybridLM', 'param_counts', 'layer_cache_numbers', 'kv_cache_bytes_per_token', 'memory_per_sequence', 'mixer_decode_flops', 'mixer_decode_bytes', 'decode_cost', 'IGNORE', 'mqar_batch', 'stdlib_bytes', 'lm_batch', 'lm_loss', 'train', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint', 'validate', 'SUPPORTED', 'config_from_hf', 'check_full_layers', 'check_crossover', 'generate_with_a_bug', 'check_generate_fix']

@@ -9,7 +9,7 @@ from minisparse.dsa import DSAttention, indexer_kl_loss
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
-from minisparse.models.config import validate
+from minisparse.models.checks import validate
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
 
