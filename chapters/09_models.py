@@ -1072,7 +1072,7 @@ if RESULTS is not None:
               for n, r in speed.items()]
     viz.show_markdown("\n".join(table))
     colour = {name: f"C{i}" for i, name in enumerate(PRESETS)}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     for name in PRESETS:
         mqar = [r for r in rows if r["impl"] == name and r["task"] == "mqar"]
         lm_row = [r for r in rows if r["impl"] == name and r["task"] == "lm"]
@@ -1087,7 +1087,10 @@ if RESULTS is not None:
             axes[2].plot([i * (steps // len(curve)) for i in range(len(curve))], curve,
                          color=colour[name], label=name)
     axes[0].set(xlabel="step", ylabel="loss on the answers", title="MQAR training")
-    axes[1].set(xscale="log", xlabel="key-value pairs N", ylabel="recall", title="MQAR recall")
+    pairs = budget["mqar"]["pairs"]
+    axes[1].set(xscale="log", xticks=pairs, xticklabels=pairs, xlabel="key-value pairs N",
+                ylabel="recall", title="MQAR recall")
+    axes[1].minorticks_off()
     axes[2].set(xlabel="step", ylabel="loss (nats a byte)", ylim=(1, 3), title="standard library")
     axes[1].legend(fontsize=7)
     plt.show()
