@@ -6,7 +6,7 @@
     PYTHONPATH=. python bench/capstone.py --smoke --out /tmp/capstone       # a CPU: tiny, seconds
 
 For each preset of minisparse.models (the small scale: 8 layers, 8 experts top-2, byte vocabulary, width
-`--hidden`): (a) MQAR — AdamW on a mix of `--pairs` key-value pairs (4 .. 64), then recall accuracy against the
+`--hidden`): (a) MQAR — AdamW on a mix of `--pairs` key-value pairs (4 .. 32), then recall accuracy against the
 number of pairs; (b) language modelling on byte windows of the Python standard library's source (offline
 everywhere); (c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps
 (peak_mb: tensors on CUDA, the process's resident set on a CPU), and the latency of a decoded token after a prompt
@@ -19,7 +19,8 @@ one file (gathered from every rank, written by rank 0 with torch.save, read by e
 torch.load(weights_only=True)); `--resume` continues.
 A preset that fails leaves a row {task: "error"} and the others run on. To fit short per-command limits, run the
 presets in separate processes (`--presets qwen3_next_like --out DIR/qwen`) and merge their rows
-(`--merge DIR/*/capstone.json --out bench/results`).
+(`--merge DIR/*/capstone.json --out bench/results`; a later file's row replaces an earlier row of the same preset,
+task and pair count).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 from minisparse import bench  # noqa: E402
 from minisparse.models import PRESETS, HybridLM, param_counts  # noqa: E402
 from minisparse.models.training import (data_parallel, load_checkpoint, lm_batch, mqar_batch,  # noqa: E402
-                                     recall_accuracy, save_checkpoint, stdlib_bytes, train)
+                                     mqar_answers, save_checkpoint, stdlib_bytes, train)
 
 
 
@@ -127,16 +128,16 @@ def main(argv=None):
                    "first third warms up, the rest are timed")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge these capstone.json files "
                    "(one preset or task each) into --out and exit")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1500, help="MQAR training steps")
     p.add_argument("--lm-steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64, help="sequences a step and rank")
     p.add_argument("--seq", type=int, default=512, help="LM window")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate (at 8 layers, 3e-3 keeps "
                    "MQAR on its 1/N plateau where 1e-3 leaves it: bench/notes/capstone.md)")
-    p.add_argument("--pairs", default="4,8,16,32,64", help="MQAR: the numbers of key-value pairs, one a step "
+    p.add_argument("--pairs", default="4,8,16,32", help="MQAR: the numbers of key-value pairs, one a step "
                    "in turn; recall is measured at each")
-    p.add_argument("--mqar-vocab", type=int, default=256, help="MQAR's symbols: keys below half, values above "
+    p.add_argument("--mqar-vocab", type=int, default=64, help="MQAR's symbols: keys below half, values above "
                    "(at most the model's vocabulary, 256; at least twice the most pairs)")
     p.add_argument("--context", type=int, default=8192, help="decode latency after this many tokens")
     p.add_argument("--ckpt", default=None, help="checkpoint directory")
@@ -206,10 +207,11 @@ def run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text):
         config, model, hist = run_task(name, "mqar", args, rank, dev, mqar, args.steps)
         counts = param_counts(config)
         for n in pairs:
-            recall = recall_accuracy(model, n, vocab=args.mqar_vocab, batch=8 if args.smoke else 256,
-                                     batches=1 if args.smoke else 4, progress=rank == 0)
+            right, distance = mqar_answers(model, n, vocab=args.mqar_vocab, batch=8 if args.smoke else 256,
+                                           batches=1 if args.smoke else 4, progress=rank == 0)
             rows.append(dict(impl=name, ms=mean_ms(hist), task="mqar", num_pairs=n, params=counts["total"],
-                             active=counts["active"], recall=recall, loss=curve(hist["loss"], len(pairs))))
+                             active=counts["active"], recall=right.float().mean().item(),
+                             by_distance=by_distance(right, distance), loss=curve(hist["loss"], len(pairs))))
     if "lm" in tasks:
         config, model, hist = run_task(name, "lm", args, rank, dev, text, args.lm_steps)
         counts = param_counts(config)
@@ -230,6 +232,17 @@ def run_preset(name, tasks, args, rank, world, dev, pairs, mqar, text):
     return rows
 
 
+def by_distance(right, distance, width=16):
+    """Recall against the distance from the queried key to its query, in bins of `width` tokens:
+    [[first, last, recall, queries], ...] for the bins that hold queries."""
+    rows = []
+    for lo in range(0, int(distance.max()) + 1, width):
+        inside = (distance >= lo) & (distance < lo + width)
+        if inside.any():
+            rows.append([lo, lo + width - 1, right[inside].float().mean().item(), int(inside.sum())])
+    return rows
+
+
 def curve(losses, period, points=100):
     """A learning curve of at most `points` means over windows of whole periods (one step of each pair count
     a period), so every point averages the same mix of tasks."""
@@ -246,11 +259,18 @@ def merge(paths, out):
     """One capstone.json from several (one preset or task each, or earlier merges): the rows together, and each
     part's config with the presets it covers."""
     docs = [json.loads(pathlib.Path(f).read_text()) for f in paths]
-    rows = [r for d in docs for r in d["rows"]]
-    parts = [part for d in docs for part in d["config"].get("parts") or [
-        dict(d["config"], presets=sorted({r["impl"] for r in d["rows"]}))]]
+    rows, parts = {}, []
+    for d in docs:  # a later file's row replaces an earlier one of the same preset, task and pair count
+        rows.update({(r["impl"], r["task"], r.get("num_pairs")): r for r in d["rows"]})
+        for part in d["config"].get("parts") or [dict(d["config"], presets=sorted({r["impl"] for r in d["rows"]}))]:
+            for old in parts:  # the presets a later run of the same tasks measured again leave the earlier part
+                if old["tasks"] == part["tasks"]:
+                    old["presets"] = [n for n in old["presets"] if n not in part["presets"]]
+            parts = [old for old in parts if old["presets"]] + [part]
+    rows = list(rows.values())
     config = dict({k: v for k, v in docs[0]["config"].items() if k != "parts"}, parts=parts)
-    env = {k: docs[0][k] for k in ("date", "device", "torch", "triton", "cuda")}  # where the rows were measured
+    env = {k: docs[0][k] for k in ("device", "torch", "triton", "cuda")}  # where the rows were measured
+    env["date"] = max(d["date"] for d in docs)  # the newest measurement
     for f, d in zip(paths, docs):
         if any(d[k] != env[k] for k in ("device", "torch", "triton")):
             raise SystemExit(f"--merge: {f} was measured on {d['device']} (torch {d['torch']}, triton "

@@ -203,6 +203,35 @@ def test_mqar_batch_layout():
     assert (tg[:, :10] == TR.IGNORE).all() and (tg[:, 11::2] == TR.IGNORE).all()
 
 
+class _RecallWithin(torch.nn.Module):
+    """An MQAR 'model' that answers a query right exactly when its key (among the first `pairs`) lies at most
+    `reach` tokens back."""
+
+    def __init__(self, reach, pairs, vocab=64):
+        super().__init__()
+        self.reach, self.pairs, self.w = reach, pairs, torch.nn.Parameter(torch.zeros(1))
+        self.config = M.HybridConfig(vocab_size=vocab)
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, self.config.vocab_size)
+        for b, row in enumerate(ids.tolist()):
+            for t, token in enumerate(row):
+                seen = [s for s in range(0, min(t - 1, 2 * self.pairs), 2) if row[s] == token and t - s <= self.reach]
+                logits[b, t, row[seen[-1] + 1] if seen else 0] = 1
+        return logits
+
+
+def test_mqar_answers_distances_and_recall():
+    right, distance = TR.mqar_answers(_RecallWithin(10**9, 5), 5, vocab=64, batch=6)
+    assert right.shape == distance.shape == (30,) and right.all()
+    ids, _ = TR.mqar_batch(6, 5, vocab=64, generator=torch.Generator().manual_seed(0))  # the same batch
+    want = [t - row.index(row[t]) for row in ids.tolist() for t in range(10, 20, 2)]
+    assert distance.tolist() == want and min(want) >= 2 and max(want) <= 18
+    right, distance = TR.mqar_answers(_RecallWithin(9, 5), 5, vocab=64, batch=6)
+    assert torch.equal(right, distance <= 9) and 0 < right.sum() < 30
+    assert TR.recall_accuracy(_RecallWithin(9, 5), 5, vocab=64, batch=6) == right.float().mean().item()
+
+
 def test_stdlib_corpus_and_batches():
     data = TR.stdlib_bytes(20_000)
     assert data.dtype == torch.uint8 and len(data) == 20_000
@@ -262,6 +291,18 @@ def test_training_script_tasks_and_merge(tmp_path):
     assert [r["task"] for r in doc["rows"]] == ["mqar"] * 3 + ["train_speed", "decode"]
     assert [part["tasks"] for part in doc["config"]["parts"]] == [["mqar"], ["speed"]]
     assert doc["rows"][3]["tokens_per_s"] > 0
+    assert all(sum(b[3] for b in r["by_distance"]) == 8 * r["num_pairs"] for r in doc["rows"][:3])  # every query
+    rerun = json.loads((tmp_path / "mqar" / "capstone.json").read_text())  # MQAR measured again, with new recall
+    for r in rerun["rows"]:
+        r["recall"] = -1.0
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "capstone.py"), "--merge", str(tmp_path / "capstone.json"),
+                    str(tmp_path / "rerun.json"), "--out", str(tmp_path / "again")], check=True, env=_script_env(),
+                   capture_output=True, timeout=300)
+    again = json.loads((tmp_path / "again" / "capstone.json").read_text())
+    assert sorted(r["task"] for r in again["rows"]) == ["decode"] + ["mqar"] * 3 + ["train_speed"]  # replaced
+    assert [r["recall"] for r in again["rows"] if r["task"] == "mqar"] == [-1.0] * 3
+    assert [part["tasks"] for part in again["config"]["parts"]] == [["speed"], ["mqar"]]
     speed, other = tmp_path / "speed" / "capstone.json", tmp_path / "other.json"
     speed.write_text(speed.read_text().replace('"device": "cpu"', '"device": "NVIDIA H200"'))
     merge = [sys.executable, str(ROOT / "bench" / "capstone.py"), "--merge", str(speed)]

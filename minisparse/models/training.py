@@ -92,23 +92,32 @@ def train(model, get_batch, steps, *, lr=3e-3, optimizer=None, start_step=0, his
 
 
 @torch.no_grad()
-def recall_accuracy(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0, progress=False):
-    """The share of MQAR queries answered right (argmax) with num_pairs pairs in context, tokens
-    from [0, vocab) (default: the model's vocabulary)."""
+def mqar_answers(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0, progress=False):
+    """Every MQAR query's outcome with num_pairs pairs in context, tokens from [0, vocab) (default:
+    the model's vocabulary): (right [n] bool — argmax is the answer, distance [n] int64 — tokens
+    from the queried key to its query)."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    right = total = 0
+    right, distance = [], []
     dev = next(model.parameters()).device
     for _ in tqdm(range(batches), desc=f"recall N={num_pairs}", disable=not progress, leave=False):
         ids, targets = mqar_batch(batch, num_pairs, vocab=vocab or model.config.vocab_size,
                                   generator=g)
-        ids, targets = ids.to(dev), targets.to(dev)
-        pred = model(ids).argmax(-1)
+        pred = model(ids.to(dev)).argmax(-1).cpu()
         asked = targets != IGNORE
-        right += (pred[asked] == targets[asked]).sum().item()
-        total += asked.sum().item()
+        right.append(pred[asked] == targets[asked])
+        keys, queries = ids[:, :2 * num_pairs:2], ids[:, 2 * num_pairs::2]  # keys are distinct
+        pair = (queries[:, :, None] == keys[:, None, :]).int().argmax(-1)  # [B, Q]: which pair
+        position = torch.arange(2 * num_pairs, ids.shape[1], 2)  # each query's position
+        distance.append((position - 2 * pair).flatten())
     model.train()
-    return right / total
+    return torch.cat(right), torch.cat(distance)
+
+
+def recall_accuracy(model, num_pairs, **kwargs):
+    """The share of MQAR queries answered right (argmax) with num_pairs pairs in context; the
+    keyword arguments are mqar_answers'."""
+    return mqar_answers(model, num_pairs, **kwargs)[0].float().mean().item()
 
 
 def data_parallel(model, parallel="ddp"):
@@ -156,4 +165,4 @@ def load_checkpoint(path, model, optimizer=None, lr=3e-3):
     return optimizer, state["step"], state["history"]
 
 
-__all__ = ['IGNORE', 'mqar_batch', 'stdlib_bytes', 'lm_batch', 'lm_loss', 'train', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['IGNORE', 'mqar_batch', 'stdlib_bytes', 'lm_batch', 'lm_loss', 'train', 'mqar_answers', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint']
