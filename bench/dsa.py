@@ -13,7 +13,9 @@ and one key row of 512 + 64 dims a token, values = the 512 latent dims, softmax 
   - the same with an FP8 (e4m3) indexer on sm_89+ GPUs, and "fp8 overlap": the fraction of the bf16 indexer's
     selection that the FP8 one keeps (last 512 queries), in the column `overlap`.
 Decoding step at 64K context, B = 16: "mla_decode" (chapter 3, the whole cache) vs "DSA decode step" (indexer over the
-cache + top-k + sparse attention over 2,048 tokens) and "DSA decode attention" (the sparse attention alone).
+cache + top-k + sparse attention over 2,048 tokens) and "DSA decode attention" (the sparse attention alone); each
+again as a CUDA graph (", CUDA graph": captured once and replayed, as serving engines run decoding, so the time is
+the kernels' without the host work between them).
 Inputs are random (a worst case for locality: real selections cluster). Each kernel runs the first configuration of
 its runtime.LAUNCH_TABLE row that fits (--autotune: the fastest of the row). Short calls: medians by
 minisparse.bench.median_ms; calls over 20 ms (dense attention at 64K takes about 0.3 s): the median of 3.
@@ -167,19 +169,39 @@ def decode_rows() -> list[dict]:
     with torch.no_grad():
         idx = lightning_indexer(q_idx, k_idx, w, TOPK)
         latent, rope = kv[:, :, 0, :DC], kv[:, :, 0, DC:]  # the same cache, as chapter 3 reads it
-        rows.append(dict(impl="mla_decode (full cache)", **{"pass": "decode"}, **cfg,
-                         ms=timed(lambda: mla_decode(q[..., :DC], q[..., DC:], latent, rope, SCALE))))
-        rows.append(dict(impl="DSA decode attention", **{"pass": "decode"}, **cfg,
-                         ms=timed(lambda: attend(q, kv, idx))))
-        rows.append(dict(impl="DSA decode indexer + top-k", **{"pass": "decode"}, **cfg,
-                         ms=timed(lambda: lightning_indexer(q_idx, k_idx, w, TOPK))))
-        rows.append(dict(impl="DSA decode step", **{"pass": "decode"}, **cfg,
-                         ms=timed(lambda: attend(q, kv, lightning_indexer(q_idx, k_idx, w, TOPK)))))
+        steps = {"mla_decode (full cache)": lambda: mla_decode(q[..., :DC], q[..., DC:], latent, rope, SCALE),
+                 "DSA decode attention": lambda: attend(q, kv, idx),
+                 "DSA decode indexer + top-k": lambda: lightning_indexer(q_idx, k_idx, w, TOPK),
+                 "DSA decode step": lambda: attend(q, kv, lightning_indexer(q_idx, k_idx, w, TOPK))}
         if fp8_ok():
             qi, ki = q_idx.to(torch.float8_e4m3fn), k_idx.to(torch.float8_e4m3fn)
-            rows.append(dict(impl="DSA decode step, FP8 indexer", **{"pass": "decode"}, **cfg,
-                             ms=timed(lambda: attend(q, kv, lightning_indexer(qi, ki, w, TOPK)))))
+            steps["DSA decode step, FP8 indexer"] = lambda: attend(q, kv, lightning_indexer(qi, ki, w, TOPK))
+        for name, step in steps.items():
+            rows.append(dict(impl=name, **{"pass": "decode"}, **cfg, ms=timed(step)))
+        if not SMOKE:  # as a serving engine runs a decoding step: one CUDA graph, no host work between kernels
+            for name, step in steps.items():
+                rows.append(dict(impl=f"{name}, CUDA graph", **{"pass": "decode"}, **cfg, ms=timed(graphed(step))))
     return rows
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph after a warm-up on a side stream (compilation and autotuning happen there);
+    returns the graph's replay, or a function that raises what the capture raised."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception as err:  # noqa: BLE001 - recorded by timed() as a failed case
+        def fail(err=err):
+            raise err
+        return fail
 
 
 def main(argv=None) -> int:
@@ -239,11 +261,13 @@ def main(argv=None) -> int:
         for (_, kernel, *_), tuned in runtime._tuned.items():
             if kernel.startswith("dsa.") and tuned.best_config is not None:
                 print(f"autotuned {kernel}: {tuned.best_config}")
-    ref, T = ms.get(("mla_decode (full cache)", DECODE["T"])), DECODE["T"]
-    for ours in ("DSA decode step", "DSA decode step, FP8 indexer", "DSA decode attention"):
-        o = ms.get((ours, T))
-        if ref and o:
-            print(f"decode B={DECODE['B']} T={T}: mla_decode / {ours} = {ref / o:.2f}x")
+    T = DECODE["T"]
+    for graph in ("", ", CUDA graph"):
+        ref = ms.get((f"mla_decode (full cache){graph}", T))
+        for ours in ("DSA decode step", "DSA decode step, FP8 indexer", "DSA decode attention"):
+            o = ms.get((ours + graph, T))
+            if ref and o:
+                print(f"decode B={DECODE['B']} T={T}: mla_decode / {ours}{graph} = {ref / o:.2f}x")
     return 0
 
 

@@ -392,6 +392,18 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 2, BT=2, BN=64), _cfg(8, 2, BT=1, BN=64)],
         "sm_75": [_cfg(8, 1, BT=1, BN=32), _cfg(4, 1, BT=1, BN=16)],
     },
+    # the same kernel while decoding: one query token a block, the keys split into ranges (bench/notes/dsa.md)
+    "dsa.indexer.split": {
+        "interpreter": [_cfg(BT=1, BN=64)],
+        "sm_90": [_cfg(4, 3, BT=1, BN=64), _cfg(8, 3, BT=1, BN=64), _cfg(4, 4, BT=1, BN=128)],
+        "sm_80": [_cfg(4, 2, BT=1, BN=64), _cfg(8, 2, BT=1, BN=64)],
+        "sm_75": [_cfg(4, 1, BT=1, BN=32), _cfg(4, 1, BT=1, BN=16)],
+    },
+    "dsa.indexer.split.fp8": {  # FP8 (sm_89+): wider key tiles
+        "interpreter": [_cfg(BT=1, BN=64)],
+        "sm_90": [_cfg(4, 3, BT=1, BN=128), _cfg(4, 5, BT=1, BN=128), _cfg(4, 3, BT=1, BN=64)],
+        "sm_80": [_cfg(4, 2, BT=1, BN=128), _cfg(4, 2, BT=1, BN=64)],
+    },
 }
 
 _ARCH_ORDER = ("sm_90", "sm_80", "sm_75")

@@ -578,8 +578,8 @@ def test_a_value_view_of_the_key_is_read_from_the_key_tile(monkeypatch):
     """v = k[..., :64] runs the kernel's value-from-key mode; a copy, a view wider than the key's power-of-two head,
     or a detached view (whose gradient must not reach k) runs the gathered-value mode — all with the same results."""
     seen = []
-    real = DT.SparseAttentionFunction.apply
-    monkeypatch.setattr(DT.SparseAttentionFunction, "apply", lambda *a: seen.append(a[2] is None) or real(*a))
+    real = DT._sparse_forward  # (q, k, v, ...): v None = read from the key tile; with or without autograd
+    monkeypatch.setattr(DT, "_sparse_forward", lambda *a: seen.append(a[2] is None) or real(*a))
     q, k = make(1, 9, 4, 72, 30), make(1, 9, 1, 72, 31).requires_grad_()
     idx = random_indices(1, 9, 9, 5, seed=32)
     for v in (k[..., :64], k[..., :64].detach().clone(), k[..., :70], k.detach()[..., :64]):
@@ -714,6 +714,19 @@ def test_indexer_decoding_rows_equal_the_prefill_rows():
     for TQ in (1, 3):
         part = DT.lightning_indexer(q[:, -TQ:], k, w[:, -TQ:], 24)
         assert torch.equal(srt(part), srt(full[:, -TQ:]))
+
+
+@pytest.mark.parametrize("sms", [1, 78, 132])
+def test_indexer_key_ranges_fill_one_wave(sms):
+    """The decoding plan: B query blocks × the key ranges fit in one wave of two programs an SM (16 sequences on an
+    H200's 132 SMs: 16 ranges, not 17 — 272 programs would leave 8 for a second wave), ranges of 64·n keys."""
+    assert DT._key_range(65536, 16, 132) == 4096
+    for W in (1000, 4097, 65536, 131072 + 5):
+        for blocks in (1, 3, 16, 64, 2 * sms, 4 * sms):
+            KS = DT._key_range(W, blocks, sms)
+            ranges = -(-W // KS)
+            assert KS % 64 == 0 and KS * ranges >= W and (ranges == 1 or KS >= 1024)
+            assert blocks * ranges <= max(blocks, 2 * sms), (W, blocks, KS)
 
 
 @pytest.mark.parametrize("key_split", [64, 100])

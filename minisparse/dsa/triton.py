@@ -387,7 +387,10 @@ def _sparse_attention(q, k, v, indices, scale=None, num_splits=None):
         v = None  # the kernel reads the value from the key tile
     else:
         v = v.contiguous()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) if t is not None)
     q, k, idx = q.contiguous(), k.contiguous(), indices.contiguous()
+    if not grad:  # nothing to differentiate (decoding): no autograd node, less host time a call
+        return _sparse_forward(q, k, v, idx, scale, DV, num_splits)[0]
     return SparseAttentionFunction.apply(q, k, v, idx, scale, num_splits, DV)
 
 
@@ -494,10 +497,12 @@ def lightning_indexer(q_idx, k_idx, w_idx, topk, scale=None):
     q_idx, k_idx, w_idx = (x.detach().contiguous() for x in (q_idx, k_idx, w_idx))
     B, TQ, _, _ = q_idx.shape
     TK = k_idx.shape[1]
+    chunk = _chunk_rows(B, TQ, TK)
+    if B * TQ > 0 and chunk >= TQ and TK > topk:  # one chunk (decoding): its top-k is the answer
+        return _topk_chunk(_score_chunk(q_idx, k_idx, w_idx, 0, TQ, scale), topk, TK - TQ)
     out = torch.full((B, TQ, topk), -1, device=q_idx.device, dtype=torch.int64)
     if out.numel() == 0:
         return out
-    chunk = _chunk_rows(B, TQ, TK)
     for c0 in range(0, TQ, chunk):
         c1 = min(TQ, c0 + chunk)
         W = c1 + TK - TQ
@@ -530,24 +535,32 @@ def _score_chunk(q_idx, k_idx, w_idx, c0, c1, scale, key_split=None):
     meta = dict(HI=HI, DI=DI, BHI=triton.next_power_of_2(HI),
                 BDI=max(32 if fp8 else 16, triton.next_power_of_2(DI)),
                 PRECISION="ieee" if q_idx.dtype == torch.float32 else None)
-    cfg = runtime.launch_configs("dsa.indexer", q_idx.device, q_idx.dtype)[0]
+    split = "dsa.indexer.split.fp8" if fp8 else "dsa.indexer.split"  # the decoding tiles
 
     def fit(c):  # at least 16 rows for tl.dot, at most the chunk's queries
         bt = min(c["BT"], triton.next_power_of_2(CQ))
         return {**c, "BT": max(bt, triton.cdiv(16, meta["BHI"]))}
 
-    blocks = B * triton.cdiv(CQ, fit(cfg)["BT"])
     KS = W if key_split is None else key_split
     if q_idx.is_cuda and key_split is None:  # few query blocks (decoding): split the keys too
-        want = triton.cdiv(2 * _sm_count(q_idx.device.index or 0), blocks)  # two programs an SM
-        KS = triton.cdiv(triton.cdiv(W, max(1, min(want, W // 1024))), 64) * 64
-    runtime.launch("dsa.indexer", indexer_score_kernel,
+        cfg = runtime.launch_configs(split, q_idx.device, q_idx.dtype)[0]
+        blocks = B * triton.cdiv(CQ, fit(cfg)["BT"])
+        KS = _key_range(W, blocks, _sm_count(q_idx.device.index or 0))
+    runtime.launch("dsa.indexer" if KS >= W else split, indexer_score_kernel,
                    lambda c: (triton.cdiv(CQ, c["BT"]), triton.cdiv(W, KS), B),
                    (q_idx, k_idx, w_idx, scores, TQ, TK, c0, CQ, W, KS, scale), meta,
                    device=q_idx.device, dtype=q_idx.dtype, key=(meta["BHI"], meta["BDI"]),
                    fit=fit, autotune_key=["TQ", "CQ"],
                    instead="minisparse.dsa.indexer_scores + select_topk")
     return scores
+
+
+def _key_range(W, blocks, sms):
+    """Keys a program of the indexer when `blocks` query blocks leave SMs idle (decoding): the W
+    keys cut into as many ranges (of 64·n keys, at least 1,024) as fill one wave of two programs
+    an SM — a partial second wave would cost as much as the whole first one."""
+    ranges = max(1, min(2 * sms // blocks, W // 1024))
+    return triton.cdiv(triton.cdiv(W, ranges), 64) * 64
 
 
 def _topk_chunk(scores, topk, first_pos):
