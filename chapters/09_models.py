@@ -1099,8 +1099,8 @@ if RESULTS is not None:
     read = kv_cache_bytes_per_token(dense, torch.float32)["per_token"] * context
     hbm = bench.H200_COPY_TBPS
     print(f"dense_baseline's decoded token reads {read / 2**20:.0f} MiB of cache: "
-          f"{read / hbm / 1e6:.0f} µs at the H200's {hbm} TB/s, against "
-          f"{decode['dense_baseline']['ms'] * 1e3:,.0f} µs measured")
+          f"{read / hbm / 1e6:.0f} µs at the H200's {hbm} TB/s,\n"
+          f"against {decode['dense_baseline']['ms'] * 1e3:,.0f} µs measured")
 
 # %% [markdown]
 # **Recall.** Within the budget, full attention (`dense_baseline`, `mixtral_like`) and the two hybrids that keep
