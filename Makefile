@@ -67,11 +67,12 @@ export: $(STAMP) ## regenerate minisparse/<mechanism>/ from the chapters' export
 sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL from pyproject
 	$(BIN)/python tools/chapters.py sync-setup
 
+# MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures
 notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \
 	  echo "   $$py"; \
-	  $(BIN)/jupytext --quiet --to ipynb --execute "$$py" || { echo "make: executing $$py failed"; exit 1; }; \
+	  env -u MPLBACKEND $(BIN)/jupytext --quiet --to ipynb --execute "$$py" || { echo "make: executing $$py failed"; exit 1; }; \
 	done
 
 lab: $(STAMP) ## JupyterLab on the chapters

@@ -208,6 +208,29 @@ def test_check_catches_a_machine_path_planted_in_a_notebook_output(sandbox):
                                  "('/work/main/.venv/lib/python3.11/site-packages/fla/")
 
 
+def test_every_figure_a_cell_shows_is_in_its_notebook():
+    assert tool.figure_problems() == []
+    assert tool.shows_a_figure("fig, ax = plt.subplots()\nif ok:\n    plt.show()")
+    assert not tool.shows_a_figure("def draw(k=8):\n    plt.show()\nexplore(draw, k=(1, 9))")  # on demand
+    assert not tool.shows_a_figure("# plt.show()\nprint(1)")
+
+
+def test_check_catches_a_notebook_saved_without_its_figures(sandbox):
+    """What executing a chapter under MPLBACKEND=Agg leaves: plt.show() cells without image outputs."""
+    nb_path = next(p.with_suffix(".ipynb") for p in tool.chapter_files() if tool.figure_problems() == [] and any(
+        tool.shows_a_figure("".join(c["source"])) for c in json.loads(p.with_suffix(".ipynb").read_text())["cells"]
+        if c["cell_type"] == "code"))
+    nb = json.loads(nb_path.read_text())
+    shown = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and tool.shows_a_figure("".join(
+        c["source"]))]
+    for i in shown:
+        nb["cells"][i]["outputs"] = [o for o in nb["cells"][i]["outputs"] if "image/png" not in o.get("data", {})]
+    nb_path.write_text(json.dumps(nb))
+    found = [p for p in tool.figure_problems() if p.startswith(nb_path.name)]
+    assert [p.split(":")[1] for p in found] == [f" cell {i + 1} calls plt.show() but holds no image (executed with "
+                                                "MPLBACKEND set?)" for i in shown]
+
+
 def test_no_exported_cell_is_longer_than_a_lesson(sandbox):
     assert tool.cell_size_problems() == []
     chapter = sorted((sandbox / "chapters").glob("0[1-9]_*.py"))[0]

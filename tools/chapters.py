@@ -266,6 +266,35 @@ def output_problems() -> list[str]:
     return problems
 
 
+def shows_a_figure(code: str) -> bool:
+    """Whether a code cell calls plt.show() outside a function (an explorer's draw function runs on demand)."""
+    try:
+        tree = ast.parse("\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError:
+        return False
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+              for n in ast.walk(f) if n is not f}
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "show"
+               and isinstance(n.func.value, ast.Name) and n.func.value.id == "plt" and id(n) not in inside
+               for n in ast.walk(tree))
+
+
+def figure_problems() -> list[str]:
+    """A cell that shows a figure but holds no image: executed under a non-inline matplotlib backend (MPLBACKEND=Agg
+    makes plt.show() draw nothing), the book would publish the chapter without its pictures."""
+    problems = []
+    for py in chapter_files():
+        nb_path = py.with_suffix(".ipynb")
+        if not nb_path.exists():
+            continue  # pairing_problems says so
+        for i, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
+            if cell["cell_type"] == "code" and shows_a_figure("".join(cell["source"])) and not any(
+                    mime.startswith("image/") for o in cell.get("outputs", []) for mime in o.get("data", {})):
+                problems.append(f"{nb_path.name}: cell {i + 1} calls plt.show() but holds no image (executed with "
+                                "MPLBACKEND set?): `make notebooks` without it")
+    return problems
+
+
 # --------------------------------------------------------------------------------------- setup cell and URL
 def project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -350,13 +379,13 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "check":
         problems = (export_problems() + name_problems() + cell_size_problems() + code_style_problems()
-                    + pairing_problems() + output_problems() + setup_problems())
+                    + pairing_problems() + output_problems() + figure_problems() + setup_problems())
         for p in problems:
             print(f"✗ {p}")
         if not problems:
             print(f"✓ {len(chapter_files())} chapters: package exported, one definition per public name, notebooks "
                   f"paired and executed, code lines ≤ {MAX_CODE_LINE} characters and no NBVAL comments, no machine "
-                  "paths in outputs, setup cells current")
+                  "paths in outputs, every figure drawn, setup cells current")
         return 1 if problems else 0
     print(__doc__)
     return 2
