@@ -263,6 +263,7 @@ def merge(paths, out):
     for d in docs:  # a later file's row replaces an earlier one of the same preset, task and pair count
         rows.update({(r["impl"], r["task"], r.get("num_pairs")): r for r in d["rows"]})
         for part in d["config"].get("parts") or [dict(d["config"], presets=sorted({r["impl"] for r in d["rows"]}))]:
+            part.setdefault("date", d["date"])  # when this part was measured
             for old in parts:  # the presets a later run of the same tasks measured again leave the earlier part
                 if old["tasks"] == part["tasks"]:
                     old["presets"] = [n for n in old["presets"] if n not in part["presets"]]

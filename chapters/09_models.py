@@ -30,7 +30,7 @@
 #   from chapters 1–8's layers, with caches for every mixer and token-by-token generation;
 # - count total and active parameters and the KV cache + state a sequence holds, for our configs and for
 #   transformers' configs of the same families, and explain where the published figures differ;
-# - train small models of each mixer at equal size on multi-query associative recall (and one on real text), and
+# - train small models of each mixer at one budget on multi-query associative recall (and on real text), and
 #   see where pure linear attention loses recall and how much a hybrid and sparse selection win back;
 # - predict from cost models which family decodes cheapest at a given context, and design a layer pattern for a
 #   memory budget.
@@ -863,8 +863,15 @@ for name, cost in COST.items():
 v32 = FULL["deepseek_v32_like"]
 dense_mla = decode_cost(v32.replace(pattern="M"), T128)
 print(f"DSA vs the same model with dense MLA: {COST['deepseek_v32_like']['flops'] / 1e9:.0f} vs "
-      f"{dense_mla['flops'] / 1e9:.0f} GFLOP")
+      f"{dense_mla['flops'] / 1e9:.0f} GFLOP, {COST['deepseek_v32_like']['bytes'] / 1e9:.0f} vs "
+      f"{dense_mla['bytes'] / 1e9:.0f} GB")
 assert COST["deepseek_v32_like"]["flops"] < 0.15 * dense_mla["flops"]
+# generating 100K tokens: a step's FLOPs grow linearly with the context, so summed over the steps
+# they are 100K times the mean of the first and the last step's
+gen = {name: 1e5 * (decode_cost(c, 1)["flops"] + decode_cost(c, 100_000)["flops"]) / 2
+       for name, c in (("m1", FULL["minimax_m1_like"]), ("mla", v32.replace(pattern="M")))}
+print(f"generating 100K tokens, MiniMax-M1 / dense MLA at V3.2's shapes: "
+      f"{gen['m1'] / gen['mla']:.0%} of the FLOPs")
 
 # %% [markdown]
 # ## 9.6 Training side by side
@@ -995,7 +1002,9 @@ for label in LETTERS:
     ax1.plot(torch.tensor(curves[label]).view(-1, 10).mean(1), label=label)
     ax2.plot(list(recall[label]), list(recall[label].values()), marker="o", label=label)
 ax1.set(xlabel="step / 10", ylabel="loss on the answers", title="MQAR training")
-ax2.set(xlabel="key-value pairs N", ylabel="recall accuracy", xscale="log", title="recall vs N")
+ax2.set(xlabel="key-value pairs N", ylabel="recall accuracy", xscale="log", title="recall vs N",
+        xticks=(2, 4, 8, 16), xticklabels=(2, 4, 8, 16))
+ax2.minorticks_off()
 ax2.legend(fontsize=8)
 plt.show()
 for label in LETTERS:
@@ -1012,9 +1021,10 @@ assert min(recall["hybrid GF"][8], recall["sparse DD"][8]) > 0.7  # one layer / 
 # Gated DeltaNet learns the association for two pairs and loses it as $N$ grows: its state is a fixed $16 \times 16$
 # matrix a head, and each new pair written into it overwrites part of the others. Lightning attention stays near
 # $1/N$: its decayed sum of $k v^\top$ never removes anything, so the keys blur together and the model falls back
-# on naming some value it has seen. One attention layer of two (`GF`) recovers nearly everything full attention
-# has; DSA's top-8 selection matches it up to 4 pairs and falls behind beyond (0.82 at 8 pairs, 0.52 at 16,
-# against 1.00 and 0.85), when 8 kept tokens must include the query's key among more candidates. This is the
+# on naming some value it has seen. One attention layer of two (`GF`) recovers most of what full attention
+# has (about 0.9 at 8 pairs); DSA's top-8 selection is close to full attention at 2 and 4 pairs and falls behind
+# beyond (about 0.8 at 8 pairs and 0.5 at 16, against 1.00 and 0.85), when 8 kept tokens must include the
+# query's key among more candidates. This is the
 # survey's "linear attention accuracy" tension at reading size; the presets themselves, at 8 layers on a GPU,
 # follow below. Next, the same kind of model on text — the standard library's bytes (the engineering notes stop
 # this run halfway, checkpoint it and resume it).
@@ -1054,8 +1064,11 @@ except (FileNotFoundError, OSError):
 if RESULTS is not None:
     rows, cfg = RESULTS["rows"], RESULTS["config"]
     budget = {"+".join(p["tasks"]): p for p in cfg["parts"]}  # the settings of each kind of run
-    print(f"{RESULTS['date']}, {RESULTS['device']}, torch {RESULTS['torch']}, "
+    dates = sorted({p.get("date", RESULTS["date"]) for p in cfg["parts"]})
+    print(f"measured {' and '.join(dates)}, {RESULTS['device']}, torch {RESULTS['torch']}, "
           f"triton {RESULTS['triton']}, width {cfg['hidden']}")
+    print("  " + "; ".join(f"{'+'.join(p['tasks'])} {p.get('date', RESULTS['date'])}"
+                           for p in {"+".join(p["tasks"]): p for p in cfg["parts"]}.values()))
     speed = {r["impl"]: r for r in rows if r["task"] == "train_speed"}
     decode = {r["impl"]: r for r in rows if r["task"] == "decode"}  # section 9.7's table shows them
     context = next(iter(decode.values()))["context"]
@@ -1067,14 +1080,16 @@ if RESULTS is not None:
         mqar = [r for r in rows if r["impl"] == name and r["task"] == "mqar"]
         lm_row = [r for r in rows if r["impl"] == name and r["task"] == "lm"]
         style = dict(color=colour[name], label=name)
+        i = list(PRESETS).index(name)  # curves that coincide stay visible:
+        marks = dict(marker="osD^vP*"[i], markersize=9 - i, markerfacecolor="none")  # nested marks
         if mqar:
             curve, steps = mqar[0]["loss"], budget["mqar"]["steps"]
             ax_mqar.plot([(i + 1) * (steps // len(curve)) for i in range(len(curve))], curve,
                          **style)
-            ax_pairs.plot([r["num_pairs"] for r in mqar], [r["recall"] for r in mqar], marker="o",
+            ax_pairs.plot([r["num_pairs"] for r in mqar], [r["recall"] for r in mqar], **marks,
                           **style)
             bins = next(r["by_distance"] for r in mqar if r["num_pairs"] == most)
-            ax_far.plot([(lo + hi) / 2 for lo, hi, *_ in bins], [b[2] for b in bins], marker=".",
+            ax_far.plot([(lo + hi) / 2 for lo, hi, *_ in bins], [b[2] for b in bins], **marks,
                         **style)
         if lm_row:
             curve, steps = lm_row[0]["loss"], budget["lm"]["lm_steps"]
@@ -1091,7 +1106,7 @@ if RESULTS is not None:
     plt.show()
     recall = {r["impl"]: r["recall"] for r in rows if r["task"] == "mqar" and r["num_pairs"] == 32}
     assert min(recall[n] for n in ("dense_baseline", "qwen3_next_like", "kimi_linear_like")) > 0.95
-    assert recall["minimax_m1_like"] < 0.15  # near 1/N = 0.03: the format, hardly the association
+    assert recall["minimax_m1_like"] < 0.15  # chance 1/N = 0.03: the format, hardly the association
     assert max(speed, key=lambda n: speed[n]["ms"]) in ("deepseek_v32_like", "glm5_like")
     others = [r["tokens_per_s"] for n, r in speed.items() if n != "dense_baseline"]
     assert speed["dense_baseline"]["tokens_per_s"] > 1.5 * max(others)
@@ -1107,8 +1122,8 @@ if RESULTS is not None:
 # one exact layer in four learn the association outright — recall 1.00 up to 32 pairs — and the hybrids learn it
 # first: Kimi Linear's and Qwen3-Next's loss leaves the plateau near step 330, the dense model's near 830,
 # Mixtral's near 1,230. MiniMax-M1's 7:1 stack never leaves it: its one softmax layer is the last of eight, and it
-# mostly answers with some value of the context (recall 0.27, 0.17, 0.12, 0.09 at 4 … 32 pairs, a little above
-# 1/N), as the pure lightning model did at reading size. The two DSA presets, whose mixers differ only in the
+# mostly answers with some value of the context (recall 0.27, 0.17, 0.12, 0.09 at 4 … 32 pairs, against chance
+# among the context's values of 0.25 … 0.03), as the pure lightning model did at reading size. The two DSA presets, whose mixers differ only in the
 # indexer's RoPE layout, stay on the plateau too (0.28 … 0.08) — the indexer learns to pick tokens from an
 # attention that is itself still learning. They sit at the edge of the budget: in an earlier run of the same
 # budget V3.2's preset began to leave the plateau in its last steps (0.75 at 4 pairs, 0.19 at 32). These are
@@ -1116,20 +1131,22 @@ if RESULTS is not None:
 # (bench/notes/capstone.md has the budget search and both runs).
 #
 # **Distance.** With 32 pairs a query sits 2 to 126 tokens after its key, and recall hardly depends on where:
-# the models that learned the lookup answer at every distance, those on the plateau at none (within a few points
-# of 1/N). At these lengths the question is whether a model learns to look up at all, not how far it can look;
+# the models that learned the lookup answer at every distance, those on the plateau at none (0.06–0.10 in every
+# bin). At these lengths the question is whether a model learns to look up at all, not how far it can look;
 # longer distances would need filler between the pairs and the queries, a task these models were not trained on.
 #
 # **Text.** On the standard library every preset is at 1.1–1.4 nats a byte after 400 steps; the delta-rule
-# hybrids are ahead (Kimi Linear 1.14, Qwen3-Next 1.18, dense 1.25), the DSA presets behind (1.30, 1.33).
+# hybrids are ahead (Kimi Linear 1.13, Qwen3-Next 1.18; the dense baseline 1.25), the DSA presets behind (GLM-5
+# 1.30, V3.2 1.32). The curves are single steps (every fourth); the table's losses are means of the last 20.
 #
-# **Speed.** At width 128 the dense baseline trains at about three quarters of a million tokens a second, nearly
-# twice any other preset, although the MoE presets compute fewer FLOPs a token: at this width a step is most
+# **Speed.** At width 128 the dense baseline trains at about three quarters of a million tokens a second, 1.75
+# times the fastest other preset, although the MoE presets compute fewer FLOPs a token: at this width a step is most
 # likely bound by its kernel launches and host work (routing to 8 experts, the indexer, the recurrent layers'
 # extra kernels) rather than its FLOPs. Decoding shows it plainly: the dense baseline's token after 8K of
-# context reads 16 MiB of cache — 4 µs of memory time — and takes about 10 ms, and every other preset
-# takes 2–4 times as long, in the order of the kernels and host steps its layers run. The DSA presets are the
-# slowest and take the most memory (9.3 GB in training): their indexer's distillation target is the dense
+# context reads 16 MiB of fp32 cache — 4 µs of memory time — and takes about 10 ms, and every other preset
+# takes 2.2–4.3 times as long, running more kernels and host steps a layer (routing, recurrent updates, the
+# indexer). The DSA presets are the
+# slowest and take the most memory (9,283 MiB in training): their indexer's distillation target is the dense
 # attention, a $[B, T, H, T]$ tensor in every layer. These numbers rank software overhead at toy scale —
 # section 9.5's cost model, not this table, says what the mechanisms cost at the real shapes.
 
@@ -1187,7 +1204,8 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # %% [markdown]
 # The table's lesson is the survey's, made quantitative. Sparse selection (V3.2, GLM-5) holds a cache in every
 # layer — the smallest a full-attention layer can have — but a step reads only 2,048 latents of it and every
-# index key: its step barely grows with context, and costs a tenth of dense MLA's FLOPs at 128K. The survey's own
+# index key: the bytes its step reads barely grow with context (its FLOPs do: the indexer scores every key), and
+# it costs a tenth of dense MLA's FLOPs at 128K. The survey's own
 # figures are smaller savings: about 50 % less compute at 128K for DSA, and 25–30 % of DeepSeek-R1's compute to
 # generate 100K tokens for MiniMax-M1 [S], where this model gives a tenth and 12 % (summed over the 100K decoding
 # steps, V3.2's shapes with dense MLA standing in for R1). The model counts a decoding step's FLOPs only — no
@@ -1333,10 +1351,11 @@ check_generate_fix(generate_solution)
 #   a decoding step reads only 2,048 latents of it, a tenth of dense MLA's FLOPs at 128K.
 # - **Recall.** On MQAR at reading size full attention learns the association outright, Gated DeltaNet holds it
 #   for a few pairs and loses it as they grow, lightning attention never gets past naming some value it has
-#   seen, and one attention layer in two — or DSA's top-8 — wins almost all of it back: the tension that sent
+#   seen, and one attention layer in two — or DSA's top-8, at few pairs — wins most of it back: the tension that sent
 #   MiniMax back to full attention in M2, and the reason every hybrid keeps one layer in four (or eight) exact. The
 #   presets at 8 layers agree where the exact layer is one in four — the 3:1 hybrids learn 32 pairs, and sooner
-#   than full attention — while the 7:1 stack, its one softmax layer last, and DSA need more than 1,500 steps.
+#   than full attention — while the 7:1 stack, its one softmax layer last, and DSA stay on the plateau within
+#   1,500 steps (DSA at the edge: one run of V3.2's preset began to leave it).
 #
 # ## References
 #
@@ -1578,8 +1597,9 @@ for name in FAMILIES if transformers else ():
 # AdamW state and gathers a block's weights only while it runs; unrouted experts reduce a zero gradient so every
 # rank's reduce-scatter has the same shape. Each rank draws its own batches (seed = step and rank) and gradients
 # are averaged over the ranks, so N ranks of B sequences train like one process on the N·B; rank 0 writes the
-# results. tests/test_models.py runs the script with two CPU processes for a few steps under each wrapper, and
-# checks that FSDP2's losses, before and after a resume, equal one process's on the same global batch.
+# results. tests/test_models.py runs the script with two CPU processes for a few steps under each wrapper, and a
+# two-process worker checks that DDP's and FSDP2's losses, before and after a resume, equal one process's on the
+# same global batch.
 #
 # Choose DDP while a full replica — weights, gradients and two AdamW moments, 16 bytes a parameter in fp32 —
 # fits one GPU next to the activations: it is simpler and communicates less. Choose FSDP2 when it does not: the
@@ -1591,7 +1611,9 @@ for name in FAMILIES if transformers else ():
 # `save_checkpoint` calls `get_state_dict` (`torch.distributed.checkpoint`, full state dict, offloaded to the
 # CPU), which unwraps DDP and gathers FSDP2's shards — under a process group every rank calls it and rank 0
 # writes one file; `load_checkpoint` reads that file with `torch.load(weights_only=True)` on every rank and
-# `set_state_dict` puts each rank's shard back. So a checkpoint written by any wrapper resumes under any other.
+# `set_state_dict` puts each rank's shard back. So the file does not depend on the wrapper that wrote it (the
+# tests resume under the wrapper that saved). The script writes a task's checkpoint when its training ends:
+# `--resume` continues a finished task to a larger `--steps`, not a run that was killed.
 #
 # Section 9.6's text run, stopped after 40 steps, saved, loaded into a model with fresh weights and resumed, gives
 # the losses of the run that went straight on:
