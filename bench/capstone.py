@@ -7,8 +7,8 @@
 
 For each preset of minisparse.models (the small scale: 8 layers, 8 experts top-2, byte vocabulary, width
 `--hidden`): (a) MQAR — AdamW on a mix of `--pairs` key-value pairs (4 .. 32), then recall accuracy against the
-number of pairs and, in bins of 16 tokens, against the distance from a key to its query; (b) language modelling on byte windows of the Python standard library's source (offline
-everywhere); (c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps
+number of pairs and, in bins of 16 tokens, against the distance from a key to its query; (b) language modelling
+on byte windows of the Python standard library's source (offline everywhere); (c) speed: training tokens/s and peak memory on the language-modelling batches after warm-up steps
 (peak_mb: tensors on CUDA, the process's resident set on a CPU), and the latency of a decoded token after a prompt
 of `--context` tokens. Every preset sees the same batches (one seed a step and rank). `--tasks` picks among mqar,
 lm and speed: the learning curves may come from runs that share a GPU, the speed rows only from one running alone.

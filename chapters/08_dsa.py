@@ -1174,15 +1174,15 @@ if res is not None:
 #   the step with the FP8 indexer is 5.4× faster than `mla_decode` over the whole cache (0.203 against 1.094 ms),
 #   meeting the benchmark's ≥ 5× target; with bf16 index keys it is 4.8×, the sparse attention alone 13×. Called
 #   from Python the step takes 0.31–0.36 ms (3.1–3.5×): the host's work between the launches (checks, planning,
-#   allocations) then takes longer than the kernels, and the GPU waits. What made the graph fast: the indexer splits
-#   the cache into key ranges that fill exactly one wave of two programs an SM (17 ranges × 16 sequences had
-#   left 8 programs for a second wave that cost as much as the first), with decoding tiles of its own in the
-#   launch table. Section 8.6's byte count gives 3.8× (bf16 keys) and 6.5× (FP8) if both steps ran at HBM speed;
+#   allocations) then takes longer than the kernels, and the GPU waits. What keeps the graph fast: the indexer
+#   splits the cache into key ranges that fill exactly one wave of two programs an SM (17 ranges × 16 sequences
+#   would leave 8 programs for a second wave that costs as much as the first), with decoding tiles of its own in
+#   the launch table. Section 8.6's byte count gives 3.8× (bf16 keys) and 6.5× (FP8) if both steps ran at HBM speed;
 #   the bf16 step passes its bound because `mla_decode` at 128 heads is compute-bound (chapter 3), not
 #   bandwidth-bound.
 #
-# The kernels are correct (their tests pass in bf16 and fp16 on the H200); the prefill is slower than the model allows;
-# `bench/notes/dsa.md` lists what to try next, and the engineering notes check every number above against the results
+# The kernels are correct (their tests pass in bf16 and fp16 on the H200); the prefill is slower than the model
+# allows; `bench/notes/dsa.md` lists what to try next, and the engineering notes check every number above against the results
 # file.
 
 # %% [markdown]
@@ -2285,8 +2285,8 @@ if res is not None:
     assert round(dec["DSA decode attention" + GRAPH]) == 13
     eager = [ms[i, "decode", TD] for i in STEP[1:3]]
     assert [round(min(eager), 2), round(max(eager), 2)] == [0.31, 0.36]  # ms
-    eager = [dec[i] for i in STEP[1:3]]
-    assert [round(min(eager), 1), round(max(eager), 1)] == [3.1, 3.5]
+    eager_ratio = [dec[i] for i in STEP[1:3]]
+    assert [round(min(eager_ratio), 1), round(max(eager_ratio), 1)] == [3.1, 3.5]
     assert [round(100 * f(keeps.values())) for f in (min, max)] == [96, 98]
     assert 270 < rate["indexer"] < 290 and 570 < rate["dense SDPA"] < 600
     assert 240 < rate["sparse attention"] < 260 and 360 < rate["FP8 indexer"] < 380

@@ -1064,11 +1064,9 @@ except (FileNotFoundError, OSError):
 if RESULTS is not None:
     rows, cfg = RESULTS["rows"], RESULTS["config"]
     budget = {"+".join(p["tasks"]): p for p in cfg["parts"]}  # the settings of each kind of run
-    dates = sorted({p.get("date", RESULTS["date"]) for p in cfg["parts"]})
-    print(f"measured {' and '.join(dates)}, {RESULTS['device']}, torch {RESULTS['torch']}, "
-          f"triton {RESULTS['triton']}, width {cfg['hidden']}")
-    print("  " + "; ".join(f"{'+'.join(p['tasks'])} {p.get('date', RESULTS['date'])}"
-                           for p in {"+".join(p["tasks"]): p for p in cfg["parts"]}.values()))
+    dates = "; ".join(f"{tasks} {p.get('date', RESULTS['date'])}" for tasks, p in budget.items())
+    print(f"{RESULTS['device']}, torch {RESULTS['torch']}, triton {RESULTS['triton']}, "
+          f"width {cfg['hidden']}; measured: {dates}")
     speed = {r["impl"]: r for r in rows if r["task"] == "train_speed"}
     decode = {r["impl"]: r for r in rows if r["task"] == "decode"}  # section 9.7's table shows them
     context = next(iter(decode.values()))["context"]
@@ -1125,8 +1123,8 @@ if RESULTS is not None:
 # mostly answers with some value of the context (recall 0.27, 0.17, 0.12, 0.09 at 4 … 32 pairs, against chance
 # among the context's values of 0.25 … 0.03), as the pure lightning model did at reading size. The two DSA presets, whose mixers differ only in the
 # indexer's RoPE layout, stay on the plateau too (0.28 … 0.08) — the indexer learns to pick tokens from an
-# attention that is itself still learning. They sit at the edge of the budget: in an earlier run of the same
-# budget V3.2's preset began to leave the plateau in its last steps (0.75 at 4 pairs, 0.19 at 32). These are
+# attention that is itself still learning. They sit at the edge of the budget: whether V3.2's preset starts to
+# leave the plateau within its last steps varies from run to run (bench/notes/capstone.md). These are
 # learning speeds at one small budget, not capacities: with more steps the plateaus may break
 # (bench/notes/capstone.md has the budget search and both runs).
 #
@@ -1355,7 +1353,7 @@ check_generate_fix(generate_solution)
 #   MiniMax back to full attention in M2, and the reason every hybrid keeps one layer in four (or eight) exact. The
 #   presets at 8 layers agree where the exact layer is one in four — the 3:1 hybrids learn 32 pairs, and sooner
 #   than full attention — while the 7:1 stack, its one softmax layer last, and DSA stay on the plateau within
-#   1,500 steps (DSA at the edge: one run of V3.2's preset began to leave it).
+#   1,500 steps (DSA at the edge: whether V3.2's preset starts to leave it varies from run to run).
 #
 # ## References
 #

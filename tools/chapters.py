@@ -250,19 +250,25 @@ def machine_paths(text: str) -> list[str]:
     return [text[max(0, a - 20):b + 60].replace("\n", " ") for a, b in sorted(spans)]
 
 
+def notebook_cells():
+    """(notebook path, cell number from 1, cell dict) of every committed chapter notebook (a missing one:
+    pairing_problems says so)."""
+    for py in chapter_files():
+        nb_path = py.with_suffix(".ipynb")
+        if nb_path.exists():
+            for i, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
+                yield nb_path, i + 1, cell
+
+
 def output_problems() -> list[str]:
     """A committed notebook output that shows an absolute path of the machine that executed it (a warning printed
     from site-packages, a traceback, a file name): the book would publish it, and it differs on every machine."""
     problems = []
-    for py in chapter_files():
-        nb_path = py.with_suffix(".ipynb")
-        if not nb_path.exists():
-            continue  # pairing_problems says so
-        for i, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
-            found = [p for o in cell.get("outputs", []) for t in output_texts(o) for p in machine_paths(t)]
-            if found:
-                problems.append(f"{nb_path.name}: cell {i + 1}'s output shows a path of the machine that ran it "
-                                f"({found[0]!r}): silence or reword what prints it, then `make notebooks`")
+    for nb_path, n, cell in notebook_cells():
+        found = [p for o in cell.get("outputs", []) for t in output_texts(o) for p in machine_paths(t)]
+        if found:
+            problems.append(f"{nb_path.name}: cell {n}'s output shows a path of the machine that ran it "
+                            f"({found[0]!r}): silence or reword what prints it, then `make notebooks`")
     return problems
 
 
@@ -282,17 +288,10 @@ def shows_a_figure(code: str) -> bool:
 def figure_problems() -> list[str]:
     """A cell that shows a figure but holds no image: executed under a non-inline matplotlib backend (MPLBACKEND=Agg
     makes plt.show() draw nothing), the book would publish the chapter without its pictures."""
-    problems = []
-    for py in chapter_files():
-        nb_path = py.with_suffix(".ipynb")
-        if not nb_path.exists():
-            continue  # pairing_problems says so
-        for i, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
-            if cell["cell_type"] == "code" and shows_a_figure("".join(cell["source"])) and not any(
-                    mime.startswith("image/") for o in cell.get("outputs", []) for mime in o.get("data", {})):
-                problems.append(f"{nb_path.name}: cell {i + 1} calls plt.show() but holds no image (executed with "
-                                "MPLBACKEND set?): `make notebooks` without it")
-    return problems
+    return [f"{nb_path.name}: cell {n} calls plt.show() but holds no image (executed with MPLBACKEND set?): "
+            "`make notebooks` without it" for nb_path, n, cell in notebook_cells()
+            if cell["cell_type"] == "code" and shows_a_figure("".join(cell["source"]))
+            and not any(mime.startswith("image/") for o in cell.get("outputs", []) for mime in o.get("data", {}))]
 
 
 # --------------------------------------------------------------------------------------- setup cell and URL
