@@ -676,12 +676,12 @@ if hf_kimi is not None:
 # them underflows to 0, the product it stands for is smaller still.) One reference point cannot serve every pair
 # of a chunk, so the kernel cuts the chunk of 64 into **sub-chunks** of 16 tokens:
 #
-# - for a query sub-chunk $I$ and every earlier token $j < r_I$ (the first token of $I$), one product of two $[64, K]$
-#   tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} < r_I}^\top$, for $X
-#   = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier tokens;
-# - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel adds up
-#   $\sum_c x_{ic} k_{jc} e^{G_{ic} - G_{jc}}$ one column offset at a time (16 elementwise steps over $[64, K]$,
-#   every block at once), as the naive form did.
+# - for a query sub-chunk $I$ and every earlier token $j \le r_I$ (the last token before $I$), one product of
+#   tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} \le r_I}^\top$, for
+#   $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier tokens;
+# - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel walks the block
+#   one diagonal at a time: the entries $(i, i - d)$ for $d = 1, \dots, 15$, every row at once, each step's decay
+#   the previous step's times one more gate.
 #
 # ```
 #        keys j →      sub-chunk 0   1     2     3
@@ -689,8 +689,15 @@ if hf_kimi is not None:
 #       ↓       1     [ ref r_1  ][diag]
 #               2     [ ref r_2        ][diag]
 #               3     [ ref r_3              ][diag]
-#   ref r_I: one tile product with every factor ≤ 1;   diag: 16 elementwise column steps
+#   ref r_I: one tile product with every factor ≤ 1;   diag: 15 elementwise steps, one diagonal each
 # ```
+#
+# One more care makes the kernels exact in float32. Every exponent they use is a sum of the gates over a range of
+# tokens — $G_i - G_r = g_{r+1} + \dots + g_i$, $G_r - G_j$, $G_L - G_i$ — and they compute it as such a sum (a
+# running sum over the range, forwards or backwards), never as the difference of two long cumulative sums. The
+# difference would cancel: after a gate of $-1000$, $G$ is about $-1000$ on every later token, float32 holds it to
+# $6 \cdot 10^{-5}$, and a decay between two later tokens would carry that absolute error. The sum of the range
+# never sees the $-1000$. (The PyTorch version below takes the shortcut of float64 differences.)
 #
 # The same split is fla's (`chunk_intra`: sub-chunks of 16, the diagonal blocks token by token). In PyTorch, for one
 # head and one chunk:
@@ -732,46 +739,50 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # %% [markdown]
 # ### The kernels
 #
-# The forward splits like chapter 5's, with the per-channel gate handled in the first kernel so that the other two
-# never see a gate: `_kda_fwd_intra_kernel` turns the gates into decayed copies of $q$ and $k$ that the scan and
-# the output kernel use as they are.
+# The forward splits like chapter 5's, with the per-channel gate handled in the first two kernels so that the other
+# two never see a gate: they turn the gates into decayed copies of $q$ and $k$ that the scan and the output kernel
+# use as they are.
 #
-# 1. **`_kda_fwd_intra_kernel`** — per chunk, all chunks in parallel, walking $K$ in blocks of 32 channels:
-#    the local cumulative gates (float64 sums, as chapter 5's `_gate_sums`), $A$ and $P$ by sub-chunks as above,
-#    $A_\text{inv} = (I + A)^{-1}$ (chapter 5's `_unit_lower_inverse`), then
-#    $W = A_\text{inv}\operatorname{diag}(\beta)(K \odot e^{G})$, $\tilde U = A_\text{inv}\operatorname{diag}(\beta)V$,
-#    and the decayed rows the other kernels need: $Q \odot e^{G}$, $K \odot e^{G_L - G}$ and $e^{G_L}$.
-# 2. **`_kda_fwd_states_kernel`** — the scan over chunks per (batch, value head, tile of $V$):
+# 1. **`_kda_fwd_products_kernel`** — per sub-chunk of 16 rows, all of them in parallel: the rows of $A$ and $P$ by
+#    the reference point before the sub-chunk (walking $K$ in blocks of 32 channels) and by diagonals inside it
+#    (every channel at once, one column of $A$ and $P$ stored a step).
+# 2. **`_kda_fwd_wy_kernel`** — per chunk: $A_\text{inv} = (I + \operatorname{diag}(\beta) A)^{-1}$ (chapter 5's
+#    `_unit_lower_inverse`), then $W = A_\text{inv}\operatorname{diag}(\beta)(K \odot e^{G})$,
+#    $\tilde U = A_\text{inv}\operatorname{diag}(\beta)V$, and the decayed rows the other kernels need:
+#    $Q \odot e^{G}$, $K \odot e^{G_L - G}$ and $e^{G_L}$.
+# 3. **`_kda_fwd_states_kernel`** — the scan over chunks per (batch, value head, tile of $V$):
 #    $U = \tilde U - W S_n$ (written over $\tilde U$),
 #    $S_{n+1} = \operatorname{diag}(e^{G_L}) S_n + (K \odot e^{G_L - G})^\top U$.
-# 3. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
+# 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
 #
-# Kernels 2 and 3 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the backward (a reverse scan and
-# one chunk kernel that runs the sub-chunk trick backwards), the autograd glue and the decoding kernel are in the
-# Engineering notes at the end. Intermediates are stored in float32 (the backward reads them); products of float32
-# operands run in TF32 for 16-bit inputs and in full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are
-# normalised first by chapter 5's row kernel.
+# Why two kernels for what one chunk could do: a program that holds all 64 rows, $A$, $P$ and the diagonal walk at
+# once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads;
+# a program per sub-chunk is light, and four times as many run side by side (on the H200 the forward at $B = 2$,
+# $T = 8192$ took 8.7 ms with one program a chunk and 3.4 ms split this way; `bench/notes/kda.md`). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they,
+# the WY kernel, the backward (a reverse scan, a chunk kernel, and a per-sub-chunk kernel that runs the products
+# backwards), the autograd glue and the decoding kernel are in the Engineering notes at the end. Intermediates are
+# stored in float32 (the backward reads them); products of float32 operands run in TF32 for 16-bit inputs and in
+# full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row kernel.
 #
-# The picture: what each kernel reads and writes, one chunk of one head. Below it, the heart of the first kernel:
-# `_intra_products` adds one block of channels to $A$ and $P$ with the reference points and the column steps
-# (the kernel itself, which calls it once per block of 32 channels, is in the Engineering notes).
+# The picture: what each kernel reads and writes, one chunk of one head. Below it, the first kernel whole, with its
+# two helpers: `_load_gates` and `_decay_sums`, the range sums of the gates.
 
 # %%
 from minisparse.viz import Box
 
 boxes = {
     "in": Box(0, 1.1, "q, k, v\ng, β", w=1.3, h=0.9),
-    "G": Box(2.3, 1.8, "G = cumsum g\nper channel, fp64", w=2.0, h=0.8),
-    "AP": Box(2.3, 0.4, "A, P by sub-chunks\n(reference points)", w=2.0, h=0.8),
-    "inv": Box(4.7, 0.4, "A_inv = (I + A)⁻¹\n16×16 blocks", w=2.0, h=0.8),
-    "wu": Box(4.7, 1.8, "stores W, Ũ, P, qg = Q⊙e^G,\nkd = K⊙e^(G_L−G), e^(G_L)", w=2.6, h=0.8),
-    "scan": Box(7.9, 2.3, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
-    "out": Box(7.9, 0.1, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
+    "AP": Box(2.3, 1.1, "A, P rows by\nreference point\n+ diagonals", w=2.0, h=1.0),
+    "inv": Box(4.8, 0.4, "A_inv = (I + βA)⁻¹\n16×16 blocks", w=2.2, h=0.8),
+    "wu": Box(4.8, 1.8, "stores W, Ũ, qg = Q⊙e^G,\nkd = K⊙e^(G_L−G), e^(G_L)", w=2.6, h=0.8),
+    "scan": Box(8.1, 2.3, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
+    "out": Box(8.1, 0.1, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
 }
-arrows = [("in", "G"), ("in", "AP"), ("G", "AP"), ("AP", "inv"), ("inv", "wu"), ("G", "wu"),
-          ("wu", "scan", "W, Ũ, kd"), ("scan", "out", "Sₙ, U"), ("wu", "out", "P, qg")]
-groups = [(["G", "AP", "inv", "wu"], "kernel 1: intra — every chunk in parallel"),
-          (["scan"], "kernel 2: scan over chunks"), (["out"], "kernel 3: output — parallel")]
+arrows = [("in", "AP"), ("AP", "inv", "A"), ("inv", "wu"), ("in", "wu"),
+          ("wu", "scan", "W, Ũ, kd"), ("scan", "out", "Sₙ, U"), ("wu", "out", "qg"),
+          ("AP", "out", "P")]
+groups = [(["AP"], "1: products — every sub-chunk"), (["inv", "wu"], "2: WY — every chunk"),
+          (["scan"], "3: scan over chunks"), (["out"], "4: output — parallel")]
 viz.schematic(boxes, arrows, groups=groups, size=(11, 3.6),
               title="chunk_kda's forward, one chunk of one head")
 plt.show()
@@ -787,64 +798,102 @@ from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower
 
 _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
-_COLUMNS = 32  # the intra kernel walks K in blocks of this many channels
+_COLUMNS = 32  # the products and WY kernels walk K in blocks of this many channels
 _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., backend='naive')"
 
 
-@triton.jit
-def _local_gates(g_ptr, rows, tm, ks, km, HV, K):
-    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and
-    past K; gates clamped at −1000, which changes no float32 decay): differences of G are sums of
-    gates to about 1e-11."""
-    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :],
-                other=0.0)
-    return tl.cumsum(tl.maximum(g.to(tl.float32), -1000.0).to(tl.float64), axis=0)
+_GATE_FLOOR = tl.constexpr(-1000.0)  # gates are clamped here: e^-1000 is 0 in float32, as e^-1e30
 
 
 @triton.jit
-def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk,
-    repeated over it."""
-    NB: tl.constexpr = C // BC
-    X3 = tl.reshape(X, (NB, BC, BK))
-    pick = tl.arange(0, BC)[None, :, None] == jl
-    row = tl.sum(tl.where(pick, X3, tl.zeros_like(X3)), axis=1)  # [NB, BK]
-    return tl.reshape(tl.broadcast_to(row[:, None, :], (NB, BC, BK)), (C, BK))
+def _load_gates(g_rows, ok, ks, km):
+    """Log gates [R, BK] of the rows at g_rows (pointers to their first channel), 0 where not ok,
+    clamped at −1000, float32."""
+    g = tl.load(g_rows[:, None] + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0)
+    return tl.maximum(g.to(tl.float32), _GATE_FLOOR)
 
 
 @triton.jit
-def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """Add one block of BK channels to A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, unscaled) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C,
-    C] float32.
-    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal
-    blocks by column offsets."""
-    rows = tl.arange(0, C)
-    # queries of sub-chunk I, keys before its first row r = I·BC
-    for I in tl.static_range(1, C // BC):
-        # [BK] G at the reference point
-        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)
-        mine = (rows // BC) == I
-        # ≤ 1
-        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
-        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
-                              float("-inf")))  # ≤ 1
-        k_r = k * e_k  # [C, BK] keys decayed to the reference point
-        A = tl.dot(k * e_q, tl.trans(k_r), A, input_precision=PRECISION)
-        P = tl.dot(q * e_q, tl.trans(k_r), P, input_precision=PRECISION)
-    # diagonal blocks: column (i // BC)·BC + jl of every row i at once
-    for jl in tl.static_range(BC):
-        k_j = _row_of_block(k, jl, C, BC, BK)
-        G_j = _row_of_block(G, jl, C, BC, BK)
-        # ≤ 1
-        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))
-        ke = k_j * e
-        col = (rows // BC) * BC + jl  # [C] the column each row fills
-        hit = tl.arange(0, C)[None, :] == col[:, None]  # [C, C]
-        A += tl.where(hit, tl.sum(k * ke, axis=1)[:, None], 0.0)
-        P += tl.where(hit, tl.sum(q * ke, axis=1)[:, None], 0.0)
-    return A, P
+def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
+    """Sums of the log gates of one chunk's rows first … last for channels ks, float32 (gates past T
+    and K are 0), each a sum of gates and never a difference of two long sums, so every decay
+    built from them is exact to float32 rounding however small the gates:
+        into [R, BK]: g_first + … + g_i   (rows i in first … last; 0 elsewhere)
+        onward [R, BK]: g_{i+1} + … + g_last   (0 at last and past it)."""
+    ok = (rows >= first) & (rows <= last) & (t < T)
+    into = tl.cumsum(_load_gates(g_chunk + rows * HV * K, ok, ks, km), axis=0)
+    ok_next = (rows + 1 >= first) & (rows + 1 <= last) & (t + 1 < T)
+    onward = tl.cumsum(_load_gates(g_chunk + (rows + 1) * HV * K, ok_next, ks, km), axis=0,
+                       reverse=True)
+    return tl.where(ok[:, None], into, 0.0), onward
+
+
+@triton.jit
+def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
+                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             BKD: tl.constexpr, PRECISION: tl.constexpr):
+    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
+    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
+    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
+    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one column of A and P stored a step.
+    Math: keys before the sub-chunk through the reference point r = the row before it (one product
+    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
+    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32), zeros above
+    the diagonal included."""
+    nI = tl.program_id(0)
+    n, I = nI // (C // BC), nI % (C // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's first row in the chunk
+    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
+    rj = tl.arange(0, C)  # [C] the keys' rows
+    ti, tj = n * C + ri, n * C + rj
+    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
+    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
+    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    A = tl.zeros((BC, C), dtype=tl.float32)
+    P = tl.zeros((BC, C), dtype=tl.float32)
+    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        mi = (ti < T)[:, None] & km[None, :]
+        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
+        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
+        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # [C, BK]
+        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
+        e_q = tl.exp(into)
+        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
+        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
+    out = row_i[:, None] + rj[None, :]  # [BC, C]
+    tm = (ti < T)[:, None]
+    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
+    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
+    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
+    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
+    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
+    ks = tl.arange(0, BKD)
+    km = ks < K
+    mi = (ti < T)[:, None] & km[None, :]
+    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
+    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
+    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
+                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
+        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
+        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 # %% [markdown]
 # ### Check it against the spec
@@ -1043,12 +1092,11 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence. The target is
 # forward and forward + backward each at most fla's time.
 #
-# Where the kernels stand: the one H200 run so far (`bench/notes/kda.md`, 2026-12-03; it stopped at its time limit
-# while fla's backward was still compiling, so no results file was written) timed our forward at 8.70 ms against
-# fla's 1.06 ms — 8.2× fla's time — and our forward + backward at 23.11 ms, at $B = 2$, $T = 8192$, with accuracy on
-# par (3.1e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The same note lists what the compiler
-# reports for each kernel: the intra-chunk kernel spills registers in every configuration, the first place to look.
-# The cell below prints `bench/results/kda.json` once a complete run has written it.
+# Where the kernels stand (H200, 2026-12-04, printed below from `bench/results/kda.json`): the forward takes 2.2–2.5×
+# fla's time and the forward + backward 1.7–1.9×, at every length from 8K to 64K, with accuracy on par (3.1e-3
+# against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the profile: the products
+# kernel, the scan's float32 reads of $W$ and $K \odot e^{G_L - G}$ and, in the backward, the diagonal walk of the
+# products kernel are where fla is faster; they are the next places to work.
 
 # %%
 from minisparse import bench
@@ -1357,11 +1405,11 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
 
 
 # %% [markdown]
-# ### The intra-chunk kernel
+# ### The WY kernel
 #
-# `_kda_fwd_intra_kernel` strings section 6.5's helpers together: a first pass over $K$'s channel blocks sums $A$ and
-# $P$ (`_intra_products`), the $C \times C$ solve runs once, and a second pass writes $W$ and the decayed rows block
-# by block, a third pass $\tilde U$ tile by tile.
+# `_kda_fwd_wy_kernel` is chapter 5's WY kernel given $A$: it reads the products kernel's rows, solves
+# $(I + \operatorname{diag}(\beta)A)^{-1}$ once, then writes $W$ and the decayed rows block by block of $K$ (the
+# gates' range sums from `_decay_sums` again) and $\tilde U$ tile by tile of $V$.
 
 # %%
 #| export kda.chunk_fwd
@@ -1373,21 +1421,18 @@ def _options(x, v):
 
 
 @triton.jit
-def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
-                          gl_ptr, p_ptr, a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr,
-                          BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """Everything of one chunk that does not depend on the state.
+def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
+                       gl_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Everything of one chunk that does not depend on the state, given A.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32
-    registers; V walked in tiles [C, BV] at the end.
-    Math (rows past T load as 0; G: local cumulative gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
-        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])
-        A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
+    Tiling: A, A_inv [C, C] in fp32 registers; K walked in blocks [C, BK], V in tiles [C, BV].
+    Math (rows past T load as 0; G: local cumulative gates):
+        A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32)
-    and gl [B, HV, NT, K]."""
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], A_inv [B, T, HV, C] (fp32) and gl [B, HV,
+    NT, K]."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -1399,22 +1444,9 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
     hv_v = (b * T * HV + hv) * V + t * HV * V  # [C] token t's rows of v and Ũ
     g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K  # the chunk's first gate row
     beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
-    A = tl.zeros((C, C), dtype=tl.float32)
-    P = tl.zeros((C, C), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        m = tm[:, None] & km[None, :]
-        # [C, BK]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
-        A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
-    A = tl.where(rows[:, None] > rows[None, :], A, 0.0)
-    A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] row t's C entries
-    tl.store(p_ptr + cc, P, mask=tm[:, None])
-    tl.store(a_ptr + cc, A, mask=tm[:, None])  # for the backward: A_ij / β_i and A_inv
+    A = tl.load(a_ptr + cc, mask=tm[:, None], other=0.0)  # strictly lower, without β
+    A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -1422,15 +1454,15 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         m = tm[:, None] & km[None, :]
         q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
-        G_L = tl.sum(tl.where(rows[:, None] == C - 1, G, 0.0), axis=0)  # [BK] (gates past T are 0)
-        eG = tl.exp(G.to(tl.float32))
+        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
+        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        eG = tl.exp(G)
         off = hv_k[:, None] + ks[None, :]
         w = tl.dot(A_inv, k * (beta[:, None] * eG), input_precision=PRECISION)  # [C, BK]
         tl.store(w_ptr + off, w, mask=m)
         tl.store(qg_ptr + off, q * eG, mask=m)
-        tl.store(kd_ptr + off, k * tl.exp((G_L[None, :] - G).to(tl.float32)), mask=m)
-        tl.store(gl_ptr + (bh * NT + n) * K + ks, tl.exp(G_L.to(tl.float32)), mask=km)
+        tl.store(kd_ptr + off, k * tl.exp(to_end), mask=m)
+        tl.store(gl_ptr + (bh * NT + n) * K + ks, tl.exp(G_L), mask=km)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         m = tm[:, None] & (vs[None, :] < V)
@@ -1538,9 +1570,14 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     u = torch.empty(B, T, HV, V, **f32)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
-    runtime.launch("kda.fwd_intra", _kda_fwd_intra_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, w, u, qg, kd, gl, p, a, ainv, T, H, HV, K, V, NT),
-                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+    runtime.launch("kda.fwd_products", _kda_fwd_products_kernel,
+                   lambda c: (NT * (_C // _BC), B * HV),
+                   (q, k, g, p, a, T, H, HV, K),
+                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), BKD=_pow2(K), PRECISION=prec),
+                   **_options(q, v))
+    runtime.launch("kda.fwd_wy", _kda_fwd_wy_kernel, lambda c: (NT, B * HV),
+                   (q, k, v, g, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, **f32)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
@@ -1585,9 +1622,12 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 # $$
 #
 # and the same with $q$ for $P$. $R$ and $C$ are the forward's intra-chunk products run backwards — a matrix times
-# decayed keys — so `_intra_grads` computes them with the same sub-chunks and reference points. Every other
+# decayed keys — so they take the forward's split too: the chunk kernel stores $dA$ and $dP$, and
+# `_kda_bwd_products_kernel`, one program per sub-chunk and block of 32 channels, computes $R$ and $C$ for the
+# sub-chunk's rows with the reference points before it ($R$) and after it ($C$) and diagonals inside it. Every other
 # gate term is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's gradient is
-# $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum.
+# $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum, taken last
+# (`_chunk_suffix_sums_kernel`), once every sub-chunk's $dG$ is in.
 
 # %%
 #| export kda.chunk_bwd
@@ -1596,8 +1636,8 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _pow2, _precision
-from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _local_gates, _options, _row_of_block,
+from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _decay_sums, _load_gates, _options,
                                       _v_tile)
 
 
@@ -1652,66 +1692,121 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
 
-
-@triton.jit
-def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send
-    back through A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG)
-    [C, BK]:
-        R_i = Σ_j dA_ij k_j ⊙ Γ_ij,  C_j = Σ_i dA_ij k_i ⊙ Γ_ij  (Rq, Cq with dP, and q_i in Cq)
-        dq = Rq;  dk = R + C + Cq;  dG = k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq
-    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column
-    offsets."""
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    blk = rows // BC
-    off = blk[:, None] > blk[None, :]
-    R = tl.zeros((C, BK), dtype=tl.float32)
-    Cg = tl.zeros((C, BK), dtype=tl.float32)
-    Rq = tl.zeros((C, BK), dtype=tl.float32)
-    Cq = tl.zeros((C, BK), dtype=tl.float32)
-    for I in tl.static_range(1, C // BC):  # rows of sub-chunk I against the keys before r = I·BC
-        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK]
-        mine = blk == I
-        # ≤ 1
-        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
-        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
-                              float("-inf")))
-        # [C, C] rows of sub-chunk I, off-diagonal blocks
-        dA_I = tl.where(mine[:, None] & off, dA, 0.0)
-        dP_I = tl.where(mine[:, None] & off, dP, 0.0)
-        k_j = k * e_j
-        R += e_i * tl.dot(dA_I, k_j, input_precision=PRECISION)
-        Rq += e_i * tl.dot(dP_I, k_j, input_precision=PRECISION)
-        Cg += e_j * tl.dot(tl.trans(dA_I), k * e_i, input_precision=PRECISION)
-        Cq += e_j * tl.dot(tl.trans(dP_I), q * e_i, input_precision=PRECISION)
-    for jl in tl.static_range(BC):  # diagonal blocks
-        target = blk * BC + jl  # [C] row i's column (R), row j's partner row (C)
-        G_l = _row_of_block(G, jl, C, BC, BK)
-        k_l = _row_of_block(k, jl, C, BC, BK)
-        # R: row i, column j = target_i ≤ i
-        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_l).to(tl.float32), float("-inf")))
-        pick_col = cols[None, :] == target[:, None]  # [C, C]
-        R += tl.sum(tl.where(pick_col, dA, 0.0), axis=1)[:, None] * k_l * e
-        Rq += tl.sum(tl.where(pick_col, dP, 0.0), axis=1)[:, None] * k_l * e
-        # C: row j, partner i = target_j ≥ j
-        e2 = tl.exp(tl.where(((rows % BC) <= jl)[:, None], (G_l - G).to(tl.float32), float("-inf")))
-        pick_row = rows[:, None] == target[None, :]  # [C, C]: entry (target_j, j)
-        Cg += tl.sum(tl.where(pick_row, dA, 0.0), axis=0)[:, None] * k_l * e2
-        q_l = _row_of_block(q, jl, C, BC, BK)
-        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * q_l * e2
-    return Rq, R + Cg + Cq, k * (R - Cg) + q * Rq - k * Cq
+# %% [markdown]
+# The per-sub-chunk kernel, the forward's products kernel run backwards, and the suffix sums that finish $dg$:
 
 # %%
 #| export kda.chunk_bwd
 @triton.jit
-def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr,
-                          states_ptr,
-                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
-                          scale,
-                          T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr, dg_ptr, T, H,
+                             HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """What dA and dP send back through the intra-chunk products, added to the terms the chunk
+    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums`).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
+    Grid (NT · C/BC, B · HV, cdiv(K, BK)).
+    Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
+    (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
+    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points as the forward's, the
+    diagonal block one diagonal at a time):
+        R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
+        C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
+        dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
+    nI = tl.program_id(0)
+    n, I = nI // (C // BC), nI % (C // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    km = ks < K
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's rows r0 … r1
+    r1 = r0 + BC - 1
+    ri = r0 + tl.arange(0, BC)
+    rj = tl.arange(0, C)
+    ti, tj = n * C + ri, n * C + rj
+    qk_i = (b * T * H + h) * K + ti * H * K  # [BC] the sub-chunk's q and k rows
+    qk_j = (b * T * H + h) * K + tj * H * K  # [C] the chunk's
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    mi = (ti < T)[:, None] & km[None, :]
+    mj = (tj < T)[:, None] & km[None, :]
+    q = tl.load(q_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    # decays to the reference points r0 − 1 (keys before I) and r1 (queries after I), all ≤ 1
+    into, onward = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r1)
+    _, before = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+    after, _ = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, r1 + 1, C - 1)
+    k_all = tl.load(k_ptr + qk_j[:, None] + ks[None, :], mask=mj, other=0.0).to(tl.float32)
+    q_all = tl.load(q_ptr + qk_j[:, None] + ks[None, :], mask=mj & (rj > r1)[:, None],
+                    other=0.0).to(tl.float32)
+    kb = k_all * tl.exp(tl.where((rj < r0)[:, None], before, float("-inf")))  # [C, BK]
+    later = tl.exp(tl.where((rj > r1)[:, None], after, float("-inf")))
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of dA and dP starts
+    rows_I = row_i[:, None] + rj[None, :]  # [BC, C] entries (i, j)
+    cols_I = ((b * T * HV + hv) + tj[None, :] * HV) * C + ri[:, None]  # [BC, C] entries (j, i)
+    dA_r = tl.load(da_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
+    dP_r = tl.load(dp_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
+    dA_c = tl.load(da_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
+    dP_c = tl.load(dp_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
+    e_i = tl.exp(into)
+    e_j = tl.exp(onward)
+    R = e_i * tl.dot(dA_r, kb, input_precision=PRECISION)
+    Rq = e_i * tl.dot(dP_r, kb, input_precision=PRECISION)
+    Cg = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
+    Cq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
+    # the diagonal block: d = 0 (P only), then the pairs (i, i − d) and (j + d, j)
+    dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
+    Rq += dP_ii * k
+    Cq += dP_ii * q
+    D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
+    U = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_ptr + qk_i[:, None] - d * H * K + ks[None, :],
+                     mask=ok[:, None] & km[None, :], other=0.0).to(tl.float32) * tl.exp(D)
+        R += tl.load(da_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
+        Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
+        ok = (r1 - ri >= d) & (ti + d < T)
+        m = ok[:, None] & km[None, :]
+        U += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
+        decay = tl.exp(U)
+        ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
+        qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
+        row_id = row_i + d * HV * C  # row i + d of dA and dP
+        Cg += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+            ku.to(tl.float32) * decay)
+        Cq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+            qu.to(tl.float32) * decay)
+    off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
+    tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
+    tl.store(dk_ptr + off, R + Cg + Cq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
+    dG = k * (R - Cg) + q * Rq - k * Cq + tl.load(dg_ptr + off, mask=mi, other=0.0)
+    tl.store(dg_ptr + off, dG, mask=mi)
+
+# %%
+#| export kda.chunk_bwd
+@triton.jit
+def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr):
+    """x [B, T, HV, K] ← x_t + x_{t+1} + … up to its chunk's last row, in place (dg from dG).
+    Program: one chunk n of one (batch b, value head hv) and one block of K. Grid (NT, B · HV,
+    cdiv(K, BK))."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    t = n * C + tl.arange(0, C)
+    b, hv = bh // HV, bh % HV
+    off = ((b * T * HV + hv) * K + t * HV * K)[:, None] + ks[None, :]
+    m = (t < T)[:, None] & (ks < K)[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0)
+    tl.store(x_ptr + off, tl.cumsum(x, axis=0, reverse=True), mask=m)
+
+# %%
+#| export kda.chunk_bwd
+@triton.jit
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
+                          states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                          dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ
     (fp32).
 
@@ -1762,10 +1857,10 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         m_k = tm[:, None] & km[None, :]
         q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
-        G_L = tl.sum(tl.where(rows[:, None] == C - 1, G, 0.0), axis=0)  # [BK]
-        eG = tl.exp(G.to(tl.float32))
-        to_end = tl.exp((G_L[None, :] - G).to(tl.float32))  # [C, BK] e^{G_L − G}
+        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
+        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        eG = tl.exp(G)
+        to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
         dqg = tl.zeros((C, BK), dtype=tl.float32)
         dW = tl.zeros((C, BK), dtype=tl.float32)
         dkd = tl.zeros((C, BK), dtype=tl.float32)
@@ -1792,7 +1887,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         dbeta += tl.sum(dX * k * eG, axis=1)
         kd = k * to_end
         dG = dX * X + dqg * q * eG - dkd * kd
-        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L.to(tl.float32))  # [BK] through e^{G_L}
+        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L)  # [BK] through e^{G_L}
         # G_L is the G of the chunk's last token (gates past T are 0)
         last = tl.minimum(C - 1, T - 1 - n * C)
         dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
@@ -1806,22 +1901,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     # A_ij = β_i · a_ij
     dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)
     dA = dA * beta[:, None]  # ∂L/∂a_ij
-    tl.debug_barrier()  # pass 2's stores are read back by pass 3, by other threads of this program
-    for k0 in range(0, K, BK):  # pass 3: through A and P
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        m_k = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
-        dq, dk, dG = _intra_grads(q, k, G, dA, dP, C, BC, BK, PRECISION)
-        off = hv_k[:, None] + ks[None, :]
-        dq += tl.load(dq_ptr + off, mask=m_k, other=0.0)
-        dk += tl.load(dk_ptr + off, mask=m_k, other=0.0)
-        dG += tl.load(dg_ptr + off, mask=m_k, other=0.0)
-        tl.store(dq_ptr + off, dq, mask=m_k)
-        tl.store(dk_ptr + off, dk, mask=m_k)
-        tl.store(dg_ptr + off, tl.cumsum(dG, axis=0, reverse=True), mask=m_k)
+    tl.store(da_ptr + cc, dA, mask=tm[:, None])  # for the products kernel
+    tl.store(dp_ptr + cc, dP, mask=tm[:, None])
     tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
 
 # %%
@@ -1849,11 +1930,19 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, HV, V, **f32)
     dbeta = torch.empty(B, T, HV, **f32)
+    da, dp = (torch.empty(B, T, HV, _C, **f32) for _ in range(2))
     runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do,
-                    du,
-                    dq, dk, dv, dg, dbeta, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   (q, k, v, g, beta, s["a"], s["ainv"], s["u"], s["states"], dstates, do, du, dq,
+                    dk, dv, dg, dbeta, da, dp, scale, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
+    BK = min(_pow2(K), _COLUMNS)
+    runtime.launch("kda.bwd_products", _kda_bwd_products_kernel,
+                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
+                   (q, k, g, da, dp, dq, dk, dg, T, H, HV, K),
+                   dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
+    runtime.launch("kda.suffix_sums", _chunk_suffix_sums_kernel,
+                   lambda c: (NT, B * HV, triton.cdiv(K, BK)), (dg, T, HV, K), dict(C=_C, BK=BK),
                    **_options(q, v))
     return dq, dk, dv, dg, dbeta, dh0
 
@@ -1862,11 +1951,11 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 # ### Launch and autograd
 #
 # `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the
-# interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the three
-# kernels. The autograd function keeps the forward's fp32 intermediates for the two backward kernels, and chapter
+# interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the four
+# kernels. The autograd function keeps the forward's fp32 intermediates for the backward's kernels, and chapter
 # 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
-# normalisation. On a GPU whose shared memory the two backward kernels outgrow — a T4's 64 KiB, against the 68 and
-# 112 KiB they ask for at $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch
+# normalisation. On a GPU whose shared memory the backward's reverse scan outgrows — a T4's 64 KiB, against the
+# 68 KiB it asks for at $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch
 # chunk form (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit).
 
 # %%
@@ -1933,7 +2022,7 @@ class _ChunkKDA(torch.autograd.Function):
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm=False):
-    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (three kernels) and backward (two).
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward and backward (four kernels each).
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
     bfloat16 (not bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite

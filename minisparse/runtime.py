@@ -296,23 +296,27 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
-    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. Shared memory at
-    # K = V = 128 as compiled on a CPU (bench/notes/kda.md, not yet timed): the scans stage [C, K] fp32 tiles, so
-    # they run one stage; on a T4 (64 KiB) the forward fits, the backward's kernels do not and chunk_kda's
-    # backward falls back to PyTorch there.
-    "kda.fwd_intra": {  # 48 KiB; 8 warps spill 284 B of registers on sm_90, 4 warps 1 KiB
+    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. H200 order from a
+    # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans stage [C, K] fp32
+    # tiles, so their second stage needs an H100/H200's shared memory and older GPUs take the next configuration.
+    "kda.fwd_products": {  # one sub-chunk's rows of A and P a program
+        "interpreter": [_cfg()],
+        "sm_80": [_cfg(4, 1), _cfg(2, 1)],
+        "sm_75": [_cfg(4, 1), _cfg(2, 1)],
+    },
+    "kda.fwd_wy": {
         "interpreter": [_cfg(BV=64)],
-        "sm_80": [_cfg(8, 2, BV=64), _cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
+        "sm_80": [_cfg(2, 1, BV=32), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_states": {  # 56 KiB (sm_90), 40 KiB (sm_75) at 8 warps, 1 stage
+    "kda.fwd_states": {  # 168 KiB at 4 warps, 2 stages; 56 KiB (sm_90), 40 KiB (sm_75) at 8 warps, 1 stage
         "interpreter": [_cfg(1, 1, BV=64)],
-        "sm_80": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+        "sm_80": [_cfg(4, 2, BV=32), _cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_output": {  # 64 KiB at BV = 64, 2 stages; 24 KiB at BV = 32, 1 stage
+    "kda.fwd_output": {  # 24 KiB at BV = 32, 1 stage
         "interpreter": [_cfg(BV=64)],
-        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 1, BV=32)],
+        "sm_80": [_cfg(4, 1, BV=32), _cfg(4, 2, BV=64)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
@@ -326,6 +330,12 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=16)],
     },
+    "kda.bwd_products": {  # one sub-chunk's rows and one block of 32 channels a program
+        "interpreter": [_cfg()],
+        "sm_80": [_cfg(2, 1), _cfg(4, 1)],
+        "sm_75": [_cfg(4, 1), _cfg(2, 1)],
+    },
+    "kda.suffix_sums": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 2)]},
     # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
     # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
     # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage; the H100/H200 row is unmeasured (no sweep yet).

@@ -165,8 +165,10 @@ SPECS = [
          dict(BK=128, HAS_H0=True, STORE_HT=True, L2NORM=True), "q_ptr k_ptr v_ptr o_ptr", fit=_v_tile(128)),
     # chapter 6, bench/kda.py: H = HV = 16, K = V = 128, use_qk_l2norm (q, k normalised in fp16 first); every
     # intermediate fp32
-    Spec("kda.fwd_intra", "minisparse.kda.chunk_fwd:_kda_fwd_intra_kernel",
-         dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr", floats="", fit=_v_tile(128)),
+    Spec("kda.fwd_products", "minisparse.kda.chunk_fwd:_kda_fwd_products_kernel",
+         dict(C=64, BC=16, BK=32, BKD=128, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
+    Spec("kda.fwd_wy", "minisparse.kda.chunk_fwd:_kda_fwd_wy_kernel",
+         dict(C=64, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr", floats="", fit=_v_tile(128)),
     Spec("kda.fwd_states", "minisparse.kda.chunk_fwd:_kda_fwd_states_kernel",
          dict(C=64, BK=128, HAS_H0=False, STORE_HT=False, PRECISION="tf32"), "", floats="", fit=_v_tile(128)),
     Spec("kda.fwd_output", "minisparse.kda.chunk_fwd:_kda_fwd_output_kernel",
@@ -174,7 +176,11 @@ SPECS = [
     Spec("kda.bwd_states", "minisparse.kda.chunk_bwd:_kda_bwd_states_kernel",
          dict(C=64, BK=128, HAS_DHT=False, STORE_DH0=False, PRECISION="tf32"), "do_ptr", fit=_v_tile(128)),
     Spec("kda.bwd_chunk", "minisparse.kda.chunk_bwd:_kda_bwd_chunk_kernel",
-         dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),
+         dict(C=64, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),
+    Spec("kda.bwd_products", "minisparse.kda.chunk_bwd:_kda_bwd_products_kernel",
+         dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
+    Spec("kda.suffix_sums", "minisparse.kda.chunk_bwd:_chunk_suffix_sums_kernel", dict(C=64, BK=32), "",
+         floats=""),
     Spec("kda.fused_recurrent", "minisparse.kda.fused_recurrent:_kda_fused_recurrent_kernel",
          dict(BK=128, HAS_H0=True, STORE_HT=True, L2NORM=True), "q_ptr k_ptr v_ptr o_ptr", fit=_v_tile(128)),
     # chapter 7, bench/nsa.py (see _NSA, _MOBA); the top-n at T = 64K: N = 1024 summaries

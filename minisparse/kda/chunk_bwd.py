@@ -4,8 +4,8 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _pow2, _precision
-from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _local_gates, _options, _row_of_block,
+from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _decay_sums, _load_gates, _options,
                                       _v_tile)
 
 
@@ -62,63 +62,113 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
 
 @triton.jit
-def _intra_grads(q, k, G, dA, dP, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """For one block of BK channels, what dA (∂L/∂ of A_ij/β_i, strictly lower) and dP (lower) send
-    back through A_ij/β_i = Σ_c k_ic k_jc Γ_ijc and P_ij = Σ_c q_ic k_jc Γ_ijc -> (dq, dk, dG)
-    [C, BK]:
-        R_i = Σ_j dA_ij k_j ⊙ Γ_ij,  C_j = Σ_i dA_ij k_i ⊙ Γ_ij  (Rq, Cq with dP, and q_i in Cq)
-        dq = Rq;  dk = R + C + Cq;  dG = k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq
-    Off-diagonal sub-chunk blocks by the forward's reference points; diagonal blocks by column
-    offsets."""
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    blk = rows // BC
-    off = blk[:, None] > blk[None, :]
-    R = tl.zeros((C, BK), dtype=tl.float32)
-    Cg = tl.zeros((C, BK), dtype=tl.float32)
-    Rq = tl.zeros((C, BK), dtype=tl.float32)
-    Cq = tl.zeros((C, BK), dtype=tl.float32)
-    for I in tl.static_range(1, C // BC):  # rows of sub-chunk I against the keys before r = I·BC
-        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)  # [BK]
-        mine = blk == I
-        # ≤ 1
-        e_i = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
-        e_j = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
-                              float("-inf")))
-        # [C, C] rows of sub-chunk I, off-diagonal blocks
-        dA_I = tl.where(mine[:, None] & off, dA, 0.0)
-        dP_I = tl.where(mine[:, None] & off, dP, 0.0)
-        k_j = k * e_j
-        R += e_i * tl.dot(dA_I, k_j, input_precision=PRECISION)
-        Rq += e_i * tl.dot(dP_I, k_j, input_precision=PRECISION)
-        Cg += e_j * tl.dot(tl.trans(dA_I), k * e_i, input_precision=PRECISION)
-        Cq += e_j * tl.dot(tl.trans(dP_I), q * e_i, input_precision=PRECISION)
-    for jl in tl.static_range(BC):  # diagonal blocks
-        target = blk * BC + jl  # [C] row i's column (R), row j's partner row (C)
-        G_l = _row_of_block(G, jl, C, BC, BK)
-        k_l = _row_of_block(k, jl, C, BC, BK)
-        # R: row i, column j = target_i ≤ i
-        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_l).to(tl.float32), float("-inf")))
-        pick_col = cols[None, :] == target[:, None]  # [C, C]
-        R += tl.sum(tl.where(pick_col, dA, 0.0), axis=1)[:, None] * k_l * e
-        Rq += tl.sum(tl.where(pick_col, dP, 0.0), axis=1)[:, None] * k_l * e
-        # C: row j, partner i = target_j ≥ j
-        e2 = tl.exp(tl.where(((rows % BC) <= jl)[:, None], (G_l - G).to(tl.float32), float("-inf")))
-        pick_row = rows[:, None] == target[None, :]  # [C, C]: entry (target_j, j)
-        Cg += tl.sum(tl.where(pick_row, dA, 0.0), axis=0)[:, None] * k_l * e2
-        q_l = _row_of_block(q, jl, C, BC, BK)
-        Cq += tl.sum(tl.where(pick_row, dP, 0.0), axis=0)[:, None] * q_l * e2
-    return Rq, R + Cg + Cq, k * (R - Cg) + q * Rq - k * Cq
+def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr, dg_ptr, T, H,
+                             HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """What dA and dP send back through the intra-chunk products, added to the terms the chunk
+    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums`).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
+    Grid (NT · C/BC, B · HV, cdiv(K, BK)).
+    Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
+    (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
+    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points as the forward's, the
+    diagonal block one diagonal at a time):
+        R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
+        C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
+        dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
+    nI = tl.program_id(0)
+    n, I = nI // (C // BC), nI % (C // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    km = ks < K
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's rows r0 … r1
+    r1 = r0 + BC - 1
+    ri = r0 + tl.arange(0, BC)
+    rj = tl.arange(0, C)
+    ti, tj = n * C + ri, n * C + rj
+    qk_i = (b * T * H + h) * K + ti * H * K  # [BC] the sub-chunk's q and k rows
+    qk_j = (b * T * H + h) * K + tj * H * K  # [C] the chunk's
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    mi = (ti < T)[:, None] & km[None, :]
+    mj = (tj < T)[:, None] & km[None, :]
+    q = tl.load(q_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    # decays to the reference points r0 − 1 (keys before I) and r1 (queries after I), all ≤ 1
+    into, onward = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r1)
+    _, before = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+    after, _ = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, r1 + 1, C - 1)
+    k_all = tl.load(k_ptr + qk_j[:, None] + ks[None, :], mask=mj, other=0.0).to(tl.float32)
+    q_all = tl.load(q_ptr + qk_j[:, None] + ks[None, :], mask=mj & (rj > r1)[:, None],
+                    other=0.0).to(tl.float32)
+    kb = k_all * tl.exp(tl.where((rj < r0)[:, None], before, float("-inf")))  # [C, BK]
+    later = tl.exp(tl.where((rj > r1)[:, None], after, float("-inf")))
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of dA and dP starts
+    rows_I = row_i[:, None] + rj[None, :]  # [BC, C] entries (i, j)
+    cols_I = ((b * T * HV + hv) + tj[None, :] * HV) * C + ri[:, None]  # [BC, C] entries (j, i)
+    dA_r = tl.load(da_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
+    dP_r = tl.load(dp_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
+    dA_c = tl.load(da_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
+    dP_c = tl.load(dp_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
+    e_i = tl.exp(into)
+    e_j = tl.exp(onward)
+    R = e_i * tl.dot(dA_r, kb, input_precision=PRECISION)
+    Rq = e_i * tl.dot(dP_r, kb, input_precision=PRECISION)
+    Cg = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
+    Cq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
+    # the diagonal block: d = 0 (P only), then the pairs (i, i − d) and (j + d, j)
+    dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
+    Rq += dP_ii * k
+    Cq += dP_ii * q
+    D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
+    U = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_ptr + qk_i[:, None] - d * H * K + ks[None, :],
+                     mask=ok[:, None] & km[None, :], other=0.0).to(tl.float32) * tl.exp(D)
+        R += tl.load(da_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
+        Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
+        ok = (r1 - ri >= d) & (ti + d < T)
+        m = ok[:, None] & km[None, :]
+        U += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
+        decay = tl.exp(U)
+        ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
+        qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
+        row_id = row_i + d * HV * C  # row i + d of dA and dP
+        Cg += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+            ku.to(tl.float32) * decay)
+        Cq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+            qu.to(tl.float32) * decay)
+    off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
+    tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
+    tl.store(dk_ptr + off, R + Cg + Cq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
+    dG = k * (R - Cg) + q * Rq - k * Cq + tl.load(dg_ptr + off, mask=mi, other=0.0)
+    tl.store(dg_ptr + off, dG, mask=mi)
 
 
 @triton.jit
-def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, p_ptr, u_ptr,
-                          states_ptr,
-                          dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
-                          scale,
-                          T, H, HV, K, V, NT, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                          BV: tl.constexpr, PRECISION: tl.constexpr):
+def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr):
+    """x [B, T, HV, K] ← x_t + x_{t+1} + … up to its chunk's last row, in place (dg from dG).
+    Program: one chunk n of one (batch b, value head hv) and one block of K. Grid (NT, B · HV,
+    cdiv(K, BK))."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    t = n * C + tl.arange(0, C)
+    b, hv = bh // HV, bh % HV
+    off = ((b * T * HV + hv) * K + t * HV * K)[:, None] + ks[None, :]
+    m = (t < T)[:, None] & (ks < K)[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0)
+    tl.store(x_ptr + off, tl.cumsum(x, axis=0, reverse=True), mask=m)
+
+
+@triton.jit
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
+                          states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                          dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ
     (fp32).
 
@@ -169,10 +219,10 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         m_k = tm[:, None] & km[None, :]
         q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
-        G_L = tl.sum(tl.where(rows[:, None] == C - 1, G, 0.0), axis=0)  # [BK]
-        eG = tl.exp(G.to(tl.float32))
-        to_end = tl.exp((G_L[None, :] - G).to(tl.float32))  # [C, BK] e^{G_L − G}
+        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
+        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        eG = tl.exp(G)
+        to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
         dqg = tl.zeros((C, BK), dtype=tl.float32)
         dW = tl.zeros((C, BK), dtype=tl.float32)
         dkd = tl.zeros((C, BK), dtype=tl.float32)
@@ -199,7 +249,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         dbeta += tl.sum(dX * k * eG, axis=1)
         kd = k * to_end
         dG = dX * X + dqg * q * eG - dkd * kd
-        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L.to(tl.float32))  # [BK] through e^{G_L}
+        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L)  # [BK] through e^{G_L}
         # G_L is the G of the chunk's last token (gates past T are 0)
         last = tl.minimum(C - 1, T - 1 - n * C)
         dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
@@ -213,22 +263,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     # A_ij = β_i · a_ij
     dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)
     dA = dA * beta[:, None]  # ∂L/∂a_ij
-    tl.debug_barrier()  # pass 2's stores are read back by pass 3, by other threads of this program
-    for k0 in range(0, K, BK):  # pass 3: through A and P
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        m_k = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
-        dq, dk, dG = _intra_grads(q, k, G, dA, dP, C, BC, BK, PRECISION)
-        off = hv_k[:, None] + ks[None, :]
-        dq += tl.load(dq_ptr + off, mask=m_k, other=0.0)
-        dk += tl.load(dk_ptr + off, mask=m_k, other=0.0)
-        dG += tl.load(dg_ptr + off, mask=m_k, other=0.0)
-        tl.store(dq_ptr + off, dq, mask=m_k)
-        tl.store(dk_ptr + off, dk, mask=m_k)
-        tl.store(dg_ptr + off, tl.cumsum(dG, axis=0, reverse=True), mask=m_k)
+    tl.store(da_ptr + cc, dA, mask=tm[:, None])  # for the products kernel
+    tl.store(dp_ptr + cc, dP, mask=tm[:, None])
     tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
 
 
@@ -255,11 +291,19 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, HV, V, **f32)
     dbeta = torch.empty(B, T, HV, **f32)
+    da, dp = (torch.empty(B, T, HV, _C, **f32) for _ in range(2))
     runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, s["a"], s["ainv"], s["p"], s["u"], s["states"], dstates, do,
-                    du,
-                    dq, dk, dv, dg, dbeta, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   (q, k, v, g, beta, s["a"], s["ainv"], s["u"], s["states"], dstates, do, du, dq,
+                    dk, dv, dg, dbeta, da, dp, scale, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   **_options(q, v))
+    BK = min(_pow2(K), _COLUMNS)
+    runtime.launch("kda.bwd_products", _kda_bwd_products_kernel,
+                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
+                   (q, k, g, da, dp, dq, dk, dg, T, H, HV, K),
+                   dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
+    runtime.launch("kda.suffix_sums", _chunk_suffix_sums_kernel,
+                   lambda c: (NT, B * HV, triton.cdiv(K, BK)), (dg, T, HV, K), dict(C=_C, BK=BK),
                    **_options(q, v))
     return dq, dk, dv, dg, dbeta, dh0
 

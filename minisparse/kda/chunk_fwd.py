@@ -8,64 +8,102 @@ from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower
 
 _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
-_COLUMNS = 32  # the intra kernel walks K in blocks of this many channels
+_COLUMNS = 32  # the products and WY kernels walk K in blocks of this many channels
 _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., backend='naive')"
 
 
-@triton.jit
-def _local_gates(g_ptr, rows, tm, ks, km, HV, K):
-    """The chunk's local cumulative log gates G [C, BK] for channels ks, in float64 (0 past T and
-    past K; gates clamped at −1000, which changes no float32 decay): differences of G are sums of
-    gates to about 1e-11."""
-    g = tl.load(g_ptr + rows[:, None] * HV * K + ks[None, :], mask=tm[:, None] & km[None, :],
-                other=0.0)
-    return tl.cumsum(tl.maximum(g.to(tl.float32), -1000.0).to(tl.float64), axis=0)
+_GATE_FLOOR = tl.constexpr(-1000.0)  # gates are clamped here: e^-1000 is 0 in float32, as e^-1e30
 
 
 @triton.jit
-def _row_of_block(X, jl, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """X [C, BK] -> [C, BK] whose row i is X's row (i // BC)·BC + jl: row jl of each sub-chunk,
-    repeated over it."""
-    NB: tl.constexpr = C // BC
-    X3 = tl.reshape(X, (NB, BC, BK))
-    pick = tl.arange(0, BC)[None, :, None] == jl
-    row = tl.sum(tl.where(pick, X3, tl.zeros_like(X3)), axis=1)  # [NB, BK]
-    return tl.reshape(tl.broadcast_to(row[:, None, :], (NB, BC, BK)), (C, BK))
+def _load_gates(g_rows, ok, ks, km):
+    """Log gates [R, BK] of the rows at g_rows (pointers to their first channel), 0 where not ok,
+    clamped at −1000, float32."""
+    g = tl.load(g_rows[:, None] + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0)
+    return tl.maximum(g.to(tl.float32), _GATE_FLOOR)
 
 
 @triton.jit
-def _intra_products(q, k, G, A, P, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """Add one block of BK channels to A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, unscaled) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i): q, k [C, BK] float32, G [C, BK] float64, A, P [C,
-    C] float32.
-    Off-diagonal sub-chunk blocks by reference points (one tile product per sub-chunk), diagonal
-    blocks by column offsets."""
-    rows = tl.arange(0, C)
-    # queries of sub-chunk I, keys before its first row r = I·BC
-    for I in tl.static_range(1, C // BC):
-        # [BK] G at the reference point
-        G_r = tl.sum(tl.where(rows[:, None] == I * BC, G, 0.0), axis=0)
-        mine = (rows // BC) == I
-        # ≤ 1
-        e_q = tl.exp(tl.where(mine[:, None], (G - G_r[None, :]).to(tl.float32), float("-inf")))
-        e_k = tl.exp(tl.where((rows < I * BC)[:, None], (G_r[None, :] - G).to(tl.float32),
-                              float("-inf")))  # ≤ 1
-        k_r = k * e_k  # [C, BK] keys decayed to the reference point
-        A = tl.dot(k * e_q, tl.trans(k_r), A, input_precision=PRECISION)
-        P = tl.dot(q * e_q, tl.trans(k_r), P, input_precision=PRECISION)
-    # diagonal blocks: column (i // BC)·BC + jl of every row i at once
-    for jl in tl.static_range(BC):
-        k_j = _row_of_block(k, jl, C, BC, BK)
-        G_j = _row_of_block(G, jl, C, BC, BK)
-        # ≤ 1
-        e = tl.exp(tl.where(((rows % BC) >= jl)[:, None], (G - G_j).to(tl.float32), float("-inf")))
-        ke = k_j * e
-        col = (rows // BC) * BC + jl  # [C] the column each row fills
-        hit = tl.arange(0, C)[None, :] == col[:, None]  # [C, C]
-        A += tl.where(hit, tl.sum(k * ke, axis=1)[:, None], 0.0)
-        P += tl.where(hit, tl.sum(q * ke, axis=1)[:, None], 0.0)
-    return A, P
+def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
+    """Sums of the log gates of one chunk's rows first … last for channels ks, float32 (gates past T
+    and K are 0), each a sum of gates and never a difference of two long sums, so every decay
+    built from them is exact to float32 rounding however small the gates:
+        into [R, BK]: g_first + … + g_i   (rows i in first … last; 0 elsewhere)
+        onward [R, BK]: g_{i+1} + … + g_last   (0 at last and past it)."""
+    ok = (rows >= first) & (rows <= last) & (t < T)
+    into = tl.cumsum(_load_gates(g_chunk + rows * HV * K, ok, ks, km), axis=0)
+    ok_next = (rows + 1 >= first) & (rows + 1 <= last) & (t + 1 < T)
+    onward = tl.cumsum(_load_gates(g_chunk + (rows + 1) * HV * K, ok_next, ks, km), axis=0,
+                       reverse=True)
+    return tl.where(ok[:, None], into, 0.0), onward
+
+
+@triton.jit
+def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
+                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             BKD: tl.constexpr, PRECISION: tl.constexpr):
+    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
+    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
+    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
+    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one column of A and P stored a step.
+    Math: keys before the sub-chunk through the reference point r = the row before it (one product
+    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
+    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32), zeros above
+    the diagonal included."""
+    nI = tl.program_id(0)
+    n, I = nI // (C // BC), nI % (C // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's first row in the chunk
+    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
+    rj = tl.arange(0, C)  # [C] the keys' rows
+    ti, tj = n * C + ri, n * C + rj
+    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
+    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
+    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    A = tl.zeros((BC, C), dtype=tl.float32)
+    P = tl.zeros((BC, C), dtype=tl.float32)
+    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        mi = (ti < T)[:, None] & km[None, :]
+        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
+        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
+        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # [C, BK]
+        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
+        e_q = tl.exp(into)
+        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
+        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
+    out = row_i[:, None] + rj[None, :]  # [BC, C]
+    tm = (ti < T)[:, None]
+    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
+    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
+    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
+    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
+    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
+    ks = tl.arange(0, BKD)
+    km = ks < K
+    mi = (ti < T)[:, None] & km[None, :]
+    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
+    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
+    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
+                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
+        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
+        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 
 def _options(x, v):
@@ -76,21 +114,18 @@ def _options(x, v):
 
 
 @triton.jit
-def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
-                          gl_ptr, p_ptr, a_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr,
-                          BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """Everything of one chunk that does not depend on the state.
+def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
+                       gl_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Everything of one chunk that does not depend on the state, given A.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: q, k, g [C, BK] a step over K's channel blocks; A, P, A_inv [C, C] stay in fp32
-    registers; V walked in tiles [C, BV] at the end.
-    Math (rows past T load as 0; G: local cumulative gates; Γ_ij = e^{G_i − G_j} ∈ R^K):
-        A = strictly lower(diag(β) [⟨k_i ⊙ Γ_ij, k_j⟩]),  P = lower([⟨q_i ⊙ Γ_ij, k_j⟩])
-        A_inv = (I + A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
+    Tiling: A, A_inv [C, C] in fp32 registers; K walked in blocks [C, BK], V in tiles [C, BV].
+    Math (rows past T load as 0; G: local cumulative gates):
+        A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], P, A without β and A_inv [B, T, HV, C] (fp32)
-    and gl [B, HV, NT, K]."""
+    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], A_inv [B, T, HV, C] (fp32) and gl [B, HV,
+    NT, K]."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -102,22 +137,9 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
     hv_v = (b * T * HV + hv) * V + t * HV * V  # [C] token t's rows of v and Ũ
     g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K  # the chunk's first gate row
     beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
-    A = tl.zeros((C, C), dtype=tl.float32)
-    P = tl.zeros((C, C), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        m = tm[:, None] & km[None, :]
-        # [C, BK]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)  # [C, BK] float64
-        A, P = _intra_products(q, k, G, A, P, C, BC, BK, PRECISION)
-    A = tl.where(rows[:, None] > rows[None, :], A, 0.0)
-    A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] row t's C entries
-    tl.store(p_ptr + cc, P, mask=tm[:, None])
-    tl.store(a_ptr + cc, A, mask=tm[:, None])  # for the backward: A_ij / β_i and A_inv
+    A = tl.load(a_ptr + cc, mask=tm[:, None], other=0.0)  # strictly lower, without β
+    A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -125,15 +147,15 @@ def _kda_fwd_intra_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, qg
         m = tm[:, None] & km[None, :]
         q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        G = _local_gates(g_chunk, rows, tm, ks, km, HV, K)
-        G_L = tl.sum(tl.where(rows[:, None] == C - 1, G, 0.0), axis=0)  # [BK] (gates past T are 0)
-        eG = tl.exp(G.to(tl.float32))
+        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
+        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        eG = tl.exp(G)
         off = hv_k[:, None] + ks[None, :]
         w = tl.dot(A_inv, k * (beta[:, None] * eG), input_precision=PRECISION)  # [C, BK]
         tl.store(w_ptr + off, w, mask=m)
         tl.store(qg_ptr + off, q * eG, mask=m)
-        tl.store(kd_ptr + off, k * tl.exp((G_L[None, :] - G).to(tl.float32)), mask=m)
-        tl.store(gl_ptr + (bh * NT + n) * K + ks, tl.exp(G_L.to(tl.float32)), mask=km)
+        tl.store(kd_ptr + off, k * tl.exp(to_end), mask=m)
+        tl.store(gl_ptr + (bh * NT + n) * K + ks, tl.exp(G_L), mask=km)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         m = tm[:, None] & (vs[None, :] < V)
@@ -239,9 +261,14 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     u = torch.empty(B, T, HV, V, **f32)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
-    runtime.launch("kda.fwd_intra", _kda_fwd_intra_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, w, u, qg, kd, gl, p, a, ainv, T, H, HV, K, V, NT),
-                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+    runtime.launch("kda.fwd_products", _kda_fwd_products_kernel,
+                   lambda c: (NT * (_C // _BC), B * HV),
+                   (q, k, g, p, a, T, H, HV, K),
+                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), BKD=_pow2(K), PRECISION=prec),
+                   **_options(q, v))
+    runtime.launch("kda.fwd_wy", _kda_fwd_wy_kernel, lambda c: (NT, B * HV),
+                   (q, k, v, g, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V, NT),
+                   dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, **f32)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
