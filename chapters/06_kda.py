@@ -705,15 +705,16 @@ if hf_kimi is not None:
 # %%
 def intra_chunk_products(x, k, g, sub=16):
     """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) for one chunk: x, k [L, K], g [L, K] -> [L, L],
-    by sub-chunks with reference points (off-diagonal blocks: one product each) and column steps
-    (diagonal blocks)."""
+    by sub-chunks with reference points (off-diagonal blocks: one product each; r = the token before
+    the sub-chunk, as the kernel's) and pair by pair (diagonal blocks)."""
     L = x.shape[0]
     G = g.double().cumsum(0)  # [L, K]; float64 so that differences of it are sums of gates
     P = torch.zeros(L, L, dtype=torch.float64)
-    for r in range(sub, L, sub):  # off-diagonal: queries in [r, r + sub), keys before r
-        xq = x[r:r + sub].double() * (G[r:r + sub] - G[r]).exp()  # [sub, K], factors ≤ 1
-        kk = k[:r].double() * (G[r] - G[:r]).exp()  # [r, K], factors ≤ 1
-        P[r:r + sub, :r] = xq @ kk.T
+    for s in range(sub, L, sub):  # off-diagonal: queries in [s, s + sub), keys up to r = s − 1
+        r = s - 1
+        xq = x[s:s + sub].double() * (G[s:s + sub] - G[r]).exp()  # [sub, K], factors ≤ 1
+        kk = k[:s].double() * (G[r] - G[:s]).exp()  # [s, K], factors ≤ 1
+        P[s:s + sub, :s] = xq @ kk.T
     for s in range(0, L, sub):  # diagonal blocks: pair by pair
         for j in range(s, min(s + sub, L)):
             for i in range(j, min(s + sub, L)):
@@ -745,7 +746,7 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 #
 # 1. **`_kda_fwd_products_kernel`** — per sub-chunk of 16 rows, all of them in parallel: the rows of $A$ and $P$ by
 #    the reference point before the sub-chunk (walking $K$ in blocks of 32 channels) and by diagonals inside it
-#    (every channel at once, one column of $A$ and $P$ stored a step).
+#    (every channel at once, one diagonal of $A$ and $P$ stored a step).
 # 2. **`_kda_fwd_wy_kernel`** — per chunk: $A_\text{inv} = (I + \operatorname{diag}(\beta) A)^{-1}$ (chapter 5's
 #    `_unit_lower_inverse`), then $W = A_\text{inv}\operatorname{diag}(\beta)(K \odot e^{G})$,
 #    $\tilde U = A_\text{inv}\operatorname{diag}(\beta)V$, and the decayed rows the other kernels need:
@@ -758,9 +759,11 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # Why two kernels for what one chunk could do: a program that holds all 64 rows, $A$, $P$ and the diagonal walk at
 # once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads;
 # a program per sub-chunk is light, and four times as many run side by side (on the H200 the forward at $B = 2$,
-# $T = 8192$ took 8.7 ms with one program a chunk and 3.4 ms split this way; `bench/notes/kda.md`). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they,
-# the WY kernel, the backward (a reverse scan, a chunk kernel, and a per-sub-chunk kernel that runs the products
-# backwards), the autograd glue and the decoding kernel are in the Engineering notes at the end. Intermediates are
+# $T = 8192$ took 8.7 ms with one program a chunk and 3.4 ms split this way, before the launch configurations were
+# tuned; `bench/notes/kda.md`). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they,
+# the WY kernel, the backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products
+# backwards, and the suffix sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering
+# notes at the end. Intermediates are
 # stored in float32 (the backward reads them); products of float32 operands run in TF32 for 16-bit inputs and in
 # full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row kernel.
 #
@@ -774,7 +777,7 @@ boxes = {
     "in": Box(0, 1.1, "q, k, v\ng, β", w=1.3, h=0.9),
     "AP": Box(2.3, 1.1, "A, P rows by\nreference point\n+ diagonals", w=2.0, h=1.0),
     "inv": Box(4.8, 0.4, "A_inv = (I + βA)⁻¹\n16×16 blocks", w=2.2, h=0.8),
-    "wu": Box(4.8, 1.8, "stores W, Ũ, qg = Q⊙e^G,\nkd = K⊙e^(G_L−G), e^(G_L)", w=2.6, h=0.8),
+    "wu": Box(4.8, 1.8, "stores W, Ũ, A_inv, qg = Q⊙e^G,\nkd = K⊙e^(G_L−G), e^(G_L)", w=2.6, h=0.8),
     "scan": Box(8.1, 2.3, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
     "out": Box(8.1, 0.1, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
 }
@@ -819,7 +822,7 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
     and K are 0), each a sum of gates and never a difference of two long sums, so every decay
     built from them is exact to float32 rounding however small the gates:
         into [R, BK]: g_first + … + g_i   (rows i in first … last; 0 elsewhere)
-        onward [R, BK]: g_{i+1} + … + g_last   (0 at last and past it)."""
+        onward [R, BK]: g_{i+1} + … + g_last   (rows first − 1 … last; 0 past last)."""
     ok = (rows >= first) & (rows <= last) & (t < T)
     into = tl.cumsum(_load_gates(g_chunk + rows * HV * K, ok, ks, km), axis=0)
     ok_next = (rows + 1 >= first) & (rows + 1 <= last) & (t + 1 < T)
@@ -838,11 +841,11 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
     Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
     step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
-    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one column of A and P stored a step.
+    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
     Math: keys before the sub-chunk through the reference point r = the row before it (one product
     of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
-    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32), zeros above
-    the diagonal included."""
+    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
+    and above A's diagonal, above P's."""
     nI = tl.program_id(0)
     n, I = nI // (C // BC), nI % (C // BC)
     bh = tl.program_id(1).to(tl.int64)
@@ -1316,11 +1319,12 @@ check_kda_step_kernel(kda_step_solution)
 #   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij},
 #   k_j\rangle$. The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel
 #   gets tensor-core products back with **sub-chunks of 16 and a reference point** $r$ between every pair
-#   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and handles the $16 \times 16$ diagonal blocks column by
-#   column. The single-reference factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
-# - **Triton**: `chunk_kda` — an intra-chunk kernel (gates, $A$, $P$, UT transform, $W$, $\tilde U$, decayed rows),
-#   a scan, an output kernel; a backward of a reverse scan and one chunk kernel whose intra-chunk gradients reuse the
-#   reference points; `fused_recurrent_kda` for decoding. Equal to the recurrence in fp32 (about $10^{-7}$) forward
+#   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and walks the $16 \times 16$ diagonal blocks one
+#   diagonal at a time; every exponent is a sum of gates over a range, exact in float32. The single-reference
+#   factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
+# - **Triton**: `chunk_kda` — four forward kernels (the products $A$, $P$ a program per sub-chunk; the UT transform
+#   with $W$, $\tilde U$ and the decayed rows; the scan; the output) and four backward ones (a reverse scan, a chunk
+#   kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding. Equal to the recurrence in fp32 (about $10^{-7}$) forward
 #   and every gradient, on odd shapes and gates down to $-10^{30}$.
 # - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
 #   decoding token by token from its state equals the prefill.
@@ -1364,7 +1368,7 @@ check_kda_step_kernel(kda_step_solution)
 # ### The scan and the output kernel
 #
 # The scan keeps one $[K, B_V]$ tile of the state in fp32 registers and walks the chunks; the output kernel is
-# chapter 5's, as section 6.5 says. Neither sees a gate: the intra kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
+# chapter 5's, as section 6.5 says. Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
 # and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
 # newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
 
@@ -1558,7 +1562,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 # %%
 #| export kda.chunk_fwd
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
-    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
+    """The four forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
     intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32).
     """
     B, T, H, K = q.shape
@@ -1599,8 +1603,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 # %% [markdown]
 # ### The backward pass
 #
-# The backward follows chapter 5's split: a reverse scan for what depends on the state, then one parallel kernel a
-# chunk for everything else. Per chunk, with $S_n$ the entering state and $dS'$ the gradient of the leaving one:
+# The backward follows chapter 5's split: a reverse scan for what depends on the state, then parallel kernels for
+# everything else. Per chunk, with $S_n$ the entering state and $dS'$ the gradient of the leaving one:
 #
 # $$
 # \begin{aligned}
@@ -1702,14 +1706,15 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
                              HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                              PRECISION: tl.constexpr):
     """What dA and dP send back through the intra-chunk products, added to the terms the chunk
-    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums`).
+    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums_kernel`).
 
     Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
     Grid (NT · C/BC, B · HV, cdiv(K, BK)).
     Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
     (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
-    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points as the forward's, the
-    diagonal block one diagonal at a time):
+    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
+    keys before it, R; I's last row for the queries after it, C; the diagonal block one diagonal
+    at a time):
         R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
         C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
         dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
@@ -1807,14 +1812,14 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
                           states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                           dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ
-    (fp32).
+    """dv and dβ of one chunk, the terms of dq, dk (per value head) and dG that do not go through A
+    and P, and dA, dP for the products kernel (fp32).
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the
-    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state,
-    stored); K-blocks again for the terms through A and P (_intra_grads), added to what the second
-    pass stored, then dg = reverse cumsum of dG.
+    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; two passes stream the
+    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state and
+    the row scalings, stored in dq, dk, dg). Stores dA (∂L/∂a_ij, strictly lower) and dP (lower)
+    [B, T, HV, C].
     Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
     with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
     their dG terms."""
@@ -1986,7 +1991,7 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 class _ChunkKDA(torch.autograd.Function):
     """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv,
-    the chunk states) for the backward's two kernels."""
+    the chunk states) for the backward's kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):

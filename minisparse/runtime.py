@@ -299,12 +299,12 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. H200 order from a
     # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans stage [C, K] fp32
     # tiles, so their second stage needs an H100/H200's shared memory and older GPUs take the next configuration.
-    "kda.fwd_products": {  # one sub-chunk's rows of A and P a program
+    "kda.fwd_products": {  # one sub-chunk's rows of A and P a program; 10 KiB at 4 warps (sm_90)
         "interpreter": [_cfg()],
         "sm_80": [_cfg(4, 1), _cfg(2, 1)],
         "sm_75": [_cfg(4, 1), _cfg(2, 1)],
     },
-    "kda.fwd_wy": {
+    "kda.fwd_wy": {  # 48 KiB; 2 warps spill 2.5 KB of registers (sm_90) and still time best
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(2, 1, BV=32), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
@@ -325,12 +325,12 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=16)],
     },
-    "kda.bwd_chunk": {  # 160 KiB at 8 warps, 1 stage, BV = 32
+    "kda.bwd_chunk": {  # 60 KiB at 8 warps, 1 stage, BV = 32 (sm_90); 32 KiB at BV = 16 (sm_75)
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=16)],
     },
-    "kda.bwd_products": {  # one sub-chunk's rows and one block of 32 channels a program
+    "kda.bwd_products": {  # one sub-chunk's rows and block of 32 channels a program; 26 KiB
         "interpreter": [_cfg()],
         "sm_80": [_cfg(2, 1), _cfg(4, 1)],
         "sm_75": [_cfg(4, 1), _cfg(2, 1)],

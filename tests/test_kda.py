@@ -650,7 +650,7 @@ def test_chunk_kda_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(m
     from minisparse.kda import chunk, chunk_kda
 
     def too_large(*args, **kwargs):
-        raise runtime.SharedMemoryError("kda.bwd_chunk: the kernel needs more shared memory than this GPU gives a "
+        raise runtime.SharedMemoryError("kda.bwd_states: the kernel needs more shared memory than this GPU gives a "
                                         "block")
 
     monkeypatch.setattr(chunk, "_kda_backward", too_large)

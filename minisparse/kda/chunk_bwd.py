@@ -66,14 +66,15 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
                              HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                              PRECISION: tl.constexpr):
     """What dA and dP send back through the intra-chunk products, added to the terms the chunk
-    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums`).
+    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums_kernel`).
 
     Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
     Grid (NT · C/BC, B · HV, cdiv(K, BK)).
     Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
     (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
-    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points as the forward's, the
-    diagonal block one diagonal at a time):
+    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
+    keys before it, R; I's last row for the queries after it, C; the diagonal block one diagonal
+    at a time):
         R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
         C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
         dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
@@ -169,14 +170,14 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
                           states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                           dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one chunk but dU and the state's: dq, dk (per value head), dv, dg, dβ
-    (fp32).
+    """dv and dβ of one chunk, the terms of dq, dk (per value head) and dG that do not go through A
+    and P, and dA, dP for the products kernel (fp32).
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; three passes stream the
-    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state,
-    stored); K-blocks again for the terms through A and P (_intra_grads), added to what the second
-    pass stored, then dg = reverse cumsum of dG.
+    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; two passes stream the
+    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state and
+    the row scalings, stored in dq, dk, dg). Stores dA (∂L/∂a_ij, strictly lower) and dP (lower)
+    [B, T, HV, C].
     Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
     with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
     their dG terms."""

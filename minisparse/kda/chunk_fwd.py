@@ -29,7 +29,7 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
     and K are 0), each a sum of gates and never a difference of two long sums, so every decay
     built from them is exact to float32 rounding however small the gates:
         into [R, BK]: g_first + … + g_i   (rows i in first … last; 0 elsewhere)
-        onward [R, BK]: g_{i+1} + … + g_last   (0 at last and past it)."""
+        onward [R, BK]: g_{i+1} + … + g_last   (rows first − 1 … last; 0 past last)."""
     ok = (rows >= first) & (rows <= last) & (t < T)
     into = tl.cumsum(_load_gates(g_chunk + rows * HV * K, ok, ks, km), axis=0)
     ok_next = (rows + 1 >= first) & (rows + 1 <= last) & (t + 1 < T)
@@ -48,11 +48,11 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
     Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
     step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
-    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one column of A and P stored a step.
+    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
     Math: keys before the sub-chunk through the reference point r = the row before it (one product
     of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
-    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32), zeros above
-    the diagonal included."""
+    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
+    and above A's diagonal, above P's."""
     nI = tl.program_id(0)
     n, I = nI // (C // BC), nI % (C // BC)
     bh = tl.program_id(1).to(tl.int64)
@@ -249,7 +249,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
 
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
-    """The three forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
+    """The four forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
     intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32).
     """
     B, T, H, K = q.shape
