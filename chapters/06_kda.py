@@ -774,19 +774,19 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 from minisparse.viz import Box
 
 boxes = {
-    "in": Box(0, 1.1, "q, k, v\ng, β", w=1.3, h=0.9),
-    "AP": Box(2.3, 1.1, "A, P rows by\nreference point\n+ diagonals", w=2.0, h=1.0),
-    "inv": Box(4.8, 0.4, "A_inv = (I + βA)⁻¹\n16×16 blocks", w=2.2, h=0.8),
-    "wu": Box(4.8, 1.8, "stores W, Ũ, A_inv, qg = Q⊙e^G,\nkd = K⊙e^(G_L−G), e^(G_L)", w=2.6, h=0.8),
-    "scan": Box(8.1, 2.3, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
-    "out": Box(8.1, 0.1, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
+    "in": Box(0, 0.9, "q, k, v\ng, β", w=1.3, h=0.9),
+    "AP": Box(2.6, 1.7, "A, P rows by\nreference point\n+ diagonals", w=2.0, h=1.0),
+    "inv": Box(5.6, 2.5, "A_inv = (I + βA)⁻¹\n16×16 blocks", w=2.2, h=0.8),
+    "wu": Box(5.6, 1.0, "stores W, Ũ, A_inv,\nqg = Q⊙e^G,\nkd = K⊙e^(G_L−G)", w=2.6, h=1.0),
+    "scan": Box(10.1, 2.4, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
+    "out": Box(6.0, -0.9, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
 }
-arrows = [("in", "AP"), ("AP", "inv", "A"), ("inv", "wu"), ("in", "wu"),
-          ("wu", "scan", "W, Ũ, kd"), ("scan", "out", "Sₙ, U"), ("wu", "out", "qg"),
+arrows = [("in", "AP"), ("in", "wu"), ("AP", "inv", "A"), ("inv", "wu"),
+          ("wu", "scan", "W, Ũ, kd, e^(G_L)"), ("scan", "out", "Sₙ, U"), ("wu", "out", "qg"),
           ("AP", "out", "P")]
 groups = [(["AP"], "1: products — every sub-chunk"), (["inv", "wu"], "2: WY — every chunk"),
-          (["scan"], "3: scan over chunks"), (["out"], "4: output — parallel")]
-viz.schematic(boxes, arrows, groups=groups, size=(11, 3.6),
+          (["scan"], "3: scan over chunks"), (["out"], "4: output — every chunk")]
+viz.schematic(boxes, arrows, groups=groups, size=(11, 4.6),
               title="chunk_kda's forward, one chunk of one head")
 plt.show()
 
