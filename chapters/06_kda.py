@@ -767,8 +767,9 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # stored in float32 (the backward reads them); products of float32 operands run in TF32 for 16-bit inputs and in
 # full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row kernel.
 #
-# The picture: what each kernel reads and writes, one chunk of one head. Below it, the first kernel whole, with its
-# two helpers: `_load_gates` and `_decay_sums`, the range sums of the gates.
+# The picture: what each kernel reads and writes, one chunk of one head. Below it, the two helpers every kernel
+# takes its gates from: `_load_gates`, and `_decay_sums`, the range sums (the kernels themselves are in the
+# Engineering notes).
 
 # %%
 from minisparse.viz import Box
@@ -830,73 +831,6 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
                        reverse=True)
     return tl.where(ok[:, None], into, 0.0), onward
 
-
-@triton.jit
-def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
-                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             BKD: tl.constexpr, PRECISION: tl.constexpr):
-    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
-
-    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
-    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
-    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
-    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
-    Math: keys before the sub-chunk through the reference point r = the row before it (one product
-    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
-    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
-    and above A's diagonal, above P's."""
-    nI = tl.program_id(0)
-    n, I = nI // (C // BC), nI % (C // BC)
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv, h = _heads(bh, H, HV)
-    r0 = I * BC  # the sub-chunk's first row in the chunk
-    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
-    rj = tl.arange(0, C)  # [C] the keys' rows
-    ti, tj = n * C + ri, n * C + rj
-    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
-    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
-    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
-    A = tl.zeros((BC, C), dtype=tl.float32)
-    P = tl.zeros((BC, C), dtype=tl.float32)
-    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        mi = (ti < T)[:, None] & km[None, :]
-        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
-        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
-        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
-        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
-        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)  # [C, BK]
-        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
-        e_q = tl.exp(into)
-        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
-        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
-    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
-    out = row_i[:, None] + rj[None, :]  # [BC, C]
-    tm = (ti < T)[:, None]
-    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
-    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
-    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
-    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
-    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
-    ks = tl.arange(0, BKD)
-    km = ks < K
-    mi = (ti < T)[:, None] & km[None, :]
-    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
-    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
-    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
-    for d in range(1, BC):
-        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
-        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
-        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
-                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
-        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
-        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 # %% [markdown]
 # ### Check it against the spec
@@ -1406,6 +1340,84 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
     if check_values:
         _check_gate_and_beta(op, g, beta)
     return _checks.scale(op, scale, K)
+
+
+# %% [markdown]
+# ### The products kernel
+#
+# `_kda_fwd_products_kernel` is section 6.5's split as a program per sub-chunk: the rows of $A$ and $P$ left of the
+# sub-chunk by one product through the reference point (accumulated over $K$'s blocks of 32 channels), then the
+# diagonal block with every channel at once, one diagonal $(i, i - d)$ a step, each stored as soon as it is summed.
+# It writes whole rows, zeros included, so the next kernels read $A$ and $P$ as plain $[64, 64]$ tiles.
+
+# %%
+#| export kda.chunk_fwd
+@triton.jit
+def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
+                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             BKD: tl.constexpr, PRECISION: tl.constexpr):
+    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
+    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
+    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
+    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
+    Math: keys before the sub-chunk through the reference point r = the row before it (one product
+    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
+    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
+    and above A's diagonal, above P's."""
+    nI = tl.program_id(0)
+    n, I = nI // (C // BC), nI % (C // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's first row in the chunk
+    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
+    rj = tl.arange(0, C)  # [C] the keys' rows
+    ti, tj = n * C + ri, n * C + rj
+    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
+    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
+    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    A = tl.zeros((BC, C), dtype=tl.float32)
+    P = tl.zeros((BC, C), dtype=tl.float32)
+    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        mi = (ti < T)[:, None] & km[None, :]
+        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
+        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
+        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # [C, BK]
+        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
+        e_q = tl.exp(into)
+        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
+        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
+    out = row_i[:, None] + rj[None, :]  # [BC, C]
+    tm = (ti < T)[:, None]
+    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
+    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
+    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
+    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
+    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
+    ks = tl.arange(0, BKD)
+    km = ks < K
+    mi = (ti < T)[:, None] & km[None, :]
+    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
+    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
+    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
+                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
+        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
+        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 
 # %% [markdown]
