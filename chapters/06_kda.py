@@ -1258,8 +1258,9 @@ check_kda_step_kernel(kda_step_solution)
 #   factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
 # - **Triton**: `chunk_kda` — four forward kernels (the products $A$, $P$ a program per sub-chunk; the UT transform
 #   with $W$, $\tilde U$ and the decayed rows; the scan; the output) and four backward ones (a reverse scan, a chunk
-#   kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding. Equal to the recurrence in fp32 (about $10^{-7}$) forward
-#   and every gradient, on odd shapes and gates down to $-10^{30}$.
+#   kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding.
+#   Equal to the recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and gates down to
+#   $-10^{30}$.
 # - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
 #   decoding token by token from its state equals the prefill.
 # - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
