@@ -757,15 +757,14 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
 #
 # Why two kernels for what one chunk could do: a program that holds all 64 rows, $A$, $P$ and the diagonal walk at
-# once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads;
-# a program per sub-chunk is light, and four times as many run side by side (on the H200 the forward at $B = 2$,
-# $T = 8192$ took 8.7 ms with one program a chunk and 3.4 ms split this way, before the launch configurations were
-# tuned; `bench/notes/kda.md`). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they,
-# the WY kernel, the backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products
-# backwards, and the suffix sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering
-# notes at the end. Intermediates are
-# stored in float32 (the backward reads them); products of float32 operands run in TF32 for 16-bit inputs and in
-# full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row kernel.
+# once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads; a
+# program per sub-chunk is light, and four times as many run side by side (`bench/notes/kda.md` measures the
+# difference). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
+# backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products backwards, and the suffix
+# sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering notes at the end.
+# Intermediates are stored in float32 (the backward reads them); products of float32 operands run in TF32 for 16-bit
+# inputs and in full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row
+# kernel.
 #
 # The picture: what each kernel reads and writes, one chunk of one head. Below it, the two helpers every kernel
 # takes its gates from: `_load_gates`, and `_decay_sums`, the range sums (the kernels themselves are in the
@@ -1033,7 +1032,7 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # fla's time and the forward + backward 1.7–1.9×, at every length from 8K to 64K, with accuracy on par (3.1e-3
 # against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the profile: the products
 # kernel, the scan's float32 reads of $W$ and $K \odot e^{G_L - G}$ and, in the backward, the diagonal walk of the
-# products kernel are where fla is faster; they are the next places to work.
+# products kernel are where fla is faster.
 
 # %%
 from minisparse import bench
@@ -1709,8 +1708,114 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
 
+# %%
+#| export kda.chunk_bwd
+@triton.jit
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
+                          states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                          dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """dv and dβ of one chunk, the terms of dq, dk (per value head) and dG that do not go through A
+    and P, and dA, dP for the products kernel (fp32).
+
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; two passes stream the
+    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state and
+    the row scalings, stored in dq, dk, dg). Stores dA (∂L/∂a_ij, strictly lower) and dP (lower)
+    [B, T, HV, C].
+    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
+    with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
+    their dG terms."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    h = hv // (HV // H)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    qk_rows = (b * T * H + h) * K + t * H * K
+    hv_k = (b * T * HV + hv) * K + t * HV * K
+    hv_v = (b * T * HV + hv) * V + t * HV * V
+    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    S_n = states_ptr + (bh * NT + n) * K * V
+    dS_n = dstates_ptr + (bh * NT + n) * K * V
+    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
+    A_inv = tl.load(ainv_ptr + cc, mask=tm[:, None], other=0.0)  # [C, C]
+    dP = tl.zeros((C, C), dtype=tl.float32)
+    dA_inv = tl.zeros((C, C), dtype=tl.float32)
+    dbeta = tl.zeros((C,), dtype=tl.float32)
+    for v0 in range(0, V, BV):  # pass 1: V-tiles
+        vs = v0 + tl.arange(0, BV)
+        m_v = tm[:, None] & (vs[None, :] < V)
+        off = hv_v[:, None] + vs[None, :]
+        do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+        du = tl.load(du_ptr + off, mask=m_v, other=0.0)
+        v = tl.load(v_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+        dP = tl.dot(do, tl.trans(u), dP, input_precision=PRECISION)
+        dA_inv = tl.dot(du, tl.trans(v * beta[:, None]), dA_inv, input_precision=PRECISION)
+        Adu = tl.dot(tl.trans(A_inv), du, input_precision=PRECISION)  # [C, BV]
+        tl.store(dv_ptr + off, Adu * beta[:, None], mask=m_v)
+        dbeta += tl.sum(Adu * v, axis=1)
+    dP = tl.where(rows[:, None] >= rows[None, :], dP * scale, 0.0)
+    for k0 in range(0, K, BK):  # pass 2: K-blocks, the terms through the state and the row scalings
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m_k = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
+        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        eG = tl.exp(G)
+        to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
+        dqg = tl.zeros((C, BK), dtype=tl.float32)
+        dW = tl.zeros((C, BK), dtype=tl.float32)
+        dkd = tl.zeros((C, BK), dtype=tl.float32)
+        dgl = tl.zeros((BK,), dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            vs = v0 + tl.arange(0, BV)
+            m_v = tm[:, None] & (vs[None, :] < V)
+            off = hv_v[:, None] + vs[None, :]
+            kv_off = ks[:, None] * V + vs[None, :]
+            kv_m = km[:, None] & (vs[None, :] < V)
+            do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+            du = tl.load(du_ptr + off, mask=m_v, other=0.0)
+            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0)  # [BK, BV]
+            dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0)
+            dqg = tl.dot(do, tl.trans(S), dqg, input_precision=PRECISION)
+            dW -= tl.dot(du, tl.trans(S), input_precision=PRECISION)
+            dkd = tl.dot(u, tl.trans(dS), dkd, input_precision=PRECISION)
+            dgl += tl.sum(S * dS, axis=1)
+        dqg = dqg * scale
+        X = k * (beta[:, None] * eG)  # W = A_inv X
+        dA_inv = tl.dot(dW, tl.trans(X), dA_inv, input_precision=PRECISION)
+        dX = tl.dot(tl.trans(A_inv), dW, input_precision=PRECISION)
+        dbeta += tl.sum(dX * k * eG, axis=1)
+        kd = k * to_end
+        dG = dX * X + dqg * q * eG - dkd * kd
+        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L)  # [BK] through e^{G_L}
+        # G_L is the G of the chunk's last token (gates past T are 0)
+        last = tl.minimum(C - 1, T - 1 - n * C)
+        dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
+        off = hv_k[:, None] + ks[None, :]
+        tl.store(dq_ptr + off, dqg * eG, mask=m_k)
+        tl.store(dk_ptr + off, dX * beta[:, None] * eG + dkd * to_end, mask=m_k)
+        tl.store(dg_ptr + off, dG, mask=m_k)
+    dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
+                input_precision=PRECISION)
+    dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0)  # ∂L/∂A_ij
+    # A_ij = β_i · a_ij
+    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)
+    dA = dA * beta[:, None]  # ∂L/∂a_ij
+    tl.store(da_ptr + cc, dA, mask=tm[:, None])  # for the products kernel
+    tl.store(dp_ptr + cc, dP, mask=tm[:, None])
+    tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
+
 # %% [markdown]
-# The per-sub-chunk kernel, the forward's products kernel run backwards, and the suffix sums that finish $dg$:
+# The chunk kernel's $dA$ and $dP$ then go through the per-sub-chunk kernel, the forward's products kernel run
+# backwards, and the suffix sums finish $dg$:
 
 # %%
 #| export kda.chunk_bwd
@@ -1817,111 +1922,6 @@ def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr
     m = (t < T)[:, None] & (ks < K)[None, :]
     x = tl.load(x_ptr + off, mask=m, other=0.0)
     tl.store(x_ptr + off, tl.cumsum(x, axis=0, reverse=True), mask=m)
-
-# %%
-#| export kda.chunk_bwd
-@triton.jit
-def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
-                          states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
-                          dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """dv and dβ of one chunk, the terms of dq, dk (per value head) and dG that do not go through A
-    and P, and dA, dP for the products kernel (fp32).
-
-    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, dP, dA_inv, dA) stay in registers; two passes stream the
-    rest: V-tiles [C, BV]; K-blocks [C, BK] with V-tiles inside (the terms through the state and
-    the row scalings, stored in dq, dk, dg). Stores dA (∂L/∂a_ij, strictly lower) and dP (lower)
-    [B, T, HV, C].
-    Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
-    with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
-    their dG terms."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    h = hv // (HV // H)
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    tm = t < T
-    qk_rows = (b * T * H + h) * K + t * H * K
-    hv_k = (b * T * HV + hv) * K + t * HV * K
-    hv_v = (b * T * HV + hv) * V + t * HV * V
-    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
-    S_n = states_ptr + (bh * NT + n) * K * V
-    dS_n = dstates_ptr + (bh * NT + n) * K * V
-    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
-    A_inv = tl.load(ainv_ptr + cc, mask=tm[:, None], other=0.0)  # [C, C]
-    dP = tl.zeros((C, C), dtype=tl.float32)
-    dA_inv = tl.zeros((C, C), dtype=tl.float32)
-    dbeta = tl.zeros((C,), dtype=tl.float32)
-    for v0 in range(0, V, BV):  # pass 1: V-tiles
-        vs = v0 + tl.arange(0, BV)
-        m_v = tm[:, None] & (vs[None, :] < V)
-        off = hv_v[:, None] + vs[None, :]
-        do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + off, mask=m_v, other=0.0)
-        du = tl.load(du_ptr + off, mask=m_v, other=0.0)
-        v = tl.load(v_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-        dP = tl.dot(do, tl.trans(u), dP, input_precision=PRECISION)
-        dA_inv = tl.dot(du, tl.trans(v * beta[:, None]), dA_inv, input_precision=PRECISION)
-        Adu = tl.dot(tl.trans(A_inv), du, input_precision=PRECISION)  # [C, BV]
-        tl.store(dv_ptr + off, Adu * beta[:, None], mask=m_v)
-        dbeta += tl.sum(Adu * v, axis=1)
-    dP = tl.where(rows[:, None] >= rows[None, :], dP * scale, 0.0)
-    for k0 in range(0, K, BK):  # pass 2: K-blocks, the terms through the state and the row scalings
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        m_k = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
-        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
-        eG = tl.exp(G)
-        to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
-        dqg = tl.zeros((C, BK), dtype=tl.float32)
-        dW = tl.zeros((C, BK), dtype=tl.float32)
-        dkd = tl.zeros((C, BK), dtype=tl.float32)
-        dgl = tl.zeros((BK,), dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            vs = v0 + tl.arange(0, BV)
-            m_v = tm[:, None] & (vs[None, :] < V)
-            off = hv_v[:, None] + vs[None, :]
-            kv_off = ks[:, None] * V + vs[None, :]
-            kv_m = km[:, None] & (vs[None, :] < V)
-            do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + off, mask=m_v, other=0.0)
-            du = tl.load(du_ptr + off, mask=m_v, other=0.0)
-            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0)  # [BK, BV]
-            dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0)
-            dqg = tl.dot(do, tl.trans(S), dqg, input_precision=PRECISION)
-            dW -= tl.dot(du, tl.trans(S), input_precision=PRECISION)
-            dkd = tl.dot(u, tl.trans(dS), dkd, input_precision=PRECISION)
-            dgl += tl.sum(S * dS, axis=1)
-        dqg = dqg * scale
-        X = k * (beta[:, None] * eG)  # W = A_inv X
-        dA_inv = tl.dot(dW, tl.trans(X), dA_inv, input_precision=PRECISION)
-        dX = tl.dot(tl.trans(A_inv), dW, input_precision=PRECISION)
-        dbeta += tl.sum(dX * k * eG, axis=1)
-        kd = k * to_end
-        dG = dX * X + dqg * q * eG - dkd * kd
-        dG_L = tl.sum(dkd * kd, axis=0) + dgl * tl.exp(G_L)  # [BK] through e^{G_L}
-        # G_L is the G of the chunk's last token (gates past T are 0)
-        last = tl.minimum(C - 1, T - 1 - n * C)
-        dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
-        off = hv_k[:, None] + ks[None, :]
-        tl.store(dq_ptr + off, dqg * eG, mask=m_k)
-        tl.store(dk_ptr + off, dX * beta[:, None] * eG + dkd * to_end, mask=m_k)
-        tl.store(dg_ptr + off, dG, mask=m_k)
-    dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
-                input_precision=PRECISION)
-    dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0)  # ∂L/∂A_ij
-    # A_ij = β_i · a_ij
-    dbeta += tl.sum(dA * tl.load(a_ptr + cc, mask=tm[:, None], other=0.0), axis=1)
-    dA = dA * beta[:, None]  # ∂L/∂a_ij
-    tl.store(da_ptr + cc, dA, mask=tm[:, None])  # for the products kernel
-    tl.store(dp_ptr + cc, dP, mask=tm[:, None])
-    tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
 
 # %%
 #| export kda.chunk_bwd

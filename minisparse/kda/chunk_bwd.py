@@ -62,110 +62,6 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
 
 @triton.jit
-def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr, dg_ptr, T, H,
-                             HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             PRECISION: tl.constexpr):
-    """What dA and dP send back through the intra-chunk products, added to the terms the chunk
-    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums_kernel`).
-
-    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
-    Grid (NT · C/BC, B · HV, cdiv(K, BK)).
-    Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
-    (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
-    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
-    keys before it, R; I's last row for the queries after it, C; the diagonal block one diagonal
-    at a time):
-        R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
-        C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
-        dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
-    nI = tl.program_id(0)
-    n, I = nI // (C // BC), nI % (C // BC)
-    bh = tl.program_id(1).to(tl.int64)
-    ks = tl.program_id(2) * BK + tl.arange(0, BK)
-    km = ks < K
-    b, hv, h = _heads(bh, H, HV)
-    r0 = I * BC  # the sub-chunk's rows r0 … r1
-    r1 = r0 + BC - 1
-    ri = r0 + tl.arange(0, BC)
-    rj = tl.arange(0, C)
-    ti, tj = n * C + ri, n * C + rj
-    qk_i = (b * T * H + h) * K + ti * H * K  # [BC] the sub-chunk's q and k rows
-    qk_j = (b * T * H + h) * K + tj * H * K  # [C] the chunk's
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
-    mi = (ti < T)[:, None] & km[None, :]
-    mj = (tj < T)[:, None] & km[None, :]
-    q = tl.load(q_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-    # decays to the reference points r0 − 1 (keys before I) and r1 (queries after I), all ≤ 1
-    into, onward = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r1)
-    _, before = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
-    after, _ = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, r1 + 1, C - 1)
-    k_all = tl.load(k_ptr + qk_j[:, None] + ks[None, :], mask=mj, other=0.0).to(tl.float32)
-    q_all = tl.load(q_ptr + qk_j[:, None] + ks[None, :], mask=mj & (rj > r1)[:, None],
-                    other=0.0).to(tl.float32)
-    kb = k_all * tl.exp(tl.where((rj < r0)[:, None], before, float("-inf")))  # [C, BK]
-    later = tl.exp(tl.where((rj > r1)[:, None], after, float("-inf")))
-    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of dA and dP starts
-    rows_I = row_i[:, None] + rj[None, :]  # [BC, C] entries (i, j)
-    cols_I = ((b * T * HV + hv) + tj[None, :] * HV) * C + ri[:, None]  # [BC, C] entries (j, i)
-    dA_r = tl.load(da_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
-    dP_r = tl.load(dp_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
-    dA_c = tl.load(da_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
-    dP_c = tl.load(dp_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
-    e_i = tl.exp(into)
-    e_j = tl.exp(onward)
-    R = e_i * tl.dot(dA_r, kb, input_precision=PRECISION)
-    Rq = e_i * tl.dot(dP_r, kb, input_precision=PRECISION)
-    Cg = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
-    Cq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
-    # the diagonal block: d = 0 (P only), then the pairs (i, i − d) and (j + d, j)
-    dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
-    Rq += dP_ii * k
-    Cq += dP_ii * q
-    D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
-    U = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}
-    for d in range(1, BC):
-        ok = (ri - r0 >= d) & (ti < T)
-        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
-        ke = tl.load(k_ptr + qk_i[:, None] - d * H * K + ks[None, :],
-                     mask=ok[:, None] & km[None, :], other=0.0).to(tl.float32) * tl.exp(D)
-        R += tl.load(da_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
-        Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
-        ok = (r1 - ri >= d) & (ti + d < T)
-        m = ok[:, None] & km[None, :]
-        U += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
-        decay = tl.exp(U)
-        ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
-        qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
-        row_id = row_i + d * HV * C  # row i + d of dA and dP
-        Cg += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
-            ku.to(tl.float32) * decay)
-        Cq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
-            qu.to(tl.float32) * decay)
-    off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
-    tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
-    tl.store(dk_ptr + off, R + Cg + Cq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
-    dG = k * (R - Cg) + q * Rq - k * Cq + tl.load(dg_ptr + off, mask=mi, other=0.0)
-    tl.store(dg_ptr + off, dG, mask=mi)
-
-
-@triton.jit
-def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr):
-    """x [B, T, HV, K] ← x_t + x_{t+1} + … up to its chunk's last row, in place (dg from dG).
-    Program: one chunk n of one (batch b, value head hv) and one block of K. Grid (NT, B · HV,
-    cdiv(K, BK))."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    ks = tl.program_id(2) * BK + tl.arange(0, BK)
-    t = n * C + tl.arange(0, C)
-    b, hv = bh // HV, bh % HV
-    off = ((b * T * HV + hv) * K + t * HV * K)[:, None] + ks[None, :]
-    m = (t < T)[:, None] & (ks < K)[None, :]
-    x = tl.load(x_ptr + off, mask=m, other=0.0)
-    tl.store(x_ptr + off, tl.cumsum(x, axis=0, reverse=True), mask=m)
-
-
-@triton.jit
 def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
                           states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                           dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
@@ -267,6 +163,110 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     tl.store(da_ptr + cc, dA, mask=tm[:, None])  # for the products kernel
     tl.store(dp_ptr + cc, dP, mask=tm[:, None])
     tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
+
+
+@triton.jit
+def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr, dg_ptr, T, H,
+                             HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """What dA and dP send back through the intra-chunk products, added to the terms the chunk
+    kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums_kernel`).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
+    Grid (NT · C/BC, B · HV, cdiv(K, BK)).
+    Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
+    (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
+    Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
+    keys before it, R; I's last row for the queries after it, C; the diagonal block one diagonal
+    at a time):
+        R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
+        C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
+        dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
+    nI = tl.program_id(0)
+    n, I = nI // (C // BC), nI % (C // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    km = ks < K
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's rows r0 … r1
+    r1 = r0 + BC - 1
+    ri = r0 + tl.arange(0, BC)
+    rj = tl.arange(0, C)
+    ti, tj = n * C + ri, n * C + rj
+    qk_i = (b * T * H + h) * K + ti * H * K  # [BC] the sub-chunk's q and k rows
+    qk_j = (b * T * H + h) * K + tj * H * K  # [C] the chunk's
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    mi = (ti < T)[:, None] & km[None, :]
+    mj = (tj < T)[:, None] & km[None, :]
+    q = tl.load(q_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    # decays to the reference points r0 − 1 (keys before I) and r1 (queries after I), all ≤ 1
+    into, onward = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r1)
+    _, before = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+    after, _ = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, r1 + 1, C - 1)
+    k_all = tl.load(k_ptr + qk_j[:, None] + ks[None, :], mask=mj, other=0.0).to(tl.float32)
+    q_all = tl.load(q_ptr + qk_j[:, None] + ks[None, :], mask=mj & (rj > r1)[:, None],
+                    other=0.0).to(tl.float32)
+    kb = k_all * tl.exp(tl.where((rj < r0)[:, None], before, float("-inf")))  # [C, BK]
+    later = tl.exp(tl.where((rj > r1)[:, None], after, float("-inf")))
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of dA and dP starts
+    rows_I = row_i[:, None] + rj[None, :]  # [BC, C] entries (i, j)
+    cols_I = ((b * T * HV + hv) + tj[None, :] * HV) * C + ri[:, None]  # [BC, C] entries (j, i)
+    dA_r = tl.load(da_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
+    dP_r = tl.load(dp_ptr + rows_I, mask=(ti < T)[:, None], other=0.0)
+    dA_c = tl.load(da_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
+    dP_c = tl.load(dp_ptr + cols_I, mask=(tj < T)[None, :], other=0.0)
+    e_i = tl.exp(into)
+    e_j = tl.exp(onward)
+    R = e_i * tl.dot(dA_r, kb, input_precision=PRECISION)
+    Rq = e_i * tl.dot(dP_r, kb, input_precision=PRECISION)
+    Cg = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
+    Cq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
+    # the diagonal block: d = 0 (P only), then the pairs (i, i − d) and (j + d, j)
+    dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
+    Rq += dP_ii * k
+    Cq += dP_ii * q
+    D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
+    U = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_ptr + qk_i[:, None] - d * H * K + ks[None, :],
+                     mask=ok[:, None] & km[None, :], other=0.0).to(tl.float32) * tl.exp(D)
+        R += tl.load(da_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
+        Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
+        ok = (r1 - ri >= d) & (ti + d < T)
+        m = ok[:, None] & km[None, :]
+        U += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
+        decay = tl.exp(U)
+        ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
+        qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
+        row_id = row_i + d * HV * C  # row i + d of dA and dP
+        Cg += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+            ku.to(tl.float32) * decay)
+        Cq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+            qu.to(tl.float32) * decay)
+    off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
+    tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
+    tl.store(dk_ptr + off, R + Cg + Cq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
+    dG = k * (R - Cg) + q * Rq - k * Cq + tl.load(dg_ptr + off, mask=mi, other=0.0)
+    tl.store(dg_ptr + off, dG, mask=mi)
+
+
+@triton.jit
+def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr):
+    """x [B, T, HV, K] ← x_t + x_{t+1} + … up to its chunk's last row, in place (dg from dG).
+    Program: one chunk n of one (batch b, value head hv) and one block of K. Grid (NT, B · HV,
+    cdiv(K, BK))."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    t = n * C + tl.arange(0, C)
+    b, hv = bh // HV, bh % HV
+    off = ((b * T * HV + hv) * K + t * HV * K)[:, None] + ks[None, :]
+    m = (t < T)[:, None] & (ks < K)[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0)
+    tl.store(x_ptr + off, tl.cumsum(x, axis=0, reverse=True), mask=m)
 
 
 def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
