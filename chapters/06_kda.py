@@ -762,8 +762,10 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # difference). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
 # backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products backwards, and the suffix
 # sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering notes at the end.
-# Intermediates are stored in float32 (the backward reads them); products of float32 operands run in TF32 for 16-bit
-# inputs and in full fp32 for fp32 inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row
+# The intermediates the backward reads are float32, except the decayed rows $W$, $Q \odot e^{G}$ and
+# $K \odot e^{G_L - G}$: the scans' largest reads, stored in the inputs' dtype (half the bytes in 16 bits) and widened
+# to float32 as they are loaded. Products of float32 operands run in TF32 for 16-bit inputs and in full fp32 for fp32
+# inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row
 # kernel.
 #
 # The picture: what each kernel reads and writes, one chunk of one head. Below it, the two helpers every kernel
@@ -1028,11 +1030,10 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence. The target is
 # forward and forward + backward each at most fla's time.
 #
-# Where the kernels stand (H200, 2026-12-04, printed below from `bench/results/kda.json`): the forward takes 2.2–2.5×
-# fla's time and the forward + backward 1.7–1.9×, at every length from 8K to 64K, with accuracy on par (3.1e-3
-# against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the profile: the products
-# kernel, the scan's float32 reads of $W$ and $K \odot e^{G_L - G}$ and, in the backward, the diagonal walk of the
-# products kernel are where fla is faster.
+# Where the kernels stand (H200, 2026-12-04, printed below from `bench/results/kda.json`): the forward takes 1.7–2.0×
+# fla's time and the forward + backward 1.5–1.6×, at every length from 8K to 64K, with accuracy on par (3.1e-3
+# against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the profile: the two products
+# kernels and the backward's chunk kernel are where fla is faster.
 
 # %%
 from minisparse import bench
@@ -1447,8 +1448,8 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     Math (rows past T load as 0; G: local cumulative gates):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], A_inv [B, T, HV, C] (fp32) and gl [B, HV,
-    NT, K]."""
+    Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
+    A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -1523,12 +1524,13 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         hv_v = (b * T * HV + hv) * V + t * HV * V
         m_k = tm[:, None] & km[None, :]
         w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        w = w.to(tl.float32)
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
         # [C, BV]
         u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_off, u, mask=m_v)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
         S = tl.dot(tl.trans(kd), u, S * gl[:, None], input_precision=PRECISION)
     if STORE_HT:
@@ -1563,7 +1565,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
                      other=0.0)
         S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :],
                     other=0.0)
-        o = tl.dot(qg, S, o, input_precision=PRECISION)
+        o = tl.dot(qg.to(tl.float32), S, o, input_precision=PRECISION)
     pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
     P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
     m_v = tm[:, None] & vm[None, :]
@@ -1575,14 +1577,15 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 #| export kda.chunk_fwd
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The four forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32).
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states; w, qg, kd
+    in q's dtype, the rest fp32).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
     dev, prec = q.device, _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
-    w, qg, kd = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
+    w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, **f32)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
@@ -1696,12 +1699,12 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
         # [C, BV]
         do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION),
                     input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
-        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
-        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
+        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
         dS = tl.dot(tl.trans(qg), do * scale, dS * gl[:, None], input_precision=PRECISION)
         dS -= tl.dot(tl.trans(w), du, input_precision=PRECISION)

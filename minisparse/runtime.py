@@ -297,8 +297,8 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
     # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. H200 order from a
-    # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans stage [C, K] fp32
-    # tiles, so their second stage needs an H100/H200's shared memory and older GPUs take the next configuration.
+    # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans read W and kd in the
+    # inputs' dtype and stage them widened to fp32; a T4 takes the narrower rows (bench/notes/t4.md).
     "kda.fwd_products": {  # one sub-chunk's rows of A and P a program; 10 KiB at 4 warps (sm_90)
         "interpreter": [_cfg()],
         "sm_80": [_cfg(4, 1), _cfg(2, 1)],
@@ -309,7 +309,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(2, 1, BV=32), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_states": {  # 168 KiB at 4 warps, 2 stages; 56 KiB (sm_90), 40 KiB (sm_75) at 8 warps, 1 stage
+    "kda.fwd_states": {  # 40 KiB at 4 warps, 2 stages (sm_90); 40 KiB (sm_75) at 8 warps, 1 stage
         "interpreter": [_cfg(1, 1, BV=64)],
         "sm_80": [_cfg(4, 2, BV=32), _cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
@@ -320,7 +320,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
-    "kda.bwd_states": {  # 80 KiB at 8 warps, 1 stage, BV = 32
+    "kda.bwd_states": {  # 48 KiB at 8 warps, 1 stage, BV = 32 (sm_90); 68 KiB at BV = 16 (sm_75: does not fit)
         "interpreter": [_cfg(1, 1, BV=64)],
         "sm_80": [_cfg(8, 1, BV=32), _cfg(8, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=16)],

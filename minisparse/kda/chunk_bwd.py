@@ -48,12 +48,12 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
         # [C, BV]
         do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION),
                     input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
-        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
-        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)
+        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
         dS = tl.dot(tl.trans(qg), do * scale, dS * gl[:, None], input_precision=PRECISION)
         dS -= tl.dot(tl.trans(w), du, input_precision=PRECISION)

@@ -124,8 +124,8 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     Math (rows past T load as 0; G: local cumulative gates):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K], Ũ [B, T, HV, V], A_inv [B, T, HV, C] (fp32) and gl [B, HV,
-    NT, K]."""
+    Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
+    A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -199,12 +199,13 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         hv_v = (b * T * HV + hv) * V + t * HV * V
         m_k = tm[:, None] & km[None, :]
         w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        w = w.to(tl.float32)
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
         # [C, BV]
         u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
         tl.store(u_ptr + u_off, u, mask=m_v)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
+        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
         gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
         S = tl.dot(tl.trans(kd), u, S * gl[:, None], input_precision=PRECISION)
     if STORE_HT:
@@ -239,7 +240,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
                      other=0.0)
         S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :],
                     other=0.0)
-        o = tl.dot(qg, S, o, input_precision=PRECISION)
+        o = tl.dot(qg.to(tl.float32), S, o, input_precision=PRECISION)
     pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
     P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
     m_v = tm[:, None] & vm[None, :]
@@ -250,14 +251,15 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The four forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states, all fp32).
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states; w, qg, kd
+    in q's dtype, the rest fp32).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     NT = triton.cdiv(T, _C)
     dev, prec = q.device, _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
-    w, qg, kd = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
+    w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, **f32)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
