@@ -1056,8 +1056,10 @@ else:
                          for n in ("minisparse, value checks off", "fla chunk_kda"))
             if ours and fla:
                 print(f"{B:2d} {T:6d} {p:8s} {ours:8.3f} {fla:8.3f} {ours / fla:7.2f}×")
-    print("; ".join(f"{r['impl']}: {r['rel_rms']:.2e} relative RMS against the fp32 recurrence"
-                    for r in kda_results["rows"] if r.get("rel_rms") is not None))
+    print("relative RMS against the fp32 recurrence (B 2, T 8K):")
+    for r in kda_results["rows"]:
+        if r.get("rel_rms") is not None:
+            print(f"  {r['impl']}: {r['rel_rms']:.2e}")
 
 
 # %% [markdown]
