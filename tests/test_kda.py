@@ -680,3 +680,30 @@ def test_chunk_kda_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(m
         grads = _grads(o, s, inputs)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_r, s_r, inputs), grads):
         assert_close(name, a, b, 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch table's GPU rows run on a GPU")
+def test_every_configuration_of_the_kda_rows_computes_the_same_result():
+    """Each configuration a GPU's kda.* row may fall back to, forced in turn, gives the table's first configuration's
+    output and gradients (a configuration that miscompiles — 8 warps at BV 16 in the reverse scan hit an illegal
+    memory access on the H200 — must not sit in a row)."""
+    from minisparse.kda import chunk_kda
+
+    inputs = _inputs(1, 200, 2, 4, 128, 128, device="cuda")
+    low = [x.to(torch.bfloat16) if i < 3 else x for i, x in enumerate(inputs)]
+    for x in low:
+        x.requires_grad_(True)
+
+    def run():
+        o, s = chunk_kda(*low[:5], initial_state=low[5], output_final_state=True, use_qk_l2norm=True)
+        return (o, s, *_grads(o, s, low))
+
+    reference = run()
+    rows = [r for r in runtime.LAUNCH_TABLE if r.startswith("kda.") and r != "kda.fused_recurrent"]
+    for row in rows:
+        for config in runtime.launch_configs(row, "cuda", torch.bfloat16)[1:]:
+            with runtime.launch_config(row, **config):
+                got = run()
+            torch.cuda.synchronize()
+            for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "dbeta", "dh0"), reference, got):
+                assert_close(f"{row} {config} {name}", a, b, 1e-3)
