@@ -249,38 +249,6 @@ def _preset(name, scale, small, full, overrides):
     return HybridConfig(name=name, **{**fields, **overrides})
 
 
-def deepseek_v32_like(scale="small", **overrides):
-    """DeepSeek-V3.2: DSA on MLA in all 61 layers; 3 dense FFNs, then 256 experts top-8 + 1 shared
-    (sigmoid router, 8 groups)."""
-    moe = dict(router="deepseek", routed_scaling_factor=2.5, first_dense_layers=3)
-    return _preset("deepseek_v32_like", scale,
-                   dict(pattern="D", shared_intermediate_size=48, q_lora_rank=32, **moe,
-                        n_group=2, topk_group=1),
-                   dict(vocab_size=129280, hidden_size=7168, num_layers=61, pattern="D",
-                        num_heads=128, num_kv_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                        index_n_heads=64, index_head_dim=128, index_topk=2048,
-                        intermediate_size=18432, num_experts=256, top_k=8,
-                        moe_intermediate_size=2048, shared_intermediate_size=2048, n_group=8,
-                        topk_group=4, **moe), overrides)
-
-
-def glm5_like(scale="small", **overrides):
-    """GLM-5 (transformers' GlmMoeDsa defaults): DSA on MLA, 78 layers, 3 dense FFNs, then 256
-    experts top-8 + 1 shared; the indexer rotates interleaved pairs."""
-    moe = dict(router="deepseek", routed_scaling_factor=2.5, first_dense_layers=3,
-               indexer_rope_interleave=True)
-    return _preset("glm5_like", scale,
-                   dict(pattern="D", shared_intermediate_size=48, q_lora_rank=32, **moe),
-                   dict(vocab_size=154880, hidden_size=6144, num_layers=78, pattern="D",
-                        num_heads=64, num_kv_heads=64, q_lora_rank=2048, kv_lora_rank=512,
-                        qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
-                        index_n_heads=32, index_head_dim=128, index_topk=2048,
-                        intermediate_size=12288, num_experts=256, top_k=8,
-                        moe_intermediate_size=2048, shared_intermediate_size=2048,
-                        norm_eps=1e-5, **moe), overrides)
-
-
 def qwen3_next_like(scale="small", **overrides):
     """Qwen3-Next-80B-A3B: 3 Gated DeltaNet : 1 gated attention (GQA 16/2, head 256, partial
     RoPE); 512 experts top-10 + a gated shared expert in every layer."""
@@ -296,59 +264,13 @@ def qwen3_next_like(scale="small", **overrides):
                         **attn), overrides)
 
 
-# %%
-#| export models.config
-KIMI_LINEAR_PATTERN = "KKKM" * 6 + "KKM"  # the released 48B: MLA at layers 4, 8, …, 24 and 27
-
-
-def kimi_linear_like(scale="small", **overrides):
-    """Kimi Linear 48B-A3B: 3 KDA : 1 MLA (NoPE in the model; MLA's RoPE kept here), 27 layers
-    (the last block 2:1); a dense first FFN, then 256 experts top-8 + 1 shared."""
-    moe = dict(router="deepseek", routed_scaling_factor=2.446, first_dense_layers=1)
-    return _preset("kimi_linear_like", scale,
-                   dict(pattern="KKKM", shared_intermediate_size=48, **moe),
-                   dict(vocab_size=163840, hidden_size=2304, num_layers=27,
-                        pattern=KIMI_LINEAR_PATTERN, num_heads=32, num_kv_heads=32,
-                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                        v_head_dim=128, linear_num_heads=32, linear_head_dim=128,
-                        intermediate_size=9216, num_experts=256, top_k=8,
-                        moe_intermediate_size=1024, shared_intermediate_size=1024,
-                        norm_eps=1e-5, **moe), overrides)
-
-
-def minimax_m1_like(scale="small", **overrides):
-    """MiniMax-M1 (MiniMax-Text-01's shapes): 7 lightning : 1 softmax attention over 80 layers,
-    32 experts top-2, no shared expert."""
-    return _preset("minimax_m1_like", scale,
-                   dict(pattern="LLLLLLLF", rotary_dim=8),
-                   dict(vocab_size=200064, hidden_size=6144, num_layers=80, pattern="LLLLLLLF",
-                        num_heads=64, num_kv_heads=8, head_dim=128, rotary_dim=64,
-                        rope_theta=1e7, linear_num_heads=64, linear_head_dim=128,
-                        lightning_block_size=256, num_experts=32, top_k=2,
-                        moe_intermediate_size=9216, norm_eps=1e-5), overrides)
-
-
-def mixtral_like(scale="small", **overrides):
-    """Mixtral 8x7B: full GQA attention (32/8 heads) in every layer, 8 experts top-2."""
-    return _preset("mixtral_like", scale, dict(pattern="F", rope_theta=1e6),
-                   dict(vocab_size=32000, hidden_size=4096, num_layers=32, pattern="F",
-                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
-                        num_experts=8, top_k=2, moe_intermediate_size=14336, norm_eps=1e-5),
-                   overrides)
-
-
-def dense_baseline(scale="small", **overrides):
-    """Full attention and a dense SwiGLU in every layer (Mistral-7B's shapes at full scale)."""
-    return _preset("dense_baseline", scale, dict(pattern="F", num_experts=0),
-                   dict(vocab_size=32000, hidden_size=4096, num_layers=32, pattern="F",
-                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
-                        intermediate_size=14336, norm_eps=1e-5), overrides)
-
-
-PRESETS = {f.__name__: f for f in (deepseek_v32_like, qwen3_next_like, kimi_linear_like,
-                                   minimax_m1_like, glm5_like, mixtral_like, dense_baseline)}
+# %% [markdown]
+# The other six presets are the same three lines of shapes each (the engineering notes list them); `PRESETS` maps
+# every name to its function:
 
 # %%
+from minisparse.models.config import PRESETS, dense_baseline  # the baseline is used again below
+
 for name, preset in PRESETS.items():
     c = preset()
     print(f"{name:18s} pattern {''.join(c.layer_kinds)}  FFN "
@@ -1372,6 +1294,97 @@ check_generate_fix(generate_solution)
 # %% [markdown]
 # ## Engineering notes (optional)
 #
+# ### The presets' shapes
+#
+# The six presets section 9.2 does not spell out — their `scale="full"` shapes from transformers' config classes or
+# the released config files, their reading-size differences — and the `PRESETS` table.
+
+# %%
+#| export models.config
+def deepseek_v32_like(scale="small", **overrides):
+    """DeepSeek-V3.2: DSA on MLA in all 61 layers; 3 dense FFNs, then 256 experts top-8 + 1 shared
+    (sigmoid router, 8 groups)."""
+    moe = dict(router="deepseek", routed_scaling_factor=2.5, first_dense_layers=3)
+    return _preset("deepseek_v32_like", scale,
+                   dict(pattern="D", shared_intermediate_size=48, q_lora_rank=32, **moe,
+                        n_group=2, topk_group=1),
+                   dict(vocab_size=129280, hidden_size=7168, num_layers=61, pattern="D",
+                        num_heads=128, num_kv_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        index_n_heads=64, index_head_dim=128, index_topk=2048,
+                        intermediate_size=18432, num_experts=256, top_k=8,
+                        moe_intermediate_size=2048, shared_intermediate_size=2048, n_group=8,
+                        topk_group=4, **moe), overrides)
+
+
+def glm5_like(scale="small", **overrides):
+    """GLM-5 (transformers' GlmMoeDsa defaults): DSA on MLA, 78 layers, 3 dense FFNs, then 256
+    experts top-8 + 1 shared; the indexer rotates interleaved pairs."""
+    moe = dict(router="deepseek", routed_scaling_factor=2.5, first_dense_layers=3,
+               indexer_rope_interleave=True)
+    return _preset("glm5_like", scale,
+                   dict(pattern="D", shared_intermediate_size=48, q_lora_rank=32, **moe),
+                   dict(vocab_size=154880, hidden_size=6144, num_layers=78, pattern="D",
+                        num_heads=64, num_kv_heads=64, q_lora_rank=2048, kv_lora_rank=512,
+                        qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+                        index_n_heads=32, index_head_dim=128, index_topk=2048,
+                        intermediate_size=12288, num_experts=256, top_k=8,
+                        moe_intermediate_size=2048, shared_intermediate_size=2048,
+                        norm_eps=1e-5, **moe), overrides)
+
+
+KIMI_LINEAR_PATTERN = "KKKM" * 6 + "KKM"  # the released 48B: MLA at layers 4, 8, …, 24 and 27
+
+
+def kimi_linear_like(scale="small", **overrides):
+    """Kimi Linear 48B-A3B: 3 KDA : 1 MLA (NoPE in the model; MLA's RoPE kept here), 27 layers
+    (the last block 2:1); a dense first FFN, then 256 experts top-8 + 1 shared."""
+    moe = dict(router="deepseek", routed_scaling_factor=2.446, first_dense_layers=1)
+    return _preset("kimi_linear_like", scale,
+                   dict(pattern="KKKM", shared_intermediate_size=48, **moe),
+                   dict(vocab_size=163840, hidden_size=2304, num_layers=27,
+                        pattern=KIMI_LINEAR_PATTERN, num_heads=32, num_kv_heads=32,
+                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, linear_num_heads=32, linear_head_dim=128,
+                        intermediate_size=9216, num_experts=256, top_k=8,
+                        moe_intermediate_size=1024, shared_intermediate_size=1024,
+                        norm_eps=1e-5, **moe), overrides)
+
+
+def minimax_m1_like(scale="small", **overrides):
+    """MiniMax-M1 (MiniMax-Text-01's shapes): 7 lightning : 1 softmax attention over 80 layers,
+    32 experts top-2, no shared expert."""
+    return _preset("minimax_m1_like", scale,
+                   dict(pattern="LLLLLLLF", rotary_dim=8),
+                   dict(vocab_size=200064, hidden_size=6144, num_layers=80, pattern="LLLLLLLF",
+                        num_heads=64, num_kv_heads=8, head_dim=128, rotary_dim=64,
+                        rope_theta=1e7, linear_num_heads=64, linear_head_dim=128,
+                        lightning_block_size=256, num_experts=32, top_k=2,
+                        moe_intermediate_size=9216, norm_eps=1e-5), overrides)
+
+
+def mixtral_like(scale="small", **overrides):
+    """Mixtral 8x7B: full GQA attention (32/8 heads) in every layer, 8 experts top-2."""
+    return _preset("mixtral_like", scale, dict(pattern="F", rope_theta=1e6),
+                   dict(vocab_size=32000, hidden_size=4096, num_layers=32, pattern="F",
+                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                        num_experts=8, top_k=2, moe_intermediate_size=14336, norm_eps=1e-5),
+                   overrides)
+
+
+def dense_baseline(scale="small", **overrides):
+    """Full attention and a dense SwiGLU in every layer (Mistral-7B's shapes at full scale)."""
+    return _preset("dense_baseline", scale, dict(pattern="F", num_experts=0),
+                   dict(vocab_size=32000, hidden_size=4096, num_layers=32, pattern="F",
+                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                        intermediate_size=14336, norm_eps=1e-5), overrides)
+
+
+PRESETS = {f.__name__: f for f in (deepseek_v32_like, qwen3_next_like, kimi_linear_like,
+                                   minimax_m1_like, glm5_like, mixtral_like, dense_baseline)}
+
+
+# %% [markdown]
 # ### Config validation
 #
 # `HybridConfig` checks every field when it is made (and `HybridLM` again when it is built, since a dataclass's

@@ -105,6 +105,21 @@ def _preset(name, scale, small, full, overrides):
     return HybridConfig(name=name, **{**fields, **overrides})
 
 
+def qwen3_next_like(scale="small", **overrides):
+    """Qwen3-Next-80B-A3B: 3 Gated DeltaNet : 1 gated attention (GQA 16/2, head 256, partial
+    RoPE); 512 experts top-10 + a gated shared expert in every layer."""
+    attn = dict(pattern="GGGF", attn_gate=True, qk_norm=True, zero_centered_norm=True,
+                shared_expert_gate=True)
+    return _preset("qwen3_next_like", scale,
+                   dict(linear_num_k_heads=2, rotary_dim=8, shared_intermediate_size=48,
+                        **attn),
+                   dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=16,
+                        num_kv_heads=2, head_dim=256, rotary_dim=64, linear_num_heads=32,
+                        linear_num_k_heads=16, linear_head_dim=128, num_experts=512,
+                        top_k=10, moe_intermediate_size=512, shared_intermediate_size=512,
+                        **attn), overrides)
+
+
 def deepseek_v32_like(scale="small", **overrides):
     """DeepSeek-V3.2: DSA on MLA in all 61 layers; 3 dense FFNs, then 256 experts top-8 + 1 shared
     (sigmoid router, 8 groups)."""
@@ -135,21 +150,6 @@ def glm5_like(scale="small", **overrides):
                         intermediate_size=12288, num_experts=256, top_k=8,
                         moe_intermediate_size=2048, shared_intermediate_size=2048,
                         norm_eps=1e-5, **moe), overrides)
-
-
-def qwen3_next_like(scale="small", **overrides):
-    """Qwen3-Next-80B-A3B: 3 Gated DeltaNet : 1 gated attention (GQA 16/2, head 256, partial
-    RoPE); 512 experts top-10 + a gated shared expert in every layer."""
-    attn = dict(pattern="GGGF", attn_gate=True, qk_norm=True, zero_centered_norm=True,
-                shared_expert_gate=True)
-    return _preset("qwen3_next_like", scale,
-                   dict(linear_num_k_heads=2, rotary_dim=8, shared_intermediate_size=48,
-                        **attn),
-                   dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=16,
-                        num_kv_heads=2, head_dim=256, rotary_dim=64, linear_num_heads=32,
-                        linear_num_k_heads=16, linear_head_dim=128, num_experts=512,
-                        top_k=10, moe_intermediate_size=512, shared_intermediate_size=512,
-                        **attn), overrides)
 
 
 KIMI_LINEAR_PATTERN = "KKKM" * 6 + "KKM"  # the released 48B: MLA at layers 4, 8, …, 24 and 27
@@ -203,4 +203,4 @@ PRESETS = {f.__name__: f for f in (deepseek_v32_like, qwen3_next_like, kimi_line
                                    minimax_m1_like, glm5_like, mixtral_like, dense_baseline)}
 
 
-__all__ = ['MIXERS', 'HybridConfig', 'deepseek_v32_like', 'glm5_like', 'qwen3_next_like', 'KIMI_LINEAR_PATTERN', 'kimi_linear_like', 'minimax_m1_like', 'mixtral_like', 'dense_baseline', 'PRESETS']
+__all__ = ['MIXERS', 'HybridConfig', 'qwen3_next_like', 'deepseek_v32_like', 'glm5_like', 'KIMI_LINEAR_PATTERN', 'kimi_linear_like', 'minimax_m1_like', 'mixtral_like', 'dense_baseline', 'PRESETS']
