@@ -1086,8 +1086,8 @@ _ = assert_close("kernel = naive", sparse_attention(q, k, v, idx8, backend="naiv
 # `bench/dsa.py` times one layer at DeepSeek-V3.2's shapes (bf16, forward only): a prefill of one sequence —
 # indexer scores, + top-k, + sparse attention in the latent form — against dense causal SDPA of the same layer in
 # the expanded form, with a bf16 and an FP8 indexer; and a decoding step of 16 sequences at 64K against chapter 3's
-# `mla_decode` over the whole cache. The cell plots the committed H200 run (`bench/results/dsa.json`), tabulates
-# it, and divides section 8.6's FLOPs of each part by its measured time.
+# `mla_decode` over the whole cache. The cell plots the committed H200 run (`bench/results/dsa.json`) and
+# tabulates it.
 
 # %% tags=["nbval-ignore-output", "hide-input"]
 from minisparse import bench
@@ -1143,47 +1143,30 @@ if res is not None:
               f"{dec['DSA decode step' + g]:.2f}x, "
               f"FP8 step {dec['DSA decode step, FP8 indexer' + g]:.2f}x, "
               f"attention {dec['DSA decode attention' + g]:.1f}x")
-    T64 = 65536  # where the time goes: section 8.6's FLOPs of each part over its measured time
-    cost = dsa_cost(np.arange(T64))  # per position; summed: the whole prefill
-    rate = {part: cost[key].sum() / (ms[impl, "prefill fwd", T64] * 1e9) for part, key, impl in (
-        ("dense SDPA", "dense", DENSE), ("indexer", "indexer", "indexer scores"),
-        ("FP8 indexer", "indexer", "indexer scores, FP8 indexer"),
-        ("sparse attention", "sparse", "sparse attention"))}
-    print(", ".join(f"{p} {r:.0f}" for p, r in rate.items()), "TFLOP/s at 64K (bf16 peak: 989)")
-    model = {T: (lambda c: c["dsa"].sum() / c["dense"].sum())(dsa_cost(np.arange(T)))
-             for T in (8192, 65536)}  # DSA / dense FLOPs
-    print(f"the model's DSA / dense FLOPs: {model[8192]:.2f} at 8K, {model[65536]:.2f} at 64K")
 
 # %% [markdown]
 # What the run says (H200, 2026-12-04):
 #
 # - **Prefill: DSA is slower than dense attention up to 32K and only matches it at 64K** — 0.23× at 8K, 0.65× at
-#   32K, 1.01× at 64K (1.13× with the FP8 indexer), short of the targets `bench/dsa.py` sets for the kernels (≥ 2×
-#   at 64K, ≥ 2.5× with FP8 at 64K, ≥ 3× at 128K; 128K was not in this run). Two reasons, in section 8.6's
-#   terms. *Arithmetic*: the
-#   latent form does $576 + 512$ multiply-adds a head per selected key where dense's expanded form does
-#   $192 + 128$, so the sparse attention alone costs more than dense for a token below 7K keys, and DSA with its
-#   indexer below 8.7K; a whole 8K prefill of DSA does 1.7× dense's FLOPs, at 64K still 41 %. *Rate*: SDPA runs
-#   at about 580 TFLOP/s, our indexer at about 280 and the sparse attention at about 250 — far from the H200's
-#   989 — and the top-k adds 30 ms at 64K (indexer scores 125 ms, with top-k 155 ms; sparse attention 146 ms;
-#   dense 304 ms). At SDPA's rate, DSA's 41 % would make it about 2× faster at 64K.
-# - **FP8** makes the indexer's scores 1.3× faster (125 → 94 ms at 64K), not the tensor cores' 2×, and the top-k
-#   and the sparse attention do not shrink: the prefill gains about 10 %. It keeps 96–98 % of the bf16 top-k — on
-#   random inputs cast to e4m3 without scales (the kernel takes none; real FP8 caches carry a scale a row).
-# - **Decoding** at 64K (16 sequences), replayed as a CUDA graph — the way serving engines run decoding steps —
-#   the step with the FP8 indexer is 5.4× faster than `mla_decode` over the whole cache (0.203 against 1.094 ms),
-#   meeting the benchmark's ≥ 5× target; with bf16 index keys it is 4.8×, the sparse attention alone 13×. Called
-#   from Python the step takes 0.31–0.36 ms (3.1–3.5×): the host's work between the launches (checks, planning,
-#   allocations) then takes longer than the kernels, and the GPU waits. What keeps the graph fast: the indexer
-#   splits the cache into key ranges that fill exactly one wave of two programs an SM (17 ranges × 16 sequences
-#   would leave 8 programs for a second wave that costs as much as the first), with decoding tiles of its own in
-#   the launch table. Section 8.6's byte count gives 3.8× (bf16 keys) and 6.5× (FP8) if both steps ran at HBM speed;
-#   the bf16 step passes its bound because `mla_decode` at 128 heads is compute-bound (chapter 3), not
-#   bandwidth-bound.
+#   32K, 1.01× at 64K (1.13× with the FP8 indexer), short of `bench/dsa.py`'s targets (≥ 2× at 64K, ≥ 2.5× with
+#   FP8, ≥ 3× at 128K; this run stopped at 64K). *Arithmetic*: the latent form does $576 + 512$
+#   multiply-adds a head per selected key where dense's expanded form does $192 + 128$, so a whole 8K prefill of
+#   DSA does 1.7× dense's FLOPs, and at 64K still 41 %. *Rate*: SDPA runs at about 580 TFLOP/s, our indexer at
+#   about 280 and the sparse attention at about 250, of the H200's 989, and the top-k adds 30 ms at 64K (indexer
+#   scores 125 ms, with top-k 155; sparse attention 146; dense 304). At SDPA's rate DSA would be about 2× faster.
+# - **FP8** makes the indexer's scores 1.3× faster (125 → 94 ms at 64K), not the tensor cores' 2×; the top-k and
+#   the sparse attention do not shrink, so the prefill gains about 10 %. It keeps 96–98 % of the bf16 top-k (random
+#   inputs cast to e4m3 without scales; real FP8 caches carry a scale a row).
+# - **Decoding** at 64K (16 sequences), replayed as a CUDA graph as serving engines run it: the FP8 step is 5.4×
+#   faster than `mla_decode` over the whole cache (0.203 against 1.094 ms), meeting the ≥ 5× target; bf16 index
+#   keys give 4.8×, the sparse attention alone 13×. Called from Python the step takes 0.31–0.36 ms (3.1–3.5×): the
+#   host's checks, planning and allocations outlast the kernels. The indexer's key ranges fill exactly one wave of
+#   two programs an SM (17 ranges × 16 sequences would leave 8 programs for a second wave as long as the first).
+#   Section 8.6's byte count bounds the step at 3.8× (bf16 keys) and 6.5× (FP8) at HBM speed; the bf16 step passes
+#   its bound because `mla_decode` at 128 heads is compute-bound (chapter 3).
 #
 # The kernels are correct (their tests pass in bf16 and fp16 on the H200); the prefill is slower than the model
-# allows; `bench/notes/dsa.md` lists what to try next, and the engineering notes check every number above against the results
-# file.
+# allows. `bench/notes/dsa.md` lists what to try next; the engineering notes check every number above.
 
 # %% [markdown]
 # ## 8.9 Exercises
@@ -2270,10 +2253,21 @@ assert same > 0.85 and abs(rec32 - rec8) < 0.01
 # %% [markdown]
 # ### Section 8.8's numbers, checked
 #
-# Every number the takeaways of section 8.8 state, from `bench/results/dsa.json` and section 8.6's model.
+# Every number the takeaways of section 8.8 state, from `bench/results/dsa.json` and section 8.6's model —
+# among them the rates: each part's FLOPs (section 8.6) over its measured time at 64K.
 
 # %%
 if res is not None:
+    T64 = 65536  # where the time goes: section 8.6's FLOPs of each part over its measured time
+    cost = dsa_cost(np.arange(T64))  # per position; summed: the whole prefill
+    rate = {part: cost[key].sum() / (ms[impl, "prefill fwd", T64] * 1e9) for part, key, impl in (
+        ("dense SDPA", "dense", DENSE), ("indexer", "indexer", "indexer scores"),
+        ("FP8 indexer", "indexer", "indexer scores, FP8 indexer"),
+        ("sparse attention", "sparse", "sparse attention"))}
+    print(", ".join(f"{p} {r:.0f}" for p, r in rate.items()), "TFLOP/s at 64K (bf16 peak: 989)")
+    model = {T: (lambda c: c["dsa"].sum() / c["dense"].sum())(dsa_cost(np.arange(T)))
+             for T in (8192, 65536)}  # DSA / dense FLOPs
+    print(f"the model's DSA / dense FLOPs: {model[8192]:.2f} at 8K, {model[65536]:.2f} at 64K")
     assert [round(ratio["", T], 2) for T in (8192, 32768, 65536)] == [0.23, 0.65, 1.01]
     assert round(ratio[", FP8 indexer", T64], 2) == 1.13
     parts = ("indexer scores", "indexer scores, FP8 indexer", "indexer + top-k", "sparse attention",
