@@ -1648,15 +1648,24 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
 def _compressed_branch(q, k_cmp, v_cmp, block_size, scale, offset):
     """compressed_attention by SDPA with a block-causal mask (fused kernels, forward and backward,
     no [T, HQ, N] tensor kept). A query that sees no summary gets summary 0 unmasked and its output
-    zeroed, so no row of the softmax is empty. -> [B, TQ, HQ, DV]"""
+    zeroed, so no row of the softmax is empty. One query (a decoding step) sees a prefix of the
+    summaries: SDPA over it, no mask. -> [B, TQ, HQ, DV]"""
     TQ, N = q.shape[1], k_cmp.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    k_cmp, v_cmp = k_cmp.to(q.dtype).transpose(1, 2), v_cmp.to(q.dtype).transpose(1, 2)
+    if TQ == 1:  # the summaries of the blocks complete at position `offset`
+        seen = min(N, (offset + 1) // block_size)
+        if seen == 0:
+            return q.new_zeros(*q.shape[:3], v_cmp.shape[-1])
+        o = sdpa(q.transpose(1, 2), k_cmp[:, :, :seen], v_cmp[:, :, :seen], scale=scale,
+                 enable_gqa=True)
+        return o.transpose(1, 2)
     t = torch.arange(TQ, device=q.device)[:, None] + offset  # [TQ, 1] positions
     c = torch.arange(N, device=q.device)[None, :]  # [1, N]
     seen = (c + 1) * block_size - 1 <= t  # [TQ, N]
     blind = ~seen.any(-1, keepdim=True)  # [TQ, 1] queries before the first complete block
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cmp.to(q.dtype).transpose(1, 2), v_cmp.to(q.dtype).transpose(1, 2),
-        attn_mask=seen | (blind & (c == 0)), scale=scale, enable_gqa=True).transpose(1, 2)
+    o = sdpa(q.transpose(1, 2), k_cmp, v_cmp, attn_mask=seen | (blind & (c == 0)), scale=scale,
+             enable_gqa=True).transpose(1, 2)
     return o * (~blind).to(o.dtype).view(1, TQ, 1, 1)
 
 
@@ -1677,16 +1686,16 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
     if block_indices is None:  # [B, TQ, H, S]
         block_indices = parallel_select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
-    o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)
-    if g_cmp is not None:
-        o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
-        o = o + g_cmp[..., None] * o_cmp.float()
+    o = torch.zeros(B, TQ, HQ, DV, dtype=torch.float32, device=q.device)  # the gated sum, fp32
+    if g_cmp is not None:  # addcmul: o + g · branch in fp32, one kernel
+        o = torch.addcmul(o, g_cmp[..., None],
+                          _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ))
     if g_slc is not None:
-        o = o + g_slc[..., None] * _selected(q, k, v, block_indices, block_size, scale,
-                                             "nsa.selection").float()
+        o = torch.addcmul(o, g_slc[..., None],
+                          _selected(q, k, v, block_indices, block_size, scale, "nsa.selection"))
     if g_swa is not None and W > 0:
-        o = o + g_swa[..., None] * flash_attention(q, k, v, causal=True, scale=scale,
-                                                   window=W).float()
+        o = torch.addcmul(o, g_swa[..., None],
+                          flash_attention(q, k, v, causal=True, scale=scale, window=W))
     o = o.to(q.dtype)
     return (o, block_indices) if return_block_indices else o
 

@@ -256,6 +256,22 @@ def test_decoding_step_reads_only_the_selected_blocks(poisoned):
         assert_close(f"decode TQ={TQ}", full[:, -TQ:], o, 1e-4)
 
 
+@pytest.mark.parametrize("T", [15, 16, 63, 64, 70])
+def test_parallel_nsa_decoding_steps_match_the_last_rows_of_nsa(T):
+    """TQ = 1 or 3 queries at the end of the keys, summaries passed in as a cache would hold them: the last rows of
+    the full nsa, including a query before the first complete block (T = 15) and queries on a block's last token."""
+    HQ, H, bs = 4, 2, 16
+    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=T, device=DEV)
+    gc, gs, gw = (g.to(DEV) for g in gates(1, T, HQ))
+    kw = dict(block_counts=3, block_size=bs, window_size=20)
+    full = N.nsa(q, k, v, gc, gs, gw, **kw)
+    k_cmp, v_cmp = N.mean_pool(k, bs), N.mean_pool(v, bs)
+    for TQ in (1, 3):
+        last = [x[:, -TQ:] for x in (q, gc, gs, gw)]
+        o = N.parallel_nsa(last[0], k, v, *last[1:], k_cmp=k_cmp, v_cmp=v_cmp, **kw)
+        assert_close(f"T={T} TQ={TQ}", full[:, -TQ:], o, 1e-4)
+
+
 def test_parallel_nsa_matches_nsa():
     B, T, HQ, H, bs = 1, 70, 4, 2, 16
     q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=16, device=DEV)
