@@ -160,15 +160,8 @@ def host_ms_per_call(T=1024, n=50):
     """Wall-clock ms per flash fwd+bwd call when calls are queued back to back: the host-side floor at small T."""
     q, k, v, do = make_inputs(T)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    for _ in range(3):
-        fa.flash_attention(qg, kg, vg).backward(do)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fa.flash_attention(qg, kg, vg).backward(do)
-    host = (time.perf_counter() - t) * 1e3 / n  # before the sync: time to issue the work
-    torch.cuda.synchronize()
-    return {"T": T, "issue_ms_per_fwd_bwd": host, "total_ms_per_fwd_bwd": (time.perf_counter() - t) * 1e3 / n}
+    host, total = bench.host_ms(lambda: fa.flash_attention(qg, kg, vg).backward(do), calls=n, warmup=3)
+    return {"T": T, "issue_ms_per_fwd_bwd": host, "total_ms_per_fwd_bwd": total}
 
 
 def add_rows(rows, impl, T, timing, window=None):

@@ -765,8 +765,7 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # The intermediates the backward reads are float32, except the decayed rows $W$, $Q \odot e^{G}$ and
 # $K \odot e^{G_L - G}$: the scans' largest reads, stored in the inputs' dtype (half the bytes in 16 bits) and widened
 # to float32 as they are loaded. Products of float32 operands run in TF32 for 16-bit inputs and in full fp32 for fp32
-# inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row
-# kernel.
+# inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row kernel.
 #
 # The picture: what each kernel reads and writes, one chunk of one head. Below it, the two helpers every kernel
 # takes its gates from: `_load_gates`, and `_decay_sums`, the range sums (the kernels themselves are in the

@@ -1150,8 +1150,9 @@ if res is not None:
 # - **Prefill: DSA is slower than dense attention up to 32K and only matches it at 64K** — 0.23× at 8K, 0.65× at
 #   32K, 1.01× at 64K (1.13× with the FP8 indexer), short of `bench/dsa.py`'s targets (≥ 2× at 64K, ≥ 2.5× with
 #   FP8, ≥ 3× at 128K; this run stopped at 64K). *Arithmetic*: the latent form does $576 + 512$
-#   multiply-adds a head per selected key where dense's expanded form does $192 + 128$, so a whole 8K prefill of
-#   DSA does 1.7× dense's FLOPs, and at 64K still 41 %. *Rate*: SDPA runs at about 580 TFLOP/s, our indexer at
+#   multiply-adds a head per selected key where dense's expanded form does $192 + 128$, so the sparse attention
+#   alone costs more than dense for a token below 7K keys (DSA with its indexer, below 8.7K), and a whole 8K
+#   prefill of DSA does 1.7× dense's FLOPs, at 64K still 41 %. *Rate*: SDPA runs at about 580 TFLOP/s, our indexer at
 #   about 280 and the sparse attention at about 250, of the H200's 989, and the top-k adds 30 ms at 64K (indexer
 #   scores 125 ms, with top-k 155; sparse attention 146; dense 304). At SDPA's rate DSA would be about 2× faster.
 # - **FP8** makes the indexer's scores 1.3× faster (125 → 94 ms at 64K), not the tensor cores' 2×; the top-k and

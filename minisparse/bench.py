@@ -21,7 +21,8 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["median_ms", "timed", "environment", "smoke_environment", "save_results", "load_results", "results_dir", "plot_results", "plot_passes",
+__all__ = ["host_ms", "median_ms", "timed", "environment", "smoke_environment", "save_results", "load_results",
+           "results_dir", "plot_results", "plot_passes",
            "IMPL_COLORS", "impl_family", "impl_style", "config_table", "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
            "roofline_tflops", "roofline_point", "plot_roofline", "attention_fwd_cost", "grouped_mm_cost",
            "mla_decode_cost", "lightning_fwd_cost", "gdn_fwd_cost", "kda_fwd_cost", "nsa_fwd_cost",
@@ -39,6 +40,24 @@ def median_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, gra
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def host_ms(fn: Callable[[], object], *, calls: int = 50, warmup: int = 5) -> tuple[float, float]:
+    """(host, wall) milliseconds a call of `fn()`, `calls` calls issued back to back: host is read before the GPU is
+    synchronised (the time to issue the work), wall after it. Where the two agree, the calls are bound by the host,
+    not by their kernels. On a CPU both are the call's wall-clock time."""
+    import time
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    sync()
+    return 1e3 * host / calls, 1e3 * (time.perf_counter() - start) / calls
 
 
 def timed(fn: Callable[[], object], *, smoke: bool = False, warmup: int = 25, rep: int = 100) -> float | None:

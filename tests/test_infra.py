@@ -197,6 +197,20 @@ def test_bench_results_roundtrip_and_plot(tmp_path, monkeypatch):
             bench.median_ms(lambda: None)
 
 
+def test_bench_host_ms_times_each_call_after_the_warmup():
+    import time
+
+    calls = []
+
+    def sleepy():
+        calls.append(1)
+        time.sleep(0.002)
+
+    host, wall = bench.host_ms(sleepy, calls=10, warmup=3)
+    assert len(calls) == 13  # the warm-up calls are not timed
+    assert 2.0 <= host <= wall < 50.0  # ms a call: at least the sleep, and the wall time includes the host's
+
+
 def test_bench_timed_records_a_failure_as_none(capsys):
     calls = []
     assert isinstance(bench.timed(lambda: calls.append(1), smoke=True), float)

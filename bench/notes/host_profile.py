@@ -16,29 +16,17 @@ import io
 import pathlib
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from minisparse import bench  # noqa: E402
 from minisparse.attention import flash_attention  # noqa: E402
 from minisparse.nsa import mean_pool, parallel_nsa  # noqa: E402
 
 
-def host_and_wall_ms(fn, calls=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e3 * host / calls, 1e3 * (time.perf_counter() - start) / calls
-
-
 def report(name, fn, rows=25):
-    host, wall = host_and_wall_ms(fn)
+    host, wall = bench.host_ms(fn)
     print(f"== {name}: host {host:.3f} ms a call, wall {wall:.3f} ms a call", flush=True)
     profiler = cProfile.Profile()
     profiler.enable()
