@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["host_ms", "median_ms", "timed", "environment", "smoke_environment", "save_results", "load_results",
+__all__ = ["host_ms", "median_ms", "timed", "sweep_rows", "environment", "smoke_environment", "save_results", "load_results",
            "results_dir", "plot_results", "plot_passes",
            "IMPL_COLORS", "impl_family", "impl_style", "config_table", "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
            "roofline_tflops", "roofline_point", "plot_roofline", "attention_fwd_cost", "grouped_mm_cost",
@@ -80,6 +80,48 @@ def timed(fn: Callable[[], object], *, smoke: bool = False, warmup: int = 25, re
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return None
+
+
+def sweep_rows(passes: dict[str, Callable[[], object]], sweep: dict[str, tuple[str, list[dict]]], *,
+               only: Iterable[str] | None = None, timer: Callable[[Callable[[], object]], float] | None = None,
+               out: Callable[[str], None] = print) -> list[dict]:
+    """Force every configuration of some `runtime.LAUNCH_TABLE` rows, one at a time, and time the pass each belongs
+    to: the measurements behind a row's order (bench/notes).
+
+    `passes` maps a pass's name to a function that runs it and returns its result (a tensor or a tuple of them);
+    `sweep` maps a row to (the pass it is timed in, its configurations); `only` keeps the rows named. Each forced
+    configuration's result is compared with what the table's configurations compute (relative RMS), so one
+    that computes something else shows an error far above rounding instead of only a time. A configuration that
+    fails (too large, a compiler error) is reported and the sweep goes on. Returns one dict a configuration:
+    row, config, pass, ms and err (None where it failed, with `error` saying why); `out` prints each as it comes.
+    """
+    from minisparse import runtime
+    from minisparse.testing import rel_rms
+
+    timer = timer or (lambda fn: median_ms(fn, warmup=3, rep=10))
+    as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+    wanted = set(sweep) if only is None else set(only)
+    unknown = wanted - set(sweep)
+    if unknown:
+        raise KeyError(f"sweep_rows: no sweep for {sorted(unknown)}; rows: {sorted(sweep)}")
+    reference = {name: as_tuple(fn()) for name, fn in passes.items()}
+    found = []
+    for row, (name, configs) in sweep.items():
+        if row not in wanted:
+            continue
+        for config in configs:
+            rec = dict(row=row, config=config, **{"pass": name}, ms=None, err=None)
+            try:
+                with runtime.launch_config(row, **config):
+                    rec["ms"] = timer(passes[name])
+                    got = as_tuple(passes[name]())
+                rec["err"] = max(rel_rms(a, b) for a, b in zip(got, reference[name]))
+                out(f"{row} {config}: {name} {rec['ms']:.3f} ms, {rec['err']:.1e} from the table's result")
+            except Exception as err:  # noqa: BLE001 - a configuration that does not fit says so
+                rec["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+                out(f"{row} {config}: {rec['error']}")
+            found.append(rec)
+    return found
 
 
 def environment() -> dict:

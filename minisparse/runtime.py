@@ -232,20 +232,26 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=16)],
     },
     "mla.decode_combine": {"interpreter": [_cfg(BLOCK_H=16)], "sm_75": [_cfg(4, 3, BLOCK_H=16)]},
-    # chapter 4, lightning attention, chunks of 64: state tiles BK × BV; the output and gradient kernels hold all of K
-    # and tile V by BV
+    # chapter 4, lightning attention, chunks of 64: state tiles BK × BV; the output kernel walks K in blocks of BK, the
+    # gradient kernel holds all of K; both tile V by BV. H200 order from a sweep at B 2, T 8K, H 16, K = V = 128, bf16
+    # (bench/notes/lightning.md, 2026-12-04).
     "lightning.fwd_states": {
         "interpreter": [_cfg(BK=64, BV=64)],
+        "sm_90": [_cfg(4, 4, BK=64, BV=64), _cfg(2, 4, BK=32, BV=64), _cfg(4, 4, BK=32, BV=64),
+                  _cfg(4, 3, BK=32, BV=64)],
         "sm_80": [_cfg(4, 2, BK=64, BV=64)],
         "sm_75": [_cfg(4, 1, BK=64, BV=32)],
     },
     "lightning.fwd_output": {
-        "interpreter": [_cfg(BV=64)],
-        "sm_80": [_cfg(4, 2, BV=64)],
-        "sm_75": [_cfg(4, 1, BV=32)],
+        "interpreter": [_cfg(BK=64, BV=64)],
+        "sm_90": [_cfg(4, 2, BK=64, BV=128), _cfg(4, 3, BK=32, BV=128), _cfg(4, 2, BK=64, BV=64),
+                  _cfg(8, 2, BK=64, BV=128)],
+        "sm_80": [_cfg(4, 2, BK=128, BV=64)],
+        "sm_75": [_cfg(4, 1, BK=128, BV=32)],
     },
     "lightning.bwd_dstates": {
         "interpreter": [_cfg(BK=64, BV=64)],
+        "sm_90": [_cfg(4, 3, BK=32, BV=64), _cfg(2, 3, BK=64, BV=32), _cfg(2, 3, BK=64, BV=64)],
         "sm_80": [_cfg(4, 2, BK=64, BV=64)],
         "sm_75": [_cfg(4, 1, BK=64, BV=32)],
     },
@@ -256,6 +262,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "lightning.bwd_dqkv.k128": {
         "interpreter": [_cfg(BV=64)],
+        "sm_90": [_cfg(4, 3, BV=64), _cfg(4, 2, BV=64), _cfg(8, 2, BV=64)],
         "sm_80": [_cfg(8, 2, BV=64)],
         "sm_75": [_cfg(8, 1, BV=32)],
     },

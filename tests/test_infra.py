@@ -211,6 +211,28 @@ def test_bench_host_ms_times_each_call_after_the_warmup():
     assert 2.0 <= host <= wall < 50.0  # ms a call: at least the sleep, and the wall time includes the host's
 
 
+def test_bench_sweep_rows_times_each_forced_configuration_and_flags_a_different_result():
+    row = "lightning.fwd_output"
+
+    def run():  # a stand-in pass whose result depends on the configuration it launches with
+        bv = runtime.launch_configs(row, "cpu", torch.float32)[0]["BV"]
+        if bv == 16:
+            raise RuntimeError("too large\ndetail")
+        return torch.ones(4) * (1.0 if bv == 64 else 2.0), torch.ones(2)
+
+    lines = []
+    found = bench.sweep_rows({"fwd": run}, {row: ("fwd", [dict(BV=64), dict(BV=32), dict(BV=16)])},
+                             timer=lambda fn: 0.5, out=lines.append)
+    assert runtime.launch_configs(row, "cpu", torch.float32)[0]["BV"] == 64  # the table's, restored after the sweep
+    assert [r["config"]["BV"] for r in found] == [64, 32, 16] and all(r["pass"] == "fwd" for r in found)
+    assert found[0]["err"] == 0.0 and found[0]["ms"] == 0.5
+    assert found[1]["err"] == pytest.approx(1.0)  # twice the table's output: relative RMS 1
+    assert found[2]["err"] is None and found[2]["error"] == "RuntimeError: too large"
+    assert len(lines) == 3 and "1.0e+00 from the table's result" in lines[1]
+    with pytest.raises(KeyError, match="no sweep for"):
+        bench.sweep_rows({"fwd": run}, {row: ("fwd", [])}, only=["lightning.fwd_states"])
+
+
 def test_bench_timed_records_a_failure_as_none(capsys):
     calls = []
     assert isinstance(bench.timed(lambda: calls.append(1), smoke=True), float)

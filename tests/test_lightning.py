@@ -152,13 +152,12 @@ def test_kernel_state_without_final(poisoned):
 
 
 def test_kernel_small_tiles(poisoned):
-    """Several state tiles a head (3 × 3 of 16 × 16), several V-tiles in the output and gradient kernels, three
-    chunks, forced through runtime.launch_config."""
+    """Several state tiles a head (3 × 3 of 16 × 16), three K-blocks and V-tiles in the output kernel, several V-tiles
+    in the gradient kernel, three chunks, forced through runtime.launch_config."""
     with contextlib.ExitStack() as forced:
-        for kernel in ("lightning.fwd_states", "lightning.bwd_dstates"):
+        for kernel in ("lightning.fwd_states", "lightning.bwd_dstates", "lightning.fwd_output"):
             forced.enter_context(runtime.launch_config(kernel, BK=16, BV=16))
-        for kernel in ("lightning.fwd_output", "lightning.bwd_dqkv"):
-            forced.enter_context(runtime.launch_config(kernel, BV=16))
+        forced.enter_context(runtime.launch_config("lightning.bwd_dqkv", BV=16))
         _check_kernel(1, 150, 3, 40, 48, state=True, final=True, seed=5)
 
 
@@ -208,6 +207,18 @@ def test_fused_recurrent_refuses_gradients():
 @pytest.mark.parametrize("T,K,V", [(300, 64, 128), (1000, 128, 128), (77, 48, 32)])
 def test_kernel_half_precision(T, K, V, dtype):
     _check_kernel(2, T, 4, K, V, state=True, final=True, dtype=dtype, seed=8)
+
+
+@CUDA
+def test_every_configuration_of_the_lightning_rows_matches_the_recurrence():
+    """Each configuration a GPU's lightning.* row may fall back to (or autotune to), forced in turn, passes the bf16
+    comparison with the fp32 recurrence: a configuration that miscompiles must not sit in a row."""
+    for row in ("lightning.fwd_states", "lightning.fwd_output", "lightning.bwd_dstates", "lightning.bwd_dqkv",
+                "lightning.bwd_dqkv.k128"):
+        K = 64 if row == "lightning.bwd_dqkv" else 128  # the row the launcher picks for this K
+        for config in runtime.launch_configs(row, DEV, torch.bfloat16):
+            with runtime.launch_config(row, **config):
+                _check_kernel(1, 200, 2, K, 128, state=True, final=True, dtype=torch.bfloat16, seed=12)
 
 
 @CUDA

@@ -123,7 +123,7 @@ SPECS = [
          dict(C=64, HAS_H0=False, STORE_HT=False, PRECISION="tf32"), "k_ptr v_ptr states_ptr", floats="",
          fit=_state_tiles(128, 128)),
     Spec("lightning.fwd_output", "minisparse.lightning.triton:_fwd_output_kernel",
-         dict(C=64, BK=128, PRECISION="tf32"), "q_ptr k_ptr v_ptr states_ptr o_ptr", fit=_v_tiles(128)),
+         dict(C=64, PRECISION="tf32"), "q_ptr k_ptr v_ptr states_ptr o_ptr", fit=_state_tiles(128, 128)),
     Spec("lightning.bwd_dstates", "minisparse.lightning.triton:_bwd_dstates_kernel",
          dict(C=64, HAS_DHT=False, STORE_DH0=False, PRECISION="tf32"), "q_ptr do_ptr dstates_ptr",
          fit=_state_tiles(128, 128)),

@@ -72,8 +72,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
     """The outputs of one chunk, for one tile of V.
 
     Program: one (batch b, head h, chunk n, V-tile). Grid (cdiv(V, BV), NT, B · H).
-    Tiling: Q, K [C, BK] with all of K in one tile (BK = K padded to a power of two), V [C, BV] and
-    the entering state's tile S_n [BK, BV]; the scores [C, C] stay on chip.
+    Tiling: a loop over K in blocks of BK loads Q, K [C, BK] and the entering state's tile S_n [BK,
+    BV] and accumulates Q Kᵀ [C, C] and Q S_n [C, BV] in fp32; then V [C, BV].
     Math, with λ = exp(-s_h), D_ij = λ^(i-j) for i ≥ j (0 above the diagonal) and a_i = λ^(i+1):
         O = scale · (diag(a) Q S_n + (Q Kᵀ ⊙ D) V)
     """
@@ -81,7 +81,6 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
     b, h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)
     t = n * C + rows  # [C] the chunk's positions
-    ks = tl.arange(0, BK)
     vs = i_v * BV + tl.arange(0, BV)
     s = tl.load(slope_ptr + h).to(tl.float32)
     q_base = q_ptr + (b * T * H + h) * K  # token t of (b, h) at q_base + t * H * K
@@ -89,22 +88,26 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
     v_base = v_ptr + (b * T * H + h) * V
     o_base = o_ptr + (b * T * H + h) * V
     state_base = states_ptr + (i_bh * NT + n) * K * V  # the state entering chunk n
-    qk_off = t[:, None] * H * K + ks[None, :]  # [C, BK]
     vo_off = t[:, None] * H * V + vs[None, :]  # [C, BV]
-    qk_mask = (t[:, None] < T) & (ks[None, :] < K)
     vo_mask = (t[:, None] < T) & (vs[None, :] < V)
-    q = tl.load(q_base + qk_off, mask=qk_mask, other=0.0)
-    k = tl.load(k_base + qk_off, mask=qk_mask, other=0.0)
+    A = tl.zeros((C, C), dtype=tl.float32)  # Q Kᵀ
+    o = tl.zeros((C, BV), dtype=tl.float32)  # Q S_n
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        qk_off = t[:, None] * H * K + ks[None, :]  # [C, BK]
+        qk_mask = (t[:, None] < T) & (ks[None, :] < K)
+        q = tl.load(q_base + qk_off, mask=qk_mask, other=0.0)
+        k = tl.load(k_base + qk_off, mask=qk_mask, other=0.0)
+        S = tl.load(state_base + ks[:, None] * V + vs[None, :],
+                    mask=(ks[:, None] < K) & (vs[None, :] < V),
+                    other=0.0)  # [BK, BV]
+        A = tl.dot(q, tl.trans(k), A, input_precision=PRECISION)
+        o = tl.dot(q, S.to(q.dtype), o, input_precision=PRECISION)
     v = tl.load(v_base + vo_off, mask=vo_mask, other=0.0)  # [C, BV]
-    S = tl.load(state_base + ks[:, None] * V + vs[None, :],
-                mask=(ks[:, None] < K) & (vs[None, :] < V),
-                other=0.0)  # [BK, BV]
     diff = (rows[:, None] - rows[None, :]).to(tl.float32)  # [C, C] i - j
     D = tl.exp(tl.where(diff >= 0, -s * diff, float("-inf")))  # decay matrix, 0 above the diagonal
-    A = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D  # [C, C]
     query_decay = tl.exp(-s * (rows + 1).to(tl.float32))  # [C]
-    o = tl.dot(q, S.to(q.dtype), input_precision=PRECISION) * query_decay[:, None]
-    o = tl.dot(A.to(v.dtype), v, o, input_precision=PRECISION)
+    o = tl.dot((A * D).to(v.dtype), v, o * query_decay[:, None], input_precision=PRECISION)
     tl.store(o_base + vo_off, (o * scale).to(o_ptr.dtype.element_ty), mask=vo_mask)
 
 
@@ -260,7 +263,7 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_pt
 
 
 _CHUNK = 64  # C, the chunk length of the algorithm (section 4.3): the same on every device
-_MAX_DIM = 128  # K and V each live in one on-chip tile in the output and gradient kernels
+_MAX_DIM = 128  # K lives in one on-chip tile in the gradient kernel; V is capped alike
 _INSTEAD = ("the PyTorch chunk form: naive_chunk_lightning_attn, or "
             "LightningAttention(..., backend='naive')")
 
@@ -329,8 +332,7 @@ def _forward(q, k, v, slope, scale, h0, output_final_state):
     runtime.launch("lightning.fwd_output", _fwd_output_kernel,
                    lambda c: (triton.cdiv(V, c["BV"]), NT, B * H),
                    (q, k, v, slope, states, o, scale, T, H, K, V, NT),
-                   dict(C=_CHUNK, BK=_pow2(K), PRECISION=prec),
-                   fit=_v_tiles(V), **_options(q, v))
+                   dict(C=_CHUNK, PRECISION=prec), fit=_state_tiles(K, V), **_options(q, v))
     return o, ht, states
 
 

@@ -1,0 +1,135 @@
+"""Where an op of chapters 1 and 4-6 spends its time on a GPU, and which launch configuration each of its kernels runs
+best with.
+
+    PYTHONPATH=. python bench/notes/kernel_profile.py kda                 # on a CUDA machine: the profile (about 30 s)
+    PYTHONPATH=. python bench/notes/kernel_profile.py lightning --sweep   # and the sweep of every row it launches
+    PYTHONPATH=. python bench/notes/kernel_profile.py kda --sweep kda.fwd_states kda.bwd_states   # only these rows
+    PYTHONPATH=. python bench/notes/kernel_profile.py deltanet --T 32768  # another length
+    PYTHONPATH=. python bench/notes/kernel_profile.py window --T 32768 --sweep   # flash_attention, window 1024
+
+B 2, T 8192, H 16, K = V = 128, bf16 (the first shape of bench/lightning.py, deltanet.py and kda.py): the gated ops
+with use_qk_l2norm, gates -U(0, 1), β U(0, 1); lightning with chapter 4's slopes of layer 0 of 2; "window" is
+chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.py's windowed rows). First the median
+times of the forward and of the forward + backward with the launch table's configurations, then a torch.profiler
+table of the CUDA kernels of three forward + backward passes. With --sweep, each row of runtime.LAUNCH_TABLE that the
+op launches is forced configuration by configuration (`minisparse.bench.sweep_rows`) and the pass it belongs to is
+timed whole, its result compared with the table configuration's: the rows' order in the table is the order of these
+times (bench/notes/<op>.md).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from minisparse import bench  # noqa: E402
+
+B, H, D = 2, 16, 128
+
+
+def _grid(**axes):
+    """Every combination of the axes' values, as launch configurations."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+WARPS_STAGES = _grid(num_warps=(2, 4, 8), num_stages=(1, 2))
+SWEEPS = {  # op -> row -> (pass timed, configurations)
+    "kda": {
+        "kda.fwd_products": ("fwd", WARPS_STAGES),
+        "kda.fwd_wy": ("fwd", [dict(c, BV=bv) for c in WARPS_STAGES for bv in (32, 64)]),
+        "kda.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3), BV=(32, 16))),
+        "kda.fwd_output": ("fwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BV=(32, 64))),
+        "kda.bwd_states": ("fwd+bwd", _grid(num_warps=(8, 4), num_stages=(1, 2), BV=(32, 16))),
+        "kda.bwd_chunk": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1,), BV=(32, 64))),
+        "kda.bwd_products": ("fwd+bwd", WARPS_STAGES),
+    },
+    "lightning": {
+        "lightning.fwd_states": ("fwd", _grid(num_warps=(2, 4), num_stages=(2, 3, 4), BK=(32, 64),
+                                              BV=(32, 64))),
+        "lightning.fwd_output": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3), BK=(32, 64, 128), BV=(64, 128))),
+        "lightning.bwd_dstates": ("fwd+bwd", _grid(num_warps=(2, 4), num_stages=(2, 3), BK=(32, 64, 128),
+                                                   BV=(32, 64))),
+        "lightning.bwd_dqkv.k128": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2, 3), BV=(32, 64, 128))),
+    },
+    "window": {
+        "attention.dkdv": ("fwd+bwd", [dict(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n)
+                                       for w, s, m, n in itertools.product((4, 8), (2, 3), (32, 64), (64, 128))]),
+        "attention.dq": ("fwd+bwd", [dict(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n)
+                                     for w, s, m, n in itertools.product((4, 8), (2, 3), (64, 128), (32, 64))]),
+    },
+    "deltanet": {
+        "deltanet.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3, 4), BV=(16, 32, 64))),
+        "deltanet.bwd_du_local": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2, 3), BV=(32, 64, 128))),
+        "deltanet.bwd_states": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BV=(16, 32, 64))),
+        "deltanet.bwd_chunk": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BV=(16, 32, 64))),
+    },
+}
+
+
+def passes(op: str, T: int):
+    """The forward (no autograd) and the forward + backward of `op`, on fixed inputs."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    do = torch.randn_like(v)
+    beta = torch.rand(B, T, H, device="cuda", generator=g)
+    if op == "window":
+        from minisparse.attention import flash_attention
+
+        extra = []
+        call = lambda *x: flash_attention(*x, window=1024)  # noqa: E731
+    elif op == "kda":
+        from minisparse.kda import chunk_kda
+
+        extra = [-torch.rand(B, T, H, D, device="cuda", generator=g), beta]
+        call = lambda *x: chunk_kda(*x, use_qk_l2norm=True)[0]  # noqa: E731
+    elif op == "deltanet":
+        from minisparse.deltanet import chunk_gated_delta_rule
+
+        extra = [-torch.rand(B, T, H, device="cuda", generator=g), beta]
+        call = lambda *x: chunk_gated_delta_rule(*x, use_qk_l2norm=True)[0]  # noqa: E731
+    else:
+        from minisparse.lightning import chunk_lightning_attn, minimax_slopes
+
+        slope = minimax_slopes(H, 0, 2).cuda()
+        extra = []
+        call = lambda *x: chunk_lightning_attn(*x, slope)[0]  # noqa: E731
+    inputs = [q, k, v, *extra]
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+
+    def fwd():
+        with torch.no_grad():
+            return call(*inputs)
+
+    def fwd_bwd():
+        return torch.autograd.grad(call(*leaves), leaves, do)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("op", choices=sorted(SWEEPS))
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--sweep", nargs="*", metavar="ROW", default=None,
+                    help="also force every configuration of each row the op launches (or of the rows named)")
+    args = ap.parse_args(argv)
+    fns = passes(args.op, args.T)
+    for name, fn in fns.items():
+        print(f"{args.op} T {args.T}, table configurations: {name} {bench.median_ms(fn, warmup=5, rep=20):.3f} ms",
+              flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fns["fwd+bwd"]()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+    if args.sweep is not None:
+        bench.sweep_rows(fns, SWEEPS[args.op], only=args.sweep or None, out=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()
