@@ -223,7 +223,9 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "interpreter": [_cfg(BLOCK_H=16, BLOCK_N=32)],
         "sm_90": [_cfg(8, 2, BLOCK_H=64, BLOCK_N=64), _cfg(8, 2, BLOCK_H=64, BLOCK_N=32),
                   _cfg(8, 2, BLOCK_H=32, BLOCK_N=64), _cfg(8, 3, BLOCK_H=64, BLOCK_N=32),
-                  _cfg(4, 2, BLOCK_H=32, BLOCK_N=32)],
+                  _cfg(4, 2, BLOCK_H=32, BLOCK_N=32),
+                  # 16 query rows (16 heads, one token), autotuned: a head block of 16 wastes no rows
+                  _cfg(4, 2, BLOCK_H=16, BLOCK_N=64), _cfg(8, 2, BLOCK_H=16, BLOCK_N=128)],
         "sm_80": [_cfg(8, 1, BLOCK_H=32, BLOCK_N=32), _cfg(8, 2, BLOCK_H=32, BLOCK_N=32),
                   _cfg(4, 2, BLOCK_H=16, BLOCK_N=64), _cfg(8, 2, BLOCK_H=64, BLOCK_N=32)],
         "sm_90.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=32)],

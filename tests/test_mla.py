@@ -287,6 +287,20 @@ def test_mla_decode_low_precision_on_gpu(dtype, B, T, H, Dc, Dr, S, lengths):
 
 
 @CUDA
+@pytest.mark.parametrize("H", [16, 128])
+def test_every_configuration_of_the_split_row_matches_the_reference_on_gpu(H):
+    """Each configuration of this GPU's "mla.decode_split" row (the candidates the benchmarks autotune over), forced
+    in turn with the splits planned for it, at DeepSeek's latent in bf16: a configuration that miscompiles must not
+    sit in a row."""
+    args = _decode_inputs(2, 1, H, 512, 64, 3000, dtype=torch.bfloat16)
+    lens = torch.tensor([3000, 1777], device=DEV)
+    ref = mla_decode_ref(*(a.float() for a in args), 192**-0.5, lens)
+    for config in runtime.launch_configs("mla.decode_split", DEV, torch.bfloat16):
+        out = _run(args, 192**-0.5, lens, config, None)
+        assert_close(f"mla_decode {config}", ref, out.float(), TOLERANCES[torch.bfloat16][0])
+
+
+@CUDA
 def test_mla_decode_large_batch_offsets_on_gpu():
     """64-bit batch offsets: the last sequence starts past 2**31 elements of a strided view."""
     B, S = 9, 500_000  # sequence 8 starts at 8 × 500,000 × 576 = 2.3e9 > 2**31 elements
@@ -750,12 +764,13 @@ def test_split_plan_uses_the_forced_block_h(monkeypatch, block_h):
 def test_autotuning_keeps_the_head_blocks_the_splits_were_planned_for(monkeypatch, H):
     """With autotuning on, every candidate launches with as many head blocks as the splits were planned for: its own
     BLOCK_H where that gives the same count, else the planned BLOCK_H. Off, the row's entries keep their own, so a GPU
-    with less shared memory can fall back to narrower ones. Checked on the sm_90 row (entries of BLOCK_H 64 and 32)
-    with a forced BLOCK_H of 64: 3 heads make one block either way, 40 heads one block of 64 or two of 32."""
+    with less shared memory can fall back to narrower ones. Checked on the sm_90 row (entries of BLOCK_H 64, 32 and
+    16) with a forced BLOCK_H of 64: 3 heads make one block either way, 40 heads one block of 64, two of 32 or three
+    of 16."""
     launches = _RecordedLaunches(runtime.launch)
     monkeypatch.setattr(runtime, "launch", launches)
     row = runtime.LAUNCH_TABLE["mla.decode_split"]["sm_90"]
-    assert {c["BLOCK_H"] for c in row} == {32, 64}
+    assert {c["BLOCK_H"] for c in row} == {16, 32, 64}
     args = _good_decode_args()
     args["q_latent"], args["q_rope"] = args["q_latent"][:, :, [0] * H], args["q_rope"][:, :, [0] * H]
     previous = runtime.set_autotune(True)
