@@ -2045,13 +2045,18 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
 # `mla_decode` warns and computes with `mla_decode_ref`. fp32 inputs take twice the memory and get the small tiles.
 # The interpreter gets one configuration of few, large programs (fast to interpret).
 #
+# A head block taller than the query rows computes rows that are masked off: 16 heads decoding one token fill a
+# quarter of a 64-high block. So the launch tries first the row's entries whose `BLOCK_H` is the number of query rows
+# padded to a power of two (at least 16), in the row's order (`prefer`), then the rest; on the H200, 16 heads read
+# the cache at 3.6 TB/s in 16-high blocks against 2.0 TB/s in 64-high ones (`bench/notes/mla.md`).
+#
 # The number of splits is planned on the host before the launch, from the batch, the number of head blocks
 # `cdiv(T·H, BLOCK_H)` and the SM count (as above), so it needs `BLOCK_H`: the plan takes it from the
-# configuration the launch tries first — the one a test forces with `runtime.launch_config`, else the first of the
-# row. With `runtime.set_autotune(True)` (the benchmarks) the row's candidates are timed for each shape; a candidate
-# keeps its own `BLOCK_H` only where it gives as many head blocks as the planned one (with 16 heads, 32 and 64 both
-# give one), else it takes the planned `BLOCK_H` — so every candidate runs with the plan made for it. The sweeps
-# behind the table's rows are in `bench/notes/mla.md`.
+# configuration the launch tries first — the one a test forces with `runtime.launch_config`, else the first
+# preferred entry of the row (else its first). With `runtime.set_autotune(True)` (the benchmarks) the row's
+# candidates are timed for each shape; a candidate keeps its own `BLOCK_H` only where it gives as many head blocks as
+# the planned one (with 16 heads, 16, 32 and 64 all give one), else it takes the planned `BLOCK_H` — so every
+# candidate runs with the plan made for it. The sweeps behind the table's rows are in `bench/notes/mla.md`.
 
 # %% [markdown]
 # **How many splits?** Enough that the programs fill the GPU about once — one per SM, so 64 sequences × 2 head blocks
@@ -2166,10 +2171,18 @@ def _split_tiles(block_dc, rows=None, block_h=None):
     return fit
 
 
-def _first_split_config(device, dtype, fit):
+def _first_split_config(device, dtype, fit, prefer):
     """The split kernel's configuration the launch tries first: the one forced by
-    runtime.launch_config, else the first of its LAUNCH_TABLE row; after `fit`."""
-    return fit(runtime.launch_configs("mla.decode_split", device, dtype)[0])
+    runtime.launch_config, else the first of its LAUNCH_TABLE row that `prefer` accepts (else the
+    row's first); after `fit`."""
+    return fit(runtime.launch_configs("mla.decode_split", device, dtype, prefer)[0])
+
+
+def _rows_tile(rows):
+    """`prefer` for the split kernel: entries whose head block is as tall as the query rows (padded
+    to a power of two, at least 16), so that a block computes no masked rows it could leave out."""
+    tall = max(16, triton.next_power_of_2(rows))
+    return lambda config: config["BLOCK_H"] == tall
 
 
 def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len, split_len=None):
@@ -2180,7 +2193,8 @@ def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len
     ROWS = T * H
     BLOCK_DC, BLOCK_DR = max(16, triton.next_power_of_2(DC)), max(16, triton.next_power_of_2(DR))
     dev, dtype = q_latent.device, q_latent.dtype
-    block_h = _first_split_config(dev, dtype, _split_tiles(BLOCK_DC))["BLOCK_H"]
+    prefer = _rows_tile(ROWS)
+    block_h = _first_split_config(dev, dtype, _split_tiles(BLOCK_DC), prefer)["BLOCK_H"]
     latent_bytes = (DC + DR) * kv_cache.element_size()
     split_len, NS = _plan_splits(B, ROWS, triton.cdiv(ROWS, block_h), max_len, dev, latent_bytes,
                                  DC, split_len)
@@ -2197,9 +2211,10 @@ def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len
          scale * _LOG2E,
          *q_latent.stride(), *q_rope.stride(), *kv_cache.stride(), *rope_cache.stride()),
         dict(DC=DC, DR=DR, BLOCK_DC=BLOCK_DC, BLOCK_DR=BLOCK_DR, PRECISION=_precision(dtype)),
-        device=dev, dtype=dtype, key=(BLOCK_DC, BLOCK_DR),
+        device=dev, dtype=dtype, key=(BLOCK_DC, BLOCK_DR, max(16, triton.next_power_of_2(ROWS))),
         fit=_split_tiles(BLOCK_DC, *((ROWS, block_h) if runtime.autotuning() else ())),
-        autotune_key=["ROWS", "NS", "split_len", "DC", "DR"], instead="mla_decode_ref")
+        autotune_key=["ROWS", "NS", "split_len", "DC", "DR"], prefer=prefer,
+        instead="mla_decode_ref")
     runtime.launch(
         "mla.decode_combine", _mla_decode_combine_kernel,
         lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), B),

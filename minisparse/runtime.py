@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Callable
 
 import torch
 
@@ -224,8 +225,8 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_90": [_cfg(8, 2, BLOCK_H=64, BLOCK_N=64), _cfg(8, 2, BLOCK_H=64, BLOCK_N=32),
                   _cfg(8, 2, BLOCK_H=32, BLOCK_N=64), _cfg(8, 3, BLOCK_H=64, BLOCK_N=32),
                   _cfg(4, 2, BLOCK_H=32, BLOCK_N=32),
-                  # 16 query rows (16 heads, one token), autotuned: a head block of 16 wastes no rows
-                  _cfg(4, 2, BLOCK_H=16, BLOCK_N=64), _cfg(8, 2, BLOCK_H=16, BLOCK_N=128)],
+                  # up to 16 query rows (16 heads, one token) try these first: a head block of 16 wastes no rows
+                  _cfg(8, 2, BLOCK_H=16, BLOCK_N=128), _cfg(4, 2, BLOCK_H=16, BLOCK_N=64)],
         "sm_80": [_cfg(8, 1, BLOCK_H=32, BLOCK_N=32), _cfg(8, 2, BLOCK_H=32, BLOCK_N=32),
                   _cfg(4, 2, BLOCK_H=16, BLOCK_N=64), _cfg(8, 2, BLOCK_H=64, BLOCK_N=32)],
         "sm_90.fp32": [_cfg(4, 1, BLOCK_H=16, BLOCK_N=32)],
@@ -433,13 +434,20 @@ _tuned: dict = {}  # (kernel, configurations) -> the triton.autotune wrapper of 
 _autotune = False
 
 
-def launch_configs(kernel: str, dev: torch.device | str, dtype: torch.dtype) -> list[dict]:
+def launch_configs(kernel: str, dev: torch.device | str, dtype: torch.dtype,
+                   prefer: Callable[[dict], bool] | None = None) -> list[dict]:
     """The launch configurations `kernel` would try on `dev` for inputs of `dtype`, best first (copies): the one
-    `launch_config` forces, if any, else its `LAUNCH_TABLE` row. A launcher that plans on a tile size (a schedule
-    built on the host) reads it here."""
+    `launch_config` forces, if any, else its `LAUNCH_TABLE` row, the entries `prefer` accepts first (as `launch`
+    orders them). A launcher that plans on a tile size (a schedule built on the host) reads it here."""
     if kernel in _forced:
         return [dict(_forced[kernel])]
-    return [dict(c) for c in _row(kernel, dev, dtype)]
+    return [dict(c) for _, c in _preferred_first(_row(kernel, dev, dtype), prefer)]
+
+
+def _preferred_first(row: list[dict], prefer) -> list[tuple[int, dict]]:
+    """(index, entry) of a row, the entries `prefer` accepts first, each group in the row's order."""
+    indexed = list(enumerate(row))
+    return indexed if prefer is None else sorted(indexed, key=lambda ic: not prefer(ic[1]))
 
 
 def _row(kernel: str, dev, dtype: torch.dtype) -> list[dict]:
@@ -503,7 +511,8 @@ def autotuning() -> bool:
 
 
 def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtype, key=(), fit=None,
-           autotune_key: list[str] | None = None, instead: str = "the naive PyTorch version of this op") -> dict:
+           autotune_key: list[str] | None = None, prefer: Callable[[dict], bool] | None = None,
+           instead: str = "the naive PyTorch version of this op") -> dict:
     """Launch the Triton kernel `fn` (named `kernel` in `LAUNCH_TABLE`) with its configuration for this call; return
     the configuration used.
 
@@ -513,8 +522,10 @@ def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtyp
     fastest of the row, else the first of the row that compiles within this GPU's shared memory: a launch that asks
     for too much raises OutOfResources before it runs, so the next is tried, and the one that fits is remembered per
     (kernel, architecture, dtype, key) so later calls go straight to it — `key` must hold whatever `fit` depends on
-    that changes which configurations fit (e.g. a padded head dimension). When none fits, a RuntimeError names the
-    kernel and says what to use `instead`.
+    that changes which configurations fit (e.g. a padded head dimension). `prefer(entry) -> bool` moves the row's
+    entries it accepts to the front (e.g. a tile as tall as this call's rows), each group in the row's order; `key`
+    must then hold what `prefer` depends on too. When none fits, a RuntimeError names the kernel and says what to use
+    `instead`.
     """
     fit = fit or _same
     forced = _forced.get(kernel)
@@ -532,7 +543,7 @@ def launch(kernel: str, fn, grid, args: tuple, constexprs: dict, *, device, dtyp
 
     row = [forced] if forced is not None else _row(kernel, device, dtype)
     configs = []  # (index in the row, fitted configuration), duplicates after fitting dropped
-    for i, c in enumerate(row):
+    for i, c in _preferred_first(row, prefer if forced is None else None):
         fitted = _interpretable(fit(dict(c)))
         if all(fitted != f for _, f in configs):
             configs.append((i, fitted))

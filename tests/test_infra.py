@@ -505,6 +505,34 @@ def test_launch_tries_in_order_remembers_what_fits_and_can_be_forced(monkeypatch
             pass
 
 
+def test_launch_tries_the_preferred_entries_first_in_the_rows_order(monkeypatch):
+    """`prefer` moves the entries it accepts to the front (each group keeps the row's order), for launch and
+    launch_configs alike; what fits is remembered per key; a forced configuration ignores it."""
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_80")
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "_chosen", {})
+    monkeypatch.setattr(runtime, "_rows", {})
+    kernel = _FakeKernel(fits=10**6)
+    grid = lambda c: (c["BV"],)  # noqa: E731
+    narrow = lambda c: c["BV"] <= 32  # noqa: E731
+    configs = runtime.launch_configs("deltanet.fwd_output", "cuda", torch.bfloat16, narrow)
+    assert [c["BV"] for c in configs] == [32, 16, 128, 64]  # the row is 128, 64, 32, 16
+    used = runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.bfloat16,
+                          key=("narrow",), prefer=narrow)
+    assert used["BV"] == 32 and runtime._chosen[("deltanet.fwd_output", "sm_80", torch.bfloat16, ("narrow",))] == 2
+    kernel.fits = 16  # the preferred entry no longer fits: the next preferred one, before the rest of the row
+    monkeypatch.setattr(runtime, "_chosen", {})
+    assert runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.bfloat16,
+                          prefer=narrow)["BV"] == 16
+    kernel.fits = 10**6
+    assert runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.bfloat16,
+                          key=("any",))["BV"] == 128  # no preference: the row's order
+    with runtime.launch_config("deltanet.fwd_output", BV=64, num_warps=4, num_stages=2):
+        assert runtime.launch_configs("deltanet.fwd_output", "cuda", torch.bfloat16, narrow)[0]["BV"] == 64
+        assert runtime.launch("deltanet.fwd_output", kernel, grid, (), {}, device="cuda", dtype=torch.bfloat16,
+                              prefer=narrow)["BV"] == 64
+
+
 def test_autotune_hands_the_fitted_row_to_tritons_autotuner_and_names_the_kernel_when_nothing_fits(monkeypatch):
     """With autotuning on, the row's fitted configurations become triton.Configs of one autotuner per kernel (keyed by
     the function too: two kernels share the "deltanet.rows" name); when every candidate is too large the error is the

@@ -717,7 +717,8 @@ class _RecordedLaunches:
         self.real, self.calls = real, []
 
     def __call__(self, kernel, fn, grid, args, constexprs, **kw):
-        self.calls.append(dict(kernel=kernel, fit=kw.get("fit"), autotune_key=kw.get("autotune_key")))
+        self.calls.append(dict(kernel=kernel, fit=kw.get("fit"), autotune_key=kw.get("autotune_key"),
+                               prefer=kw.get("prefer"), key=kw.get("key")))
         return self.real(kernel, fn, grid, args, constexprs, **kw)
 
 
@@ -728,6 +729,22 @@ def test_mla_decode_launches_both_kernels_through_the_launch_table(monkeypatch):
     assert_close("launch", mla_decode_ref(**args), mla_decode(**args), TOLERANCES[torch.float32][0])
     assert [c["kernel"] for c in launches.calls] == ["mla.decode_split", "mla.decode_combine"]
     assert launches.calls[0]["autotune_key"] == ["ROWS", "NS", "split_len", "DC", "DR"]  # tuned per shape
+    # 3 query rows prefer head blocks of 16, and the remembered choice is kept per padded row count
+    prefer = launches.calls[0]["prefer"]
+    assert prefer(dict(BLOCK_H=16)) and not prefer(dict(BLOCK_H=32)) and launches.calls[0]["key"][-1] == 16
+
+
+@pytest.mark.parametrize("rows,block_h", [(1, 16), (16, 16), (20, 32), (40, 64), (128, 64)])
+def test_the_split_plan_prefers_a_head_block_as_tall_as_the_query_rows(monkeypatch, rows, block_h):
+    """On the H200's row: 16 rows (16 heads, one token) get a block of 16, not the row's first 64; 20 rows one of
+    32; rows past the tallest block keep the row's first. The plan and the launch read the same order."""
+    monkeypatch.setattr(runtime, "arch", lambda dev: "sm_90")
+    monkeypatch.setattr(runtime, "_rows", {})
+    first = mla_triton._first_split_config("cuda", torch.bfloat16, mla_triton._split_tiles(512),
+                                           mla_triton._rows_tile(rows))
+    assert first["BLOCK_H"] == block_h
+    if rows <= 16:
+        assert first == dict(BLOCK_H=16, BLOCK_N=128, num_warps=8, num_stages=2)  # 3.6 TB/s at 16 heads
 
 
 def test_split_tiles_shorten_token_tiles_for_large_latents():

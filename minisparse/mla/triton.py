@@ -236,10 +236,18 @@ def _split_tiles(block_dc, rows=None, block_h=None):
     return fit
 
 
-def _first_split_config(device, dtype, fit):
+def _first_split_config(device, dtype, fit, prefer):
     """The split kernel's configuration the launch tries first: the one forced by
-    runtime.launch_config, else the first of its LAUNCH_TABLE row; after `fit`."""
-    return fit(runtime.launch_configs("mla.decode_split", device, dtype)[0])
+    runtime.launch_config, else the first of its LAUNCH_TABLE row that `prefer` accepts (else the
+    row's first); after `fit`."""
+    return fit(runtime.launch_configs("mla.decode_split", device, dtype, prefer)[0])
+
+
+def _rows_tile(rows):
+    """`prefer` for the split kernel: entries whose head block is as tall as the query rows (padded
+    to a power of two, at least 16), so that a block computes no masked rows it could leave out."""
+    tall = max(16, triton.next_power_of_2(rows))
+    return lambda config: config["BLOCK_H"] == tall
 
 
 def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len, split_len=None):
@@ -250,7 +258,8 @@ def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len
     ROWS = T * H
     BLOCK_DC, BLOCK_DR = max(16, triton.next_power_of_2(DC)), max(16, triton.next_power_of_2(DR))
     dev, dtype = q_latent.device, q_latent.dtype
-    block_h = _first_split_config(dev, dtype, _split_tiles(BLOCK_DC))["BLOCK_H"]
+    prefer = _rows_tile(ROWS)
+    block_h = _first_split_config(dev, dtype, _split_tiles(BLOCK_DC), prefer)["BLOCK_H"]
     latent_bytes = (DC + DR) * kv_cache.element_size()
     split_len, NS = _plan_splits(B, ROWS, triton.cdiv(ROWS, block_h), max_len, dev, latent_bytes,
                                  DC, split_len)
@@ -267,9 +276,10 @@ def _launch(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out, max_len
          scale * _LOG2E,
          *q_latent.stride(), *q_rope.stride(), *kv_cache.stride(), *rope_cache.stride()),
         dict(DC=DC, DR=DR, BLOCK_DC=BLOCK_DC, BLOCK_DR=BLOCK_DR, PRECISION=_precision(dtype)),
-        device=dev, dtype=dtype, key=(BLOCK_DC, BLOCK_DR),
+        device=dev, dtype=dtype, key=(BLOCK_DC, BLOCK_DR, max(16, triton.next_power_of_2(ROWS))),
         fit=_split_tiles(BLOCK_DC, *((ROWS, block_h) if runtime.autotuning() else ())),
-        autotune_key=["ROWS", "NS", "split_len", "DC", "DR"], instead="mla_decode_ref")
+        autotune_key=["ROWS", "NS", "split_len", "DC", "DR"], prefer=prefer,
+        instead="mla_decode_ref")
     runtime.launch(
         "mla.decode_combine", _mla_decode_combine_kernel,
         lambda c: (triton.cdiv(ROWS, c["BLOCK_H"]), B),
