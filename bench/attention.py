@@ -196,7 +196,7 @@ def main():
     ts = [int(t) for t in args.ts.split(",")]
     doc = {
         "name": "attention",
-        **bench.environment(),
+        **(bench.smoke_environment() if args.smoke else bench.environment()),
         "config": {"B": B, "H": H, "D": D, "dtype": str(DTYPE).removeprefix("torch."), "causal": True,
                    "window": args.window, "layout": "flash_attention [B, T, H, D]; SDPA and flex [B, H, T, D]",
                    "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",

@@ -725,3 +725,18 @@ def test_plot_roofline_draws_both_ceilings_and_one_marker_a_point():
     assert markers[-1].get_color() == bench.IMPL_COLORS["minisparse"]  # the book's kernel drawn last, on top
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["this book", "SDPA", "fla"]
     assert ax.get_xscale() == ax.get_yscale() == "log"
+
+
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.mark.parametrize("name", ["attention", "moe", "mla", "lightning", "deltanet", "kda", "nsa", "dsa"])
+def test_benchmark_script_runs_in_smoke_mode(tmp_path, name):
+    """Every chapter's benchmark runs end to end on the CPU with tiny fp32 shapes (`--smoke`) and writes its results
+    file where it is told to, so a broken script shows here and not in a GPU session's budget."""
+    run = subprocess.run([sys.executable, os.path.join(_BENCH, f"{name}.py"), "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    assert doc["device"] == "cpu" and doc["date"] == "smoke" and doc["rows"], doc
+    assert any(row.get("ms") for row in doc["rows"]), "a smoke run times (by the clock) at least our own rows"
