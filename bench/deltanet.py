@@ -15,7 +15,6 @@ Target, reported and not asserted: forward time ≤ 1.0× fla's chunk_gated_delt
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -115,22 +114,15 @@ def rows_for(T: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for deltanet.json")
+    ap = bench.script_parser("deltanet", __doc__)
     ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="sequence lengths")
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     global SMOKE, DEVICE, DTYPE, B, H, D
     if args.smoke:
         SMOKE, DEVICE, DTYPE, B, H, D = True, "cpu", torch.float32, 1, 2, 32
         args.T = [70]
-        bench.environment = bench.smoke_environment
-    elif not torch.cuda.is_available():
-        print("bench/deltanet.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("deltanet", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     rows = []
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, H=H, HV=H, K=D, V=D, T=args.T, chunk=64,
                   gates="-U(0, 1)", beta="U(0, 1)", scale="K ** -0.5",

@@ -24,7 +24,6 @@ Writes DIR/dsa.json and prints a table and the ratios last. Targets, reported an
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -205,12 +204,10 @@ def graphed(fn):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for dsa.json")
+    ap = bench.script_parser("dsa", __doc__)
     ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="prefill lengths")
     ap.add_argument("--long", action="store_true", help="add T = 128K")
     ap.add_argument("--autotune", action="store_true", help="time each kernel's launch-table row, keep the fastest")
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     global SMOKE, DEVICE, DTYPE, HQ, DC, DR, HI, DI, TOPK
     if args.smoke:
@@ -218,14 +215,9 @@ def main(argv=None) -> int:
         HQ, DC, DR, HI, DI, TOPK = 4, 32, 8, 2, 16, 24
         DECODE.update(B=2, T=96)
         args.T = [80]
-        bench.environment = lambda: dict(date="smoke", device="cpu", torch=torch.__version__, triton="-", cuda=None)
-    elif not torch.cuda.is_available():
-        print("bench/dsa.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("dsa", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
-        runtime.set_autotune(args.autotune)
+    runtime.set_autotune(args.autotune and not args.smoke)
     if args.long and LONG not in args.T:
         args.T.append(LONG)
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, HQ=HQ, latent=DC, rope=DR, indexer_heads=HI,

@@ -14,7 +14,6 @@ Targets, reported and not asserted: forward ≤ 1.0× fla's time and forward + b
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -101,23 +100,16 @@ def rows_for(B, T) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for kda.json")
+    ap = bench.script_parser("kda", __doc__)
     ap.add_argument("--long", action="store_true", help="also B = 1 at 8K … 64K")
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     global SMOKE, DEVICE, DTYPE, H, D
     runs = RUNS + (LONG if args.long else [])
     if args.smoke:
         SMOKE, DEVICE, DTYPE, H, D = True, "cpu", torch.float32, 2, 32
         runs = [(1, 70)]
-        bench.environment = bench.smoke_environment
-    elif not torch.cuda.is_available():
-        print("bench/kda.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("kda", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     config = dict(dtype=str(DTYPE).replace("torch.", ""), runs=runs, H=H, HV=H, K=D, V=D, chunk=64,
                   gates="-U(0, 1) per channel", beta="U(0, 1)", scale="K ** -0.5", l2norm="use_qk_l2norm",
                   note="fwd under no_grad; fwd+bwd = o.backward(do); accuracy: relative RMS against "

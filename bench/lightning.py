@@ -10,7 +10,6 @@ table last. Target, reported and not asserted: forward time ≤ 1.0× fla's chun
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -91,22 +90,15 @@ def rows_for(T: int, slope) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for lightning.json")
+    ap = bench.script_parser("lightning", __doc__)
     ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="sequence lengths")
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     global SMOKE, DEVICE, DTYPE, B, H, D
     if args.smoke:
         SMOKE, DEVICE, DTYPE, B, H, D = True, "cpu", torch.float32, 1, 2, 32
         args.T = [70]
-        bench.environment = bench.smoke_environment
-    elif not torch.cuda.is_available():
-        print("bench/lightning.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("lightning", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     slope = minimax_slopes(H, 0, 2).to(DEVICE)
     rows = []
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, H=H, K=D, V=D, T=args.T, chunk=64,

@@ -21,7 +21,6 @@ row records the configuration that ran. Writes DIR/mla.json (minisparse.bench fo
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -117,23 +116,16 @@ def rows_for(B: int, T: int, H: int) -> list[dict]:
 
 def main(argv=None) -> int:
     global SMOKE, DEVICE, DTYPE
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for mla.json")
+    ap = bench.script_parser("mla", __doc__)
     ap.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--heads", type=int, nargs="*", default=list(HEADS))
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     if args.smoke:
         SMOKE, DEVICE, DTYPE = True, "cpu", torch.float32
         args.batches, args.contexts, args.heads = [1, 2], [64, 96], [128, 16]
-        bench.environment = bench.smoke_environment
-    elif not torch.cuda.is_available():
-        print("bench/mla.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("mla", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     runtime.set_autotune(True)  # the interpreter (--smoke) runs the first configuration of its row
     runtime.launch = _recording(runtime.launch)
     t_start = time.perf_counter()

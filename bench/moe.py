@@ -16,7 +16,6 @@ reported and not asserted: grouped_mm forward ≥ 0.8× torch._grouped_mm's spee
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -122,23 +121,16 @@ def layer_rows() -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for moe.json")
+    ap = bench.script_parser("moe", __doc__)
     ap.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS), help="token counts (× top-8 = rows)")
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     if args.smoke:
         global SMOKE, DEVICE, DTYPE, K, N
         SMOKE, DEVICE, DTYPE, K, N = True, "cpu", torch.float32, 64, 96
         LAYER.update(tokens=64, hidden=64, inter=32, experts=8, top_k=2, shared=48)
         args.tokens = [16]
-        bench.environment = bench.smoke_environment
-    elif not torch.cuda.is_available():
-        print("bench/moe.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("moe", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     runtime.set_autotune(True)  # the interpreter (--smoke) ignores it
     rows, tuned = [], {}
     for tokens in args.tokens:

@@ -11,7 +11,6 @@ table and the ratios last. Targets, reported and not asserted: NSA forward ≥ 3
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -100,23 +99,16 @@ def rows_for(T: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="directory for nsa.json")
+    ap = bench.script_parser("nsa", __doc__)
     ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="sequence lengths")
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
     args = ap.parse_args(argv)
     global SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W
     if args.smoke:
         SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W = True, "cpu", torch.float32, 1, 4, 2, 16, 16, 3, 32
         MOBA.update(HQ=2, H=2, chunk=16, topk=2)
         args.T = [80]
-        bench.environment = bench.smoke_environment
-    elif not torch.cuda.is_available():
-        print("bench/nsa.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
-              file=sys.stderr)
+    if not bench.start_script("nsa", args.smoke):
         return 2
-    else:
-        print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
     config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, HQ=HQ, H=H, D=D, block_size=BS, block_counts=S,
                   window_size=W, T=args.T, moba=dict(MOBA),
                   note="fwd under no_grad; fwd+bwd = o.backward(do); decode = the last token against T cached "

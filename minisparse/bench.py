@@ -14,6 +14,7 @@ page).
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import pathlib
@@ -21,7 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["host_ms", "median_ms", "timed", "sweep_rows", "environment", "smoke_environment", "save_results", "load_results",
+__all__ = ["host_ms", "median_ms", "timed", "sweep_rows", "script_parser", "start_script", "environment",
+           "smoke_environment", "save_results", "load_results",
            "results_dir", "plot_results", "plot_passes",
            "IMPL_COLORS", "impl_family", "impl_style", "config_table", "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
            "roofline_tflops", "roofline_point", "plot_roofline", "attention_fwd_cost", "grouped_mm_cost",
@@ -124,8 +126,42 @@ def sweep_rows(passes: dict[str, Callable[[], object]], sweep: dict[str, tuple[s
     return found
 
 
+_smoke_run = False  # set by start_script(name, smoke=True): results files then record a smoke run
+
+
+def script_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """A bench/ script's command line, its docstring's first line as description: --out (the directory for
+    <name>.json) and --smoke (tiny fp32 shapes on a CPU: checks the script, times nothing). Add the script's own
+    options to it."""
+    ap = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True, help=f"directory for {name}.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on a CPU: check the script, time nothing")
+    return ap
+
+
+def start_script(name: str, smoke: bool) -> bool:
+    """The start every bench/ script shares, after it has set its shapes: with `smoke`, the results files written
+    from now on record a smoke run (`smoke_environment`); without, a CUDA GPU is required — False, with a line on
+    stderr, when there is none; else the device is printed. True: go on."""
+    global _smoke_run
+    if smoke:
+        _smoke_run = True
+        return True
+    if not torch.cuda.is_available():
+        import sys
+
+        print(f"bench/{name}.py times GPU kernels: run it on a machine with a CUDA GPU (or --smoke on a CPU)",
+              file=sys.stderr)
+        return False
+    print(f"device {torch.cuda.get_device_name(0)} · torch {torch.__version__}")
+    return True
+
+
 def environment() -> dict:
-    """Device, library versions and today's date, recorded with every result."""
+    """Device, library versions and today's date, recorded with every result (`smoke_environment()` after
+    `start_script(..., smoke=True)`)."""
+    if _smoke_run:
+        return smoke_environment()
     import triton
 
     return {

@@ -727,6 +727,18 @@ def test_plot_roofline_draws_both_ceilings_and_one_marker_a_point():
     assert ax.get_xscale() == ax.get_yscale() == "log"
 
 
+def test_start_script_needs_a_gpu_unless_smoke(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_smoke_run", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.start_script("lightning", smoke=False) is False
+    assert "bench/lightning.py times GPU kernels" in capsys.readouterr().err
+    assert bench.environment()["date"] != "smoke"
+    assert bench.start_script("lightning", smoke=True) is True
+    assert bench.environment() == bench.smoke_environment()  # what save_results records from now on
+    args = bench.script_parser("lightning", "Benchmark X.\nmore").parse_args(["--out", "d", "--smoke"])
+    assert args.smoke and str(args.out) == "d"
+
+
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
