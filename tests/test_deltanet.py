@@ -398,6 +398,28 @@ def test_triton_half_precision(T, H, HV, K, V, gates, dtype):
     assert_close(f"fused recurrent final state ({dtype})", ref[1], s_f, 5e-3)
 
 
+@CUDA
+def test_every_configuration_of_the_deltanet_rows_matches_the_recurrence():
+    """Each configuration a GPU's deltanet.* row may fall back to (or autotune to), forced in turn, passes the bf16
+    comparison with the fp32 recurrence, forward and every gradient: a configuration that miscompiles must not sit
+    in a row (8 warps at BV 16 in KDA's reverse scan hit an illegal memory access on the H200)."""
+    q, k, v, g, beta, h0 = _inputs(2, 200, 2, 4, 128, 128, gates=GATES[1], normalise=False, seed=3)
+    q, k, v = (x.to(DEV, torch.bfloat16) for x in (q, k, v))
+    g, beta, h0 = (x.to(DEV) for x in (g, beta, h0))
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(2, 200, 4, 128, generator=gen).to(DEV)
+    dht = torch.randn(2, 4, 128, 128, generator=gen).to(DEV)
+    ref = _grads(naive_chunk_gated_delta_rule, (q.float(), k.float(), v.float(), g, beta, h0), do, dht,
+                 use_qk_l2norm=True)
+    rows = [r for r in runtime.LAUNCH_TABLE if r.startswith("deltanet.") and r != "deltanet.fused_recurrent"]
+    for row in rows:
+        for config in runtime.launch_configs(row, DEV, torch.bfloat16):
+            with runtime.launch_config(row, **config):
+                got = _grads(chunk_gated_delta_rule, (q, k, v, g, beta, h0), do, dht, use_qk_l2norm=True)
+            for name, r, c in zip(NAMES, ref, got):
+                assert_close(f"{row} {config} {name}", r, c, 5e-3 if name in ("o", "final state") else 8e-3)
+
+
 def test_value_checks_follow_the_rule():
     """The Triton ops check g's and β's values on CPU tensors always, and on CUDA tensors only after
     runtime.set_value_checks(True), before launching; unchecked, they compute what they are given (a slightly
