@@ -1075,8 +1075,8 @@ assert round(gap[65536]) == 40 and all(1.8 < gap[2 * T] / gap[T] < 2.2 for T in 
 #   times, the forward takes 0.93–0.97× fla's time and forward + backward 0.70–0.72×.
 # - **Short calls measure the host, not the kernels.** In this run fla's forward takes 0.21–0.51 ms up to 8K tokens
 #   and more at 8K than at 16K: the time to issue its kernels from Python, which varies from machine to machine
-#   (0.10–0.21 ms in an earlier run, `bench/notes/lightning.md`). Ours is host-bound at 1K (slower than at 2K). Read
-#   the ratios below 16K as launch overheads.
+#   (`bench/notes/lightning.md`). Ours is host-bound at 1K (slower than at 2K). Read the ratios below 16K as launch
+#   overheads.
 # - **Both grow linearly in $T$**: SDPA's causal forward is faster only up to 2K tokens; at 64K our forward takes
 #   1.5 ms where SDPA takes 59 ms (40×), and from 8K the gap about doubles with each doubling of $T$.
 

@@ -745,7 +745,7 @@ _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("name", ["attention", "moe", "mla", "lightning", "deltanet", "kda", "nsa", "dsa"])
 def test_benchmark_script_runs_in_smoke_mode(tmp_path, name):
     """Every chapter's benchmark runs end to end on the CPU with tiny fp32 shapes (`--smoke`) and writes its results
-    file where it is told to, so a broken script shows here and not in a GPU session's budget."""
+    file where it is told to, so a broken script shows here rather than on a GPU."""
     run = subprocess.run([sys.executable, os.path.join(_BENCH, f"{name}.py"), "--smoke", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])

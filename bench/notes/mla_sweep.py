@@ -19,16 +19,6 @@ WIDE = [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s)
         for h, n, w, s in itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3, 4))]
 
 
-def ms(fn):
-    try:
-        fn()
-        torch.cuda.synchronize()
-        return bench.median_ms(fn)
-    except Exception as err:  # a configuration that does not fit: say so and go on
-        print(f"    fails: {type(err).__name__}: {str(err)[:80]}")
-        return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", type=int, nargs="*", default=[128, 16])
@@ -58,7 +48,8 @@ def main(argv=None):
                     times = []
                     for config in row:
                         with runtime.launch_config("mla.decode_split", **config):
-                            times.append(ms(lambda: mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5)))
+                            times.append(bench.timed(
+                                lambda: mla_decode(ql, qr, buf[..., :512], buf[..., 512:], 192**-0.5)))
                     best = min(t for t in times if t is not None)
                     gbps = mla_decode_bytes(T, B=B) / best / 1e6
                     if args.wide:  # one line a configuration
