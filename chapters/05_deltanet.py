@@ -1075,8 +1075,11 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #    1K, 0.39× at 2K, 0.73× at 4K), where fla's time hardly moves (0.40–0.41 ms: launches and host work). With
 #    value checks on, one host sync a call adds 0.18–0.35 ms: 1.09–1.38× fla's time from 4K to 64K.
 # 2. **The backward is the weak half**: forward + backward takes 2.43–2.45× fla's time from 8K to 64K and 1.51× at
-#    4K, but less than fla's at 1K and 2K (0.56× and 0.75×), where launches dominate. Most of the gap is the
-#    backward's chunk kernel, which does in one kernel what fla splits across two.
+#    4K, but less than fla's at 1K and 2K (0.56× and 0.75×), where launches dominate. Two backward kernels take
+#    three quarters of the time: the chunk kernel runs one program a chunk through three passes, where fla splits
+#    the work across two kernels, and every product takes fp32 operands where fla rounds them to bf16. Rounding as
+#    fla does, tried, gives 1.68× at best and puts dg's error past the tests' 8e-3 bound; K-blocks of 64 in the
+#    chunk kernel (the H200's launch-table row) take 5 % off the times above (`bench/notes/deltanet.md`).
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 13.5× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
 #
@@ -1661,9 +1664,10 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
 #    the last step is the initial state's gradient;
 # 3. **`_bwd_chunk_kernel`** — every chunk in parallel: all of the rest, in three passes. A first pass over tiles of
 #    $V$ gathers the $C \times C$ quantities ($dO\,U^\top$, $d\tilde U$'s part of $dA_\text{inv}$) and writes $dV$;
-#    a second walks $K$ in blocks of 32 columns, with tiles of $V$ inside, for $dO\,S^\top$, $U\,dS'^\top$ and $dW$
-#    — block by block, so that no $C \times K$ accumulator has to stay in registers (three of them at $K = 128$
-#    would spill); a third pass over the $K$-blocks adds the terms of $dK$ that need the complete $dA$. Then
+#    a second walks $K$ in blocks of `BK` columns, with tiles of $V$ inside, for $dO\,S^\top$, $U\,dS'^\top$ and
+#    $dW$ — block by block, so that no $C \times K$ accumulator has to stay in registers (three of them at $K = 128$
+#    would spill). `BK` comes from the launch table: 64 on an H200 (each block re-reads the chunk's $dO$, $U$ and
+#    $dU$, so fewer blocks read less), 32 where a block gets a T4's 64 KiB of shared memory; a third pass over the $K$-blocks adds the terms of $dK$ that need the complete $dA$. Then
 #    `_gate_grad` assembles $dg$.
 #
 # With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
@@ -1681,9 +1685,6 @@ import triton.language as tl
 from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2,
                                            _precision, _state_halves, _v_tile, _wy_and_states)
-
-# _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
-_BWD_COLUMNS = 32
 
 
 @triton.jit
@@ -2303,8 +2304,8 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     runtime.launch("deltanet.bwd_chunk", _bwd_chunk_kernel, lambda c: (NT, B * HV),
                    (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
-                    scale, T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS),
-                                                     PRECISION=prec), fit=_v_tile(V),
+                    scale, T, H, HV, K, V, NT), dict(C=_C, PRECISION=prec),
+                   fit=lambda c: _v_tile(V)(dict(c, BK=min(c["BK"], _pow2(K)))),
                    autotune_key=["T", "K", "V"], **_options(q, v))
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 

@@ -492,8 +492,8 @@ def test_triton_errors(monkeypatch):
 
 def test_forced_tiles_give_the_same_results(poisoned):
     """Every kernel of the chunk op under a forced narrow V-tile (runtime.launch_config), as a GPU with little shared
-    memory would run it: V = 48 in three tiles of 16, the reverse scan's late loads (a T4's rows), forward and every
-    gradient equal to the default tiles'."""
+    memory would run it: V = 48 in three tiles of 16, the reverse scan's late loads (a T4's rows), the chunk
+    kernel's K in blocks of 16, forward and every gradient equal to the default tiles'."""
     inputs = _dev(*_inputs(1, 70, 1, 2, 32, 48, normalise=False, seed=4))
     gen = torch.Generator().manual_seed(5)
     do, dht = torch.randn(1, 70, 2, 48, generator=gen).to(DEV), torch.randn(1, 2, 32, 48, generator=gen).to(DEV)
@@ -502,6 +502,7 @@ def test_forced_tiles_give_the_same_results(poisoned):
         for name in ("deltanet.fwd_wy", "deltanet.fwd_states", "deltanet.fwd_states.recompute", "deltanet.fwd_output",
                      "deltanet.bwd_du_local", "deltanet.bwd_states", "deltanet.bwd_chunk"):
             late = dict(LATE_LOADS=True) if name == "deltanet.bwd_states" else {}
+            late = dict(BK=16) if name == "deltanet.bwd_chunk" else late  # K = 32 in two blocks
             stack.enter_context(runtime.launch_config(name, BV=16, num_warps=4, num_stages=1, **late))
         stack.enter_context(runtime.launch_config("deltanet.rows", BR=4, num_warps=4, num_stages=1))
         got = _grads(chunk_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)

@@ -7,9 +7,6 @@ from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import (_C, _gate_sums, _heads, _options, _pair_exponents, _pow2,
                                            _precision, _state_halves, _v_tile, _wy_and_states)
 
-# _bwd_chunk_kernel walks K in blocks of this many columns: three [C, BK] fp32 accumulators live
-_BWD_COLUMNS = 32
-
 
 @triton.jit
 def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K, V,
@@ -458,8 +455,8 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
     dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
     runtime.launch("deltanet.bwd_chunk", _bwd_chunk_kernel, lambda c: (NT, B * HV),
                    (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
-                    scale, T, H, HV, K, V, NT), dict(C=_C, BK=min(_pow2(K), _BWD_COLUMNS),
-                                                     PRECISION=prec), fit=_v_tile(V),
+                    scale, T, H, HV, K, V, NT), dict(C=_C, PRECISION=prec),
+                   fit=lambda c: _v_tile(V)(dict(c, BK=min(c["BK"], _pow2(K)))),
                    autotune_key=["T", "K", "V"], **_options(q, v))
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
