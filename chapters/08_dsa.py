@@ -1147,29 +1147,24 @@ if res is not None:
 # %% [markdown]
 # What the run says (H200, 2026-12-04):
 #
-# - **Prefill: DSA is slower than dense attention up to 32K and only matches it at 64K** — 0.23× at 8K, 0.65× at
-#   32K, 1.01× at 64K (1.13× with the FP8 indexer), short of `bench/dsa.py`'s targets (≥ 2× at 64K, ≥ 2.5× with
-#   FP8, ≥ 3× at 128K; this run stopped at 64K). *Arithmetic*: the latent form does $576 + 512$
-#   multiply-adds a head per selected key where dense's expanded form does $192 + 128$, so the sparse attention
-#   alone costs more than dense for a token below 7K keys (DSA with its indexer, below 8.7K), and a whole 8K
-#   prefill of DSA does 1.7× dense's FLOPs, at 64K still 41 %. *Rate*: SDPA runs at about 580 TFLOP/s, our indexer at
-#   about 280 and the sparse attention at about 250, of the H200's 989, and the top-k adds 30 ms at 64K (indexer
-#   scores 125 ms, with top-k 155; sparse attention 146; dense 304). At SDPA's rate DSA would be about 2× faster.
-# - **FP8** makes the indexer's scores 1.3× faster (125 → 94 ms at 64K), not the tensor cores' 2×; the top-k and
-#   the sparse attention do not shrink, so the prefill gains about 10 %. It keeps 96–98 % of the bf16 top-k (random
-#   inputs cast to e4m3 without scales; real FP8 caches carry a scale a row).
-# - **Decoding** at 64K (16 sequences), replayed as a CUDA graph as serving engines run it: the FP8 step is 5.4×
-#   faster than `mla_decode` over the whole cache (0.203 against 1.094 ms), meeting the ≥ 5× target; bf16 index
-#   keys give 4.8×, the sparse attention alone 13×. Called from Python the step takes 0.31–0.36 ms (3.1–3.5×): the
-#   host's checks, planning and allocations outlast the kernels. The indexer's key ranges fill exactly one wave of
-#   two programs an SM (17 ranges × 16 sequences would leave 8 programs for a second wave as long as the first).
-#   Section 8.6's byte count bounds the step at 3.8× (bf16 keys) and 6.5× (FP8) at HBM speed; the bf16 step passes
-#   its bound because `mla_decode` at 128 heads is compute-bound (chapter 3).
+# - **Prefill: DSA only matches dense attention at 64K** — 0.23× at 8K, 0.65× at 32K, 1.01× at 64K (1.13× with the
+#   FP8 indexer), short of `bench/dsa.py`'s targets (≥ 2× at 64K, ≥ 2.5× with FP8, ≥ 3× at 128K; the run stops at
+#   64K). *Arithmetic*: the latent form does $576 + 512$ multiply-adds a head per selected key where dense's expanded
+#   form does $192 + 128$, so the sparse attention alone costs more than dense for a token below 7K keys (with its
+#   indexer, below 8.7K); an 8K prefill of DSA does 1.7× dense's FLOPs, a 64K one 41 %. *Rate*: SDPA runs at about
+#   580 TFLOP/s, our indexer at 280 and the sparse attention at 250 (of 989), and the top-k adds 30 ms at 64K
+#   (indexer 125 ms, with top-k 155; sparse attention 146; dense 304). At SDPA's rate DSA would be about 2× faster.
+# - **FP8** makes the indexer 1.3× faster (125 → 94 ms at 64K), not the tensor cores' 2×, and the prefill about
+#   10 %; it keeps 96–98 % of the bf16 top-k (random inputs cast to e4m3 without the per-row scales of real caches).
+# - **Decoding** at 64K (16 sequences) as a CUDA graph, as serving engines run it: the FP8 step is 5.4× faster than
+#   `mla_decode` over the whole cache (0.203 against 1.094 ms), meeting the ≥ 5× target; bf16 index keys give 4.8×,
+#   the sparse attention alone 13×. Called from Python the step takes 0.31–0.36 ms (3.1–3.5×): the host's work
+#   outlasts the kernels. Section 8.6's byte count bounds the step at 3.8× (bf16) and 6.5× (FP8) at HBM speed; the
+#   bf16 step passes its bound because `mla_decode` at 128 heads is compute-bound (chapter 3).
 #
 # The kernels are correct (their tests pass in bf16 and fp16 on the H200); the prefill is slower than the model
 # allows. `bench/notes/dsa.md` lists what to try next; the engineering notes check every number above.
 
-# %% [markdown]
 # ## 8.9 Exercises
 #
 # Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
