@@ -1061,16 +1061,16 @@ top128 = max(r["tflops"] for r in res["rows"] if r["impl"] == "mla_decode" and r
 assert round(best128 / 1e3, 1) == 1.1 and round(top128, -1) == 270
 assert round(100 * best128 / ceiling) == 26
 tp_best = pick("mla_decode", 64, 65536, 16)["gbps"]  # 16 heads, B = 64, T = 64k
-assert round(tp_best / 1e3, 2) == 3.65 and round(100 * tp_best / ceiling) == 86
+assert round(tp_best / 1e3, 2) == 3.74 and round(100 * tp_best / ceiling) == 88
 tall = [r["config"] for r in res["rows"] if r["impl"] == "mla_decode" and r["H"] == 16]  # 16 rows:
 assert all((c["BLOCK_H"], c["BLOCK_N"], c["num_warps"]) == (16, 128, 8) for c in tall)  # 16x128 w8
 tp16 = [round(pick(i, 16, 65536, 16)["ms"], 2) for i in impls[:2]]  # H16 B16 T64k: kernel, bmm
-assert tp16 == [0.49, 0.73] and round(100 * pick("mla_decode", 16, 65536, 16)["hbm_fraction"]) == 57
-assert [round(pick(i, 1, 65536)["ms"], 2) for i in impls[::2]] == [0.24, 1.99]
-assert [round(pick(i, 16, 65536)["ms"], 2) for i in impls[:2]] == [1.10, 2.07]
+assert tp16 == [0.34, 0.75] and round(100 * pick("mla_decode", 16, 65536, 16)["hbm_fraction"]) == 83
+assert [round(pick(i, 1, 65536)["ms"], 2) for i in impls[::2]] == [0.38, 1.99]
+assert [round(pick(i, 16, 65536)["ms"], 2) for i in impls[:2]] == [1.10, 2.06]
 assert [round(pick(i, 16, 16384)["ms"], 2) for i in impls[:2]] == [0.30, 0.50]
 b1 = [round(pick(i, 1, T)["ms"], 2) for T in contexts for i in impls[:2]]  # B=1: kernel, bmm
-assert b1 == [0.58, 0.17, 0.45, 0.07, 0.24, 0.15]  # bmm wins at every context: both are host-bound
+assert b1 == [0.45, 0.14, 0.34, 0.11, 0.38, 0.18]  # bmm wins at every context: both are host-bound
 read = [mla_decode_bytes(65536, B=1), mha_decode_bytes(65536, 128, B=1)]  # kernel vs SDPA
 assert round(read[0] / 1e9, 2) == 0.08 and round(read[1] / 1e9, 1) == 5.4
 
@@ -1080,17 +1080,16 @@ assert round(read[0] / 1e9, 2) == 0.08 and round(read[1] / 1e9, 1) == 5.4
 # - **128 heads: compute-bound, not memory-bound.** `mla_decode` reads the latent cache at up to ≈ 1.1 TB/s, 26 %
 #   of the 4.25 TB/s copy ceiling, but every cached value serves all 128 heads (≈ 242 FLOP a byte) and the kernel
 #   runs at ≈ 270 TFLOP/s. With 16 heads (one GPU's share under 8-way tensor parallelism) the arithmetic is 8×
-#   lighter and it reaches 3.65 TB/s, 86 % of the ceiling, at B = 64 and T = 64k, in head blocks as tall as the 16
-#   query rows (16 × 128 tiles, 8 warps: the configuration the autotuner picks at every 16-head shape).
-# - **The memory win.** Against SDPA over the *expanded* cache of the same model (B = 1, T = 64k) it takes 0.24 ms
+#   lighter and it reaches 3.74 TB/s, 88 % of the ceiling, at B = 64 and T = 64k (83 % at B = 16), in head blocks
+#   as tall as the 16 query rows (16 × 128 tiles, 8 warps: the configuration the autotuner picks at every 16-head
+#   shape).
+# - **The memory win.** Against SDPA over the *expanded* cache of the same model (B = 1, T = 64k) it takes 0.38 ms
 #   instead of 1.99 ms and reads 0.08 GB instead of 5.4 GB.
 # - **Short calls are host-bound.** A call of `mla_decode` costs the host argument checks, the split plan and two
-#   launches: ≈ 0.25–0.55 ms a call on the machine of this run, ≈ 0.07–0.17 ms for PyTorch's absorbed `bmm`. So at
-#   batch 1 `bmm` is faster at every context (0.15 ms against 0.24 ms at 64k), and a call under ≈ 0.5 ms times the
-#   host more than the kernel: with 16 heads, B = 16, T = 64k takes 0.49 ms here (57 % of the ceiling), 0.34 ms
-#   (84 %) on a less loaded host (`bench/notes/mla.md`). With more work a call the kernel wins: 0.30 ms against
-#   0.50 ms at B = 16, T = 16k and 1.10 ms against 2.07 ms at T = 64k with 128 heads, 0.49 against 0.73 ms at
-#   B = 16, T = 64k with 16.
+#   launches: ≈ 0.2–0.45 ms a call on the machine of this run, ≈ 0.05–0.18 ms for PyTorch's absorbed `bmm`. So at
+#   batch 1 `bmm` is faster at every context (0.18 ms against 0.38 ms at 64k), and a call under ≈ 0.4 ms times the
+#   host more than the kernel. With more work a call the kernel wins: 0.30 ms against 0.50 ms at B = 16, T = 16k
+#   and 1.10 ms against 2.06 ms at T = 64k with 128 heads, 0.34 against 0.75 ms at B = 16, T = 64k with 16.
 #
 # ## 3.10 Exercises
 #

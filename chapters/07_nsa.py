@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Chapter 7 — Native Sparse Attention and MoBA
 #
-# Dense attention reads every past token for every new one; chapters 4 and 5 replaced that with a fixed-size
+# Dense attention reads every past token for every new one; chapters 4 to 6 replaced that with a fixed-size
 # state, and paid for it in recall. This chapter keeps exact softmax attention but lets each query **choose which
 # blocks of the past to read**. DeepSeek's *Native Sparse Attention* (NSA) does it with three branches — coarse
 # block summaries, the top-n blocks those summaries point at, and a local window — mixed by learned gates, and
@@ -101,8 +101,8 @@ DTYPE = runtime.default_dtype()
 #
 # with gates $g \in [0, 1]$ from a small MLP of the token, and three key sets:
 #
-# - **compressed**: one summary a block, $\tilde k_i = \varphi(k_{id+1 : id+l})$ — coarse, but it sees the
-#   whole past at $1/d$ of the cost;
+# - **compressed**: one summary for each window of $l$ keys, a window every $d$ tokens,
+#   $\tilde k_i = \varphi(k_{id : id+l-1})$ — coarse, but it sees the whole past at $1/d$ of the cost;
 # - **selected**: the $n$ blocks whose summaries the query attends to most, read in full — fine detail where it
 #   matters. The compressed branch's probabilities *are* the importance scores, so choosing needs no scorer of
 #   its own (the top-n over $T/d$ blocks still costs time, section 7.7);
@@ -186,10 +186,10 @@ def check_gate(op, name, g, B, T, HQ, like):
 # values):
 #
 # $$
-# \tilde K^{\text{cmp}}_t = \bigl\{\, \varphi(k_{id+1 : id+l}) \;:\; 0 \le i \le \lfloor (t-l)/d \rfloor \,\bigr\},
+# \tilde K^{\text{cmp}}_t = \bigl\{\, \varphi(k_{id : id+l-1}) \;:\; 0 \le i \le \lfloor (t-l+1)/d \rfloor \,\bigr\},
 # $$
 #
-# where $\varphi$ is a learnable MLP with an intra-block position encoding. The simplest $\varphi$ is the mean, which
+# with positions counted from 0, as in the code, where $\varphi$ is a learnable MLP with an intra-block position encoding. The simplest $\varphi$ is the mean, which
 # is what fla's reference uses, with $d = l$. `CompressKV` is the paper's learnable version; its second layer starts
 # at zero, so a fresh module *is* mean pooling and training moves it away from there.
 
@@ -452,7 +452,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
 
 # %% tags=["nbval-ignore-output"]
 q, k, v = make_qkv(1, 75, 16, 16, HKV=1, seed=4)  # a GQA group of 16, T not a multiple of the block
-idx = select_blocks(q, mean_pool(k, 16), block_counts=3, block_size=16)  # [1, 75, 1, 3]
+idx = select_blocks(q, mean_pool(k, 16), block_counts=4, block_size=16)  # [1, 75, 1, 4]
 print("query 70 reads blocks", idx[0, 70, 0].tolist(), "; query 5 reads", idx[0, 5, 0].tolist())
 try:
     import warnings
@@ -463,7 +463,7 @@ try:
 except ImportError:
     print("fla-core is not installed: the comparison with its references is skipped")
 else:
-    theirs = naive_nsa_topk(q, mean_pool(k, 16), 3, 16, 16 ** -0.5)  # ordered by score
+    theirs = naive_nsa_topk(q, mean_pool(k, 16), 4, 16, 16 ** -0.5)  # ordered by score
     as_set = lambda x: x.masked_fill(x < 0, 10**6).sort(-1).values  # noqa: E731
     assert torch.equal(as_set(idx), as_set(theirs))
     assert_close("selection vs fla", naive_nsa_selection(q, k, v, idx, 16),
@@ -477,12 +477,13 @@ _ = assert_close("every block = causal", attention_ref(q, k, v),
 # %% [markdown]
 # ### MoBA: a router over block means
 #
-# MoBA drops the compressed and window branches and the group sharing. Query head $h$ at position $t$ scores
-# each complete past chunk by $s_j = q^h_t \cdot \operatorname{mean}(K_j)$, keeps the top $k - 1$ of them plus
-# its own chunk, and attends causally over their union:
+# MoBA drops the compressed and window branches and the group sharing. The keys come in chunks $K_j$ of $B_c$
+# tokens. Query head $h$ at position $t$ scores each complete past chunk by $s_j = q^h_t \cdot
+# \operatorname{mean}(K_j)$, keeps the top $k - 1$ of them plus its own chunk $\lfloor t/B_c\rfloor$ ($k$ counts
+# chunks here, not keys), and attends causally over their union:
 #
 # $$
-# o^h_t = \mathrm{Attn}\Bigl(q^h_t,\; \bigcup_{j \in \operatorname{top-}(k-1)(s) \,\cup\, \{\lfloor t/c\rfloor\}}
+# o^h_t = \mathrm{Attn}\Bigl(q^h_t,\; \bigcup_{j \in \operatorname{top-}(k-1)(s) \,\cup\, \{\lfloor t/B_c\rfloor\}}
 # K_j \cap K_{\le t}\Bigr) .
 # $$
 #
@@ -581,7 +582,7 @@ fig = viz.mask_panel(branch_masks(q_hot, k_hot, 16, 5, 32), size=2.6,
 B_ = viz.Box
 boxes = {
     "qkv": B_(0, 1.2, "q, k, v", note="[B,T,HQ|H,D]"),
-    "phi": B_(2.4, 2.6, "compress φ\n(mean / MLP)", note="[B,T/l,H,D]"),
+    "phi": B_(2.4, 2.6, "compress φ\n(mean / MLP)", note="[B,T/d,H,D]"),
     "cmp": B_(5.0, 2.6, "compressed\nattention"),
     "top": B_(5.0, 1.2, "Σ group, top-n\n+ first, local", w=1.8, note="block_indices [B,T,H,n]"),
     "slc": B_(7.6, 1.2, "selected attention\n(group-centric)", w=2.0),
@@ -598,8 +599,9 @@ fig = viz.schematic(boxes, arrows, groups=[(["slc"], "Triton: nsa.selection.*")]
 # %% [markdown]
 # ### Explorer
 #
-# Move the block size, the number of selected blocks and the window: the union's budget per row stays fixed
-# while the sequence grows, and a larger block buys fewer, coarser choices. (In the built book the first picture
+# Move the block size, the number of selected blocks and the window: each row reads at most $n\,l' + w$ keys in
+# full however long the sequence, so the share of causal pairs in the title can only fall as $T$ grows; a larger
+# block buys fewer, coarser choices. (In the built book the first picture
 # shows; in Jupyter or Colab every change redraws.)
 
 # %% tags=["nbval-ignore-output"]
@@ -630,7 +632,7 @@ explorer = viz.explorer(draw_union, block_size=[16, 8, 32], block_counts=(3, 12,
 # products), summed over $c = 1 \dots T$; the backward multiplies both sides by the same factor, so the ratio is
 # the same. For **decoding** the work is reading the cache: $2 D$ elements a (key head, key) — one read a group,
 # thanks to the shared selection. `nsa_cost` evaluates both; the model ignores the compression MLP, the gates
-# and the top-n (all $O(T)$ or $O(T^2/l)$ with small constants) and the overlap of the window with selected blocks.
+# and the top-n (all $O(T)$ or $O(T^2/d)$ with small constants) and the overlap of the window with selected blocks.
 
 # %%
 #| export nsa.cost
@@ -706,8 +708,8 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 # %% [markdown]
 # Read against the paper's figures at 64K:
 #
-# - **Decoding, 11.6×**: the model gives $65536 / (4095 + 1024 + 512) = 11.64$ — the paper's own count
-#   (its Table 4: 5632 tokens against 65536). Decoding is memory-bound, so reading 11.6× fewer bytes is the
+# - **Decoding, 11.6×**: the model gives $65536 / (4095 + 1024 + 512) = 65536 / 5631 = 11.64$; the paper counts
+#   $T/d = 4096$ summaries (its Table 4: 5632 tokens against 65536, 11.6×). Decoding is memory-bound, so reading 11.6× fewer bytes is the
 #   speed-up, once the kernel streams the selected blocks at full bandwidth.
 # - **Forward, 9.0×**: the FLOP ratio is 9.17×, so the paper's forward kernel runs at nearly the same efficiency
 #   as FlashAttention-2 while doing a ninth of the work: gathered blocks still make dense matrix products,
@@ -724,7 +726,7 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 # %% [markdown]
 # ## 7.5 Fast: the group-centric selection kernel
 #
-# The compressed branch attends over $T/l$ summaries and the window branch is chapter 1's flash attention with a
+# The compressed branch attends over $T/d$ summaries and the window branch is chapter 1's flash attention with a
 # window: neither needs a new kernel. The selected branch does. A *query-centric* kernel (one program a query
 # head, as flash attention) would load each selected block once per head: with $G = 16$ heads a group, sixteen
 # times the bytes. NSA's kernel is **group-centric**: one program takes one token and one GQA group, holds the
@@ -740,7 +742,7 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 # ```
 #
 # The reads per token are $n\,l'$ keys and values per *key* head, whatever $G$ is. fla's kernel requires
-# $G \ge 16$ because a tensor-core product needs at least 16 rows; this kernel pads the group to `BG = max(16,
+# $G$ to be a multiple of 16 because a tensor-core product needs at least 16 rows; this kernel pads the group to `BG = max(16,
 # next_pow2(G))` rows and masks the padding, so any $G \ge 1$ works (for small $G$ the padded rows are wasted
 # work, not wrong). The `PRECISION` constant keeps fp32 products exact on a GPU (no TF32), as in chapter 1.
 
@@ -765,14 +767,15 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
-    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
+    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H). HS: the heads
+    that carry a selection, H for NSA (one a GQA group), HQ for MoBA (one a query head, G = 1).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
         for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
             for each BN-key tile of the block:                 k tile [BN, BD], v tile [BN, BDV]
                 s = q kᵀ · scale   [BG, BN]  (keys after the query masked)
                 online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
-        o = acc / l [BG, DV],  lse = m + log l [BG]
+        o = acc / l [BG, DV],  lse = m + log l [BG]   (l: the softmax's running sum)
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
     a K/V head, whatever G is.
@@ -1064,10 +1067,11 @@ plt.show()
 #
 # `bench/nsa.py` times NSA (all three branches, selection included: forward, forward + backward, one decoding
 # step) against dense SDPA at HQ 64 / H 4, D 128, blocks of 64, 16 blocks, window 512, bf16, and MoBA (chunks of
-# 128, top-16, H 16) against SDPA. It also times fla's `parallel_nsa`, but in the committed run fla's rows are
-# empty: fla's window branch needs the flash-attn package, which the machine did not have; the script pairs fla's
-# compression and selection with chapter 1's window kernel instead (`bench/notes/nsa.md`). The cell plots the
-# committed H200 run (`bench/results/nsa.json`) and tabulates SDPA's time over ours (above 1: NSA is faster).
+# 128, top-16, H 16) against SDPA. It also times fla 0.6's `parallel_nsa` for compression and selection, with
+# chapter 1's kernel for the window (fla's own window branch needs the flash-attn package). The cell plots the
+# committed H200 run (`bench/results/nsa.json`, 2026-12-03) and tabulates SDPA's time over ours (above 1: NSA is
+# faster). That run holds no fla times (its fla rows are empty) and predates the decoding step's host cuts (1.15 →
+# 0.93 ms a step, `bench/notes/nsa.md`).
 
 # %% tags=["nbval-ignore-output"]
 from minisparse import bench
@@ -1100,10 +1104,10 @@ if res is not None:
 # What the run says. With every branch and the selection included, NSA's forward passes dense attention only at 64K
 # (0.98× at 32K), where it is 1.8× faster; forward + backward passes from 32K and is 2.2× faster at 64K, far below the
 # 16× that section 7.4's model allows at these settings: the top-n scan and the compressed branch grow as $T^2/64$ and
-# reuse little of what they load. Decoding costs a constant millisecond whatever the context — overhead, not reading —
-# and MoBA, whose heads each pick their own chunks, loads every chunk once per query and head, which makes it slower
-# than dense attention. `bench/notes/nsa.md` says where each of these goes next; the kernels of section 7.5 are correct
-# (they pass the same tests in bf16 and fp16 on the H200), and their speed is where the next kernel work lies.
+# reuse little of what they load. Decoding takes 1.1–1.7 ms whatever the context, 20–60× SDPA's single-token step:
+# host work and launches, not reading. MoBA (HQ = H = 16, so G = 1) loads each query head's 16 chunks for that one
+# query row, reused by no other, and is 7–43× slower than SDPA. The kernels of section 7.5 are correct (they pass
+# the same tests in bf16 and fp16 on the H200); `bench/notes/nsa.md` breaks down where the time goes.
 
 # %% [markdown]
 # ## 7.8 Exercises
@@ -1115,82 +1119,84 @@ import triton
 import triton.language as tl
 
 from minisparse.nsa.bugs import select_blocks_with_a_bug
-from minisparse.nsa.exercises import (check_block_scores_kernel, check_decode_tokens,
-                                      check_selection_fix, load_group_queries)
+from minisparse.nsa.exercises import (check_block_scores_kernel, check_selection_fix,
+                                      check_unshared_reads, load_group_queries)
 from minisparse.testing import attempt
 
 # %% [markdown]
-# ### Exercise 1 (derive): the tokens one decoding step reads
+# ### Exercise 1 (derive): what the shared selection saves when decoding
 #
-# From the three branches' key sets (section 7.1), write the number of cached tokens NSA reads to decode one token
-# at context $T$, for compression windows of $l$ with stride $d$, $n$ selected blocks of $l'$ and a window $w$
-# (ignore the overlap of window and selected blocks, and count a branch as at most $T$ tokens). The checker
-# tries six settings, the paper's at 64K among them and one shorter than a compression window; then divide 65536 by
-# your count.
+# NSA's top-n is shared by the $G$ query heads of a GQA group, so a decoding step reads each chosen block once per
+# key head (section 7.4's count). Suppose instead that every query head chose its own $n$ blocks, as MoBA's heads
+# do, and that the $G$ choices never overlapped. Write the number of cached tokens one decoding step then reads
+# *per key head* at context $T$: which branches does the group still read once, and what can never exceed $T$?
+# `keys_read` (section 7.4) gives each branch's count for a single choice. The checker tries six settings; the
+# cell after it prints the cost at 64K with the paper's settings and $G = 16$.
 
 # %%
-def my_decode_tokens(T, l, d, lp, n, w):
-    # your code here: tokens read by one decoding step at context T
+def my_unshared_reads(T, G, l, d, lp, n, w):
+    # your code here: tokens read per key head when each of the G query heads picks its own n blocks
     raise NotImplementedError
 
 
 # %%
-attempt(check_decode_tokens, my_decode_tokens)
+attempt(check_unshared_reads, my_unshared_reads)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the compressed branch reads one summary per complete window: windows start every d
-# tokens and need l of them, so ⌊(T − l)/d⌋ + 1 once T ≥ l, none before. The selected branch reads
-# n blocks of l' tokens and the window w tokens, each capped at T. At 64K with the paper's settings:
-# 4095 + 1024 + 512 = 5631 tokens, 65536 / 5631 = 11.6× fewer bytes than dense decoding — the
-# paper's decoding speed-up, because decoding is bound by reading the cache.
-def decode_tokens_solution(T, l, d, lp, n, w):
-    compressed = (T - l) // d + 1 if T >= l else 0
-    return compressed + min(T, n * lp) + min(T, w)
+# Solution — the summaries and the window hold the key head's own tokens, the same for every head of
+# the group: read once. Only the selected branch multiplies, by G, and G·n blocks can cover no more
+# than the T tokens there are. At 64K with the paper's settings and G = 16: 4095 + 16384 + 512 =
+# 20991 tokens against 5631 shared, 3.7× the bytes: the group-shared choice is what lets NSA read
+# the cache at 1/11.6 of dense decoding (MoBA, one choice a query head, has no such saving).
+def unshared_reads_solution(T, G, l, d, lp, n, w):
+    reads = keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n, window_size=w)
+    return int(reads["cmp"] + min(T, G * reads["slc"]) + reads["swa"])
 
 
-check_decode_tokens(decode_tokens_solution)
-assert round(65536 / decode_tokens_solution(65536, 32, 16, 64, 16, 512), 1) == 11.6
+check_unshared_reads(unshared_reads_solution)
+paper = dict(l=PAPER["cmp_block"], d=PAPER["stride"], lp=PAPER["block_size"],
+             n=PAPER["block_counts"], w=PAPER["window_size"])
+shared = unshared_reads_solution(65536, 1, **paper)  # G = 1: every choice is its own group's
+unshared = unshared_reads_solution(65536, 16, **paper)
+print(f"64K, G = 16: {unshared} tokens a key head against {shared} shared: "
+      f"{unshared / shared:.1f}x the bytes")
+assert (unshared, shared) == (20991, 5631)
 
 # %% [markdown]
 # ### Exercise 2 (debug): a selection that wastes its slots
 #
-# `select_blocks_with_a_bug` is the group-shared top-n of section 7.2 with one line missing. A model trained with it
-# picks, early in the sequence, blocks that no query there may read, where `select_blocks` leaves the slot empty. Find
-# the missing line (compare its output with `select_blocks` for query 3 of a short sequence) and return the fixed
-# function; the checker compares it with `select_blocks` on three shapes.
+# `select_blocks_with_a_bug` is the group-shared top-n of section 7.2 with a rule left out. A model trained with it
+# picks, early in the sequence, blocks that no query there may read, where `select_blocks` leaves the slot empty.
+# Compare the two for query 3 of a short sequence, find the rule, and write it: `my_visible(T, N, block_size)`
+# returns the `[T, N]` boolean mask of the blocks whose summary query $t$ may attend to. The buggy function takes it
+# as `visible=`; the checker compares your mask with the rule of section 7.2 on five shapes.
 
 # %%
-def my_fixed_selection(q, k_cmp, block_counts, block_size):
-    # your code here: select_blocks_with_a_bug with the missing line restored
+def my_visible(T, N, block_size):
+    # your code here: [T, N] bool, True where query t may see block c's summary
     raise NotImplementedError
 
 
 # %%
-attempt(check_selection_fix, my_fixed_selection)
+attempt(check_selection_fix, my_visible)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the bug: blocks whose summary is not yet visible keep score 0 instead of -inf.
-# compressed_scores gives them probability 0, and 0 still beats nothing in a top-n: a query that
-# sees fewer than n blocks fills its slots with future blocks (real indices, not -1), which cost a
-# kernel a load each and read nothing. The fix masks invisible blocks to -inf before the forced
-# ones are set to +inf, so that the surplus slots become -1.
-def fixed_selection_solution(q, k_cmp, block_counts, block_size):
-    B, T, HQ, _ = q.shape
-    N, H = k_cmp.shape[1], k_cmp.shape[2]
-    score = compressed_scores(q, k_cmp, block_size).view(B, T, H, HQ // H, N).sum(3)
+# Solution — without the mask, blocks whose summary is not yet visible keep probability 0, and 0
+# still beats nothing in a top-n: a query that sees fewer than n blocks fills its slots with future
+# blocks (real indices, not -1), which cost a kernel a load each and read nothing. A summary mixes
+# all tokens of its block, so query t may see block c once the block's last token is in the past:
+# (c + 1)·block_size − 1 ≤ t. (The query's own, incomplete block is selected anyway, as forced.)
+def visible_solution(T, N, block_size):
     t, c = torch.arange(T)[:, None], torch.arange(N)[None, :]
-    own = t // block_size
-    seen = (c + 1) * block_size - 1 <= t  # the missing line's mask
-    score = score.masked_fill(~seen[None, :, None], float("-inf"))
-    forced = (c == 0) | (c == own) | (c == own - 1)
-    score = score.masked_fill(forced[None, :, None], float("inf"))
-    top_score, top = score.topk(min(block_counts, N), dim=-1)
-    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
-    top = top.masked_fill(top == N, -1)
-    return torch.nn.functional.pad(top, (0, block_counts - top.shape[-1]), value=-1)
+    return (c + 1) * block_size - 1 <= t
 
 
-check_selection_fix(fixed_selection_solution)
+check_selection_fix(visible_solution)
+q3, k3 = make_qkv(1, 40, 4, 16, HKV=2, seed=7)[:2]
+fixed = select_blocks_with_a_bug(q3, mean_pool(k3, 8), 4, 8, visible=visible_solution)
+assert torch.equal(fixed, select_blocks(q3, mean_pool(k3, 8), 4, 8))
+print("query 3, buggy:", select_blocks_with_a_bug(q3, mean_pool(k3, 8), 4, 8)[0, 3, 0].tolist(),
+      "fixed:", fixed[0, 3, 0].tolist())
 
 # %% [markdown]
 # ### Exercise 3 (Triton): the block-gather tile
@@ -1273,7 +1279,7 @@ check_block_scores_kernel(block_scores_kernel_solution)
 # - T. Dao, *FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning*, 2023 (the baseline
 #   of NSA's speed-ups). [arXiv:2307.08691](https://arxiv.org/abs/2307.08691)
 # - `fla-core` 0.6 (flash-linear-attention): `naive_nsa`, `naive_nsa_compression`, `naive_nsa_topk`,
-#   `naive_nsa_selection` (this chapter's oracles) and `parallel_nsa` (the benchmark's anchor).
+#   `naive_nsa_selection` (this chapter's oracles) and `parallel_nsa` (timed by `bench/nsa.py`).
 # - DeepSeek-AI, *DeepSeek-V3.2-Exp: Boosting Long-Context Efficiency with DeepSeek Sparse Attention*, 2025
 #   (NSA's successor; chapter 8).
 
@@ -1704,7 +1710,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
 #
 # `minisparse.nsa.exercises`: each checker compares an answer with an independent computation — the cost model,
 # `select_blocks`, a PyTorch gather — and says what differs. The Triton checker launches the reader's kernel
-# directly, in the interpreter on CPU tensors. `minisparse.nsa.bugs` holds exercise 2's planted bug.
+# directly, in the interpreter on CPU tensors. `minisparse.nsa.bugs` holds exercise 2's planted bug, with a hook for the reader's fix.
 
 # %% tags=["hide-input"]
 #| export nsa.bugs
@@ -1713,8 +1719,10 @@ import torch
 from minisparse.nsa.naive import compressed_scores
 
 
-def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size):
-    """Group-shared top-n selection (as `select_blocks`, scale D^-1/2) — with one planted bug."""
+def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size, visible=None):
+    """Group-shared top-n selection (as `select_blocks`, scale D^-1/2) — with one planted bug.
+    visible: exercise 2's answer, a function (T, N, block_size) -> [T, N] bool applied to the
+    scores before the forced blocks, or None."""
     B, T, HQ, _ = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     p = compressed_scores(q, k_cmp, block_size)  # [B, T, HQ, N]
@@ -1722,6 +1730,8 @@ def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size):
     t = torch.arange(T)[:, None]
     c = torch.arange(N)[None, :]
     forced = (c == 0) | (c == t // block_size) | (c == t // block_size - 1)  # [T, N]
+    if visible is not None:
+        score = score.masked_fill(~visible(T, N, block_size)[None, :, None], float("-inf"))
     score = score.masked_fill(forced[None, :, None], float("inf"))
     top_score, top = score.topk(min(block_counts, N), dim=-1)
     top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
@@ -1740,31 +1750,32 @@ from minisparse.nsa.naive import mean_pool, select_blocks
 from minisparse.testing import ExerciseError, check
 
 
-def check_decode_tokens(fn):
-    """Exercise 1: fn(T, l, d, lp, n, w) -> tokens of cache one decoding step reads at context T."""
-    def reference(T, l, d, lp, n, w):
-        return int(keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n,
-                             window_size=w)["nsa"])
-    check("tokens read by one decoding step", lambda *a: int(fn(*a)), reference,
-          [(65536, 32, 16, 64, 16, 512), (8192, 32, 16, 64, 16, 512), (131072, 64, 64, 64, 16, 512),
-           (1000, 32, 16, 64, 8, 256), (40, 32, 16, 64, 16, 512), (10, 32, 16, 64, 16, 512)],
-          hint="three branches: the complete compression windows ⌊(T − l)/d⌋ + 1 (none before "
-               "T = l), "
-               "n blocks of l' tokens and the window of w tokens — each capped at T")
+def check_unshared_reads(fn):
+    """Exercise 1: fn(T, G, l, d, lp, n, w) -> tokens of cache a decoding step reads per key head
+    when each of the G query heads of a group picks its own n blocks, none shared."""
+    def reference(T, G, l, d, lp, n, w):
+        reads = keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n, window_size=w)
+        return int(reads["cmp"] + min(T, G * reads["slc"]) + reads["swa"])
+    check("tokens a decoding step reads per key head, one choice a query head",
+          lambda *a: int(fn(*a)), reference,
+          [(65536, 16, 32, 16, 64, 16, 512), (65536, 1, 32, 16, 64, 16, 512),
+           (8192, 16, 32, 16, 64, 16, 512), (131072, 4, 64, 64, 64, 16, 512),
+           (1000, 8, 32, 16, 64, 8, 256), (40, 16, 32, 16, 64, 16, 512)],
+          hint="the summaries and the window are the same tokens for every head of the group (read "
+               "once); only the selected blocks multiply by G, and they cannot cover more than T "
+               "tokens")
 
 
 def check_selection_fix(fn):
-    """Exercise 2: fn(q, k_cmp, block_counts, block_size) -> select_blocks' block_indices."""
-    cases = []
-    for seed, (T, HQ, H, bs, S) in enumerate([(70, 4, 2, 8, 4), (100, 2, 1, 16, 3),
-                                              (45, 6, 3, 8, 5)]):
-        g = torch.Generator().manual_seed(seed)
-        q, k = torch.randn(1, T, HQ, 16, generator=g), torch.randn(1, T, H, 16, generator=g)
-        cases.append((q, mean_pool(k, bs), S, bs))
-    check("group-shared selection", fn, lambda q, kc, S, bs: select_blocks(q, kc, S, bs), cases,
-          hint="compare the buggy function's picks with block_indices from select_blocks for one "
-               "query "
-               "early in the sequence: which blocks can it choose that it must not?")
+    """Exercise 2: fn(T, N, block_size) -> [T, N] bool, the blocks whose summary query t may see
+    (select_blocks' rule, the line missing from select_blocks_with_a_bug)."""
+    def reference(T, N, bs):
+        return (torch.arange(N)[None, :] + 1) * bs - 1 <= torch.arange(T)[:, None]
+    check("the blocks a query may see", lambda *a: torch.as_tensor(fn(*a)).bool(), reference,
+          [(70, 9, 8), (100, 7, 16), (45, 6, 8), (16, 1, 16), (5, 1, 8)],
+          hint="a block's summary mixes all of its tokens: compare the buggy selection with "
+               "select_blocks for a query early in the sequence, and ask when the summary of the "
+               "query's own block may be read")
 
 
 def _scores_reference(q, k, idx, t, block_size, scale):

@@ -100,9 +100,10 @@ DEVICE = runtime.device()
 # $$
 #
 # attention over the $k$ selected cache entries $c_s$ only, the same set for all 128 query heads. The indexer is
-# cheap by few heads, ReLU instead of a softmax (no normalisation over $s$: scores can be computed block by block
+# cheap thanks to few heads, ReLU instead of a softmax (no normalisation over $s$: scores can be computed block by block
 # and compared) and FP8 arithmetic. It still visits *every* past token for every query — $O(T^2)$ — but at
-# $64 \times 128$ multiply-adds a pair against MLA's $128 \times 320$, a fifth of the dense work (section 8.6).
+# $64 \times 128$ multiply-adds a pair against MLA's $128 \times (192 + 128)$ in its expanded form, a fifth of the
+# dense work (section 8.6).
 #
 # Unlike NSA (chapter 7), which picks *blocks* from their summaries, DSA's indexer is a separate small network that
 # picks *single tokens*, trained to imitate the dense attention (section 8.5). The survey [S]: DSA is V3.2's only
@@ -358,11 +359,13 @@ boxes = {
     "sp": B_(8.0, 0.7, "sparse MLA\n(MQA, 128 heads)", w=1.9, note="gathers k rows"),
     "out": B_(10.4, 0.7, "o_proj"),
 }
-arrows = [("x", "qlat"), ("qlat", "idx", "$q^I$, $w$"), ("x", "ikc", "$k^I$"), ("ikc", "idx"),
+arrows = [("x", "qlat"), ("qlat", "idx", "$q^I$"), ("x", "idx", "$w$"), ("x", "ikc", "$k^I$"),
+          ("ikc", "idx"),
           ("idx", "top", "I[t, s]"), ("top", "sp"), ("x", "mla"), ("qlat", "mla"), ("mla", "lat"),
           ("lat", "sp"), ("mla", "sp", "q̃, q_rope"), ("sp", "out")]
-fig = viz.schematic(boxes, arrows, groups=[(["idx", "top"], "dsa(): Triton lightning_indexer"),
-                                           (["sp"], "Triton: sparse_attention")],
+fig = viz.schematic(boxes, arrows,
+                    groups=[(["idx", "top"], "Triton in dsa(), PyTorch in the layer"),
+                            (["sp"], "Triton: sparse_attention")],
                     title="DSA on MLA: the indexer chooses, MLA attends to the chosen",
                     size=(11, 4.4))
 
@@ -382,8 +385,8 @@ fig = viz.schematic(boxes, arrows, groups=[(["idx", "top"], "dsa(): Triton light
 # adds the index keys (`index_head_dim` a token) beside MLA's 576-number latents. The layer scores its indexer in
 # PyTorch (`indexer_scores`, then `select_topk`): an fp32 $[B, T, S]$ score matrix, through a per-head
 # $[B, T, H^I, S]$ intermediate that a long prefill cannot afford (16 GiB at 8K tokens with 64 index heads); the
-# warm-up's loss needs the scores. Section 8.7's `lightning_indexer` chooses without either; the functional `dsa`
-# uses it on a GPU, the layer does not yet.
+# warm-up's loss needs the scores, so the layer keeps them. Section 8.7's `lightning_indexer` chooses without either;
+# the functional `dsa` uses it on a GPU.
 
 # %%
 #| export dsa.layer
@@ -547,14 +550,14 @@ print(f"cache: {len(cache)} tokens × ({layer.kv_lora_rank} + {layer.qk_rope_hea
 # dense attention summed over the $H$ heads and renormalised, $p_{t,:} = \sum_h P^h_{t,:} / H$, and the loss is
 #
 # $$
-# \mathcal L^I = \sum_t D_{\mathrm{KL}}\bigl(p_{t,:} \,\big\|\, \operatorname{softmax}(I_{t,:})\bigr) .
+# \mathcal L^I = \frac{1}{T}\sum_t D_{\mathrm{KL}}\bigl(p_{t,:} \,\big\|\, \operatorname{softmax}(I_{t,:})\bigr) .
 # $$
 #
 # - **Dense warm-up**: the main model frozen and attending densely, only the indexer trains (1,000 steps of
 #   16 sequences of 128K tokens in the report, learning rate $10^{-3}$).
 # - **Sparse training**: top-k selection switched on, everything trains; the indexer's loss is restricted to
 #   its selected set $S_t$ (both distributions renormalised there), and the indexer's inputs are detached, so
-#   the main model learns from the language-model loss alone (15,000 steps, k = 2,048; the notes run it here).
+#   the main model learns from the language-model loss alone (15,000 steps, k = 2,048; the engineering notes run this phase at reading size).
 #
 # `indexer_kl_loss` is that loss (with `indices`: the sparse-phase form); `attention_recall` measures what the
 # selection is for: the share of the dense attention's mass that falls on the selected tokens.
@@ -719,9 +722,9 @@ explorer = viz.explorer(draw_selection, k=(1, 32, 1))
 #   (`mla_decode_flops`), $\min(c, k)$ latent rows read when decoding.
 #
 # The latent form is a choice of this model and of section 8.7's kernels, not of DSA: the V3.2-Exp report says
-# short prefills run DSA as a masked MHA instead (the expanded form with the unselected keys masked), where the
-# sparse attention costs $2H\min(c,k)\cdot 320$ FLOPs and so breaks even far earlier. The break-even points below
-# hold for the latent form.
+# short prefills run DSA as a masked MHA instead: the expanded form over all $c$ keys with the unselected ones
+# masked, which at $c \le k$ (every key kept) costs $320H$ FLOPs a key pair where the latent form costs $1088H$. The
+# break-even points below hold for the latent form.
 #
 # Not counted: the projections (the same for both, plus the indexer's $O(1)$ a token), the exponentials, and
 # whether a kernel reaches the arithmetic or bandwidth peak. With `index_fp8` the indexer's FLOPs count half
@@ -812,8 +815,9 @@ assert 0.12 < at["decoding at 128K, attention bytes"] < 0.25
 
 # %% [markdown]
 # So "about 50 % less compute at 128K" [S] is the size the model gives for a whole 128K prefill (57 % saved over the
-# sequence, 67 % for its last token, bf16 indexer): the attention core drops to about a third over the sequence and a
-# quarter for the last token (a fifth with an FP8 indexer), and the rest of the model dilutes the saving. Decoding
+# sequence, 67 % for its last token, bf16 indexer): the attention core drops to about a third over the sequence (a
+# fifth with an FP8 indexer) and a quarter for the last token (0.15 with FP8), and the rest of the model dilutes the
+# saving. Decoding
 # saves more: it is bandwidth-bound, and the FP8 indexer reads 132 bytes a token where dense MLA reads 1,152, so at
 # 128K a step reads about a seventh (bf16 index keys: a quarter) of dense's.
 #
@@ -1145,11 +1149,10 @@ if res is not None:
               f"attention {dec['DSA decode attention' + g]:.1f}x")
 
 # %% [markdown]
-# What the run says (H200, 2026-12-04):
+# What the run says (H200, 2026-12-04, torch 2.11, Triton 3.6, CUDA 13.0):
 #
 # - **Prefill: DSA only matches dense attention at 64K** — 0.23× at 8K, 0.65× at 32K, 1.01× at 64K (1.13× with the
-#   FP8 indexer), short of `bench/dsa.py`'s targets (≥ 2× at 64K, ≥ 2.5× with FP8, ≥ 3× at 128K; the run stops at
-#   64K). *Arithmetic*: the latent form does $576 + 512$ multiply-adds a head per selected key where dense's expanded
+#   FP8 indexer; the run stops at 64K). *Arithmetic*: the latent form does $576 + 512$ multiply-adds a head per selected key where dense's expanded
 #   form does $192 + 128$, so the sparse attention alone costs more than dense for a token below 7K keys (with its
 #   indexer, below 8.7K); an 8K prefill of DSA does 1.7× dense's FLOPs, a 64K one 41 %. *Rate*: SDPA runs at about
 #   580 TFLOP/s, our indexer at 280 and the sparse attention at 250 (of 989), and the top-k adds 30 ms at 64K
@@ -1157,14 +1160,15 @@ if res is not None:
 # - **FP8** makes the indexer 1.3× faster (125 → 94 ms at 64K), not the tensor cores' 2×, and the prefill about
 #   10 %; it keeps 96–98 % of the bf16 top-k (random inputs cast to e4m3 without the per-row scales of real caches).
 # - **Decoding** at 64K (16 sequences) as a CUDA graph, as serving engines run it: the FP8 step is 5.4× faster than
-#   `mla_decode` over the whole cache (0.203 against 1.094 ms), meeting the ≥ 5× target; bf16 index keys give 4.8×,
+#   `mla_decode` over the whole cache (0.203 against 1.094 ms); bf16 index keys give 4.8×,
 #   the sparse attention alone 13×. Called from Python the step takes 0.31–0.36 ms (3.1–3.5×): the host's work
 #   outlasts the kernels. Section 8.6's byte count bounds the step at 3.8× (bf16) and 6.5× (FP8) at HBM speed; the
 #   bf16 step passes its bound because `mla_decode` at 128 heads is compute-bound (chapter 3).
 #
 # The kernels are correct (their tests pass in bf16 and fp16 on the H200); the prefill is slower than the model
-# allows. `bench/notes/dsa.md` lists what to try next; the engineering notes check every number above.
+# allows; the engineering notes check every number above.
 
+# %% [markdown]
 # ## 8.9 Exercises
 #
 # Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
@@ -1251,7 +1255,7 @@ check_scores_fix(fixed_scores_solution)
 # starting at `n0`, $s_n = \sum_j w_j \operatorname{ReLU}(\text{scale} \cdot q_j \cdot k_n)$, `[BN]`. Keys after the
 # query ($n > t$) and past the end ($n \ge T_K$) must score `-inf`. The `HI` query heads (padded to `BH`) and
 # their weights are loaded for you; `k` is `[T_K, DI]` row-major. The checker launches your kernel (on the GPU
-# if there is one, else in the interpreter) on 1, 3, 4 and 5 heads, DI = 8 to 32, a tile that straddles the
+# if there is one, else in the interpreter) on 1 to 5 heads, DI = 8 to 32, a tile that straddles the
 # query and one that runs past $T_K$, and says which score differs.
 
 # %%
@@ -1303,7 +1307,8 @@ check_index_score_tile(index_score_kernel_solution)
 # - **Cost**: the indexer is still $O(T^2)$, at $64 \times 128$ multiply-adds a pair against dense MLA's $128 \times
 #   320$. At V3.2's shapes a 128K prefill costs about 43 % of dense over the whole model, a decoding step reads a
 #   seventh of the attention bytes with FP8 index keys (a quarter in bf16); DSA breaks even from about 8.7K keys with
-#   128 heads and never, in bf16, with 16 — the head count decides (a bf16 indexer throughout; FP8 halves its share).
+#   128 heads and never, in bf16, with 16 — the head count decides (prefill with a bf16 indexer; an FP8 indexer
+#   halves the indexer's FLOPs: break-even at 7.7K keys with 128 heads, 35K with 16).
 # - **Fast and measured**: the kernels gather the selected rows for a block of heads at once and score the indexer with
 #   one product of all its heads against a key tile, with no `[T, T]` matrix. On an H200 they are correct; DSA's
 #   prefill only matches dense SDPA at 64K, and a decoding step replayed as a CUDA graph is 5.4× faster than

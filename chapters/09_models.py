@@ -88,7 +88,7 @@ BACKEND = "auto" if runtime.has_gpu() else "naive"  # on a CPU the layers' PyTor
 # Every model of the survey [S] answers the same question — how should a layer mix tokens when the context is
 # 128K to 1M long? — and the answers fall into four routes:
 #
-# | route | models (survey figures) | what a layer reads for one new token |
+# | route | models (survey figures; Kimi Linear's from its model card) | what a layer reads for one new token |
 # |---|---|---|
 # | hybrid linear / full | Qwen3-Next 80B-A3B (3 Gated DeltaNet : 1 gated attention), Kimi Linear 48B-A3B (3 KDA : 1 MLA) | a fixed-size state in 3 of 4 layers, the whole cache in 1 |
 # | mostly linear | MiniMax-M1 456B / 45.9B (7 lightning : 1 softmax) | a state in 7 of 8 layers |
@@ -458,8 +458,9 @@ class HybridLM(nn.Module):
         self.aux_loss = None
         # Untied, the embeddings keep nn.Embedding's N(0, 1): tokens at the scale of what the
         # layers (PyTorch's default inits) add to the residual stream. At std 0.02 the layers'
-        # outputs drown the token identities and MQAR sits on its 1/N plateau for thousands of
-        # steps (bench/notes/capstone.md). Tied to the LM head, 0.02 keeps the first logits small.
+        # outputs drown the token identities and multi-query associative recall (section 9.6)
+        # stays at chance for thousands of steps (bench/notes/capstone.md). Tied to the LM head,
+        # 0.02 keeps the first logits small.
         if config.tie_embeddings and self.embed_tokens.weight.device.type != "meta":
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
@@ -583,8 +584,8 @@ _COUNTED = {}
 # The same function takes a transformers config of the supported families (DeepSeek-V3/V3.2, GLM-5's
 # `GlmMoeDsa`, Qwen3-Next, Kimi Linear, MiniMax, Mixtral): `config_from_hf` reads its shapes into a
 # `HybridConfig`. Built on the meta device at their default configs, transformers' own `ForCausalLM` models have
-# exactly as many parameters as our count of the same configs, family by family (the engineering notes show it;
-# the tests assert it). The presets follow the released checkpoints where a default config does not: Kimi Linear's
+# exactly as many parameters as our count of the same configs, family by family (the engineering notes show five
+# families; the tests assert all seven). The presets follow the released checkpoints where a default config does not: Kimi Linear's
 # release puts MLA at layers 4, 8, …, 24 and 27 (7 layers, chapter 0), `KimiLinearConfig()` at 5, 9, …, 25 (6), so
 # the preset counts 49.12B / 3.48B against 49.13B / 3.49B for the default config.
 
@@ -597,7 +598,7 @@ _COUNTED = {}
 #   without speculative decoding never runs it, and transformers does not build it; we count it only here.
 # - **Embeddings.** "Activated" figures leave out the embedding table and usually the LM head: MiniMax-M1's
 #   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B), DeepSeek's 37B our 38.4B
-#   minus the input table. Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way, and Kimi
+#   minus the input table (37.5B). Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way, and Kimi
 #   Linear's 48B total is our 49.1B less both embedding matrices (2 × 163,840 × 2,304 = 0.76B): 48.4B.
 
 # %%
@@ -803,8 +804,8 @@ print(f"generating 100K tokens, MiniMax-M1 / dense MLA at V3.2's shapes: "
 # - **Multi-query associative recall (MQAR)**: a sequence lists $N$ key–value pairs, then asks for the values of
 #   some keys again, `k1 v1 k2 v2 … kN vN · q1 a1 q2 a2 …`, with the loss only on the answers. Softmax attention
 #   solves it by looking back (an induction head); a fixed-size state must *store* $N$ associations in $d \times d$
-#   numbers a head, and the delta rule's overwrites help but cannot beat the arithmetic — recall falls as $N$
-#   grows. This is the survey's "linear attention accuracy" tension in its smallest form.
+#   numbers a head — at most $d$ of them exactly, with orthogonal keys; learned keys interfere, so recall falls
+#   as $N$ grows. This is the survey's "linear attention accuracy" tension in its smallest form.
 # - **Language modelling** on the Python standard library's own source files, byte by byte: a corpus that exists
 #   offline on every machine with Python, Colab included.
 #
@@ -940,8 +941,9 @@ assert min(recall["hybrid GF"][8], recall["sparse DD"][8]) > 0.7  # one layer / 
 
 # %% [markdown]
 # Full attention learns the task outright — and answers 16 pairs, twice what it was trained on, most of the time.
-# Gated DeltaNet learns the association for two pairs and loses it as $N$ grows: its state is a fixed $16 \times 16$
-# matrix a head, and each new pair written into it overwrites part of the others. Lightning attention stays near
+# Gated DeltaNet learns the association for two pairs and loses it as $N$ grows, well below the 16 pairs a
+# $16 \times 16$ state a head could hold with orthogonal keys: at this budget it learns keys that interfere, and each
+# new pair written into the state overwrites part of the others. Lightning attention stays near
 # $1/N$: its decayed sum of $k v^\top$ never removes anything, so the keys blur together and the model falls back
 # on naming some value it has seen. One attention layer of two (`GF`) recovers most of what full attention
 # has (about 0.9 at 8 pairs); DSA's top-8 selection is close to full attention at 2 and 4 pairs and falls behind
@@ -968,6 +970,9 @@ sample = lm.generate(torch.tensor([list(b"import ")]), 24)[0].tolist()
 print(bytes(sample).decode(errors="replace"))
 
 # %% [markdown]
+# Eighty steps take the loss from about $\ln 256 \approx 5.5$ nats a byte (a uniform guess) towards 2: the model has
+# picked up the byte statistics of Python source — keywords, spaces, line breaks — not yet its syntax.
+#
 # ### The presets on a GPU
 #
 # `bench/capstone.py` trains every preset at its small scale (8 layers, 8 experts top-2, width 128) with the
@@ -1045,17 +1050,17 @@ if RESULTS is not None:
 # mostly answers with some value of the context (recall 0.27, 0.17, 0.12, 0.09 at 4 … 32 pairs, against chance
 # among the context's values of 0.25 … 0.03), as the pure lightning model did at reading size. The two DSA presets, whose mixers differ only in the
 # indexer's RoPE layout, stay on the plateau too (0.28 … 0.08) — the indexer learns to pick tokens from an
-# attention that is itself still learning. They sit at the edge of the budget: whether V3.2's preset starts to
-# leave the plateau within its last steps varies from run to run (bench/notes/capstone.md). These are
-# learning speeds at one small budget, not capacities: with more steps the plateaus may break
-# (bench/notes/capstone.md has the budget search and both runs).
+# attention that is itself still learning. They sit at the edge of this budget: an H200 run of V3.2's preset at the
+# same settings on 2026-12-03 was leaving the plateau in its last steps (recall 0.75 … 0.19; the kernels' fp32
+# atomics make runs differ, bench/notes/capstone.md). These are learning speeds at one small budget, not
+# capacities: with more steps the plateaus may break (bench/notes/capstone.md has the budget search).
 #
 # **Distance.** With 32 pairs a query sits 2 to 126 tokens after its key, and recall hardly depends on where:
 # the models that learned the lookup answer at every distance, those on the plateau at none (0.06–0.10 in every
 # bin). At these lengths the question is whether a model learns to look up at all, not how far it can look;
 # longer distances would need filler between the pairs and the queries, a task these models were not trained on.
 #
-# **Text.** On the standard library every preset is at 1.1–1.4 nats a byte after 400 steps; the delta-rule
+# **Text.** On the standard library every preset is at 1.13–1.32 nats a byte after 400 steps; the delta-rule
 # hybrids are ahead (Kimi Linear 1.13, Qwen3-Next 1.18; the dense baseline 1.25), the DSA presets behind (GLM-5
 # 1.30, V3.2 1.32). The curves are single steps (every fourth); the table's losses are means of the last 20.
 #
@@ -1151,9 +1156,9 @@ from minisparse.testing import attempt
 # layers are full attention, the rest Gated DeltaNet. Return the largest number of full-attention layers whose
 # KV cache plus states, for one sequence of `context` tokens in bf16 (states in fp32, as the layers keep them),
 # fit in `budget` bytes — or -1 if even none fit. Derive it from the per-layer numbers of section 9.4 (a closed
-# form, or a loop over `layer_cache_numbers`); the checker tries four contexts, two KV-head counts and eight
-# budgets, three of them right at a boundary (the exact bytes of 5 full layers, one byte less, and one byte less
-# than the states alone).
+# form, or a loop over `layer_cache_numbers`); the checker tries nine cases — five contexts, two KV-head counts,
+# three budgets right at a boundary (the exact bytes of 5 full layers, one byte less, and one byte less than the
+# states alone) and one so large that all 48 layers fit.
 
 # %%
 def my_full_layers(config, context, budget):
@@ -1275,7 +1280,7 @@ check_generate_fix(generate_solution)
 #   MiniMax back to full attention in M2, and the reason every hybrid keeps one layer in four (or eight) exact. The
 #   presets at 8 layers agree where the exact layer is one in four — the 3:1 hybrids learn 32 pairs, and sooner
 #   than full attention — while the 7:1 stack, its one softmax layer last, and DSA stay on the plateau within
-#   1,500 steps (DSA at the edge: whether V3.2's preset starts to leave it varies from run to run).
+#   1,500 steps (DSA at the edge of that budget: another run of V3.2's preset was leaving the plateau at its end).
 #
 # ## References
 #

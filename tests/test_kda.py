@@ -593,15 +593,26 @@ def test_crossover_checker_accepts_the_solution_and_rejects_wrong_counts(capsys)
             check_crossover(wrong)
 
 
-def test_intra_products_checker_rejects_the_bug_and_a_missing_diagonal():
+def test_intra_products_checker_rejects_the_bug_float64_and_a_missing_diagonal(capsys):
     from minisparse.kda.exercises import _intra_reference, buggy_intra_products, check_intra_products
     from minisparse.testing import ExerciseError
 
-    check_intra_products(_intra_reference)
-    with pytest.raises(ExerciseError, match="overflows"):
+    def range_sums(x, k, g):  # float32, each exponent a sum of the gates over its range
+        L = x.shape[0]
+        P = torch.zeros(L, L)
+        for i in range(L):
+            span = torch.cat([g[1:i + 1].flip(0).cumsum(0).flip(0), torch.zeros(1, g.shape[1])])
+            P[i, :i + 1] = (x[i] * k[:i + 1] * span.exp()).sum(-1)
+        return P
+
+    check_intra_products(range_sums)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError, match="relative RMS"):  # differences of float32 cumulative sums
         check_intra_products(buggy_intra_products)
+    with pytest.raises(ExerciseError, match="float64"):  # exact, but not in float32
+        check_intra_products(_intra_reference)
     with pytest.raises(ExerciseError):
-        check_intra_products(lambda x, k, g: _intra_reference(x, k, g).tril(-1))
+        check_intra_products(lambda x, k, g: range_sums(x, k, g).tril(-1))
 
 
 def test_fact_prediction_checker_rejects_off_by_one_and_retention():

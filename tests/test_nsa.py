@@ -308,24 +308,40 @@ from minisparse.nsa import exercises as X  # noqa: E402
 from minisparse.testing import ExerciseError  # noqa: E402
 
 
-def test_decode_tokens_checker_accepts_the_count_and_rejects_a_count_without_summaries(capsys):
-    def right(T, l, d, lp, n, w):
-        return ((T - l) // d + 1 if T >= l else 0) + min(T, n * lp) + min(T, w)
+def test_unshared_reads_checker_accepts_the_count_and_rejects_wrong_ones(capsys):
+    def count(T, G, l, d, lp, n, w, cap=True, shared_rest=True):
+        cmp = (T - l) // d + 1 if T >= l else 0
+        slc, swa = min(T, n * lp), min(T, w)
+        many = min(T, G * slc) if cap else G * slc
+        return cmp + many + swa if shared_rest else G * (cmp + slc + swa)
 
-    X.check_decode_tokens(right)
+    X.check_unshared_reads(count)
     assert capsys.readouterr().out.startswith("✓")
-    with pytest.raises(ExerciseError):
-        X.check_decode_tokens(lambda T, l, d, lp, n, w: min(T, n * lp) + min(T, w))
-    with pytest.raises(ExerciseError):  # off by one: T // d windows
-        X.check_decode_tokens(lambda T, l, d, lp, n, w: T // d + min(T, n * lp) + min(T, w))
-    with pytest.raises(ExerciseError):  # no window before T = l: negative below it
-        X.check_decode_tokens(lambda T, l, d, lp, n, w: (T - l) // d + 1 + min(T, n * lp) + min(T, w))
+    with pytest.raises(ExerciseError):  # every branch per query head
+        X.check_unshared_reads(lambda *a: count(*a, shared_rest=False))
+    with pytest.raises(ExerciseError):  # G·n blocks not capped at T
+        X.check_unshared_reads(lambda *a: count(*a, cap=False))
+    with pytest.raises(ExerciseError):  # the shared count (G ignored)
+        X.check_unshared_reads(lambda T, G, *r: count(T, 1, *r))
 
 
-def test_selection_checker_rejects_the_planted_bug_and_accepts_select_blocks():
-    with pytest.raises(ExerciseError):
-        X.check_selection_fix(N.select_blocks_with_a_bug)
-    X.check_selection_fix(lambda q, kc, S, bs: N.select_blocks(q, kc, S, bs))
+def test_selection_checker_rejects_wrong_masks_and_accepts_the_rule(capsys):
+    def visible(T, N, bs, started=False):
+        t, c = torch.arange(T)[:, None], torch.arange(N)[None, :]
+        return c * bs <= t if started else (c + 1) * bs - 1 <= t
+
+    X.check_selection_fix(visible)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError):  # the bug: every block visible
+        X.check_selection_fix(lambda T, N, bs: torch.ones(T, N, dtype=torch.bool))
+    with pytest.raises(ExerciseError):  # a block seen as soon as it starts
+        X.check_selection_fix(lambda T, N, bs: visible(T, N, bs, started=True))
+    # with the rule plugged in, the planted bug's selection is select_blocks'
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 45, 6, 16, generator=g), torch.randn(1, 45, 3, 16, generator=g)
+    kc = N.mean_pool(k, 8)
+    assert torch.equal(N.select_blocks_with_a_bug(q, kc, 5, 8, visible=visible), N.select_blocks(q, kc, 5, 8))
+    assert not torch.equal(N.select_blocks_with_a_bug(q, kc, 5, 8), N.select_blocks(q, kc, 5, 8))
 
 
 import triton  # noqa: E402

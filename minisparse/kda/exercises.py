@@ -29,11 +29,21 @@ def check_crossover(fn):
                "heads")
 
 
-def buggy_intra_products(x, k, g):
-    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) of one chunk, G = cumsum(g): x, k, g [L, K] ->
-    [L, L]."""
+def buggy_intra_products(x, k, g, sub=16):
+    """P_ij = Σ_c x_ic k_jc e^{G_ic − G_jc} (j ≤ i) of one chunk, as the kernel splits it:
+    reference points r = s − 1 for the blocks left of each sub-chunk s, pairs inside the
+    diagonal blocks; every factor ≤ 1. x, k, g [L, K] float32 -> [L, L] float32."""
+    L = x.shape[0]
     G = g.cumsum(0)  # [L, K]
-    return ((x * G.exp()) @ (k * (-G).exp()).T).tril()
+    P = torch.zeros(L, L)
+    for s in range(0, L, sub):
+        e = min(s + sub, L)
+        if s > 0:  # queries s … e − 1, keys 0 … s − 1, through r = s − 1
+            r = s - 1
+            P[s:e, :s] = (x[s:e] * (G[s:e] - G[r]).exp()) @ (k[:s] * (G[r] - G[:s]).exp()).T
+        for i in range(s, e):  # the diagonal block, pair by pair
+            P[i, s:i + 1] = (x[i] * k[s:i + 1] * (G[i] - G[s:i + 1]).exp()).sum(-1)
+    return P
 
 
 def _intra_reference(x, k, g):
@@ -46,22 +56,44 @@ def _intra_reference(x, k, g):
     return torch.einsum("ic,jc,ijc->ij", x.double(), k.double(), Gamma).float()
 
 
+class _Float32Only(torch.overrides.TorchFunctionMode):
+    """Raises ExerciseError as soon as the code it wraps makes a float64 tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                raise ExerciseError(
+                    f"✗ intra-chunk products in float32: {getattr(func, '__name__', func)} made a "
+                    "float64 tensor. A kernel has no float64 to spare: keep every tensor float32.")
+        return out
+
+
 def check_intra_products(fn):
-    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L] against the exact segment sums, including
-    gates of −30 a token and one of −10⁴ (where buggy_intra_products returns inf and NaN)."""
+    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only, against the
+    exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
+    two of them after a gate of −1000 or −10⁴ (where buggy_intra_products loses digits)."""
     gen = torch.Generator().manual_seed(61)
     cases = []
-    shapes = [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None)]
+    shapes = [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None),
+              (48, 8, -0.2, -1000.0)]
     for L, K, low, spike in shapes:
         x, k = (F.normalize(torch.randn(L, K, generator=gen), dim=-1) for _ in range(2))
         g = low * torch.rand(L, K, generator=gen)
         if spike is not None:
             g[3, : K // 2] = spike
         cases.append((x, k, g))
-    check("intra-chunk products with per-channel decay", fn, _intra_reference, cases, tol=1e-4,
-          hint="e^{G_i − G_j} = e^{G_i} · e^{−G_j} overflows once G_j < −88; keep every exponent "
-               "≤ 0 — sum the gates between j and i, or split at a reference point r with "
-               "j ≤ r ≤ i (section 6.5). Keep the diagonal.")
+
+    def in_float32(x, k, g):
+        with _Float32Only():
+            return fn(x, k, g)
+
+    check("intra-chunk products in float32", in_float32, _intra_reference, cases, tol=2e-6,
+          hint="after a gate of −1000, G is about −1000 on every later token and float32 holds "
+               "it to 6e-5: a difference G_i − G_r of two such sums carries that error into "
+               "every decay. Take each exponent as the sum of the gates over its range "
+               "(g_{r+1} + … + g_i, a cumulative sum that starts after r), which never sees "
+               "the −1000.")
 
 
 def _fact_error(rate, T, K=32, slow=8, V=16):

@@ -146,8 +146,9 @@ class HybridLM(nn.Module):
         self.aux_loss = None
         # Untied, the embeddings keep nn.Embedding's N(0, 1): tokens at the scale of what the
         # layers (PyTorch's default inits) add to the residual stream. At std 0.02 the layers'
-        # outputs drown the token identities and MQAR sits on its 1/N plateau for thousands of
-        # steps (bench/notes/capstone.md). Tied to the LM head, 0.02 keeps the first logits small.
+        # outputs drown the token identities and multi-query associative recall (section 9.6)
+        # stays at chance for thousands of steps (bench/notes/capstone.md). Tied to the LM head,
+        # 0.02 keeps the first logits small.
         if config.tie_embeddings and self.embed_tokens.weight.device.type != "meta":
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 

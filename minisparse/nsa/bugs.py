@@ -4,8 +4,10 @@ import torch
 from minisparse.nsa.naive import compressed_scores
 
 
-def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size):
-    """Group-shared top-n selection (as `select_blocks`, scale D^-1/2) — with one planted bug."""
+def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size, visible=None):
+    """Group-shared top-n selection (as `select_blocks`, scale D^-1/2) — with one planted bug.
+    visible: exercise 2's answer, a function (T, N, block_size) -> [T, N] bool applied to the
+    scores before the forced blocks, or None."""
     B, T, HQ, _ = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     p = compressed_scores(q, k_cmp, block_size)  # [B, T, HQ, N]
@@ -13,6 +15,8 @@ def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size):
     t = torch.arange(T)[:, None]
     c = torch.arange(N)[None, :]
     forced = (c == 0) | (c == t // block_size) | (c == t // block_size - 1)  # [T, N]
+    if visible is not None:
+        score = score.masked_fill(~visible(T, N, block_size)[None, :, None], float("-inf"))
     score = score.masked_fill(forced[None, :, None], float("inf"))
     top_score, top = score.topk(min(block_counts, N), dim=-1)
     top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values

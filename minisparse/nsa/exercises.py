@@ -8,31 +8,32 @@ from minisparse.nsa.naive import mean_pool, select_blocks
 from minisparse.testing import ExerciseError, check
 
 
-def check_decode_tokens(fn):
-    """Exercise 1: fn(T, l, d, lp, n, w) -> tokens of cache one decoding step reads at context T."""
-    def reference(T, l, d, lp, n, w):
-        return int(keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n,
-                             window_size=w)["nsa"])
-    check("tokens read by one decoding step", lambda *a: int(fn(*a)), reference,
-          [(65536, 32, 16, 64, 16, 512), (8192, 32, 16, 64, 16, 512), (131072, 64, 64, 64, 16, 512),
-           (1000, 32, 16, 64, 8, 256), (40, 32, 16, 64, 16, 512), (10, 32, 16, 64, 16, 512)],
-          hint="three branches: the complete compression windows ⌊(T − l)/d⌋ + 1 (none before "
-               "T = l), "
-               "n blocks of l' tokens and the window of w tokens — each capped at T")
+def check_unshared_reads(fn):
+    """Exercise 1: fn(T, G, l, d, lp, n, w) -> tokens of cache a decoding step reads per key head
+    when each of the G query heads of a group picks its own n blocks, none shared."""
+    def reference(T, G, l, d, lp, n, w):
+        reads = keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n, window_size=w)
+        return int(reads["cmp"] + min(T, G * reads["slc"]) + reads["swa"])
+    check("tokens a decoding step reads per key head, one choice a query head",
+          lambda *a: int(fn(*a)), reference,
+          [(65536, 16, 32, 16, 64, 16, 512), (65536, 1, 32, 16, 64, 16, 512),
+           (8192, 16, 32, 16, 64, 16, 512), (131072, 4, 64, 64, 64, 16, 512),
+           (1000, 8, 32, 16, 64, 8, 256), (40, 16, 32, 16, 64, 16, 512)],
+          hint="the summaries and the window are the same tokens for every head of the group (read "
+               "once); only the selected blocks multiply by G, and they cannot cover more than T "
+               "tokens")
 
 
 def check_selection_fix(fn):
-    """Exercise 2: fn(q, k_cmp, block_counts, block_size) -> select_blocks' block_indices."""
-    cases = []
-    for seed, (T, HQ, H, bs, S) in enumerate([(70, 4, 2, 8, 4), (100, 2, 1, 16, 3),
-                                              (45, 6, 3, 8, 5)]):
-        g = torch.Generator().manual_seed(seed)
-        q, k = torch.randn(1, T, HQ, 16, generator=g), torch.randn(1, T, H, 16, generator=g)
-        cases.append((q, mean_pool(k, bs), S, bs))
-    check("group-shared selection", fn, lambda q, kc, S, bs: select_blocks(q, kc, S, bs), cases,
-          hint="compare the buggy function's picks with block_indices from select_blocks for one "
-               "query "
-               "early in the sequence: which blocks can it choose that it must not?")
+    """Exercise 2: fn(T, N, block_size) -> [T, N] bool, the blocks whose summary query t may see
+    (select_blocks' rule, the line missing from select_blocks_with_a_bug)."""
+    def reference(T, N, bs):
+        return (torch.arange(N)[None, :] + 1) * bs - 1 <= torch.arange(T)[:, None]
+    check("the blocks a query may see", lambda *a: torch.as_tensor(fn(*a)).bool(), reference,
+          [(70, 9, 8), (100, 7, 16), (45, 6, 8), (16, 1, 16), (5, 1, 8)],
+          hint="a block's summary mixes all of its tokens: compare the buggy selection with "
+               "select_blocks for a query early in the sequence, and ask when the summary of the "
+               "query's own block may be read")
 
 
 def _scores_reference(q, k, idx, t, block_size, scale):
@@ -86,4 +87,4 @@ def load_group_queries(q_ptr, G, D, BG: tl.constexpr, BD: tl.constexpr):
                    other=0.0)
 
 
-__all__ = ['check_decode_tokens', 'check_selection_fix', 'check_block_scores_kernel', 'load_group_queries']
+__all__ = ['check_unshared_reads', 'check_selection_fix', 'check_block_scores_kernel', 'load_group_queries']

@@ -18,14 +18,15 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
-    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H).
+    heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H). HS: the heads
+    that carry a selection, H for NSA (one a GQA group), HQ for MoBA (one a query head, G = 1).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
         for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
             for each BN-key tile of the block:                 k tile [BN, BD], v tile [BN, BDV]
                 s = q kᵀ · scale   [BG, BN]  (keys after the query masked)
                 online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
-        o = acc / l [BG, DV],  lse = m + log l [BG]
+        o = acc / l [BG, DV],  lse = m + log l [BG]   (l: the softmax's running sum)
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
     a K/V head, whatever G is.
