@@ -1178,7 +1178,7 @@ import triton
 import triton.language as tl
 
 from minisparse.dsa.exercises import (check_break_even, check_index_score_tile,
-                                      check_scores_fix, indexer_scores_with_a_bug,
+                                      check_scores_by_chunks, indexer_scores_by_chunks_with_a_bug,
                                       load_index_queries)
 from minisparse.testing import attempt
 
@@ -1217,36 +1217,42 @@ def break_even_solution(H, HI, DI, k, fp8):
 check_break_even(break_even_solution)
 
 # %% [markdown]
-# ### Exercise 2 (debug): an indexer that fails when decoding
+# ### Exercise 2 (debug): scoring a chunk of queries at a time
 #
-# `indexer_scores_with_a_bug` computes the same scores as `indexer_scores` — and gives the same selection in a
-# prefill — but a decoding step with it (one query, $T_k$ keys) selects nothing but the first key. Find the
-# line (compare the two on `q_idx[:, -1:]` against all keys) and return the fixed function; the checker
-# compares it with `indexer_scores` on a prefill, a single decoding step and a chunk of 4 queries.
+# A long prefill cannot afford `indexer_scores`'s `[B, TQ, HI, TK]` intermediate (16 GiB at 8K tokens with 64 index
+# heads, section 8.4), so section 8.7's indexer scores a chunk of queries at a time.
+# `indexer_scores_by_chunks_with_a_bug` does the same with `indexer_scores` on each chunk: its last chunk comes out
+# right, the others let queries read keys after them. Find why (compare it with `indexer_scores` on a 9-token prefill in chunks of 4), and write
+# `my_scores_by_chunks(q_idx, k_idx, w_idx, chunk)`: `indexer_scores`' result, with no tensor larger than one
+# chunk's `[B, chunk, HI, TK]` or the `[B, TQ, TK]` result — the checker enforces that bound, on four shapes, two
+# of them with the queries the last of a longer cache ($T_Q < T_K$).
 
 # %%
-def my_fixed_scores(q_idx, k_idx, w_idx, scale=None):
-    # your code here: indexer_scores_with_a_bug with the bug fixed
+def my_scores_by_chunks(q_idx, k_idx, w_idx, chunk):
+    # your code here: the scores of indexer_scores, `chunk` queries at a time
     raise NotImplementedError
 
 
 # %%
-attempt(check_scores_fix, my_fixed_scores)
+attempt(check_scores_by_chunks, my_scores_by_chunks)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the causal mask assumed that query i sits at position i (triu(1)). When the TQ
-# queries are the last TQ of TK positions, query i sits at TK − TQ + i, so the keys after it are
-# those with s > TK − TQ + i: triu(TK − TQ + 1). With TQ = 1 the buggy mask hid every key but 0.
-def fixed_scores_solution(q_idx, k_idx, w_idx, scale=None):
-    TQ, TK = q_idx.shape[1], k_idx.shape[1]
-    scale = q_idx.shape[-1] ** -0.5 if scale is None else scale
-    dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
-    s = torch.einsum("bth,bths->bts", w_idx.float(), torch.relu(scale * dots))
-    future = torch.ones(TQ, TK, dtype=torch.bool).triu(TK - TQ + 1)
-    return s.masked_fill(future, float("-inf"))
+# Solution — indexer_scores places the queries it gets at the last positions of the keys it
+# gets (query i at TK − TQ + i). A chunk that is not the last is not there: its queries come
+# earlier. Give each chunk the keys up to its own last query, k_idx[:, :TK − TQ + c1]: its queries
+# are then the last of those, at the right positions, and every key after them is in the future
+# for the whole chunk.
+def scores_by_chunks_solution(q_idx, k_idx, w_idx, chunk):
+    B, TQ, TK = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
+    out = torch.full((B, TQ, TK), float("-inf"))
+    for c0 in range(0, TQ, chunk):
+        c1 = min(c0 + chunk, TQ)
+        end = TK - TQ + c1  # the keys up to the chunk's last query
+        out[:, c0:c1, :end] = indexer_scores(q_idx[:, c0:c1], k_idx[:, :end], w_idx[:, c0:c1])
+    return out
 
 
-check_scores_fix(fixed_scores_solution)
+check_scores_by_chunks(scores_by_chunks_solution)
 
 # %% [markdown]
 # ### Exercise 3 (Triton): the indexer's score tile
@@ -2301,7 +2307,8 @@ if res is not None:
 # ### The exercise checkers
 #
 # Each checker compares a reader's answer with an independent computation (a closed form, `indexer_scores`) on
-# several cases and says which case differs; tests/test_dsa.py feeds each one a known-wrong answer.
+# several cases and says which case differs; tests/test_dsa.py feeds each one a known-wrong answer. Exercise
+# 2's also bounds the size of every tensor the answer makes (a `TorchFunctionMode`).
 
 # %% tags=["hide-input"]
 #| export dsa.exercises
@@ -2345,14 +2352,33 @@ def check_break_even(fn):
     print(f"✓ break-even: all {len(cases)} cases match")
 
 
-def indexer_scores_with_a_bug(q_idx, k_idx, w_idx, scale=None):
-    """indexer_scores with a planted bug (exercise 2)."""
-    TQ, TK = q_idx.shape[1], k_idx.shape[1]
-    scale = q_idx.shape[-1] ** -0.5 if scale is None else scale
-    dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
-    s = torch.einsum("bth,bths->bts", w_idx.float(), torch.relu(scale * dots))
-    future = torch.ones(TQ, TK, dtype=torch.bool).triu(1)
-    return s.masked_fill(future, float("-inf"))
+# %% tags=["hide-input"]
+#| export dsa.exercises
+def indexer_scores_by_chunks_with_a_bug(q_idx, k_idx, w_idx, chunk):
+    """indexer_scores `chunk` queries at a time, so that no [B, TQ, HI, TK] tensor is made
+    (exercise 2) — with a planted bug."""
+    TQ = q_idx.shape[1]
+    return torch.cat([indexer_scores(q_idx[:, c0:c0 + chunk], k_idx, w_idx[:, c0:c0 + chunk])
+                      for c0 in range(0, TQ, chunk)], dim=1)
+
+
+class _AtMost(torch.overrides.TorchFunctionMode):
+    """Raises ExerciseError as soon as the code it wraps makes a tensor of more than `limit`
+    elements."""
+
+    def __init__(self, limit, what):
+        super().__init__()
+        self.limit, self.what = limit, what
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.limit:
+                raise ExerciseError(
+                    f"✗ indexer scores by chunks: {getattr(func, '__name__', func)} made a tensor "
+                    f"of shape {tuple(t.shape)}, more than {self.what} ({self.limit} elements): "
+                    "score one chunk of queries at a time")
+        return out
 
 
 def _split_inf(fn):
@@ -2363,16 +2389,26 @@ def _split_inf(fn):
     return run
 
 
-def check_scores_fix(fn):
-    """Exercise 2: the fixed function equals indexer_scores on a prefill and on decoding steps."""
+def check_scores_by_chunks(fn):
+    """Exercise 2: fn(q_idx, k_idx, w_idx, chunk) equals indexer_scores(q_idx, k_idx, w_idx) without
+    any tensor larger than one chunk's [B, chunk, HI, TK] intermediate or the [B, TQ, TK] result."""
     g = torch.Generator().manual_seed(8)
     cases = []
-    for TQ, TK in ((9, 9), (1, 13), (4, 10)):
-        q_idx = torch.randn(2, TK, 3, 8, generator=g)[:, TK - TQ:]
+    for TQ, TK, chunk in ((9, 9, 4), (5, 13, 2), (1, 7, 4), (12, 20, 5)):
+        q_idx = torch.randn(2, TQ, 3, 8, generator=g)
         k_idx, w_idx = torch.randn(2, TK, 8, generator=g), torch.randn(2, TQ, 3, generator=g)
-        cases.append((q_idx, k_idx, w_idx))
-    check("indexer scores, queries last", _split_inf(fn), _split_inf(indexer_scores), cases,
-          tol=1e-5, hint="query i of TQ sits at position TK − TQ + i: which keys are after it?")
+        cases.append((q_idx, k_idx, w_idx, chunk))
+
+    def bounded(q_idx, k_idx, w_idx, chunk):
+        (B, TQ, HI, _), TK = q_idx.shape, k_idx.shape[1]
+        limit = max(B * chunk * HI * TK, B * TQ * TK, q_idx.numel(), k_idx.numel())  # < B·TQ·HI·TK
+        with _AtMost(limit, "a chunk's [B, chunk, HI, TK], the result or an input"):
+            return fn(q_idx, k_idx, w_idx, chunk)
+
+    check("indexer scores by chunks", _split_inf(bounded),
+          _split_inf(lambda q, k, w, chunk: indexer_scores(q, k, w)), cases, tol=1e-5,
+          hint="query i of the chunk starting at c0 sits at position TK − TQ + c0 + i; "
+               "indexer_scores puts the queries it gets at the end of the keys it gets")
 
 
 @triton.jit

@@ -403,10 +403,24 @@ def test_break_even_checker():
         D.check_break_even(lambda *a: (_ for _ in ()).throw(NotImplementedError))
 
 
-def test_scores_fix_checker():
-    D.check_scores_fix(D.indexer_scores)
-    with pytest.raises(ExerciseError, match="case 2"):  # the planted bug: fine in prefill, wrong when decoding
-        D.check_scores_fix(D.indexer_scores_with_a_bug)
+def test_scores_by_chunks_checker(capsys):
+    def by_chunks(q_idx, k_idx, w_idx, chunk, queries_last=True):
+        B, TQ, TK = q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]
+        out = torch.full((B, TQ, TK), float("-inf"))
+        for c0 in range(0, TQ, chunk):
+            c1 = min(c0 + chunk, TQ)
+            end = TK - TQ + c1 if queries_last else c1  # the known-wrong: query i at position i
+            out[:, c0:c1, :end] = D.indexer_scores(q_idx[:, c0:c1], k_idx[:, :end], w_idx[:, c0:c1])
+        return out
+
+    D.check_scores_by_chunks(by_chunks)
+    assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError, match="case 1"):  # the planted bug: every chunk scored as the last
+        D.check_scores_by_chunks(D.indexer_scores_by_chunks_with_a_bug)
+    with pytest.raises(ExerciseError, match="more than"):  # right, but the whole [B, TQ, HI, TK] at once
+        D.check_scores_by_chunks(lambda q, k, w, chunk: D.indexer_scores(q, k, w))
+    with pytest.raises(ExerciseError, match="case 2"):  # right in a prefill, wrong when TQ < TK
+        D.check_scores_by_chunks(lambda q, k, w, chunk: by_chunks(q, k, w, chunk, queries_last=False))
 
 
 def _score_tile_kernels():

@@ -39,14 +39,31 @@ def check_break_even(fn):
     print(f"✓ break-even: all {len(cases)} cases match")
 
 
-def indexer_scores_with_a_bug(q_idx, k_idx, w_idx, scale=None):
-    """indexer_scores with a planted bug (exercise 2)."""
-    TQ, TK = q_idx.shape[1], k_idx.shape[1]
-    scale = q_idx.shape[-1] ** -0.5 if scale is None else scale
-    dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
-    s = torch.einsum("bth,bths->bts", w_idx.float(), torch.relu(scale * dots))
-    future = torch.ones(TQ, TK, dtype=torch.bool).triu(1)
-    return s.masked_fill(future, float("-inf"))
+def indexer_scores_by_chunks_with_a_bug(q_idx, k_idx, w_idx, chunk):
+    """indexer_scores `chunk` queries at a time, so that no [B, TQ, HI, TK] tensor is made
+    (exercise 2) — with a planted bug."""
+    TQ = q_idx.shape[1]
+    return torch.cat([indexer_scores(q_idx[:, c0:c0 + chunk], k_idx, w_idx[:, c0:c0 + chunk])
+                      for c0 in range(0, TQ, chunk)], dim=1)
+
+
+class _AtMost(torch.overrides.TorchFunctionMode):
+    """Raises ExerciseError as soon as the code it wraps makes a tensor of more than `limit`
+    elements."""
+
+    def __init__(self, limit, what):
+        super().__init__()
+        self.limit, self.what = limit, what
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.limit:
+                raise ExerciseError(
+                    f"✗ indexer scores by chunks: {getattr(func, '__name__', func)} made a tensor "
+                    f"of shape {tuple(t.shape)}, more than {self.what} ({self.limit} elements): "
+                    "score one chunk of queries at a time")
+        return out
 
 
 def _split_inf(fn):
@@ -57,16 +74,26 @@ def _split_inf(fn):
     return run
 
 
-def check_scores_fix(fn):
-    """Exercise 2: the fixed function equals indexer_scores on a prefill and on decoding steps."""
+def check_scores_by_chunks(fn):
+    """Exercise 2: fn(q_idx, k_idx, w_idx, chunk) equals indexer_scores(q_idx, k_idx, w_idx) without
+    any tensor larger than one chunk's [B, chunk, HI, TK] intermediate or the [B, TQ, TK] result."""
     g = torch.Generator().manual_seed(8)
     cases = []
-    for TQ, TK in ((9, 9), (1, 13), (4, 10)):
-        q_idx = torch.randn(2, TK, 3, 8, generator=g)[:, TK - TQ:]
+    for TQ, TK, chunk in ((9, 9, 4), (5, 13, 2), (1, 7, 4), (12, 20, 5)):
+        q_idx = torch.randn(2, TQ, 3, 8, generator=g)
         k_idx, w_idx = torch.randn(2, TK, 8, generator=g), torch.randn(2, TQ, 3, generator=g)
-        cases.append((q_idx, k_idx, w_idx))
-    check("indexer scores, queries last", _split_inf(fn), _split_inf(indexer_scores), cases,
-          tol=1e-5, hint="query i of TQ sits at position TK − TQ + i: which keys are after it?")
+        cases.append((q_idx, k_idx, w_idx, chunk))
+
+    def bounded(q_idx, k_idx, w_idx, chunk):
+        (B, TQ, HI, _), TK = q_idx.shape, k_idx.shape[1]
+        limit = max(B * chunk * HI * TK, B * TQ * TK, q_idx.numel(), k_idx.numel())  # < B·TQ·HI·TK
+        with _AtMost(limit, "a chunk's [B, chunk, HI, TK], the result or an input"):
+            return fn(q_idx, k_idx, w_idx, chunk)
+
+    check("indexer scores by chunks", _split_inf(bounded),
+          _split_inf(lambda q, k, w, chunk: indexer_scores(q, k, w)), cases, tol=1e-5,
+          hint="query i of the chunk starting at c0 sits at position TK − TQ + c0 + i; "
+               "indexer_scores puts the queries it gets at the end of the keys it gets")
 
 
 @triton.jit
@@ -114,4 +141,4 @@ def check_index_score_tile(kernel):
     print("✓ index score tile: all 5 launches match")
 
 
-__all__ = ['check_break_even', 'indexer_scores_with_a_bug', 'check_scores_fix', 'load_index_queries', 'check_index_score_tile']
+__all__ = ['check_break_even', 'indexer_scores_by_chunks_with_a_bug', 'check_scores_by_chunks', 'load_index_queries', 'check_index_score_tile']
