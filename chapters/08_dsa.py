@@ -359,7 +359,7 @@ boxes = {
     "sp": B_(8.0, 0.7, "sparse MLA\n(MQA, 128 heads)", w=1.9, note="gathers k rows"),
     "out": B_(10.4, 0.7, "o_proj"),
 }
-arrows = [("x", "qlat"), ("qlat", "idx", "$q^I$"), ("x", "idx", "$w$"), ("x", "ikc", "$k^I$"),
+arrows = [("x", "qlat"), ("qlat", "idx", "$q^I$"), ("x", "idx"), ("x", "ikc", "$k^I$"),
           ("ikc", "idx"),
           ("idx", "top", "I[t, s]"), ("top", "sp"), ("x", "mla"), ("qlat", "mla"), ("mla", "lat"),
           ("lat", "sp"), ("mla", "sp", "q̃, q_rope"), ("sp", "out")]

@@ -14,7 +14,7 @@ def check_unshared_reads(fn):
     def reference(T, G, l, d, lp, n, w):
         reads = keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n, window_size=w)
         return int(reads["cmp"] + min(T, G * reads["slc"]) + reads["swa"])
-    check("tokens a decoding step reads per key head, one choice a query head",
+    check("decode reads, one choice a query head",
           lambda *a: int(fn(*a)), reference,
           [(65536, 16, 32, 16, 64, 16, 512), (65536, 1, 32, 16, 64, 16, 512),
            (8192, 16, 32, 16, 64, 16, 512), (131072, 4, 64, 64, 64, 16, 512),
