@@ -2272,7 +2272,7 @@ import torch.nn.functional as F
 import triton
 
 from minisparse.kda.naive import naive_recurrent_kda
-from minisparse.testing import ExerciseError, check
+from minisparse.testing import ExerciseError, TensorRule, check
 
 
 def _crossover(config):
@@ -2321,19 +2321,6 @@ def _intra_reference(x, k, g):
     return torch.einsum("ic,jc,ijc->ij", x.double(), k.double(), Gamma).float()
 
 
-class _Float32Only(torch.overrides.TorchFunctionMode):
-    """Raises ExerciseError as soon as the code it wraps makes a float64 tensor."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                raise ExerciseError(
-                    f"✗ intra-chunk products in float32: {getattr(func, '__name__', func)} made a "
-                    "float64 tensor. A kernel has no float64 to spare: keep every tensor float32.")
-        return out
-
-
 def check_intra_products(fn):
     """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only, against the
     exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
@@ -2350,7 +2337,9 @@ def check_intra_products(fn):
         cases.append((x, k, g))
 
     def in_float32(x, k, g):
-        with _Float32Only():
+        with TensorRule("intra-chunk products in float32", lambda t: (
+                "float64; a kernel has no float64 to spare: keep every tensor float32"
+                if t.dtype == torch.float64 else None)):
             return fn(x, k, g)
 
     check("intra-chunk products in float32", in_float32, _intra_reference, cases, tol=2e-6,

@@ -1746,7 +1746,6 @@ import triton
 import triton.language as tl
 
 from minisparse.nsa.cost import keys_read
-from minisparse.nsa.naive import mean_pool, select_blocks
 from minisparse.testing import ExerciseError, check
 
 

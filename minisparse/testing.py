@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
-    "ExerciseError", "check", "attempt", "hf_torch_function", "hf_torch_path",
+    "ExerciseError", "check", "attempt", "TensorRule", "hf_torch_function", "hf_torch_path",
 ]
 
 # Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
@@ -187,6 +187,27 @@ def check(name: str, answer: Callable, reference: Callable, cases: Sequence[tupl
             msg = f"✗ {name}: case {i + 1} of {len(cases)} ({args}): {why}"
             raise ExerciseError(msg + (f"\nHint: {hint}" if hint else ""))
     print(f"✓ {name}: all {len(cases)} cases match")
+
+
+class TensorRule(torch.overrides.TorchFunctionMode):
+    """A context in which every tensor a torch function or method returns must pass `rule`: rule(tensor) -> None
+    when it may exist, else the reason it may not. The first that fails raises `ExerciseError`
+    (`✗ <name>: <function> made a tensor of shape (...): <reason>`). For checkers whose constraint a comparison of
+    results cannot see: float32 only, a memory bound.
+    """
+
+    def __init__(self, name: str, rule: Callable[[torch.Tensor], str | None]):
+        super().__init__()
+        self.name, self.rule = name, rule
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            why = self.rule(t) if isinstance(t, torch.Tensor) else None
+            if why:
+                raise ExerciseError(f"✗ {self.name}: {getattr(func, '__name__', func)} made a tensor of shape "
+                                    f"{tuple(t.shape)}: {why}")
+        return out
 
 
 def attempt(checker: Callable, *args, **kwargs) -> None:

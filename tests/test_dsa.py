@@ -417,7 +417,7 @@ def test_scores_by_chunks_checker(capsys):
     assert capsys.readouterr().out.startswith("✓")
     with pytest.raises(ExerciseError, match="case 1"):  # the planted bug: every chunk scored as the last
         D.check_scores_by_chunks(D.indexer_scores_by_chunks_with_a_bug)
-    with pytest.raises(ExerciseError, match="more than"):  # right, but the whole [B, TQ, HI, TK] at once
+    with pytest.raises(ExerciseError, match="more elements than"):  # right, but the whole [B, TQ, HI, TK] at once
         D.check_scores_by_chunks(lambda q, k, w, chunk: D.indexer_scores(q, k, w))
     with pytest.raises(ExerciseError, match="case 2"):  # right in a prefill, wrong when TQ < TK
         D.check_scores_by_chunks(lambda q, k, w, chunk: by_chunks(q, k, w, chunk, queries_last=False))

@@ -10,7 +10,7 @@ import torch
 
 import minisparse
 from minisparse import _checks, bench, runtime
-from minisparse.testing import (ExerciseError, assert_close, check, hf_torch_function, hf_torch_path, make_bthd,
+from minisparse.testing import (ExerciseError, TensorRule, assert_close, check, hf_torch_function, hf_torch_path, make_bthd,
                                 make_log_gates, make_qkv, rel_rms)
 
 
@@ -752,3 +752,18 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path, name):
     doc = json.loads((tmp_path / f"{name}.json").read_text())
     assert doc["device"] == "cpu" and doc["date"] == "smoke" and doc["rows"], doc
     assert any(row.get("ms") for row in doc["rows"]), "a smoke run times (by the clock) at least our own rows"
+
+
+def test_tensor_rule_names_the_first_tensor_that_breaks_it_and_lets_the_rest_through():
+    no_float64 = TensorRule("in float32", lambda t: "float64" if t.dtype == torch.float64 else None)
+    with no_float64:
+        y = (torch.ones(3) * 2).sum()  # float32 throughout: allowed
+    assert y.item() == 6.0
+    with pytest.raises(ExerciseError, match=r"✗ in float32: .*made a tensor of shape \(3,\): float64"):
+        with no_float64:
+            torch.ones(3).double()
+    small = TensorRule("small", lambda t: "too big" if t.numel() > 4 else None)
+    with pytest.raises(ExerciseError, match="too big"):
+        with small:
+            torch.zeros(2, 3)
+    torch.zeros(2, 3).double()  # outside the context nothing is checked

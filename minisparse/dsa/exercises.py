@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from minisparse.dsa.naive import indexer_scores
-from minisparse.testing import ExerciseError, check
+from minisparse.testing import ExerciseError, TensorRule, check
 
 
 def _break_even(H, HI, DI, k, fp8):
@@ -47,25 +47,6 @@ def indexer_scores_by_chunks_with_a_bug(q_idx, k_idx, w_idx, chunk):
                       for c0 in range(0, TQ, chunk)], dim=1)
 
 
-class _AtMost(torch.overrides.TorchFunctionMode):
-    """Raises ExerciseError as soon as the code it wraps makes a tensor of more than `limit`
-    elements."""
-
-    def __init__(self, limit, what):
-        super().__init__()
-        self.limit, self.what = limit, what
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.limit:
-                raise ExerciseError(
-                    f"✗ indexer scores by chunks: {getattr(func, '__name__', func)} made a tensor "
-                    f"of shape {tuple(t.shape)}, more than {self.what} ({self.limit} elements): "
-                    "score one chunk of queries at a time")
-        return out
-
-
 def _split_inf(fn):
     """(where -inf, the finite scores): a comparison that -inf cannot poison."""
     def run(*args):
@@ -87,7 +68,10 @@ def check_scores_by_chunks(fn):
     def bounded(q_idx, k_idx, w_idx, chunk):
         (B, TQ, HI, _), TK = q_idx.shape, k_idx.shape[1]
         limit = max(B * chunk * HI * TK, B * TQ * TK, q_idx.numel(), k_idx.numel())  # < B·TQ·HI·TK
-        with _AtMost(limit, "a chunk's [B, chunk, HI, TK], the result or an input"):
+        too_big = (f"more elements than a chunk's [B, chunk, HI, TK], the result or an input "
+                   f"({limit}): score one chunk of queries at a time")
+        with TensorRule("indexer scores by chunks",
+                        lambda t: too_big if t.numel() > limit else None):
             return fn(q_idx, k_idx, w_idx, chunk)
 
     check("indexer scores by chunks", _split_inf(bounded),
