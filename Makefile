@@ -67,12 +67,16 @@ export: $(STAMP) ## regenerate minisparse/<mechanism>/ from the chapters' export
 sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL from pyproject
 	$(BIN)/python tools/chapters.py sync-setup
 
-# MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures
+# MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures. jupytext writes the
+# .ipynb, nbconvert executes it in place with a per-cell timeout (jupytext --execute sometimes waited forever on an
+# idle kernel on this project's 2-core machines; nbconvert with a timeout fails instead of hanging)
 notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \
 	  echo "   $$py"; \
-	  env -u MPLBACKEND $(BIN)/jupytext --quiet --to ipynb --execute "$$py" || { echo "make: executing $$py failed"; exit 1; }; \
+	  $(BIN)/jupytext --quiet --to ipynb "$$py" && \
+	  env -u MPLBACKEND $(BIN)/jupyter nbconvert --log-level=WARN --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=900 "$${py%.py}.ipynb" || { echo "make: executing $$py failed"; exit 1; }; \
 	done
 
 lab: $(STAMP) ## JupyterLab on the chapters

@@ -351,11 +351,14 @@ def sync_setup() -> None:
         nb = jupytext.read(py)
         code = [c for c in nb.cells if c.cell_type == "code"]
         if code and code[0].source.strip().startswith(SETUP_MARK):
+            current = code[0].source.strip() == want.strip()
             code[0].source = want
         else:
+            current = False
             nb.cells.insert(next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), len(nb.cells)),
                             jupytext.reads(f"# %% tags=[\"hide-input\"]\n{want}\n", fmt="py:percent").cells[0])
-        jupytext.write(nb, py, fmt="py:percent")
+        if not current:  # rewriting an unchanged file would only reorder jupytext's header
+            jupytext.write(nb, py, fmt="py:percent")
         nb_path = py.with_suffix(".ipynb")
         if nb_path.exists():  # the executed twin: the same source, its outputs kept (the cell prints the same)
             doc = json.loads(nb_path.read_text())
