@@ -68,8 +68,8 @@ sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL fr
 	$(BIN)/python tools/chapters.py sync-setup
 
 # MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures. jupytext writes the
-# .ipynb, nbconvert executes it in place with a per-cell timeout (jupytext --execute sometimes waited forever on an
-# idle kernel on this project's 2-core machines; nbconvert with a timeout fails instead of hanging)
+# .ipynb, nbconvert executes it in place with a per-cell timeout, so that a kernel that goes idle without replying
+# fails the run instead of hanging it (jupytext --execute waits without a limit)
 notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \

@@ -1078,7 +1078,7 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #    4K, but less than fla's at 1K and 2K (0.56× and 0.75×), where launches dominate. Two backward kernels take
 #    three quarters of the time: the chunk kernel runs one program a chunk through three passes, where fla splits
 #    the work across two kernels, and every product takes fp32 operands where fla rounds them to bf16. Rounding as
-#    fla does, tried, gives 1.68× at best and puts dg's error past the tests' 8e-3 bound; K-blocks of 64 in the
+#    fla does gives 1.68× at best and puts dg's error past the tests' 8e-3 bound; K-blocks of 64 in the
 #    chunk kernel (the H200's launch-table row) take 5 % off the times above (`bench/notes/deltanet.md`).
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 13.5× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
