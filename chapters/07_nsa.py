@@ -754,8 +754,7 @@ import triton.language as tl
 
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
-from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate, mean_pool,
-                                  moba_select)
+from minisparse.nsa.naive import check_block_indices, check_block_size, check_gate, mean_pool
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -825,8 +824,10 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
 # rows). dK and dV are the hard part: a block receives contributions from every query that selected it. Rather than
 # atomic adds into shared rows, the launcher inverts `block_indices` with one sort — for each (key head, block), the
 # list of (token, head) pairs that chose it — and a *key-centric* kernel walks that list, so every dK, dV row has
-# one owner. Both kernels, the inversion and the autograd glue are in the engineering notes; `parallel_moba` and
-# `parallel_nsa` run the same kernels (MoBA with one selection a query head, under its own launch-table rows).
+# one owner. Both kernels, the inversion and the autograd glue are in the engineering notes. `parallel_nsa` runs
+# these kernels; `parallel_moba` runs their backward with one selection a query head, and a forward of its own
+# (engineering notes, "MoBA's forward"): with a single head a selection, a kernel that loads a chunk once for every
+# query that chose it beats one that loads it once a query.
 #
 # The checks: Triton against the naive op on a length that is not a multiple of the block, group sizes 1, 2 and
 # 16, forward and every gradient, and one decoding step (`q` holding only the last token) against the full
@@ -1593,11 +1594,15 @@ def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None,
 # %% tags=["hide-input"]
 #| export nsa.triton
 class SelectedAttentionFunction(torch.autograd.Function):
-    """Autograd glue: the forward saves q, k, v, the indices, o, lse; the backward recomputes P."""
+    """Autograd glue: the forward saves q, k, v, the indices, o, lse; the backward recomputes P.
+    NSA's and MoBA's selections share the backward; MoBA has its own forward."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, block_size, scale, row):
-        o, lse = _selection_forward(q, k, v, idx, block_size, scale, row)
+        if row == "moba.selection":  # MoBA's own forward: key-centric, in "MoBA's forward" below
+            o, lse = _moba_forward(q, k, v, idx, block_size, scale)
+        else:
+            o, lse = _selection_forward(q, k, v, idx, block_size, scale, row)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.block_size, ctx.scale, ctx.row = block_size, scale, row
         return o
@@ -1638,19 +1643,6 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
 
 # %% tags=["hide-input"]
 #| export nsa.triton
-def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
-    """`moba` with the attention in Triton (forward and backward): the gate (`moba_select`, PyTorch)
-    picks each query head's chunks, then the selection kernels run with one selection a query head.
-
-    q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, DV] -> o [B, T, HQ, DV] (and block_indices [B, T,
-    HQ, topk]).
-    """
-    _checks.last_queries_qkv("parallel_moba", q, k, v)
-    idx = moba_select(q.detach(), k.detach(), chunk_size, topk)  # [B, T, HQ, topk]
-    o = _selected(q, k, v, idx, chunk_size, scale, "moba.selection")
-    return (o, idx) if return_block_indices else o
-
-
 def _compressed_branch(q, k_cmp, v_cmp, block_size, scale, offset):
     """compressed_attention by SDPA with a block-causal mask (fused kernels, forward and backward,
     no [T, HQ, N] tensor kept). A query that sees no summary gets summary 0 unmasked and its output
@@ -1704,6 +1696,312 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                           flash_attention(q, k, v, causal=True, scale=scale, window=W))
     o = o.to(q.dtype)
     return (o, block_indices) if return_block_indices else o
+
+# %% [markdown]
+# ### MoBA's forward: key-centric partial results, then a merge
+#
+# With one selection a query head ($G = 1$), the group-centric kernel of section 7.5 holds one query row (padded
+# to 16) and loads 16 chunks of 128 keys and values for it: 64 KiB of reads a (query, chunk) pair, reused by
+# nobody. MoBA's forward turns the loop around, as its paper's implementation does with variable-length flash
+# attention: for each past chunk, the queries that chose it form a tile.
+#
+# ```
+# gate    moba_gate_kernel      BM tokens × one head: scores against the chunk means, a running top-(k−1)
+# invert  _moba_plan            one sort of (b, head, chunk) keys: each chunk's list of (query, slot) pairs
+# attend  moba_partial_kernel   BR pairs of one chunk: k, v loaded once; o_j, lse_j of that chunk alone
+# merge   moba_merge_kernel     BM tokens: causal attention within the own chunk, then the k − 1 partial
+#                               results folded in by their log-sum-exps (chapter 3's split-K merge, 3.7)
+# ```
+#
+# A chunk's keys are now read once for BR queries, not once a query. The price is the partial results: $k - 1$
+# rows of $D_v$ a query and head, written and read back in the inputs' dtype (at 32K tokens, 16 heads, top-16,
+# $D_v = 128$ in bf16: 2 GB). The backward keeps the selection kernels (dQ query-centric, dK/dV key-centric).
+# The gate keeps the scores in registers and replaces the row's lowest kept score when a tile holds a higher one,
+# $k - 1$ rounds a tile, so no $[T, H_Q, N]$ tensor of scores is made.
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
+def moba_gate_kernel(q_ptr, kb_ptr, idx_ptr, TQ, TK, N,
+                     HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     CS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                     BC: tl.constexpr, PRECISION: tl.constexpr):
+    """MoBA's gate for BM query tokens of one head: program (i_m, i_b·HQ + i_hq).
+
+        q tile [BM, BD];  best [BM, KP]: the K − 1 highest scores so far (−inf: none yet)
+        for each tile of BC past chunks:   s = q k̄ᵀ [BM, BC]   (chunks c ≥ own: −inf)
+            up to K − 1 rounds: the tile's highest score replaces the row's lowest kept one
+            if higher
+        indices of the kept chunks, sorted, then the own chunk, then −1 -> idx [BM, K]
+
+    The scores stay in registers: no [T, HQ, N] tensor, and k̄ is read once a BM tokens.
+    """
+    i_m, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_h = i_hq // (HQ // H)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d, o_c, o_k = tl.arange(0, BD), tl.arange(0, BC), tl.arange(0, KP)
+    m_m = o_m < TQ
+    own = (o_m + TK - TQ) // CS  # [BM] the chunk each query sits in
+    row = (i_b * TQ + o_m) * HQ + i_hq
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    empty = tl.where(o_k < K - 1, float("-inf"), float("inf"))  # [KP] padding: +inf, never lowest
+    best = tl.zeros([BM, KP], tl.float32) + empty[None, :]
+    best_c = tl.full([BM, KP], N, tl.int32)
+    c_end = (tl.minimum(i_m * BM + BM, TQ) - 1 + TK - TQ) // CS  # the last row's own chunk
+    for c0 in range(0, c_end, BC):
+        c = c0 + o_c
+        b_k = tl.load(kb_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
+                      mask=(c[None, :] < c_end) & (o_d[:, None] < D), other=0.0)  # [BD, BC]
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION)  # [BM, BC]
+        b_s = tl.where(c[None, :] < own[:, None], b_s, float("-inf"))
+        rounds = tl.zeros([], tl.int32) + (K - 1)
+        while rounds > 0:  # until no row takes a score (a row that does not, never will)
+            t_max, t_arg = tl.max(b_s, 1), tl.argmax(b_s, 1)
+            b_min, b_arg = tl.min(best, 1), tl.argmin(best, 1)
+            take = t_max > b_min
+            hit = take[:, None] & (o_k[None, :] == b_arg[:, None])
+            best = tl.where(hit, t_max[:, None], best)
+            best_c = tl.where(hit, (c0 + t_arg)[:, None].to(tl.int32), best_c)
+            b_s = tl.where(o_c[None, :] == t_arg[:, None], float("-inf"), b_s)
+            rounds = tl.where(tl.max(take.to(tl.int32), 0) > 0, rounds - 1, 0)
+    kept = (best > float("-inf")) & (o_k[None, :] < K - 1)
+    chosen = tl.sort(tl.where(kept, best_c, N), dim=1)  # kept chunks first, ascending
+    n = tl.sum(kept.to(tl.int32), 1)[:, None]
+    out = tl.where(o_k[None, :] < n, chosen, tl.where(o_k[None, :] == n, own[:, None], -1))
+    tl.store(idx_ptr + row[:, None] * K + o_k[None, :], out.to(tl.int64),
+             mask=m_m[:, None] & (o_k[None, :] < K))
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
+def moba_partial_kernel(q_ptr, k_ptr, v_ptr, seg_ptr, tiles_ptr, offsets_ptr, entries_ptr,
+                        op_ptr, lp_ptr, TQ, TK, NSEG, NB, scale,
+                        HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, CS: tl.constexpr,
+                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                        BR: tl.constexpr, NT: tl.constexpr, BN: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """MoBA, key-centric: program i owns up to NT·BR of the (query, slot) pairs that chose one past
+    chunk c of one head (segment `seg[i]` = (b·HQ + hq)·NB + c of the sorted list `entries`).
+
+        k, v of chunk c [BD, BN], [BN, BDV]: loaded once, when the chunk fits one tile (CS ≤ BN)
+        for each BR rows of its pairs:
+            q [BR, BD] gathered from the pairs' tokens
+            s = q kᵀ · scale, softmax over the chunk (online over BN-key tiles when CS > BN;
+                no causal mask: a past chunk is complete and before every query)
+            o / l -> o_part [pair's slot, DV],  m + log l -> lse_part [pair's slot]
+
+    A chunk's keys and values are read once for up to NT·BR queries, not once a query.
+    """
+    i_p = tl.program_id(0)
+    seg = tl.load(seg_ptr + i_p)  # NSEG: past the last tile (the grid is an upper bound)
+    start = tl.load(offsets_ptr + seg) + (i_p - tl.load(tiles_ptr + seg)) * (NT * BR)
+    end = tl.minimum(tl.load(offsets_ptr + seg + 1), start + NT * BR)
+    end = tl.where(seg < NSEG, end, start)  # nothing to do
+    seg = tl.minimum(seg, NSEG - 1)  # (and addresses inside the tensors)
+    i_bh, c = seg // NB, seg % NB
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_h = i_hq // (HQ // H)
+    o_n, o_d, o_dv = tl.arange(0, BN), tl.arange(0, BD), tl.arange(0, BDV)
+    kv_row = (i_b * TK + c * CS + o_n) * H + i_h  # [BN] the chunk's first key tile
+    if CS <= BN:
+        b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
+                      mask=(o_n[None, :] < CS) & (o_d[:, None] < D), other=0.0)  # [BD, BN]
+        b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                      mask=(o_n[:, None] < CS) & (o_dv[None, :] < DV), other=0.0)
+    for r0 in range(start, end, BR):
+        o_r = r0 + tl.arange(0, BR)
+        m_r = o_r < end
+        slot = tl.load(entries_ptr + o_r, mask=m_r, other=0)  # [BR] ((b·TQ + t)·HQ + hq)·K + j
+        row = slot // K  # [BR] rows of q
+        b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :],
+                      mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+        if CS <= BN:  # one tile: a plain softmax
+            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale  # [BR, BN]
+            b_s = tl.where(o_n[None, :] < CS, b_s, float("-inf"))
+            b_m = tl.max(b_s, 1)
+            b_p = tl.exp(b_s - b_m[:, None])
+            b_l = tl.sum(b_p, 1)
+            b_acc = tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        else:  # CS / BN tiles, online softmax (chapter 1)
+            b_m = tl.full([BR], float("-inf"), tl.float32)
+            b_l = tl.zeros([BR], tl.float32)
+            b_acc = tl.zeros([BR, BDV], tl.float32)
+            for n0 in range(0, CS, BN):
+                b_kt = tl.load(k_ptr + (kv_row + n0 * H)[None, :] * D + o_d[:, None],
+                               mask=o_d[:, None] < D, other=0.0)  # [BD, BN]
+                b_vt = tl.load(v_ptr + (kv_row + n0 * H)[:, None] * DV + o_dv[None, :],
+                               mask=o_dv[None, :] < DV, other=0.0)  # [BN, BDV]
+                b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * scale
+                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                b_p = tl.exp(b_s - b_mn[:, None])
+                alpha = tl.exp(b_m - b_mn)
+                b_l = b_l * alpha + tl.sum(b_p, 1)
+                b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_vt.dtype), b_vt,
+                                                        input_precision=PRECISION)
+                b_m = b_mn
+        tl.store(op_ptr + slot[:, None] * DV + o_dv[None, :],
+                 (b_acc / b_l[:, None]).to(op_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & (o_dv[None, :] < DV))
+        tl.store(lp_ptr + slot, b_m + tl.log(b_l), mask=m_r)
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
+def moba_merge_kernel(q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, o_ptr, lse_ptr, TQ, TK, scale,
+                      HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, CS: tl.constexpr,
+                      D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    """MoBA, query-centric: program (i_m, i_b·HQ + i_hq) takes BM query tokens of one head,
+
+        attends causally within each query's own chunk (chapter 1's tile loop, online softmax)
+        then folds in the K partial results (o_part, lse_part) of its past chunks:
+            m' = max(m, lse_j),  acc = acc·e^(m − m') + o_j·e^(lse_j − m'),  l likewise
+        acc / l -> o [BM, DV],  m + log l -> lse [BM]
+    """
+    i_m, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_h = i_hq // (HQ // H)
+    o_m, o_n = i_m * BM + tl.arange(0, BM), tl.arange(0, BN)
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    m_m = o_m < TQ
+    pos = o_m + TK - TQ  # [BM] key positions of the queries
+    first = (pos // CS) * CS  # [BM] where each query's own chunk starts
+    row = (i_b * TQ + o_m) * HQ + i_hq
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D),
+                  other=0.0)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, BDV], tl.float32)
+    hi = tl.minimum(i_m * BM + BM, TQ) + TK - TQ  # one past the last row's position
+    for n0 in range(((i_m * BM + TK - TQ) // CS) * CS, hi, BN):
+        o_s = n0 + o_n
+        kv_row = (i_b * TK + o_s) * H + i_h
+        b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
+                      mask=(o_s[None, :] < TK) & (o_d[:, None] < D), other=0.0)
+        b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                      mask=(o_s[:, None] < TK) & (o_dv[None, :] < DV), other=0.0)
+        seen = (o_s[None, :] <= pos[:, None]) & (o_s[None, :] >= first[:, None])
+        b_s = tl.where(seen, tl.dot(b_q, b_k, input_precision=PRECISION) * scale, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # a row with nothing seen yet
+        b_p = tl.exp(b_s - b_mr[:, None])
+        alpha = tl.exp(b_m - b_mr)
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_mn
+    for j in range(K):
+        b_lj = tl.load(lp_ptr + row * K + j, mask=m_m, other=float("-inf"))
+        b_oj = tl.load(op_ptr + (row * K + j)[:, None] * DV + o_dv[None, :],
+                       mask=(b_lj > float("-inf"))[:, None] & (o_dv[None, :] < DV), other=0.0)
+        b_mn = tl.maximum(b_m, b_lj)
+        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        alpha, w = tl.exp(b_m - b_mr), tl.exp(b_lj - b_mr)
+        b_l = b_l * alpha + w
+        b_acc = b_acc * alpha[:, None] + b_oj.to(tl.float32) * w[:, None]
+        b_m = b_mn
+    seen_any = b_l > 0
+    b_o = b_acc / tl.where(seen_any, b_l, 1.0)[:, None]
+    tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_m[:, None] & (o_dv[None, :] < DV))
+    tl.store(lse_ptr + row, tl.where(seen_any, b_m + tl.log(tl.where(seen_any, b_l, 1.0)), 0.0),
+             mask=m_m)
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+def _moba_meta(q, k, v, topk, chunk_size):
+    D, DV = q.shape[3], v.shape[3]
+    return dict(HQ=q.shape[2], H=k.shape[2], K=topk, CS=chunk_size, D=D, DV=DV,
+                BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
+
+
+def moba_gate(q, k, chunk_size, topk):
+    """`moba_select` in Triton: the same block_indices [B, TQ, HQ, topk] int64 (ascending, the own
+    chunk last, −1 padded) for q [B, TQ, HQ, D], the last TQ of k's T positions. The scores are
+    products of q and the rounded chunk means, summed in fp32 (in another order than PyTorch's:
+    two chunks whose scores tie to the last bit may swap)."""
+    op = "moba_gate"
+    B, TQ, T, HQ, _, D, _ = _checks.last_queries_qkv(op, q, k, k)
+    chunk_size = check_block_size(op, chunk_size, "chunk_size")
+    topk = _checks.positive_int(op, "topk", topk)
+    _checks.triton_inputs(op, q, k, max_dims={"D": (D, 256)}, instead="minisparse.nsa.moba_select")
+    q = q.contiguous()
+    k_bar = mean_pool(k, chunk_size).to(q.dtype).contiguous()  # [B, N, H, D]
+    idx = torch.empty(B, TQ, HQ, topk, device=q.device, dtype=torch.int64)
+    meta = {n: x for n, x in _moba_meta(q, k, k, topk, chunk_size).items()
+            if n not in ("DV", "BDV")}
+    meta["KP"] = triton.next_power_of_2(topk)
+    runtime.launch("moba.gate", moba_gate_kernel, lambda c: (triton.cdiv(TQ, c["BM"]), B * HQ),
+                   (q, k_bar, idx, TQ, T, k_bar.shape[1]), meta, device=q.device, dtype=q.dtype,
+                   key=(meta["BD"], meta["KP"]), instead="minisparse.nsa.moba")
+    return idx
+
+
+def _moba_plan(idx, TK, chunk_size, BR):
+    """Invert idx on the device (one sort, no host sync): for each segment (b, hq, past chunk), the
+    slots ((b·TQ + t)·HQ + hq)·K + j whose query chose it (`entries`, `offsets` [NSEG + 1]), cut
+    into tiles of BR pairs, one a program; `seg_of[i]` is program i's segment (NSEG: no work)."""
+    B, TQ, HQ, _ = idx.shape
+    dev = idx.device
+    NB = triton.cdiv(TK, chunk_size)
+    NSEG = B * HQ * NB
+    own = (torch.arange(TQ, device=dev) + TK - TQ) // chunk_size
+    past = (idx >= 0) & (idx != own.view(1, TQ, 1, 1))  # the own chunk is the merge kernel's
+    bh = torch.arange(B * HQ, device=dev).view(B, 1, HQ, 1)
+    seg, entries = (bh * NB + idx).masked_fill(~past, NSEG).to(torch.int32).flatten().sort(
+        stable=True)  # stable: each segment's queries in token order
+    offsets = torch.searchsorted(seg, torch.arange(NSEG + 1, device=dev, dtype=torch.int32))
+    tiles = torch.zeros(NSEG + 1, device=dev, dtype=torch.int64)  # each segment's first tile
+    tiles[1:] = ((offsets[1:] - offsets[:-1] + BR - 1) // BR).cumsum(0)
+    programs = seg.numel() // BR + NSEG  # ≥ Σ ceil(count / BR): no host sync for the true count
+    seg_of = torch.searchsorted(tiles[1:], torch.arange(programs, device=dev), right=True)
+    return seg_of, tiles, offsets, entries, NSEG, NB
+
+
+def _moba_forward(q, k, v, idx, chunk_size, scale):
+    """o [B, TQ, HQ, DV] and lse [B, TQ, HQ] (fp32) of MoBA over the chunks in idx (own chunk
+    included). Holds the partial results: B·TQ·HQ·topk rows of DV in q's dtype."""
+    B, TQ, HQ, _ = q.shape
+    TK, DV, K = k.shape[1], v.shape[3], idx.shape[3]
+    dev = q.device
+    meta = _moba_meta(q, k, v, K, chunk_size)
+    plan = runtime.launch_configs("moba.partial", dev, q.dtype)[0]  # the plan's rows a program
+    seg_of, tiles, offsets, entries, NSEG, NB = _moba_plan(idx, TK, chunk_size,
+                                                           plan["BR"] * plan["NT"])
+    o_part = torch.empty(B, TQ, HQ, K, DV, device=dev, dtype=q.dtype)
+    lse_part = torch.full((B, TQ, HQ, K), float("-inf"), device=dev, dtype=torch.float32)
+    runtime.launch("moba.partial", moba_partial_kernel, lambda c: (seg_of.numel(),),
+                   (q, k, v, seg_of, tiles, offsets, entries, o_part, lse_part, TQ, TK, NSEG, NB,
+                    scale), meta, device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"]),
+                   fit=lambda c: {**c, "BR": plan["BR"], "NT": plan["NT"]},
+                   instead="minisparse.nsa.moba")
+    o = torch.empty(B, TQ, HQ, DV, device=dev, dtype=q.dtype)
+    lse = torch.empty(B, TQ, HQ, device=dev, dtype=torch.float32)
+    runtime.launch("moba.merge", moba_merge_kernel, lambda c: (triton.cdiv(TQ, c["BM"]), B * HQ),
+                   (q, k, v, o_part, lse_part, o, lse, TQ, TK, scale), meta, device=dev,
+                   dtype=q.dtype, key=(meta["BD"], meta["BDV"]), instead="minisparse.nsa.moba")
+    return o, lse
+
+
+def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
+    """`moba` in Triton, forward and backward: `moba_gate` picks each query head's chunks, the
+    key-centric forward attends, the selection kernels' backward (one selection a query head)
+    gives the gradients.
+
+    q [B, TQ, HQ, D] (the last TQ of the T positions), k [B, T, H, D], v [B, T, H, DV] -> o [B, TQ,
+    HQ, DV] (and block_indices [B, TQ, HQ, topk]).
+    """
+    op = "parallel_moba"
+    _, _, _, _, _, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    cs = check_block_size(op, chunk_size, "chunk_size")
+    K = _checks.positive_int(op, "topk", topk)
+    _checks.triton_inputs(op, q, k, v, max_dims={"D": (D, 256), "DV": (DV, 256)},
+                          instead="minisparse.nsa.moba")
+    idx = moba_gate(q.detach(), k.detach(), cs, K)  # [B, TQ, HQ, topk]
+    o = _selected(q, k, v, idx, cs, scale, "moba.selection")
+    return (o, idx) if return_block_indices else o
 
 # %% [markdown]
 # ### The exercise checkers

@@ -350,18 +350,38 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
     # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
     # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage; the H100/H200 row is unmeasured (no sweep yet).
-    **{f"{kind}.selection.fwd": {
+    "nsa.selection.fwd": {
         "interpreter": [_cfg(BN=64)],
         "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
-    } for kind in ("nsa", "moba")},
+    },
     **{f"{kind}.selection.dq": {
         "interpreter": [_cfg(BN=64)],
         "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_80": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
     } for kind in ("nsa", "moba")},
+    # MoBA's forward: the gate (BM query tokens a program, BC chunk means a tile), the key-centric partial results
+    # (NT tiles of BR (query, slot) pairs that chose one chunk, BN keys a tile) and the own-chunk attention + merge
+    # (BM tokens). sm_90: the fastest of bench/notes/moba_sweep.py's at 32K (bench/notes/nsa.md)
+    "moba.gate": {
+        "interpreter": [_cfg(BM=16, BC=16)],
+        "sm_80": [_cfg(4, 2, BM=64, BC=64), _cfg(4, 2, BM=32, BC=64)],
+        "sm_75": [_cfg(4, 1, BM=32, BC=32)],
+    },
+    "moba.partial": {  # NT: tiles of BR pairs a program; BN ≥ the chunk keeps its k, v in registers
+        "interpreter": [_cfg(BR=16, NT=2, BN=32)],
+        "sm_90": [_cfg(4, 4, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64), _cfg(8, 2, BR=64, NT=4, BN=128)],
+        "sm_80": [_cfg(8, 2, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64)],
+        "sm_75": [_cfg(4, 1, BR=64, NT=2, BN=32), _cfg(4, 1, BR=32, NT=2, BN=32)],
+    },
+    "moba.merge": {
+        "interpreter": [_cfg(BM=16, BN=32)],
+        "sm_90": [_cfg(4, 3, BM=64, BN=64), _cfg(8, 2, BM=128, BN=64)],
+        "sm_80": [_cfg(4, 2, BM=64, BN=64), _cfg(4, 1, BM=64, BN=32)],
+        "sm_75": [_cfg(4, 1, BM=64, BN=32), _cfg(4, 1, BM=32, BN=32)],
+    },
     "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores stays in registers)
         "interpreter": [_cfg(BC=64)],
         "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],

@@ -179,6 +179,9 @@ def test_selection_bad_input(backend, what, make, error, message):
     (lambda q, k, v: N.nsa(q, k, v, q[:, :, :2, 0], None, None, block_size=8), r"g_cmp must be \[B, T, HQ\]"),
     (lambda q, k, v: N.moba(q, k, v, 6, 2), "chunk_size must be a power of two"),
     (lambda q, k, v: N.moba(q, k, v, 8, 0), "topk"),
+    (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV), 6, 2), "chunk_size must be a power of two"),
+    (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV), 16, 0), "topk"),
+    (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV)[:, :-1], 16, 2), "v must be"),
     (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 4), 8), "v_cmp"),
 ])
 def test_nsa_and_moba_bad_input(call, message):
@@ -233,16 +236,80 @@ def test_selection_kernel_disagrees_with_a_wrong_selection():
                      N.parallel_selected_attention(q, k, v, fewer, 16), 1e-4)
 
 
+def assert_same_choice(q, k, idx, chunk, topk):
+    """idx is MoBA's choice for q against k, as `moba_select` makes it, up to scores that tie in their last bits:
+    same format (ascending, the own chunk in, -1 padding last), as many chunks a row, and the chosen past chunks'
+    scores equal to those of moba_select's choice."""
+    TQ, T, HQ, H = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    ref = N.moba_select(q, k, chunk, topk)
+    assert idx.shape == ref.shape and idx.dtype == torch.int64, (idx.shape, idx.dtype)
+    assert torch.equal((idx >= 0).sum(-1), (ref >= 0).sum(-1)), "chunks a row"
+    own = ((torch.arange(TQ, device=q.device) + T - TQ) // chunk).view(1, TQ, 1, 1)
+    assert (idx == own).any(-1).all(), "the own chunk missing"
+    last = idx.masked_fill(idx < 0, 1 << 40)
+    assert torch.equal(last, last.sort(-1).values), "not ascending with the padding last"
+    k_bar = N.mean_pool(k, chunk).float().repeat_interleave(HQ // H, dim=2)
+    s = torch.einsum("bthd,bchd->bthc", q.float(), k_bar)
+    chosen = lambda i: s.gather(-1, i.clamp(min=0)).masked_fill((i < 0) | (i == own), 0).sort(-1).values  # noqa: E731
+    assert_close("the chosen chunks' scores", chosen(ref), chosen(idx), 1e-5)
+
+
+MOBA_CASES = [  # T, HQ, H, D, chunk, topk
+    (50, 2, 1, 16, 16, 2),  # group 2, T not a multiple of the chunk
+    (40, 4, 4, 16, 16, 2),
+    (150, 2, 2, 24, 16, 4),  # D not a power of two; chunk 0 chosen by many queries (several tiles)
+    (70, 2, 1, 16, 32, 5),  # topk over the chunks there are: padding
+    (100, 2, 1, 16, 16, 1),  # topk 1: the own chunk only
+]
+
+
+@pytest.mark.parametrize("T,HQ,H,D,chunk,topk", MOBA_CASES)
+def test_moba_gate_makes_moba_selects_choice(T, HQ, H, D, chunk, topk):
+    q, k, _ = (x.to(DEV, DTYPES[0]) for x in make_qkv(1, T, HQ, D, HKV=H, seed=14))
+    assert_same_choice(q, k, N.moba_gate(q, k, chunk, topk), chunk, topk)
+    TQ = 7  # the last 7 queries against all T keys
+    assert_same_choice(q[:, -TQ:], k, N.moba_gate(q[:, -TQ:].contiguous(), k, chunk, topk), chunk, topk)
+
+
+def test_moba_choice_check_rejects_another_choice():
+    q, k, _ = make_qkv(1, 150, 2, 16, HKV=1, seed=14)
+    with pytest.raises(AssertionError, match="scores"):  # the lowest scores instead of the highest
+        assert_same_choice(q, k, N.moba_select(-q, k, 16, 4), 16, 4)
+    right = N.moba_select(q, k, 16, 4)
+    own = (torch.arange(150) // 16).view(1, 150, 1, 1)
+    with pytest.raises(AssertionError, match="own chunk"):  # the next chunk, in the future, for the own
+        assert_same_choice(q, k, torch.where(right == own, right + 1, right), 16, 4)
+    with pytest.raises(AssertionError, match="ascending"):
+        assert_same_choice(q, k, right.flip(-1), 16, 4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,HQ,H,chunk,topk", [(50, 2, 1, 16, 2), (40, 4, 4, 16, 2)])
-def test_moba_kernel_matches_naive(poisoned, dtype, T, HQ, H, chunk, topk):
-    q, k, v = make_qkv(1, T, HQ, 16, HKV=H, seed=14, device=DEV)
-    idx = N.moba_select(q, k, chunk, topk)  # fixed, so that rounding cannot flip a choice
-    _against_naive(lambda q, k, v: N.parallel_selected_attention(q, k, v, idx, chunk),
-                   lambda q, k, v: N.selected_attention(q, k, v, idx, chunk), q, k, v, dtype, "per head")
-    o, got = N.parallel_moba(q, k, v, chunk, topk, return_block_indices=True)
+@pytest.mark.parametrize("T,HQ,H,D,chunk,topk", MOBA_CASES)
+def test_moba_kernels_match_naive(poisoned, dtype, T, HQ, H, D, chunk, topk):
+    q, k, v = make_qkv(1, T, HQ, D, HKV=H, seed=14, device=DEV)
+    idx = N.moba_gate(q.to(dtype), k.to(dtype), chunk, topk)  # the choice the kernels make from these inputs
+    _against_naive(lambda q, k, v: N.parallel_moba(q, k, v, chunk, topk),
+                   lambda q, k, v: N.selected_attention(q, k, v, idx, chunk), q, k, v, dtype, "MoBA")
+    o, got = N.parallel_moba(q.to(dtype), k.to(dtype), v.to(dtype), chunk, topk, return_block_indices=True)
     assert torch.equal(got, idx)
-    assert_close("parallel_moba", N.moba(q, k, v, chunk, topk), o, 1e-4)
+
+
+def test_moba_kernels_with_the_last_queries_and_forced_tiles(poisoned):
+    """q holding the last TQ tokens (a decoding step when TQ = 1), and the smallest tiles: a chunk of 64 walked in
+    key tiles of 16, its queries in tiles of 16 rows, and query blocks that straddle two chunks."""
+    T, chunk, topk = 300, 64, 3
+    q, k, v = (x.to(DEV, DTYPES[0]) for x in make_qkv(1, T, 4, 16, HKV=2, seed=16))
+    full = N.moba(q, k, v, chunk, topk)
+    tiles = dict(num_warps=4, num_stages=1)
+    with runtime.launch_config("moba.partial", BR=16, NT=2, BN=16, **tiles), \
+            runtime.launch_config("moba.merge", BM=16, BN=16, **tiles), \
+            runtime.launch_config("moba.gate", BM=16, BC=16, **tiles):
+        for TQ in (T, 37, 1):
+            o, idx = N.parallel_moba(q[:, -TQ:], k, v, chunk, topk, return_block_indices=True)
+            assert_same_choice(q[:, -TQ:], k, idx, chunk, topk)
+            assert_close(f"TQ={TQ}", N.selected_attention(q, k, v, N.moba_select(q, k, chunk, topk), chunk)[:, -TQ:],
+                         o, TOLERANCES[q.dtype][0])
+    assert_close("moba", full[:, -1:], o, TOLERANCES[q.dtype][0])
 
 
 def test_decoding_step_reads_only_the_selected_blocks(poisoned):
