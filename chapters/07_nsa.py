@@ -1708,16 +1708,16 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
 # ```
 # gate    moba_gate_kernel      BM tokens × one head: scores against the chunk means, a running top-(k−1)
 # invert  _moba_plan            one sort of (b, head, chunk) keys: each chunk's list of (query, slot) pairs
-# attend  moba_partial_kernel   BR pairs of one chunk: k, v loaded once; o_j, lse_j of that chunk alone
+# attend  moba_partial_kernel   NT·BR pairs of one chunk: k, v loaded once; o_j, lse_j of that chunk
 # merge   moba_merge_kernel     BM tokens: causal attention within the own chunk, then the k − 1 partial
 #                               results folded in by their log-sum-exps (chapter 3's split-K merge, 3.7)
 # ```
 #
-# A chunk's keys are now read once for BR queries, not once a query. The price is the partial results: $k - 1$
+# A chunk's keys are now read once for up to NT·BR queries, not once a query. The price is the partial results: $k - 1$
 # rows of $D_v$ a query and head, written and read back in the inputs' dtype (at 32K tokens, 16 heads, top-16,
 # $D_v = 128$ in bf16: 2 GB). The backward keeps the selection kernels (dQ query-centric, dK/dV key-centric).
 # The gate keeps the scores in registers and replaces the row's lowest kept score when a tile holds a higher one,
-# $k - 1$ rounds a tile, so no $[T, H_Q, N]$ tensor of scores is made.
+# at most $k - 1$ rounds a tile (it stops when no row takes one), so no $[T, H_Q, N]$ tensor of scores is made.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
