@@ -1072,7 +1072,8 @@ plt.show()
 # chapter 1's kernel for the window (fla's own window branch needs the flash-attn package). The cell plots the
 # committed H200 run (`bench/results/nsa.json`, 2026-12-03) and tabulates SDPA's time over ours (above 1: NSA is
 # faster). That run holds no fla times (its fla rows are empty) and predates the decoding step's host cuts (1.15 →
-# 0.93 ms a step, `bench/notes/nsa.md`).
+# 0.93 ms a step) and MoBA's key-centric forward (its "moba fwd" line is the query-centric kernel of section 7.5
+# run with one selection a query head); `bench/notes/nsa.md` has both.
 
 # %% tags=["nbval-ignore-output"]
 from minisparse import bench
@@ -1106,9 +1107,13 @@ if res is not None:
 # (0.98× at 32K), where it is 1.8× faster; forward + backward passes from 32K and is 2.2× faster at 64K, far below the
 # 16× that section 7.4's model allows at these settings: the top-n scan and the compressed branch grow as $T^2/64$ and
 # reuse little of what they load. Decoding takes 1.1–1.7 ms whatever the context, 20–60× SDPA's single-token step:
-# host work and launches, not reading. MoBA (HQ = H = 16, so G = 1) loads each query head's 16 chunks for that one
-# query row, reused by no other, and is 7–43× slower than SDPA. The kernels of section 7.5 are correct (they pass
-# the same tests in bf16 and fp16 on the H200); `bench/notes/nsa.md` breaks down where the time goes.
+# host work and launches, not reading. MoBA in that run (HQ = H = 16, so G = 1) loads each query head's 16 chunks
+# for that one query row, reused by no other, and is 7–43× slower than SDPA. Its key-centric forward (engineering
+# notes) loads a chunk once for the queries that chose it: on the H200 it reaches SDPA at 32K (6.7–6.9 ms against
+# 6.7–7.4) and is 2.0× faster at 64K (14.6 against 29.5 ms), where the query-centric kernel was 7× slower; writing
+# and re-reading a partial result for each chosen chunk is what keeps it from the 8× and 16× that reading 2,048 of
+# a query's 16K and 32K past keys (on average) would allow. The kernels of section 7.5 are correct (they pass the same tests in bf16 and fp16 on the H200);
+# `bench/notes/nsa.md` breaks down where the time goes.
 
 # %% [markdown]
 # ## 7.8 Exercises
