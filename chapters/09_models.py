@@ -1145,8 +1145,8 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
 
 # %%
-from minisparse.models.exercises import (check_crossover, check_full_layers, check_generate_fix,
-                                         generate_with_a_bug)
+from minisparse.models.exercises import (check_crossover, check_full_layers, check_prefill_fix,
+                                         prefill_with_a_bug)
 from minisparse.testing import attempt
 
 # %% [markdown]
@@ -1228,39 +1228,41 @@ check_crossover(crossover_solution)
 assert crossover_solution(FULL["deepseek_v32_like"], FULL["minimax_m1_like"]) == math.inf
 
 # %% [markdown]
-# ### Exercise 3 (debug): generation that forgets the prompt
+# ### Exercise 3 (debug): a prefill in chunks
 #
-# `generate_with_a_bug` runs without error and returns the right shape, but on a trained model its continuation
-# ignores the prompt. Find the bug (compare its tokens with `HybridLM.generate`) and return the fixed function;
-# the checker compares it with greedy decoding *without* caches on a full-attention, a Gated DeltaNet and a
-# hybrid model.
+# Serving engines prefill a long prompt a chunk at a time, so that a prefill's activations stay bounded and other
+# requests' decoding steps can run between its chunks. The caches of section 9.3 carry everything from one call to
+# the next, whatever its number of tokens: KV caches append, recurrent states advance. `prefill_with_a_bug(model,
+# input_ids, chunk, caches)` feeds the prompt `chunk` tokens a call into `caches` and returns the last prompt
+# token's logits `[B, vocab]`; it runs without error and returns the right shape, but greedy decoding from its
+# caches does not continue the prompt as the model would. Find the bug and return the fixed function. The checker
+# runs it on a full-attention, a Gated DeltaNet and a hybrid model, with a chunk that does not divide the prompt
+# and one longer than it: the logits must equal one forward pass over the whole prompt, six greedy tokens decoded
+# from the caches must equal greedy decoding without caches, and the prompt must go in pieces of `chunk` tokens
+# (the last: the rest) into the caches it was given.
 
 # %%
-def my_generate(model, input_ids, max_new_tokens):
-    # your code here: generate_with_a_bug with the bug fixed
+def my_prefill(model, input_ids, chunk, caches):
+    # your code here: prefill_with_a_bug with the bug fixed
     raise NotImplementedError
 
 
 # %%
-attempt(check_generate_fix, my_generate)
+attempt(check_prefill_fix, my_prefill)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — the buggy version ran the prompt without caches, then created empty ones: the first
-# decoding step saw only the new token, with the KV caches and recurrent states of nothing. The
-# prefill must write the caches it decodes from: make them first and pass them to the prompt too.
+# Solution — each piece also took the token after it, so every token at a piece's edge reached the
+# caches twice: a KV cache then holds its key twice (attention weighs it double) and a recurrent
+# state applies its update twice. The last logits come from the right token and still differ, since
+# that token attends over the duplicate. Every token must go into the caches exactly once.
 @torch.no_grad()
-def generate_solution(model, input_ids, max_new_tokens):
-    model.eval()
-    caches = model.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-    logits, out = model(input_ids, caches)[:, -1], input_ids
-    for _ in range(max_new_tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        out = torch.cat([out, nxt], dim=1)
-        logits = model(nxt, caches)[:, -1]
-    return out
+def prefill_solution(model, input_ids, chunk, caches):
+    for start in range(0, input_ids.shape[1], chunk):
+        logits = model(input_ids[:, start:start + chunk], caches)[:, -1]
+    return logits
 
 
-check_generate_fix(generate_solution)
+check_prefill_fix(prefill_solution)
 
 # %% [markdown]
 # ## Summary
@@ -1853,21 +1855,19 @@ def check_crossover(fn):
 # %% tags=["hide-input"]
 #| export models.exercises
 @torch.no_grad()
-def generate_with_a_bug(model, input_ids, max_new_tokens):
-    """Greedy generation with a planted bug (exercise 3)."""
+def prefill_with_a_bug(model, input_ids, chunk, caches):
+    """The prompt into `caches`, `chunk` tokens a call; the last token's logits [B, vocab]. With a
+    planted bug (exercise 3)."""
     model.eval()
-    logits = model(input_ids)[:, -1]
-    caches = model.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-    out = input_ids
-    for _ in range(max_new_tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        out = torch.cat([out, nxt], dim=1)
-        logits = model(nxt, caches)[:, -1]
-    return out
+    T = input_ids.shape[1]
+    for start in range(0, max(T - 1, 1), chunk):  # each piece and the token that follows it
+        logits = model(input_ids[:, start:start + chunk + 1], caches)[:, -1]
+    return logits
 
 
 def _spy_forward(model):
-    """Record (tokens, caches) of every forward call of model: [(T, caches or None), ...]."""
+    """Record (tokens, caches) of every forward call of model: [(T, caches or None), ...]; `del
+    model.forward` ends it."""
     calls, forward = [], model.forward
 
     def spy(input_ids, caches=None):
@@ -1878,30 +1878,22 @@ def _spy_forward(model):
     return calls
 
 
-def _cache_misuse(calls, prompt_len, new_tokens):
-    """Why the forward calls of a generation did not decode from the caches, or None: the prompt
-    once with caches, then each new token alone with the same caches (the last one may be left
-    out: its logits are not needed)."""
-    if not calls or calls[0][1] is None or calls[0][0] != prompt_len:
-        return (f"the first forward call must run the {prompt_len}-token prompt with caches, got "
-                + ("none" if not calls else f"{calls[0][0]} tokens "
-                   + ("without caches" if calls[0][1] is None else "with caches")))
-    caches = calls[0][1]
-    for i, (T, c) in enumerate(calls[1:], 1):
-        if T != 1 or c is not caches:
-            with_ = ("no caches" if c is None else "the prompt's caches" if c is caches
-                     else "new caches")
-            return (f"decoding step {i} fed {T} tokens with {with_}; each step feeds one new token "
-                    "with the prompt's caches")
-    if not new_tokens - 1 <= len(calls) - 1 <= new_tokens:
-        return f"{len(calls) - 1} decoding steps for {new_tokens} new tokens"
+def _prefill_misuse(calls, caches, prompt_len, chunk):
+    """Why the forward calls of a prefill were not the prompt in pieces of `chunk` tokens (the last:
+    the rest) into `caches`, or None."""
+    if any(c is not caches for _, c in calls):
+        return "a call without the caches it was given (or with new ones)"
+    sizes = [T for T, _ in calls]
+    want = [chunk] * (prompt_len // chunk) + ([prompt_len % chunk] if prompt_len % chunk else [])
+    if sizes != want:
+        return f"pieces of {sizes} tokens for a {prompt_len}-token prompt, expected {want}"
     return None
 
 
-def check_generate_fix(fn):
-    """Exercise 3: the fixed generation equals greedy decoding without caches, on a full-attention,
-    a Gated DeltaNet and a hybrid model, and decodes from the caches: the prompt runs once, then
-    each new token alone."""
+def check_prefill_fix(fn):
+    """Exercise 3: the fixed prefill gives the logits of one forward pass over the prompt, leaves
+    caches from which greedy decoding equals greedy decoding without caches, and feeds the prompt
+    in pieces of `chunk` tokens into the caches it is given."""
     for pattern in ("F", "G", "GF"):
         torch.manual_seed(3)
         c = HybridConfig(vocab_size=32, hidden_size=32, num_layers=2, pattern=pattern,
@@ -1911,17 +1903,32 @@ def check_generate_fix(fn):
         prompt = torch.randint(0, 32, (2, 7))
         want = prompt
         with torch.no_grad():
+            whole = model(prompt)[:, -1]
             for _ in range(6):  # the slow way: the whole sequence again at every step
                 want = torch.cat([want, model(want)[:, -1:].argmax(-1)], dim=1)
-        calls = _spy_forward(model)
-        got = _not_yet("generate", fn, model, prompt, 6)
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape or (got != want).any():
-            raise ExerciseError(f"✗ generate: pattern {pattern!r}: the tokens differ from "
-                                "greedy decoding without caches\nHint: what do the caches "
-                                "hold when the first decoding step runs?")
-        misuse = _cache_misuse(calls, prompt.shape[1], 6)
-        if misuse:
-            raise ExerciseError(f"✗ generate: pattern {pattern!r}: the right tokens, but not "
-                                f"decoded from the caches: {misuse}\nHint: prefill the prompt "
-                                "into new_caches, then feed each new token alone")
-    print("✓ generate: all 3 models match and decode from their caches")
+        for chunk in (3, 16):
+            where = f"pattern {pattern!r}, chunk {chunk}"
+            caches = model.new_caches(2, 7 + 6)
+            calls = _spy_forward(model)
+            logits = _not_yet("prefill", fn, model, prompt, chunk, caches)
+            del model.forward  # the spy: back to the class's forward
+            if (not isinstance(logits, torch.Tensor) or logits.shape != whole.shape
+                    or not torch.allclose(logits.float(), whole, atol=1e-4, rtol=1e-4)):
+                raise ExerciseError(f"✗ prefill: {where}: the last token's logits differ from one "
+                                    "forward pass over the whole prompt\nHint: what do the caches "
+                                    "hold after each call?")
+            got = prompt
+            with torch.no_grad():
+                nxt = logits
+                for _ in range(6):
+                    got = torch.cat([got, nxt.argmax(-1, keepdim=True)], dim=1)
+                    nxt = model(got[:, -1:], caches)[:, -1]
+            if (got != want).any():
+                raise ExerciseError(f"✗ prefill: {where}: greedy tokens decoded from these caches "
+                                    "differ from greedy decoding without caches\nHint: did every "
+                                    "prompt token reach the caches?")
+            misuse = _prefill_misuse(calls, caches, 7, chunk)
+            if misuse:
+                raise ExerciseError(f"✗ prefill: {where}: the right logits and caches, but {misuse}"
+                                    "\nHint: one call a piece of `chunk` tokens, into `caches`")
+    print("✓ prefill: 3 models × 2 chunk sizes match one pass over the prompt and decode from it")

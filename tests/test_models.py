@@ -93,8 +93,14 @@ def test_decode_equals_prefill_nsa_and_mla():
     assert_close("NSA + MLA", full, steps, 1e-4)
 
 
-def test_generate_greedy_equals_uncached_argmax():
-    X.check_generate_fix(lambda m, ids, n: m.generate(ids, n))  # HybridLM.generate passes the checker
+@pytest.mark.parametrize("pattern", ["F", "G", "GF"])
+def test_generate_greedy_equals_uncached_argmax(pattern):
+    torch.manual_seed(3)
+    model = M.HybridLM(M.HybridConfig(vocab_size=32, hidden_size=32, num_layers=2, pattern=pattern, num_heads=2,
+                                      num_kv_heads=1, linear_num_heads=2, intermediate_size=64,
+                                      backend="naive")).eval()
+    prompt = torch.randint(0, 32, (2, 7))
+    assert torch.equal(model.generate(prompt, 6), _generate_without_caches(model, prompt, 6))
 
 
 @pytest.mark.parametrize("name", list(M.PRESETS))
@@ -474,17 +480,32 @@ def _generate_without_caches(model, ids, n):
 
 
 @torch.no_grad()
-def _generate_refilling_caches(model, ids, n):
-    for _ in range(n):  # caches, but new ones filled with the whole sequence at every step
-        ids = torch.cat([ids, model(ids, model.new_caches(ids.shape[0], ids.shape[1]))[:, -1:].argmax(-1)], dim=1)
-    return ids
+def _prefill(pieces, caches_of=lambda model, caches: caches):
+    """A prefill that feeds the pieces pieces(T, chunk) -> [(start, stop), ...] into caches_of(...)."""
+    def fn(model, ids, chunk, caches):
+        for a, b in pieces(ids.shape[1], chunk):
+            logits = model(ids[:, a:b], caches_of(model, caches))[:, -1]
+        return logits
+    return fn
 
 
-def test_check_generate_fix():
-    wrong = {"forgets the prompt (the planted bug)": (X.generate_with_a_bug, "tokens differ"),
-             "never uses caches": (_generate_without_caches, "not decoded from the caches"),
-             "refills new caches every step": (_generate_refilling_caches, "not decoded from the caches")}
+def _in_chunks(T, chunk):
+    return [(a, min(T, a + chunk)) for a in range(0, T, chunk)]
+
+
+def test_check_prefill_fix():
+    X.check_prefill_fix(_prefill(_in_chunks))
+    wrong = {
+        "feeds boundary tokens twice (the planted bug)": (X.prefill_with_a_bug, "logits differ"),
+        "skips the token after the first piece": (
+            _prefill(lambda T, c: [(0, c), (c + 1, T)] if c < T else [(0, T)]), "logits differ"),
+        "makes new caches for every piece": (_prefill(_in_chunks, lambda m, c: m.new_caches(2, 13)), "logits differ"),
+        "runs the prompt without caches": (lambda m, ids, c, caches: m(ids)[:, -1], "tokens decoded"),
+        "feeds the whole prompt in one call": (_prefill(lambda T, c: [(0, T)]), r"pieces of \[7\]"),
+        "feeds one token a call": (_prefill(lambda T, c: [(a, a + 1) for a in range(T)]), "pieces of"),
+        "returns every position's logits": (lambda m, ids, c, caches: m(ids, caches), "logits differ"),
+    }
     for why, (fn, message) in wrong.items():
         with pytest.raises(ExerciseError, match=message):
-            X.check_generate_fix(fn)
+            X.check_prefill_fix(fn)
             pytest.fail(f"the checker accepted a wrong answer that {why}")
