@@ -374,13 +374,13 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "interpreter": [_cfg(BR=16, NT=2, BN=32)],
         "sm_90": [_cfg(4, 4, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64), _cfg(8, 2, BR=64, NT=4, BN=128)],
         "sm_80": [_cfg(8, 2, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64)],
-        "sm_75": [_cfg(4, 1, BR=64, NT=2, BN=32), _cfg(4, 1, BR=32, NT=2, BN=32)],
+        "sm_75": [_cfg(4, 1, BR=32, NT=4, BN=16), _cfg(4, 1, BR=32, NT=4, BN=32)],
     },
     "moba.merge": {
         "interpreter": [_cfg(BM=16, BN=32)],
         "sm_90": [_cfg(4, 3, BM=64, BN=64), _cfg(8, 2, BM=128, BN=64)],
         "sm_80": [_cfg(4, 2, BM=64, BN=64), _cfg(4, 1, BM=64, BN=32)],
-        "sm_75": [_cfg(4, 1, BM=64, BN=32), _cfg(4, 1, BM=32, BN=32)],
+        "sm_75": [_cfg(4, 1, BM=32, BN=16), _cfg(4, 1, BM=16, BN=32)],
     },
     "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores stays in registers)
         "interpreter": [_cfg(BC=64)],

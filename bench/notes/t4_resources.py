@@ -86,6 +86,8 @@ _MLA = dict(DC=512, DR=64, BLOCK_DC=512, BLOCK_DR=64)
 _NSA = dict(HQ=64, H=4, G=16, BS=64, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
 # ... MoBA: HQ = H = 16, chunks of 128, top-16 (one selection a query head: HS = 16, G = 1)
 _MOBA = dict(HQ=16, H=16, G=1, BS=128, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
+# ... and MoBA's own forward (gate, partial results, merge) at the same shapes
+_MOBA_FWD = dict(HQ=16, H=16, K=16, CS=128, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
 # chapter 8, bench/dsa.py: MLA's absorbed form, 128 query heads over one key head of 512 + 64, v = k[..., :512]
 _DSA_MLA = dict(HQ=128, H=1, G=128, D=576, DV=512, BDA=512, BDB=64, BDV=512, V_IS_KA=True, PRECISION=None)
 # ... and the GQA form at D = 128 (bench/dsa.py does not time it; NSA's heads: HQ = 64, H = 4)
@@ -196,8 +198,14 @@ SPECS = [
     Spec("nsa.select", "minisparse.nsa.triton:select_topk_kernel",
          dict(HQ=64, H=4, G=16, S=16, SP=16, BS=64, D=128, BG=16, BD=128, BNA=1024, PRECISION=None),
          "q_ptr kc_ptr", ints={"idx_ptr": "i64"}),
-    Spec("moba.selection.fwd", "minisparse.nsa.triton:selection_fwd_kernel",
-         {**_MOBA, "HS": 16, "S": 16, "BG": 16}, **_SEL_FWD, fit=_fit_keys(128)),
+    Spec("moba.gate", "minisparse.nsa.triton:moba_gate_kernel",
+         dict(HQ=16, H=16, K=16, KP=16, CS=128, D=128, BD=128, PRECISION=None), "q_ptr kb_ptr",
+         ints={"idx_ptr": "i64"}, floats=""),
+    Spec("moba.partial", "minisparse.nsa.triton:moba_partial_kernel", {**_MOBA_FWD},
+         "q_ptr k_ptr v_ptr op_ptr", ints={p: "i64" for p in ("seg_ptr", "tiles_ptr", "offsets_ptr",
+                                                                "entries_ptr")},
+         fit=lambda c: {**c, **{n: t4_row("moba.partial")[0][n] for n in ("BR", "NT")}}),
+    Spec("moba.merge", "minisparse.nsa.triton:moba_merge_kernel", {**_MOBA_FWD}, "q_ptr k_ptr v_ptr op_ptr o_ptr"),
     Spec("moba.selection.dq", "minisparse.nsa.triton:selection_dq_kernel",
          {**_MOBA, "HS": 16, "S": 16, "BG": 16}, **_SEL_DQ, fit=_fit_keys(128)),
     Spec("moba.selection.dkv", "minisparse.nsa.triton:selection_dkv_kernel", {**_MOBA, "R": 1, "BG": 1},
