@@ -373,7 +373,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     "moba.partial": {  # NT: tiles of BR pairs a program; BN ≥ the chunk keeps its k, v in registers
         "interpreter": [_cfg(BR=16, NT=2, BN=32)],
         "sm_90": [_cfg(4, 4, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64), _cfg(8, 2, BR=64, NT=4, BN=128)],
-        "sm_80": [_cfg(8, 2, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64)],
+        "sm_80": [_cfg(4, 3, BR=64, NT=4, BN=128), _cfg(4, 2, BR=64, NT=4, BN=64)],
         "sm_75": [_cfg(4, 1, BR=32, NT=4, BN=16), _cfg(4, 1, BR=32, NT=4, BN=32)],
     },
     "moba.merge": {
