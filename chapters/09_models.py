@@ -45,7 +45,8 @@
 # - 9.1 *Why*: four routes through one question; 9.2 *The config*: `HybridConfig`, the presets;
 # - 9.3 *The model*: `HybridLM`, caches, `generate`; 9.4 *Counting*: parameters and memory at full scale,
 #   checked against transformers and the survey;
-# - 9.5 *Cost model*: a decoding step at 128K; 9.6 *Training side by side*: recall and language modelling;
+# - 9.5 *Cost model*: a decoding step at 128K, and an explorer over context and batch; 9.6 *Training side by
+#   side*: recall and language modelling;
 # - 9.7 *The table*; 9.8 *Exercises*; then a summary, references and the engineering notes (transformers
 #   configs, the training script under `torchrun`, the exercise checkers).
 #
@@ -795,6 +796,51 @@ gen = {name: 1e5 * (decode_cost(c, 1)["flops"] + decode_cost(c, 100_000)["flops"
        for name, c in (("m1", FULL["minimax_m1_like"]), ("mla", v32.replace(pattern="M")))}
 print(f"generating 100K tokens, MiniMax-M1 / dense MLA at V3.2's shapes: "
       f"{gen['m1'] / gen['mla']:.0%} of the FLOPs")
+
+# %% [markdown]
+# ### Explorer: a step's bytes, shared by a batch
+#
+# A serving engine decodes many sequences in one step. The dense weights are read once for the whole batch; an MoE
+# layer reads every expert that at least one of the batch's tokens is routed to — with uniform routing
+# $E\,(1 - (1 - k/E)^B)$ of its $E$ experts for a batch of $B$, so a large batch reads nearly all of them, not the
+# active share; each sequence's cache or state is read for that sequence alone. Pick a context and a batch: the
+# bars give the bytes read a generated token, the weights' share and the mixers' apart. At batch 1 the active
+# weights decide; at 64 DeepSeek-V3.2 already touches 222 of its 256 experts in every MoE layer, so its step reads
+# most of the model, shared by 64 sequences; at long contexts and large batches (128K at 256, 512K from 64) each
+# sequence's cache decides, and the two full-attention stacks (Mixtral, dense) read the most a token. (In the
+# built book the first picture shows; in Jupyter or Colab every change redraws.)
+
+# %% tags=["nbval-ignore-output"]
+CONTEXTS = {"4K": 4096, "32K": 32_768, "128K": T128, "512K": 524_288, "1M": 1_048_576}
+
+
+def step_bytes(c, context, batch):
+    """(weights, mixers): bytes a decoding step of `batch` sequences reads, per generated token."""
+    mixers = sum(mixer_decode_bytes(c, k, context) for k in c.layer_kinds)
+    weights = decode_cost(c, context)["bytes"] - mixers  # the active weights: one token's
+    if c.num_experts:  # each MoE layer: the experts the batch's tokens reach, not only k of them
+        counts = param_counts(c)
+        E, k = c.num_experts, c.top_k
+        reached = E * (1 - (1 - k / E) ** batch)
+        weights += 2 * (counts["total"] - counts["active"]) * (reached - k) / (E - k)
+    return weights / batch, mixers
+
+
+def draw_step_bytes(context="128K", batch=1):
+    names = list(FULL)
+    parts = [step_bytes(FULL[n], CONTEXTS[context], batch) for n in names]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ax.barh(names, [w / 1e9 for w, _ in parts], label="weights (one step's, shared by the batch)")
+    ax.barh(names, [m / 1e9 for _, m in parts], left=[w / 1e9 for w, _ in parts],
+            label="cache and state (one sequence's)")
+    ax.invert_yaxis()
+    ax.set_xlabel("GB read a generated token")
+    ax.set_title(f"one decoding step at {context} of context, {batch} sequence(s) a step")
+    ax.legend(fontsize=8, loc="lower right")
+    plt.show()
+
+
+explorer = viz.explorer(draw_step_bytes, context=list(CONTEXTS), batch=[1, 8, 64, 256])
 
 # %% [markdown]
 # ## 9.6 Training side by side
