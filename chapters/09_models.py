@@ -1191,8 +1191,11 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # Each has a stub, a cell that checks it (one line when right, what differs when not) and a hidden solution.
 
 # %%
-from minisparse.models.exercises import (check_crossover, check_full_layers, check_prefill_fix,
-                                         prefill_with_a_bug)
+import triton
+import triton.language as tl
+
+from minisparse.models.exercises import (check_add_rmsnorm_kernel, check_crossover,
+                                         check_full_layers, check_prefill_fix, prefill_with_a_bug)
 from minisparse.testing import attempt
 
 # %% [markdown]
@@ -1309,6 +1312,48 @@ def prefill_solution(model, input_ids, chunk, caches):
 
 
 check_prefill_fix(prefill_solution)
+
+# %% [markdown]
+# ### Exercise 4 (Triton): the seam between two sublayers
+#
+# Every block of every model above ends its mixer and its FFN the same way: add the sublayer's output to the
+# residual stream, then normalise the sum for the next sublayer. In a decoding step, which is bound by memory, doing
+# it as two operations writes the residual and reads it straight back. Write the fused kernel: for one row of
+# `d` numbers, `r = x + y` (the new residual, stored) and `n = r / sqrt(mean(r²) + eps) · w` (stored), as
+# chapter 1's `RMSNorm` computes it, in fp32. One program a row; `BD` is `d` rounded up to a power of two. The
+# checker launches it on 3 rows of `d` = 32, 48 and 100, one row all zeros after the add, and says which output
+# differs.
+
+# %%
+@triton.jit
+def my_add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.constexpr):
+    row, cols = tl.program_id(0), tl.arange(0, BD)
+    # ---- your code: load the row of x and y, store r = x + y and n = r / rms(r) · w ----
+    pass
+    # ---- end of your code ----
+
+
+# %%
+attempt(check_add_rmsnorm_kernel, my_add_rmsnorm_kernel)
+
+# %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
+# Solution — the mean is over the d real numbers, not the BD of the tile: masked loads give the
+# padding zeros, which add nothing to the sum, so divide by d. eps keeps a zero row finite (its n
+# is 0). One read of x and y and one write of r and n a row, where two operations would also
+# write r and read it back.
+@triton.jit
+def add_rmsnorm_kernel_solution(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.constexpr):
+    row, cols = tl.program_id(0), tl.arange(0, BD)
+    mask = cols < d
+    r = (tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
+         + tl.load(y_ptr + row * d + cols, mask=mask, other=0.0))
+    tl.store(r_ptr + row * d + cols, r, mask=mask)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(r * r, 0) / d + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(n_ptr + row * d + cols, r * inv_rms * w, mask=mask)
+
+
+check_add_rmsnorm_kernel(add_rmsnorm_kernel_solution)
 
 # %% [markdown]
 # ## Summary
@@ -1812,7 +1857,9 @@ def load_checkpoint(path, model, optimizer=None, lr=3e-3):
 import math
 
 import torch
+import triton
 
+from minisparse.attention import RMSNorm
 from minisparse.models.config import PRESETS, HybridConfig
 from minisparse.models.cost import decode_cost
 from minisparse.models.count import memory_per_sequence
@@ -1978,3 +2025,30 @@ def check_prefill_fix(fn):
                 raise ExerciseError(f"✗ prefill: {where}: the right logits and caches, but {misuse}"
                                     "\nHint: one call a piece of `chunk` tokens, into `caches`")
     print("✓ prefill: 3 models × 2 chunk sizes match one pass over the prompt and decode from it")
+
+
+def check_add_rmsnorm_kernel(kernel):
+    """Exercise 4: the fused residual add + RMSNorm, launched in the interpreter on CPU (on CUDA:
+    the GPU), against chapter 1's RMSNorm of x + y."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    for d in (32, 48, 100):
+        x, y = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
+        y[1] = -x[1]  # a row whose sum is all zeros: eps keeps its norm finite (0)
+        norm = RMSNorm(d, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+            want_n = norm(x + y)
+        r, n = (torch.full((3, d), 7.0, device=dev) for _ in range(2))  # what is not written shows
+        kernel[(3,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6,
+                     triton.next_power_of_2(d))
+        for name, got, want in (("r", r.cpu(), x + y), ("n", n.cpu(), want_n)):
+            bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+            if bad.any():
+                i, j = (int(v) for v in bad.nonzero()[0])
+                hint = ("the mean of r² over the d real numbers, plus eps" if name == "n"
+                        else "store r = x + y")
+                raise ExerciseError(f"✗ add + RMSNorm (d = {d}): {name}[{i}, {j}] = "
+                                    f"{got[i, j].item():.5g}, expected {want[i, j].item():.5g}"
+                                    f"\nHint: {hint}")
+    print("✓ add + RMSNorm: rows of d = 32, 48 and 100 match, a zero row included")

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import minisparse  # noqa: F401  before anything that imports triton
+import triton
+import triton.language as tl
 from minisparse import models as M
 from minisparse.models import exercises as X
 from minisparse.models import training as TR
@@ -509,3 +511,42 @@ def test_check_prefill_fix():
         with pytest.raises(ExerciseError, match=message):
             X.check_prefill_fix(fn)
             pytest.fail(f"the checker accepted a wrong answer that {why}")
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.constexpr, OVER_D: tl.constexpr,
+                        WITH_EPS: tl.constexpr, STORE_R: tl.constexpr, FROM_X: tl.constexpr):
+    """add + RMSNorm, right with every flag True except FROM_X, wrong in the way a flag says."""
+    row, cols = tl.program_id(0), tl.arange(0, BD)
+    mask = cols < d
+    x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
+    r = x + tl.load(y_ptr + row * d + cols, mask=mask, other=0.0)
+    if STORE_R:
+        tl.store(r_ptr + row * d + cols, r, mask=mask)
+    v = x if FROM_X else r
+    ms = tl.sum(v * v, 0) / (d if OVER_D else BD)
+    rms = tl.sqrt(ms + eps) if WITH_EPS else tl.sqrt(ms)
+    tl.store(n_ptr + row * d + cols, v / rms * tl.load(w_ptr + cols, mask=mask, other=0.0), mask=mask)
+
+
+class _AddRmsnorm:
+    """What the checker launches (kernel[grid](...)): _add_rmsnorm_kernel with these flags."""
+
+    def __init__(self, over_d=True, with_eps=True, store_r=True, from_x=False):
+        self.flags = dict(OVER_D=over_d, WITH_EPS=with_eps, STORE_R=store_r, FROM_X=from_x)
+
+    def __getitem__(self, grid):
+        return lambda *args: _add_rmsnorm_kernel[grid](*args, **self.flags)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the kernel without eps: 0 / 0
+def test_check_add_rmsnorm_kernel():
+    X.check_add_rmsnorm_kernel(_AddRmsnorm())
+    wrong = {"the mean over the padded tile": (_AddRmsnorm(over_d=False), r"d = 48\): n\["),
+             "no eps: the zero row is NaN": (_AddRmsnorm(with_eps=False), r"n\[1, 0\] = nan"),
+             "r not stored": (_AddRmsnorm(store_r=False), r"r\[0, 0\] = 7, expected"),
+             "x normalised instead of x + y": (_AddRmsnorm(from_x=True), r"n\[0")}
+    for why, (kernel, message) in wrong.items():
+        with pytest.raises(ExerciseError, match=message):
+            X.check_add_rmsnorm_kernel(kernel)
+            pytest.fail(f"the checker accepted a kernel with {why}")

@@ -2,7 +2,9 @@
 import math
 
 import torch
+import triton
 
+from minisparse.attention import RMSNorm
 from minisparse.models.config import PRESETS, HybridConfig
 from minisparse.models.cost import decode_cost
 from minisparse.models.count import memory_per_sequence
@@ -168,4 +170,31 @@ def check_prefill_fix(fn):
     print("✓ prefill: 3 models × 2 chunk sizes match one pass over the prompt and decode from it")
 
 
-__all__ = ['check_full_layers', 'check_crossover', 'prefill_with_a_bug', 'check_prefill_fix']
+def check_add_rmsnorm_kernel(kernel):
+    """Exercise 4: the fused residual add + RMSNorm, launched in the interpreter on CPU (on CUDA:
+    the GPU), against chapter 1's RMSNorm of x + y."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    for d in (32, 48, 100):
+        x, y = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
+        y[1] = -x[1]  # a row whose sum is all zeros: eps keeps its norm finite (0)
+        norm = RMSNorm(d, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+            want_n = norm(x + y)
+        r, n = (torch.full((3, d), 7.0, device=dev) for _ in range(2))  # what is not written shows
+        kernel[(3,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6,
+                     triton.next_power_of_2(d))
+        for name, got, want in (("r", r.cpu(), x + y), ("n", n.cpu(), want_n)):
+            bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+            if bad.any():
+                i, j = (int(v) for v in bad.nonzero()[0])
+                hint = ("the mean of r² over the d real numbers, plus eps" if name == "n"
+                        else "store r = x + y")
+                raise ExerciseError(f"✗ add + RMSNorm (d = {d}): {name}[{i}, {j}] = "
+                                    f"{got[i, j].item():.5g}, expected {want[i, j].item():.5g}"
+                                    f"\nHint: {hint}")
+    print("✓ add + RMSNorm: rows of d = 32, 48 and 100 match, a zero row included")
+
+
+__all__ = ['check_full_layers', 'check_crossover', 'prefill_with_a_bug', 'check_prefill_fix', 'check_add_rmsnorm_kernel']
