@@ -898,28 +898,6 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
     return ids, targets
 
 
-def stdlib_bytes(max_bytes=2_000_000):
-    """Text that exists offline on every machine: the Python standard library's own source
-    files, concatenated in sorted order, as bytes [max_bytes] uint8 (byte-level tokens, vocab
-    256)."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        size += len(data)
-        if size >= max_bytes:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
-
-
-def lm_batch(data, batch, seq_len, *, generator=None):
-    """Random windows of a byte tensor: (input_ids, targets = the next bytes), [B, seq_len]."""
-    start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
-    rows = torch.stack([data[s:s + seq_len + 1] for s in start.tolist()]).long()
-    return rows[:, :-1], rows[:, 1:]
-
-
 def lm_loss(model, ids, targets):
     """Next-token cross-entropy over the positions with a target, plus the model's auxiliary
     losses."""
@@ -929,8 +907,9 @@ def lm_loss(model, ids, targets):
     return loss if aux is None else loss + aux, loss.detach()
 
 # %%
-from minisparse.models.training import (load_checkpoint, recall_accuracy, save_checkpoint,
-                                        train)  # the loop and checkpoints: engineering notes
+from minisparse.models.training import (lm_batch, load_checkpoint, plot_capstone,  # the loop,
+                                        recall_accuracy, save_checkpoint, stdlib_bytes,  # loaders,
+                                        train)  # checkpoints, figure: engineering notes
 
 ids, targets = mqar_batch(1, 4, vocab=64, generator=torch.Generator().manual_seed(0))
 print("tokens ", ids[0].tolist())
@@ -1043,37 +1022,7 @@ if RESULTS is not None:
     speed = {r["impl"]: r for r in rows if r["task"] == "train_speed"}
     decode = {r["impl"]: r for r in rows if r["task"] == "decode"}  # section 9.7's table shows them
     context = next(iter(decode.values()))["context"]
-    colour = {name: f"C{i}" for i, name in enumerate(PRESETS)}
-    fig, ((ax_mqar, ax_pairs), (ax_far, ax_lm)) = plt.subplots(2, 2, figsize=(11, 6.4),
-                                                               layout="constrained")
-    most = max(budget["mqar"]["pairs"])
-    for name in PRESETS:
-        mqar = [r for r in rows if r["impl"] == name and r["task"] == "mqar"]
-        lm_row = [r for r in rows if r["impl"] == name and r["task"] == "lm"]
-        style = dict(color=colour[name], label=name)
-        i = list(PRESETS).index(name)  # curves that coincide stay visible:
-        marks = dict(marker="osD^vP*"[i], markersize=9 - i, markerfacecolor="none")  # nested marks
-        if mqar:
-            curve, steps = mqar[0]["loss"], budget["mqar"]["steps"]
-            ax_mqar.plot([(i + 1) * (steps // len(curve)) for i in range(len(curve))], curve,
-                         **style)
-            ax_pairs.plot([r["num_pairs"] for r in mqar], [r["recall"] for r in mqar], **marks,
-                          **style)
-            bins = next(r["by_distance"] for r in mqar if r["num_pairs"] == most)
-            ax_far.plot([(lo + hi) / 2 for lo, hi, *_ in bins], [b[2] for b in bins], **marks,
-                        **style)
-        if lm_row:
-            curve, steps = lm_row[0]["loss"], budget["lm"]["lm_steps"]
-            ax_lm.plot([i * (steps // len(curve)) for i in range(len(curve))], curve, **style)
-    ax_mqar.set(xlabel="step", ylabel="loss on the answers", title="MQAR training")
-    pairs = budget["mqar"]["pairs"]
-    ax_pairs.set(xscale="log", xticks=pairs, xticklabels=pairs, xlabel="key-value pairs N",
-                 ylabel="recall", title="MQAR recall")
-    ax_pairs.minorticks_off()
-    ax_far.set(xlabel="tokens from the key to its query", ylabel="recall", ylim=(0, 1.05),
-               title=f"MQAR recall by distance, {most} pairs")
-    ax_lm.set(xlabel="step", ylabel="loss (nats a byte)", ylim=(1, 3), title="standard library")
-    ax_pairs.legend(fontsize=7)
+    plot_capstone(RESULTS)  # MQAR loss, recall by pairs and by distance, text loss
     plt.show()
     recall = {r["impl"]: r["recall"] for r in rows if r["task"] == "mqar" and r["num_pairs"] == 32}
     assert min(recall[n] for n in ("dense_baseline", "qwen3_next_like", "kimi_linear_like")) > 0.95
@@ -1844,6 +1793,74 @@ def load_checkpoint(path, model, optimizer=None, lr=3e-3):
                    optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))  # each rank keeps its shard
     return optimizer, state["step"], state["history"]
+
+# %% [markdown]
+# The loaders of section 9.6's text task, and its figure:
+
+# %%
+#| export models.training
+def stdlib_bytes(max_bytes=2_000_000):
+    """Text that exists offline on every machine: the Python standard library's own source
+    files, concatenated in sorted order, as bytes [max_bytes] uint8 (byte-level tokens, vocab
+    256)."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+
+
+def lm_batch(data, batch, seq_len, *, generator=None):
+    """Random windows of a byte tensor: (input_ids, targets = the next bytes), [B, seq_len]."""
+    start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    rows = torch.stack([data[s:s + seq_len + 1] for s in start.tolist()]).long()
+    return rows[:, :-1], rows[:, 1:]
+
+
+def plot_capstone(results):
+    """Section 9.6's figure from bench/capstone.py's results: MQAR's loss and its recall by number
+    of pairs and by distance, and the text task's loss, one line a preset. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from minisparse.models.config import PRESETS
+
+    rows, budget = results["rows"], {"+".join(p["tasks"]): p for p in results["config"]["parts"]}
+    colour = {name: f"C{i}" for i, name in enumerate(PRESETS)}
+    fig, ((ax_mqar, ax_pairs), (ax_far, ax_lm)) = plt.subplots(2, 2, figsize=(11, 6.4),
+                                                               layout="constrained")
+    most = max(budget["mqar"]["pairs"])
+    for name in PRESETS:
+        mqar = [r for r in rows if r["impl"] == name and r["task"] == "mqar"]
+        lm_row = [r for r in rows if r["impl"] == name and r["task"] == "lm"]
+        style = dict(color=colour[name], label=name)
+        i = list(PRESETS).index(name)  # curves that coincide stay visible:
+        marks = dict(marker="osD^vP*"[i], markersize=9 - i, markerfacecolor="none")  # nested marks
+        if mqar:
+            curve, steps = mqar[0]["loss"], budget["mqar"]["steps"]
+            ax_mqar.plot([(i + 1) * (steps // len(curve)) for i in range(len(curve))], curve,
+                         **style)
+            ax_pairs.plot([r["num_pairs"] for r in mqar], [r["recall"] for r in mqar], **marks,
+                          **style)
+            bins = next(r["by_distance"] for r in mqar if r["num_pairs"] == most)
+            ax_far.plot([(lo + hi) / 2 for lo, hi, *_ in bins], [b[2] for b in bins], **marks,
+                        **style)
+        if lm_row:
+            curve, steps = lm_row[0]["loss"], budget["lm"]["lm_steps"]
+            ax_lm.plot([i * (steps // len(curve)) for i in range(len(curve))], curve, **style)
+    ax_mqar.set(xlabel="step", ylabel="loss on the answers", title="MQAR training")
+    pairs = budget["mqar"]["pairs"]
+    ax_pairs.set(xscale="log", xticks=pairs, xticklabels=pairs, xlabel="key-value pairs N",
+                 ylabel="recall", title="MQAR recall")
+    ax_pairs.minorticks_off()
+    ax_far.set(xlabel="tokens from the key to its query", ylabel="recall", ylim=(0, 1.05),
+               title=f"MQAR recall by distance, {most} pairs")
+    ax_lm.set(xlabel="step", ylabel="loss (nats a byte)", ylim=(1, 3), title="standard library")
+    ax_pairs.legend(fontsize=7)
+    return fig
 
 # %% [markdown]
 # ### The exercise checkers
