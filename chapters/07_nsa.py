@@ -826,7 +826,7 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
 # list of (token, head) pairs that chose it — and a *key-centric* kernel walks that list, so every dK, dV row has
 # one owner. Both kernels, the inversion and the autograd glue are in the engineering notes. `parallel_nsa` runs
 # these kernels; `parallel_moba` runs their backward with one selection a query head, and a forward of its own
-# (engineering notes, "MoBA's forward"): with a single head a selection, a kernel that loads a chunk once for every
+# (engineering notes, "MoBA's forward"): with one selection a query head, a kernel that loads a chunk once for every
 # query that chose it beats one that loads it once a query.
 #
 # The checks: Triton against the naive op on a length that is not a multiple of the block, group sizes 1, 2 and
@@ -1108,7 +1108,7 @@ if res is not None:
 # 16× that section 7.4's model allows at these settings: the top-n scan and the compressed branch grow as $T^2/64$ and
 # reuse little of what they load. Decoding takes 1.1–1.7 ms whatever the context, 20–60× SDPA's single-token step:
 # host work and launches, not reading. MoBA in that run (HQ = H = 16, so G = 1) loads each query head's 16 chunks
-# for that one query row, reused by no other, and is 7–43× slower than SDPA. Its key-centric forward (engineering
+# for that one query row, reused by no other, and is 7–44× slower than SDPA. Its key-centric forward (engineering
 # notes) loads a chunk once for the queries that chose it: on the H200 it reaches SDPA at 32K (6.7–6.9 ms against
 # 6.7–7.4) and is 2.0× faster at 64K (14.6 against 29.5 ms), where the query-centric kernel was 7× slower; writing
 # and re-reading a partial result for each chosen chunk is what keeps it from the 8× and 16× that reading 2,048 of
@@ -1607,11 +1607,11 @@ def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None,
 # %% [markdown]
 # ### Launch and autograd
 #
-# `runtime.launch` takes each kernel's tiles from `LAUNCH_TABLE` (`nsa.selection.{fwd,dq,dkv}`, and the same under
-# `moba.` for MoBA's larger chunks); `BN` is capped at the block size so that a key tile never straddles two
-# blocks, and the dK/dV kernel's `BR` rows hold `BR / next_pow2(G)` (token, head) pairs. At $D = 128$ in 16 bits a
-# T4 (64 KiB of shared memory a block) takes `BN = 32` and one stage; the sm_80/sm_90 rows are first guesses,
-# not yet swept.
+# `runtime.launch` takes each kernel's tiles from `LAUNCH_TABLE` (`nsa.selection.{fwd,dq,dkv}`, and MoBA's backward
+# under `moba.selection.{dq,dkv}` for its larger chunks); `BN` is capped at the block size so that a key tile never
+# straddles two blocks, and the dK/dV kernel's `BR` rows hold `BR / next_pow2(G)` (token, head) pairs. At $D = 128$
+# in 16 bits a T4 (64 KiB of shared memory a block) takes `BN = 32` and one stage; the sm_80/sm_90 rows of these
+# kernels are first guesses, not yet swept.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
@@ -1730,12 +1730,13 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
 # ```
 # gate    moba_gate_kernel      BM tokens × one head: scores against the chunk means, a running top-(k−1)
 # invert  _moba_plan            one sort of (b, head, chunk) keys: each chunk's list of (query, slot) pairs
-# attend  moba_partial_kernel   NT·BR pairs of one chunk: k, v loaded once; o_j, lse_j of that chunk
+# attend  moba_partial_kernel   NT·BR pairs of one chunk: k, v loaded once (a chunk in one key tile);
+#                               o_j, lse_j of that chunk
 # merge   moba_merge_kernel     BM tokens: causal attention within the own chunk, then the k − 1 partial
 #                               results folded in by their log-sum-exps (chapter 3's split-K merge, 3.7)
 # ```
 #
-# A chunk's keys are now read once for up to NT·BR queries, not once a query. The price is the partial results: $k - 1$
+# A chunk's keys are read once for up to NT·BR queries, not once a query. The price is the partial results: $k - 1$
 # rows of $D_v$ a query and head, written and read back in the inputs' dtype (at 32K tokens, 16 heads, top-16,
 # $D_v = 128$ in bf16: 2 GB). The backward keeps the selection kernels (dQ query-centric, dK/dV key-centric).
 # The gate keeps the scores in registers and replaces the row's lowest kept score when a tile holds a higher one,
@@ -1961,10 +1962,11 @@ def moba_gate(q, k, chunk_size, topk):
     return idx
 
 
-def _moba_plan(idx, TK, chunk_size, BR):
+def _moba_plan(idx, TK, chunk_size, per_program):
     """Invert idx on the device (one sort, no host sync): for each segment (b, hq, past chunk), the
     slots ((b·TQ + t)·HQ + hq)·K + j whose query chose it (`entries`, `offsets` [NSEG + 1]), cut
-    into tiles of BR pairs, one a program; `seg_of[i]` is program i's segment (NSEG: no work)."""
+    into pieces of `per_program` pairs, one a program; `seg_of[i]` is program i's segment (NSEG:
+    no work)."""
     B, TQ, HQ, _ = idx.shape
     dev = idx.device
     NB = triton.cdiv(TK, chunk_size)
@@ -1975,9 +1977,9 @@ def _moba_plan(idx, TK, chunk_size, BR):
     seg, entries = (bh * NB + idx).masked_fill(~past, NSEG).to(torch.int32).flatten().sort(
         stable=True)  # stable: each segment's queries in token order
     offsets = torch.searchsorted(seg, torch.arange(NSEG + 1, device=dev, dtype=torch.int32))
-    tiles = torch.zeros(NSEG + 1, device=dev, dtype=torch.int64)  # each segment's first tile
-    tiles[1:] = ((offsets[1:] - offsets[:-1] + BR - 1) // BR).cumsum(0)
-    programs = seg.numel() // BR + NSEG  # ≥ Σ ceil(count / BR): no host sync for the true count
+    tiles = torch.zeros(NSEG + 1, device=dev, dtype=torch.int64)  # each segment's first program
+    tiles[1:] = ((offsets[1:] - offsets[:-1] + per_program - 1) // per_program).cumsum(0)
+    programs = seg.numel() // per_program + NSEG  # ≥ Σ ceil(count / per_program): no host sync
     seg_of = torch.searchsorted(tiles[1:], torch.arange(programs, device=dev), right=True)
     return seg_of, tiles, offsets, entries, NSEG, NB
 

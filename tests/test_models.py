@@ -515,7 +515,8 @@ def test_check_prefill_fix():
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.constexpr, OVER_D: tl.constexpr,
-                        WITH_EPS: tl.constexpr, STORE_R: tl.constexpr, FROM_X: tl.constexpr):
+                        WITH_EPS: tl.constexpr, STORE_R: tl.constexpr, FROM_X: tl.constexpr,
+                        EPS_OUTSIDE: tl.constexpr, GUARD: tl.constexpr):
     """add + RMSNorm, right with every flag True except FROM_X, wrong in the way a flag says."""
     row, cols = tl.program_id(0), tl.arange(0, BD)
     mask = cols < d
@@ -525,15 +526,18 @@ def _add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.conste
         tl.store(r_ptr + row * d + cols, r, mask=mask)
     v = x if FROM_X else r
     ms = tl.sum(v * v, 0) / (d if OVER_D else BD)
-    rms = tl.sqrt(ms + eps) if WITH_EPS else tl.sqrt(ms)
+    rms = tl.sqrt(ms) + eps if EPS_OUTSIDE else (tl.sqrt(ms + eps) if WITH_EPS else tl.sqrt(ms))
+    if GUARD:  # no eps, a zero row kept finite by hand
+        rms = tl.where(rms > 0, rms, 1.0)
     tl.store(n_ptr + row * d + cols, v / rms * tl.load(w_ptr + cols, mask=mask, other=0.0), mask=mask)
 
 
 class _AddRmsnorm:
     """What the checker launches (kernel[grid](...)): _add_rmsnorm_kernel with these flags."""
 
-    def __init__(self, over_d=True, with_eps=True, store_r=True, from_x=False):
-        self.flags = dict(OVER_D=over_d, WITH_EPS=with_eps, STORE_R=store_r, FROM_X=from_x)
+    def __init__(self, over_d=True, with_eps=True, store_r=True, from_x=False, eps_outside=False, guard=False):
+        self.flags = dict(OVER_D=over_d, WITH_EPS=with_eps, STORE_R=store_r, FROM_X=from_x,
+                          EPS_OUTSIDE=eps_outside, GUARD=guard)
 
     def __getitem__(self, grid):
         return lambda *args: _add_rmsnorm_kernel[grid](*args, **self.flags)
@@ -545,7 +549,9 @@ def test_check_add_rmsnorm_kernel():
     wrong = {"the mean over the padded tile": (_AddRmsnorm(over_d=False), r"d = 48\): n\["),
              "no eps: the zero row is NaN": (_AddRmsnorm(with_eps=False), r"n\[1, 0\] = nan"),
              "r not stored": (_AddRmsnorm(store_r=False), r"r\[0, 0\] = 7, expected"),
-             "x normalised instead of x + y": (_AddRmsnorm(from_x=True), r"n\[0")}
+             "x normalised instead of x + y": (_AddRmsnorm(from_x=True), r"n\[0"),
+             "eps outside the root": (_AddRmsnorm(eps_outside=True), r"n\[3"),
+             "no eps, the zero row guarded": (_AddRmsnorm(with_eps=False, guard=True), r"n\[3")}
     for why, (kernel, message) in wrong.items():
         with pytest.raises(ExerciseError, match=message):
             X.check_add_rmsnorm_kernel(kernel)

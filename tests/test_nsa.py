@@ -294,6 +294,17 @@ def test_moba_kernels_match_naive(poisoned, dtype, T, HQ, H, D, chunk, topk):
     assert torch.equal(got, idx)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moba_and_the_top_n_with_two_sequences(poisoned, dtype):
+    q, k, v = make_qkv(2, 70, 4, 16, HKV=2, seed=20, device=DEV)
+    idx = N.moba_gate(q.to(dtype), k.to(dtype), 16, 3)
+    assert_same_choice(q.to(dtype), k.to(dtype), idx, 16, 3)
+    _against_naive(lambda q, k, v: N.parallel_moba(q, k, v, 16, 3),
+                   lambda q, k, v: N.selected_attention(q, k, v, idx, 16), q, k, v, dtype, "MoBA, B 2")
+    kc = N.mean_pool(k, 16)
+    assert torch.equal(N.select_blocks(q, kc, 3, 16), N.parallel_select_blocks(q, kc, 3, 16))
+
+
 def test_moba_kernels_with_the_last_queries_and_forced_tiles(poisoned):
     """q holding the last TQ tokens (a decoding step when TQ = 1), and the smallest tiles: a chunk of 64 walked in
     key tiles of 16, its queries in tiles of 16 rows, and query blocks that straddle two chunks."""

@@ -176,17 +176,18 @@ def check_add_rmsnorm_kernel(kernel):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     for d in (32, 48, 100):
-        x, y = torch.randn(3, d, generator=g), torch.randn(3, d, generator=g)
+        x, y = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
         y[1] = -x[1]  # a row whose sum is all zeros: eps keeps its norm finite (0)
+        x[3], y[3] = x[3] * 1e-3, y[3] * 1e-3  # mean(r²) ≈ 2e-6: eps = 1e-6 changes n by ~20 %
         norm = RMSNorm(d, eps=1e-6)
         with torch.no_grad():
             norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
             want_n = norm(x + y)
-        r, n = (torch.full((3, d), 7.0, device=dev) for _ in range(2))  # what is not written shows
-        kernel[(3,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6,
+        r, n = (torch.full((4, d), 7.0, device=dev) for _ in range(2))  # what is not written shows
+        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6,
                      triton.next_power_of_2(d))
         for name, got, want in (("r", r.cpu(), x + y), ("n", n.cpu(), want_n)):
-            bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+            bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-7)
             if bad.any():
                 i, j = (int(v) for v in bad.nonzero()[0])
                 hint = ("the mean of r² over the d real numbers, plus eps" if name == "n"
@@ -194,7 +195,7 @@ def check_add_rmsnorm_kernel(kernel):
                 raise ExerciseError(f"✗ add + RMSNorm (d = {d}): {name}[{i}, {j}] = "
                                     f"{got[i, j].item():.5g}, expected {want[i, j].item():.5g}"
                                     f"\nHint: {hint}")
-    print("✓ add + RMSNorm: rows of d = 32, 48 and 100 match, a zero row included")
+    print("✓ add + RMSNorm: rows of d = 32, 48 and 100 match, a zero and a small row included")
 
 
 __all__ = ['check_full_layers', 'check_crossover', 'prefill_with_a_bug', 'check_prefill_fix', 'check_add_rmsnorm_kernel']

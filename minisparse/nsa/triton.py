@@ -672,10 +672,11 @@ def moba_gate(q, k, chunk_size, topk):
     return idx
 
 
-def _moba_plan(idx, TK, chunk_size, BR):
+def _moba_plan(idx, TK, chunk_size, per_program):
     """Invert idx on the device (one sort, no host sync): for each segment (b, hq, past chunk), the
     slots ((b·TQ + t)·HQ + hq)·K + j whose query chose it (`entries`, `offsets` [NSEG + 1]), cut
-    into tiles of BR pairs, one a program; `seg_of[i]` is program i's segment (NSEG: no work)."""
+    into pieces of `per_program` pairs, one a program; `seg_of[i]` is program i's segment (NSEG:
+    no work)."""
     B, TQ, HQ, _ = idx.shape
     dev = idx.device
     NB = triton.cdiv(TK, chunk_size)
@@ -686,9 +687,9 @@ def _moba_plan(idx, TK, chunk_size, BR):
     seg, entries = (bh * NB + idx).masked_fill(~past, NSEG).to(torch.int32).flatten().sort(
         stable=True)  # stable: each segment's queries in token order
     offsets = torch.searchsorted(seg, torch.arange(NSEG + 1, device=dev, dtype=torch.int32))
-    tiles = torch.zeros(NSEG + 1, device=dev, dtype=torch.int64)  # each segment's first tile
-    tiles[1:] = ((offsets[1:] - offsets[:-1] + BR - 1) // BR).cumsum(0)
-    programs = seg.numel() // BR + NSEG  # ≥ Σ ceil(count / BR): no host sync for the true count
+    tiles = torch.zeros(NSEG + 1, device=dev, dtype=torch.int64)  # each segment's first program
+    tiles[1:] = ((offsets[1:] - offsets[:-1] + per_program - 1) // per_program).cumsum(0)
+    programs = seg.numel() // per_program + NSEG  # ≥ Σ ceil(count / per_program): no host sync
     seg_of = torch.searchsorted(tiles[1:], torch.arange(programs, device=dev), right=True)
     return seg_of, tiles, offsets, entries, NSEG, NB
 
