@@ -181,6 +181,7 @@ def test_selection_bad_input(backend, what, make, error, message):
     (lambda q, k, v: N.moba(q, k, v, 8, 0), "topk"),
     (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV), 6, 2), "chunk_size must be a power of two"),
     (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV), 16, 0), "topk"),
+    (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV), 8, 2), "chunk_size must be >= 16"),
     (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV)[:, :-1], 16, 2), "v must be"),
     (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 4), 8), "v_cmp"),
 ])
@@ -484,13 +485,12 @@ def test_fused_top_n_selects_what_select_blocks_selects(poisoned, T, HQ, H, S, T
     assert torch.equal(want, N.parallel_select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ))
 
 
-@pytest.mark.parametrize("BT,BC", [(1, 16), (2, 32), (8, 16)])
-def test_fused_top_n_with_forced_tiles(poisoned, BT, BC):
-    """Programs of 1, 2 and 8 tokens (16 rows at least: G = 16 needs none added, G = 4 at BT 1 gets 4), summaries in
-    tiles of 16 and 32, tokens of one program on both sides of a block's end."""
+@pytest.mark.parametrize("BC", [16, 32])
+def test_fused_top_n_with_forced_tiles(poisoned, BC):
+    """Summaries in tiles of 16 and 32 (several tiles a row), groups of 16 and of 4."""
     for HQ, H in ((16, 1), (8, 2)):
         q, k, _ = make_qkv(1, 150, HQ, 16, HKV=H, seed=19, device=DEV)
         kc = N.mean_pool(k, 16)
-        with runtime.launch_config("nsa.select", BT=BT, BC=BC, num_warps=4, num_stages=1):
+        with runtime.launch_config("nsa.select", BC=BC, num_warps=4, num_stages=1):
             got = N.parallel_select_blocks(q, kc, 5, 16)
-        assert torch.equal(N.select_blocks(q, kc, 5, 16), got), (HQ, H, BT, BC)
+        assert torch.equal(N.select_blocks(q, kc, 5, 16), got), (HQ, H, BC)
