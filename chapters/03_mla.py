@@ -892,7 +892,6 @@ def combine_splits(m, l, acc):
 
 # %%
 #| export mla.triton
-import functools
 import warnings
 
 import torch
@@ -2140,11 +2139,6 @@ def _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out):
     return B, T, H, DC, DR, S, max_len
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact; 16-bit inputs ignore it
 
@@ -2155,7 +2149,7 @@ def _plan_splits(B, rows, row_blocks, max_len, device, latent_bytes, dc, split_l
     back) outweighs the cache it summarises (latent_bytes a token). split_len is a multiple of
     64, so every BLOCK_N of the table divides it."""
     if split_len is None:
-        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+        sms = runtime.sm_count(device)
         want = max(1, sms // max(1, B * row_blocks))  # splits per (sequence, head block)
         # 2 × rows × dc × 4 bytes <= split's cache bytes
         shortest = max(_MIN_SPLIT, 8 * rows * dc // latent_bytes)

@@ -934,8 +934,6 @@ _ = assert_close("gather = mask", sparse_attention(q, k, v, idx8, backend="naive
 
 # %%
 #| export dsa.triton
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -1667,16 +1665,11 @@ def _fit_heads(G):
     return lambda c: {**c, "BG": min(c["BG"], max(16, triton.next_power_of_2(G)))}
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _plan_splits(programs, topk, device, num_splits=None):
     """(NS, split_len): pieces of the index list so that about two programs run per SM (one
     piece in prefill)."""
     if num_splits is None:
-        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+        sms = runtime.sm_count(device)
         num_splits = max(1, min(triton.cdiv(2 * sms, programs), topk // _MIN_SPLIT))
     split_len = triton.cdiv(topk, num_splits)
     return triton.cdiv(topk, split_len), split_len
@@ -1919,7 +1912,7 @@ def _score_chunk(q_idx, k_idx, w_idx, c0, c1, scale, key_split=None):
     if q_idx.is_cuda and key_split is None:  # few query blocks (decoding): split the keys too
         cfg = runtime.launch_configs(split, q_idx.device, q_idx.dtype)[0]
         blocks = B * triton.cdiv(CQ, fit(cfg)["BT"])
-        KS = _key_range(W, blocks, _sm_count(q_idx.device.index or 0))
+        KS = _key_range(W, blocks, runtime.sm_count(q_idx.device))
     runtime.launch("dsa.indexer" if KS >= W else split, indexer_score_kernel,
                    lambda c: (triton.cdiv(CQ, c["BT"]), triton.cdiv(W, KS), B),
                    (q_idx, k_idx, w_idx, scores, TQ, TK, c0, CQ, W, KS, scale), meta,

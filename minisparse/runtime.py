@@ -95,6 +95,20 @@ def arch(dev: torch.device | str) -> str:
 _arch_of: dict = {}  # device -> arch(device): launches ask on every call
 
 
+def sm_count(dev: torch.device | str) -> int:
+    """The streaming multiprocessors of a CUDA device (what a split-K launcher fills); 4 for CPU tensors, so that the
+    interpreter plans a few splits and tests walk the split paths."""
+    found = _sms_of.get(dev)
+    if found is None:
+        d = torch.device(dev)
+        found = torch.cuda.get_device_properties(d).multi_processor_count if d.type == "cuda" else 4
+        _sms_of[dev] = found
+    return found
+
+
+_sms_of: dict = {}  # device -> sm_count(device)
+
+
 # ------------------------------------------------------------------------------------------------- value checks
 _value_checks = False
 

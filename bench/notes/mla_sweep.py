@@ -11,7 +11,6 @@ import itertools
 
 import torch
 
-import minisparse.mla.triton as mla_triton
 from minisparse import bench, runtime
 from minisparse.mla import mla_decode, mla_decode_bytes
 
@@ -30,7 +29,7 @@ def main(argv=None):
     row = runtime.launch_configs("mla.decode_split", "cuda", torch.bfloat16)
     in_row = len(row)  # the table's own configurations: the columns of the summary line
     row += [c for c in WIDE if args.wide and c not in row]
-    sms = mla_triton._sm_count(0)
+    sms = runtime.sm_count("cuda")
     names = [f"{c['BLOCK_H']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in row]
     print(f"{torch.cuda.get_device_name(0)}; row {runtime.arch('cuda')}: {', '.join(names[:in_row])}")
     print(f"{'H':>4s} {'B':>3s} {'T':>6s} " + " ".join(f"{n:>16s}" for n in names[:in_row]) + "   best (GB/s)")
@@ -44,7 +43,7 @@ def main(argv=None):
                 ql = torch.randn(B, 1, H, 512, generator=g, device="cuda").to(torch.bfloat16)
                 qr = torch.randn(B, 1, H, 64, generator=g, device="cuda").to(torch.bfloat16)
                 for waves in args.waves:
-                    mla_triton._sm_count = lambda index, n=sms * waves: n  # what the split planner fills
+                    runtime.sm_count = lambda dev, n=sms * waves: n  # what the split planner fills
                     times = []
                     for config in row:
                         with runtime.launch_config("mla.decode_split", **config):
