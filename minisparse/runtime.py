@@ -396,6 +396,20 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BM=64, BN=64), _cfg(4, 1, BM=64, BN=32)],
         "sm_75": [_cfg(4, 1, BM=32, BN=16), _cfg(4, 1, BM=16, BN=32)],
     },
+    # NSA's decoding step (one token, three kernels): BC summaries a tile of the compressed scores, BN keys a tile of
+    # the selected blocks and the window (capped at the block size), then the merge. First guesses that compile
+    # for sm_90 without spills (bench/notes/t4_resources.py --arch 90), not yet timed.
+    "nsa.decode.scores": {
+        "interpreter": [_cfg(BC=16)],
+        "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
+        "sm_75": [_cfg(4, 1, BC=32), _cfg(4, 1, BC=16)],
+    },
+    "nsa.decode.select": {
+        "interpreter": [_cfg(BN=16)],
+        "sm_80": [_cfg(8, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
+    },
+    "nsa.decode.merge": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 1)]},
     "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores in a scratch row)
         "interpreter": [_cfg(BC=64)],
         "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],

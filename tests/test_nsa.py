@@ -335,7 +335,7 @@ def test_decoding_step_reads_only_the_selected_blocks(poisoned):
         assert_close(f"decode TQ={TQ}", full[:, -TQ:], o, 1e-4)
 
 
-@pytest.mark.parametrize("T", [15, 16, 63, 64, 70])
+@pytest.mark.parametrize("T", [15, 16, 63, 64, 65, 70])
 def test_parallel_nsa_decoding_steps_match_the_last_rows_of_nsa(T):
     """TQ = 1 or 3 queries at the end of the keys, summaries passed in as a cache would hold them: the last rows of
     the full nsa, including a query before the first complete block (T = 15) and queries on a block's last token."""
@@ -357,6 +357,59 @@ def test_parallel_nsa_matches_nsa():
     gc, gs, gw = (g.to(DEV) for g in gates(B, T, HQ))
     kw = dict(block_counts=3, block_size=bs, window_size=20)
     assert_close("parallel_nsa", N.nsa(q, k, v, gc, gs, gw, **kw), N.parallel_nsa(q, k, v, gc, gs, gw, **kw), 1e-4)
+
+
+DECODE_CASES = [  # B, T, HQ, H, D, DV, block, S, window, gates (cmp, slc, swa), indices given
+    (1, 70, 4, 2, 16, 16, 16, 3, 20, (1, 1, 1), False),
+    (2, 200, 6, 2, 24, 20, 16, 5, 33, (1, 1, 1), False),  # group 3, D 24, DV 20, two sequences
+    (1, 15, 4, 2, 16, 16, 16, 3, 20, (1, 1, 1), False),  # before the first complete block: no summary
+    (1, 129, 4, 2, 16, 16, 16, 3, 20, (1, 1, 1), False),  # the token is the first key of its block
+    (1, 64, 16, 1, 16, 16, 16, 3, 100, (1, 1, 1), False),  # group 16, a window longer than the keys
+    (2, 300, 4, 2, 16, 16, 32, 4, 0, (0, 1, 1), False),  # blocks of 32, window 0
+    (1, 2100, 4, 2, 16, 16, 16, 5, 70, (1, 1, 1), False),  # summaries in two pieces (kernel 1's NC = 2)
+    (2, 2100, 2, 1, 16, 16, 16, 4, 70, (1, 0, 0), False),  # the compressed branch alone
+    (2, 130, 6, 2, 16, 16, 16, 3, 20, (1, 1, 1), True),  # block_indices given: no top-n
+    (1, 300, 4, 2, 16, 16, 16, 3, 50, (0, 0, 1), True),  # the window alone
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,HQ,H,D,DV,bs,S,W,on,given", DECODE_CASES)
+def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, W, on, given):
+    """parallel_nsa's three decoding kernels (one token, no autograd) against the last row of nsa in fp32, and
+    against the general path (the same call with q requiring a gradient): output and chosen blocks."""
+    q, k, _ = make_qkv(B, T, HQ, D, HKV=H, seed=T + HQ)
+    v = torch.randn(B, T, H, DV, generator=torch.Generator().manual_seed(T))
+    gs = [g if o else None for g, o in zip(gates(B, T, HQ, seed=T), on)]
+    q, k, v, *gs = (None if x is None else x.to(DEV, dtype) for x in (q, k, v, *gs))
+    kw = dict(block_counts=S, block_size=bs, window_size=W)
+    full, idx = N.nsa(*(None if x is None else x.float() for x in (q, k, v, *gs)), **kw,
+                      return_block_indices=True)
+    last = [None if x is None else x[:, -1:] for x in (q, *gs)]
+    kc, vc = N.mean_pool(k, bs), N.mean_pool(v, bs)
+    given_idx = idx[:, -1:] if given else None
+    o, got = N.parallel_nsa(*last[:1], k, v, *last[1:], **kw, k_cmp=kc, v_cmp=vc, block_indices=given_idx,
+                            return_block_indices=True)
+    assert o.dtype == dtype and o.shape == (B, 1, HQ, DV)
+    assert_close(f"decode B{B} T{T}", full[:, -1:], o.float(), TOLERANCES[dtype][0])
+    assert torch.equal(got, idx[:, -1:])
+    general = N.parallel_nsa(last[0].detach().requires_grad_(), k, v, *last[1:], **kw, k_cmp=kc, v_cmp=vc,
+                             block_indices=given_idx)
+    assert_close(f"decode vs the general path, B{B} T{T}", general.float(), o.float(), TOLERANCES[dtype][0])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, k_cmp=kc[:, :, :1], v_cmp=vc), "k_cmp"),
+    (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, k_cmp=kc, v_cmp=vc[..., :8]), "v_cmp"),
+    (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, block_size=8), "block_size must be >= 16"),
+    (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, block_counts=2), "block_counts"),
+    (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, block_size=16,
+                                            block_indices=torch.full((1, 1, 2, 3), 9)), "in the future"),
+])
+def test_decoding_step_bad_input(call, message):
+    q, k, v = make_qkv(1, 70, 4, 16, HKV=2, seed=3, device=DEV)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(q[:, -1:], k, v, N.mean_pool(k, 16), N.mean_pool(v, 16))
 
 
 # ------------------------------------------------------------------------------------------- layer, needle task

@@ -84,6 +84,7 @@ _ATTN = dict(DK=128, DV=128, DK_PAD=128, DV_PAD=128, CAUSAL=True, HAS_WINDOW=Fal
 _MLA = dict(DC=512, DR=64, BLOCK_DC=512, BLOCK_DR=64)
 # chapter 7, bench/nsa.py: NSA HQ = 64, H = 4, D = 128, blocks of 64, 16 blocks a query (one selection a group: G = 16)
 _NSA = dict(HQ=64, H=4, G=16, BS=64, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
+_DECODE = dict(HQ=64, H=4, G=16, D=128, DV=128, BG=16, BD=128, BDV=128, PRECISION=None)
 # ... MoBA: HQ = H = 16, chunks of 128, top-16 (one selection a query head: HS = 16, G = 1)
 _MOBA = dict(HQ=16, H=16, G=1, BS=128, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
 # ... and MoBA's own forward (gate, partial results, merge) at the same shapes
@@ -198,6 +199,15 @@ SPECS = [
     Spec("nsa.select", "minisparse.nsa.triton:select_topk_kernel",
          dict(HQ=64, H=4, G=16, S=16, SP=16, BS=64, D=128, BG=16, BD=128, BNA=1024, PRECISION=None),
          "q_ptr kc_ptr", ints={"idx_ptr": "i64"}),
+    # ... the decoding step at 64K (N = 1024 summaries, 16 pieces of them, the three branches)
+    Spec("nsa.decode.scores", "minisparse.nsa.triton:decode_scores_kernel", {**_DECODE, "BS": 64, "CMP": True},
+         "q_ptr kc_ptr vc_ptr", floats="qk_scale"),
+    Spec("nsa.decode.select", "minisparse.nsa.triton:decode_select_kernel",
+         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "PICK": True, "SLC": True, "SWA": True},
+         "q_ptr k_ptr v_ptr", ints={"idx_ptr": "i64"}, floats="qk_scale", fit=_fit_keys(64)),
+    Spec("nsa.decode.merge", "minisparse.nsa.triton:decode_merge_kernel",
+         {k: _DECODE[k] for k in ("HQ", "H", "G", "DV", "BG", "BDV")} | dict(CMP=True, SLC=True, SWA=True),
+         "gc_ptr gs_ptr gw_ptr o_ptr", floats=""),
     Spec("moba.gate", "minisparse.nsa.triton:moba_gate_kernel",
          dict(HQ=16, H=16, K=16, KP=16, CS=128, D=128, BD=128, PRECISION=None), "q_ptr kb_ptr",
          ints={"idx_ptr": "i64"}, floats=""),
