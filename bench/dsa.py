@@ -179,28 +179,8 @@ def decode_rows() -> list[dict]:
             rows.append(dict(impl=name, **{"pass": "decode"}, **cfg, ms=timed(step)))
         if not SMOKE:  # as a serving engine runs a decoding step: one CUDA graph, no host work between kernels
             for name, step in steps.items():
-                rows.append(dict(impl=f"{name}, CUDA graph", **{"pass": "decode"}, **cfg, ms=timed(graphed(step))))
+                rows.append(dict(impl=f"{name}, CUDA graph", **{"pass": "decode"}, **cfg, ms=timed(bench.graphed(step))))
     return rows
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph after a warm-up on a side stream (compilation and autotuning happen there);
-    returns the graph's replay, or a function that raises what the capture raised."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-    except Exception as err:  # noqa: BLE001 - recorded by timed() as a failed case
-        def fail(err=err):
-            raise err
-        return fail
 
 
 def main(argv=None) -> int:

@@ -1071,9 +1071,11 @@ plt.show()
 # 128, top-16, H 16) against SDPA. It also times fla 0.6's `parallel_nsa` for compression and selection, with
 # chapter 1's kernel for the window (fla's own window branch needs the flash-attn package). The cell plots the
 # committed H200 run (`bench/results/nsa.json`, 2026-12-03) and tabulates SDPA's time over ours (above 1: NSA is
-# faster). That run holds no fla times (its fla rows are empty) and predates the decoding step's host cuts (1.15 →
-# 0.93 ms a step) and MoBA's key-centric forward (its "moba fwd" line is the query-centric kernel of section 7.5
-# run with one selection a query head); `bench/notes/nsa.md` has both.
+# faster). That run holds no fla times (its fla rows are empty) and predates two designs of the engineering notes:
+# MoBA's key-centric forward (its "moba fwd" line is the query-centric kernel of section 7.5 run with one selection
+# a query head; `bench/notes/nsa.md` has the new kernel's times) and the three-kernel decoding step (its "decode"
+# line is the general path with one query, which a step with a gradient still takes; the new step has not been
+# timed yet).
 
 # %% tags=["nbval-ignore-output"]
 from minisparse import bench
@@ -1106,8 +1108,9 @@ if res is not None:
 # What the run says. With every branch and the selection included, NSA's forward passes dense attention only at 64K
 # (0.98× at 32K), where it is 1.8× faster; forward + backward passes from 32K and is 2.2× faster at 64K, far below
 # the 16× that section 7.4's model allows at these settings: the top-n scan and the compressed branch grow as
-# $T^2/64$ and reuse little of what they load. Decoding takes 1.1–1.7 ms whatever the context, 20–60× SDPA's
-# single-token step: host work and launches, not reading. MoBA in that run (HQ = H = 16, so G = 1) loads each query
+# $T^2/64$ and reuse little of what they load. Decoding by the general path takes 1.1–1.7 ms whatever the
+# context, 20–60× SDPA's single-token step: host work and a dozen launches, most on four programs, not reading;
+# that is what the three-kernel step attacks. MoBA in that run (HQ = H = 16, so G = 1) loads each query
 # head's 16 chunks for that one query row, reused by no other, and is 7–44× slower than SDPA. Its key-centric
 # forward (engineering notes) loads a chunk once for the queries that chose it: on the H200 it reaches SDPA at 32K
 # (6.7–6.9 ms against 6.7–7.4) and is 2.0× faster at 64K (14.6 against 29.5 ms), where the run's query-centric
@@ -2049,6 +2052,26 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
                    dict(HQ=HQ, H=H, G=G, DV=DV, BG=meta["BG"], BDV=meta["BDV"], CMP=cmp, SLC=slc,
                         SWA=swa), device=dev, dtype=q.dtype, key=(meta["BDV"],))
     return o, idx
+
+# %% [markdown]
+# The check: a decoding step of two sequences through the three kernels against the last row of `nsa` (the spec,
+# fp32), with summaries in several pieces and a group of 4; the blocks it chose are the spec's.
+
+# %%
+T, HQ, H = 1100, 8, 2
+q, k, v = (x.to(DEVICE, DTYPE) for x in make_qkv(2, T, HQ, 32, HKV=H, seed=21))
+g_all = [torch.rand(2, T, HQ, generator=torch.Generator().manual_seed(i)).to(DEVICE, DTYPE)
+         for i in range(3)]
+kw = dict(block_counts=4, block_size=16, window_size=64)
+k_cmp, v_cmp = mean_pool(k, 16), mean_pool(v, 16)  # the summaries a cache holds
+full, idx = nsa(*(x.float() for x in (q, k, v, *g_all)), **kw, k_cmp=k_cmp.float(),
+                v_cmp=v_cmp.float(), return_block_indices=True)
+with torch.no_grad():
+    step, step_idx = parallel_nsa(q[:, -1:], k, v, *(g[:, -1:] for g in g_all), **kw,
+                                  k_cmp=k_cmp, v_cmp=v_cmp, return_block_indices=True)
+assert_close("decoding step", full[:, -1:], step.float(), tol_fwd)
+assert torch.equal(step_idx, idx[:, -1:])
+print("three kernels = nsa's last row; blocks chosen:", step_idx[0, 0].tolist())
 
 # %% [markdown]
 # ### MoBA's forward: key-centric partial results, then a merge

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["host_ms", "median_ms", "timed", "sweep_rows", "script_parser", "start_script", "environment",
+__all__ = ["host_ms", "median_ms", "timed", "graphed", "sweep_rows", "script_parser", "start_script", "environment",
            "smoke_environment", "save_results", "load_results",
            "results_dir", "plot_results", "plot_passes",
            "IMPL_COLORS", "impl_family", "impl_style", "config_table", "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
@@ -82,6 +82,27 @@ def timed(fn: Callable[[], object], *, smoke: bool = False, warmup: int = 25, re
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return None
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` captured in a CUDA graph, as a serving engine runs a decoding step (no host work between its kernels):
+    three warm-up calls on a side stream first (compilation and autotuning happen there), then the capture. Returns
+    the graph's replay, or a function that raises what the capture raised (so `timed` records the case as None)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception as err:  # noqa: BLE001 - recorded by timed() as a failed case
+        def fail(err=err):
+            raise err
+        return fail
 
 
 def sweep_rows(passes: dict[str, Callable[[], object]], sweep: dict[str, tuple[str, list[dict]]], *,
@@ -223,8 +244,8 @@ IMPL_COLORS = {
 }
 _MARKERS = {"minisparse": "o", "fla": "D", "SDPA": "s", "flex_attention": "^", "torch": "v", "naive": "x"}
 # A second implementation of one family in the same plot (a variant: a window, another weight layout, checks off,
-# another fla op) keeps the family's colour and is drawn dashed with an open marker.
-_VARIANTS = ("window", "w [E,K,N]", "value checks off", "simple_gla")
+# another fla op, a CUDA graph's replay) keeps the family's colour and is drawn dashed with an open marker.
+_VARIANTS = ("window", "w [E,K,N]", "value checks off", "simple_gla", "CUDA graph")
 
 
 def impl_family(impl: str) -> str:

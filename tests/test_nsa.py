@@ -383,10 +383,10 @@ def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, 
     gs = [g if o else None for g, o in zip(gates(B, T, HQ, seed=T), on)]
     q, k, v, *gs = (None if x is None else x.to(DEV, dtype) for x in (q, k, v, *gs))
     kw = dict(block_counts=S, block_size=bs, window_size=W)
-    full, idx = N.nsa(*(None if x is None else x.float() for x in (q, k, v, *gs)), **kw,
-                      return_block_indices=True)
+    kc, vc = N.mean_pool(k, bs), N.mean_pool(v, bs)  # as a cache holds them, in the inputs' dtype
+    full, idx = N.nsa(*(None if x is None else x.float() for x in (q, k, v, *gs)), **kw, k_cmp=kc.float(),
+                      v_cmp=vc.float(), return_block_indices=True)
     last = [None if x is None else x[:, -1:] for x in (q, *gs)]
-    kc, vc = N.mean_pool(k, bs), N.mean_pool(v, bs)
     given_idx = idx[:, -1:] if given else None
     o, got = N.parallel_nsa(*last[:1], k, v, *last[1:], **kw, k_cmp=kc, v_cmp=vc, block_indices=given_idx,
                             return_block_indices=True)
