@@ -1728,12 +1728,12 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
 # 1. `decode_scores_kernel`, grid (NC pieces of the visible summaries, B·H groups): the group's G heads score
 #    their piece; the scores go to a scratch `[B·H, G, N]` for the top-n, and the compressed branch's running
 #    softmax over the piece to a partial slot.
-# 2. `decode_select_kernel`, NSP programs a group: each one combines the pieces' softmax statistics, sums the
-#    group's probabilities of every visible block into one row in registers, takes the top-n from it by rounds of
-#    max (the rule of `parallel_select_blocks`, forced blocks first), then attends to the selected blocks
-#    $i_p, i_p + \text{NSP}, \dots$ and to the window's key tiles $i_p, i_p + \text{NSP}, \dots$ (a partial slot
-#    for each branch). Every program of a group recomputes the same top-n from the scratch ($G \times N$ scores,
-#    64 KiB at 64K): cheaper than a fourth launch and a round trip of the indices.
+# 2. `decode_select_kernel`, NSP programs a group (program $i_p$ of them): each one combines the pieces'
+#    softmax statistics, sums the group's probabilities of every visible block into one row in registers, takes
+#    the top-n from it by rounds of max (the rule of `parallel_select_blocks`, forced blocks first), then attends
+#    to the selected blocks $i_p$, $i_p + \text{NSP}$, … and to the window's key tiles $i_p$, $i_p + \text{NSP}$,
+#    … (a partial slot for each branch). Every program of a group recomputes the same top-n from the scratch
+#    ($G \times N$ scores, 64 KiB at 64K): cheaper than a fourth launch and a round trip of the indices.
 # 3. `decode_merge_kernel`, one program a group: each branch's partial slots merged by their maxima and sums,
 #    then the gates, in fp32.
 #
