@@ -359,6 +359,32 @@ def test_parallel_nsa_matches_nsa():
     assert_close("parallel_nsa", N.nsa(q, k, v, gc, gs, gw, **kw), N.parallel_nsa(q, k, v, gc, gs, gw, **kw), 1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("on,first", [((1, 1, 1), 5), ((1, 0, 1), 0), ((0, 1, 0), 3), ((1, 0, 0), -4)])
+def test_gated_sum_matches_pytorch(poisoned, dtype, on, first):
+    """The gated sum's forward and backward kernels against the PyTorch sum in fp32: branches off, the compressed
+    branch a transposed view (as SDPA returns it) and zero for the queries before `first`, DV 20, two sequences."""
+    B, TQ, HQ, DV = 2, 11, 3, 20
+    g = torch.Generator().manual_seed(first + 10)
+    branches = [torch.randn(B, HQ, TQ, DV, generator=g).transpose(1, 2) if i == 0 else torch.randn(B, TQ, HQ, DV,
+                generator=g) for i in range(3)]
+    gates_ = [torch.rand(B, TQ, HQ, generator=g) for _ in range(3)]
+    branches = [x.to(DEV, dtype).requires_grad_() if o else None for x, o in zip(branches, on)]
+    gates_ = [x.to(DEV, dtype).requires_grad_() if o else None for x, o in zip(gates_, on)]
+    seen = (torch.arange(TQ, device=DEV) >= first).view(1, TQ, 1, 1)
+    want = sum((gx.float()[..., None] * ox.float() * (seen if i == 0 else 1)
+                for i, (ox, gx) in enumerate(zip(branches, gates_)) if ox is not None))
+    o = N.GatedSumFunction.apply(first, *branches, *gates_)
+    assert o.dtype == dtype and o.shape == (B, TQ, HQ, DV)
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    assert_close("gated sum", want, o.float(), fwd_tol)
+    leaves = [x for x in (*branches, *gates_) if x is not None]
+    do = torch.randn(o.shape, generator=torch.Generator(device=DEV).manual_seed(2), device=DEV)
+    wants = torch.autograd.grad(want, leaves, do)
+    for i, (w, got) in enumerate(zip(wants, torch.autograd.grad(o, leaves, do.to(dtype)))):
+        assert_close(f"gradient {i}", w, got.float(), grad_tol)
+
+
 DECODE_CASES = [  # B, T, HQ, H, D, DV, block, S, window, gates (cmp, slc, swa), indices given
     (1, 70, 4, 2, 16, 16, 16, 3, 20, (1, 1, 1), False),
     (2, 200, 6, 2, 24, 20, 16, 5, 33, (1, 1, 1), False),  # group 3, D 24, DV 20, two sequences

@@ -84,6 +84,7 @@ _ATTN = dict(DK=128, DV=128, DK_PAD=128, DV_PAD=128, CAUSAL=True, HAS_WINDOW=Fal
 _MLA = dict(DC=512, DR=64, BLOCK_DC=512, BLOCK_DR=64)
 # chapter 7, bench/nsa.py: NSA HQ = 64, H = 4, D = 128, blocks of 64, 16 blocks a query (one selection a group: G = 16)
 _NSA = dict(HQ=64, H=4, G=16, BS=64, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
+_GATED = dict(HQ=64, DV=128, BDV=128, CMP=True, SLC=True, SWA=True)
 _DECODE = dict(HQ=64, H=4, G=16, D=128, DV=128, BG=16, BD=128, BDV=128, PRECISION=None)
 # ... MoBA: HQ = H = 16, chunks of 128, top-16 (one selection a query head: HS = 16, G = 1)
 _MOBA = dict(HQ=16, H=16, G=1, BS=128, D=128, DV=128, BD=128, BDV=128, PRECISION=None)
@@ -208,6 +209,11 @@ SPECS = [
     Spec("nsa.decode.merge", "minisparse.nsa.triton:decode_merge_kernel",
          {k: _DECODE[k] for k in ("HQ", "H", "G", "DV", "BG", "BDV")} | dict(CMP=True, SLC=True, SWA=True),
          "gc_ptr gs_ptr gw_ptr o_ptr", floats=""),
+    # ... the three branches' gated sum, forward and backward (the compressed branch strided, as SDPA returns it)
+    Spec("nsa.gated_sum", "minisparse.nsa.triton:gated_sum_fwd_kernel", _GATED, "oc_ptr os_ptr ow_ptr gc_ptr gs_ptr "
+         "gw_ptr o_ptr", floats="", variant="forward"),
+    Spec("nsa.gated_sum", "minisparse.nsa.triton:gated_sum_bwd_kernel", _GATED, "do_ptr oc_ptr os_ptr ow_ptr gc_ptr "
+         "gs_ptr gw_ptr doc_ptr dos_ptr dow_ptr dgc_ptr dgs_ptr dgw_ptr", floats="", variant="backward"),
     Spec("moba.gate", "minisparse.nsa.triton:moba_gate_kernel",
          dict(HQ=16, H=16, K=16, KP=16, CS=128, D=128, BD=128, PRECISION=None), "q_ptr kb_ptr",
          ints={"idx_ptr": "i64"}, floats=""),
