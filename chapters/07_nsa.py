@@ -1696,7 +1696,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
     if TQ == 1 and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                        for x in inputs)) and (
-            block_indices is None or block_indices.shape[2] == H):  # a decoding step, below
+            block_indices is None or (torch.is_tensor(block_indices) and block_indices.dim() == 4
+                                      and block_indices.shape[2] == H)):  # a decoding step, below
         o, idx = _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices,
                              block_counts, block_size, W, scale, return_block_indices)
         return (o, idx) if return_block_indices else o
@@ -1852,25 +1853,26 @@ class GatedSumFunction(torch.autograd.Function):
 # ### A decoding step in three kernels
 #
 # A new token reads little: at 64K, 16 blocks of 64 keys, a window of 512 and 1,024 block summaries, about 2,600 of
-# the 65,536 cached tokens. What a step costs instead is launches and an idle GPU. The path above runs about a
-# dozen of them for one token (the top-n, SDPA over the summaries, section 7.5's kernel, chapter 1's window kernel,
-# the gated sums), and the Triton ones run one program a group: four programs at B = 1, H = 4, on a GPU with 132
-# SMs. So `parallel_nsa` sends a token that needs no gradient through three kernels that spread each branch over
+# the 65,536 cached tokens. What a step costs instead is launches and an idle GPU. The path above runs about eight
+# of them for one token (the top-n and the sort of its indices, SDPA over the summaries, section 7.5's kernel,
+# chapter 1's window kernel, the gated sum), and the Triton ones run one program a group: four programs at B = 1,
+# H = 4, on a GPU with 132 SMs. So `parallel_nsa` sends a token that needs no gradient through three kernels that spread each branch over
 # the GPU, with partial softmax results merged at the end as in chapter 3's split-K decoding:
 #
 # 1. `decode_scores_kernel`, grid (NC pieces of the visible summaries, B·H groups): the group's G heads score
 #    their piece; the scores go to a scratch `[B·H, G, N]` for the top-n, and the compressed branch's running
 #    softmax over the piece to a partial slot.
-# 2. `decode_select_kernel`, NSP programs a group (program $i_p$ of them): each one combines the pieces'
-#    softmax statistics, sums the group's probabilities of every visible block into one row in registers, takes
-#    the top-n from it by rounds of max (the rule of `parallel_select_blocks`, forced blocks first), then attends
-#    to the selected blocks $i_p$, $i_p + \text{NSP}$, … and to the window's key tiles $i_p$, $i_p + \text{NSP}$,
-#    … (a partial slot for each branch). Every program of a group recomputes the same top-n from the scratch
-#    ($G \times N$ scores, 64 KiB at 64K): cheaper than a fourth launch and a round trip of the indices.
-# 3. `decode_merge_kernel`, one program a group: each branch's partial slots merged by their maxima and sums,
-#    then the gates, in fp32.
+# 2. `decode_select_kernel`, NS + NW programs a group. Each of the first NS combines the pieces' softmax
+#    statistics, sums the group's probabilities of every visible block into one row in registers, takes the top-n
+#    from it by rounds of max (the rule of `parallel_select_blocks`, forced blocks first), then attends to its
+#    share of the selected blocks (program $i$ takes blocks $i$, $i + \text{NS}$, …). Each of the other NW attends
+#    to its share of the window's key tiles: it needs no top-n, so it does not wait for one. Every selection
+#    program of a group recomputes the same top-n from the scratch ($G \times N$ scores, 64 KiB at 64K): cheaper
+#    than a fourth launch and a round trip of the indices. Each program leaves a partial slot.
+# 3. `decode_merge_kernel`, a program for a few heads of a group and a tile of value dims: each branch's partial
+#    slots merged by their maxima and sums, then the gates, in fp32.
 #
-# NC and NSP are chosen so that each of the first two kernels runs about two programs an SM (`runtime.sm_count`).
+# NC, NS and NW are chosen so that the first two kernels run about two programs an SM (`runtime.sm_count`).
 # Nothing is read back to the host, so a serving loop can capture the step in a CUDA graph.
 
 # %% tags=["hide-input"]
@@ -1917,11 +1919,11 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
                          qk_scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                          BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr,
                          BD: tl.constexpr, BDV: tl.constexpr, BC: tl.constexpr,
-                         CMP: tl.constexpr, PRECISION: tl.constexpr):
+                         CMP: tl.constexpr, STORE_S: tl.constexpr, PRECISION: tl.constexpr):
     """Decoding step, kernel 1 of 3: compressed scores. Program (i_c, i_b·H + i_h): the G query
     heads of group i_h against the visible summaries i_c·CS … (i_c + 1)·CS − 1, in tiles of BC:
 
-        s = q k_cmpᵀ · scale · log₂e   [BG, BC]   -> s_ptr [B·H, G, N], read by the top-n
+        s = q k_cmpᵀ · scale · log₂e   [BG, BC]   -> s_ptr [B·H, G, N] with STORE_S (for the top-n)
         with CMP, the compressed branch's running softmax over them -> partial slot i_c
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -1940,8 +1942,9 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
         b_k = tl.load(kc_ptr + kv_row[None, :] * D + o_d[:, None],
                       mask=keep[None, :] & (o_d[:, None] < D), other=0.0)  # [BD, BC]
         b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
-        tl.store(s_ptr + (i_bh * G + o_g[:, None]) * N + c[None, :], b_s,
-                 mask=(o_g[:, None] < G) & keep[None, :])
+        if STORE_S:
+            tl.store(s_ptr + (i_bh * G + o_g[:, None]) * N + c[None, :], b_s,
+                     mask=(o_g[:, None] < G) & keep[None, :])
         if CMP:
             b_v = tl.load(vc_ptr + kv_row[:, None] * DV + o_dv[None, :],
                           mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BC, BDV]
@@ -1996,56 +1999,55 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
 
 @triton.jit
 def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm_ptr, sl_ptr,
-                         sacc_ptr, wm_ptr, wl_ptr, wacc_ptr, TK, N, NC, NSP, W, qk_scale,
+                         sacc_ptr, wm_ptr, wl_ptr, wacc_ptr, TK, N, NC, NS, NW, W, qk_scale,
                          HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
                          SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          BNC: tl.constexpr, BNA: tl.constexpr, PICK: tl.constexpr,
                          SLC: tl.constexpr, SWA: tl.constexpr, PRECISION: tl.constexpr):
-    """Decoding step, kernel 2 of 3: the top-n, then a share of the selected blocks and of the
-    window. Program (i_p, i_b·H + i_h), NSP programs a group: each recomputes the group's top-n from
-    kernel 1's scores (PICK; program 0 stores it, sorted, to idx_ptr [B·H, S]) or reads it there,
-    then attends with its G heads to the selected blocks i_p, i_p + NSP, … and to the window's key
-    tiles i_p, i_p + NSP, … (the window: the last W keys) -> partial slot i_p of each branch."""
+    """Decoding step, kernel 2 of 3: program (i_p, i_b·H + i_h). The first NS programs of a group
+    take the top-n — each recomputes it from kernel 1's scores (PICK; program 0 stores it, sorted,
+    to idx_ptr [B·H, S]) or reads it there — and attend with the group's G heads to the selected
+    blocks i_p, i_p + NS, …; the next NW programs, which need no top-n, attend to the window's key
+    tiles i_p − NS, i_p − NS + NW, … (the window: the last W keys). -> a partial slot each."""
     i_p, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     pos = TK - 1
     o_g, o_d, o_dv, o_n = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BDV), tl.arange(0, BN)
-    o_s = tl.arange(0, SP)
-    if PICK:
-        picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA, SP)
-        if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
-            srt = tl.sort(tl.where(picks < 0, N, picks))
-            tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
-    else:
-        picks = tl.load(idx_ptr + i_bh * S + o_s, mask=o_s < S, other=-1).to(tl.int64)
     b_q = _load_group_q(q_ptr, i_b, i_h, HQ, G, D, BG, BD)
     kv_base = i_b * TK * H + i_h  # key t of this group's head at row kv_base + t·H
-    if SLC:
-        b_m = tl.full([BG], float("-inf"), tl.float32)
-        b_l = tl.zeros([BG], tl.float32)
-        b_acc = tl.zeros([BG, BDV], tl.float32)
-        for i in range(i_p, S, NSP):
-            blk = tl.sum(tl.where(o_s == i, picks, 0), 0)
-            if blk >= 0:
-                for n0 in range(0, BS, BN):
-                    if blk * BS + n0 <= pos:  # a tile wholly after the token adds nothing
-                        t = blk * BS + n0 + o_n
-                        keep = t <= pos
-                        b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
-                                      mask=keep[None, :] & (o_d[:, None] < D), other=0.0)
-                        b_v = tl.load(v_ptr + (kv_base + t[:, None] * H) * DV + o_dv[None, :],
-                                      mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
-                        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
-                        b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
-        _store_partial(sm_ptr, sl_ptr, sacc_ptr, i_bh * NSP + i_p, b_m, b_l, b_acc, o_g, o_dv, G,
-                       DV)
-    if SWA:
-        b_m = tl.full([BG], float("-inf"), tl.float32)
-        b_l = tl.zeros([BG], tl.float32)
-        b_acc = tl.zeros([BG, BDV], tl.float32)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, BDV], tl.float32)
+    if i_p < NS:  # the selection's programs
+        o_s = tl.arange(0, SP)
+        if PICK:
+            picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA, SP)
+            if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
+                srt = tl.sort(tl.where(picks < 0, N, picks))
+                tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
+        else:
+            picks = tl.load(idx_ptr + i_bh * S + o_s, mask=o_s < S, other=-1).to(tl.int64)
+        if SLC:
+            for i in range(i_p, S, NS):
+                blk = tl.sum(tl.where(o_s == i, picks, 0), 0)
+                if blk >= 0:
+                    for n0 in range(0, BS, BN):
+                        if blk * BS + n0 <= pos:  # a tile wholly after the token adds nothing
+                            t = blk * BS + n0 + o_n
+                            keep = t <= pos
+                            b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
+                                          mask=keep[None, :] & (o_d[:, None] < D), other=0.0)
+                            b_v = tl.load(v_ptr + (kv_base + t[:, None] * H) * DV
+                                          + o_dv[None, :],
+                                          mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
+                            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
+                            b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
+            _store_partial(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS + i_p, b_m, b_l, b_acc, o_g, o_dv,
+                           G, DV)
+    elif SWA:  # the window's programs
         start = tl.maximum(pos - W + 1, 0)
-        for j in range(i_p, tl.cdiv(pos + 1 - start, BN), NSP):
+        for j in range(i_p - NS, tl.cdiv(pos + 1 - start, BN), NW):
             t = start + j * BN + o_n
             keep = t <= pos
             b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
@@ -2054,28 +2056,27 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                           mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
             b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
             b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
-        _store_partial(wm_ptr, wl_ptr, wacc_ptr, i_bh * NSP + i_p, b_m, b_l, b_acc, o_g, o_dv, G,
-                       DV)
+        _store_partial(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW + i_p - NS, b_m, b_l, b_acc, o_g, o_dv,
+                       G, DV)
 
 
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
-def _merged(m_ptr, l_ptr, acc_ptr, first, NP, G: tl.constexpr, DV: tl.constexpr,
-            BG: tl.constexpr, BDV: tl.constexpr):
-    """A branch's output [BG, BDV] from its NP partial slots first … first + NP − 1 (base 2):
-    Σ_i acc_i 2^(m_i − M) / Σ_i l_i 2^(m_i − M); 0 for a head that saw no key."""
-    o_g, o_dv = tl.arange(0, BG), tl.arange(0, BDV)
-    m_g = o_g < G
-    b_m = tl.full([BG], float("-inf"), tl.float32)
-    b_l = tl.zeros([BG], tl.float32)
-    b_o = tl.zeros([BG, BDV], tl.float32)
+def _merged(m_ptr, l_ptr, acc_ptr, first, NP, o_g, m_g, o_v, m_v, G: tl.constexpr,
+            DV: tl.constexpr, BGM: tl.constexpr, BVM: tl.constexpr):
+    """Heads o_g [BGM] × value dims o_v [BVM] of a branch's output, from its NP partial slots first
+    … first + NP − 1 (base 2): Σ_i acc_i 2^(m_i − M) / Σ_i l_i 2^(m_i − M); 0 for a head that saw
+    no key."""
+    b_m = tl.full([BGM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BGM], tl.float32)
+    b_o = tl.zeros([BGM, BVM], tl.float32)
     for i in range(NP):
         slot = first + i
         b_mi = tl.load(m_ptr + slot * G + o_g, mask=m_g, other=float("-inf"))
         b_li = tl.load(l_ptr + slot * G + o_g, mask=m_g, other=0.0)
-        b_ai = tl.load(acc_ptr + (slot * G + o_g[:, None]) * DV + o_dv[None, :],
-                       mask=m_g[:, None] & (o_dv[None, :] < DV), other=0.0)
+        b_ai = tl.load(acc_ptr + (slot * G + o_g[:, None]) * DV + o_v[None, :],
+                       mask=m_g[:, None] & m_v[None, :], other=0.0)
         b_mn = tl.maximum(b_m, b_mi)
         b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)
         alpha, beta = tl.exp2(b_m - b_mr), tl.exp2(b_mi - b_mr)
@@ -2087,60 +2088,77 @@ def _merged(m_ptr, l_ptr, acc_ptr, first, NP, G: tl.constexpr, DV: tl.constexpr,
 
 @triton.jit
 def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr,
-                        wacc_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, NC, NSP, HQ: tl.constexpr,
-                        H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr,
-                        BDV: tl.constexpr, CMP: tl.constexpr, SLC: tl.constexpr,
+                        wacc_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, NC, NS, NW, HQ: tl.constexpr,
+                        H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BGM: tl.constexpr,
+                        BVM: tl.constexpr, CMP: tl.constexpr, SLC: tl.constexpr,
                         SWA: tl.constexpr):
-    """Decoding step, kernel 3 of 3: program i_b·H + i_h merges each branch's partial slots and
-    writes o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa (in fp32, stored in o's dtype) for its G
-    heads."""
+    """Decoding step, kernel 3 of 3: program (i_b·H + i_h, head block, value tile) merges each
+    branch's partial slots for BGM heads of the group and BVM value dims, and writes o = g_cmp o_cmp
+    + g_slc o_slc + g_swa o_swa there (in fp32, stored in o's dtype)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_g, o_dv = tl.arange(0, BG), tl.arange(0, BDV)
-    m_g = o_g < G
+    o_g = tl.program_id(1) * BGM + tl.arange(0, BGM)  # heads within the group
+    o_v = tl.program_id(2) * BVM + tl.arange(0, BVM)
+    m_g, m_v = o_g < G, o_v < DV
     row = i_b * HQ + i_h * G + o_g
-    b_o = tl.zeros([BG, BDV], tl.float32)
+    b_o = tl.zeros([BGM, BVM], tl.float32)
     if CMP:
         g = tl.load(gc_ptr + row, mask=m_g, other=0.0).to(tl.float32)
-        b_o += g[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, G, DV, BG, BDV)
+        b_o += g[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, o_g, m_g, o_v, m_v,
+                                    G, DV, BGM, BVM)
     if SLC:
         g = tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)
-        b_o += g[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NSP, NSP, G, DV, BG, BDV)
+        b_o += g[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, NS, o_g, m_g, o_v, m_v,
+                                    G, DV, BGM, BVM)
     if SWA:
         g = tl.load(gw_ptr + row, mask=m_g, other=0.0).to(tl.float32)
-        b_o += g[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NSP, NSP, G, DV, BG, BDV)
-    tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
-             mask=m_g[:, None] & (o_dv[None, :] < DV))
+        b_o += g[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, NW, o_g, m_g, o_v, m_v,
+                                    G, DV, BGM, BVM)
+    tl.store(o_ptr + row[:, None] * DV + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_g[:, None] & m_v[None, :])
 
 
+# %% tags=["hide-input"]
+#| export nsa.triton
 def _next_pow2(n, least=16):
     return max(least, triton.next_power_of_2(n))
+
+
+def _partials(rows, slots, G, DV, dev):
+    """m, l [rows, slots, G] and acc [rows, slots, G, DV]: fp32 partial softmax results (at least
+    one slot, so that a branch that is off still passes a buffer)."""
+    shape = (rows, max(slots, 1), G)
+    return (torch.empty(shape, device=dev, dtype=torch.float32),
+            torch.empty(shape, device=dev, dtype=torch.float32),
+            torch.empty(*shape, DV, device=dev, dtype=torch.float32))
 
 
 def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block_counts,
                 block_size, W, scale, want_indices):
     """parallel_nsa for one token (q [B, 1, HQ, D] at position T − 1), no autograd, in three
     launches: kernel 1 over the summaries, kernel 2 the top-n and the selected and window keys,
-    kernel 3 the merge and the gates. -> (o [B, 1, HQ, DV] in q's dtype, block_indices [B, 1, H, S]
-    int64 when given or `want_indices`, else None)."""
+    kernel 3 the merge and the gates. -> (o [B, 1, HQ, DV] in q's dtype, block_indices [B, 1, H, S]:
+    as given, else the top-n's (int64) when the selection or `want_indices` needs it, else None)."""
     op = "parallel_nsa"
     B, _, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[3]
     N, G, dev = k_cmp.shape[1], HQ // H, q.device
-    S = _checks.positive_int(op, "block_counts", block_counts)
-    if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
     bs = check_block_size(op, block_size)
     if bs < 16:
         raise ValueError(f"{op}: block_size must be >= 16 (a tensor-core tile), got {bs}")
+    if block_indices is not None:
+        check_block_indices(op, block_indices, B, 1, HQ, H, bs, naive=False, offset=T - 1)
+        S = block_indices.shape[3]
+    else:
+        S = _checks.positive_int(op, "block_counts", block_counts)
+        if S < 3:
+            raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
     _checks.shape(op, "k_cmp", k_cmp, (B, N, H, D), "[B, N, H, D]", "one summary a block")
     _checks.shape(op, "v_cmp", v_cmp, (B, N, H, DV), "[B, N, H, DV]", "one summary a block")
     _checks.triton_inputs(op, q, k, v, k_cmp, v_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")
     scale = _checks.scale(op, scale, D)
     cmp, slc, swa = g_cmp is not None, g_slc is not None, g_swa is not None and W > 0
-    if block_indices is not None:
-        check_block_indices(op, block_indices, B, 1, HQ, H, bs, naive=False, offset=T - 1)
     pick = block_indices is None and (slc or want_indices)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     k_cmp, v_cmp = k_cmp.to(q.dtype).contiguous(), v_cmp.to(q.dtype).contiguous()
@@ -2148,42 +2166,40 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     n_seen = min(N, T // bs)
     meta = dict(HQ=HQ, H=H, G=G, D=D, DV=DV, BG=_next_pow2(G), BD=_next_pow2(D),
                 BDV=_next_pow2(DV), PRECISION="ieee" if q.dtype == torch.float32 else None)
-    f32 = dict(device=dev, dtype=torch.float32)
-    programs = 2 * runtime.sm_count(dev)  # about two programs an SM in each kernel
-    # kernel 1: summaries in pieces of CS (a multiple of every BC), at least one piece
-    NC = max(1, min(triton.cdiv(programs, B * H), triton.cdiv(n_seen, 64)))
+    per_group = max(2, triton.cdiv(2 * runtime.sm_count(dev), B * H))  # about two programs an SM
+    # kernel 1: the visible summaries in pieces of CS (a multiple of every BC)
+    NC = max(1, min(per_group, triton.cdiv(n_seen, 64)))
     CS = triton.cdiv(triton.cdiv(max(n_seen, 1), NC), 64) * 64
     NC = max(1, triton.cdiv(n_seen, CS))
-    cm, cl, cacc = (torch.empty(B * H, NC, G, **f32), torch.empty(B * H, NC, G, **f32),
-                    torch.empty(B * H, NC, G, DV, **f32))
-    s = torch.empty(B * H, G, N, **f32)
+    cm, cl, cacc = _partials(B * H, NC, G, DV, dev)
+    s = torch.empty(B * H, G, N, device=dev, dtype=torch.float32) if pick else None
     if pick or cmp:
         runtime.launch("nsa.decode.scores", decode_scores_kernel, lambda c: (NC, B * H),
                        (q, k_cmp, v_cmp, s, cm, cl, cacc, T, N, NC, CS, scale * _LOG2E),
-                       dict(meta, BS=bs, CMP=cmp), device=dev, dtype=q.dtype,
+                       dict(meta, BS=bs, CMP=cmp, STORE_S=pick), device=dev, dtype=q.dtype,
                        key=(meta["BD"], meta["BDV"]))
-    # kernel 2: the selected blocks and the window's key tiles dealt out to NSP programs a group
+    # kernel 2: NW programs a group for the window's key tiles, NS for the top-n and the blocks
     BN = min(runtime.launch_configs("nsa.decode.select", dev, q.dtype)[0]["BN"], bs)
-    window_tiles = triton.cdiv(min(W, T), BN) if swa else 0
-    NSP = max(1, min(triton.cdiv(programs, B * H), max(S if slc else 0, window_tiles)))
-    parts = [torch.empty(B * H, NSP, G, **f32) for _ in range(4)]
-    sacc, wacc = (torch.empty(B * H, NSP, G, DV, **f32) for _ in range(2))
+    NW = min(triton.cdiv(min(W, T), BN), max(1, per_group // 3)) if swa else 0
+    NS = min(S, max(1, per_group - NW)) if slc else (1 if pick else 0)
+    sm, sl, sacc = _partials(B * H, NS, G, DV, dev)
+    wm, wl, wacc = _partials(B * H, NW, G, DV, dev)
     idx = torch.empty(B, 1, H, S, device=dev, dtype=torch.int64) if pick else block_indices
     idx = None if idx is None else idx.contiguous()
-    if pick or slc or swa:
-        runtime.launch("nsa.decode.select", decode_select_kernel, lambda c: (NSP, B * H),
-                       (q, k, v, s, cm, cl, idx, parts[0], parts[1], sacc, parts[2], parts[3],
-                        wacc, T, N, NC, NSP, W, scale * _LOG2E),
+    if NS + NW:
+        runtime.launch("nsa.decode.select", decode_select_kernel, lambda c: (NS + NW, B * H),
+                       (q, k, v, s, cm, cl, idx, sm, sl, sacc, wm, wl, wacc, T, N, NC, NS, NW, W,
+                        scale * _LOG2E),
                        dict(meta, S=S, SP=_next_pow2(S, 1), BS=bs, BNC=_next_pow2(NC, 1),
-                            BNA=_next_pow2(N), PICK=pick, SLC=slc, SWA=swa),
+                            BNA=_next_pow2(min(N, T // bs + 1)), PICK=pick, SLC=slc, SWA=swa),
                        device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs),
                        fit=_fit_keys(bs))
     o = torch.empty(B, 1, HQ, DV, device=dev, dtype=q.dtype)
-    runtime.launch("nsa.decode.merge", decode_merge_kernel, lambda c: (B * H,),
-                   (cm, cl, cacc, parts[0], parts[1], sacc, parts[2], parts[3], wacc, g_cmp, g_slc,
-                    g_swa, o, NC, NSP),
-                   dict(HQ=HQ, H=H, G=G, DV=DV, BG=meta["BG"], BDV=meta["BDV"], CMP=cmp, SLC=slc,
-                        SWA=swa), device=dev, dtype=q.dtype, key=(meta["BDV"],))
+    runtime.launch("nsa.decode.merge", decode_merge_kernel,
+                   lambda c: (B * H, triton.cdiv(G, c["BGM"]), triton.cdiv(DV, c["BVM"])),
+                   (cm, cl, cacc, sm, sl, sacc, wm, wl, wacc, g_cmp, g_slc, g_swa, o, NC, NS, NW),
+                   dict(HQ=HQ, H=H, G=G, DV=DV, CMP=cmp, SLC=slc, SWA=swa), device=dev,
+                   dtype=q.dtype)
     return o, idx
 
 # %% [markdown]

@@ -414,7 +414,11 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
     },
-    "nsa.decode.merge": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 1)]},
+    "nsa.decode.merge": {  # BGM heads of a group × BVM value dims a program
+        "interpreter": [_cfg(BGM=2, BVM=16)],
+        "sm_80": [_cfg(4, 2, BGM=4, BVM=64)],
+        "sm_75": [_cfg(4, 1, BGM=4, BVM=64)],
+    },
     "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores in a scratch row)
         "interpreter": [_cfg(BC=64)],
         "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],

@@ -424,6 +424,27 @@ def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, 
     assert_close(f"decode vs the general path, B{B} T{T}", general.float(), o.float(), TOLERANCES[dtype][0])
 
 
+def test_decoding_step_with_other_slot_counts_branches_and_summaries(poisoned):
+    """Indices given with more slots than block_counts (padded with -1, int32); the window without the selection
+    and no indices asked for; summaries of the complete blocks only (N = T // block): each against nsa's last row."""
+    T, HQ, H, bs = 230, 4, 2, 16
+    q, k, v = make_qkv(2, T, HQ, 16, HKV=H, seed=31, device=DEV)
+    gc, gs, gw = (g.to(DEV) for g in gates(2, T, HQ, seed=31))
+    kw = dict(block_counts=4, block_size=bs, window_size=40)
+    idx = N.select_blocks(q, N.mean_pool(k, bs), 4, bs)
+    wide = torch.cat([idx, torch.full_like(idx, -1)], -1).int()  # 8 slots, the last four empty
+    short = (N.mean_pool(k, bs)[:, :T // bs], N.mean_pool(v, bs)[:, :T // bs])
+    for name, gates_, extra in (("8 slots given", (gc, gs, gw), dict(block_indices=wide)),
+                                ("window alone", (None, None, gw), {}),
+                                ("compressed + window", (gc, None, gw), {}),
+                                ("complete blocks only", (gc, gs, gw), dict(k_cmp=short[0], v_cmp=short[1]))):
+        want = N.nsa(q, k, v, *gates_, **kw, **extra)[:, -1:]
+        last = {**extra, **({"block_indices": wide[:, -1:]} if "block_indices" in extra else {})}
+        with torch.no_grad():
+            got = N.parallel_nsa(q[:, -1:], k, v, *(None if g is None else g[:, -1:] for g in gates_), **kw, **last)
+        assert_close(name, want, got, 1e-4)
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, k_cmp=kc[:, :, :1], v_cmp=vc), "k_cmp"),
     (lambda q, k, v, kc, vc: N.parallel_nsa(q, k, v, None, None, None, k_cmp=kc, v_cmp=vc[..., :8]), "v_cmp"),

@@ -201,13 +201,13 @@ SPECS = [
          dict(HQ=64, H=4, G=16, S=16, SP=16, BS=64, D=128, BG=16, BD=128, BNA=1024, PRECISION=None),
          "q_ptr kc_ptr", ints={"idx_ptr": "i64"}),
     # ... the decoding step at 64K (N = 1024 summaries, 16 pieces of them, the three branches)
-    Spec("nsa.decode.scores", "minisparse.nsa.triton:decode_scores_kernel", {**_DECODE, "BS": 64, "CMP": True},
+    Spec("nsa.decode.scores", "minisparse.nsa.triton:decode_scores_kernel", {**_DECODE, "BS": 64, "CMP": True, "STORE_S": True},
          "q_ptr kc_ptr vc_ptr", floats="qk_scale"),
     Spec("nsa.decode.select", "minisparse.nsa.triton:decode_select_kernel",
          {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "PICK": True, "SLC": True, "SWA": True},
          "q_ptr k_ptr v_ptr", ints={"idx_ptr": "i64"}, floats="qk_scale", fit=_fit_keys(64)),
     Spec("nsa.decode.merge", "minisparse.nsa.triton:decode_merge_kernel",
-         {k: _DECODE[k] for k in ("HQ", "H", "G", "DV", "BG", "BDV")} | dict(CMP=True, SLC=True, SWA=True),
+         {k: _DECODE[k] for k in ("HQ", "H", "G", "DV")} | dict(CMP=True, SLC=True, SWA=True),
          "gc_ptr gs_ptr gw_ptr o_ptr", floats=""),
     # ... the three branches' gated sum, forward and backward (the compressed branch strided, as SDPA returns it)
     Spec("nsa.gated_sum", "minisparse.nsa.triton:gated_sum_fwd_kernel", _GATED, "oc_ptr os_ptr ow_ptr gc_ptr gs_ptr "
