@@ -1503,66 +1503,80 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 # ### The top-n without the probabilities in memory
 #
 # `select_blocks` materialises the compressed probabilities of every query head, `[T, HQ, N]` in fp32 — 17 GB at
-# 64K with HQ 64. `parallel_select_blocks` computes them group by group in one program a (token, key head): a first
-# pass over the summaries for each head's softmax statistics, a second that sums the G heads' probabilities into
-# one score a block (one `[N]` row a group, 1/G of the bytes), then n rounds of argmax over that row.
+# 64K with HQ 64. `parallel_select_blocks` computes them group by group, one program a key head and `BT` tokens
+# (the `BT · G` query rows of one product, so that each tile of summaries is loaded once for `BT` tokens): a first
+# pass over the summaries for each head's softmax statistics, a second that sums each token's G probabilities into
+# one score a block (one `[N]` row a token and group, 1/G of the bytes), then n rounds of argmax over each row.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
 def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
                        HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
-                       SP: tl.constexpr,
-                       BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-                       BC: tl.constexpr, BNA: tl.constexpr, PRECISION: tl.constexpr):
-    """Group-shared top-n without the [T, HQ, N] probabilities: program (t, b·H + h).
-    pass 1: softmax statistics m, l of each of the G heads over the visible summaries (tiles of BC);
-    pass 2: p = exp(s − m) / l summed over the G heads -> one score a block, written to a [N] row;
-    then S rounds of argmax over that row, forced blocks (0, own, previous) first."""
-    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+                       SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
+                       BD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BNA: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Group-shared top-n without the [T, HQ, N] probabilities: program (i_tb, b·H + h) takes BT
+    tokens × the G heads of group h (padded to BG), BT·BG rows of one product:
+    pass 1: softmax statistics m, l of each row over its visible summaries (tiles of BC);
+    pass 2: p = exp(s − m) / l summed over each token's G heads -> one score a block, written to
+            the token's [N] row;
+    then S rounds of argmax over each token's row, forced blocks (0, own, previous) first.
+    A tile of summaries is loaded once for BT tokens."""
+    i_tb, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    pos = i_t + TK - TQ
-    own = pos // BS
-    n_seen = (pos + 1) // BS  # complete blocks: summaries 0 .. n_seen - 1
-    o_g, o_d, o_c = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BC)
-    m_g = o_g < G
-    row = (i_b * TQ + i_t) * HQ + i_h * G + o_g
-    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_g[:, None] & (o_d[None, :] < D),
+    o_r, o_d, o_c = tl.arange(0, BT * BG), tl.arange(0, BD), tl.arange(0, BC)
+    t_r, g_r = i_tb * BT + o_r // BG, o_r % BG  # [BT·BG] each row's token and head
+    m_r = (g_r < G) & (t_r < TQ)
+    seen_r = (t_r + TK - TQ + 1) // BS  # [BT·BG] complete blocks: summaries 0 .. seen - 1
+    n_max = (tl.minimum(i_tb * BT + BT, TQ) + TK - TQ) // BS  # the last token's
+    row = (i_b * TQ + t_r) * HQ + i_h * G + g_r
+    b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_r[:, None] & (o_d[None, :] < D),
                   other=0.0)
-    b_m = tl.full([BG], float("-inf"), tl.float32)
-    b_l = tl.zeros([BG], tl.float32)
-    for c0 in range(0, n_seen, BC):
+    b_m = tl.full([BT * BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BT * BG], tl.float32)
+    for c0 in range(0, n_max, BC):
         c = c0 + o_c
         b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
-                      mask=(c[None, :] < n_seen) & (o_d[:, None] < D), other=0.0)
+                      mask=(c[None, :] < n_max) & (o_d[:, None] < D), other=0.0)
         b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale
-        b_s = tl.where(c[None, :] < n_seen, b_s, float("-inf"))
+        b_s = tl.where(c[None, :] < seen_r[:, None], b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, None]), 1)
+        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # a row that sees nothing yet
+        b_l = b_l * tl.exp(b_m - b_mr) + tl.sum(tl.exp(b_s - b_mr[:, None]), 1)
         b_m = b_mn
-    srow = score_ptr + (i_b * TQ + i_t) * H * N + i_h * N
-    for c0 in range(0, n_seen, BC):
+    b_mr = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_li = 1.0 / tl.where(b_l > 0, b_l, 1.0)
+    o_t = i_tb * BT + tl.arange(0, BT)  # [BT] the tokens
+    srow = (i_b * TQ + o_t) * H * N + i_h * N  # [BT] their rows of scores
+    for c0 in range(0, n_max, BC):
         c = c0 + o_c
         b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
-                      mask=(c[None, :] < n_seen) & (o_d[:, None] < D), other=0.0)
+                      mask=(c[None, :] < n_max) & (o_d[:, None] < D), other=0.0)
         b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale
-        b_p = tl.exp(b_s - b_m[:, None]) / b_l[:, None]
-        b_p = tl.where(m_g[:, None] & (c[None, :] < n_seen), b_p, 0.0)
-        tl.store(srow + c, tl.sum(b_p, 0), mask=c < n_seen)
-    tl.debug_barrier()  # the row was stored by other threads of this program
+        b_p = tl.exp(b_s - b_mr[:, None]) * b_li[:, None]
+        b_p = tl.where(m_r[:, None] & (c[None, :] < seen_r[:, None]), b_p, 0.0)
+        blk = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)  # [BT, BC] summed over each token's heads
+        tl.store(score_ptr + srow[:, None] + c[None, :], blk,
+                 mask=(o_t[:, None] < TQ) & (c[None, :] < n_max))
+    tl.debug_barrier()  # the rows were stored by other threads of this program
+    pos = o_t + TK - TQ
+    own, seen = pos // BS, (pos + 1) // BS  # [BT]
     o_a = tl.arange(0, BNA)
-    sc = tl.load(srow + o_a, mask=o_a < n_seen, other=float("-inf"))
-    forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)
-    sc = tl.where(forced & (o_a < N), float("inf"), sc)
+    sc = tl.load(score_ptr + srow[:, None] + o_a[None, :],
+                 mask=(o_t[:, None] < TQ) & (o_a[None, :] < seen[:, None]), other=float("-inf"))
+    a = o_a[None, :]
+    forced = (a == 0) | (a == own[:, None]) | (a == own[:, None] - 1)
+    sc = tl.where(forced & (a < N), float("inf"), sc)  # [BT, BNA]
     o_s = tl.arange(0, SP)
-    picks = tl.full([SP], -1, tl.int64)
+    picks = tl.full([BT, SP], -1, tl.int64)
     for i in range(S):
-        best = tl.max(sc, 0)
-        j = tl.argmax(sc, 0)
+        best, j = tl.max(sc, 1), tl.argmax(sc, 1)  # [BT]
         pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
-        picks = tl.where(o_s == i, pick, picks)
-        sc = tl.where(o_a == j, float("-inf"), sc)
-    tl.store(idx_ptr + ((i_b * TQ + i_t) * H + i_h) * S + o_s, picks, mask=o_s < S)
+        picks = tl.where(o_s[None, :] == i, pick[:, None], picks)
+        sc = tl.where(a == j[:, None], float("-inf"), sc)
+    tl.store(idx_ptr + ((i_b * TQ + o_t) * H + i_h)[:, None] * S + o_s[None, :], picks,
+             mask=(o_t[:, None] < TQ) & (o_s[None, :] < S))
 
 
 def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
@@ -1581,14 +1595,16 @@ def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None,
     scale = _checks.scale(op, scale, D)
     score = torch.empty(B, TQ, H, N, device=q.device, dtype=torch.float32)  # one row a group
     idx = torch.empty(B, TQ, H, S, device=q.device, dtype=torch.int64)
-    meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D,
-                BG=max(16, triton.next_power_of_2(HQ // H)), BD=max(16, triton.next_power_of_2(D)),
-                BNA=max(16, triton.next_power_of_2(N)),
+    BG = triton.next_power_of_2(HQ // H)
+    meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D, BG=BG,
+                BD=max(16, triton.next_power_of_2(D)), BNA=max(16, triton.next_power_of_2(N)),
                 PRECISION="ieee" if q.dtype == torch.float32 else None)
-    runtime.launch("nsa.select", select_topk_kernel, lambda c: (TQ, B * H),
+    runtime.launch("nsa.select", select_topk_kernel, lambda c: (triton.cdiv(TQ, c["BT"]), B * H),
                    (q.detach().contiguous(), k_cmp.detach().to(q.dtype).contiguous(), score, idx,
                     TQ, TQ + offset, N, scale), meta, device=q.device, dtype=q.dtype,
-                   key=(meta["BD"], meta["BNA"]), instead="minisparse.nsa.select_blocks")
+                   key=(meta["BD"], meta["BNA"], BG),
+                   fit=lambda c: {**c, "BT": max(c["BT"], 16 // BG)},  # ≥ 16 rows for tl.dot
+                   instead="minisparse.nsa.select_blocks")
     top = idx.masked_fill(idx < 0, N).sort(-1).values  # the argmax rounds give score order
     return top.masked_fill(top == N, -1)
 

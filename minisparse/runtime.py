@@ -419,10 +419,10 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BGM=4, BVM=64)],
         "sm_75": [_cfg(4, 1, BGM=4, BVM=64)],
     },
-    "nsa.select": {  # BC summaries a tile of the fused top-n (its [N] row of scores in a scratch row)
-        "interpreter": [_cfg(BC=64)],
-        "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
-        "sm_75": [_cfg(4, 1, BC=32), _cfg(4, 1, BC=16)],
+    "nsa.select": {  # BT tokens a program of the fused top-n (BT·G rows), BC summaries a tile; not yet timed
+        "interpreter": [_cfg(BT=4, BC=64)],
+        "sm_80": [_cfg(4, 2, BT=4, BC=64), _cfg(4, 2, BT=2, BC=64), _cfg(4, 1, BT=1, BC=32)],
+        "sm_75": [_cfg(4, 1, BT=1, BC=32), _cfg(4, 1, BT=1, BC=16)],
     },
     **{f"{kind}.selection.dkv": {
         "interpreter": [_cfg(BN=64, BR=64)],

@@ -594,3 +594,15 @@ def test_fused_top_n_with_forced_tiles(poisoned, BC):
         with runtime.launch_config("nsa.select", BC=BC, num_warps=4, num_stages=1):
             got = N.parallel_select_blocks(q, kc, 5, 16)
         assert torch.equal(N.select_blocks(q, kc, 5, 16), got), (HQ, H, BC)
+
+
+@pytest.mark.parametrize("BT,BC", [(1, 16), (2, 32), (8, 16)])
+def test_fused_top_n_with_forced_tiles(poisoned, BT, BC):
+    """Programs of 1, 2 and 8 tokens (16 rows at least: G = 16 needs none added, G = 4 at BT 1 gets 4), summaries in
+    tiles of 16 and 32, tokens of one program on both sides of a block's end."""
+    for HQ, H in ((16, 1), (8, 2)):
+        q, k, _ = make_qkv(1, 150, HQ, 16, HKV=H, seed=19, device=DEV)
+        kc = N.mean_pool(k, 16)
+        with runtime.launch_config("nsa.select", BT=BT, BC=BC, num_warps=4, num_stages=1):
+            got = N.parallel_select_blocks(q, kc, 5, 16)
+        assert torch.equal(N.select_blocks(q, kc, 5, 16), got), (HQ, H, BT, BC)
