@@ -1,4 +1,4 @@
-"""Where an op of chapters 1 and 4-6 spends its time on a GPU, and which launch configuration each of its kernels runs
+"""Where an op of chapters 1 and 4-7 spends its time on a GPU, and which launch configuration each of its kernels runs
 best with.
 
     PYTHONPATH=. python bench/notes/kernel_profile.py kda                 # on a CUDA machine: the profile (about 30 s)
@@ -6,10 +6,13 @@ best with.
     PYTHONPATH=. python bench/notes/kernel_profile.py kda --sweep kda.fwd_states kda.bwd_states   # only these rows
     PYTHONPATH=. python bench/notes/kernel_profile.py deltanet --T 32768  # another length
     PYTHONPATH=. python bench/notes/kernel_profile.py window --T 32768 --sweep   # flash_attention, window 1024
+    PYTHONPATH=. python bench/notes/kernel_profile.py nsa --T 65536 --sweep      # parallel_nsa, with a decoding step
 
 B 2, T 8192, H 16, K = V = 128, bf16 (the first shape of bench/lightning.py, deltanet.py and kda.py): the gated ops
 with use_qk_l2norm, gates -U(0, 1), β U(0, 1); lightning with chapter 4's slopes of layer 0 of 2; "window" is
-chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.py's windowed rows). First the median
+chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.py's windowed rows); "nsa" is chapter
+7's parallel_nsa at bench/nsa.py's shapes (B 1, HQ 64, H 4, D 128, blocks of 64, 16 selected, window 512, gates
+U(0, 1)), with a third pass: one decoding step of the last token (cached summaries). First the median
 times of the forward and of the forward + backward with the launch table's configurations, then a torch.profiler
 table of the CUDA kernels of three forward + backward passes. With --sweep, each row of runtime.LAUNCH_TABLE that the
 op launches is forced configuration by configuration (`minisparse.bench.sweep_rows`) and the pass it belongs to is
@@ -62,6 +65,15 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
         "attention.dq": ("fwd+bwd", [dict(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n)
                                      for w, s, m, n in itertools.product((4, 8), (2, 3), (64, 128), (32, 64))]),
     },
+    "nsa": {
+        "nsa.select": ("fwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BT=(1, 2, 4, 8), BC=(32, 64))),
+        "nsa.selection.fwd": ("fwd", _grid(num_warps=(4, 8), num_stages=(1, 2, 3), BN=(32, 64))),
+        "nsa.gated_sum": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1,), BR=(8, 16, 32, 64))),
+        "nsa.decode.scores": ("decode", _grid(num_warps=(2, 4, 8), num_stages=(1, 2), BC=(32, 64))),
+        "nsa.decode.select": ("decode", _grid(num_warps=(4, 8), num_stages=(1, 2), BN=(32, 64))),
+        "nsa.decode.merge": ("decode", _grid(num_warps=(1, 2, 4), num_stages=(1, 2), BGM=(1, 4, 16),
+                                             BVM=(32, 64, 128))),
+    },
     "deltanet": {
         "deltanet.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3, 4), BV=(16, 32, 64))),
         "deltanet.bwd_du_local": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2, 3), BV=(32, 64, 128))),
@@ -71,8 +83,37 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
 }
 
 
+def nsa_passes(T: int):
+    """parallel_nsa's forward, forward + backward and one decoding step at bench/nsa.py's shapes."""
+    from minisparse.nsa import mean_pool, parallel_nsa
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = make(1, T, 64, 128), make(1, T, 4, 128), make(1, T, 4, 128)
+    gates = [torch.rand(1, T, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)]
+    do = make(1, T, 64, 128)
+    kw = dict(block_counts=16, block_size=64, window_size=512)
+    k_cmp, v_cmp = mean_pool(k, 64), mean_pool(v, 64)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+
+    def fwd():
+        with torch.no_grad():
+            return parallel_nsa(q, k, v, *gates, **kw)
+
+    def fwd_bwd():
+        return torch.autograd.grad(parallel_nsa(*leaves, *gates, **kw), leaves, do)
+
+    def decode():
+        with torch.no_grad():
+            return parallel_nsa(q[:, -1:], k, v, *(x[:, -1:] for x in gates), **kw, k_cmp=k_cmp, v_cmp=v_cmp)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "decode": decode}
+
+
 def passes(op: str, T: int):
     """The forward (no autograd) and the forward + backward of `op`, on fixed inputs."""
+    if op == "nsa":
+        return nsa_passes(T)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     do = torch.randn_like(v)
