@@ -21,7 +21,7 @@
 # rid of its value is to forget everything at the same rate. The **delta rule** (DeltaNet) changes the update
 # instead: before writing $v_t$ under key $k_t$, it reads what the state already returns for $k_t$ and writes only
 # the *difference*. **Gated DeltaNet** (GDN) adds a data-dependent forget gate on top. GDN is the linear-attention
-# half of Qwen3-Next and Qwen3.5 [S], and the parent of chapter 6's Kimi Delta Attention.
+# layers of Qwen3-Next and Qwen3.5 [S], and the parent of chapter 6's Kimi Delta Attention.
 #
 # **Learning objectives.** After this chapter you can
 # - explain the delta rule as one gradient step of online regression on the state, and why it can *overwrite*;
@@ -131,8 +131,11 @@ except ImportError:
 # when the context changes:
 #
 # $$
-# S_t = \alpha_t \big(I - \beta_t k_t^\top k_t\big) S_{t-1} + \beta_t k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t .
+# S_t = \alpha_t \big(I - \beta_t k_t^\top k_t\big) S_{t-1} + \beta_t k_t^\top v_t, \qquad o_t = \sigma\, q_t S_t ,
 # $$
+#
+# where $\sigma$ is the output scale ($K^{-1/2}$ by default, the `scale` argument below), not a sigmoid: this chapter
+# writes the sigmoid out.
 #
 # The picture: $(k^\ast, v^\ast)$ is written at $t = 0$ into a $64 \times 64$ state, then 99 random pairs, then
 # $k^\ast$ again with a *new* value $v^{\text{new}}$, then 99 more; after every token, how much of $v^\ast$ and of
@@ -284,7 +287,7 @@ def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None,
 #
 # The $u_i$ depend on the earlier $u_j$ of the chunk *linearly*. With the strictly lower-triangular
 # $A_{ij} = \beta_i\, e^{G_i - G_j} (k_i \cdot k_j)$ for $j < i$, all of them at once solve a unit lower-triangular
-# system:
+# system (here $K$, $V$, $Q$ and $U$ also name the chunk's matrices whose rows are the $k_i$, $v_i$, $q_i$, $u_i$):
 #
 # $$
 # \begin{aligned}
@@ -303,7 +306,7 @@ def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None,
 #
 # $$
 # \begin{aligned}
-# O &= \sigma\big(\operatorname{diag}(e^{G}) Q S + (Q K^\top \odot \Gamma)\, U\big),\\
+# O &= \sigma \cdot \big(\operatorname{diag}(e^{G}) Q S + (Q K^\top \odot \Gamma)\, U\big),\\
 # S' &= e^{G_L} S + \big(\operatorname{diag}(e^{G_L - G}) K\big)^\top U .
 # \end{aligned}
 # $$
@@ -311,9 +314,10 @@ def naive_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None,
 # Every exponent is $\le 0$ ($G$ decreases along the chunk), and above the diagonal it is masked to $-\infty$ *before*
 # `exp`: a gate of $-30$ a token makes $e^{G}$ underflow to 0 within a chunk, never overflow. The only sequential
 # part left across chunks is $U = \tilde U - WS$ and the state update, two matrix products per chunk. One more
-# care: the code takes $G_i - G_j$ as the *sum* of the gates between the two tokens, $g_{j+1} + \dots + g_i$ (a
-# cumulative sum down the columns of a masked $L \times L$ matrix), not as a difference of two cumulative sums,
-# which loses digits when one gate is very negative (Engineering notes). One chunk, in the three groups that
+# care: the PyTorch chunk code takes $G_i - G_j$ as the *sum* of the gates between the two tokens, $g_{j+1} + \dots +
+# g_i$ (a cumulative sum down the columns of a masked $L \times L$ matrix), not as a difference of two float32
+# cumulative sums, which loses digits when one gate is very negative; the kernels take differences of float64 sums,
+# exact enough for the same inputs (Engineering notes). One chunk, in the three groups that
 # section 5.6 turns into three Triton kernels:
 
 # %%
@@ -329,7 +333,8 @@ wy_boxes = {
     "U": B_(8.0, -0.3, "$U = \\tilde U - W S_n$", w=2.2, color=GREEN),
     "next": B_(11.0, -0.3, "$S_{n+1} = e^{G_L} S_n$\n$+ (\\mathrm{diag}(e^{G_L - G})K)^\\top U$",
                w=2.8, color=GREEN, note="enters chunk n + 1"),
-    "O": B_(11.0, 1.4, "$O = \\sigma(\\mathrm{diag}(e^G) Q S_n$\n$+ (QK^\\top \\odot \\Gamma) U)$",
+    "O": B_(11.0, 1.4,
+            "$O = \\sigma \\cdot (\\mathrm{diag}(e^G) Q S_n$\n$+ (QK^\\top \\odot \\Gamma) U)$",
             w=2.8),
 }
 wy_arrows = [("in", "A"), ("A", "inv"), ("inv", "wy", "$\\times\\,\\beta K,\\ \\beta V$"),
@@ -435,7 +440,8 @@ for low, high in [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]:
 # From a zero state the outputs are *linear in the values*: one chunk gives
 # $O = \sigma (QK^\top \odot \Gamma)\, A_\text{inv} \operatorname{diag}(\beta)\, V$, so a head acts like attention with
 # $P = \sigma\, (QK^\top \odot \Gamma)\,(I + A)^{-1} \operatorname{diag}(\beta)$: lower-triangular like causal
-# attention, but with entries of both signs, since the delta rule *subtracts* what later keys overwrote. Linear attention is $P = QK^\top \odot M$. Below, 48 tokens whose keys repeat every 12 tokens (a word
+# attention, but with entries of both signs, since the delta rule *subtracts* what later keys overwrote. Linear
+# attention is $P = QK^\top \odot M$, $M$ the causal mask (chapter 4). Below, 48 tokens whose keys repeat every 12 tokens (a word
 # that keeps coming back with new values), and queries that look up the key seen 5 tokens earlier
 # ($q_t \approx k_{t-5}$): the three heads' $P$, and a check that $PV$ is the recurrence's output.
 
@@ -480,8 +486,10 @@ print("implied attention P @ v == naive_recurrent_gated_delta_rule (T = 48)")
 
 # %% [markdown]
 # Linear attention gives the same weight to every earlier occurrence of the key a query looks up: stripes at
-# distances 5, 17, 29, 41. DeltaNet keeps the *latest* occurrence (distance 5) and gives the earlier ones weights
-# near zero or below: the latest write replaced their values. The gate fades the whole lower triangle with distance.
+# distances 5, 17, 29, 41. DeltaNet keeps the *latest* occurrence (distance 5) and leaves the earlier ones a small
+# positive remainder (about a factor $1 - \beta$ for each rewrite since): the latest write replaced most of their
+# value. Its negative entries, off the stripes, correct for the 12 random keys' overlaps. The gate fades the whole
+# lower triangle with distance.
 
 # %% [markdown]
 # ### Explorer: β and the gate
@@ -561,8 +569,8 @@ def gdn_state_bytes(key_heads, value_heads, d_k, d_v, conv_kernel=4, state_bytes
 # keeps its native context at 262,144 tokens: three linear layers to one softmax layer (its
 # [model card](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); the seed survey lists the same 3:1 layout
 # for Qwen3.5 [S]). The softmax layers are chapter 1's `Attention` with its output gate (`gate=True`): 16 query heads, 2 K/V heads of 256 channels, RoPE
-# on a quarter of them. We read all shapes from `transformers`' `Qwen3NextConfig()` defaults, which are this
-# model's.
+# on a quarter of them. We read all shapes from `transformers`' `Qwen3NextConfig()` defaults, whose layer and head
+# shapes are this model's (its context length and RoPE base are not).
 
 # %%
 if transformers is not None:
@@ -652,7 +660,7 @@ if cfg is not None:
 #
 # **The triangular solve, by blocks.** Forward substitution computes $A_\text{inv}$ one row at a time: row $i$ is
 # $e_i - A_{i,:}\,A_\text{inv}$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63
-# dependent steps of scalar work, no tensor cores. `_unit_lower_inverse` instead cuts $I + A$ into $16 \times 16$
+# dependent steps, row by row, no tensor cores. `_unit_lower_inverse` instead cuts $I + A$ into $16 \times 16$
 # blocks, $I + A = (I + A_\text{diag}) + A_\text{off}$:
 #
 # - forward substitution runs inside the four diagonal blocks *at once* (the matrix reshaped to
@@ -865,7 +873,7 @@ gdn_boxes = {
     "l2": B_(8.1, 1.0, "l2norm($q$, $k$)", w=1.9),
     "z": B_(6.6, 2.5, "output gate $z$", w=1.9),
     "gates": B_(5.4, -1.0,
-                "$\\beta = \\sigma(b)$, $g = -e^{A_{\\log}}$\n$\\cdot$ softplus($a$ + dt_bias)",
+                "$\\beta$ = sigmoid($b$), $g = -e^{A_{\\log}}$\n$\\cdot$ softplus($a$ + dt_bias)",
                 w=3.0, color=GREEN),
     "core": B_(10.7, 0.0, "gated delta rule\n$S_t = e^{g_t}(I - \\beta_t k_t^\\top k_t) S_{t-1}$\n"
                           "$+\\ \\beta_t k_t^\\top v_t$", w=3.2, h=1.0, color=ORANGE),
@@ -1076,10 +1084,11 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #    value checks on, one host sync a call adds 0.18–0.35 ms: 1.09–1.38× fla's time from 4K to 64K.
 # 2. **The backward is the weak half**: forward + backward takes 2.43–2.45× fla's time from 8K to 64K and 1.51× at
 #    4K, but less than fla's at 1K and 2K (0.56× and 0.75×), where launches dominate. Two backward kernels take
-#    three quarters of the time: the chunk kernel runs one program a chunk through three passes, where fla splits
+#    about 70 % of the time: the chunk kernel runs one program a chunk through three passes, where fla splits
 #    the work across two kernels, and every product takes fp32 operands where fla rounds them to bf16. Rounding as
 #    fla does gives 1.68× at best and puts dg's error past the tests' 8e-3 bound; K-blocks of 64 in the
-#    chunk kernel (the H200's launch-table row) take 5 % off the times above (`bench/notes/deltanet.md`).
+#    chunk kernel (the H200's launch-table row, set after the run in the table) take 5 % off the times above
+#    (`bench/notes/deltanet.md`).
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 13.5× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
 #
@@ -1128,8 +1137,9 @@ check_overwrite_coefficients(overwrite_coefficients_solution)
 # ### Exercise 2 (debug): this chunk form has a bug
 #
 # This function computes what each token of a chunk writes, $U = \tilde U - W S$, for one head entering with state
-# `S`, and has one planted error. Which of the checker's five cases pass is the clue (a zero `S`? no gates?). Fix
-# it: the checker accepts a function that matches the recurrence to 1e-4 on all five.
+# `S`, and has one planted error. The checker's five cases differ in the entering state and the gates (a zero `S`?
+# no gates?); the case it names as failing, and which cases those are, is the clue. Fix it: the checker accepts a
+# function that matches the recurrence to 1e-4 on all five.
 
 # %%
 def chunk_writes_with_a_bug(k, v, g, beta, S):
@@ -1171,7 +1181,8 @@ check_planted_bug_fixed(chunk_writes_fixed)
 # Without gates a chunk's product of Householder matrices is $I - K^\top W$ (section 5.3). Extend it to the gated
 # rule: the state leaving a chunk is $S' = P S + (\text{terms without } S)$, $P = M_L \cdots M_1$,
 # $M_t = e^{g_t}(I - \beta_t k_t^\top k_t)$. Write $P$ `[K, K]` from $W$ and diagonal scalings (section 5.3's
-# equations), not as a product of $L$ matrices; the checker compares with that product in float64 (to 1e-4).
+# equations), not as a product of $L$ matrices; the checker compares with that product in float64 (to 1e-4), so it
+# cannot tell the two apart: the closed form is the point.
 
 # %%
 def my_chunk_transition(k, beta, g):
@@ -1259,12 +1270,12 @@ check_unit_lower_inverse_kernel(unit_lower_inverse_solution_kernel)
 # - **The chunkwise form**: the UT transform $(I + A)^{-1}$ of each chunk, a unit lower-triangular solve independent
 #   of the state, gives the WY representation $W, \tilde U$; then $U = \tilde U - WS$ and chapter 4's chunk form
 #   with $U$ for $V$ and $e^{G_i - G_j}$ for $\lambda^{i-j}$.
-# - **Seen as attention**, the latest occurrence of a key wins and earlier ones get negative weight. **Cost**: linear
+# - **Seen as attention**, the latest occurrence of a key wins and earlier ones keep a small remainder. **Cost**: linear
 #   in $T$, a constant state; Qwen3-Next's 3:1 stack tends to a quarter of all-attention's FLOPs and KV cache.
 # - **Triton**: the WY kernel solves by $16 \times 16$ blocks and $(I - N)(I + N^2) E$ on tensor cores; a scan over
 #   chunks and a parallel output kernel finish the forward, level with fla's on an H200 from 8K tokens (faster
-#   below); the backward takes about 2.4× fla's time there.
-# - **The layer**: projections, short convolutions with a decoding state, $\beta = \sigma(b)$,
+#   below); forward + backward takes about 2.4× fla's time there.
+# - **The layer**: projections, short convolutions with a decoding state, $\beta = \operatorname{sigmoid}(b)$,
 #   $g = -e^{A_{\log}}\operatorname{softplus}(a + \text{dt\_bias})$, gated RMSNorm; decoding equals prefill.
 #
 # Next, chapter 6 makes the gate a vector per key channel (Kimi Delta Attention).

@@ -42,7 +42,7 @@
 # | section | what |
 # |---|---|
 # | 6.1 Why | one gate a channel; where Kimi Linear uses it |
-# | 6.2 Naive | the recurrence and the chunk form, checked against fla and transformers |
+# | 6.2 Naive | the recurrence (checked against fla and transformers) and the chunk form (against the recurrence) |
 # | 6.3 See it | per-channel forgetting; a two-time-scale recall task where KDA beats GDN |
 # | 6.4 Cost | Kimi Linear's 3 : 1 stack against all-MLA, 4K to 1M tokens |
 # | 6.5 Fast | sub-chunks and reference points; the Triton kernels |
@@ -136,7 +136,8 @@ except ImportError:
 # \end{aligned}
 # $$
 #
-# With $g_t = \gamma_t \mathbf 1$ (the same in every channel) this is exactly Gated DeltaNet. The model computes
+# Vectors are rows, so $k_t^\top k_t$ is a $K \times K$ outer product and the state $S_t$ is $K \times V$; $\sigma =
+# K^{-1/2}$ is the usual attention scale. With $g_t = \gamma_t \mathbf 1$ (the same in every channel) this is exactly Gated DeltaNet. The model computes
 # $g_t$ from the token through a low-rank projection (section 6.6), so it can decide per token and per channel how
 # much to keep. The idea is Gated Linear Attention's per-channel gate (Yang et al. 2024) on the delta rule; the
 # report describes KDA as extending Gated DeltaNet "with a finer-grained gating mechanism, enabling more effective
@@ -146,10 +147,11 @@ except ImportError:
 # 2025); the released checkpoint has 27 layers, 20 KDA and 7 MLA (chapter 0, §0.6). The report claims KV cache
 # usage reduced by **up to 75 %** and **up to 6× decoding throughput for a 1M context** against full MLA (Kimi
 # Team 2025, abstract). The survey lists
-# Kimi K2.5 with the same KDA + MLA 3 : 1 layout [S]; chapter 0 says what transformers' configurations show
-# instead. Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
+# Kimi K2.5 with the same KDA + MLA 3 : 1 layout [S], but transformers' `Kimi_K25Config` has MLA in every layer and
+# no KDA (chapter 0, §0.6). Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
 #
-# The picture: how much of a value written at $t = 0$ survives $t$ tokens of decay. One GDN head has one curve. A
+# The picture: how much of a value written at $t = 0$ survives $t$ tokens of decay at a constant gate $g$, $e^{g
+# t}$. One GDN head has one curve. A
 # KDA head can spread its channels over time scales from a few tokens to thousands — here 8 of its channels, with
 # rates chosen by hand.
 
@@ -159,13 +161,16 @@ fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
 for rate in (0.002, 0.02, 0.2):
     axes[0].plot(t, np.exp(-rate * t), label=f"$g = -{rate}$")
 axes[0].set(title="Gated DeltaNet: one rate a head", xlabel="tokens since the write",
-            ylabel="fraction kept, $e^{G}$", xscale="symlog")
+            ylabel="fraction kept, $e^{g t}$")
 axes[0].legend(fontsize=8)
 rates = np.geomspace(1e-4, 1.0, 8)  # 8 channels of one KDA head, log-spaced
 for c, rate in enumerate(rates):
     axes[1].plot(t, np.exp(-rate * t), color=plt.cm.viridis(c / 7),
                  label=f"channel {c}: {rate:.0e}")
-axes[1].set(title="KDA: one rate a key channel", xlabel="tokens since the write", xscale="symlog")
+axes[1].set(title="KDA: one rate a key channel", xlabel="tokens since the write")
+for ax in axes:  # linear up to one token, logarithmic after
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, 2000)
 axes[1].legend(fontsize=7, ncol=2)
 plt.tight_layout()
 plt.show()
@@ -303,7 +308,9 @@ print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 
 # Chapter 5's chunk algorithm carries over once every scalar decay becomes a vector over the key channels. Inside a
 # chunk of $L$ tokens, let $G_i = g_1 + \dots + g_i \in \mathbb R^K$ be the local cumulative gate and
 # $\Gamma_{ij} = e^{G_i - G_j} \in \mathbb R^K$ ($j \le i$) the decay from token $j$ to token $i$, per channel.
-# Unrolling the recurrence from the state $S$ entering the chunk gives, for the values $u_j$ each token writes,
+# Write the recurrence as what each token adds: $S_i = \operatorname{diag}(e^{g_i}) S_{i-1} + k_i^\top u_i$ with
+# $u_i = \beta_i \big(v_i - (k_i \odot e^{g_i}) S_{i-1}\big)$. Unrolling $S_{i-1} = \operatorname{diag}(e^{G_{i-1}})
+# S + \sum_{j<i} \operatorname{diag}(\Gamma_{i-1,j})\, k_j^\top u_j$ back to the state $S$ entering the chunk gives
 # $u_i + \sum_{j<i} A_{ij} u_j = \beta_i v_i - \beta_i (k_i \odot e^{G_i}) S$ with
 #
 # $$
@@ -440,7 +447,7 @@ plt.show()
 
 # %% [markdown]
 # The GDN head forgets its whole state within ~20 tokens or keeps all of it: it has no way to do both. The KDA head
-# has channels that forget within a token (the bottom rows) and channels that keep nearly everything for hundreds
+# has channels that lose 98 % of a write in one token (the bottom rows) and channels that keep nearly everything for hundreds
 # of tokens (the top rows), and the token-dependent part $f$ can still open or close a channel on any token.
 #
 # ### An experiment with two time scales
@@ -547,7 +554,7 @@ explorer = viz.explorer(draw_two_scales, fact_rate=[0.0, 0.001, 0.01, 0.1],
 # `bench/notes/roofline.md`). Two simplifications make the larger batches a limit rather than a deployment: the
 # weights are 3B parameters at every batch, though 16 tokens routed to 8 of 256 experts each touch about a hundred
 # experts (and a thousand touch all 48B), which would add weight bytes to both stacks and pull the ratio towards 1;
-# and at 1M tokens one all-MLA sequence's cache (30 GiB) already takes a fifth of an H200, so batch 16 needs several
+# and at 1M tokens one all-MLA sequence's cache (30 GiB) already takes nearly a quarter of an H200, so batch 16 needs several
 # GPUs. The curves show what the ratio tends to as caches dominate the bytes.
 
 # %%
@@ -660,13 +667,14 @@ if hf_kimi is not None:
 # MoE FFNs, the same in both stacks, would pull every ratio towards 1.)
 #
 # **Decoding throughput: a gap.** A roofline gives 2.7× at batch 1 (the 6 GB of active weights are read for one
-# token) rising towards $27/7 = 3.9\times$ when caches dominate the bytes: at 1M tokens a decoding step is
+# token) rising towards $27/7 = 3.86\times$ when caches dominate the bytes: at 1M tokens a decoding step is
 # bandwidth-bound for both stacks (absorbed MLA with 32 heads does about 60 FLOPs a cached byte, below the H200's
 # 163), and the hybrid reads 27/7 fewer cache bytes. A model of bytes and FLOPs cannot reach the report's 6×,
-# which is a measured time per output token of real kernels. The remaining factor of about 1.6 (6 / 3.8) is what
-# the roofline leaves out — how far the MLA kernel's attention over a 1M-token cache falls short of the bandwidth
+# which is a measured time per output token of real kernels. The remaining factor — 1.6 (6 / 3.86) if that
+# measurement ran at a large batch, 2.3 (6 / 2.66) at batch 1; the abstract does not say — is what the roofline
+# leaves out — how far the MLA kernel's attention over a 1M-token cache falls short of the bandwidth
 # bound, scheduling, the rest of the layer — and this model cannot say which. (A fixed memory budget lets the
-# hybrid batch about 3.9× more sequences; that raises throughput only where reading the weights dominates.)
+# hybrid batch about 3.8× more sequences; that raises throughput only where reading the weights dominates.)
 
 
 # %% [markdown]
@@ -686,7 +694,7 @@ if hf_kimi is not None:
 #   $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier tokens;
 # - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel walks the block
 #   one diagonal at a time: the entries $(i, i - d)$ for $d = 1, \dots, 15$, every row at once, each step's decay
-#   the previous step's times one more gate.
+#   the previous step's times one more gate ($P$'s own diagonal, $d = 0$, needs no decay).
 #
 # ```
 #        keys j →      sub-chunk 0   1     2     3
@@ -738,7 +746,8 @@ P_sub = intra_chunk_products(xk, xk, gk)
 print(f"sub-chunks with reference points == segment sums: "
       f"{assert_close('P', P_naive, P_sub, 1e-6):.1e}")
 G_all = gk.cumsum(0)
-P_factored = ((xk * G_all.exp()) @ (xk * (-G_all).exp()).T).tril()  # one reference point: token 0
+# one reference point for every pair: the chunk's start
+P_factored = ((xk * G_all.exp()) @ (xk * (-G_all).exp()).T).tril()
 print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).sum().item()} of "
       f"{64 * 65 // 2} entries are inf or NaN")
 
@@ -763,9 +772,10 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
 #
 # Why two kernels for what one chunk could do: a program that holds all 64 rows, $A$, $P$ and the diagonal walk at
-# once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads; a
-# program per sub-chunk is light, and four times as many run side by side (`bench/notes/kda.md` measures the
-# difference). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
+# once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads.
+# A program per sub-chunk makes four times as many programs, each with a quarter of the rows and a fraction of the
+# shared memory, so more of them run side by side and hide each other's loads: the intra-chunk work went from 7.3 to
+# 0.87 ms at B 2, T 8K (`bench/notes/kda.md`). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
 # backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products backwards, and the suffix
 # sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering notes at the end.
 # The intermediates the backward reads are float32, except the decayed rows $W$, $Q \odot e^{G}$ and
@@ -1165,8 +1175,8 @@ check_intra_products(intra_products_solution)
 #
 # In section 6.3's experiment the fact is written with $\beta = 1$ at $t = 0$ into 8 channels, and the next
 # $T - 1$ tokens write variables into the other 24. Suppose the fact's channels decay at $g = -r$ a token instead
-# of 0. Predict — without running anything — the relative recall error $\lVert k^\ast S_{T} - v^\ast\rVert /
-# \lVert v^\ast \rVert$ after the last token, as a function `my_fact_error(rate, T)`. The checker runs the
+# of 0. Predict — without running anything — the relative recall error $\lVert k^\ast S_{T-1} - v^\ast\rVert /
+# \lVert v^\ast \rVert$ after the last token ($t = T - 1$), as a function `my_fact_error(rate, T)`. The checker runs the
 # recurrence for five (rate, $T$) pairs and accepts predictions within $10^{-3}$.
 
 # %%
@@ -1267,7 +1277,8 @@ check_kda_step_kernel(kda_step_solution)
 # - **The chunk form** is chapter 5's WY/UT form with the decay inside the sum over channels:
 #   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij},
 #   k_j\rangle$. The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel
-#   gets tensor-core products back with **sub-chunks of 16 and a reference point** $r$ between every pair
+#   gets tensor-core products back with **sub-chunks of 16 and a reference point** $r$ between every pair outside
+#   the diagonal blocks
 #   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and walks the $16 \times 16$ diagonal blocks one
 #   diagonal at a time; every exponent is a sum of gates over a range, exact in float32. The single-reference
 #   factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.

@@ -99,7 +99,8 @@ DEVICE = runtime.device()
 # u_t = \operatorname{Attn}\bigl(h_t,\; \{ c_s : s \in S_t \}\bigr) ,
 # $$
 #
-# attention over the $k$ selected cache entries $c_s$ only, the same set for all 128 query heads. The indexer is
+# where $h_t$ is token $t$'s hidden state: attention over the $k$ selected cache entries $c_s$ only, the same set
+# for all 128 query heads. The indexer is
 # cheap thanks to few heads, ReLU instead of a softmax (no normalisation over $s$: scores can be computed block by block
 # and compared) and FP8 arithmetic. It still visits *every* past token for every query — $O(T^2)$ — but at
 # $64 \times 128$ multiply-adds a pair against MLA's $128 \times (192 + 128)$ in its expanded form, a fifth of the
@@ -112,8 +113,10 @@ DEVICE = runtime.device()
 #
 # The problem and the answer in one picture: the attention work of one token of a prefill, at V3.2's shapes, for
 # dense MLA and for DSA (section 8.6 builds this cost model; here, its answer). Dense work grows with every past
-# token; DSA's grows at a fifth of the slope — the indexer still scores every token — plus a constant for the
-# 2,048 it keeps.
+# token. Once a token sees more than the 2,048 keys DSA keeps, DSA's work grows at a fifth of dense's slope (the
+# indexer still scores every token) on top of a constant for the kept ones; before that its sparse attention grows
+# too, faster than dense (the latent form's 1,088 multiply-adds a head per key against 320), so a single token of
+# DSA costs more than dense below about 8.7K keys (section 8.6).
 
 # %%
 from minisparse.dsa import dsa_cost  # section 8.6
@@ -547,7 +550,8 @@ print(f"cache: {len(cache)} tokens × ({layer.kv_lora_rank} + {layer.qk_rope_hea
 #
 # A fresh indexer chooses at random. DeepSeek started V3.2 from V3.1-Terminus's dense checkpoint and taught the
 # indexer to imitate the dense attention first. For query $t$ the target is the
-# dense attention summed over the $H$ heads and renormalised, $p_{t,:} = \sum_h P^h_{t,:} / H$, and the loss is
+# dense attention summed over the $H$ heads and renormalised, $p_{t,:} = \sum_h P^h_{t,:} / H$ ($P^h$: head $h$'s
+# softmax attention probabilities), and the loss is
 #
 # $$
 # \mathcal L^I = \frac{1}{T}\sum_t D_{\mathrm{KL}}\bigl(p_{t,:} \,\big\|\, \operatorname{softmax}(I_{t,:})\bigr) .
@@ -592,8 +596,10 @@ def attention_recall(p_attn, indices):
 
 # %% [markdown]
 # At reading size: one `DSAttention` layer (hidden 64, 4 heads, an indexer of 4 heads × 16, k = 8) over sequences of
-# $T = 64$ tokens from a vocabulary of 64 random embeddings. Its main weights are random but scaled up, so its dense
-# attention is peaked, as a trained model's is. Recall is measured on held-out sequences for queries that see more
+# $T = 64$ tokens from a vocabulary of 64 random embeddings. Its main weights are random but scaled up, so that its
+# dense attention is concentrated on a few tokens, though less than a trained model's: the best 8 tokens hold 60 %
+# of it. What matters below is how close the indexer gets to that best, not the absolute recall (with $k$ = 2,048 of
+# 128K, a real model's best $k$ holds far more). Recall is measured on held-out sequences for queries that see more
 # than 16 tokens, against the best any 8 tokens could do (the top-8 of $p_t$ itself).
 
 # %%
@@ -645,11 +651,11 @@ def warm_up(steps=300, lr=3e-3, log_every=50):
             p = student.attention_probs(x)  # [16, T, H, T] the target's source
         _, _, scores = student(x, return_indices=True)
         loss = indexer_kl_loss(p, scores)
+        if step % log_every == 0:  # before this step's update: step 0 is the fresh indexer
+            log.append((step, loss.item(), recall_now()))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % log_every == 0:
-            log.append((step, loss.item(), recall_now()))
     return log
 
 # %% tags=["nbval-ignore-output"]
@@ -711,7 +717,9 @@ explorer = viz.explorer(draw_selection, k=(1, 32, 1))
 # ## 8.6 Cost model
 #
 # Count per token: a token at position $t$ sees $c = t + 1$ keys. One layer's attention core, at DeepSeek-V3.2's
-# shapes (128 heads, latent 512 + 64, q/k 192 and v 128 expanded, indexer 64 heads × 128, k = 2,048):
+# shapes: $H = 128$ heads; the latent $d_c = 512$ and RoPE $d_R = 64$ key dims; $d_{qk} = 192$ and $d_v = 128$ in
+# the expanded form; an indexer of $H^I = 64$ heads × $d^I = 128$; $k = 2{,}048$ (here $c$ counts keys; section
+# 8.1's $c_s$ was a cache entry):
 #
 # - **dense** (V3.1), prefill in MLA's expanded form, as DeepSeek prefills: $2 H c\,(d_{qk} + d_v)$ FLOPs
 #   (`mha_decode_flops`); decoding reads the latent cache, $c\,(d_c + d_R)$ numbers (`mla_decode_bytes`);
@@ -723,12 +731,14 @@ explorer = viz.explorer(draw_selection, k=(1, 32, 1))
 #
 # The latent form is a choice of this model and of section 8.7's kernels, not of DSA: the V3.2-Exp report says
 # short prefills run DSA as a masked MHA instead: the expanded form over all $c$ keys with the unselected ones
-# masked, which at $c \le k$ (every key kept) costs $320H$ FLOPs a key pair where the latent form costs $1088H$. The
+# masked, which at $c \le k$ (every key kept) costs $320H$ multiply-adds a key pair where the latent form costs
+# $1088H$. The
 # break-even points below hold for the latent form.
 #
 # Not counted: the projections (the same for both, plus the indexer's $O(1)$ a token), the exponentials, and
 # whether a kernel reaches the arithmetic or bandwidth peak. With `index_fp8` the indexer's FLOPs count half
-# (FP8 runs at twice bf16's tensor-core rate).
+# (FP8 runs at twice bf16's tensor-core rate). The selection's one comparison a score makes it look free; section
+# 8.8 measures otherwise (at 64K `torch.topk` adds 30 ms to the indexer's 125).
 
 # %%
 #| export dsa.cost
@@ -863,10 +873,18 @@ print({f"{h} heads, {'FP8' if f else 'bf16'}": v for (h, f), v in even.items()})
 assert abs(even[128, False] / 8704 - 1) < 0.01 and abs(even[16, True] / 34816 - 1) < 0.01
 assert round(even[128, True], -2) == 7700
 assert even[16, False] is None and 0.75 < dsa_cost(131071)["share"] < 0.82
+# a whole prefill of T tokens: the sums of the per-token costs up to T
+whole = {}
+for fp8 in (False, True):
+    cost = dsa_cost(c_all, index_fp8=fp8)
+    whole[fp8] = int(np.argmax(np.cumsum(cost["dsa"]) < np.cumsum(cost["dense"]))) + 1
+print(f"a whole prefill breaks even at {whole[False]} tokens (FP8 indexer: {whole[True]})")
+assert round(whole[False], -2) == 16300 and round(whole[True], -2) == 14400
 
 # %% [markdown]
-# With 128 heads DSA's prefill is cheaper from about 8.7K keys (7.7K with FP8); the indexer's share of DSA's
-# cost rises to about 80 % at 128K, because the sparse attention stops growing at $k$. With 16 heads a bf16
+# With 128 heads a token of DSA's prefill is cheaper than dense from about 8.7K keys (7.7K with FP8); summed over a
+# whole prefill, which pays for its early tokens too, DSA breaks even at about 16.3K tokens (14.4K with FP8). The
+# indexer's share of DSA's cost rises to about 80 % at 128K, because the sparse attention stops growing at $k$. With 16 heads a bf16
 # indexer never breaks even and an FP8 one only from about 35K keys. GLM-5's attention (64 heads of 256 + 256,
 # indexer 32 × 128) sits comfortably on the winning side: its indexer is an eighth of its dense attention.
 #
@@ -1188,7 +1206,8 @@ from minisparse.testing import attempt
 # much time with an FP8 indexer, which runs at twice the rate), and its sparse attention (latent form) $H \cdot
 # 1088$ on each of the $k$ keys it keeps. Write the number of keys $c$ at which the two tokens cost the same, as a
 # float, or `math.inf` when DSA never gets cheaper. The checker
-# tries 128 and 16 heads, bf16 and FP8 indexers, and two other shapes (compare with section 8.6's plot).
+# tries 128 and 16 heads, bf16 and FP8 indexers, and two other shapes (section 8.6's plot also counts the
+# selection's comparison a key, so its numbers differ from this count by under one key).
 
 # %%
 def my_break_even(H, HI, DI, k, fp8):
@@ -1310,8 +1329,8 @@ check_index_score_tile(index_score_kernel_solution)
 #   losses do not mix. At reading size the top-8 recall more than doubled.
 # - **Cost**: the indexer is still $O(T^2)$, at $64 \times 128$ multiply-adds a pair against dense MLA's $128 \times
 #   320$. At V3.2's shapes a 128K prefill costs about 43 % of dense over the whole model, a decoding step reads a
-#   seventh of the attention bytes with FP8 index keys (a quarter in bf16); DSA breaks even from about 8.7K keys with
-#   128 heads and never, in bf16, with 16 — the head count decides (prefill with a bf16 indexer; an FP8 indexer
+#   seventh of the attention bytes with FP8 index keys (a quarter in bf16); a token of DSA is cheaper than dense
+#   from about 8.7K keys with 128 heads (a whole prefill from about 16.3K tokens) and never, in bf16, with 16 — the head count decides (prefill with a bf16 indexer; an FP8 indexer
 #   halves the indexer's FLOPs: break-even at 7.7K keys with 128 heads, 35K with 16).
 # - **Fast and measured**: the kernels gather the selected rows for a block of heads at once and score the indexer with
 #   one product of all its heads against a key tile, with no `[T, T]` matrix. On an H200 they are correct; DSA's
