@@ -494,7 +494,8 @@ plt.show()
 # - **Top-k attention** matches full attention until $T = k$ and then grows linearly: at 128K it is 3 % of full
 #   attention. DSA's **indexer** still touches every pair, so its share grows with $T$: from about 69K tokens it
 #   costs more than the attention it serves, which is why it has few heads, small dimensions and runs in FP8.
-#   Together, at 128K, DSA's attention costs about a tenth of full attention in this model.
+#   Together, at 128K, DSA's attention costs about a tenth of full attention in this model — with the absorbed
+#   form's constant; prefill runs MLA's other form, where $c_{\mathrm{idx}} = 0.2$ and the sum is about a quarter.
 #
 # The check below asserts these readings from the cost functions, so the prose cannot drift from the code.
 
@@ -514,6 +515,8 @@ T128 = 131072
 assert 0.025 < topk_cost(T128) / full_cost(T128) < 0.035
 assert C_IDX * full_cost(T128) > topk_cost(T128)
 assert 0.08 < dsa_cost(T128) / full_cost(T128) < 0.10
+# with the non-absorbed form's constant, as prefill runs MLA: about a quarter
+assert 0.2 < dsa_cost(T128, c_idx=0.2) / full_cost(T128) < 0.25
 # The length from which the indexer costs more than the top-k attention it serves.
 T_grid = np.arange(K_TOPK, 1 << 17, 64)
 T_idx = int(T_grid[np.argmax(C_IDX * full_cost(T_grid) > topk_cost(T_grid))])
@@ -679,7 +682,7 @@ plt.show()
 # ### The released Kimi Linear layout
 #
 # `transformers`' configuration classes default to the real checkpoints' shapes — with one exception that matters
-# here. `KimiLinearConfig()` with no arguments places MLA in every fourth layer counting from 0: 6 MLA layers (1-based
+# here. `KimiLinearConfig()` with no arguments places MLA in every fourth layer after layer 0: 6 MLA layers (1-based
 # 5, 9, …, 25) and 21 KDA layers. The released checkpoint
 # ([moonshotai/Kimi-Linear-48B-A3B-Instruct](https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct),
 # `config.json`) lists its layers itself, 1-based, under `linear_attn_config`: MLA in layers 4, 8, 12, 16, 20, 24
@@ -1036,7 +1039,7 @@ def check_cache_prediction(fn, seq_len=1 << 20, tol=0.1):
 # | | layers | full-attention layers cache, per token | linear layers keep, per layer |
 # |---|---|---|---|
 # | Qwen3-Next-80B-A3B | 48: 12 gated attention + 36 Gated DeltaNet | keys and values of 2 KV heads × 256 dims | 32 states of 128 × 128 |
-# | Kimi Linear 48B-A3B (released) | 27: 7 MLA + 20 KDA | a 512-dim latent + a 64-dim RoPE key | 32 states of 128 × 128 |
+# | Kimi Linear 48B-A3B (released) | 27: 7 MLA + 20 KDA | a 512-dim latent + a 64-dim key part (unrotated: Kimi Linear's MLA uses no RoPE) | 32 states of 128 × 128 |
 #
 # Before writing any code, predict: which of the two keeps the smaller cache for one sequence of $2^{20}$ tokens
 # (cache in bf16, states in fp32), and what is the ratio cache(Kimi Linear) / cache(Qwen3-Next)? Return
@@ -1162,11 +1165,11 @@ assert 0.025 < moba_128k < 0.03
 # - Attention sparsity comes in three forms: **select** (DSA, NSA, MoBA: $O(T\cdot k)$), **recur** (lightning,
 #   Gated DeltaNet, KDA: $O(T)$ time, constant state), and **mix** (3:1 and 7:1 hybrids). MLA is not sparse but
 #   shrinks the cache, and DSA builds on it.
-# - The 2026 flagships split into four routes: hybrid linear/full (Qwen3.5, Kimi Linear), mostly linear
+# - The 2025–26 models split into four routes: hybrid linear/full (Qwen3.5, Kimi Linear), mostly linear
 #   (MiniMax-M1), sparse selection (DeepSeek V3.2, GLM-5) and full attention (MiniMax-M2).
 # - Hybrids stay quadratic: at long context a 3:1 stack costs ¼ of full attention, a 7:1 stack ⅛. Their bigger win
 #   is the cache. DSA's attention is linear in $T$ past $k$, but its indexer is not; at 128K the pair costs about
-#   a tenth of full attention in this book's FLOP model. The survey's "about 50 %" for DSA is its own figure, with
+#   a tenth of full attention in this book's FLOP model with MLA's absorbed form, a quarter with its prefill form. The survey's "about 50 %" for DSA is its own figure, with
 #   no statement of what it measures.
 # - Per token of context, MHA at DeepSeek-V3's shape caches 3.8 MiB, MLA 69 KiB (57× less), a 3:1 MLA hybrid
 #   17 KiB plus constant states that pay off after about 7 000 tokens.

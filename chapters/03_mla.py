@@ -164,15 +164,17 @@ def kv_cache_bytes(config, seq_len, dtype=torch.bfloat16, *, batch=1):
 
 
 # %% [markdown]
-# Real models first: six checkpoints' cache per token, from transformers' configuration classes (no download). Kimi
-# Linear keeps MLA in 6 of its 27 layers; the others are linear attention with a fixed-size state (chapter 6).
+# Real models first: six checkpoints' cache per token, from transformers' configuration classes (no download). The
+# default `KimiLinearConfig` keeps MLA in 6 of its 27 layers (the released checkpoint in 7, chapter 0); the others
+# are linear attention with a fixed-size state (chapter 6).
 
 # %%
 from minisparse.mla import attention_family, kv_cache_bytes
 
 REAL = {"LlamaConfig": "Llama-2-7B (MHA)", "MistralConfig": "Mistral-7B (GQA 4:1)",  # class: label
         "FalconConfig": "Falcon-7B (MQA)", "DeepseekV3Config": "DeepSeek-V3 (MLA)",
-        "GlmMoeDsaConfig": "GLM-5 (MLA + DSA)", "KimiLinearConfig": "Kimi Linear (6 MLA layers)"}
+        "GlmMoeDsaConfig": "GLM-5 (MLA + DSA)",
+        "KimiLinearConfig": "Kimi Linear (config: 6 MLA layers)"}
 real = {}
 if transformers is not None:
     for cls_name, label in REAL.items():
@@ -241,22 +243,32 @@ assert round(mla * T128 / 1e9, 1) == 9.2 and mla / (61 * 2 * 128 * 2) == 2.25  #
 # Per layer MLA caches $d_c + d_R = 4.5\,d_h$ numbers a token, as much as GQA with 2.25 groups — while the paper
 # reports quality *above* MHA's, which GQA and MQA do not reach.
 #
-# In bytes per decoding step: DeepSeek-V3 activates 37B parameters a token (FP8, one byte each); with 64
-# sequences of 32k tokens, one step reads:
+# In bytes per decoding step: DeepSeek-V3 activates 37B parameters a token (FP8, one byte each), but a batch
+# reads more weights than one token does: each token picks 8 of a layer's 256 routed experts, so 64 tokens reach
+# $1 - (1 - 8/256)^{64} = 87\,\%$ of them (chapter 2's routing). With 64 sequences of 32k tokens, one step reads:
 
 # %%
-B_DEC, T_DEC, weights_bytes = 64, 32 * 1024, 37e9  # weights: 37B active parameters in FP8
+B_DEC, T_DEC = 64, 32 * 1024
+routed = 58 * 256 * 3 * 7168 * 2048  # the routed experts' parameters: 58 MoE layers × 256 × SwiGLU
+per_token_routed = routed * 8 / 256
+reached = 1 - (1 - 8 / 256) ** B_DEC  # the share of routed experts the batch's tokens pick
+weights_bytes = 37e9 - per_token_routed + reached * routed  # FP8: a byte a parameter
 for name, cfg in FAMILIES.items():
     cache = kv_cache_bytes(cfg, T_DEC, batch=B_DEC)
     share = cache / (cache + weights_bytes)
     print(f"{name:20s} cache {cache / 1e9:9,.0f} GB   weights {weights_bytes / 1e9:.0f} GB   "
           f"cache share of the bytes read {share:6.1%}")
-assert round(share, 1) == 0.8  # MLA's (the last row): four fifths
+even = weights_bytes / (B_DEC * kv_cache_bytes(V3, 1))  # MLA's context where cache = weights
+print(f"experts reached: {reached:.0%}; MLA's cache passes the weights from "
+      f"{even / 1024:.0f}k tokens")
+assert round(share, 1) == 0.2 and round(even / 1024) == 127  # MLA's (the last row)
 
 # %% [markdown]
-# Even with MLA the cache is four fifths of what a step reads at this batch and length: at long context, decoding
-# speed *is* cache-reading speed. That is why the decode kernel of section 3.7 is judged in GB/s of latent cache
-# read, against the memory bandwidth.
+# With MHA's cache the cache is nearly everything a step reads (94 %); with MLA's, at this batch and length it is a
+# fifth and the experts' weights the rest — until about 127k tokens, where the cache passes them. A model's serving setup
+# (expert parallelism spreads the experts over GPUs, each with its own share of the batch's sequences) moves these
+# numbers, but not the trend: at long context, decoding speed is cache-reading speed. That is why the decode kernel
+# of section 3.7 is judged in GB/s of latent cache read, against the memory bandwidth.
 #
 # ## 3.2 Naive: attention through a low-rank latent
 #
@@ -758,7 +770,7 @@ explorer = viz.explorer(draw_ranks, kv_lora_rank=(64, 1024, 64), qk_rope_head_di
 # | MLA, absorbed | $2 n_h T (2 d_c + d_R)$ (+ $2 n_h d_c (d_h + d_v)$ for the two folds) | $2\, T (d_c + d_R)$ |
 #
 # with $d_k = d_h + d_R$ for MLA's expanded keys. Expanding every step reads little but multiplies every cached
-# latent by `kv_b_proj` again: at DeepSeek-V3's sizes 16.8 MFLOPs *per cached token per layer*. Absorbing moves
+# latent by `kv_b_proj` again: at DeepSeek-V3's sizes 33.6 MFLOPs *per cached token per layer*. Absorbing moves
 # that product to the one new token. What remains is $2(2 d_c + d_R) = 2176$ FLOPs per head per cached token
 # against 1152 bytes — an arithmetic intensity of about $1.9\, n_h$ FLOP/byte, because all heads share one cache,
 # where MHA has 1. Each row of the table is a one-line function (`mla_decode_flops`, `mla_decode_bytes`,
@@ -777,7 +789,7 @@ print(f"absorbed MLA, 128 heads: {intensity:.0f} FLOP/byte (H200 ridge {RIDGE:.0
       f" of the bandwidth takes {need / 1e12:.0f} TFLOP/s = {need / PEAK:.0%} of the bf16 peak")
 assert abs(intensity - 2 * 128 * 1088 / 1152) < 1e-9 and intensity > RIDGE
 assert [round(x) for x in (intensity, RIDGE, need / 1e12, 100 * need / PEAK)] == [242, 163, 617, 89]
-assert mla_expand_flops(1, 128) == 2 * 512 * 128 * 256  # 16.8 MFLOPs per cached token per layer
+assert mla_expand_flops(1, 128) == 2 * 512 * 128 * 256  # 33.6 MFLOPs per cached token per layer
 
 T_, B_C = np.array(CONTEXT), 64
 rows = {  # name: (FLOPs, bytes of one step)
@@ -1076,9 +1088,10 @@ assert round(read[0] / 1e9, 2) == 0.08 and round(read[1] / 1e9, 1) == 5.4
 # %% [markdown]
 # **Takeaways** (H200, bf16, 2026-12-04):
 #
-# - **128 heads: compute-bound, not memory-bound.** `mla_decode` reads the latent cache at up to ≈ 1.1 TB/s, 26 %
-#   of the 4.25 TB/s copy ceiling, but every cached value serves all 128 heads (≈ 242 FLOP a byte) and the kernel
-#   runs at ≈ 270 TFLOP/s. With 16 heads (one GPU's share under 8-way tensor parallelism) the arithmetic is 8×
+# - **128 heads: compute-bound by intensity, and short of both roofs.** `mla_decode` reads the latent cache at up to
+#   ≈ 1.1 TB/s, 26 % of the 4.25 TB/s copy ceiling, but every cached value serves all 128 heads (≈ 242 FLOP a byte)
+#   and the kernel runs at ≈ 270 TFLOP/s, 39 % of the 693 a bf16 matmul reaches: reading at 60 % of the bandwidth
+#   would take 89 % of it (section 3.6). With 16 heads (one GPU's share under 8-way tensor parallelism) the arithmetic is 8×
 #   lighter and it reaches 3.74 TB/s, 88 % of the ceiling, at B = 64 and T = 64k (83 % at B = 16), in head blocks
 #   as tall as the 16 query rows (16 × 128 tiles, 8 warps: the configuration the autotuner picks at every 16-head
 #   shape).

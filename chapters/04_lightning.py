@@ -272,8 +272,9 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state "
 # $$
 #
 # Head 0 forgets fastest ($s = 2^{-8/H}$, a half-life under a token for $H = 64$); the last head keeps a memory of
-# hundreds of tokens. Deeper layers forget more slowly, and the last layer almost not at all ($s \approx 10^{-5}$
-# times the head's rate). The two $10^{-5}$ keep the rate positive in the last layer and are part of the released
+# hundreds of tokens. Deeper layers forget more slowly: the formula's last layer ($\ell = L - 1$) would keep
+# almost everything ($s \approx 10^{-5}$ times the head's rate), but in MiniMax-01 and M1 that layer is a softmax
+# layer, and the last lightning layer (78 of 80) keeps about 1 % of the head's rate. The two $10^{-5}$ keep the rate positive in the last layer and are part of the released
 # code; we copy them so that the buffers match `transformers'` bit for bit (checked in the Engineering notes).
 
 # %%
@@ -316,7 +317,8 @@ def decay_matrix(slope, length):
 from minisparse.lightning import decay_matrix, minimax_slopes
 
 H_M1, L_M1 = 64, 80  # MiniMax-01 / M1: 64 heads, 80 layers (MiniMax-01 report, Table 2)
-for layer in (0, 40, 79):
+# 78: the last lightning layer (every eighth layer is softmax: 7, 15, …, 79)
+for layer in (0, 40, 78):
     s = minimax_slopes(H_M1, layer, L_M1)
     print(f"layer {layer:2d}: rates {s[0]:.3g} … {s[-1]:.2e}; "
           f"half-lives {math.log(2) / s[0]:.1f} … {math.log(2) / s[-1]:,.0f} tokens")
@@ -404,8 +406,8 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
 # $$
 #
 # The intra-block part is quadratic in $C$ only; the inter-block part is one $C \times K$ by $K \times V$ product;
-# and the state moves on by one $K \times C$ by $C \times V$ product. Every exponent is $\le 0$ — $i - j \ge 0$,
-# $i + 1 > 0$, $L - 1 - j \ge 0$ — so no factor can overflow, even for a fast head whose $\lambda^{64}$ underflows to
+# and the state moves on by one $K \times C$ by $C \times V$ product. Every power of $\lambda$ is non-negative —
+# $i - j \ge 0$, $i + 1 > 0$, $L - 1 - j \ge 0$ — so every exponent of $e$ is $\le 0$ and no factor can overflow, even for a fast head whose $\lambda^{64}$ underflows to
 # zero. (Forms that divide by $\lambda^{j}$ to factor $D$ into a product of two vectors do overflow; this one never
 # does.) MiniMax's released code and `transformers` use exactly these three factors with $C = 256$. The picture:
 # each chunk's outputs need only its own rows and the state entering it; the states form a chain.
@@ -995,8 +997,8 @@ assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] =
 
 # %% [markdown]
 # Softmax attention recalls nearly every pair up to hundreds of them; the linear state is perfect for a few pairs,
-# then loses them once $N$ passes $d$, and the decayed state also forgets the oldest pairs first, whatever their
-# number. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
+# then loses them once $N$ passes $d$; the decayed state (a half-life of about 50 tokens) behaves much like it at
+# these sizes — its forgetting of the oldest pairs shows only for pairs written more than a half-life back. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
 # softmax layers to do the exact look-ups — the layers M2 decided to keep everywhere. Chapters 5 and 6 improve the
 # state itself: the delta rule *overwrites* a key's old value instead of adding to it, which raises the recall of
 # a $d \times d$ state considerably.
@@ -1077,7 +1079,8 @@ assert round(gap[65536]) == 40 and all(1.8 < gap[2 * T] / gap[T] < 2.2 for T in 
 #   and more at 8K than at 16K: the time to issue its kernels from Python, which varies from machine to machine
 #   (`bench/notes/lightning.md`). Ours is host-bound at 1K (slower than at 2K). Read the ratios below 16K as launch
 #   overheads.
-# - **Both grow linearly in $T$**: SDPA's causal forward is faster only up to 2K tokens; at 64K our forward takes
+# - **Ours and fla's grow linearly in $T$, SDPA quadratically**: SDPA's causal forward is faster only up to 2K
+#   tokens; at 64K our forward takes
 #   1.5 ms where SDPA takes 59 ms (40×), and from 8K the gap about doubles with each doubling of $T$.
 
 # %% [markdown]
@@ -2057,7 +2060,7 @@ def check_output_tile_kernel(kernel):
     dev = "cuda" if runtime.has_gpu() and not runtime.interpreting() else "cpu"
     tol = 1e-4 if dev == "cpu" else 2e-3  # a GPU's fp32 tl.dot may round through TF32 unless "ieee"
     shapes = [(5, 3, 7, 0.3), (16, 16, 16, 1e-3), (13, 20, 9, 2.0), (1, 4, 4, 0.5),
-              (33, 8, 24, 0.05)]
+              (33, 8, 24, 0.05), (33, 8, 16, 8.0)]  # the last: e^{8·32} overflows fp32
     for n, (L, K, V, slope) in enumerate(shapes):
         q, k, v, S, _ = _case(L, K, V, slope, True, 10 + n)
         ref = _recurrence(q, k, v, S, slope)[0]

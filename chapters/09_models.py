@@ -97,7 +97,8 @@ BACKEND = "auto" if runtime.has_gpu() else "naive"  # on a CPU the layers' PyTor
 # | full attention | Mixtral 8x7B, MiniMax-M2 | the whole cache in every layer |
 #
 # The survey also records the tension between them: MiniMax went back to full attention for M2, citing accuracy
-# on reasoning and multi-turn tasks, and brought lightning attention back in M2.5. A fixed-size state is cheap
+# on reasoning and multi-turn tasks, and (the survey says) brought lightning attention back in M2.5 — a claim
+# chapter 0 could not confirm: M2.5's released configuration is softmax attention in every layer. A fixed-size state is cheap
 # and forgets; a cache is exact and grows. To compare the routes on equal terms we need them in one framework:
 # one model class in which only the mixer of each layer changes. Everything else — embeddings, RMSNorm,
 # residuals, the FFN (dense or chapter 2's MoE) — is shared.
@@ -595,9 +596,11 @@ _COUNTED = {}
 # as the survey lists only Kimi K2.5). Two conventions explain the gaps:
 #
 # - **MTP layers.** DeepSeek-V3/V3.2 ship a multi-token-prediction module (one more MoE layer, a projection
-#   $2d \to d$, its own copies of embedding and head): 685B = 671.9B of model + about 14B of MTP. Inference
+#   $2d \to d$, and the embedding and head, which it shares with the model but the checkpoint stores again): 685B
+#   = 671.9B of model + about 14B of MTP. Inference
 #   without speculative decoding never runs it, and transformers does not build it; we count it only here.
-# - **Embeddings.** "Activated" figures leave out the embedding table and usually the LM head: MiniMax-M1's
+# - **Embeddings.** "Activated" figures often leave out the embedding table and sometimes the LM head (Mixtral's
+#   13B keeps both: our 12.9B): MiniMax-M1's
 #   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B), DeepSeek's 37B our 38.4B
 #   minus the input table (37.5B). Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way, and Kimi
 #   Linear's 48B total is our 49.1B less both embedding matrices (2 × 163,840 × 2,304 = 0.76B): 48.4B.
@@ -802,7 +805,8 @@ print(f"generating 100K tokens, MiniMax-M1 / dense MLA at V3.2's shapes: "
 #
 # A serving engine decodes many sequences in one step. The dense weights are read once for the whole batch; an MoE
 # layer reads every expert that at least one of the batch's tokens is routed to — with uniform routing
-# $E\,(1 - (1 - k/E)^B)$ of its $E$ experts for a batch of $B$, so a large batch reads nearly all of them, not the
+# $E\,(1 - (1 - k/E)^B)$ of its $E$ experts for a batch of $B$ (each token misses a given expert with probability
+# $1 - k/E$, independently of the others), so a large batch reads nearly all of them, not the
 # active share; each sequence's cache or state is read for that sequence alone. Pick a context and a batch: the
 # bars give the bytes read a generated token, the weights' share and the mixers' apart. At batch 1 and up to 32K
 # the active weights decide (from 128K the dense baseline's cache outweighs its weights); at 64 DeepSeek-V3.2
@@ -972,7 +976,7 @@ assert min(recall["hybrid GF"][8], recall["sparse DD"][8]) > 0.7  # one layer / 
 # new pair written into the state overwrites part of the others. Lightning attention stays near
 # $1/N$: its decayed sum of $k v^\top$ never removes anything, so the keys blur together and the model falls back
 # on naming some value it has seen. One attention layer of two (`GF`) recovers most of what full attention
-# has (about 0.9 at 8 pairs); DSA's top-8 selection is close to full attention at 2 and 4 pairs and falls behind
+# has (0.95 at 8 pairs); DSA's top-8 selection is close to full attention at 2 and 4 pairs and falls behind
 # beyond (about 0.8 at 8 pairs and 0.5 at 16, against 1.00 and 0.85), when 8 kept tokens must include the
 # query's key among more candidates. This is the
 # survey's "linear attention accuracy" tension at reading size; the presets themselves, at 8 layers on a GPU,
@@ -1079,8 +1083,8 @@ if RESULTS is not None:
 # committed GPU results fill (recall with the most pairs trained, the final loss on text, training throughput and
 # peak memory, the latency of a decoded token after 8K of context). Units: parameters as built (embeddings
 # included, MTP layers not: section 9.4); the KV cache a token in bf16 summed over layers; the state a sequence in
-# fp32 (recurrent states) and bf16 (convolution inputs); the 128K step for one sequence with bf16 weights, caches
-# and states, in GB read and GFLOP;
+# fp32 (recurrent states) and bf16 (convolution inputs); the 128K step for one sequence with bf16 weights and
+# caches and fp32 states, in GB read and GFLOP;
 # the last five columns from the width-128 presets on the H200, toy-scale measurements beside full-scale estimates.
 
 # %%
@@ -1124,7 +1128,7 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 
 # %% [markdown]
 # The table's lesson is the survey's, made quantitative. Sparse selection (V3.2, GLM-5) holds a cache in every
-# layer — the smallest a full-attention layer can have — but a step reads only 2,048 latents of it and every
+# layer — a small one: MLA's latent — but a step reads only 2,048 latents of it and every
 # index key: the bytes its step reads barely grow with context (its FLOPs do: the indexer scores every key), and
 # it costs a tenth of dense MLA's FLOPs at 128K. The survey's own
 # figures are smaller savings: about 50 % less compute at 128K for DSA, and 25–30 % of DeepSeek-R1's compute to

@@ -596,6 +596,10 @@ def _flash_tile(bug):
             s = tl.dot(q, tl.trans(k)) * scale
             if BUG == 3:  # the stub: the loop body left empty
                 pass
+            elif BUG == 4:  # no running max: plain exp, exact until a score passes 88
+                p = tl.exp(tl.where(cols[None, :] <= rows[:, None], s, float("-inf")))
+                l = l + tl.sum(p, 1)
+                acc = acc + tl.dot(p, v)
             else:
                 if BUG == 1:  # off by one: a query does not see itself
                     s = tl.where(cols[None, :] < rows[:, None], s, float("-inf"))
@@ -621,9 +625,10 @@ def _flash_tile(bug):
 
 def test_check_flash_tile(capsys):
     check_flash_tile(_flash_tile(0))
-    assert capsys.readouterr().out == "✓ flash tile: all 4 shapes match causal attention_ref\n"
-    for bug, why in [(1, "check the mask"), (2, "rescale l and acc"), (3, "has not updated")]:
-        with pytest.raises(ExerciseError, match=f"(?s)flash tile: T=37, D=16: row .*{why}"):
+    assert capsys.readouterr().out == "✓ flash tile: all 5 cases match causal attention_ref\n"
+    for bug, T, why in [(1, 37, "check the mask"), (2, 37, "rescale l and acc"), (3, 37, "has not updated"),
+                        (4, 29, "subtract the running max")]:
+        with pytest.raises(ExerciseError, match=f"(?s)flash tile: T={T}, D=16: row .*{why}"):
             check_flash_tile(_flash_tile(bug))
 
 

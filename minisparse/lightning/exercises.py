@@ -134,7 +134,7 @@ def check_output_tile_kernel(kernel):
     dev = "cuda" if runtime.has_gpu() and not runtime.interpreting() else "cpu"
     tol = 1e-4 if dev == "cpu" else 2e-3  # a GPU's fp32 tl.dot may round through TF32 unless "ieee"
     shapes = [(5, 3, 7, 0.3), (16, 16, 16, 1e-3), (13, 20, 9, 2.0), (1, 4, 4, 0.5),
-              (33, 8, 24, 0.05)]
+              (33, 8, 24, 0.05), (33, 8, 16, 8.0)]  # the last: e^{8·32} overflows fp32
     for n, (L, K, V, slope) in enumerate(shapes):
         q, k, v, S, _ = _case(L, K, V, slope, True, 10 + n)
         ref = _recurrence(q, k, v, S, slope)[0]
