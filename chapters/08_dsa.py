@@ -958,6 +958,7 @@ import triton.language as tl
 
 from minisparse import _checks, runtime
 from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
+from minisparse.mla.triton import merge_partial
 
 _INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 _LOG2E = 1.4426950408889634
@@ -1504,12 +1505,7 @@ def sparse_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, lse_ptr, ROWS, NS,
         b_mi = tl.load(m_ptr + part, mask=m_r, other=float("-inf"))
         b_li = tl.load(l_ptr + part, mask=m_r, other=0.0)
         b_ai = tl.load(acc_ptr + part[:, None] * DV + o_dv[None, :], mask=m_rd, other=0.0)
-        b_mn = tl.maximum(b_m, b_mi)
-        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        alpha, beta = tl.exp2(b_m - b_mr), tl.exp2(b_mi - b_mr)
-        b_l = b_l * alpha + b_li * beta
-        b_o = b_o * alpha[:, None] + b_ai * beta[:, None]
-        b_m = b_mn
+        b_m, b_l, b_o = merge_partial(b_m, b_l, b_o, b_mi, b_li, b_ai)  # chapter 3's merge
     seen = b_l > 0
     b_o = b_o / tl.where(seen, b_l, 1.0)[:, None]
     tl.store(o_ptr + o_r[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_rd)

@@ -122,6 +122,19 @@ def mla_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *, o
 
 
 @triton.jit
+def merge_partial(m_run, l_run, o, m_s, l_s, a_s):
+    """Fold one partial softmax state (m_s, l_s [R], a_s [R, C]; base 2) into the running one
+    (m_run, l_run, o): m' = max(m, m_s), ℓ = ℓ·2^(m − m') + ℓ_s·2^(m_s − m'), o = o·2^(m − m') +
+    a_s·2^(m_s − m'). A row that saw no key on either side keeps m = −∞ and adds 0 (no −∞ − −∞).
+    Returns (m', ℓ, o). Chapters 7 and 8 merge their partial results with it too."""
+    m_new = tl.maximum(m_run, m_s)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_run - m_ref)
+    beta = tl.exp2(m_s - m_ref)  # 0 for a part in which this row saw no key
+    return m_new, l_run * alpha + l_s * beta, o * alpha[:, None] + a_s * beta[:, None]
+
+
+@triton.jit
 def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS, NS, split_len,
                                s_ob, s_ot, s_oh, s_od,
                                DC: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -155,13 +168,7 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
         l_s = tl.load(l_ptr + slot, mask=row_ok, other=0.0)
         a_s = tl.load(acc_ptr + slot[:, None] * DC + dc[None, :],
                       mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
-        m_new = tl.maximum(m_run, m_s)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_ref)
-        beta = tl.exp2(m_s - m_ref)  # 0 for a split in which this row saw no key
-        l_run = l_run * alpha + l_s * beta
-        o = o * alpha[:, None] + a_s * beta[:, None]
-        m_run = m_new
+        m_run, l_run, o = merge_partial(m_run, l_run, o, m_s, l_s, a_s)
     o = o / tl.where(l_run > 0, l_run, 1.0)[:, None]
     o_ptr += b64 * s_ob  # sequence b's output
     t = rows // H
@@ -288,4 +295,4 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-__all__ = ['mla_decode']
+__all__ = ['mla_decode', 'merge_partial']

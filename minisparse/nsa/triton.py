@@ -5,6 +5,7 @@ import triton.language as tl
 
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
+from minisparse.mla.triton import merge_partial
 from minisparse.nsa.naive import check_block_indices, check_block_size, check_gate, mean_pool
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
@@ -782,12 +783,7 @@ def _merged(m_ptr, l_ptr, acc_ptr, first, NP, o_g, m_g, o_v, m_v, G: tl.constexp
         b_li = tl.load(l_ptr + slot * G + o_g, mask=m_g, other=0.0)
         b_ai = tl.load(acc_ptr + (slot * G + o_g[:, None]) * DV + o_v[None, :],
                        mask=m_g[:, None] & m_v[None, :], other=0.0)
-        b_mn = tl.maximum(b_m, b_mi)
-        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        alpha, beta = tl.exp2(b_m - b_mr), tl.exp2(b_mi - b_mr)
-        b_l = b_l * alpha + b_li * beta
-        b_o = b_o * alpha[:, None] + b_ai * beta[:, None]
-        b_m = b_mn
+        b_m, b_l, b_o = merge_partial(b_m, b_l, b_o, b_mi, b_li, b_ai)  # chapter 3's merge
     return b_o / tl.where(b_l > 0, b_l, 1.0)[:, None]
 
 
