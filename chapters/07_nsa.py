@@ -1533,14 +1533,18 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 # (the `BT · G` query rows of one product, so that each tile of summaries is loaded once for `BT` tokens): a first
 # pass over the summaries for each head's softmax statistics, a second that sums each token's G probabilities into
 # one score a block (one `[N]` row a token and group, 1/G of the bytes), then n rounds of argmax over each row.
+# Those probabilities are the compressed branch's softmax, so without autograd the second pass also multiplies them
+# by the summaries' values and hands `parallel_nsa` the compressed output, forward only: one read of the summaries
+# for both instead of a separate SDPA call over a block-causal mask (which a step with a gradient still runs).
 
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
-def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
+def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, TK, N, scale,
                        HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
-                       SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
-                       BD: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BNA: tl.constexpr,
+                       SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
+                       BC: tl.constexpr, BNA: tl.constexpr, CMP_OUT: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Group-shared top-n without the [T, HQ, N] probabilities: program (i_tb, b·H + h) takes BT
     tokens × the G heads of group h (padded to BG), BT·BG rows of one product:
@@ -1548,7 +1552,9 @@ def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
     pass 2: p = exp(s − m) / l summed over each token's G heads -> one score a block, written to
             the token's [N] row;
     then S rounds of argmax over each token's row, forced blocks (0, own, previous) first.
-    A tile of summaries is loaded once for BT tokens."""
+    A tile of summaries is loaded once for BT tokens. With CMP_OUT, pass 2 also accumulates the
+    compressed branch's output p v_cmp of every row -> ocmp_ptr [B, TQ, HQ, DV] (0 for a query that
+    sees no summary): the compressed attention, forward only, from the same probabilities."""
     i_tb, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_r, o_d, o_c = tl.arange(0, BT * BG), tl.arange(0, BD), tl.arange(0, BC)
@@ -1575,6 +1581,8 @@ def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
     b_li = 1.0 / tl.where(b_l > 0, b_l, 1.0)
     o_t = i_tb * BT + tl.arange(0, BT)  # [BT] the tokens
     srow = (i_b * TQ + o_t) * H * N + i_h * N  # [BT] their rows of scores
+    o_dv = tl.arange(0, BDV)
+    b_o = tl.zeros([BT * BG, BDV], tl.float32)
     for c0 in range(0, n_max, BC):
         c = c0 + o_c
         b_k = tl.load(kc_ptr + ((i_b * N + c[None, :]) * H + i_h) * D + o_d[:, None],
@@ -1585,6 +1593,13 @@ def select_topk_kernel(q_ptr, kc_ptr, score_ptr, idx_ptr, TQ, TK, N, scale,
         blk = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)  # [BT, BC] summed over each token's heads
         tl.store(score_ptr + srow[:, None] + c[None, :], blk,
                  mask=(o_t[:, None] < TQ) & (c[None, :] < n_max))
+        if CMP_OUT:
+            b_v = tl.load(vc_ptr + ((i_b * N + c[:, None]) * H + i_h) * DV + o_dv[None, :],
+                          mask=(c[:, None] < n_max) & (o_dv[None, :] < DV), other=0.0)
+            b_o = tl.dot(b_p.to(b_v.dtype), b_v, b_o, input_precision=PRECISION)
+    if CMP_OUT:
+        tl.store(ocmp_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(ocmp_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & (o_dv[None, :] < DV))
     tl.debug_barrier()  # the rows were stored by other threads of this program
     pos = o_t + TK - TQ
     own, seen = pos // BS, (pos + 1) // BS  # [BT]
@@ -1609,6 +1624,12 @@ def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None,
     """`select_blocks` in Triton (forward only: indices have no gradient), the same block_indices
     [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset),
     k_cmp [B, N, H, D] one summary a block."""
+    return _select_blocks(q, k_cmp, None, block_counts, block_size, scale, offset)[0]
+
+
+def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
+    """(block_indices, o_cmp): the top-n, and with v_cmp [B, N, H, DV] given the compressed
+    branch's output [B, TQ, HQ, DV] in q's dtype from the same pass (forward only), else None."""
     op = "parallel_select_blocks"
     S = _checks.positive_int(op, "block_counts", block_counts)
     if S < 3:
@@ -1616,23 +1637,28 @@ def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None,
     bs = check_block_size(op, block_size)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
+    DV = D if v_cmp is None else v_cmp.shape[3]
     _checks.divides(op, "H (k_cmp's heads)", H, "HQ (q's heads)", HQ)
-    _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256)}, instead="select_blocks")
+    _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
+                          instead="select_blocks")
     scale = _checks.scale(op, scale, D)
     score = torch.empty(B, TQ, H, N, device=q.device, dtype=torch.float32)  # one row a group
     idx = torch.empty(B, TQ, H, S, device=q.device, dtype=torch.int64)
+    o_cmp = None if v_cmp is None else torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
     BG = triton.next_power_of_2(HQ // H)
-    meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D, BG=BG,
-                BD=max(16, triton.next_power_of_2(D)), BNA=max(16, triton.next_power_of_2(N)),
-                PRECISION="ieee" if q.dtype == torch.float32 else None)
+    meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D, DV=DV,
+                BG=BG, BD=max(16, triton.next_power_of_2(D)),
+                BDV=max(16, triton.next_power_of_2(DV)), BNA=max(16, triton.next_power_of_2(N)),
+                CMP_OUT=v_cmp is not None, PRECISION="ieee" if q.dtype == torch.float32 else None)
+    v_in = None if v_cmp is None else v_cmp.detach().to(q.dtype).contiguous()
     runtime.launch("nsa.select", select_topk_kernel, lambda c: (triton.cdiv(TQ, c["BT"]), B * H),
-                   (q.detach().contiguous(), k_cmp.detach().to(q.dtype).contiguous(), score, idx,
-                    TQ, TQ + offset, N, scale), meta, device=q.device, dtype=q.dtype,
-                   key=(meta["BD"], meta["BNA"], BG),
+                   (q.detach().contiguous(), k_cmp.detach().to(q.dtype).contiguous(), v_in, score,
+                    idx, o_cmp, TQ, TQ + offset, N, scale), meta, device=q.device, dtype=q.dtype,
+                   key=(meta["BD"], meta["BNA"], BG, meta["BDV"] if v_cmp is not None else 0),
                    fit=lambda c: {**c, "BT": max(c["BT"], 16 // BG)},  # ≥ 16 rows for tl.dot
                    instead="minisparse.nsa.select_blocks")
     top = idx.masked_fill(idx < 0, N).sort(-1).values  # the argmax rounds give score order
-    return top.masked_fill(top == N, -1)
+    return top.masked_fill(top == N, -1), o_cmp
 
 # %% [markdown]
 # ### Launch and autograd
@@ -1723,9 +1749,10 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                  scale=None,
                  block_indices=None, return_block_indices=False, k_cmp=None, v_cmp=None):
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
-    `flash_attention`; the compressed branch by SDPA with a block-causal mask, the top-n by
-    `parallel_select_blocks`. Same arguments and results as `nsa`. One token without autograd
-    (a decoding step: TQ = 1, no input requiring a gradient) runs three kernels of its own.
+    `flash_attention`; the compressed branch by SDPA with a block-causal mask (without autograd,
+    from the top-n's own pass), the top-n by `parallel_select_blocks`. Same arguments and results
+    as `nsa`. One token without autograd (a decoding step: TQ = 1, no input requiring a gradient)
+    runs three kernels of its own.
     """
     op = "parallel_nsa"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
@@ -1736,17 +1763,19 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
-    if TQ == 1 and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                                       for x in inputs)) and (
+    no_grad = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                   for x in inputs))
+    if TQ == 1 and no_grad and (
             block_indices is None or (torch.is_tensor(block_indices) and block_indices.dim() == 4
                                       and block_indices.shape[2] == H)):  # a decoding step, below
         o, idx = _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices,
                              block_counts, block_size, W, scale, return_block_indices)
         return (o, idx) if return_block_indices else o
-    if block_indices is None:  # [B, TQ, H, S]
-        block_indices = parallel_select_blocks(q, k_cmp, block_counts, block_size, scale, T - TQ)
     o_cmp = o_slc = o_swa = None
-    if g_cmp is not None:
+    if block_indices is None:  # [B, TQ, H, S]; without autograd the same pass gives o_cmp
+        block_indices, o_cmp = _select_blocks(q, k_cmp, v_cmp if no_grad and g_cmp is not None
+                                              else None, block_counts, block_size, scale, T - TQ)
+    if g_cmp is not None and o_cmp is None:
         o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
     if g_slc is not None:
         o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")

@@ -606,3 +606,19 @@ def test_fused_top_n_with_forced_tiles(poisoned, BT, BC):
         with runtime.launch_config("nsa.select", BT=BT, BC=BC, num_warps=4, num_stages=1):
             got = N.parallel_select_blocks(q, kc, 5, 16)
         assert torch.equal(N.select_blocks(q, kc, 5, 16), got), (HQ, H, BT, BC)
+
+
+@pytest.mark.parametrize("BT,BC", [(1, 16), (2, 32), (4, 16)])
+def test_top_n_pass_gives_the_compressed_branch(poisoned, BT, BC):
+    """Without autograd parallel_nsa takes the compressed branch's output from the top-n's second pass: against
+    compressed_attention (queries before the first complete block: 0), summaries over several tiles, DV ≠ D."""
+    from minisparse.nsa.triton import _select_blocks
+
+    for HQ, H in ((16, 1), (8, 2)):
+        q, k, _ = make_qkv(1, 300, HQ, 16, HKV=H, seed=23, device=DEV)
+        v = torch.randn(1, 300, H, 24, generator=torch.Generator().manual_seed(3)).to(DEV)
+        kc, vc = N.mean_pool(k, 16), N.mean_pool(v, 16)
+        with runtime.launch_config("nsa.select", BT=BT, BC=BC, num_warps=4, num_stages=1):
+            idx, o_cmp = _select_blocks(q, kc, vc, 5, 16, None, 0)
+        assert torch.equal(N.select_blocks(q, kc, 5, 16), idx)
+        assert_close(f"o_cmp HQ={HQ} BT={BT}", N.compressed_attention(q, kc, vc, 16), o_cmp, 1e-4)
