@@ -918,7 +918,8 @@ def check_param_counts(fn):
 #   `first_k_dense_replace` layers; in every other layer a router (`n_routed_experts × hidden`),
 #   `n_routed_experts` routed and `n_shared_experts` shared SwiGLU experts of width `moe_intermediate_size`.
 #
-# *Active* is what one token computes with. Norm weights are too small to matter. The checker builds
+# *Active* is what one token computes with, the embedding row it looks up counted as the whole table and the output
+# head in full (the paper's convention). Norm weights are too small to matter. The checker builds
 # `transformers`' `DeepseekV3ForCausalLM` from three configurations on PyTorch's meta device (shapes without
 # memory), counts its parameters and accepts your counts within 0.1 %.
 

@@ -886,7 +886,7 @@ print("✓ window = T gives exactly causal attention")
 # q &= x W_q, \qquad k = x W_k, \qquad v = x W_v , \\
 # q &\leftarrow \operatorname{RoPE}(\operatorname{RMSNorm}(q)), \qquad
 #   k \leftarrow \operatorname{RoPE}(\operatorname{RMSNorm}(k)) , \\
-# o &= \operatorname{attention}(q, k, v) \odot \sigma(x W_g) \quad (\text{the gate is optional}), \\
+# o &= \operatorname{attention}(q, k, v) \odot \operatorname{sigmoid}(x W_g) \quad (\text{the gate is optional}), \\
 # y &= o\, W_o .
 # \end{aligned}
 # $$

@@ -1157,7 +1157,8 @@ from minisparse.testing import attempt
 #
 # Take Qwen3-Next's shapes (`qwen3_next_like("full")`, 48 layers) and suppose you may choose how many of its
 # layers are full attention, the rest Gated DeltaNet. Return the largest number of full-attention layers whose
-# KV cache plus states, for one sequence of `context` tokens in bf16 (states in fp32, as the layers keep them),
+# KV cache plus states, for one sequence of `context` tokens in bf16 (recurrent states in fp32, as the layers keep
+# them; the short convolutions' inputs in bf16),
 # fit in `budget` bytes — or -1 if even none fit. Derive it from the per-layer numbers of section 9.4 (a closed
 # form, or a loop over `layer_cache_numbers`); the checker tries nine cases — five contexts, two KV-head counts,
 # three budgets right at a boundary (the exact bytes of 5 full layers, one byte less, and one byte less than the
