@@ -109,13 +109,15 @@ except ImportError:
 # sequences of $T$ tokens and $b$ bytes a cached token, one decoding step reads
 #
 # $$
-# \underbrace{P_{\text{active}}\cdot \text{bytes/param}}_{\text{weights, once}} \;+\;
+# \underbrace{P_{\text{read}}\cdot \text{bytes/param}}_{\text{weights, once}} \;+\;
 # \underbrace{B \cdot T \cdot b}_{\text{the KV cache}}
 # $$
 #
-# from memory, and does little arithmetic with it: decoding is memory-bound (chapter 1, section 1.4). The weights
-# term is fixed, the cache term grows with the batch and the context — so the bytes a token leaves in the cache,
-# $b$, decide how many sequences of what length fit on a GPU and how fast each step runs.
+# from memory, and does little arithmetic with it: decoding is memory-bound (chapter 1, section 1.4). $P_\text{read}$
+# is the parameters the batch's tokens use: a dense model's all, an MoE model's active ones for one token and up to
+# every expert for a large batch (below). The weights term stops growing there; the cache term grows with the batch
+# and the context — so the bytes a token leaves in the cache, $b$, decide how many sequences of what length fit on
+# a GPU and how fast each step runs.
 #
 # For softmax attention (chapter 1) a token caches a key and a value per K/V head and layer,
 # $b = 2\,L\,H_{kv}\,D \cdot$ bytes (MHA: one K/V head per query head, GQA a few groups, MQA one). MLA caches per
