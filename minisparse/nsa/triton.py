@@ -753,45 +753,48 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
-    if i_p < NS:  # the selection's programs
-        o_s = tl.arange(0, SP)
-        if PICK:
-            picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA, SP)
-            if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
-                srt = tl.sort(tl.where(picks < 0, N, picks))
-                tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
-        else:
-            picks = tl.load(idx_ptr + i_bh * S + o_s, mask=o_s < S, other=-1).to(tl.int64)
-        if SLC:
-            for i in range(i_p, S, NS):
-                blk = tl.sum(tl.where(o_s == i, picks, 0), 0)
-                if blk >= 0:
-                    for n0 in range(0, BS, BN):
-                        if blk * BS + n0 <= pos:  # a tile wholly after the token adds nothing
-                            t = blk * BS + n0 + o_n
-                            keep = t <= pos
-                            b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
-                                          mask=keep[None, :] & (o_d[:, None] < D), other=0.0)
-                            b_v = tl.load(v_ptr + (kv_base + t[:, None] * H) * DV
-                                          + o_dv[None, :],
-                                          mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
-                            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
-                            b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
-            _store_partial(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS + i_p, b_m, b_l, b_acc, o_g, o_dv,
-                           G, DV)
-    elif SWA:  # the window's programs
-        start = tl.maximum(pos - W + 1, 0)
-        for j in range(i_p - NS, tl.cdiv(pos + 1 - start, BN), NW):
-            t = start + j * BN + o_n
-            keep = t <= pos
-            b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
-                          mask=keep[None, :] & (o_d[:, None] < D), other=0.0)
-            b_v = tl.load(v_ptr + (kv_base + t[:, None] * H) * DV + o_dv[None, :],
-                          mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
-            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
-            b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
-        _store_partial(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW + i_p - NS, b_m, b_l, b_acc, o_g, o_dv,
-                       G, DV)
+    if PICK or SLC:  # compiled only where a selection or a top-n is wanted
+        if i_p < NS:  # the selection's programs
+            o_s = tl.arange(0, SP)
+            if PICK:
+                picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
+                                     SP)
+                if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
+                    srt = tl.sort(tl.where(picks < 0, N, picks))
+                    tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
+            else:
+                picks = tl.load(idx_ptr + i_bh * S + o_s, mask=o_s < S, other=-1).to(tl.int64)
+            if SLC:
+                for i in range(i_p, S, NS):
+                    blk = tl.sum(tl.where(o_s == i, picks, 0), 0)
+                    if blk >= 0:
+                        for n0 in range(0, BS, BN):
+                            if blk * BS + n0 <= pos:  # a tile wholly after the token adds nothing
+                                t = blk * BS + n0 + o_n
+                                keep = t <= pos
+                                b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
+                                              mask=keep[None, :] & (o_d[:, None] < D), other=0.0)
+                                b_v = tl.load(v_ptr + (kv_base + t[:, None] * H) * DV
+                                              + o_dv[None, :],
+                                              mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
+                                b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
+                                b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
+                _store_partial(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS + i_p, b_m, b_l, b_acc, o_g,
+                               o_dv, G, DV)
+    if SWA:
+        if i_p >= NS:  # the window's programs
+            start = tl.maximum(pos - W + 1, 0)
+            for j in range(i_p - NS, tl.cdiv(pos + 1 - start, BN), NW):
+                t = start + j * BN + o_n
+                keep = t <= pos
+                b_k = tl.load(k_ptr + (kv_base + t[None, :] * H) * D + o_d[:, None],
+                              mask=keep[None, :] & (o_d[:, None] < D), other=0.0)
+                b_v = tl.load(v_ptr + (kv_base + t[:, None] * H) * DV + o_dv[None, :],
+                              mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
+                b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
+                b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
+            _store_partial(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW + i_p - NS, b_m, b_l, b_acc, o_g,
+                           o_dv, G, DV)
 
 
 @triton.jit
