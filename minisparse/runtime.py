@@ -396,14 +396,14 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BM=64, BN=64), _cfg(4, 1, BM=64, BN=32)],
         "sm_75": [_cfg(4, 1, BM=32, BN=16), _cfg(4, 1, BM=16, BN=32)],
     },
-    "nsa.gated_sum": {  # BR rows (token, head) of the branches' gated sum, forward and backward; not yet timed
+    "nsa.gated_sum": {  # BR rows (token, head) of the branches' gated sum, forward and backward; not yet swept
         "interpreter": [_cfg(BR=16)],
         "sm_80": [_cfg(8, 1, BR=32), _cfg(4, 1, BR=16)],
         "sm_75": [_cfg(4, 1, BR=16)],
     },
     # NSA's decoding step (one token, three kernels): BC summaries a tile of the compressed scores, BN keys a tile of
     # the selected blocks and the window (capped at the block size), then the merge. First guesses that compile
-    # for sm_90 without spills (bench/notes/t4_resources.py --arch 90), not yet timed.
+    # for sm_90 without spills (bench/notes/t4_resources.py --arch 90), not yet swept.
     "nsa.decode.scores": {
         "interpreter": [_cfg(BC=16)],
         "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
@@ -419,7 +419,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BGM=4, BVM=64)],
         "sm_75": [_cfg(4, 1, BGM=4, BVM=64)],
     },
-    "nsa.select": {  # BT tokens a program of the fused top-n (BT·G rows), BC summaries a tile; not yet timed
+    "nsa.select": {  # BT tokens a program of the fused top-n (BT·G rows), BC summaries a tile; not yet swept
         "interpreter": [_cfg(BT=4, BC=64)],
         "sm_80": [_cfg(4, 2, BT=4, BC=64), _cfg(4, 2, BT=2, BC=64), _cfg(4, 1, BT=1, BC=32)],
         "sm_75": [_cfg(4, 1, BT=1, BC=32), _cfg(4, 1, BT=1, BC=16)],
