@@ -41,9 +41,9 @@ book-strict: $(STAMP) ## the book with warnings as errors
 	@echo "==> building the book with warnings as errors"
 	$(JB) --warningiserror --nitpick --keep-going
 
-lint: $(STAMP) ## ruff on the package, the tools and the benchmarks: unused or late imports, names undefined or defined twice
-	@echo "==> ruff: minisparse/, tools/ and bench/"
-	$(BIN)/ruff check --quiet minisparse tools bench
+lint: $(STAMP) ## ruff on the package, the tools, the benchmarks and the tests: unused or late imports, names undefined or defined twice (a test defined twice never runs)
+	@echo "==> ruff: minisparse/, tools/, bench/ and tests/"
+	$(BIN)/ruff check --quiet minisparse tools bench tests
 
 # tests/test_chapters.py runs the checks of `tools/chapters.py check` (export, names, pairing, outputs, setup cells)
 unit: $(STAMP) ## tests/ on the CPU, the chapters <-> package checks included

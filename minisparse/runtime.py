@@ -396,7 +396,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BM=64, BN=64), _cfg(4, 1, BM=64, BN=32)],
         "sm_75": [_cfg(4, 1, BM=32, BN=16), _cfg(4, 1, BM=16, BN=32)],
     },
-    "nsa.gated_sum": {  # BR rows (token, head) of the branches' gated sum, forward and backward; not yet swept
+    "nsa.gated_sum": {  # BR rows (token, head) of the gated sum, forward and backward; its sweep is flat (± 1 %)
         "interpreter": [_cfg(BR=16)],
         "sm_80": [_cfg(8, 1, BR=32), _cfg(4, 1, BR=16)],
         "sm_75": [_cfg(4, 1, BR=16)],
@@ -414,13 +414,14 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
     },
-    "nsa.decode.merge": {  # BGM heads of a group × BVM value dims a program
-        "interpreter": [_cfg(BGM=2, BVM=16)],
-        "sm_80": [_cfg(4, 2, BGM=4, BVM=64)],
-        "sm_75": [_cfg(4, 1, BGM=4, BVM=64)],
+    "nsa.decode.merge": {  # BGM heads of a group × BVM value dims a program, BP partial slots a load
+        "interpreter": [_cfg(BP=4, BGM=2, BVM=16)],
+        "sm_80": [_cfg(4, 2, BP=16, BGM=4, BVM=64)],
+        "sm_75": [_cfg(4, 1, BP=16, BGM=4, BVM=64)],
     },
-    "nsa.select": {  # BT tokens a program of the fused top-n (BT·G rows), BC summaries a tile; not yet swept
+    "nsa.select": {  # BT tokens a program of the fused top-n (BT·G rows), BC summaries a tile; sm_90: swept at 64K
         "interpreter": [_cfg(BT=4, BC=64)],
+        "sm_90": [_cfg(4, 2, BT=4, BC=32), _cfg(4, 2, BT=4, BC=64), _cfg(4, 1, BT=8, BC=32)],
         "sm_80": [_cfg(4, 2, BT=4, BC=64), _cfg(4, 2, BT=2, BC=64), _cfg(4, 1, BT=1, BC=32)],
         "sm_75": [_cfg(4, 1, BT=1, BC=32), _cfg(4, 1, BT=1, BC=16)],
     },

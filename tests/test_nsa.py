@@ -424,6 +424,25 @@ def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, 
     assert_close(f"decode vs the general path, B{B} T{T}", general.float(), o.float(), TOLERANCES[dtype][0])
 
 
+@pytest.mark.parametrize("BP,tile", [(1, 16), (2, 32)])
+def test_decoding_kernels_in_small_pieces(poisoned, monkeypatch, BP, tile):
+    """The merge loading BP partial slots at a time (fewer than a branch has: chunks folded one into the next) and
+    the top-n reading the scores tile // 16 heads at a time (fewer than the group's 3): two sequences, NC = 2."""
+    from minisparse.nsa import triton as nsa_triton
+
+    monkeypatch.setattr(nsa_triton, "_TOPN_TILE", tile)
+    B, T, HQ, H, bs = 2, 2100, 6, 2, 16
+    q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=7, device=DEV)
+    gs = [g.to(DEV) for g in gates(B, T, HQ, seed=7)]
+    kw = dict(block_counts=5, block_size=bs, window_size=70)
+    want, idx = N.nsa(q, k, v, *gs, **kw, return_block_indices=True)
+    with runtime.launch_config("nsa.decode.merge", BP=BP, BGM=2, BVM=16, num_warps=4, num_stages=1), \
+            torch.no_grad():
+        got, got_idx = N.parallel_nsa(q[:, -1:], k, v, *(g[:, -1:] for g in gs), **kw, return_block_indices=True)
+    assert torch.equal(got_idx, idx[:, -1:])
+    assert_close(f"BP {BP}, tile {tile}", want[:, -1:], got, 1e-4)
+
+
 def test_decoding_step_with_other_slot_counts_branches_and_summaries(poisoned):
     """Indices given with more slots than block_counts (padded with -1, int32); the window without the selection
     and no indices asked for; summaries of the complete blocks only (N = T // block): each against nsa's last row."""
@@ -583,17 +602,6 @@ def test_fused_top_n_selects_what_select_blocks_selects(poisoned, T, HQ, H, S, T
     kc = N.mean_pool(k, 16)
     want = N.select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ)
     assert torch.equal(want, N.parallel_select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ))
-
-
-@pytest.mark.parametrize("BC", [16, 32])
-def test_fused_top_n_with_forced_tiles(poisoned, BC):
-    """Summaries in tiles of 16 and 32 (several tiles a row), groups of 16 and of 4."""
-    for HQ, H in ((16, 1), (8, 2)):
-        q, k, _ = make_qkv(1, 150, HQ, 16, HKV=H, seed=19, device=DEV)
-        kc = N.mean_pool(k, 16)
-        with runtime.launch_config("nsa.select", BC=BC, num_warps=4, num_stages=1):
-            got = N.parallel_select_blocks(q, kc, 5, 16)
-        assert torch.equal(N.select_blocks(q, kc, 5, 16), got), (HQ, H, BC)
 
 
 @pytest.mark.parametrize("BT,BC", [(1, 16), (2, 32), (8, 16)])

@@ -12,9 +12,9 @@ B 2, T 8192, H 16, K = V = 128, bf16 (the first shape of bench/lightning.py, del
 with use_qk_l2norm, gates -U(0, 1), β U(0, 1); lightning with chapter 4's slopes of layer 0 of 2; "window" is
 chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.py's windowed rows); "nsa" is chapter
 7's parallel_nsa at bench/nsa.py's shapes (B 1, HQ 64, H 4, D 128, blocks of 64, 16 selected, window 512, gates
-U(0, 1)), with a third pass: one decoding step of the last token (cached summaries). First the median
+U(0, 1)), with a third pass: one decoding step of the last token (cached summaries), timed as a CUDA graph. First the median
 times of the forward and of the forward + backward with the launch table's configurations, then a torch.profiler
-table of the CUDA kernels of three forward + backward passes. With --sweep, each row of runtime.LAUNCH_TABLE that the
+table of the CUDA kernels of three forward + backward passes (or of the passes named by --profile). With --sweep, each row of runtime.LAUNCH_TABLE that the
 op launches is forced configuration by configuration (`minisparse.bench.sweep_rows`) and the pass it belongs to is
 timed whole, its result compared with the table configuration's: the rows' order in the table is the order of these
 times (bench/notes/<op>.md).
@@ -71,8 +71,8 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
         "nsa.gated_sum": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1,), BR=(8, 16, 32, 64))),
         "nsa.decode.scores": ("decode", _grid(num_warps=(2, 4, 8), num_stages=(1, 2), BC=(32, 64))),
         "nsa.decode.select": ("decode", _grid(num_warps=(4, 8), num_stages=(1, 2), BN=(32, 64))),
-        "nsa.decode.merge": ("decode", _grid(num_warps=(1, 2, 4), num_stages=(1, 2), BGM=(1, 4, 16),
-                                             BVM=(32, 64, 128))),
+        "nsa.decode.merge": ("decode", _grid(num_warps=(1, 2, 4), num_stages=(1,), BP=(8, 16),
+                                             BGM=(1, 2, 4), BVM=(32, 64))),
     },
     "deltanet": {
         "deltanet.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3, 4), BV=(16, 32, 64))),
@@ -158,18 +158,28 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--sweep", nargs="*", metavar="ROW", default=None,
                     help="also force every configuration of each row the op launches (or of the rows named)")
+    ap.add_argument("--profile", nargs="+", metavar="PASS", default=["fwd+bwd"],
+                    help="the passes whose CUDA kernels are tabled (default fwd+bwd; nsa also has decode)")
     args = ap.parse_args(argv)
     fns = passes(args.op, args.T)
+
+    def timed(fn, **kw):
+        """Median ms of a pass; a decoding step as a CUDA graph (from Python it times the host)."""
+        return bench.median_ms(bench.graphed(fn) if fn is fns.get("decode") else fn, **kw)
+
     for name, fn in fns.items():
-        print(f"{args.op} T {args.T}, table configurations: {name} {bench.median_ms(fn, warmup=5, rep=20):.3f} ms",
+        print(f"{args.op} T {args.T}, table configurations: {name} {timed(fn, warmup=5, rep=20):.4f} ms",
               flush=True)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fns["fwd+bwd"]()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+    for name in args.profile:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fns[name]()
+            torch.cuda.synchronize()
+        print(f"{name}, three calls:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
     if args.sweep is not None:
-        bench.sweep_rows(fns, SWEEPS[args.op], only=args.sweep or None, out=lambda line: print(line, flush=True))
+        bench.sweep_rows(fns, SWEEPS[args.op], only=args.sweep or None, out=lambda line: print(line, flush=True),
+                         timer=lambda fn: timed(fn, warmup=3, rep=10))
 
 
 if __name__ == "__main__":

@@ -697,28 +697,29 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
 @triton.jit
 def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.constexpr,
                  BS: tl.constexpr, BG: tl.constexpr, BNC: tl.constexpr, BNA: tl.constexpr,
-                 SP: tl.constexpr):
+                 RG: tl.constexpr, SP: tl.constexpr):
     """select_blocks for the decoded token of group i_bh: the softmax statistics of each head from
     kernel 1's NC partial slots, the group's probability of each visible block summed over its G
-    heads ([BNA] in registers), then S rounds of max over that row, the forced blocks (0, own,
-    previous) first. Returns the picks [SP] int64 in the order taken, −1 for a slot left empty."""
-    o_g, o_n, o_a = tl.arange(0, BG), tl.arange(0, BNC), tl.arange(0, BNA)
-    part = (i_bh * NC + o_n[:, None]) * G + o_g[None, :]  # [BNC, BG]
-    used = (o_n[:, None] < NC) & (o_g[None, :] < G)
-    b_mp = tl.load(m_ptr + part, mask=used, other=float("-inf"))
-    b_M = tl.max(b_mp, 0)  # [BG]
-    b_M = tl.where(b_M == float("-inf"), 0.0, b_M)
-    b_L = tl.sum(tl.load(l_ptr + part, mask=used, other=0.0) * tl.exp2(b_mp - b_M[None, :]), 0)
-    b_L = tl.where(b_L > 0, b_L, 1.0)
+    heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load), then S rounds
+    of max over that row, the forced blocks (0, own, previous) first. Returns the picks [SP] int64
+    in the order taken, −1 for a slot left empty."""
+    o_n, o_a, o_r = tl.arange(0, BNC), tl.arange(0, BNA), tl.arange(0, RG)
     pos = TK - 1
     n_seen = tl.minimum(N, TK // BS)
     seen = o_a < n_seen
     score = tl.zeros([BNA], tl.float32)
-    for g in range(G):
-        M_g = tl.sum(tl.where(o_g == g, b_M, 0.0), 0)
-        L_g = tl.sum(tl.where(o_g == g, b_L, 0.0), 0)
-        s_g = tl.load(s_ptr + (i_bh * G + g) * N + o_a, mask=seen, other=float("-inf"))
-        score += tl.exp2(s_g - M_g) / L_g
+    for g0 in tl.static_range(0, BG, RG):  # unrolled: the loads of every head block issue at once
+        heads = g0 + o_r
+        part = (i_bh * NC + o_n[:, None]) * G + heads[None, :]  # [BNC, RG]
+        used = (o_n[:, None] < NC) & (heads[None, :] < G)
+        b_mp = tl.load(m_ptr + part, mask=used, other=float("-inf"))
+        b_M = tl.max(b_mp, 0)  # [RG] each head's maximum over the pieces
+        b_M = tl.where(b_M == float("-inf"), 0.0, b_M)
+        b_L = tl.sum(tl.load(l_ptr + part, mask=used, other=0.0) * tl.exp2(b_mp - b_M[None, :]), 0)
+        b_L = tl.where(b_L > 0, b_L, 1.0)
+        b_s = tl.load(s_ptr + (i_bh * G + heads[:, None]) * N + o_a[None, :],
+                      mask=(heads[:, None] < G) & seen[None, :], other=float("-inf"))  # [RG, BNA]
+        score += tl.sum(tl.exp2(b_s - b_M[:, None]) / b_L[:, None], 0)
     own = pos // BS
     forced = ((o_a == 0) | (o_a == own) | (o_a == own - 1)) & (o_a < N)
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
@@ -737,8 +738,9 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                          HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
                          SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                         BNC: tl.constexpr, BNA: tl.constexpr, PICK: tl.constexpr,
-                         SLC: tl.constexpr, SWA: tl.constexpr, PRECISION: tl.constexpr):
+                         BNC: tl.constexpr, BNA: tl.constexpr, RG: tl.constexpr,
+                         PICK: tl.constexpr, SLC: tl.constexpr, SWA: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """Decoding step, kernel 2 of 3: program (i_p, i_b·H + i_h). The first NS programs of a group
     take the top-n — each recomputes it from kernel 1's scores (PICK; program 0 stores it, sorted,
     to idx_ptr [B·H, S]) or reads it there — and attend with the group's G heads to the selected
@@ -758,7 +760,7 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
             o_s = tl.arange(0, SP)
             if PICK:
                 picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
-                                     SP)
+                                     RG, SP)
                 if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
                     srt = tl.sort(tl.where(picks < 0, N, picks))
                     tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
@@ -799,28 +801,34 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
 
 @triton.jit
 def _merged(m_ptr, l_ptr, acc_ptr, first, NP, o_g, m_g, o_v, m_v, G: tl.constexpr,
-            DV: tl.constexpr, BGM: tl.constexpr, BVM: tl.constexpr):
+            DV: tl.constexpr, BP: tl.constexpr, BGM: tl.constexpr, BVM: tl.constexpr):
     """Heads o_g [BGM] × value dims o_v [BVM] of a branch's output, from its NP partial slots first
     … first + NP − 1 (base 2): Σ_i acc_i 2^(m_i − M) / Σ_i l_i 2^(m_i − M); 0 for a head that saw
-    no key."""
+    no key. BP slots are loaded at once ([BP, BGM, BVM]: one trip to memory, not BP) and merged by
+    their common maximum; chunks of BP slots are folded by chapter 3's merge."""
+    o_p = tl.arange(0, BP)
     b_m = tl.full([BGM], float("-inf"), tl.float32)
     b_l = tl.zeros([BGM], tl.float32)
     b_o = tl.zeros([BGM, BVM], tl.float32)
-    for i in range(NP):
-        slot = first + i
-        b_mi = tl.load(m_ptr + slot * G + o_g, mask=m_g, other=float("-inf"))
-        b_li = tl.load(l_ptr + slot * G + o_g, mask=m_g, other=0.0)
-        b_ai = tl.load(acc_ptr + (slot * G + o_g[:, None]) * DV + o_v[None, :],
-                       mask=m_g[:, None] & m_v[None, :], other=0.0)
-        b_m, b_l, b_o = merge_partial(b_m, b_l, b_o, b_mi, b_li, b_ai)  # chapter 3's merge
+    for p0 in range(0, NP, BP):
+        slot = first + p0 + o_p
+        used = ((p0 + o_p)[:, None] < NP) & m_g[None, :]  # [BP, BGM]
+        b_mi = tl.load(m_ptr + slot[:, None] * G + o_g[None, :], mask=used, other=float("-inf"))
+        b_li = tl.load(l_ptr + slot[:, None] * G + o_g[None, :], mask=used, other=0.0)
+        b_ai = tl.load(acc_ptr + (slot[:, None, None] * G + o_g[None, :, None]) * DV
+                       + o_v[None, None, :], mask=used[:, :, None] & m_v[None, None, :], other=0.0)
+        b_mc = tl.max(b_mi, 0)  # [BGM] the chunk's maximum; −inf where no slot saw a key
+        b_w = tl.exp2(b_mi - tl.where(b_mc == float("-inf"), 0.0, b_mc)[None, :])  # [BP, BGM]
+        b_m, b_l, b_o = merge_partial(b_m, b_l, b_o, b_mc, tl.sum(b_li * b_w, 0),
+                                      tl.sum(b_ai * b_w[:, :, None], 0))  # chapter 3's merge
     return b_o / tl.where(b_l > 0, b_l, 1.0)[:, None]
 
 
 @triton.jit
 def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr,
                         wacc_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, NC, NS, NW, HQ: tl.constexpr,
-                        H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BGM: tl.constexpr,
-                        BVM: tl.constexpr, CMP: tl.constexpr, SLC: tl.constexpr,
+                        H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BP: tl.constexpr,
+                        BGM: tl.constexpr, BVM: tl.constexpr, CMP: tl.constexpr, SLC: tl.constexpr,
                         SWA: tl.constexpr):
     """Decoding step, kernel 3 of 3: program (i_b·H + i_h, head block, value tile) merges each
     branch's partial slots for BGM heads of the group and BVM value dims, and writes o = g_cmp o_cmp
@@ -835,17 +843,20 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
     if CMP:
         g = tl.load(gc_ptr + row, mask=m_g, other=0.0).to(tl.float32)
         b_o += g[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, o_g, m_g, o_v, m_v,
-                                    G, DV, BGM, BVM)
+                                    G, DV, BP, BGM, BVM)
     if SLC:
         g = tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)
         b_o += g[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, NS, o_g, m_g, o_v, m_v,
-                                    G, DV, BGM, BVM)
+                                    G, DV, BP, BGM, BVM)
     if SWA:
         g = tl.load(gw_ptr + row, mask=m_g, other=0.0).to(tl.float32)
         b_o += g[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, NW, o_g, m_g, o_v, m_v,
-                                    G, DV, BGM, BVM)
+                                    G, DV, BP, BGM, BVM)
     tl.store(o_ptr + row[:, None] * DV + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_g[:, None] & m_v[None, :])
+
+
+_TOPN_TILE = 8192  # elements of the decoding top-n's score tile [RG heads, BNA summaries]
 
 
 def _next_pow2(n, least=16):
@@ -914,12 +925,14 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     wm, wl, wacc = _partials(B * H, NW, G, DV, dev)
     idx = torch.empty(B, 1, H, S, device=dev, dtype=torch.int64) if pick else block_indices
     idx = None if idx is None else idx.contiguous()
+    BNA = _next_pow2(min(N, T // bs + 1))  # the top-n's row of visible summaries, in registers
     if NS + NW:
         runtime.launch("nsa.decode.select", decode_select_kernel, lambda c: (NS + NW, B * H),
                        (q, k, v, s, cm, cl, idx, sm, sl, sacc, wm, wl, wacc, T, N, NC, NS, NW, W,
                         scale * _LOG2E),
-                       dict(meta, S=S, SP=_next_pow2(S, 1), BS=bs, BNC=_next_pow2(NC, 1),
-                            BNA=_next_pow2(min(N, T // bs + 1)), PICK=pick, SLC=slc, SWA=swa),
+                       dict(meta, S=S, SP=_next_pow2(S, 1), BS=bs, BNC=_next_pow2(NC, 1), BNA=BNA,
+                            RG=max(1, min(meta["BG"], _TOPN_TILE // BNA)), PICK=pick, SLC=slc,
+                            SWA=swa),
                        device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs),
                        fit=_fit_keys(bs))
     o = torch.empty(B, 1, HQ, DV, device=dev, dtype=q.dtype)
