@@ -1992,13 +1992,16 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
                          qk_scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                          BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BG: tl.constexpr,
                          BD: tl.constexpr, BDV: tl.constexpr, BC: tl.constexpr,
-                         CMP: tl.constexpr, STORE_S: tl.constexpr, PRECISION: tl.constexpr):
+                         CMP: tl.constexpr, STORE_S: tl.constexpr, PRECISION: tl.constexpr,
+                         GDC: tl.constexpr):
     """Decoding step, kernel 1 of 3: compressed scores. Program (i_c, i_b·H + i_h): the G query
     heads of group i_h against the visible summaries i_c·CS … (i_c + 1)·CS − 1, in tiles of BC:
 
         s = q k_cmpᵀ · scale · log₂e   [BG, BC]   -> s_ptr [B·H, G, N] with STORE_S (for the top-n)
         with CMP, the compressed branch's running softmax over them -> partial slot i_c
     """
+    if GDC:  # kernel 2 may be launched now (it waits for this kernel's results where it reads them)
+        tl.extra.cuda.gdc_launch_dependents()
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     n_seen = tl.minimum(N, TK // BS)  # summaries of complete blocks (the token sits at TK − 1)
@@ -2079,7 +2082,7 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          BNC: tl.constexpr, BNA: tl.constexpr, RG: tl.constexpr,
                          PICK: tl.constexpr, SLC: tl.constexpr, SWA: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, GDC: tl.constexpr):
     """Decoding step, kernel 2 of 3: program (i_p, i_b·H + i_h). The first NS programs of a group
     take the top-n — each recomputes it from kernel 1's scores (PICK; program 0 stores it, sorted,
     to idx_ptr [B·H, S]) or reads it there — and attend with the group's G heads to the selected
@@ -2094,9 +2097,13 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     if PICK or SLC:  # compiled only where a selection or a top-n is wanted
         if i_p < NS:  # the selection's programs
             o_s = tl.arange(0, SP)
+            if GDC:  # launched early (programmatic dependent launch): kernel 1's results are complete
+                tl.extra.cuda.gdc_wait()
             if PICK:
                 picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
                                      RG, SP)
@@ -2134,6 +2141,8 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                               mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
                 b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
                 b_m, b_l, b_acc = _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION)
+            if GDC:  # so that this kernel ends after kernel 1, whose slots kernel 3 reads
+                tl.extra.cuda.gdc_wait()
             _store_partial(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW + i_p - NS, b_m, b_l, b_acc, o_g,
                            o_dv, G, DV)
 
@@ -2170,7 +2179,7 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
                         wacc_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, NC, NS, NW, HQ: tl.constexpr,
                         H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BP: tl.constexpr,
                         BGM: tl.constexpr, BVM: tl.constexpr, CMP: tl.constexpr, SLC: tl.constexpr,
-                        SWA: tl.constexpr):
+                        SWA: tl.constexpr, GDC: tl.constexpr):
     """Decoding step, kernel 3 of 3: program (i_b·H + i_h, head block, value tile) merges each
     branch's partial slots for BGM heads of the group and BVM value dims, and writes o = g_cmp o_cmp
     + g_slc o_slc + g_swa o_swa there (in fp32, stored in o's dtype)."""
@@ -2180,19 +2189,24 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
     o_v = tl.program_id(2) * BVM + tl.arange(0, BVM)
     m_g, m_v = o_g < G, o_v < DV
     row = i_b * HQ + i_h * G + o_g
+    if CMP:  # the gates are inputs: read before waiting for kernel 2
+        g_c = tl.load(gc_ptr + row, mask=m_g, other=0.0).to(tl.float32)
+    if SLC:
+        g_s = tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)
+    if SWA:
+        g_w = tl.load(gw_ptr + row, mask=m_g, other=0.0).to(tl.float32)
+    if GDC:  # launched early (programmatic dependent launch): kernel 2's results are complete
+        tl.extra.cuda.gdc_wait()
     b_o = tl.zeros([BGM, BVM], tl.float32)
     if CMP:
-        g = tl.load(gc_ptr + row, mask=m_g, other=0.0).to(tl.float32)
-        b_o += g[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, o_g, m_g, o_v, m_v,
-                                    G, DV, BP, BGM, BVM)
+        b_o += g_c[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, o_g, m_g, o_v, m_v,
+                                      G, DV, BP, BGM, BVM)
     if SLC:
-        g = tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)
-        b_o += g[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, NS, o_g, m_g, o_v, m_v,
-                                    G, DV, BP, BGM, BVM)
+        b_o += g_s[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, NS, o_g, m_g, o_v, m_v,
+                                      G, DV, BP, BGM, BVM)
     if SWA:
-        g = tl.load(gw_ptr + row, mask=m_g, other=0.0).to(tl.float32)
-        b_o += g[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, NW, o_g, m_g, o_v, m_v,
-                                    G, DV, BP, BGM, BVM)
+        b_o += g_w[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, NW, o_g, m_g, o_v, m_v,
+                                      G, DV, BP, BGM, BVM)
     tl.store(o_ptr + row[:, None] * DV + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_g[:, None] & m_v[None, :])
 
@@ -2247,7 +2261,8 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     g_cmp, g_slc, g_swa = (None if g is None else g.contiguous() for g in (g_cmp, g_slc, g_swa))
     n_seen = min(N, T // bs)
     meta = dict(HQ=HQ, H=H, G=G, D=D, DV=DV, BG=_next_pow2(G), BD=_next_pow2(D),
-                BDV=_next_pow2(DV), PRECISION="ieee" if q.dtype == torch.float32 else None)
+                BDV=_next_pow2(DV), PRECISION="ieee" if q.dtype == torch.float32 else None,
+                GDC=runtime.arch(dev) == "sm_90")  # Hopper: kernels 2 and 3 may launch early
     per_group = max(2, triton.cdiv(2 * runtime.sm_count(dev), B * H))  # about two programs an SM
     # kernel 1: the visible summaries in pieces of CS (a multiple of every BC)
     NC = max(1, min(per_group, triton.cdiv(n_seen, 64)))
@@ -2282,8 +2297,8 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     runtime.launch("nsa.decode.merge", decode_merge_kernel,
                    lambda c: (B * H, triton.cdiv(G, c["BGM"]), triton.cdiv(DV, c["BVM"])),
                    (cm, cl, cacc, sm, sl, sacc, wm, wl, wacc, g_cmp, g_slc, g_swa, o, NC, NS, NW),
-                   dict(HQ=HQ, H=H, G=G, DV=DV, CMP=cmp, SLC=slc, SWA=swa), device=dev,
-                   dtype=q.dtype)
+                   dict(HQ=HQ, H=H, G=G, DV=DV, CMP=cmp, SLC=slc, SWA=swa, GDC=meta["GDC"]),
+                   device=dev, dtype=q.dtype)
     return o, idx
 
 # %% [markdown]

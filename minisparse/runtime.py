@@ -402,8 +402,8 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1, BR=16)],
     },
     # NSA's decoding step (one token, three kernels): BC summaries a tile of the compressed scores, BN keys a tile of
-    # the selected blocks and the window (capped at the block size), then the merge. First guesses that compile
-    # for sm_90 without spills (bench/notes/t4_resources.py --arch 90), not yet swept.
+    # the selected blocks and the window (capped at the block size), then the merge. sm_90: kernels 2 and 3 launched
+    # early (launch_pdl: programmatic dependent launch; each waits in the kernel for what it reads of the previous).
     "nsa.decode.scores": {
         "interpreter": [_cfg(BC=16)],
         "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
@@ -411,11 +411,13 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "nsa.decode.select": {
         "interpreter": [_cfg(BN=16)],
+        "sm_90": [_cfg(8, 2, BN=64, launch_pdl=True), _cfg(8, 2, BN=64), _cfg(4, 1, BN=32, launch_pdl=True)],
         "sm_80": [_cfg(8, 2, BN=64), _cfg(4, 1, BN=32)],
         "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
     },
     "nsa.decode.merge": {  # BGM heads of a group × BVM value dims a program, BP partial slots a load
         "interpreter": [_cfg(BP=4, BGM=2, BVM=16)],
+        "sm_90": [_cfg(4, 2, BP=16, BGM=4, BVM=64, launch_pdl=True), _cfg(4, 2, BP=16, BGM=4, BVM=64)],
         "sm_80": [_cfg(4, 2, BP=16, BGM=4, BVM=64)],
         "sm_75": [_cfg(4, 1, BP=16, BGM=4, BVM=64)],
     },

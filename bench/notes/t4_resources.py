@@ -209,7 +209,8 @@ SPECS = [
     Spec("nsa.decode.scores", "minisparse.nsa.triton:decode_scores_kernel", {**_DECODE, "BS": 64, "CMP": True, "STORE_S": True},
          "q_ptr kc_ptr vc_ptr", floats="qk_scale"),
     Spec("nsa.decode.select", "minisparse.nsa.triton:decode_select_kernel",
-         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "PICK": True, "SLC": True, "SWA": True},
+         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "RG": 8, "PICK": True, "SLC": True,
+          "SWA": True},
          "q_ptr k_ptr v_ptr", ints={"idx_ptr": "i64"}, floats="qk_scale", fit=_fit_keys(64)),
     Spec("nsa.decode.merge", "minisparse.nsa.triton:decode_merge_kernel",
          {k: _DECODE[k] for k in ("HQ", "H", "G", "DV")} | dict(CMP=True, SLC=True, SWA=True),
@@ -310,8 +311,10 @@ def jit_function(path: str) -> JITFunction:
 
 def measure(spec: Spec, config: dict, arch: int, aligned: bool) -> dict:
     fn = jit_function(spec.fn)
-    tiles = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    tiles = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages", "launch_pdl")}
     constexprs = {**spec.constexprs, **tiles}
+    if "GDC" in inspect.signature(fn.fn).parameters:  # grid dependency control: Hopper and newer, as the launchers
+        constexprs.setdefault("GDC", arch >= 90)
     dtypes = {**{p: "fp16" for p in spec.fp16.split()}, **spec.ints}
     floats = set(spec.floats.split())
     pointers = set(spec.pointers.split()) if spec.pointers else None
