@@ -763,7 +763,7 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
     if PICK or SLC:  # compiled only where a selection or a top-n is wanted
         if i_p < NS:  # the selection's programs
             o_s = tl.arange(0, SP)
-            if GDC:  # launched early (programmatic dependent launch): kernel 1's results are complete
+            if GDC:  # launched early (programmatic dependent launch): wait for kernel 1
                 tl.extra.cuda.gdc_wait()
             if PICK:
                 picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
