@@ -328,7 +328,7 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
     o_s = tl.arange(0, SP)
     picks = tl.full([BT, SP], -1, tl.int64)
     for i in range(S):
-        best, j = tl.max(sc, 1), tl.argmax(sc, 1)  # [BT]
+        best, j = tl.max(sc, 1, return_indices=True)  # [BT], one reduction for both
         pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
         picks = tl.where(o_s[None, :] == i, pick[:, None], picks)
         sc = tl.where(a == j[:, None], float("-inf"), sc)
