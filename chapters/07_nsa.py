@@ -2067,7 +2067,7 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
     o_s = tl.arange(0, SP)
     if SORT:  # one sort of (score's bits, reversed index): the rounds' picks in the rounds' order
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # floats ≥ 0 keep their order; −inf < 0
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # order of floats ≥ 0 kept; −inf < 0
         srt = tl.sort((bits << 32) | (BNA - 1 - o_a).to(tl.int64), descending=True)
         top = tl.gather(srt, tl.minimum(o_s, BNA - 1), 0)  # the first SP
         picks = tl.where(((top >> 32) >= 0) & (o_s < S) & (o_s < BNA),
@@ -2088,8 +2088,8 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                          SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          BNC: tl.constexpr, BNA: tl.constexpr, RG: tl.constexpr,
-                         SORT: tl.constexpr, PICK: tl.constexpr, SLC: tl.constexpr, SWA: tl.constexpr,
-                         PRECISION: tl.constexpr, GDC: tl.constexpr):
+                         SORT: tl.constexpr, PICK: tl.constexpr, SLC: tl.constexpr,
+                         SWA: tl.constexpr, PRECISION: tl.constexpr, GDC: tl.constexpr):
     """Decoding step, kernel 2 of 3: program (i_p, i_b·H + i_h). The first NS programs of a group
     take the top-n — each recomputes it from kernel 1's scores (PICK; program 0 stores it, sorted,
     to idx_ptr [B·H, S]) or reads it there — and attend with the group's G heads to the selected
