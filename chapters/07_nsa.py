@@ -1946,7 +1946,12 @@ class GatedSumFunction(torch.autograd.Function):
 #    slots merged by their maxima and sums, then the gates, in fp32.
 #
 # NC, NS and NW are chosen so that the first two kernels run about two programs an SM (`runtime.sm_count`).
-# Nothing is read back to the host, so a serving loop can capture the step in a CUDA graph.
+# Nothing is read back to the host, so a serving loop can capture the step in a CUDA graph. What is left is
+# latency, so each kernel avoids chains of dependent loads: the merge reads a branch's partial slots in one load,
+# the top-n its scores eight heads at a time. On Hopper, kernels 2 and 3 are launched with *programmatic
+# dependent launch* (`launch_pdl` in their launch-table rows): a kernel may start while the one before it still
+# runs, reads what it owns (the query, the window's keys, the gates), and waits in the kernel
+# (`tl.extra.cuda.gdc_wait`) before it reads the previous kernel's results.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
@@ -2157,27 +2162,34 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
-def _merged(m_ptr, l_ptr, acc_ptr, first, NP, o_g, m_g, o_v, m_v, G: tl.constexpr,
-            DV: tl.constexpr, BP: tl.constexpr, BGM: tl.constexpr, BVM: tl.constexpr):
-    """Heads o_g [BGM] × value dims o_v [BVM] of a branch's output, from its NP partial slots first
-    … first + NP − 1 (base 2): Σ_i acc_i 2^(m_i − M) / Σ_i l_i 2^(m_i − M); 0 for a head that saw
-    no key. BP slots are loaded at once ([BP, BGM, BVM]: one trip to memory, not BP) and merged by
-    their common maximum; chunks of BP slots are folded by chapter 3's merge."""
+def _slot_chunk(m_ptr, l_ptr, acc_ptr, first, p0, NP, o_g, m_g, o_v, m_v, G: tl.constexpr,
+                DV: tl.constexpr, BP: tl.constexpr):
+    """Partial slots first + p0 … (at most BP of a branch's NP) in one load ([BP, BGM, BVM]: one
+    trip to memory, not BP), merged by their common maximum (base 2) -> m [BGM] (−inf where no slot
+    saw a key), l [BGM], acc [BGM, BVM]."""
     o_p = tl.arange(0, BP)
-    b_m = tl.full([BGM], float("-inf"), tl.float32)
-    b_l = tl.zeros([BGM], tl.float32)
-    b_o = tl.zeros([BGM, BVM], tl.float32)
-    for p0 in range(0, NP, BP):
-        slot = first + p0 + o_p
-        used = ((p0 + o_p)[:, None] < NP) & m_g[None, :]  # [BP, BGM]
-        b_mi = tl.load(m_ptr + slot[:, None] * G + o_g[None, :], mask=used, other=float("-inf"))
-        b_li = tl.load(l_ptr + slot[:, None] * G + o_g[None, :], mask=used, other=0.0)
-        b_ai = tl.load(acc_ptr + (slot[:, None, None] * G + o_g[None, :, None]) * DV
-                       + o_v[None, None, :], mask=used[:, :, None] & m_v[None, None, :], other=0.0)
-        b_mc = tl.max(b_mi, 0)  # [BGM] the chunk's maximum; −inf where no slot saw a key
-        b_w = tl.exp2(b_mi - tl.where(b_mc == float("-inf"), 0.0, b_mc)[None, :])  # [BP, BGM]
-        b_m, b_l, b_o = merge_partial(b_m, b_l, b_o, b_mc, tl.sum(b_li * b_w, 0),
-                                      tl.sum(b_ai * b_w[:, :, None], 0))  # chapter 3's merge
+    slot = first + p0 + o_p
+    used = ((p0 + o_p)[:, None] < NP) & m_g[None, :]  # [BP, BGM]
+    b_mi = tl.load(m_ptr + slot[:, None] * G + o_g[None, :], mask=used, other=float("-inf"))
+    b_li = tl.load(l_ptr + slot[:, None] * G + o_g[None, :], mask=used, other=0.0)
+    b_ai = tl.load(acc_ptr + (slot[:, None, None] * G + o_g[None, :, None]) * DV
+                   + o_v[None, None, :], mask=used[:, :, None] & m_v[None, None, :], other=0.0)
+    b_mc = tl.max(b_mi, 0)
+    b_w = tl.exp2(b_mi - tl.where(b_mc == float("-inf"), 0.0, b_mc)[None, :])  # [BP, BGM]
+    return b_mc, tl.sum(b_li * b_w, 0), tl.sum(b_ai * b_w[:, :, None], 0)
+
+
+@triton.jit
+def _merged(m_ptr, l_ptr, acc_ptr, first, NP, b_m, b_l, b_o, o_g, m_g, o_v, m_v, G: tl.constexpr,
+            DV: tl.constexpr, BP: tl.constexpr):
+    """Heads o_g × value dims o_v of a branch's output from its NP partial slots first … first +
+    NP − 1: Σ_i acc_i 2^(m_i − M) / Σ_i l_i 2^(m_i − M), 0 for a head that saw no key. (b_m, b_l,
+    b_o) is its first chunk of BP slots (`_slot_chunk`, loaded before any branch is merged, so that
+    the branches' loads overlap); later chunks are folded in by chapter 3's merge."""
+    for p0 in range(BP, NP, BP):
+        b_mc, b_lc, b_oc = _slot_chunk(m_ptr, l_ptr, acc_ptr, first, p0, NP, o_g, m_g, o_v, m_v,
+                                       G, DV, BP)
+        b_m, b_l, b_o = merge_partial(b_m, b_l, b_o, b_mc, b_lc, b_oc)
     return b_o / tl.where(b_l > 0, b_l, 1.0)[:, None]
 
 
@@ -2204,16 +2216,25 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
         g_w = tl.load(gw_ptr + row, mask=m_g, other=0.0).to(tl.float32)
     if GDC:  # launched early (programmatic dependent launch): kernel 2's results are complete
         tl.extra.cuda.gdc_wait()
+    if CMP:  # every branch's first chunk of slots first: their loads are in flight together
+        c_m, c_l, c_o = _slot_chunk(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, 0, NC, o_g, m_g, o_v, m_v,
+                                    G, DV, BP)
+    if SLC:
+        s_m, s_l, s_o = _slot_chunk(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, 0, NS, o_g, m_g, o_v, m_v,
+                                    G, DV, BP)
+    if SWA:
+        w_m, w_l, w_o = _slot_chunk(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, 0, NW, o_g, m_g, o_v, m_v,
+                                    G, DV, BP)
     b_o = tl.zeros([BGM, BVM], tl.float32)
     if CMP:
-        b_o += g_c[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, o_g, m_g, o_v, m_v,
-                                      G, DV, BP, BGM, BVM)
+        b_o += g_c[:, None] * _merged(cm_ptr, cl_ptr, cacc_ptr, i_bh * NC, NC, c_m, c_l, c_o, o_g,
+                                      m_g, o_v, m_v, G, DV, BP)
     if SLC:
-        b_o += g_s[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, NS, o_g, m_g, o_v, m_v,
-                                      G, DV, BP, BGM, BVM)
+        b_o += g_s[:, None] * _merged(sm_ptr, sl_ptr, sacc_ptr, i_bh * NS, NS, s_m, s_l, s_o, o_g,
+                                      m_g, o_v, m_v, G, DV, BP)
     if SWA:
-        b_o += g_w[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, NW, o_g, m_g, o_v, m_v,
-                                      G, DV, BP, BGM, BVM)
+        b_o += g_w[:, None] * _merged(wm_ptr, wl_ptr, wacc_ptr, i_bh * NW, NW, w_m, w_l, w_o, o_g,
+                                      m_g, o_v, m_v, G, DV, BP)
     tl.store(o_ptr + row[:, None] * DV + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_g[:, None] & m_v[None, :])
 
