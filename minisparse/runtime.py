@@ -409,12 +409,11 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BC=64), _cfg(4, 1, BC=32)],
         "sm_75": [_cfg(4, 1, BC=32), _cfg(4, 1, BC=16)],
     },
-    "nsa.decode.select": {  # SORT: the top-n by one sort, else by S rounds of max (the faster at 64K)
-        "interpreter": [_cfg(BN=16, SORT=False)],
-        "sm_90": [_cfg(8, 2, BN=64, SORT=False, launch_pdl=True), _cfg(8, 2, BN=64, SORT=False),
-                  _cfg(4, 1, BN=32, SORT=False, launch_pdl=True)],
-        "sm_80": [_cfg(8, 2, BN=64, SORT=False), _cfg(4, 1, BN=32, SORT=False)],
-        "sm_75": [_cfg(4, 1, BN=32, SORT=False), _cfg(4, 1, BN=16, SORT=False)],
+    "nsa.decode.select": {
+        "interpreter": [_cfg(BN=16)],
+        "sm_90": [_cfg(8, 2, BN=64, launch_pdl=True), _cfg(8, 2, BN=64), _cfg(4, 1, BN=32, launch_pdl=True)],
+        "sm_80": [_cfg(8, 2, BN=64), _cfg(4, 1, BN=32)],
+        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
     },
     "nsa.decode.merge": {  # BGM heads of a group × BVM value dims a program, BP partial slots a load
         "interpreter": [_cfg(BP=4, BGM=2, BVM=16)],

@@ -399,13 +399,11 @@ DECODE_CASES = [  # B, T, HQ, H, D, DV, block, S, window, gates (cmp, slc, swa),
 ]
 
 
-@pytest.mark.parametrize("sort", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,HQ,H,D,DV,bs,S,W,on,given", DECODE_CASES)
-def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, W, on, given, sort):
+def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, W, on, given):
     """parallel_nsa's three decoding kernels (one token, no autograd) against the last row of nsa in fp32, and
-    against the general path (the same call with q requiring a gradient): output and chosen blocks; the top-n by
-    rounds of max and by one sort."""
+    against the general path (the same call with q requiring a gradient): output and chosen blocks."""
     q, k, _ = make_qkv(B, T, HQ, D, HKV=H, seed=T + HQ)
     v = torch.randn(B, T, H, DV, generator=torch.Generator().manual_seed(T))
     gs = [g if o else None for g, o in zip(gates(B, T, HQ, seed=T), on)]
@@ -416,10 +414,8 @@ def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, 
                       v_cmp=vc.float(), return_block_indices=True)
     last = [None if x is None else x[:, -1:] for x in (q, *gs)]
     given_idx = idx[:, -1:] if given else None
-    config = runtime.launch_configs("nsa.decode.select", DEV, dtype)[0]
-    with runtime.launch_config("nsa.decode.select", **{**config, "SORT": sort}):
-        o, got = N.parallel_nsa(*last[:1], k, v, *last[1:], **kw, k_cmp=kc, v_cmp=vc, block_indices=given_idx,
-                                return_block_indices=True)
+    o, got = N.parallel_nsa(*last[:1], k, v, *last[1:], **kw, k_cmp=kc, v_cmp=vc, block_indices=given_idx,
+                            return_block_indices=True)
     assert o.dtype == dtype and o.shape == (B, 1, HQ, DV)
     assert_close(f"decode B{B} T{T}", full[:, -1:], o.float(), TOLERANCES[dtype][0])
     assert torch.equal(got, idx[:, -1:])
@@ -428,11 +424,10 @@ def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, 
     assert_close(f"decode vs the general path, B{B} T{T}", general.float(), o.float(), TOLERANCES[dtype][0])
 
 
-@pytest.mark.parametrize("BP,tile,sort", [(1, 16, False), (2, 32, True)])
-def test_decoding_kernels_in_small_pieces(poisoned, monkeypatch, BP, tile, sort):
-    """The merge loading BP partial slots at a time (fewer than a branch has: chunks folded one into the next), the
-    top-n reading the scores tile // 16 heads at a time (fewer than the group's 3), and taken by rounds of max or by
-    one sort: two sequences, NC = 2."""
+@pytest.mark.parametrize("BP,tile", [(1, 16), (2, 32)])
+def test_decoding_kernels_in_small_pieces(poisoned, monkeypatch, BP, tile):
+    """The merge loading BP partial slots at a time (fewer than a branch has: chunks folded one into the next) and
+    the top-n reading the scores tile // 16 heads at a time (fewer than the group's 3): two sequences, NC = 2."""
     from minisparse.nsa import triton as nsa_triton
 
     monkeypatch.setattr(nsa_triton, "_TOPN_TILE", tile)
@@ -442,7 +437,7 @@ def test_decoding_kernels_in_small_pieces(poisoned, monkeypatch, BP, tile, sort)
     kw = dict(block_counts=5, block_size=bs, window_size=70)
     want, idx = N.nsa(q, k, v, *gs, **kw, return_block_indices=True)
     with runtime.launch_config("nsa.decode.merge", BP=BP, BGM=2, BVM=16, num_warps=4, num_stages=1), \
-            runtime.launch_config("nsa.decode.select", BN=16, SORT=sort, num_warps=4, num_stages=1), torch.no_grad():
+            torch.no_grad():
         got, got_idx = N.parallel_nsa(q[:, -1:], k, v, *(g[:, -1:] for g in gs), **kw, return_block_indices=True)
     assert torch.equal(got_idx, idx[:, -1:])
     assert_close(f"BP {BP}, tile {tile}", want[:, -1:], got, 1e-4)

@@ -209,7 +209,7 @@ SPECS = [
     Spec("nsa.decode.scores", "minisparse.nsa.triton:decode_scores_kernel", {**_DECODE, "BS": 64, "CMP": True, "STORE_S": True},
          "q_ptr kc_ptr vc_ptr", floats="qk_scale"),
     Spec("nsa.decode.select", "minisparse.nsa.triton:decode_select_kernel",
-         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "RG": 8, "SORT": False, "PICK": True, "SLC": True,
+         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "RG": 8, "PICK": True, "SLC": True,
           "SWA": True},
          "q_ptr k_ptr v_ptr", ints={"idx_ptr": "i64"}, floats="qk_scale", fit=_fit_keys(64)),
     Spec("nsa.decode.merge", "minisparse.nsa.triton:decode_merge_kernel",

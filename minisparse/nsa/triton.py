@@ -700,7 +700,7 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
 @triton.jit
 def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.constexpr,
                  BS: tl.constexpr, BG: tl.constexpr, BNC: tl.constexpr, BNA: tl.constexpr,
-                 RG: tl.constexpr, SP: tl.constexpr, SORT: tl.constexpr):
+                 RG: tl.constexpr, SP: tl.constexpr):
     """select_blocks for the decoded token of group i_bh: the softmax statistics of each head from
     kernel 1's NC partial slots, the group's probability of each visible block summed over its G
     heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load), then S rounds
@@ -727,18 +727,11 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
     forced = ((o_a == 0) | (o_a == own) | (o_a == own - 1)) & (o_a < N)
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
     o_s = tl.arange(0, SP)
-    if SORT:  # one sort of (score's bits, reversed index): the rounds' picks in the rounds' order
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # order of floats ≥ 0 kept; −inf < 0
-        srt = tl.sort((bits << 32) | (BNA - 1 - o_a).to(tl.int64), descending=True)
-        top = tl.gather(srt, tl.minimum(o_s, BNA - 1), 0)  # the first SP
-        picks = tl.where(((top >> 32) >= 0) & (o_s < S) & (o_s < BNA),
-                         BNA - 1 - (top & 0xFFFFFFFF), -1)
-    else:  # S rounds of max
-        picks = tl.full([SP], -1, tl.int64)
-        for i in range(S):
-            best, j = tl.max(score, 0, return_indices=True)
-            picks = tl.where(o_s == i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
-            score = tl.where(o_a == j, float("-inf"), score)
+    picks = tl.full([SP], -1, tl.int64)
+    for i in range(S):
+        best, j = tl.max(score, 0, return_indices=True)
+        picks = tl.where(o_s == i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
+        score = tl.where(o_a == j, float("-inf"), score)
     return picks
 
 
@@ -749,8 +742,8 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                          SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          BNC: tl.constexpr, BNA: tl.constexpr, RG: tl.constexpr,
-                         SORT: tl.constexpr, PICK: tl.constexpr, SLC: tl.constexpr,
-                         SWA: tl.constexpr, PRECISION: tl.constexpr, GDC: tl.constexpr):
+                         PICK: tl.constexpr, SLC: tl.constexpr, SWA: tl.constexpr,
+                         PRECISION: tl.constexpr, GDC: tl.constexpr):
     """Decoding step, kernel 2 of 3: program (i_p, i_b·H + i_h). The first NS programs of a group
     take the top-n — each recomputes it from kernel 1's scores (PICK; program 0 stores it, sorted,
     to idx_ptr [B·H, S]) or reads it there — and attend with the group's G heads to the selected
@@ -774,7 +767,7 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
                 tl.extra.cuda.gdc_wait()
             if PICK:
                 picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
-                                     RG, SP, SORT)
+                                     RG, SP)
                 if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
                     srt = tl.sort(tl.where(picks < 0, N, picks))
                     tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
