@@ -7,15 +7,16 @@ best with.
     PYTHONPATH=. python bench/notes/kernel_profile.py deltanet --T 32768  # another length
     PYTHONPATH=. python bench/notes/kernel_profile.py window --T 32768 --sweep   # flash_attention, window 1024
     PYTHONPATH=. python bench/notes/kernel_profile.py nsa --T 65536 --sweep      # parallel_nsa, with a decoding step
+    PYTHONPATH=. python bench/notes/kernel_profile.py nsa --profile fwd decode   # the kernels of these passes
 
 B 2, T 8192, H 16, K = V = 128, bf16 (the first shape of bench/lightning.py, deltanet.py and kda.py): the gated ops
 with use_qk_l2norm, gates -U(0, 1), β U(0, 1); lightning with chapter 4's slopes of layer 0 of 2; "window" is
 chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.py's windowed rows); "nsa" is chapter
 7's parallel_nsa at bench/nsa.py's shapes (B 1, HQ 64, H 4, D 128, blocks of 64, 16 selected, window 512, gates
-U(0, 1)), with a third pass: one decoding step of the last token (cached summaries), timed as a CUDA graph. First the median
-times of the forward and of the forward + backward with the launch table's configurations, then a torch.profiler
-table of the CUDA kernels of three forward + backward passes (or of the passes named by --profile). With --sweep, each row of runtime.LAUNCH_TABLE that the
-op launches is forced configuration by configuration (`minisparse.bench.sweep_rows`) and the pass it belongs to is
+U(0, 1)), with a third pass: one decoding step of the last token (cached summaries), timed as a CUDA graph.
+First the median times of the passes with the launch table's configurations, then a torch.profiler table of the
+CUDA kernels of three forward + backward passes (or of the passes named by --profile, e.g. --profile fwd decode).
+With --sweep, each row of runtime.LAUNCH_TABLE that the op launches is forced configuration by configuration (`minisparse.bench.sweep_rows`) and the pass it belongs to is
 timed whole, its result compared with the table configuration's: the rows' order in the table is the order of these
 times (bench/notes/<op>.md).
 """
