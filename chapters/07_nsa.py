@@ -1134,14 +1134,14 @@ if res is not None:
 # and fla's `parallel_nsa` (with chapter 1's window) takes 64 ms for the 64K forward. Still far below the 16× that
 # section 7.4's model allows: the selection kernel (23 of the 39 ms) loads every chosen block once for each token
 # (bound by L2 traffic) and the top-n (10 ms) grows as $T^2/64$. A decoding step called from Python costs
-# 0.3–0.7 ms (by the machine's CPU), host work that no kernel removes; captured as a CUDA graph its three kernels take 26 µs at 64K, 2.1×
-# faster than SDPA's single-token step (54 µs), which reads all 128 MiB of the cache at HBM speed. The step's time
-# is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n's rounds of max
-# add 9 µs (`bench/notes/nsa.md`). MoBA (HQ = H = 16, so G = 1) loads a chunk once for the queries that chose it
-# (engineering notes, "MoBA's forward"): 1.4× faster than SDPA at 32K and 2.7× at 64K; writing and re-reading a
-# partial result for each chosen chunk keeps it from the 8× and 16× that reading 2,048 of a query's 16K and 32K
-# past keys (on average) would allow. The kernels pass the same
-# tests in bf16 and fp16 on the H200; `bench/notes/nsa.md` breaks down where the time goes.
+# 0.3–0.7 ms (by the machine's CPU), host work that no kernel removes; captured as a CUDA graph its three kernels
+# take 26 µs at 64K, 2.1× faster than SDPA's single-token step (54 µs), which reads all 128 MiB of the cache at HBM
+# speed. The step's time is latency, not reading: the window alone takes 10 µs through the same kernels, and the
+# top-n's rounds of max add 9 µs (`bench/notes/nsa.md`). MoBA (HQ = H = 16, so G = 1) loads a chunk once for the
+# queries that chose it (engineering notes, "MoBA's forward"): 1.4× faster than SDPA at 32K and 2.7× at 64K;
+# writing and re-reading a partial result for each chosen chunk keeps it from the 8× and 16× that reading 2,048 of
+# a query's 16K and 32K past keys (on average) would allow. The kernels pass the same tests in bf16 and fp16 on the
+# H200; `bench/notes/nsa.md` breaks down where the time goes.
 
 # %% [markdown]
 # ## 7.8 Exercises
@@ -1951,7 +1951,9 @@ class GatedSumFunction(torch.autograd.Function):
 # the top-n its scores eight heads at a time. On Hopper, kernels 2 and 3 are launched with *programmatic
 # dependent launch* (`launch_pdl` in their launch-table rows): a kernel may start while the one before it still
 # runs, reads what it owns (the query, the window's keys, the gates), and waits in the kernel
-# (`tl.extra.cuda.gdc_wait`) before it reads the previous kernel's results.
+# (`tl.extra.cuda.gdc_wait`) before it reads the previous kernel's results. Reading the inputs early is safe because
+# the step's first kernel is launched normally, after everything before the step; a step without kernel 1 (no
+# top-n, no compressed branch) launches kernel 2 normally too.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
@@ -2237,6 +2239,13 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
 _TOPN_TILE = 8192  # elements of the decoding top-n's score tile [RG heads, BNA summaries]
 
 
+def _early_after(ours, config):
+    """A launch configuration that starts early (`launch_pdl`) only after one of this step's own
+    kernels: a kernel launched early reads its inputs (q, k, v, the gates) before it waits, which is
+    safe only when the kernel before it was launched normally, after everything before the step."""
+    return config if ours or not config.get("launch_pdl") else {**config, "launch_pdl": False}
+
+
 def _next_pow2(n, least=16):
     return max(least, triton.next_power_of_2(n))
 
@@ -2312,8 +2321,8 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
                        dict(meta, S=S, SP=_next_pow2(S, 1), BS=bs, BNC=_next_pow2(NC, 1), BNA=BNA,
                             RG=max(1, min(meta["BG"], _TOPN_TILE // BNA)), PICK=pick, SLC=slc,
                             SWA=swa),
-                       device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs),
-                       fit=_fit_keys(bs))
+                       device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs, pick or cmp),
+                       fit=lambda c: _early_after(pick or cmp, _fit_keys(bs)(c)))
     o = torch.empty(B, 1, HQ, DV, device=dev, dtype=q.dtype)
     runtime.launch("nsa.decode.merge", decode_merge_kernel,
                    lambda c: (B * H, triton.cdiv(G, c["BGM"]), triton.cdiv(DV, c["BVM"])),

@@ -443,6 +443,17 @@ def test_decoding_kernels_in_small_pieces(poisoned, monkeypatch, BP, tile):
     assert_close(f"BP {BP}, tile {tile}", want[:, -1:], got, 1e-4)
 
 
+def test_decoding_kernel_2_starts_early_only_after_kernel_1():
+    """Kernel 2 reads q, k and v before it waits: launched early (programmatic dependent launch) only where the
+    step's kernel 1 ran before it (itself launched normally); a configuration without the option keeps none."""
+    from minisparse.nsa.triton import _early_after
+
+    early = dict(BN=64, num_warps=8, num_stages=2, launch_pdl=True)
+    assert _early_after(True, early) == early
+    assert _early_after(False, early) == {**early, "launch_pdl": False}
+    assert _early_after(False, dict(BN=16)) == dict(BN=16)
+
+
 def test_decoding_step_with_other_slot_counts_branches_and_summaries(poisoned):
     """Indices given with more slots than block_counts (padded with -1, int32); the window without the selection
     and no indices asked for; summaries of the complete blocks only (N = T // block): each against nsa's last row."""

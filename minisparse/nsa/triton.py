@@ -889,6 +889,13 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
 _TOPN_TILE = 8192  # elements of the decoding top-n's score tile [RG heads, BNA summaries]
 
 
+def _early_after(ours, config):
+    """A launch configuration that starts early (`launch_pdl`) only after one of this step's own
+    kernels: a kernel launched early reads its inputs (q, k, v, the gates) before it waits, which is
+    safe only when the kernel before it was launched normally, after everything before the step."""
+    return config if ours or not config.get("launch_pdl") else {**config, "launch_pdl": False}
+
+
 def _next_pow2(n, least=16):
     return max(least, triton.next_power_of_2(n))
 
@@ -964,8 +971,8 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
                        dict(meta, S=S, SP=_next_pow2(S, 1), BS=bs, BNC=_next_pow2(NC, 1), BNA=BNA,
                             RG=max(1, min(meta["BG"], _TOPN_TILE // BNA)), PICK=pick, SLC=slc,
                             SWA=swa),
-                       device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs),
-                       fit=_fit_keys(bs))
+                       device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs, pick or cmp),
+                       fit=lambda c: _early_after(pick or cmp, _fit_keys(bs)(c)))
     o = torch.empty(B, 1, HQ, DV, device=dev, dtype=q.dtype)
     runtime.launch("nsa.decode.merge", decode_merge_kernel,
                    lambda c: (B * H, triton.cdiv(G, c["BGM"]), triton.cdiv(DV, c["BVM"])),
