@@ -593,7 +593,7 @@ _COUNTED = {}
 
 # %% [markdown]
 # Now the presets at full scale against the published figures (the survey's; Kimi Linear's from its model card,
-# as the survey lists only Kimi K2.5). Two conventions explain the gaps:
+# as the survey lists only Kimi K2.5). Three things explain the gaps:
 #
 # - **MTP layers.** DeepSeek-V3/V3.2 ship a multi-token-prediction module (one more MoE layer, a projection
 #   $2d \to d$, and the embedding and head, which it shares with the model but the checkpoint stores again): 685B
@@ -601,9 +601,12 @@ _COUNTED = {}
 #   without speculative decoding never runs it, and transformers does not build it; we count it only here.
 # - **Embeddings.** "Activated" figures often leave out the embedding table and sometimes the LM head (Mixtral's
 #   13B keeps both: our 12.9B): MiniMax-M1's
-#   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B), DeepSeek's 37B our 38.4B
-#   minus the input table (37.5B). Qwen3-Next's "A3B" and Kimi Linear's "A3B" are rounded the same way, and Kimi
-#   Linear's 48B total is our 49.1B less both embedding matrices (2 × 163,840 × 2,304 = 0.76B): 48.4B.
+#   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B). Qwen3-Next's "A3B" and Kimi
+#   Linear's "A3B" are rounded the same way, and Kimi Linear's 48B total is our 49.1B less both embedding matrices
+#   (2 × 163,840 × 2,304 = 0.76B): 48.4B.
+# - **The indexer.** DeepSeek's 37B is DeepSeek-V3's figure: the same count without V3.2's lightning indexers is
+#   37.55B, embeddings and head included (chapter 0's Exercise 1 derives it from V3's configuration). The 61
+#   indexers add 0.85B, all of it active: V3.2 activates 38.4B a token.
 
 # %%
 SURVEY = {  # (total, active) as published: the survey [S]; Kimi Linear: its model card
@@ -638,6 +641,11 @@ dsv = FULL["deepseek_v32_like"]
 assert abs(COUNTS["deepseek_v32_like"]["total"] + mtp_params(dsv) - 685e9) < 1e9
 assert abs(COUNTS["minimax_m1_like"]["active"] - 2 * 200_064 * 6_144 - 45.9e9) < 0.1e9
 assert abs(COUNTS["mixtral_like"]["total"] - 46.7e9) < 0.1e9
+v3 = param_counts(dsv.replace(pattern="M"))  # DeepSeek-V3: the same layers with MLA instead of DSA
+indexers = COUNTS["deepseek_v32_like"]["active"] - v3["active"]
+print(f"without the indexers (DeepSeek-V3): active {v3['active'] / 1e9:.2f} B; "
+      f"the indexers {indexers / 1e9:.2f} B")
+assert abs(v3["active"] - 37.55e9) < 0.01e9 and abs(indexers - 0.85e9) < 0.01e9
 
 # %% [markdown]
 # ### Memory a sequence holds
