@@ -55,12 +55,13 @@ def mean_pool(x, block_size):
     """
     _checks.tensor("mean_pool", "x", x, "[B, T, H, D]")
     bs = check_block_size("mean_pool", block_size)
-    B, T, H, D = x.shape
-    NB = -(-T // bs)  # ceil(T / bs) blocks
-    padded = F.pad(x.float(), (0, 0, 0, 0, 0, NB * bs - T))  # [B, NB·bs, H, D] zeros past T
-    sums = padded.view(B, NB, bs, H, D).sum(2)  # [B, NB, H, D]
-    counts = (T - torch.arange(NB, device=x.device) * bs).clamp(max=bs)  # [NB] tokens in each block
-    return (sums / counts.view(1, NB, 1, 1)).to(x.dtype)
+    T, full = x.shape[1], x.shape[1] // bs  # `full` complete blocks, then maybe a partial one
+    # [B, full, H, D]: one reduction over x as it is, summed in fp32
+    sums = x[:, :full * bs].unflatten(1, (full, bs)).sum(2, dtype=torch.float32)
+    if full * bs < T:  # the partial last block
+        sums = torch.cat([sums, x[:, full * bs:].sum(1, keepdim=True, dtype=torch.float32)], 1)
+    counts = (T - torch.arange(sums.shape[1], device=x.device) * bs).clamp(max=bs)  # tokens a block
+    return (sums / counts.view(1, -1, 1, 1)).to(x.dtype)
 
 
 class CompressKV(torch.nn.Module):
