@@ -204,7 +204,8 @@ def mean_pool(x, block_size):
     """
     _checks.tensor("mean_pool", "x", x, "[B, T, H, D]")
     bs = check_block_size("mean_pool", block_size)
-    T, full = x.shape[1], x.shape[1] // bs  # `full` complete blocks, then maybe a partial one
+    T = x.shape[1]
+    full = T // bs  # complete blocks, then maybe a partial one
     # [B, full, H, D]: one reduction over x as it is, summed in fp32
     sums = x[:, :full * bs].unflatten(1, (full, bs)).sum(2, dtype=torch.float32)
     if full * bs < T:  # the partial last block

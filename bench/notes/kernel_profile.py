@@ -16,9 +16,9 @@ chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.
 U(0, 1)), with a third pass: one decoding step of the last token (cached summaries), timed as a CUDA graph.
 First the median times of the passes with the launch table's configurations, then a torch.profiler table of the
 CUDA kernels of three forward + backward passes (or of the passes named by --profile, e.g. --profile fwd decode).
-With --sweep, each row of runtime.LAUNCH_TABLE that the op launches is forced configuration by configuration (`minisparse.bench.sweep_rows`) and the pass it belongs to is
-timed whole, its result compared with the table configuration's: the rows' order in the table is the order of these
-times (bench/notes/<op>.md).
+With --sweep, each row of runtime.LAUNCH_TABLE that the op launches is forced configuration by configuration
+(`minisparse.bench.sweep_rows`) and the pass it belongs to is timed whole, its result compared with the table
+configuration's: the rows' order in the table is the order of these times (bench/notes/<op>.md).
 """
 from __future__ import annotations
 
