@@ -357,6 +357,16 @@ def test_kernel_resources_same_as_compares_ptx(tmp_path):
     same = compare("flagged", "inline")
     assert same.returncode == 0 and "PTX identical" in same.stdout, same.stdout + same.stderr[-2000:]
 
+    # pointers are 16-byte aligned as the runtime sees torch's allocations: loads vectorised, unless --unaligned
+    unmasked = _SCALE_KERNEL.format(body="x * 2.0").replace(", mask=i < N)", ")")
+    (tmp_path / "unmasked.py").write_text(unmasked)
+    for flag, vector in (([], True), (["--unaligned"], False)):
+        ptx = tmp_path / f"ptx{len(flag)}"
+        out = subprocess.run([sys.executable, str(tool), f"{tmp_path / 'unmasked'}.py:scale_kernel", "B=512", *flag,
+                              "--ptx", str(ptx)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ("ld.global.v4" in ptx.read_text()) == vector, flag
+
 
 # --------------------------------------------------------------------------------------- the value-check rule
 def test_value_checks_follow_one_rule(monkeypatch):

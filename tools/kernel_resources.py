@@ -4,7 +4,7 @@
         PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,v_ptr,do_ptr --warps 4 --stages 1
 
 prints the shared memory the launch needs (Hopper allows 227 KiB a block), the registers per thread and the bytes
-spilled to local memory, as ptxas reports them (sm_90a by default; --arch 75 for a Colab T4, which allows a block
+spilled to local memory, as ptxas reports them, with every pointer 16-byte aligned as on a GPU (--unaligned: without) (sm_90a by default; --arch 75 for a Colab T4, which allows a block
 64 KiB of shared memory). Why: a launch that asks for too much shared memory fails
 only on the GPU (`OutOfResources`), and spills are the first suspect of a slow kernel — both can be checked here, on
 a CPU, before spending device time. Arguments NAME=VALUE are the kernel's constexprs (ints, or strings such as
@@ -70,13 +70,17 @@ def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | N
 
 
 def compile_for(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
-                pointers: set | None = None):
+                pointers: set | None = None, aligned: bool = True):
     """The compiled kernel (triton's CompiledKernel) for compute capability `arch`, on a machine without a GPU.
-    Constexprs left out of `constexprs` take their defaults, if they have one."""
+    Constexprs left out of `constexprs` take their defaults, if they have one. aligned: every pointer 16-byte
+    aligned, as the runtime specialises a launch on torch's allocations; without it loads are not vectorised and,
+    on sm_80 and newer, not pipelined through cp.async (less shared memory, more registers than the GPU runs)."""
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
                 if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
     constexprs = {**{n: v for n, v in defaults.items() if n not in constexprs}, **constexprs}
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtypes, floats, pointers), constexprs=constexprs)
+    sig = signature(fn, constexprs, dtypes, floats, pointers)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs if aligned else None)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
@@ -120,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--unaligned", action="store_true", help="pointers of unknown alignment (the GPU sees 16 bytes)")
+    ap.add_argument("--ptx", metavar="FILE", help="also write the kernel's PTX to FILE")
     ap.add_argument("--same-as", metavar="MODULE", help="also compile the kernel of that name from MODULE (a module "
                     "name or a .py file) and compare the PTX")
     args = ap.parse_args(argv)
@@ -127,12 +133,15 @@ def main(argv=None) -> int:
     constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
     dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
     options = (constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
-               set(filter(None, args.pointers.split(","))) or None)
+               set(filter(None, args.pointers.split(","))) or None, not args.unaligned)
     kernel = compile_for(_kernel(module, name), *options)
     r = kernel_resources(kernel, args.arch)
-    print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}: shared "
+    print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}"
+          f"{', unaligned' if args.unaligned else ''}: shared "
           f"{r['shared_kib']:.1f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
           f"{r['spill_loads']} B loaded")
+    if args.ptx:
+        pathlib.Path(args.ptx).write_text(kernel.asm["ptx"])
     if args.same_as:
         ours = ptx_instructions(kernel)
         theirs = ptx_instructions(compile_for(_kernel(args.same_as, name), *options))

@@ -38,9 +38,7 @@ import inspect  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from kernel_resources import compile_for, kernel_resources, signature  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from kernel_resources import compile_for, kernel_resources  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from minisparse import runtime  # noqa: E402
@@ -319,17 +317,7 @@ def measure(spec: Spec, config: dict, arch: int, aligned: bool) -> dict:
     floats = set(spec.floats.split())
     pointers = set(spec.pointers.split()) if spec.pointers else None
     warps, stages = config["num_warps"], config["num_stages"]
-    if not aligned:
-        kernel = compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers)
-    else:  # as compile_for, plus the 16-byte alignment the runtime sees on every torch allocation
-        defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
-                    if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
-        constexprs = {**{n: v for n, v in defaults.items() if n not in constexprs}, **constexprs}
-        sig = signature(fn, constexprs, dtypes, floats, pointers)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
+    kernel = compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers, aligned)
     return kernel_resources(kernel, arch)
 
 
