@@ -4,19 +4,21 @@
         PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,v_ptr,do_ptr --warps 4 --stages 1
 
 prints the shared memory the launch needs (Hopper allows 227 KiB a block), the registers per thread and the bytes
-spilled to local memory, as ptxas reports them, with every pointer 16-byte aligned as on a GPU (--unaligned: without) (sm_90a by default; --arch 75 for a Colab T4, which allows a block
-64 KiB of shared memory). Why: a launch that asks for too much shared memory fails
-only on the GPU (`OutOfResources`), and spills are the first suspect of a slow kernel — both can be checked here, on
-a CPU, before spending device time. Arguments NAME=VALUE are the kernel's constexprs (ints, or strings such as
-PRECISION=tf32); pointer arguments are fp32 unless --dtype says otherwise; the other runtime arguments are i32,
-except those named by --float (default: scale). Compiling takes 10–60 s a kernel on this 2-core machine.
+spilled to local memory, as ptxas reports them (sm_90a by default; --arch 75 for a Colab T4, which allows a block
+64 KiB of shared memory), every pointer 16-byte aligned as the GPU runtime marks torch's allocations (--unaligned:
+not). Why: a launch that asks for too much shared memory fails only on the GPU (`OutOfResources`), and spills are the
+first suspect of a slow kernel — both can be checked here, on a CPU, before spending device time. Arguments
+NAME=VALUE are the kernel's constexprs (ints, or strings such as PRECISION=tf32); pointer arguments are fp32 unless
+--dtype says otherwise; the other runtime arguments are i32, except those named by --float (default: scale).
+Compiling takes 10–60 s a kernel on this 2-core machine.
 
     python tools/kernel_resources.py minisparse.deltanet.chunk_fwd:_fwd_states_kernel ... --same-as /tmp/old.py
 
 also compiles the kernel of the same name from another module or .py file (e.g. the file as it was, `git show
 main:minisparse/deltanet/chunk_fwd.py > /tmp/old.py`) and says whether the two PTX texts are identical, source-line
-and debug information aside; exit status 3 if not (errors exit 1 or 2, as Python and argparse do). Identical PTX means a refactor (a helper function, renamed
-variables) cannot change what runs on the GPU, so a GPU-verified kernel stays verified without device time.
+and debug information aside; exit status 3 if not (errors exit 1 or 2, as Python and argparse do). Identical PTX
+means a refactor (a helper function, renamed variables) cannot change what runs on the GPU, so a GPU-verified
+kernel stays verified without device time. --ptx FILE writes the kernel's PTX.
 """
 from __future__ import annotations
 

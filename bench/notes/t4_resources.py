@@ -15,9 +15,10 @@ memory, registers and spills come from tools/kernel_resources.py (triton's metad
 configuration that fits, so a kernel can launch on a T4 if any configuration of its row fits, and raises
 RuntimeError (or the op falls back to PyTorch) if none does.
 
-What this does not model: the runtime's specialisation of arguments (16-byte-aligned pointers and integers divisible
-by 16 get `tt.divisibility`, integers equal to 1 become constants; `--aligned` adds the pointers' divisibility),
-and pointers the launcher passes as None (they are compiled as typed pointers the kernel never reads).
+Pointers are compiled 16-byte aligned, as the runtime marks torch's allocations (`--unaligned`: not; on sm_75 the two
+need the same shared memory). What this does not model: the runtime's other specialisations (integers divisible by
+16 get `tt.divisibility`, integers equal to 1 become constants) and pointers the launcher passes as None (they are
+compiled as typed pointers the kernel never reads).
 """
 from __future__ import annotations
 
@@ -332,13 +333,13 @@ def main() -> int:
     ap.add_argument("--shared-kib", type=float, default=64, help="shared memory a block may use (T4: 64 KiB)")
     ap.add_argument("--only", default="", help="only the LAUNCH_TABLE names that contain this")
     ap.add_argument("--extra", action="store_true", help="also the rows no benchmark shape reaches (D = 256, K = 64)")
-    ap.add_argument("--aligned", action="store_true", help="mark every pointer 16-byte aligned, as the runtime would")
+    ap.add_argument("--unaligned", action="store_true", help="pointers of unknown alignment (the GPU sees 16 bytes)")
     args = ap.parse_args()
     row = "sm_90" if args.arch >= 90 else "sm_80" if args.arch >= 80 else "sm_75"
     runtime._arch_of[DEVICE] = row
     specs = [s for s in SPECS + (EXTRA_SPECS if args.extra else []) if args.only in s.kernel]
     print(f"triton {triton.__version__}, sm_{args.arch} (LAUNCH_TABLE row {row}, fp16 inputs), "
-          f"limit {args.shared_kib:g} KiB a block{', pointers 16-byte aligned' if args.aligned else ''}\n")
+          f"limit {args.shared_kib:g} KiB a block{', pointers of unknown alignment' if args.unaligned else ''}\n")
     print("| kernel | row | config | shared KiB | registers | spills (B stored / loaded) | fits |")
     print("|---|---|---|---|---|---|---|")
     verdicts = []  # (kernel label, any fits, smallest shared KiB)
@@ -349,7 +350,7 @@ def main() -> int:
         for config in fitted_configs(spec):
             t0 = time.time()
             try:
-                r = measure(spec, config, args.arch, args.aligned)
+                r = measure(spec, config, args.arch, not args.unaligned)
             except Exception as err:  # noqa: BLE001 - report it, go on with the next configuration
                 first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:150]
                 print(f"| {label} | {table_row} | {describe(config)} | compile failed: {type(err).__name__}: "
