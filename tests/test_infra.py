@@ -377,6 +377,31 @@ def test_kernel_resources_compiles_pointers_aligned(tmp_path):
         assert ("ld.global.v4" in ptx.read_text()) == vector, flag
 
 
+
+def test_kernel_resources_maxnreg_caps_registers():
+    """--maxnreg N compiles as a launch's maxnreg=N does: at most N registers a thread, the rest spilled."""
+    import pathlib
+
+    import triton
+
+    if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools/kernel_resources.py"
+    args = [sys.executable, str(tool), "minisparse.deltanet.fused_recurrent:_fused_recurrent_kernel", "BK=64",
+            "BV=64", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
+    found = {}
+    for cap in (None, 40):
+        out = subprocess.run(args + (["--maxnreg", str(cap)] if cap else []), capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = out.stdout.strip().splitlines()[-1]
+        assert (f"maxnreg={cap}" in line) == (cap is not None), line
+        regs = int(line.split(" registers")[0].rsplit(" ", 1)[1])
+        spilled = int(line.split("spills ")[1].split(" B")[0])
+        found[cap] = regs, spilled
+    assert found[40][0] <= 40 < found[None][0], found
+    assert found[40][1] > found[None][1], found
+
 # --------------------------------------------------------------------------------------- the value-check rule
 def test_value_checks_follow_one_rule(monkeypatch):
     """naive ops: always. Triton ops on CPU tensors: always. On CUDA tensors: only after set_value_checks(True),

@@ -18,7 +18,9 @@ also compiles the kernel of the same name from another module or .py file (e.g. 
 main:minisparse/deltanet/chunk_fwd.py > /tmp/old.py`) and says whether the two PTX texts are identical, source-line
 and debug information aside; exit status 3 if not (errors exit 1 or 2, as Python and argparse do). Identical PTX
 means a refactor (a helper function, renamed variables) cannot change what runs on the GPU, so a GPU-verified
-kernel stays verified without device time. --ptx FILE writes the kernel's PTX.
+kernel stays verified without device time. --ptx FILE writes the kernel's PTX. --maxnreg N caps the registers a
+thread, as `maxnreg=N` in a launch configuration does: ptxas then spills what does not fit, and the report says how
+much, so the trade between registers (how many programs share a multiprocessor) and spills can be read here.
 """
 from __future__ import annotations
 
@@ -72,18 +74,20 @@ def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | N
 
 
 def compile_for(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stages: int, arch: int,
-                pointers: set | None = None, aligned: bool = True):
+                pointers: set | None = None, aligned: bool = True, maxnreg: int | None = None):
     """The compiled kernel (triton's CompiledKernel) for compute capability `arch`, on a machine without a GPU.
     Constexprs left out of `constexprs` take their defaults, if they have one. aligned: every pointer 16-byte
     aligned, as the runtime specialises a launch on torch's allocations; without it loads are not vectorised and,
-    on sm_80 and newer, not pipelined through cp.async (less shared memory, more registers than the GPU runs)."""
+    on sm_80 and newer, not pipelined through cp.async (less shared memory, more registers than the GPU runs).
+    maxnreg: cap the registers a thread (a launch option, as `maxnreg=` in a launch-table configuration)."""
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
                 if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
     constexprs = {**{n: v for n, v in defaults.items() if n not in constexprs}, **constexprs}
     sig = signature(fn, constexprs, dtypes, floats, pointers)
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs if aligned else None)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def ptx_instructions(kernel) -> list[str]:
@@ -126,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--maxnreg", type=int, help="cap the registers a thread, as a launch's maxnreg= does")
     ap.add_argument("--unaligned", action="store_true", help="pointers of unknown alignment (the GPU sees 16 bytes)")
     ap.add_argument("--ptx", metavar="FILE", help="also write the kernel's PTX to FILE")
     ap.add_argument("--same-as", metavar="MODULE", help="also compile the kernel of that name from MODULE (a module "
@@ -135,10 +140,11 @@ def main(argv=None) -> int:
     constexprs = {k: _constexpr(v) for k, v in (c.split("=", 1) for c in args.constexprs)}
     dtypes = {ptr: dt for spec in args.dtype for dt, ptrs in [spec.split("=", 1)] for ptr in ptrs.split(",")}
     options = (constexprs, dtypes, set(args.float.split(",")), args.warps, args.stages, args.arch,
-               set(filter(None, args.pointers.split(","))) or None, not args.unaligned)
+               set(filter(None, args.pointers.split(","))) or None, not args.unaligned, args.maxnreg)
     kernel = compile_for(_kernel(module, name), *options)
     r = kernel_resources(kernel, args.arch)
-    print(f"{name} {constexprs} warps={args.warps} stages={args.stages} sm_{args.arch}"
+    print(f"{name} {constexprs} warps={args.warps} stages={args.stages}"
+          f"{f' maxnreg={args.maxnreg}' if args.maxnreg else ''} sm_{args.arch}"
           f"{', unaligned' if args.unaligned else ''}: shared "
           f"{r['shared_kib']:.1f} KiB, {r['registers']} registers, spills {r['spill_stores']} B stored / "
           f"{r['spill_loads']} B loaded")
