@@ -151,7 +151,7 @@ def check_block_size(op, block_size, name="block_size"):
 def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
     """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
     token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
-    offset). Values are checked by the book's value-check rule."""
+    offset), no block twice in a row. Values are checked by the book's value-check rule."""
     _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
@@ -171,14 +171,57 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offse
             got, seen = int(block_indices[b, tt, h, s]), (tt + offset) // block_size
             raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {got} is out of range or "
                              f"in the future: query {tt} sees blocks 0..{seen}")
+        srt = block_indices.sort(dim=-1).values
+        twice = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+        if bool(twice.any()):
+            b, tt, h, s = (int(i) for i in twice.nonzero()[0])
+            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}] selects block "
+                             f"{int(srt[b, tt, h, s])} twice: a row is a set (pad with -1 instead)")
 
 
-def check_gate(op, name, g, B, T, HQ, like):
-    """A branch gate g [B, T, HQ] (already in [0, 1]), or None to drop the branch."""
+def check_gate(op, name, g, B, T, HQ, like, naive):
+    """A branch gate g [B, T, HQ] with values in [0, 1] (checked by the value-check rule), or None
+    to drop the branch."""
     if g is None:
         return
     _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]",
                            "a gate per token and query head", like)
+    if _checks.checking_values(naive, g):
+        _checks.value_range(op, name, g, low=0.0, high=1.0, why="a gate, e.g. a sigmoid's output")
+
+
+def check_summaries(op, q, k_cmp, v_cmp=None, *, H=None, DV=None, min_n=0, max_n=None):
+    """Block summaries for queries q [B, TQ, HQ, D]: k_cmp [B, N, H, D] with q's B and D, H dividing
+    HQ (and equal to the keys' H where given), min_n <= N <= max_n (one summary a block: at least
+    the complete blocks the last query sees); v_cmp [B, N, H, DV] with k_cmp's B, N, H (and the
+    values' DV where given), or None. Floating point, on q's device."""
+    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
+    B, _, HQ, D = q.shape
+    for name, x, layout in (("q", q, ""), ("k_cmp", k_cmp, "[B, N, H, D]"),
+                            ("v_cmp", v_cmp, "[B, N, H, DV]")):
+        _checks.tensor(op, name, x, layout or None, optional=name == "v_cmp")
+        if x is not None and not x.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {x.device}")
+    Nk, Hk = k_cmp.shape[1], k_cmp.shape[2]
+    want = (B, Nk, H if H is not None else Hk, D)
+    if tuple(k_cmp.shape) != want:
+        raise ValueError(f"{op}: k_cmp must be [B, N, H, D] with q's B and D"
+                         f"{' and k’s H' if H is not None else ''} = {want}, got "
+                         f"{tuple(k_cmp.shape)}")
+    _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
+    if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
+                              or DV is not None and v_cmp.shape[3] != DV):
+        raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "
+                         f"{tuple(k_cmp.shape[:3])}{f' and DV = {DV}' if DV else ''}, got "
+                         f"{tuple(v_cmp.shape)}")
+    if Nk < min_n or (max_n is not None and Nk > max_n):
+        want_n = f"{min_n}" if max_n in (None, min_n) else f"{min_n} to {max_n}"
+        raise ValueError(f"{op}: k_cmp must hold one summary a block, {want_n}"
+                         f"{' at least' if max_n is None else ''} (the complete blocks the last "
+                         f"query sees{', and a partial last one' if (max_n or 0) > min_n else ''})"
+                         f", got N = {Nk}")
 
 # %% [markdown]
 # ### Compression: one summary a block
@@ -203,6 +246,8 @@ def mean_pool(x, block_size):
     tokens it has.
     """
     _checks.tensor("mean_pool", "x", x, "[B, T, H, D]")
+    if not x.is_floating_point():
+        raise TypeError(f"mean_pool: x must be a floating-point tensor, got {x.dtype}")
     bs = check_block_size("mean_pool", block_size)
     T = x.shape[1]
     full = T // bs  # complete blocks, then maybe a partial one
@@ -276,10 +321,15 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
     (decoding: q holds the last tokens only).
     """
+    op = "compressed_attention"
+    check_summaries(op, q, k_cmp)
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
-    scale = _checks.scale("compressed_attention", scale, D)
-    stride = block_size if stride is None else stride
+    scale = _checks.scale(op, scale, D)
+    check_block_size(op, block_size)
+    stride = block_size if stride is None else check_block_size(op, stride, "stride")
+    if stride > block_size:
+        raise ValueError(f"{op}: stride must be <= block_size = {block_size}, got {stride}")
     k_rep = k_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
     s = torch.einsum("bthd,bchd->bthc", q.float(), k_rep) * scale  # [B, T, HQ, N]
     last = torch.arange(N, device=q.device) * stride + block_size - 1  # [N] last token of summary c
@@ -295,12 +345,8 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
     inside).
     """
     op = "compressed_attention"
-    _checks.tensor(op, "k_cmp", k_cmp, "[B, N, H, D]")
     _checks.tensor(op, "v_cmp", v_cmp, "[B, N, H, Dv]")
-    check_block_size(op, block_size)
-    if k_cmp.shape[:3] != v_cmp.shape[:3]:
-        raise ValueError(f"{op}: v_cmp must be [B, N, H, Dv] with k_cmp's B, N, H = "
-                         f"{tuple(k_cmp.shape[:3])}, got {tuple(v_cmp.shape)}")
+    check_summaries(op, q, k_cmp, v_cmp)
     p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
     v_rep = v_cmp.float().repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)  # [B, N, HQ, Dv]
     return torch.einsum("bthc,bchd->bthd", p, v_rep).to(q.dtype)
@@ -335,7 +381,10 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
     H, S] int64, S = block_counts: the chosen blocks in increasing order, then -1 for causally
     invisible or surplus slots. Query i sits at position i + offset.
     """
-    check_block_size("select_blocks", block_size)
+    op = "select_blocks"
+    bs = check_block_size(op, block_size)
+    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
+    check_summaries(op, q, k_cmp, min_n=(offset + q.shape[1]) // bs)
     p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
 
@@ -428,12 +477,13 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     op = "nsa"
     B, _, T, HQ, H, D, Dv = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
-    check_block_size(op, block_size)
+    bs = check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, TQ, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q, naive=True)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
+    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=Dv, min_n=T // bs, max_n=-(-T // bs))
     p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
     if block_indices is None:  # [B, TQ, H, S], from the same probabilities
         block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
@@ -502,6 +552,7 @@ def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens o
     q [B, T, HQ, D], k [B, T, H, D] -> block_indices [B, T, HQ, topk] int64, increasing, -1 padded.
     """
     op = "moba"
+    _checks.last_queries_qkv(op, q, k, k)
     check_block_size(op, chunk_size, "chunk_size")
     K = _checks.positive_int(op, "topk", topk)
     B, T, HQ, D = q.shape
@@ -760,7 +811,8 @@ import triton.language as tl
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
 from minisparse.mla.triton import merge_partial
-from minisparse.nsa.naive import check_block_indices, check_block_size, check_gate, mean_pool
+from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate,
+                                  check_summaries, mean_pool)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -1639,10 +1691,11 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     if S < 3:
         raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
     bs = check_block_size(op, block_size)
+    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]")
+    check_summaries(op, q, k_cmp, v_cmp, min_n=(offset + q.shape[1]) // bs)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     DV = D if v_cmp is None else v_cmp.shape[3]
-    _checks.divides(op, "H (k_cmp's heads)", H, "HQ (q's heads)", HQ)
     _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="select_blocks")
     scale = _checks.scale(op, scale, D)
@@ -1761,11 +1814,13 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     op = "parallel_nsa"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
+    bs = check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, TQ, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q, naive=False)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
+    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=DV, min_n=T // bs, max_n=-(-T // bs))
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
     no_grad = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                    for x in inputs))
@@ -1909,6 +1964,14 @@ class GatedSumFunction(torch.autograd.Function):
         ctx.first = first
         ctx.save_for_backward(*branches, *gates)
         x = next(o_x for o_x in branches if o_x is not None)
+        names = ("o_cmp", "o_slc", "o_swa", "g_cmp", "g_slc", "g_swa")
+        for name, t in zip(names, (*branches, *gates)):
+            want = x.shape if name[0] == "o" else x.shape[:3]
+            flat = t is not None and (t.stride(-1) == 1 if name[0] == "o" else t.is_contiguous())
+            if t is not None and (t.shape != want or t.dtype != x.dtype or not flat):
+                raise ValueError(f"GatedSumFunction: {name} must be {tuple(want)} in {x.dtype}, "
+                                 f"{'contiguous' if len(want) == 3 else 'last dim contiguous'}; "
+                                 f"got {tuple(t.shape)} {t.dtype} with strides {t.stride()}")
         o = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _gated_launch(gated_sum_fwd_kernel, (*branches, *gates), (o,), first, branches)
         return o
@@ -2281,8 +2344,6 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
         S = _checks.positive_int(op, "block_counts", block_counts)
         if S < 3:
             raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
-    _checks.shape(op, "k_cmp", k_cmp, (B, N, H, D), "[B, N, H, D]", "one summary a block")
-    _checks.shape(op, "v_cmp", v_cmp, (B, N, H, DV), "[B, N, H, DV]", "one summary a block")
     _checks.triton_inputs(op, q, k, v, k_cmp, v_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")
     scale = _checks.scale(op, scale, D)

@@ -170,6 +170,7 @@ def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
     """
     op = "indexer_scores"
     B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx)
+    _checks.value_range(op, "w_idx", w_idx, finite=True)
     scale = _checks.scale(op, scale, DI)
     w = torch.ones(B, TQ, HI, device=q_idx.device) if w_idx is None else w_idx.float()
     dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
@@ -449,6 +450,11 @@ class LightningIndexer(nn.Module):
 
     def forward(self, x, q_latent, position_embeddings=None, positions=None):
         _checks.layer_input("LightningIndexer", x, self, "[B, T, hidden]", self.hidden_size)
+        _checks.tensor("LightningIndexer", "q_latent", q_latent, "[B, T, q_lora_rank]")
+        _checks.shape("LightningIndexer", "q_latent", q_latent,
+                      (*x.shape[:2], self.wq_b.in_features), "[B, T, q_lora_rank]",
+                      "x's B, T and the query latent")
+        _checks.same_dtype("LightningIndexer", x=x, q_latent=q_latent)
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         q, k, w = self.project(x, q_latent, positions, position_embeddings)
@@ -576,7 +582,10 @@ def indexer_kl_loss(p_attn, scores, indices=None):
     [B, TQ, K] (sparse training) both distributions are restricted to each query's selected keys.
     Returns a scalar fp32 tensor.
     """
-    B, TQ, _, TK = p_attn.shape
+    B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices)
+    _checks.tensor("indexer_kl_loss", "scores", scores, "[B, TQ, TK]")
+    _checks.shape("indexer_kl_loss", "scores", scores, (B, TQ, TK), "[B, TQ, TK]",
+                  "p_attn's B, TQ, TK")
     keep = causal_mask(TQ, TK, scores.device).expand(B, TQ, TK)  # [B, TQ, TK]
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
@@ -589,10 +598,23 @@ def indexer_kl_loss(p_attn, scores, indices=None):
 
 def attention_recall(p_attn, indices):
     """The share of the head-summed dense attention mass on the selected keys, per query [B, TQ].
-    p_attn [B, TQ, H, TK], indices [B, TQ, K]."""
+    p_attn [B, TQ, H, TK], indices [B, TQ, K]; a query without mass recalls 0."""
+    _check_attention_probs("attention_recall", p_attn, indices)
     p = p_attn.detach().float().sum(2)  # [B, TQ, TK]
-    p = p / p.sum(-1, keepdim=True)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
     return (p * selection_mask(indices, p.shape[-1])).sum(-1)
+
+
+def _check_attention_probs(op, p_attn, indices):
+    """p_attn [B, TQ, H, TK] floating, indices None or [B, TQ, K] as check_indices wants ->
+    (B, TQ, TK)."""
+    _checks.tensor(op, "p_attn", p_attn, "[B, TQ, H, TK]")
+    if not p_attn.is_floating_point():
+        raise TypeError(f"{op}: p_attn must be a floating-point tensor, got {p_attn.dtype}")
+    B, TQ, _, TK = p_attn.shape
+    if indices is not None:
+        check_indices(op, indices, B, TQ, TK, naive=True)
+    return B, TQ, TK
 
 # %% [markdown]
 # At reading size: one `DSAttention` layer (hidden 64, 4 heads, an indexer of 4 heads × 16, k = 8) over sequences of
@@ -1958,7 +1980,16 @@ def _topk_chunk(scores, topk, first_pos):
 
 def selection_overlap(a, b):
     """The mean fraction of b's selected positions (>= 0) that a selects too, over rows: a top-k's
-    agreement with another (FP8 vs bf16 indexer). a, b [B, T, topk] int64, −1 padded."""
+    agreement with another (FP8 vs bf16 indexer). a [B, T, Ka], b [B, T, Kb] integer, −1 padded."""
+    for name, x in (("a", a), ("b", b)):
+        _checks.tensor("selection_overlap", name, x, "[B, T, topk]",
+                       dtypes=(torch.int32, torch.int64))
+        if x.numel() and int(x.min()) < -1:
+            raise ValueError(f"selection_overlap: {name} must be >= -1 (-1 pads a row), got "
+                             f"{int(x.min())}")
+    if a.shape[:2] != b.shape[:2]:
+        raise ValueError(f"selection_overlap: a and b must share B, T, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     B, T, K = b.shape
     n = int(max(a.max(), b.max())) + 2
     hit = torch.zeros(B, T, n, dtype=torch.bool, device=a.device)

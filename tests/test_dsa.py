@@ -261,6 +261,49 @@ def test_kernels_reject_what_only_a_kernel_cannot_do(name, call, exc, match):
         call()
 
 
+
+def _probs_and_indices():
+    p = torch.softmax(torch.randn(1, 6, 2, 6), -1)  # [B, TQ, H, TK]
+    return p, D.select_topk(torch.randn(1, 6, 6).tril().masked_fill(torch.ones(6, 6).triu(1).bool(), -math.inf), 2)
+
+
+HELPERS_BAD = [  # the training and measuring helpers of sections 8.3 and 8.7
+    ("kl: p_attn of rank 3", lambda p, i: D.indexer_kl_loss(p[:, :, 0], torch.zeros(1, 6, 6)), "p_attn must be 4-D"),
+    ("kl: scores of another batch", lambda p, i: D.indexer_kl_loss(p, torch.zeros(2, 6, 6)), "scores must be"),
+    ("kl: float indices", lambda p, i: D.indexer_kl_loss(p, torch.zeros(1, 6, 6), i.float()), "int32 or int64"),
+    ("recall: index past the end", lambda p, i: D.attention_recall(p, i.masked_fill(i == 0, 100)), "out of range"),
+    ("recall: p_attn of rank 3", lambda p, i: D.attention_recall(p[:, :, 0], i), "p_attn must be 4-D"),
+    ("overlap: other rows", lambda p, i: D.selection_overlap(i, i[:, :3]), "share B, T"),
+    ("overlap: below -1", lambda p, i: D.selection_overlap(i - 5, i), ">= -1"),
+    ("scores: NaN weights", lambda p, i: D.indexer_scores(torch.randn(1, 6, 2, 4), torch.randn(1, 6, 4),
+                                                          torch.full((1, 6, 2), math.nan)), "w_idx contains NaN"),
+]
+
+
+@pytest.mark.parametrize("name,call,match", HELPERS_BAD, ids=[row[0] for row in HELPERS_BAD])
+def test_helpers_reject_bad_input(name, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(*_probs_and_indices())
+
+
+def test_helpers_on_edge_input():
+    """A query without attention mass recalls 0 (not NaN); tops of different k compare."""
+    p, idx = _probs_and_indices()
+    assert torch.equal(D.attention_recall(torch.zeros_like(p), idx), torch.zeros(1, 6))
+    assert D.selection_overlap(idx, idx[..., :1]) == 1.0
+
+
+def test_lightning_indexer_checks_its_query_latent():
+    torch.manual_seed(0)
+    layer = D.DSAttention(32, 2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                          v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=2, backend="naive")
+    x, ql = torch.randn(1, 5, 32), torch.randn(1, 5, 16)
+    layer.indexer(x, ql)  # fine
+    for bad, match in ((ql[0], "3-D"), (ql[:, :4], "q_latent must be"), (ql[..., :8], "q_latent must be"),
+                       (ql.double(), "one dtype")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            layer.indexer(x, bad)
+
 def test_dsa_rejects_bad_topk_and_backend():
     a = _ok()
     q_idx, k_idx, w_idx = _indexer_inputs(1, 8, 8, 2, 8)

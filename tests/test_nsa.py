@@ -139,8 +139,15 @@ def _future(idx):
     return idx
 
 
+def _twice(idx):
+    idx = idx.clone()
+    idx[0, 35, 0, 1] = idx[0, 35, 0, 0]  # query 35 (blocks 0..2 visible) names its first block twice
+    return idx
+
+
 # (what is wrong, how to break the arguments of selected_attention(q, k, v, idx, block_size), error, message)
 SELECTION_BAD_INPUT = [
+    ("a block twice in a row", lambda q, k, v, i, bs: (q, k, v, _twice(i), bs), ValueError, "twice"),
     ("index in the future", lambda q, k, v, i, bs: (q, k, v, _future(i), bs), ValueError, "in the future"),
     ("index past the end", lambda q, k, v, i, bs: (q, k, v, i.masked_fill(i == 2, 9), bs), ValueError,
      "out of range"),
@@ -184,11 +191,58 @@ def test_selection_bad_input(backend, what, make, error, message):
     (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV), 8, 2), "chunk_size must be >= 16"),
     (lambda q, k, v: N.parallel_moba(q.to(DEV), k.to(DEV), v.to(DEV)[:, :-1], 16, 2), "v must be"),
     (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 4), 8), "v_cmp"),
+    (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8)[..., :4], N.mean_pool(v, 8), 8),
+     r"k_cmp must be \[B, N, H, D\] with q's B and D"),
+    (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 8), 8, stride=0), "stride"),
+    (lambda q, k, v: N.compressed_attention(q, N.mean_pool(k, 8), N.mean_pool(v, 8), 8, stride=16),
+     "stride must be <= block_size"),
+    (lambda q, k, v: N.compressed_attention(q.long(), N.mean_pool(k, 8), N.mean_pool(v, 8), 8), "floating"),
+    (lambda q, k, v: N.select_blocks(q[0], N.mean_pool(k, 8), 3, 8), "q must be 4-D"),
+    (lambda q, k, v: N.select_blocks(q, N.mean_pool(k, 8)[:, :2], 3, 8), "one summary a block, 5 at least"),
+    (lambda q, k, v: N.mean_pool(k.long(), 8), "floating"),
+    (lambda q, k, v: N.moba_select(q[0], k, 8, 2), "q must be 4-D"),
+    (lambda q, k, v: N.nsa(q, k, v, q[..., 0].abs() + 2, None, None, block_size=8), "g_cmp must be >= 0 and <= 1"),
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, k_cmp=N.mean_pool(k, 8)[:, :3],
+                           v_cmp=N.mean_pool(v, 8)[:, :3]), "one summary a block, 5 \\(the complete"),
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, k_cmp=N.mean_pool(k, 8),
+                           v_cmp=N.mean_pool(v, 8)[..., :4]), "v_cmp must be"),
 ])
 def test_nsa_and_moba_bad_input(call, message):
     q, k, v, _ = _inputs()
     with pytest.raises((ValueError, TypeError), match=message):
         call(q, k, v)
+
+
+@pytest.mark.parametrize("what", ["gate outside [0, 1]", "NaN gate", "summaries of another D", "too few summaries",
+                                  "summaries of another batch", "a block twice", "gate with other strides"])
+def test_parallel_nsa_bad_input(what):
+    """The Triton ops reject what nsa rejects (values checked on CUDA when asked, always on CPU tensors), instead of
+    reading out of bounds or counting a block twice."""
+    q, k, v, idx = (x.to(DEV) for x in _inputs(T=64))
+    g = torch.rand(1, 64, 4, device=DEV)
+    kc, vc = N.mean_pool(k, 16), N.mean_pool(v, 16)
+    kw = dict(block_counts=3, block_size=16, window_size=16)
+    calls = {
+        "gate outside [0, 1]": (lambda: N.parallel_nsa(q, k, v, g + 1, g, g, **kw), "g_cmp must be >= 0 and <= 1"),
+        "NaN gate": (lambda: N.parallel_nsa(q, k, v, g, g * float("nan"), g, **kw), "g_slc contains NaN"),
+        "summaries of another D": (lambda: N.parallel_select_blocks(q, kc[..., :8].contiguous(), 3, 16), "k_cmp"),
+        "too few summaries": (lambda: N.parallel_nsa(q, k, v, g, g, g, **kw, k_cmp=kc[:, :2], v_cmp=vc[:, :2]),
+                              "one summary a block, 4"),
+        "summaries of another batch": (lambda: N.parallel_select_blocks(q, kc.expand(2, -1, -1, -1), 3, 16),
+                                       "q's B and D"),
+        "a block twice": (lambda: N.parallel_nsa(q[:, -1:], k, v, g[:, -1:], g[:, -1:], g[:, -1:], **kw,
+                                                 block_indices=torch.tensor([[[[0, 0, 3]] * 2]], device=DEV)),
+                          "twice"),
+        "gate with other strides": (lambda: N.GatedSumFunction.apply(0, q, q, q, g.transpose(1, 2).contiguous()
+                                                                     .transpose(1, 2), g, g), "g_cmp must be"),
+    }
+    call, message = calls[what]
+    previous = runtime.set_value_checks(True)
+    try:
+        with torch.no_grad(), pytest.raises((ValueError, TypeError), match=message):
+            call()
+    finally:
+        runtime.set_value_checks(previous)
 
 
 # ------------------------------------------------------------------------------------------- Triton vs naive

@@ -55,6 +55,11 @@ class LightningIndexer(nn.Module):
 
     def forward(self, x, q_latent, position_embeddings=None, positions=None):
         _checks.layer_input("LightningIndexer", x, self, "[B, T, hidden]", self.hidden_size)
+        _checks.tensor("LightningIndexer", "q_latent", q_latent, "[B, T, q_lora_rank]")
+        _checks.shape("LightningIndexer", "q_latent", q_latent,
+                      (*x.shape[:2], self.wq_b.in_features), "[B, T, q_lora_rank]",
+                      "x's B, T and the query latent")
+        _checks.same_dtype("LightningIndexer", x=x, q_latent=q_latent)
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         q, k, w = self.project(x, q_latent, positions, position_embeddings)

@@ -22,6 +22,7 @@ def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
     """
     op = "indexer_scores"
     B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx)
+    _checks.value_range(op, "w_idx", w_idx, finite=True)
     scale = _checks.scale(op, scale, DI)
     w = torch.ones(B, TQ, HI, device=q_idx.device) if w_idx is None else w_idx.float()
     dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
@@ -118,7 +119,10 @@ def indexer_kl_loss(p_attn, scores, indices=None):
     [B, TQ, K] (sparse training) both distributions are restricted to each query's selected keys.
     Returns a scalar fp32 tensor.
     """
-    B, TQ, _, TK = p_attn.shape
+    B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices)
+    _checks.tensor("indexer_kl_loss", "scores", scores, "[B, TQ, TK]")
+    _checks.shape("indexer_kl_loss", "scores", scores, (B, TQ, TK), "[B, TQ, TK]",
+                  "p_attn's B, TQ, TK")
     keep = causal_mask(TQ, TK, scores.device).expand(B, TQ, TK)  # [B, TQ, TK]
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
@@ -131,10 +135,23 @@ def indexer_kl_loss(p_attn, scores, indices=None):
 
 def attention_recall(p_attn, indices):
     """The share of the head-summed dense attention mass on the selected keys, per query [B, TQ].
-    p_attn [B, TQ, H, TK], indices [B, TQ, K]."""
+    p_attn [B, TQ, H, TK], indices [B, TQ, K]; a query without mass recalls 0."""
+    _check_attention_probs("attention_recall", p_attn, indices)
     p = p_attn.detach().float().sum(2)  # [B, TQ, TK]
-    p = p / p.sum(-1, keepdim=True)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
     return (p * selection_mask(indices, p.shape[-1])).sum(-1)
+
+
+def _check_attention_probs(op, p_attn, indices):
+    """p_attn [B, TQ, H, TK] floating, indices None or [B, TQ, K] as check_indices wants ->
+    (B, TQ, TK)."""
+    _checks.tensor(op, "p_attn", p_attn, "[B, TQ, H, TK]")
+    if not p_attn.is_floating_point():
+        raise TypeError(f"{op}: p_attn must be a floating-point tensor, got {p_attn.dtype}")
+    B, TQ, _, TK = p_attn.shape
+    if indices is not None:
+        check_indices(op, indices, B, TQ, TK, naive=True)
+    return B, TQ, TK
 
 
 def gather_attention(q, k, v, indices, scale=None):

@@ -565,7 +565,16 @@ def _topk_chunk(scores, topk, first_pos):
 
 def selection_overlap(a, b):
     """The mean fraction of b's selected positions (>= 0) that a selects too, over rows: a top-k's
-    agreement with another (FP8 vs bf16 indexer). a, b [B, T, topk] int64, −1 padded."""
+    agreement with another (FP8 vs bf16 indexer). a [B, T, Ka], b [B, T, Kb] integer, −1 padded."""
+    for name, x in (("a", a), ("b", b)):
+        _checks.tensor("selection_overlap", name, x, "[B, T, topk]",
+                       dtypes=(torch.int32, torch.int64))
+        if x.numel() and int(x.min()) < -1:
+            raise ValueError(f"selection_overlap: {name} must be >= -1 (-1 pads a row), got "
+                             f"{int(x.min())}")
+    if a.shape[:2] != b.shape[:2]:
+        raise ValueError(f"selection_overlap: a and b must share B, T, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     B, T, K = b.shape
     n = int(max(a.max(), b.max())) + 2
     hit = torch.zeros(B, T, n, dtype=torch.bool, device=a.device)

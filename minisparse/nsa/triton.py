@@ -6,7 +6,8 @@ import triton.language as tl
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
 from minisparse.mla.triton import merge_partial
-from minisparse.nsa.naive import check_block_indices, check_block_size, check_gate, mean_pool
+from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate,
+                                  check_summaries, mean_pool)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -351,10 +352,11 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     if S < 3:
         raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
     bs = check_block_size(op, block_size)
+    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]")
+    check_summaries(op, q, k_cmp, v_cmp, min_n=(offset + q.shape[1]) // bs)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     DV = D if v_cmp is None else v_cmp.shape[3]
-    _checks.divides(op, "H (k_cmp's heads)", H, "HQ (q's heads)", HQ)
     _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="select_blocks")
     scale = _checks.scale(op, scale, D)
@@ -462,11 +464,13 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     op = "parallel_nsa"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
+    bs = check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        check_gate(op, name, g, B, TQ, HQ, q)
+        check_gate(op, name, g, B, TQ, HQ, q, naive=False)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
+    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=DV, min_n=T // bs, max_n=-(-T // bs))
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
     no_grad = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                    for x in inputs))
@@ -597,6 +601,14 @@ class GatedSumFunction(torch.autograd.Function):
         ctx.first = first
         ctx.save_for_backward(*branches, *gates)
         x = next(o_x for o_x in branches if o_x is not None)
+        names = ("o_cmp", "o_slc", "o_swa", "g_cmp", "g_slc", "g_swa")
+        for name, t in zip(names, (*branches, *gates)):
+            want = x.shape if name[0] == "o" else x.shape[:3]
+            flat = t is not None and (t.stride(-1) == 1 if name[0] == "o" else t.is_contiguous())
+            if t is not None and (t.shape != want or t.dtype != x.dtype or not flat):
+                raise ValueError(f"GatedSumFunction: {name} must be {tuple(want)} in {x.dtype}, "
+                                 f"{'contiguous' if len(want) == 3 else 'last dim contiguous'}; "
+                                 f"got {tuple(t.shape)} {t.dtype} with strides {t.stride()}")
         o = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _gated_launch(gated_sum_fwd_kernel, (*branches, *gates), (o,), first, branches)
         return o
@@ -929,8 +941,6 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
         S = _checks.positive_int(op, "block_counts", block_counts)
         if S < 3:
             raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
-    _checks.shape(op, "k_cmp", k_cmp, (B, N, H, D), "[B, N, H, D]", "one summary a block")
-    _checks.shape(op, "v_cmp", v_cmp, (B, N, H, DV), "[B, N, H, DV]", "one summary a block")
     _checks.triton_inputs(op, q, k, v, k_cmp, v_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")
     scale = _checks.scale(op, scale, D)
