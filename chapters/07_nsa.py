@@ -929,7 +929,7 @@ from torch import nn
 
 from minisparse import _checks
 from minisparse.attention.naive import apply_rope
-from minisparse.nsa.naive import CompressKV, moba, nsa
+from minisparse.nsa.naive import CompressKV, check_block_size, moba, nsa
 
 
 class NativeSparseAttention(nn.Module):
@@ -950,6 +950,13 @@ class NativeSparseAttention(nn.Module):
         _checks.one_of(op, "kind", kind, ("nsa", "moba"))
         _checks.one_of(op, "compress", compress, ("mlp", "mean"))
         _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
+        check_block_size(op, block_size)
+        _checks.positive_int(op, "window_size", window_size, zero=True)
+        _checks.positive_int(op, "moba_topk", moba_topk)
+        if kind == "nsa" and _checks.positive_int(op, "block_counts", block_counts) < 3:
+            raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
+                             f"previous one are always kept), got {block_counts}")
+        self.hidden_size = hidden_size
         self.kind, self.backend = kind, _checks.backend(op, backend)
         self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim
         self.block_size, self.block_counts, self.window_size = block_size, block_counts, window_size
@@ -967,9 +974,11 @@ class NativeSparseAttention(nn.Module):
     def forward(self, x, return_block_indices=False, last=None):
         """x [B, T, hidden] -> [B, T, hidden]; `last=n`: the outputs of the last n tokens only, [B,
         n, hidden] (all T keys, n queries: a cheap loss on the final token, or a decoding step)."""
-        _checks.layer_input("NativeSparseAttention", x, self)
+        _checks.layer_input("NativeSparseAttention", x, self, hidden=self.hidden_size)
         B, T, _ = x.shape
         TQ = T if last is None else _checks.positive_int("NativeSparseAttention", "last", last)
+        if TQ > T:
+            raise ValueError(f"NativeSparseAttention: last must be <= T = {T}, got {last}")
         pos = torch.arange(T, device=x.device)
         q = self.q_proj(x[:, T - TQ:]).view(B, TQ, self.HQ, self.D)
         q = apply_rope(q, pos[T - TQ:], self.rope_theta)  # [B, TQ, HQ, D]

@@ -206,6 +206,14 @@ def test_selection_bad_input(backend, what, make, error, message):
                            v_cmp=N.mean_pool(v, 8)[:, :3]), "one summary a block, 5 \\(the complete"),
     (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, k_cmp=N.mean_pool(k, 8),
                            v_cmp=N.mean_pool(v, 8)[..., :4]), "v_cmp must be"),
+
+    (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_size=16)(torch.randn(1, 32, 16)),
+     r"x must be \[B, T, hidden\] with hidden = 32"),
+    (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_size=16)(torch.randn(1, 32, 32), last=100),
+     "last must be <= T"),
+    (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, window_size=-1), "window_size"),
+    (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_counts=2), "block_counts must be >= 3"),
+    (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_size=12), "power of two"),
 ])
 def test_nsa_and_moba_bad_input(call, message):
     q, k, v, _ = _inputs()
