@@ -312,10 +312,13 @@ for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_h
 
 # %%
 #| export models.model
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisparse import _checks
 from minisparse.attention import Attention, RMSNorm
 from minisparse.deltanet import GatedDeltaNet
 from minisparse.dsa import DSAttention, indexer_kl_loss
@@ -467,9 +470,13 @@ class HybridLM(nn.Module):
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(self, input_ids, caches=None):
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"HybridLM: input_ids must be [B, T] int64, got "
-                             f"{tuple(input_ids.shape)} {input_ids.dtype}")
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("HybridLM: input_ids must be a [B, T] int64 tensor, got "
+                             + (f"{tuple(input_ids.shape)} {input_ids.dtype}"
+                                if torch.is_tensor(input_ids) else type(input_ids).__name__))
+        if _checks.checking_values(False, input_ids):
+            _checks.value_range("HybridLM", "input_ids", input_ids, low=0,
+                                high=self.config.vocab_size - 1, why="token ids of the vocabulary")
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"HybridLM: caches must hold one cache a layer ({len(self.layers)}),"
                              f" got {len(caches)}; make them with new_caches")
@@ -494,6 +501,16 @@ class HybridLM(nn.Module):
     def generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None):
         """Prefill the prompt [B, T], then decode max_new_tokens one at a time from the caches:
         greedy (temperature 0) or sampled. Returns [B, T + max_new_tokens]."""
+        op = "HybridLM.generate"
+        _checks.tensor(op, "input_ids", input_ids, "[B, T]")
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"{op}: the prompt needs at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
+        max_new_tokens = _checks.positive_int(op, "max_new_tokens", max_new_tokens, zero=True)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"{op}: temperature must be a finite number >= 0 (0: greedy), got "
+                             f"{temperature!r}")
         was_training = self.training
         self.eval()
         input_ids = input_ids.to(self.embed_tokens.weight.device)
@@ -546,12 +563,15 @@ print(model.generate(torch.tensor([list(b"def ")]), 12)[0].tolist())
 #| export models.count
 import torch
 
+from minisparse import _checks
+from minisparse.models.checks import validate
 from minisparse.models.model import HybridLM
 
 
 def _as_config(config):
     """A HybridConfig as is; a transformers config converted (config_from_hf, engineering notes)."""
-    if hasattr(config, "layer_kinds"):  # a HybridConfig
+    if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
+        validate(config)
         return config
     if hasattr(config, "model_type"):
         from minisparse.models.hf import config_from_hf
@@ -680,6 +700,10 @@ def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.flo
     (recurrent states in `state_dtype`, as the layers keep them; convolution states in `dtype`).
     config: a HybridConfig or a transformers config of a SUPPORTED family."""
     c = _as_config(config)
+    for name, dt in (("dtype", dtype), ("state_dtype", state_dtype)):
+        if not isinstance(dt, torch.dtype):
+            raise TypeError(f"kv_cache_bytes_per_token: {name} must be a torch.dtype (e.g. "
+                            f"torch.bfloat16), got {dt!r}")
     b, bs = torch.empty(0, dtype=dtype).element_size(), torch.empty(
         0, dtype=state_dtype).element_size()
     per_token = per_seq = 0
@@ -694,6 +718,7 @@ def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.flo
 
 def memory_per_sequence(config, context, dtype=torch.bfloat16):
     """Bytes of KV cache + recurrent state one sequence of `context` tokens holds."""
+    context = _checks.positive_int("memory_per_sequence", "context", context, zero=True)
     m = kv_cache_bytes_per_token(config, dtype)
     return m["per_token"] * context + m["per_sequence"]
 
@@ -739,6 +764,7 @@ assert memory_per_sequence(FULL["kimi_linear_like"], 2**20) < 8 * GiB
 
 # %%
 #| export models.cost
+from minisparse import _checks
 from minisparse.models.count import _as_config, layer_cache_numbers, param_counts
 
 
@@ -783,6 +809,8 @@ def mixer_decode_bytes(c, kind, context, dtype_bytes=2, state_bytes=4):
 def decode_cost(config, context, dtype_bytes=2):
     """One decoding step of one sequence at `context` tokens: {"flops", "bytes"}. bytes = the
     active weights (the embedding table excluded: one row is read) + what each mixer reads."""
+    context = _checks.positive_int("decode_cost", "context", context, zero=True)
+    dtype_bytes = _checks.positive_int("decode_cost", "dtype_bytes", dtype_bytes)
     c = _as_config(config)
     active = param_counts(c)["active"] - c.vocab_size * c.hidden_size * (not c.tie_embeddings)
     flops = 2 * active + sum(mixer_decode_flops(c, k, context) for k in c.layer_kinds)

@@ -60,6 +60,38 @@ def test_model_validates_a_config_changed_after_creation():
         M.HybridLM(c)
 
 
+
+def _tiny_lm():
+    return M.HybridLM(M.HybridConfig(vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=1,
+                                     backend="naive"))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m(torch.tensor([[1, 64, 2]])), r"input_ids must be >= 0 and <= 63"),
+    (lambda m: m(torch.tensor([[1, -1, 2]])), r"input_ids must be >= 0 and <= 63"),
+    (lambda m: m([[1, 2, 3]]), "int64 tensor, got list"),
+    (lambda m: m.generate(torch.tensor([1, 2, 3]), 2), "2-D"),
+    (lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long), 2), "at least one token"),
+    (lambda m: m.generate(torch.tensor([[1, 2, 3]]), -1), "max_new_tokens"),
+    (lambda m: m.generate(torch.tensor([[1, 2, 3]]), 2.5), "max_new_tokens"),
+    (lambda m: m.generate(torch.tensor([[1, 2, 3]]), 2, temperature=-1.0), "temperature"),
+    (lambda m: M.decode_cost(M.HybridConfig(), -5), "context must be an int >= 0"),
+    (lambda m: M.decode_cost(M.HybridConfig(), 10, dtype_bytes=-2), "dtype_bytes"),
+    (lambda m: M.memory_per_sequence(M.HybridConfig(), -1), "context must be an int >= 0"),
+    (lambda m: M.kv_cache_bytes_per_token(M.HybridConfig(), dtype="bf16"), "kv_cache_bytes_per_token: dtype must be"),
+])
+def test_model_and_costs_reject_bad_arguments(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(_tiny_lm())
+
+
+def test_cost_helpers_validate_a_config_changed_after_creation():
+    c = M.HybridConfig()
+    c.num_layers = -4
+    for helper in (M.kv_cache_bytes_per_token, lambda c: M.decode_cost(c, 8), M.param_counts):
+        with pytest.raises(ValueError, match=r"HybridConfig\.num_layers"):
+            helper(c)
+
 def test_presets_patterns_and_scales():
     assert "".join(M.qwen3_next_like("full").layer_kinds).count("F") == 12
     kimi = M.kimi_linear_like("full").layer_kinds
