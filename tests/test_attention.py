@@ -175,11 +175,22 @@ def test_rope_conventions_differ_by_a_channel_permutation():
     assert not torch.allclose(inter, apply_rope(y, pos))  # without the permutation they differ
 
 
+
+def test_attention_layer_depends_on_relative_positions_only():
+    """RoPE scores depend on i − j: shifting every position (below 0 too) changes no output."""
+    layer = Attention(32, 4, 2, backend="naive")
+    x = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = layer(x)
+        for shift in (-3, 5):
+            assert_close(f"shift {shift}", base, layer(x, positions=torch.arange(8) + shift), 1e-5)
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_embedding_equals_apply_rope(interleaved):
     rope = RotaryEmbedding(32, theta=5e5, interleaved=interleaved, max_len=8)  # positions beyond 8 grow the table
     x = make_bthd(2, 9, 3, 32, seed=14)
-    for positions in (torch.arange(9), torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))):
+    for positions in (torch.arange(9), torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1)),
+                      torch.arange(9) - 5):  # before the table's first row: a table lookup would wrap around
         assert_close("RotaryEmbedding", apply_rope(x, positions, 5e5, interleaved), rope(x, positions), 1e-6)
     rope = rope.to(torch.bfloat16)  # the cos/sin table must stay fp32
     xb = x.to(torch.bfloat16)

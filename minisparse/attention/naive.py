@@ -167,7 +167,10 @@ class RotaryEmbedding(nn.Module):
             )
         if positions.is_floating_point():
             raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
-        need = int(positions.max()) + 1 if positions.numel() else 0
+        low, high = (int(p) for p in torch.aminmax(positions)) if positions.numel() else (0, -1)
+        if low < 0:  # before the table's first row: the angles themselves, as apply_rope
+            return apply_rope(x, positions, self.theta, self.interleaved)
+        need = high + 1
         if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
             self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / a move
         cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
