@@ -788,10 +788,7 @@ class LightningAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
         _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
-        if attention_mask is not None:
-            _checks.tensor(op, "attention_mask", attention_mask, "[B, T]")
-            _checks.shape(op, "attention_mask", attention_mask, (B, T), "[B, T]",
-                          "1 for a token, 0 for padding")
+        _checks.attention_mask(op, attention_mask, B, T)
         qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
         if attention_mask is not None:  # padded tokens add nothing to the state
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)

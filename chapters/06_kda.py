@@ -1000,11 +1000,15 @@ class KimiDeltaAttention(nn.Module):
         return _naive_chunk(*args, self.chunk_size, check_values=False)
 
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
-        x = _checks.layer_input("KimiDeltaAttention", hidden_states, self, hidden=self.hidden_size)
+        op = "KimiDeltaAttention"
+        x = _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
         B, T, _ = x.shape
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+        _checks.attention_mask(op, attention_mask, B, T)
+        conv_state, rec_state = _checks.conv_recurrent_state(
+            op, state, (B, self.conv_dim, self.conv_kernel_size - 1),
+            (B, self.num_heads, self.head_dim, self.head_dim), x)
+        if attention_mask is not None:  # 0 = padding: padded tokens enter as zeros
             x = x * attention_mask[:, :, None].to(x.dtype)
-        conv_state, rec_state = (None, None) if state is None else state
         mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
         mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
         q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim)

@@ -134,6 +134,31 @@ def initial_state(op: str, h0, want: tuple, layout: str = "[B, H, K, V]", like: 
         raise ValueError(f"{op}: initial_state must be on q's device {like.device}, got {h0.device}")
 
 
+def attention_mask(op: str, mask, B: int, T: int) -> None:
+    """None, or a layer's padding mask [B, T] (1 = token, 0 = padding)."""
+    if mask is None:
+        return
+    tensor(op, "attention_mask", mask, "[B, T]")
+    shape(op, "attention_mask", mask, (B, T), "[B, T]", "1 = token, 0 = padding")
+
+
+def conv_recurrent_state(op: str, state, conv_shape: tuple, rec_shape: tuple, like: torch.Tensor) -> tuple:
+    """None, or the (conv_state [B, C, kernel − 1], recurrent_state [B, HV, K, V]) pair a layer with a short
+    convolution returned; both parts, of these shapes, on `like`'s device. Returns (conv_state, recurrent_state),
+    (None, None) for None."""
+    if state is None:
+        return None, None
+    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(torch.is_tensor(x) for x in state)):
+        raise TypeError(f"{op}: state must be the (conv_state, recurrent_state) pair of tensors an earlier call "
+                        f"returned, got {type(state).__name__}")
+    conv, rec = state
+    shape(op, "conv_state", conv, conv_shape, "[B, conv_dim, kernel − 1]")
+    initial_state(op, rec, rec_shape, "[B, HV, K, V]", like=like)
+    if conv.device != like.device:
+        raise ValueError(f"{op}: conv_state must be on the input's device {like.device}, got {conv.device}")
+    return conv, rec
+
+
 def scale(op: str, value, head_dim: int) -> float:
     """The attention scale as a float: `head_dim ** -0.5` for None, else a positive finite number."""
     if value is None:
@@ -271,6 +296,8 @@ def layer_input(op: str, x, module: torch.nn.Module, layout: str = "[B, T, hidde
     """A layer's input: a float tensor of rank `layout` whose last dim is `hidden` and whose dtype and device are the
     layer's parameters' (PyTorch's own message, "expected m1 and m2 to have the same dtype", names neither)."""
     tensor(op, name, x, layout)
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (hidden states), got {x.dtype}")
     if hidden is not None and x.shape[-1] != hidden:
         raise ValueError(f"{op}: {name} must be {layout} with hidden = {hidden}, got {_shape(x)}")
     p = next(module.parameters(), None)

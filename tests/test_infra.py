@@ -468,6 +468,11 @@ def test_value_range_accepts_values_in_range_and_empty_tensors():
      TypeError, "x is torch.float16 but the layer's parameters are torch.float32"),
     (lambda: _checks.layer_input("Layer", torch.zeros(2, 3, 5), torch.nn.Linear(4, 4), hidden=4), ValueError,
      "hidden = 4"),
+    (lambda: _checks.layer_input("Layer", torch.zeros(2, 3, 4, dtype=torch.long), torch.nn.Linear(4, 4)),
+     TypeError, "x must be a floating-point tensor"),
+    (lambda: _checks.attention_mask("Layer", torch.ones(2, 1), 2, 3), ValueError, r"attention_mask must be \[B, T\]"),
+    (lambda: _checks.conv_recurrent_state("Layer", (torch.zeros(2, 4, 3), None), (2, 4, 3), (2, 1, 2, 2),
+                                          torch.zeros(1)), TypeError, "pair of tensors"),
 ])
 def test_shared_checks_name_the_argument_the_expectation_and_what_came(call, error, message):
     with pytest.raises(error, match=message):

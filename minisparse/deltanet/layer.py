@@ -89,11 +89,15 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
         # [B, T, hidden]
-        _checks.layer_input("GatedDeltaNet", hidden_states, self, hidden=self.hidden_size)
+        op = "GatedDeltaNet"
+        _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
         B, T, _ = hidden_states.shape
-        if attention_mask is not None:  # [B, T], 0 = padding: padded tokens enter as zeros
+        _checks.attention_mask(op, attention_mask, B, T)
+        conv_state, rec_state = _checks.conv_recurrent_state(
+            op, state, (B, self.conv_dim, self.conv_kernel_size - 1),
+            (B, self.num_v_heads, self.head_k_dim, self.head_v_dim), hidden_states)
+        if attention_mask is not None:  # 0 = padding: padded tokens enter as zeros
             hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
-        conv_state, rec_state = (None, None) if state is None else state
         q, k, v, z, b, a = self._split(self.in_proj_qkvz(hidden_states),
                                        self.in_proj_ba(hidden_states))
         mixed = torch.cat([q.reshape(B, T, self.key_dim), k.reshape(B, T, self.key_dim),
