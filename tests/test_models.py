@@ -46,6 +46,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     (dict(nsa_block_size=12), "nsa_block_size", "power of two"), (dict(nsa_block_counts=2), "nsa_block_counts", ">= 3"),
     (dict(nsa_window=-1), "nsa_window", "int >= 0"),
     (dict(first_dense_layers=9), "first_dense_layers", "num_layers = 4"), (dict(backend="cuda"), "backend", "'auto'"),
+    (dict(router="topk"), "router", "'softmax' or"), (dict(head_dim=7), "head_dim", "even"),
+    (dict(qk_rope_head_dim=3), "qk_rope_head_dim", "even"),
+    (dict(num_experts=4, shared_expert_gate=True), "shared_expert_gate", "needs a shared expert"),
+    (dict(indexer_loss_weight=float("nan")), "indexer_loss_weight", ">= 0"),
+    (dict(indexer_loss_weight=-1.0), "indexer_loss_weight", ">= 0"),
 ])
 def test_bad_configs_name_the_field(bad, field, want):
     with pytest.raises(ValueError, match=rf"HybridConfig\.{field}:") as err:

@@ -33,6 +33,11 @@ def validate(c):
         v = getattr(c, f)
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
             raise _bad(f, "must be a finite number > 0", v)
+    v = c.indexer_loss_weight
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < float("inf"):
+        raise _bad("indexer_loss_weight", "must be a finite number >= 0 (0: no indexer loss)", v)
+    if c.qk_rope_head_dim % 2:
+        raise _bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)", c.qk_rope_head_dim)
     _int(c, "conv_kernel_size", 2, " (the short convolution of G and K layers)")
     _int(c, "nsa_block_counts", 3, " (NSA always keeps block 0, the own and the previous block)")
     if _int(c, "nsa_block_size") & (c.nsa_block_size - 1):
@@ -53,17 +58,23 @@ def validate(c):
     head_dim = c.head_dim or c.hidden_size // c.num_heads
     if c.rotary_dim is not None and (c.rotary_dim % 2 or c.rotary_dim > head_dim):
         raise _bad("rotary_dim", f"must be even and <= the head dim {head_dim}", c.rotary_dim)
+    if c.rotary_dim is None and head_dim % 2:
+        raise _bad("head_dim", "must be even when rotary_dim is None (RoPE rotates pairs of the "
+                   "whole head)", head_dim)
     if c.num_heads % c.num_kv_heads:
         raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
     k_heads = c.linear_num_k_heads or c.linear_num_heads
     if c.linear_num_heads % k_heads:
         raise _bad("linear_num_k_heads", f"must divide linear_num_heads = {c.linear_num_heads}",
                    k_heads)
+    if c.router not in ("softmax", "deepseek"):
+        raise _bad("router", "must be 'softmax' or 'deepseek'", c.router)
+    if c.shared_expert_gate and not (c.num_experts and c.shared_intermediate_size):
+        raise _bad("shared_expert_gate", "needs a shared expert (num_experts and "
+                   "shared_intermediate_size > 0)", c.shared_expert_gate)
     if c.num_experts:
         if c.top_k > c.num_experts:
             raise _bad("top_k", f"must be <= num_experts = {c.num_experts}", c.top_k)
-        if c.router not in ("softmax", "deepseek"):
-            raise _bad("router", "must be 'softmax' or 'deepseek'", c.router)
         if c.num_experts % c.n_group:
             raise _bad("n_group", f"must divide num_experts = {c.num_experts}", c.n_group)
         if c.topk_group > c.n_group:
