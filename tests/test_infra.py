@@ -479,6 +479,29 @@ def test_shared_checks_name_the_argument_the_expectation_and_what_came(call, err
         call()
 
 
+
+@pytest.mark.parametrize("layer_name", ["GatedDeltaNet", "KimiDeltaAttention"])
+def test_short_convolution_layers_check_their_state_and_mask(layer_name):
+    """_checks.conv_recurrent_state and attention_mask in the two layers that carry (conv, recurrent) states: a
+    state that is not the pair they returned, or a mask that does not name every token, is an error."""
+    from minisparse.deltanet import GatedDeltaNet
+    from minisparse.kda import KimiDeltaAttention
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(32, 2, 4, 8, 8) if layer_name == "GatedDeltaNet" else KimiDeltaAttention(32, 2, 16)
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        _, (conv, rec) = layer(x[:, :7], use_cache=True)
+        for state, exc, match in (((conv, None), TypeError, "pair of tensors"), (rec, TypeError, "pair of tensors"),
+                                  ((conv[:1], rec[:1]), ValueError, "conv_state must be"),
+                                  ((conv[:, :, :2], rec), ValueError, "conv_state must be"),
+                                  ((conv, rec[..., :4]), ValueError, "initial_state must be")):
+            with pytest.raises(exc, match=match):  # a state that is not the one returned: no silent drop
+                layer(x[:, 7:], state=state)
+        for mask in (torch.ones(2, 1), torch.ones(8)):  # a mask must name every token
+            with pytest.raises(ValueError, match="attention_mask must be"):
+                layer(x, attention_mask=mask)
+
 def test_choose_backend_resolves_auto_by_device_and_dtype():
     assert _checks.choose_backend("naive", torch.zeros(1)) == "naive"
     if runtime.interpreting():
