@@ -329,6 +329,7 @@ assert round(share, 1) == 0.2 and round(even / 1024) == 127  # MLA's (the last r
 # %%
 #| export mla.naive
 import math
+import numbers
 
 import torch
 
@@ -1416,6 +1417,11 @@ def make_mla_rope(dim, theta=10000.0, interleaved=True, rope_scaling=None):
         raise NotImplementedError(f"MLA: rope type {kind!r} is not implemented (default and yarn "
                                   f"are)")
     s = rope_scaling
+    for key in ("factor", "original_max_position_embeddings"):
+        v = s.get(key)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+            raise ValueError(f"MLA: rope_scaling[{key!r}] must be a finite number > 0 for YaRN, "
+                             f"got {v!r}")
     factor = s["factor"]
     attention_factor = s.get("attention_factor")
     if attention_factor is None:  # as transformers infers it

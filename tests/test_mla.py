@@ -483,6 +483,12 @@ BAD_LAYER = [  # (what is wrong, constructor arguments changed, exception, messa
     ("zero norm_eps", dict(norm_eps=0.0), ValueError, "norm_eps must be a positive number"),
     ("negative rope_theta", dict(rope_theta=-1.0), ValueError, "rope_theta must be a positive number"),
     ("an unknown backend", dict(backend="flash"), ValueError, "backend must be 'auto', 'naive' or 'triton'"),
+    ("YaRN factor 0", dict(rope_scaling=dict(rope_type="yarn", factor=0.0, original_max_position_embeddings=16)),
+     ValueError, r"rope_scaling\['factor'\] must be a finite number > 0"),
+    ("YaRN without a factor", dict(rope_scaling=dict(rope_type="yarn", original_max_position_embeddings=16)),
+     ValueError, r"rope_scaling\['factor'\]"),
+    ("YaRN without a context", dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), ValueError,
+     r"rope_scaling\['original_max_position_embeddings'\]"),
 ]
 
 
