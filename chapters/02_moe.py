@@ -1906,6 +1906,11 @@ class Router(nn.Module):
                               self.routed_scaling_factor, self.renormalize)
 
     def forward(self, x):  # x [N, H] -> logits [N, E] fp32, weights [N, k] fp32, indices [N, k]
+        _checks.tensor("Router", "x", x, "[N, hidden]")
+        if not x.is_floating_point() or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"Router: x must be a float [N, hidden] with hidden = "
+                             f"{self.weight.shape[1]} (one row a token), got "
+                             f"{tuple(x.shape)} {x.dtype}")
         logits = F.linear(x.float(), self.weight.float())
         return (logits, *self.route(logits))
 

@@ -492,6 +492,22 @@ BAD_LAYER = [  # (what is wrong, constructor arguments changed, exception, messa
 ]
 
 
+def test_caches_and_router_name_bad_sizes():
+    """Cache constructors (chapters 1, 3, 8) and the router (chapter 2) say which size is wrong."""
+    from minisparse.attention import KVCache
+    from minisparse.dsa import DSACache
+    from minisparse.mla import MLACache
+    from minisparse.moe import Router
+
+    for call, match in ((lambda: KVCache(-1, 8, 2, 4), "KVCache: batch"), (lambda: KVCache(1, 0, 2, 4), "max_len"),
+                        (lambda: MLACache(2, -1, 16, 4), "MLACache: max_len"),
+                        (lambda: DSACache(2, 8, 16, 4, -1), "DSACache: index_dim"),
+                        (lambda: Router(32, 4, 2)(torch.randn(3, 16)), "hidden = 32"),
+                        (lambda: Router(32, 4, 2)(torch.randn(2, 3, 32)), r"x must be 2-D \[N, hidden\]")):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 @pytest.mark.parametrize("what, change, exc, match", BAD_LAYER, ids=[case[0] for case in BAD_LAYER])
 def test_mla_constructor_names_the_bad_argument(what, change, exc, match):
     kw = {**MLA_SIZES, **change}

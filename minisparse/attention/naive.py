@@ -187,6 +187,9 @@ class KVCache:
     def __init__(self, batch, max_len, num_kv_heads, head_dim, v_head_dim=None, *,
                  dtype=torch.float32, device=None):
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        for name, n in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("v_head_dim", v_head_dim)):
+            _checks.positive_int("KVCache", name, n)
         self.k = torch.zeros(batch, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
         self.length = 0

@@ -140,6 +140,7 @@ class DSACache(MLACache):
     def __init__(self, batch, max_len, kv_lora_rank, rope_dim, index_dim, *,
                  dtype=torch.float32, device=None):
         super().__init__(batch, max_len, kv_lora_rank, rope_dim, dtype=dtype, device=device)
+        _checks.positive_int("DSACache", "index_dim", index_dim)
         self.index_keys = torch.zeros(batch, max_len, index_dim, dtype=dtype, device=device)
 
     def append(self, c_kv, k_rope, k_idx):

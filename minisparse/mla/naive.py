@@ -183,6 +183,9 @@ class MLACache:
     """
 
     def __init__(self, batch, max_len, kv_lora_rank, rope_dim, *, dtype=torch.float32, device=None):
+        for name, n in (("batch", batch), ("max_len", max_len), ("kv_lora_rank", kv_lora_rank),
+                        ("rope_dim", rope_dim)):
+            _checks.positive_int(type(self).__name__, name, n)
         self.buffer = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype,
                                   device=device)
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
