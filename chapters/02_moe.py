@@ -1907,10 +1907,11 @@ class Router(nn.Module):
 
     def forward(self, x):  # x [N, H] -> logits [N, E] fp32, weights [N, k] fp32, indices [N, k]
         _checks.tensor("Router", "x", x, "[N, hidden]")
-        if not x.is_floating_point() or x.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"Router: x must be a float [N, hidden] with hidden = "
-                             f"{self.weight.shape[1]} (one row a token), got "
-                             f"{tuple(x.shape)} {x.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"Router: x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"Router: x must be [N, hidden] with hidden = {self.weight.shape[1]} "
+                             f"(one row a token), got {tuple(x.shape)}")
         logits = F.linear(x.float(), self.weight.float())
         return (logits, *self.route(logits))
 

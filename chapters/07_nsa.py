@@ -128,8 +128,8 @@ DTYPE = runtime.default_dtype()
 #
 # Every op of this section is plain PyTorch, computed in fp32, with the shapes in comments; they are the spec the
 # kernels of section 7.5 are tested against. The argument checks they share with the kernels (shapes, power-of-two
-# block sizes, block indices that are neither out of range nor in the query's future) sit in the hidden cell
-# below; the engineering notes list the bad inputs they reject.
+# block sizes, block indices that are neither out of range, in the query's future nor repeated, gates in [0, 1],
+# one summary a block) sit in the hidden cell below; the engineering notes list the bad inputs they reject.
 
 # %% tags=["hide-input"]
 #| export nsa.naive
@@ -146,6 +146,16 @@ def check_block_size(op, block_size, name="block_size"):
     if bs & (bs - 1):
         raise ValueError(f"{op}: {name} must be a power of two, got {bs}")
     return bs
+
+
+def check_block_counts(op, block_counts):
+    """The blocks a query selects: an int >= 3 (block 0, the own and the previous block are always
+    kept)."""
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
+                         f"previous one are always kept), got {S}")
+    return S
 
 
 def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
@@ -179,7 +189,7 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offse
                              f"{int(srt[b, tt, h, s])} twice: a row is a set (pad with -1 instead)")
 
 
-def check_gate(op, name, g, B, T, HQ, like, naive):
+def check_gate(op, name, g, B, T, HQ, like, *, naive):
     """A branch gate g [B, T, HQ] with values in [0, 1] (checked by the value-check rule), or None
     to drop the branch."""
     if g is None:
@@ -190,38 +200,41 @@ def check_gate(op, name, g, B, T, HQ, like, naive):
         _checks.value_range(op, name, g, low=0.0, high=1.0, why="a gate, e.g. a sigmoid's output")
 
 
-def check_summaries(op, q, k_cmp, v_cmp=None, *, H=None, DV=None, min_n=0, max_n=None):
-    """Block summaries for queries q [B, TQ, HQ, D]: k_cmp [B, N, H, D] with q's B and D, H dividing
-    HQ (and equal to the keys' H where given), min_n <= N <= max_n (one summary a block: at least
-    the complete blocks the last query sees); v_cmp [B, N, H, DV] with k_cmp's B, N, H (and the
-    values' DV where given), or None. Floating point, on q's device."""
-    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
-    B, _, HQ, D = q.shape
-    for name, x, layout in (("q", q, ""), ("k_cmp", k_cmp, "[B, N, H, D]"),
-                            ("v_cmp", v_cmp, "[B, N, H, DV]")):
-        _checks.tensor(op, name, x, layout or None, optional=name == "v_cmp")
+def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whole=False, H=None,
+                    DV=None):
+    """Block summaries for the queries q [B, TQ, HQ, D] at positions offset … offset + TQ − 1:
+    k_cmp [B, N, H, D] with q's B and D (and the keys' H where given), H dividing HQ; v_cmp [B, N,
+    H, DV] with k_cmp's B, N, H (and the values' DV where given), or None; floating point, on q's
+    device. With block_size: one summary a block, N >= the complete blocks of the T = offset + TQ
+    keys, and with `whole` N <= ceil(T / block_size) (a partial last block at most)."""
+    tensors = dict(q=(q, "[B, TQ, HQ, D]"), k_cmp=(k_cmp, "[B, N, H, D]"),
+                   v_cmp=(v_cmp, "[B, N, H, DV]"))
+    for name, (x, layout) in tensors.items():
+        _checks.tensor(op, name, x, layout, optional=name == "v_cmp")
         if x is not None and not x.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
-        if x is not None and x.device != q.device:
-            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {x.device}")
-    Nk, Hk = k_cmp.shape[1], k_cmp.shape[2]
-    want = (B, Nk, H if H is not None else Hk, D)
+    _checks.same_device(op, **{n: x for n, (x, _) in tensors.items() if x is not None})
+    (B, TQ, HQ, D), (N, Hk) = q.shape, k_cmp.shape[1:3]
+    want = (B, N, Hk if H is None else H, D)
     if tuple(k_cmp.shape) != want:
         raise ValueError(f"{op}: k_cmp must be [B, N, H, D] with q's B and D"
-                         f"{' and k’s H' if H is not None else ''} = {want}, got "
+                         f"{'' if H is None else ' and the keys’ H'} = {want}, got "
                          f"{tuple(k_cmp.shape)}")
     _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
     if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
                               or DV is not None and v_cmp.shape[3] != DV):
         raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "
-                         f"{tuple(k_cmp.shape[:3])}{f' and DV = {DV}' if DV else ''}, got "
-                         f"{tuple(v_cmp.shape)}")
-    if Nk < min_n or (max_n is not None and Nk > max_n):
-        want_n = f"{min_n}" if max_n in (None, min_n) else f"{min_n} to {max_n}"
-        raise ValueError(f"{op}: k_cmp must hold one summary a block, {want_n}"
-                         f"{' at least' if max_n is None else ''} (the complete blocks the last "
-                         f"query sees{', and a partial last one' if (max_n or 0) > min_n else ''})"
-                         f", got N = {Nk}")
+                         f"{tuple(k_cmp.shape[:3])}{'' if DV is None else f' and DV = {DV}'}, "
+                         f"got {tuple(v_cmp.shape)}")
+    if block_size is None:
+        return
+    T = offset + TQ
+    low, high = T // block_size, -(-T // block_size) if whole else None
+    if N < low or (high is not None and N > high):
+        want_n = (f"{low} at least" if high is None else f"{low}" if high == low
+                  else f"{low} to {high}")
+        raise ValueError(f"{op}: k_cmp must hold one summary a block of the {T} keys, {want_n} "
+                         f"(a partial last block may have one), got N = {N}")
 
 # %% [markdown]
 # ### Compression: one summary a block
@@ -382,9 +395,7 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
     invisible or surplus slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
-    bs = check_block_size(op, block_size)
-    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
-    check_summaries(op, q, k_cmp, min_n=(offset + q.shape[1]) // bs)
+    check_summaries(op, q, k_cmp, block_size=check_block_size(op, block_size), offset=offset)
     p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
 
@@ -393,10 +404,7 @@ def blocks_from_scores(p, H, block_counts, block_size, offset=0):
     """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
     computes them once for both branches) -> block_indices [B, T, H, S]."""
     op = "select_blocks"
-    S = _checks.positive_int(op, "block_counts", block_counts)
-    if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                         f"previous one are always kept), got {S}")
+    S = check_block_counts(op, block_counts)
     B, T, HQ, N = p.shape
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
     t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
@@ -483,7 +491,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
         check_gate(op, name, g, B, TQ, HQ, q, naive=True)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
-    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=Dv, min_n=T // bs, max_n=-(-T // bs))
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=Dv)
     p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
     if block_indices is None:  # [B, TQ, H, S], from the same probabilities
         block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
@@ -811,8 +819,8 @@ import triton.language as tl
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
 from minisparse.mla.triton import merge_partial
-from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate,
-                                  check_summaries, mean_pool)
+from minisparse.nsa.naive import (check_block_counts, check_block_indices, check_block_size,
+                                  check_gate, check_summaries, mean_pool)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -929,7 +937,7 @@ from torch import nn
 
 from minisparse import _checks
 from minisparse.attention.naive import apply_rope
-from minisparse.nsa.naive import CompressKV, check_block_size, moba, nsa
+from minisparse.nsa.naive import CompressKV, check_block_counts, check_block_size, moba, nsa
 
 
 class NativeSparseAttention(nn.Module):
@@ -953,9 +961,8 @@ class NativeSparseAttention(nn.Module):
         check_block_size(op, block_size)
         _checks.positive_int(op, "window_size", window_size, zero=True)
         _checks.positive_int(op, "moba_topk", moba_topk)
-        if kind == "nsa" and _checks.positive_int(op, "block_counts", block_counts) < 3:
-            raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                             f"previous one are always kept), got {block_counts}")
+        if kind == "nsa":
+            check_block_counts(op, block_counts)
         self.hidden_size = hidden_size
         self.kind, self.backend = kind, _checks.backend(op, backend)
         self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim
@@ -1696,12 +1703,9 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     """(block_indices, o_cmp): the top-n, and with v_cmp [B, N, H, DV] given the compressed
     branch's output [B, TQ, HQ, DV] in q's dtype from the same pass (forward only), else None."""
     op = "parallel_select_blocks"
-    S = _checks.positive_int(op, "block_counts", block_counts)
-    if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
+    S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
-    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]")
-    check_summaries(op, q, k_cmp, v_cmp, min_n=(offset + q.shape[1]) // bs)
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     DV = D if v_cmp is None else v_cmp.shape[3]
@@ -1829,7 +1833,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
         check_gate(op, name, g, B, TQ, HQ, q, naive=False)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
-    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=DV, min_n=T // bs, max_n=-(-T // bs))
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=DV)
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
     no_grad = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                    for x in inputs))
@@ -1973,14 +1977,15 @@ class GatedSumFunction(torch.autograd.Function):
         ctx.first = first
         ctx.save_for_backward(*branches, *gates)
         x = next(o_x for o_x in branches if o_x is not None)
-        names = ("o_cmp", "o_slc", "o_swa", "g_cmp", "g_slc", "g_swa")
-        for name, t in zip(names, (*branches, *gates)):
-            want = x.shape if name[0] == "o" else x.shape[:3]
-            flat = t is not None and (t.stride(-1) == 1 if name[0] == "o" else t.is_contiguous())
-            if t is not None and (t.shape != want or t.dtype != x.dtype or not flat):
-                raise ValueError(f"GatedSumFunction: {name} must be {tuple(want)} in {x.dtype}, "
-                                 f"{'contiguous' if len(want) == 3 else 'last dim contiguous'}; "
-                                 f"got {tuple(t.shape)} {t.dtype} with strides {t.stride()}")
+        for kind, tensors in (("o", branches), ("g", gates)):
+            for name, t in zip(("cmp", "slc", "swa"), tensors):
+                want = x.shape if kind == "o" else x.shape[:3]  # gates: one a row, contiguous
+                if t is not None and (t.shape != want or t.dtype != x.dtype or (
+                        t.stride(-1) != 1 if kind == "o" else not t.is_contiguous())):
+                    raise ValueError(f"GatedSumFunction: {kind}_{name} must be {tuple(want)} "
+                                     f"in {x.dtype} ({'last dim' if kind == 'o' else 'all'} "
+                                     f"contiguous), got {tuple(t.shape)} {t.dtype}, strides "
+                                     f"{t.stride()}")
         o = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _gated_launch(gated_sum_fwd_kernel, (*branches, *gates), (o,), first, branches)
         return o
@@ -2350,9 +2355,7 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
         check_block_indices(op, block_indices, B, 1, HQ, H, bs, naive=False, offset=T - 1)
         S = block_indices.shape[3]
     else:
-        S = _checks.positive_int(op, "block_counts", block_counts)
-        if S < 3:
-            raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
+        S = check_block_counts(op, block_counts)
     _checks.triton_inputs(op, q, k, v, k_cmp, v_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")
     scale = _checks.scale(op, scale, D)

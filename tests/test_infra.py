@@ -282,16 +282,21 @@ def test_plot_passes_one_panel_per_pass():
     assert "x" in fig._suptitle.get_text() and "today" in fig._suptitle.get_text()
 
 
-def test_kernel_resources_compiles_for_hopper_without_a_gpu():
-    """tools/kernel_resources.py reports shared memory, registers and spills of a real sm_90 compile, on a CPU."""
+def _kernel_resources_tool():
+    """tools/kernel_resources.py; the test is skipped where the triton wheel ships no ptxas."""
     import pathlib
 
     import triton
 
     if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
         pytest.skip("this triton wheel ships no ptxas")
-    root = pathlib.Path(__file__).resolve().parent.parent
-    args = [sys.executable, str(root / "tools/kernel_resources.py"),
+    return pathlib.Path(__file__).resolve().parent.parent / "tools/kernel_resources.py"
+
+
+def test_kernel_resources_compiles_for_hopper_without_a_gpu():
+    """tools/kernel_resources.py reports shared memory, registers and spills of a real sm_90 compile, on a CPU."""
+    tool = _kernel_resources_tool()
+    args = [sys.executable, str(tool),
             "minisparse.deltanet.fused_recurrent:_fused_recurrent_kernel", "BK=16", "BV=16", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -301,7 +306,7 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
     assert 0 < regs <= 255, line
     # a kernel wrapped by @triton.heuristics compiles too, and --dtype / --arch are honoured
     wrapped = subprocess.run(
-        [sys.executable, str(root / "tools/kernel_resources.py"), "minisparse.moe.triton:_grouped_mm_kernel",
+        [sys.executable, str(tool), "minisparse.moe.triton:_grouped_mm_kernel",
          "BLOCK_M=16", "BLOCK_N=16", "BLOCK_K=16", "GROUP_M=1", "EVEN_K=True", "EVEN_N=True", "PRECISION=ieee",
          "--dtype", "fp16=x_ptr,w_ptr,y_ptr", "--dtype", "i32=offsets_ptr,tile_expert_ptr,tile_row_ptr",
          "--arch", "75", "--stages", "1"], capture_output=True, text=True, timeout=300)
@@ -332,13 +337,7 @@ def scale_kernel(x_ptr, y_ptr, N, B: tl.constexpr):
 def test_kernel_resources_same_as_compares_ptx(tmp_path):
     """--same-as: a kernel refactored through a helper function compiles to the same PTX (exit 0); one whose
     arithmetic changed does not (exit 3, and the first differing line is shown)."""
-    import pathlib
-
-    import triton
-
-    if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("this triton wheel ships no ptxas")
-    tool = pathlib.Path(__file__).resolve().parent.parent / "tools/kernel_resources.py"
+    tool = _kernel_resources_tool()
     for name, body in (("inline", "x * 2.0"), ("helper", "_times(x, 2.0)"), ("changed", "x * 3.0")):
         (tmp_path / f"{name}.py").write_text(_SCALE_KERNEL.format(body=body))
 
@@ -360,13 +359,7 @@ def test_kernel_resources_same_as_compares_ptx(tmp_path):
 
 def test_kernel_resources_compiles_pointers_aligned(tmp_path):
     """Pointers are 16-byte aligned, as the runtime marks torch's allocations: loads vectorised, unless --unaligned."""
-    import pathlib
-
-    import triton
-
-    if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("this triton wheel ships no ptxas")
-    tool = pathlib.Path(__file__).resolve().parent.parent / "tools/kernel_resources.py"
+    tool = _kernel_resources_tool()
     unmasked = _SCALE_KERNEL.format(body="x * 2.0").replace(", mask=i < N)", ")")
     (tmp_path / "unmasked.py").write_text(unmasked)
     for flag, vector in (([], True), (["--unaligned"], False)):
@@ -377,16 +370,9 @@ def test_kernel_resources_compiles_pointers_aligned(tmp_path):
         assert ("ld.global.v4" in ptx.read_text()) == vector, flag
 
 
-
 def test_kernel_resources_maxnreg_caps_registers():
     """--maxnreg N compiles as a launch's maxnreg=N does: at most N registers a thread, the rest spilled."""
-    import pathlib
-
-    import triton
-
-    if not (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("this triton wheel ships no ptxas")
-    tool = pathlib.Path(__file__).resolve().parent.parent / "tools/kernel_resources.py"
+    tool = _kernel_resources_tool()
     args = [sys.executable, str(tool), "minisparse.deltanet.fused_recurrent:_fused_recurrent_kernel", "BK=64",
             "BV=64", "HAS_H0=False", "STORE_HT=False", "L2NORM=False"]
     found = {}
@@ -401,6 +387,7 @@ def test_kernel_resources_maxnreg_caps_registers():
         found[cap] = regs, spilled
     assert found[40][0] <= 40 < found[None][0], found
     assert found[40][1] > found[None][1], found
+
 
 # --------------------------------------------------------------------------------------- the value-check rule
 def test_value_checks_follow_one_rule(monkeypatch):
@@ -479,7 +466,6 @@ def test_shared_checks_name_the_argument_the_expectation_and_what_came(call, err
         call()
 
 
-
 @pytest.mark.parametrize("layer_name", ["GatedDeltaNet", "KimiDeltaAttention"])
 def test_short_convolution_layers_check_their_state_and_mask(layer_name):
     """_checks.conv_recurrent_state and attention_mask in the two layers that carry (conv, recurrent) states: a
@@ -501,6 +487,7 @@ def test_short_convolution_layers_check_their_state_and_mask(layer_name):
         for mask in (torch.ones(2, 1), torch.ones(8)):  # a mask must name every token
             with pytest.raises(ValueError, match="attention_mask must be"):
                 layer(x, attention_mask=mask)
+
 
 def test_choose_backend_resolves_auto_by_device_and_dtype():
     assert _checks.choose_backend("naive", torch.zeros(1)) == "naive"

@@ -4,7 +4,7 @@ from torch import nn
 
 from minisparse import _checks
 from minisparse.attention.naive import apply_rope
-from minisparse.nsa.naive import CompressKV, check_block_size, moba, nsa
+from minisparse.nsa.naive import CompressKV, check_block_counts, check_block_size, moba, nsa
 
 
 class NativeSparseAttention(nn.Module):
@@ -28,9 +28,8 @@ class NativeSparseAttention(nn.Module):
         check_block_size(op, block_size)
         _checks.positive_int(op, "window_size", window_size, zero=True)
         _checks.positive_int(op, "moba_topk", moba_topk)
-        if kind == "nsa" and _checks.positive_int(op, "block_counts", block_counts) < 3:
-            raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                             f"previous one are always kept), got {block_counts}")
+        if kind == "nsa":
+            check_block_counts(op, block_counts)
         self.hidden_size = hidden_size
         self.kind, self.backend = kind, _checks.backend(op, backend)
         self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim

@@ -14,6 +14,16 @@ def check_block_size(op, block_size, name="block_size"):
     return bs
 
 
+def check_block_counts(op, block_counts):
+    """The blocks a query selects: an int >= 3 (block 0, the own and the previous block are always
+    kept)."""
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
+                         f"previous one are always kept), got {S}")
+    return S
+
+
 def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
     """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
     token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
@@ -45,7 +55,7 @@ def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offse
                              f"{int(srt[b, tt, h, s])} twice: a row is a set (pad with -1 instead)")
 
 
-def check_gate(op, name, g, B, T, HQ, like, naive):
+def check_gate(op, name, g, B, T, HQ, like, *, naive):
     """A branch gate g [B, T, HQ] with values in [0, 1] (checked by the value-check rule), or None
     to drop the branch."""
     if g is None:
@@ -56,38 +66,41 @@ def check_gate(op, name, g, B, T, HQ, like, naive):
         _checks.value_range(op, name, g, low=0.0, high=1.0, why="a gate, e.g. a sigmoid's output")
 
 
-def check_summaries(op, q, k_cmp, v_cmp=None, *, H=None, DV=None, min_n=0, max_n=None):
-    """Block summaries for queries q [B, TQ, HQ, D]: k_cmp [B, N, H, D] with q's B and D, H dividing
-    HQ (and equal to the keys' H where given), min_n <= N <= max_n (one summary a block: at least
-    the complete blocks the last query sees); v_cmp [B, N, H, DV] with k_cmp's B, N, H (and the
-    values' DV where given), or None. Floating point, on q's device."""
-    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
-    B, _, HQ, D = q.shape
-    for name, x, layout in (("q", q, ""), ("k_cmp", k_cmp, "[B, N, H, D]"),
-                            ("v_cmp", v_cmp, "[B, N, H, DV]")):
-        _checks.tensor(op, name, x, layout or None, optional=name == "v_cmp")
+def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whole=False, H=None,
+                    DV=None):
+    """Block summaries for the queries q [B, TQ, HQ, D] at positions offset … offset + TQ − 1:
+    k_cmp [B, N, H, D] with q's B and D (and the keys' H where given), H dividing HQ; v_cmp [B, N,
+    H, DV] with k_cmp's B, N, H (and the values' DV where given), or None; floating point, on q's
+    device. With block_size: one summary a block, N >= the complete blocks of the T = offset + TQ
+    keys, and with `whole` N <= ceil(T / block_size) (a partial last block at most)."""
+    tensors = dict(q=(q, "[B, TQ, HQ, D]"), k_cmp=(k_cmp, "[B, N, H, D]"),
+                   v_cmp=(v_cmp, "[B, N, H, DV]"))
+    for name, (x, layout) in tensors.items():
+        _checks.tensor(op, name, x, layout, optional=name == "v_cmp")
         if x is not None and not x.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
-        if x is not None and x.device != q.device:
-            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {x.device}")
-    Nk, Hk = k_cmp.shape[1], k_cmp.shape[2]
-    want = (B, Nk, H if H is not None else Hk, D)
+    _checks.same_device(op, **{n: x for n, (x, _) in tensors.items() if x is not None})
+    (B, TQ, HQ, D), (N, Hk) = q.shape, k_cmp.shape[1:3]
+    want = (B, N, Hk if H is None else H, D)
     if tuple(k_cmp.shape) != want:
         raise ValueError(f"{op}: k_cmp must be [B, N, H, D] with q's B and D"
-                         f"{' and k’s H' if H is not None else ''} = {want}, got "
+                         f"{'' if H is None else ' and the keys’ H'} = {want}, got "
                          f"{tuple(k_cmp.shape)}")
     _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
     if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
                               or DV is not None and v_cmp.shape[3] != DV):
         raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "
-                         f"{tuple(k_cmp.shape[:3])}{f' and DV = {DV}' if DV else ''}, got "
-                         f"{tuple(v_cmp.shape)}")
-    if Nk < min_n or (max_n is not None and Nk > max_n):
-        want_n = f"{min_n}" if max_n in (None, min_n) else f"{min_n} to {max_n}"
-        raise ValueError(f"{op}: k_cmp must hold one summary a block, {want_n}"
-                         f"{' at least' if max_n is None else ''} (the complete blocks the last "
-                         f"query sees{', and a partial last one' if (max_n or 0) > min_n else ''})"
-                         f", got N = {Nk}")
+                         f"{tuple(k_cmp.shape[:3])}{'' if DV is None else f' and DV = {DV}'}, "
+                         f"got {tuple(v_cmp.shape)}")
+    if block_size is None:
+        return
+    T = offset + TQ
+    low, high = T // block_size, -(-T // block_size) if whole else None
+    if N < low or (high is not None and N > high):
+        want_n = (f"{low} at least" if high is None else f"{low}" if high == low
+                  else f"{low} to {high}")
+        raise ValueError(f"{op}: k_cmp must hold one summary a block of the {T} keys, {want_n} "
+                         f"(a partial last block may have one), got N = {N}")
 
 
 def mean_pool(x, block_size):
@@ -196,9 +209,7 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
     invisible or surplus slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
-    bs = check_block_size(op, block_size)
-    _checks.tensor(op, "q", q, "[B, T, HQ, D]")
-    check_summaries(op, q, k_cmp, min_n=(offset + q.shape[1]) // bs)
+    check_summaries(op, q, k_cmp, block_size=check_block_size(op, block_size), offset=offset)
     p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
 
@@ -207,10 +218,7 @@ def blocks_from_scores(p, H, block_counts, block_size, offset=0):
     """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
     computes them once for both branches) -> block_indices [B, T, H, S]."""
     op = "select_blocks"
-    S = _checks.positive_int(op, "block_counts", block_counts)
-    if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                         f"previous one are always kept), got {S}")
+    S = check_block_counts(op, block_counts)
     B, T, HQ, N = p.shape
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
     t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
@@ -282,7 +290,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
         check_gate(op, name, g, B, TQ, HQ, q, naive=True)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp  # [B, N, H, Dv]
-    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=Dv, min_n=T // bs, max_n=-(-T // bs))
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=Dv)
     p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
     if block_indices is None:  # [B, TQ, H, S], from the same probabilities
         block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
@@ -335,4 +343,4 @@ def moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=False):
     return (o, idx) if return_block_indices else o
 
 
-__all__ = ['check_block_size', 'check_block_indices', 'check_gate', 'check_summaries', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'blocks_from_scores', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba']
+__all__ = ['check_block_size', 'check_block_counts', 'check_block_indices', 'check_gate', 'check_summaries', 'mean_pool', 'CompressKV', 'compressed_scores', 'compressed_attention', 'select_blocks', 'blocks_from_scores', 'selection_mask', 'selected_attention', 'nsa', 'moba_select', 'moba']

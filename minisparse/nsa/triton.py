@@ -6,8 +6,8 @@ import triton.language as tl
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
 from minisparse.mla.triton import merge_partial
-from minisparse.nsa.naive import (check_block_indices, check_block_size, check_gate,
-                                  check_summaries, mean_pool)
+from minisparse.nsa.naive import (check_block_counts, check_block_indices, check_block_size,
+                                  check_gate, check_summaries, mean_pool)
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -348,12 +348,9 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     """(block_indices, o_cmp): the top-n, and with v_cmp [B, N, H, DV] given the compressed
     branch's output [B, TQ, HQ, DV] in q's dtype from the same pass (forward only), else None."""
     op = "parallel_select_blocks"
-    S = _checks.positive_int(op, "block_counts", block_counts)
-    if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
+    S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
-    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]")
-    check_summaries(op, q, k_cmp, v_cmp, min_n=(offset + q.shape[1]) // bs)
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     DV = D if v_cmp is None else v_cmp.shape[3]
@@ -470,7 +467,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
         check_gate(op, name, g, B, TQ, HQ, q, naive=False)
     k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
     v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
-    check_summaries(op, q, k_cmp, v_cmp, H=H, DV=DV, min_n=T // bs, max_n=-(-T // bs))
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=DV)
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
     no_grad = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                    for x in inputs))
@@ -601,14 +598,15 @@ class GatedSumFunction(torch.autograd.Function):
         ctx.first = first
         ctx.save_for_backward(*branches, *gates)
         x = next(o_x for o_x in branches if o_x is not None)
-        names = ("o_cmp", "o_slc", "o_swa", "g_cmp", "g_slc", "g_swa")
-        for name, t in zip(names, (*branches, *gates)):
-            want = x.shape if name[0] == "o" else x.shape[:3]
-            flat = t is not None and (t.stride(-1) == 1 if name[0] == "o" else t.is_contiguous())
-            if t is not None and (t.shape != want or t.dtype != x.dtype or not flat):
-                raise ValueError(f"GatedSumFunction: {name} must be {tuple(want)} in {x.dtype}, "
-                                 f"{'contiguous' if len(want) == 3 else 'last dim contiguous'}; "
-                                 f"got {tuple(t.shape)} {t.dtype} with strides {t.stride()}")
+        for kind, tensors in (("o", branches), ("g", gates)):
+            for name, t in zip(("cmp", "slc", "swa"), tensors):
+                want = x.shape if kind == "o" else x.shape[:3]  # gates: one a row, contiguous
+                if t is not None and (t.shape != want or t.dtype != x.dtype or (
+                        t.stride(-1) != 1 if kind == "o" else not t.is_contiguous())):
+                    raise ValueError(f"GatedSumFunction: {kind}_{name} must be {tuple(want)} "
+                                     f"in {x.dtype} ({'last dim' if kind == 'o' else 'all'} "
+                                     f"contiguous), got {tuple(t.shape)} {t.dtype}, strides "
+                                     f"{t.stride()}")
         o = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         _gated_launch(gated_sum_fwd_kernel, (*branches, *gates), (o,), first, branches)
         return o
@@ -938,9 +936,7 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
         check_block_indices(op, block_indices, B, 1, HQ, H, bs, naive=False, offset=T - 1)
         S = block_indices.shape[3]
     else:
-        S = _checks.positive_int(op, "block_counts", block_counts)
-        if S < 3:
-            raise ValueError(f"{op}: block_counts must be >= 3, got {S}")
+        S = check_block_counts(op, block_counts)
     _checks.triton_inputs(op, q, k, v, k_cmp, v_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")
     scale = _checks.scale(op, scale, D)
