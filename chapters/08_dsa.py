@@ -1816,7 +1816,10 @@ class SparseAttentionFunction(torch.autograd.Function):
 #
 # Section 8.7's tile walk as a kernel: a program holds `BT` query tokens' head rows and walks the keys of its key
 # range (`KS` keys: all of them in a prefill, a slice in a decoding step). The ReLU, the weights and the head sum
-# are fp32 whatever the input dtype (FP8 included).
+# are fp32 whatever the input dtype (FP8 included). The product is taken as $k\,q^\top$, keys as rows: the head
+# sum is then a sum along each row, which a tensor-core tile keeps within one warp (a thread's own columns, then a
+# shuffle among four lanes). Taken as $q\,k^\top$, a token's 64 head rows would span the tile's warps and every
+# tile would sum them through shared memory, behind barriers.
 
 # %% tags=["hide-input"]
 #| export dsa.triton
@@ -1835,9 +1838,13 @@ def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scal
         q [BT·BHI, BDI]   row r: token r // BHI, head r % BHI (padded heads masked)
         w·scale [BT·BHI]
         for each key tile k [BN, BDI] up to the block's last position:
-            x = q kᵀ [BT·BHI, BN]                       the only tensor-core work
-            I = Σ_heads w·ReLU(x)  -> [BT, BN]          −∞ where key > the query's position
+            x = k qᵀ [BN, BT·BHI]                       the only tensor-core work
+            I = Σ_heads w·ReLU(x)  -> [BN, BT]          −∞ where key > the query's position
         the tiles after the block's last position: −∞, no product
+
+    Keys are the product's rows so that the head sum runs along its columns: a thread holds
+    several of a row's columns and a few lanes of one warp the rest, so the sum needs no shared
+    memory or barrier (with queries as rows, the heads of a token span warps).
     """
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -1861,11 +1868,11 @@ def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scal
         o_n = n0 + tl.arange(0, BN)
         b_k = tl.load(k_base + o_n[:, None] * DI + o_d[None, :],
                       mask=(o_n[:, None] < n_stop) & (o_d[None, :] < DI), other=0.0)  # [BN, BDI]
-        b_x = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT·BHI, BN]
-        b_x = tl.maximum(b_x, 0.0) * b_w[:, None]
-        b_i = tl.sum(tl.reshape(b_x, (BT, BHI, BN)), 1)  # [BT, BN]
-        b_i = tl.where(o_n[None, :] <= pos[:, None], b_i, float("-inf"))
-        tl.store(s_rows[:, None] + o_n[None, :], b_i, mask=m_t[:, None] & (o_n[None, :] < n_end))
+        b_x = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BT·BHI]
+        b_x = tl.maximum(b_x, 0.0) * b_w[None, :]
+        b_i = tl.sum(tl.reshape(b_x, (BN, BT, BHI)), 2)  # [BN, BT]
+        b_i = tl.where(o_n[:, None] <= pos[None, :], b_i, float("-inf"))
+        tl.store(s_rows[None, :] + o_n[:, None], b_i, mask=m_t[None, :] & (o_n[:, None] < n_end))
     n_mid = tl.where(n_stop > n_start, n_start + (n_stop - n_start + BN - 1) // BN * BN, n_start)
     for n0 in range(n_mid, n_end, BN):  # the rest of the range: −∞
         o_n = n0 + tl.arange(0, BN)

@@ -429,9 +429,13 @@ def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scal
         q [BT·BHI, BDI]   row r: token r // BHI, head r % BHI (padded heads masked)
         w·scale [BT·BHI]
         for each key tile k [BN, BDI] up to the block's last position:
-            x = q kᵀ [BT·BHI, BN]                       the only tensor-core work
-            I = Σ_heads w·ReLU(x)  -> [BT, BN]          −∞ where key > the query's position
+            x = k qᵀ [BN, BT·BHI]                       the only tensor-core work
+            I = Σ_heads w·ReLU(x)  -> [BN, BT]          −∞ where key > the query's position
         the tiles after the block's last position: −∞, no product
+
+    Keys are the product's rows so that the head sum runs along its columns: a thread holds
+    several of a row's columns and a few lanes of one warp the rest, so the sum needs no shared
+    memory or barrier (with queries as rows, the heads of a token span warps).
     """
     i_m, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -455,11 +459,11 @@ def indexer_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, TQ, TK, C0, CQ, W, KS, scal
         o_n = n0 + tl.arange(0, BN)
         b_k = tl.load(k_base + o_n[:, None] * DI + o_d[None, :],
                       mask=(o_n[:, None] < n_stop) & (o_d[None, :] < DI), other=0.0)  # [BN, BDI]
-        b_x = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BT·BHI, BN]
-        b_x = tl.maximum(b_x, 0.0) * b_w[:, None]
-        b_i = tl.sum(tl.reshape(b_x, (BT, BHI, BN)), 1)  # [BT, BN]
-        b_i = tl.where(o_n[None, :] <= pos[:, None], b_i, float("-inf"))
-        tl.store(s_rows[:, None] + o_n[None, :], b_i, mask=m_t[:, None] & (o_n[None, :] < n_end))
+        b_x = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BT·BHI]
+        b_x = tl.maximum(b_x, 0.0) * b_w[None, :]
+        b_i = tl.sum(tl.reshape(b_x, (BN, BT, BHI)), 2)  # [BN, BT]
+        b_i = tl.where(o_n[:, None] <= pos[None, :], b_i, float("-inf"))
+        tl.store(s_rows[None, :] + o_n[:, None], b_i, mask=m_t[None, :] & (o_n[:, None] < n_end))
     n_mid = tl.where(n_stop > n_start, n_start + (n_stop - n_start + BN - 1) // BN * BN, n_start)
     for n0 in range(n_mid, n_end, BN):  # the rest of the range: −∞
         o_n = n0 + tl.arange(0, BN)
