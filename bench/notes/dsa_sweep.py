@@ -1,21 +1,14 @@
-"""The indexer's launch choices on a GPU: warps, stages and key tile × the number of key ranges a sequence (decoding),
-or warps, stages, query and key tiles (prefill).
+"""The decoding indexer's launch choices on a GPU: warps, stages and key tile × the number of key ranges a sequence.
 
     PYTHONPATH=. python bench/notes/dsa_sweep.py OUT.json   # on a CUDA machine (sm_89+ for FP8); about a minute
-    PYTHONPATH=. python bench/notes/dsa_sweep.py OUT.json --prefill 16384   # B 1, 16K queries against 16K keys
-    ... --prefill 16384 --kernel OTHER.py   # the same sweep of another file's indexer_score_kernel (e.g. main's)
 
 B 16 sequences, one query token each, 64K index keys, 64 heads × 128 dims (bench/dsa.py's decoding shapes):
 `indexer_score_kernel` launched directly (not through the launch table) for every (num_warps, num_stages, BN) and
 key-range count, bf16 and FP8, timed by do_bench (median). Prints the fastest configuration of each dtype and the
-launch table's configuration by range count; writes every row to OUT.json. --prefill T: one chunk of T queries against
-T keys (the causal triangle, one key range), every (num_warps, num_stages, BT, BN), each dtype's fastest and the
-`dsa.indexer` row's first configuration.
+launch table's configuration by range count; writes every row to OUT.json.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import itertools
 import json
 import pathlib
@@ -69,55 +62,5 @@ def main(out):
     pathlib.Path(out).write_text(json.dumps(rows, indent=1))
 
 
-def prefill(out, T, kernel):
-    g = torch.Generator(device="cuda").manual_seed(2)
-    q_idx = torch.randn(1, T, HI, DI, device="cuda", generator=g).bfloat16()
-    k_idx = torch.randn(1, T, DI, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(1, T, HI, device="cuda", generator=g) * HI ** -0.5).bfloat16()
-    scores = torch.empty(1, T, T, device="cuda")
-    rows, reference = [], {}
-    dtypes = {"bf16": (q_idx, k_idx)}
-    if torch.cuda.get_device_capability() >= (8, 9):
-        dtypes["fp8"] = (q_idx.to(torch.float8_e4m3fn), k_idx.to(torch.float8_e4m3fn))
-    for dt, (q, k) in dtypes.items():
-        for warps, stages, BT, BN in itertools.product((4, 8), (2, 3), (2, 4), (64, 128)):
-            def launch(q=q, k=k, warps=warps, stages=stages, BT=BT, BN=BN):
-                kernel[(triton.cdiv(T, BT), 1, 1)](q, k, w, scores, T, T, 0, T, T, T, DI ** -0.5, HI=HI, DI=DI,
-                                                   BHI=HI, BDI=DI, BT=BT, BN=BN, PRECISION=None,
-                                                   num_warps=warps, num_stages=stages)
-            try:
-                launch()
-                ms = do_bench(launch, warmup=5, rep=30, return_mode="median")
-                got = scores.nan_to_num(0, 0, 0)
-                ref = reference.setdefault(dt, got.clone())
-                err = ((got - ref).norm() / ref.norm()).item()
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded as None
-                print(f"{dt} {warps}/{stages}/{BT}/{BN}: {type(e).__name__}")
-                ms = err = None
-            rows.append(dict(dtype=dt, warps=warps, stages=stages, BT=BT, BN=BN, ms=ms, rel_to_first=err))
-            print(rows[-1], flush=True)
-        timed = [r for r in rows if r["dtype"] == dt and r["ms"]]
-        print(dt, "fastest:", min(timed, key=lambda r: r["ms"]))
-        first = runtime.launch_configs("dsa.indexer", torch.device("cuda"), q.dtype)[0]
-        print(dt, "dsa.indexer first config", first, [r for r in timed if (
-            r["warps"], r["stages"], r["BT"], r["BN"]) == (first["num_warps"], first["num_stages"], first["BT"],
-                                                            first["BN"])])
-    pathlib.Path(out).write_text(json.dumps(rows, indent=1))
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", nargs="?", default="dsa_sweep.json")
-    ap.add_argument("--prefill", type=int, metavar="T", help="sweep the prefill launch at T queries and keys")
-    ap.add_argument("--kernel", help="a .py file whose indexer_score_kernel to sweep instead (prefill)")
-    args = ap.parse_args()
-    if args.prefill is None:
-        main(args.out)
-    else:
-        kernel = indexer_score_kernel
-        if args.kernel:
-            spec = importlib.util.spec_from_file_location("other_indexer", args.kernel)
-            other = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(other)
-            kernel = other.indexer_score_kernel
-        prefill(args.out, args.prefill, kernel)
+    main(sys.argv[1] if len(sys.argv) > 1 else "dsa_sweep.json")

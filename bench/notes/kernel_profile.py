@@ -1,4 +1,4 @@
-"""Where an op of chapters 1 and 4-7 spends its time on a GPU, and which launch configuration each of its kernels runs
+"""Where an op of chapters 1 and 4-8 spends its time on a GPU, and which launch configuration each of its kernels runs
 best with.
 
     PYTHONPATH=. python bench/notes/kernel_profile.py kda                 # on a CUDA machine: the profile (about 30 s)
@@ -8,12 +8,15 @@ best with.
     PYTHONPATH=. python bench/notes/kernel_profile.py window --T 32768 --sweep   # flash_attention, window 1024
     PYTHONPATH=. python bench/notes/kernel_profile.py nsa --T 65536 --sweep      # parallel_nsa, with a decoding step
     PYTHONPATH=. python bench/notes/kernel_profile.py nsa --profile fwd decode   # the kernels of these passes
+    PYTHONPATH=. python bench/notes/kernel_profile.py dsa --T 16384 --sweep      # DSA's prefill, its rows swept
 
 B 2, T 8192, H 16, K = V = 128, bf16 (the first shape of bench/lightning.py, deltanet.py and kda.py): the gated ops
 with use_qk_l2norm, gates -U(0, 1), β U(0, 1); lightning with chapter 4's slopes of layer 0 of 2; "window" is
 chapter 1's flash_attention with a sliding window of 1024 keys (bench/attention.py's windowed rows); "nsa" is chapter
 7's parallel_nsa at bench/nsa.py's shapes (B 1, HQ 64, H 4, D 128, blocks of 64, 16 selected, window 512, gates
-U(0, 1)), with a third pass: one decoding step of the last token (cached summaries), timed as a CUDA graph.
+U(0, 1)), with a third pass: one decoding step of the last token (cached summaries), timed as a CUDA graph; "dsa" is
+chapter 8's prefill forward at bench/dsa.py's shapes (B 1, 128 heads, latent 512 + 64, indexer 64 × 128, top-k 2,048),
+its passes the indexer's scores, the sparse attention over a fixed selection, and both with the top-k between.
 First the median times of the passes with the launch table's configurations, then a torch.profiler table of the
 CUDA kernels of three forward + backward passes (or of the passes named by --profile, e.g. --profile fwd decode).
 With --sweep, each row of runtime.LAUNCH_TABLE that the op launches is forced configuration by configuration
@@ -76,6 +79,10 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
         "nsa.decode.merge": ("decode", _grid(num_warps=(1, 2, 4), num_stages=(1,), BP=(8, 16),
                                              BGM=(1, 2, 4), BVM=(32, 64), launch_pdl=(True, False))),
     },
+    "dsa": {
+        "dsa.indexer": ("indexer", _grid(num_warps=(4, 8), num_stages=(2, 3), BT=(2, 4), BN=(64, 128))),
+        "dsa.sparse.fwd.d512": ("sparse", _grid(num_warps=(4, 8), num_stages=(1, 2), BG=(32, 64), BN=(32, 64))),
+    },
     "deltanet": {
         "deltanet.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3, 4), BV=(16, 32, 64))),
         "deltanet.bwd_du_local": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2, 3), BV=(32, 64, 128))),
@@ -112,10 +119,36 @@ def nsa_passes(T: int):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "decode": decode}
 
 
+def dsa_passes(T: int):
+    """DSA's prefill forward at bench/dsa.py's shapes: the indexer's scores (one chunk up to 16K queries), the
+    sparse attention over the indexer's selection, and the whole prefill (lightning_indexer, then the attention)."""
+    from minisparse.dsa.triton import _score_chunk, lightning_indexer, sparse_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape, s=1.0: (s * torch.randn(*shape, device="cuda", generator=g)).bfloat16()  # noqa: E731
+    q, kv = make(1, T, 128, 576, s=0.5), make(1, T, 1, 576, s=0.5)
+    q_idx, k_idx, w = make(1, T, 64, 128), make(1, T, 128), make(1, T, 64, s=64 ** -0.5)
+    scale = 192 ** -0.5
+    idx = lightning_indexer(q_idx, k_idx, w, 2048)
+
+    def run(fn):
+        def pass_():
+            with torch.no_grad():
+                return fn()
+        return pass_
+
+    return {"indexer": run(lambda: _score_chunk(q_idx, k_idx, w, 0, T, 128 ** -0.5).clamp_(min=-1e30)),
+            "sparse": run(lambda: sparse_attention_triton(q, kv, kv[..., :512], idx, scale)),
+            "fwd": run(lambda: sparse_attention_triton(q, kv, kv[..., :512], lightning_indexer(
+                q_idx, k_idx, w, 2048), scale))}
+
+
 def passes(op: str, T: int):
     """The forward (no autograd) and the forward + backward of `op`, on fixed inputs."""
     if op == "nsa":
         return nsa_passes(T)
+    if op == "dsa":
+        return dsa_passes(T)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     do = torch.randn_like(v)
@@ -160,8 +193,8 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--sweep", nargs="*", metavar="ROW", default=None,
                     help="also force every configuration of each row the op launches (or of the rows named)")
-    ap.add_argument("--profile", nargs="+", metavar="PASS", default=["fwd+bwd"],
-                    help="the passes whose CUDA kernels are tabled (default fwd+bwd; nsa also has decode)")
+    ap.add_argument("--profile", nargs="+", metavar="PASS", default=None,
+                    help="the passes whose CUDA kernels are tabled (default fwd+bwd, dsa fwd; nsa also has decode)")
     args = ap.parse_args(argv)
     fns = passes(args.op, args.T)
 
@@ -172,7 +205,7 @@ def main(argv=None):
     for name, fn in fns.items():
         print(f"{args.op} T {args.T}, table configurations: {name} {timed(fn, warmup=5, rep=20):.4f} ms",
               flush=True)
-    for name in args.profile:
+    for name in args.profile or ["fwd+bwd" if "fwd+bwd" in fns else "fwd"]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 fns[name]()
