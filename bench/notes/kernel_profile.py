@@ -81,7 +81,8 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
     },
     "dsa": {
         "dsa.indexer": ("indexer", _grid(num_warps=(4, 8), num_stages=(2, 3), BT=(2, 4), BN=(64, 128))),
-        "dsa.sparse.fwd.d512": ("sparse", _grid(num_warps=(4, 8), num_stages=(1, 2), BG=(32, 64), BN=(32, 64))),
+        "dsa.sparse.fwd.d512": ("sparse", _grid(num_warps=(8,), num_stages=(1, 2, 3), BG=(64,), BN=(16, 32, 64))
+                                + _grid(num_warps=(4,), num_stages=(1, 2), BG=(16, 32), BN=(32,))),
     },
     "deltanet": {
         "deltanet.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3, 4), BV=(16, 32, 64))),
