@@ -121,9 +121,13 @@ def nsa_passes(T: int):
 
 
 def dsa_passes(T: int):
-    """DSA's prefill forward at bench/dsa.py's shapes: the indexer's scores (one chunk up to 16K queries), the
-    sparse attention over the indexer's selection, and the whole prefill (lightning_indexer, then the attention)."""
-    from minisparse.dsa.triton import _score_chunk, lightning_indexer, sparse_attention_triton
+    """DSA's prefill forward at bench/dsa.py's shapes, T <= 16K: the indexer's scores (one chunk, −∞ set to 0 so
+    that the sweep's comparison sees the finite scores), the sparse attention over the indexer's selection, and the
+    whole prefill (lightning_indexer, then the attention)."""
+    from minisparse.dsa.triton import _chunk_rows, _score_chunk, lightning_indexer, sparse_attention_triton
+
+    if _chunk_rows(1, T, T) < T:
+        raise SystemExit(f"kernel_profile.py dsa: T up to {_chunk_rows(1, 16384, 16384)} (one chunk of scores)")
 
     g = torch.Generator(device="cuda").manual_seed(0)
     make = lambda *shape, s=1.0: (s * torch.randn(*shape, device="cuda", generator=g)).bfloat16()  # noqa: E731
@@ -138,7 +142,7 @@ def dsa_passes(T: int):
                 return fn()
         return pass_
 
-    return {"indexer": run(lambda: _score_chunk(q_idx, k_idx, w, 0, T, 128 ** -0.5).clamp_(min=-1e30)),
+    return {"indexer": run(lambda: _score_chunk(q_idx, k_idx, w, 0, T, 128 ** -0.5).nan_to_num_(neginf=0.0)),
             "sparse": run(lambda: sparse_attention_triton(q, kv, kv[..., :512], idx, scale)),
             "fwd": run(lambda: sparse_attention_triton(q, kv, kv[..., :512], lightning_indexer(
                 q_idx, k_idx, w, 2048), scale))}
