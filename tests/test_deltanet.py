@@ -492,17 +492,19 @@ def test_triton_errors(monkeypatch):
 
 def test_forced_tiles_give_the_same_results(poisoned):
     """Every kernel of the chunk op under a forced narrow V-tile (runtime.launch_config), as a GPU with little shared
-    memory would run it: V = 48 in three tiles of 16, the reverse scan's late loads (a T4's rows), the chunk
-    kernel's K in blocks of 16, forward and every gradient equal to the default tiles'."""
+    memory would run it: V = 48 in three tiles of 16, the reverse scan's late loads (a T4's rows), the backward's
+    K in blocks of 16 (two programs a chunk in _bwd_keys_kernel), forward and every gradient equal to the default
+    tiles'."""
     inputs = _dev(*_inputs(1, 70, 1, 2, 32, 48, normalise=False, seed=4))
     gen = torch.Generator().manual_seed(5)
     do, dht = torch.randn(1, 70, 2, 48, generator=gen).to(DEV), torch.randn(1, 2, 32, 48, generator=gen).to(DEV)
     ref = _grads(chunk_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)
     with contextlib.ExitStack() as stack:
         for name in ("deltanet.fwd_wy", "deltanet.fwd_states", "deltanet.fwd_states.recompute", "deltanet.fwd_output",
-                     "deltanet.bwd_du_local", "deltanet.bwd_states", "deltanet.bwd_chunk"):
+                     "deltanet.bwd_du_local", "deltanet.bwd_states", "deltanet.bwd_wy", "deltanet.bwd_keys"):
             late = dict(LATE_LOADS=True) if name == "deltanet.bwd_states" else {}
-            late = dict(BK=16) if name == "deltanet.bwd_chunk" else late  # K = 32 in two blocks
+            # K = 32 in two blocks
+            late = dict(BK=16) if name in ("deltanet.bwd_wy", "deltanet.bwd_keys") else late
             stack.enter_context(runtime.launch_config(name, BV=16, num_warps=4, num_stages=1, **late))
         stack.enter_context(runtime.launch_config("deltanet.rows", BR=4, num_warps=4, num_stages=1))
         got = _grads(chunk_gated_delta_rule, inputs, do, dht, use_qk_l2norm=True)

@@ -88,7 +88,8 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
         "deltanet.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3, 4), BV=(16, 32, 64))),
         "deltanet.bwd_du_local": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2, 3), BV=(32, 64, 128))),
         "deltanet.bwd_states": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BV=(16, 32, 64))),
-        "deltanet.bwd_chunk": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BK=(32, 64), BV=(16, 32, 64))),
+        "deltanet.bwd_wy": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BK=(32, 64), BV=(16, 32, 64))),
+        "deltanet.bwd_keys": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BK=(32, 64), BV=(16, 32, 64))),
     },
 }
 

@@ -43,7 +43,8 @@ from kernel_resources import compile_for, kernel_resources  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from minisparse import runtime  # noqa: E402
-from minisparse.deltanet.chunk_fwd import _v_tile  # noqa: E402  (the launchers' own `fit` functions)
+from minisparse.deltanet.chunk_bwd import _k_and_v_tiles  # noqa: E402  (the launchers' own `fit` functions)
+from minisparse.deltanet.chunk_fwd import _v_tile  # noqa: E402
 from minisparse.dsa.triton import _fit_heads  # noqa: E402
 from minisparse.lightning.triton import _state_tiles, _v_tiles  # noqa: E402
 from minisparse.mla.triton import _split_tiles  # noqa: E402
@@ -157,8 +158,10 @@ SPECS = [
     Spec("deltanet.bwd_states", "minisparse.deltanet.chunk_bwd:_bwd_states_kernel",
          dict(C=64, BK=128, HAS_DHT=False, STORE_DH0=False, PRECISION="tf32"), "q_ptr k_ptr do_ptr",
          fit=_v_tile(128)),
-    Spec("deltanet.bwd_chunk", "minisparse.deltanet.chunk_bwd:_bwd_chunk_kernel",
-         dict(C=64, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),
+    Spec("deltanet.bwd_wy", "minisparse.deltanet.chunk_bwd:_bwd_wy_kernel",
+         dict(C=64, PRECISION="tf32"), "k_ptr v_ptr", fit=_k_and_v_tiles(128, 128)),
+    Spec("deltanet.bwd_keys", "minisparse.deltanet.chunk_bwd:_bwd_keys_kernel",
+         dict(C=64, PRECISION="tf32"), "q_ptr k_ptr do_ptr", fit=_k_and_v_tiles(128, 128)),
     Spec("deltanet.rows", "minisparse.deltanet.chunk_bwd:_l2norm_rows_kernel", dict(BK=128), "x_ptr y_ptr",
          floats="", variant="l2norm"),
     Spec("deltanet.rows", "minisparse.deltanet.chunk_bwd:_qk_grad_kernel", dict(BK=128, L2NORM=True),

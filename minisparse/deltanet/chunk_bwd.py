@@ -155,117 +155,6 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
 
 
 @triton.jit
-def _bwd_values_pass(do_bh, u_bh, du_bh, v_bh, dv_bh, t, tm, beta, A_inv, HV, V,
-                     C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass 1 of _bwd_chunk_kernel, over V-tiles [C, BV]: dO Uᵀ [C, C], Ũ's share of dA_inv, dV =
-    diag(β) A_invᵀ dU (stored) and β's share through Ũ = A_inv diag(β) V."""
-    dOUt = tl.zeros((C, C), dtype=tl.float32)
-    dA_inv = tl.zeros((C, C), dtype=tl.float32)
-    dbeta = tl.zeros((C,), dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
-        mask = tm[:, None] & (vs[None, :] < V)
-        do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
-        u = tl.load(u_bh + off, mask=mask, other=0.0)
-        du = tl.load(du_bh + off, mask=mask, other=0.0)
-        v = tl.load(v_bh + off, mask=mask, other=0.0).to(tl.float32)
-        dOUt = tl.dot(do, tl.trans(u), dOUt, input_precision=PRECISION)
-        dA_inv = tl.dot(du, tl.trans(v * beta[:, None]), dA_inv, input_precision=PRECISION)
-        Adu = tl.dot(tl.trans(A_inv), du, input_precision=PRECISION)  # [C, BV] ∂/∂(diag(β) V)
-        tl.store(dv_bh + off, Adu * beta[:, None], mask=mask)
-        dbeta += tl.sum(Adu * v, axis=1)
-    return dOUt, dA_inv, dbeta
-
-
-@triton.jit
-def _bwd_keys_pass(q_bh, k_bh, do_bh, u_bh, du_bh, S_n, dS_n, dq_bh, dk_bh, t, tm, scale, beta, eG,
-                   key_decay, dAqk, A_inv, dA_inv, H, HV, K, V, C: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass 2 of _bwd_chunk_kernel, over K-blocks [C, BK] with V-tiles inside (so that no [C, K]
-    accumulator lives across blocks): dQ (final) and dK without the terms through A (stored, per
-    value head), dW's share of dA_inv, and the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j)
-    of the output's Γ_ij, s_i (factors e^{G_i}), c_j (factors e^{G_L − G_j}) and Σ S_n ⊙ dS' (the
-    factor e^{G_L})."""
-    pairs = tl.zeros((C, C), dtype=tl.float32)
-    # q_i · ∂/∂q_i of e^{G_i} q_i S, then W's e^{G_i} (added by the caller)
-    s = tl.zeros((C,), dtype=tl.float32)
-    # k_j · ∂/∂k_j of the state update's e^{G_L − G_j} k_jᵀ u_j
-    c = tl.zeros((C,), dtype=tl.float32)
-    kTdw = tl.zeros((C,), dtype=tl.float32)  # k_j · ∂/∂(β_j e^{G_j} k_j) of W
-    SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS'
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        qk_off = t[:, None] * H * K + ks[None, :]
-        qk_mask = tm[:, None] & (ks[None, :] < K)
-        q = tl.load(q_bh + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
-        k = tl.load(k_bh + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
-        dq = tl.zeros((C, BK), dtype=tl.float32)  # dO S_nᵀ
-        dk_state = tl.zeros((C, BK), dtype=tl.float32)  # U dS'ᵀ
-        dw = tl.zeros((C, BK), dtype=tl.float32)  # −dU S_nᵀ
-        for v0 in range(0, V, BV):
-            vs = v0 + tl.arange(0, BV)
-            off = t[:, None] * HV * V + vs[None, :]
-            mask = tm[:, None] & (vs[None, :] < V)
-            kv_off = ks[:, None] * V + vs[None, :]
-            kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
-            do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
-            u = tl.load(u_bh + off, mask=mask, other=0.0)
-            du = tl.load(du_bh + off, mask=mask, other=0.0)
-            S = tl.load(S_n + kv_off, mask=kv_mask, other=0.0)  # [BK, BV]
-            dS = tl.load(dS_n + kv_off, mask=kv_mask, other=0.0)
-            dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
-            dk_state = tl.dot(u, tl.trans(dS), dk_state, input_precision=PRECISION)
-            dw = dw - tl.dot(du, tl.trans(S), input_precision=PRECISION)
-            SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
-        dq = dq * (scale * eG)[:, None]
-        s += tl.sum(dq * q, axis=1)
-        # this block's share of q_i·k_j
-        pairs += dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        dq = tl.dot(dAqk, k, dq, input_precision=PRECISION)
-        # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
-        dk_state = dk_state * key_decay[:, None]
-        c += tl.sum(dk_state * k, axis=1)
-        dk = tl.dot(tl.trans(dAqk), q, dk_state, input_precision=PRECISION)
-        kbg = k * (beta * eG)[:, None]  # W = A_inv diag(β e^G) K
-        dA_inv = tl.dot(dw, tl.trans(kbg), dA_inv, input_precision=PRECISION)
-        Adw = tl.dot(tl.trans(A_inv), dw, input_precision=PRECISION)  # [C, BK] ∂/∂(diag(β e^G) K)
-        dk += Adw * (beta * eG)[:, None]
-        kTdw += tl.sum(Adw * k, axis=1)
-        out_off = t[:, None] * HV * K + ks[None, :]
-        tl.store(dq_bh + out_off, dq, mask=qk_mask)
-        tl.store(dk_bh + out_off, dk, mask=qk_mask)
-    return pairs, dA_inv, s, c, kTdw, tl.sum(SdS, axis=0)
-
-
-@triton.jit
-def _bwd_through_a_pass(k_bh, dk_bh, t, tm, dA, beta, pairs, H, HV, K, C: tl.constexpr,
-                        BK: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass 3 of _bwd_chunk_kernel, over K-blocks: what flows through A_ij = β_i Γ_ij k_i·k_j, given
-    dA = ∂L/∂A_ij · Γ_ij. dK += dKK K + dKKᵀ K with dKK_ij = β_i dA_ij = ∂L/∂(k_i·k_j), added to
-    what pass 2 stored; dβ_i += Σ_j dA_ij k_i·k_j; and each m_ij = β_i dA_ij k_i·k_j joins `pairs`.
-    Returns (pairs, dβ's share).
-    """
-    dKK = dA * beta[:, None]
-    dbeta = tl.zeros((C,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        qk_mask = tm[:, None] & (ks[None, :] < K)
-        # [C, BK]
-        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        # this block's share of ∂L/∂A_ij · A_ij / β_i
-        M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)
-        dbeta += tl.sum(M, axis=1)
-        pairs += M * beta[:, None]
-        out_off = t[:, None] * HV * K + ks[None, :]
-        dk = tl.load(dk_bh + out_off, mask=qk_mask, other=0.0)
-        dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
-        tl.store(dk_bh + out_off, dk, mask=qk_mask)
-    return pairs, dbeta
-
-
-@triton.jit
 def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
     """dg [C] of one chunk, each term summed into exactly the gates it contains:
         pairs [C, C]  m_ij = ∂L/∂Γ_ij · Γ_ij (j < i; 0 elsewhere), Γ_ij = e^{g_{j+1} + … + g_i}
@@ -293,34 +182,95 @@ def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
 
 
 @triton.jit
-def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
-                      dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale,
-                      T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """Every gradient of one chunk but dU: dq and dk (per value head, fp32), dv, dβ, dg.
+def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, dv_ptr,
+                   dbeta_ptr, da_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, PRECISION: tl.constexpr):
+    """dV, β's share through Ũ, and dA for _bwd_keys_kernel: the part of a chunk's backward that
+    needs all of its K and V channels.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: the [C, C] matrices (A_inv, Γ, dO Uᵀ, dA_inv, the gate terms m_ij) stay in registers;
-    three passes stream the rest: V-tiles [C, BV] (_bwd_values_pass); K-blocks [C, BK] with V-tiles
-    inside (_bwd_keys_pass);
-    K-blocks again for the terms that need the whole dA (_bwd_through_a_pass).
-    Math (chapter 5, Engineering notes, the backward pass; dS' = dstates[n], the gradient of the
-    state leaving the chunk):
-        dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
-        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K +
-            dKKᵀ K
-        dW = −dU S_nᵀ,  dA_inv = dW (diag(β e^G) K)ᵀ + dU (diag(β) V)ᵀ,  dA = −A_invᵀ dA_inv
-            A_invᵀ (strictly lower)
-        dV = diag(β) A_invᵀ dU;  dβ and dg from every factor they enter (_gate_grad)
+    Tiling: A_inv and dA_inv [C, C] in registers; V-tiles [C, BV] of V and dU, and inside each,
+    K-blocks [C, BK] with the state's [BK, BV].
+    Math (S_n: the state entering chunk n):
+        R = diag(β) (V − diag(e^G) K S_n),  dA_inv = dU Rᵀ
+        dV = diag(β) A_invᵀ dU,  dβ (this kernel's share) = Σ_v (A_invᵀ dU) ⊙ V
+        dA = −A_invᵀ dA_inv A_invᵀ, strictly lower, ⊙ Γ   (stored [C, C] a chunk, fp32, laid out as
+            A_inv)
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
-    k_bh = k_ptr + (b * T * H + h) * K
-    vh = (b * T * HV + hv) * V  # token t's rows of v, U, dO, dU, dV at + t·HV·V
-    kh = (b * T * HV + hv) * K  # token t's rows of dq and dk (per value head) at + t·HV·K
-    gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
+    k_bh = k_ptr + (b * T * H + h) * K  # token t's row of k at + t·H·K
+    vh = (b * T * HV + hv) * V  # token t's rows of v, dU, dV at + t·HV·V
+    gate_bh = b * T * HV + hv  # token t's g, β, dβ at + t·HV
+    S_n = states_ptr + (bh * NT + n) * K * V
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
+    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
+    G, G64, _, _ = _gate_sums(g, C)
+    eG = tl.exp(G)
+    a_off = (gate_bh + t[:, None] * HV) * C + rows[None, :]
+    A_inv = tl.load(ainv_ptr + a_off, mask=tm[:, None], other=0.0)
+    dA_inv = tl.zeros((C, C), dtype=tl.float32)
+    dbeta = tl.zeros((C,), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        off = t[:, None] * HV * V + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        v = tl.load(v_ptr + vh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        du = tl.load(du_ptr + vh + off, mask=mask, other=0.0)
+        KS = tl.zeros((C, BV), dtype=tl.float32)  # K S_n, this V-tile
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_mask = tm[:, None] & (ks[None, :] < K)
+            k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=k_mask,
+                        other=0.0).to(tl.float32)  # [C, BK]
+            S = tl.load(S_n + ks[:, None] * V + vs[None, :],
+                        mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV]
+            KS = tl.dot(k, S, KS, input_precision=PRECISION)
+        R = (v - KS * eG[:, None]) * beta[:, None]
+        dA_inv = tl.dot(du, tl.trans(R), dA_inv, input_precision=PRECISION)
+        Adu = tl.dot(tl.trans(A_inv), du, input_precision=PRECISION)  # [C, BV] ∂/∂(diag(β) V)
+        tl.store(dv_ptr + vh + off, Adu * beta[:, None], mask=mask)
+        dbeta += tl.sum(Adu * v, axis=1)
+    causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
+    Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
+    dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
+                input_precision=PRECISION)
+    dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
+    tl.store(da_ptr + a_off, dA, mask=tm[:, None])
+    tl.store(dbeta_ptr + gate_bh + t * HV, dbeta, mask=tm)
+
+
+@triton.jit
+def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, da_ptr, u_ptr, states_ptr,
+                     dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dbeta_ptr, dg_ptr, scale, T, H,
+                     HV, K, V, NT, SLOT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """dq and dk (per value head, fp32) of one block of key channels, and that block's shares of
+    dβ and dg (slot kb of dbeta_ptr and dg_ptr, slots SLOT = B·T·HV apart).
+
+    Program: key channels kb·BK … of chunk n of one (batch b, value head hv). Grid (cdiv(K, BK),
+    NT, B · HV).
+    Tiling: Q, K, dQ, dK [C, BK]; V-tiles [C, BV] of dO, U, dU with the state's and its
+    gradient's [BK, BV]; the [C, C] matrices (A_inv, dA, dO Uᵀ, the gate terms m_ij) in registers.
+    Math (chapter 5, Engineering notes, the backward pass; dS' = dstates[n], the gradient of the
+    state leaving the chunk; dA from _bwd_wy_kernel, ⊙ Γ and strictly lower):
+        dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
+        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K +
+            dKKᵀ K,   dW = −dU S_nᵀ,  dKK = diag(β) dA
+    and the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j) of the output's Γ_ij and
+    β_i dA_ij (k_i·k_j) of A's, s_i (factors e^{G_i}), c_j (factors e^{G_L − G_j}), Σ S_n ⊙ dS'
+    (the factor e^{G_L}), each over this block's channels only.
+    """
+    kb = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    vh = (b * T * HV + hv) * V  # token t's rows of U, dO, dU at + t·HV·V
+    gate_bh = b * T * HV + hv  # token t's g, β at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n
     dS_n = dstates_ptr + (bh * NT + n) * K * V  # the gradient of the state leaving it
     rows = tl.arange(0, C)
@@ -331,34 +281,66 @@ def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, sta
     G, G64, to_end, G_L = _gate_sums(g, C)
     eG = tl.exp(G)
     key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
+    ks = kb * BK + tl.arange(0, BK)
+    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]
+    qk_mask = tm[:, None] & (ks[None, :] < K)
+    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
+    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
+    dOUt = tl.zeros((C, C), dtype=tl.float32)
+    dq = tl.zeros((C, BK), dtype=tl.float32)  # dO S_nᵀ
+    dk_state = tl.zeros((C, BK), dtype=tl.float32)  # U dS'ᵀ
+    dw = tl.zeros((C, BK), dtype=tl.float32)  # −dU S_nᵀ
+    SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS' over this block
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        off = vh + t[:, None] * HV * V + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        kv_off = ks[:, None] * V + vs[None, :]
+        kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
+        do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        u = tl.load(u_ptr + off, mask=mask, other=0.0)
+        du = tl.load(du_ptr + off, mask=mask, other=0.0)
+        S = tl.load(S_n + kv_off, mask=kv_mask, other=0.0)  # [BK, BV]
+        dS = tl.load(dS_n + kv_off, mask=kv_mask, other=0.0)
+        dOUt = tl.dot(do, tl.trans(u), dOUt, input_precision=PRECISION)
+        dq = tl.dot(do, tl.trans(S), dq, input_precision=PRECISION)
+        dk_state = tl.dot(u, tl.trans(dS), dk_state, input_precision=PRECISION)
+        dw = dw - tl.dot(du, tl.trans(S), input_precision=PRECISION)
+        SdS += tl.sum(tl.sum(S * dS, axis=1), axis=0)
+    # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
-    Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
-    lower = rows[:, None] > rows[None, :]
+    dAqk = dOUt * scale * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))
+    dq = dq * (scale * eG)[:, None]
+    s = tl.sum(dq * q, axis=1)  # q_i · ∂/∂q_i of e^{G_i} q_i S
+    out_off = (b * T * HV + hv) * K + t[:, None] * HV * K + ks[None, :]
+    tl.store(dq_ptr + out_off, tl.dot(dAqk, k, dq, input_precision=PRECISION), mask=qk_mask)
+    pairs = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
+    dk_state = dk_state * key_decay[:, None]
+    c = tl.sum(dk_state * k, axis=1)
+    dk = tl.dot(tl.trans(dAqk), q, dk_state, input_precision=PRECISION)
+    # W = A_inv diag(β e^G) K
     A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
                     other=0.0)
-    dOUt, dA_inv, dbeta = _bwd_values_pass(do_ptr + vh, u_ptr + vh, du_ptr + vh, v_ptr + vh,
-                                           dv_ptr + vh, t, tm, beta, A_inv, HV, V, C, BV, PRECISION)
-    # ∂L/∂(q_i·k_j): o_i = scale (e^{G_i} q_i S + Σ_j Γ_ij (q_i·k_j) u_j)
-    dAqk = dOUt * scale * Gamma
-    pairs, dA_inv, s, c, kTdw, SdS = _bwd_keys_pass(q_bh, k_bh, do_ptr + vh, u_ptr + vh,
-                                                    du_ptr + vh, S_n, dS_n, dq_ptr + kh,
-                                                    dk_ptr + kh, t, tm, scale, beta, eG, key_decay,
-                                                    dAqk, A_inv, dA_inv, H, HV, K, V, C, BK, BV,
-                                                    PRECISION)
-    dbeta += kTdw * eG
-    s += kTdw * beta * eG
-    dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
-                input_precision=PRECISION)
-    dA = tl.where(lower, -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
-    # pass 2's stores of dk are read back by pass 3, by other threads of this program
-    tl.debug_barrier()
-    pairs, dbeta_a = _bwd_through_a_pass(k_bh, dk_ptr + kh, t, tm, dA, beta, pairs, H, HV, K, C, BK,
-                                         PRECISION)
-    dbeta += dbeta_a
+    Adw = tl.dot(tl.trans(A_inv), dw, input_precision=PRECISION)  # ∂/∂(diag(β e^G) K)
+    dk += Adw * (beta * eG)[:, None]
+    kTdw = tl.sum(Adw * k, axis=1)
+    # A_ij = β_i Γ_ij k_i·k_j; dA holds ∂L/∂A_ij · Γ_ij
+    dA = tl.load(da_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
+                 other=0.0)
+    dKK = dA * beta[:, None]  # ∂L/∂(k_i·k_j)
+    M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # ∂L/∂A_ij · A_ij / β_i
+    dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
+    pairs += M * beta[:, None]
+    s += kTdw * beta * eG  # W's e^{G_i}
+    tl.store(dk_ptr + out_off, dk, mask=qk_mask)
     # the diagonal's Γ_ii = 1 holds no gate: only j < i enters dg
-    dg = _gate_grad(tl.where(lower, pairs, 0.0), s, c, SdS * tl.exp(G_L), tm, C)
-    tl.store(dbeta_ptr + gate_bh + t * HV, dbeta, mask=tm)
-    tl.store(dg_ptr + gate_bh + t * HV, dg, mask=tm)
+    lower = rows[:, None] > rows[None, :]
+    dg = _gate_grad(tl.where(lower, pairs, 0.0), s, c, tl.sum(SdS, axis=0) * tl.exp(G_L), tm, C)
+    slot = kb.to(tl.int64) * SLOT + gate_bh + t * HV
+    tl.store(dbeta_ptr + slot, tl.sum(M, axis=1) + kTdw * eG, mask=tm)
+    tl.store(dg_ptr + slot, dg, mask=tm)
 
 
 @triton.jit
@@ -423,6 +405,12 @@ def _qk_grad(x, dy, l2):
     return dx
 
 
+def _k_and_v_tiles(K, V):
+    """runtime.launch's `fit` for the kernels that tile K and V: tiles no wider than the padded
+    dimensions."""
+    return lambda c: dict(c, BK=min(c["BK"], _pow2(K)), BV=min(c["BV"], _pow2(V)))
+
+
 def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
     """Gradients of q, k (in q's dtype, summed over grouped value heads), v, g, beta and h0
         (fp32; dh0 None unless
@@ -450,14 +438,26 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
                    dict(C=_C, BK=max(_pow2(K), 32), HAS_DHT=dht is not None,
                         STORE_DH0=dh0 is not None, PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
-    dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    dbeta, dg = (torch.empty(B, T, HV, device=dev, dtype=torch.float32) for _ in range(2))
-    runtime.launch("deltanet.bwd_chunk", _bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, ainv, u, states, dstates, do, du, dq, dk, dv, dbeta, dg,
-                    scale, T, H, HV, K, V, NT), dict(C=_C, PRECISION=prec),
-                   fit=lambda c: _v_tile(V)(dict(c, BK=min(c["BK"], _pow2(K)))),
+    dA = torch.empty_like(ainv)
+    # dβ's and dg's shares: slot 0 _bwd_wy_kernel's, then one a block of key channels (BK ≥ 16,
+    # tl.dot's least)
+    dbeta = torch.empty(1 + triton.cdiv(K, 16), B, T, HV, device=dev, dtype=torch.float32)
+    dg = torch.empty_like(dbeta)
+    runtime.launch("deltanet.bwd_wy", _bwd_wy_kernel, lambda c: (NT, B * HV),
+                   (k, v, g, beta, ainv, du, states, dv, dbeta[0], dA, T, H, HV, K, V, NT),
+                   dict(C=_C, PRECISION=prec), fit=_k_and_v_tiles(K, V),
                    autotune_key=["T", "K", "V"], **_options(q, v))
+    dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
+    keys = runtime.launch("deltanet.bwd_keys", _bwd_keys_kernel,
+                          lambda c: (triton.cdiv(K, c["BK"]), NT, B * HV),
+                          (q, k, g, beta, ainv, dA, u, states, dstates, do, du, dq, dk, dbeta[1:],
+                           dg, scale, T, H, HV, K, V, NT, B * T * HV), dict(C=_C, PRECISION=prec),
+                          fit=_k_and_v_tiles(K, V), autotune_key=["T", "K", "V"],
+                          **_options(q, v))
+    nk = triton.cdiv(K, keys["BK"])
+    dbeta = dbeta[:1 + nk].sum(0)
+    dg = dg[:nk].sum(0)
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
 
