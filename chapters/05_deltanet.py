@@ -1678,7 +1678,8 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
 #    $\operatorname{diag}(e^{G_L - G}) K\, dS'$ to the chunk's $dU$, and step $dS$ back (three products a chunk);
 #    the last step is the initial state's gradient;
 # 3. **`_bwd_wy_kernel`** — every chunk in parallel: what needs all of a chunk's channels at once, $dV$ and
-#    $dA$ (stored, $C \times C$ a chunk);
+#    everything that flows through $A$ (its terms of $dk$ stored for the next kernel, its shares of $d\beta$ and
+#    $dg$);
 # 4. **`_bwd_keys_kernel`** — every chunk and every block of `BK` key channels in parallel: the block's $dq$ and
 #    $dk$, complete, and its shares of $d\beta$ and $dg$ (`_gate_grad` on the block's terms), which the launcher
 #    adds up. `BK` comes from the launch table: 64 on an H200 (each block re-reads the chunk's $dO$, $U$ and $dU$,
@@ -1886,36 +1887,38 @@ def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
 
 
 # %% [markdown]
-# `_bwd_wy_kernel` does what needs all of a chunk's channels at once. Its $dA_\text{inv}$ uses
-# $dW = -dU\,S^\top$ to fold the two terms into one product over $V$:
+# `_bwd_wy_kernel` does what needs all of a chunk's channels at once: $dV$, and everything that flows through $A$.
+# Its $dA_\text{inv}$ uses $dW = -dU\,S^\top$ to fold the two terms into one product over $V$:
 # $dW (\operatorname{diag}(\beta e^G) K)^\top + d\tilde U (\operatorname{diag}(\beta) V)^\top
 # = dU\, R^\top$ with $R = \operatorname{diag}(\beta)(V - \operatorname{diag}(e^G) K S)$, so it needs $K S$
-# (a $C \times V$ product) but no $dW$.
+# (a $C \times V$ product) but no $dW$. Then $dA$, and from it $A$'s terms of $dK$ (stored, for the keys kernel to
+# add), of $d\beta$ and of $dg$.
 
 # %%
 #| export deltanet.chunk_bwd
 @triton.jit
-def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, dv_ptr,
-                   dbeta_ptr, da_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, dv_ptr, dk_ptr,
+                   dbeta_ptr, dg_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, PRECISION: tl.constexpr):
-    """dV, β's share through Ũ, and dA for _bwd_keys_kernel: the part of a chunk's backward that
-    needs all of its K and V channels.
+    """dV, and what flows through Ũ and A: dK's terms through A (stored in dk, per value head,
+    fp32, for _bwd_keys_kernel to add to), and shares of dβ and dg (slot 0 of dbeta_ptr, dg_ptr).
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
-    Tiling: A_inv and dA_inv [C, C] in registers; V-tiles [C, BV] of V and dU, and inside each,
-    K-blocks [C, BK] with the state's [BK, BV].
-    Math (S_n: the state entering chunk n):
+    Tiling: A_inv, dA_inv, dA, K Kᵀ [C, C] in registers; V-tiles [C, BV] of V and dU with K-blocks
+    [C, BK] and the state's [BK, BV] inside; then K-blocks [C, BK] again.
+    Math (S_n: the state entering chunk n; A_ij = β_i Γ_ij k_i·k_j):
         R = diag(β) (V − diag(e^G) K S_n),  dA_inv = dU Rᵀ
-        dV = diag(β) A_invᵀ dU,  dβ (this kernel's share) = Σ_v (A_invᵀ dU) ⊙ V
-        dA = −A_invᵀ dA_inv A_invᵀ, strictly lower, ⊙ Γ   (stored [C, C] a chunk, fp32, laid out as
-            A_inv)
+        dV = diag(β) A_invᵀ dU,  dβ += Σ_v (A_invᵀ dU) ⊙ V
+        dA = −A_invᵀ dA_inv A_invᵀ, strictly lower, ⊙ Γ   (∂L/∂A_ij · Γ_ij)
+        dK = dKK K + dKKᵀ K with dKK = diag(β) dA;  m_ij = β_i dA_ij (k_i·k_j) -> dβ_i += Σ_j
+            m_ij / β_i, dg (_gate_grad, pair terms only)
     """
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     k_bh = k_ptr + (b * T * H + h) * K  # token t's row of k at + t·H·K
     vh = (b * T * HV + hv) * V  # token t's rows of v, dU, dV at + t·HV·V
-    gate_bh = b * T * HV + hv  # token t's g, β, dβ at + t·HV
+    gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V
     rows = tl.arange(0, C)
     t = n * C + rows
@@ -1924,8 +1927,8 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
     G, G64, _, _ = _gate_sums(g, C)
     eG = tl.exp(G)
-    a_off = (gate_bh + t[:, None] * HV) * C + rows[None, :]
-    A_inv = tl.load(ainv_ptr + a_off, mask=tm[:, None], other=0.0)
+    A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
+                    other=0.0)
     dA_inv = tl.zeros((C, C), dtype=tl.float32)
     dbeta = tl.zeros((C,), dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -1952,41 +1955,58 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     Gamma = tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))  # [C, C]
     dA = tl.dot(tl.dot(tl.trans(A_inv), dA_inv, input_precision=PRECISION), tl.trans(A_inv),
                 input_precision=PRECISION)
-    dA = tl.where(rows[:, None] > rows[None, :], -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
-    tl.store(da_ptr + a_off, dA, mask=tm[:, None])
+    lower = rows[:, None] > rows[None, :]
+    dA = tl.where(lower, -dA, 0.0) * Gamma  # ∂L/∂A_ij · Γ_ij
+    dKK = dA * beta[:, None]  # ∂L/∂(k_i·k_j)
+    KK = tl.zeros((C, C), dtype=tl.float32)  # K Kᵀ
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = tm[:, None] & (ks[None, :] < K)
+        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=k_mask,
+                    other=0.0).to(tl.float32)  # [C, BK]
+        KK = tl.dot(k, tl.trans(k), KK, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(dKK), k, tl.dot(dKK, k, input_precision=PRECISION),
+                    input_precision=PRECISION)
+        tl.store(dk_ptr + (gate_bh + t[:, None] * HV) * K + ks[None, :], dk, mask=k_mask)
+    M = dA * KK  # ∂L/∂A_ij · A_ij / β_i
+    dbeta += tl.sum(M, axis=1)
+    dg = _gate_grad(M * beta[:, None], tl.zeros((C,), dtype=tl.float32),
+                    tl.zeros((C,), dtype=tl.float32), 0.0, tm, C)
     tl.store(dbeta_ptr + gate_bh + t * HV, dbeta, mask=tm)
+    tl.store(dg_ptr + gate_bh + t * HV, dg, mask=tm)
 
 
 # %% [markdown]
 # `_bwd_keys_kernel` does the rest, one block of `BK` key channels a program, so that no $C \times K$ accumulator has
 # to stay in registers (three of them at $K = 128$ would spill) and a chunk's work spreads over $K / $`BK` programs.
 # Each program walks the chunk's $V$ in tiles for $dO\,S^\top$, $U\,dS'^\top$, $dW$ and $dO\,U^\top$ (the last is the
-# same for every block: each program recomputes it rather than reading it back), then adds the terms through
-# $A_\text{inv}$ and through $A$, and stores its block of $dq$ and $dk$ complete, with its shares of $d\beta$ and
-# $dg$.
+# same for every block: each program recomputes it rather than reading it back), then adds the terms through the
+# output and through $A_\text{inv}$ to what `_bwd_wy_kernel` stored in $dk$, and stores its block of $dq$ and $dk$
+# complete, with its shares of $d\beta$ and $dg$.
 
 # %%
 #| export deltanet.chunk_bwd
 @triton.jit
-def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, da_ptr, u_ptr, states_ptr,
-                     dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dbeta_ptr, dg_ptr, scale, T, H,
-                     HV, K, V, NT, SLOT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr, dstates_ptr,
+                     do_ptr, du_ptr, dq_ptr, dk_ptr, dbeta_ptr, dg_ptr, scale, T, H, HV, K, V, NT,
+                     SLOT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """dq and dk (per value head, fp32) of one block of key channels, and that block's shares of
-    dβ and dg (slot kb of dbeta_ptr and dg_ptr, slots SLOT = B·T·HV apart).
+    """dq and dk (per value head, fp32; dk adds to A's terms, stored by _bwd_wy_kernel) of one
+    block of key channels, and that block's shares of dβ and dg (slot kb of dbeta_ptr and dg_ptr,
+    slots SLOT = B·T·HV apart).
 
     Program: key channels kb·BK … of chunk n of one (batch b, value head hv). Grid (cdiv(K, BK),
     NT, B · HV).
     Tiling: Q, K, dQ, dK [C, BK]; V-tiles [C, BV] of dO, U, dU with the state's and its
-    gradient's [BK, BV]; the [C, C] matrices (A_inv, dA, dO Uᵀ, the gate terms m_ij) in registers.
+    gradient's [BK, BV]; the [C, C] matrices (A_inv, dO Uᵀ, the gate terms m_ij) in registers.
     Math (chapter 5, Engineering notes, the backward pass; dS' = dstates[n], the gradient of the
-    state leaving the chunk; dA from _bwd_wy_kernel, ⊙ Γ and strictly lower):
+    state leaving the chunk):
         dQ = scale (diag(e^G) dO S_nᵀ + (dO Uᵀ ⊙ Γ) K)
-        dK = scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW + dKK K +
-            dKKᵀ K,   dW = −dU S_nᵀ,  dKK = diag(β) dA
-    and the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j) of the output's Γ_ij and
-    β_i dA_ij (k_i·k_j) of A's, s_i (factors e^{G_i}), c_j (factors e^{G_L − G_j}), Σ S_n ⊙ dS'
-    (the factor e^{G_L}), each over this block's channels only.
+        dK += scale (dO Uᵀ ⊙ Γ)ᵀ Q + diag(e^{G_L − G}) U dS'ᵀ + diag(β e^G) A_invᵀ dW,
+            dW = −dU S_nᵀ
+    and the gate terms for _gate_grad: m_ij = dAqk_ij (q_i·k_j) of the output's Γ_ij, s_i
+    (factors e^{G_i}), c_j (factors e^{G_L − G_j}), Σ S_n ⊙ dS' (the factor e^{G_L}), each over
+    this block's channels only.
     """
     kb = tl.program_id(0)
     n = tl.program_id(1)
@@ -2048,21 +2068,14 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, da_ptr, u_ptr, sta
     Adw = tl.dot(tl.trans(A_inv), dw, input_precision=PRECISION)  # ∂/∂(diag(β e^G) K)
     dk += Adw * (beta * eG)[:, None]
     kTdw = tl.sum(Adw * k, axis=1)
-    # A_ij = β_i Γ_ij k_i·k_j; dA holds ∂L/∂A_ij · Γ_ij
-    dA = tl.load(da_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
-                 other=0.0)
-    dKK = dA * beta[:, None]  # ∂L/∂(k_i·k_j)
-    M = dA * tl.dot(k, tl.trans(k), input_precision=PRECISION)  # ∂L/∂A_ij · A_ij / β_i
-    dk = tl.dot(dKK, k, dk, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(dKK), k, dk, input_precision=PRECISION)
-    pairs += M * beta[:, None]
     s += kTdw * beta * eG  # W's e^{G_i}
+    dk += tl.load(dk_ptr + out_off, mask=qk_mask, other=0.0)  # A's terms, from _bwd_wy_kernel
     tl.store(dk_ptr + out_off, dk, mask=qk_mask)
     # the diagonal's Γ_ii = 1 holds no gate: only j < i enters dg
     lower = rows[:, None] > rows[None, :]
     dg = _gate_grad(tl.where(lower, pairs, 0.0), s, c, tl.sum(SdS, axis=0) * tl.exp(G_L), tm, C)
     slot = kb.to(tl.int64) * SLOT + gate_bh + t * HV
-    tl.store(dbeta_ptr + slot, tl.sum(M, axis=1) + kTdw * eG, mask=tm)
+    tl.store(dbeta_ptr + slot, kTdw * eG, mask=tm)
     tl.store(dg_ptr + slot, dg, mask=tm)
 
 
@@ -2311,25 +2324,23 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, do, dht, l2, need_dh0):
                         STORE_DH0=dh0 is not None, PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     dv = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    dA = torch.empty_like(ainv)
+    dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
     # dβ's and dg's shares: slot 0 _bwd_wy_kernel's, then one a block of key channels (BK ≥ 16,
     # tl.dot's least)
     dbeta = torch.empty(1 + triton.cdiv(K, 16), B, T, HV, device=dev, dtype=torch.float32)
     dg = torch.empty_like(dbeta)
     runtime.launch("deltanet.bwd_wy", _bwd_wy_kernel, lambda c: (NT, B * HV),
-                   (k, v, g, beta, ainv, du, states, dv, dbeta[0], dA, T, H, HV, K, V, NT),
+                   (k, v, g, beta, ainv, du, states, dv, dk, dbeta, dg, T, H, HV, K, V, NT),
                    dict(C=_C, PRECISION=prec), fit=_k_and_v_tiles(K, V),
                    autotune_key=["T", "K", "V"], **_options(q, v))
-    dq, dk = (torch.empty(B, T, HV, K, device=dev, dtype=torch.float32) for _ in range(2))
+    # never autotuned: it adds to dk in place
     keys = runtime.launch("deltanet.bwd_keys", _bwd_keys_kernel,
                           lambda c: (triton.cdiv(K, c["BK"]), NT, B * HV),
-                          (q, k, g, beta, ainv, dA, u, states, dstates, do, du, dq, dk, dbeta[1:],
-                           dg, scale, T, H, HV, K, V, NT, B * T * HV), dict(C=_C, PRECISION=prec),
-                          fit=_k_and_v_tiles(K, V), autotune_key=["T", "K", "V"],
-                          **_options(q, v))
+                          (q, k, g, beta, ainv, u, states, dstates, do, du, dq, dk, dbeta[1:],
+                           dg[1:], scale, T, H, HV, K, V, NT, B * T * HV),
+                          dict(C=_C, PRECISION=prec), fit=_k_and_v_tiles(K, V), **_options(q, v))
     nk = triton.cdiv(K, keys["BK"])
-    dbeta = dbeta[:1 + nk].sum(0)
-    dg = dg[:nk].sum(0)
+    dbeta, dg = dbeta[:1 + nk].sum(0), dg[:1 + nk].sum(0)
     return _qk_grad(q_raw, dq, l2), _qk_grad(k_raw, dk, l2), dv, dg, dbeta, dh0
 
 
