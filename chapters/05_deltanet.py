@@ -1087,12 +1087,11 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #    1K, 0.39× at 2K, 0.73× at 4K), where fla's time hardly moves (0.40–0.41 ms: launches and host work). With
 #    value checks on, one host sync a call adds 0.18–0.35 ms: 1.09–1.38× fla's time from 4K to 64K.
 # 2. **The backward is the weak half**: forward + backward takes 2.43–2.45× fla's time from 8K to 64K and 1.51× at
-#    4K, but less than fla's at 1K and 2K (0.56× and 0.75×), where launches dominate. Two backward kernels take
-#    about 70 % of the time: the chunk kernel runs one program a chunk through three passes, where fla splits
-#    the work across two kernels, and every product takes fp32 operands where fla rounds them to bf16. Rounding as
-#    fla does gives 1.68× at best and puts dg's error past the tests' 8e-3 bound; K-blocks of 64 in the
-#    chunk kernel (the H200's launch-table row, set after the run in the table) take 5 % off the times above
-#    (`bench/notes/deltanet.md`).
+#    4K, but less than fla's at 1K and 2K (0.56× and 0.75×), where launches dominate. This run's backward did the
+#    work of section 5.6's WY and keys kernels in one kernel, one program a chunk; the split, as fla splits it,
+#    takes 9 % off forward + backward at 8K (5.11 → 4.67 ms on an H100, `bench/notes/deltanet.md`), still about
+#    2× fla's time there. What remains is precision: every product takes fp32 operands where fla rounds them to bf16,
+#    and rounding as fla does gives 1.68× at best and puts dg's error past the tests' 8e-3 bound.
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 13.5× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
 #
@@ -1278,7 +1277,7 @@ check_unit_lower_inverse_kernel(unit_lower_inverse_solution_kernel)
 #   in $T$, a constant state; Qwen3-Next's 3:1 stack tends to a quarter of all-attention's FLOPs and KV cache.
 # - **Triton**: the WY kernel solves by $16 \times 16$ blocks and $(I - N)(I + N^2) E$ on tensor cores; a scan over
 #   chunks and a parallel output kernel finish the forward, level with fla's on an H200 from 8K tokens (faster
-#   below); forward + backward takes about 2.4× fla's time there.
+#   below); forward + backward takes about 2× fla's time there (fp32 operands where fla's are bf16).
 # - **The layer**: projections, short convolutions with a decoding state, $\beta = \operatorname{sigmoid}(b)$,
 #   $g = -e^{A_{\log}}\operatorname{softplus}(a + \text{dt\_bias})$, gated RMSNorm; decoding equals prefill.
 #
@@ -1897,6 +1896,19 @@ def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
 # %%
 #| export deltanet.chunk_bwd
 @triton.jit
+def _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C: tl.constexpr):
+    """Chunk n's rows and gates: (rows, t, tm, β, G, G64, to_end, G_L), as _gate_sums gives
+    them; g and β 0 past T."""
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C]
+    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
+    G, G64, to_end, G_L = _gate_sums(g, C)
+    return rows, t, tm, beta, G, G64, to_end, G_L
+
+
+@triton.jit
 def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, dv_ptr, dk_ptr,
                    dbeta_ptr, dg_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, PRECISION: tl.constexpr):
@@ -1920,12 +1932,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     vh = (b * T * HV + hv) * V  # token t's rows of v, dU, dV at + t·HV·V
     gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    tm = t < T
-    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
-    G, G64, _, _ = _gate_sums(g, C)
+    rows, t, tm, beta, G, G64, _, _ = _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C)
     eG = tl.exp(G)
     A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
                     other=0.0)
@@ -2016,12 +2023,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     gate_bh = b * T * HV + hv  # token t's g, β at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n
     dS_n = dstates_ptr + (bh * NT + n) * K * V  # the gradient of the state leaving it
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    tm = t < T
-    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
-    G, G64, to_end, G_L = _gate_sums(g, C)
+    rows, t, tm, beta, G, G64, to_end, G_L = _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C)
     eG = tl.exp(G)
     key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
     ks = kb * BK + tl.arange(0, BK)

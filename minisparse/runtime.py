@@ -316,12 +316,12 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.bwd_wy": {  # dV and A's terms: a chunk a program; BK: the K-blocks of K·S and of A's dK
         "interpreter": [_cfg(BK=32, BV=32)],
-        "sm_90": [_cfg(8, 2, BK=64, BV=32), _cfg(4, 1, BK=32, BV=32), _cfg(4, 2, BK=64, BV=32)],
+        "sm_90": [_cfg(4, 1, BK=64, BV=64), _cfg(4, 1, BK=64, BV=32), _cfg(4, 1, BK=32, BV=64)],
         "sm_75": [_cfg(8, 1, BK=32, BV=32), _cfg(8, 1, BK=32, BV=16)],
     },
     "deltanet.bwd_keys": {  # dq, dk: a block of BK key channels of a chunk a program
         "interpreter": [_cfg(BK=32, BV=32)],
-        "sm_90": [_cfg(8, 2, BK=64, BV=32), _cfg(8, 2, BK=32, BV=32), _cfg(4, 2, BK=32, BV=32),
+        "sm_90": [_cfg(4, 2, BK=64, BV=16), _cfg(4, 1, BK=64, BV=32), _cfg(8, 2, BK=64, BV=32),
                   _cfg(4, 1, BK=32, BV=16)],
         "sm_75": [_cfg(8, 1, BK=32, BV=32), _cfg(8, 1, BK=32, BV=16), _cfg(8, 1, BK=16, BV=16)],
     },

@@ -1,7 +1,7 @@
 """Compile one Triton kernel for a GPU architecture on a machine without a GPU, and report its resources.
 
-    python tools/kernel_resources.py minisparse.deltanet.chunk_bwd:_bwd_chunk_kernel C=64 BK=128 BV=32 \\
-        PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,v_ptr,do_ptr --warps 4 --stages 1
+    python tools/kernel_resources.py minisparse.deltanet.chunk_bwd:_bwd_keys_kernel C=64 BK=64 BV=16 \\
+        PRECISION=tf32 --dtype bf16=q_ptr,k_ptr,do_ptr --warps 4 --stages 2
 
 prints the shared memory the launch needs (Hopper allows 227 KiB a block), the registers per thread and the bytes
 spilled to local memory, as ptxas reports them (sm_90a by default; --arch 75 for a Colab T4, which allows a block

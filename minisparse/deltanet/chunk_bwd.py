@@ -182,6 +182,19 @@ def _gate_grad(pairs, s, c, z, tm, C: tl.constexpr):
 
 
 @triton.jit
+def _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C: tl.constexpr):
+    """Chunk n's rows and gates: (rows, t, tm, β, G, G64, to_end, G_L), as _gate_sums gives
+    them; g and β 0 past T."""
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    tm = t < T
+    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C]
+    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
+    G, G64, to_end, G_L = _gate_sums(g, C)
+    return rows, t, tm, beta, G, G64, to_end, G_L
+
+
+@triton.jit
 def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, dv_ptr, dk_ptr,
                    dbeta_ptr, dg_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, PRECISION: tl.constexpr):
@@ -205,12 +218,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     vh = (b * T * HV + hv) * V  # token t's rows of v, dU, dV at + t·HV·V
     gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    tm = t < T
-    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
-    G, G64, _, _ = _gate_sums(g, C)
+    rows, t, tm, beta, G, G64, _, _ = _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C)
     eG = tl.exp(G)
     A_inv = tl.load(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], mask=tm[:, None],
                     other=0.0)
@@ -291,12 +299,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     gate_bh = b * T * HV + hv  # token t's g, β at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n
     dS_n = dstates_ptr + (bh * NT + n) * K * V  # the gradient of the state leaving it
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    tm = t < T
-    g = tl.load(g_ptr + gate_bh + t * HV, mask=tm, other=0.0)  # [C], 0 past T
-    beta = tl.load(beta_ptr + gate_bh + t * HV, mask=tm, other=0.0)
-    G, G64, to_end, G_L = _gate_sums(g, C)
+    rows, t, tm, beta, G, G64, to_end, G_L = _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C)
     eG = tl.exp(G)
     key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
     ks = kb * BK + tl.arange(0, BK)
