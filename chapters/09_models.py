@@ -1073,9 +1073,9 @@ if RESULTS is not None:
     assert speed["dense_baseline"]["tokens_per_s"] > 1.5 * max(others)
     dense = PRESETS["dense_baseline"](hidden_size=cfg["hidden"])
     read = kv_cache_bytes_per_token(dense, torch.float32)["per_token"] * context
-    hbm = bench.H200_COPY_TBPS
+    hbm = bench.ceilings(RESULTS["device"])[1]  # TB/s, measured on that GPU
     print(f"dense_baseline's decoded token reads {read / 2**20:.0f} MiB of cache: "
-          f"{read / hbm / 1e6:.0f} µs at the H200's {hbm} TB/s,\n"
+          f"{read / hbm / 1e6:.0f} µs at the {RESULTS['device']}'s {hbm} TB/s,\n"
           f"against {decode['dense_baseline']['ms'] * 1e3:,.0f} µs measured")
 
 # %% [markdown]

@@ -9,8 +9,8 @@ Hand-written infrastructure. A results file `bench/results/<name>.json` holds:
 Chapters plot these on a CPU, where nothing can be timed, and time live on a GPU.
 
 The roofline helpers at the end (`roofline_point`, `plot_roofline` and the `*_cost` counts of one call of each
-benchmarked kernel) place a timing against the H200's measured compute and memory ceilings (the book's Roofline
-page).
+benchmarked kernel) place a timing against the measured compute and memory ceilings of the GPU it ran on
+(`CEILINGS`, `ceilings`; the book's Roofline page).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch
 __all__ = ["host_ms", "median_ms", "timed", "graphed", "sweep_rows", "script_parser", "start_script", "environment",
            "smoke_environment", "save_results", "load_results",
            "results_dir", "plot_results", "plot_passes",
-           "IMPL_COLORS", "impl_family", "impl_style", "config_table", "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
+           "IMPL_COLORS", "impl_family", "impl_style", "config_table", "CEILINGS", "ceilings",
+           "H200_MATMUL_TFLOPS", "H200_COPY_TBPS",
            "roofline_tflops", "roofline_point", "plot_roofline", "attention_fwd_cost", "grouped_mm_cost",
            "mla_decode_cost", "lightning_fwd_cost", "gdn_fwd_cost", "kda_fwd_cost", "nsa_fwd_cost",
            "dsa_sparse_fwd_cost"]
@@ -413,8 +414,22 @@ def config_table(doc: dict, keys: Iterable[str] | None = None) -> str:
 #   bytes  the least traffic the call must make: every input read once, every output written once, nothing
 #          intermediate (no scores, no chunk states). A kernel's real traffic is at least this much.
 
-H200_MATMUL_TFLOPS = 693.0  # bf16 dense matmul on the benchmarks' H200, measured (bench/notes/roofline.md)
-H200_COPY_TBPS = 4.25  # HBM copy on the same GPU, measured (bench/notes/roofline.md; mla.json records it too)
+# The two ceilings of each GPU that committed results come from, measured on it by bench/notes/ceilings.py (the runs
+# in bench/notes/roofline.md): the device's name as torch reports it (a results file's "device") -> (bf16 dense
+# matmul TFLOP/s, HBM-to-HBM copy TB/s, read plus write).
+CEILINGS: dict[str, tuple[float, float]] = {
+    "NVIDIA H200": (693.0, 4.25),  # 2026-12-02 (mla.json records the copy bandwidth too)
+}
+H200_MATMUL_TFLOPS, H200_COPY_TBPS = CEILINGS["NVIDIA H200"]  # the defaults of the functions below
+
+
+def ceilings(device: str) -> tuple[float, float]:
+    """(bf16 matmul TFLOP/s, HBM copy TB/s) measured on `device`, a results file's "device". A GPU not in
+    `CEILINGS` raises LookupError naming the script that measures it."""
+    if device not in CEILINGS:
+        raise LookupError(f"no measured ceilings for {device!r} (known: {', '.join(CEILINGS)}): run "
+                          "bench/notes/ceilings.py on that GPU and add its line to minisparse.bench.CEILINGS")
+    return CEILINGS[device]
 
 
 def roofline_tflops(intensity, peak_tflops: float = H200_MATMUL_TFLOPS, copy_tbps: float = H200_COPY_TBPS):

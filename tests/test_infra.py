@@ -723,6 +723,13 @@ def test_config_table_and_filtered_log_plot(tmp_path):
     assert list(ax.lines[0].get_ydata()) == [0.002, 0.004]
 
 
+def test_ceilings_are_known_per_device_and_an_unknown_gpu_names_the_script():
+    assert bench.ceilings("NVIDIA H200") == (bench.H200_MATMUL_TFLOPS, bench.H200_COPY_TBPS) == (693.0, 4.25)
+    with pytest.raises(LookupError, match=r"'NVIDIA T4'.*bench/notes/ceilings.py"):
+        bench.ceilings("NVIDIA T4")
+    assert all(isinstance(v, tuple) and len(v) == 2 and min(v) > 0 for v in bench.CEILINGS.values())
+
+
 def test_roofline_point_names_the_binding_ceiling_and_the_share_reached():
     ridge = bench.H200_MATMUL_TFLOPS / bench.H200_COPY_TBPS  # ≈ 163 FLOP/byte
     p = bench.roofline_point(flops=2e12, nbytes=1e9, ms=10.0)  # 2,000 FLOP/B: past the ridge
