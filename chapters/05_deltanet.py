@@ -1681,7 +1681,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
 #    $dg$);
 # 4. **`_bwd_keys_kernel`** — every chunk and every block of `BK` key channels in parallel: the block's $dq$ and
 #    $dk$, complete, and its shares of $d\beta$ and $dg$ (`_gate_grad` on the block's terms), which the launcher
-#    adds up. `BK` comes from the launch table: 64 on an H200 (each block re-reads the chunk's $dO$, $U$ and $dU$,
+#    adds up. `BK` comes from the launch table: 64 on Hopper (each block re-reads the chunk's $dO$, $U$ and $dU$,
 #    so fewer blocks read less), 32 where a block gets a T4's 64 KiB of shared memory.
 #
 # With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
