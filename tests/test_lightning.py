@@ -264,6 +264,30 @@ def test_layer_from_hf_and_decoding(backend):
         assert_close("decoded state vs transformers' cache", cache.get_linear_cache(2), st, tol)
 
 
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_layer_in_fp16_stays_in_range(backend):
+    """fp16 holds at most 65504 and the attention's output has no softmax denominator: inputs 10 and 30 times unit
+    size overflowed it to NaN. The layer scales q and v by a power of two in fp16: finite, and fp32's result."""
+    torch.manual_seed(0)
+    dev = DEV if backend == "triton" else "cpu"
+    layer = LightningAttention(128, 2, 64, layer_idx=0, num_layers=8, block_size=64, backend=backend).to(dev)
+    half = LightningAttention(128, 2, 64, layer_idx=0, num_layers=8, block_size=64, backend=backend).to(dev)
+    half.load_state_dict(layer.state_dict())
+    half.half()
+    for scale in (10.0, 30.0):
+        x = torch.randn(1, 150, 128, device=dev) * scale
+        with torch.no_grad():
+            y, st = layer(x[:, :140], use_cache=True)
+            yh, sth = half(x[:, :140].half(), use_cache=True)
+            y2, _ = layer(x[:, 140:], state=st)  # decoding on from the state
+            yh2, _ = half(x[:, 140:].half(), state=sth)
+        assert torch.isfinite(yh).all() and torch.isfinite(yh2).all(), scale
+        assert sth.dtype == torch.float32
+        assert_close(f"fp16 output, x {scale:g}", y, yh.float(), 5e-3)
+        assert_close(f"fp16 state, x {scale:g}", st, sth, 5e-3)
+        assert_close(f"fp16 decoding on, x {scale:g}", y2, yh2.float(), 5e-3)
+
+
 def test_layer_backward_and_mask():
     torch.manual_seed(0)
     layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=16).to(DEV)

@@ -8,6 +8,14 @@ from minisparse.lightning.naive import _naive_chunk, minimax_slopes
 from minisparse.lightning.triton import _chunk, _fused_recurrent
 
 
+# fp16 holds at most 65504, and without a softmax denominator the attention's output grows
+# with |q|·|k|·|v| and with how far a head remembers: inputs ten times unit size already give
+# outputs past it. The layer scales q and v by this power of two in fp16 (exact; the output by
+# its square, the state by it) and normalises in float32 with eps scaled to match: the unscaled
+# result, in range.
+_FP16_SCALE = 2.0 ** -4
+
+
 class LightningAttention(nn.Module):
     """MiniMax's lightning attention layer: SiLU(qkv_proj(x)) -> decayed linear attention (scale 1)
     -> RMSNorm -> sigmoid(output_gate(x)) ⊙ -> out_proj. Parameter names as transformers'
@@ -64,8 +72,16 @@ class LightningAttention(nn.Module):
         if attention_mask is not None:  # padded tokens add nothing to the state
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
         q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
-        o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
-        o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
+        if qkv.dtype != torch.float16:
+            o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
+            o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
+        else:  # fp16: q, v (so o, the state) scaled into range, the norm in float32 (_FP16_SCALE)
+            s = _FP16_SCALE
+            o, new_state = self._attend(q * s, k, v * s, None if state is None else state * s,
+                                        use_cache or state is not None)
+            new_state = None if new_state is None else new_state / s
+            o = F.rms_norm(o.reshape(B, T, H * d).float(), (H * d,), self.norm.weight.float(),
+                           self.norm.eps * s**4).to(qkv.dtype)
         o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
         return self.out_proj(o), new_state
 
