@@ -2464,11 +2464,17 @@ def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, 
 #| export attention.hf
 import torch
 
+from minisparse import _checks
+
 
 def attention_from_hf(cls, module, backend="auto"):
     """A `cls` (Attention) with the shapes and weights of a transformers attention module (Llama,
     Mistral,
     Qwen2/3, Qwen3-Next …). Only plain RoPE is read; scaled variants raise NotImplementedError."""
+    _checks.hf_module("Attention.from_hf", module, "a transformers softmax attention module "
+                      "(LlamaAttention, Qwen3Attention, Qwen3NextAttention, MixtralAttention …)",
+                      attrs=("head_dim", "q_proj", "k_proj", "v_proj", "o_proj"),
+                      config_attrs=("hidden_size", "num_attention_heads", "num_key_value_heads"))
     cfg = module.config
     rope = getattr(cfg, "rope_parameters", None) or {
         "rope_theta": getattr(cfg, "rope_theta", 10000.0)

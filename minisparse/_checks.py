@@ -291,6 +291,34 @@ def divides(op: str, name: str, value: int, other_name: str, other: int) -> None
         raise ValueError(f"{op}: {name} = {value} must divide {other_name} = {other}")
 
 
+_ABSENT = object()
+
+
+def _attribute(obj, path: str):
+    """obj.a.b for path "a.b", or _ABSENT where a link is missing (obj.a None: obj.a.b is missing)."""
+    for name in path.split("."):
+        obj = getattr(obj, name, _ABSENT)
+        if obj is _ABSENT:
+            return _ABSENT
+    return obj
+
+
+def hf_module(op: str, module, expected: str, attrs=(), config_attrs=()) -> None:
+    """A `from_hf` argument: a torch.nn.Module with every attribute in `attrs` (dotted paths, e.g. "k_norm.eps"; None
+    counts as missing: DeepseekV3Attention's q_proj is None when it has q_a_proj) and a `config` with every one in
+    `config_attrs` (None allowed: q_lora_rank=None is a setting); else a TypeError that names the transformers
+    module(s) `expected` and what the given one lacks — not an AttributeError from deep inside the loader."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{op}: module must be {expected}, got {type(module).__name__}")
+    missing = [a for a in attrs if _attribute(module, a) is _ABSENT or _attribute(module, a) is None]
+    if config_attrs:
+        missing += [a for a in ("config", *(f"config.{c}" for c in config_attrs))
+                    if _attribute(module, a) is _ABSENT]
+    if missing:
+        raise TypeError(f"{op}: module must be {expected}, got {type(module).__name__} (it has no "
+                        f"{', '.join(missing[:4])}{' …' if len(missing) > 4 else ''})")
+
+
 def layer_input(op: str, x, module: torch.nn.Module, layout: str = "[B, T, hidden]", hidden: int | None = None,
                 name: str = "x"):
     """A layer's input: a float tensor of rank `layout` whose last dim is `hidden` and whose dtype and device are the

@@ -296,6 +296,23 @@ def test_layer_matches_transformers(kind):
                 assert_close("without gate", y_hf, ours(x), 1e-2)
 
 
+
+def test_from_hf_names_the_module_it_expects():
+    """Another transformers module fails at once, naming what was expected (it was an AttributeError from inside the
+    loader: 'DeepseekV3Attention' object has no attribute 'head_dim')."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+
+    hf, _ = _hf_attention("llama")
+    mla = ds.DeepseekV3Attention(DeepseekV3Config(hidden_size=64, num_attention_heads=4, q_lora_rank=16,
+                                                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                                  v_head_dim=8, num_hidden_layers=1), 0)
+    for module, what in ((mla, r"got DeepseekV3Attention \(it has no head_dim, q_proj, k_proj, v_proj\)"),
+                         (hf.q_proj, r"got Linear \(it has no head_dim"), ("attention", "got str$")):
+        with pytest.raises(TypeError, match=r"Attention.from_hf: module must be a transformers softmax attention "
+                                            r"module \(LlamaAttention, .*" + what):
+            Attention.from_hf(module)
+
 # ---------------------------------------------------------------------------------------------- bad input
 # One table for the reference and the kernel: flash_attention accepts what attention_ref accepts and rejects the
 # rest with the same message (tests/test_flash_attention.py has the kernel's own limits).
