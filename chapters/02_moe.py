@@ -212,8 +212,8 @@ def route_topk_softmax(logits, top_k, renormalize=True):
     renormalize=True rescales the kept probabilities to sum to 1 (Mixtral always does; Qwen3:
     norm_topk_prob).
     """
-    # 1 <= top_k <= E, logits [N, E] without NaN
-    _check_router_inputs("route_topk_softmax", logits, top_k)
+    # 1 <= top_k <= E, logits [N, E] without NaN and with a finite maximum in every row
+    _check_router_inputs("route_topk_softmax", logits, top_k, softmax=True)
     probs = torch.softmax(logits.float(), dim=-1)  # [N, E] p = softmax(u)
     weights, indices = probs.topk(top_k, dim=-1)  # [N, k] p_i for i in S, and S
     if renormalize:
@@ -1358,12 +1358,15 @@ def check_routing_args(op, num_experts, top_k, n_group=1, topk_group=1, routed_s
 
 
 def _check_router_inputs(
-    op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0
+    op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0, *,
+    softmax=False
 ):
     """A router's inputs: logits [N, E] float, bias None or a float [E] on logits' device, and the
     configuration (check_routing_args). Values (CPU tensors always, CUDA tensors after
     runtime.set_value_checks(True)): no NaN in logits or bias — top-k ranks a NaN above every
-    number, so one NaN bias would send every token to its expert."""
+    number, so one NaN bias would send every token to its expert; with softmax, a finite maximum
+    in every row of logits — a softmax over a row of -inf, or over a +inf, is NaN (-inf logits
+    that mask some experts are fine; sigmoid scores need no such check)."""
     _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
     E = logits.shape[1]
     check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
@@ -1376,6 +1379,16 @@ def _check_router_inputs(
         _checks.value_range(
             op, "bias", bias, why="top-k would rank its expert first for every token"
         )
+        if softmax and logits.numel():
+            row_max = logits.detach().float().amax(dim=-1)  # [N]
+            bad = (~torch.isfinite(row_max)).nonzero().flatten()  # rows all -inf, or with a +inf
+            if bad.numel():
+                r = int(bad[0])
+                raise ValueError(
+                    f"{op}: logits must have a finite maximum in every row (softmax over a row of "
+                    f"-inf, or over a +inf, is NaN), got {bad.numel()} of {logits.shape[0]} rows "
+                    f"without one (first: row {r}, max {float(row_max[r])})"
+                )
 
 
 def _check_expert_ids(op, indices, num_experts, check_values):
@@ -1957,14 +1970,19 @@ def _moe_from_hf(cls, module, backend="auto"):
     Reads the routing configuration from module.gate and the sizes from module.experts' 3-D tensors.
     Mixtral's router jitter (training only) is not reproduced.
     """
-    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-    if gate is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-        raise TypeError(
-            "MoE.from_hf: expected a transformers MoE block with .gate and 3-D "
-            ".experts.gate_up_proj "
-            f"(DeepseekV3MoE, MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock), got "
-            f"{type(module).__name__}"
-        )
+    op = "MoE.from_hf"
+    expected = ("a transformers MoE block with 3-D expert tensors (DeepseekV3MoE, "
+                "MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock)")
+    _checks.hf_module(op, module, expected, attrs=("gate.weight", "gate.top_k", "experts.act_fn",
+                                                   "experts.gate_up_proj", "experts.down_proj"))
+    gate, experts = module.gate, module.experts
+    if not (isinstance(experts.gate_up_proj, torch.Tensor) and experts.gate_up_proj.dim() == 3):
+        raise TypeError(f"{op}: module must be {expected}, got {type(module).__name__} (its "
+                        "experts.gate_up_proj is not one [E, 2I, H] tensor)")
+    if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3's router reads four more settings
+        _checks.hf_module(op, module, expected, attrs=tuple(
+            f"gate.{a}" for a in ("num_group", "topk_group", "routed_scaling_factor",
+                                  "norm_topk_prob")))
     probe = torch.linspace(-4, 4, 17)
     if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
         raise ValueError(f"MoE.from_hf: the experts' activation must be SiLU, got {experts.act_fn}")

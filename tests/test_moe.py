@@ -407,6 +407,21 @@ def test_moe_layer_state_dict_names_are_transformers():
     assert set(layer.state_dict()) == set(block.state_dict())
 
 
+def test_moe_from_hf_names_the_module_it_expects():
+    """A block without what the loader reads fails at once, naming the expected blocks: a block whose experts lack
+    act_fn, or a DeepSeek router without its group settings, was an AttributeError from inside the loader."""
+    expected = (r"MoE.from_hf: module must be a transformers MoE block with 3-D expert tensors \(DeepseekV3MoE, "
+                r"MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock\), got ")
+    blocks = _hf_blocks()
+    del blocks["mixtral"].experts.act_fn
+    del blocks["deepseek"].gate.num_group
+    for module, what in ((blocks["mixtral"], r"MixtralSparseMoeBlock \(it has no experts.act_fn\)"),
+                         (blocks["deepseek"], r"DeepseekV3MoE \(it has no gate.num_group\)"),
+                         (blocks["qwen3_next"].experts, r"Qwen3NextExperts \(it has no gate.weight, gate.top_k"),
+                         (torch.nn.Linear(4, 4), r"Linear \(it has no gate.weight")):
+        with pytest.raises(TypeError, match=expected + what):
+            MoE.from_hf(module)
+
 def test_moe_top_k_equal_to_num_experts_is_a_dense_mixture():
     layer = MoE(16, 8, 4, 4, renormalize=True)  # every token uses every expert, weighted by the full softmax
     x = torch.randn(5, 16, generator=_gen(25))
@@ -480,6 +495,35 @@ def test_a_nan_bias_would_send_every_token_to_its_expert():
     assert (scores.topk(2, dim=-1).indices == 5).any(dim=-1).all()
     with pytest.raises(ValueError, match="bias contains NaN"):
         route_deepseek(logits, bias, 2)
+
+
+def _inf_at(t, value, *index):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+@pytest.mark.parametrize("desc, logits, words", [
+    ("a row of -inf", _inf_at(torch.randn(4, 12, generator=_gen(33)), float("-inf"), 2),
+     r"finite maximum in every row .*got 1 of 4 rows without one \(first: row 2, max -inf\)"),
+    ("a +inf logit", _inf_at(torch.randn(4, 12, generator=_gen(33)), float("inf"), 1, 5),
+     r"finite maximum in every row .*got 1 of 4 rows without one \(first: row 1, max inf\)"),
+], ids=["row of -inf", "+inf logit"])
+def test_route_topk_softmax_rejects_rows_without_a_finite_maximum(desc, logits, words):
+    """Softmax over a row of -inf (no expert allowed) or over a +inf is NaN: unchecked, the token's weights were NaN."""
+    with pytest.raises(ValueError, match=words):
+        route_topk_softmax(logits, 2)
+
+
+def test_routers_with_minus_inf_logits():
+    """-inf logits that mask some experts are fine for softmax routing (those experts get weight 0 and are never
+    picked); sigmoid routing is defined for a row of -inf too: scores 0, so the token's weights are 0, as in
+    transformers' DeepseekV3 (its 1e-20 in the renormalisation)."""
+    logits = _inf_at(torch.randn(4, 12, generator=_gen(34)), float("-inf"), slice(None), slice(0, 9))
+    w, idx = route_topk_softmax(logits, 2)
+    assert torch.isfinite(w).all() and (idx >= 9).all()
+    w, idx = route_deepseek(_inf_at(logits, float("-inf"), 1), None, 2, n_group=4, topk_group=2)
+    assert torch.isfinite(w).all() and (w[1] == 0).all() and (w[[0, 2, 3]] > 0).all()
 
 
 def _gmm_args():

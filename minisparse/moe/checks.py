@@ -35,12 +35,15 @@ def check_routing_args(op, num_experts, top_k, n_group=1, topk_group=1, routed_s
 
 
 def _check_router_inputs(
-    op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0
+    op, logits, top_k, bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0, *,
+    softmax=False
 ):
     """A router's inputs: logits [N, E] float, bias None or a float [E] on logits' device, and the
     configuration (check_routing_args). Values (CPU tensors always, CUDA tensors after
     runtime.set_value_checks(True)): no NaN in logits or bias — top-k ranks a NaN above every
-    number, so one NaN bias would send every token to its expert."""
+    number, so one NaN bias would send every token to its expert; with softmax, a finite maximum
+    in every row of logits — a softmax over a row of -inf, or over a +inf, is NaN (-inf logits
+    that mask some experts are fine; sigmoid scores need no such check)."""
     _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
     E = logits.shape[1]
     check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
@@ -53,6 +56,16 @@ def _check_router_inputs(
         _checks.value_range(
             op, "bias", bias, why="top-k would rank its expert first for every token"
         )
+        if softmax and logits.numel():
+            row_max = logits.detach().float().amax(dim=-1)  # [N]
+            bad = (~torch.isfinite(row_max)).nonzero().flatten()  # rows all -inf, or with a +inf
+            if bad.numel():
+                r = int(bad[0])
+                raise ValueError(
+                    f"{op}: logits must have a finite maximum in every row (softmax over a row of "
+                    f"-inf, or over a +inf, is NaN), got {bad.numel()} of {logits.shape[0]} rows "
+                    f"without one (first: row {r}, max {float(row_max[r])})"
+                )
 
 
 def _check_expert_ids(op, indices, num_experts, check_values):

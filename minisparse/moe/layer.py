@@ -148,14 +148,19 @@ def _moe_from_hf(cls, module, backend="auto"):
     Reads the routing configuration from module.gate and the sizes from module.experts' 3-D tensors.
     Mixtral's router jitter (training only) is not reproduced.
     """
-    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-    if gate is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-        raise TypeError(
-            "MoE.from_hf: expected a transformers MoE block with .gate and 3-D "
-            ".experts.gate_up_proj "
-            f"(DeepseekV3MoE, MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock), got "
-            f"{type(module).__name__}"
-        )
+    op = "MoE.from_hf"
+    expected = ("a transformers MoE block with 3-D expert tensors (DeepseekV3MoE, "
+                "MixtralSparseMoeBlock, Qwen3NextSparseMoeBlock)")
+    _checks.hf_module(op, module, expected, attrs=("gate.weight", "gate.top_k", "experts.act_fn",
+                                                   "experts.gate_up_proj", "experts.down_proj"))
+    gate, experts = module.gate, module.experts
+    if not (isinstance(experts.gate_up_proj, torch.Tensor) and experts.gate_up_proj.dim() == 3):
+        raise TypeError(f"{op}: module must be {expected}, got {type(module).__name__} (its "
+                        "experts.gate_up_proj is not one [E, 2I, H] tensor)")
+    if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3's router reads four more settings
+        _checks.hf_module(op, module, expected, attrs=tuple(
+            f"gate.{a}" for a in ("num_group", "topk_group", "routed_scaling_factor",
+                                  "norm_topk_prob")))
     probe = torch.linspace(-4, 4, 17)
     if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
         raise ValueError(f"MoE.from_hf: the experts' activation must be SiLU, got {experts.act_fn}")

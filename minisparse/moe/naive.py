@@ -17,8 +17,8 @@ def route_topk_softmax(logits, top_k, renormalize=True):
     renormalize=True rescales the kept probabilities to sum to 1 (Mixtral always does; Qwen3:
     norm_topk_prob).
     """
-    # 1 <= top_k <= E, logits [N, E] without NaN
-    _check_router_inputs("route_topk_softmax", logits, top_k)
+    # 1 <= top_k <= E, logits [N, E] without NaN and with a finite maximum in every row
+    _check_router_inputs("route_topk_softmax", logits, top_k, softmax=True)
     probs = torch.softmax(logits.float(), dim=-1)  # [N, E] p = softmax(u)
     weights, indices = probs.topk(top_k, dim=-1)  # [N, k] p_i for i in S, and S
     if renormalize:
