@@ -1608,7 +1608,14 @@ def mha_decode_bytes(T, num_kv_heads, k_dim=192, v_dim=128, *, B=1, dtype_bytes=
 #| export mla.hf
 import math
 
+from minisparse import _checks
 from minisparse.mla.naive import _rope_type
+
+_MLA_MODULE = dict(attrs=("scaling", "kv_a_proj_with_mqa", "kv_a_layernorm.variance_epsilon",
+                          "kv_b_proj.weight", "o_proj"),
+                   config_attrs=("hidden_size", "num_attention_heads", "q_lora_rank",
+                                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                 "v_head_dim"))
 
 
 def mla_from_hf(module, backend="auto", *, cls=None):
@@ -1619,6 +1626,8 @@ def mla_from_hf(module, backend="auto", *, cls=None):
         from minisparse.mla.layer import MLA
 
         cls = MLA
+    _checks.hf_module("MLA.from_hf", module, "transformers' DeepseekV3Attention (MLA)",
+                      **_MLA_MODULE)
     cfg = module.config
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -1636,6 +1645,10 @@ def mla_from_hf(module, backend="auto", *, cls=None):
                 norm_eps=module.kv_a_layernorm.variance_epsilon, rope_theta=theta,
                 rope_interleave=bool(getattr(cfg, "rope_interleave", False)), rope_scaling=scaling,
                 backend=backend)
+    if getattr(module, "indexer", None) is not None and not hasattr(layer, "indexer"):
+        raise TypeError(f"MLA.from_hf: module must be transformers' DeepseekV3Attention (MLA), got "
+                        f"{type(module).__name__}, which has an indexer: load it with "
+                        "DSAttention.from_hf (minisparse.dsa)")
     if not math.isclose(layer.scaling, module.scaling, rel_tol=1e-9):
         raise ValueError(f"MLA.from_hf: softmax scale {layer.scaling} differs from the module's "
                          f"{module.scaling}")
@@ -1714,7 +1727,8 @@ class MLACache:
     `length` filled.
 
     append(c_kv [B, t, r], k_rope [B, t, dr]) writes after the cached tokens and returns all of
-    them as views (latent [B, length, r], rope [B, length, dr]) of the one buffer.
+    them as views (latent [B, length, r], rope [B, length, dr]) of the one buffer; both in the
+    cache's dtype (a cast would round fp32 latents, or overflow an fp16 cache, silently).
     """
 
     def __init__(self, batch, max_len, kv_lora_rank, rope_dim, *, dtype=torch.float32, device=None):
@@ -1748,6 +1762,10 @@ class MLACache:
             raise ValueError(f"MLACache.append: c_kv must be [B={B}, t, kv_lora_rank={r}] and "
                              f"k_rope [B, t, rope_dim={dr}], got c_kv {tuple(c_kv.shape)}, "
                              f"k_rope {tuple(k_rope.shape)}")
+        if c_kv.dtype != self.buffer.dtype or k_rope.dtype != self.buffer.dtype:  # no silent cast
+            raise TypeError(f"{type(self).__name__}.append: c_kv and k_rope must be the cache's "
+                            f"{self.buffer.dtype}, got c_kv {c_kv.dtype} and k_rope "
+                            f"{k_rope.dtype} (make the cache with the layer's dtype)")
         if self.length + t > self.max_len:
             raise ValueError(f"MLACache.append: {t} new tokens do not fit: {self.length} of "
                              f"max_len={self.max_len} "

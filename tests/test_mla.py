@@ -176,6 +176,20 @@ def test_cache_holds_latent_and_rope_and_overflows():
         layer(torch.randn(1, 1, 32), cache, absorb=True)
 
 
+
+def test_cache_rejects_another_dtype():
+    """A silent cast would round fp64 latents and overflow an fp16 cache (1e6 -> inf); KVCache raises the same way."""
+    cache = MLACache(1, 4, 3, 2, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"MLACache.append: c_kv and k_rope must be the cache's torch.float16, got "
+                                        r"c_kv torch.float32 and k_rope torch.float32"):
+        cache.append(torch.full((1, 1, 3), 1e6), torch.zeros(1, 1, 2))
+    with pytest.raises(TypeError, match="got c_kv torch.float16 and k_rope torch.float64"):
+        cache.append(torch.zeros(1, 1, 3, dtype=torch.float16), torch.zeros(1, 1, 2, dtype=torch.float64))
+    assert len(cache) == 0 and not cache.buffer.any()  # nothing written
+    layer = MLA(32, 2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    with pytest.raises(TypeError, match="make the cache with the layer's dtype"):
+        layer(torch.randn(1, 2, 32), layer.new_cache(1, 4, dtype=torch.float64))
+
 # ------------------------------------------------------------------------------------ the kernel vs the spec
 DECODE_CASES = [  # B, T, H, Dc, Dr, S, lengths, kernel config (None = the default), split_len
     (3, 1, 3, 48, 16, 70, [70, 1, 33], dict(BLOCK_H=16, BLOCK_N=16), 32),  # ragged, 3 splits, partial tiles
@@ -703,6 +717,17 @@ def test_from_hf_rejects_rope_types_it_does_not_implement():
     with pytest.raises(NotImplementedError, match="linear"):
         MLA.from_hf(hf)
 
+
+@HF
+def test_from_hf_names_the_module_it_expects():
+    """Another attention module fails at once, naming DeepseekV3Attention (it was an AttributeError from inside the
+    loader: 'LlamaConfig' object has no attribute 'q_lora_rank')."""
+    llama = hf_llama.LlamaAttention(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), 0)
+    for module, what in ((llama, r"got LlamaAttention \(it has no kv_a_proj_with_mqa, "),
+                         (torch.nn.Linear(4, 4), r"got Linear \(it has no scaling, "), (None, "got NoneType$")):
+        with pytest.raises(TypeError, match=r"MLA.from_hf: module must be transformers' DeepseekV3Attention \(MLA\), "
+                                            + what):
+            MLA.from_hf(module)
 
 def _no_config_fits(*args, **kwargs):
     """What runtime.launch raises when no configuration of the row fits the GPU's shared memory (a T4 at Dc = 512)."""

@@ -179,7 +179,8 @@ class MLACache:
     `length` filled.
 
     append(c_kv [B, t, r], k_rope [B, t, dr]) writes after the cached tokens and returns all of
-    them as views (latent [B, length, r], rope [B, length, dr]) of the one buffer.
+    them as views (latent [B, length, r], rope [B, length, dr]) of the one buffer; both in the
+    cache's dtype (a cast would round fp32 latents, or overflow an fp16 cache, silently).
     """
 
     def __init__(self, batch, max_len, kv_lora_rank, rope_dim, *, dtype=torch.float32, device=None):
@@ -213,6 +214,10 @@ class MLACache:
             raise ValueError(f"MLACache.append: c_kv must be [B={B}, t, kv_lora_rank={r}] and "
                              f"k_rope [B, t, rope_dim={dr}], got c_kv {tuple(c_kv.shape)}, "
                              f"k_rope {tuple(k_rope.shape)}")
+        if c_kv.dtype != self.buffer.dtype or k_rope.dtype != self.buffer.dtype:  # no silent cast
+            raise TypeError(f"{type(self).__name__}.append: c_kv and k_rope must be the cache's "
+                            f"{self.buffer.dtype}, got c_kv {c_kv.dtype} and k_rope "
+                            f"{k_rope.dtype} (make the cache with the layer's dtype)")
         if self.length + t > self.max_len:
             raise ValueError(f"MLACache.append: {t} new tokens do not fit: {self.length} of "
                              f"max_len={self.max_len} "
