@@ -264,12 +264,18 @@ def mean_pool(x, block_size):
     bs = check_block_size("mean_pool", block_size)
     T = x.shape[1]
     full = T // bs  # complete blocks, then maybe a partial one
-    # [B, full, H, D]: one reduction over x as it is, summed in fp32
-    sums = x[:, :full * bs].unflatten(1, (full, bs)).sum(2, dtype=torch.float32)
+    # A sum of bs values near fp32's max (3.4e38) overflows: where x's dtype reaches that far (fp32,
+    # bf16), sum x / bs. bs is a power of two, which scales exactly, so the mean is bit for bit the
+    # unscaled sum's (but for |x| < bs · 2^-126, where x / bs is subnormal)
+    scaled = torch.finfo(x.dtype).max * bs > torch.finfo(torch.float32).max  # fp16 never is
+    xs = x / bs if scaled else x  # [B, T, H, D]
+    # [B, full, H, D]: one reduction, summed in fp32
+    sums = xs[:, :full * bs].unflatten(1, (full, bs)).sum(2, dtype=torch.float32)
     if full * bs < T:  # the partial last block
-        sums = torch.cat([sums, x[:, full * bs:].sum(1, keepdim=True, dtype=torch.float32)], 1)
+        sums = torch.cat([sums, xs[:, full * bs:].sum(1, keepdim=True, dtype=torch.float32)], 1)
     counts = (T - torch.arange(sums.shape[1], device=x.device) * bs).clamp(max=bs)  # tokens a block
-    return (sums / counts.view(1, -1, 1, 1)).to(x.dtype)
+    means = sums / counts.view(1, -1, 1, 1)  # [B, N, H, D]
+    return (means * bs if scaled else means).to(x.dtype)
 
 
 class CompressKV(torch.nn.Module):
@@ -495,6 +501,8 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
     if block_indices is None:  # [B, TQ, H, S], from the same probabilities
         block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
+    elif g_slc is None:  # given but unused: valid all the same (else selected_attention checks)
+        check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=True, offset=T - TQ)
     o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
     if g_cmp is not None:  # branch 1
         v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, Dv]
@@ -1844,6 +1852,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                              block_counts, block_size, W, scale, return_block_indices)
         return (o, idx) if return_block_indices else o
     o_cmp = o_slc = o_swa = None
+    if block_indices is not None and g_slc is None:  # unused, valid all the same (as decoding)
+        check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=False, offset=T - TQ)
     if block_indices is None:  # [B, TQ, H, S]; without autograd the same pass gives o_cmp
         block_indices, o_cmp = _select_blocks(q, k_cmp, v_cmp if no_grad and g_cmp is not None
                                               else None, block_counts, block_size, scale, T - TQ)

@@ -68,6 +68,21 @@ def test_nsa_matches_fla_naive_nsa_plus_the_window_branch(monkeypatch):
     assert_close("window branch", want + gw[..., None] * attention_ref(q, k, v, window=W), o_w, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_pool_does_not_overflow_near_the_largest_float(dtype):
+    """Values near fp32's (and bf16's) max: their fp32 block sum overflowed to inf; the mean is finite now, and for
+    ordinary values bit for bit the plain fp32 sum divided by the count."""
+    x = torch.full((1, 40, 2, 4), 3e38).to(dtype)  # blocks of 16, 16 and a partial 8
+    x[:, :, 1] *= -1
+    assert torch.equal(N.mean_pool(x, 16), x[:, :3])  # every token of a block is the same
+    y = make_qkv(2, 75, 3, 8, seed=12)[0].to(dtype) * 1e30
+    for bs in (1, 4, 16, 64):
+        full = 75 // bs
+        sums = torch.cat([y[:, :full * bs].unflatten(1, (full, bs)).sum(2, dtype=torch.float32),
+                          y[:, full * bs:].sum(1, keepdim=True, dtype=torch.float32)], 1)[:, :-(-75 // bs)]
+        counts = torch.tensor([bs] * full + [75 - full * bs])[:sums.shape[1]].view(1, -1, 1, 1)
+        assert torch.equal(N.mean_pool(y, bs), (sums / counts).to(dtype)), bs
+
 def test_compress_kv_starts_as_mean_pooling_and_learns():
     _, k, _ = make_qkv(2, 40, 2, 8, seed=6)
     phi = N.CompressKV(8, block_size=8)
@@ -132,6 +147,25 @@ def _inputs(T=40, HQ=4, H=2, bs=16):
     idx = N.select_blocks(q, N.mean_pool(k, bs), 3, bs)
     return q, k, v, idx
 
+
+@pytest.mark.parametrize("op", [N.nsa, N.parallel_nsa])
+def test_block_indices_are_checked_without_the_selection_branch(op):
+    """With g_slc=None the selection branch does not read block_indices, but nsa returns them: out-of-range, future
+    or float indices passed silently; they are checked as when the branch runs (and as the decoding step did)."""
+    q, k, v, idx = (x.to(DEV) for x in _inputs(T=64))
+    g = torch.rand(1, 64, 4, device=DEV)
+    kw = dict(block_counts=3, block_size=16, window_size=0, return_block_indices=True)
+    name = op.__name__
+    for bad, exc, match in ((torch.full_like(idx, 9), ValueError, rf"{name}: block_indices\[0, 0, 0, 0\] = 9 is out "
+                                                                   r"of range or in the future: query 0 sees blocks 0..0"),
+                            (_future(idx), ValueError, rf"{name}: block_indices\[0, 3, 0, 0\] = 1"),
+                            (idx.float(), TypeError, rf"{name}: block_indices must be int32 or int64, got torch.float32"),
+                            (idx[:, :, :1].expand(1, 64, 3, 3), ValueError, rf"{name}: block_indices must be \[B, T, H, S\]")):
+        with torch.no_grad(), pytest.raises(exc, match=match):
+            op(q, k, v, g, None, None, block_indices=bad.to(DEV), **kw)
+    with torch.no_grad():
+        o, got = op(q, k, v, g, None, None, block_indices=idx, **kw)  # valid ones pass through
+    assert got is idx and o.shape == (1, 64, 4, 16)
 
 def _future(idx):
     idx = idx.clone()

@@ -478,6 +478,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                              block_counts, block_size, W, scale, return_block_indices)
         return (o, idx) if return_block_indices else o
     o_cmp = o_slc = o_swa = None
+    if block_indices is not None and g_slc is None:  # unused, valid all the same (as decoding)
+        check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=False, offset=T - TQ)
     if block_indices is None:  # [B, TQ, H, S]; without autograd the same pass gives o_cmp
         block_indices, o_cmp = _select_blocks(q, k_cmp, v_cmp if no_grad and g_cmp is not None
                                               else None, block_counts, block_size, scale, T - TQ)
