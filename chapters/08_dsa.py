@@ -504,7 +504,8 @@ class DSAttention(MLA):
         q = torch.cat([absorb_query(q_nope, w_uk), q_rope], dim=-1)  # [B, T, H, r + dr]
         k = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # [B, S, 1, r + dr]: one row a token
         o = sparse_attention(q, k, k[..., :self.kv_lora_rank], indices, self.scaling, self.backend)
-        o = self.o_proj(absorb_output(o, w_uv).reshape(B, T, -1))  # [B, T, hidden]
+        o = absorb_output(o, w_uv).reshape(B, T, self.num_heads * self.v_head_dim)  # T = 0 too
+        o = self.o_proj(o)  # [B, T, hidden]
         return (o, indices, scores) if return_indices else o
 
     def attention_probs(self, x):
@@ -1722,14 +1723,14 @@ def _sparse_forward(q, k, v, idx, scale, DV, num_splits=None):
     meta = _meta(q, k, v, DV)
     fit = _fit_heads(meta["G"])
     name = _row(meta, "fwd")
-    BG = fit(runtime.launch_configs(name, q.device, q.dtype)[0])["BG"]  # the first one tried
-    programs = TQ * B * H * triton.cdiv(meta["G"], BG)
-    NS, split_len = _plan_splits(programs, TOPK, q.device, num_splits)
     ROWS = B * TQ * HQ
     o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
-    if ROWS == 0:
+    if ROWS == 0:  # no query (T = 0): nothing to plan or launch
         return o, lse
+    BG = fit(runtime.launch_configs(name, q.device, q.dtype)[0])["BG"]  # the first one tried
+    programs = TQ * B * H * triton.cdiv(meta["G"], BG)
+    NS, split_len = _plan_splits(programs, TOPK, q.device, num_splits)
     acc = m = l_ = None
     if NS > 1:
         acc = torch.empty(NS, ROWS, DV, device=q.device, dtype=torch.float32)
@@ -2030,6 +2031,9 @@ class DSACache(MLACache):
             raise ValueError(f"DSACache.append: k_idx must be [B, t, index_dim] = "
                              f"{(*c_kv.shape[:2], self.index_keys.shape[-1])}, got "
                              f"{tuple(k_idx.shape)}")
+        if k_idx.dtype != self.index_keys.dtype:  # no silent cast (MLACache checks c_kv, k_rope)
+            raise TypeError(f"DSACache.append: k_idx must be the cache's {self.index_keys.dtype}, "
+                            f"got {k_idx.dtype} (make the cache with the layer's dtype)")
         latent, rope = super().append(c_kv, k_rope)
         self.index_keys[:, start:self.length] = k_idx
         return latent, rope, self.index_keys[:, :self.length]
@@ -2044,8 +2048,12 @@ class DSACache(MLACache):
 
 # %% tags=["hide-input"]
 #| export dsa.hf
-from minisparse.mla.hf import mla_from_hf
+from minisparse import _checks
+from minisparse.mla.hf import _MLA_MODULE, mla_from_hf
 from minisparse.mla.naive import _rope_type
+
+_INDEXER_CONFIG = ("hidden_size", "q_lora_rank", "index_n_heads", "index_head_dim",
+                   "qk_rope_head_dim", "index_topk")
 
 
 def _rope_settings(cfg):
@@ -2064,6 +2072,10 @@ def indexer_from_hf(module, *, cls=None):
     weights copied, on its device and in its dtype."""
     if cls is None:
         from minisparse.dsa.layer import LightningIndexer as cls
+    _checks.hf_module("LightningIndexer.from_hf", module,
+                      "transformers' DeepseekV32Indexer or GlmMoeDsaIndexer",
+                      attrs=("wq_b", "wk.weight", "k_norm.eps", "weights_proj"),
+                      config_attrs=_INDEXER_CONFIG)
     cfg = module.config
     theta, scaling = _rope_settings(cfg)
     layer = cls(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim,
@@ -2080,6 +2092,10 @@ def dsa_from_hf(module, backend="auto", *, cls=None):
     the indexer's shapes; its weights copied (the indexer's under `indexer.`)."""
     if cls is None:
         from minisparse.dsa.layer import DSAttention as cls
+    _checks.hf_module("DSAttention.from_hf", module,
+                      "transformers' DeepseekV32Attention (MLA with an indexer)",
+                      attrs=(*_MLA_MODULE["attrs"], "indexer"),
+                      config_attrs=(*_MLA_MODULE["config_attrs"], *_INDEXER_CONFIG))
     cfg = module.config
 
     def build(*args, **kw):

@@ -386,6 +386,31 @@ def test_dsattention_from_hf_gives_the_same_outputs(seed, T):
 
 
 @HF
+def test_from_hf_names_the_module_it_expects():
+    """Each loader given another module fails at once, naming the module it expects: DSAttention.from_hf of
+    DeepSeek-V3's MLA was an AttributeError ('DeepseekV3Config' object has no attribute 'index_n_heads'), the
+    indexer's loader of the attention another ('... has no attribute k_norm'), and MLA.from_hf of V3.2's attention a
+    state-dict error about unexpected indexer keys."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds
+    from minisparse.mla import MLA
+
+    v3 = hf_ds.DeepseekV3Attention(DeepseekV3Config(**{k: v for k, v in TINY.items() if not k.startswith("index")}), 0)
+    v32 = hf_v32.DeepseekV32Attention(DeepseekV32Config(**TINY), 0)
+    for load, module, match in (
+            (D.DSAttention.from_hf, v3, r"DSAttention.from_hf: module must be transformers' DeepseekV32Attention "
+                                        r"\(MLA with an indexer\), got DeepseekV3Attention \(it has no indexer, "
+                                        r"config.index_n_heads"),
+            (D.DSAttention.from_hf, v32.indexer, "got DeepseekV32Indexer \\(it has no scaling, kv_a_proj_with_mqa"),
+            (D.LightningIndexer.from_hf, v32, r"LightningIndexer.from_hf: module must be transformers' "
+                                              r"DeepseekV32Indexer or GlmMoeDsaIndexer, got DeepseekV32Attention "
+                                              r"\(it has no wq_b, wk.weight, k_norm.eps, weights_proj\)"),
+            (MLA.from_hf, v32, "MLA.from_hf: module must be transformers' DeepseekV3Attention \\(MLA\\), got "
+                               "DeepseekV32Attention, which has an indexer: load it with DSAttention.from_hf")):
+        with pytest.raises(TypeError, match=match):
+            load(module)
+
+@HF
 def test_token_by_token_decoding_equals_prefill():
     hf = _init(hf_v32.DeepseekV32Attention(DeepseekV32Config(**TINY), 0), 3)
     layer = D.DSAttention.from_hf(hf, backend="naive")
@@ -414,6 +439,42 @@ def test_dsattention_needs_a_query_latent_and_sparse_false_is_dense_mla():
         assert_close("sparse=False = MLA", dense, layer(x, sparse=False), 1e-5)
         assert (layer(x) - dense).abs().max() > 1e-3  # top-2 of 10 is not dense
 
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_dsattention_accepts_zero_new_tokens(backend):
+    """T = 0 gives an empty output (indices [B, 0, topk], scores [B, 0, S]), with or without a cache, and a gradient,
+    as the book's other layers do; it was a reshape error (naive) and a division by zero in the Triton op's split
+    plan (sparse_attention on zero queries)."""
+    torch.manual_seed(0)
+    layer = D.DSAttention(32, 2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                          v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=2, backend=backend).to(DEV)
+    x = torch.randn(2, 0, 32, device=DEV, requires_grad=True)
+    y, idx, scores = layer(x, return_indices=True)
+    assert y.shape == (2, 0, 32) and idx.shape == (2, 0, 2) and scores.shape == (2, 0, 0)
+    y.sum().backward()
+    assert x.grad.shape == (2, 0, 32)
+    xs = torch.randn(2, 5, 32, device=DEV, generator=torch.Generator(DEV).manual_seed(6))
+    with torch.no_grad():
+        cache = layer.new_cache(2, 5)
+        first = layer(xs[:, :3], cache)
+        assert layer(xs[:, 3:3], cache).shape == (2, 0, 32) and len(cache) == 3
+        rest = layer(xs[:, 3:], cache)
+        assert_close("decoding after an empty step", layer(xs), torch.cat([first, rest], 1), 1e-4)
+    q, k = torch.randn(1, 0, 4, 16, device=DEV), torch.randn(1, 5, 1, 16, device=DEV)  # no query over 5 keys
+    none = torch.zeros(1, 0, 3, dtype=torch.long, device=DEV)
+    assert D.sparse_attention(q, k, k, none, backend=backend).shape == (1, 0, 4, 16)
+
+
+def test_dsacache_rejects_another_dtype():
+    """Like MLACache and KVCache: a silent cast would round (or overflow) what is cached."""
+    cache = D.DSACache(1, 4, 8, 4, 6)
+    with pytest.raises(TypeError, match=r"DSACache.append: k_idx must be the cache's torch.float32, got torch.float64"):
+        cache.append(torch.zeros(1, 1, 8), torch.zeros(1, 1, 4), torch.zeros(1, 1, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"DSACache.append: c_kv and k_rope must be the cache's torch.float32, got "
+                                        r"c_kv torch.float16"):
+        cache.append(torch.zeros(1, 1, 8, dtype=torch.float16), torch.zeros(1, 1, 4), torch.zeros(1, 1, 6))
+    assert len(cache) == 0 and not cache.buffer.any() and not cache.index_keys.any()
 
 # ------------------------------------------------------------------------------------------- cost model
 def test_cost_model_numbers():

@@ -108,7 +108,8 @@ class DSAttention(MLA):
         q = torch.cat([absorb_query(q_nope, w_uk), q_rope], dim=-1)  # [B, T, H, r + dr]
         k = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # [B, S, 1, r + dr]: one row a token
         o = sparse_attention(q, k, k[..., :self.kv_lora_rank], indices, self.scaling, self.backend)
-        o = self.o_proj(absorb_output(o, w_uv).reshape(B, T, -1))  # [B, T, hidden]
+        o = absorb_output(o, w_uv).reshape(B, T, self.num_heads * self.v_head_dim)  # T = 0 too
+        o = self.o_proj(o)  # [B, T, hidden]
         return (o, indices, scores) if return_indices else o
 
     def attention_probs(self, x):
@@ -149,6 +150,9 @@ class DSACache(MLACache):
             raise ValueError(f"DSACache.append: k_idx must be [B, t, index_dim] = "
                              f"{(*c_kv.shape[:2], self.index_keys.shape[-1])}, got "
                              f"{tuple(k_idx.shape)}")
+        if k_idx.dtype != self.index_keys.dtype:  # no silent cast (MLACache checks c_kv, k_rope)
+            raise TypeError(f"DSACache.append: k_idx must be the cache's {self.index_keys.dtype}, "
+                            f"got {k_idx.dtype} (make the cache with the layer's dtype)")
         latent, rope = super().append(c_kv, k_rope)
         self.index_keys[:, start:self.length] = k_idx
         return latent, rope, self.index_keys[:, :self.length]

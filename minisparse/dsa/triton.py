@@ -322,14 +322,14 @@ def _sparse_forward(q, k, v, idx, scale, DV, num_splits=None):
     meta = _meta(q, k, v, DV)
     fit = _fit_heads(meta["G"])
     name = _row(meta, "fwd")
-    BG = fit(runtime.launch_configs(name, q.device, q.dtype)[0])["BG"]  # the first one tried
-    programs = TQ * B * H * triton.cdiv(meta["G"], BG)
-    NS, split_len = _plan_splits(programs, TOPK, q.device, num_splits)
     ROWS = B * TQ * HQ
     o = torch.empty(B, TQ, HQ, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
-    if ROWS == 0:
+    if ROWS == 0:  # no query (T = 0): nothing to plan or launch
         return o, lse
+    BG = fit(runtime.launch_configs(name, q.device, q.dtype)[0])["BG"]  # the first one tried
+    programs = TQ * B * H * triton.cdiv(meta["G"], BG)
+    NS, split_len = _plan_splits(programs, TOPK, q.device, num_splits)
     acc = m = l_ = None
     if NS > 1:
         acc = torch.empty(NS, ROWS, DV, device=q.device, dtype=torch.float32)
