@@ -301,7 +301,7 @@ for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_h
 #
 # - `F`, `M`, `D` use their own caches (`KVCache`, `MLACache`, `DSACache`), which grow with the context;
 # - `L`, `G`, `K` keep a `StateCache`: the `(conv_state, recurrent_state)` the layer returned last, constant in
-#   size;
+#   size, which still rejects another batch size or a token past `max_len`, as the growing caches do;
 # - `N` keeps the layer's past *inputs* (`InputCache`) and recomputes its keys and values at each step with
 #   `last=` new tokens: NSA's layer has no KV cache of its own, so this is the simple correct wrapper, not the
 #   fast one.
@@ -331,13 +331,30 @@ from minisparse.nsa import NativeSparseAttention
 
 
 class StateCache:
-    """A recurrent layer's cache: its state after the `length` tokens it has read."""
+    """A recurrent layer's cache: its state after the `length` tokens it has read, for `batch`
+    sequences of up to `max_len` tokens (the state does not grow; the sizes are checked, as the
+    attention layers' caches check theirs, so that one pattern of layers fails like any other)."""
 
-    def __init__(self):
+    def __init__(self, batch, max_len):
+        for name, n in (("batch", batch), ("max_len", max_len)):
+            _checks.positive_int(type(self).__name__, name, n)
+        self.batch, self.max_len = batch, max_len
         self.state, self.length = None, 0
 
     def __len__(self):
         return self.length
+
+    def check(self, x):
+        """x [B, t, d] continues the cached sequences: B = batch and length + t <= max_len."""
+        op = type(self).__name__
+        _checks.tensor(op, "x", x, "[B, t, d]")
+        if x.shape[0] != self.batch:
+            raise ValueError(f"{op}: x must be [B, t, d] with the cache's B = {self.batch}, got "
+                             f"{tuple(x.shape)} (make the caches with new_caches(batch, max_len))")
+        if self.length + x.shape[1] > self.max_len:
+            raise ValueError(f"{op}: {x.shape[1]} new tokens do not fit: {self.length} of "
+                             f"max_len={self.max_len} are used (make larger caches with "
+                             "new_caches(batch, max_len))")
 
 
 class InputCache(StateCache):
@@ -392,7 +409,7 @@ class Mixer(nn.Module):
     def new_cache(self, batch, max_len):
         if self.kind in "FMD":
             return self.layer.new_cache(batch, max_len)
-        return InputCache() if self.kind == "N" else StateCache()
+        return (InputCache if self.kind == "N" else StateCache)(batch, max_len)
 
     def forward(self, x, cache=None):
         if self.kind == "D" and self.training and self.indexer_loss_weight > 0:
@@ -404,6 +421,8 @@ class Mixer(nn.Module):
             return y
         if self.kind in "FMD":
             return self.layer(x, cache)
+        if cache is not None:
+            cache.check(x)  # before the state changes
         if self.kind == "N":
             if cache is None:
                 return self.layer(x)
@@ -568,7 +587,7 @@ from minisparse.models.checks import validate
 from minisparse.models.model import HybridLM
 
 
-def _as_config(config):
+def _as_config(config, op):
     """A HybridConfig as is; a transformers config converted (config_from_hf, engineering notes)."""
     if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
         validate(config)
@@ -576,7 +595,9 @@ def _as_config(config):
     if hasattr(config, "model_type"):
         from minisparse.models.hf import config_from_hf
         return config_from_hf(config)
-    raise TypeError(f"expected a HybridConfig or a transformers config, got {type(config)}")
+    raise TypeError(f"{op}: config must be a HybridConfig or a transformers config, got "
+                    f"{type(config).__name__}"
+                    + ("; pass the model's .config" if hasattr(config, "config") else ""))
 
 
 def param_counts(config):
@@ -584,7 +605,7 @@ def param_counts(config):
     transformers config of a SUPPORTED family), counted on the meta device. total: every parameter
     once (tied embeddings once, no MTP layers); active: total minus the routed experts a token
     does not use (embeddings and LM head included)."""
-    c = _as_config(config)
+    c = _as_config(config, "param_counts")
     if repr(c) in _COUNTED:  # building a 700B model on meta takes a fraction of a second
         return dict(_COUNTED[repr(c)])
     with torch.device("meta"):
@@ -699,7 +720,7 @@ def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.flo
     context (KV caches in `dtype`), and the constant bytes a sequence holds whatever its length
     (recurrent states in `state_dtype`, as the layers keep them; convolution states in `dtype`).
     config: a HybridConfig or a transformers config of a SUPPORTED family."""
-    c = _as_config(config)
+    c = _as_config(config, "kv_cache_bytes_per_token")
     for name, dt in (("dtype", dtype), ("state_dtype", state_dtype)):
         if not isinstance(dt, torch.dtype):
             raise TypeError(f"kv_cache_bytes_per_token: {name} must be a torch.dtype (e.g. "
@@ -811,7 +832,7 @@ def decode_cost(config, context, dtype_bytes=2):
     active weights (the embedding table excluded: one row is read) + what each mixer reads."""
     context = _checks.positive_int("decode_cost", "context", context, zero=True)
     dtype_bytes = _checks.positive_int("decode_cost", "dtype_bytes", dtype_bytes)
-    c = _as_config(config)
+    c = _as_config(config, "decode_cost")
     active = param_counts(c)["active"] - c.vocab_size * c.hidden_size * (not c.tie_embeddings)
     flops = 2 * active + sum(mixer_decode_flops(c, k, context) for k in c.layer_kinds)
     read = sum(mixer_decode_bytes(c, k, context, dtype_bytes) for k in c.layer_kinds)
@@ -1608,7 +1629,11 @@ def _layer_letters(hf, linear, full):
 
 def config_from_hf(hf, backend="auto"):
     """A HybridConfig with the shapes of a transformers config of a supported family (SUPPORTED)."""
-    mt = getattr(hf, "model_type", type(hf).__name__)
+    mt = getattr(hf, "model_type", None)
+    if mt is None:  # a model or a module, not its config
+        raise TypeError(f"config_from_hf: hf must be a transformers config of a supported family "
+                        f"({', '.join(SUPPORTED)}), got {type(hf).__name__}"
+                        + ("; pass the model's .config" if hasattr(hf, "config") else ""))
     if mt not in SUPPORTED:
         raise ValueError(f"config_from_hf: model_type {mt!r} is not supported; supported "
                          f"families: {', '.join(SUPPORTED)}")

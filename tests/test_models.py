@@ -132,6 +132,30 @@ def test_decode_equals_prefill_nsa_and_mla():
     assert_close("NSA + MLA", full, steps, 1e-4)
 
 
+@pytest.mark.parametrize("pattern", ["LGKN", "GGGF"])
+def test_state_caches_check_batch_and_max_len(pattern):
+    """The recurrent layers' and NSA's caches hold their batch and max_len, as KVCache does: unchecked, a model of
+    recurrent layers took another batch or more tokens silently, and in a hybrid the first layers' states advanced
+    before the attention layer's cache refused the tokens."""
+    torch.manual_seed(0)
+    model = M.HybridLM(M.HybridConfig(vocab_size=32, hidden_size=32, num_layers=4, pattern=pattern, num_heads=2,
+                                      num_kv_heads=1, linear_num_heads=2, intermediate_size=64, nsa_block_size=4,
+                                      nsa_block_counts=3, nsa_window=4, backend="naive")).eval()
+    caches = model.new_caches(2, 5)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"StateCache: 6 new tokens do not fit: 0 of max_len=5 are used"):
+            model(torch.randint(0, 32, (2, 6)), caches)
+        with pytest.raises(ValueError, match=r"StateCache: x must be \[B, t, d\] with the cache's B = 2, got \(3, 1, 32\)"):
+            model(torch.randint(0, 32, (3, 1)), caches)
+        assert [len(c) for c in caches] == [0] * 4  # no layer's state moved
+        model(torch.randint(0, 32, (2, 5)), caches)
+        with pytest.raises(ValueError, match="1 new tokens do not fit: 5 of max_len=5"):
+            model(torch.randint(0, 32, (2, 1)), caches)
+    assert [len(c) for c in caches] == [5] * 4
+    with pytest.raises(ValueError, match="StateCache: max_len must be an int > 0, got 0"):
+        M.StateCache(2, 0)
+
+
 @pytest.mark.parametrize("pattern", ["F", "G", "GF"])
 def test_generate_greedy_equals_uncached_argmax(pattern):
     torch.manual_seed(3)
@@ -184,6 +208,21 @@ def test_minimax_m1_full_preset_matches_transformers_at_its_shapes():
         theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
     assert M.param_counts(c)["total"] == theirs == M.param_counts(cfg)["total"]
 
+
+@HF
+def test_config_from_hf_of_a_model_asks_for_its_config():
+    """A model (not its config) was 'model_type MixtralForCausalLM is not supported'; now a TypeError saying what to
+    pass, from config_from_hf and from the helpers that accept a transformers config."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(transformers.MixtralConfig(num_hidden_layers=1))
+    with pytest.raises(TypeError, match=r"config_from_hf: hf must be a transformers config of a supported family "
+                                        r"\(deepseek_v3, .*mixtral\), got MixtralForCausalLM; pass the model's .config"):
+        M.config_from_hf(model)
+    with pytest.raises(TypeError, match="param_counts: config must be a HybridConfig or a transformers config, got "
+                                        "MixtralForCausalLM; pass the model's .config"):
+        M.param_counts(model)
+    with pytest.raises(TypeError, match="kv_cache_bytes_per_token: config must be .*got object$"):
+        M.kv_cache_bytes_per_token(object())
 
 @HF
 def test_mixtral_8x7b_active_parameters():

@@ -46,7 +46,7 @@ def decode_cost(config, context, dtype_bytes=2):
     active weights (the embedding table excluded: one row is read) + what each mixer reads."""
     context = _checks.positive_int("decode_cost", "context", context, zero=True)
     dtype_bytes = _checks.positive_int("decode_cost", "dtype_bytes", dtype_bytes)
-    c = _as_config(config)
+    c = _as_config(config, "decode_cost")
     active = param_counts(c)["active"] - c.vocab_size * c.hidden_size * (not c.tie_embeddings)
     flops = 2 * active + sum(mixer_decode_flops(c, k, context) for k in c.layer_kinds)
     read = sum(mixer_decode_bytes(c, k, context, dtype_bytes) for k in c.layer_kinds)

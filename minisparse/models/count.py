@@ -6,7 +6,7 @@ from minisparse.models.checks import validate
 from minisparse.models.model import HybridLM
 
 
-def _as_config(config):
+def _as_config(config, op):
     """A HybridConfig as is; a transformers config converted (config_from_hf, engineering notes)."""
     if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
         validate(config)
@@ -14,7 +14,9 @@ def _as_config(config):
     if hasattr(config, "model_type"):
         from minisparse.models.hf import config_from_hf
         return config_from_hf(config)
-    raise TypeError(f"expected a HybridConfig or a transformers config, got {type(config)}")
+    raise TypeError(f"{op}: config must be a HybridConfig or a transformers config, got "
+                    f"{type(config).__name__}"
+                    + ("; pass the model's .config" if hasattr(config, "config") else ""))
 
 
 def param_counts(config):
@@ -22,7 +24,7 @@ def param_counts(config):
     transformers config of a SUPPORTED family), counted on the meta device. total: every parameter
     once (tied embeddings once, no MTP layers); active: total minus the routed experts a token
     does not use (embeddings and LM head included)."""
-    c = _as_config(config)
+    c = _as_config(config, "param_counts")
     if repr(c) in _COUNTED:  # building a 700B model on meta takes a fraction of a second
         return dict(_COUNTED[repr(c)])
     with torch.device("meta"):
@@ -63,7 +65,7 @@ def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.flo
     context (KV caches in `dtype`), and the constant bytes a sequence holds whatever its length
     (recurrent states in `state_dtype`, as the layers keep them; convolution states in `dtype`).
     config: a HybridConfig or a transformers config of a SUPPORTED family."""
-    c = _as_config(config)
+    c = _as_config(config, "kv_cache_bytes_per_token")
     for name, dt in (("dtype", dtype), ("state_dtype", state_dtype)):
         if not isinstance(dt, torch.dtype):
             raise TypeError(f"kv_cache_bytes_per_token: {name} must be a torch.dtype (e.g. "

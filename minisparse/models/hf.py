@@ -22,7 +22,11 @@ def _layer_letters(hf, linear, full):
 
 def config_from_hf(hf, backend="auto"):
     """A HybridConfig with the shapes of a transformers config of a supported family (SUPPORTED)."""
-    mt = getattr(hf, "model_type", type(hf).__name__)
+    mt = getattr(hf, "model_type", None)
+    if mt is None:  # a model or a module, not its config
+        raise TypeError(f"config_from_hf: hf must be a transformers config of a supported family "
+                        f"({', '.join(SUPPORTED)}), got {type(hf).__name__}"
+                        + ("; pass the model's .config" if hasattr(hf, "config") else ""))
     if mt not in SUPPORTED:
         raise ValueError(f"config_from_hf: model_type {mt!r} is not supported; supported "
                          f"families: {', '.join(SUPPORTED)}")

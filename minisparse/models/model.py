@@ -18,13 +18,30 @@ from minisparse.nsa import NativeSparseAttention
 
 
 class StateCache:
-    """A recurrent layer's cache: its state after the `length` tokens it has read."""
+    """A recurrent layer's cache: its state after the `length` tokens it has read, for `batch`
+    sequences of up to `max_len` tokens (the state does not grow; the sizes are checked, as the
+    attention layers' caches check theirs, so that one pattern of layers fails like any other)."""
 
-    def __init__(self):
+    def __init__(self, batch, max_len):
+        for name, n in (("batch", batch), ("max_len", max_len)):
+            _checks.positive_int(type(self).__name__, name, n)
+        self.batch, self.max_len = batch, max_len
         self.state, self.length = None, 0
 
     def __len__(self):
         return self.length
+
+    def check(self, x):
+        """x [B, t, d] continues the cached sequences: B = batch and length + t <= max_len."""
+        op = type(self).__name__
+        _checks.tensor(op, "x", x, "[B, t, d]")
+        if x.shape[0] != self.batch:
+            raise ValueError(f"{op}: x must be [B, t, d] with the cache's B = {self.batch}, got "
+                             f"{tuple(x.shape)} (make the caches with new_caches(batch, max_len))")
+        if self.length + x.shape[1] > self.max_len:
+            raise ValueError(f"{op}: {x.shape[1]} new tokens do not fit: {self.length} of "
+                             f"max_len={self.max_len} are used (make larger caches with "
+                             "new_caches(batch, max_len))")
 
 
 class InputCache(StateCache):
@@ -79,7 +96,7 @@ class Mixer(nn.Module):
     def new_cache(self, batch, max_len):
         if self.kind in "FMD":
             return self.layer.new_cache(batch, max_len)
-        return InputCache() if self.kind == "N" else StateCache()
+        return (InputCache if self.kind == "N" else StateCache)(batch, max_len)
 
     def forward(self, x, cache=None):
         if self.kind == "D" and self.training and self.indexer_loss_weight > 0:
@@ -91,6 +108,8 @@ class Mixer(nn.Module):
             return y
         if self.kind in "FMD":
             return self.layer(x, cache)
+        if cache is not None:
+            cache.check(x)  # before the state changes
         if self.kind == "N":
             if cache is None:
                 return self.layer(x)
