@@ -115,6 +115,15 @@ def test_route_deepseek_groups_limit_the_choice():
     assert any(len(set(row.tolist())) > 2 for row in free // 4)  # the limit binds on this data
 
 
+def test_route_deepseek_groups_of_one_expert_are_the_plain_top_k():
+    """transformers' group score (a top-2 in each group) has no meaning for groups of one expert; here a group's
+    score is then its expert's, so the limit keeps the topk_group best experts and the top-k is unchanged."""
+    logits, bias = torch.randn(100, 8, generator=_gen(7)), 0.3 * torch.randn(8, generator=_gen(8))
+    w, i = route_deepseek(logits, bias, 3, n_group=8, topk_group=4)
+    w0, i0 = route_deepseek(logits, bias, 3)
+    assert torch.equal(i, i0) and torch.equal(w, w0)
+
+
 def test_route_topk_softmax_matches_mixtral_and_qwen3_next_routers():
     x = torch.randn(40, 32, generator=_gen(3))
     mix = _randomize(MixtralTopKRouter(MixtralConfig(hidden_size=32, num_local_experts=8, num_experts_per_tok=2)), 4)
