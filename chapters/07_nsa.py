@@ -264,18 +264,13 @@ def mean_pool(x, block_size):
     bs = check_block_size("mean_pool", block_size)
     T = x.shape[1]
     full = T // bs  # complete blocks, then maybe a partial one
-    # A sum of bs values near fp32's max (3.4e38) overflows: where x's dtype reaches that far (fp32,
-    # bf16), sum x / bs. bs is a power of two, which scales exactly, so the mean is bit for bit the
-    # unscaled sum's (but for |x| < bs · 2^-126, where x / bs is subnormal)
-    scaled = torch.finfo(x.dtype).max * bs > torch.finfo(torch.float32).max  # fp16 never is
-    xs = x / bs if scaled else x  # [B, T, H, D]
-    # [B, full, H, D]: one reduction, summed in fp32
-    sums = xs[:, :full * bs].unflatten(1, (full, bs)).sum(2, dtype=torch.float32)
+    # [B, T, H, D]: x / bs is exact (bs a power of two), and keeps sums near fp32's max finite
+    xs = x.float() / bs
+    sums = xs[:, :full * bs].unflatten(1, (full, bs)).sum(2)  # [B, full, H, D]
     if full * bs < T:  # the partial last block
-        sums = torch.cat([sums, xs[:, full * bs:].sum(1, keepdim=True, dtype=torch.float32)], 1)
+        sums = torch.cat([sums, xs[:, full * bs:].sum(1, keepdim=True)], 1)
     counts = (T - torch.arange(sums.shape[1], device=x.device) * bs).clamp(max=bs)  # tokens a block
-    means = sums / counts.view(1, -1, 1, 1)  # [B, N, H, D]
-    return (means * bs if scaled else means).to(x.dtype)
+    return (sums / (counts / bs).view(1, -1, 1, 1)).to(x.dtype)  # = the block sums / counts
 
 
 class CompressKV(torch.nn.Module):

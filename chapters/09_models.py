@@ -312,8 +312,6 @@ for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_h
 
 # %%
 #| export models.model
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -322,6 +320,7 @@ from minisparse import _checks
 from minisparse.attention import Attention, RMSNorm
 from minisparse.deltanet import GatedDeltaNet
 from minisparse.dsa import DSAttention, indexer_kl_loss
+from minisparse.models.checks import _check_cache_fits, _check_generate_args, _check_input_ids
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
@@ -336,9 +335,8 @@ class StateCache:
     attention layers' caches check theirs, so that one pattern of layers fails like any other)."""
 
     def __init__(self, batch, max_len):
-        for name, n in (("batch", batch), ("max_len", max_len)):
-            _checks.positive_int(type(self).__name__, name, n)
-        self.batch, self.max_len = batch, max_len
+        self.batch = _checks.positive_int(type(self).__name__, "batch", batch)
+        self.max_len = _checks.positive_int(type(self).__name__, "max_len", max_len)
         self.state, self.length = None, 0
 
     def __len__(self):
@@ -346,15 +344,7 @@ class StateCache:
 
     def check(self, x):
         """x [B, t, d] continues the cached sequences: B = batch and length + t <= max_len."""
-        op = type(self).__name__
-        _checks.tensor(op, "x", x, "[B, t, d]")
-        if x.shape[0] != self.batch:
-            raise ValueError(f"{op}: x must be [B, t, d] with the cache's B = {self.batch}, got "
-                             f"{tuple(x.shape)} (make the caches with new_caches(batch, max_len))")
-        if self.length + x.shape[1] > self.max_len:
-            raise ValueError(f"{op}: {x.shape[1]} new tokens do not fit: {self.length} of "
-                             f"max_len={self.max_len} are used (make larger caches with "
-                             "new_caches(batch, max_len))")
+        _check_cache_fits(type(self).__name__, x, self.batch, self.length, self.max_len)
 
 
 class InputCache(StateCache):
@@ -489,13 +479,7 @@ class HybridLM(nn.Module):
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(self, input_ids, caches=None):
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError("HybridLM: input_ids must be a [B, T] int64 tensor, got "
-                             + (f"{tuple(input_ids.shape)} {input_ids.dtype}"
-                                if torch.is_tensor(input_ids) else type(input_ids).__name__))
-        if _checks.checking_values(False, input_ids):
-            _checks.value_range("HybridLM", "input_ids", input_ids, low=0,
-                                high=self.config.vocab_size - 1, why="token ids of the vocabulary")
+        _check_input_ids("HybridLM", input_ids, self.config.vocab_size)  # engineering notes
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"HybridLM: caches must hold one cache a layer ({len(self.layers)}),"
                              f" got {len(caches)}; make them with new_caches")
@@ -520,16 +504,7 @@ class HybridLM(nn.Module):
     def generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None):
         """Prefill the prompt [B, T], then decode max_new_tokens one at a time from the caches:
         greedy (temperature 0) or sampled. Returns [B, T + max_new_tokens]."""
-        op = "HybridLM.generate"
-        _checks.tensor(op, "input_ids", input_ids, "[B, T]")
-        if input_ids.shape[1] == 0:
-            raise ValueError(f"{op}: the prompt needs at least one token, got shape "
-                             f"{tuple(input_ids.shape)}")
-        max_new_tokens = _checks.positive_int(op, "max_new_tokens", max_new_tokens, zero=True)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"{op}: temperature must be a finite number >= 0 (0: greedy), got "
-                             f"{temperature!r}")
+        max_new_tokens = _check_generate_args(input_ids, max_new_tokens, temperature)
         was_training = self.training
         self.eval()
         input_ids = input_ids.to(self.embed_tokens.weight.device)
@@ -1504,7 +1479,12 @@ PRESETS = {f.__name__: f for f in (deepseek_v32_like, qwen3_next_like, kimi_line
 
 # %%
 #| export models.checks
+import math
 import numbers
+
+import torch
+
+from minisparse import _checks
 
 
 def _bad(field, why, value):
@@ -1592,6 +1572,51 @@ def validate(c):
                    c.first_dense_layers)
     if c.backend not in ("auto", "naive", "triton"):
         raise _bad("backend", "must be 'auto', 'naive' or 'triton'", c.backend)
+
+
+# %% [markdown]
+# The model's inputs are checked in the same module: token ids within the vocabulary, `generate`'s arguments, and
+# that new tokens fit a recurrent layer's cache (`StateCache`), before any state changes.
+
+# %%
+#| export models.checks
+def _check_input_ids(op, input_ids, vocab_size):
+    """Token ids: a [B, T] int64 tensor, each in [0, vocab_size) (under the value-check rule)."""
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"{op}: input_ids must be a [B, T] int64 tensor, got "
+                         + (f"{tuple(input_ids.shape)} {input_ids.dtype}"
+                            if torch.is_tensor(input_ids) else type(input_ids).__name__))
+    if _checks.checking_values(False, input_ids):
+        _checks.value_range(op, "input_ids", input_ids, low=0, high=vocab_size - 1,
+                            why="token ids of the vocabulary")
+
+
+def _check_generate_args(input_ids, max_new_tokens, temperature):
+    """generate's prompt (at least one token), max_new_tokens (an int >= 0, returned) and
+    temperature (a finite number >= 0)."""
+    op = "HybridLM.generate"
+    _checks.tensor(op, "input_ids", input_ids, "[B, T]")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"{op}: the prompt needs at least one token, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{op}: temperature must be a finite number >= 0 (0: greedy), got "
+                         f"{temperature!r}")
+    return _checks.positive_int(op, "max_new_tokens", max_new_tokens, zero=True)
+
+
+def _check_cache_fits(op, x, batch, length, max_len):
+    """x [B, t, d] continues a recurrent cache of `batch` sequences holding `length` of `max_len`
+    tokens."""
+    _checks.tensor(op, "x", x, "[B, t, d]")
+    if x.shape[0] != batch:
+        raise ValueError(f"{op}: x must be [B, t, d] with the cache's B = {batch}, got "
+                         f"{tuple(x.shape)} (make the caches with new_caches(batch, max_len))")
+    if length + x.shape[1] > max_len:
+        raise ValueError(f"{op}: {x.shape[1]} new tokens do not fit: {length} of "
+                         f"max_len={max_len} are used (make larger caches with "
+                         "new_caches(batch, max_len))")
 
 
 # %% [markdown]
