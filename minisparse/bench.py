@@ -419,6 +419,7 @@ def config_table(doc: dict, keys: Iterable[str] | None = None) -> str:
 # matmul TFLOP/s, HBM-to-HBM copy TB/s, read plus write).
 CEILINGS: dict[str, tuple[float, float]] = {
     "NVIDIA H200": (693.0, 4.25),  # 2026-12-02 (mla.json records the copy bandwidth too)
+    "NVIDIA H100 80GB HBM3": (776.0, 3.03),  # 2026-12-05, bench/notes/ceilings.py
 }
 H200_MATMUL_TFLOPS, H200_COPY_TBPS = CEILINGS["NVIDIA H200"]  # the defaults of the functions below
 
