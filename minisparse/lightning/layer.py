@@ -61,6 +61,20 @@ class LightningAttention(nn.Module):
             return _fused_recurrent(q, k, v, slope, 1.0, state, want_state, check_values=False)
         return _chunk(q, k, v, slope, 1.0, state, want_state, check_values=False)
 
+    def _attend_normed(self, q, k, v, state, want_state):
+        """_attend, then RMSNorm over all heads together: ([B, T, H·d], state). In fp16, q and v (so
+        o and the state) run scaled by _FP16_SCALE and the norm in float32, eps scaled to match."""
+        B, T, H, d = q.shape
+        if q.dtype != torch.float16:
+            o, new_state = self._attend(q, k, v, state, want_state)
+            return self.norm(o.reshape(B, T, H * d)), new_state
+        s = _FP16_SCALE
+        o, new_state = self._attend(q * s, k, v * s, None if state is None else state * s,
+                                    want_state)
+        o = F.rms_norm(o.reshape(B, T, H * d).float(), (H * d,), self.norm.weight.float(),
+                       self.norm.eps * s**4).to(q.dtype)
+        return o, None if new_state is None else new_state / s
+
     def forward(self, hidden_states, state=None, use_cache=False, attention_mask=None):
         op = "LightningAttention"
         _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
@@ -72,16 +86,7 @@ class LightningAttention(nn.Module):
         if attention_mask is not None:  # padded tokens add nothing to the state
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
         q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
-        if qkv.dtype != torch.float16:
-            o, new_state = self._attend(q, k, v, state, use_cache or state is not None)
-            o = self.norm(o.reshape(B, T, H * d))  # RMSNorm over all heads together
-        else:  # fp16: q, v (so o, the state) scaled into range, the norm in float32 (_FP16_SCALE)
-            s = _FP16_SCALE
-            o, new_state = self._attend(q * s, k, v * s, None if state is None else state * s,
-                                        use_cache or state is not None)
-            new_state = None if new_state is None else new_state / s
-            o = F.rms_norm(o.reshape(B, T, H * d).float(), (H * d,), self.norm.weight.float(),
-                           self.norm.eps * s**4).to(qkv.dtype)
+        o, new_state = self._attend_normed(q, k, v, state, use_cache or state is not None)
         o = torch.sigmoid(self.output_gate(hidden_states)) * o  # output gate from the layer's input
         return self.out_proj(o), new_state
 
