@@ -129,7 +129,8 @@ DTYPE = runtime.default_dtype()
 # Every op of this section is plain PyTorch, computed in fp32, with the shapes in comments; they are the spec the
 # kernels of section 7.5 are tested against. The argument checks they share with the kernels (shapes, power-of-two
 # block sizes, block indices that are neither out of range, in the query's future nor repeated, gates in [0, 1],
-# one summary a block) sit in the hidden cell below; the engineering notes list the bad inputs they reject.
+# one summary a block) live in `minisparse.nsa.checks`, shown in the engineering notes with the bad inputs they
+# reject.
 
 # %% tags=["hide-input"]
 #| export nsa.naive
@@ -138,103 +139,8 @@ import torch.nn.functional as F
 
 from minisparse import _checks
 from minisparse.attention.naive import attention_ref
-
-
-def check_block_size(op, block_size, name="block_size"):
-    """A block size is a power of two (the kernels tile a block with it)."""
-    bs = _checks.positive_int(op, name, block_size)
-    if bs & (bs - 1):
-        raise ValueError(f"{op}: {name} must be a power of two, got {bs}")
-    return bs
-
-
-def check_block_counts(op, block_counts):
-    """The blocks a query selects: an int >= 3 (block 0, the own and the previous block are always
-    kept)."""
-    S = _checks.positive_int(op, "block_counts", block_counts)
-    if S < 3:
-        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
-                         f"previous one are always kept), got {S}")
-    return S
-
-
-def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
-    """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
-    token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
-    offset), no block twice in a row. Values are checked by the book's value-check rule."""
-    _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
-    if block_indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
-    if block_indices.shape[:2] != (B, T) or block_indices.shape[2] not in (H, HQ):
-        raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = "
-                         f"{HQ} heads, "
-                         f"one selection per query head), got {tuple(block_indices.shape)}")
-    if _checks.checking_values(naive, block_indices) and block_indices.numel():
-        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1) + offset
-        bad_low = block_indices < -1
-        future = block_indices * block_size > t  # the block's first token comes after the query
-        if bool(bad_low.any()):
-            raise ValueError(f"{op}: block_indices must be >= -1 (-1 pads a row), got "
-                             f"{int(block_indices.min())}")
-        if bool(future.any()):
-            b, tt, h, s = (int(i) for i in future.nonzero()[0])
-            got, seen = int(block_indices[b, tt, h, s]), (tt + offset) // block_size
-            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {got} is out of range or "
-                             f"in the future: query {tt} sees blocks 0..{seen}")
-        srt = block_indices.sort(dim=-1).values
-        twice = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-        if bool(twice.any()):
-            b, tt, h, s = (int(i) for i in twice.nonzero()[0])
-            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}] selects block "
-                             f"{int(srt[b, tt, h, s])} twice: a row is a set (pad with -1 instead)")
-
-
-def check_gate(op, name, g, B, T, HQ, like, *, naive):
-    """A branch gate g [B, T, HQ] with values in [0, 1] (checked by the value-check rule), or None
-    to drop the branch."""
-    if g is None:
-        return
-    _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]",
-                           "a gate per token and query head", like)
-    if _checks.checking_values(naive, g):
-        _checks.value_range(op, name, g, low=0.0, high=1.0, why="a gate, e.g. a sigmoid's output")
-
-
-def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whole=False, H=None,
-                    DV=None):
-    """Block summaries for the queries q [B, TQ, HQ, D] at positions offset … offset + TQ − 1:
-    k_cmp [B, N, H, D] with q's B and D (and the keys' H where given), H dividing HQ; v_cmp [B, N,
-    H, DV] with k_cmp's B, N, H (and the values' DV where given), or None; floating point, on q's
-    device. With block_size: one summary a block, N >= the complete blocks of the T = offset + TQ
-    keys, and with `whole` N <= ceil(T / block_size) (a partial last block at most)."""
-    tensors = dict(q=(q, "[B, TQ, HQ, D]"), k_cmp=(k_cmp, "[B, N, H, D]"),
-                   v_cmp=(v_cmp, "[B, N, H, DV]"))
-    for name, (x, layout) in tensors.items():
-        _checks.tensor(op, name, x, layout, optional=name == "v_cmp")
-        if x is not None and not x.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
-    _checks.same_device(op, **{n: x for n, (x, _) in tensors.items() if x is not None})
-    (B, TQ, HQ, D), (N, Hk) = q.shape, k_cmp.shape[1:3]
-    want = (B, N, Hk if H is None else H, D)
-    if tuple(k_cmp.shape) != want:
-        raise ValueError(f"{op}: k_cmp must be [B, N, H, D] with q's B and D"
-                         f"{'' if H is None else ' and the keys’ H'} = {want}, got "
-                         f"{tuple(k_cmp.shape)}")
-    _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
-    if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
-                              or DV is not None and v_cmp.shape[3] != DV):
-        raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "
-                         f"{tuple(k_cmp.shape[:3])}{'' if DV is None else f' and DV = {DV}'}, "
-                         f"got {tuple(v_cmp.shape)}")
-    if block_size is None:
-        return
-    T = offset + TQ
-    low, high = T // block_size, -(-T // block_size) if whole else None
-    if N < low or (high is not None and N > high):
-        want_n = (f"{low} at least" if high is None else f"{low}" if high == low
-                  else f"{low} to {high}")
-        raise ValueError(f"{op}: k_cmp must hold one summary a block of the {T} keys, {want_n} "
-                         f"(a partial last block may have one), got N = {N}")
+from minisparse.nsa.checks import (check_block_counts, check_block_indices, check_block_size,
+                                   check_gate, check_summaries)
 
 # %% [markdown]
 # ### Compression: one summary a block
@@ -822,8 +728,9 @@ import triton.language as tl
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
 from minisparse.mla.triton import merge_partial
-from minisparse.nsa.naive import (check_block_counts, check_block_indices, check_block_size,
-                                  check_gate, check_summaries, mean_pool)
+from minisparse.nsa.checks import (check_block_counts, check_block_indices, check_block_size,
+                                   check_gate, check_summaries)
+from minisparse.nsa.naive import mean_pool
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
@@ -940,7 +847,8 @@ from torch import nn
 
 from minisparse import _checks
 from minisparse.attention.naive import apply_rope
-from minisparse.nsa.naive import CompressKV, check_block_counts, check_block_size, moba, nsa
+from minisparse.nsa.checks import check_block_counts, check_block_size
+from minisparse.nsa.naive import CompressKV, moba, nsa
 
 
 class NativeSparseAttention(nn.Module):
@@ -1399,14 +1307,118 @@ check_block_scores_kernel(block_scores_kernel_solution)
 #
 # ### Bad input
 #
-# The naive ops and the kernels share their argument checks (the hidden cell of section 7.2), and
+# The naive ops and the kernels share their argument checks (`minisparse.nsa.checks`, the cell below), and
 # tests/test_nsa.py runs one table of bad inputs against both: block indices below −1, past the last block or in
 # the query's future (its first token after the query); float indices; indices of another length; a block size
 # that is not a power of two (the kernels also need ≥ 16); HQ not a multiple of H; k, v of another length or
 # other heads; mixed dtypes; a negative window; fewer than 3 blocks; gates of the wrong shape. Padding (−1) is
 # honoured everywhere. Index values are checked on CPU tensors always, on CUDA tensors only after
 # `minisparse.runtime.set_value_checks(True)` (a check is a host sync).
-#
+
+# %% tags=["hide-input"]
+#| export nsa.checks
+import torch
+
+from minisparse import _checks
+
+
+def check_block_size(op, block_size, name="block_size"):
+    """A block size is a power of two (the kernels tile a block with it)."""
+    bs = _checks.positive_int(op, name, block_size)
+    if bs & (bs - 1):
+        raise ValueError(f"{op}: {name} must be a power of two, got {bs}")
+    return bs
+
+
+def check_block_counts(op, block_counts):
+    """The blocks a query selects: an int >= 3 (block 0, the own and the previous block are always
+    kept)."""
+    S = _checks.positive_int(op, "block_counts", block_counts)
+    if S < 3:
+        raise ValueError(f"{op}: block_counts must be >= 3 (block 0, the own block and the "
+                         f"previous one are always kept), got {S}")
+    return S
+
+
+def check_block_indices(op, block_indices, B, T, HQ, H, block_size, naive, offset=0):
+    """block_indices [B, T, H or HQ, S] integer: each entry -1 (padding) or a block whose first
+    token is not in the query's future, `0 <= i` and `i * block_size <= t` (query t at position t +
+    offset), no block twice in a row. Values are checked by the book's value-check rule."""
+    _checks.tensor(op, "block_indices", block_indices, "[B, T, H, S]")
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: block_indices must be int32 or int64, got {block_indices.dtype}")
+    if block_indices.shape[:2] != (B, T) or block_indices.shape[2] not in (H, HQ):
+        raise ValueError(f"{op}: block_indices must be [B, T, H, S] = {(B, T, H)} + (S,) (or HQ = "
+                         f"{HQ} heads, "
+                         f"one selection per query head), got {tuple(block_indices.shape)}")
+    if _checks.checking_values(naive, block_indices) and block_indices.numel():
+        t = torch.arange(T, device=block_indices.device).view(1, T, 1, 1) + offset
+        bad_low = block_indices < -1
+        future = block_indices * block_size > t  # the block's first token comes after the query
+        if bool(bad_low.any()):
+            raise ValueError(f"{op}: block_indices must be >= -1 (-1 pads a row), got "
+                             f"{int(block_indices.min())}")
+        if bool(future.any()):
+            b, tt, h, s = (int(i) for i in future.nonzero()[0])
+            got, seen = int(block_indices[b, tt, h, s]), (tt + offset) // block_size
+            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}, {s}] = {got} is out of range or "
+                             f"in the future: query {tt} sees blocks 0..{seen}")
+        srt = block_indices.sort(dim=-1).values
+        twice = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+        if bool(twice.any()):
+            b, tt, h, s = (int(i) for i in twice.nonzero()[0])
+            raise ValueError(f"{op}: block_indices[{b}, {tt}, {h}] selects block "
+                             f"{int(srt[b, tt, h, s])} twice: a row is a set (pad with -1 instead)")
+
+
+def check_gate(op, name, g, B, T, HQ, like, *, naive):
+    """A branch gate g [B, T, HQ] with values in [0, 1] (checked by the value-check rule), or None
+    to drop the branch."""
+    if g is None:
+        return
+    _checks.per_head_token(op, name, g, (B, T, HQ), "[B, T, HQ]",
+                           "a gate per token and query head", like)
+    if _checks.checking_values(naive, g):
+        _checks.value_range(op, name, g, low=0.0, high=1.0, why="a gate, e.g. a sigmoid's output")
+
+
+def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whole=False, H=None,
+                    DV=None):
+    """Block summaries for the queries q [B, TQ, HQ, D] at positions offset … offset + TQ − 1:
+    k_cmp [B, N, H, D] with q's B and D (and the keys' H where given), H dividing HQ; v_cmp [B, N,
+    H, DV] with k_cmp's B, N, H (and the values' DV where given), or None; floating point, on q's
+    device. With block_size: one summary a block, N >= the complete blocks of the T = offset + TQ
+    keys, and with `whole` N <= ceil(T / block_size) (a partial last block at most)."""
+    tensors = dict(q=(q, "[B, TQ, HQ, D]"), k_cmp=(k_cmp, "[B, N, H, D]"),
+                   v_cmp=(v_cmp, "[B, N, H, DV]"))
+    for name, (x, layout) in tensors.items():
+        _checks.tensor(op, name, x, layout, optional=name == "v_cmp")
+        if x is not None and not x.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+    _checks.same_device(op, **{n: x for n, (x, _) in tensors.items() if x is not None})
+    (B, TQ, HQ, D), (N, Hk) = q.shape, k_cmp.shape[1:3]
+    want = (B, N, Hk if H is None else H, D)
+    if tuple(k_cmp.shape) != want:
+        raise ValueError(f"{op}: k_cmp must be [B, N, H, D] with q's B and D"
+                         f"{'' if H is None else ' and the keys’ H'} = {want}, got "
+                         f"{tuple(k_cmp.shape)}")
+    _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
+    if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
+                              or DV is not None and v_cmp.shape[3] != DV):
+        raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "
+                         f"{tuple(k_cmp.shape[:3])}{'' if DV is None else f' and DV = {DV}'}, "
+                         f"got {tuple(v_cmp.shape)}")
+    if block_size is None:
+        return
+    T = offset + TQ
+    low, high = T // block_size, -(-T // block_size) if whole else None
+    if N < low or (high is not None and N > high):
+        want_n = (f"{low} at least" if high is None else f"{low}" if high == low
+                  else f"{low} to {high}")
+        raise ValueError(f"{op}: k_cmp must hold one summary a block of the {T} keys, {want_n} "
+                         f"(a partial last block may have one), got N = {N}")
+
+# %% [markdown]
 # ### The backward kernels
 #
 # `selection_dq_kernel` repeats the forward's walk over the selected blocks with $P$ recomputed from the saved

@@ -4,7 +4,8 @@ from torch import nn
 
 from minisparse import _checks
 from minisparse.attention.naive import apply_rope
-from minisparse.nsa.naive import CompressKV, check_block_counts, check_block_size, moba, nsa
+from minisparse.nsa.checks import check_block_counts, check_block_size
+from minisparse.nsa.naive import CompressKV, moba, nsa
 
 
 class NativeSparseAttention(nn.Module):

@@ -6,8 +6,9 @@ import triton.language as tl
 from minisparse import _checks, runtime
 from minisparse.attention.triton import flash_attention
 from minisparse.mla.triton import merge_partial
-from minisparse.nsa.naive import (check_block_counts, check_block_indices, check_block_size,
-                                  check_gate, check_summaries, mean_pool)
+from minisparse.nsa.checks import (check_block_counts, check_block_indices, check_block_size,
+                                   check_gate, check_summaries)
+from minisparse.nsa.naive import mean_pool
 
 _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
