@@ -54,4 +54,72 @@ def check_indices(op, indices, B, TQ, TK, naive):
                          "selection is a set (pad with -1 instead)")
 
 
+def _check_indexer_scores(op, q_idx, k_idx, w_idx, scale):
+    """indexer_scores' arguments: check_indexer_args, w_idx finite; returns (B, TQ, HI, DI, TK,
+    scale), scale defaulting to DI ** -0.5."""
+    B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx)
+    _checks.value_range(op, "w_idx", w_idx, finite=True)
+    return B, TQ, HI, DI, TK, _checks.scale(op, scale, DI)
+
+
+def _check_sparse_args(op, q, k, v, indices, scale):
+    """Sparse attention's arguments in PyTorch: q, k, v as _checks.last_queries_qkv, indices as
+    check_indices (values always checked); returns (B, TQ, TK, HQ, H, D, DV, scale), scale
+    defaulting to D ** -0.5."""
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    check_indices(op, indices, B, TQ, TK, naive=True)
+    return B, TQ, TK, HQ, H, D, DV, _checks.scale(op, scale, D)
+
+
+def _check_scores(op, scores, topk):
+    """select_topk's arguments: topk an int > 0, scores [B, TQ, TK] without NaN (NaN would make
+    the choice arbitrary). Returns topk."""
+    K = check_topk(op, topk)
+    _checks.tensor(op, "scores", scores, "[B, TQ, TK]")
+    _checks.value_range(op, "scores", scores)
+    return K
+
+
+def _check_indexer_config(op, hidden_size, q_lora_rank, n_heads, head_dim, rope_dim, topk):
+    """LightningIndexer's sizes: positive ints, rope_dim even and <= head_dim. Returns topk."""
+    for name, val in (("hidden_size", hidden_size), ("q_lora_rank", q_lora_rank),
+                      ("n_heads", n_heads), ("head_dim", head_dim), ("rope_dim", rope_dim)):
+        _checks.positive_int(op, name, val)
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise ValueError(f"{op}: rope_dim must be even and <= head_dim = {head_dim}, got "
+                         f"{rope_dim}")
+    return check_topk(op, topk)
+
+
+def _check_indexer_input(op, layer, x, q_latent):
+    """LightningIndexer.forward's inputs: x [B, T, hidden] as the layer wants, q_latent
+    [B, T, q_lora_rank] of x's B, T and dtype."""
+    _checks.layer_input(op, x, layer, "[B, T, hidden]", layer.hidden_size)
+    _checks.tensor(op, "q_latent", q_latent, "[B, T, q_lora_rank]")
+    _checks.shape(op, "q_latent", q_latent, (*x.shape[:2], layer.wq_b.in_features),
+                  "[B, T, q_lora_rank]", "x's B, T and the query latent")
+    _checks.same_dtype(op, x=x, q_latent=q_latent)
+
+
+def _check_attention_probs(op, p_attn, indices, scores=None):
+    """p_attn [B, TQ, H, TK] floating, indices None or [B, TQ, K] as check_indices wants, scores
+    None or [B, TQ, TK] -> (B, TQ, TK)."""
+    _checks.tensor(op, "p_attn", p_attn, "[B, TQ, H, TK]")
+    if not p_attn.is_floating_point():
+        raise TypeError(f"{op}: p_attn must be a floating-point tensor, got {p_attn.dtype}")
+    B, TQ, _, TK = p_attn.shape
+    if indices is not None:
+        check_indices(op, indices, B, TQ, TK, naive=True)
+    if scores is not None:
+        _checks.tensor(op, "scores", scores, "[B, TQ, TK]")
+        _checks.shape(op, "scores", scores, (B, TQ, TK), "[B, TQ, TK]", "p_attn's B, TQ, TK")
+    return B, TQ, TK
+
+
+def _use_triton(op, backend, x):
+    """The book's backend= rule: run the kernels? "naive" never, "triton" always, "auto" on CUDA
+    or in the interpreter."""
+    return _checks.choose_backend(_checks.backend(op, backend), x) == "triton"
+
+
 __all__ = ['check_topk', 'check_indexer_args', 'check_indices']

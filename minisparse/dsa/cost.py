@@ -3,9 +3,6 @@ import numpy as np
 
 from minisparse.mla.cost import mha_decode_flops, mla_decode_bytes, mla_decode_flops
 
-V32 = dict(heads=128, index_heads=64, index_dim=128, topk=2048, kv_lora_rank=512, rope_dim=64,
-           qk_head_dim=192, v_head_dim=128)  # DeepseekV32Config()'s attention (dsa_shapes)
-
 
 def dsa_cost(position, mode="prefill", *, index_fp8=False, heads=128, index_heads=64,
              index_dim=128, topk=2048, kv_lora_rank=512, rope_dim=64, qk_head_dim=192,
@@ -48,6 +45,10 @@ def model_prefill_flops(position, *, layers=61, other_flops=2 * 37e9, dsa=True, 
     return other_flops + layers * cost["dsa" if dsa else "dense"]
 
 
+V32 = dict(heads=128, index_heads=64, index_dim=128, topk=2048, kv_lora_rank=512, rope_dim=64,
+           qk_head_dim=192, v_head_dim=128)  # DeepseekV32Config()'s attention (dsa_shapes)
+
+
 def dsa_shapes(config):
     """dsa_cost's shape arguments from a transformers DeepseekV32Config or GlmMoeDsaConfig."""
     return dict(heads=config.num_attention_heads, index_heads=config.index_n_heads,
@@ -57,4 +58,4 @@ def dsa_shapes(config):
                 v_head_dim=config.v_head_dim)
 
 
-__all__ = ['V32', 'dsa_cost', 'model_prefill_flops', 'dsa_shapes']
+__all__ = ['dsa_cost', 'model_prefill_flops', 'V32', 'dsa_shapes']

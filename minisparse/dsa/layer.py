@@ -4,7 +4,7 @@ from torch import nn
 
 from minisparse import _checks
 from minisparse.dsa.naive import causal_mask, indexer_scores, select_topk, sparse_attention
-from minisparse.dsa.checks import check_topk
+from minisparse.dsa.checks import _check_indexer_config, _check_indexer_input
 from minisparse.mla.layer import MLA
 from minisparse.mla.naive import MLACache, absorb_output, absorb_query, make_mla_rope
 
@@ -20,16 +20,10 @@ class LightningIndexer(nn.Module):
                  topk=2048, *, rope_theta=10000.0, rope_interleave=False, rope_scaling=None,
                  norm_eps=1e-6):
         super().__init__()
-        op = "LightningIndexer"
-        for name, val in (("hidden_size", hidden_size), ("q_lora_rank", q_lora_rank),
-                          ("n_heads", n_heads), ("head_dim", head_dim), ("rope_dim", rope_dim)):
-            _checks.positive_int(op, name, val)
-        if rope_dim % 2 or rope_dim > head_dim:
-            raise ValueError(f"{op}: rope_dim must be even and <= head_dim = {head_dim}, got "
-                             f"{rope_dim}")
-        self.hidden_size, self.n_heads, self.head_dim, self.rope_dim = (hidden_size, n_heads,
-                                                                        head_dim, rope_dim)
-        self.topk, self.rope_interleave = check_topk(op, topk), rope_interleave
+        self.topk = _check_indexer_config("LightningIndexer", hidden_size, q_lora_rank, n_heads,
+                                          head_dim, rope_dim, topk)
+        self.hidden_size, self.n_heads, self.head_dim = hidden_size, n_heads, head_dim
+        self.rope_dim, self.rope_interleave = rope_dim, rope_interleave
         self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)  # q latent -> heads
         self.wk = nn.Linear(hidden_size, head_dim, bias=False)  # x -> the one index key
         self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps)
@@ -54,12 +48,7 @@ class LightningIndexer(nn.Module):
         return q, k, w
 
     def forward(self, x, q_latent, position_embeddings=None, positions=None):
-        _checks.layer_input("LightningIndexer", x, self, "[B, T, hidden]", self.hidden_size)
-        _checks.tensor("LightningIndexer", "q_latent", q_latent, "[B, T, q_lora_rank]")
-        _checks.shape("LightningIndexer", "q_latent", q_latent,
-                      (*x.shape[:2], self.wq_b.in_features), "[B, T, q_lora_rank]",
-                      "x's B, T and the query latent")
-        _checks.same_dtype("LightningIndexer", x=x, q_latent=q_latent)
+        _check_indexer_input("LightningIndexer", self, x, q_latent)
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         q, k, w = self.project(x, q_latent, positions, position_embeddings)

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import _checks
-from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
+from minisparse.dsa.checks import (_check_attention_probs, _check_indexer_scores, _check_scores,
+                                   _check_sparse_args, _use_triton, check_indices, check_topk)
 
 
 def causal_mask(TQ, TK, device=None):
@@ -20,10 +21,7 @@ def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
     [B, TQ, HI] (None: weights 1) -> I [B, TQ, TK]; query i sits at position TK − TQ + i.
     scale defaults to DI ** -0.5 (positive, so it never changes the ranking).
     """
-    op = "indexer_scores"
-    B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx)
-    _checks.value_range(op, "w_idx", w_idx, finite=True)
-    scale = _checks.scale(op, scale, DI)
+    B, TQ, HI, DI, TK, scale = _check_indexer_scores("indexer_scores", q_idx, k_idx, w_idx, scale)
     w = torch.ones(B, TQ, HI, device=q_idx.device) if w_idx is None else w_idx.float()
     dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
     s = torch.einsum("bth,bths->bts", w, F.relu(scale * dots))  # [B, TQ, TK] weighted head sum
@@ -38,10 +36,7 @@ def select_topk(scores, topk):
     to the earlier key, so a query chooses the same keys in prefill and in token-by-token
     decoding.
     """
-    op = "select_topk"
-    K = check_topk(op, topk)
-    _checks.tensor(op, "scores", scores, "[B, TQ, TK]")
-    _checks.value_range(op, "scores", scores)  # NaN would make the choice arbitrary
+    K = _check_scores("select_topk", scores, topk)
     best, idx = scores.sort(dim=-1, descending=True, stable=True)  # stable: ties in key order
     best, idx = best[..., :K], idx[..., :K]  # [B, TQ, min(K, TK)]
     idx = idx.masked_fill(best == float("-inf"), -1)  # future keys are not choices
@@ -106,11 +101,6 @@ def dsa(q, k, v, q_idx, k_idx, w_idx, topk=2048, scale=None, return_indices=Fals
     return (o, indices) if return_indices else o
 
 
-def _use_triton(op, backend, x):
-    """Run the kernels? "naive" never, "triton" always, "auto" on CUDA or in the interpreter."""
-    return _checks.choose_backend(_checks.backend(op, backend), x) == "triton"
-
-
 def indexer_kl_loss(p_attn, scores, indices=None):
     """The indexer's distillation loss: mean over queries of KL(p_t ‖ softmax(I_t)), p_t the dense
     attention summed over heads and renormalised (a target: no gradient).
@@ -119,10 +109,7 @@ def indexer_kl_loss(p_attn, scores, indices=None):
     [B, TQ, K] (sparse training) both distributions are restricted to each query's selected keys.
     Returns a scalar fp32 tensor.
     """
-    B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices)
-    _checks.tensor("indexer_kl_loss", "scores", scores, "[B, TQ, TK]")
-    _checks.shape("indexer_kl_loss", "scores", scores, (B, TQ, TK), "[B, TQ, TK]",
-                  "p_attn's B, TQ, TK")
+    B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices, scores)
     keep = causal_mask(TQ, TK, scores.device).expand(B, TQ, TK)  # [B, TQ, TK]
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
@@ -142,25 +129,10 @@ def attention_recall(p_attn, indices):
     return (p * selection_mask(indices, p.shape[-1])).sum(-1)
 
 
-def _check_attention_probs(op, p_attn, indices):
-    """p_attn [B, TQ, H, TK] floating, indices None or [B, TQ, K] as check_indices wants ->
-    (B, TQ, TK)."""
-    _checks.tensor(op, "p_attn", p_attn, "[B, TQ, H, TK]")
-    if not p_attn.is_floating_point():
-        raise TypeError(f"{op}: p_attn must be a floating-point tensor, got {p_attn.dtype}")
-    B, TQ, _, TK = p_attn.shape
-    if indices is not None:
-        check_indices(op, indices, B, TQ, TK, naive=True)
-    return B, TQ, TK
-
-
 def gather_attention(q, k, v, indices, scale=None):
     """sparse_attention by gathering the selected rows: O(TQ·K) work and memory, no [TQ, TK] mask
     (the kernels' formulation). Same arguments and result as sparse_attention."""
-    op = "gather_attention"
-    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
-    check_indices(op, indices, B, TQ, TK, naive=True)
-    scale = _checks.scale(op, scale, D)
+    B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("gather_attention", q, k, v, indices, scale)
     K = indices.shape[-1]
     rows = indices.long().clamp(min=0)  # padding reads row 0, then is masked
     b = torch.arange(B, device=q.device)[:, None, None]  # [B, 1, 1]

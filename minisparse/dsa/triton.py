@@ -7,9 +7,6 @@ from minisparse import _checks, runtime
 from minisparse.dsa.checks import check_indexer_args, check_indices, check_topk
 from minisparse.mla.triton import merge_partial
 
-_INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
-_LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr,
@@ -95,6 +92,9 @@ def sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, acc_ptr, m_p
                  mask=m_o)
         b_lse = tl.where(seen, b_m + tl.log2(tl.where(seen, b_l, 1.0)), 0.0)
         tl.store(lse_ptr + row, b_lse, mask=m_g)
+
+
+_INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 
 
 def check_sparse_triton(op, q, k, v, indices, scale):
@@ -284,6 +284,7 @@ def _split_dim(D):
 
 
 _MIN_SPLIT = 256  # index slots: the shortest split worth a program
+_LOG2E = 1.4426950408889634
 
 
 def _meta(q, k, v, DV):
