@@ -49,11 +49,15 @@ def _chosen(scores, indices):
 
 
 # ------------------------------------------------------------------------------------------- naive vs fla
-fla_naive = pytest.importorskip("fla.ops.dsa.naive")
+@pytest.fixture
+def fla_naive():
+    """fla's references (fla.ops.dsa.naive): a test that compares with them is skipped without fla; the
+    file's other tests (the kernels against the naive ops) still run."""
+    return pytest.importorskip("fla.ops.dsa.naive")
 
 
 @pytest.mark.parametrize("B,T,HI,DI,topk", [(2, 37, 4, 8, 8), (1, 64, 2, 16, 64), (2, 50, 8, 32, 5), (1, 9, 1, 8, 20)])
-def test_select_topk_matches_fla_indexer(B, T, HI, DI, topk):
+def test_select_topk_matches_fla_indexer(B, T, HI, DI, topk, fla_naive):
     q_idx, k_idx, w_idx = _indexer_inputs(B, T, T, HI, DI, seed=T)
     scores = D.indexer_scores(q_idx, k_idx, w_idx)
     ours = D.select_topk(scores, topk)
@@ -64,7 +68,7 @@ def test_select_topk_matches_fla_indexer(B, T, HI, DI, topk):
 
 
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,topk", [(37, 4, 2, 16, 16, 8), (50, 8, 1, 32, 16, 13), (20, 2, 2, 8, 24, 64)])
-def test_dsa_matches_fla_naive_dsa(T, HQ, H, Dk, Dv, topk):
+def test_dsa_matches_fla_naive_dsa(T, HQ, H, Dk, Dv, topk, fla_naive):
     q, k, v = make_qkv(2, T, HQ, Dk, HKV=H, Dv=Dv, seed=3)
     q_idx, k_idx, w_idx = _indexer_inputs(2, T, T, 4, 16, seed=4)
     o, idx = D.dsa(q, k, v, q_idx, k_idx, w_idx, topk=topk, return_indices=True, backend="naive")
@@ -735,7 +739,7 @@ def test_gqa_split_equals_one_split(num_splits):
     assert_close("split", one, DT._sparse_attention(q, k, v, idx, None, num_splits), 1e-5)
 
 
-def test_kernel_matches_fla_naive_dsa_with_given_indices():
+def test_kernel_matches_fla_naive_dsa_with_given_indices(fla_naive):
     T, HQ, H, D = 41, 4, 2, 16
     q, k, v = make(1, T, HQ, D, 12), make(1, T, H, D, 13), make(1, T, H, D, 14)
     idx = random_indices(1, T, T, 9, seed=15)
@@ -813,7 +817,7 @@ def assert_same_selection(got, want, score, tol):
     (1, 150, 4, 32, 40, 64 * 150),  # three chunks of 64 queries
     (1, 50, 2, 16, 64, None),  # topk > T: every past key, −1 after
 ])
-def test_indexer_selects_what_naive_dsa_indexer_selects(monkeypatch, B, T, HI, DI, topk, chunk_budget):
+def test_indexer_selects_what_naive_dsa_indexer_selects(monkeypatch, fla_naive, B, T, HI, DI, topk, chunk_budget):
     if chunk_budget is not None:
         monkeypatch.setattr(DT, "_SCORE_BUDGET", chunk_budget)
     dtype = torch.float32 if DEV.type == "cpu" else torch.bfloat16
