@@ -130,7 +130,8 @@ plt.show()
 # (GQA, optionally Qwen3-Next's output gate), `M` MLA, `L` lightning, `G` Gated DeltaNet, `K` KDA, `N` NSA, `D`
 # DSA — repeated to `num_layers` (so `"GGGF"` with 48 layers is Qwen3-Next's 3:1) or written out in full (Kimi
 # Linear's 27 layers end on a 2:1 block). The FFN is dense for the first `first_dense_layers` layers and an MoE
-# afterwards when `num_experts > 0`. Each mixer reads only its own fields.
+# afterwards when `num_experts > 0`. Each mixer reads only its own fields. A config no model can be built from
+# fails when it is made, naming the field (the engineering notes show the checks).
 
 # %%
 #| export models.config
@@ -279,25 +280,12 @@ for name, preset in PRESETS.items():
           f"{'dense' if not c.num_experts else f'{c.num_experts} experts top-{c.top_k}'}")
 
 # %% [markdown]
-# A config no model can be built from fails when it is made, naming the field: an unknown letter, a layer
-# count the pattern does not divide (`num_layers`), heads that do not split the hidden size (`num_heads`).
-
-# %%
-for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_heads=5)):
-    try:
-        HybridConfig(**bad)
-    except ValueError as err:
-        print(err)
-    else:
-        raise AssertionError(f"{bad} was accepted")
-
-# %% [markdown]
 # ## 9.3 The model
 #
 # Each chapter's layer has its own calling convention: the attention layers take a cache object and return the
 # output; the recurrent ones take and return a state; NSA has no cache at all. `Mixer` puts one interface in
 # front of all seven — `forward(x, cache)` returns the output and updates the cache in place — without changing
-# the layers:
+# the layers (the two cache classes it adds, `StateCache` and `InputCache`, are in the engineering notes):
 #
 # - `F`, `M`, `D` use their own caches (`KVCache`, `MLACache`, `DSACache`), which grow with the context;
 # - `L`, `G`, `K` keep a `StateCache`: the `(conv_state, recurrent_state)` the layer returned last, constant in
@@ -316,39 +304,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisparse import _checks
 from minisparse.attention import Attention, RMSNorm
 from minisparse.deltanet import GatedDeltaNet
 from minisparse.dsa import DSAttention, indexer_kl_loss
-from minisparse.models.checks import _check_cache_fits, _check_generate_args, _check_input_ids
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
-from minisparse.models.checks import validate
+from minisparse.models.cache import InputCache, StateCache  # engineering notes
+from minisparse.models.checks import _check_caches, _check_generate_args, _check_input_ids, validate
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
-
-
-class StateCache:
-    """A recurrent layer's cache: its state after the `length` tokens it has read, for `batch`
-    sequences of up to `max_len` tokens (the state does not grow; the sizes are checked, as the
-    attention layers' caches check theirs, so that one pattern of layers fails like any other)."""
-
-    def __init__(self, batch, max_len):
-        self.batch = _checks.positive_int(type(self).__name__, "batch", batch)
-        self.max_len = _checks.positive_int(type(self).__name__, "max_len", max_len)
-        self.state, self.length = None, 0
-
-    def __len__(self):
-        return self.length
-
-    def check(self, x):
-        """x [B, t, d] continues the cached sequences: B = batch and length + t <= max_len."""
-        _check_cache_fits(type(self).__name__, x, self.batch, self.length, self.max_len)
-
-
-class InputCache(StateCache):
-    """For a layer without a cache of its own (NSA): the layer inputs seen so far [B, length, d]."""
 
 
 class Mixer(nn.Module):
@@ -470,19 +435,13 @@ class HybridLM(nn.Module):
         self.lm_head = (None if config.tie_embeddings else
                         nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.aux_loss = None
-        # Untied, the embeddings keep nn.Embedding's N(0, 1): tokens at the scale of what the
-        # layers (PyTorch's default inits) add to the residual stream. At std 0.02 the layers'
-        # outputs drown the token identities and multi-query associative recall (section 9.6)
-        # stays at chance for thousands of steps (bench/notes/capstone.md). Tied to the LM head,
-        # 0.02 keeps the first logits small.
+        # untied: nn.Embedding's N(0, 1); tied to the LM head: std 0.02 (engineering notes)
         if config.tie_embeddings and self.embed_tokens.weight.device.type != "meta":
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(self, input_ids, caches=None):
         _check_input_ids("HybridLM", input_ids, self.config.vocab_size)  # engineering notes
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"HybridLM: caches must hold one cache a layer ({len(self.layers)}),"
-                             f" got {len(caches)}; make them with new_caches")
+        _check_caches("HybridLM", caches, len(self.layers))  # None, or one a layer
         x = self.embed_tokens(input_ids)  # [B, T, d]
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i])
@@ -558,21 +517,8 @@ print(model.generate(torch.tensor([list(b"def ")]), 12)[0].tolist())
 import torch
 
 from minisparse import _checks
-from minisparse.models.checks import validate
+from minisparse.models.checks import _as_config, _check_dtypes  # engineering notes
 from minisparse.models.model import HybridLM
-
-
-def _as_config(config, op):
-    """A HybridConfig as is; a transformers config converted (config_from_hf, engineering notes)."""
-    if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
-        validate(config)
-        return config
-    if hasattr(config, "model_type"):
-        from minisparse.models.hf import config_from_hf
-        return config_from_hf(config)
-    raise TypeError(f"{op}: config must be a HybridConfig or a transformers config, got "
-                    f"{type(config).__name__}"
-                    + ("; pass the model's .config" if hasattr(config, "config") else ""))
 
 
 def param_counts(config):
@@ -696,10 +642,7 @@ def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.flo
     (recurrent states in `state_dtype`, as the layers keep them; convolution states in `dtype`).
     config: a HybridConfig or a transformers config of a SUPPORTED family."""
     c = _as_config(config, "kv_cache_bytes_per_token")
-    for name, dt in (("dtype", dtype), ("state_dtype", state_dtype)):
-        if not isinstance(dt, torch.dtype):
-            raise TypeError(f"kv_cache_bytes_per_token: {name} must be a torch.dtype (e.g. "
-                            f"torch.bfloat16), got {dt!r}")
+    _check_dtypes("kv_cache_bytes_per_token", dtype=dtype, state_dtype=state_dtype)
     b, bs = torch.empty(0, dtype=dtype).element_size(), torch.empty(
         0, dtype=state_dtype).element_size()
     per_token = per_seq = 0
@@ -761,7 +704,8 @@ assert memory_per_sequence(FULL["kimi_linear_like"], 2**20) < 8 * GiB
 # %%
 #| export models.cost
 from minisparse import _checks
-from minisparse.models.count import _as_config, layer_cache_numbers, param_counts
+from minisparse.models.checks import _as_config
+from minisparse.models.count import layer_cache_numbers, param_counts
 
 
 def _nsa_keys(c, context):
@@ -908,6 +852,8 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
+from minisparse.models.checks import _check_num_pairs
+
 IGNORE = -100  # a target position without a loss
 
 
@@ -921,9 +867,7 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
     """
     Q = num_pairs if num_queries is None else num_queries
     half = vocab // 2
-    if not 0 < num_pairs <= half:
-        raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
-                         f"{num_pairs}")
+    _check_num_pairs(num_pairs, half)
     keys = torch.rand(batch, half, generator=generator).argsort(-1)[:, :num_pairs]  # distinct
     values = torch.randint(half, vocab, (batch, num_pairs), generator=generator)
     ask = torch.randint(0, num_pairs, (batch, Q), generator=generator)  # which pair each query
@@ -1042,7 +986,7 @@ print(bytes(sample).decode(errors="replace"))
 # 1,500 AdamW steps of 64 sequences; language modelling on the standard library, 400 steps of 64 × 512 bytes. It
 # also times a training step and a decoded token after 8K of context, each preset alone on the GPU (section 9.7's
 # table shows those). It runs unchanged under `torchrun` with DDP, or FSDP2 with `--fsdp` (engineering notes). The
-# committed H200 results:
+# committed H200 results (the engineering notes check the figures quoted below against them):
 
 # %% tags=["nbval-ignore-output", "hide-input"]
 try:
@@ -1051,28 +995,13 @@ except (FileNotFoundError, OSError):
     RESULTS = None
     print("bench/results/capstone.json is not committed: run bench/capstone.py on a GPU")
 if RESULTS is not None:
-    rows, cfg = RESULTS["rows"], RESULTS["config"]
+    cfg = RESULTS["config"]
     budget = {"+".join(p["tasks"]): p for p in cfg["parts"]}  # the settings of each kind of run
     dates = "; ".join(f"{tasks} {p.get('date', RESULTS['date'])}" for tasks, p in budget.items())
     print(f"{RESULTS['device']}, torch {RESULTS['torch']}, triton {RESULTS['triton']}, "
           f"width {cfg['hidden']}; measured: {dates}")
-    speed = {r["impl"]: r for r in rows if r["task"] == "train_speed"}
-    decode = {r["impl"]: r for r in rows if r["task"] == "decode"}  # section 9.7's table shows them
-    context = next(iter(decode.values()))["context"]
     plot_capstone(RESULTS)  # MQAR loss, recall by pairs and by distance, text loss
     plt.show()
-    recall = {r["impl"]: r["recall"] for r in rows if r["task"] == "mqar" and r["num_pairs"] == 32}
-    assert min(recall[n] for n in ("dense_baseline", "qwen3_next_like", "kimi_linear_like")) > 0.95
-    assert recall["minimax_m1_like"] < 0.15  # chance 1/N = 0.03: the format, hardly the association
-    assert max(speed, key=lambda n: speed[n]["ms"]) in ("deepseek_v32_like", "glm5_like")
-    others = [r["tokens_per_s"] for n, r in speed.items() if n != "dense_baseline"]
-    assert speed["dense_baseline"]["tokens_per_s"] > 1.5 * max(others)
-    dense = PRESETS["dense_baseline"](hidden_size=cfg["hidden"])
-    read = kv_cache_bytes_per_token(dense, torch.float32)["per_token"] * context
-    hbm = bench.ceilings(RESULTS["device"])[1]  # TB/s, measured on that GPU
-    print(f"dense_baseline's decoded token reads {read / 2**20:.0f} MiB of cache: "
-          f"{read / hbm / 1e6:.0f} µs at the {RESULTS['device']}'s {hbm} TB/s,\n"
-          f"against {decode['dense_baseline']['ms'] * 1e3:,.0f} µs measured")
 
 # %% [markdown]
 # **Recall.** Within the budget, full attention (`dense_baseline`, `mixtral_like`) and the two hybrids that keep
@@ -1575,8 +1504,23 @@ def validate(c):
 
 
 # %% [markdown]
-# The model's inputs are checked in the same module: token ids within the vocabulary, `generate`'s arguments, and
-# that new tokens fit a recurrent layer's cache (`StateCache`), before any state changes.
+# Three configs no model can be built from, and their errors: an unknown letter, a layer count the pattern does not
+# divide (`num_layers`), heads that do not split the hidden size (`num_heads`).
+
+# %%
+for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_heads=5)):
+    try:
+        HybridConfig(**bad)
+    except ValueError as err:
+        print(err)
+    else:
+        raise AssertionError(f"{bad} was accepted")
+
+# %% [markdown]
+# The model's inputs are checked in the same module: token ids within the vocabulary, one cache a layer,
+# `generate`'s arguments, and that new tokens fit a recurrent layer's cache (`StateCache`), before any state
+# changes; so are `mqar_batch`'s number of pairs and `kv_cache_bytes_per_token`'s dtypes. The counts and cost
+# models of sections 9.4 and 9.5 take a `HybridConfig` or a transformers config through `_as_config`.
 
 # %%
 #| export models.checks
@@ -1589,6 +1533,13 @@ def _check_input_ids(op, input_ids, vocab_size):
     if _checks.checking_values(False, input_ids):
         _checks.value_range(op, "input_ids", input_ids, low=0, high=vocab_size - 1,
                             why="token ids of the vocabulary")
+
+
+def _check_caches(op, caches, num_layers):
+    """caches: None, or one cache a layer (new_caches)."""
+    if caches is not None and len(caches) != num_layers:
+        raise ValueError(f"{op}: caches must hold one cache a layer ({num_layers}), got "
+                         f"{len(caches)}; make them with new_caches")
 
 
 def _check_generate_args(input_ids, max_new_tokens, temperature):
@@ -1617,6 +1568,70 @@ def _check_cache_fits(op, x, batch, length, max_len):
         raise ValueError(f"{op}: {x.shape[1]} new tokens do not fit: {length} of "
                          f"max_len={max_len} are used (make larger caches with "
                          "new_caches(batch, max_len))")
+
+
+def _check_num_pairs(num_pairs, half):
+    """mqar_batch's num_pairs: in [1, vocab/2] (the keys are distinct tokens of the lower half)."""
+    if not 0 < num_pairs <= half:
+        raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
+                         f"{num_pairs}")
+
+
+def _as_config(config, op):
+    """A HybridConfig as is; a transformers config converted (config_from_hf)."""
+    if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
+        validate(config)
+        return config
+    if hasattr(config, "model_type"):
+        from minisparse.models.hf import config_from_hf
+        return config_from_hf(config)
+    raise TypeError(f"{op}: config must be a HybridConfig or a transformers config, got "
+                    f"{type(config).__name__}"
+                    + ("; pass the model's .config" if hasattr(config, "config") else ""))
+
+
+def _check_dtypes(op, **dtypes):
+    """Each keyword argument a torch.dtype."""
+    for name, dt in dtypes.items():
+        if not isinstance(dt, torch.dtype):
+            raise TypeError(f"{op}: {name} must be a torch.dtype (e.g. torch.bfloat16), got "
+                            f"{dt!r}")
+
+
+# %% [markdown]
+# ### The recurrent layers' caches
+#
+# Section 9.3's `Mixer` keeps the state of an `L`, `G` or `K` layer in a `StateCache`, and NSA's past inputs in an
+# `InputCache`: holders of the last state and the tokens read so far. They check their sizes as the attention
+# layers' caches do — the batch, and that new tokens fit `max_len` — so that a pattern of recurrent layers fails
+# like any other, before any state changes.
+
+# %%
+#| export models.cache
+from minisparse import _checks
+from minisparse.models.checks import _check_cache_fits
+
+
+class StateCache:
+    """A recurrent layer's cache: its state after the `length` tokens it has read, for `batch`
+    sequences of up to `max_len` tokens (the state does not grow; the sizes are checked, as the
+    attention layers' caches check theirs, so that one pattern of layers fails like any other)."""
+
+    def __init__(self, batch, max_len):
+        self.batch = _checks.positive_int(type(self).__name__, "batch", batch)
+        self.max_len = _checks.positive_int(type(self).__name__, "max_len", max_len)
+        self.state, self.length = None, 0
+
+    def __len__(self):
+        return self.length
+
+    def check(self, x):
+        """x [B, t, d] continues the cached sequences: B = batch and length + t <= max_len."""
+        _check_cache_fits(type(self).__name__, x, self.batch, self.length, self.max_len)
+
+
+class InputCache(StateCache):
+    """For a layer without a cache of its own (NSA): the layer inputs seen so far [B, length, d]."""
 
 
 # %% [markdown]
@@ -1742,6 +1757,13 @@ for name in FAMILIES if transformers else ():
           f"active {ours['active'] / 1e9:5.2f} B")
 
 # %% [markdown]
+# ### The embeddings' scale
+#
+# Untied, `HybridLM`'s embeddings keep `nn.Embedding`'s N(0, 1): tokens at the scale of what the layers (PyTorch's
+# default inits) add to the residual stream. At std 0.02 the layers' outputs drown the token identities and
+# multi-query associative recall (section 9.6) stays at chance for thousands of steps (bench/notes/capstone.md).
+# Tied to the LM head, the embeddings start at std 0.02, which keeps the first logits small.
+#
 # ### Decoding equals prefill, and DSA's ties
 #
 # Every mixer's cached path gives the uncached logits to float rounding. DSA needs one precaution: ReLU makes exact
@@ -1965,6 +1987,32 @@ def plot_capstone(results):
     ax_lm.set(xlabel="step", ylabel="loss (nats a byte)", ylim=(1, 3), title="standard library")
     ax_pairs.legend(fontsize=7)
     return fig
+
+# %% [markdown]
+# ### Section 9.6's GPU results, checked
+#
+# The figures section 9.6 quotes from `bench/results/capstone.json`, asserted: recall with 32 pairs, the ranking of
+# training speeds, and the dense baseline's decoded token — the bytes of cache it reads, their time at the GPU's
+# measured bandwidth, against the time measured.
+
+# %% tags=["nbval-ignore-output"]
+if RESULTS is not None:
+    rows, cfg = RESULTS["rows"], RESULTS["config"]
+    speed = {r["impl"]: r for r in rows if r["task"] == "train_speed"}
+    decode = {r["impl"]: r for r in rows if r["task"] == "decode"}  # section 9.7's table shows them
+    context = next(iter(decode.values()))["context"]
+    recall = {r["impl"]: r["recall"] for r in rows if r["task"] == "mqar" and r["num_pairs"] == 32}
+    assert min(recall[n] for n in ("dense_baseline", "qwen3_next_like", "kimi_linear_like")) > 0.95
+    assert recall["minimax_m1_like"] < 0.15  # chance 1/N = 0.03: the format, hardly the association
+    assert max(speed, key=lambda n: speed[n]["ms"]) in ("deepseek_v32_like", "glm5_like")
+    others = [r["tokens_per_s"] for n, r in speed.items() if n != "dense_baseline"]
+    assert speed["dense_baseline"]["tokens_per_s"] > 1.5 * max(others)
+    dense = PRESETS["dense_baseline"](hidden_size=cfg["hidden"])
+    read = kv_cache_bytes_per_token(dense, torch.float32)["per_token"] * context
+    hbm = bench.ceilings(RESULTS["device"])[1]  # TB/s, measured on that GPU
+    print(f"dense_baseline's decoded token reads {read / 2**20:.0f} MiB of cache: "
+          f"{read / hbm / 1e6:.0f} µs at the {RESULTS['device']}'s {hbm} TB/s,\n"
+          f"against {decode['dense_baseline']['ms'] * 1e3:,.0f} µs measured")
 
 # %% [markdown]
 # ### The exercise checkers

@@ -6,7 +6,8 @@ from .count import *  # noqa: F401,F403
 from .cost import *  # noqa: F401,F403
 from .training import *  # noqa: F401,F403
 from .checks import *  # noqa: F401,F403
+from .cache import *  # noqa: F401,F403
 from .hf import *  # noqa: F401,F403
 from .exercises import *  # noqa: F401,F403
 
-__all__ = ['MIXERS', 'HybridConfig', 'qwen3_next_like', 'deepseek_v32_like', 'glm5_like', 'KIMI_LINEAR_PATTERN', 'kimi_linear_like', 'minimax_m1_like', 'mixtral_like', 'dense_baseline', 'PRESETS', 'StateCache', 'InputCache', 'Mixer', 'Block', 'HybridLM', 'param_counts', 'layer_cache_numbers', 'kv_cache_bytes_per_token', 'memory_per_sequence', 'mixer_decode_flops', 'mixer_decode_bytes', 'decode_cost', 'IGNORE', 'mqar_batch', 'lm_loss', 'train', 'mqar_answers', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint', 'stdlib_bytes', 'lm_batch', 'plot_capstone', 'validate', 'SUPPORTED', 'config_from_hf', 'check_full_layers', 'check_crossover', 'prefill_with_a_bug', 'check_prefill_fix', 'check_add_rmsnorm_kernel']
+__all__ = ['MIXERS', 'HybridConfig', 'qwen3_next_like', 'deepseek_v32_like', 'glm5_like', 'KIMI_LINEAR_PATTERN', 'kimi_linear_like', 'minimax_m1_like', 'mixtral_like', 'dense_baseline', 'PRESETS', 'Mixer', 'Block', 'HybridLM', 'param_counts', 'layer_cache_numbers', 'kv_cache_bytes_per_token', 'memory_per_sequence', 'mixer_decode_flops', 'mixer_decode_bytes', 'decode_cost', 'IGNORE', 'mqar_batch', 'lm_loss', 'train', 'mqar_answers', 'recall_accuracy', 'data_parallel', 'save_checkpoint', 'load_checkpoint', 'stdlib_bytes', 'lm_batch', 'plot_capstone', 'validate', 'StateCache', 'InputCache', 'SUPPORTED', 'config_from_hf', 'check_full_layers', 'check_crossover', 'prefill_with_a_bug', 'check_prefill_fix', 'check_add_rmsnorm_kernel']

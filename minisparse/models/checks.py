@@ -105,6 +105,13 @@ def _check_input_ids(op, input_ids, vocab_size):
                             why="token ids of the vocabulary")
 
 
+def _check_caches(op, caches, num_layers):
+    """caches: None, or one cache a layer (new_caches)."""
+    if caches is not None and len(caches) != num_layers:
+        raise ValueError(f"{op}: caches must hold one cache a layer ({num_layers}), got "
+                         f"{len(caches)}; make them with new_caches")
+
+
 def _check_generate_args(input_ids, max_new_tokens, temperature):
     """generate's prompt (at least one token), max_new_tokens (an int >= 0, returned) and
     temperature (a finite number >= 0)."""
@@ -131,6 +138,34 @@ def _check_cache_fits(op, x, batch, length, max_len):
         raise ValueError(f"{op}: {x.shape[1]} new tokens do not fit: {length} of "
                          f"max_len={max_len} are used (make larger caches with "
                          "new_caches(batch, max_len))")
+
+
+def _check_num_pairs(num_pairs, half):
+    """mqar_batch's num_pairs: in [1, vocab/2] (the keys are distinct tokens of the lower half)."""
+    if not 0 < num_pairs <= half:
+        raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
+                         f"{num_pairs}")
+
+
+def _as_config(config, op):
+    """A HybridConfig as is; a transformers config converted (config_from_hf)."""
+    if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
+        validate(config)
+        return config
+    if hasattr(config, "model_type"):
+        from minisparse.models.hf import config_from_hf
+        return config_from_hf(config)
+    raise TypeError(f"{op}: config must be a HybridConfig or a transformers config, got "
+                    f"{type(config).__name__}"
+                    + ("; pass the model's .config" if hasattr(config, "config") else ""))
+
+
+def _check_dtypes(op, **dtypes):
+    """Each keyword argument a torch.dtype."""
+    for name, dt in dtypes.items():
+        if not isinstance(dt, torch.dtype):
+            raise TypeError(f"{op}: {name} must be a torch.dtype (e.g. torch.bfloat16), got "
+                            f"{dt!r}")
 
 
 __all__ = ['validate']

@@ -2,21 +2,8 @@
 import torch
 
 from minisparse import _checks
-from minisparse.models.checks import validate
+from minisparse.models.checks import _as_config, _check_dtypes  # engineering notes
 from minisparse.models.model import HybridLM
-
-
-def _as_config(config, op):
-    """A HybridConfig as is; a transformers config converted (config_from_hf, engineering notes)."""
-    if hasattr(config, "layer_kinds"):  # a HybridConfig: checked again, its fields may have changed
-        validate(config)
-        return config
-    if hasattr(config, "model_type"):
-        from minisparse.models.hf import config_from_hf
-        return config_from_hf(config)
-    raise TypeError(f"{op}: config must be a HybridConfig or a transformers config, got "
-                    f"{type(config).__name__}"
-                    + ("; pass the model's .config" if hasattr(config, "config") else ""))
 
 
 def param_counts(config):
@@ -66,10 +53,7 @@ def kv_cache_bytes_per_token(config, dtype=torch.bfloat16, state_dtype=torch.flo
     (recurrent states in `state_dtype`, as the layers keep them; convolution states in `dtype`).
     config: a HybridConfig or a transformers config of a SUPPORTED family."""
     c = _as_config(config, "kv_cache_bytes_per_token")
-    for name, dt in (("dtype", dtype), ("state_dtype", state_dtype)):
-        if not isinstance(dt, torch.dtype):
-            raise TypeError(f"kv_cache_bytes_per_token: {name} must be a torch.dtype (e.g. "
-                            f"torch.bfloat16), got {dt!r}")
+    _check_dtypes("kv_cache_bytes_per_token", dtype=dtype, state_dtype=state_dtype)
     b, bs = torch.empty(0, dtype=dtype).element_size(), torch.empty(
         0, dtype=state_dtype).element_size()
     per_token = per_seq = 0

@@ -3,39 +3,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisparse import _checks
 from minisparse.attention import Attention, RMSNorm
 from minisparse.deltanet import GatedDeltaNet
 from minisparse.dsa import DSAttention, indexer_kl_loss
-from minisparse.models.checks import _check_cache_fits, _check_generate_args, _check_input_ids
 from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
-from minisparse.models.checks import validate
+from minisparse.models.cache import InputCache, StateCache  # engineering notes
+from minisparse.models.checks import _check_caches, _check_generate_args, _check_input_ids, validate
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
-
-
-class StateCache:
-    """A recurrent layer's cache: its state after the `length` tokens it has read, for `batch`
-    sequences of up to `max_len` tokens (the state does not grow; the sizes are checked, as the
-    attention layers' caches check theirs, so that one pattern of layers fails like any other)."""
-
-    def __init__(self, batch, max_len):
-        self.batch = _checks.positive_int(type(self).__name__, "batch", batch)
-        self.max_len = _checks.positive_int(type(self).__name__, "max_len", max_len)
-        self.state, self.length = None, 0
-
-    def __len__(self):
-        return self.length
-
-    def check(self, x):
-        """x [B, t, d] continues the cached sequences: B = batch and length + t <= max_len."""
-        _check_cache_fits(type(self).__name__, x, self.batch, self.length, self.max_len)
-
-
-class InputCache(StateCache):
-    """For a layer without a cache of its own (NSA): the layer inputs seen so far [B, length, d]."""
 
 
 class Mixer(nn.Module):
@@ -156,19 +133,13 @@ class HybridLM(nn.Module):
         self.lm_head = (None if config.tie_embeddings else
                         nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.aux_loss = None
-        # Untied, the embeddings keep nn.Embedding's N(0, 1): tokens at the scale of what the
-        # layers (PyTorch's default inits) add to the residual stream. At std 0.02 the layers'
-        # outputs drown the token identities and multi-query associative recall (section 9.6)
-        # stays at chance for thousands of steps (bench/notes/capstone.md). Tied to the LM head,
-        # 0.02 keeps the first logits small.
+        # untied: nn.Embedding's N(0, 1); tied to the LM head: std 0.02 (engineering notes)
         if config.tie_embeddings and self.embed_tokens.weight.device.type != "meta":
             nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(self, input_ids, caches=None):
         _check_input_ids("HybridLM", input_ids, self.config.vocab_size)  # engineering notes
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"HybridLM: caches must hold one cache a layer ({len(self.layers)}),"
-                             f" got {len(caches)}; make them with new_caches")
+        _check_caches("HybridLM", caches, len(self.layers))  # None, or one a layer
         x = self.embed_tokens(input_ids)  # [B, T, d]
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i])
@@ -209,4 +180,4 @@ class HybridLM(nn.Module):
         return out
 
 
-__all__ = ['StateCache', 'InputCache', 'Mixer', 'Block', 'HybridLM']
+__all__ = ['Mixer', 'Block', 'HybridLM']

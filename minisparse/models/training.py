@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
+from minisparse.models.checks import _check_num_pairs
+
 IGNORE = -100  # a target position without a loss
 
 
@@ -22,9 +24,7 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
     """
     Q = num_pairs if num_queries is None else num_queries
     half = vocab // 2
-    if not 0 < num_pairs <= half:
-        raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
-                         f"{num_pairs}")
+    _check_num_pairs(num_pairs, half)
     keys = torch.rand(batch, half, generator=generator).argsort(-1)[:, :num_pairs]  # distinct
     values = torch.randint(half, vocab, (batch, num_pairs), generator=generator)
     ask = torch.randint(0, num_pairs, (batch, Q), generator=generator)  # which pair each query
