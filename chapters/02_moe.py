@@ -251,8 +251,8 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
     The E experts form n_group groups of E / n_group; a group's score is the sum of its top-2
     biased scores (in groups of one expert, its one score: the limit then keeps the topk_group
     best experts, and the top-k is the plain one) and only the best topk_group groups stay
-    eligible. Weights: unbiased scores of the chosen
-    experts, renormalised (renormalize=True), times routed_scaling_factor.
+    eligible. Weights: unbiased scores of the chosen experts, renormalised (renormalize=True),
+    times routed_scaling_factor.
     """
     _check_router_inputs("route_deepseek", logits, top_k, bias, n_group, topk_group,
                          routed_scaling_factor)

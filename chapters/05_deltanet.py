@@ -1087,10 +1087,10 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #    8K, and 0.17–0.26× up to 4K, where fla's time hardly moves (1.11–1.25 ms: launches and host work). With value
 #    checks on, one host sync a call adds 0.24–0.57 ms: 0.98–1.22× fla's time from 8K.
 # 2. **The backward is the weak half**: forward + backward takes 1.87–1.89× fla's time from 16K to 64K and 1.57× at
-#    8K, but less than fla's up to 4K (0.34×, 0.59×, 0.78×), where launches dominate. It runs section 5.6's WY and
-#    keys kernels, one program a chunk each, as fla splits the work. What remains is precision: every product takes
-#    fp32 operands where fla rounds them to bf16, and rounding as fla does puts dg's error past the tests' 8e-3
-#    bound (`bench/notes/deltanet.md`).
+#    8K, but less than fla's up to 4K (0.34×, 0.59×, 0.78×), where launches dominate. Its work is split as fla
+#    splits it (the engineering notes' backward pass: a WY kernel a chunk, a keys kernel a chunk and block of key
+#    channels). What remains is precision: every product takes fp32 operands where fla rounds them to bf16, and
+#    rounding as fla does puts dg's error past the tests' 8e-3 bound (`bench/notes/deltanet.md`).
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 12.2× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
 #

@@ -1127,9 +1127,9 @@ if res is not None:
 # - **Decoding** at 64K (16 sequences) as a CUDA graph, as serving engines run it: the FP8 step is 5.3× faster than
 #   `mla_decode` over the whole cache (0.214 against 1.137 ms); bf16 index keys give 4.4×, the sparse attention
 #   alone 13×. Called from Python the step takes 0.45–0.57 ms (2.5× and 2.0×): the host's work outlasts the
-#   kernels, and how long it takes depends on the machine's host (0.75–0.78 ms on another H100 machine the same
-#   day, 0.31–0.36 on an H200 machine: `bench/notes/dsa.md`). Section 8.6's byte count bounds the step at 3.8× (bf16) and 6.5× (FP8) at
-#   HBM speed; the bf16 step passes its bound because `mla_decode` at 128 heads is compute-bound (chapter 3).
+#   kernels, and how long it takes depends on the machine's CPU (`bench/notes/dsa.md`). Section 8.6's byte count
+#   bounds the step at 3.8× (bf16) and 6.5× (FP8) at HBM speed; the bf16 step passes its bound because
+#   `mla_decode` at 128 heads is compute-bound (chapter 3).
 #
 # The kernels are correct (their tests pass in bf16 and fp16 on the H200 and the H100); the prefill is slower than
 # the model allows; the engineering notes check every number above.

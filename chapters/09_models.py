@@ -1571,8 +1571,9 @@ def _check_cache_fits(op, x, batch, length, max_len):
 
 
 def _check_num_pairs(num_pairs, half):
-    """mqar_batch's num_pairs: in [1, vocab/2] (the keys are distinct tokens of the lower half)."""
-    if not 0 < num_pairs <= half:
+    """mqar_batch's num_pairs: an int in [1, vocab/2] (the keys are distinct tokens of the lower
+    half)."""
+    if _checks.positive_int("mqar_batch", "num_pairs", num_pairs) > half:
         raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
                          f"{num_pairs}")
 

@@ -287,6 +287,12 @@ def test_mqar_batch_layout():
     assert (tg[:, :10] == TR.IGNORE).all() and (tg[:, 11::2] == TR.IGNORE).all()
 
 
+@pytest.mark.parametrize("num_pairs,match", [(0, "int > 0"), (2.5, "int > 0"), (33, r"\[1, vocab/2 = 32\]")])
+def test_mqar_batch_rejects_a_bad_num_pairs(num_pairs, match):
+    with pytest.raises(ValueError, match=match):  # 2.5 was a TypeError from slicing
+        TR.mqar_batch(2, num_pairs, vocab=64)
+
+
 class _RecallWithin(torch.nn.Module):
     """An MQAR 'model' that answers a query right exactly when its key (among the first `pairs`) lies at most
     `reach` tokens back."""
