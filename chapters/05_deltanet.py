@@ -213,9 +213,24 @@ from minisparse import _checks
 
 
 def l2norm(x, eps=1e-6):
-    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers')."""
+    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers'), for
+    any finite x: a row with entries over 1 is divided by its largest |x| first, so Σ x² cannot
+    overflow (fla's gives 0 past |x| ≈ 1e19)."""
     x = x.float()
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    if x.shape[-1] == 0:
+        return x
+    m = x.abs().amax(-1, keepdim=True).clamp_min(1.0)  # [..., 1]
+    y = x / m
+    return y * torch.rsqrt((y * y).sum(-1, keepdim=True) + eps / (m * m))
+
+
+def _check_l2norm_range(op, q, k):
+    """The kernels' l2norm sums q² and k² in float32 (as fla's): refuse rows it would overflow.
+    One reduction and a host sync a tensor; call it where the value-check rule says so."""
+    for name, x in (("q", q), ("k", k)):
+        _checks.value_range(op, name, x, low=-2.0 ** 59, high=2.0 ** 59,
+                            why="use_qk_l2norm: the kernels sum its squares in float32; l2norm "
+                                "ignores a row's scale, so divide the inputs by a constant first")
 
 
 def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
@@ -2352,20 +2367,22 @@ import torch
 from minisparse import _checks
 from minisparse.deltanet.chunk_bwd import _chunk_backward
 from minisparse.deltanet.chunk_fwd import _INSTEAD, _chunk_forward
-from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
+from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta, _check_l2norm_range
 
 
-def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
+def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim, l2):
     """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
-    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
-    the value-check rule ask for them (on CPU tensors always; on CUDA after
-    runtime.set_value_checks(True)), before any kernel is queued.
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values (and with `l2`, q's and
+    k's range) where `check_values` and the value-check rule ask for them (on CPU tensors always; on
+    CUDA after runtime.set_value_checks(True)), before any kernel is queued.
     Returns the scale as a float."""
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
     if check_values and _checks.checking_values(False, q):
         _check_gate_and_beta(op, g, beta)
+        if l2:
+            _check_l2norm_range(op, q, k)
     return scale
 
 
@@ -2411,10 +2428,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
            op="chunk_gated_delta_rule"):
-    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values
+    """chunk_gated_delta_rule (g None: no decay); check_values=False skips the value checks
     (GatedDeltaNet's)."""
     scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
-                                 max_dim=128)
+                                 max_dim=128, l2=use_qk_l2norm)
     if g is None:
         g = torch.zeros_like(beta, dtype=torch.float32)
     return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta,
@@ -2449,11 +2466,11 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 
 def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                      check_values):
-    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values
+    """fused_recurrent_gated_delta_rule; check_values=False skips the value checks
     (GatedDeltaNet's own)."""
     op = "fused_recurrent_gated_delta_rule"
     scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
-                                 max_dim=256)
+                                 max_dim=256, l2=use_qk_l2norm)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_gated_delta_rule")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]

@@ -547,7 +547,7 @@ def indexer_kl_loss(p_attn, scores, indices=None):
 
     p_attn [B, TQ, H, TK] attention probabilities, scores [B, TQ, TK] (indexer_scores); with indices
     [B, TQ, K] (sparse training) both distributions are restricted to each query's selected keys.
-    Returns a scalar fp32 tensor.
+    Returns a scalar fp32 tensor (0 for no queries).
     """
     B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices, scores)
     keep = causal_mask(TQ, TK, scores.device).expand(B, TQ, TK)  # [B, TQ, TK]
@@ -557,7 +557,7 @@ def indexer_kl_loss(p_attn, scores, indices=None):
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
     log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)
     kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # 0 · log 0 = 0
-    return kl.sum(-1).mean()
+    return kl.sum() / max(B * TQ, 1)  # the mean over queries; 0, not NaN, when there are none
 
 
 def attention_recall(p_attn, indices):

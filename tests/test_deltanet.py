@@ -110,6 +110,34 @@ def test_l2norm_matches_transformers():
     assert_close("l2norm", mod.l2norm(x), l2norm(x), 1e-6)
 
 
+def test_l2norm_is_exact_for_huge_and_tiny_rows():
+    """Σ x² of a row of 1e20s overflows float32: l2norm scales such a row first (fla's returns 0 there)."""
+    x = torch.randn(4, 16, dtype=torch.float64)
+    want = x / (x.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    for s in (1e-30, 1.0, 1e20, 1e36):  # tiny rows keep the eps: x / sqrt(Σx² + eps) ≈ x / 1e-3
+        want_s = (s * x) / ((s * x).pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+        assert_close(f"l2norm at scale {s:g}", want_s, l2norm((s * x).float()), 1e-6)
+    assert_close("unit rows", want, l2norm(x.float()), 1e-6)
+    assert l2norm(torch.zeros(2, 3, 0)).shape == (2, 3, 0)
+
+
+def test_triton_ops_refuse_rows_whose_squares_overflow_with_l2norm():
+    ok = {n: x.to(DEV) for n, x in _ok().items()}
+    huge = dict(ok, k=ok["k"] * 1e20)
+    ref = naive_recurrent_gated_delta_rule(**huge, use_qk_l2norm=True)[0]  # the spec computes it
+    assert_close("naive at 1e20", naive_recurrent_gated_delta_rule(**ok, use_qk_l2norm=True)[0], ref, 1e-5)
+    previous = runtime.set_value_checks(True)
+    try:
+        for fn in (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
+            with pytest.raises(ValueError, match=r"k must be >= -5.76461e\+17 and <= 5.76461e\+17 \(use_qk_l2norm"), \
+                    torch.no_grad():
+                fn(**huge, use_qk_l2norm=True)
+            with torch.no_grad():  # without the normalisation, large keys are the caller's business
+                fn(**dict(ok, k=ok["k"] * 1e3))
+    finally:
+        runtime.set_value_checks(previous)
+
+
 # ------------------------------------------------------------------------------------------- the chunk form
 @pytest.mark.parametrize("T,C", [(1, 64), (37, 16), (64, 64), (100, 64), (100, 32)])
 @pytest.mark.parametrize("HV", [2, 4])

@@ -333,6 +333,14 @@ def test_indexer_kl_loss_is_zero_at_the_target_and_positive_elsewhere():
     assert torch.allclose(D.attention_recall(p, D.select_topk(exact, 16)), torch.ones(2, 16))
 
 
+def test_indexer_kl_loss_of_no_queries_is_zero_and_differentiable():
+    scores = torch.zeros(2, 0, 5, requires_grad=True)
+    loss = D.indexer_kl_loss(torch.zeros(2, 0, 3, 5), scores)
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert scores.grad.shape == (2, 0, 5)
+
+
 # ------------------------------------------------------------------------------------------- layers vs transformers
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32,
             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, index_n_heads=16, index_head_dim=16,

@@ -232,6 +232,26 @@ def test_bad_input_is_refused_with_a_clear_message(op, case):
     assert name in str(info.value)
 
 
+def test_huge_rows_with_l2norm_are_exact_in_the_naive_ops_and_refused_by_the_kernels():
+    """The kernels' l2norm sums squares in float32, which overflows past |q| ≈ 1e18: they refuse such rows (under
+    the value-check rule); the naive ops normalise them exactly."""
+    from minisparse.kda import chunk_kda, fused_recurrent_kda
+
+    a = _good()
+    ref = naive_recurrent_kda(**a, use_qk_l2norm=True)[0]
+    assert_close("naive, q at 1e20", ref, naive_recurrent_kda(**dict(a, q=a["q"] * 1e20), use_qk_l2norm=True)[0],
+                 1e-5)
+    huge = {n: x.to(_device()) for n, x in dict(a, q=a["q"] * 1e20).items()}
+    previous = runtime.set_value_checks(True)
+    try:
+        for fn in (chunk_kda, fused_recurrent_kda):
+            with pytest.raises(ValueError, match=r"q must be >= -5.76461e\+17 and <= 5.76461e\+17 \(use_qk_l2norm"), \
+                    torch.no_grad():
+                fn(**huge, use_qk_l2norm=True)
+    finally:
+        runtime.set_value_checks(previous)
+
+
 def test_value_checks_follow_the_rule():
     """The Triton ops check g's and β's values on CPU tensors always, on CUDA tensors only after
     runtime.set_value_checks(True); unchecked, they compute what they are given. The naive ops always check."""

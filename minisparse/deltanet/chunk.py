@@ -4,20 +4,22 @@ import torch
 from minisparse import _checks
 from minisparse.deltanet.chunk_bwd import _chunk_backward
 from minisparse.deltanet.chunk_fwd import _INSTEAD, _chunk_forward
-from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta
+from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta, _check_l2norm_range
 
 
-def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
+def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim, l2):
     """_check_delta's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
-    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
-    the value-check rule ask for them (on CPU tensors always; on CUDA after
-    runtime.set_value_checks(True)), before any kernel is queued.
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values (and with `l2`, q's and
+    k's range) where `check_values` and the value-check rule ask for them (on CPU tensors always; on
+    CUDA after runtime.set_value_checks(True)), before any kernel is queued.
     Returns the scale as a float."""
     scale = _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
     if check_values and _checks.checking_values(False, q):
         _check_gate_and_beta(op, g, beta)
+        if l2:
+            _check_l2norm_range(op, q, k)
     return scale
 
 
@@ -63,10 +65,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values,
            op="chunk_gated_delta_rule"):
-    """chunk_gated_delta_rule (g None: no decay); check_values=False skips g's and β's values
+    """chunk_gated_delta_rule (g None: no decay); check_values=False skips the value checks
     (GatedDeltaNet's)."""
     scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
-                                 max_dim=128)
+                                 max_dim=128, l2=use_qk_l2norm)
     if g is None:
         g = torch.zeros_like(beta, dtype=torch.float32)
     return _ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta,

@@ -69,11 +69,11 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 
 def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                      check_values):
-    """fused_recurrent_gated_delta_rule; check_values=False skips g's and β's values
+    """fused_recurrent_gated_delta_rule; check_values=False skips the value checks
     (GatedDeltaNet's own)."""
     op = "fused_recurrent_gated_delta_rule"
     scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
-                                 max_dim=256)
+                                 max_dim=256, l2=use_qk_l2norm)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_gated_delta_rule")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]

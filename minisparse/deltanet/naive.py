@@ -5,9 +5,24 @@ from minisparse import _checks
 
 
 def l2norm(x, eps=1e-6):
-    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers')."""
+    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers'), for
+    any finite x: a row with entries over 1 is divided by its largest |x| first, so Σ x² cannot
+    overflow (fla's gives 0 past |x| ≈ 1e19)."""
     x = x.float()
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    if x.shape[-1] == 0:
+        return x
+    m = x.abs().amax(-1, keepdim=True).clamp_min(1.0)  # [..., 1]
+    y = x / m
+    return y * torch.rsqrt((y * y).sum(-1, keepdim=True) + eps / (m * m))
+
+
+def _check_l2norm_range(op, q, k):
+    """The kernels' l2norm sums q² and k² in float32 (as fla's): refuse rows it would overflow.
+    One reduction and a host sync a tensor; call it where the value-check rule says so."""
+    for name, x in (("q", q), ("k", k)):
+        _checks.value_range(op, name, x, low=-2.0 ** 59, high=2.0 ** 59,
+                            why="use_qk_l2norm: the kernels sum its squares in float32; l2norm "
+                                "ignores a row's scale, so divide the inputs by a constant first")
 
 
 def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,

@@ -5,21 +5,23 @@ from minisparse import _checks, runtime
 from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
 from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
-from minisparse.deltanet.naive import _check_gate_and_beta
+from minisparse.deltanet.naive import _check_gate_and_beta, _check_l2norm_range
 from minisparse.kda.checks import _check_kda
 from minisparse.kda.naive import _naive_chunk
 
 
-def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim):
+def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim, l2):
     """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
-    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values where `check_values` and
-    the value-check rule ask for them (on CPU tensors always; on CUDA after
-    runtime.set_value_checks(True)). Returns the scale as a float."""
+    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values (and with `l2`, q's and
+    k's range) where `check_values` and the value-check rule ask for them (on CPU tensors always; on
+    CUDA after runtime.set_value_checks(True)). Returns the scale as a float."""
     scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
     if check_values and _checks.checking_values(False, q):
         _check_gate_and_beta(op, g, beta)
+        if l2:
+            _check_l2norm_range(op, q, k)
     return scale
 
 
@@ -74,9 +76,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
 
 def _chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, check_values):
-    """chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
+    """chunk_kda; check_values=False skips the value checks (the layer's own)."""
     scale = _check_kernel_inputs("chunk_kda", q, k, v, g, beta, scale, initial_state, check_values,
-                                 max_dim=128)
+                                 max_dim=128, l2=use_qk_l2norm)
     return _ChunkKDA.apply(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, initial_state,
                            scale,
                            bool(output_final_state), bool(use_qk_l2norm))

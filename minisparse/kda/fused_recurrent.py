@@ -71,10 +71,10 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
 
 def _fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                      check_values):
-    """fused_recurrent_kda; check_values=False skips g's and β's values (the layer's own)."""
+    """fused_recurrent_kda; check_values=False skips the value checks (the layer's own)."""
     op = "fused_recurrent_kda"
     scale = _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values,
-                                 max_dim=256)
+                                 max_dim=256, l2=use_qk_l2norm)
     _checks.forward_only(op, q, k, v, g, beta, initial_state, instead="chunk_kda")
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
