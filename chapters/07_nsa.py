@@ -114,6 +114,24 @@ DTYPE = runtime.default_dtype()
 # and expects 11.6× for decoding from its count of the tokens read (its Table 4; section 7.4
 # reads all three against a cost model).
 #
+# The picture: what one query reads as the context grows. Dense attention's budget is the whole past; NSA's
+# grows by one summary every $d$ tokens on top of a fixed $n l' + w$; MoBA's (chunks of 128, top 16) stops growing
+# at 2,048.
+
+# %%
+context = 2.0 ** np.arange(10, 21)  # 1K … 1M
+fig, ax = plt.subplots(figsize=(7.5, 3.0))
+ax.plot(context, context, marker="o", ms=3, label="dense: every key")
+ax.plot(context, np.minimum(context, context / 16 + 16 * 64 + 512), marker="o", ms=3,
+        label="NSA: T/d + n·l' + w (d 16, n 16, l' 64, w 512)")
+ax.plot(context, np.minimum(context, 16 * 128), marker="o", ms=3, label="MoBA: 16 chunks of 128")
+viz.tokens_axis(ax, "context T")
+ax.set_yscale("log", base=2)
+ax.set_ylabel("keys one query reads")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
 # **MoBA** (Lu et al., 2025) keeps one branch: split keys into chunks, score each past chunk by $q_t \cdot
 # \operatorname{mean}(K_{\text{chunk}})$, attend over the top-$k$ chunks, the query's own among them. Moonshot reports
 # serving Kimi's long-context requests with it.
@@ -207,7 +225,13 @@ class CompressKV(torch.nn.Module):
         torch.nn.init.zeros_(self.down.bias)
 
     def forward(self, x):
+        _checks.tensor("CompressKV", "x", x, "[B, T, H, D]")
         B, T, H, D = x.shape
+        if D != self.pos.shape[1]:
+            raise ValueError(f"CompressKV: x must have the module's head_dim = {self.pos.shape[1]} "
+                             f"channels, got D = {D}")
+        if T == 0:
+            return x[:, :0]  # [B, 0, H, D]: no summary
         l, d = self.block_size, self.stride
         N = -(-T // d)  # summaries, one every `stride` tokens
         x = F.pad(x, (0, 0, 0, 0, 0, (N - 1) * d + l - T))  # [B, (N-1)·d + l, H, D]
@@ -302,29 +326,32 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
     invisible or surplus slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
-    check_summaries(op, q, k_cmp, block_size=check_block_size(op, block_size), offset=offset)
+    check_summaries(op, q, k_cmp, block_size=check_block_size(op, block_size), offset=offset,
+                    whole=True)
     p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
 
 
-def blocks_from_scores(p, H, block_counts, block_size, offset=0):
+def blocks_from_scores(p, H, block_counts, block_size, offset=0, op="select_blocks"):
     """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
-    computes them once for both branches) -> block_indices [B, T, H, S]."""
-    op = "select_blocks"
+    computes them once for both branches) -> block_indices [B, T, H, S]. `op` names the caller
+    in errors."""
     S = check_block_counts(op, block_counts)
     B, T, HQ, N = p.shape
+    NB = max(N, -(-(offset + T) // block_size))  # blocks of the keys: the last query's own included
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
+    score = F.pad(score, (0, NB - N))  # [B, T, H, NB] a block without a summary: never seen
     t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
-    c = torch.arange(N, device=p.device)[None, :]  # [1, N]
+    c = torch.arange(NB, device=p.device)[None, :]  # [1, NB]
     own = t // block_size
-    forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
-    seen = (c + 1) * block_size - 1 <= t  # [T, N] complete blocks in the past
+    forced = (c == 0) | (c == own) | (c == own - 1)  # [T, NB] always selected
+    seen = (c + 1) * block_size - 1 <= t  # [T, NB] complete blocks in the past
     score = score.masked_fill(~seen[None, :, None], float("-inf"))
     score = score.masked_fill(forced[None, :, None], float("inf"))
-    top_score, top = score.topk(min(S, N), dim=-1)  # [B, T, H, min(S, N)]
-    # invisible: N, sorts last
-    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
-    top = top.masked_fill(top == N, -1)
+    top_score, top = score.topk(min(S, NB), dim=-1)  # [B, T, H, min(S, NB)]
+    # invisible: NB, sorts last
+    top = top.masked_fill(top_score == float("-inf"), NB).sort(dim=-1).values
+    top = top.masked_fill(top == NB, -1)
     return F.pad(top, (0, S - top.shape[-1]), value=-1)  # [B, T, H, S]
 
 # %% [markdown]
@@ -401,7 +428,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=Dv)
     p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
     if block_indices is None:  # [B, TQ, H, S], from the same probabilities
-        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ, op)
     elif g_slc is None:  # given but unused: valid all the same (else selected_attention checks)
         check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=True, offset=T - TQ)
     o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
@@ -1074,8 +1101,8 @@ plt.show()
 # 128, top-16, H 16) against SDPA. It also times fla 0.6's `parallel_nsa` for compression and selection, with
 # chapter 1's kernel for the window (fla's own window branch needs the flash-attn package). The cell plots the
 # committed H200 run (`bench/results/nsa.json`, 2026-12-05) and tabulates SDPA's time over ours (above 1: NSA is
-# faster). The decoding step is timed twice: called from Python, and captured once as a CUDA graph and replayed, as
-# serving engines run decoding ("decode, graph").
+# faster). The decoding step is timed twice: called from Python, and captured once as a CUDA graph and replayed at
+# the same context length, as serving engines run decoding ("decode, graph").
 
 # %% tags=["nbval-ignore-output"]
 from minisparse import bench
@@ -1113,8 +1140,8 @@ if res is not None:
 # What the run says. With every branch and the selection included, NSA's forward passes dense attention from 32K
 # (1.7×) and is 3.2× faster at 64K (39 against 126 ms); forward + backward is 1.65× faster at 32K and 2.7× at 64K,
 # and fla's `parallel_nsa` (with chapter 1's window) takes 64 ms for the 64K forward. Still far below the 16× that
-# section 7.4's model allows: the selection kernel (23 of the 39 ms) loads every chosen block once for each token
-# (bound by L2 traffic) and the top-n (10 ms) grows as $T^2/64$. A decoding step called from Python costs
+# section 7.4's model allows: the selection kernel (23 of the 39 ms) loads every chosen block once for each token,
+# and the top-n with the compressed branch (11 ms) grows as $T^2/64$. A decoding step called from Python costs
 # 0.3–0.7 ms (by the machine's CPU), host work that no kernel removes; captured as a CUDA graph its three kernels
 # take 26 µs at 64K, 2.1× faster than SDPA's single-token step (54 µs), which reads all 128 MiB of the cache at HBM
 # speed. The step's time is latency, not reading: the window alone takes 10 µs through the same kernels, and the
@@ -1133,8 +1160,7 @@ if res is not None:
 import triton
 import triton.language as tl
 
-from minisparse.nsa.bugs import select_blocks_with_a_bug
-from minisparse.nsa.exercises import (check_block_scores_kernel, check_selection_fix,
+from minisparse.nsa.exercises import (check_block_scores_kernel, check_filled_slots,
                                       check_unshared_reads, load_group_queries)
 from minisparse.testing import attempt
 
@@ -1180,41 +1206,36 @@ print(f"64K, G = 16: {unshared} tokens a key head against {shared} shared: "
 assert (unshared, shared) == (20991, 5631)
 
 # %% [markdown]
-# ### Exercise 2 (debug): a selection that wastes its slots
+# ### Exercise 2 (predict): how full is the selection?
 #
-# `select_blocks_with_a_bug` is the group-shared top-n of section 7.2 with a rule left out. A model trained with it
-# picks, early in the sequence, blocks that no query there may read, where `select_blocks` leaves the slot empty.
-# Compare the two for query 3 of a short sequence, find the rule, and write it: `my_visible(T, N, block_size)`
-# returns the `[T, N]` boolean mask of the blocks whose *summary* query $t$ may attend to (a stricter rule than
-# `check_block_indices`' "the block's first token is not in the future"). The buggy function takes it
-# as `visible=`; the checker compares your mask with the rule of section 7.2 on five shapes.
+# `select_blocks` gives every query `S` slots, and fills with `-1` the ones it has nothing for. Without running it,
+# predict how many slots hold a real block for query $t$: write `my_filled(T, S, block_size)`, returning a `[T]`
+# integer tensor. Which blocks may a query pick at all — through its summary, or because it is forced? The checker
+# counts the slots `select_blocks` fills for random queries and keys of five shapes, blocks of 8 and 16, and says
+# where your count differs.
 
 # %%
-def my_visible(T, N, block_size):
-    # your code here: [T, N] bool, True where query t may see block c's summary
+def my_filled(T, S, block_size):
+    # your code here: [T] ints, the slots of query t that hold a block (not -1)
     raise NotImplementedError
 
 
 # %%
-attempt(check_selection_fix, my_visible)
+attempt(check_filled_slots, my_filled)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — without the mask, blocks whose summary is not yet visible keep probability 0, and 0
-# still beats nothing in a top-n: a query that sees fewer than n blocks fills its slots with future
-# blocks (real indices, not -1), which cost a kernel a load each and read nothing. A summary mixes
-# all tokens of its block, so query t may see block c once the block's last token is in the past:
-# (c + 1)·block_size − 1 ≤ t. (The query's own, incomplete block is selected anyway, as forced.)
-def visible_solution(T, N, block_size):
-    t, c = torch.arange(T)[:, None], torch.arange(N)[None, :]
-    return (c + 1) * block_size - 1 <= t
+# Solution — every block from 0 to the query's own is a candidate: the complete blocks before it
+# through their summaries, its own block (complete or not) because it is forced; no later block can
+# be picked. So query t fills min(S, t // block_size + 1) slots, whatever the scores. From position
+# (S − 1)·block_size on, every query reads S whole blocks: what the cost model counts.
+def filled_solution(T, S, block_size):
+    return (torch.arange(T) // block_size + 1).clamp(max=S)
 
 
-check_selection_fix(visible_solution)
-q3, k3 = make_qkv(1, 40, 4, 16, HKV=2, seed=7)[:2]
-fixed = select_blocks_with_a_bug(q3, mean_pool(k3, 8), 4, 8, visible=visible_solution)
-assert torch.equal(fixed, select_blocks(q3, mean_pool(k3, 8), 4, 8))
-print("query 3, buggy:", select_blocks_with_a_bug(q3, mean_pool(k3, 8), 4, 8)[0, 3, 0].tolist(),
-      "fixed:", fixed[0, 3, 0].tolist())
+check_filled_slots(filled_solution)
+full_from = (PAPER["block_counts"] - 1) * PAPER["block_size"]
+print(f"the paper's shapes: every query from position {full_from} on selects "
+      f"{PAPER['block_counts']} blocks")
 
 # %% [markdown]
 # ### Exercise 3 (Triton): the block-gather tile
@@ -1424,7 +1445,8 @@ def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whol
 # `selection_dq_kernel` repeats the forward's walk over the selected blocks with $P$ recomputed from the saved
 # log-sum-exp; `selection_dkv_kernel` owns `BN` keys of one block and walks the (token, head) pairs that selected
 # it. `_inverse_index` builds those lists with one stable sort of `block_indices` on the device (padding sorts
-# last) and a `bincount` for the offsets — no host sync.
+# last) and a binary search of the sorted keys for the offsets — no host sync (a `bincount` would read its
+# largest key back to size its result).
 
 # %% tags=["hide-input"]
 #| export nsa.triton
@@ -1584,9 +1606,9 @@ def _inverse_index(idx, H, NB):
     key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)
     key, order = key.flatten().sort(stable=True)
     entries = (t * R + hs % R).expand(B, TQ, HS, S).flatten()[order].to(torch.int32)
-    counts = torch.bincount(key, minlength=B * H * NB + 1)[: B * H * NB]
-    offsets = torch.zeros(B * H * NB + 1, dtype=torch.int32, device=idx.device)
-    offsets[1:] = counts.cumsum(0)
+    # the first entry of each list, and the end of the last (bincount would size its result on the host)
+    bins = torch.arange(B * H * NB + 1, device=idx.device)
+    offsets = torch.searchsorted(key, bins).to(torch.int32)  # [B·H·NB + 1]
     return offsets, entries
 
 
@@ -1695,7 +1717,7 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
                  mask=(o_t[:, None] < TQ) & (o_a[None, :] < seen[:, None]), other=float("-inf"))
     a = o_a[None, :]
     forced = (a == 0) | (a == own[:, None]) | (a == own[:, None] - 1)
-    sc = tl.where(forced & (a < N), float("inf"), sc)  # [BT, BNA]
+    sc = tl.where(forced, float("inf"), sc)  # [BT, BNA] (own may be a block without a summary)
     o_s = tl.arange(0, SP)
     picks = tl.full([BT, SP], -1, tl.int64)
     for i in range(S):
@@ -1720,9 +1742,10 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     op = "parallel_select_blocks"
     S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
-    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset)
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset, whole=True)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
+    NB = max(N, triton.cdiv(TQ + offset, bs))  # blocks of the keys: the last query's own included
     DV = D if v_cmp is None else v_cmp.shape[3]
     _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="select_blocks")
@@ -1733,7 +1756,7 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     BG = triton.next_power_of_2(HQ // H)
     meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D, DV=DV,
                 BG=BG, BD=max(16, triton.next_power_of_2(D)),
-                BDV=max(16, triton.next_power_of_2(DV)), BNA=max(16, triton.next_power_of_2(N)),
+                BDV=max(16, triton.next_power_of_2(DV)), BNA=max(16, triton.next_power_of_2(NB)),
                 CMP_OUT=v_cmp is not None, PRECISION="ieee" if q.dtype == torch.float32 else None)
     v_in = None if v_cmp is None else v_cmp.detach().to(q.dtype).contiguous()
     runtime.launch("nsa.select", select_topk_kernel, lambda c: (triton.cdiv(TQ, c["BT"]), B * H),
@@ -1742,17 +1765,18 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
                    key=(meta["BD"], meta["BNA"], BG, meta["BDV"] if v_cmp is not None else 0),
                    fit=lambda c: {**c, "BT": max(c["BT"], 16 // BG)},  # ≥ 16 rows for tl.dot
                    instead="minisparse.nsa.select_blocks")
-    top = idx.masked_fill(idx < 0, N).sort(-1).values  # the argmax rounds give score order
-    return top.masked_fill(top == N, -1), o_cmp
+    top = idx.masked_fill(idx < 0, NB).sort(-1).values  # the argmax rounds give score order
+    return top.masked_fill(top == NB, -1), o_cmp
 
 # %% [markdown]
 # ### Launch and autograd
 #
 # `runtime.launch` takes each kernel's tiles from `LAUNCH_TABLE` (`nsa.selection.{fwd,dq,dkv}`, and MoBA's backward
-# under `moba.selection.{dq,dkv}` for its larger chunks); `BN` is capped at the block size so that a key tile never
-# straddles two blocks, and the dK/dV kernel's `BR` rows hold `BR / next_pow2(G)` (token, head) pairs. At $D = 128$
-# in 16 bits a T4 (64 KiB of shared memory a block) takes `BN = 32` and one stage; the sm_80/sm_90 rows of these
-# kernels are first guesses, not yet swept.
+# under rows of its own, `moba.selection.{dq,dkv}`, equal to NSA's until a sweep at MoBA's chunks sets them apart);
+# `BN` is capped at the block size so that a key tile never straddles two blocks, and the dK/dV kernel's `BR` rows
+# hold `BR / next_pow2(G)` (token, head) pairs. At $D = 128$ in 16 bits a T4 (64 KiB of shared memory a block) takes
+# `BN = 32` and one stage; on Hopper the forward's row is the fastest of a sweep at 64K (`bench/notes/nsa.md`), the
+# backward's rows are not swept yet.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
@@ -1986,7 +2010,8 @@ def _gated_launch(kernel, tensors, outs, first, branches):
 class GatedSumFunction(torch.autograd.Function):
     """o = Σ g_x o_x over the branches that are on (at least one; the others and their gates None),
     the compressed branch zero for the queries t < first. Branch outputs [B, TQ, HQ, DV] with a
-    contiguous last dim, gates [B, TQ, HQ] contiguous, all of one dtype: o's."""
+    contiguous last dim, all of o's dtype; gates [B, TQ, HQ] contiguous, any float dtype (read in
+    fp32; their gradients in their own dtype)."""
 
     @staticmethod
     def forward(ctx, first, o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
@@ -1997,10 +2022,12 @@ class GatedSumFunction(torch.autograd.Function):
         for kind, tensors in (("o", branches), ("g", gates)):
             for name, t in zip(("cmp", "slc", "swa"), tensors):
                 want = x.shape if kind == "o" else x.shape[:3]  # gates: one a row, contiguous
-                if t is not None and (t.shape != want or t.dtype != x.dtype or (
+                dtype_ok = t is None or (t.dtype == x.dtype if kind == "o" else t.is_floating_point())
+                if t is not None and (t.shape != want or not dtype_ok or (
                         t.stride(-1) != 1 if kind == "o" else not t.is_contiguous())):
                     raise ValueError(f"GatedSumFunction: {kind}_{name} must be {tuple(want)} "
-                                     f"in {x.dtype} ({'last dim' if kind == 'o' else 'all'} "
+                                     f"in {x.dtype if kind == 'o' else 'a float dtype'} "
+                                     f"({'last dim' if kind == 'o' else 'all'} "
                                      f"contiguous), got {tuple(t.shape)} {t.dtype}, strides "
                                      f"{t.stride()}")
         o = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -2042,7 +2069,9 @@ class GatedSumFunction(torch.autograd.Function):
 #    slots merged by their maxima and sums, then the gates, in fp32.
 #
 # NC, NS and NW are chosen so that the first two kernels run about two programs an SM (`runtime.sm_count`).
-# Nothing is read back to the host, so a serving loop can capture the step in a CUDA graph. What is left is
+# Nothing is read back to the host, so the step can be captured in a CUDA graph — for one context length: the
+# length sizes the grids and tiles, so a serving loop captures a graph per length bucket (chapter 3's `mla_decode`
+# takes its lengths as a tensor instead). What is left is
 # latency, so each kernel avoids chains of dependent loads: the merge reads a branch's partial slots in one load,
 # the top-n its scores eight heads at a time. On Hopper, kernels 2 and 3 are launched with *programmatic
 # dependent launch* (`launch_pdl` in their launch-table rows): a kernel may start while the one before it still
@@ -2166,7 +2195,7 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
                       mask=(heads[:, None] < G) & seen[None, :], other=float("-inf"))  # [RG, BNA]
         score += tl.sum(tl.exp2(b_s - b_M[:, None]) / b_L[:, None], 0)
     own = pos // BS
-    forced = ((o_a == 0) | (o_a == own) | (o_a == own - 1)) & (o_a < N)
+    forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
     o_s = tl.arange(0, SP)
     picks = tl.full([SP], -1, tl.int64)
@@ -2405,7 +2434,7 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     wm, wl, wacc = _partials(B * H, NW, G, DV, dev)
     idx = torch.empty(B, 1, H, S, device=dev, dtype=torch.int64) if pick else block_indices
     idx = None if idx is None else idx.contiguous()
-    BNA = _next_pow2(min(N, T // bs + 1))  # the top-n's row of visible summaries, in registers
+    BNA = _next_pow2(triton.cdiv(T, bs))  # the top-n's row: the visible summaries and own block
     if NS + NW:
         runtime.launch("nsa.decode.select", decode_select_kernel, lambda c: (NS + NW, B * H),
                        (q, k, v, s, cm, cl, idx, sm, sl, sacc, wm, wl, wacc, T, N, NC, NS, NW, W,
@@ -2758,34 +2787,7 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
 #
 # `minisparse.nsa.exercises`: each checker compares an answer with an independent computation — the cost model,
 # `select_blocks`, a PyTorch gather — and says what differs. The Triton checker launches the reader's kernel
-# directly, in the interpreter on CPU tensors. `minisparse.nsa.bugs` holds exercise 2's planted bug, with a hook for the reader's fix.
-
-# %% tags=["hide-input"]
-#| export nsa.bugs
-import torch
-
-from minisparse.nsa.naive import compressed_scores
-
-
-def select_blocks_with_a_bug(q, k_cmp, block_counts, block_size, visible=None):
-    """Group-shared top-n selection (as `select_blocks`, scale D^-1/2) — with one planted bug.
-    visible: exercise 2's answer, a function (T, N, block_size) -> [T, N] bool applied to the
-    scores before the forced blocks, or None."""
-    B, T, HQ, _ = q.shape
-    N, H = k_cmp.shape[1], k_cmp.shape[2]
-    p = compressed_scores(q, k_cmp, block_size)  # [B, T, HQ, N]
-    score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N]
-    t = torch.arange(T)[:, None]
-    c = torch.arange(N)[None, :]
-    forced = (c == 0) | (c == t // block_size) | (c == t // block_size - 1)  # [T, N]
-    if visible is not None:
-        score = score.masked_fill(~visible(T, N, block_size)[None, :, None], float("-inf"))
-    score = score.masked_fill(forced[None, :, None], float("inf"))
-    top_score, top = score.topk(min(block_counts, N), dim=-1)
-    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
-    top = top.masked_fill(top == N, -1)
-    return torch.nn.functional.pad(top, (0, block_counts - top.shape[-1]), value=-1)
-
+# directly, in the interpreter on CPU tensors.
 
 # %% tags=["hide-input"]
 #| export nsa.exercises
@@ -2794,6 +2796,7 @@ import triton
 import triton.language as tl
 
 from minisparse.nsa.cost import keys_read
+from minisparse.nsa.naive import mean_pool, select_blocks
 from minisparse.testing import ExerciseError, check
 
 
@@ -2813,16 +2816,21 @@ def check_unshared_reads(fn):
                "tokens")
 
 
-def check_selection_fix(fn):
-    """Exercise 2: fn(T, N, block_size) -> [T, N] bool, the blocks whose summary query t may see
-    (select_blocks' rule, the line missing from select_blocks_with_a_bug)."""
-    def reference(T, N, bs):
-        return (torch.arange(N)[None, :] + 1) * bs - 1 <= torch.arange(T)[:, None]
-    check("the blocks a query may see", lambda *a: torch.as_tensor(fn(*a)).bool(), reference,
-          [(70, 9, 8), (100, 7, 16), (45, 6, 8), (16, 1, 16), (5, 1, 8)],
-          hint="a block's summary mixes all of its tokens: compare the buggy selection with "
-               "select_blocks for a query early in the sequence, and ask when the summary of the "
-               "query's own block may be read")
+def check_filled_slots(fn):
+    """Exercise 2: fn(T, S, block_size) -> [T] ints, how many of query t's S slots select_blocks
+    fills with a block (not -1), counted on random queries and keys."""
+    def reference(T, S, bs):
+        g = torch.Generator().manual_seed(T * S + bs)
+        q, k = torch.randn(1, T, 4, 8, generator=g), torch.randn(1, T, 2, 8, generator=g)
+        idx = select_blocks(q, mean_pool(k, bs), S, bs)  # [1, T, 2, S]
+        filled = (idx >= 0).sum(-1)[0]  # [T, 2]
+        assert torch.equal(filled[:, 0], filled[:, 1])  # a count that does not depend on the group
+        return filled[:, 0]
+    check("the filled slots", lambda *a: torch.as_tensor(fn(*a)).long(), reference,
+          [(70, 4, 8), (100, 3, 16), (45, 16, 8), (40, 5, 16), (5, 3, 8)],
+          hint="which blocks can a query pick at all? Those whose summary it may read (the block "
+               "has ended), and the forced ones: block 0, the previous block and its own, complete "
+               "or not")
 
 
 def _scores_reference(q, k, idx, t, block_size, scale):
@@ -2847,8 +2855,15 @@ def check_block_scores_kernel(kernel):
         q, k = torch.randn(G, D, generator=g), torch.randn(T, D, generator=g)
         want = _scores_reference(q, k, idx, t, BS, D ** -0.5)
         out = torch.full((G, BS), 7.0, device=dev)  # anything the kernel leaves shows
-        kernel[(1,)](q.to(dev), k.to(dev), out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
+        k_buf = torch.cat([k, torch.full((BS, D), float("nan"))])  # a read past T gives NaN
+        kernel[(1,)](q.to(dev), k_buf.to(dev), out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
         out = out.cpu()
+        if out.isnan().any():
+            r, c = (int(i) for i in out.isnan().nonzero()[0])
+            raise ExerciseError(
+                f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): row {r}, key {c} is NaN\n"
+                "Hint: mask every load (rows past T or past D read memory that is not k's) and "
+                "never compute -inf − -inf")
         wrong_inf = torch.isinf(want) != torch.isinf(out)
         if wrong_inf.any():
             r, c = (int(i) for i in wrong_inf.nonzero()[0])
@@ -2858,7 +2873,8 @@ def check_block_scores_kernel(kernel):
                 "Hint: a key after the query (position > t), past T, or of a padding block (-1) "
                 "must "
                 "score -inf")
-        err = (out - want).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+        finite = torch.isfinite(want)  # the -inf places match (checked above)
+        err = (out - want)[finite].abs().max().item() if finite.any() else 0.0
         if err > 1e-4:
             raise ExerciseError(f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): largest "
                                 f"difference "

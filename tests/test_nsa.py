@@ -90,6 +90,17 @@ def test_mean_pool_does_not_overflow_near_the_largest_float(dtype):
         counts = torch.tensor([bs] * full + [75 - full * bs])[:sums.shape[1]].view(1, -1, 1, 1)
         assert torch.equal(N.mean_pool(y, bs), (sums / counts).to(dtype)), bs
 
+def test_compression_and_the_layers_take_an_empty_sequence():
+    _, k, _ = make_qkv(2, 0, 2, 8, seed=6)
+    k.requires_grad_()
+    out = N.CompressKV(8, block_size=16, stride=8)(k)
+    assert out.shape == (2, 0, 2, 8)
+    out.sum().backward()  # still linked to x
+    for kind in ("nsa", "moba"):
+        layer = N.NativeSparseAttention(32, 4, 2, 8, block_size=16, block_counts=3, window_size=8, kind=kind)
+        assert layer(torch.randn(1, 0, 32)).shape == (1, 0, 32)
+
+
 def test_compress_kv_starts_as_mean_pooling_and_learns():
     _, k, _ = make_qkv(2, 40, 2, 8, seed=6)
     phi = N.CompressKV(8, block_size=8)
@@ -223,7 +234,10 @@ def test_selection_bad_input(backend, what, make, error, message):
 
 @pytest.mark.parametrize("call,message", [
     (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, window_size=-1), "window_size"),
-    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, block_counts=2), "block_counts must be >= 3"),
+    (lambda q, k, v: N.nsa(q, k, v, None, None, None, block_size=8, block_counts=2),
+     "^nsa: block_counts must be >= 3"),
+    (lambda q, k, v: N.CompressKV(8, block_size=8)(k[0]), r"CompressKV: x must be 4-D"),
+    (lambda q, k, v: N.CompressKV(8, block_size=8)(k), "CompressKV: x must have the module's head_dim = 8"),
     (lambda q, k, v: N.nsa(q, k, v, q[:, :, :2, 0], None, None, block_size=8), r"g_cmp must be \[B, T, HQ\]"),
     (lambda q, k, v: N.moba(q, k, v, 6, 2), "chunk_size must be a power of two"),
     (lambda q, k, v: N.moba(q, k, v, 8, 0), "topk"),
@@ -239,7 +253,7 @@ def test_selection_bad_input(backend, what, make, error, message):
      "stride must be <= block_size"),
     (lambda q, k, v: N.compressed_attention(q.long(), N.mean_pool(k, 8), N.mean_pool(v, 8), 8), "floating"),
     (lambda q, k, v: N.select_blocks(q[0], N.mean_pool(k, 8), 3, 8), "q must be 4-D"),
-    (lambda q, k, v: N.select_blocks(q, N.mean_pool(k, 8)[:, :2], 3, 8), "one summary a block of the 40 keys, 5 at least"),
+    (lambda q, k, v: N.select_blocks(q, N.mean_pool(k, 8)[:, :2], 3, 8), "one summary a block of the 40 keys, 5 \\("),
     (lambda q, k, v: N.mean_pool(k.long(), 8), "floating"),
     (lambda q, k, v: N.moba_select(q[0], k, 8, 2), "q must be 4-D"),
     (lambda q, k, v: N.nsa(q, k, v, q[..., 0].abs() + 2, None, None, block_size=8), "g_cmp must be >= 0 and <= 1"),
@@ -488,6 +502,23 @@ def test_gated_sum_matches_pytorch(poisoned, dtype, on, first):
         assert_close(f"gradient {i}", w, got.float(), grad_tol)
 
 
+def test_parallel_nsa_takes_gates_in_another_float_dtype():
+    """Gates in a wider dtype than q (fp32 gates with bf16 q, as a model's fp32 gate MLP gives them; fp64 with
+    fp32 on a CPU): the same output as nsa and gate gradients in the gates' dtype."""
+    dtype, gate_dtype = (torch.float32, torch.float64) if DEV.type == "cpu" else (torch.bfloat16, torch.float32)
+    q, k, v = (x.to(dtype) for x in make_qkv(1, 70, 4, 16, HKV=2, seed=21, device=DEV))
+    gs = [g.to(DEV, gate_dtype).requires_grad_() for g in gates(1, 70, 4, seed=21)]
+    kw = dict(block_counts=3, block_size=16, window_size=20)
+    o = N.parallel_nsa(q, k, v, *gs, **kw)
+    ref = N.nsa(q, k, v, *gs, **kw)
+    assert o.dtype == dtype
+    assert_close("o", ref.float(), o.float(), TOLERANCES[dtype][0])
+    dg = torch.autograd.grad(o.float().sum(), gs)
+    assert all(d.dtype == gate_dtype for d in dg)
+    for i, (w, got) in enumerate(zip(torch.autograd.grad(ref.float().sum(), gs), dg)):
+        assert_close(f"d gate {i}", w, got, TOLERANCES[dtype][1])
+
+
 DECODE_CASES = [  # B, T, HQ, H, D, DV, block, S, window, gates (cmp, slc, swa), indices given
     (1, 70, 4, 2, 16, 16, 16, 3, 20, (1, 1, 1), False),
     (2, 200, 6, 2, 24, 20, 16, 5, 33, (1, 1, 1), False),  # group 3, D 24, DV 20, two sequences
@@ -637,23 +668,19 @@ def test_unshared_reads_checker_accepts_the_count_and_rejects_wrong_ones(capsys)
         X.check_unshared_reads(lambda T, G, *r: count(T, 1, *r))
 
 
-def test_selection_checker_rejects_wrong_masks_and_accepts_the_rule(capsys):
-    def visible(T, N, bs, started=False):
-        t, c = torch.arange(T)[:, None], torch.arange(N)[None, :]
-        return c * bs <= t if started else (c + 1) * bs - 1 <= t
+def test_filled_slots_checker_rejects_wrong_counts_and_accepts_the_rule(capsys):
+    def filled(T, S, bs, extra=1):
+        return (torch.arange(T) // bs + extra).clamp(max=S)
 
-    X.check_selection_fix(visible)
+    X.check_filled_slots(filled)
     assert capsys.readouterr().out.startswith("✓")
-    with pytest.raises(ExerciseError):  # the bug: every block visible
-        X.check_selection_fix(lambda T, N, bs: torch.ones(T, N, dtype=torch.bool))
-    with pytest.raises(ExerciseError):  # a block seen as soon as it starts
-        X.check_selection_fix(lambda T, N, bs: visible(T, N, bs, started=True))
-    # with the rule plugged in, the planted bug's selection is select_blocks'
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 45, 6, 16, generator=g), torch.randn(1, 45, 3, 16, generator=g)
-    kc = N.mean_pool(k, 8)
-    assert torch.equal(N.select_blocks_with_a_bug(q, kc, 5, 8, visible=visible), N.select_blocks(q, kc, 5, 8))
-    assert not torch.equal(N.select_blocks_with_a_bug(q, kc, 5, 8), N.select_blocks(q, kc, 5, 8))
+    for wrong in (lambda T, S, bs: (torch.arange(T) + 1) // bs,  # complete blocks only
+                  lambda T, S, bs: ((torch.arange(T) + 1) // bs).clamp(max=S),  # the own block not forced
+                  lambda T, S, bs: filled(T, S, bs, extra=0),  # the own block never counted
+                  lambda T, S, bs: torch.arange(T) // bs + 1,  # not capped at S
+                  lambda T, S, bs: torch.full((T,), S)):  # always full
+        with pytest.raises(ExerciseError):
+            X.check_filled_slots(wrong)
 
 
 import triton  # noqa: E402
@@ -684,9 +711,34 @@ def _scores_right(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
     tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
 
 
-def test_block_scores_checker_rejects_a_kernel_without_the_causal_mask_and_accepts_the_right_one():
+@triton.jit
+def _scores_without_column_mask(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                                BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    q = X.load_group_queries(q_ptr, G, D, BG, BD)
+    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
+    pos = idx * BS + j
+    real = (idx >= 0) & (pos <= t) & (pos < T)
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None], other=0.0)  # the bug: D padded
+    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+@triton.jit
+def _scores_nan(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
+                BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    rows, j = tl.arange(0, BG), tl.arange(0, BS)
+    pos = idx * BS + j
+    real = (idx >= 0) & (pos <= t) & (pos < T)
+    s = tl.where(real[None, :], tl.zeros((BG, BS), tl.float32) * float("nan"), float("-inf"))
+    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+
+
+def test_block_scores_checker_rejects_wrong_kernels_and_accepts_the_right_one():
     with pytest.raises(ExerciseError, match="position"):
         X.check_block_scores_kernel(_scores_without_causal_mask)
+    for wrong in (_scores_without_column_mask, _scores_nan):
+        with pytest.raises(ExerciseError, match="NaN"):
+            X.check_block_scores_kernel(wrong)
     X.check_block_scores_kernel(_scores_right)
 
 
@@ -716,6 +768,38 @@ def test_fused_top_n_selects_what_select_blocks_selects(poisoned, T, HQ, H, S, T
     kc = N.mean_pool(k, 16)
     want = N.select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ)
     assert torch.equal(want, N.parallel_select_blocks(q[:, T - TQ:], kc, S, 16, offset=T - TQ))
+
+
+def test_the_selection_refuses_more_summaries_than_blocks():
+    """Summaries with a stride below the block (CompressKV(stride=8) on blocks of 16) are not one a block: the
+    top-n would take summary c for block c."""
+    q, k, _ = make_qkv(1, 40, 4, 16, HKV=2, seed=3, device=DEV)
+    too_many = N.mean_pool(k, 8)  # 5 summaries for 3 blocks of 16
+    for op in (N.select_blocks, N.parallel_select_blocks):
+        with pytest.raises(ValueError, match=r"one summary a block of the 40 keys, 2 to 3 .* got N = 5"):
+            op(q, too_many, 4, 16)
+
+
+@pytest.mark.parametrize("T", [40, 64, 150])
+def test_the_own_block_is_selected_without_its_summary(poisoned, T):
+    """Summaries of the complete blocks only (N = T // block, as a decoding cache holds them) select what the
+    summaries of every block select: a partial block's summary is never seen, and a query's own block is forced
+    whether or not it has one (T = 40, blocks of 16: query 39 reads its block 2). Naive, fused top-n, decoding."""
+    q, k, v = make_qkv(1, T, 4, 16, HKV=2, seed=T, device=DEV)
+    kc, vc = N.mean_pool(k, 16), N.mean_pool(v, 16)
+    short = kc[:, :T // 16], vc[:, :T // 16]
+    want = N.select_blocks(q, kc, 4, 16)
+    assert (want[:, -1] == (T - 1) // 16).any(-1).all()  # the last query's own block
+    assert torch.equal(want, N.select_blocks(q, short[0], 4, 16))
+    assert torch.equal(want, N.parallel_select_blocks(q, short[0], 4, 16))
+    gc, gs, gw = (g.to(DEV) for g in gates(1, T, 4, seed=T))
+    kw = dict(block_counts=4, block_size=16, window_size=0)
+    full = N.nsa(q, k, v, gc, gs, gw, **kw)
+    assert_close("nsa", full, N.nsa(q, k, v, gc, gs, gw, k_cmp=short[0], v_cmp=short[1], **kw), 1e-6)
+    with torch.no_grad():
+        got = N.parallel_nsa(q[:, -1:], k, v, gc[:, -1:], gs[:, -1:], gw[:, -1:], k_cmp=short[0], v_cmp=short[1],
+                             **kw)
+    assert_close("decoding step", full[:, -1:], got, 1e-4)
 
 
 @pytest.mark.parametrize("BT,BC", [(1, 16), (2, 32), (8, 16)])

@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from minisparse.nsa.cost import keys_read
+from minisparse.nsa.naive import mean_pool, select_blocks
 from minisparse.testing import ExerciseError, check
 
 
@@ -23,16 +24,21 @@ def check_unshared_reads(fn):
                "tokens")
 
 
-def check_selection_fix(fn):
-    """Exercise 2: fn(T, N, block_size) -> [T, N] bool, the blocks whose summary query t may see
-    (select_blocks' rule, the line missing from select_blocks_with_a_bug)."""
-    def reference(T, N, bs):
-        return (torch.arange(N)[None, :] + 1) * bs - 1 <= torch.arange(T)[:, None]
-    check("the blocks a query may see", lambda *a: torch.as_tensor(fn(*a)).bool(), reference,
-          [(70, 9, 8), (100, 7, 16), (45, 6, 8), (16, 1, 16), (5, 1, 8)],
-          hint="a block's summary mixes all of its tokens: compare the buggy selection with "
-               "select_blocks for a query early in the sequence, and ask when the summary of the "
-               "query's own block may be read")
+def check_filled_slots(fn):
+    """Exercise 2: fn(T, S, block_size) -> [T] ints, how many of query t's S slots select_blocks
+    fills with a block (not -1), counted on random queries and keys."""
+    def reference(T, S, bs):
+        g = torch.Generator().manual_seed(T * S + bs)
+        q, k = torch.randn(1, T, 4, 8, generator=g), torch.randn(1, T, 2, 8, generator=g)
+        idx = select_blocks(q, mean_pool(k, bs), S, bs)  # [1, T, 2, S]
+        filled = (idx >= 0).sum(-1)[0]  # [T, 2]
+        assert torch.equal(filled[:, 0], filled[:, 1])  # a count that does not depend on the group
+        return filled[:, 0]
+    check("the filled slots", lambda *a: torch.as_tensor(fn(*a)).long(), reference,
+          [(70, 4, 8), (100, 3, 16), (45, 16, 8), (40, 5, 16), (5, 3, 8)],
+          hint="which blocks can a query pick at all? Those whose summary it may read (the block "
+               "has ended), and the forced ones: block 0, the previous block and its own, complete "
+               "or not")
 
 
 def _scores_reference(q, k, idx, t, block_size, scale):
@@ -57,8 +63,15 @@ def check_block_scores_kernel(kernel):
         q, k = torch.randn(G, D, generator=g), torch.randn(T, D, generator=g)
         want = _scores_reference(q, k, idx, t, BS, D ** -0.5)
         out = torch.full((G, BS), 7.0, device=dev)  # anything the kernel leaves shows
-        kernel[(1,)](q.to(dev), k.to(dev), out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
+        k_buf = torch.cat([k, torch.full((BS, D), float("nan"))])  # a read past T gives NaN
+        kernel[(1,)](q.to(dev), k_buf.to(dev), out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
         out = out.cpu()
+        if out.isnan().any():
+            r, c = (int(i) for i in out.isnan().nonzero()[0])
+            raise ExerciseError(
+                f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): row {r}, key {c} is NaN\n"
+                "Hint: mask every load (rows past T or past D read memory that is not k's) and "
+                "never compute -inf − -inf")
         wrong_inf = torch.isinf(want) != torch.isinf(out)
         if wrong_inf.any():
             r, c = (int(i) for i in wrong_inf.nonzero()[0])
@@ -68,7 +81,8 @@ def check_block_scores_kernel(kernel):
                 "Hint: a key after the query (position > t), past T, or of a padding block (-1) "
                 "must "
                 "score -inf")
-        err = (out - want).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+        finite = torch.isfinite(want)  # the -inf places match (checked above)
+        err = (out - want)[finite].abs().max().item() if finite.any() else 0.0
         if err > 1e-4:
             raise ExerciseError(f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): largest "
                                 f"difference "
@@ -86,4 +100,4 @@ def load_group_queries(q_ptr, G, D, BG: tl.constexpr, BD: tl.constexpr):
                    other=0.0)
 
 
-__all__ = ['check_unshared_reads', 'check_selection_fix', 'check_block_scores_kernel', 'load_group_queries']
+__all__ = ['check_unshared_reads', 'check_filled_slots', 'check_block_scores_kernel', 'load_group_queries']

@@ -57,7 +57,13 @@ class CompressKV(torch.nn.Module):
         torch.nn.init.zeros_(self.down.bias)
 
     def forward(self, x):
+        _checks.tensor("CompressKV", "x", x, "[B, T, H, D]")
         B, T, H, D = x.shape
+        if D != self.pos.shape[1]:
+            raise ValueError(f"CompressKV: x must have the module's head_dim = {self.pos.shape[1]} "
+                             f"channels, got D = {D}")
+        if T == 0:
+            return x[:, :0]  # [B, 0, H, D]: no summary
         l, d = self.block_size, self.stride
         N = -(-T // d)  # summaries, one every `stride` tokens
         x = F.pad(x, (0, 0, 0, 0, 0, (N - 1) * d + l - T))  # [B, (N-1)·d + l, H, D]
@@ -115,29 +121,32 @@ def select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0
     invisible or surplus slots. Query i sits at position i + offset.
     """
     op = "select_blocks"
-    check_summaries(op, q, k_cmp, block_size=check_block_size(op, block_size), offset=offset)
+    check_summaries(op, q, k_cmp, block_size=check_block_size(op, block_size), offset=offset,
+                    whole=True)
     p = compressed_scores(q, k_cmp, block_size, scale, offset=offset)  # [B, T, HQ, N]
     return blocks_from_scores(p, k_cmp.shape[2], block_counts, block_size, offset)
 
 
-def blocks_from_scores(p, H, block_counts, block_size, offset=0):
+def blocks_from_scores(p, H, block_counts, block_size, offset=0, op="select_blocks"):
     """select_blocks' top-n from the compressed probabilities p [B, T, HQ, N] (so that `nsa`
-    computes them once for both branches) -> block_indices [B, T, H, S]."""
-    op = "select_blocks"
+    computes them once for both branches) -> block_indices [B, T, H, S]. `op` names the caller
+    in errors."""
     S = check_block_counts(op, block_counts)
     B, T, HQ, N = p.shape
+    NB = max(N, -(-(offset + T) // block_size))  # blocks of the keys: the last query's own included
     score = p.view(B, T, H, HQ // H, N).sum(3)  # [B, T, H, N] the group's importance of each block
+    score = F.pad(score, (0, NB - N))  # [B, T, H, NB] a block without a summary: never seen
     t = torch.arange(T, device=p.device)[:, None] + offset  # [T, 1] positions
-    c = torch.arange(N, device=p.device)[None, :]  # [1, N]
+    c = torch.arange(NB, device=p.device)[None, :]  # [1, NB]
     own = t // block_size
-    forced = (c == 0) | (c == own) | (c == own - 1)  # [T, N] always selected
-    seen = (c + 1) * block_size - 1 <= t  # [T, N] complete blocks in the past
+    forced = (c == 0) | (c == own) | (c == own - 1)  # [T, NB] always selected
+    seen = (c + 1) * block_size - 1 <= t  # [T, NB] complete blocks in the past
     score = score.masked_fill(~seen[None, :, None], float("-inf"))
     score = score.masked_fill(forced[None, :, None], float("inf"))
-    top_score, top = score.topk(min(S, N), dim=-1)  # [B, T, H, min(S, N)]
-    # invisible: N, sorts last
-    top = top.masked_fill(top_score == float("-inf"), N).sort(dim=-1).values
-    top = top.masked_fill(top == N, -1)
+    top_score, top = score.topk(min(S, NB), dim=-1)  # [B, T, H, min(S, NB)]
+    # invisible: NB, sorts last
+    top = top.masked_fill(top_score == float("-inf"), NB).sort(dim=-1).values
+    top = top.masked_fill(top == NB, -1)
     return F.pad(top, (0, S - top.shape[-1]), value=-1)  # [B, T, H, S]
 
 
@@ -199,7 +208,7 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
     check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=Dv)
     p_cmp = compressed_scores(q, k_cmp, block_size, scale, offset=T - TQ)  # [B, TQ, HQ, N]
     if block_indices is None:  # [B, TQ, H, S], from the same probabilities
-        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ)
+        block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ, op)
     elif g_slc is None:  # given but unused: valid all the same (else selected_attention checks)
         check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=True, offset=T - TQ)
     o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)

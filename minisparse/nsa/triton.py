@@ -228,9 +228,9 @@ def _inverse_index(idx, H, NB):
     key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)
     key, order = key.flatten().sort(stable=True)
     entries = (t * R + hs % R).expand(B, TQ, HS, S).flatten()[order].to(torch.int32)
-    counts = torch.bincount(key, minlength=B * H * NB + 1)[: B * H * NB]
-    offsets = torch.zeros(B * H * NB + 1, dtype=torch.int32, device=idx.device)
-    offsets[1:] = counts.cumsum(0)
+    # the first entry of each list, and the end of the last (bincount would size its result on the host)
+    bins = torch.arange(B * H * NB + 1, device=idx.device)
+    offsets = torch.searchsorted(key, bins).to(torch.int32)  # [B·H·NB + 1]
     return offsets, entries
 
 
@@ -326,7 +326,7 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
                  mask=(o_t[:, None] < TQ) & (o_a[None, :] < seen[:, None]), other=float("-inf"))
     a = o_a[None, :]
     forced = (a == 0) | (a == own[:, None]) | (a == own[:, None] - 1)
-    sc = tl.where(forced & (a < N), float("inf"), sc)  # [BT, BNA]
+    sc = tl.where(forced, float("inf"), sc)  # [BT, BNA] (own may be a block without a summary)
     o_s = tl.arange(0, SP)
     picks = tl.full([BT, SP], -1, tl.int64)
     for i in range(S):
@@ -351,9 +351,10 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     op = "parallel_select_blocks"
     S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
-    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset)
+    check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset, whole=True)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
+    NB = max(N, triton.cdiv(TQ + offset, bs))  # blocks of the keys: the last query's own included
     DV = D if v_cmp is None else v_cmp.shape[3]
     _checks.triton_inputs(op, q, k_cmp, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="select_blocks")
@@ -364,7 +365,7 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
     BG = triton.next_power_of_2(HQ // H)
     meta = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=bs, D=D, DV=DV,
                 BG=BG, BD=max(16, triton.next_power_of_2(D)),
-                BDV=max(16, triton.next_power_of_2(DV)), BNA=max(16, triton.next_power_of_2(N)),
+                BDV=max(16, triton.next_power_of_2(DV)), BNA=max(16, triton.next_power_of_2(NB)),
                 CMP_OUT=v_cmp is not None, PRECISION="ieee" if q.dtype == torch.float32 else None)
     v_in = None if v_cmp is None else v_cmp.detach().to(q.dtype).contiguous()
     runtime.launch("nsa.select", select_topk_kernel, lambda c: (triton.cdiv(TQ, c["BT"]), B * H),
@@ -373,8 +374,8 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
                    key=(meta["BD"], meta["BNA"], BG, meta["BDV"] if v_cmp is not None else 0),
                    fit=lambda c: {**c, "BT": max(c["BT"], 16 // BG)},  # ≥ 16 rows for tl.dot
                    instead="minisparse.nsa.select_blocks")
-    top = idx.masked_fill(idx < 0, N).sort(-1).values  # the argmax rounds give score order
-    return top.masked_fill(top == N, -1), o_cmp
+    top = idx.masked_fill(idx < 0, NB).sort(-1).values  # the argmax rounds give score order
+    return top.masked_fill(top == NB, -1), o_cmp
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
@@ -593,7 +594,8 @@ def _gated_launch(kernel, tensors, outs, first, branches):
 class GatedSumFunction(torch.autograd.Function):
     """o = Σ g_x o_x over the branches that are on (at least one; the others and their gates None),
     the compressed branch zero for the queries t < first. Branch outputs [B, TQ, HQ, DV] with a
-    contiguous last dim, gates [B, TQ, HQ] contiguous, all of one dtype: o's."""
+    contiguous last dim, all of o's dtype; gates [B, TQ, HQ] contiguous, any float dtype (read in
+    fp32; their gradients in their own dtype)."""
 
     @staticmethod
     def forward(ctx, first, o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa):
@@ -604,10 +606,12 @@ class GatedSumFunction(torch.autograd.Function):
         for kind, tensors in (("o", branches), ("g", gates)):
             for name, t in zip(("cmp", "slc", "swa"), tensors):
                 want = x.shape if kind == "o" else x.shape[:3]  # gates: one a row, contiguous
-                if t is not None and (t.shape != want or t.dtype != x.dtype or (
+                dtype_ok = t is None or (t.dtype == x.dtype if kind == "o" else t.is_floating_point())
+                if t is not None and (t.shape != want or not dtype_ok or (
                         t.stride(-1) != 1 if kind == "o" else not t.is_contiguous())):
                     raise ValueError(f"GatedSumFunction: {kind}_{name} must be {tuple(want)} "
-                                     f"in {x.dtype} ({'last dim' if kind == 'o' else 'all'} "
+                                     f"in {x.dtype if kind == 'o' else 'a float dtype'} "
+                                     f"({'last dim' if kind == 'o' else 'all'} "
                                      f"contiguous), got {tuple(t.shape)} {t.dtype}, strides "
                                      f"{t.stride()}")
         o = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -737,7 +741,7 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
                       mask=(heads[:, None] < G) & seen[None, :], other=float("-inf"))  # [RG, BNA]
         score += tl.sum(tl.exp2(b_s - b_M[:, None]) / b_L[:, None], 0)
     own = pos // BS
-    forced = ((o_a == 0) | (o_a == own) | (o_a == own - 1)) & (o_a < N)
+    forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
     o_s = tl.arange(0, SP)
     picks = tl.full([SP], -1, tl.int64)
@@ -972,7 +976,7 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     wm, wl, wacc = _partials(B * H, NW, G, DV, dev)
     idx = torch.empty(B, 1, H, S, device=dev, dtype=torch.int64) if pick else block_indices
     idx = None if idx is None else idx.contiguous()
-    BNA = _next_pow2(min(N, T // bs + 1))  # the top-n's row of visible summaries, in registers
+    BNA = _next_pow2(triton.cdiv(T, bs))  # the top-n's row: the visible summaries and own block
     if NS + NW:
         runtime.launch("nsa.decode.select", decode_select_kernel, lambda c: (NS + NW, B * H),
                        (q, k, v, s, cm, cl, idx, sm, sl, sacc, wm, wl, wacc, T, N, NC, NS, NW, W,
