@@ -688,39 +688,28 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def _scores_without_causal_mask(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
-                                BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+def _scores(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D, BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+            CAUSAL: tl.constexpr, COLUMN_MASK: tl.constexpr):
+    """The exercise's tile, right with both flags; without CAUSAL keys after the query are kept, without
+    COLUMN_MASK the padded head dims are read from the next key's row."""
     q = X.load_group_queries(q_ptr, G, D, BG, BD)
     rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
     pos = idx * BS + j
-    real = (idx >= 0) & (pos < T)  # the bug: keys after the query are kept
-    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D), other=0.0)
+    real = (idx >= 0) & (pos < T)
+    if CAUSAL:
+        real = real & (pos <= t)
+    mask = real[:, None] & (cols[None, :] < D) if COLUMN_MASK else real[:, None]
+    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=mask, other=0.0)
     s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
     tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
 
 
-@triton.jit
-def _scores_right(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
-                  BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
-    q = X.load_group_queries(q_ptr, G, D, BG, BD)
-    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
-    pos = idx * BS + j
-    real = (idx >= 0) & (pos <= t) & (pos < T)
-    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D), other=0.0)
-    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
-    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
-
-
-@triton.jit
-def _scores_without_column_mask(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
-                                BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
-    q = X.load_group_queries(q_ptr, G, D, BG, BD)
-    rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
-    pos = idx * BS + j
-    real = (idx >= 0) & (pos <= t) & (pos < T)
-    k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None], other=0.0)  # the bug: D padded
-    s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
-    tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
+def _variant(**flags):
+    """_scores with its flags fixed: a kernel with the exercise's signature (launched as kernel[grid](...))."""
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args: _scores[grid](*args, **flags)
+    return Launch()
 
 
 @triton.jit
@@ -735,11 +724,11 @@ def _scores_nan(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
 
 def test_block_scores_checker_rejects_wrong_kernels_and_accepts_the_right_one():
     with pytest.raises(ExerciseError, match="position"):
-        X.check_block_scores_kernel(_scores_without_causal_mask)
-    for wrong in (_scores_without_column_mask, _scores_nan):
+        X.check_block_scores_kernel(_variant(CAUSAL=False, COLUMN_MASK=True))
+    for wrong in (_variant(CAUSAL=True, COLUMN_MASK=False), _scores_nan):
         with pytest.raises(ExerciseError, match="NaN"):
             X.check_block_scores_kernel(wrong)
-    X.check_block_scores_kernel(_scores_right)
+    X.check_block_scores_kernel(_variant(CAUSAL=True, COLUMN_MASK=True))
 
 
 def test_parallel_nsa_gradients_match_nsa_including_learned_summaries():
