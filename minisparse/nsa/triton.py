@@ -228,7 +228,8 @@ def _inverse_index(idx, H, NB):
     key = ((b * H + hs // R) * NB + idx.long()).masked_fill(idx < 0, B * H * NB)
     key, order = key.flatten().sort(stable=True)
     entries = (t * R + hs % R).expand(B, TQ, HS, S).flatten()[order].to(torch.int32)
-    # the first entry of each list, and the end of the last (bincount would size its result on the host)
+    # the first entry of each list, and the end of the last (bincount would size its result on the
+    # host)
     bins = torch.arange(B * H * NB + 1, device=idx.device)
     offsets = torch.searchsorted(key, bins).to(torch.int32)  # [B·H·NB + 1]
     return offsets, entries
@@ -606,7 +607,8 @@ class GatedSumFunction(torch.autograd.Function):
         for kind, tensors in (("o", branches), ("g", gates)):
             for name, t in zip(("cmp", "slc", "swa"), tensors):
                 want = x.shape if kind == "o" else x.shape[:3]  # gates: one a row, contiguous
-                dtype_ok = t is None or (t.dtype == x.dtype if kind == "o" else t.is_floating_point())
+                dtype_ok = t is None or (t.dtype == x.dtype if kind == "o"
+                                         else t.is_floating_point())
                 if t is not None and (t.shape != want or not dtype_ok or (
                         t.stride(-1) != 1 if kind == "o" else not t.is_contiguous())):
                     raise ValueError(f"GatedSumFunction: {kind}_{name} must be {tuple(want)} "
