@@ -150,9 +150,8 @@ plt.show()
 import torch
 import torch.nn.functional as F
 
-from minisparse import _checks
 from minisparse.dsa.checks import (_check_attention_probs, _check_indexer_scores, _check_scores,
-                                   _check_sparse_args, _use_triton, check_indices, check_topk)
+                                   _check_sparse_args, _use_triton, check_topk)
 
 
 def causal_mask(TQ, TK, device=None):
@@ -219,13 +218,10 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
     576], v = k[..., :512]. scale defaults to D ** -0.5 (MLA passes its own). With every past key
     selected (topk >= TK) it is causal attention.
     """
-    op = "sparse_attention"
-    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
-    if _use_triton(op, backend, q):  # the kernels of section 8.7
+    if _use_triton("sparse_attention", backend, q):  # the kernels of section 8.7 (and their checks)
         from minisparse.dsa.triton import sparse_attention_triton
         return sparse_attention_triton(q, k, v, indices, scale)
-    check_indices(op, indices, B, TQ, TK, naive=True)
-    scale = _checks.scale(op, scale, D)
+    B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("sparse_attention", q, k, v, indices, scale)
     keep = selection_mask(indices, TK) & causal_mask(TQ, TK, q.device)  # [B, TQ, TK]
     qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]: a group reads one key head
     s = torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale  # [B, TQ, H, G, TK]
@@ -465,7 +461,8 @@ class DSAttention(MLA):
         if cache is not None:  # [B, S, ·] with S = start + T
             c_kv, k_rope, k_idx = cache.append(c_kv, k_rope, k_idx)
         scores = indexer_scores(q_idx, k_idx, w_idx, self.indexer.softmax_scale)  # [B, T, S]
-        indices = select_topk(scores.detach(), self.indexer.topk if sparse else c_kv.shape[1])
+        topk = self.indexer.topk if sparse else max(1, c_kv.shape[1])  # every key; S = 0 too
+        indices = select_topk(scores.detach(), topk)  # [B, T, topk]
         w_uk, w_uv = self.absorbed_weights()
         q = torch.cat([absorb_query(q_nope, w_uk), q_rope], dim=-1)  # [B, T, H, r + dr]
         k = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # [B, S, 1, r + dr]: one row a token
@@ -554,9 +551,9 @@ def indexer_kl_loss(p_attn, scores, indices=None):
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
     target = p_attn.detach().float().sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
-    target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
-    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)
-    kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # 0 · log 0 = 0
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, TQ, TK], rows sum to 1
+    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)  # [B, TQ, TK]
+    kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # [B, TQ, TK]; 0 · log 0 = 0
     return kl.sum() / max(B * TQ, 1)  # the mean over queries; 0, not NaN, when there are none
 
 
@@ -712,7 +709,7 @@ explorer = viz.explorer(draw_selection, k=(1, 32, 1))
 # Not counted: the projections (the same for both, plus the indexer's $O(1)$ a token), the exponentials, and
 # whether a kernel reaches the arithmetic or bandwidth peak. With `index_fp8` the indexer's FLOPs count half
 # (FP8 runs at twice bf16's tensor-core rate). The selection's one comparison a score makes it look free; section
-# 8.8 measures otherwise (at 64K `torch.topk` adds 30 ms to the indexer's 125).
+# 8.8 measures otherwise (on an H100 at 64K `torch.topk` adds 24 ms to the indexer's 73).
 
 # %%
 #| export dsa.cost
@@ -856,13 +853,13 @@ def gather_attention(q, k, v, indices, scale=None):
     (the kernels' formulation). Same arguments and result as sparse_attention."""
     B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("gather_attention", q, k, v, indices, scale)
     K = indices.shape[-1]
-    rows = indices.long().clamp(min=0)  # padding reads row 0, then is masked
+    rows = indices.long().clamp(min=0)  # [B, TQ, K]: padding reads row 0, then is masked
     b = torch.arange(B, device=q.device)[:, None, None]  # [B, 1, 1]
     k_sel, v_sel = k[b, rows].float(), v[b, rows].float()  # [B, TQ, K, H, D], [B, TQ, K, H, Dv]
     qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]
     s = torch.einsum("bthgd,btkhd->bthgk", qg, k_sel) * scale  # [B, TQ, H, G, K]
-    s = s.masked_fill((indices < 0).view(B, TQ, 1, 1, K), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    s = s.masked_fill((indices < 0).view(B, TQ, 1, 1, K), float("-inf"))  # [B, TQ, H, G, K]
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, TQ, H, G, K]
     o = torch.einsum("bthgk,btkhe->bthge", p, v_sel)  # [B, TQ, H, G, Dv]
     return o.reshape(B, TQ, HQ, DV).to(q.dtype)
 
@@ -1191,8 +1188,8 @@ check_break_even(break_even_solution)
 # `indexer_scores_by_chunks_with_a_bug` does the same with `indexer_scores` on each chunk: its last chunk comes out
 # right, the others let queries read keys after them. Find why (compare it with `indexer_scores` on a 9-token prefill in chunks of 4), and write
 # `my_scores_by_chunks(q_idx, k_idx, w_idx, chunk)`: `indexer_scores`' result, with no tensor larger than one
-# chunk's `[B, chunk, HI, TK]` or the `[B, TQ, TK]` result — the checker enforces that bound, on four shapes, two
-# of them with the queries the last of a longer cache ($T_Q < T_K$).
+# chunk's `[B, chunk, HI, TK]` or the `[B, TQ, TK]` result — the checker enforces that bound, on four shapes,
+# three of them with the queries the last of a longer cache ($T_Q < T_K$).
 
 # %%
 def my_scores_by_chunks(q_idx, k_idx, w_idx, chunk):
@@ -1444,8 +1441,9 @@ def _check_attention_probs(op, p_attn, indices, scores=None):
 
 def _use_triton(op, backend, x):
     """The book's backend= rule: run the kernels? "naive" never, "triton" always, "auto" on CUDA
-    or in the interpreter."""
-    return _checks.choose_backend(_checks.backend(op, backend), x) == "triton"
+    or in the interpreter. An x that is no tensor goes to the naive op, whose checks name it."""
+    backend = _checks.backend(op, backend)
+    return isinstance(x, torch.Tensor) and _checks.choose_backend(backend, x) == "triton"
 
 # %% [markdown]
 # ### The kernels' checks
@@ -1981,11 +1979,11 @@ def _topk_chunk(scores, topk, first_pos):
     """Indices [B, CQ, min(topk, W)] of each row's largest scores, −1 for −∞ (future) entries."""
     B, CQ, W = scores.shape
     if W <= topk:  # every visible key is kept: no top-k
-        n = torch.arange(W, device=scores.device)
-        pos = first_pos + torch.arange(CQ, device=scores.device)[:, None]
-        return torch.where(n <= pos, n, -1).expand(B, CQ, W)
-    values, ids = torch.topk(scores, topk, dim=-1, sorted=False)
-    return ids.masked_fill_(values == float("-inf"), -1)
+        n = torch.arange(W, device=scores.device)  # [W]
+        pos = first_pos + torch.arange(CQ, device=scores.device)[:, None]  # [CQ, 1]
+        return torch.where(n <= pos, n, -1).expand(B, CQ, W)  # [B, CQ, W]
+    values, ids = torch.topk(scores, topk, dim=-1, sorted=False)  # [B, CQ, topk] each
+    return ids.masked_fill_(values == float("-inf"), -1)  # [B, CQ, topk]
 
 
 def selection_overlap(a, b):

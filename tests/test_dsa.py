@@ -478,6 +478,24 @@ def test_dsattention_accepts_zero_new_tokens(backend):
     assert D.sparse_attention(q, k, k, none, backend=backend).shape == (1, 0, 4, 16)
 
 
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_dsattention_dense_accepts_zero_tokens(backend):
+    """sparse=False (every key) on T = 0 with no cache gives an empty output, as sparse=True does; it asked
+    select_topk for the top 0 keys and failed ("topk must be an int > 0, got 0")."""
+    torch.manual_seed(0)
+    layer = D.DSAttention(32, 2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                          v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=2, backend=backend).to(DEV)
+    y, idx, scores = layer(torch.zeros(2, 0, 32, device=DEV), sparse=False, return_indices=True)
+    assert y.shape == (2, 0, 32) and idx.shape == (2, 0, 1) and scores.shape == (2, 0, 0)
+    xs = torch.randn(2, 5, 32, device=DEV, generator=torch.Generator(DEV).manual_seed(6))
+    with torch.no_grad():  # and still every key after a cached prefix
+        cache = layer.new_cache(2, 5)
+        layer(xs[:, :3], cache, sparse=False)
+        assert layer(xs[:, 3:3], cache, sparse=False).shape == (2, 0, 32)
+        y, idx, _ = layer(xs[:, 3:], cache, sparse=False, return_indices=True)
+        assert idx.shape == (2, 2, 5)
+
+
 def test_dsacache_rejects_another_dtype():
     """Like MLACache and KVCache: a silent cast would round (or overflow) what is cached."""
     cache = D.DSACache(1, 4, 8, 4, 6)

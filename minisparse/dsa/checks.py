@@ -118,8 +118,9 @@ def _check_attention_probs(op, p_attn, indices, scores=None):
 
 def _use_triton(op, backend, x):
     """The book's backend= rule: run the kernels? "naive" never, "triton" always, "auto" on CUDA
-    or in the interpreter."""
-    return _checks.choose_backend(_checks.backend(op, backend), x) == "triton"
+    or in the interpreter. An x that is no tensor goes to the naive op, whose checks name it."""
+    backend = _checks.backend(op, backend)
+    return isinstance(x, torch.Tensor) and _checks.choose_backend(backend, x) == "triton"
 
 
 __all__ = ['check_topk', 'check_indexer_args', 'check_indices']

@@ -92,7 +92,8 @@ class DSAttention(MLA):
         if cache is not None:  # [B, S, ·] with S = start + T
             c_kv, k_rope, k_idx = cache.append(c_kv, k_rope, k_idx)
         scores = indexer_scores(q_idx, k_idx, w_idx, self.indexer.softmax_scale)  # [B, T, S]
-        indices = select_topk(scores.detach(), self.indexer.topk if sparse else c_kv.shape[1])
+        topk = self.indexer.topk if sparse else max(1, c_kv.shape[1])  # every key; S = 0 too
+        indices = select_topk(scores.detach(), topk)  # [B, T, topk]
         w_uk, w_uv = self.absorbed_weights()
         q = torch.cat([absorb_query(q_nope, w_uk), q_rope], dim=-1)  # [B, T, H, r + dr]
         k = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # [B, S, 1, r + dr]: one row a token

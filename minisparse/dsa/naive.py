@@ -2,9 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from minisparse import _checks
 from minisparse.dsa.checks import (_check_attention_probs, _check_indexer_scores, _check_scores,
-                                   _check_sparse_args, _use_triton, check_indices, check_topk)
+                                   _check_sparse_args, _use_triton, check_topk)
 
 
 def causal_mask(TQ, TK, device=None):
@@ -63,13 +62,10 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
     576], v = k[..., :512]. scale defaults to D ** -0.5 (MLA passes its own). With every past key
     selected (topk >= TK) it is causal attention.
     """
-    op = "sparse_attention"
-    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
-    if _use_triton(op, backend, q):  # the kernels of section 8.7
+    if _use_triton("sparse_attention", backend, q):  # the kernels of section 8.7 (and their checks)
         from minisparse.dsa.triton import sparse_attention_triton
         return sparse_attention_triton(q, k, v, indices, scale)
-    check_indices(op, indices, B, TQ, TK, naive=True)
-    scale = _checks.scale(op, scale, D)
+    B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("sparse_attention", q, k, v, indices, scale)
     keep = selection_mask(indices, TK) & causal_mask(TQ, TK, q.device)  # [B, TQ, TK]
     qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]: a group reads one key head
     s = torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale  # [B, TQ, H, G, TK]
@@ -114,9 +110,9 @@ def indexer_kl_loss(p_attn, scores, indices=None):
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
     target = p_attn.detach().float().sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
-    target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
-    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)
-    kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # 0 · log 0 = 0
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, TQ, TK], rows sum to 1
+    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)  # [B, TQ, TK]
+    kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # [B, TQ, TK]; 0 · log 0 = 0
     return kl.sum() / max(B * TQ, 1)  # the mean over queries; 0, not NaN, when there are none
 
 
@@ -134,13 +130,13 @@ def gather_attention(q, k, v, indices, scale=None):
     (the kernels' formulation). Same arguments and result as sparse_attention."""
     B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("gather_attention", q, k, v, indices, scale)
     K = indices.shape[-1]
-    rows = indices.long().clamp(min=0)  # padding reads row 0, then is masked
+    rows = indices.long().clamp(min=0)  # [B, TQ, K]: padding reads row 0, then is masked
     b = torch.arange(B, device=q.device)[:, None, None]  # [B, 1, 1]
     k_sel, v_sel = k[b, rows].float(), v[b, rows].float()  # [B, TQ, K, H, D], [B, TQ, K, H, Dv]
     qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]
     s = torch.einsum("bthgd,btkhd->bthgk", qg, k_sel) * scale  # [B, TQ, H, G, K]
-    s = s.masked_fill((indices < 0).view(B, TQ, 1, 1, K), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    s = s.masked_fill((indices < 0).view(B, TQ, 1, 1, K), float("-inf"))  # [B, TQ, H, G, K]
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, TQ, H, G, K]
     o = torch.einsum("bthgk,btkhe->bthge", p, v_sel)  # [B, TQ, H, G, Dv]
     return o.reshape(B, TQ, HQ, DV).to(q.dtype)
 

@@ -561,11 +561,11 @@ def _topk_chunk(scores, topk, first_pos):
     """Indices [B, CQ, min(topk, W)] of each row's largest scores, −1 for −∞ (future) entries."""
     B, CQ, W = scores.shape
     if W <= topk:  # every visible key is kept: no top-k
-        n = torch.arange(W, device=scores.device)
-        pos = first_pos + torch.arange(CQ, device=scores.device)[:, None]
-        return torch.where(n <= pos, n, -1).expand(B, CQ, W)
-    values, ids = torch.topk(scores, topk, dim=-1, sorted=False)
-    return ids.masked_fill_(values == float("-inf"), -1)
+        n = torch.arange(W, device=scores.device)  # [W]
+        pos = first_pos + torch.arange(CQ, device=scores.device)[:, None]  # [CQ, 1]
+        return torch.where(n <= pos, n, -1).expand(B, CQ, W)  # [B, CQ, W]
+    values, ids = torch.topk(scores, topk, dim=-1, sorted=False)  # [B, CQ, topk] each
+    return ids.masked_fill_(values == float("-inf"), -1)  # [B, CQ, topk]
 
 
 def selection_overlap(a, b):
