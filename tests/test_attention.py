@@ -447,6 +447,18 @@ def test_layer_accepts_zero_tokens(backend):
         assert layer(torch.randn(2, 0, 64, device=DEV), cache).shape == (2, 0, 64) and len(cache) == 0
 
 
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_gated_layer_accepts_zero_tokens(backend):
+    """Gated attention (Qwen3-Next) on T = 0 too: the query/gate split used view(B, T, H, -1), which cannot
+    infer -1 from zero elements."""
+    layer = Attention(64, 4, 2, 16, gate=True, backend=backend).to(DEV)
+    x = torch.randn(1, 0, 64, device=DEV, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (1, 0, 64)
+    y.sum().backward()
+    assert x.grad.shape == (1, 0, 64)
+
+
 @pytest.mark.parametrize("dtype,expected", [(torch.float32, "triton"), (torch.bfloat16, "naive")])
 def test_layer_auto_backend(monkeypatch, dtype, expected):
     """backend="auto" runs the kernels where they run (CUDA; fp32 under the interpreter) and attention_ref otherwise."""

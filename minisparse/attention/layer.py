@@ -59,9 +59,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if not self.gate:
             return self.q_proj(x).view(B, T, self.num_heads, self.head_dim), None
-        qg = self.q_proj(x).view(B, T, self.num_heads, -1)  # each head: [query | gate], 2D channels
+        qg = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim)  # each head: [query | gate]
         q, g = qg.chunk(2, dim=-1)  # [B, T, H, D] each
-        return q, g.reshape(B, T, -1)
+        return q, g.reshape(B, T, self.num_heads * self.head_dim)  # explicit sizes: T = 0 too
 
     def _rope(self, x, positions):
         if self.rotary_dim == self.head_dim:
