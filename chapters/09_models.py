@@ -172,7 +172,7 @@ class HybridConfig:
     rotary_dim: int | None = None  # partial RoPE (None: the whole head)
     rope_theta: float = 10000.0
     # M and D: MLA (num_heads query heads), D adds the lightning indexer
-    q_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # the query latent; None: q projected directly (M only)
     kv_lora_rank: int = 32
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8
@@ -296,7 +296,8 @@ for name, preset in PRESETS.items():
 #
 # DSA's indexer learns only from its own loss (chapter 8: its inputs are detached). While training, the mixer
 # computes that KL to the dense attention over the selected keys and hands it to the model as `aux_loss` —
-# sparse training from the first step, where DeepSeek first warmed the indexer up on a dense checkpoint.
+# sparse training from the first step, where DeepSeek first warmed the indexer up on a dense checkpoint. (Training
+# takes whole sequences: a DSA layer in training mode refuses a cache.)
 
 # %%
 #| export models.model
@@ -340,8 +341,7 @@ class Mixer(nn.Module):
                                    backend=c.backend)
         elif kind == "M":
             self.layer = MLA(c.hidden_size, c.num_heads, **mla)
-        elif kind == "D":
-            mla["q_lora_rank"] = c.q_lora_rank or c.kv_lora_rank  # the indexer reads q's latent
+        elif kind == "D":  # validate: q_lora_rank set (the indexer reads q's latent)
             self.layer = DSAttention(c.hidden_size, c.num_heads, index_n_heads=c.index_n_heads,
                                      index_head_dim=c.index_head_dim, index_topk=c.index_topk,
                                      indexer_rope_interleave=c.indexer_rope_interleave, **mla)
@@ -370,7 +370,11 @@ class Mixer(nn.Module):
         if self.kind == "D" and self.training and self.indexer_loss_weight > 0:
             # DSA's indexer learns only from its distillation loss (chapter 8): KL to the dense
             # attention, over the selected keys; sparse attention from the first step
-            y, indices, scores = self.layer(x, cache, return_indices=True)
+            if cache is not None:  # the target would need the cached tokens' attention too
+                raise ValueError("HybridLM: a DSA layer in training mode computes its indexer's "
+                                 "loss on the whole sequence, without a cache: call .eval() to "
+                                 "decode with caches, or set indexer_loss_weight=0")
+            y, indices, scores = self.layer(x, None, return_indices=True)
             p = self.layer.attention_probs(x.detach())  # [B, T, H, T], a target
             self.aux_loss = self.indexer_loss_weight * indexer_kl_loss(p, scores, indices)
             return y
@@ -565,7 +569,7 @@ _COUNTED = {}
 #   13B keeps both: our 12.9B): MiniMax-M1's
 #   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B). Qwen3-Next's "A3B" and Kimi
 #   Linear's "A3B" are rounded the same way, and Kimi Linear's 48B total is our 49.1B less both embedding matrices
-#   (2 × 163,840 × 2,304 = 0.76B): 48.4B.
+#   (2 × 163,840 × 2,304 = 0.755B): 48.4B.
 # - **The indexer.** DeepSeek's 37B is DeepSeek-V3's figure: the same count without V3.2's lightning indexers is
 #   37.55B, embeddings and head included (chapter 0's Exercise 1 derives it from V3's configuration). The 61
 #   indexers add 0.85B, all of it active: V3.2 activates 38.4B a token.
@@ -596,12 +600,16 @@ for name, c in FULL.items():
         note = f"+ MTP {mtp_params(c) / 1e9:.1f} B = {(n['total'] + mtp_params(c)) / 1e9:.1f} B"
     elif name == "minimax_m1_like":
         note = f"active − embedding − head = {(n['active'] - 2 * emb) / 1e9:.2f} B"
+    elif name == "kimi_linear_like":
+        note = f"total − embedding − head = {(n['total'] - 2 * emb) / 1e9:.2f} B"
     pub = SURVEY.get(name)
     pub = f"{pub[0] / 1e9:5.0f} / {pub[1] / 1e9:4.1f} B" if pub else "—"
     print(f"{name:18s} {n['total'] / 1e9:7.1f}B {n['active'] / 1e9:6.2f}B {pub:>16s}  {note}")
 dsv = FULL["deepseek_v32_like"]
 assert abs(COUNTS["deepseek_v32_like"]["total"] + mtp_params(dsv) - 685e9) < 1e9
 assert abs(COUNTS["minimax_m1_like"]["active"] - 2 * 200_064 * 6_144 - 45.9e9) < 0.1e9
+assert round(2 * 163_840 * 2_304 / 1e9, 3) == 0.755  # Kimi Linear's embedding and head
+assert round((COUNTS["kimi_linear_like"]["total"] - 2 * 163_840 * 2_304) / 1e9, 1) == 48.4
 assert abs(COUNTS["mixtral_like"]["total"] - 46.7e9) < 0.1e9
 v3 = param_counts(dsv.replace(pattern="M"))  # DeepSeek-V3: the same layers with MLA instead of DSA
 indexers = COUNTS["deepseek_v32_like"]["active"] - v3["active"]
@@ -852,7 +860,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
-from minisparse.models.checks import _check_num_pairs
+from minisparse.models.checks import _check_lm_batch_args, _check_mqar_args  # lm_batch: notes
 
 IGNORE = -100  # a target position without a loss
 
@@ -865,9 +873,8 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
     answers a at the positions of their queries, IGNORE elsewhere. Returns (input_ids [B, T],
     targets [B, T]) int64 with T = 2 (N + num_queries); num_queries defaults to N.
     """
-    Q = num_pairs if num_queries is None else num_queries
     half = vocab // 2
-    _check_num_pairs(num_pairs, half)
+    Q = _check_mqar_args(num_pairs, num_queries, half)  # num_queries, or N when None
     keys = torch.rand(batch, half, generator=generator).argsort(-1)[:, :num_pairs]  # distinct
     values = torch.randint(half, vocab, (batch, num_pairs), generator=generator)
     ask = torch.randint(0, num_pairs, (batch, Q), generator=generator)  # which pair each query
@@ -881,7 +888,13 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
 
 def lm_loss(model, ids, targets):
     """Next-token cross-entropy over the positions with a target, plus the model's auxiliary
-    losses."""
+    losses.
+
+    model a HybridLM (or one wrapped by DDP/FSDP: its `.module`), ids [B, T] int64 token ids,
+    targets [B, T] int64 (IGNORE where there is nothing to predict: mqar_batch's non-answers).
+    Returns (total, lm): total the fp32 scalar to backpropagate (the cross-entropy + aux_loss,
+    DSA's indexer loss while training), lm the cross-entropy alone, detached (to log).
+    """
     logits = model(ids)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     aux = getattr(model, "module", model).aux_loss
@@ -920,7 +933,7 @@ small, curves, recall = {}, {}, {}
 for label, pattern in LETTERS.items():
     torch.manual_seed(0)
     cfg = dense_baseline(backend=BACKEND, num_layers=2, pattern=pattern, index_topk=8,
-                         intermediate_size=128)
+                         q_lora_rank=32, intermediate_size=128)  # the ranks only DD reads
     small[label] = HybridLM(cfg).to(runtime.device())
     _, hist = train(small[label], mqar_batches, STEPS, lr=3e-3, desc=label, progress=False)
     curves[label] = hist["loss"]
@@ -1011,10 +1024,8 @@ if RESULTS is not None:
 # mostly answers with some value of the context (recall 0.27, 0.17, 0.12, 0.09 at 4 … 32 pairs, against chance
 # among the context's values of 0.25 … 0.03), as the pure lightning model did at reading size. The two DSA presets, whose mixers differ only in the
 # indexer's RoPE layout, stay on the plateau too (0.28 … 0.08) — the indexer learns to pick tokens from an
-# attention that is itself still learning. They sit at the edge of this budget: an H200 run of V3.2's preset at the
-# same settings on 2026-12-03 was leaving the plateau in its last steps (recall 0.75 … 0.19; the kernels' fp32
-# atomics make runs differ, bench/notes/capstone.md). These are learning speeds at one small budget, not
-# capacities: with more steps the plateaus may break (bench/notes/capstone.md has the budget search).
+# attention that is itself still learning. These are learning speeds at one small budget, not capacities: with
+# more steps the plateaus may break (bench/notes/capstone.md has the budget search).
 #
 # **Distance.** With 32 pairs a query sits 2 to 126 tokens after its key, and recall hardly depends on where:
 # the models that learned the lookup answer at every distance, those on the plateau at none (0.06–0.10 in every
@@ -1091,11 +1102,13 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # The table's lesson is the survey's, made quantitative. Sparse selection (V3.2, GLM-5) holds a cache in every
 # layer — a small one: MLA's latent — but a step reads only 2,048 latents of it and every
 # index key: the bytes its step reads barely grow with context (its FLOPs do: the indexer scores every key), and
-# it costs a tenth of dense MLA's FLOPs at 128K. The survey's own
-# figures are smaller savings: about 50 % less compute at 128K for DSA, and 25–30 % of DeepSeek-R1's compute to
-# generate 100K tokens for MiniMax-M1 [S], where this model gives a tenth and 12 % (summed over the 100K decoding
-# steps, V3.2's shapes with dense MLA standing in for R1). The model counts a decoding step's FLOPs only — no
-# prefill, no kernels short of their peak — and by bytes read DSA saves little (77 against 82 GB a step at 128K).
+# a decoding step at 128K costs a tenth of dense MLA's FLOPs. The survey's "about 50 % less compute at 128K" for
+# DSA [S] measures something else: a whole 128K prefill, where the projections and FFNs dilute the attention's
+# saving — chapter 8's cost model (section 8.6) gives 57 % for it. For MiniMax-M1 the survey's figure is a smaller
+# saving than the model's: 25–30 % of DeepSeek-R1's compute to generate 100K tokens [S], where this model gives
+# 12 % (summed over the 100K decoding steps, V3.2's shapes with dense MLA standing in for R1). The model counts a
+# decoding step's FLOPs only — no prefill, no kernels short of their peak — and by bytes read DSA saves little (77
+# against 82 GB a step at 128K).
 # The 3:1 hybrids hold 5–16 times less cache than full attention and pay in constant state; MiniMax-M1's 7:1
 # holds the largest state. Which wins depends on the context: at short contexts the weights dominate every step,
 # at a million tokens the cache does — exercise 2 finds where the order flips. And recall is what the linear
@@ -1283,14 +1296,14 @@ check_add_rmsnorm_kernel(add_rmsnorm_kernel_solution)
 #   "active" figures leave out embeddings (MiniMax-M1's 45.9B = our 48.4B minus embedding and head).
 # - **Memory and cost.** At a million tokens a sequence holds 8 GiB (Kimi Linear) to 128 GiB (Mixtral); the
 #   hybrids trade a constant state for a 3–16× smaller cache; sparse selection keeps a cache in every layer but
-#   a decoding step reads only 2,048 latents of it, a tenth of dense MLA's FLOPs at 128K.
+#   a decoding step reads only 2,048 latents of it and costs a tenth of dense MLA's FLOPs at 128K.
 # - **Recall.** On MQAR at reading size full attention learns the association outright, Gated DeltaNet holds it
 #   for a few pairs and loses it as they grow, lightning attention never gets past naming some value it has
 #   seen, and one attention layer in two — or DSA's top-8, at few pairs — wins most of it back: the tension that sent
 #   MiniMax back to full attention in M2, and the reason every hybrid keeps one layer in four (or eight) exact. The
 #   presets at 8 layers agree where the exact layer is one in four — the 3:1 hybrids learn 32 pairs, and sooner
 #   than full attention — while the 7:1 stack, its one softmax layer last, and DSA stay on the plateau within
-#   1,500 steps (DSA at the edge of that budget: another run of V3.2's preset was leaving the plateau at its end).
+#   1,500 steps.
 #
 # ## References
 #
@@ -1430,8 +1443,18 @@ def _int(c, field, least=1, why=""):
 
 def validate(c):
     """Raise ValueError naming the field for a config no model can be built from. Every field is
-    checked, also those of mixers the pattern does not use."""
+    checked, also those of mixers the pattern does not use: ints are ints (not bools), flags are
+    real bools (a string such as "no" would be truthy), name is a string. A pattern with "D"
+    layers needs q_lora_rank: DSA's indexer reads the query latent, so transformers'
+    DeepseekV32Attention and GlmMoeDsaAttention always have one (1536 and 2048), while MLA ("M")
+    may project queries directly (None)."""
     from minisparse.models.config import MIXERS  # here: the config module imports this one
+    if not isinstance(c.name, str):
+        raise _bad("name", "must be a string", c.name)
+    for f in ("attn_gate", "qk_norm", "indexer_rope_interleave", "shared_expert_gate",
+              "tie_embeddings", "zero_centered_norm"):
+        if not isinstance(getattr(c, f), bool):
+            raise _bad(f, "must be True or False", getattr(c, f))
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
               "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
               "index_n_heads", "index_head_dim", "index_topk", "linear_num_heads",
@@ -1463,6 +1486,9 @@ def validate(c):
     if unknown:
         raise _bad("pattern", f"unknown mixer letters {unknown}; known: "
                    + ", ".join(f"{k} = {v.split(' —')[0]}" for k, v in MIXERS.items()), c.pattern)
+    if "D" in c.pattern and c.q_lora_rank is None:
+        raise _bad("q_lora_rank", "must be an int >= 1 when the pattern has 'D' layers (DSA's "
+                   "indexer reads the query latent)", c.q_lora_rank)
     if c.num_layers % len(c.pattern):
         raise _bad("num_layers", f"must be a multiple of len(pattern) = {len(c.pattern)} "
                    f"(pattern {c.pattern!r} repeats)", c.num_layers)
@@ -1570,12 +1596,26 @@ def _check_cache_fits(op, x, batch, length, max_len):
                          "new_caches(batch, max_len))")
 
 
-def _check_num_pairs(num_pairs, half):
-    """mqar_batch's num_pairs: an int in [1, vocab/2] (the keys are distinct tokens of the lower
-    half)."""
+def _check_mqar_args(num_pairs, num_queries, half):
+    """mqar_batch's num_pairs, an int in [1, vocab/2] (the keys are distinct tokens of the lower
+    half), and num_queries, an int > 0 or None (N). Returns the number of queries."""
     if _checks.positive_int("mqar_batch", "num_pairs", num_pairs) > half:
         raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
                          f"{num_pairs}")
+    if num_queries is None:
+        return num_pairs
+    return _checks.positive_int("mqar_batch", "num_queries (or None: num_pairs)", num_queries)
+
+
+def _check_lm_batch_args(data, batch, seq_len):
+    """lm_batch's arguments: data a 1-D tensor of at least seq_len + 1 tokens (a window and its
+    next token), batch and seq_len ints > 0."""
+    _checks.positive_int("lm_batch", "batch", batch)
+    _checks.positive_int("lm_batch", "seq_len", seq_len)
+    _checks.tensor("lm_batch", "data", data, "[N]")
+    if len(data) < seq_len + 1:
+        raise ValueError(f"lm_batch: data must hold at least seq_len + 1 = {seq_len + 1} tokens "
+                         f"(a window and the token after it), got {len(data)}")
 
 
 def _as_config(config, op):
@@ -1942,8 +1982,10 @@ def stdlib_bytes(max_bytes=2_000_000):
 
 
 def lm_batch(data, batch, seq_len, *, generator=None):
-    """Random windows of a byte tensor: (input_ids, targets = the next bytes), [B, seq_len]."""
-    start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    """Random windows of a byte tensor data [N]: (input_ids, targets = the next bytes), both
+    [batch, seq_len] int64. Every window of seq_len + 1 bytes is equally likely, the last too."""
+    _check_lm_batch_args(data, batch, seq_len)
+    start = torch.randint(0, len(data) - seq_len, (batch,), generator=generator)  # [batch]
     rows = torch.stack([data[s:s + seq_len + 1] for s in start.tolist()]).long()
     return rows[:, :-1], rows[:, 1:]
 

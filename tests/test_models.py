@@ -51,11 +51,52 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     (dict(num_experts=4, shared_expert_gate=True), "shared_expert_gate", "needs a shared expert"),
     (dict(indexer_loss_weight=float("nan")), "indexer_loss_weight", ">= 0"),
     (dict(indexer_loss_weight=-1.0), "indexer_loss_weight", ">= 0"),
+    (dict(tie_embeddings="no"), "tie_embeddings", "True or False"),  # a truthy string tied them
+    (dict(attn_gate="yes"), "attn_gate", "True or False"), (dict(qk_norm=1), "qk_norm", "True or False"),
+    (dict(zero_centered_norm=None), "zero_centered_norm", "True or False"),
+    (dict(indexer_rope_interleave="false"), "indexer_rope_interleave", "True or False"),
+    (dict(num_experts=4, shared_intermediate_size=8, shared_expert_gate=0), "shared_expert_gate", "True or False"),
+    (dict(name=None), "name", "string"),
+    (dict(pattern="D"), "q_lora_rank", "'D' layers"),  # it silently took kv_lora_rank's size
+    (dict(pattern="MD", num_layers=2), "q_lora_rank", "'D' layers"),
 ])
 def test_bad_configs_name_the_field(bad, field, want):
     with pytest.raises(ValueError, match=rf"HybridConfig\.{field}:") as err:
         M.HybridConfig(**bad)
     assert want in str(err.value), str(err.value)  # and what was expected
+
+
+def test_q_lora_rank_optional_for_mla_only():
+    """MLA may project queries directly (q_lora_rank None); DSA's layer gets the config's query latent rank."""
+    M.HybridConfig(pattern="M")
+    model = M.HybridLM(M.HybridConfig(pattern="D", num_layers=1, q_lora_rank=24, kv_lora_rank=32))
+    assert model.layers[0].mixer.layer.q_a_proj.out_features == 24
+
+
+def test_dsa_training_with_caches_is_refused_clearly():
+    """A training forward of a DSA layer computes its indexer's loss from the dense attention over the input
+    alone; with caches the second call failed inside indexer_kl_loss ("indices ... out of range or in the
+    future"). It is refused up front, naming the ways out; eval mode and indexer_loss_weight=0 still decode."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    model = M.HybridLM(M.deepseek_v32_like(backend="naive", num_layers=1, first_dense_layers=0))
+    assert model.training
+    with pytest.raises(ValueError, match=r"DSA layer in training mode .* \.eval\(\) .* indexer_loss_weight=0"):
+        model(ids[:, :3], model.new_caches(2, 6))
+    model(ids)  # without caches: the indexer's loss
+    assert model.aux_loss is not None
+    off = M.HybridLM(M.deepseek_v32_like(backend="naive", num_layers=1, first_dense_layers=0,
+                                         indexer_loss_weight=0.0))
+    caches = off.new_caches(2, 6)
+    with torch.no_grad():
+        steps = torch.cat([off(ids[:, :3], caches), off(ids[:, 3:], caches)], dim=1)
+        assert_close("training mode, no indexer loss: cached = one pass", off(ids), steps, 1e-4)
+
+
+def test_gated_attention_model_accepts_an_empty_input():
+    """Qwen3-Next's preset (gated attention) on input_ids [1, 0]: its query/gate split could not infer -1."""
+    model = M.HybridLM(M.qwen3_next_like(backend="naive"))
+    assert model(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, 256)
 
 
 def test_model_validates_a_config_changed_after_creation():
@@ -293,6 +334,12 @@ def test_mqar_batch_rejects_a_bad_num_pairs(num_pairs, match):
         TR.mqar_batch(2, num_pairs, vocab=64)
 
 
+@pytest.mark.parametrize("num_queries", [-1, 0, 1.5, True])
+def test_mqar_batch_rejects_a_bad_num_queries(num_queries):
+    with pytest.raises(ValueError, match="mqar_batch: num_queries .* must be an int > 0"):  # -1: a negative dimension
+        TR.mqar_batch(2, 4, num_queries, vocab=64)
+
+
 class _RecallWithin(torch.nn.Module):
     """An MQAR 'model' that answers a query right exactly when its key (among the first `pairs`) lies at most
     `reach` tokens back."""
@@ -327,6 +374,21 @@ def test_stdlib_corpus_and_batches():
     assert data.dtype == torch.uint8 and len(data) == 20_000
     ids, tg = TR.lm_batch(data, 2, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids[:, 1:], tg[:, :-1])
+
+
+def test_lm_batch_samples_every_window_and_checks_the_length():
+    """The start's upper bound was exclusive of the last window: it was never drawn, and data of seq_len + 1 tokens
+    (one window) raised from torch.randint."""
+    data = torch.arange(6, dtype=torch.uint8)
+    ids, tg = TR.lm_batch(data, 3, 5)  # the only window
+    assert ids.tolist() == [[0, 1, 2, 3, 4]] * 3 and tg.tolist() == [[1, 2, 3, 4, 5]] * 3
+    ids, _ = TR.lm_batch(torch.arange(10, dtype=torch.uint8), 400, 5, generator=torch.Generator().manual_seed(0))
+    assert sorted(set(ids[:, 0].tolist())) == [0, 1, 2, 3, 4]  # every start, the last (4) too
+    with pytest.raises(ValueError, match=r"lm_batch: data must hold at least seq_len \+ 1 = 7 tokens .* got 6"):
+        TR.lm_batch(data, 2, 6)
+    for bad in (dict(batch=0), dict(seq_len=0)):
+        with pytest.raises(ValueError, match=f"lm_batch: {next(iter(bad))} must be an int > 0"):
+            TR.lm_batch(data, **{"batch": 2, "seq_len": 3, **bad})
 
 
 def test_checkpoint_resume_continues_the_loss_curve(tmp_path):

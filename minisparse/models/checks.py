@@ -21,8 +21,18 @@ def _int(c, field, least=1, why=""):
 
 def validate(c):
     """Raise ValueError naming the field for a config no model can be built from. Every field is
-    checked, also those of mixers the pattern does not use."""
+    checked, also those of mixers the pattern does not use: ints are ints (not bools), flags are
+    real bools (a string such as "no" would be truthy), name is a string. A pattern with "D"
+    layers needs q_lora_rank: DSA's indexer reads the query latent, so transformers'
+    DeepseekV32Attention and GlmMoeDsaAttention always have one (1536 and 2048), while MLA ("M")
+    may project queries directly (None)."""
     from minisparse.models.config import MIXERS  # here: the config module imports this one
+    if not isinstance(c.name, str):
+        raise _bad("name", "must be a string", c.name)
+    for f in ("attn_gate", "qk_norm", "indexer_rope_interleave", "shared_expert_gate",
+              "tie_embeddings", "zero_centered_norm"):
+        if not isinstance(getattr(c, f), bool):
+            raise _bad(f, "must be True or False", getattr(c, f))
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
               "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
               "index_n_heads", "index_head_dim", "index_topk", "linear_num_heads",
@@ -54,6 +64,9 @@ def validate(c):
     if unknown:
         raise _bad("pattern", f"unknown mixer letters {unknown}; known: "
                    + ", ".join(f"{k} = {v.split(' —')[0]}" for k, v in MIXERS.items()), c.pattern)
+    if "D" in c.pattern and c.q_lora_rank is None:
+        raise _bad("q_lora_rank", "must be an int >= 1 when the pattern has 'D' layers (DSA's "
+                   "indexer reads the query latent)", c.q_lora_rank)
     if c.num_layers % len(c.pattern):
         raise _bad("num_layers", f"must be a multiple of len(pattern) = {len(c.pattern)} "
                    f"(pattern {c.pattern!r} repeats)", c.num_layers)
@@ -140,12 +153,26 @@ def _check_cache_fits(op, x, batch, length, max_len):
                          "new_caches(batch, max_len))")
 
 
-def _check_num_pairs(num_pairs, half):
-    """mqar_batch's num_pairs: an int in [1, vocab/2] (the keys are distinct tokens of the lower
-    half)."""
+def _check_mqar_args(num_pairs, num_queries, half):
+    """mqar_batch's num_pairs, an int in [1, vocab/2] (the keys are distinct tokens of the lower
+    half), and num_queries, an int > 0 or None (N). Returns the number of queries."""
     if _checks.positive_int("mqar_batch", "num_pairs", num_pairs) > half:
         raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
                          f"{num_pairs}")
+    if num_queries is None:
+        return num_pairs
+    return _checks.positive_int("mqar_batch", "num_queries (or None: num_pairs)", num_queries)
+
+
+def _check_lm_batch_args(data, batch, seq_len):
+    """lm_batch's arguments: data a 1-D tensor of at least seq_len + 1 tokens (a window and its
+    next token), batch and seq_len ints > 0."""
+    _checks.positive_int("lm_batch", "batch", batch)
+    _checks.positive_int("lm_batch", "seq_len", seq_len)
+    _checks.tensor("lm_batch", "data", data, "[N]")
+    if len(data) < seq_len + 1:
+        raise ValueError(f"lm_batch: data must hold at least seq_len + 1 = {seq_len + 1} tokens "
+                         f"(a window and the token after it), got {len(data)}")
 
 
 def _as_config(config, op):

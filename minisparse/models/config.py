@@ -36,7 +36,7 @@ class HybridConfig:
     rotary_dim: int | None = None  # partial RoPE (None: the whole head)
     rope_theta: float = 10000.0
     # M and D: MLA (num_heads query heads), D adds the lightning indexer
-    q_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # the query latent; None: q projected directly (M only)
     kv_lora_rank: int = 32
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8

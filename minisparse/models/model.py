@@ -39,8 +39,7 @@ class Mixer(nn.Module):
                                    backend=c.backend)
         elif kind == "M":
             self.layer = MLA(c.hidden_size, c.num_heads, **mla)
-        elif kind == "D":
-            mla["q_lora_rank"] = c.q_lora_rank or c.kv_lora_rank  # the indexer reads q's latent
+        elif kind == "D":  # validate: q_lora_rank set (the indexer reads q's latent)
             self.layer = DSAttention(c.hidden_size, c.num_heads, index_n_heads=c.index_n_heads,
                                      index_head_dim=c.index_head_dim, index_topk=c.index_topk,
                                      indexer_rope_interleave=c.indexer_rope_interleave, **mla)
@@ -69,7 +68,11 @@ class Mixer(nn.Module):
         if self.kind == "D" and self.training and self.indexer_loss_weight > 0:
             # DSA's indexer learns only from its distillation loss (chapter 8): KL to the dense
             # attention, over the selected keys; sparse attention from the first step
-            y, indices, scores = self.layer(x, cache, return_indices=True)
+            if cache is not None:  # the target would need the cached tokens' attention too
+                raise ValueError("HybridLM: a DSA layer in training mode computes its indexer's "
+                                 "loss on the whole sequence, without a cache: call .eval() to "
+                                 "decode with caches, or set indexer_loss_weight=0")
+            y, indices, scores = self.layer(x, None, return_indices=True)
             p = self.layer.attention_probs(x.detach())  # [B, T, H, T], a target
             self.aux_loss = self.indexer_loss_weight * indexer_kl_loss(p, scores, indices)
             return y

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
-from minisparse.models.checks import _check_num_pairs
+from minisparse.models.checks import _check_lm_batch_args, _check_mqar_args  # lm_batch: notes
 
 IGNORE = -100  # a target position without a loss
 
@@ -22,9 +22,8 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
     answers a at the positions of their queries, IGNORE elsewhere. Returns (input_ids [B, T],
     targets [B, T]) int64 with T = 2 (N + num_queries); num_queries defaults to N.
     """
-    Q = num_pairs if num_queries is None else num_queries
     half = vocab // 2
-    _check_num_pairs(num_pairs, half)
+    Q = _check_mqar_args(num_pairs, num_queries, half)  # num_queries, or N when None
     keys = torch.rand(batch, half, generator=generator).argsort(-1)[:, :num_pairs]  # distinct
     values = torch.randint(half, vocab, (batch, num_pairs), generator=generator)
     ask = torch.randint(0, num_pairs, (batch, Q), generator=generator)  # which pair each query
@@ -38,7 +37,13 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
 
 def lm_loss(model, ids, targets):
     """Next-token cross-entropy over the positions with a target, plus the model's auxiliary
-    losses."""
+    losses.
+
+    model a HybridLM (or one wrapped by DDP/FSDP: its `.module`), ids [B, T] int64 token ids,
+    targets [B, T] int64 (IGNORE where there is nothing to predict: mqar_batch's non-answers).
+    Returns (total, lm): total the fp32 scalar to backpropagate (the cross-entropy + aux_loss,
+    DSA's indexer loss while training), lm the cross-entropy alone, detached (to log).
+    """
     logits = model(ids)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     aux = getattr(model, "module", model).aux_loss
@@ -159,8 +164,10 @@ def stdlib_bytes(max_bytes=2_000_000):
 
 
 def lm_batch(data, batch, seq_len, *, generator=None):
-    """Random windows of a byte tensor: (input_ids, targets = the next bytes), [B, seq_len]."""
-    start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    """Random windows of a byte tensor data [N]: (input_ids, targets = the next bytes), both
+    [batch, seq_len] int64. Every window of seq_len + 1 bytes is equally likely, the last too."""
+    _check_lm_batch_args(data, batch, seq_len)
+    start = torch.randint(0, len(data) - seq_len, (batch,), generator=generator)  # [batch]
     rows = torch.stack([data[s:s + seq_len + 1] for s in start.tolist()]).long()
     return rows[:, :-1], rows[:, 1:]
 
