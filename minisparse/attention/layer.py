@@ -59,9 +59,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if not self.gate:
             return self.q_proj(x).view(B, T, self.num_heads, self.head_dim), None
-        qg = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim)  # each head: [query | gate]
+        H, D = self.num_heads, self.head_dim  # explicit sizes, not -1: T = 0 too
+        qg = self.q_proj(x).view(B, T, H, 2 * D)  # each head: [query | gate], 2D channels
         q, g = qg.chunk(2, dim=-1)  # [B, T, H, D] each
-        return q, g.reshape(B, T, self.num_heads * self.head_dim)  # explicit sizes: T = 0 too
+        return q, g.reshape(B, T, H * D)
 
     def _rope(self, x, positions):
         if self.rotary_dim == self.head_dim:

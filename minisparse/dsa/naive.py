@@ -111,8 +111,9 @@ def indexer_kl_loss(p_attn, scores, indices=None):
         keep = keep & selection_mask(indices, TK)
     target = p_attn.detach().float().sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, TQ, TK], rows sum to 1
-    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)  # [B, TQ, TK]
-    kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # [B, TQ, TK]; 0 · log 0 = 0
+    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), -1)  # [B, TQ, TK]
+    # xlogy: 0 · log 0 = 0 where the target is 0
+    kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # [B, TQ, TK]
     return kl.sum() / max(B * TQ, 1)  # the mean over queries; 0, not NaN, when there are none
 
 
