@@ -134,12 +134,26 @@ def initial_state(op: str, h0, want: tuple, layout: str = "[B, H, K, V]", like: 
         raise ValueError(f"{op}: initial_state must be on q's device {like.device}, got {h0.device}")
 
 
-def attention_mask(op: str, mask, B: int, T: int) -> None:
-    """None, or a layer's padding mask [B, T] (1 = token, 0 = padding)."""
+def attention_mask(op: str, mask, B: int, T: int, *, state_in: bool = False, state_out: bool = False) -> None:
+    """None, or a layer's padding mask [B, T] (1 = token, 0 = padding). A recurrent layer that returns a state
+    (`state_out`) passes every position through it, padding included: its state is the real tokens' only when the
+    padding comes first (left padding) and starts from no state (`state_in` False). Otherwise the outputs of the real
+    tokens are still right, so only then is the mask refused — a value check, run where `checking_values` says."""
     if mask is None:
         return
     tensor(op, "attention_mask", mask, "[B, T]")
     shape(op, "attention_mask", mask, (B, T), "[B, T]", "1 = token, 0 = padding")
+    if not state_out or mask.numel() == 0 or not checking_values(False, mask):
+        return
+    token = mask.detach() != 0  # [B, T]
+    if state_in and not bool(token.all()):
+        raise ValueError(f"{op}: attention_mask pads a batch that continues from a state; padding would decay and "
+                         "write the state it returns. Continue without padding, or call without use_cache")
+    late = (token[:, :-1] & ~token[:, 1:]).any(-1)  # [B] a token followed by padding
+    if bool(late.any()):
+        raise ValueError(f"{op}: with a returned state, attention_mask must pad on the left (padding before the "
+                         f"tokens), but row {int(late.nonzero()[0])} has padding after a token: the state would "
+                         "have seen it. Pad on the left, or call without use_cache")
 
 
 def conv_recurrent_state(op: str, state, conv_shape: tuple, rec_shape: tuple, like: torch.Tensor) -> tuple:

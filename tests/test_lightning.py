@@ -202,6 +202,21 @@ def test_fused_recurrent_refuses_gradients():
         fused_recurrent_lightning_attn(q.requires_grad_(), k, v, _slopes(2))
 
 
+def test_kernels_refuse_a_slope_that_wants_a_gradient():
+    """The kernels give the slope no gradient: a trainable slope is refused, not silently left untrained; the naive
+    op trains it."""
+    q, k, v, _ = _inputs(1, 5, 2, 16, 16)
+    slope = _slopes(2).requires_grad_()
+    for op in (chunk_lightning_attn, fused_recurrent_lightning_attn):
+        with pytest.raises(RuntimeError, match="fixed rate .* pass slope.detach()"):
+            op(q, k, v, slope)
+    chunk_lightning_attn(q, k, v, slope.detach())
+    with torch.no_grad():
+        chunk_lightning_attn(q, k, v, slope)
+    naive_chunk_lightning_attn(q, k, v, slope)[0].sum().backward()
+    assert slope.grad is not None and slope.grad.abs().sum() > 0
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,K,V", [(300, 64, 128), (1000, 128, 128), (77, 48, 32)])
@@ -304,6 +319,29 @@ def test_layer_backward_and_mask():
     assert_close("padded state", s_short, s_masked, 1e-4)
     with pytest.raises(ValueError, match="hidden = 32"):
         layer(torch.randn(2, 20, 31, device=DEV))
+
+
+def test_layer_refuses_a_mask_whose_padding_would_reach_the_returned_state():
+    """Padding after a token (right padding), or padding while continuing from a state, would decay the state the
+    layer returns: refused when a state is returned (the value-check rule), allowed when only outputs are."""
+    layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=16).to(DEV)
+    x = torch.randn(2, 20, 32, device=DEV)
+    right = torch.ones(2, 20, device=DEV)
+    right[1, 15:] = 0
+    previous = runtime.set_value_checks(True)
+    try:
+        with torch.no_grad():
+            y, _ = layer(x, attention_mask=right)  # outputs only: fine
+            y_short, _ = layer(x[1:, :15])
+            assert_close("right-padded outputs", y_short, y[1:, :15], 1e-4)
+            with pytest.raises(ValueError, match="must pad on the left .* row 1 has padding after a token"):
+                layer(x, use_cache=True, attention_mask=right)
+            _, state = layer(x, use_cache=True)
+            with pytest.raises(ValueError, match="continues from a state"):
+                layer(x, state=state, attention_mask=right.flip(-1))
+            layer(x, state=state, attention_mask=torch.ones(2, 20, device=DEV))
+    finally:
+        runtime.set_value_checks(previous)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

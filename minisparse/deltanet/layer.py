@@ -16,6 +16,8 @@ class GatedDeltaNet(nn.Module):
     forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
     [B, T, hidden], new state or None). A state is (conv_state [B, conv_dim, kernel − 1],
     recurrent_state [B, HV, K, V] float32), returned when use_cache is True or a state was given.
+    attention_mask [B, T]: 0 for padding (with a state returned: left padding only, and no state
+    given).
     backend: "triton" (chunk; fused recurrent for ≤ 16 tokens from a state without gradients),
     "naive" (PyTorch chunk; the recurrence for single steps), or "auto" (Triton for CUDA tensors or
     under the interpreter). g ≤ 0 and β in [0, 1] hold by construction: no value checks.
@@ -92,7 +94,8 @@ class GatedDeltaNet(nn.Module):
         op = "GatedDeltaNet"
         _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
         B, T, _ = hidden_states.shape
-        _checks.attention_mask(op, attention_mask, B, T)
+        _checks.attention_mask(op, attention_mask, B, T, state_in=state is not None,
+                               state_out=use_cache or state is not None)
         conv_state, rec_state = _checks.conv_recurrent_state(
             op, state, (B, self.conv_dim, self.conv_kernel_size - 1),
             (B, self.num_v_heads, self.head_k_dim, self.head_v_dim), hidden_states)

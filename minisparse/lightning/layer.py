@@ -24,7 +24,7 @@ class LightningAttention(nn.Module):
     forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) ->
     (y [B, T, hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or
     a state was given, else None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T],
-    0 for padding. backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16
+    0 for padding (with a state returned: left padding only, and no state given). backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16
     tokens from a state without gradients), "naive" (naive_chunk_lightning_attn with
     chunk_size=block_size), or "auto" (the default: Triton for CUDA tensors or under the
     interpreter, else naive — so the layer also runs on a GPU machine's CPU).
@@ -81,9 +81,10 @@ class LightningAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
         _checks.initial_state(op, state, (B, H, d, d), "[B, H, d, d]", like=hidden_states)
-        _checks.attention_mask(op, attention_mask, B, T)
+        _checks.attention_mask(op, attention_mask, B, T, state_in=state is not None,
+                               state_out=use_cache or state is not None)
         qkv = F.silu(self.qkv_proj(hidden_states))  # [B, T, 3·H·d]
-        if attention_mask is not None:  # padded tokens add nothing to the state
+        if attention_mask is not None:  # padded tokens write nothing (they still decay the state)
             qkv = qkv * attention_mask[:, :, None].to(qkv.dtype)
         q, k, v = qkv.view(B, T, H, 3 * d).split(d, dim=-1)  # [B, T, H, d] each, head-major layout
         o, new_state = self._attend_normed(q, k, v, state, use_cache or state is not None)

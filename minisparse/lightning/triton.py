@@ -285,6 +285,10 @@ def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values)
     scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False)
     _checks.triton_inputs(op, q, k, v, slope, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], _MAX_DIM), "V": (v.shape[-1], _MAX_DIM)})
+    if torch.is_grad_enabled() and slope.requires_grad:  # else it would silently get no gradient
+        raise RuntimeError(f"{op}: the kernels take slope as a fixed rate (no gradient), but it "
+                           "requires grad; pass slope.detach(), or train the rates with "
+                           "naive_chunk_lightning_attn")
     if check_values and _checks.checking_values(False, q):
         _check_slope(op, slope)
     return scale
