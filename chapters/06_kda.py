@@ -1399,7 +1399,7 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
     and above A's diagonal, above P's."""
     nI = tl.program_id(0)
-    n, I = nI // (C // BC), nI % (C // BC)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     r0 = I * BC  # the sub-chunk's first row in the chunk
@@ -1480,7 +1480,7 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
     Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
     A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
@@ -1548,7 +1548,7 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     for n in range(NT):
         tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
@@ -1577,7 +1577,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
     Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
     Math: O = scale · ((Q ⊙ e^G) S_n + P U)."""
     iv = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # int64: t·HV·V passes 2^31 at long context
     bh = tl.program_id(2).to(tl.int64)
     b, hv = bh // HV, bh % HV
     rows = tl.arange(0, C)
@@ -1720,7 +1720,7 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     for i in range(NT):
         n = NT - 1 - i
         tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off, dS, mask=kv_mask)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
@@ -1759,7 +1759,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
     with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
     their dG terms."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     h = hv // (HV // H)
@@ -1870,7 +1870,7 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
         C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
         dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
     nI = tl.program_id(0)
-    n, I = nI // (C // BC), nI % (C // BC)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
     ks = tl.program_id(2) * BK + tl.arange(0, BK)
     km = ks < K
@@ -1946,7 +1946,7 @@ def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr
     """x [B, T, HV, K] ← x_t + x_{t+1} + … up to its chunk's last row, in place (dg from dG).
     Program: one chunk n of one (batch b, value head hv) and one block of K. Grid (NT, B · HV,
     cdiv(K, BK))."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
     bh = tl.program_id(1).to(tl.int64)
     ks = tl.program_id(2) * BK + tl.arange(0, BK)
     t = n * C + tl.arange(0, C)
@@ -2143,7 +2143,8 @@ def _kda_fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_
     if HAS_H0:
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
                     other=0.0).to(tl.float32)
-    for t in range(T):
+    for i in range(T):
+        t = tl.cast(i, tl.int64)  # int64: t·H·K passes 2^31 at long context
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
         if L2NORM:

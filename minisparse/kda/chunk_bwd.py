@@ -39,7 +39,7 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     for i in range(NT):
         n = NT - 1 - i
         tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off, dS, mask=kv_mask)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
@@ -77,7 +77,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
     with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
     their dG terms."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     h = hv // (HV // H)
@@ -183,7 +183,7 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
         C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
         dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
     nI = tl.program_id(0)
-    n, I = nI // (C // BC), nI % (C // BC)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
     ks = tl.program_id(2) * BK + tl.arange(0, BK)
     km = ks < K
@@ -258,7 +258,7 @@ def _chunk_suffix_sums_kernel(x_ptr, T, HV, K, C: tl.constexpr, BK: tl.constexpr
     """x [B, T, HV, K] ← x_t + x_{t+1} + … up to its chunk's last row, in place (dg from dG).
     Program: one chunk n of one (batch b, value head hv) and one block of K. Grid (NT, B · HV,
     cdiv(K, BK))."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
     bh = tl.program_id(1).to(tl.int64)
     ks = tl.program_id(2) * BK + tl.arange(0, BK)
     t = n * C + tl.arange(0, C)

@@ -54,7 +54,7 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
     and above A's diagonal, above P's."""
     nI = tl.program_id(0)
-    n, I = nI // (C // BC), nI % (C // BC)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     r0 = I * BC  # the sub-chunk's first row in the chunk
@@ -126,7 +126,7 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
     Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
     A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
@@ -193,7 +193,7 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     for n in range(NT):
         tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
@@ -222,7 +222,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
     Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
     Math: O = scale · ((Q ⊙ e^G) S_n + P U)."""
     iv = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # int64: t·HV·V passes 2^31 at long context
     bh = tl.program_id(2).to(tl.int64)
     b, hv = bh // HV, bh % HV
     rows = tl.arange(0, C)
