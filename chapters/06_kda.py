@@ -148,7 +148,7 @@ except ImportError:
 # usage reduced by **up to 75 %** and **up to 6× decoding throughput for a 1M context** against full MLA (Kimi
 # Team 2025, abstract). The survey lists
 # Kimi K2.5 with the same KDA + MLA 3 : 1 layout [S], but transformers' `Kimi_K25Config` has MLA in every layer and
-# no KDA (chapter 0, §0.6). Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
+# no KDA (chapter 0, §0.2). Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
 #
 # The picture: how much of a value written at $t = 0$ survives $t$ tokens of decay at a constant gate $g$, $e^{g
 # t}$. One GDN head has one curve. A
@@ -217,6 +217,13 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
     return q, k, v.float(), g.float(), beta.float()
 
 
+def _empty_output(qf, kf, vf, gf, bf):
+    """The output of an empty sequence (T = 0): vf's empty values plus the 0-d sums of the other
+    empty inputs, so that it stays in every input's autograd graph, as chunk_kda's output does (a
+    backward through it runs and gives empty gradients)."""
+    return vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())  # vf's shape, T = 0
+
+
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
     """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
@@ -248,7 +255,7 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
         err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S
         S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # + k_tᵀ β_t err
         o.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S))  # [B, HV, V]
-    o = torch.stack(o, dim=1) if T else vf.new_zeros(B, 0, HV, V)  # [B, T, HV, V]
+    o = torch.stack(o, dim=1) if T else _empty_output(qf, kf, vf, gf, bf)  # [B, T, HV, V]
     return o.to(q.dtype), (S if output_final_state else None)
 
 # %% [markdown]
@@ -392,7 +399,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         o.append(scale * ((qc * G.exp()) @ S + P @ U))  # [B, HV, L, V]
         # Γ_Lj = e^{D_Lj}
         S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U
-    o = torch.cat(o, dim=2) if T else vf.new_zeros(B, HV, 0, V)
+    o = torch.cat(o, dim=2) if T else _empty_output(qf, kf, vf, gf, bf)  # [B, HV, T, V]
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 # %% [markdown]
@@ -771,11 +778,13 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 #    $S_{n+1} = \operatorname{diag}(e^{G_L}) S_n + (K \odot e^{G_L - G})^\top U$.
 # 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
 #
-# Why two kernels for what one chunk could do: a program that holds all 64 rows, $A$, $P$ and the diagonal walk at
-# once needs every register a thread has, so one such program fits on a multiprocessor and waits on its own loads.
-# A program per sub-chunk makes four times as many programs, each with a quarter of the rows and a fraction of the
-# shared memory, so more of them run side by side and hide each other's loads: the intra-chunk work went from 7.3 to
-# 0.87 ms at B 2, T 8K (`bench/notes/kda.md`). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
+# Why two kernels for what one chunk could do: a program that held all 64 rows, $A$, $P$ and the diagonal walk at
+# once would need every register a thread has, so only one such program would fit on a multiprocessor, waiting on
+# its own loads. A program per sub-chunk gives four times as many programs, each with a quarter of the rows and a
+# fraction of the shared memory, so several run side by side and hide each other's loads; the solve, $W$, $\tilde U$
+# and the decayed rows, which need the whole chunk, go to the WY kernel, a program a chunk. On an H200 at B 2, T 8K
+# in bf16 the products kernel takes 0.87 ms and the WY kernel 0.53 ms of the 2.1 ms forward (`bench/notes/kda.md`,
+# 2026-12-04). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
 # backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products backwards, and the suffix
 # sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering notes at the end.
 # The intermediates the backward reads are float32, except the decayed rows $W$, $Q \odot e^{G}$ and
@@ -972,15 +981,16 @@ class KimiDeltaAttention(nn.Module):
         return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
     def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1]
-        (zeros if None)."""
-        W = self.conv_kernel_size
+        """Causal depthwise conv + SiLU over x [B, 3·H·K, T], continuing from conv_state
+        [B, 3·H·K, width − 1] (zeros if None), width = conv_kernel_size."""
+        width = self.conv_kernel_size
         prev = x.new_zeros(x.shape[0], x.shape[1],
-                           W - 1) if conv_state is None else conv_state.to(x.dtype)
-        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+                           width - 1) if conv_state is None else conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, 3·H·K, width − 1 + T]
         if x.shape[-1] == 0:
             return x, xx
-        return F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)), xx[..., -(W - 1):]
+        return (F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)),
+                xx[..., -(width - 1):])
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         """KDA on the layer's own q, k, v, g, β: no value checks."""
@@ -1094,10 +1104,13 @@ else:
 # ### Exercise 1 (derive): when does one KDA layer hold less than one MLA layer?
 #
 # A KDA layer's memory does not grow with the context; an MLA layer's does. Write `my_crossover(config)`: the
-# context length $T$ (a float) at which one MLA layer's cache — the latent (`kv_lora_rank`) and the shared rotary key
-# (`qk_rope_head_dim`), bf16, a token — holds as many bytes as one KDA layer's states (`linear_num_heads` heads of
-# `linear_head_dim` × `linear_head_dim` in fp32; leave the short convolutions' few inputs out). The checker tries
-# Kimi Linear's shapes and three others, within 0.1 %.
+# context length $T$ (a float) at which one MLA layer's decoding cache, in bf16, holds as many bytes as one KDA
+# layer's recurrent states, in fp32 (leave the short convolutions' few inputs out). The checker passes configs with
+# seven of `KimiLinearConfig`'s fields — `num_attention_heads`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`
+# and `kv_lora_rank` (MLA), `linear_num_heads` and `linear_head_dim` (KDA) — at Kimi Linear's shapes and three
+# others, and wants $T$ within 0.1 %. Not all seven matter: deciding which do, and why, is the exercise. What does an
+# MLA layer keep a token, and what does it rebuild from that (chapter 3)? What does a KDA head keep, and how big is
+# it (section 6.1)?
 
 # %%
 from minisparse.kda.exercises import (buggy_intra_products, check_crossover, check_fact_prediction,
@@ -1113,11 +1126,14 @@ def my_crossover(config):
 attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is filled in
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — states: H · K² numbers of 4 bytes; MLA: (d_c + d_rope) numbers of 2 bytes a token,
-# shared by
-# every head (that sharing is MLA's point, chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈
-# 1,820 tokens —
-# beyond a few thousand tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
+# Solution — KDA: each of the linear_num_heads heads keeps a K × V state with K = V =
+# linear_head_dim, H · K² numbers of 4 bytes, whatever the context. MLA: a token leaves only its
+# latent (kv_lora_rank) and the rotary key part (qk_rope_head_dim), (d_c + d_rope) numbers of 2
+# bytes, shared by every head; the heads' keys and values (qk_nope_head_dim, v_head_dim, one set
+# per num_attention_heads) are rebuilt from the latent or absorbed into the projections, never
+# cached (that sharing is MLA's point, chapter 3). So those three fields do not enter. At Kimi
+# Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond a few thousand tokens a KDA layer is the
+# cheaper one, by 1M tokens 576 times cheaper.
 def crossover_solution(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
     return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
@@ -1295,8 +1311,9 @@ check_kda_step_kernel(kda_step_solution)
 #   decoding token by token from its state equals the prefill.
 # - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
 #   report's "up to 75 %" is the 3 : 1 limit. A roofline gives 2.7–3.8× its decoding throughput, not the report's
-#   6×: the remaining factor of about 1.6 is what a model of bytes and FLOPs leaves out (how far real kernels fall
-#   short of the bandwidth bound, scheduling, the rest of the layer), and the model cannot say which.
+#   6×: the remaining factor of 1.6–2.3 (1.6 if the report measured at a large batch, 2.3 at batch 1; it does not
+#   say) is what a model of bytes and FLOPs leaves out (how far real kernels fall short of the bandwidth bound,
+#   scheduling, the rest of the layer), and the model cannot say which.
 #
 # Next, chapter 7 leaves linear attention for **sparse** attention: NSA's compressed, selected and sliding branches,
 # and MoBA's block routing.
@@ -1329,13 +1346,6 @@ check_kda_step_kernel(kda_step_solution)
 # What a first reading can skip: the forward kernels around section 6.5's helpers, the backward, the autograd glue, the
 # decoding kernel, loading transformers' weights, and the exercise checkers. The core path uses all of them through
 # `minisparse.kda`.
-#
-# ### The scan and the output kernel
-#
-# The scan keeps one $[K, B_V]$ tile of the state in fp32 registers and walks the chunks; the output kernel is
-# chapter 5's, as section 6.5 says. Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
-# and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
-# newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
 
 
 # %% [markdown]
@@ -1518,6 +1528,14 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
         tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
 
+# %% [markdown]
+# ### The scan and the output kernel
+#
+# The scan keeps one $[K, B_V]$ tile of the state in fp32 registers and walks the chunks; the output kernel is
+# chapter 5's, as section 6.5 says. Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
+# and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
+# newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
+
 # %%
 #| export kda.chunk_fwd
 @triton.jit
@@ -1664,18 +1682,19 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 #
 # What is new is how $dA$ and $dP$ reach the keys, queries and gates: through
 # $A_{ij} = \beta_i \sum_c k_{ic} k_{jc} e^{G_{ic} - G_{jc}}$, with $R_i = \sum_j dA'_{ij}\, k_j \odot
-# \Gamma_{ij}$ and $C_j = \sum_i dA'_{ij}\, k_i \odot \Gamma_{ij}$ ($dA' = \operatorname{diag}(\beta) dA$),
+# \Gamma_{ij}$ (a row of $dA'$) and $\mathrm{Col}_j = \sum_i dA'_{ij}\, k_i \odot \Gamma_{ij}$ (a column;
+# $dA' = \operatorname{diag}(\beta) dA$),
 #
 # $$
-# dk_i \mathrel{+}= R_i + C_i, \qquad dG_i \mathrel{+}= k_i \odot R_i - k_i \odot C_i ,
+# dk_i \mathrel{+}= R_i + \mathrm{Col}_i, \qquad dG_i \mathrel{+}= k_i \odot R_i - k_i \odot \mathrm{Col}_i ,
 # $$
 #
-# and the same with $q$ for $P$. $R$ and $C$ are the forward's intra-chunk products run backwards — a matrix times
-# decayed keys — so they take the forward's split too: the chunk kernel stores $dA$ and $dP$, and
-# `_kda_bwd_products_kernel`, one program per sub-chunk and block of 32 channels, computes $R$ and $C$ for the
-# sub-chunk's rows with the reference points before it ($R$) and after it ($C$) and diagonals inside it. Every other
-# gate term is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's gradient is
-# $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum, taken last
+# and the same with $q$ for $P$. $R$ and $\mathrm{Col}$ are the forward's intra-chunk products run backwards — a
+# matrix times decayed keys — so they take the forward's split too: the chunk kernel stores $dA$ and $dP$, and
+# `_kda_bwd_products_kernel`, one program per sub-chunk and block of 32 channels, computes $R$ and $\mathrm{Col}$ for
+# the sub-chunk's rows with the reference points before it ($R$) and after it ($\mathrm{Col}$) and diagonals inside
+# it. Every other gate term is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's
+# gradient is $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum, taken last
 # (`_chunk_suffix_sums_kernel`), once every sub-chunk's $dG$ is in.
 
 # %%
@@ -1864,11 +1883,11 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
     (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
     Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
-    keys before it, R; I's last row for the queries after it, C; the diagonal block one diagonal
-    at a time):
+    keys before it, R; I's last row for the queries after it, Col; the diagonal block one
+    diagonal at a time):
         R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
-        C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
-        dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
+        Col_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Colq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
+        dq += Rq;  dk += R + Col + Colq;  dG += k ⊙ (R − Col) + q ⊙ Rq − k ⊙ Colq."""
     nI = tl.program_id(0)
     n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
@@ -1907,14 +1926,14 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     e_j = tl.exp(onward)
     R = e_i * tl.dot(dA_r, kb, input_precision=PRECISION)
     Rq = e_i * tl.dot(dP_r, kb, input_precision=PRECISION)
-    Cg = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
-    Cq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
+    Col = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
+    Colq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
     # the diagonal block: d = 0 (P only), then the pairs (i, i − d) and (j + d, j)
     dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
     Rq += dP_ii * k
-    Cq += dP_ii * q
+    Colq += dP_ii * q
     D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
-    U = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}
+    D_ahead = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}, j's decay to row j + d
     for d in range(1, BC):
         ok = (ri - r0 >= d) & (ti < T)
         D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
@@ -1924,19 +1943,19 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
         Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
         ok = (r1 - ri >= d) & (ti + d < T)
         m = ok[:, None] & km[None, :]
-        U += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
-        decay = tl.exp(U)
+        D_ahead += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
+        decay = tl.exp(D_ahead)
         ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
         qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
         row_id = row_i + d * HV * C  # row i + d of dA and dP
-        Cg += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+        Col += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
             ku.to(tl.float32) * decay)
-        Cq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+        Colq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
             qu.to(tl.float32) * decay)
     off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
     tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
-    tl.store(dk_ptr + off, R + Cg + Cq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
-    dG = k * (R - Cg) + q * Rq - k * Cq + tl.load(dg_ptr + off, mask=mi, other=0.0)
+    tl.store(dk_ptr + off, R + Col + Colq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
+    dG = k * (R - Col) + q * Rq - k * Colq + tl.load(dg_ptr + off, mask=mi, other=0.0)
     tl.store(dg_ptr + off, dG, mask=mi)
 
 # %%
@@ -2007,7 +2026,10 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 # 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
 # normalisation. On a GPU whose shared memory the backward's reverse scan outgrows — a T4's 64 KiB, against the
 # 68 KiB it asks for at $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch
-# chunk form (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit).
+# chunk form (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit). It is slow,
+# and it is large: autograd keeps the chunk form's $[L, L, K]$ tensors (the segment sums of section 6.2 and their
+# decays), about 105 kB a token and value head at $K = 128$ — 13 GiB at $B = 1$, $T$ = 8K and 16 heads, most of a
+# T4's 15 GiB. The warning gives the estimate for the call.
 
 # %%
 #| export kda.chunk
@@ -2065,8 +2087,13 @@ class _ChunkKDA(torch.autograd.Function):
             def chunk_form(q, k, v, g, beta, h0):
                 return _naive_chunk(q, k, v, g, beta, ctx.scale, h0, dht is not None, ctx.l2, 64,
                                     check_values=False)
-            grads = runtime.grads_by_autograd("chunk_kda", chunk_form, [q, k, v, g, beta, h0],
-                                              [do, dht])
+            # what autograd keeps, measured at K = 128: about 3¼ [64, 64, K] fp32 tensors a chunk
+            # and value head, 13 · 64 · K bytes a token and value head
+            kept = 13 * 64 * k.shape[-1] * v.shape[:3].numel()  # bytes, B · T · HV token-heads
+            size = f"{kept / 2 ** 30:.1f} GiB" if kept >= 2 ** 30 else f"{kept / 2 ** 20:.0f} MiB"
+            grads = runtime.grads_by_autograd(
+                "chunk_kda", chunk_form, [q, k, v, g, beta, h0], [do, dht],
+                note=f"autograd keeps its [64, 64, K] tensors, about {size} for this call")
         else:
             grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]
@@ -2216,8 +2243,8 @@ print(f"fused_recurrent_kda vs the recurrence: o {assert_close('o', o_r, o_f, 1e
 #
 # `KimiDeltaAttention.from_hf` copies the weights of transformers' `KimiLinearDeltaAttention` (its `forget_gate`'s
 # parameters move onto the layer). At a tiny configuration (2 heads of 16, hidden 64) the two layers agree, with
-# transformers' PyTorch path (`hf_torch_path`, as in section 6.2: with fla installed it would call fla's Triton
-# kernels instead).
+# transformers' PyTorch path (`hf_torch_path`: section 6.2's `hf_torch_function` for each of the layer's functions
+# named below; with fla installed the layer would call fla's Triton kernels instead).
 
 # %%
 #| export kda.layer
@@ -2283,6 +2310,7 @@ if hf_kimi is not None:
 # %% tags=["hide-input"]
 #| export kda.exercises
 import math
+import numbers
 from types import SimpleNamespace
 
 import torch
@@ -2299,14 +2327,28 @@ def _crossover(config):
     return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
 
 
+_CONFIG_FIELDS = ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                  "kv_lora_rank", "linear_num_heads", "linear_head_dim")
+
+
 def check_crossover(fn):
     """Check fn(config) -> the context length (a float) at which one MLA layer's cache (bf16 latent
-    + rope key) holds as many bytes as one KDA layer's fp32 states (conv states left out)."""
-    shapes = [(32, 128, 512, 64), (16, 64, 256, 32), (8, 128, 512, 64), (32, 96, 448, 64)]
-    cases = [(SimpleNamespace(linear_num_heads=h, linear_head_dim=d, kv_lora_rank=r,
-                              qk_rope_head_dim=p),)
-             for h, d, r, p in shapes]
-    check("KDA state = MLA cache", fn, _crossover, cases, tol=1e-3,
+    + rope key) holds as many bytes as one KDA layer's fp32 states (conv states left out). The
+    configs carry the seven fields of _CONFIG_FIELDS; fn reading another raises ExerciseError."""
+    shapes = [(32, 128, 64, 128, 512, 32, 128), (16, 64, 32, 64, 256, 16, 64),
+              (64, 128, 64, 128, 512, 8, 128), (24, 96, 64, 160, 448, 32, 96)]
+    cases = [(SimpleNamespace(**dict(zip(_CONFIG_FIELDS, shape))),) for shape in shapes]
+
+    def answer(config):
+        try:
+            return fn(config)
+        except AttributeError as err:
+            raise ExerciseError(
+                f"✗ KDA state = MLA cache: your function raised AttributeError ({err}). The configs "
+                f"it is given have only the fields {', '.join(_CONFIG_FIELDS)}, and the answer "
+                "needs no other") from None
+
+    check("KDA state = MLA cache", answer, _crossover, cases, tol=1e-3,
           hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA "
                "layer adds kv_lora_rank + qk_rope_head_dim bf16 numbers a token, shared by all its "
                "heads")
@@ -2392,10 +2434,16 @@ def check_fact_prediction(fn):
         except NotImplementedError:
             raise ExerciseError("✗ fact recall error: not implemented yet — fill in the function "
                                 "and run the cell again") from None
+        if (isinstance(got, torch.Tensor) and got.dim() == 0) or isinstance(got, numbers.Real):
+            got = float(got)  # a Python, NumPy or 0-d tensor number
+        else:
+            raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: fn(rate, T) must "
+                                f"return one number (a float, a NumPy scalar or a 0-d tensor), got "
+                                f"{type(got).__name__} {got!r:.60}")
         want = _fact_error(rate, T)
-        if not isinstance(got, (int, float)) or not abs(got - want) <= 1e-3:
+        if not abs(got - want) <= 1e-3:
             raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: predicted "
-                                f"{got!r}, measured {want:.4f}\nHint: the later writes never "
+                                f"{got:.4f}, measured {want:.4f}\nHint: the later writes never "
                                 "touch the fact's channels; count how many decays the fact goes "
                                 "through after it is written (the decay of token 0 comes before "
                                 "its write), and return an error, not a retention")

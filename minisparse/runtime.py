@@ -658,16 +658,17 @@ def _too_large(kernel: str, err, instead: str) -> SharedMemoryError:
                              f"or {instead}")
 
 
-def grads_by_autograd(op: str, forward, inputs: list, grad_outputs: list) -> list:
+def grads_by_autograd(op: str, forward, inputs: list, grad_outputs: list, note: str = "") -> list:
     """The gradients a Triton op's backward returns when its kernels do not fit the GPU (`SharedMemoryError`):
     autograd through `forward(*leaves)`, a PyTorch form of the op, recomputed in fp32. `inputs`: the op's tensors
     (None where absent), each floating one a leaf; `grad_outputs`: the gradients of forward's outputs (None: that
-    output is not used). Warns (once per call site) that it is slower. Returns one gradient per input (None where
-    absent)."""
+    output is not used). Warns (once per call site) that it is slower, adding `note` (e.g. the memory the PyTorch
+    form keeps for autograd). Returns one gradient per input (None where absent)."""
     import warnings
 
     warnings.warn(f"{op}: the backward kernels need more shared memory than this GPU gives a block; computing the "
-                  "gradients with its PyTorch form instead (slower)", RuntimeWarning, stacklevel=3)
+                  f"gradients with its PyTorch form instead (slower{'; ' + note if note else ''})", RuntimeWarning,
+                  stacklevel=3)
     leaves = [x.detach().float().requires_grad_() if x is not None else None for x in inputs]
     with torch.enable_grad():
         outs = forward(*leaves)

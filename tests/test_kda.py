@@ -119,6 +119,20 @@ def test_chunk_matches_recurrent(T, C, gates):
     assert_close("final state", s_r, s_c, 1e-5)
 
 
+@pytest.mark.parametrize("op", [naive_recurrent_kda, naive_chunk_kda], ids=lambda f: f.__name__)
+def test_naive_ops_of_an_empty_sequence_stay_in_the_autograd_graph(op):
+    """T = 0 without an initial state: the empty output still depends on every input (as chunk_kda's does), so a
+    backward through it runs and gives empty gradients instead of "element 0 of tensors does not require grad"."""
+    inputs = _inputs(2, 0, 1, 2, 16, 24, state=False)[:5]
+    for x in inputs:
+        x.requires_grad_(True)
+    for l2 in (False, True):
+        o, _ = op(*inputs, use_qk_l2norm=l2)
+        assert o.shape == (2, 0, 2, 24) and o.dtype == torch.float32
+        grads = torch.autograd.grad(o.sum(), inputs)
+        assert [d.shape for d in grads] == [x.shape for x in inputs]
+
+
 @pytest.mark.parametrize("gates", GATES)
 def test_chunk_gradients_match_recurrent_including_final_state(gates):
     inputs = _inputs(1, 40, 2, 4, 16, 24, gates=gates, seed=4)
@@ -683,9 +697,21 @@ def test_crossover_checker_accepts_the_solution_and_rejects_wrong_counts(capsys)
     assert "✓" in capsys.readouterr().out
     for wrong in (lambda c: solution(c) / 2,  # the states in bf16
                   lambda c: c.linear_num_heads * c.linear_head_dim ** 2 * 4 / (c.kv_lora_rank * 2),  # no rope key
-                  lambda c: solution(c) / c.linear_num_heads):  # a cache per head
+                  lambda c: solution(c) / c.linear_num_heads,  # a cache per KDA head
+                  lambda c: solution(c) / c.num_attention_heads,  # a latent per attention head
+                  lambda c: c.linear_num_heads * c.linear_head_dim ** 2 * 4  # per-head keys and values cached
+                  / (c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * 2)):
         with pytest.raises(ExerciseError):
             check_crossover(wrong)
+
+
+def test_crossover_checker_names_the_config_fields_when_the_answer_reads_another():
+    from minisparse.kda.exercises import check_crossover
+    from minisparse.testing import ExerciseError
+
+    with pytest.raises(ExerciseError, match="AttributeError.*hidden_size.*only the fields num_attention_heads, "
+                                            "qk_nope_head_dim.*linear_head_dim"):
+        check_crossover(lambda c: c.hidden_size * 1.0)
 
 
 def test_intra_products_checker_rejects_the_bug_float64_and_a_missing_diagonal(capsys):
@@ -720,6 +746,27 @@ def test_fact_prediction_checker_rejects_off_by_one_and_retention():
     for wrong in (lambda r, T: 1 - math.exp(-r * T), lambda r, T: math.exp(-r * (T - 1))):
         with pytest.raises(ExerciseError):
             check_fact_prediction(wrong)
+
+
+def test_fact_prediction_checker_takes_any_number_and_refuses_other_types_clearly(capsys):
+    """A right prediction as a NumPy scalar or a 0-d tensor passes; a list, a string or a tensor of several values
+    is refused with a message about the type, not a claim that the prediction is wrong."""
+    import math
+
+    import numpy as np
+
+    from minisparse.kda.exercises import check_fact_prediction
+    from minisparse.testing import ExerciseError
+
+    right = lambda r, T: 1 - math.exp(-r * (T - 1))  # noqa: E731
+    for wrap in (np.float32, np.float64, torch.tensor, lambda x: torch.tensor(x, dtype=torch.float64)):
+        check_fact_prediction(lambda r, T: wrap(right(r, T)))
+        assert capsys.readouterr().out.startswith("✓")
+    with pytest.raises(ExerciseError, match="predicted"):  # a wrong NumPy number is still wrong
+        check_fact_prediction(lambda r, T: np.float32(1 - math.exp(-r * T)))
+    for other in (lambda r, T: [right(r, T)], lambda r, T: str(right(r, T)), lambda r, T: torch.full((2,), 0.5)):
+        with pytest.raises(ExerciseError, match="must return one number"):
+            check_fact_prediction(other)
 
 
 def test_kda_step_kernel_checker_rejects_a_scalar_decay_and_a_late_decay():
@@ -782,7 +829,7 @@ def test_chunk_kda_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(m
         x.requires_grad_(True)
     o_r, s_r = naive_recurrent_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
     o, s = chunk_kda(*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
-    with pytest.warns(RuntimeWarning, match="chunk_kda: .*its PyTorch form"):
+    with pytest.warns(RuntimeWarning, match=r"chunk_kda: .*its PyTorch form .*\[64, 64, K\] tensors, about 1 MiB"):
         grads = _grads(o, s, inputs)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_r, s_r, inputs), grads):
         assert_close(name, a, b, 1e-4)

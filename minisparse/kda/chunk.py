@@ -53,8 +53,13 @@ class _ChunkKDA(torch.autograd.Function):
             def chunk_form(q, k, v, g, beta, h0):
                 return _naive_chunk(q, k, v, g, beta, ctx.scale, h0, dht is not None, ctx.l2, 64,
                                     check_values=False)
-            grads = runtime.grads_by_autograd("chunk_kda", chunk_form, [q, k, v, g, beta, h0],
-                                              [do, dht])
+            # what autograd keeps, measured at K = 128: about 3¼ [64, 64, K] fp32 tensors a chunk
+            # and value head, 13 · 64 · K bytes a token and value head
+            kept = 13 * 64 * k.shape[-1] * v.shape[:3].numel()  # bytes, B · T · HV token-heads
+            size = f"{kept / 2 ** 30:.1f} GiB" if kept >= 2 ** 30 else f"{kept / 2 ** 20:.0f} MiB"
+            grads = runtime.grads_by_autograd(
+                "chunk_kda", chunk_form, [q, k, v, g, beta, h0], [do, dht],
+                note=f"autograd keeps its [64, 64, K] tensors, about {size} for this call")
         else:
             grads = [_qk_grad(q, dq, ctx.l2), _qk_grad(k, dk, ctx.l2), dv, dg, dbeta, dh0]
         grads = [d.to(dt) if d is not None else None for d, dt in zip(grads, ctx.dtypes)]

@@ -177,11 +177,11 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
     (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
     Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
-    keys before it, R; I's last row for the queries after it, C; the diagonal block one diagonal
-    at a time):
+    keys before it, R; I's last row for the queries after it, Col; the diagonal block one
+    diagonal at a time):
         R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
-        C_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Cq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
-        dq += Rq;  dk += R + C + Cq;  dG += k ⊙ (R − C) + q ⊙ Rq − k ⊙ Cq."""
+        Col_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Colq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
+        dq += Rq;  dk += R + Col + Colq;  dG += k ⊙ (R − Col) + q ⊙ Rq − k ⊙ Colq."""
     nI = tl.program_id(0)
     n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
@@ -220,14 +220,14 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     e_j = tl.exp(onward)
     R = e_i * tl.dot(dA_r, kb, input_precision=PRECISION)
     Rq = e_i * tl.dot(dP_r, kb, input_precision=PRECISION)
-    Cg = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
-    Cq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
+    Col = e_j * tl.dot(dA_c, k_all * later, input_precision=PRECISION)
+    Colq = e_j * tl.dot(dP_c, q_all * later, input_precision=PRECISION)
     # the diagonal block: d = 0 (P only), then the pairs (i, i − d) and (j + d, j)
     dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
     Rq += dP_ii * k
-    Cq += dP_ii * q
+    Colq += dP_ii * q
     D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
-    U = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}
+    D_ahead = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}, j's decay to row j + d
     for d in range(1, BC):
         ok = (ri - r0 >= d) & (ti < T)
         D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
@@ -237,19 +237,19 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
         Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
         ok = (r1 - ri >= d) & (ti + d < T)
         m = ok[:, None] & km[None, :]
-        U += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
-        decay = tl.exp(U)
+        D_ahead += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
+        decay = tl.exp(D_ahead)
         ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
         qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
         row_id = row_i + d * HV * C  # row i + d of dA and dP
-        Cg += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+        Col += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
             ku.to(tl.float32) * decay)
-        Cq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
+        Colq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
             qu.to(tl.float32) * decay)
     off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
     tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
-    tl.store(dk_ptr + off, R + Cg + Cq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
-    dG = k * (R - Cg) + q * Rq - k * Cq + tl.load(dg_ptr + off, mask=mi, other=0.0)
+    tl.store(dk_ptr + off, R + Col + Colq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
+    dG = k * (R - Col) + q * Rq - k * Colq + tl.load(dg_ptr + off, mask=mi, other=0.0)
     tl.store(dg_ptr + off, dG, mask=mi)
 
 

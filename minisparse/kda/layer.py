@@ -78,15 +78,16 @@ class KimiDeltaAttention(nn.Module):
         return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
     def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, C, T], continuing from conv_state [B, C, W − 1]
-        (zeros if None)."""
-        W = self.conv_kernel_size
+        """Causal depthwise conv + SiLU over x [B, 3·H·K, T], continuing from conv_state
+        [B, 3·H·K, width − 1] (zeros if None), width = conv_kernel_size."""
+        width = self.conv_kernel_size
         prev = x.new_zeros(x.shape[0], x.shape[1],
-                           W - 1) if conv_state is None else conv_state.to(x.dtype)
-        xx = torch.cat([prev, x], dim=-1)  # [B, C, W − 1 + T]
+                           width - 1) if conv_state is None else conv_state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=-1)  # [B, 3·H·K, width − 1 + T]
         if x.shape[-1] == 0:
             return x, xx
-        return F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)), xx[..., -(W - 1):]
+        return (F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)),
+                xx[..., -(width - 1):])
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         """KDA on the layer's own q, k, v, g, β: no value checks."""
