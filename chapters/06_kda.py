@@ -217,13 +217,6 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
     return q, k, v.float(), g.float(), beta.float()
 
 
-def _empty_output(qf, kf, vf, gf, bf):
-    """The output of an empty sequence (T = 0): vf's empty values plus the 0-d sums of the other
-    empty inputs, so that it stays in every input's autograd graph, as chunk_kda's output does (a
-    backward through it runs and gives empty gradients)."""
-    return vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())  # vf's shape, T = 0
-
-
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
     """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
@@ -255,7 +248,8 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
         err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S
         S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # + k_tᵀ β_t err
         o.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S))  # [B, HV, V]
-    o = torch.stack(o, dim=1) if T else _empty_output(qf, kf, vf, gf, bf)  # [B, T, HV, V]
+    # [B, T, HV, V]; for T = 0 an empty o still in every input's autograd graph, as chunk_kda's
+    o = torch.stack(o, dim=1) if T else vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())
     return o.to(q.dtype), (S if output_final_state else None)
 
 # %% [markdown]
@@ -399,7 +393,8 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         o.append(scale * ((qc * G.exp()) @ S + P @ U))  # [B, HV, L, V]
         # Γ_Lj = e^{D_Lj}
         S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U
-    o = torch.cat(o, dim=2) if T else _empty_output(qf, kf, vf, gf, bf)  # [B, HV, T, V]
+    # [B, HV, T, V]; for T = 0 an empty o still in every input's autograd graph, as chunk_kda's
+    o = torch.cat(o, dim=2) if T else vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 # %% [markdown]
@@ -1104,13 +1099,12 @@ else:
 # ### Exercise 1 (derive): when does one KDA layer hold less than one MLA layer?
 #
 # A KDA layer's memory does not grow with the context; an MLA layer's does. Write `my_crossover(config)`: the
-# context length $T$ (a float) at which one MLA layer's decoding cache, in bf16, holds as many bytes as one KDA
-# layer's recurrent states, in fp32 (leave the short convolutions' few inputs out). The checker passes configs with
-# seven of `KimiLinearConfig`'s fields — `num_attention_heads`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`
-# and `kv_lora_rank` (MLA), `linear_num_heads` and `linear_head_dim` (KDA) — at Kimi Linear's shapes and three
-# others, and wants $T$ within 0.1 %. Not all seven matter: deciding which do, and why, is the exercise. What does an
-# MLA layer keep a token, and what does it rebuild from that (chapter 3)? What does a KDA head keep, and how big is
-# it (section 6.1)?
+# context length $T$ (a float) at which one MLA layer's decoding cache (bf16) holds as many bytes as one KDA layer's
+# recurrent states (fp32; leave the short convolutions' few inputs out), within 0.1 %. The configs the checker passes
+# (Kimi Linear's shapes and three others) have seven of `KimiLinearConfig`'s fields: `num_attention_heads`,
+# `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`, `kv_lora_rank`, `linear_num_heads`, `linear_head_dim`.
+# Which of them matter, and why the others do not, is the derivation: what does an MLA layer keep a token, and what
+# does it rebuild from that (chapter 3)? What does a KDA head keep (section 6.1)?
 
 # %%
 from minisparse.kda.exercises import (buggy_intra_products, check_crossover, check_fact_prediction,
@@ -1126,14 +1120,12 @@ def my_crossover(config):
 attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is filled in
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
-# Solution — KDA: each of the linear_num_heads heads keeps a K × V state with K = V =
-# linear_head_dim, H · K² numbers of 4 bytes, whatever the context. MLA: a token leaves only its
-# latent (kv_lora_rank) and the rotary key part (qk_rope_head_dim), (d_c + d_rope) numbers of 2
-# bytes, shared by every head; the heads' keys and values (qk_nope_head_dim, v_head_dim, one set
-# per num_attention_heads) are rebuilt from the latent or absorbed into the projections, never
-# cached (that sharing is MLA's point, chapter 3). So those three fields do not enter. At Kimi
-# Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond a few thousand tokens a KDA layer is the
-# cheaper one, by 1M tokens 576 times cheaper.
+# Solution — KDA: linear_num_heads states of K × V = linear_head_dim² numbers of 4 bytes, whatever
+# the context. MLA: a token leaves only its latent (kv_lora_rank) and rotary key (qk_rope_head_dim),
+# 2 bytes each, shared by every head; the per-head keys and values (num_attention_heads,
+# qk_nope_head_dim, v_head_dim) are rebuilt from the latent or absorbed, never cached (MLA's point,
+# chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond a few thousand
+# tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
 def crossover_solution(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
     return state / ((config.kv_lora_rank + config.qk_rope_head_dim) * 2)
@@ -2344,9 +2336,9 @@ def check_crossover(fn):
             return fn(config)
         except AttributeError as err:
             raise ExerciseError(
-                f"✗ KDA state = MLA cache: your function raised AttributeError ({err}). The configs "
-                f"it is given have only the fields {', '.join(_CONFIG_FIELDS)}, and the answer "
-                "needs no other") from None
+                f"✗ KDA state = MLA cache: your function raised AttributeError ({err}). The "
+                f"configs it is given have only the fields {', '.join(_CONFIG_FIELDS)}, and the "
+                "answer needs no other") from None
 
     check("KDA state = MLA cache", answer, _crossover, cases, tol=1e-3,
           hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA "

@@ -34,9 +34,9 @@ def check_crossover(fn):
             return fn(config)
         except AttributeError as err:
             raise ExerciseError(
-                f"✗ KDA state = MLA cache: your function raised AttributeError ({err}). The configs "
-                f"it is given have only the fields {', '.join(_CONFIG_FIELDS)}, and the answer "
-                "needs no other") from None
+                f"✗ KDA state = MLA cache: your function raised AttributeError ({err}). The "
+                f"configs it is given have only the fields {', '.join(_CONFIG_FIELDS)}, and the "
+                "answer needs no other") from None
 
     check("KDA state = MLA cache", answer, _crossover, cases, tol=1e-3,
           hint="a KDA layer keeps heads · K · V fp32 numbers (K = V = linear_head_dim); an MLA "

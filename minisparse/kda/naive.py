@@ -18,13 +18,6 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
     return q, k, v.float(), g.float(), beta.float()
 
 
-def _empty_output(qf, kf, vf, gf, bf):
-    """The output of an empty sequence (T = 0): vf's empty values plus the 0-d sums of the other
-    empty inputs, so that it stays in every input's autograd graph, as chunk_kda's output does (a
-    backward through it runs and gives empty gradients)."""
-    return vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())  # vf's shape, T = 0
-
-
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
     """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
@@ -56,7 +49,8 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
         err = vf[:, t] - torch.einsum("bhk,bhkv->bhv", kt, S)  # [B, HV, V] v_t − k_t S
         S = S + kt[..., None] * (bf[:, t, :, None] * err)[:, :, None, :]  # + k_tᵀ β_t err
         o.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, S))  # [B, HV, V]
-    o = torch.stack(o, dim=1) if T else _empty_output(qf, kf, vf, gf, bf)  # [B, T, HV, V]
+    # [B, T, HV, V]; for T = 0 an empty o still in every input's autograd graph, as chunk_kda's
+    o = torch.stack(o, dim=1) if T else vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())
     return o.to(q.dtype), (S if output_final_state else None)
 
 
@@ -112,7 +106,8 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         o.append(scale * ((qc * G.exp()) @ S + P @ U))  # [B, HV, L, V]
         # Γ_Lj = e^{D_Lj}
         S = G[:, :, -1, :, None].exp() * S + (kc * Gamma[:, :, -1]).transpose(-1, -2) @ U
-    o = torch.cat(o, dim=2) if T else _empty_output(qf, kf, vf, gf, bf)  # [B, HV, T, V]
+    # [B, HV, T, V]; for T = 0 an empty o still in every input's autograd graph, as chunk_kda's
+    o = torch.cat(o, dim=2) if T else vf + (qf.sum() + kf.sum() + gf.sum() + bf.sum())
     return o.transpose(1, 2).to(q.dtype), (S if output_final_state else None)
 
 
