@@ -34,7 +34,8 @@ class KimiDeltaAttention(nn.Module):
     forward(hidden_states [B, T, hidden], state=None, use_cache=False, attention_mask=None) -> (y
     [B, T, hidden], new state or None). A state is (conv_state [B, 3·H·K, kernel − 1],
     recurrent_state [B, H, K, K] float32); it is returned when use_cache is True or a state was
-    given. backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
+    given. attention_mask [B, T]: 0 for padding (with a state returned: left padding only, and no
+    state given). backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
     else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it never asks the
     ops to check their values."""
 
@@ -110,7 +111,8 @@ class KimiDeltaAttention(nn.Module):
         op = "KimiDeltaAttention"
         x = _checks.layer_input(op, hidden_states, self, hidden=self.hidden_size)
         B, T, _ = x.shape
-        _checks.attention_mask(op, attention_mask, B, T)
+        _checks.attention_mask(op, attention_mask, B, T, state_in=state is not None,
+                               state_out=use_cache or state is not None)
         conv_state, rec_state = _checks.conv_recurrent_state(
             op, state, (B, self.conv_dim, self.conv_kernel_size - 1),
             (B, self.num_heads, self.head_dim, self.head_dim), x)
