@@ -933,9 +933,9 @@ class KimiDeltaAttention(nn.Module):
     [B, T, hidden], new state or None). A state is (conv_state [B, 3·H·K, kernel − 1],
     recurrent_state [B, H, K, K] float32); it is returned when use_cache is True or a state was
     given. attention_mask [B, T]: 0 for padding (with a state returned: left padding only, and no
-    state given). backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the interpreter,
-    else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it never asks the
-    ops to check their values."""
+    state given). backend: "triton", "naive" or "auto" (Triton for CUDA tensors or under the
+    interpreter, else naive). The layer's own g ≤ 0 and β in [0, 1] hold by construction, so it
+    never asks the ops to check their values."""
 
     def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
                  chunk_size=64,
