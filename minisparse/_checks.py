@@ -260,11 +260,13 @@ def backend(op: str, value) -> str:
 
 
 def choose_backend(value: str, x: torch.Tensor) -> str:
-    """Resolve "auto": the Triton kernels on CUDA tensors, or on CPU tensors under the interpreter (fp32/fp16 only:
-    its bf16 products are wrong); the naive PyTorch path otherwise."""
+    """Resolve "auto": the Triton kernels for the dtypes they take (`FLOATS`) on CUDA tensors, or on CPU tensors
+    under the interpreter (fp32/fp16 only: its bf16 products are wrong); the naive PyTorch path otherwise (fp64,
+    the oracle's dtype, always runs naive)."""
     if value != "auto":
         return value
-    usable = x.is_cuda or (runtime.interpreting() and x.device.type == "cpu" and x.dtype != torch.bfloat16)
+    usable = x.dtype in FLOATS and (
+        x.is_cuda or (runtime.interpreting() and x.device.type == "cpu" and x.dtype != torch.bfloat16))
     return "triton" if usable and _has_triton() else "naive"
 
 

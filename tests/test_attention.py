@@ -459,9 +459,11 @@ def test_gated_layer_accepts_zero_tokens(backend):
     assert x.grad.shape == (1, 0, 64)
 
 
-@pytest.mark.parametrize("dtype,expected", [(torch.float32, "triton"), (torch.bfloat16, "naive")])
+@pytest.mark.parametrize("dtype,expected", [(torch.float32, "triton"), (torch.bfloat16, "naive"),
+                                            (torch.float64, "naive")])
 def test_layer_auto_backend(monkeypatch, dtype, expected):
-    """backend="auto" runs the kernels where they run (CUDA; fp32 under the interpreter) and attention_ref otherwise."""
+    """backend="auto" runs the kernels where they run (CUDA; fp32 under the interpreter; never fp64, which they do
+    not take) and attention_ref otherwise."""
     calls = []
     monkeypatch.setattr(layer_module, "flash_attention", lambda *a, **kw: calls.append("triton") or attention_ref(*a, **kw))
     monkeypatch.setattr(layer_module, "attention_ref", lambda *a, **kw: calls.append("naive") or attention_ref(*a, **kw))
@@ -472,6 +474,9 @@ def test_layer_auto_backend(monkeypatch, dtype, expected):
     if not runtime.interpreting():
         expected = "naive"  # CPU tensors without the interpreter: the kernels cannot run them
     assert calls == [expected]
+    with torch.no_grad():  # and the layer on the device, where "auto" may choose otherwise
+        y = layer.to(DEV)(torch.randn(1, 5, 64, dtype=dtype, device=DEV))
+    assert y.dtype == dtype and (dtype != torch.float64 or calls[-1] == "naive")
 
 
 @pytest.mark.parametrize("kw", LAYER_VARIANTS[1:], ids=lambda kw: ",".join(kw))

@@ -494,6 +494,8 @@ def test_choose_backend_resolves_auto_by_device_and_dtype():
     if runtime.interpreting():
         assert _checks.choose_backend("auto", torch.zeros(1)) == "triton"
         assert _checks.choose_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "naive"
+    for dtype in (torch.float64, torch.complex64, torch.int32):  # dtypes the kernels do not take: never Triton
+        assert _checks.choose_backend("auto", torch.zeros(1, dtype=dtype)) == "naive"
 
 
 # ------------------------------------------------------------------------------------------- the launch table

@@ -581,6 +581,20 @@ def test_mla_auto_backend_uses_pytorch_when_gradients_are_needed():
     assert layer.kv_b_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("absorb", [False, True])
+def test_mla_auto_backend_runs_fp64_naively(absorb):
+    """backend="auto" falls back to PyTorch for fp64 (the decoding kernel takes fp32/fp16/bf16 only)."""
+    torch.manual_seed(27)
+    auto = _small_mla().double()
+    naive = _small_mla(backend="naive").double()
+    naive.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 5, 32, dtype=torch.float64, device=DEV)
+    with torch.no_grad():
+        y = auto(x, absorb=absorb)
+        assert y.dtype == torch.float64
+        assert_close("fp64 auto", naive(x, absorb=absorb), y, 1e-10)
+
+
 # ------------------------------------------------------------------------------------ the exercise checkers
 def _rope_right(q, c, w_uk, t, theta):
     q_rot = apply_rope(q.expand(c.shape[0], -1)[None, :, None], t - torch.arange(c.shape[0]), theta)[0, :, 0]

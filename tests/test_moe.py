@@ -441,6 +441,18 @@ def test_moe_top_k_equal_to_num_experts_is_a_dense_mixture():
     assert_close("dense limit", dense, layer(x), 1e-5)
 
 
+def test_moe_auto_backend_runs_fp64_naively():
+    """backend="auto" falls back to the PyTorch experts for fp64 (the kernels take fp32/fp16/bf16 only)."""
+    torch.manual_seed(26)
+    auto, naive = MoE(16, 8, 4, 2).double().to(DEV), MoE(16, 8, 4, 2, backend="naive").double().to(DEV)
+    naive.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 5, 16, dtype=torch.float64, device=DEV)
+    with torch.no_grad():
+        y = auto(x)
+        assert y.dtype == torch.float64
+        assert_close("fp64 auto", naive(x), y, 1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _nan_at(t, *index):
     t = t.clone()
