@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
     "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
-    "ExerciseError", "check", "attempt", "TensorRule", "hf_torch_function", "hf_torch_path",
+    "ExerciseError", "check", "attempt", "TensorRule", "as_number", "number_answer", "hf_torch_function", "hf_torch_path",
 ]
 
 # Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
@@ -139,6 +141,32 @@ def _describe(x) -> str:
     return repr(x)
 
 
+def as_number(x) -> float | None:
+    """`x` as a Python float when it is one real number, however a reader computed it: a Python int, float or
+    Fraction (any `numbers.Real`), a numpy scalar (np.float32, np.int64), or a one-element tensor or array (0-d or
+    not); None otherwise. A bool is not a number here (True is no answer to "how many")."""
+    if isinstance(x, torch.Tensor):
+        real = x.dtype != torch.bool and not x.dtype.is_complex
+        return float(x.detach().reshape(-1)[0].item()) if real and x.numel() == 1 else None
+    if isinstance(x, np.ndarray):
+        return float(x.reshape(-1)[0]) if x.dtype.kind in "iuf" and x.size == 1 else None
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    return float(x)
+
+
+_RETURN_A_NUMBER = "a number (an int or float, a numpy scalar or a one-element tensor)"
+
+
+def number_answer(name: str, x, what: str = "the answer") -> float:
+    """An exercise's numeric answer `x` as a float (see `as_number`); else an ExerciseError that asks for a number
+    rather than calling the answer wrong."""
+    value = as_number(x)
+    if value is None:
+        raise ExerciseError(f"✗ {name}: {what} must be {_RETURN_A_NUMBER}, got {_describe(x)}")
+    return value
+
+
 def _compare(got, expected, tol: float) -> str | None:
     """None when `got` matches `expected`, else a sentence saying how it differs."""
     if isinstance(expected, torch.Tensor):
@@ -160,10 +188,11 @@ def _compare(got, expected, tol: float) -> str | None:
                 return f"item {i}: {why}"
         return None
     if isinstance(expected, float):
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
-            return f"expected a number, got {_describe(got)}"
-        ok = math.isclose(got, expected, rel_tol=tol, abs_tol=tol)
-        return None if ok else f"expected {expected:.6g}, got {got:.6g}"
+        value = as_number(got)
+        if value is None:
+            return f"expected {_RETURN_A_NUMBER}, got {_describe(got)}"
+        ok = math.isclose(value, expected, rel_tol=tol, abs_tol=tol)
+        return None if ok else f"expected {expected:.6g}, got {value:.6g}"
     return None if got == expected else f"expected {expected!r}, got {got!r}"
 
 

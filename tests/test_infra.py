@@ -4,14 +4,16 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
 import minisparse
 from minisparse import _checks, bench, runtime
-from minisparse.testing import (ExerciseError, TensorRule, assert_close, check, hf_torch_function, hf_torch_path, make_bthd,
-                                make_log_gates, make_qkv, rel_rms)
+from minisparse.testing import (ExerciseError, TensorRule, as_number, assert_close, check, hf_torch_function,
+                                hf_torch_path, make_bthd, make_log_gates, make_qkv, number_answer, rel_rms)
 
 
 # --------------------------------------------------------------------------------------------------- runtime
@@ -174,6 +176,34 @@ def test_checker_compares_numbers_sequences_and_integers():
         check("i", lambda a: a + 1, lambda a: a, [(torch.arange(4),)])
     with pytest.raises(ExerciseError, match="item 1"):
         check("s", lambda a: (a, a), lambda a: (a, a + 1), [(torch.ones(2),)])
+
+
+@pytest.mark.parametrize("answer, value", [
+    (0.25, 0.25), (3, 3.0), (np.float32(0.25), 0.25), (np.int64(3), 3.0), (Fraction(1, 4), 0.25),
+    (torch.tensor(0.25), 0.25), (torch.tensor([0.25], dtype=torch.float64), 0.25), (torch.tensor([[3]]), 3.0),
+    (np.array(0.25), 0.25), (np.array([3]), 3.0),
+    (True, None), (np.bool_(True), None), (torch.tensor(True), None), (torch.tensor([0.25, 0.5]), None),
+    (torch.tensor(1j), None), ("0.25", None), (None, None), ([0.25], None),
+], ids=repr)
+def test_as_number_takes_one_real_number_however_it_was_computed(answer, value):
+    assert as_number(answer) == value
+    if value is None:
+        with pytest.raises(ExerciseError, match="✗ q: the answer must be a number .*got"):
+            number_answer("q", answer)
+    else:
+        assert number_answer("q", answer) == value and type(number_answer("q", answer)) is float
+
+
+@pytest.mark.parametrize("wrap", [np.float32, torch.tensor, lambda v: torch.tensor([v]), Fraction, float],
+                         ids=["np.float32", "0-d tensor", "one-element tensor", "Fraction", "float"])
+def test_checker_takes_a_right_number_in_any_form_and_rejects_a_wrong_one(capsys, wrap):
+    third = lambda a: a / 3  # noqa: E731
+    check("n", lambda a: wrap(Fraction(1, 3) if wrap is Fraction else 1 / 3), third, [(1.0,)])
+    assert capsys.readouterr().out == "✓ n: all 1 cases match\n"
+    with pytest.raises(ExerciseError, match=r"expected 0.333333, got 0.343333"):
+        check("n", lambda a: wrap(Fraction(103, 300) if wrap is Fraction else 1 / 3 + 1e-2), third, [(1.0,)])
+    with pytest.raises(ExerciseError, match="expected a number"):
+        check("n", lambda a: "1/3", third, [(1.0,)])
 
 
 # ----------------------------------------------------------------------------------------------- bench

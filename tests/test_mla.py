@@ -10,6 +10,7 @@ from the same rounded inputs (relative RMS ≤ 5e-3).
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -668,6 +669,18 @@ def test_checkers_accept_right_and_reject_wrong_answers(capsys, checker, right, 
             checker(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):
         checker(_stub)
+
+
+@pytest.mark.parametrize("wrap", [np.float32, np.float64, torch.tensor, lambda v: torch.tensor([v], dtype=torch.float64)],
+                         ids=["np.float32", "np.float64", "0-d tensor", "one-element tensor"])
+def test_cache_numbers_takes_right_numbers_in_any_form(capsys, wrap):
+    check_cache_numbers(lambda: tuple(map(wrap, _numbers_right())))
+    assert capsys.readouterr().out.startswith("✓ cache numbers")
+    for wrong in (_numbers_no_rope, _numbers_all_layers, _numbers_192_baseline):
+        with pytest.raises(ExerciseError, match="which is not right"):
+            check_cache_numbers(lambda: tuple(map(wrap, wrong())))  # noqa: B023
+    with pytest.raises(ExerciseError, match="number 3 .*must be a number"):
+        check_cache_numbers(lambda: (*_numbers_right()[:2], "0.44", 1.0))
 
 
 import triton  # noqa: E402

@@ -9,7 +9,9 @@ expert a kernel forgets to write fails the comparison.
 import contextlib
 import functools
 import warnings
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -823,6 +825,28 @@ def test_exercise_checkers_accept_the_reference(capsys):
 def test_exercise_checkers_reject_wrong_answers(checker, wrong):
     with pytest.raises(ExerciseError, match="✗"):
         checker(wrong)
+
+
+@pytest.mark.parametrize("wrap", [np.float32, torch.tensor, lambda v: torch.tensor([v], dtype=torch.float64)],
+                         ids=["np.float32", "0-d tensor", "one-element tensor"])
+def test_numeric_checkers_take_a_right_number_in_any_form(capsys, wrap):
+    check_dropped_fraction(lambda shares, cf: wrap(_dropped(shares, cf)))
+    check_expected_groups(lambda E, G, k: wrap(_groups(E, G, k)))
+    check_expected_groups(lambda E, G, k: G * (1 - Fraction(math.comb(E - E // G, k), math.comb(E, k))))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("✓") for line in lines)
+    with pytest.raises(ExerciseError, match="you say"):  # a wrong number is still wrong
+        check_expected_groups(lambda E, G, k: wrap(min(k, G)))
+    with pytest.raises(ExerciseError, match="relative|expected"):
+        check_dropped_fraction(lambda shares, cf: wrap(2 * _dropped(shares, cf)))
+
+
+def test_numeric_checkers_ask_for_a_number():
+    for answer in ("2.5", torch.ones(2), True):
+        with pytest.raises(ExerciseError, match="must be a number"):
+            check_expected_groups(lambda E, G, k: answer)  # noqa: B023
+    with pytest.raises(ExerciseError, match="expected a number"):
+        check_dropped_fraction(lambda shares, cf: torch.ones(2))
 
 
 def test_exercise_checkers_report_a_stub_as_not_implemented():

@@ -6,7 +6,7 @@ import triton
 
 from minisparse.moe.naive import capacity_mask, grouped_mm_ref, permute, route_deepseek, unpermute
 from minisparse.moe.triton import tile_schedule
-from minisparse.testing import ExerciseError, check
+from minisparse.testing import ExerciseError, check, number_answer
 
 # exercise 1's router: 8 experts, top-2
 SKEWED_SHARES = (0.30, 0.20, 0.15, 0.10, 0.10, 0.05, 0.05, 0.05)
@@ -78,11 +78,12 @@ def check_expected_groups(fn):
                 "✗ expected groups: not implemented yet — fill in the function and run the cell "
                 "again"
             ) from None
+        got = number_answer("expected groups", got, f"the answer for E = {E}, n_group = {G}, top_k = {k}")
         touched = _measured_groups(E, G, k)
         mean, se = touched.mean().item(), touched.std().item() / math.sqrt(touched.numel())
-        if not isinstance(got, (int, float)) or not abs(got - mean) <= 4 * se + 1e-3:
+        if not abs(got - mean) <= 4 * se + 1e-3:
             raise ExerciseError(
-                f"✗ expected groups: E = {E}, n_group = {G}, top_k = {k}: you say {got!r}, the "
+                f"✗ expected groups: E = {E}, n_group = {G}, top_k = {k}: you say {got:.6g}, the "
                 "routers measure "
                 f"{mean:.3f} ± {se:.3f}\nHint: count, for one group, the chance that none of the k "
                 "experts is in "
