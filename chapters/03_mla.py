@@ -125,7 +125,8 @@ except ImportError:
 # $= d_R$ numbers shared by all heads: $b = L\,(d_c + d_R) \cdot$ bytes — for DeepSeek-V3, $512 + 64 = 576$ values
 # a token a layer, in 61 layers.
 #
-# `kv_cache_bytes(config, seq_len, dtype)` computes $B \cdot T \cdot b$ for any of the four families. It reads
+# `kv_cache_bytes(config, seq_len, dtype)` computes $B \cdot T \cdot b$ for any of the four families (a
+# sliding-window layer holds at most its window of the $T$ tokens, a linear-attention layer none). It reads
 # transformers' attribute names, so it takes transformers' configuration objects as well as two small dataclasses:
 # `GQAConfig(num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, v_head_dim=None)` and
 # `MLAConfig(...)`, whose defaults are DeepSeek-V3's shapes (both, and how configs are read: engineering notes).
@@ -155,8 +156,8 @@ def kv_cache_bytes(config, seq_len, dtype=torch.bfloat16, *, batch=1):
     """Bytes of the whole KV cache of `batch` sequences of `seq_len` tokens.
 
     config: GQAConfig / MLAConfig, a transformers config (LlamaConfig, MistralConfig,
-    FalconConfig, DeepseekV3Config, KimiLinearConfig, … — layer_types respected) or an MLA layer
-    (one layer). dtype: torch.dtype or bytes per element. MLA: layers · (kv_lora_rank +
+    FalconConfig, DeepseekV3Config, KimiLinearConfig, … — layer_types and sliding_window respected:
+    `cached_tokens`) or an MLA layer (one layer). dtype: torch.dtype or bytes per element. MLA: layers · (kv_lora_rank +
     qk_rope_head_dim) a token; MHA/GQA/MQA: layers · 2 · H_kv · D a token.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
@@ -1503,12 +1504,17 @@ def attention_family(config):
 
 def cached_tokens(config, seq_len):
     """Tokens each layer holds after seq_len tokens: all of them, none for a linear-attention layer,
-    at most the window for a sliding-window layer (read from config.layer_types; a plain config
-    has only full layers)."""
+    at most the window for a sliding-window layer. The kinds come from config.layer_types; a config
+    without them has one kind throughout: sliding when it has a sliding_window (Mistral-7B v0.1's
+    4096 caps every layer), full otherwise. use_sliding_window=False (Qwen2's switch) turns the
+    window off."""
     # a single layer (an MLA module) counts as one
     layers = getattr(config, "num_hidden_layers", None) or 1
-    types = getattr(config, "layer_types", None) or ["full_attention"] * layers
     window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    every = "sliding_attention" if window else "full_attention"  # a model-wide window, or none
+    types = getattr(config, "layer_types", None) or [every] * layers
     held = {"linear_attention": 0, "sliding_attention": min(seq_len, window) if window else seq_len}
     return [held.get(t, seq_len) for t in types]
 

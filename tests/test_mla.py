@@ -376,6 +376,24 @@ def test_kv_cache_bytes_of_real_models():
         kv_cache_bytes(MLAConfig(), -1)
 
 
+@HF
+def test_kv_cache_bytes_caps_every_layer_at_a_model_wide_sliding_window():
+    mistral = transformers.MistralConfig()  # no layer_types; a 4096-token window in all 32 layers (v0.1)
+    assert mistral.sliding_window == 4096 and getattr(mistral, "layer_types", None) is None
+    per_token = 32 * 2 * 8 * 128 * 2  # layers · K and V · K/V heads · head_dim · bf16
+    assert kv_cache_bytes(mistral, 32768) == 4096 * per_token == 2**29  # 0.5 GiB, as chapter 1 says
+    assert kv_cache_bytes(mistral, 1000) == 1000 * per_token  # below the window: every token
+    assert kv_cache_bytes(transformers.MistralConfig(sliding_window=None), 32768) == 32768 * per_token
+    # no window: unchanged
+    assert kv_cache_bytes(transformers.LlamaConfig(), 32768) == 32768 * kv_cache_bytes(transformers.LlamaConfig(), 1)
+    qwen2 = transformers.Qwen2Config()  # a sliding_window field, but use_sliding_window=False
+    assert kv_cache_bytes(qwen2, 32768) == 32768 * kv_cache_bytes(qwen2, 1)
+    plain = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, sliding_window=10)
+    assert kv_cache_bytes(types.SimpleNamespace(**plain), 100, 1) == 2 * 10 * 4 * 16
+    off = types.SimpleNamespace(**plain, use_sliding_window=False)  # the switch, where a config has it
+    assert kv_cache_bytes(off, 100, 1) == 2 * 100 * 4 * 16
+
+
 # ------------------------------------------------------------------------------------ bad input
 def _good_decode_args():
     ql, qr, kv, kr = _decode_inputs(2, 1, 3, 48, 16, 20)
