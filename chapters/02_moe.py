@@ -353,7 +353,8 @@ def load_balancing_loss(router_probs, indices, num_experts):
 
     router_probs [N, E] (probabilities per token), indices [N, k] -> scalar. f_i = tokens routed to
     i / N (no gradient), P_i = mean probability of i. Equals k for perfectly uniform routing, up to
-    E · k when collapsed.
+    E when collapsed (every f_i ≤ 1 and the P_i sum to 1: all tokens on the same k experts, which
+    hold all the probability).
     """
     op = "load_balancing_loss"
     _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_FLOATS)
