@@ -2125,8 +2125,8 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
 # **How many splits?** Enough that the programs fill the GPU about once — one per SM, so 64 sequences × 2 head blocks
 # need no split at all on a 132-SM H200, while a single sequence gets ~66 — but never a split so short that its
 # partial state costs more than it saves: each split writes, and the combine reads back, `rows × 512` fp32 numbers
-# (256 KB for 128 heads), which should not outweigh the split's own cache bytes (≥ 910 tokens at 128 heads in
-# bf16), and never fewer than 256 tokens.
+# (256 KB for 128 heads, so 512 KB of traffic), which should not outweigh the split's own cache bytes (a cached
+# token is 576 numbers, 1152 bytes in bf16: ≥ 455 tokens at 128 heads), and never fewer than 256 tokens.
 
 # %% [markdown]
 # ### The split, drawn
