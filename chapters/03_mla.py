@@ -1117,38 +1117,40 @@ assert round(read[0] / 1e9, 2) == 0.08 and round(read[1] / 1e9, 1) == 5.4
 #
 # Suppose MLA rotated the *whole* key, $k_s = R_s W^{UK} c_s$, and the query, $R_t q$, as ordinary RoPE attention
 # does (one head; `apply_rope` with its default half-split pairing). Absorbing $W^{UK}$ once into the query is then
-# wrong. Derive what the query must be multiplied by instead, and write `my_full_rope_scores(q, c, w_uk, t, theta)`:
-# the scores $(R_t q)^\top k_s$ of a query `q [D]` at position `t` against the latents `c [S, r]` at positions
-# $0 \dots S-1$ (`w_uk [D, r]`), **without forming any key** — only absorbed queries $W^{UK\top}(\dots) \in
-# \mathbb R^{r}$ dotted with $c_s$. The checker compares with the keys rotated and dotted, `[S]`, relative RMS
-# ≤ 1e-6 (fp64). How many absorbed queries does one step need?
+# wrong. Derive what the query must be multiplied by instead, and write `my_full_rope_queries(q, c, w_uk, t, theta)`
+# for a query `q [D]` at position `t` and the latents `c [S, r]` at positions $0 \dots S-1$ (`w_uk [D, r]`): it
+# returns the **absorbed queries** `[S, r]`, row $s$ the vector $\tilde q_s \in \mathbb R^{r}$ with
+# $\tilde q_s^\top c_s = (R_t q)^\top k_s$, the score. No key is formed: a row is built from `q` and `w_uk` alone
+# (`c` gives only $S$). The checker compares your rows with the derivative of the rotated-key scores with respect to
+# each $c_s$ — exactly $\tilde q_s$, since a score is linear in its latent — relative RMS ≤ 1e-6 (fp64); right
+# scores computed through the keys do not pass. How many absorbed queries does one step need?
 
 # %%
 from minisparse.mla.exercises import (buggy_absorbed_attention, check_cache_numbers,
-                                      check_fixed_absorbed_attention, check_full_rope_scores,
+                                      check_fixed_absorbed_attention, check_full_rope_queries,
                                       check_score_tile, score_tile_loads, score_tile_store)
 from minisparse.testing import attempt
 
 
-def my_full_rope_scores(q, c, w_uk, t, theta):
-    # your code here: return the scores [S]
+def my_full_rope_queries(q, c, w_uk, t, theta):
+    # your code here: return the absorbed queries [S, r], row s dotted with c[s] giving score s
     raise NotImplementedError
 
 
 # %%
-attempt(check_full_rope_scores, my_full_rope_scores)  # says what is wrong until the stub is done
+attempt(check_full_rope_queries, my_full_rope_queries)  # says what is wrong until the stub is done
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — (R_t q)ᵀ R_s W c = qᵀ R_{s-t} W c = (Wᵀ R_{t-s} q)ᵀ c, since R_pᵀ = R_{-p}: the
 # absorbed query of cached token s is Wᵀ (q rotated by t - s). It depends on s, so one step needs S
 # absorbed queries of 2·D·r FLOPs each — as much as expanding the S keys, which absorption avoids.
-def full_rope_scores_solution(q, c, w_uk, t, theta):
-    S = c.shape[0]
+def full_rope_queries_solution(q, c, w_uk, t, theta):
+    S = c.shape[0]  # c only gives the number of cached tokens
     q_rot = apply_rope(q.expand(S, -1)[None, :, None], t - torch.arange(S), theta)[0, :, 0]  # [S,D]
-    return ((q_rot @ w_uk) * c).sum(-1)  # [S]: one absorbed query per cached token
+    return q_rot @ w_uk  # [S, r]: one absorbed query per cached token; score s = row s · c[s]
 
 
-check_full_rope_scores(full_rope_scores_solution)
+check_full_rope_queries(full_rope_queries_solution)
 
 # %% [markdown]
 # ### Exercise 2 (derive): the cache of a configuration
@@ -2338,19 +2340,29 @@ def _full_rope_scores(q, c, w_uk, t, theta):  # the keys rotated and dotted: (R_
     return k @ apply_rope(q.view(1, 1, 1, -1), torch.tensor([t]), theta)[0, 0, 0]  # [S]
 
 
-def check_full_rope_scores(fn):
-    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> [S], scores with RoPE on the whole key.
-    """
+def _full_rope_queries(q, c, w_uk, t, theta):
+    """The absorbed queries [S, r]: score s is linear in c_s alone, so its gradient with respect to
+    c_s, taken through the rotated keys, is the vector that c_s is dotted with."""
+    c = c.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (queries,) = torch.autograd.grad(_full_rope_scores(q, c, w_uk, t, theta).sum(), c)
+    return queries  # [S, r]
+
+
+def check_full_rope_queries(fn):
+    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> the absorbed queries [S, r] of RoPE on the
+    whole key (row s · c_s = score s). Comparing the rows, not the scores, is what rules out the
+    keys: scores found through them, spread over c as rows, differ from the queries."""
     g = torch.Generator().manual_seed(41)
     cases = [(torch.randn(D, generator=g, dtype=torch.float64),
               torch.randn(S, r, generator=g, dtype=torch.float64),
               torch.randn(D, r, generator=g, dtype=torch.float64), t, theta)
              for D, r, S, t, theta in [(8, 12, 5, 4, 10.0), (16, 32, 9, 8, 100.0),
                                        (16, 24, 7, 20, 50.0)]]
-    check("scores with RoPE on the whole key, from the latents", fn, _full_rope_scores, cases,
+    check("absorbed queries with RoPE on the whole key", fn, _full_rope_queries, cases,
           tol=1e-6, hint="(R_t q)ᵀ R_s W c = qᵀ R_tᵀ R_s W c, and R_tᵀ R_s = R_(s-t) = R_(t-s)ᵀ: "
           "rotate q by t - s for cached token s (apply_rope with positions t - arange(S)), then "
-          "fold W and dot with c_s")
+          "multiply by W: row s is Wᵀ R_(t-s) q, built without c")
 
 
 def _cache_numbers():

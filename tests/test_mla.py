@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from minisparse.mla import (MLA, GQAConfig, MLACache, MLAConfig, absorb_output, absorb_query, attention_family,
-                            check_cache_numbers, check_fixed_absorbed_attention, check_full_rope_scores,
+                            check_cache_numbers, check_fixed_absorbed_attention, check_full_rope_queries,
                             check_score_tile, buggy_absorbed_attention,
                             combine_splits, expand_latent, kv_cache_bytes, kv_values_per_token, mla_attention_absorbed,
                             mla_decode, mla_decode_bytes, mla_decode_flops, mla_decode_ref, mla_decode_splitk,
@@ -615,26 +615,50 @@ def test_mla_auto_backend_runs_fp64_naively(absorb):
 
 
 # ------------------------------------------------------------------------------------ the exercise checkers
-def _rope_right(q, c, w_uk, t, theta):
+def _rope_right(q, c, w_uk, t, theta):  # [S, r]: W_ukᵀ R_(t-s) q
     q_rot = apply_rope(q.expand(c.shape[0], -1)[None, :, None], t - torch.arange(c.shape[0]), theta)[0, :, 0]
-    return ((q_rot @ w_uk) * c).sum(-1)
+    return q_rot @ w_uk
+
+
+def _rotated_key_scores(q, c, w_uk, t, theta):  # the forbidden route: the S keys R_s W c_s, formed and dotted
+    k = apply_rope((c @ w_uk.T)[None, :, None], torch.arange(c.shape[0]), theta)[0, :, 0]  # [S, D]
+    return k @ apply_rope(q.view(1, 1, 1, -1), torch.tensor([t]), theta)[0, 0, 0]  # [S]
 
 
 def _rope_absorbed_once(q, c, w_uk, t, theta):  # folds W_uk into the unrotated query: right at s = t only
-    return c @ (w_uk.T @ q)
+    return (w_uk.T @ q).expand(c.shape[0], -1)
 
 
 def test_absorbing_once_under_full_rope_is_exact_only_at_offset_zero():
-    # exercise 1's point: with RoPE on the whole key, one absorbed query is right at s = t only
+    # exercise 1's point: with RoPE on the whole key, one absorbed query is right at s = t only, and the S queries
+    # of the solution give the rotated keys' scores
     g = torch.Generator().manual_seed(2)
     q, c, w = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(16,), (12, 32), (16, 32)])
-    wrong = _rope_absorbed_once(q, c, w, 11, 100.0) - _rope_right(q, c, w, 11, 100.0)
+    scores = _rotated_key_scores(q, c, w, 11, 100.0)
+    assert_close("scores from the S absorbed queries", scores, (_rope_right(q, c, w, 11, 100.0) * c).sum(-1), 1e-12)
+    wrong = (_rope_absorbed_once(q, c, w, 11, 100.0) * c).sum(-1) - scores
     assert wrong[11].abs() < 1e-9 < wrong[:11].abs().min()
 
 
 def _rope_wrong_sign(q, c, w_uk, t, theta):  # rotates by s - t instead of t - s
     q_rot = apply_rope(q.expand(c.shape[0], -1)[None, :, None], torch.arange(c.shape[0]) - t, theta)[0, :, 0]
-    return ((q_rot @ w_uk) * c).sum(-1)
+    return q_rot @ w_uk
+
+
+def _rope_through_the_keys(q, c, w_uk, t, theta):  # right scores, found by forming the keys, spread along each c_s
+    return _rotated_key_scores(q, c, w_uk, t, theta)[:, None] * c / c.square().sum(-1, keepdim=True)
+
+
+def test_the_key_forming_answer_has_the_right_scores_but_fails():
+    # what makes _rope_through_the_keys a known-wrong answer: its scores are right; only its rows give it away
+    g = torch.Generator().manual_seed(3)
+    q, c, w = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(16,), (9, 24), (16, 24)])
+    rows = _rope_through_the_keys(q, c, w, 8, 100.0)
+    assert_close("its scores", _rotated_key_scores(q, c, w, 8, 100.0), (rows * c).sum(-1), 1e-12)
+    with pytest.raises(ExerciseError, match="relative RMS error"):
+        check_full_rope_queries(_rope_through_the_keys)
+    with pytest.raises(ExerciseError, match=r"expected shape \(5, 12\), got \(5,\)"):  # the scores themselves
+        check_full_rope_queries(_rotated_key_scores)
 
 
 def _numbers_right():
@@ -674,10 +698,11 @@ def _stub(*args):
 
 
 @pytest.mark.parametrize("checker, right, wrongs", [
-    (check_full_rope_scores, _rope_right, [_rope_absorbed_once, _rope_wrong_sign]),
+    (check_full_rope_queries, _rope_right, [_rope_absorbed_once, _rope_wrong_sign, _rope_through_the_keys,
+                                            _rotated_key_scores]),
     (check_cache_numbers, _numbers_right, [_numbers_no_rope, _numbers_all_layers, _numbers_192_baseline]),
     (check_fixed_absorbed_attention, _attention_right, [buggy_absorbed_attention, _attention_top_left_mask]),
-], ids=["full_rope_scores", "cache_numbers", "fixed_absorbed_attention"])
+], ids=["full_rope_queries", "cache_numbers", "fixed_absorbed_attention"])
 def test_checkers_accept_right_and_reject_wrong_answers(capsys, checker, right, wrongs):
     checker(right)
     out = capsys.readouterr().out.strip().splitlines()

@@ -18,19 +18,29 @@ def _full_rope_scores(q, c, w_uk, t, theta):  # the keys rotated and dotted: (R_
     return k @ apply_rope(q.view(1, 1, 1, -1), torch.tensor([t]), theta)[0, 0, 0]  # [S]
 
 
-def check_full_rope_scores(fn):
-    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> [S], scores with RoPE on the whole key.
-    """
+def _full_rope_queries(q, c, w_uk, t, theta):
+    """The absorbed queries [S, r]: score s is linear in c_s alone, so its gradient with respect to
+    c_s, taken through the rotated keys, is the vector that c_s is dotted with."""
+    c = c.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (queries,) = torch.autograd.grad(_full_rope_scores(q, c, w_uk, t, theta).sum(), c)
+    return queries  # [S, r]
+
+
+def check_full_rope_queries(fn):
+    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> the absorbed queries [S, r] of RoPE on the
+    whole key (row s · c_s = score s). Comparing the rows, not the scores, is what rules out the
+    keys: scores found through them, spread over c as rows, differ from the queries."""
     g = torch.Generator().manual_seed(41)
     cases = [(torch.randn(D, generator=g, dtype=torch.float64),
               torch.randn(S, r, generator=g, dtype=torch.float64),
               torch.randn(D, r, generator=g, dtype=torch.float64), t, theta)
              for D, r, S, t, theta in [(8, 12, 5, 4, 10.0), (16, 32, 9, 8, 100.0),
                                        (16, 24, 7, 20, 50.0)]]
-    check("scores with RoPE on the whole key, from the latents", fn, _full_rope_scores, cases,
+    check("absorbed queries with RoPE on the whole key", fn, _full_rope_queries, cases,
           tol=1e-6, hint="(R_t q)ᵀ R_s W c = qᵀ R_tᵀ R_s W c, and R_tᵀ R_s = R_(s-t) = R_(t-s)ᵀ: "
           "rotate q by t - s for cached token s (apply_rope with positions t - arange(S)), then "
-          "fold W and dot with c_s")
+          "multiply by W: row s is Wᵀ R_(t-s) q, built without c")
 
 
 def _cache_numbers():
@@ -186,4 +196,4 @@ def check_score_tile(kernel):
           "the decode's output match")
 
 
-__all__ = ['check_full_rope_scores', 'check_cache_numbers', 'buggy_absorbed_attention', 'check_fixed_absorbed_attention', 'score_tile_loads', 'score_tile_store', 'check_score_tile']
+__all__ = ['check_full_rope_queries', 'check_cache_numbers', 'buggy_absorbed_attention', 'check_fixed_absorbed_attention', 'score_tile_loads', 'score_tile_store', 'check_score_tile']
