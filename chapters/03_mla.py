@@ -1386,13 +1386,12 @@ class YarnRotaryEmbedding(RotaryEmbedding):
         self.attention_factor = attention_factor
         self._build(max_len, None)
 
-    def _build(self, n, device):
+    def frequencies(self, dtype=torch.float32, device=None):
+        """YaRN's frequencies [dim/2] (the plain ones until __init__ has set them): the tables and
+        the positions before them (negative) both use these."""
         if self._yarn is None:
-            return super()._build(n, device)
-        omega = yarn_frequencies(self.dim, self.theta, **self._yarn).to(device)  # [dim/2]
-        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
-        self.register_buffer("cos", angles.cos() * self.attention_factor, persistent=False)
-        self.register_buffer("sin", angles.sin() * self.attention_factor, persistent=False)
+            return super().frequencies(dtype, device)
+        return yarn_frequencies(self.dim, self.theta, **self._yarn).to(dtype=dtype, device=device)
 
 
 def _rope_type(rope_scaling):

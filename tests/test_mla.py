@@ -19,7 +19,7 @@ from minisparse.mla import (MLA, GQAConfig, MLACache, MLAConfig, absorb_output, 
                             check_score_tile, buggy_absorbed_attention,
                             combine_splits, expand_latent, kv_cache_bytes, kv_values_per_token, mla_attention_absorbed,
                             mla_decode, mla_decode_bytes, mla_decode_flops, mla_decode_ref, mla_decode_splitk,
-                            mla_softmax_scale, split_kv_b, yarn_frequencies, yarn_mscale)
+                            make_mla_rope, mla_softmax_scale, split_kv_b, yarn_frequencies, yarn_mscale)
 from minisparse.mla import triton as mla_triton
 from minisparse import runtime
 from minisparse.attention import apply_rope
@@ -104,6 +104,27 @@ def test_mla_matches_transformers_with_yarn(rope, start):
     with torch.no_grad():
         assert_close("yarn expanded", ref, ours(x, positions=pos), 1e-5)
         assert_close("yarn absorbed", ref, ours(x, positions=pos, absorb=True), 1e-5)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, YARN_TOY, dict(YARN_V3, attention_factor=1.3)],
+                         ids=["plain", "yarn-toy", "yarn-v3-attention-factor"])
+def test_rope_scores_depend_on_the_offset_only_at_negative_positions_too(rope_scaling):
+    """A common shift of every position leaves q·k unchanged — below 0 too, where RotaryEmbedding computes the
+    angles instead of reading its table: YaRN's frequencies and attention_factor hold there as well."""
+    rope = make_mla_rope(32, 10000.0, interleaved=True, rope_scaling=rope_scaling)
+    assert type(rope).__name__ == ("RotaryEmbedding" if rope_scaling is None else "YarnRotaryEmbedding")
+    q, k = (torch.randn(1, 40, 1, 32, generator=_gen(seed), dtype=torch.float64) for seed in (30, 31))
+    pos = torch.arange(40) * 9
+
+    def scores(p):
+        return rope(q, p)[0, :, 0] @ rope(k, p)[0, :, 0].T  # [40, 40]
+
+    base = scores(pos)
+    for shift in (-200, -5, 250):
+        assert_close(f"shift {shift}", base, scores(pos + shift), 1e-5)
+    x = torch.randn(1, 1, 1, 32, dtype=torch.float64)  # and position -7 undoes the table's position 7
+    back = rope(rope(x, torch.tensor([-7])), torch.tensor([7])) / rope.attention_factor ** 2
+    assert_close("R_7 R_-7 x", x, back, 1e-6)
 
 
 @HF

@@ -144,7 +144,10 @@ def _check_rope_args(op, x, positions):
 
 class RotaryEmbedding(nn.Module):
     """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals
-    apply_rope."""
+    apply_rope. A subclass changes the frequencies (`frequencies`) and scales cos/sin by
+    `attention_factor` (YaRN, chapter 3); both hold for every position, negative ones included."""
+
+    attention_factor = 1.0  # cos and sin are multiplied by it
 
     def __init__(self, dim, theta=10000.0, interleaved=False, max_len=2048):
         super().__init__()
@@ -153,11 +156,19 @@ class RotaryEmbedding(nn.Module):
         self.dim, self.theta, self.interleaved = dim, theta, interleaved
         self._build(max_len, None)
 
+    def frequencies(self, dtype=torch.float32, device=None):
+        """The angular frequency of each channel pair [dim/2]: theta^(-2j/dim)."""
+        return rope_frequencies(self.dim, self.theta, dtype, device)
+
+    def _cos_sin(self, positions, dtype=torch.float32):
+        """cos and sin of positions [...] (int) times the frequencies, in dtype: [..., dim/2] each."""
+        angles = positions.to(dtype)[..., None] * self.frequencies(dtype, positions.device)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
     def _build(self, n, device):
-        omega = rope_frequencies(self.dim, self.theta, torch.float32, device)  # [dim/2]
-        angles = torch.arange(n, device=device).float()[:, None] * omega  # [n, dim/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = self._cos_sin(torch.arange(n, device=device))  # [n, dim/2] each, fp32
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x, positions):
         _check_rope_args("RotaryEmbedding", x, positions)
@@ -168,15 +179,16 @@ class RotaryEmbedding(nn.Module):
         if positions.is_floating_point():
             raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
         low, high = (int(p) for p in torch.aminmax(positions)) if positions.numel() else (0, -1)
-        if low < 0:  # before the table's first row: the angles themselves, as apply_rope
-            return apply_rope(x, positions, self.theta, self.interleaved)
-        need = high + 1
-        if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
-            self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / a move
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if low < 0:  # before the table's first row: the angles themselves (apply_rope's, for plain RoPE)
+            cos, sin = self._cos_sin(positions, acc)  # [T, dim/2] or [B, T, dim/2]
+        else:
+            need = high + 1
+            if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
+                self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / a move
+            cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
         cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
         sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
-        acc = torch.promote_types(x.dtype, torch.float32)
         return _rotate(x.to(acc), cos.to(acc), sin.to(acc), self.interleaved).to(x.dtype)
 
 
