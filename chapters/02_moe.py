@@ -1222,7 +1222,7 @@ check_unpermute(unpermute_fixed)
 # 2. the store of `acc` into `y`, masked to the columns below $N$ **and the rows that belong to expert $g$**.
 #
 # `x [M, K]`, `w [G, K, N]`, `y [M, N]` are contiguous fp32. The checker runs the kernel in Triton's interpreter
-# (on a GPU, on the GPU) with 16 × 16 × 16 tiles on four ragged cases, one with an empty expert, slots last expert
+# (on a GPU, on the GPU) with 16 × 16 × 16 tiles on four ragged cases, two of them with empty experts, slots last expert
 # first as a GPU may, `y` starting as NaN, and names the first entry that differs from `grouped_mm_ref`.
 
 # %%
