@@ -1475,7 +1475,8 @@ class RotaryEmbedding(nn.Module):
         return rope_frequencies(self.dim, self.theta, dtype, device)
 
     def _cos_sin(self, positions, dtype=torch.float32):
-        """cos and sin of positions [...] (int) times the frequencies, in dtype: [..., dim/2] each."""
+        """cos and sin of positions [...] (int) times the frequencies, in dtype: [..., dim/2]
+        each."""
         angles = positions.to(dtype)[..., None] * self.frequencies(dtype, positions.device)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
@@ -1494,12 +1495,13 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"RotaryEmbedding: positions must be integers, got {positions.dtype}")
         low, high = (int(p) for p in torch.aminmax(positions)) if positions.numel() else (0, -1)
         acc = torch.promote_types(x.dtype, torch.float32)
-        if low < 0:  # before the table's first row: the angles themselves (apply_rope's, for plain RoPE)
+        if low < 0:  # before the table's first row: the angles themselves (apply_rope's if plain)
             cos, sin = self._cos_sin(positions, acc)  # [T, dim/2] or [B, T, dim/2]
         else:
             need = high + 1
-            if need > len(self.cos) or self.cos.dtype != torch.float32 or self.cos.device != x.device:
-                self._build(max(need, len(self.cos)), x.device)  # grow, or undo a .to(bf16) / a move
+            stale = self.cos.dtype != torch.float32 or self.cos.device != x.device
+            if need > len(self.cos) or stale:  # grow, or undo a .to(bf16) / a move
+                self._build(max(need, len(self.cos)), x.device)
             cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
         cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
         sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
@@ -2457,8 +2459,9 @@ def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, 
     _checks.positive_int(op, "head_dim", head_dim)
     if rotary_dim is None and head_dim % 2:  # RoPE on the whole head, which must hold pairs
         source = f" (hidden_size {hidden_size} / num_heads {num_heads})" if derived else ""
-        raise ValueError(f"{op}: head_dim must be even for RoPE on the whole head (it rotates pairs of "
-                         f"channels), got {head_dim}{source}; or pass an even rotary_dim < head_dim")
+        raise ValueError(f"{op}: head_dim must be even for RoPE on the whole head (it rotates "
+                         f"pairs of channels), got {head_dim}{source}; or pass an even "
+                         "rotary_dim < head_dim")
     rotary_dim = (
         head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
     )

@@ -157,7 +157,8 @@ def kv_cache_bytes(config, seq_len, dtype=torch.bfloat16, *, batch=1):
 
     config: GQAConfig / MLAConfig, a transformers config (LlamaConfig, MistralConfig,
     FalconConfig, DeepseekV3Config, KimiLinearConfig, … — layer_types and sliding_window respected:
-    `cached_tokens`) or an MLA layer (one layer). dtype: torch.dtype or bytes per element. MLA: layers · (kv_lora_rank +
+    `cached_tokens`) or an MLA layer (one layer).
+    dtype: torch.dtype or bytes per element. MLA: layers · (kv_lora_rank +
     qk_rope_head_dim) a token; MHA/GQA/MQA: layers · 2 · H_kv · D a token.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
@@ -2349,8 +2350,8 @@ def _full_rope_queries(q, c, w_uk, t, theta):
 
 
 def check_full_rope_queries(fn):
-    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> the absorbed queries [S, r] of RoPE on the
-    whole key (row s · c_s = score s). Comparing the rows, not the scores, is what rules out the
+    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> the absorbed queries [S, r] of RoPE on
+    the whole key (row s · c_s = score s). Comparing the rows, not the scores, is what rules out the
     keys: scores found through them, spread over c as rows, differ from the queries."""
     g = torch.Generator().manual_seed(41)
     cases = [(torch.randn(D, generator=g, dtype=torch.float64),
@@ -2402,7 +2403,8 @@ def check_cache_numbers(fn):
         g = number_answer("cache numbers", g, f"number {what[i]}")
         ok = g == want if i < 2 else math.isclose(g, want, rel_tol=5e-3)
         if not ok:
-            raise ExerciseError(f"✗ cache numbers: number {what[i]} is {g:.6g}, which is not right.\n"
+            raise ExerciseError(f"✗ cache numbers: number {what[i]} is {g:.6g}, which is not "
+                                "right.\n"
                                 f"Hint: {hints[i]}")
     print("✓ cache numbers: all 4 match")
 

@@ -124,8 +124,9 @@ def _attention_args(hidden_size, num_heads, num_kv_heads, head_dim, rotary_dim, 
     _checks.positive_int(op, "head_dim", head_dim)
     if rotary_dim is None and head_dim % 2:  # RoPE on the whole head, which must hold pairs
         source = f" (hidden_size {hidden_size} / num_heads {num_heads})" if derived else ""
-        raise ValueError(f"{op}: head_dim must be even for RoPE on the whole head (it rotates pairs of "
-                         f"channels), got {head_dim}{source}; or pass an even rotary_dim < head_dim")
+        raise ValueError(f"{op}: head_dim must be even for RoPE on the whole head (it rotates "
+                         f"pairs of channels), got {head_dim}{source}; or pass an even "
+                         "rotary_dim < head_dim")
     rotary_dim = (
         head_dim if rotary_dim is None else _checks.positive_int(op, "rotary_dim", rotary_dim)
     )

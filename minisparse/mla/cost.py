@@ -23,7 +23,8 @@ def kv_cache_bytes(config, seq_len, dtype=torch.bfloat16, *, batch=1):
 
     config: GQAConfig / MLAConfig, a transformers config (LlamaConfig, MistralConfig,
     FalconConfig, DeepseekV3Config, KimiLinearConfig, … — layer_types and sliding_window respected:
-    `cached_tokens`) or an MLA layer (one layer). dtype: torch.dtype or bytes per element. MLA: layers · (kv_lora_rank +
+    `cached_tokens`) or an MLA layer (one layer).
+    dtype: torch.dtype or bytes per element. MLA: layers · (kv_lora_rank +
     qk_rope_head_dim) a token; MHA/GQA/MQA: layers · 2 · H_kv · D a token.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:

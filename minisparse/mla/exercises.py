@@ -28,8 +28,8 @@ def _full_rope_queries(q, c, w_uk, t, theta):
 
 
 def check_full_rope_queries(fn):
-    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> the absorbed queries [S, r] of RoPE on the
-    whole key (row s · c_s = score s). Comparing the rows, not the scores, is what rules out the
+    """Check fn(q [D], c [S, r], w_uk [D, r], t, theta) -> the absorbed queries [S, r] of RoPE on
+    the whole key (row s · c_s = score s). Comparing the rows, not the scores, is what rules out the
     keys: scores found through them, spread over c as rows, differ from the queries."""
     g = torch.Generator().manual_seed(41)
     cases = [(torch.randn(D, generator=g, dtype=torch.float64),
@@ -81,7 +81,8 @@ def check_cache_numbers(fn):
         g = number_answer("cache numbers", g, f"number {what[i]}")
         ok = g == want if i < 2 else math.isclose(g, want, rel_tol=5e-3)
         if not ok:
-            raise ExerciseError(f"✗ cache numbers: number {what[i]} is {g:.6g}, which is not right.\n"
+            raise ExerciseError(f"✗ cache numbers: number {what[i]} is {g:.6g}, which is not "
+                                "right.\n"
                                 f"Hint: {hints[i]}")
     print("✓ cache numbers: all 4 match")
 

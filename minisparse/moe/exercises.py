@@ -78,7 +78,7 @@ def check_expected_groups(fn):
                 "✗ expected groups: not implemented yet — fill in the function and run the cell "
                 "again"
             ) from None
-        got = number_answer("expected groups", got, f"the answer for E = {E}, n_group = {G}, top_k = {k}")
+        got = number_answer("expected groups", got, f"the answer at E = {E}, G = {G}, k = {k}")
         touched = _measured_groups(E, G, k)
         mean, se = touched.mean().item(), touched.std().item() / math.sqrt(touched.numel())
         if not abs(got - mean) <= 4 * se + 1e-3:
