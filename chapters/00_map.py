@@ -847,7 +847,7 @@ assert TOLERANCES[torch.float32][0] < err_bf16 < TOLERANCES[torch.bfloat16][0]
 import numpy as np
 import torch
 
-from minisparse.testing import ExerciseError, check
+from minisparse.testing import ExerciseError, as_number, check
 
 
 def _transformers():
@@ -1023,11 +1023,11 @@ def check_cache_prediction(fn, seq_len=1 << 20, tol=0.1):
     if ("kimi" in key) != (kimi < qwen):
         raise ExerciseError(f"✗ cache prediction: {name} does not keep the smaller cache; "
                             f"{computed}" + hint)
-    number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
-    if not number or not abs(ratio / truth - 1) <= tol:  # NaN fails too
+    value = as_number(ratio)  # None for a non-number
+    if value is None or not abs(value / truth - 1) <= tol:  # NaN fails too
         raise ExerciseError(f"✗ cache prediction: ratio {ratio!r} is not within {tol:.0%} of the "
                             f"computed one; {computed}" + hint)
-    print(f"✓ cache prediction: {name} keeps the smaller cache; your ratio {ratio:.3f} is within "
+    print(f"✓ cache prediction: {name} keeps the smaller cache; your ratio {value:.3f} is within "
           f"{tol:.0%} of the computed {truth:.3f}")
 
 

@@ -2304,7 +2304,6 @@ if hf_kimi is not None:
 # %% tags=["hide-input"]
 #| export kda.exercises
 import math
-import numbers
 from types import SimpleNamespace
 
 import torch
@@ -2312,7 +2311,7 @@ import torch.nn.functional as F
 import triton
 
 from minisparse.kda.naive import naive_recurrent_kda
-from minisparse.testing import ExerciseError, TensorRule, check
+from minisparse.testing import ExerciseError, TensorRule, check, number_answer
 
 
 def _crossover(config):
@@ -2428,12 +2427,7 @@ def check_fact_prediction(fn):
         except NotImplementedError:
             raise ExerciseError("✗ fact recall error: not implemented yet — fill in the function "
                                 "and run the cell again") from None
-        if (isinstance(got, torch.Tensor) and got.dim() == 0) or isinstance(got, numbers.Real):
-            got = float(got)  # a Python, NumPy or 0-d tensor number
-        else:
-            raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: fn(rate, T) must "
-                                f"return one number (a float, a NumPy scalar or a 0-d tensor), got "
-                                f"{type(got).__name__} {got!r:.60}")
+        got = number_answer(f"fact recall error at rate {rate}, T = {T}", got, "fn(rate, T)")
         want = _fact_error(rate, T)
         if not abs(got - want) <= 1e-3:
             raise ExerciseError(f"✗ fact recall error at rate {rate}, T = {T}: predicted "

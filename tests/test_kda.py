@@ -786,7 +786,7 @@ def test_fact_prediction_checker_takes_any_number_and_refuses_other_types_clearl
     with pytest.raises(ExerciseError, match="predicted"):  # a wrong NumPy number is still wrong
         check_fact_prediction(lambda r, T: np.float32(1 - math.exp(-r * T)))
     for other in (lambda r, T: [right(r, T)], lambda r, T: str(right(r, T)), lambda r, T: torch.full((2,), 0.5)):
-        with pytest.raises(ExerciseError, match="must return one number"):
+        with pytest.raises(ExerciseError, match=r"fn\(rate, T\) must be a number"):
             check_fact_prediction(other)
 
 

@@ -611,6 +611,9 @@ def test_check_crossover():
         return float(math.ceil((ib - ia) / (sa - sb))) if sa > sb else math.inf
 
     X.check_crossover(lambda a, b: from_lines(a, b, 2**20, 2**21))  # past DSA's kink at k = 2048
+    X.check_crossover(lambda a, b: torch.tensor(from_lines(a, b, 2**20, 2**21), dtype=torch.float64))  # any number
+    with pytest.raises(ExerciseError, match=r"fn\(a, b\) must be a number"):
+        X.check_crossover(lambda a, b: str(from_lines(a, b, 2**20, 2**21)))
     with pytest.raises(ExerciseError):  # lines through T = 0 and 1 miss DSA's kink
         X.check_crossover(lambda a, b: from_lines(a, b, 0, 1))
     with pytest.raises(ExerciseError):  # the cache alone, without the weights
