@@ -567,79 +567,26 @@ def test_fused_recurrent_kda_matches_the_recurrence(T, K, V, HV, poisoned):
     assert_close("final state", s_r, s, 1e-4)
 
 
-def test_kernel_offsets_stay_64_bit_past_two_to_the_31_elements(monkeypatch):
+def test_kernel_offsets_stay_64_bit_past_two_to_the_31_elements(last_programs):
     """At Kimi Linear's 32 heads of 128 channels, token t's rows start t · 4096 elements in, past 2^31 from token
-    524,288 on: an offset computed in int32 there wraps negative. Every KDA kernel runs, in the interpreter, only the
-    last program of its grid (the last chunk, head and tile) of a 700,001-token launch; its loads and stores are
-    recorded instead of performed (no memory of that size exists: the tensors are one element, expanded), and the
-    loops over chunks and tokens take their first and last steps. No address may fall below the tensors."""
-    if not runtime.interpreting():
-        pytest.skip("runs one program of a long launch in Triton's interpreter")
-    import builtins
-
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
+    524,288 on: an offset computed in int32 there wraps negative. Every KDA kernel runs its last program of a
+    700,001-token launch with its loads and stores recorded (conftest's `last_programs`): none may fall outside the
+    tensors."""
     from minisparse.kda import chunk_bwd, chunk_fwd, fused_recurrent
 
     B, T, H, HV, K, V = 1, 700_001, 32, 32, 128, 128
-    builder = interpreter.interpreter_builder
-    tiny, grid, addresses = [], {}, []
 
-    def expanded(*shape, dtype=torch.float32, **_):  # torch.empty of any size: one element, expanded
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-            shape = tuple(shape[0])
-        t = torch.zeros(1, dtype=dtype)
-        tiny.append(t.data_ptr())
-        return t.expand(*shape)
+    def launch(tensor, kernel):
+        q, k, g = (tensor(B, T, H if i < 2 else HV, K) for i in range(3))
+        v, do = tensor(B, T, HV, V), tensor(B, T, HV, V)
+        beta, h0, dht = tensor(B, T, HV), tensor(B, HV, K, V), tensor(B, HV, K, V)
+        _, _, saved = chunk_fwd._kda_forward(q, k, v, g, beta, 1.0, h0, True)
+        chunk_bwd._kda_backward(q, k, v, g, beta, 1.0, saved, do, dht, True)
+        kernel(fused_recurrent._kda_fused_recurrent_kernel, (V // 32, B * HV), q, k, v, g, beta, h0,
+               tensor(B, T, HV, V), tensor(B, HV, K, V), 1.0, T, H, HV, K, V, BK=K, BV=32, HAS_H0=True,
+               STORE_HT=True, L2NORM=True)
 
-    def record(ptrs, mask):
-        addresses.append(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)])
-
-    def load(ptrs, mask, other, *_):
-        record(ptrs, mask)
-        dtype = ptrs.get_element_ty()
-        zeros = np.zeros(ptrs.data.shape, dtype=interpreter._get_np_dtype(dtype))
-        return interpreter.TensorHandle(zeros if other is None else zeros + other.data, dtype)
-
-    def store(ptrs, value, mask, *_):
-        record(ptrs, mask)
-
-    def last_program(axis):
-        return interpreter.TensorHandle(np.array([grid["dims"][axis] - 1], dtype=np.int32), tl.int32)
-
-    def ends(*args):  # a long loop (over chunks or tokens) runs its first and last steps
-        steps = builtins.range(*args)
-        return steps if len(steps) <= 64 else [steps[0], steps[-1]]
-
-    real_launch = runtime.launch
-
-    def one_program(name, fn, grid_of, *args, **kwargs):
-        def single(config):
-            grid["dims"] = grid_of(config)
-            return (1,) * len(grid["dims"])
-        return real_launch(name, fn, single, *args, **kwargs)
-
-    monkeypatch.setattr(builder, "create_masked_load", load)
-    monkeypatch.setattr(builder, "create_masked_store", store)
-    monkeypatch.setattr(builder, "create_get_program_id", last_program)
-    monkeypatch.setattr(runtime, "launch", one_program)
-    for module in (chunk_fwd, chunk_bwd, fused_recurrent):
-        monkeypatch.setattr(module, "range", ends, raising=False)
-    monkeypatch.setattr(torch, "empty", expanded)
-    q, k, g = (expanded(B, T, H if i < 2 else HV, K) for i in range(3))
-    v, do = expanded(B, T, HV, V), expanded(B, T, HV, V)
-    beta, h0, dht = expanded(B, T, HV), expanded(B, HV, K, V), expanded(B, HV, K, V)
-    _, _, saved = chunk_fwd._kda_forward(q, k, v, g, beta, 1.0, h0, True)
-    chunk_bwd._kda_backward(q, k, v, g, beta, 1.0, saved, do, dht, True)
-    o, ht = expanded(B, T, HV, V), expanded(B, HV, K, V)
-    grid["dims"] = (V // 32, B * HV)
-    fused_recurrent._kda_fused_recurrent_kernel[(1, 1)](q, k, v, g, beta, h0, o, ht, 1.0, T, H, HV, K, V, BK=K,
-                                                       BV=32, HAS_H0=True, STORE_HT=True, L2NORM=True)
-    lowest = np.uint64(min(tiny))
-    below = [int(a.min()) for a in addresses if a.size and a.min() < lowest]
-    assert len(addresses) > 100 and not below, f"{len(below)} accesses below the tensors (an int32 offset wrapped)"
+    last_programs((chunk_fwd, chunk_bwd, fused_recurrent), launch)
 
 
 def test_triton_ops_refuse_gradients_in_decoding_and_heads_over_the_limit():
