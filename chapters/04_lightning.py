@@ -524,10 +524,12 @@ print("naive_chunk_lightning_attn == naive_recurrent_lightning_attn for C = 16, 
 backward pass, and a recurrent kernel for decoding.
 
 Names in the kernels: `*_ptr` is a tensor argument, `*_base` where this program's (batch, head)
-slice of it starts, `*_off` offsets within that slice and `*_mask` which of them are in bounds. C is
-the chunk length, NT the number of chunks, BK × BV a tile of a [K, V] state. Tensors are contiguous
-[B, T, H, ·], so token t of head h is `H · (K or V)` elements after token t - 1. Launch
-configurations come from `runtime.LAUNCH_TABLE` ("lightning.*").
+slice of it starts (in a kernel of one chunk, where the chunk starts), `*_off` offsets within that
+slice (or chunk) and `*_mask` which of them are in bounds. C is the chunk length, NT the number of
+chunks, BK × BV a tile of a [K, V] state. Tensors are contiguous [B, T, H, ·], so token t of head h
+is `H · (K or V)` elements after token t - 1; t · H · K passes 2^31 at long context (64 heads of
+128 from token 262,144), so token offsets are computed in int64. Launch configurations come from
+`runtime.LAUNCH_TABLE` ("lightning.*").
 """
 import torch
 import triton
@@ -571,7 +573,7 @@ def _fwd_states_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, states_ptr, ht_ptr, T, H
         S = tl.load(h0_ptr + i_bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
     for n in range(NT):
         tl.store(states_base + n * K * V + kv_off, S.to(states_ptr.dtype.element_ty), mask=kv_mask)
-        t = n * C + rows  # [C] the chunk's positions
+        t = (n * C + rows).to(tl.int64)  # [C] the chunk's positions; int64: t·H·K passes 2^31
         L = tl.minimum(T - n * C, C)  # its length
         kt = tl.load(k_base + t[None, :] * H * K + ks[:, None],
                      mask=(t[None, :] < T) & (ks[:, None] < K),
@@ -616,20 +618,21 @@ def _fwd_output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, states_ptr, o_ptr, scale,
     b, h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)
     t = n * C + rows  # [C] the chunk's positions
+    t0 = (n * C).to(tl.int64)  # its first, in int64: t·H·K passes 2^31 at long context
     vs = i_v * BV + tl.arange(0, BV)
     s = tl.load(slope_ptr + h).to(tl.float32)
-    q_base = q_ptr + (b * T * H + h) * K  # token t of (b, h) at q_base + t * H * K
-    k_base = k_ptr + (b * T * H + h) * K
-    v_base = v_ptr + (b * T * H + h) * V
-    o_base = o_ptr + (b * T * H + h) * V
+    q_base = q_ptr + (b * T * H + h) * K + t0 * H * K  # row i of the chunk at q_base + i * H * K
+    k_base = k_ptr + (b * T * H + h) * K + t0 * H * K
+    v_base = v_ptr + (b * T * H + h) * V + t0 * H * V
+    o_base = o_ptr + (b * T * H + h) * V + t0 * H * V
     state_base = states_ptr + (i_bh * NT + n) * K * V  # the state entering chunk n
-    vo_off = t[:, None] * H * V + vs[None, :]  # [C, BV]
+    vo_off = rows[:, None] * H * V + vs[None, :]  # [C, BV]
     vo_mask = (t[:, None] < T) & (vs[None, :] < V)
     A = tl.zeros((C, C), dtype=tl.float32)  # Q Kᵀ
     o = tl.zeros((C, BV), dtype=tl.float32)  # Q S_n
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        qk_off = t[:, None] * H * K + ks[None, :]  # [C, BK]
+        qk_off = rows[:, None] * H * K + ks[None, :]  # [C, BK]
         qk_mask = (t[:, None] < T) & (ks[None, :] < K)
         q = tl.load(q_base + qk_off, mask=qk_mask, other=0.0)
         k = tl.load(k_base + qk_off, mask=qk_mask, other=0.0)
@@ -1544,7 +1547,7 @@ def _bwd_dstates_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dstates_ptr, dh0_ptr,
         n = NT - 1 - i
         tl.store(dstates_base + n * K * V + kv_off, dS.to(dstates_ptr.dtype.element_ty),
                  mask=kv_mask)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
         L = tl.minimum(T - n * C, C)
         qt = tl.load(q_base + t[None, :] * H * K + ks[:, None],
                      mask=(t[None, :] < T) & (ks[:, None] < K),
@@ -1579,13 +1582,14 @@ def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates
     b, h = i_bh // H, i_bh % H
     rows = tl.arange(0, C)
     t = n * C + rows
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, in int64: t·H·K passes 2^31
     L = tl.minimum(T - n * C, C)
     ks = tl.arange(0, BK)
     s = tl.load(slope_ptr + h).to(tl.float32)
-    qk_base = (b * T * H + h) * K  # where (b, h) starts in q, k, dq, dk
-    vo_base = (b * T * H + h) * V  # and in v, do, dv
+    qk_base = (b * T * H + h) * K + t0 * H * K  # where chunk n of (b, h) starts in q, k, dq, dk
+    vo_base = (b * T * H + h) * V + t0 * H * V  # and in v, do, dv
     state_base = (i_bh * NT + n) * K * V  # chunk n's [K, V] tile in states and dstates
-    qk_off = t[:, None] * H * K + ks[None, :]  # [C, BK]
+    qk_off = rows[:, None] * H * K + ks[None, :]  # [C, BK]
     qk_mask = (t[:, None] < T) & (ks[None, :] < K)
     q = tl.load(q_ptr + qk_base + qk_off, mask=qk_mask, other=0.0)
     k = tl.load(k_ptr + qk_base + qk_off, mask=qk_mask, other=0.0)
@@ -1599,7 +1603,7 @@ def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates
     dk = tl.zeros((C, BK), dtype=tl.float32)  # V ∂S'_nᵀ
     for i_v in range(NV):
         vs = i_v * BV + tl.arange(0, BV)
-        vo_off = t[:, None] * H * V + vs[None, :]  # [C, BV]
+        vo_off = rows[:, None] * H * V + vs[None, :]  # [C, BV]
         vo_mask = (t[:, None] < T) & (vs[None, :] < V)
         kv_off = ks[:, None] * V + vs[None, :]  # [BK, BV]
         kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
@@ -1671,7 +1675,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_pt
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
         S = tl.load(h0_ptr + i_bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-    for t in range(T):
+    for i in range(T):
+        t = tl.cast(i, tl.int64)  # int64: t·H·K passes 2^31 at long context
         q = tl.load(q_base + t * H * K + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_base + t * H * K + ks, mask=ks < K, other=0.0).to(tl.float32)
         v = tl.load(v_base + t * H * V + vs, mask=vs < V, other=0.0).to(tl.float32)  # [BV]

@@ -700,9 +700,11 @@ if cfg is not None:
 #
 # Only $C \times C$ matrices stay in registers from start to end: the kernel walks $K$ and $V$ in blocks of 32
 # columns and loads $K$'s blocks twice rather than keep them; the row scalings of $K$ and $V$ ride on $A_\text{inv}$'s
-# columns, so that $K$ and $V$ enter the products as stored. Token $t$'s key row is at `k_bh + t·H·K`; value head
-# $h_v$ reads key head $h_v // (H_V/H)$ (`_heads`); a pointer the kernel does not use is `None`, with a
-# compile-time flag (`L2`, `STORE_AINV`). The helpers (`_gate_sums`, `_split_dot`, …) are in the Engineering notes.
+# columns, so that $K$ and $V$ enter the products as stored. Row $i$ of the chunk's keys is at `k_c + i·H·K`, where
+# `k_c` points at the chunk's first row: an int64 offset, since $t \cdot H \cdot K$ passes $2^{31}$ elements at long
+# context (32 heads of 128 from token 524,288), and the offsets within the chunk stay int32. Value head $h_v$ reads
+# key head $h_v // (H_V/H)$ (`_heads`); a pointer the kernel does not use is `None`, with a compile-time flag (`L2`,
+# `STORE_AINV`). The helpers (`_gate_sums`, `_split_dot`, …) are in the Engineering notes.
 
 # %%
 #| export deltanet.chunk_fwd
@@ -771,10 +773,11 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    k_bh = k_ptr + (b * T * H + h) * K  # token t's key row at k_bh + t·H·K
-    v_bh = v_ptr + (b * T * HV + hv) * V  # token t's value row at v_bh + t·HV·V; Ũ likewise
-    u_bh = u_ptr + (b * T * HV + hv) * V
-    w_bh = w_ptr + (b * T * HV + hv) * K  # token t's row of W at w_bh + t·HV·K
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of keys at k_c + i·H·K
+    v_c = v_ptr + (b * T * HV + hv) * V + t0 * HV * V  # of values at v_c + i·HV·V; Ũ likewise
+    u_c = u_ptr + (b * T * HV + hv) * V + t0 * HV * V
+    w_c = w_ptr + (b * T * HV + hv) * K + t0 * HV * K  # of W at w_c + i·HV·K
     gate_bh = b * T * HV + hv  # token t's g, β, r at gate_bh + t·HV
     rows = tl.arange(0, C)
     t = n * C + rows  # [C]
@@ -785,8 +788,8 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                     other=0.0)
+        kb = tl.load(k_c + rows[:, None] * H * K + ks[None, :],
+                     mask=tm[:, None] & (ks[None, :] < K), other=0.0)
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)  # [C, C]
     key_scale = beta * tl.exp(G)  # [C]: W = A_inv diag(β e^G) K
     # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ
@@ -808,15 +811,16 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
         # [C, BK], loaded again
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)
+        kb = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=mask, other=0.0)
         w = _split_dot(w_hi, w_lo, kb, SPLIT, PRECISION)  # [C, BK]
-        tl.store(w_bh + t[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_c + rows[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=mask)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
+        off = rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
-        vb = tl.load(v_bh + off, mask=mask, other=0.0)  # [C, BV]
-        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT,
+        vb = tl.load(v_c + off, mask=mask, other=0.0)  # [C, BV]
+        tl.store(u_c + off, _split_dot(u_hi, u_lo, vb, SPLIT,
                                         PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
     if STORE_AINV:  # the backward's recomputation keeps A_inv for dA = −A_invᵀ dA_inv A_invᵀ
         tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv,
@@ -1514,7 +1518,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
     for n in range(NT):
         tl.store(states_bh + n * K * V + kv_off1, S1.to(states_ptr.dtype.element_ty), mask=kv_mask1)
         tl.store(states_bh + n * K * V + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K),
                      other=0.0)
@@ -1599,10 +1603,11 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at q_bh, k_bh + t·H·K
-    k_bh = k_ptr + (b * T * H + h) * K
-    u_bh = u_ptr + (b * T * HV + hv) * V  # token t's rows of U and O at u_bh, o_bh + t·HV·V
-    o_bh = o_ptr + (b * T * HV + hv) * V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    q_c = q_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of q, k at q_c, k_c + i·H·K
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K
+    u_c = u_ptr + (b * T * HV + hv) * V + t0 * HV * V  # of U and O at u_c, o_c + i·HV·V
+    o_c = o_ptr + (b * T * HV + hv) * V + t0 * HV * V
     gate_bh = b * T * HV + hv  # token t's g and r_k at gate_bh + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n, [K, V]
     rows = tl.arange(0, C)
@@ -1613,10 +1618,10 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     o = tl.zeros((C, BV), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        qk_off = t[:, None] * H * K + ks[None, :]
+        qk_off = rows[:, None] * H * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        q = tl.load(q_bh + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
-        k = tl.load(k_bh + qk_off, mask=qk_mask, other=0.0)
+        q = tl.load(q_c + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+        k = tl.load(k_c + qk_off, mask=qk_mask, other=0.0)
         S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & (vs[None, :] < V),
                     other=0.0)  # [BK, BV], in q's dtype
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
@@ -1628,14 +1633,14 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
         # Q again, mostly from the L2 cache
-        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)
+        r_q = _row_rnorm(q_c + rows[:, None] * H * K, tm, K, C, BK)
         P = P * r_q[:, None] * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)[None, :]
         row_scale = row_scale * r_q
-    v_off = t[:, None] * HV * V + vs[None, :]
+    v_off = rows[:, None] * HV * V + vs[None, :]
     v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_bh + v_off, mask=v_mask, other=0.0)  # [C, BV]
+    u = tl.load(u_c + v_off, mask=v_mask, other=0.0)  # [C, BV]
     o = tl.dot((P * scale).to(u.dtype), u, o * row_scale[:, None], input_precision=PRECISION)
-    tl.store(o_bh + v_off, o.to(o_ptr.dtype.element_ty), mask=v_mask)
+    tl.store(o_c + v_off, o.to(o_ptr.dtype.element_ty), mask=v_mask)
 
 
 # %% [markdown]
@@ -1732,17 +1737,18 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
-    k_bh = k_ptr + (b * T * H + h) * K
-    do_bh = do_ptr + (b * T * HV + hv) * V  # token t's rows of dO and dU at + t·HV·V
-    du_bh = du_ptr + (b * T * HV + hv) * V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    q_c = q_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of q and k at + i·H·K
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K
+    do_c = do_ptr + (b * T * HV + hv) * V + t0 * HV * V  # of dO and dU at + i·HV·V
+    du_c = du_ptr + (b * T * HV + hv) * V + t0 * HV * V
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
     ks = tl.arange(0, BK)
     qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = tl.load(q_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)  # [C, BK]
-    k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)
+    q = tl.load(q_c + rows[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)  # [C, BK]
+    k = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)
     g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
     _, G64, _, _ = _gate_sums(g, C)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
@@ -1751,10 +1757,10 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
+        off = rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
-        do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
-        tl.store(du_bh + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
+        do = tl.load(do_c + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        tl.store(du_c + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
 
 # %% [markdown]
 # The reverse scan. Its step has two orders of loads with the same products: all operands first (the H200's rows),
@@ -1817,7 +1823,7 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         n = NT - 1 - i
         tl.store(dstates_bh + n * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dstates_bh + n * K * V + kv_off2, dS2, mask=kv_mask2)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
         tm = t < T
         g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
         G, _, to_end, G_L = _gate_sums(g, C)
@@ -1945,8 +1951,9 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    k_bh = k_ptr + (b * T * H + h) * K  # token t's row of k at + t·H·K
-    vh = (b * T * HV + hv) * V  # token t's rows of v, dU, dV at + t·HV·V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of k at + i·H·K
+    vh = (b * T * HV + hv) * V + t0 * HV * V  # of v, dU, dV at + i·HV·V
     gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V
     rows, t, tm, beta, G, G64, _, _ = _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C)
@@ -1957,7 +1964,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     dbeta = tl.zeros((C,), dtype=tl.float32)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
+        off = rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         v = tl.load(v_ptr + vh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
         du = tl.load(du_ptr + vh + off, mask=mask, other=0.0)
@@ -1965,7 +1972,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             k_mask = tm[:, None] & (ks[None, :] < K)
-            k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=k_mask,
+            k = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=k_mask,
                         other=0.0).to(tl.float32)  # [C, BK]
             S = tl.load(S_n + ks[:, None] * V + vs[None, :],
                         mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV]
@@ -1986,7 +1993,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         k_mask = tm[:, None] & (ks[None, :] < K)
-        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=k_mask,
+        k = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=k_mask,
                     other=0.0).to(tl.float32)  # [C, BK]
         KK = tl.dot(k, tl.trans(k), KK, input_precision=PRECISION)
         dk = tl.dot(tl.trans(dKK), k, tl.dot(dKK, k, input_precision=PRECISION),
@@ -2036,7 +2043,8 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    vh = (b * T * HV + hv) * V  # token t's rows of U, dO, dU at + t·HV·V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    vh = (b * T * HV + hv) * V + t0 * HV * V  # the chunk's row i of U, dO, dU at + i·HV·V
     gate_bh = b * T * HV + hv  # token t's g, β at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n
     dS_n = dstates_ptr + (bh * NT + n) * K * V  # the gradient of the state leaving it
@@ -2044,7 +2052,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     eG = tl.exp(G)
     key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
     ks = kb * BK + tl.arange(0, BK)
-    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]
+    qk_off = (b * T * H + h) * K + t0 * H * K + rows[:, None] * H * K + ks[None, :]
     qk_mask = tm[:, None] & (ks[None, :] < K)
     q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
     k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
@@ -2055,7 +2063,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS' over this block
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = vh + t[:, None] * HV * V + vs[None, :]
+        off = vh + rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         kv_off = ks[:, None] * V + vs[None, :]
         kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
@@ -2074,7 +2082,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     dAqk = dOUt * scale * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))
     dq = dq * (scale * eG)[:, None]
     s = tl.sum(dq * q, axis=1)  # q_i · ∂/∂q_i of e^{G_i} q_i S
-    out_off = (b * T * HV + hv) * K + t[:, None] * HV * K + ks[None, :]
+    out_off = (b * T * HV + hv) * K + t0 * HV * K + rows[:, None] * HV * K + ks[None, :]
     tl.store(dq_ptr + out_off, tl.dot(dAqk, k, dq, input_precision=PRECISION), mask=qk_mask)
     pairs = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)
     # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j
@@ -2191,7 +2199,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
     if HAS_H0:
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
                     other=0.0).to(tl.float32)
-    for t in range(T):
+    for i in range(T):
+        t = tl.cast(i, tl.int64)  # int64: t·H·K passes 2^31 at long context
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
         if L2NORM:

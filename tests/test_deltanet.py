@@ -540,6 +540,30 @@ def test_forced_tiles_give_the_same_results(poisoned):
         assert_close(f"{name} (V-tiles of 16)", r, c, 1e-5 if DEV == "cpu" else 2e-3)
 
 
+def test_kernel_offsets_stay_64_bit_past_two_to_the_31_elements(last_programs):
+    """At 32 heads of 128 channels (Qwen3-Next's value heads), token t's rows start t · 4096 elements in, past 2^31
+    from token 524,288 on: an offset computed in int32 there wraps negative. Every kernel of the chunk op (forward,
+    backward with the reverse scan's both load orders, the row kernels) and the decoding kernel runs its last program
+    of a 700,001-token launch with its loads and stores recorded (conftest's `last_programs`): none may fall outside
+    the tensors."""
+    from minisparse.deltanet import chunk_bwd, chunk_fwd, fused_recurrent
+
+    B, T, H, HV, K, V = 1, 700_001, 32, 32, 128, 128
+
+    def launch(tensor, kernel):
+        q, k, v, do = tensor(B, T, H, K), tensor(B, T, H, K), tensor(B, T, HV, V), tensor(B, T, HV, V)
+        g, beta, h0, dht = tensor(B, T, HV), tensor(B, T, HV), tensor(B, HV, K, V), tensor(B, HV, K, V)
+        chunk_fwd._chunk_forward(q, k, v, g, beta, 1.0, h0, True, True)
+        chunk_bwd._chunk_backward(q, k, v, g, beta, 1.0, h0, do, dht, True, True)
+        with runtime.launch_config("deltanet.bwd_states", BV=32, LATE_LOADS=True):
+            chunk_bwd._chunk_backward(q, k, v, g, beta, 1.0, h0, do, dht, True, True)
+        kernel(fused_recurrent._fused_recurrent_kernel, (V // 32, B * HV), q, k, v, g, beta, h0,
+               tensor(B, T, HV, V), tensor(B, HV, K, V), 1.0, T, H, HV, K, V, BK=K, BV=32, HAS_H0=True,
+               STORE_HT=True, L2NORM=True)
+
+    last_programs((chunk_fwd, chunk_bwd, fused_recurrent), launch)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _ok():
     q, k, v, g, beta, h0 = _inputs(1, 8, 2, 4, 16, 24)

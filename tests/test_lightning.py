@@ -217,6 +217,26 @@ def test_kernels_refuse_a_slope_that_wants_a_gradient():
     assert slope.grad is not None and slope.grad.abs().sum() > 0
 
 
+def test_kernel_offsets_stay_64_bit_past_two_to_the_31_elements(last_programs):
+    """At MiniMax-M1's 64 heads of 128 channels, token t's rows start t · 8192 elements in, past 2^31 from token
+    262,144 on: an offset computed in int32 there wraps negative. Every Lightning kernel runs its last program of a
+    400,001-token launch with its loads and stores recorded (conftest's `last_programs`): none may fall outside the
+    tensors."""
+    from minisparse.lightning import triton as kernels
+
+    B, T, H, K, V = 1, 400_001, 64, 128, 128
+
+    def launch(tensor, kernel):
+        q, k, v, do = (tensor(B, T, H, D) for D in (K, K, V, V))
+        slope, h0, dht = tensor(H), tensor(B, H, K, V), tensor(B, H, K, V)
+        _, _, states = kernels._forward(q, k, v, slope, 1.0, h0, True)
+        kernels._backward(q, k, v, slope, 1.0, states, do, dht, True)
+        kernel(kernels._fused_recurrent_kernel, (V // 32, B * H), q, k, v, slope, h0, tensor(B, T, H, V),
+               tensor(B, H, K, V), 1.0, T, H, K, V, BK=K, BV=32, HAS_H0=True, STORE_HT=True)
+
+    last_programs((kernels,), launch)
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,K,V", [(300, 64, 128), (1000, 128, 128), (77, 48, 32)])

@@ -22,17 +22,18 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at + t·H·K
-    k_bh = k_ptr + (b * T * H + h) * K
-    do_bh = do_ptr + (b * T * HV + hv) * V  # token t's rows of dO and dU at + t·HV·V
-    du_bh = du_ptr + (b * T * HV + hv) * V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    q_c = q_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of q and k at + i·H·K
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K
+    do_c = do_ptr + (b * T * HV + hv) * V + t0 * HV * V  # of dO and dU at + i·HV·V
+    du_c = du_ptr + (b * T * HV + hv) * V + t0 * HV * V
     rows = tl.arange(0, C)
     t = n * C + rows
     tm = t < T
     ks = tl.arange(0, BK)
     qk_mask = tm[:, None] & (ks[None, :] < K)
-    q = tl.load(q_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)  # [C, BK]
-    k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)
+    q = tl.load(q_c + rows[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)  # [C, BK]
+    k = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=qk_mask, other=0.0)
     g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
     _, G64, _, _ = _gate_sums(g, C)
     causal = (rows[:, None] >= rows[None, :]) & tm[:, None]
@@ -41,10 +42,10 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
     PT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gamma) * scale
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
+        off = rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
-        do = tl.load(do_bh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
-        tl.store(du_bh + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
+        do = tl.load(do_c + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        tl.store(du_c + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def _bwd_states_kernel(q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dht_ptr, du_ptr, dsta
         n = NT - 1 - i
         tl.store(dstates_bh + n * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dstates_bh + n * K * V + kv_off2, dS2, mask=kv_mask2)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
         tm = t < T
         g = tl.load(g_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0)  # [C], 0 past T
         G, _, to_end, G_L = _gate_sums(g, C)
@@ -214,8 +215,9 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    k_bh = k_ptr + (b * T * H + h) * K  # token t's row of k at + t·H·K
-    vh = (b * T * HV + hv) * V  # token t's rows of v, dU, dV at + t·HV·V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of k at + i·H·K
+    vh = (b * T * HV + hv) * V + t0 * HV * V  # of v, dU, dV at + i·HV·V
     gate_bh = b * T * HV + hv  # token t's g, β, dβ, dg at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V
     rows, t, tm, beta, G, G64, _, _ = _chunk_gates(g_ptr, beta_ptr, gate_bh, n, T, HV, C)
@@ -226,7 +228,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     dbeta = tl.zeros((C,), dtype=tl.float32)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
+        off = rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         v = tl.load(v_ptr + vh + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
         du = tl.load(du_ptr + vh + off, mask=mask, other=0.0)
@@ -234,7 +236,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             k_mask = tm[:, None] & (ks[None, :] < K)
-            k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=k_mask,
+            k = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=k_mask,
                         other=0.0).to(tl.float32)  # [C, BK]
             S = tl.load(S_n + ks[:, None] * V + vs[None, :],
                         mask=(ks[:, None] < K) & (vs[None, :] < V), other=0.0)  # [BK, BV]
@@ -255,7 +257,7 @@ def _bwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, ainv_ptr, du_ptr, states_ptr, 
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         k_mask = tm[:, None] & (ks[None, :] < K)
-        k = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=k_mask,
+        k = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=k_mask,
                     other=0.0).to(tl.float32)  # [C, BK]
         KK = tl.dot(k, tl.trans(k), KK, input_precision=PRECISION)
         dk = tl.dot(tl.trans(dKK), k, tl.dot(dKK, k, input_precision=PRECISION),
@@ -295,7 +297,8 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    vh = (b * T * HV + hv) * V  # token t's rows of U, dO, dU at + t·HV·V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    vh = (b * T * HV + hv) * V + t0 * HV * V  # the chunk's row i of U, dO, dU at + i·HV·V
     gate_bh = b * T * HV + hv  # token t's g, β at + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n
     dS_n = dstates_ptr + (bh * NT + n) * K * V  # the gradient of the state leaving it
@@ -303,7 +306,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     eG = tl.exp(G)
     key_decay = tl.where(tm, tl.exp(to_end), 0.0)  # [C] e^{G_L − G_j}
     ks = kb * BK + tl.arange(0, BK)
-    qk_off = (b * T * H + h) * K + t[:, None] * H * K + ks[None, :]
+    qk_off = (b * T * H + h) * K + t0 * H * K + rows[:, None] * H * K + ks[None, :]
     qk_mask = tm[:, None] & (ks[None, :] < K)
     q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # [C, BK]
     k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)
@@ -314,7 +317,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     SdS = tl.zeros((1,), dtype=tl.float32)  # Σ S_n ⊙ dS' over this block
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = vh + t[:, None] * HV * V + vs[None, :]
+        off = vh + rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
         kv_off = ks[:, None] * V + vs[None, :]
         kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
@@ -333,7 +336,7 @@ def _bwd_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, ainv_ptr, u_ptr, states_ptr,
     dAqk = dOUt * scale * tl.exp(tl.where(causal, _pair_exponents(G64), float("-inf")))
     dq = dq * (scale * eG)[:, None]
     s = tl.sum(dq * q, axis=1)  # q_i · ∂/∂q_i of e^{G_i} q_i S
-    out_off = (b * T * HV + hv) * K + t[:, None] * HV * K + ks[None, :]
+    out_off = (b * T * HV + hv) * K + t0 * HV * K + rows[:, None] * HV * K + ks[None, :]
     tl.store(dq_ptr + out_off, tl.dot(dAqk, k, dq, input_precision=PRECISION), mask=qk_mask)
     pairs = dAqk * tl.dot(q, tl.trans(k), input_precision=PRECISION)
     # state update: S' = e^{G_L} S + Σ_j e^{G_L − G_j} k_jᵀ u_j

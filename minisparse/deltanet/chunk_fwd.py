@@ -60,10 +60,11 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    k_bh = k_ptr + (b * T * H + h) * K  # token t's key row at k_bh + t·H·K
-    v_bh = v_ptr + (b * T * HV + hv) * V  # token t's value row at v_bh + t·HV·V; Ũ likewise
-    u_bh = u_ptr + (b * T * HV + hv) * V
-    w_bh = w_ptr + (b * T * HV + hv) * K  # token t's row of W at w_bh + t·HV·K
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of keys at k_c + i·H·K
+    v_c = v_ptr + (b * T * HV + hv) * V + t0 * HV * V  # of values at v_c + i·HV·V; Ũ likewise
+    u_c = u_ptr + (b * T * HV + hv) * V + t0 * HV * V
+    w_c = w_ptr + (b * T * HV + hv) * K + t0 * HV * K  # of W at w_c + i·HV·K
     gate_bh = b * T * HV + hv  # token t's g, β, r at gate_bh + t·HV
     rows = tl.arange(0, C)
     t = n * C + rows  # [C]
@@ -74,8 +75,8 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
     KKt = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=tm[:, None] & (ks[None, :] < K),
-                     other=0.0)
+        kb = tl.load(k_c + rows[:, None] * H * K + ks[None, :],
+                     mask=tm[:, None] & (ks[None, :] < K), other=0.0)
         KKt = tl.dot(kb, tl.trans(kb), KKt, input_precision=PRECISION)  # [C, C]
     key_scale = beta * tl.exp(G)  # [C]: W = A_inv diag(β e^G) K
     # ‖k_i‖² is K Kᵀ's diagonal (exact 16-bit products summed in fp32); Kn Knᵀ = diag(r) K Kᵀ
@@ -97,15 +98,16 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
         ks = k0 + tl.arange(0, BK)
         mask = tm[:, None] & (ks[None, :] < K)
         # [C, BK], loaded again
-        kb = tl.load(k_bh + t[:, None] * H * K + ks[None, :], mask=mask, other=0.0)
+        kb = tl.load(k_c + rows[:, None] * H * K + ks[None, :], mask=mask, other=0.0)
         w = _split_dot(w_hi, w_lo, kb, SPLIT, PRECISION)  # [C, BK]
-        tl.store(w_bh + t[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_c + rows[:, None] * HV * K + ks[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=mask)
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
-        off = t[:, None] * HV * V + vs[None, :]
+        off = rows[:, None] * HV * V + vs[None, :]
         mask = tm[:, None] & (vs[None, :] < V)
-        vb = tl.load(v_bh + off, mask=mask, other=0.0)  # [C, BV]
-        tl.store(u_bh + off, _split_dot(u_hi, u_lo, vb, SPLIT,
+        vb = tl.load(v_c + off, mask=mask, other=0.0)  # [C, BV]
+        tl.store(u_c + off, _split_dot(u_hi, u_lo, vb, SPLIT,
                                         PRECISION).to(u_ptr.dtype.element_ty), mask=mask)
     if STORE_AINV:  # the backward's recomputation keeps A_inv for dA = −A_invᵀ dA_inv A_invᵀ
         tl.store(ainv_ptr + (gate_bh + t[:, None] * HV) * C + rows[None, :], A_inv,
@@ -252,7 +254,7 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
     for n in range(NT):
         tl.store(states_bh + n * K * V + kv_off1, S1.to(states_ptr.dtype.element_ty), mask=kv_mask1)
         tl.store(states_bh + n * K * V + kv_off2, S2.to(states_ptr.dtype.element_ty), mask=kv_mask2)
-        t = n * C + rows
+        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         w1 = tl.load(w_bh + t[:, None] * HV * K + k1[None, :], mask=tm[:, None] & (k1[None, :] < K),
                      other=0.0)
@@ -315,10 +317,11 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
-    q_bh = q_ptr + (b * T * H + h) * K  # token t's rows of q and k at q_bh, k_bh + t·H·K
-    k_bh = k_ptr + (b * T * H + h) * K
-    u_bh = u_ptr + (b * T * HV + hv) * V  # token t's rows of U and O at u_bh, o_bh + t·HV·V
-    o_bh = o_ptr + (b * T * HV + hv) * V
+    t0 = (n * C).to(tl.int64)  # the chunk's first token, int64: t·H·K passes 2^31 at long context
+    q_c = q_ptr + (b * T * H + h) * K + t0 * H * K  # the chunk's row i of q, k at q_c, k_c + i·H·K
+    k_c = k_ptr + (b * T * H + h) * K + t0 * H * K
+    u_c = u_ptr + (b * T * HV + hv) * V + t0 * HV * V  # of U and O at u_c, o_c + i·HV·V
+    o_c = o_ptr + (b * T * HV + hv) * V + t0 * HV * V
     gate_bh = b * T * HV + hv  # token t's g and r_k at gate_bh + t·HV
     S_n = states_ptr + (bh * NT + n) * K * V  # the state entering chunk n, [K, V]
     rows = tl.arange(0, C)
@@ -329,10 +332,10 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     o = tl.zeros((C, BV), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        qk_off = t[:, None] * H * K + ks[None, :]
+        qk_off = rows[:, None] * H * K + ks[None, :]
         qk_mask = tm[:, None] & (ks[None, :] < K)
-        q = tl.load(q_bh + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
-        k = tl.load(k_bh + qk_off, mask=qk_mask, other=0.0)
+        q = tl.load(q_c + qk_off, mask=qk_mask, other=0.0)  # [C, BK]
+        k = tl.load(k_c + qk_off, mask=qk_mask, other=0.0)
         S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & (vs[None, :] < V),
                     other=0.0)  # [BK, BV], in q's dtype
         QKt = tl.dot(q, tl.trans(k), QKt, input_precision=PRECISION)
@@ -344,14 +347,14 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
     row_scale = scale * tl.exp(G)  # [C]: scale diag(e^G) Q S_n
     if L2:  # Qn = diag(r_q) Q, Kn = diag(r_k) K
         # Q again, mostly from the L2 cache
-        r_q = _row_rnorm(q_bh + t[:, None] * H * K, tm, K, C, BK)
+        r_q = _row_rnorm(q_c + rows[:, None] * H * K, tm, K, C, BK)
         P = P * r_q[:, None] * tl.load(kr_ptr + gate_bh + t * HV, mask=tm, other=0.0)[None, :]
         row_scale = row_scale * r_q
-    v_off = t[:, None] * HV * V + vs[None, :]
+    v_off = rows[:, None] * HV * V + vs[None, :]
     v_mask = tm[:, None] & (vs[None, :] < V)
-    u = tl.load(u_bh + v_off, mask=v_mask, other=0.0)  # [C, BV]
+    u = tl.load(u_c + v_off, mask=v_mask, other=0.0)  # [C, BV]
     o = tl.dot((P * scale).to(u.dtype), u, o * row_scale[:, None], input_precision=PRECISION)
-    tl.store(o_bh + v_off, o.to(o_ptr.dtype.element_ty), mask=v_mask)
+    tl.store(o_c + v_off, o.to(o_ptr.dtype.element_ty), mask=v_mask)
 
 
 def _wy_and_states(k, v, g, beta, h0, output_final_state, l2, recompute):

@@ -36,7 +36,8 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
     if HAS_H0:
         S = tl.load(h0_ptr + bh * K * V + kv_off, mask=km[:, None] & vm[None, :],
                     other=0.0).to(tl.float32)
-    for t in range(T):
+    for i in range(T):
+        t = tl.cast(i, tl.int64)  # int64: t·H·K passes 2^31 at long context
         q = tl.load(q_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)  # [BK]
         k = tl.load(k_bh + t * H * K + ks, mask=km, other=0.0).to(tl.float32)
         if L2NORM:
