@@ -502,9 +502,10 @@ print("implied attention P @ v == naive_recurrent_gated_delta_rule (T = 48)")
 # %% [markdown]
 # Linear attention gives the same weight to every earlier occurrence of the key a query looks up: stripes at
 # distances 5, 17, 29, 41. DeltaNet keeps the *latest* occurrence (distance 5) and leaves the earlier ones a small
-# positive remainder (about a factor $1 - \beta$ for each rewrite since): the latest write replaced most of their
-# value. Its negative entries, off the stripes, correct for the 12 random keys' overlaps. The gate fades the whole
-# lower triangle with distance.
+# positive remainder: the latest write replaced most of their value. For orthogonal keys the remainder is a factor
+# $1 - \beta = 0.1$ for each rewrite since; here it is more (0.1 to 0.45 of the latest's weight at distance 17),
+# because 12 keys in 16 dimensions overlap. Its negative entries, off the stripes, correct for those overlaps. The
+# gate fades the whole lower triangle with distance.
 
 # %% [markdown]
 # ### Explorer: β and the gate
@@ -670,8 +671,9 @@ if cfg is not None:
 # 3. **`_fwd_output_kernel`** — per chunk and tile of $V$, in parallel: chapter 4's output kernel with $U$ for $V$
 #    and $\Gamma$ for the decay matrix.
 #
-# The scan, the output kernel, the backward (three more kernels), decoding and the host code are in the Engineering
-# notes. This section reads the kernel that is new: the WY kernel, and inside it the triangular solve.
+# The scan, the output kernel, the backward (kernels 1 and 2 again, then four more), decoding and the host code are
+# in the Engineering notes. This section reads the kernel that is new: the WY kernel, and inside it the triangular
+# solve.
 #
 # **The triangular solve, by blocks.** Forward substitution computes $A_\text{inv}$ one row at a time: row $i$ is
 # $e_i - A_{i,:}\,A_\text{inv}$, which needs only rows $< i$. Done on the whole $64 \times 64$ matrix that is 63
@@ -2400,8 +2402,9 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk
-    states in fp32, which costs less memory than keeping them), the backward runs five kernels and
-    two row kernels."""
+    states in fp32, which costs less memory than keeping them), the backward runs six chunk
+    kernels (the forward's first two again, then four new ones) and the row kernels (l2norm of q
+    and k with use_qk_l2norm; dq and dk at the end)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):

@@ -25,8 +25,9 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Autograd glue: the forward saves its inputs only (the backward recomputes W, U and the chunk
-    states in fp32, which costs less memory than keeping them), the backward runs five kernels and
-    two row kernels."""
+    states in fp32, which costs less memory than keeping them), the backward runs six chunk
+    kernels (the forward's first two again, then four new ones) and the row kernels (l2norm of q
+    and k with use_qk_l2norm; dq and dk at the end)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):
