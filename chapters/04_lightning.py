@@ -220,7 +220,8 @@ ax1.set(xlabel="sequence length T", ylabel="FLOPs, one head, whole sequence",
 ax1.legend(fontsize=8)
 ax1.grid(alpha=0.3, which="major")
 # a softmax layer of M1: K and V of 8 KV heads × 128, bf16, per token
-kv_bytes = 2 * 8 * 128 * 2 * Ts
+kv_per_token = 2 * 8 * 128 * 2
+kv_bytes = kv_per_token * Ts
 # a lightning layer of M1: 64 heads × 128 × 128 fp32 state
 state_bytes = 64 * 128 * 128 * 4 * np.ones_like(Ts)
 ax2.loglog(Ts, kv_bytes / 2**20, color="tab:red", label="softmax layer: KV cache (GQA, 8 KV heads)")
@@ -232,7 +233,7 @@ ax2.legend(fontsize=8)
 ax2.grid(alpha=0.3, which="major")
 fig.tight_layout()
 plt.show()
-cross = next(t for t in Ts if kv_bytes[list(Ts).index(t)] > state_bytes[0])
+cross = state_bytes[0] / kv_per_token  # 4,194,304 B / 4,096 B a token
 print(f"the KV cache of one softmax layer outgrows a lightning layer's state "
       f"after {cross:,.0f} tokens")
 
@@ -279,6 +280,8 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state "
 
 # %%
 #| export lightning.naive
+import numbers
+
 import torch
 
 from minisparse import _checks  # the book's shared argument checks
@@ -293,13 +296,20 @@ def minimax_slopes(num_heads, layer_idx, num_layers):
     """
     _checks.positive_int("minimax_slopes", "num_heads", num_heads)
     _checks.positive_int("minimax_slopes", "num_layers", num_layers)
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx >= num_layers \
-            or layer_idx < 0:
-        raise ValueError(f"minimax_slopes: layer_idx must be an int in [0, num_layers) = "
-                         f"[0, {num_layers}), got {layer_idx!r}")
+    layer_idx = _layer_index("minimax_slopes", layer_idx, num_layers)
     base = 1 / (2 ** (8 / num_heads))
     rate = base ** (torch.arange(num_heads) + 1)  # [H] float32: base^1 ... base^H
     return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
+
+
+def _layer_index(op, layer_idx, num_layers):
+    """layer_idx as an int in [0, num_layers): any integer type (a NumPy int too), not a bool;
+    raises ValueError naming `op`."""
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral) \
+            or not 0 <= layer_idx < num_layers:
+        raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = "
+                         f"[0, {num_layers}), got {layer_idx!r}")
+    return int(layer_idx)
 
 
 def decay_matrix(slope, length):
@@ -736,7 +746,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisparse import _checks
-from minisparse.lightning.naive import _naive_chunk, minimax_slopes
+from minisparse.lightning.naive import _layer_index, _naive_chunk, minimax_slopes
 from minisparse.lightning.triton import _chunk, _fused_recurrent
 
 
@@ -756,10 +766,11 @@ class LightningAttention(nn.Module):
     forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) ->
     (y [B, T, hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or
     a state was given, else None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T],
-    0 for padding (with a state returned: left padding only, and no state given). backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16
-    tokens from a state without gradients), "naive" (naive_chunk_lightning_attn with
-    chunk_size=block_size), or "auto" (the default: Triton for CUDA tensors or under the
-    interpreter, else naive — so the layer also runs on a GPU machine's CPU).
+    0 for padding (with a state returned: left padding only, and no state given). backend:
+    "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state
+    without gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto"
+    (the default: Triton for CUDA tensors or under the interpreter, else naive — so the layer also
+    runs on a GPU machine's CPU).
     """
 
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256,
@@ -1244,7 +1255,7 @@ check_chunk_form_fix(fixed_chunk_form_solution)
 # (QK^\top \odot D)\,V$ with $a_i = \lambda^{i+1}$, $D_{ij} = \lambda^{i-j}$ for $j \le i$ (scale 1). The loads
 # (`load_chunk`, zero-padded to powers of two) and the store are written; fill in the marked gap, keeping every
 # exponent $\le 0$. The checker launches it on odd shapes ($L = 5, 13, 33$; $K, V$ not powers of two; slopes
-# $10^{-3}$ to 2) — in the interpreter on a CPU — against the recurrence, and says which element differs and why.
+# $10^{-3}$ to 8) — in the interpreter on a CPU — against the recurrence, and says which element differs and why.
 
 # %%
 @triton.jit
@@ -1293,8 +1304,9 @@ check_output_tile_kernel(output_tile_kernel_solution)
 #   come from three forms — parallel ($O(T^2 d)$), recurrent ($O(Td^2)$, sequential) and chunkwise ($O(TCd + Td^2)$:
 #   matrix multiplies inside chunks, the state across them).
 # - **Lightning Attention** adds a fixed per-head decay, $S_t = e^{-s_h} S_{t-1} + k_t^\top v_t$, with MiniMax's
-#   ALiBi-like rates scaled down layer by layer (`minimax_slopes`): each layer mixes heads with memories from one
-#   token to thousands.
+#   ALiBi-like rates scaled down layer by layer (`minimax_slopes`): each layer mixes short and long memories, with
+#   half-lives from under a token to about 180 tokens in M1's first layer, and from 60 to about 14,000 in its last
+#   lightning layer.
 # - **Chunkwise with decay**: intra-chunk $(QK^\top \odot D)V$, inter-chunk $\operatorname{diag}(a)QS$, state update
 #   $\lambda^L S + (\operatorname{diag}(b)K)^\top V$ — every exponent $\le 0$, so nothing overflows.
 # - **Triton**: a scan kernel writes the chunk states, a parallel kernel the outputs; the backward is a reverse
@@ -1380,10 +1392,7 @@ def _check_layer_args(op, hidden_size, num_heads, head_dim, layer_idx, num_layer
                         ("head_dim", head_dim), ("num_layers", num_layers),
                         ("block_size", block_size)]:
         _checks.positive_int(op, name, value)
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) \
-            or not 0 <= layer_idx < num_layers:
-        raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = "
-                         f"[0, {num_layers}), got {layer_idx!r}")
+    _layer_index(op, layer_idx, num_layers)
 
 
 # %% [markdown]
@@ -1641,7 +1650,7 @@ def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates
 # ```
 #
 # Decoding is memory-bound: each step reads and writes the $K \times V$ state once, $2 \cdot 4KV$ bytes a head in
-# fp32, and does $4KV$ FLOPs — 1 FLOP a byte, far below any GPU's ridge. `fused_recurrent_lightning_attn` is
+# fp32, and does $4KV$ FLOPs — half a FLOP a byte, far below any GPU's ridge. `fused_recurrent_lightning_attn` is
 # **forward only** (it raises if asked for gradients): training uses the chunk kernel.
 
 # %%
@@ -1691,7 +1700,7 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_pt
 # ### Launch and autograd
 #
 # The chunk length is $C = 64$ on every device: it belongs to the algorithm, not to the launch — $C \times C$ score
-# tiles are tensor-core sized, and the intra-chunk work ($2TC(K+V)$ FLOPs) stays below the state work ($4TKV$). Tile
+# tiles are tensor-core sized, and the intra-chunk work ($TC(K+V)$ FLOPs) stays below the state work ($4TKV$). Tile
 # sizes, warps and pipeline stages are launch settings, read from the book's one table, `runtime.LAUNCH_TABLE`: each
 # launch names its row (`"lightning.fwd_states"`, `"lightning.fwd_output"`, …), and `runtime.launch` takes the first
 # configuration of the row that fits the GPU, capped at the padded $K$ and $V$ (a 48-wide head gets a 64-wide tile).

@@ -10,6 +10,7 @@ import contextlib
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,10 +105,20 @@ def test_minimax_slopes_match_transformers(heads, layers, idx):
     assert (ours > 0).all()
 
 
-@pytest.mark.parametrize("args", [(0, 0, 4), (8, 4, 4), (8, -1, 4), (8, 0, 0), (2.0, 0, 4), (True, 0, 2)])
+@pytest.mark.parametrize("args", [(0, 0, 4), (8, 4, 4), (8, -1, 4), (8, 0, 0), (2.0, 0, 4), (True, 0, 2),
+                                  (8, 1.0, 4), (8, True, 4), (8, np.int64(4), 4)])
 def test_minimax_slopes_bad_args(args):
     with pytest.raises(ValueError, match="minimax_slopes"):
         minimax_slopes(*args)
+
+
+def test_layer_index_and_sizes_take_any_integer_type():
+    """NumPy and torch integers (a config read from an array) are ints for layer_idx as for the sizes."""
+    for idx in (np.int64(3), np.int32(3)):
+        assert torch.equal(minimax_slopes(np.int64(8), idx, np.int64(6)), minimax_slopes(8, 3, 6))
+    layer = LightningAttention(32, num_heads=np.int64(2), head_dim=16, layer_idx=np.int64(1), num_layers=3,
+                               block_size=16)
+    assert torch.equal(layer.slope_rate, minimax_slopes(2, 1, 3))
 
 
 # --------------------------------------------------------------------------------------------- the kernels

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisparse import _checks
-from minisparse.lightning.naive import _naive_chunk, minimax_slopes
+from minisparse.lightning.naive import _layer_index, _naive_chunk, minimax_slopes
 from minisparse.lightning.triton import _chunk, _fused_recurrent
 
 
@@ -24,10 +24,11 @@ class LightningAttention(nn.Module):
     forward(hidden_states [B, T, hidden_size], state=None, use_cache=False, attention_mask=None) ->
     (y [B, T, hidden_size] in the layer's dtype, final state [B, H, d, d] float32 when use_cache or
     a state was given, else None). state: [B, H, d, d] from an earlier call; attention_mask: [B, T],
-    0 for padding (with a state returned: left padding only, and no state given). backend: "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16
-    tokens from a state without gradients), "naive" (naive_chunk_lightning_attn with
-    chunk_size=block_size), or "auto" (the default: Triton for CUDA tensors or under the
-    interpreter, else naive — so the layer also runs on a GPU machine's CPU).
+    0 for padding (with a state returned: left padding only, and no state given). backend:
+    "triton" (chunk_lightning_attn; fused_recurrent_lightning_attn for ≤ 16 tokens from a state
+    without gradients), "naive" (naive_chunk_lightning_attn with chunk_size=block_size), or "auto"
+    (the default: Triton for CUDA tensors or under the interpreter, else naive — so the layer also
+    runs on a GPU machine's CPU).
     """
 
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, num_layers, block_size=256,
@@ -98,10 +99,7 @@ def _check_layer_args(op, hidden_size, num_heads, head_dim, layer_idx, num_layer
                         ("head_dim", head_dim), ("num_layers", num_layers),
                         ("block_size", block_size)]:
         _checks.positive_int(op, name, value)
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) \
-            or not 0 <= layer_idx < num_layers:
-        raise ValueError(f"{op}: layer_idx must be an int in [0, num_layers) = "
-                         f"[0, {num_layers}), got {layer_idx!r}")
+    _layer_index(op, layer_idx, num_layers)
 
 
 __all__ = ['LightningAttention']
