@@ -206,14 +206,28 @@ def value_range(op: str, name: str, t: torch.Tensor, *, low=None, high=None, low
     if finite and not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{op}: {name} must be finite{' (' + why + ')' if why else ''}, got values in "
                          f"[{lo:.3g}, {hi:.3g}]")
-    below = low is not None and (lo <= low if low_open else lo < low)
-    above = high is not None and hi > high
-    if below or above:
+    def is_below(v):
+        return low is not None and (v <= low if low_open else v < low)
+
+    def is_above(v):
+        return high is not None and v > high
+
+    if is_below(lo) or is_above(hi):
         lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         upper = "" if high is None else f"<= {high:g}"
         want = " and ".join(w for w in (lower, upper) if w)
         raise ValueError(f"{op}: {name} must be {want}{' (' + why + ')' if why else ''}, got values in "
-                         f"[{lo:.3g}, {hi:.3g}]")
+                         f"[{_digits(lo, is_below)}, {_digits(hi, is_above)}]")
+
+
+def _digits(v: float, wrong) -> str:
+    """v to 3 significant digits, or to as many more as it takes for the shown number to be `wrong` where v is (a
+    beta of 2.0001 against "<= 2" shows as 2.0001, not 2)."""
+    for digits in range(3, 18):
+        text = f"{v:.{digits}g}"
+        if not wrong(v) or wrong(float(text)):
+            return text
+    return repr(v)
 
 
 # ------------------------------------------------------------------------------------------------- Triton ops

@@ -449,6 +449,12 @@ def test_value_checks_follow_one_rule(monkeypatch):
     ([0.0, 1.0], dict(low=0.0, low_open=True), "must be > 0"),
     ([-1.0, 3.0], dict(low=0.0, high=2.0), "must be >= 0 and <= 2"),
     ([float("-inf"), 0.0], dict(low=-math.inf, low_open=True, high=0.0), "must be > -inf"),
+    # an extreme just past its bound shows the digits that put it there, the other extreme stays at 3 digits
+    ([0.5, 2.0001], dict(low=0.0, high=2.0), "got values in \\[0.5, 2.0001\\]"),
+    ([0.99999, 1.5], dict(low=1.0), "got values in \\[0.99999, 1.5\\]"),
+    ([-1e-9, 1.0], dict(low=0.0), "got values in \\[-1e-09, 1\\]"),
+    ([0.0, 1.0], dict(low=0.0, low_open=True), "got values in \\[0, 1\\]"),
+    ([0.1234567, 2.0001], dict(high=2.0), "got values in \\[0.123, 2.0001\\]"),
 ])
 def test_value_range_names_nan_and_the_range(values, kw, message):
     with pytest.raises(ValueError, match=message):
