@@ -1968,7 +1968,7 @@ import triton.language as tl
 
 from minisparse import runtime
 from minisparse.lightning.naive import naive_recurrent_lightning_attn
-from minisparse.testing import ExerciseError, check, rel_rms
+from minisparse.testing import ExerciseError, check, number_answer, rel_rms
 
 
 def check_balanced_chunk(fn):
@@ -1996,9 +1996,8 @@ def check_state_norm_prediction(predictions, tol=0.1):
     slopes = {"no decay": 0.0, "s = 0.1": 0.1, "s = 0.01": 0.01}
     measured = {name: measured_state_norm(s) for name, s in slopes.items()}
     for name, m in measured.items():
-        p = predictions.get(name) if isinstance(predictions, dict) else None
-        if not isinstance(p, (int, float)) or isinstance(p, bool):
-            raise ExerciseError(f"✗ state norm: write a number for {name!r} (got {p!r})")
+        p = number_answer("state norm", predictions.get(name) if isinstance(predictions, dict)
+                          else None, f"the prediction for {name!r}")
         if not abs(p - m) <= tol * m:
             raise ExerciseError(
                 f"✗ state norm, {name}: you predicted {p:.4g}, the measurement is {m:.4g} (RMS "

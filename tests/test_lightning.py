@@ -556,8 +556,9 @@ def test_state_norm_checker():
                         ("s = 0.01", 1.0), ("no decay", None)]:
         with pytest.raises(ExerciseError):
             check_state_norm_prediction(dict(right, **{name: wrong}))
-    with pytest.raises(ExerciseError):
+    with pytest.raises(ExerciseError, match="must be a number"):
         check_state_norm_prediction([32.0, 2.35, 7.1])
+    check_state_norm_prediction({n: torch.tensor(p) for n, p in right.items()})  # any number, a tensor too
 
 
 def _chunk_form(q, k, v, S, slope, C=16, query_shift=1, state_len=None):
