@@ -17,7 +17,8 @@ import torch
 
 __all__ = [
     "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
-    "ExerciseError", "check", "attempt", "TensorRule", "as_number", "number_answer", "hf_torch_function", "hf_torch_path",
+    "ExerciseError", "check", "attempt", "TensorRule", "as_number", "number_answer", "with_constexprs",
+    "hf_torch_function", "hf_torch_path",
 ]
 
 # Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
@@ -216,6 +217,20 @@ def check(name: str, answer: Callable, reference: Callable, cases: Sequence[tupl
             msg = f"✗ {name}: case {i + 1} of {len(cases)} ({args}): {why}"
             raise ExerciseError(msg + (f"\nHint: {hint}" if hint else ""))
     print(f"✓ {name}: all {len(cases)} cases match")
+
+
+class _Bound:
+    def __init__(self, kernel, constexprs):
+        self.kernel, self.constexprs = kernel, constexprs
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.kernel[grid](*args, **kw, **self.constexprs)
+
+
+def with_constexprs(kernel, **constexprs):
+    """`kernel` with some constexpr arguments fixed, launched as kernel[grid](...), the way a Triton exercise's
+    checker launches the reader's kernel: one right kernel with flags gives a checker's test its known-wrong answers."""
+    return _Bound(kernel, constexprs)
 
 
 class TensorRule(torch.overrides.TorchFunctionMode):

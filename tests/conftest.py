@@ -3,6 +3,16 @@ import pytest
 import torch
 
 import minisparse  # noqa: F401  before any test module imports fla (which imports triton): see minisparse.runtime
+from minisparse import runtime
+from minisparse.testing import assert_close
+
+
+@pytest.fixture
+def fla_naive(request):
+    """fla's reference functions for the test file's mechanism (its module-level FLA_NAIVE, e.g. "fla.ops.nsa.naive"):
+    a test that compares with them is skipped without fla; the file's other tests (the kernels against the naive
+    ops) still run."""
+    return pytest.importorskip(request.module.FLA_NAIVE)
 
 
 @pytest.fixture
@@ -110,3 +120,37 @@ def last_programs(monkeypatch):
         return addresses
 
     return run
+
+
+@pytest.fixture
+def padding_rule():
+    """`padding_rule(layer, x, recurrent, tol)`: the checks of `_padding_rule` below."""
+    return _padding_rule
+
+
+def _padding_rule(layer, x, recurrent=lambda state: state, tol=1e-5):
+    """A recurrent layer's padding mask: left padding (5 tokens) gives the unpadded prompt's state; right padding is
+    allowed for outputs only (the real tokens' outputs unchanged) and refused with a returned state, as is any
+    padding while continuing from a state. x [2, T, hidden] on the layer's device; `recurrent(state)` is the part of
+    a returned state to compare (the recurrent state of a (conv, recurrent) pair). Value checks on, so that the
+    refusals also run on CUDA tensors."""
+    B, T = x.shape[:2]
+    left = torch.ones(B, T, device=x.device)
+    left[:, :5] = 0
+    right = left.flip(-1)
+    previous = runtime.set_value_checks(True)
+    try:
+        with torch.no_grad():
+            _, padded = layer(x, use_cache=True, attention_mask=left)
+            _, short = layer(x[:, 5:], use_cache=True)
+            assert_close("left-padded state", recurrent(short), recurrent(padded), tol)
+            y, _ = layer(x, attention_mask=right)  # right padding, outputs only: allowed
+            assert_close("right-padded outputs", layer(x[:, :T - 5])[0], y[:, :T - 5], tol)
+            with pytest.raises(ValueError, match="must pad on the left .* row 0 has padding after a token"):
+                layer(x, use_cache=True, attention_mask=right)
+            _, state = layer(x, use_cache=True)
+            with pytest.raises(ValueError, match="continues from a state"):
+                layer(x, state=state, attention_mask=left)
+            layer(x, state=state, attention_mask=torch.ones(B, T, device=x.device))  # no padding: fine
+    finally:
+        runtime.set_value_checks(previous)

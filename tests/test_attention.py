@@ -453,8 +453,8 @@ def test_layer_accepts_zero_tokens(backend):
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
 def test_gated_layer_accepts_zero_tokens(backend):
-    """Gated attention (Qwen3-Next) on T = 0 too: the query/gate split used view(B, T, H, -1), which cannot
-    infer -1 from zero elements."""
+    """Gated attention (Qwen3-Next) on T = 0 too: the query/gate split names its sizes (a view with -1 cannot
+    infer them from zero elements)."""
     layer = Attention(64, 4, 2, 16, gate=True, backend=backend).to(DEV)
     x = torch.randn(1, 0, 64, device=DEV, requires_grad=True)
     y = layer(x)

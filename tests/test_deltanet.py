@@ -717,24 +717,8 @@ def test_layer_gradients_flow_and_zero_length():
     assert y0.shape == (2, 0, 32) and conv0.shape == (2, layer.conv_dim, 3) and rec0.shape == (2, 4, 8, 8)
 
 
-def test_layer_left_padding_gives_the_short_state_and_right_padding_is_refused_with_one():
-    """Left-padded tokens enter as zeros and leave the state as the unpadded prompt's; padding after a token would
-    reach the returned state, so it is refused when a state is returned (not when only outputs are)."""
-    layer = GatedDeltaNet(32, 2, 4, 8, 8)
-    x = torch.randn(2, 20, 32)
-    left = torch.ones(2, 20)
-    left[:, :5] = 0
-    with torch.no_grad():
-        _, (_, s_masked) = layer(x, use_cache=True, attention_mask=left)
-        _, (_, s_short) = layer(x[:, 5:], use_cache=True)
-        assert_close("left-padded state", s_short, s_masked, 1e-5)
-        y, _ = layer(x, attention_mask=left.flip(-1))  # right padding, outputs only: allowed
-        assert_close("right-padded outputs", layer(x[:, :15])[0], y[:, :15], 1e-5)
-        with pytest.raises(ValueError, match="must pad on the left"):
-            layer(x, use_cache=True, attention_mask=left.flip(-1))
-        _, state = layer(x, use_cache=True)
-        with pytest.raises(ValueError, match="continues from a state"):
-            layer(x, state=state, attention_mask=left)
+def test_layer_padding_rule(padding_rule):
+    padding_rule(GatedDeltaNet(32, 2, 4, 8, 8), torch.randn(2, 20, 32), recurrent=lambda state: state[1])
 
 
 @pytest.mark.parametrize("kwargs,match", [

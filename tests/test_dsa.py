@@ -49,11 +49,7 @@ def _chosen(scores, indices):
 
 
 # ------------------------------------------------------------------------------------------- naive vs fla
-@pytest.fixture
-def fla_naive():
-    """fla's references (fla.ops.dsa.naive): a test that compares with them is skipped without fla; the
-    file's other tests (the kernels against the naive ops) still run."""
-    return pytest.importorskip("fla.ops.dsa.naive")
+FLA_NAIVE = "fla.ops.dsa.naive"  # the references of conftest's fla_naive fixture
 
 
 @pytest.mark.parametrize("B,T,HI,DI,topk", [(2, 37, 4, 8, 8), (1, 64, 2, 16, 64), (2, 50, 8, 32, 5), (1, 9, 1, 8, 20)])
@@ -480,8 +476,8 @@ def test_dsattention_accepts_zero_new_tokens(backend):
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
 def test_dsattention_dense_accepts_zero_tokens(backend):
-    """sparse=False (every key) on T = 0 with no cache gives an empty output, as sparse=True does; it asked
-    select_topk for the top 0 keys and failed ("topk must be an int > 0, got 0")."""
+    """sparse=False (every key) on T = 0 with no cache gives an empty output, as sparse=True does: one slot a
+    query, none of them filled."""
     torch.manual_seed(0)
     layer = D.DSAttention(32, 2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                           v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=2, backend=backend).to(DEV)

@@ -373,25 +373,12 @@ def test_layer_decoding_equals_prefill_and_the_state_continues():
     assert_close("final state", rec, state[1], 1e-5)
 
 
-def test_layer_left_padding_gives_the_short_state_and_right_padding_is_refused_with_one():
+def test_layer_padding_rule(padding_rule):
     from minisparse.kda import KimiDeltaAttention
 
     torch.manual_seed(2)
-    layer = KimiDeltaAttention(48, 3, 16, backend="naive")
-    x = torch.randn(2, 20, 48)
-    left = torch.ones(2, 20)
-    left[:, :5] = 0
-    with torch.no_grad():
-        _, (_, s_masked) = layer(x, use_cache=True, attention_mask=left)
-        _, (_, s_short) = layer(x[:, 5:], use_cache=True)
-        assert_close("left-padded state", s_short, s_masked, 1e-5)
-        y, _ = layer(x, attention_mask=left.flip(-1))  # right padding, outputs only: allowed
-        assert_close("right-padded outputs", layer(x[:, :15])[0], y[:, :15], 1e-5)
-        with pytest.raises(ValueError, match="must pad on the left"):
-            layer(x, use_cache=True, attention_mask=left.flip(-1))
-        _, state = layer(x, use_cache=True)
-        with pytest.raises(ValueError, match="continues from a state"):
-            layer(x, state=state, attention_mask=left)
+    padding_rule(KimiDeltaAttention(48, 3, 16, backend="naive"), torch.randn(2, 20, 48),
+                 recurrent=lambda state: state[1])
 
 
 def test_layer_gate_is_kimi_linears_and_gradients_flow():

@@ -21,9 +21,10 @@ from minisparse.mla import (MLA, GQAConfig, MLACache, MLAConfig, absorb_output, 
                             mla_decode, mla_decode_bytes, mla_decode_flops, mla_decode_ref, mla_decode_splitk,
                             make_mla_rope, mla_softmax_scale, split_kv_b, yarn_frequencies, yarn_mscale)
 from minisparse.mla import triton as mla_triton
+from minisparse.mla.exercises import _full_rope_scores  # the forbidden route: the S keys formed and dotted
 from minisparse import runtime
 from minisparse.attention import apply_rope
-from minisparse.testing import TOLERANCES, ExerciseError, assert_close
+from minisparse.testing import TOLERANCES, ExerciseError, assert_close, with_constexprs
 
 try:  # the layer's oracles; the kernel tests run without transformers (e.g. on a bare GPU machine)
     import transformers
@@ -621,9 +622,10 @@ def test_mla_auto_backend_uses_pytorch_when_gradients_are_needed():
     assert layer.kv_b_proj.weight.grad is not None
 
 
-@pytest.mark.parametrize("absorb", [False, True])
-def test_mla_auto_backend_runs_fp64_naively(absorb):
-    """backend="auto" falls back to PyTorch for fp64 (the decoding kernel takes fp32/fp16/bf16 only)."""
+def test_mla_auto_backend_runs_fp64_naively():
+    """backend="auto" falls back to PyTorch for fp64 on the absorbed path (the decoding kernel takes fp32/fp16/bf16
+    only)."""
+    absorb = True
     torch.manual_seed(27)
     auto = _small_mla().double()
     naive = _small_mla(backend="naive").double()
@@ -641,11 +643,6 @@ def _rope_right(q, c, w_uk, t, theta):  # [S, r]: W_ukᵀ R_(t-s) q
     return q_rot @ w_uk
 
 
-def _rotated_key_scores(q, c, w_uk, t, theta):  # the forbidden route: the S keys R_s W c_s, formed and dotted
-    k = apply_rope((c @ w_uk.T)[None, :, None], torch.arange(c.shape[0]), theta)[0, :, 0]  # [S, D]
-    return k @ apply_rope(q.view(1, 1, 1, -1), torch.tensor([t]), theta)[0, 0, 0]  # [S]
-
-
 def _rope_absorbed_once(q, c, w_uk, t, theta):  # folds W_uk into the unrotated query: right at s = t only
     return (w_uk.T @ q).expand(c.shape[0], -1)
 
@@ -655,7 +652,7 @@ def test_absorbing_once_under_full_rope_is_exact_only_at_offset_zero():
     # of the solution give the rotated keys' scores
     g = torch.Generator().manual_seed(2)
     q, c, w = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(16,), (12, 32), (16, 32)])
-    scores = _rotated_key_scores(q, c, w, 11, 100.0)
+    scores = _full_rope_scores(q, c, w, 11, 100.0)
     assert_close("scores from the S absorbed queries", scores, (_rope_right(q, c, w, 11, 100.0) * c).sum(-1), 1e-12)
     wrong = (_rope_absorbed_once(q, c, w, 11, 100.0) * c).sum(-1) - scores
     assert wrong[11].abs() < 1e-9 < wrong[:11].abs().min()
@@ -667,7 +664,7 @@ def _rope_wrong_sign(q, c, w_uk, t, theta):  # rotates by s - t instead of t - s
 
 
 def _rope_through_the_keys(q, c, w_uk, t, theta):  # right scores, found by forming the keys, spread along each c_s
-    return _rotated_key_scores(q, c, w_uk, t, theta)[:, None] * c / c.square().sum(-1, keepdim=True)
+    return _full_rope_scores(q, c, w_uk, t, theta)[:, None] * c / c.square().sum(-1, keepdim=True)
 
 
 def test_the_key_forming_answer_has_the_right_scores_but_fails():
@@ -675,11 +672,11 @@ def test_the_key_forming_answer_has_the_right_scores_but_fails():
     g = torch.Generator().manual_seed(3)
     q, c, w = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(16,), (9, 24), (16, 24)])
     rows = _rope_through_the_keys(q, c, w, 8, 100.0)
-    assert_close("its scores", _rotated_key_scores(q, c, w, 8, 100.0), (rows * c).sum(-1), 1e-12)
+    assert_close("its scores", _full_rope_scores(q, c, w, 8, 100.0), (rows * c).sum(-1), 1e-12)
     with pytest.raises(ExerciseError, match="relative RMS error"):
         check_full_rope_queries(_rope_through_the_keys)
     with pytest.raises(ExerciseError, match=r"expected shape \(5, 12\), got \(5,\)"):  # the scores themselves
-        check_full_rope_queries(_rotated_key_scores)
+        check_full_rope_queries(_full_rope_scores)
 
 
 def _numbers_right():
@@ -720,7 +717,7 @@ def _stub(*args):
 
 @pytest.mark.parametrize("checker, right, wrongs", [
     (check_full_rope_queries, _rope_right, [_rope_absorbed_once, _rope_wrong_sign, _rope_through_the_keys,
-                                            _rotated_key_scores]),
+                                            _full_rope_scores]),
     (check_cache_numbers, _numbers_right, [_numbers_no_rope, _numbers_all_layers, _numbers_192_baseline]),
     (check_fixed_absorbed_attention, _attention_right, [buggy_absorbed_attention, _attention_top_left_mask]),
 ], ids=["full_rope_queries", "cache_numbers", "fixed_absorbed_attention"])
@@ -771,25 +768,15 @@ def _tile_right(ql_ptr, qr_ptr, kv_ptr, kr_ptr, len_ptr, s_ptr, S, scale, H: tl.
     tl.store(s_ptr + b * H * S + h[:, None] * S + n[None, :], s, mask=in_cache[None, :])
 
 
-def _tile_variant(**constexprs):
-    def launch_like(grid):
-        return lambda *args, **kw: _tile_right[grid](*args, **kw, **constexprs)
-
-    class Variant:  # kernel[grid](...) with extra constexprs: a planted bug
-        def __getitem__(self, grid):
-            return launch_like(grid)
-    return Variant()
-
-
 def test_score_tile_checker_accepts_the_solution_and_names_what_differs(capsys):
     check_score_tile(_tile_right)
     assert capsys.readouterr().out.startswith("✓")
     with pytest.raises(ExerciseError, match="must be -inf"):
-        check_score_tile(_tile_variant(MASK_SHIFT=1))  # off by one: position lengths[b] kept
+        check_score_tile(with_constexprs(_tile_right, MASK_SHIFT=1))  # off by one: position lengths[b] kept
     with pytest.raises(ExerciseError, match="must not be masked"):
-        check_score_tile(_tile_variant(MASK_SHIFT=-1))
+        check_score_tile(with_constexprs(_tile_right, MASK_SHIFT=-1))
     with pytest.raises(ExerciseError, match="both terms"):
-        check_score_tile(_tile_variant(ROPE=0))  # the content term only
+        check_score_tile(with_constexprs(_tile_right, ROPE=0))  # the content term only
 
 
 def test_combine_splits_reference_handles_empty_splits():

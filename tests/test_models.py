@@ -51,13 +51,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     (dict(num_experts=4, shared_expert_gate=True), "shared_expert_gate", "needs a shared expert"),
     (dict(indexer_loss_weight=float("nan")), "indexer_loss_weight", ">= 0"),
     (dict(indexer_loss_weight=-1.0), "indexer_loss_weight", ">= 0"),
-    (dict(tie_embeddings="no"), "tie_embeddings", "True or False"),  # a truthy string tied them
+    (dict(tie_embeddings="no"), "tie_embeddings", "True or False"),  # a string is not a bool
     (dict(attn_gate="yes"), "attn_gate", "True or False"), (dict(qk_norm=1), "qk_norm", "True or False"),
     (dict(zero_centered_norm=None), "zero_centered_norm", "True or False"),
     (dict(indexer_rope_interleave="false"), "indexer_rope_interleave", "True or False"),
     (dict(num_experts=4, shared_intermediate_size=8, shared_expert_gate=0), "shared_expert_gate", "True or False"),
     (dict(name=None), "name", "string"),
-    (dict(pattern="D"), "q_lora_rank", "'D' layers"),  # it silently took kv_lora_rank's size
+    (dict(pattern="D"), "q_lora_rank", "'D' layers"),  # DSA layers need their own query latent
     (dict(pattern="MD", num_layers=2), "q_lora_rank", "'D' layers"),
 ])
 def test_bad_configs_name_the_field(bad, field, want):
@@ -75,8 +75,8 @@ def test_q_lora_rank_optional_for_mla_only():
 
 def test_dsa_training_with_caches_is_refused_clearly():
     """A training forward of a DSA layer computes its indexer's loss from the dense attention over the input
-    alone; with caches the second call failed inside indexer_kl_loss ("indices ... out of range or in the
-    future"). It is refused up front, naming the ways out; eval mode and indexer_loss_weight=0 still decode."""
+    alone, so with caches it is refused up front, naming the ways out; eval mode and indexer_loss_weight=0 still
+    decode."""
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
     model = M.HybridLM(M.deepseek_v32_like(backend="naive", num_layers=1, first_dense_layers=0))
@@ -94,7 +94,7 @@ def test_dsa_training_with_caches_is_refused_clearly():
 
 
 def test_gated_attention_model_accepts_an_empty_input():
-    """Qwen3-Next's preset (gated attention) on input_ids [1, 0]: its query/gate split could not infer -1."""
+    """Qwen3-Next's preset (gated attention) on input_ids [1, 0]: an empty sequence through every layer."""
     model = M.HybridLM(M.qwen3_next_like(backend="naive"))
     assert model(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, 256)
 
@@ -330,7 +330,7 @@ def test_mqar_batch_layout():
 
 @pytest.mark.parametrize("num_pairs,match", [(0, "int > 0"), (2.5, "int > 0"), (33, r"\[1, vocab/2 = 32\]")])
 def test_mqar_batch_rejects_a_bad_num_pairs(num_pairs, match):
-    with pytest.raises(ValueError, match=match):  # 2.5 was a TypeError from slicing
+    with pytest.raises(ValueError, match=match):  # a float count is refused by name, not by a slice
         TR.mqar_batch(2, num_pairs, vocab=64)
 
 
@@ -377,8 +377,8 @@ def test_stdlib_corpus_and_batches():
 
 
 def test_lm_batch_samples_every_window_and_checks_the_length():
-    """The start's upper bound was exclusive of the last window: it was never drawn, and data of seq_len + 1 tokens
-    (one window) raised from torch.randint."""
+    """Every window can be drawn, the last one too, and data of seq_len + 1 tokens (one window) gives that window;
+    shorter data is refused with a clear error."""
     data = torch.arange(6, dtype=torch.uint8)
     ids, tg = TR.lm_batch(data, 3, 5)  # the only window
     assert ids.tolist() == [[0, 1, 2, 3, 4]] * 3 and tg.tolist() == [[1, 2, 3, 4, 5]] * 3

@@ -23,7 +23,7 @@ from minisparse.moe import (MoE, capacity_mask, check_dropped_fraction, check_ex
                             load_balancing_loss, moe_naive, permute, route_deepseek, route_topk_softmax,
                             tile_schedule, unpermute, update_bias)
 from minisparse.moe.triton import _launch_dw, _launch_fwd
-from minisparse.testing import ExerciseError, assert_close
+from minisparse.testing import ExerciseError, assert_close, with_constexprs
 
 transformers = pytest.importorskip("transformers", reason="the oracles are transformers' MoE modules")
 from transformers import DeepseekV3Config, MixtralConfig, Qwen3NextConfig  # noqa: E402
@@ -789,14 +789,6 @@ def _tile(x_ptr, w_ptr, y_ptr, te_ptr, tr_ptr, off_ptr, M, N, K, BLOCK_M: tl.con
         tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=keep)
 
 
-def _tile_variant(**flags):
-    """_tile with its flags bound: check_grouped_tile launches kernel[grid](...) with the tile sizes only."""
-    class Bound:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: _tile[grid](*args, **kw, **flags)
-    return Bound()
-
-
 GOOD_TILE = dict(MASK_ROWS=True, K_TAIL=True, WRITE=True)
 
 
@@ -804,7 +796,7 @@ def test_exercise_checkers_accept_the_reference(capsys):
     check_dropped_fraction(_dropped)
     check_expected_groups(_groups)
     check_unpermute(unpermute)
-    check_grouped_tile(_tile_variant(**GOOD_TILE))
+    check_grouped_tile(with_constexprs(_tile, **GOOD_TILE))
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("✓") for line in lines)
 
@@ -817,9 +809,9 @@ def test_exercise_checkers_accept_the_reference(capsys):
     (check_unpermute, _planted_unpermute),
     (check_unpermute, lambda ys, w, order: (ys[order].view(*w.shape, -1) * w[..., None]).sum(1)),  # wrong way
     (check_unpermute, lambda ys, w, order: unpermute(ys, torch.ones_like(w), order)),  # unweighted
-    (check_grouped_tile, _tile_variant(**{**GOOD_TILE, "MASK_ROWS": False})),  # stores past the expert's end
-    (check_grouped_tile, _tile_variant(**{**GOOD_TILE, "K_TAIL": False})),  # drops the last partial K step
-    (check_grouped_tile, _tile_variant(**{**GOOD_TILE, "WRITE": False})),  # the stub: nothing stored
+    (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "MASK_ROWS": False})),  # stores past the expert's end
+    (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "K_TAIL": False})),  # drops the last partial K step
+    (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "WRITE": False})),  # the stub: nothing stored
 ], ids=["dropped-no-cf", "dropped-per-token", "groups-with-replacement", "groups-min", "unpermute-planted-bug",
         "unpermute-wrong-direction", "unpermute-unweighted", "tile-no-row-mask", "tile-no-k-tail", "tile-stub"])
 def test_exercise_checkers_reject_wrong_answers(checker, wrong):

@@ -9,14 +9,10 @@ import minisparse  # noqa: F401  before fla (see minisparse.runtime)
 from minisparse import nsa as N
 from minisparse.attention import attention_ref
 from minisparse import runtime
-from minisparse.testing import TOLERANCES, assert_close, make_qkv
+from minisparse.testing import TOLERANCES, assert_close, make_qkv, with_constexprs
 
 
-@pytest.fixture
-def fla_naive():
-    """fla's references (fla.ops.nsa.naive): a test that compares with them is skipped without fla; the
-    file's other tests (the kernels against the naive ops) still run."""
-    return pytest.importorskip("fla.ops.nsa.naive")
+FLA_NAIVE = "fla.ops.nsa.naive"  # the references of conftest's fla_naive fixture
 
 
 DEV = runtime.device()
@@ -704,14 +700,6 @@ def _scores(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D, BS: tl.constexpr, BG: t
     tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
 
 
-def _variant(**flags):
-    """_scores with its flags fixed: a kernel with the exercise's signature (launched as kernel[grid](...))."""
-    class Launch:
-        def __getitem__(self, grid):
-            return lambda *args: _scores[grid](*args, **flags)
-    return Launch()
-
-
 @triton.jit
 def _scores_nan(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
                 BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
@@ -724,11 +712,11 @@ def _scores_nan(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
 
 def test_block_scores_checker_rejects_wrong_kernels_and_accepts_the_right_one():
     with pytest.raises(ExerciseError, match="position"):
-        X.check_block_scores_kernel(_variant(CAUSAL=False, COLUMN_MASK=True))
-    for wrong in (_variant(CAUSAL=True, COLUMN_MASK=False), _scores_nan):
+        X.check_block_scores_kernel(with_constexprs(_scores, CAUSAL=False, COLUMN_MASK=True))
+    for wrong in (with_constexprs(_scores, CAUSAL=True, COLUMN_MASK=False), _scores_nan):
         with pytest.raises(ExerciseError, match="NaN"):
             X.check_block_scores_kernel(wrong)
-    X.check_block_scores_kernel(_variant(CAUSAL=True, COLUMN_MASK=True))
+    X.check_block_scores_kernel(with_constexprs(_scores, CAUSAL=True, COLUMN_MASK=True))
 
 
 def test_parallel_nsa_gradients_match_nsa_including_learned_summaries():
@@ -769,7 +757,7 @@ def test_the_selection_refuses_more_summaries_than_blocks():
             op(q, too_many, 4, 16)
 
 
-@pytest.mark.parametrize("T", [40, 64, 150])
+@pytest.mark.parametrize("T", [40, 72, 150])
 def test_the_own_block_is_selected_without_its_summary(poisoned, T):
     """Summaries of the complete blocks only (N = T // block, as a decoding cache holds them) select what the
     summaries of every block select: a partial block's summary is never seen, and a query's own block is forced
