@@ -649,14 +649,19 @@ def _fold(b_s, keep, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _store_stats(m_ptr, l_ptr, slot, b_m, b_l, o_g, G):
+    """A program's softmax statistics of its G heads -> slot `slot` of m, l [.., G]."""
+    tl.store(m_ptr + slot * G + o_g, b_m, mask=o_g < G)
+    tl.store(l_ptr + slot * G + o_g, b_l, mask=o_g < G)
+
+
+@triton.jit
 def _store_partial(m_ptr, l_ptr, acc_ptr, slot, b_m, b_l, b_acc, o_g, o_dv, G, DV):
     """A program's running softmax of its G heads -> slot `slot` of m, l [.., G] and acc [.., G,
     DV]."""
-    m_g = o_g < G
-    tl.store(m_ptr + slot * G + o_g, b_m, mask=m_g)
-    tl.store(l_ptr + slot * G + o_g, b_l, mask=m_g)
+    _store_stats(m_ptr, l_ptr, slot, b_m, b_l, o_g, G)
     tl.store(acc_ptr + (slot * G + o_g[:, None]) * DV + o_dv[None, :], b_acc,
-             mask=m_g[:, None] & (o_dv[None, :] < DV))
+             mask=(o_g < G)[:, None] & (o_dv[None, :] < DV))
 
 
 @triton.jit
@@ -713,7 +718,10 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
             b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)
             b_l = b_l * tl.exp2(b_m - b_mr) + tl.sum(tl.exp2(b_s - b_mr[:, None]), 1)
             b_m = b_mn
-    _store_partial(m_ptr, l_ptr, acc_ptr, i_bh * NC + i_c, b_m, b_l, b_acc, o_g, o_dv, G, DV)
+    if CMP:
+        _store_partial(m_ptr, l_ptr, acc_ptr, i_bh * NC + i_c, b_m, b_l, b_acc, o_g, o_dv, G, DV)
+    else:  # the top-n's statistics alone: no acc (acc_ptr is None)
+        _store_stats(m_ptr, l_ptr, i_bh * NC + i_c, b_m, b_l, o_g, G)
 
 
 @triton.jit
@@ -919,13 +927,14 @@ def _next_pow2(n, least=16):
     return max(least, triton.next_power_of_2(n))
 
 
-def _partials(rows, slots, G, DV, dev):
-    """m, l [rows, slots, G] and acc [rows, slots, G, DV]: fp32 partial softmax results (at least
-    one slot, so that a branch that is off still passes a buffer)."""
-    shape = (rows, max(slots, 1), G)
-    return (torch.empty(shape, device=dev, dtype=torch.float32),
-            torch.empty(shape, device=dev, dtype=torch.float32),
-            torch.empty(*shape, DV, device=dev, dtype=torch.float32))
+def _partials(rows, slots, G, DV, dev, acc=True):
+    """m, l [rows, slots, G] and acc [rows, slots, G, DV] (None unless `acc`): fp32 partial softmax
+    results; (None, None, None) for a branch with no slots, which its kernels never touch."""
+    if slots == 0:
+        return None, None, None
+    f32 = dict(device=dev, dtype=torch.float32)
+    return (torch.empty(rows, slots, G, **f32), torch.empty(rows, slots, G, **f32),
+            torch.empty(rows, slots, G, DV, **f32) if acc else None)
 
 
 def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block_counts,
@@ -963,7 +972,7 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     NC = max(1, min(per_group, triton.cdiv(n_seen, 64)))
     CS = triton.cdiv(triton.cdiv(max(n_seen, 1), NC), 64) * 64
     NC = max(1, triton.cdiv(n_seen, CS))
-    cm, cl, cacc = _partials(B * H, NC, G, DV, dev)
+    cm, cl, cacc = _partials(B * H, NC if pick or cmp else 0, G, DV, dev, acc=cmp)
     s = torch.empty(B * H, G, N, device=dev, dtype=torch.float32) if pick else None
     if pick or cmp:
         runtime.launch("nsa.decode.scores", decode_scores_kernel, lambda c: (NC, B * H),
@@ -974,7 +983,7 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
     BN = min(runtime.launch_configs("nsa.decode.select", dev, q.dtype)[0]["BN"], bs)
     NW = min(triton.cdiv(min(W, T), BN), max(1, per_group // 3)) if swa else 0
     NS = min(S, max(1, per_group - NW)) if slc else (1 if pick else 0)
-    sm, sl, sacc = _partials(B * H, NS, G, DV, dev)
+    sm, sl, sacc = _partials(B * H, NS if slc else 0, G, DV, dev)
     wm, wl, wacc = _partials(B * H, NW, G, DV, dev)
     idx = torch.empty(B, 1, H, S, device=dev, dtype=torch.int64) if pick else block_indices
     idx = None if idx is None else idx.contiguous()
