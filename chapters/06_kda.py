@@ -30,8 +30,8 @@
 #   point inside the chunk to stay finite;
 # - show, on a task with two time scales, what a per-channel gate remembers that a per-head gate cannot;
 # - estimate the memory and decoding cost of Kimi Linear's 3 : 1 KDA + MLA stack and compare it with the report;
-# - say how a Triton chunk kernel splits its work into sub-chunks and kernels (the kernels in full are in the
-#   engineering notes), and check a layer that loads transformers' `KimiLinearDeltaAttention` weights.
+# - say how a Triton chunk kernel splits its work into sub-chunks and kernels, read its products kernel tile by
+#   tile, and check a layer that loads transformers' `KimiLinearDeltaAttention` weights.
 #
 # **Prerequisites**: chapter 5 (the delta rule, the WY/UT chunk form, `GatedDeltaNet`), chapter 3 (MLA's latent
 # cache) for the cost model. Linear algebra: triangular solves, diagonal scalings. **Time**: about 75 minutes for
@@ -45,7 +45,7 @@
 # | 6.2 Naive | the recurrence (checked against fla and transformers) and the chunk form (against the recurrence) |
 # | 6.3 See it | per-channel forgetting; a two-time-scale recall task where KDA beats GDN |
 # | 6.4 Cost | Kimi Linear's 3 : 1 stack against all-MLA, 4K to 1M tokens |
-# | 6.5 Fast | sub-chunks and reference points; the Triton kernels |
+# | 6.5 Fast | sub-chunks and reference points; the four Triton kernels, the products kernel tile by tile |
 # | 6.6 Layer | `KimiDeltaAttention`, decoding = prefill (`from_hf` in the engineering notes) |
 # | 6.7 Measure | the H200 benchmark against fla |
 # | 6.8 Exercises | derive, debug, predict, and a Triton kernel |
@@ -60,7 +60,7 @@
 # | `chunk_kda` | Triton forward and backward by chunks of 64 with sub-chunks of 16 |
 # | `fused_recurrent_kda` | Triton, for decoding a few tokens from a state (forward only) |
 # | `KimiDeltaAttention`, `SigmoidGatedRMSNorm` | the layer as Kimi Linear builds it, `from_hf`, and its output norm |
-# | `kda_flops`, `kimi_linear_costs` | the cost model of section 6.4: one KDA layer, and Kimi Linear's stack against all-MLA |
+# | `kda_flops`, `kimi_linear_costs` | section 6.4's cost model: one KDA layer; Kimi Linear's stack against all-MLA |
 #
 # Layout `[B, T, H, D]` as everywhere in the book: `q, k [B, T, H, K]`, `v [B, T, HV, V]` (HV a multiple of H:
 # grouped value heads), the gate `g [B, T, HV, K]` — one log decay per token, value head *and key channel* — and
@@ -136,24 +136,22 @@ except ImportError:
 # \end{aligned}
 # $$
 #
-# Vectors are rows, so $k_t^\top k_t$ is a $K \times K$ outer product and the state $S_t$ is $K \times V$; $\sigma =
-# K^{-1/2}$ is the usual attention scale. With $g_t = \gamma_t \mathbf 1$ (the same in every channel) this is exactly Gated DeltaNet. The model computes
-# $g_t$ from the token through a low-rank projection (section 6.6), so it can decide per token and per channel how
-# much to keep. The idea is Gated Linear Attention's per-channel gate (Yang et al. 2024) on the delta rule; the
-# report describes KDA as extending Gated DeltaNet "with a finer-grained gating mechanism, enabling more effective
-# use of limited finite-state RNN memory" (Kimi Team 2025, abstract).
+# Vectors are rows, so $k_t^\top k_t$ is a $K \times K$ outer product and the state $S_t$ is $K \times V$;
+# $\sigma = K^{-1/2}$ is the usual attention scale. With $g_t = \gamma_t \mathbf 1$ (the same in every channel) this is
+# exactly Gated DeltaNet. The model computes $g_t$ from the token through a low-rank projection (section 6.6), so it can
+# decide per token and per channel how much to keep. The idea is Gated Linear Attention's per-channel gate (Yang et
+# al. 2024) on the delta rule; the report describes KDA as extending Gated DeltaNet "with a finer-grained gating
+# mechanism, enabling more effective use of limited finite-state RNN memory" (Kimi Team 2025, abstract).
 #
-# Kimi Linear (48B total, 3B activated parameters) interleaves three KDA layers with one MLA layer (Kimi Team
-# 2025); the released checkpoint has 27 layers, 20 KDA and 7 MLA (chapter 0, §0.6). The report claims KV cache
-# usage reduced by **up to 75 %** and **up to 6× decoding throughput for a 1M context** against full MLA (Kimi
-# Team 2025, abstract). The survey lists
-# Kimi K2.5 with the same KDA + MLA 3 : 1 layout [S], but transformers' `Kimi_K25Config` has MLA in every layer and
-# no KDA (chapter 0, §0.2). Section 6.4 rebuilds the memory number and states what a simple model of the throughput number misses.
+# Kimi Linear (48B total, 3B activated parameters) interleaves three KDA layers with one MLA layer; the released
+# checkpoint has 27 layers, 20 KDA and 7 MLA (chapter 0, §0.6). The report claims KV cache usage reduced by **up to
+# 75 %** and **up to 6× decoding throughput for a 1M context** against full MLA (Kimi Team 2025, abstract); section
+# 6.4 rebuilds the first number and states what a simple model of the second misses. The survey lists Kimi K2.5 with
+# the same 3 : 1 layout [S], but transformers' `Kimi_K25Config` has MLA in every layer and no KDA (chapter 0, §0.2).
 #
-# The picture: how much of a value written at $t = 0$ survives $t$ tokens of decay at a constant gate $g$, $e^{g
-# t}$. One GDN head has one curve. A
-# KDA head can spread its channels over time scales from a few tokens to thousands — here 8 of its channels, with
-# rates chosen by hand.
+# The picture: the fraction $e^{g t}$ of a value written at $t = 0$ that survives $t$ tokens at a constant gate $g$.
+# A GDN head has one curve; a KDA head can spread its channels from a few tokens to thousands (here 8 channels, with
+# rates chosen by hand).
 
 # %%
 t = np.arange(0, 2001)
@@ -192,9 +190,9 @@ plt.show()
 # $$
 #
 # Everything but the first line is chapter 5. The signature is fla's `naive_recurrent_kda`, with chapter 5's
-# `use_qk_l2norm` (Kimi Linear normalises $q$ and $k$ inside the op). The argument checks are chapter 5's with one
-# change: `g` is `[B, T, HV, K]`. A `[B, T, HV]` gate — chapter 5's shape — is refused with a message that says so.
-# The checks (`_check_kda`) are in the Engineering notes.
+# `use_qk_l2norm` (Kimi Linear normalises $q$ and $k$ inside the op). The argument checks (`_check_kda`, in the
+# Engineering notes) are chapter 5's with `g` of shape `[B, T, HV, K]`; chapter 5's `[B, T, HV]` gate is refused with
+# a message that says so.
 
 # %%
 #| export kda.naive
@@ -219,13 +217,11 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
 
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
-    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
-    S.
+    """KDA token by token: S ← diag(e^{g_t}) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale · q_t S.
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel,
-    finite and ≤ 0;
-    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k
-    first.
+    finite and ≤ 0; beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None;
+    use_qk_l2norm: normalise q and k first.
     Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
     output_final_state). Accumulates in float32; differentiable (gradients flow through final_state
     too)."""
@@ -253,11 +249,10 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
     return o.to(q.dtype), (S if output_final_state else None)
 
 # %% [markdown]
-# Two independent references agree with it: fla's `naive_recurrent_kda` and the PyTorch recurrence in transformers'
-# Kimi Linear model. (transformers silently calls fla's Triton kernel instead when fla is installed and the inputs
-# sit on a GPU; `minisparse.testing.hf_torch_function` digs out its PyTorch function. Its recurrence has one head
-# count for $q$, $k$ and $v$, so the check gives it $q$, $k$ repeated per value head.) Grouped value heads, an
-# initial state, gates down to $-30$ a token:
+# Two independent references agree with it: fla's `naive_recurrent_kda` and the PyTorch recurrence of transformers'
+# Kimi Linear (which silently calls fla's Triton kernel instead when fla is installed and the inputs sit on a GPU:
+# `minisparse.testing.hf_torch_function` digs out the PyTorch function; it has one head count for $q$, $k$ and $v$,
+# so the check repeats $q$, $k$ per value head). Grouped value heads, an initial state, gates down to $-30$ a token:
 
 # %%
 def kda_inputs(B, T, H, HV, K, V, *, low=-2.0, high=0.0, seed=0, state=True, dtype=torch.float32,
@@ -332,12 +327,11 @@ print(f"g constant over K == Gated DeltaNet: o {assert_close('o', o_gdn, o_kda, 
 #
 # **What changed.** In chapter 5, $\Gamma_{ij}$ was a scalar and came out of the inner product: $A =
 # \operatorname{diag}(\beta)(KK^\top \odot \Gamma)$, one matrix product and a mask. Here the decay sits *inside* the
-# sum over channels, $\sum_c k_{ic} k_{jc}\, e^{G_{ic} - G_{jc}}$, so $A$ and $P$ are no longer a product of two $[L,
-# K]$ matrices. One could write $e^{G_i - G_j} = e^{G_i} e^{-G_j}$ and use $(K \odot e^{G})(K \odot e^{-G})^\top$ — but
-# $e^{-G_j}$ overflows float32 as soon as a channel's gates sum below $-88$ inside the chunk, which a channel gated at
-# $-30$ a token reaches after three tokens. The naive form below sidesteps this by computing the $[L, L, K]$ tensor of
-# segment sums $G_i - G_j = g_{j+1} + \dots + g_i$ directly (always $\le 0$, exact for any finite gate), at $K$ times
-# the memory of chapter 5's $[L, L]$ $\Gamma$; section 6.5 shows how the kernel gets matrix products back.
+# sum over channels, $\sum_c k_{ic} k_{jc}\, e^{G_{ic} - G_{jc}}$, so $A$ and $P$ are no longer a product of two
+# $[L, K]$ matrices; the factorisation $(K \odot e^{G})(K \odot e^{-G})^\top$ fails as soon as a channel's gates sum
+# below $-88$ inside the chunk, where $e^{-G_j}$ overflows float32 (after three tokens at $-30$). The naive form below
+# computes the $[L, L, K]$ tensor of segment sums $G_i - G_j = g_{j+1} + \dots + g_i$ directly (always $\le 0$, exact
+# for any finite gate), at $K$ times the memory of chapter 5's $[L, L]$ $\Gamma$; section 6.5 gets products back.
 
 # %%
 #| export kda.naive
@@ -352,13 +346,11 @@ def naive_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     O = scale ((Q ⊙ e^G) S + P U), S ← diag(e^{G_L}) S + (K ⊙ Γ_L·)ᵀ U. Differentiable by autograd.
     """
     return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                        chunk_size,
-                        True)
+                        chunk_size, True)
 
 
 def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                 chunk_size,
-                 check_values):
+                 chunk_size, check_values):
     """naive_chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
     op = "naive_chunk_kda"
     scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values)
@@ -424,13 +416,12 @@ for low in (-1e-3, -2.0, -30.0):
 #
 # ### Per-channel forgetting
 #
-# How long a channel remembers is $e^{G_{t,c}}$, $G_{t,c} = g_{1,c} + \dots + g_{t,c}$: the fraction of what was
-# written at $t = 0$ into row $c$ that is left at token $t$. Kimi Linear's gate is
-# $g_{t,c} = -e^{A_{\log}}\operatorname{softplus}(f_{t,c} + b_c)$ with a learned bias $b_c$ (`dt_bias`) per channel,
-# so the bias alone already spreads the channels over time scales: $\operatorname{softplus}(b_c) \approx e^{b_c}$
-# for negative $b_c$. Below, one head of 32 channels with biases from $-8$ to $4$ and a token-dependent part $f$
-# from a random input (the colour is $\log_{10}$ of what is left), beside a GDN head whose single gate is the mean
-# of the same gates.
+# How long a channel remembers is $e^{G_{t,c}}$, $G_{t,c} = g_{1,c} + \dots + g_{t,c}$: the fraction of what was written
+# at $t = 0$ into row $c$ that is left at token $t$. Kimi Linear's gate is $g_{t,c} =
+# -e^{A_{\log}}\operatorname{softplus}(f_{t,c} + b_c)$ with a learned bias $b_c$ (`dt_bias`) per channel, so the bias
+# alone already spreads the channels over time scales: $\operatorname{softplus}(b_c) \approx e^{b_c}$ for negative
+# $b_c$. Below, one head of 32 channels with biases from $-8$ to $4$ and a token-dependent part $f$ from a random input
+# (the colour is $\log_{10}$ of what is left), beside a GDN head whose single gate is the mean of the same gates.
 
 # %%
 torch.manual_seed(0)
@@ -448,9 +439,9 @@ viz.panels({"Gated DeltaNet: one gate a head": to_log10(G_gdn),
 plt.show()
 
 # %% [markdown]
-# The GDN head forgets its whole state within ~20 tokens or keeps all of it: it has no way to do both. The KDA head
-# has channels that lose 98 % of a write in one token (the bottom rows) and channels that keep nearly everything for hundreds
-# of tokens (the top rows), and the token-dependent part $f$ can still open or close a channel on any token.
+# The GDN head forgets its whole state within ~20 tokens or keeps all of it: it has no way to do both. The KDA head has
+# channels that lose 98 % of a write in one token (the bottom rows) and channels that keep nearly everything for
+# hundreds of tokens (the top rows), and the token-dependent part $f$ can still open or close a channel on any token.
 #
 # ### An experiment with two time scales
 #
@@ -516,12 +507,11 @@ assert (round(g_err, 2), round(k_err, 2)) == (0.26, 0.19)  # the numbers of the 
 
 # %% [markdown]
 # Every single rate fails one of the two jobs: the rates that cut the variables' error (0.01–0.1; from 0.53 at rate 0
-# to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up — the
-# best GDN keeps the fact and leaves the variables at 0.53. KDA keeps the fact exactly (its channels never decay and
-# the variables' writes never touch them) *and* runs its variable channels at the best rate (0.03), where their
-# error is 0.38 — at the same $32 \times 32$ state. Forgetting reduces the noise; it does not remove it. A trained model does not get its channels
-# handed to it; it learns the split through $f$ and `dt_bias`. The explorer sets the two rates of a KDA head: any
-# decay on the fact's 8 channels costs the fact, and the variables' error is lowest near a rate of 0.03.
+# to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up.
+# KDA keeps the fact exactly (its channels never decay and the variables' writes never touch them) *and* runs its
+# variable channels at the best rate (0.03) — at the same $32 \times 32$ state. Forgetting reduces the noise; it does
+# not remove it. A trained model learns the split through $f$ and `dt_bias`. The explorer sets the two rates of a KDA
+# head: any decay on the fact's 8 channels costs the fact.
 
 # %% tags=["nbval-ignore-output"]
 def draw_two_scales(fact_rate=0.0, log10_rate=-1.5):
@@ -542,22 +532,20 @@ explorer = viz.explorer(draw_two_scales, fact_rate=[0.0, 0.001, 0.01, 0.1],
 # ## 6.4 Cost: Kimi Linear's 3 : 1 stack against all-MLA
 #
 # A KDA layer costs what a GDN layer costs: the same chunk algorithm, the same $K \times V$ state a head. The
-# per-channel gate adds elementwise work, nothing of order $TK^2$: the decays of $q$ and $k$ ($O(TK)$ a head), and
-# in the kernel the diagonal sub-chunk blocks of section 6.5, about 16 exponentials and multiply-adds per channel
-# and token ($O(16\,TK)$, 16 being the sub-chunk length of section 6.5), off the tensor cores. `kda_flops` counts only the scalings; the kernel's time is another
-# matter (section 6.7).
-# So the cost model is chapter 5's `gdn_flops` and `gdn_state_bytes`, chapter 3's MLA cache and decoding cost,
-# and chapter 1's attention FLOPs, put together at the shapes of `KimiLinearConfig()` with the released layout
-# (`minisparse.overview.KIMI_LINEAR_FULL_LAYERS`: MLA at layers 4, 8, …, 24 and 27; 20 KDA, 7 MLA).
+# per-channel gate adds elementwise work, nothing of order $TK^2$: the decays of $q$ and $k$ ($O(TK)$ a head) and, in
+# the kernel, the diagonal blocks of section 6.5's sub-chunks of 16, about 16 exponentials and multiply-adds per
+# channel and token ($O(16\,TK)$), off the tensor cores. `kda_flops` counts only the scalings; the kernel's time is
+# another matter (section 6.7). So the cost model is chapter 5's `gdn_flops` and `gdn_state_bytes`, chapter 3's MLA
+# cache and decoding cost, and chapter 1's attention FLOPs, at the shapes of `KimiLinearConfig()` with the released
+# layout (`minisparse.overview.KIMI_LINEAR_FULL_LAYERS`: MLA at layers 4, 8, …, 24 and 27; 20 KDA, 7 MLA).
 #
-# For decoding we use a **roofline**: a step of `batch` sequences reads the active weights once (3B parameters in
-# bf16, the report's count) and every sequence's cache and states, and does the matching FLOPs; its time is the
-# larger of bytes / bandwidth and FLOPs / peak, at the H200's measured ceilings (4.25 TB/s, 693 TFLOP/s;
-# `bench/notes/roofline.md`). Two simplifications make the larger batches a limit rather than a deployment: the
-# weights are 3B parameters at every batch, though 16 tokens routed to 8 of 256 experts each touch about a hundred
-# experts (and a thousand touch all 48B), which would add weight bytes to both stacks and pull the ratio towards 1;
-# and at 1M tokens one all-MLA sequence's cache (30 GiB) already takes nearly a quarter of an H200, so batch 16 needs several
-# GPUs. The curves show what the ratio tends to as caches dominate the bytes.
+# For decoding we use a **roofline**: a step of `batch` sequences reads the active weights once (3B parameters in bf16,
+# the report's count) and every sequence's cache and states, and does the matching FLOPs; its time is the larger of
+# bytes / bandwidth and FLOPs / peak, at the H200's measured ceilings (4.25 TB/s, 693 TFLOP/s;
+# `bench/notes/roofline.md`). Two simplifications make the larger batches a limit rather than a deployment: the weights
+# are 3B parameters at every batch, though 16 tokens routed to 8 of 256 experts each touch about a hundred experts (and
+# a thousand touch all 48B), which would add weight bytes to both stacks and pull the ratio towards 1; and at 1M tokens
+# one all-MLA sequence's cache (30 GiB) already takes nearly a quarter of an H200, so batch 16 needs several GPUs.
 
 # %%
 #| export kda.cost
@@ -573,13 +561,11 @@ def kda_flops(T, d_k, d_v, heads=1, chunk=64):
 
 
 def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, hbm=4.25e12,
-                      peak=693e12,
-                      dtype_bytes=2, state_bytes=4):
+                      peak=693e12, dtype_bytes=2, state_bytes=4):
     """Token-mixing cost of a Kimi Linear stack at context T, and a roofline of one decoding step.
 
     config: a KimiLinearConfig (its layer_types: 'linear_attention' = KDA, 'full_attention' = MLA),
-    or
-    layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict:
+    or layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict:
     prefill_flops (attention and KDA, causal, over T tokens), kv_bytes (MLA latent caches, per
     sequence), state_bytes (KDA states + conv states), memory (their sum), step_bytes / step_flops /
     step_seconds of one decoding step of `batch` sequences (active weights read once; caches and
@@ -603,9 +589,8 @@ def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, h
                           + n_kda * H * 6 * K * K)
     seconds = max(step_bytes / hbm, step_flops / peak)
     return dict(prefill_flops=prefill, kv_bytes=kv, state_bytes=states, memory=kv + states,
-                step_bytes=step_bytes,
-                step_flops=step_flops, step_seconds=seconds, tokens_per_s=batch / seconds,
-                mla_layers=n_mla, kda_layers=n_kda)
+                step_bytes=step_bytes, step_flops=step_flops, step_seconds=seconds,
+                tokens_per_s=batch / seconds, mla_layers=n_mla, kda_layers=n_kda)
 
 # %%
 from minisparse.overview import KIMI_LINEAR_FULL_LAYERS
@@ -659,23 +644,21 @@ if hf_kimi is not None:
 
 # %% [markdown]
 # **Memory: reproduced.** At 1M tokens the released stack keeps 74 % less than all-MLA: only 7 of 27 layers grow a
-# cache, and 20 KDA layers add a fixed 40 MiB of states (32 heads × $128 \times 128$ fp32 each; 41 MiB with the
-# short convolutions' last inputs). "Up to 75 %" is the limit of a strict 3 : 1 stack ($1 - \tfrac14$); the
-# released checkpoint has one extra MLA layer at the top.
+# cache, and 20 KDA layers add a fixed 40 MiB of states (32 heads × $128 \times 128$ fp32 each; 41 MiB with the short
+# convolutions' last inputs). "Up to 75 %" is the limit of a strict 3 : 1 stack ($1 - \tfrac14$); the released
+# checkpoint has one extra MLA layer at the top.
 #
-# **Prefill (middle panel).** Token mixing costs the hybrid 3.0× fewer FLOPs than all-MLA at 4K and 3.85× at 1M:
-# the 7 MLA layers' quadratic attention dominates both stacks at long context, so the ratio tends to 27/7, and
-# at short context the 20 KDA layers' linear cost still counts. (FLOPs of token mixing only: the projections and
-# MoE FFNs, the same in both stacks, would pull every ratio towards 1.)
+# **Prefill (middle panel).** The 7 MLA layers' quadratic attention dominates both stacks at long context, so the
+# ratio of token-mixing FLOPs tends to 27/7 (3.85× at 1M); at 4K the 20 KDA layers' linear cost still counts (3.0×).
+# The projections and MoE FFNs, the same in both stacks, would pull every ratio towards 1.
 #
-# **Decoding throughput: a gap.** A roofline gives 2.7× at batch 1 (the 6 GB of active weights are read for one
-# token) rising towards $27/7 = 3.86\times$ when caches dominate the bytes: at 1M tokens a decoding step is
-# bandwidth-bound for both stacks (absorbed MLA with 32 heads does about 60 FLOPs a cached byte, below the H200's
-# 163), and the hybrid reads 27/7 fewer cache bytes. A model of bytes and FLOPs cannot reach the report's 6×,
-# which is a measured time per output token of real kernels. The remaining factor — 1.6 (6 / 3.86) if that
-# measurement ran at a large batch, 2.3 (6 / 2.66) at batch 1; the abstract does not say — is what the roofline
-# leaves out — how far the MLA kernel's attention over a 1M-token cache falls short of the bandwidth
-# bound, scheduling, the rest of the layer — and this model cannot say which. (A fixed memory budget lets the
+# **Decoding throughput: a gap.** A roofline gives 2.7× at batch 1 (the 6 GB of active weights are read for one token)
+# rising towards $27/7 = 3.86\times$ when caches dominate the bytes: at 1M tokens a decoding step is bandwidth-bound for
+# both stacks (absorbed MLA with 32 heads does about 60 FLOPs a cached byte, below the H200's 163), and the hybrid reads
+# 27/7 fewer cache bytes. The report's 6× is a measured time per output token of real kernels, which no model of bytes
+# and FLOPs reaches. The remaining factor — 1.6 (6 / 3.86) at a large batch, 2.3 (6 / 2.66) at batch 1; the abstract
+# does not say which — is what the roofline leaves out (how far the MLA kernel over a 1M-token cache falls short of the
+# bandwidth bound, scheduling, the rest of the layer), and this model cannot say which. (A fixed memory budget lets the
 # hybrid batch about 3.8× more sequences; that raises throughput only where reading the weights dominates.)
 
 
@@ -695,8 +678,7 @@ if hf_kimi is not None:
 #   tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} \le r_I}^\top$, for
 #   $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier tokens;
 # - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel walks the block
-#   one diagonal at a time: the entries $(i, i - d)$ for $d = 1, \dots, 15$, every row at once, each step's decay
-#   the previous step's times one more gate ($P$'s own diagonal, $d = 0$, needs no decay).
+#   one diagonal $(i, i - d)$ at a time, every row at once, each step's decay the previous one's times one more gate.
 #
 # ```
 #        keys j →      sub-chunk 0   1     2     3
@@ -708,14 +690,12 @@ if hf_kimi is not None:
 # ```
 #
 # One more care makes the kernels exact in float32. Every exponent they use is a sum of the gates over a range of
-# tokens — $G_i - G_r = g_{r+1} + \dots + g_i$, $G_r - G_j$, $G_L - G_i$ — and they compute it as such a sum (a
-# running sum over the range, forwards or backwards), never as the difference of two long cumulative sums. The
-# difference would cancel: after a gate of $-1000$, $G$ is about $-1000$ on every later token, float32 holds it to
-# $6 \cdot 10^{-5}$, and a decay between two later tokens would carry that absolute error. The sum of the range
-# never sees the $-1000$. (The PyTorch version below takes the shortcut of float64 differences.)
-#
-# The same split is fla's (`chunk_intra`: sub-chunks of 16, the diagonal blocks token by token). In PyTorch, for one
-# head and one chunk:
+# tokens — $G_i - G_r = g_{r+1} + \dots + g_i$, $G_r - G_j$, $G_L - G_i$ — and they compute it as a running sum over
+# that range, never as the difference of two long cumulative sums, which would cancel: after a gate of $-1000$, $G$
+# is about $-1000$ on every later token, float32 holds it to $6 \cdot 10^{-5}$, and a decay between two later tokens
+# would carry that absolute error; the sum of the range never sees the $-1000$. (The PyTorch version below takes the
+# shortcut of float64 differences.) The same split is fla's (`chunk_intra`: sub-chunks of 16, the diagonal blocks
+# token by token). In PyTorch, for one head and one chunk:
 
 # %%
 def intra_chunk_products(x, k, g, sub=16):
@@ -756,40 +736,22 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # %% [markdown]
 # ### The kernels
 #
-# The forward splits like chapter 5's, with the per-channel gate handled in the first two kernels so that the other
-# two never see a gate: they turn the gates into decayed copies of $q$ and $k$ that the scan and the output kernel
-# use as they are.
+# The forward splits like chapter 5's, with the per-channel gate handled in the first two kernels: they turn the gates
+# into decayed copies of $q$ and $k$, which the scan and the output kernel use as they are, never seeing a gate.
 #
-# 1. **`_kda_fwd_products_kernel`** — per sub-chunk of 16 rows, all of them in parallel: the rows of
-#    $A'_{ij} = \langle k_i \odot \Gamma_{ij}, k_j\rangle$ (section 6.2's $A$ without its $\beta_i$) and of $P$ by
-#    the reference point before the sub-chunk (walking $K$ in blocks of 32 channels) and by diagonals inside it
-#    (every channel at once, one diagonal of $A$ and $P$ stored a step).
-# 2. **`_kda_fwd_wy_kernel`** — per chunk: $A_\text{inv} = (I + \operatorname{diag}(\beta) A')^{-1}$, section 6.2's
-#    $(I + A)^{-1}$ (chapter 5's `_unit_lower_inverse`), then $W = A_\text{inv}\operatorname{diag}(\beta)(K \odot e^{G})$,
-#    $\tilde U = A_\text{inv}\operatorname{diag}(\beta)V$, and the decayed rows the other kernels need:
+# 1. **`_kda_fwd_products_kernel`** — per sub-chunk: the rows of $A'$ (section 6.2's $A$ without its $\beta_i$) and
+#    $P$, as drawn above; in full below.
+# 2. **`_kda_fwd_wy_kernel`** — per chunk: $A_\text{inv} = (I + \operatorname{diag}(\beta) A')^{-1}$ (section 6.2's
+#    $(I + A)^{-1}$, by chapter 5's `_unit_lower_inverse`), section 6.2's $W$ and $\tilde U$, and the decayed rows
 #    $Q \odot e^{G}$, $K \odot e^{G_L - G}$ and $e^{G_L}$.
-# 3. **`_kda_fwd_states_kernel`** — the scan over chunks per (batch, value head, tile of $V$):
-#    $U = \tilde U - W S_n$ (written over $\tilde U$),
-#    $S_{n+1} = \operatorname{diag}(e^{G_L}) S_n + (K \odot e^{G_L - G})^\top U$.
-# 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: $O = \sigma\big((Q \odot e^{G}) S_n + P U\big)$.
+# 3. **`_kda_fwd_states_kernel`** — the scan over chunks per (batch, value head, tile of $V$): $U = \tilde U - W S_n$
+#    (written over $\tilde U$) and the next state $S_{n+1}$.
+# 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: the output $O$ of section 6.2.
 #
-# Why two kernels for what one chunk could do: a program that held all 64 rows, $A$, $P$ and the diagonal walk at
-# once would need every register a thread has, so only one such program would fit on a multiprocessor, waiting on
-# its own loads. A program per sub-chunk gives four times as many programs, each with a quarter of the rows and a
-# fraction of the shared memory, so several run side by side and hide each other's loads; the solve, $W$, $\tilde U$
-# and the decayed rows, which need the whole chunk, go to the WY kernel, a program a chunk. On an H200 at B 2, T 8K
-# in bf16 the products kernel takes 0.87 ms and the WY kernel 0.53 ms of the 2.1 ms forward (`bench/notes/kda.md`,
-# 2026-12-04). Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the
-# backward (a reverse scan, a chunk kernel, a per-sub-chunk kernel that runs the products backwards, and the suffix
-# sums that finish $dg$), the autograd glue and the decoding kernel are in the Engineering notes at the end.
-# The intermediates the backward reads are float32, except the decayed rows $W$, $Q \odot e^{G}$ and
-# $K \odot e^{G_L - G}$: the scans' largest reads, stored in the inputs' dtype (half the bytes in 16 bits) and widened
-# to float32 as they are loaded. Products of float32 operands run in TF32 for 16-bit inputs and in full fp32 for fp32
-# inputs. With `use_qk_l2norm`, $q$ and $k$ are normalised first by chapter 5's row kernel.
-#
-# The picture: what each kernel reads and writes, one chunk of one head. Below it, the two helpers every kernel
-# takes its gates from: `_load_gates`, and `_decay_sums`, the range sums (the kernels themselves are in the
-# Engineering notes).
+# Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the backward's
+# four kernels, the autograd glue and the decoding kernel are in the Engineering notes. The picture: what each kernel
+# reads and writes, one chunk of one head; below it, the helpers every kernel takes its gates from: `_load_gates`,
+# and `_decay_sums`, the range sums.
 
 # %%
 from minisparse.viz import Box
@@ -853,6 +815,104 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 
 
 # %% [markdown]
+# ### The products kernel, tile by tile
+#
+# One program of `_kda_fwd_products_kernel` owns one row of the drawing in "Getting matrix products back": sub-chunk
+# $I$ of chunk $n$ of one (batch, value head) — the 16 query rows `ri` from $r_0 = 16I$ — and writes their rows of
+# $A'$ and $P$, all 64 columns `rj` (`_heads` gives the key head `h` whose $q$ and $k$ the value head `hv` reads). A
+# program per chunk would hold all 64 rows, $A'$, $P$ and the walk at once: every register a thread has, one program
+# a multiprocessor waiting on its own loads. Four programs of a quarter of the rows (and of the shared memory) run
+# side by side and hide each other's loads; the solve, which needs the whole chunk, is the WY kernel's. (On an H200
+# at B 2, T 8K in bf16 the products kernel takes 0.87 ms and the WY kernel 0.53 ms of the 2.1 ms forward;
+# `bench/notes/kda.md`, 2026-12-04.)
+#
+# - **"ref $r_I$", a step per 32 channels.** The first loop (none for sub-chunk 0, which has no earlier keys) walks $K$
+#   in blocks of `BK` = 32 channels (fewer for a smaller $K$). A step loads the sub-chunk's $q$, $k$ $[16, 32]$, the
+#   chunk's keys `kb` $[64, 32]$ (rows from $r_0$ on masked to 0) and, from `_decay_sums`, the range sums about
+#   $r = r_0 - 1$: `into` $= g_{r_0} + \dots + g_i = G_i - G_r$ for the queries, `onward`
+#   $= g_{j+1} + \dots + g_r = G_r - G_j$ for the keys. Two `tl.dot` calls add
+#   $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to $A'$ and the same with $q$ to $P$ ($[16, 64]$, float32):
+#   the two products through the reference point, every factor $\le 1$ (`PRECISION`: TF32 for 16-bit inputs, fp32
+#   for fp32, as in every kernel).
+# - **The stores.** Columns $j < r_0$ go out as summed, the entries on and above $A'$'s diagonal (above $P$'s) as
+#   zeros; the walk fills the rest, so the next kernels read whole $[64, 64]$ tiles.
+# - **"diag", a diagonal a step.** The kernel reloads the sub-chunk's rows with every channel (`BKD` $\ge K$);
+#   $d = 0$ is $P$'s own diagonal $\langle q_i, k_i\rangle$. Step $d$ adds one gate a row, so that `D`
+#   $= g_{i-d+1} + \dots + g_i$, decays the key $d$ rows up, $k_{i-d} \odot e^{D}$, and stores $A'_{i,i-d}$ and
+#   $P_{i,i-d}$ for the 16 rows at once (masked where $i - d$ is before the sub-chunk): 15 elementwise steps off
+#   the tensor cores, each decay a running sum of gates.
+
+# %%
+#| export kda.chunk_fwd
+@triton.jit
+def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
+                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                             BKD: tl.constexpr, PRECISION: tl.constexpr):
+    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
+    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
+    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
+    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
+    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
+    Math: keys before the sub-chunk through the reference point r = the row before it (one product
+    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
+    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
+    and above A's diagonal, above P's."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's first row in the chunk
+    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
+    rj = tl.arange(0, C)  # [C] the keys' rows
+    ti, tj = n * C + ri, n * C + rj
+    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
+    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
+    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    A = tl.zeros((BC, C), dtype=tl.float32)
+    P = tl.zeros((BC, C), dtype=tl.float32)
+    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        mi = (ti < T)[:, None] & km[None, :]
+        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
+        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
+        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
+        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # [C, BK]
+        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
+        e_q = tl.exp(into)
+        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
+        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
+    out = row_i[:, None] + rj[None, :]  # [BC, C]
+    tm = (ti < T)[:, None]
+    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
+    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
+    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
+    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
+    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
+    ks = tl.arange(0, BKD)
+    km = ks < K
+    mi = (ti < T)[:, None] & km[None, :]
+    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
+    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
+    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
+                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
+        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
+        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
+
+
+# %% [markdown]
 # ### Check it against the spec
 #
 # The kernels against the recurrence at reading sizes — $T$ not a multiple of 64, $K \ne V$, grouped value heads,
@@ -880,18 +940,14 @@ print("chunk_kda vs the recurrence: " + ", ".join(f"{n} {e:.0e}" for n, e in err
 # ## 6.6 The layer, as Kimi Linear builds it
 #
 # `KimiDeltaAttention` is chapter 5's `GatedDeltaNet` with Kimi Linear's choices, parameter for parameter as
-# transformers' `KimiLinearDeltaAttention`:
-#
-# - separate `q_proj`, `k_proj`, `v_proj` ($H$ heads of $K = V$ = `head_dim`, no grouped value heads in the
-#   released model), one causal depthwise convolution of width 4 over the three, then SiLU;
-# - the **gate**: a low-rank projection `f_a_proj` (hidden → $K$) then `f_b_proj` ($K$ → $H K$), one value per head
-#   and channel, and $g = -e^{A_{\log}} \operatorname{softplus}(f + \text{dt\_bias})$ — Mamba's parametrisation with
-#   one rate `A_log` a head and one bias a channel;
-# - $\beta = \operatorname{sigmoid}(\text{b\_proj}(x))$, $q$ and $k$ L2-normalised inside the op;
-# - the output: RMSNorm per head, times $\operatorname{sigmoid}$ of a low-rank output gate (`g_a_proj`, `g_b_proj`)
-#   — sigmoid, where Qwen3-Next's gated norm uses SiLU — then `o_proj`.
-#
-# A state for decoding is `(conv_state [B, 3HK, 3], recurrent_state [B, H, K, V] float32)`, as in chapter 5.
+# transformers' `KimiLinearDeltaAttention` (its docstring below draws the data flow): separate `q_proj`, `k_proj`,
+# `v_proj` ($H$ heads of $K = V$ = `head_dim`, no grouped value heads in the released model) under one causal
+# depthwise convolution of width 4; the **gate** $g = -e^{A_{\log}} \operatorname{softplus}(f + \text{dt\_bias})$
+# from a low-rank projection $f$ (`f_a_proj`: hidden → $K$, `f_b_proj`: $K$ → $HK$, one value per head and channel)
+# — Mamba's parametrisation with one rate `A_log` a head and one bias a channel; $\beta =
+# \operatorname{sigmoid}(\text{b\_proj}(x))$; $q$ and $k$ L2-normalised inside the op; and an output RMSNorm per
+# head times the sigmoid (where Qwen3-Next's gated norm uses SiLU) of a low-rank output gate. A state for decoding
+# is `(conv_state [B, 3HK, 3], recurrent_state [B, H, K, V] float32)`, as in chapter 5.
 
 # %%
 #| export kda.layer
@@ -938,8 +994,7 @@ class KimiDeltaAttention(nn.Module):
     never asks the ops to check their values."""
 
     def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
-                 chunk_size=64,
-                 backend="auto"):
+                 chunk_size=64, backend="auto"):
         super().__init__()
         op = "KimiDeltaAttention"
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
@@ -1030,9 +1085,8 @@ class KimiDeltaAttention(nn.Module):
 
 
 # %% [markdown]
-# Decoding token by token from the returned state — a prefill of 20 tokens, then single tokens — gives the
-# prefill's outputs and state (the Engineering notes load transformers' weights with `from_hf` and compare the two
-# layers):
+# Decoding token by token from the returned state — a prefill of 20 tokens, then single tokens — gives the prefill's
+# outputs and state (the Engineering notes load transformers' weights with `from_hf` and compare the two layers):
 
 # %%
 torch.manual_seed(0)
@@ -1204,11 +1258,9 @@ attempt(check_fact_prediction, my_fact_error)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — the variables' keys are zero in the fact's channels, so the delta rule never reads or
-# writes those rows
-# (k_t S and k_tᵀ … only touch rows where k_t is non-zero): the fact only decays. Token 0 decays the
-# empty state,
-# then writes v* exactly (β = 1, unit key); tokens 1 … T − 1 decay it T − 1 times: k* S = e^{−r (T −
-# 1)} v*.
+# writes those rows (k_t S and k_tᵀ … only touch rows where k_t is non-zero): the fact only decays.
+# Token 0 decays the empty state, then writes v* exactly (β = 1, unit key); tokens 1 … T − 1 decay
+# it T − 1 times: k* S = e^{−r (T − 1)} v*.
 def fact_error_solution(rate, T):
     return 1 - math.exp(-rate * (T - 1))
 
@@ -1252,8 +1304,8 @@ attempt(check_kda_step_kernel, my_kda_step_kernel)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — the decay is a [BK] vector broadcast over the state's columns; the error is read from
-# the *decayed*
-# state (the recurrence decays first, then writes). Padded rows (ks ≥ K) load k = 0, so they stay 0.
+# the *decayed* state (the recurrence decays first, then writes). Padded rows (ks ≥ K) load k = 0,
+# so they stay 0.
 @triton.jit
 def kda_step_solution(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, K, V,
                       BK: tl.constexpr, BV: tl.constexpr):
@@ -1289,18 +1341,16 @@ check_kda_step_kernel(kda_step_solution)
 #   forget with per-channel gates; no single rate does both: the best GDN rate keeps the fact and leaves the
 #   variables at 0.53 (mean recall error 0.26), KDA cuts them to 0.38 (mean 0.19; section 6.3).
 # - **The chunk form** is chapter 5's WY/UT form with the decay inside the sum over channels:
-#   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij},
-#   k_j\rangle$. The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel
-#   gets tensor-core products back with **sub-chunks of 16 and a reference point** $r$ between every pair outside
-#   the diagonal blocks
-#   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and walks the $16 \times 16$ diagonal blocks one
-#   diagonal at a time; every exponent is a sum of gates over a range, exact in float32. The single-reference
-#   factorisation $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
-# - **Triton**: `chunk_kda` — four forward kernels (the products $A$, $P$ a program per sub-chunk; the UT transform
-#   with $W$, $\tilde U$ and the decayed rows; the scan; the output) and four backward ones (a reverse scan, a chunk
-#   kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding.
-#   Equal to the recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and gates down to
-#   $-10^{30}$.
+#   $A_{ij} = \beta_i\langle k_i \odot \Gamma_{ij}, k_j\rangle$, $P_{ij} = \langle q_i \odot \Gamma_{ij}, k_j\rangle$.
+#   The naive form computes the $[L, L, K]$ segment sums and is exact for any finite gate; the kernel gets tensor-core
+#   products back with **sub-chunks of 16 and a reference point** $r$ between every pair outside the diagonal blocks
+#   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and walks the $16 \times 16$ diagonal blocks one diagonal
+#   at a time; every exponent is a sum of gates over a range, exact in float32. The single-reference factorisation
+#   $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
+# - **Triton**: `chunk_kda` — four forward kernels (the products $A$, $P$ a program per sub-chunk; the UT transform with
+#   $W$, $\tilde U$ and the decayed rows; the scan; the output) and four backward ones (a reverse scan, a chunk kernel,
+#   the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding. Equal to the
+#   recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and gates down to $-10^{30}$.
 # - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
 #   decoding token by token from its state equals the prefill.
 # - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
@@ -1337,9 +1387,9 @@ check_kda_step_kernel(kda_step_solution)
 # %% [markdown]
 # ## Engineering notes (optional)
 #
-# What a first reading can skip: the forward kernels around section 6.5's helpers, the backward, the autograd glue, the
-# decoding kernel, loading transformers' weights, and the exercise checkers. The core path uses all of them through
-# `minisparse.kda`.
+# What a first reading can skip: the argument checks, the forward kernels after section 6.5's products kernel (WY,
+# scan, output), the backward, the autograd glue, the decoding kernel, loading transformers' weights, and the exercise
+# checkers. The core path uses all of them through `minisparse.kda`.
 
 
 # %% [markdown]
@@ -1375,84 +1425,6 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
     if check_values:
         _check_gate_and_beta(op, g, beta)
     return _checks.scale(op, scale, K)
-
-
-# %% [markdown]
-# ### The products kernel
-#
-# `_kda_fwd_products_kernel` is section 6.5's split as a program per sub-chunk: the rows of $A$ and $P$ left of the
-# sub-chunk by one product through the reference point (accumulated over $K$'s blocks of 32 channels), then the
-# diagonal block with every channel at once, one diagonal $(i, i - d)$ a step, each stored as soon as it is summed.
-# It writes whole rows, zeros included, so the next kernels read $A$ and $P$ as plain $[64, 64]$ tiles.
-
-# %%
-#| export kda.chunk_fwd
-@triton.jit
-def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
-                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             BKD: tl.constexpr, PRECISION: tl.constexpr):
-    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
-
-    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
-    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
-    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
-    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
-    Math: keys before the sub-chunk through the reference point r = the row before it (one product
-    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
-    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
-    and above A's diagonal, above P's."""
-    nI = tl.program_id(0)
-    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv, h = _heads(bh, H, HV)
-    r0 = I * BC  # the sub-chunk's first row in the chunk
-    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
-    rj = tl.arange(0, C)  # [C] the keys' rows
-    ti, tj = n * C + ri, n * C + rj
-    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
-    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
-    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
-    A = tl.zeros((BC, C), dtype=tl.float32)
-    P = tl.zeros((BC, C), dtype=tl.float32)
-    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        mi = (ti < T)[:, None] & km[None, :]
-        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
-        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
-        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
-        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
-        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)  # [C, BK]
-        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
-        e_q = tl.exp(into)
-        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
-        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
-    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
-    out = row_i[:, None] + rj[None, :]  # [BC, C]
-    tm = (ti < T)[:, None]
-    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
-    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
-    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
-    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
-    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
-    ks = tl.arange(0, BKD)
-    km = ks < K
-    mi = (ti < T)[:, None] & km[None, :]
-    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
-    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
-    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
-    for d in range(1, BC):
-        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
-        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
-        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
-                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
-        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
-        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 
 # %% [markdown]
@@ -2016,14 +1988,16 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 #
 # `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the
 # interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the four
-# kernels. The autograd function keeps the forward's fp32 intermediates for the backward's kernels, and chapter
-# 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
-# normalisation. On a GPU whose shared memory the backward's reverse scan outgrows — a T4's 64 KiB, against the
-# 68 KiB it asks for at $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch
-# chunk form (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit). It is slow,
-# and it is large: autograd keeps the chunk form's $[L, L, K]$ tensors (the segment sums of section 6.2 and their
-# decays), about 105 kB a token and value head at $K = 128$ — 13 GiB at $B = 1$, $T$ = 8K and 16 heads, most of a
-# T4's 15 GiB. The warning gives the estimate for the call.
+# kernels. The autograd function keeps the forward's intermediates for the backward's kernels: float32, except the
+# decayed rows $W$, $Q \odot e^{G}$ and $K \odot e^{G_L - G}$, the scans' largest reads, stored in the inputs' dtype
+# (half the bytes in 16 bits) and widened to float32 as they are loaded. Chapter 5's row kernel sums the
+# per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. On a GPU whose
+# shared memory the backward's reverse scan outgrows — a T4's 64 KiB, against the 68 KiB it asks for at
+# $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch chunk form
+# (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit). It is slow, and it is
+# large: autograd keeps the chunk form's $[L, L, K]$ tensors (the segment sums of section 6.2 and their decays),
+# about 105 kB a token and value head at $K = 128$ — 13 GiB at $B = 1$, $T$ = 8K and 16 heads, most of a T4's
+# 15 GiB. The warning gives the estimate for the call.
 
 # %%
 #| export kda.chunk

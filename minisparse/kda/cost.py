@@ -11,13 +11,11 @@ def kda_flops(T, d_k, d_v, heads=1, chunk=64):
 
 
 def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, hbm=4.25e12,
-                      peak=693e12,
-                      dtype_bytes=2, state_bytes=4):
+                      peak=693e12, dtype_bytes=2, state_bytes=4):
     """Token-mixing cost of a Kimi Linear stack at context T, and a roofline of one decoding step.
 
     config: a KimiLinearConfig (its layer_types: 'linear_attention' = KDA, 'full_attention' = MLA),
-    or
-    layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict:
+    or layer_types to override (e.g. ['full_attention'] * 27 for all-MLA). Returns a dict:
     prefill_flops (attention and KDA, causal, over T tokens), kv_bytes (MLA latent caches, per
     sequence), state_bytes (KDA states + conv states), memory (their sum), step_bytes / step_flops /
     step_seconds of one decoding step of `batch` sequences (active weights read once; caches and
@@ -41,9 +39,8 @@ def kimi_linear_costs(config, T, layer_types=None, batch=1, active_params=3e9, h
                           + n_kda * H * 6 * K * K)
     seconds = max(step_bytes / hbm, step_flops / peak)
     return dict(prefill_flops=prefill, kv_bytes=kv, state_bytes=states, memory=kv + states,
-                step_bytes=step_bytes,
-                step_flops=step_flops, step_seconds=seconds, tokens_per_s=batch / seconds,
-                mla_layers=n_mla, kda_layers=n_kda)
+                step_bytes=step_bytes, step_flops=step_flops, step_seconds=seconds,
+                tokens_per_s=batch / seconds, mla_layers=n_mla, kda_layers=n_kda)
 
 
 __all__ = ['kda_flops', 'kimi_linear_costs']

@@ -40,8 +40,7 @@ class KimiDeltaAttention(nn.Module):
     never asks the ops to check their values."""
 
     def __init__(self, hidden_size, num_heads, head_dim, conv_kernel_size=4, eps=1e-5,
-                 chunk_size=64,
-                 backend="auto"):
+                 chunk_size=64, backend="auto"):
         super().__init__()
         op = "KimiDeltaAttention"
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),

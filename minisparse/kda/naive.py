@@ -20,13 +20,11 @@ def _prepare(q, k, v, g, beta, use_qk_l2norm):
 
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm=False):
-    """KDA token by token: S ← diag(e^{g_t}) S;  S ← S + k_tᵀ β_t (v_t − k_t S);  o_t = scale · q_t
-    S.
+    """KDA token by token: S ← diag(e^{g_t}) S; S ← S + k_tᵀ β_t (v_t − k_t S); o_t = scale · q_t S.
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV, K] log decay per key channel,
-    finite and ≤ 0;
-    beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None; use_qk_l2norm: normalise q and k
-    first.
+    finite and ≤ 0; beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None;
+    use_qk_l2norm: normalise q and k first.
     Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
     output_final_state). Accumulates in float32; differentiable (gradients flow through final_state
     too)."""
@@ -65,13 +63,11 @@ def naive_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     O = scale ((Q ⊙ e^G) S + P U), S ← diag(e^{G_L}) S + (K ⊙ Γ_L·)ᵀ U. Differentiable by autograd.
     """
     return _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                        chunk_size,
-                        True)
+                        chunk_size, True)
 
 
 def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
-                 chunk_size,
-                 check_values):
+                 chunk_size, check_values):
     """naive_chunk_kda; check_values=False skips g's and β's values (the layer's own)."""
     op = "naive_chunk_kda"
     scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values)
