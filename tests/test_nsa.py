@@ -165,18 +165,24 @@ def _inputs(T=40, HQ=4, H=2, bs=16):
 @pytest.mark.parametrize("op", [N.nsa, N.parallel_nsa])
 def test_block_indices_are_checked_without_the_selection_branch(op):
     """With g_slc=None the selection branch does not read block_indices, but nsa returns them: out-of-range, future
-    or float indices passed silently; they are checked as when the branch runs (and as the decoding step did)."""
+    or float indices passed silently; they are checked as when the branch runs (and as the decoding step did). Value
+    checks on, so that the index values are also checked on CUDA tensors."""
     q, k, v, idx = (x.to(DEV) for x in _inputs(T=64))
     g = torch.rand(1, 64, 4, device=DEV)
     kw = dict(block_counts=3, block_size=16, window_size=0, return_block_indices=True)
     name = op.__name__
-    for bad, exc, match in ((torch.full_like(idx, 9), ValueError, rf"{name}: block_indices\[0, 0, 0, 0\] = 9 is out "
-                                                                   r"of range or in the future: query 0 sees blocks 0..0"),
-                            (_future(idx), ValueError, rf"{name}: block_indices\[0, 3, 0, 0\] = 1"),
-                            (idx.float(), TypeError, rf"{name}: block_indices must be int32 or int64, got torch.float32"),
-                            (idx[:, :, :1].expand(1, 64, 3, 3), ValueError, rf"{name}: block_indices must be \[B, T, H, S\]")):
-        with torch.no_grad(), pytest.raises(exc, match=match):
-            op(q, k, v, g, None, None, block_indices=bad.to(DEV), **kw)
+    previous = runtime.set_value_checks(True)
+    try:
+        for bad, exc, match in (
+                (torch.full_like(idx, 9), ValueError, rf"{name}: block_indices\[0, 0, 0, 0\] = 9 is out "
+                                                      r"of range or in the future: query 0 sees blocks 0..0"),
+                (_future(idx), ValueError, rf"{name}: block_indices\[0, 3, 0, 0\] = 1"),
+                (idx.float(), TypeError, rf"{name}: block_indices must be int32 or int64, got torch.float32"),
+                (idx[:, :, :1].expand(1, 64, 3, 3), ValueError, rf"{name}: block_indices must be \[B, T, H, S\]")):
+            with torch.no_grad(), pytest.raises(exc, match=match):
+                op(q, k, v, g, None, None, block_indices=bad.to(DEV), **kw)
+    finally:
+        runtime.set_value_checks(previous)
     with torch.no_grad():
         o, got = op(q, k, v, g, None, None, block_indices=idx, **kw)  # valid ones pass through
     assert got is idx and o.shape == (1, 64, 4, 16)
