@@ -22,7 +22,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, start
     unnormalised output, m_i [BM] running max, l_i [BM] running sum (base 2)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n  # [BN] key indices
-        k = _load_tile(k_base, start_n, offs_n, k_stride, Tk, offs_dk, DK, MASKED)  # [BN, DK_PAD]
+        k = _load_tile(k_base, cols, k_stride, Tk, offs_dk, DK, MASKED)  # [BN, DK_PAD]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN] scores, base 2
         if MASKED:
             keep = _visible(rows[:, None], cols[None, :], Tq, Tk, window, CAUSAL, HAS_WINDOW)
@@ -31,7 +31,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, start
         p = tl.math.exp2(s - m_new[:, None])  # [BM, BN] unnormalised probabilities
         alpha = tl.math.exp2(m_i - m_new)  # [BM] rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, start_n, offs_n, v_stride, Tk, offs_dv, DV, MASKED)  # [BN, DV_PAD]
+        v = _load_tile(v_base, cols, v_stride, Tk, offs_dv, DV, MASKED)  # [BN, DV_PAD]
         pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM, DV_PAD]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
@@ -40,15 +40,13 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, k_stride, v_stride, rows, start
 
 @triton.jit
 def _load_tile(
-    base, row0, offs, row_stride, n_rows, cols, N_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr
+    base, rows, row_stride, n_rows, cols, N_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr
 ):
-    """Load the tile [len(offs), len(cols)] of rows row0 + offs at base + (row0 + offs) *
-    row_stride + cols; padding columns (>= N_COLS) and, when CHECK_ROWS, rows >= n_rows read as 0.
-    Interior tiles of power-of-two width load without any mask. row0 * row_stride is added to the
-    pointer in int64, the offsets within the tile stay int32."""
-    rows = row0 + offs  # [len(offs)] row indices
-    first = tl.cast(row0, tl.int64) * row_stride  # int64: passes 2^31 at long context
-    ptrs = base + first + (offs[:, None] * row_stride + cols[None, :])  # in-tile offsets int32
+    """Load the tile [len(rows), len(cols)] at base + rows * row_stride + cols; padding columns (>=
+    N_COLS) and,
+    when CHECK_ROWS, rows >= n_rows read as 0. Interior tiles of power-of-two width load without
+    any mask."""
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
     if CHECK_ROWS:
         tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
     elif cols.shape[0] != N_COLS:
@@ -59,12 +57,12 @@ def _load_tile(
 
 
 @triton.jit
-def _store_tile(base, row0, offs, row_stride, n_rows, cols, N_COLS: tl.constexpr, value):
-    """Store `value` [len(offs), len(cols)] as rows row0 + offs, in the pointer's dtype, skipping
-    rows >= n_rows and padding columns; offsets as in `_load_tile`."""
-    mask = ((row0 + offs)[:, None] < n_rows) & (cols[None, :] < N_COLS)
+def _store_tile(base, rows, row_stride, n_rows, cols, N_COLS: tl.constexpr, value):
+    """Store `value` [len(rows), len(cols)] in the pointer's dtype, skipping rows >= n_rows and
+    padding columns."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < N_COLS)
     tl.store(
-        base + tl.cast(row0, tl.int64) * row_stride + (offs[:, None] * row_stride + cols[None, :]),
+        base + rows[:, None] * row_stride + cols[None, :],
         value.to(base.dtype.element_ty),
         mask=mask,
     )
@@ -155,14 +153,12 @@ def _fwd_kernel(Q, K, V, O, LSE, Tq, Tk, HQ, HKV, qk_scale, window,
     o_base = O + (b.to(tl.int64) * Tq * HQ + hq) * DV
 
     start_m = pid_m * BLOCK_M
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = start_m + offs_m  # [BM] query indices
+    rows = start_m + tl.arange(0, BLOCK_M)  # [BM] query indices
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
 
-    # [BM, DK_PAD], loaded once
-    q = _load_tile(q_base, start_m, offs_m, HQ * DK, Tq, offs_dk, DK, True)
+    q = _load_tile(q_base, rows, HQ * DK, Tq, offs_dk, DK, True)  # [BM, DK_PAD], loaded once
     m_i = tl.full(
         [BLOCK_M], -1.0e30, tl.float32
     )  # finite: a fully masked first tile must not give NaN
@@ -187,7 +183,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Tq, Tk, HQ, HKV, qk_scale, window,
     # every real row saw at least its own key, so l_i > 0 there; rows past Tq are computed but never
     # stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    _store_tile(o_base, start_m, offs_m, HQ * DV, Tq, offs_dv, DV, acc / l_safe[:, None])
+    _store_tile(o_base, rows, HQ * DV, Tq, offs_dv, DV, acc / l_safe[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, m_i + tl.math.log2(l_safe), mask=rows < Tq)
 
 
@@ -208,13 +204,10 @@ def _bwd_delta_kernel(
     b = pid_bh // HQ
     hq = pid_bh % HQ
     base = (b.to(tl.int64) * Tq * HQ + hq) * DV  # row 0 of this (batch, head) in O and dO
-    row0 = tl.program_id(0) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    rows = row0 + offs  # [BLOCK] query indices
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] query indices
     offs_dv = tl.arange(0, DV_PAD)
-    # [BLOCK, DV_PAD]
-    o = _load_tile(O + base, row0, offs, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)
-    do = _load_tile(DO + base, row0, offs, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)
+    o = _load_tile(O + base, rows, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)  # [BLOCK, DV_PAD]
+    do = _load_tile(DO + base, rows, HQ * DV, Tq, offs_dv, DV, True).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
 
 
@@ -258,9 +251,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, d
     dK, dV."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m  # [BM] query indices
-        q = _load_tile(q_base, start_m, offs_m, q_stride, Tq, offs_dk, DK, MASKED)  # [BM, DK_PAD]
-        do = _load_tile(do_base, start_m, offs_m, do_stride, Tq, offs_dv, DV,
-                        MASKED)  # [BM, DV_PAD]
+        q = _load_tile(q_base, rows, q_stride, Tq, offs_dk, DK, MASKED)  # [BM, DK_PAD]
+        do = _load_tile(do_base, rows, do_stride, Tq, offs_dv, DV, MASKED)  # [BM, DV_PAD]
         lse = tl.load(lse_base + rows, mask=rows < Tq, other=0.0)  # [BM] base-2 log-sum-exp
         delta = tl.load(delta_base + rows, mask=rows < Tq, other=0.0)  # [BM]
         s_t = (
@@ -304,13 +296,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, q
     k_base, dk_base = K + kv_row0 * DK, DK_OUT + kv_row0 * DK
     v_base, dv_base = V + kv_row0 * DV, DV_OUT + kv_row0 * DV
     start_n = pid_n * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    cols = start_n + offs_n  # [BN] key indices
+    cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key indices
     offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    k = _load_tile(k_base, start_n, offs_n, HKV * DK, Tk, offs_dk, DK, True)  # [BN, DK_PAD]
-    v = _load_tile(v_base, start_n, offs_n, HKV * DV, Tk, offs_dv, DV, True)  # [BN, DV_PAD]
+    k = _load_tile(k_base, cols, HKV * DK, Tk, offs_dk, DK, True)  # [BN, DK_PAD]
+    v = _load_tile(v_base, cols, HKV * DV, Tk, offs_dv, DV, True)  # [BN, DV_PAD]
     dk = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
 
@@ -334,8 +325,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, Tq, Tk, HQ, HKV, q
                              DK, DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, PRECISION)
 
     # S = σ Q Kᵀ, so dK carries the factor σ; dV does not. Key tiles that no query sees store zeros.
-    _store_tile(dk_base, start_n, offs_n, HKV * DK, Tk, offs_dk, DK, dk * sm_scale)
-    _store_tile(dv_base, start_n, offs_n, HKV * DV, Tk, offs_dv, DV, dv)
+    _store_tile(dk_base, cols, HKV * DK, Tk, offs_dk, DK, dk * sm_scale)
+    _store_tile(dv_base, cols, HKV * DV, Tk, offs_dv, DV, dv)
 
 
 @triton.jit
@@ -346,8 +337,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, k_stride, v_stride, rows, s
     """Add the contributions of the key tiles start, start + BN, ... < end to dQ [BM, DK_PAD]."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n  # [BN] key indices
-        k = _load_tile(k_base, start_n, offs_n, k_stride, Tk, offs_dk, DK, MASKED)  # [BN, DK_PAD]
-        v = _load_tile(v_base, start_n, offs_n, v_stride, Tk, offs_dv, DV, MASKED)  # [BN, DV_PAD]
+        k = _load_tile(k_base, cols, k_stride, Tk, offs_dk, DK, MASKED)  # [BN, DK_PAD]
+        v = _load_tile(v_base, cols, v_stride, Tk, offs_dv, DV, MASKED)  # [BN, DV_PAD]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN] base 2
         p = tl.math.exp2(s - lse[:, None])  # [BM, BN] P, recomputed
         if MASKED:
@@ -387,13 +378,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
     v_base = V + (b.to(tl.int64) * Tk * HKV + hkv) * DV
 
     start_m = pid_m * BLOCK_M
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = start_m + offs_m
+    rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = _load_tile(q_base, start_m, offs_m, HQ * DK, Tq, offs_dk, DK, True)  # [BM, DK_PAD]
-    do = _load_tile(do_base, start_m, offs_m, HQ * DV, Tq, offs_dv, DV, True)  # [BM, DV_PAD]
+    q = _load_tile(q_base, rows, HQ * DK, Tq, offs_dk, DK, True)  # [BM, DK_PAD]
+    do = _load_tile(do_base, rows, HQ * DV, Tq, offs_dv, DV, True)  # [BM, DV_PAD]
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, DK_PAD], tl.float32)
@@ -413,7 +403,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
                    Tk, qk_scale, window, offs_n, offs_dk, offs_dv, DK, DV, BLOCK_N, True, CAUSAL,
                    HAS_WINDOW, PRECISION)
     dq_base = DQ_OUT + (b.to(tl.int64) * Tq * HQ + hq) * DK
-    _store_tile(dq_base, start_m, offs_m, HQ * DK, Tq, offs_dk, DK, dq * sm_scale)
+    _store_tile(dq_base, rows, HQ * DK, Tq, offs_dk, DK, dq * sm_scale)
 
 
 _INSTEAD = "attention_ref (PyTorch), which has no limit on the head dims"
