@@ -1456,18 +1456,23 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
     Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
     A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
-    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
+    n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
-    t = n * C + rows
+    t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
-    qk_rows = (b * T * H + h) * K + t * H * K  # [C] token t's q and k rows
-    hv_k = (b * T * HV + hv) * K + t * HV * K  # [C] token t's rows of g, W, qg, kd (per value head)
-    hv_v = (b * T * HV + hv) * V + t * HV * V  # [C] token t's rows of v and Ũ
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K  # the chunk's first gate row
-    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
-    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] row t's C entries
+    # the chunk's first row of each tensor, int64 (t·H·K passes 2^31 at long context); row i of the
+    # chunk is i·H·K (q, k), i·HV·K (g, W, qg, kd), i·HV·V (v, Ũ), i·HV·C (A, A_inv) further, int32
+    t0 = n.to(tl.int64) * C
+    qk_c = (b * T * H + h) * K + t0 * H * K
+    hk_c = (b * T * HV + hv) * K + t0 * HV * K
+    hv_c = (b * T * HV + hv) * V + t0 * HV * V
+    cc = ((b * T * HV + hv) + t0 * HV) * C + (rows[:, None] * HV * C + rows[None, :])  # [C, C]
+    qk_rows, hv_k, hv_v = rows * H * K, rows * HV * K, rows * HV * V  # [C] in-chunk offsets
+    g_chunk = g_ptr + hk_c  # the chunk's first gate row
+    beta = tl.load(beta_ptr + (b * T * HV + hv + t0 * HV) + rows * HV, mask=tm,
+                   other=0.0).to(tl.float32)  # [C]
     A = tl.load(a_ptr + cc, mask=tm[:, None], other=0.0)  # strictly lower, without β
     A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
@@ -1475,12 +1480,13 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         m = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        qk = qk_c + (qk_rows[:, None] + ks[None, :])  # [C, BK]
+        q = tl.load(q_ptr + qk, mask=m, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk, mask=m, other=0.0).to(tl.float32)
         G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
         G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
         eG = tl.exp(G)
-        off = hv_k[:, None] + ks[None, :]
+        off = hk_c + (hv_k[:, None] + ks[None, :])
         w = tl.dot(A_inv, k * (beta[:, None] * eG), input_precision=PRECISION)  # [C, BK]
         tl.store(w_ptr + off, w, mask=m)
         tl.store(qg_ptr + off, q * eG, mask=m)
@@ -1489,10 +1495,10 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         m = tm[:, None] & (vs[None, :] < V)
-        # [C, BV]
-        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)
+        off = hv_c + (hv_v[:, None] + vs[None, :])  # [C, BV]
+        vb = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
         u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
-        tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
+        tl.store(u_ptr + off, u, mask=m)
 
 # %% [markdown]
 # ### The scan and the output kernel
@@ -1744,21 +1750,25 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     Math: dP = scale dO Uᵀ; dV = diag(β) A_invᵀ dU; dW = −dU S_nᵀ; dA_inv = dW Xᵀ + dU (diag(β) V)ᵀ
     with X = diag(β) K ⊙ e^G; dA = −A_invᵀ dA_inv A_invᵀ; the row scalings qg, kd, gl and X give
     their dG terms."""
-    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
+    n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     h = hv // (HV // H)
     rows = tl.arange(0, C)
-    t = n * C + rows
+    t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
-    qk_rows = (b * T * H + h) * K + t * H * K
-    hv_k = (b * T * HV + hv) * K + t * HV * K
-    hv_v = (b * T * HV + hv) * V + t * HV * V
-    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    # the chunk's first rows in int64 and offsets from them in int32, as in the WY kernel
+    t0 = n.to(tl.int64) * C
+    qk_c = (b * T * H + h) * K + t0 * H * K
+    hk_c = (b * T * HV + hv) * K + t0 * HV * K
+    hv_c = (b * T * HV + hv) * V + t0 * HV * V
+    cc = ((b * T * HV + hv) + t0 * HV) * C + (rows[:, None] * HV * C + rows[None, :])  # [C, C]
+    qk_rows, hv_k, hv_v = rows * H * K, rows * HV * K, rows * HV * V  # [C] in-chunk offsets
+    g_chunk = g_ptr + hk_c
     S_n = states_ptr + (bh * NT + n) * K * V
     dS_n = dstates_ptr + (bh * NT + n) * K * V
-    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
+    beta_c = b * T * HV + hv + t0 * HV  # the chunk's first β; row i at + i·HV
+    beta = tl.load(beta_ptr + beta_c + rows * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
     A_inv = tl.load(ainv_ptr + cc, mask=tm[:, None], other=0.0)  # [C, C]
     dP = tl.zeros((C, C), dtype=tl.float32)
     dA_inv = tl.zeros((C, C), dtype=tl.float32)
@@ -1766,7 +1776,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     for v0 in range(0, V, BV):  # pass 1: V-tiles
         vs = v0 + tl.arange(0, BV)
         m_v = tm[:, None] & (vs[None, :] < V)
-        off = hv_v[:, None] + vs[None, :]
+        off = hv_c + (hv_v[:, None] + vs[None, :])
         do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + off, mask=m_v, other=0.0)
         du = tl.load(du_ptr + off, mask=m_v, other=0.0)
@@ -1781,8 +1791,9 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         m_k = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
+        qk = qk_c + (qk_rows[:, None] + ks[None, :])  # [C, BK]
+        q = tl.load(q_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
         G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
         G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
         eG = tl.exp(G)
@@ -1794,7 +1805,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         for v0 in range(0, V, BV):
             vs = v0 + tl.arange(0, BV)
             m_v = tm[:, None] & (vs[None, :] < V)
-            off = hv_v[:, None] + vs[None, :]
+            off = hv_c + (hv_v[:, None] + vs[None, :])
             kv_off = ks[:, None] * V + vs[None, :]
             kv_m = km[:, None] & (vs[None, :] < V)
             do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
@@ -1817,7 +1828,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         # G_L is the G of the chunk's last token (gates past T are 0)
         last = tl.minimum(C - 1, T - 1 - n * C)
         dG += tl.where(rows[:, None] == last, dG_L[None, :], 0.0)
-        off = hv_k[:, None] + ks[None, :]
+        off = hk_c + (hv_k[:, None] + ks[None, :])
         tl.store(dq_ptr + off, dqg * eG, mask=m_k)
         tl.store(dk_ptr + off, dX * beta[:, None] * eG + dkd * to_end, mask=m_k)
         tl.store(dg_ptr + off, dG, mask=m_k)
@@ -1829,7 +1840,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     dA = dA * beta[:, None]  # ∂L/∂a_ij
     tl.store(da_ptr + cc, dA, mask=tm[:, None])  # for the products kernel
     tl.store(dp_ptr + cc, dP, mask=tm[:, None])
-    tl.store(dbeta_ptr + b * T * HV + hv + t * HV, dbeta, mask=tm)
+    tl.store(dbeta_ptr + beta_c + rows * HV, dbeta, mask=tm)
 
 # %% [markdown]
 # The chunk kernel's $dA$ and $dP$ then go through the per-sub-chunk kernel, the forward's products kernel run

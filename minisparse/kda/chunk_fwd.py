@@ -126,18 +126,23 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
     Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
     A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
-    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31 at long context
+    n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
-    t = n * C + rows
+    t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
-    qk_rows = (b * T * H + h) * K + t * H * K  # [C] token t's q and k rows
-    hv_k = (b * T * HV + hv) * K + t * HV * K  # [C] token t's rows of g, W, qg, kd (per value head)
-    hv_v = (b * T * HV + hv) * V + t * HV * V  # [C] token t's rows of v and Ũ
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K  # the chunk's first gate row
-    beta = tl.load(beta_ptr + b * T * HV + hv + t * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
-    cc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] row t's C entries
+    # the chunk's first row of each tensor, int64 (t·H·K passes 2^31 at long context); row i of the
+    # chunk is i·H·K (q, k), i·HV·K (g, W, qg, kd), i·HV·V (v, Ũ), i·HV·C (A, A_inv) further, int32
+    t0 = n.to(tl.int64) * C
+    qk_c = (b * T * H + h) * K + t0 * H * K
+    hk_c = (b * T * HV + hv) * K + t0 * HV * K
+    hv_c = (b * T * HV + hv) * V + t0 * HV * V
+    cc = ((b * T * HV + hv) + t0 * HV) * C + (rows[:, None] * HV * C + rows[None, :])  # [C, C]
+    qk_rows, hv_k, hv_v = rows * H * K, rows * HV * K, rows * HV * V  # [C] in-chunk offsets
+    g_chunk = g_ptr + hk_c  # the chunk's first gate row
+    beta = tl.load(beta_ptr + (b * T * HV + hv + t0 * HV) + rows * HV, mask=tm,
+                   other=0.0).to(tl.float32)  # [C]
     A = tl.load(a_ptr + cc, mask=tm[:, None], other=0.0)  # strictly lower, without β
     A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
@@ -145,12 +150,13 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         ks = k0 + tl.arange(0, BK)
         km = ks < K
         m = tm[:, None] & km[None, :]
-        q = tl.load(q_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + qk_rows[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        qk = qk_c + (qk_rows[:, None] + ks[None, :])  # [C, BK]
+        q = tl.load(q_ptr + qk, mask=m, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + qk, mask=m, other=0.0).to(tl.float32)
         G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
         G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
         eG = tl.exp(G)
-        off = hv_k[:, None] + ks[None, :]
+        off = hk_c + (hv_k[:, None] + ks[None, :])
         w = tl.dot(A_inv, k * (beta[:, None] * eG), input_precision=PRECISION)  # [C, BK]
         tl.store(w_ptr + off, w, mask=m)
         tl.store(qg_ptr + off, q * eG, mask=m)
@@ -159,10 +165,10 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     for v0 in range(0, V, BV):
         vs = v0 + tl.arange(0, BV)
         m = tm[:, None] & (vs[None, :] < V)
-        # [C, BV]
-        vb = tl.load(v_ptr + hv_v[:, None] + vs[None, :], mask=m, other=0.0).to(tl.float32)
+        off = hv_c + (hv_v[:, None] + vs[None, :])  # [C, BV]
+        vb = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
         u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
-        tl.store(u_ptr + hv_v[:, None] + vs[None, :], u, mask=m)
+        tl.store(u_ptr + off, u, mask=m)
 
 
 @triton.jit
