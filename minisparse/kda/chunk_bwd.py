@@ -5,8 +5,8 @@ import triton.language as tl
 
 from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision
-from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _decay_sums, _load_gates, _options,
-                                      _v_tile)
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _decay_sums, _load_gates,
+                                      _options, _v_tile)
 
 
 @triton.jit
@@ -84,17 +84,10 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     rows = tl.arange(0, C)
     t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
-    # the chunk's first rows in int64 and offsets from them in int32, as in the WY kernel
-    t0 = n.to(tl.int64) * C
-    qk_c = (b * T * H + h) * K + t0 * H * K
-    hk_c = (b * T * HV + hv) * K + t0 * HV * K
-    hv_c = (b * T * HV + hv) * V + t0 * HV * V
-    cc = ((b * T * HV + hv) + t0 * HV) * C + (rows[:, None] * HV * C + rows[None, :])  # [C, C]
-    qk_rows, hv_k, hv_v = rows * H * K, rows * HV * K, rows * HV * V  # [C] in-chunk offsets
+    qk_c, hk_c, hv_c, beta_c, cc, qk_rows, hv_k, hv_v = _chunk_rows(b, h, hv, n, T, H, HV, K, V, C)
     g_chunk = g_ptr + hk_c
     S_n = states_ptr + (bh * NT + n) * K * V
     dS_n = dstates_ptr + (bh * NT + n) * K * V
-    beta_c = b * T * HV + hv + t0 * HV  # the chunk's first β; row i at + i·HV
     beta = tl.load(beta_ptr + beta_c + rows * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
     A_inv = tl.load(ainv_ptr + cc, mask=tm[:, None], other=0.0)  # [C, C]
     dP = tl.zeros((C, C), dtype=tl.float32)

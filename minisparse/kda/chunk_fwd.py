@@ -114,6 +114,22 @@ def _options(x, v):
 
 
 @triton.jit
+def _chunk_rows(b, h, hv, n, T, H, HV, K, V, C: tl.constexpr):
+    """Where chunk n of (batch b, key head h, value head hv) starts in each tensor, in int64 (t·H·K
+    passes 2^31 at long context), and its rows' offsets from there in int32 (-> qk_c, hk_c, hv_c,
+    beta_c, cc, qk_rows, hv_k, hv_v): row i of q, k at qk_c + qk_rows[i] (i·H·K); of g, W, qg, kd at
+    hk_c + hv_k[i] (i·HV·K); of v, Ũ at hv_c + hv_v[i] (i·HV·V); of β at beta_c + i·HV; the
+    [C, C] entries of A, A_inv, dA, dP at cc."""
+    rows = tl.arange(0, C)
+    t0 = n.to(tl.int64) * C
+    beta_c = b * T * HV + hv + t0 * HV
+    cc = beta_c * C + (rows[:, None] * HV * C + rows[None, :])  # [C, C]
+    return ((b * T * H + h) * K + t0 * H * K, (b * T * HV + hv) * K + t0 * HV * K,
+            (b * T * HV + hv) * V + t0 * HV * V, beta_c, cc, rows * H * K, rows * HV * K,
+            rows * HV * V)
+
+
+@triton.jit
 def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
                        gl_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, PRECISION: tl.constexpr):
@@ -132,17 +148,9 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     rows = tl.arange(0, C)
     t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
-    # the chunk's first row of each tensor, int64 (t·H·K passes 2^31 at long context); row i of the
-    # chunk is i·H·K (q, k), i·HV·K (g, W, qg, kd), i·HV·V (v, Ũ), i·HV·C (A, A_inv) further, int32
-    t0 = n.to(tl.int64) * C
-    qk_c = (b * T * H + h) * K + t0 * H * K
-    hk_c = (b * T * HV + hv) * K + t0 * HV * K
-    hv_c = (b * T * HV + hv) * V + t0 * HV * V
-    cc = ((b * T * HV + hv) + t0 * HV) * C + (rows[:, None] * HV * C + rows[None, :])  # [C, C]
-    qk_rows, hv_k, hv_v = rows * H * K, rows * HV * K, rows * HV * V  # [C] in-chunk offsets
+    qk_c, hk_c, hv_c, beta_c, cc, qk_rows, hv_k, hv_v = _chunk_rows(b, h, hv, n, T, H, HV, K, V, C)
     g_chunk = g_ptr + hk_c  # the chunk's first gate row
-    beta = tl.load(beta_ptr + (b * T * HV + hv + t0 * HV) + rows * HV, mask=tm,
-                   other=0.0).to(tl.float32)  # [C]
+    beta = tl.load(beta_ptr + beta_c + rows * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
     A = tl.load(a_ptr + cc, mask=tm[:, None], other=0.0)  # strictly lower, without β
     A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
