@@ -231,10 +231,14 @@ def test_a_call_without_gradients_builds_no_graph_and_gives_the_same_output(devi
 
 @pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)
 def test_window_reduces_to_causal(device, dtype):
-    """A window at least as long as the sequence changes nothing."""
-    q, k, v, _ = make_inputs(1, 37, 37, 2, 1, 32, 32, device, dtype, seed=3)
-    torch.testing.assert_close(flash_attention(q, k, v, window=37), flash_attention(q, k, v), rtol=0, atol=0)
-    torch.testing.assert_close(flash_attention(q, k, v, window=1000), flash_attention(q, k, v), rtol=0, atol=0)
+    """A window at least as long as the keys changes nothing, output and gradients, up to the largest int32 window
+    (2**31 - 1: a key's position plus the window would wrap in 32 bits)."""
+    q, k, v, do = make_inputs(1, 37, 37, 2, 1, 32, 32, device, dtype, seed=3)
+    plain, _ = run_both(q, k, v, do, causal=True)
+    for window in (37, 1000, 2**31 - 1):
+        got, _ = run_both(q, k, v, do, causal=True, window=window)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"window {window}: {name}")
 
 
 @pytest.mark.parametrize("device,dtype", SETTINGS, ids=SETTING_IDS)

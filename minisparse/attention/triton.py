@@ -562,6 +562,8 @@ def flash_attention(q, k, v, causal=True, scale=None, window=None):
         o `[B, Tq, HQ, DV]` in q's dtype, differentiable with respect to q, k and v.
     """
     scale = _check_flash_args(q, k, v, causal, scale, window)
+    if window is not None and window >= k.shape[1]:  # every key is inside it: plain causal (and no
+        window = None  # 32-bit overflow of position + window in the kernels' loop bounds)
     if q.numel() == 0 or k.numel() == 0:  # nothing to attend: an empty grid cannot launch
         return attention_ref(q, k, v, causal=causal, scale=scale, window=window)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
