@@ -165,8 +165,8 @@ def _inputs(T=40, HQ=4, H=2, bs=16):
 @pytest.mark.parametrize("op", [N.nsa, N.parallel_nsa])
 def test_block_indices_are_checked_without_the_selection_branch(op):
     """With g_slc=None the selection branch does not read block_indices, but nsa returns them: out-of-range, future
-    or float indices passed silently; they are checked as when the branch runs (and as the decoding step did). Value
-    checks on, so that the index values are also checked on CUDA tensors."""
+    or float indices are refused as when the branch runs. Value checks on, so that the index values are also checked
+    on CUDA tensors."""
     q, k, v, idx = (x.to(DEV) for x in _inputs(T=64))
     g = torch.rand(1, 64, 4, device=DEV)
     kw = dict(block_counts=3, block_size=16, window_size=0, return_block_indices=True)
