@@ -2371,7 +2371,12 @@ def decode_merge_kernel(cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_p
 
 # %% tags=["hide-input"]
 #| export nsa.triton
-_TOPN_TILE = 8192  # elements of the decoding top-n's score tile [RG heads, BNA summaries]
+def _topn_heads(config, BG, BNA):
+    """A `nsa.decode.select` configuration for the kernel: its TOPN (elements of the top-n's score
+    tile [RG heads, BNA summaries]) becomes RG, as many heads a load as fit, at least one."""
+    c = dict(config)
+    tile = c.pop("TOPN")
+    return {**c, "RG": max(1, min(BG, tile // BNA))}
 
 
 def _early_after(ours, config):
@@ -2451,10 +2456,11 @@ def _nsa_decode(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, block_indices, block
                        (q, k, v, s, cm, cl, idx, sm, sl, sacc, wm, wl, wacc, T, N, NC, NS, NW, W,
                         scale * _LOG2E),
                        dict(meta, S=S, SP=_next_pow2(S, 1), BS=bs, BNC=_next_pow2(NC, 1), BNA=BNA,
-                            RG=max(1, min(meta["BG"], _TOPN_TILE // BNA)), PICK=pick, SLC=slc,
-                            SWA=swa),
-                       device=dev, dtype=q.dtype, key=(meta["BD"], meta["BDV"], bs, pick or cmp),
-                       fit=lambda c: _early_after(pick or cmp, _fit_keys(bs)(c)))
+                            PICK=pick, SLC=slc, SWA=swa),
+                       device=dev, dtype=q.dtype,
+                       key=(meta["BD"], meta["BDV"], bs, pick or cmp, BNA),
+                       fit=lambda c: _early_after(pick or cmp,
+                                                  _fit_keys(bs)(_topn_heads(c, meta["BG"], BNA))))
     o = torch.empty(B, 1, HQ, DV, device=dev, dtype=q.dtype)
     runtime.launch("nsa.decode.merge", decode_merge_kernel,
                    lambda c: (B * H, triton.cdiv(G, c["BGM"]), triton.cdiv(DV, c["BVM"])),

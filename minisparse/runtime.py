@@ -409,8 +409,9 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(8, 1, BR=32), _cfg(4, 1, BR=16)],
         "sm_75": [_cfg(4, 1, BR=16)],
     },
-    # NSA's decoding step (one token, three kernels): BC summaries a tile of the compressed scores, BN keys a tile of
-    # the selected blocks and the window (capped at the block size), then the merge. sm_90: kernels 2 and 3 launched
+    # NSA's decoding step (one token, three kernels): BC summaries a tile of the compressed scores; BN keys a tile of
+    # the selected blocks and the window (capped at the block size) and TOPN scores a load of the top-n ([RG heads,
+    # BNA summaries], RG = TOPN // BNA, at least 1); then the merge. sm_90: kernels 2 and 3 launched
     # early (launch_pdl: programmatic dependent launch; each waits in the kernel for what it reads of the previous).
     "nsa.decode.scores": {
         "interpreter": [_cfg(BC=16)],
@@ -418,10 +419,11 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1, BC=32), _cfg(4, 1, BC=16)],
     },
     "nsa.decode.select": {
-        "interpreter": [_cfg(BN=16)],
-        "sm_90": [_cfg(8, 2, BN=64, launch_pdl=True), _cfg(8, 2, BN=64), _cfg(4, 1, BN=32, launch_pdl=True)],
-        "sm_80": [_cfg(8, 2, BN=64), _cfg(4, 1, BN=32)],
-        "sm_75": [_cfg(4, 1, BN=32), _cfg(4, 1, BN=16)],
+        "interpreter": [_cfg(BN=16, TOPN=8192)],
+        "sm_90": [_cfg(8, 2, BN=64, TOPN=8192, launch_pdl=True), _cfg(8, 2, BN=64, TOPN=8192),
+                  _cfg(4, 1, BN=32, TOPN=8192, launch_pdl=True)],
+        "sm_80": [_cfg(8, 2, BN=64, TOPN=8192), _cfg(4, 1, BN=32, TOPN=8192)],
+        "sm_75": [_cfg(4, 1, BN=32, TOPN=8192), _cfg(4, 1, BN=16, TOPN=8192)],
     },
     "nsa.decode.merge": {  # BGM heads of a group × BVM value dims a program, BP partial slots a load
         "interpreter": [_cfg(BP=4, BGM=2, BVM=16)],

@@ -561,19 +561,16 @@ def test_decoding_kernels_match_nsa(poisoned, dtype, B, T, HQ, H, D, DV, bs, S, 
 
 
 @pytest.mark.parametrize("BP,tile", [(1, 16), (2, 32)])
-def test_decoding_kernels_in_small_pieces(poisoned, monkeypatch, BP, tile):
+def test_decoding_kernels_in_small_pieces(poisoned, BP, tile):
     """The merge loading BP partial slots at a time (fewer than a branch has: chunks folded one into the next) and
     the top-n reading the scores tile // 16 heads at a time (fewer than the group's 3): two sequences, NC = 2."""
-    from minisparse.nsa import triton as nsa_triton
-
-    monkeypatch.setattr(nsa_triton, "_TOPN_TILE", tile)
     B, T, HQ, H, bs = 2, 2100, 6, 2, 16
     q, k, v = make_qkv(B, T, HQ, 16, HKV=H, seed=7, device=DEV)
     gs = [g.to(DEV) for g in gates(B, T, HQ, seed=7)]
     kw = dict(block_counts=5, block_size=bs, window_size=70)
     want, idx = N.nsa(q, k, v, *gs, **kw, return_block_indices=True)
     with runtime.launch_config("nsa.decode.merge", BP=BP, BGM=2, BVM=16, num_warps=4, num_stages=1), \
-            torch.no_grad():
+            runtime.launch_config("nsa.decode.select", BN=16, TOPN=tile, num_warps=4, num_stages=1), torch.no_grad():
         got, got_idx = N.parallel_nsa(q[:, -1:], k, v, *(g[:, -1:] for g in gs), **kw, return_block_indices=True)
     assert torch.equal(got_idx, idx[:, -1:])
     assert_close(f"BP {BP}, tile {tile}", want[:, -1:], got, 1e-4)

@@ -48,7 +48,7 @@ from minisparse.deltanet.chunk_fwd import _v_tile  # noqa: E402
 from minisparse.dsa.triton import _fit_heads  # noqa: E402
 from minisparse.lightning.triton import _state_tiles, _v_tiles  # noqa: E402
 from minisparse.mla.triton import _split_tiles  # noqa: E402
-from minisparse.nsa.triton import _fit_keys  # noqa: E402
+from minisparse.nsa.triton import _fit_keys, _topn_heads  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -211,9 +211,9 @@ SPECS = [
     Spec("nsa.decode.scores", "minisparse.nsa.triton:decode_scores_kernel", {**_DECODE, "BS": 64, "CMP": True, "STORE_S": True},
          "q_ptr kc_ptr vc_ptr", floats="qk_scale"),
     Spec("nsa.decode.select", "minisparse.nsa.triton:decode_select_kernel",
-         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "RG": 8, "PICK": True, "SLC": True,
-          "SWA": True},
-         "q_ptr k_ptr v_ptr", ints={"idx_ptr": "i64"}, floats="qk_scale", fit=_fit_keys(64)),
+         {**_DECODE, "S": 16, "SP": 16, "BS": 64, "BNC": 16, "BNA": 1024, "PICK": True, "SLC": True, "SWA": True},
+         "q_ptr k_ptr v_ptr", ints={"idx_ptr": "i64"}, floats="qk_scale",
+         fit=lambda c: _fit_keys(64)(_topn_heads(c, _DECODE["BG"], 1024))),
     Spec("nsa.decode.merge", "minisparse.nsa.triton:decode_merge_kernel",
          {k: _DECODE[k] for k in ("HQ", "H", "G", "DV")} | dict(CMP=True, SLC=True, SWA=True),
          "gc_ptr gs_ptr gw_ptr o_ptr", floats=""),
