@@ -123,8 +123,17 @@ def last_programs(monkeypatch):
 
 
 @pytest.fixture
-def padding_rule():
-    """`padding_rule(layer, x, recurrent, tol)`: the checks of `_padding_rule` below."""
+def value_checks():
+    """Value checks on for the test (on CUDA tensors too: CPU tensors always have them); the test may switch them
+    with value_checks(False) / value_checks(True). The setting from before the test is restored afterwards."""
+    previous = runtime.set_value_checks(True)
+    yield runtime.set_value_checks
+    runtime.set_value_checks(previous)
+
+
+@pytest.fixture
+def padding_rule(value_checks):
+    """`padding_rule(layer, x, recurrent, tol)`: the checks of `_padding_rule` below, with value checks on."""
     return _padding_rule
 
 
@@ -132,25 +141,21 @@ def _padding_rule(layer, x, recurrent=lambda state: state, tol=1e-5):
     """A recurrent layer's padding mask: left padding (5 tokens) gives the unpadded prompt's state; right padding is
     allowed for outputs only (the real tokens' outputs unchanged) and refused with a returned state, as is any
     padding while continuing from a state. x [2, T, hidden] on the layer's device; `recurrent(state)` is the part of
-    a returned state to compare (the recurrent state of a (conv, recurrent) pair). Value checks on, so that the
-    refusals also run on CUDA tensors."""
+    a returned state to compare (the recurrent state of a (conv, recurrent) pair). Value checks on (the
+    `padding_rule` fixture turns them on), so that the refusals also run on CUDA tensors."""
     B, T = x.shape[:2]
     left = torch.ones(B, T, device=x.device)
     left[:, :5] = 0
     right = left.flip(-1)
-    previous = runtime.set_value_checks(True)
-    try:
-        with torch.no_grad():
-            _, padded = layer(x, use_cache=True, attention_mask=left)
-            _, short = layer(x[:, 5:], use_cache=True)
-            assert_close("left-padded state", recurrent(short), recurrent(padded), tol)
-            y, _ = layer(x, attention_mask=right)  # right padding, outputs only: allowed
-            assert_close("right-padded outputs", layer(x[:, :T - 5])[0], y[:, :T - 5], tol)
-            with pytest.raises(ValueError, match="must pad on the left .* row 0 has padding after a token"):
-                layer(x, use_cache=True, attention_mask=right)
-            _, state = layer(x, use_cache=True)
-            with pytest.raises(ValueError, match="continues from a state"):
-                layer(x, state=state, attention_mask=left)
-            layer(x, state=state, attention_mask=torch.ones(B, T, device=x.device))  # no padding: fine
-    finally:
-        runtime.set_value_checks(previous)
+    with torch.no_grad():
+        _, padded = layer(x, use_cache=True, attention_mask=left)
+        _, short = layer(x[:, 5:], use_cache=True)
+        assert_close("left-padded state", recurrent(short), recurrent(padded), tol)
+        y, _ = layer(x, attention_mask=right)  # right padding, outputs only: allowed
+        assert_close("right-padded outputs", layer(x[:, :T - 5])[0], y[:, :T - 5], tol)
+        with pytest.raises(ValueError, match="must pad on the left .* row 0 has padding after a token"):
+            layer(x, use_cache=True, attention_mask=right)
+        _, state = layer(x, use_cache=True)
+        with pytest.raises(ValueError, match="continues from a state"):
+            layer(x, state=state, attention_mask=left)
+        layer(x, state=state, attention_mask=torch.ones(B, T, device=x.device))  # no padding: fine

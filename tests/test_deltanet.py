@@ -121,21 +121,17 @@ def test_l2norm_is_exact_for_huge_and_tiny_rows():
     assert l2norm(torch.zeros(2, 3, 0)).shape == (2, 3, 0)
 
 
-def test_triton_ops_refuse_rows_whose_squares_overflow_with_l2norm():
+def test_triton_ops_refuse_rows_whose_squares_overflow_with_l2norm(value_checks):
     ok = {n: x.to(DEV) for n, x in _ok().items()}
     huge = dict(ok, k=ok["k"] * 1e20)
     ref = naive_recurrent_gated_delta_rule(**huge, use_qk_l2norm=True)[0]  # the spec computes it
     assert_close("naive at 1e20", naive_recurrent_gated_delta_rule(**ok, use_qk_l2norm=True)[0], ref, 1e-5)
-    previous = runtime.set_value_checks(True)
-    try:
-        for fn in (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
-            with pytest.raises(ValueError, match=r"k must be >= -5.76461e\+17 and <= 5.76461e\+17 \(use_qk_l2norm"), \
-                    torch.no_grad():
-                fn(**huge, use_qk_l2norm=True)
-            with torch.no_grad():  # without the normalisation, large keys are the caller's business
-                fn(**dict(ok, k=ok["k"] * 1e3))
-    finally:
-        runtime.set_value_checks(previous)
+    for fn in (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
+        with pytest.raises(ValueError, match=r"k must be >= -5.76461e\+17 and <= 5.76461e\+17 \(use_qk_l2norm"), \
+                torch.no_grad():
+            fn(**huge, use_qk_l2norm=True)
+        with torch.no_grad():  # without the normalisation, large keys are the caller's business
+            fn(**dict(ok, k=ok["k"] * 1e3))
 
 
 # ------------------------------------------------------------------------------------------- the chunk form
@@ -448,38 +444,37 @@ def test_every_configuration_of_the_deltanet_rows_matches_the_recurrence():
                 assert_close(f"{row} {config} {name}", r, c, 5e-3 if name in ("o", "final state") else 8e-3)
 
 
-def test_value_checks_follow_the_rule():
+def test_value_checks_follow_the_rule(value_checks):
     """The Triton ops check g's and β's values on CPU tensors always, and on CUDA tensors only after
     runtime.set_value_checks(True), before launching; unchecked, they compute what they are given (a slightly
     positive log decay gives the recurrence's answer). Shapes are checked either way."""
     q, k, v, g, beta, h0 = (x.to(DEV) for x in _inputs(1, 70, 1, 2, 16, 16))
     g_up = g.abs() * 0.01  # exp(g) slightly above 1: outside the model's range, still a well-defined recurrence
-    previous = runtime.set_value_checks(False)
-    try:
-        if DEV == "cpu":
-            with pytest.raises(ValueError, match="g must be > -inf and <= 0"):
-                chunk_gated_delta_rule(q, k, v, g_up, beta)
-        else:  # the reference: the recurrence without its own (always-on) value checks
-            ref = _naive_recurrent(q, k, v, g_up, beta, None, h0, False, False, check_values=False)[0]
-            got = chunk_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
-            assert_close("o with g > 0, value checks off", ref, got, 2e-3)
-        with pytest.raises(ValueError, match="beta must be"):  # shapes are always checked
-            chunk_gated_delta_rule(q, k, v, g, beta[:, :-1])
-        runtime.set_value_checks(True)
+    value_checks(False)
+    if DEV == "cpu":
         with pytest.raises(ValueError, match="g must be > -inf and <= 0"):
             chunk_gated_delta_rule(q, k, v, g_up, beta)
-        with pytest.raises(ValueError, match="g contains NaN"), torch.no_grad():
-            fused_recurrent_gated_delta_rule(q, k, v, torch.full_like(g, float("nan")), beta)
-    finally:
-        runtime.set_value_checks(previous)
+    else:  # the reference: the recurrence without its own (always-on) value checks
+        ref = _naive_recurrent(q, k, v, g_up, beta, None, h0, False, False, check_values=False)[0]
+        got = chunk_gated_delta_rule(q, k, v, g_up, beta, initial_state=h0)[0]
+        assert_close("o with g > 0, value checks off", ref, got, 2e-3)
+    with pytest.raises(ValueError, match="beta must be"):  # shapes are always checked
+        chunk_gated_delta_rule(q, k, v, g, beta[:, :-1])
+    value_checks(True)
+    with pytest.raises(ValueError, match="g must be > -inf and <= 0"):
+        chunk_gated_delta_rule(q, k, v, g_up, beta)
+    with pytest.raises(ValueError, match="g contains NaN"), torch.no_grad():
+        fused_recurrent_gated_delta_rule(q, k, v, torch.full_like(g, float("nan")), beta)
+    value_checks(False)
     with pytest.raises(ValueError, match="g must be > -inf and <= 0"):  # the naive ops check always
         naive_recurrent_gated_delta_rule(q, k, v, g_up, beta)
 
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
-def test_layer_never_rechecks_its_own_gates(monkeypatch, backend):
+def test_layer_never_rechecks_its_own_gates(monkeypatch, backend, value_checks):
     """GatedDeltaNet builds g = −exp(A_log)·softplus(…) ≤ 0 and β = σ(b) itself: its forward (prefill, a short
     step and single-token decoding) never asks for a value check, while the public ops it calls do."""
+    value_checks(False)  # the layer runs under the default setting (value checks off on CUDA tensors)
     calls = []
     real = _checks.value_range
     monkeypatch.setattr(_checks, "value_range", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
@@ -494,11 +489,8 @@ def test_layer_never_rechecks_its_own_gates(monkeypatch, backend):
     assert calls == [], calls
     q, k, v, g, beta, _ = (None if t is None else t.to(x.device) for t in _inputs(1, 8, 2, 4, 16, 16, state=False))
     fn = chunk_gated_delta_rule if backend == "triton" else naive_chunk_gated_delta_rule
-    previous = runtime.set_value_checks(True)  # on CUDA the Triton op checks values only when asked
-    try:
-        fn(q, k, v, g, beta)
-    finally:
-        runtime.set_value_checks(previous)
+    value_checks(True)  # on CUDA the Triton op checks values only when asked
+    fn(q, k, v, g, beta)
     assert calls == ["g", "beta"], calls  # the control: the op itself checks
 
 
@@ -612,33 +604,25 @@ def test_bad_input_raises(fn, change, exc, match):
 
 
 @pytest.mark.parametrize("change,exc,match", BAD_INPUTS)
-def test_triton_ops_raise_on_bad_input(change, exc, match):
+def test_triton_ops_raise_on_bad_input(change, exc, match, value_checks):
     """The Triton ops raise on every bad input the naive ones do, the value checks included (on CUDA tensors those
     run after runtime.set_value_checks(True); on CPU tensors always)."""
     kw = {name: x.to(DEV) if isinstance(x, torch.Tensor) else x for name, x in change(_ok()).items()}
-    previous = runtime.set_value_checks(True)
-    try:
-        with pytest.raises(exc, match=match):
-            chunk_gated_delta_rule(**kw)
-        with pytest.raises(exc, match=match), torch.no_grad():
-            fused_recurrent_gated_delta_rule(**kw)
-    finally:
-        runtime.set_value_checks(previous)
+    with pytest.raises(exc, match=match):
+        chunk_gated_delta_rule(**kw)
+    with pytest.raises(exc, match=match), torch.no_grad():
+        fused_recurrent_gated_delta_rule(**kw)
 
 
-def test_bad_chunk_size_and_ungated_ops():
+def test_bad_chunk_size_and_ungated_ops(value_checks):
     q, k, v, g, beta, _ = _inputs(1, 8, 2, 2, 16, 24, state=False)
     with pytest.raises(ValueError, match="chunk_size must be an int > 0"):
         naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=0)
     for fn in (naive_recurrent_delta_rule, naive_chunk_delta_rule):
         with pytest.raises(ValueError, match="beta must be >= 0 and <= 2"):
             fn(q, k, v, beta + 3)
-    previous = runtime.set_value_checks(True)  # on CUDA tensors the Triton ops check values only when asked
-    try:
-        with pytest.raises(ValueError, match="beta must be >= 0 and <= 2"):
-            chunk_delta_rule(*_dev(q, k, v, beta + 3))
-    finally:
-        runtime.set_value_checks(previous)
+    with pytest.raises(ValueError, match="beta must be >= 0 and <= 2"):  # on CUDA tensors too: value checks on
+        chunk_delta_rule(*_dev(q, k, v, beta + 3))
 
 
 @pytest.mark.parametrize("fn", [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule,

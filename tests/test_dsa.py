@@ -193,14 +193,6 @@ def _sparse_op(kind):
     return lambda q, k, v, indices: D.sparse_attention(q, k, v, indices, backend="triton")
 
 
-@pytest.fixture
-def value_checks():
-    """Index values are checked by the kernels on CUDA only when asked (a host sync)."""
-    previous = runtime.set_value_checks(True)
-    yield
-    runtime.set_value_checks(previous)
-
-
 @pytest.mark.parametrize("kind", OPS)
 @pytest.mark.parametrize("name,build,exc,match", BAD_ATTENTION, ids=[row[0] for row in BAD_ATTENTION])
 def test_sparse_attention_rejects_bad_input(value_checks, kind, name, build, exc, match):

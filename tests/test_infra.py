@@ -420,7 +420,7 @@ def test_kernel_resources_maxnreg_caps_registers():
 
 
 # --------------------------------------------------------------------------------------- the value-check rule
-def test_value_checks_follow_one_rule(monkeypatch):
+def test_value_checks_follow_one_rule(monkeypatch, value_checks):
     """naive ops: always. Triton ops on CPU tensors: always. On CUDA tensors: only after set_value_checks(True),
     and never during graph capture (the device type decides, so this runs without a GPU)."""
     cpu, cuda = torch.zeros(1), torch.zeros(1, device="meta")
@@ -429,15 +429,12 @@ def test_value_checks_follow_one_rule(monkeypatch):
     cuda_like = type("T", (), {"device": torch.device("cuda")})()
     assert _checks.checking_values(True, cuda_like)
     assert _checks.checking_values(False, cpu)
-    assert not _checks.checking_values(False, cuda_like)  # off by default on CUDA: no host sync
-    previous = runtime.set_value_checks(True)
-    try:
-        assert _checks.checking_values(False, cuda_like)
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        assert not _checks.checking_values(False, cuda_like)
-    finally:
-        runtime.set_value_checks(previous)
-    assert previous is False
+    assert runtime.set_value_checks(False) is True  # returns the previous setting (on: the fixture's)
+    assert not _checks.checking_values(False, cuda_like)  # off (the default) on CUDA: no host sync
+    assert runtime.set_value_checks(True) is False
+    assert _checks.checking_values(False, cuda_like)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not _checks.checking_values(False, cuda_like)
     with pytest.raises(TypeError, match="True or False"):
         runtime.set_value_checks("yes")
     del cuda

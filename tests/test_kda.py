@@ -228,25 +228,21 @@ def _ops():
 
 @pytest.mark.parametrize("op", _ops(), ids=lambda o: o[0])
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c[0])
-def test_bad_input_is_refused_with_a_clear_message(op, case):
+def test_bad_input_is_refused_with_a_clear_message(op, case, value_checks):
     """One table for the naive and the Triton ops; the Triton ops' value checks run on CPU tensors always and on
-    CUDA tensors after runtime.set_value_checks(True), which this test sets."""
+    CUDA tensors after runtime.set_value_checks(True), which the `value_checks` fixture sets."""
     name, fn = op
     _, change, exc, fragment = case
     args = change(_good())
     if not name.startswith("naive"):
         args = {n: x.to(_device()) if isinstance(x, torch.Tensor) else x for n, x in args.items()}
-    previous = runtime.set_value_checks(True)
-    try:
-        with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
-            with torch.no_grad():
-                fn(**args)
-    finally:
-        runtime.set_value_checks(previous)
+    with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
+        with torch.no_grad():
+            fn(**args)
     assert name in str(info.value)
 
 
-def test_huge_rows_with_l2norm_are_exact_in_the_naive_ops_and_refused_by_the_kernels():
+def test_huge_rows_with_l2norm_are_exact_in_the_naive_ops_and_refused_by_the_kernels(value_checks):
     """The kernels' l2norm sums squares in float32, which overflows past |q| ≈ 1e18: they refuse such rows (under
     the value-check rule); the naive ops normalise them exactly."""
     from minisparse.kda import chunk_kda, fused_recurrent_kda
@@ -256,17 +252,13 @@ def test_huge_rows_with_l2norm_are_exact_in_the_naive_ops_and_refused_by_the_ker
     assert_close("naive, q at 1e20", ref, naive_recurrent_kda(**dict(a, q=a["q"] * 1e20), use_qk_l2norm=True)[0],
                  1e-5)
     huge = {n: x.to(_device()) for n, x in dict(a, q=a["q"] * 1e20).items()}
-    previous = runtime.set_value_checks(True)
-    try:
-        for fn in (chunk_kda, fused_recurrent_kda):
-            with pytest.raises(ValueError, match=r"q must be >= -5.76461e\+17 and <= 5.76461e\+17 \(use_qk_l2norm"), \
-                    torch.no_grad():
-                fn(**huge, use_qk_l2norm=True)
-    finally:
-        runtime.set_value_checks(previous)
+    for fn in (chunk_kda, fused_recurrent_kda):
+        with pytest.raises(ValueError, match=r"q must be >= -5.76461e\+17 and <= 5.76461e\+17 \(use_qk_l2norm"), \
+                torch.no_grad():
+            fn(**huge, use_qk_l2norm=True)
 
 
-def test_value_checks_follow_the_rule():
+def test_value_checks_follow_the_rule(value_checks):
     """The Triton ops check g's and β's values on CPU tensors always, on CUDA tensors only after
     runtime.set_value_checks(True); unchecked, they compute what they are given. The naive ops always check."""
     from minisparse.kda import chunk_kda
@@ -274,20 +266,18 @@ def test_value_checks_follow_the_rule():
 
     q, k, v, g, beta, h0 = _inputs(1, 70, 1, 2, 16, 16, device=_device())
     g_up = g.abs() * 0.01  # a slightly positive log decay: outside the model's range, still well defined
-    previous = runtime.set_value_checks(False)
-    try:
-        if _device() == "cpu":
-            with pytest.raises(ValueError, match="g must be"):
-                chunk_kda(q, k, v, g_up, beta)
-        else:
-            ref = _naive_recurrent(q, k, v, g_up, beta, None, h0, False, False, check_values=False)[0]
-            assert_close("o with g > 0, value checks off", ref, chunk_kda(q, k, v, g_up, beta, initial_state=h0)[0],
-                         1e-3)
-        runtime.set_value_checks(True)
+    value_checks(False)
+    if _device() == "cpu":
         with pytest.raises(ValueError, match="g must be"):
             chunk_kda(q, k, v, g_up, beta)
-    finally:
-        runtime.set_value_checks(previous)
+    else:
+        ref = _naive_recurrent(q, k, v, g_up, beta, None, h0, False, False, check_values=False)[0]
+        assert_close("o with g > 0, value checks off", ref, chunk_kda(q, k, v, g_up, beta, initial_state=h0)[0],
+                     1e-3)
+    value_checks(True)
+    with pytest.raises(ValueError, match="g must be"):
+        chunk_kda(q, k, v, g_up, beta)
+    value_checks(False)  # the naive ops check always
     with pytest.raises(ValueError, match="g must be"):
         naive_recurrent_kda(q, k, v, g_up, beta)
 

@@ -385,17 +385,13 @@ OPS = [naive_recurrent_lightning_attn, naive_chunk_lightning_attn, chunk_lightni
 
 @pytest.mark.parametrize("op", OPS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("desc,mutate,exc,words", BAD, ids=[b[0] for b in BAD])
-def test_bad_inputs_raise(op, desc, mutate, exc, words):
+def test_bad_inputs_raise(op, desc, mutate, exc, words, value_checks):
     """Every row raises in the naive and the Triton ops (value rows on CUDA with value checks on: off by default)."""
     args = _good()
     mutate(args)
-    previous = runtime.set_value_checks(True)
-    try:
-        with pytest.raises(exc, match=words):
-            with torch.no_grad():
-                op(**args)
-    finally:
-        runtime.set_value_checks(previous)
+    with pytest.raises(exc, match=words):
+        with torch.no_grad():
+            op(**args)
 
 
 def test_naive_chunk_size_is_checked():
@@ -404,12 +400,13 @@ def test_naive_chunk_size_is_checked():
 
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
-def test_layer_does_not_recheck_its_slopes(monkeypatch, backend):
+def test_layer_does_not_recheck_its_slopes(monkeypatch, backend, value_checks):
     """LightningAttention built its slopes (constant, positive): prefill, decoding (the fused recurrent kernel) and
     training run without a value check, while the public ops, on the same values, do check."""
     def no_value_checks(*args, **kwargs):
         raise AssertionError("a value check ran")
 
+    value_checks(False)  # the layer runs under the default setting (value checks off on CUDA tensors)
     monkeypatch.setattr(_checks, "value_range", no_value_checks)
     dev = DEV if backend == "triton" else "cpu"
     layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=16, backend=backend).to(dev)
@@ -420,12 +417,9 @@ def test_layer_does_not_recheck_its_slopes(monkeypatch, backend):
     layer(x)[0].sum().backward()
     op = naive_chunk_lightning_attn if backend == "naive" else chunk_lightning_attn
     q = torch.randn(1, 4, 2, 16, device=dev)
-    previous = runtime.set_value_checks(True)  # CUDA tensors: the Triton ops check values only when asked
-    try:
-        with pytest.raises(AssertionError, match="a value check ran"):
-            op(q, q, q, layer.slope_rate)
-    finally:
-        runtime.set_value_checks(previous)
+    value_checks(True)  # CUDA tensors: the Triton ops check values only when asked
+    with pytest.raises(AssertionError, match="a value check ran"):
+        op(q, q, q, layer.slope_rate)
 
 
 def test_unchecked_path_computes_without_decay():

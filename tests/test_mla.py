@@ -426,15 +426,6 @@ def _lengths(*values):
     return torch.tensor(values, device=DEV)
 
 
-@pytest.fixture
-def value_checks():
-    """Value checks on, as after runtime.set_value_checks(True): the Triton op on CUDA tensors then checks the range of
-    lengths too (on CPU tensors it always does)."""
-    previous = runtime.set_value_checks(True)
-    yield
-    runtime.set_value_checks(previous)
-
-
 # (what is wrong, the change to good arguments, exception, message): shared by the three decode ops
 BAD_DECODE = [
     ("latent dim mismatch", lambda a: dict(kv_cache=a["kv_cache"][..., :40]), ValueError, r"kv_cache must be \[B, S, Dc\]"),

@@ -49,14 +49,6 @@ def _tiles(kernel, config):
     return contextlib.nullcontext() if config is None else runtime.launch_config(kernel, **config)
 
 
-@pytest.fixture
-def value_checks_on():
-    """Value checks on CUDA tensors too (CPU tensors always have them), restored afterwards."""
-    previous = runtime.set_value_checks(True)
-    yield
-    runtime.set_value_checks(previous)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -311,26 +303,23 @@ def test_grouped_mm_weight_gradient_writes_every_expert(tiles):
     assert_close("dw", ref, dw, 1e-5)
 
 
-def test_grouped_mm_offsets_check_follows_the_value_check_rule():
+def test_grouped_mm_offsets_check_follows_the_value_check_rule(value_checks):
     """The offsets check reads them back to the host: on CPU tensors always, on CUDA tensors only after
     runtime.set_value_checks(True); check_values=False skips it everywhere. The shape checks stay on."""
     x, w, _, _ = _reference_and_poisoned_output()
     short = _offsets([0, 13, 0, 40, 16])  # ends at 69, not M = 70
-    previous = runtime.set_value_checks(False)
-    try:
-        if DEV == "cpu":
-            with pytest.raises(ValueError, match="last offset must equal M"):
-                grouped_mm(x, w, short)
-        else:
-            grouped_mm(x, w, short)  # no host read, no check
-        runtime.set_value_checks(True)
+    value_checks(False)
+    if DEV == "cpu":
         with pytest.raises(ValueError, match="last offset must equal M"):
             grouped_mm(x, w, short)
-        grouped_mm(x, w, short, check_values=False)
-        with pytest.raises(ValueError, match="one entry per expert"):
-            grouped_mm(x, w, short[:-1], check_values=False)
-    finally:
-        runtime.set_value_checks(previous)
+    else:
+        grouped_mm(x, w, short)  # no host read, no check
+    value_checks(True)
+    with pytest.raises(ValueError, match="last offset must equal M"):
+        grouped_mm(x, w, short)
+    grouped_mm(x, w, short, check_values=False)
+    with pytest.raises(ValueError, match="one entry per expert"):
+        grouped_mm(x, w, short[:-1], check_values=False)
 
 
 def test_grouped_mm_matches_torch_grouped_mm():
@@ -586,7 +575,7 @@ GMM_TRITON_BAD = [  # what only the kernels refuse
 
 @pytest.mark.parametrize("op", [grouped_mm_ref, grouped_mm], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("desc, change, exc, words", GMM_BAD, ids=[b[0] for b in GMM_BAD])
-def test_grouped_mm_rejects_bad_input(value_checks_on, op, desc, change, exc, words):
+def test_grouped_mm_rejects_bad_input(value_checks, op, desc, change, exc, words):
     args = _gmm_args()
     change(args)
     with pytest.raises(exc, match=words):

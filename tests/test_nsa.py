@@ -163,7 +163,7 @@ def _inputs(T=40, HQ=4, H=2, bs=16):
 
 
 @pytest.mark.parametrize("op", [N.nsa, N.parallel_nsa])
-def test_block_indices_are_checked_without_the_selection_branch(op):
+def test_block_indices_are_checked_without_the_selection_branch(op, value_checks):
     """With g_slc=None the selection branch does not read block_indices, but nsa returns them: out-of-range, future
     or float indices are refused as when the branch runs. Value checks on, so that the index values are also checked
     on CUDA tensors."""
@@ -171,18 +171,15 @@ def test_block_indices_are_checked_without_the_selection_branch(op):
     g = torch.rand(1, 64, 4, device=DEV)
     kw = dict(block_counts=3, block_size=16, window_size=0, return_block_indices=True)
     name = op.__name__
-    previous = runtime.set_value_checks(True)
-    try:
-        for bad, exc, match in (
-                (torch.full_like(idx, 9), ValueError, rf"{name}: block_indices\[0, 0, 0, 0\] = 9 is out "
-                                                      r"of range or in the future: query 0 sees blocks 0..0"),
-                (_future(idx), ValueError, rf"{name}: block_indices\[0, 3, 0, 0\] = 1"),
-                (idx.float(), TypeError, rf"{name}: block_indices must be int32 or int64, got torch.float32"),
-                (idx[:, :, :1].expand(1, 64, 3, 3), ValueError, rf"{name}: block_indices must be \[B, T, H, S\]")):
-            with torch.no_grad(), pytest.raises(exc, match=match):
-                op(q, k, v, g, None, None, block_indices=bad.to(DEV), **kw)
-    finally:
-        runtime.set_value_checks(previous)
+    for bad, exc, match in (
+            (torch.full_like(idx, 9), ValueError, rf"{name}: block_indices\[0, 0, 0, 0\] = 9 is out "
+                                                  r"of range or in the future: query 0 sees blocks 0..0"),
+            (_future(idx), ValueError, rf"{name}: block_indices\[0, 3, 0, 0\] = 1"),
+            (idx.float(), TypeError, rf"{name}: block_indices must be int32 or int64, got torch.float32"),
+            (idx[:, :, :1].expand(1, 64, 3, 3), ValueError, rf"{name}: block_indices must be \[B, T, H, S\]")):
+        with torch.no_grad(), pytest.raises(exc, match=match):
+            op(q, k, v, g, None, None, block_indices=bad.to(DEV), **kw)
+    value_checks(False)  # the valid ones under the default setting (off on CUDA tensors)
     with torch.no_grad():
         o, got = op(q, k, v, g, None, None, block_indices=idx, **kw)  # valid ones pass through
     assert got is idx and o.shape == (1, 64, 4, 16)
@@ -222,16 +219,12 @@ def selection_ops():
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
 @pytest.mark.parametrize("what,make,error,message", SELECTION_BAD_INPUT, ids=[r[0] for r in SELECTION_BAD_INPUT])
-def test_selection_bad_input(backend, what, make, error, message):
+def test_selection_bad_input(backend, what, make, error, message, value_checks):
     q, k, v, idx = _inputs()
     if backend == "triton":  # on the Triton op's device, with index values checked (on CUDA only when asked)
         q, k, v, idx = (x.to(DEV) for x in (q, k, v, idx))
-    previous = runtime.set_value_checks(True)
-    try:
-        with pytest.raises(error, match=message):
-            selection_ops()[backend](*make(q, k, v, idx, 16))
-    finally:
-        runtime.set_value_checks(previous)
+    with pytest.raises(error, match=message):
+        selection_ops()[backend](*make(q, k, v, idx, 16))
 
 
 @pytest.mark.parametrize("call,message", [
@@ -280,7 +273,7 @@ def test_nsa_and_moba_bad_input(call, message):
 
 @pytest.mark.parametrize("what", ["gate outside [0, 1]", "NaN gate", "summaries of another D", "too few summaries",
                                   "summaries of another batch", "a block twice", "gate with other strides"])
-def test_parallel_nsa_bad_input(what):
+def test_parallel_nsa_bad_input(what, value_checks):
     """The Triton ops reject what nsa rejects (values checked on CUDA when asked, always on CPU tensors), instead of
     reading out of bounds or counting a block twice."""
     q, k, v, idx = (x.to(DEV) for x in _inputs(T=64))
@@ -302,12 +295,8 @@ def test_parallel_nsa_bad_input(what):
                                                                      .transpose(1, 2), g, g), "g_cmp must be"),
     }
     call, message = calls[what]
-    previous = runtime.set_value_checks(True)
-    try:
-        with torch.no_grad(), pytest.raises((ValueError, TypeError), match=message):
-            call()
-    finally:
-        runtime.set_value_checks(previous)
+    with torch.no_grad(), pytest.raises((ValueError, TypeError), match=message):
+        call()
 
 
 # ------------------------------------------------------------------------------------------- Triton vs naive
