@@ -283,9 +283,9 @@ def test_value_checks_follow_the_rule(value_checks):
 
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
-def test_layer_never_rechecks_its_own_gates(monkeypatch, backend):
+def test_layer_never_rechecks_its_own_gates(monkeypatch, backend, value_checks):
     """KimiDeltaAttention builds g ≤ 0 and β = σ(b) itself: prefill, a short continuation, single-token decoding
-    and the backward never ask for a value check."""
+    and the backward never ask for a value check, even with value checks on (CUDA tensors then checked too)."""
     from minisparse import _checks
     from minisparse.kda import KimiDeltaAttention
 

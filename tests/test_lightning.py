@@ -406,8 +406,7 @@ def test_layer_does_not_recheck_its_slopes(monkeypatch, backend, value_checks):
     def no_value_checks(*args, **kwargs):
         raise AssertionError("a value check ran")
 
-    value_checks(False)  # the layer runs under the default setting (value checks off on CUDA tensors)
-    monkeypatch.setattr(_checks, "value_range", no_value_checks)
+    monkeypatch.setattr(_checks, "value_range", no_value_checks)  # checks on: CUDA tensors are checked too
     dev = DEV if backend == "triton" else "cpu"
     layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=16, backend=backend).to(dev)
     x = torch.randn(2, 20, 32, device=dev)
@@ -417,7 +416,6 @@ def test_layer_does_not_recheck_its_slopes(monkeypatch, backend, value_checks):
     layer(x)[0].sum().backward()
     op = naive_chunk_lightning_attn if backend == "naive" else chunk_lightning_attn
     q = torch.randn(1, 4, 2, 16, device=dev)
-    value_checks(True)  # CUDA tensors: the Triton ops check values only when asked
     with pytest.raises(AssertionError, match="a value check ran"):
         op(q, q, q, layer.slope_rate)
 
