@@ -458,6 +458,13 @@ def test_value_range_names_nan_and_the_range(values, kw, message):
         _checks.value_range("op", "g", torch.tensor(values), **kw)
 
 
+def test_value_checks_are_off_by_default():
+    """A fresh process starts with value checks off (the fixture above turns them on inside a test)."""
+    code = "from minisparse import runtime; print(runtime.set_value_checks(False))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+
+
 def test_value_range_accepts_values_in_range_and_empty_tensors():
     _checks.value_range("op", "g", torch.tensor([-3.0, 0.0]), low=-math.inf, low_open=True, high=0.0)
     _checks.value_range("op", "g", torch.zeros(0), high=-1.0)
