@@ -47,20 +47,32 @@ def moba_flex(q, k, v, g):
     """flex_attention over q, k, v [B, T, HQ, D] (HQ = H) with a BlockMask of MoBA's density and no gate: each
     query block of MOBA["chunk"] tokens of each head reads its own chunk causally and topk − 1 earlier chunks drawn at
     random (generator g). Compiled on a GPU, eager in a smoke run. Returns the call to time."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     hq, cs, topk = MOBA["HQ"], MOBA["chunk"], MOBA["topk"]
-    T, n = q.shape[1], -(-q.shape[1] // MOBA["chunk"])
+    T = q.shape[1]
+    assert T % cs == 0, f"the BlockMask below takes whole chunks: T = {T}, chunk {cs}"
+    n = T // cs
     past = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # [n, n] chunk j before chunk i
     scores = torch.rand(hq, n, n, device=q.device, generator=g).masked_fill(~past, -1.0)
     chosen = torch.zeros(hq, n, n, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, scores.topk(min(topk - 1, n), dim=-1).indices, True)
     chosen = (chosen & past) | torch.eye(n, dtype=torch.bool, device=q.device)  # [hq, n, n], own chunk included
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b, h, q_idx, kv_idx):  # the whole mask; the compiled kernel applies it in partial blocks only
         return (q_idx >= kv_idx) & chosen[h, q_idx // cs, kv_idx // cs]
 
-    mask = create_block_mask(mask_mod, None, hq, T, T, device=q.device, BLOCK_SIZE=cs)
+    # the BlockMask from its block lists, not create_block_mask (which evaluates mask_mod at every (query, key)
+    # pair: 128 GiB at 32K): per query chunk, the own chunk is a partial block, the chosen earlier ones full
+    rows = torch.arange(n, device=q.device)
+    full = chosen & ~torch.eye(n, dtype=torch.bool, device=q.device)
+    full_num = full.sum(-1).to(torch.int32)[None]  # [1, hq, n]
+    full_idx = torch.argsort((~full).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]  # chosen first
+    own_num = torch.ones(1, hq, n, dtype=torch.int32, device=q.device)
+    own_idx = torch.zeros(1, hq, n, n, dtype=torch.int32, device=q.device)
+    own_idx[..., 0] = rows.to(torch.int32)
+    mask = BlockMask.from_kv_blocks(own_num, own_idx, full_num, full_idx, BLOCK_SIZE=cs,
+                                    mask_mod=mask_mod)
     fn = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     return lambda: fn(qt, kt, vt, block_mask=mask)

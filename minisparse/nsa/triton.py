@@ -45,28 +45,24 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
-    for i_s in range(S):
-        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_s)
-        if i_blk >= 0:
-            for i_n in range(0, BS, BN):
-                if i_blk * BS + i_n <= pos:  # a tile wholly after the query adds nothing
-                    o_s = i_blk * BS + i_n + o_n  # [BN] key positions
-                    m_s = o_s <= pos
-                    kv_row = (i_b * TK + o_s) * H + i_h  # [BN]
-                    b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
-                                  mask=m_s[None, :] & (o_d[:, None] < D), other=0.0)  # [BD, BN]
-                    b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
-                                  mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-                    b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale  # [BG, BN]
-                    b_s = tl.where(m_s[None, :], b_s, float("-inf"))
-                    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                    b_p = tl.exp(b_s - b_mn[:, None])  # [BG, BN]
-                    alpha = tl.exp(b_m - b_mn)
-                    b_l = b_l * alpha + tl.sum(b_p, 1)
-                    b_acc = b_acc * alpha[:,
-                                          None] + tl.dot(b_p.to(b_v.dtype), b_v,
-                                                         input_precision=PRECISION)
-                    b_m = b_mn
+    for i_it in range(S * (BS // BN)):  # one loop, no branch: the loads can be pipelined
+        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_it // (BS // BN))
+        o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n  # [BN] key positions
+        m_s = (o_s <= pos) & (i_blk >= 0)
+        kv_row = (i_b * TK + o_s) * H + i_h  # [BN]
+        b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
+                      mask=m_s[None, :] & (o_d[:, None] < D), other=0.0)  # [BD, BN]
+        b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
+                      mask=m_s[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale  # [BG, BN]
+        b_s = tl.where(m_s[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mr = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # nothing seen yet
+        b_p = tl.exp(b_s - b_mr[:, None])  # [BG, BN]
+        alpha = tl.exp(b_m - b_mr)
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_mn
     seen = b_l > 0  # a query with no key: o = 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
     tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
@@ -101,23 +97,20 @@ def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr
     b_lse = tl.load(lse_ptr + row, mask=m_g, other=0.0)
     b_delta = tl.load(delta_ptr + row, mask=m_g, other=0.0)
     b_dq = tl.zeros([BG, BD], tl.float32)
-    for i_s in range(S):
-        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_s)
-        if i_blk >= 0:
-            for i_n in range(0, BS, BN):
-                if i_blk * BS + i_n <= pos:
-                    o_s = i_blk * BS + i_n + o_n
-                    m_s = o_s <= pos
-                    kv_row = (i_b * TK + o_s) * H + i_h
-                    b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
-                                  mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-                    b_v = tl.load(v_ptr + kv_row[None, :] * DV + o_dv[:, None],
-                                  mask=m_s[None, :] & (o_dv[:, None] < DV), other=0.0)  # [BDV, BN]
-                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BG, BN]
-                    b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
-                    b_dp = tl.dot(b_do, b_v, input_precision=PRECISION)  # [BG, BN]
-                    b_ds = b_p * (b_dp - b_delta[:, None])
-                    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    for i_it in range(S * (BS // BN)):  # the forward's branch-free loop
+        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_it // (BS // BN))
+        o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n
+        m_s = (o_s <= pos) & (i_blk >= 0)
+        kv_row = (i_b * TK + o_s) * H + i_h
+        b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
+                      mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+        b_v = tl.load(v_ptr + kv_row[None, :] * DV + o_dv[:, None],
+                      mask=m_s[None, :] & (o_dv[:, None] < DV), other=0.0)  # [BDV, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BG, BN]
+        b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, b_v, input_precision=PRECISION)  # [BG, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
     tl.store(dq_ptr + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq_ptr.dtype.element_ty),
              mask=m_g[:, None] & (o_d[None, :] < D))
 
