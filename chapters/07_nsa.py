@@ -734,14 +734,16 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 #
 # ```
 # program (t, b·H + h)                           q tile [G → BG, D]: the G heads of token t
-# for each of the n selected blocks i:           (-1: skip)
-#     for each BN-key tile of block i:           k [BN, D], v [BN, Dv] — loaded once for all G heads
-#         s = q kᵀ · scale   [BG, BN]            keys after t masked to -inf
-#         online softmax: m, l, acc              (chapter 1)
+# for each BN-key tile of the n selected blocks: k [BN, D], v [BN, Dv] — loaded once for all G heads
+#     s = q kᵀ · scale   [BG, BN]                keys after t, and blocks -1, masked to -inf
+#     online softmax: m, l, acc                  (chapter 1)
 # o = acc / l,  lse = m + log l
 # ```
 #
-# The reads per token are $n\,l'$ keys and values per *key* head, whatever $G$ is. fla's kernel requires
+# The loop has no `if`: an empty slot (−1) and the keys after $t$ are masked, not skipped. Triton pipelines a
+# loop — loads the next tile while the tensor cores work on this one — only when its body does not branch; with a
+# skip per block the kernel waited on every gathered tile, and the same loop without it takes 16 ms instead of 23 at
+# 64K (`bench/notes/nsa.md`). The reads per token are $n\,l'$ keys and values per *key* head, whatever $G$ is. fla's kernel requires
 # $G$ to be a multiple of 16 because a tensor-core product needs at least 16 rows; this kernel pads the group to `BG = max(16,
 # next_pow2(G))` rows and masks the padding, so any $G \ge 1$ works (for small $G$ the padded rows are wasted
 # work, not wrong). The `PRECISION` constant keeps fp32 products exact on a GPU (no TF32), as in chapter 1.
@@ -773,11 +775,13 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     that carry a selection, H for NSA (one a GQA group), HQ for MoBA (one a query head, G = 1).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
-        for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
-            for each BN-key tile of the block:                 k tile [BN, BD], v tile [BN, BDV]
-                s = q kᵀ · scale   [BG, BN]  (keys after the query masked)
-                online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
+        for each BN-key tile of the S selected blocks:    block i: keys i·BS … i·BS + BS − 1
+            k tile [BN, BD], v tile [BN, BDV]             (keys after the query, blocks −1: masked)
+            s = q kᵀ · scale   [BG, BN]
+            online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
         o = acc / l [BG, DV],  lse = m + log l [BG]   (l: the softmax's running sum)
+
+    One loop without branches, so that Triton pipelines its loads.
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
     a K/V head, whatever G is.

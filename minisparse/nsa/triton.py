@@ -24,11 +24,13 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     that carry a selection, H for NSA (one a GQA group), HQ for MoBA (one a query head, G = 1).
 
         q tile [BG, BD]  (the G heads, padded to BG ≥ 16 rows)
-        for each of the S selected blocks (−1: skipped):      block i: keys i·BS … i·BS + BS − 1
-            for each BN-key tile of the block:                 k tile [BN, BD], v tile [BN, BDV]
-                s = q kᵀ · scale   [BG, BN]  (keys after the query masked)
-                online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
+        for each BN-key tile of the S selected blocks:    block i: keys i·BS … i·BS + BS − 1
+            k tile [BN, BD], v tile [BN, BDV]             (keys after the query, blocks −1: masked)
+            s = q kᵀ · scale   [BG, BN]
+            online softmax: m, l, acc ← acc · e^(m_old − m) + e^(s − m) v
         o = acc / l [BG, DV],  lse = m + log l [BG]   (l: the softmax's running sum)
+
+    One loop without branches, so that Triton pipelines its loads.
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
     a K/V head, whatever G is.
