@@ -1120,17 +1120,22 @@ if res is not None:
                             size=(2.6, 3.0), legend="figure")
     plt.show()
     ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in res["rows"]}
-    print(f"{res['device']}, {res['date']}, torch {res['torch']}: SDPA's time / ours")
-    for p in ("fwd", "fwd+bwd", "decode", "decode, graph", "moba fwd"):
-        ours, ref = (("parallel_moba (minisparse)", "SDPA causal (MoBA shapes)") if p == "moba fwd"
-                     else ("parallel_nsa (minisparse), CUDA graph", "SDPA causal, CUDA graph")
-                     if p == "decode, graph" else ("parallel_nsa (minisparse)", "SDPA causal"))
+    print(f"{res['device']}, {res['date']}, torch {res['torch']}: SDPA's time / ours "
+          "(moba, flex: / flex_attention's)")
+    ours_nsa, sdpa_moba = "parallel_nsa (minisparse)", "SDPA causal (MoBA shapes)"
+    flex = "flex_attention block-sparse (MoBA density, no gate)"
+    table = {"fwd": ("fwd", ours_nsa, "SDPA causal"),  # label: (the pass in the JSON, ours, SDPA)
+             "fwd+bwd": ("fwd+bwd", ours_nsa, "SDPA causal"),
+             "decode": ("decode", ours_nsa, "SDPA causal"),
+             "decode, graph": ("decode", ours_nsa + ", CUDA graph", "SDPA causal, CUDA graph"),
+             "moba fwd": ("moba fwd", "parallel_moba (minisparse)", sdpa_moba),
+             "moba, flex": ("moba fwd", flex, sdpa_moba)}
+    for label, (p, ours, ref) in table.items():
         cells = []
         for T in sorted(res["config"]["T"]):
-            key = "decode" if p == "decode, graph" else p  # the pass as the JSON names it
-            a, b = ms.get((ref, key, T)), ms.get((ours, key, T))
+            a, b = ms.get((ref, p, T)), ms.get((ours, p, T))
             cells.append(f"{T // 1024}K {a / b:5.2f}x" if a and b else f"{T // 1024}K     -")
-        print(f"  {p:9s}", "  ".join(cells))
+        print(f"  {label:13s}", "  ".join(cells))
     ratio = {p: ms["SDPA causal", p, 65536] / ms["parallel_nsa (minisparse)", p, 65536]
              for p in ("fwd", "fwd+bwd")}
     graph = ms["SDPA causal, CUDA graph", "decode", 65536] / ms[
