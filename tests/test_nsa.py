@@ -334,6 +334,20 @@ def test_selection_kernel_matches_naive(poisoned, dtype, T, HQ, H, D, bs, S):
                    lambda q, k, v: N.selected_attention(q, k, v, idx, bs), q, k, v, dtype, f"G={HQ // H}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selection_kernels_walk_several_key_tiles_a_block(poisoned, dtype):
+    """Key tiles of 16 in blocks of 64 (the rows' BN is the block on every GPU): the forward's and dQ's one loop over
+    the S · 4 tiles finds each tile's block and offset, and masks the tiles wholly after the query in its own block
+    (T = 100: the second block is partial) and every tile of an empty slot."""
+    q, k, v = make_qkv(1, 100, 4, 16, HKV=2, seed=31, device=DEV)
+    idx = N.select_blocks(q, N.mean_pool(k, 64), 3, 64)  # slot 2 always empty: two blocks
+    idx[:, 70::3, :, 0] = -1  # more padding, inside rows
+    tiles = dict(BN=16, num_warps=4, num_stages=1)
+    with runtime.launch_config("nsa.selection.fwd", **tiles), runtime.launch_config("nsa.selection.dq", **tiles):
+        _against_naive(lambda q, k, v: N.parallel_selected_attention(q, k, v, idx, 64),
+                       lambda q, k, v: N.selected_attention(q, k, v, idx, 64), q, k, v, dtype, "BN 16 < block 64")
+
+
 def test_selection_kernel_disagrees_with_a_wrong_selection():
     """The comparison can fail: the kernel given one block fewer is not the naive op on the full selection."""
     q, k, v = make_qkv(1, 40, 2, 16, HKV=1, seed=13, device=DEV)
