@@ -324,7 +324,7 @@ def _against_naive(fast, naive, q, k, v, dtype, what):
     (45, 2, 2, 16, 16, 3),  # group 1, T not a multiple of the block
     (37, 4, 2, 24, 16, 4),  # group 2, D not a power of two
     (40, 16, 1, 16, 16, 3),  # group 16
-    (70, 6, 2, 16, 32, 3),  # group 3 (padded to 16 rows), two key tiles a block on the GPU rows
+    (70, 6, 2, 16, 32, 3),  # group 3 (padded to 16 rows), blocks of 32
 ])
 def test_selection_kernel_matches_naive(poisoned, dtype, T, HQ, H, D, bs, S):
     q, k, v = make_qkv(1, T, HQ, D, HKV=H, seed=12, device=DEV)
