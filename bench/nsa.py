@@ -57,22 +57,20 @@ def moba_flex(q, k, v, g):
     scores = torch.rand(hq, n, n, device=q.device, generator=g).masked_fill(~past, -1.0)
     chosen = torch.zeros(hq, n, n, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, scores.topk(min(topk - 1, n), dim=-1).indices, True)
-    chosen = (chosen & past) | torch.eye(n, dtype=torch.bool, device=q.device)  # [hq, n, n], own chunk included
+    own = torch.eye(n, dtype=torch.bool, device=q.device)  # [n, n] each query chunk's own
+    chosen = (chosen & past) | own  # [hq, n, n], own chunk included
 
     def mask_mod(b, h, q_idx, kv_idx):  # the whole mask; the compiled kernel applies it in partial blocks only
         return (q_idx >= kv_idx) & chosen[h, q_idx // cs, kv_idx // cs]
 
     # the BlockMask from its block lists, not create_block_mask (which evaluates mask_mod at every (query, key)
     # pair: 128 GiB at 32K): per query chunk, the own chunk is a partial block, the chosen earlier ones full
-    rows = torch.arange(n, device=q.device)
-    full = chosen & ~torch.eye(n, dtype=torch.bool, device=q.device)
+    full = chosen & ~own
     full_num = full.sum(-1).to(torch.int32)[None]  # [1, hq, n]
     full_idx = torch.argsort((~full).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]  # chosen first
     own_num = torch.ones(1, hq, n, dtype=torch.int32, device=q.device)
-    own_idx = torch.zeros(1, hq, n, n, dtype=torch.int32, device=q.device)
-    own_idx[..., 0] = rows.to(torch.int32)
-    mask = BlockMask.from_kv_blocks(own_num, own_idx, full_num, full_idx, BLOCK_SIZE=cs,
-                                    mask_mod=mask_mod)
+    own_idx = own.argsort(dim=-1, descending=True, stable=True).to(torch.int32).expand(1, hq, n, n).contiguous()
+    mask = BlockMask.from_kv_blocks(own_num, own_idx, full_num, full_idx, BLOCK_SIZE=cs, mask_mod=mask_mod)
     fn = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     return lambda: fn(qt, kt, vt, block_mask=mask)

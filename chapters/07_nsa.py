@@ -740,13 +740,14 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 # o = acc / l,  lse = m + log l
 # ```
 #
-# The loop has no `if`: an empty slot (−1) and the keys after $t$ are masked, not skipped. Triton pipelines a
-# loop — loads the next tile while the tensor cores work on this one — only when its body does not branch; with a
-# skip per block the kernel waited on every gathered tile, and the same loop without it takes 16 ms instead of 23 at
-# 64K (`bench/notes/nsa.md`). The reads per token are $n\,l'$ keys and values per *key* head, whatever $G$ is. fla's kernel requires
-# $G$ to be a multiple of 16 because a tensor-core product needs at least 16 rows; this kernel pads the group to `BG = max(16,
-# next_pow2(G))` rows and masks the padding, so any $G \ge 1$ works (for small $G$ the padded rows are wasted
-# work, not wrong). The `PRECISION` constant keeps fp32 products exact on a GPU (no TF32), as in chapter 1.
+# The reads per token are $n\,l'$ keys and values per *key* head, whatever $G$ is. fla's kernel requires $G$ to be
+# a multiple of 16 because a tensor-core product needs at least 16 rows; this kernel pads the group to
+# `BG = max(16, next_pow2(G))` rows and masks the padding, so any $G \ge 1$ works (for small $G$ the padded rows
+# are wasted work, not wrong). The `PRECISION` constant keeps fp32 products exact on a GPU (no TF32), as in chapter 1.
+#
+# The loop has no `if`: an empty slot (−1) and the keys after $t$ are masked, not skipped. Triton pipelines a loop
+# (loads the next tile while the tensor cores work on this one) only when its body does not branch. A loop that
+# skipped them would wait on every gathered tile: at 64K it takes 23 ms where this one takes 16 (`bench/notes/nsa.md`).
 
 # %%
 #| export nsa.triton
@@ -1157,7 +1158,7 @@ if res is not None:
 # `flex_attention` over a block mask of the same density reaches 4.5× and 9.8×, about 4× our time: its queries share
 # their chunks a 128-query block at a time, so it reads each chunk once for the block and keeps no partial results,
 # where MoBA's per-query choice makes us write and re-read a partial result for each chosen chunk. The kernels pass
-# the same tests in bf16 and fp16 on the H100 and the H200; `bench/notes/nsa.md` breaks down where the time goes.
+# the same tests in bf16 and fp16 on the H200; `bench/notes/nsa.md` breaks down where the time goes.
 
 # %% [markdown]
 # ## 7.8 Exercises
