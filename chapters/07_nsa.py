@@ -766,11 +766,23 @@ _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
 
 @triton.jit
+def _gated_term(x_ptr, g_ptr, row, keep, o_dv, DV: tl.constexpr):
+    """g x in fp32 for rows `row` [BG] of a branch output x [R, DV] (contiguous) and its gate g [R];
+    0 where `keep` is False."""
+    g = tl.load(g_ptr + row, mask=keep, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row[:, None] * DV + o_dv[None, :],
+                mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
+    return g[:, None] * x.to(tl.float32)
+
+
+@triton.jit
 def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, scale,
+                         oc_ptr, ow_ptr, gc_ptr, gs_ptr, gw_ptr, first,
                          HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
                          S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, GATED: tl.constexpr = False,
+                         CMP: tl.constexpr = False, SWA: tl.constexpr = False):
     """Selected attention, forward. Program (i_t, i_b·HS + i_hs): query token i_t and the G query
     heads that share selection head i_hs; they read K/V head i_h = i_hs // (HS // H). HS: the heads
     that carry a selection, H for NSA (one a GQA group), HQ for MoBA (one a query head, G = 1).
@@ -786,6 +798,10 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
 
     Each selected block is loaded once for the whole group: the kernel's reads are S·BS keys a token
     a K/V head, whatever G is.
+
+    With GATED (NSA without autograd), the epilogue writes NSA's output instead of o and lse: the
+    gated sum g_slc o + g_cmp o_cmp + g_swa o_swa of section 7.6, the other branches (CMP, SWA)
+    read from oc_ptr, ow_ptr [B, TQ, HQ, DV] (contiguous), the compressed one from query `first` on.
     """
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
     i_b, i_hs = i_bh // HS, i_bh % HS
@@ -819,9 +835,17 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
         b_m = b_mn
     seen = b_l > 0  # a query with no key: o = 0
     b_o = b_acc / tl.where(seen, b_l, 1.0)[:, None]
+    if GATED:  # the gated sum here, not in a pass of its own over the three branches
+        b_o *= tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
+        if CMP:
+            b_o += _gated_term(oc_ptr, gc_ptr, row, m_g & (i_t >= first), o_dv, DV)
+        if SWA:
+            b_o += _gated_term(ow_ptr, gw_ptr, row, m_g, o_dv, DV)
+    else:
+        tl.store(lse_ptr + row, tl.where(seen, b_m + tl.log(tl.where(seen, b_l, 1.0)), 0.0),
+                 mask=m_g)
     tl.store(o_ptr + row[:, None] * DV + o_dv[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_g[:, None] & (o_dv[None, :] < DV))
-    tl.store(lse_ptr + row, tl.where(seen, b_m + tl.log(tl.where(seen, b_l, 1.0)), 0.0), mask=m_g)
 
 # %% [markdown]
 # The backward recomputes $P$ from the saved log-sum-exp. dQ is the forward's loop again (each token owns its
@@ -1585,17 +1609,25 @@ def _fit_keys(block_size):
     return lambda c: {**c, "BN": min(c["BN"], block_size)}
 
 
-def _selection_forward(q, k, v, idx, block_size, scale, row):
+def _selection_forward(q, k, v, idx, block_size, scale, row, gated=None):
+    """(o, lse) of the selection; with `gated` = (first, o_cmp, o_swa, g_cmp, g_slc, g_swa), NSA's
+    gated output instead (forward only, no lse: `selection_fwd_kernel`'s GATED epilogue)."""
     B, TQ, HQ, _ = q.shape
     TK, H = k.shape[1], k.shape[2]
     HS, S = idx.shape[2], idx.shape[3]
     meta = _meta(q, v, H, HS, S, block_size)
     o = torch.empty(B, TQ, HQ, v.shape[3], device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
+    if gated is None:
+        lse = torch.empty(B, TQ, HQ, device=q.device, dtype=torch.float32)
+        epilogue = (None,) * 5 + (0,)
+    else:
+        first, o_cmp, o_swa, g_cmp, g_slc, g_swa = gated
+        lse, epilogue = None, (o_cmp, o_swa, g_cmp, g_slc, g_swa, first)
+        meta.update(GATED=True, CMP=o_cmp is not None, SWA=o_swa is not None)
     runtime.launch(row + ".fwd", selection_fwd_kernel, lambda c: (TQ, B * HS),
-                   (q, k, v, idx, o, lse, TQ, TK, scale), meta, device=q.device, dtype=q.dtype,
-                   key=(meta["BD"], meta["BDV"],
-                        block_size), fit=_fit_keys(block_size), instead=_INSTEAD)
+                   (q, k, v, idx, o, lse, TQ, TK, scale, *epilogue), meta, device=q.device,
+                   dtype=q.dtype, key=(meta["BD"], meta["BDV"], block_size),
+                   fit=_fit_keys(block_size), instead=_INSTEAD)
     return o, lse
 
 
@@ -1667,7 +1699,8 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
     pass 1: softmax statistics m, l of each row over its visible summaries (tiles of BC);
     pass 2: p = exp(s − m) / l summed over each token's G heads -> one score a block, written to
             the token's [N] row;
-    then S rounds of argmax over each token's row, forced blocks (0, own, previous) first.
+    then S rounds of argmax over each token's row, forced blocks (0, own, previous) first, the
+    picks sorted (increasing, −1 last) -> idx_ptr [B, TQ, H, S].
     A tile of summaries is loaded once for BT tokens. With CMP_OUT, pass 2 also accumulates the
     compressed branch's output p v_cmp of every row -> ocmp_ptr [B, TQ, HQ, DV] (0 for a query that
     sees no summary): the compressed attention, forward only, from the same probabilities."""
@@ -1732,8 +1765,10 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
         pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
         picks = tl.where(o_s[None, :] == i, pick[:, None], picks)
         sc = tl.where(a == j[:, None], float("-inf"), sc)
-    tl.store(idx_ptr + ((i_b * TQ + o_t) * H + i_h)[:, None] * S + o_s[None, :], picks,
-             mask=(o_t[:, None] < TQ) & (o_s[None, :] < S))
+    # block_indices' order: increasing, the empty slots (−1) last (TK: above every block index)
+    picks = tl.sort(tl.where(picks < 0, TK, picks), dim=1)
+    tl.store(idx_ptr + ((i_b * TQ + o_t) * H + i_h)[:, None] * S + o_s[None, :],
+             tl.where(picks == TK, -1, picks), mask=(o_t[:, None] < TQ) & (o_s[None, :] < S))
 
 
 def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
@@ -1772,8 +1807,7 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
                    key=(meta["BD"], meta["BNA"], BG, meta["BDV"] if v_cmp is not None else 0),
                    fit=lambda c: {**c, "BT": max(c["BT"], 16 // BG)},  # ≥ 16 rows for tl.dot
                    instead="minisparse.nsa.select_blocks")
-    top = idx.masked_fill(idx < 0, NB).sort(-1).values  # the argmax rounds give score order
-    return top.masked_fill(top == NB, -1), o_cmp
+    return idx, o_cmp
 
 # %% [markdown]
 # ### Launch and autograd
@@ -1821,7 +1855,9 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
 
-def _selected(q, k, v, block_indices, block_size, scale, row):
+def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
+    """The checks, then the selection with autograd; with `gated` (NSA without autograd: see
+    `_selection_forward`) NSA's gated output."""
     op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
     TQ = q.shape[1]
@@ -1833,6 +1869,8 @@ def _selected(q, k, v, block_indices, block_size, scale, row):
     check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=False, offset=T - TQ)
     scale = _checks.scale(op, scale, D)
     q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous()
+    if gated is not None:
+        return _selection_forward(q, k, v, idx, bs, scale, row, gated)[0]
     return SelectedAttentionFunction.apply(q, k, v, idx, bs, scale, row)
 
 # %% tags=["hide-input"]
@@ -1897,18 +1935,21 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
                                               else None, block_counts, block_size, scale, T - TQ)
     if g_cmp is not None and o_cmp is None:
         o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
-    if g_slc is not None:
-        o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
     if g_swa is not None and W > 0:
         o_swa = flash_attention(q, k, v, causal=True, scale=scale, window=W)
     else:
         g_swa = None
-    if o_cmp is None and o_slc is None and o_swa is None:
+    first = block_size - 1 - (T - TQ)  # query t sees a summary from t = first on
+    gates = [None if g is None else g.contiguous() for g in (g_cmp, g_slc, g_swa)]
+    if g_slc is not None and no_grad:  # the selection kernel sums the branches as it writes
+        o = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection",
+                      gated=(first, None if o_cmp is None else o_cmp.contiguous(), o_swa, *gates))
+    elif g_slc is not None or o_cmp is not None or o_swa is not None:  # one pass, below
+        if g_slc is not None:
+            o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
+        o = GatedSumFunction.apply(first, o_cmp, o_slc, o_swa, *gates)
+    else:
         o = torch.zeros(B, TQ, HQ, DV, dtype=q.dtype, device=q.device)
-    else:  # one pass, below; query t sees a summary from t = block_size - 1 - (T - TQ) on
-        o = GatedSumFunction.apply(block_size - 1 - (T - TQ), o_cmp, o_slc, o_swa,
-                                   *(None if g is None else g.contiguous()
-                                     for g in (g_cmp, g_slc, g_swa)))
     return (o, block_indices) if return_block_indices else o
 
 # %% [markdown]

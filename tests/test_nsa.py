@@ -481,6 +481,39 @@ def test_parallel_nsa_matches_nsa():
     assert_close("parallel_nsa", N.nsa(q, k, v, gc, gs, gw, **kw), N.parallel_nsa(q, k, v, gc, gs, gw, **kw), 1e-4)
 
 
+FUSED_CASES = [  # B, T, TQ, HQ, H, D, DV, block, S, window, gates (cmp, slc, swa), indices given
+    (1, 70, 70, 4, 2, 16, 16, 16, 3, 20, (1, 1, 1), False),
+    (2, 90, 37, 6, 2, 24, 20, 16, 3, 33, (1, 1, 1), False),  # the last 37 queries, group 3, D 24 / DV 20
+    (2, 90, 90, 6, 2, 24, 20, 16, 3, 33, (1, 1, 1), True),  # indices given: the compressed branch by SDPA
+    (1, 70, 70, 4, 2, 16, 16, 16, 3, 20, (0, 1, 1), False),
+    (1, 70, 70, 4, 2, 16, 16, 16, 3, 0, (1, 1, 1), False),  # window 0
+    (1, 70, 60, 4, 2, 16, 16, 16, 3, 20, (1, 1, 0), False),
+    (1, 70, 70, 4, 2, 16, 16, 16, 3, 20, (0, 1, 0), False),  # the selection alone
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,TQ,HQ,H,D,DV,bs,S,W,on,given", FUSED_CASES)
+def test_forward_without_autograd_sums_the_branches_in_the_selection_kernel(poisoned, dtype, B, T, TQ, HQ, H, D,
+                                                                             DV, bs, S, W, on, given):
+    """parallel_nsa without autograd (the gated sum in the selection kernel's epilogue, no gated-sum pass) against
+    the last TQ rows of nsa in fp32 and against the same call with autograd (the gated-sum kernel): branches off,
+    a window of 0, queries before the first summary (whose compressed term is dropped), indices given."""
+    q, k, _ = make_qkv(B, T, HQ, D, HKV=H, seed=T + TQ)
+    v = torch.randn(B, T, H, DV, generator=torch.Generator().manual_seed(TQ))
+    gs = [g if o else None for g, o in zip(gates(B, T, HQ, seed=TQ), on)]
+    q, k, v, *gs = (None if x is None else x.to(DEV, dtype) for x in (q, k, v, *gs))
+    kw = dict(block_counts=S, block_size=bs, window_size=W)
+    full, idx = N.nsa(*(None if x is None else x.float() for x in (q, k, v, *gs)), **kw, return_block_indices=True)
+    last = [None if x is None else x[:, -TQ:] for x in (q, *gs)]
+    given_idx = idx[:, -TQ:] if given else None
+    o = N.parallel_nsa(last[0], k, v, *last[1:], **kw, block_indices=given_idx)
+    assert o.dtype == dtype and o.shape == (B, TQ, HQ, DV)
+    assert_close(f"fused B{B} T{T} TQ{TQ}", full[:, -TQ:], o.float(), TOLERANCES[dtype][0])
+    general = N.parallel_nsa(last[0].detach().requires_grad_(), k, v, *last[1:], **kw, block_indices=given_idx)
+    assert_close(f"fused vs the gated-sum kernel, B{B} T{T}", general.float(), o.float(), TOLERANCES[dtype][0])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("on,first", [((1, 1, 1), 5), ((1, 0, 1), 0), ((0, 1, 0), 3), ((1, 0, 0), -4)])
 def test_gated_sum_matches_pytorch(poisoned, dtype, on, first):
