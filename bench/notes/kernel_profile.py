@@ -75,7 +75,7 @@ SWEEPS = {  # op -> row -> (pass timed, configurations)
         "nsa.gated_sum": ("fwd+bwd", _grid(num_warps=(4, 8), num_stages=(1,), BR=(8, 16, 32, 64))),
         "nsa.decode.scores": ("decode", _grid(num_warps=(2, 4, 8), num_stages=(1, 2), BC=(32, 64))),
         "nsa.decode.select": ("decode", _grid(num_warps=(1, 2, 4, 8), num_stages=(1,), BN=(32, 64),
-                                              TOPN=(8192, 16384), launch_pdl=(True,))),
+                                              TOPN=(2048, 8192), launch_pdl=(True,))),
         "nsa.decode.merge": ("decode", _grid(num_warps=(1, 2, 4), num_stages=(1,), BP=(8, 16),
                                              BGM=(1, 2, 4), BVM=(32, 64), launch_pdl=(True, False))),
     },

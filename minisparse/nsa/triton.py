@@ -491,8 +491,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
     `flash_attention`; the compressed branch by SDPA with a block-causal mask (without autograd,
     from the top-n's own pass), the top-n by `parallel_select_blocks`. Same arguments and results
-    as `nsa`. One token without autograd (a decoding step: TQ = 1, no input requiring a gradient)
-    runs three kernels of its own.
+    as `nsa`. Without autograd the selection kernel writes the gated sum; one token without
+    autograd (a decoding step: TQ = 1, no input requiring a gradient) runs three kernels of its own.
     """
     op = "parallel_nsa"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
