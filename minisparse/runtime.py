@@ -404,6 +404,10 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BM=64, BN=64), _cfg(4, 1, BM=64, BN=32)],
         "sm_75": [_cfg(4, 1, BM=32, BN=16), _cfg(4, 1, BM=16, BN=32)],
     },
+    "nsa.mean_pool": {  # BT tokens of a block a tile (capped at the block)
+        "interpreter": [_cfg(BT=16)],
+        "sm_80": [_cfg(4, 1, BT=32)],
+    },
     "nsa.gated_sum": {  # BR rows (token, head) of the gated sum, forward and backward; its sweep is flat (± 1 %)
         "interpreter": [_cfg(BR=16)],
         "sm_80": [_cfg(8, 1, BR=32), _cfg(4, 1, BR=16)],

@@ -16,6 +16,7 @@ FLA_NAIVE = "fla.ops.nsa.naive"  # the references of conftest's fla_naive fixtur
 
 
 DEV = runtime.device()
+DTYPES = [torch.float32] if DEV.type == "cpu" else [torch.bfloat16, torch.float16]
 
 
 def gates(B, T, HQ, seed=5):
@@ -85,6 +86,23 @@ def test_mean_pool_does_not_overflow_near_the_largest_float(dtype):
                           y[:, full * bs:].sum(1, keepdim=True, dtype=torch.float32)], 1)[:, :-(-75 // bs)]
         counts = torch.tensor([bs] * full + [75 - full * bs])[:sums.shape[1]].view(1, -1, 1, 1)
         assert torch.equal(N.mean_pool(y, bs), (sums / counts).to(dtype)), bs
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,D,bs", [(2, 75, 3, 8, 16), (1, 130, 2, 24, 64), (1, 64, 1, 128, 64), (2, 0, 2, 8, 16)])
+def test_pool_kernel_matches_mean_pool(poisoned, dtype, B, T, H, D, bs):
+    """The pooling kernel of parallel_nsa without autograd against mean_pool in fp32: a partial last block, D not a
+    power of two, two sequences, an empty one; and blocks near the largest float stay finite."""
+    from minisparse.nsa.triton import _mean_pool
+
+    x = make_qkv(B, T, H, D, seed=T + D)[0].to(DEV, dtype)
+    got = _mean_pool(x, bs)
+    assert got.dtype == dtype and got.shape == (B, -(-T // bs), H, D)
+    assert_close(f"pool T{T} D{D}", N.mean_pool(x.float(), bs), got.float(), TOLERANCES[dtype][0])
+    if dtype != torch.float16:
+        big = torch.full((1, 40, 2, 4), 3e38, device=DEV).to(dtype)  # blocks of 16, 16 and a partial 8
+        big[:, :, 1] *= -1
+        assert_close("pool near the largest float", big[:, :3].float(), _mean_pool(big, 16).float(), 1e-6)
+
 
 def test_compression_and_the_layers_take_an_empty_sequence():
     _, k, _ = make_qkv(2, 0, 2, 8, seed=6)
@@ -300,7 +318,6 @@ def test_parallel_nsa_bad_input(what, value_checks):
 
 
 # ------------------------------------------------------------------------------------------- Triton vs naive
-DTYPES = [torch.float32] if DEV.type == "cpu" else [torch.bfloat16, torch.float16]
 
 
 def _grads(out, inputs, do):

@@ -297,8 +297,7 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
     pass 1: softmax statistics m, l of each row over its visible summaries (tiles of BC);
     pass 2: p = exp(s − m) / l summed over each token's G heads -> one score a block, written to
             the token's [N] row;
-    then S rounds of argmax over each token's row, forced blocks (0, own, previous) first, the
-    picks sorted (increasing, −1 last) -> idx_ptr [B, TQ, H, S].
+    then S rounds of argmax over each token's row, forced blocks (0, own, previous) first.
     A tile of summaries is loaded once for BT tokens. With CMP_OUT, pass 2 also accumulates the
     compressed branch's output p v_cmp of every row -> ocmp_ptr [B, TQ, HQ, DV] (0 for a query that
     sees no summary): the compressed attention, forward only, from the same probabilities."""
@@ -363,10 +362,8 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
         pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
         picks = tl.where(o_s[None, :] == i, pick[:, None], picks)
         sc = tl.where(a == j[:, None], float("-inf"), sc)
-    # block_indices' order: increasing, the empty slots (−1) last (TK: above every block index)
-    picks = tl.sort(tl.where(picks < 0, TK, picks), dim=1)
-    tl.store(idx_ptr + ((i_b * TQ + o_t) * H + i_h)[:, None] * S + o_s[None, :],
-             tl.where(picks == TK, -1, picks), mask=(o_t[:, None] < TQ) & (o_s[None, :] < S))
+    tl.store(idx_ptr + ((i_b * TQ + o_t) * H + i_h)[:, None] * S + o_s[None, :], picks,
+             mask=(o_t[:, None] < TQ) & (o_s[None, :] < S))
 
 
 def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
@@ -376,9 +373,11 @@ def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None,
     return _select_blocks(q, k_cmp, None, block_counts, block_size, scale, offset)[0]
 
 
-def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
+def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset, ordered=True):
     """(block_indices, o_cmp): the top-n, and with v_cmp [B, N, H, DV] given the compressed
-    branch's output [B, TQ, HQ, DV] in q's dtype from the same pass (forward only), else None."""
+    branch's output [B, TQ, HQ, DV] in q's dtype from the same pass (forward only), else None.
+    Not `ordered`: the indices in the order the rounds took them (−1 last), for the kernels alone,
+    which read a token's blocks in any order."""
     op = "parallel_select_blocks"
     S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
@@ -405,7 +404,10 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset):
                    key=(meta["BD"], meta["BNA"], BG, meta["BDV"] if v_cmp is not None else 0),
                    fit=lambda c: {**c, "BT": max(c["BT"], 16 // BG)},  # ≥ 16 rows for tl.dot
                    instead="minisparse.nsa.select_blocks")
-    return idx, o_cmp
+    if not ordered:
+        return idx, o_cmp
+    top = idx.masked_fill(idx < 0, NB).sort(-1).values  # the argmax rounds give score order
+    return top.masked_fill(top == NB, -1), o_cmp
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
@@ -461,6 +463,40 @@ def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
     return SelectedAttentionFunction.apply(q, k, v, idx, bs, scale, row)
 
 
+@triton.jit
+def mean_pool_kernel(x_ptr, o_ptr, T, N, H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                     BD: tl.constexpr, BT: tl.constexpr):
+    """mean_pool, forward only. Program (i_n, b·H + h): block i_n of head h, BT tokens a tile,
+    summed as x / BS in fp32; a partial last block is divided by its share of BS."""
+    i_n, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t, o_d = tl.arange(0, BT), tl.arange(0, BD)
+    acc = tl.zeros([BD], tl.float32)
+    for t0 in range(0, BS, BT):
+        t = i_n * BS + t0 + o_t
+        x = tl.load(x_ptr + ((i_b * T + t[:, None]) * H + i_h) * D + o_d[None, :],
+                    mask=(t[:, None] < T) & (o_d[None, :] < D), other=0.0)
+        acc += tl.sum(x.to(tl.float32) / BS, 0)
+    share = tl.minimum(T - i_n * BS, BS).to(tl.float32) / BS  # 1 for a complete block
+    tl.store(o_ptr + ((i_b * N + i_n) * H + i_h) * D + o_d,
+             (acc / share).to(o_ptr.dtype.element_ty), mask=o_d < D)
+
+
+def _mean_pool(x, block_size):
+    """mean_pool(x, block_size) by `mean_pool_kernel`: x [B, T, H, D] -> [B, ceil(T / block_size),
+    H, D] in x's dtype, without autograd."""
+    B, T, H, D = x.shape
+    N = triton.cdiv(T, block_size)
+    o = torch.empty(B, N, H, D, device=x.device, dtype=x.dtype)
+    if o.numel():  # an empty grid cannot launch
+        BD = max(16, triton.next_power_of_2(D))
+        runtime.launch("nsa.mean_pool", mean_pool_kernel, lambda c: (N, B * H),
+                       (x.contiguous(), o, T, N), dict(H=H, D=D, BS=block_size, BD=BD),
+                       device=x.device, dtype=x.dtype, key=(BD,),
+                       fit=lambda c: {**c, "BT": min(c["BT"], block_size)})
+    return o
+
+
 def _compressed_branch(q, k_cmp, v_cmp, block_size, scale, offset):
     """compressed_attention by SDPA with a block-causal mask (fused kernels, forward and backward,
     no [T, HQ, N] tensor kept) -> [B, TQ, HQ, DV], a view of SDPA's [B, HQ, TQ, DV]. A query that
@@ -501,8 +537,12 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         check_gate(op, name, g, B, TQ, HQ, q, naive=False)
-    k_cmp = mean_pool(k, block_size) if k_cmp is None else k_cmp  # [B, N, H, D]
-    v_cmp = mean_pool(v, block_size) if v_cmp is None else v_cmp
+    # [B, N, H, D]: one kernel without autograd, else the spec (whose gradient reaches k and v)
+    pool = _mean_pool
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        pool = mean_pool
+    k_cmp = pool(k, bs) if k_cmp is None else k_cmp
+    v_cmp = pool(v, bs) if v_cmp is None else v_cmp
     check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=T - TQ, whole=True, H=H, DV=DV)
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp)
     no_grad = not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
@@ -518,7 +558,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
         check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=False, offset=T - TQ)
     if block_indices is None:  # [B, TQ, H, S]; without autograd the same pass gives o_cmp
         block_indices, o_cmp = _select_blocks(q, k_cmp, v_cmp if no_grad and g_cmp is not None
-                                              else None, block_counts, block_size, scale, T - TQ)
+                                              else None, block_counts, block_size, scale, T - TQ,
+                                              ordered=return_block_indices)
     if g_cmp is not None and o_cmp is None:
         o_cmp = _compressed_branch(q, k_cmp, v_cmp, block_size, scale, T - TQ)
     if g_swa is not None and W > 0:
@@ -1331,4 +1372,4 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     return (o, idx) if return_block_indices else o
 
 
-__all__ = ['selection_fwd_kernel', 'selection_dq_kernel', 'selection_dkv_kernel', 'select_topk_kernel', 'parallel_select_blocks', 'SelectedAttentionFunction', 'parallel_selected_attention', 'parallel_nsa', 'gated_sum_fwd_kernel', 'gated_sum_bwd_kernel', 'GatedSumFunction', 'decode_scores_kernel', 'decode_select_kernel', 'decode_merge_kernel', 'moba_gate_kernel', 'moba_partial_kernel', 'moba_merge_kernel', 'moba_gate', 'parallel_moba']
+__all__ = ['selection_fwd_kernel', 'selection_dq_kernel', 'selection_dkv_kernel', 'select_topk_kernel', 'parallel_select_blocks', 'SelectedAttentionFunction', 'parallel_selected_attention', 'mean_pool_kernel', 'parallel_nsa', 'gated_sum_fwd_kernel', 'gated_sum_bwd_kernel', 'GatedSumFunction', 'decode_scores_kernel', 'decode_select_kernel', 'decode_merge_kernel', 'moba_gate_kernel', 'moba_partial_kernel', 'moba_merge_kernel', 'moba_gate', 'parallel_moba']
