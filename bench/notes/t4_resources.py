@@ -195,6 +195,12 @@ SPECS = [
     # chapter 7, bench/nsa.py (see _NSA, _MOBA); the top-n at T = 64K: N = 1024 summaries
     Spec("nsa.selection.fwd", "minisparse.nsa.triton:selection_fwd_kernel", {**_NSA, "HS": 4, "S": 16, "BG": 16},
          **_SEL_FWD, fit=_fit_keys(64)),
+    Spec("nsa.selection.fwd", "minisparse.nsa.triton:selection_fwd_kernel",
+         {**_NSA, "HS": 4, "S": 16, "BG": 16, "GATED": True, "CMP": True, "SWA": True},
+         fp16="q_ptr k_ptr v_ptr o_ptr oc_ptr ow_ptr gc_ptr gs_ptr gw_ptr", ints={"idx_ptr": "i64"},
+         fit=_fit_keys(64), variant="gated sum in the epilogue (no autograd)"),
+    Spec("nsa.mean_pool", "minisparse.nsa.triton:mean_pool_kernel", dict(H=4, D=128, BS=64, BD=128), "x_ptr o_ptr",
+         floats=""),
     Spec("nsa.selection.dq", "minisparse.nsa.triton:selection_dq_kernel", {**_NSA, "HS": 4, "S": 16, "BG": 16},
          **_SEL_DQ, fit=_fit_keys(64)),
     Spec("nsa.selection.dkv", "minisparse.nsa.triton:selection_dkv_kernel", {**_NSA, "R": 1, "BG": 16},
