@@ -24,6 +24,17 @@ def _gated_term(x_ptr, g_ptr, row, keep, o_dv, DV: tl.constexpr):
 
 
 @triton.jit
+def _selected_tile(idx_row, i_it, kv_base, pos, o_n, H: tl.constexpr, BS: tl.constexpr,
+                   BN: tl.constexpr):
+    """Key tile i_it of a token's selected blocks: tile i_it % (BS / BN) of the block in slot
+    i_it // (BS / BN) of its index row. -> the tile's rows of k and v [BN] (key s at row kv_base +
+    s·H) and the keys that count: the slot filled (not −1), the key not after the query (at pos)."""
+    i_blk = tl.load(idx_row + i_it // (BS // BN))
+    o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n  # [BN] key positions
+    return kv_base + o_s * H, (o_s <= pos) & (i_blk >= 0)
+
+
+@triton.jit
 def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, scale,
                          oc_ptr, ow_ptr, gc_ptr, gs_ptr, gw_ptr, first,
                          HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
@@ -63,11 +74,9 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, BDV], tl.float32)
+    idx_row = idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S  # the token's S selected blocks
     for i_it in range(S * (BS // BN)):  # one loop, no branch: the loads can be pipelined
-        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_it // (BS // BN))
-        o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n  # [BN] key positions
-        m_s = (o_s <= pos) & (i_blk >= 0)
-        kv_row = (i_b * TK + o_s) * H + i_h  # [BN]
+        kv_row, m_s = _selected_tile(idx_row, i_it, i_b * TK * H + i_h, pos, o_n, H, BS, BN)
         b_k = tl.load(k_ptr + kv_row[None, :] * D + o_d[:, None],
                       mask=m_s[None, :] & (o_d[:, None] < D), other=0.0)  # [BD, BN]
         b_v = tl.load(v_ptr + kv_row[:, None] * DV + o_dv[None, :],
@@ -123,11 +132,9 @@ def selection_dq_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr
     b_lse = tl.load(lse_ptr + row, mask=m_g, other=0.0)
     b_delta = tl.load(delta_ptr + row, mask=m_g, other=0.0)
     b_dq = tl.zeros([BG, BD], tl.float32)
+    idx_row = idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S
     for i_it in range(S * (BS // BN)):  # the forward's branch-free loop
-        i_blk = tl.load(idx_ptr + ((i_b * TQ + i_t) * HS + i_hs) * S + i_it // (BS // BN))
-        o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n
-        m_s = (o_s <= pos) & (i_blk >= 0)
-        kv_row = (i_b * TK + o_s) * H + i_h
+        kv_row, m_s = _selected_tile(idx_row, i_it, i_b * TK * H + i_h, pos, o_n, H, BS, BN)
         b_k = tl.load(k_ptr + kv_row[:, None] * D + o_d[None, :],
                       mask=m_s[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
         b_v = tl.load(v_ptr + kv_row[None, :] * DV + o_dv[:, None],
