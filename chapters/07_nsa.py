@@ -1183,8 +1183,9 @@ if res is not None:
 # 2.9× at 64K, and fla's `parallel_nsa` (with chapter 1's window) takes twice our time, 64 ms for the 64K forward.
 # Without autograd the forward runs four kernels: the pooling, the top-n with the compressed branch, the window, and
 # the selection, whose epilogue writes the gated sum. Still far below the 16× that section 7.4's model allows: the
-# selection kernel (18 of the 32 ms at 64K in an H100 profile) loads every chosen block once for each token, and the
-# top-n with the compressed branch (10 ms) grows as $T^2/64$. A decoding step called from Python costs 0.2 ms, host
+# selection kernel (18 of the 32 ms at 64K in an H100 profile) loads every chosen block once for each token (512 KiB
+# a token and group, 128 GiB in all: it takes 16 ms even when every read hits the L2 cache, so the path into the SMs,
+# not HBM, sets its pace), and the top-n with the compressed branch (10 ms) grows as $T^2/64$. A decoding step called from Python costs 0.2 ms, host
 # work that no kernel removes; captured as a CUDA graph its three kernels take 27 µs at 64K, 2.7× faster than SDPA's
 # single-token step (73 µs), which reads all 128 MiB of the cache. The step's time is latency, not reading: the
 # window alone takes 10 µs through the same kernels, and the top-n's rounds of max add 9 µs (`bench/notes/nsa.md`).
