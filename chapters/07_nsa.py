@@ -1698,6 +1698,19 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
+def _forced_first(own, o_s):
+    """The blocks every query keeps, in the top-n's slots 0, 1, 2 (of o_s), ascending: 0, own − 1
+    and own (own: the query's block; −1 in a slot where they coincide: a query in block 0 or 1 sees
+    no other block). -1 in the slots after them, which rounds of argmax fill."""
+    second = tl.where(own >= 2, own - 1, own)
+    picks = tl.where(o_s == 0, 0, tl.where((o_s == 1) & (own >= 1), second,
+                                           tl.where((o_s == 2) & (own >= 2), own, -1)))
+    return picks.to(tl.int64)
+
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
 def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, TK, N, scale,
                        HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
                        SP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -1709,7 +1722,8 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
     pass 1: softmax statistics m, l of each row over its visible summaries (tiles of BC);
     pass 2: p = exp(s − m) / l summed over each token's G heads -> one score a block, written to
             the token's [N] row;
-    then S rounds of argmax over each token's row, forced blocks (0, own, previous) first.
+    the forced blocks (0, own, previous) in the first three slots, then S − 3 rounds of argmax over
+    each token's row.
     A tile of summaries is loaded once for BT tokens. With CMP_OUT, pass 2 also accumulates the
     compressed branch's output p v_cmp of every row -> ocmp_ptr [B, TQ, HQ, DV] (0 for a query that
     sees no summary): the compressed attention, forward only, from the same probabilities."""
@@ -1766,13 +1780,13 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
                  mask=(o_t[:, None] < TQ) & (o_a[None, :] < seen[:, None]), other=float("-inf"))
     a = o_a[None, :]
     forced = (a == 0) | (a == own[:, None]) | (a == own[:, None] - 1)
-    sc = tl.where(forced, float("inf"), sc)  # [BT, BNA] (own may be a block without a summary)
+    sc = tl.where(forced, float("-inf"), sc)  # [BT, BNA] (own may be a block without a summary)
     o_s = tl.arange(0, SP)
-    picks = tl.full([BT, SP], -1, tl.int64)
-    for i in range(S):
+    picks = _forced_first(own[:, None], o_s[None, :])  # [BT, SP]
+    for i in range(S - 3):  # the other slots by rounds of argmax (S ≥ 3)
         best, j = tl.max(sc, 1, return_indices=True)  # [BT], one reduction for both
         pick = tl.where(best > float("-inf"), j.to(tl.int64), -1)
-        picks = tl.where(o_s[None, :] == i, pick[:, None], picks)
+        picks = tl.where(o_s[None, :] == 3 + i, pick[:, None], picks)
         sc = tl.where(a == j[:, None], float("-inf"), sc)
     tl.store(idx_ptr + ((i_b * TQ + o_t) * H + i_h)[:, None] * S + o_s[None, :], picks,
              mask=(o_t[:, None] < TQ) & (o_s[None, :] < S))
@@ -2296,9 +2310,9 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
                  RG: tl.constexpr, SP: tl.constexpr):
     """select_blocks for the decoded token of group i_bh: the softmax statistics of each head from
     kernel 1's NC partial slots, the group's probability of each visible block summed over its G
-    heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load), then S rounds
-    of max over that row, the forced blocks (0, own, previous) first. Returns the picks [SP] int64
-    in the order taken, −1 for a slot left empty."""
+    heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load); the forced
+    blocks (0, own, previous) in the first slots, then rounds of max over that row for the rest.
+    Returns the picks [SP] int64 in the order taken, −1 for a slot left empty."""
     o_n, o_a, o_r = tl.arange(0, BNC), tl.arange(0, BNA), tl.arange(0, RG)
     pos = TK - 1
     n_seen = tl.minimum(N, TK // BS)
@@ -2318,12 +2332,12 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
         score += tl.sum(tl.exp2(b_s - b_M[:, None]) / b_L[:, None], 0)
     own = pos // BS
     forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
-    score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
+    score = tl.where(seen & ~forced, score, float("-inf"))
     o_s = tl.arange(0, SP)
-    picks = tl.full([SP], -1, tl.int64)
-    for i in range(S):
+    picks = _forced_first(own, o_s)
+    for i in range(S - 3):
         best, j = tl.max(score, 0, return_indices=True)
-        picks = tl.where(o_s == i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
+        picks = tl.where(o_s == 3 + i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
         score = tl.where(o_a == j, float("-inf"), score)
     return picks
 
