@@ -766,12 +766,13 @@ _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 
 
 @triton.jit
-def _gated_term(x_ptr, g_ptr, row, keep, o_dv, DV: tl.constexpr):
-    """g x in fp32 for rows `row` [BG] of a branch output x [R, DV] (contiguous) and its gate g [R];
-    0 where `keep` is False."""
+def _gated_term(x_ptr, off, g_ptr, row, keep, o_dv, DV: tl.constexpr):
+    """One branch's term of NSA's gated sum, g x in fp32, for rows `row` [R] of o: the branch's row
+    at x_ptr + off (its DV values contiguous), the gate g at g_ptr + row; 0 where `keep` is False.
+    The gated-sum kernel (section 7.6) and the selection kernel's epilogue add them up."""
     g = tl.load(g_ptr + row, mask=keep, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row[:, None] * DV + o_dv[None, :],
-                mask=keep[:, None] & (o_dv[None, :] < DV), other=0.0)
+    x = tl.load(x_ptr + off[:, None] + o_dv[None, :], mask=keep[:, None] & (o_dv[None, :] < DV),
+                other=0.0)
     return g[:, None] * x.to(tl.float32)
 
 
@@ -847,9 +848,9 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     if GATED:  # the gated sum here, not in a pass of its own over the three branches
         b_o *= tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
         if CMP:
-            b_o += _gated_term(oc_ptr, gc_ptr, row, m_g & (i_t >= first), o_dv, DV)
+            b_o += _gated_term(oc_ptr, row * DV, gc_ptr, row, m_g & (i_t >= first), o_dv, DV)
         if SWA:
-            b_o += _gated_term(ow_ptr, gw_ptr, row, m_g, o_dv, DV)
+            b_o += _gated_term(ow_ptr, row * DV, gw_ptr, row, m_g, o_dv, DV)
     else:
         tl.store(lse_ptr + row, tl.where(seen, b_m + tl.log(tl.where(seen, b_l, 1.0)), 0.0),
                  mask=m_g)
@@ -1983,6 +1984,8 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
+    _checks.triton_inputs(op, q, k, v, max_dims={"D": (D, 256), "DV": (DV, 256)},
+                          instead="minisparse.nsa.nsa")  # before the pooling kernel runs
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         check_gate(op, name, g, B, TQ, HQ, q, naive=False)
     # [B, N, H, D]: one kernel without autograd, else the spec (whose gradient reaches k and v)
@@ -2047,13 +2050,6 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
-def _gated_rows(x_ptr, sx_b, sx_t, sx_h, b, t, h, o_dv, mask):
-    """Rows (b, t, h) [BR] of a branch output with strides (sx_b, sx_t, sx_h, 1): [BR, BDV] fp32."""
-    off = b * sx_b + t * sx_t + h * sx_h
-    return tl.load(x_ptr + off[:, None] + o_dv[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def gated_sum_fwd_kernel(oc_ptr, os_ptr, ow_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, R, TQ, first,
                          sc_b, sc_t, sc_h, ss_b, ss_t, ss_h, sw_b, sw_t, sw_h,
                          HQ: tl.constexpr, DV: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr,
@@ -2066,15 +2062,13 @@ def gated_sum_fwd_kernel(oc_ptr, os_ptr, ow_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, 
     mask = m_r[:, None] & (o_dv[None, :] < DV)
     b, t, h = r // (TQ * HQ), (r // HQ) % TQ, r % HQ
     acc = tl.zeros([BR, BDV], tl.float32)
-    if CMP:
-        g = tl.load(gc_ptr + r, mask=m_r & (t >= first), other=0.0).to(tl.float32)
-        acc += g[:, None] * _gated_rows(oc_ptr, sc_b, sc_t, sc_h, b, t, h, o_dv, mask)
+    if CMP:  # _gated_term: with the selection kernel, section 7.5
+        acc += _gated_term(oc_ptr, b * sc_b + t * sc_t + h * sc_h, gc_ptr, r, m_r & (t >= first),
+                           o_dv, DV)
     if SLC:
-        g = tl.load(gs_ptr + r, mask=m_r, other=0.0).to(tl.float32)
-        acc += g[:, None] * _gated_rows(os_ptr, ss_b, ss_t, ss_h, b, t, h, o_dv, mask)
+        acc += _gated_term(os_ptr, b * ss_b + t * ss_t + h * ss_h, gs_ptr, r, m_r, o_dv, DV)
     if SWA:
-        g = tl.load(gw_ptr + r, mask=m_r, other=0.0).to(tl.float32)
-        acc += g[:, None] * _gated_rows(ow_ptr, sw_b, sw_t, sw_h, b, t, h, o_dv, mask)
+        acc += _gated_term(ow_ptr, b * sw_b + t * sw_t + h * sw_h, gw_ptr, r, m_r, o_dv, DV)
     tl.store(o_ptr + r[:, None] * DV + o_dv[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
@@ -2086,7 +2080,8 @@ def _gated_grads(do, x_ptr, sx_b, sx_t, sx_h, g_ptr, dx_ptr, dg_ptr, r, b, t, h,
     g = tl.load(g_ptr + r, mask=keep, other=0.0).to(tl.float32)
     dx = (g[:, None] * do).to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + r[:, None] * DV + o_dv[None, :], dx, mask=mask)
-    x = _gated_rows(x_ptr, sx_b, sx_t, sx_h, b, t, h, o_dv, mask)
+    off = b * sx_b + t * sx_t + h * sx_h  # the branch's rows (b, t, h), by its strides
+    x = tl.load(x_ptr + off[:, None] + o_dv[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(dg_ptr + r, tl.where(keep, tl.sum(x * do, 1), 0.0).to(dg_ptr.dtype.element_ty),
              mask=m_r)
 

@@ -290,7 +290,8 @@ def test_nsa_and_moba_bad_input(call, message):
 
 
 @pytest.mark.parametrize("what", ["gate outside [0, 1]", "NaN gate", "summaries of another D", "too few summaries",
-                                  "summaries of another batch", "a block twice", "gate with other strides"])
+                                  "summaries of another batch", "a block twice", "gate with other strides",
+                                  "D over the kernel's tile"])
 def test_parallel_nsa_bad_input(what, value_checks):
     """The Triton ops reject what nsa rejects (values checked on CUDA when asked, always on CPU tensors), instead of
     reading out of bounds or counting a block twice."""
@@ -311,6 +312,8 @@ def test_parallel_nsa_bad_input(what, value_checks):
                           "twice"),
         "gate with other strides": (lambda: N.GatedSumFunction.apply(0, q, q, q, g.transpose(1, 2).contiguous()
                                                                      .transpose(1, 2), g, g), "g_cmp must be"),
+        "D over the kernel's tile": (lambda: N.parallel_nsa(*(x.repeat(1, 1, 1, 17) for x in (q, k, v)), g, g, g,
+                                                            **kw), "D must be <= 256"),
     }
     call, message = calls[what]
     with torch.no_grad(), pytest.raises((ValueError, TypeError), match=message):
