@@ -370,8 +370,9 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
     # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
     # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage. sm_90: the forward's row swept at 64K (4 warps,
-    # BN 64, 2 stages: 3 and 4 are slower; bench/notes/nsa.md); the backward's rows are not swept yet. MoBA's
-    # backward has rows of its own, equal to NSA's for now, so that a sweep at its chunk sizes can set them apart.
+    # BN 64, 2 stages: 3 and 4 are slower; bench/notes/nsa.md); dQ at 2 or 3 stages is flat, dK/dV is not swept
+    # yet. MoBA's backward has rows of its own, equal to NSA's for now, so that a sweep at its chunk sizes can set
+    # them apart.
     "nsa.selection.fwd": {
         "interpreter": [_cfg(BN=64)],
         "sm_90": [_cfg(4, 2, BN=64), _cfg(4, 1, BN=32)],
