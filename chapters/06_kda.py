@@ -1115,7 +1115,10 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # forward takes 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, at every length from 8K to 64K, with
 # accuracy on par (3.1e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the
 # profile: the two products kernels and the backward's chunk kernel take most of the time (0.87 + 2.77 + 2.09 ms of
-# the 8.35 ms forward + backward at B 2, T 8K).
+# the 8.35 ms forward + backward at B 2, T 8K). Since that run the backward's products kernel takes its diagonal
+# blocks by levels (the Engineering notes' backward pass): on an H100 it takes 2.14 ms instead of 2.74, and the
+# forward + backward 8.0 ms against fla's 5.8 (1.4×, from 1.43× on the same kind of GPU; `bench/notes/kda.md`,
+# 2026-12-06).
 
 # %%
 from minisparse import bench
@@ -1672,10 +1675,18 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 # and the same with $q$ for $P$. $R$ and $\mathrm{Col}$ are the forward's intra-chunk products run backwards — a
 # matrix times decayed keys — so they take the forward's split too: the chunk kernel stores $dA$ and $dP$, and
 # `_kda_bwd_products_kernel`, one program per sub-chunk and block of 32 channels, computes $R$ and $\mathrm{Col}$ for
-# the sub-chunk's rows with the reference points before it ($R$) and after it ($\mathrm{Col}$) and diagonals inside
-# it. Every other gate term is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's
-# gradient is $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum, taken last
-# (`_chunk_suffix_sums_kernel`), once every sub-chunk's $dG$ is in.
+# the sub-chunk's rows with the reference points before it ($R$) and after it ($\mathrm{Col}$), and inside it by
+# *levels* instead of the forward's walk. A pair $i > j$ of the $16 \times 16$ block has a level $L$ (1, 2, 4 or 8):
+# $j$ in the lower and $i$ in the upper half of an aligned run of $2L$ rows. Split at $s$, the upper half's first
+# row, its decay is $a_i b_j$ with $a_i = e^{g_s + \dots + g_i}$ and $b_j = e^{g_{j+1} + \dots + g_{s-1}}$: a factor
+# of row $i$ times a factor of row $j$, both $\le 1$, both sums of gates inside a run (`_level`). So each level is a
+# reference point shared by its pairs, and its share of $R$ is one product, $a \odot \big((dA' \odot M_L)(k \odot
+# b)\big)$ with $M_L$ the level's pairs — sixteen small tensor-core products in place of fifteen dependent steps of
+# loads. On an H100 the kernel takes 2.14 ms instead of 2.74 at B 2, T 8K (`bench/notes/kda.md`, 2026-12-06); in the
+# forward the levels were slower than the walk (1.24 against 0.84 ms), so it keeps the walk. Every other gate term
+# is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's gradient is
+# $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum, taken last (`_chunk_suffix_sums_kernel`),
+# once every sub-chunk's $dG$ is in.
 
 # %%
 #| export kda.chunk_bwd
@@ -1687,6 +1698,8 @@ from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision
 from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _decay_sums, _load_gates,
                                       _options, _v_tile)
+
+_LEVELS = 4  # the diagonal block's levels: runs of 1, 2, 4, 8 rows (2^4 = _BC)
 
 
 @triton.jit
@@ -1850,9 +1863,34 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
 # %%
 #| export kda.chunk_bwd
 @triton.jit
+def _in_runs(x, L: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
+    """Cumulative sums of x [R, BK] down its rows inside aligned runs of L rows: from each run's
+    first row, or (REVERSE) from its last."""
+    runs = tl.cumsum(tl.reshape(x, (R // L, L, BK)), axis=1, reverse=REVERSE)
+    return tl.reshape(runs, (R, BK))
+
+
+@triton.jit
+def _level(g_rows, g_next, L: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Level L of a sub-chunk's diagonal block: its pairs (i, j) with j in the lower and i in the
+    upper half of an aligned run of 2L rows. Their decay e^{g_{j+1} + … + g_i} splits at s, the
+    upper half's first row, into two factors ≤ 1, each from a sum of gates:
+        -> (e^{g_s + … + g_i} [BC, BK] for row i,  e^{g_{j+1} + … + g_{s−1}} [BC, BK] for row j,
+            the level's pairs [BC, BC])
+    g_rows: the sub-chunk's gates [BC, BK]; g_next: those of the row after each (0 past T)."""
+    o = tl.arange(0, BC)
+    into = _in_runs(g_rows, L, BC, BK, False)
+    rest = _in_runs(tl.where(((o + 1) % L != 0)[:, None], g_next, 0.0), L, BC, BK, True)
+    same_run = o[:, None] // (2 * L) == o[None, :] // (2 * L)
+    pairs = same_run & ((o[:, None] // L) % 2 == 1) & ((o[None, :] // L) % 2 == 0)
+    return tl.exp(into), tl.exp(rest), pairs
+
+
+
+@triton.jit
 def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr, dg_ptr, T, H,
                              HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             LEVELS: tl.constexpr, PRECISION: tl.constexpr):
     """What dA and dP send back through the intra-chunk products, added to the terms the chunk
     kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums_kernel`).
 
@@ -1861,8 +1899,8 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     Tiling: the sub-chunk's rows [BC, BK] against the chunk's q, k [C, BK]; dA and dP [BC, C]
     (the sub-chunk's rows, and its columns transposed) from the chunk kernel.
     Math, rows of sub-chunk I, Γ_ij = e^{G_i − G_j} (reference points: the row before I for the
-    keys before it, R; I's last row for the queries after it, Col; the diagonal block one
-    diagonal at a time):
+    keys before it, R; I's last row for the queries after it, Col; the diagonal block by levels,
+    `_level`: four [BC, BC] × [BC, BK] products each for R, Rq, Col and Colq):
         R_i = Σ_{j<i} dA_ij k_j ⊙ Γ_ij,   Rq_i = Σ_{j≤i} dP_ij k_j ⊙ Γ_ij,
         Col_j = Σ_{i>j} dA_ij k_i ⊙ Γ_ij,   Colq_j = Σ_{i≥j} dP_ij q_i ⊙ Γ_ij,
         dq += Rq;  dk += R + Col + Colq;  dG += k ⊙ (R − Col) + q ⊙ Rq − k ⊙ Colq."""
@@ -1910,26 +1948,20 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     dP_ii = tl.load(dp_ptr + row_i + ri, mask=ti < T, other=0.0)[:, None]
     Rq += dP_ii * k
     Colq += dP_ii * q
-    D = tl.zeros_like(q)  # row i: g_{i−d+1} + … + g_i
-    D_ahead = tl.zeros_like(q)  # row j: g_{j+1} + … + g_{j+d}, j's decay to row j + d
-    for d in range(1, BC):
-        ok = (ri - r0 >= d) & (ti < T)
-        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
-        ke = tl.load(k_ptr + qk_i[:, None] - d * H * K + ks[None, :],
-                     mask=ok[:, None] & km[None, :], other=0.0).to(tl.float32) * tl.exp(D)
-        R += tl.load(da_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
-        Rq += tl.load(dp_ptr + row_i + ri - d, mask=ok, other=0.0)[:, None] * ke
-        ok = (r1 - ri >= d) & (ti + d < T)
-        m = ok[:, None] & km[None, :]
-        D_ahead += _load_gates(g_chunk + (ri + d) * HV * K, ok, ks, km)
-        decay = tl.exp(D_ahead)
-        ku = tl.load(k_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
-        qu = tl.load(q_ptr + qk_i[:, None] + d * H * K + ks[None, :], mask=m, other=0.0)
-        row_id = row_i + d * HV * C  # row i + d of dA and dP
-        Col += tl.load(da_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
-            ku.to(tl.float32) * decay)
-        Colq += tl.load(dp_ptr + row_id + ri, mask=ok, other=0.0)[:, None] * (
-            qu.to(tl.float32) * decay)
+    g_rows = _load_gates(g_chunk + ri * HV * K, ti < T, ks, km)
+    g_next = _load_gates(g_chunk + (ri + 1) * HV * K, ti + 1 < T, ks, km)
+    blk = row_i[:, None] + ri[None, :]  # [BC, BC] entries (i, j) of dA and dP in the block
+    dA_b = tl.load(da_ptr + blk, mask=(ti < T)[:, None], other=0.0)
+    dP_b = tl.load(dp_ptr + blk, mask=(ti < T)[:, None], other=0.0)
+    for lvl in tl.static_range(LEVELS):  # the pairs i > j of the block, level by level
+        e_i, e_j, pairs = _level(g_rows, g_next, 1 << lvl, BC, BK)
+        dA_l = tl.where(pairs, dA_b, 0.0)
+        dP_l = tl.where(pairs, dP_b, 0.0)
+        k_s = k * e_j  # the keys decayed to the row before s
+        R += e_i * tl.dot(dA_l, k_s, input_precision=PRECISION)
+        Rq += e_i * tl.dot(dP_l, k_s, input_precision=PRECISION)
+        Col += e_j * tl.dot(tl.trans(dA_l), k * e_i, input_precision=PRECISION)
+        Colq += e_j * tl.dot(tl.trans(dP_l), q * e_i, input_precision=PRECISION)
     off = ((b * T * HV + hv) * K + ti * HV * K)[:, None] + ks[None, :]
     tl.store(dq_ptr + off, Rq + tl.load(dq_ptr + off, mask=mi, other=0.0), mask=mi)
     tl.store(dk_ptr + off, R + Col + Colq + tl.load(dk_ptr + off, mask=mi, other=0.0), mask=mi)
@@ -1988,7 +2020,7 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     runtime.launch("kda.bwd_products", _kda_bwd_products_kernel,
                    lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
                    (q, k, g, da, dp, dq, dk, dg, T, H, HV, K),
-                   dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
+                   dict(C=_C, BC=_BC, BK=BK, LEVELS=_LEVELS, PRECISION=prec), **_options(q, v))
     runtime.launch("kda.suffix_sums", _chunk_suffix_sums_kernel,
                    lambda c: (NT, B * HV, triton.cdiv(K, BK)), (dg, T, HV, K), dict(C=_C, BK=BK),
                    **_options(q, v))

@@ -187,7 +187,7 @@ SPECS = [
     Spec("kda.bwd_chunk", "minisparse.kda.chunk_bwd:_kda_bwd_chunk_kernel",
          dict(C=64, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),
     Spec("kda.bwd_products", "minisparse.kda.chunk_bwd:_kda_bwd_products_kernel",
-         dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
+         dict(C=64, BC=16, BK=32, LEVELS=4, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
     Spec("kda.suffix_sums", "minisparse.kda.chunk_bwd:_chunk_suffix_sums_kernel", dict(C=64, BK=32), "",
          floats=""),
     Spec("kda.fused_recurrent", "minisparse.kda.fused_recurrent:_kda_fused_recurrent_kernel",
