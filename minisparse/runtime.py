@@ -367,6 +367,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1), _cfg(2, 1)],
     },
     "kda.suffix_sums": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 2)]},
+    "kda.gate_sums": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 1)]},  # each sub-chunk's range sums, once
     # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
     # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
     # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage. sm_90: the forward's row swept at 64K (4 warps,

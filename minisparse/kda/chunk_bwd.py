@@ -12,6 +12,47 @@ _LEVELS = 4  # the diagonal block's levels: runs of 1, 2, 4, 8 rows (2^4 = _BC)
 
 
 @triton.jit
+def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr):
+    """The range sums of every sub-chunk, once, for the backward's kernels: per row i and channel
+    into_i = g_s + … + g_i and onward_i = g_{i+1} + … + g_e (s, e: the first and last rows of i's
+    sub-chunk; `_decay_sums`) -> in_ptr, on_ptr [B, T, HV, K]; each sub-chunk's sum of gates
+    -> tot_ptr [B, HV, NT, C/BC, K]. A decay across sub-chunks is then a sum of these, all of one
+    sign, so as exact as one range sum.
+    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
+    Grid (NT · C/BC, B · HV, cdiv(K, BK))."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·HV·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    km = ks < K
+    r0 = I * BC
+    ri = r0 + tl.arange(0, BC)
+    ti = n * C + ri
+    chunk = (b * T * HV + hv) * K + n * C * HV * K
+    into, onward = _decay_sums(g_ptr + chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+    off = chunk + (ri * HV * K)[:, None] + ks[None, :]
+    m = (ti < T)[:, None] & km[None, :]
+    tl.store(in_ptr + off, into, mask=m)
+    tl.store(on_ptr + off, onward, mask=m)
+    total = tl.sum(tl.where((ri == r0)[:, None], into + onward, 0.0), axis=0)  # g_s + (g_s+1 + …)
+    tl.store(tot_ptr + ((bh * NT + n) * (C // BC) + I) * K + ks, total, mask=km)
+
+
+@triton.jit
+def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
+                    NS: tl.constexpr):
+    """Per row r: the sum of the chunk's sub-chunk totals M with lo_r < M < hi_r ([R, BK]; tot_c:
+    the chunk's NS rows of `_kda_gate_sums_kernel`'s totals)."""
+    acc = tl.zeros((R, BK), dtype=tl.float32)
+    for M in tl.static_range(NS):
+        total = tl.load(tot_c + M * K + ks, mask=km, other=0.0)
+        acc += tl.where(((lo < M) & (M < hi))[:, None], total[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr,
                            dstates_ptr, dh0_ptr,
                            scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
@@ -64,10 +105,11 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
 
 @triton.jit
-def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
-                          states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
-                          dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT, C: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr, a_ptr, ainv_ptr,
+                          u_ptr, states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr,
+                          dg_ptr, dbeta_ptr, da_ptr, dp_ptr, scale, T, H, HV, K, V, NT,
+                          C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """dv and dβ of one chunk, the terms of dq, dk (per value head) and dG that do not go through A
     and P, and dA, dP for the products kernel (fp32).
 
@@ -87,7 +129,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
     t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
     qk_c, hk_c, hv_c, beta_c, cc, qk_rows, hv_k, hv_v = _chunk_rows(b, h, hv, n, T, H, HV, K, V, C)
-    g_chunk = g_ptr + hk_c
+    tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K  # the chunk's sub-chunk totals
+    sub = rows // BC
     S_n = states_ptr + (bh * NT + n) * K * V
     dS_n = dstates_ptr + (bh * NT + n) * K * V
     beta = tl.load(beta_ptr + beta_c + rows * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
@@ -116,7 +159,11 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr,
         qk = qk_c + (qk_rows[:, None] + ks[None, :])  # [C, BK]
         q = tl.load(q_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
-        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
+        hk = hk_c + (hv_k[:, None] + ks[None, :])
+        G = tl.load(in_ptr + hk, mask=m_k, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K,
+                                                                         C, BK, C // BC)
+        to_end = tl.load(on_ptr + hk, mask=m_k, other=0.0) + _totals_between(
+            tot_c, sub, C // BC, ks, km, K, C, BK, C // BC)  # g_{i+1} + … + g_L
         G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
         eG = tl.exp(G)
         to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
@@ -191,9 +238,9 @@ def _level(g_rows, g_next, L: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr, dg_ptr, T, H,
-                             HV, K, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             LEVELS: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, in_ptr, on_ptr, tot_ptr, da_ptr, dp_ptr, dq_ptr,
+                             dk_ptr, dg_ptr, T, H, HV, K, NT, C: tl.constexpr, BC: tl.constexpr,
+                             BK: tl.constexpr, LEVELS: tl.constexpr, PRECISION: tl.constexpr):
     """What dA and dP send back through the intra-chunk products, added to the terms the chunk
     kernel stored in dq, dk and dG (dg is dG's reverse cumulative sum, `_chunk_suffix_sums_kernel`).
 
@@ -226,9 +273,17 @@ def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, da_ptr, dp_ptr, dq_ptr, dk_ptr
     q = tl.load(q_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + qk_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
     # decays to the reference points r0 − 1 (keys before I) and r1 (queries after I), all ≤ 1
-    into, onward = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r1)
-    _, before = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
-    after, _ = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, r1 + 1, C - 1)
+    rows_i = n * C * HV * K + (ri * HV * K)[:, None] + ks[None, :]  # [BC, BK] in g_chunk's tensor
+    rows_j = n * C * HV * K + (rj * HV * K)[:, None] + ks[None, :]  # [C, BK]
+    in_c, on_c = in_ptr + (b * T * HV + hv) * K, on_ptr + (b * T * HV + hv) * K
+    into = tl.load(in_c + rows_i, mask=mi, other=0.0)  # g_r0 + … + g_i
+    onward = tl.load(on_c + rows_i, mask=mi, other=0.0)  # g_{i+1} + … + g_r1
+    tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K
+    sub = rj // BC  # each key row's sub-chunk
+    before = tl.load(on_c + rows_j, mask=mj, other=0.0) + _totals_between(
+        tot_c, sub, I, ks, km, K, C, BK, C // BC)  # g_{j+1} + … + g_{r0−1} for j < r0
+    after = tl.load(in_c + rows_j, mask=mj, other=0.0) + _totals_between(
+        tot_c, I, sub, ks, km, K, C, BK, C // BC)  # g_{r1+1} + … + g_j for j > r1
     k_all = tl.load(k_ptr + qk_j[:, None] + ks[None, :], mask=mj, other=0.0).to(tl.float32)
     q_all = tl.load(q_ptr + qk_j[:, None] + ks[None, :], mask=mj & (rj > r1)[:, None],
                     other=0.0).to(tl.float32)
@@ -312,15 +367,20 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dv = torch.empty(B, T, HV, V, **f32)
     dbeta = torch.empty(B, T, HV, **f32)
     da, dp = (torch.empty(B, T, HV, _C, **f32) for _ in range(2))
-    runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, s["a"], s["ainv"], s["u"], s["states"], dstates, do, du, dq,
-                    dk, dv, dg, dbeta, da, dp, scale, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
-                   **_options(q, v))
     BK = min(_pow2(K), _COLUMNS)
+    g_in, g_on = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
+    g_tot = torch.empty(B, HV, NT, _C // _BC, K, **f32)
+    runtime.launch("kda.gate_sums", _kda_gate_sums_kernel,
+                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
+                   (g, g_in, g_on, g_tot, T, HV, K, NT), dict(C=_C, BC=_BC, BK=BK),
+                   **_options(q, v))
+    runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
+                   (q, k, v, g_in, g_on, g_tot, beta, s["a"], s["ainv"], s["u"], s["states"],
+                    dstates, do, du, dq, dk, dv, dg, dbeta, da, dp, scale, T, H, HV, K, V, NT),
+                   dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), fit=_v_tile(V), **_options(q, v))
     runtime.launch("kda.bwd_products", _kda_bwd_products_kernel,
                    lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
-                   (q, k, g, da, dp, dq, dk, dg, T, H, HV, K),
+                   (q, k, g, g_in, g_on, g_tot, da, dp, dq, dk, dg, T, H, HV, K, NT),
                    dict(C=_C, BC=_BC, BK=BK, LEVELS=_LEVELS, PRECISION=prec), **_options(q, v))
     runtime.launch("kda.suffix_sums", _chunk_suffix_sums_kernel,
                    lambda c: (NT, B * HV, triton.cdiv(K, BK)), (dg, T, HV, K), dict(C=_C, BK=BK),
