@@ -185,7 +185,7 @@ SPECS = [
          dict(C=64, BK=128, HAS_DHT=False, STORE_DH0=False, PRECISION="tf32"), "do_ptr kd_ptr w_ptr qg_ptr",
          fit=_v_tile(128)),
     Spec("kda.bwd_chunk", "minisparse.kda.chunk_bwd:_kda_bwd_chunk_kernel",
-         dict(C=64, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),
+         dict(C=64, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),
     Spec("kda.bwd_products", "minisparse.kda.chunk_bwd:_kda_bwd_products_kernel",
          dict(C=64, BC=16, BK=32, LEVELS=4, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
     Spec("kda.suffix_sums", "minisparse.kda.chunk_bwd:_chunk_suffix_sums_kernel", dict(C=64, BK=32), "",
