@@ -1772,6 +1772,8 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
 
 
+# %%
+#| export kda.chunk_bwd
 @triton.jit
 def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, ainv_ptr, u_ptr,
                           states_ptr, dstates_ptr, do_ptr, du_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
