@@ -780,7 +780,8 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower_inverse, _v_tile
+from minisparse.deltanet.chunk_fwd import (_heads, _pow2, _precision, _state_halves,
+                                           _unit_lower_inverse, _v_tile)
 
 _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
@@ -1515,7 +1516,8 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
 # %% [markdown]
 # ### The scan and the output kernel
 #
-# The scan keeps one $[K, B_V]$ tile of the state in fp32 registers and walks the chunks; the output kernel is
+# The scan keeps one $[K, B_V]$ tile of the state in fp32 registers, as chapter 5's two halves of $K/2$ rows
+# (`_state_halves`: each product two smaller independent ones), and walks the chunks; the output kernel is
 # chapter 5's, as section 6.5 says. Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
 # and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
 # newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
@@ -1530,9 +1532,10 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
 
     Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B ·
     HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C,
-    BK], Ũ [C, BV] and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten,
-    by the same program).
+    Tiling: the state tile in fp32 registers as chapter 5's two halves of BK/2 rows, S = [S1; S2]
+    (BK ≥ 32, `_state_halves`), so that each product is two smaller independent ones; a step loads
+    W, kd [C, BK/2] and gl [BK/2] a half and Ũ [C, BV]. U is written over Ũ in u_ptr (each element
+    read, then overwritten, by the same program).
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
     and ht = S after the last chunk if STORE_HT."""
@@ -1540,33 +1543,37 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     rows = tl.arange(0, C)
-    ks = tl.arange(0, BK)
-    vs = iv * BV + tl.arange(0, BV)
-    km, vm = ks < K, vs < V
-    kv_off = ks[:, None] * V + vs[None, :]
-    kv_mask = km[:, None] & vm[None, :]
-    S = tl.zeros((BK, BV), dtype=tl.float32)
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
+    vm = vs < V
+    S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
+    S2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        S1 = tl.load(h0_ptr + bh * K * V + kv_off1, mask=kv_mask1, other=0.0).to(tl.float32)
+        S2 = tl.load(h0_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for n in range(NT):
-        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off1, S1, mask=kv_mask1)
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off2, S2, mask=kv_mask2)
         t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
-        m_k = tm[:, None] & km[None, :]
-        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
-        w = w.to(tl.float32)
+        m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
+        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
-        # [C, BV]
-        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
+        WS = tl.dot(w2, S2, tl.dot(w1, S1, input_precision=PRECISION), input_precision=PRECISION)
+        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - WS  # [C, BV]
         tl.store(u_ptr + u_off, u, mask=m_v)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
-        S = tl.dot(tl.trans(kd), u, S * gl[:, None], input_precision=PRECISION)
+        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
+        gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
+        S1 = tl.dot(tl.trans(kd1), u, S1 * gl1[:, None], input_precision=PRECISION)
+        S2 = tl.dot(tl.trans(kd2), u, S2 * gl2[:, None], input_precision=PRECISION)
     if STORE_HT:
-        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+        tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
+        tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
 
 
 @triton.jit
@@ -1635,8 +1642,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     runtime.launch("kda.fwd_states", _kda_fwd_states_kernel,
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (w, u, kd, gl, h0, states, ht, T, HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
-                        PRECISION=prec),
+                   dict(C=_C, BK=max(32, _pow2(K)), HAS_H0=h0 is not None,
+                        STORE_HT=ht is not None, PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
     runtime.launch("kda.fwd_output", _kda_fwd_output_kernel,
@@ -1700,7 +1707,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision
+from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _state_halves
 from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _decay_sums, _load_gates,
                                       _options, _v_tile)
 
@@ -1758,8 +1765,9 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
     Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V,
     BV), B · HV).
-    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg
-    [C, BK], gl [BK].
+    Tiling: dS in fp32 registers as two halves of BK/2 rows, dS = [dS1; dS2] (`_state_halves`, as
+    the forward scan); a step loads P [C, C], dO [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a
+    half.
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
         dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0."""
@@ -1767,37 +1775,48 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     rows = tl.arange(0, C)
-    ks = tl.arange(0, BK)
-    vs = iv * BV + tl.arange(0, BV)
-    km, vm = ks < K, vs < V
-    kv_off = ks[:, None] * V + vs[None, :]
-    kv_mask = km[:, None] & vm[None, :]
-    dS = tl.zeros((BK, BV), dtype=tl.float32)
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
+    vm = vs < V
+    dS1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
+    dS2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_DHT:
-        dS = tl.load(dht_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        dS1 = tl.load(dht_ptr + bh * K * V + kv_off1, mask=kv_mask1, other=0.0).to(tl.float32)
+        dS2 = tl.load(dht_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for i in range(NT):
         n = NT - 1 - i
-        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off, dS, mask=kv_mask)
+        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off1, dS1, mask=kv_mask1)
+        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off2, dS2, mask=kv_mask2)
         t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
-        m_k, m_v = tm[:, None] & km[None, :], tm[:, None] & vm[None, :]
+        m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
+        m_v = tm[:, None] & vm[None, :]
         pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
         P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
         # [C, BV]
         do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION),
-                    input_precision=PRECISION)
+        do = do * scale
+        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        kdS = tl.dot(kd2, dS2, tl.dot(kd1, dS1, input_precision=PRECISION),
+                     input_precision=PRECISION)
+        du = tl.dot(tl.trans(P), do, kdS, input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
-        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
-        dS = tl.dot(tl.trans(qg), do * scale, dS * gl[:, None], input_precision=PRECISION)
-        dS -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
+        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        qg1 = tl.load(qg_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        qg2 = tl.load(qg_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
+        gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
+        dS1 = tl.dot(tl.trans(qg1), do, dS1 * gl1[:, None], input_precision=PRECISION)
+        dS2 = tl.dot(tl.trans(qg2), do, dS2 * gl2[:, None], input_precision=PRECISION)
+        dS1 -= tl.dot(tl.trans(w1), du, input_precision=PRECISION)
+        dS2 -= tl.dot(tl.trans(w2), du, input_precision=PRECISION)
     if STORE_DH0:
-        tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
+        tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
+        tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
+
 
 # %%
 #| export kda.chunk_bwd
@@ -2064,8 +2083,8 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T,
                     HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-                        PRECISION=prec),
+                   dict(C=_C, BK=max(32, _pow2(K)), HAS_DHT=dht is not None,
+                        STORE_DH0=dh0 is not None, PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, HV, V, **f32)

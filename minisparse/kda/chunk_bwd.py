@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision
+from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _state_halves
 from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _decay_sums, _load_gates,
                                       _options, _v_tile)
 
@@ -62,8 +62,9 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
 
     Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V,
     BV), B · HV).
-    Tiling: dS [BK, BV] (all of K) in fp32 registers; a step loads P [C, C], dO [C, BV], kd, W, qg
-    [C, BK], gl [BK].
+    Tiling: dS in fp32 registers as two halves of BK/2 rows, dS = [dS1; dS2] (`_state_halves`, as
+    the forward scan); a step loads P [C, C], dO [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a
+    half.
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
         dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0."""
@@ -71,37 +72,47 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     rows = tl.arange(0, C)
-    ks = tl.arange(0, BK)
-    vs = iv * BV + tl.arange(0, BV)
-    km, vm = ks < K, vs < V
-    kv_off = ks[:, None] * V + vs[None, :]
-    kv_mask = km[:, None] & vm[None, :]
-    dS = tl.zeros((BK, BV), dtype=tl.float32)
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
+    vm = vs < V
+    dS1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
+    dS2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_DHT:
-        dS = tl.load(dht_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        dS1 = tl.load(dht_ptr + bh * K * V + kv_off1, mask=kv_mask1, other=0.0).to(tl.float32)
+        dS2 = tl.load(dht_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for i in range(NT):
         n = NT - 1 - i
-        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off, dS, mask=kv_mask)
+        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off1, dS1, mask=kv_mask1)
+        tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off2, dS2, mask=kv_mask2)
         t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
-        m_k, m_v = tm[:, None] & km[None, :], tm[:, None] & vm[None, :]
+        m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
+        m_v = tm[:, None] & vm[None, :]
         pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
         P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
         # [C, BV]
         do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        du = tl.dot(tl.trans(P), do * scale, tl.dot(kd, dS, input_precision=PRECISION),
-                    input_precision=PRECISION)
+        do = do * scale
+        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        kdS = tl.dot(kd2, dS2, tl.dot(kd1, dS1, input_precision=PRECISION),
+                     input_precision=PRECISION)
+        du = tl.dot(tl.trans(P), do, kdS, input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
-        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        qg = tl.load(qg_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
-        dS = tl.dot(tl.trans(qg), do * scale, dS * gl[:, None], input_precision=PRECISION)
-        dS -= tl.dot(tl.trans(w), du, input_precision=PRECISION)
+        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        qg1 = tl.load(qg_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        qg2 = tl.load(qg_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
+        gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
+        dS1 = tl.dot(tl.trans(qg1), do, dS1 * gl1[:, None], input_precision=PRECISION)
+        dS2 = tl.dot(tl.trans(qg2), do, dS2 * gl2[:, None], input_precision=PRECISION)
+        dS1 -= tl.dot(tl.trans(w1), du, input_precision=PRECISION)
+        dS2 -= tl.dot(tl.trans(w2), du, input_precision=PRECISION)
     if STORE_DH0:
-        tl.store(dh0_ptr + bh * K * V + kv_off, dS, mask=kv_mask)
+        tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
+        tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)
 
 
 @triton.jit
@@ -360,8 +371,8 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T,
                     HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-                        PRECISION=prec),
+                   dict(C=_C, BK=max(32, _pow2(K)), HAS_DHT=dht is not None,
+                        STORE_DH0=dh0 is not None, PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     dq, dk, dg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     dv = torch.empty(B, T, HV, V, **f32)

@@ -4,7 +4,8 @@ import triton
 import triton.language as tl
 
 from minisparse import runtime
-from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _unit_lower_inverse, _v_tile
+from minisparse.deltanet.chunk_fwd import (_heads, _pow2, _precision, _state_halves,
+                                           _unit_lower_inverse, _v_tile)
 
 _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
@@ -187,9 +188,10 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
 
     Program: one (batch b, value head hv) and one V-tile of its [K, V] state. Grid (cdiv(V, BV), B ·
     HV).
-    Tiling: the state tile S [BK, BV] (all of K, padded) in fp32 registers; a step loads W, kd [C,
-    BK], Ũ [C, BV] and gl [BK]. U is written over Ũ in u_ptr (each element read, then overwritten,
-    by the same program).
+    Tiling: the state tile in fp32 registers as chapter 5's two halves of BK/2 rows, S = [S1; S2]
+    (BK ≥ 32, `_state_halves`), so that each product is two smaller independent ones; a step loads
+    W, kd [C, BK/2] and gl [BK/2] a half and Ũ [C, BV]. U is written over Ũ in u_ptr (each element
+    read, then overwritten, by the same program).
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
     and ht = S after the last chunk if STORE_HT."""
@@ -197,33 +199,37 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
     bh = tl.program_id(1).to(tl.int64)
     b, hv = bh // HV, bh % HV
     rows = tl.arange(0, C)
-    ks = tl.arange(0, BK)
-    vs = iv * BV + tl.arange(0, BV)
-    km, vm = ks < K, vs < V
-    kv_off = ks[:, None] * V + vs[None, :]
-    kv_mask = km[:, None] & vm[None, :]
-    S = tl.zeros((BK, BV), dtype=tl.float32)
+    k1, k2, vs, kv_mask1, kv_mask2, kv_off1, kv_off2 = _state_halves(iv, K, V, BK, BV)
+    vm = vs < V
+    S1 = tl.zeros((BK // 2, BV), dtype=tl.float32)
+    S2 = tl.zeros((BK // 2, BV), dtype=tl.float32)
     if HAS_H0:
-        S = tl.load(h0_ptr + bh * K * V + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        S1 = tl.load(h0_ptr + bh * K * V + kv_off1, mask=kv_mask1, other=0.0).to(tl.float32)
+        S2 = tl.load(h0_ptr + bh * K * V + kv_off2, mask=kv_mask2, other=0.0).to(tl.float32)
     for n in range(NT):
-        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off, S, mask=kv_mask)
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off1, S1, mask=kv_mask1)
+        tl.store(states_ptr + (bh * NT + n) * K * V + kv_off2, S2, mask=kv_mask2)
         t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
         tm = t < T
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
-        m_k = tm[:, None] & km[None, :]
-        w = tl.load(w_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0)  # [C, BK]
-        w = w.to(tl.float32)
+        m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
+        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
-        # [C, BV]
-        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
+        WS = tl.dot(w2, S2, tl.dot(w1, S1, input_precision=PRECISION), input_precision=PRECISION)
+        u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - WS  # [C, BV]
         tl.store(u_ptr + u_off, u, mask=m_v)
-        kd = tl.load(kd_ptr + hv_k[:, None] + ks[None, :], mask=m_k, other=0.0).to(tl.float32)
-        gl = tl.load(gl_ptr + (bh * NT + n) * K + ks, mask=km, other=0.0)  # [BK]
-        S = tl.dot(tl.trans(kd), u, S * gl[:, None], input_precision=PRECISION)
+        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
+        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
+        gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
+        S1 = tl.dot(tl.trans(kd1), u, S1 * gl1[:, None], input_precision=PRECISION)
+        S2 = tl.dot(tl.trans(kd2), u, S2 * gl2[:, None], input_precision=PRECISION)
     if STORE_HT:
-        tl.store(ht_ptr + bh * K * V + kv_off, S, mask=kv_mask)
+        tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
+        tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
 
 
 @triton.jit
@@ -291,8 +297,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     runtime.launch("kda.fwd_states", _kda_fwd_states_kernel,
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
                    (w, u, kd, gl, h0, states, ht, T, HV, K, V, NT),
-                   dict(C=_C, BK=_pow2(K), HAS_H0=h0 is not None, STORE_HT=ht is not None,
-                        PRECISION=prec),
+                   dict(C=_C, BK=max(32, _pow2(K)), HAS_H0=h0 is not None,
+                        STORE_HT=ht is not None, PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
     o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
     runtime.launch("kda.fwd_output", _kda_fwd_output_kernel,
