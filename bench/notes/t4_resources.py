@@ -171,8 +171,10 @@ SPECS = [
          dict(BK=128, HAS_H0=True, STORE_HT=True, L2NORM=True), "q_ptr k_ptr v_ptr o_ptr", fit=_v_tile(128)),
     # chapter 6, bench/kda.py: H = HV = 16, K = V = 128, use_qk_l2norm (q, k normalised in fp16 first); the
     # intermediates fp32 except W, qg and kd (the inputs' dtype)
+    Spec("kda.fwd_between", "minisparse.kda.chunk_fwd:_kda_fwd_between_kernel",
+         dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
     Spec("kda.fwd_products", "minisparse.kda.chunk_fwd:_kda_fwd_products_kernel",
-         dict(C=64, BC=16, BK=32, BKD=128, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
+         dict(C=64, BC=16, BKD=128, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
     Spec("kda.fwd_wy", "minisparse.kda.chunk_fwd:_kda_fwd_wy_kernel",
          dict(C=64, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr w_ptr qg_ptr kd_ptr", floats="",
          fit=_v_tile(128)),
@@ -184,7 +186,7 @@ SPECS = [
     Spec("kda.bwd_states", "minisparse.kda.chunk_bwd:_kda_bwd_states_kernel",
          dict(C=64, BK=128, HAS_DHT=False, STORE_DH0=False, PRECISION="tf32"), "do_ptr kd_ptr w_ptr qg_ptr",
          fit=_v_tile(128)),
-    Spec("kda.gate_sums", "minisparse.kda.chunk_bwd:_kda_gate_sums_kernel", dict(C=64, BC=16, BK=32), "",
+    Spec("kda.gate_sums", "minisparse.kda.chunk_fwd:_kda_gate_sums_kernel", dict(C=64, BC=16, BK=32), "",
          floats=""),
     Spec("kda.bwd_chunk", "minisparse.kda.chunk_bwd:_kda_bwd_chunk_kernel",
          dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr v_ptr do_ptr", fit=_v_tile(128)),

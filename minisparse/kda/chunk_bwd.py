@@ -5,51 +5,10 @@ import triton.language as tl
 
 from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _state_halves
-from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _decay_sums, _load_gates,
-                                      _options, _v_tile)
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _load_gates, _options,
+                                      _totals_between, _v_tile)
 
 _LEVELS = 4  # the diagonal block's levels: runs of 1, 2, 4, 8 rows (2^4 = _BC)
-
-
-@triton.jit
-def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
-                          BC: tl.constexpr, BK: tl.constexpr):
-    """The range sums of every sub-chunk, once, for the backward's kernels: per row i and channel
-    into_i = g_s + … + g_i and onward_i = g_{i+1} + … + g_e (s, e: the first and last rows of i's
-    sub-chunk; `_decay_sums`) -> in_ptr, on_ptr [B, T, HV, K]; each sub-chunk's sum of gates
-    -> tot_ptr [B, HV, NT, C/BC, K]. A decay across sub-chunks is then a sum of these, all of one
-    sign, so as exact as one range sum.
-    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
-    Grid (NT · C/BC, B · HV, cdiv(K, BK))."""
-    nI = tl.program_id(0)
-    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·HV·K passes 2^31
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    ks = tl.program_id(2) * BK + tl.arange(0, BK)
-    km = ks < K
-    r0 = I * BC
-    ri = r0 + tl.arange(0, BC)
-    ti = n * C + ri
-    chunk = (b * T * HV + hv) * K + n * C * HV * K
-    into, onward = _decay_sums(g_ptr + chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
-    off = chunk + (ri * HV * K)[:, None] + ks[None, :]
-    m = (ti < T)[:, None] & km[None, :]
-    tl.store(in_ptr + off, into, mask=m)
-    tl.store(on_ptr + off, onward, mask=m)
-    total = tl.sum(tl.where((ri == r0)[:, None], into + onward, 0.0), axis=0)  # g_s + (g_s+1 + …)
-    tl.store(tot_ptr + ((bh * NT + n) * (C // BC) + I) * K + ks, total, mask=km)
-
-
-@triton.jit
-def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
-                    NS: tl.constexpr):
-    """Per row r: the sum of the chunk's sub-chunk totals M with lo_r < M < hi_r ([R, BK]; tot_c:
-    the chunk's NS rows of `_kda_gate_sums_kernel`'s totals)."""
-    acc = tl.zeros((R, BK), dtype=tl.float32)
-    for M in tl.static_range(NS):
-        total = tl.load(tot_c + M * K + ks, mask=km, other=0.0)
-        acc += tl.where(((lo < M) & (M < hi))[:, None], total[None, :], 0.0)
-    return acc
 
 
 @triton.jit
@@ -379,12 +338,7 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dbeta = torch.empty(B, T, HV, **f32)
     da, dp = (torch.empty(B, T, HV, _C, **f32) for _ in range(2))
     BK = min(_pow2(K), _COLUMNS)
-    g_in, g_on = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
-    g_tot = torch.empty(B, HV, NT, _C // _BC, K, **f32)
-    runtime.launch("kda.gate_sums", _kda_gate_sums_kernel,
-                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
-                   (g, g_in, g_on, g_tot, T, HV, K, NT), dict(C=_C, BC=_BC, BK=BK),
-                   **_options(q, v))
+    g_in, g_on, g_tot = s["g_in"], s["g_on"], s["g_tot"]
     runtime.launch("kda.bwd_chunk", _kda_bwd_chunk_kernel, lambda c: (NT, B * HV),
                    (q, k, v, g_in, g_on, g_tot, beta, s["a"], s["ainv"], s["u"], s["states"],
                     dstates, do, du, dq, dk, dv, dg, dbeta, da, dp, scale, T, H, HV, K, V, NT),

@@ -40,20 +40,140 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 
 
 @triton.jit
+def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr):
+    """The range sums of every sub-chunk, once, for the kernels after it: per row i and channel
+    into_i = g_s + … + g_i and onward_i = g_{i+1} + … + g_e (s, e: the first and last rows of i's
+    sub-chunk; `_decay_sums`) -> in_ptr, on_ptr [B, T, HV, K]; each sub-chunk's sum of gates
+    -> tot_ptr [B, HV, NT, C/BC, K]. A decay across sub-chunks is then a sum of these, all of one
+    sign, so as exact as one range sum.
+    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
+    Grid (NT · C/BC, B · HV, cdiv(K, BK))."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·HV·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    km = ks < K
+    r0 = I * BC
+    ri = r0 + tl.arange(0, BC)
+    ti = n * C + ri
+    chunk = (b * T * HV + hv) * K + n * C * HV * K
+    into, onward = _decay_sums(g_ptr + chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+    off = chunk + (ri * HV * K)[:, None] + ks[None, :]
+    m = (ti < T)[:, None] & km[None, :]
+    tl.store(in_ptr + off, into, mask=m)
+    tl.store(on_ptr + off, onward, mask=m)
+    total = tl.sum(tl.where((ri == r0)[:, None], into + onward, 0.0), axis=0)  # g_s + (g_s+1 + …)
+    tl.store(tot_ptr + ((bh * NT + n) * (C // BC) + I) * K + ks, total, mask=km)
+
+
+@triton.jit
+def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
+                    NS: tl.constexpr):
+    """Per row r: the sum of the chunk's sub-chunk totals M with lo_r < M < hi_r ([R, BK]; tot_c:
+    the chunk's NS rows of `_kda_gate_sums_kernel`'s totals)."""
+    acc = tl.zeros((R, BK), dtype=tl.float32)
+    for M in tl.static_range(NS):
+        total = tl.load(tot_c + M * K + ks, mask=km, other=0.0)
+        acc += tl.where(((lo < M) & (M < hi))[:, None], total[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _between_rows(q_rows, k_rows, in_rows, ok, ks, km, kb, A, P, PRECISION: tl.constexpr):
+    """A, P [BC, C] += one sub-chunk's rows against the keys kb [C, BK] decayed to the row r before
+    the sub-chunk: its q, k [BC, BK] (q_rows, k_rows, in_rows: pointers to each row's start) decayed
+    from r by e^{into}."""
+    mi = ok[:, None] & km[None, :]
+    e = tl.exp(tl.load(in_rows[:, None] + ks[None, :], mask=mi, other=0.0))  # e^{g_r+1 + … + g_i}
+    q = tl.load(q_rows[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32) * e
+    k = tl.load(k_rows[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32) * e
+    kbt = tl.trans(kb)
+    return (tl.dot(k, kbt, A, input_precision=PRECISION),
+            tl.dot(q, kbt, P, input_precision=PRECISION))
+
+
+@triton.jit
+def _store_between(a_ptr, p_ptr, A, P, bh_row, ti, r0, T, HV, C: tl.constexpr):
+    """Columns j < r0 of the rows ti [BC] of A and P [B, T, HV, C] (bh_row: b·T·HV + hv)."""
+    rc = tl.arange(0, C)[None, :]
+    out = (bh_row + ti * HV)[:, None] * C + rc  # [BC, C]
+    keep = (ti < T)[:, None] & (rc < r0)
+    tl.store(a_ptr + out, A, mask=keep)
+    tl.store(p_ptr + out, P, mask=keep)
+
+
+@triton.jit
+def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr, T, H, HV, K, NT,
+                            C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """The entries of A and P between sub-chunks (key j in a sub-chunk before query i's) of one
+    chunk: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
+
+    Program: chunk n of one (batch b, value head hv); C = 4 BC. Grid (NT, B · HV).
+    Tiling: a step over K's channel blocks loads the chunk's keys [C, BK] once; A and P of
+    sub-chunks 1, 2, 3 ([BC, C] each, fp32 registers) take one product each a step.
+    Math: every key decayed to the end of its own sub-chunk, k_j e^{onward_j}, then carried to the
+    row before sub-chunk I by the totals of the sub-chunks in between (factors ≤ 1, [BK] each);
+    I's rows decayed from there by e^{into_i}: every factor ≤ 1, from `_kda_gate_sums_kernel`'s
+    sums. Stores columns j < BC·I of sub-chunk I's rows of A and P [B, T, HV, C] (fp32)."""
+    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    sub = (rows // BC)[:, None]  # [C, 1] each key row's sub-chunk
+    qk_c = (b * T * H + h) * K  # token t's q and k rows at qk_c + t·H·K
+    g_c = (b * T * HV + hv) * K  # its gate sums at g_c + t·HV·K
+    tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K
+    ri = tl.arange(0, BC)
+    t1, t2, t3 = n * C + BC + ri, n * C + 2 * BC + ri, n * C + 3 * BC + ri  # sub-chunks 1, 2, 3
+    A1 = tl.zeros((BC, C), dtype=tl.float32)
+    P1 = tl.zeros((BC, C), dtype=tl.float32)
+    A2 = tl.zeros((BC, C), dtype=tl.float32)
+    P2 = tl.zeros((BC, C), dtype=tl.float32)
+    A3 = tl.zeros((BC, C), dtype=tl.float32)
+    P3 = tl.zeros((BC, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m = (t < T)[:, None] & km[None, :]
+        kb = tl.load(k_ptr + qk_c + (t * H * K)[:, None] + ks[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        kb *= tl.exp(tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m,
+                             other=0.0))  # each key decayed to the end of its sub-chunk
+        e1 = tl.exp(tl.load(tot_c + K + ks, mask=km, other=0.0))[None, :]  # sub-chunk 1's total
+        e2 = tl.exp(tl.load(tot_c + 2 * K + ks, mask=km, other=0.0))[None, :]
+        kb2 = tl.where(sub < 1, kb * e1, kb)  # to the row before sub-chunk 2
+        kb3 = tl.where(sub < 2, kb2 * e2, kb)  # to the row before sub-chunk 3
+        A1, P1 = _between_rows(q_ptr + qk_c + t1 * H * K, k_ptr + qk_c + t1 * H * K,
+                               in_ptr + g_c + t1 * HV * K, t1 < T, ks, km,
+                               tl.where(sub < 1, kb, 0.0), A1, P1, PRECISION)
+        A2, P2 = _between_rows(q_ptr + qk_c + t2 * H * K, k_ptr + qk_c + t2 * H * K,
+                               in_ptr + g_c + t2 * HV * K, t2 < T, ks, km,
+                               tl.where(sub < 2, kb2, 0.0), A2, P2, PRECISION)
+        A3, P3 = _between_rows(q_ptr + qk_c + t3 * H * K, k_ptr + qk_c + t3 * H * K,
+                               in_ptr + g_c + t3 * HV * K, t3 < T, ks, km,
+                               tl.where(sub < 3, kb3, 0.0), A3, P3, PRECISION)
+    _store_between(a_ptr, p_ptr, A1, P1, b * T * HV + hv, t1, BC, T, HV, C)
+    _store_between(a_ptr, p_ptr, A2, P2, b * T * HV + hv, t2, 2 * BC, T, HV, C)
+    _store_between(a_ptr, p_ptr, A3, P3, b * T * HV + hv, t3, 3 * BC, T, HV, C)
+
+
+@triton.jit
 def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
-                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             BKD: tl.constexpr, PRECISION: tl.constexpr):
-    """The rows of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without β) and
-    P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i).
+                             C: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """The diagonal block of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without
+    β) and P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i); the entries before the block are
+    `_kda_fwd_between_kernel`'s.
 
     Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
-    Tiling: the keys before the sub-chunk: its q, k [BC, BK] against the chunk's keys [C, BK], a
-    step over K's channel blocks, A and P [BC, C] in fp32 registers; the diagonal block: the
-    sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
-    Math: keys before the sub-chunk through the reference point r = the row before it (one product
-    of tiles whose factors are ≤ 1); the diagonal block one diagonal (i, i − d) at a time, its
-    decay grown by one gate a step. Stores A's and P's rows [B, T, HV, C] (fp32) whole: zeros on
-    and above A's diagonal, above P's."""
+    Tiling: the sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
+    Math: one diagonal (i, i − d) at a time, its decay grown by one gate a step. Stores the rest of
+    A's and P's rows [B, T, HV, C] (fp32): the block, and zeros on and above A's diagonal (above
+    P's)."""
     nI = tl.program_id(0)
     n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
@@ -61,35 +181,16 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     r0 = I * BC  # the sub-chunk's first row in the chunk
     ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
     rj = tl.arange(0, C)  # [C] the keys' rows
-    ti, tj = n * C + ri, n * C + rj
+    ti = n * C + ri
     k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
     q_i = q_ptr + (b * T * H + h) * K + ti * H * K
-    k_j = k_ptr + (b * T * H + h) * K + tj * H * K  # [C]
     g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
-    A = tl.zeros((BC, C), dtype=tl.float32)
-    P = tl.zeros((BC, C), dtype=tl.float32)
-    for k0 in range(0, tl.where(I > 0, K, 0), BK):  # the first sub-chunk has no earlier keys
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        mi = (ti < T)[:, None] & km[None, :]
-        q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BK]
-        k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-        # e^{G_i − G_r} = e^{g_r0 + … + g_i}, e^{G_r − G_j} = e^{g_{j+1} + … + g_r}: both ≤ 1
-        into, _ = _decay_sums(g_chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
-        _, onward = _decay_sums(g_chunk, rj, tj, T, ks, km, HV, K, 0, r0 - 1)
-        kb = tl.load(k_j[:, None] + ks[None, :], mask=((rj < r0) & (tj < T))[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)  # [C, BK]
-        kb *= tl.exp(tl.where((rj < r0)[:, None], onward, float("-inf")))
-        e_q = tl.exp(into)
-        A = tl.dot(k * e_q, tl.trans(kb), A, input_precision=PRECISION)
-        P = tl.dot(q * e_q, tl.trans(kb), P, input_precision=PRECISION)
     row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
     out = row_i[:, None] + rj[None, :]  # [BC, C]
     tm = (ti < T)[:, None]
-    tl.store(a_ptr + out, A, mask=tm & (rj[None, :] < r0))
-    tl.store(p_ptr + out, P, mask=tm & (rj[None, :] < r0))
-    tl.store(a_ptr + out, tl.zeros_like(A), mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
-    tl.store(p_ptr + out, tl.zeros_like(P), mask=tm & (rj[None, :] > ri[:, None]))
+    zeros = tl.zeros((BC, C), dtype=tl.float32)
+    tl.store(a_ptr + out, zeros, mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
+    tl.store(p_ptr + out, zeros, mask=tm & (rj[None, :] > ri[:, None]))
     # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
     ks = tl.arange(0, BKD)
     km = ks < K
@@ -270,9 +371,9 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
 
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
-    """The four forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
-    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states; w, qg, kd
-    in q's dtype, the rest fp32).
+    """The six forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
+    intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states and the
+    gate sums g_in, g_on, g_tot; w, qg, kd in q's dtype, the rest fp32).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
@@ -283,10 +384,20 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     u = torch.empty(B, T, HV, V, **f32)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
+    BK = min(_pow2(K), _COLUMNS)
+    g_in, g_on = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
+    g_tot = torch.empty(B, HV, NT, _C // _BC, K, **f32)
+    runtime.launch("kda.gate_sums", _kda_gate_sums_kernel,
+                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
+                   (g, g_in, g_on, g_tot, T, HV, K, NT), dict(C=_C, BC=_BC, BK=BK),
+                   **_options(q, v))
+    runtime.launch("kda.fwd_between", _kda_fwd_between_kernel, lambda c: (NT, B * HV),
+                   (q, k, g_in, g_on, g_tot, p, a, T, H, HV, K, NT),
+                   dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
     runtime.launch("kda.fwd_products", _kda_fwd_products_kernel,
                    lambda c: (NT * (_C // _BC), B * HV),
                    (q, k, g, p, a, T, H, HV, K),
-                   dict(C=_C, BC=_BC, BK=min(_pow2(K), _COLUMNS), BKD=_pow2(K), PRECISION=prec),
+                   dict(C=_C, BC=_BC, BKD=_pow2(K), PRECISION=prec),
                    **_options(q, v))
     runtime.launch("kda.fwd_wy", _kda_fwd_wy_kernel, lambda c: (NT, B * HV),
                    (q, k, v, g, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V, NT),
@@ -306,7 +417,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    (qg, p, u, states, o, scale, T, HV, K, V, NT),
                    dict(C=_C, BK=min(_pow2(K), 64), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
-    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states)
+    return o, ht, dict(w=w, u=u, qg=qg, kd=kd, gl=gl, p=p, a=a, ainv=ainv, states=states,
+                       g_in=g_in, g_on=g_on, g_tot=g_tot)
 
 
 __all__ = []
