@@ -1660,19 +1660,20 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
         hv_k = (b * T * HV + hv) * K + t * HV * K
         hv_v = (b * T * HV + hv) * V + t * HV * V
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
-        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
+        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
         u_off = hv_v[:, None] + vs[None, :]
         m_v = tm[:, None] & vm[None, :]
-        WS = tl.dot(w2, S2, tl.dot(w1, S1, input_precision=PRECISION), input_precision=PRECISION)
+        WS = tl.dot(w2, S2.to(w2.dtype), tl.dot(w1, S1.to(w1.dtype), input_precision=PRECISION),
+                    input_precision=PRECISION)
         u = tl.load(u_ptr + u_off, mask=m_v, other=0.0) - WS  # [C, BV]
         tl.store(u_ptr + u_off, u, mask=m_v)
-        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
-        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
+        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
         gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
         gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
-        S1 = tl.dot(tl.trans(kd1), u, S1 * gl1[:, None], input_precision=PRECISION)
-        S2 = tl.dot(tl.trans(kd2), u, S2 * gl2[:, None], input_precision=PRECISION)
+        S1 = tl.dot(tl.trans(kd1), u.to(kd1.dtype), S1 * gl1[:, None], input_precision=PRECISION)
+        S2 = tl.dot(tl.trans(kd2), u.to(kd2.dtype), S2 * gl2[:, None], input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht_ptr + bh * K * V + kv_off1, S1, mask=kv_mask1)
         tl.store(ht_ptr + bh * K * V + kv_off2, S2, mask=kv_mask2)
@@ -1869,22 +1870,25 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         # [C, BV]
         do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
         do = do * scale
-        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
-        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
-        kdS = tl.dot(kd2, dS2, tl.dot(kd1, dS1, input_precision=PRECISION),
+        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
+        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
+        kdS = tl.dot(kd2, dS2.to(kd2.dtype),
+                     tl.dot(kd1, dS1.to(kd1.dtype), input_precision=PRECISION),
                      input_precision=PRECISION)
         du = tl.dot(tl.trans(P), do, kdS, input_precision=PRECISION)
         tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
-        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
-        qg1 = tl.load(qg_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0).to(tl.float32)
-        qg2 = tl.load(qg_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
+        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
+        qg1 = tl.load(qg_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
+        qg2 = tl.load(qg_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
         gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
         gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
-        dS1 = tl.dot(tl.trans(qg1), do, dS1 * gl1[:, None], input_precision=PRECISION)
-        dS2 = tl.dot(tl.trans(qg2), do, dS2 * gl2[:, None], input_precision=PRECISION)
-        dS1 -= tl.dot(tl.trans(w1), du, input_precision=PRECISION)
-        dS2 -= tl.dot(tl.trans(w2), du, input_precision=PRECISION)
+        do_s = do.to(qg1.dtype)
+        dS1 = tl.dot(tl.trans(qg1), do_s, dS1 * gl1[:, None], input_precision=PRECISION)
+        dS2 = tl.dot(tl.trans(qg2), do_s, dS2 * gl2[:, None], input_precision=PRECISION)
+        du_s = du.to(w1.dtype)
+        dS1 -= tl.dot(tl.trans(w1), du_s, input_precision=PRECISION)
+        dS2 -= tl.dot(tl.trans(w2), du_s, input_precision=PRECISION)
     if STORE_DH0:
         tl.store(dh0_ptr + bh * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dh0_ptr + bh * K * V + kv_off2, dS2, mask=kv_mask2)

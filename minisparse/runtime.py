@@ -347,7 +347,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "kda.fwd_states": {  # 40 KiB at 4 warps, 2 stages (sm_90); 40 KiB (sm_75) at 8 warps, 1 stage
         "interpreter": [_cfg(1, 1, BV=64)],
-        "sm_80": [_cfg(4, 2, BV=32), _cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+        "sm_80": [_cfg(8, 2, BV=32), _cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fwd_output": {  # 24 KiB at BV = 32, 1 stage
