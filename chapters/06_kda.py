@@ -1808,8 +1808,9 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 # of row $i$ times a factor of row $j$, both $\le 1$, both sums of gates inside a run (`_level`). So each level is a
 # reference point shared by its pairs, and its share of $R$ is one product, $a \odot \big((dA' \odot M_L)(k \odot
 # b)\big)$ with $M_L$ the level's pairs — sixteen small tensor-core products in place of fifteen dependent steps of
-# loads. On an H100 the kernel takes 2.14 ms instead of 2.74 at B 2, T 8K (`bench/notes/kda.md`, 2026-12-06); in the
-# forward the levels were slower than the walk (1.24 against 0.84 ms), so it keeps the walk. Every other gate term
+# loads: on an H100 at B 2, T 8K the kernel takes 2.14 ms with the levels and 2.74 with a walk. The forward walks
+# its blocks, one chain of sums storing a diagonal a step: there the walk is the faster form (0.84 ms against 1.24
+# with levels; `bench/notes/kda.md`, 2026-12-06). Every other gate term
 # is a row scaling ($Q \odot e^{G}$, $K \odot e^{G_L - G}$, $e^{G_L}$), and the gate's gradient is
 # $dg_t = \sum_{i \ge t} dG_i$ inside the chunk: a reverse cumulative sum, taken last (`_chunk_suffix_sums_kernel`),
 # once every sub-chunk's $dG$ is in.
@@ -2031,7 +2032,6 @@ def _level(g_rows, g_next, L: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     same_run = o[:, None] // (2 * L) == o[None, :] // (2 * L)
     pairs = same_run & ((o[:, None] // L) % 2 == 1) & ((o[None, :] // L) % 2 == 0)
     return tl.exp(into), tl.exp(rest), pairs
-
 
 
 @triton.jit

@@ -87,6 +87,7 @@ def test_mean_pool_does_not_overflow_near_the_largest_float(dtype):
         counts = torch.tensor([bs] * full + [75 - full * bs])[:sums.shape[1]].view(1, -1, 1, 1)
         assert torch.equal(N.mean_pool(y, bs), (sums / counts).to(dtype)), bs
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,H,D,bs", [(2, 75, 3, 8, 16), (1, 130, 2, 24, 64), (1, 64, 1, 128, 64), (2, 0, 2, 8, 16)])
 def test_pool_kernel_matches_mean_pool(poisoned, dtype, B, T, H, D, bs):

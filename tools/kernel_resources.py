@@ -45,7 +45,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 
 def _constexpr(text: str):
-    return int(text) if re.fullmatch(r"-?\d+", text) else {"True": True, "False": False}.get(text, text)
+    return int(text) if re.fullmatch(r"-?\d+", text) else {"True": True, "False": False, "None": None}.get(text, text)
 
 
 def signature(fn, constexprs: dict, dtypes: dict, floats: set, pointers: set | None = None) -> dict:

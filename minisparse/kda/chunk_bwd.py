@@ -209,7 +209,6 @@ def _level(g_rows, g_next, L: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     return tl.exp(into), tl.exp(rest), pairs
 
 
-
 @triton.jit
 def _kda_bwd_products_kernel(q_ptr, k_ptr, g_ptr, in_ptr, on_ptr, tot_ptr, da_ptr, dp_ptr, dq_ptr,
                              dk_ptr, dg_ptr, T, H, HV, K, NT, C: tl.constexpr, BC: tl.constexpr,
