@@ -45,7 +45,7 @@
 # | 6.2 Naive | the recurrence (checked against fla and transformers) and the chunk form (against the recurrence) |
 # | 6.3 See it | per-channel forgetting; a two-time-scale recall task where KDA beats GDN |
 # | 6.4 Cost | Kimi Linear's 3 : 1 stack against all-MLA, 4K to 1M tokens |
-# | 6.5 Fast | sub-chunks and reference points; the four Triton kernels, the products kernel tile by tile |
+# | 6.5 Fast | sub-chunks and reference points; the forward's Triton kernels, the products kernels tile by tile |
 # | 6.6 Layer | `KimiDeltaAttention`, decoding = prefill (`from_hf` in the engineering notes) |
 # | 6.7 Measure | the H200 benchmark against fla |
 # | 6.8 Exercises | derive, debug, predict, and a Triton kernel |
@@ -751,7 +751,7 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: the output $O$ of section 6.2.
 #
 # Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the backward's
-# five kernels, the autograd glue and the decoding kernel are in the Engineering notes. The picture: what each kernel
+# four kernels, the autograd glue and the decoding kernel are in the Engineering notes. The picture: what each kernel
 # reads and writes, one chunk of one head; below it, the helpers every kernel takes its gates from: `_load_gates`,
 # and `_decay_sums`, the range sums.
 
@@ -1453,11 +1453,11 @@ check_kda_step_kernel(kda_step_solution)
 #   ($e^{G_i - G_r} e^{G_r - G_j}$, both factors $\le 1$), and walks the $16 \times 16$ diagonal blocks one diagonal
 #   at a time; every exponent is a sum of gates over a range, exact in float32. The single-reference factorisation
 #   $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
-# - **Triton**: `chunk_kda` — four forward kernels (the products $A$, $P$ a program per sub-chunk; the UT transform with
-#   $W$, $\tilde U$ and the decayed rows; the scan; the output) and five backward ones (a reverse scan, the range sums
-#   of every sub-chunk once, a chunk kernel, the products run backwards per sub-chunk, $dg$'s suffix sums);
-#   `fused_recurrent_kda` for decoding. Equal to the
-#   recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and gates down to $-10^{30}$.
+# - **Triton**: `chunk_kda` — six forward kernels (each sub-chunk's range sums of the gates, once; the products $A$,
+#   $P$ between sub-chunks, a program per chunk, and in the diagonal blocks, a program per sub-chunk; the UT transform
+#   with $W$, $\tilde U$ and the decayed rows; the scan; the output) and four backward ones (a reverse scan, a chunk
+#   kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding. Equal
+#   to the recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and gates down to $-10^{30}$.
 # - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
 #   decoding token by token from its state equals the prefill.
 # - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
@@ -1620,7 +1620,10 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
 #
 # The scan keeps one $[K, B_V]$ tile of the state in fp32 registers, as chapter 5's two halves of $K/2$ rows
 # (`_state_halves`: each product two smaller independent ones), and walks the chunks; the output kernel is
-# chapter 5's, as section 6.5 says. Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
+# chapter 5's, as section 6.5 says. As chapter 5's scans, both scans multiply in the inputs' 16-bit type: $W$ and
+# $K \odot e^{G_L - G}$ as stored, the state and $U$ rounded to it for the product, every sum in fp32. That is the
+# tensor cores' full rate and half the operand bytes of TF32 on fp32 copies, and it moves the forward's error against
+# the fp32 recurrence by less than a tenth (`bench/notes/kda.md`, 2026-12-06). Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
 # and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
 # newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
 
@@ -1637,7 +1640,8 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
     Tiling: the state tile in fp32 registers as chapter 5's two halves of BK/2 rows, S = [S1; S2]
     (BK ≥ 32, `_state_halves`), so that each product is two smaller independent ones; a step loads
     W, kd [C, BK/2] and gl [BK/2] a half and Ũ [C, BV]. U is written over Ũ in u_ptr (each element
-    read, then overwritten, by the same program).
+    read, then overwritten, by the same program). Products in W's dtype (S and U rounded to it),
+    sums in fp32.
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
     and ht = S after the last chunk if STORE_HT."""
@@ -1841,7 +1845,7 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     BV), B · HV).
     Tiling: dS in fp32 registers as two halves of BK/2 rows, dS = [dS1; dS2] (`_state_halves`, as
     the forward scan); a step loads P [C, C], dO [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a
-    half.
+    half. The state's products in kd's dtype (dS, dO and dU rounded to it), sums in fp32.
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
         dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0."""
@@ -2185,18 +2189,18 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 # %% [markdown]
 # ### Launch and autograd
 #
-# `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the
-# interpreter, $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the four
-# kernels. The autograd function keeps the forward's intermediates for the backward's kernels: float32, except the
-# decayed rows $W$, $Q \odot e^{G}$ and $K \odot e^{G_L - G}$, the scans' largest reads, stored in the inputs' dtype
-# (half the bytes in 16 bits) and widened to float32 as they are loaded. Chapter 5's row kernel sums the
-# per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. On a GPU whose
-# shared memory the backward's reverse scan outgrows — a T4's 64 KiB, against the 68 KiB it asks for at
-# $K = V = 128$ — the backward falls back, with a warning, to autograd through the PyTorch chunk form
-# (`runtime.grads_by_autograd`, the book's one fallback for a backward that does not fit). It is slow, and it is
-# large: autograd keeps the chunk form's $[L, L, K]$ tensors (the segment sums of section 6.2 and their decays),
-# about 105 kB a token and value head at $K = 128$ — 13 GiB at $B = 1$, $T$ = 8K and 16 heads, most of a T4's
-# 15 GiB. The warning gives the estimate for the call.
+# `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the interpreter,
+# $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the forward's kernels. The
+# autograd function keeps the forward's intermediates for the backward's kernels: float32, except the decayed rows
+# $W$, $Q \odot e^{G}$ and $K \odot e^{G_L - G}$, the scans' largest reads, stored in the inputs' dtype (half the
+# bytes in 16 bits), which the scans multiply as stored and the other kernels widen to float32. Chapter 5's row kernel
+# sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. Every
+# kernel fits a T4's 64 KiB of shared memory at $K = V = 128$ (the largest, the WY kernel, asks 48 KiB; the reverse
+# scan 36 with its 16-bit products, `bench/notes/t4.md`). On a GPU whose shared memory the kernels outgrow the
+# backward falls back, with a warning, to autograd through the PyTorch chunk form (`runtime.grads_by_autograd`, the
+# book's one fallback for a backward that does not fit). It is slow, and it is large: autograd keeps the chunk form's
+# $[L, L, K]$ tensors (the segment sums of section 6.2 and their decays), about 105 kB a token and value head at $K =
+# 128$ — 13 GiB at $B = 1$, $T$ = 8K and 16 heads, most of a T4's 15 GiB. The warning gives the estimate for the call.
 
 # %%
 #| export kda.chunk
@@ -2269,7 +2273,7 @@ class _ChunkKDA(torch.autograd.Function):
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm=False):
-    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (four kernels) and backward (five).
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (six kernels) and backward (four).
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
     bfloat16 (not bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite

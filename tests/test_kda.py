@@ -782,9 +782,10 @@ def test_chunk_kda_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(m
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch table's GPU rows run on a GPU")
 def test_every_configuration_of_the_kda_rows_computes_the_same_result():
-    """Each configuration a GPU's kda.* row may fall back to, forced in turn, gives the table's first configuration's
-    output and gradients (a configuration that miscompiles — 8 warps at BV 16 in the reverse scan hit an illegal
-    memory access on the H200 — must not sit in a row)."""
+    """Each configuration a GPU's kda.* row may fall back to, and each of the T4's row (sm_75: they run on any newer
+    GPU), forced in turn, gives the table's first configuration's output and gradients (a configuration that
+    miscompiles — 8 warps at BV 16 in the reverse scan hit an illegal memory access on the H200 — must not sit in a
+    row)."""
     from minisparse.kda import chunk_kda
 
     inputs = _inputs(1, 200, 2, 4, 128, 128, device="cuda")
@@ -799,7 +800,9 @@ def test_every_configuration_of_the_kda_rows_computes_the_same_result():
     reference = run()
     rows = [r for r in runtime.LAUNCH_TABLE if r.startswith("kda.") and r != "kda.fused_recurrent"]
     for row in rows:
-        for config in runtime.launch_configs(row, "cuda", torch.bfloat16)[1:]:
+        ours = runtime.launch_configs(row, "cuda", torch.bfloat16)
+        t4 = [c for c in runtime.LAUNCH_TABLE[row].get("sm_75", []) if c not in ours]
+        for config in ours[1:] + t4:
             with runtime.launch_config(row, **config):
                 got = run()
             torch.cuda.synchronize()

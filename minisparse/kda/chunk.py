@@ -68,7 +68,7 @@ class _ChunkKDA(torch.autograd.Function):
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm=False):
-    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (four kernels) and backward (five).
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (six kernels) and backward (four).
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
     bfloat16 (not bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite

@@ -23,7 +23,7 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
     BV), B · HV).
     Tiling: dS in fp32 registers as two halves of BK/2 rows, dS = [dS1; dS2] (`_state_halves`, as
     the forward scan); a step loads P [C, C], dO [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a
-    half.
+    half. The state's products in kd's dtype (dS, dO and dU rounded to it), sums in fp32.
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
         dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0."""

@@ -292,7 +292,8 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
     Tiling: the state tile in fp32 registers as chapter 5's two halves of BK/2 rows, S = [S1; S2]
     (BK ≥ 32, `_state_halves`), so that each product is two smaller independent ones; a step loads
     W, kd [C, BK/2] and gl [BK/2] a half and Ũ [C, BV]. U is written over Ũ in u_ptr (each element
-    read, then overwritten, by the same program).
+    read, then overwritten, by the same program). Products in W's dtype (S and U rounded to it),
+    sums in fp32.
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
     and ht = S after the last chunk if STORE_HT."""
