@@ -955,7 +955,7 @@ def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr,
 #   between carry them on to $r = 16I - 1$ ($[32]$ factors). Two `tl.dot` calls then add
 #   $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to $A'$ and the same with $q$ to $P$ for $I$'s rows
 #   ($[16, 64]$, float32): the two products through the reference point, every factor $\le 1$ (`PRECISION`: TF32 for
-#   16-bit inputs, fp32 for fp32, as in every kernel). It stores columns $j < 16I$.
+#   16-bit inputs, fp32 for fp32, as in every kernel but the scans). It stores columns $j < 16I$.
 # - **The diagonal blocks, a sub-chunk a program.** One program of `_kda_fwd_products_kernel` owns sub-chunk $I$ of
 #   chunk $n$ of one (batch, value head) — the 16 query rows `ri` from $r_0 = 16I$ (`_heads` gives the key head `h`
 #   whose $q$ and $k$ the value head `hv` reads). It stores the entries on and above $A'$'s diagonal (above $P$'s)
@@ -1218,10 +1218,11 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # forward takes 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, at every length from 8K to 64K, with
 # accuracy on par (3.1e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the
 # profile: the two products kernels and the backward's chunk kernel take most of the time (0.87 + 2.77 + 2.09 ms of
-# the 8.35 ms forward + backward at B 2, T 8K). Since that run the backward's products kernel takes its diagonal
-# blocks by levels (the Engineering notes' backward pass): on an H100 it takes 2.14 ms instead of 2.74, and the
-# forward + backward 8.0 ms against fla's 5.8 (1.4×, from 1.43× on the same kind of GPU; `bench/notes/kda.md`,
-# 2026-12-06).
+# the 8.35 ms forward + backward at B 2, T 8K). That run predates four changes: the backward's products kernel
+# takes its diagonal blocks by levels, each sub-chunk's range sums are computed once, the products between
+# sub-chunks take one program a chunk, and the scans multiply in 16 bits (the Engineering notes). On an H100 the
+# forward + backward at B 2, T 8K now takes 7.3 ms against fla's 5.8 (1.26×, from 1.43×) and the forward 2.25 ms
+# against 1.26 (1.78×; `bench/notes/kda.md`, 2026-12-06).
 
 # %%
 from minisparse import bench
