@@ -1,12 +1,13 @@
 """What each part of chunk_kda's kernels costs: the op timed with one part removed by text substitution in the
 exported kernels, each variant in its own process (the files are restored afterwards). Results in kda.md.
 
-On a GPU:  PYTHONPATH=. python bench/notes/kda_ablate.py main fwd-sums bwd-sums fwd-walk bwd-walk fwd-offdiag
+On a GPU:  PYTHONPATH=. python bench/notes/kda_ablate.py main gate-sums wy-sums fwd-between fwd-walk wy-inverse bwd-walk
 
-Parts (a variant may name several, joined by '+', e.g. fwd-sums+bwd-sums):
-    fwd-sums / bwd-sums   the forward's / backward's `_decay_sums` as two plain loads of gates (no cumulative sum)
+Parts (a variant may name several, joined by '+', e.g. gate-sums+wy-sums):
+    gate-sums / wy-sums   `_kda_gate_sums_kernel`'s / the WY kernel's `_decay_sums` as two plain loads of gates
+    fwd-between           `_kda_fwd_between_kernel`'s loop over K's channel blocks run zero times
     fwd-walk / bwd-walk   the diagonal block's loop (the forward's walk; the backward's levels) run zero times
-    fwd-offdiag           the forward products kernel's loop over the keys before the sub-chunk run zero times
+    wy-inverse            the WY kernel without `_unit_lower_inverse` (A_inv = diag(β) A')
 The results are wrong, only the times mean anything: B 2, T 8K, H 16, K = V = 128, bf16, use_qk_l2norm.
 """
 import pathlib
@@ -25,11 +26,13 @@ def _plain_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
             _load_gates(g_chunk + (rows + 1) * HV * K, ok_next, ks, km))
 '''
 PARTS = {  # part -> (file, text, replacement)
-    "fwd-sums": ("fwd", "= _decay_sums(g_chunk", "= _plain_sums(g_chunk"),
-    "bwd-sums": ("bwd", "= _decay_sums(g_chunk", "= _plain_sums(g_chunk"),
+    "gate-sums": ("fwd", "into, onward = _decay_sums(g_ptr", "into, onward = _plain_sums(g_ptr"),
+    "wy-sums": ("fwd", "G, to_end = _decay_sums(g_chunk", "G, to_end = _plain_sums(g_chunk"),
+    "fwd-between": ("fwd", "    P3 = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, K, BK):",
+                    "    P3 = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, 0, BK):"),
     "fwd-walk": ("fwd", "for d in range(1, BC):", "for d in range(1, 1):"),
     "bwd-walk": ("bwd", "for lvl in tl.static_range(LEVELS):", "for lvl in tl.static_range(0):"),
-    "fwd-offdiag": ("fwd", "for k0 in range(0, tl.where(I > 0, K, 0), BK):", "for k0 in range(0, 0, BK):"),
+    "wy-inverse": ("fwd", "A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)", "A_inv = A * beta[:, None]"),
 }
 
 
@@ -43,9 +46,8 @@ def sources(variant, fwd, bwd):
         if old not in text[where]:
             raise SystemExit(f"{part}: {old!r} is not in chunk_{where}.py any more; update PARTS")
         text[where] = text[where].replace(old, new)
-    if "_plain_sums(" in text["fwd"] or "_plain_sums(" in text["bwd"]:
+    if "_plain_sums(" in text["fwd"]:
         text["fwd"] += PLAIN_LOADS
-        text["bwd"] = text["bwd"].replace("_decay_sums, _load_gates,", "_decay_sums, _load_gates, _plain_sums,")
     return text["fwd"], text["bwd"]
 
 
