@@ -740,9 +740,7 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # into decayed copies of $q$ and $k$, which the scan and the output kernel use as they are, never seeing a gate.
 #
 # 1. **`_kda_gate_sums_kernel`**, **`_kda_fwd_between_kernel`** and **`_kda_fwd_products_kernel`** — the rows of
-#    $A'$ (section 6.2's $A$ without its $\beta_i$) and $P$, as drawn above: each sub-chunk's range sums once, then
-#    the entries between sub-chunks (a chunk a program), then the diagonal blocks (a sub-chunk a program); in full
-#    below.
+#    $A'$ (section 6.2's $A$ without its $\beta_i$) and $P$, as drawn above.
 # 2. **`_kda_fwd_wy_kernel`** — per chunk: $A_\text{inv} = (I + \operatorname{diag}(\beta) A')^{-1}$ (section 6.2's
 #    $(I + A)^{-1}$, by chapter 5's `_unit_lower_inverse`), section 6.2's $W$ and $\tilde U$, and the decayed rows
 #    $Q \odot e^{G}$, $K \odot e^{G_L - G}$ and $e^{G_L}$.
@@ -751,9 +749,8 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: the output $O$ of section 6.2.
 #
 # Kernels 3 and 4 are chapter 5's with a vector $e^{G_L}$ for the scalar one; they, the WY kernel, the backward's
-# four kernels, the autograd glue and the decoding kernel are in the Engineering notes. The picture: what each kernel
-# reads and writes, one chunk of one head; below it, the helpers every kernel takes its gates from: `_load_gates`,
-# and `_decay_sums`, the range sums.
+# four kernels and the decoding kernel are in the Engineering notes. Below the picture: `_load_gates` and
+# `_decay_sums` (the range sums), which every kernel takes its gates from.
 
 # %%
 from minisparse.viz import Box
@@ -820,25 +817,20 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 # %% [markdown]
 # ### The products kernel, tile by tile
 #
-# The drawing in "Getting matrix products back" is computed by three kernels. The first two hold the reference
-# points (their code is in the Engineering notes); the third, the diagonal blocks, is this section's.
+# Three kernels compute the drawing of "Getting matrix products back". The first two hold the reference points
+# (their code is in the Engineering notes):
 #
-# - **The range sums, once.** `_kda_gate_sums_kernel` stores, for every row, `into` $= g_s + \dots + g_i$ and
-#   `onward` $= g_{i+1} + \dots + g_e$ inside its sub-chunk ($s$, $e$ its first and last rows, from `_decay_sums`),
-#   and each sub-chunk's sum of gates. Every decay the kernels below need is a sum of these, all of one sign.
-# - **"ref $r_I$": between sub-chunks, a chunk a program.** `_kda_fwd_between_kernel` adds
-#   $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to $A'$ and the same with $q$ to $P$ for sub-chunk $I$'s
-#   rows, $r = 16I - 1$: two tensor-core products a block of 32 channels, every factor $\le 1$. It stores columns
-#   $j < 16I$.
-# - **The diagonal blocks, a sub-chunk a program.** One program of `_kda_fwd_products_kernel` owns sub-chunk $I$ of
-#   chunk $n$ of one (batch, value head) — the 16 query rows `ri` from $r_0 = 16I$ (`_heads` gives the key head `h`
-#   whose $q$ and $k$ the value head `hv` reads). It stores the entries on and above $A'$'s diagonal (above $P$'s)
-#   as zeros and walks the block, so that the next kernels read whole $[64, 64]$ tiles.
-# - **"diag", a diagonal a step.** The kernel reloads the sub-chunk's rows with every channel (`BKD` $\ge K$);
-#   $d = 0$ is $P$'s own diagonal $\langle q_i, k_i\rangle$. Step $d$ adds one gate a row, so that `D`
-#   $= g_{i-d+1} + \dots + g_i$, decays the key $d$ rows up, $k_{i-d} \odot e^{D}$, and stores $A'_{i,i-d}$ and
-#   $P_{i,i-d}$ for the 16 rows at once (masked where $i - d$ is before the sub-chunk): 15 elementwise steps off
-#   the tensor cores, each decay a running sum of gates.
+# - `_kda_gate_sums_kernel` stores, once, every row's range sums inside its sub-chunk, `into` $= g_s + \dots + g_i$
+#   and `onward` $= g_{i+1} + \dots + g_e$ (from `_decay_sums`), and each sub-chunk's total;
+# - `_kda_fwd_between_kernel` (a chunk a program) adds $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to
+#   $A'$, and the same with $q$ to $P$, for sub-chunk $I$'s rows, $r = 16I - 1$: tensor-core products with every
+#   factor $\le 1$.
+#
+# The third, `_kda_fwd_products_kernel`, is the "diag" of the drawing. A program owns the 16 query rows of one
+# sub-chunk (`_heads` gives the key head `h` whose $q$ and $k$ the value head `hv` reads), stores zeros on and above
+# $A'$'s diagonal (above $P$'s), and walks the block: $d = 0$ is $P$'s diagonal $\langle q_i, k_i\rangle$; step $d$
+# adds one gate a row to `D` $= g_{i-d+1} + \dots + g_i$, decays the key $d$ rows up, $k_{i-d} \odot e^{D}$, and
+# stores $A'_{i,i-d}$ and $P_{i,i-d}$ for the 16 rows at once: 15 elementwise steps, each decay a running sum.
 
 # %%
 #| export kda.chunk_fwd
