@@ -1081,14 +1081,12 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence.
 #
 # On an H200 (2026-12-04, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
-# forward takes 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, at every length from 8K to 64K, with
-# accuracy on par (3.1e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). `bench/notes/kda.md` has the
-# profile: the two products kernels and the backward's chunk kernel take most of the time (0.87 + 2.77 + 2.09 ms of
-# the 8.35 ms forward + backward at B 2, T 8K). That run predates four changes: the backward's products kernel
-# takes its diagonal blocks by levels, each sub-chunk's range sums are computed once, the products between
-# sub-chunks take one program a chunk, and the scans multiply in 16 bits (the Engineering notes). On an H100 the
-# forward + backward at B 2, T 8K now takes 7.3 ms against fla's 5.8 (1.26×) and the forward 2.25 ms
-# against 1.26 (1.78×; `bench/notes/kda.md`, 2026-12-06).
+# forward took 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, from 8K to 64K, with accuracy on par (3.1e-3
+# against fla's 4.1e-3 relative RMS from the fp32 recurrence). Four changes came after that run (the Engineering
+# notes): the backward's diagonal blocks by levels, each sub-chunk's range sums once, the products between sub-chunks
+# a chunk a program, and 16-bit products in the scans. On an H100 the forward + backward at B 2, T 8K now takes
+# 7.3 ms against fla's 5.8 (1.26×) and the forward 2.25 ms against 1.26 (1.78×); `bench/notes/kda.md` has the
+# profile of every kernel.
 
 # %%
 from minisparse import bench
