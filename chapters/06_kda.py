@@ -925,6 +925,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisparse import _checks
+from minisparse.deltanet.layer import GatedDeltaNet
 from minisparse.kda.naive import _naive_chunk, _naive_recurrent
 
 
@@ -1000,17 +1001,8 @@ class KimiDeltaAttention(nn.Module):
         f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
         return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
-    def _conv(self, x, conv_state):
-        """Causal depthwise conv + SiLU over x [B, 3·H·K, T], continuing from conv_state
-        [B, 3·H·K, width − 1] (zeros if None), width = conv_kernel_size."""
-        width = self.conv_kernel_size
-        prev = x.new_zeros(x.shape[0], x.shape[1],
-                           width - 1) if conv_state is None else conv_state.to(x.dtype)
-        xx = torch.cat([prev, x], dim=-1)  # [B, 3·H·K, width − 1 + T]
-        if x.shape[-1] == 0:
-            return x, xx
-        return (F.silu(F.conv1d(xx, self.conv1d.weight, groups=self.conv_dim)),
-                xx[..., -(width - 1):])
+    # chapter 5's causal depthwise conv + SiLU over [B, 3·H·K, T] from conv_state (same attributes)
+    _conv = GatedDeltaNet._conv
 
     def _attend(self, q, k, v, g, beta, rec_state, want_state):
         """KDA on the layer's own q, k, v, g, β: no value checks."""
