@@ -1074,11 +1074,11 @@ print(f"decoding token by token == prefill: {err:.1e}")
 #
 # On an H200 (2026-12-04, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
 # forward took 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, from 8K to 64K, with accuracy on par (3.1e-3
-# against fla's 4.1e-3 relative RMS from the fp32 recurrence). Four changes came after that run (the Engineering
+# against fla's 4.1e-3 relative RMS from the fp32 recurrence). Five changes came after that run (the Engineering
 # notes): the backward's diagonal blocks by levels, each sub-chunk's range sums once, the products between sub-chunks
-# a chunk a program, and 16-bit products in the scans. On an H100 the forward + backward at B 2, T 8K now takes
-# 7.3 ms against fla's 5.8 (1.26×) and the forward 2.25 ms against 1.26 (1.78×); `bench/notes/kda.md` has the
-# profile of every kernel.
+# a chunk a program, 16-bit products in the scans, and $U$ and the chunk states stored in 16 bits. On an H100 the
+# forward + backward at B 2, T 8K now takes 7.4 ms against fla's 6.1 (1.22×) and the forward 2.06 ms against 1.24
+# (1.66×), with an error of 3.8e-3; `bench/notes/kda.md` has the profile of every kernel.
 
 # %%
 from minisparse import bench
@@ -1570,8 +1570,8 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     Math (rows past T load as 0; G: local cumulative gates):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
-    A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
+    Stores W, qg, kd [B, T, HV, K] and Ũ [B, T, HV, V] in q's dtype (what the scans and the output
+    kernel multiply), A_inv [B, T, HV, C] and gl [B, HV, NT, K] in fp32."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -1614,11 +1614,13 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
 # The scan keeps one $[K, B_V]$ tile of the state in fp32 registers, as chapter 5's two halves of $K/2$ rows
 # (`_state_halves`: each product two smaller independent ones), and walks the chunks; the output kernel is
 # chapter 5's, as section 6.5 says. As chapter 5's scans, both scans multiply in the inputs' 16-bit type: $W$ and
-# $K \odot e^{G_L - G}$ as stored, the state and $U$ rounded to it for the product, every sum in fp32. That is the
-# tensor cores' full rate and half the operand bytes of TF32 on fp32 copies, and it moves the forward's error against
-# the fp32 recurrence by less than a tenth (`bench/notes/kda.md`, 2026-12-06). Neither sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$
-# and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
-# newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
+# $K \odot e^{G_L - G}$ as stored, the state and $U$ rounded to it for the product, every sum in fp32. The rounded
+# state and $U$ are also what the scan stores, so the output kernel's $(Q \odot e^{G}) S_n + P U$ runs in 16 bits
+# too ($P$ rounded for it). That is the tensor cores' full rate and half the bytes of fp32 copies, and it moves the forward's error
+# against the fp32 recurrence by about a fifth (`bench/notes/kda.md`). Neither kernel sees a gate: the WY kernel
+# handed them $K \odot e^{G_L - G}$, $e^{G_L}$ and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of
+# `runtime.LAUNCH_TABLE` (interpreter, sm_80 and newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of
+# shared memory).
 
 # %%
 #| export kda.chunk_fwd
@@ -1633,8 +1635,8 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
     Tiling: the state tile in fp32 registers as chapter 5's two halves of BK/2 rows, S = [S1; S2]
     (BK ≥ 32, `_state_halves`), so that each product is two smaller independent ones; a step loads
     W, kd [C, BK/2] and gl [BK/2] a half and Ũ [C, BV]. U is written over Ũ in u_ptr (each element
-    read, then overwritten, by the same program). Products in W's dtype (S and U rounded to it),
-    sums in fp32.
+    read, then overwritten, by the same program). Products in W's dtype (S and U rounded to it, and
+    stored so: states[n] and U in W's dtype), sums in fp32.
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
     and ht = S after the last chunk if STORE_HT."""
@@ -1704,12 +1706,12 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
                      other=0.0)
         S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :],
                     other=0.0)
-        o = tl.dot(qg.to(tl.float32), S, o, input_precision=PRECISION)
+        o = tl.dot(qg, S, o, input_precision=PRECISION)
     pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
     P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
     m_v = tm[:, None] & vm[None, :]
     u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
-    o = tl.dot(P, u, o, input_precision=PRECISION) * scale
+    o = tl.dot(P.to(u.dtype), u, o, input_precision=PRECISION) * scale
     tl.store(o_ptr + hv_v[:, None] + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=m_v)
 
 # %%
@@ -1717,7 +1719,7 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The six forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
     intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states and the
-    gate sums g_in, g_on, g_tot; w, qg, kd in q's dtype, the rest fp32).
+    gate sums g_in, g_on, g_tot; w, qg, kd, u and states in q's dtype, the rest fp32).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
@@ -1725,7 +1727,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     dev, prec = q.device, _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
-    u = torch.empty(B, T, HV, V, **f32)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)
@@ -1747,7 +1749,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    (q, k, v, g, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V, NT),
                    dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
-    states = torch.empty(B, HV, NT, K, V, **f32)
+    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=q.dtype)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
     runtime.launch("kda.fwd_states", _kda_fwd_states_kernel,
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
@@ -1933,7 +1935,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
         m_v = tm[:, None] & (vs[None, :] < V)
         off = hv_c + (hv_v[:, None] + vs[None, :])
         do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+        u = tl.load(u_ptr + off, mask=m_v, other=0.0).to(tl.float32)
         du = tl.load(du_ptr + off, mask=m_v, other=0.0)
         v = tl.load(v_ptr + off, mask=m_v, other=0.0).to(tl.float32)
         dP = tl.dot(do, tl.trans(u), dP, input_precision=PRECISION)
@@ -1968,9 +1970,9 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
             kv_off = ks[:, None] * V + vs[None, :]
             kv_m = km[:, None] & (vs[None, :] < V)
             do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+            u = tl.load(u_ptr + off, mask=m_v, other=0.0).to(tl.float32)
             du = tl.load(du_ptr + off, mask=m_v, other=0.0)
-            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0)  # [BK, BV]
+            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # [BK, BV]
             dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0)
             dqg = tl.dot(do, tl.trans(S), dqg, input_precision=PRECISION)
             dW -= tl.dot(du, tl.trans(S), input_precision=PRECISION)
@@ -2184,10 +2186,10 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 #
 # `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the interpreter,
 # $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the forward's kernels. The
-# autograd function keeps the forward's intermediates for the backward's kernels: float32, except the decayed rows
-# $W$, $Q \odot e^{G}$ and $K \odot e^{G_L - G}$, the scans' largest reads, stored in the inputs' dtype (half the
-# bytes in 16 bits), which the scans multiply as stored and the other kernels widen to float32. Chapter 5's row kernel
-# sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. Every
+# autograd function keeps the forward's intermediates for the backward's kernels. What a product multiplies in 16
+# bits is stored in the inputs' dtype, half the bytes: the decayed rows $W$, $Q \odot e^{G}$ and $K \odot e^{G_L -
+# G}$, $U$ and the chunk states, which the scans and the output kernel multiply as stored and the other kernels
+# widen to float32; $A$, $A^{-1}$, $P$ and the gate sums stay float32. Chapter 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. Every
 # kernel fits a T4's 64 KiB of shared memory at $K = V = 128$ (the largest, the WY kernel, asks 48 KiB; the reverse
 # scan 36 with its 16-bit products, `bench/notes/t4.md`). On a GPU whose shared memory the kernels outgrow the
 # backward falls back, with a warning, to autograd through the PyTorch chunk form (`runtime.grads_by_autograd`, the
@@ -2224,8 +2226,8 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkKDA(torch.autograd.Function):
-    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv,
-    the chunk states) for the backward's kernels."""
+    """Autograd glue: the forward keeps its intermediates (W, U, the decayed rows, P, A, A_inv, the
+    chunk states) for the backward's kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):

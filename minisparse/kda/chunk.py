@@ -26,8 +26,8 @@ def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_value
 
 
 class _ChunkKDA(torch.autograd.Function):
-    """Autograd glue: the forward keeps its fp32 intermediates (W, U, the decayed rows, P, A, A_inv,
-    the chunk states) for the backward's kernels."""
+    """Autograd glue: the forward keeps its intermediates (W, U, the decayed rows, P, A, A_inv, the
+    chunk states) for the backward's kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, l2):

@@ -116,7 +116,7 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
         m_v = tm[:, None] & (vs[None, :] < V)
         off = hv_c + (hv_v[:, None] + vs[None, :])
         do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+        u = tl.load(u_ptr + off, mask=m_v, other=0.0).to(tl.float32)
         du = tl.load(du_ptr + off, mask=m_v, other=0.0)
         v = tl.load(v_ptr + off, mask=m_v, other=0.0).to(tl.float32)
         dP = tl.dot(do, tl.trans(u), dP, input_precision=PRECISION)
@@ -151,9 +151,9 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
             kv_off = ks[:, None] * V + vs[None, :]
             kv_m = km[:, None] & (vs[None, :] < V)
             do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + off, mask=m_v, other=0.0)
+            u = tl.load(u_ptr + off, mask=m_v, other=0.0).to(tl.float32)
             du = tl.load(du_ptr + off, mask=m_v, other=0.0)
-            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0)  # [BK, BV]
+            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # [BK, BV]
             dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0)
             dqg = tl.dot(do, tl.trans(S), dqg, input_precision=PRECISION)
             dW -= tl.dot(du, tl.trans(S), input_precision=PRECISION)

@@ -242,8 +242,8 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     Math (rows past T load as 0; G: local cumulative gates):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K] (in q's dtype: the scans' largest reads), Ũ [B, T, HV, V],
-    A_inv [B, T, HV, C] (fp32) and gl [B, HV, NT, K] (fp32)."""
+    Stores W, qg, kd [B, T, HV, K] and Ũ [B, T, HV, V] in q's dtype (what the scans and the output
+    kernel multiply), A_inv [B, T, HV, C] and gl [B, HV, NT, K] in fp32."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -292,8 +292,8 @@ def _kda_fwd_states_kernel(w_ptr, u_ptr, kd_ptr, gl_ptr, h0_ptr, states_ptr, ht_
     Tiling: the state tile in fp32 registers as chapter 5's two halves of BK/2 rows, S = [S1; S2]
     (BK ≥ 32, `_state_halves`), so that each product is two smaller independent ones; a step loads
     W, kd [C, BK/2] and gl [BK/2] a half and Ũ [C, BV]. U is written over Ũ in u_ptr (each element
-    read, then overwritten, by the same program). Products in W's dtype (S and U rounded to it),
-    sums in fp32.
+    read, then overwritten, by the same program). Products in W's dtype (S and U rounded to it, and
+    stored so: states[n] and U in W's dtype), sums in fp32.
     Math, chunk by chunk (S = h0 if HAS_H0 else 0):
         states[n] = S;   U = Ũ − W S;   S ← diag(e^{G_L}) S + (K ⊙ e^{G_L − G})ᵀ U
     and ht = S after the last chunk if STORE_HT."""
@@ -363,19 +363,19 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
                      other=0.0)
         S = tl.load(S_n + ks[:, None] * V + vs[None, :], mask=(ks[:, None] < K) & vm[None, :],
                     other=0.0)
-        o = tl.dot(qg.to(tl.float32), S, o, input_precision=PRECISION)
+        o = tl.dot(qg, S, o, input_precision=PRECISION)
     pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
     P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
     m_v = tm[:, None] & vm[None, :]
     u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
-    o = tl.dot(P, u, o, input_precision=PRECISION) * scale
+    o = tl.dot(P.to(u.dtype), u, o, input_precision=PRECISION) * scale
     tl.store(o_ptr + hv_v[:, None] + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=m_v)
 
 
 def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     """The six forward kernels -> (o [B, T, HV, V] in q's dtype, final state fp32 or None, and the
     intermediates the backward reads: dict of w, u (= U), qg, kd, gl, p, a, ainv, states and the
-    gate sums g_in, g_on, g_tot; w, qg, kd in q's dtype, the rest fp32).
+    gate sums g_in, g_on, g_tot; w, qg, kd, u and states in q's dtype, the rest fp32).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
@@ -383,7 +383,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     dev, prec = q.device, _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
-    u = torch.empty(B, T, HV, V, **f32)
+    u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)
@@ -405,7 +405,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    (q, k, v, g, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V, NT),
                    dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
-    states = torch.empty(B, HV, NT, K, V, **f32)
+    states = torch.empty(B, HV, NT, K, V, device=dev, dtype=q.dtype)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
     runtime.launch("kda.fwd_states", _kda_fwd_states_kernel,
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
