@@ -1189,8 +1189,9 @@ if res is not None:
 # not HBM, sets its pace), and the top-n with the compressed branch (9 ms) grows as $T^2/64$. A decoding step called
 # from Python costs 0.2–0.25 ms, host work that no kernel removes; captured as a CUDA graph its three kernels take
 # 26 µs at 64K, 2.8× faster than SDPA's single-token step (73 µs), which reads all 128 MiB of the cache. The step's
-# time is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n's 13 rounds of
-# max (the three blocks every query keeps take none) are most of the rest (`bench/notes/nsa.md`).
+# time is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n, 13 rounds of
+# max in that run, was most of the rest. One `tl.topk` in their place (engineering notes, "A decoding step in three
+# kernels") takes the step to 23.3 µs on an H100, 3.1× SDPA's (`bench/notes/nsa.md`).
 # MoBA (HQ = H = 16, so G = 1) loads a chunk once for the queries that chose it (engineering notes, "MoBA's
 # forward"): 1.4× faster than SDPA at 32K and 2.4× at 64K. `flex_attention` over a block mask of the same density
 # reaches 5.2× and 9.4×, almost 4× our time: its queries share their chunks a 128-query block at a time, so it reads
@@ -2184,13 +2185,21 @@ class GatedSumFunction(torch.autograd.Function):
 #    softmax over the piece to a partial slot.
 # 2. `decode_select_kernel`, NS + NW programs a group. Each of the first NS combines the pieces' softmax
 #    statistics, sums the group's probabilities of every visible block into one row in registers, takes the top-n
-#    from it by rounds of max (the rule of `parallel_select_blocks`, forced blocks first), then attends to its
+#    from it (the rule of `parallel_select_blocks`, forced blocks first: see below), then attends to its
 #    share of the selected blocks (program $i$ takes blocks $i$, $i + \text{NS}$, …). Each of the other NW attends
 #    to its share of the window's key tiles: it needs no top-n, so it does not wait for one. Every selection
 #    program of a group recomputes the same top-n from the scratch ($G \times N$ scores, 64 KiB at 64K): cheaper
 #    than a fourth launch and a round trip of the indices. Each program leaves a partial slot.
 # 3. `decode_merge_kernel`, a program for a few heads of a group and a tile of value dims: each branch's partial
 #    slots merged by their maxima and sums, then the gates, in fp32.
+#
+# The top-n is one `tl.topk` of that row, not S − 3 rounds of max each a reduction across the program's warps. Each
+# block is an int64 key, its score's bits (a float ≥ 0 orders as an integer) above its reversed index, +∞ for a
+# forced block and −∞ for an unseen one: the keys are distinct, and a tie goes to the lower block, as in the rounds.
+# The bitonic top-k sorts chunks of SP keys (S rounded up to a power of two), then halves the row
+# $\log_2(\text{BNA}/\text{SP})$ times, each key against its partner in the next chunk, the larger kept and the chunk
+# merged again. Where S > 16, or the row holds fewer than 32 blocks or more than 1,024 (past 64K at blocks of 64: at
+# 512K the top-k made the step slower than the rounds, 123 against 71 µs on an H100), the kernel takes rounds of max.
 #
 # NC, NS and NW are chosen so that the first two kernels run about two programs an SM (`runtime.sm_count`).
 # Nothing is read back to the host, so the step can be captured in a CUDA graph — for one context length: the
@@ -2301,14 +2310,48 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
 # %% tags=["hide-input"]
 #| export nsa.triton
 @triton.jit
+def _top_n_rounds(score, seen, forced, own, o_a, o_s, S: tl.constexpr):
+    """The picks [SP] from a row of block scores [BNA] (`seen`: the blocks with a summary;
+    `forced`: 0, own − 1, own): the forced blocks in slots 0, 1, 2 (`_forced_first`), then S − 3
+    rounds of max over the others, each a reduction across the program's warps (ties to the lower
+    block), −1 once no seen block is left."""
+    score = tl.where(seen & ~forced, score, float("-inf"))
+    picks = _forced_first(own, o_s)
+    for i in range(S - 3):
+        best, j = tl.max(score, 0, return_indices=True)
+        picks = tl.where(o_s == 3 + i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
+        score = tl.where(o_a == j, float("-inf"), score)
+    return picks
+
+
+@triton.jit
+def _top_n_keys(score, seen, forced, o_a, o_s, S: tl.constexpr, BNA: tl.constexpr,
+                SP: tl.constexpr):
+    """`_top_n_rounds`' picks [SP] by one `tl.topk`: each block a distinct int64 key, its score's
+    bits above the reversed block index (a score ≥ 0 keeps its order as an integer; +inf for a
+    forced block, −inf, a negative key, for an unseen one), so that a larger key is a higher score,
+    then a lower block. The bitonic top-SP sorts chunks of SP keys and halves the row at each level
+    (the larger of two chunks' keys, merged again): log₂(BNA / SP) levels, not S − 3 rounds. Slot s
+    holds the s-th largest key: the forced blocks ascending, the others by score, −1 for a negative
+    key or s ≥ S."""
+    score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
+    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BNA - 1 - o_a).to(tl.int64)
+    top = tl.topk(keys, SP)
+    return tl.where((top >= 0) & (o_s < S), BNA - 1 - (top & 0xFFFFFFFF), -1)
+
+
+# %% tags=["hide-input"]
+#| export nsa.triton
+@triton.jit
 def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.constexpr,
                  BS: tl.constexpr, BG: tl.constexpr, BNC: tl.constexpr, BNA: tl.constexpr,
                  RG: tl.constexpr, SP: tl.constexpr):
     """select_blocks for the decoded token of group i_bh: the softmax statistics of each head from
     kernel 1's NC partial slots, the group's probability of each visible block summed over its G
     heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load); the forced
-    blocks (0, own, previous) in the first slots, then rounds of max over that row for the rest.
-    Returns the picks [SP] int64 in the order taken, −1 for a slot left empty."""
+    blocks (0, own, previous) in the first slots, then the rest by score: one bitonic top-SP of the
+    row where SP ≤ 16 and 32 ≤ BNA ≤ 1024, else rounds of max. Returns the picks [SP] int64 in the
+    order taken (forced, then by score, ties to the lower block), −1 for a slot left empty."""
     o_n, o_a, o_r = tl.arange(0, BNC), tl.arange(0, BNA), tl.arange(0, RG)
     pos = TK - 1
     n_seen = tl.minimum(N, TK // BS)
@@ -2328,13 +2371,11 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
         score += tl.sum(tl.exp2(b_s - b_M[:, None]) / b_L[:, None], 0)
     own = pos // BS
     forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
-    score = tl.where(seen & ~forced, score, float("-inf"))
     o_s = tl.arange(0, SP)
-    picks = _forced_first(own, o_s)
-    for i in range(S - 3):
-        best, j = tl.max(score, 0, return_indices=True)
-        picks = tl.where(o_s == 3 + i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
-        score = tl.where(o_a == j, float("-inf"), score)
+    if SP <= 16 and BNA >= 32 and BNA <= 1024:  # one bitonic top-SP of the row (`_top_n_keys`)
+        picks = _top_n_keys(score, seen, forced, o_a, o_s, S, BNA, SP)
+    else:  # the forced blocks first, then S − 3 rounds of max over the row
+        picks = _top_n_rounds(score, seen, forced, own, o_a, o_s, S)
     return picks
 
 
@@ -2371,9 +2412,10 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
             if PICK:
                 picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
                                      RG, SP)
-                if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
-                    srt = tl.sort(tl.where(picks < 0, N, picks))
-                    tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
+                if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1), sorted
+                    # as BNA: past every block, the own block too (block N when it has no summary)
+                    srt = tl.sort(tl.where(picks < 0, BNA, picks))
+                    tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == BNA, -1, srt), mask=o_s < S)
             else:
                 picks = tl.load(idx_ptr + i_bh * S + o_s, mask=o_s < S, other=-1).to(tl.int64)
             if SLC:

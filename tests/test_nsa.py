@@ -865,3 +865,85 @@ def test_top_n_pass_gives_the_compressed_branch(poisoned, BT, BC):
             idx, o_cmp = _select_blocks(q, kc, vc, 5, 16, None, 0)
         assert torch.equal(N.select_blocks(q, kc, 5, 16), idx)
         assert_close(f"o_cmp HQ={HQ} BT={BT}", N.compressed_attention(q, kc, vc, 16), o_cmp, 1e-4)
+
+
+from minisparse.nsa.triton import _top_n_keys, _top_n_rounds  # noqa: E402
+
+
+@triton.jit
+def _row_top_n(s_ptr, picks_ptr, own, n_seen, S: tl.constexpr, BNA: tl.constexpr, SP: tl.constexpr,
+               KEYS: tl.constexpr):
+    """The decoding step's top-n of one row of block scores, as `_group_top_n` takes it: by one `tl.topk` of keys
+    (KEYS) or by rounds of max."""
+    o_a, o_s = tl.arange(0, BNA), tl.arange(0, SP)
+    score, seen = tl.load(s_ptr + o_a), o_a < n_seen
+    forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)
+    if KEYS:
+        picks = _top_n_keys(score, seen, forced, o_a, o_s, S, BNA, SP)
+    else:
+        picks = _top_n_rounds(score, seen, forced, own, o_a, o_s, S)
+    tl.store(picks_ptr + o_s, picks)
+
+
+def _top_n_rule(score, own, n_seen, S, SP):
+    """The picks in the order taken: 0, own − 1, own (a query in block 0 or 1 has fewer: −1), then the other blocks
+    with a summary by score, ties to the lower block; −1 in the slots left."""
+    forced = [0, own - 1, own] if own >= 2 else [0, own, -1] if own == 1 else [0, -1, -1]
+    rest = sorted((c for c in range(n_seen) if c not in forced), key=lambda c: (-float(score[c]), c))
+    picks = forced + rest[:S - 3]
+    return picks + [-1] * (SP - len(picks))
+
+
+def _rows(BNA):
+    """Rows of block scores (≥ 0, as summed probabilities are) full of ties: few distinct values, exact zeros (a
+    probability that underflows) under a few positive ones, all equal, all distinct."""
+    g = torch.Generator().manual_seed(BNA)
+    few = torch.tensor([0.0, 0.25, 0.5, 1.0])[torch.randint(0, 4, (BNA,), generator=g)]
+    zeros = torch.zeros(BNA)
+    zeros[torch.randperm(BNA, generator=g)[:5]] = torch.rand(5, generator=g) + 0.1
+    return {"few values": few, "zeros and five": zeros, "all equal": torch.full((BNA,), 0.375),
+            "distinct": torch.rand(BNA, generator=g)}
+
+
+@pytest.mark.parametrize("BNA,S", [(32, 16), (64, 16), (64, 5), (256, 9), (256, 3), (1024, 16)])
+def test_top_n_by_keys_takes_what_the_rounds_take(BNA, S):
+    """The decoding step's top-n by one `tl.topk` of (score bits, reversed block) keys, which `_group_top_n` takes
+    where S ≤ 16 and 32 ≤ BNA ≤ 1,024, against the rounds of max and the rule, exactly and in the order taken: rows
+    full of ties (to the lower block), an unseen tail holding high scores (never picked; the own block forced without
+    a summary), fewer seen blocks than slots (−1), queries in blocks 0 and 1 (a forced block fewer), S below SP."""
+    SP = triton.next_power_of_2(S)
+    for name, row in _rows(BNA).items():
+        for own, n_seen in ((BNA - 1, BNA - 1), (BNA // 2 + 1, BNA // 2 + 1), (BNA // 2 + 1, BNA // 2 + 2),
+                            (5, 6), (1, 2), (0, 1), (0, 0)):
+            s = row.clone()
+            s[n_seen:] = 9.0  # blocks without a summary: their scores never count
+            want = _top_n_rule(s, own, n_seen, S, SP)
+            for keys in (True, False):
+                picks = torch.empty(SP, dtype=torch.int64)
+                _row_top_n[(1,)](s.to(DEV), picks := picks.to(DEV), own, n_seen, S, BNA, SP, keys)
+                assert picks.tolist() == want, (name, own, n_seen, "keys" if keys else "rounds")
+
+
+@pytest.mark.parametrize("summaries", ["all equal", "few above the rest"])
+def test_decoding_top_n_by_keys_breaks_ties_to_the_lower_block(poisoned, summaries):
+    """The decoding step where its top-n is one `tl.topk` (63 blocks: BNA = 64, S = 16), on summaries that tie
+    blocks: all equal (every probability 1/62), or five far above the rest (whose probabilities underflow to exactly
+    0); the own block and the last without a summary. The blocks of the rule, ties to the lower block, as the rounds
+    of max take them (torch.topk, which select_blocks uses, breaks ties in no set order)."""
+    T, HQ, H, D, bs, S = 1000, 4, 1, 16, 16, 16
+    q, k, v = make_qkv(1, T, HQ, D, HKV=H, seed=41, device=DEV)
+    q[:, -1] = 1.0  # the decoded token's heads agree: a summary far along (1, …, 1) is far above for each of them
+    kc, vc = torch.zeros_like(N.mean_pool(k, bs)[:, :T // bs]), N.mean_pool(v, bs)[:, :T // bs]
+    if summaries != "all equal":
+        for r, c in enumerate((44, 5, 58, 17, 30)):
+            kc[:, c] = 60.0 - r  # scores 240 − 4r: the other blocks' probabilities are 2^-300 and below, 0
+    gs = gates(1, 1, HQ, seed=41)[1].to(DEV)
+    with torch.no_grad():
+        _, got = N.parallel_nsa(q[:, -1:], k, v, None, gs, None, k_cmp=kc, v_cmp=vc, block_counts=S, block_size=bs,
+                                window_size=0, return_block_indices=True)
+    p = N.compressed_scores(q[:, -1:], kc, bs, offset=T - 1)  # [1, 1, HQ, N]
+    rule = _top_n_rule(p.sum(2)[0, 0].cpu(), (T - 1) // bs, T // bs, S, S)
+    want = sorted(c for c in rule if c >= 0) + [-1] * rule.count(-1)
+    assert got[0, 0, 0].tolist() == want
+    if summaries != "all equal":
+        assert want == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 30, 44, 58, 61, 62]

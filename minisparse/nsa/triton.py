@@ -816,14 +816,46 @@ def decode_scores_kernel(q_ptr, kc_ptr, vc_ptr, s_ptr, m_ptr, l_ptr, acc_ptr, TK
 
 
 @triton.jit
+def _top_n_rounds(score, seen, forced, own, o_a, o_s, S: tl.constexpr):
+    """The picks [SP] from a row of block scores [BNA] (`seen`: the blocks with a summary;
+    `forced`: 0, own − 1, own): the forced blocks in slots 0, 1, 2 (`_forced_first`), then S − 3
+    rounds of max over the others, each a reduction across the program's warps (ties to the lower
+    block), −1 once no seen block is left."""
+    score = tl.where(seen & ~forced, score, float("-inf"))
+    picks = _forced_first(own, o_s)
+    for i in range(S - 3):
+        best, j = tl.max(score, 0, return_indices=True)
+        picks = tl.where(o_s == 3 + i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
+        score = tl.where(o_a == j, float("-inf"), score)
+    return picks
+
+
+@triton.jit
+def _top_n_keys(score, seen, forced, o_a, o_s, S: tl.constexpr, BNA: tl.constexpr,
+                SP: tl.constexpr):
+    """`_top_n_rounds`' picks [SP] by one `tl.topk`: each block a distinct int64 key, its score's
+    bits above the reversed block index (a score ≥ 0 keeps its order as an integer; +inf for a
+    forced block, −inf, a negative key, for an unseen one), so that a larger key is a higher score,
+    then a lower block. The bitonic top-SP sorts chunks of SP keys and halves the row at each level
+    (the larger of two chunks' keys, merged again): log₂(BNA / SP) levels, not S − 3 rounds. Slot s
+    holds the s-th largest key: the forced blocks ascending, the others by score, −1 for a negative
+    key or s ≥ S."""
+    score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
+    keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BNA - 1 - o_a).to(tl.int64)
+    top = tl.topk(keys, SP)
+    return tl.where((top >= 0) & (o_s < S), BNA - 1 - (top & 0xFFFFFFFF), -1)
+
+
+@triton.jit
 def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.constexpr,
                  BS: tl.constexpr, BG: tl.constexpr, BNC: tl.constexpr, BNA: tl.constexpr,
                  RG: tl.constexpr, SP: tl.constexpr):
     """select_blocks for the decoded token of group i_bh: the softmax statistics of each head from
     kernel 1's NC partial slots, the group's probability of each visible block summed over its G
     heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load); the forced
-    blocks (0, own, previous) in the first slots, then rounds of max over that row for the rest.
-    Returns the picks [SP] int64 in the order taken, −1 for a slot left empty."""
+    blocks (0, own, previous) in the first slots, then the rest by score: one bitonic top-SP of the
+    row where SP ≤ 16 and 32 ≤ BNA ≤ 1024, else rounds of max. Returns the picks [SP] int64 in the
+    order taken (forced, then by score, ties to the lower block), −1 for a slot left empty."""
     o_n, o_a, o_r = tl.arange(0, BNC), tl.arange(0, BNA), tl.arange(0, RG)
     pos = TK - 1
     n_seen = tl.minimum(N, TK // BS)
@@ -843,13 +875,11 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
         score += tl.sum(tl.exp2(b_s - b_M[:, None]) / b_L[:, None], 0)
     own = pos // BS
     forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
-    score = tl.where(seen & ~forced, score, float("-inf"))
     o_s = tl.arange(0, SP)
-    picks = _forced_first(own, o_s)
-    for i in range(S - 3):
-        best, j = tl.max(score, 0, return_indices=True)
-        picks = tl.where(o_s == 3 + i, tl.where(best > float("-inf"), j.to(tl.int64), -1), picks)
-        score = tl.where(o_a == j, float("-inf"), score)
+    if SP <= 16 and BNA >= 32 and BNA <= 1024:  # one bitonic top-SP of the row (`_top_n_keys`)
+        picks = _top_n_keys(score, seen, forced, o_a, o_s, S, BNA, SP)
+    else:  # the forced blocks first, then S − 3 rounds of max over the row
+        picks = _top_n_rounds(score, seen, forced, own, o_a, o_s, S)
     return picks
 
 
@@ -886,9 +916,10 @@ def decode_select_kernel(q_ptr, k_ptr, v_ptr, s_ptr, cm_ptr, cl_ptr, idx_ptr, sm
             if PICK:
                 picks = _group_top_n(s_ptr, cm_ptr, cl_ptr, i_bh, TK, N, NC, G, S, BS, BG, BNC, BNA,
                                      RG, SP)
-                if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1)
-                    srt = tl.sort(tl.where(picks < 0, N, picks))
-                    tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == N, -1, srt), mask=o_s < S)
+                if i_p == 0:  # block_indices' order: increasing, then the empty slots (−1), sorted
+                    # as BNA: past every block, the own block too (block N when it has no summary)
+                    srt = tl.sort(tl.where(picks < 0, BNA, picks))
+                    tl.store(idx_ptr + i_bh * S + o_s, tl.where(srt == BNA, -1, srt), mask=o_s < S)
             else:
                 picks = tl.load(idx_ptr + i_bh * S + o_s, mask=o_s < S, other=-1).to(tl.int64)
             if SLC:
