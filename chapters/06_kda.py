@@ -1083,28 +1083,18 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # %%
 from minisparse import bench
 
-try:
-    kda_results = bench.load_results("kda")
-except FileNotFoundError:
-    kda_results = None
-if kda_results is None:
-    print("No results yet. On a GPU machine with fla-core installed,\n"
-          "  python bench/kda.py --out bench/results --long\n"
-          "writes bench/results/kda.json; this cell then prints it.")
-else:
-    ms = {(r["impl"], r["pass"], r["B"], r["T"]): r for r in kda_results["rows"]}
-    print(f"{'B':>2s} {'T':>6s} {'pass':8s} {'ours':>8s} {'fla':>8s} {'ours/fla':>8s}   "
-          f"(ms, {kda_results['config']['dtype']}, {kda_results['device']}, {kda_results['date']})")
-    for B, T in kda_results["config"]["runs"]:
-        for p in ("fwd", "fwd+bwd"):
-            ours, fla = (ms.get((n, p, B, T), {}).get("ms")
-                         for n in ("minisparse, value checks off", "fla chunk_kda"))
-            if ours and fla:
-                print(f"{B:2d} {T:6d} {p:8s} {ours:8.3f} {fla:8.3f} {ours / fla:7.2f}×")
-    print("relative RMS against the fp32 recurrence (B 2, T 8K):")
-    for r in kda_results["rows"]:
-        if r.get("rel_rms") is not None:
-            print(f"  {r['impl']}: {r['rel_rms']:.2e}")
+res = bench.load_results("kda")  # committed with the book
+ms = {(r["impl"], r["pass"], r["B"], r["T"]): r.get("ms") for r in res["rows"]}
+OURS, FLA = "minisparse, value checks off", "fla chunk_kda"
+print(f" B      T pass         ours      fla ours/fla   (ms, {res['device']}, {res['date']})")
+for B, T in res["config"]["runs"]:
+    for p in ("fwd", "fwd+bwd"):
+        ours, fla = ms[OURS, p, B, T], ms[FLA, p, B, T]
+        print(f"{B:2d} {T:6d} {p:8s} {ours:8.3f} {fla:8.3f} {ours / fla:7.2f}×")
+print("relative RMS against the fp32 recurrence (B 2, T 8K):")
+for r in res["rows"]:
+    if r.get("rel_rms") is not None:
+        print(f"  {r['impl']}: {r['rel_rms']:.2e}")
 
 
 # %% [markdown]
