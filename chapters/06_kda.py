@@ -1074,11 +1074,10 @@ print(f"decoding token by token == prefill: {err:.1e}")
 #
 # On an H200 (2026-12-04, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
 # forward took 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, from 8K to 64K, with accuracy on par (3.1e-3
-# against fla's 4.1e-3 relative RMS from the fp32 recurrence). Five changes came after that run (the Engineering
-# notes): the backward's diagonal blocks by levels, each sub-chunk's range sums once, the products between sub-chunks
-# a chunk a program, 16-bit products in the scans, and $U$ and the chunk states stored in 16 bits. On an H100 the
-# forward + backward at B 2, T 8K now takes 7.4 ms against fla's 6.1 (1.22×) and the forward 2.06 ms against 1.24
-# (1.66×), with an error of 3.8e-3; `bench/notes/kda.md` has the profile of every kernel.
+# against fla's 4.1e-3 relative RMS from the fp32 recurrence). The kernels have changed since that run (the
+# Engineering notes): on an H100 the forward + backward at B 2, T 8K takes 7.4 ms against fla's 6.1 (1.22×) and the
+# forward 2.06 ms against 1.24 (1.66×), with an error of 3.8e-3; `bench/notes/kda.md` has the profile of every
+# kernel.
 
 # %%
 from minisparse import bench
@@ -1390,8 +1389,8 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
 # the end of its sub-chunk, $k_j \odot e^{\text{onward}_j}$; for sub-chunk $I$ = 1, 2, 3 the totals of the
 # sub-chunks in between carry them on to the reference row $r = 16I - 1$ ($[32]$ factors). Two `tl.dot` calls then
 # add the products through the reference point to $A'$ and $P$ for $I$'s rows ($[16, 64]$, float32; `PRECISION`:
-# TF32 for 16-bit inputs, fp32 for fp32, as in every kernel but the scans). The backward's kernels read the same
-# range sums, which the forward saves.
+# TF32 for 16-bit inputs, fp32 for fp32, as in every kernel but the scans and the output kernel). The backward's
+# kernels read the same range sums, which the forward saves.
 
 # %%
 #| export kda.chunk_fwd
@@ -1560,8 +1559,9 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     Math (rows past T load as 0; G: local cumulative gates):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K] and Ũ [B, T, HV, V] in q's dtype (what the scans and the output
-    kernel multiply), A_inv [B, T, HV, C] and gl [B, HV, NT, K] in fp32."""
+    Stores in q's dtype W, qg, kd [B, T, HV, K] (what the scans and the output kernel multiply)
+    and Ũ [B, T, HV, V] (the scan writes U over it); A_inv [B, T, HV, C] and gl [B, HV, NT, K] in
+    fp32."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -1604,10 +1604,11 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
 # The scan keeps one $[K, B_V]$ tile of the state in fp32 registers, as chapter 5's two halves of $K/2$ rows
 # (`_state_halves`: each product two smaller independent ones), and walks the chunks; the output kernel is
 # chapter 5's, as section 6.5 says. As chapter 5's scans, both scans multiply in the inputs' 16-bit type: $W$ and
-# $K \odot e^{G_L - G}$ as stored, the state and $U$ rounded to it for the product, every sum in fp32. The rounded
-# state and $U$ are also what the scan stores, so the output kernel's $(Q \odot e^{G}) S_n + P U$ runs in 16 bits
-# too ($P$ rounded for it). That is the tensor cores' full rate and half the bytes of fp32 copies, and it moves the forward's error
-# against the fp32 recurrence by about a fifth (`bench/notes/kda.md`). Neither kernel sees a gate: the WY kernel
+# $K \odot e^{G_L - G}$ as stored, the state and $U$ rounded to it for the product, every sum in fp32; the scan
+# stores the rounded state and $U$, so the output kernel's $(Q \odot e^{G}) S_n + P U$ runs in 16 bits too (see
+# "Launch and autograd" below for what is stored in which type). That is the tensor cores' full rate and half the
+# bytes of fp32 copies, and it moves the forward's error against the fp32 recurrence by about a fifth
+# (`bench/notes/kda.md`). Neither kernel sees a gate: the WY kernel
 # handed them $K \odot e^{G_L - G}$, $e^{G_L}$ and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of
 # `runtime.LAUNCH_TABLE` (interpreter, sm_80 and newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of
 # shared memory).
@@ -1676,7 +1677,8 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
     Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
     Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
-    Math: O = scale · ((Q ⊙ e^G) S_n + P U)."""
+    Math: O = scale · (Q ⊙ e^G) S_n + (scale · P) U, products in the stored dtype (scale · P
+    rounded to it: the factor first, so that a large P stays finite in fp16), sums in fp32."""
     iv = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)  # int64: t·HV·V passes 2^31 at long context
     bh = tl.program_id(2).to(tl.int64)
@@ -1698,10 +1700,10 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
                     other=0.0)
         o = tl.dot(qg, S, o, input_precision=PRECISION)
     pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
-    P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
+    P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0) * scale
     m_v = tm[:, None] & vm[None, :]
     u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
-    o = tl.dot(P.to(u.dtype), u, o, input_precision=PRECISION) * scale
+    o = tl.dot(P.to(u.dtype), u, o * scale, input_precision=PRECISION)
     tl.store(o_ptr + hv_v[:, None] + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=m_v)
 
 # %%
@@ -1718,6 +1720,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
+    # P stays fp32: read in 16 bits, the reverse scan's Pᵀ dO miscompiles (NaN in dU at K = V = 128;
+    # triton 3.6, H100; bench/notes/kda.md), so the output kernel rounds its own copy
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)
@@ -2176,10 +2180,12 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 #
 # `chunk_kda` checks its arguments (`_check_kda`, above, plus the kernels' limits: CUDA tensors or the interpreter,
 # $K, V \le 128$), normalises $q$ and $k$ if asked (chapter 5's row kernel), and runs the forward's kernels. The
-# autograd function keeps the forward's intermediates for the backward's kernels. What a product multiplies in 16
-# bits is stored in the inputs' dtype, half the bytes: the decayed rows $W$, $Q \odot e^{G}$ and $K \odot e^{G_L -
-# G}$, $U$ and the chunk states, which the scans and the output kernel multiply as stored and the other kernels
-# widen to float32; $A$, $A^{-1}$, $P$ and the gate sums stay float32. Chapter 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. Every
+# autograd function keeps the forward's intermediates for the backward's kernels. The decayed rows $W$, $Q \odot
+# e^{G}$ and $K \odot e^{G_L - G}$, $U$ and the chunk states are stored in the inputs' dtype, half the bytes: the
+# scans and the output kernel multiply them as stored, the other kernels widen them to float32. $A$, $A^{-1}$ and the
+# gate sums stay float32, and so does $P$, which the output kernel rounds for its product: read in 16 bits, the
+# reverse scan's $P^\top dO$ miscompiles with triton 3.6 (`bench/notes/kda.md`). Chapter 5's row kernel sums the
+# per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. Every
 # kernel fits a T4's 64 KiB of shared memory at $K = V = 128$ (the largest, the WY kernel, asks 48 KiB; the reverse
 # scan 36 with its 16-bit products, `bench/notes/t4.md`). On a GPU whose shared memory the kernels outgrow the
 # backward falls back, with a warning, to autograd through the PyTorch chunk form (`runtime.grads_by_autograd`, the

@@ -1189,9 +1189,9 @@ if res is not None:
 # not HBM, sets its pace), and the top-n with the compressed branch (9 ms) grows as $T^2/64$. A decoding step called
 # from Python costs 0.2–0.25 ms, host work that no kernel removes; captured as a CUDA graph its three kernels take
 # 26 µs at 64K, 2.8× faster than SDPA's single-token step (73 µs), which reads all 128 MiB of the cache. The step's
-# time is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n, 13 rounds of
-# max in that run, was most of the rest. One `tl.topk` in their place (engineering notes, "A decoding step in three
-# kernels") takes the step to 23.3 µs on an H100, 3.1× SDPA's (`bench/notes/nsa.md`).
+# time is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n most of the
+# rest. With the top-n by one `tl.topk` (engineering notes, "A decoding step in three kernels") the step takes 23.3 µs
+# on an H100, 3.1× the committed run's SDPA step (`bench/notes/nsa.md`).
 # MoBA (HQ = H = 16, so G = 1) loads a chunk once for the queries that chose it (engineering notes, "MoBA's
 # forward"): 1.4× faster than SDPA at 32K and 2.4× at 64K. `flex_attention` over a block mask of the same density
 # reaches 5.2× and 9.4×, almost 4× our time: its queries share their chunks a 128-query block at a time, so it reads
@@ -2199,7 +2199,8 @@ class GatedSumFunction(torch.autograd.Function):
 # The bitonic top-k sorts chunks of SP keys (S rounded up to a power of two), then halves the row
 # $\log_2(\text{BNA}/\text{SP})$ times, each key against its partner in the next chunk, the larger kept and the chunk
 # merged again. Where S > 16, or the row holds fewer than 32 blocks or more than 1,024 (past 64K at blocks of 64: at
-# 512K the top-k made the step slower than the rounds, 123 against 71 µs on an H100), the kernel takes rounds of max.
+# 512K the top-k makes the step slower than the rounds, 123 against 71 µs on an H100), or the installed triton has
+# no `tl.topk`, the kernel takes rounds of max.
 #
 # NC, NS and NW are chosen so that the first two kernels run about two programs an SM (`runtime.sm_count`).
 # Nothing is read back to the host, so the step can be captured in a CUDA graph — for one context length: the
@@ -2324,16 +2325,16 @@ def _top_n_rounds(score, seen, forced, own, o_a, o_s, S: tl.constexpr):
     return picks
 
 
+_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk, a bitonic top-k: not in every triton ≥ 3.3
+
+
 @triton.jit
 def _top_n_keys(score, seen, forced, o_a, o_s, S: tl.constexpr, BNA: tl.constexpr,
                 SP: tl.constexpr):
-    """`_top_n_rounds`' picks [SP] by one `tl.topk`: each block a distinct int64 key, its score's
-    bits above the reversed block index (a score ≥ 0 keeps its order as an integer; +inf for a
-    forced block, −inf, a negative key, for an unseen one), so that a larger key is a higher score,
-    then a lower block. The bitonic top-SP sorts chunks of SP keys and halves the row at each level
-    (the larger of two chunks' keys, merged again): log₂(BNA / SP) levels, not S − 3 rounds. Slot s
-    holds the s-th largest key: the forced blocks ascending, the others by score, −1 for a negative
-    key or s ≥ S."""
+    """`_top_n_rounds`' picks [SP] by one `tl.topk` of int64 keys (the score's bits above the
+    reversed block index; +inf for a forced block, −inf for an unseen one), where every seen block
+    is at most own + 1, as in `_group_top_n`. Slot s holds the s-th largest key: the forced blocks
+    ascending, the others by score, ties to the lower block, −1 for a negative key or s ≥ S."""
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
     keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BNA - 1 - o_a).to(tl.int64)
     top = tl.topk(keys, SP)
@@ -2372,7 +2373,7 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
     own = pos // BS
     forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
     o_s = tl.arange(0, SP)
-    if SP <= 16 and BNA >= 32 and BNA <= 1024:  # one bitonic top-SP of the row (`_top_n_keys`)
+    if (_TOPK and SP <= 16) and (BNA >= 32 and BNA <= 1024):  # one top-SP of the row, by keys
         picks = _top_n_keys(score, seen, forced, o_a, o_s, S, BNA, SP)
     else:  # the forced blocks first, then S − 3 rounds of max over the row
         picks = _top_n_rounds(score, seen, forced, own, o_a, o_s, S)

@@ -905,12 +905,14 @@ def _rows(BNA):
             "distinct": torch.rand(BNA, generator=g)}
 
 
+@pytest.mark.skipif(not hasattr(tl, "topk"), reason="this triton has no tl.topk")
 @pytest.mark.parametrize("BNA,S", [(32, 16), (64, 16), (64, 5), (256, 9), (256, 3), (1024, 16)])
 def test_top_n_by_keys_takes_what_the_rounds_take(BNA, S):
     """The decoding step's top-n by one `tl.topk` of (score bits, reversed block) keys, which `_group_top_n` takes
     where S ≤ 16 and 32 ≤ BNA ≤ 1,024, against the rounds of max and the rule, exactly and in the order taken: rows
-    full of ties (to the lower block), an unseen tail holding high scores (never picked; the own block forced without
-    a summary), fewer seen blocks than slots (−1), queries in blocks 0 and 1 (a forced block fewer), S below SP."""
+    full of ties (to the lower block), an unseen tail holding high scores (never picked; the own block forced
+    without a summary), fewer seen blocks than slots (−1), queries in blocks 0 and 1 (a forced block fewer), S below
+    SP. Every seen block is at most the own block + 1, as in a decoding step."""
     SP = triton.next_power_of_2(S)
     for name, row in _rows(BNA).items():
         for own, n_seen in ((BNA - 1, BNA - 1), (BNA // 2 + 1, BNA // 2 + 1), (BNA // 2 + 1, BNA // 2 + 2),
@@ -919,7 +921,7 @@ def test_top_n_by_keys_takes_what_the_rounds_take(BNA, S):
             s[n_seen:] = 9.0  # blocks without a summary: their scores never count
             want = _top_n_rule(s, own, n_seen, S, SP)
             for keys in (True, False):
-                picks = torch.empty(SP, dtype=torch.int64)
+                picks = torch.full((SP,), -2, dtype=torch.int64)  # a slot left unwritten fails
                 _row_top_n[(1,)](s.to(DEV), picks := picks.to(DEV), own, n_seen, S, BNA, SP, keys)
                 assert picks.tolist() == want, (name, own, n_seen, "keys" if keys else "rounds")
 

@@ -170,7 +170,7 @@ SPECS = [
     Spec("deltanet.fused_recurrent", "minisparse.deltanet.fused_recurrent:_fused_recurrent_kernel",
          dict(BK=128, HAS_H0=True, STORE_HT=True, L2NORM=True), "q_ptr k_ptr v_ptr o_ptr", fit=_v_tile(128)),
     # chapter 6, bench/kda.py: H = HV = 16, K = V = 128, use_qk_l2norm (q, k normalised in fp16 first); the
-    # intermediates in the inputs' dtype except A, A_inv, P, the gate sums and gl (fp32)
+    # forward's intermediates in the inputs' dtype except A, A_inv, P, the gate sums and gl (fp32)
     Spec("kda.fwd_between", "minisparse.kda.chunk_fwd:_kda_fwd_between_kernel",
          dict(C=64, BC=16, BK=32, PRECISION="tf32"), "q_ptr k_ptr", floats=""),
     Spec("kda.fwd_products", "minisparse.kda.chunk_fwd:_kda_fwd_products_kernel",

@@ -242,8 +242,9 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     Math (rows past T load as 0; G: local cumulative gates):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
-    Stores W, qg, kd [B, T, HV, K] and Ũ [B, T, HV, V] in q's dtype (what the scans and the output
-    kernel multiply), A_inv [B, T, HV, C] and gl [B, HV, NT, K] in fp32."""
+    Stores in q's dtype W, qg, kd [B, T, HV, K] (what the scans and the output kernel multiply)
+    and Ũ [B, T, HV, V] (the scan writes U over it); A_inv [B, T, HV, C] and gl [B, HV, NT, K] in
+    fp32."""
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
@@ -343,7 +344,8 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
 
     Program: one (V-tile iv, chunk n, batch b, value head hv). Grid (cdiv(V, BV), NT, B · HV).
     Tiling: qg [C, BK] and S_n [BK, BV] a step over K; then P [C, C] and U [C, BV] once.
-    Math: O = scale · ((Q ⊙ e^G) S_n + P U)."""
+    Math: O = scale · (Q ⊙ e^G) S_n + (scale · P) U, products in the stored dtype (scale · P
+    rounded to it: the factor first, so that a large P stays finite in fp16), sums in fp32."""
     iv = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)  # int64: t·HV·V passes 2^31 at long context
     bh = tl.program_id(2).to(tl.int64)
@@ -365,10 +367,10 @@ def _kda_fwd_output_kernel(qg_ptr, p_ptr, u_ptr, states_ptr, o_ptr, scale, T, HV
                     other=0.0)
         o = tl.dot(qg, S, o, input_precision=PRECISION)
     pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
-    P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
+    P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0) * scale
     m_v = tm[:, None] & vm[None, :]
     u = tl.load(u_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0)
-    o = tl.dot(P.to(u.dtype), u, o, input_precision=PRECISION) * scale
+    o = tl.dot(P.to(u.dtype), u, o * scale, input_precision=PRECISION)
     tl.store(o_ptr + hv_v[:, None] + vs[None, :], o.to(o_ptr.dtype.element_ty), mask=m_v)
 
 
@@ -384,6 +386,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
+    # P stays fp32: read in 16 bits, the reverse scan's Pᵀ dO miscompiles (NaN in dU at K = V = 128;
+    # triton 3.6, H100; bench/notes/kda.md), so the output kernel rounds its own copy
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)

@@ -830,16 +830,16 @@ def _top_n_rounds(score, seen, forced, own, o_a, o_s, S: tl.constexpr):
     return picks
 
 
+_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk, a bitonic top-k: not in every triton ≥ 3.3
+
+
 @triton.jit
 def _top_n_keys(score, seen, forced, o_a, o_s, S: tl.constexpr, BNA: tl.constexpr,
                 SP: tl.constexpr):
-    """`_top_n_rounds`' picks [SP] by one `tl.topk`: each block a distinct int64 key, its score's
-    bits above the reversed block index (a score ≥ 0 keeps its order as an integer; +inf for a
-    forced block, −inf, a negative key, for an unseen one), so that a larger key is a higher score,
-    then a lower block. The bitonic top-SP sorts chunks of SP keys and halves the row at each level
-    (the larger of two chunks' keys, merged again): log₂(BNA / SP) levels, not S − 3 rounds. Slot s
-    holds the s-th largest key: the forced blocks ascending, the others by score, −1 for a negative
-    key or s ≥ S."""
+    """`_top_n_rounds`' picks [SP] by one `tl.topk` of int64 keys (the score's bits above the
+    reversed block index; +inf for a forced block, −inf for an unseen one), where every seen block
+    is at most own + 1, as in `_group_top_n`. Slot s holds the s-th largest key: the forced blocks
+    ascending, the others by score, ties to the lower block, −1 for a negative key or s ≥ S."""
     score = tl.where(forced, float("inf"), tl.where(seen, score, float("-inf")))
     keys = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BNA - 1 - o_a).to(tl.int64)
     top = tl.topk(keys, SP)
@@ -876,7 +876,7 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
     own = pos // BS
     forced = (o_a == 0) | (o_a == own) | (o_a == own - 1)  # own may be a block without a summary
     o_s = tl.arange(0, SP)
-    if SP <= 16 and BNA >= 32 and BNA <= 1024:  # one bitonic top-SP of the row (`_top_n_keys`)
+    if (_TOPK and SP <= 16) and (BNA >= 32 and BNA <= 1024):  # one top-SP of the row, by keys
         picks = _top_n_keys(score, seen, forced, o_a, o_s, S, BNA, SP)
     else:  # the forced blocks first, then S − 3 rounds of max over the row
         picks = _top_n_rounds(score, seen, forced, own, o_a, o_s, S)
