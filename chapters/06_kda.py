@@ -1608,10 +1608,9 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
 # stores the rounded state and $U$, so the output kernel's $(Q \odot e^{G}) S_n + P U$ runs in 16 bits too (see
 # "Launch and autograd" below for what is stored in which type). That is the tensor cores' full rate and half the
 # bytes of fp32 copies, and it moves the forward's error against the fp32 recurrence by about a fifth
-# (`bench/notes/kda.md`). Neither kernel sees a gate: the WY kernel
-# handed them $K \odot e^{G_L - G}$, $e^{G_L}$ and $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of
-# `runtime.LAUNCH_TABLE` (interpreter, sm_80 and newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of
-# shared memory).
+# (`bench/notes/kda.md`). Neither kernel sees a gate: the WY kernel handed them $K \odot e^{G_L - G}$, $e^{G_L}$ and
+# $Q \odot e^{G}$. Launch configurations are the `kda.*` rows of `runtime.LAUNCH_TABLE` (interpreter, sm_80 and
+# newer, and sm_75 rows with narrower $V$-tiles for a T4's 64 KiB of shared memory).
 
 # %%
 #| export kda.chunk_fwd

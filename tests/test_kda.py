@@ -599,46 +599,14 @@ def test_layer_triton_backend_equals_naive():
     assert_close("decode step", y_step_naive, y_step, 1e-4)
 
 
-def test_chunk_kda_stores_what_it_multiplies_in_16_bits():
-    """fp16 inputs (the interpreter has no bf16): U and the chunk states are kept in fp16, the numbers the scans
-    multiply, while P, A and A_inv stay fp32 (a 16-bit P miscompiles the reverse scan on triton 3.6); the output,
-    final state and every gradient stay within the book's 16-bit bounds of the fp32 chunk form on the same inputs."""
-    from minisparse.kda import chunk_fwd, chunk_kda
+def _in_16_bits_against_the_chunk_form(dtype, T, H, HV, K, V, gates, device):
+    """chunk_kda on q, k, v in `dtype` (g, β, h0 fp32) against the fp32 chunk form on the same rounded inputs:
+    output, final state and every gradient within the book's 16-bit bounds. Returns (low inputs, o_ref, s_ref)."""
+    from minisparse.kda import chunk_kda
     from minisparse.testing import TOLERANCES
 
-    base = _inputs(1, 100, 1, 2, 32, 24, gates=(-5.0, 0.0), normalise=False, device=_device())
-    low = [x.to(torch.float16) if i < 3 else x for i, x in enumerate(base)]
-    with torch.no_grad():
-        _, _, saved = chunk_fwd._kda_forward(*low[:5], 32 ** -0.5, low[5], True)
-    kept = {name: saved[name].dtype for name in ("u", "states", "w", "p", "a", "ainv")}
-    assert kept == dict(u=torch.float16, states=torch.float16, w=torch.float16, p=torch.float32,
-                        a=torch.float32, ainv=torch.float32), kept
-    ref = [x.float() for x in low]
-    fwd_tol, grad_tol = TOLERANCES[torch.float16]
-    for xs in (low, ref):
-        for x in xs:
-            x.requires_grad_(True)
-    o_ref, s_ref = naive_chunk_kda(*ref[:5], initial_state=ref[5], output_final_state=True, use_qk_l2norm=True)
-    o, s = chunk_kda(*low[:5], initial_state=low[5], output_final_state=True, use_qk_l2norm=True)
-    assert o.dtype == torch.float16 and s.dtype == torch.float32
-    assert_close("o", o_ref, o, fwd_tol)
-    assert_close("final state", s_ref, s, fwd_tol)
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_ref, s_ref, ref), _grads(o, s, low)):
-        assert_close(name, a, b, grad_tol)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-bit kernels are checked on a GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(300, 2, 4, 64, 128, (-2.0, 0.0)), (1000, 1, 1, 128, 128, (-30.0, 0.0))])
-def test_chunk_kda_in_16_bits_on_the_gpu(dtype, shape):
-    """bf16 / fp16 inputs against the fp32 chunk form on the same (rounded) inputs: forward, final state and every
-    gradient within the book's 16-bit bounds (5e-3 forward, 8e-3 gradients)."""
-    from minisparse.kda import chunk_kda, fused_recurrent_kda
-    from minisparse.testing import TOLERANCES
-
-    T, H, HV, K, V, gates = shape
-    base = _inputs(1, T, H, HV, K, V, gates=gates, normalise=False, device="cuda")
-    low = [x.to(dtype) if i < 3 else x for i, x in enumerate(base)]  # q, k, v in 16 bits; g, β, h0 in fp32
+    base = _inputs(1, T, H, HV, K, V, gates=gates, normalise=False, device=device)
+    low = [x.to(dtype) if i < 3 else x for i, x in enumerate(base)]
     ref = [x.float() for x in low]
     fwd_tol, grad_tol = TOLERANCES[dtype]
     for xs in (low, ref):
@@ -651,6 +619,35 @@ def test_chunk_kda_in_16_bits_on_the_gpu(dtype, shape):
     assert_close("final state", s_ref, s, fwd_tol)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), _grads(o_ref, s_ref, ref), _grads(o, s, low)):
         assert_close(name, a, b, grad_tol)
+    return low, o_ref, s_ref
+
+
+def test_chunk_kda_stores_what_it_multiplies_in_16_bits():
+    """fp16 inputs (the interpreter has no bf16): U and the chunk states are kept in fp16, the numbers the scans
+    multiply, while P, A and A_inv stay fp32 (a 16-bit P miscompiles the reverse scan on triton 3.6); output, final
+    state and every gradient within the 16-bit bounds of the fp32 chunk form."""
+    from minisparse.kda import chunk_fwd
+
+    x = [t.to(torch.float16) if i < 3 else t for i, t in enumerate(_inputs(1, 100, 1, 2, 32, 24, device=_device()))]
+    with torch.no_grad():
+        _, _, saved = chunk_fwd._kda_forward(*x[:5], 32 ** -0.5, x[5], True)
+    kept = {name: saved[name].dtype for name in ("u", "states", "w", "p", "a", "ainv")}
+    assert kept == dict(u=torch.float16, states=torch.float16, w=torch.float16, p=torch.float32,
+                        a=torch.float32, ainv=torch.float32), kept
+    _in_16_bits_against_the_chunk_form(torch.float16, 100, 1, 2, 32, 24, (-5.0, 0.0), _device())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-bit kernels are checked on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(300, 2, 4, 64, 128, (-2.0, 0.0)), (1000, 1, 1, 128, 128, (-30.0, 0.0))])
+def test_chunk_kda_in_16_bits_on_the_gpu(dtype, shape):
+    """bf16 / fp16 inputs against the fp32 chunk form on the same (rounded) inputs: forward, final state and every
+    gradient within the book's 16-bit bounds (5e-3 forward, 8e-3 gradients); the fused recurrent kernel too."""
+    from minisparse.kda import fused_recurrent_kda
+    from minisparse.testing import TOLERANCES
+
+    low, o_ref, s_ref = _in_16_bits_against_the_chunk_form(dtype, *shape, "cuda")
+    fwd_tol = TOLERANCES[dtype][0]
     with torch.no_grad():
         o1, s1 = fused_recurrent_kda(*[x.detach() for x in low[:5]], initial_state=low[5].detach(),
                                      output_final_state=True, use_qk_l2norm=True)

@@ -854,8 +854,9 @@ def _group_top_n(s_ptr, m_ptr, l_ptr, i_bh, TK, N, NC, G: tl.constexpr, S: tl.co
     kernel 1's NC partial slots, the group's probability of each visible block summed over its G
     heads ([BNA] in registers; the scores read RG heads at a time, [RG, BNA] a load); the forced
     blocks (0, own, previous) in the first slots, then the rest by score: one bitonic top-SP of the
-    row where SP ≤ 16 and 32 ≤ BNA ≤ 1024, else rounds of max. Returns the picks [SP] int64 in the
-    order taken (forced, then by score, ties to the lower block), −1 for a slot left empty."""
+    row where SP ≤ 16, 32 ≤ BNA ≤ 1024 and triton has `tl.topk`, else rounds of max. Returns the
+    picks [SP] int64 in the order taken (forced, then by score, ties to the lower block), −1 for a
+    slot left empty."""
     o_n, o_a, o_r = tl.arange(0, BNC), tl.arange(0, BNA), tl.arange(0, RG)
     pos = TK - 1
     n_seen = tl.minimum(N, TK // BS)
