@@ -1436,6 +1436,21 @@ def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
+def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
+                  BK: tl.constexpr, NS: tl.constexpr):
+    """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
+    (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
+    sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
+    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
+    G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
+                                                                  BK, NS)
+    to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
+                                                                       C, BK, NS)
+    G_L = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, G + to_end, 0.0), axis=0)
+    return G, to_end, G_L
+
+
+@triton.jit
 def _between_rows(q_rows, k_rows, in_rows, ok, ks, km, kb, A, P, PRECISION: tl.constexpr):
     """A, P [BC, C] += one sub-chunk's rows against the keys kb [C, BK] decayed to the row r before
     the sub-chunk: its q, k [BC, BK] (q_rows, k_rows, in_rows: pointers to each row's start) decayed
@@ -1549,14 +1564,15 @@ def _chunk_rows(b, h, hv, n, T, H, HV, K, V, C: tl.constexpr):
 
 
 @triton.jit
-def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr, qg_ptr, kd_ptr,
-                       gl_ptr, ainv_ptr, T, H, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, PRECISION: tl.constexpr):
+def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr, a_ptr, w_ptr,
+                       u_ptr, qg_ptr, kd_ptr, gl_ptr, ainv_ptr, T, H, HV, K, V, NT,
+                       C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """Everything of one chunk that does not depend on the state, given A.
 
     Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
     Tiling: A, A_inv [C, C] in fp32 registers; K walked in blocks [C, BK], V in tiles [C, BV].
-    Math (rows past T load as 0; G: local cumulative gates):
+    Math (rows past T load as 0; G: local cumulative gates, from `_kda_gate_sums_kernel`'s sums):
         A_inv = (I + diag(β) A)⁻¹;  W = A_inv diag(β) (K ⊙ e^G);  Ũ = A_inv diag(β) V
         qg = Q ⊙ e^G,  kd = K ⊙ e^{G_L − G},  gl = e^{G_L}
     Stores in q's dtype W, qg, kd [B, T, HV, K] (what the scans and the output kernel multiply)
@@ -1569,11 +1585,12 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
     t = n * C + rows  # [C] the chunk's tokens (int32: for the masks)
     tm = t < T
     qk_c, hk_c, hv_c, beta_c, cc, qk_rows, hv_k, hv_v = _chunk_rows(b, h, hv, n, T, H, HV, K, V, C)
-    g_chunk = g_ptr + hk_c  # the chunk's first gate row
+    tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K  # the chunk's sub-chunk totals
     beta = tl.load(beta_ptr + beta_c + rows * HV, mask=tm, other=0.0).to(tl.float32)  # [C]
     A = tl.load(a_ptr + cc, mask=tm[:, None], other=0.0)  # strictly lower, without β
     A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)  # [C, C]
     tl.store(ainv_ptr + cc, A_inv, mask=tm[:, None])
+    A_inv *= beta[None, :]  # A_inv diag(β), what W and Ũ multiply
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
@@ -1581,11 +1598,11 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         qk = qk_c + (qk_rows[:, None] + ks[None, :])  # [C, BK]
         q = tl.load(q_ptr + qk, mask=m, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk, mask=m, other=0.0).to(tl.float32)
-        G, to_end = _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, 0, C - 1)
-        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
-        eG = tl.exp(G)
         off = hk_c + (hv_k[:, None] + ks[None, :])
-        w = tl.dot(A_inv, k * (beta[:, None] * eG), input_precision=PRECISION)  # [C, BK]
+        G, to_end, G_L = _chunk_decays(in_ptr, on_ptr, tot_c, off, m, rows // BC, ks, km, K, C,
+                                       BK, C // BC)
+        eG = tl.exp(G)
+        w = tl.dot(A_inv, k * eG, input_precision=PRECISION)  # [C, BK]
         tl.store(w_ptr + off, w, mask=m)
         tl.store(qg_ptr + off, q * eG, mask=m)
         tl.store(kd_ptr + off, k * tl.exp(to_end), mask=m)
@@ -1595,7 +1612,7 @@ def _kda_fwd_wy_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, w_ptr, u_ptr
         m = tm[:, None] & (vs[None, :] < V)
         off = hv_c + (hv_v[:, None] + vs[None, :])  # [C, BV]
         vb = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
-        u = tl.dot(A_inv, vb * beta[:, None], input_precision=PRECISION)
+        u = tl.dot(A_inv, vb, input_precision=PRECISION)
         tl.store(u_ptr + off, u, mask=m)
 
 # %% [markdown]
@@ -1727,9 +1744,9 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     g_in, g_on = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
     g_tot = torch.empty(B, HV, NT, _C // _BC, K, **f32)
     runtime.launch("kda.gate_sums", _kda_gate_sums_kernel,
-                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, BK)),
-                   (g, g_in, g_on, g_tot, T, HV, K, NT), dict(C=_C, BC=_BC, BK=BK),
-                   **_options(q, v))
+                   lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, c["BK"])),
+                   (g, g_in, g_on, g_tot, T, HV, K, NT), dict(C=_C, BC=_BC),
+                   fit=lambda c: dict(c, BK=min(c["BK"], _pow2(K))), **_options(q, v))
     runtime.launch("kda.fwd_between", _kda_fwd_between_kernel, lambda c: (NT, B * HV),
                    (q, k, g_in, g_on, g_tot, p, a, T, H, HV, K, NT),
                    dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
@@ -1739,8 +1756,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    dict(C=_C, BC=_BC, BKD=_pow2(K), PRECISION=prec),
                    **_options(q, v))
     runtime.launch("kda.fwd_wy", _kda_fwd_wy_kernel, lambda c: (NT, B * HV),
-                   (q, k, v, g, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V, NT),
-                   dict(C=_C, BK=min(_pow2(K), _COLUMNS), PRECISION=prec), fit=_v_tile(V),
+                   (q, k, v, g_in, g_on, g_tot, beta, a, w, u, qg, kd, gl, ainv, T, H, HV, K, V,
+                    NT), dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), fit=_v_tile(V),
                    **_options(q, v))
     states = torch.empty(B, HV, NT, K, V, device=dev, dtype=q.dtype)
     ht = torch.empty(B, HV, K, V, **f32) if output_final_state else None
@@ -1815,8 +1832,8 @@ import triton.language as tl
 
 from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _state_halves
-from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _load_gates, _options,
-                                      _totals_between, _v_tile)
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_decays, _chunk_rows, _load_gates,
+                                      _options, _totals_between, _v_tile)
 
 _LEVELS = 4  # the diagonal block's levels: runs of 1, 2, 4, 8 rows (2^4 = _BC)
 
@@ -1945,11 +1962,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
         q = tl.load(q_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
         hk = hk_c + (hv_k[:, None] + ks[None, :])
-        G = tl.load(in_ptr + hk, mask=m_k, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K,
-                                                                         C, BK, C // BC)
-        to_end = tl.load(on_ptr + hk, mask=m_k, other=0.0) + _totals_between(
-            tot_c, sub, C // BC, ks, km, K, C, BK, C // BC)  # g_{i+1} + … + g_L
-        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        G, to_end, G_L = _chunk_decays(in_ptr, on_ptr, tot_c, hk, m_k, sub, ks, km, K, C, BK,
+                                       C // BC)
         eG = tl.exp(G)
         to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
         dqg = tl.zeros((C, BK), dtype=tl.float32)

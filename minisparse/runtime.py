@@ -340,7 +340,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 1), _cfg(2, 1)],
         "sm_75": [_cfg(4, 1), _cfg(2, 1)],
     },
-    "kda.fwd_wy": {  # 48 KiB; 2 warps spill 2.5 KB of registers (sm_90) and still time best
+    "kda.fwd_wy": {  # 48 KiB; 2 warps spill registers (sm_90) and still time best (bench/notes/kda.md)
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(2, 1, BV=32), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
@@ -372,7 +372,11 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1), _cfg(2, 1)],
     },
     "kda.suffix_sums": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 2)]},
-    "kda.gate_sums": {"interpreter": [_cfg()], "sm_75": [_cfg(4, 1)]},  # each sub-chunk's range sums, once
+    "kda.gate_sums": {  # each sub-chunk's range sums, once, for a block of BK channels
+        "interpreter": [_cfg(BK=32)],
+        "sm_80": [_cfg(2, 1, BK=128), _cfg(4, 1, BK=128), _cfg(4, 1, BK=32)],
+        "sm_75": [_cfg(4, 1, BK=32)],
+    },
     # chapter 7, selected (block-sparse) attention, NSA's and MoBA's. BN: keys a tile (capped at the block
     # size); BR: query rows a step of the key-centric dK/dV kernel (BR / G tokens of a GQA group). At D = 128
     # in 16 bits, a T4 (64 KiB a block) fits BN = 32, one stage. sm_90: the forward's row swept at 64K (4 warps,

@@ -1,10 +1,10 @@
 """What each part of chunk_kda's kernels costs: the op timed with one part removed by text substitution in the
 exported kernels, each variant in its own process (the files are restored afterwards). Results in kda.md.
 
-On a GPU:  PYTHONPATH=. python bench/notes/kda_ablate.py main gate-sums wy-sums fwd-between fwd-walk wy-inverse bwd-walk
+On a GPU:  PYTHONPATH=. python bench/notes/kda_ablate.py main gate-sums fwd-between fwd-walk wy-inverse bwd-walk
 
-Parts (a variant may name several, joined by '+', e.g. gate-sums+wy-sums):
-    gate-sums / wy-sums   `_kda_gate_sums_kernel`'s / the WY kernel's `_decay_sums` as two plain loads of gates
+Parts (a variant may name several, joined by '+', e.g. gate-sums+fwd-walk):
+    gate-sums             `_kda_gate_sums_kernel`'s `_decay_sums` as two plain loads of gates
     fwd-between           `_kda_fwd_between_kernel`'s loop over K's channel blocks run zero times
     fwd-walk / bwd-walk   the diagonal block's loop (the forward's walk; the backward's levels) run zero times
     wy-inverse            the WY kernel without `_unit_lower_inverse` (A_inv = diag(β) A')
@@ -27,7 +27,6 @@ def _plain_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 '''
 PARTS = {  # part -> (file, text, replacement)
     "gate-sums": ("fwd", "into, onward = _decay_sums(g_ptr", "into, onward = _plain_sums(g_ptr"),
-    "wy-sums": ("fwd", "G, to_end = _decay_sums(g_chunk", "G, to_end = _plain_sums(g_chunk"),
     "fwd-between": ("fwd", "    P3 = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, K, BK):",
                     "    P3 = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, 0, BK):"),
     "fwd-walk": ("fwd", "for d in range(1, BC):", "for d in range(1, 1):"),

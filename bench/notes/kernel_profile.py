@@ -48,6 +48,7 @@ WARPS_STAGES = _grid(num_warps=(2, 4, 8), num_stages=(1, 2))
 SWEEPS = {  # op -> row -> (pass timed, configurations)
     "kda": {
         "kda.fwd_products": ("fwd", WARPS_STAGES),
+        "kda.gate_sums": ("fwd", _grid(num_warps=(2, 4, 8), num_stages=(1,), BK=(32, 64, 128))),
         "kda.fwd_wy": ("fwd", [dict(c, BV=bv) for c in WARPS_STAGES for bv in (32, 64)]),
         "kda.fwd_states": ("fwd", _grid(num_warps=(4, 8), num_stages=(2, 3), BV=(32, 16))),
         "kda.fwd_output": ("fwd", _grid(num_warps=(4, 8), num_stages=(1, 2), BV=(32, 64, 128))),

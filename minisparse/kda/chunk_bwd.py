@@ -5,8 +5,8 @@ import triton.language as tl
 
 from minisparse import runtime
 from minisparse.deltanet.chunk_fwd import _heads, _pow2, _precision, _state_halves
-from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_rows, _load_gates, _options,
-                                      _totals_between, _v_tile)
+from minisparse.kda.chunk_fwd import (_BC, _C, _COLUMNS, _chunk_decays, _chunk_rows, _load_gates,
+                                      _options, _totals_between, _v_tile)
 
 _LEVELS = 4  # the diagonal block's levels: runs of 1, 2, 4, 8 rows (2^4 = _BC)
 
@@ -133,11 +133,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
         q = tl.load(q_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + qk, mask=m_k, other=0.0).to(tl.float32)
         hk = hk_c + (hv_k[:, None] + ks[None, :])
-        G = tl.load(in_ptr + hk, mask=m_k, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K,
-                                                                         C, BK, C // BC)
-        to_end = tl.load(on_ptr + hk, mask=m_k, other=0.0) + _totals_between(
-            tot_c, sub, C // BC, ks, km, K, C, BK, C // BC)  # g_{i+1} + … + g_L
-        G_L = tl.sum(tl.where(rows[:, None] == 0, G + to_end, 0.0), axis=0)  # [BK]
+        G, to_end, G_L = _chunk_decays(in_ptr, on_ptr, tot_c, hk, m_k, sub, ks, km, K, C, BK,
+                                       C // BC)
         eG = tl.exp(G)
         to_end = tl.exp(to_end)  # [C, BK] e^{G_L − G}
         dqg = tl.zeros((C, BK), dtype=tl.float32)
