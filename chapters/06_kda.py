@@ -1383,14 +1383,14 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
 # %% [markdown]
 # ### The range sums and the products between sub-chunks
 #
-# `_kda_gate_sums_kernel` runs one program per sub-chunk and block of channels; `_totals_between` adds the totals of
-# the sub-chunks between two rows. `_kda_fwd_between_kernel` runs one program per chunk and walks $K$ in blocks of
+# `_kda_gate_sums_kernel` runs one program per sub-chunk and block of channels (`BK` from the launch table: all 128
+# at once on a data-centre GPU); `_totals_between` adds the totals of the sub-chunks between two rows. `_kda_fwd_between_kernel` runs one program per chunk and walks $K$ in blocks of
 # `BK` = 32 channels (fewer for a smaller $K$). A step loads the chunk's keys `kb` $[64, 32]$ once and decays each to
 # the end of its sub-chunk, $k_j \odot e^{\text{onward}_j}$; for sub-chunk $I$ = 1, 2, 3 the totals of the
 # sub-chunks in between carry them on to the reference row $r = 16I - 1$ ($[32]$ factors). Two `tl.dot` calls then
 # add the products through the reference point to $A'$ and $P$ for $I$'s rows ($[16, 64]$, float32; `PRECISION`:
-# TF32 for 16-bit inputs, fp32 for fp32, as in every kernel but the scans and the output kernel). The backward's
-# kernels read the same range sums, which the forward saves.
+# TF32 for 16-bit inputs, fp32 for fp32, as in every kernel but the scans and the output kernel). The WY kernel and
+# the backward's kernels read the same range sums, which the forward saves.
 
 # %%
 #| export kda.chunk_fwd
@@ -1433,21 +1433,6 @@ def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
         total = tl.load(tot_c + M * K + ks, mask=km, other=0.0)
         acc += tl.where(((lo < M) & (M < hi))[:, None], total[None, :], 0.0)
     return acc
-
-
-@triton.jit
-def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
-                  BK: tl.constexpr, NS: tl.constexpr):
-    """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
-    (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
-    sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
-    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
-    G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
-                                                                  BK, NS)
-    to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
-                                                                       C, BK, NS)
-    G_L = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, G + to_end, 0.0), axis=0)
-    return G, to_end, G_L
 
 
 @triton.jit
@@ -1535,8 +1520,11 @@ def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr,
 # ### The WY kernel
 #
 # `_kda_fwd_wy_kernel` is chapter 5's WY kernel given $A$: it reads the products kernel's rows, solves
-# $(I + \operatorname{diag}(\beta)A)^{-1}$ once, then writes $W$ and the decayed rows block by block of $K$ (the
-# gates' range sums from `_decay_sums` again) and $\tilde U$ tile by tile of $V$.
+# $(I + \operatorname{diag}(\beta)A)^{-1}$ once, then writes $W$ and the decayed rows block by block of $K$ and
+# $\tilde U$ tile by tile of $V$. It sums no gates itself: `_chunk_decays` builds each row's $G_i$ (from the chunk's
+# start) and $G_L - G_i$ (to its end) out of the stored range sums, `into` or `onward` plus the totals of the
+# sub-chunks before or after, as the backward's kernels do. Summing the gates here again, a cumulative sum over the
+# chunk's 64 rows for each block of channels, took a seventh of the kernel's time (`bench/notes/kda.md`).
 
 # %%
 #| export kda.chunk_fwd
@@ -1561,6 +1549,21 @@ def _chunk_rows(b, h, hv, n, T, H, HV, K, V, C: tl.constexpr):
     return ((b * T * H + h) * K + t0 * H * K, (b * T * HV + hv) * K + t0 * HV * K,
             (b * T * HV + hv) * V + t0 * HV * V, beta_c, cc, rows * H * K, rows * HV * K,
             rows * HV * V)
+
+
+@triton.jit
+def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
+                  BK: tl.constexpr, NS: tl.constexpr):
+    """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
+    (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
+    sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
+    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
+    G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
+                                                                  BK, NS)
+    to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
+                                                                       C, BK, NS)
+    G_L = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, G + to_end, 0.0), axis=0)
+    return G, to_end, G_L
 
 
 @triton.jit

@@ -128,21 +128,6 @@ def _totals_between(tot_c, lo, hi, ks, km, K, R: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
-def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
-                  BK: tl.constexpr, NS: tl.constexpr):
-    """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
-    (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
-    sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
-    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
-    G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
-                                                                  BK, NS)
-    to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
-                                                                       C, BK, NS)
-    G_L = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, G + to_end, 0.0), axis=0)
-    return G, to_end, G_L
-
-
-@triton.jit
 def _between_rows(q_rows, k_rows, in_rows, ok, ks, km, kb, A, P, PRECISION: tl.constexpr):
     """A, P [BC, C] += one sub-chunk's rows against the keys kb [C, BK] decayed to the row r before
     the sub-chunk: its q, k [BC, BK] (q_rows, k_rows, in_rows: pointers to each row's start) decayed
@@ -244,6 +229,21 @@ def _chunk_rows(b, h, hv, n, T, H, HV, K, V, C: tl.constexpr):
     return ((b * T * H + h) * K + t0 * H * K, (b * T * HV + hv) * K + t0 * HV * K,
             (b * T * HV + hv) * V + t0 * HV * V, beta_c, cc, rows * H * K, rows * HV * K,
             rows * HV * V)
+
+
+@triton.jit
+def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
+                  BK: tl.constexpr, NS: tl.constexpr):
+    """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
+    (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
+    sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
+    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
+    G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
+                                                                  BK, NS)
+    to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
+                                                                       C, BK, NS)
+    G_L = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, G + to_end, 0.0), axis=0)
+    return G, to_end, G_L
 
 
 @triton.jit
