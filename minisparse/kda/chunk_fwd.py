@@ -40,7 +40,7 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 
 
 @triton.jit
-def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
+def _kda_fwd_products_kernel(q_ptr, k_ptr, eg_ptr, p_ptr, a_ptr, T, H, HV, K,
                              C: tl.constexpr, BC: tl.constexpr, BKD: tl.constexpr,
                              PRECISION: tl.constexpr):
     """The diagonal block of one sub-chunk of A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i, without
@@ -49,7 +49,8 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
 
     Program: sub-chunk I of chunk n of one (batch b, value head hv). Grid (NT · C/BC, B · HV).
     Tiling: the sub-chunk's rows whole ([BC, BKD], BKD ≥ K), one diagonal of A and P stored a step.
-    Math: one diagonal (i, i − d) at a time, its decay grown by one gate a step. Stores the rest of
+    Math: one diagonal (i, i − d) at a time, its decay e^{g_{i−d+1} + … + g_i} grown by one factor
+    e^{g} a step (eg_ptr: `_kda_gate_sums_kernel`'s, each ≤ 1). Stores the rest of
     A's and P's rows [B, T, HV, C] (fp32): the block, and zeros on and above A's diagonal (above
     P's)."""
     nI = tl.program_id(0)
@@ -62,7 +63,7 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     ti = n * C + ri
     k_i = k_ptr + (b * T * H + h) * K + ti * H * K  # [BC] row pointers
     q_i = q_ptr + (b * T * H + h) * K + ti * H * K
-    g_chunk = g_ptr + (b * T * HV + hv) * K + n * C * HV * K
+    eg_chunk = eg_ptr + (b * T * HV + hv) * K + n * C * HV * K
     row_i = ((b * T * HV + hv) + ti * HV) * C  # [BC] where row i of A and P starts
     out = row_i[:, None] + rj[None, :]  # [BC, C]
     tm = (ti < T)[:, None]
@@ -76,24 +77,26 @@ def _kda_fwd_products_kernel(q_ptr, k_ptr, g_ptr, p_ptr, a_ptr, T, H, HV, K,
     q = tl.load(q_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)  # [BC, BKD]
     k = tl.load(k_i[:, None] + ks[None, :], mask=mi, other=0.0).to(tl.float32)
     tl.store(p_ptr + row_i + ri, tl.sum(q * k, axis=1), mask=ti < T)
-    D = tl.zeros_like(q)  # g_{i−d+1} + … + g_i
+    E = tl.full((BC, BKD), 1.0, tl.float32)  # e^{g_{i−d+1} + … + g_i}, a product of factors ≤ 1
     for d in range(1, BC):
         ok = (ri - r0 >= d) & (ti < T)  # i − d in the sub-chunk
-        D += _load_gates(g_chunk + (ri - d + 1) * HV * K, ok, ks, km)
+        E *= tl.load(eg_chunk + ((ri - d + 1) * HV * K)[:, None] + ks[None, :],
+                     mask=ok[:, None] & km[None, :], other=1.0)
         ke = tl.load(k_i[:, None] - d * H * K + ks[None, :], mask=ok[:, None] & km[None, :],
-                     other=0.0).to(tl.float32) * tl.exp(D)  # key i − d decayed to row i
+                     other=0.0).to(tl.float32) * E  # key i − d decayed to row i
         tl.store(a_ptr + row_i + ri - d, tl.sum(k * ke, axis=1), mask=ok)
         tl.store(p_ptr + row_i + ri - d, tl.sum(q * ke, axis=1), mask=ok)
 
 
 @triton.jit
-def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.constexpr,
+def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, eg_ptr, T, HV, K, NT, C: tl.constexpr,
                           BC: tl.constexpr, BK: tl.constexpr):
     """The range sums of every sub-chunk, once, for the kernels after it: per row i and channel
     into_i = g_s + … + g_i and onward_i = g_{i+1} + … + g_e (s, e: the first and last rows of i's
     sub-chunk; `_decay_sums`) -> in_ptr, on_ptr [B, T, HV, K]; each sub-chunk's sum of gates
     -> tot_ptr [B, HV, NT, C/BC, K]. A decay across sub-chunks is then a sum of these, all of one
-    sign, so as exact as one range sum.
+    sign, so as exact as one range sum. And each gate's factor e^{g_i} -> eg_ptr [B, T, HV, K],
+    which the diagonal walk multiplies.
     Program: sub-chunk I of chunk n of one (batch b, value head hv), one block of K's channels.
     Grid (NT · C/BC, B · HV, cdiv(K, BK))."""
     nI = tl.program_id(0)
@@ -111,6 +114,7 @@ def _kda_gate_sums_kernel(g_ptr, in_ptr, on_ptr, tot_ptr, T, HV, K, NT, C: tl.co
     m = (ti < T)[:, None] & km[None, :]
     tl.store(in_ptr + off, into, mask=m)
     tl.store(on_ptr + off, onward, mask=m)
+    tl.store(eg_ptr + off, tl.exp(_load_gates(g_ptr + chunk + ri * HV * K, ti < T, ks, km)), mask=m)
     total = tl.sum(tl.where((ri == r0)[:, None], into + onward, 0.0), axis=0)  # g_s + (g_s+1 + …)
     tl.store(tot_ptr + ((bh * NT + n) * (C // BC) + I) * K + ks, total, mask=km)
 
@@ -408,18 +412,18 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)
-    g_in, g_on = (torch.empty(B, T, HV, K, **f32) for _ in range(2))
+    g_in, g_on, eg = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
     g_tot = torch.empty(B, HV, NT, _C // _BC, K, **f32)
     runtime.launch("kda.gate_sums", _kda_gate_sums_kernel,
                    lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, c["BK"])),
-                   (g, g_in, g_on, g_tot, T, HV, K, NT), dict(C=_C, BC=_BC),
+                   (g, g_in, g_on, g_tot, eg, T, HV, K, NT), dict(C=_C, BC=_BC),
                    fit=lambda c: dict(c, BK=min(c["BK"], _pow2(K))), **_options(q, v))
     runtime.launch("kda.fwd_between", _kda_fwd_between_kernel, lambda c: (NT, B * HV),
                    (q, k, g_in, g_on, g_tot, p, a, T, H, HV, K, NT),
                    dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
     runtime.launch("kda.fwd_products", _kda_fwd_products_kernel,
                    lambda c: (NT * (_C // _BC), B * HV),
-                   (q, k, g, p, a, T, H, HV, K),
+                   (q, k, eg, p, a, T, H, HV, K),
                    dict(C=_C, BC=_BC, BKD=_pow2(K), PRECISION=prec),
                    **_options(q, v))
     runtime.launch("kda.fwd_wy", _kda_fwd_wy_kernel, lambda c: (NT, B * HV),
