@@ -691,7 +691,8 @@ if hf_kimi is not None:
 #
 # One more care makes the kernels exact in float32. Every exponent they use is a sum of the gates over a range of
 # tokens — $G_i - G_r = g_{r+1} + \dots + g_i$, $G_r - G_j$, $G_L - G_i$ — and they compute it as a running sum over
-# that range, never as the difference of two long cumulative sums, which would cancel: after a gate of $-1000$, $G$
+# that range (or its exponential as a running product of factors $e^{g} \le 1$), never as the difference of two long
+# cumulative sums, which would cancel: after a gate of $-1000$, $G$
 # is about $-1000$ on every later token, float32 holds it to $6 \cdot 10^{-5}$, and a decay between two later tokens
 # would carry that absolute error; the sum of the range never sees the $-1000$. (The PyTorch version below takes the
 # shortcut of float64 differences.) The same split is fla's (`chunk_intra`: sub-chunks of 16, the diagonal blocks
@@ -1078,9 +1079,9 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # On an H200 (2026-12-04, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
 # forward took 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, from 8K to 64K, with accuracy on par (3.1e-3
 # against fla's 4.1e-3 relative RMS from the fp32 recurrence). The kernels have changed since that run (the
-# Engineering notes): on an H100 the forward + backward at B 2, T 8K takes 7.4 ms against fla's 6.1 (1.22×) and the
-# forward 2.06 ms against 1.24 (1.66×), with an error of 3.8e-3; `bench/notes/kda.md` has the profile of every
-# kernel.
+# Engineering notes): on an H200 the present ones take the forward at B 2, T 8K to 1.75 ms against fla's 1.06
+# (1.65×) and the forward + backward to 6.91 ms against 5.38 (1.28×), with an error of 3.8e-3;
+# `bench/notes/kda.md` has the profile of every kernel.
 
 # %%
 from minisparse import bench
