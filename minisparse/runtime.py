@@ -356,9 +356,14 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
-    "kda.bwd_states": {  # 48 KiB at 8 warps, 1 stage, BV = 32 (sm_90); 36 KiB at 4 warps, BV = 16 (sm_75, fp16)
-        "interpreter": [_cfg(1, 1, BV=64)],  # 8 warps at BV = 16 hit an illegal memory access on the H200
-        "sm_80": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
+    "kda.bwd_du_local": {  # scale Pᵀ dO, a chunk a program: P fp32 once, dO and dU in V-tiles
+        "interpreter": [_cfg(BV=64)],
+        "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 2, BV=32)],
+        "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+    },
+    "kda.bwd_states": {  # 36 KiB at 4 warps, 1 stage, BV = 32 (sm_90); 16 KiB at 4 warps, BV = 16 (sm_75, fp16)
+        "interpreter": [_cfg(1, 1, BV=64)],  # 8 warps hit illegal memory accesses at K = 128 (H200, H100)
+        "sm_80": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(4, 1, BV=16)],
     },
     "kda.bwd_chunk": {  # 60 KiB at 8 warps, 1 stage, BV = 32 (sm_90); 32 KiB at BV = 16 (sm_75)

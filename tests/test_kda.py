@@ -624,8 +624,8 @@ def _in_16_bits_against_the_chunk_form(dtype, T, H, HV, K, V, gates, device):
 
 def test_chunk_kda_stores_what_it_multiplies_in_16_bits():
     """fp16 inputs (the interpreter has no bf16): U and the chunk states are kept in fp16, the numbers the scans
-    multiply, while P, A and A_inv stay fp32 (a 16-bit P miscompiles the reverse scan on triton 3.6); output, final
-    state and every gradient within the 16-bit bounds of the fp32 chunk form."""
+    multiply, while P, A and A_inv stay fp32 (a 16-bit P miscompiled the backward's Pᵀ dO on triton 3.6); output,
+    final state and every gradient within the 16-bit bounds of the fp32 chunk form."""
     from minisparse.kda import chunk_fwd
 
     x = [t.to(torch.float16) if i < 3 else t for i, t in enumerate(_inputs(1, 100, 1, 2, 32, 24, device=_device()))]
@@ -809,8 +809,8 @@ def test_chunk_kda_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(m
 def test_every_configuration_of_the_kda_rows_computes_the_same_result():
     """Each configuration a GPU's kda.* row may fall back to, and each of the T4's row (sm_75: they run on any newer
     GPU), forced in turn, gives the table's first configuration's output and gradients (a configuration that
-    miscompiles — 8 warps at BV 16 in the reverse scan hit an illegal memory access on the H200 — must not sit in a
-    row)."""
+    miscompiles — 8 warps in the reverse scan hit illegal memory accesses at K = 128 on the H200 and the H100 — must
+    not sit in a row)."""
     from minisparse.kda import chunk_kda
 
     inputs = _inputs(1, 200, 2, 4, 128, 128, device="cuda")

@@ -183,6 +183,8 @@ SPECS = [
          "w_ptr u_ptr kd_ptr states_ptr", floats="", fit=_v_tile(128)),
     Spec("kda.fwd_output", "minisparse.kda.chunk_fwd:_kda_fwd_output_kernel",
          dict(C=64, BK=64, PRECISION="tf32"), "qg_ptr u_ptr states_ptr o_ptr", fit=_v_tile(128)),
+    Spec("kda.bwd_du_local", "minisparse.kda.chunk_bwd:_kda_bwd_du_local_kernel",
+         dict(C=64, PRECISION="tf32"), "do_ptr", fit=_v_tile(128)),
     Spec("kda.bwd_states", "minisparse.kda.chunk_bwd:_kda_bwd_states_kernel",
          dict(C=64, BK=128, HAS_DHT=False, STORE_DH0=False, PRECISION="tf32"),
          "do_ptr kd_ptr w_ptr qg_ptr", fit=_v_tile(128)),

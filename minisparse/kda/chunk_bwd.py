@@ -12,20 +12,46 @@ _LEVELS = 4  # the diagonal block's levels: runs of 1, 2, 4, 8 rows (2^4 = _BC)
 
 
 @triton.jit
-def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr,
-                           dstates_ptr, dh0_ptr,
-                           scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
+def _kda_bwd_du_local_kernel(p_ptr, do_ptr, du_ptr, scale, T, HV, V, C: tl.constexpr,
+                             BV: tl.constexpr, PRECISION: tl.constexpr):
+    """The part of dU that needs no state, every chunk in parallel (chapter 5's split).
+
+    Program: one chunk n of one (batch b, value head hv). Grid (NT, B · HV).
+    Tiling: P [C, C] (fp32, as the forward stored it) once; dO and dU walked in V-tiles [C, BV].
+    Math: dU = scale Pᵀ dO (fp32)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hv = bh // HV, bh % HV
+    rows = tl.arange(0, C)
+    t = (n * C + rows).to(tl.int64)  # int64: t·HV·V passes 2^31 at long context
+    tm = t < T
+    pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
+    PT = tl.trans(tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)) * scale  # [C, C] scale Pᵀ
+    hv_v = (b * T * HV + hv) * V + t * HV * V
+    for v0 in range(0, V, BV):
+        vs = v0 + tl.arange(0, BV)
+        off = hv_v[:, None] + vs[None, :]
+        mask = tm[:, None] & (vs[None, :] < V)
+        do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [C, BV]
+        tl.store(du_ptr + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
+
+
+@triton.jit
+def _kda_bwd_states_kernel(do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_ptr, dstates_ptr,
+                           dh0_ptr, scale, T, HV, K, V, NT, C: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                            PRECISION: tl.constexpr):
-    """The reverse scan: dU and the gradient of the state leaving each chunk, and d initial_state.
+    """The reverse scan: the gradient of the state leaving each chunk, the rest of dU, and d
+    initial_state.
 
     Program: one (batch b, value head hv) and one V-tile of the [K, V] state gradient. Grid (cdiv(V,
     BV), B · HV).
     Tiling: dS in fp32 registers as two halves of BK/2 rows, dS = [dS1; dS2] (`_state_halves`, as
-    the forward scan); a step loads P [C, C], dO [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a
-    half. The state's products in kd's dtype (dS, dO and dU rounded to it), sums in fp32.
-    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0):
-        dstates[n] = dS;   dU = scale Pᵀ dO + kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
+    the forward scan); a step loads dO, dU [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a half.
+    The state's products in kd's dtype (dS, dO and dU rounded to it), sums in fp32.
+    Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale Pᵀ dO on entry, from
+    _kda_bwd_du_local_kernel, and is updated in place):
+        dstates[n] = dS;   dU += kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
     and dh0 = dS after chunk 0 if STORE_DH0."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -42,28 +68,30 @@ def _kda_bwd_states_kernel(p_ptr, do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr
         n = NT - 1 - i
         tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off1, dS1, mask=kv_mask1)
         tl.store(dstates_ptr + (bh * NT + n) * K * V + kv_off2, dS2, mask=kv_mask2)
-        t = (n * C + rows).to(tl.int64)  # int64: t·HV·K passes 2^31 at long context
+        t = n * C + rows  # int32, for the masks
         tm = t < T
-        hv_k = (b * T * HV + hv) * K + t * HV * K
-        hv_v = (b * T * HV + hv) * V + t * HV * V
+        t0 = n.to(tl.int64) * C  # the chunk's start in int64 (t·HV·K passes 2^31), rows in int32
+        hk_c = (b * T * HV + hv) * K + t0 * HV * K
+        hv_c = (b * T * HV + hv) * V + t0 * HV * V
+        o_k1 = (rows * HV * K)[:, None] + k1[None, :]  # [C, BK/2]
+        o_k2 = (rows * HV * K)[:, None] + k2[None, :]
+        o_v = (rows * HV * V)[:, None] + vs[None, :]  # [C, BV]
         m1, m2 = tm[:, None] & (k1[None, :] < K), tm[:, None] & (k2[None, :] < K)
         m_v = tm[:, None] & vm[None, :]
-        pc = ((b * T * HV + hv) + t[:, None] * HV) * C + rows[None, :]  # [C, C] P's rows
-        P = tl.load(p_ptr + pc, mask=tm[:, None], other=0.0)
         # [C, BV]
-        do = tl.load(do_ptr + hv_v[:, None] + vs[None, :], mask=m_v, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + hv_c + o_v, mask=m_v, other=0.0).to(tl.float32)
         do = do * scale
-        kd1 = tl.load(kd_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
-        kd2 = tl.load(kd_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
+        kd1 = tl.load(kd_ptr + hk_c + o_k1, mask=m1, other=0.0)
+        kd2 = tl.load(kd_ptr + hk_c + o_k2, mask=m2, other=0.0)
         kdS = tl.dot(kd2, dS2.to(kd2.dtype),
                      tl.dot(kd1, dS1.to(kd1.dtype), input_precision=PRECISION),
                      input_precision=PRECISION)
-        du = tl.dot(tl.trans(P), do, kdS, input_precision=PRECISION)
-        tl.store(du_ptr + hv_v[:, None] + vs[None, :], du, mask=m_v)
-        w1 = tl.load(w_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
-        w2 = tl.load(w_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
-        qg1 = tl.load(qg_ptr + hv_k[:, None] + k1[None, :], mask=m1, other=0.0)
-        qg2 = tl.load(qg_ptr + hv_k[:, None] + k2[None, :], mask=m2, other=0.0)
+        du = kdS + tl.load(du_ptr + hv_c + o_v, mask=m_v, other=0.0)  # + scale Pᵀ dO
+        tl.store(du_ptr + hv_c + o_v, du, mask=m_v)
+        w1 = tl.load(w_ptr + hk_c + o_k1, mask=m1, other=0.0)
+        w2 = tl.load(w_ptr + hk_c + o_k2, mask=m2, other=0.0)
+        qg1 = tl.load(qg_ptr + hk_c + o_k1, mask=m1, other=0.0)
+        qg2 = tl.load(qg_ptr + hk_c + o_k2, mask=m2, other=0.0)
         gl1 = tl.load(gl_ptr + (bh * NT + n) * K + k1, mask=k1 < K, other=0.0)  # [BK/2]
         gl2 = tl.load(gl_ptr + (bh * NT + n) * K + k2, mask=k2 < K, other=0.0)
         do_s = do.to(qg1.dtype)
@@ -324,11 +352,14 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dstates = torch.empty(B, HV, NT, K, V, **f32)
     dh0 = torch.empty(B, HV, K, V, **f32) if need_dh0 else None
     s = saved
-    # never autotuned: the scan writes dU, which the chunk kernel reads
+    runtime.launch("kda.bwd_du_local", _kda_bwd_du_local_kernel, lambda c: (NT, B * HV),
+                   (s["p"], do, du, scale, T, HV, V), dict(C=_C, PRECISION=prec), fit=_v_tile(V),
+                   autotune_key=["T", "V"], **_options(q, v))
+    # never autotuned: the scan adds to dU in place, and the chunk kernel reads it
     runtime.launch("kda.bwd_states", _kda_bwd_states_kernel,
                    lambda c: (triton.cdiv(V, c["BV"]), B * HV),
-                   (s["p"], do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T,
-                    HV, K, V, NT),
+                   (do, s["kd"], s["w"], s["qg"], s["gl"], dht, du, dstates, dh0, scale, T, HV, K,
+                    V, NT),
                    dict(C=_C, BK=max(32, _pow2(K)), HAS_DHT=dht is not None,
                         STORE_DH0=dh0 is not None, PRECISION=prec),
                    fit=_v_tile(V), **_options(q, v))
