@@ -340,12 +340,12 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 1), _cfg(2, 1)],
         "sm_75": [_cfg(4, 1), _cfg(2, 1)],
     },
-    "kda.fwd_wy": {  # 48 KiB; 2 warps spill registers (sm_90) and still time best (bench/notes/kda.md)
+    "kda.fwd_wy": {  # 48 KiB, 255 registers at 2 warps without spills as launched (sm_90; bench/notes/kda.md)
         "interpreter": [_cfg(BV=64)],
         "sm_80": [_cfg(2, 1, BV=32), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_states": {  # 32 KiB at 8 warps, 2 stages, no spills (sm_90); 16 KiB (sm_75, fp16 products)
+    "kda.fwd_states": {  # 80 KiB at 8 warps, 2 stages (pipelined), 100 registers (sm_90); 16 KiB (sm_75, fp16)
         "interpreter": [_cfg(1, 1, BV=64)],
         "sm_80": [_cfg(8, 2, BV=32), _cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],

@@ -364,6 +364,39 @@ def scale_kernel(x_ptr, y_ptr, N, B: tl.constexpr):
 """
 
 
+_ROWS_KERNEL = """import triton
+import triton.language as tl
+
+
+@triton.jit
+def rows_kernel(x_ptr, y_ptr, S, B: tl.constexpr):
+    r = tl.arange(0, B)
+    off = r[:, None] * S + r[None, :]
+    tl.store(y_ptr + off, tl.load(x_ptr + off))
+"""
+
+
+def test_kernel_resources_div16_specialises_integers_as_a_launch_does(tmp_path):
+    """--div16 S marks the integer S a multiple of 16, as triton's launch specialises it: the loads of rows S apart
+    vectorise (ld.global.v4 in the PTX), where without it they do not; a name that is no integer argument is an
+    error that names it."""
+    tool = _kernel_resources_tool()
+    (tmp_path / "rows.py").write_text(_ROWS_KERNEL)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, str(tool), f"{tmp_path / 'rows.py'}:rows_kernel", "B=64", "--ptx",
+                               str(tmp_path / "rows.ptx"), *extra], capture_output=True, text=True, timeout=300)
+
+    vectorised = []
+    for extra in ((), ("--div16", "S")):
+        out = run(*extra)
+        assert out.returncode == 0, out.stderr[-2000:]
+        vectorised.append("ld.global.v4" in (tmp_path / "rows.ptx").read_text())
+    assert vectorised == [False, True]
+    bad = run("--div16", "Q")
+    assert bad.returncode != 0 and "Q" in bad.stderr, bad.stderr[-500:]
+
+
 def test_kernel_resources_same_as_compares_ptx(tmp_path):
     """--same-as: a kernel refactored through a helper function compiles to the same PTX (exit 0); one whose
     arithmetic changed does not (exit 3, and the first differing line is shown)."""
