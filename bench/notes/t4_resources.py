@@ -16,9 +16,11 @@ configuration that fits, so a kernel can launch on a T4 if any configuration of 
 RuntimeError (or the op falls back to PyTorch) if none does.
 
 Pointers are compiled 16-byte aligned, as the runtime marks torch's allocations (`--unaligned`: not; on sm_75 the two
-need the same shared memory). What this does not model: the runtime's other specialisations (integers divisible by
-16 get `tt.divisibility`, integers equal to 1 become constants) and pointers the launcher passes as None (they are
-compiled as typed pointers the kernel never reads).
+need the same shared memory). Integers a launch sees as multiples of 16 get `tt.divisibility` on the GPU; `--div16
+T,H,HV,K,V,NT` compiles the named ones so where a kernel has them (on sm_80 and newer this can turn on the loads'
+pipelining and change shared memory and registers a lot; on sm_75 the KDA scans' shared memory is the same either
+way). What this does not model: integers equal to 1 (constants on the GPU) and pointers the launcher passes as None
+(they are compiled as typed pointers the kernel never reads).
 """
 from __future__ import annotations
 
@@ -324,7 +326,7 @@ def jit_function(path: str) -> JITFunction:
     return fn
 
 
-def measure(spec: Spec, config: dict, arch: int, aligned: bool) -> dict:
+def measure(spec: Spec, config: dict, arch: int, aligned: bool, div16: set = frozenset()) -> dict:
     fn = jit_function(spec.fn)
     tiles = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages", "launch_pdl")}
     constexprs = {**spec.constexprs, **tiles}
@@ -334,7 +336,10 @@ def measure(spec: Spec, config: dict, arch: int, aligned: bool) -> dict:
     floats = set(spec.floats.split())
     pointers = set(spec.pointers.split()) if spec.pointers else None
     warps, stages = config["num_warps"], config["num_stages"]
-    kernel = compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers, aligned)
+    params = inspect.signature(fn.fn).parameters
+    ints = {n for n in div16 if n in params and n not in constexprs and n not in floats
+            and not (n in pointers if pointers else n.endswith("_ptr"))}  # the kernel's integers of those named
+    kernel = compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers, aligned, div16=ints)
     return kernel_resources(kernel, arch)
 
 
@@ -350,12 +355,16 @@ def main() -> int:
     ap.add_argument("--only", default="", help="only the LAUNCH_TABLE names that contain this")
     ap.add_argument("--extra", action="store_true", help="also the rows no benchmark shape reaches (D = 256, K = 64)")
     ap.add_argument("--unaligned", action="store_true", help="pointers of unknown alignment (the GPU sees 16 bytes)")
+    ap.add_argument("--div16", default="", help="comma-separated integer argument names (e.g. T,H,HV,K,V,NT) to "
+                    "compile as multiples of 16 where a kernel has them, as a launch at the benchmark's shapes does")
     args = ap.parse_args()
+    div16 = set(filter(None, args.div16.split(",")))
     row = "sm_90" if args.arch >= 90 else "sm_80" if args.arch >= 80 else "sm_75"
     runtime._arch_of[DEVICE] = row
     specs = [s for s in SPECS + (EXTRA_SPECS if args.extra else []) if args.only in s.kernel]
     print(f"triton {triton.__version__}, sm_{args.arch} (LAUNCH_TABLE row {row}, fp16 inputs), "
-          f"limit {args.shared_kib:g} KiB a block{', pointers of unknown alignment' if args.unaligned else ''}\n")
+          f"limit {args.shared_kib:g} KiB a block{', pointers of unknown alignment' if args.unaligned else ''}"
+          f"{f', integers {args.div16} multiples of 16' if div16 else ''}\n")
     print("| kernel | row | config | shared KiB | registers | spills (B stored / loaded) | fits |")
     print("|---|---|---|---|---|---|---|")
     verdicts = []  # (kernel label, any fits, smallest shared KiB)
@@ -366,7 +375,7 @@ def main() -> int:
         for config in fitted_configs(spec):
             t0 = time.time()
             try:
-                r = measure(spec, config, args.arch, not args.unaligned)
+                r = measure(spec, config, args.arch, not args.unaligned, div16)
             except Exception as err:  # noqa: BLE001 - report it, go on with the next configuration
                 first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:150]
                 print(f"| {label} | {table_row} | {describe(config)} | compile failed: {type(err).__name__}: "
