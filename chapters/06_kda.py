@@ -1529,8 +1529,8 @@ def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr,
 # $(I + \operatorname{diag}(\beta)A)^{-1}$ once, then writes $W$ and the decayed rows block by block of $K$ and
 # $\tilde U$ tile by tile of $V$. It sums no gates itself: `_chunk_decays` builds each row's $G_i$ (from the chunk's
 # start) and $G_L - G_i$ (to its end) out of the stored range sums, `into` or `onward` plus the totals of the
-# sub-chunks before or after, as the backward's kernels do. Summing the gates here again, a cumulative sum over the
-# chunk's 64 rows for each block of channels, took a seventh of the kernel's time (`bench/notes/kda.md`).
+# sub-chunks before or after, as the backward's kernels do. A cumulative sum of the gates over the chunk's 64 rows
+# for each block of channels would cost about a seventh of the kernel's time (`bench/notes/kda.md`).
 
 # %%
 #| export kda.chunk_fwd
@@ -1745,8 +1745,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
-    # P stays fp32: read in 16 bits, the backward's Pᵀ dO miscompiled (NaN in dU at K = V = 128;
-    # triton 3.6, H100; bench/notes/kda.md), so the output kernel rounds its own copy
+    # P stays fp32 for the backward's σPᵀdO (bench/notes/kda.md records NaN in dU from a 16-bit P at
+    # K = V = 128 with triton 3.6); the output kernel rounds its own copy
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)
@@ -2237,9 +2237,10 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 # autograd function keeps the forward's intermediates for the backward's kernels. The decayed rows $W$, $Q \odot
 # e^{G}$ and $K \odot e^{G_L - G}$, $U$ and the chunk states are stored in the inputs' dtype, half the bytes: the
 # scans and the output kernel multiply them as stored, the other kernels widen them to float32. $A$, $A^{-1}$ and the
-# gate sums stay float32, and so does $P$, which the output kernel rounds for its product: read in 16 bits, the
-# backward's $P^\top dO$ miscompiled with triton 3.6 (`bench/notes/kda.md`). Chapter 5's row kernel sums the
-# per-value-head gradients of $q$ and $k$ over each group and takes them through the normalisation. Every
+# gate sums stay float32, and so does $P$, which the output kernel rounds for its product: the backward's
+# $\sigma P^\top dO$ reads it, and `bench/notes/kda.md` records NaN there from a 16-bit $P$ with triton 3.6.
+# Chapter 5's row kernel sums the per-value-head gradients of $q$ and $k$ over each group and takes them through the
+# normalisation. Every
 # kernel fits a T4's 64 KiB of shared memory at $K = V = 128$ (the largest, the WY kernel, asks 48 KiB; the reverse
 # scan 16 with its 16-bit products, `bench/notes/t4.md`). On a GPU whose shared memory the kernels outgrow the
 # backward falls back, with a warning, to autograd through the PyTorch chunk form (`runtime.grads_by_autograd`, the

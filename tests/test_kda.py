@@ -624,8 +624,8 @@ def _in_16_bits_against_the_chunk_form(dtype, T, H, HV, K, V, gates, device):
 
 def test_chunk_kda_stores_what_it_multiplies_in_16_bits():
     """fp16 inputs (the interpreter has no bf16): U and the chunk states are kept in fp16, the numbers the scans
-    multiply, while P, A and A_inv stay fp32 (a 16-bit P miscompiled the backward's Pᵀ dO on triton 3.6); output,
-    final state and every gradient within the 16-bit bounds of the fp32 chunk form."""
+    multiply, while P, A and A_inv stay fp32 (bench/notes/kda.md records NaN in σPᵀdO from a 16-bit P on triton
+    3.6); output, final state and every gradient within the 16-bit bounds of the fp32 chunk form."""
     from minisparse.kda import chunk_fwd
 
     x = [t.to(torch.float16) if i < 3 else t for i, t in enumerate(_inputs(1, 100, 1, 2, 32, 24, device=_device()))]

@@ -407,8 +407,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
-    # P stays fp32: read in 16 bits, the backward's Pᵀ dO miscompiled (NaN in dU at K = V = 128;
-    # triton 3.6, H100; bench/notes/kda.md), so the output kernel rounds its own copy
+    # P stays fp32 for the backward's σPᵀdO (bench/notes/kda.md records NaN in dU from a 16-bit P at
+    # K = V = 128 with triton 3.6); the output kernel rounds its own copy
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)
