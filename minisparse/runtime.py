@@ -361,9 +361,10 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(4, 2, BV=64), _cfg(4, 2, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.bwd_states": {  # 36 KiB at 4 warps, 1 stage, BV = 32 (sm_90); 16 KiB at 4 warps, BV = 16 (sm_75, fp16)
+    "kda.bwd_states": {  # 108 KiB at 4 warps, 2 stages, BV = 16, 36 KiB at 1 stage, BV = 32 (sm_90); 16 KiB
+        # at 4 warps, BV = 16 (sm_75, fp16)
         "interpreter": [_cfg(1, 1, BV=64)],  # 8 warps hit illegal memory accesses at K = 128 (H200, H100)
-        "sm_80": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
+        "sm_80": [_cfg(4, 2, BV=16), _cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(4, 1, BV=16)],
     },
     "kda.bwd_chunk": {  # 60 KiB at 8 warps, 1 stage, BV = 32 (sm_90); 32 KiB at BV = 16 (sm_75)

@@ -143,8 +143,8 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
         vs = v0 + tl.arange(0, BV)
         m_v = tm[:, None] & (vs[None, :] < V)
         off = hv_c + (hv_v[:, None] + vs[None, :])
-        do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + off, mask=m_v, other=0.0)  # 16-bit as stored: TF32 holds them exactly
+        u = tl.load(u_ptr + off, mask=m_v, other=0.0)
         du = tl.load(du_ptr + off, mask=m_v, other=0.0)
         v = tl.load(v_ptr + off, mask=m_v, other=0.0).to(tl.float32)
         dP = tl.dot(do, tl.trans(u), dP, input_precision=PRECISION)
@@ -175,12 +175,13 @@ def _kda_bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, in_ptr, on_ptr, tot_ptr, beta_ptr
             off = hv_c + (hv_v[:, None] + vs[None, :])
             kv_off = ks[:, None] * V + vs[None, :]
             kv_m = km[:, None] & (vs[None, :] < V)
-            do = tl.load(do_ptr + off, mask=m_v, other=0.0).to(tl.float32)
+            do = tl.load(do_ptr + off, mask=m_v, other=0.0)
             u = tl.load(u_ptr + off, mask=m_v, other=0.0).to(tl.float32)
             du = tl.load(du_ptr + off, mask=m_v, other=0.0)
-            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # [BK, BV]
-            dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0)
+            S = tl.load(S_n + kv_off, mask=kv_m, other=0.0)  # [BK, BV]
+            dS = tl.load(dS_n + kv_off, mask=kv_m, other=0.0).to(tl.float32)
             dqg = tl.dot(do, tl.trans(S), dqg, input_precision=PRECISION)
+            S = S.to(tl.float32)
             dW -= tl.dot(du, tl.trans(S), input_precision=PRECISION)
             dkd = tl.dot(u, tl.trans(dS), dkd, input_precision=PRECISION)
             dgl += tl.sum(S * dS, axis=1)
@@ -349,7 +350,7 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dev, prec = q.device, _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
     du = torch.empty(B, T, HV, V, **f32)
-    dstates = torch.empty(B, HV, NT, K, V, **f32)
+    dstates = torch.empty(B, HV, NT, K, V, device=dev, dtype=q.dtype)
     dh0 = torch.empty(B, HV, K, V, **f32) if need_dh0 else None
     s = saved
     runtime.launch("kda.bwd_du_local", _kda_bwd_du_local_kernel, lambda c: (NT, B * HV),
