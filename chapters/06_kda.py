@@ -1076,12 +1076,10 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # on a GPU in bf16, at $B = 2$, 16 heads, $K = V = 128$, $T = 8192$, and at $B = 1$ from 8K to 64K tokens
 # (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence.
 #
-# On an H200 (2026-12-04, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
-# forward took 1.7–2.0× fla's time and the forward + backward 1.5–1.6×, from 8K to 64K, with accuracy on par (3.1e-3
-# against fla's 4.1e-3 relative RMS from the fp32 recurrence). The kernels have changed since that run (the
-# Engineering notes): on an H200 the present ones take the forward at B 2, T 8K to 1.75 ms against fla's 1.06
-# (1.65×) and the forward + backward to 6.91 ms against 5.38 (1.28×), with an error of 3.8e-3;
-# `bench/notes/kda.md` has the profile of every kernel.
+# On an H100 (2026-12-07, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
+# forward takes 1.4–1.5× fla's time and the forward + backward 1.12–1.14×, from 8K to 64K, with accuracy on par
+# (3.8e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The forward is where the gap is: six kernels
+# and their float32 intermediates against fla's four; `bench/notes/kda.md` has the profile of every kernel.
 
 # %%
 from minisparse import bench

@@ -1136,7 +1136,7 @@ plt.show()
 # 128, top-16, H 16) against SDPA and against `flex_attention` compiled with a block mask of MoBA's density (each
 # 128-query block reads its own chunk and 15 earlier ones drawn at random, no gate). It also times fla 0.6's
 # `parallel_nsa` for compression and selection, with chapter 1's kernel for the window (fla's own window branch needs
-# the flash-attn package). The cell plots the committed run (`bench/results/nsa.json`, an H100, 2026-12-06) and
+# the flash-attn package). The cell plots the committed run (`bench/results/nsa.json`, an H100, 2026-12-07) and
 # tabulates SDPA's time over ours (above 1: NSA is faster). The decoding step is timed twice: called from Python,
 # and captured once as a CUDA graph and replayed at the same context length, as serving engines run decoding
 # ("decode, graph").
@@ -1176,25 +1176,24 @@ if res is not None:
     graph = ms["SDPA causal, CUDA graph", "decode", 65536] / ms[
         "parallel_nsa (minisparse), CUDA graph", "decode", 65536]
     rounded = [round(x, 1) for x in (ratio["fwd"], ratio["fwd+bwd"], graph)]
-    assert rounded == [4.1, 2.9, 2.8], rounded  # the prose below
+    assert rounded == [4.2, 2.9, 3.1], rounded  # the prose below
 
 # %% [markdown]
 # What the run says. With every branch and the selection included, NSA's forward passes dense attention from 16K
-# (1.1×), is 2.1× faster at 32K and 4.1× at 64K (31 against 129 ms); forward + backward is 1.7× faster at 32K and
+# (1.2×), is 2.0× faster at 32K and 4.2× at 64K (31 against 132 ms); forward + backward is 1.7× faster at 32K and
 # 2.9× at 64K, and fla's `parallel_nsa` (with chapter 1's window) takes twice our time, 64 ms for the 64K forward.
 # Without autograd the forward runs four kernels: the pooling, the top-n with the compressed branch, the window, and
 # the selection, whose epilogue writes the gated sum. Still far below the 16× that section 7.4's model allows: the
 # selection kernel (18 of the 31 ms at 64K in an H100 profile) loads every chosen block once for each token (512 KiB
 # a token and group, 128 GiB in all: it takes 16 ms even when every read hits the L2 cache, so the path into the SMs,
 # not HBM, sets its pace), and the top-n with the compressed branch (9 ms) grows as $T^2/64$. A decoding step called
-# from Python costs 0.2–0.25 ms, host work that no kernel removes; captured as a CUDA graph its three kernels take
-# 26 µs at 64K, 2.8× faster than SDPA's single-token step (73 µs), which reads all 128 MiB of the cache. The step's
-# time is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n most of the
-# rest. With the top-n by one `tl.topk` (engineering notes, "A decoding step in three kernels") the step takes 23.3 µs
-# on an H100, 3.1× the committed run's SDPA step (`bench/notes/nsa.md`).
+# from Python costs 0.2–0.22 ms, host work that no kernel removes; captured as a CUDA graph its three kernels take
+# 24 µs at 64K, 3.1× faster than SDPA's single-token step (72 µs), which reads all 128 MiB of the cache. The step's
+# time is latency, not reading: the window alone takes 10 µs through the same kernels, and the top-n (one `tl.topk`,
+# engineering notes, "A decoding step in three kernels") most of the rest (`bench/notes/nsa.md`).
 # MoBA (HQ = H = 16, so G = 1) loads a chunk once for the queries that chose it (engineering notes, "MoBA's
-# forward"): 1.4× faster than SDPA at 32K and 2.4× at 64K. `flex_attention` over a block mask of the same density
-# reaches 5.2× and 9.4×, almost 4× our time: its queries share their chunks a 128-query block at a time, so it reads
+# forward"): 1.3× faster than SDPA at 32K and 2.4× at 64K. `flex_attention` over a block mask of the same density
+# reaches 4.8× and 9.5×, almost 4× our time: its queries share their chunks a 128-query block at a time, so it reads
 # each chunk once for the block and keeps no partial results, where MoBA's per-query choice makes us write and re-read
 # a partial result for each chosen chunk. The kernels pass the same tests in bf16 and fp16 on the H100 and the H200;
 # `bench/notes/nsa.md` breaks down where the time goes.
