@@ -1883,7 +1883,8 @@ def _kda_bwd_states_kernel(do_ptr, kd_ptr, w_ptr, qg_ptr, gl_ptr, dht_ptr, du_pt
     BV), B · HV).
     Tiling: dS in fp32 registers as two halves of BK/2 rows, dS = [dS1; dS2] (`_state_halves`, as
     the forward scan); a step loads dO, dU [C, BV], and kd, W, qg [C, BK/2] and gl [BK/2] a half.
-    The state's products in kd's dtype (dS, dO and dU rounded to it), sums in fp32.
+    The state's products in kd's dtype (dS, dO and dU rounded to it), sums in fp32; dstates
+    stored in kd's dtype.
     Math, chunks n = NT−1 … 0 (dS = dht if HAS_DHT else 0; du holds scale Pᵀ dO on entry, from
     _kda_bwd_du_local_kernel, and is updated in place):
         dstates[n] = dS;   dU += kd dS;   dS ← diag(gl) dS + scale qgᵀ dO − Wᵀ dU
