@@ -1078,8 +1078,8 @@ print(f"decoding token by token == prefill: {err:.1e}")
 #
 # On an H100 (2026-12-07, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
 # forward takes 1.4–1.5× fla's time and the forward + backward 1.12–1.14×, from 8K to 64K, with accuracy on par
-# (3.8e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The forward is where the gap is: six kernels
-# and their float32 intermediates against fla's four; `bench/notes/kda.md` has the profile of every kernel.
+# (3.8e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The forward is where the gap is;
+# `bench/notes/kda.md` has the profile of every kernel, ours and fla's.
 
 # %%
 from minisparse import bench
