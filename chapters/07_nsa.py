@@ -747,7 +747,8 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 #
 # The loop has no `if`: an empty slot (−1) and the keys after $t$ are masked, not skipped. Triton pipelines a loop
 # (loads the next tile while the tensor cores work on this one) only when its body does not branch. A loop that
-# skipped them would wait on every gathered tile: at 64K it takes 23 ms where this one takes 16 (`bench/notes/nsa.md`).
+# skipped them would wait on every gathered tile: at 64K it takes 23 ms where this one takes 16 (on an H200, before
+# the gated epilogue; `bench/notes/nsa.md`).
 
 # %%
 #| export nsa.triton
@@ -769,7 +770,8 @@ _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 def _gated_term(x_ptr, off, g_ptr, row, keep, o_dv, DV: tl.constexpr):
     """One branch's term of NSA's gated sum, g x in fp32, for rows `row` [R] of o: the branch's row
     at x_ptr + off (its DV values contiguous), the gate g at g_ptr + row; 0 where `keep` is False.
-    The gated-sum kernel (section 7.6) and the selection kernel's epilogue add them up."""
+    The gated-sum kernel and the selection kernel's epilogue (engineering notes, "The gated sum in
+    one pass") add them up."""
     g = tl.load(g_ptr + row, mask=keep, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + off[:, None] + o_dv[None, :], mask=keep[:, None] & (o_dv[None, :] < DV),
                 other=0.0)
@@ -812,7 +814,8 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     a K/V head, whatever G is.
 
     With GATED (NSA without autograd), the epilogue writes NSA's output instead of o and lse: the
-    gated sum g_slc o + g_cmp o_cmp + g_swa o_swa of section 7.6, the other branches (CMP, SWA)
+    gated sum g_slc o + g_cmp o_cmp + g_swa o_swa (engineering notes, "The gated sum in one pass"),
+    the other branches (CMP, SWA)
     read from oc_ptr, ow_ptr [B, TQ, HQ, DV] (contiguous), the compressed one from query `first` on.
     """
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
@@ -1274,7 +1277,8 @@ attempt(check_filled_slots, my_filled)
 # Solution — every block from 0 to the query's own is a candidate: the complete blocks before it
 # through their summaries, its own block (complete or not) because it is forced; no later block can
 # be picked. So query t fills min(S, t // block_size + 1) slots, whatever the scores. From position
-# (S − 1)·block_size on, every query reads S whole blocks: what the cost model counts.
+# (S − 1)·block_size on, every query fills all S slots (its own block only up to itself), which the
+# cost model rounds up to S whole blocks.
 def filled_solution(T, S, block_size):
     return (torch.arange(T) // block_size + 1).clamp(max=S)
 
@@ -1302,6 +1306,7 @@ def my_block_scores_kernel(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
     q = load_group_queries(q_ptr, G, D, BG, BD)  # [BG, BD]
     rows, j = tl.arange(0, BG), tl.arange(0, BS)  # query rows, keys of the block
     # ---- your code: s [BG, BS] = q kᵀ · scale over keys idx·BS + j, -inf where masked ----
+    # (fp32 inputs: tl.dot(..., input_precision="ieee"), or a GPU rounds them to TF32)
     s = tl.zeros((BG, BS), dtype=tl.float32)
     # ---- end of your code ----
     tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
@@ -1692,7 +1697,8 @@ def _selection_backward(do, q, k, v, idx, o, lse, block_size, scale, row):
 # 64K with HQ 64. `parallel_select_blocks` computes them group by group, one program a key head and `BT` tokens
 # (the `BT · G` query rows of one product, so that each tile of summaries is loaded once for `BT` tokens): a first
 # pass over the summaries for each head's softmax statistics, a second that sums each token's G probabilities into
-# one score a block (one `[N]` row a token and group, 1/G of the bytes), then n rounds of argmax over each row.
+# one score a block (one `[N]` row a token and group, 1/G of the bytes), then the three forced blocks straight into
+# the first slots and n − 3 rounds of argmax over each row.
 # Those probabilities are the compressed branch's softmax, so without autograd the second pass also multiplies them
 # by the summaries' values and hands `parallel_nsa` the compressed output, forward only: one read of the summaries
 # for both instead of a separate SDPA call over a block-causal mask (which a step with a gradient still runs).
@@ -1841,11 +1847,11 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset, ord
 # ### Launch and autograd
 #
 # `runtime.launch` takes each kernel's tiles from `LAUNCH_TABLE` (`nsa.selection.{fwd,dq,dkv}`, and MoBA's backward
-# under rows of its own, `moba.selection.{dq,dkv}`, equal to NSA's until a sweep at MoBA's chunks sets them apart);
+# under rows of its own, `moba.selection.{dq,dkv}`, equal to NSA's);
 # `BN` is capped at the block size so that a key tile never straddles two blocks, and the dK/dV kernel's `BR` rows
 # hold `BR / next_pow2(G)` (token, head) pairs. At $D = 128$ in 16 bits a T4 (64 KiB of shared memory a block) takes
 # `BN = 32` and one stage; on Hopper the forward's row is the fastest of a sweep at 64K (`bench/notes/nsa.md`), the
-# backward's rows are not swept yet.
+# dQ row's stage count measures flat, and the dK/dV row is unmeasured.
 
 # %% tags=["hide-input"]
 #| export nsa.triton
@@ -1905,7 +1911,7 @@ def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
 # ### The summaries in one read
 #
 # `mean_pool` is the spec: in PyTorch it converts the keys to fp32, divides, then sums, four passes over a tensor
-# twice the keys' size (0.5 ms for the keys and values at 64K on an H100, as much as the whole gated sum). Without
+# twice the keys' size (0.5 ms for the keys and values at 64K on an H100). Without
 # autograd `parallel_nsa` pools with a kernel that reads each block once and sums $x / l$ in fp32 (exact, as the
 # spec's division: $l$ is a power of two, and no partial sum can pass the largest float).
 
@@ -2039,7 +2045,7 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
 # outputs once in their 16-bit dtype, accumulates in registers and writes `o` once: 4 GiB. Its backward is one pass
 # as well: $\partial L/\partial o_x = g_x\, \partial L/\partial o$ and $\partial L/\partial g_x = \langle o_x,
 # \partial L/\partial o\rangle$ for each branch $x$. The compressed branch's rows before the first complete block
-# (where SDPA attended to summary 0 only so that no softmax row is empty) count as zero here, in both directions.
+# (where SDPA attends to summary 0 alone, so that no softmax row is empty) count as zero here, in both directions.
 # SDPA hands back its output as a transposed view, so the kernels take each branch's strides.
 #
 # Without autograd (prefill, evaluation) there is no gradient to keep the branches for, and the pass disappears:
@@ -2173,11 +2179,12 @@ class GatedSumFunction(torch.autograd.Function):
 # ### A decoding step in three kernels
 #
 # A new token reads little: at 64K, 16 blocks of 64 keys, a window of 512 and 1,024 block summaries, about 2,600 of
-# the 65,536 cached tokens. What a step costs instead is launches and an idle GPU. The path above runs about eight
-# of them for one token (the top-n and the sort of its indices, SDPA over the summaries, section 7.5's kernel,
-# chapter 1's window kernel, the gated sum), and the Triton ones run one program a group: four programs at B = 1,
-# H = 4, on a GPU with 132 SMs. So `parallel_nsa` sends a token that needs no gradient through three kernels that spread each branch over
-# the GPU, with partial softmax results merged at the end as in chapter 3's split-K decoding:
+# the 65,536 cached tokens. What a step costs instead is launches and an idle GPU. The general path above runs three
+# kernels for one token with cached summaries (the top-n with the compressed branch, chapter 1's window kernel,
+# section 7.5's kernel with the gated sum in its epilogue), and the top-n and selection kernels run one program a
+# group: four programs at B = 1, H = 4, on a GPU with 132 SMs. So `parallel_nsa` sends a token that needs no gradient
+# through three kernels that spread each branch over the GPU, with partial softmax results merged at the end as in
+# chapter 3's split-K decoding:
 #
 # 1. `decode_scores_kernel`, grid (NC pieces of the visible summaries, B·H groups): the group's G heads score
 #    their piece; the scores go to a scratch `[B·H, G, N]` for the top-n, and the compressed branch's running
@@ -2201,7 +2208,8 @@ class GatedSumFunction(torch.autograd.Function):
 # 512K the top-k makes the step slower than the rounds, 123 against 71 µs on an H100), or the installed triton has
 # no `tl.topk`, the kernel takes rounds of max.
 #
-# NC, NS and NW are chosen so that the first two kernels run about two programs an SM (`runtime.sm_count`).
+# NC, NS and NW aim at about two programs an SM (`runtime.sm_count`), capped by the work there is: at the
+# benchmark's 64K step, 16 pieces of 64 summaries and 16 + 8 programs a group, so 64 and 96 programs on 132 SMs.
 # Nothing is read back to the host, so the step can be captured in a CUDA graph — for one context length: the
 # length sizes the grids and tiles, so a serving loop captures a graph per length bucket (chapter 3's `mla_decode`
 # takes its lengths as a tensor instead). What is left is
@@ -2988,11 +2996,11 @@ def check_unshared_reads(fn):
     def reference(T, G, l, d, lp, n, w):
         reads = keys_read(T, cmp_block=l, stride=d, block_size=lp, block_counts=n, window_size=w)
         return int(reads["cmp"] + min(T, G * reads["slc"]) + reads["swa"])
-    check("decode reads, one choice a query head",
-          lambda *a: int(fn(*a)), reference,
+    check("decode reads, one choice a query head", fn, reference,
           [(65536, 16, 32, 16, 64, 16, 512), (65536, 1, 32, 16, 64, 16, 512),
            (8192, 16, 32, 16, 64, 16, 512), (131072, 4, 64, 64, 64, 16, 512),
-           (1000, 8, 32, 16, 64, 8, 256), (40, 16, 32, 16, 64, 16, 512)],
+           (1000, 8, 32, 16, 64, 8, 256), (40, 16, 32, 16, 64, 16, 512),
+           (10, 4, 32, 16, 64, 16, 512)],
           hint="the summaries and the window are the same tokens for every head of the group (read "
                "once); only the selected blocks multiply by G, and they cannot cover more than T "
                "tokens")
@@ -3008,7 +3016,7 @@ def check_filled_slots(fn):
         filled = (idx >= 0).sum(-1)[0]  # [T, 2]
         assert torch.equal(filled[:, 0], filled[:, 1])  # a count that does not depend on the group
         return filled[:, 0]
-    check("the filled slots", lambda *a: torch.as_tensor(fn(*a)).long(), reference,
+    check("the filled slots", lambda *a: torch.as_tensor(fn(*a)), reference,
           [(70, 4, 8), (100, 3, 16), (45, 16, 8), (40, 5, 16), (5, 3, 8)],
           hint="which blocks can a query pick at all? Those whose summary it may read (the block "
                "has ended), and the forced ones: block 0, the previous block and its own, complete "
@@ -3060,7 +3068,8 @@ def check_block_scores_kernel(kernel):
         if err > 1e-4:
             raise ExerciseError(f"✗ block scores (G={G}, D={D}, t={t}, block {idx}): largest "
                                 f"difference "
-                                f"{err:.3g}\nHint: s = q kᵀ · scale over the keys idx·BS + j")
+                                f"{err:.3g}\nHint: s = q kᵀ · scale over the keys idx·BS + j (fp32 "
+                                "inputs on a GPU: tl.dot(..., input_precision=\"ieee\"))")
     print("✓ block scores: all 5 cases match (groups 1–16, D not a power of two, a partial block, "
           "padding)")
 

@@ -468,8 +468,8 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # at the padded group); BN: selected key slots a tile. ".d512": key rows over 256 dims (MLA's 512 + 64 latent),
     # whose sm_90 entry mirrors "mla.decode_split" (the same 64-head × 576-dim tiles). Shared memory as compiled on a
     # CPU (bench/notes/dsa.md): 217 KiB for the sm_90 .d512 forward, 132 KiB for its backward; a T4 cannot hold a
-    # 576-dim tile (68 KiB at 16 × 16), so the latent form there raises and names the PyTorch version. The H200
-    # rows are unmeasured (no sweep yet).
+    # 576-dim tile (68 KiB at 16 × 16), so the latent form there raises and names the PyTorch version. sm_90:
+    # the .d512 forward row swept on an H100 (bench/notes/dsa.md, 2026-12-05), the others unswept.
     "dsa.sparse.fwd": {
         "interpreter": [_cfg(BG=64, BN=64)],
         "sm_90": [_cfg(4, 2, BG=64, BN=64), _cfg(8, 2, BG=64, BN=64), _cfg(4, 2, BG=32, BN=64),

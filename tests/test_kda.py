@@ -670,7 +670,10 @@ def test_crossover_checker_accepts_the_solution_and_rejects_wrong_counts(capsys)
                   lambda c: solution(c) / c.linear_num_heads,  # a cache per KDA head
                   lambda c: solution(c) / c.num_attention_heads,  # a latent per attention head
                   lambda c: c.linear_num_heads * c.linear_head_dim ** 2 * 4  # per-head keys and values cached
-                  / (c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * 2)):
+                  / (c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * 2),
+                  # MLA's key head dim for KDA's
+                  lambda c: c.linear_num_heads * c.qk_nope_head_dim ** 2 * 4 / ((c.kv_lora_rank + c.qk_rope_head_dim) * 2),
+                  lambda c: solution(c) * c.qk_nope_head_dim / c.linear_head_dim):
         with pytest.raises(ExerciseError):
             check_crossover(wrong)
 

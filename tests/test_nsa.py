@@ -722,6 +722,10 @@ def test_unshared_reads_checker_accepts_the_count_and_rejects_wrong_ones(capsys)
         X.check_unshared_reads(lambda *a: count(*a, cap=False))
     with pytest.raises(ExerciseError):  # the shared count (G ignored)
         X.check_unshared_reads(lambda T, G, *r: count(T, 1, *r))
+    with pytest.raises(ExerciseError):  # the summaries' count not floored
+        X.check_unshared_reads(lambda T, G, l, d, *r: count(T, G, l, d, *r) + ((T - l) % d) / d)
+    with pytest.raises(ExerciseError):  # no summary yet counted as a negative number (T < l)
+        X.check_unshared_reads(lambda T, G, l, d, *r: count(T, G, l, d, *r) + min(0, (T - l) // d + 1))
 
 
 def test_filled_slots_checker_rejects_wrong_counts_and_accepts_the_rule(capsys):
@@ -734,7 +738,8 @@ def test_filled_slots_checker_rejects_wrong_counts_and_accepts_the_rule(capsys):
                   lambda T, S, bs: ((torch.arange(T) + 1) // bs).clamp(max=S),  # the own block not forced
                   lambda T, S, bs: filled(T, S, bs, extra=0),  # the own block never counted
                   lambda T, S, bs: torch.arange(T) // bs + 1,  # not capped at S
-                  lambda T, S, bs: torch.full((T,), S)):  # always full
+                  lambda T, S, bs: torch.full((T,), S),  # always full
+                  lambda T, S, bs: (torch.arange(T) / bs + 1).clamp(max=S)):  # not whole blocks
         with pytest.raises(ExerciseError):
             X.check_filled_slots(wrong)
 

@@ -49,7 +49,7 @@ class _ChunkKDA(torch.autograd.Function):
         try:
             dq, dk, dv, dg, dbeta, dh0 = _kda_backward(qn, kn, v, g, beta, ctx.scale, saved,
                                                        do.contiguous(), dht, need_dh0)
-        except runtime.SharedMemoryError:  # a GPU whose shared memory the kernels outgrow (a T4)
+        except runtime.SharedMemoryError:  # shared memory the kernels outgrow (less than a T4's)
             def chunk_form(q, k, v, g, beta, h0):
                 return _naive_chunk(q, k, v, g, beta, ctx.scale, h0, dht is not None, ctx.l2, 64,
                                     check_values=False)
@@ -68,7 +68,7 @@ class _ChunkKDA(torch.autograd.Function):
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm=False):
-    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (six kernels) and backward (four).
+    """KDA by chunks of 64 (sub-chunks of 16) in Triton, forward (six kernels) and backward (five).
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0; K, V ≤ 128; any T); float32, float16 or
     bfloat16 (not bfloat16 under the interpreter). g [B, T, HV, K] log decay per key channel, finite

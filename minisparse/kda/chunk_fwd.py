@@ -9,7 +9,7 @@ from minisparse.deltanet.chunk_fwd import (_heads, _pow2, _precision, _state_hal
 
 _C = 64  # chunk length
 _BC = 16  # sub-chunk length: the diagonal blocks, and the reference points' spacing
-_COLUMNS = 32  # the products and WY kernels walk K in blocks of this many channels
+_COLUMNS = 32  # the between-sub-chunk, WY and backward kernels walk K in blocks of this many
 _INSTEAD = "the PyTorch chunk form: naive_chunk_kda, or KimiDeltaAttention(..., backend='naive')"
 
 
@@ -407,8 +407,9 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
     f32 = dict(device=dev, dtype=torch.float32)
     w, qg, kd = (torch.empty(B, T, HV, K, device=dev, dtype=q.dtype) for _ in range(3))
     u = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
-    # P stays fp32 for the backward's σPᵀdO (bench/notes/kda.md records NaN in dU from a 16-bit P at
-    # K = V = 128 with triton 3.6); the output kernel rounds its own copy
+    # P stays fp32 for the backward's σPᵀdO: a 16-bit P gave NaN in dU at K = V = 128 when the
+    # reverse scan computed that product (bench/notes/kda.md, triton 3.6); the output kernel rounds
+    # its own copy
     p, a, ainv = (torch.empty(B, T, HV, _C, **f32) for _ in range(3))
     gl = torch.empty(B, HV, NT, K, **f32)
     BK = min(_pow2(K), _COLUMNS)

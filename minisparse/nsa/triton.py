@@ -17,7 +17,8 @@ _INSTEAD = "minisparse.nsa.selected_attention (the PyTorch version)"
 def _gated_term(x_ptr, off, g_ptr, row, keep, o_dv, DV: tl.constexpr):
     """One branch's term of NSA's gated sum, g x in fp32, for rows `row` [R] of o: the branch's row
     at x_ptr + off (its DV values contiguous), the gate g at g_ptr + row; 0 where `keep` is False.
-    The gated-sum kernel (section 7.6) and the selection kernel's epilogue add them up."""
+    The gated-sum kernel and the selection kernel's epilogue (engineering notes, "The gated sum in
+    one pass") add them up."""
     g = tl.load(g_ptr + row, mask=keep, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + off[:, None] + o_dv[None, :], mask=keep[:, None] & (o_dv[None, :] < DV),
                 other=0.0)
@@ -60,7 +61,8 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     a K/V head, whatever G is.
 
     With GATED (NSA without autograd), the epilogue writes NSA's output instead of o and lse: the
-    gated sum g_slc o + g_cmp o_cmp + g_swa o_swa of section 7.6, the other branches (CMP, SWA)
+    gated sum g_slc o + g_cmp o_cmp + g_swa o_swa (engineering notes, "The gated sum in one pass"),
+    the other branches (CMP, SWA)
     read from oc_ptr, ow_ptr [B, TQ, HQ, DV] (contiguous), the compressed one from query `first` on.
     """
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # 64-bit offsets
