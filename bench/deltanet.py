@@ -41,7 +41,7 @@ def timed(fn) -> float | None:
 
 
 def checked(fn):
-    """fn with runtime.set_value_checks(True): g's and β's ranges read back to the host (one sync) before launching."""
+    """fn with runtime.set_value_checks(True): the ranges of g, β, q and k read back to the host before launching."""
     def call(*args):
         previous = runtime.set_value_checks(True)
         try:

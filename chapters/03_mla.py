@@ -1300,7 +1300,7 @@ check_score_tile(score_tile_solution)
 #
 # - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
 #   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
-#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   *The seed survey*. Its figures are checked against the models' configs and papers; where they disagree, the text
 #   says so.
 # - DeepSeek-AI, *DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model* (MLA, §2.1;
 #   Table 1's cache comparison), 2024a. [arXiv:2405.04434](https://arxiv.org/abs/2405.04434)
@@ -2100,15 +2100,15 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
 # %% [markdown]
 # ### Tiles, splits and the launch
 #
-# `mla_decode` launches both kernels through `minisparse.runtime.launch`, which reads the rows
-# `"mla.decode_split"` and `"mla.decode_combine"` of `runtime.LAUNCH_TABLE` for the GPU's architecture and keeps the
-# first configuration that compiles within its shared memory. The split kernel's rows are sized for a latent of
-# 512; a larger one gets proportionally shorter token tiles (`fit`). On Hopper (227 KiB of shared memory a block) a
-# program takes 64 heads: `q̃` is 64 KiB in bf16, a 32-token tile of `[c | kᴿ]` 36 KiB per pipeline stage, and the
-# fp32 accumulator `[64, 512]` is spread over 8 warps (128 registers a thread). Ampere gets 32 heads; a Colab T4
-# (64 KiB, fp16) 16 heads and 16-token tiles, one stage — and at Dc = 512 even those do not fit, so there
-# `mla_decode` warns and computes with `mla_decode_ref`. fp32 inputs take twice the memory and get the small tiles.
-# The interpreter gets one configuration of few, large programs (fast to interpret).
+# `mla_decode` launches both kernels through `minisparse.runtime.launch`, which reads the rows `"mla.decode_split"`
+# and `"mla.decode_combine"` of `runtime.LAUNCH_TABLE` for the GPU's architecture and keeps the first configuration
+# that compiles within its shared memory. The split kernel's rows are sized for a latent of 512; a larger one gets
+# proportionally shorter token tiles (`fit`). On Hopper (227 KiB of shared memory a block) a program takes 64 heads:
+# `q̃` is 64 KiB in bf16, a 64-token tile of `[c | kᴿ]` 72 KiB per pipeline stage (two stages), and the fp32
+# accumulator `[64, 512]` is spread over 8 warps (128 registers a thread). Ampere gets 32 heads; a Colab T4 (64 KiB,
+# fp16) 16 heads and 16-token tiles, one stage — and at Dc = 512 even those do not fit, so there `mla_decode` warns
+# and computes with `mla_decode_ref`. fp32 inputs take twice the memory and get the small tiles. The interpreter gets
+# one configuration of few, large programs (fast to interpret).
 #
 # A head block taller than the query rows computes rows that are masked off: 16 heads decoding one token fill a
 # quarter of a 64-high block. So the launch tries first the row's entries whose `BLOCK_H` is the number of query rows
@@ -2116,7 +2116,7 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
 # the cache at 3.6 TB/s in 16-high blocks against 2.0 TB/s in 64-high ones (`bench/notes/mla.md`).
 #
 # The number of splits is planned on the host before the launch, from the batch, the number of head blocks
-# `cdiv(T·H, BLOCK_H)` and the SM count (as above), so it needs `BLOCK_H`: the plan takes it from the
+# `cdiv(T·H, BLOCK_H)` and the SM count (next paragraph), so it needs `BLOCK_H`: the plan takes it from the
 # configuration the launch tries first — the one a test forces with `runtime.launch_config`, else the first
 # preferred entry of the row (else its first). With `runtime.set_autotune(True)` (the benchmarks) the row's
 # candidates are timed for each shape; a candidate keeps its own `BLOCK_H` only where it gives as many head blocks as

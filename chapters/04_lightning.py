@@ -967,12 +967,12 @@ assert at[64_000] < 0.5 and 0.2 < at[100_000] < 0.4 and at_abs < at[100_000]
 #
 # ### M2 goes back to full attention — and M2.5?
 #
-# Cheap long generation was M1's selling point. Its successor MiniMax-M2 (Oct 2025) nonetheless uses softmax
-# attention in **every** layer: the survey reports the team citing accuracy problems of the hybrid in reasoning
-# and multi-turn tasks, which their cost advantage did not outweigh [S]. The survey then says MiniMax-M2.5
-# reintroduced lightning attention [S]; chapter 0 could not confirm it: M2.5's released checkpoint has M2's
-# architecture (`model_type` `minimax_m2`), softmax (GQA) attention in every layer in `transformers`. The lightning
-# layer of this chapter is MiniMax-01/M1's.
+# Cheap long generation was M1's selling point. Its successor MiniMax-M2 (Oct 2025) nonetheless uses softmax attention
+# in **every** layer: the survey reports the team citing accuracy problems of the hybrid in reasoning and multi-turn
+# tasks, which their cost advantage did not outweigh [S]. The survey then says MiniMax-M2.5 reintroduced lightning
+# attention [S]; chapter 0 finds no sign of it: M2.5's released checkpoint has M2's architecture (`model_type`
+# `minimax_m2`), softmax (GQA) attention in every layer in `transformers`. The lightning layer of this chapter is
+# MiniMax-01/M1's.
 #
 # ### What a fixed-size state cannot recall
 #
@@ -1324,7 +1324,7 @@ check_output_tile_kernel(output_tile_kernel_solution)
 #
 # - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
 #   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
-#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   *The seed survey*. Its figures are checked against the models' configs and papers; where they disagree, the text
 #   says so.
 # - A. Katharopoulos, A. Vyas, N. Pappas, F. Fleuret, *Transformers are RNNs: Fast Autoregressive Transformers with
 #   Linear Attention* (feature maps, with the normaliser), ICML 2020. [arXiv:2006.16236](https://arxiv.org/abs/2006.16236)
@@ -1700,18 +1700,18 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, h0_ptr, o_ptr, ht_pt
 # ### Launch and autograd
 #
 # The chunk length is $C = 64$ on every device: it belongs to the algorithm, not to the launch — $C \times C$ score
-# tiles are tensor-core sized, and the intra-chunk work ($TC(K+V)$ FLOPs) stays below the state work ($4TKV$). Tile
-# sizes, warps and pipeline stages are launch settings, read from the book's one table, `runtime.LAUNCH_TABLE`: each
-# launch names its row (`"lightning.fwd_states"`, `"lightning.fwd_output"`, …), and `runtime.launch` takes the first
-# configuration of the row that fits the GPU, capped at the padded $K$ and $V$ (a 48-wide head gets a 64-wide tile).
-# The scan kernels use state tiles, the output kernel walks $K$ in blocks, and the gradient kernel holds all of $K$
-# and tiles $V$: it keeps two $C \times K$ fp32 accumulators alive through its loop over $V$, so heads wider than 64
-# read their own row, `"lightning.bwd_dqkv.k128"`, with 8 warps. A GPU with 64 KiB of shared memory a block (a Colab
-# T4) cannot hold that kernel at $K = 128$ with any $V$-tile (104 KiB at $V$-tiles of 32, 92 at 16): there
-# `runtime.launch` raises `runtime.SharedMemoryError`, and the backward computes the gradients by autograd through
-# the PyTorch chunk form instead, with a warning (`runtime.grads_by_autograd`; `bench/notes/lightning.md` has the
-# numbers). Tests force odd tiles with
-# `runtime.launch_config("lightning.fwd_states", BK=16, BV=16)`.
+# tiles are tensor-core sized, and the intra-chunk work ($TC(K+V)$ FLOPs) stays below the state work ($4TKV$) for
+# heads wider than 32. Tile sizes, warps and pipeline stages are launch settings, read from the book's one table,
+# `runtime.LAUNCH_TABLE`: each launch names its row (`"lightning.fwd_states"`, `"lightning.fwd_output"`, …), and
+# `runtime.launch` takes the first configuration of the row that fits the GPU, capped at the padded $K$ and $V$ (a
+# 48-wide head gets a 64-wide tile). The scan kernels use state tiles, the output kernel walks $K$ in blocks, and the
+# gradient kernel holds all of $K$ and tiles $V$: it keeps two $C \times K$ fp32 accumulators alive through its loop
+# over $V$, so heads wider than 64 read their own row, `"lightning.bwd_dqkv.k128"` (4 warps and 3 stages on Hopper, 8
+# warps on Ampere and the T4). A GPU with 64 KiB of shared memory a block (a Colab T4) cannot hold that kernel at
+# $K = 128$ with any $V$-tile (104 KiB at $V$-tiles of 32, 92 at 16): there `runtime.launch` raises
+# `runtime.SharedMemoryError`, and the backward computes the gradients by autograd through the PyTorch chunk form
+# instead, with a warning (`runtime.grads_by_autograd`; `bench/notes/lightning.md` has the numbers). Tests force odd
+# tiles with `runtime.launch_config("lightning.fwd_states", BK=16, BV=16)`.
 
 # %%
 for name in ("lightning.fwd_states", "lightning.fwd_output", "lightning.bwd_dstates",

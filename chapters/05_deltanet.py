@@ -124,7 +124,8 @@ except ImportError:
 #
 # That is why keys are **L2-normalised**: for $\lVert k \rVert = 1$ the matrix $I - \beta k^\top k$ has eigenvalues
 # $1$ and $1 - \beta$, so it never amplifies the state for $\beta \in [0, 2]$ (the step is stable); $\beta \in [0, 1]$
-# is what models use, $\beta = 2$ is a reflection. The book's ops accept $\beta \in [0, 2]$ and reject anything else.
+# is what models use, $\beta = 2$ is a reflection. The naive ops reject $\beta$ outside $[0, 2]$; the Triton ops check
+# it on CPU tensors, and on CUDA after `runtime.set_value_checks(True)`.
 #
 # **Gated DeltaNet** (Yang, Kautz, Hatamizadeh 2024) multiplies the state by a data-dependent decay
 # $\alpha_t = e^{g_t} \in (0, 1]$ first — Mamba2's gate — so that a head can also clear its whole memory quickly
@@ -704,7 +705,8 @@ if cfg is not None:
 # columns and loads $K$'s blocks twice rather than keep them; the row scalings of $K$ and $V$ ride on $A_\text{inv}$'s
 # columns, so that $K$ and $V$ enter the products as stored. Row $i$ of the chunk's keys is at `k_c + i·H·K`, where
 # `k_c` points at the chunk's first row: an int64 offset, since $t \cdot H \cdot K$ passes $2^{31}$ elements at long
-# context (32 heads of 128 from token 524,288), and the offsets within the chunk stay int32. Value head $h_v$ reads
+# context (Qwen3-Next's 32 value heads of 128 from token 524,288; its 16 key heads from 1,048,576), and the offsets
+# within the chunk stay int32. Value head $h_v$ reads
 # key head $h_v // (H_V/H)$ (`_heads`); a pointer the kernel does not use is `None`, with a compile-time flag (`L2`,
 # `STORE_AINV`). The helpers (`_gate_sums`, `_split_dot`, …) are in the Engineering notes.
 
@@ -832,8 +834,10 @@ def _fwd_wy_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, kr_ptr, ainv_ptr
 # %% [markdown]
 # ### Check it against the spec
 #
-# The op `chunk_gated_delta_rule` and the decoding kernel `fused_recurrent_gated_delta_rule` (notes), in fp32 at
-# $T = 100$ (not a multiple of 64), $K = 32 \ne V = 48$, grouped value heads, an initial state, gates down to $-30$:
+# The op `chunk_gated_delta_rule` and the decoding kernel `fused_recurrent_gated_delta_rule` (notes), in the chapter's
+# dtype (fp32 at $T = 100$ on a CPU; bf16 or fp16 at $T = 1000$ on a GPU, against the fp32 recurrence on the same
+# rounded inputs), $T$ not a multiple of 64, $K = 32 \ne V = 48$, grouped value heads, an initial state, gates down to
+# $-30$:
 
 # %%
 from minisparse.deltanet import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -1075,7 +1079,7 @@ for ax in fig.axes:
 plt.show()
 ms = {(row["impl"], row["pass"], row["T"]): row["ms"] for row in r["rows"]}
 OURS, FLA, SDPA = "minisparse, value checks off", "fla chunk_gated_delta_rule", "SDPA causal"
-CHECKED = "chunk_gated_delta_rule (minisparse)"  # the forward with value checks on: one sync a call
+CHECKED = "chunk_gated_delta_rule (minisparse)"  # the forward with value checks on
 Ts = r["config"]["T"]
 ratio = {p: {T: ms[OURS, p, T] / ms[FLA, p, T] for T in Ts} for p in ("fwd", "fwd+bwd")}
 checked = {T: ms[CHECKED, "fwd", T] / ms[FLA, "fwd", T] for T in Ts}
@@ -1109,12 +1113,15 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #
 # 1. **The forward is faster than fla's at every length**: 0.93–0.94× fla's time from 16K to 64K tokens, 0.65× at
 #    8K, and 0.17–0.26× up to 4K, where fla's time hardly moves (1.11–1.25 ms: launches and host work). With value
-#    checks on, one host sync a call adds 0.24–0.57 ms: 0.98–1.22× fla's time from 8K.
+#    checks on, the range checks of g, β, q and k (two host reads each, before any kernel is queued) add
+#    0.24–0.57 ms: 0.98–1.22× fla's time from 8K.
 # 2. **The backward is the weak half**: forward + backward takes 1.87–1.89× fla's time from 16K to 64K and 1.57× at
 #    8K, but less than fla's up to 4K (0.34×, 0.59×, 0.78×), where launches dominate. Its work is split as fla
 #    splits it (the engineering notes' backward pass: a WY kernel a chunk, a keys kernel a chunk and block of key
-#    channels). What remains is precision: every product takes fp32 operands where fla rounds them to bf16, and
-#    rounding as fla does puts dg's error past the tests' 8e-3 bound (`bench/notes/deltanet.md`).
+#    channels). Part of what remains is precision: the recomputed W, U, states, dU and dS enter the products in fp32
+#    where fla rounds them to bf16. Rounding as fla does puts dg's error past the tests' 8e-3 bound and still leaves
+#    the backward at 1.68× fla's time (`bench/notes/deltanet.md`). The rest is the reverse scan, the largest kernel
+#    of the pass.
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 12.2× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
 #
@@ -1300,7 +1307,7 @@ check_unit_lower_inverse_kernel(unit_lower_inverse_solution_kernel)
 #   in $T$, a constant state; Qwen3-Next's 3:1 stack tends to a quarter of all-attention's FLOPs and KV cache.
 # - **Triton**: the WY kernel solves by $16 \times 16$ blocks and $(I - N)(I + N^2) E$ on tensor cores; a scan over
 #   chunks and a parallel output kernel finish the forward, a little faster than fla's on an H100 from 16K tokens
-#   (much faster below); forward + backward takes about 1.9× fla's time there (fp32 operands where fla's are bf16).
+#   (much faster below); forward + backward takes about 1.9× fla's time there.
 # - **The layer**: projections, short convolutions with a decoding state, $\beta = \operatorname{sigmoid}(b)$,
 #   $g = -e^{A_{\log}}\operatorname{softplus}(a + \text{dt\_bias})$, gated RMSNorm; decoding equals prefill.
 #
@@ -1576,8 +1583,8 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
 def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
     """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each
     row's start, read in blocks of BK. A loop of its own, not the output kernel's main loop: summed
-    there, beside the products that use the same loads, triton 3.6 miscompiled these squares on
-    sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
+    there, beside the products that use the same loads, triton 3.6 miscompiles these squares on
+    sm_90 (V-tiles of 128; bench/notes/deltanet.md, 2026-11-29)."""
     sq = tl.zeros((R,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -1706,7 +1713,7 @@ def _fwd_output_kernel(q_ptr, k_ptr, u_ptr, g_ptr, kr_ptr, states_ptr, o_ptr, sc
 # 4. **`_bwd_keys_kernel`** — every chunk and every block of `BK` key channels in parallel: the block's $dq$ and
 #    $dk$, complete, and its shares of $d\beta$ and $dg$ (`_gate_grad` on the block's terms), which the launcher
 #    adds up. `BK` comes from the launch table: 64 on Hopper (each block re-reads the chunk's $dO$, $U$ and $dU$,
-#    so fewer blocks read less), 32 where a block gets a T4's 64 KiB of shared memory.
+#    so fewer blocks read less; the sm_90 row), 32 on older GPUs (the sm_75 row, which fits a T4's 64 KiB).
 #
 # With grouped value heads, each value head produces its own $dq$ and $dk$; the heads sharing a key head are summed
 # afterwards. With `use_qk_l2norm` the backward normalises $Q$ and $K$ first, in a row kernel (`_l2norm_rows_kernel`;
@@ -1765,7 +1772,7 @@ def _bwd_du_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, du_ptr, scale, T, H, HV, K
         tl.store(du_c + off, tl.dot(PT, do, input_precision=PRECISION), mask=mask)
 
 # %% [markdown]
-# The reverse scan. Its step has two orders of loads with the same products: all operands first (the H200's rows),
+# The reverse scan. Its step has two orders of loads with the same products: all operands first (the sm_80 row),
 # or each right before its product (`LATE_LOADS`, a T4's rows, where shared memory is short).
 
 # %%
@@ -2229,8 +2236,9 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # $V$-tile at the padded $V$. When none fits, the error names the kernel and points to
 # `naive_chunk_gated_delta_rule`. A row may also choose a variant of the code: the backward's reverse scan at
 # $K = 128$ needs 72 KiB of shared memory on a T4 by the compiler's count when it loads its four operand tiles
-# first, as it does on the H200, and 24 KiB when each is loaded right before its product (`LATE_LOADS`, the T4's
-# row). The two scans are never autotuned: they update $U$ and $dU$ in place, and the autotuner's repeated runs
+# first, as it does on Ampere and Hopper (the sm_80 row), and 24–32 KiB when each is loaded right before its product
+# (`LATE_LOADS`, the T4's row). The two scans and the keys kernel are never autotuned: they update $U$, $dU$ and
+# $dk$ in place, and the autotuner's repeated runs
 # would apply the update twice.
 #
 # The forward's host side: kernels 1 and 2, which the backward reruns in fp32, then the output kernel.

@@ -44,6 +44,8 @@
 # the indexer*: warm-up by KL, recall against k, an explorer; 8.6 *Cost model*: prefill and decoding at V3.2's
 # shapes, the head count; 8.7 *Fast*: gather instead of mask, the kernels; 8.8 *Measure* (H100); 8.9 *Exercises*;
 # then the engineering notes (checks, kernels and launchers, sparse training, FP8, the fla and transformers oracles).
+# The layer and its training come before the cost model here, not after as in chapters 4–6: whether k selected
+# tokens are enough (section 8.5's recall) comes before what they save.
 #
 # Layout `[B, T, H, D]` as everywhere. **[S]** is the seed survey (see References).
 

@@ -96,12 +96,12 @@ BACKEND = "auto" if runtime.has_gpu() else "naive"  # on a CPU the layers' PyTor
 # | sparse selection | DeepSeek-V3.2 685B / 37B, GLM-5 (DSA on MLA, every layer) | 2,048 chosen cache entries, after an indexer scores them all |
 # | full attention | Mixtral 8x7B, MiniMax-M2 | the whole cache in every layer |
 #
-# The survey also records the tension between them: MiniMax went back to full attention for M2, citing accuracy
-# on reasoning and multi-turn tasks, and (the survey says) brought lightning attention back in M2.5 — a claim
-# chapter 0 could not confirm: M2.5's released configuration is softmax attention in every layer. A fixed-size state is cheap
-# and forgets; a cache is exact and grows. To compare the routes on equal terms we need them in one framework:
-# one model class in which only the mixer of each layer changes. Everything else — embeddings, RMSNorm,
-# residuals, the FFN (dense or chapter 2's MoE) — is shared.
+# The survey also records the tension between them: MiniMax went back to full attention for M2, citing accuracy on
+# reasoning and multi-turn tasks, and (the survey says) brought lightning attention back in M2.5 — a claim chapter 0
+# checks against M2.5's released configuration, which is softmax attention in every layer. A fixed-size state is cheap
+# and forgets; a cache is exact and grows. To compare the routes on equal terms we need them in one framework: one
+# model class in which only the mixer of each layer changes. Everything else — embeddings, RMSNorm, residuals, the FFN
+# (dense or chapter 2's MoE) — is shared.
 
 # %%
 B = viz.Box
@@ -296,7 +296,7 @@ for name, preset in PRESETS.items():
 #
 # DSA's indexer learns only from its own loss (chapter 8: its inputs are detached). While training, the mixer
 # computes that KL to the dense attention over the selected keys and hands it to the model as `aux_loss` —
-# sparse training from the first step, where DeepSeek first warmed the indexer up on a dense checkpoint. (Training
+# sparse training from the first step, where DeepSeek warms the indexer up on a dense checkpoint first. (Training
 # takes whole sequences: a DSA layer in training mode refuses a cache.)
 
 # %%
@@ -563,7 +563,7 @@ _COUNTED = {}
 #
 # - **MTP layers.** DeepSeek-V3/V3.2 ship a multi-token-prediction module (one more MoE layer, a projection
 #   $2d \to d$, and the embedding and head, which it shares with the model but the checkpoint stores again): 685B
-#   = 671.9B of model + about 14B of MTP. Inference
+#   = 671.9B of model + 13.5B of MTP (DeepSeek's report rounds it to 14B). Inference
 #   without speculative decoding never runs it, and transformers does not build it; we count it only here.
 # - **Embeddings.** "Activated" figures often leave out the embedding table and sometimes the LM head (Mixtral's
 #   13B keeps both: our 12.9B): MiniMax-M1's
@@ -1104,7 +1104,7 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # layer — a small one: MLA's latent — but a step reads only 2,048 latents of it and every
 # index key: the bytes its step reads barely grow with context (its FLOPs do: the indexer scores every key), and
 # a decoding step at 128K costs a tenth of dense MLA's FLOPs. The survey's "about 50 % less compute at 128K" for
-# DSA [S] measures something else: a whole 128K prefill, where the projections and FFNs dilute the attention's
+# DSA [S] fits something else: a whole 128K prefill, where the projections and FFNs dilute the attention's
 # saving — chapter 8's cost model (section 8.6) gives 57 % for it. For MiniMax-M1 the survey's figure is a smaller
 # saving than the model's: 25–30 % of DeepSeek-R1's compute to generate 100K tokens [S], where this model gives
 # 12 % (summed over the 100K decoding steps, V3.2's shapes with dense MLA standing in for R1). The model counts a
@@ -1172,7 +1172,7 @@ check_full_layers(full_layers_solution)
 # return the smallest context (in tokens) from which `a`'s step reads at least as many bytes as `b`'s: `0.0`
 # when it already does at $T = 0$, `math.inf` when it never does (up to $2^{24}$ tokens), else the crossing
 # point, within 0.1 %. Predict first: DeepSeek-V3.2 reads fewer weights than MiniMax-M1 — does its 61-layer
-# cache ever catch up? The checker tries six pairs of full-scale presets.
+# cache ever catch up? The checker tries eight pairs of full-scale presets.
 
 # %%
 def my_crossover(a, b):
@@ -1292,9 +1292,10 @@ check_add_rmsnorm_kernel(add_rmsnorm_kernel_solution)
 # - **One model, seven mixers.** A hybrid decoder is a string of mixer letters plus an FFN choice:
 #   `HybridConfig` + `HybridLM` build DeepSeek-V3.2, GLM-5, Qwen3-Next, Kimi Linear, MiniMax-M1 and Mixtral from
 #   chapters 1–8's layers, with a cache for every mixer; token-by-token decoding equals the prefill for all.
-# - **Counting.** Built on the meta device, our models have exactly transformers' parameter counts for every
-#   supported family. The published figures differ by conventions: DeepSeek's 685B includes the 14B MTP module,
-#   "active" figures leave out embeddings (MiniMax-M1's 45.9B = our 48.4B minus embedding and head).
+# - **Counting.** Built on the meta device, our models have exactly transformers' parameter counts for every supported
+#   family. The published figures differ by conventions: DeepSeek's 685B includes the MTP module (13.5B by our count,
+#   14B in DeepSeek's report), "active" figures leave out embeddings (MiniMax-M1's 45.9B = our 48.4B minus embedding
+#   and head).
 # - **Memory and cost.** At a million tokens a sequence holds 8 GiB (Kimi Linear) to 128 GiB (Mixtral); the
 #   hybrids trade a constant state for a 3–16× smaller cache; sparse selection keeps a cache in every layer but
 #   a decoding step reads only 2,048 latents of it and costs a tenth of dense MLA's FLOPs at 128K.
@@ -1310,7 +1311,7 @@ check_add_rmsnorm_kernel(add_rmsnorm_kernel_solution)
 #
 # - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of
 #   February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix
-#   *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text
+#   *The seed survey*. Its figures are checked against the models' configs and papers; where they disagree, the text
 #   says so.
 # - S. Arora et al., *Zoology: Measuring and Improving Recall in Efficient Language Models*, 2023 (MQAR).
 #   [arXiv:2312.04927](https://arxiv.org/abs/2312.04927)
@@ -1775,7 +1776,7 @@ def config_from_hf(hf, backend="auto"):
 
 # %% [markdown]
 # The check that matters: transformers' own `ForCausalLM`, built on the meta device at its default config — the
-# released model's shapes — has exactly as many parameters as ours.
+# released model's shapes, except Kimi Linear's layer layout (section 9.4) — has exactly as many parameters as ours.
 
 # %% tags=["nbval-ignore-output"]
 import warnings
@@ -2143,7 +2144,8 @@ def check_crossover(fn):
     full = {name: f("full") for name, f in PRESETS.items()}
     pairs = [("deepseek_v32_like", "minimax_m1_like"), ("qwen3_next_like", "kimi_linear_like"),
              ("dense_baseline", "deepseek_v32_like"), ("mixtral_like", "deepseek_v32_like"),
-             ("mixtral_like", "minimax_m1_like"), ("glm5_like", "minimax_m1_like")]
+             ("mixtral_like", "minimax_m1_like"), ("glm5_like", "minimax_m1_like"),
+             ("kimi_linear_like", "deepseek_v32_like"), ("qwen3_next_like", "deepseek_v32_like")]
     for a, b in pairs:
         want = _crossover(full[a], full[b])
         got = number_answer(f"crossover: {a} vs {b}", _not_yet("crossover", fn, full[a], full[b]),
@@ -2252,9 +2254,15 @@ def check_add_rmsnorm_kernel(kernel):
         with torch.no_grad():
             norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
             want_n = norm(x + y)
-        r, n = (torch.full((4, d), 7.0, device=dev) for _ in range(2))  # what is not written shows
-        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6,
-                     triton.next_power_of_2(d))
+        # what is not written shows, and so does a store past the last row's d numbers (a tile's
+        # padding): each buffer has a tile of 7s after it
+        pad = triton.next_power_of_2(d)
+        buf = [torch.full((4 * d + pad,), 7.0, device=dev) for _ in range(2)]
+        r, n = (b[:4 * d].view(4, d) for b in buf)
+        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6, pad)
+        if any((b[4 * d:] != 7.0).any() for b in buf):
+            raise ExerciseError(f"✗ add + RMSNorm (d = {d}): a store past the row's d numbers\n"
+                                "Hint: mask the stores to the d real columns")
         for name, got, want in (("r", r.cpu(), x + y), ("n", n.cpu(), want_n)):
             bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-7)
             if bad.any():

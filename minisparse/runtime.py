@@ -152,8 +152,8 @@ _ATTN_SMALL = [_cfg(4, 1, BLOCK_M=64, BLOCK_N=32), _cfg(4, 1, BLOCK_M=32, BLOCK_
 # kernel -> row -> launch configurations, best first. A row is an `arch(...)` name, optionally with ".fp32" for
 # float32 inputs (whose operands take twice the shared memory). `launch` reads the row of the call's device, else the
 # next older architecture's, tries the configurations in order and keeps the first that compiles within the GPU's
-# shared memory. The first configuration of each sm_90 row is the fastest of the H200 sweeps in bench/notes/ at the
-# benchmarks' sizes; the others are autotuning candidates and narrower tiles for GPUs with less shared memory a block
+# shared memory. The first configuration of each sm_90 row is the fastest of the H200 or H100 sweeps in bench/notes/ at
+# the benchmarks' sizes; the others are autotuning candidates and narrower tiles for GPUs with less shared memory a block
 # (a T4 has 64 KiB, an A100 163 KiB, an H200 227 KiB). "interpreter" rows favour few, large programs: fast to
 # interpret.
 LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {

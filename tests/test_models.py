@@ -616,6 +616,21 @@ def test_check_crossover():
         X.check_crossover(lambda a, b: str(from_lines(a, b, 2**20, 2**21)))
     with pytest.raises(ExerciseError):  # lines through T = 0 and 1 miss DSA's kink
         X.check_crossover(lambda a, b: from_lines(a, b, 0, 1))
+    def without_states(a, b, top=2**24):  # the recurrent states left out of a step's bytes
+        def gap(T):
+            return sum(s * (M.decode_cost(x, T)["bytes"] - M.kv_cache_bytes_per_token(x)["per_sequence"])
+                       for s, x in ((1, a), (-1, b)))
+        if gap(0) >= 0:
+            return 0.0
+        if gap(top) < 0:
+            return math.inf
+        lo, hi = 0, top
+        while hi - lo > 1:
+            lo, hi = (lo, (lo + hi) // 2) if gap((lo + hi) // 2) >= 0 else ((lo + hi) // 2, hi)
+        return float(hi)
+
+    with pytest.raises(ExerciseError):
+        X.check_crossover(without_states)
     with pytest.raises(ExerciseError):  # the cache alone, without the weights
         X.check_crossover(lambda a, b: 0.0 if M.kv_cache_bytes_per_token(a)["per_token"] >=
                           M.kv_cache_bytes_per_token(b)["per_token"] else math.inf)
@@ -663,28 +678,30 @@ def test_check_prefill_fix():
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.constexpr, OVER_D: tl.constexpr,
                         WITH_EPS: tl.constexpr, STORE_R: tl.constexpr, FROM_X: tl.constexpr,
-                        EPS_OUTSIDE: tl.constexpr, GUARD: tl.constexpr):
+                        EPS_OUTSIDE: tl.constexpr, GUARD: tl.constexpr, MASKED_STORES: tl.constexpr):
     """add + RMSNorm, right with every flag True except FROM_X, wrong in the way a flag says."""
     row, cols = tl.program_id(0), tl.arange(0, BD)
     mask = cols < d
     x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
     r = x + tl.load(y_ptr + row * d + cols, mask=mask, other=0.0)
+    stored = mask if MASKED_STORES else cols < BD  # unmasked: the tile's padding is written too
     if STORE_R:
-        tl.store(r_ptr + row * d + cols, r, mask=mask)
+        tl.store(r_ptr + row * d + cols, r, mask=stored)
     v = x if FROM_X else r
     ms = tl.sum(v * v, 0) / (d if OVER_D else BD)
     rms = tl.sqrt(ms) + eps if EPS_OUTSIDE else (tl.sqrt(ms + eps) if WITH_EPS else tl.sqrt(ms))
     if GUARD:  # no eps, a zero row kept finite by hand
         rms = tl.where(rms > 0, rms, 1.0)
-    tl.store(n_ptr + row * d + cols, v / rms * tl.load(w_ptr + cols, mask=mask, other=0.0), mask=mask)
+    tl.store(n_ptr + row * d + cols, v / rms * tl.load(w_ptr + cols, mask=mask, other=0.0), mask=stored)
 
 
 class _AddRmsnorm:
     """What the checker launches (kernel[grid](...)): _add_rmsnorm_kernel with these flags."""
 
-    def __init__(self, over_d=True, with_eps=True, store_r=True, from_x=False, eps_outside=False, guard=False):
+    def __init__(self, over_d=True, with_eps=True, store_r=True, from_x=False, eps_outside=False, guard=False,
+                 masked_stores=True):
         self.flags = dict(OVER_D=over_d, WITH_EPS=with_eps, STORE_R=store_r, FROM_X=from_x,
-                          EPS_OUTSIDE=eps_outside, GUARD=guard)
+                          EPS_OUTSIDE=eps_outside, GUARD=guard, MASKED_STORES=masked_stores)
 
     def __getitem__(self, grid):
         return lambda *args: _add_rmsnorm_kernel[grid](*args, **self.flags)
@@ -698,7 +715,8 @@ def test_check_add_rmsnorm_kernel():
              "r not stored": (_AddRmsnorm(store_r=False), r"r\[0, 0\] = 7, expected"),
              "x normalised instead of x + y": (_AddRmsnorm(from_x=True), r"n\[0"),
              "eps outside the root": (_AddRmsnorm(eps_outside=True), r"n\[3"),
-             "no eps, the zero row guarded": (_AddRmsnorm(with_eps=False, guard=True), r"n\[3")}
+             "no eps, the zero row guarded": (_AddRmsnorm(with_eps=False, guard=True), r"n\[3"),
+             "unmasked stores": (_AddRmsnorm(masked_stores=False), r"a store past the row")}
     for why, (kernel, message) in wrong.items():
         with pytest.raises(ExerciseError, match=message):
             X.check_add_rmsnorm_kernel(kernel)

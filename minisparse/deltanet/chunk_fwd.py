@@ -288,8 +288,8 @@ def _fwd_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, kr_ptr, h0_ptr, states_ptr, h
 def _row_rnorm(rows_ptr, row_mask, K, R: tl.constexpr, BK: tl.constexpr):
     """1/‖x‖ (as l2norm: rsqrt(Σx² + 1e-6), in fp32) of R rows, rows_ptr [R, 1] pointing at each
     row's start, read in blocks of BK. A loop of its own, not the output kernel's main loop: summed
-    there, beside the products that use the same loads, triton 3.6 miscompiled these squares on
-    sm_90 (V-tiles of 128; bench/notes/deltanet.md)."""
+    there, beside the products that use the same loads, triton 3.6 miscompiles these squares on
+    sm_90 (V-tiles of 128; bench/notes/deltanet.md, 2026-11-29)."""
     sq = tl.zeros((R,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)

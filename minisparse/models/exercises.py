@@ -75,7 +75,8 @@ def check_crossover(fn):
     full = {name: f("full") for name, f in PRESETS.items()}
     pairs = [("deepseek_v32_like", "minimax_m1_like"), ("qwen3_next_like", "kimi_linear_like"),
              ("dense_baseline", "deepseek_v32_like"), ("mixtral_like", "deepseek_v32_like"),
-             ("mixtral_like", "minimax_m1_like"), ("glm5_like", "minimax_m1_like")]
+             ("mixtral_like", "minimax_m1_like"), ("glm5_like", "minimax_m1_like"),
+             ("kimi_linear_like", "deepseek_v32_like"), ("qwen3_next_like", "deepseek_v32_like")]
     for a, b in pairs:
         want = _crossover(full[a], full[b])
         got = number_answer(f"crossover: {a} vs {b}", _not_yet("crossover", fn, full[a], full[b]),
@@ -182,9 +183,15 @@ def check_add_rmsnorm_kernel(kernel):
         with torch.no_grad():
             norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
             want_n = norm(x + y)
-        r, n = (torch.full((4, d), 7.0, device=dev) for _ in range(2))  # what is not written shows
-        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6,
-                     triton.next_power_of_2(d))
+        # what is not written shows, and so does a store past the last row's d numbers (a tile's
+        # padding): each buffer has a tile of 7s after it
+        pad = triton.next_power_of_2(d)
+        buf = [torch.full((4 * d + pad,), 7.0, device=dev) for _ in range(2)]
+        r, n = (b[:4 * d].view(4, d) for b in buf)
+        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6, pad)
+        if any((b[4 * d:] != 7.0).any() for b in buf):
+            raise ExerciseError(f"✗ add + RMSNorm (d = {d}): a store past the row's d numbers\n"
+                                "Hint: mask the stores to the d real columns")
         for name, got, want in (("r", r.cpu(), x + y), ("n", n.cpu(), want_n)):
             bad = ~torch.isclose(got, want, rtol=1e-4, atol=1e-7)
             if bad.any():
