@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing minisparse with its book and test extras"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)" || { echo "make: installing $(TORCH) failed"; exit 1; }
-	$(BIN)/python -m pip install --quiet "$(TRITON)" || { echo "make: installing $(TRITON) failed"; exit 1; }
+	$(BIN)/python -m pip install --quiet $(TORCH) || { echo "make: installing $(TORCH) failed"; exit 1; }
+	$(BIN)/python -m pip install --quiet $(TRITON) || { echo "make: installing $(TRITON) failed"; exit 1; }
 	$(BIN)/python -m pip install --quiet -e ".[book,test]" || { echo "make: installing minisparse[book,test] failed"; exit 1; }
 	touch $(STAMP)
 

@@ -53,7 +53,7 @@
 #
 # :::{admonition} Where the numbers come from
 # :class: note
-# Numbers marked **[S]** come from the survey this book started from (see References). Its facts were checked
+# Numbers marked **[S]** come from the survey this book started from (see References). This book checks its facts
 # against the models' configurations (`transformers`' configuration classes, the checkpoints' `config.json`) and
 # papers; where a primary source exists it is named next to the number, and where the two disagree the text says
 # so.
@@ -109,6 +109,8 @@ class Table:
         widths = [max(len(line[i]) for line in cells) for i in range(len(self.columns))]
         lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in cells]
         return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+    __repr__ = __str__  # the notebook's plain-text output, beside the HTML
 
     def _repr_html_(self):
         head = "".join(f"<th>{c}</th>" for c in self.columns)
@@ -258,10 +260,10 @@ plt.show()
 # report describes the 1T-total, 32B-active MLA model it grows from. This book therefore teaches KDA from Kimi Linear
 # and lists Kimi K2.5 under MLA + MoE.
 #
-# **MiniMax-M2.5.** The survey says M2.5 reintroduced lightning attention. The M2.5 checkpoint is published with
-# M2's architecture (`model_type` `minimax_m2`), which `transformers` implements with softmax (GQA) attention in
-# every layer. We could not confirm the reintroduction; treat it as the survey's claim. Chapter 4 builds lightning
-# attention from MiniMax-01/M1, whose hybrid layout is documented.
+# **MiniMax-M2.5.** The survey says M2.5 reintroduced lightning attention. The M2.5 checkpoint is published with M2's
+# architecture (`model_type` `minimax_m2`), which `transformers` implements with softmax (GQA) attention in every
+# layer. No released configuration shows the reintroduction; treat it as the survey's claim. Chapter 4 builds
+# lightning attention from MiniMax-01/M1, whose hybrid layout is documented.
 #
 # The check cell at the end of §0.6 asserts what `transformers` ships for both, so if a later release changes it,
 # this chapter fails loudly rather than going stale.
@@ -365,7 +367,7 @@ print("activation ratios agree with the survey:", ", ".join(f"{k} {ratio[k]:.2f}
 #
 # | route | how | representative models [S] | what it buys | what it costs | chapters |
 # |---|---|---|---|---|---|
-# | hybrid linear / full | 3 linear layers (Gated DeltaNet, KDA) per full-attention layer | Qwen3.5, Kimi (Linear) | ¾ of the layers keep a fixed-size state | the full layers stay $O(T^2)$: at long context the stack costs ¼ of full attention, never less | 4, 5, 6 |
+# | hybrid linear / full | 3 linear layers (Gated DeltaNet, KDA) per full-attention layer | Qwen3.5, Kimi K2.5 [S] (the hybrid is Kimi Linear, §0.2) | ¾ of the layers keep a fixed-size state | the full layers stay $O(T^2)$: at long context the stack costs ¼ of full attention, never less | 4, 5, 6 |
 # | (mostly) linear | lightning attention; M1 keeps 1 softmax layer in 8 | MiniMax-M1 (and M2.5 per the survey) | ⅞ of the layers linear | accuracy worries in reasoning and multi-turn tasks: M2 went back to full attention | 4 |
 # | sparse selection | full-size cache, each query reads only its top-$k$ tokens | DeepSeek V3.2, GLM-5 | $O(T\cdot k)$ attention | the cache still grows with $T$ (MLA keeps it small); the indexer is still $O(T^2)$, with a small constant | 3, 7, 8 |
 # | full attention | softmax in every layer (GQA or MLA) | MiniMax-M2 | the best-understood quality | $O(T^2)$ time, $O(T)$ cache | 1, 3 |
@@ -713,7 +715,8 @@ try:
                               MiniMaxM2Config, Qwen3NextConfig)
 except ImportError:
     transformers = None
-    print("transformers is not installed: skipping the checks against its model configurations")
+    print("transformers is missing or older than 5.6: skipping the checks against its model "
+          "configurations")
 
 
 def full_layers(config):
@@ -763,7 +766,8 @@ print(f"MLA: {mla_bytes:,} bytes a token; the 3:1 hybrid is smaller than MLA "
 #    then the Triton kernel, tile by tile, checked against the naive spec.
 # 6. **Layer** — the `nn.Module` as the production model builds it, loading `transformers`' weights where
 #    `transformers` has the layer.
-# 7. **Measure** — live on a GPU; on a CPU, the committed H200 results, with date and versions.
+# 7. **Measure** — live on a GPU; on a CPU, the committed H200 or H100 results (each names its GPU), with date and
+#    versions.
 # 8. **Exercises** — at least three that need understanding, not retyping: *derive* a quantity from the
 #    equations, *predict* a number before the checker computes it, *debug* a planted bug, *extend* the mechanism;
 #    in chapters 1–8 one of them is a small Triton kernel. Each has a stub, a checker that says what is wrong, and
@@ -828,10 +832,10 @@ print(f"relative RMS of rounding: bf16 {err_bf16:.1e}, fp16 {err_fp16:.1e}; "
 assert TOLERANCES[torch.float32][0] < err_bf16 < TOLERANCES[torch.bfloat16][0]
 
 # %% [markdown]
-# Sixty-four steps of average decay $e^{-2.5}$ multiply to about $e^{-160}$, far below float32's smallest number
-# (about $e^{-103}$), so the product is exactly zero and every ratio of two such products is lost. The log-space
-# sum is an ordinary number, and $e^{G_t - G_s}$ for two cumulative sums is computed without trouble — which is why
-# every gated op in this book takes `g`, not `exp(g)`.
+# On a CPU, sixty-four steps (on a GPU, 1,024) of average decay $e^{-2.5}$ multiply to about $e^{-160}$,
+# far below float32's smallest number (about $e^{-103}$), so the product is exactly zero and every ratio of two such
+# products is lost. The log-space sum is an ordinary number, and $e^{G_t - G_s}$ for two cumulative sums is computed
+# without trouble — which is why every gated op in this book takes `g`, not `exp(g)`.
 
 # %% [markdown]
 # ## Exercises
@@ -855,8 +859,12 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ExerciseError("✗ this checker reads transformers' model configurations: "
-                            "`pip install transformers`, then run the cell again") from None
+        transformers = None
+    needed = ("KimiLinearConfig", "DeepseekV3ForCausalLM")
+    if not all(hasattr(transformers, name) for name in needed):
+        raise ExerciseError("✗ this checker reads transformers' model configurations "
+                            "(KimiLinearConfig, DeepseekV3ForCausalLM): "
+                            "`pip install -U 'transformers>=5.6,<6'`, then run the cell again")
     return transformers
 
 
@@ -1034,8 +1042,8 @@ def check_cache_prediction(fn, seq_len=1 << 20, tol=0.1):
 # %% [markdown]
 # ### Exercise 2 (predict): which hybrid caches less at 1M tokens?
 #
-# Qwen3-Next-80B-A3B and Kimi Linear are both about 3 : 1 hybrids, and both serve million-token contexts. Their
-# attention, from their configurations:
+# Qwen3-Next-80B-A3B and Kimi Linear are both about 3 : 1 hybrids, and both aim at long contexts (262K native for
+# Qwen3-Next, tested to 1M for Kimi Linear). Their attention, from their configurations:
 #
 # | | layers | full-attention layers cache, per token | linear layers keep, per layer |
 # |---|---|---|---|
@@ -1103,8 +1111,8 @@ def check_moba_cost(fn):
     """Check fn(seq_len, block, top_k) -> float, MoBA's prefill cost in pairs of full attention,
     against a query-by-query count, on odd lengths and in the limits (top_k covering every block;
     blocks of one token)."""
-    cases = [(1, 4, 2), (10, 4, 2), (257, 16, 3), (1000, 64, 4), (1000, 64, 100), (777, 1, 5),
-             (3001, 100, 3), (2048, 512, 1)]
+    cases = [(1, 4, 2), (10, 4, 2), (13, 4, 2), (257, 16, 3), (1000, 64, 4), (1000, 64, 100),
+             (777, 1, 5), (3001, 100, 3), (2048, 512, 1)]
     check("MoBA's cost in pairs", fn, _moba_pairs, cases, tol=1e-9,
           hint="query t (from 0) reads (t mod block) + 1 keys of its own block and "
                "min(top_k - 1, t // block) whole earlier blocks; the gate scores all t // block "
@@ -1168,10 +1176,10 @@ assert 0.025 < moba_128k < 0.03
 #   shrinks the cache, and DSA builds on it.
 # - The 2025–26 models split into four routes: hybrid linear/full (Qwen3.5, Kimi Linear), mostly linear
 #   (MiniMax-M1), sparse selection (DeepSeek V3.2, GLM-5) and full attention (MiniMax-M2).
-# - Hybrids stay quadratic: at long context a 3:1 stack costs ¼ of full attention, a 7:1 stack ⅛. Their bigger win
-#   is the cache. DSA's attention is linear in $T$ past $k$, but its indexer is not; at 128K the pair costs about
-#   a tenth of full attention in this book's FLOP model with MLA's absorbed form, a quarter with its prefill form. The survey's "about 50 %" for DSA is its own figure, with
-#   no statement of what it measures.
+# - Hybrids stay quadratic: at long context a 3:1 stack costs ¼ of full attention, a 7:1 stack ⅛. Their bigger win is
+#   the cache. DSA's attention is linear in $T$ past $k$, but its indexer is not; at 128K indexer and attention
+#   together cost about a tenth of full attention in this book's FLOP model with MLA's absorbed form, a quarter with
+#   its prefill form. The survey's "about 50 %" for DSA is its own figure, with no statement of what it measures.
 # - Per token of context, MHA at DeepSeek-V3's shape caches 3.8 MiB, MLA 69 KiB (57× less), a 3:1 MLA hybrid
 #   17 KiB plus constant states that pay off after about 7 000 tokens.
 # - Check claims against checkpoints: two of the survey's rows (Kimi K2.5's KDA, M2.5's lightning attention) do
@@ -1183,7 +1191,7 @@ assert 0.025 < moba_128k < 0.03
 #
 # ## References
 #
-# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix *The seed survey*. Its figures were checked against the models' configs and papers; where they disagree, the text says so.
+# - **[S]** *开源稀疏架构模型全景（截至 2026 年 2 月）* ("Open sparse-architecture models: the whole picture, as of February 2026"), a survey in Chinese, February 2026, the starting point of this book; reproduced in the appendix *The seed survey*. The chapters check its figures against the models' configs and papers and say so where they disagree.
 # - DeepSeek-AI. *DeepSeek-V3.2: Pushing the Frontier of Open Large Language Models*, 2025.
 #   [arXiv:2512.02556](https://arxiv.org/abs/2512.02556); model card
 #   [deepseek-ai/DeepSeek-V3.2](https://huggingface.co/deepseek-ai/DeepSeek-V3.2).

@@ -31,7 +31,7 @@
 # **Prerequisites.** Chapter 0 (the map of the book). Matrix products, the softmax and the chain rule; Python and
 # PyTorch. No GPU and no Triton experience: on a CPU the kernels run in Triton's interpreter.
 #
-# **Time.** About 90 minutes for the core path (sections 1.1–1.8), plus an hour for the exercises. The
+# **Time.** About 90 minutes for the core path (sections 1.1–1.7), plus an hour for the exercises. The
 # *Engineering notes* at the end (checks, loop bounds, backward kernels, launch configurations, loaders) are optional.
 #
 # **Roadmap.**
@@ -1067,8 +1067,8 @@ assert 3.8 < growth["flash_attention (window 1024)"] < 4.2 and growth["flash_att
 # **Takeaways** (H200, 2026-12-03):
 #
 # 1. **Forward: 0.83–0.84× of SDPA's throughput from T = 8k on** (at 8k, 1.23 ms against 1.03 ms; ≈ 445–490
-#    TFLOP/s against ≈ 535–580), 0.74–0.76× below. What remains is the distance between a Triton kernel and a
-#    hand-scheduled CUDA one for Hopper.
+#    TFLOP/s against ≈ 535–580), 0.74–0.76× below. What remains is the distance between this Triton kernel and the
+#    vendor-tuned CUDA kernel SDPA dispatches to.
 # 2. **Forward + backward: 0.73–0.75× of SDPA from T = 8k on, 0.67–0.72× below.** By design the dQ kernel
 #    recomputes two of the products the dK/dV kernel already computed: seven tile products per pair of tiles
 #    against five, the price of no atomic adds. At short lengths the host matters too: issuing one forward +
@@ -1276,7 +1276,8 @@ check_flash_tile(flash_tile_kernel_solution)
 # - The KV cache costs $2 L H_{kv} D$ elements per token; GQA, MQA, windows and hybrid stacks shrink it. Decoding
 #   is memory-bound, with an arithmetic intensity of about $H_q / H_{kv}$.
 # - Flash attention keeps the scores on chip and carries an online-softmax state across key tiles: compute-bound
-#   instead of memory-bound; on an H200, 0.83× of SDPA's CUDA kernels forward, on par with windowed `flex_attention`.
+#   instead of memory-bound; on an H200, 0.83–0.84× of SDPA's forward throughput from T = 8k (0.74–0.76× below), on
+#   par with windowed `flex_attention`.
 # - The `Attention` layer adds q/k RMSNorm, partial RoPE and Qwen3-Next's output gate; `from_hf` loads weights.
 #
 # ## References
@@ -2194,18 +2195,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ_OUT, Tq, Tk, HQ, HKV, qk_scale, s
 # %% [markdown]
 # ### E.6 The op: launch configurations, input checks, autograd
 #
-# **Launch configurations.** Bigger tiles reuse each load more, but every tile must fit in the multiprocessor's
-# shared memory several times over (the compiler *pipelines* the loop: it loads tile $j+1$ while computing on tile
-# $j$, `num_stages` deep) and its accumulators in registers. Every kernel of the book takes these settings from one
-# table, `runtime.LAUNCH_TABLE`: for each kernel and GPU architecture it lists `BLOCK_M`, `BLOCK_N`, `num_warps`
-# and `num_stages`, best first. The first entry of the Hopper row (`sm_90`) is the fastest of a sweep on an H200
-# (`bench/attention.py --sweep`; `bench/notes/attention.md` has the numbers); the narrower entries after it fit GPUs
-# with less shared memory a block, down to a T4's 64 KiB. Head dims over 128 read the rows named `….d256`, with
-# narrower tiles. `runtime.launch` tries a row in order, keeps the first configuration that compiles within the
-# GPU's shared memory (Triton raises `OutOfResources` before running one that does not) and remembers it for the
-# next call. The interpreter's row is one large tile: it runs each tile operation as one numpy call, so fewer,
-# bigger steps are faster. Tests force a configuration with `runtime.launch_config("attention.fwd", BLOCK_M=16,
-# BLOCK_N=16)`; benchmarks can let Triton's autotuner pick from the row with `runtime.set_autotune(True)`.
+# **Launch configurations.** Bigger tiles reuse each load more, but every tile must fit in the multiprocessor's shared
+# memory several times over (the compiler *pipelines* the loop: it loads tile $j+1$ while computing on tile $j$,
+# `num_stages` deep) and its accumulators in registers. Every kernel of the book takes these settings from one table,
+# `runtime.LAUNCH_TABLE`: for each kernel and GPU architecture it lists `BLOCK_M`, `BLOCK_N`, `num_warps` and
+# `num_stages`, best first. The first entry of the Hopper row (`sm_90`) is the fastest of a sweep on an H200
+# (`bench/attention.py --sweep`; `bench/notes/attention.md` has the numbers); the narrower entries after it are
+# autotuning candidates and fallbacks; GPUs of other architectures read their own row (a T4, which has none, the sm_80
+# row). Head dims over 128 read the rows named `….d256`, with narrower tiles. `runtime.launch` tries a row in order,
+# keeps the first configuration that compiles within the GPU's shared memory (Triton raises `OutOfResources` before
+# running one that does not) and remembers it for the next call. The interpreter's row is one large tile: it runs each
+# tile operation as one numpy call, so fewer, bigger steps are faster. Tests force a configuration with
+# `runtime.launch_config("attention.fwd", BLOCK_M=16, BLOCK_N=16)`; benchmarks can let Triton's autotuner pick from
+# the row with `runtime.set_autotune(True)`.
 
 # %%
 for row, configs in runtime.LAUNCH_TABLE["attention.fwd"].items():
@@ -2717,14 +2719,16 @@ def check_kv_cache_bytes(kv_cache_bytes):
     llama2 = ["full_attention"] * 32
     cases = [(llama2, 32, 128, 4096, 1, 2, None), (llama2, 8, 128, 1000, 4, 2, None),
              (qwen3_next, 2, 256, 262144, 1, 2, None), (gpt_oss, 8, 64, 131072, 2, 2, 128),
-             (gemma3_4b, 4, 256, 131072, 1, 2, 1024), (gemma3_4b, 4, 256, 1000, 3, 1, 1024)]
+             (gemma3_4b, 4, 256, 131072, 1, 2, 1024), (gemma3_4b, 4, 256, 1000, 3, 1, 1024),
+             (gemma3_4b, 4, 256, 2048, 1, 2, None)]
     check(
         "KV-cache bytes",
         kv_cache_bytes,
         _kv_cache_bytes,
         cases,
         hint="per layer: 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x "
-             "dtype_bytes; a full layer caches seq_len tokens, a sliding one min(seq_len, window), "
+             "dtype_bytes; a full layer caches seq_len tokens, a sliding one min(seq_len, window) "
+             "(seq_len when window is None), "
              "a linear one none",
     )
 

@@ -584,8 +584,8 @@ def test_check_decode_attention(capsys):
 
 
 def kv_right(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
-    tokens = [seq_len if t == "full_attention" else min(seq_len, window) if t == "sliding_attention" else 0
-              for t in layer_types]
+    sliding = seq_len if window is None else min(seq_len, window)
+    tokens = [seq_len if t == "full_attention" else sliding if t == "sliding_attention" else 0 for t in layer_types]
     return sum(kv_cache_bytes_per_token(1, num_kv_heads, head_dim, dtype_bytes) * n * batch for n in tokens)
 
 
@@ -602,10 +602,14 @@ def kv_counts_linear_layers(layer_types, num_kv_heads, head_dim, seq_len, batch=
     return kv_right(types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, window)
 
 
+def kv_no_window_no_cache(layer_types, num_kv_heads, head_dim, seq_len, batch=1, dtype_bytes=2, window=None):
+    return kv_right(layer_types, num_kv_heads, head_dim, seq_len, batch, dtype_bytes, window or 0)
+
+
 def test_check_kv_cache_bytes(capsys):
     check_kv_cache_bytes(kv_right)
-    assert capsys.readouterr().out == "✓ KV-cache bytes: all 6 cases match\n"
-    for wrong in (kv_only_k, kv_ignores_window, kv_counts_linear_layers):
+    assert capsys.readouterr().out == "✓ KV-cache bytes: all 7 cases match\n"
+    for wrong in (kv_only_k, kv_ignores_window, kv_counts_linear_layers, kv_no_window_no_cache):
         with pytest.raises(ExerciseError, match="KV-cache bytes: case"):
             check_kv_cache_bytes(wrong)
     with pytest.raises(ExerciseError, match="not implemented"):

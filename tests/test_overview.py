@@ -112,6 +112,7 @@ def test_moba_cost_accepts_the_solution_and_rejects_the_usual_mistakes(capsys):
         lambda T, b, k: _moba(T, b, k, gate=0.0),  # the gate forgotten
         lambda T, b, k: _moba(T, b, k, gate_extra=1),  # the gate also scores the query's own block
         lambda T, b, k: _moba(T, b, k, gate=1.0),  # a gate score counted as a whole pair
+        lambda T, b, k: float(int(_moba(T, b, k))),  # the half pairs of the gate floored away
     ]
     for wrong in wrongs:
         with pytest.raises(ExerciseError, match="case"):

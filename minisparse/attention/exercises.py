@@ -96,14 +96,16 @@ def check_kv_cache_bytes(kv_cache_bytes):
     llama2 = ["full_attention"] * 32
     cases = [(llama2, 32, 128, 4096, 1, 2, None), (llama2, 8, 128, 1000, 4, 2, None),
              (qwen3_next, 2, 256, 262144, 1, 2, None), (gpt_oss, 8, 64, 131072, 2, 2, 128),
-             (gemma3_4b, 4, 256, 131072, 1, 2, 1024), (gemma3_4b, 4, 256, 1000, 3, 1, 1024)]
+             (gemma3_4b, 4, 256, 131072, 1, 2, 1024), (gemma3_4b, 4, 256, 1000, 3, 1, 1024),
+             (gemma3_4b, 4, 256, 2048, 1, 2, None)]
     check(
         "KV-cache bytes",
         kv_cache_bytes,
         _kv_cache_bytes,
         cases,
         hint="per layer: 2 (K and V) x batch x cached tokens x num_kv_heads x head_dim x "
-             "dtype_bytes; a full layer caches seq_len tokens, a sliding one min(seq_len, window), "
+             "dtype_bytes; a full layer caches seq_len tokens, a sliding one min(seq_len, window) "
+             "(seq_len when window is None), "
              "a linear one none",
     )
 

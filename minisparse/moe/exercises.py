@@ -156,10 +156,15 @@ def check_grouped_tile(kernel):
         expert, row = tile_schedule(offsets, M, _TILE["BLOCK_M"])
         # the last expert's tiles run first
         expert, row = expert.flip(0).contiguous(), row.flip(0).contiguous()
-        y = torch.full((M, N), float("nan"), device=dev)
+        # y and a tile of NaN after it: a store past y's last column shows there
+        buf = torch.full((M * N + _TILE["BLOCK_M"] * _TILE["BLOCK_N"],), float("nan"), device=dev)
+        y = buf[:M * N].view(M, N)
         kernel[(expert.numel(), triton.cdiv(N, _TILE["BLOCK_N"]))](
             x, w, y, expert, row, offsets, M, N, K, **_TILE
         )
+        if not torch.isnan(buf[M * N:]).all():
+            raise ExerciseError(f"✗ grouped GEMM tile: case {i + 1} of 4: a store past the end of "
+                                "y (columns ≥ N): mask the store with cols < N")
         ref = grouped_mm_ref(x, w, offsets)  # [M, N] the loop of per-expert matmuls
         bad = ~(torch.isclose(y, ref, rtol=2e-3, atol=2e-3))  # NaN never matches
         if not bad.any():

@@ -10,8 +10,12 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ExerciseError("✗ this checker reads transformers' model configurations: "
-                            "`pip install transformers`, then run the cell again") from None
+        transformers = None
+    needed = ("KimiLinearConfig", "DeepseekV3ForCausalLM")
+    if not all(hasattr(transformers, name) for name in needed):
+        raise ExerciseError("✗ this checker reads transformers' model configurations "
+                            "(KimiLinearConfig, DeepseekV3ForCausalLM): "
+                            "`pip install -U 'transformers>=5.6,<6'`, then run the cell again")
     return transformers
 
 
@@ -140,8 +144,8 @@ def check_moba_cost(fn):
     """Check fn(seq_len, block, top_k) -> float, MoBA's prefill cost in pairs of full attention,
     against a query-by-query count, on odd lengths and in the limits (top_k covering every block;
     blocks of one token)."""
-    cases = [(1, 4, 2), (10, 4, 2), (257, 16, 3), (1000, 64, 4), (1000, 64, 100), (777, 1, 5),
-             (3001, 100, 3), (2048, 512, 1)]
+    cases = [(1, 4, 2), (10, 4, 2), (13, 4, 2), (257, 16, 3), (1000, 64, 4), (1000, 64, 100),
+             (777, 1, 5), (3001, 100, 3), (2048, 512, 1)]
     check("MoBA's cost in pairs", fn, _moba_pairs, cases, tol=1e-9,
           hint="query t (from 0) reads (t mod block) + 1 keys of its own block and "
                "min(top_k - 1, t // block) whole earlier blocks; the gate scores all t // block "
