@@ -599,7 +599,7 @@ def _full_layers(c, T, budget, kv=2, conv=True, replaces=True, floor=-1, cap=Tru
     return best
 
 
-def test_check_crossover():
+def test_check_crossover(monkeypatch):
     def line(x, T1, T2):  # bytes(T) = intercept + slope · T between two contexts
         b1, b2 = M.decode_cost(x, T1)["bytes"], M.decode_cost(x, T2)["bytes"]
         return b1 - (b2 - b1) / (T2 - T1) * T1, (b2 - b1) / (T2 - T1)
@@ -616,18 +616,12 @@ def test_check_crossover():
         X.check_crossover(lambda a, b: str(from_lines(a, b, 2**20, 2**21)))
     with pytest.raises(ExerciseError):  # lines through T = 0 and 1 miss DSA's kink
         X.check_crossover(lambda a, b: from_lines(a, b, 0, 1))
-    def without_states(a, b, top=2**24):  # the recurrent states left out of a step's bytes
-        def gap(T):
-            return sum(s * (M.decode_cost(x, T)["bytes"] - M.kv_cache_bytes_per_token(x)["per_sequence"])
-                       for s, x in ((1, a), (-1, b)))
-        if gap(0) >= 0:
-            return 0.0
-        if gap(top) < 0:
-            return math.inf
-        lo, hi = 0, top
-        while hi - lo > 1:
-            lo, hi = (lo, (lo + hi) // 2) if gap((lo + hi) // 2) >= 0 else ((lo + hi) // 2, hi)
-        return float(hi)
+    def without_states(a, b):  # the recurrent states left out of a step's bytes
+        def cost(x, T):
+            return {"bytes": M.decode_cost(x, T)["bytes"] - M.kv_cache_bytes_per_token(x)["per_sequence"]}
+        with monkeypatch.context() as patch:
+            patch.setattr(X, "decode_cost", cost)
+            return X._crossover(a, b)
 
     with pytest.raises(ExerciseError):
         X.check_crossover(without_states)
