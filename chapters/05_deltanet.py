@@ -1213,13 +1213,14 @@ check_planted_bug_fixed(chunk_writes_fixed)
 #
 # Without gates a chunk's product of Householder matrices is $I - K^\top W$ (section 5.3). Extend it to the gated
 # rule: the state leaving a chunk is $S' = P S + (\text{terms without } S)$, $P = M_L \cdots M_1$,
-# $M_t = e^{g_t}(I - \beta_t k_t^\top k_t)$. Write $P$ `[K, K]` from $W$ and diagonal scalings (section 5.3's
-# equations), not as a product of $L$ matrices; the checker compares with that product in float64 (to 1e-4), so it
-# cannot tell the two apart: the closed form is the point.
+# $M_t = e^{g_t}(I - \beta_t k_t^\top k_t)$. Write $P$ `[K, K]` from the chunk's keys, its WY rows $W$ (as section
+# 5.3 computes them) and diagonal scalings of the gates. The checker hands you $W$ and compares $P$ with the product
+# of the $M_t$ in float64 (to 1e-4); then it hands you a perturbed $W$ and expects your $P$ to follow it, as the
+# formula does.
 
 # %%
-def my_chunk_transition(k, beta, g):
-    # k [L, K] unit rows, beta [L], g [L] -> P [K, K]
+def my_chunk_transition(k, W, g):
+    # k [L, K] unit rows, W [L, K] the chunk's WY rows, g [L] log gates -> P [K, K]
     # your code here
     raise NotImplementedError
 
@@ -1231,15 +1232,10 @@ attempt(check_chunk_transition, my_chunk_transition)
 # Solution — substitute U = Ũ − W S into S' = e^{G_L} S + (diag(e^{G_L − G}) K)ᵀ U and keep what
 # multiplies S: P = e^{G_L} I − Kᵀ diag(e^{G_L − G}) W, with W = (I + A)⁻¹ diag(β e^G) K. With g = 0
 # it is I − KᵀW.
-def chunk_transition_solution(k, beta, g):
-    L, K = k.shape
+def chunk_transition_solution(k, W, g):
     G = g.cumsum(0)  # [L]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    Gamma = torch.exp(torch.where(causal, G[:, None] - G[None, :], float("-inf")))  # [L, L]
-    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-    eye = torch.eye(L, dtype=k.dtype)
-    W = torch.linalg.solve_triangular(eye + A, (beta * G.exp())[:, None] * k, upper=False)  # [L, K]
-    return G[-1].exp() * torch.eye(K, dtype=k.dtype) - k.T @ ((G[-1] - G).exp()[:, None] * W)
+    eye = torch.eye(k.shape[1], dtype=k.dtype)
+    return G[-1].exp() * eye - k.T @ ((G[-1] - G).exp()[:, None] * W)
 
 
 check_chunk_transition(chunk_transition_solution)
@@ -2914,22 +2910,44 @@ def _explicit_transition(k, beta, g):
     return P
 
 
+def _wy_rows(k, beta, g):
+    """W = (I + A)⁻¹ diag(β e^G) K of one chunk (section 5.3), float64."""
+    G = g.cumsum(0)
+    decay = torch.exp((G[:, None] - G[None, :]).tril())  # e^{G_i − G_j}, j ≤ i
+    A = (beta[:, None] * (k @ k.T) * decay).tril(-1)
+    eye = torch.eye(len(g), dtype=k.dtype)
+    return torch.linalg.solve_triangular(eye + A, (beta * G.exp())[:, None] * k, upper=False)
+
+
+def _closed_form(k, W, g):
+    G = g.cumsum(0)
+    eye = torch.eye(k.shape[1], dtype=k.dtype)
+    return G[-1].exp() * eye - k.T @ ((G[-1] - G).exp()[:, None] * W)
+
+
 def check_chunk_transition(fn):
-    """Check fn(k [L, K] unit rows, beta [L], g [L]) -> P = M_L ⋯ M_1 [K, K], M_t = e^{g_t}(I − β_t
-    k_tᵀ k_t)."""
+    """Check fn(k [L, K] unit rows, W [L, K] the chunk's WY rows, g [L]) -> P [K, K]: against the
+    product M_L ⋯ M_1, M_t = e^{g_t}(I − β_t k_tᵀ k_t), with the true W; then, with a perturbed W,
+    against the closed form, which a P that does not read W cannot follow."""
     gen = torch.Generator().manual_seed(63)
-    cases = []
+    cases, perturbed = [], []
     for L, K, low, beta_max in [(1, 4, -0.5, 1.0), (5, 8, 0.0, 1.0), (16, 16, -0.3, 1.0),
                                 (33, 8, -0.1, 1.0), (12, 6, -0.2, 2.0)]:
         k = torch.nn.functional.normalize(torch.randn(L, K, generator=gen, dtype=torch.float64),
                                           dim=-1)
-        cases.append((k, beta_max * torch.rand(L, generator=gen, dtype=torch.float64),
-                      low * torch.rand(L, generator=gen, dtype=torch.float64)))
-    check("a chunk's transition from its WY representation", fn, _explicit_transition, cases,
-          tol=1e-4,
-          hint="substitute U = Ũ − W S into the state update of section 5.3 and keep the terms "
-               "that multiply S; W = (I + A)⁻¹ diag(β e^G) K, and key j is decayed by "
-               "e^{G_L − G_j} to the chunk's end")
+        beta = beta_max * torch.rand(L, generator=gen, dtype=torch.float64)
+        g = low * torch.rand(L, generator=gen, dtype=torch.float64)
+        cases.append((k, beta, g))
+        W = _wy_rows(k, beta, g)
+        perturbed.append((k, W + 0.1 * torch.randn(L, K, generator=gen, dtype=torch.float64), g))
+    hint = ("substitute U = Ũ − W S into the state update of section 5.3 and keep the terms that "
+            "multiply S; key j is decayed by e^{G_L − G_j} to the chunk's end")
+    check("a chunk's transition from its WY representation",
+          lambda k, beta, g: fn(k, _wy_rows(k, beta, g), g), _explicit_transition, cases, tol=1e-4,
+          hint=hint)
+    check("the transition follows W", fn, _closed_form, perturbed, tol=1e-4,
+          hint="with a perturbed W the product of the M_t no longer holds, and P must be built "
+               "from W: " + hint)
 
 
 def check_unit_lower_inverse_kernel(kernel):

@@ -748,18 +748,26 @@ def _chunk_writes(k, v, g, beta, S, decay_w=True):
     return A_inv @ (beta[:, None] * v) - W @ S
 
 
-def _transition(k, beta, g, gated=True, decay_keys=True):
-    """M_L ⋯ M_1 from W; gated=False drops e^{G_L} and the key decays, decay_keys=False only the key decays."""
-    L, K = k.shape
+def _transition(k, W, g, gated=True, decay_keys=True):
+    """P from W; gated=False drops e^{G_L} and the key decays, decay_keys=False only the key decays."""
     G = g.cumsum(0)
-    Gamma = torch.exp(torch.where(torch.ones(L, L, dtype=torch.bool).tril(), G[:, None] - G[None, :], -math.inf))
-    A = (beta[:, None] * (k @ k.T) * Gamma).tril(-1)
-    eye = torch.eye(L, dtype=k.dtype)
-    W = torch.linalg.solve_triangular(eye + A, (beta * G.exp())[:, None] * k, upper=False)
     if not gated:
-        return torch.eye(K, dtype=k.dtype) - k.T @ W
+        return torch.eye(k.shape[1], dtype=k.dtype) - k.T @ W
     key_decay = (G[-1] - G).exp() if decay_keys else torch.ones_like(G)
-    return G[-1].exp() * torch.eye(K, dtype=k.dtype) - k.T @ (key_decay[:, None] * W)
+    return G[-1].exp() * torch.eye(k.shape[1], dtype=k.dtype) - k.T @ (key_decay[:, None] * W)
+
+
+def _product_from_recovered_beta(k, W, g):
+    """The product of the M_t with β read back from W's rows, W itself otherwise unused: right for the true W
+    (w_t = β_t r_t, r_t = e^{G_t} k_t − Σ_{j<t} (k_t·k_j) e^{G_t − G_j} w_j), blind to a perturbed one."""
+    from minisparse.deltanet.exercises import _explicit_transition
+    G = g.cumsum(0)
+    beta = torch.empty_like(g)
+    for t in range(len(g)):
+        r = torch.exp(G[t]) * k[t] - sum(((k[t] @ k[j]) * torch.exp(G[t] - G[j]) * W[j] for j in range(t)),
+                                         torch.zeros_like(k[t]))
+        beta[t] = (W[t] @ r) / (r @ r)
+    return _explicit_transition(k, beta, g)
 
 
 def _triangular_kernel(variant):
@@ -804,8 +812,9 @@ def _triangular_kernel(variant):
     (check_overwrite_coefficients, lambda b, g: ((1 - b) * math.exp(g), b * math.exp(g), math.exp(g))),
     (check_overwrite_coefficients, lambda b, g: ((1 - b) * math.exp(g), b, 1.0)),  # other keys not decayed
     (check_planted_bug_fixed, lambda k, v, g, beta, S: _chunk_writes(k, v, g, beta, S, decay_w=False)),  # the bug
-    (check_chunk_transition, lambda k, beta, g: _transition(k, beta, g, gated=False)),
-    (check_chunk_transition, lambda k, beta, g: _transition(k, beta, g, decay_keys=False)),
+    (check_chunk_transition, lambda k, W, g: _transition(k, W, g, gated=False)),
+    (check_chunk_transition, lambda k, W, g: _transition(k, W, g, decay_keys=False)),
+    (check_chunk_transition, _product_from_recovered_beta),  # right for the true W, blind to a perturbed one
     (check_unit_lower_inverse_kernel, _triangular_kernel("stub")),
     (check_unit_lower_inverse_kernel, _triangular_kernel("plus")),
     (check_unit_lower_inverse_kernel, _triangular_kernel("first_order")),

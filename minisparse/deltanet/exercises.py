@@ -82,22 +82,44 @@ def _explicit_transition(k, beta, g):
     return P
 
 
+def _wy_rows(k, beta, g):
+    """W = (I + A)⁻¹ diag(β e^G) K of one chunk (section 5.3), float64."""
+    G = g.cumsum(0)
+    decay = torch.exp((G[:, None] - G[None, :]).tril())  # e^{G_i − G_j}, j ≤ i
+    A = (beta[:, None] * (k @ k.T) * decay).tril(-1)
+    eye = torch.eye(len(g), dtype=k.dtype)
+    return torch.linalg.solve_triangular(eye + A, (beta * G.exp())[:, None] * k, upper=False)
+
+
+def _closed_form(k, W, g):
+    G = g.cumsum(0)
+    eye = torch.eye(k.shape[1], dtype=k.dtype)
+    return G[-1].exp() * eye - k.T @ ((G[-1] - G).exp()[:, None] * W)
+
+
 def check_chunk_transition(fn):
-    """Check fn(k [L, K] unit rows, beta [L], g [L]) -> P = M_L ⋯ M_1 [K, K], M_t = e^{g_t}(I − β_t
-    k_tᵀ k_t)."""
+    """Check fn(k [L, K] unit rows, W [L, K] the chunk's WY rows, g [L]) -> P [K, K]: against the
+    product M_L ⋯ M_1, M_t = e^{g_t}(I − β_t k_tᵀ k_t), with the true W; then, with a perturbed W,
+    against the closed form, which a P that does not read W cannot follow."""
     gen = torch.Generator().manual_seed(63)
-    cases = []
+    cases, perturbed = [], []
     for L, K, low, beta_max in [(1, 4, -0.5, 1.0), (5, 8, 0.0, 1.0), (16, 16, -0.3, 1.0),
                                 (33, 8, -0.1, 1.0), (12, 6, -0.2, 2.0)]:
         k = torch.nn.functional.normalize(torch.randn(L, K, generator=gen, dtype=torch.float64),
                                           dim=-1)
-        cases.append((k, beta_max * torch.rand(L, generator=gen, dtype=torch.float64),
-                      low * torch.rand(L, generator=gen, dtype=torch.float64)))
-    check("a chunk's transition from its WY representation", fn, _explicit_transition, cases,
-          tol=1e-4,
-          hint="substitute U = Ũ − W S into the state update of section 5.3 and keep the terms "
-               "that multiply S; W = (I + A)⁻¹ diag(β e^G) K, and key j is decayed by "
-               "e^{G_L − G_j} to the chunk's end")
+        beta = beta_max * torch.rand(L, generator=gen, dtype=torch.float64)
+        g = low * torch.rand(L, generator=gen, dtype=torch.float64)
+        cases.append((k, beta, g))
+        W = _wy_rows(k, beta, g)
+        perturbed.append((k, W + 0.1 * torch.randn(L, K, generator=gen, dtype=torch.float64), g))
+    hint = ("substitute U = Ũ − W S into the state update of section 5.3 and keep the terms that "
+            "multiply S; key j is decayed by e^{G_L − G_j} to the chunk's end")
+    check("a chunk's transition from its WY representation",
+          lambda k, beta, g: fn(k, _wy_rows(k, beta, g), g), _explicit_transition, cases, tol=1e-4,
+          hint=hint)
+    check("the transition follows W", fn, _closed_form, perturbed, tol=1e-4,
+          hint="with a perturbed W the product of the M_t no longer holds, and P must be built "
+               "from W: " + hint)
 
 
 def check_unit_lower_inverse_kernel(kernel):
