@@ -747,8 +747,8 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 #
 # The loop has no `if`: an empty slot (−1) and the keys after $t$ are masked, not skipped. Triton pipelines a loop
 # (loads the next tile while the tensor cores work on this one) only when its body does not branch. A loop that
-# skipped them would wait on every gathered tile: at 64K it takes 23 ms where this one takes 16 (on an H200, before
-# the gated epilogue; `bench/notes/nsa.md`).
+# skipped them would wait on every gathered tile: at 64K it takes 23 ms where this one takes 16 (the selection kernel
+# alone on an H200, without the gated epilogue; `bench/notes/nsa.md`).
 
 # %%
 #| export nsa.triton
