@@ -825,7 +825,7 @@ def _decay_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 #
 # - `_kda_gate_sums_kernel` stores, once, every row's range sums inside its sub-chunk, `into` $= g_s + \dots + g_i$
 #   and `onward` $= g_{i+1} + \dots + g_e$ (from `_decay_sums`), and each sub-chunk's total;
-# - `_kda_fwd_between_kernel` (a chunk a program) adds $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to
+# - `_kda_fwd_between_kernel` (a sub-chunk a program) adds $(k \odot e^{G_i - G_r})(k_j \odot e^{G_r - G_j})^\top$ to
 #   $A'$, and the same with $q$ to $P$, for sub-chunk $I$'s rows, $r = 16I - 1$: tensor-core products with every
 #   factor $\le 1$.
 #
@@ -1080,9 +1080,11 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence.
 #
 # On an H100 (2026-12-07, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
-# forward takes 1.4–1.5× fla's time and the forward + backward 1.12–1.14×, from 8K to 64K, with accuracy on par
-# (3.8e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The forward is where the gap is;
-# `bench/notes/kda.md` has the profile of every kernel, ours and fla's.
+# forward takes 1.16–1.36× fla's time and the forward + backward 1.06–1.10× (at $B = 2$ and from 16K to 64K), with
+# accuracy on par (3.8e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The 0.80× at $B = 1$, 8K is
+# not a win: fla's 4.57 ms there is out of line with its own times (6.65 ms for twice the tokens), where ours scale
+# (3.65 and 7.09 ms). The forward is where the gap is; `bench/notes/kda.md` has the profile of every kernel, ours
+# and fla's.
 
 # %%
 from minisparse import bench
@@ -1305,10 +1307,11 @@ check_kda_step_kernel(kda_step_solution)
 #   at a time; every exponent is a sum of gates over a range, exact in float32. The single-reference factorisation
 #   $e^{G_i} e^{-G_j}$ overflows after three tokens at $-30$.
 # - **Triton**: `chunk_kda` — six forward kernels (each sub-chunk's range sums of the gates, once; the products $A$,
-#   $P$ between sub-chunks, a program per chunk, and in the diagonal blocks, a program per sub-chunk; the UT transform
-#   with $W$, $\tilde U$ and the decayed rows; the scan; the output) and five backward ones ($dU$'s part that needs no
-#   state, a reverse scan, a chunk kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda` for decoding. Equal
-#   to the recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and gates down to $-10^{30}$.
+#   $P$ between sub-chunks and in the diagonal blocks, a program per sub-chunk each; the UT transform with $W$,
+#   $\tilde U$ and the decayed rows; the scan; the output) and five backward ones ($dU$'s part that needs no state, a
+#   reverse scan, a chunk kernel, the products run backwards per sub-chunk, $dg$'s suffix sums); `fused_recurrent_kda`
+#   for decoding. Equal to the recurrence in fp32 (about $10^{-7}$) forward and every gradient, on odd shapes and
+#   gates down to $-10^{30}$.
 # - **The layer** `KimiDeltaAttention` loads transformers' `KimiLinearDeltaAttention` (`from_hf`) and equals it;
 #   decoding token by token from its state equals the prefill.
 # - **Cost**: Kimi Linear's released stack (20 KDA + 7 MLA of 27) keeps 74 % less than all-MLA at 1M tokens — the
@@ -1390,13 +1393,14 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
 #
 # `_kda_gate_sums_kernel` runs one program per sub-chunk and block of channels (`BK` from the launch table: all 128 at
 # once on a data-centre GPU); `_totals_between` adds the totals of the sub-chunks between two rows.
-# `_kda_fwd_between_kernel` runs one program per chunk and walks $K$ in blocks of `BK` = 32 channels (fewer for a
-# smaller $K$). A step loads the chunk's keys `kb` $[64, 32]$ once and decays each to the end of its sub-chunk,
-# $k_j \odot e^{\text{onward}_j}$; for sub-chunk $I$ = 1, 2, 3 the totals of the sub-chunks in between carry them on
-# to the reference row $r = 16I - 1$ ($[32]$ factors). Two `tl.dot` calls then add the products through the reference
-# point to $A'$ and $P$ for $I$'s rows ($[16, 64]$, float32; `PRECISION`: TF32 for 16-bit inputs, fp32 for fp32, as in
-# every kernel but the scans, the output kernel and the backward's products with $dO$, which multiply 16-bit operands
-# as stored). The WY kernel and the backward's kernels read the same range sums, which the forward saves.
+# `_kda_fwd_between_kernel` runs one program per sub-chunk $I$ = 1, 2, 3 of a chunk (sub-chunk 0 has no keys before it)
+# and walks $K$ in blocks of `BK` = 32 channels (fewer for a smaller $K$). A step loads the keys before $I$, `kb`
+# $[64, 32]$ with the rows from $16I$ on masked off, and decays each to the end of its sub-chunk,
+# $k_j \odot e^{\text{onward}_j}$, and on to the reference row $r = 16I - 1$ by the totals of the sub-chunks in between.
+# Two `tl.dot` calls then add the products through the reference point to $A'$ and $P$ for $I$'s rows ($[16, 64]$,
+# float32; `PRECISION`: TF32 for 16-bit inputs, fp32 for fp32, as in every kernel but the scans, the output kernel and
+# the backward's products with $dO$, which multiply 16-bit operands as stored). The WY kernel and the backward's kernels
+# read the same range sums, which the forward saves.
 
 # %%
 #| export kda.chunk_fwd
@@ -1472,56 +1476,44 @@ def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr,
                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                             PRECISION: tl.constexpr):
     """The entries of A and P between sub-chunks (key j in a sub-chunk before query i's) of one
-    chunk: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
+    sub-chunk's rows: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
 
-    Program: chunk n of one (batch b, value head hv); C = 4 BC. Grid (NT, B · HV).
-    Tiling: a step over K's channel blocks loads the chunk's keys [C, BK] once; A and P of
-    sub-chunks 1, 2, 3 ([BC, C] each, fp32 registers) take one product each a step.
+    Program: sub-chunk I = 1, 2 or 3 of chunk n of one (batch b, value head hv); C = 4 BC. Grid
+    (NT · (C/BC − 1), B · HV).
+    Tiling: a step over K's channel blocks loads the keys before the sub-chunk ([C, BK], the rows
+    from BC·I on masked off) and I's rows q, k [BC, BK]; A and P ([BC, C], fp32 registers) take one
+    product each a step.
     Math: every key decayed to the end of its own sub-chunk, k_j e^{onward_j}, then carried to the
-    row before sub-chunk I by the totals of the sub-chunks in between (factors ≤ 1, [BK] each);
-    I's rows decayed from there by e^{into_i}: every factor ≤ 1, from `_kda_gate_sums_kernel`'s
-    sums. Stores columns j < BC·I of sub-chunk I's rows of A and P [B, T, HV, C] (fp32)."""
-    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31
+    row before sub-chunk I by the totals of the sub-chunks in between ([C, BK], a sum of factors
+    of one sign); I's rows decayed from there by e^{into_i}: every factor ≤ 1, from
+    `_kda_gate_sums_kernel`'s sums. Stores columns j < BC·I of I's rows of A and P [B, T, HV, C]
+    (fp32)."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC - 1)).to(tl.int64), nI % (C // BC - 1) + 1  # int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
     t = n * C + rows
-    sub = (rows // BC)[:, None]  # [C, 1] each key row's sub-chunk
+    sub = rows // BC  # [C] each key row's sub-chunk
+    before = (t < T) & (sub < I)  # the keys before sub-chunk I
     qk_c = (b * T * H + h) * K  # token t's q and k rows at qk_c + t·H·K
     g_c = (b * T * HV + hv) * K  # its gate sums at g_c + t·HV·K
     tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K
-    ri = tl.arange(0, BC)
-    t1, t2, t3 = n * C + BC + ri, n * C + 2 * BC + ri, n * C + 3 * BC + ri  # sub-chunks 1, 2, 3
-    A1 = tl.zeros((BC, C), dtype=tl.float32)
-    P1 = tl.zeros((BC, C), dtype=tl.float32)
-    A2 = tl.zeros((BC, C), dtype=tl.float32)
-    P2 = tl.zeros((BC, C), dtype=tl.float32)
-    A3 = tl.zeros((BC, C), dtype=tl.float32)
-    P3 = tl.zeros((BC, C), dtype=tl.float32)
+    ti = n * C + I * BC + tl.arange(0, BC)  # sub-chunk I's rows
+    A = tl.zeros((BC, C), dtype=tl.float32)
+    P = tl.zeros((BC, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
-        m = (t < T)[:, None] & km[None, :]
+        m = before[:, None] & km[None, :]
         kb = tl.load(k_ptr + qk_c + (t * H * K)[:, None] + ks[None, :], mask=m,
                      other=0.0).to(tl.float32)
-        kb *= tl.exp(tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m,
-                             other=0.0))  # each key decayed to the end of its sub-chunk
-        e1 = tl.exp(tl.load(tot_c + K + ks, mask=km, other=0.0))[None, :]  # sub-chunk 1's total
-        e2 = tl.exp(tl.load(tot_c + 2 * K + ks, mask=km, other=0.0))[None, :]
-        kb2 = tl.where(sub < 1, kb * e1, kb)  # to the row before sub-chunk 2
-        kb3 = tl.where(sub < 2, kb2 * e2, kb)  # to the row before sub-chunk 3
-        A1, P1 = _between_rows(q_ptr + qk_c + t1 * H * K, k_ptr + qk_c + t1 * H * K,
-                               in_ptr + g_c + t1 * HV * K, t1 < T, ks, km,
-                               tl.where(sub < 1, kb, 0.0), A1, P1, PRECISION)
-        A2, P2 = _between_rows(q_ptr + qk_c + t2 * H * K, k_ptr + qk_c + t2 * H * K,
-                               in_ptr + g_c + t2 * HV * K, t2 < T, ks, km,
-                               tl.where(sub < 2, kb2, 0.0), A2, P2, PRECISION)
-        A3, P3 = _between_rows(q_ptr + qk_c + t3 * H * K, k_ptr + qk_c + t3 * H * K,
-                               in_ptr + g_c + t3 * HV * K, t3 < T, ks, km,
-                               tl.where(sub < 3, kb3, 0.0), A3, P3, PRECISION)
-    _store_between(a_ptr, p_ptr, A1, P1, b * T * HV + hv, t1, BC, T, HV, C)
-    _store_between(a_ptr, p_ptr, A2, P2, b * T * HV + hv, t2, 2 * BC, T, HV, C)
-    _store_between(a_ptr, p_ptr, A3, P3, b * T * HV + hv, t3, 3 * BC, T, HV, C)
+        on = tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m, other=0.0)
+        # each key decayed to the end of its sub-chunk, then on to the row before sub-chunk I
+        kb *= tl.exp(on + _totals_between(tot_c, sub, I, ks, km, K, C, BK, C // BC))
+        A, P = _between_rows(q_ptr + qk_c + ti * H * K, k_ptr + qk_c + ti * H * K,
+                             in_ptr + g_c + ti * HV * K, ti < T, ks, km, kb, A, P, PRECISION)
+    _store_between(a_ptr, p_ptr, A, P, b * T * HV + hv, ti, I * BC, T, HV, C)
 
 
 # %% [markdown]
@@ -1759,7 +1751,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, c["BK"])),
                    (g, g_in, g_on, g_tot, eg, T, HV, K, NT), dict(C=_C, BC=_BC),
                    fit=lambda c: dict(c, BK=min(c["BK"], _pow2(K))), **_options(q, v))
-    runtime.launch("kda.fwd_between", _kda_fwd_between_kernel, lambda c: (NT, B * HV),
+    runtime.launch("kda.fwd_between", _kda_fwd_between_kernel,
+                   lambda c: (NT * (_C // _BC - 1), B * HV),
                    (q, k, g_in, g_on, g_tot, p, a, T, H, HV, K, NT),
                    dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
     runtime.launch("kda.fwd_products", _kda_fwd_products_kernel,

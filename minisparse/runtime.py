@@ -330,7 +330,7 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. H200 order from a
     # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans multiply W and kd as
     # stored, in the inputs' 16-bit dtype; a T4 takes the narrower rows (bench/notes/t4.md).
-    "kda.fwd_between": {  # the products between sub-chunks, a chunk a program (4 warps: 0.365 ms, H100)
+    "kda.fwd_between": {  # the products between sub-chunks, a sub-chunk a program (4 warps: 0.256 ms, H100)
         "interpreter": [_cfg()],
         "sm_80": [_cfg(4, 1), _cfg(8, 1)],
         "sm_75": [_cfg(4, 1)],
@@ -345,9 +345,9 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
         "sm_80": [_cfg(2, 1, BV=32), _cfg(4, 1, BV=32)],
         "sm_75": [_cfg(4, 1, BV=32), _cfg(4, 1, BV=16)],
     },
-    "kda.fwd_states": {  # 80 KiB at 8 warps, 2 stages (pipelined), 100 registers (sm_90); 16 KiB (sm_75, fp16)
+    "kda.fwd_states": {  # 106 KiB at 4 warps, 3 stages (pipelined), 86 registers (sm_90); 16 KiB (sm_75, fp16)
         "interpreter": [_cfg(1, 1, BV=64)],
-        "sm_80": [_cfg(8, 2, BV=32), _cfg(4, 2, BV=32), _cfg(4, 1, BV=16)],
+        "sm_80": [_cfg(4, 3, BV=16), _cfg(8, 2, BV=32), _cfg(4, 1, BV=16)],
         "sm_75": [_cfg(8, 1, BV=32), _cfg(4, 1, BV=16)],
     },
     "kda.fwd_output": {  # 24 KiB at BV = 32, 1 stage

@@ -160,56 +160,44 @@ def _kda_fwd_between_kernel(q_ptr, k_ptr, in_ptr, on_ptr, tot_ptr, p_ptr, a_ptr,
                             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                             PRECISION: tl.constexpr):
     """The entries of A and P between sub-chunks (key j in a sub-chunk before query i's) of one
-    chunk: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
+    sub-chunk's rows: A_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}, P_ij the same with q_i.
 
-    Program: chunk n of one (batch b, value head hv); C = 4 BC. Grid (NT, B · HV).
-    Tiling: a step over K's channel blocks loads the chunk's keys [C, BK] once; A and P of
-    sub-chunks 1, 2, 3 ([BC, C] each, fp32 registers) take one product each a step.
+    Program: sub-chunk I = 1, 2 or 3 of chunk n of one (batch b, value head hv); C = 4 BC. Grid
+    (NT · (C/BC − 1), B · HV).
+    Tiling: a step over K's channel blocks loads the keys before the sub-chunk ([C, BK], the rows
+    from BC·I on masked off) and I's rows q, k [BC, BK]; A and P ([BC, C], fp32 registers) take one
+    product each a step.
     Math: every key decayed to the end of its own sub-chunk, k_j e^{onward_j}, then carried to the
-    row before sub-chunk I by the totals of the sub-chunks in between (factors ≤ 1, [BK] each);
-    I's rows decayed from there by e^{into_i}: every factor ≤ 1, from `_kda_gate_sums_kernel`'s
-    sums. Stores columns j < BC·I of sub-chunk I's rows of A and P [B, T, HV, C] (fp32)."""
-    n = tl.program_id(0).to(tl.int64)  # int64: t·H·K passes 2^31
+    row before sub-chunk I by the totals of the sub-chunks in between ([C, BK], a sum of factors
+    of one sign); I's rows decayed from there by e^{into_i}: every factor ≤ 1, from
+    `_kda_gate_sums_kernel`'s sums. Stores columns j < BC·I of I's rows of A and P [B, T, HV, C]
+    (fp32)."""
+    nI = tl.program_id(0)
+    n, I = (nI // (C // BC - 1)).to(tl.int64), nI % (C // BC - 1) + 1  # int64: t·H·K passes 2^31
     bh = tl.program_id(1).to(tl.int64)
     b, hv, h = _heads(bh, H, HV)
     rows = tl.arange(0, C)
     t = n * C + rows
-    sub = (rows // BC)[:, None]  # [C, 1] each key row's sub-chunk
+    sub = rows // BC  # [C] each key row's sub-chunk
+    before = (t < T) & (sub < I)  # the keys before sub-chunk I
     qk_c = (b * T * H + h) * K  # token t's q and k rows at qk_c + t·H·K
     g_c = (b * T * HV + hv) * K  # its gate sums at g_c + t·HV·K
     tot_c = tot_ptr + (bh * NT + n) * (C // BC) * K
-    ri = tl.arange(0, BC)
-    t1, t2, t3 = n * C + BC + ri, n * C + 2 * BC + ri, n * C + 3 * BC + ri  # sub-chunks 1, 2, 3
-    A1 = tl.zeros((BC, C), dtype=tl.float32)
-    P1 = tl.zeros((BC, C), dtype=tl.float32)
-    A2 = tl.zeros((BC, C), dtype=tl.float32)
-    P2 = tl.zeros((BC, C), dtype=tl.float32)
-    A3 = tl.zeros((BC, C), dtype=tl.float32)
-    P3 = tl.zeros((BC, C), dtype=tl.float32)
+    ti = n * C + I * BC + tl.arange(0, BC)  # sub-chunk I's rows
+    A = tl.zeros((BC, C), dtype=tl.float32)
+    P = tl.zeros((BC, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
-        m = (t < T)[:, None] & km[None, :]
+        m = before[:, None] & km[None, :]
         kb = tl.load(k_ptr + qk_c + (t * H * K)[:, None] + ks[None, :], mask=m,
                      other=0.0).to(tl.float32)
-        kb *= tl.exp(tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m,
-                             other=0.0))  # each key decayed to the end of its sub-chunk
-        e1 = tl.exp(tl.load(tot_c + K + ks, mask=km, other=0.0))[None, :]  # sub-chunk 1's total
-        e2 = tl.exp(tl.load(tot_c + 2 * K + ks, mask=km, other=0.0))[None, :]
-        kb2 = tl.where(sub < 1, kb * e1, kb)  # to the row before sub-chunk 2
-        kb3 = tl.where(sub < 2, kb2 * e2, kb)  # to the row before sub-chunk 3
-        A1, P1 = _between_rows(q_ptr + qk_c + t1 * H * K, k_ptr + qk_c + t1 * H * K,
-                               in_ptr + g_c + t1 * HV * K, t1 < T, ks, km,
-                               tl.where(sub < 1, kb, 0.0), A1, P1, PRECISION)
-        A2, P2 = _between_rows(q_ptr + qk_c + t2 * H * K, k_ptr + qk_c + t2 * H * K,
-                               in_ptr + g_c + t2 * HV * K, t2 < T, ks, km,
-                               tl.where(sub < 2, kb2, 0.0), A2, P2, PRECISION)
-        A3, P3 = _between_rows(q_ptr + qk_c + t3 * H * K, k_ptr + qk_c + t3 * H * K,
-                               in_ptr + g_c + t3 * HV * K, t3 < T, ks, km,
-                               tl.where(sub < 3, kb3, 0.0), A3, P3, PRECISION)
-    _store_between(a_ptr, p_ptr, A1, P1, b * T * HV + hv, t1, BC, T, HV, C)
-    _store_between(a_ptr, p_ptr, A2, P2, b * T * HV + hv, t2, 2 * BC, T, HV, C)
-    _store_between(a_ptr, p_ptr, A3, P3, b * T * HV + hv, t3, 3 * BC, T, HV, C)
+        on = tl.load(on_ptr + g_c + (t * HV * K)[:, None] + ks[None, :], mask=m, other=0.0)
+        # each key decayed to the end of its sub-chunk, then on to the row before sub-chunk I
+        kb *= tl.exp(on + _totals_between(tot_c, sub, I, ks, km, K, C, BK, C // BC))
+        A, P = _between_rows(q_ptr + qk_c + ti * H * K, k_ptr + qk_c + ti * H * K,
+                             in_ptr + g_c + ti * HV * K, ti < T, ks, km, kb, A, P, PRECISION)
+    _store_between(a_ptr, p_ptr, A, P, b * T * HV + hv, ti, I * BC, T, HV, C)
 
 
 def _options(x, v):
@@ -419,7 +407,8 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
                    lambda c: (NT * (_C // _BC), B * HV, triton.cdiv(K, c["BK"])),
                    (g, g_in, g_on, g_tot, eg, T, HV, K, NT), dict(C=_C, BC=_BC),
                    fit=lambda c: dict(c, BK=min(c["BK"], _pow2(K))), **_options(q, v))
-    runtime.launch("kda.fwd_between", _kda_fwd_between_kernel, lambda c: (NT, B * HV),
+    runtime.launch("kda.fwd_between", _kda_fwd_between_kernel,
+                   lambda c: (NT * (_C // _BC - 1), B * HV),
                    (q, k, g_in, g_on, g_tot, p, a, T, H, HV, K, NT),
                    dict(C=_C, BC=_BC, BK=BK, PRECISION=prec), **_options(q, v))
     runtime.launch("kda.fwd_products", _kda_fwd_products_kernel,
