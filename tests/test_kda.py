@@ -8,6 +8,8 @@ Shapes are odd on purpose: T = 0, 1, 37, 100 (not multiples of the chunk), K ≠
 an initial state, gates from -1e-3 to -30 a token and valid extreme gates (-200 to -1e30). On a CPU the Triton
 kernels run in the interpreter in fp32 with NaN-poisoned output buffers.
 """
+import importlib.util
+import pathlib
 import warnings
 
 import pytest
@@ -19,6 +21,8 @@ from minisparse import runtime
 from minisparse.deltanet import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from minisparse.kda import naive_chunk_kda, naive_recurrent_kda
 from minisparse.testing import assert_close, hf_torch_function, hf_torch_path, make_log_gates
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
 
@@ -836,3 +840,17 @@ def test_every_configuration_of_the_kda_rows_computes_the_same_result():
             torch.cuda.synchronize()
             for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "dbeta", "dh0"), reference, got):
                 assert_close(f"{row} {config} {name}", a, b, 1e-3)
+
+
+def test_the_ablation_script_still_finds_every_part_it_removes():
+    """bench/notes/kda_ablate.py removes parts of the kernels by text substitution: each text must still be in the
+    exported kernels, or the script would time the unchanged kernel under a part's name."""
+    spec = importlib.util.spec_from_file_location("kda_ablate", ROOT / "bench/notes/kda_ablate.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    fwd, bwd = ablate.FWD.read_text(), ablate.BWD.read_text()
+    for part in ablate.PARTS:
+        f, b = ablate.sources(part, fwd, bwd)
+        assert (f, b) != (fwd, bwd), part
+    with pytest.raises(SystemExit, match="fwd-walk"):
+        ablate.sources("fwd-walk", fwd.replace("for d in range(1, BC):", "for d in range(1, BC, 1):"), bwd)

@@ -27,8 +27,8 @@ def _plain_sums(g_chunk, rows, t, T, ks, km, HV, K, first, last):
 '''
 PARTS = {  # part -> (file, text, replacement)
     "gate-sums": ("fwd", "into, onward = _decay_sums(g_ptr", "into, onward = _plain_sums(g_ptr"),
-    "fwd-between": ("fwd", "    P3 = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, K, BK):",
-                    "    P3 = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, 0, BK):"),
+    "fwd-between": ("fwd", "    P = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, K, BK):",
+                    "    P = tl.zeros((BC, C), dtype=tl.float32)\n    for k0 in range(0, 0, BK):"),
     "fwd-walk": ("fwd", "for d in range(1, BC):", "for d in range(1, 1):"),
     "bwd-walk": ("bwd", "for lvl in tl.static_range(LEVELS):", "for lvl in tl.static_range(0):"),
     "wy-inverse": ("fwd", "A_inv = _unit_lower_inverse(A * beta[:, None], C, PRECISION)", "A_inv = A * beta[:, None]"),
