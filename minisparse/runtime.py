@@ -327,8 +327,8 @@ LAUNCH_TABLE: dict[str, dict[str, list[dict]]] = {
     },
     "deltanet.rows": {"interpreter": [_cfg(BR=16)], "sm_75": [_cfg(4, 3, BR=16)]},  # l2norm and dq/dk row kernels
     "deltanet.fused_recurrent": {"interpreter": [_cfg(BV=32)], "sm_75": [_cfg(4, 3, BV=32)]},
-    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. H200 order from a
-    # sweep at B 2, T 8K, H 16, K = V = 128, bf16 (bench/notes/kda.md, 2026-12-04); the scans multiply W and kd as
+    # chapter 6, KDA, chunks of 64 with sub-chunks of 16. BV: the value columns a program owns. Order from sweeps at
+    # B 2, T 8K, H 16, K = V = 128, bf16 on an H200 and H100s (bench/notes/kda.md); the scans multiply W and kd as
     # stored, in the inputs' 16-bit dtype; a T4 takes the narrower rows (bench/notes/t4.md).
     "kda.fwd_between": {  # the products between sub-chunks, a sub-chunk a program (4 warps: 0.256 ms, H100)
         "interpreter": [_cfg()],
