@@ -1259,7 +1259,7 @@ def my_kda_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale
 
 
 # %%
-attempt(check_kda_step_kernel, my_kda_step_kernel)
+attempt(check_kda_step_kernel, my_kda_step_kernel)  # prints ✗ until you write the kernel
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — the decay is a [BK] vector broadcast over the state's columns; the error is read from

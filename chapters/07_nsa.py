@@ -1313,7 +1313,7 @@ def my_block_scores_kernel(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
 
 
 # %%
-attempt(check_block_scores_kernel, my_block_scores_kernel)
+attempt(check_block_scores_kernel, my_block_scores_kernel)  # prints ✗ until you write the kernel
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — one masked gather and one product. The positions of the block's keys are idx·BS + j;

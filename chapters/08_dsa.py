@@ -1247,7 +1247,7 @@ def my_index_score_kernel(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI,
 
 
 # %%
-attempt(check_index_score_tile, my_index_score_kernel)
+attempt(check_index_score_tile, my_index_score_kernel)  # prints ✗ until you write the kernel
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — one masked load of the key tile, the HI dot products by broadcasting ([BH, 1, BD] ×
