@@ -1266,7 +1266,8 @@ def my_unit_lower_inverse_kernel(a_ptr, x_ptr, L, C: tl.constexpr):
 
 
 # %%
-attempt(check_unit_lower_inverse_kernel, my_unit_lower_inverse_kernel)  # prints ✗ until you write the kernel
+# prints ✗ until you write the kernel
+attempt(check_unit_lower_inverse_kernel, my_unit_lower_inverse_kernel)
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — a_i is row i of A (zero from column i on, so the rows ≥ i of X, still identity rows, do
