@@ -4,7 +4,8 @@
 
 NSA: B = 1, HQ = 64, H = 4, D = 128, blocks of 64, 16 blocks, window 512, bf16, T from 8K to 64K: forward (under
 no_grad), forward + backward (o.backward(do)) and one decoding step (the last token against a cache of T tokens,
-from Python and again as a CUDA graph: ", CUDA graph", captured once and replayed as serving engines run decoding)
+from Python and again as a CUDA graph: ", CUDA graph", captured once and replayed as serving engines run decoding;
+pass "decode, B 16": the same step for a batch of 16 sequences, where dense decoding is bound by reading the caches)
 for minisparse's parallel_nsa, fla's parallel_nsa (carry fla-core) and SDPA (causal, GQA). MoBA: HQ = H = 16, chunks
 of 128, top-16, gate included, against SDPA and against flex_attention with a BlockMask of MoBA's density and no
 gate (each 128-query block of a head reads its own chunk causally and 15 earlier chunks drawn at random: what a
@@ -27,6 +28,7 @@ from minisparse.attention import flash_attention  # noqa: E402
 from minisparse.nsa import mean_pool, parallel_moba, parallel_nsa  # noqa: E402
 
 B, HQ, H, D, BS, S, W = 1, 64, 4, 128, 64, 16, 512
+B_DECODE = 16  # the batched decoding step's sequences
 MOBA = dict(HQ=16, H=16, chunk=128, topk=16)
 TS = (8192, 16384, 32768, 65536)
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -129,6 +131,7 @@ def rows_for(T: int) -> list[dict]:
         if not SMOKE:  # as a serving engine runs a decoding step: one CUDA graph, no host work between kernels
             rows.append(dict(impl=f"{name}, CUDA graph", **{"pass": "decode"}, T=T, B=B, HQ=HQ, H=H, D=D,
                              ms=timed(bench.graphed(decode))))
+    rows += batched_decode_rows(T, g)
     hq, h = MOBA["HQ"], MOBA["H"]
     q, k, v = make(B, T, hq, D), make(B, T, h, D), make(B, T, h, D)
     for name, fn in (("parallel_moba (minisparse)", lambda: parallel_moba(q, k, v, MOBA["chunk"], MOBA["topk"])),
@@ -139,19 +142,40 @@ def rows_for(T: int) -> list[dict]:
     return rows
 
 
+def batched_decode_rows(T: int, g) -> list[dict]:
+    """One decoding step of B_DECODE sequences against T cached tokens each: ours and SDPA's, from Python and as a
+    CUDA graph (only the last token's query is made: a [B_DECODE, T, HQ, D] query would not fit at 64K)."""
+    make = lambda *s: torch.randn(*s, device=DEVICE, generator=g, dtype=DTYPE)  # noqa: E731
+    q, k, v = make(B_DECODE, 1, HQ, D), make(B_DECODE, T, H, D), make(B_DECODE, T, H, D)
+    gates = [torch.rand(B_DECODE, 1, HQ, device=DEVICE, generator=g, dtype=DTYPE) for _ in range(3)]
+    impls = nsa_impls(gates, (mean_pool(k, BS), mean_pool(v, BS)))
+    rows = []
+    for name in ("parallel_nsa (minisparse)", "SDPA causal"):
+        def decode(fn=impls[name]):
+            with torch.no_grad():
+                return fn(q, k, v, 1)
+
+        for label, f in ((name, decode), (f"{name}, CUDA graph", None if SMOKE else bench.graphed(decode))):
+            if f is not None:
+                rows.append(dict(impl=label, **{"pass": f"decode, B {B_DECODE}"}, T=T, B=B_DECODE, HQ=HQ, H=H, D=D,
+                                 ms=timed(f)))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = bench.script_parser("nsa", __doc__)
     ap.add_argument("--T", type=int, nargs="*", default=list(TS), help="sequence lengths")
     args = ap.parse_args(argv)
-    global SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W
+    global SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W, B_DECODE
     if args.smoke:
         SMOKE, DEVICE, DTYPE, B, HQ, H, D, BS, S, W = True, "cpu", torch.float32, 1, 4, 2, 16, 16, 3, 32
+        B_DECODE = 2
         MOBA.update(HQ=2, H=2, chunk=16, topk=2)
         args.T = [80]
     if not bench.start_script("nsa", args.smoke):
         return 2
-    config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, HQ=HQ, H=H, D=D, block_size=BS, block_counts=S,
-                  window_size=W, T=args.T, moba=dict(MOBA),
+    config = dict(dtype=str(DTYPE).replace("torch.", ""), B=B, B_decode=B_DECODE, HQ=HQ, H=H, D=D, block_size=BS,
+                  block_counts=S, window_size=W, T=args.T, moba=dict(MOBA),
                   note="fwd under no_grad; fwd+bwd = o.backward(do); decode = the last token against T cached "
                        "tokens (minisparse: with the cached block summaries, fla: as its API takes it); "
                        "', CUDA graph': the decoding step captured once and replayed; moba fwd includes the gate")
@@ -163,20 +187,22 @@ def main(argv=None) -> int:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     print(f"\nwrote {path}")
-    print(f"{'impl':42s} {'pass':9s} {'T':>6s} {'ms':>9s}")
+    print(f"{'impl':42s} {'pass':12s} {'T':>6s} {'ms':>9s}")
     for r in rows:
-        print(f"{r['impl']:42s} {r['pass']:9s} {r['T']:6d} {r['ms'] if r['ms'] is None else round(r['ms'], 3)!s:>9s}")
+        print(f"{r['impl']:42s} {r['pass']:12s} {r['T']:6d} {r['ms'] if r['ms'] is None else round(r['ms'], 3)!s:>9s}")
     ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in rows}
     for p, ref, ours in (("fwd", "SDPA causal", "parallel_nsa (minisparse)"),
                          ("fwd+bwd", "SDPA causal", "parallel_nsa (minisparse)"),
                          ("decode", "SDPA causal", "parallel_nsa (minisparse)"),
                          ("decode", "SDPA causal, CUDA graph", "parallel_nsa (minisparse), CUDA graph"),
+                         (f"decode, B {B_DECODE}", "SDPA causal", "parallel_nsa (minisparse)"),
+                         (f"decode, B {B_DECODE}", "SDPA causal, CUDA graph", "parallel_nsa (minisparse), CUDA graph"),
                          ("moba fwd", "SDPA causal (MoBA shapes)", "parallel_moba (minisparse)"),
                          ("moba fwd", "SDPA causal (MoBA shapes)", FLEX_MOBA)):
         for T in args.T:
             a, b = ms.get((ref, p, T)), ms.get((ours, p, T))
             if a and b:
-                print(f"{p:9s} T={T:6d}: {ref} / {ours} = {a / b:.2f}x")
+                print(f"{p:12s} T={T:6d}: {ref} / {ours} = {a / b:.2f}x")
     return 0
 
 
