@@ -31,7 +31,7 @@
 # - show, on a task with two time scales, what a per-channel gate remembers that a per-head gate cannot;
 # - estimate the memory and decoding cost of Kimi Linear's 3 : 1 KDA + MLA stack and compare it with the report;
 # - say how a Triton chunk kernel splits its work into sub-chunks and kernels, read its products kernel tile by
-#   tile, and check a layer that loads transformers' `KimiLinearDeltaAttention` weights.
+#   tile, and (in the Engineering notes) check a layer that loads transformers' `KimiLinearDeltaAttention` weights.
 #
 # **Prerequisites**: chapter 5 (the delta rule, the WY/UT chunk form, `GatedDeltaNet`), chapter 3 (MLA's latent
 # cache) for the cost model. Linear algebra: triangular solves, diagonal scalings. **Time**: about 75 minutes for
@@ -151,7 +151,7 @@ except ImportError:
 #
 # The picture: the fraction $e^{g t}$ of a value written at $t = 0$ that survives $t$ tokens at a constant gate $g$.
 # A GDN head has one curve; a KDA head can spread its channels from a few tokens to thousands (here 8 channels, with
-# rates chosen by hand).
+# log-spaced rates).
 
 # %%
 t = np.arange(0, 2001)
@@ -164,7 +164,7 @@ axes[0].legend(fontsize=8)
 rates = np.geomspace(1e-4, 1.0, 8)  # 8 channels of one KDA head, log-spaced
 for c, rate in enumerate(rates):
     axes[1].plot(t, np.exp(-rate * t), color=plt.cm.viridis(c / 7),
-                 label=f"channel {c}: {rate:.0e}")
+                 label=f"channel {c}: $g = -${rate:.0e}")
 axes[1].set(title="KDA: one rate a key channel", xlabel="tokens since the write")
 for ax in axes:  # linear up to one token, logarithmic after
     ax.set_xscale("symlog", linthresh=1)
@@ -429,8 +429,8 @@ K_DEMO, T_DEMO = 32, 256
 bias = torch.linspace(-8, 4, K_DEMO)  # one dt_bias a channel
 f = 0.5 * torch.randn(T_DEMO, K_DEMO)  # the token-dependent part f_a/f_b would give
 g_demo = -F.softplus(f + bias)  # [T, K], A_log = 0
-G_kda = g_demo.cumsum(0)  # [T, K] log of what is left
-G_gdn = g_demo.mean(1, keepdim=True).cumsum(0).expand(-1, K_DEMO)  # one gate for every channel
+G_kda = g_demo.cumsum(0) - g_demo[0]  # [T, K] log of what is left: g_1 + … + g_t (0 at t = 0)
+G_gdn = G_kda.mean(1, keepdim=True).expand(-1, K_DEMO)  # one gate for every channel: their mean
 to_log10 = lambda G: (G / math.log(10)).clamp(min=-6).T  # noqa: E731  [K, T], floor at 1e-6
 viz.panels({"Gated DeltaNet: one gate a head": to_log10(G_gdn),
             "KDA: one gate a channel": to_log10(G_kda)},
@@ -533,8 +533,8 @@ explorer = viz.explorer(draw_two_scales, fact_rate=[0.0, 0.001, 0.01, 0.1],
 #
 # A KDA layer costs what a GDN layer costs: the same chunk algorithm, the same $K \times V$ state a head. The
 # per-channel gate adds elementwise work, nothing of order $TK^2$: the decays of $q$ and $k$ ($O(TK)$ a head) and, in
-# the kernel, the diagonal blocks of section 6.5's sub-chunks of 16, about 16 multiplies and multiply-adds per channel
-# and token ($O(16\,TK)$; each $e^{g}$ is computed once), off the tensor cores. `kda_flops` counts only the scalings;
+# the kernel, the diagonal blocks of section 6.5's sub-chunks of 16, about 15 multiplies and 15 multiply-adds per
+# channel and token ($O(16\,TK)$; each $e^{g}$ is computed once), off the tensor cores. `kda_flops` counts only the scalings;
 # the kernel's time is another matter (section 6.7). So the cost model is chapter 5's `gdn_flops` and
 # `gdn_state_bytes`, chapter 3's MLA cache and decoding cost, and chapter 1's attention FLOPs, at the shapes of
 # `KimiLinearConfig()` with the released layout (`minisparse.overview.KIMI_LINEAR_FULL_LAYERS`: MLA at layers 4, 8, …,
@@ -677,7 +677,8 @@ if hf_kimi is not None:
 #
 # - for a query sub-chunk $I$ and every earlier token $j \le r_I$ (the last token before $I$), one product of
 #   tiles: $(X \odot e^{G - G_{r_I}})_{\text{rows of } I}\,(K \odot e^{G_{r_I} - G})_{\text{rows} \le r_I}^\top$, for
-#   $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for the three sub-chunks that have earlier tokens;
+#   $X = K$ (giving $A$) and $X = Q$ (giving $P$): three products for each of $A$ and $P$, one for each sub-chunk that
+#   has earlier tokens;
 # - inside each $16 \times 16$ diagonal block, no reference point works for all pairs, so the kernel walks the block
 #   one diagonal $(i, i - d)$ at a time, every row at once, each step's decay the previous one's times one more gate.
 #
@@ -738,8 +739,9 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # %% [markdown]
 # ### The kernels
 #
-# The forward splits like chapter 5's, with the per-channel gate handled in the first two kernels: they turn the gates
-# into decayed copies of $q$ and $k$, which the scan and the output kernel use as they are, never seeing a gate.
+# The forward splits like chapter 5's, with the per-channel gate handled in its first two steps (four kernels): they
+# turn the gates into decayed copies of $q$ and $k$, which the scan and the output kernel use as they are, never
+# seeing a gate.
 #
 # 1. **`_kda_gate_sums_kernel`**, **`_kda_fwd_between_kernel`** and **`_kda_fwd_products_kernel`** — the rows of
 #    $A'$ (section 6.2's $A$ without its $\beta_i$) and $P$, as drawn above.
@@ -753,7 +755,8 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 # Kernel 3 is chapter 5's scan with a vector $e^{G_L}$ for the scalar one and the decayed keys precomputed; kernel 4
 # is simpler than chapter 5's: it reads $P$ and $Q \odot e^{G}$ instead of forming $QK^\top \odot \Gamma$. They, the
 # WY kernel, the backward's five kernels and the decoding kernel are in the Engineering notes. Below the picture:
-# `_load_gates` and `_decay_sums` (the range sums), which every kernel takes its gates from.
+# `_load_gates` and `_decay_sums` (the range sums), which `_kda_gate_sums_kernel` runs once; the kernels after it
+# read the sums it stores.
 
 # %%
 from minisparse.viz import Box
@@ -916,7 +919,7 @@ print("chunk_kda vs the recurrence: " + ", ".join(f"{n} {e:.0e}" for n, e in err
 # ## 6.6 The layer, as Kimi Linear builds it
 #
 # `KimiDeltaAttention` is chapter 5's `GatedDeltaNet` with Kimi Linear's choices, parameter for parameter as
-# transformers' `KimiLinearDeltaAttention` (its docstring below draws the data flow): separate `q_proj`, `k_proj`,
+# transformers' `KimiLinearDeltaAttention` (our docstring below draws the data flow): separate `q_proj`, `k_proj`,
 # `v_proj` ($H$ heads of $K = V$ = `head_dim`, no grouped value heads in the released model) under one causal
 # depthwise convolution of width 4; the **gate** $g = -e^{A_{\log}} \operatorname{softplus}(f + \text{dt\_bias})$
 # from a low-rank projection $f$ (`f_a_proj`: hidden → $K$, `f_b_proj`: $K$ → $HK$, one value per head and channel)
@@ -1080,7 +1083,7 @@ print(f"decoding token by token == prefill: {err:.1e}")
 # (`--long`), forward and forward + backward, and measures both outputs against the fp32 recurrence.
 #
 # On an H100 (2026-12-07, torch 2.11, triton 3.6, fla-core 0.6; printed below from `bench/results/kda.json`) the
-# forward takes 1.16–1.36× fla's time and the forward + backward 1.06–1.10× (at $B = 2$ and from 16K to 64K), with
+# forward takes 1.16–1.36× fla's time and the forward + backward 1.06–1.10× (all but $B = 1$, 8K, below), with
 # accuracy on par (3.8e-3 against fla's 4.1e-3 relative RMS from the fp32 recurrence). The 0.80× at $B = 1$, 8K is
 # not a win: fla's 4.57 ms there is out of line with its own times (6.65 ms for twice the tokens), where ours scale
 # (3.65 and 7.09 ms). The forward is where the gap is; `bench/notes/kda.md` has the profile of every kernel, ours
@@ -1139,7 +1142,7 @@ attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is
 # the context. MLA: a token leaves only its latent (kv_lora_rank) and rotary key (qk_rope_head_dim),
 # 2 bytes each, shared by every head; the per-head keys and values (num_attention_heads,
 # qk_nope_head_dim, v_head_dim) are rebuilt from the latent or absorbed, never cached (MLA's point,
-# chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond a few thousand
+# chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond that
 # tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
 def crossover_solution(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
@@ -1155,9 +1158,10 @@ check_crossover(crossover_solution)
 # ($j \le i$) as section 6.5 splits it: a reference point before each sub-chunk for the blocks to its left, pairs
 # inside the diagonal blocks, every factor $\le 1$, in float32. On ordinary gates it agrees with the segment sums
 # of section 6.2 to $10^{-7}$; after one gate of $-1000$ early in the chunk it is off by about $10^{-5}$, and by
-# $10^{-4}$ after $-10^4$. Find why, and write `my_intra_products` in **float32 only** (a kernel has no float64 to
-# spare: the checker raises if your function makes a float64 tensor). It compares with the segment sums within
-# $2 \cdot 10^{-6}$ on five chunks of 16–64 tokens, two of them after such a gate.
+# $10^{-4}$ after $-10^4$. Find where it breaks section 6.5's rule ("one more care"), and write `my_intra_products`
+# in **float32 only** (a kernel has no float64 to spare: the checker raises if your function makes a float64
+# tensor). It compares with the segment sums within $2 \cdot 10^{-6}$ on five chunks of 16–64 tokens, two of them
+# after such a gate.
 
 # %%
 import inspect
@@ -1232,7 +1236,8 @@ check_fact_prediction(fact_error_solution)
 # Complete the kernel: one program per value head decodes one token — decay the state per key channel, write the
 # delta-rule update of $(k, v)$ with strength $\beta$, read $o = \sigma\, q S$. The loads and stores are given; the
 # three lines at the comment are yours. The checker launches it (in the interpreter on a CPU) for three odd shapes and
-# compares state and output with `naive_recurrent_kda`.
+# compares state and output with `naive_recurrent_kda`. (The Engineering notes' decoding kernel holds the answer:
+# write yours before reading it.)
 
 # %%
 import triton
@@ -1557,7 +1562,7 @@ def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
     """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
     (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
     sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
-    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
+    (g_{i+1} + … + g_{C−1}) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
     G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
                                                                   BK, NS)
     to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
@@ -1818,7 +1823,7 @@ def _kda_forward(q, k, v, g, beta, scale, h0, output_final_state):
 # `_kda_bwd_products_kernel`, one program per sub-chunk and block of 32 channels, computes $R$ and $\mathrm{Col}$ for
 # the sub-chunk's rows with the reference points before it ($R$) and after it ($\mathrm{Col}$), and inside it by
 # *levels* instead of the forward's walk. A pair $i > j$ of the $16 \times 16$ block has a level $\ell$ (1, 2, 4 or
-# 8): $j$ in the lower and $i$ in the upper half of an aligned run of $2\ell$ rows. Split at $s$, the upper half's
+# 8): $j$ in the earlier and $i$ in the later half of an aligned run of $2\ell$ rows. Split at $s$, the later half's
 # first row, its decay is $a_i b_j$ with $a_i = e^{g_s + \dots + g_i}$ and $b_j = e^{g_{j+1} + \dots + g_{s-1}}$: a
 # factor of row $i$ times a factor of row $j$, both $\le 1$, both sums of gates inside a run (`_level`). So each level
 # is a reference point shared by its pairs, and its share of $R$ is one product,

@@ -44,7 +44,7 @@
 # the indexer*: warm-up by KL, recall against k, an explorer; 8.6 *Cost model*: prefill and decoding at V3.2's
 # shapes, the head count; 8.7 *Fast*: gather instead of mask, the kernels; 8.8 *Measure* (H100); 8.9 *Exercises*;
 # then the engineering notes (checks, kernels and launchers, sparse training, FP8, the fla and transformers oracles).
-# The layer and its training come before the cost model here, not after as in chapters 4–6: whether k selected
+# The layer and its training come before the cost model here, not after as in chapters 5–7: whether k selected
 # tokens are enough (section 8.5's recall) comes before what they save.
 #
 # Layout `[B, T, H, D]` as everywhere. **[S]** is the seed survey (see References).
@@ -94,7 +94,8 @@ DEVICE = runtime.device()
 # $$
 #
 # with $H^I$ = 64 small heads of $d^I$ = 128 dimensions, query vectors $q^I_{t,j}$ and weights $w_{t,j}$ computed
-# from token $t$, and **one** key $k^I_s$ a token shared by all indexer heads (MQA). Then
+# from token $t$ (the weights may be negative, so a score may be too), and **one** key $k^I_s$ a token shared by all
+# indexer heads (MQA). Then
 #
 # $$
 # S_t = \operatorname{top-}k_{\,s \le t}\, I_{t,s}, \qquad
@@ -117,7 +118,8 @@ DEVICE = runtime.device()
 # dense MLA and for DSA (section 8.6 builds this cost model; here, its answer). Dense work grows with every past
 # token. Once a token sees more than the 2,048 keys DSA keeps, DSA's work grows at a fifth of dense's slope (the
 # indexer still scores every token) on top of a constant for the kept ones; before that its sparse attention grows
-# too, faster than dense (the latent form's 1,088 multiply-adds a head per key against 320), so a single token of
+# too, faster than dense (the latent form's 576 + 512 = 1,088 multiply-adds a head per key, scores over the whole
+# latent row and its first 512 numbers as the value, against dense's 192 + 128 = 320), so a single token of
 # DSA costs more than dense below about 8.7K keys (section 8.6).
 
 # %%
@@ -274,7 +276,8 @@ assert_close("topk >= T = attention_ref", attention_ref(q, k, v), every, 1e-5)
 assert_close("topk >= T = SDPA", sdpa, every, 1e-5)
 
 o, idx = dsa(q, k, v, q_idx, k_idx, w_idx, topk=8, return_indices=True, backend="naive")
-print("query 44 reads", sorted(idx[0, 44].tolist()), "; query 3 reads", idx[0, 3].tolist())
+print("query 44 reads", sorted(idx[0, 44].tolist()),
+      "; query 3 reads", sorted(idx[0, 3].tolist(), key=lambda s: (s < 0, s)))
 
 # %% [markdown]
 # Query 3 sees four tokens and keeps them all; its other four slots are `-1`. From position 7 on every query reads
@@ -316,7 +319,8 @@ fig = viz.mask_panel({"dense: every past token": causal,
 # DSA's choices are single columns: the hot tokens 20, 21, 60 and 97 for every query that can see them, and
 # otherwise whatever the indexer ranks next — a scatter, with no block structure and no forced local window.
 # NSA reads whole blocks, with the diagonal band of its own and previous block. The budget per row is fixed in
-# both; DSA spends all of it on tokens the scorer chose, NSA spends part on locality it assumes.
+# both (here 16 tokens against NSA's 40); DSA spends all of it on tokens the scorer chose, NSA spends part on
+# locality it assumes.
 #
 # ### The data flow
 #
@@ -623,7 +627,7 @@ def warm_up(steps=300, lr=3e-3, log_every=50):
         x = token_batch(16, gen)
         with torch.no_grad():
             p = student.attention_probs(x)  # [16, T, H, T] the target's source
-        _, _, scores = student(x, return_indices=True)
+        _, _, scores = student(x, return_indices=True)  # the indexer's scores; the output is unused
         loss = indexer_kl_loss(p, scores)
         if step % log_every == 0:  # before this step's update: step 0 is the fresh indexer
             log.append((step, loss.item(), recall_now()))
@@ -669,11 +673,15 @@ plt.show()
 # picture; in Jupyter or Colab every change redraws.)
 
 # %% tags=["nbval-ignore-output"]
+import copy
+
+warmed = copy.deepcopy(student).requires_grad_(False)  # as warmed up (the notes train on)
+
+
 def draw_selection(k=8):
     with torch.no_grad():
-        student.indexer.topk = k
-        _, idx, _ = student(x_eval[:1], return_indices=True)
-        student.indexer.topk = 8
+        warmed.indexer.topk = k
+        _, idx, _ = warmed(x_eval[:1], return_indices=True)
     rec = attention_recall(p_eval[:1], idx)[0, 16:].mean().item()
     p = p_eval[0].sum(1) / 4  # [T, T]
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.4))
@@ -703,11 +711,10 @@ explorer = viz.explorer(draw_selection, k=(1, 32, 1))
 # - **sparse attention** in the latent MQA form over $\min(c, k)$ keys: $2 H \min(c,k)\,(2 d_c + d_R)$ FLOPs
 #   (`mla_decode_flops`), $\min(c, k)$ latent rows read when decoding.
 #
-# The latent form is a choice of this model and of section 8.7's kernels, not of DSA: the V3.2-Exp report says
-# short prefills run DSA as a masked MHA instead: the expanded form over all $c$ keys with the unselected ones
-# masked, which at $c \le k$ (every key kept) costs $320H$ multiply-adds a key pair where the latent form costs
-# $1088H$. The
-# break-even points below hold for the latent form.
+# DeepSeek runs DSA in MLA's latent (MQA) form, as this model and section 8.7's kernels do; only for short
+# prefills does the V3.2-Exp report switch to a masked MHA: the expanded form over all $c$ keys with the unselected
+# ones masked, which at $c \le k$ (every key kept) costs $320H$ multiply-adds a key pair where the latent form costs
+# $1088H$. The break-even points below hold for the latent form.
 #
 # Not counted: the projections (the same for both, plus the indexer's $O(1)$ a token), the exponentials, and
 # whether a kernel reaches the arithmetic or bandwidth peak. With `index_fp8` the indexer's FLOPs count half
@@ -823,9 +830,10 @@ for heads, colour in ((128, "C0"), (16, "C3")):
         ax.plot(pos + 1, cost["ratio"], style, color=colour, marker="o", ms=3,
                 label=f"{heads} heads, {'FP8' if fp8 else 'bf16'} indexer")
         if not fp8:
-            ax.plot(pos + 1, cost["share"], ":", color=colour, label=f"{heads} heads: its share")
+            ax.plot(pos + 1, cost["share"], ":", color=colour,
+                    label=f"{heads} heads: the indexer's share of DSA")
 ax.axhline(1, color="k", lw=0.8)
-ax.set_ylabel("DSA / dense, prefill FLOPs a token")
+ax.set_ylabel("DSA / dense FLOPs a token;\ndotted: indexer / DSA")
 ax.set_yscale("log", base=2)
 viz.tokens_axis(ax, "keys the token sees")
 ax.legend(fontsize=7.5, ncol=2)
@@ -1096,13 +1104,14 @@ if res is not None:
     ratio = {(fp8, T): ms[DENSE, "prefill fwd", T] / ms["DSA prefill" + fp8, "prefill fwd", T]
              for fp8 in ("", ", FP8 indexer") for T in Ts}
     table = {f"{p.split(' (')[0]} (ms)": [f"{ms[p, 'prefill fwd', T]:.1f}" for T in Ts] for p in (
-        DENSE, "DSA prefill", "indexer scores", "indexer + top-k", "sparse attention")}
+        DENSE, "DSA prefill", "indexer scores", "indexer scores, FP8 indexer", "indexer + top-k",
+        "sparse attention")}
     table["dense / DSA"] = [f"{ratio['', T]:.2f}x" for T in Ts]
     table["dense / DSA, FP8 indexer"] = [f"{ratio[', FP8 indexer', T]:.2f}x" for T in Ts]
     table["FP8 top-k kept (of bf16)"] = [f"{keeps[T]:.1%}" for T in Ts]
     print(f"{res['device']}, {res['date']}, torch {res['torch']}, triton {res['triton']}, bf16")
     for name, cells in {"prefill, B 1": [f"{T // 1024}K" for T in Ts], **table}.items():
-        print(f"{name:26s}" + "".join(f"{c:>9s}" for c in cells))
+        print(f"{name:33s}" + "".join(f"{c:>9s}" for c in cells))
     dec = {i + g: ms[STEP[0] + g, "decode", TD] / ms[i + g, "decode", TD]
            for i in STEP[1:] for g in ("", GRAPH)}
     for g, how in (("", "from Python"), (GRAPH, "CUDA graphs")):
@@ -1118,11 +1127,11 @@ if res is not None:
 #   (1.39× and 2.16× with the FP8 indexer). *Arithmetic*: the latent form does $576 + 512$ multiply-adds a head per
 #   selected key where dense's expanded form does $192 + 128$, so the sparse attention alone costs more than dense for a
 #   token below 7K keys (with its indexer, below 8.7K); an 8K prefill of DSA does 1.7× dense's FLOPs, a 64K one 41 %.
-#   *Rate*: SDPA runs at about 570 TFLOP/s, our indexer at 480 and the sparse attention at 250 (of 989), and the top-k
-#   adds 24 ms at 64K (indexer 73 ms, with top-k 97; sparse attention 150, the larger part; dense 308). At SDPA's rate,
-#   DSA's prefill would be about 2× faster than dense at 64K (1.26× measured). At 128K the indexer (274 ms) and its
-#   top-k (108 ms, reading every score) outweigh the sparse attention (303 ms), which grows only linearly once $T$
-#   passes $k$.
+#   *Rate*: SDPA runs at about 570 TFLOP/s, our indexer at 480 and the sparse attention at about 245 (of 989), and
+#   the top-k adds 24 ms at 64K (indexer 73 ms, with top-k 97; sparse attention 150, the larger part; dense 308). At
+#   SDPA's rate, DSA's prefill would be about 2× faster than dense at 64K (1.26× measured). At 128K the indexer
+#   (274 ms) and its top-k (108 ms, reading every score) outweigh the sparse attention (303 ms), which grows only
+#   linearly once $T$ passes $k$.
 # - **FP8** makes the indexer 1.6× faster (73 → 45 ms at 64K), not the tensor cores' 2×, and the prefill about
 #   10 % faster at 64K, 17 % at 128K; it keeps 95.5–97.8 % of the bf16 top-k (random inputs cast to e4m3 without the
 #   per-row scales of real caches).
@@ -1229,10 +1238,12 @@ check_scores_by_chunks(scores_by_chunks_solution)
 #
 # The inner step of a lightning-indexer kernel: for one query at position `t`, score a tile of `BN` keys
 # starting at `n0`, $s_n = \sum_j w_j \operatorname{ReLU}(\text{scale} \cdot q_j \cdot k_n)$, `[BN]`. Keys after the
-# query ($n > t$) and past the end ($n \ge T_K$) must score `-inf`. The `HI` query heads (padded to `BH`) and
-# their weights are loaded for you; `k` is `[T_K, DI]` row-major. The checker launches your kernel (on the GPU
-# if there is one, else in the interpreter) on 1 to 5 heads, DI = 8 to 32, a tile that straddles the
-# query and one that runs past $T_K$, and says which score differs.
+# query ($n > t$) and past the end ($n \ge T_K$) must score `-inf`, and the key load itself must be masked at
+# $n \ge T_K$: a read past the end of `k` is a bug even where its score is then overwritten, and no comparison of
+# outputs can see it. The `HI` query heads (padded to `BH`) and their weights are loaded for you; `k` is
+# `[T_K, DI]` row-major. The checker launches your kernel (on the GPU if there is one, else in the interpreter) on
+# 1 to 5 heads, DI = 8 to 32, a tile that straddles the query and one that runs past $T_K$, and says which score
+# differs.
 
 # %%
 @triton.jit
@@ -1284,7 +1295,7 @@ check_index_score_tile(index_score_kernel_solution)
 #   320$. At V3.2's shapes a 128K prefill costs about 43 % of dense over the whole model, a decoding step reads a
 #   seventh of the attention bytes with FP8 index keys (a quarter in bf16); a token of DSA is cheaper than dense
 #   from about 8.7K keys with 128 heads (a whole prefill from about 16.3K tokens) and never, in bf16, with 16 —
-#   the head count decides (prefill with a bf16 indexer; an FP8 indexer halves the indexer's FLOPs: break-even at
+#   the head count decides (prefill with a bf16 indexer; an FP8 indexer, counted as half its FLOPs: break-even at
 #   7.7K keys with 128 heads, 35K with 16).
 # - **Fast and measured**: the kernels gather the selected rows for a block of heads at once and score the indexer with
 #   one product of all its heads against a key tile, with no `[T, T]` matrix. On an H200 and an H100 they are
@@ -2329,8 +2340,9 @@ assert after < 0.85 * before, (before, after)
 # %% [markdown]
 # ### FP8 index scores at reading size
 #
-# Section 8.5's indexer with its queries and keys rounded to e4m3 (one scale a row, as FP8 kernels quantise):
-# most of the top-8 choices survive, and the attention mass the selection recalls barely moves.
+# Section 8.5's indexer (the teacher above: the model as the warm-up left it) with its queries and keys rounded to
+# e4m3 (one scale a row, as FP8 kernels quantise): most of the top-8 choices survive, and the attention mass the
+# selection recalls barely moves.
 
 # %%
 def to_fp8(x):
@@ -2340,8 +2352,8 @@ def to_fp8(x):
 
 
 with torch.no_grad():
-    q_lat = student.q_a_layernorm(student.q_a_proj(x_eval))
-    qi, ki, wi = student.indexer.project(x_eval, q_lat, torch.arange(64))
+    q_lat = teacher.q_a_layernorm(teacher.q_a_proj(x_eval))
+    qi, ki, wi = teacher.indexer.project(x_eval, q_lat, torch.arange(64))
     sel32 = select_topk(indexer_scores(qi, ki, wi), 8)
     sel8 = select_topk(indexer_scores(to_fp8(qi), to_fp8(ki), wi), 8)
 same = (selection_mask(sel32, 64) & selection_mask(sel8, 64)).sum(-1)[:, 16:].float().mean() / 8
@@ -2391,7 +2403,8 @@ if res is not None:
         ("dense SDPA", "dense", DENSE), ("indexer", "indexer", "indexer scores"),
         ("FP8 indexer", "indexer", "indexer scores, FP8 indexer"),
         ("sparse attention", "sparse", "sparse attention"))}
-    print(", ".join(f"{p} {r:.0f}" for p, r in rate.items()), "TFLOP/s at 64K (bf16 peak: 989)")
+    print(", ".join(f"{p} {r:.0f}" for p, r in rate.items()),
+          "TFLOP/s at 64K (peaks: bf16 989, FP8 1,979)")
     model = {T: (lambda c: c["dsa"].sum() / c["dense"].sum())(dsa_cost(np.arange(T)))
              for T in (8192, 65536)}  # DSA / dense FLOPs
     print(f"the model's DSA / dense FLOPs: {model[8192]:.2f} at 8K, {model[65536]:.2f} at 64K")

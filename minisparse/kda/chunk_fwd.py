@@ -229,7 +229,7 @@ def _chunk_decays(in_ptr, on_ptr, tot_c, hk, m, sub, ks, km, K, C: tl.constexpr,
     """A chunk's log decays for its rows [C] and channels ks, from `_kda_gate_sums_kernel`'s sums
     (hk [C, BK]: the entries' offsets in in_ptr and on_ptr, m their mask; sub [C]: each row's
     sub-chunk; tot_c: the chunk's totals) -> G [C, BK] (g_0 + … + g_i), to_end [C, BK]
-    (g_{i+1} + … + g_L) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
+    (g_{i+1} + … + g_{C−1}) and G_L [BK] (the whole chunk's): sums of one sign, as exact as one."""
     G = tl.load(in_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, -1, sub, ks, km, K, C,
                                                                   BK, NS)
     to_end = tl.load(on_ptr + hk, mask=m, other=0.0) + _totals_between(tot_c, sub, NS, ks, km, K,
