@@ -42,7 +42,9 @@
 # - 7.1 *Why*: attention that reads a fixed budget of tokens; 7.2 *Naive*: the three branches and MoBA;
 # - 7.3 *See it*: each branch's mask, a drawn data flow, an explorer; 7.4 *Cost model*: FLOPs and bytes per branch;
 # - 7.5 *Fast*: the group-centric selection kernel; 7.6 *The layer* and the needle; 7.7 *Measure*;
-# - 7.8 *Exercises*; then a summary, references and the engineering notes (backward kernels, argument checks).
+# - 7.8 *Exercises*; then a summary, references and the engineering notes (argument checks, the pooling kernel, the
+#   top-n with the compressed branch, the gated sum, the backward kernels, the decoding step in three kernels,
+#   MoBA's forward).
 #
 # Layout `[B, T, H, D]` as everywhere: `q [B, T, HQ, D]`, `k, v [B, T, H, D]`, a GQA group of `G = HQ / H`
 # query heads a key head. **[S]** is the seed survey (see References).
@@ -105,12 +107,14 @@ DTYPE = runtime.default_dtype()
 #   $\tilde k_i = \varphi(k_{id : id+l-1})$ — coarse, but it sees the whole past at $1/d$ of the cost;
 # - **selected**: the $n$ blocks whose summaries the query attends to most, read in full — fine detail where it
 #   matters. The compressed branch's probabilities *are* the importance scores, so choosing needs no scorer of
-#   its own (the top-n over $T/d$ blocks still costs time, section 7.7);
+#   its own (the top-n over the $T/l'$ selection blocks, scored from the $T/d$ summaries, still costs time,
+#   section 7.7);
 # - **window**: the last $w$ tokens, so that local patterns do not crowd out the other two branches.
 #
 # Each query reads about $T/d + n l' + w$ tokens instead of $T$: at 64K with the paper's $l = 32$, $d = 16$,
 # $l' = 64$, $n = 16$, $w = 512$ that is 5.6K; the paper measures 9.0× forward and 6.0× backward speed-ups over
-# Triton FlashAttention-2 there (on A100s, with GQA groups of 16, query/key heads of 192 and value heads of 128),
+# Triton FlashAttention-2 there (on A100s, with GQA groups of 16, query/key head dimension 192 and value head
+# dimension 128),
 # and expects 11.6× for decoding from its count of the tokens read (its Table 4; section 7.4
 # reads all three against a cost model).
 #
@@ -138,7 +142,7 @@ plt.show()
 #
 # The survey [S] files both under research methods, not bound to a released large model: NSA as the ACL 2025
 # best paper and the basis of DSA (DeepSeek-V3.2, then GLM-5: chapter 8), MoBA as another "sparse–sparse"
-# method trained natively. Neither is in a `transformers` model, so this chapter's oracles are fla's reference
+# method (trained sparse and run sparse: natively). Neither is in a `transformers` model, so this chapter's oracles are fla's reference
 # functions and the papers' definitions.
 
 # %% [markdown]
@@ -171,8 +175,9 @@ from minisparse.nsa.checks import (check_block_counts, check_block_indices, chec
 # $$
 #
 # with positions counted from 0, as in the code, where $\varphi$ is a learnable MLP with an intra-block position encoding. The simplest $\varphi$ is the mean, which
-# is what fla's reference uses, with $d = l$. `CompressKV` is the paper's learnable version; its second layer starts
-# at zero, so a fresh module *is* mean pooling and training moves it away from there.
+# is what fla's reference uses, with $d = l$. `CompressKV` is a version of the paper's learnable $\varphi$ plus a
+# mean-pool skip (our addition): its second layer starts at zero, so a fresh module *is* mean pooling and training
+# moves it away from there.
 
 # %%
 #| export nsa.naive
@@ -198,9 +203,9 @@ def mean_pool(x, block_size):
 
 
 class CompressKV(torch.nn.Module):
-    """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride +
-    block_size); its summary is an MLP of the block's tokens plus a learned intra-block position
-    embedding.
+    """A learnable compression φ after the paper's (NSA, eq. 7): block i covers tokens
+    [i·stride, i·stride + block_size); its summary is an MLP of the block's tokens plus a learned
+    intra-block position embedding.
 
     φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
     fresh module equals `mean_pool` (stride = block_size) and training moves it from there. One
@@ -311,8 +316,8 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
 #
 # so the $G$ heads of a group read the *same* $n$ blocks, and a kernel can load each block once for all of them:
 # the bytes read per token fall by $G$, and the $G$ query rows form a matrix product with the block's keys. The
-# first block (an attention sink) and the query's own and previous blocks are always kept; a block whose summary is
-# not yet visible cannot be picked (its slot stays `-1`).
+# first block (an attention sink) and the query's own and previous blocks are always kept; any other block whose
+# summary is not yet visible cannot be picked (its slot stays `-1`).
 
 # %%
 #| export nsa.naive
@@ -631,7 +636,8 @@ explorer = viz.explorer(draw_union, block_size=[16, 8, 32], block_counts=(3, 12,
 # products), summed over $c = 1 \dots T$; the backward multiplies both sides by the same factor, so the ratio is
 # the same. For **decoding** the work is reading the cache: $2 D$ elements a (key head, key) — one read a group,
 # thanks to the shared selection. `nsa_cost` evaluates both; the model ignores the compression MLP, the gates
-# and the top-n (all $O(T)$ or $O(T^2/d)$ with small constants) and the overlap of the window with selected blocks.
+# and the top-n (all $O(T)$ or $O(T^2/d)$ with small constants) and the overlap of the window with selected blocks
+# (so below about 3K keys, where those overlap most, it counts some keys twice and the ratio dips under 1).
 
 # %%
 #| export nsa.cost
@@ -727,7 +733,8 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 # ## 7.5 Fast: the group-centric selection kernel
 #
 # The compressed branch attends over $T/d$ summaries and the window branch is chapter 1's flash attention with a
-# window: neither needs a new kernel. The selected branch does. A *query-centric* kernel (one program a query
+# window: neither needs a kernel of its own (the engineering notes fuse the compressed branch into the top-n's
+# kernel). The selected branch does. A *query-centric* kernel (one program a query
 # head, as flash attention) would load each selected block once per head: with $G = 16$ heads a group, sixteen
 # times the bytes. NSA's kernel is **group-centric**: one program takes one token and one GQA group, holds the
 # group's $G$ query rows as one tile, and walks the group's $n$ blocks:
@@ -749,6 +756,10 @@ assert abs(at64k["prefill"] - 9.17) < 0.01 and abs(at64k["decoding"] - 11.64) < 
 # (loads the next tile while the tensor cores work on this one) only when its body does not branch. A loop that
 # skipped them would wait on every gathered tile: at 64K it takes 23 ms where this one takes 16 (the selection kernel
 # alone on an H200, without the gated epilogue; `bench/notes/nsa.md`).
+#
+# The kernel below also carries pointers and flags (`GATED`, `CMP`, `SWA`, `_gated_term`) that this section does not
+# use: without autograd its epilogue can write NSA's gated sum of the three branches at once (engineering notes,
+# "The gated sum in one pass"). Read past them on a first pass.
 
 # %%
 #| export nsa.triton
@@ -1003,11 +1014,11 @@ from minisparse.nsa.layer import NativeSparseAttention
 
 def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
                  device="cpu"):
-    """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values
-    — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
-    distinct keys. The last token asks for one of the keys (its value blank); the answer is that
-    needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0
-    nor a window of `avoid` tokens holds them.
+    """A synthetic retrieval task. The context is filler — blank key `n_keys`, blank value
+    `n_values` — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value)
+    pairs with distinct keys. The last token asks for one of the keys (its value blank); the
+    answer is that needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so
+    neither block 0 nor a window of `avoid` tokens holds them.
 
     Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
     [batch].
@@ -1103,33 +1114,59 @@ assert right[held].float().mean() > 0.9 and right[~held].float().mean() < 0.25
 
 # %% [markdown]
 # One test sequence: the group's importance scores $p^{\text{slc}}$ of each block for the final token, the blocks
-# it reads, and the needles. The scores rise on the blocks that hold needles, not only on the asked one's: the
-# selection has learned where needles are, and the selected attention then picks the asked key among the blocks
-# it reads.
+# it reads, and the needles; then the same scores averaged over 512 fresh sequences.
 
 # %%
+def final_scores(keys, values):
+    """The final token's group importance score of each of the 16 blocks [N, 16], and the blocks
+    it selects [N, 5]."""
+    layer = needle_model.attn
+    n = keys.shape[0]
+    x = needle_model.key_emb(keys) + needle_model.value_emb(values)
+    k_last = apply_rope(layer.k_proj(x).view(n, 256, 1, 16), torch.arange(256))
+    q_last = apply_rope(layer.q_proj(x[:, -1:]).view(n, 1, 4, 16), torch.arange(255, 256))
+    p_cmp = compressed_scores(q_last, layer.k_cmp(k_last), 16, offset=255)[:, 0].sum(1)
+    return p_cmp, select_blocks(q_last, layer.k_cmp(k_last), 5, 16, offset=255)[:, 0, 0]
+
+
 with torch.no_grad():
     keys, values, where, answer = needle_batch(1, 256, block=16,
                                                generator=torch.Generator().manual_seed(7))
-    layer = needle_model.attn
-    x = needle_model.key_emb(keys) + needle_model.value_emb(values)
-    k_last = apply_rope(layer.k_proj(x).view(1, 256, 1, 16), torch.arange(256))
-    q_last = apply_rope(layer.q_proj(x[:, -1:]).view(1, 1, 4, 16), torch.arange(255, 256))
-    # [16] blocks
-    p_cmp = compressed_scores(q_last, layer.k_cmp(k_last), 16, offset=255)[0, 0].sum(0)  # [16]
-    others = (keys[0, :-1] < 16).nonzero()[:, 0] // 16  # blocks of all four needles
-    chosen = select_blocks(q_last, layer.k_cmp(k_last), 5, 16, offset=255)[0, 0, 0]
+    p_cmp, chosen = (x[0] for x in final_scores(keys, values))
+    needles = (keys[0, :-1] < 16).nonzero()[:, 0] // 16  # blocks of all four needles
 fig, ax = plt.subplots(figsize=(7.5, 2.6))
 colours = ["C1" if j in chosen.tolist() else "C7" for j in range(16)]
 ax.bar(range(16), p_cmp.numpy(), color=colours)
-for j in others.tolist():
-    ax.axvline(j, color="C7", ls=":", lw=1)
+for j in needles.tolist():
+    if j != int(where) // 16:
+        ax.axvline(j, color="C7", ls=":", lw=1)
 ax.axvline(int(where) // 16, color="C3", ls="--", label=f"the asked needle (token {int(where)})")
 ax.set_xlabel("block (orange: selected)")
 ax.set_ylabel("Σ_group p_cmp")
 ax.legend(fontsize=8)
 ax.set_title("The final token's importance scores (dotted: the other needles' blocks)")
 plt.show()
+
+with torch.no_grad():
+    keys, values, where, _ = needle_batch(512, 256, block=16,
+                                          generator=torch.Generator().manual_seed(8))
+    p_all, _ = final_scores(keys, values)  # [512, 16]
+asked = torch.zeros_like(p_all, dtype=torch.bool)
+asked[torch.arange(512), where // 16] = True
+has_needle = F.pad(keys[:, :-1] < 16, (0, 1)).view(512, 16, 16).any(-1)  # [512, 16]
+empty = ~has_needle & (torch.arange(16) >= 1) & (torch.arange(16) <= 11)  # needles sit in 1 … 11
+mean = {name: float(p_all[m].mean()) for name, m in
+        (("asked", asked), ("other needles", has_needle & ~asked), ("no needle", empty))}
+print("mean score of a block, 512 sequences:", ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
+assert mean["asked"] > 1.5 * mean["other needles"] and mean["other needles"] > mean["no needle"]
+
+# %% [markdown]
+# The asked needle's block stands out: about 0.6 of the group's score on average, twice what the other needles'
+# blocks get (about 0.3) and three times a block without a needle (0.2). The selection has learned to find the block
+# of the key the final token asks for, and only a little where needles are in general; the selected attention then
+# picks the asked key among the blocks it reads. (In the single sequence above another needle's block, 9, even
+# outscores the asked one's, and blocks 3 and 4, which hold none, outscore the needles of blocks 5 and 7: one
+# sequence is noisy, the average is not. The asked block is selected all the same.)
 
 # %% [markdown]
 # ## 7.7 Measure
@@ -1229,7 +1266,7 @@ from minisparse.testing import attempt
 # of cached tokens one decoding step then reads *per key head* at context $T$: which branches does the group still
 # read once, and what can never exceed $T$? Cap only the selected branch at $T$, and count the window separately
 # even where it overlaps a selected block, as section 7.4 does.
-# `keys_read` (section 7.4) gives each branch's count for a single choice. The checker tries six settings; the
+# `keys_read` (section 7.4) gives each branch's count for a single choice. The checker tries seven settings; the
 # cell after it prints the cost at 64K with the paper's settings and $G = 16$.
 
 # %%
@@ -1300,8 +1337,9 @@ print(f"the paper's shapes: every query from position {full_from} on selects "
 # The inner step of the selection kernel: for one token $t$ and one GQA group, gather block `idx` of the keys
 # and score it for all $G$ heads at once, $s = q k^\top \cdot \text{scale}$, `[BG, BS]`. Keys after the query
 # ($\text{position} > t$; since $t < T$ that also covers keys past the end), and every key of a padding block
-# (`idx = -1`) must score
-# `-inf`. `q` (the G rows, zero-padded) is loaded for you; `k` is one key head, `[T, D]` row-major. The checker
+# (`idx = -1`) must score `-inf`, and the gather itself must be masked there (a padding block's addresses lie
+# before `k`: reading them is a bug even where the score is then overwritten, which no comparison of outputs can
+# see). `q` (the G rows, zero-padded) is loaded for you; `k` is one key head, `[T, D]` row-major. The checker
 # launches your kernel on groups of 1, 2, 3, 4 and 16, $D$ = 16, 24 and 32, a partial own block and a padding
 # block, and says which score differs.
 

@@ -30,9 +30,9 @@ def mean_pool(x, block_size):
 
 
 class CompressKV(torch.nn.Module):
-    """The paper's learnable compression φ (NSA, eq. 7): block i covers tokens [i·stride, i·stride +
-    block_size); its summary is an MLP of the block's tokens plus a learned intra-block position
-    embedding.
+    """A learnable compression φ after the paper's (NSA, eq. 7): block i covers tokens
+    [i·stride, i·stride + block_size); its summary is an MLP of the block's tokens plus a learned
+    intra-block position embedding.
 
     φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
     fresh module equals `mean_pool` (stride = block_size) and training moves it from there. One

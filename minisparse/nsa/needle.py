@@ -7,11 +7,11 @@ from minisparse.nsa.layer import NativeSparseAttention
 
 def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
                  device="cpu"):
-    """A synthetic retrieval task. The context is filler — key `n_keys` ("blank") with random values
-    — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value) pairs with
-    distinct keys. The last token asks for one of the keys (its value blank); the answer is that
-    needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so neither block 0
-    nor a window of `avoid` tokens holds them.
+    """A synthetic retrieval task. The context is filler — blank key `n_keys`, blank value
+    `n_values` — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value)
+    pairs with distinct keys. The last token asks for one of the keys (its value blank); the
+    answer is that needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so
+    neither block 0 nor a window of `avoid` tokens holds them.
 
     Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
     [batch].
