@@ -251,6 +251,16 @@ def test_minimax_m1_full_preset_matches_transformers_at_its_shapes():
 
 
 @HF
+def test_config_from_hf_takes_the_rope_base():
+    """Each family's RoPE base, from `rope_parameters` (or `rope_theta`); the default where a config has none."""
+    assert M.config_from_hf(transformers.MixtralConfig()).rope_theta == 1e6
+    qwen = transformers.Qwen3NextConfig()
+    qwen.rope_parameters = {**qwen.rope_parameters, "rope_theta": 1e7}
+    assert M.config_from_hf(qwen).rope_theta == 1e7
+    assert M.config_from_hf(transformers.KimiLinearConfig()).rope_theta == M.HybridConfig.rope_theta
+
+
+@HF
 def test_config_from_hf_of_a_model_asks_for_its_config():
     """A model (not its config) was 'model_type MixtralForCausalLM is not supported'; now a TypeError saying what to
     pass, from config_from_hf and from the helpers that accept a transformers config."""
@@ -701,6 +711,13 @@ class _AddRmsnorm:
         return lambda *args: _add_rmsnorm_kernel[grid](*args, **self.flags)
 
 
+class _Stub:
+    """A launch that stores nothing, as the exercise's stub (`pass`) does."""
+
+    def __getitem__(self, grid):
+        return lambda *args: None
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the kernel without eps: 0 / 0
 def test_check_add_rmsnorm_kernel():
     X.check_add_rmsnorm_kernel(_AddRmsnorm())
@@ -710,7 +727,8 @@ def test_check_add_rmsnorm_kernel():
              "x normalised instead of x + y": (_AddRmsnorm(from_x=True), r"n\[0"),
              "eps outside the root": (_AddRmsnorm(eps_outside=True), r"n\[3"),
              "no eps, the zero row guarded": (_AddRmsnorm(with_eps=False, guard=True), r"n\[3"),
-             "unmasked stores": (_AddRmsnorm(masked_stores=False), r"a store past the row")}
+             "unmasked stores": (_AddRmsnorm(masked_stores=False), r"a store past the row"),
+             "nothing stored (the stub)": (_Stub(), r"not implemented yet")}
     for why, (kernel, message) in wrong.items():
         with pytest.raises(ExerciseError, match=message):
             X.check_add_rmsnorm_kernel(kernel)

@@ -189,6 +189,9 @@ def check_add_rmsnorm_kernel(kernel):
         buf = [torch.full((4 * d + pad,), 7.0, device=dev) for _ in range(2)]
         r, n = (b[:4 * d].view(4, d) for b in buf)
         kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6, pad)
+        if all((b == 7.0).all() for b in buf):
+            raise ExerciseError("✗ add + RMSNorm: not implemented yet — the kernel stored nothing; "
+                                "write it and run the cell again")
         if any((b[4 * d:] != 7.0).any() for b in buf):
             raise ExerciseError(f"✗ add + RMSNorm (d = {d}): a store past the row's d numbers\n"
                                 "Hint: mask the stores to the d real columns")

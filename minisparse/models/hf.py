@@ -35,6 +35,10 @@ def config_from_hf(hf, backend="auto"):
              num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
              norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings),
              intermediate_size=hf.intermediate_size, backend=backend)
+    theta = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta",
+                                                             getattr(hf, "rope_theta", None))
+    if theta is not None:  # Kimi Linear's config has none
+        c["rope_theta"] = float(theta)
     if mt in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "kimi_linear"):  # MLA + DeepSeek MoE
         kimi = mt == "kimi_linear"
         c.update(q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank,
