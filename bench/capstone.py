@@ -256,8 +256,8 @@ def mean_ms(hist, last=20):
 
 
 def merge(paths, out):
-    """One capstone.json from several (one preset or task each, or earlier merges): the rows together, and each
-    part's config with the presets it covers."""
+    """One capstone.json from several (one preset or task each, or earlier merges): the rows together, each part's
+    config with the presets it covers, and at the top the settings that every part shares."""
     docs = [json.loads(pathlib.Path(f).read_text()) for f in paths]
     rows, parts = {}, []
     for d in docs:  # a later file's row replaces an earlier one of the same preset, task and pair count
@@ -269,7 +269,9 @@ def merge(paths, out):
                     old["presets"] = [n for n in old["presets"] if n not in part["presets"]]
             parts = [old for old in parts if old["presets"]] + [part]
     rows = list(rows.values())
-    config = dict({k: v for k, v in docs[0]["config"].items() if k != "parts"}, parts=parts)
+    shared = {k: v for k, v in parts[0].items() if k not in ("tasks", "presets", "date")
+              and all(k in p and p[k] == v for p in parts)}  # the settings every part ran with
+    config = dict(shared, parts=parts)
     env = {k: docs[0][k] for k in ("device", "torch", "triton", "cuda")}  # where the rows were measured
     env["date"] = max(d["date"] for d in docs)  # the newest measurement
     for f, d in zip(paths, docs):

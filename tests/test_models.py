@@ -466,6 +466,8 @@ def test_training_script_tasks_and_merge(tmp_path):
     assert [r["recall"] for r in again["rows"] if r["task"] == "mqar"] == [-1.0] * 3
     assert [part["tasks"] for part in again["config"]["parts"]] == [["speed"], ["mqar"]]
     assert all(part["date"] == rerun["date"] for part in again["config"]["parts"])  # when each was measured
+    shared = {k: v for k, v in again["config"].items() if k != "parts"}  # only what every part ran with
+    assert shared["hidden"] and all(part[k] == v for part in again["config"]["parts"] for k, v in shared.items())
     speed, other = tmp_path / "speed" / "capstone.json", tmp_path / "other.json"
     speed.write_text(speed.read_text().replace('"device": "cpu"', '"device": "NVIDIA H200"'))
     merge = [sys.executable, str(ROOT / "bench" / "capstone.py"), "--merge", str(speed)]
