@@ -69,20 +69,18 @@ sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL fr
 
 # MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures. jupytext writes the
 # .ipynb, nbconvert executes it in place with a per-cell timeout, so that a kernel that goes idle without replying
-# fails the run instead of hanging it (jupytext --execute waits without a limit). The kernels (here and in `make lab`)
-# get CurveZMQ keys from jupyter_client, so that ipykernel does not warn that it talks over plain TCP
-ENCRYPT := --KernelManager.transport_encryption=auto
+# fails the run instead of hanging it (jupytext --execute waits without a limit)
 notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \
 	  echo "   $$py"; \
 	  $(BIN)/jupytext --quiet --to ipynb "$$py" && \
-	  env -u MPLBACKEND $(BIN)/jupyter nbconvert --log-level=WARN --to notebook --execute --inplace $(ENCRYPT) \
+	  env -u MPLBACKEND $(BIN)/jupyter nbconvert --log-level=WARN --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=900 "$${py%.py}.ipynb" || { echo "make: executing $$py failed"; exit 1; }; \
 	done
 
 lab: $(STAMP) ## JupyterLab on the chapters
-	$(BIN)/jupyter lab $(ENCRYPT) chapters/
+	$(BIN)/jupyter lab chapters/
 
 clean: ## remove the built book and pytest's cache
 	rm -rf book/_build .pytest_cache

@@ -40,7 +40,7 @@
 # - 4.3 *Naive*: the recurrence (the spec) and Lightning Attention's chunk form; 4.4 *Fast*: the chunk form in
 #   Triton, kernel by kernel; 4.5 *The layer*, as MiniMax builds it;
 # - 4.6 *Hybrids*: MiniMax-M1's 7 : 1 stack, its generation cost, and what a fixed state cannot recall;
-# - 4.7 *See it*: where the chunks cut the decay matrix; 4.8 *Measure*: the H200 numbers; 4.9 *Exercises*; then
+# - 4.7 *See it*: where the chunks cut the decay matrix; 4.8 *Measure*: the H100 numbers; 4.9 *Exercises*; then
 #   a summary, references and the optional engineering notes (backward and decoding kernels, launch plumbing).
 #
 # Layout `[B, T, H, D]` as everywhere in the book; a state is `[B, H, K, V]`. On a laptop CPU the chapter runs in
@@ -261,8 +261,9 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state "
 #
 # with a scale $\sigma$ (MiniMax uses $\sigma = 1$; the book's default is $K^{-1/2}$). A token $n$ steps back weighs
 # $e^{-s_h n}$: the head's memory has a half-life of $\ln 2 / s_h$ tokens. In the book's log-space convention the
-# gate is $g = -s_h \le 0$ at every step — the same recurrence as fla's *simple GLA* with a constant gate, which is
-# how the tests check it. (fla's `lightning_attn` op is this recurrence too, but with TransNormer's rates
+# gate is $g = -s_h \le 0$ at every step — the same recurrence as the *simple GLA* of fla (flash-linear-attention,
+# the Triton library of linear attention kernels): gated linear attention with one scalar gate per head, here a
+# constant one, which is how the tests check it. (fla's `lightning_attn` op is this recurrence too, but with TransNormer's rates
 # $s_h = \tfrac{8}{H}(1 - \ell/L)\,h$, not MiniMax's.)
 #
 # MiniMax's rates are ALiBi's geometric slopes (Press et al., 2022) scaled down layer by layer. For $H$ heads, head
@@ -273,10 +274,12 @@ print(f"the KV cache of one softmax layer outgrows a lightning layer's state "
 # $$
 #
 # Head 0 forgets fastest ($s = 2^{-8/H}$, a half-life under a token for $H = 64$); the last head keeps a memory of
-# hundreds of tokens. Deeper layers forget more slowly: the formula's last layer ($\ell = L - 1$) would keep
+# about 180 tokens. Deeper layers forget more slowly: the formula's last layer ($\ell = L - 1$) would keep
 # almost everything ($s \approx 10^{-5}$ times the head's rate), but in MiniMax-01 and M1 that layer is a softmax
-# layer, and the last lightning layer (78 of 80) keeps about 1 % of the head's rate. The two $10^{-5}$ keep the rate positive in the last layer and are part of the released
-# code; we copy them so that the buffers match `transformers'` bit for bit (checked in the Engineering notes).
+# layer, and the last lightning layer (78 of 80) keeps about 1.3 % of the head's rate. The two $10^{-5}$ are part of
+# the released code (either alone keeps the last layer's rate positive; the one in the denominator also avoids 0/0 for
+# a single layer); we copy them so that the buffers match `transformers'` bit for bit (checked in the Engineering
+# notes).
 
 # %%
 #| export lightning.naive
@@ -417,8 +420,9 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
 #
 # The intra-block part is quadratic in $C$ only; the inter-block part is one $C \times K$ by $K \times V$ product;
 # and the state moves on by one $K \times C$ by $C \times V$ product. Every power of $\lambda$ is non-negative —
-# $i - j \ge 0$, $i + 1 > 0$, $L - 1 - j \ge 0$ — so every exponent of $e$ is $\le 0$ and no factor can overflow, even for a fast head whose $\lambda^{64}$ underflows to
-# zero. (Forms that divide by $\lambda^{j}$ to factor $D$ into a product of two vectors do overflow; this one never
+# $i - j \ge 0$, $i + 1 > 0$, $L - 1 - j \ge 0$ — so every exponent of $e$ is $\le 0$ and no factor can overflow, even
+# for a head fast enough that $\lambda^{L}$ underflows to zero (MiniMax's fastest head at its block of 256, or a rate
+# of 8 as in the tests). (Forms that divide by $\lambda^{j}$ to factor $D$ into a product of two vectors do overflow; this one never
 # does.) MiniMax's released code and `transformers` use exactly these three factors with $C = 256$. The picture:
 # each chunk's outputs need only its own rows and the state entering it; the states form a chain.
 
@@ -956,7 +960,8 @@ print(f"M1 / R1 FLOPs: {at[64_000]:.0%} at 64K, {at[100_000]:.0%} at 100K genera
 assert at[64_000] < 0.5 and 0.2 < at[100_000] < 0.4 and at_abs < at[100_000]
 
 # %% [markdown]
-# *Assumptions: no prompt (it adds the same KV-cache reads to both but favours M1 further); every layer's
+# *Assumptions: no prompt (a prompt adds context to every softmax layer, far more for R1's 61 MLA layers than for
+# M1's 10, so it favours M1 further); every layer's
 # attention counted on the causal context only; bf16 caches, fp32 lightning states; active parameter counts from
 # the papers ([S] agrees); MoE routing overheads, memory traffic and kernel efficiency ignored — this is a count of
 # arithmetic, as the report's figure is.* How DeepSeek's MLA is counted matters: as 128 ordinary heads with
@@ -1031,7 +1036,8 @@ assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] =
 # %% [markdown]
 # Softmax attention recalls nearly every pair up to hundreds of them; the linear state is perfect for a few pairs,
 # then loses them once $N$ passes $d$; the decayed state (a half-life of about 50 tokens) behaves much like it at
-# these sizes — its forgetting of the oldest pairs shows only for pairs written more than a half-life back. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
+# these sizes: decay costs some recall near $N \approx d$ to $2d$ (it fades the older pairs too) and fades the
+# crosstalk at large $N$, where it recalls a little more. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
 # softmax layers to do the exact look-ups — the layers M2 decided to keep everywhere. Chapters 5 and 6 improve the
 # state itself: the delta rule *overwrites* a key's old value instead of adding to it, which raises the recall of
 # a $d \times d$ state considerably.
@@ -1043,8 +1049,9 @@ assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] =
 #
 # The explorer draws the full $T \times T$ decay-weighted mask $\lambda^{t-s}$ for 128 tokens and marks the
 # chunks. The blocks on the diagonal are the intra-chunk part — computed directly as $(QK^\top \odot D)V$; everything
-# below them reaches the output through the chunk states, with the query decay $\lambda^{i+1}$ on the left and
-# the key decay $\lambda^{L-1-j}$ on the right of each off-diagonal block. Slide the decay rate and the chunk size:
+# below them reaches the output through the chunk states: off-diagonal block $(n, m)$ is the query decay
+# $\lambda^{i+1}$ on the left, the key decay $\lambda^{L-1-j}$ on the right and $\lambda^{L(n-m-1)}$ for the
+# chunks in between, a rank-one matrix of decays. Slide the decay rate and the chunk size:
 # a fast head leaves almost nothing below the diagonal blocks (its state carries little), a slow head almost
 # everything.
 
@@ -1073,7 +1080,7 @@ explorer = viz.explorer(draw_decay, log10_slope=(-4.0, 1.0, 0.25), chunk=[8, 16,
 # %% [markdown]
 # ## 4.8 Measure
 #
-# `bench/lightning.py` times `chunk_lightning_attn` on the H200 against fla's `chunk_simple_gla` (the same decay,
+# `bench/lightning.py` times `chunk_lightning_attn` on a GPU against fla's `chunk_simple_gla` (the same decay,
 # `g_gamma = -slope`), fla's `chunk_lightning_attn` (TransNormer's rates) and SDPA causal attention at $B = 2$, $H = 16$,
 # $K = V = 128$ in bf16; the cell plots `bench/results/lightning.json` and prints its table (ratio: our time over fla's).
 
@@ -1095,26 +1102,27 @@ r2 = {p: [round(ratio[p][T], 2) for T in Ts] for p in ratio}  # T = 1K, 2K, 4K, 
 assert max(r2["fwd"]) <= 1.0 and max(r2["fwd+bwd"]) <= 0.8, r2  # takeaway 1, at every length
 long = [i for i, T in enumerate(Ts) if T >= 16384]
 assert [(min(r2[p][i] for i in long), max(r2[p][i] for i in long)) for p in ("fwd", "fwd+bwd")] == [
-    (0.93, 0.97), (0.70, 0.72)], r2
-# takeaway 2: fla's 8K call is bound by the host
-assert ms_at[fla, "fwd", 8192] > ms_at[fla, "fwd", 16384] > 0.4
-assert ms_at[ours, "fwd", 1024] > ms_at[ours, "fwd", 2048]  # and so is our shortest
+    (0.97, 0.97), (0.67, 0.67)], r2
+# takeaway 2: our 2K call is bound by the host (slower than the 4K one), and fla's shortest
+assert ms_at[ours, "fwd", 2048] > ms_at[ours, "fwd", 4096]
+assert ms_at[fla, "fwd", 2048] > ms_at[fla, "fwd", 4096]
 assert all((ms_at[sdpa, "fwd", T] < ms_at[ours, "fwd", T]) == (T <= 2048) for T in Ts)  # takeaway 3
 gap = {T: ms_at[sdpa, "fwd", T] / ms_at[ours, "fwd", T] for T in Ts}
-assert (round(ms_at[ours, "fwd", 65536], 1), round(ms_at[sdpa, "fwd", 65536])) == (1.5, 59)
-assert round(gap[65536]) == 40 and all(1.8 < gap[2 * T] / gap[T] < 2.2 for T in Ts[3:-1]), gap
+assert (round(ms_at[ours, "fwd", 65536], 1), round(ms_at[sdpa, "fwd", 65536])) == (1.9, 56)
+assert round(gap[65536]) == 29 and all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts[3:-1]), gap
 
 # %% [markdown]
-# **Takeaways** (H200, bf16, 2026-12-04; the table above):
-# - **Faster than fla's at every length, forward and backward.** From 16K tokens on, where the GPU's work sets both
-#   times, the forward takes 0.93–0.97× fla's time and forward + backward 0.70–0.72×.
-# - **Short calls measure the host, not the kernels.** In this run fla's forward takes 0.21–0.51 ms up to 8K tokens
-#   and more at 8K than at 16K: the time to issue its kernels from Python, which varies from machine to machine
-#   (`bench/notes/lightning.md`). Ours is host-bound at 1K (slower than at 2K). Read the ratios below 16K as launch
+# **Takeaways** (H100, bf16, 2026-12-07; the table above):
+# - **Faster than fla's `chunk_simple_gla` at every length, forward and backward.** From 16K tokens on, where the
+#   GPU's work sets both times, the forward takes 0.97× its time and forward + backward 0.67×. (fla's
+#   `chunk_lightning_attn`, plotted too, runs the same kernels with TransNormer's rates: within 1 % of it from 16K.)
+# - **Short calls measure the host, not the kernels.** In this run our forward takes longer at 2K than at 4K, and
+#   fla's longer at 2K than at 4K, 0.12–0.44 ms up to 4K: the time to issue the kernels from Python, which varies
+#   from machine to machine and run to run (`bench/notes/lightning.md`). Read the ratios below 8K as launch
 #   overheads.
 # - **Ours and fla's grow linearly in $T$, SDPA quadratically**: SDPA's causal forward is faster only up to 2K
-#   tokens; at 64K our forward takes
-#   1.5 ms where SDPA takes 59 ms (40×), and from 8K the gap about doubles with each doubling of $T$.
+#   tokens; at 64K our forward takes 1.9 ms where SDPA takes 56 ms (29×), and from 8K the gap about doubles with
+#   each doubling of $T$.
 
 # %% [markdown]
 # ## 4.9 Exercises
@@ -1649,8 +1657,8 @@ def _bwd_dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, states_ptr, dstates
 #  store S → final_state
 # ```
 #
-# Decoding is memory-bound: each step reads and writes the $K \times V$ state once, $2 \cdot 4KV$ bytes a head in
-# fp32, and does $4KV$ FLOPs — half a FLOP a byte, far below any GPU's ridge. `fused_recurrent_lightning_attn` is
+# Decoding is memory-bound: each call (one token when decoding) reads and writes the $K \times V$ state once,
+# $2 \cdot 4KV$ bytes a head in fp32, and does $4KV$ FLOPs — half a FLOP a byte, far below any GPU's ridge. `fused_recurrent_lightning_attn` is
 # **forward only** (it raises if asked for gradients): training uses the chunk kernel.
 
 # %%
@@ -1948,7 +1956,7 @@ if runtime.has_gpu() and not runtime.interpreting():
                                                                 vm.transpose(1, 2), is_causal=True))
     print(f"chunk_lightning_attn fwd {ms:.3f} ms, SDPA causal fwd {sd:.3f} ms (B2 T8192 H16 D128)")
 else:
-    print("No GPU here: nothing to time live (section 4.8 shows the committed H200 numbers).")
+    print("No GPU here: nothing to time live (section 4.8 shows the committed H100 numbers).")
 
 # %% [markdown]
 # ### The exercise checkers

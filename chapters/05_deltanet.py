@@ -128,7 +128,8 @@ except ImportError:
 # it on CPU tensors, and on CUDA after `runtime.set_value_checks(True)`.
 #
 # **Gated DeltaNet** (Yang, Kautz, Hatamizadeh 2024) multiplies the state by a data-dependent decay
-# $\alpha_t = e^{g_t} \in (0, 1]$ first — Mamba2's gate — so that a head can also clear its whole memory quickly
+# $\alpha_t = e^{g_t} \in (0, 1]$ first — Mamba2's gate: one scalar, data-dependent decay per head and token
+# (its exact form in section 5.7) — so that a head can also clear its whole memory quickly
 # when the context changes:
 #
 # $$
@@ -227,7 +228,8 @@ def l2norm(x, eps=1e-6):
 
 def _check_l2norm_range(op, q, k):
     """The kernels' l2norm sums q² and k² in float32 (as fla's): refuse rows it would overflow.
-    One reduction and a host sync a tensor; call it where the value-check rule says so."""
+    A NaN count and a range a tensor, each read back (host syncs); call it where the value-check
+    rule says so."""
     for name, x in (("q", q), ("k", k)):
         _checks.value_range(op, name, x, low=-2.0 ** 59, high=2.0 ** 59,
                             why="use_qk_l2norm: the kernels sum its squares in float32; l2norm "
@@ -353,7 +355,7 @@ wy_boxes = {
             "$O = \\sigma \\cdot (\\mathrm{diag}(e^G) Q S_n$\n$+ (QK^\\top \\odot \\Gamma) U)$",
             w=2.8),
 }
-wy_arrows = [("in", "A"), ("A", "inv"), ("inv", "wy", "$\\times\\,\\beta K,\\ \\beta V$"),
+wy_arrows = [("in", "A"), ("A", "inv"), ("inv", "wy", "$\\times\\,\\beta e^G K,\\ \\beta V$"),
              ("wy", "U"), ("S", "U", "$W S_n$"), ("U", "next"), ("U", "O"), ("S", "O", "$Q S_n$")]
 wy_groups = [(["A", "inv", "wy"], "every chunk in parallel: no state"),
              (["O"], "every chunk in parallel"),
@@ -540,7 +542,7 @@ explorer = viz.explorer(draw_delta, beta=(0.05, 2.0, 0.05), log10_decay=(-4.0, 1
 #
 # $$
 # F_\text{GDN}(T) = H_v\, T\,\bigl[\underbrace{C(K+V) + 4KV}_\text{chapter 4's chunk form}
-#   + \underbrace{CK + C(K+V) + 2KV}_\text{UT transform, } WS\bigr].
+#   + \underbrace{CK + C(K+V) + 2KV}_{\text{UT transform, } WS}\bigr].
 # $$
 #
 # For $C = 64$, $K = V = 128$ that is 1.7× chapter 4's FLOPs a token — still linear in $T$. Decoding keeps a
@@ -1062,8 +1064,8 @@ print("decoding with conv + recurrent state == prefill (60-token prompt, then 10
 #
 # **The design, and why.** Three forward kernels, so that only the scan is sequential; the solve by blocks, so that
 # it runs on tensor cores; $W$, $\tilde U$, $U$ and the chunk states stored in the input dtype, as fla stores them
-# (half the bytes in bf16), while the normalised $q$, $k$ are never rounded ($1/\lVert q\rVert$, $1/\lVert k\rVert$
-# are fp32 scalings inside the kernels); a backward that recomputes $W$, $U$ and the states in fp32.
+# (half the bytes in bf16), while the forward never rounds the normalised $q$, $k$ ($1/\lVert q\rVert$,
+# $1/\lVert k\rVert$ are fp32 scalings inside the kernels; the backward's recomputation rounds them once); a backward that recomputes $W$, $U$ and the states in fp32.
 #
 # `bench/deltanet.py` times `chunk_gated_delta_rule` as it runs on CUDA by default (value checks off, as fla) against
 # fla's `chunk_gated_delta_rule` (the kernels Qwen3-Next runs in `transformers` and vLLM) and SDPA causal attention,
@@ -1073,13 +1075,16 @@ print("decoding with conv + recurrent state == prefill (60-token prompt, then 10
 
 # %%
 r = bench.load_results("deltanet")
+for row in r["rows"]:  # the op's CUDA default is "value checks off": name the other line
+    if row["impl"] == "chunk_gated_delta_rule (minisparse)":
+        row["impl"] = "minisparse, value checks on"
 fig = bench.plot_passes(r, y="ms")
 for ax in fig.axes:
     ax.set_yscale("log")  # SDPA's quadratic time would flatten the linear-time lines otherwise
 plt.show()
 ms = {(row["impl"], row["pass"], row["T"]): row["ms"] for row in r["rows"]}
 OURS, FLA, SDPA = "minisparse, value checks off", "fla chunk_gated_delta_rule", "SDPA causal"
-CHECKED = "chunk_gated_delta_rule (minisparse)"  # the forward with value checks on
+CHECKED = "minisparse, value checks on"
 Ts = r["config"]["T"]
 ratio = {p: {T: ms[OURS, p, T] / ms[FLA, p, T] for T in Ts} for p in ("fwd", "fwd+bwd")}
 checked = {T: ms[CHECKED, "fwd", T] / ms[FLA, "fwd", T] for T in Ts}
@@ -1113,14 +1118,14 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #
 # 1. **The forward is faster than fla's at every length**: 0.93–0.94× fla's time from 16K to 64K tokens, 0.65× at
 #    8K, and 0.17–0.26× up to 4K, where fla's time hardly moves (1.11–1.25 ms: launches and host work). With value
-#    checks on, the range checks of g, β, q and k (two host reads each, before any kernel is queued) add
-#    0.24–0.57 ms: 0.98–1.22× fla's time from 8K.
+#    checks on, the range checks of g, β, q and k (host reads of a NaN count and a range each, before any kernel
+#    is queued) add 0.24–0.57 ms: 0.98–1.22× fla's time from 8K.
 # 2. **The backward is the weak half**: forward + backward takes 1.87–1.89× fla's time from 16K to 64K and 1.57× at
 #    8K, but less than fla's up to 4K (0.34×, 0.59×, 0.78×), where launches dominate. Its work is split as fla
 #    splits it (the engineering notes' backward pass: a WY kernel a chunk, a keys kernel a chunk and block of key
 #    channels). Part of what remains is precision: the recomputed W, U, states, dU and dS enter the products in fp32
-#    where fla rounds them to bf16. Rounding as fla does puts dg's error past the tests' 8e-3 bound and still leaves
-#    the backward at 1.68× fla's time (`bench/notes/deltanet.md`). The rest is the reverse scan, the largest kernel
+#    where fla rounds them to bf16. Rounding as fla does put dg's error past the tests' 8e-3 bound and took the
+#    earlier one-kernel backward only from 2.24× to 1.68× fla's time (H200, `bench/notes/deltanet.md`). The rest is the reverse scan, the largest kernel
 #    of the pass.
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 12.2× our forward's time, and from 8K the gap about doubles with each doubling of $T$.
@@ -2233,7 +2238,7 @@ def _fused_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr,
 # $V$-tile at the padded $V$. When none fits, the error names the kernel and points to
 # `naive_chunk_gated_delta_rule`. A row may also choose a variant of the code: the backward's reverse scan at
 # $K = 128$ needs 72 KiB of shared memory on a T4 by the compiler's count when it loads its four operand tiles
-# first, as it does on Ampere and Hopper (the sm_80 row), and 24–32 KiB when each is loaded right before its product
+# first, as it does on Ampere and Hopper (the sm_80 row), and 24 KiB when each is loaded right before its product
 # (`LATE_LOADS`, the T4's row). The two scans and the keys kernel are never autotuned: they update $U$, $dU$ and
 # $dk$ in place, and the autotuner's repeated runs
 # would apply the update twice.
@@ -2931,21 +2936,21 @@ def check_chunk_transition(fn):
     product M_L ⋯ M_1, M_t = e^{g_t}(I − β_t k_tᵀ k_t), with the true W; then, with a perturbed W,
     against the closed form, which a P that does not read W cannot follow."""
     gen = torch.Generator().manual_seed(63)
-    cases, perturbed = [], []
+    cases, perturbed, product = [], [], {}
     for L, K, low, beta_max in [(1, 4, -0.5, 1.0), (5, 8, 0.0, 1.0), (16, 16, -0.3, 1.0),
                                 (33, 8, -0.1, 1.0), (12, 6, -0.2, 2.0)]:
         k = torch.nn.functional.normalize(torch.randn(L, K, generator=gen, dtype=torch.float64),
                                           dim=-1)
         beta = beta_max * torch.rand(L, generator=gen, dtype=torch.float64)
         g = low * torch.rand(L, generator=gen, dtype=torch.float64)
-        cases.append((k, beta, g))
         W = _wy_rows(k, beta, g)
+        cases.append((k, W, g))
+        product[id(W)] = _explicit_transition(k, beta, g)  # M_L ⋯ M_1, from β
         perturbed.append((k, W + 0.1 * torch.randn(L, K, generator=gen, dtype=torch.float64), g))
     hint = ("substitute U = Ũ − W S into the state update of section 5.3 and keep the terms that "
             "multiply S; key j is decayed by e^{G_L − G_j} to the chunk's end")
-    check("a chunk's transition from its WY representation",
-          lambda k, beta, g: fn(k, _wy_rows(k, beta, g), g), _explicit_transition, cases, tol=1e-4,
-          hint=hint)
+    check("a chunk's transition from its WY representation", fn,
+          lambda k, W, g: product[id(W)], cases, tol=1e-4, hint=hint)
     check("the transition follows W", fn, _closed_form, perturbed, tol=1e-4,
           hint="with a perturbed W the product of the M_t no longer holds, and P must be built "
                "from W: " + hint)

@@ -18,7 +18,8 @@ def l2norm(x, eps=1e-6):
 
 def _check_l2norm_range(op, q, k):
     """The kernels' l2norm sums q² and k² in float32 (as fla's): refuse rows it would overflow.
-    One reduction and a host sync a tensor; call it where the value-check rule says so."""
+    A NaN count and a range a tensor, each read back (host syncs); call it where the value-check
+    rule says so."""
     for name, x in (("q", q), ("k", k)):
         _checks.value_range(op, name, x, low=-2.0 ** 59, high=2.0 ** 59,
                             why="use_qk_l2norm: the kernels sum its squares in float32; l2norm "
