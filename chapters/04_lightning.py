@@ -1263,7 +1263,8 @@ check_chunk_form_fix(fixed_chunk_form_solution)
 # (QK^\top \odot D)\,V$ with $a_i = \lambda^{i+1}$, $D_{ij} = \lambda^{i-j}$ for $j \le i$ (scale 1). The loads
 # (`load_chunk`, zero-padded to powers of two) and the store are written; fill in the marked gap, keeping every
 # exponent $\le 0$. The checker launches it on odd shapes ($L = 5, 13, 33$; $K, V$ not powers of two; slopes
-# $10^{-3}$ to 8) — in the interpreter on a CPU — against the recurrence, and says which element differs and why.
+# $10^{-3}$ to 8) — in the interpreter on a CPU — against the recurrence, and says which element differs and why
+# (in the interpreter an exponential that overflows fails it, even one masked afterwards).
 
 # %%
 @triton.jit
@@ -1969,6 +1970,7 @@ else:
 #| export lightning.exercises
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -2098,9 +2100,20 @@ def _tile_suspects(q, k, v, S, slope):
                 (q * a) @ S + (q @ k.T * torch.exp(-slope * (i[:, None] - i[None, :]).abs())) @ v}
 
 
+def _overflow_in(err):
+    """Whether numpy's overflow error is err or any exception that led to it."""
+    while err is not None:
+        if isinstance(err, FloatingPointError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def check_output_tile_kernel(kernel):
     """Exercise 4: launch kernel[(1,)](q, k, v, S, o, slope, L, K, V, BL=, BK=, BV=) on odd
-    shapes and compare o with the recurrence run from S (the interpreter on CPU, or the GPU)."""
+    shapes and compare o with the recurrence run from S (the interpreter on CPU, or the GPU). In
+    the interpreter an exponential that overflows fails the check, even where its value is masked
+    afterwards."""
     dev = "cuda" if runtime.has_gpu() and not runtime.interpreting() else "cpu"
     tol = 1e-4 if dev == "cpu" else 2e-3  # a GPU's fp32 tl.dot may round through TF32 unless "ieee"
     shapes = [(5, 3, 7, 0.3), (16, 16, 16, 1e-3), (13, 20, 9, 2.0), (1, 4, 4, 0.5),
@@ -2110,10 +2123,18 @@ def check_output_tile_kernel(kernel):
         ref = _recurrence(q, k, v, S, slope)[0]
         o = torch.full((L, V), float("nan"), device=dev)
         pad = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731  (tl.dot needs ≥ 16)
-        kernel[(1,)](q.to(dev), k.to(dev), v.to(dev), S.to(dev), o, slope, L, K, V,
-                     BL=pad(L), BK=pad(K), BV=pad(V))
-        o = o.cpu()
         where = f"shape {n + 1} of {len(shapes)} (L = {L}, K = {K}, V = {V}, slope = {slope})"
+        try:
+            with np.errstate(over="raise"):  # the interpreter computes in numpy: an overflow raises
+                kernel[(1,)](q.to(dev), k.to(dev), v.to(dev), S.to(dev), o, slope, L, K, V,
+                             BL=pad(L), BK=pad(K), BV=pad(V))
+        except Exception as err:  # noqa: BLE001 - only an overflow is the reader's to fix here
+            if not _overflow_in(err):
+                raise
+            raise ExerciseError(f"✗ output tile, {where}: an exponential overflowed — a positive "
+                                "exponent (above the diagonal?) taken before the mask; keep every "
+                                "exponent ≤ 0: mask it to -inf first, then exp") from None
+        o = o.cpu()
         if torch.isnan(o).any():
             r, c = (int(x) for x in torch.isnan(o).nonzero()[0])
             raise ExerciseError(f"✗ output tile, {where}: row {r}, column {c} is NaN — never "
