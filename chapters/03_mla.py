@@ -241,7 +241,8 @@ assert round(mla * T128 / 1e9, 1) == 9.2 and mla / (61 * 2 * 128 * 2) == 2.25  #
 # %% [markdown]
 # With MHA's cache, one 128k-token sequence of this model would need 524 GB — nearly four H200s, before a single
 # weight is stored. MLA needs 9.2 GB: **57 times less** ($2 \cdot 128 \cdot 128 / 576$), between GQA with 8 groups
-# and MQA. This is the one MHA baseline the book uses. Counting instead the keys an expanded MLA head really has,
+# and MQA. This is the MHA baseline the book's cache ratios use (section 3.9's SDPA runs the expanded 192-number
+# keys instead). Counting instead the keys an expanded MLA head really has,
 # $128 + 64 = 192$ numbers, the MHA cache would be $128\,(192 + 128) / 576 = 71$ times MLA's; we keep the paper's
 # convention because the 64 extra key dimensions exist only because of MLA's decoupled rotary part (section 3.2).
 # Per layer MLA caches $d_c + d_R = 4.5\,d_h$ numbers a token, as much as GQA with 2.25 groups — while the paper
@@ -268,7 +269,7 @@ print(f"experts reached: {reached:.0%}; MLA's cache passes the weights from "
 assert round(share, 1) == 0.2 and round(even / 1024) == 127  # MLA's (the last row)
 
 # %% [markdown]
-# With MHA's cache the cache is nearly everything a step reads (94 %); with MLA's, at this batch and length it is a
+# With MHA's cache the cache is nearly everything a step reads (93.5 %); with MLA's, at this batch and length it is a
 # fifth and the experts' weights the rest — until about 127k tokens, where the cache passes them. A model's serving setup
 # (expert parallelism spreads the experts over GPUs, each with its own share of the batch's sequences) moves these
 # numbers, but not the trend: at long context, decoding speed is cache-reading speed. That is why the decode kernel
@@ -683,8 +684,8 @@ assert cache.buffer.nbytes == kv_cache_bytes(layer, T_DEC, cache.buffer.dtype, b
 #
 # - **content**: the query is the word's embedding, the rotary query is zero — a token looks for earlier copies of
 #   itself through $\tilde q^\top c_s$;
-# - **previous token**: no content query, a constant rotary query $R_{-1} u$ — by section 3.2's identity the score
-#   is $u^\top R_{s-t+1} u$, largest at $s = t - 1$;
+# - **previous token**: no content query, a constant rotary query $16 \cdot R_{-1} u$ (scaled up so that the softmax
+#   is sharp) — by section 3.2's identity the score is $16\, u^\top R_{s-t+1} u$, largest at $s = t - 1$;
 # - **both**: half of each; and **random**: what an untrained head does.
 
 # %%
@@ -718,7 +719,7 @@ k_t, _ = expand_latent(c_t, kr_t, toy.kv_b_proj.weight, 4, 16, 16)
 probs = attention_weights(torch.cat([q_nope_t, q_rope_t], -1), k_t, scale=toy.scaling)[0]
 fig = viz.panels(dict(zip(["content", "previous token", "both", "random"], probs)),
                  size=3.3, cmap="Blues", vmin=0, vmax=1, colorbar=True)
-for ax in fig.axes:
+for ax in fig.axes[:4]:  # the four panels, not their colour bars
     ax.set_xticks(range(len(words)), words, rotation=90, fontsize=6)
     ax.set_yticks(range(len(words)), words, fontsize=6)
 plt.show()
@@ -812,7 +813,7 @@ assert round(mha_b / mla_b) == 57  # the baseline ratio of section 3.1, in bytes
 fig, ax = plt.subplots(figsize=(7.5, 3.8))
 for name, (fl, by) in rows.items():
     ax.loglog(T_, np.maximum(fl / PEAK, by / BW) * 1e3, "o-",  # the roofline time, ms
-              label=f"{name}: {fl[0] / by[0]:.0f} FLOP/byte")
+              label=f"{name}: {fl[0] / by[0]:.0f} FLOP/byte at 1k (the folds included)")
 viz.tokens_axis(ax)
 ax.legend(fontsize=7)
 ax.set(ylabel="ms per layer (roofline bound)",
@@ -1192,7 +1193,7 @@ check_cache_numbers(cache_numbers_solution)
 #
 # `buggy_absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, qk_nope_head_dim, v_head_dim)` below absorbs,
 # attends on the latent cache and un-absorbs — and disagrees with the expanded attention of section 3.2 whenever
-# the latent is not the size of a head. One line is wrong. Find it, and return the fixed function; the checker
+# the latent's size differs from `qk_nope_head_dim`. One line is wrong. Find it, and return the fixed function; the checker
 # compares with `expand_latent` + `attention_ref` on shapes of its choosing (relative RMS ≤ 1e-5).
 
 # %%
@@ -2108,7 +2109,7 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
 # accumulator `[64, 512]` is spread over 8 warps (128 registers a thread). Ampere gets 32 heads; a Colab T4 (64 KiB,
 # fp16) 16 heads and 16-token tiles, one stage — and at Dc = 512 even those do not fit, so there `mla_decode` warns
 # and computes with `mla_decode_ref`. fp32 inputs take twice the memory and get the small tiles. The interpreter gets
-# one configuration of few, large programs (fast to interpret).
+# one small configuration, 16 heads × 32 tokens.
 #
 # A head block taller than the query rows computes rows that are masked off: 16 heads decoding one token fill a
 # quarter of a 64-high block. So the launch tries first the row's entries whose `BLOCK_H` is the number of query rows
@@ -2125,7 +2126,8 @@ def _mla_decode_combine_kernel(acc_ptr, m_ptr, l_ptr, len_ptr, o_ptr, T, H, ROWS
 
 # %% [markdown]
 # **How many splits?** Enough that the programs fill the GPU about once — one per SM, so 64 sequences × 2 head blocks
-# need no split at all on a 132-SM H200, while a single sequence gets ~66 — but never a split so short that its
+# need no split at all on a 132-SM H200, while a single sequence gets up to ~66 (from about 30k tokens; fewer
+# below, because of the floor that follows) — but never a split so short that its
 # partial state costs more than it saves: each split writes, and the combine reads back, `rows × 512` fp32 numbers
 # (256 KB for 128 heads, so 512 KB of traffic), which should not outweigh the split's own cache bytes (a cached
 # token is 576 numbers, 1152 bytes in bf16: ≥ 455 tokens at 128 heads), and never fewer than 256 tokens.
