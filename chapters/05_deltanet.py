@@ -1124,8 +1124,8 @@ assert all(1.7 < gap[2 * T] / gap[T] < 2.3 for T in Ts if T >= 8192 and 2 * T in
 #    8K, but less than fla's up to 4K (0.34×, 0.59×, 0.78×), where launches dominate. Its work is split as fla
 #    splits it (the engineering notes' backward pass: a WY kernel a chunk, a keys kernel a chunk and block of key
 #    channels). Part of what remains is precision: the recomputed W, U, states, dU and dS enter the products in fp32
-#    where fla rounds them to bf16. Rounding as fla does put dg's error past the tests' 8e-3 bound and took the
-#    earlier one-kernel backward only from 2.24× to 1.68× fla's time (H200, `bench/notes/deltanet.md`). The rest is the reverse scan, the largest kernel
+#    where fla rounds them to bf16. Rounding as fla does puts dg's error past the tests' 8e-3 bound, to save about a
+#    quarter of the backward's time (`bench/notes/deltanet.md`). The rest is the reverse scan, the largest kernel
 #    of the pass.
 # 3. **The linear cost shows all the same**: SDPA's causal forward is faster up to 4K tokens and slower from 8K;
 #    at 64K it takes 12.2× our forward's time, and from 8K the gap about doubles with each doubling of $T$.

@@ -1029,7 +1029,7 @@ if RESULTS is not None:
 # mostly answers with some value of the context (recall 0.27, 0.17, 0.12, 0.09 at 4 … 32 pairs, against chance
 # among the context's values of 0.25 … 0.03), as the pure lightning model did at reading size. The two DSA
 # presets, whose mixers differ only in the indexer's RoPE layout, stay on the plateau in this run (0.28 … 0.08);
-# they sit at the edge of this budget, and an earlier run of the same settings had V3.2's leaving it
+# they sit at the edge of this budget: whether V3.2's leaves the plateau within it varies from run to run
 # (bench/notes/capstone.md). A guess at why they are slow: the indexer learns to pick tokens from an attention
 # that is itself still learning. These are learning speeds at one small budget, not capacities: with
 # more steps the plateaus may break (bench/notes/capstone.md has the budget search).
