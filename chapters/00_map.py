@@ -145,7 +145,8 @@ def show(obj):
 # \qquad \mathrm{scale} = D^{-1/2}.
 # $$
 #
-# A sequence of $T$ tokens costs $O(T^2)$ time per layer, and decoding keeps a KV cache that grows as $O(T)$. The
+# A sequence of $T$ tokens costs $O(T^2)$ time per layer, and decoding keeps a *KV cache* (every earlier token's keys
+# and values, stored so that they are not recomputed) that grows as $O(T)$. The
 # models in this book cut that cost in three ways:
 #
 # 1. **Select.** Each query attends to a small set $\mathcal S_t$ of earlier tokens, $|\mathcal S_t| \le k$: the
@@ -165,7 +166,8 @@ def show(obj):
 # ### One layer, two slots
 #
 # Every model in this book is a stack of decoder layers of the same shape: a norm, a *token mixer* (the part that
-# lets a token read other tokens), a residual add, a norm, an FFN, a residual add. The models differ in what they
+# lets a token read other tokens), a residual add, a norm, an FFN, a residual add (each "+" in the picture adds the
+# slot's input back to its output). The models differ in what they
 # put in the two slots. The picture below shows the options and the chapter that builds each; the colours are the
 # three families of token mixer — blue keeps full attention (MLA only makes its cache small), green *recurs* with
 # a fixed-size state, orange *selects* a few earlier tokens.
@@ -190,10 +192,10 @@ boxes = {
     "x": Box(0, 3, "hidden state\n$x_t$", w=1.5, h=0.8, color=GREY),
     "n1": Box(2.1, 3, "RMSNorm", w=1.3, h=0.6, color=GREY),
     "mix": Box(4.5, 3, "slot 1:\ntoken mixer", w=2.0, h=0.8, color=FULL),
-    "add1": Box(6.6, 3, "+ residual", w=1.2, h=0.6, color=GREY),
+    "add1": Box(6.6, 3, "+ $x_t$\n(residual)", w=1.2, h=0.7, color=GREY),
     "n2": Box(8.3, 3, "RMSNorm", w=1.3, h=0.6, color=GREY),
     "ffn": Box(10.5, 3, "slot 2:\nFFN", w=1.8, h=0.8, color=MOE),
-    "add2": Box(12.4, 3, "+", w=0.7, h=0.6, color=GREY),
+    "add2": Box(12.4, 3, "+\n(residual)", w=1.1, h=0.7, color=GREY),
     "out": Box(14.0, 3, "next layer", w=1.5, h=0.8, color=GREY),
 }
 mixers = [("full softmax (GQA)", 1, FULL), ("MLA: latent cache", 3, FULL),
@@ -343,9 +345,10 @@ plt.show()
 # The survey calls this an *activation race* [S]: Qwen3-235B-A22B computes with 9.36 % of its weights, Qwen3.5 and
 # MiniMax-M2.5 with about 4.3 %, Kimi K2.5 with less still. Sparser routing buys FLOPs per stored parameter, but
 # asks more of the router — every expert must still get enough tokens to train, and chapter 2 shows how DeepSeek
-# balances them without an auxiliary loss. Note what the ratio leaves out: DeepSeek's 685B counts a 14B
-# multi-token-prediction module that the V3 paper's 671B does not, which moves the ratio from 5.5 % to 5.4 %.
-# (Exercise 1 derives the paper's 671B and 37B from the model's configuration.)
+# balances them with a per-expert bias instead of a large auxiliary loss (keeping only a tiny sequence-wise one).
+# Note what the ratio leaves out: DeepSeek's 685B counts a 14B multi-token-prediction module that the V3 paper's
+# 671B does not, which moves the ratio from 5.5 % to 5.4 %. (Exercise 1 derives the 671B and DeepSeek's 36.6B
+# active, which the paper rounds to 37B, from the model's configuration.)
 #
 # A check that the survey's own percentages follow from its own counts:
 
@@ -409,11 +412,17 @@ plt.show()
 # |---|---|---|
 # | full causal attention | $T(T+1)/2$ | every query reads every earlier token |
 # | sparse selection (DSA's attention) | $\sum_{t=1}^{T} \min(t, k)$, $k = 2048$ | query $t$ reads at most $k$ tokens; $k$ = DSA's top-k (`index_topk` in `DeepseekV32Config`) |
-# | DSA's lightning indexer | $c_{\mathrm{idx}} \cdot T(T+1)/2$, $c_{\mathrm{idx}} = 0.059$ | the indexer scores *every* pair: 64 heads × 128 dims = 16 384 FLOPs a pair, against 278 528 for MLA's attention in its absorbed form (128 heads × (576 + 512) × 2); FP8 makes the indexer cheaper still in time |
+# | DSA's lightning indexer | $c_{\mathrm{idx}} \cdot T(T+1)/2$, $c_{\mathrm{idx}} = 0.059$ | the indexer scores *every* pair: 64 heads × 128 dims × 2 = 16 384 FLOPs a pair, against 278 528 for MLA's attention in its absorbed form (128 heads × (576 + 512) × 2); FP8 makes the indexer cheaper still in time |
 # | linear attention (recurrent) | $D \cdot T$ | per token the state update $S \mathrel{+}= k v^\top$ and readout $S^\top q$ cost $4D^2$ FLOPs $= D$ pairs; decay and the delta rule add a small constant factor we ignore |
 # | $r\!:\!1$ hybrid | $\frac{1}{r+1}\,\mathrm{full} + \frac{r}{r+1}\,\mathrm{linear}$ | averaged over the layer stack, so still per layer |
 #
 # Projections, the FFN and memory traffic are left out: this is the part of the cost that depends on $T$.
+#
+# *MLA's absorbed form* (chapter 3) folds the key and value up-projections into the query and the output, so each
+# head scores the cached 576-number latent directly and reads out 512 numbers: $2 \times (576 + 512)$ FLOPs a head
+# and pair. The *expanded* form first rebuilds per-head keys (192 dims) and values (128): $2 \times (192 + 128)$.
+# The DSA curves below count pairs of MLA's absorbed attention, not $4D$-FLOP pairs: read each curve as a fraction
+# of its own family's full attention.
 
 # %%
 D = 128  # head dimension
@@ -496,8 +505,10 @@ plt.show()
 # - **Top-k attention** matches full attention until $T = k$ and then grows linearly: at 128K it is 3 % of full
 #   attention. DSA's **indexer** still touches every pair, so its share grows with $T$: from about 69K tokens it
 #   costs more than the attention it serves, which is why it has few heads, small dimensions and runs in FP8.
-#   Together, at 128K, DSA's attention costs about a tenth of full attention in this model — with the absorbed
-#   form's constant; prefill runs MLA's other form, where $c_{\mathrm{idx}} = 0.2$ and the sum is about a quarter.
+#   Together, at 128K, DSA's attention costs about a tenth of full attention in this model, both counted in MLA's
+#   absorbed form. V3.1 prefills in MLA's expanded form (81 920 FLOPs a pair); against that, V3.2's indexer costs
+#   0.2 of a pair and each selected key, read in the absorbed form, 3.4 pairs, so its prefill attention is about 0.3
+#   of V3.1's (chapter 8, §8.6).
 #
 # The check below asserts these readings from the cost functions, so the prose cannot drift from the code.
 
@@ -517,8 +528,10 @@ T128 = 131072
 assert 0.025 < topk_cost(T128) / full_cost(T128) < 0.035
 assert C_IDX * full_cost(T128) > topk_cost(T128)
 assert 0.08 < dsa_cost(T128) / full_cost(T128) < 0.10
-# with the non-absorbed form's constant, as prefill runs MLA: about a quarter
-assert 0.2 < dsa_cost(T128, c_idx=0.2) / full_cost(T128) < 0.25
+# against V3.1's expanded-form prefill (81 920 FLOPs a pair): the indexer 0.2 a pair,
+# a selected key 3.4 pairs (278 528 / 81 920)
+prefill_vs_v31 = (0.2 * full_cost(T128) + 278_528 / 81_920 * topk_cost(T128)) / full_cost(T128)
+assert 0.28 < prefill_vs_v31 < 0.33
 # The length from which the indexer costs more than the top-k attention it serves.
 T_grid = np.arange(K_TOPK, 1 << 17, 64)
 T_idx = int(T_grid[np.argmax(C_IDX * full_cost(T_grid) > topk_cost(T_grid))])
@@ -568,10 +581,11 @@ assert 0.965 < rows[-1]["attention_share"] < 0.975 and 0.09 < rows[-1]["ratio"] 
 
 # %% [markdown]
 # At position 128K attention is 97 % of a V3.1 token's FLOPs, so in FLOPs DSA makes that token about ten times
-# cheaper — not twice. A FLOP count is not a serving cost, though: decoding is limited by reading the cache and
-# the weights from memory and by how many sequences share a batch, prefill runs in MLA's other form (where
-# $c_{\mathrm{idx}}$ is 0.2, not 0.059), and a request averages over all positions up to its length. The report's
-# Figure 3 measures serving cost per token; which quantity the survey's "about 50 %" measures, it does not say.
+# cheaper — not twice. A FLOP count is not a serving cost, though: decoding is limited by reading the cache and the
+# weights from memory and by how many sequences share a batch, V3.1 prefills in MLA's expanded form (against which
+# V3.2's prefill attention costs about 0.3 of V3.1's, not 0.1), and a request averages over all positions up to its
+# length. The report's Figure 3 measures serving cost per token; which quantity the survey's "about 50 %" measures,
+# it does not say.
 
 # %% [markdown]
 # ## 0.6 What the cache costs
@@ -583,9 +597,9 @@ assert 0.965 < rows[-1]["attention_share"] < 0.975 and 0.09 < rows[-1]["ratio"] 
 #
 # | family | elements cached per token and layer | at this shape | source of the formula |
 # |---|---|---|---|
-# | MHA | $2 H D$ (a key and a value per head) | 32 768 | DeepSeek-V2 paper, table 1 |
-# | GQA, 8 KV heads | $2 G D$ | 2 048 | [GQA](https://arxiv.org/abs/2305.13245) |
-# | MQA | $2 D$ | 256 | [MQA](https://arxiv.org/abs/1911.02150) |
+# | MHA (multi-head attention) | $2 H D$ (a key and a value per head) | 32 768 | DeepSeek-V2 paper, table 1 |
+# | GQA (grouped-query attention), 8 KV heads | $2 G D$ (groups of query heads share a key and value head) | 2 048 | [GQA](https://arxiv.org/abs/2305.13245) |
+# | MQA (multi-query attention) | $2 D$ (one key and value head for all) | 256 | [MQA](https://arxiv.org/abs/1911.02150) |
 # | MLA | $d_c + d_r = 512 + 64$ (latent + shared RoPE key) | 576 | [DeepSeek-V2](https://arxiv.org/abs/2405.04434), [V3](https://arxiv.org/abs/2412.19437) |
 # | 3:1 hybrid | MLA in every 4th layer (15 of 61), a state in the others | 576 in 15 layers | Qwen3-Next's layout, Kimi Linear's MLA |
 # | pure linear | nothing per token: a $D_k \times D_v$ state per head | 0 | |
@@ -656,7 +670,7 @@ ax2.text(Tc[0], H200_GIB * 1.15, "one H200: 141 GB", fontsize=8, color="tab:red"
 ax2.set_xlabel("context length T (tokens)")
 ax2.set_ylabel("cache for one sequence (GiB)")
 ax2.set_title("(b) cache for one sequence, with constant states")
-ax2.legend(fontsize=7, loc="lower right")
+ax2.legend(fontsize=7, loc="upper left")
 ax2.grid(True, which="major", alpha=0.3)
 fig.suptitle("KV cache at DeepSeek-V3's attention shape "
              "(61 layers, 128 heads × 128, bf16 cache, fp32 states)", fontsize=10)
@@ -832,10 +846,10 @@ print(f"relative RMS of rounding: bf16 {err_bf16:.1e}, fp16 {err_fp16:.1e}; "
 assert TOLERANCES[torch.float32][0] < err_bf16 < TOLERANCES[torch.bfloat16][0]
 
 # %% [markdown]
-# On a CPU, sixty-four steps (on a GPU, 1,024) of average decay $e^{-2.5}$ multiply to about $e^{-160}$,
-# far below float32's smallest number (about $e^{-103}$), so the product is exactly zero and every ratio of two such
-# products is lost. The log-space sum is an ordinary number, and $e^{G_t - G_s}$ for two cumulative sums is computed
-# without trouble — which is why every gated op in this book takes `g`, not `exp(g)`.
+# On a CPU, sixty-four steps of average decay $e^{-2.5}$ multiply to about $e^{-160}$ (on a GPU, 1,024 steps: about
+# $e^{-2560}$), far below float32's smallest number (about $e^{-103}$), so the product is exactly zero and every
+# ratio of two such products is lost. The log-space sum is an ordinary number, and $e^{G_t - G_s}$ for two
+# cumulative sums is computed without trouble — which is why every gated op in this book takes `g`, not `exp(g)`.
 
 # %% [markdown]
 # ## Exercises
@@ -872,7 +886,8 @@ def _counted_params(config):
     """(total, active) parameters of transformers' DeepseekV3ForCausalLM for `config`, counted.
 
     The model is built on the meta device (shapes, no memory), so 671B parameters count in a moment.
-    Active = total minus, in every MoE layer, the routed experts a token is not sent to.
+    Active = total minus, in every MoE layer, the routed experts a token is not sent to, and
+    minus the input embedding unless it is tied to the output head (a token reads one row of it).
     """
     with torch.device("meta"):
         model = _transformers().DeepseekV3ForCausalLM(config)
@@ -880,7 +895,8 @@ def _counted_params(config):
     routed = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     E, k = config.n_routed_experts, config.num_experts_per_tok
     unused = routed * (E - k) // E
-    return float(total), float(total - unused)
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return float(total), float(total - unused - embedding)
 
 
 def _param_configs():
@@ -926,8 +942,10 @@ def check_param_counts(fn):
 #   `first_k_dense_replace` layers; in every other layer a router (`n_routed_experts × hidden`),
 #   `n_routed_experts` routed and `n_shared_experts` shared SwiGLU experts of width `moe_intermediate_size`.
 #
-# *Active* is what one token computes with, the embedding row it looks up counted as the whole table and the output
-# head in full (the paper's convention). Norm weights are too small to matter. The checker builds
+# *Active* is what one token computes with: the output head in full, the input embedding not at all (a token reads
+# one row of it; with `tie_word_embeddings` the one table is the head, and counts). This is DeepSeek's convention:
+# its `README_WEIGHTS.md` lists 36.6B activated parameters "including 0.9B for the output Head", which the paper
+# rounds to 37B. Norm weights are too small to matter. The checker builds
 # `transformers`' `DeepseekV3ForCausalLM` from three configurations on PyTorch's meta device (shapes without
 # memory), counts its parameters and accepts your counts within 0.1 %.
 
@@ -943,7 +961,8 @@ attempt(check_param_counts, my_param_counts)  # prints what is wrong until the s
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — count the matrices layer by layer; a token uses every one of them except the routed
-# experts it is not sent to, so `active` swaps E routed experts a layer for num_experts_per_tok.
+# experts it is not sent to and the input embedding, so `active` swaps E routed experts a layer for
+# num_experts_per_tok and leaves out the input table (unless it is the tied head).
 def param_counts_solution(config):
     c, H, heads = config, config.hidden_size, config.num_attention_heads
     q_out = heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
@@ -957,8 +976,9 @@ def param_counts_solution(config):
     everyone = (embeddings + c.num_hidden_layers * attention
                 + c.first_k_dense_replace * 3 * H * c.intermediate_size  # the dense FFNs
                 + n_moe * (c.n_routed_experts * H + c.n_shared_experts * expert))  # routers, shared
+    input_table = 0 if c.tie_word_embeddings else c.vocab_size * H
     return (everyone + n_moe * c.n_routed_experts * expert,
-            everyone + n_moe * c.num_experts_per_tok * expert)
+            everyone - input_table + n_moe * c.num_experts_per_tok * expert)
 
 
 if transformers is not None:
@@ -968,13 +988,15 @@ if transformers is not None:
         * ds.hidden_size * ds.moe_intermediate_size
     print(f"DeepSeek-V3: {ds_total / 1e9:.1f}B total, {ds_active / 1e9:.1f}B active; "
           f"routed experts {ds_routed / 1e9:.0f}B of the total")
-    assert round(ds_total / 1e9) == 671 and round(ds_active / 1e9, 1) == 37.6
-    assert round(ds_routed / 1e9) == 654 and round((ds_total - ds_active) / 1e9) == 633
+    assert round(ds_total / 1e9) == 671 and round(ds_active / 1e9, 1) == 36.6
+    idle = ds_routed * (ds.n_routed_experts - ds.num_experts_per_tok) // ds.n_routed_experts
+    assert round(ds_routed / 1e9) == 654 and round(idle / 1e9) == 633
 
 # %% [markdown]
-# The configuration gives 671.0B and 37.6B: the paper's two numbers, with the embedding, the output head and the
-# routers counted as active. Routed experts are 654B of the 671B, but a token is sent to 8 of the 256 in each MoE
-# layer, so 633B of the weights sit idle for any one token — memory follows the total, FLOPs the active count.
+# The configuration gives 671.0B and 36.6B: DeepSeek's documented counts (the paper rounds the second to 37B), with
+# the output head and the routers counted as active. Routed experts are 654B of the 671B, but a token is sent to 8
+# of the 256 in each MoE layer, so 633B of the weights sit idle for any one token — memory follows the total, FLOPs
+# the active count.
 
 # %% tags=["hide-input"]
 #| export overview.exercises
@@ -1176,10 +1198,11 @@ assert 0.025 < moba_128k < 0.03
 #   shrinks the cache, and DSA builds on it.
 # - The 2025–26 models split into four routes: hybrid linear/full (Qwen3.5, Kimi Linear), mostly linear
 #   (MiniMax-M1), sparse selection (DeepSeek V3.2, GLM-5) and full attention (MiniMax-M2).
-# - Hybrids stay quadratic: at long context a 3:1 stack costs ¼ of full attention, a 7:1 stack ⅛. Their bigger win is
-#   the cache. DSA's attention is linear in $T$ past $k$, but its indexer is not; at 128K indexer and attention
-#   together cost about a tenth of full attention in this book's FLOP model with MLA's absorbed form, a quarter with
-#   its prefill form. The survey's "about 50 %" for DSA is its own figure, with no statement of what it measures.
+# - Hybrids stay quadratic: at long context a 3:1 stack costs ¼ of full attention, a 7:1 stack ⅛. Their bigger win
+#   is the cache. DSA's attention is linear in $T$ past $k$, but its indexer is not; at 128K indexer and attention
+#   together cost about a tenth of full attention in this book's FLOP model with MLA's absorbed form, about 0.3
+#   against V3.1's expanded-form prefill. The survey's "about 50 %" for DSA is its own figure, with no statement of
+#   what it measures.
 # - Per token of context, MHA at DeepSeek-V3's shape caches 3.8 MiB, MLA 69 KiB (57× less), a 3:1 MLA hybrid
 #   17 KiB plus constant states that pay off after about 7 000 tokens.
 # - Check claims against checkpoints: two of the survey's rows (Kimi K2.5's KDA, M2.5's lightning attention) do

@@ -597,8 +597,9 @@ print("✓ vector add: 4 programs of 256 lanes cover 1000 elements")
 
 # %% [markdown]
 # Attention is made of matrix products. `tl.dot(a, b)` multiplies two tiles — $B_M \times B_K$ by $B_K \times B_N$,
-# loaded through 2-D offsets such as `rows[:, None] * K + ks[None, :]` — on the tensor cores, accumulating in fp32
-# (E.4 builds a tiled matrix product). Program ids, blocks of offsets, masked loads and stores, `tl.dot` and a
+# loaded through 2-D offsets such as `rows[:, None] * n_cols + ks[None, :]` (element $(r, c)$ of a row-major matrix
+# with `n_cols` columns sits at `r * n_cols + c`) — on the tensor cores, accumulating in fp32 (E.4 builds a tiled
+# matrix product). Program ids, blocks of offsets, masked loads and stores, `tl.dot` and a
 # loop: that is all the Triton the attention kernels need. What remains is the algorithm.
 #
 # ### 1.5.2 Online softmax, on one row
@@ -680,8 +681,8 @@ for causal, window in [(True, None), (True, 20), (False, None)]:
 Box, grey = viz.Box, dict(h=0.9, color="#e8e8e8")  # grey: on chip, once per key tile
 boxes = {
     "Q": Box(0, 1, "query tile $Q_i$\n$B_M \\times D$", w=2.2, h=0.9, note="loaded once"),
-    "KV": Box(3.2, 3.5, "key / value tiles $K_j, V_j$\n$B_N \\times D$ each", w=3.2, h=0.9,
-              color="#fde2c8", note="streamed from memory, j = 0, 1, …"),
+    "KV": Box(3.2, 3.5, "$K_j$: $B_N \\times D$, $V_j$: $B_N \\times D_v$\n"
+              "streamed from memory,\nj = 0, 1, …", w=3.6, h=1.1, color="#fde2c8"),
     "S": Box(3.2, 1, "scores $S_{ij} = \\sigma Q_i K_j^\\top$\n$B_M \\times B_N$", w=2.6, **grey),
     "P": Box(6.6, 1, "$m' = \\max(m, \\mathrm{rowmax}\\,S_{ij})$\n$P_{ij} = e^{S_{ij} - m'}$", w=3,
              **grey),
@@ -810,7 +811,8 @@ plt.show()
 
 # %% [markdown]
 # Causal attention visits a little over half of the tiles, and only the diagonal ones pay for a mask. With a
-# window the work per query tile is constant — about $W / B_N + 1$ key tiles — so the cost grows linearly with
+# window the work per query tile is constant — about $(W + B_M)/B_N$ key tiles, rounded up (4 for $W = 160$ with
+# $64 \times 64$ tiles) — so the cost grows linearly with
 # $T$: the sliding-window layers of Mistral, Gemma and gpt-oss are cheap for exactly this reason.
 
 # %% [markdown]
@@ -846,6 +848,8 @@ from minisparse.attention.triton import flash_attention  # the op of the Enginee
 # relative RMS error $\le 10^{-4}$ in fp32, $5 \cdot 10^{-3}$ (forward) and $8 \cdot 10^{-3}$ (gradients) in
 # 16-bit. `tests/test_flash_attention.py` sweeps many more shapes, with tiles forced small so that every loop runs.
 # Last, a window at least as long as the sequence must give exactly causal attention: the baseline in the limit.
+# `flash_attention` itself turns such a window off, so this check calls the kernel's launcher `_forward` (E.6)
+# directly, with the window's loop bounds and mask switched on.
 
 # %%
 def check_flash(B, Tq, Tk, HQ, HKV, D, Dv, causal=True, window=None):
@@ -871,9 +875,13 @@ check_flash(1, T_check, T_check, 4, 2, 80, 80)  # head dim 80, GQA 4:2
 check_flash(1, T_check, T_check, 4, 1, 32, 48, window=16)  # MQA, window, Dv != Dk
 check_flash(1, 37, T_check, 2, 1, 32, 32)  # Tq < Tk: the last 37 positions
 check_flash(1, 50, T_check, 2, 2, 32, 32, causal=False)  # no mask
+from minisparse.attention.triton import _forward  # -> (o, lse); flash_attention drops a window >= T
+
 q, k, v = make_qkv(1, 64, 2, 32, device=DEVICE, dtype=DTYPE)
-assert torch.equal(flash_attention(q, k, v, window=64), flash_attention(q, k, v))
-print("✓ window = T gives exactly causal attention")
+causal = _forward(q, k, v, True, 32 ** -0.5, None)[0]
+assert torch.equal(_forward(q, k, v, True, 32 ** -0.5, 64)[0], causal)
+assert not torch.equal(_forward(q, k, v, True, 32 ** -0.5, 63)[0], causal)
+print("✓ window = T gives exactly causal attention (and window = T − 1 does not)")
 
 # %% [markdown]
 # ## 1.6 Layer
@@ -894,8 +902,8 @@ print("✓ window = T gives exactly causal attention")
 # - **GQA** through fewer K/V heads; **RoPE** on all channels or on the first `rotary_dim` (Qwen3-Next rotates a
 #   quarter of each head, GLM-4.5 half);
 # - **q/k RMSNorm** per head (Qwen3, Qwen3-Next), $\hat{x}\,w$ with $\hat{x} = x / \operatorname{rms}(x)$, keeps the
-#   attention logits from growing during training; Qwen3-Next stores $w$ as an offset from one, $\hat{x}\,(1 + w)$
-#   (`zero_centered_norm=True`); `RMSNorm` is in E.7;
+#   attention logits from growing during training (Dehghani et al., 2023; the Qwen3 technical report); Qwen3-Next
+#   stores $w$ as an offset from one, $\hat{x}\,(1 + w)$ (`zero_centered_norm=True`); `RMSNorm` is in E.7;
 # - the **output gate** of Qwen3-Next's *gated attention* (Qiu et al., 2025): an elementwise sigmoid gate before
 #   $W_o$, which the paper reports adds a non-linearity between $W_v$ and $W_o$ and removes the "attention sink" on
 #   the first token. As in the checkpoint, `q_proj` has $2 H_q D$ outputs: each head's query, then its gate;
@@ -1031,7 +1039,7 @@ for gate in (False, True):
 
 # %%
 results = bench.load_results("attention")
-bench.plot_passes(results)
+bench.plot_passes(results, legend="figure")
 plt.show()
 ms = {(r["impl"], r["pass"], r["T"]): r["ms"] for r in results["rows"]}
 tflops = {(r["impl"], r["pass"], r["T"]): r["tflops"] for r in results["rows"]}
@@ -1167,9 +1175,10 @@ check_decode_attention(decode_attention_solution)
 #
 # Section 1.1 sized the cache of models whose layers are all alike. Many are not: transformers' `config.layer_types`
 # says which layers are `"full_attention"` (cache every token), `"sliding_attention"` (the last `window` tokens) and
-# `"linear_attention"` (Gated DeltaNet and friends, chapters 4–5: no K/V at all). Write `kv_cache_bytes`, the bytes
-# of the whole cache for a batch of sequences of `seq_len` tokens; the checker compares exact integers on layouts
-# shaped like Llama-2, Mistral, Qwen3-Next, gpt-oss and Gemma 3 4B: five sliding layers with a 1024-token window
+# `"linear_attention"` (lightning, Gated DeltaNet, KDA, chapters 4–6: no K/V at all). `window` is the sliding layers'
+# length; `window=None` means they keep every token. Write `kv_cache_bytes`, the bytes of the whole cache for a batch
+# of sequences of `seq_len` tokens; the checker compares exact integers on layouts shaped like Llama-2 (MHA, and GQA
+# with 8 K/V heads), Qwen3-Next, gpt-oss and Gemma 3 4B: five sliding layers with a 1024-token window
 # for each full layer (the Gemma 3 technical report; the 4096 that transformers' `Gemma3TextConfig()` still
 # defaults to is Gemma 2's).
 
@@ -1208,8 +1217,8 @@ check_kv_cache_bytes(kv_cache_bytes_solution)
 # update the running max `m`, sum `l` and output `acc` as in section 1.5.3 (natural `tl.exp` is fine). The checker
 # launches it (in the interpreter on a CPU) for lengths that are not multiples of the tile, head dims 16 and 32,
 # and scores near 100 (where $e^{s}$ overflows fp32), compares with `attention_ref` and reports the first position
-# that differs (tolerance $10^{-4}$ relative on a
-# CPU; $2 \cdot 10^{-2}$ on a GPU, where `tl.dot` multiplies fp32 in tf32).
+# that differs (element-wise, $|o - o_{\mathrm{ref}}| \le 10^{-4}\,(1 + |o_{\mathrm{ref}}|)$ on a CPU; $2 \cdot 10^{-2}$
+# on a GPU, where `tl.dot` multiplies fp32 in tf32).
 
 # %%
 @triton.jit
@@ -1291,6 +1300,8 @@ check_flash_tile(flash_tile_kernel_solution)
 # - M. Milakov, N. Gimelshein, *Online normalizer calculation for softmax*, 2018. [arXiv:1805.02867](https://arxiv.org/abs/1805.02867)
 # - T. Dao et al., *FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness*, 2022. [arXiv:2205.14135](https://arxiv.org/abs/2205.14135)
 # - T. Dao, *FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning*, 2023. [arXiv:2307.08691](https://arxiv.org/abs/2307.08691)
+# - M. Dehghani et al., *Scaling Vision Transformers to 22 Billion Parameters* (q/k normalisation against growing attention logits), 2023. [arXiv:2302.05442](https://arxiv.org/abs/2302.05442)
+# - Qwen Team, *Qwen3 Technical Report* (QK-Norm in every attention layer), 2025. [arXiv:2505.09388](https://arxiv.org/abs/2505.09388)
 # - R. Pope et al., *Efficiently Scaling Transformer Inference* (KV-cache memory and decoding's arithmetic intensity), 2022. [arXiv:2211.05102](https://arxiv.org/abs/2211.05102)
 # - Z. Qiu et al., *Gated Attention for Large Language Models: Non-linearity, Sparsity, and Attention-Sink-Free*, 2025. [arXiv:2505.06708](https://arxiv.org/abs/2505.06708)
 # - Qwen team, *Qwen3-Next-80B-A3B* model card, 2025. [huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct](https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct); its attention in transformers: [`modeling_qwen3_next.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py) (`Qwen3NextAttention`).
@@ -1515,10 +1526,11 @@ assert torch.equal(RotaryEmbedding(64)(y, pos - 4), apply_rope(y, pos - 4))  # b
 print("✓ RotaryEmbedding == apply_rope")
 
 # %% [markdown]
-# RoPE's preference for nearby tokens comes from its frequencies. The score of a vector with itself, $\Delta$
-# positions apart, is $\sum_j \cos(\Delta\,\omega_j)$ (up to a constant): the fast pairs decorrelate at once, the
-# slow ones stay aligned for long. A larger $\theta$ slows all of them down, which is how long-context models
-# stretch RoPE:
+# RoPE's preference for nearby tokens comes from its frequencies. For a vector whose channel pairs all have the same
+# length (the position head's $u$), the score with itself $\Delta$ positions apart is proportional to $\sum_j
+# \cos(\Delta\,\omega_j)$; for other vectors each term is weighted by its pair's squared length, so the decay holds
+# on average. The fast pairs decorrelate at once, the slow ones stay aligned for long. A larger $\theta$ slows all
+# of them down, which is how long-context models stretch RoPE:
 
 # %%
 dist = torch.arange(0, 32768)
@@ -1527,13 +1539,13 @@ for theta in (1e4, 5e5, 1e6):
     omega = rope_frequencies(128, theta, torch.float64)  # [64]
     ax.plot(dist, torch.cos(dist[:, None] * omega).mean(1), lw=0.8, label=f"θ = {theta:.0e}")
 ax.set_xscale("symlog", linthresh=16)
-ax.set(xlabel="distance Δ = t − s (tokens)", ylabel="mean cos(Δ ω_j)",
+ax.set(xlabel="distance Δ = t − s (tokens)", ylabel=r"mean $\cos(\Delta\,\omega_j)$",
        title="RoPE similarity vs distance (D = 128)")
 ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# The KV cache
+#### The KV cache
 #
 # The preallocated cache of section 1.2.4; a silent cast or an overflow raises instead of corrupting it.
 

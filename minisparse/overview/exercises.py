@@ -23,7 +23,8 @@ def _counted_params(config):
     """(total, active) parameters of transformers' DeepseekV3ForCausalLM for `config`, counted.
 
     The model is built on the meta device (shapes, no memory), so 671B parameters count in a moment.
-    Active = total minus, in every MoE layer, the routed experts a token is not sent to.
+    Active = total minus, in every MoE layer, the routed experts a token is not sent to, and
+    minus the input embedding unless it is tied to the output head (a token reads one row of it).
     """
     with torch.device("meta"):
         model = _transformers().DeepseekV3ForCausalLM(config)
@@ -31,7 +32,8 @@ def _counted_params(config):
     routed = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     E, k = config.n_routed_experts, config.num_experts_per_tok
     unused = routed * (E - k) // E
-    return float(total), float(total - unused)
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return float(total), float(total - unused - embedding)
 
 
 def _param_configs():
