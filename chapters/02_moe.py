@@ -16,9 +16,10 @@
 # %% [markdown]
 # # Chapter 2 — Mixture of Experts
 #
-# Every model on the map of chapter 0 is a mixture of experts (MoE). Its feed-forward layers hold tens or hundreds
-# of small expert networks, and a *router* picks a handful of them for each token: the model stores all the experts
-# but computes with only a few, so it can be very large and still cheap per token.
+# Every model on the map of chapter 0 is a mixture of experts (MoE). Its feed-forward layers hold from 8 (Mixtral)
+# to hundreds (DeepSeek-V3: 256, Qwen3-Next: 512) of expert networks, and a *router* picks a handful of them for
+# each token: the model stores all the experts but computes with only a few, so it can be very large and still cheap
+# per token.
 #
 # **After this chapter you can**
 #
@@ -47,7 +48,10 @@
 # | 2.9 Measure | the H200 numbers against `torch._grouped_mm` |
 # | 2.10 Exercises | predict, derive, debug, and a Triton tile |
 #
-# Tokens are rows: a batch `[B, T, H]` is flattened to `[N, H]`, $N = BT$. Numbers marked **[S]** come from the survey this book started from (see the References); model shapes from `transformers`' configuration classes, whose defaults are the released checkpoints' shapes, and from the papers.
+# Tokens are rows: a batch `[B, T, H]` is flattened to `[N, H]`, $N = BT$. Here $H$ is the model's hidden size (in
+# chapter 1 it counted heads) and $I$ an expert's intermediate width. Numbers marked **[S]** come from the survey
+# this book started from (see the References); model shapes from `transformers`' configuration classes, whose
+# defaults are the released checkpoints' shapes, and from the papers.
 
 # %% tags=["hide-input"]
 # Setup (the same in every chapter): on Colab, install minisparse from the book's branch,
@@ -121,6 +125,7 @@ MODELS = {"Mixtral 8x7B": (47, 13), "Mixtral 8x22B": (141, 39), "DBRX": (132, 36
           "Kimi K2 / K2.5": (1000, 32)}  # Kimi: "1T+", drawn at 1000B
 DENSE = {"Llama 3.1 70B (dense)": (70, 70), "Llama 3.1 405B (dense)": (405, 405)}  # 2407.21783
 nudge = {"DBRX": (4, -9), "Mistral Large 3": (-20, 6), "DeepSeek V3 / V3.2": (-30, -11),
+         "MiniMax-M1": (-55, 4),
          "Mixtral 8x22B": (4, 2), "Kimi K2 / K2.5": (4, 2)}
 
 fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -286,9 +291,11 @@ def route_deepseek(logits, bias, top_k, n_group=1, topk_group=1, routed_scaling_
 # expert by a learned per-token **sigmoid gate** $\sigma(w_s^\top x)$, so a token can turn it down:
 #
 # $$
-# y = \sum_{i \in S} g_i\, \mathrm{FFN}_i(x) + \underbrace{\sigma(w_s^\top x)}_{\text{Qwen's MoE models only}}\,
+# y = \sum_{i \in S} g_i\, \mathrm{FFN}_i(x) + \underbrace{\sigma(w_s^\top x)}_{\text{Qwen3-Next, Qwen3.5 only}}\,
 # \mathrm{FFN}_{\mathrm{shared}}(x).
 # $$
+#
+# (Qwen3's MoE models, 30B-A3B and 235B-A22B, have no shared expert.)
 #
 # The two routers on the same logits (`tests/test_moe.py` checks both against transformers' routers):
 
@@ -332,9 +339,9 @@ for t in range(4):
 # b_i \leftarrow b_i + \gamma \cdot \operatorname{sign}(\bar c - c_i),
 # $$
 #
-# raising underloaded experts and lowering overloaded ones. The bias only changes which experts are *chosen*,
-# never the weights, and it has no gradient, so the model's loss is untouched. DeepSeek-V3 uses
-# $\gamma = 0.001$, plus a tiny sequence-wise auxiliary loss as a safety net.
+# raising underloaded experts and lowering overloaded ones. The bias only changes which experts are *chosen*, never
+# the weights, and it has no gradient and adds no term to the loss, so nothing competes with the task's gradient.
+# DeepSeek-V3 uses $\gamma = 0.001$, plus a tiny sequence-wise auxiliary loss as a safety net.
 
 # %%
 #| export moe.naive
@@ -384,10 +391,11 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
 # %% [markdown]
 # ### A small training run
 #
-# Tokens come from 8 clusters, each with its own linear map from input to target, so 8 experts that each learn
-# one cluster would be ideal; a large offset common to all tokens makes a few experts win at first. We train the
-# same tiny MoE (8 experts, top-2, DeepSeek's router) three times — no balancing, the auxiliary loss
-# ($\alpha = 0.03$), the bias update ($\gamma = 0.01$) — on the same batches; a few seconds on a CPU.
+# Tokens come from 8 clusters, each with its own linear map from input to target, so experts that specialise on
+# clusters would be ideal (with top-2, 16 expert slots for 8 clusters: each expert can serve two); a large offset
+# common to all tokens makes a few experts win at first. We train the same tiny MoE (8 experts, top-2, DeepSeek's
+# router) three times — no balancing, the auxiliary loss ($\alpha = 0.03$), the bias update ($\gamma = 0.01$) — on
+# the same batches; a few seconds on a CPU.
 
 # %%
 D_TOY, E_TOY, K_TOY, I_TOY, N_TOY, CLUSTERS, STEPS = 16, 8, 2, 32, 256, 8, 300
@@ -448,11 +456,12 @@ x_eval, y_eval, c_eval = toy_batch(torch.Generator().manual_seed(99), n=1024)  #
 
 # %%
 def max_violation(load):
-    """DeepSeek's MaxVio: (largest load − mean load) / mean load; 0 is perfectly balanced."""
+    """DeepSeek's MaxVio: (largest load − mean load) / mean load; 0 is perfectly balanced.
+    load [..., E]: each expert's share of the assignments (summing to 1 over E)."""
     return load.max(dim=-1).values * load.shape[-1] - 1
 
 
-fig = viz.panels({f"{m}: expert load (share of tokens)": runs[m][1] for m in runs}, size=3.0,
+fig = viz.panels({f"{m}: expert load (share of N·k)": runs[m][1] for m in runs}, size=3.0,
                  xlabel="expert", ylabel="training step", vmin=0, vmax=0.4, cmap="magma",
                  colorbar=True)
 plt.show()
@@ -466,9 +475,9 @@ assert max_violation(final["aux"]) < 0.5 and max_violation(final["bias"]) < 0.1
 assert runs["bias"][2][-20:].mean() <= runs["none"][2][-20:].mean()  # balance cost no accuracy here
 
 # %% [markdown]
-# Without balancing, two experts stay idle and one takes about three times its share. The auxiliary loss spreads
-# the load but keeps some imbalance, trading balance against the task loss through $\alpha$. The bias update
-# balances almost perfectly and, here, reaches the lowest loss: it never pulls on the model's gradients.
+# Without balancing, two experts stay idle and one takes about three times its share. The auxiliary loss spreads the
+# load but keeps some imbalance, trading balance against the task loss through $\alpha$. The bias update balances
+# almost perfectly and, here, reaches the lowest loss: no balancing term competes with the task's gradient.
 #
 # ### Capacity and token dropping
 #
@@ -559,7 +568,7 @@ def moe_naive(x, weights, indices, gate_up_proj, down_proj):
 # got before it can launch them. Sorting the pairs by expert instead gives three things:
 #
 # - `x_sorted [N·k, H]`: row $i$ is the token of the $i$-th pair in expert order;
-# - `offsets [E]` (int32): the cumulative row ends, expert $e$ owning rows `offsets[e-1]:offsets[e]` (an empty expert has equal ends) — the format `torch._grouped_mm` takes;
+# - `offsets [E]` (int32): the cumulative row ends, expert $e$ owning rows `offsets[e-1]:offsets[e]`, with `offsets[-1]` read as 0 for the first expert (not Python's last element; an empty expert has equal ends) — the format `torch._grouped_mm` takes;
 # - `order [N·k]`: where each sorted row came from, $t\,k + j$ for slot $j$ of token $t$, to undo the sort.
 
 # %%
@@ -629,8 +638,11 @@ print("the sorted path equals the per-expert loop")
 #
 # 48 tokens routed over 16 experts by `route_deepseek`, the low-numbered experts popular by construction. Move
 # `top_k`, the number of groups and how many a token keeps, and a balancing bias — one big step of the sign rule,
-# `bias = strength · sign(mean load − load)`. The load bars even out as the bias grows, while the weights (the
-# colours) keep coming from the unbiased scores. (The Engineering notes draw section 2.3's routing maps.)
+# `bias = strength · sign(mean load − load)`. A small step evens the bars out somewhat (with the default knobs
+# MaxVio falls from 2.1 to 1.3 at strength 0.2); a larger one overshoots: from about 0.3 the popular experts get no
+# tokens and the load piles onto the formerly idle ones. That is why DeepSeek-V3 takes many small steps ($\gamma$ =
+# 0.001), each with fresh counts. The weights (the colours) keep coming from the unbiased scores. (The Engineering
+# notes draw section 2.3's routing maps.)
 
 # %% tags=["nbval-ignore-output"]
 g = torch.Generator().manual_seed(5)
@@ -657,7 +669,8 @@ def draw_routing(top_k=4, n_group=4, topk_group=2, bias_strength=0.0):
     ax2.bar(range(16), load, color="tab:green", width=0.5, label=f"bias {bias_strength:g}")
     ax2.axhline(48 * top_k / 16, color="black", ls=":", lw=1)
     ax2.set(xlabel="expert", ylabel="tokens",
-            title=f"load; MaxVio {max_violation(load.float()):.2f}")
+            title=f"load; MaxVio {max_violation(load.float() / load.sum()):.2f}")
+    ax2.set_xticks(range(0, 16, 2))
     ax2.legend(fontsize=8)
     fig.tight_layout()
     plt.show()
@@ -1098,12 +1111,12 @@ else:
 # - **Forward and $\partial x$ are close to PyTorch's**: 0.87× and 0.97× the speed of `torch._grouped_mm` (the
 #   ratio column: below 1, ours is slower); the forward runs at 518 TFLOP/s, three quarters of the 693 TFLOP/s a
 #   plain bf16 matmul reaches on this H200 (`bench/notes/roofline.md`; the data sheet says 989).
-# - **The weight gradient is the slower pass**, 0.77× PyTorch's speed. That number is the autotuner's choice, not the
-#   launch table's default: the benchmark tunes once, at 4K tokens, and picked the sm_90 row's third entry (the
-#   line above: 32 rows a step, a 128 × 128 tile, 4 warps, 4 stages), which it kept for 16K. The forced sweep in
-#   `bench/notes/moe.md` (a separate run) timed that pick at 16K 16 % slower than the table's first entry, what a
-#   model runs with autotuning off (64 rows, a 128 × 256 tile, 8 warps, 3 stages); the notes have every
-#   configuration's timings.
+# - **The weight gradient is the slower pass**, 0.77× PyTorch's speed. The benchmark lets Triton's autotuner time
+#   each kernel's candidate launch configurations (block sizes, warps and pipeline stages, listed per GPU in
+#   `runtime.LAUNCH_TABLE`; see the Engineering notes) once, at 4K tokens, and keeps the winner for every size. For
+#   $\partial W$ it kept one (32 rows a step, a 128 × 128 tile, 4 warps, 4 stages) that a separate forced sweep
+#   (`bench/notes/moe.md`) timed 16 % slower at 16K than the default a model runs with (64 rows, a 128 × 256 tile,
+#   8 warps, 3 stages).
 # - **The layer**: sorting plus two grouped GEMMs run an `MoE` layer's forward and backward 8.6 times faster than the
 #   per-expert loop of the spec (11.4 ms against 98.1 ms; 8,192 tokens, 64 experts, top-6).
 
@@ -1169,7 +1182,7 @@ attempt(check_expected_groups, my_expected_groups)  # says what is wrong until t
 # Solution — a group of s = E/G experts is missed when all k chosen experts come from the other
 # E − s: probability C(E−s, k) / C(E, k), k distinct experts drawn without replacement. By
 # linearity of expectation, G · (1 − C(E−s, k) / C(E, k)) groups are touched: 5.29 of 8 for
-# DeepSeek-V3, which the limit cuts to 4. The with-replacement shortcut G · (1 − (1 − 1/G)^k) is
+# DeepSeek-V3, which the limit caps at 4. The with-replacement shortcut G · (1 − (1 − 1/G)^k) is
 # close at E = 256 but not for small E (2.73 instead of 3.14 at E = 8, G = 4).
 def expected_groups_solution(num_experts, n_group, top_k):
     s = num_experts // n_group
@@ -1224,9 +1237,11 @@ check_unpermute(unpermute_fixed)
 # 1. the loop over $K$ in steps of `BLOCK_K`: a `[BLOCK_M, BLOCK_K]` slab of `x` times a `[BLOCK_K, BLOCK_N]` slab of `w[g]` into `acc` with `tl.dot`, loads masked where $k \ge K$, $n \ge N$ or a row is past $M$;
 # 2. the store of `acc` into `y`, masked to the columns below $N$ **and the rows that belong to expert $g$**.
 #
-# `x [M, K]`, `w [G, K, N]`, `y [M, N]` are contiguous fp32. The checker runs the kernel in Triton's interpreter
-# (on a GPU, on the GPU) with 16 × 16 × 16 tiles on four ragged cases, two of them with empty experts, slots last expert
-# first as a GPU may, `y` starting as NaN, and names the first entry that differs from `grouped_mm_ref`.
+# `x [M, K]`, `w [G, K, N]`, `y [M, N]` are contiguous fp32. The checker runs the kernel on the GPU if there is one,
+# else in Triton's interpreter on the CPU, with 16 × 16 × 16 tiles on four ragged cases, two of them with empty
+# experts, slots last expert first as a GPU may, `y` starting as NaN, and names the first entry that differs from
+# `grouped_mm_ref` (each within $2 \cdot 10^{-3}$ absolute and relative on a CPU; $2 \cdot 10^{-2}$ on a GPU, where
+# fp32 `tl.dot` may multiply in TF32).
 
 # %%
 import triton
@@ -1625,13 +1640,13 @@ def _grouped_mm_dw_kernel(
 # ### Block sizes, launch and autograd
 #
 # Tile sizes trade on-chip memory against reuse. On an H100/H200 (227 KiB of shared memory a block) a 128 × 256 tile
-# with `BLOCK_K` = 64 and 3 pipeline stages takes 144 KiB in bf16 — each stage holds a 128 × 64 slab of `x` and a
-# 64 × 256 slab of `w` — while a Colab T4 has 64 KiB and gets 64 × 64 tiles; fp32 operands take twice the bytes, so
-# their rows halve `BLOCK_K`. Both kernels read these settings from the book's one table, `runtime.LAUNCH_TABLE`:
-# row `"moe.grouped_mm"` for the forward kernel (and $\partial x$, which is the same kernel), `"moe.grouped_mm_dw"`
-# for the weight gradient, each per GPU architecture and best first. `runtime.launch` tries a row in order, keeps the
-# first configuration that compiles within the GPU's shared memory and remembers it. Two points are particular to
-# the grouped GEMM:
+# with `BLOCK_K` = 64 and 3 pipeline stages takes 144 KiB in bf16 — each stage holds a 128 × 64 slab of `x` and a 64
+# × 256 slab of `w` — while a Colab T4 has 64 KiB and gets 64 × 64 tiles; fp32 operands take twice the bytes, so
+# their rows halve `BLOCK_K` (forward) or `BLOCK_M` (weight gradient). Both kernels read these settings from the
+# book's one table, `runtime.LAUNCH_TABLE`: row `"moe.grouped_mm"` for the forward kernel (and $\partial x$, which
+# is the same kernel), `"moe.grouped_mm_dw"` for the weight gradient, each per GPU architecture and best first.
+# `runtime.launch` tries a row in order, keeps the first configuration that compiles within the GPU's shared memory
+# and remembers it. Two points are particular to the grouped GEMM:
 #
 # - `BLOCK_M` is the tile schedule's tile height, and the host builds the schedule before the launch, so every
 #   configuration of a row shares one `BLOCK_M`. The launcher reads it with `runtime.launch_configs`, which gives
@@ -1640,7 +1655,8 @@ def _grouped_mm_dw_kernel(
 #   row's configurations and keeps the fastest; off, the default, the first that fits runs. `bench/notes/moe.md`
 #   has the H200 timings behind the `sm_90` rows.
 #
-# The interpreter's row is one configuration of few, large programs: it pays per program, not per FLOP.
+# The interpreter's row is one small configuration (32 × 64 × 32 for both kernels): at reading sizes it launches a
+# few dozen programs, and the interpreter's cost is per program, not per FLOP.
 
 
 # %%
@@ -2122,7 +2138,7 @@ if transformers is not None:
 # DeepSeek-V3's groups, drawn small: 32 experts in 8 groups of 4; each token keeps its 3 best groups (grey: the
 # groups it may not use) and picks 6 experts among them (white dots). Red rings mark the token's top-6 over *all*
 # experts, without the limit: random scores scatter a token's best experts over many groups, so here the limit
-# changes the choice of almost every token. Training adapts the router to the limit; what it buys is that a
+# changes the choice of every one of these 12 tokens. Training adapts the router to the limit; what it buys is that a
 # token's activations travel to at most `topk_group` nodes.
 
 # %%
@@ -2141,7 +2157,7 @@ fig, ax = plt.subplots(figsize=(8, 3.6))
 viz.heatmap(
     ax,
     scores,
-    "sigmoid scores; grey = masked group, ● chosen, ○ top-6 without groups",
+    "sigmoid scores; grey = masked group; white dots: chosen; red rings: top-6 without groups",
     xlabel="expert",
     ylabel="token",
     cmap="viridis",
@@ -2229,9 +2245,10 @@ for ax in fig.axes[:2]:
 plt.show()
 
 # %% [markdown]
-# The red lines separate clusters. With balancing, each cluster picks a consistent pair of experts, different from
-# cluster to cluster: the experts have *specialised*. Without it, most clusters share the same few experts and two
-# columns stay empty.
+# The red lines separate clusters. Both routers send each cluster to a fixed pair of experts (a few tokens aside);
+# what differs is how the pairs share the experts. Without balancing a few experts serve most clusters and two
+# columns stay empty; with the bias update every expert serves about two clusters, though some clusters end up on
+# the same pair.
 
 # %% [markdown]
 # ### Dropping on the trained routers
@@ -2304,6 +2321,7 @@ from minisparse.moe import grouped_mm_bytes, grouped_mm_flops
 
 fl, by = grouped_mm_flops(131072, 2048, 2816), grouped_mm_bytes(131072, 2048, 2816, 64)
 assert fl / by > RIDGE  # section 2.9's shape, 16K tokens × top-8 over 64 experts: compute-bound
+print(f"{fl / by:.0f} FLOP/byte against the ridge's {RIDGE:.0f}: compute-bound")
 
 # %% [markdown]
 # ### Timing on a GPU
@@ -2493,8 +2511,9 @@ def check_grouped_tile(kernel):
     BLOCK_K=16) on the tile schedule (slots in reverse order, later experts first, as a GPU may run
     them), y starting as NaN; compare with grouped_mm_ref and say which row and column differ, and
     why it may."""
-    # without a GPU the kernel runs in the interpreter
+    # without a GPU the kernel runs in the interpreter; on one, fp32 tl.dot may run in TF32
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tol = 2e-2 if dev == "cuda" else 2e-3
     for i, (counts, K, N) in enumerate(_tile_cases()):
         g = torch.Generator().manual_seed(40 + i)
         M, G = sum(counts), len(counts)
@@ -2504,17 +2523,19 @@ def check_grouped_tile(kernel):
         expert, row = tile_schedule(offsets, M, _TILE["BLOCK_M"])
         # the last expert's tiles run first
         expert, row = expert.flip(0).contiguous(), row.flip(0).contiguous()
-        # y and a tile of NaN after it: a store past y's last column shows there
-        buf = torch.full((M * N + _TILE["BLOCK_M"] * _TILE["BLOCK_N"],), float("nan"), device=dev)
+        # y and a tile's rows of NaN after it: a store past y's last row or column lands there
+        buf = torch.full((M * N + _TILE["BLOCK_M"] * N + _TILE["BLOCK_N"],), float("nan"),
+                         device=dev)
         y = buf[:M * N].view(M, N)
         kernel[(expert.numel(), triton.cdiv(N, _TILE["BLOCK_N"]))](
             x, w, y, expert, row, offsets, M, N, K, **_TILE
         )
         if not torch.isnan(buf[M * N:]).all():
             raise ExerciseError(f"✗ grouped GEMM tile: case {i + 1} of 4: a store past the end of "
-                                "y (columns ≥ N): mask the store with cols < N")
+                                "y — rows ≥ M (mask the store to the expert's rows) or columns ≥ N "
+                                "(mask it with cols < N)")
         ref = grouped_mm_ref(x, w, offsets)  # [M, N] the loop of per-expert matmuls
-        bad = ~(torch.isclose(y, ref, rtol=2e-3, atol=2e-3))  # NaN never matches
+        bad = ~(torch.isclose(y, ref, rtol=tol, atol=tol))  # NaN never matches
         if not bad.any():
             continue
         case = f"case {i + 1} of 4 (rows per expert {counts}, K = {K}, N = {N})"
@@ -2534,7 +2555,7 @@ def check_grouped_tile(kernel):
         other = [
             e
             for e in range(G)
-            if e != owner and torch.isclose(y[r, c], (x[r] @ w[e])[c], rtol=2e-3, atol=2e-3)
+            if e != owner and torch.isclose(y[r, c], (x[r] @ w[e])[c], rtol=tol, atol=tol)
         ]
         why = (
             f"it holds x[{r}] @ w[{other[0]}]: a tile of expert {other[0]} stored rows past its "

@@ -754,7 +754,7 @@ def _planted_unpermute(y_sorted, weights, order):  # the bug of exercise 3: weig
 @triton.jit
 def _tile(x_ptr, w_ptr, y_ptr, te_ptr, tr_ptr, off_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, MASK_ROWS: tl.constexpr, K_TAIL: tl.constexpr, WRITE: tl.constexpr,
-          MASK_COLS: tl.constexpr):
+          MASK_COLS: tl.constexpr, MASK_M: tl.constexpr = True):
     t, pid_n = tl.program_id(0), tl.program_id(1)
     g = tl.load(te_ptr + t)
     if g < 0:
@@ -772,7 +772,7 @@ def _tile(x_ptr, w_ptr, y_ptr, te_ptr, tr_ptr, off_ptr, M, N, K, BLOCK_M: tl.con
         b = tl.load(w_ptr + g * K * N + kk[:, None] * N + cols[None, :],
                     mask=(kk[:, None] < K) & (cols[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision="ieee")
-    keep = (rows[:, None] < M) & ((cols[None, :] < N) | (not MASK_COLS))
+    keep = ((rows[:, None] < M) | (not MASK_M)) & ((cols[None, :] < N) | (not MASK_COLS))
     if MASK_ROWS:
         keep = keep & (rows[:, None] < row_end)
     if WRITE:
@@ -803,9 +803,11 @@ def test_exercise_checkers_accept_the_reference(capsys):
     (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "K_TAIL": False})),  # drops the last partial K step
     (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "WRITE": False})),  # the stub: nothing stored
     (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "MASK_COLS": False})),  # stores columns ≥ N
+    # no row mask at all, columns masked: the last expert's tile stores rows past M (up to BLOCK_M - 1 of them)
+    (check_grouped_tile, with_constexprs(_tile, **{**GOOD_TILE, "MASK_ROWS": False, "MASK_M": False})),
 ], ids=["dropped-no-cf", "dropped-per-token", "groups-with-replacement", "groups-min", "unpermute-planted-bug",
         "unpermute-wrong-direction", "unpermute-unweighted", "tile-no-row-mask", "tile-no-k-tail", "tile-stub",
-        "tile-no-column-mask"])
+        "tile-no-column-mask", "tile-no-row-mask-at-all"])
 def test_exercise_checkers_reject_wrong_answers(checker, wrong):
     with pytest.raises(ExerciseError, match="✗"):
         checker(wrong)
