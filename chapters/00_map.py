@@ -648,7 +648,7 @@ show(Table(rows, ["family", "per_token", "constant", "at_128k", "at_1m"],
 
 # %%
 COLORS = ["black", "tab:gray", "tab:brown", "tab:purple", "tab:green", "tab:blue"]
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.5, 4.5))
 per_token = [(cache_bytes(f, 1) - cache_bytes(f, 0)) / 1024 for f in FAMILIES]
 bars = ax1.bar(range(len(FAMILIES)), [max(p, 1e-9) for p in per_token],
                color=COLORS)
@@ -670,7 +670,7 @@ ax2.text(Tc[0], H200_GIB * 1.15, "one H200: 141 GB", fontsize=8, color="tab:red"
 ax2.set_xlabel("context length T (tokens)")
 ax2.set_ylabel("cache for one sequence (GiB)")
 ax2.set_title("(b) cache for one sequence, with constant states")
-ax2.legend(fontsize=7, loc="upper left")
+ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
 ax2.grid(True, which="major", alpha=0.3)
 fig.suptitle("KV cache at DeepSeek-V3's attention shape "
              "(61 layers, 128 heads × 128, bf16 cache, fp32 states)", fontsize=10)
