@@ -2196,22 +2196,16 @@ for i, (e, r) in enumerate(zip(texp.tolist(), trow.tolist())):
     if e < 0:
         continue
     used = min(32, ends_demo[e] - r)
-    x0 = 0.05 + 0.48 * (i % 2)  # two lanes, so that a partial tile's overhang stays visible
+    x0 = 0.03 + 0.32 * (i % 3)  # three lanes, so that a partial tile's overhang stays visible
     ax.add_patch(
-        plt.Rectangle((x0, r + 0.5), 0.42, used - 1, facecolor=colors[e], alpha=0.45, edgecolor="k")
+        plt.Rectangle((x0, r + 0.5), 0.28, used - 1, facecolor=colors[e], alpha=0.45, edgecolor="k")
     )
     if used < 32:  # rows past the expert's end: computed, never stored
         ax.add_patch(
-            plt.Rectangle((x0, r + used), 0.42, 32 - used, fill=False, ls=":", hatch="///")
+            plt.Rectangle((x0, r + used), 0.28, 32 - used, fill=False, ls=":", hatch="///")
         )
-    ax.text(
-        x0 + 0.21,
-        r + used / 2,
-        f"tile {i}: expert {e}\nrows {r}–{r + used - 1}",
-        ha="center",
-        va="center",
-        fontsize=6.5,
-    )
+    ax.text(x0 + 0.14, r + 16, f"tile {i}: expert {e}\nrows {r}–{r + used - 1}", ha="center",
+            va="center", fontsize=6.5, bbox=dict(fc="white", alpha=0.8, lw=0))
 ax.set(
     xlim=(0, 1),
     ylim=(ends_demo[-1] + 12, 0),
