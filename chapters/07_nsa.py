@@ -42,9 +42,7 @@
 # - 7.1 *Why*: attention that reads a fixed budget of tokens; 7.2 *Naive*: the three branches and MoBA;
 # - 7.3 *See it*: each branch's mask, a drawn data flow, an explorer; 7.4 *Cost model*: FLOPs and bytes per branch;
 # - 7.5 *Fast*: the group-centric selection kernel; 7.6 *The layer* and the needle; 7.7 *Measure*;
-# - 7.8 *Exercises*; then a summary, references and the engineering notes (argument checks, the pooling kernel, the
-#   top-n with the compressed branch, the gated sum, the backward kernels, the decoding step in three kernels,
-#   MoBA's forward).
+# - 7.8 *Exercises*; then a summary, references and the engineering notes.
 #
 # Layout `[B, T, H, D]` as everywhere: `q [B, T, HQ, D]`, `k, v [B, T, H, D]`, a GQA group of `G = HQ / H`
 # query heads a key head. **[S]** is the seed survey (see References).
@@ -148,11 +146,9 @@ plt.show()
 # %% [markdown]
 # ## 7.2 Naive: three branches and a router
 #
-# Every op of this section is plain PyTorch, computed in fp32, with the shapes in comments; they are the spec the
-# kernels of section 7.5 are tested against. The argument checks they share with the kernels (shapes, power-of-two
-# block sizes, block indices that are neither out of range, in the query's future nor repeated, gates in [0, 1],
-# one summary a block) live in `minisparse.nsa.checks`, shown in the engineering notes with the bad inputs they
-# reject.
+# Every op of this section is plain PyTorch, computed in fp32, with the shapes in comments: the spec that the kernels
+# of section 7.5 are tested against. The argument checks they share with the kernels live in `minisparse.nsa.checks`,
+# shown in the engineering notes with the bad inputs they reject.
 
 # %% tags=["hide-input"]
 #| export nsa.naive
@@ -876,15 +872,13 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
 # rows). dK and dV are the hard part: a block receives contributions from every query that selected it. Rather than
 # atomic adds into shared rows, the launcher inverts `block_indices` with one sort — for each (key head, block), the
 # list of (token, head) pairs that chose it — and a *key-centric* kernel walks that list, so every dK, dV row has
-# one owner. Both kernels, the inversion and the autograd glue are in the engineering notes. `parallel_nsa` runs
-# these kernels; `parallel_moba` runs their backward with one selection a query head, and a forward of its own
-# (engineering notes, "MoBA's forward"): with one selection a query head, a kernel that loads a chunk once for every
-# query that chose it beats one that loads it once a query.
+# one owner. `parallel_nsa` runs these kernels, `parallel_moba` their backward with one selection a query head;
+# the backward kernels, the inversion, the autograd glue and MoBA's own forward are in the engineering notes.
 #
-# The checks: Triton against the naive op on a length that is not a multiple of the block, group sizes 1, 2 and
-# 16, forward and every gradient, and one decoding step (`q` holding only the last token) against the full
-# computation. On a CPU this runs in Triton's interpreter in fp32; tests/test_nsa.py runs the same on a GPU in
-# bf16 and fp16, with every output buffer poisoned with NaN.
+# The checks: Triton against the naive op on a length that is not a multiple of the block, for group sizes 1, 2
+# and 16, forward and every gradient. On a CPU this runs in Triton's interpreter in fp32; tests/test_nsa.py runs the
+# same on a GPU in bf16 and fp16, with every output buffer poisoned with NaN, and checks decoding steps (`q` holding
+# only the last tokens) against the full computation.
 
 # %%
 from minisparse.nsa import parallel_moba, parallel_nsa, parallel_selected_attention
@@ -900,13 +894,7 @@ for T, HQ, H in ((45, 2, 2), (37, 4, 2), (40, 16, 1)):  # groups of 1, 2 and 16
     fast_grads = torch.autograd.grad(o_fast, qkv, do.to(DTYPE))
     for name, want, got in zip("qkv", torch.autograd.grad(o_ref, ref, do), fast_grads):
         assert_close(f"G = {HQ // H}: d{name}", want, got.float(), tol_grad)
-
-q, k, v = (x.to(DEVICE, DTYPE) for x in make_qkv(1, 75, 4, 16, HKV=2, seed=15))
-idx = select_blocks(q, mean_pool(k, 16), 3, 16)
-step = parallel_selected_attention(q[:, -1:], k, v, idx[:, -1:], 16)  # decode the last token
-assert_close("one decoding step", selected_attention(q, k, v, idx, 16)[:, -1:].float(),
-             step.float(), tol_fwd)
-print("Triton = naive: forward and dq, dk, dv for G = 1, 2, 16; one decoding step")
+print("Triton = naive: forward and dq, dk, dv for G = 1, 2, 16")
 
 # %% [markdown]
 # ## 7.6 The layer, and a needle
@@ -997,100 +985,22 @@ class NativeSparseAttention(nn.Module):
         return (o, idx) if return_block_indices else o
 
 # %% [markdown]
-# Does the selection learn to find what matters? A synthetic retrieval task: a context of blank tokens with four
-# (key, value) needles planted in different blocks, and a final token that asks for one key. The answer's block is
-# never block 0, never in the last 64 tokens (so neither the forced blocks nor the window of 32 hold it) — the
-# model must *select* it. One NSA layer ($T = 256$, blocks of 16, $n = 5$, so two free choices besides the three
-# forced blocks), trained on the last token's loss, with `found` = the share of final tokens whose selection holds
-# the needle's block.
-
-# %%
-#| export nsa.needle
-import torch
-from torch import nn
-
-from minisparse.nsa.layer import NativeSparseAttention
-
-
-def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
-                 device="cpu"):
-    """A synthetic retrieval task. The context is filler — blank key `n_keys`, blank value
-    `n_values` — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value)
-    pairs with distinct keys. The last token asks for one of the keys (its value blank); the
-    answer is that needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so
-    neither block 0 nor a window of `avoid` tokens holds them.
-
-    Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
-    [batch].
-    """
-    g = generator
-    keys = torch.full((batch, T), n_keys)  # [batch, T] blank
-    values = torch.full((batch, T), n_values)  # [batch, T] blank
-    # distinct
-    blocks = torch.rand(batch, (T - avoid) // block - 1, generator=g).argsort(-1)[:, :pairs] + 1
-    # [batch, pairs] positions
-    where = blocks * block + torch.randint(block, (batch, pairs), generator=g)
-    # [batch, pairs] distinct keys
-    asked = torch.rand(batch, n_keys, generator=g).argsort(-1)[:, :pairs]
-    rows = torch.arange(batch)[:, None]
-    keys[rows, where] = asked
-    values[rows, where] = torch.randint(n_values, (batch, pairs), generator=g)
-    keys[:, -1] = asked[:, 0]  # the question: the first needle's key, value blank
-    where = where[:, 0]
-    return (keys.to(device), values.to(device), where.to(device),
-            values[torch.arange(batch), where].to(device))
-
-
-class NeedleModel(nn.Module):
-    """Key and value embeddings, one NSA (or MoBA) layer with a residual, a readout of the last
-    token."""
-
-    def __init__(self, n_keys=16, n_values=16, hidden=64, heads=4, kv_heads=1, **attention):
-        super().__init__()
-        self.key_emb = nn.Embedding(n_keys + 1, hidden)  # + blank
-        self.value_emb = nn.Embedding(n_values + 1, hidden)
-        self.attn = NativeSparseAttention(hidden, heads, kv_heads, hidden // heads, **attention)
-        self.readout = nn.Linear(hidden, n_values)
-
-    def forward(self, keys, values):
-        x = self.key_emb(keys) + self.value_emb(values)  # [B, T, hidden]
-        o, idx = self.attn(x, return_block_indices=True, last=1)  # the last token's output only
-        return self.readout(x[:, -1] + o[:, 0]), idx  # [B, n_values] logits, [B, 1, H, S] selection
-
-
-def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50,
-                 pairs=4):
-    """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every
-    `log_every` steps, `found` = fraction of last tokens whose selection holds the needle's block
-    (NSA only)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    log = []
-    for step in range(1, steps + 1):
-        keys, values, where, answer = needle_batch(batch, T, pairs=pairs, avoid=avoid,
-                                                   block=model.attn.block_size, generator=g)
-        logits, idx = model(keys, values)
-        loss = nn.functional.cross_entropy(logits, answer)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % log_every == 0 or step == 1:
-            acc = (logits.argmax(-1) == answer).float().mean().item()
-            block = (where // model.attn.block_size)[:, None, None]  # [B, 1, 1]
-            found = (idx[:, -1] == block).any(-1).float().mean().item()
-            log.append((step, loss.item(), acc, found))
-    return log
+# Does the selection learn to find what matters? A synthetic retrieval task (`needle_batch`): a context of blank
+# tokens with four (key, value) needles planted in different blocks, and a final token that asks for one key. The
+# answer's block is never block 0, never in the last 64 tokens (so neither the forced blocks nor the window of 32
+# hold it) — the model must *select* it. `NeedleModel` is one NSA layer ($T = 256$, blocks of 16, $n = 5$, so two
+# free choices besides the three forced blocks) between key and value embeddings and a readout of the final token;
+# `train_needle` trains it on that token's loss and logs `found`, the share of final tokens whose selection holds
+# the needle's block (their code: engineering notes, "The needle task").
 
 # %% tags=["nbval-ignore-output"]
+from minisparse.nsa.needle import NeedleModel, needle_batch, train_needle  # engineering notes
 torch.manual_seed(0)
 needle_model = NeedleModel(block_size=16, block_counts=5, window_size=32, backend="naive")
 log = train_needle(needle_model, steps=400, lr=3e-3, log_every=50)
 for step, loss, acc, found in log:
     print(f"step {step:3d}  loss {loss:.2f}  accuracy {acc:.2f}  needle block selected {found:.2f}")
-
-# %%
-final = log[-1]
-assert final[2] > 0.5 and final[3] > 0.5, final  # chance: 1/16 and about 2/13
+assert log[-1][2] > 0.5 and log[-1][3] > 0.5, log[-1]  # accuracy, found; chance 1/16, about 2/13
 
 # %% [markdown]
 # Accuracy tracks `found`. On fresh sequences (the cell below) the layer answers right when its selection holds
@@ -1223,26 +1133,18 @@ if res is not None:
 # %% [markdown]
 # What the run says. With every branch and the selection included, NSA's forward passes dense attention from 16K
 # (1.1×), is 2.0× faster at 32K and 4.3× at 64K (31 against 133 ms); forward + backward is 1.8× faster at 32K and
-# 2.9× at 64K, and fla's `parallel_nsa` (with chapter 1's window) takes twice our time, 64 ms for the 64K forward.
-# Without autograd the forward runs four kernels: the pooling, the top-n with the compressed branch, the window, and
-# the selection, whose epilogue writes the gated sum. Still far below the 16× that section 7.4's model allows: the
-# selection kernel (18 of the 31 ms at 64K in an H100 profile) loads every chosen block once for each token (512 KiB
-# a token and group, 128 GiB in all: it takes 16 ms even when every read hits the L2 cache, so the path into the SMs,
-# not HBM, sets its pace), and the top-n with the compressed branch (9 ms) grows as $T^2/64$. A decoding step called
-# from Python costs 0.2–0.5 ms (the host's Python and Triton's launcher, depending on the machine), host work that no
-# kernel removes; captured as a CUDA graph its three kernels take 24 µs at 64K, 3.0× faster than SDPA's single-token
-# step (71 µs), which reads all 128 MiB of the cache. One sequence's step is latency, not reading: the window alone
-# takes 10 µs through the same kernels, and the top-n (one `tl.topk`, engineering notes, "A decoding step in three
-# kernels") most of the rest. A batch of 16 sequences fills the GPU and makes the step a matter of reading, as the
-# paper's 11.6× assumes: SDPA's step reads 2 GiB of caches (0.70 ms), ours takes 75 µs, 9.3× faster at 64K (5.5× at
-# 32K). Section 7.4's count of the tokens read bounds it at 25.6× for these shapes (1,024 summaries, 1,024 selected
-# and 512 window tokens of 65,536); the rest is the step's latency and its scores' round trip (`bench/notes/nsa.md`).
-# MoBA (HQ = H = 16, so G = 1) loads a chunk once for the queries that chose it (engineering notes, "MoBA's
-# forward"): 1.3× faster than SDPA at 32K and 2.4× at 64K. `flex_attention` over a block mask of the same density
-# reaches 4.7× and 9.3×, almost 4× our time: its queries share their chunks a 128-query block at a time, so it reads
-# each chunk once for the block and keeps no partial results, where MoBA's per-query choice makes us write and re-read
-# a partial result for each chosen chunk. The kernels pass the same tests in bf16 and fp16 on the H100 and the H200;
-# `bench/notes/nsa.md` breaks down where the time goes.
+# 2.9× at 64K, and fla's `parallel_nsa` (with chapter 1's window) takes twice our time. That is far below the 16× of
+# section 7.4's model: the selection kernel (18 of the 31 ms at 64K) loads every chosen block once for each token,
+# 128 GiB in all, at a pace set by the path from L2 into the SMs rather than by HBM, and the top-n with the
+# compressed branch (9 ms) grows as $T^2/64$. A decoding step called from Python costs 0.2–0.5 ms of host work that
+# no kernel removes; captured as a CUDA graph its three kernels take 24 µs at 64K, 3.0× faster than SDPA's step
+# (71 µs), which reads all 128 MiB of the cache: one sequence's step is latency, not reading. A batch of 16
+# sequences makes the step a matter of reading, as the paper's 11.6× assumes: 75 µs against SDPA's 0.70 ms, 9.3× at
+# 64K (5.5× at 32K), where section 7.4's count of the tokens read bounds it at 25.6×. MoBA ($G = 1$) loads a chunk
+# once for the queries that chose it: 1.3× faster than SDPA at 32K and 2.4× at 64K. `flex_attention` over a block
+# mask of the same density reaches 4.7× and 9.3×: its queries share their chunks a 128-query block at a time, so it
+# reads each chunk once for the block and keeps no partial results, where MoBA's per-query choice makes us write and
+# re-read a partial result for each chosen chunk. `bench/notes/nsa.md` breaks down where the time goes.
 
 # %% [markdown]
 # ## 7.8 Exercises
@@ -3015,6 +2917,89 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     idx = moba_gate(q.detach(), k.detach(), cs, K)  # [B, TQ, HQ, topk]
     o = _selected(q, k, v, idx, cs, scale, "moba.selection")
     return (o, idx) if return_block_indices else o
+
+# %% [markdown]
+# ### The needle task
+#
+# Section 7.6's retrieval task, the model around one layer, and its training loop.
+
+# %% tags=["hide-input"]
+#| export nsa.needle
+import torch
+from torch import nn
+
+from minisparse.nsa.layer import NativeSparseAttention
+
+
+def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=16, generator=None,
+                 device="cpu"):
+    """A synthetic retrieval task. The context is filler — blank key `n_keys`, blank value
+    `n_values` — with `pairs` needles planted in distinct blocks of `block` tokens: (key, value)
+    pairs with distinct keys. The last token asks for one of the keys (its value blank); the
+    answer is that needle's value. Needles sit in blocks 1 … outside the last `avoid` tokens, so
+    neither block 0 nor a window of `avoid` tokens holds them.
+
+    Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
+    [batch].
+    """
+    g = generator
+    keys = torch.full((batch, T), n_keys)  # [batch, T] blank
+    values = torch.full((batch, T), n_values)  # [batch, T] blank
+    # distinct
+    blocks = torch.rand(batch, (T - avoid) // block - 1, generator=g).argsort(-1)[:, :pairs] + 1
+    # [batch, pairs] positions
+    where = blocks * block + torch.randint(block, (batch, pairs), generator=g)
+    # [batch, pairs] distinct keys
+    asked = torch.rand(batch, n_keys, generator=g).argsort(-1)[:, :pairs]
+    rows = torch.arange(batch)[:, None]
+    keys[rows, where] = asked
+    values[rows, where] = torch.randint(n_values, (batch, pairs), generator=g)
+    keys[:, -1] = asked[:, 0]  # the question: the first needle's key, value blank
+    where = where[:, 0]
+    return (keys.to(device), values.to(device), where.to(device),
+            values[torch.arange(batch), where].to(device))
+
+
+class NeedleModel(nn.Module):
+    """Key and value embeddings, one NSA (or MoBA) layer with a residual, a readout of the last
+    token."""
+
+    def __init__(self, n_keys=16, n_values=16, hidden=64, heads=4, kv_heads=1, **attention):
+        super().__init__()
+        self.key_emb = nn.Embedding(n_keys + 1, hidden)  # + blank
+        self.value_emb = nn.Embedding(n_values + 1, hidden)
+        self.attn = NativeSparseAttention(hidden, heads, kv_heads, hidden // heads, **attention)
+        self.readout = nn.Linear(hidden, n_values)
+
+    def forward(self, keys, values):
+        x = self.key_emb(keys) + self.value_emb(values)  # [B, T, hidden]
+        o, idx = self.attn(x, return_block_indices=True, last=1)  # the last token's output only
+        return self.readout(x[:, -1] + o[:, 0]), idx  # [B, n_values] logits, [B, 1, H, S] selection
+
+
+def train_needle(model, steps=300, batch=32, T=256, lr=3e-3, seed=0, avoid=64, log_every=50,
+                 pairs=4):
+    """Train on fresh needle batches with Adam; returns [(step, loss, accuracy, found)] every
+    `log_every` steps, `found` = fraction of last tokens whose selection holds the needle's block
+    (NSA only)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    log = []
+    for step in range(1, steps + 1):
+        keys, values, where, answer = needle_batch(batch, T, pairs=pairs, avoid=avoid,
+                                                   block=model.attn.block_size, generator=g)
+        logits, idx = model(keys, values)
+        loss = nn.functional.cross_entropy(logits, answer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == 1:
+            acc = (logits.argmax(-1) == answer).float().mean().item()
+            block = (where // model.attn.block_size)[:, None, None]  # [B, 1, 1]
+            found = (idx[:, -1] == block).any(-1).float().mean().item()
+            log.append((step, loss.item(), acc, found))
+    return log
+
 
 # %% [markdown]
 # ### The exercise checkers
