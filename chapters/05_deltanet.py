@@ -356,7 +356,7 @@ wy_boxes = {
             w=2.8),
 }
 wy_arrows = [("in", "A"), ("A", "inv"), ("inv", "wy", "$\\times\\,\\beta e^G K,\\ \\beta V$"),
-             ("wy", "U"), ("S", "U", "$W S_n$"), ("U", "next"), ("U", "O"), ("S", "O", "$Q S_n$")]
+             ("wy", "U"), ("S", "U", "$W S_n$"), ("U", "next"), ("U", "O"), ("S", "O")]
 wy_groups = [(["A", "inv", "wy"], "every chunk in parallel: no state"),
              (["O"], "every chunk in parallel"),
              (["S", "U", "next"], "a scan over chunks: the only sequential part")]
