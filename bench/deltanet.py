@@ -6,7 +6,7 @@
 B = 2, H = HV = 16, K = V = 128, bf16, T from 1K to 64K by default; q and k L2-normalised inside (use_qk_l2norm),
 beta uniform in [0, 1], gates g = -U(0, 1); forward, and forward + backward (o.backward(do)).
 Rows: "minisparse, value checks off" is the op as it runs on CUDA by default (no value checks, as fla), forward and
-forward + backward; "chunk_gated_delta_rule (minisparse)" times its forward with runtime.set_value_checks(True), one
+forward + backward; "minisparse, value checks on" times its forward with runtime.set_value_checks(True), one
 host sync a call. Each kernel runs the first configuration of its runtime.LAUNCH_TABLE row that fits (autotuning
 stays off: the rows hold the measured best first).
 Medians by minisparse.bench.median_ms (CUDA events). Writes DIR/deltanet.json (minisparse.bench format) and prints
@@ -31,7 +31,7 @@ B, H, D = 2, 16, 128
 TS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 DEVICE, DTYPE = "cuda", torch.bfloat16
 SMOKE = False
-OURS = "chunk_gated_delta_rule (minisparse)"
+OURS = "minisparse, value checks on"
 UNCHECKED = "minisparse, value checks off"
 FLA = "fla chunk_gated_delta_rule"
 

@@ -1075,9 +1075,6 @@ print("decoding with conv + recurrent state == prefill (60-token prompt, then 10
 
 # %%
 r = bench.load_results("deltanet")
-for row in r["rows"]:  # the op's CUDA default is "value checks off": name the other line
-    if row["impl"] == "chunk_gated_delta_rule (minisparse)":
-        row["impl"] = "minisparse, value checks on"
 fig = bench.plot_passes(r, y="ms")
 for ax in fig.axes:
     ax.set_yscale("log")  # SDPA's quadratic time would flatten the linear-time lines otherwise

@@ -246,7 +246,7 @@ IMPL_COLORS = {
 _MARKERS = {"minisparse": "o", "fla": "D", "SDPA": "s", "flex_attention": "^", "torch": "v", "naive": "x"}
 # A second implementation of one family in the same plot (a variant: a window, another weight layout, checks off,
 # another fla op, a CUDA graph's replay) keeps the family's colour and is drawn dashed with an open marker.
-_VARIANTS = ("window", "w [E,K,N]", "value checks off", "simple_gla", "CUDA graph")
+_VARIANTS = ("window", "w [E,K,N]", "value checks on", "TransNormer", "CUDA graph")
 
 
 def impl_family(impl: str) -> str:
