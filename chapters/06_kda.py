@@ -762,12 +762,12 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 from minisparse.viz import Box
 
 boxes = {
-    "in": Box(0, 0.9, "q, k, v\ng, β", w=1.3, h=0.9),
+    "in": Box(0, 0.3, "q, k, v\ng, β", w=1.3, h=0.9),
     "AP": Box(2.6, 1.7, "A, P rows by\nreference point\n+ diagonals", w=2.0, h=1.0),
-    "inv": Box(5.6, 2.5, "A_inv = (I + diag(β)A′)⁻¹\n16×16 blocks", w=2.6, h=0.8),
-    "wu": Box(5.6, 1.0, "stores W, Ũ, A_inv,\nqg = Q⊙e^G,\nkd = K⊙e^(G_L−G)", w=2.6, h=1.0),
-    "scan": Box(10.1, 2.4, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
-    "out": Box(6.0, -0.9, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
+    "inv": Box(5.9, 2.5, "A_inv = (I + diag(β)A′)⁻¹\n16×16 blocks", w=2.6, h=0.8),
+    "wu": Box(5.9, 1.0, "stores W, Ũ, A_inv,\nqg = Q⊙e^G,\nkd = K⊙e^(G_L−G)", w=2.6, h=1.0),
+    "scan": Box(10.6, 2.4, "U = Ũ − W Sₙ\nS ← e^(G_L) S + kdᵀ U", w=2.4, h=0.8),
+    "out": Box(5.2, -1.3, "O = σ (qg Sₙ + P U)", w=2.4, h=0.8),
 }
 arrows = [("in", "AP"), ("in", "wu"), ("AP", "inv", "A′"), ("inv", "wu"),
           ("wu", "scan", "W, Ũ, kd, e^(G_L)"), ("scan", "out", "Sₙ, U"), ("wu", "out", "qg"),

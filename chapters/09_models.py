@@ -264,6 +264,7 @@ def qwen3_next_like(scale="small", **overrides):
                         num_kv_heads=2, head_dim=256, rotary_dim=64, linear_num_heads=32,
                         linear_num_k_heads=16, linear_head_dim=128, num_experts=512,
                         top_k=10, moe_intermediate_size=512, shared_intermediate_size=512,
+                        rope_theta=5e6,  # the released config.json (transformers' default: 1e4)
                         **attn), overrides)
 
 

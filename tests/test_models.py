@@ -140,6 +140,7 @@ def test_cost_helpers_validate_a_config_changed_after_creation():
 
 def test_presets_patterns_and_scales():
     assert "".join(M.qwen3_next_like("full").layer_kinds).count("F") == 12
+    assert M.qwen3_next_like("full").rope_theta == 5e6  # Qwen3-Next-80B-A3B's config.json
     kimi = M.kimi_linear_like("full").layer_kinds
     assert len(kimi) == 27 and kimi.count("M") == 7 and kimi[26] == "M"
     assert M.minimax_m1_like("full").layer_kinds.count("F") == 10
