@@ -682,7 +682,8 @@ Box, grey = viz.Box, dict(h=0.9, color="#e8e8e8")  # grey: on chip, once per key
 boxes = {
     "Q": Box(0, 1, "query tile $Q_i$\n$B_M \\times D$", w=2.2, h=0.9, note="loaded once"),
     "KV": Box(3.2, 3.5, "$K_j$: $B_N \\times D$, $V_j$: $B_N \\times D_v$\n"
-              "streamed from memory,\nj = 0, 1, …", w=3.6, h=1.1, color="#fde2c8"),
+              "streamed from memory,\none tile j = 0, 1, … at a time", w=3.6, h=1.1,
+              color="#fde2c8"),
     "S": Box(3.2, 1, "scores $S_{ij} = \\sigma Q_i K_j^\\top$\n$B_M \\times B_N$", w=2.6, **grey),
     "P": Box(6.6, 1, "$m' = \\max(m, \\mathrm{rowmax}\\,S_{ij})$\n$P_{ij} = e^{S_{ij} - m'}$", w=3,
              **grey),
@@ -693,7 +694,7 @@ boxes = {
 }
 arrows = [("Q", "S"), ("KV", "S", "$K_j$"), ("S", "P"), ("P", "state", "$P_{ij}$"),
           ("KV", "state", "$V_j$"), ("state", "O", "after the last tile")]
-viz.schematic(boxes, arrows, groups=[(["S", "P", "state"], "on chip, once per key/value tile j")],
+viz.schematic(boxes, arrows, groups=[(["S", "P", "state"], "on chip")],
               title="One program of flash attention: query tile i against streamed key/value tiles",
               size=(13, 4.6))
 plt.show()

@@ -2254,30 +2254,20 @@ def _kda_backward(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
 
 # %%
 #| export kda.chunk
+import functools
+
 import torch
 
-from minisparse import _checks, runtime
+from minisparse import runtime
+from minisparse.deltanet.chunk import _check_kernel_inputs as _delta_kernel_inputs
 from minisparse.deltanet.chunk_bwd import _l2norm_rows, _qk_grad
 from minisparse.kda.chunk_bwd import _kda_backward
 from minisparse.kda.chunk_fwd import _INSTEAD, _kda_forward
-from minisparse.deltanet.naive import _check_gate_and_beta, _check_l2norm_range
 from minisparse.kda.checks import _check_kda
 from minisparse.kda.naive import _naive_chunk
 
-
-def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim, l2):
-    """_check_kda's shape checks, then what the kernels need (CUDA tensors or the interpreter, no
-    bf16 under the interpreter, K and V ≤ max_dim), then g's and β's values (and with `l2`, q's and
-    k's range) where `check_values` and the value-check rule ask for them (on CPU tensors always; on
-    CUDA after runtime.set_value_checks(True)). Returns the scale as a float."""
-    scale = _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values=False)
-    _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=_INSTEAD,
-                          max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
-    if check_values and _checks.checking_values(False, q):
-        _check_gate_and_beta(op, g, beta)
-        if l2:
-            _check_l2norm_range(op, q, k)
-    return scale
+# chapter 5's checks before a launch, with KDA's argument shapes ([B, T, HV, K] gates) and fallback
+_check_kernel_inputs = functools.partial(_delta_kernel_inputs, shapes=_check_kda, instead=_INSTEAD)
 
 
 class _ChunkKDA(torch.autograd.Function):
