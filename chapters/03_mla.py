@@ -523,9 +523,10 @@ print(f"absorbed == expanded (fp64): relative RMS error {err:.1e}")
 # | `o_proj` | $n_h d_v \to d$ | |
 #
 # `forward(x, cache=None, absorb=False)` is causal over `x` plus whatever `cache` holds, and appends to it. With
-# `absorb=False` it expands keys and values from the (cached) latents and runs chapter 1's `attention_ref`, as
-# transformers does; with `absorb=True` it runs section 3.3's attention on the latents, in PyTorch or in section
-# 3.7's kernel (`backend`, section 3.8).
+# `absorb=False` it expands keys and values from the (cached) latents, as transformers does, and runs chapter 1's
+# attention on them: `flash_attention` (forward and backward, so this is the path that trains) or `attention_ref`;
+# with `absorb=True` it runs section 3.3's attention on the latents, in PyTorch or in section 3.7's kernel. The
+# `backend` argument picks between them (section 3.8).
 
 # %%
 #| export mla.layer
@@ -547,7 +548,9 @@ class MLA(nn.Module):
     cache (new_cache) the T new tokens sit at positions len(cache) .. len(cache) + T - 1 and
     attend to everything cached before them. absorb=False expands K/V from the latents;
     absorb=True attends on the latents (never expanding K/V); backend "auto" | "naive" | "triton"
-    picks how the absorbed attention runs.
+    picks who runs each form: chapter 1's flash_attention (expanded) and mla_decode (absorbed), or
+    PyTorch (attention_ref, mla_attention_absorbed); "auto" takes a kernel where it runs and
+    applies (section 3.8).
     """
 
     def __init__(self, hidden_size, num_heads, *, q_lora_rank=None, kv_lora_rank=512,
@@ -610,9 +613,17 @@ class MLA(nn.Module):
         else:
             k, v = expand_latent(c_kv, k_rope, self.kv_b_proj.weight, self.num_heads,
                                  self.qk_nope_head_dim, self.v_head_dim)  # [B,S,H,dn+dr], ·,dv]
-            o = attention_ref(torch.cat([q_nope, q_rope], dim=-1), k, v, causal=True,
-                              scale=self.scaling)
+            o = self._attend_expanded(torch.cat([q_nope, q_rope], dim=-1), k, v)  # [B, T, H, dv]
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))  # [B, T, hidden]
+
+    def _attend_expanded(self, q, k, v):
+        backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q)
+        if self.backend == "auto" and max(q.shape[-1], v.shape[-1]) > 256:
+            backend = "naive"  # head dims past the kernel's
+        if backend == "triton":  # lazy: the layer imports without kernels
+            from minisparse.attention.triton import flash_attention
+            return flash_attention(q, k, v, causal=True, scale=self.scaling)
+        return attention_ref(q, k, v, causal=True, scale=self.scaling)
 
     def absorbed_weights(self):
         """(W_uk [H, dn, r], W_uv [H, dv, r]): views of kv_b_proj.weight."""
@@ -1031,10 +1042,13 @@ for case in CASES:
 # %% [markdown]
 # ## 3.8 The layer on the kernel
 #
-# `MLA(..., backend=...)` decides who runs the absorbed attention: `"naive"` PyTorch, `"triton"` `mla_decode` (on a
-# CPU in the interpreter), and `"auto"`, the default, the kernel where it runs when no gradient is needed. The layer
-# passes `MLACache`'s two views straight to the kernel, without `lengths`, so a decoding step never waits for the
-# host. The engineering notes check that decoding on the kernel gives the PyTorch path's outputs.
+# `MLA(..., backend=...)` decides who runs each form's attention: `"naive"` PyTorch, `"triton"` the kernels (on a
+# CPU in the interpreter), and `"auto"`, the default, a kernel where it runs and applies. The absorbed form's kernel
+# is `mla_decode`, which has no backward pass: `"auto"` takes it when no gradient is needed. The expanded form, the
+# one that trains, runs chapter 1's `flash_attention`, forward and backward (head dims up to 256: DeepSeek's 192 and
+# 128 fit). The layer passes `MLACache`'s two views straight to `mla_decode`, without `lengths`, so a decoding step
+# never waits for the host. The engineering notes check that decoding on the kernel gives the PyTorch path's
+# outputs, and `tests/test_mla.py` that the expanded form's outputs and gradients are the same on either path.
 #
 # ## 3.9 Measure
 #

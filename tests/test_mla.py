@@ -85,6 +85,7 @@ def test_mla_matches_transformers(q_lora_rank, interleave):
         assert_close("absorbed", ref, ours(x, absorb=True), 1e-5)
         ours.backend = "triton" if DEV == "cuda" or runtime.interpreting() else "naive"
         assert_close(f"absorbed ({ours.backend})", ref, ours(x, absorb=True), 1e-4)
+        assert_close(f"expanded ({ours.backend}: flash_attention)", ref, ours(x), 1e-4)
     # the layouts matter: a layer with the other RoPE pairing gives different outputs
     wrong = MLA.from_hf(hf, backend="naive")
     wrong.rope.interleaved = not interleave
@@ -179,6 +180,64 @@ def test_token_by_token_absorbed_decoding_equals_prefill(backend):
     assert_close("absorbed decoding", full, torch.cat(steps, 1), 1e-4)
     assert_close("expanded decoding", full, torch.cat(expanded_steps, 1), 1e-5)
     assert len(cache) == 14 and torch.allclose(cache.buffer, cache2.buffer, atol=1e-5)  # same latents
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["prefill", "after-a-cache"])
+def test_expanded_form_on_flash_attention_matches_pytorch_with_gradients(cached):
+    """backend="triton" runs the expanded form (the one that trains) on chapter 1's flash_attention: the output and
+    the gradients of the input and of every parameter equal the PyTorch path's (attention_ref), at odd sizes (head
+    dims 12 + 6 and 10, 19 tokens: no tile is full; YaRN's softmax scale), also for queries after cached tokens
+    (Tq < Tk)."""
+    torch.manual_seed(6)
+    dtype = torch.float32 if DEV == "cpu" else runtime.default_dtype()
+    sizes = dict(q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10,
+                 rope_scaling=YARN_TOY)  # YaRN: a softmax scale other than flash_attention's default
+    naive = MLA(48, 3, backend="naive", **sizes)
+    with torch.no_grad():
+        for p in naive.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    naive = naive.to(DEV, dtype)
+    layers = {"naive": naive, "triton": MLA(48, 3, backend="triton", **sizes).to(DEV, dtype)}
+    layers["triton"].load_state_dict(naive.state_dict())
+    x = torch.randn(2, 19, 48, generator=_gen(8)).to(DEV, dtype)
+    dy = torch.randn(2, 12 if cached else 19, 48, generator=_gen(9)).to(DEV, dtype)
+    out = {}
+    for name, layer in layers.items():
+        xi = x.clone().requires_grad_()
+        if cached:  # 7 tokens cached without a gradient, then 12 queries over all 19 keys
+            cache = layer.new_cache(2, 19)
+            with torch.no_grad():
+                layer(xi[:, :7], cache)
+            y = layer(xi[:, 7:], cache)
+        else:
+            y = layer(xi)
+        grads = torch.autograd.grad(y, [xi, *layer.parameters()], dy)
+        out[name] = (y, *grads)
+    tol = TOLERANCES[dtype]
+    names = ["output", "d input"] + [f"d {n}" for n, _ in naive.named_parameters()]
+    for name, ref, ours in zip(names, out["naive"], out["triton"]):
+        assert_close(name, ref.float(), ours.float(), tol[name != "output"])
+
+
+def test_auto_backend_runs_the_expanded_form_on_flash_attention_where_it_fits(monkeypatch):
+    """backend="auto" takes chapter 1's kernel for the expanded form where the kernels run (CUDA, or fp32 on a CPU
+    under the interpreter) and the head dims fit it (≤ 256), and attention_ref otherwise."""
+    from minisparse.attention import triton as attention_triton
+
+    calls = []
+    flash = attention_triton.flash_attention
+    monkeypatch.setattr(attention_triton, "flash_attention", lambda *a, **kw: calls.append(a[0].shape) or flash(*a, **kw))
+    fits = MLA(32, 2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8).to(DEV)
+    wide = MLA(32, 2, kv_lora_rank=8, qk_nope_head_dim=256, qk_rope_head_dim=4, v_head_dim=8).to(DEV)
+    x = torch.randn(1, 5, 32, device=DEV)
+    with torch.no_grad():
+        fits(x)
+        wide(x)
+        wide.backend = "triton"  # asked for: the kernel's own error, not a silent fallback
+        with pytest.raises(ValueError, match="q/k head dim must be <= 256"):
+            wide(x)
+        fits.double()(x.double())  # fp64, the oracles' dtype: PyTorch under "auto"
+    assert calls == ([(1, 5, 2, 12)] if DEV == "cuda" or runtime.interpreting() else []) + [(1, 5, 2, 260)]
 
 
 def test_cache_holds_latent_and_rope_and_overflows():

@@ -17,7 +17,9 @@ class MLA(nn.Module):
     cache (new_cache) the T new tokens sit at positions len(cache) .. len(cache) + T - 1 and
     attend to everything cached before them. absorb=False expands K/V from the latents;
     absorb=True attends on the latents (never expanding K/V); backend "auto" | "naive" | "triton"
-    picks how the absorbed attention runs.
+    picks who runs each form: chapter 1's flash_attention (expanded) and mla_decode (absorbed), or
+    PyTorch (attention_ref, mla_attention_absorbed); "auto" takes a kernel where it runs and
+    applies (section 3.8).
     """
 
     def __init__(self, hidden_size, num_heads, *, q_lora_rank=None, kv_lora_rank=512,
@@ -80,9 +82,17 @@ class MLA(nn.Module):
         else:
             k, v = expand_latent(c_kv, k_rope, self.kv_b_proj.weight, self.num_heads,
                                  self.qk_nope_head_dim, self.v_head_dim)  # [B,S,H,dn+dr], ·,dv]
-            o = attention_ref(torch.cat([q_nope, q_rope], dim=-1), k, v, causal=True,
-                              scale=self.scaling)
+            o = self._attend_expanded(torch.cat([q_nope, q_rope], dim=-1), k, v)  # [B, T, H, dv]
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))  # [B, T, hidden]
+
+    def _attend_expanded(self, q, k, v):
+        backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q)
+        if self.backend == "auto" and max(q.shape[-1], v.shape[-1]) > 256:
+            backend = "naive"  # head dims past the kernel's
+        if backend == "triton":  # lazy: the layer imports without kernels
+            from minisparse.attention.triton import flash_attention
+            return flash_attention(q, k, v, causal=True, scale=self.scaling)
+        return attention_ref(q, k, v, causal=True, scale=self.scaling)
 
     def absorbed_weights(self):
         """(W_uk [H, dn, r], W_uv [H, dv, r]): views of kv_b_proj.weight."""
