@@ -790,10 +790,12 @@ def _selected_tile(idx_row, i_it, kv_base, pos, o_n, H: tl.constexpr, BS: tl.con
                    BN: tl.constexpr):
     """Key tile i_it of a token's selected blocks: tile i_it % (BS / BN) of the block in slot
     i_it // (BS / BN) of its index row. -> the tile's rows of k and v [BN] (key s at row kv_base +
-    s·H) and the keys that count: the slot filled (not −1), the key not after the query (at pos)."""
+    s·H) and the keys that count: the slot filled (not −1: its positions are all negative), the key
+    not after the query (at pos)."""
     i_blk = tl.load(idx_row + i_it // (BS // BN))
     o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n  # [BN] key positions
-    return kv_base + o_s * H, (o_s <= pos) & (i_blk >= 0)
+    # a mask of [BN] tensors only: triton 3.9's interpreter rejects a scalar & tensor mask
+    return kv_base + o_s * H, (o_s <= pos) & (o_s >= 0)
 
 
 @triton.jit
@@ -858,7 +860,9 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     if GATED:  # the gated sum here, not in a pass of its own over the three branches
         b_o *= tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
         if CMP:
-            b_o += _gated_term(oc_ptr, row * DV, gc_ptr, row, m_g & (i_t >= first), o_dv, DV)
+            # tl.where, not m_g & (i_t >= first): triton 3.9's interpreter rejects scalar & tensor
+            b_o += _gated_term(oc_ptr, row * DV, gc_ptr, row, tl.where(i_t >= first, m_g, False),
+                               o_dv, DV)
         if SWA:
             b_o += _gated_term(ow_ptr, row * DV, gw_ptr, row, m_g, o_dv, DV)
     else:
@@ -921,8 +925,9 @@ class NativeSparseAttention(nn.Module):
     x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of
     `head_dim` (one block selection a group of num_heads / num_kv_heads query heads).
     `compress="mlp"` learns φ (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`:
-    "naive", "triton" or "auto" (Triton on CUDA tensors or CPU under the interpreter). With
-    `return_block_indices` forward also returns the selection.
+    "naive", "triton" (blocks of at least 16 tokens, head dims up to 256) or "auto" (Triton on CUDA
+    tensors or CPU under the interpreter, where those limits allow). With `return_block_indices`
+    forward also returns the selection.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
@@ -938,6 +943,11 @@ class NativeSparseAttention(nn.Module):
         _checks.positive_int(op, "moba_topk", moba_topk)
         if kind == "nsa":
             check_block_counts(op, block_counts)
+        self.kernels_fit = block_size >= 16 and head_dim <= 256  # the Triton ops' limits
+        if backend == "triton" and not self.kernels_fit:
+            raise ValueError(f"{op}: backend='triton' needs block_size >= 16 (a tensor-core "
+                             f"tile) and head_dim <= 256, got {block_size} and {head_dim}: use "
+                             "'auto' or 'naive'")
         self.hidden_size = hidden_size
         self.kind, self.backend = kind, _checks.backend(op, backend)
         self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim
@@ -967,7 +977,7 @@ class NativeSparseAttention(nn.Module):
         # [B, T, H, D]
         k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)
         v = self.v_proj(x).view(B, T, self.H, self.D)  # [B, T, H, D]
-        fast = _checks.choose_backend(self.backend, x) == "triton"
+        fast = _checks.choose_backend(self.backend, x) == "triton" and self.kernels_fit
         if self.kind == "moba":
             from minisparse.nsa.triton import parallel_moba
             o, idx = (parallel_moba if fast else moba)(q, k, v, self.block_size, self.moba_topk,
@@ -1263,8 +1273,10 @@ attempt(check_block_scores_kernel, my_block_scores_kernel)  # prints ✗ until y
 
 # %% tags=["hide-input"] mystnb={"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide the solution"}
 # Solution — one masked gather and one product. The positions of the block's keys are idx·BS + j;
-# a key is real when the block is (idx ≥ 0), it is not after the query and not past T. Masked
-# loads read zeros (their products are 0, not -inf), so the -inf comes from tl.where afterwards.
+# a key is real when its block is (idx ≥ 0: every position of block −1 is negative), it is not
+# after the query and not past T. The mask compares the [BS] positions only: triton 3.9's
+# interpreter rejects a scalar condition & a tensor in a mask. Masked loads read zeros (their
+# products are 0, not -inf), so the -inf comes from tl.where afterwards.
 # The same tile, with v and an online softmax around it, is the selection kernel's inner loop.
 @triton.jit
 def block_scores_kernel_solution(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
@@ -1272,7 +1284,7 @@ def block_scores_kernel_solution(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
     q = load_group_queries(q_ptr, G, D, BG, BD)
     rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
     pos = idx * BS + j  # [BS] key positions
-    real = (idx >= 0) & (pos <= t) & (pos < T)
+    real = (pos >= 0) & (pos <= t) & (pos < T)
     k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=real[:, None] & (cols[None, :] < D),
                 other=0.0)  # [BS, BD]
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BG, BS]

@@ -313,7 +313,8 @@ from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
 from minisparse.models.cache import InputCache, StateCache  # engineering notes
-from minisparse.models.checks import _check_caches, _check_generate_args, _check_input_ids, validate
+from minisparse.models.checks import (_check_caches, _check_generate_args, _check_input_ids,
+                                      _check_memory, validate)
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
 
@@ -433,6 +434,7 @@ class HybridLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         validate(config)  # again: a dataclass's fields can change after it was made
+        _check_memory("HybridLM", config)  # engineering notes: a full-size preset on a real device
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
@@ -1432,6 +1434,7 @@ PRESETS = {f.__name__: f for f in (deepseek_v32_like, qwen3_next_like, kimi_line
 #| export models.checks
 import math
 import numbers
+import os
 
 import torch
 
@@ -1554,11 +1557,43 @@ for bad in (dict(pattern="GGGX"), dict(pattern="GGGF", num_layers=6), dict(num_h
 # %% [markdown]
 # The model's inputs are checked in the same module: token ids within the vocabulary, one cache a layer,
 # `generate`'s arguments, and that new tokens fit a recurrent layer's cache (`StateCache`), before any state
-# changes; so are `mqar_batch`'s number of pairs and `kv_cache_bytes_per_token`'s dtypes. The counts and cost
+# changes; so are `mqar_batch`'s number of pairs and `kv_cache_bytes_per_token`'s dtypes. And a model whose
+# parameters alone would not fit the device it is built on (a `scale="full"` preset outside
+# `with torch.device("meta")`) is refused with a `MemoryError` that says so, before anything is allocated, instead
+# of the process being killed. The counts and cost
 # models of sections 9.4 and 9.5 take a `HybridConfig` or a transformers config through `_as_config`.
 
 # %%
 #| export models.checks
+def _device_memory(device):
+    """Bytes of memory of a device: free memory on a GPU, the machine's on a CPU; None if
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def _check_memory(op, config):
+    """Refuse a model whose parameters (in the default dtype) exceed the memory of the device it
+    would be built on, the default device (`with torch.device(...)` included; meta always fits)."""
+    device = torch.empty(0).device
+    if device.type == "meta":
+        return
+    from minisparse.models.count import param_counts  # counted on meta; count imports the model
+    n = param_counts(config)["total"]
+    need, have = n * torch.get_default_dtype().itemsize, _device_memory(device)
+    if have is not None and need > have:
+        raise MemoryError(
+            f"{op}: {config.name}'s {n / 1e9:.1f}B parameters take {need / 1e9:.0f} GB in "
+            f"{torch.get_default_dtype()}, more than the {have / 1e9:.0f} GB of this "
+            f"{device.type}: build it under `with torch.device(\"meta\"):` (param_counts, "
+            "decode_cost and the cache sizes need no memory), or take the preset at "
+            "scale=\"small\"")
+
+
 def _check_input_ids(op, input_ids, vocab_size):
     """Token ids: a [B, T] int64 tensor, each in [0, vocab_size) (under the value-check rule)."""
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:

@@ -263,3 +263,10 @@ def attempt(checker: Callable, *args, **kwargs) -> None:
         checker(*args, **kwargs)
     except ExerciseError as err:
         print(err)
+    except Exception as err:  # a reader's kernel that the interpreter refuses for a reason of its own
+        if "mask has unsupported dtype" not in str(err):
+            raise
+        print(f"✗ {getattr(checker, '__name__', 'checker')}: Triton's interpreter refused your kernel: {err}\n"
+              "Hint: triton 3.9's interpreter rejects a load or store mask that combines a scalar condition with "
+              "a tensor, such as (idx >= 0) & (pos <= t); write it with tensors only, e.g. (pos >= 0) & (pos <= t), "
+              "or tl.where(idx >= 0, pos <= t, False)")

@@ -287,6 +287,13 @@ def test_attempt_prints_instead_of_raising(capsys):
     with pytest.raises(ValueError):  # only a wrong answer is reported; a broken checker still raises
         attempt(lambda: (_ for _ in ()).throw(ValueError("bug in the checker")))
 
+    def check_tile():  # what triton 3.9's interpreter raises for a scalar & tensor mask in a reader's kernel
+        raise RuntimeError("InterpreterError: ValueError('mask has unsupported dtype')")
+
+    assert attempt(check_tile) is None
+    out = capsys.readouterr().out
+    assert out.startswith("✗ check_tile: Triton's interpreter refused your kernel") and "tensors only" in out
+
 
 def test_explorer_draws_once_without_a_kernel():
     from minisparse.viz import explorer

@@ -107,6 +107,21 @@ def test_model_validates_a_config_changed_after_creation():
 
 
 
+def test_a_model_larger_than_its_device_is_refused_before_anything_is_allocated(monkeypatch):
+    """A full-size preset built on a real device would be killed by the OS for memory: HybridLM raises a MemoryError
+    that says how to build it (on meta) first. Here the device's memory is made small instead of the model large."""
+    from minisparse.models import checks as model_checks
+
+    monkeypatch.setattr(model_checks, "_device_memory", lambda device: 10_000)
+    with pytest.raises(MemoryError, match=r"HybridLM: dense_baseline's 0\.0B parameters take 0 GB in torch\.float32, "
+                                          r"more than the 0 GB of this cpu: build it under `with torch\.device"):
+        M.HybridLM(M.dense_baseline(backend="naive"))
+    with torch.device("meta"):  # the meta device holds no memory: any size builds
+        assert sum(p.numel() for p in M.HybridLM(M.qwen3_next_like(scale="full")).parameters()) > 79e9
+    monkeypatch.setattr(model_checks, "_device_memory", lambda device: None)  # unknown: no refusal
+    M.HybridLM(M.dense_baseline(backend="naive"))
+
+
 def _tiny_lm():
     return M.HybridLM(M.HybridConfig(vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=1,
                                      backend="naive"))

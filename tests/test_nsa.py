@@ -283,6 +283,8 @@ def test_selection_bad_input(backend, what, make, error, message, value_checks):
     (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, window_size=-1), "window_size"),
     (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_counts=2), "block_counts must be >= 3"),
     (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_size=12), "power of two"),
+    (lambda q, k, v: N.NativeSparseAttention(32, 4, 2, 16, block_size=8, backend="triton"),
+     r"NativeSparseAttention: backend='triton' needs block_size >= 16 .* got 8 and 16"),
 ])
 def test_nsa_and_moba_bad_input(call, message):
     q, k, v, _ = _inputs()
@@ -693,6 +695,16 @@ def test_layer_backends_agree_and_last_tokens_equal_the_full_outputs(kind):
     assert_close("triton layer", o, layer(x), 1e-4)
 
 
+def test_auto_layer_takes_the_naive_path_where_the_kernels_do_not_fit():
+    """Blocks of 8 tokens are below the kernels' tile: "auto" runs `nsa` instead of raising the Triton op's error."""
+    torch.manual_seed(0)
+    layer = N.NativeSparseAttention(32, 4, 2, 16, block_size=8, block_counts=3, window_size=8).to(DEV)
+    x = torch.randn(1, 40, 32, device=DEV)
+    out = layer(x)
+    layer.backend = "naive"
+    assert torch.equal(out, layer(x))
+
+
 def test_needle_batch_plants_distinct_needles_outside_the_window_and_block_zero():
     g = torch.Generator().manual_seed(0)
     keys, values, where, answer = N.needle_batch(64, 128, avoid=32, block=16, generator=g)
@@ -756,7 +768,7 @@ def _scores(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D, BS: tl.constexpr, BG: t
     q = X.load_group_queries(q_ptr, G, D, BG, BD)
     rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
     pos = idx * BS + j
-    real = (idx >= 0) & (pos < T)
+    real = (pos >= 0) & (pos < T)  # block −1: negative positions (no scalar & tensor mask: triton 3.9)
     if CAUSAL:
         real = real & (pos <= t)
     mask = real[:, None] & (cols[None, :] < D) if COLUMN_MASK else real[:, None]
@@ -770,7 +782,7 @@ def _scores_nan(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
                 BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
     rows, j = tl.arange(0, BG), tl.arange(0, BS)
     pos = idx * BS + j
-    real = (idx >= 0) & (pos <= t) & (pos < T)
+    real = (pos >= 0) & (pos <= t) & (pos < T)
     s = tl.where(real[None, :], tl.zeros((BG, BS), tl.float32) * float("nan"), float("-inf"))
     tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
 

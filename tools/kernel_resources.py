@@ -114,10 +114,20 @@ def resources(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, stage
     return kernel_resources(compile_for(fn, constexprs, dtypes, floats, warps, stages, arch, pointers), arch)
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas triton itself runs for `arch` (triton 3.9 ships a newer one for sm_90 and up, whose PTX the
+    older `bin/ptxas` refuses), else the wheel's `bin/ptxas`."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        return str(pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")
+
+
 def kernel_resources(kernel, arch: int) -> dict:
     """Shared memory (KiB) of a compiled kernel, and registers and spill bytes as ptxas reports them."""
     out = {"shared_kib": kernel.metadata.shared / 1024}
-    ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    ptxas = _ptxas(arch)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
         ptx.flush()

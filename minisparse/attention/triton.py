@@ -411,9 +411,9 @@ _INSTEAD = "attention_ref (PyTorch), which has no limit on the head dims"
 
 def _check_flash_args(q, k, v, causal, scale, window):
     """Validate flash_attention's arguments and return the scale as a float."""
+    if all(torch.is_tensor(x) and x.is_floating_point() for x in (q, k, v)):  # kernels' dtypes
+        _checks.same_dtype("flash_attention", q=q, k=k, v=v)  # first (section 1.2 allows fp64)
     scale = check_attention_args("flash_attention", q, k, v, causal, window, scale)  # section 1.2
-    if q.dtype not in _checks.FLOATS:  # section 1.2 allows fp64 (the oracle); the kernels do not
-        _checks.same_dtype("flash_attention", q=q, k=k, v=v)  # raises: fp32, fp16 or bf16
     (_, Tq, HQ, DK), (_, Tk, HKV, DV) = q.shape, v.shape
     _checks.triton_inputs("flash_attention", q, k, v,
                           max_dims={"q/k head dim": (DK, 256), "v head dim": (DV, 256)},

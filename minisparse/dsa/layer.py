@@ -68,7 +68,10 @@ class DSAttention(MLA):
     return_indices=False) -> [B, T, hidden] (and indices [B, T, topk], scores [B, T, S]). Each
     query attends, in MLA's absorbed form, to the index_topk tokens its indexer ranks highest
     (sparse=False: to all); with a cache (new_cache) the T tokens follow the cached ones, so
-    token-by-token decoding gives the prefill's outputs. The indexer's inputs are detached."""
+    token-by-token decoding gives the prefill's outputs. The indexer's inputs are detached, so the
+    output's loss never reaches `indexer.*`: train the indexer with indexer_kl_loss against
+    attention_probs (return_indices=True gives its indices and scores), as HybridLM's aux_loss
+    does."""
 
     def __init__(self, hidden_size, num_heads, *, q_lora_rank, index_n_heads=64,
                  index_head_dim=128, index_topk=2048, indexer_rope_interleave=False, **mla_kwargs):

@@ -10,7 +10,8 @@ from minisparse.kda import KimiDeltaAttention
 from minisparse.lightning import LightningAttention
 from minisparse.mla import MLA
 from minisparse.models.cache import InputCache, StateCache  # engineering notes
-from minisparse.models.checks import _check_caches, _check_generate_args, _check_input_ids, validate
+from minisparse.models.checks import (_check_caches, _check_generate_args, _check_input_ids,
+                                      _check_memory, validate)
 from minisparse.moe import MoE, SwiGLU
 from minisparse.nsa import NativeSparseAttention
 
@@ -129,6 +130,7 @@ class HybridLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         validate(config)  # again: a dataclass's fields can change after it was made
+        _check_memory("HybridLM", config)  # engineering notes: a full-size preset on a real device
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))

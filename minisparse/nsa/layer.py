@@ -14,8 +14,9 @@ class NativeSparseAttention(nn.Module):
     x [B, T, hidden] -> [B, T, hidden]. q: `num_heads` heads, k and v: `num_kv_heads` heads of
     `head_dim` (one block selection a group of num_heads / num_kv_heads query heads).
     `compress="mlp"` learns φ (`CompressKV`, starting as mean pooling), `"mean"` pools. `backend`:
-    "naive", "triton" or "auto" (Triton on CUDA tensors or CPU under the interpreter). With
-    `return_block_indices` forward also returns the selection.
+    "naive", "triton" (blocks of at least 16 tokens, head dims up to 256) or "auto" (Triton on CUDA
+    tensors or CPU under the interpreter, where those limits allow). With `return_block_indices`
+    forward also returns the selection.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, *, kind="nsa", block_size=64,
@@ -31,6 +32,11 @@ class NativeSparseAttention(nn.Module):
         _checks.positive_int(op, "moba_topk", moba_topk)
         if kind == "nsa":
             check_block_counts(op, block_counts)
+        self.kernels_fit = block_size >= 16 and head_dim <= 256  # the Triton ops' limits
+        if backend == "triton" and not self.kernels_fit:
+            raise ValueError(f"{op}: backend='triton' needs block_size >= 16 (a tensor-core "
+                             f"tile) and head_dim <= 256, got {block_size} and {head_dim}: use "
+                             "'auto' or 'naive'")
         self.hidden_size = hidden_size
         self.kind, self.backend = kind, _checks.backend(op, backend)
         self.HQ, self.H, self.D = num_heads, num_kv_heads, head_dim
@@ -60,7 +66,7 @@ class NativeSparseAttention(nn.Module):
         # [B, T, H, D]
         k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)
         v = self.v_proj(x).view(B, T, self.H, self.D)  # [B, T, H, D]
-        fast = _checks.choose_backend(self.backend, x) == "triton"
+        fast = _checks.choose_backend(self.backend, x) == "triton" and self.kernels_fit
         if self.kind == "moba":
             from minisparse.nsa.triton import parallel_moba
             o, idx = (parallel_moba if fast else moba)(q, k, v, self.block_size, self.moba_topk,

@@ -30,10 +30,12 @@ def _selected_tile(idx_row, i_it, kv_base, pos, o_n, H: tl.constexpr, BS: tl.con
                    BN: tl.constexpr):
     """Key tile i_it of a token's selected blocks: tile i_it % (BS / BN) of the block in slot
     i_it // (BS / BN) of its index row. -> the tile's rows of k and v [BN] (key s at row kv_base +
-    s·H) and the keys that count: the slot filled (not −1), the key not after the query (at pos)."""
+    s·H) and the keys that count: the slot filled (not −1: its positions are all negative), the key
+    not after the query (at pos)."""
     i_blk = tl.load(idx_row + i_it // (BS // BN))
     o_s = i_blk * BS + (i_it % (BS // BN)) * BN + o_n  # [BN] key positions
-    return kv_base + o_s * H, (o_s <= pos) & (i_blk >= 0)
+    # a mask of [BN] tensors only: triton 3.9's interpreter rejects a scalar & tensor mask
+    return kv_base + o_s * H, (o_s <= pos) & (o_s >= 0)
 
 
 @triton.jit
@@ -98,7 +100,9 @@ def selection_fwd_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, TQ, TK, s
     if GATED:  # the gated sum here, not in a pass of its own over the three branches
         b_o *= tl.load(gs_ptr + row, mask=m_g, other=0.0).to(tl.float32)[:, None]
         if CMP:
-            b_o += _gated_term(oc_ptr, row * DV, gc_ptr, row, m_g & (i_t >= first), o_dv, DV)
+            # tl.where, not m_g & (i_t >= first): triton 3.9's interpreter rejects scalar & tensor
+            b_o += _gated_term(oc_ptr, row * DV, gc_ptr, row, tl.where(i_t >= first, m_g, False),
+                               o_dv, DV)
         if SWA:
             b_o += _gated_term(ow_ptr, row * DV, gw_ptr, row, m_g, o_dv, DV)
     else:
