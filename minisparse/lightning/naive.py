@@ -108,9 +108,8 @@ def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk
 
 def _check_slope(op, slope):
     """slope > 0 and finite (a NaN is reported as NaN): one reduction and a host sync."""
-    _checks.value_range(op, "slope", slope, low=0, low_open=True,
-                        high=torch.finfo(torch.float32).max,
-                        why="finite decay rates: exp(-slope) < 1 each step")
+    _checks.value_range(op, "slope", slope, low=0, low_open=True, finite=True,
+                        why="decay rates: exp(-slope) < 1 each step")
 
 
 def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
