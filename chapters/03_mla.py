@@ -550,7 +550,7 @@ class MLA(nn.Module):
     absorb=True attends on the latents (never expanding K/V); backend "auto" | "naive" | "triton"
     picks who runs each form: chapter 1's flash_attention (expanded) and mla_decode (absorbed), or
     PyTorch (attention_ref, mla_attention_absorbed); "auto" takes a kernel where it runs and
-    applies (section 3.8).
+    can serve the call (section 3.8).
     """
 
     def __init__(self, hidden_size, num_heads, *, q_lora_rank=None, kv_lora_rank=512,
@@ -1043,12 +1043,13 @@ for case in CASES:
 # ## 3.8 The layer on the kernel
 #
 # `MLA(..., backend=...)` decides who runs each form's attention: `"naive"` PyTorch, `"triton"` the kernels (on a
-# CPU in the interpreter), and `"auto"`, the default, a kernel where it runs and applies. The absorbed form's kernel
-# is `mla_decode`, which has no backward pass: `"auto"` takes it when no gradient is needed. The expanded form, the
-# one that trains, runs chapter 1's `flash_attention`, forward and backward (head dims up to 256: DeepSeek's 192 and
-# 128 fit). The layer passes `MLACache`'s two views straight to `mla_decode`, without `lengths`, so a decoding step
-# never waits for the host. The engineering notes check that decoding on the kernel gives the PyTorch path's
-# outputs, and `tests/test_mla.py` that the expanded form's outputs and gradients are the same on either path.
+# CPU in the interpreter), and `"auto"`, the default, a kernel where it runs and can serve the call. The absorbed
+# form's kernel is `mla_decode`, which has no backward pass: `"auto"` takes it when no gradient is needed. The
+# expanded form, the one that trains, runs chapter 1's `flash_attention`, forward and backward (head dims up to 256:
+# DeepSeek's 192 and 128 fit). The layer passes `MLACache`'s two views straight to `mla_decode`, without `lengths`,
+# so a decoding step never waits for the host. The engineering notes check that decoding on the kernel gives the
+# PyTorch path's outputs, and `tests/test_mla.py` that the expanded form's outputs and gradients are the same on
+# either path.
 #
 # ## 3.9 Measure
 #

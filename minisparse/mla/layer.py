@@ -19,7 +19,7 @@ class MLA(nn.Module):
     absorb=True attends on the latents (never expanding K/V); backend "auto" | "naive" | "triton"
     picks who runs each form: chapter 1's flash_attention (expanded) and mla_decode (absorbed), or
     PyTorch (attention_ref, mla_attention_absorbed); "auto" takes a kernel where it runs and
-    applies (section 3.8).
+    can serve the call (section 3.8).
     """
 
     def __init__(self, hidden_size, num_heads, *, q_lora_rank=None, kv_lora_rank=512,
