@@ -97,7 +97,8 @@ def compile_for(fn, constexprs: dict, dtypes: dict, floats: set, warps: int, sta
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
              if (t.startswith("*") and aligned) or n in (div16 or ())}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs or None)
-    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True,  # as runtime.launch launches
+                   **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
