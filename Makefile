@@ -13,11 +13,15 @@ STAMP := $(VENV)/.installed
 #   make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.8.0
+# The newest triton release, for a second run of the unit tests in a venv of its own (`make unit-next`): its
+# interpreter, which runs the kernels on a CPU, changes between releases (3.9 refused masks that 3.8 takes).
+TRITON_NEXT ?= triton==3.9.0
+NEXT := .venv-next
 CHAPTERS := $(sort $(wildcard chapters/[0-9][0-9]_*.py))
 NOTEBOOKS := $(CHAPTERS:.py=.ipynb)
 JB := $(BIN)/jupyter-book build . --config book/_config.yml --toc book/_toc.yml --path-output book
 
-.PHONY: help venv book book-strict test lint unit nbval check export sync-setup notebooks lab clean
+.PHONY: help venv book book-strict test lint unit unit-next nbval check export sync-setup notebooks lab clean
 help: ## this list
 	@echo "minisparse: make TARGET (all but help and clean create .venv first, once)"
 	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
@@ -50,6 +54,19 @@ unit: $(STAMP) ## tests/ on the CPU, the chapters <-> package checks included
 	@echo "==> unit tests, with the chapters -> package export, pairing, output and setup-cell checks"
 	$(BIN)/python -m pytest tests -q
 
+$(NEXT)/.installed: pyproject.toml
+	@echo "==> creating $(NEXT): $(TORCH), $(TRITON_NEXT) and minisparse with its test extra"
+	test -x $(NEXT)/bin/python || $(PYTHON) -m venv $(NEXT)
+	$(NEXT)/bin/python -m pip install --quiet --upgrade pip
+	$(NEXT)/bin/python -m pip install --quiet $(TORCH) || { echo "make: installing $(TORCH) failed"; exit 1; }
+	$(NEXT)/bin/python -m pip install --quiet $(TRITON_NEXT) || { echo "make: installing $(TRITON_NEXT) failed"; exit 1; }
+	$(NEXT)/bin/python -m pip install --quiet -e ".[test]" || { echo "make: installing minisparse[test] failed"; exit 1; }
+	touch $@
+
+unit-next: $(NEXT)/.installed ## tests/ again under the newest triton (TRITON_NEXT), whose interpreter runs the kernels on a CPU
+	@echo "==> unit tests under $$($(NEXT)/bin/python -c 'import triton; print("triton", triton.__version__)')"
+	$(NEXT)/bin/python -m pytest tests -q -p no:cacheprovider
+
 nbval: $(STAMP) ## execute every chapter notebook under nbval
 	@echo "==> executing every chapter under nbval"
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=600 -q -p no:cacheprovider $(NOTEBOOKS)
@@ -58,7 +75,7 @@ check: lint ## quick, before a commit: lint and `tools/chapters.py check` (`make
 	@echo "==> chapters -> package export, names, .py <-> .ipynb pairing, notebook outputs, setup cells"
 	$(BIN)/python tools/chapters.py check
 
-test: lint unit nbval book-strict ## everything CI checks: lint, unit tests with the chapter checks, nbval, strict book
+test: lint unit unit-next nbval book-strict ## everything CI checks: lint, unit tests (also under the newest triton), nbval, strict book
 	@echo "==> make test: all checks passed"
 
 export: $(STAMP) ## regenerate minisparse/<mechanism>/ from the chapters' export cells

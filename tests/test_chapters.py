@@ -109,6 +109,38 @@ def test_export_writes_modules_with_header_and_public_names(sandbox):
     assert "from .naive import *" in init
 
 
+def test_a_subpackages_all_is_its_api_without_kernels_functions_or_checkers(sandbox):
+    """`__all__` of a subpackage leaves out @triton.jit kernels, autograd Functions and the exercises module; each
+    module's own `__all__` keeps them, so that every name stays importable from the subpackage."""
+    (sandbox / "chapters" / "98_demo.py").write_text(textwrap.dedent('''\
+        # %%
+        #| export demo.triton
+        import torch
+        import triton
+
+        @triton.jit
+        def double_kernel(x_ptr):
+            pass
+
+        class DoubleFunction(torch.autograd.Function):
+            pass
+
+        def double(x):
+            return 2 * x
+
+        # %%
+        #| export demo.exercises
+        def check_double(fn):
+            pass
+        '''))
+    tool.export()
+    pkg = sandbox / "minisparse" / "demo"
+    assert "__all__ = ['double_kernel', 'DoubleFunction', 'double']" in (pkg / "triton.py").read_text()
+    assert "__all__ = ['check_double']" in (pkg / "exercises.py").read_text()
+    init = (pkg / "__init__.py").read_text()
+    assert "__all__ = ['double']" in init and "from .exercises import *" in init
+
+
 def test_check_catches_a_notebook_out_of_sync(sandbox):
     py = tool.chapter_files()[0]
     py.write_text(py.read_text() + "\n# %%\nprint('a new cell')\n")

@@ -10,7 +10,8 @@
 
 A code cell whose first line is `#| export <subpackage>.<module>` (e.g. `#| export attention.naive`) is copied,
 in chapter order, into `minisparse/<subpackage>/<module>.py`. Each subpackage also gets a generated
-`__init__.py` that re-exports its modules' public names. Generated files start with a header naming the chapter
+`__init__.py` that re-exports its modules' public names and lists its API in `__all__` (`api_names`: not the
+exercises module, the kernels or the autograd Functions). Generated files start with a header naming the chapter
 to edit. The chapter's `.py` (jupytext py:percent) is the source; the `.ipynb` is its executed twin.
 """
 from __future__ import annotations
@@ -80,6 +81,23 @@ def public_names(code: str) -> list[str]:
     return list(dict.fromkeys(defined_names(code)))
 
 
+def _is_plumbing(node) -> bool:
+    """A `@triton.jit` kernel or a `torch.autograd.Function` subclass: what an op launches or wraps, not the op."""
+    if isinstance(node, ast.FunctionDef):
+        return any(ast.unparse(d).split("(")[0] in ("triton.jit", "jit") for d in node.decorator_list)
+    return isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("autograd.Function") for b in node.bases)
+
+
+def api_names(module: str, code: str) -> list[str]:
+    """The public names a subpackage's `__all__` lists: those of its modules but the `exercises` module (the
+    chapter's checkers, reached as `minisparse.<sub>.exercises`), without kernels and autograd Functions. Every
+    public name stays importable from the subpackage; `from minisparse.<sub> import *` gives the API."""
+    if module == "exercises":
+        return []
+    plumbing = {n.name for n in ast.parse(code).body if _is_plumbing(n)}
+    return [n for n in public_names(code) if n not in plumbing]
+
+
 def exported_modules() -> dict[tuple[str, str], tuple[str, str]]:
     """{(subpackage, module): (chapter, body)} from the chapters' export cells, in chapter order."""
     modules: dict[tuple[str, str], list[str]] = {}
@@ -102,10 +120,12 @@ def render_package() -> dict[pathlib.Path, str]:
         names = public_names(body)
         text = f"{GENERATED.format(chapter=chapter)}\n{body}\n\n\n__all__ = {names!r}\n"
         files[PACKAGE / sub / f"{mod}.py"] = text
-        by_sub.setdefault(sub, []).append((mod, chapter, names))
+        by_sub.setdefault(sub, []).append((mod, chapter, api_names(mod, body)))
     for sub, mods in by_sub.items():
         chapter = mods[0][1]
-        lines = [GENERATED.format(chapter=chapter), f'"""minisparse.{sub}: the public API of {chapter}."""']
+        lines = [GENERATED.format(chapter=chapter),
+                 f'"""minisparse.{sub}: the public API of {chapter} (`__all__`); its kernels, autograd Functions and '
+                 f'exercise checkers (`minisparse.{sub}.exercises`) are importable by name too."""']
         lines += [f"from .{mod} import *  # noqa: F401,F403" for mod, _, _ in mods]
         everything = [n for _, _, names in mods for n in names]
         lines += ["", f"__all__ = {everything!r}", ""]
