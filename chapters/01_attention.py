@@ -1406,19 +1406,15 @@ plt.show()
 
 # %%
 #| export attention.naive
-# fp64 too: the tests' oracle runs in it
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def check_attention_args(op, q, k, v=None, causal=True, window=None, scale=None):
     """Validate q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, Dv] (None: no values), the mask
     and the scale; return the scale as a float (D ** -0.5 for None). Raises TypeError / ValueError
     naming the argument."""
-    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_DTYPES)
-    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_DTYPES)
-    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_DTYPES, optional=True)
+    _checks.tensor(op, "q", q, "[B, Tq, HQ, D]", dtypes=_checks.FLOATS)
+    _checks.tensor(op, "k", k, "[B, Tk, HKV, D]", dtypes=_checks.FLOATS)
+    _checks.tensor(op, "v", v, "[B, Tk, HKV, Dv]", dtypes=_checks.FLOATS, optional=True)
     named = dict(q=q, k=k) if v is None else dict(q=q, k=k, v=v)
-    _checks.same_dtype(op, _DTYPES, **named)
+    _checks.same_dtype(op, _checks.FLOATS, **named)  # fp64 too
     _checks.same_device(op, **named)
     (B, Tq, HQ, D), (Tk, HKV) = q.shape, k.shape[1:3]
     _checks.shape(op, "k", k, (B, Tk, HKV, D), "[B, Tk, HKV, D]", "q's batch size and head dim")
@@ -2245,7 +2241,7 @@ def _check_flash_args(q, k, v, causal, scale, window):
     """Validate flash_attention's arguments and return the scale as a float."""
     # the kernels' dtypes first, so that the error lists those (section 1.2 also allows fp64)
     if all(torch.is_tensor(x) and x.is_floating_point() for x in (q, k, v)):
-        _checks.same_dtype("flash_attention", q=q, k=k, v=v)
+        _checks.same_dtype("flash_attention", _checks.KERNEL_FLOATS, q=q, k=k, v=v)
     scale = check_attention_args("flash_attention", q, k, v, causal, window, scale)  # section 1.2
     (_, Tq, HQ, DK), (_, Tk, HKV, DV) = q.shape, v.shape
     _checks.triton_inputs("flash_attention", q, k, v,

@@ -205,9 +205,8 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import _checks  # the book's shared argument checks
-from minisparse.moe.checks import (_FLOATS, _check_expert_ids, _check_permute_args,
-                                   _check_router_inputs, _check_unpermute_args,
-                                   check_grouped_mm_args)
+from minisparse.moe.checks import (_check_expert_ids, _check_permute_args, _check_router_inputs,
+                                   _check_unpermute_args, check_grouped_mm_args)
 
 
 def route_topk_softmax(logits, top_k, renormalize=True):
@@ -364,7 +363,7 @@ def load_balancing_loss(router_probs, indices, num_experts):
     hold all the probability).
     """
     op = "load_balancing_loss"
-    _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_FLOATS)
+    _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_checks.FLOATS)
     N = router_probs.shape[0]
     _checks.shape(op, "router_probs", router_probs, (N, num_experts), "[N, E]", "E = num_experts")
     _check_expert_ids(op, indices, num_experts, check_values=True)
@@ -380,7 +379,7 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
     bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up,
     overloaded down, an expert exactly at the mean stays.
     """
-    _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_FLOATS)
+    _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_checks.FLOATS)
     _checks.tensor("update_bias", "tokens_per_expert", tokens_per_expert, "[E]")
     _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]",
                   "bias' E")
@@ -1355,8 +1354,6 @@ import torch
 
 from minisparse import _checks  # the book's shared argument checks
 
-# the PyTorch ops; the kernels: no fp64
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _IDS = (torch.int32, torch.int64)
 
 
@@ -1396,11 +1393,11 @@ def _check_router_inputs(
     number, so one NaN bias would send every token to its expert; with softmax, a finite maximum
     in every row of logits — a softmax over a row of -inf, or over a +inf, is NaN (-inf logits
     that mask some experts are fine; sigmoid scores need no such check)."""
-    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
+    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_checks.FLOATS)
     E = logits.shape[1]
     check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
     if bias is not None:
-        _checks.tensor(op, "bias", bias, "[E]", dtypes=_FLOATS)
+        _checks.tensor(op, "bias", bias, "[E]", dtypes=_checks.FLOATS)
         _checks.shape(op, "bias", bias, (E,), "[E]", "one per expert")
         _checks.same_device(op, logits=logits, bias=bias)
     if _checks.checking_values(False, logits):
@@ -1451,7 +1448,7 @@ def _check_permute_args(op, x, indices, num_experts, check_values):
 
 def _check_unpermute_args(op, y_sorted, weights, order):
     """weights [N, k] float, y_sorted [N*k, H], order [N*k] int32/int64, one device."""
-    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_FLOATS)
+    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_checks.FLOATS)
     _checks.tensor(op, "y_sorted", y_sorted, "[N*k, H]")
     _checks.tensor(op, "order", order, "[N*k]", dtypes=_IDS)
     rows = weights.shape[0] * weights.shape[1]
@@ -1473,7 +1470,7 @@ def check_grouped_mm_args(op, x, w, offsets, *, triton=False, check_values=True)
     fp32/fp16/bf16 only and what its kernels need (_checks.triton_inputs). Values — offsets
     non-decreasing from >= 0, the last equal to M — always for the PyTorch loop, under the
     value-check rule for the Triton op; check_values=False skips them (a read-back)."""
-    dtypes = _checks.FLOATS if triton else _FLOATS
+    dtypes = _checks.KERNEL_FLOATS if triton else _checks.FLOATS  # the PyTorch loop takes fp64 too
     _checks.tensor(op, "x", x, "[M, K]", dtypes=dtypes)
     _checks.tensor(op, "w", w, "[G, K, N]", dtypes=dtypes)
     _checks.tensor(op, "offsets", offsets, "[G]")

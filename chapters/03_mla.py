@@ -1850,8 +1850,7 @@ def _check_mla_args(hidden_size, num_heads, q_lora_rank, kv_lora_rank, qk_nope_h
 # %%
 #| export mla.naive
 def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *,
-                          check_values=True,
-                          dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+                          check_values=True, dtypes=_checks.FLOATS):
     """The arguments of the decode ops (see mla_decode): ranks, shapes, one dtype among `dtypes`,
     one device, a positive scale, lengths None or an integer tensor [B]; with check_values also T
     <= lengths[b] <= S, which reads lengths back to the host. Raises TypeError/ValueError naming
@@ -2197,7 +2196,8 @@ def _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out):
     checking = _checks.checking_values(False, q_latent)
     B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache,
                                                rope_cache, scale, lengths,
-                                               check_values=checking, dtypes=_checks.FLOATS)
+                                               check_values=checking,
+                                               dtypes=_checks.KERNEL_FLOATS)
     _checks.forward_only("mla_decode", q_latent, q_rope, kv_cache, rope_cache,
                          instead="mla_attention_absorbed (the MLA layer with absorb=False or "
                                  "backend='naive')")

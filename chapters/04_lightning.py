@@ -367,7 +367,8 @@ plt.show()
 #
 # The spec is the recurrence itself, with the book's conventions: `q, k [B, T, H, K]`, `v [B, T, H, V]` ($K \ne V$
 # allowed), `slope [H]` of positive rates, an optional `initial_state [B, H, K, V]`; it returns `(o, final_state)`
-# (the state only when asked for) and accumulates in fp32. Validation is one call, `_check_lightning` (Engineering
+# (the state only when asked for) and accumulates in fp32 (in fp64 for fp64 inputs, so that
+# `torch.autograd.gradcheck` can check its gradients). Validation is one call, `_check_lightning` (Engineering
 # notes), which also checks that every rate is positive and finite.
 
 # %%
@@ -377,17 +378,19 @@ def naive_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     """Lightning attention token by token: S_t = exp(-slope_h) S_{t-1} + k_tᵀ v_t, o_t = σ q_t S_t.
 
     q, k [B, T, H, K]; v [B, T, H, V]; slope [H] > 0; initial_state [B, H, K, V] or None ->
-    (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None). Accumulates in float32.
+    (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32 or None). Accumulates in float32
+    (float64 inputs: in float64, the final state too).
     """
     scale = _check_lightning("naive_recurrent_lightning_attn", q, k, v, slope, scale, initial_state,
                              check_values=True)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    lam = torch.exp(-slope.float())[None, :, None, None]  # [1, H, 1, 1] decay per step
-    S = initial_state.float().clone() if initial_state is not None else \
-        q.new_zeros(B, H, K, V, dtype=torch.float32)  # [B, H, K, V]
-    qf, kf, vf = q.float() * scale, k.float(), v.float()
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    lam = torch.exp(-slope.to(acc))[None, :, None, None]  # [1, H, 1, 1] decay per step
+    S = initial_state.to(acc).clone() if initial_state is not None else \
+        q.new_zeros(B, H, K, V, dtype=acc)  # [B, H, K, V]
+    qf, kf, vf = q.to(acc) * scale, k.to(acc), v.to(acc)
+    o = torch.empty(B, T, H, V, dtype=acc, device=q.device)
     for t in range(T):
         # [B, H, K, V] decay, then add k_tᵀ v_t
         S = lam * S + kf[:, t, :, :, None] * vf[:, t, :, None, :]
@@ -455,7 +458,7 @@ def naive_chunk_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
     """Lightning attention by blocks: intra-block (Q Kᵀ ⊙ D) V + inter-block diag(a) Q S.
 
     Same arguments and result as naive_recurrent_lightning_attn; chunk_size C is the block length
-    (any T works: the last block is shorter). Accumulates in float32.
+    (any T works: the last block is shorter). Accumulates in float32 (float64 for float64 inputs).
     """
     return _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk_size,
                         check_values=True)
@@ -469,15 +472,16 @@ def _naive_chunk(q, k, v, slope, scale, initial_state, output_final_state, chunk
     _checks.positive_int("naive_chunk_lightning_attn", "chunk_size", chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    s = slope.float()[:, None, None]  # [H, 1, 1]
-    S = initial_state.float().clone() if initial_state is not None else \
-        q.new_zeros(B, H, K, V, dtype=torch.float32)  # [B, H, K, V]
-    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, ·]
-    o = torch.empty(B, H, T, V, dtype=torch.float32, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    s = slope.to(acc)[:, None, None]  # [H, 1, 1]
+    S = initial_state.to(acc).clone() if initial_state is not None else \
+        q.new_zeros(B, H, K, V, dtype=acc)  # [B, H, K, V]
+    qf, kf, vf = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, T, ·]
+    o = torch.empty(B, H, T, V, dtype=acc, device=q.device)
     for c0 in range(0, T, chunk_size):
         L = min(chunk_size, T - c0)
         qc, kc, vc = qf[:, :, c0:c0 + L], kf[:, :, c0:c0 + L], vf[:, :, c0:c0 + L]  # [B, H, L, ·]
-        i = torch.arange(L, dtype=torch.float32, device=q.device)
+        i = torch.arange(L, dtype=acc, device=q.device)
         diff = i[:, None] - i[None, :]  # [L, L]
         D = torch.exp(torch.where(diff >= 0, -s * diff, float("-inf")))  # [H, L, L] decay matrix
         a = torch.exp(-s * (i[:, None] + 1))  # [H, L, 1] query decay λ^(i+1)
@@ -800,7 +804,7 @@ class LightningAttention(nn.Module):
 
     def _attend(self, q, k, v, state, want_state):
         """The recurrence with the layer's own slopes, scale 1 (private ops: no value check)."""
-        slope = self.slope_rate.float()
+        slope = self.slope_rate.to(torch.promote_types(q.dtype, torch.float32))  # fp32 or fp64
         if _checks.choose_backend(self.backend, q) == "naive":
             return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size,
                                 check_values=False)
@@ -1376,13 +1380,15 @@ def _check_slope(op, slope):
                         why="decay rates: exp(-slope) < 1 each step")
 
 
-def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values):
+def _check_lightning(op, q, k, v, slope, scale, initial_state, check_values,
+                     dtypes=_checks.FLOATS):
     """Validate what every lightning op takes; return the scale as a float (K ** -0.5 for None).
     `check_values`: also check the slope's values now (the naive ops always do; see
-    runtime.checking_values for the Triton ops)."""
-    B, _, H, K, _, V = _checks.qkv(op, q, k, v)
+    runtime.checking_values for the Triton ops). `dtypes`: q, k, v's and the state's (the naive
+    ops take float64 too; the kernels pass _checks.KERNEL_FLOATS)."""
+    B, _, H, K, _, V = _checks.qkv(op, q, k, v, dtypes=dtypes)
     _checks.per_head_token(op, "slope", slope, (H,), "[H]", "one decay rate a head", like=q)
-    _checks.initial_state(op, initial_state, (B, H, K, V), like=q)
+    _checks.initial_state(op, initial_state, (B, H, K, V), like=q, dtypes=dtypes)
     if check_values:
         _check_slope(op, slope)
     return _checks.scale(op, scale, K)
@@ -1745,10 +1751,12 @@ def _precision(dtype):
 
 
 def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values):
-    """_check_lightning's checks, then what the kernels need (CUDA tensors or the interpreter, no
-    bf16 under the interpreter, K and V <= 128), then the slope's values where `check_values` and
+    """_check_lightning's checks with the kernels' dtypes (fp32, fp16, bf16: no fp64), then what
+    the kernels need (CUDA tensors or the interpreter, no bf16 under the interpreter, K and V <=
+    128), then the slope's values where `check_values` and
     the value-check rule ask for them (runtime.checking_values). Returns the scale as a float."""
-    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False)
+    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False,
+                             dtypes=_checks.KERNEL_FLOATS)
     _checks.triton_inputs(op, q, k, v, slope, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], _MAX_DIM), "V": (v.shape[-1], _MAX_DIM)})
     if torch.is_grad_enabled() and slope.requires_grad:  # else it would silently get no gradient

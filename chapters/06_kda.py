@@ -204,15 +204,16 @@ from minisparse.kda.checks import _check_kda  # the argument checks (Engineering
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)),
-    optionally L2-normalised first."""
+    """float32 copies (float64 for float64 q), q and k repeated to the HV value heads (head hv reads
+    key head hv // (HV/H)), optionally L2-normalised first."""
     rep = v.shape[2] // q.shape[2]
-    q, k = q.float(), k.float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    q, k = q.to(acc), k.to(acc)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if rep > 1:
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
-    return q, k, v.float(), g.float(), beta.float()
+    return q, k, v.to(acc), g.to(acc), beta.to(acc)
 
 
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -223,8 +224,8 @@ def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     finite and ≤ 0; beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None;
     use_qk_l2norm: normalise q and k first.
     Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
-    output_final_state). Accumulates in float32; differentiable (gradients flow through final_state
-    too)."""
+    output_final_state). Accumulates in float32 (float64 inputs: in float64, the final state too);
+    differentiable (gradients flow through final_state too)."""
     return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
                             use_qk_l2norm, True)
 
@@ -236,7 +237,7 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
-    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(qf.dtype)
     o = []
     for t in range(T):
         kt = kf[:, t]  # [B, HV, K]
@@ -359,7 +360,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
     HV, V = v.shape[2:]
     # [B, HV, T, ·]
     qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))
-    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(qf.dtype)
     o = []
     for c0 in range(0, T, chunk_size):
         L = min(chunk_size, T - c0)
@@ -378,7 +379,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)
         # [B, HV, L, K + V]
         rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)
-        eye = torch.eye(L, device=q.device)
+        eye = torch.eye(L, dtype=qf.dtype, device=q.device)
         # (I + A)⁻¹ rhs
         WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         U = WU[..., K:] - WU[..., :K] @ S  # [B, HV, L, V] U = Ũ − W S
@@ -950,9 +951,9 @@ class SigmoidGatedRMSNorm(nn.Module):
         self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
 
     def forward(self, x, gate):
-        xf = x.float()  # [..., dim]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # [..., dim] fp32 (fp64 stays)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf * torch.sigmoid(gate.float())).to(x.dtype)
+        return (self.weight.to(xf.dtype) * xf * torch.sigmoid(gate.to(xf.dtype))).to(x.dtype)
 
 
 # %%
@@ -1006,10 +1007,12 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
 
     def gate(self, x):
-        """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
+        """The log decay g [B, T, H, K] (float32, ≤ 0; float64 in a float64 layer) of hidden states
+        x [B, T, hidden]."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        f = self.f_b_proj(self.f_a_proj(x)).to(acc) + self.dt_bias.to(acc)  # [B, T, H·K]
         f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
-        return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
+        return -self.A_log.to(acc).exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
     # chapter 5's causal depthwise conv + SiLU over [B, 3·H·K, T] from conv_state (same attributes)
     _conv = GatedDeltaNet._conv
@@ -1046,7 +1049,8 @@ class KimiDeltaAttention(nn.Module):
         mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
         q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim)
                    for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
-        beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        beta = self.b_proj(x).to(acc).sigmoid()  # [B, T, H]
         want_state = use_cache or state is not None
         # [B, T, H, K]
         o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)
@@ -1372,11 +1376,13 @@ from minisparse import _checks
 from minisparse.deltanet.naive import _check_gate_and_beta
 
 
-def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
+def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values, dtypes=_checks.FLOATS):
     """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
     `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
-    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    always do, the Triton ops follow the value-check rule, a layer skips what it built itself.
+    `dtypes`: q, k, v's and the state's (the naive ops take float64 too; the kernels pass
+    _checks.KERNEL_FLOATS)."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True, dtypes=dtypes)
     if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
         raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
                          f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
@@ -1387,7 +1393,7 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
                            like=q)
     _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
                            "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q, dtypes=dtypes)
     if check_values:
         _check_gate_and_beta(op, g, beta)
     return _checks.scale(op, scale, K)

@@ -189,8 +189,9 @@ def mean_pool(x, block_size):
     bs = check_block_size("mean_pool", block_size)
     T = x.shape[1]
     full = T // bs  # complete blocks, then maybe a partial one
-    # [B, T, H, D]: x / bs is exact (bs a power of two), and keeps sums near fp32's max finite
-    xs = x.float() / bs
+    # [B, T, H, D] in fp32 (fp64 stays fp64): x / bs is exact (bs a power of two), and keeps sums
+    # near fp32's max finite
+    xs = x.to(torch.promote_types(x.dtype, torch.float32)) / bs
     sums = xs[:, :full * bs].unflatten(1, (full, bs)).sum(2)  # [B, full, H, D]
     if full * bs < T:  # the partial last block
         sums = torch.cat([sums, xs[:, full * bs:].sum(1, keepdim=True)], 1)
@@ -259,9 +260,9 @@ print(pooled.shape, CompressKV(8, block_size=16, stride=8)(k_demo).shape)
 # %%
 #| export nsa.naive
 def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
-    """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32): query t sees summary c once
-    the summary's last token is in the past, c·stride + block_size − 1 ≤ t; a query that sees none
-    gets a row of zeros.
+    """Compressed attention probabilities p_cmp [B, T, HQ, N] (fp32; fp64 for fp64 q): query t
+    sees summary c once the summary's last token is in the past, c·stride + block_size − 1 ≤ t; a
+    query that sees none gets a row of zeros.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
     (decoding: q holds the last tokens only).
@@ -275,8 +276,9 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     stride = block_size if stride is None else check_block_size(op, stride, "stride")
     if stride > block_size:
         raise ValueError(f"{op}: stride must be <= block_size = {block_size}, got {stride}")
-    k_rep = k_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
-    s = torch.einsum("bthd,bchd->bthc", q.float(), k_rep) * scale  # [B, T, HQ, N]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    k_rep = k_cmp.to(acc).repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
+    s = torch.einsum("bthd,bchd->bthc", q.to(acc), k_rep) * scale  # [B, T, HQ, N]
     last = torch.arange(N, device=q.device) * stride + block_size - 1  # [N] last token of summary c
     seen = last[None, :] <= torch.arange(T, device=q.device)[:, None] + offset  # [T, N]
     s = s.masked_fill(~seen[None, :, None, :], float("-inf"))
@@ -287,13 +289,14 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
     """Branch 1, o_cmp = Σ_c p_cmp[t, c] · v_cmp[c]: attention over the block summaries.
 
     q [B, T, HQ, D], k_cmp [B, N, H, D], v_cmp [B, N, H, Dv] -> [B, T, HQ, Dv] in q's dtype (fp32
-    inside).
+    inside; fp64 for fp64 q).
     """
     op = "compressed_attention"
     _checks.tensor(op, "v_cmp", v_cmp, "[B, N, H, Dv]")
     check_summaries(op, q, k_cmp, v_cmp)
     p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
-    v_rep = v_cmp.float().repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)  # [B, N, HQ, Dv]
+    # [B, N, HQ, Dv]
+    v_rep = v_cmp.to(p.dtype).repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)
     return torch.einsum("bthc,bchd->bthd", p, v_rep).to(q.dtype)
 
 # %% [markdown]
@@ -391,8 +394,9 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None):
     scale = _checks.scale(op, scale, D)
     mask = selection_mask(block_indices, T, block_size)  # [B, T, Hs, T]
     mask = mask.repeat_interleave(HQ // mask.shape[2], dim=2)  # [B, TQ, HQ, T]
-    k_rep, v_rep = (x.float().repeat_interleave(HQ // H, dim=2) for x in (k, v))  # [B, T, HQ, *]
-    s = torch.einsum("bthd,bshd->bths", q.float(), k_rep) * scale  # [B, T, HQ, T]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    k_rep, v_rep = (x.to(acc).repeat_interleave(HQ // H, dim=2) for x in (k, v))  # [B, T, HQ, *]
+    s = torch.einsum("bthd,bshd->bths", q.to(acc), k_rep) * scale  # [B, T, HQ, T]
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return torch.einsum("bths,bshd->bthd", p, v_rep).to(q.dtype)
 
@@ -432,15 +436,16 @@ def nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64, window_
         block_indices = blocks_from_scores(p_cmp.detach(), H, block_counts, block_size, T - TQ, op)
     elif g_slc is None:  # given but unused: valid all the same (else selected_attention checks)
         check_block_indices(op, block_indices, B, TQ, HQ, H, bs, naive=True, offset=T - TQ)
-    o = torch.zeros(B, TQ, HQ, Dv, dtype=torch.float32, device=q.device)
+    acc = p_cmp.dtype  # fp32 (fp64 for fp64 q)
+    o = torch.zeros(B, TQ, HQ, Dv, dtype=acc, device=q.device)
     if g_cmp is not None:  # branch 1
-        v_rep = v_cmp.float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, Dv]
+        v_rep = v_cmp.to(acc).repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, Dv]
         o += g_cmp[..., None] * torch.einsum("bthc,bchd->bthd", p_cmp, v_rep)
     if g_slc is not None:
         o += g_slc[..., None] * selected_attention(q, k, v, block_indices, block_size,
-                                                   scale).float()
+                                                   scale).to(acc)
     if g_swa is not None and W > 0:
-        o += g_swa[..., None] * attention_ref(q, k, v, causal=True, scale=scale, window=W).float()
+        o += g_swa[..., None] * attention_ref(q, k, v, causal=True, scale=scale, window=W).to(acc)
     o = o.to(q.dtype)
     return (o, block_indices) if return_block_indices else o
 
@@ -502,9 +507,10 @@ def moba_select(q, k, chunk_size, topk):  # q may hold the last TQ <= T tokens o
     K = _checks.positive_int(op, "topk", topk)
     B, T, HQ, D = q.shape
     H = k.shape[2]
-    k_bar = mean_pool(k, chunk_size).float().repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    k_bar = mean_pool(k, chunk_size).to(acc).repeat_interleave(HQ // H, dim=2)  # [B, N, HQ, D]
     N = k_bar.shape[1]
-    s = torch.einsum("bthd,bchd->bthc", q.float(), k_bar)  # [B, T, HQ, N] the gate's scores
+    s = torch.einsum("bthd,bchd->bthc", q.to(acc), k_bar)  # [B, T, HQ, N] the gate's scores
     own = (torch.arange(T, device=q.device)[:, None] + k.shape[1] - T) // chunk_size  # [T, 1]
     c = torch.arange(N, device=q.device)[None, :]  # [1, N]
     s = s.masked_fill((c > own)[None, :, None], float("-inf"))  # future chunks
@@ -1760,8 +1766,9 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
 
 def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
     """`select_blocks` in Triton (forward only: indices have no gradient), the same block_indices
-    [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset),
-    k_cmp [B, N, H, D] one summary a block."""
+    [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset)
+    float32, float16 or bfloat16 (no float64: `select_blocks` takes it), k_cmp [B, N, H, D] one
+    summary a block."""
     return _select_blocks(q, k_cmp, None, block_counts, block_size, scale, offset)[0]
 
 
@@ -1774,6 +1781,7 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset, ord
     S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
     check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset, whole=True)
+    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]", dtypes=_checks.KERNEL_FLOATS)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     NB = max(N, triton.cdiv(TQ + offset, bs))  # blocks of the keys: the last query's own included
@@ -1841,8 +1849,9 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
 
     q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ
     positions, so TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or
-    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. Returns o
-    [B, TQ, HQ, DV] in q's dtype.
+    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. q, k, v
+    float32, float16 or bfloat16 (no float64: `selected_attention` takes it). Returns o [B, TQ, HQ,
+    DV] in q's dtype.
     """
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
@@ -1851,7 +1860,7 @@ def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
     """The checks, then the selection with autograd; with `gated` (NSA without autograd: see
     `_selection_forward`) NSA's gated output."""
     op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
-    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
     if bs < 16:
@@ -1940,11 +1949,12 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
     `flash_attention`; the compressed branch by SDPA with a block-causal mask (without autograd,
     from the top-n's own pass), the top-n by `parallel_select_blocks`. Same arguments and results
-    as `nsa`. Without autograd the selection kernel writes the gated sum; one token without
-    autograd (a decoding step: TQ = 1, no input requiring a gradient) runs three kernels of its own.
+    as `nsa`, with q, k, v float32, float16 or bfloat16 (no float64). Without autograd the
+    selection kernel writes the gated sum; one token without autograd (a decoding step: TQ = 1, no
+    input requiring a gradient) runs three kernels of its own.
     """
     op = "parallel_nsa"
-    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
@@ -2847,7 +2857,7 @@ def moba_gate(q, k, chunk_size, topk):
     products of q and the rounded chunk means, summed in fp32 (in another order than PyTorch's:
     two chunks whose scores tie to the last bit may swap)."""
     op = "moba_gate"
-    B, TQ, T, HQ, _, D, _ = _checks.last_queries_qkv(op, q, k, k)
+    B, TQ, T, HQ, _, D, _ = _checks.last_queries_qkv(op, q, k, k, dtypes=_checks.KERNEL_FLOATS)
     chunk_size = check_block_size(op, chunk_size, "chunk_size")
     topk = _checks.positive_int(op, "topk", topk)
     _checks.triton_inputs(op, q, k, max_dims={"D": (D, 256)}, instead="minisparse.nsa.moba_select")
@@ -2915,11 +2925,12 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     key-centric forward attends, the selection kernels' backward (one selection a query head)
     gives the gradients.
 
-    q [B, TQ, HQ, D] (the last TQ of the T positions), k [B, T, H, D], v [B, T, H, DV] -> o [B, TQ,
-    HQ, DV] (and block_indices [B, TQ, HQ, topk]).
+    q [B, TQ, HQ, D] (the last TQ of the T positions), k [B, T, H, D], v [B, T, H, DV], float32,
+    float16 or bfloat16 (no float64: `moba` takes it) -> o [B, TQ, HQ, DV] (and block_indices [B,
+    TQ, HQ, topk]).
     """
     op = "parallel_moba"
-    _, _, _, _, _, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    _, _, _, _, _, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     cs = check_block_size(op, chunk_size, "chunk_size")
     if cs < 16:
         raise ValueError(f"{op}: chunk_size must be >= 16 (a tensor-core tile), got {cs}")

@@ -164,7 +164,7 @@ def causal_mask(TQ, TK, device=None):
 
 
 def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
-    """The lightning indexer's scores, -inf above the diagonal (fp32):
+    """The lightning indexer's scores, -inf above the diagonal (fp32; fp64 for fp64 q_idx):
 
         I[t, s] = Σ_j w[t, j] · ReLU(scale · q_idx[t, j] · k_idx[s])   for s <= t
 
@@ -173,8 +173,9 @@ def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
     scale defaults to DI ** -0.5 (positive, so it never changes the ranking).
     """
     B, TQ, HI, DI, TK, scale = _check_indexer_scores("indexer_scores", q_idx, k_idx, w_idx, scale)
-    w = torch.ones(B, TQ, HI, device=q_idx.device) if w_idx is None else w_idx.float()
-    dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
+    acc = torch.promote_types(q_idx.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    w = torch.ones(B, TQ, HI, dtype=acc, device=q_idx.device) if w_idx is None else w_idx.to(acc)
+    dots = torch.einsum("bthd,bsd->bths", q_idx.to(acc), k_idx.to(acc))  # [B, TQ, HI, TK]
     s = torch.einsum("bth,bths->bts", w, F.relu(scale * dots))  # [B, TQ, TK] weighted head sum
     return s.masked_fill(~causal_mask(TQ, TK, q_idx.device), float("-inf"))
 
@@ -218,20 +219,22 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
 
     q [B, TQ, HQ, D], k [B, TK, H, D], v [B, TK, H, Dv] (H divides HQ, G = HQ / H), indices
     [B, TQ, K] int (-1 = padding; each entry a distinct key <= the query's position TK − TQ + i)
-    -> o [B, TQ, HQ, Dv] in q's dtype; a query with no key gets 0. MLA's latent form: k [B, TK, 1,
-    576], v = k[..., :512]. scale defaults to D ** -0.5 (MLA passes its own). With every past key
-    selected (topk >= TK) it is causal attention.
+    -> o [B, TQ, HQ, Dv] in q's dtype (fp32 inside; fp64 inputs run here, in fp64, as the kernels
+    take none); a query with no key gets 0. MLA's latent form: k [B, TK, 1, 576], v = k[...,
+    :512]. scale defaults to D ** -0.5 (MLA passes its own). With every past key selected (topk >=
+    TK) it is causal attention.
     """
     if _use_triton("sparse_attention", backend, q):  # the kernels of section 8.7 (and their checks)
-        from minisparse.dsa.triton import sparse_attention_triton
-        return sparse_attention_triton(q, k, v, indices, scale)
+        from minisparse.dsa.triton import _sparse_attention
+        return _sparse_attention(q, k, v, indices, scale, op="sparse_attention")
     B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("sparse_attention", q, k, v, indices, scale)
     keep = selection_mask(indices, TK) & causal_mask(TQ, TK, q.device)  # [B, TQ, TK]
-    qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]: a group reads one key head
-    s = torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale  # [B, TQ, H, G, TK]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    qg = q.to(acc).view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]: a group reads one key head
+    s = torch.einsum("bthgd,bshd->bthgs", qg, k.to(acc)) * scale  # [B, TQ, H, G, TK]
     s = s.masked_fill(~keep[:, :, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing selected: 0
-    o = torch.einsum("bthgs,bshe->bthge", p, v.float())  # [B, TQ, H, G, Dv]
+    o = torch.einsum("bthgs,bshe->bthge", p, v.to(acc))  # [B, TQ, H, G, Dv]
     return o.reshape(B, TQ, HQ, DV).to(q.dtype)
 
 
@@ -406,7 +409,8 @@ class LightningIndexer(nn.Module):
         self.softmax_scale = head_dim ** -0.5
 
     def project(self, x, q_latent, positions, position_embeddings=None):
-        """-> q_idx [B, T, HI, DI], k_idx [B, T, DI] (rotated), w_idx [B, T, HI] fp32."""
+        """-> q_idx [B, T, HI, DI], k_idx [B, T, DI] (rotated), w_idx [B, T, HI] fp32 (fp64 in an
+        fp64 layer)."""
         B, T, _ = x.shape
         dr = self.rope_dim
         q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)  # [B, T, HI, DI]
@@ -418,7 +422,8 @@ class LightningIndexer(nn.Module):
                             for t in (q, k))
         q = torch.cat([q_rot, q[..., dr:]], dim=-1)  # rotary part first, as transformers
         k = torch.cat([k_rot, k[..., dr:]], dim=-1)[:, :, 0]  # [B, T, DI]
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, T, HI]
+        w = self.weights_proj(x)  # [B, T, HI]
+        w = w.to(torch.promote_types(w.dtype, torch.float32)) * self.n_heads ** -0.5
         return q, k, w
 
     def forward(self, x, q_latent, position_embeddings=None, positions=None):
@@ -481,11 +486,13 @@ class DSAttention(MLA):
         return (o, indices, scores) if return_indices else o
 
     def attention_probs(self, x):
-        """The dense attention's probabilities [B, T, H, T] (fp32, causal): the warm-up's target."""
+        """The dense attention's probabilities [B, T, H, T] (fp32, fp64 in an fp64 layer; causal):
+        the warm-up's target."""
         T = x.shape[1]
         q_nope, q_rope, c_kv, k_rope = self.project(x, torch.arange(T, device=x.device))
         q = torch.cat([absorb_query(q_nope, self.absorbed_weights()[0]), q_rope], dim=-1)
-        s = torch.einsum("bthd,bsd->bths", q.float(), torch.cat([c_kv, k_rope], -1).float())
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        s = torch.einsum("bthd,bsd->bths", q.to(acc), torch.cat([c_kv, k_rope], -1).to(acc))
         s = s * self.scaling  # [B, T, H, T]
         return torch.softmax(s.masked_fill(~causal_mask(T, T, x.device)[:, None], -torch.inf), -1)
 
@@ -553,15 +560,16 @@ def indexer_kl_loss(p_attn, scores, indices=None):
 
     p_attn [B, TQ, H, TK] attention probabilities, scores [B, TQ, TK] (indexer_scores); with indices
     [B, TQ, K] (sparse training) both distributions are restricted to each query's selected keys.
-    Returns a scalar fp32 tensor (0 for no queries).
+    Returns a scalar fp32 tensor (fp64 for fp64 scores; 0 for no queries).
     """
     B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices, scores)
     keep = causal_mask(TQ, TK, scores.device).expand(B, TQ, TK)  # [B, TQ, TK]
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
-    target = p_attn.detach().float().sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
+    acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    target = p_attn.detach().to(acc).sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, TQ, TK], rows sum to 1
-    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), -1)  # [B, TQ, TK]
+    log_q = torch.log_softmax(scores.to(acc).masked_fill(~keep, float("-inf")), -1)  # [B, TQ, TK]
     # xlogy: 0 · log 0 = 0 where the target is 0
     kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # [B, TQ, TK]
     return kl.sum() / max(B * TQ, 1)  # the mean over queries; 0, not NaN, when there are none
@@ -870,8 +878,9 @@ def gather_attention(q, k, v, indices, scale=None):
     K = indices.shape[-1]
     rows = indices.long().clamp(min=0)  # [B, TQ, K]: padding reads row 0, then is masked
     b = torch.arange(B, device=q.device)[:, None, None]  # [B, 1, 1]
-    k_sel, v_sel = k[b, rows].float(), v[b, rows].float()  # [B, TQ, K, H, D], [B, TQ, K, H, Dv]
-    qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    k_sel, v_sel = k[b, rows].to(acc), v[b, rows].to(acc)  # [B, TQ, K, H, D], [B, TQ, K, H, Dv]
+    qg = q.to(acc).view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]
     s = torch.einsum("bthgd,btkhd->bthgk", qg, k_sel) * scale  # [B, TQ, H, G, K]
     s = s.masked_fill((indices < 0).view(B, TQ, 1, 1, K), float("-inf"))  # [B, TQ, H, G, K]
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, TQ, H, G, K]
@@ -1353,8 +1362,9 @@ def check_topk(op, topk):
 
 
 def check_indexer_args(op, q_idx, k_idx, w_idx, dtypes=_checks.FLOATS):
-    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, of one dtype among `dtypes` (the
-    kernel adds FP8), w_idx [B, TQ, HI] float or None; one device. Returns (B, TQ, HI, DI, TK)."""
+    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, of one dtype among `dtypes` (fp64
+    too; the kernel takes _checks.KERNEL_FLOATS and FP8), w_idx [B, TQ, HI] float or None; one
+    device. Returns (B, TQ, HI, DI, TK)."""
     _checks.tensor(op, "q_idx", q_idx, "[B, TQ, HI, DI]")
     _checks.tensor(op, "k_idx", k_idx, "[B, TK, DI]")
     B, TQ, HI, DI = q_idx.shape
@@ -1477,10 +1487,11 @@ _INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 
 
 def check_sparse_triton(op, q, k, v, indices, scale):
-    """The checks of sparse_attention_triton; returns the scale. Shapes, dtypes and devices as
+    """The checks of sparse_attention_triton; returns the scale. Shapes and devices as
     sparse_attention (_checks.last_queries_qkv, check_indices: the index values when
-    _checks.checking_values says so), then the kernels' limits."""
-    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    _checks.checking_values says so), the kernels' dtypes (fp32, fp16, bf16: no fp64), then the
+    kernels' limits."""
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     check_indices(op, indices, B, TQ, TK, naive=False)
     limit = 1024 if H == 1 else 256  # MLA's latent rows (one key head) up to 1024 dims, GQA 256
     _checks.triton_inputs(op, q, k, v, indices, max_dims={"D": (D, limit), "Dv": (DV, limit)},
@@ -1497,7 +1508,7 @@ def check_indexer_triton(op, q_idx, k_idx, w_idx, topk, scale):
     required and finite, then the kernel's limits."""
     topk = check_topk(op, topk)
     _checks.tensor(op, "w_idx", w_idx, "[B, TQ, HI]")
-    dtypes = (*_checks.FLOATS, _FP8) if _FP8 else _checks.FLOATS
+    dtypes = (*_checks.KERNEL_FLOATS, _FP8) if _FP8 else _checks.KERNEL_FLOATS
     B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx, dtypes)
     if q_idx.dtype == _FP8:
         cc = torch.cuda.get_device_capability(q_idx.device) if q_idx.is_cuda else None
@@ -1788,9 +1799,10 @@ def _sparse_backward(do, q, k, v, idx, o, lse, scale, DV):
     return dq, dk.to(k.dtype), (None if v is None else dv.to(v.dtype))
 
 
-def _sparse_attention(q, k, v, indices, scale=None, num_splits=None):
-    """sparse_attention_triton with the decoding split forced (tests): num_splits None = planned."""
-    scale = check_sparse_triton("sparse_attention_triton", q, k, v, indices, scale)
+def _sparse_attention(q, k, v, indices, scale=None, num_splits=None, op="sparse_attention_triton"):
+    """sparse_attention_triton with the decoding split forced (tests): num_splits None = planned.
+    `op`: the name its errors give (sparse_attention's when it dispatches here)."""
+    scale = check_sparse_triton(op, q, k, v, indices, scale)
     DV = v.shape[3]
     if _value_in_key(k, v):
         v = None  # the kernel reads the value from the key tile

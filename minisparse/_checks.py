@@ -19,7 +19,10 @@ import torch
 
 from minisparse import runtime
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# The float dtypes the book's ops take: every PyTorch (naive) op takes float64 too, and computes in it (gradcheck,
+# oracles); the Triton kernels take the first three only (`choose_backend` sends float64 to the naive path).
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = (*KERNEL_FLOATS, torch.float64)
 BACKENDS = ("auto", "naive", "triton")
 
 
@@ -40,8 +43,15 @@ def tensor(op: str, name: str, t, layout: str | None = None, *, dtypes=None, opt
         raise ValueError(f"{op}: {name} must be {layout.count(',') + 1}-D {layout}, got shape {_shape(t)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must be one of {names}, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must be one of {names}, got {t.dtype}{_kernel_note(dtypes, t.dtype)}")
     return t
+
+
+def _kernel_note(dtypes, got) -> str:
+    """Where a Triton op refuses a dtype the naive ops take (float64): say so, and where it runs."""
+    if got == torch.float64 and all(d in dtypes for d in KERNEL_FLOATS):
+        return " (the Triton kernels take no float64: use the naive PyTorch op, or backend='naive')"
+    return ""
 
 
 def shape(op: str, name: str, t: torch.Tensor, want: tuple, layout: str, meaning: str = "") -> None:
@@ -52,13 +62,14 @@ def shape(op: str, name: str, t: torch.Tensor, want: tuple, layout: str, meaning
 
 
 def same_dtype(op: str, dtypes=FLOATS, **named) -> torch.dtype:
-    """The tensors in `named` share one dtype, among `dtypes`; return it."""
+    """The tensors in `named` share one dtype, among `dtypes` (a Triton op passes KERNEL_FLOATS); return it."""
     kinds = {t.dtype for t in named.values()}
     first = next(iter(named.values())).dtype
     if len(kinds) > 1 or first not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         got = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
-        raise TypeError(f"{op}: {', '.join(named)} must share one dtype among {allowed}, got {got}")
+        note = _kernel_note(dtypes, first) if len(kinds) == 1 else ""
+        raise TypeError(f"{op}: {', '.join(named)} must share one dtype among {allowed}, got {got}{note}")
     return first
 
 
@@ -74,10 +85,10 @@ def same_device(op: str, **named) -> torch.device:
     return next(iter(devices))
 
 
-def qkv(op: str, q, k, v, *, grouped_values: bool = False) -> tuple[int, int, int, int, int, int]:
+def qkv(op: str, q, k, v, *, grouped_values: bool = False, dtypes=FLOATS) -> tuple[int, int, int, int, int, int]:
     """The linear-attention layout: q, k `[B, T, H, K]` (one shape), v `[B, T, HV, V]` with HV = H, or with
     `grouped_values` any multiple of H (GVA: value head i reads query/key head i // (HV // H)). The three share a
-    float dtype and a device. Returns (B, T, H, K, HV, V)."""
+    float dtype among `dtypes` (a Triton op passes KERNEL_FLOATS) and a device. Returns (B, T, H, K, HV, V)."""
     tensor(op, "q", q, "[B, T, H, K]")
     tensor(op, "k", k, "[B, T, H, K]")
     tensor(op, "v", v, "[B, T, HV, V]" if grouped_values else "[B, T, H, V]")
@@ -89,15 +100,16 @@ def qkv(op: str, q, k, v, *, grouped_values: bool = False) -> tuple[int, int, in
         heads = f"HV a multiple of H = {H}" if grouped_values else f"H = {H}"
         raise ValueError(f"{op}: v must be {'[B, T, HV, V]' if grouped_values else '[B, T, H, V]'} with q's B, T = "
                          f"{(B, T)} and {heads}, got {_shape(v)}")
-    same_dtype(op, q=q, k=k, v=v)
+    same_dtype(op, dtypes, q=q, k=k, v=v)
     same_device(op, q=q, k=k, v=v)
     return B, T, H, K, HV, V
 
 
-def last_queries_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, int]:
+def last_queries_qkv(op: str, q, k, v, *, dtypes=FLOATS) -> tuple[int, int, int, int, int, int, int]:
     """The softmax-attention layout with the queries at the end: q `[B, TQ, HQ, D]`, k `[B, TK, H, D]`, v
     `[B, TK, H, Dv]`, TQ <= TK (query i sits at position TK - TQ + i: TQ = TK in a prefill, fewer when decoding)
-    and H dividing HQ (GQA); one float dtype, one device. Returns (B, TQ, TK, HQ, H, D, Dv)."""
+    and H dividing HQ (GQA); one float dtype among `dtypes` (a Triton op passes KERNEL_FLOATS), one device.
+    Returns (B, TQ, TK, HQ, H, D, Dv)."""
     tensor(op, "q", q, "[B, TQ, HQ, D]")
     tensor(op, "k", k, "[B, TK, H, D]")
     tensor(op, "v", v, "[B, TK, H, Dv]")
@@ -109,7 +121,7 @@ def last_queries_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int, int, in
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{op}: v must be [B, TK, H, Dv] with k's B, TK, H = {tuple(k.shape[:3])}, got {_shape(v)}")
     divides(op, "H (k's heads)", H, "HQ (q's heads)", HQ)
-    same_dtype(op, q=q, k=k, v=v)
+    same_dtype(op, dtypes, q=q, k=k, v=v)
     same_device(op, q=q, k=k, v=v)
     return B, TQ, TK, HQ, H, D, v.shape[3]
 
@@ -124,11 +136,13 @@ def per_head_token(op: str, name: str, t, want: tuple, layout: str, meaning: str
         raise ValueError(f"{op}: {name} must be on q's device {like.device}, got {t.device}")
 
 
-def initial_state(op: str, h0, want: tuple, layout: str = "[B, H, K, V]", like: torch.Tensor | None = None) -> None:
-    """None, or a float tensor of exactly `want` on `like`'s device."""
+def initial_state(op: str, h0, want: tuple, layout: str = "[B, H, K, V]", like: torch.Tensor | None = None,
+                  dtypes=FLOATS) -> None:
+    """None, or a tensor of exactly `want`, of a dtype among `dtypes` (a Triton op passes KERNEL_FLOATS), on
+    `like`'s device."""
     if h0 is None:
         return
-    tensor(op, "initial_state", h0, layout, dtypes=FLOATS, optional=True)
+    tensor(op, "initial_state", h0, layout, dtypes=dtypes, optional=True)
     shape(op, "initial_state", h0, want, layout)
     if like is not None and h0.device != like.device:
         raise ValueError(f"{op}: initial_state must be on q's device {like.device}, got {h0.device}")
@@ -274,12 +288,12 @@ def backend(op: str, value) -> str:
 
 
 def choose_backend(value: str, x: torch.Tensor) -> str:
-    """Resolve "auto": the Triton kernels for the dtypes they take (`FLOATS`) on CUDA tensors, or on CPU tensors
-    under the interpreter (fp32/fp16 only: its bf16 products are wrong); the naive PyTorch path otherwise (fp64,
-    the oracle's dtype, always runs naive)."""
+    """Resolve "auto": the Triton kernels for the dtypes they take (`KERNEL_FLOATS`) on CUDA tensors, or on CPU
+    tensors under the interpreter (fp32/fp16 only: its bf16 products are wrong); the naive PyTorch path otherwise
+    (fp64, the oracle's and gradcheck's dtype, always runs naive)."""
     if value != "auto":
         return value
-    usable = x.dtype in FLOATS and (
+    usable = x.dtype in KERNEL_FLOATS and (
         x.is_cuda or (runtime.interpreting() and x.device.type == "cpu" and x.dtype != torch.bfloat16))
     return "triton" if usable and _has_triton() else "naive"
 

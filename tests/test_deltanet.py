@@ -634,6 +634,89 @@ def test_zero_length_sequences(fn):
     assert o.shape == (2, 0, 2, 24) and torch.equal(s, h0.float()) and torch.equal(s0, torch.zeros_like(s0))
 
 
+# ------------------------------------------------------------------------------------------- float64 (gradcheck)
+NAIVE_OPS = [naive_recurrent_gated_delta_rule, naive_chunk_gated_delta_rule]
+
+
+def _fp64_leaves():
+    """A tiny odd problem in float64, every input a leaf: q, k [1, 7, 1, 3], v [1, 7, 2, 4] (two value heads a key
+    head), gates in [-1.5, -0.1] and β in [0.2, 0.8] (away from the ends of their ranges, which gradcheck's steps of
+    1e-6 must not cross), an initial state [1, 2, 3, 4]."""
+    q, k, v, _, _, h0 = _inputs(1, 7, 1, 2, 3, 4, seed=21, normalise=False)
+    gen = torch.Generator().manual_seed(22)
+    g = -0.1 - 1.4 * torch.rand(1, 7, 2, generator=gen)
+    beta = 0.2 + 0.6 * torch.rand(1, 7, 2, generator=gen)
+    return [x.double().requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("op", NAIVE_OPS, ids=lambda f: f.__name__)
+def test_naive_ops_pass_gradcheck_in_float64(op, l2):
+    """The naive ops take float64 and compute in it, l2norm included (finite differences in fp32 would fail
+    gradcheck's 1e-5): gradients of q, k, v, g, β and the initial state, through o and the final state; chunks of 3
+    tokens in the chunk form, so that T = 7 ends with a short chunk."""
+    kw = dict(chunk_size=3) if op is naive_chunk_gated_delta_rule else {}
+
+    def fn(q, k, v, g, beta, h0):
+        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=l2, **kw)
+
+    leaves = _fp64_leaves()
+    o, state = fn(*leaves)
+    assert o.dtype == state.dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_ungated_naive_ops_pass_gradcheck_in_float64():
+    q, k, v, _, beta, h0 = _fp64_leaves()
+    for op, kw in ((naive_recurrent_delta_rule, {}), (naive_chunk_delta_rule, dict(chunk_size=4))):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, beta, h0: op(q, k, v, beta, initial_state=h0, output_final_state=True, **kw),
+            (q, k, v, beta, h0))
+
+
+@pytest.mark.parametrize("op", NAIVE_OPS, ids=lambda f: f.__name__)
+def test_naive_ops_in_float64_agree_with_float32(op):
+    q, k, v, g, beta, h0 = _inputs(2, 37, 2, 4, 16, 24, seed=23, gates=GATES[2])
+    o32, s32 = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    o64, s64 = op(*(x.double() for x in (q, k, v, g, beta)), initial_state=h0.double(), output_final_state=True,
+                  use_qk_l2norm=True)
+    assert o64.dtype == s64.dtype == torch.float64
+    assert_close("o, fp64 vs fp32", o64, o32.double(), 1e-5)
+    assert_close("final state, fp64 vs fp32", s64, s32.double(), 1e-5)
+
+
+def test_kernels_refuse_float64():
+    """The kernels take fp32, fp16 and bf16 only: float64 is a TypeError that says where it runs."""
+    kw = {name: x.to(DEV, torch.float64) for name, x in _ok().items()}
+    words = (r"q, k, v must share one dtype among float32, float16, bfloat16, got q torch.float64.*the Triton "
+             r"kernels take no float64: use the naive")
+    with pytest.raises(TypeError, match=words):
+        chunk_gated_delta_rule(**kw)
+    with pytest.raises(TypeError, match=words):
+        chunk_delta_rule(kw["q"], kw["k"], kw["v"], kw["beta"])
+    with pytest.raises(TypeError, match=words), torch.no_grad():
+        fused_recurrent_gated_delta_rule(**kw)
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive"])
+def test_layer_runs_in_float64(backend):
+    """GatedDeltaNet.double() runs on the CPU ("auto" takes the PyTorch path for fp64): the fp32 layer's outputs
+    and states, and, on the naive path, gradcheck's on the input."""
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(32, 2, 4, 8, 8, chunk_size=8, backend=backend)
+    x = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        y32, (_, st32) = layer(x, use_cache=True)
+        y64, (_, st64) = layer.double()(x.double(), use_cache=True)
+    assert y64.dtype == st64.dtype == torch.float64
+    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
+    assert_close("state, fp64 vs fp32", st64, st32.double(), 1e-4)
+    if backend == "naive":
+        small = GatedDeltaNet(8, 1, 2, 4, 4, chunk_size=4, backend="naive").double()
+        assert torch.autograd.gradcheck(lambda x: small(x)[0], torch.randn(1, 6, 8, dtype=torch.float64,
+                                                                            requires_grad=True))
+
+
 # ---------------------------------------------------------------------------------------------------- layer
 def _hf_layer(Hk=2, Hv=4, dk=16, dv=24, hidden=64):
     mod = _qwen3_next()

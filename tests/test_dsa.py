@@ -196,8 +196,9 @@ def _sparse_op(kind):
 @pytest.mark.parametrize("kind", OPS)
 @pytest.mark.parametrize("name,build,exc,match", BAD_ATTENTION, ids=[row[0] for row in BAD_ATTENTION])
 def test_sparse_attention_rejects_bad_input(value_checks, kind, name, build, exc, match):
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as err:
         _sparse_op(kind)(**_on(kind, build()))
+    assert str(err.value).startswith("sparse_attention: ")  # the op called, not the kernel it dispatched to
 
 
 BAD_INDEXER = [
@@ -493,6 +494,97 @@ def test_dsacache_rejects_another_dtype():
                                         r"c_kv torch.float16"):
         cache.append(torch.zeros(1, 1, 8, dtype=torch.float16), torch.zeros(1, 1, 4), torch.zeros(1, 1, 6))
     assert len(cache) == 0 and not cache.buffer.any() and not cache.index_keys.any()
+
+# ------------------------------------------------------------------------------------------- float64 (gradcheck)
+def _fp64_problem(TQ=7, TK=7, seed=51):
+    """A tiny odd problem in float64 on the CPU: q [1, TQ, 2, 3] (the last TQ of TK positions), k [1, TK, 1, 3],
+    v [1, TK, 1, 4] (one GQA group of 2), an indexer of 2 heads × 3 dims, and its top-3 selection, fixed, so that
+    gradcheck's steps cannot change it. q, k, v and the indexer's inputs are leaves."""
+    q, k, v = make_qkv(1, TK, 2, 3, HKV=1, Dv=4, dtype=torch.float64, seed=seed)
+    q = q[:, TK - TQ:].contiguous()
+    q_idx, k_idx, w_idx = (x.double() for x in _indexer_inputs(1, TQ, TK, 2, 3, seed=seed + 3))
+    idx = D.select_topk(D.indexer_scores(q_idx, k_idx, w_idx), 3)  # [1, TQ, 3]
+    return [x.requires_grad_() for x in (q, k, v, q_idx, k_idx, w_idx)], idx
+
+
+@pytest.mark.parametrize("TQ", [7, 3])
+def test_sparse_attention_and_dsa_pass_gradcheck_in_float64(TQ):
+    """sparse_attention, gather_attention and dsa take float64 and compute in it (finite differences in fp32 would
+    fail gradcheck's 1e-5), "auto" sending float64 to the PyTorch path: gradients of q, k, v over a fixed selection
+    (dsa's own top-3 of the indexer, which gradcheck does not perturb); TQ = 3: the last 3 of 7 positions."""
+    (q, k, v, q_idx, k_idx, w_idx), idx = _fp64_problem(TQ=TQ)
+    assert D.sparse_attention(q, k, v, idx).dtype == torch.float64
+    for op in (D.sparse_attention, D.gather_attention):
+        assert torch.autograd.gradcheck(lambda q, k, v: op(q, k, v, idx), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: D.dsa(q, k, v, q_idx, k_idx, w_idx, topk=3), (q, k, v))
+
+
+def test_indexer_scores_and_its_loss_pass_gradcheck_in_float64():
+    """indexer_scores (the -inf above the diagonal set to 0 for the finite differences) in q_idx, k_idx, w_idx,
+    away from ReLU's kink; indexer_kl_loss in the scores, over all past keys and over a selection."""
+    (*_, q_idx, k_idx, w_idx), idx = _fp64_problem(TQ=3)
+    assert D.indexer_scores(q_idx, k_idx, w_idx).dtype == torch.float64
+
+    def scores(q_idx, k_idx, w_idx):
+        s = D.indexer_scores(q_idx, k_idx, w_idx)
+        return torch.where(torch.isfinite(s), s, 0.0)
+
+    assert torch.autograd.gradcheck(scores, (q_idx, k_idx, w_idx))
+    p_attn = torch.softmax(torch.randn(1, 3, 2, 7, generator=_gen(55), dtype=torch.float64), -1)
+    s = torch.randn(1, 3, 7, generator=_gen(56), dtype=torch.float64, requires_grad=True)
+    for sel in (None, idx):
+        assert D.indexer_kl_loss(p_attn, s, sel).dtype == torch.float64
+        assert torch.autograd.gradcheck(lambda s: D.indexer_kl_loss(p_attn, s, sel), (s,))
+
+
+def test_dsa_in_float64_agrees_with_float32():
+    q, k, v = make_qkv(2, 45, 8, 16, HKV=2, seed=57)
+    q_idx, k_idx, w_idx = _indexer_inputs(2, 45, 45, 4, 8, seed=58)
+    o32, idx32 = D.dsa(q, k, v, q_idx, k_idx, w_idx, topk=8, return_indices=True, backend="naive")
+    o64, idx64 = D.dsa(*(x.double() for x in (q, k, v, q_idx, k_idx, w_idx)), topk=8, return_indices=True)
+    assert o64.dtype == torch.float64 and torch.equal(idx32, idx64)
+    assert_close("dsa, fp64 vs fp32", o64, o32.double(), 1e-5)
+    s32, s64 = D.indexer_scores(q_idx, k_idx, w_idx), D.indexer_scores(q_idx.double(), k_idx.double(), w_idx.double())
+    past = torch.isfinite(s32)
+    assert torch.equal(past, torch.isfinite(s64))
+    assert_close("indexer scores, fp64 vs fp32", s64[past], s32[past].double(), 1e-5)
+
+
+def test_kernels_refuse_float64():
+    """The kernels take fp32, fp16 and bf16 (the indexer also FP8) only: float64 is a TypeError that says where it
+    runs, under backend="triton" too."""
+    q, k, v, idx = (x.to(DEV) for x in _ok().values())
+    q, k, v = q.double(), k.double(), v.double()
+    q_idx, k_idx, w_idx = (x.to(DEV, torch.float64) for x in _indexer_inputs(1, 8, 8, 2, 8))
+    where = r".*the Triton kernels take no float64: use the naive"
+    share = r"q, k, v must share one dtype among float32, float16, bfloat16, got q torch.float64" + where
+    indexer = r"q_idx, k_idx must share one dtype among float32, float16, bfloat16.*got q_idx torch.float64" + where
+    for call, words in ((lambda: DT.sparse_attention_triton(q, k, v, idx), share),
+                        (lambda: D.sparse_attention(q, k, v, idx, backend="triton"), share),
+                        (lambda: DT.lightning_indexer(q_idx, k_idx, w_idx, 3), indexer),
+                        (lambda: D.dsa(q, k, v, q_idx, k_idx, w_idx, topk=3, backend="triton"), indexer)):
+        with pytest.raises(TypeError, match=words):
+            call()
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive"])
+def test_dsattention_runs_in_float64(backend):
+    """DSAttention.double() runs on the CPU ("auto" takes the PyTorch path for fp64), with the fp32 layer's
+    outputs and selection, prefill and decoding through an fp64 cache."""
+    torch.manual_seed(0)
+    layer = D.DSAttention(32, 2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                          v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=3, backend=backend)
+    x = torch.randn(2, 11, 32, generator=_gen(59))
+    with torch.no_grad():
+        y32, idx32, _ = layer(x, return_indices=True)
+        layer.double()
+        y64, idx64, scores = layer(x.double(), return_indices=True)
+        cache = layer.new_cache(2, 11)
+        steps = [layer(x[:, :8].double(), cache)] + [layer(x[:, t:t + 1].double(), cache) for t in range(8, 11)]
+    assert y64.dtype == scores.dtype == torch.float64 and torch.equal(idx32, idx64)
+    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
+    assert_close("decoding vs prefill, fp64", y64, torch.cat(steps, 1), 1e-10)
+
 
 # ------------------------------------------------------------------------------------------- cost model
 def test_cost_model_numbers():

@@ -307,6 +307,78 @@ def test_layer_never_rechecks_its_own_gates(monkeypatch, backend, value_checks):
     assert calls == [], calls
 
 
+# ------------------------------------------------------------------------------------------- float64 (gradcheck)
+def _fp64_leaves():
+    """A tiny odd problem in float64, every input a leaf: q, k [1, 7, 1, 3], v [1, 7, 2, 4] (two value heads a key
+    head), gates in [-1.5, -0.1] a channel and β in [0.2, 0.8] (away from the ends of their ranges, which
+    gradcheck's steps of 1e-6 must not cross), an initial state [1, 2, 3, 4]."""
+    q, k, v, g, _, h0 = _inputs(1, 7, 1, 2, 3, 4, seed=31, gates=(-1.5, -0.1), normalise=False)
+    beta = 0.2 + 0.6 * torch.rand(1, 7, 2, generator=torch.Generator().manual_seed(32))
+    return [x.double().requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("op", [naive_recurrent_kda, naive_chunk_kda], ids=lambda f: f.__name__)
+def test_naive_ops_pass_gradcheck_in_float64(op, l2):
+    """The naive ops take float64 and compute in it, l2norm included (finite differences in fp32 would fail
+    gradcheck's 1e-5): gradients of q, k, v, g, β and the initial state, through o and the final state; chunks of 3
+    tokens in the chunk form, so that T = 7 ends with a short chunk."""
+    kw = dict(chunk_size=3) if op is naive_chunk_kda else {}
+
+    def fn(q, k, v, g, beta, h0):
+        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=l2, **kw)
+
+    leaves = _fp64_leaves()
+    o, state = fn(*leaves)
+    assert o.dtype == state.dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("op", [naive_recurrent_kda, naive_chunk_kda], ids=lambda f: f.__name__)
+def test_naive_ops_in_float64_agree_with_float32(op):
+    q, k, v, g, beta, h0 = _inputs(2, 37, 2, 4, 16, 24, seed=33, gates=GATES[2])
+    o32, s32 = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    o64, s64 = op(*(x.double() for x in (q, k, v, g, beta)), initial_state=h0.double(), output_final_state=True,
+                  use_qk_l2norm=True)
+    assert o64.dtype == s64.dtype == torch.float64
+    assert_close("o, fp64 vs fp32", o64, o32.double(), 1e-5)
+    assert_close("final state, fp64 vs fp32", s64, s32.double(), 1e-5)
+
+
+def test_kernels_refuse_float64():
+    """The kernels take fp32, fp16 and bf16 only: float64 is a TypeError that says where it runs."""
+    from minisparse.kda import chunk_kda, fused_recurrent_kda
+
+    q, k, v, g, beta, h0 = (x.to(_device(), torch.float64) for x in _inputs(1, 5, 2, 4, 16, 8))
+    words = (r"q, k, v must share one dtype among float32, float16, bfloat16, got q torch.float64.*the Triton "
+             r"kernels take no float64: use the naive")
+    with pytest.raises(TypeError, match=words):
+        chunk_kda(q, k, v, g, beta, initial_state=h0)
+    with pytest.raises(TypeError, match=words), torch.no_grad():
+        fused_recurrent_kda(q, k, v, g, beta, initial_state=h0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive"])
+def test_layer_runs_in_float64(backend):
+    """KimiDeltaAttention.double() runs on the CPU ("auto" takes the PyTorch path for fp64): the fp32 layer's
+    outputs and states, and, on the naive path, gradcheck's on the input."""
+    from minisparse.kda import KimiDeltaAttention
+
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(32, 2, 16, chunk_size=8, backend=backend)
+    x = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        y32, (_, st32) = layer(x, use_cache=True)
+        y64, (_, st64) = layer.double()(x.double(), use_cache=True)
+    assert y64.dtype == st64.dtype == torch.float64
+    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
+    assert_close("state, fp64 vs fp32", st64, st32.double(), 1e-4)
+    if backend == "naive":
+        small = KimiDeltaAttention(8, 2, 4, chunk_size=4, backend="naive").double()
+        assert torch.autograd.gradcheck(lambda x: small(x)[0], torch.randn(1, 6, 8, dtype=torch.float64,
+                                                                            requires_grad=True))
+
+
 # ------------------------------------------------------------------------------------------------- the layer
 _TORCH_PATH = ["chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
                "causal_conv1d_update"]

@@ -488,6 +488,75 @@ def test_bf16_on_cpu_is_refused():
         chunk_lightning_attn(**args)
 
 
+# ------------------------------------------------------------------------------------------- float64 (gradcheck)
+NAIVE_OPS = [naive_recurrent_lightning_attn, naive_chunk_lightning_attn]
+
+
+def _fp64_leaves():
+    """A tiny odd problem in float64 on the CPU, every input a leaf: q, k [1, 7, 2, 3], v [1, 7, 2, 5], slopes of
+    a middle and a fast head, an initial state [1, 2, 3, 5]."""
+    q, k, v, h0 = _inputs(1, 7, 2, 3, 5, seed=11, dtype=torch.float64, device="cpu")
+    slope = torch.tensor([0.3, 1.7], dtype=torch.float64)
+    return [x.requires_grad_() for x in (q, k, v, slope, h0)]
+
+
+@pytest.mark.parametrize("op", NAIVE_OPS, ids=lambda f: f.__name__)
+def test_naive_ops_pass_gradcheck_in_float64(op):
+    """The naive ops take float64 and compute in it (finite differences in fp32 would fail gradcheck's 1e-5):
+    gradients of q, k, v, the slopes and the initial state, through o and the final state; blocks of 3 tokens in
+    the chunk form, so that T = 7 ends with a short block."""
+    kw = dict(chunk_size=3) if op is naive_chunk_lightning_attn else {}
+
+    def fn(q, k, v, slope, h0):
+        return op(q, k, v, slope, initial_state=h0, output_final_state=True, **kw)
+
+    leaves = _fp64_leaves()
+    o, state = fn(*leaves)
+    assert o.dtype == state.dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("op", NAIVE_OPS, ids=lambda f: f.__name__)
+def test_naive_ops_in_float64_agree_with_float32(op):
+    q, k, v, h0 = _inputs(2, 37, 3, 16, 24, seed=12, device="cpu")
+    slope = _slopes(3, "cpu")
+    o32, s32 = op(q, k, v, slope, initial_state=h0, output_final_state=True)
+    o64, s64 = op(q.double(), k.double(), v.double(), slope.double(), initial_state=h0.double(),
+                  output_final_state=True)
+    assert o64.dtype == s64.dtype == torch.float64
+    assert_close("o, fp64 vs fp32", o64, o32.double(), 1e-5)
+    assert_close("final state, fp64 vs fp32", s64, s32.double(), 1e-5)
+
+
+@pytest.mark.parametrize("op", [chunk_lightning_attn, fused_recurrent_lightning_attn], ids=lambda f: f.__name__)
+def test_kernels_refuse_float64(op):
+    """The kernels take fp32, fp16 and bf16 only: float64 is a TypeError that says where it runs."""
+    args = {n: t.double() for n, t in _good().items()}
+    with pytest.raises(TypeError, match=r"q, k, v must share one dtype among float32, float16, bfloat16, got q "
+                                        r"torch.float64.*the Triton kernels take no float64: use the naive"):
+        with torch.no_grad():
+            op(**args)
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive"])
+def test_layer_runs_in_float64(backend):
+    """LightningAttention.double() runs on the CPU ("auto" takes the PyTorch path for fp64): the fp32 layer's
+    outputs and state, and, on the naive path, gradcheck's on the input."""
+    torch.manual_seed(0)
+    layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=8, backend=backend)
+    x = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        y32, st32 = layer(x, use_cache=True)
+        y64, st64 = layer.double()(x.double(), use_cache=True)
+    assert y64.dtype == st64.dtype == torch.float64
+    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
+    assert_close("state, fp64 vs fp32", st64, st32.double(), 1e-4)
+    if backend == "naive":
+        small = LightningAttention(8, 2, 4, layer_idx=1, num_layers=3, block_size=4, backend="naive").double()
+        assert torch.autograd.gradcheck(lambda x: small(x)[0], torch.randn(1, 6, 8, dtype=torch.float64,
+                                                                            requires_grad=True))
+
+
 # -------------------------------------------------------------------------------------------------- cost model
 def test_cost_model():
     assert lightning_flops(1000, 64, 64, form="parallel") == 1000 * 1000 * 128

@@ -681,6 +681,95 @@ def test_decoding_step_bad_input(call, message):
         call(q[:, -1:], k, v, N.mean_pool(k, 16), N.mean_pool(v, 16))
 
 
+# ------------------------------------------------------------------------------------------- float64 (gradcheck)
+def _fp64_problem(T=13, TQ=13, seed=41):
+    """A tiny odd problem in float64 on the CPU: q [1, TQ, 2, 3] (the last TQ of T positions), k [1, T, 1, 3],
+    v [1, T, 1, 4] (one GQA group of 2), gates [1, TQ, 2] in [0.2, 0.8], and the selection of blocks of 2 with 4
+    slots (block 0, the own and the previous one, and one picked by score), fixed, so that gradcheck's steps
+    cannot change it. Every tensor but the indices a leaf."""
+    q, k, v = make_qkv(1, T, 2, 3, HKV=1, Dv=4, dtype=torch.float64, seed=seed)
+    q = q[:, T - TQ:].contiguous()
+    gen = torch.Generator().manual_seed(seed + 3)
+    gs = [0.2 + 0.6 * torch.rand(1, TQ, 2, generator=gen, dtype=torch.float64) for _ in range(3)]
+    idx = N.select_blocks(q, N.mean_pool(k, 2), 4, 2, offset=T - TQ)  # [1, TQ, 1, 4]
+    assert (idx >= 0).sum(-1).max() == 4  # a free slot is used: the selection is not all forced blocks
+    return [x.requires_grad_() for x in (q, k, v, *gs)], idx
+
+
+@pytest.mark.parametrize("TQ", [13, 4])
+def test_nsa_passes_gradcheck_in_float64(TQ):
+    """nsa takes float64 and computes in it (finite differences in fp32 would fail gradcheck's 1e-5): gradients of
+    q, k, v (through the mean-pooled summaries too) and the three gates, the selection held fixed; TQ = 4: the
+    queries are the last 4 of 13 positions."""
+    leaves, idx = _fp64_problem(TQ=TQ)
+
+    def fn(q, k, v, g_cmp, g_slc, g_swa):
+        return N.nsa(q, k, v, g_cmp, g_slc, g_swa, block_counts=4, block_size=2, window_size=3, block_indices=idx)
+
+    assert fn(*leaves).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_branches_and_moba_pass_gradcheck_in_float64():
+    """selected_attention (one selection a group, then one a query head), compressed_attention over leaf
+    summaries, and moba (its gate's choice of 3 of 7 chunks does not change under gradcheck's steps)."""
+    (q, k, v, *_), idx = _fp64_problem()
+    assert torch.autograd.gradcheck(lambda q, k, v: N.selected_attention(q, k, v, idx, 2), (q, k, v))
+    per_head = idx.expand(-1, -1, 2, -1).contiguous()  # [1, T, HQ, 4]
+    assert torch.autograd.gradcheck(lambda q, k, v: N.selected_attention(q, k, v, per_head, 2), (q, k, v))
+    k_cmp, v_cmp = (N.mean_pool(x.detach(), 2).requires_grad_() for x in (k, v))  # [1, 7, 1, ·]
+    assert torch.autograd.gradcheck(lambda q, kc, vc: N.compressed_attention(q, kc, vc, 2), (q, k_cmp, v_cmp))
+    assert torch.autograd.gradcheck(lambda q, k, v: N.moba(q, k, v, 2, 3), (q, k, v))
+
+
+def test_nsa_and_moba_in_float64_agree_with_float32():
+    q, k, v = make_qkv(2, 70, 4, 16, HKV=2, seed=42)
+    gs = gates(2, 70, 4, seed=43)
+    kw = dict(block_counts=3, block_size=16, window_size=20, return_block_indices=True)
+    o32, idx32 = N.nsa(q, k, v, *gs, **kw)
+    o64, idx64 = N.nsa(*(x.double() for x in (q, k, v, *gs)), **kw)
+    assert o64.dtype == torch.float64 and torch.equal(idx32, idx64)
+    assert_close("nsa, fp64 vs fp32", o64, o32.double(), 1e-5)
+    o32, idx32 = N.moba(q, k, v, 8, 3, return_block_indices=True)
+    o64, idx64 = N.moba(q.double(), k.double(), v.double(), 8, 3, return_block_indices=True)
+    assert o64.dtype == torch.float64 and torch.equal(idx32, idx64)
+    assert_close("moba, fp64 vs fp32", o64, o32.double(), 1e-5)
+
+
+def test_kernels_refuse_float64():
+    """The kernels take fp32, fp16 and bf16 only: float64 is a TypeError that says where it runs."""
+    q, k, v, idx = (x.to(DEV) for x in _inputs())
+    q, k, v = q.double(), k.double(), v.double()
+    gs = [g.to(DEV) for g in gates(1, 40, 4)]
+    share = r"q, k, v must share one dtype among float32, float16, bfloat16, got q torch.float64"
+    where = r".*the Triton kernels take no float64: use the naive"
+    for call, words in (
+            (lambda: N.parallel_nsa(q, k, v, *gs, block_counts=3, block_size=16, window_size=8), share),
+            (lambda: N.parallel_selected_attention(q, k, v, idx, 16), share),
+            (lambda: N.parallel_moba(q, k, v, 16, 2), share),
+            (lambda: N.moba_gate(q, k, 16, 2), share),
+            (lambda: N.parallel_select_blocks(q, N.mean_pool(k, 16), 3, 16),
+             r"parallel_select_blocks: q must be one of float32, float16, bfloat16, got torch.float64")):
+        with pytest.raises(TypeError, match=words + where):
+            call()
+
+
+@pytest.mark.parametrize("backend", ["auto", "naive"])
+@pytest.mark.parametrize("kind", ["nsa", "moba"])
+def test_layer_runs_in_float64(kind, backend):
+    """NativeSparseAttention.double() runs on the CPU ("auto" takes the PyTorch path for fp64), with the fp32
+    layer's outputs and selection."""
+    torch.manual_seed(0)
+    layer = N.NativeSparseAttention(32, 4, 2, 16, kind=kind, block_size=16, block_counts=3, window_size=20,
+                                    moba_topk=2, backend=backend)
+    x = torch.randn(2, 45, 32)
+    with torch.no_grad():
+        y32, idx32 = layer(x, return_block_indices=True)
+        y64, idx64 = layer.double()(x.double(), return_block_indices=True)
+    assert y64.dtype == torch.float64 and torch.equal(idx32, idx64)
+    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
+
+
 # ------------------------------------------------------------------------------------------- layer, needle task
 @pytest.mark.parametrize("kind", ["nsa", "moba"])
 def test_layer_backends_agree_and_last_tokens_equal_the_full_outputs(kind):

@@ -413,7 +413,7 @@ def _check_flash_args(q, k, v, causal, scale, window):
     """Validate flash_attention's arguments and return the scale as a float."""
     # the kernels' dtypes first, so that the error lists those (section 1.2 also allows fp64)
     if all(torch.is_tensor(x) and x.is_floating_point() for x in (q, k, v)):
-        _checks.same_dtype("flash_attention", q=q, k=k, v=v)
+        _checks.same_dtype("flash_attention", _checks.KERNEL_FLOATS, q=q, k=k, v=v)
     scale = check_attention_args("flash_attention", q, k, v, causal, window, scale)  # section 1.2
     (_, Tq, HQ, DK), (_, Tk, HKV, DV) = q.shape, v.shape
     _checks.triton_inputs("flash_attention", q, k, v,

@@ -9,13 +9,15 @@ from minisparse.deltanet.naive import _check_delta, _check_gate_and_beta, _check
 
 def _check_kernel_inputs(op, q, k, v, g, beta, scale, initial_state, check_values, max_dim, l2, *,
                          shapes=_check_delta, instead=_INSTEAD):
-    """The arguments' checks by `shapes` (_check_delta here; chapter 6 passes _check_kda), then what
-    the kernels need (CUDA tensors or the interpreter, no bf16 under the interpreter, K and V ≤
-    max_dim; `instead` names the PyTorch path), then g's and β's values (and with `l2`, q's and k's
-    range) where `check_values` and the value-check rule ask for them (on CPU tensors always; on
-    CUDA after runtime.set_value_checks(True)), before any kernel is queued.
+    """The arguments' checks by `shapes` (_check_delta here; chapter 6 passes _check_kda) with the
+    kernels' dtypes (fp32, fp16, bf16: no fp64), then what the kernels need (CUDA tensors or the
+    interpreter, no bf16 under the interpreter, K and V ≤ max_dim; `instead` names the PyTorch
+    path), then g's and β's values (and with `l2`, q's and k's range) where `check_values` and the
+    value-check rule ask for them (on CPU tensors always; on CUDA after
+    runtime.set_value_checks(True)), before any kernel is queued.
     Returns the scale as a float."""
-    scale = shapes(op, q, k, v, g, beta, scale, initial_state, check_values=False)
+    scale = shapes(op, q, k, v, g, beta, scale, initial_state, check_values=False,
+                   dtypes=_checks.KERNEL_FLOATS)
     _checks.triton_inputs(op, q, k, v, g, beta, initial_state, instead=instead,
                           max_dims={"K": (q.shape[-1], max_dim), "V": (v.shape[-1], max_dim)})
     if check_values and _checks.checking_values(False, q):

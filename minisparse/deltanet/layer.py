@@ -112,7 +112,8 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
         beta = b.sigmoid()  # [B, T, Hv]
         # [B, T, Hv] log decay ≤ 0
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        acc = torch.promote_types(a.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias)
         want_state = use_cache or state is not None
         o, new_rec = self._attend(q, k, v, g, beta, rec_state, want_state)
         o = self.norm(o, z)  # [B, T, Hv, V] per value head
@@ -131,9 +132,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x, z):
         dtype = x.dtype
-        xf = x.float()
+        xf = x.to(torch.promote_types(dtype, torch.float32))  # fp32 (fp64 stays fp64)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(dtype) * F.silu(z.float())).to(dtype)
+        return (self.weight * xf.to(dtype) * F.silu(z.to(xf.dtype))).to(dtype)
 
 
 def _check_layer_args(hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_dim,

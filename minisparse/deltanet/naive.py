@@ -5,10 +5,10 @@ from minisparse import _checks
 
 
 def l2norm(x, eps=1e-6):
-    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers'), for
-    any finite x: a row with entries over 1 is divided by its largest |x| first, so Σ x² cannot
-    overflow (fla's gives 0 past |x| ≈ 1e19)."""
-    x = x.float()
+    """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers'; float64
+    stays float64), for any finite x: a row with entries over 1 is divided by its largest |x|
+    first, so Σ x² cannot overflow (fla's gives 0 past |x| ≈ 1e19)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.shape[-1] == 0:
         return x
     m = x.abs().amax(-1, keepdim=True).clamp_min(1.0)  # [..., 1]
@@ -33,7 +33,8 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV % H == 0); g [B, T, HV] log decay ≤ 0; beta [B, T, HV]
     in [0, 2]; initial_state [B, HV, K, V] or None -> (o [B, T, HV, V] in q's dtype,
-    final_state [B, HV, K, V] float32 or None). Accumulates in float32.
+    final_state [B, HV, K, V] float32 or None). Accumulates in float32 (float64 inputs: in float64,
+    the final state too).
     """
     return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
                             use_qk_l2norm, check_values=True)
@@ -46,7 +47,7 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)  # float32, q, k per value head
-    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float().clone()
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(qf.dtype).clone()
     o = qf.new_empty(B, T, HV, V)
     for t in range(T):
         kt = kf[:, t]  # [B, HV, K]
@@ -90,7 +91,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
     qf, kf, vf = (x.transpose(1, 2) for x in (qf, kf, vf))  # [B, HV, T, ·]
     gf, bf = gf.transpose(1, 2), bf.transpose(1, 2)  # [B, HV, T]
-    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(qf.dtype)
     o = qf.new_empty(B, HV, T, V)
     for c0 in range(0, T, chunk_size):
         L = min(chunk_size, T - c0)
@@ -104,7 +105,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         # [B, HV, L, L] e^{G_i − G_j}, 0 above
         Gamma = torch.exp(torch.where(causal, D, float("-inf")))
         A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * Gamma).tril(-1)  # strictly lower
-        eye = torch.eye(L, device=q.device)
+        eye = torch.eye(L, dtype=qf.dtype, device=q.device)
         # [B, HV, L, K + V]
         rhs = torch.cat([(bc * G.exp())[..., None] * kc, bc[..., None] * vc], dim=-1)
         # (I + A)⁻¹ rhs
@@ -137,35 +138,37 @@ def _check_gate_and_beta(op, g, beta):
                             "sigmoid outputs")
 
 
-def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values):
+def _check_delta(op, q, k, v, g, beta, scale, initial_state, check_values, dtypes=_checks.FLOATS):
     """Validate what every delta-rule op takes (g may be None: no decay); return the scale as a
     float (K ** -0.5 for None). `check_values`: also check the values of g and β now (the naive ops
     always do; the Triton ops follow the value-check rule, runtime.checking_values; a layer skips
-    what it built itself)."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    what it built itself). `dtypes`: q, k, v's and the state's (the naive ops take float64 too; the
+    kernels pass _checks.KERNEL_FLOATS)."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True, dtypes=dtypes)
     if g is not None:
         _checks.per_head_token(op, "g", g, (B, T, HV), "[B, T, HV]", "one per token and value head",
                                like=q)
     _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
                            "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q, dtypes=dtypes)
     if check_values:
         _check_gate_and_beta(op, g, beta)
     return _checks.scale(op, scale, K)
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads, optionally L2-normalised; g None ->
-    zeros."""
+    """float32 copies (float64 for float64 q), q and k repeated to the HV value heads, optionally
+    L2-normalised; g None -> zeros."""
     HV = v.shape[2]
     rep = HV // q.shape[2]
-    q, k = q.float(), k.float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    q, k = q.to(acc), k.to(acc)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if rep > 1:  # grouped value heads: value head hv reads query/key head hv // rep
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
-    g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g.float()
-    return q, k, v.float(), g, beta.float()
+    g = torch.zeros_like(beta, dtype=acc) if g is None else g.to(acc)
+    return q, k, v.to(acc), g, beta.to(acc)
 
 
 __all__ = ['l2norm', 'naive_recurrent_gated_delta_rule', 'naive_recurrent_delta_rule', 'naive_chunk_gated_delta_rule', 'naive_chunk_delta_rule']

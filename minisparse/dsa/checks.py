@@ -10,8 +10,9 @@ def check_topk(op, topk):
 
 
 def check_indexer_args(op, q_idx, k_idx, w_idx, dtypes=_checks.FLOATS):
-    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, of one dtype among `dtypes` (the
-    kernel adds FP8), w_idx [B, TQ, HI] float or None; one device. Returns (B, TQ, HI, DI, TK)."""
+    """q_idx [B, TQ, HI, DI], k_idx [B, TK, DI] with TQ <= TK, of one dtype among `dtypes` (fp64
+    too; the kernel takes _checks.KERNEL_FLOATS and FP8), w_idx [B, TQ, HI] float or None; one
+    device. Returns (B, TQ, HI, DI, TK)."""
     _checks.tensor(op, "q_idx", q_idx, "[B, TQ, HI, DI]")
     _checks.tensor(op, "k_idx", k_idx, "[B, TK, DI]")
     B, TQ, HI, DI = q_idx.shape

@@ -32,7 +32,8 @@ class LightningIndexer(nn.Module):
         self.softmax_scale = head_dim ** -0.5
 
     def project(self, x, q_latent, positions, position_embeddings=None):
-        """-> q_idx [B, T, HI, DI], k_idx [B, T, DI] (rotated), w_idx [B, T, HI] fp32."""
+        """-> q_idx [B, T, HI, DI], k_idx [B, T, DI] (rotated), w_idx [B, T, HI] fp32 (fp64 in an
+        fp64 layer)."""
         B, T, _ = x.shape
         dr = self.rope_dim
         q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)  # [B, T, HI, DI]
@@ -44,7 +45,8 @@ class LightningIndexer(nn.Module):
                             for t in (q, k))
         q = torch.cat([q_rot, q[..., dr:]], dim=-1)  # rotary part first, as transformers
         k = torch.cat([k_rot, k[..., dr:]], dim=-1)[:, :, 0]  # [B, T, DI]
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, T, HI]
+        w = self.weights_proj(x)  # [B, T, HI]
+        w = w.to(torch.promote_types(w.dtype, torch.float32)) * self.n_heads ** -0.5
         return q, k, w
 
     def forward(self, x, q_latent, position_embeddings=None, positions=None):
@@ -106,11 +108,13 @@ class DSAttention(MLA):
         return (o, indices, scores) if return_indices else o
 
     def attention_probs(self, x):
-        """The dense attention's probabilities [B, T, H, T] (fp32, causal): the warm-up's target."""
+        """The dense attention's probabilities [B, T, H, T] (fp32, fp64 in an fp64 layer; causal):
+        the warm-up's target."""
         T = x.shape[1]
         q_nope, q_rope, c_kv, k_rope = self.project(x, torch.arange(T, device=x.device))
         q = torch.cat([absorb_query(q_nope, self.absorbed_weights()[0]), q_rope], dim=-1)
-        s = torch.einsum("bthd,bsd->bths", q.float(), torch.cat([c_kv, k_rope], -1).float())
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        s = torch.einsum("bthd,bsd->bths", q.to(acc), torch.cat([c_kv, k_rope], -1).to(acc))
         s = s * self.scaling  # [B, T, H, T]
         return torch.softmax(s.masked_fill(~causal_mask(T, T, x.device)[:, None], -torch.inf), -1)
 

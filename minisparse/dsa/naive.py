@@ -12,7 +12,7 @@ def causal_mask(TQ, TK, device=None):
 
 
 def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
-    """The lightning indexer's scores, -inf above the diagonal (fp32):
+    """The lightning indexer's scores, -inf above the diagonal (fp32; fp64 for fp64 q_idx):
 
         I[t, s] = Σ_j w[t, j] · ReLU(scale · q_idx[t, j] · k_idx[s])   for s <= t
 
@@ -21,8 +21,9 @@ def indexer_scores(q_idx, k_idx, w_idx=None, scale=None):
     scale defaults to DI ** -0.5 (positive, so it never changes the ranking).
     """
     B, TQ, HI, DI, TK, scale = _check_indexer_scores("indexer_scores", q_idx, k_idx, w_idx, scale)
-    w = torch.ones(B, TQ, HI, device=q_idx.device) if w_idx is None else w_idx.float()
-    dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float())  # [B, TQ, HI, TK]
+    acc = torch.promote_types(q_idx.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    w = torch.ones(B, TQ, HI, dtype=acc, device=q_idx.device) if w_idx is None else w_idx.to(acc)
+    dots = torch.einsum("bthd,bsd->bths", q_idx.to(acc), k_idx.to(acc))  # [B, TQ, HI, TK]
     s = torch.einsum("bth,bths->bts", w, F.relu(scale * dots))  # [B, TQ, TK] weighted head sum
     return s.masked_fill(~causal_mask(TQ, TK, q_idx.device), float("-inf"))
 
@@ -58,20 +59,22 @@ def sparse_attention(q, k, v, indices, scale=None, backend="auto"):
 
     q [B, TQ, HQ, D], k [B, TK, H, D], v [B, TK, H, Dv] (H divides HQ, G = HQ / H), indices
     [B, TQ, K] int (-1 = padding; each entry a distinct key <= the query's position TK − TQ + i)
-    -> o [B, TQ, HQ, Dv] in q's dtype; a query with no key gets 0. MLA's latent form: k [B, TK, 1,
-    576], v = k[..., :512]. scale defaults to D ** -0.5 (MLA passes its own). With every past key
-    selected (topk >= TK) it is causal attention.
+    -> o [B, TQ, HQ, Dv] in q's dtype (fp32 inside; fp64 inputs run here, in fp64, as the kernels
+    take none); a query with no key gets 0. MLA's latent form: k [B, TK, 1, 576], v = k[...,
+    :512]. scale defaults to D ** -0.5 (MLA passes its own). With every past key selected (topk >=
+    TK) it is causal attention.
     """
     if _use_triton("sparse_attention", backend, q):  # the kernels of section 8.7 (and their checks)
-        from minisparse.dsa.triton import sparse_attention_triton
-        return sparse_attention_triton(q, k, v, indices, scale)
+        from minisparse.dsa.triton import _sparse_attention
+        return _sparse_attention(q, k, v, indices, scale, op="sparse_attention")
     B, TQ, TK, HQ, H, D, DV, scale = _check_sparse_args("sparse_attention", q, k, v, indices, scale)
     keep = selection_mask(indices, TK) & causal_mask(TQ, TK, q.device)  # [B, TQ, TK]
-    qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]: a group reads one key head
-    s = torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale  # [B, TQ, H, G, TK]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    qg = q.to(acc).view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]: a group reads one key head
+    s = torch.einsum("bthgd,bshd->bthgs", qg, k.to(acc)) * scale  # [B, TQ, H, G, TK]
     s = s.masked_fill(~keep[:, :, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing selected: 0
-    o = torch.einsum("bthgs,bshe->bthge", p, v.float())  # [B, TQ, H, G, Dv]
+    o = torch.einsum("bthgs,bshe->bthge", p, v.to(acc))  # [B, TQ, H, G, Dv]
     return o.reshape(B, TQ, HQ, DV).to(q.dtype)
 
 
@@ -103,15 +106,16 @@ def indexer_kl_loss(p_attn, scores, indices=None):
 
     p_attn [B, TQ, H, TK] attention probabilities, scores [B, TQ, TK] (indexer_scores); with indices
     [B, TQ, K] (sparse training) both distributions are restricted to each query's selected keys.
-    Returns a scalar fp32 tensor (0 for no queries).
+    Returns a scalar fp32 tensor (fp64 for fp64 scores; 0 for no queries).
     """
     B, TQ, TK = _check_attention_probs("indexer_kl_loss", p_attn, indices, scores)
     keep = causal_mask(TQ, TK, scores.device).expand(B, TQ, TK)  # [B, TQ, TK]
     if indices is not None:
         keep = keep & selection_mask(indices, TK)
-    target = p_attn.detach().float().sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
+    acc = torch.promote_types(scores.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    target = p_attn.detach().to(acc).sum(2).masked_fill(~keep, 0.0)  # [B, TQ, TK]
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, TQ, TK], rows sum to 1
-    log_q = torch.log_softmax(scores.float().masked_fill(~keep, float("-inf")), -1)  # [B, TQ, TK]
+    log_q = torch.log_softmax(scores.to(acc).masked_fill(~keep, float("-inf")), -1)  # [B, TQ, TK]
     # xlogy: 0 · log 0 = 0 where the target is 0
     kl = torch.xlogy(target, target) - target * log_q.masked_fill(~keep, 0.0)  # [B, TQ, TK]
     return kl.sum() / max(B * TQ, 1)  # the mean over queries; 0, not NaN, when there are none
@@ -133,8 +137,9 @@ def gather_attention(q, k, v, indices, scale=None):
     K = indices.shape[-1]
     rows = indices.long().clamp(min=0)  # [B, TQ, K]: padding reads row 0, then is masked
     b = torch.arange(B, device=q.device)[:, None, None]  # [B, 1, 1]
-    k_sel, v_sel = k[b, rows].float(), v[b, rows].float()  # [B, TQ, K, H, D], [B, TQ, K, H, Dv]
-    qg = q.float().view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    k_sel, v_sel = k[b, rows].to(acc), v[b, rows].to(acc)  # [B, TQ, K, H, D], [B, TQ, K, H, Dv]
+    qg = q.to(acc).view(B, TQ, H, HQ // H, D)  # [B, TQ, H, G, D]
     s = torch.einsum("bthgd,btkhd->bthgk", qg, k_sel) * scale  # [B, TQ, H, G, K]
     s = s.masked_fill((indices < 0).view(B, TQ, 1, 1, K), float("-inf"))  # [B, TQ, H, G, K]
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, TQ, H, G, K]

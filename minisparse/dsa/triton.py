@@ -98,10 +98,11 @@ _INSTEAD = "minisparse.dsa.sparse_attention (the PyTorch version)"
 
 
 def check_sparse_triton(op, q, k, v, indices, scale):
-    """The checks of sparse_attention_triton; returns the scale. Shapes, dtypes and devices as
+    """The checks of sparse_attention_triton; returns the scale. Shapes and devices as
     sparse_attention (_checks.last_queries_qkv, check_indices: the index values when
-    _checks.checking_values says so), then the kernels' limits."""
-    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    _checks.checking_values says so), the kernels' dtypes (fp32, fp16, bf16: no fp64), then the
+    kernels' limits."""
+    B, TQ, TK, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     check_indices(op, indices, B, TQ, TK, naive=False)
     limit = 1024 if H == 1 else 256  # MLA's latent rows (one key head) up to 1024 dims, GQA 256
     _checks.triton_inputs(op, q, k, v, indices, max_dims={"D": (D, limit), "Dv": (DV, limit)},
@@ -118,7 +119,7 @@ def check_indexer_triton(op, q_idx, k_idx, w_idx, topk, scale):
     required and finite, then the kernel's limits."""
     topk = check_topk(op, topk)
     _checks.tensor(op, "w_idx", w_idx, "[B, TQ, HI]")
-    dtypes = (*_checks.FLOATS, _FP8) if _FP8 else _checks.FLOATS
+    dtypes = (*_checks.KERNEL_FLOATS, _FP8) if _FP8 else _checks.KERNEL_FLOATS
     B, TQ, HI, DI, TK = check_indexer_args(op, q_idx, k_idx, w_idx, dtypes)
     if q_idx.dtype == _FP8:
         cc = torch.cuda.get_device_capability(q_idx.device) if q_idx.is_cuda else None
@@ -369,9 +370,10 @@ def _sparse_backward(do, q, k, v, idx, o, lse, scale, DV):
     return dq, dk.to(k.dtype), (None if v is None else dv.to(v.dtype))
 
 
-def _sparse_attention(q, k, v, indices, scale=None, num_splits=None):
-    """sparse_attention_triton with the decoding split forced (tests): num_splits None = planned."""
-    scale = check_sparse_triton("sparse_attention_triton", q, k, v, indices, scale)
+def _sparse_attention(q, k, v, indices, scale=None, num_splits=None, op="sparse_attention_triton"):
+    """sparse_attention_triton with the decoding split forced (tests): num_splits None = planned.
+    `op`: the name its errors give (sparse_attention's when it dispatches here)."""
+    scale = check_sparse_triton(op, q, k, v, indices, scale)
     DV = v.shape[3]
     if _value_in_key(k, v):
         v = None  # the kernel reads the value from the key tile

@@ -5,11 +5,13 @@ from minisparse import _checks
 from minisparse.deltanet.naive import _check_gate_and_beta
 
 
-def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
+def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values, dtypes=_checks.FLOATS):
     """Validate what every KDA op takes; return the scale as a float (K ** -0.5 for None).
     `check_values`: also check g's and β's values now (finite g ≤ 0, β in [0, 2]); the naive ops
-    always do, the Triton ops follow the value-check rule, a layer skips what it built itself."""
-    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True)
+    always do, the Triton ops follow the value-check rule, a layer skips what it built itself.
+    `dtypes`: q, k, v's and the state's (the naive ops take float64 too; the kernels pass
+    _checks.KERNEL_FLOATS)."""
+    B, T, H, K, HV, V = _checks.qkv(op, q, k, v, grouped_values=True, dtypes=dtypes)
     if isinstance(g, torch.Tensor) and g.dim() == 3:  # chapter 5's per-head gate: say what changed
         raise ValueError(f"{op}: g must be [B, T, HV, K] = {(B, T, HV, K)} (one log decay per "
                          f"key channel), got shape {tuple(g.shape)}: a [B, T, HV] gate is Gated "
@@ -20,7 +22,7 @@ def _check_kda(op, q, k, v, g, beta, scale, initial_state, check_values):
                            like=q)
     _checks.per_head_token(op, "beta", beta, (B, T, HV), "[B, T, HV]",
                            "one per token and value head", like=q)
-    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q)
+    _checks.initial_state(op, initial_state, (B, HV, K, V), like=q, dtypes=dtypes)
     if check_values:
         _check_gate_and_beta(op, g, beta)
     return _checks.scale(op, scale, K)

@@ -19,9 +19,9 @@ class SigmoidGatedRMSNorm(nn.Module):
         self.eps = _checks.positive_float("SigmoidGatedRMSNorm", "eps", eps)
 
     def forward(self, x, gate):
-        xf = x.float()  # [..., dim]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # [..., dim] fp32 (fp64 stays)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf * torch.sigmoid(gate.float())).to(x.dtype)
+        return (self.weight.to(xf.dtype) * xf * torch.sigmoid(gate.to(xf.dtype))).to(x.dtype)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -73,10 +73,12 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(self.qkv_dim, hidden_size, bias=False)
 
     def gate(self, x):
-        """The log decay g [B, T, H, K] (float32, ≤ 0) of hidden states x [B, T, hidden]."""
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # [B, T, H·K]
+        """The log decay g [B, T, H, K] (float32, ≤ 0; float64 in a float64 layer) of hidden states
+        x [B, T, hidden]."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        f = self.f_b_proj(self.f_a_proj(x)).to(acc) + self.dt_bias.to(acc)  # [B, T, H·K]
         f = f.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H, K]
-        return -self.A_log.float().exp()[:, None] * F.softplus(f)  # [B, T, H, K]
+        return -self.A_log.to(acc).exp()[:, None] * F.softplus(f)  # [B, T, H, K]
 
     # chapter 5's causal depthwise conv + SiLU over [B, 3·H·K, T] from conv_state (same attributes)
     _conv = GatedDeltaNet._conv
@@ -113,7 +115,8 @@ class KimiDeltaAttention(nn.Module):
         mixed, new_conv = self._conv(mixed.transpose(1, 2), conv_state)
         q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim)
                    for t in mixed.transpose(1, 2).split(self.qkv_dim, dim=-1))  # [B, T, H, K] each
-        beta = self.b_proj(x).float().sigmoid()  # [B, T, H]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        beta = self.b_proj(x).to(acc).sigmoid()  # [B, T, H]
         want_state = use_cache or state is not None
         # [B, T, H, K]
         o, new_rec = self._attend(q, k, v, self.gate(x), beta, rec_state, want_state)

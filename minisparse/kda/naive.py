@@ -7,15 +7,16 @@ from minisparse.kda.checks import _check_kda  # the argument checks (Engineering
 
 
 def _prepare(q, k, v, g, beta, use_qk_l2norm):
-    """float32 copies, q and k repeated to the HV value heads (head hv reads key head hv // (HV/H)),
-    optionally L2-normalised first."""
+    """float32 copies (float64 for float64 q), q and k repeated to the HV value heads (head hv reads
+    key head hv // (HV/H)), optionally L2-normalised first."""
     rep = v.shape[2] // q.shape[2]
-    q, k = q.float(), k.float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    q, k = q.to(acc), k.to(acc)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if rep > 1:
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)  # [B, T, HV, K]
-    return q, k, v.float(), g.float(), beta.float()
+    return q, k, v.to(acc), g.to(acc), beta.to(acc)
 
 
 def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -26,8 +27,8 @@ def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     finite and ≤ 0; beta [B, T, HV] in [0, 2]; initial_state [B, HV, K, V] or None;
     use_qk_l2norm: normalise q and k first.
     Returns (o [B, T, HV, V] in q's dtype, final_state [B, HV, K, V] float32, or None unless
-    output_final_state). Accumulates in float32; differentiable (gradients flow through final_state
-    too)."""
+    output_final_state). Accumulates in float32 (float64 inputs: in float64, the final state too);
+    differentiable (gradients flow through final_state too)."""
     return _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
                             use_qk_l2norm, True)
 
@@ -39,7 +40,7 @@ def _naive_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state,
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, use_qk_l2norm)
-    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(qf.dtype)
     o = []
     for t in range(T):
         kt = kf[:, t]  # [B, HV, K]
@@ -76,7 +77,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
     HV, V = v.shape[2:]
     # [B, HV, T, ·]
     qf, kf, vf, gf, bf = (x.transpose(1, 2) for x in _prepare(q, k, v, g, beta, use_qk_l2norm))
-    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    S = qf.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(qf.dtype)
     o = []
     for c0 in range(0, T, chunk_size):
         L = min(chunk_size, T - c0)
@@ -95,7 +96,7 @@ def _naive_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, use
         P = torch.einsum("bhic,bhjc,bhijc->bhij", qc, kc, Gamma)
         # [B, HV, L, K + V]
         rhs = torch.cat([bc[..., None] * kc * G.exp(), bc[..., None] * vc], dim=-1)
-        eye = torch.eye(L, device=q.device)
+        eye = torch.eye(L, dtype=qf.dtype, device=q.device)
         # (I + A)⁻¹ rhs
         WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         U = WU[..., K:] - WU[..., :K] @ S  # [B, HV, L, V] U = Ũ − W S

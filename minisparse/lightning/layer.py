@@ -54,7 +54,7 @@ class LightningAttention(nn.Module):
 
     def _attend(self, q, k, v, state, want_state):
         """The recurrence with the layer's own slopes, scale 1 (private ops: no value check)."""
-        slope = self.slope_rate.float()
+        slope = self.slope_rate.to(torch.promote_types(q.dtype, torch.float32))  # fp32 or fp64
         if _checks.choose_backend(self.backend, q) == "naive":
             return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size,
                                 check_values=False)

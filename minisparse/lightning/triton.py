@@ -284,10 +284,12 @@ def _precision(dtype):
 
 
 def _check_kernel_inputs(op, q, k, v, slope, scale, initial_state, check_values):
-    """_check_lightning's checks, then what the kernels need (CUDA tensors or the interpreter, no
-    bf16 under the interpreter, K and V <= 128), then the slope's values where `check_values` and
+    """_check_lightning's checks with the kernels' dtypes (fp32, fp16, bf16: no fp64), then what
+    the kernels need (CUDA tensors or the interpreter, no bf16 under the interpreter, K and V <=
+    128), then the slope's values where `check_values` and
     the value-check rule ask for them (runtime.checking_values). Returns the scale as a float."""
-    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False)
+    scale = _check_lightning(op, q, k, v, slope, scale, initial_state, check_values=False,
+                             dtypes=_checks.KERNEL_FLOATS)
     _checks.triton_inputs(op, q, k, v, slope, initial_state, instead=_INSTEAD,
                           max_dims={"K": (q.shape[-1], _MAX_DIM), "V": (v.shape[-1], _MAX_DIM)})
     if torch.is_grad_enabled() and slope.requires_grad:  # else it would silently get no gradient

@@ -231,8 +231,7 @@ class MLACache:
 
 
 def check_mla_decode_args(op, q_latent, q_rope, kv_cache, rope_cache, scale, lengths=None, *,
-                          check_values=True,
-                          dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+                          check_values=True, dtypes=_checks.FLOATS):
     """The arguments of the decode ops (see mla_decode): ranks, shapes, one dtype among `dtypes`,
     one device, a positive scale, lengths None or an integer tensor [B]; with check_values also T
     <= lengths[b] <= S, which reads lengths back to the host. Raises TypeError/ValueError naming

@@ -186,7 +186,8 @@ def _check_decode(q_latent, q_rope, kv_cache, rope_cache, scale, lengths, out):
     checking = _checks.checking_values(False, q_latent)
     B, T, H, DC, DR, S = check_mla_decode_args("mla_decode", q_latent, q_rope, kv_cache,
                                                rope_cache, scale, lengths,
-                                               check_values=checking, dtypes=_checks.FLOATS)
+                                               check_values=checking,
+                                               dtypes=_checks.KERNEL_FLOATS)
     _checks.forward_only("mla_decode", q_latent, q_rope, kv_cache, rope_cache,
                          instead="mla_attention_absorbed (the MLA layer with absorb=False or "
                                  "backend='naive')")

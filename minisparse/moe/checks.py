@@ -3,8 +3,6 @@ import torch
 
 from minisparse import _checks  # the book's shared argument checks
 
-# the PyTorch ops; the kernels: no fp64
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _IDS = (torch.int32, torch.int64)
 
 
@@ -44,11 +42,11 @@ def _check_router_inputs(
     number, so one NaN bias would send every token to its expert; with softmax, a finite maximum
     in every row of logits — a softmax over a row of -inf, or over a +inf, is NaN (-inf logits
     that mask some experts are fine; sigmoid scores need no such check)."""
-    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_FLOATS)
+    _checks.tensor(op, "logits", logits, "[N, E]", dtypes=_checks.FLOATS)
     E = logits.shape[1]
     check_routing_args(op, E, top_k, n_group, topk_group, routed_scaling_factor)
     if bias is not None:
-        _checks.tensor(op, "bias", bias, "[E]", dtypes=_FLOATS)
+        _checks.tensor(op, "bias", bias, "[E]", dtypes=_checks.FLOATS)
         _checks.shape(op, "bias", bias, (E,), "[E]", "one per expert")
         _checks.same_device(op, logits=logits, bias=bias)
     if _checks.checking_values(False, logits):
@@ -99,7 +97,7 @@ def _check_permute_args(op, x, indices, num_experts, check_values):
 
 def _check_unpermute_args(op, y_sorted, weights, order):
     """weights [N, k] float, y_sorted [N*k, H], order [N*k] int32/int64, one device."""
-    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_FLOATS)
+    _checks.tensor(op, "weights", weights, "[N, k]", dtypes=_checks.FLOATS)
     _checks.tensor(op, "y_sorted", y_sorted, "[N*k, H]")
     _checks.tensor(op, "order", order, "[N*k]", dtypes=_IDS)
     rows = weights.shape[0] * weights.shape[1]
@@ -119,7 +117,7 @@ def check_grouped_mm_args(op, x, w, offsets, *, triton=False, check_values=True)
     fp32/fp16/bf16 only and what its kernels need (_checks.triton_inputs). Values — offsets
     non-decreasing from >= 0, the last equal to M — always for the PyTorch loop, under the
     value-check rule for the Triton op; check_values=False skips them (a read-back)."""
-    dtypes = _checks.FLOATS if triton else _FLOATS
+    dtypes = _checks.KERNEL_FLOATS if triton else _checks.FLOATS  # the PyTorch loop takes fp64 too
     _checks.tensor(op, "x", x, "[M, K]", dtypes=dtypes)
     _checks.tensor(op, "w", w, "[G, K, N]", dtypes=dtypes)
     _checks.tensor(op, "offsets", offsets, "[G]")

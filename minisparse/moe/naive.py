@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from minisparse import _checks  # the book's shared argument checks
-from minisparse.moe.checks import (_FLOATS, _check_expert_ids, _check_permute_args,
-                                   _check_router_inputs, _check_unpermute_args,
-                                   check_grouped_mm_args)
+from minisparse.moe.checks import (_check_expert_ids, _check_permute_args, _check_router_inputs,
+                                   _check_unpermute_args, check_grouped_mm_args)
 
 
 def route_topk_softmax(logits, top_k, renormalize=True):
@@ -81,7 +80,7 @@ def load_balancing_loss(router_probs, indices, num_experts):
     hold all the probability).
     """
     op = "load_balancing_loss"
-    _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_FLOATS)
+    _checks.tensor(op, "router_probs", router_probs, "[N, E]", dtypes=_checks.FLOATS)
     N = router_probs.shape[0]
     _checks.shape(op, "router_probs", router_probs, (N, num_experts), "[N, E]", "E = num_experts")
     _check_expert_ids(op, indices, num_experts, check_values=True)
@@ -97,7 +96,7 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
     bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up,
     overloaded down, an expert exactly at the mean stays.
     """
-    _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_FLOATS)
+    _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_checks.FLOATS)
     _checks.tensor("update_bias", "tokens_per_expert", tokens_per_expert, "[E]")
     _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]",
                   "bias' E")

@@ -394,8 +394,9 @@ def select_topk_kernel(q_ptr, kc_ptr, vc_ptr, score_ptr, idx_ptr, ocmp_ptr, TQ, 
 
 def parallel_select_blocks(q, k_cmp, block_counts=16, block_size=64, scale=None, offset=0):
     """`select_blocks` in Triton (forward only: indices have no gradient), the same block_indices
-    [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset),
-    k_cmp [B, N, H, D] one summary a block."""
+    [B, TQ, H, S] int64, increasing, -1 padded. q [B, TQ, HQ, D] (query i at position i + offset)
+    float32, float16 or bfloat16 (no float64: `select_blocks` takes it), k_cmp [B, N, H, D] one
+    summary a block."""
     return _select_blocks(q, k_cmp, None, block_counts, block_size, scale, offset)[0]
 
 
@@ -408,6 +409,7 @@ def _select_blocks(q, k_cmp, v_cmp, block_counts, block_size, scale, offset, ord
     S = check_block_counts(op, block_counts)
     bs = check_block_size(op, block_size)
     check_summaries(op, q, k_cmp, v_cmp, block_size=bs, offset=offset, whole=True)
+    _checks.tensor(op, "q", q, "[B, TQ, HQ, D]", dtypes=_checks.KERNEL_FLOATS)
     B, TQ, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     NB = max(N, triton.cdiv(TQ + offset, bs))  # blocks of the keys: the last query's own included
@@ -464,8 +466,9 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
 
     q [B, TQ, HQ, D], k [B, T, H, D], v [B, T, H, DV] (TQ ≤ T: the queries are the last TQ
     positions, so TQ = 1 decodes one token); block_indices [B, TQ, H, S] (one selection a group) or
-    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. Returns o
-    [B, TQ, HQ, DV] in q's dtype.
+    [B, TQ, HQ, S] (one a query head), int32/int64, -1 padded, each row's blocks distinct. q, k, v
+    float32, float16 or bfloat16 (no float64: `selected_attention` takes it). Returns o [B, TQ, HQ,
+    DV] in q's dtype.
     """
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
@@ -474,7 +477,7 @@ def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
     """The checks, then the selection with autograd; with `gated` (NSA without autograd: see
     `_selection_forward`) NSA's gated output."""
     op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
-    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
     if bs < 16:
@@ -553,11 +556,12 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
     `flash_attention`; the compressed branch by SDPA with a block-causal mask (without autograd,
     from the top-n's own pass), the top-n by `parallel_select_blocks`. Same arguments and results
-    as `nsa`. Without autograd the selection kernel writes the gated sum; one token without
-    autograd (a decoding step: TQ = 1, no input requiring a gradient) runs three kernels of its own.
+    as `nsa`, with q, k, v float32, float16 or bfloat16 (no float64). Without autograd the
+    selection kernel writes the gated sum; one token without autograd (a decoding step: TQ = 1, no
+    input requiring a gradient) runs three kernels of its own.
     """
     op = "parallel_nsa"
-    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
@@ -1340,7 +1344,7 @@ def moba_gate(q, k, chunk_size, topk):
     products of q and the rounded chunk means, summed in fp32 (in another order than PyTorch's:
     two chunks whose scores tie to the last bit may swap)."""
     op = "moba_gate"
-    B, TQ, T, HQ, _, D, _ = _checks.last_queries_qkv(op, q, k, k)
+    B, TQ, T, HQ, _, D, _ = _checks.last_queries_qkv(op, q, k, k, dtypes=_checks.KERNEL_FLOATS)
     chunk_size = check_block_size(op, chunk_size, "chunk_size")
     topk = _checks.positive_int(op, "topk", topk)
     _checks.triton_inputs(op, q, k, max_dims={"D": (D, 256)}, instead="minisparse.nsa.moba_select")
@@ -1408,11 +1412,12 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
     key-centric forward attends, the selection kernels' backward (one selection a query head)
     gives the gradients.
 
-    q [B, TQ, HQ, D] (the last TQ of the T positions), k [B, T, H, D], v [B, T, H, DV] -> o [B, TQ,
-    HQ, DV] (and block_indices [B, TQ, HQ, topk]).
+    q [B, TQ, HQ, D] (the last TQ of the T positions), k [B, T, H, D], v [B, T, H, DV], float32,
+    float16 or bfloat16 (no float64: `moba` takes it) -> o [B, TQ, HQ, DV] (and block_indices [B,
+    TQ, HQ, topk]).
     """
     op = "parallel_moba"
-    _, _, _, _, _, D, DV = _checks.last_queries_qkv(op, q, k, v)
+    _, _, _, _, _, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     cs = check_block_size(op, chunk_size, "chunk_size")
     if cs < 16:
         raise ValueError(f"{op}: chunk_size must be >= 16 (a tensor-core tile), got {cs}")
