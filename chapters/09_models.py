@@ -425,9 +425,9 @@ class Block(nn.Module):
 class HybridLM(nn.Module):
     """A decoder-only LM from a HybridConfig: embeddings -> Blocks -> RMSNorm -> LM head.
 
-    forward(input_ids [B, T] int64, caches=None) -> logits [B, T, vocab] fp32. With caches
-    (new_caches) the T tokens follow the ones already cached, so decoding token by token gives the
-    prefill's logits. After a training forward, `aux_loss` holds the layers' auxiliary losses
+    forward(input_ids [B, T] int64, caches=None) -> logits [B, T, vocab] fp32 (fp64 for a .double()
+    model). With caches (new_caches) the T tokens follow the ones already cached, so decoding token
+    by token gives the prefill's logits. After a training forward, `aux_loss` holds the layers' auxiliary losses
     (DSA's indexer distillation), or None.
     """
 
@@ -460,7 +460,7 @@ class HybridLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Mixer):
                 m.aux_loss = None
-        return F.linear(x, w).float()  # [B, T, vocab]
+        return F.linear(x, w).to(torch.promote_types(x.dtype, torch.float32))  # [B, T, vocab] fp32/64
 
     def new_caches(self, batch, max_len):
         """One empty cache a layer, for `batch` sequences of up to `max_len` tokens."""

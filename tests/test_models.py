@@ -751,3 +751,17 @@ def test_check_add_rmsnorm_kernel():
         with pytest.raises(ExerciseError, match=message):
             X.check_add_rmsnorm_kernel(kernel)
             pytest.fail(f"the checker accepted a kernel with {why}")
+
+
+@pytest.mark.parametrize("preset", list(M.PRESETS))
+def test_every_preset_runs_in_float64_on_the_naive_path(preset):
+    """`.double()` on the PyTorch paths: fp64 logits (every mixer computes in fp64, for gradcheck-grade oracles),
+    equal to the fp32 model's with the same weights."""
+    torch.manual_seed(0)
+    model = M.HybridLM(M.PRESETS[preset](backend="naive"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        single = model(ids)
+        double = model.double()(ids)
+    assert single.dtype == torch.float32 and double.dtype == torch.float64
+    assert_close(f"{preset}: fp64 logits against fp32", double, single.double(), 1e-4)
