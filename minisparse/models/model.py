@@ -123,8 +123,8 @@ class HybridLM(nn.Module):
 
     forward(input_ids [B, T] int64, caches=None) -> logits [B, T, vocab] fp32 (fp64 for a .double()
     model). With caches (new_caches) the T tokens follow the ones already cached, so decoding token
-    by token gives the prefill's logits. After a training forward, `aux_loss` holds the layers' auxiliary losses
-    (DSA's indexer distillation), or None.
+    by token gives the prefill's logits. After a training forward, `aux_loss` holds the layers'
+    auxiliary losses (DSA's indexer distillation), or None.
     """
 
     def __init__(self, config):
@@ -156,7 +156,8 @@ class HybridLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Mixer):
                 m.aux_loss = None
-        return F.linear(x, w).to(torch.promote_types(x.dtype, torch.float32))  # [B, T, vocab] fp32/64
+        logits = F.linear(x, w)  # [B, T, vocab]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays)
 
     def new_caches(self, batch, max_len):
         """One empty cache a layer, for `batch` sequences of up to `max_len` tokens."""
