@@ -18,7 +18,7 @@ import torch
 __all__ = [
     "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
     "ExerciseError", "check", "attempt", "TensorRule", "as_number", "number_answer", "with_constexprs",
-    "hf_torch_function", "hf_torch_path",
+    "hf_torch_function", "hf_torch_path", "gradcheck_float64", "assert_float64_matches_float32",
 ]
 
 # Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
@@ -56,6 +56,46 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) ->
         raise AssertionError(f"{name}: relative RMS error {err:.3e} > {tol:.0e} (largest difference "
                              f"{diff.max().item():.3e} at index {where})")
     return err
+
+
+def gradcheck_float64(fn: Callable, leaves: Sequence[torch.Tensor]) -> None:
+    """Assert that `fn(*leaves)` computes in float64 (every tensor it returns, in nested tuples too, is float64) and
+    passes `torch.autograd.gradcheck` over `leaves`: float64 tensors that require grad. For the PyTorch references,
+    whose gradients finite differences can check only in float64 (fp32 steps miss gradcheck's 1e-5)."""
+    dtypes = {t.dtype for t in _tensors(fn(*leaves))}
+    if dtypes != {torch.float64}:
+        raise AssertionError(f"gradcheck_float64: the outputs' dtypes are {sorted(map(str, dtypes))}, not float64 only")
+    if not torch.autograd.gradcheck(lambda *xs: tuple(_tensors(fn(*xs))), tuple(leaves)):
+        raise AssertionError("gradcheck_float64: torch.autograd.gradcheck failed")
+
+
+def assert_float64_matches_float32(fn: Callable, inputs: Sequence, names: Sequence[str], tol: float) -> None:
+    """Run `fn` on `inputs` and on their float64 copies (each floating tensor `.double()`, the rest as given) and
+    assert that the second run returns float64 tensors within `tol` relative RMS error of the first's. `fn` returns
+    tensors (nested tuples allowed, None skipped), one a name of `names`, in order; a layer's `fn` converts a copy
+    of the layer to its input's dtype."""
+    def wide(x):
+        return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    narrow, doubled = _tensors(fn(*inputs)), _tensors(fn(*map(wide, inputs)))
+    if len(narrow) != len(names) or len(doubled) != len(names):
+        raise AssertionError(f"assert_float64_matches_float32: {len(narrow)} and {len(doubled)} outputs for "
+                             f"{len(names)} names {tuple(names)}")
+    for name, a, b in zip(names, narrow, doubled):
+        if b.dtype != torch.float64:
+            raise AssertionError(f"{name}: {b.dtype} from float64 inputs, not float64")
+        assert_close(f"{name}, fp64 vs fp32", b, a.double(), tol)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of an op's or a layer's output, in order, from nested tuples and lists (None left out)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _tensors(x)]
+    if out is None:
+        return []
+    raise TypeError(f"expected tensors in nested tuples, got {type(out).__name__}")
 
 
 def hf_torch_function(fn: Callable) -> Callable:

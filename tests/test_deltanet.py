@@ -27,8 +27,8 @@ from minisparse.deltanet import (GatedDeltaNet, check_chunk_transition, check_ov
                                  naive_chunk_delta_rule, naive_chunk_gated_delta_rule, naive_recurrent_delta_rule,
                                  naive_recurrent_gated_delta_rule)
 from minisparse.deltanet.naive import _naive_recurrent
-from minisparse.testing import (ExerciseError, assert_close, hf_torch_function, hf_torch_path, make_log_gates,
-                                 rel_rms)
+from minisparse.testing import (ExerciseError, assert_close, assert_float64_matches_float32, gradcheck_float64,
+                                 hf_torch_function, hf_torch_path, make_log_gates, rel_rms)
 
 GATES = [(-1e-3, 0.0), (-2.0, 0.0), (-30.0, -5.0)]  # near no decay, mixed, e^-30 a token
 
@@ -656,33 +656,22 @@ def test_naive_ops_pass_gradcheck_in_float64(op, l2):
     gradcheck's 1e-5): gradients of q, k, v, g, β and the initial state, through o and the final state; chunks of 3
     tokens in the chunk form, so that T = 7 ends with a short chunk."""
     kw = dict(chunk_size=3) if op is naive_chunk_gated_delta_rule else {}
-
-    def fn(q, k, v, g, beta, h0):
-        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=l2, **kw)
-
-    leaves = _fp64_leaves()
-    o, state = fn(*leaves)
-    assert o.dtype == state.dtype == torch.float64
-    assert torch.autograd.gradcheck(fn, leaves)
+    gradcheck_float64(lambda *x: op(*x[:5], initial_state=x[5], output_final_state=True, use_qk_l2norm=l2, **kw),
+                      _fp64_leaves())
 
 
 def test_ungated_naive_ops_pass_gradcheck_in_float64():
     q, k, v, _, beta, h0 = _fp64_leaves()
     for op, kw in ((naive_recurrent_delta_rule, {}), (naive_chunk_delta_rule, dict(chunk_size=4))):
-        assert torch.autograd.gradcheck(
-            lambda q, k, v, beta, h0: op(q, k, v, beta, initial_state=h0, output_final_state=True, **kw),
-            (q, k, v, beta, h0))
+        gradcheck_float64(lambda q, k, v, beta, h0: op(q, k, v, beta, initial_state=h0, output_final_state=True, **kw),
+                          (q, k, v, beta, h0))
 
 
 @pytest.mark.parametrize("op", NAIVE_OPS, ids=lambda f: f.__name__)
 def test_naive_ops_in_float64_agree_with_float32(op):
-    q, k, v, g, beta, h0 = _inputs(2, 37, 2, 4, 16, 24, seed=23, gates=GATES[2])
-    o32, s32 = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
-    o64, s64 = op(*(x.double() for x in (q, k, v, g, beta)), initial_state=h0.double(), output_final_state=True,
-                  use_qk_l2norm=True)
-    assert o64.dtype == s64.dtype == torch.float64
-    assert_close("o, fp64 vs fp32", o64, o32.double(), 1e-5)
-    assert_close("final state, fp64 vs fp32", s64, s32.double(), 1e-5)
+    assert_float64_matches_float32(
+        lambda q, k, v, g, beta, h0: op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True),
+        _inputs(2, 37, 2, 4, 16, 24, seed=23, gates=GATES[2]), ("o", "final state"), 1e-5)
 
 
 def test_kernels_refuse_float64():
@@ -700,21 +689,16 @@ def test_kernels_refuse_float64():
 
 @pytest.mark.parametrize("backend", ["auto", "naive"])
 def test_layer_runs_in_float64(backend):
-    """GatedDeltaNet.double() runs on the CPU ("auto" takes the PyTorch path for fp64): the fp32 layer's outputs
-    and states, and, on the naive path, gradcheck's on the input."""
+    """GatedDeltaNet.double() runs on the CPU ("auto" takes the PyTorch path for fp64): the fp32 layer's output
+    and both states, and, on the naive path, gradcheck's on the input."""
     torch.manual_seed(0)
     layer = GatedDeltaNet(32, 2, 4, 8, 8, chunk_size=8, backend=backend)
-    x = torch.randn(2, 13, 32)
     with torch.no_grad():
-        y32, (_, st32) = layer(x, use_cache=True)
-        y64, (_, st64) = layer.double()(x.double(), use_cache=True)
-    assert y64.dtype == st64.dtype == torch.float64
-    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
-    assert_close("state, fp64 vs fp32", st64, st32.double(), 1e-4)
+        assert_float64_matches_float32(lambda x: layer.to(x.dtype)(x, use_cache=True), [torch.randn(2, 13, 32)],
+                                       ("y", "convolution state", "state"), 1e-4)
     if backend == "naive":
         small = GatedDeltaNet(8, 1, 2, 4, 4, chunk_size=4, backend="naive").double()
-        assert torch.autograd.gradcheck(lambda x: small(x)[0], torch.randn(1, 6, 8, dtype=torch.float64,
-                                                                            requires_grad=True))
+        gradcheck_float64(lambda x: small(x)[0], [torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)])
 
 
 # ---------------------------------------------------------------------------------------------------- layer

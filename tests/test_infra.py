@@ -12,8 +12,9 @@ import torch
 
 import minisparse
 from minisparse import _checks, bench, runtime
-from minisparse.testing import (ExerciseError, TensorRule, as_number, assert_close, check, hf_torch_function,
-                                hf_torch_path, make_bthd, make_log_gates, make_qkv, number_answer, rel_rms)
+from minisparse.testing import (ExerciseError, TensorRule, as_number, assert_close, assert_float64_matches_float32,
+                                check, gradcheck_float64, hf_torch_function, hf_torch_path, make_bthd,
+                                make_log_gates, make_qkv, number_answer, rel_rms)
 
 
 # --------------------------------------------------------------------------------------------------- runtime
@@ -108,6 +109,44 @@ def test_assert_close_catches_nan_inf_and_shape_mismatch():
     with pytest.raises(AssertionError, match="shape"):
         assert_close("x", ref, torch.ones(4, 5), tol=1.0)
     assert rel_rms(bad, ref) == math.inf
+
+
+class _HalvedGradient(torch.autograd.Function):
+    """y = x², whose backward returns half the true gradient: a wrong backward for gradcheck to find."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return dy * x
+
+
+def test_gradcheck_float64_passes_a_true_gradient_and_fails_a_wrong_one_or_fp32():
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    gradcheck_float64(lambda x: (x * x, (x.sum(), None)), [x])
+    with pytest.raises(Exception, match="Jacobian mismatch"):
+        gradcheck_float64(_HalvedGradient.apply, [x])
+    with pytest.raises(AssertionError, match=r"dtypes are \['torch.float32', 'torch.float64'\], not float64 only"):
+        gradcheck_float64(lambda x: (x * x, x.float()), [x])
+
+
+def test_assert_float64_matches_float32_runs_both_and_compares_by_name():
+    x, n = torch.randn(3, 4), torch.tensor([2])  # an integer input stays as it is
+
+    def op(x, n):
+        return x * n, (x.sum(-1), None)
+    assert_float64_matches_float32(op, [x, n], ("scaled", "sums"), 1e-6)
+    with pytest.raises(AssertionError, match="sums: torch.float32 from float64 inputs"):
+        assert_float64_matches_float32(lambda x, n: (x * n, x.float().sum(-1)), [x, n], ("scaled", "sums"), 1e-6)
+    with pytest.raises(AssertionError, match="scaled, fp64 vs fp32: relative RMS error"):
+        assert_float64_matches_float32(lambda x, n: (x * n * (1 + (x.dtype == torch.float64) * 1e-3), x.sum(-1)),
+                                       [x, n], ("scaled", "sums"), 1e-6)
+    with pytest.raises(AssertionError, match=r"2 and 2 outputs for 1 names \('scaled',\)"):
+        assert_float64_matches_float32(op, [x, n], ("scaled",), 1e-6)
 
 
 def test_hf_torch_function_finds_transformers_pytorch_code_under_its_decorators():

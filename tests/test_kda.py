@@ -20,7 +20,8 @@ import minisparse  # noqa: F401  (sets up the runtime)
 from minisparse import runtime
 from minisparse.deltanet import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from minisparse.kda import naive_chunk_kda, naive_recurrent_kda
-from minisparse.testing import assert_close, hf_torch_function, hf_torch_path, make_log_gates
+from minisparse.testing import (assert_close, assert_float64_matches_float32, gradcheck_float64, hf_torch_function,
+                                hf_torch_path, make_log_gates)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -320,29 +321,18 @@ def _fp64_leaves():
 @pytest.mark.parametrize("l2", [False, True])
 @pytest.mark.parametrize("op", [naive_recurrent_kda, naive_chunk_kda], ids=lambda f: f.__name__)
 def test_naive_ops_pass_gradcheck_in_float64(op, l2):
-    """The naive ops take float64 and compute in it, l2norm included (finite differences in fp32 would fail
-    gradcheck's 1e-5): gradients of q, k, v, g, β and the initial state, through o and the final state; chunks of 3
-    tokens in the chunk form, so that T = 7 ends with a short chunk."""
+    """As the gated delta rule's (test_deltanet.py), with a gate a channel: every input's gradient through o and
+    the final state, l2norm on and off, T = 7 in chunks of 3."""
     kw = dict(chunk_size=3) if op is naive_chunk_kda else {}
-
-    def fn(q, k, v, g, beta, h0):
-        return op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=l2, **kw)
-
-    leaves = _fp64_leaves()
-    o, state = fn(*leaves)
-    assert o.dtype == state.dtype == torch.float64
-    assert torch.autograd.gradcheck(fn, leaves)
+    gradcheck_float64(lambda *x: op(*x[:5], initial_state=x[5], output_final_state=True, use_qk_l2norm=l2, **kw),
+                      _fp64_leaves())
 
 
 @pytest.mark.parametrize("op", [naive_recurrent_kda, naive_chunk_kda], ids=lambda f: f.__name__)
 def test_naive_ops_in_float64_agree_with_float32(op):
-    q, k, v, g, beta, h0 = _inputs(2, 37, 2, 4, 16, 24, seed=33, gates=GATES[2])
-    o32, s32 = op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
-    o64, s64 = op(*(x.double() for x in (q, k, v, g, beta)), initial_state=h0.double(), output_final_state=True,
-                  use_qk_l2norm=True)
-    assert o64.dtype == s64.dtype == torch.float64
-    assert_close("o, fp64 vs fp32", o64, o32.double(), 1e-5)
-    assert_close("final state, fp64 vs fp32", s64, s32.double(), 1e-5)
+    assert_float64_matches_float32(
+        lambda q, k, v, g, beta, h0: op(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True),
+        _inputs(2, 37, 2, 4, 16, 24, seed=33, gates=GATES[2]), ("o", "final state"), 1e-5)
 
 
 def test_kernels_refuse_float64():
@@ -361,22 +351,17 @@ def test_kernels_refuse_float64():
 @pytest.mark.parametrize("backend", ["auto", "naive"])
 def test_layer_runs_in_float64(backend):
     """KimiDeltaAttention.double() runs on the CPU ("auto" takes the PyTorch path for fp64): the fp32 layer's
-    outputs and states, and, on the naive path, gradcheck's on the input."""
+    output and both states, and, on the naive path, gradcheck's on the input."""
     from minisparse.kda import KimiDeltaAttention
 
     torch.manual_seed(0)
     layer = KimiDeltaAttention(32, 2, 16, chunk_size=8, backend=backend)
-    x = torch.randn(2, 13, 32)
     with torch.no_grad():
-        y32, (_, st32) = layer(x, use_cache=True)
-        y64, (_, st64) = layer.double()(x.double(), use_cache=True)
-    assert y64.dtype == st64.dtype == torch.float64
-    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
-    assert_close("state, fp64 vs fp32", st64, st32.double(), 1e-4)
+        assert_float64_matches_float32(lambda x: layer.to(x.dtype)(x, use_cache=True), [torch.randn(2, 13, 32)],
+                                       ("y", "convolution state", "state"), 1e-4)
     if backend == "naive":
         small = KimiDeltaAttention(8, 2, 4, chunk_size=4, backend="naive").double()
-        assert torch.autograd.gradcheck(lambda x: small(x)[0], torch.randn(1, 6, 8, dtype=torch.float64,
-                                                                            requires_grad=True))
+        gradcheck_float64(lambda x: small(x)[0], [torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)])
 
 
 # ------------------------------------------------------------------------------------------------- the layer

@@ -24,7 +24,7 @@ from minisparse.lightning.exercises import (check_balanced_chunk, check_chunk_fo
 from minisparse.lightning.cost import DEEPSEEK_R1, MINIMAX_M1
 from minisparse.lightning.naive import _naive_chunk
 from minisparse.lightning.triton import _chunk
-from minisparse.testing import ExerciseError, assert_close
+from minisparse.testing import ExerciseError, assert_close, assert_float64_matches_float32, gradcheck_float64
 
 import triton  # noqa: E402  (after minisparse, which picks the interpreter on a CPU)
 import triton.language as tl  # noqa: E402
@@ -510,22 +510,15 @@ def test_naive_ops_pass_gradcheck_in_float64(op):
     def fn(q, k, v, slope, h0):
         return op(q, k, v, slope, initial_state=h0, output_final_state=True, **kw)
 
-    leaves = _fp64_leaves()
-    o, state = fn(*leaves)
-    assert o.dtype == state.dtype == torch.float64
-    assert torch.autograd.gradcheck(fn, leaves)
+    gradcheck_float64(fn, _fp64_leaves())
 
 
 @pytest.mark.parametrize("op", NAIVE_OPS, ids=lambda f: f.__name__)
 def test_naive_ops_in_float64_agree_with_float32(op):
     q, k, v, h0 = _inputs(2, 37, 3, 16, 24, seed=12, device="cpu")
-    slope = _slopes(3, "cpu")
-    o32, s32 = op(q, k, v, slope, initial_state=h0, output_final_state=True)
-    o64, s64 = op(q.double(), k.double(), v.double(), slope.double(), initial_state=h0.double(),
-                  output_final_state=True)
-    assert o64.dtype == s64.dtype == torch.float64
-    assert_close("o, fp64 vs fp32", o64, o32.double(), 1e-5)
-    assert_close("final state, fp64 vs fp32", s64, s32.double(), 1e-5)
+    assert_float64_matches_float32(lambda q, k, v, slope, h0: op(q, k, v, slope, initial_state=h0,
+                                                                 output_final_state=True),
+                                   [q, k, v, _slopes(3, "cpu"), h0], ("o", "final state"), 1e-5)
 
 
 @pytest.mark.parametrize("op", [chunk_lightning_attn, fused_recurrent_lightning_attn], ids=lambda f: f.__name__)
@@ -544,17 +537,12 @@ def test_layer_runs_in_float64(backend):
     outputs and state, and, on the naive path, gradcheck's on the input."""
     torch.manual_seed(0)
     layer = LightningAttention(32, 2, 16, layer_idx=1, num_layers=3, block_size=8, backend=backend)
-    x = torch.randn(2, 13, 32)
     with torch.no_grad():
-        y32, st32 = layer(x, use_cache=True)
-        y64, st64 = layer.double()(x.double(), use_cache=True)
-    assert y64.dtype == st64.dtype == torch.float64
-    assert_close("y, fp64 vs fp32", y64, y32.double(), 1e-4)
-    assert_close("state, fp64 vs fp32", st64, st32.double(), 1e-4)
+        assert_float64_matches_float32(lambda x: layer.to(x.dtype)(x, use_cache=True), [torch.randn(2, 13, 32)],
+                                       ("y", "state"), 1e-4)
     if backend == "naive":
         small = LightningAttention(8, 2, 4, layer_idx=1, num_layers=3, block_size=4, backend="naive").double()
-        assert torch.autograd.gradcheck(lambda x: small(x)[0], torch.randn(1, 6, 8, dtype=torch.float64,
-                                                                            requires_grad=True))
+        gradcheck_float64(lambda x: small(x)[0], [torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)])
 
 
 # -------------------------------------------------------------------------------------------------- cost model
