@@ -428,7 +428,7 @@ for low in (-1e-3, -2.0, -30.0):
 torch.manual_seed(0)
 K_DEMO, T_DEMO = 32, 256
 bias = torch.linspace(-8, 4, K_DEMO)  # one dt_bias a channel
-f = 0.5 * torch.randn(T_DEMO, K_DEMO)  # the token-dependent part f_a/f_b would give
+f = 0.5 * torch.randn(T_DEMO, K_DEMO)  # the token-dependent part (section 6.6's projection)
 g_demo = -F.softplus(f + bias)  # [T, K], A_log = 0
 G_kda = g_demo.cumsum(0) - g_demo[0]  # [T, K] log of what is left: g_1 + … + g_t (0 at t = 0)
 G_gdn = G_kda.mean(1, keepdim=True).expand(-1, K_DEMO)  # one gate for every channel: their mean
@@ -507,8 +507,8 @@ assert k_err < 0.8 * g_err and kda[best_kda][0] < 1e-3
 assert (round(g_err, 2), round(k_err, 2)) == (0.26, 0.19)  # the numbers of the summary
 
 # %% [markdown]
-# Every single rate fails one of the two jobs: the rates that cut the variables' error (0.01–0.1; from 0.53 at rate 0
-# to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up.
+# Every single rate fails one of the two jobs: the rates that cut the variables' error most (0.01–0.1; from 0.53 at
+# rate 0 to 0.38 at best) erase the fact within 400 tokens, and the rate that keeps the fact (0) lets the noise pile up.
 # KDA keeps the fact exactly (its channels never decay and the variables' writes never touch them) *and* runs its
 # variable channels at the best rate (0.03) — at the same $32 \times 32$ state. Forgetting reduces the noise; it does
 # not remove it. A trained model learns the split through $f$ and `dt_bias`. The explorer sets the two rates of a KDA
@@ -753,8 +753,8 @@ print(f"one reference point for the whole chunk: {(~torch.isfinite(P_factored)).
 #    (written over $\tilde U$) and the next state $S_{n+1}$.
 # 4. **`_kda_fwd_output_kernel`** — per chunk and tile of $V$: the output $O$ of section 6.2.
 #
-# Kernel 3 is chapter 5's scan with a vector $e^{G_L}$ for the scalar one and the decayed keys precomputed; kernel 4
-# is simpler than chapter 5's: it reads $P$ and $Q \odot e^{G}$ instead of forming $QK^\top \odot \Gamma$. They, the
+# Step 3 is chapter 5's scan with a vector $e^{G_L}$ for the scalar one and the decayed keys precomputed; step 4's
+# kernel is simpler than chapter 5's: it reads $P$ and $Q \odot e^{G}$ instead of forming $QK^\top \odot \Gamma$. They, the
 # WY kernel, the backward's five kernels and the decoding kernel are in the Engineering notes. Below the picture:
 # `_load_gates` and `_decay_sums` (the range sums), which `_kda_gate_sums_kernel` runs once; the kernels after it
 # read the sums it stores.
@@ -1146,7 +1146,7 @@ attempt(check_crossover, my_crossover)  # prints what is wrong until the stub is
 # the context. MLA: a token leaves only its latent (kv_lora_rank) and rotary key (qk_rope_head_dim),
 # 2 bytes each, shared by every head; the per-head keys and values (num_attention_heads,
 # qk_nope_head_dim, v_head_dim) are rebuilt from the latent or absorbed, never cached (MLA's point,
-# chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond that
+# chapter 3). At Kimi Linear's shapes: 2 MiB / 1152 B ≈ 1,820 tokens — beyond that many
 # tokens a KDA layer is the cheaper one, by 1M tokens 576 times cheaper.
 def crossover_solution(config):
     state = config.linear_num_heads * config.linear_head_dim ** 2 * 4
@@ -1161,11 +1161,12 @@ check_crossover(crossover_solution)
 # `buggy_intra_products(x, k, g)` computes one chunk's $P_{ij} = \sum_c x_{ic} k_{jc} e^{G_{ic} - G_{jc}}$
 # ($j \le i$) as section 6.5 splits it: a reference point before each sub-chunk for the blocks to its left, pairs
 # inside the diagonal blocks, every factor $\le 1$, in float32. On ordinary gates it agrees with the segment sums
-# of section 6.2 to $10^{-7}$; after one gate of $-1000$ early in the chunk it is off by about $10^{-5}$, and by
+# of section 6.2 to under $10^{-6}$; after one gate of $-1000$ early in the chunk it is off by about $10^{-5}$, and by
 # $10^{-4}$ after $-10^4$. Find where it breaks section 6.5's rule ("one more care"), and write `my_intra_products`
 # in **float32 only** (a kernel has no float64 to spare: the checker raises if your function makes a float64
-# tensor). It compares with the segment sums within $2 \cdot 10^{-6}$ on five chunks of 16–64 tokens, two of them
-# after such a gate.
+# tensor), split as the bug is (it also raises on a tensor of section 6.2's $L \times L \times K$ segment sums: more
+# than $\max(L, 16) \cdot 16 \cdot K$ elements). It compares with the segment sums within $2 \cdot 10^{-6}$ on five
+# chunks of 16–64 tokens, two of them after such a gate.
 
 # %%
 import inspect
@@ -2598,8 +2599,9 @@ def _intra_reference(x, k, g):
 
 
 def check_intra_products(fn):
-    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only, against the
-    exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
+    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only and without a
+    tensor of more than max(L, 16) · 16 · K elements (section 6.2's [L, L, K] segment sums), against
+    the exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
     two of them after a gate of −1000 or −10⁴ (where buggy_intra_products loses digits)."""
     gen = torch.Generator().manual_seed(61)
     cases = []
@@ -2613,9 +2615,18 @@ def check_intra_products(fn):
         cases.append((x, k, g))
 
     def in_float32(x, k, g):
-        with TensorRule("intra-chunk products in float32", lambda t: (
-                "float64; a kernel has no float64 to spare: keep every tensor float32"
-                if t.dtype == torch.float64 else None)):
+        L, K = x.shape
+        most = max(L, 16) * 16 * K  # a band of rows against one sub-chunk of 16 keys
+
+        def rule(t):
+            if t.dtype == torch.float64:
+                return "float64; a kernel has no float64 to spare: keep every tensor float32"
+            if t.numel() > most:
+                return (f"more than {most} elements (L = {L}, K = {K}): section 6.2's segment sums "
+                        "of every pair; split the chunk as buggy_intra_products does")
+            return None
+
+        with TensorRule("intra-chunk products in float32", rule):
             return fn(x, k, g)
 
     check("intra-chunk products in float32", in_float32, _intra_reference, cases, tol=2e-6,

@@ -540,14 +540,17 @@ print(f"cache: {len(cache)} tokens × ({layer.kv_lora_rank} + {layer.qk_rope_hea
 # softmax attention probabilities), and the loss is
 #
 # $$
-# \mathcal L^I = \frac{1}{T}\sum_t D_{\mathrm{KL}}\bigl(p_{t,:} \,\big\|\, \operatorname{softmax}(I_{t,:})\bigr) .
+# \mathcal L^I = \frac{1}{T}\sum_t D_{\mathrm{KL}}\bigl(p_{t,:} \,\big\|\, \operatorname{softmax}(I_{t,:})\bigr)
 # $$
+#
+# averaged over the $T$ queries (the report sums over them, which only rescales the learning rate). Two phases:
 #
 # - **Dense warm-up**: the main model frozen and attending densely, only the indexer trains (1,000 steps of
 #   16 sequences of 128K tokens in the report, learning rate $10^{-3}$).
 # - **Sparse training**: top-k selection switched on, everything trains; the indexer's loss is restricted to
 #   its selected set $S_t$ (both distributions renormalised there), and the indexer's inputs are detached, so
-#   the main model learns from the language-model loss alone (15,000 steps, k = 2,048; the engineering notes run this phase at reading size).
+#   the main model learns from the language-model loss alone (15,000 steps, k = 2,048; the engineering notes run
+#   this phase at reading size).
 #
 # `indexer_kl_loss` is that loss (with `indices`: the sparse-phase form); `attention_recall` measures what the
 # selection is for: the share of the dense attention's mass that falls on the selected tokens.
@@ -1180,7 +1183,7 @@ from minisparse.testing import attempt
 # 1088$ on each of the $k$ keys it keeps. Write the number of keys $c$ at which the two tokens cost the same, as a
 # float, or `math.inf` when DSA never gets cheaper. The checker
 # tries 128 and 16 heads, bf16 and FP8 indexers, and two other shapes (section 8.6's plot also counts the
-# selection's comparison a key, so its numbers differ from this count: by under one key with 128 heads, by 18 keys
+# selection's comparison a key, so its numbers differ from this count: by one key with 128 heads, by 18 keys
 # (0.05 %) with 16 heads and FP8).
 
 # %%
@@ -1252,7 +1255,8 @@ check_scores_by_chunks(scores_by_chunks_solution)
 # starting at `n0`, $s_n = \sum_j w_j \operatorname{ReLU}(\text{scale} \cdot q_j \cdot k_n)$, `[BN]`. Keys after the
 # query ($n > t$) and past the end ($n \ge T_K$) must score `-inf`, and the key load itself must be masked at
 # $n \ge T_K$: a read past the end of `k` is a bug even where its score is then overwritten, and no comparison of
-# outputs can see it. The `HI` query heads (padded to `BH`) and their weights are loaded for you; `k` is
+# outputs can see it (the checker watches the addresses your loads read when the kernel runs in Triton's
+# interpreter). The `HI` query heads (padded to `BH`) and their weights are loaded for you; `k` is
 # `[T_K, DI]` row-major. The checker launches your kernel (on the GPU if there is one, else in the interpreter) on
 # 1 to 5 heads, DI = 8 to 32, a tile that straddles the query and one that runs past $T_K$, and says which score
 # differs.
@@ -2470,7 +2474,7 @@ import triton
 import triton.language as tl
 
 from minisparse.dsa.naive import indexer_scores
-from minisparse.testing import ExerciseError, TensorRule, check
+from minisparse.testing import ExerciseError, TensorRule, check, loads_within
 
 
 def _break_even(H, HI, DI, k, fp8):
@@ -2575,8 +2579,13 @@ def check_index_score_tile(kernel):
             if n0 + j <= t and n0 + j < TK:
                 ref[j] = seen[n0 + j]
         got = torch.full((BN,), float("nan"), device=dev)  # anything the kernel leaves shows
-        kernel[(1,)](q.to(dev), k.to(dev), w.to(dev), got, t, n0, TK, scale, HI, DI,
-                     BH=triton.next_power_of_2(HI), BD=triton.next_power_of_2(DI), BN=BN)
+        q_in, k_in, w_in = q.to(dev), k.to(dev), w.to(dev)
+        with loads_within(f"index score tile: HI={HI}, DI={DI}, t={t}, n0={n0}",
+                          {"q": q_in, "k": k_in, "w": w_in},
+                          "mask the key load at n >= TK (and at d >= DI): a masked load reads "
+                          "nothing there"):
+            kernel[(1,)](q_in, k_in, w_in, got, t, n0, TK, scale, HI, DI,
+                         BH=triton.next_power_of_2(HI), BD=triton.next_power_of_2(DI), BN=BN)
         got = got.cpu()
         for j in range(BN):
             bad = not (bool(torch.isinf(ref[j])) and got[j] == ref[j]) and not (

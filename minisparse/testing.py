@@ -18,7 +18,7 @@ import torch
 __all__ = [
     "TOLERANCES", "rel_rms", "assert_close", "seeded", "make_bthd", "make_qkv", "make_log_gates",
     "ExerciseError", "check", "attempt", "TensorRule", "as_number", "number_answer", "with_constexprs",
-    "hf_torch_function", "hf_torch_path", "gradcheck_float64", "assert_float64_matches_float32",
+    "hf_torch_function", "hf_torch_path", "gradcheck_float64", "assert_float64_matches_float32", "loads_within",
 ]
 
 # Relative-RMS tolerances by dtype of the computation under test: (forward, gradients).
@@ -292,6 +292,53 @@ class TensorRule(torch.overrides.TorchFunctionMode):
                 raise ExerciseError(f"✗ {self.name}: {getattr(func, '__name__', func)} made a tensor of shape "
                                     f"{tuple(t.shape)}: {why}")
         return out
+
+
+@contextlib.contextmanager
+def loads_within(name: str, tensors: dict[str, torch.Tensor], hint: str) -> Iterator[None]:
+    """A context in which every element a Triton kernel loads (where its mask is true) must lie inside one of
+    `tensors` (name -> tensor, a view for part of a buffer), else `ExerciseError` (`✗ <name>: a load reads …`). For
+    a Triton exercise's checker: a read outside the tensors is a bug that no comparison of outputs sees, since the
+    kernel may overwrite what it read. Checked in Triton's interpreter only (it sees each load's addresses); on a
+    GPU the context does nothing."""
+    from minisparse import runtime
+
+    if not runtime.interpreting():
+        yield
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    spans = {n: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), t) for n, t in tensors.items()}
+    real = builder.create_masked_load
+
+    def checked_load(ptrs, mask, *rest):
+        read = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.int64)
+        inside = np.zeros(read.shape, dtype=bool)
+        for low, high, _ in spans.values():
+            inside |= (read >= low) & (read < high)
+        if not inside.all():
+            a = int(read[~inside][0])
+            near = min(spans, key=lambda n: max(spans[n][0] - a, a - spans[n][1] + 1))
+            low, _, t = spans[near]
+            raise ExerciseError(f"✗ {name}: a load reads {int((~inside).sum())} elements outside "
+                                f"{', '.join(spans)}, e.g. element {(a - low) // t.element_size()} of {near}, "
+                                f"which has {t.numel()}\nHint: {hint}")
+        return real(ptrs, mask, *rest)
+
+    before = vars(builder).get("create_masked_load")  # a patch of the instance's, if any (else the class's)
+    builder.create_masked_load = checked_load  # create_load calls it too, with an all-true mask
+    try:
+        yield
+    except Exception as err:  # the interpreter wraps what a load raises in an InterpreterError
+        if isinstance(err.__cause__, ExerciseError):
+            raise err.__cause__ from None
+        raise
+    finally:
+        if before is None:
+            del builder.create_masked_load
+        else:
+            builder.create_masked_load = before
 
 
 def attempt(checker: Callable, *args, **kwargs) -> None:

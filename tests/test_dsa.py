@@ -684,11 +684,22 @@ def _score_tile_kernels():
         s = tl.where(n <= t, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))  # keys past TK: 0
         tl.store(s_ptr + tl.arange(0, BN), s)
 
-    return right, no_relu, strict_mask, no_key_end
+    @triton.jit
+    def unmasked_load(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
+                      BN: tl.constexpr):
+        q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
+        n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
+        real = (n <= t) & (n < TK)
+        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=d[None, :] < DI, other=0.0)  # rows past TK read
+        dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        s = tl.where(real, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))
+        tl.store(s_ptr + tl.arange(0, BN), s)
+
+    return right, no_relu, strict_mask, no_key_end, unmasked_load
 
 
 def test_index_score_tile_checker():
-    right, no_relu, strict_mask, no_key_end = _score_tile_kernels()
+    right, no_relu, strict_mask, no_key_end, unmasked_load = _score_tile_kernels()
     D.check_index_score_tile(right)
     with pytest.raises(ExerciseError, match="ReLU"):
         D.check_index_score_tile(no_relu)
@@ -696,6 +707,10 @@ def test_index_score_tile_checker():
         D.check_index_score_tile(strict_mask)
     with pytest.raises(ExerciseError, match="past TK must be -inf"):
         D.check_index_score_tile(no_key_end)
+    if runtime.interpreting():  # right scores from reads past k's end: only the interpreter sees the addresses
+        with pytest.raises(ExerciseError, match=r"HI=4, DI=16, t=37, n0=32: a load reads 128 elements outside "
+                                                r"q, k, w, e\.g\. element 640 of k, which has 640\nHint: mask"):
+            D.check_index_score_tile(unmasked_load)
 
 
 def test_index_score_tile_checker_launches_on_the_triton_device():

@@ -748,7 +748,7 @@ def test_crossover_checker_names_the_config_fields_when_the_answer_reads_another
         check_crossover(lambda c: c.hidden_size * 1.0)
 
 
-def test_intra_products_checker_rejects_the_bug_float64_and_a_missing_diagonal(capsys):
+def test_intra_products_checker_rejects_the_bug_float64_a_missing_diagonal_and_unsplit_sums(capsys):
     from minisparse.kda.exercises import _intra_reference, buggy_intra_products, check_intra_products
     from minisparse.testing import ExerciseError
 
@@ -768,6 +768,16 @@ def test_intra_products_checker_rejects_the_bug_float64_and_a_missing_diagonal(c
         check_intra_products(_intra_reference)
     with pytest.raises(ExerciseError):
         check_intra_products(lambda x, k, g: range_sums(x, k, g).tril(-1))
+
+    def segment_sums32(x, k, g):  # section 6.2's [L, L, K] form, right in float32 but not split
+        L = x.shape[0]
+        after = ~torch.ones(L, L, dtype=torch.bool).tril().T
+        D = torch.where(after[:, :, None], g[:, None, :], 0.0).cumsum(0)
+        decay = torch.where(torch.ones(L, L, dtype=torch.bool).tril()[:, :, None], D, -torch.inf).exp()
+        return torch.einsum("ic,jc,ijc->ij", x, k, decay)
+
+    with pytest.raises(ExerciseError, match=r"shape \(32, 32, 16\): more than 8192 elements"):
+        check_intra_products(segment_sums32)
 
 
 def test_fact_prediction_checker_rejects_off_by_one_and_retention():

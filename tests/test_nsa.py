@@ -851,9 +851,10 @@ import triton.language as tl  # noqa: E402
 
 @triton.jit
 def _scores(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D, BS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-            CAUSAL: tl.constexpr, COLUMN_MASK: tl.constexpr):
-    """The exercise's tile, right with both flags; without CAUSAL keys after the query are kept, without
-    COLUMN_MASK the padded head dims are read from the next key's row."""
+            CAUSAL: tl.constexpr, COLUMN_MASK: tl.constexpr, GATHER_MASK: tl.constexpr = True):
+    """The exercise's tile, right with all flags; without CAUSAL keys after the query are kept, without
+    COLUMN_MASK the padded head dims are read from the next key's row, without GATHER_MASK every key of the block
+    is read (a padding block's and those past T too) and only the scores are masked."""
     q = X.load_group_queries(q_ptr, G, D, BG, BD)
     rows, j, cols = tl.arange(0, BG), tl.arange(0, BS), tl.arange(0, BD)
     pos = idx * BS + j
@@ -861,6 +862,8 @@ def _scores(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D, BS: tl.constexpr, BG: t
     if CAUSAL:
         real = real & (pos <= t)
     mask = real[:, None] & (cols[None, :] < D) if COLUMN_MASK else real[:, None]
+    if not GATHER_MASK:
+        mask = cols[None, :] < D
     k = tl.load(k_ptr + pos[:, None] * D + cols[None, :], mask=mask, other=0.0)
     s = tl.where(real[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
     tl.store(s_ptr + rows[:, None] * BS + j[None, :], s, mask=rows[:, None] < G)
@@ -879,10 +882,27 @@ def _scores_nan(q_ptr, k_ptr, s_ptr, idx, t, T, scale, G, D,
 def test_block_scores_checker_rejects_wrong_kernels_and_accepts_the_right_one():
     with pytest.raises(ExerciseError, match="position"):
         X.check_block_scores_kernel(with_constexprs(_scores, CAUSAL=False, COLUMN_MASK=True))
-    for wrong in (with_constexprs(_scores, CAUSAL=True, COLUMN_MASK=False), _scores_nan):
-        with pytest.raises(ExerciseError, match="NaN"):
-            X.check_block_scores_kernel(wrong)
+    # the padded head dims of the last key read past T: NaN on a GPU, an address outside k in the interpreter
+    with pytest.raises(ExerciseError, match="is NaN" if not runtime.interpreting() else
+                       r"block scores \(G=1, D=24, t=44, block 2\): a load reads 8 elements outside q, k, "
+                       r"e\.g\. element 1080 of k, which has 1080"):
+        X.check_block_scores_kernel(with_constexprs(_scores, CAUSAL=True, COLUMN_MASK=False))
+    with pytest.raises(ExerciseError, match="NaN"):
+        X.check_block_scores_kernel(_scores_nan)
     X.check_block_scores_kernel(with_constexprs(_scores, CAUSAL=True, COLUMN_MASK=True))
+
+
+def test_block_scores_checker_sees_an_unmasked_gather_in_the_interpreter():
+    """Keys read but their scores overwritten: the outputs are right, the reads are not (past T, and a padding
+    block's before k). Only the interpreter sees the addresses; afterwards its loads are unchecked again."""
+    if not runtime.interpreting():
+        pytest.skip("the addresses a kernel loads are seen in Triton's interpreter only")
+    from triton.runtime.interpreter import interpreter_builder
+
+    with pytest.raises(ExerciseError, match=r"block 2\): a load reads 72 elements outside q, k, e\.g\. element 1080 "
+                                            r"of k, which has 1080\nHint: mask the gather"):
+        X.check_block_scores_kernel(with_constexprs(_scores, CAUSAL=True, COLUMN_MASK=True, GATHER_MASK=False))
+    assert "create_masked_load" not in vars(interpreter_builder)
 
 
 def test_parallel_nsa_gradients_match_nsa_including_learned_summaries():

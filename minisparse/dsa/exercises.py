@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from minisparse.dsa.naive import indexer_scores
-from minisparse.testing import ExerciseError, TensorRule, check
+from minisparse.testing import ExerciseError, TensorRule, check, loads_within
 
 
 def _break_even(H, HI, DI, k, fp8):
@@ -109,8 +109,13 @@ def check_index_score_tile(kernel):
             if n0 + j <= t and n0 + j < TK:
                 ref[j] = seen[n0 + j]
         got = torch.full((BN,), float("nan"), device=dev)  # anything the kernel leaves shows
-        kernel[(1,)](q.to(dev), k.to(dev), w.to(dev), got, t, n0, TK, scale, HI, DI,
-                     BH=triton.next_power_of_2(HI), BD=triton.next_power_of_2(DI), BN=BN)
+        q_in, k_in, w_in = q.to(dev), k.to(dev), w.to(dev)
+        with loads_within(f"index score tile: HI={HI}, DI={DI}, t={t}, n0={n0}",
+                          {"q": q_in, "k": k_in, "w": w_in},
+                          "mask the key load at n >= TK (and at d >= DI): a masked load reads "
+                          "nothing there"):
+            kernel[(1,)](q_in, k_in, w_in, got, t, n0, TK, scale, HI, DI,
+                         BH=triton.next_power_of_2(HI), BD=triton.next_power_of_2(DI), BN=BN)
         got = got.cpu()
         for j in range(BN):
             bad = not (bool(torch.isinf(ref[j])) and got[j] == ref[j]) and not (

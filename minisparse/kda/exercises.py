@@ -71,8 +71,9 @@ def _intra_reference(x, k, g):
 
 
 def check_intra_products(fn):
-    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only, against the
-    exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
+    """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only and without a
+    tensor of more than max(L, 16) · 16 · K elements (section 6.2's [L, L, K] segment sums), against
+    the exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
     two of them after a gate of −1000 or −10⁴ (where buggy_intra_products loses digits)."""
     gen = torch.Generator().manual_seed(61)
     cases = []
@@ -86,9 +87,18 @@ def check_intra_products(fn):
         cases.append((x, k, g))
 
     def in_float32(x, k, g):
-        with TensorRule("intra-chunk products in float32", lambda t: (
-                "float64; a kernel has no float64 to spare: keep every tensor float32"
-                if t.dtype == torch.float64 else None)):
+        L, K = x.shape
+        most = max(L, 16) * 16 * K  # a band of rows against one sub-chunk of 16 keys
+
+        def rule(t):
+            if t.dtype == torch.float64:
+                return "float64; a kernel has no float64 to spare: keep every tensor float32"
+            if t.numel() > most:
+                return (f"more than {most} elements (L = {L}, K = {K}): section 6.2's segment sums "
+                        "of every pair; split the chunk as buggy_intra_products does")
+            return None
+
+        with TensorRule("intra-chunk products in float32", rule):
             return fn(x, k, g)
 
     check("intra-chunk products in float32", in_float32, _intra_reference, cases, tol=2e-6,

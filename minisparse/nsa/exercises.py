@@ -5,7 +5,7 @@ import triton.language as tl
 
 from minisparse.nsa.cost import keys_read
 from minisparse.nsa.naive import mean_pool, select_blocks
-from minisparse.testing import ExerciseError, check
+from minisparse.testing import ExerciseError, check, loads_within
 
 
 def check_unshared_reads(fn):
@@ -63,8 +63,13 @@ def check_block_scores_kernel(kernel):
         q, k = torch.randn(G, D, generator=g), torch.randn(T, D, generator=g)
         want = _scores_reference(q, k, idx, t, BS, D ** -0.5)
         out = torch.full((G, BS), 7.0, device=dev)  # anything the kernel leaves shows
-        k_buf = torch.cat([k, torch.full((BS, D), float("nan"))])  # a read past T gives NaN
-        kernel[(1,)](q.to(dev), k_buf.to(dev), out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
+        # on a GPU a read past T gives NaN; in the interpreter, any read outside q and k raises
+        q_in, k_buf = q.to(dev), torch.cat([k, torch.full((BS, D), float("nan"))]).to(dev)
+        with loads_within(f"block scores (G={G}, D={D}, t={t}, block {idx})",
+                          {"q": q_in, "k": k_buf[:T]},
+                          "mask the gather where the key is not real (a padding block, or past "
+                          "T) and at the head dims past D: a masked load reads nothing there"):
+            kernel[(1,)](q_in, k_buf, out, idx, t, T, D ** -0.5, G, D, BS, BG, BD)
         out = out.cpu()
         if out.isnan().any():
             r, c = (int(i) for i in out.isnan().nonzero()[0])
