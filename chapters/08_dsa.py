@@ -1813,6 +1813,8 @@ def _sparse_attention(q, k, v, indices, scale=None, num_splits=None, op="sparse_
     else:
         v = v.contiguous()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) if t is not None)
+    if indices.shape[2] == 0:  # no slot: one padding slot, so every query gets 0 as in the naive op
+        indices = indices.new_full((*indices.shape[:2], 1), -1)
     q, k, idx = q.contiguous(), k.contiguous(), indices.contiguous()
     if not grad:  # nothing to differentiate (decoding): no autograd node, less host time a call
         return _sparse_forward(q, k, v, idx, scale, DV, num_splits)[0]
@@ -1829,7 +1831,10 @@ def _value_in_key(k, v):
         return False
     if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
         return True
-    return v._base is not None and v._base is (k if k._base is None else k._base)
+    # a view of k made under no_grad has no grad_fn: autograd does not see it as k, so neither may
+    # the kernel (its share of the gradient must not reach k's)
+    return (v.grad_fn is not None and v._base is not None
+            and v._base is (k if k._base is None else k._base))
 
 
 class SparseAttentionFunction(torch.autograd.Function):

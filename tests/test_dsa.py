@@ -819,22 +819,40 @@ def test_latent_form_matches_reference(poisoned, dtype, B, TQ, TK, HQ, topk, num
 
 def test_a_value_view_of_the_key_is_read_from_the_key_tile(monkeypatch):
     """v = k[..., :64] runs the kernel's value-from-key mode; a copy, a view wider than the key's power-of-two head,
-    or a detached view (whose gradient must not reach k) runs the gathered-value mode — all with the same results."""
+    or a detached view or one made under no_grad (whose gradient must not reach k) runs the gathered-value mode —
+    all with the same results."""
     seen = []
     real = DT._sparse_forward  # (q, k, v, ...): v None = read from the key tile; with or without autograd
     monkeypatch.setattr(DT, "_sparse_forward", lambda *a: seen.append(a[2] is None) or real(*a))
     q, k = make(1, 9, 4, 72, 30), make(1, 9, 1, 72, 31).requires_grad_()
     idx = random_indices(1, 9, 9, 5, seed=32)
-    for v in (k[..., :64], k[..., :64].detach().clone(), k[..., :70], k.detach()[..., :64]):
+    with torch.no_grad():
+        quiet = k[..., :64]  # a view of k made without autograd: no gradient of its own
+    for v in (k[..., :64], k[..., :64].detach().clone(), k[..., :70], k.detach()[..., :64], quiet):
         o = DT.sparse_attention_triton(q, k, v, idx, 0.2)
         ref = masked_softmax_attention(q, k, v, idx, 0.2)
         assert_close("o", ref, o, 1e-5)
         do = torch.randn(o.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
         assert_close("dk", torch.autograd.grad(ref, k, do)[0], torch.autograd.grad(o, k, do)[0], 1e-5)
-    assert seen == [True, False, False, False]
+    assert seen == [True, False, False, False, False]
     with torch.no_grad():  # no gradient wanted: a detached view is read from the key too
         DT.sparse_attention_triton(q, k.detach(), k.detach()[..., :64], idx, 0.2)
     assert seen[-1] is True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_slot_gives_zero_as_the_naive_op(dtype):
+    """indices [B, TQ, 0] (topk 0: no key for any query): o = 0 and zero gradients, as sparse_attention's naive
+    path gives, in both forms (gathered values, and the value read from the key)."""
+    q, k, v = (make(1, 5, h, d, seed).to(dtype).requires_grad_() for h, d, seed in ((4, 32, 40), (2, 32, 41),
+                                                                                    (2, 16, 42)))
+    idx = torch.empty(1, 5, 0, dtype=torch.long, device=DEV)
+    for value in (v, k[..., :16]):
+        o = D.sparse_attention(q, k, value, idx, backend="triton")
+        assert o.shape == (1, 5, 4, 16) and not o.any()
+        assert torch.equal(o, D.sparse_attention(q, k, value, idx, backend="naive"))
+        grads = torch.autograd.grad(o.float().sum(), (q, k, v) if value is v else (q, k))
+        assert all(not g.any() for g in grads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

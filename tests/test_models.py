@@ -360,6 +360,12 @@ def test_mqar_batch_rejects_a_bad_num_pairs(num_pairs, match):
         TR.mqar_batch(2, num_pairs, vocab=64)
 
 
+@pytest.mark.parametrize("batch", [-1, 0, 2.0])
+def test_mqar_batch_rejects_a_bad_batch(batch):
+    with pytest.raises(ValueError, match="mqar_batch: batch must be an int > 0"):  # -1: a negative dimension
+        TR.mqar_batch(batch, 4, vocab=64)
+
+
 @pytest.mark.parametrize("num_queries", [-1, 0, 1.5, True])
 def test_mqar_batch_rejects_a_bad_num_queries(num_queries):
     with pytest.raises(ValueError, match="mqar_batch: num_queries .* must be an int > 0"):  # -1: a negative dimension
@@ -393,6 +399,10 @@ def test_mqar_answers_distances_and_recall():
     right, distance = TR.mqar_answers(_RecallWithin(9, 5), 5, vocab=64, batch=6)
     assert torch.equal(right, distance <= 9) and 0 < right.sum() < 30
     assert TR.recall_accuracy(_RecallWithin(9, 5), 5, vocab=64, batch=6) == right.float().mean().item()
+    for mode in (True, False):  # the model leaves in the mode it came in (eval: a DSA model decodes only so)
+        model = _RecallWithin(9, 5).train(mode)
+        TR.recall_accuracy(model, 5, vocab=64, batch=2)
+        assert model.training is mode
 
 
 def test_stdlib_corpus_and_batches():

@@ -183,9 +183,11 @@ def _check_cache_fits(op, x, batch, length, max_len):
                          "new_caches(batch, max_len))")
 
 
-def _check_mqar_args(num_pairs, num_queries, half):
-    """mqar_batch's num_pairs, an int in [1, vocab/2] (the keys are distinct tokens of the lower
-    half), and num_queries, an int > 0 or None (N). Returns the number of queries."""
+def _check_mqar_args(batch, num_pairs, num_queries, half):
+    """mqar_batch's batch, an int > 0, num_pairs, an int in [1, vocab/2] (the keys are distinct
+    tokens of the lower half), and num_queries, an int > 0 or None (N). Returns the number of
+    queries."""
+    _checks.positive_int("mqar_batch", "batch", batch)
     if _checks.positive_int("mqar_batch", "num_pairs", num_pairs) > half:
         raise ValueError(f"mqar_batch: num_pairs must be in [1, vocab/2 = {half}], got "
                          f"{num_pairs}")

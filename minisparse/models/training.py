@@ -23,7 +23,7 @@ def mqar_batch(batch, num_pairs, num_queries=None, *, vocab=256, generator=None)
     targets [B, T]) int64 with T = 2 (N + num_queries); num_queries defaults to N.
     """
     half = vocab // 2
-    Q = _check_mqar_args(num_pairs, num_queries, half)  # num_queries, or N when None
+    Q = _check_mqar_args(batch, num_pairs, num_queries, half)  # num_queries, or N when None
     keys = torch.rand(batch, half, generator=generator).argsort(-1)[:, :num_pairs]  # distinct
     values = torch.randint(half, vocab, (batch, num_pairs), generator=generator)
     ask = torch.randint(0, num_pairs, (batch, Q), generator=generator)  # which pair each query
@@ -79,6 +79,7 @@ def mqar_answers(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0, p
     """Every MQAR query's outcome with num_pairs pairs in context, tokens from [0, vocab) (default:
     the model's vocabulary): (right [n] bool — argmax is the answer, distance [n] int64 — tokens
     from the queried key to its query)."""
+    was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
     right, distance = [], []
@@ -86,14 +87,15 @@ def mqar_answers(model, num_pairs, *, vocab=None, batch=64, batches=1, seed=0, p
     for _ in tqdm(range(batches), desc=f"recall N={num_pairs}", disable=not progress, leave=False):
         ids, targets = mqar_batch(batch, num_pairs, vocab=vocab or model.config.vocab_size,
                                   generator=g)
-        pred = model(ids.to(dev)).argmax(-1).cpu()
+        with torch.no_grad():
+            pred = model(ids.to(dev)).argmax(-1).cpu()
         asked = targets != IGNORE
         right.append(pred[asked] == targets[asked])
         keys, queries = ids[:, :2 * num_pairs:2], ids[:, 2 * num_pairs::2]  # keys are distinct
         pair = (queries[:, :, None] == keys[:, None, :]).int().argmax(-1)  # [B, Q]: which pair
         position = torch.arange(2 * num_pairs, ids.shape[1], 2)  # each query's position
         distance.append((position - 2 * pair).flatten())
-    model.train()
+    model.train(was_training)  # the mode it came in
     return torch.cat(right), torch.cat(distance)
 
 
