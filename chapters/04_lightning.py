@@ -805,7 +805,8 @@ class LightningAttention(nn.Module):
     def _attend(self, q, k, v, state, want_state):
         """The recurrence with the layer's own slopes, scale 1 (private ops: no value check)."""
         slope = self.slope_rate.to(torch.promote_types(q.dtype, torch.float32))  # fp32 or fp64
-        if _checks.choose_backend(self.backend, q) == "naive":
+        fits = max(q.shape[-1], v.shape[-1]) <= 128  # the kernels' K, V; "auto" is naive past them
+        if _checks.choose_backend(self.backend, q, fits=fits) == "naive":
             return _naive_chunk(q, k, v, slope, 1.0, state, want_state, self.block_size,
                                 check_values=False)
         if state is not None and q.shape[1] <= 16 and not torch.is_grad_enabled():

@@ -999,7 +999,8 @@ class GatedDeltaNet(nn.Module):
         """The gated delta rule on the layer's own q, k, v, g, β (no value checks)."""
         # scale K^-0.5, q and k normalised inside
         args = (q, k, v, g, beta, None, rec_state, want_state, True)
-        if _checks.choose_backend(self.backend, q) == "naive":
+        fits = max(q.shape[-1], v.shape[-1]) <= 128  # the chunk kernels' K, V; past them: naive
+        if _checks.choose_backend(self.backend, q, fits=fits) == "naive":
             # one decoding step: the recurrence is the cheaper form
             if rec_state is not None and q.shape[1] == 1:
                 return _naive_recurrent(*args, check_values=False)

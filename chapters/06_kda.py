@@ -1021,7 +1021,8 @@ class KimiDeltaAttention(nn.Module):
         """KDA on the layer's own q, k, v, g, β: no value checks."""
         # scale K^-0.5, q and k normalised inside
         args = (q, k, v, g, beta, None, rec_state, want_state, True)
-        if _checks.choose_backend(self.backend, q) == "triton":
+        fits = max(q.shape[-1], v.shape[-1]) <= 128  # the chunk kernels' K, V; past them: naive
+        if _checks.choose_backend(self.backend, q, fits=fits) == "triton":
             from minisparse.kda.chunk import _chunk
             from minisparse.kda.fused_recurrent import _fused_recurrent
 

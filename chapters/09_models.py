@@ -1776,6 +1776,9 @@ def config_from_hf(hf, backend="auto"):
         c["rope_theta"] = float(theta)
     if mt in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "kimi_linear"):  # MLA + DeepSeek MoE
         kimi = mt == "kimi_linear"
+        # MLA has no key-value heads: transformers' num_key_value_heads is unused there (and may not
+        # divide a changed num_attention_heads)
+        c["num_kv_heads"] = hf.num_attention_heads
         c.update(q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank,
                  qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
                  v_head_dim=hf.v_head_dim, router="deepseek",

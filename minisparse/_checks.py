@@ -287,13 +287,15 @@ def backend(op: str, value) -> str:
     return value
 
 
-def choose_backend(value: str, x: torch.Tensor) -> str:
+def choose_backend(value: str, x: torch.Tensor, *, fits: bool = True) -> str:
     """Resolve "auto": the Triton kernels for the dtypes they take (`KERNEL_FLOATS`) on CUDA tensors, or on CPU
     tensors under the interpreter (fp32/fp16 only: its bf16 products are wrong); the naive PyTorch path otherwise
-    (fp64, the oracle's and gradcheck's dtype, always runs naive)."""
+    (fp64, the oracle's and gradcheck's dtype, always runs naive). `fits`: whether the call's shapes are within the
+    kernels' limits (a layer's head dims); False sends "auto" to the naive path, which has no limit. An explicit
+    "triton" stays "triton" (its op then says which limit is passed)."""
     if value != "auto":
         return value
-    usable = x.dtype in KERNEL_FLOATS and (
+    usable = fits and x.dtype in KERNEL_FLOATS and (
         x.is_cuda or (runtime.interpreting() and x.device.type == "cpu" and x.dtype != torch.bfloat16))
     return "triton" if usable and _has_triton() else "naive"
 

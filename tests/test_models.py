@@ -14,6 +14,7 @@ import minisparse  # noqa: F401  before anything that imports triton
 import triton
 import triton.language as tl
 from minisparse import models as M
+from minisparse import runtime
 from minisparse.models import exercises as X
 from minisparse.models import training as TR
 from minisparse.testing import ExerciseError, assert_close
@@ -277,9 +278,23 @@ def test_config_from_hf_takes_the_rope_base():
 
 
 @HF
+@pytest.mark.parametrize("family", ["DeepseekV3Config", "DeepseekV32Config", "GlmMoeDsaConfig", "KimiLinearConfig"])
+def test_config_from_hf_of_an_mla_family_with_fewer_heads(family):
+    """MLA has no key-value heads: transformers' num_key_value_heads (left at its default, 128 or 32) is ignored, so
+    a config with 16 attention heads is read, and counts as transformers' model of it does."""
+    cfg = getattr(transformers, family)(num_attention_heads=16, num_hidden_layers=4)
+    ours = M.config_from_hf(cfg)
+    assert ours.num_heads == ours.num_kv_heads == 16
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    assert M.param_counts(cfg)["total"] == theirs
+    assert M.kv_cache_bytes_per_token(cfg) == M.kv_cache_bytes_per_token(ours)
+
+
+@HF
 def test_config_from_hf_of_a_model_asks_for_its_config():
-    """A model (not its config) was 'model_type MixtralForCausalLM is not supported'; now a TypeError saying what to
-    pass, from config_from_hf and from the helpers that accept a transformers config."""
+    """A model (not its config) is a TypeError saying what to pass, from config_from_hf and from the helpers that
+    accept a transformers config."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(transformers.MixtralConfig(num_hidden_layers=1))
     with pytest.raises(TypeError, match=r"config_from_hf: hf must be a transformers config of a supported family "
@@ -775,3 +790,38 @@ def test_every_preset_runs_in_float64_on_the_naive_path(preset):
         double = model.double()(ids)
     assert single.dtype == torch.float32 and double.dtype == torch.float64
     assert_close(f"{preset}: fp64 logits against fp32", double, single.double(), 1e-4)
+
+
+# ------------------------------------------------------------------------------------ "auto" past the kernels
+def _wide_layers():
+    """Each mixer with head dims past its Triton kernels' (256 for attention, MLA and NSA, 128 for the chunk
+    kernels of lightning, Gated DeltaNet and KDA)."""
+    from minisparse.attention import Attention
+    from minisparse.deltanet import GatedDeltaNet
+    from minisparse.kda import KimiDeltaAttention
+    from minisparse.lightning import LightningAttention
+    from minisparse.mla import MLA
+    from minisparse.nsa import NativeSparseAttention
+
+    return {"F": lambda: Attention(32, 2, 1, head_dim=264), "M": lambda: MLA(32, 2, kv_lora_rank=16,
+                                                                             qk_nope_head_dim=200),
+            "L": lambda: LightningAttention(32, 1, 136, 0, 2), "G": lambda: GatedDeltaNet(32, 1, 1, 136, 136),
+            "K": lambda: KimiDeltaAttention(32, 1, 136),
+            "N": lambda: NativeSparseAttention(32, 2, 1, 264, block_size=16, block_counts=3, window_size=4)}
+
+
+@pytest.mark.parametrize("letter", list("FMLGKN"))
+def test_auto_takes_the_naive_path_past_the_kernels_head_dims(letter):
+    """backend="auto" (the default) runs a layer whose head dims no kernel takes on the PyTorch path, as "naive"
+    does, instead of raising the kernel's limit; an explicit "triton" still raises it."""
+    torch.manual_seed(0)
+    layer, x = _wide_layers()[letter](), torch.randn(1, 5, 32)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    with torch.no_grad():
+        auto = first(layer(x))
+        layer.backend = "naive"
+        assert torch.equal(auto, first(layer(x)))
+        if letter != "N" and runtime.interpreting():  # NSA refuses backend="triton" at construction
+            layer.backend = "triton"
+            with pytest.raises(ValueError, match="must be <= (128|256)"):
+                layer(x)

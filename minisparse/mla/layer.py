@@ -86,9 +86,8 @@ class MLA(nn.Module):
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))  # [B, T, hidden]
 
     def _attend_expanded(self, q, k, v):
-        backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q)
-        if self.backend == "auto" and max(q.shape[-1], v.shape[-1]) > 256:
-            backend = "naive"  # head dims past the kernel's
+        fits = max(q.shape[-1], v.shape[-1]) <= 256  # the kernel's head dims; "auto" is naive past them
+        backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q, fits=fits)
         if backend == "triton":  # lazy: the layer imports without kernels
             from minisparse.attention.triton import flash_attention
             return flash_attention(q, k, v, causal=True, scale=self.scaling)

@@ -66,7 +66,7 @@ class NativeSparseAttention(nn.Module):
         # [B, T, H, D]
         k = apply_rope(self.k_proj(x).view(B, T, self.H, self.D), pos, self.rope_theta)
         v = self.v_proj(x).view(B, T, self.H, self.D)  # [B, T, H, D]
-        fast = _checks.choose_backend(self.backend, x) == "triton" and self.kernels_fit
+        fast = _checks.choose_backend(self.backend, x, fits=self.kernels_fit) == "triton"
         if self.kind == "moba":
             from minisparse.nsa.triton import parallel_moba
             o, idx = (parallel_moba if fast else moba)(q, k, v, self.block_size, self.moba_topk,
