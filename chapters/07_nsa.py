@@ -267,8 +267,8 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
     (decoding: q holds the last tokens only).
     """
-    op = "compressed_attention"
-    check_summaries(op, q, k_cmp)
+    op = "compressed_scores"
+    check_summaries(op, q, k_cmp, offset=offset)
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     scale = _checks.scale(op, scale, D)
@@ -293,7 +293,7 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
     """
     op = "compressed_attention"
     _checks.tensor(op, "v_cmp", v_cmp, "[B, N, H, Dv]")
-    check_summaries(op, q, k_cmp, v_cmp)
+    check_summaries(op, q, k_cmp, v_cmp, offset=offset)
     p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
     # [B, N, HQ, Dv]
     v_rep = v_cmp.to(p.dtype).repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)
@@ -943,6 +943,11 @@ class NativeSparseAttention(nn.Module):
         op = "NativeSparseAttention"
         _checks.one_of(op, "kind", kind, ("nsa", "moba"))
         _checks.one_of(op, "compress", compress, ("mlp", "mean"))
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            _checks.positive_int(op, name, value)
+        if head_dim % 2:
+            raise ValueError(f"{op}: head_dim must be even (RoPE turns pairs of dims), got {head_dim}")
         _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
         check_block_size(op, block_size)
         _checks.positive_int(op, "window_size", window_size, zero=True)
@@ -1440,6 +1445,7 @@ def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whol
                          f"{'' if H is None else ' and the keys’ H'} = {want}, got "
                          f"{tuple(k_cmp.shape)}")
     _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
+    _checks.positive_int(op, "offset (the first query's position)", offset, zero=True)
     if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
                               or DV is not None and v_cmp.shape[3] != DV):
         raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "

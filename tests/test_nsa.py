@@ -232,6 +232,28 @@ SELECTION_BAD_INPUT = [
 ]
 
 
+@pytest.mark.parametrize("op", ["select_blocks", "compressed_scores", "compressed_attention"])
+def test_a_negative_offset_is_refused(op):
+    """offset is the first query's position: -1 would put query 0 before the sequence (it was taken, and -7 was
+    refused as a count of keys)."""
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 2, 1, 16)
+    args = {"select_blocks": (q, k, 3, 16), "compressed_scores": (q, k, 16),
+            "compressed_attention": (q, k, k, 16)}[op]
+    with pytest.raises(ValueError, match=rf"{op}: offset \(the first query's position\) must be an int >= 0, "
+                                         "got -1"):
+        getattr(N, op)(*args, offset=-1)
+    getattr(N, op)(*args, offset=16)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((32, 0, 1, 16), "num_heads must be an int > 0, got 0"), ((32, 2, 1, 0), "head_dim must be an int > 0, got 0"),
+    ((32, 2, 1, 16.0), "head_dim must be an int > 0, got 16.0"), ((-1, 2, 1, 16), "hidden_size must be an int > 0"),
+    ((32, 2, 1, 15), "head_dim must be even"), ((32, 3, 2, 16), "num_kv_heads = 2 must divide")])
+def test_the_layer_refuses_bad_sizes(args, message):
+    with pytest.raises(ValueError, match=f"NativeSparseAttention: {message}"):
+        N.NativeSparseAttention(*args, block_size=16, block_counts=3, window_size=4)
+
+
 def selection_ops():
     return {"naive": N.selected_attention, "triton": N.parallel_selected_attention}
 

@@ -85,6 +85,7 @@ def check_summaries(op, q, k_cmp, v_cmp=None, *, block_size=None, offset=0, whol
                          f"{'' if H is None else ' and the keys’ H'} = {want}, got "
                          f"{tuple(k_cmp.shape)}")
     _checks.divides(op, "H (k_cmp's heads)", Hk, "HQ (q's heads)", HQ)
+    _checks.positive_int(op, "offset (the first query's position)", offset, zero=True)
     if v_cmp is not None and (v_cmp.shape[:3] != k_cmp.shape[:3]
                               or DV is not None and v_cmp.shape[3] != DV):
         raise ValueError(f"{op}: v_cmp must be [B, N, H, DV] with k_cmp's B, N, H = "

@@ -81,8 +81,8 @@ def compressed_scores(q, k_cmp, block_size, scale=None, stride=None, offset=0):
     q [B, T, HQ, D], k_cmp [B, N, H, D] (H divides HQ); query i sits at position t = i + offset
     (decoding: q holds the last tokens only).
     """
-    op = "compressed_attention"
-    check_summaries(op, q, k_cmp)
+    op = "compressed_scores"
+    check_summaries(op, q, k_cmp, offset=offset)
     B, T, HQ, D = q.shape
     N, H = k_cmp.shape[1], k_cmp.shape[2]
     scale = _checks.scale(op, scale, D)
@@ -107,7 +107,7 @@ def compressed_attention(q, k_cmp, v_cmp, block_size, scale=None, stride=None, o
     """
     op = "compressed_attention"
     _checks.tensor(op, "v_cmp", v_cmp, "[B, N, H, Dv]")
-    check_summaries(op, q, k_cmp, v_cmp)
+    check_summaries(op, q, k_cmp, v_cmp, offset=offset)
     p = compressed_scores(q, k_cmp, block_size, scale, stride, offset)  # [B, T, HQ, N]
     # [B, N, HQ, Dv]
     v_rep = v_cmp.to(p.dtype).repeat_interleave(q.shape[2] // k_cmp.shape[2], dim=2)
