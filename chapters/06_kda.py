@@ -551,6 +551,7 @@ explorer = viz.explorer(draw_two_scales, fact_rate=[0.0, 0.001, 0.01, 0.1],
 
 # %%
 #| export kda.cost
+from minisparse import _checks
 from minisparse.attention.cost import attention_flops
 from minisparse.deltanet.cost import gdn_flops, gdn_state_bytes
 from minisparse.mla.cost import kv_values_per_token, mla_decode_flops
@@ -559,6 +560,7 @@ from minisparse.mla.cost import kv_values_per_token, mla_decode_flops
 def kda_flops(T, d_k, d_v, heads=1, chunk=64):
     """Forward FLOPs of KDA by chunks over T tokens, all heads: Gated DeltaNet's (chapter 5) plus
     the per-channel decay's elementwise scalings of q, k and the state update (4·T·d_k a head)."""
+    _checks.lengths("kda_flops", "T", T)
     return gdn_flops(T, d_k, d_v, heads, chunk=chunk) + heads * 4 * T * d_k
 
 

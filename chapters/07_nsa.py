@@ -645,6 +645,8 @@ explorer = viz.explorer(draw_union, block_size=[16, 8, 32], block_counts=(3, 12,
 #| export nsa.cost
 import numpy as np
 
+from minisparse import _checks
+
 # NSA's §4.1 settings
 PAPER = dict(cmp_block=32, stride=16, block_size=64, block_counts=16, window_size=512)
 
@@ -658,7 +660,7 @@ def keys_read(context, *, block_size=64, block_counts=16, window_size=512, cmp_b
     tokens (capped at c); swa: the last w tokens. l = cmp_block, d = stride (both default to l' =
     block_size).
     """
-    c = np.asarray(context, dtype=np.int64)
+    c = np.asarray(_checks.lengths("keys_read", "context", context), dtype=np.int64)
     l = cmp_block or block_size
     d = stride or l
     cmp = np.where(c >= l, (c - l) // d + 1, 0)
@@ -678,6 +680,7 @@ def nsa_cost(T, mode="prefill", *, head_dim=128, q_heads=64, kv_heads=4, bytes_p
     block is read once per key head. Returns {"cmp", "slc", "swa", "nsa", "dense": numbers, "ratio":
     dense / nsa}.
     """
+    _checks.lengths("nsa_cost", "T", T, least=1)
     if mode == "decoding":
         keys = keys_read(T, **branches)
         cost = {b: float(n) * kv_heads * 2 * head_dim * bytes_per_el for b, n in keys.items()}
@@ -947,7 +950,8 @@ class NativeSparseAttention(nn.Module):
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             _checks.positive_int(op, name, value)
         if head_dim % 2:
-            raise ValueError(f"{op}: head_dim must be even (RoPE turns pairs of dims), got {head_dim}")
+            raise ValueError(f"{op}: head_dim must be even (RoPE turns pairs of dims), got "
+                             f"{head_dim}")
         _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
         check_block_size(op, block_size)
         _checks.positive_int(op, "window_size", window_size, zero=True)
@@ -1862,10 +1866,11 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
 
-def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
+def _selected(q, k, v, block_indices, block_size, scale, row, gated=None, op=None):
     """The checks, then the selection with autograd; with `gated` (NSA without autograd: see
-    `_selection_forward`) NSA's gated output."""
-    op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
+    `_selection_forward`) NSA's gated output. `op`: the name its errors give (default: the
+    selection op of `row`)."""
+    op = op or ("parallel_selected_attention" if row == "nsa.selection" else "parallel_moba")
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
@@ -1955,14 +1960,18 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
     `flash_attention`; the compressed branch by SDPA with a block-causal mask (without autograd,
     from the top-n's own pass), the top-n by `parallel_select_blocks`. Same arguments and results
-    as `nsa`, with q, k, v float32, float16 or bfloat16 (no float64). Without autograd the
-    selection kernel writes the gated sum; one token without autograd (a decoding step: TQ = 1, no
-    input requiring a gradient) runs three kernels of its own.
+    as `nsa`, with q, k, v float32, float16 or bfloat16 (no float64), and block_size >= 16 where
+    the selected branch runs (g_slc given: a tensor-core tile). Without autograd the selection
+    kernel writes the gated sum; one token without autograd (a decoding step: TQ = 1, no input
+    requiring a gradient) runs three kernels of its own.
     """
     op = "parallel_nsa"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
+    if g_slc is not None and bs < 16:
+        raise ValueError(f"{op}: block_size must be >= 16 where the selected branch runs (g_slc "
+                         f"given: a tensor-core tile), got {bs}")
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     _checks.triton_inputs(op, q, k, v, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")  # before the pooling kernel runs
@@ -2000,11 +2009,11 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     first = block_size - 1 - (T - TQ)  # query t sees a summary from t = first on
     gates = [None if g is None else g.contiguous() for g in (g_cmp, g_slc, g_swa)]
     if g_slc is not None and no_grad:  # the selection kernel sums the branches as it writes
-        o = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection",
+        o = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection", op=op,
                       gated=(first, None if o_cmp is None else o_cmp.contiguous(), o_swa, *gates))
     elif g_slc is not None or o_cmp is not None or o_swa is not None:  # one pass, below
         if g_slc is not None:
-            o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
+            o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection", op=op)
         o = GatedSumFunction.apply(first, o_cmp, o_slc, o_swa, *gates)
     else:
         o = torch.zeros(B, TQ, HQ, DV, dtype=q.dtype, device=q.device)
@@ -2957,6 +2966,7 @@ def parallel_moba(q, k, v, chunk_size, topk, scale=None, return_block_indices=Fa
 import torch
 from torch import nn
 
+from minisparse import _checks
 from minisparse.nsa.layer import NativeSparseAttention
 
 
@@ -2971,6 +2981,15 @@ def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=1
     Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
     [batch].
     """
+    op = "needle_batch"
+    for name, value in (("batch", batch), ("T", T), ("n_keys", n_keys), ("n_values", n_values),
+                        ("pairs", pairs), ("block", block)):
+        _checks.positive_int(op, name, value)
+    _checks.positive_int(op, "avoid", avoid, zero=True)
+    free = (T - avoid) // block - 1  # blocks 1 … that end before the last `avoid` tokens
+    if pairs > min(free, n_keys):
+        raise ValueError(f"{op}: pairs must be <= the free blocks ((T − avoid) // block − 1 = "
+                         f"{free}) and <= n_keys = {n_keys} (distinct keys), got {pairs}")
     g = generator
     keys = torch.full((batch, T), n_keys)  # [batch, T] blank
     values = torch.full((batch, T), n_values)  # [batch, T] blank

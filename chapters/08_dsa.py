@@ -739,6 +739,7 @@ explorer = viz.explorer(draw_selection, k=(1, 32, 1))
 #| export dsa.cost
 import numpy as np
 
+from minisparse import _checks
 from minisparse.mla.cost import mha_decode_flops, mla_decode_bytes, mla_decode_flops
 
 
@@ -756,7 +757,7 @@ def dsa_cost(position, mode="prefill", *, index_fp8=False, heads=128, index_head
     Returns {"indexer", "select", "sparse", "dsa", "dense", "ratio": dsa / dense,
     "share": indexer / dsa}.
     """
-    c = np.asarray(position, dtype=np.float64) + 1
+    c = np.asarray(_checks.lengths("dsa_cost", "position", position), dtype=np.float64) + 1
     kept = np.minimum(c, topk)
     if mode == "prefill":
         dense = mha_decode_flops(c, heads, qk_head_dim, v_head_dim)

@@ -169,7 +169,7 @@ class HybridConfig:
     head_dim: int | None = None  # None: hidden_size // num_heads
     attn_gate: bool = False  # Qwen3-Next's sigmoid output gate
     qk_norm: bool = False
-    rotary_dim: int | None = None  # partial RoPE (None: the whole head)
+    rotary_dim: int | None = None  # partial RoPE, F only (None: the whole head; N: always whole)
     rope_theta: float = 10000.0
     # M and D: MLA (num_heads query heads), D adds the lightning indexer
     q_lora_rank: int | None = None  # the query latent; None: q projected directly (M only)
@@ -1514,6 +1514,9 @@ def validate(c):
     if c.rotary_dim is None and head_dim % 2:
         raise _bad("head_dim", "must be even when rotary_dim is None (RoPE rotates pairs of the "
                    "whole head)", head_dim)
+    if "N" in c.pattern and (head_dim % 2 or c.rotary_dim not in (None, head_dim)):
+        raise _bad("rotary_dim", f"must be None (or the head dim {head_dim}, even) with N layers: "
+                   "NSA rotates the whole head", c.rotary_dim)
     if c.num_heads % c.num_kv_heads:
         raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
     k_heads = c.linear_num_k_heads or c.linear_num_heads

@@ -326,6 +326,20 @@ def positive_float(op: str, name: str, value) -> float:
     return float(value)
 
 
+def lengths(op: str, name: str, value, *, least: int = 0):
+    """A cost model's length (a context, a position, a sequence length): a finite real number >= `least`, or an
+    array (numpy, or anything np.asarray takes) of them; bools are not lengths. Returns `value` unchanged."""
+    import numpy as np
+
+    try:
+        a = np.asarray(value)
+    except Exception:  # a ragged list and the like
+        a = np.asarray(None)
+    if a.dtype == bool or a.dtype.kind not in "iuf" or a.size == 0 or not (np.isfinite(a).all() and (a >= least).all()):
+        raise ValueError(f"{op}: {name} must be a number >= {least} or an array of them, got {value!r}")
+    return value
+
+
 def one_of(op: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

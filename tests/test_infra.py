@@ -149,6 +149,19 @@ def test_assert_float64_matches_float32_runs_both_and_compares_by_name():
         assert_float64_matches_float32(op, [x, n], ("scaled",), 1e-6)
 
 
+def test_lengths_take_numbers_and_arrays_at_or_above_the_least():
+    import numpy as np
+
+    for ok in (0, 5, 7.5, np.arange(4), [1, 2], np.int64(3)):
+        assert _checks.lengths("op", "T", ok) is ok
+    assert _checks.lengths("op", "T", 1, least=1) == 1
+    for bad in (-1, [3, -2], True, "8", float("inf"), float("nan"), [], None, [[1], [2, 3]]):
+        with pytest.raises(ValueError, match=r"^op: T must be a number >= 0 or an array of them, got "):
+            _checks.lengths("op", "T", bad)
+    with pytest.raises(ValueError, match="T must be a number >= 1"):
+        _checks.lengths("op", "T", 0, least=1)
+
+
 def test_hf_torch_function_finds_transformers_pytorch_code_under_its_decorators():
     pytest.importorskip("transformers")
     from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next

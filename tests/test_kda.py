@@ -481,6 +481,8 @@ def test_cost_model_reproduces_the_memory_claim_and_bounds_decoding():
     assert hyb["state_bytes"] > 20 * 32 * 128 * 128 * 4  # states plus the short convolutions' last inputs
     assert 0.735 < 1 - hyb["memory"] / mla["memory"] < 0.745
     assert kda_flops(1000, 128, 128, 2) - gdn_flops(1000, 128, 128, 2) == 2 * 4 * 1000 * 128
+    with pytest.raises(ValueError, match="kda_flops: T must be a number >= 0"):
+        kda_flops(-100, 128, 128)
     one = hyb["tokens_per_s"] / mla["tokens_per_s"]
     many = (kimi_linear_costs(kimi, T, batch=4096)["tokens_per_s"]
             / kimi_linear_costs(kimi, T, ["full_attention"] * 27, batch=4096)["tokens_per_s"])

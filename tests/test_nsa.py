@@ -254,6 +254,27 @@ def test_the_layer_refuses_bad_sizes(args, message):
         N.NativeSparseAttention(*args, block_size=16, block_counts=3, window_size=4)
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda: N.nsa_cost(0), "nsa_cost: T must be a number >= 1"),
+    (lambda: N.nsa_cost(-5, "decoding"), "nsa_cost: T must be a number >= 1"),
+    (lambda: N.keys_read(-5), "keys_read: context must be a number >= 0"),
+    (lambda: N.keys_read([64, -1]), "keys_read: context must be a number >= 0")])
+def test_the_cost_model_refuses_negative_lengths(call, message):
+    with pytest.raises(ValueError, match=message):  # -5 gave negative costs, 0 a ZeroDivisionError
+        call()
+
+
+@pytest.mark.parametrize("args,kw,message", [
+    ((2, 64), {}, r"pairs must be <= the free blocks \(\(T − avoid\) // block − 1 = -1\)"),
+    ((2, 128), {}, "pairs must be <= the free blocks .* = 3"), ((2, 1024), dict(n_keys=2), "pairs .* n_keys = 2"),
+    ((0, 256), {}, "batch must be an int > 0"), ((2, 256), dict(avoid=-1), "avoid must be an int >= 0")])
+def test_needle_batch_refuses_what_it_cannot_plant(args, kw, message):
+    from minisparse.nsa.needle import needle_batch
+
+    with pytest.raises(ValueError, match=f"needle_batch: {message}"):
+        needle_batch(*args, **kw)
+
+
 def selection_ops():
     return {"naive": N.selected_attention, "triton": N.parallel_selected_attention}
 
@@ -701,6 +722,19 @@ def test_decoding_step_bad_input(call, message):
     q, k, v = make_qkv(1, 70, 4, 16, HKV=2, seed=3, device=DEV)
     with pytest.raises((ValueError, TypeError), match=message):
         call(q[:, -1:], k, v, N.mean_pool(k, 16), N.mean_pool(v, 16))
+
+
+def test_parallel_nsa_errors_name_parallel_nsa():
+    """The selection's checks, run for parallel_nsa, say parallel_nsa: a block of 8 with the selected branch on
+    (the same call without g_slc runs), block indices of the wrong rank."""
+    q, k, v = make_qkv(1, 40, 4, 16, HKV=2, seed=5, device=DEV)
+    g = torch.rand(1, 40, 4, device=DEV)
+    with pytest.raises(ValueError, match=r"^parallel_nsa: block_size must be >= 16 where the selected branch runs"):
+        N.parallel_nsa(q, k, v, g, g, g, block_size=8, block_counts=3, window_size=8)
+    N.parallel_nsa(q, k, v, g, None, g, block_size=8, block_counts=3, window_size=8)
+    with pytest.raises(ValueError, match=r"^parallel_nsa: "):
+        N.parallel_nsa(q, k, v, g, g, g, block_size=16, block_counts=3, window_size=8,
+                       block_indices=torch.zeros(1, 40, 3, dtype=torch.long, device=DEV))
 
 
 # ------------------------------------------------------------------------------------------- float64 (gradcheck)

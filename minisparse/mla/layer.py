@@ -86,7 +86,7 @@ class MLA(nn.Module):
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))  # [B, T, hidden]
 
     def _attend_expanded(self, q, k, v):
-        fits = max(q.shape[-1], v.shape[-1]) <= 256  # the kernel's head dims; "auto" is naive past them
+        fits = max(q.shape[-1], v.shape[-1]) <= 256  # the kernel's head dims; past them: naive
         backend = _checks.choose_backend(_checks.backend("MLA", self.backend), q, fits=fits)
         if backend == "triton":  # lazy: the layer imports without kernels
             from minisparse.attention.triton import flash_attention

@@ -80,6 +80,9 @@ def validate(c):
     if c.rotary_dim is None and head_dim % 2:
         raise _bad("head_dim", "must be even when rotary_dim is None (RoPE rotates pairs of the "
                    "whole head)", head_dim)
+    if "N" in c.pattern and (head_dim % 2 or c.rotary_dim not in (None, head_dim)):
+        raise _bad("rotary_dim", f"must be None (or the head dim {head_dim}, even) with N layers: "
+                   "NSA rotates the whole head", c.rotary_dim)
     if c.num_heads % c.num_kv_heads:
         raise _bad("num_kv_heads", f"must divide num_heads = {c.num_heads}", c.num_kv_heads)
     k_heads = c.linear_num_k_heads or c.linear_num_heads

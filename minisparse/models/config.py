@@ -33,7 +33,7 @@ class HybridConfig:
     head_dim: int | None = None  # None: hidden_size // num_heads
     attn_gate: bool = False  # Qwen3-Next's sigmoid output gate
     qk_norm: bool = False
-    rotary_dim: int | None = None  # partial RoPE (None: the whole head)
+    rotary_dim: int | None = None  # partial RoPE, F only (None: the whole head; N: always whole)
     rope_theta: float = 10000.0
     # M and D: MLA (num_heads query heads), D adds the lightning indexer
     q_lora_rank: int | None = None  # the query latent; None: q projected directly (M only)

@@ -30,7 +30,8 @@ class NativeSparseAttention(nn.Module):
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             _checks.positive_int(op, name, value)
         if head_dim % 2:
-            raise ValueError(f"{op}: head_dim must be even (RoPE turns pairs of dims), got {head_dim}")
+            raise ValueError(f"{op}: head_dim must be even (RoPE turns pairs of dims), got "
+                             f"{head_dim}")
         _checks.divides(op, "num_kv_heads", num_kv_heads, "num_heads", num_heads)
         check_block_size(op, block_size)
         _checks.positive_int(op, "window_size", window_size, zero=True)

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from minisparse import _checks
 from minisparse.nsa.layer import NativeSparseAttention
 
 
@@ -16,6 +17,15 @@ def needle_batch(batch, T, n_keys=16, n_values=16, *, pairs=4, avoid=64, block=1
     Returns keys [batch, T], values [batch, T], the asked needle's position [batch] and the answer
     [batch].
     """
+    op = "needle_batch"
+    for name, value in (("batch", batch), ("T", T), ("n_keys", n_keys), ("n_values", n_values),
+                        ("pairs", pairs), ("block", block)):
+        _checks.positive_int(op, name, value)
+    _checks.positive_int(op, "avoid", avoid, zero=True)
+    free = (T - avoid) // block - 1  # blocks 1 … that end before the last `avoid` tokens
+    if pairs > min(free, n_keys):
+        raise ValueError(f"{op}: pairs must be <= the free blocks ((T − avoid) // block − 1 = "
+                         f"{free}) and <= n_keys = {n_keys} (distinct keys), got {pairs}")
     g = generator
     keys = torch.full((batch, T), n_keys)  # [batch, T] blank
     values = torch.full((batch, T), n_values)  # [batch, T] blank

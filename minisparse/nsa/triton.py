@@ -473,10 +473,11 @@ def parallel_selected_attention(q, k, v, block_indices, block_size=64, scale=Non
     return _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
 
 
-def _selected(q, k, v, block_indices, block_size, scale, row, gated=None):
+def _selected(q, k, v, block_indices, block_size, scale, row, gated=None, op=None):
     """The checks, then the selection with autograd; with `gated` (NSA without autograd: see
-    `_selection_forward`) NSA's gated output."""
-    op = "parallel_selected_attention" if row == "nsa.selection" else "parallel_moba"
+    `_selection_forward`) NSA's gated output. `op`: the name its errors give (default: the
+    selection op of `row`)."""
+    op = op or ("parallel_selected_attention" if row == "nsa.selection" else "parallel_moba")
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
@@ -556,14 +557,18 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     """`nsa` with the selection branch in Triton and the window branch by chapter 1's
     `flash_attention`; the compressed branch by SDPA with a block-causal mask (without autograd,
     from the top-n's own pass), the top-n by `parallel_select_blocks`. Same arguments and results
-    as `nsa`, with q, k, v float32, float16 or bfloat16 (no float64). Without autograd the
-    selection kernel writes the gated sum; one token without autograd (a decoding step: TQ = 1, no
-    input requiring a gradient) runs three kernels of its own.
+    as `nsa`, with q, k, v float32, float16 or bfloat16 (no float64), and block_size >= 16 where
+    the selected branch runs (g_slc given: a tensor-core tile). Without autograd the selection
+    kernel writes the gated sum; one token without autograd (a decoding step: TQ = 1, no input
+    requiring a gradient) runs three kernels of its own.
     """
     op = "parallel_nsa"
     B, _, T, HQ, H, D, DV = _checks.last_queries_qkv(op, q, k, v, dtypes=_checks.KERNEL_FLOATS)
     TQ = q.shape[1]
     bs = check_block_size(op, block_size)
+    if g_slc is not None and bs < 16:
+        raise ValueError(f"{op}: block_size must be >= 16 where the selected branch runs (g_slc "
+                         f"given: a tensor-core tile), got {bs}")
     W = _checks.positive_int(op, "window_size", window_size, zero=True)
     _checks.triton_inputs(op, q, k, v, max_dims={"D": (D, 256), "DV": (DV, 256)},
                           instead="minisparse.nsa.nsa")  # before the pooling kernel runs
@@ -601,11 +606,11 @@ def parallel_nsa(q, k, v, g_cmp, g_slc, g_swa, *, block_counts=16, block_size=64
     first = block_size - 1 - (T - TQ)  # query t sees a summary from t = first on
     gates = [None if g is None else g.contiguous() for g in (g_cmp, g_slc, g_swa)]
     if g_slc is not None and no_grad:  # the selection kernel sums the branches as it writes
-        o = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection",
+        o = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection", op=op,
                       gated=(first, None if o_cmp is None else o_cmp.contiguous(), o_swa, *gates))
     elif g_slc is not None or o_cmp is not None or o_swa is not None:  # one pass, below
         if g_slc is not None:
-            o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection")
+            o_slc = _selected(q, k, v, block_indices, block_size, scale, "nsa.selection", op=op)
         o = GatedSumFunction.apply(first, o_cmp, o_slc, o_swa, *gates)
     else:
         o = torch.zeros(B, TQ, HQ, DV, dtype=q.dtype, device=q.device)
