@@ -85,15 +85,15 @@ sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL fr
 	$(BIN)/python tools/chapters.py sync-setup
 
 # MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures. jupytext writes the
-# .ipynb, nbconvert executes it in place with a per-cell timeout, so that a kernel that goes idle without replying
-# fails the run instead of hanging it (jupytext --execute waits without a limit)
+# .ipynb, `tools/chapters.py execute` runs it in place with nbclient, a cell at most 15 minutes (its docstring says
+# why not `jupyter nbconvert --execute`: a widget cell could leave it waiting on an idle kernel)
 notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \
 	  echo "   $$py"; \
 	  $(BIN)/jupytext --quiet --to ipynb "$$py" && \
-	  env -u MPLBACKEND $(BIN)/jupyter nbconvert --log-level=WARN --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=900 "$${py%.py}.ipynb" || { echo "make: executing $$py failed"; exit 1; }; \
+	  env -u MPLBACKEND $(BIN)/python tools/chapters.py execute "$${py%.py}.ipynb" \
+	    || { echo "make: executing $$py failed"; exit 1; }; \
 	done
 
 lab: $(STAMP) ## JupyterLab on the chapters

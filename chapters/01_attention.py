@@ -994,7 +994,7 @@ class Attention(nn.Module):
         return torch.cat((self.rope(rot, positions), rest), dim=-1)
 
     def _attend(self, q, k, v):
-        fits = max(q.shape[-1], v.shape[-1]) <= 256  # the kernel's head dims; "auto" is naive past them
+        fits = max(q.shape[-1], v.shape[-1]) <= 256  # the kernel's head dims; past them: naive
         if _checks.choose_backend(self.backend, q, fits=fits) == "triton":
             return flash_attention(q, k, v, causal=True, window=self.window)
         return attention_ref(q, k, v, causal=True, window=self.window)

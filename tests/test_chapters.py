@@ -355,3 +355,33 @@ def test_every_benchmarked_implementation_keeps_one_colour():
     assert all(bench.impl_style(i)["color"] == bench.IMPL_COLORS[f] for i, f in families.items())
     assert {bench.impl_family(n) for n in ("SDPA causal", "fla chunk_gated_delta_rule", "flex_attention (window 1024)",
                                            "torch._grouped_mm", "MoE layer (naive)", "mla_decode")} == set(bench.IMPL_COLORS)
+
+
+def _notebook(path, *sources):
+    import nbformat
+
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources]), path)
+    return path
+
+
+def test_execute_runs_in_place_with_widget_state_and_waits_past_a_poll_slice(tmp_path):
+    """`tools/chapters.py execute` (make notebooks): outputs written in place, an explorer's widget state saved (its
+    Output widget sends on the shell channel while the client waits), a cell longer than the one-second poll slices
+    still answered, and the notebook's own folder as the working directory."""
+    import nbformat
+
+    nb = _notebook(tmp_path / "demo.ipynb", "import os, time\ntime.sleep(2.5)\nprint(os.getcwd())",
+                   "import ipywidgets as w\nw.interactive(lambda n: print('n =', n), n=(1, 5, 1))")
+    tool.execute(nb, timeout=60)
+    cells = nbformat.read(nb, as_version=4).cells
+    assert cells[0].outputs[0]["text"].strip() == str(tmp_path)
+    state = json.dumps(nbformat.read(nb, as_version=4).metadata["widgets"])
+    assert "OutputModel" in state and "n = 3" in state  # the first call's print, inside the Output widget
+
+
+def test_execute_still_stops_a_cell_at_its_timeout(tmp_path):
+    import nbclient
+
+    nb = _notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(5)")
+    with pytest.raises(nbclient.exceptions.CellTimeoutError):
+        tool.execute(nb, timeout=2)

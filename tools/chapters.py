@@ -7,6 +7,8 @@
                                             a `# NBVAL_` comment in a chapter's code cell (a cell tag says it)
     python tools/chapters.py sync-setup     rewrite every chapter's setup cell (.py and .ipynb, outputs kept) and
                                             the book's URL from pyproject
+    python tools/chapters.py execute NB...  execute notebooks in place (outputs and widget state), a cell at most
+                                            15 minutes (`make notebooks` runs it after jupytext's sync)
 
 A code cell whose first line is `#| export <subpackage>.<module>` (e.g. `#| export attention.naive`) is copied,
 in chapter order, into `minisparse/<subpackage>/<module>.py`. Each subpackage also gets a generated
@@ -391,10 +393,52 @@ def sync_setup() -> None:
     cfg.write_text(re.sub(r"(?m)^(\s*url:\s*)\S+(\s*# from pyproject.*)$", rf"\g<1>{repo_url()}\g<2>", cfg.read_text()))
 
 
+# ---------------------------------------------------------------------------------------------------- execute
+def execute(notebook: pathlib.Path, timeout: int = 900) -> None:
+    """Execute `notebook` in place with nbclient (what `jupyter nbconvert --execute` runs), in its own folder.
+
+    nbclient waits for a cell's reply with one poll of the shell channel for up to `timeout` seconds. An ipywidgets
+    Output widget (every `viz.explorer` has one) sends on that channel while the poll waits, and the poll can then
+    miss the reply's wake-up (jupyter/nbclient#312): it sat out the whole timeout with the kernel idle, about one
+    chapter run in ten here. This client polls in slices of a second; a fresh poll sees a reply already waiting.
+    """
+    import time
+    from queue import Empty
+
+    import nbclient
+    import nbformat
+
+    class Client(nbclient.NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            whole = kc.shell_channel.get_msg
+
+            async def sliced(timeout=None):
+                end = None if timeout is None else time.monotonic() + timeout
+                while True:
+                    left = 1.0 if end is None else min(1.0, max(0.0, end - time.monotonic()))
+                    try:
+                        return await whole(timeout=left)
+                    except Empty:
+                        if end is not None and time.monotonic() >= end:
+                            raise
+
+            kc.shell_channel.get_msg = sliced
+            return kc
+
+    nb = nbformat.read(notebook, as_version=4)
+    Client(nb, timeout=timeout, resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    nbformat.write(nb, notebook)
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[1] if len(argv) > 1 else "check"
     if cmd == "export":
         export()
+        return 0
+    if cmd == "execute" and len(argv) > 2:
+        for name in argv[2:]:
+            execute(pathlib.Path(name).resolve())
         return 0
     if cmd == "sync-setup":
         sync_setup()

@@ -85,7 +85,9 @@ def dsa(q, k, v, q_idx, k_idx, w_idx, topk=2048, scale=None, return_indices=Fals
     q, k, v as sparse_attention; q_idx [B, TQ, HI, DI], k_idx [B, TK, DI], w_idx [B, TQ, HI] (or
     None) as indexer_scores (its scale: DI ** -0.5). Returns o [B, TQ, HQ, Dv] (and indices [B, TQ,
     topk] int64, -1 padded, when return_indices). The selection is not differentiable: gradients
-    reach q, k, v, never the indexer (section 8.5 trains it by its own loss).
+    reach q, k, v, never the indexer (section 8.5 trains it by its own loss). Keys of equal score
+    (ReLU makes exact zeros common) are a tie: the naive path keeps the earliest, the Triton
+    indexer any of them, so the two paths may keep different keys and give different outputs.
     """
     K = check_topk("dsa", topk)
     with torch.no_grad():

@@ -36,10 +36,10 @@ class CompressKV(torch.nn.Module):
     intra-block position embedding.
 
     φ(x) = mean(x_block) + W₂ GELU(W₁ flatten(x_block + pos)), with W₂ = 0 at initialisation, so a
-    fresh module equals `mean_pool` (stride = block_size) and training moves it from there. One
-    module a K or V stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T / stride), H, D];
-    windows that run past T are zero-padded (a query never sees them: a summary becomes visible once
-    its last token is in the past).
+    fresh module equals `mean_pool` (stride = block_size) on every complete block and training moves
+    it from there. One module a K or V stream, shared by the heads. x [B, T, H, D] -> [B, ceil(T /
+    stride), H, D]; windows that run past T are zero-padded, so their mean counts the padding (a
+    query never sees them: a summary becomes visible once its last token is in the past).
     """
 
     def __init__(self, head_dim, block_size=64, stride=None, hidden=None):
