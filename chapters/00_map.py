@@ -1136,9 +1136,9 @@ def check_moba_cost(fn):
     cases = [(1, 4, 2), (10, 4, 2), (13, 4, 2), (257, 16, 3), (1000, 64, 4), (1000, 64, 100),
              (777, 1, 5), (3001, 100, 3), (2048, 512, 1)]
     check("MoBA's cost in pairs", fn, _moba_pairs, cases, tol=1e-9,
-          hint="query t (from 0) reads (t mod block) + 1 keys of its own block and "
-               "min(top_k - 1, t // block) whole earlier blocks; the gate scores all t // block "
-               "earlier blocks at half a pair each")
+          hint="count one query t at a time: how many keys of its own block come up to t, how "
+               "many complete blocks lie before it, and how many of those can it read (fewer than "
+               "top_k - 1 early on)? The gate's scores count too, for every earlier block")
 
 
 # %% [markdown]

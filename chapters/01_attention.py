@@ -350,6 +350,7 @@ def apply_rope(x, positions, theta=10000.0, interleaved=False):
     interleaved=True pairs (2j, 2j + 1) (RoFormer, GPT-J).
     """
     _check_rope_args("apply_rope", x, positions)
+    _checks.positive_float("apply_rope", "theta", theta)
     acc = torch.promote_types(x.dtype, torch.float32)
     omega = rope_frequencies(x.shape[-1], theta, acc, x.device)  # [D/2]
     angles = positions.to(acc)[..., None] * omega  # [T, D/2] or [B, T, D/2]
@@ -461,6 +462,9 @@ explorer = viz.explorer(draw, window=(1, 2 * T_toy - 1, 1))  # starts in the mid
 
 # %%
 #| export attention.cost
+from minisparse import _checks
+
+
 def _pairs_up_to(n, window):
     """Pairs of the first n positions, causal (+ window): sum_{p<n} min(p + 1, window)."""
     if window is None or n <= window:
@@ -471,6 +475,10 @@ def _pairs_up_to(n, window):
 def attended_pairs(Tq, Tk=None, causal=True, window=None):
     """How many (query, key) pairs the mask allows (queries at positions Tk - Tq .. Tk - 1)."""
     Tk = Tq if Tk is None else Tk
+    _checks.positive_int("attended_pairs", "Tq", Tq, zero=True)
+    _checks.positive_int("attended_pairs", "Tk", Tk, zero=True)
+    if window is not None:
+        _checks.positive_int("attended_pairs", "window", window)
     if not causal:
         if window is not None:
             raise ValueError(f"attended_pairs: window={window} requires causal=True")
@@ -1468,15 +1476,18 @@ def _check_rope_args(op, x, positions):
 #| export attention.naive
 class RotaryEmbedding(nn.Module):
     """RoPE with cached cos/sin tables; forward(x [B,T,H,D], positions [T] or [B,T] int) equals
-    apply_rope. A subclass changes the frequencies (`frequencies`) and scales cos/sin by
-    `attention_factor` (YaRN, chapter 3); both hold for every position, negative ones included."""
+    apply_rope (tables in fp32, in fp64 for fp64 x). A subclass changes the frequencies
+    (`frequencies`) and scales cos/sin by `attention_factor` (YaRN, chapter 3); both hold for
+    every position, negative ones included."""
 
     attention_factor = 1.0  # cos and sin are multiplied by it
 
     def __init__(self, dim, theta=10000.0, interleaved=False, max_len=2048):
         super().__init__()
-        if dim % 2:
+        if _checks.positive_int("RotaryEmbedding", "dim", dim) % 2:
             raise ValueError(f"RotaryEmbedding: dim must be even, got {dim}")
+        _checks.positive_float("RotaryEmbedding", "theta", theta)
+        _checks.positive_int("RotaryEmbedding", "max_len", max_len, zero=True)
         self.dim, self.theta, self.interleaved = dim, theta, interleaved
         self._build(max_len, None)
 
@@ -1490,8 +1501,8 @@ class RotaryEmbedding(nn.Module):
         angles = positions.to(dtype)[..., None] * self.frequencies(dtype, positions.device)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
-    def _build(self, n, device):
-        cos, sin = self._cos_sin(torch.arange(n, device=device))  # [n, dim/2] each, fp32
+    def _build(self, n, device, dtype=torch.float32):
+        cos, sin = self._cos_sin(torch.arange(n, device=device), dtype)  # [n, dim/2] each
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -1509,9 +1520,9 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self._cos_sin(positions, acc)  # [T, dim/2] or [B, T, dim/2]
         else:
             need = high + 1
-            stale = self.cos.dtype != torch.float32 or self.cos.device != x.device
-            if need > len(self.cos) or stale:  # grow, or undo a .to(bf16) / a move
-                self._build(max(need, len(self.cos)), x.device)
+            stale = self.cos.dtype != acc or self.cos.device != x.device
+            if need > len(self.cos) or stale:  # grow, or follow x: fp32 (fp64 for fp64), its device
+                self._build(max(need, len(self.cos)), x.device, acc)
             cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
         cos = cos.expand(x.shape[0], *cos.shape[-2:])[:, :, None, :]  # [B, T, 1, dim/2]
         sin = sin.expand(x.shape[0], *sin.shape[-2:])[:, :, None, :]
@@ -2703,9 +2714,8 @@ def check_decode_attention(decode):
         _decode_reference,
         cases,
         tol=1e-10,
-        hint="the Tq new queries are the last Tq positions: query i sits at position i + Tk - Tq "
-             "and sees "
-        "the keys s <= i + Tk - Tq (the mask is aligned bottom-right)",
+        hint="where do the Tq new queries sit among the Tk positions, and which keys may the first "
+             "of them see? Compare your mask with the one for Tq = Tk",
     )
 
 

@@ -170,6 +170,9 @@ def moe_params(hidden, inter, num_experts, top_k, n_shared=0, shared_inter=None)
     `num_experts × hidden` weights are left out (DeepSeek-V3: 1.8M against 11.3B of experts a
     layer).
     """
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"moe_params: top_k must be in [1, num_experts = {num_experts}], got "
+                         f"{top_k}")
     shared_inter = inter if shared_inter is None else shared_inter
     expert = 3 * hidden * inter  # W_gate, W_up: inter × hidden; W_down: hidden × inter
     shared = 3 * hidden * shared_inter * n_shared
@@ -552,6 +555,7 @@ def moe_naive(x, weights, indices, gate_up_proj, down_proj):
 
     x [N, H]; weights, indices [N, k]; gate_up_proj [E, 2I, H]; down_proj [E, H, I] -> y [N, H].
     """
+    _check_permute_args("moe_naive", x, indices, gate_up_proj.shape[0], True)  # ids in [0, E)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [N, H] accumulate in fp32
     for e in range(gate_up_proj.shape[0]):
         token, slot = torch.where(indices == e)  # [n_e] tokens routed to e, and their slots
@@ -950,7 +954,8 @@ assert dw_c[counts_c == 0].abs().max() == 0  # empty experts: exactly zero gradi
 # ## 2.8 The layer
 #
 # `MoE` puts the pieces together as the production models do. Its parameters use transformers' names and layouts,
-# so a state dict moves between them unchanged:
+# so a DeepSeek-V3 or Mixtral state dict loads unchanged (Qwen3-Next's names its shared expert `shared_expert`:
+# `MoE.from_hf` renames it):
 #
 # | parameter | shape | in |
 # |---|---|---|
@@ -981,15 +986,21 @@ from minisparse.moe.triton import grouped_mm
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as two 3-D tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """E SwiGLU experts as two 3-D tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I], drawn
+    from Normal(0, 0.02) as transformers initialises them."""
 
     def __init__(self, num_experts, hidden_size, intermediate_size):
         super().__init__()
+        for name, n in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            _checks.positive_int("Experts", name, n)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
-                                                     hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+                                                     hidden_size).normal_(std=0.02))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size).normal_(std=0.02))
 
     def forward(self, x, weights, indices, backend="naive"):  # x [N, H], weights/indices [N, k]
+        _checks.one_of("Experts", "backend", backend, ("naive", "triton"))
         if backend == "naive":
             return moe_naive(x, weights, indices, self.gate_up_proj, self.down_proj)
         # indices come from the router's top-k, offsets from sorting them: no value checks
@@ -1790,7 +1801,7 @@ def grouped_mm(x, w, offsets, *, check_values=True):
     `runtime.set_value_checks(True)`; check_values=False skips it (the MoE layer, which built them).
     """
     check_grouped_mm_args("grouped_mm", x, w, offsets, triton=True, check_values=check_values)
-    return _GroupedMM.apply(x, w, offsets)
+    return _GroupedMM.apply(x, w, offsets.contiguous())  # kernels read offsets[g] at offsets + g
 
 
 # %% [markdown]
@@ -1913,6 +1924,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size, intermediate_size):
         super().__init__()
+        _checks.positive_int("SwiGLU", "hidden_size", hidden_size)
+        _checks.positive_int("SwiGLU", "intermediate_size", intermediate_size)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -1935,7 +1948,7 @@ class Router(nn.Module):
         self.kind, self.top_k, self.renormalize = kind, top_k, renormalize
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size).normal_(std=0.02))
         if kind == "deepseek":
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 

@@ -137,6 +137,8 @@ from dataclasses import dataclass  # for GQAConfig and MLAConfig (engineering no
 
 import torch
 
+from minisparse import _checks
+
 
 def kv_values_per_token(config):
     """Numbers one token adds to the cache of one attention layer.
@@ -163,6 +165,7 @@ def kv_cache_bytes(config, seq_len, dtype=torch.bfloat16, *, batch=1):
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise ValueError(f"kv_cache_bytes: seq_len must be a non-negative int, got {seq_len!r}")
+    _checks.positive_int("kv_cache_bytes", "batch", batch)
     tokens = sum(cached_tokens(config, seq_len))  # token-layers held
     return batch * kv_values_per_token(config) * tokens * _dtype_bytes(dtype)
 
@@ -462,8 +465,11 @@ def mla_attention_absorbed(q_latent, q_rope, c_kv, k_rope, scale, causal=True):
 
     q_latent [B, T, H, r], q_rope [B, T, H, dr], c_kv [B, S, r], k_rope [B, S, dr] -> o_latent
     [B, T, H, r]. The T queries sit at positions S - T .. S - 1 (bottom-right, as after a cache).
-    scale: MLA's, (dn + dr) ** -0.5.
+    scale: MLA's, (dn + dr) ** -0.5, always given (attention_ref's default would be the latent's).
     """
+    if scale is None:
+        raise ValueError("mla_attention_absorbed: scale must be given: MLA's is (qk_nope_head_dim "
+                         "+ qk_rope_head_dim) ** -0.5, not the latent's (r + dr) ** -0.5")
     q = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, r + dr]
     k = torch.cat([c_kv, k_rope], dim=-1)[:, :, None]  # [B, S, 1, r + dr] one key for all heads
     return attention_ref(q, k, c_kv[:, :, None], causal=causal, scale=scale)  # [B, T, H, r]
@@ -1396,6 +1402,8 @@ class YarnRotaryEmbedding(RotaryEmbedding):
 
     def __init__(self, dim, theta, factor, original_max_len, *, beta_fast=32.0, beta_slow=1.0,
                  truncate=True, attention_factor=1.0, interleaved=False, max_len=2048):
+        _checks.positive_float("YarnRotaryEmbedding", "factor", factor)
+        _checks.positive_int("YarnRotaryEmbedding", "original_max_len", original_max_len)
         super().__init__(dim, theta, interleaved, max_len)
         self._yarn = dict(factor=factor, original_max_len=original_max_len, beta_fast=beta_fast,
                           beta_slow=beta_slow, truncate=truncate)

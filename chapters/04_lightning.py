@@ -184,6 +184,8 @@ assert torch.allclose(o_rec, o_par) and torch.allclose(o_chk, o_par)
 #| export lightning.cost
 import numpy as np
 
+from minisparse import _checks
+
 
 def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
     """FLOPs of linear attention, one head, a whole sequence of T tokens (2 FLOPs a multiply-add).
@@ -191,6 +193,7 @@ def lightning_flops(T, d_k, d_v, chunk=64, form="chunk"):
     form: "parallel" (masked QKᵀ then ·V, causal half), "recurrent" (update + read a K×V state per
     token) or "chunk" (parallel inside chunks of `chunk` tokens, the state across them).
     """
+    _checks.lengths("lightning_flops", "T", T)
     if form == "parallel":
         return T * T * (d_k + d_v)  # 2 · T²/2 · (K + V)
     if form == "recurrent":
@@ -972,7 +975,7 @@ assert at[64_000] < 0.5 and 0.2 < at[100_000] < 0.4 and at_abs < at[100_000]
 # arithmetic, as the report's figure is.* How DeepSeek's MLA is counted matters: as 128 ordinary heads with
 # 192-wide scores, M1 spends about a third of R1's FLOPs at 100K; counted in the absorbed form R1's decoding
 # kernels actually run, about an eighth. The report's 25 % lies between the two. Either way the ratio keeps
-# falling with length — at 100K tokens R1's attention is already most of its work, while M1's is a tenth of the
+# falling with length — at 100K tokens R1's attention is already most of its work, while M1's is an eighth of the
 # layers.
 #
 # ### M2 goes back to full attention — and M2.5?
@@ -1044,8 +1047,9 @@ assert soft[pairs.index(256)] > 0.9 and lin[pairs.index(256)] < 0.5 and lin[0] =
 # these sizes: decay costs some recall near $N \approx d$ to $2d$ (it fades the older pairs too) and fades the
 # crosstalk at large $N$, where it recalls a little more. That is the trade in one picture: a constant-size memory is cheap because it is lossy. Hybrids keep a few
 # softmax layers to do the exact look-ups — the layers M2 decided to keep everywhere. Chapters 5 and 6 improve the
-# state itself: the delta rule *overwrites* a key's old value instead of adding to it, which raises the recall of
-# a $d \times d$ state considerably.
+# state itself: the delta rule *overwrites* a key's old value instead of adding to it, so a key written again
+# reads its newest value (where keys repeat or values change); with distinct random keys, as here, it recalls no
+# more than the additive state.
 
 # %% [markdown]
 # ## 4.7 See it
@@ -1993,8 +1997,9 @@ def check_balanced_chunk(fn):
     """Exercise 1: fn(d_k, d_v) -> the chunk length where intra-chunk FLOPs equal state FLOPs."""
     check("balanced chunk length", lambda a, b: float(fn(a, b)), lambda a, b: 4 * a * b / (a + b),
           [(128, 128), (64, 64), (128, 256), (192, 128), (16, 48)], tol=1e-6,
-          hint="per chunk: C²K + C²V FLOPs for Q Kᵀ and (·)V on the causal half; 2CKV to read "
-               "the state (Q S) and 2CKV to move it on. Sum over T/C chunks, set the parts equal")
+          hint="count one chunk of C tokens: the products inside it (Q Kᵀ, then with V, on the "
+               "causal half) grow as C², reading and moving the state grows as C; where do the two "
+               "parts cost the same?")
 
 
 def measured_state_norm(slope, T=1024, d=16, n_seq=64, seed=0):

@@ -558,6 +558,7 @@ explorer = viz.explorer(draw_delta, beta=(0.05, 2.0, 0.05), log10_decay=(-4.0, 1
 
 # %%
 #| export deltanet.cost
+from minisparse import _checks
 from minisparse.attention.cost import attention_flops, kv_cache_bytes_per_token
 from minisparse.lightning.cost import lightning_flops
 
@@ -571,6 +572,7 @@ def gdn_flops(T, d_k, d_v, value_heads=1, chunk=64):
     causal KKᵀ (C·K a token), the triangular solve for K + V right-hand sides (C·(K + V)) and W·S
     (2·K·V).
     """
+    _checks.lengths("gdn_flops", "T", T)
     extra = T * (chunk * d_k + chunk * (d_k + d_v) + 2 * d_k * d_v)
     return value_heads * (lightning_flops(T, d_k, d_v, chunk=chunk, form="chunk") + extra)
 

@@ -197,6 +197,20 @@ def test_rotary_embedding_equals_apply_rope(interleaved):
     out = rope(xb, torch.arange(9) + 4000)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, apply_rope(xb, torch.arange(9) + 4000, 5e5, interleaved), rtol=0, atol=0)
+    x64, far = x.double(), torch.tensor([5, 70000, 500000, 3, 4, 5, 6, 7, 8])  # fp64: fp64 tables, fp32 again after
+    for module in (rope, rope.double()):
+        torch.testing.assert_close(module(x64, far), apply_rope(x64, far, 5e5, interleaved), rtol=1e-12, atol=1e-12)
+    assert_close("fp32 after fp64", apply_rope(x, far, 5e5, interleaved), rope(x, far), 1e-6)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: apply_rope(torch.randn(1, 2, 1, 4), torch.arange(2), theta=-1.0), "apply_rope: theta must be a positive"),
+    (lambda: RotaryEmbedding(4, theta=0), "RotaryEmbedding: theta must be a positive"),
+    (lambda: RotaryEmbedding(0), "RotaryEmbedding: dim must be an int > 0"),
+    (lambda: RotaryEmbedding(4, max_len=-5), "RotaryEmbedding: max_len must be an int >= 0")])
+def test_rope_refuses_what_gives_nan(call, message):
+    with pytest.raises(ValueError, match=message):  # each gave NaN or a bare torch error
+        call()
 
 
 # ---------------------------------------------------------------------------------------------- KV cache

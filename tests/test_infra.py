@@ -973,3 +973,20 @@ def test_tensor_rule_names_the_first_tensor_that_breaks_it_and_lets_the_rest_thr
         with small:
             torch.zeros(2, 3)
     torch.zeros(2, 3).double()  # outside the context nothing is checked
+
+
+@pytest.mark.parametrize("call,message", [
+    ("attention.cost:attended_pairs(-5)", "attended_pairs: Tq must be an int >= 0"),
+    ("attention.cost:attention_flops(8, 64, 8, window=-2)", "attended_pairs: window must be an int > 0"),
+    ("lightning.cost:lightning_flops(-5, 64, 64)", "lightning_flops: T must be a number >= 0"),
+    ("deltanet.cost:gdn_flops(-5, 64, 64)", "gdn_flops: T must be a number >= 0"),
+    ("moe.cost:moe_params(16, 32, 4, 8)", r"moe_params: top_k must be in \[1, num_experts = 4\]"),
+    ("mla.cost:kv_cache_bytes(MLAConfig(), 10, batch=-2)", "kv_cache_bytes: batch must be an int > 0")])
+def test_chapters_cost_models_refuse_negative_sizes(call, message):
+    """Each gave a negative count (or active parameters above the total) without a word."""
+    import importlib
+
+    module, expr = call.split(":")
+    names = vars(importlib.import_module(f"minisparse.{module}"))
+    with pytest.raises(ValueError, match=message):
+        eval(expr, dict(names))

@@ -160,6 +160,8 @@ def test_absorption_is_exact_for_random_latents():
     w_uk, w_uv = split_kv_b(w, H, dn, dv)
     out = absorb_output(mla_attention_absorbed(absorb_query(qn, w_uk), qr, c, kr, 0.3), w_uv)
     assert_close("absorbed", ref, out, 1e-12)
+    with pytest.raises(ValueError, match="mla_attention_absorbed: scale must be given"):  # not the latent's
+        mla_attention_absorbed(absorb_query(qn, w_uk), qr, c, kr, None)
 
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])

@@ -244,6 +244,44 @@ def test_grouped_mm_result_does_not_depend_on_program_order():
     assert_close("y, tiles in reverse order", ref, y, 1e-5)
 
 
+def test_moe_naive_refuses_expert_ids_out_of_range():
+    x, gu, dn = torch.randn(2, 4), torch.randn(2, 6, 4), torch.randn(2, 4, 3)
+    for bad in ([[5], [0]], [[1], [-1]]):  # were dropped: a zero output for those tokens
+        with pytest.raises(ValueError, match="moe_naive: indices .*expert ids for num_experts = 2"):
+            moe_naive(x, torch.ones(2, 1), torch.tensor(bad), gu, dn)
+
+
+def test_router_and_experts_built_alone_are_initialised_and_checked():
+    """Router, Experts and SwiGLU outside MoE: Normal(0, 0.02) weights (were torch.empty's leftovers), sizes > 0,
+    and Experts.forward's backend one of 'naive' and 'triton' (it is given the resolved one)."""
+    from minisparse.moe.layer import Experts, Router, SwiGLU
+
+    torch.manual_seed(0)
+    for p in (*Router(64, 16, 2).parameters(), *Experts(16, 64, 32).parameters()):
+        assert torch.isfinite(p).all() and 0.015 < p.std().item() < 0.025
+    for build, message in ((lambda: Experts(0, 4, 4), "Experts: num_experts must be an int > 0"),
+                           (lambda: Experts(2, 4, -1), "Experts: intermediate_size must be an int > 0"),
+                           (lambda: SwiGLU(0, 0), "SwiGLU: hidden_size must be an int > 0")):
+        with pytest.raises(ValueError, match=message):
+            build()
+    with pytest.raises(ValueError, match="Experts: backend must be one of 'naive', 'triton', got 'auto'"):
+        Experts(2, 4, 4)(torch.randn(3, 4), torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long), "auto")
+
+
+def test_grouped_mm_takes_offsets_that_are_a_strided_view():
+    """offsets a column of a wider tensor (stride 2): the kernels read them as given, not one int32 apart (they read
+    0s and the wrong rows' weights before)."""
+    x = torch.randn(5, 16, device=DEV, requires_grad=True)
+    w = torch.randn(2, 16, 16, device=DEV, requires_grad=True)
+    offs = torch.tensor([[2, 0], [5, 0]], dtype=torch.int32, device=DEV)[:, 0]
+    assert not offs.is_contiguous()
+    y, ref = grouped_mm(x, w, offs), grouped_mm_ref(x, w, offs.contiguous())
+    assert_close("y", ref, y, 1e-5)
+    do = torch.randn(y.shape, device=DEV)
+    for got, want, name in zip(torch.autograd.grad(y, (x, w), do), torch.autograd.grad(ref, (x, w), do), "xw"):
+        assert_close(f"d{name}", want, got, 1e-5)
+
+
 def test_a_schedule_whose_tiles_straddle_experts_is_caught():
     """The known-wrong variant: a plain matmul's tiling, tile s = rows 16·s … 16·s + 15 with the expert of its first
     row. Rows of the next expert get the wrong weights or stay unwritten; the comparison with the loop must fail."""

@@ -69,9 +69,8 @@ def check_decode_attention(decode):
         _decode_reference,
         cases,
         tol=1e-10,
-        hint="the Tq new queries are the last Tq positions: query i sits at position i + Tk - Tq "
-             "and sees "
-        "the keys s <= i + Tk - Tq (the mask is aligned bottom-right)",
+        hint="where do the Tq new queries sit among the Tk positions, and which keys may the first "
+             "of them see? Compare your mask with the one for Tq = Tk",
     )
 
 

@@ -16,8 +16,9 @@ def check_balanced_chunk(fn):
     """Exercise 1: fn(d_k, d_v) -> the chunk length where intra-chunk FLOPs equal state FLOPs."""
     check("balanced chunk length", lambda a, b: float(fn(a, b)), lambda a, b: 4 * a * b / (a + b),
           [(128, 128), (64, 64), (128, 256), (192, 128), (16, 48)], tol=1e-6,
-          hint="per chunk: C²K + C²V FLOPs for Q Kᵀ and (·)V on the causal half; 2CKV to read "
-               "the state (Q S) and 2CKV to move it on. Sum over T/C chunks, set the parts equal")
+          hint="count one chunk of C tokens: the products inside it (Q Kᵀ, then with V, on the "
+               "causal half) grow as C², reading and moving the state grows as C; where do the two "
+               "parts cost the same?")
 
 
 def measured_state_norm(slope, T=1024, d=16, n_seq=64, seed=0):

@@ -3,6 +3,8 @@ from dataclasses import dataclass  # for GQAConfig and MLAConfig (engineering no
 
 import torch
 
+from minisparse import _checks
+
 
 def kv_values_per_token(config):
     """Numbers one token adds to the cache of one attention layer.
@@ -29,6 +31,7 @@ def kv_cache_bytes(config, seq_len, dtype=torch.bfloat16, *, batch=1):
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise ValueError(f"kv_cache_bytes: seq_len must be a non-negative int, got {seq_len!r}")
+    _checks.positive_int("kv_cache_bytes", "batch", batch)
     tokens = sum(cached_tokens(config, seq_len))  # token-layers held
     return batch * kv_values_per_token(config) * tokens * _dtype_bytes(dtype)
 

@@ -10,6 +10,9 @@ def moe_params(hidden, inter, num_experts, top_k, n_shared=0, shared_inter=None)
     `num_experts × hidden` weights are left out (DeepSeek-V3: 1.8M against 11.3B of experts a
     layer).
     """
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"moe_params: top_k must be in [1, num_experts = {num_experts}], got "
+                         f"{top_k}")
     shared_inter = inter if shared_inter is None else shared_inter
     expert = 3 * hidden * inter  # W_gate, W_up: inter × hidden; W_down: hidden × inter
     shared = 3 * hidden * shared_inter * n_shared

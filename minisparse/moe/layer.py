@@ -10,15 +10,21 @@ from minisparse.moe.triton import grouped_mm
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as two 3-D tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """E SwiGLU experts as two 3-D tensors: gate_up_proj [E, 2I, H], down_proj [E, H, I], drawn
+    from Normal(0, 0.02) as transformers initialises them."""
 
     def __init__(self, num_experts, hidden_size, intermediate_size):
         super().__init__()
+        for name, n in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            _checks.positive_int("Experts", name, n)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
-                                                     hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+                                                     hidden_size).normal_(std=0.02))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size).normal_(std=0.02))
 
     def forward(self, x, weights, indices, backend="naive"):  # x [N, H], weights/indices [N, k]
+        _checks.one_of("Experts", "backend", backend, ("naive", "triton"))
         if backend == "naive":
             return moe_naive(x, weights, indices, self.gate_up_proj, self.down_proj)
         # indices come from the router's top-k, offsets from sorting them: no value checks
@@ -97,6 +103,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size, intermediate_size):
         super().__init__()
+        _checks.positive_int("SwiGLU", "hidden_size", hidden_size)
+        _checks.positive_int("SwiGLU", "intermediate_size", intermediate_size)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -119,7 +127,7 @@ class Router(nn.Module):
         self.kind, self.top_k, self.renormalize = kind, top_k, renormalize
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size).normal_(std=0.02))
         if kind == "deepseek":
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 

@@ -133,6 +133,7 @@ def moe_naive(x, weights, indices, gate_up_proj, down_proj):
 
     x [N, H]; weights, indices [N, k]; gate_up_proj [E, 2I, H]; down_proj [E, H, I] -> y [N, H].
     """
+    _check_permute_args("moe_naive", x, indices, gate_up_proj.shape[0], True)  # ids in [0, E)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [N, H] accumulate in fp32
     for e in range(gate_up_proj.shape[0]):
         token, slot = torch.where(indices == e)  # [n_e] tokens routed to e, and their slots

@@ -282,7 +282,7 @@ def grouped_mm(x, w, offsets, *, check_values=True):
     `runtime.set_value_checks(True)`; check_values=False skips it (the MoE layer, which built them).
     """
     check_grouped_mm_args("grouped_mm", x, w, offsets, triton=True, check_values=check_values)
-    return _GroupedMM.apply(x, w, offsets)
+    return _GroupedMM.apply(x, w, offsets.contiguous())  # kernels read offsets[g] at offsets + g
 
 
 __all__ = ['tile_schedule', 'grouped_mm']
