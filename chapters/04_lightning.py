@@ -1475,10 +1475,17 @@ if transformers is not None:
 #| export lightning.hf
 import torch
 
+from minisparse import _checks
+
 
 def layer_from_hf(cls, module, backend="auto"):
     """A `cls` (LightningAttention) with the weights, slopes and block size of transformers'
     MiniMaxLightningAttention `module`, on its device and in its dtype."""
+    _checks.hf_module("LightningAttention.from_hf", module,
+                      "transformers' MiniMaxLightningAttention",
+                      attrs=("num_attention_heads", "head_dim", "layer_idx", "num_hidden_layers",
+                             "block_size", "qkv_proj", "output_gate", "out_proj", "norm.weight",
+                             "slope_rate"))
     H, d = module.num_attention_heads, module.head_dim
     layer = cls(module.qkv_proj.in_features, H, d, module.layer_idx, module.num_hidden_layers,
                 block_size=module.block_size, eps=module.norm.variance_epsilon, backend=backend)

@@ -1006,3 +1006,9 @@ def test_split_products_are_fp32_accurate(dtype, gates):
             scaled = A_inv[0, c0:c1, h, : c1 - c0] * (beta[0, c0:c1, h] * G.exp())[None, :]
             w_once[0, c0:c1, h] = scaled.to(dtype).float() @ k[0, c0:c1, h].float()
     assert rel_rms(w_once, w_ref) > 5 * 2e-5, "the bound cannot tell A_inv split in two from A_inv rounded once"
+
+
+def test_from_hf_of_another_module_says_what_it_needs():
+    """A module that is not transformers' Qwen3NextGatedDeltaNet: a TypeError naming it (an AttributeError before)."""
+    with pytest.raises(TypeError, match=r"GatedDeltaNet.from_hf: module must be transformers' Qwen3NextGatedDeltaNet, got Linear"):
+        GatedDeltaNet.from_hf(torch.nn.Linear(4, 4))

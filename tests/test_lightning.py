@@ -694,3 +694,9 @@ def test_chunk_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(monke
     with pytest.raises(RuntimeError, match="other failure"):  # only the shared-memory error falls back
         monkeypatch.setattr(lt, "_backward", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("other failure")))
         grads(chunk_lightning_attn)
+
+
+def test_from_hf_of_another_module_says_what_it_needs():
+    """A module that is not transformers' MiniMaxLightningAttention: a TypeError naming it (an AttributeError before)."""
+    with pytest.raises(TypeError, match=r"LightningAttention.from_hf: module must be transformers' MiniMaxLightningAttention, got Linear"):
+        LightningAttention.from_hf(torch.nn.Linear(4, 4))

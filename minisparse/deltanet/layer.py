@@ -159,6 +159,11 @@ def _check_layer_args(hidden_size, num_k_heads, num_v_heads, head_k_dim, head_v_
 def _from_hf(cls, module, backend="auto"):
     """GatedDeltaNet.from_hf: copy transformers' Qwen3NextGatedDeltaNet (weights and shapes) into a
     GatedDeltaNet."""
+    _checks.hf_module("GatedDeltaNet.from_hf", module, "transformers' Qwen3NextGatedDeltaNet",
+                      attrs=("activation", "hidden_size", "num_k_heads", "num_v_heads",
+                             "head_k_dim", "head_v_dim", "conv_kernel_size", "layer_norm_epsilon",
+                             "in_proj_qkvz", "in_proj_ba", "conv1d", "out_proj", "norm.weight",
+                             "dt_bias", "A_log"))
     if module.activation not in ("silu", "swish"):
         raise ValueError(
             "GatedDeltaNet.from_hf: only SiLU convolutions are supported, got "
