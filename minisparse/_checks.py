@@ -340,6 +340,19 @@ def lengths(op: str, name: str, value, *, least: int = 0):
     return value
 
 
+def positions(op: str, positions, B: int, T: int, device) -> None:
+    """A layer's `positions`: an integer tensor [T] or [B, T] on the input's device (RoPE's positions of its T
+    tokens)."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{op}: positions must be a torch.Tensor [T] or [B, T], got {type(positions).__name__}")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"{op}: positions must be integers, got {positions.dtype}")
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(f"{op}: positions must be [T]=[{T}] or [B, T]=[{B}, {T}], got {tuple(positions.shape)}")
+    if positions.device != torch.device(device):
+        raise ValueError(f"{op}: positions must be on the input's device {device}, got {positions.device}")
+
+
 def one_of(op: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -386,6 +386,13 @@ BAD_CALLS = [
      "KVCache.append"),
     ("weights heads do not divide", lambda: attention_weights(make_bthd(1, 8, 4, 16), make_bthd(1, 8, 3, 16)),
      ValueError, "attention_weights: HKV"),
+    # a layer's positions: its own name, not RotaryEmbedding's (which it calls)
+    ("layer positions length", lambda: Attention(16, 2)(torch.randn(1, 3, 16), positions=torch.arange(4)),
+     ValueError, r"^Attention: positions must be \[T\]=\[3\] or \[B, T\]=\[1, 3\], got \(4,\)"),
+    ("layer float positions", lambda: Attention(16, 2)(torch.randn(1, 3, 16), positions=torch.arange(3.0)),
+     TypeError, "^Attention: positions must be integers"),
+    ("layer positions a list", lambda: Attention(16, 2)(torch.randn(1, 3, 16), positions=[0, 1, 2]),
+     TypeError, "^Attention: positions must be a torch.Tensor"),
 ]
 
 

@@ -42,6 +42,7 @@ class Attention(nn.Module):
         start = 0 if cache is None else len(cache)
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)  # [T]
+        _checks.positions("Attention", positions, B, T, x.device)
         q, g = self._queries(x)  # [B, T, H, D], gate [B, T, H*D] or None
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, HKV, D]

@@ -74,6 +74,7 @@ class MLA(nn.Module):
         start = 0 if cache is None else len(cache)
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)  # [T]
+        _checks.positions("MLA", positions, B, T, x.device)
         q_nope, q_rope, c_kv, k_rope = self.project(x, positions)
         if cache is not None:
             c_kv, k_rope = cache.append(c_kv, k_rope)  # [B, start + T, r], [B, start + T, dr]
