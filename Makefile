@@ -85,8 +85,9 @@ sync-setup: $(STAMP) ## rewrite every chapter's setup cell and the book's URL fr
 	$(BIN)/python tools/chapters.py sync-setup
 
 # MPLBACKEND unset: a non-inline backend (Agg) would save the notebooks without their figures. jupytext writes the
-# .ipynb, `tools/chapters.py execute` runs it in place with nbclient, a cell at most 15 minutes (its docstring says
-# why not `jupyter nbconvert --execute`: a widget cell could leave it waiting on an idle kernel)
+# .ipynb, `tools/chapters.py execute` runs it in place with nbclient, a cell at most 5 minutes, once more in a fresh
+# kernel if one takes longer (its docstring says why not `jupyter nbconvert --execute`: a widget cell could leave it
+# waiting on an idle kernel)
 notebooks: $(STAMP) sync-setup export ## sync each chapters/NN_x.py into its .ipynb and execute it (commit both)
 	@echo "==> syncing and executing the chapters"
 	for py in $(CHAPTERS); do \

@@ -379,9 +379,11 @@ def test_execute_runs_in_place_with_widget_state_and_waits_past_a_poll_slice(tmp
     assert "OutputModel" in state and "n = 3" in state  # the first call's print, inside the Output widget
 
 
-def test_execute_still_stops_a_cell_at_its_timeout(tmp_path):
+def test_execute_stops_a_cell_at_its_timeout_and_runs_the_notebook_again_once(tmp_path, capsys):
+    """A cell over its timeout: the notebook again in a fresh kernel (which here times out too), then the error."""
     import nbclient
 
     nb = _notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(5)")
     with pytest.raises(nbclient.exceptions.CellTimeoutError):
         tool.execute(nb, timeout=2)
+    assert capsys.readouterr().out.count("running the notebook again in a fresh kernel") == 1

@@ -407,6 +407,21 @@ class _RecallWithin(torch.nn.Module):
         return logits
 
 
+def test_lm_loss_is_the_mean_over_targets_and_zero_without_any():
+    """lm_loss = PyTorch's mean cross-entropy over the positions with a target; with none, 0 and a zero gradient
+    (PyTorch's mean over no position is NaN, which a training step would spread into every weight)."""
+    torch.manual_seed(0)
+    model = M.HybridLM(M.HybridConfig(pattern="F", num_layers=1, vocab_size=32, hidden_size=16, backend="naive"))
+    ids, targets = TR.mqar_batch(2, 3, vocab=32, generator=torch.Generator().manual_seed(1))
+    total, lm = TR.lm_loss(model, ids, targets)
+    want = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=TR.IGNORE)
+    assert torch.allclose(lm, want.detach(), rtol=1e-6)
+    total, lm = TR.lm_loss(model, ids, torch.full_like(targets, TR.IGNORE))
+    total.backward()
+    assert lm.item() == 0 and all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters()
+                                  if p.grad is not None)
+
+
 def test_mqar_answers_distances_and_recall():
     right, distance = TR.mqar_answers(_RecallWithin(10**9, 5), 5, vocab=64, batch=6)
     assert right.shape == distance.shape == (30,) and right.all()

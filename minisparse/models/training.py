@@ -42,10 +42,12 @@ def lm_loss(model, ids, targets):
     model a HybridLM (or one wrapped by DDP/FSDP: its `.module`), ids [B, T] int64 token ids,
     targets [B, T] int64 (IGNORE where there is nothing to predict: mqar_batch's non-answers).
     Returns (total, lm): total the fp32 scalar to backpropagate (the cross-entropy + aux_loss,
-    DSA's indexer loss while training), lm the cross-entropy alone, detached (to log).
+    DSA's indexer loss while training), lm the cross-entropy alone, detached (to log). A batch
+    with no target gives a cross-entropy of 0, not PyTorch's NaN mean over no position.
     """
     logits = model(ids)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / (targets != IGNORE).sum().clamp(min=1)  # no host sync
     aux = getattr(model, "module", model).aux_loss
     return loss if aux is None else loss + aux, loss.detach()
 
