@@ -641,64 +641,32 @@ def test_scores_by_chunks_checker(capsys):
 
 
 def _score_tile_kernels():
+    """The exercise's tile, right with the default flags; each other kernel turns one flag (a known-wrong answer):
+    no ReLU, the query's own key hidden (n < t), keys past TK scored 0 (their load masked, the score not), rows past
+    TK read (the load unmasked there, the score masked)."""
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def right(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
-              BN: tl.constexpr):
-        q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
-        n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
-        real = (n <= t) & (n < TK)
-        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=real[:, None] & (d[None, :] < DI), other=0.0)
-        dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        s = tl.where(real, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))
-        tl.store(s_ptr + tl.arange(0, BN), s)
+    from minisparse.testing import with_constexprs
 
     @triton.jit
-    def no_relu(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
-                BN: tl.constexpr):
+    def tile(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
+             BN: tl.constexpr, RELU: tl.constexpr = True, STRICT: tl.constexpr = False,
+             SCORE_END: tl.constexpr = True, LOAD_END: tl.constexpr = True):
         q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
         n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
-        real = (n <= t) & (n < TK)
-        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=real[:, None] & (d[None, :] < DI), other=0.0)
+        seen = (n < t) if STRICT else (n <= t)
+        real = (seen & (n < TK)) if SCORE_END else seen
+        rows = (n < TK) if LOAD_END else (n >= 0)
+        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=rows[:, None] & (d[None, :] < DI), other=0.0)
         dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        if RELU:
+            dots = tl.maximum(dots, 0.0)
         s = tl.where(real, tl.sum(w[:, None] * dots, axis=0), float("-inf"))
         tl.store(s_ptr + tl.arange(0, BN), s)
 
-    @triton.jit
-    def strict_mask(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
-                    BN: tl.constexpr):
-        q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
-        n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
-        real = (n < t) & (n < TK)  # off by one: the query's own key is hidden
-        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=real[:, None] & (d[None, :] < DI), other=0.0)
-        dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        s = tl.where(real, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))
-        tl.store(s_ptr + tl.arange(0, BN), s)
-
-    @triton.jit
-    def no_key_end(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
-                   BN: tl.constexpr):
-        q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
-        n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
-        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=(n < TK)[:, None] & (d[None, :] < DI), other=0.0)
-        dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        s = tl.where(n <= t, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))  # keys past TK: 0
-        tl.store(s_ptr + tl.arange(0, BN), s)
-
-    @triton.jit
-    def unmasked_load(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
-                      BN: tl.constexpr):
-        q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
-        n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
-        real = (n <= t) & (n < TK)
-        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=d[None, :] < DI, other=0.0)  # rows past TK read
-        dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        s = tl.where(real, tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0), float("-inf"))
-        tl.store(s_ptr + tl.arange(0, BN), s)
-
-    return right, no_relu, strict_mask, no_key_end, unmasked_load
+    return (with_constexprs(tile), with_constexprs(tile, RELU=False), with_constexprs(tile, STRICT=True),
+            with_constexprs(tile, SCORE_END=False), with_constexprs(tile, LOAD_END=False))
 
 
 def test_index_score_tile_checker():
