@@ -209,7 +209,7 @@ def test_rotary_embedding_equals_apply_rope(interleaved):
     (lambda: RotaryEmbedding(0), "RotaryEmbedding: dim must be an int > 0"),
     (lambda: RotaryEmbedding(4, max_len=-5), "RotaryEmbedding: max_len must be an int >= 0")])
 def test_rope_refuses_what_gives_nan(call, message):
-    with pytest.raises(ValueError, match=message):  # each gave NaN or a bare torch error
+    with pytest.raises(ValueError, match=message):  # not NaN, not a bare torch error
         call()
 
 

@@ -1009,6 +1009,6 @@ def test_split_products_are_fp32_accurate(dtype, gates):
 
 
 def test_from_hf_of_another_module_says_what_it_needs():
-    """A module that is not transformers' Qwen3NextGatedDeltaNet: a TypeError naming it (an AttributeError before)."""
+    """A module that is not transformers' Qwen3NextGatedDeltaNet: a TypeError naming it, not an AttributeError."""
     with pytest.raises(TypeError, match=r"GatedDeltaNet.from_hf: module must be transformers' Qwen3NextGatedDeltaNet, got Linear"):
         GatedDeltaNet.from_hf(torch.nn.Linear(4, 4))

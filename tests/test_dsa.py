@@ -600,7 +600,7 @@ def test_cost_model_numbers():
     assert D.dsa_cost(100000, heads=16)["ratio"] > 1  # a bf16 indexer never pays off at 16 heads
     with pytest.raises(ValueError, match="mode"):
         D.dsa_cost(10, "training")
-    for bad in (-3, [5, -1]):  # a negative position gave negative costs
+    for bad in (-3, [5, -1]):  # no negative costs
         with pytest.raises(ValueError, match="dsa_cost: position must be a number >= 0"):
             D.dsa_cost(bad)
 

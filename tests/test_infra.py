@@ -983,7 +983,7 @@ def test_tensor_rule_names_the_first_tensor_that_breaks_it_and_lets_the_rest_thr
     ("moe.cost:moe_params(16, 32, 4, 8)", r"moe_params: top_k must be in \[1, num_experts = 4\]"),
     ("mla.cost:kv_cache_bytes(MLAConfig(), 10, batch=-2)", "kv_cache_bytes: batch must be an int > 0")])
 def test_chapters_cost_models_refuse_negative_sizes(call, message):
-    """Each gave a negative count (or active parameters above the total) without a word."""
+    """A negative size (or top_k above E) is an error, not a negative count."""
     import importlib
 
     module, expr = call.split(":")

@@ -697,6 +697,6 @@ def test_chunk_backward_falls_back_to_pytorch_where_the_kernels_do_not_fit(monke
 
 
 def test_from_hf_of_another_module_says_what_it_needs():
-    """A module that is not transformers' MiniMaxLightningAttention: a TypeError naming it (an AttributeError before)."""
+    """A module that is not transformers' MiniMaxLightningAttention: a TypeError naming it, not an AttributeError."""
     with pytest.raises(TypeError, match=r"LightningAttention.from_hf: module must be transformers' MiniMaxLightningAttention, got Linear"):
         LightningAttention.from_hf(torch.nn.Linear(4, 4))

@@ -643,7 +643,7 @@ def test_mla_forward_names_what_is_wrong_with_its_input(what, make, exc, match):
 
 
 def test_mla_positions_are_checked_by_the_layer():
-    """Positions of the wrong length or dtype: the layer's own name (RotaryEmbedding's before)."""
+    """Positions of the wrong length or dtype: the layer's own name, not RotaryEmbedding's."""
     x = torch.randn(1, 3, 32, device=DEV)
     with pytest.raises(ValueError, match=r"^MLA: positions must be \[T\]=\[3\]"):
         _small_mla()(x, positions=torch.arange(4, device=DEV))

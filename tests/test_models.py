@@ -60,7 +60,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     (dict(name=None), "name", "string"),
     (dict(pattern="D"), "q_lora_rank", "'D' layers"),  # DSA layers need their own query latent
     (dict(pattern="MD", num_layers=2), "q_lora_rank", "'D' layers"),
-    (dict(pattern="N", num_layers=1, rotary_dim=8), "rotary_dim", "NSA rotates the whole head"),  # was ignored
+    (dict(pattern="N", num_layers=1, rotary_dim=8), "rotary_dim", "NSA rotates the whole head"),  # not ignored
     (dict(pattern="FN", num_layers=2, head_dim=15, rotary_dim=8), "rotary_dim", "with N layers"),
 ])
 def test_bad_configs_name_the_field(bad, field, want):

@@ -246,13 +246,13 @@ def test_grouped_mm_result_does_not_depend_on_program_order():
 
 def test_moe_naive_refuses_expert_ids_out_of_range():
     x, gu, dn = torch.randn(2, 4), torch.randn(2, 6, 4), torch.randn(2, 4, 3)
-    for bad in ([[5], [0]], [[1], [-1]]):  # were dropped: a zero output for those tokens
+    for bad in ([[5], [0]], [[1], [-1]]):  # not dropped (a zero output)
         with pytest.raises(ValueError, match="moe_naive: indices .*expert ids for num_experts = 2"):
             moe_naive(x, torch.ones(2, 1), torch.tensor(bad), gu, dn)
 
 
 def test_router_and_experts_built_alone_are_initialised_and_checked():
-    """Router, Experts and SwiGLU outside MoE: Normal(0, 0.02) weights (were torch.empty's leftovers), sizes > 0,
+    """Router, Experts and SwiGLU outside MoE: Normal(0, 0.02) weights, sizes > 0,
     and Experts.forward's backend one of 'naive' and 'triton' (it is given the resolved one)."""
     from minisparse.moe.layer import Experts, Router, SwiGLU
 
@@ -269,8 +269,8 @@ def test_router_and_experts_built_alone_are_initialised_and_checked():
 
 
 def test_grouped_mm_takes_offsets_that_are_a_strided_view():
-    """offsets a column of a wider tensor (stride 2): the kernels read them as given, not one int32 apart (they read
-    0s and the wrong rows' weights before)."""
+    """offsets a column of a wider tensor (stride 2): the kernels read them as given, not one int32
+    apart."""
     x = torch.randn(5, 16, device=DEV, requires_grad=True)
     w = torch.randn(2, 16, 16, device=DEV, requires_grad=True)
     offs = torch.tensor([[2, 0], [5, 0]], dtype=torch.int32, device=DEV)[:, 0]

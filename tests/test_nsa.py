@@ -234,8 +234,8 @@ SELECTION_BAD_INPUT = [
 
 @pytest.mark.parametrize("op", ["select_blocks", "compressed_scores", "compressed_attention"])
 def test_a_negative_offset_is_refused(op):
-    """offset is the first query's position: -1 would put query 0 before the sequence (it was taken, and -7 was
-    refused as a count of keys)."""
+    """offset is the first query's position: -1 would put query 0 before the sequence: an error that says
+    so."""
     q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 2, 1, 16)
     args = {"select_blocks": (q, k, 3, 16), "compressed_scores": (q, k, 16),
             "compressed_attention": (q, k, k, 16)}[op]
@@ -260,7 +260,7 @@ def test_the_layer_refuses_bad_sizes(args, message):
     (lambda: N.keys_read(-5), "keys_read: context must be a number >= 0"),
     (lambda: N.keys_read([64, -1]), "keys_read: context must be a number >= 0")])
 def test_the_cost_model_refuses_negative_lengths(call, message):
-    with pytest.raises(ValueError, match=message):  # -5 gave negative costs, 0 a ZeroDivisionError
+    with pytest.raises(ValueError, match=message):  # not negative costs, not a ZeroDivisionError
         call()
 
 

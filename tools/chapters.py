@@ -402,10 +402,10 @@ def execute(notebook: pathlib.Path, timeout: int = 300, attempts: int = 2) -> No
 
     nbclient waits for a cell's reply with one poll of the shell channel for up to `timeout` seconds. An ipywidgets
     Output widget (every `viz.explorer` has one) sends on that channel while the poll waits, and the poll can then
-    miss the reply's wake-up (jupyter/nbclient#312): it sat out the whole timeout with the kernel idle, about one
-    chapter run in ten here. This client polls in slices of a second; a fresh poll sees a reply already waiting.
-    Rarer, the kernel itself fails to send a reply ("ZMQError: Socket operation on non-socket" in its log, chapter
-    9's training cell under load): that reply is lost, and only the second run helps.
+    miss the reply's wake-up (jupyter/nbclient#312) and wait out the whole timeout on an idle kernel. This client
+    polls in slices of a second; a fresh poll sees a reply already waiting. Where the kernel itself fails to send
+    a reply ("ZMQError: Socket operation on non-socket" in its log), the reply is lost and only the second run
+    helps.
     """
     import time
     from queue import Empty
