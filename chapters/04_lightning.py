@@ -322,11 +322,13 @@ def decay_matrix(slope, length):
     """The decay mask of one head, [length, length] float32: D[i, j] = exp(-slope · (i - j)) for
     j <= i, else 0.
 
-    The exponent is masked *before* exp, so no positive exponent is ever computed.
+    The exponent is masked *before* exp, so no positive exponent is ever computed (slope ≥ 0).
     """
+    slope = _checks.positive_float("decay_matrix", "slope", slope, zero=True)
+    _checks.positive_int("decay_matrix", "length", length, zero=True)
     i = torch.arange(length, dtype=torch.float32)
     diff = i[:, None] - i[None, :]  # [L, L] i - j
-    return torch.exp(torch.where(diff >= 0, -float(slope) * diff, float("-inf")))
+    return torch.exp(torch.where(diff >= 0, -slope * diff, float("-inf")))
 
 
 # %%

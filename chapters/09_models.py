@@ -627,7 +627,9 @@ assert abs(v3["active"] - 37.55e9) < 0.01e9 and abs(indexers - 0.85e9) < 0.01e9
 # Decoding keeps, for each sequence, whatever the mixers need to continue: a softmax layer its keys and values
 # ($2 H_{kv} d_h$ numbers a token), MLA its latent and rotary key ($d_c + d_r$ = 576), DSA those plus the
 # indexer's key (128 more), a linear layer its $d \times d$ states (fp32) and its short convolution's last inputs
-# — constant, whatever the context.
+# — constant, whatever the context. NSA is counted as a serving cache would hold it, keys and values as a
+# softmax layer's (its block summaries add one more key and value a block); this package's `N` layer keeps its
+# inputs instead (`InputCache`, `hidden_size` numbers a token) and recomputes them: a simpler layer, not less memory.
 
 # %%
 #| export models.count
@@ -637,7 +639,7 @@ def layer_cache_numbers(c, kind):
     H, d, W = c.linear_num_heads, c.linear_head_dim, c.conv_kernel_size
     head_dim = c.head_dim or c.hidden_size // c.num_heads
     if kind in "FN":
-        return 2 * c.num_kv_heads * head_dim, 0  # K and V of every KV head
+        return 2 * c.num_kv_heads * head_dim, 0  # K and V a KV head (N: as served)
     if kind in "MD":  # the latent c_kv and the rotary key; DSA adds the indexer's key
         return c.kv_lora_rank + c.qk_rope_head_dim + (c.index_head_dim if kind == "D" else 0), 0
     if kind == "L":

@@ -319,10 +319,14 @@ def positive_int(op: str, name: str, value, *, zero: bool = False) -> int:
     return int(value)
 
 
-def positive_float(op: str, name: str, value) -> float:
-    """A finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
+def positive_float(op: str, name: str, value, *, zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with `zero`); a one-element tensor counts as its number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not (ok and (value >= 0 if zero else value > 0)):
+        raise ValueError(f"{op}: {name} must be a {'finite number >= 0' if zero else 'positive number'}, "
+                         f"got {value!r}")
     return float(value)
 
 

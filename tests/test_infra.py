@@ -981,7 +981,12 @@ def test_tensor_rule_names_the_first_tensor_that_breaks_it_and_lets_the_rest_thr
     ("lightning.cost:lightning_flops(-5, 64, 64)", "lightning_flops: T must be a number >= 0"),
     ("deltanet.cost:gdn_flops(-5, 64, 64)", "gdn_flops: T must be a number >= 0"),
     ("moe.cost:moe_params(16, 32, 4, 8)", r"moe_params: top_k must be in \[1, num_experts = 4\]"),
-    ("mla.cost:kv_cache_bytes(MLAConfig(), 10, batch=-2)", "kv_cache_bytes: batch must be an int > 0")])
+    ("mla.cost:kv_cache_bytes(MLAConfig(), 10, batch=-2)", "kv_cache_bytes: batch must be an int > 0"),
+    ("mla.cost:mla_decode_flops(-1, 128)", "mla_decode_flops: T must be a number >= 0"),
+    ("mla.cost:mla_decode_bytes(float('nan'))", "mla_decode_bytes: T must be a number >= 0"),
+    ("mla.cost:mla_expand_flops(-1, 128)", "mla_expand_flops: T must be a number >= 0"),
+    ("mla.cost:mha_decode_flops([8, -1], 128)", "mha_decode_flops: T must be a number >= 0"),
+    ("mla.cost:mha_decode_bytes(-8, 8)", "mha_decode_bytes: T must be a number >= 0")])
 def test_chapters_cost_models_refuse_negative_sizes(call, message):
     """A negative size (or top_k above E) is an error, not a negative count."""
     import importlib
@@ -990,3 +995,37 @@ def test_chapters_cost_models_refuse_negative_sizes(call, message):
     names = vars(importlib.import_module(f"minisparse.{module}"))
     with pytest.raises(ValueError, match=message):
         eval(expr, dict(names))
+
+
+@pytest.mark.parametrize("call,message", [
+    ("lightning:decay_matrix(-0.5, 4)", "decay_matrix: slope must be a finite number >= 0"),
+    ("lightning:decay_matrix(float('nan'), 4)", "decay_matrix: slope must be a finite number >= 0"),
+    ("lightning:decay_matrix(0.5, -1)", "decay_matrix: length must be an int >= 0"),
+    ("deltanet:l2norm(torch.zeros(2, 4), eps=0.0)", "l2norm: eps must be a positive number"),
+    ("moe:update_bias(torch.zeros(4), torch.ones(4), rate=float('nan'))",
+     "update_bias: rate must be a finite number >= 0"),
+    ("moe:update_bias(torch.zeros(4), torch.ones(4), rate=-1e-3)", "update_bias: rate must be a finite number >= 0"),
+    ("moe:tile_schedule(torch.tensor([4], dtype=torch.int32), 4, 0)", "tile_schedule: block_m must be an int > 0"),
+    ("mla:mla_decode_splitk(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 2), torch.ones(1, 3, 4), "
+     "torch.ones(1, 3, 2), 0.5, split_len=0)", "mla_decode_splitk: split_len must be an int > 0")])
+def test_small_arguments_are_checked_where_a_wrong_one_gave_nan_or_a_crash(call, message):
+    """A negative decay slope (growth instead of decay), l2norm's eps of 0 (0/0 on a zero row), a NaN rate, a block
+    or split of 0 rows (a ZeroDivisionError) are refused with the op's name."""
+    import importlib
+
+    module, expr = call.split(":")
+    names = dict(vars(importlib.import_module(f"minisparse.{module}")), torch=torch)
+    with pytest.raises(ValueError, match=message):
+        eval(expr, names)
+
+
+def test_load_balancing_loss_of_no_token_is_zero_with_zero_gradients():
+    """An empty batch (N = 0, e.g. a rank that received no token) has nothing to balance: 0, not NaN."""
+    from minisparse.moe import load_balancing_loss
+
+    probs = torch.zeros(0, 4, requires_grad=True)
+    loss = load_balancing_loss(probs, torch.zeros(0, 2, dtype=torch.long), 4)
+    loss.backward()
+    assert loss.item() == 0.0 and probs.grad.shape == (0, 4)
+    probs = torch.full((3, 4), 0.25, requires_grad=True)  # uniform routing still gives k
+    assert load_balancing_loss(probs, torch.tensor([[0, 1], [2, 3], [0, 2]]), 4).item() == pytest.approx(2.0, rel=0.2)

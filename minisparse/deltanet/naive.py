@@ -7,7 +7,8 @@ from minisparse import _checks
 def l2norm(x, eps=1e-6):
     """x / sqrt(Σ x² + eps) over the last dimension, in float32 (as fla's and transformers'; float64
     stays float64), for any finite x: a row with entries over 1 is divided by its largest |x|
-    first, so Σ x² cannot overflow (fla's gives 0 past |x| ≈ 1e19)."""
+    first, so Σ x² cannot overflow (fla's gives 0 past |x| ≈ 1e19). eps > 0 (a zero row gives 0)."""
+    _checks.positive_float("l2norm", "eps", eps)
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.shape[-1] == 0:
         return x

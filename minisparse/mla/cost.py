@@ -114,12 +114,14 @@ def mla_decode_flops(T, num_heads, kv_lora_rank=512, rope_dim=64, *, B=1, q_toke
     """Matmul FLOPs of absorbed MLA attention: B·q_tokens·H query rows, each scoring T keys of r +
     dr and averaging T values of r: 2·B·q·H·T·(2r + dr). (The folds W_uk, W_uv are counted by
     mla_absorb_flops.)"""
+    _checks.lengths("mla_decode_flops", "T", T)
     return 2 * B * q_tokens * num_heads * T * (2 * kv_lora_rank + rope_dim)
 
 
 def mla_decode_bytes(T, kv_lora_rank=512, rope_dim=64, *, B=1, dtype_bytes=2):
     """Bytes of latent cache one decoding step reads: B·T·(r + dr)·bytes (read once for all heads).
     """
+    _checks.lengths("mla_decode_bytes", "T", T)
     return B * T * (kv_lora_rank + rope_dim) * dtype_bytes
 
 
@@ -132,17 +134,20 @@ def mla_absorb_flops(num_heads, kv_lora_rank=512, qk_nope_head_dim=128, v_head_d
 def mla_expand_flops(T, num_heads, kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128, *, B=1):
     """FLOPs of expanding T cached latents into per-head keys and values (kv_b_proj): 2·B·T·r·H·(dn
     + dv)."""
+    _checks.lengths("mla_expand_flops", "T", T)
     return 2 * B * T * kv_lora_rank * num_heads * (qk_nope_head_dim + v_head_dim)
 
 
 def mha_decode_flops(T, num_heads, k_dim=192, v_dim=128, *, B=1, q_tokens=1):
     """Matmul FLOPs of softmax attention for B·q_tokens new queries over T cached keys:
     2·B·q·H·T·(dk + dv)."""
+    _checks.lengths("mha_decode_flops", "T", T)
     return 2 * B * q_tokens * num_heads * T * (k_dim + v_dim)
 
 
 def mha_decode_bytes(T, num_kv_heads, k_dim=192, v_dim=128, *, B=1, dtype_bytes=2):
     """Bytes of an expanded K/V cache one decoding step reads: B·T·H_kv·(dk + dv)·bytes."""
+    _checks.lengths("mha_decode_bytes", "T", T)
     return B * T * num_kv_heads * (k_dim + v_dim) * dtype_bytes
 
 

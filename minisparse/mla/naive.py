@@ -291,6 +291,7 @@ def mla_decode_splitk(q_latent, q_rope, kv_cache, rope_cache, scale, lengths=Non
     B, T, H, Dc, _, S = check_mla_decode_args("mla_decode_splitk", q_latent, q_rope, kv_cache,
                                               rope_cache, scale,
                                               lengths)
+    split_len = _checks.positive_int("mla_decode_splitk", "split_len", split_len)
     f = torch.float32
     s = (torch.einsum("bthr,bsr->bths", q_latent.to(f), kv_cache.to(f))
          + torch.einsum("bthd,bsd->bths", q_rope.to(f), rope_cache.to(f))) * scale  # [B, T, H, S]

@@ -36,7 +36,7 @@ def layer_cache_numbers(c, kind):
     H, d, W = c.linear_num_heads, c.linear_head_dim, c.conv_kernel_size
     head_dim = c.head_dim or c.hidden_size // c.num_heads
     if kind in "FN":
-        return 2 * c.num_kv_heads * head_dim, 0  # K and V of every KV head
+        return 2 * c.num_kv_heads * head_dim, 0  # K and V a KV head (N: as served)
     if kind in "MD":  # the latent c_kv and the rotary key; DSA adds the indexer's key
         return c.kv_lora_rank + c.qk_rope_head_dim + (c.index_head_dim if kind == "D" else 0), 0
     if kind == "L":

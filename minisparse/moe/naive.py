@@ -85,6 +85,8 @@ def load_balancing_loss(router_probs, indices, num_experts):
     _checks.shape(op, "router_probs", router_probs, (N, num_experts), "[N, E]", "E = num_experts")
     _check_expert_ids(op, indices, num_experts, check_values=True)
     _checks.shape(op, "indices", indices, (N, indices.shape[1]), "[N, k]", "router_probs' N")
+    if N == 0:  # no token: nothing to balance (the mean of no probability would be NaN)
+        return router_probs.float().sum() * 0.0
     f = expert_counts(indices, num_experts, check_values=False).float() / N  # [E] no gradient
     P = router_probs.float().mean(dim=0)  # [E] mean probability, carries the gradient
     return num_experts * (f * P).sum()
@@ -94,8 +96,9 @@ def update_bias(bias, tokens_per_expert, rate=1e-3):
     """Auxiliary-loss-free balancing: b_i + rate · sign(mean load − load_i), as a new tensor.
 
     bias [E], tokens_per_expert [E] (counts of this step) -> bias [E]. Underloaded experts go up,
-    overloaded down, an expert exactly at the mean stays.
+    overloaded down, an expert exactly at the mean stays. rate: a finite number ≥ 0.
     """
+    rate = _checks.positive_float("update_bias", "rate", rate, zero=True)
     _checks.tensor("update_bias", "bias", bias, "[E]", dtypes=_checks.FLOATS)
     _checks.tensor("update_bias", "tokens_per_expert", tokens_per_expert, "[E]")
     _checks.shape("update_bias", "tokens_per_expert", tokens_per_expert, bias.shape, "[E]",

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisparse import runtime
+from minisparse import _checks, runtime
 from minisparse.moe.checks import check_grouped_mm_args
 
 
@@ -16,6 +16,8 @@ def tile_schedule(offsets, num_rows, block_m):
     expert's end are masked); an empty expert gets no tile; unused trailing slots have tile_expert =
     -1. Tensor ops only: no host sync.
     """
+    block_m = _checks.positive_int("tile_schedule", "block_m", block_m)
+    _checks.positive_int("tile_schedule", "num_rows", num_rows, zero=True)
     G = offsets.numel()
     ends = offsets.long()  # [G]
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # [G] first row of each expert
