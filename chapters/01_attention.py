@@ -1561,6 +1561,13 @@ plt.show()
 
 # %%
 #| export attention.naive
+def _cache_read(view):
+    """What a cache's append returns: the view of its filled part, or a copy of it where autograd
+    holds it (the buffer was written with tensors that need a gradient). A layer's backward may
+    need that forward's keys after the next append has written into the buffer in place."""
+    return view.clone() if view.requires_grad and torch.is_grad_enabled() else view
+
+
 class KVCache:
     """Preallocated keys [B, max_len, HKV, D] and values [B, max_len, HKV, Dv]; `length` tokens are
     filled."""
@@ -1605,7 +1612,7 @@ class KVCache:
         self.k[:, self.length:self.length + t] = k
         self.v[:, self.length:self.length + t] = v
         self.length += t
-        return self.k[:, :self.length], self.v[:, :self.length]
+        return _cache_read(self.k[:, :self.length]), _cache_read(self.v[:, :self.length])
 
     def reset(self):
         self.length = 0

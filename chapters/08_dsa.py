@@ -385,6 +385,7 @@ from minisparse import _checks
 from minisparse.dsa.naive import causal_mask, indexer_scores, select_topk, sparse_attention
 from minisparse.dsa.checks import _check_indexer_config, _check_indexer_input
 from minisparse.mla.layer import MLA
+from minisparse.attention.naive import _cache_read
 from minisparse.mla.naive import MLACache, absorb_output, absorb_query, make_mla_rope
 
 
@@ -2079,7 +2080,7 @@ class DSACache(MLACache):
                             f"got {k_idx.dtype} (make the cache with the layer's dtype)")
         latent, rope = super().append(c_kv, k_rope)
         self.index_keys[:, start:self.length] = k_idx
-        return latent, rope, self.index_keys[:, :self.length]
+        return latent, rope, _cache_read(self.index_keys[:, :self.length])
 
 # %% [markdown]
 # ### Loading transformers' modules

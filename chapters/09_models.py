@@ -21,8 +21,8 @@
 # interleaves seven with one; DeepSeek-V3.2 and GLM-5 keep attention everywhere but let each query read only
 # 2,048 chosen tokens; Mixtral and MiniMax-M2 read everything. Underneath, all of them are mixtures of experts.
 # This chapter assembles each of these from the book's layers, counts them at their real sizes, trains small models
-# of each kind of mixer side by side on the same recall task, and ends on the table the survey [S] could only
-# sketch.
+# side by side on the same recall task (full, linear, hybrid and sparse mixers), and ends on the table the survey
+# [S] could only sketch.
 #
 # **You will learn to**
 #
@@ -30,8 +30,9 @@
 #   from chapters 1–8's layers, with caches for every mixer and token-by-token generation;
 # - count total and active parameters and the KV cache + state a sequence holds, for our configs and for
 #   transformers' configs of the same families, and explain where the published figures differ;
-# - train small models of each mixer at one budget on multi-query associative recall (and on real text), and
-#   see where pure linear attention loses recall and how much a hybrid and sparse selection win back;
+# - train small models of full, linear, hybrid and sparse mixers at one budget on multi-query associative recall
+#   (and on real text), and see where pure linear attention loses recall and how much a hybrid and sparse
+#   selection win back;
 # - predict from cost models which family decodes cheapest at a given context, and design a layer pattern for a
 #   memory budget.
 #
@@ -289,8 +290,9 @@ for name, preset in PRESETS.items():
 # the layers (the two cache classes it adds, `StateCache` and `InputCache`, are in the engineering notes):
 #
 # - `F`, `M`, `D` use their own caches (`KVCache`, `MLACache`, `DSACache`), which grow with the context;
-# - `L`, `G`, `K` keep a `StateCache`: the `(conv_state, recurrent_state)` the layer returned last, constant in
-#   size, which still rejects another batch size or a token past `max_len`, as the growing caches do;
+# - `L`, `G`, `K` keep a `StateCache`: the state the layer returned last (`G`, `K`: `(conv_state,
+#   recurrent_state)`; `L`: its recurrent state alone), constant in size, which still rejects another batch size or
+#   a token past `max_len`, as the growing caches do;
 # - `N` keeps the layer's past *inputs* (`InputCache`) and recomputes its keys and values at each step with
 #   `last=` new tokens: NSA's layer has no KV cache of its own, so this is the simple correct wrapper, not the
 #   fast one.
@@ -574,9 +576,10 @@ _COUNTED = {}
 #   45.9B is our 48.4B minus both $V \times d$ matrices (2 × 200,064 × 6,144 = 2.46B). Qwen3-Next's "A3B" and Kimi
 #   Linear's "A3B" are rounded the same way, and Kimi Linear's 48B total is our 49.1B less both embedding matrices
 #   (2 × 163,840 × 2,304 = 0.755B): 48.4B.
-# - **The indexer.** DeepSeek's 37B is DeepSeek-V3's figure: the same count without V3.2's lightning indexers is
-#   37.55B, embeddings and head included (chapter 0's Exercise 1 derives it from V3's configuration). The 61
-#   indexers add 0.85B, all of it active: V3.2 activates 38.4B a token.
+# - **The indexer.** DeepSeek's 37B is DeepSeek-V3's figure, which leaves out the input embedding (chapter 0's
+#   Exercise 1 counts that way: 36.6B). This chapter counts the embedding (0.93B), so the same model without
+#   V3.2's lightning indexers is 37.55B here. The 61 indexers add 0.85B, all of it active: V3.2 activates 38.4B a
+#   token.
 
 # %%
 SURVEY = {  # (total, active) as published: the survey [S]; Kimi Linear: its model card
@@ -630,6 +633,8 @@ assert abs(v3["active"] - 37.55e9) < 0.01e9 and abs(indexers - 0.85e9) < 0.01e9
 # — constant, whatever the context. NSA is counted as a serving cache would hold it, keys and values as a
 # softmax layer's (its block summaries add one more key and value a block); this package's `N` layer keeps its
 # inputs instead (`InputCache`, `hidden_size` numbers a token) and recomputes them: a simpler layer, not less memory.
+# `kv_cache_bytes_per_token(config)` below adds these up over a whole config, every mixer; chapter 1's function of
+# the same name in `minisparse.attention` counts one softmax stack from its sizes.
 
 # %%
 #| export models.count
@@ -1125,9 +1130,11 @@ viz.show_markdown("\n".join(lines))  # rendered in the book and in Jupyter, text
 # decoding step's FLOPs only — no prefill, no kernels short of their peak — and by bytes read DSA saves little (77
 # against 82 GB a step at 128K).
 # The 3:1 hybrids hold 5–16 times less cache than full attention and pay in constant state; MiniMax-M1's 7:1
-# holds the largest state. Which wins depends on the context: at short contexts the weights dominate every step,
-# at a million tokens the cache does — exercise 2 finds where the order flips. And recall is what the linear
-# layers give up (section 9.6): the one attention layer in four or eight is there to win it back.
+# holds the largest state. Which wins depends on the context: at short contexts the weights dominate every step;
+# at a million tokens the cache does for full attention and the 3:1 hybrids, while for one sequence DeepSeek-V3.2,
+# GLM-5 (2,048 latents and the index keys a step) and MiniMax-M1 (one softmax layer in eight) still read more
+# weights than cache — exercise 2 finds where the order flips. And recall is what the linear layers give up
+# (section 9.6): the one attention layer in four or eight is there to win it back.
 #
 # ## 9.8 Exercises
 #
@@ -1232,8 +1239,8 @@ assert crossover_solution(FULL["deepseek_v32_like"], FULL["minimax_m1_like"]) ==
 # would. Find the bug and return the fixed function. The checker
 # runs it on a full-attention, a Gated DeltaNet and a hybrid model, with a chunk that does not divide the prompt
 # and one longer than it: the logits must equal one forward pass over the whole prompt, six greedy tokens decoded
-# from the caches must equal greedy decoding without caches, and the prompt must go in pieces of `chunk` tokens
-# (the last: the rest) into the caches it was given.
+# from the caches must equal greedy decoding without caches, and the forward calls must be the ones a chunked
+# prefill into the given caches makes (the checker records them).
 
 # %%
 def my_prefill(model, input_ids, chunk, caches):
@@ -2228,7 +2235,7 @@ def prefill_with_a_bug(model, input_ids, chunk, caches):
     planted bug (exercise 3)."""
     model.eval()
     T = input_ids.shape[1]
-    for start in range(0, max(T - 1, 1), chunk):  # each piece and the token that follows it
+    for start in range(0, max(T - 1, 1), chunk):  # the prompt, a piece a call
         logits = model(input_ids[:, start:start + chunk + 1], caches)[:, -1]
     return logits
 

@@ -192,6 +192,57 @@ def test_decode_equals_prefill_nsa_and_mla():
     assert_close("NSA + MLA", full, steps, 1e-4)
 
 
+def _one_pass_and_cached_gradients(model, forward, x, split):
+    """Gradients of a loss on the outputs of one pass over x, and of the same loss over a cached prefill of `split`
+    tokens and one-token steps after it (forward(x_piece, caches))."""
+    def grads(out):
+        out.square().mean().backward()
+        g = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        return g
+
+    want = grads(forward(x, None))
+    caches = model.new_caches(x.shape[0], x.shape[1]) if hasattr(model, "new_caches") else model.new_cache(
+        x.shape[0], x.shape[1])
+    pieces = [x[:, :split]] + [x[:, t:t + 1] for t in range(split, x.shape[1])]
+    got = grads(torch.cat([forward(piece, caches) for piece in pieces], dim=1))
+    assert len(got) == len(want) > 0
+    scale = max(w.norm() for w in want)
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w.norm() < 1e-6 * scale:  # zero but for rounding (NSA's compressed-key bias: softmax ignores a shift)
+            assert g.norm() < 1e-5 * scale, f"gradient {i} should be 0, is {g.norm():.2e}"
+        else:
+            assert_close(f"gradient {i}", w, g, 1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layer", ["Attention", "MLA", "DSAttention"])
+def test_gradients_through_a_cached_prefill_and_decoding_equal_one_pass(layer, batch):
+    """The attention caches are written in place; each append returns a copy of the filled part where autograd holds
+    it, so a backward through a prefill and the steps after it gives one pass's gradients (with the buffer's view,
+    the next append overwrote what the prefill saved: MLA's backward raised at batch 1)."""
+    from minisparse.attention import Attention
+    from minisparse.dsa import DSAttention
+    from minisparse.mla import MLA
+
+    torch.manual_seed(0)
+    mla = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    model = {"Attention": lambda: Attention(64, 4, 2, backend="naive"),
+             "MLA": lambda: MLA(64, 4, backend="naive", **mla),
+             "DSAttention": lambda: DSAttention(64, 4, index_n_heads=2, index_head_dim=8, index_topk=3,
+                                                backend="naive", **mla)}[layer]()
+    _one_pass_and_cached_gradients(model, lambda x, cache: model(x, cache=cache), torch.randn(batch, 7, 64), 4)
+
+
+def test_gradients_through_cached_prefill_and_decoding_of_every_recurrent_layer_and_nsa():
+    """The same for a model of lightning, Gated DeltaNet, KDA and NSA layers (states and NSA's inputs)."""
+    torch.manual_seed(0)
+    cfg = M.HybridConfig(pattern="LGKN", num_layers=4, backend="naive", nsa_block_size=4, nsa_window=4)
+    model = M.HybridLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    _one_pass_and_cached_gradients(model, lambda x, caches: model(x, caches), ids, 5)
+
+
 @pytest.mark.parametrize("pattern", ["LGKN", "GGGF"])
 def test_state_caches_check_batch_and_max_len(pattern):
     """The recurrent layers' and NSA's caches hold their batch and max_len, as KVCache does: unchecked, a model of

@@ -5,7 +5,7 @@ import numbers
 import torch
 
 from minisparse import _checks
-from minisparse.attention.naive import RotaryEmbedding, attention_ref, rope_frequencies
+from minisparse.attention.naive import RotaryEmbedding, attention_ref, _cache_read, rope_frequencies
 
 
 def split_kv_b(w_kv_b, num_heads, qk_nope_head_dim, v_head_dim):
@@ -229,7 +229,7 @@ class MLACache:
         self.buffer[:, self.length:self.length + t, :r] = c_kv
         self.buffer[:, self.length:self.length + t, r:] = k_rope
         self.length += t
-        return self.latent, self.rope
+        return _cache_read(self.latent), _cache_read(self.rope)
 
     def reset(self):
         self.length = 0

@@ -96,7 +96,7 @@ def prefill_with_a_bug(model, input_ids, chunk, caches):
     planted bug (exercise 3)."""
     model.eval()
     T = input_ids.shape[1]
-    for start in range(0, max(T - 1, 1), chunk):  # each piece and the token that follows it
+    for start in range(0, max(T - 1, 1), chunk):  # the prompt, a piece a call
         logits = model(input_ids[:, start:start + chunk + 1], caches)[:, -1]
     return logits
 
