@@ -2605,16 +2605,17 @@ def check_intra_products(fn):
     """Check fn(x [L, K], k [L, K], g [L, K]) -> P [L, L], computed in float32 only and without a
     tensor of more than max(L, 16) · 16 · K elements (section 6.2's [L, L, K] segment sums), against
     the exact segment sums within 2e-6 (float32's rounding gives 1e-7), on chunks of 16–64 tokens,
-    two of them after a gate of −1000 or −10⁴ (where buggy_intra_products loses digits)."""
+    two of them after a gate of −1000 or −10⁴, one after 17 gates of −25 (where
+    buggy_intra_products loses digits)."""
     gen = torch.Generator().manual_seed(61)
     cases = []
     shapes = [(16, 8, -0.5, None), (32, 16, -30.0, None), (40, 8, -1.0, -1e4), (64, 16, -2.0, None),
-              (48, 8, -0.2, -1000.0)]
+              (48, 8, -0.2, -1000.0), (48, 8, -0.2, -25.0)]
     for L, K, low, spike in shapes:
         x, k = (F.normalize(torch.randn(L, K, generator=gen), dim=-1) for _ in range(2))
         g = low * torch.rand(L, K, generator=gen)
-        if spike is not None:
-            g[3, : K // 2] = spike
+        if spike is not None:  # one strong gate, or (≥ −30 each) many that add up
+            g[3:20 if spike > -30 else 4, : K // 2] = spike
         cases.append((x, k, g))
 
     def in_float32(x, k, g):

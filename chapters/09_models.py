@@ -1275,7 +1275,8 @@ check_prefill_fix(prefill_solution)
 # `d` numbers, `r = x + y` (the new residual, stored) and `n = r / sqrt(mean(r²) + eps) · w` (stored), as
 # chapter 1's `RMSNorm` computes it, in fp32. One program a row; `BD` is `d` rounded up to a power of two. The
 # checker launches it on 4 rows of `d` = 32, 48 and 100 — one all zeros after the add, one so small that `eps`
-# counts — and says which output differs.
+# counts — and says which output differs; in the interpreter (on a CPU) it also checks that no load reads past a
+# row's `d` numbers (on a GPU it cannot see the loads).
 
 # %%
 @triton.jit
@@ -2146,7 +2147,7 @@ from minisparse.models.config import PRESETS, HybridConfig
 from minisparse.models.cost import decode_cost
 from minisparse.models.count import memory_per_sequence
 from minisparse.models.model import HybridLM
-from minisparse.testing import ExerciseError, number_answer
+from minisparse.testing import ExerciseError, loads_within, number_answer
 
 
 def _not_yet(name, fn, *args):
@@ -2327,7 +2328,11 @@ def check_add_rmsnorm_kernel(kernel):
         pad = triton.next_power_of_2(d)
         buf = [torch.full((4 * d + pad,), 7.0, device=dev) for _ in range(2)]
         r, n = (b[:4 * d].view(4, d) for b in buf)
-        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6, pad)
+        x_in, y_in, w_in = x.to(dev), y.to(dev), norm.weight.detach().to(dev)
+        read = {"x": x_in, "y": y_in, "w": w_in, "r": r, "n": n}
+        with loads_within(f"add + RMSNorm (d = {d})", read, "mask the loads to the d real columns "
+                          "too: a masked load reads nothing past them"):
+            kernel[(4,)](x_in, y_in, w_in, r, n, d, 1e-6, pad)
         if all((b == 7.0).all() for b in buf):
             raise ExerciseError("✗ add + RMSNorm: not implemented yet — the kernel stored nothing; "
                                 "write it and run the cell again")

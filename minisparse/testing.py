@@ -273,11 +273,15 @@ def with_constexprs(kernel, **constexprs):
     return _Bound(kernel, constexprs)
 
 
+_LEAVE_TORCH = {torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.tolist}
+
+
 class TensorRule(torch.overrides.TorchFunctionMode):
     """A context in which every tensor a torch function or method returns must pass `rule`: rule(tensor) -> None
     when it may exist, else the reason it may not. The first that fails raises `ExerciseError`
     (`✗ <name>: <function> made a tensor of shape (...): <reason>`). For checkers whose constraint a comparison of
-    results cannot see: float32 only, a memory bound.
+    results cannot see: float32 only, a memory bound. Taking the numbers out of torch (`.numpy()`, `np.asarray`,
+    `.tolist()`) is refused too, since the rule could not see what is computed there.
     """
 
     def __init__(self, name: str, rule: Callable[[torch.Tensor], str | None]):
@@ -285,6 +289,9 @@ class TensorRule(torch.overrides.TorchFunctionMode):
         self.name, self.rule = name, rule
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _LEAVE_TORCH:  # numpy or Python numbers: computed where no rule can follow them
+            raise ExerciseError(f"✗ {self.name}: {func.__name__} takes the numbers out of torch, where this check "
+                                "cannot follow them: compute with torch operations")
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             why = self.rule(t) if isinstance(t, torch.Tensor) else None

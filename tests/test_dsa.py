@@ -616,6 +616,8 @@ def test_break_even_checker():
         D.check_break_even(lambda H, HI, DI, k, fp8: solution(H, HI, DI, k, False))
     with pytest.raises(ExerciseError, match="expected"):  # a negative c instead of "never"
         D.check_break_even(lambda H, HI, DI, k, fp8: k * H * 1088 / (H * 320 - HI * DI / (2 if fp8 else 1)))
+    with pytest.raises(ExerciseError, match="DI=64"):  # the indexer's key size taken as 128 whatever DI is
+        D.check_break_even(lambda H, HI, DI, k, fp8: solution(H, HI, 128, k, fp8))
     with pytest.raises(ExerciseError, match="not implemented"):
         D.check_break_even(lambda *a: (_ for _ in ()).throw(NotImplementedError))
 
@@ -652,13 +654,14 @@ def _score_tile_kernels():
     @triton.jit
     def tile(q_ptr, k_ptr, w_ptr, s_ptr, t, n0, TK, scale, HI, DI, BH: tl.constexpr, BD: tl.constexpr,
              BN: tl.constexpr, RELU: tl.constexpr = True, STRICT: tl.constexpr = False,
-             SCORE_END: tl.constexpr = True, LOAD_END: tl.constexpr = True):
+             SCORE_END: tl.constexpr = True, LOAD_END: tl.constexpr = True, LOAD_DI: tl.constexpr = True):
         q, w = D.load_index_queries(q_ptr, w_ptr, HI, DI, BH, BD)
         n, d = n0 + tl.arange(0, BN), tl.arange(0, BD)
         seen = (n < t) if STRICT else (n <= t)
         real = (seen & (n < TK)) if SCORE_END else seen
         rows = (n < TK) if LOAD_END else (n >= 0)
-        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=rows[:, None] & (d[None, :] < DI), other=0.0)
+        cols = (d < DI) if LOAD_DI else (d >= 0)
+        k = tl.load(k_ptr + n[:, None] * DI + d[None, :], mask=rows[:, None] & cols[None, :], other=0.0)
         dots = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         if RELU:
             dots = tl.maximum(dots, 0.0)
@@ -666,11 +669,12 @@ def _score_tile_kernels():
         tl.store(s_ptr + tl.arange(0, BN), s)
 
     return (with_constexprs(tile), with_constexprs(tile, RELU=False), with_constexprs(tile, STRICT=True),
-            with_constexprs(tile, SCORE_END=False), with_constexprs(tile, LOAD_END=False))
+            with_constexprs(tile, SCORE_END=False), with_constexprs(tile, LOAD_END=False),
+            with_constexprs(tile, LOAD_DI=False))
 
 
 def test_index_score_tile_checker():
-    right, no_relu, strict_mask, no_key_end, unmasked_load = _score_tile_kernels()
+    right, no_relu, strict_mask, no_key_end, unmasked_load, no_dim_mask = _score_tile_kernels()
     D.check_index_score_tile(right)
     with pytest.raises(ExerciseError, match="ReLU"):
         D.check_index_score_tile(no_relu)
@@ -682,6 +686,8 @@ def test_index_score_tile_checker():
         with pytest.raises(ExerciseError, match=r"HI=4, DI=16, t=37, n0=32: a load reads 128 elements outside "
                                                 r"q, k, w, e\.g\. element 640 of k, which has 640\nHint: mask"):
             D.check_index_score_tile(unmasked_load)
+        with pytest.raises(ExerciseError, match=r"DI=24, t=19, n0=16: a load reads .* outside"):  # d < DI unmasked
+            D.check_index_score_tile(no_dim_mask)
 
 
 def test_index_score_tile_checker_launches_on_the_triton_device():

@@ -12,6 +12,7 @@ import importlib.util
 import pathlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -780,6 +781,16 @@ def test_intra_products_checker_rejects_the_bug_float64_a_missing_diagonal_and_u
 
     with pytest.raises(ExerciseError, match=r"shape \(32, 32, 16\): more than 8192 elements"):
         check_intra_products(segment_sums32)
+    with pytest.raises(ExerciseError, match="case 6"):  # the strong gates clamped: many gates of −25 still add up
+        check_intra_products(lambda x, k, g: buggy_intra_products(x, k, g.clamp(min=-30)))
+
+    def numpy64(x, k, g):  # exact, in float64 where the float32 rule cannot see it
+        xn, kn, G = x.numpy().astype("float64"), k.numpy().astype("float64"), g.numpy().astype("float64").cumsum(0)
+        return torch.tensor([[float((xn[i] * kn[j] * np.exp(G[i] - G[j])).sum()) if j <= i else 0.0
+                               for j in range(len(xn))] for i in range(len(xn))], dtype=torch.float32)
+
+    with pytest.raises(ExerciseError, match="numpy takes the numbers out of torch"):
+        check_intra_products(numpy64)
 
 
 def test_fact_prediction_checker_rejects_off_by_one_and_retention():

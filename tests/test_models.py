@@ -793,12 +793,14 @@ def test_check_prefill_fix():
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.constexpr, OVER_D: tl.constexpr,
                         WITH_EPS: tl.constexpr, STORE_R: tl.constexpr, FROM_X: tl.constexpr,
-                        EPS_OUTSIDE: tl.constexpr, GUARD: tl.constexpr, MASKED_STORES: tl.constexpr):
+                        EPS_OUTSIDE: tl.constexpr, GUARD: tl.constexpr, MASKED_STORES: tl.constexpr,
+                        MASKED_LOADS: tl.constexpr):
     """add + RMSNorm, right with every flag True except FROM_X, wrong in the way a flag says."""
     row, cols = tl.program_id(0), tl.arange(0, BD)
     mask = cols < d
-    x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
-    r = x + tl.load(y_ptr + row * d + cols, mask=mask, other=0.0)
+    read = mask if MASKED_LOADS else cols < BD  # unmasked: the last row's loads run past x's and y's end
+    x = tl.load(x_ptr + row * d + cols, mask=read, other=0.0)
+    r = x + tl.load(y_ptr + row * d + cols, mask=read, other=0.0)
     stored = mask if MASKED_STORES else cols < BD  # unmasked: the tile's padding is written too
     if STORE_R:
         tl.store(r_ptr + row * d + cols, r, mask=stored)
@@ -807,16 +809,17 @@ def _add_rmsnorm_kernel(x_ptr, y_ptr, w_ptr, r_ptr, n_ptr, d, eps, BD: tl.conste
     rms = tl.sqrt(ms) + eps if EPS_OUTSIDE else (tl.sqrt(ms + eps) if WITH_EPS else tl.sqrt(ms))
     if GUARD:  # no eps, a zero row kept finite by hand
         rms = tl.where(rms > 0, rms, 1.0)
-    tl.store(n_ptr + row * d + cols, v / rms * tl.load(w_ptr + cols, mask=mask, other=0.0), mask=stored)
+    tl.store(n_ptr + row * d + cols, v / rms * tl.load(w_ptr + cols, mask=read, other=0.0), mask=stored)
 
 
 class _AddRmsnorm:
     """What the checker launches (kernel[grid](...)): _add_rmsnorm_kernel with these flags."""
 
     def __init__(self, over_d=True, with_eps=True, store_r=True, from_x=False, eps_outside=False, guard=False,
-                 masked_stores=True):
+                 masked_stores=True, masked_loads=True):
         self.flags = dict(OVER_D=over_d, WITH_EPS=with_eps, STORE_R=store_r, FROM_X=from_x,
-                          EPS_OUTSIDE=eps_outside, GUARD=guard, MASKED_STORES=masked_stores)
+                          EPS_OUTSIDE=eps_outside, GUARD=guard, MASKED_STORES=masked_stores,
+                          MASKED_LOADS=masked_loads)
 
     def __getitem__(self, grid):
         return lambda *args: _add_rmsnorm_kernel[grid](*args, **self.flags)
@@ -840,6 +843,8 @@ def test_check_add_rmsnorm_kernel():
              "no eps, the zero row guarded": (_AddRmsnorm(with_eps=False, guard=True), r"n\[3"),
              "unmasked stores": (_AddRmsnorm(masked_stores=False), r"a store past the row"),
              "nothing stored (the stub)": (_Stub(), r"not implemented yet")}
+    if runtime.interpreting():  # only the interpreter sees a load's addresses
+        wrong["unmasked loads"] = (_AddRmsnorm(masked_loads=False), r"d = 48\): a load reads .* outside")
     for why, (kernel, message) in wrong.items():
         with pytest.raises(ExerciseError, match=message):
             X.check_add_rmsnorm_kernel(kernel)

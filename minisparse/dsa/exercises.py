@@ -17,7 +17,8 @@ def _break_even(H, HI, DI, k, fp8):
 def check_break_even(fn):
     """Exercise 1: the c where DSA's prefill multiply-adds equal dense MLA's (math.inf: never)."""
     cases = [(128, 64, 128, 2048, False), (128, 64, 128, 2048, True), (16, 64, 128, 2048, False),
-             (16, 64, 128, 2048, True), (32, 64, 128, 2048, True), (64, 32, 128, 1024, False)]
+             (16, 64, 128, 2048, True), (32, 64, 128, 2048, True), (64, 32, 128, 1024, False),
+             (64, 32, 64, 1024, True)]
     for H, HI, DI, k, fp8 in cases:
         want = _break_even(H, HI, DI, k, fp8)
         try:
@@ -100,7 +101,7 @@ def check_index_score_tile(kernel):
     # the last launch: the keys end before the query (t ≥ TK), as in a split of the keys
     for HI, DI, TK, t, n0, BN in ((4, 16, 40, 37, 32, 16), (3, 24, 20, 10, 0, 16),
                                   (1, 8, 70, 69, 64, 8), (5, 32, 33, 20, 16, 32),
-                                  (2, 16, 24, 30, 16, 16)):
+                                  (3, 24, 20, 19, 16, 16), (2, 16, 24, 30, 16, 16)):
         q, k = torch.randn(HI, DI, generator=g), torch.randn(TK, DI, generator=g)
         w, scale = torch.randn(HI, generator=g), DI ** -0.5
         ref = torch.full((BN,), float("-inf"))

@@ -9,7 +9,7 @@ from minisparse.models.config import PRESETS, HybridConfig
 from minisparse.models.cost import decode_cost
 from minisparse.models.count import memory_per_sequence
 from minisparse.models.model import HybridLM
-from minisparse.testing import ExerciseError, number_answer
+from minisparse.testing import ExerciseError, loads_within, number_answer
 
 
 def _not_yet(name, fn, *args):
@@ -188,7 +188,11 @@ def check_add_rmsnorm_kernel(kernel):
         pad = triton.next_power_of_2(d)
         buf = [torch.full((4 * d + pad,), 7.0, device=dev) for _ in range(2)]
         r, n = (b[:4 * d].view(4, d) for b in buf)
-        kernel[(4,)](x.to(dev), y.to(dev), norm.weight.detach().to(dev), r, n, d, 1e-6, pad)
+        x_in, y_in, w_in = x.to(dev), y.to(dev), norm.weight.detach().to(dev)
+        read = {"x": x_in, "y": y_in, "w": w_in, "r": r, "n": n}
+        with loads_within(f"add + RMSNorm (d = {d})", read, "mask the loads to the d real columns "
+                          "too: a masked load reads nothing past them"):
+            kernel[(4,)](x_in, y_in, w_in, r, n, d, 1e-6, pad)
         if all((b == 7.0).all() for b in buf):
             raise ExerciseError("✗ add + RMSNorm: not implemented yet — the kernel stored nothing; "
                                 "write it and run the cell again")
